@@ -1,0 +1,12 @@
+PY ?= python3
+VENV ?= .venv
+PIP = $(VENV)/bin/pip
+
+.PHONY: protos check-protos
+
+# Regenerate the committed gRPC/protobuf stubs from protos/.
+protos:
+	$(VENV)/bin/python -m grpc_tools.protoc -I protos --python_out=clients --pyi_out=clients --grpc_python_out=clients protos/alise/v1/*.proto
+
+check-protos:
+	scripts/check_protos.sh

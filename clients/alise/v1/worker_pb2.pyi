@@ -1,0 +1,190 @@
+from alise.v1 import common_pb2 as _common_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class KvLocation(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    KV_LOCATION_UNSPECIFIED: _ClassVar[KvLocation]
+    KV_LOCATION_DEVICE: _ClassVar[KvLocation]
+    KV_LOCATION_DEVICE_INT8: _ClassVar[KvLocation]
+    KV_LOCATION_DEVICE_INT4: _ClassVar[KvLocation]
+    KV_LOCATION_HOST: _ClassVar[KvLocation]
+    KV_LOCATION_NONE: _ClassVar[KvLocation]
+KV_LOCATION_UNSPECIFIED: KvLocation
+KV_LOCATION_DEVICE: KvLocation
+KV_LOCATION_DEVICE_INT8: KvLocation
+KV_LOCATION_DEVICE_INT4: KvLocation
+KV_LOCATION_HOST: KvLocation
+KV_LOCATION_NONE: KvLocation
+
+class WorkerMessage(_message.Message):
+    __slots__ = ("hello", "report")
+    HELLO_FIELD_NUMBER: _ClassVar[int]
+    REPORT_FIELD_NUMBER: _ClassVar[int]
+    hello: WorkerHello
+    report: StepReport
+    def __init__(self, hello: _Optional[_Union[WorkerHello, _Mapping]] = ..., report: _Optional[_Union[StepReport, _Mapping]] = ...) -> None: ...
+
+class SchedulerMessage(_message.Message):
+    __slots__ = ("plan", "shutdown")
+    PLAN_FIELD_NUMBER: _ClassVar[int]
+    SHUTDOWN_FIELD_NUMBER: _ClassVar[int]
+    plan: StepPlan
+    shutdown: Shutdown
+    def __init__(self, plan: _Optional[_Union[StepPlan, _Mapping]] = ..., shutdown: _Optional[_Union[Shutdown, _Mapping]] = ...) -> None: ...
+
+class WorkerHello(_message.Message):
+    __slots__ = ("worker_id", "model", "device", "dtype", "block_size", "num_device_blocks", "num_host_blocks", "max_model_len", "vocab_size", "eos_token_id", "block_bytes", "latency_profile_json", "max_num_seqs", "max_num_batched_tokens")
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
+    NUM_DEVICE_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    NUM_HOST_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    MAX_MODEL_LEN_FIELD_NUMBER: _ClassVar[int]
+    VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
+    EOS_TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    LATENCY_PROFILE_JSON_FIELD_NUMBER: _ClassVar[int]
+    MAX_NUM_SEQS_FIELD_NUMBER: _ClassVar[int]
+    MAX_NUM_BATCHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    worker_id: str
+    model: str
+    device: str
+    dtype: str
+    block_size: int
+    num_device_blocks: int
+    num_host_blocks: int
+    max_model_len: int
+    vocab_size: int
+    eos_token_id: int
+    block_bytes: int
+    latency_profile_json: str
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    def __init__(self, worker_id: _Optional[str] = ..., model: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., block_size: _Optional[int] = ..., num_device_blocks: _Optional[int] = ..., num_host_blocks: _Optional[int] = ..., max_model_len: _Optional[int] = ..., vocab_size: _Optional[int] = ..., eos_token_id: _Optional[int] = ..., block_bytes: _Optional[int] = ..., latency_profile_json: _Optional[str] = ..., max_num_seqs: _Optional[int] = ..., max_num_batched_tokens: _Optional[int] = ...) -> None: ...
+
+class StepPlan(_message.Message):
+    __slots__ = ("step_id", "commands", "run_step")
+    STEP_ID_FIELD_NUMBER: _ClassVar[int]
+    COMMANDS_FIELD_NUMBER: _ClassVar[int]
+    RUN_STEP_FIELD_NUMBER: _ClassVar[int]
+    step_id: int
+    commands: _containers.RepeatedCompositeFieldContainer[WorkerCommand]
+    run_step: bool
+    def __init__(self, step_id: _Optional[int] = ..., commands: _Optional[_Iterable[_Union[WorkerCommand, _Mapping]]] = ..., run_step: _Optional[bool] = ...) -> None: ...
+
+class WorkerCommand(_message.Message):
+    __slots__ = ("admit", "pause", "resume", "abort")
+    ADMIT_FIELD_NUMBER: _ClassVar[int]
+    PAUSE_FIELD_NUMBER: _ClassVar[int]
+    RESUME_FIELD_NUMBER: _ClassVar[int]
+    ABORT_FIELD_NUMBER: _ClassVar[int]
+    admit: AdmitJob
+    pause: PauseJob
+    resume: ResumeJob
+    abort: AbortJob
+    def __init__(self, admit: _Optional[_Union[AdmitJob, _Mapping]] = ..., pause: _Optional[_Union[PauseJob, _Mapping]] = ..., resume: _Optional[_Union[ResumeJob, _Mapping]] = ..., abort: _Optional[_Union[AbortJob, _Mapping]] = ...) -> None: ...
+
+class AdmitJob(_message.Message):
+    __slots__ = ("job_id", "prompt_token_ids", "sampling", "num_generated")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    SAMPLING_FIELD_NUMBER: _ClassVar[int]
+    NUM_GENERATED_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
+    sampling: _common_pb2.SamplingParams
+    num_generated: int
+    def __init__(self, job_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., num_generated: _Optional[int] = ...) -> None: ...
+
+class PauseJob(_message.Message):
+    __slots__ = ("job_id", "kv_action")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    KV_ACTION_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    kv_action: _common_pb2.KvAction
+    def __init__(self, job_id: _Optional[str] = ..., kv_action: _Optional[_Union[_common_pb2.KvAction, str]] = ...) -> None: ...
+
+class ResumeJob(_message.Message):
+    __slots__ = ("job_id",)
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    def __init__(self, job_id: _Optional[str] = ...) -> None: ...
+
+class AbortJob(_message.Message):
+    __slots__ = ("job_id",)
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    def __init__(self, job_id: _Optional[str] = ...) -> None: ...
+
+class StepReport(_message.Message):
+    __slots__ = ("step_id", "outputs", "step_duration_s", "num_prefill_tokens", "num_decode_tokens", "num_free_device_blocks", "num_free_host_blocks", "refused", "kv_states", "free_device_bytes")
+    STEP_ID_FIELD_NUMBER: _ClassVar[int]
+    OUTPUTS_FIELD_NUMBER: _ClassVar[int]
+    STEP_DURATION_S_FIELD_NUMBER: _ClassVar[int]
+    NUM_PREFILL_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    NUM_DECODE_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    NUM_FREE_DEVICE_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    NUM_FREE_HOST_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    REFUSED_FIELD_NUMBER: _ClassVar[int]
+    KV_STATES_FIELD_NUMBER: _ClassVar[int]
+    FREE_DEVICE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    step_id: int
+    outputs: _containers.RepeatedCompositeFieldContainer[JobOutput]
+    step_duration_s: float
+    num_prefill_tokens: int
+    num_decode_tokens: int
+    num_free_device_blocks: int
+    num_free_host_blocks: int
+    refused: _containers.RepeatedCompositeFieldContainer[CommandResult]
+    kv_states: _containers.RepeatedCompositeFieldContainer[JobKvState]
+    free_device_bytes: int
+    def __init__(self, step_id: _Optional[int] = ..., outputs: _Optional[_Iterable[_Union[JobOutput, _Mapping]]] = ..., step_duration_s: _Optional[float] = ..., num_prefill_tokens: _Optional[int] = ..., num_decode_tokens: _Optional[int] = ..., num_free_device_blocks: _Optional[int] = ..., num_free_host_blocks: _Optional[int] = ..., refused: _Optional[_Iterable[_Union[CommandResult, _Mapping]]] = ..., kv_states: _Optional[_Iterable[_Union[JobKvState, _Mapping]]] = ..., free_device_bytes: _Optional[int] = ...) -> None: ...
+
+class JobOutput(_message.Message):
+    __slots__ = ("job_id", "token_ids", "finish_reason", "num_tokens")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
+    NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    token_ids: _containers.RepeatedScalarFieldContainer[int]
+    finish_reason: _common_pb2.FinishReason
+    num_tokens: int
+    def __init__(self, job_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., finish_reason: _Optional[_Union[_common_pb2.FinishReason, str]] = ..., num_tokens: _Optional[int] = ...) -> None: ...
+
+class CommandResult(_message.Message):
+    __slots__ = ("job_id", "command", "reason")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    COMMAND_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    command: str
+    reason: str
+    def __init__(self, job_id: _Optional[str] = ..., command: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class JobKvState(_message.Message):
+    __slots__ = ("job_id", "location", "num_device_blocks", "num_host_blocks")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    LOCATION_FIELD_NUMBER: _ClassVar[int]
+    NUM_DEVICE_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    NUM_HOST_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    location: KvLocation
+    num_device_blocks: int
+    num_host_blocks: int
+    def __init__(self, job_id: _Optional[str] = ..., location: _Optional[_Union[KvLocation, str]] = ..., num_device_blocks: _Optional[int] = ..., num_host_blocks: _Optional[int] = ...) -> None: ...
+
+class Shutdown(_message.Message):
+    __slots__ = ("reason",)
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    reason: str
+    def __init__(self, reason: _Optional[str] = ...) -> None: ...
