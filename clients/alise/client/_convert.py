@@ -1,0 +1,69 @@
+"""Request building and response conversion shared by the async and sync clients."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from google.protobuf.json_format import MessageToDict
+
+from alise.client.types import Chunk, Completion, Status, Usage
+from alise.v1 import common_pb2, scheduler_pb2
+
+_FINISH = {
+    common_pb2.FINISH_REASON_STOP: "stop",
+    common_pb2.FINISH_REASON_LENGTH: "length",
+    common_pb2.FINISH_REASON_ABORTED: "aborted",
+}
+
+
+def build_request(prompt: str | Sequence[int], *, max_tokens: int | None, temperature: float | None,
+                  top_p: float | None, top_k: int, seed: int | None,
+                  stop_token_ids: Sequence[int], ignore_eos: bool, request_id: str,
+                  oracle_output_tokens: int) -> scheduler_pb2.GenerateRequest:
+    req = scheduler_pb2.GenerateRequest(request_id=request_id,
+                                        oracle_output_tokens=oracle_output_tokens)
+    if isinstance(prompt, str):
+        req.text = prompt
+    else:
+        req.token_ids.ids.extend(prompt)
+    s = req.sampling
+    if max_tokens is not None:
+        s.max_tokens = max_tokens
+    if temperature is not None:
+        s.temperature = temperature
+    if top_p is not None:
+        s.top_p = top_p
+    s.top_k = top_k
+    if seed is not None:
+        s.seed = seed
+    s.stop_token_ids.extend(stop_token_ids)
+    s.ignore_eos = ignore_eos
+    return req
+
+
+def to_chunk(msg: scheduler_pb2.GenerateResponse) -> Chunk:
+    usage = None
+    if msg.HasField("usage"):
+        u = msg.usage
+        usage = Usage(u.prompt_tokens, u.completion_tokens, u.ttft_s, u.e2e_s, u.queued_s,
+                      u.num_preemptions)
+    return Chunk(msg.request_id, list(msg.token_ids), msg.text, msg.index,
+                 _FINISH.get(msg.finish_reason), usage)
+
+
+def join_chunks(chunks: list[Chunk]) -> Completion:
+    last = chunks[-1]
+    return Completion(
+        request_id=last.request_id, text="".join(c.text for c in chunks),
+        token_ids=[t for c in chunks for t in c.token_ids],
+        finish_reason=last.finish_reason or "", usage=last.usage)
+
+
+def to_status(msg: scheduler_pb2.GetStatusResponse) -> Status:
+    workers = [MessageToDict(w, preserving_proto_field_name=True,
+                             always_print_fields_with_no_presence=True) for w in msg.workers]
+    return Status(policy=msg.policy, workers=workers, num_waiting=msg.num_waiting,
+                  num_running=msg.num_running, num_paused=msg.num_paused,
+                  num_finished=msg.num_finished, predictor_state=msg.predictor_state,
+                  uptime_s=msg.uptime_s, num_preemptions=msg.num_preemptions,
+                  preemptions_by_action=dict(msg.preemptions_by_action))

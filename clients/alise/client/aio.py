@@ -1,0 +1,76 @@
+"""The asyncio client."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+
+import grpc
+
+from alise.client._convert import build_request, join_chunks, to_chunk, to_status
+from alise.client.errors import AliseError, from_rpc_error
+from alise.client.types import Chunk, Completion, Status
+from alise.v1 import scheduler_pb2, scheduler_pb2_grpc
+
+DEFAULT_ADDRESS = "127.0.0.1:50051"
+
+
+class AsyncClient:
+    """Talks to an ALISE scheduler.
+
+    ``generate`` yields chunks as tokens are produced; leaving the loop early (``break``,
+    an exception, task cancellation) cancels the request on the server, which frees its
+    memory at the next step. ``timeout_s`` is a per-call deadline.
+    """
+
+    def __init__(self, address: str = DEFAULT_ADDRESS, *, token: str | None = None,
+                 timeout_s: float | None = None,
+                 channel: grpc.aio.Channel | None = None) -> None:
+        self.address = address
+        self.timeout_s = timeout_s
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        self._channel = channel or grpc.aio.insecure_channel(
+            address, options=[("grpc.max_receive_message_length", 16 << 20)])
+        self._stub = scheduler_pb2_grpc.SchedulerServiceStub(self._channel)
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def generate(self, prompt: str | Sequence[int], *, max_tokens: int | None = None,
+                       temperature: float | None = None, top_p: float | None = None,
+                       top_k: int = 0, seed: int | None = None,
+                       stop_token_ids: Sequence[int] = (), ignore_eos: bool = False,
+                       request_id: str = "", oracle_output_tokens: int = 0,
+                       timeout_s: float | None = None) -> AsyncIterator[Chunk]:
+        request = build_request(prompt, max_tokens=max_tokens, temperature=temperature,
+                                top_p=top_p, top_k=top_k, seed=seed,
+                                stop_token_ids=stop_token_ids, ignore_eos=ignore_eos,
+                                request_id=request_id, oracle_output_tokens=oracle_output_tokens)
+        call = self._stub.Generate(request, timeout=timeout_s or self.timeout_s,
+                                   metadata=self._metadata)
+        try:
+            async for message in call:
+                yield to_chunk(message)
+        except grpc.aio.AioRpcError as exc:
+            raise from_rpc_error(exc) from None
+        finally:
+            call.cancel()
+
+    async def complete(self, prompt: str | Sequence[int], **kwargs) -> Completion:
+        chunks = [chunk async for chunk in self.generate(prompt, **kwargs)]
+        if not chunks:
+            raise AliseError(grpc.StatusCode.INTERNAL, "the stream ended without output")
+        return join_chunks(chunks)
+
+    async def status(self, *, timeout_s: float | None = 5.0) -> Status:
+        try:
+            msg = await self._stub.GetStatus(scheduler_pb2.GetStatusRequest(), timeout=timeout_s,
+                                             metadata=self._metadata)
+        except grpc.aio.AioRpcError as exc:
+            raise from_rpc_error(exc) from None
+        return to_status(msg)

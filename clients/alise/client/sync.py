@@ -1,0 +1,68 @@
+"""The blocking client (same surface as AsyncClient)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import grpc
+
+from alise.client._convert import build_request, join_chunks, to_chunk, to_status
+from alise.client.aio import DEFAULT_ADDRESS
+from alise.client.errors import AliseError, from_rpc_error
+from alise.client.types import Chunk, Completion, Status
+from alise.v1 import scheduler_pb2, scheduler_pb2_grpc
+
+
+class Client:
+    """Blocking ALISE client. Closing the ``generate`` iterator early cancels the request."""
+
+    def __init__(self, address: str = DEFAULT_ADDRESS, *, token: str | None = None,
+                 timeout_s: float | None = None) -> None:
+        self.address = address
+        self.timeout_s = timeout_s
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        self._channel = grpc.insecure_channel(
+            address, options=[("grpc.max_receive_message_length", 16 << 20)])
+        self._stub = scheduler_pb2_grpc.SchedulerServiceStub(self._channel)
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def generate(self, prompt: str | Sequence[int], *, max_tokens: int | None = None,
+                 temperature: float | None = None, top_p: float | None = None, top_k: int = 0,
+                 seed: int | None = None, stop_token_ids: Sequence[int] = (),
+                 ignore_eos: bool = False, request_id: str = "", oracle_output_tokens: int = 0,
+                 timeout_s: float | None = None) -> Iterator[Chunk]:
+        request = build_request(prompt, max_tokens=max_tokens, temperature=temperature,
+                                top_p=top_p, top_k=top_k, seed=seed,
+                                stop_token_ids=stop_token_ids, ignore_eos=ignore_eos,
+                                request_id=request_id, oracle_output_tokens=oracle_output_tokens)
+        call = self._stub.Generate(request, timeout=timeout_s or self.timeout_s,
+                                   metadata=self._metadata)
+        try:
+            for message in call:
+                yield to_chunk(message)
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from None
+        finally:
+            call.cancel()
+
+    def complete(self, prompt: str | Sequence[int], **kwargs) -> Completion:
+        chunks = list(self.generate(prompt, **kwargs))
+        if not chunks:
+            raise AliseError(grpc.StatusCode.INTERNAL, "the stream ended without output")
+        return join_chunks(chunks)
+
+    def status(self, *, timeout_s: float | None = 5.0) -> Status:
+        try:
+            msg = self._stub.GetStatus(scheduler_pb2.GetStatusRequest(), timeout=timeout_s,
+                                       metadata=self._metadata)
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from None
+        return to_status(msg)

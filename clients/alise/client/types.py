@@ -1,0 +1,50 @@
+"""Plain result types of the SDK (no protobuf in the caller's hands)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+    ttft_s: float
+    e2e_s: float
+    queued_s: float
+    num_preemptions: int
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """One streamed piece of output. ``index`` is the position of ``token_ids[0]``."""
+
+    request_id: str
+    token_ids: list[int]
+    text: str
+    index: int
+    finish_reason: str | None = None   # "stop", "length" or "aborted" on the last chunk
+    usage: Usage | None = None
+
+
+@dataclass(frozen=True)
+class Completion:
+    request_id: str
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    usage: Usage
+
+
+@dataclass(frozen=True)
+class Status:
+    policy: str
+    workers: list[dict] = field(default_factory=list)
+    num_waiting: int = 0
+    num_running: int = 0
+    num_paused: int = 0
+    num_finished: int = 0
+    predictor_state: str = ""
+    uptime_s: float = 0.0
+    num_preemptions: int = 0
+    preemptions_by_action: dict = field(default_factory=dict)

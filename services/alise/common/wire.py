@@ -1,0 +1,149 @@
+"""Protobuf <-> core conversions for the worker protocol and sampling parameters.
+
+The one place where ``alise.v1`` messages meet the core's dataclasses; both the scheduler
+and the worker use it, so the two sides cannot disagree about the wire.
+"""
+
+from __future__ import annotations
+
+from alise.core.blocks import WorkerCapacity
+from alise.core.commands import (
+    Abort, Admit, Command, JobOutput, KvAction, Pause, Refusal, Resume, StepPlan, StepReport,
+)
+from alise.core.job import FinishReason
+from alise.core.sampling import SamplingParams
+from alise.v1 import common_pb2, worker_pb2
+
+_FINISH_TO_PB = {
+    None: common_pb2.FINISH_REASON_UNSPECIFIED,
+    FinishReason.STOP: common_pb2.FINISH_REASON_STOP,
+    FinishReason.LENGTH: common_pb2.FINISH_REASON_LENGTH,
+    FinishReason.ABORTED: common_pb2.FINISH_REASON_ABORTED,
+}
+_FINISH_FROM_PB = {v: k for k, v in _FINISH_TO_PB.items()}
+
+_ACTION_TO_PB = {
+    KvAction.KEEP: common_pb2.KV_ACTION_KEEP,
+    KvAction.QUANTIZE_INT8: common_pb2.KV_ACTION_QUANTIZE_INT8,
+    KvAction.QUANTIZE_INT4: common_pb2.KV_ACTION_QUANTIZE_INT4,
+    KvAction.SWAP_TO_HOST: common_pb2.KV_ACTION_SWAP_TO_HOST,
+    KvAction.DROP: common_pb2.KV_ACTION_DROP,
+}
+_ACTION_FROM_PB = {v: k for k, v in _ACTION_TO_PB.items()}
+
+
+class WireError(ValueError):
+    """A message that cannot be turned into a core object (the peer sent nonsense)."""
+
+
+def finish_to_pb(reason: FinishReason | None) -> int:
+    return _FINISH_TO_PB[reason]
+
+
+def finish_from_pb(value: int) -> FinishReason | None:
+    if value not in _FINISH_FROM_PB:
+        raise WireError(f"unknown finish reason {value}")
+    return _FINISH_FROM_PB[value]
+
+
+def sampling_from_pb(msg: common_pb2.SamplingParams, default_max_tokens: int) -> SamplingParams:
+    """Raises ValueError with a readable message on invalid parameters."""
+    return SamplingParams(
+        max_tokens=msg.max_tokens if msg.HasField("max_tokens") else default_max_tokens,
+        temperature=msg.temperature if msg.HasField("temperature") else 1.0,
+        top_p=msg.top_p if msg.HasField("top_p") else 1.0,
+        top_k=msg.top_k,
+        seed=msg.seed if msg.HasField("seed") else None,
+        stop_token_ids=tuple(msg.stop_token_ids),
+        ignore_eos=msg.ignore_eos,
+    )
+
+
+def sampling_to_pb(params: SamplingParams) -> common_pb2.SamplingParams:
+    msg = common_pb2.SamplingParams(
+        max_tokens=params.max_tokens, temperature=params.temperature, top_p=params.top_p,
+        top_k=params.top_k, stop_token_ids=list(params.stop_token_ids),
+        ignore_eos=params.ignore_eos)
+    if params.seed is not None:
+        msg.seed = params.seed
+    return msg
+
+
+def plan_to_pb(plan: StepPlan) -> worker_pb2.SchedulerMessage:
+    pb = worker_pb2.StepPlan(step_id=plan.step_id, run_step=plan.run_step)
+    for command in plan.commands:
+        wc = pb.commands.add()
+        if isinstance(command, Admit):
+            wc.admit.job_id = command.job_id
+            wc.admit.prompt_token_ids.extend(command.token_ids)
+            wc.admit.sampling.CopyFrom(sampling_to_pb(command.sampling))
+            wc.admit.num_generated = command.num_generated
+        elif isinstance(command, Pause):
+            wc.pause.job_id = command.job_id
+            wc.pause.kv_action = _ACTION_TO_PB[command.action]
+        elif isinstance(command, Resume):
+            wc.resume.job_id = command.job_id
+        else:
+            wc.abort.job_id = command.job_id
+    return worker_pb2.SchedulerMessage(plan=pb)
+
+
+def plan_from_pb(pb: worker_pb2.StepPlan) -> StepPlan:
+    commands: list[Command] = []
+    for wc in pb.commands:
+        kind = wc.WhichOneof("kind")
+        if kind == "admit":
+            a = wc.admit
+            params = sampling_from_pb(a.sampling, default_max_tokens=1)
+            commands.append(Admit(a.job_id, list(a.prompt_token_ids), params, a.num_generated))
+        elif kind == "pause":
+            if wc.pause.kv_action not in _ACTION_FROM_PB:
+                raise WireError(f"unknown KV action {wc.pause.kv_action}")
+            commands.append(Pause(wc.pause.job_id, _ACTION_FROM_PB[wc.pause.kv_action]))
+        elif kind == "resume":
+            commands.append(Resume(wc.resume.job_id))
+        elif kind == "abort":
+            commands.append(Abort(wc.abort.job_id))
+        else:
+            raise WireError("empty worker command")
+    return StepPlan(step_id=pb.step_id, commands=commands, run_step=pb.run_step)
+
+
+def report_to_pb(report: StepReport) -> worker_pb2.WorkerMessage:
+    pb = worker_pb2.StepReport(
+        step_id=report.step_id, step_duration_s=report.step_duration_s,
+        num_prefill_tokens=report.num_prefill_tokens, num_decode_tokens=report.num_decode_tokens,
+        num_free_device_blocks=report.num_free_device_blocks,
+        num_free_host_blocks=report.num_free_host_blocks)
+    for out in report.outputs:
+        pb.outputs.add(job_id=out.job_id, token_ids=out.token_ids,
+                       finish_reason=finish_to_pb(out.finish_reason), num_tokens=out.num_tokens)
+    for r in report.refused:
+        pb.refused.add(job_id=r.job_id, command=r.command, reason=r.reason)
+    return worker_pb2.WorkerMessage(report=pb)
+
+
+def report_from_pb(pb: worker_pb2.StepReport) -> StepReport:
+    if pb.step_duration_s < 0 or pb.step_duration_s != pb.step_duration_s:
+        raise WireError(f"step_duration_s must be a number >= 0, got {pb.step_duration_s}")
+    outputs = [JobOutput(o.job_id, list(o.token_ids), finish_from_pb(o.finish_reason), o.num_tokens)
+               for o in pb.outputs]
+    refused = [Refusal(r.job_id, r.command, r.reason) for r in pb.refused]
+    return StepReport(
+        step_id=pb.step_id, outputs=outputs, step_duration_s=pb.step_duration_s,
+        num_prefill_tokens=pb.num_prefill_tokens, num_decode_tokens=pb.num_decode_tokens,
+        num_free_device_blocks=pb.num_free_device_blocks,
+        num_free_host_blocks=pb.num_free_host_blocks, refused=refused)
+
+
+def capacity_from_hello(hello: worker_pb2.WorkerHello) -> WorkerCapacity:
+    if not hello.worker_id:
+        raise WireError("hello without a worker_id")
+    try:
+        return WorkerCapacity(
+            worker_id=hello.worker_id, block_size=hello.block_size,
+            num_device_blocks=hello.num_device_blocks, num_host_blocks=hello.num_host_blocks,
+            max_model_len=hello.max_model_len, max_num_seqs=hello.max_num_seqs,
+            max_num_batched_tokens=hello.max_num_batched_tokens)
+    except ValueError as exc:
+        raise WireError(str(exc)) from exc

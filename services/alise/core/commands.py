@@ -1,0 +1,99 @@
+"""What the scheduler core tells a worker, and what a worker reports back (pure types).
+
+The services convert these to and from protobuf in one place each; nothing inward sees
+protobuf.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from alise.core.job import FinishReason
+from alise.core.sampling import SamplingParams
+
+
+class KvAction(enum.Enum):
+    KEEP = "keep"
+    QUANTIZE_INT8 = "int8"
+    QUANTIZE_INT4 = "int4"
+    SWAP_TO_HOST = "swap"
+    DROP = "drop"
+
+
+@dataclass(frozen=True)
+class Admit:
+    job_id: str
+    token_ids: list[int]
+    sampling: SamplingParams
+    #: How many of the trailing ``token_ids`` were already generated (a moved job).
+    num_generated: int = 0
+
+
+@dataclass(frozen=True)
+class Pause:
+    job_id: str
+    action: KvAction
+
+
+@dataclass(frozen=True)
+class Resume:
+    job_id: str
+
+
+@dataclass(frozen=True)
+class Abort:
+    job_id: str
+
+
+Command = Admit | Pause | Resume | Abort
+
+
+@dataclass
+class StepPlan:
+    step_id: int
+    commands: list[Command] = field(default_factory=list)
+    run_step: bool = False
+    #: Jobs expected in the step, with the tokens each feeds (for the latency model).
+    step_jobs: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.commands and not self.run_step
+
+
+@dataclass(frozen=True)
+class JobOutput:
+    job_id: str
+    token_ids: list[int]
+    finish_reason: FinishReason | None
+    num_tokens: int
+
+
+@dataclass(frozen=True)
+class Refusal:
+    job_id: str
+    command: str
+    reason: str
+
+
+@dataclass
+class StepReport:
+    step_id: int
+    outputs: list[JobOutput] = field(default_factory=list)
+    step_duration_s: float = 0.0
+    num_prefill_tokens: int = 0
+    num_decode_tokens: int = 0
+    num_free_device_blocks: int = 0
+    num_free_host_blocks: int = 0
+    refused: list[Refusal] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    """New tokens for a client stream; ``index`` is the position of ``token_ids[0]``."""
+
+    job_id: str
+    token_ids: list[int]
+    index: int
+    finish_reason: FinishReason | None

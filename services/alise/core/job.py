@@ -1,0 +1,118 @@
+"""A job: one generation request as the scheduler core sees it.
+
+Token arithmetic used throughout the core (and mirrored exactly by the worker):
+
+* ``num_tokens`` = prompt tokens + generated tokens.
+* After a model step the last generated token is not yet in the KV cache, so a job whose KV
+  is on the device caches ``num_tokens - 1`` positions (``num_prompt_tokens`` right after
+  admission, before its first step).
+* To take part in the next step a job needs ``blocks_for(num_tokens)`` device blocks: the
+  step feeds the uncached tail (the whole sequence after a drop) and writes its K/V.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from alise.core.sampling import SamplingParams
+
+
+class JobStatus(enum.Enum):
+    WAITING = "waiting"      # not on any worker (never started, or handed back)
+    RUNNING = "running"      # in the worker's active batch
+    PAUSED = "paused"        # on a worker, not stepping
+    FINISHED = "finished"
+
+
+class KvPlace(enum.Enum):
+    """Where a job's KV cache lives."""
+
+    NONE = "none"            # nothing cached: the next step recomputes the whole sequence
+    DEVICE = "device"
+    DEVICE_INT8 = "int8"
+    DEVICE_INT4 = "int4"
+    HOST = "host"
+
+
+class FinishReason(enum.Enum):
+    STOP = "stop"
+    LENGTH = "length"
+    ABORTED = "aborted"
+
+
+@dataclass(frozen=True)
+class LengthEstimate:
+    """Predicted output length in tokens: a point estimate and upper quantiles."""
+
+    mean: float
+    p50: float
+    p90: float
+    source: str = "prior"
+
+    def __post_init__(self) -> None:
+        if not (self.mean >= 0 and self.p50 >= 0 and self.p90 >= 0):
+            raise ValueError(f"length estimate must be non-negative, got {self}")
+
+
+@dataclass
+class Job:
+    job_id: str
+    prompt_token_ids: list[int]
+    sampling: SamplingParams
+    arrival_s: float
+    estimate: LengthEstimate | None = None
+    #: True output length when known in advance (traces); only the oracle policy reads it.
+    oracle_output_tokens: int | None = None
+    #: The prompt as text (fed back to the length predictor when the job finishes).
+    prompt_text: str = ""
+
+    output_token_ids: list[int] = field(default_factory=list)
+    status: JobStatus = JobStatus.WAITING
+    kv: KvPlace = KvPlace.NONE
+    worker_id: str | None = None
+    num_preemptions: int = 0
+    #: Time the job last entered WAITING or PAUSED (for aging and queue-time accounting).
+    idle_since_s: float = 0.0
+    queued_s: float = 0.0
+    first_token_s: float | None = None
+    finish_s: float | None = None
+    finish_reason: FinishReason | None = None
+    #: Re-estimated remaining output length after the job outran its prediction.
+    overrun_estimate: float | None = None
+
+    def __post_init__(self) -> None:
+        if not self.prompt_token_ids:
+            raise ValueError(f"job {self.job_id}: empty prompt")
+        self.idle_since_s = self.arrival_s
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.output_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.num_prompt_tokens + self.num_output_tokens
+
+    @property
+    def num_cached_tokens(self) -> int:
+        """Positions whose K/V the worker holds (0 when the KV is gone)."""
+        if self.kv is KvPlace.NONE:
+            return 0
+        return self.num_tokens - 1 if self.num_output_tokens else self.num_prompt_tokens
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is JobStatus.FINISHED
+
+    @property
+    def num_tokens_to_prefill(self) -> int:
+        """Tokens the next step must feed before this job produces a new token."""
+        return max(self.num_tokens - self.num_cached_tokens, 1)
+
+    def all_token_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.output_token_ids

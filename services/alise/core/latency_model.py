@@ -1,0 +1,112 @@
+"""Execution-time model of one worker: what a prefill and a decode step cost.
+
+The paper fits prefill time linear in prompt length and decode time per token linear in
+context length. Under continuous batching a decode step's cost depends on the batch: it
+reads the weights once (a fixed cost), then per sequence does a little compute and reads
+that sequence's KV cache (linear in its context). So a step costs
+
+    T_step = c0 + c_seq * num_seqs + c_ctx * total_context_tokens + c_pre * prefill_tokens
+             + c_pre2 * sum(prefill_len ** 2)
+
+with the quadratic prefill term for attention over long prompts. The coefficients come
+from a profile the worker measures on its own device (least squares, non-negative) and are
+refined online from step reports by an exponentially weighted correction factor.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass
+class LatencyModel:
+    c0_s: float = 1e-3
+    c_seq_s: float = 1e-5
+    c_ctx_s: float = 1e-8
+    c_pre_s: float = 1e-5
+    c_pre2_s: float = 0.0
+    #: Measured-over-modelled step time, smoothed online (1.0 = the profile is exact).
+    correction: float = 1.0
+    name: str = "default"
+    meta: dict = field(default_factory=dict)
+
+    def step_s(self, num_seqs: int, total_context: int, prefill_lens: Sequence[int] = ()) -> float:
+        base = (
+            self.c0_s
+            + self.c_seq_s * num_seqs
+            + self.c_ctx_s * total_context
+            + self.c_pre_s * sum(prefill_lens)
+            + self.c_pre2_s * sum(n * n for n in prefill_lens)
+        )
+        return base * self.correction
+
+    def prefill_s(self, num_tokens: int) -> float:
+        """Time to prefill one prompt alone (T_pre(s) of the paper)."""
+        return self.step_s(1, num_tokens, (num_tokens,))
+
+    def decode_token_s(self, context: int, batch_size: int = 1, batch_context: int = 0) -> float:
+        """Marginal cost one sequence adds to a decode step in a batch of ``batch_size``.
+
+        The fixed per-step cost is shared by the batch, so each member is charged
+        c0 / batch_size plus its own per-sequence and per-context terms.
+        """
+        share = self.c0_s / max(batch_size, 1)
+        return (share + self.c_seq_s + self.c_ctx_s * context) * self.correction
+
+    def decode_s(self, context: int, num_tokens: int, batch_size: int = 1) -> float:
+        """Time to generate ``num_tokens`` from a context of ``context`` (T_dec(s, n))."""
+        if num_tokens <= 0:
+            return 0.0
+        mean_context = context + (num_tokens - 1) / 2
+        return num_tokens * self.decode_token_s(mean_context, batch_size)
+
+    def observe_step(self, measured_s: float, num_seqs: int, total_context: int,
+                     prefill_lens: Sequence[int] = (), weight: float = 0.05) -> None:
+        """Online refinement from a worker's step report."""
+        predicted = self.step_s(num_seqs, total_context, prefill_lens) / self.correction
+        if predicted <= 0 or not math.isfinite(measured_s) or measured_s <= 0:
+            return
+        ratio = min(max(measured_s / predicted, 0.1), 10.0)
+        self.correction = (1 - weight) * self.correction + weight * ratio
+
+    @classmethod
+    def fit(cls, samples: Sequence[tuple[int, int, Sequence[int], float]], name: str = "fitted",
+            meta: dict | None = None) -> LatencyModel:
+        """Non-negative least squares over (num_seqs, total_context, prefill_lens, seconds)."""
+        import numpy as np
+        from scipy.optimize import nnls
+
+        rows = []
+        targets = []
+        for num_seqs, total_context, prefill_lens, seconds in samples:
+            rows.append([1.0, num_seqs, total_context, sum(prefill_lens),
+                         sum(n * n for n in prefill_lens)])
+            targets.append(seconds)
+        a = np.asarray(rows, dtype=np.float64)
+        b = np.asarray(targets, dtype=np.float64)
+        # Relative error matters: scale each row by 1/target so short steps count as much.
+        w = 1.0 / np.maximum(b, 1e-6)
+        coef, _ = nnls(a * w[:, None], b * w)
+        return cls(*map(float, coef), name=name, meta=dict(meta or {}))
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> LatencyModel:
+        data = json.loads(text)
+        known = {k: data[k] for k in cls.__dataclass_fields__ if k in data}
+        model = cls(**known)
+        for key in ("c0_s", "c_seq_s", "c_ctx_s", "c_pre_s", "c_pre2_s", "correction"):
+            value = getattr(model, key)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                raise ValueError(f"latency profile field {key} must be a finite number >= 0, got {value!r}")
+        return model
+
+    @classmethod
+    def load(cls, path: str) -> LatencyModel:
+        with open(path, encoding="utf-8") as f:
+            return cls.from_json(f.read())

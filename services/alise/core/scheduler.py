@@ -1,0 +1,257 @@
+"""The scheduler core: which jobs run on which worker, step by step.
+
+Pure Python: no gRPC, no torch. The scheduler service, the tests and the simulator all
+drive this same class. Each worker is driven lock-step: after it reports step k, the core
+plans step k+1 for it (``schedule``), in four named phases:
+
+1. ``_order``        sort the candidates (this worker's jobs + the global waiting queue)
+                     by the policy's key; non-preemptive policies put running jobs first.
+2. ``_select``       walk that order, taking jobs while the sequence budget, the token
+                     budget and the device blocks allow (``blocks_for(num_tokens)`` each);
+                     stop at the first misfit unless the policy backfills.
+3. ``_plan_memory``  every job on the worker that was not selected keeps its device KV if
+                     it still fits beside the selected ones (best-ranked first), else it
+                     is dropped for recompute; running ones among them are paused.
+4. ``_start``        admit or resume the selected jobs that are not running.
+
+Block accounting is exact (the worker allocates by the same formulas), so a plan never
+asks the worker for more blocks than it has.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+
+from alise.core.blocks import WorkerCapacity, blocks_for, held_device_blocks
+from alise.core.commands import (
+    Abort, Admit, Command, KvAction, Pause, Resume, StepPlan, StepReport, TokenEvent,
+)
+from alise.core.job import FinishReason, Job, JobStatus, KvPlace
+from alise.core.policy import Policy
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class WorkerView:
+    """The core's picture of one connected worker."""
+
+    capacity: WorkerCapacity
+    jobs: dict[str, Job] = field(default_factory=dict)
+    pending: list[Command] = field(default_factory=list)
+    next_step_id: int = 1
+    num_free_device_blocks: int = 0
+    num_free_host_blocks: int = 0
+
+    @property
+    def worker_id(self) -> str:
+        return self.capacity.worker_id
+
+    def num_with_status(self, status: JobStatus) -> int:
+        return sum(1 for job in self.jobs.values() if job.status is status)
+
+
+class SchedulerCore:
+    def __init__(self, policy: Policy) -> None:
+        self.policy = policy
+        self.jobs: dict[str, Job] = {}
+        self.waiting: dict[str, Job] = {}
+        self.workers: dict[str, WorkerView] = {}
+        self.num_finished = 0
+        self.preemptions: Counter[str] = Counter()
+
+    # ----------------------------------------------------------------- membership
+
+    def add_worker(self, capacity: WorkerCapacity) -> WorkerView:
+        if capacity.worker_id in self.workers:
+            raise ValueError(f"worker {capacity.worker_id!r} is already connected")
+        view = WorkerView(capacity, num_free_device_blocks=capacity.num_device_blocks,
+                          num_free_host_blocks=capacity.num_host_blocks)
+        self.workers[capacity.worker_id] = view
+        return view
+
+    def remove_worker(self, worker_id: str, now_s: float) -> list[Job]:
+        """Hands a lost worker's jobs back to the waiting queue; they recompute elsewhere."""
+        view = self.workers.pop(worker_id, None)
+        if view is None:
+            return []
+        moved = list(view.jobs.values())
+        for job in moved:
+            self._to_waiting(job, now_s)
+        return moved
+
+    def submit(self, job: Job) -> None:
+        if job.job_id in self.jobs:
+            raise ValueError(f"job {job.job_id!r} already exists")
+        self.jobs[job.job_id] = job
+        self.waiting[job.job_id] = job
+
+    def cancel(self, job_id: str, now_s: float) -> bool:
+        """Aborts a job wherever it is. Its worker frees it at the start of its next step."""
+        job = self.jobs.get(job_id)
+        if job is None:
+            return False
+        if job.worker_id is not None and job.worker_id in self.workers:
+            view = self.workers[job.worker_id]
+            view.jobs.pop(job_id, None)
+            view.pending.append(Abort(job_id))
+        self.waiting.pop(job_id, None)
+        self._finish(job, FinishReason.ABORTED, now_s)
+        return True
+
+    # ----------------------------------------------------------------- reports
+
+    def apply_report(self, worker_id: str, report: StepReport, now_s: float) -> list[TokenEvent]:
+        view = self.workers[worker_id]
+        view.num_free_device_blocks = report.num_free_device_blocks
+        view.num_free_host_blocks = report.num_free_host_blocks
+        events = []
+        for out in report.outputs:
+            job = view.jobs.get(out.job_id)
+            if job is None:
+                continue  # cancelled while the step ran; the abort is already queued
+            index = job.num_output_tokens
+            job.output_token_ids.extend(out.token_ids)
+            if out.token_ids and job.first_token_s is None:
+                job.first_token_s = now_s
+            if out.num_tokens != job.num_tokens:
+                raise ValueError(
+                    f"worker {worker_id}: job {job.job_id} holds {out.num_tokens} tokens, "
+                    f"scheduler counts {job.num_tokens}")
+            events.append(TokenEvent(job.job_id, list(out.token_ids), index, out.finish_reason))
+            if out.finish_reason is not None:
+                view.jobs.pop(job.job_id, None)
+                self._finish(job, out.finish_reason, now_s)
+        for refusal in report.refused:
+            self._undo_refused(view, refusal.job_id, refusal.command, now_s)
+        return events
+
+    def _undo_refused(self, view: WorkerView, job_id: str, command: str, now_s: float) -> None:
+        job = view.jobs.get(job_id)
+        if job is None:
+            return
+        logger.warning("worker %s refused %s of %s", view.worker_id, command, job_id)
+        if command == "admit":
+            view.jobs.pop(job_id)
+            self._to_waiting(job, now_s)
+        elif command == "resume":
+            job.status = JobStatus.PAUSED
+        elif command == "pause":
+            job.status = JobStatus.RUNNING
+
+    # ----------------------------------------------------------------- planning
+
+    def schedule(self, worker_id: str, now_s: float) -> StepPlan:
+        view = self.workers[worker_id]
+        plan = StepPlan(step_id=view.next_step_id, commands=view.pending)
+        view.pending = []
+        view.next_step_id += 1
+        cap = view.capacity
+        candidates = list(view.jobs.values()) + [
+            job for job in self.waiting.values() if job.num_tokens < cap.max_model_len
+        ]
+        ordered = self._order(candidates, now_s)
+        selected = self._select(ordered, cap)
+        used = sum(blocks_for(job.num_tokens, cap.block_size) for job in selected)
+        plan.commands += self._plan_memory(view, ordered, selected, used, now_s)
+        plan.step_jobs = {job.job_id: job.num_tokens_to_prefill for job in selected}
+        plan.commands += self._start(view, selected, now_s)
+        plan.run_step = bool(selected)
+        return plan
+
+    def _order(self, candidates: list[Job], now_s: float) -> list[Job]:
+        policy = self.policy
+
+        def sort_key(job: Job) -> tuple:
+            pinned = 0 if (not policy.preemptive and job.status is JobStatus.RUNNING) else 1
+            return (pinned, policy.key(job, now_s), job.arrival_s, job.job_id)
+
+        return sorted(candidates, key=sort_key)
+
+    def _select(self, ordered: list[Job], cap: WorkerCapacity) -> list[Job]:
+        selected: list[Job] = []
+        used_blocks = 0
+        num_tokens = 0
+        for job in ordered:
+            if len(selected) == cap.max_num_seqs:
+                break
+            need = blocks_for(job.num_tokens, cap.block_size)
+            feed = job.num_tokens_to_prefill
+            fits_tokens = num_tokens + feed <= cap.max_num_batched_tokens or not selected
+            if used_blocks + need <= cap.num_device_blocks and fits_tokens:
+                selected.append(job)
+                used_blocks += need
+                num_tokens += feed
+            elif not self.policy.backfill:
+                break
+        return selected
+
+    def _plan_memory(self, view: WorkerView, ordered: list[Job], selected: list[Job],
+                     used_blocks: int, now_s: float) -> list[Command]:
+        chosen = {job.job_id for job in selected}
+        remaining = view.capacity.num_device_blocks - used_blocks
+        commands: list[Command] = []
+        for job in ordered:
+            if job.job_id in chosen or job.worker_id != view.worker_id:
+                continue
+            held = held_device_blocks(job, view.capacity.block_size)
+            keep = held <= remaining
+            if keep:
+                remaining -= held
+            if job.status is JobStatus.RUNNING:
+                action = KvAction.KEEP if keep else KvAction.DROP
+                commands.append(Pause(job.job_id, action))
+                self.preemptions[action.value] += 1
+                job.num_preemptions += 1
+                job.status = JobStatus.PAUSED
+                job.idle_since_s = now_s
+            elif not keep:
+                commands.append(Pause(job.job_id, KvAction.DROP))
+                self.preemptions["drop"] += 1
+            else:
+                continue
+            if not keep:
+                job.kv = KvPlace.NONE
+        return commands
+
+    def _start(self, view: WorkerView, selected: list[Job], now_s: float) -> list[Command]:
+        commands: list[Command] = []
+        for job in selected:
+            if job.status is JobStatus.RUNNING:
+                continue
+            job.queued_s += max(now_s - job.idle_since_s, 0.0)
+            if job.status is JobStatus.WAITING:
+                self.waiting.pop(job.job_id)
+                commands.append(Admit(job.job_id, job.all_token_ids(), job.sampling,
+                                      num_generated=job.num_output_tokens))
+                job.worker_id = view.worker_id
+                view.jobs[job.job_id] = job
+            else:
+                commands.append(Resume(job.job_id))
+            job.status = JobStatus.RUNNING
+            job.kv = KvPlace.DEVICE
+        return commands
+
+    # ----------------------------------------------------------------- helpers
+
+    def _to_waiting(self, job: Job, now_s: float) -> None:
+        job.status = JobStatus.WAITING
+        job.kv = KvPlace.NONE
+        job.worker_id = None
+        job.idle_since_s = now_s
+        self.waiting[job.job_id] = job
+
+    def _finish(self, job: Job, reason: FinishReason, now_s: float) -> None:
+        if job.status in (JobStatus.WAITING, JobStatus.PAUSED):
+            job.queued_s += max(now_s - job.idle_since_s, 0.0)
+        job.status = JobStatus.FINISHED
+        job.finish_reason = reason
+        job.finish_s = now_s
+        job.kv = KvPlace.NONE
+        self.jobs.pop(job.job_id, None)
+        self.num_finished += 1
+
+    def num_with_status(self, status: JobStatus) -> int:
+        return sum(1 for job in self.jobs.values() if job.status is status)

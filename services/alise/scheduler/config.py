@@ -1,0 +1,47 @@
+"""Settings of the scheduler service (read from flags and env in the entrypoint only)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from alise.core.policy import POLICY_NAMES
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    #: Where clients and workers connect (one port serves both services).
+    address: str = "127.0.0.1:50051"
+    #: Model directory or preset name, the same the workers serve (None = embedded default).
+    model: str | None = None
+    #: Scheduling policy: fcfs, alise or oracle.
+    policy: str = "fcfs"
+    #: Context limit override in tokens (None = the model's).
+    max_model_len: int | None = None
+    #: max_tokens for requests that leave it unset.
+    default_max_tokens: int = 256
+    #: Requests in flight (queued + running) before RESOURCE_EXHAUSTED.
+    max_queued: int = 4096
+    #: How long a request waits while no worker is connected before UNAVAILABLE.
+    max_wait_no_worker_s: float = 30.0
+    #: Predictor address (None = running-mean estimates only).
+    predictor_address: str | None = None
+    #: Deadline of one predictor call.
+    predictor_timeout_s: float = 0.25
+    #: Latency profile JSON of the workers' device (None = learn online from a default).
+    latency_profile: str | None = None
+    #: Longest prompt text accepted, in characters (tokenizing it must stay cheap).
+    max_prompt_chars: int = 4_000_000
+    #: Grace period for in-flight requests on SIGTERM.
+    drain_grace_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        if self.policy not in POLICY_NAMES:
+            raise ValueError(f"policy must be one of {', '.join(POLICY_NAMES)}, got {self.policy!r}")
+        for name in ("default_max_tokens", "max_queued", "max_prompt_chars"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("max_wait_no_worker_s", "predictor_timeout_s", "drain_grace_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if ":" not in self.address:
+            raise ValueError(f"address must look like HOST:PORT, got {self.address!r}")

@@ -1,0 +1,267 @@
+"""The scheduler's engine loop: the single task that mutates scheduling state.
+
+gRPC handlers never touch the core. They post events (a new job, a cancel, a worker's
+hello, report or departure) to a bounded inbox; one task applies them in order and, after
+each batch of events, hands every idle worker its next step plan. Tokens flow back to
+each request's stream through an unbounded per-request buffer (its size is bounded by
+the request's own output length).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from alise.core.blocks import WorkerCapacity
+from alise.core.commands import StepPlan, StepReport, TokenEvent
+from alise.core.job import Job, JobStatus
+from alise.core.latency_model import LatencyModel
+from alise.core.scheduler import SchedulerCore
+
+logger = logging.getLogger(__name__)
+
+
+class JobFailed(Exception):
+    """A job ended without finishing (no worker in time, scheduler shutting down)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass
+class JobStream:
+    """Where a job's tokens wait for its Generate handler."""
+
+    job: Job
+    events: deque = field(default_factory=deque)
+    wakeup: asyncio.Event = field(default_factory=asyncio.Event)
+    closed: bool = False
+
+    def push(self, item: TokenEvent | JobFailed) -> None:
+        self.events.append(item)
+        self.wakeup.set()
+
+    async def next_batch(self) -> list[TokenEvent | JobFailed]:
+        while not self.events:
+            self.wakeup.clear()
+            await self.wakeup.wait()
+        items = list(self.events)
+        self.events.clear()
+        return items
+
+
+@dataclass
+class WorkerLink:
+    """One connected worker's stream, as the engine sees it."""
+
+    capacity: WorkerCapacity
+    outbox: asyncio.Queue
+    model: str = ""
+    device: str = ""
+    connected_at_s: float = field(default_factory=time.monotonic)
+    idle: bool = True                 # its last report has been answered?
+    plan: StepPlan | None = None      # the plan it is executing
+    last_step_s: float = 0.0
+    num_steps: int = 0
+
+    @property
+    def worker_id(self) -> str:
+        return self.capacity.worker_id
+
+
+class SchedulerEngine:
+    def __init__(self, core: SchedulerCore, latency: LatencyModel, *,
+                 max_queued: int = 4096, max_wait_no_worker_s: float = 30.0,
+                 on_finish=None) -> None:
+        self.core = core
+        self.latency = latency
+        self.max_queued = max_queued
+        self.max_wait_no_worker_s = max_wait_no_worker_s
+        self.on_finish = on_finish
+        self.streams: dict[str, JobStream] = {}
+        self.links: dict[str, WorkerLink] = {}
+        self.inbox: asyncio.Queue = asyncio.Queue(maxsize=100_000)
+        self.started_s = time.monotonic()
+        self._task: asyncio.Task | None = None
+
+    # ----------------------------------------------------------------- lifecycle
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="scheduler-engine")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        for stream in list(self.streams.values()):
+            stream.push(JobFailed("UNAVAILABLE", "the scheduler is shutting down"))
+
+    # ----------------------------------------------------------------- posting (handlers)
+
+    def num_live_jobs(self) -> int:
+        return len(self.streams)
+
+    def submit(self, job: Job) -> JobStream:
+        """Registers a job; raises OverflowError when the queue is full."""
+        if len(self.streams) >= self.max_queued:
+            raise OverflowError(f"{len(self.streams)} requests in flight, the limit is {self.max_queued}")
+        if job.job_id in self.streams:
+            raise KeyError(f"request id {job.job_id!r} is already in flight")
+        stream = JobStream(job)
+        self.streams[job.job_id] = stream
+        self.inbox.put_nowait(("submit", job))
+        return stream
+
+    def cancel(self, job_id: str) -> None:
+        if job_id in self.streams:
+            self.streams[job_id].closed = True
+            self.inbox.put_nowait(("cancel", job_id))
+
+    def worker_joined(self, link: WorkerLink) -> None:
+        self.inbox.put_nowait(("join", link))
+
+    def worker_reported(self, worker_id: str, report: StepReport) -> None:
+        self.inbox.put_nowait(("report", (worker_id, report)))
+
+    def worker_left(self, worker_id: str) -> None:
+        self.inbox.put_nowait(("leave", worker_id))
+
+    # ----------------------------------------------------------------- the loop
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                event = await asyncio.wait_for(self.inbox.get(), timeout=0.5)
+            except TimeoutError:
+                event = None
+            batch = [event] if event is not None else []
+            while not self.inbox.empty():
+                batch.append(self.inbox.get_nowait())
+            now = time.monotonic()
+            for kind, payload in batch:
+                try:
+                    getattr(self, f"_on_{kind}")(payload, now)
+                except Exception:
+                    logger.exception("engine failed to handle %s", kind)
+            self._expire_unserved(now)
+            self._dispatch(time.monotonic())
+
+    def _on_submit(self, job: Job, now: float) -> None:
+        if self.streams.get(job.job_id) is None or self.streams[job.job_id].closed:
+            self.streams.pop(job.job_id, None)
+            return
+        self.core.submit(job)
+
+    def _on_cancel(self, job_id: str, now: float) -> None:
+        self.core.cancel(job_id, now)
+        self.streams.pop(job_id, None)
+
+    def _on_join(self, link: WorkerLink, now: float) -> None:
+        self.core.add_worker(link.capacity)
+        self.links[link.worker_id] = link
+        logger.info("worker %s joined: %d device blocks of %d tokens, model %s on %s",
+                    link.worker_id, link.capacity.num_device_blocks, link.capacity.block_size,
+                    link.model, link.device)
+
+    def _on_leave(self, worker_id: str, now: float) -> None:
+        link = self.links.pop(worker_id, None)
+        if link is None:
+            return
+        moved = self.core.remove_worker(worker_id, now)
+        logger.warning("worker %s left; %d jobs go back to the queue", worker_id, len(moved))
+
+    def _on_report(self, payload: tuple[str, StepReport], now: float) -> None:
+        worker_id, report = payload
+        link = self.links.get(worker_id)
+        if link is None:
+            return
+        try:
+            if link.plan is None or report.step_id != link.plan.step_id:
+                raise ValueError(f"reported step {report.step_id}, expected "
+                                 f"{link.plan.step_id if link.plan else 'no report'}")
+            self._observe_latency(link, report)
+            events = self.core.apply_report(worker_id, report, now)
+        except ValueError as exc:
+            # A worker that breaks the protocol is disconnected; its jobs recompute elsewhere.
+            logger.error("worker %s: %s; disconnecting it", worker_id, exc)
+            link.outbox.put_nowait(f"protocol error: {exc}")
+            self._on_leave(worker_id, now)
+            return
+        link.idle = True
+        link.plan = None
+        for event in events:
+            stream = self.streams.get(event.job_id)
+            if stream is None:
+                continue
+            stream.push(event)
+            if event.finish_reason is not None:
+                del self.streams[event.job_id]
+                if self.on_finish is not None:
+                    self.on_finish(stream.job)
+
+    def _observe_latency(self, link: WorkerLink, report: StepReport) -> None:
+        if report.step_duration_s <= 0 or link.plan is None or not link.plan.step_jobs:
+            return
+        link.last_step_s = report.step_duration_s
+        link.num_steps += 1
+        jobs = [self.core.jobs.get(job_id) for job_id in link.plan.step_jobs]
+        context = sum(job.num_tokens for job in jobs if job is not None)
+        prefill = [n for n in link.plan.step_jobs.values() if n > 1]
+        self.latency.observe_step(report.step_duration_s, len(link.plan.step_jobs), context, prefill)
+
+    def _dispatch(self, now: float) -> None:
+        for link in self.links.values():
+            if not link.idle:
+                continue
+            plan = self.core.schedule(link.worker_id, now)
+            if plan.is_empty:
+                continue
+            link.idle = False
+            link.plan = plan
+            link.outbox.put_nowait(plan)
+
+    def _expire_unserved(self, now: float) -> None:
+        if self.links or not self.core.waiting:
+            return
+        for job in list(self.core.waiting.values()):
+            if now - job.arrival_s > self.max_wait_no_worker_s:
+                self.core.cancel(job.job_id, now)
+                stream = self.streams.pop(job.job_id, None)
+                if stream is not None:
+                    stream.push(JobFailed(
+                        "UNAVAILABLE",
+                        f"no worker connected within {self.max_wait_no_worker_s:g} s"))
+
+    # ----------------------------------------------------------------- introspection
+
+    def snapshot(self) -> dict:
+        core = self.core
+        workers = []
+        for link in self.links.values():
+            view = core.workers.get(link.worker_id)
+            cap = link.capacity
+            workers.append(dict(
+                worker_id=link.worker_id, model=link.model, device=link.device,
+                block_size=cap.block_size, num_device_blocks=cap.num_device_blocks,
+                num_free_device_blocks=view.num_free_device_blocks if view else 0,
+                num_host_blocks=cap.num_host_blocks,
+                num_free_host_blocks=view.num_free_host_blocks if view else 0,
+                num_running=view.num_with_status(JobStatus.RUNNING) if view else 0,
+                num_paused=view.num_with_status(JobStatus.PAUSED) if view else 0,
+                last_step_ms=link.last_step_s * 1e3, num_steps=link.num_steps,
+                connected_s=time.monotonic() - link.connected_at_s))
+        return dict(
+            policy=core.policy.name, workers=workers, num_waiting=len(core.waiting),
+            num_running=core.num_with_status(JobStatus.RUNNING),
+            num_paused=core.num_with_status(JobStatus.PAUSED),
+            num_finished=core.num_finished, uptime_s=time.monotonic() - self.started_s,
+            num_preemptions=sum(core.preemptions.values()),
+            preemptions_by_action=dict(core.preemptions))
+

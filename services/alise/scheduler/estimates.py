@@ -1,0 +1,73 @@
+"""Output-length estimates for new jobs: the predictor service, or a running mean.
+
+The predictor is asked with a short deadline. When it is not configured, slow or down,
+the estimate falls back to the running mean of observed output lengths (seeded with a
+prior), and the state says so; the next successful call restores it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+
+from alise.core.job import LengthEstimate
+from alise.core.policy import DEFAULT_ESTIMATE
+
+logger = logging.getLogger(__name__)
+
+PredictFn = Callable[[list[str], list[int], float], Awaitable[list[LengthEstimate]]]
+ObserveFn = Callable[[str, int, int], Awaitable[None]]
+
+
+class LengthEstimator:
+    def __init__(self, predict: PredictFn | None = None, observe: ObserveFn | None = None, *,
+                 timeout_s: float = 0.25, prior: LengthEstimate = DEFAULT_ESTIMATE) -> None:
+        self._predict = predict
+        self._observe = observe
+        self.timeout_s = timeout_s
+        self._sum = prior.mean
+        self._count = 1
+        self._p90_ratio = prior.p90 / max(prior.mean, 1.0)
+        self.state = "ok" if predict is not None else "disabled (no predictor configured)"
+        self.last_error_s = 0.0
+        self._pending: set[asyncio.Task] = set()
+
+    @property
+    def running_mean(self) -> LengthEstimate:
+        mean = self._sum / self._count
+        return LengthEstimate(mean=mean, p50=mean, p90=mean * self._p90_ratio, source="mean")
+
+    async def estimate(self, prompt: str, prompt_tokens: int) -> LengthEstimate:
+        if self._predict is None:
+            return self.running_mean
+        try:
+            [result] = await asyncio.wait_for(
+                self._predict([prompt], [prompt_tokens], self.timeout_s), self.timeout_s)
+        except Exception as exc:  # noqa: BLE001 - any failure means "use the fallback"
+            if not self.state.startswith("degraded"):
+                logger.warning("predictor unavailable (%s); using the running mean", exc or type(exc).__name__)
+            self.state = f"degraded ({type(exc).__name__}: {exc or 'timeout'})"[:200]
+            self.last_error_s = time.time()
+            return self.running_mean
+        if self.state != "ok":
+            logger.info("predictor is back")
+        self.state = "ok"
+        return result
+
+    def observe(self, prompt: str, prompt_tokens: int, output_tokens: int) -> None:
+        """Records a finished job (running mean now; the predictor in the background)."""
+        self._sum += output_tokens
+        self._count += 1
+        if self._observe is None or not prompt:
+            return
+        task = asyncio.create_task(self._observe_quietly(prompt, prompt_tokens, output_tokens))
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+
+    async def _observe_quietly(self, prompt: str, prompt_tokens: int, output_tokens: int) -> None:
+        try:
+            await asyncio.wait_for(self._observe(prompt, prompt_tokens, output_tokens), 5.0)
+        except Exception as exc:  # noqa: BLE001
+            logger.debug("observe failed: %s", exc)

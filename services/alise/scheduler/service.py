@@ -1,0 +1,263 @@
+"""The scheduler service: the client front door and the workers' rendezvous.
+
+``SchedulerService.Generate`` validates and tokenizes a request, asks for a length
+estimate, hands the job to the engine and streams its tokens back with text deltas.
+``WorkerService.Connect`` is the lock-step stream each worker holds: plans out, reports in.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+
+import grpc
+
+from alise.common import grpc_server, wire
+from alise.core.job import Job
+from alise.core.latency_model import LatencyModel
+from alise.core.policy import make_policy
+from alise.core.scheduler import SchedulerCore
+from alise.scheduler.config import SchedulerConfig
+from alise.scheduler.engine import JobFailed, SchedulerEngine, WorkerLink
+from alise.scheduler.estimates import LengthEstimator
+from alise.scheduler.tokenizer import IncrementalDetokenizer, ModelInfo, load_model_info
+from alise.v1 import (
+    common_pb2, scheduler_pb2, scheduler_pb2_grpc, worker_pb2, worker_pb2_grpc,
+)
+
+logger = logging.getLogger(__name__)
+
+MAX_REQUEST_ID_CHARS = 128
+
+
+class RequestError(Exception):
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
+    def __init__(self, config: SchedulerConfig, info: ModelInfo, engine: SchedulerEngine,
+                 estimator: LengthEstimator) -> None:
+        self.config = config
+        self.info = info
+        self.engine = engine
+        self.estimator = estimator
+        self.accepting = True
+
+    async def Generate(self, request, context):
+        try:
+            job = await self._make_job(request)
+            stream = self._submit(job)
+        except RequestError as exc:
+            await context.abort(exc.code, str(exc))
+        try:
+            async for response in self._relay(stream, job, request):
+                yield response
+        except RequestError as exc:
+            await context.abort(exc.code, str(exc))
+        finally:
+            # Client gone, deadline passed or cancelled: free the job's memory now.
+            if not job.is_finished:
+                self.engine.cancel(job.job_id)
+
+    def _submit(self, job: Job):
+        try:
+            return self.engine.submit(job)
+        except OverflowError as exc:
+            raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                               f"server busy: {exc}; retry in a few seconds") from None
+        except KeyError as exc:
+            raise RequestError(grpc.StatusCode.ALREADY_EXISTS, str(exc.args[0])) from None
+
+    async def _relay(self, stream, job: Job, request):
+        detok = IncrementalDetokenizer(self.info.tokenizer)
+        want_text = not request.HasField("stream_text") or request.stream_text
+        while True:
+            for item in await stream.next_batch():
+                if isinstance(item, JobFailed):
+                    raise RequestError(getattr(grpc.StatusCode, item.code), str(item))
+                response = scheduler_pb2.GenerateResponse(
+                    request_id=job.job_id, token_ids=item.token_ids, index=item.index)
+                if want_text:
+                    response.text = detok.add(item.token_ids)
+                if item.finish_reason is not None:
+                    response.finish_reason = wire.finish_to_pb(item.finish_reason)
+                    response.usage.CopyFrom(self._usage(job))
+                    yield response
+                    return
+                yield response
+
+    def _usage(self, job: Job) -> common_pb2.Usage:
+        end = job.finish_s or time.monotonic()
+        return common_pb2.Usage(
+            prompt_tokens=job.num_prompt_tokens, completion_tokens=job.num_output_tokens,
+            ttft_s=(job.first_token_s or end) - job.arrival_s, e2e_s=end - job.arrival_s,
+            queued_s=job.queued_s, num_preemptions=job.num_preemptions)
+
+    async def _make_job(self, request) -> Job:
+        if not self.accepting:
+            raise RequestError(grpc.StatusCode.UNAVAILABLE, "the scheduler is draining")
+        request_id = request.request_id or uuid.uuid4().hex
+        if len(request_id) > MAX_REQUEST_ID_CHARS or not request_id.isprintable():
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                               f"request_id must be printable and at most {MAX_REQUEST_ID_CHARS} characters")
+        token_ids, prompt_text = await self._prompt_tokens(request)
+        limit = self.info.max_model_len
+        if len(token_ids) >= limit:
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                               f"prompt has {len(token_ids)} tokens; the model's context is {limit} "
+                               "tokens, so a prompt must have fewer to leave room for output")
+        try:
+            sampling = wire.sampling_from_pb(request.sampling, self.config.default_max_tokens)
+        except ValueError as exc:
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"sampling: {exc}") from None
+        bad_stop = [t for t in sampling.stop_token_ids if not 0 <= t < self.info.vocab_size]
+        if bad_stop:
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                               f"stop_token_ids {bad_stop[:5]} are outside the vocabulary "
+                               f"[0, {self.info.vocab_size})")
+        if request.oracle_output_tokens < 0:
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "oracle_output_tokens must be >= 0")
+        estimate = await self.estimator.estimate(prompt_text, len(token_ids))
+        return Job(request_id, token_ids, sampling, arrival_s=time.monotonic(), estimate=estimate,
+                   oracle_output_tokens=request.oracle_output_tokens or None, prompt_text=prompt_text)
+
+    async def _prompt_tokens(self, request) -> tuple[list[int], str]:
+        kind = request.WhichOneof("prompt")
+        if kind is None:
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "prompt is required: set text or token_ids")
+        if kind == "token_ids":
+            ids = list(request.token_ids.ids)
+            if not ids:
+                raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "prompt is empty (no token ids)")
+            vocab = self.info.vocab_size
+            for position, token in enumerate(ids):
+                if not 0 <= token < vocab:
+                    raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                                       f"token id {token} at position {position} is outside the "
+                                       f"vocabulary [0, {vocab})")
+            text = self.info.tokenizer.decode([t for t in ids if t < len(self.info.tokenizer)])
+            return ids, text
+        text = request.text
+        if not text.strip():
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "prompt is empty")
+        if len(text) > self.config.max_prompt_chars:
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                               f"prompt has {len(text)} characters; the limit is {self.config.max_prompt_chars}")
+        ids = await asyncio.to_thread(self._encode, text)
+        if not ids:
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "prompt has no tokens after tokenization")
+        return ids, text
+
+    def _encode(self, text: str) -> list[int]:
+        return self.info.tokenizer.encode(text, add_special_tokens=True)
+
+    async def GetStatus(self, request, context):
+        snap = self.engine.snapshot()
+        workers = [scheduler_pb2.WorkerStatus(**w) for w in snap.pop("workers")]
+        return scheduler_pb2.GetStatusResponse(
+            workers=workers, predictor_state=self.estimator.state, **snap)
+
+
+class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
+    def __init__(self, engine: SchedulerEngine, info: ModelInfo) -> None:
+        self.engine = engine
+        self.info = info
+
+    async def Connect(self, request_iterator, context):
+        try:
+            first = await asyncio.wait_for(request_iterator.__anext__(), timeout=30.0)
+        except (StopAsyncIteration, TimeoutError):
+            return
+        if first.WhichOneof("kind") != "hello":
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "the first message must be a hello")
+        try:
+            capacity = wire.capacity_from_hello(first.hello)
+        except wire.WireError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"bad hello: {exc}")
+        if capacity.worker_id in self.engine.links:
+            await context.abort(grpc.StatusCode.ALREADY_EXISTS,
+                                f"worker id {capacity.worker_id!r} is already connected")
+        if first.hello.vocab_size and first.hello.vocab_size != self.info.vocab_size:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                f"worker serves a vocabulary of {first.hello.vocab_size}, the scheduler's "
+                                f"model has {self.info.vocab_size}")
+        link = WorkerLink(capacity, asyncio.Queue(), model=first.hello.model, device=first.hello.device)
+        self.engine.worker_joined(link)
+        reader = asyncio.create_task(self._read_reports(link, request_iterator))
+        try:
+            while True:
+                getter = asyncio.ensure_future(link.outbox.get())
+                done, _ = await asyncio.wait({getter, reader}, return_when=asyncio.FIRST_COMPLETED)
+                if getter not in done:
+                    getter.cancel()
+                    return
+                item = getter.result()
+                if isinstance(item, str):
+                    yield worker_pb2.SchedulerMessage(shutdown=worker_pb2.Shutdown(reason=item))
+                    return
+                yield wire.plan_to_pb(item)
+        finally:
+            reader.cancel()
+            self.engine.worker_left(capacity.worker_id)
+
+    async def _read_reports(self, link: WorkerLink, request_iterator) -> None:
+        async for message in request_iterator:
+            if message.WhichOneof("kind") != "report":
+                link.outbox.put_nowait("protocol error: expected a step report")
+                return
+            try:
+                report = wire.report_from_pb(message.report)
+            except wire.WireError as exc:
+                link.outbox.put_nowait(f"protocol error: {exc}")
+                return
+            self.engine.worker_reported(link.worker_id, report)
+
+
+@dataclass
+class SchedulerServer:
+    server: grpc.aio.Server
+    port: int
+    engine: SchedulerEngine
+    servicer: SchedulerServicer
+    health: grpc_server.ServingStatus
+
+    async def stop(self, grace_s: float = 5.0) -> None:
+        self.servicer.accepting = False
+        await self.health.set(False)
+        deadline = time.monotonic() + grace_s
+        while self.engine.num_live_jobs() and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        await self.engine.stop()
+        await self.server.stop(1.0)
+
+
+async def start_scheduler(config: SchedulerConfig, *, predict=None, observe=None) -> SchedulerServer:
+    info = await asyncio.to_thread(load_model_info, config.model, config.max_model_len)
+    latency = LatencyModel.load(config.latency_profile) if config.latency_profile else LatencyModel()
+    core = SchedulerCore(make_policy(config.policy, latency))
+    estimator = LengthEstimator(predict, observe, timeout_s=config.predictor_timeout_s)
+
+    def on_finish(job: Job) -> None:
+        estimator.observe(job.prompt_text, job.num_prompt_tokens, job.num_output_tokens)
+
+    engine = SchedulerEngine(core, latency, max_queued=config.max_queued,
+                             max_wait_no_worker_s=config.max_wait_no_worker_s, on_finish=on_finish)
+    servicer = SchedulerServicer(config, info, engine, estimator)
+    server = grpc_server.create_server(max_concurrent_rpcs=config.max_queued + 256)
+    scheduler_pb2_grpc.add_SchedulerServiceServicer_to_server(servicer, server)
+    worker_pb2_grpc.add_WorkerServiceServicer_to_server(WorkerServicer(engine, info), server)
+    health = await grpc_server.add_health_and_reflection(server, [
+        scheduler_pb2.DESCRIPTOR.services_by_name["SchedulerService"].full_name,
+        worker_pb2.DESCRIPTOR.services_by_name["WorkerService"].full_name,
+    ])
+    port = grpc_server.bind(server, config.address)
+    engine.start()
+    await server.start()
+    logger.info("scheduler listening on %s (policy %s, model %s, context %d)",
+                config.address.rsplit(":", 1)[0] + f":{port}", config.policy, info.name, info.max_model_len)
+    return SchedulerServer(server, port, engine, servicer, health)

@@ -1,0 +1,220 @@
+"""The worker process: one model replica that dials the scheduler.
+
+It loads the model, sizes its KV cache, serves ``grpc.health.v1`` on its own port
+(NOT_SERVING while loading or disconnected, SERVING while attached to a scheduler), and
+holds the lock-step ``WorkerService.Connect`` stream: each plan is applied and its step
+run in a dedicated thread, then reported. When the stream breaks, the worker drops its
+jobs (the scheduler re-queues them) and reconnects with backoff.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import grpc
+import torch
+
+from alise.common import grpc_server, wire
+from alise.core.commands import StepPlan, StepReport
+from alise.v1 import worker_pb2, worker_pb2_grpc
+from alise.worker.engine import WorkerEngine
+from alise.worker.kv_cache import KVCache
+from alise.worker.loader import LoadedModel, load_model
+from alise.worker.model_runner import ModelRunner
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    #: The scheduler to dial.
+    scheduler_address: str = "127.0.0.1:50051"
+    #: Model directory or preset name (None = the embedded default).
+    model: str | None = None
+    #: "cpu", "cuda", "cuda:1", ...
+    device: str = "cpu"
+    #: "auto", "float32", "float16", "bfloat16".
+    dtype: str = "auto"
+    #: Tokens per KV block.
+    block_size: int = 16
+    #: Device KV blocks; 0 sizes the cache from kv_cache_bytes (CPU) or free memory (CUDA).
+    num_device_blocks: int = 0
+    #: KV budget on CPU when num_device_blocks is 0.
+    kv_cache_bytes: int = 256 << 20
+    #: Fraction of free GPU memory (after loading the weights) given to the KV cache.
+    gpu_memory_fraction: float = 0.85
+    #: Host (CPU) KV blocks for swapped-out jobs.
+    num_host_blocks: int = 0
+    #: Sequences in one step.
+    max_num_seqs: int = 64
+    #: Tokens (prefill + decode) in one step.
+    max_num_batched_tokens: int = 4096
+    #: Context limit override (None = the model's).
+    max_model_len: int | None = None
+    #: Identity shown in status (default: host-pid).
+    worker_id: str = ""
+    #: Where this worker serves its health check ("" = no health port).
+    health_address: str = "127.0.0.1:0"
+    #: Seed of random weights for preset models.
+    seed: int = 0
+    reconnect_delay_s: float = 1.0
+
+    def __post_init__(self) -> None:
+        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("num_device_blocks", "num_host_blocks", "kv_cache_bytes"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not 0 < self.gpu_memory_fraction <= 1:
+            raise ValueError(f"gpu_memory_fraction must be in (0, 1], got {self.gpu_memory_fraction}")
+        if self.reconnect_delay_s <= 0:
+            raise ValueError(f"reconnect_delay_s must be > 0, got {self.reconnect_delay_s}")
+
+    @property
+    def resolved_worker_id(self) -> str:
+        return self.worker_id or f"{socket.gethostname()}-{os.getpid()}"
+
+
+def size_kv_cache(loaded: LoadedModel, config: WorkerConfig) -> int:
+    """Number of device blocks: as configured, else what the memory budget holds."""
+    if config.num_device_blocks:
+        return config.num_device_blocks
+    if loaded.device.type == "cuda":
+        free_bytes, _ = torch.cuda.mem_get_info(loaded.device)
+        budget = int(free_bytes * config.gpu_memory_fraction)
+    else:
+        budget = config.kv_cache_bytes
+    blocks = KVCache.num_blocks_for_budget(loaded.config, config.block_size, loaded.dtype, budget)
+    if blocks < 1:
+        raise ValueError(f"not even one KV block fits in {budget} bytes")
+    # More blocks than the context can address per sequence times the batch is waste.
+    cap = -(-loaded.max_model_len // config.block_size) * config.max_num_seqs
+    return min(blocks, cap)
+
+
+class Worker:
+    def __init__(self, config: WorkerConfig) -> None:
+        self.config = config
+        self.worker_id = config.resolved_worker_id
+        self.engine: WorkerEngine | None = None
+        self.loaded: LoadedModel | None = None
+        self.health: grpc_server.ServingStatus | None = None
+        self.health_port = 0
+        self._health_server: grpc.aio.Server | None = None
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="worker-step")
+        self._stopping = asyncio.Event()
+        self.connected = asyncio.Event()
+
+    async def start_health(self) -> None:
+        if not self.config.health_address:
+            return
+        self._health_server = grpc_server.create_server()
+        self.health = await grpc_server.add_health_and_reflection(self._health_server, [])
+        await self.health.set(False)
+        self.health_port = grpc_server.bind(self._health_server, self.config.health_address)
+        await self._health_server.start()
+
+    async def load(self) -> None:
+        cfg = self.config
+        loop = asyncio.get_running_loop()
+        self.loaded = await loop.run_in_executor(self._executor, lambda: load_model(
+            cfg.model, device=cfg.device, dtype=cfg.dtype, seed=cfg.seed,
+            max_model_len=cfg.max_model_len))
+        num_blocks = size_kv_cache(self.loaded, cfg)
+        runner = await loop.run_in_executor(self._executor, lambda: ModelRunner(
+            self.loaded, num_blocks=num_blocks, block_size=cfg.block_size))
+        self.engine = WorkerEngine(runner, eos_token_id=self.loaded.eos_token_id,
+                                   max_model_len=self.loaded.max_model_len,
+                                   num_host_blocks=cfg.num_host_blocks)
+        logger.info("worker %s: %s on %s (%s), %d KV blocks of %d tokens", self.worker_id,
+                    self.loaded.name, self.loaded.device, self.loaded.dtype, num_blocks, cfg.block_size)
+
+    def hello(self) -> worker_pb2.WorkerMessage:
+        loaded, cfg = self.loaded, self.config
+        return worker_pb2.WorkerMessage(hello=worker_pb2.WorkerHello(
+            worker_id=self.worker_id, model=loaded.name, device=str(loaded.device),
+            dtype=str(loaded.dtype).removeprefix("torch."), block_size=cfg.block_size,
+            num_device_blocks=self.engine.allocator.num_blocks, num_host_blocks=cfg.num_host_blocks,
+            max_model_len=loaded.max_model_len, vocab_size=loaded.config.vocab_size,
+            eos_token_id=loaded.eos_token_id if loaded.eos_token_id is not None else -1,
+            block_bytes=KVCache.block_bytes(loaded.config, cfg.block_size, loaded.dtype),
+            max_num_seqs=cfg.max_num_seqs, max_num_batched_tokens=cfg.max_num_batched_tokens))
+
+    async def run(self) -> None:
+        """Connects, serves plans, reconnects; returns after ``stop``."""
+        delay = self.config.reconnect_delay_s
+        while not self._stopping.is_set():
+            try:
+                await self._session()
+                delay = self.config.reconnect_delay_s
+            except grpc.aio.AioRpcError as exc:
+                logger.warning("scheduler stream ended: %s %s", exc.code().name, exc.details())
+            finally:
+                self.connected.clear()
+                if self.health:
+                    await self.health.set(False)
+                if self.engine is not None:
+                    self.engine.abort_all()
+            if self._stopping.is_set():
+                break
+            try:
+                await asyncio.wait_for(self._stopping.wait(), timeout=delay)
+            except TimeoutError:
+                pass
+            delay = min(delay * 2, 10.0)
+
+    async def _session(self) -> None:
+        async with grpc.aio.insecure_channel(self.config.scheduler_address) as channel:
+            call = worker_pb2_grpc.WorkerServiceStub(channel).Connect()
+            await call.write(self.hello())
+            logger.info("worker %s connected to %s", self.worker_id, self.config.scheduler_address)
+            self.connected.set()
+            if self.health:
+                await self.health.set(True)
+            stop_waiter = asyncio.ensure_future(self._stopping.wait())
+            try:
+                while True:
+                    reader = asyncio.ensure_future(call.read())
+                    done, _ = await asyncio.wait({reader, stop_waiter},
+                                                 return_when=asyncio.FIRST_COMPLETED)
+                    if reader not in done:
+                        reader.cancel()
+                        call.cancel()
+                        return
+                    message = reader.result()
+                    if message is grpc.aio.EOF:
+                        return
+                    if message.WhichOneof("kind") == "shutdown":
+                        logger.warning("scheduler closed the stream: %s", message.shutdown.reason)
+                        return
+                    plan = wire.plan_from_pb(message.plan)
+                    report = await asyncio.get_running_loop().run_in_executor(
+                        self._executor, self._execute, plan)
+                    await call.write(wire.report_to_pb(report))
+            finally:
+                stop_waiter.cancel()
+
+    def _execute(self, plan: StepPlan) -> StepReport:
+        refused = self.engine.apply(plan.commands)
+        if plan.run_step:
+            report = self.engine.step(plan.step_id)
+        else:
+            report = StepReport(step_id=plan.step_id,
+                                num_free_device_blocks=self.engine.allocator.num_free,
+                                num_free_host_blocks=self.engine.num_host_blocks)
+        report.refused = refused
+        return report
+
+    async def stop(self) -> None:
+        self._stopping.set()
+        if self._health_server is not None:
+            await self._health_server.stop(0.5)
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,60 @@
+"""In-process scheduler + workers on loopback port 0, for service tests."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from dataclasses import dataclass, field
+
+from alise.client import AsyncClient
+from alise.scheduler.config import SchedulerConfig
+from alise.scheduler.service import SchedulerServer, start_scheduler
+from alise.worker.service import Worker, WorkerConfig
+
+
+@dataclass
+class InProcessCluster:
+    scheduler: SchedulerServer
+    address: str
+    workers: list[tuple[Worker, asyncio.Task]] = field(default_factory=list)
+
+    async def add_worker(self, model: str, **overrides) -> Worker:
+        cfg = WorkerConfig(scheduler_address=self.address, model=model, health_address="",
+                           worker_id=f"w{len(self.workers)}", reconnect_delay_s=0.1, **overrides)
+        worker = Worker(cfg)
+        await worker.load()
+        task = asyncio.create_task(worker.run())
+        self.workers.append((worker, task))
+        await asyncio.wait_for(worker.connected.wait(), 10)
+        return worker
+
+    async def remove_worker(self, worker: Worker) -> None:
+        for i, (w, task) in enumerate(self.workers):
+            if w is worker:
+                await w.stop()
+                await asyncio.wait_for(task, 10)
+                w.close()
+                del self.workers[i]
+                return
+
+    def client(self, **kwargs) -> AsyncClient:
+        return AsyncClient(self.address, **kwargs)
+
+    async def close(self) -> None:
+        for worker, _ in list(self.workers):
+            await self.remove_worker(worker)
+        await self.scheduler.stop(grace_s=0.1)
+
+
+@contextlib.asynccontextmanager
+async def cluster(model: str, *, num_workers: int = 1, worker_overrides: dict | None = None,
+                  **scheduler_overrides):
+    config = SchedulerConfig(address="127.0.0.1:0", model=model, **scheduler_overrides)
+    scheduler = await start_scheduler(config)
+    c = InProcessCluster(scheduler, f"127.0.0.1:{scheduler.port}")
+    try:
+        for _ in range(num_workers):
+            await c.add_worker(model, **(worker_overrides or {}))
+        yield c
+    finally:
+        await c.close()
