@@ -1,0 +1,151 @@
+"""Paged attention in plain torch: the reference implementation and the CPU path.
+
+A step's tokens are flattened into one batch of ``T`` rows: the tokens of sequence 0, then those of
+sequence 1, and so on. Sequence ``s`` feeds tokens at positions ``[start_s, start_s + n_s)`` and
+attends causally to positions ``[0, start_s + n_s)``, the earlier ones read from its KV pages.
+Each layer first writes the new tokens' K/V into the pages (:func:`write_kv`), then attends:
+
+- sequences feeding one token (decode, or a one-token prefill) go through one batched call,
+  :func:`decode_attention`, whose signature is what a fused paged-decode kernel implements;
+- longer chunks (a prompt, or a piece of it under chunked prefill) go one sequence at a time through
+  :func:`prefill_attention`, with a causal mask offset by the tokens already cached.
+
+Everything layer-independent (slots, positions, padded block tables, masks) is computed once per
+step in :func:`build_attention_metadata` and shared by all layers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class PrefillSpan:
+    """One multi-token chunk: rows ``[row_start, row_start + num_tokens)`` of the flattened batch."""
+
+    row_start: int
+    num_tokens: int
+    context_len: int  # start_pos + num_tokens: the keys this chunk attends to
+    block_table: torch.Tensor  # [ceil(context_len / block_size)] int64, on device
+    mask: torch.Tensor | None  # [num_tokens, context_len] bool (True = attend); None = square causal
+
+
+@dataclass(frozen=True)
+class AttentionMetadata:
+    """What every layer needs to place and attend the step's ``T`` tokens."""
+
+    positions: torch.Tensor  # [T] int64: each token's position within its sequence
+    slot_mapping: torch.Tensor  # [T] int64: where each token's K/V goes in a layer's flattened pages
+    prefills: tuple[PrefillSpan, ...]
+    decode_rows: torch.Tensor | None  # [B] int64 rows of one-token sequences; None when there are none
+    decode_block_tables: torch.Tensor | None  # [B, max_blocks] int64, padded with block 0 (masked out)
+    decode_context_lens: torch.Tensor | None  # [B] int64
+    is_all_decode: bool  # decode_rows is exactly 0..T-1, so no gather/scatter is needed
+
+
+def build_attention_metadata(start_positions: list[int], num_tokens: list[int], block_tables: list[list[int]],
+                             *, block_size: int, device: torch.device) -> AttentionMetadata:
+    """Metadata for sequences with the given starts, token counts and (validated) block tables."""
+    context_lens = [s + n for s, n in zip(start_positions, num_tokens)]
+    blocks_needed = [-(-c // block_size) for c in context_lens]
+    width = max(blocks_needed)
+    table = torch.tensor([bt[:k] + [0] * (width - k) for bt, k in zip(block_tables, blocks_needed)],
+                         dtype=torch.int64)
+    counts = torch.tensor(num_tokens, dtype=torch.int64)
+    row_starts = torch.cumsum(counts, 0) - counts
+    seq_of_row = torch.repeat_interleave(torch.arange(len(num_tokens)), counts)
+    positions = (torch.arange(int(counts.sum())) - row_starts[seq_of_row]
+                 + torch.tensor(start_positions, dtype=torch.int64)[seq_of_row])
+    slots = table[seq_of_row, positions // block_size] * block_size + positions % block_size
+
+    prefills = []
+    decode_seqs = []
+    for seq, (row_start, n) in enumerate(zip(row_starts.tolist(), num_tokens)):
+        if n == 1:
+            decode_seqs.append(seq)
+            continue
+        ctx = context_lens[seq]
+        mask = None
+        if ctx != n:
+            # Query i sits at position ctx - n + i and sees keys 0..ctx - n + i.
+            query_pos = torch.arange(ctx - n, ctx, device=device)
+            mask = torch.arange(ctx, device=device)[None, :] <= query_pos[:, None]
+        prefills.append(PrefillSpan(row_start=row_start, num_tokens=n, context_len=ctx, mask=mask,
+                                    block_table=table[seq, :blocks_needed[seq]].to(device)))
+
+    decode_rows = decode_tables = decode_lens = None
+    if decode_seqs:
+        idx = torch.tensor(decode_seqs, dtype=torch.int64)
+        decode_width = max(blocks_needed[s] for s in decode_seqs)
+        decode_rows = row_starts[idx].to(device)
+        decode_tables = table[idx, :decode_width].to(device)
+        decode_lens = torch.tensor([context_lens[s] for s in decode_seqs], dtype=torch.int64).to(device)
+    return AttentionMetadata(positions=positions.to(device), slot_mapping=slots.to(device),
+                             prefills=tuple(prefills), decode_rows=decode_rows, decode_block_tables=decode_tables,
+                             decode_context_lens=decode_lens, is_all_decode=not prefills)
+
+
+def write_kv(key_cache: torch.Tensor, value_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+             slot_mapping: torch.Tensor) -> None:
+    """Store ``key``/``value`` ``[T, num_kv_heads, head_dim]`` at ``slot_mapping`` of one layer's pages."""
+    num_kv_heads, head_dim = key_cache.shape[-2:]
+    key_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, key)
+    value_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, value)
+
+
+def prefill_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+                      block_table: torch.Tensor, context_len: int, mask: torch.Tensor | None,
+                      scale: float) -> torch.Tensor:
+    """Attention of one sequence's chunk ``query [n, num_heads, head_dim]`` over its first
+    ``context_len`` cached positions (the chunk's own K/V already written). Returns ``[n, heads, dim]``."""
+    key = key_cache[block_table].flatten(0, 1)[:context_len]  # [context_len, kv_heads, dim]
+    value = value_cache[block_table].flatten(0, 1)[:context_len]
+    out = F.scaled_dot_product_attention(
+        query.transpose(0, 1).unsqueeze(0), key.transpose(0, 1).unsqueeze(0), value.transpose(0, 1).unsqueeze(0),
+        attn_mask=mask, is_causal=mask is None, scale=scale, enable_gqa=True)
+    return out.squeeze(0).transpose(0, 1)
+
+
+def decode_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+                     block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float) -> torch.Tensor:
+    """One query token per sequence, ``query [B, num_heads, head_dim]``, attending to the first
+    ``context_lens[b]`` positions behind ``block_tables[b]`` (``[B, max_blocks]``). Returns ``[B, heads, dim]``.
+
+    The gather pads every sequence to ``max_blocks * block_size`` keys and masks the tail; a fused
+    kernel with this signature reads the pages in place instead.
+    """
+    batch, max_blocks = block_tables.shape
+    block_size, num_kv_heads, head_dim = key_cache.shape[1:]
+    max_len = max_blocks * block_size
+    key = key_cache[block_tables].view(batch, max_len, num_kv_heads, head_dim).transpose(1, 2)
+    value = value_cache[block_tables].view(batch, max_len, num_kv_heads, head_dim).transpose(1, 2)
+    mask = torch.arange(max_len, device=query.device)[None, :] < context_lens[:, None]
+    out = F.scaled_dot_product_attention(query.unsqueeze(2), key, value, attn_mask=mask[:, None, None, :],
+                                         scale=scale, enable_gqa=True)
+    return out.squeeze(2)
+
+
+def paged_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tensor,
+                    value_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """One layer's attention for the whole flattened step.
+
+    ``query [T, num_heads, head_dim]``, ``key``/``value [T, num_kv_heads, head_dim]`` (already
+    position-encoded); writes K/V into the pages, returns ``[T, num_heads, head_dim]``.
+    """
+    write_kv(key_cache, value_cache, key, value, meta.slot_mapping)
+    if meta.is_all_decode:
+        return decode_attention(query, key_cache, value_cache, meta.decode_block_tables,
+                                meta.decode_context_lens, scale)
+    out = torch.empty_like(query)
+    for span in meta.prefills:
+        rows = slice(span.row_start, span.row_start + span.num_tokens)
+        out[rows] = prefill_attention(query[rows], key_cache, value_cache, span.block_table, span.context_len,
+                                      span.mask, scale)
+    if meta.decode_rows is not None:
+        decoded = decode_attention(query.index_select(0, meta.decode_rows), key_cache, value_cache,
+                                   meta.decode_block_tables, meta.decode_context_lens, scale)
+        out.index_copy_(0, meta.decode_rows, decoded)
+    return out

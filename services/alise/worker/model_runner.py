@@ -1,0 +1,211 @@
+"""The forward pass of OPT and Llama over the paged KV cache, for a whole batch in one go.
+
+A step is a list of :class:`SeqChunk` (prefill chunks and single decode tokens, freely mixed).
+Their tokens are flattened into one ``[T, hidden]`` batch, so every linear layer runs once over all
+of them; only attention splits by sequence (see :mod:`alise.worker.attention`). The layers reuse
+the Hugging Face module's parameters in place (``model.model.layers[i].self_attn.q_proj`` and so
+on): nothing is copied, and a checkpoint loads the usual way.
+
+Invariant kept across steps: after ``execute``, the K/V of every fed token sits in its sequence's
+pages, so the next chunk of that sequence starts at ``start_pos + len(token_ids)``. The engine owns
+block tables and positions; the runner trusts nothing and validates both.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from alise.worker.attention import AttentionMetadata, build_attention_metadata, paged_attention
+from alise.worker.kv_cache import KVCache
+from alise.worker.loader import LoadedModel
+
+#: OPT's learned position table reserves its first two rows (a fairseq legacy).
+OPT_POSITION_OFFSET = 2
+
+_STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+
+
+@dataclass(frozen=True)
+class SeqChunk:
+    """Tokens of one sequence to feed in one step.
+
+    ``start_pos`` tokens of the sequence are already in the KV cache; ``token_ids`` take positions
+    ``[start_pos, start_pos + len(token_ids))``. ``block_table`` lists the sequence's blocks in
+    order and covers at least ``start_pos + len(token_ids)`` positions.
+    """
+
+    token_ids: list[int]
+    start_pos: int
+    block_table: list[int]
+
+
+class ModelRunner:
+    """Runs a :class:`LoadedModel` over a :class:`KVCache` of ``num_blocks`` blocks of ``block_size``."""
+
+    def __init__(self, loaded: LoadedModel, *, num_blocks: int, block_size: int) -> None:
+        self.loaded = loaded
+        self.model = loaded.model
+        self.config = loaded.config
+        self.device = loaded.device
+        self.kv_cache = KVCache.from_config(loaded.config, num_blocks=num_blocks, block_size=block_size,
+                                            dtype=loaded.dtype, device=loaded.device)
+        self._head_dim = self.kv_cache.shape.head_dim
+        self._scale = self._head_dim ** -0.5
+        if loaded.family == "opt":
+            self._forward = self._forward_opt
+        elif loaded.family == "llama":
+            self._forward = self._forward_llama
+            self._rope_cos, self._rope_sin = self._rope_tables()
+        else:
+            raise ValueError(f"no forward pass for model family {loaded.family!r}")
+
+    @property
+    def block_size(self) -> int:
+        return self.kv_cache.block_size
+
+    @property
+    def num_blocks(self) -> int:
+        return self.kv_cache.num_blocks
+
+    @property
+    def vocab_size(self) -> int:
+        return self.config.vocab_size
+
+    @property
+    def max_model_len(self) -> int:
+        return self.loaded.max_model_len
+
+    def execute(self, chunks: list[SeqChunk], *, all_logits: bool = False) -> torch.Tensor | list[torch.Tensor]:
+        """One forward step over ``chunks``; writes their K/V and returns float32 logits.
+
+        Default: ``[len(chunks), vocab]``, the logits after each chunk's last token (the next-token
+        distribution). ``all_logits=True``: a list with ``[len(token_ids), vocab]`` per chunk.
+        """
+        self._validate(chunks)
+        num_tokens = [len(c.token_ids) for c in chunks]
+        meta = build_attention_metadata([c.start_pos for c in chunks], num_tokens,
+                                        [c.block_table for c in chunks], block_size=self.block_size,
+                                        device=self.device)
+        input_ids = torch.tensor([t for c in chunks for t in c.token_ids], dtype=torch.int64).to(self.device)
+        with torch.inference_mode():
+            hidden = self._forward(input_ids, meta)
+            if all_logits:
+                return list(self._logits(hidden).split(num_tokens))
+            last_rows = torch.tensor(num_tokens, dtype=torch.int64).cumsum(0).sub_(1).to(self.device)
+            return self._logits(hidden.index_select(0, last_rows))
+
+    def _validate(self, chunks: list[SeqChunk]) -> None:
+        if not chunks:
+            raise ValueError("execute needs at least one chunk")
+        for i, chunk in enumerate(chunks):
+            n = len(chunk.token_ids)
+            end_pos = chunk.start_pos + n
+            if n == 0:
+                raise ValueError(f"chunk {i} has no tokens")
+            if chunk.start_pos < 0:
+                raise ValueError(f"chunk {i}: start_pos must be >= 0, got {chunk.start_pos}")
+            if end_pos > self.max_model_len:
+                raise ValueError(f"chunk {i}: positions up to {end_pos} exceed max_model_len {self.max_model_len}")
+            if len(chunk.block_table) * self.block_size < end_pos:
+                raise ValueError(f"chunk {i}: block table of {len(chunk.block_table)} blocks x {self.block_size} "
+                                 f"tokens cannot hold {end_pos} positions")
+            if min(chunk.block_table) < 0 or max(chunk.block_table) >= self.num_blocks:
+                raise ValueError(f"chunk {i}: block ids must be in [0, {self.num_blocks}), "
+                                 f"got {min(chunk.block_table)}..{max(chunk.block_table)}")
+            if min(chunk.token_ids) < 0 or max(chunk.token_ids) >= self.vocab_size:
+                raise ValueError(f"chunk {i}: token ids must be in [0, {self.vocab_size}), "
+                                 f"got {min(chunk.token_ids)}..{max(chunk.token_ids)}")
+
+    def _forward_opt(self, input_ids: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """Decoder layers of OPT (pre- or post-LN by ``do_layer_norm_before``); returns ``[T, hidden]``."""
+        decoder = self.model.model.decoder
+        hidden = decoder.embed_tokens(input_ids)
+        if decoder.project_in is not None:
+            hidden = decoder.project_in(hidden)
+        hidden = hidden + decoder.embed_positions.weight[meta.positions + OPT_POSITION_OFFSET]
+        pre_norm = self.config.do_layer_norm_before
+        for layer_idx, layer in enumerate(decoder.layers):
+            attn = layer.self_attn
+            residual = hidden
+            x = layer.self_attn_layer_norm(hidden) if pre_norm else hidden
+            out = self._attend(layer_idx, x, attn.q_proj, attn.k_proj, attn.v_proj, meta)
+            hidden = residual + attn.out_proj(out)
+            if not pre_norm:
+                hidden = layer.self_attn_layer_norm(hidden)
+            residual = hidden
+            x = layer.final_layer_norm(hidden) if pre_norm else hidden
+            hidden = residual + layer.fc2(layer.activation_fn(layer.fc1(x)))
+            if not pre_norm:
+                hidden = layer.final_layer_norm(hidden)
+        return hidden
+
+    def _forward_llama(self, input_ids: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """Decoder layers of Llama (RMSNorm, rotary positions, GQA, gated SiLU MLP); returns ``[T, hidden]``."""
+        body = self.model.model
+        hidden = body.embed_tokens(input_ids)
+        cos = self._rope_cos[meta.positions][:, None, :]  # [T, 1, head_dim], broadcast over heads
+        sin = self._rope_sin[meta.positions][:, None, :]
+        for layer_idx, layer in enumerate(body.layers):
+            attn = layer.self_attn
+            residual = hidden
+            x = layer.input_layernorm(hidden)
+            out = self._attend(layer_idx, x, attn.q_proj, attn.k_proj, attn.v_proj, meta, rope=(cos, sin))
+            hidden = residual + attn.o_proj(out)
+            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+        return hidden
+
+    def _attend(self, layer_idx: int, x: torch.Tensor, q_proj: nn.Linear, k_proj: nn.Linear, v_proj: nn.Linear,
+                meta: AttentionMetadata, rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """Project ``x [T, hidden]`` to Q/K/V, apply rotary positions if given, attend over the pages.
+
+        Returns ``[T, num_heads * head_dim]``, ready for the output projection.
+        """
+        num_tokens = x.shape[0]
+        query = q_proj(x).view(num_tokens, -1, self._head_dim)
+        key = k_proj(x).view(num_tokens, -1, self._head_dim)
+        value = v_proj(x).view(num_tokens, -1, self._head_dim)
+        if rope is not None:
+            cos, sin = rope
+            query = query * cos + _rotate_half(query) * sin
+            key = key * cos + _rotate_half(key) * sin
+        key_cache, value_cache = self.kv_cache.layer(layer_idx)
+        out = paged_attention(query, key, value, key_cache, value_cache, meta, self._scale)
+        return out.reshape(num_tokens, -1)
+
+    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Final norm (and OPT's ``project_out``), then the LM head, of the given rows; float32."""
+        if self.loaded.family == "opt":
+            decoder = self.model.model.decoder
+            if decoder.final_layer_norm is not None:
+                hidden = decoder.final_layer_norm(hidden)
+            if decoder.project_out is not None:
+                hidden = decoder.project_out(hidden)
+        else:
+            hidden = self.model.model.norm(hidden)
+        return self.model.lm_head(hidden).float()
+
+    def _rope_tables(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin ``[max_model_len, head_dim]`` in the model dtype, from the HF module's frequencies.
+
+        Reading ``inv_freq`` and ``attention_scaling`` off the model's rotary module picks up
+        ``rope_theta`` and the static scalings (linear, llama3, yarn) exactly as transformers computes
+        them. Dynamic scalings depend on the batch's longest sequence, which a paged cache shared by
+        sequences of different lengths cannot honour, so they are refused.
+        """
+        rotary = self.model.model.rotary_emb
+        if rotary.rope_type not in _STATIC_ROPE_TYPES:
+            raise ValueError(f"rope type {rotary.rope_type!r} is not supported; supported: {_STATIC_ROPE_TYPES}")
+        positions = torch.arange(self.max_model_len, dtype=torch.float32, device=self.device)
+        freqs = torch.outer(positions, rotary.inv_freq.to(device=self.device, dtype=torch.float32))
+        angles = torch.cat((freqs, freqs), dim=-1)
+        scaling = rotary.attention_scaling
+        dtype = self.loaded.dtype
+        return (angles.cos() * scaling).to(dtype), (angles.sin() * scaling).to(dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
