@@ -10,3 +10,10 @@ protos:
 
 check-protos:
 	scripts/check_protos.sh
+
+.PHONY: demo test
+demo:
+	scripts/demo.sh
+
+test:
+	scripts/test.sh

@@ -9,7 +9,8 @@ from dataclasses import dataclass, field
 from alise.client import AsyncClient
 from alise.scheduler.config import SchedulerConfig
 from alise.scheduler.service import SchedulerServer, start_scheduler
-from alise.worker.service import Worker, WorkerConfig
+from alise.worker.config import WorkerConfig
+from alise.worker.service import Worker
 
 
 @dataclass

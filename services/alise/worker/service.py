@@ -11,10 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import socket
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 
 import grpc
 import torch
@@ -22,63 +19,13 @@ import torch
 from alise.common import grpc_server, wire
 from alise.core.commands import StepPlan, StepReport
 from alise.v1 import worker_pb2, worker_pb2_grpc
+from alise.worker.config import WorkerConfig
 from alise.worker.engine import WorkerEngine
 from alise.worker.kv_cache import KVCache
 from alise.worker.loader import LoadedModel, load_model
 from alise.worker.model_runner import ModelRunner
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class WorkerConfig:
-    #: The scheduler to dial.
-    scheduler_address: str = "127.0.0.1:50051"
-    #: Model directory or preset name (None = the embedded default).
-    model: str | None = None
-    #: "cpu", "cuda", "cuda:1", ...
-    device: str = "cpu"
-    #: "auto", "float32", "float16", "bfloat16".
-    dtype: str = "auto"
-    #: Tokens per KV block.
-    block_size: int = 16
-    #: Device KV blocks; 0 sizes the cache from kv_cache_bytes (CPU) or free memory (CUDA).
-    num_device_blocks: int = 0
-    #: KV budget on CPU when num_device_blocks is 0.
-    kv_cache_bytes: int = 256 << 20
-    #: Fraction of free GPU memory (after loading the weights) given to the KV cache.
-    gpu_memory_fraction: float = 0.85
-    #: Host (CPU) KV blocks for swapped-out jobs.
-    num_host_blocks: int = 0
-    #: Sequences in one step.
-    max_num_seqs: int = 64
-    #: Tokens (prefill + decode) in one step.
-    max_num_batched_tokens: int = 4096
-    #: Context limit override (None = the model's).
-    max_model_len: int | None = None
-    #: Identity shown in status (default: host-pid).
-    worker_id: str = ""
-    #: Where this worker serves its health check ("" = no health port).
-    health_address: str = "127.0.0.1:0"
-    #: Seed of random weights for preset models.
-    seed: int = 0
-    reconnect_delay_s: float = 1.0
-
-    def __post_init__(self) -> None:
-        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("num_device_blocks", "num_host_blocks", "kv_cache_bytes"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if not 0 < self.gpu_memory_fraction <= 1:
-            raise ValueError(f"gpu_memory_fraction must be in (0, 1], got {self.gpu_memory_fraction}")
-        if self.reconnect_delay_s <= 0:
-            raise ValueError(f"reconnect_delay_s must be > 0, got {self.reconnect_delay_s}")
-
-    @property
-    def resolved_worker_id(self) -> str:
-        return self.worker_id or f"{socket.gethostname()}-{os.getpid()}"
 
 
 def size_kv_cache(loaded: LoadedModel, config: WorkerConfig) -> int:

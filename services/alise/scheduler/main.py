@@ -1,0 +1,63 @@
+"""`alise scheduler`: run the scheduler service in the foreground."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+
+from alise.common.grpc_server import run_until_signal
+from alise.common.logs import configure_logging
+from alise.scheduler.config import SchedulerConfig
+
+logger = logging.getLogger(__name__)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    env = os.environ.get
+    p.add_argument("--address", default=env("ALISE_SCHEDULER_ADDRESS", "127.0.0.1:50051"),
+                   help="listen address for clients and workers (default %(default)s)")
+    p.add_argument("--model", default=env("ALISE_MODEL") or None,
+                   help="model directory or preset name (default: the embedded tiny-llama)")
+    p.add_argument("--policy", default=env("ALISE_POLICY", "fcfs"), choices=["fcfs", "alise", "oracle"])
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--default-max-tokens", type=int, default=256)
+    p.add_argument("--max-queued", type=int, default=4096)
+    p.add_argument("--max-wait-no-worker", type=float, default=30.0, dest="max_wait_no_worker_s")
+    p.add_argument("--predictor", default=env("ALISE_PREDICTOR_ADDRESS"), dest="predictor_address",
+                   help="predictor address (default: none, running-mean estimates)")
+    p.add_argument("--predictor-timeout", type=float, default=0.25, dest="predictor_timeout_s")
+    p.add_argument("--latency-profile", default=env("ALISE_LATENCY_PROFILE"))
+
+
+def config_from_args(args: argparse.Namespace) -> SchedulerConfig:
+    return SchedulerConfig(
+        address=args.address, model=args.model, policy=args.policy,
+        max_model_len=args.max_model_len, default_max_tokens=args.default_max_tokens,
+        max_queued=args.max_queued, max_wait_no_worker_s=args.max_wait_no_worker_s,
+        predictor_address=args.predictor_address, predictor_timeout_s=args.predictor_timeout_s,
+        latency_profile=args.latency_profile)
+
+
+async def serve(config: SchedulerConfig) -> None:
+    from alise.scheduler.service import start_scheduler
+
+    predict = observe = None
+    if config.predictor_address:
+        from alise.scheduler.predictor_link import predictor_functions
+
+        predict, observe = predictor_functions(config.predictor_address)
+    server = await start_scheduler(config, predict=predict, observe=observe)
+    await run_until_signal(lambda: server.stop(config.drain_grace_s))
+
+
+def main(args: argparse.Namespace) -> int:
+    configure_logging("scheduler")
+    try:
+        config = config_from_args(args)
+    except ValueError as exc:
+        logger.error("bad configuration: %s", exc)
+        return 2
+    asyncio.run(serve(config))
+    return 0

@@ -1,0 +1,74 @@
+"""`alise worker`: run one model replica that dials the scheduler."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+
+from alise.common.logs import configure_logging
+from alise.worker.config import WorkerConfig
+
+logger = logging.getLogger(__name__)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    env = os.environ.get
+    p.add_argument("--scheduler", default=env("ALISE_SCHEDULER_ADDRESS", "127.0.0.1:50051"),
+                   dest="scheduler_address", help="scheduler address (default %(default)s)")
+    p.add_argument("--model", default=env("ALISE_MODEL") or None,
+                   help="model directory or preset name (default: the embedded tiny-llama)")
+    p.add_argument("--device", default=env("ALISE_DEVICE", "cpu"))
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--num-device-blocks", type=int, default=0)
+    p.add_argument("--kv-cache-mib", type=int, default=256, help="CPU KV budget when blocks are not given")
+    p.add_argument("--gpu-memory-fraction", type=float, default=0.85)
+    p.add_argument("--num-host-blocks", type=int, default=0)
+    p.add_argument("--max-num-seqs", type=int, default=64)
+    p.add_argument("--max-num-batched-tokens", type=int, default=4096)
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--worker-id", default=env("ALISE_WORKER_ID", ""))
+    p.add_argument("--health-address", default=env("ALISE_WORKER_HEALTH_ADDRESS", "127.0.0.1:0"),
+                   help="where to serve grpc.health.v1 ('' = nowhere)")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def config_from_args(args: argparse.Namespace) -> WorkerConfig:
+    return WorkerConfig(
+        scheduler_address=args.scheduler_address, model=args.model, device=args.device,
+        dtype=args.dtype, block_size=args.block_size, num_device_blocks=args.num_device_blocks,
+        kv_cache_bytes=args.kv_cache_mib << 20, gpu_memory_fraction=args.gpu_memory_fraction,
+        num_host_blocks=args.num_host_blocks, max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
+        worker_id=args.worker_id, health_address=args.health_address, seed=args.seed)
+
+
+async def serve(config: WorkerConfig) -> None:
+    from alise.worker.service import Worker
+
+    worker = Worker(config)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, lambda: asyncio.ensure_future(worker.stop()))
+    await worker.start_health()
+    if worker.health_port:
+        logger.info("worker health on port %d", worker.health_port)
+    await worker.load()
+    try:
+        await worker.run()
+    finally:
+        worker.close()
+
+
+def main(args: argparse.Namespace) -> int:
+    configure_logging("worker")
+    try:
+        config = config_from_args(args)
+    except ValueError as exc:
+        logger.error("bad configuration: %s", exc)
+        return 2
+    asyncio.run(serve(config))
+    return 0

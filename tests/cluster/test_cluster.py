@@ -1,0 +1,115 @@
+"""Real processes (the compose file's commands) driven through the SDK."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+
+import pytest
+
+from alise.client import AsyncClient, Client
+from alise.cluster.local import ClusterConfig, service_commands
+from compose_cluster import compose_commands, localize, start_compose_cluster
+
+pytestmark = pytest.mark.cluster
+
+
+def test_compose_runs_the_same_commands_as_alise_up(tmp_path):
+    ports = {50051: 50051, 50053: 50053, 50060: 50060}
+    compose = localize(compose_commands(), tmp_path, ports)
+    local = service_commands(ClusterConfig(address="127.0.0.1:50051", state_dir=str(tmp_path),
+                                           num_workers=1, predictor_address="127.0.0.1:50053"))
+    local["worker"] = local.pop("worker-0")
+    worker_id = local["worker"].index("--worker-id")
+    del local["worker"][worker_id:worker_id + 2]  # compose workers are named by their host
+    assert compose == local
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory, tiny_llama_dir):
+    tmp = tmp_path_factory.mktemp("compose")
+    cluster, address = start_compose_cluster(tmp, str(tiny_llama_dir), num_workers=2,
+                                             worker_args=("--block-size", "4"))
+    cluster.start()
+    try:
+        cluster.wait_healthy(240)
+        yield cluster, address
+    finally:
+        codes = cluster.stop()
+        print("exit codes", codes)
+
+
+def test_generate_streams_through_processes(cluster):
+    _, address = cluster
+    with Client(address) as client:
+        chunks = list(client.generate("hello from a real process", max_tokens=10, ignore_eos=True))
+        status = client.status()
+    assert sum(len(c.token_ids) for c in chunks) == 10
+    assert chunks[-1].finish_reason == "length"
+    assert len(status.workers) == 2
+
+
+def test_cancel_and_concurrent_streams(cluster):
+    _, address = cluster
+
+    async def scenario():
+        async with AsyncClient(address) as client:
+            async def cancelled():
+                n = 0
+                async for chunk in client.generate("cancel me", max_tokens=400, ignore_eos=True):
+                    n += len(chunk.token_ids)
+                    if n >= 3:
+                        break
+                return n
+
+            async def full(i):
+                return await client.complete(f"stream {i}", max_tokens=12, ignore_eos=True)
+
+            results = await asyncio.gather(cancelled(), full(1), full(2))
+            for _ in range(100):
+                status = await client.status()
+                if status.num_running == 0 and all(
+                        w["num_free_device_blocks"] == w["num_device_blocks"] for w in status.workers):
+                    break
+                await asyncio.sleep(0.1)
+            return results, status
+
+    (n_cancelled, a, b), status = asyncio.run(scenario())
+    assert n_cancelled >= 3
+    assert len(a.token_ids) == len(b.token_ids) == 12
+    assert status.num_running == 0 and status.num_waiting == 0
+    assert all(w["num_free_device_blocks"] == w["num_device_blocks"] for w in status.workers)
+
+
+def test_worker_killed_mid_stream_others_finish_without_gaps(cluster):
+    local, address = cluster
+
+    async def scenario():
+        async with AsyncClient(address) as client:
+            async def run(i):
+                chunks = []
+                async for chunk in client.generate(f"survive {i}", max_tokens=60, ignore_eos=True,
+                                                   temperature=0):
+                    chunks.append(chunk)
+                return chunks
+
+            tasks = [asyncio.create_task(run(i)) for i in range(4)]
+            await asyncio.sleep(1.0)
+            victim = local.procs["worker-1"]
+            os.kill(victim.pid, signal.SIGKILL)
+            return await asyncio.wait_for(asyncio.gather(*tasks), 120)
+
+    results = asyncio.run(scenario())
+    for chunks in results:
+        indices = [c.index for c in chunks]
+        tokens = [t for c in chunks for t in c.token_ids]
+        assert len(tokens) == 60
+        assert indices == [sum(len(c.token_ids) for c in chunks[:i]) for i in range(len(chunks))]
+    # The surviving worker is still the only one connected.
+    deadline = time.monotonic() + 10
+    with Client(address) as client:
+        while time.monotonic() < deadline and len(client.status().workers) != 1:
+            time.sleep(0.1)
+        assert [w["worker_id"] for w in client.status().workers] == ["worker-0"]
