@@ -1,0 +1,129 @@
+"""A worker without a model, for the simulator and the core's tests.
+
+It carries out the same commands as ``alise.worker.engine.WorkerEngine`` with the same
+block arithmetic and the same real ``BlockAllocator``, but instead of running a forward
+pass it emits token 0 and ends each job at its target output length (or its max_tokens).
+Step time comes from a ``LatencyModel``: the result is a simulation and says so.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from alise.core.blocks import blocks_for
+from alise.core.commands import (
+    Abort, Admit, Command, JobOutput, KvAction, Pause, Refusal, Resume, StepReport,
+)
+from alise.core.job import FinishReason
+from alise.core.latency_model import LatencyModel
+from alise.worker.block_allocator import BlockAllocator
+
+
+@dataclass
+class VirtualSeq:
+    job_id: str
+    num_tokens: int
+    num_generated: int
+    max_tokens: int
+    target_tokens: int
+    blocks: list[int] = field(default_factory=list)
+    num_cached: int = 0
+    paused: bool = False
+    host_blocks: int = 0
+
+
+class VirtualWorker:
+    def __init__(self, *, num_device_blocks: int, block_size: int, max_model_len: int,
+                 latency: LatencyModel, num_host_blocks: int = 0,
+                 target_lengths: dict[str, int] | None = None) -> None:
+        self.allocator = BlockAllocator(num_device_blocks)
+        self.block_size = block_size
+        self.max_model_len = max_model_len
+        self.latency = latency
+        self.num_host_blocks = num_host_blocks
+        self.num_free_host_blocks = num_host_blocks
+        self.target_lengths = target_lengths if target_lengths is not None else {}
+        self.seqs: dict[str, VirtualSeq] = {}
+
+    def apply(self, commands: list[Command]) -> list[Refusal]:
+        refused = []
+        for command in commands:
+            reason = self._apply_one(command)
+            if reason:
+                refused.append(Refusal(command.job_id, type(command).__name__.lower(), reason))
+        return refused
+
+    def _apply_one(self, command: Command) -> str | None:
+        if isinstance(command, Admit):
+            if command.job_id in self.seqs:
+                return "already admitted"
+            target = self.target_lengths.get(command.job_id, command.sampling.max_tokens)
+            self.seqs[command.job_id] = VirtualSeq(
+                command.job_id, len(command.token_ids), command.num_generated,
+                command.sampling.max_tokens, target)
+            return None
+        seq = self.seqs.get(command.job_id)
+        if seq is None:
+            return None if isinstance(command, Abort) else "unknown job"
+        if isinstance(command, Abort):
+            self._release(seq)
+            del self.seqs[seq.job_id]
+        elif isinstance(command, Pause):
+            if command.action is KvAction.DROP:
+                self._release(seq)
+            elif command.action is not KvAction.KEEP:
+                return f"KV action {command.action.value} is not supported"
+            seq.paused = True
+        elif isinstance(command, Resume):
+            seq.paused = False
+        return None
+
+    def _release(self, seq: VirtualSeq) -> None:
+        self.allocator.free(seq.blocks)
+        seq.blocks = []
+        seq.num_cached = 0
+
+    def step(self, step_id: int) -> StepReport:
+        report = StepReport(step_id=step_id)
+        prefill_lens = []
+        context = 0
+        batch = []
+        for seq in self.seqs.values():
+            if seq.paused:
+                continue
+            missing = blocks_for(seq.num_tokens, self.block_size) - len(seq.blocks)
+            if missing > 0:
+                ids = self.allocator.allocate(missing)
+                if ids is None:
+                    raise RuntimeError(f"plan overcommitted blocks: {seq.job_id} lacks {missing}")
+                seq.blocks.extend(ids)
+            batch.append(seq)
+        for seq in batch:
+            fed = seq.num_tokens - seq.num_cached
+            if fed > 1:
+                prefill_lens.append(fed)
+                report.num_prefill_tokens += fed
+            else:
+                report.num_decode_tokens += 1
+            context += seq.num_tokens
+            seq.num_cached = seq.num_tokens
+            report.outputs.append(self._append(seq))
+        if batch:
+            report.step_duration_s = self.latency.step_s(len(batch), context, prefill_lens)
+        report.num_free_device_blocks = self.allocator.num_free
+        report.num_free_host_blocks = self.num_free_host_blocks
+        return report
+
+    def _append(self, seq: VirtualSeq) -> JobOutput:
+        seq.num_tokens += 1
+        seq.num_generated += 1
+        reason = None
+        if seq.num_generated >= seq.target_tokens:
+            reason = FinishReason.STOP if seq.target_tokens < seq.max_tokens else FinishReason.LENGTH
+        elif seq.num_generated >= seq.max_tokens or seq.num_tokens >= self.max_model_len:
+            reason = FinishReason.LENGTH
+        out = JobOutput(seq.job_id, [0], reason, seq.num_tokens)
+        if reason is not None:
+            self._release(seq)
+            del self.seqs[seq.job_id]
+        return out

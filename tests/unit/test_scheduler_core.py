@@ -1,0 +1,202 @@
+"""The scheduler core, driven lock-step against a virtual worker (no gRPC, no torch)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from alise.core.commands import Abort, Admit, KvAction, Pause, Resume
+from alise.core.job import FinishReason, JobStatus, KvPlace, LengthEstimate
+from alise.core.policy import AlisePolicy, RemainingTimeEstimator
+from corekit import LATENCY, make_job, make_scheduler, step
+
+
+def commands_of(plan, kind):
+    return [c for c in plan.commands if isinstance(c, kind)]
+
+
+def test_pure_core_imports_neither_grpc_nor_torch():
+    code = ("import sys, alise.core.scheduler, alise.core.policy, alise.core.latency_model, "
+            "alise.core.blocks, alise.sim.virtual_worker; "
+            "print(sorted(m for m in ('grpc', 'torch', 'transformers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_fcfs_admits_in_arrival_order_within_the_sequence_budget():
+    core, worker = make_scheduler("fcfs", num_blocks=64, max_num_seqs=2)
+    for i in range(3):
+        core.submit(make_job(f"j{i}", 10, arrival_s=float(i)))
+    plan, _ = step(core, worker)
+    assert [c.job_id for c in commands_of(plan, Admit)] == ["j0", "j1"]
+    assert core.jobs["j2"].status is JobStatus.WAITING
+
+
+def test_fcfs_token_budget_limits_prefill_per_step():
+    core, worker = make_scheduler("fcfs", num_blocks=64, max_num_batched_tokens=25)
+    for i in range(3):
+        core.submit(make_job(f"j{i}", 10, arrival_s=float(i)))
+    plan, _ = step(core, worker)
+    assert [c.job_id for c in commands_of(plan, Admit)] == ["j0", "j1"]  # 10 + 10 <= 25 < 30
+    plan, _ = step(core, worker)
+    assert [c.job_id for c in commands_of(plan, Admit)] == ["j2"]      # 1 + 1 + 10 decode+prefill
+
+
+def test_fcfs_preempts_the_newest_by_recompute_when_blocks_run_out():
+    # block_size 4, 6 blocks. Prompts 8, 8, 7 take 2 + 2 + 2 = 6 blocks. After one step they
+    # hold 9, 9, 8 tokens and the next step needs 3 + 3 + 2 = 8 > 6 blocks: the newest (j2)
+    # is paused with its KV dropped, leaving 3 + 3 = 6 for the two oldest.
+    core, worker = make_scheduler("fcfs", num_blocks=6, block_size=4)
+    for i, n in enumerate([8, 8, 7]):
+        core.submit(make_job(f"j{i}", n, arrival_s=float(i)))
+    step(core, worker)
+    plan, _ = step(core, worker)
+    assert commands_of(plan, Pause) == [Pause("j2", KvAction.DROP)]
+    assert core.jobs["j2"].kv is KvPlace.NONE
+    assert core.jobs["j2"].status is JobStatus.PAUSED
+    assert worker.allocator.num_free == 0
+    assert core.preemptions["drop"] == 1
+
+
+def test_fcfs_does_not_skip_a_job_that_does_not_fit():
+    core, worker = make_scheduler("fcfs", num_blocks=4, block_size=4, max_model_len=64)
+    core.submit(make_job("big", 20, arrival_s=0.0))   # 5 blocks: never fits 4
+    core.submit(make_job("small", 2, arrival_s=1.0))
+    plan, _ = step(core, worker)
+    assert plan.run_step is False and not plan.commands
+
+
+def test_every_job_finishes_with_exact_token_counts():
+    targets = {f"j{i}": 5 + 3 * i for i in range(6)}
+    core, worker = make_scheduler("fcfs", num_blocks=10, block_size=4, targets=targets)
+    for i in range(6):
+        core.submit(make_job(f"j{i}", 6 + i, arrival_s=float(i)))
+    produced = {job_id: 0 for job_id in targets}
+    for _ in range(500):
+        _, events = step(core, worker)
+        for e in events:
+            assert e.index == produced[e.job_id]
+            produced[e.job_id] += len(e.token_ids)
+        if not core.jobs:
+            break
+    assert produced == targets
+    assert worker.allocator.num_free == 10
+
+
+def test_cancel_aborts_on_the_worker_and_frees_its_blocks():
+    core, worker = make_scheduler("fcfs", num_blocks=8, block_size=4)
+    core.submit(make_job("a", 8))
+    step(core, worker)
+    assert worker.allocator.num_free < 8
+    assert core.cancel("a", now_s=1.0)
+    plan, _ = step(core, worker)
+    assert commands_of(plan, Abort) == [Abort("a")]
+    assert worker.allocator.num_free == 8 and not worker.seqs and not core.jobs
+
+
+def test_alise_preempts_a_long_running_job_for_a_short_newcomer_and_keeps_its_kv():
+    core, worker = make_scheduler("alise", num_blocks=64, max_num_seqs=1,
+                                  targets={"long": 900, "short": 5})
+    core.submit(make_job("long", 10, max_tokens=1000, predicted=900))
+    step(core, worker)
+    core.submit(make_job("short", 10, max_tokens=1000, predicted=5, arrival_s=0.1))
+    plan, _ = step(core, worker, now_s=0.1)
+    assert commands_of(plan, Pause) == [Pause("long", KvAction.KEEP)]
+    assert [c.job_id for c in commands_of(plan, Admit)] == ["short"]
+    assert core.jobs["long"].kv is KvPlace.DEVICE
+    # When the short job finishes, the long one resumes without recompute.
+    for i in range(20):
+        plan, _ = step(core, worker, now_s=0.2 + i * 0.01)
+        if commands_of(plan, Resume):
+            break
+    assert commands_of(plan, Resume) == [Resume("long")]
+
+
+def test_fcfs_never_preempts_for_a_newcomer():
+    core, worker = make_scheduler("fcfs", num_blocks=64, max_num_seqs=1)
+    core.submit(make_job("long", 10, predicted=900))
+    step(core, worker)
+    core.submit(make_job("short", 10, predicted=5, arrival_s=0.1))
+    plan, _ = step(core, worker, now_s=0.1)
+    assert not plan.commands and plan.run_step
+
+
+def test_misprediction_rule_grows_the_estimate():
+    est = RemainingTimeEstimator(LATENCY, overrun_growth=2.0)
+    job = make_job("j", 10, max_tokens=10_000)
+    estimate = LengthEstimate(mean=20, p50=20, p90=50)
+    job.output_token_ids = [0] * 10
+    assert est.remaining_output_tokens(job, estimate) == 10      # before the point estimate
+    job.output_token_ids = [0] * 30
+    assert est.remaining_output_tokens(job, estimate) == 20      # past it: up to p90
+    job.output_token_ids = [0] * 80
+    assert est.remaining_output_tokens(job, estimate) == 80      # past p90: doubles
+    job.output_token_ids = [0] * 9_990
+    assert est.remaining_output_tokens(job, estimate) == 10      # never past max_tokens
+
+
+def test_aging_lets_a_long_job_run_despite_a_stream_of_short_ones():
+    core, worker = make_scheduler("alise", num_blocks=256, max_num_seqs=1, aging_rate=1.0)
+    core.submit(make_job("long", 10, max_tokens=300, predicted=300, arrival_s=0.0))
+    started_at = None
+    now = 0.0
+    for i in range(400):
+        now += 0.05
+        core.submit(make_job(f"s{i}", 10, max_tokens=300, predicted=2, arrival_s=now))
+        step(core, worker, now_s=now)
+        if core.jobs.get("long") is None or core.jobs["long"].status is JobStatus.RUNNING:
+            started_at = now
+            break
+    # Estimated remaining time of the long job: 300 tokens * ~10 ms = ~3 s; aging at 1 s/s
+    # lets it overtake a 2-token job's key (~20 ms) after about 3 s of waiting.
+    assert started_at is not None and started_at < 6.0
+
+
+def test_oracle_orders_by_true_length():
+    core, worker = make_scheduler("oracle", num_blocks=64, max_num_seqs=1)
+    core.submit(make_job("a", 10, oracle=500, predicted=1, arrival_s=0.0))
+    core.submit(make_job("b", 10, oracle=5, predicted=900, arrival_s=0.0))
+    plan, _ = step(core, worker)
+    assert [c.job_id for c in commands_of(plan, Admit)] == ["b"]
+
+
+def test_lost_worker_requeues_jobs_with_their_tokens():
+    core, worker = make_scheduler("fcfs", num_blocks=16, block_size=4)
+    core.submit(make_job("a", 5))
+    for _ in range(3):
+        step(core, worker)
+    [job] = core.remove_worker("w0", now_s=1.0)
+    assert job.status is JobStatus.WAITING and job.num_output_tokens == 3
+    from alise.core.blocks import WorkerCapacity
+    core.add_worker(WorkerCapacity("w1", 4, 16, 0, 2048, 8, 4096))
+    plan = core.schedule("w1", 1.0)
+    [admit] = commands_of(plan, Admit)
+    assert admit.num_generated == 3 and len(admit.token_ids) == 8
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.integers(1, 40), st.integers(1, 30)), min_size=1, max_size=12),
+       st.sampled_from(["fcfs", "alise", "oracle"]), st.integers(12, 40), st.data())
+def test_blocks_never_overcommitted_and_all_freed(jobs, policy, num_blocks, data):
+    targets = {f"j{i}": out for i, (_, out) in enumerate(jobs)}
+    core, worker = make_scheduler(policy, num_blocks=num_blocks, block_size=4, max_num_seqs=4,
+                                  max_model_len=200, targets=targets)
+    for i, (prompt, out) in enumerate(jobs):
+        core.submit(make_job(f"j{i}", prompt, max_tokens=out + 5, predicted=data.draw(
+            st.floats(1, 60)), oracle=out, arrival_s=i * 0.01))
+    cancelled = set()
+    for t in range(2000):
+        if data.draw(st.booleans()) and data.draw(st.integers(0, 9)) == 0 and core.jobs:
+            victim = sorted(core.jobs)[0]
+            core.cancel(victim, t * 0.01)
+            cancelled.add(victim)
+        step(core, worker, now_s=t * 0.01)  # VirtualWorker raises if a plan overcommits
+        assert worker.allocator.num_used <= num_blocks
+        if not core.jobs:
+            break
+    step(core, worker, now_s=99.0)  # deliver the last aborts
+    assert not core.jobs and not worker.seqs
+    assert worker.allocator.num_free == num_blocks
