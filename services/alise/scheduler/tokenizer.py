@@ -30,7 +30,7 @@ def load_model_info(model: str | None, max_model_len: int | None = None) -> Mode
     if path.is_dir():
         config = AutoConfig.from_pretrained(path, local_files_only=True)
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        eos = loader._eos_token_id(tokenizer, config)
+        eos = loader.eos_token_id_of(tokenizer, config)
     elif name in loader.PRESETS:
         tokenizer = loader.minilm_tokenizer()
         config = loader.preset_config(name, tokenizer)

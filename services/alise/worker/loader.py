@@ -177,7 +177,7 @@ def _load_directory(path: Path, device: torch.device, dtype: torch.dtype) -> Loa
     hf_model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype,
                                                     use_safetensors=True).to(device)
     return _finish(hf_model, tokenizer, name=str(path), random_weights=False,
-                   eos_token_id=_eos_token_id(tokenizer, config))
+                   eos_token_id=eos_token_id_of(tokenizer, config))
 
 
 def _finish(hf_model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, *, name: str, random_weights: bool,
@@ -199,7 +199,7 @@ def family_of(config: PretrainedConfig) -> str:
     return family
 
 
-def _eos_token_id(tokenizer: PreTrainedTokenizerBase, config: PretrainedConfig) -> int | None:
+def eos_token_id_of(tokenizer: PreTrainedTokenizerBase, config: PretrainedConfig) -> int | None:
     """The tokenizer's eos, else the config's (first of a list), else the WordPiece [SEP]."""
     if tokenizer.eos_token_id is not None:
         return tokenizer.eos_token_id
