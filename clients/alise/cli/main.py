@@ -30,7 +30,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
                   top_k=args.top_k, seed=args.seed, ignore_eos=args.ignore_eos,
                   timeout_s=args.timeout)
     try:
-        with Client(args.address, token=args.token) as client:
+        with Client(args.address, token=args.token, tls_ca=args.tls_ca) as client:
             last = None
             for chunk in client.generate(args.prompt, **kwargs):
                 sys.stdout.write(chunk.text)
@@ -52,7 +52,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 def _cmd_status(args: argparse.Namespace) -> int:
     try:
-        with Client(args.address, token=args.token) as client:
+        with Client(args.address, token=args.token, tls_ca=args.tls_ca) as client:
             status = client.status()
     except AliseError as exc:
         print(f"alise: {exc}", file=sys.stderr)
@@ -100,6 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("prompt")
     g.add_argument("--address", default=address)
     g.add_argument("--token", default=token, help="bearer token (env ALISE_TOKEN)")
+    g.add_argument("--tls-ca", default=os.environ.get("ALISE_TLS_CA"), help="CA of a TLS server (PEM)")
     g.add_argument("--max-tokens", type=int, default=None)
     g.add_argument("--temperature", type=float, default=None)
     g.add_argument("--top-p", type=float, default=None)
@@ -113,6 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("status", help="workers, queue and memory of a running cluster")
     s.add_argument("--address", default=address)
     s.add_argument("--token", default=token)
+    s.add_argument("--tls-ca", default=os.environ.get("ALISE_TLS_CA"))
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=_cmd_status)
 

@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator, Sequence
 
 import grpc
 
+from alise.client._channel import make_aio_channel
 from alise.client._convert import build_request, join_chunks, to_chunk, to_status
 from alise.client.errors import AliseError, from_rpc_error
 from alise.client.types import Chunk, Completion, Status
@@ -23,13 +24,12 @@ class AsyncClient:
     """
 
     def __init__(self, address: str = DEFAULT_ADDRESS, *, token: str | None = None,
-                 timeout_s: float | None = None,
+                 timeout_s: float | None = None, tls_ca: str | None = None,
                  channel: grpc.aio.Channel | None = None) -> None:
         self.address = address
         self.timeout_s = timeout_s
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
-        self._channel = channel or grpc.aio.insecure_channel(
-            address, options=[("grpc.max_receive_message_length", 16 << 20)])
+        self._channel = channel or make_aio_channel(address, tls_ca=tls_ca)
         self._stub = scheduler_pb2_grpc.SchedulerServiceStub(self._channel)
 
     async def __aenter__(self) -> AsyncClient:

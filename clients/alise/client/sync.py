@@ -6,6 +6,7 @@ from collections.abc import Iterator, Sequence
 
 import grpc
 
+from alise.client._channel import make_channel
 from alise.client._convert import build_request, join_chunks, to_chunk, to_status
 from alise.client.aio import DEFAULT_ADDRESS
 from alise.client.errors import AliseError, from_rpc_error
@@ -17,12 +18,11 @@ class Client:
     """Blocking ALISE client. Closing the ``generate`` iterator early cancels the request."""
 
     def __init__(self, address: str = DEFAULT_ADDRESS, *, token: str | None = None,
-                 timeout_s: float | None = None) -> None:
+                 timeout_s: float | None = None, tls_ca: str | None = None) -> None:
         self.address = address
         self.timeout_s = timeout_s
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
-        self._channel = grpc.insecure_channel(
-            address, options=[("grpc.max_receive_message_length", 16 << 20)])
+        self._channel = make_channel(address, tls_ca=tls_ca)
         self._stub = scheduler_pb2_grpc.SchedulerServiceStub(self._channel)
 
     def __enter__(self) -> Client:

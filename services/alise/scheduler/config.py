@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from alise.common.security import SecurityConfig
 
 from alise.core.policy import POLICY_NAMES
 
@@ -33,6 +35,10 @@ class SchedulerConfig:
     max_prompt_chars: int = 4_000_000
     #: Grace period for in-flight requests on SIGTERM.
     drain_grace_s: float = 10.0
+    #: Tokens, internal secret, TLS.
+    security: SecurityConfig = field(default_factory=SecurityConfig)
+    #: Prometheus metrics HTTP address ("" = none).
+    metrics_address: str = ""
 
     def __post_init__(self) -> None:
         if self.policy not in POLICY_NAMES:

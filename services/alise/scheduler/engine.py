@@ -166,6 +166,10 @@ class SchedulerEngine:
     def _on_join(self, link: WorkerLink, now: float) -> None:
         self.core.add_worker(link.capacity)
         self.links[link.worker_id] = link
+        # A welcome: an empty plan whose report confirms the worker is executing plans.
+        link.idle = False
+        link.plan = StepPlan(step_id=0)
+        link.outbox.put_nowait(link.plan)
         logger.info("worker %s joined: %d device blocks of %d tokens, model %s on %s",
                     link.worker_id, link.capacity.num_device_blocks, link.capacity.block_size,
                     link.model, link.device)

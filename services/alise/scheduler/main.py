@@ -9,6 +9,7 @@ import os
 
 from alise.common.grpc_server import run_until_signal
 from alise.common.logs import configure_logging
+from alise.common.security import add_security_arguments, security_from_args
 from alise.scheduler.config import SchedulerConfig
 
 logger = logging.getLogger(__name__)
@@ -29,6 +30,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="predictor address (default: none, running-mean estimates)")
     p.add_argument("--predictor-timeout", type=float, default=0.25, dest="predictor_timeout_s")
     p.add_argument("--latency-profile", default=env("ALISE_LATENCY_PROFILE"))
+    p.add_argument("--metrics-address", default=env("ALISE_SCHEDULER_METRICS", ""),
+                   help="serve Prometheus metrics over HTTP here (e.g. 127.0.0.1:9400)")
+    add_security_arguments(p)
 
 
 def config_from_args(args: argparse.Namespace) -> SchedulerConfig:
@@ -37,7 +41,8 @@ def config_from_args(args: argparse.Namespace) -> SchedulerConfig:
         max_model_len=args.max_model_len, default_max_tokens=args.default_max_tokens,
         max_queued=args.max_queued, max_wait_no_worker_s=args.max_wait_no_worker_s,
         predictor_address=args.predictor_address, predictor_timeout_s=args.predictor_timeout_s,
-        latency_profile=args.latency_profile)
+        latency_profile=args.latency_profile, metrics_address=args.metrics_address,
+        security=security_from_args(args))
 
 
 async def serve(config: SchedulerConfig) -> None:

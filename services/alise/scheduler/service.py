@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import grpc
 
 from alise.common import grpc_server, wire
+from alise.common.security import AuthInterceptor, bind_port
 from alise.core.job import Job
 from alise.core.latency_model import LatencyModel
 from alise.core.policy import make_policy
@@ -248,14 +249,15 @@ async def start_scheduler(config: SchedulerConfig, *, predict=None, observe=None
     engine = SchedulerEngine(core, latency, max_queued=config.max_queued,
                              max_wait_no_worker_s=config.max_wait_no_worker_s, on_finish=on_finish)
     servicer = SchedulerServicer(config, info, engine, estimator)
-    server = grpc_server.create_server(max_concurrent_rpcs=config.max_queued + 256)
+    server = grpc_server.create_server(max_concurrent_rpcs=config.max_queued + 256,
+                                       interceptors=[AuthInterceptor(config.security)])
     scheduler_pb2_grpc.add_SchedulerServiceServicer_to_server(servicer, server)
     worker_pb2_grpc.add_WorkerServiceServicer_to_server(WorkerServicer(engine, info), server)
     health = await grpc_server.add_health_and_reflection(server, [
         scheduler_pb2.DESCRIPTOR.services_by_name["SchedulerService"].full_name,
         worker_pb2.DESCRIPTOR.services_by_name["WorkerService"].full_name,
     ])
-    port = grpc_server.bind(server, config.address)
+    port = bind_port(server, config.address, config.security)
     engine.start()
     await server.start()
     logger.info("scheduler listening on %s (policy %s, model %s, context %d)",

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from alise.common.security import SecurityConfig
 
 
 @dataclass(frozen=True)
@@ -40,6 +42,10 @@ class WorkerConfig:
     #: Seed of random weights for preset models.
     seed: int = 0
     reconnect_delay_s: float = 1.0
+    #: Internal secret and TLS for the channel to the scheduler.
+    security: SecurityConfig = field(default_factory=SecurityConfig)
+    #: Prometheus metrics HTTP address ("" = none).
+    metrics_address: str = ""
 
     def __post_init__(self) -> None:
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):

@@ -9,6 +9,7 @@ import os
 import signal
 
 from alise.common.logs import configure_logging
+from alise.common.security import add_security_arguments, security_from_args
 from alise.worker.config import WorkerConfig
 
 logger = logging.getLogger(__name__)
@@ -34,6 +35,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--health-address", default=env("ALISE_WORKER_HEALTH_ADDRESS", "127.0.0.1:0"),
                    help="where to serve grpc.health.v1 ('' = nowhere)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--metrics-address", default=env("ALISE_WORKER_METRICS", ""),
+                   help="serve Prometheus metrics over HTTP here")
+    add_security_arguments(p, server=False)
 
 
 def config_from_args(args: argparse.Namespace) -> WorkerConfig:
@@ -43,7 +47,8 @@ def config_from_args(args: argparse.Namespace) -> WorkerConfig:
         kv_cache_bytes=args.kv_cache_mib << 20, gpu_memory_fraction=args.gpu_memory_fraction,
         num_host_blocks=args.num_host_blocks, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
-        worker_id=args.worker_id, health_address=args.health_address, seed=args.seed)
+        worker_id=args.worker_id, health_address=args.health_address, seed=args.seed,
+        metrics_address=args.metrics_address, security=security_from_args(args))
 
 
 async def serve(config: WorkerConfig) -> None:

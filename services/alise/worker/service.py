@@ -16,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import torch
 
+from alise.client._channel import make_aio_channel
 from alise.common import grpc_server, wire
 from alise.core.commands import StepPlan, StepReport
 from alise.v1 import worker_pb2, worker_pb2_grpc
@@ -117,13 +118,12 @@ class Worker:
             delay = min(delay * 2, 10.0)
 
     async def _session(self) -> None:
-        async with grpc.aio.insecure_channel(self.config.scheduler_address) as channel:
-            call = worker_pb2_grpc.WorkerServiceStub(channel).Connect()
+        sec = self.config.security
+        channel = make_aio_channel(self.config.scheduler_address, tls=sec.uses_tls or bool(sec.tls_ca),
+                                   tls_ca=sec.tls_ca, tls_cert=sec.tls_cert, tls_key=sec.tls_key)
+        async with channel:
+            call = worker_pb2_grpc.WorkerServiceStub(channel).Connect(metadata=sec.internal_metadata())
             await call.write(self.hello())
-            logger.info("worker %s connected to %s", self.worker_id, self.config.scheduler_address)
-            self.connected.set()
-            if self.health:
-                await self.health.set(True)
             stop_waiter = asyncio.ensure_future(self._stopping.wait())
             try:
                 while True:
@@ -141,6 +141,12 @@ class Worker:
                         logger.warning("scheduler closed the stream: %s", message.shutdown.reason)
                         return
                     plan = wire.plan_from_pb(message.plan)
+                    if not self.connected.is_set():
+                        logger.info("worker %s attached to %s", self.worker_id,
+                                    self.config.scheduler_address)
+                        self.connected.set()
+                        if self.health:
+                            await self.health.set(True)
                     report = await asyncio.get_running_loop().run_in_executor(
                         self._executor, self._execute, plan)
                     await call.write(wire.report_to_pb(report))
