@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from alise.common.security import SecurityConfig
-
 from alise.core.policy import POLICY_NAMES
 
 

@@ -15,6 +15,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
+from alise.common.metrics import SchedulerMetrics
 from alise.core.blocks import WorkerCapacity
 from alise.core.commands import StepPlan, StepReport, TokenEvent
 from alise.core.job import Job, JobStatus
@@ -76,12 +77,14 @@ class WorkerLink:
 class SchedulerEngine:
     def __init__(self, core: SchedulerCore, latency: LatencyModel, *,
                  max_queued: int = 4096, max_wait_no_worker_s: float = 30.0,
-                 on_finish=None) -> None:
+                 on_finish=None, metrics: SchedulerMetrics | None = None) -> None:
         self.core = core
         self.latency = latency
         self.max_queued = max_queued
         self.max_wait_no_worker_s = max_wait_no_worker_s
         self.on_finish = on_finish
+        self.metrics = metrics or SchedulerMetrics()
+        self.metrics.watch(self._state_metrics)
         self.streams: dict[str, JobStream] = {}
         self.links: dict[str, WorkerLink] = {}
         self.inbox: asyncio.Queue = asyncio.Queue(maxsize=100_000)
@@ -205,14 +208,47 @@ class SchedulerEngine:
             if stream is None:
                 continue
             stream.push(event)
+            self.metrics.tokens.inc(len(event.token_ids))
             if event.finish_reason is not None:
                 del self.streams[event.job_id]
+                self._record_finish(stream.job)
                 if self.on_finish is not None:
                     self.on_finish(stream.job)
+
+    def _record_finish(self, job: Job) -> None:
+        m = self.metrics
+        m.requests.labels("finished").inc()
+        if job.first_token_s is None or job.finish_s is None:
+            return
+        m.ttft.observe(job.first_token_s - job.arrival_s)
+        m.e2e.observe(job.finish_s - job.arrival_s)
+        if job.num_output_tokens > 1:
+            m.tpot.observe((job.finish_s - job.first_token_s) / (job.num_output_tokens - 1))
+        if job.estimate is not None:
+            m.prediction_error.observe(abs(job.estimate.mean - job.num_output_tokens))
+
+    def _state_metrics(self):
+        core = self.core
+        yield ("alise_queue_waiting", "Jobs waiting for a worker", [], [([], len(core.waiting))])
+        yield ("alise_jobs", "Jobs on workers by state", ["state"],
+               [(["running"], core.num_with_status(JobStatus.RUNNING)),
+                (["paused"], core.num_with_status(JobStatus.PAUSED))])
+        yield ("alise_preemptions", "Preemptions by KV action since start", ["action"],
+               [([action], n) for action, n in core.preemptions.items()])
+        yield ("alise_workers", "Connected workers", [], [([], len(self.links))])
+        blocks = []
+        for worker_id, view in core.workers.items():
+            cap = view.capacity
+            blocks += [([worker_id, "device", "free"], view.num_free_device_blocks),
+                       ([worker_id, "device", "used"], cap.num_device_blocks - view.num_free_device_blocks),
+                       ([worker_id, "host", "free"], view.num_free_host_blocks),
+                       ([worker_id, "host", "used"], cap.num_host_blocks - view.num_free_host_blocks)]
+        yield ("alise_kv_blocks", "KV blocks per worker", ["worker", "where", "state"], blocks)
 
     def _observe_latency(self, link: WorkerLink, report: StepReport) -> None:
         if report.step_duration_s <= 0 or link.plan is None or not link.plan.step_jobs:
             return
+        self.metrics.step.labels(link.worker_id).observe(report.step_duration_s)
         link.last_step_s = report.step_duration_s
         link.num_steps += 1
         jobs = [self.core.jobs.get(job_id) for job_id in link.plan.step_jobs]

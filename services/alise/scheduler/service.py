@@ -14,8 +14,8 @@ import uuid
 from dataclasses import dataclass
 
 import grpc
-
 from alise.common import grpc_server, wire
+from alise.common.metrics import serve_metrics
 from alise.common.security import AuthInterceptor, bind_port
 from alise.core.job import Job
 from alise.core.latency_model import LatencyModel
@@ -26,7 +26,11 @@ from alise.scheduler.engine import JobFailed, SchedulerEngine, WorkerLink
 from alise.scheduler.estimates import LengthEstimator
 from alise.scheduler.tokenizer import IncrementalDetokenizer, ModelInfo, load_model_info
 from alise.v1 import (
-    common_pb2, scheduler_pb2, scheduler_pb2_grpc, worker_pb2, worker_pb2_grpc,
+    common_pb2,
+    scheduler_pb2,
+    scheduler_pb2_grpc,
+    worker_pb2,
+    worker_pb2_grpc,
 )
 
 logger = logging.getLogger(__name__)
@@ -69,6 +73,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
         try:
             return self.engine.submit(job)
         except OverflowError as exc:
+            self.engine.metrics.requests.labels("rejected_busy").inc()
             raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                f"server busy: {exc}; retry in a few seconds") from None
         except KeyError as exc:
@@ -226,6 +231,7 @@ class SchedulerServer:
     engine: SchedulerEngine
     servicer: SchedulerServicer
     health: grpc_server.ServingStatus
+    metrics_port: int = 0
 
     async def stop(self, grace_s: float = 5.0) -> None:
         self.servicer.accepting = False
@@ -259,7 +265,10 @@ async def start_scheduler(config: SchedulerConfig, *, predict=None, observe=None
     ])
     port = bind_port(server, config.address, config.security)
     engine.start()
+    metrics_port = 0
+    if config.metrics_address:
+        metrics_port = serve_metrics(engine.metrics.registry, config.metrics_address)
     await server.start()
     logger.info("scheduler listening on %s (policy %s, model %s, context %d)",
                 config.address.rsplit(":", 1)[0] + f":{port}", config.policy, info.name, info.max_model_len)
-    return SchedulerServer(server, port, engine, servicer, health)
+    return SchedulerServer(server, port, engine, servicer, health, metrics_port)

@@ -10,9 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
-
 from alise.worker import loader
+from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
 
 
 @dataclass

@@ -1,0 +1,36 @@
+"""Prometheus metrics of the scheduler, scraped over HTTP after real traffic."""
+
+from __future__ import annotations
+
+import asyncio
+import urllib.request
+
+from cluster_fixtures import cluster
+
+
+def scrape(port: int) -> dict[str, float]:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    values = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            values[name] = float(value)
+    return values
+
+
+async def test_scheduler_metrics_after_traffic(tiny_llama_dir):
+    async with cluster(str(tiny_llama_dir), metrics_address="127.0.0.1:0") as c, c.client() as client:
+        await asyncio.gather(*(client.complete(f"m {i}", max_tokens=5, ignore_eos=True) for i in range(3)))
+        m = await asyncio.to_thread(scrape, c.scheduler.metrics_port)
+        num_blocks = c.workers[0][0].engine.allocator.num_blocks
+    assert m['alise_requests_total{outcome="finished"}'] == 3
+    assert m["alise_generated_tokens_total"] == 15
+    assert m["alise_ttft_seconds_count"] == 3
+    assert m["alise_tpot_seconds_count"] == 3
+    assert m["alise_prediction_abs_error_tokens_count"] == 3
+    assert m['alise_step_seconds_count{worker="w0"}'] >= 5
+    assert m["alise_workers"] == 1
+    assert m["alise_queue_waiting"] == 0
+    total = m['alise_kv_blocks{state="free",where="device",worker="w0"}'] + \
+        m['alise_kv_blocks{state="used",where="device",worker="w0"}']
+    assert total == num_blocks
