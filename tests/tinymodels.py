@@ -11,9 +11,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, OPTConfig
-
 from alise.worker.loader import MINILM_VOCAB_SIZE, minilm_tokenizer
+from transformers import AutoModelForCausalLM, LlamaConfig, OPTConfig
 
 _BASE: dict[str, dict[str, Any]] = {
     "llama": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,

@@ -7,7 +7,6 @@ import socket
 from pathlib import Path
 
 import yaml
-
 from alise.cluster.local import LocalCluster
 
 ROOT = Path(__file__).resolve().parents[2]

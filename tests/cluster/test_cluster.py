@@ -8,7 +8,6 @@ import signal
 import time
 
 import pytest
-
 from alise.client import AsyncClient, Client
 from alise.cluster.local import ClusterConfig, service_commands
 from compose_cluster import compose_commands, localize, start_compose_cluster

@@ -6,7 +6,6 @@ import asyncio
 
 import grpc
 import pytest
-
 from alise.client import InvalidRequest, Unavailable
 from cluster_fixtures import cluster
 

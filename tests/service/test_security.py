@@ -8,7 +8,6 @@ import subprocess
 
 import grpc
 import pytest
-
 from alise.client import AsyncClient, Unauthenticated
 from alise.common.security import SecurityConfig
 from alise.scheduler.config import SchedulerConfig

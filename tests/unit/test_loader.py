@@ -7,10 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import GPT2Config
-
 from alise.worker.loader import DEFAULT_MODEL, MINILM_VOCAB_SIZE, PRESETS, load_model
 from tinymodels import make_tiny_model_dir
+from transformers import GPT2Config
 
 SEP_ID = 102  # [SEP] of the MiniLM WordPiece vocabulary
 

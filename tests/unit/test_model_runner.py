@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from alise.worker.kv_cache import KVCache
 from alise.worker.loader import LoadedModel, load_model
 from alise.worker.model_runner import ModelRunner, SeqChunk

@@ -11,7 +11,6 @@ import math
 
 import pytest
 import torch
-
 from alise.core.sampling import SamplingParams
 from alise.worker.sampler import Sampler, make_generator
 

@@ -5,13 +5,12 @@ from __future__ import annotations
 import subprocess
 import sys
 
+from alise.core.commands import Abort, Admit, KvAction, Pause, Resume
+from alise.core.job import JobStatus, KvPlace, LengthEstimate
+from alise.core.policy import RemainingTimeEstimator
+from corekit import LATENCY, make_job, make_scheduler, step
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from alise.core.commands import Abort, Admit, KvAction, Pause, Resume
-from alise.core.job import FinishReason, JobStatus, KvPlace, LengthEstimate
-from alise.core.policy import AlisePolicy, RemainingTimeEstimator
-from corekit import LATENCY, make_job, make_scheduler, step
 
 
 def commands_of(plan, kind):

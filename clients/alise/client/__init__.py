@@ -8,7 +8,12 @@
 
 from alise.client.aio import DEFAULT_ADDRESS, AsyncClient
 from alise.client.errors import (
-    AliseError, Cancelled, DeadlineExceeded, InvalidRequest, Overloaded, Unauthenticated,
+    AliseError,
+    Cancelled,
+    DeadlineExceeded,
+    InvalidRequest,
+    Overloaded,
+    Unauthenticated,
     Unavailable,
 )
 from alise.client.sync import Client

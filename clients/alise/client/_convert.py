@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from google.protobuf.json_format import MessageToDict
-
 from alise.client.types import Chunk, Completion, Status, Usage
 from alise.v1 import common_pb2, scheduler_pb2
+from google.protobuf.json_format import MessageToDict
 
 _FINISH = {
     common_pb2.FINISH_REASON_STOP: "stop",

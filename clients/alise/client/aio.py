@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Sequence
 
 import grpc
-
 from alise.client._channel import make_aio_channel
 from alise.client._convert import build_request, join_chunks, to_chunk, to_status
 from alise.client.errors import AliseError, from_rpc_error

@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 
 import grpc
-
 from alise.client._channel import make_channel
 from alise.client._convert import build_request, join_chunks, to_chunk, to_status
 from alise.client.aio import DEFAULT_ADDRESS

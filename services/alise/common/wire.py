@@ -8,7 +8,16 @@ from __future__ import annotations
 
 from alise.core.blocks import WorkerCapacity
 from alise.core.commands import (
-    Abort, Admit, Command, JobOutput, KvAction, Pause, Refusal, Resume, StepPlan, StepReport,
+    Abort,
+    Admit,
+    Command,
+    JobOutput,
+    KvAction,
+    Pause,
+    Refusal,
+    Resume,
+    StepPlan,
+    StepReport,
 )
 from alise.core.job import FinishReason
 from alise.core.sampling import SamplingParams

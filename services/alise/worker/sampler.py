@@ -11,7 +11,6 @@ argmax and draw nothing. The returned Python list is the step's only host sync.
 from __future__ import annotations
 
 import torch
-
 from alise.core.sampling import SamplingParams
 
 

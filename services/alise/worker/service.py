@@ -15,7 +15,6 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import torch
-
 from alise.client._channel import make_aio_channel
 from alise.common import grpc_server, wire
 from alise.core.commands import StepPlan, StepReport
