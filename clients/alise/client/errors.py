@@ -8,10 +8,12 @@ import grpc
 class AliseError(Exception):
     """A failed call. ``code`` is the gRPC status; ``details`` the server's message."""
 
-    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+    def __init__(self, code: grpc.StatusCode, details: str, retry_after_s: float | None = None) -> None:
         super().__init__(f"{code.name}: {details}")
         self.code = code
         self.details = details
+        #: The server's hint (RESOURCE_EXHAUSTED): wait this long before retrying.
+        self.retry_after_s = retry_after_s
 
 
 class InvalidRequest(AliseError):
@@ -51,4 +53,8 @@ _BY_CODE = {
 def from_rpc_error(error: grpc.RpcError) -> AliseError:
     code = error.code()
     cls = _BY_CODE.get(code, AliseError)
-    return cls(code, error.details() or "")
+    retry_after_s = None
+    for key, value in error.trailing_metadata() or ():
+        if key == "retry-after-ms" and str(value).isdigit():
+            retry_after_s = int(value) / 1000
+    return cls(code, error.details() or "", retry_after_s)

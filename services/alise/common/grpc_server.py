@@ -38,6 +38,11 @@ class ServingStatus:
             await self.servicer.set(name, status)
 
 
+    async def set_one(self, name: str, serving: bool) -> None:
+        await self.servicer.set(name, health_pb2.HealthCheckResponse.SERVING if serving
+                                else health_pb2.HealthCheckResponse.NOT_SERVING)
+
+
 def create_server(
     *,
     max_concurrent_rpcs: int | None = None,

@@ -2,7 +2,9 @@
 
 The predictor is asked with a short deadline. When it is not configured, slow or down,
 the estimate falls back to the running mean of observed output lengths (seeded with a
-prior), and the state says so; the next successful call restores it.
+prior), and the state says so. While degraded, requests skip the predictor for
+``retry_after_s`` (so a slow predictor does not add its deadline to every request), then
+one request probes it again; the first success restores the normal path.
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ ObserveFn = Callable[[str, int, int], Awaitable[None]]
 
 class LengthEstimator:
     def __init__(self, predict: PredictFn | None = None, observe: ObserveFn | None = None, *,
-                 timeout_s: float = 0.25, prior: LengthEstimate = DEFAULT_ESTIMATE) -> None:
+                 timeout_s: float = 0.25, prior: LengthEstimate = DEFAULT_ESTIMATE,
+                 retry_after_s: float = 1.0, on_state=None) -> None:
         self._predict = predict
         self._observe = observe
         self.timeout_s = timeout_s
@@ -32,6 +35,8 @@ class LengthEstimator:
         self._p90_ratio = prior.p90 / max(prior.mean, 1.0)
         self.state = "ok" if predict is not None else "disabled (no predictor configured)"
         self.last_error_s = 0.0
+        self.retry_after_s = retry_after_s
+        self.on_state = on_state
         self._pending: set[asyncio.Task] = set()
 
     @property
@@ -42,19 +47,31 @@ class LengthEstimator:
     async def estimate(self, prompt: str, prompt_tokens: int) -> LengthEstimate:
         if self._predict is None:
             return self.running_mean
+        if self.is_degraded and time.monotonic() - self.last_error_s < self.retry_after_s:
+            return self.running_mean
         try:
             [result] = await asyncio.wait_for(
                 self._predict([prompt], [prompt_tokens], self.timeout_s), self.timeout_s)
         except Exception as exc:  # noqa: BLE001 - any failure means "use the fallback"
             if not self.state.startswith("degraded"):
                 logger.warning("predictor unavailable (%s); using the running mean", exc or type(exc).__name__)
-            self.state = f"degraded ({type(exc).__name__}: {exc or 'timeout'})"[:200]
-            self.last_error_s = time.time()
+            self._set_state(f"degraded ({type(exc).__name__}: {exc or 'timeout'})"[:200])
+            self.last_error_s = time.monotonic()
             return self.running_mean
         if self.state != "ok":
             logger.info("predictor is back")
-        self.state = "ok"
+            self._set_state("ok")
         return result
+
+    @property
+    def is_degraded(self) -> bool:
+        return self.state.startswith("degraded")
+
+    def _set_state(self, state: str) -> None:
+        changed = state.startswith("degraded") != self.is_degraded
+        self.state = state
+        if changed and self.on_state is not None:
+            self.on_state(not self.is_degraded)
 
     def observe(self, prompt: str, prompt_tokens: int, output_tokens: int) -> None:
         """Records a finished job (running mean now; the predictor in the background)."""

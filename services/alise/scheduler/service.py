@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import grpc
 from alise.common import grpc_server, wire
+from alise.common.logs import request_id_var
 from alise.common.metrics import serve_metrics
 from alise.common.security import AuthInterceptor, bind_port
 from alise.core.job import Job
@@ -36,12 +37,21 @@ from alise.v1 import (
 logger = logging.getLogger(__name__)
 
 MAX_REQUEST_ID_CHARS = 128
+#: grpc.health.v1 service name that is NOT_SERVING while the scheduler runs on fallback estimates.
+PREDICTOR_HEALTH_NAME = "alise.scheduler.predictor"
 
 
 class RequestError(Exception):
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+    def __init__(self, code: grpc.StatusCode, message: str, retry_after_s: float | None = None) -> None:
         super().__init__(message)
         self.code = code
+        self.retry_after_s = retry_after_s
+
+    async def abort(self, context) -> None:
+        trailing = ()
+        if self.retry_after_s is not None:
+            trailing = (("retry-after-ms", str(int(self.retry_after_s * 1000))),)
+        await context.abort(self.code, str(self), trailing_metadata=trailing)
 
 
 class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
@@ -54,16 +64,26 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
         self.accepting = True
 
     async def Generate(self, request, context):
+        request_id_var.set(request.request_id or "-")
         try:
             job = await self._make_job(request)
+            request_id_var.set(job.job_id)
             stream = self._submit(job)
         except RequestError as exc:
-            await context.abort(exc.code, str(exc))
+            logger.info("refused: %s %s", exc.code.name, exc)
+            await exc.abort(context)
+        logger.info("queued: %d prompt tokens, max_tokens %d, estimate %.0f tokens (%s)",
+                    job.num_prompt_tokens, job.sampling.max_tokens, job.estimate.mean, job.estimate.source)
         try:
             async for response in self._relay(stream, job, request):
                 yield response
+            logger.info("finished: %d tokens (%s), ttft %.3f s, e2e %.3f s, %d preemptions",
+                        job.num_output_tokens, job.finish_reason.value if job.finish_reason else "?",
+                        (job.first_token_s or job.arrival_s) - job.arrival_s,
+                        (job.finish_s or job.arrival_s) - job.arrival_s, job.num_preemptions)
         except RequestError as exc:
-            await context.abort(exc.code, str(exc))
+            logger.warning("failed: %s %s", exc.code.name, exc)
+            await exc.abort(context)
         finally:
             # Client gone, deadline passed or cancelled: free the job's memory now.
             if not job.is_finished:
@@ -75,7 +95,8 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
         except OverflowError as exc:
             self.engine.metrics.requests.labels("rejected_busy").inc()
             raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                               f"server busy: {exc}; retry in a few seconds") from None
+                               f"server busy: {exc}; retry in a few seconds",
+                               retry_after_s=2.0) from None
         except KeyError as exc:
             raise RequestError(grpc.StatusCode.ALREADY_EXISTS, str(exc.args[0])) from None
 
@@ -263,6 +284,12 @@ async def start_scheduler(config: SchedulerConfig, *, predict=None, observe=None
         scheduler_pb2.DESCRIPTOR.services_by_name["SchedulerService"].full_name,
         worker_pb2.DESCRIPTOR.services_by_name["WorkerService"].full_name,
     ])
+    if predict is not None:
+        await health.set_one(PREDICTOR_HEALTH_NAME, True)
+
+        def on_state(ok: bool) -> None:
+            asyncio.ensure_future(health.set_one(PREDICTOR_HEALTH_NAME, ok))
+        estimator.on_state = on_state
     port = bind_port(server, config.address, config.security)
     engine.start()
     metrics_port = 0
