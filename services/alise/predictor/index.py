@@ -95,7 +95,8 @@ class VectorIndex:
 
     def _build_ivf(self) -> None:
         n = self._num_rows
-        nlist = int(min(max(16, 4 * math.sqrt(n)), 16_384))
+        # ~4 sqrt(n) lists, but at least 39 training points per list (faiss's minimum).
+        nlist = max(1, min(int(4 * math.sqrt(n)), n // 39, 16_384))
         rng = np.random.default_rng(self._seed)
         sample_size = min(n, 64 * nlist)
         sample = self._vectors[np.sort(rng.choice(n, sample_size, replace=False))]

