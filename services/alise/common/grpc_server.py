@@ -49,7 +49,7 @@ def create_server(
     interceptors: Iterable[grpc.aio.ServerInterceptor] = (),
 ) -> grpc.aio.Server:
     return grpc.aio.server(
-        interceptors=list(interceptors),
+        interceptors=[*interceptors, DecodeGuardInterceptor()],
         maximum_concurrent_rpcs=max_concurrent_rpcs,
         options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
@@ -101,3 +101,69 @@ def split_host_port(address: str) -> tuple[str, int]:
     if not host or not port.isdigit():
         raise ValueError(f"address must look like HOST:PORT, got {address!r}")
     return host, int(port)
+
+
+class _Undecodable:
+    """Stands in for a request whose bytes did not parse; the guard turns it into a status."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+
+def _guarded_deserializer(deserializer):
+    def decode(data: bytes):
+        try:
+            return deserializer(data)
+        except Exception as exc:  # noqa: BLE001 - any parse failure is the caller's bad input
+            return _Undecodable(exc)
+    return decode
+
+
+class DecodeGuardInterceptor(grpc.aio.ServerInterceptor):
+    """Answers unparseable requests (corrupt wire format, invalid UTF-8 in a string field)
+    with INVALID_ARGUMENT and a readable message, instead of gRPC's UNKNOWN."""
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.request_deserializer is None:
+            return handler
+        method = handler_call_details.method
+
+        async def refuse(item: _Undecodable, context) -> None:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"request to {method} could not be parsed: {item.error}")
+
+        codec = dict(request_deserializer=_guarded_deserializer(handler.request_deserializer),
+                     response_serializer=handler.response_serializer)
+        if handler.request_streaming:
+            behavior = handler.stream_stream or handler.stream_unary
+
+            async def checked(request_iterator, context):
+                async for item in request_iterator:
+                    if isinstance(item, _Undecodable):
+                        await refuse(item, context)
+                    yield item
+
+            if handler.response_streaming:
+                async def stream_stream(request_iterator, context):
+                    async for response in behavior(checked(request_iterator, context), context):
+                        yield response
+                return grpc.stream_stream_rpc_method_handler(stream_stream, **codec)
+
+            async def stream_unary(request_iterator, context):
+                return await behavior(checked(request_iterator, context), context)
+            return grpc.stream_unary_rpc_method_handler(stream_unary, **codec)
+
+        if handler.response_streaming:
+            async def unary_stream(request, context):
+                if isinstance(request, _Undecodable):
+                    await refuse(request, context)
+                async for response in handler.unary_stream(request, context):
+                    yield response
+            return grpc.unary_stream_rpc_method_handler(unary_stream, **codec)
+
+        async def unary_unary(request, context):
+            if isinstance(request, _Undecodable):
+                await refuse(request, context)
+            return await handler.unary_unary(request, context)
+        return grpc.unary_unary_rpc_method_handler(unary_unary, **codec)

@@ -145,9 +145,18 @@ def report_from_pb(pb: worker_pb2.StepReport) -> StepReport:
         num_free_host_blocks=pb.num_free_host_blocks, refused=refused)
 
 
+#: Upper bounds on what a worker may claim (a lying or broken worker cannot make the
+#: scheduler plan absurd batches).
+HELLO_LIMITS = {"block_size": 4096, "num_device_blocks": 1 << 26, "num_host_blocks": 1 << 28,
+                "max_model_len": 1 << 22, "max_num_seqs": 1 << 16, "max_num_batched_tokens": 1 << 22}
+
+
 def capacity_from_hello(hello: worker_pb2.WorkerHello) -> WorkerCapacity:
-    if not hello.worker_id:
-        raise WireError("hello without a worker_id")
+    if not hello.worker_id or len(hello.worker_id) > 128 or not hello.worker_id.isprintable():
+        raise WireError("worker_id must be 1 to 128 printable characters")
+    for name, limit in HELLO_LIMITS.items():
+        if getattr(hello, name) > limit:
+            raise WireError(f"{name} must be at most {limit}, got {getattr(hello, name)}")
     try:
         return WorkerCapacity(
             worker_id=hello.worker_id, block_size=hello.block_size,

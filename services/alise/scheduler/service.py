@@ -216,6 +216,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         link = WorkerLink(capacity, asyncio.Queue(), model=first.hello.model, device=first.hello.device)
         self.engine.worker_joined(link)
         reader = asyncio.create_task(self._read_reports(link, request_iterator))
+        getter = None
         try:
             while True:
                 getter = asyncio.ensure_future(link.outbox.get())
@@ -230,6 +231,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                 yield wire.plan_to_pb(item)
         finally:
             reader.cancel()
+            if getter is not None:
+                getter.cancel()
             self.engine.worker_left(capacity.worker_id)
 
     async def _read_reports(self, link: WorkerLink, request_iterator) -> None:

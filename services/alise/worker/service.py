@@ -102,6 +102,8 @@ class Worker:
                 delay = self.config.reconnect_delay_s
             except grpc.aio.AioRpcError as exc:
                 logger.warning("scheduler stream ended: %s %s", exc.code().name, exc.details())
+            except wire.WireError as exc:
+                logger.error("scheduler sent a plan this worker cannot read (%s); reconnecting", exc)
             finally:
                 self.connected.clear()
                 if self.health:
