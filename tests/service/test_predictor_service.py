@@ -1,0 +1,147 @@
+"""PredictorService in-process on port 0, through the real client and raw channel calls."""
+
+import asyncio
+import gzip
+import json
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from alise.predictor.client import PredictorClient, PredictorUnavailable
+from alise.predictor.config import PredictorConfig
+from alise.predictor.encoder import Encoder
+from alise.predictor.service import start_predictor_server
+from alise.predictor.snapshot import SnapshotError
+from alise.v1 import predictor_pb2, predictor_pb2_grpc
+
+TOPICS = [("Write a one-word answer: what color is the sky", 2), ("Write a long detailed essay about", 400)]
+
+
+@pytest.fixture(scope="module")
+def encoder():
+    return Encoder(num_threads=2)
+
+
+@pytest.fixture
+def bootstrap_file(tmp_path):
+    path = tmp_path / "tiny.jsonl.gz"
+    with gzip.open(path, "wt") as f:
+        for i in range(30):
+            for model, scale in (("m1", 1), ("m2", 2)):
+                prompt, words = TOPICS[i % 2]
+                f.write(json.dumps({"id": i, "instruction": f"{prompt} (item {i})",
+                                    "output": "word " * (words * scale), "generator": model}) + "\n")
+    return str(path)
+
+
+@pytest.fixture
+async def server(encoder, bootstrap_file, tmp_path):
+    config = PredictorConfig(address="127.0.0.1:0", index_dir=str(tmp_path / "index"), model="m1",
+                             bootstrap=(bootstrap_file,), refit_after_observations=5,
+                             max_prompts_per_request=300)
+    srv = await start_predictor_server(config, encoder=encoder)
+    yield srv
+    await srv.stop(0.5)
+
+
+@pytest.fixture
+async def client(server):
+    c = PredictorClient(f"127.0.0.1:{server.port}")
+    yield c
+    await c.close()
+
+
+async def assert_healthy(port):
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+        reply = await health_pb2_grpc.HealthStub(ch).Check(
+            health_pb2.HealthCheckRequest(service="alise.v1.PredictorService"), timeout=2)
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+async def test_predict_ranks_short_and_long_prompts(client):
+    short, long = await client.predict(["Write a one-word answer: what color is grass",
+                                        "Write a long detailed essay about the ocean"], timeout_s=10)
+    assert short.p50 < long.p50 and short.p50 <= short.p90
+    assert long.source in {"blend", "head", "knn"}
+
+
+async def test_concurrent_predicts_are_batched_and_all_answered(client, server):
+    prompts = [f"Write a long detailed essay about topic {i}" for i in range(20)]
+    results = await asyncio.gather(*(client.predict([p], timeout_s=10) for p in prompts))
+    assert all(len(r) == 1 for r in results)
+    assert server.runtime.num_predictions >= 20
+
+
+async def test_observe_updates_stats_and_refits(client, server):
+    before = server.runtime.estimator.fitted_at
+    prompt = "Summarise the plot of Hamlet in three sentences"
+    [est] = await client.predict([prompt], timeout_s=10)
+    for i in range(5):
+        await client.observe(f"{prompt} v{i}" if i else prompt, 60, timeout_s=10)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as ch:
+        stub = predictor_pb2_grpc.PredictorServiceStub(ch)
+        for _ in range(100):
+            stats = await stub.GetStats(predictor_pb2.GetStatsRequest(), timeout=5)
+            if stats.head_fitted_at > before:
+                break
+            await asyncio.sleep(0.05)
+    assert stats.num_observations == 5 and stats.num_entries == 30 + 5
+    assert stats.mean_abs_error == pytest.approx(abs(est.p50 - 60), rel=1e-5)
+    assert stats.head_fitted_at > before and stats.encoder == "all-MiniLM-L6-v2"
+    assert stats.embedding_dim == 384 and stats.index_type == "flat" and list(stats.bucket_edges)
+    [again] = await client.predict([prompt], timeout_s=10)
+    assert again.source == "knn" and again.p50 == pytest.approx(60, rel=0.1)
+
+
+@pytest.mark.parametrize("prompts,message", [
+    ([], "prompts must not be empty"),
+    (["fine", ""], r"prompts\[1\] is empty"),
+    (["x"] * 301, "too many prompts: 301 > max_prompts_per_request 300"),
+])
+async def test_bad_requests_are_invalid_argument(client, server, prompts, message):
+    with pytest.raises(PredictorUnavailable, match=message) as info:
+        await client.predict(prompts, timeout_s=10)
+    assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    await assert_healthy(server.port)
+
+
+async def test_non_utf8_bytes_get_a_clear_status(server, client):
+    raw = b"\x0a\x03\xff\xfe\xfd"  # field 1 (prompts), 3 bytes that are not UTF-8
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as ch:
+        call = ch.unary_unary("/alise.v1.PredictorService/Predict")
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await call(raw, timeout=5)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "UTF-8" in info.value.details()
+        observe = ch.stream_unary("/alise.v1.PredictorService/Observe")
+        good = predictor_pb2.Observation(prompt="hello there", output_tokens=3).SerializeToString()
+        reply = predictor_pb2.ObserveResponse.FromString(await observe(iter([raw, good]), timeout=10))
+        assert (reply.num_accepted, reply.num_rejected) == (1, 1)
+    await assert_healthy(server.port)
+    assert len(await client.predict(["still works?"], timeout_s=10)) == 1
+
+
+async def test_one_megabyte_prompt_is_truncated_and_reported(server):
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as ch:
+        stub = predictor_pb2_grpc.PredictorServiceStub(ch)
+        reply = await stub.Predict(predictor_pb2.PredictRequest(
+            prompts=["short one", "word " * 200_000]), timeout=10)
+    assert list(reply.truncated) == [1] and len(reply.predictions) == 2
+    await assert_healthy(server.port)
+
+
+async def test_restart_restores_history_and_corruption_fails_start(encoder, server, tmp_path):
+    await server.runtime.observe(["a brand new prompt"], [42], [""])
+    await server.stop(0.5)  # drains and snapshots
+    config = PredictorConfig(address="127.0.0.1:0", index_dir=str(tmp_path / "index"), model="m1")
+    again = await start_predictor_server(config, encoder=encoder)
+    try:
+        assert again.runtime.history.num_prompts == 31
+        assert again.runtime.history.row_of("a brand new prompt") is not None
+    finally:
+        await again.stop(0.5)
+    [snap] = (tmp_path / "index").glob("snap-*")
+    (snap / "prompts.json").write_text("[]")
+    with pytest.raises(SnapshotError, match="checksum mismatch"):
+        await start_predictor_server(config, encoder=encoder)
