@@ -19,7 +19,6 @@ prompts (p90: their weighted 90th percentile).
 from __future__ import annotations
 
 import logging
-import math
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass

@@ -33,6 +33,10 @@ logger = logging.getLogger(__name__)
 _MAX_REMEMBERED = 100_000
 
 
+class ShuttingDown(RuntimeError):
+    """The runtime is closing; pending and new predictions are refused."""
+
+
 @dataclass
 class PredictResult:
     estimates: Estimates
@@ -114,7 +118,7 @@ class PredictorRuntime:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         for pending in self._queue:
             if not pending.future.done():
-                pending.future.set_exception(RuntimeError("predictor is shutting down"))
+                pending.future.set_exception(ShuttingDown("predictor is shutting down"))
         if self.config.index_dir and self._dirty:
             self.snapshot()
 

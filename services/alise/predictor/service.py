@@ -13,7 +13,6 @@ request -> ``INVALID_ARGUMENT``; a failed batch -> ``INTERNAL``; shutting down -
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from dataclasses import dataclass
 
@@ -23,7 +22,7 @@ from google.protobuf.message import DecodeError
 from alise.common.grpc_server import ServingStatus, add_health_and_reflection, bind, create_server
 from alise.predictor.config import PredictorConfig
 from alise.predictor.encoder import Encoder
-from alise.predictor.runtime import PredictorRuntime
+from alise.predictor.runtime import PredictorRuntime, ShuttingDown
 from alise.v1 import common_pb2, predictor_pb2
 
 logger = logging.getLogger(__name__)
@@ -61,7 +60,7 @@ class PredictorServicer:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"prompts[{i}] is empty")
         try:
             result = await self.runtime.predict(prompts)
-        except RuntimeError as exc:
+        except ShuttingDown as exc:
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
         except Exception as exc:
             await context.abort(grpc.StatusCode.INTERNAL, f"prediction failed: {exc}")
