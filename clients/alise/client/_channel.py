@@ -25,12 +25,39 @@ def channel_credentials(tls_ca: str | None, tls_cert: str | None = None,
                                         certificate_chain=_read(tls_cert))
 
 
+class _MetadataInterceptor(grpc.aio.UnaryUnaryClientInterceptor, grpc.aio.UnaryStreamClientInterceptor,
+                           grpc.aio.StreamUnaryClientInterceptor, grpc.aio.StreamStreamClientInterceptor):
+    """Adds fixed metadata (a credential) to every call made on a channel."""
+
+    def __init__(self, metadata: tuple[tuple[str, str], ...]) -> None:
+        self.metadata = metadata
+
+    def _details(self, details):
+        merged = tuple(details.metadata or ()) + self.metadata
+        return details._replace(metadata=grpc.aio.Metadata(*merged))
+
+    async def intercept_unary_unary(self, continuation, details, request):
+        return await continuation(self._details(details), request)
+
+    async def intercept_unary_stream(self, continuation, details, request):
+        return await continuation(self._details(details), request)
+
+    async def intercept_stream_unary(self, continuation, details, request_iterator):
+        return await continuation(self._details(details), request_iterator)
+
+    async def intercept_stream_stream(self, continuation, details, request_iterator):
+        return await continuation(self._details(details), request_iterator)
+
+
 def make_aio_channel(address: str, *, tls: bool = False, tls_ca: str | None = None,
-                     tls_cert: str | None = None, tls_key: str | None = None) -> grpc.aio.Channel:
+                     tls_cert: str | None = None, tls_key: str | None = None,
+                     metadata: tuple[tuple[str, str], ...] = ()) -> grpc.aio.Channel:
+    """An asyncio channel; ``metadata`` (e.g. an internal secret) rides on every call."""
+    interceptors = [_MetadataInterceptor(metadata)] if metadata else None
     if tls or tls_ca or tls_cert:
         return grpc.aio.secure_channel(address, channel_credentials(tls_ca, tls_cert, tls_key),
-                                       options=_OPTIONS)
-    return grpc.aio.insecure_channel(address, options=_OPTIONS)
+                                       options=_OPTIONS, interceptors=interceptors)
+    return grpc.aio.insecure_channel(address, options=_OPTIONS, interceptors=interceptors)
 
 
 def make_channel(address: str, *, tls: bool = False, tls_ca: str | None = None,

@@ -39,6 +39,16 @@ class LengthEstimator:
         self.on_state = on_state
         self._pending: set[asyncio.Task] = set()
 
+    async def warm_up(self, timeout_s: float = 30.0) -> None:
+        """One prediction with a generous deadline, so the predictor's first-call costs
+        (loading, compiling) are not paid by a client request."""
+        if self._predict is None:
+            return
+        try:
+            await asyncio.wait_for(self._predict(["warm-up"], [2], timeout_s), timeout_s)
+        except Exception as exc:  # noqa: BLE001
+            logger.warning("predictor warm-up failed: %s: %s", type(exc).__name__, exc)
+
     @property
     def running_mean(self) -> LengthEstimate:
         mean = self._sum / self._count
@@ -54,7 +64,8 @@ class LengthEstimator:
                 self._predict([prompt], [prompt_tokens], self.timeout_s), self.timeout_s)
         except Exception as exc:  # noqa: BLE001 - any failure means "use the fallback"
             if not self.state.startswith("degraded"):
-                logger.warning("predictor unavailable (%s); using the running mean", exc or type(exc).__name__)
+                logger.warning("predictor unavailable (%s: %s); using the running mean",
+                               type(exc).__name__, exc or f"no answer within {self.timeout_s:g} s")
             self._set_state(f"degraded ({type(exc).__name__}: {exc or 'timeout'})"[:200])
             self.last_error_s = time.monotonic()
             return self.running_mean

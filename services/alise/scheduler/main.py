@@ -52,7 +52,7 @@ async def serve(config: SchedulerConfig) -> None:
     if config.predictor_address:
         from alise.scheduler.predictor_link import predictor_functions
 
-        predict, observe = predictor_functions(config.predictor_address)
+        predict, observe = predictor_functions(config.predictor_address, config.security)
     server = await start_scheduler(config, predict=predict, observe=observe)
     await run_until_signal(lambda: server.stop(config.drain_grace_s))
 

@@ -288,6 +288,7 @@ async def start_scheduler(config: SchedulerConfig, *, predict=None, observe=None
         worker_pb2.DESCRIPTOR.services_by_name["WorkerService"].full_name,
     ])
     if predict is not None:
+        await estimator.warm_up()
         await health.set_one(PREDICTOR_HEALTH_NAME, True)
 
         def on_state(ok: bool) -> None:
