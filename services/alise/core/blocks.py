@@ -7,7 +7,6 @@ KV place costs (see ``held_blocks``). The worker owns block ids; this module own
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 from alise.core.job import Job, KvPlace
@@ -17,27 +16,49 @@ def blocks_for(num_tokens: int, block_size: int) -> int:
     return -(-num_tokens // block_size)
 
 
-#: Device blocks a quantized job occupies per full-precision block (16-bit cache):
-#: int8 halves the payload, int4 quarters it; scales and zero points ride in the slack
-#: of the rounding up (see the worker's quantizer for the exact layout).
-QUANTIZED_FRACTION = {KvPlace.DEVICE_INT8: 0.5, KvPlace.DEVICE_INT4: 0.25}
+#: Blocks a quantized KV cache occupies per full-precision block, as an exact fraction
+#: (numerator, denominator) of a 16-bit cache. The worker's layout (``alise.worker.kv_offload``)
+#: packs, per layer and K/V, the codes (``bits / 8`` bytes per value) followed by an fp16 scale
+#: and an fp16 zero point per group of 32 channels (4 / 32 bytes per value): 1.125 of 2 bytes
+#: for int8 = 9/16, 0.625 of 2 bytes for int4 = 5/16. A 32-bit cache needs less than that and
+#: leaves the slack unused, so both sides always use these fractions and agree exactly.
+QUANTIZED_FRACTION = {8: (9, 16), 4: (5, 16)}
+
+#: Bits per value of each quantized place (device or host).
+QUANTIZED_BITS = {
+    KvPlace.DEVICE_INT8: 8, KvPlace.DEVICE_INT4: 4, KvPlace.HOST_INT8: 8, KvPlace.HOST_INT4: 4,
+}
+DEVICE_PLACES = (KvPlace.DEVICE, KvPlace.DEVICE_INT8, KvPlace.DEVICE_INT4)
+HOST_PLACES = (KvPlace.HOST, KvPlace.HOST_INT8, KvPlace.HOST_INT4)
+
+
+def quantized_blocks(num_full_blocks: int, bits: int) -> int:
+    """Blocks that hold ``num_full_blocks`` of KV quantized to ``bits`` (rounded up)."""
+    num, den = QUANTIZED_FRACTION[bits]
+    return -(-num_full_blocks * num // den)
+
+
+def place_blocks(place: KvPlace, num_cached_tokens: int, block_size: int) -> int:
+    """Blocks (device or host, by ``place``) that ``num_cached_tokens`` of KV take in ``place``."""
+    if place is KvPlace.NONE:
+        return 0
+    full = blocks_for(num_cached_tokens, block_size)
+    bits = QUANTIZED_BITS.get(place)
+    return full if bits is None else quantized_blocks(full, bits)
 
 
 def held_device_blocks(job: Job, block_size: int) -> int:
     """Device blocks a job holds between steps, given where its KV lives."""
-    full = blocks_for(job.num_cached_tokens, block_size)
-    if job.kv is KvPlace.DEVICE:
-        return full
-    fraction = QUANTIZED_FRACTION.get(job.kv)
-    if fraction is not None:
-        return math.ceil(full * fraction)
-    return 0
+    if job.kv not in DEVICE_PLACES:
+        return 0
+    return place_blocks(job.kv, job.num_cached_tokens, block_size)
 
 
 def held_host_blocks(job: Job, block_size: int) -> int:
-    if job.kv is KvPlace.HOST:
-        return blocks_for(job.num_cached_tokens, block_size)
-    return 0
+    """Host blocks a job holds: its device footprint at the moment it was swapped out."""
+    if job.kv not in HOST_PLACES:
+        return 0
+    return place_blocks(job.kv, job.num_cached_tokens, block_size)
 
 
 @dataclass
@@ -51,6 +72,8 @@ class WorkerCapacity:
     max_model_len: int
     max_num_seqs: int
     max_num_batched_tokens: int
+    #: Bytes of one full-precision device block (all layers, K and V); 0 = not reported.
+    block_bytes: int = 0
 
     def __post_init__(self) -> None:
         for name in ("block_size", "num_device_blocks", "max_model_len", "max_num_seqs",

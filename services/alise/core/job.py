@@ -33,6 +33,8 @@ class KvPlace(enum.Enum):
     DEVICE_INT8 = "int8"
     DEVICE_INT4 = "int4"
     HOST = "host"
+    HOST_INT8 = "host-int8"  # quantized on the device, then swapped to host memory
+    HOST_INT4 = "host-int4"
 
 
 class FinishReason(enum.Enum):

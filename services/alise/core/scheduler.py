@@ -9,9 +9,10 @@ plans step k+1 for it (``schedule``), in four named phases:
 2. ``_select``       walk that order, taking jobs while the sequence budget, the token
                      budget and the device blocks allow (``blocks_for(num_tokens)`` each);
                      stop at the first misfit unless the policy backfills.
-3. ``_plan_memory``  every job on the worker that was not selected keeps its device KV if
-                     it still fits beside the selected ones (best-ranked first), else it
-                     is dropped for recompute; running ones among them are paused.
+3. ``_plan_memory``  every job on the worker that was not selected gets a KV place from
+                     the memory planner (``alise.core.memory_planner``): keep, int8, int4,
+                     host or drop, by its expected wait, within the device blocks the
+                     selected ones leave and the host blocks; running ones are paused.
 4. ``_start``        admit or resume the selected jobs that are not running.
 
 Block accounting is exact (the worker allocates by the same formulas), so a plan never
@@ -24,12 +25,22 @@ import logging
 from collections import Counter
 from dataclasses import dataclass, field
 
-from alise.core.blocks import WorkerCapacity, blocks_for, held_device_blocks
+from alise.core.blocks import HOST_PLACES, WorkerCapacity, blocks_for, held_host_blocks
 from alise.core.commands import (
-    Abort, Admit, Command, KvAction, Pause, Resume, StepPlan, StepReport, TokenEvent,
+    Abort,
+    Admit,
+    Command,
+    KvAction,
+    Pause,
+    Resume,
+    StepPlan,
+    StepReport,
+    TokenEvent,
 )
 from alise.core.job import FinishReason, Job, JobStatus, KvPlace
-from alise.core.policy import Policy
+from alise.core.latency_model import LatencyModel
+from alise.core.memory_planner import KvMove, MemoryPlanner, expected_waits, make_memory_planner
+from alise.core.policy import DEFAULT_ESTIMATE, Policy, RemainingTimeEstimator
 
 logger = logging.getLogger(__name__)
 
@@ -54,8 +65,14 @@ class WorkerView:
 
 
 class SchedulerCore:
-    def __init__(self, policy: Policy) -> None:
+    def __init__(self, policy: Policy, memory: MemoryPlanner | None = None) -> None:
         self.policy = policy
+        estimator = getattr(policy, "estimator", None) or RemainingTimeEstimator(LatencyModel())
+        estimate_of = getattr(policy, "estimate_of", lambda job: job.estimate or DEFAULT_ESTIMATE)
+        self._remaining_s = lambda job: estimator.remaining_s(job, estimate_of(job))
+        self.memory = memory or make_memory_planner("adaptive", estimator.latency)
+        #: KV moves by kind (keep, int8, int4, swap, swap-int8, swap-int4, drop, prefetch).
+        self.kv_moves: Counter[str] = Counter()
         self.jobs: dict[str, Job] = {}
         self.waiting: dict[str, Job] = {}
         self.workers: dict[str, WorkerView] = {}
@@ -139,7 +156,11 @@ class SchedulerCore:
         elif command == "resume":
             job.status = JobStatus.PAUSED
         elif command == "pause":
-            job.status = JobStatus.RUNNING
+            # The worker paused the job but could not move its KV as told: make the state
+            # certain again by dropping whatever it holds before anything else next step.
+            job.status = JobStatus.PAUSED
+            job.kv = KvPlace.NONE
+            view.pending.append(Pause(job_id, KvAction.DROP))
 
     # ----------------------------------------------------------------- planning
 
@@ -191,30 +212,32 @@ class SchedulerCore:
     def _plan_memory(self, view: WorkerView, ordered: list[Job], selected: list[Job],
                      used_blocks: int, now_s: float) -> list[Command]:
         chosen = {job.job_id for job in selected}
-        remaining = view.capacity.num_device_blocks - used_blocks
+        paused = [job for job in ordered
+                  if job.worker_id == view.worker_id and job.job_id not in chosen]
+        cap = view.capacity
+        host_used = sum(held_host_blocks(job, cap.block_size) for job in view.jobs.values())
+        waits = expected_waits(ordered, self._remaining_s, {job.job_id for job in paused})
+        moves = self.memory.plan(paused, waits, cap, cap.num_device_blocks - used_blocks,
+                                 cap.num_host_blocks - host_used)
+        # Device-freeing moves first: the worker applies commands in order, and a prefetch
+        # (host -> device) may need the blocks that a swap-out or quantization frees.
+        moves.sort(key=lambda move: move.job.kv in HOST_PLACES)
         commands: list[Command] = []
-        for job in ordered:
-            if job.job_id in chosen or job.worker_id != view.worker_id:
-                continue
-            held = held_device_blocks(job, view.capacity.block_size)
-            keep = held <= remaining
-            if keep:
-                remaining -= held
-            if job.status is JobStatus.RUNNING:
-                action = KvAction.KEEP if keep else KvAction.DROP
-                commands.append(Pause(job.job_id, action))
-                self.preemptions[action.value] += 1
-                job.num_preemptions += 1
-                job.status = JobStatus.PAUSED
-                job.idle_since_s = now_s
-            elif not keep:
-                commands.append(Pause(job.job_id, KvAction.DROP))
-                self.preemptions["drop"] += 1
-            else:
-                continue
-            if not keep:
-                job.kv = KvPlace.NONE
+        for move in moves:
+            commands += self._apply_move(move, now_s)
         return commands
+
+    def _apply_move(self, move: KvMove, now_s: float) -> list[Command]:
+        job, actions = move.job, move.actions
+        self.kv_moves[_move_label(job.kv, move.target)] += 1
+        if job.status is JobStatus.RUNNING:
+            actions = actions or (KvAction.KEEP,)
+            self.preemptions[actions[0].value] += 1
+            job.num_preemptions += 1
+            job.status = JobStatus.PAUSED
+            job.idle_since_s = now_s
+        job.kv = move.target
+        return [Pause(job.job_id, action) for action in actions]
 
     def _start(self, view: WorkerView, selected: list[Job], now_s: float) -> list[Command]:
         commands: list[Command] = []
@@ -255,3 +278,10 @@ class SchedulerCore:
 
     def num_with_status(self, status: JobStatus) -> int:
         return sum(1 for job in self.jobs.values() if job.status is status)
+
+
+def _move_label(source: KvPlace, target: KvPlace) -> str:
+    if source in HOST_PLACES and target is not KvPlace.NONE:
+        return "prefetch"
+    return {KvPlace.DEVICE: "keep", KvPlace.HOST: "swap", KvPlace.HOST_INT8: "swap-int8",
+            KvPlace.HOST_INT4: "swap-int4", KvPlace.NONE: "drop"}.get(target, target.value)

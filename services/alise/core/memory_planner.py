@@ -1,0 +1,331 @@
+"""Where each paused job's KV cache lives next step: keep, int8, int4, host, or nowhere.
+
+Pure Python (no grpc, no torch). The scheduler core selects the jobs of a step first;
+whatever device blocks they leave over is the budget of the paused jobs on that worker.
+A planner maps every paused (or now pausing) job to a target ``KvPlace`` and the worker
+commands that get it there; the core applies the result (``SchedulerCore._plan_memory``).
+
+The adaptive rule (``AdaptivePlanner``)
+--------------------------------------
+Each paused job ``j`` has an expected wait ``W_j``: the sum of the estimated remaining
+execution times of the jobs ahead of it in the policy's order (the paper's rule). Each
+place has a cost in seconds, for that job, relative to where its KV is now:
+
+* keep on device                 0
+* int8 / int4 on device          quantize + dequantize time + an error penalty per format
+* host (optionally int8 / int4)  the exposed part of the swap-in, ``max(0, T_in - W_j)``
+                                 (a prefetch started ``T_in`` ahead hides it), plus a small
+                                 overhead for the PCIe traffic, plus the quantization cost
+* nowhere (drop)                 recomputing prompt + generated tokens (latency model)
+
+with ``T_in`` = bytes / measured copy bandwidth. Four named sub-steps, each a small loop:
+
+1. ``_fit_device``  while the paused jobs hold more device blocks than the budget, apply
+                    the cheapest downgrade per block freed (ties: the longest wait first),
+                    within the host budget. Jobs expected to wait longest go to host first
+                    (their swap-in is hidden); jobs about to run are quantized instead;
+                    drop only when that is cheaper or nothing else fits.
+2. ``_make_headroom`` beyond that, swap out long waiters whose swap is fully hidden until
+                    ``headroom_fraction`` of the device is free, so the next arrivals do
+                    not wait on a swap-out they need the blocks of.
+3. ``_prefetch``    bring host jobs whose wait is under ``prefetch_factor * T_in +
+                    prefetch_lead_s`` back to the device (soonest first) into what is free,
+                    so their resume never waits on a copy.
+
+Hysteresis: a job only moves when memory forces it (1), when the move is free and its wait
+is at least ``hysteresis`` times its prefetch horizon (2), or when it is about to run (3); a
+quantized job is never upgraded while paused (it dequantizes on resume), so it cannot bounce.
+The host budget of one plan never counts blocks that the same plan frees on the host, so
+the worker, which applies pauses before resumes, is never asked for more than it has.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from alise.core.blocks import (
+    DEVICE_PLACES, HOST_PLACES, QUANTIZED_BITS, WorkerCapacity, blocks_for, place_blocks,
+)
+from alise.core.commands import KvAction
+from alise.core.job import Job, JobStatus, KvPlace
+from alise.core.latency_model import LatencyModel
+
+#: Host place <-> the device place it came from (same format).
+_HOST_OF = {KvPlace.DEVICE: KvPlace.HOST, KvPlace.DEVICE_INT8: KvPlace.HOST_INT8,
+            KvPlace.DEVICE_INT4: KvPlace.HOST_INT4}
+_DEVICE_OF = {host: device for device, host in _HOST_OF.items()}
+_QUANTIZE = {8: KvAction.QUANTIZE_INT8, 4: KvAction.QUANTIZE_INT4}
+
+#: Targets reachable from each place while a job is paused (downgrades only; prefetch apart).
+DOWNGRADES = {
+    KvPlace.DEVICE: (KvPlace.DEVICE_INT8, KvPlace.DEVICE_INT4, KvPlace.HOST, KvPlace.HOST_INT8,
+                     KvPlace.HOST_INT4, KvPlace.NONE),
+    KvPlace.DEVICE_INT8: (KvPlace.DEVICE_INT4, KvPlace.HOST_INT8, KvPlace.HOST_INT4, KvPlace.NONE),
+    KvPlace.DEVICE_INT4: (KvPlace.HOST_INT4, KvPlace.NONE),
+}
+
+
+def bits_of(place: KvPlace) -> int:
+    return QUANTIZED_BITS.get(place, 16)
+
+
+def transition_actions(source: KvPlace, target: KvPlace) -> tuple[KvAction, ...]:
+    """Worker commands (in order) that move a paused job's KV from ``source`` to ``target``."""
+    if target is source:
+        return ()
+    if target is KvPlace.NONE:
+        return (KvAction.DROP,)
+    if source in HOST_PLACES:
+        if _DEVICE_OF[source] is not target:
+            raise ValueError(f"cannot move KV from {source.value} to {target.value}")
+        return (KvAction.KEEP,)  # keep on a host job = bring it back to the device
+    actions: tuple[KvAction, ...] = ()
+    if bits_of(target) < bits_of(source):
+        actions += (_QUANTIZE[bits_of(target)],)
+    elif bits_of(target) > bits_of(source):
+        raise ValueError(f"cannot move KV from {source.value} to {target.value}")
+    if target in HOST_PLACES:
+        actions += (KvAction.SWAP_TO_HOST,)
+    return actions
+
+
+@dataclass(frozen=True)
+class KvMove:
+    """A job's KV goes to ``target``; ``actions`` are the Pause commands that take it there."""
+
+    job: Job
+    target: KvPlace
+    actions: tuple[KvAction, ...]
+
+
+@dataclass
+class KvCostModel:
+    """Seconds each KV move costs. Bandwidths are measured (bench/kv_bench.py)."""
+
+    latency: LatencyModel
+    #: Bytes of one full-precision block; 0 = unknown (then ``default_block_bytes``).
+    block_bytes: int = 0
+    default_block_bytes: int = 8 << 20   # Llama-7B, 16 tokens, fp16
+    swap_bytes_per_s: float = 20e9
+    #: Quantize or dequantize throughput, bytes of full-precision KV per second.
+    quantize_bytes_per_s: float = 200e9
+    #: Error budget, as seconds one would pay to avoid the loss (int4 loses more than int8).
+    int8_penalty_s: float = 0.002
+    int4_penalty_s: float = 0.02
+    #: PCIe traffic is not free even when hidden: a small charge per swap.
+    swap_overhead_s: float = 0.001
+
+    def bytes_of(self, num_blocks: int) -> int:
+        return num_blocks * (self.block_bytes or self.default_block_bytes)
+
+    def transfer_s(self, num_blocks: int) -> float:
+        return self.bytes_of(num_blocks) / self.swap_bytes_per_s
+
+    def place_cost_s(self, job: Job, source: KvPlace, target: KvPlace, wait_s: float,
+                     block_size: int) -> float:
+        """Cost of holding ``job`` at ``target`` until it resumes, given it is at ``source``."""
+        if target is source:
+            return 0.0
+        if target is KvPlace.NONE:
+            return self.latency.prefill_s(job.num_tokens)
+        full = blocks_for(job.num_cached_tokens, block_size)
+        cost = 0.0
+        bits = bits_of(target)
+        if bits < bits_of(source):
+            cost += 2 * self.bytes_of(full) / self.quantize_bytes_per_s
+            cost += self.int8_penalty_s if bits == 8 else self.int4_penalty_s
+        if target in HOST_PLACES and source not in HOST_PLACES:
+            moved = place_blocks(target, job.num_cached_tokens, block_size)
+            cost += self.swap_overhead_s + max(0.0, self.transfer_s(moved) - wait_s)
+        return cost
+
+
+@dataclass
+class _Slot:
+    """One paused job during planning."""
+
+    job: Job
+    source: KvPlace
+    place: KvPlace
+    wait_s: float
+    pausing: bool
+
+    def device_blocks(self, block_size: int) -> int:
+        if self.place not in DEVICE_PLACES:
+            return 0
+        return place_blocks(self.place, self.job.num_cached_tokens, block_size)
+
+    def host_blocks(self, block_size: int) -> int:
+        if self.place not in HOST_PLACES:
+            return 0
+        return place_blocks(self.place, self.job.num_cached_tokens, block_size)
+
+
+class MemoryPlanner(abc.ABC):
+    name = "base"
+
+    @abc.abstractmethod
+    def plan(self, paused: list[Job], waits: dict[str, float], capacity: WorkerCapacity,
+             device_budget: int, host_budget: int) -> list[KvMove]:
+        """Targets for ``paused`` (best-ranked first): device blocks held after the plan stay
+        within ``device_budget`` and newly used host blocks within ``host_budget``. Returns a
+        move for every job that is pausing now or whose place changes."""
+
+
+class DropPlanner(MemoryPlanner):
+    """The baseline: keep a paused job's KV while it fits (best-ranked first), else drop it."""
+
+    name = "drop"
+
+    def plan(self, paused, waits, capacity, device_budget, host_budget):
+        moves = []
+        for job in paused:
+            held = place_blocks(job.kv, job.num_cached_tokens, capacity.block_size) \
+                if job.kv in DEVICE_PLACES else 0
+            target = job.kv if held <= device_budget else KvPlace.NONE
+            device_budget -= held if target is job.kv else 0
+            if target is not job.kv or job.status is JobStatus.RUNNING:
+                moves.append(KvMove(job, target, transition_actions(job.kv, target)))
+        return moves
+
+
+class AdaptivePlanner(MemoryPlanner):
+    name = "adaptive"
+
+    def __init__(self, costs: KvCostModel, *, allowed: frozenset[KvPlace] | None = None,
+                 headroom_fraction: float = 0.1, prefetch_factor: float = 2.0,
+                 prefetch_lead_s: float = 0.05, hysteresis: float = 2.0) -> None:
+        self.costs = costs
+        self.allowed = allowed if allowed is not None else frozenset(KvPlace)
+        self.headroom_fraction = headroom_fraction
+        self.prefetch_factor = prefetch_factor
+        self.prefetch_lead_s = prefetch_lead_s
+        self.hysteresis = hysteresis
+
+    def plan(self, paused, waits, capacity, device_budget, host_budget):
+        bs = capacity.block_size
+        if capacity.block_bytes and not self.costs.block_bytes:
+            self.costs.block_bytes = capacity.block_bytes
+        slots = [_Slot(job, job.kv, job.kv, waits.get(job.job_id, 0.0),
+                       job.status is JobStatus.RUNNING) for job in paused]
+        host_free = host_budget
+        host_free = self._fit_device(slots, bs, device_budget, host_free)
+        headroom = int(capacity.num_device_blocks * self.headroom_fraction)
+        host_free = self._make_headroom(slots, bs, device_budget - headroom, host_free)
+        self._prefetch(slots, bs, device_budget)
+        return [KvMove(s.job, s.place, transition_actions(s.source, s.place))
+                for s in slots if s.place is not s.source or s.pausing]
+
+    # ----------------------------------------------------------------- sub-steps
+
+    def _fit_device(self, slots: list[_Slot], bs: int, budget: int, host_free: int) -> int:
+        demand = sum(s.device_blocks(bs) for s in slots)
+        while demand > budget:
+            best = self._cheapest_downgrade(slots, bs, host_free)
+            if best is None:
+                raise AssertionError("dropping frees every device block; unreachable")
+            slot, target = best
+            demand -= slot.device_blocks(bs)
+            host_free += slot.host_blocks(bs)
+            slot.place = target
+            demand += slot.device_blocks(bs)
+            host_free -= slot.host_blocks(bs)
+        return host_free
+
+    def _make_headroom(self, slots: list[_Slot], bs: int, target_blocks: int,
+                       host_free: int) -> int:
+        demand = sum(s.device_blocks(bs) for s in slots)
+        for slot in sorted(slots, key=lambda s: -s.wait_s):
+            if demand <= target_blocks:
+                break
+            host = _HOST_OF.get(slot.place)
+            if host is None or host not in self.allowed or slot.place is not slot.source:
+                continue
+            need = place_blocks(host, slot.job.num_cached_tokens, bs)
+            if need > host_free or slot.wait_s < self.hysteresis * self._horizon_s(slot, bs, host):
+                continue
+            demand -= slot.device_blocks(bs)
+            slot.place = host
+            host_free -= need
+        return host_free
+
+    def _prefetch(self, slots: list[_Slot], bs: int, budget: int) -> None:
+        free = budget - sum(s.device_blocks(bs) for s in slots)
+        for slot in sorted(slots, key=lambda s: s.wait_s):
+            if slot.place not in HOST_PLACES or slot.place is not slot.source:
+                continue
+            if slot.wait_s > self._horizon_s(slot, bs, slot.place):
+                continue
+            device = _DEVICE_OF[slot.place]
+            need = place_blocks(device, slot.job.num_cached_tokens, bs)
+            if need <= free:
+                slot.place = device
+                free -= need
+
+    # ----------------------------------------------------------------- helpers
+
+    def _horizon_s(self, slot: _Slot, bs: int, host_place: KvPlace) -> float:
+        """Wait below which a host job is brought back (its swap-in would not be hidden)."""
+        moved = place_blocks(host_place, slot.job.num_cached_tokens, bs)
+        return self.prefetch_factor * self.costs.transfer_s(moved) + self.prefetch_lead_s
+
+    def _cheapest_downgrade(self, slots: list[_Slot], bs: int,
+                            host_free: int) -> tuple[_Slot, KvPlace] | None:
+        best = None
+        best_key: tuple[float, float] | None = None
+        for slot in slots:
+            held = slot.device_blocks(bs)
+            if held == 0:
+                continue
+            now_cost = self._cost(slot, slot.place, bs)
+            for target in DOWNGRADES.get(slot.place, ()):
+                if target not in self.allowed and target is not KvPlace.NONE:
+                    continue
+                freed = held - (place_blocks(target, slot.job.num_cached_tokens, bs)
+                                if target in DEVICE_PLACES else 0)
+                host_need = (place_blocks(target, slot.job.num_cached_tokens, bs)
+                             if target in HOST_PLACES else 0)
+                if freed <= 0 or host_need > host_free:
+                    continue
+                per_block = (self._cost(slot, target, bs) - now_cost) / freed
+                key = (per_block, -slot.wait_s)
+                if best_key is None or key < best_key:
+                    best, best_key = (slot, target), key
+        return best
+
+    def _cost(self, slot: _Slot, target: KvPlace, bs: int) -> float:
+        return self.costs.place_cost_s(slot.job, slot.source, target, slot.wait_s, bs)
+
+
+PLANNER_NAMES = ("adaptive", "drop", "swap", "quantize")
+
+
+def make_memory_planner(name: str, latency: LatencyModel, **cost_kwargs) -> MemoryPlanner:
+    """``adaptive`` (all actions), ``drop`` (keep or recompute: the baseline), ``swap`` (keep,
+    host, drop) and ``quantize`` (keep, int8, int4, drop) for ablations."""
+    if name == "drop":
+        return DropPlanner()
+    allowed = {
+        "adaptive": frozenset(KvPlace),
+        "swap": frozenset({KvPlace.DEVICE, KvPlace.HOST, KvPlace.NONE}),
+        "quantize": frozenset({KvPlace.DEVICE, KvPlace.DEVICE_INT8, KvPlace.DEVICE_INT4,
+                               KvPlace.NONE}),
+    }.get(name)
+    if allowed is None:
+        raise ValueError(f"unknown KV planner {name!r}; choose one of {', '.join(PLANNER_NAMES)}")
+    return AdaptivePlanner(KvCostModel(latency, **cost_kwargs), allowed=allowed)
+
+
+def expected_waits(ordered: list[Job], remaining_s: Callable[[Job], float],
+                   worker_jobs: set[str]) -> dict[str, float]:
+    """Expected wait of each job of ``worker_jobs``: the estimated remaining execution time of
+    every job ahead of it in ``ordered`` (the policy's order)."""
+    waits = {}
+    ahead = 0.0
+    for job in ordered:
+        if job.job_id in worker_jobs:
+            waits[job.job_id] = ahead
+        ahead += remaining_s(job)
+    return waits
