@@ -3,7 +3,9 @@
 It carries out the same commands as ``alise.worker.engine.WorkerEngine`` with the same
 block arithmetic and the same real ``BlockAllocator``, but instead of running a forward
 pass it emits token 0 and ends each job at its target output length (or its max_tokens).
-Step time comes from a ``LatencyModel``: the result is a simulation and says so.
+Step time comes from a ``LatencyModel``: the result is a simulation and says so. KV moves
+(quantize, swap, prefetch) follow the real worker's block arithmetic and add their copy and
+compute time on a virtual clock (``alise.sim.virtual_kv``).
 """
 
 from __future__ import annotations
@@ -12,10 +14,18 @@ from dataclasses import dataclass, field
 
 from alise.core.blocks import blocks_for
 from alise.core.commands import (
-    Abort, Admit, Command, JobOutput, KvAction, Pause, Refusal, Resume, StepReport,
+    Abort,
+    Admit,
+    Command,
+    JobOutput,
+    Pause,
+    Refusal,
+    Resume,
+    StepReport,
 )
-from alise.core.job import FinishReason
+from alise.core.job import FinishReason, KvPlace
 from alise.core.latency_model import LatencyModel
+from alise.sim.virtual_kv import VirtualKvStore
 from alise.worker.block_allocator import BlockAllocator
 
 
@@ -29,19 +39,23 @@ class VirtualSeq:
     blocks: list[int] = field(default_factory=list)
     num_cached: int = 0
     paused: bool = False
-    host_blocks: int = 0
+    host_blocks: list[int] = field(default_factory=list)
+    place: KvPlace = KvPlace.DEVICE
+    ready_at_s: float = 0.0
 
 
 class VirtualWorker:
     def __init__(self, *, num_device_blocks: int, block_size: int, max_model_len: int,
                  latency: LatencyModel, num_host_blocks: int = 0,
-                 target_lengths: dict[str, int] | None = None) -> None:
+                 target_lengths: dict[str, int] | None = None, block_bytes: int = 0,
+                 swap_bytes_per_s: float = 20e9, quantize_bytes_per_s: float = 200e9) -> None:
         self.allocator = BlockAllocator(num_device_blocks)
         self.block_size = block_size
         self.max_model_len = max_model_len
         self.latency = latency
         self.num_host_blocks = num_host_blocks
-        self.num_free_host_blocks = num_host_blocks
+        self.kv = VirtualKvStore(self.allocator, block_size, num_host_blocks, block_bytes,
+                                 swap_bytes_per_s, quantize_bytes_per_s)
         self.target_lengths = target_lengths if target_lengths is not None else {}
         self.seqs: dict[str, VirtualSeq] = {}
 
@@ -69,19 +83,20 @@ class VirtualWorker:
             self._release(seq)
             del self.seqs[seq.job_id]
         elif isinstance(command, Pause):
-            if command.action is KvAction.DROP:
-                self._release(seq)
-            elif command.action is not KvAction.KEEP:
-                return f"KV action {command.action.value} is not supported"
-            seq.paused = True
+            seq.paused = True  # the pause always happens; only its KV move may be refused
+            return self.kv.pause(seq, command.action)
         elif isinstance(command, Resume):
-            seq.paused = False
+            reason = self.kv.resume(seq)
+            seq.paused = reason is not None
+            return reason
         return None
 
+    @property
+    def num_free_host_blocks(self) -> int:
+        return self.kv.num_free_host
+
     def _release(self, seq: VirtualSeq) -> None:
-        self.allocator.free(seq.blocks)
-        seq.blocks = []
-        seq.num_cached = 0
+        self.kv.release(seq)
 
     def step(self, step_id: int) -> StepReport:
         report = StepReport(step_id=step_id)
@@ -93,11 +108,12 @@ class VirtualWorker:
                 continue
             missing = blocks_for(seq.num_tokens, self.block_size) - len(seq.blocks)
             if missing > 0:
-                ids = self.allocator.allocate(missing)
+                ids = self.kv.allocate(missing)
                 if ids is None:
                     raise RuntimeError(f"plan overcommitted blocks: {seq.job_id} lacks {missing}")
                 seq.blocks.extend(ids)
             batch.append(seq)
+        start_s = self.kv.step_start_s(max((seq.ready_at_s for seq in batch), default=0.0))
         for seq in batch:
             fed = seq.num_tokens - seq.num_cached
             if fed > 1:
@@ -109,8 +125,9 @@ class VirtualWorker:
             seq.num_cached = seq.num_tokens
             report.outputs.append(self._append(seq))
         if batch:
-            report.step_duration_s = self.latency.step_s(len(batch), context, prefill_lens)
-        report.num_free_device_blocks = self.allocator.num_free
+            report.step_duration_s = self.kv.finish_step(
+                start_s, self.latency.step_s(len(batch), context, prefill_lens))
+        report.num_free_device_blocks = self.kv.num_free_device
         report.num_free_host_blocks = self.num_free_host_blocks
         return report
 
