@@ -17,14 +17,22 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-
 from alise.core.blocks import blocks_for
 from alise.core.commands import (
-    Abort, Admit, Command, JobOutput, KvAction, Pause, Refusal, Resume, StepReport,
+    Abort,
+    Admit,
+    Command,
+    JobOutput,
+    KvAction,
+    Pause,
+    Refusal,
+    Resume,
+    StepReport,
 )
-from alise.core.job import FinishReason
+from alise.core.job import FinishReason, KvPlace
 from alise.core.sampling import SamplingParams
 from alise.worker.block_allocator import BlockAllocator
+from alise.worker.kv_offload import KvOffload
 from alise.worker.model_runner import ModelRunner, SeqChunk
 from alise.worker.sampler import Sampler, make_generator
 
@@ -41,6 +49,10 @@ class Sequence:
     block_table: list[int] = field(default_factory=list)
     num_cached: int = 0
     paused: bool = False
+    #: KV state moved by ``KvOffload`` (quantized, on host, or a swap-in in flight).
+    place: KvPlace = KvPlace.DEVICE
+    host_blocks: list[int] = field(default_factory=list)
+    ready_event: object | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -57,6 +69,7 @@ class WorkerEngine:
         self.block_size = runner.block_size
         self.allocator = BlockAllocator(runner.num_blocks)
         self.num_host_blocks = num_host_blocks
+        self.offload = KvOffload(runner.kv_cache, self.allocator, num_host_blocks)
         self.seqs: dict[str, Sequence] = {}
 
     # ----------------------------------------------------------------- commands
@@ -83,7 +96,9 @@ class WorkerEngine:
         elif isinstance(command, Pause):
             return self._pause(seq, command.action)
         elif isinstance(command, Resume):
-            seq.paused = False
+            reason = self.offload.resume(seq)
+            seq.paused = reason is not None
+            return reason
         return None
 
     def _admit(self, command: Admit) -> str | None:
@@ -105,19 +120,11 @@ class WorkerEngine:
         return None
 
     def _pause(self, seq: Sequence, action: KvAction) -> str | None:
-        if action is KvAction.KEEP:
-            seq.paused = True
-        elif action is KvAction.DROP:
-            self._release(seq)
-            seq.paused = True
-        else:
-            return f"KV action {action.value} is not supported by this worker"
-        return None
+        seq.paused = True  # the pause always happens; a refused KV move leaves the KV as it was
+        return self.offload.pause(seq, action)
 
     def _release(self, seq: Sequence) -> None:
-        self.allocator.free(seq.block_table)
-        seq.block_table = []
-        seq.num_cached = 0
+        self.offload.release(seq)
 
     def abort_all(self) -> None:
         for seq in self.seqs.values():
@@ -130,6 +137,7 @@ class WorkerEngine:
         """Runs one model step over every active sequence (blocking: call off the loop)."""
         batch = self._grow_blocks([s for s in self.seqs.values() if not s.paused])
         report = StepReport(step_id=step_id)
+        self.offload.wait_ready(batch)  # swapped-in jobs run only once their blocks are back
         if batch:
             start = time.perf_counter()
             chunks = [SeqChunk(s.token_ids[s.num_cached:], s.num_cached, s.block_table)
@@ -145,8 +153,8 @@ class WorkerEngine:
                     report.num_decode_tokens += 1
                 seq.num_cached = seq.num_tokens
                 report.outputs.append(self._append(seq, token))
-        report.num_free_device_blocks = self.allocator.num_free
-        report.num_free_host_blocks = self.num_host_blocks
+        report.num_free_device_blocks = self.offload.num_free_device
+        report.num_free_host_blocks = self.offload.num_free_host
         return report
 
     def _grow_blocks(self, active: list[Sequence]) -> list[Sequence]:
@@ -154,7 +162,7 @@ class WorkerEngine:
         for seq in active:
             missing = blocks_for(seq.num_tokens, self.block_size) - len(seq.block_table)
             if missing > 0:
-                ids = self.allocator.allocate(missing)
+                ids = self.offload.allocate(missing)
                 if ids is None:
                     # The scheduler's accounting should prevent this; skipping the
                     # sequence for one step keeps everyone else correct.
