@@ -93,15 +93,21 @@ class LocalCluster:
 
     def start(self) -> None:
         os.makedirs(self.log_dir, exist_ok=True)
+        # Predictor first, then the scheduler, then workers: each dials the one before.
+        for name in self.commands:
+            self.start_one(name)
+
+    def start_one(self, name: str) -> subprocess.Popen:
+        """Starts (or restarts) one service with its command; its log is appended to."""
+        args = self.commands[name]
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1",
                "TRANSFORMERS_OFFLINE": "1", **self.env}
-        # Predictor first, then the scheduler, then workers: each dials the one before.
-        for name, args in self.commands.items():
-            log = open(os.path.join(self.log_dir, f"{name}.log"), "ab")
-            self.procs[name] = subprocess.Popen(
-                [sys.executable, "-m", "alise.cli.main", *args], stdout=log,
-                stderr=subprocess.STDOUT, env=env, start_new_session=True)
-            logger.info("started %s (pid %d): alise %s", name, self.procs[name].pid, " ".join(args))
+        with open(os.path.join(self.log_dir, f"{name}.log"), "ab") as log:
+            proc = subprocess.Popen([sys.executable, "-m", "alise.cli.main", *args], stdout=log,
+                                    stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        self.procs[name] = proc
+        logger.info("started %s (pid %d): alise %s", name, proc.pid, " ".join(args))
+        return proc
 
     def wait_healthy(self, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
