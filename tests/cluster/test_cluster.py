@@ -106,9 +106,52 @@ def test_worker_killed_mid_stream_others_finish_without_gaps(cluster):
         tokens = [t for c in chunks for t in c.token_ids]
         assert len(tokens) == 60
         assert indices == [sum(len(c.token_ids) for c in chunks[:i]) for i in range(len(chunks))]
-    # The surviving worker is still the only one connected.
+    # The surviving worker is the only one connected, until the killed one is restarted.
     deadline = time.monotonic() + 10
     with Client(address) as client:
         while time.monotonic() < deadline and len(client.status().workers) != 1:
             time.sleep(0.1)
         assert [w["worker_id"] for w in client.status().workers] == ["worker-0"]
+        local.start_one("worker-1")
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and len(client.status().workers) != 2:
+            time.sleep(0.2)
+        assert sorted(w["worker_id"] for w in client.status().workers) == ["worker-0", "worker-1"]
+
+
+def test_sole_worker_killed_jobs_resume_when_it_returns(cluster):
+    local, address = cluster
+    local.procs["worker-1"].send_signal(signal.SIGTERM)
+    assert local.procs["worker-1"].wait(30) == 0
+
+    async def scenario():
+        chunks = []
+        async with AsyncClient(address) as client:
+            async def run():
+                async for c in client.generate("come back", max_tokens=200, ignore_eos=True):
+                    chunks.append(c)
+            task = asyncio.create_task(run())
+            while sum(len(c.token_ids) for c in chunks) < 3:
+                await asyncio.sleep(0.01)
+            os.kill(local.procs["worker-0"].pid, signal.SIGKILL)
+            await asyncio.sleep(1.0)
+            assert not task.done()
+            local.start_one("worker-0")
+            await asyncio.wait_for(task, 300)
+        return chunks
+
+    chunks = asyncio.run(scenario())
+    assert sum(len(c.token_ids) for c in chunks) == 200
+    assert [c.index for c in chunks] == [sum(len(c.token_ids) for c in chunks[:i]) for i in range(len(chunks))]
+    local.start_one("worker-1")
+
+
+def test_sigterm_drains_every_service_and_exits_zero(cluster):
+    local, address = cluster
+    for name in ("worker-0", "worker-1"):
+        deadline = time.monotonic() + 120
+        from alise.cluster.local import health_address, is_serving
+        while time.monotonic() < deadline and not is_serving(health_address(name, local.commands[name])):
+            time.sleep(0.2)
+    codes = local.stop(grace_s=30)
+    assert codes == {name: 0 for name in local.commands}, codes
