@@ -13,16 +13,19 @@ place has a cost in seconds, for that job, relative to where its KV is now:
 
 * keep on device                 0
 * int8 / int4 on device          quantize + dequantize time + an error penalty per format
-* host (optionally int8 / int4)  the exposed part of the swap-in, ``max(0, T_in - W_j)``
-                                 (a prefetch started ``T_in`` ahead hides it), plus a small
-                                 overhead for the PCIe traffic, plus the quantization cost
-* nowhere (drop)                 recomputing prompt + generated tokens (latency model)
+* host (optionally int8 / int4)  the swap-out ``T_out`` (blocks freed to make room are needed
+                                 at once, and the worker frees them when the copy lands),
+                                 the exposed part of the swap-in, ``max(0, T_in - W_j)`` (a
+                                 prefetch started ``T_in`` ahead hides it), a small overhead
+                                 for the PCIe traffic, plus the quantization cost
+* nowhere (drop)                 recomputing prompt + generated tokens: the marginal cost of
+                                 that prefill in a step (latency model)
 
 with ``T_in`` = bytes / measured copy bandwidth. Four named sub-steps, each a small loop:
 
 1. ``_fit_device``  while the paused jobs hold more device blocks than the budget, apply
-                    the cheapest downgrade per block freed (ties: the longest wait first),
-                    within the host budget. Jobs expected to wait longest go to host first
+                    the cheapest downgrade that covers the deficit alone, else the cheapest
+                    per block freed (ties: the longest wait first), within the host budget. Jobs expected to wait longest go to host first
                     (their swap-in is hidden); jobs about to run are quantized instead;
                     drop only when that is cheaper or nothing else fits.
 2. ``_make_headroom`` beyond that, swap out long waiters whose swap is fully hidden until
@@ -129,7 +132,9 @@ class KvCostModel:
         if target is source:
             return 0.0
         if target is KvPlace.NONE:
-            return self.latency.prefill_s(job.num_tokens)
+            # The recompute rides in a step that runs anyway: its marginal cost only.
+            n = job.num_tokens
+            return self.latency.step_s(1, n, (n,)) - self.latency.step_s(1, 0)
         full = blocks_for(job.num_cached_tokens, block_size)
         cost = 0.0
         bits = bits_of(target)
@@ -138,7 +143,11 @@ class KvCostModel:
             cost += self.int8_penalty_s if bits == 8 else self.int4_penalty_s
         if target in HOST_PLACES and source not in HOST_PLACES:
             moved = place_blocks(target, job.num_cached_tokens, block_size)
-            cost += self.swap_overhead_s + max(0.0, self.transfer_s(moved) - wait_s)
+            # Blocks freed to make room now are needed now: the swap-out is exposed (the
+            # worker frees them when the copy lands); the swap-in is hidden by a prefetch
+            # only as far as the wait exceeds it.
+            cost += self.swap_overhead_s + self.transfer_s(moved)
+            cost += max(0.0, self.transfer_s(moved) - wait_s)
         return cost
 
 
@@ -223,7 +232,7 @@ class AdaptivePlanner(MemoryPlanner):
     def _fit_device(self, slots: list[_Slot], bs: int, budget: int, host_free: int) -> int:
         demand = sum(s.device_blocks(bs) for s in slots)
         while demand > budget:
-            best = self._cheapest_downgrade(slots, bs, host_free)
+            best = self._cheapest_downgrade(slots, bs, host_free, demand - budget)
             if best is None:
                 raise AssertionError("dropping frees every device block; unreachable")
             slot, target = best
@@ -271,10 +280,12 @@ class AdaptivePlanner(MemoryPlanner):
         moved = place_blocks(host_place, slot.job.num_cached_tokens, bs)
         return self.prefetch_factor * self.costs.transfer_s(moved) + self.prefetch_lead_s
 
-    def _cheapest_downgrade(self, slots: list[_Slot], bs: int,
-                            host_free: int) -> tuple[_Slot, KvPlace] | None:
+    def _cheapest_downgrade(self, slots: list[_Slot], bs: int, host_free: int,
+                            deficit: int) -> tuple[_Slot, KvPlace] | None:
+        """The cheapest move that frees ``deficit`` blocks on its own, else the cheapest per
+        block freed (ties: the longest wait)."""
         best = None
-        best_key: tuple[float, float] | None = None
+        best_key: tuple[int, float, float] | None = None
         for slot in slots:
             held = slot.device_blocks(bs)
             if held == 0:
@@ -289,8 +300,8 @@ class AdaptivePlanner(MemoryPlanner):
                              if target in HOST_PLACES else 0)
                 if freed <= 0 or host_need > host_free:
                     continue
-                per_block = (self._cost(slot, target, bs) - now_cost) / freed
-                key = (per_block, -slot.wait_s)
+                cost = self._cost(slot, target, bs) - now_cost
+                key = (0, cost, -slot.wait_s) if freed >= deficit else (1, cost / freed, -slot.wait_s)
                 if best_key is None or key < best_key:
                     best, best_key = (slot, target), key
         return best

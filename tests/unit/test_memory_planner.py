@@ -1,0 +1,133 @@
+"""The adaptive KV planner: which action for which wait, prefetch, hysteresis, exact accounting."""
+
+from __future__ import annotations
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from alise.core.blocks import WorkerCapacity, held_device_blocks, held_host_blocks, place_blocks
+from alise.core.commands import KvAction, Pause
+from alise.core.job import JobStatus, KvPlace
+from alise.core.memory_planner import (
+    AdaptivePlanner, KvCostModel, make_memory_planner, transition_actions,
+)
+from alise.core.policy import make_policy
+from alise.core.scheduler import SchedulerCore
+from alise.sim.virtual_worker import VirtualWorker
+from corekit import LATENCY, make_job, step
+
+BS = 4
+BLOCK_BYTES = 1 << 20
+
+
+def paused_job(job_id: str, cached: int, place=KvPlace.DEVICE):
+    job = make_job(job_id, cached)          # prompt of `cached` tokens, none generated
+    job.status, job.kv = JobStatus.PAUSED, place
+    return job
+
+
+def planner(**kwargs) -> AdaptivePlanner:
+    costs = KvCostModel(LATENCY, block_bytes=BLOCK_BYTES, swap_bytes_per_s=1e10,
+                        quantize_bytes_per_s=1e11)
+    return AdaptivePlanner(costs, headroom_fraction=0.0, **kwargs)
+
+
+def capacity(num_device=64, num_host=64):
+    return WorkerCapacity("w0", BS, num_device, num_host, 2048, 8, 4096, block_bytes=BLOCK_BYTES)
+
+
+def test_transitions_are_the_worker_commands_in_order():
+    assert transition_actions(KvPlace.DEVICE, KvPlace.HOST_INT8) == (
+        KvAction.QUANTIZE_INT8, KvAction.SWAP_TO_HOST)
+    assert transition_actions(KvPlace.HOST_INT4, KvPlace.DEVICE_INT4) == (KvAction.KEEP,)
+    assert transition_actions(KvPlace.DEVICE_INT8, KvPlace.NONE) == (KvAction.DROP,)
+
+
+def test_soon_job_is_quantized_long_waiter_is_swapped():
+    # Two paused jobs of 64 cached tokens = 16 blocks each (16 MiB: 1.7 ms each way at
+    # 10 GB/s; recomputing 64 tokens costs 6.5 ms). With 20 blocks left, one must go: "late"
+    # (wait 10 s) swaps out for 2.7 ms (its swap-in is hidden), "soon" stays as it is.
+    soon, late = paused_job("soon", 64), paused_job("late", 64)
+    waits = {"soon": 0.0, "late": 10.0}
+    moves = planner().plan([soon, late], waits, capacity(), 20, 64)
+    assert {m.job.job_id: m.target for m in moves} == {"late": KvPlace.HOST}
+    # With 10 blocks, "soon" must shrink by 6 more: int8 (9 blocks, 2.3 ms of error budget
+    # and kernels) beats a swap whose swap-in would be exposed (4.4 ms) and a recompute.
+    moves = planner().plan([soon, late], waits, capacity(), 10, 64)
+    assert {m.job.job_id: m.target for m in moves} == {
+        "soon": KvPlace.DEVICE_INT8, "late": KvPlace.HOST}
+    # No host pool: the long waiter is dropped or compressed, never swapped.
+    moves = planner().plan([soon, late], waits, capacity(num_host=0), 10, 0)
+    assert KvPlace.HOST not in {m.target for m in moves}
+
+
+def test_no_host_room_means_quantize_or_drop_never_overcommit():
+    jobs = [paused_job(f"j{i}", 64) for i in range(4)]
+    waits = {j.job_id: 1.0 + i for i, j in enumerate(jobs)}
+    moves = planner().plan(jobs, waits, capacity(num_host=0), 12, 0)
+    after = {m.job.job_id: m.target for m in moves}
+    places = [after.get(j.job_id, j.kv) for j in jobs]
+    assert KvPlace.HOST not in places
+    assert sum(place_blocks(p, 64, BS) for p in places if p is not KvPlace.NONE) <= 12
+
+
+def test_prefetch_brings_back_a_job_about_to_run_and_not_one_that_waits():
+    near = paused_job("near", 64, KvPlace.HOST)
+    far = paused_job("far", 64, KvPlace.HOST)
+    moves = planner().plan([near, far], {"near": 0.01, "far": 100.0}, capacity(), 40, 0)
+    assert [(m.job.job_id, m.target, m.actions) for m in moves] == [
+        ("near", KvPlace.DEVICE, (KvAction.KEEP,))]
+    # Hysteresis: a job on the device with a long wait stays there while memory allows.
+    kept = paused_job("kept", 64)
+    assert planner().plan([kept], {"kept": 100.0}, capacity(), 40, 64) == []
+
+
+def make_core(num_blocks, num_host, planner_name="adaptive", targets=None):
+    core = SchedulerCore(make_policy("alise", LATENCY),
+                         make_memory_planner(planner_name, LATENCY, block_bytes=BLOCK_BYTES,
+                                             swap_bytes_per_s=1e11))
+    core.add_worker(WorkerCapacity("w0", BS, num_blocks, num_host, 200, 4, 4096,
+                                   block_bytes=BLOCK_BYTES))
+    worker = VirtualWorker(num_device_blocks=num_blocks, block_size=BS, max_model_len=200,
+                           latency=LATENCY, num_host_blocks=num_host, target_lengths=targets,
+                           block_bytes=BLOCK_BYTES, swap_bytes_per_s=1e11)
+    return core, worker
+
+
+def check_accounting(core: SchedulerCore, worker: VirtualWorker, num_blocks: int, num_host: int):
+    assert worker.allocator.num_used <= num_blocks
+    host_used = num_host - worker.kv.num_free_host
+    assert 0 <= host_used <= num_host
+    view = core.workers["w0"]
+    for job in view.jobs.values():
+        seq = worker.seqs.get(job.job_id)
+        if seq is None or job.status is not JobStatus.PAUSED:
+            continue
+        # The core counts exactly what the worker holds (no block ids, same numbers).
+        assert held_device_blocks(job, BS) == len(seq.blocks), (job.job_id, job.kv, seq.place)
+        assert held_host_blocks(job, BS) == len(seq.host_blocks), (job.job_id, job.kv)
+    assert host_used == sum(held_host_blocks(j, BS) for j in view.jobs.values())
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.tuples(st.integers(1, 40), st.integers(1, 30), st.floats(1, 60)),
+                min_size=1, max_size=12),
+       st.integers(12, 40), st.integers(0, 30), st.data())
+def test_core_and_virtual_worker_never_leak_or_overcommit(jobs, num_blocks, num_host, data):
+    targets = {f"j{i}": out for i, (_, out, _) in enumerate(jobs)}
+    core, worker = make_core(num_blocks, num_host, targets=targets)
+    for i, (prompt, out, predicted) in enumerate(jobs):
+        core.submit(make_job(f"j{i}", prompt, max_tokens=out + 5, predicted=predicted,
+                             arrival_s=i * 0.01))
+    for t in range(2000):
+        if data.draw(st.integers(0, 15)) == 0 and core.jobs:
+            core.cancel(data.draw(st.sampled_from(sorted(core.jobs))), t * 0.01)
+        plan, _ = step(core, worker, now_s=t * 0.01)  # the worker raises on an overcommit
+        assert not any(isinstance(c, Pause) and c.action is KvAction.SWAP_TO_HOST
+                       for c in plan.commands) or num_host > 0
+        check_accounting(core, worker, num_blocks, num_host)
+        if not core.jobs:
+            break
+    step(core, worker, now_s=99.0)
+    assert not core.jobs and not worker.seqs
+    assert worker.kv.num_free_device == num_blocks and worker.kv.num_free_host == num_host
