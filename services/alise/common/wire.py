@@ -162,6 +162,6 @@ def capacity_from_hello(hello: worker_pb2.WorkerHello) -> WorkerCapacity:
             worker_id=hello.worker_id, block_size=hello.block_size,
             num_device_blocks=hello.num_device_blocks, num_host_blocks=hello.num_host_blocks,
             max_model_len=hello.max_model_len, max_num_seqs=hello.max_num_seqs,
-            max_num_batched_tokens=hello.max_num_batched_tokens)
+            max_num_batched_tokens=hello.max_num_batched_tokens, block_bytes=hello.block_bytes)
     except ValueError as exc:
         raise WireError(str(exc)) from exc
