@@ -12,10 +12,15 @@ Each layer first writes the new tokens' K/V into the pages (:func:`write_kv`), t
 
 Everything layer-independent (slots, positions, padded block tables, masks) is computed once per
 step in :func:`build_attention_metadata` and shared by all layers.
+
+The page write and the decode attention are pluggable (:class:`AttentionBackend`): this module's
+torch functions are the reference and the CPU path; :mod:`alise.worker.triton_attention` provides
+fused CUDA kernels with the same contracts.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -90,8 +95,13 @@ def build_attention_metadata(start_positions: list[int], num_tokens: list[int], 
 
 def write_kv(key_cache: torch.Tensor, value_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
              slot_mapping: torch.Tensor) -> None:
-    """Store ``key``/``value`` ``[T, num_kv_heads, head_dim]`` at ``slot_mapping`` of one layer's pages."""
+    """Store ``key``/``value`` ``[T, num_kv_heads, head_dim]`` at ``slot_mapping`` of one layer's pages.
+
+    Rows with a negative slot are skipped (the padding rows of a batch-size bucket)."""
     num_kv_heads, head_dim = key_cache.shape[-2:]
+    if slot_mapping.numel() and bool(slot_mapping.min() < 0):
+        keep = slot_mapping >= 0
+        key, value, slot_mapping = key[keep], value[keep], slot_mapping[keep]
     key_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, key)
     value_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, value)
 
@@ -101,8 +111,10 @@ def prefill_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache:
                       scale: float) -> torch.Tensor:
     """Attention of one sequence's chunk ``query [n, num_heads, head_dim]`` over its first
     ``context_len`` cached positions (the chunk's own K/V already written). Returns ``[n, heads, dim]``."""
-    key = key_cache[block_table].flatten(0, 1)[:context_len]  # [context_len, kv_heads, dim]
-    value = value_cache[block_table].flatten(0, 1)[:context_len]
+    # index_select, not key_cache[block_table]: advanced indexing on CPU sizes its parallel
+    # work by the whole cache and costs milliseconds for a two-block gather.
+    key = key_cache.index_select(0, block_table).flatten(0, 1)[:context_len]  # [context_len, kv_heads, dim]
+    value = value_cache.index_select(0, block_table).flatten(0, 1)[:context_len]
     out = F.scaled_dot_product_attention(
         query.transpose(0, 1).unsqueeze(0), key.transpose(0, 1).unsqueeze(0), value.transpose(0, 1).unsqueeze(0),
         attn_mask=mask, is_causal=mask is None, scale=scale, enable_gqa=True)
@@ -120,32 +132,60 @@ def decode_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: 
     batch, max_blocks = block_tables.shape
     block_size, num_kv_heads, head_dim = key_cache.shape[1:]
     max_len = max_blocks * block_size
-    key = key_cache[block_tables].view(batch, max_len, num_kv_heads, head_dim).transpose(1, 2)
-    value = value_cache[block_tables].view(batch, max_len, num_kv_heads, head_dim).transpose(1, 2)
+    flat_tables = block_tables.flatten()
+    key = key_cache.index_select(0, flat_tables).view(batch, max_len, num_kv_heads, head_dim).transpose(1, 2)
+    value = value_cache.index_select(0, flat_tables).view(batch, max_len, num_kv_heads, head_dim).transpose(1, 2)
     mask = torch.arange(max_len, device=query.device)[None, :] < context_lens[:, None]
     out = F.scaled_dot_product_attention(query.unsqueeze(2), key, value, attn_mask=mask[:, None, None, :],
                                          scale=scale, enable_gqa=True)
     return out.squeeze(2)
 
 
+def fresh_prefill_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                            scale: float) -> torch.Tensor:
+    """Causal attention of a chunk that starts at position 0: its own K/V are all the keys, so
+    they are used as computed instead of being gathered back from the pages."""
+    out = F.scaled_dot_product_attention(
+        query.transpose(0, 1).unsqueeze(0), key.transpose(0, 1).unsqueeze(0), value.transpose(0, 1).unsqueeze(0),
+        is_causal=True, scale=scale, enable_gqa=True)
+    return out.squeeze(0).transpose(0, 1)
+
+
+@dataclass(frozen=True)
+class AttentionBackend:
+    """The two pluggable pieces of paged attention, with the signatures of this module's
+    :func:`write_kv` and :func:`decode_attention`."""
+
+    name: str
+    write_kv: Callable[..., None]
+    decode_attention: Callable[..., torch.Tensor]
+
+
+TORCH_BACKEND = AttentionBackend("torch", write_kv, decode_attention)
+
+
 def paged_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tensor,
-                    value_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+                    value_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
+                    backend: AttentionBackend = TORCH_BACKEND) -> torch.Tensor:
     """One layer's attention for the whole flattened step.
 
     ``query [T, num_heads, head_dim]``, ``key``/``value [T, num_kv_heads, head_dim]`` (already
     position-encoded); writes K/V into the pages, returns ``[T, num_heads, head_dim]``.
     """
-    write_kv(key_cache, value_cache, key, value, meta.slot_mapping)
+    backend.write_kv(key_cache, value_cache, key, value, meta.slot_mapping)
     if meta.is_all_decode:
-        return decode_attention(query, key_cache, value_cache, meta.decode_block_tables,
-                                meta.decode_context_lens, scale)
+        return backend.decode_attention(query, key_cache, value_cache, meta.decode_block_tables,
+                                        meta.decode_context_lens, scale)
     out = torch.empty_like(query)
     for span in meta.prefills:
         rows = slice(span.row_start, span.row_start + span.num_tokens)
-        out[rows] = prefill_attention(query[rows], key_cache, value_cache, span.block_table, span.context_len,
-                                      span.mask, scale)
+        if span.context_len == span.num_tokens:
+            out[rows] = fresh_prefill_attention(query[rows], key[rows], value[rows], scale)
+        else:
+            out[rows] = prefill_attention(query[rows], key_cache, value_cache, span.block_table,
+                                          span.context_len, span.mask, scale)
     if meta.decode_rows is not None:
-        decoded = decode_attention(query.index_select(0, meta.decode_rows), key_cache, value_cache,
-                                   meta.decode_block_tables, meta.decode_context_lens, scale)
+        decoded = backend.decode_attention(query.index_select(0, meta.decode_rows), key_cache, value_cache,
+                                           meta.decode_block_tables, meta.decode_context_lens, scale)
         out.index_copy_(0, meta.decode_rows, decoded)
     return out

@@ -1,0 +1,249 @@
+"""Paged decode attention and the K/V page write as Triton kernels (CUDA only).
+
+Same contracts as the torch reference in :mod:`alise.worker.attention`:
+
+- :func:`decode_attention` -- one query token per sequence, ``query [B, num_heads, head_dim]``,
+  attends to the first ``context_lens[b]`` positions behind ``block_tables[b]``. It reads the
+  pages in place (no gather, no padding to the widest sequence), so a step reads each cached
+  K/V byte once. Grouped-query heads share one program: the ``GROUP`` query heads of a KV head
+  load its K/V once (a padded ``tl.dot`` when ``GROUP > 1``, a register reduction otherwise).
+- Split-K ("flash-decoding"): when ``batch x kv_heads`` programs would leave SMs idle, each
+  sequence's context is cut into ``num_splits`` equal ranges worked on in parallel, and a second
+  kernel merges their (max, sum, accumulator) partials. ``num_splits`` depends only on the batch
+  size and head count, never on the context lengths, so a CUDA graph captured for a batch size
+  stays valid for any lengths (the ranges are computed on the device from ``context_lens``).
+- :func:`write_kv` -- stores the step's new K/V at their slots; a negative slot is skipped (the
+  padding rows of a captured decode graph write nowhere).
+
+Nothing here allocates on the host or synchronizes: every launch is capturable.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from alise.worker.attention import AttentionBackend
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the CPU image has no Triton; the torch reference serves there
+    triton = None
+    tl = None
+
+#: Keys per inner-loop tile.
+BLOCK_N = 64
+#: Upper bound on split-K ranges per sequence.
+MAX_SPLITS = 16
+
+
+def is_available() -> bool:
+    """Triton is importable and a CUDA device is present."""
+    return triton is not None and torch.cuda.is_available()
+
+
+@functools.lru_cache(maxsize=8)
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def choose_num_splits(batch: int, num_kv_heads: int, num_sms: int, max_splits: int = MAX_SPLITS) -> int:
+    """Split-K ranges per sequence so that about two programs run per SM.
+
+    Depends on shapes only (see the module docstring): ``batch * num_kv_heads`` programs
+    already fill the card from a few dozen sequences on, and then there is no split.
+    """
+    programs = max(1, batch * num_kv_heads)
+    return max(1, min(max_splits, -(-2 * num_sms // programs)))
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+if triton is not None:
+
+    @triton.jit
+    def _paged_decode_kernel(
+        q_ptr, k_ptr, v_ptr, tables_ptr, lens_ptr, out_ptr, part_acc_ptr, part_ml_ptr,
+        scale_log2,
+        stride_qb, stride_qh,
+        stride_kb, stride_kt, stride_kh,
+        stride_tb,
+        stride_ob, stride_oh,
+        num_heads,
+        BLOCK_SIZE: tl.constexpr, GROUP: tl.constexpr, BLOCK_G: tl.constexpr,
+        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+        NUM_SPLITS: tl.constexpr, USE_DOT: tl.constexpr,
+    ):
+        seq = tl.program_id(0)
+        kv_head = tl.program_id(1)
+        split = tl.program_id(2)
+        ctx = tl.load(lens_ptr + seq).to(tl.int32)
+        per_split = tl.cdiv(tl.cdiv(ctx, NUM_SPLITS), BLOCK_N) * BLOCK_N
+        start = split * per_split
+        end = tl.minimum(start + per_split, ctx)
+
+        offs_g = tl.arange(0, BLOCK_G)
+        offs_d = tl.arange(0, BLOCK_D)
+        offs_n = tl.arange(0, BLOCK_N)
+        heads = kv_head * GROUP + offs_g
+        g_mask = offs_g < GROUP
+        d_mask = offs_d < HEAD_DIM
+        q = tl.load(q_ptr + seq * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
+                    mask=g_mask[:, None] & d_mask[None, :], other=0.0)
+
+        m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_G], tl.float32)
+        acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+        table_row = tables_ptr + seq.to(tl.int64) * stride_tb
+        for n0 in range(start, end, BLOCK_N):
+            pos = n0 + offs_n
+            n_mask = pos < end
+            block_ids = tl.load(table_row + pos // BLOCK_SIZE, mask=n_mask, other=0).to(tl.int64)
+            kv_off = block_ids * stride_kb + (pos % BLOCK_SIZE) * stride_kt + kv_head * stride_kh
+            kv_mask = n_mask[:, None] & d_mask[None, :]
+            k = tl.load(k_ptr + kv_off[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
+            if USE_DOT:
+                scores = tl.dot(q, tl.trans(k))
+            else:
+                scores = tl.sum(q[:, None, :].to(tl.float32) * k[None, :, :].to(tl.float32), axis=2)
+            scores = tl.where(n_mask[None, :], scores * scale_log2, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(scores - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            v = tl.load(v_ptr + kv_off[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
+            if USE_DOT:
+                pv = tl.dot(p.to(v.dtype), v)
+            else:
+                pv = tl.sum(p[:, :, None] * v[None, :, :].to(tl.float32), axis=1)
+            acc = acc * alpha[:, None] + pv
+            m_i = m_new
+
+        out_mask = g_mask[:, None] & d_mask[None, :]
+        if NUM_SPLITS == 1:
+            out = acc / l_i[:, None]
+            tl.store(out_ptr + seq * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
+                     out.to(out_ptr.dtype.element_ty), mask=out_mask)
+        else:
+            # Partials laid out [B, num_heads, NUM_SPLITS, HEAD_DIM] and [B, num_heads, NUM_SPLITS, 2].
+            row = (seq * num_heads + heads) * NUM_SPLITS + split
+            tl.store(part_acc_ptr + row[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=out_mask)
+            tl.store(part_ml_ptr + row * 2, m_i, mask=g_mask)
+            tl.store(part_ml_ptr + row * 2 + 1, l_i, mask=g_mask)
+
+    @triton.jit
+    def _merge_splits_kernel(
+        part_acc_ptr, part_ml_ptr, out_ptr, stride_ob, stride_oh, num_heads,
+        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr,
+    ):
+        seq = tl.program_id(0)
+        head = tl.program_id(1)
+        offs_s = tl.arange(0, BLOCK_S)
+        offs_d = tl.arange(0, BLOCK_D)
+        s_mask = offs_s < NUM_SPLITS
+        d_mask = offs_d < HEAD_DIM
+        rows = (seq * num_heads + head) * NUM_SPLITS + offs_s
+        m = tl.load(part_ml_ptr + rows * 2, mask=s_mask, other=float("-inf"))
+        l = tl.load(part_ml_ptr + rows * 2 + 1, mask=s_mask, other=0.0)
+        acc = tl.load(part_acc_ptr + rows[:, None] * HEAD_DIM + offs_d[None, :],
+                      mask=s_mask[:, None] & d_mask[None, :], other=0.0)
+        # Split 0 always holds the first key (context >= 1), so m_max is finite and empty
+        # splits (m = -inf) weigh exactly 0.
+        m_max = tl.max(m, axis=0)
+        w = tl.exp2(m - m_max)
+        out = tl.sum(acc * w[:, None], axis=0) / tl.sum(l * w, axis=0)
+        tl.store(out_ptr + seq * stride_ob + head * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty),
+                 mask=d_mask)
+
+    @triton.jit
+    def _write_kv_kernel(
+        key_ptr, value_ptr, k_cache_ptr, v_cache_ptr, slots_ptr,
+        stride_kt, stride_kh, stride_vt, stride_vh, stride_cs, stride_ch,
+        NUM_KV_HEADS: tl.constexpr, BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):
+        token = tl.program_id(0)
+        slot = tl.load(slots_ptr + token).to(tl.int64)
+        if slot >= 0:
+            offs_h = tl.arange(0, BLOCK_H)
+            offs_d = tl.arange(0, BLOCK_D)
+            mask = (offs_h[:, None] < NUM_KV_HEADS) & (offs_d[None, :] < HEAD_DIM)
+            dst = slot * stride_cs + offs_h[:, None] * stride_ch + offs_d[None, :]
+            k = tl.load(key_ptr + token * stride_kt + offs_h[:, None] * stride_kh + offs_d[None, :], mask=mask)
+            tl.store(k_cache_ptr + dst, k, mask=mask)
+            v = tl.load(value_ptr + token * stride_vt + offs_h[:, None] * stride_vh + offs_d[None, :], mask=mask)
+            tl.store(v_cache_ptr + dst, v, mask=mask)
+
+
+def decode_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+                     block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float,
+                     num_splits: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Triton version of :func:`alise.worker.attention.decode_attention` (same arguments and result).
+
+    ``block_tables [B, width]`` may be wider than any context (a graph's static width): only the
+    pages a sequence's context covers are read. ``context_lens[b]`` must be >= 1.
+    """
+    batch, num_heads, head_dim = query.shape
+    _, block_size, num_kv_heads, _ = key_cache.shape
+    if num_heads % num_kv_heads:
+        raise ValueError(f"{num_heads} query heads do not split into {num_kv_heads} KV heads")
+    if key_cache.stride() != value_cache.stride() or key_cache.stride(-1) != 1 or query.stride(-1) != 1:
+        raise ValueError("key/value pages must share strides with unit stride on head_dim, and so must query")
+    if block_tables.stride(-1) != 1 or context_lens.stride(-1) != 1:
+        raise ValueError("block_tables rows and context_lens must be contiguous")
+    group = num_heads // num_kv_heads
+    if num_splits is None:
+        num_splits = choose_num_splits(batch, num_kv_heads, _num_sms(query.device.index or 0))
+    if out is None:
+        out = torch.empty(batch, num_heads, head_dim, dtype=query.dtype, device=query.device)
+    block_d = max(16, _next_pow2(head_dim))
+    use_dot = group > 1
+    block_g = max(16, _next_pow2(group)) if use_dot else 1
+    if num_splits > 1:
+        part_acc = torch.empty(batch, num_heads, num_splits, head_dim, dtype=torch.float32, device=query.device)
+        part_ml = torch.empty(batch, num_heads, num_splits, 2, dtype=torch.float32, device=query.device)
+    else:
+        part_acc = part_ml = out  # unused
+    _paged_decode_kernel[(batch, num_kv_heads, num_splits)](
+        query, key_cache, value_cache, block_tables, context_lens, out, part_acc, part_ml,
+        scale * 1.4426950408889634,
+        query.stride(0), query.stride(1),
+        key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
+        block_tables.stride(0),
+        out.stride(0), out.stride(1),
+        num_heads,
+        BLOCK_SIZE=block_size, GROUP=group, BLOCK_G=block_g, HEAD_DIM=head_dim, BLOCK_D=block_d,
+        BLOCK_N=BLOCK_N, NUM_SPLITS=num_splits, USE_DOT=use_dot,
+        num_warps=4, num_stages=2,
+    )
+    if num_splits > 1:
+        _merge_splits_kernel[(batch, num_heads)](
+            part_acc, part_ml, out, out.stride(0), out.stride(1), num_heads,
+            HEAD_DIM=head_dim, BLOCK_D=block_d, NUM_SPLITS=num_splits, BLOCK_S=_next_pow2(num_splits),
+            num_warps=4,
+        )
+    return out
+
+
+def write_kv(key_cache: torch.Tensor, value_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+             slot_mapping: torch.Tensor) -> None:
+    """Triton version of :func:`alise.worker.attention.write_kv`; rows with a negative slot are skipped."""
+    num_tokens, num_kv_heads, head_dim = key.shape
+    if num_tokens == 0:
+        return
+    if (key_cache.stride() != value_cache.stride() or key.stride(-1) != 1 or value.stride(-1) != 1
+            or key_cache.stride(0) != key_cache.shape[1] * key_cache.stride(1)):
+        raise ValueError("key/value need unit stride on head_dim; pages equal strides, blocks contiguous")
+    _write_kv_kernel[(num_tokens,)](
+        key, value, key_cache, value_cache, slot_mapping,
+        key.stride(0), key.stride(1), value.stride(0), value.stride(1),
+        key_cache.stride(1), key_cache.stride(2),
+        NUM_KV_HEADS=num_kv_heads, BLOCK_H=_next_pow2(num_kv_heads), HEAD_DIM=head_dim,
+        BLOCK_D=_next_pow2(head_dim), num_warps=4,
+    )
+
+
+TRITON_BACKEND = AttentionBackend("triton", write_kv, decode_attention)
