@@ -9,6 +9,12 @@ on): nothing is copied, and a checkpoint loads the usual way.
 Invariant kept across steps: after ``execute``, the K/V of every fed token sits in its sequence's
 pages, so the next chunk of that sequence starts at ``start_pos + len(token_ids)``. The engine owns
 block tables and positions; the runner trusts nothing and validates both.
+
+Fast path on CUDA: Q/K/V (and Llama's gate/up) projections run as one fused matmul each (the HF
+modules' weights become views into the fused tensor, so the HF model still works and shares
+them), attention uses the Triton backend, and pure-decode steps replay CUDA graphs captured per
+batch-size bucket (:mod:`alise.worker.cuda_graphs`). Mixed and prefill steps run eagerly. On
+the CPU the same code runs with the torch reference backend and no graphs.
 """
 
 from __future__ import annotations
@@ -16,9 +22,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from alise.worker.attention import AttentionMetadata, build_attention_metadata, paged_attention
+from alise.worker.attention import (
+    TORCH_BACKEND,
+    AttentionBackend,
+    AttentionMetadata,
+    build_attention_metadata,
+    paged_attention,
+)
+from alise.worker.cuda_graphs import DecodeGraphs
 from alise.worker.kv_cache import KVCache
 from alise.worker.loader import LoadedModel
 
@@ -45,7 +59,12 @@ class SeqChunk:
 class ModelRunner:
     """Runs a :class:`LoadedModel` over a :class:`KVCache` of ``num_blocks`` blocks of ``block_size``."""
 
-    def __init__(self, loaded: LoadedModel, *, num_blocks: int, block_size: int) -> None:
+    def __init__(self, loaded: LoadedModel, *, num_blocks: int, block_size: int,
+                 attention_backend: str = "auto", use_cuda_graphs: bool | None = None,
+                 max_num_seqs: int = 64) -> None:
+        """``attention_backend``: "torch" (reference), "triton" (CUDA), or "auto" (Triton on CUDA when
+        available). ``use_cuda_graphs`` (default: on with the Triton backend) captures decode
+        graphs for up to ``max_num_seqs`` sequences now, at construction."""
         self.loaded = loaded
         self.model = loaded.model
         self.config = loaded.config
@@ -54,13 +73,33 @@ class ModelRunner:
                                             dtype=loaded.dtype, device=loaded.device)
         self._head_dim = self.kv_cache.shape.head_dim
         self._scale = self._head_dim ** -0.5
+        self.attention_backend = _pick_backend(attention_backend, self.device)
         if loaded.family == "opt":
             self._forward = self._forward_opt
+            layers = self.model.model.decoder.layers
         elif loaded.family == "llama":
             self._forward = self._forward_llama
             self._rope_cos, self._rope_sin = self._rope_tables()
+            layers = self.model.model.layers
+            self._gate_up = [fuse_linears([layer.mlp.gate_proj, layer.mlp.up_proj]) for layer in layers]
         else:
             raise ValueError(f"no forward pass for model family {loaded.family!r}")
+        self._qkv = [fuse_linears([layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj])
+                     for layer in layers]
+        if use_cuda_graphs is None:
+            use_cuda_graphs = self.attention_backend.name == "triton"
+        self.decode_graphs = None
+        if use_cuda_graphs:
+            if self.attention_backend.name != "triton":
+                raise ValueError("CUDA graphs need the triton attention backend (its kernels never sync the host)")
+            self.decode_graphs = self.make_decode_graphs(max_num_seqs)
+            self.decode_graphs.capture()
+
+    def make_decode_graphs(self, max_num_seqs: int) -> DecodeGraphs:
+        """Static-buffer decode steps for up to ``max_num_seqs`` sequences (not yet captured)."""
+        width = -(-self.max_model_len // self.block_size)
+        return DecodeGraphs(lambda ids, meta: self._logits(self._forward(ids, meta)), max_batch=max_num_seqs,
+                            width=width, block_size=self.block_size, device=self.device)
 
     @property
     def block_size(self) -> int:
@@ -85,6 +124,8 @@ class ModelRunner:
         distribution). ``all_logits=True``: a list with ``[len(token_ids), vocab]`` per chunk.
         """
         self._validate(chunks)
+        if self.decode_graphs is not None and not all_logits and self.decode_graphs.can_run(chunks):
+            return self.decode_graphs.run(chunks)
         num_tokens = [len(c.token_ids) for c in chunks]
         meta = build_attention_metadata([c.start_pos for c in chunks], num_tokens,
                                         [c.block_table for c in chunks], block_size=self.block_size,
@@ -131,7 +172,7 @@ class ModelRunner:
             attn = layer.self_attn
             residual = hidden
             x = layer.self_attn_layer_norm(hidden) if pre_norm else hidden
-            out = self._attend(layer_idx, x, attn.q_proj, attn.k_proj, attn.v_proj, meta)
+            out = self._attend(layer_idx, x, meta)
             hidden = residual + attn.out_proj(out)
             if not pre_norm:
                 hidden = layer.self_attn_layer_norm(hidden)
@@ -152,27 +193,29 @@ class ModelRunner:
             attn = layer.self_attn
             residual = hidden
             x = layer.input_layernorm(hidden)
-            out = self._attend(layer_idx, x, attn.q_proj, attn.k_proj, attn.v_proj, meta, rope=(cos, sin))
+            out = self._attend(layer_idx, x, meta, rope=(cos, sin))
             hidden = residual + attn.o_proj(out)
-            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+            gate, up = F.linear(layer.post_attention_layernorm(hidden), *self._gate_up[layer_idx]).chunk(2, dim=-1)
+            hidden = hidden + layer.mlp.down_proj(layer.mlp.act_fn(gate) * up)
         return hidden
 
-    def _attend(self, layer_idx: int, x: torch.Tensor, q_proj: nn.Linear, k_proj: nn.Linear, v_proj: nn.Linear,
-                meta: AttentionMetadata, rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-        """Project ``x [T, hidden]`` to Q/K/V, apply rotary positions if given, attend over the pages.
-
-        Returns ``[T, num_heads * head_dim]``, ready for the output projection.
+    def _attend(self, layer_idx: int, x: torch.Tensor, meta: AttentionMetadata,
+                rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """Project ``x [T, hidden]`` to Q/K/V (one fused matmul), apply rotary positions if given,
+        attend over the pages. Returns ``[T, num_heads * head_dim]``, ready for the output projection.
         """
         num_tokens = x.shape[0]
-        query = q_proj(x).view(num_tokens, -1, self._head_dim)
-        key = k_proj(x).view(num_tokens, -1, self._head_dim)
-        value = v_proj(x).view(num_tokens, -1, self._head_dim)
+        qkv = F.linear(x, *self._qkv[layer_idx]).view(num_tokens, -1, self._head_dim)
+        num_kv_heads = self.kv_cache.shape.num_kv_heads
+        num_heads = qkv.shape[1] - 2 * num_kv_heads
+        query, key, value = qkv.split([num_heads, num_kv_heads, num_kv_heads], dim=1)
         if rope is not None:
             cos, sin = rope
             query = query * cos + _rotate_half(query) * sin
             key = key * cos + _rotate_half(key) * sin
         key_cache, value_cache = self.kv_cache.layer(layer_idx)
-        out = paged_attention(query, key, value, key_cache, value_cache, meta, self._scale)
+        out = paged_attention(query, key, value, key_cache, value_cache, meta, self._scale,
+                              self.attention_backend)
         return out.reshape(num_tokens, -1)
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -209,3 +252,57 @@ class ModelRunner:
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def _pick_backend(name: str, device: torch.device) -> AttentionBackend:
+    if name == "torch" or (name == "auto" and device.type != "cuda"):
+        return TORCH_BACKEND
+    if name not in ("auto", "triton"):
+        raise ValueError(f"attention_backend must be 'auto', 'torch' or 'triton', got {name!r}")
+    from alise.worker import triton_attention
+
+    if device.type == "cuda" and triton_attention.is_available():
+        return triton_attention.TRITON_BACKEND
+    if name == "triton":
+        raise ValueError(f"the triton attention backend needs Triton and a CUDA device, got {device}")
+    return TORCH_BACKEND
+
+
+def fuse_linears(linears: list[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One ``(weight, bias)`` computing all of ``linears`` at once, their outputs concatenated.
+
+    The modules' parameters become row views of the fused tensors, so memory is not doubled and
+    the HF model (which calls the modules one by one) keeps computing the same function. Already
+    fused modules (adjacent views of one storage) are reused as they are.
+    """
+    weights = [lin.weight for lin in linears]
+    biases = [lin.bias for lin in linears]
+    if any(b is None for b in biases) and not all(b is None for b in biases):
+        raise ValueError("cannot fuse linear layers where only some have a bias")
+    fused_weight = _adjacent_rows(weights)
+    fused_bias = None if biases[0] is None else _adjacent_rows(biases)
+    if fused_weight is None or (biases[0] is not None and fused_bias is None):
+        with torch.no_grad():
+            fused_weight = torch.cat([w.detach() for w in weights])
+            fused_bias = None if biases[0] is None else torch.cat([b.detach() for b in biases])
+        row = 0
+        for lin in linears:
+            rows = slice(row, row + lin.out_features)
+            lin.weight = nn.Parameter(fused_weight[rows], requires_grad=False)
+            if fused_bias is not None:
+                lin.bias = nn.Parameter(fused_bias[rows], requires_grad=False)
+            row += lin.out_features
+    return fused_weight, fused_bias
+
+
+def _adjacent_rows(tensors: list[torch.Tensor]) -> torch.Tensor | None:
+    """The tensors as one, when they already lie back to back in one storage; else None."""
+    first = tensors[0]
+    offset = first.storage_offset()
+    for t in tensors:
+        if (not t.is_contiguous() or t.untyped_storage().data_ptr() != first.untyped_storage().data_ptr()
+                or t.storage_offset() != offset or t.shape[1:] != first.shape[1:]):
+            return None
+        offset += t.numel()
+    shape = (sum(t.shape[0] for t in tensors), *first.shape[1:])
+    return first.detach().new_empty(0).set_(first.untyped_storage(), first.storage_offset(), shape)
