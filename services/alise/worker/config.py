@@ -42,6 +42,13 @@ class WorkerConfig:
     #: Seed of random weights for preset models.
     seed: int = 0
     reconnect_delay_s: float = 1.0
+    #: Latency profile file (alise.core.latency_model JSON): loaded at start-up, or, with
+    #: profile_latency, where the measured profile is written ("" = none).
+    latency_profile: str = ""
+    #: Measure this engine's step times over a grid at start-up and fit a latency profile.
+    profile_latency: bool = False
+    #: Capture CUDA graphs for decode steps at start-up (CUDA with Triton only; ignored on CPU).
+    cuda_graphs: bool = True
     #: Internal secret and TLS for the channel to the scheduler.
     security: SecurityConfig = field(default_factory=SecurityConfig)
     #: Prometheus metrics HTTP address ("" = none).

@@ -35,6 +35,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--health-address", default=env("ALISE_WORKER_HEALTH_ADDRESS", "127.0.0.1:0"),
                    help="where to serve grpc.health.v1 ('' = nowhere)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--latency-profile", default=env("ALISE_LATENCY_PROFILE", ""),
+                   help="latency profile JSON to load, or to write with --profile-latency")
+    p.add_argument("--profile-latency", action="store_true",
+                   help="measure this engine's step times at start-up and fit a latency profile")
+    p.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
+                   help="run decode steps eagerly on CUDA")
     p.add_argument("--metrics-address", default=env("ALISE_WORKER_METRICS", ""),
                    help="serve Prometheus metrics over HTTP here")
     add_security_arguments(p, server=False)
@@ -48,6 +54,7 @@ def config_from_args(args: argparse.Namespace) -> WorkerConfig:
         num_host_blocks=args.num_host_blocks, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
         worker_id=args.worker_id, health_address=args.health_address, seed=args.seed,
+        latency_profile=args.latency_profile, profile_latency=args.profile_latency, cuda_graphs=args.cuda_graphs,
         metrics_address=args.metrics_address, security=security_from_args(args))
 
 

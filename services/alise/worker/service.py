@@ -18,6 +18,7 @@ import torch
 from alise.client._channel import make_aio_channel
 from alise.common import grpc_server, wire
 from alise.core.commands import StepPlan, StepReport
+from alise.core.latency_model import LatencyModel
 from alise.v1 import worker_pb2, worker_pb2_grpc
 from alise.worker.config import WorkerConfig
 from alise.worker.engine import WorkerEngine
@@ -45,12 +46,30 @@ def size_kv_cache(loaded: LoadedModel, config: WorkerConfig) -> int:
     return min(blocks, cap)
 
 
+def load_latency_profile(runner: ModelRunner, config: WorkerConfig) -> LatencyModel | None:
+    """Measures (``profile_latency``) or loads (``latency_profile``) this worker's latency profile."""
+    if config.profile_latency:
+        from alise.worker.profiler import profile_runner, save_profile
+
+        model = profile_runner(runner, max_num_seqs=config.max_num_seqs, command="alise worker --profile-latency")
+        logger.info("latency profile measured: c0 %.3f ms, c_ctx %.3g s/token, c_pre %.3g s/token (fit error %.1f%%)",
+                    model.c0_s * 1e3, model.c_ctx_s, model.c_pre_s, 100 * model.meta["fit_mean_rel_error"])
+        if config.latency_profile:
+            save_profile(model, config.latency_profile)
+            logger.info("latency profile written to %s", config.latency_profile)
+        return model
+    if config.latency_profile:
+        return LatencyModel.load(config.latency_profile)
+    return None
+
+
 class Worker:
     def __init__(self, config: WorkerConfig) -> None:
         self.config = config
         self.worker_id = config.resolved_worker_id
         self.engine: WorkerEngine | None = None
         self.loaded: LoadedModel | None = None
+        self.latency_model: LatencyModel | None = None
         self.health: grpc_server.ServingStatus | None = None
         self.health_port = 0
         self._health_server: grpc.aio.Server | None = None
@@ -75,7 +94,9 @@ class Worker:
             max_model_len=cfg.max_model_len))
         num_blocks = size_kv_cache(self.loaded, cfg)
         runner = await loop.run_in_executor(self._executor, lambda: ModelRunner(
-            self.loaded, num_blocks=num_blocks, block_size=cfg.block_size))
+            self.loaded, num_blocks=num_blocks, block_size=cfg.block_size, max_num_seqs=cfg.max_num_seqs,
+            use_cuda_graphs=None if cfg.cuda_graphs else False))
+        self.latency_model = await loop.run_in_executor(self._executor, lambda: load_latency_profile(runner, cfg))
         self.engine = WorkerEngine(runner, eos_token_id=self.loaded.eos_token_id,
                                    max_model_len=self.loaded.max_model_len,
                                    num_host_blocks=cfg.num_host_blocks)
