@@ -31,7 +31,7 @@ def rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-async def grpc_latency(bootstrap: list[str], num_calls: int) -> list[tuple[str, str]]:
+async def grpc_latency(bootstrap: list[str], num_calls: int, num_threads: int) -> list[tuple[str, str]]:
     from alise.predictor.client import PredictorClient
     from alise.predictor.config import PredictorConfig
     from alise.predictor.datasets import load_records
@@ -39,7 +39,7 @@ async def grpc_latency(bootstrap: list[str], num_calls: int) -> list[tuple[str, 
 
     started = time.perf_counter()
     server = await start_predictor_server(PredictorConfig(
-        address="127.0.0.1:0", bootstrap=tuple(bootstrap), model="gpt4", num_threads=2))
+        address="127.0.0.1:0", bootstrap=tuple(bootstrap), model="gpt4", num_threads=num_threads))
     startup_s = time.perf_counter() - started
     prompts = [r.prompt for r in load_records(bootstrap[0])]
     client = PredictorClient(f"127.0.0.1:{server.port}")
@@ -101,14 +101,14 @@ def main() -> None:
     parser.add_argument("--num-entries", type=int, default=1_000_000)
     parser.add_argument("--num-calls", type=int, default=100)
     parser.add_argument("--bootstrap", action="append", default=None)
+    parser.add_argument("--num-threads", type=int, default=1, help="torch threads of the encoder")
     args = parser.parse_args()
-    rows = asyncio.run(grpc_latency(args.bootstrap or DATA, args.num_calls))
-    rows += index_scale(args.num_entries)
-    width = max(len(r[0]) for r in rows)
-    print(f"{'measure':<{width}}  value")
-    print("-" * (width + 40))
-    for name, value in rows:
-        print(f"{name:<{width}}  {value}")
+    print(f"{'measure':<34}  value")
+    print("-" * 80)
+    for rows in (asyncio.run(grpc_latency(args.bootstrap or DATA, args.num_calls, args.num_threads)),
+                 index_scale(args.num_entries)):
+        for name, value in rows:
+            print(f"{name:<34}  {value}", flush=True)
 
 
 if __name__ == "__main__":
