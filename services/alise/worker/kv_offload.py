@@ -239,7 +239,7 @@ class KvOffload:
             return f"no free device blocks to resume: {need} needed, {self.num_free_device} free"
         if seq.place in HOST_PLACES:
             self.swap_in(seq)
-        if seq.place in (KvPlace.DEVICE_INT8, KvPlace.DEVICE_INT4):
+        if seq.place in (KvPlace.DEVICE_INT8, KvPlace.DEVICE_INT4) and full:
             self._dequantize(seq, full)
         seq.place = KvPlace.DEVICE
         return None
