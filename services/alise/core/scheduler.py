@@ -70,7 +70,9 @@ class SchedulerCore:
         estimator = getattr(policy, "estimator", None) or RemainingTimeEstimator(LatencyModel())
         estimate_of = getattr(policy, "estimate_of", lambda job: job.estimate or DEFAULT_ESTIMATE)
         self._remaining_s = lambda job: estimator.remaining_s(job, estimate_of(job))
-        self.memory = memory or make_memory_planner("adaptive", estimator.latency)
+        # fcfs is vLLM's behaviour: recompute preemption. The speculative policies plan KV moves.
+        self.memory = memory or make_memory_planner("drop" if policy.name == "fcfs" else "adaptive",
+                                                    estimator.latency)
         #: KV moves by kind (keep, int8, int4, swap, swap-int8, swap-int4, drop, prefetch).
         self.kv_moves: Counter[str] = Counter()
         self.jobs: dict[str, Job] = {}
@@ -78,6 +80,8 @@ class SchedulerCore:
         self.workers: dict[str, WorkerView] = {}
         self.num_finished = 0
         self.preemptions: Counter[str] = Counter()
+        #: job id -> worker id chosen for a waiting job (several workers only).
+        self.routes: dict[str, str] = {}
 
     # ----------------------------------------------------------------- membership
 
@@ -170,9 +174,7 @@ class SchedulerCore:
         view.pending = []
         view.next_step_id += 1
         cap = view.capacity
-        candidates = list(view.jobs.values()) + [
-            job for job in self.waiting.values() if job.num_tokens < cap.max_model_len
-        ]
+        candidates = list(view.jobs.values()) + self._waiting_for(view, now_s)
         ordered = self._order(candidates, now_s)
         selected = self._select(ordered, cap)
         used = sum(blocks_for(job.num_tokens, cap.block_size) for job in selected)
@@ -182,30 +184,102 @@ class SchedulerCore:
         plan.run_step = bool(selected)
         return plan
 
+    def _waiting_for(self, view: WorkerView, now_s: float) -> list[Job]:
+        """The waiting jobs this worker may take: those it can hold, routed to it.
+
+        Routing (several workers): a waiting job is routed, once, to the worker where it is
+        expected to finish first (``_route``); only that worker takes it, unless another
+        worker has nothing at all to do, which then takes it rather than idle.
+        """
+        limit = view.capacity.max_model_len
+        if len(self.workers) == 1:
+            return [job for job in self.waiting.values() if job.num_tokens < limit]
+        routes = self.routes
+        wid = view.worker_id
+        idle = not view.jobs
+        out = []
+        for job in self.waiting.values():
+            if job.num_tokens >= limit:
+                continue
+            route = routes.get(job.job_id)
+            if route is None or route not in self.workers:
+                route = routes[job.job_id] = self._route(job)
+            if route == wid or idle:
+                out.append(job)
+        if len(routes) > 2 * len(self.jobs) + 64:
+            for job_id in [k for k in routes if k not in self.waiting]:
+                del routes[job_id]
+        return out
+
+    def _route(self, job: Job) -> str:
+        """The worker where ``job`` is expected to finish first.
+
+        Expected finish on worker w = the job's own remaining time + w's backlog / w's
+        parallelism, where the backlog is the estimated remaining time of every job on w or
+        routed to it, and the parallelism the number of jobs w runs at once (at least 1).
+        Workers that cannot hold the job are skipped; ties go to the lower worker id.
+        """
+        estimate = getattr(self.policy, "estimator", None) or _DEFAULT_ESTIMATOR
+        estimate_of = getattr(self.policy, "estimate_of", None) or _default_estimate
+        backlog = dict.fromkeys(self.workers, 0.0)
+        for other in self.waiting.values():
+            route = self.routes.get(other.job_id)
+            if route in backlog and other is not job:
+                backlog[route] += estimate.remaining_s(other, estimate_of(other))
+        best = None
+        own = estimate.remaining_s(job, estimate_of(job))
+        for wid in sorted(self.workers):
+            view = self.workers[wid]
+            if job.num_tokens >= view.capacity.max_model_len:
+                continue
+            load = backlog[wid] + sum(estimate.remaining_s(j, estimate_of(j))
+                                      for j in view.jobs.values())
+            running = sum(1 for j in view.jobs.values() if j.status is JobStatus.RUNNING)
+            finish = own + load / max(running, 1)
+            if best is None or finish < best[0]:
+                best = (finish, wid)
+        return best[1] if best else sorted(self.workers)[0]
+
     def _order(self, candidates: list[Job], now_s: float) -> list[Job]:
+        """Candidates by (pinned running first for non-preemptive policies, policy key,
+        arrival, job id)."""
         policy = self.policy
-
-        def sort_key(job: Job) -> tuple:
-            pinned = 0 if (not policy.preemptive and job.status is JobStatus.RUNNING) else 1
-            return (pinned, policy.key(job, now_s), job.arrival_s, job.job_id)
-
-        return sorted(candidates, key=sort_key)
+        keys = policy.keys(candidates, now_s)
+        running = JobStatus.RUNNING
+        pin = not policy.preemptive
+        decorated = sorted(
+            (0 if pin and job.status is running else 1, key, job.arrival_s, job.job_id, i)
+            for i, (job, key) in enumerate(zip(candidates, keys)))
+        return [candidates[d[4]] for d in decorated]
 
     def _select(self, ordered: list[Job], cap: WorkerCapacity) -> list[Job]:
         selected: list[Job] = []
         used_blocks = 0
         num_tokens = 0
+        block_size = cap.block_size
+        max_blocks = cap.num_device_blocks
+        max_tokens = cap.max_num_batched_tokens
+        backfill = self.policy.backfill
+        reserve_of = self.policy.reserve_tokens
+        reserved = 0.0  # blocks held back for the growth of the jobs selected so far
+        running = JobStatus.RUNNING
         for job in ordered:
-            if len(selected) == cap.max_num_seqs:
-                break
-            need = blocks_for(job.num_tokens, cap.block_size)
+            if len(selected) == cap.max_num_seqs or used_blocks == max_blocks:
+                break  # every job needs a sequence slot and at least one block
+            if selected and num_tokens >= max_tokens:
+                break  # every job feeds at least one token
+            need = -(-(len(job.prompt_token_ids) + len(job.output_token_ids)) // block_size)
             feed = job.num_tokens_to_prefill
-            fits_tokens = num_tokens + feed <= cap.max_num_batched_tokens or not selected
-            if used_blocks + need <= cap.num_device_blocks and fits_tokens:
+            fits_tokens = num_tokens + feed <= max_tokens or not selected
+            grow = reserve_of(job) / block_size
+            # A job joining the batch must leave room for the growth of those in it.
+            limit = max_blocks if job.status is running else max_blocks - reserved - grow
+            if used_blocks + need <= limit and fits_tokens:
                 selected.append(job)
                 used_blocks += need
                 num_tokens += feed
-            elif not self.policy.backfill:
+                reserved += grow
+            elif not backfill:
                 break
         return selected
 
@@ -285,3 +359,10 @@ def _move_label(source: KvPlace, target: KvPlace) -> str:
         return "prefetch"
     return {KvPlace.DEVICE: "keep", KvPlace.HOST: "swap", KvPlace.HOST_INT8: "swap-int8",
             KvPlace.HOST_INT4: "swap-int4", KvPlace.NONE: "drop"}.get(target, target.value)
+
+
+_DEFAULT_ESTIMATOR = RemainingTimeEstimator(LatencyModel())
+
+
+def _default_estimate(job: Job):
+    return job.estimate or DEFAULT_ESTIMATE
