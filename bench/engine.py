@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
+import itertools
 import json
 import statistics
 import sys
@@ -82,6 +84,115 @@ def wall_time_s(fn, reps: int, warmup: int = 2) -> float:
 def sync() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
+
+
+def graph_time_s(fn, launches: int = 10, reps: int = 10) -> float:
+    """Device seconds of one ``fn`` call, from a CUDA graph of ``launches`` calls (no launch gaps)."""
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(launches):
+            fn()
+    seconds = event_time_s(graph.replay, reps=reps, warmup=2) / launches
+    del graph
+    return seconds
+
+
+def tune_decode_kernel(heads: int, head_dim: int, dtype: torch.dtype) -> dict:
+    """Sweeps the decode kernel's launch configurations at context 512 (graph-timed, checked against
+    the reference), keeps the fastest in ``triton_attention.DECODE_CONFIG``, returns the sweep."""
+    from alise.worker import attention as ref_attention
+    from alise.worker import triton_attention
+
+    config = triton_attention.DECODE_CONFIG
+    per_seq = -(-(CONTEXT + 1) // BLOCK_SIZE)
+    max_batch = max(DECODE_BATCHES)
+    shape = (max_batch * per_seq, BLOCK_SIZE, heads, head_dim)
+    key_cache = torch.randn(shape, device="cuda", dtype=dtype)
+    value_cache = torch.randn(shape, device="cuda", dtype=dtype)
+    tables = torch.randperm(shape[0], device="cuda").view(max_batch, per_seq)
+    lens = torch.full((max_batch,), CONTEXT, device="cuda")
+    query = torch.randn(max_batch, heads, head_dim, device="cuda", dtype=dtype)
+    scale = head_dim ** -0.5
+
+    def case(batch: int):
+        return (query[:batch], key_cache, value_cache, tables[:batch], lens[:batch], scale)
+
+    ref = {b: ref_attention.decode_attention(query[:b].float(), key_cache.float(), value_cache.float(), tables[:b],
+                                             lens[:b], scale) for b in (1, max_batch)}
+    kv_bytes = {b: 2 * b * CONTEXT * heads * head_dim * dtype.itemsize for b in DECODE_BATCHES}
+    sweep = []
+    base = dict(config)
+    for dot, block_n, warps, stages in itertools.product((False, True), (32, 64, 128), (4, 8), (1, 2, 3)):
+        config.update(base, dot_for_mha=dot, block_n=block_n, num_warps=warps, num_stages=stages)
+        try:
+            errors = [((triton_attention.decode_attention(*case(b)).float() - ref[b]).norm() / ref[b].norm()).item()
+                      for b in ref]
+            times = {b: graph_time_s(lambda b=b: triton_attention.decode_attention(*case(b))) for b in (1, max_batch)}
+        except Exception as exc:  # a configuration that does not compile or fit is skipped
+            sweep.append(dict(dot=dot, block_n=block_n, warps=warps, stages=stages, error=repr(exc)[:200]))
+            continue
+        sweep.append(dict(dot=dot, block_n=block_n, warps=warps, stages=stages, max_rel_err=max(errors),
+                          us={b: t * 1e6 for b, t in times.items()},
+                          tb_per_s={b: kv_bytes[b] / t / 1e12 for b, t in times.items()}))
+    good = [r for r in sweep if "us" in r and r["max_rel_err"] < 3e-3]
+    # Large batches carry nearly all decode-attention time; batch 1 breaks ties.
+    best = min(good, key=lambda r: r["us"][max_batch] + 4 * r["us"][1])
+    config.update(base, dot_for_mha=best["dot"], block_n=best["block_n"], num_warps=best["warps"],
+                  num_stages=best["stages"])
+    splits = []
+    for per_sm in (1, 2, 4, 8, 16):
+        config.update(programs_per_sm=per_sm, max_splits=32)
+        times = {b: graph_time_s(lambda b=b: triton_attention.decode_attention(*case(b))) for b in DECODE_BATCHES}
+        splits.append(dict(programs_per_sm=per_sm, us={b: t * 1e6 for b, t in times.items()}))
+    fastest = {b: min(r["us"][b] for r in splits) for b in DECODE_BATCHES}
+    best_split = min(splits, key=lambda r: sum(r["us"][b] / fastest[b] for b in DECODE_BATCHES))
+    config.update(programs_per_sm=best_split["programs_per_sm"])
+    for row in sorted(good, key=lambda r: r["us"][max_batch])[:8]:
+        log(f"tune: dot={row['dot']!s:5} block_n={row['block_n']:3} warps={row['warps']} stages={row['stages']}: "
+            f"b1 {row['us'][1]:6.1f} us ({row['tb_per_s'][1]:.2f} TB/s), b{max_batch} {row['us'][max_batch]:6.1f} us "
+            f"({row['tb_per_s'][max_batch]:.2f} TB/s), err {row['max_rel_err']:.1e}")
+    for row in splits:
+        log(f"tune: programs_per_sm={row['programs_per_sm']:2}: "
+            + ", ".join(f"b{b} {t:6.1f} us" for b, t in row["us"].items()))
+    log(f"tune: chosen {json.dumps(config)}")
+    return dict(sweep=sweep, splits=splits, chosen=dict(config))
+
+
+def compare_blas(hidden: int, ffn: int, dtype: torch.dtype) -> dict:
+    """OPT-13B's GEMV/GEMM shapes under cuBLAS and cuBLASLt; returns achieved weight bandwidth."""
+    shapes = {"qkv": (3 * hidden, hidden), "out": (hidden, hidden), "fc1": (ffn, hidden), "fc2": (hidden, ffn)}
+    out: dict = {}
+    for backend in ("cublas", "cublaslt"):
+        torch.backends.cuda.preferred_blas_library(backend)
+        for name, (n_out, n_in) in shapes.items():
+            weight = torch.randn(n_out, n_in, device="cuda", dtype=dtype)
+            bias = torch.randn(n_out, device="cuda", dtype=dtype)
+            for batch in (1, 64):
+                x = torch.randn(batch, n_in, device="cuda", dtype=dtype)
+                t = graph_time_s(lambda x=x, w=weight, b=bias: torch.nn.functional.linear(x, w, b))
+                out[f"{backend}/{name}/b{batch}"] = dict(us=t * 1e6, tb_per_s=weight.numel() * dtype.itemsize / t / 1e12)
+    torch.backends.cuda.preferred_blas_library("cublas")
+    for key, row in out.items():
+        log(f"blas {key:22}: {row['us']:7.1f} us, {row['tb_per_s']:.2f} TB/s of weights")
+    return out
+
+
+def kernel_breakdown(runner: ModelRunner, batch: int) -> list:
+    """Top kernels of a decode graph replay (torch.profiler), to see where the step goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    graph, _ = runner.decode_graphs._graphs[batch]
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(5):
+            graph.replay()
+        torch.cuda.synchronize()
+    rows = []
+    for item in sorted(prof.key_averages(), key=lambda e: -e.device_time_total)[:12]:
+        rows.append(dict(name=item.key[:90], ms_per_step=item.device_time_total / 5 / 1e3, count=item.count // 5))
+        log(f"  b{batch}: {rows[-1]['ms_per_step']:7.3f} ms/step x{rows[-1]['count']:4}  {rows[-1]['name']}")
+    return rows
 
 
 def measure_card(device: str) -> dict:
@@ -252,6 +363,14 @@ def table(results: dict, card: dict, fig: dict) -> str:
     return "\n".join(lines)
 
 
+def _decode_config() -> dict | None:
+    try:
+        from alise.worker import triton_attention
+    except ImportError:
+        return None
+    return dict(triton_attention.DECODE_CONFIG)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="opt-13b")
@@ -262,6 +381,8 @@ def main() -> int:
     parser.add_argument("--dtype", default="float16")
     parser.add_argument("--kv-gib", type=float, default=0.0, help="KV cache size (default: free memory - 8 GiB)")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, to check the script itself")
+    parser.add_argument("--tune", action="store_true", help="sweep the decode kernel's launch config first")
+    parser.add_argument("--blas", action="store_true", help="compare cuBLAS and cuBLASLt on the model's shapes")
     args = parser.parse_args()
     grid = None
     if args.smoke:
@@ -277,6 +398,14 @@ def main() -> int:
     log(f"card: {card['device']}, copy {card['copy_bytes_per_s'] / 1e12:.2f} TB/s (read+write), matmul "
         + ", ".join(f"{k} {v / 1e12:.0f} TFLOP/s" for k, v in card["matmul_flops_per_s"].items()))
 
+    extra: dict = {}
+    if args.tune:
+        start = time.perf_counter()
+        extra["tune"] = tune_decode_kernel(40, 128, torch.float16)
+        torch.cuda.empty_cache()
+        log(f"tuned in {time.perf_counter() - start:.1f} s")
+    if args.blas:
+        extra["blas"] = compare_blas(5120, 20480, torch.float16)
     start = time.perf_counter()
     loaded = load_model(args.model, device=args.device, dtype=args.dtype)
     sync()
@@ -305,6 +434,18 @@ def main() -> int:
         results[f"decode_{batch}"] = dict(bytes=num_bytes, floor_s=num_bytes / bw)
     bench_engine(runner, results)
     bench_attention_kernel(runner, results)
+    if runner.decode_graphs is not None and runner.decode_graphs.is_captured:
+        graph, _ = runner.decode_graphs._graphs[1]
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        graph.replay()
+        extra["graph_launch_host_s"] = time.perf_counter() - start
+        torch.cuda.synchronize()
+        log(f"host time of one graph launch (batch 1): {extra['graph_launch_host_s'] * 1e6:.0f} us")
+        try:
+            extra["breakdown"] = {b: kernel_breakdown(runner, b) for b in (1, 64)}
+        except Exception as exc:  # the profiler is a diagnostic; never lose the run to it
+            log(f"kernel breakdown failed: {exc!r}")
 
     profile_meta = None
     if args.profile:
@@ -321,13 +462,15 @@ def main() -> int:
             f" ns/token, c_pre {profile.c_pre_s * 1e6:.2f} us/token, c_pre2 {profile.c_pre2_s * 1e12:.3f} ps/token^2")
 
     del runner
+    gc.collect()  # the runner and its graphs' closures form a cycle; free the KV cache now
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     if not args.skip_transformers:
         bench_transformers(loaded.model, results, loaded.dtype, loaded.device)
 
     out = dict(date=datetime.date.today().isoformat(), command=command, card=card, model=args.model,
-               model_figures=fig, context=CONTEXT, capture_s=capture_s, results=results, profile=profile_meta)
+               model_figures=fig, context=CONTEXT, capture_s=capture_s, results=results, profile=profile_meta,
+               decode_kernel_config=_decode_config(), **extra)
     Path(args.json).write_text(json.dumps(out, indent=2))
     log("")
     log(table(results, card, fig))

@@ -77,6 +77,8 @@ class ModelRunner:
         if loaded.family == "opt":
             self._forward = self._forward_opt
             layers = self.model.model.decoder.layers
+            self._fused_relu = (self.device.type == "cuda" and self.config.activation_function == "relu"
+                                and layers[0].fc1.bias is not None and hasattr(torch, "_addmm_activation"))
         elif loaded.family == "llama":
             self._forward = self._forward_llama
             self._rope_cos, self._rope_sin = self._rope_tables()
@@ -178,7 +180,11 @@ class ModelRunner:
                 hidden = layer.self_attn_layer_norm(hidden)
             residual = hidden
             x = layer.final_layer_norm(hidden) if pre_norm else hidden
-            hidden = residual + layer.fc2(layer.activation_fn(layer.fc1(x)))
+            if self._fused_relu:  # bias and ReLU in the matmul's epilogue: one kernel instead of two
+                up = torch._addmm_activation(layer.fc1.bias, x, layer.fc1.weight.t())
+            else:
+                up = layer.activation_fn(layer.fc1(x))
+            hidden = residual + layer.fc2(up)
             if not pre_norm:
                 hidden = layer.final_layer_norm(hidden)
         return hidden

@@ -21,6 +21,8 @@ Nothing here allocates on the host or synchronizes: every launch is capturable.
 from __future__ import annotations
 
 import functools
+import json
+import os
 
 import torch
 
@@ -33,10 +35,13 @@ except ImportError:  # the CPU image has no Triton; the torch reference serves t
     triton = None
     tl = None
 
-#: Keys per inner-loop tile.
-BLOCK_N = 64
-#: Upper bound on split-K ranges per sequence.
-MAX_SPLITS = 16
+#: Launch configuration of the decode kernel (measured on an H100 by bench/engine.py --tune;
+#: ALISE_DECODE_KERNEL_CONFIG, a JSON object with some of these keys, overrides at import):
+#: ``block_n`` keys per inner-loop tile; ``num_warps``/``num_stages`` as in Triton; ``dot_for_mha``
+#: runs MHA (one query head per KV head) through the padded tensor-core path too;
+#: ``programs_per_sm`` is the split-K target (programs launched per SM); ``max_splits`` caps it.
+DECODE_CONFIG = dict(block_n=64, num_warps=4, num_stages=2, dot_for_mha=False, programs_per_sm=2, max_splits=16)
+DECODE_CONFIG.update(json.loads(os.environ.get("ALISE_DECODE_KERNEL_CONFIG", "{}")))
 
 
 def is_available() -> bool:
@@ -49,14 +54,17 @@ def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def choose_num_splits(batch: int, num_kv_heads: int, num_sms: int, max_splits: int = MAX_SPLITS) -> int:
-    """Split-K ranges per sequence so that about two programs run per SM.
+def choose_num_splits(batch: int, num_kv_heads: int, num_sms: int, programs_per_sm: int | None = None,
+                      max_splits: int | None = None) -> int:
+    """Split-K ranges per sequence so that about ``programs_per_sm`` programs run per SM.
 
     Depends on shapes only (see the module docstring): ``batch * num_kv_heads`` programs
     already fill the card from a few dozen sequences on, and then there is no split.
     """
+    per_sm = DECODE_CONFIG["programs_per_sm"] if programs_per_sm is None else programs_per_sm
+    cap = DECODE_CONFIG["max_splits"] if max_splits is None else max_splits
     programs = max(1, batch * num_kv_heads)
-    return max(1, min(max_splits, -(-2 * num_sms // programs)))
+    return max(1, min(cap, -(-per_sm * num_sms // programs)))
 
 
 def _next_pow2(n: int) -> int:
@@ -106,6 +114,7 @@ if triton is not None:
             kv_off = block_ids * stride_kb + (pos % BLOCK_SIZE) * stride_kt + kv_head * stride_kh
             kv_mask = n_mask[:, None] & d_mask[None, :]
             k = tl.load(k_ptr + kv_off[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
+            v = tl.load(v_ptr + kv_off[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
             if USE_DOT:
                 scores = tl.dot(q, tl.trans(k))
             else:
@@ -115,7 +124,6 @@ if triton is not None:
             alpha = tl.exp2(m_i - m_new)
             p = tl.exp2(scores - m_new[:, None])
             l_i = l_i * alpha + tl.sum(p, axis=1)
-            v = tl.load(v_ptr + kv_off[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
             if USE_DOT:
                 pv = tl.dot(p.to(v.dtype), v)
             else:
@@ -199,8 +207,9 @@ def decode_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: 
         num_splits = choose_num_splits(batch, num_kv_heads, _num_sms(query.device.index or 0))
     if out is None:
         out = torch.empty(batch, num_heads, head_dim, dtype=query.dtype, device=query.device)
+    config = DECODE_CONFIG
     block_d = max(16, _next_pow2(head_dim))
-    use_dot = group > 1
+    use_dot = group > 1 or bool(config["dot_for_mha"])
     block_g = max(16, _next_pow2(group)) if use_dot else 1
     if num_splits > 1:
         part_acc = torch.empty(batch, num_heads, num_splits, head_dim, dtype=torch.float32, device=query.device)
@@ -216,8 +225,8 @@ def decode_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: 
         out.stride(0), out.stride(1),
         num_heads,
         BLOCK_SIZE=block_size, GROUP=group, BLOCK_G=block_g, HEAD_DIM=head_dim, BLOCK_D=block_d,
-        BLOCK_N=BLOCK_N, NUM_SPLITS=num_splits, USE_DOT=use_dot,
-        num_warps=4, num_stages=2,
+        BLOCK_N=config["block_n"], NUM_SPLITS=num_splits, USE_DOT=use_dot,
+        num_warps=config["num_warps"], num_stages=config["num_stages"],
     )
     if num_splits > 1:
         _merge_splits_kernel[(batch, num_heads)](
