@@ -6,7 +6,8 @@ Same contracts as the torch reference in :mod:`alise.worker.attention`:
   attends to the first ``context_lens[b]`` positions behind ``block_tables[b]``. It reads the
   pages in place (no gather, no padding to the widest sequence), so a step reads each cached
   K/V byte once. Grouped-query heads share one program: the ``GROUP`` query heads of a KV head
-  load its K/V once (a padded ``tl.dot`` when ``GROUP > 1``, a register reduction otherwise).
+  load its K/V once and score them with one tensor-core ``tl.dot``, the query rows padded to 16
+  (for MHA too by default; ``dot_for_mha=False`` uses a register reduction there instead).
 - Split-K ("flash-decoding"): when ``batch x kv_heads`` programs would leave SMs idle, each
   sequence's context is cut into ``num_splits`` equal ranges worked on in parallel, and a second
   kernel merges their (max, sum, accumulator) partials. ``num_splits`` depends only on the batch
@@ -35,12 +36,15 @@ except ImportError:  # the CPU image has no Triton; the torch reference serves t
     triton = None
     tl = None
 
-#: Launch configuration of the decode kernel (measured on an H100 by bench/engine.py --tune;
-#: ALISE_DECODE_KERNEL_CONFIG, a JSON object with some of these keys, overrides at import):
-#: ``block_n`` keys per inner-loop tile; ``num_warps``/``num_stages`` as in Triton; ``dot_for_mha``
-#: runs MHA (one query head per KV head) through the padded tensor-core path too;
-#: ``programs_per_sm`` is the split-K target (programs launched per SM); ``max_splits`` caps it.
-DECODE_CONFIG = dict(block_n=64, num_warps=4, num_stages=2, dot_for_mha=False, programs_per_sm=2, max_splits=16)
+#: Launch configuration of the decode kernel; ALISE_DECODE_KERNEL_CONFIG, a JSON object with some
+#: of these keys, overrides it at import. ``block_n`` keys per inner-loop tile; ``num_warps`` and
+#: ``num_stages`` as in Triton; ``dot_for_mha`` runs MHA (one query head per KV head) through the
+#: tensor-core path too, its single query row padded to 16; ``programs_per_sm`` is the split-K
+#: target and ``max_splits`` its cap. Chosen by ``bench/engine.py --tune`` on an H100, 2026-11-25
+#: (OPT-13B heads, context 512, graph-timed; docs/benchmarks.md): the padded tensor-core path read
+#: the pages at 2.97 TB/s at batch 64; the register-reduction path at best 2.30 (1.44 in the
+#: first version's configuration, 64 keys a tile).
+DECODE_CONFIG = dict(block_n=128, num_warps=4, num_stages=2, dot_for_mha=True, programs_per_sm=1, max_splits=32)
 DECODE_CONFIG.update(json.loads(os.environ.get("ALISE_DECODE_KERNEL_CONFIG", "{}")))
 
 
