@@ -23,7 +23,6 @@ at most about R / aging_rate seconds of waiting.
 from __future__ import annotations
 
 import abc
-
 from dataclasses import dataclass
 
 from alise.core.job import Job, JobStatus, KvPlace, LengthEstimate
@@ -44,12 +43,24 @@ class Policy(abc.ABC):
     def key(self, job: Job, now_s: float) -> float:
         """Sort key: lower runs sooner."""
 
+    def keys(self, jobs: list[Job], now_s: float) -> list[float]:
+        """``[self.key(job, now_s) for job in jobs]``; policies may compute it faster."""
+        return [self.key(job, now_s) for job in jobs]
+
+    def reserve_tokens(self, job: Job) -> float:
+        """KV tokens to hold back for ``job``'s growth over the next steps when admitting
+        others beside it (0: admit whatever fits now, vLLM's rule)."""
+        return 0.0
+
 
 class FcfsPolicy(Policy):
     name = "fcfs"
 
     def key(self, job: Job, now_s: float) -> float:
         return job.arrival_s
+
+    def keys(self, jobs: list[Job], now_s: float) -> list[float]:
+        return [job.arrival_s for job in jobs]
 
 
 @dataclass
@@ -62,8 +73,9 @@ class RemainingTimeEstimator:
     typical_batch: int = 8
 
     def remaining_output_tokens(self, job: Job, estimate: LengthEstimate) -> float:
-        done = job.num_output_tokens
-        limit = job.sampling.max_tokens
+        return self._remaining_tokens(len(job.output_token_ids), job.sampling.max_tokens, estimate)
+
+    def _remaining_tokens(self, done: int, limit: int, estimate: LengthEstimate) -> float:
         if done < estimate.mean:
             remaining = estimate.mean - done
         elif done < estimate.p90:
@@ -73,52 +85,158 @@ class RemainingTimeEstimator:
         return max(min(remaining, limit - done), 1.0)
 
     def remaining_s(self, job: Job, estimate: LengthEstimate) -> float:
-        tokens = self.remaining_output_tokens(job, estimate)
-        prefill = 0.0
-        if job.kv is KvPlace.NONE:
-            prefill = self.latency.prefill_s(job.num_tokens)
-        context = job.num_tokens + tokens / 2
-        return prefill + tokens * self.latency.decode_token_s(context, self.typical_batch)
+        # Inlined (this runs for every candidate at every step): prefill of the uncached
+        # sequence when the KV is gone, then the remaining tokens at the marginal decode cost
+        # of one member of a typical batch, at the mean context over the rest of the job.
+        done = len(job.output_token_ids)
+        num_tokens = len(job.prompt_token_ids) + done
+        tokens = self._remaining_tokens(done, job.sampling.max_tokens, estimate)
+        lat = self.latency
+        prefill = lat.prefill_s(num_tokens) if job.kv is KvPlace.NONE else 0.0
+        context = num_tokens + tokens / 2
+        per_token = (lat.c0_s / self.typical_batch + lat.c_seq_s + lat.c_ctx_s * context)
+        return prefill + tokens * (per_token * lat.correction)
+
+
+#: Subtracted from the key of a starved job: it runs before every job that is not starved.
+STARVED_BOOST_S = 1e6
 
 
 class AlisePolicy(Policy):
+    """Shortest estimated remaining time first, preemptive, with hysteresis and a starvation bound.
+
+    Key of a job (seconds, lower runs sooner)::
+
+        waiting or paused:  R(job) - aging_rate * waited
+        running:            R(job) * (1 - hysteresis) - switch_cost_s - aging_rate * waited
+        starved (either):   the above - STARVED_BOOST_S
+
+    ``R`` is the remaining execution time (``RemainingTimeEstimator``: the misprediction rule
+    of the module doc, plus a prefill of the whole sequence when its KV is gone), ``waited``
+    the time the job has spent waiting or paused so far. A running job keeps its place unless
+    a rival is shorter by both a fraction (``hysteresis``: predictions are noisy, and a swap
+    on a near-tie churns memory for nothing) and an absolute margin (``switch_cost_s``: a
+    preemption costs at least a step).
+
+    Starvation rule: a job is *starved* once its age (now - arrival) exceeds ``max_slowdown``
+    times its expected total output (generated + estimated remaining tokens) at the unloaded
+    cost of a token (``step_s(1, prompt)``), i.e. once its normalized latency so far is
+    ``max_slowdown`` times the unloaded one, and at least ``min_starve_s`` (a job that has
+    waited a few seconds is not starving, however short). Starved jobs run before all others, among
+    themselves by the same key; a job that stays starved keeps running to the end. So no job's
+    normalized latency grows far past ``max_slowdown`` times unloaded while the server keeps
+    up, and shortest-first degrades to arrival order only under overload. Linear aging
+    (``aging_rate``, default 0) is kept for deployments that want it: with it a job of
+    remaining time R overtakes a fresh job after about R / aging_rate seconds of waiting.
+
+    Between two steps only running jobs change ``R``, so ``keys`` computes each waiting
+    job's remaining time once per wait.
+    """
+
     name = "alise"
     preemptive = True
     backfill = True
 
-    def __init__(self, latency: LatencyModel, *, aging_rate: float = 0.05,
-                 switch_cost_s: float | None = None, overrun_growth: float = 2.0) -> None:
+    def __init__(self, latency: LatencyModel, *, aging_rate: float = 0.002,
+                 switch_cost_s: float | None = None, overrun_growth: float = 2.0,
+                 hysteresis: float = 0.3, max_slowdown: float | None = None,
+                 min_starve_s: float = 10.0, reserve_horizon_tokens: int = 0,
+                 preemptive: bool = True) -> None:
         if aging_rate < 0:
             raise ValueError(f"aging_rate must be >= 0, got {aging_rate}")
+        if not 0 <= hysteresis < 1:
+            raise ValueError(f"hysteresis must be in [0, 1), got {hysteresis}")
+        if max_slowdown is not None and not max_slowdown > 0:
+            raise ValueError(f"max_slowdown must be > 0 or None, got {max_slowdown}")
         self.estimator = RemainingTimeEstimator(latency, overrun_growth=overrun_growth)
         self.aging_rate = aging_rate
+        self.hysteresis = hysteresis
+        self.max_slowdown = max_slowdown
+        self.min_starve_s = min_starve_s
+        self.reserve_horizon_tokens = reserve_horizon_tokens
+        self.preemptive = preemptive
         # A running job keeps its place unless a rival is shorter by more than this: a
         # preemption costs at least a step and churns memory.
         self.switch_cost_s = (
             switch_cost_s if switch_cost_s is not None else 4 * latency.step_s(1, 0)
         )
+        #: id(job) -> (job, signature, remaining_s, starved_after_s) for idle jobs.
+        self._idle_cache: dict[int, tuple] = {}
 
     def estimate_of(self, job: Job) -> LengthEstimate:
         return job.estimate or DEFAULT_ESTIMATE
 
-    def key(self, job: Job, now_s: float) -> float:
-        remaining = self.estimator.remaining_s(job, self.estimate_of(job))
+    def _parts(self, job: Job) -> tuple[float, float]:
+        """(remaining seconds, age in seconds after which the job counts as starved)."""
+        estimate = self.estimate_of(job)
+        est = self.estimator
+        remaining = est.remaining_s(job, estimate)
+        if self.max_slowdown is None:
+            return remaining, float("inf")
+        done = len(job.output_token_ids)
+        total = done + est._remaining_tokens(done, job.sampling.max_tokens, estimate)
+        unloaded_s = total * est.latency.step_s(1, len(job.prompt_token_ids))
+        return remaining, max(self.max_slowdown * unloaded_s, self.min_starve_s)
+
+    def _key(self, job: Job, now_s: float, remaining: float, starved_after_s: float) -> float:
         waited = job.queued_s
         if job.status is not JobStatus.RUNNING:
             waited += max(now_s - job.idle_since_s, 0.0)
         else:
-            remaining -= self.switch_cost_s
-        return remaining - self.aging_rate * waited
+            remaining = remaining * (1.0 - self.hysteresis) - self.switch_cost_s
+        key = remaining - self.aging_rate * waited
+        if now_s - job.arrival_s > starved_after_s:
+            key -= STARVED_BOOST_S
+        return key
+
+    def reserve_tokens(self, job: Job) -> float:
+        if not self.reserve_horizon_tokens:
+            return 0.0
+        done = len(job.output_token_ids)
+        remaining = self.estimator._remaining_tokens(done, job.sampling.max_tokens,
+                                                     self.estimate_of(job))
+        return min(remaining, self.reserve_horizon_tokens)
+
+    def is_starved(self, job: Job, now_s: float) -> bool:
+        return now_s - job.arrival_s > self._parts(job)[1]
+
+    def key(self, job: Job, now_s: float) -> float:
+        return self._key(job, now_s, *self._parts(job))
+
+    def keys(self, jobs: list[Job], now_s: float) -> list[float]:
+        out = []
+        cache = self._idle_cache
+        running = JobStatus.RUNNING
+        correction = self.estimator.latency.correction
+        for job in jobs:
+            if job.status is running:
+                out.append(self._key(job, now_s, *self._parts(job)))
+                continue
+            sig = (job.status, len(job.output_token_ids), job.kv, job.estimate,
+                   job.oracle_output_tokens, correction)
+            hit = cache.get(id(job))
+            if hit is None or hit[0] is not job or hit[1] != sig:
+                hit = cache[id(job)] = (job, sig, *self._parts(job))
+            out.append(self._key(job, now_s, hit[2], hit[3]))
+        if len(cache) > 4 * len(jobs) + 1024:
+            live = {id(job) for job in jobs}
+            for k in [k for k in cache if k not in live]:
+                del cache[k]
+        return out
 
 
 class OraclePolicy(AlisePolicy):
     name = "oracle"
+    _estimates: dict[int, LengthEstimate] = {}
 
     def estimate_of(self, job: Job) -> LengthEstimate:
-        if job.oracle_output_tokens is None:
+        n = job.oracle_output_tokens
+        if n is None:
             return super().estimate_of(job)
-        n = float(job.oracle_output_tokens)
-        return LengthEstimate(mean=n, p50=n, p90=n, source="oracle")
+        estimate = self._estimates.get(n)
+        if estimate is None:
+            estimate = self._estimates[n] = LengthEstimate(mean=n, p50=n, p90=n, source="oracle")
+        return estimate
 
 
 POLICY_NAMES = ("fcfs", "alise", "oracle")
