@@ -5,7 +5,10 @@ from __future__ import annotations
 import grpc
 
 _OPTIONS = [("grpc.max_receive_message_length", 16 << 20),
-            ("grpc.max_send_message_length", 16 << 20)]
+            ("grpc.max_send_message_length", 16 << 20),
+            # Reconnect quickly after a peer restarts (gRPC's default backoff grows to 2 min).
+            ("grpc.initial_reconnect_backoff_ms", 200),
+            ("grpc.max_reconnect_backoff_ms", 5000)]
 
 
 def _read(path: str | None) -> bytes | None:

@@ -13,6 +13,8 @@ import logging
 import sys
 import time
 
+from alise.common.security import add_security_arguments, security_from_args
+
 logger = logging.getLogger(__name__)
 
 
@@ -46,6 +48,8 @@ def register(subparsers) -> argparse.ArgumentParser:
     serve.add_argument("--tokenizer", default=None)
     serve.add_argument("--encoder", default=None)
     serve.add_argument("--refit-interval-s", type=float, default=60.0)
+    serve.add_argument("--metrics-address", default="", help="serve Prometheus metrics over HTTP here")
+    add_security_arguments(serve)
     serve.set_defaults(func=main_serve)
     return parser
 
@@ -100,7 +104,8 @@ def main_serve(args) -> int:
     config = PredictorConfig(
         address=args.address, index_dir=args.index_dir, bootstrap=tuple(args.bootstrap),
         model=args.model, tokenizer_path=args.tokenizer, encoder_path=args.encoder,
-        refit_interval_s=args.refit_interval_s,
+        refit_interval_s=args.refit_interval_s, metrics_address=args.metrics_address,
+        security=security_from_args(args),
     )
 
     async def run() -> None:

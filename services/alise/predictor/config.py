@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from alise.common.security import SecurityConfig
+
 from dataclasses import dataclass, field
 
 from alise.predictor.estimator import EstimatorConfig
@@ -42,6 +44,10 @@ class PredictorConfig:
     #: Seconds in-flight RPCs get to finish on shutdown.
     drain_grace_s: float = 5.0
     estimator: EstimatorConfig = field(default_factory=EstimatorConfig)
+    #: Internal secret (callers must present it) and TLS on the listener.
+    security: SecurityConfig = field(default_factory=SecurityConfig)
+    #: Prometheus metrics HTTP address ("" = none).
+    metrics_address: str = ""
 
     def __post_init__(self) -> None:
         host, _, port = self.address.rpartition(":")

@@ -19,7 +19,11 @@ from dataclasses import dataclass
 import grpc
 from google.protobuf.message import DecodeError
 
-from alise.common.grpc_server import ServingStatus, add_health_and_reflection, bind, create_server
+from prometheus_client import CollectorRegistry, Counter, Histogram
+
+from alise.common.grpc_server import ServingStatus, add_health_and_reflection, create_server
+from alise.common.metrics import LATENCY_BUCKETS_S, StateCollector, serve_metrics
+from alise.common.security import AuthInterceptor, bind_port
 from alise.predictor.config import PredictorConfig
 from alise.predictor.encoder import Encoder
 from alise.predictor.runtime import PredictorRuntime, ShuttingDown
@@ -41,6 +45,15 @@ class PredictorServicer:
 
     def __init__(self, runtime: PredictorRuntime) -> None:
         self.runtime = runtime
+        self.registry = CollectorRegistry()
+        self.predict_seconds = Histogram("alise_predictor_predict_seconds", "Predict RPC latency",
+                                         buckets=LATENCY_BUCKETS_S, registry=self.registry)
+        self.prompts = Counter("alise_predictor_prompts", "Prompts predicted", registry=self.registry)
+        self.observations = Counter("alise_predictor_observations", "Observations by outcome",
+                                    ["outcome"], registry=self.registry)
+        self.registry.register(StateCollector(lambda: [
+            ("alise_predictor_history_prompts", "Prompts in the history", [],
+             [([], runtime.history.num_prompts)])]))
 
     async def predict(self, request_bytes: bytes, context: grpc.aio.ServicerContext):
         try:
@@ -59,7 +72,9 @@ class PredictorServicer:
             if not prompt.strip():
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"prompts[{i}] is empty")
         try:
-            result = await self.runtime.predict(prompts)
+            with self.predict_seconds.time():
+                result = await self.runtime.predict(prompts)
+            self.prompts.inc(len(prompts))
         except ShuttingDown as exc:
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
         except Exception as exc:
@@ -102,6 +117,8 @@ class PredictorServicer:
         await flush()
         if rejected:
             logger.info("observe stream: %d accepted, %d rejected", accepted, rejected)
+        self.observations.labels("accepted").inc(accepted)
+        self.observations.labels("rejected").inc(rejected)
         return predictor_pb2.ObserveResponse(num_accepted=accepted, num_rejected=rejected)
 
     async def get_stats(self, request_bytes: bytes, context: grpc.aio.ServicerContext):
@@ -153,10 +170,13 @@ async def start_predictor_server(
     ``SnapshotError`` when ``config.index_dir`` holds a corrupt or mismatched index.
     """
     runtime = await PredictorRuntime.create(config, encoder)
-    server = create_server()
-    server.add_generic_rpc_handlers((PredictorServicer(runtime).generic_handler(),))
+    server = create_server(interceptors=[AuthInterceptor(config.security)])
+    servicer = PredictorServicer(runtime)
+    server.add_generic_rpc_handlers((servicer.generic_handler(),))
     health = await add_health_and_reflection(server, [SERVICE_NAME])
-    port = bind(server, config.address)
+    port = bind_port(server, config.address, config.security)
+    if config.metrics_address:
+        serve_metrics(servicer.registry, config.metrics_address)
     await server.start()
     runtime.start()
     logger.info("predictor serving on port %d (%d prompts, index %s)", port,
