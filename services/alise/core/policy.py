@@ -23,6 +23,7 @@ at most about R / aging_rate seconds of waiting.
 from __future__ import annotations
 
 import abc
+import math
 from dataclasses import dataclass
 
 from alise.core.job import Job, JobStatus, KvPlace, LengthEstimate
@@ -85,17 +86,26 @@ class RemainingTimeEstimator:
         return max(min(remaining, limit - done), 1.0)
 
     def remaining_s(self, job: Job, estimate: LengthEstimate) -> float:
-        # Inlined (this runs for every candidate at every step): prefill of the uncached
-        # sequence when the KV is gone, then the remaining tokens at the marginal decode cost
-        # of one member of a typical batch, at the mean context over the rest of the job.
+        return self.remaining_base_s(job, estimate) * self.latency.correction
+
+    def remaining_base_s(self, job: Job, estimate: LengthEstimate) -> float:
+        """``remaining_s`` before the latency model's online correction factor.
+
+        Inlined (this runs for every candidate at every step): a prefill of the whole
+        sequence when its KV is gone, then the remaining tokens at the marginal decode cost
+        of one member of a typical batch, at the mean context over the rest of the job.
+        """
         done = len(job.output_token_ids)
         num_tokens = len(job.prompt_token_ids) + done
         tokens = self._remaining_tokens(done, job.sampling.max_tokens, estimate)
         lat = self.latency
-        prefill = lat.prefill_s(num_tokens) if job.kv is KvPlace.NONE else 0.0
+        prefill = 0.0
+        if job.kv is KvPlace.NONE:
+            prefill = (lat.c0_s + lat.c_seq_s + (lat.c_ctx_s + lat.c_pre_s) * num_tokens
+                       + lat.c_pre2_s * num_tokens * num_tokens)
         context = num_tokens + tokens / 2
-        per_token = (lat.c0_s / self.typical_batch + lat.c_seq_s + lat.c_ctx_s * context)
-        return prefill + tokens * (per_token * lat.correction)
+        per_token = lat.c0_s / self.typical_batch + lat.c_seq_s + lat.c_ctx_s * context
+        return prefill + tokens * per_token
 
 
 #: Subtracted from the key of a starved job: it runs before every job that is not starved.
@@ -167,27 +177,54 @@ class AlisePolicy(Policy):
         return job.estimate or DEFAULT_ESTIMATE
 
     def _parts(self, job: Job) -> tuple[float, float]:
-        """(remaining seconds, age in seconds after which the job counts as starved)."""
+        """(remaining seconds before correction, age after which the job counts as starved)."""
         estimate = self.estimate_of(job)
         est = self.estimator
-        remaining = est.remaining_s(job, estimate)
+        remaining = est.remaining_base_s(job, estimate)
         if self.max_slowdown is None:
-            return remaining, float("inf")
+            return remaining, math.inf
         done = len(job.output_token_ids)
         total = done + est._remaining_tokens(done, job.sampling.max_tokens, estimate)
         unloaded_s = total * est.latency.step_s(1, len(job.prompt_token_ids))
         return remaining, max(self.max_slowdown * unloaded_s, self.min_starve_s)
 
-    def _key(self, job: Job, now_s: float, remaining: float, starved_after_s: float) -> float:
-        waited = job.queued_s
-        if job.status is not JobStatus.RUNNING:
-            waited += max(now_s - job.idle_since_s, 0.0)
-        else:
-            remaining = remaining * (1.0 - self.hysteresis) - self.switch_cost_s
-        key = remaining - self.aging_rate * waited
-        if now_s - job.arrival_s > starved_after_s:
-            key -= STARVED_BOOST_S
-        return key
+    def key(self, job: Job, now_s: float) -> float:
+        return self.keys([job], now_s)[0]
+
+    def keys(self, jobs: list[Job], now_s: float) -> list[float]:
+        # One loop for all candidates (the hot path of every scheduling step). A job that is
+        # not running keeps its remaining time while it waits: it is computed once per wait.
+        cache = self._idle_cache
+        running = JobStatus.RUNNING
+        correction = self.estimator.latency.correction
+        aging = self.aging_rate
+        keep = 1.0 - self.hysteresis
+        switch = self.switch_cost_s
+        parts = self._parts
+        out = []
+        append = out.append
+        for job in jobs:
+            if job.status is running:
+                remaining, starved_after = parts(job)
+                key = (remaining * correction * keep - switch) - aging * job.queued_s
+            else:
+                hit = cache.get(id(job))
+                if (hit is None or hit[0] is not job or hit[1] is not job.status
+                        or hit[2] != len(job.output_token_ids) or hit[3] is not job.kv
+                        or hit[4] is not job.estimate):
+                    hit = cache[id(job)] = (job, job.status, len(job.output_token_ids), job.kv,
+                                            job.estimate, *parts(job))
+                remaining, starved_after = hit[5], hit[6]
+                key = remaining * correction - aging * (
+                    job.queued_s + max(now_s - job.idle_since_s, 0.0))
+            if now_s - job.arrival_s > starved_after:
+                key -= STARVED_BOOST_S
+            append(key)
+        if len(cache) > 4 * len(jobs) + 1024:
+            live = {id(job) for job in jobs}
+            for k in [k for k in cache if k not in live]:
+                del cache[k]
+        return out
 
     def reserve_tokens(self, job: Job) -> float:
         if not self.reserve_horizon_tokens:
@@ -199,30 +236,6 @@ class AlisePolicy(Policy):
 
     def is_starved(self, job: Job, now_s: float) -> bool:
         return now_s - job.arrival_s > self._parts(job)[1]
-
-    def key(self, job: Job, now_s: float) -> float:
-        return self._key(job, now_s, *self._parts(job))
-
-    def keys(self, jobs: list[Job], now_s: float) -> list[float]:
-        out = []
-        cache = self._idle_cache
-        running = JobStatus.RUNNING
-        correction = self.estimator.latency.correction
-        for job in jobs:
-            if job.status is running:
-                out.append(self._key(job, now_s, *self._parts(job)))
-                continue
-            sig = (job.status, len(job.output_token_ids), job.kv, job.estimate,
-                   job.oracle_output_tokens, correction)
-            hit = cache.get(id(job))
-            if hit is None or hit[0] is not job or hit[1] != sig:
-                hit = cache[id(job)] = (job, sig, *self._parts(job))
-            out.append(self._key(job, now_s, hit[2], hit[3]))
-        if len(cache) > 4 * len(jobs) + 1024:
-            live = {id(job) for job in jobs}
-            for k in [k for k in cache if k not in live]:
-                del cache[k]
-        return out
 
 
 class OraclePolicy(AlisePolicy):

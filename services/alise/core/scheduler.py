@@ -178,7 +178,12 @@ class SchedulerCore:
         ordered = self._order(candidates, now_s)
         selected = self._select(ordered, cap)
         used = sum(blocks_for(job.num_tokens, cap.block_size) for job in selected)
-        plan.commands += self._plan_memory(view, ordered, selected, used, now_s)
+        # Memory planning concerns this worker's jobs and the jobs ranked ahead of them; the
+        # waiting jobs ranked behind all of them change nothing there, so they are cut off.
+        cut = len(ordered)
+        while cut and ordered[cut - 1].worker_id != worker_id:
+            cut -= 1
+        plan.commands += self._plan_memory(view, ordered[:cut], selected, used, now_s)
         plan.step_jobs = {job.job_id: job.num_tokens_to_prefill for job in selected}
         plan.commands += self._start(view, selected, now_s)
         plan.run_step = bool(selected)

@@ -1,0 +1,102 @@
+"""`alise trace`, `alise sim`, `alise bench`: build traces, simulate policies, replay against a cluster.
+
+Building the parser imports nothing heavy; each handler imports what it needs when it runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def register(sub) -> None:
+    t = sub.add_parser("trace", help="build a request trace (prompts, lengths, arrivals) as JSONL")
+    src = t.add_mutually_exclusive_group(required=True)
+    src.add_argument("--workload", choices=["alpaca", "chat"],
+                     help="alpaca: AlpacaEval prompts, text_davinci_003 lengths; "
+                          "chat: the same prompts, llama-2-70b-chat-hf lengths")
+    src.add_argument("--data", help="any data set file the predictor reads (with outputs)")
+    t.add_argument("--out", required=True, help="trace JSONL to write")
+    t.add_argument("--rate", type=float, default=1.0, help="mean arrivals per second (default 1)")
+    t.add_argument("--bursty", action="store_true", help="Gamma inter-arrivals, CV --cv")
+    t.add_argument("--cv", type=float, default=3.0, help="CV of bursty gaps (default 3)")
+    t.add_argument("--num", type=int, default=800, help="requests (default 800)")
+    t.add_argument("--seed", type=int, default=0)
+    t.set_defaults(func=_cmd_trace)
+
+    s = sub.add_parser("sim", help="simulate policies over request rates (discrete-event, virtual time)")
+    s.add_argument("--trace", action="append", required=True,
+                   help="trace JSONL (repeat for several workloads)")
+    s.add_argument("--policies", default="fcfs,alise,oracle")
+    s.add_argument("--profile", default=None,
+                   help="latency profile JSON (default: profiles/opt-13b-h100.json if present, "
+                        "else the OPT-13B H100 roofline)")
+    s.add_argument("--kv-tokens", type=int, default=15_000, help="KV room per worker (default 15000)")
+    s.add_argument("--workers", type=int, default=1)
+    s.add_argument("--max-num-seqs", type=int, default=256)
+    s.add_argument("--rates", default=None,
+                   help="comma-separated rates (req/s); default: 0.4..2.4 x estimated capacity")
+    s.add_argument("--predictor", default="auto", choices=["auto", "predictor", "knn"],
+                   help="where alise's cross-fitted estimates come from")
+    s.add_argument("--folds", type=int, default=5)
+    s.add_argument("--json", dest="json_path", default=None, help="write results as JSON")
+    s.add_argument("--png", default=None, help="plot path (default: <json or trace>.png)")
+    s.add_argument("--jobs", type=int, default=2, help="parallel processes (default 2)")
+    s.set_defaults(func=_cmd_sim)
+
+    b = sub.add_parser("bench", help="replay a trace open-loop against a running cluster")
+    b.add_argument("--trace", required=True)
+    b.add_argument("--address", default="127.0.0.1:50051")
+    b.add_argument("--rate", type=float, default=None, help="rescale arrivals to this rate")
+    b.add_argument("--num", type=int, default=None, help="first N requests only")
+    b.add_argument("--out", required=True, help="per-request results JSONL")
+    b.add_argument("--timeout", type=float, default=600.0, help="per-request deadline (s)")
+    b.set_defaults(func=_cmd_bench)
+
+
+def _cmd_trace(args: argparse.Namespace) -> int:
+    from alise.sim import trace as tr
+
+    path = tr.workload_path(args.workload) if args.workload else args.data
+    requests = tr.build_trace(tr.load_pairs(path), num=args.num, rate=args.rate,
+                              bursty=args.bursty, cv=args.cv, seed=args.seed)
+    tr.write_trace(requests, args.out)
+    stats = tr.describe(requests)
+    print(f"wrote {len(requests)} requests to {args.out} "
+          f"({'Gamma CV %g' % args.cv if args.bursty else 'Poisson'}, {stats['rate']:.2f} req/s over "
+          f"{stats['span_s']:.1f} s; prompt mean {stats['prompt_mean']:.0f}, output mean "
+          f"{stats['output_mean']:.0f} p50 {stats['output_p50']:.0f} p90 {stats['output_p90']:.0f} "
+          f"tokens)")
+    return 0
+
+
+def _cmd_sim(args: argparse.Namespace) -> int:
+    from alise.sim.report import run_sim_command
+
+    return run_sim_command(args)
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from alise.bench.openloop import format_summary, run_bench, summarize, write_results
+    from alise.sim.trace import read_trace, rescale
+
+    requests = read_trace(args.trace)
+    if args.num:
+        requests = requests[:args.num]
+    if args.rate:
+        requests = rescale(requests, args.rate)
+    results = asyncio.run(run_bench(requests, args.address, timeout_s=args.timeout))
+    write_results(results, args.out)
+    print(format_summary(summarize(results), title=f"bench {args.trace} -> {args.address}"))
+    print(f"per-request results: {args.out}")
+    failed = sum(1 for r in results if r.error)
+    if failed:
+        print(f"{failed} requests failed", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def _dump(obj) -> str:
+    return json.dumps(obj, indent=2)

@@ -1,0 +1,181 @@
+"""`alise sim`: sweep rates x policies per workload, print the tables, write JSON and a PNG."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+from alise.core.latency_model import LatencyModel
+from alise.sim.profiles import opt13b_h100_roofline, profile_label
+from alise.sim.simulator import SimConfig
+from alise.sim.sweep import (
+    as_dict, estimate_capacity, sweep, tail_p99, throughput_at_constraint,
+    unloaded_normalized_latency,
+)
+
+#: Default sweep: these multiples of the estimated saturation rate.
+RATE_FRACTIONS = (0.4, 0.55, 0.7, 0.8, 0.9, 1.0, 1.1, 1.25, 1.5)
+CONSTRAINTS = (2.0, 5.0)
+MEASURED_PROFILE = "profiles/opt-13b-h100.json"
+
+__all__ = ["run_sim_command", "load_profile", "tail_p99"]
+
+
+def load_profile(path: str | None) -> LatencyModel:
+    if path:
+        return LatencyModel.load(path)
+    if os.path.isfile(MEASURED_PROFILE):
+        return LatencyModel.load(MEASURED_PROFILE)
+    return opt13b_h100_roofline()
+
+
+def workload_results(name: str, requests, latency: LatencyModel, config: SimConfig,
+                     policies: list[str], rates: list[float] | None, estimates, jobs: int) -> dict:
+    unloaded = unloaded_normalized_latency(requests, latency, config.max_model_len)
+    capacity = estimate_capacity(requests, latency, config)
+    rates = rates or [round(capacity * f, 3) for f in RATE_FRACTIONS]
+    started = time.perf_counter()
+    runs = sweep(requests, policies, rates, latency, config, estimates=estimates,
+                 stop_above_s=2 * max(CONSTRAINTS) * unloaded, jobs=jobs)
+    wall = time.perf_counter() - started
+    per_policy = {p: [r for r in runs if r.policy == p] for p in policies}
+    constraints = {}
+    for factor in CONSTRAINTS:
+        bound = factor * unloaded
+        entry = {}
+        for p, rs in per_policy.items():
+            rate, censored = throughput_at_constraint(
+                [r.rate for r in rs], [r.constrained_latency_s for r in rs], bound)
+            entry[p] = dict(throughput_req_s=rate, censored=censored)
+        ratios = {}
+        for a, b in (("alise", "fcfs"), ("alise", "oracle")):
+            if a in entry and b in entry and entry[b]["throughput_req_s"] > 0:
+                ratios[f"{a}/{b}"] = entry[a]["throughput_req_s"] / entry[b]["throughput_req_s"]
+        constraints[f"{factor:g}x"] = dict(bound_s=bound, policies=entry, ratios=ratios)
+    # Tail at a common load: the highest swept rate at which FCFS still meets 5x.
+    tail = {}
+    if "fcfs" in per_policy:
+        ok = [r.rate for r in per_policy["fcfs"]
+              if r.constrained_latency_s <= max(CONSTRAINTS) * unloaded]
+        tail_rate = max(ok) if ok else min(rates)
+        for p, rs in per_policy.items():
+            hit = [r for r in rs if r.rate == tail_rate]
+            if hit:
+                tail[p] = hit[0].p99_longest5_normalized_latency_s
+        tail = dict(rate=tail_rate, p99_longest5_normalized_latency_s=tail)
+    return dict(workload=name, num_requests=len(requests),
+                arrival_span_s={f"{r:g}": len(requests) / r for r in rates},
+                unloaded_normalized_latency_s=unloaded, estimated_capacity_req_s=capacity,
+                rates=rates, constraints=constraints, tail=tail, wall_s=wall,
+                runs=[dict(as_dict(r), sustained=r.sustained) for r in runs])
+
+
+def format_workload(res: dict, profile: str) -> str:
+    u = res["unloaded_normalized_latency_s"]
+    lines = [f"== {res['workload']}: SIMULATED, profile {profile}; {res['num_requests']} requests "
+             f"per run (arrival span = {res['num_requests']} / rate), unloaded normalized latency "
+             f"{u * 1e3:.2f} ms/token; sweep took {res['wall_s']:.1f} s =="]
+    policies = list(next(iter(res["constraints"].values()))["policies"])
+    lines.append("mean normalized latency (x unloaded) by rate:")
+    lines.append("  rate req/s  " + "".join(f"{p:>10}" for p in policies))
+    for rate in res["rates"]:
+        cells = []
+        for p in policies:
+            hit = [r for r in res["runs"] if r["policy"] == p and r["rate"] == rate]
+            mark = "" if not hit or hit[0]["sustained"] else "*"
+            cells.append(f"{hit[0]['mean_normalized_latency_s'] / u:9.2f}{mark or ' '}"
+                         if hit else f"{'-':>10}")
+        lines.append(f"  {rate:10.2f}  " + "".join(cells))
+    lines.append("throughput at latency constraint (req/s):")
+    lines.append("  constraint  " + "".join(f"{p:>10}" for p in policies) +
+                 "  alise/fcfs  alise/oracle")
+    for name, c in res["constraints"].items():
+        cells = "".join(
+            f"{c['policies'][p]['throughput_req_s']:9.2f}{'+' if c['policies'][p]['censored'] else ' '}"
+            for p in policies)
+        r = c["ratios"]
+        lines.append(f"  {name:>4} ({c['bound_s'] * 1e3:5.1f} ms) {cells}"
+                     f"  {r.get('alise/fcfs', float('nan')):10.2f}  {r.get('alise/oracle', float('nan')):12.2f}")
+    if res["tail"]:
+        t = res["tail"]
+        fc = t["p99_longest5_normalized_latency_s"].get("fcfs")
+        cells = ", ".join(f"{p} {v / u:.1f}x" + (f" ({v / fc:.2f} of fcfs)" if fc and p != "fcfs" else "")
+                          for p, v in t["p99_longest5_normalized_latency_s"].items())
+        lines.append(f"p99 normalized latency of the longest 5 % at {t['rate']:.2f} req/s "
+                     f"(fcfs's highest rate within 5x), x unloaded: {cells}")
+    lines.append("('*' = not sustained: over 15 % of jobs unfinished at the last arrival; counts as "
+                 "violating every constraint. '+' = censored: never crossed the bound)")
+    return "\n".join(lines)
+
+
+def plot(results: list[dict], profile: str, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(results), figsize=(5.5 * len(results), 4.2), squeeze=False)
+    for ax, res in zip(axes[0], results):
+        u = res["unloaded_normalized_latency_s"]
+        for p in next(iter(res["constraints"].values()))["policies"]:
+            rs = [r for r in res["runs"] if r["policy"] == p]
+            ax.plot([r["rate"] for r in rs], [r["mean_normalized_latency_s"] * 1e3 for r in rs],
+                    marker="o", label=p)
+        for factor in (2, 5):
+            ax.axhline(factor * u * 1e3, ls="--", lw=0.8, color="gray")
+            ax.text(min(res["rates"]), factor * u * 1e3, f" {factor}x unloaded", va="bottom",
+                    fontsize=8, color="gray")
+        ax.set_yscale("log")
+        ax.set_xlabel("request rate (req/s)")
+        ax.set_ylabel("mean normalized latency (ms/token)")
+        ax.set_title(f"{res['workload']} ({res['num_requests']} req), SIMULATED", fontsize=10)
+        ax.legend()
+    fig.suptitle(f"simulated; profile: {profile}", fontsize=9)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def run_sim_command(args) -> int:
+    from alise.sim.predictions import cross_fitted_estimates, kendall_tau
+    from alise.sim.trace import read_trace
+
+    latency = load_profile(args.profile)
+    label = profile_label(latency)
+    config = SimConfig(kv_tokens=args.kv_tokens, num_workers=args.workers,
+                       max_num_seqs=args.max_num_seqs)
+    policies = [p.strip() for p in args.policies.split(",") if p.strip()]
+    rates = [float(x) for x in args.rates.split(",")] if args.rates else None
+    results = []
+    for path in args.trace:
+        requests = read_trace(path)
+        estimates, source, tau = None, None, None
+        if "alise" in policies:
+            estimates, source = cross_fitted_estimates(
+                requests, method=args.predictor, num_folds=args.folds,
+                cache_path=f"{path}.estimates-{args.predictor}.json")
+            tau = kendall_tau(estimates, requests)
+        res = workload_results(Path(path).stem, requests, latency, config, policies, rates,
+                               estimates, args.jobs)
+        res.update(trace=path, predictions=source, kendall_tau=tau)
+        results.append(res)
+        print(format_workload(res, label))
+        if source:
+            print(f"alise estimates: {source}; Kendall tau vs true lengths {tau:.3f}")
+        print()
+    png = args.png or (os.path.splitext(args.json_path or args.trace[0])[0] + ".png")
+    plot(results, label, png)
+    print(f"plot: {png}")
+    if args.json_path:
+        doc = dict(label="simulated", profile=label, profile_meta=latency.meta,
+                   config=dict(kv_tokens=config.kv_tokens, block_size=config.block_size,
+                               max_num_seqs=config.max_num_seqs, num_workers=config.num_workers,
+                               max_model_len=config.max_model_len),
+                   constraints_x_unloaded=list(CONSTRAINTS), workloads=results)
+        Path(args.json_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json_path).write_text(json.dumps(doc, indent=1))
+        print(f"json: {args.json_path}")
+    return 0

@@ -1,0 +1,173 @@
+"""Rate sweeps in the simulator, and the figures they are judged by.
+
+* Normalized latency of a job: end-to-end seconds over output tokens; a run's figure is the
+  mean over all its jobs (the metric of the vLLM and ALISE papers).
+* Unloaded normalized latency: the same mean when every job runs alone (prefill, then one
+  decode step per token), computed from the latency model; it is policy-independent.
+* Throughput at constraint C: the highest request rate whose mean normalized latency is at
+  most C, interpolated linearly between the last sweep rate under C and the first above it
+  (on the first crossing). If no swept rate exceeds C the result is the highest rate swept,
+  marked censored; if even the lowest rate exceeds C it is 0.
+* Sustained: a finite trace in overload flatters every policy differently (a shortest-first
+  policy keeps the mean low by leaving long jobs for the drain after the last arrival). A run
+  is *sustained* when at most ``MAX_BACKLOG`` of its jobs are unfinished at the last arrival;
+  an unsustained run counts as violating every constraint, and a policy's sweep stops there.
+* Tail: the p99 normalized latency of the longest 5 % of jobs (by output length), the jobs a
+  shortest-first policy could starve.
+
+Each (policy, rate) run replays the same requests with arrivals rescaled to the rate, so a
+sweep compares policies on identical work.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+from alise.core.latency_model import LatencyModel
+from alise.sim.simulator import SimConfig, SimResult
+from alise.sim.trace import TraceRequest, rescale
+
+
+#: Largest share of a run's jobs unfinished at its last arrival for the run to count.
+MAX_BACKLOG = 0.15
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    policy: str
+    rate: float
+    mean_normalized_latency_s: float
+    p99_longest5_normalized_latency_s: float
+    mean_ttft_s: float
+    mean_e2e_s: float
+    throughput_req_s: float
+    makespan_s: float
+    num_requests: int
+    num_steps: int
+    num_preemptions: int
+    wall_s: float
+    backlog_at_last_arrival: float = 0.0
+
+    @property
+    def sustained(self) -> bool:
+        return self.backlog_at_last_arrival <= MAX_BACKLOG
+
+    @property
+    def constrained_latency_s(self) -> float:
+        """Mean normalized latency, or infinity when the run was not sustained."""
+        return self.mean_normalized_latency_s if self.sustained else math.inf
+
+
+def unloaded_normalized_latency(requests: Sequence[TraceRequest], latency: LatencyModel,
+                                max_model_len: int = 2048) -> float:
+    total = 0.0
+    for r in requests:
+        out = max(min(r.output_tokens, max_model_len - r.prompt_tokens), 1)
+        t = latency.step_s(1, r.prompt_tokens, (r.prompt_tokens,))
+        # Decode steps k = 1..out-1 see contexts p+1 .. p+out-1: an arithmetic series.
+        n = out - 1
+        t += n * latency.step_s(1, 0) + latency.c_ctx_s * latency.correction * (
+            n * r.prompt_tokens + n * (n + 1) / 2)
+        total += t / out
+    return total / len(requests)
+
+
+def tail_p99(records, fraction: float = 0.05) -> float:
+    ordered = sorted(records, key=lambda r: (r.output_tokens, r.job_id))
+    tail = ordered[-max(1, math.ceil(len(ordered) * fraction)):]
+    values = sorted(r.normalized_latency_s for r in tail)
+    return values[min(len(values) - 1, math.ceil(0.99 * len(values)) - 1)]
+
+
+def summarize(result: SimResult, rate: float) -> RunSummary:
+    recs = result.records
+    last = max(r.arrival_s for r in recs)
+    return RunSummary(
+        backlog_at_last_arrival=sum(1 for r in recs if r.finish_s > last) / len(recs),
+        policy=result.policy, rate=rate,
+        mean_normalized_latency_s=statistics.fmean(r.normalized_latency_s for r in recs),
+        p99_longest5_normalized_latency_s=tail_p99(recs),
+        mean_ttft_s=statistics.fmean(r.ttft_s for r in recs),
+        mean_e2e_s=statistics.fmean(r.e2e_s for r in recs),
+        throughput_req_s=len(recs) / result.makespan_s if result.makespan_s > 0 else 0.0,
+        makespan_s=result.makespan_s, num_requests=len(recs), num_steps=result.num_steps,
+        num_preemptions=sum(result.preemptions.values()), wall_s=result.wall_s)
+
+
+def throughput_at_constraint(rates: Sequence[float], latencies: Sequence[float],
+                             bound: float) -> tuple[float, bool]:
+    """(rate, censored): the highest rate whose latency stays <= bound (see module doc)."""
+    points = sorted(zip(rates, latencies))
+    if not points:
+        return 0.0, True
+    if points[0][1] > bound:
+        return 0.0, False
+    for (r0, l0), (r1, l1) in zip(points, points[1:]):
+        if l1 > bound:
+            if math.isinf(l1):
+                return r0, False
+            return r0 + (r1 - r0) * (bound - l0) / (l1 - l0), False
+    return points[-1][0], True
+
+
+def estimate_capacity(requests: Sequence[TraceRequest], latency: LatencyModel,
+                      config: SimConfig) -> float:
+    """A rough saturation rate (req/s): a memory-full batch decoding, one token per step."""
+    mean_out = statistics.fmean(r.output_tokens for r in requests)
+    mean_prompt = statistics.fmean(r.prompt_tokens for r in requests)
+    per_job = mean_prompt + mean_out / 2
+    batch = max(1.0, min(config.max_num_seqs, config.kv_tokens / per_job))
+    step = latency.step_s(int(batch), int(batch * per_job))
+    return config.num_workers * batch / step / mean_out
+
+
+def _run_one(args) -> RunSummary:
+    requests, policy_name, policy_kwargs, latency_json, config, rate, estimates = args
+    from alise.core.policy import make_policy
+    from alise.sim.simulator import simulate
+
+    latency = LatencyModel.from_json(latency_json)
+    policy = make_policy(policy_name, latency, **policy_kwargs)
+    result = simulate(rescale(requests, rate), policy, latency, config,
+                      estimates=estimates if policy_name == "alise" else None)
+    return summarize(result, rate)
+
+
+def _sweep_policy(args) -> list[RunSummary]:
+    requests, policy, policy_kwargs, latency_json, config, rates, estimates, stop_above_s = args
+    out: list[RunSummary] = []
+    over = 0
+    for rate in rates:
+        s = _run_one((requests, policy, policy_kwargs, latency_json, config, rate, estimates))
+        out.append(s)
+        over = over + 1 if stop_above_s and s.mean_normalized_latency_s > stop_above_s else 0
+        if over >= 2 or not s.sustained:
+            break
+    return out
+
+
+def sweep(requests: Sequence[TraceRequest], policies: Sequence[str], rates: Sequence[float],
+          latency: LatencyModel, config: SimConfig, *, estimates=None,
+          policy_kwargs: dict | None = None, stop_above_s: float | None = None,
+          jobs: int = 1) -> list[RunSummary]:
+    """Runs every policy at every rate (ascending); a policy stops after two consecutive rates
+    above ``stop_above_s`` (its curve is past every constraint of interest). ``jobs`` > 1 runs
+    policies in parallel processes; results do not depend on it."""
+    tasks = [(list(requests), p, dict(policy_kwargs or {}) if p != "fcfs" else {},
+              latency.to_json(), config, sorted(rates), estimates, stop_above_s)
+             for p in policies]
+    if jobs > 1 and len(tasks) > 1:
+        import multiprocessing
+
+        with multiprocessing.get_context("fork").Pool(min(jobs, len(tasks))) as pool:
+            results = pool.map(_sweep_policy, tasks)
+    else:
+        results = [_sweep_policy(t) for t in tasks]
+    return [s for per_policy in results for s in per_policy]
+
+
+def as_dict(summary: RunSummary) -> dict:
+    return asdict(summary)

@@ -1,0 +1,38 @@
+"""LatencyModel: the step formula, fitting from a profile, online correction, the roofline."""
+
+from __future__ import annotations
+
+import pytest
+
+from alise.core.latency_model import LatencyModel
+from alise.sim.profiles import opt13b_h100_roofline
+
+
+def test_fit_recovers_the_coefficients_of_a_noise_free_profile():
+    truth = LatencyModel(c0_s=0.02, c_seq_s=1e-3, c_ctx_s=2e-6, c_pre_s=3e-4, c_pre2_s=1e-8)
+    samples = []
+    for batch in (1, 2, 4, 8, 16):
+        for ctx in (16, 128, 512):
+            samples.append((batch, batch * ctx, [ctx] * batch,
+                            truth.step_s(batch, batch * ctx, [ctx] * batch)))
+            samples.append((batch, batch * (ctx + 1), [], truth.step_s(batch, batch * (ctx + 1))))
+    fitted = LatencyModel.fit(samples)
+    for name in ("c0_s", "c_seq_s", "c_ctx_s", "c_pre_s", "c_pre2_s"):
+        assert getattr(fitted, name) == pytest.approx(getattr(truth, name), rel=1e-3, abs=1e-12)
+
+
+def test_online_correction_moves_toward_measured_steps():
+    model = LatencyModel(c0_s=0.01)
+    for _ in range(200):
+        model.observe_step(2 * model.step_s(4, 100) / model.correction, 4, 100)
+    assert model.correction == pytest.approx(2.0, rel=0.01)
+
+
+def test_roofline_profile_of_opt13b_on_h100_and_round_trip():
+    model = opt13b_h100_roofline()
+    assert model.c0_s == pytest.approx(25.7e9 / 3e12)              # weights once per step
+    assert model.c_ctx_s == pytest.approx(0.8e6 / 3e12)            # KV of each cached token
+    assert model.meta["kind"] == "roofline"
+    assert LatencyModel.from_json(model.to_json()) == model
+    # a decode step of a full 15k-token KV cache: 8.57 ms of weights + 4 ms of KV
+    assert model.step_s(60, 15_000) == pytest.approx(8.567e-3 + 4e-3, rel=1e-3)
