@@ -5,12 +5,14 @@ import gzip
 import json
 
 import grpc
+import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from alise.predictor.client import PredictorClient, PredictorUnavailable
 from alise.predictor.config import PredictorConfig
 from alise.predictor.encoder import Encoder
+from alise.predictor.packed import PackedBert
 from alise.predictor.service import start_predictor_server
 from alise.predictor.snapshot import SnapshotError
 from alise.v1 import predictor_pb2, predictor_pb2_grpc
@@ -145,3 +147,56 @@ async def test_restart_restores_history_and_corruption_fails_start(encoder, serv
     (snap / "prompts.json").write_text("[]")
     with pytest.raises(SnapshotError, match="checksum mismatch"):
         await start_predictor_server(config, encoder=encoder)
+
+
+# -- the encoder's packed fast path ----------------------------------------------------------
+
+ENCODER_PROMPTS = ["hi", "Write a one-word answer: what color is grass",
+                   "Explain how a transformer works. " * 40,  # past 256 tokens: truncated
+                   "word " * 200_000, "Summarise the plot of Hamlet in three sentences", "ok?"]
+
+
+@pytest.fixture(scope="module")
+def reference_encoder():
+    """sentence-transformers' own encode of the same model: the ground truth for the fast path."""
+    return Encoder(fast=False, num_threads=2)
+
+
+def test_packed_fast_path_matches_sentence_transformers(encoder, reference_encoder):
+    assert encoder.backend == "packed" and reference_encoder.backend == "sentence-transformers"
+    fast, ref = encoder.encode(ENCODER_PROMPTS), reference_encoder.encode(ENCODER_PROMPTS)
+    assert (fast.vectors * ref.vectors).sum(axis=1).min() > 0.9999
+    assert fast.truncated == ref.truncated == [False, False, True, True, False, False]
+    assert fast.num_tokens == ref.num_tokens
+
+
+def test_sharded_batch_equals_one_thread_and_keeps_order(encoder):
+    prompts = [f"{ENCODER_PROMPTS[i % 6][:300]} {i}" for i in range(60)]  # > MIN_SHARD_TOKENS
+    assert encoder.num_threads == 2
+    sharded = encoder.encode(prompts).vectors
+    singles = np.concatenate([encoder.encode([p]).vectors for p in prompts[:8]])
+    np.testing.assert_allclose(sharded[:8], singles, atol=1e-5)
+
+
+def test_shorter_window_truncates_and_reports_it():
+    enc = Encoder(max_seq_length=16)
+    reference = Encoder(max_seq_length=16, fast=False)
+    prompts = ["one two three", "word " * 14, "word " * 15]  # 14 tokens fit beside [CLS] [SEP]
+    got, want = enc.encode(prompts), reference.encode(prompts)
+    assert got.truncated == [False, False, True] and got.num_tokens == [3, 14, 15]
+    assert (got.vectors * want.vectors).sum(axis=1).min() > 0.9999
+    with pytest.raises(ValueError, match="max_seq_length"):
+        Encoder(max_seq_length=4096)
+
+
+def test_fast_path_declines_other_model_shapes():
+    class Transformer:  # noqa: D401 - stand-ins named like sentence-transformers' modules
+        auto_model = None
+
+    class Pooling:
+        def get_config_dict(self):
+            return {"pooling_mode": "cls"}
+
+    assert PackedBert.from_sentence_transformer([Transformer(), Pooling()]) is None
+    Pooling.get_config_dict = lambda self: {"pooling_mode": "mean"}
+    assert PackedBert.from_sentence_transformer([Transformer(), Pooling()]) is None  # not a BERT
