@@ -9,6 +9,10 @@ from dataclasses import dataclass, field
 from alise.common.security import SecurityConfig
 
 
+#: Values of ``WorkerConfig.runner``.
+RUNNERS = ("paged", "transformers")
+
+
 @dataclass(frozen=True)
 class WorkerConfig:
     #: The scheduler to dial.
@@ -49,6 +53,9 @@ class WorkerConfig:
     profile_latency: bool = False
     #: Capture CUDA graphs for decode steps at start-up (CUDA with Triton only; ignored on CPU).
     cuda_graphs: bool = True
+    #: Forward pass: "paged" (ModelRunner) or "transformers" (TransformersRunner, the plain HF
+    #: forward as a baseline; cuda_graphs does not apply, profile_latency is refused).
+    runner: str = "paged"
     #: Internal secret and TLS for the channel to the scheduler.
     security: SecurityConfig = field(default_factory=SecurityConfig)
     #: Prometheus metrics HTTP address ("" = none).
@@ -65,6 +72,10 @@ class WorkerConfig:
             raise ValueError(f"gpu_memory_fraction must be in (0, 1], got {self.gpu_memory_fraction}")
         if self.reconnect_delay_s <= 0:
             raise ValueError(f"reconnect_delay_s must be > 0, got {self.reconnect_delay_s}")
+        if self.runner not in RUNNERS:
+            raise ValueError(f"runner must be one of {RUNNERS}, got {self.runner!r}")
+        if self.runner != "paged" and self.profile_latency:
+            raise ValueError(f"profile_latency needs runner 'paged', got runner {self.runner!r}")
 
     @property
     def resolved_worker_id(self) -> str:

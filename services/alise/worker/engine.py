@@ -125,6 +125,7 @@ class WorkerEngine:
 
     def _release(self, seq: Sequence) -> None:
         self.offload.release(seq)
+        self.runner.release(seq.job_id)
 
     def abort_all(self) -> None:
         for seq in self.seqs.values():
@@ -142,7 +143,7 @@ class WorkerEngine:
             start = time.perf_counter()
             chunks = [SeqChunk(s.token_ids[s.num_cached:], s.num_cached, s.block_table)
                       for s in batch]
-            logits = self.runner.execute(chunks)
+            logits = self.runner.execute(chunks, seq_ids=[s.job_id for s in batch])
             params = [s.sampling for s in batch]
             sampled = self.sampler.sample(logits, params, [s.generator for s in batch])
             report.step_duration_s = time.perf_counter() - start

@@ -41,6 +41,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="measure this engine's step times at start-up and fit a latency profile")
     p.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
                    help="run decode steps eagerly on CUDA")
+    p.add_argument("--runner", choices=("paged", "transformers"), default=env("ALISE_WORKER_RUNNER", "paged"),
+                   help="forward pass: this engine's paged one, or the plain transformers one (a baseline)")
     p.add_argument("--metrics-address", default=env("ALISE_WORKER_METRICS", ""),
                    help="serve Prometheus metrics over HTTP here")
     add_security_arguments(p, server=False)
@@ -55,6 +57,7 @@ def config_from_args(args: argparse.Namespace) -> WorkerConfig:
         max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
         worker_id=args.worker_id, health_address=args.health_address, seed=args.seed,
         latency_profile=args.latency_profile, profile_latency=args.profile_latency, cuda_graphs=args.cuda_graphs,
+        runner=args.runner,
         metrics_address=args.metrics_address, security=security_from_args(args))
 
 

@@ -119,11 +119,13 @@ class ModelRunner:
     def max_model_len(self) -> int:
         return self.loaded.max_model_len
 
-    def execute(self, chunks: list[SeqChunk], *, all_logits: bool = False) -> torch.Tensor | list[torch.Tensor]:
+    def execute(self, chunks: list[SeqChunk], *, all_logits: bool = False,
+                seq_ids: list[str] | None = None) -> torch.Tensor | list[torch.Tensor]:
         """One forward step over ``chunks``; writes their K/V and returns float32 logits.
 
         Default: ``[len(chunks), vocab]``, the logits after each chunk's last token (the next-token
         distribution). ``all_logits=True``: a list with ``[len(token_ids), vocab]`` per chunk.
+        ``seq_ids`` is ignored: the block tables are all the per-sequence state this runner needs.
         """
         self._validate(chunks)
         if self.decode_graphs is not None and not all_logits and self.decode_graphs.can_run(chunks):
@@ -139,6 +141,9 @@ class ModelRunner:
                 return list(self._logits(hidden).split(num_tokens))
             last_rows = torch.tensor(num_tokens, dtype=torch.int64).cumsum(0).sub_(1).to(self.device)
             return self._logits(hidden.index_select(0, last_rows))
+
+    def release(self, seq_id: str) -> None:
+        """Nothing to forget: a sequence's K/V lives in the blocks that the engine frees."""
 
     def _validate(self, chunks: list[SeqChunk]) -> None:
         if not chunks:

@@ -22,6 +22,7 @@ from alise.core.latency_model import LatencyModel
 from alise.v1 import worker_pb2, worker_pb2_grpc
 from alise.worker.config import WorkerConfig
 from alise.worker.engine import WorkerEngine
+from alise.worker.hf_runner import TransformersRunner
 from alise.worker.kv_cache import KVCache
 from alise.worker.loader import LoadedModel, load_model
 from alise.worker.model_runner import ModelRunner
@@ -93,15 +94,16 @@ class Worker:
             cfg.model, device=cfg.device, dtype=cfg.dtype, seed=cfg.seed,
             max_model_len=cfg.max_model_len))
         num_blocks = size_kv_cache(self.loaded, cfg)
-        runner = await loop.run_in_executor(self._executor, lambda: ModelRunner(
+        runner_class = TransformersRunner if cfg.runner == "transformers" else ModelRunner
+        runner = await loop.run_in_executor(self._executor, lambda: runner_class(
             self.loaded, num_blocks=num_blocks, block_size=cfg.block_size, max_num_seqs=cfg.max_num_seqs,
             use_cuda_graphs=None if cfg.cuda_graphs else False))
         self.latency_model = await loop.run_in_executor(self._executor, lambda: load_latency_profile(runner, cfg))
         self.engine = WorkerEngine(runner, eos_token_id=self.loaded.eos_token_id,
                                    max_model_len=self.loaded.max_model_len,
                                    num_host_blocks=cfg.num_host_blocks)
-        logger.info("worker %s: %s on %s (%s), %d KV blocks of %d tokens", self.worker_id,
-                    self.loaded.name, self.loaded.device, self.loaded.dtype, num_blocks, cfg.block_size)
+        logger.info("worker %s: %s on %s (%s), %d KV blocks of %d tokens, %s runner", self.worker_id,
+                    self.loaded.name, self.loaded.device, self.loaded.dtype, num_blocks, cfg.block_size, cfg.runner)
 
     def hello(self) -> worker_pb2.WorkerMessage:
         loaded, cfg = self.loaded, self.config
