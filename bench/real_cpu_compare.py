@@ -56,6 +56,8 @@ def main() -> int:
     p.add_argument("--max-num-seqs", type=int, default=8)
     p.add_argument("--predictor", default="predictor", choices=["predictor", "knn"])
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--profile", default="profiles/tiny-llama-cpu.json",
+                   help="the scheduler's latency profile (measure it with bench/cpu_profile.py)")
     p.add_argument("--out", default="bench/results/real-cpu.json")
     args = p.parse_args()
 
@@ -64,11 +66,15 @@ def main() -> int:
     worker = dict(num_device_blocks=args.blocks, max_num_seqs=args.max_num_seqs)
     results = {}
     for policy in args.policies.split(","):
+        stats: dict = {}
         runs = asyncio.run(run_on_cluster(requests, policy=policy, model=args.model,
-                                          estimates_by_prompt=table, worker_overrides=worker))
-        results[policy] = dict(summary=summarize(runs), requests=[r.__dict__ for r in runs])
+                                          estimates_by_prompt=table, worker_overrides=worker,
+                                          latency_profile=args.profile, stats=stats))
+        results[policy] = dict(summary=summarize(runs), core=stats,
+                               requests=[r.__dict__ for r in runs])
         s = results[policy]["summary"]
-        print(f"[{policy}] {s['num_ok']}/{s['num_requests']} ok in {s['duration_s']:.1f} s", flush=True)
+        print(f"[{policy}] {s['num_ok']}/{s['num_requests']} ok in {s['duration_s']:.1f} s; "
+              f"core: {stats}", flush=True)
     print(f"\nREAL cluster on this CPU: {args.model} (random weights), 1 worker, {args.blocks} KV "
           f"blocks x 16 tokens, max {args.max_num_seqs} seqs; {args.num} requests from {args.trace} "
           f"(outputs capped at {args.max_output}), Poisson {args.rate} req/s; alise estimates: {source}")

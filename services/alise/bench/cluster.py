@@ -28,7 +28,9 @@ async def run_on_cluster(requests: Sequence[TraceRequest], *, policy: str, model
                          estimates_by_prompt: Mapping[str, LengthEstimate] | None = None,
                          num_workers: int = 1, worker_overrides: dict | None = None,
                          latency_profile: str | None = None,
-                         timeout_s: float = 900.0) -> list[RequestResult]:
+                         timeout_s: float = 900.0, stats: dict | None = None
+                         ) -> list[RequestResult]:
+    """Replays ``requests``; fills ``stats`` (if given) with the core's preemption counts."""
     from alise.scheduler.config import SchedulerConfig
     from alise.scheduler.service import start_scheduler
     from alise.worker.config import WorkerConfig
@@ -50,8 +52,14 @@ async def run_on_cluster(requests: Sequence[TraceRequest], *, policy: str, model
             task = asyncio.create_task(worker.run())
             await asyncio.wait_for(worker.connected.wait(), 60)
             workers.append((worker, task))
-        return await run_bench(requests, address, timeout_s=timeout_s,
-                               request_prefix=f"{policy}-")
+        results = await run_bench(requests, address, timeout_s=timeout_s,
+                                  request_prefix=f"{policy}-")
+        if stats is not None:
+            core = scheduler.engine.core
+            stats.update(preemptions=dict(core.preemptions),
+                         kv_moves=dict(getattr(core, "kv_moves", {})),
+                         latency_correction=scheduler.engine.latency.correction)
+        return results
     finally:
         for worker, task in workers:
             await worker.stop()
