@@ -200,3 +200,24 @@ def test_fast_path_declines_other_model_shapes():
     assert PackedBert.from_sentence_transformer([Transformer(), Pooling()]) is None
     Pooling.get_config_dict = lambda self: {"pooling_mode": "mean"}
     assert PackedBert.from_sentence_transformer([Transformer(), Pooling()]) is None  # not a BERT
+
+
+async def test_observe_reuses_predicted_and_stored_embeddings(client, server, monkeypatch):
+    runtime = server.runtime
+    encoded_for_observe: list[list[str]] = []
+    real = runtime.encoder.encode_async
+
+    async def spy(prompts):
+        encoded_for_observe.append(list(prompts))
+        return await real(prompts)
+
+    predicted = "Describe the water cycle to a ten-year-old"
+    await client.predict([predicted], timeout_s=10)
+    monkeypatch.setattr(runtime.encoder, "encode_async", spy)
+    stored = runtime.history.texts[0]  # from the bootstrap
+    await runtime.observe([predicted, stored, "A prompt nobody predicted"], [50, 60, 70], ["", "", ""])
+    assert encoded_for_observe == [["A prompt nobody predicted"]]
+    row = runtime.history.row_of(predicted)
+    want = runtime.encoder.encode([predicted])
+    np.testing.assert_allclose(runtime.history.index.vectors[row], want.vectors[0], atol=1e-6)
+    assert runtime.history.prompt_tokens[row] == want.num_tokens[0]

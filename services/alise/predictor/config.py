@@ -31,8 +31,10 @@ class PredictorConfig:
     refit_after_observations: int = 256
     #: Seconds between periodic snapshots (when index_dir is set and anything changed).
     snapshot_interval_s: float = 300.0
-    #: How long the first Predict of a batch waits for concurrent ones to join it.
-    batch_window_ms: float = 2.0
+    #: How long the first Predict of a batch waits for concurrent ones to join it. 0: none;
+    #: requests that arrive while the encoder is busy still form the next batch, and a lone
+    #: request does not wait.
+    batch_window_ms: float = 0.0
     #: Most prompts encoded in one batch (more wait for the next batch).
     max_batch_prompts: int = 256
     #: Most prompts in one PredictRequest (more -> INVALID_ARGUMENT).

@@ -6,9 +6,14 @@ things leave the loop: embedding (``Encoder.encode_async``) and refitting
 (``LengthEstimator.fit`` reads a consistent prefix of the append-only history and swaps its
 result in by one assignment), so no lock is needed.
 
-Predict calls that arrive within ``batch_window_ms`` of each other are embedded in one encoder
-call (up to ``max_batch_prompts``), which is what makes 256 concurrent single-prompt requests
-cost about one batch.
+Predict calls that queue up while the encoder is busy are embedded together in its next call
+(up to ``max_batch_prompts``), which is what makes 256 concurrent single-prompt requests cost
+about one batch; an idle encoder starts at once (``batch_window_ms`` = 0, the default), so a
+lone request pays no batching delay.
+
+Observe reuses embeddings: a prompt already in the history needs none, and one that a recent
+Predict embedded (the usual order: predict at admission, observe at completion) takes that
+vector from a small LRU cache, so in steady state each prompt is encoded once.
 """
 
 from __future__ import annotations
@@ -31,6 +36,8 @@ from alise.predictor.snapshot import load_snapshot, save_snapshot
 
 logger = logging.getLogger(__name__)
 _MAX_REMEMBERED = 100_000
+#: Embeddings of recently predicted prompts kept for their Observe (384 floats each: ~12 MB).
+_MAX_CACHED_VECTORS = 8192
 
 
 class ShuttingDown(RuntimeError):
@@ -79,6 +86,7 @@ class PredictorRuntime:
         self._abs_error_sum = 0.0
         self._num_scored = 0
         self._recent: OrderedDict[str, float] = OrderedDict()
+        self._recent_vectors: OrderedDict[str, tuple[np.ndarray, int]] = OrderedDict()
         self._queue: list[_Pending] = []
         self._wakeup = asyncio.Event()
         self._since_refit = 0
@@ -160,10 +168,15 @@ class PredictorRuntime:
                     pending.future.set_exception(exc)
             return
         self.num_predictions += len(prompts)
-        for text, p50 in zip(prompts, estimates.p50.tolist()):
-            self._recent[prompt_key(text)] = p50
+        for i, (text, p50) in enumerate(zip(prompts, estimates.p50.tolist())):
+            key = prompt_key(text)
+            self._recent[key] = p50
+            self._recent_vectors[key] = (encoded.vectors[i].copy(), encoded.num_tokens[i])
+            self._recent_vectors.move_to_end(key)
         while len(self._recent) > _MAX_REMEMBERED:
             self._recent.popitem(last=False)
+        while len(self._recent_vectors) > _MAX_CACHED_VECTORS:
+            self._recent_vectors.popitem(last=False)
         start = 0
         for pending in batch:
             end = start + len(pending.prompts)
@@ -181,8 +194,8 @@ class PredictorRuntime:
         """Adds finished requests to the history (validated by the caller)."""
         if not prompts:
             return
-        encoded = await self.encoder.encode_async(prompts)
-        rows = self.history.add_prompts(prompts, encoded.vectors, encoded.num_tokens)
+        vectors, num_tokens = await self._vectors_to_store(prompts)
+        rows = self.history.add_prompts(prompts, vectors, num_tokens)
         self.history.add_observations(rows, [m or self.config.model for m in models], output_tokens)
         self.estimator.sync()
         for text, tokens in zip(prompts, output_tokens):
@@ -195,6 +208,29 @@ class PredictorRuntime:
         self._dirty = True
         if self._since_refit >= self.config.refit_after_observations:
             self._refit_now.set()
+
+    async def _vectors_to_store(self, prompts: list[str]) -> tuple[np.ndarray, list[int]]:
+        """Vectors and token counts for ``History.add_prompts``: cached where a recent Predict
+        embedded the prompt, encoded where it is new, zeros where the history already holds it
+        (``add_prompts`` ignores those; the history only grows, so that stays true across the
+        await below)."""
+        vectors = np.zeros((len(prompts), self.encoder.dim), np.float32)
+        num_tokens = [0] * len(prompts)
+        missing = []
+        for i, text in enumerate(prompts):
+            if self.history.row_of(text) is not None:
+                continue
+            cached = self._recent_vectors.pop(prompt_key(text), None)
+            if cached is None:
+                missing.append(i)
+            else:
+                vectors[i], num_tokens[i] = cached
+        if missing:
+            encoded = await self.encoder.encode_async([prompts[i] for i in missing])
+            vectors[missing] = encoded.vectors
+            for i, n in zip(missing, encoded.num_tokens):
+                num_tokens[i] = n
+        return vectors, num_tokens
 
     async def refit(self) -> bool:
         self._since_refit = 0
