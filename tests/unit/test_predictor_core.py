@@ -224,3 +224,5 @@ def test_configs_validate_fields():
         PredictorConfig(address="nope")
     with pytest.raises(ValueError, match="refit_interval_s"):
         PredictorConfig(refit_interval_s=0)
+    with pytest.raises(ValueError, match="encoder_max_seq_length"):
+        PredictorConfig(encoder_max_seq_length=2)

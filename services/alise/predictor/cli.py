@@ -29,6 +29,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     build.add_argument("--index-dir", required=True)
     build.add_argument("--tokenizer", default=None, help="HF tokenizer dir of the served model")
     build.add_argument("--encoder", default=None, help="sentence-transformers model dir")
+    add_encoder_arguments(build)
     build.set_defaults(func=main_build)
 
     ev = sub.add_parser("eval", help="k-fold evaluation against the mean and 10-NN baselines")
@@ -38,6 +39,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     ev.add_argument("--json", default=None, help="also write the table as JSON here")
     ev.add_argument("--tokenizer", default=None)
     ev.add_argument("--encoder", default=None)
+    add_encoder_arguments(ev)
     ev.set_defaults(func=main_eval)
 
     serve = sub.add_parser("serve", help="run the PredictorService")
@@ -47,6 +49,9 @@ def register(subparsers) -> argparse.ArgumentParser:
     serve.add_argument("--model", default="served", help="name of the served model")
     serve.add_argument("--tokenizer", default=None)
     serve.add_argument("--encoder", default=None)
+    add_encoder_arguments(serve)
+    serve.add_argument("--encoder-threads", type=int, default=None,
+                       help="encoder threads (parallel shards of a batch)")
     serve.add_argument("--refit-interval-s", type=float, default=60.0)
     serve.add_argument("--metrics-address", default="", help="serve Prometheus metrics over HTTP here")
     add_security_arguments(serve)
@@ -54,15 +59,27 @@ def register(subparsers) -> argparse.ArgumentParser:
     return parser
 
 
-def main_build(args) -> int:
+def add_encoder_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--max-seq-length", type=int, default=None,
+                        help="tokens the encoder sees of a prompt (default: the model's limit)")
+    parser.add_argument("--fp32", action="store_true",
+                        help="fp32 encoder (default: int8 Linear layers where the fast path applies)")
+
+
+def make_encoder(args, **kwargs):
     from alise.predictor.encoder import Encoder
+
+    return Encoder(args.encoder, max_seq_length=args.max_seq_length, int8=not args.fp32, **kwargs)
+
+
+def main_build(args) -> int:
     from alise.predictor.history import History
     from alise.predictor.index import VectorIndex
     from alise.predictor.runtime import bootstrap_history
     from alise.predictor.snapshot import load_snapshot, save_snapshot
 
     started = time.perf_counter()
-    encoder = Encoder(args.encoder)
+    encoder = make_encoder(args)
     history = load_snapshot(args.index_dir, encoder.name, encoder.dim) or History(VectorIndex(encoder.dim))
     n = bootstrap_history(history, encoder, args.data, args.tokenizer)
     path = save_snapshot(history, args.index_dir, encoder.name)
@@ -74,20 +91,21 @@ def main_build(args) -> int:
 
 def main_eval(args) -> int:
     from alise.predictor.datasets import load_records
-    from alise.predictor.encoder import Encoder
     from alise.predictor.evaluate import build_corpus, evaluate, format_table
     from alise.predictor.tokens import TokenCounter
 
     started = time.perf_counter()
     records = [r for path in args.data for r in load_records(path)]
-    corpus = build_corpus(records, Encoder(args.encoder), TokenCounter(args.tokenizer))
+    encoder = make_encoder(args)
+    corpus = build_corpus(records, encoder, TokenCounter(args.tokenizer))
     report = evaluate(corpus, num_folds=args.folds, seed=args.seed)
     print(format_table(report))
     avg = report["average"]
     print(f"\nALISE: mean Kendall tau {avg['alise']['kendall_tau']:.3f} "
           f"(10-NN {avg['knn10']['kendall_tau']:.3f}); MAE {avg['alise']['mae_vs_mean'] - 1:+.1%} vs "
           f"the mean predictor (10-NN {avg['knn10']['mae_vs_mean'] - 1:+.1%}); "
-          f"{len(corpus.texts)} prompts, {args.folds} folds, {time.perf_counter() - started:.0f} s")
+          f"{len(corpus.texts)} prompts, {args.folds} folds, {time.perf_counter() - started:.0f} s; "
+          f"encoder {encoder.name} ({encoder.backend}, max_seq_length {encoder.max_seq_length})")
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(report, f, indent=1)
@@ -105,6 +123,8 @@ def main_serve(args) -> int:
         address=args.address, index_dir=args.index_dir, bootstrap=tuple(args.bootstrap),
         model=args.model, tokenizer_path=args.tokenizer, encoder_path=args.encoder,
         refit_interval_s=args.refit_interval_s, metrics_address=args.metrics_address,
+        encoder_max_seq_length=args.max_seq_length, encoder_int8=not args.fp32,
+        num_threads=args.encoder_threads,
         security=security_from_args(args),
     )
 

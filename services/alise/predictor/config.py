@@ -41,8 +41,14 @@ class PredictorConfig:
     max_prompts_per_request: int = 1024
     #: Index rows at which the exact index migrates to IVF.
     ivf_threshold: int = 50_000
-    #: torch threads for the encoder; None leaves torch's default.
+    #: Encoder threads (the packed fast path: parallel single-threaded shards of a batch;
+    #: otherwise torch's intra-op threads); None: 1 shard / torch's default.
     num_threads: int | None = None
+    #: Tokens the encoder sees of a prompt; None: the model's own limit (256 for MiniLM).
+    #: Longer prompts are truncated and listed in ``PredictResponse.truncated``.
+    encoder_max_seq_length: int | None = None
+    #: int8 Linear layers on the encoder's fast path (False: fp32, sentence-transformers' vectors).
+    encoder_int8: bool = True
     #: Seconds in-flight RPCs get to finish on shutdown.
     drain_grace_s: float = 5.0
     estimator: EstimatorConfig = field(default_factory=EstimatorConfig)
@@ -66,6 +72,8 @@ class PredictorConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.batch_window_ms < 0:
             raise ValueError(f"batch_window_ms must be >= 0, got {self.batch_window_ms}")
+        if self.encoder_max_seq_length is not None and self.encoder_max_seq_length < 3:
+            raise ValueError(f"encoder_max_seq_length must be >= 3 or None, got {self.encoder_max_seq_length}")
         if self.num_threads is not None and self.num_threads < 1:
             raise ValueError(f"num_threads must be >= 1 or None, got {self.num_threads}")
         if not self.model:

@@ -12,10 +12,15 @@ would have seen: a WordPiece token covers at least one character.
 Each prompt is tokenized once: the ids give the token count (reported, and a feature of the
 estimator), the truncation flag, and, cut to the window, the model's input.
 
-Two backends, same vectors (to float rounding): the *packed* fast path
-(:class:`~alise.predictor.packed.PackedBert`: no padding, BERT + mean pooling, where the model
-directory is of that shape, the default one included) and sentence-transformers' own
-``encode`` for any other model directory (or ``fast=False``).
+Backends: the *packed* fast path (:class:`~alise.predictor.packed.PackedBert`: no padding,
+BERT + mean pooling, where the model directory is of that shape, the default one included),
+by default with int8 Linear layers (``int8=True``; activations scaled per token, so a
+prompt's vector does not depend on its batch-mates), and sentence-transformers' own
+``encode`` for any other model directory (or ``fast=False``). Measured on AlpacaEval's 805
+prompts: the fp32 packed path equals sentence-transformers to float rounding; int8 is within
+cosine 0.977 (worst) / 0.995 (mean) of it, about 2x faster for one prompt, no faster for
+256 (the per-token scaling passes eat the GEMM gain), and the eval's goals still hold. An
+int8 encoder's ``name`` ends in ``-int8``: snapshots of one are refused by the other.
 
 Threads: the packed path runs torch single-threaded and splits a batch of at least
 ``MIN_SHARD_TOKENS`` tokens into ``num_threads`` shards of equal token count, embedded in
@@ -76,6 +81,7 @@ class Encoder:
         num_threads: int | None = None,
         max_seq_length: int | None = None,
         fast: bool = True,
+        int8: bool = True,
     ) -> None:
         import torch
         from sentence_transformers import SentenceTransformer
@@ -102,8 +108,12 @@ class Encoder:
         self._packed = None
         specials = (self._tokenizer.cls_token_id, self._tokenizer.sep_token_id)
         if fast and None not in specials:
-            self._packed = PackedBert.from_sentence_transformer(self._model)
+            self._packed = PackedBert.from_sentence_transformer(self._model, quantize=int8)
         self.backend = "packed" if self._packed else "sentence-transformers"
+        if self._packed and int8:
+            # Other vectors than fp32's: a snapshot built by one must not be read by the other.
+            self.backend += "-int8"
+            self.name += "-int8"
         self.num_threads = num_threads or 1
         if self._packed:
             torch.set_num_threads(1)

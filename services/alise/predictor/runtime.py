@@ -97,7 +97,9 @@ class PredictorRuntime:
     @classmethod
     async def create(cls, config: PredictorConfig, encoder: Encoder | None = None) -> "PredictorRuntime":
         if encoder is None:
-            encoder = await asyncio.to_thread(Encoder, config.encoder_path, num_threads=config.num_threads)
+            encoder = await asyncio.to_thread(
+                Encoder, config.encoder_path, num_threads=config.num_threads,
+                max_seq_length=config.encoder_max_seq_length, int8=config.encoder_int8)
         kwargs = {"ivf_threshold": config.ivf_threshold}
         history = None
         if config.index_dir:
