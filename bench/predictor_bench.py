@@ -2,9 +2,12 @@
 
     .venv/bin/python bench/predictor_bench.py [--num-entries 1000000] [--bootstrap FILE ...]
 
-1. Starts an in-process PredictorService bootstrapped from the AlpacaEval files (12 models),
+1. Bare encoder, in the same run so the ratios hold on a loaded machine: sentence-transformers
+   (the original path) against the default fast path, 1 prompt and 256 prompts, wall and CPU
+   seconds, with the load average beside each line.
+2. Starts an in-process PredictorService bootstrapped from the AlpacaEval files (12 models),
    then measures one-prompt Predict latency (sequential calls) and a 256-prompt Predict.
-2. Builds a VectorIndex of ``--num-entries`` synthetic unit vectors (dim 384), added in chunks
+3. Builds a VectorIndex of ``--num-entries`` synthetic unit vectors (dim 384), added in chunks
    the way Observe would (so it migrates flat -> IVF and retrains on the way), and reports
    build time, memory and search latency.
 """
@@ -14,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import glob
+import os
 import resource
 import statistics
 import time
@@ -31,6 +35,44 @@ def rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def load() -> str:
+    return "load %.1f" % os.getloadavg()[0]
+
+
+def timed(fn, repeats: int) -> tuple[float, float]:
+    """Median wall and CPU seconds of ``fn()`` over ``repeats`` calls."""
+    wall, cpu = [], []
+    for _ in range(repeats):
+        w, c = time.perf_counter(), time.process_time()
+        fn()
+        wall.append(time.perf_counter() - w)
+        cpu.append(time.process_time() - c)
+    return statistics.median(wall), statistics.median(cpu)
+
+
+def bare_encoder(bootstrap: list[str], num_calls: int, num_threads: int) -> list[tuple[str, str]]:
+    import torch
+
+    from alise.predictor.datasets import load_records
+    from alise.predictor.encoder import Encoder
+
+    prompts = list(dict.fromkeys(r.prompt for r in load_records(bootstrap[0])))
+    encoders = [Encoder(fast=False, num_threads=num_threads), Encoder(num_threads=num_threads)]
+    rows = []
+    for rep in range(2):  # interleaved, so both see the same load
+        for enc in encoders:
+            # the fast path sets torch to 1 thread (it shards instead); give the original its own
+            torch.set_num_threads(1 if enc._packed else num_threads)
+            enc.encode(prompts[:8])
+            one = timed(lambda i=iter(range(10**6)): enc.encode([prompts[next(i) % len(prompts)]]), num_calls)
+            many = timed(lambda: enc.encode(prompts[256 * rep:256 * (rep + 1)]), 3 if enc._packed else 1)
+            rows.append((f"encoder {enc.backend}, 1 prompt",
+                         f"{one[0] * 1000:.1f} ms wall, {one[1] * 1000:.1f} ms CPU ({load()})"))
+            rows.append((f"encoder {enc.backend}, 256 prompts",
+                         f"{many[0]:.2f} s wall, {many[1]:.2f} s CPU ({load()})"))
+    return rows
+
+
 async def grpc_latency(bootstrap: list[str], num_calls: int, num_threads: int) -> list[tuple[str, str]]:
     from alise.predictor.client import PredictorClient
     from alise.predictor.config import PredictorConfig
@@ -43,7 +85,8 @@ async def grpc_latency(bootstrap: list[str], num_calls: int, num_threads: int) -
     startup_s = time.perf_counter() - started
     prompts = [r.prompt for r in load_records(bootstrap[0])]
     client = PredictorClient(f"127.0.0.1:{server.port}")
-    rows = [("server start + bootstrap", f"{startup_s:.1f} s ({server.runtime.history.num_observations} obs)")]
+    rows = [("server start + bootstrap", f"{startup_s:.1f} s ({server.runtime.history.num_observations} obs, "
+             f"encoder {server.runtime.encoder.backend}, {num_threads} thread(s))")]
     try:
         await client.predict(prompts[:4], timeout_s=30)  # warm-up
         single = []
@@ -61,9 +104,9 @@ async def grpc_latency(bootstrap: list[str], num_calls: int, num_threads: int) -
         await server.stop(0.5)
     single.sort()
     rows += [
-        ("predict 1 prompt, median", f"{statistics.median(single):.1f} ms (goal <= 15 ms)"),
+        ("predict 1 prompt, median", f"{statistics.median(single):.1f} ms (goal <= 15 ms; {load()})"),
         ("predict 1 prompt, p90", f"{single[int(0.9 * len(single))]:.1f} ms"),
-        ("predict 256 prompts, median of 5", f"{statistics.median(batch):.3f} s (goal <= 1 s)"),
+        ("predict 256 prompts, median of 5", f"{statistics.median(batch):.3f} s (goal <= 1 s; {load()})"),
     ]
     return rows
 
@@ -101,14 +144,22 @@ def main() -> None:
     parser.add_argument("--num-entries", type=int, default=1_000_000)
     parser.add_argument("--num-calls", type=int, default=100)
     parser.add_argument("--bootstrap", action="append", default=None)
-    parser.add_argument("--num-threads", type=int, default=1, help="torch threads of the encoder")
+    parser.add_argument("--num-threads", type=int, action="append", default=None,
+                        help="encoder threads (repeatable: each is measured; default 1 and 2)")
+    parser.add_argument("--skip-index", action="store_true", help="leave out the index scale part")
     args = parser.parse_args()
-    print(f"{'measure':<34}  value")
-    print("-" * 80)
-    for rows in (asyncio.run(grpc_latency(args.bootstrap or DATA, args.num_calls, args.num_threads)),
-                 index_scale(args.num_entries)):
-        for name, value in rows:
-            print(f"{name:<34}  {value}", flush=True)
+    data = args.bootstrap or DATA
+    print(f"{'measure':<40}  value")
+    print("-" * 96)
+    for num_threads in args.num_threads or [1, 2]:
+        print(f"-- {num_threads} encoder thread(s)")
+        for rows in (bare_encoder(data, args.num_calls, num_threads),
+                     asyncio.run(grpc_latency(data, args.num_calls, num_threads))):
+            for name, value in rows:
+                print(f"{name:<40}  {value}", flush=True)
+    if not args.skip_index:
+        for name, value in index_scale(args.num_entries):
+            print(f"{name:<40}  {value}", flush=True)
 
 
 if __name__ == "__main__":
