@@ -61,11 +61,27 @@ def test_fcfs_preempts_the_newest_by_recompute_when_blocks_run_out():
 
 
 def test_fcfs_does_not_skip_a_job_that_does_not_fit():
-    core, worker = make_scheduler("fcfs", num_blocks=4, block_size=4, max_model_len=64)
-    core.submit(make_job("big", 20, arrival_s=0.0))   # 5 blocks: never fits 4
-    core.submit(make_job("small", 2, arrival_s=1.0))
+    # 8 blocks of 4: "a" (18 tokens) takes 5, "big" (14 tokens) needs 4 more: 9 > 8, so it
+    # waits, and FCFS keeps "small" (1 block, which would fit) behind it.
+    core, worker = make_scheduler("fcfs", num_blocks=8, block_size=4, max_model_len=32)
+    core.submit(make_job("a", 18, arrival_s=0.0))
+    core.submit(make_job("big", 14, arrival_s=1.0))
+    core.submit(make_job("small", 2, arrival_s=2.0))
     plan, _ = step(core, worker)
-    assert plan.run_step is False and not plan.commands
+    assert [c.job_id for c in commands_of(plan, Admit)] == ["a"]
+
+
+def test_a_job_never_outgrows_the_whole_cache():
+    # 12 blocks of 4 hold 48 tokens: a 27-token prompt asking for 40 more ends at 48 (LENGTH).
+    core, worker = make_scheduler("fcfs", num_blocks=12, block_size=4, max_model_len=200)
+    core.submit(make_job("j", 27, max_tokens=40))
+    produced = 0
+    for _ in range(100):
+        _, events = step(core, worker)
+        produced += sum(len(e.token_ids) for e in events)
+        if not core.jobs:
+            break
+    assert produced == 48 - 27 and not core.jobs
 
 
 def test_every_job_finishes_with_exact_token_counts():

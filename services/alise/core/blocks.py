@@ -81,5 +81,7 @@ class WorkerCapacity:
             value = getattr(self, name)
             if value < 1:
                 raise ValueError(f"worker {self.worker_id}: {name} must be >= 1, got {value}")
+        # A sequence can never grow past the whole cache: the worker ends it there (LENGTH).
+        self.max_model_len = min(self.max_model_len, self.num_device_blocks * self.block_size)
         if self.num_host_blocks < 0:
             raise ValueError(f"worker {self.worker_id}: num_host_blocks must be >= 0")

@@ -51,7 +51,8 @@ class VirtualWorker:
                  swap_bytes_per_s: float = 20e9, quantize_bytes_per_s: float = 200e9) -> None:
         self.allocator = BlockAllocator(num_device_blocks)
         self.block_size = block_size
-        self.max_model_len = max_model_len
+        # Same rule as the real engine: no sequence outgrows the whole cache.
+        self.max_model_len = min(max_model_len, num_device_blocks * block_size)
         self.latency = latency
         self.num_host_blocks = num_host_blocks
         self.kv = VirtualKvStore(self.allocator, block_size, num_host_blocks, block_bytes,

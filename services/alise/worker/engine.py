@@ -65,7 +65,9 @@ class WorkerEngine:
         self.runner = runner
         self.sampler = Sampler()
         self.eos_token_id = eos_token_id
-        self.max_model_len = max_model_len
+        # No sequence may outgrow the whole cache: it ends there (LENGTH) instead of
+        # waiting forever for blocks that cannot exist.
+        self.max_model_len = min(max_model_len, runner.num_blocks * runner.block_size)
         self.block_size = runner.block_size
         self.allocator = BlockAllocator(runner.num_blocks)
         self.num_host_blocks = num_host_blocks

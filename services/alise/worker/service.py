@@ -111,7 +111,7 @@ class Worker:
             worker_id=self.worker_id, model=loaded.name, device=str(loaded.device),
             dtype=str(loaded.dtype).removeprefix("torch."), block_size=cfg.block_size,
             num_device_blocks=self.engine.allocator.num_blocks, num_host_blocks=cfg.num_host_blocks,
-            max_model_len=loaded.max_model_len, vocab_size=loaded.config.vocab_size,
+            max_model_len=self.engine.max_model_len, vocab_size=loaded.config.vocab_size,
             eos_token_id=loaded.eos_token_id if loaded.eos_token_id is not None else -1,
             block_bytes=KVCache.block_bytes(loaded.config, cfg.block_size, loaded.dtype),
             max_num_seqs=cfg.max_num_seqs, max_num_batched_tokens=cfg.max_num_batched_tokens))
