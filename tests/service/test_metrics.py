@@ -34,3 +34,16 @@ async def test_scheduler_metrics_after_traffic(tiny_llama_dir):
     total = m['alise_kv_blocks{state="free",where="device",worker="w0"}'] + \
         m['alise_kv_blocks{state="used",where="device",worker="w0"}']
     assert total == num_blocks
+
+
+async def test_worker_metrics(tiny_llama_dir):
+    async with cluster(str(tiny_llama_dir), worker_overrides={"metrics_address": "127.0.0.1:0"}) as c, \
+            c.client() as client:
+        await client.complete("worker metrics", max_tokens=4, ignore_eos=True)
+        worker = c.workers[0][0]
+        m = await asyncio.to_thread(scrape, worker.metrics_port)
+    assert m["alise_worker_step_seconds_count"] >= 4
+    assert m['alise_worker_tokens_total{kind="decode"}'] == 3
+    assert m['alise_worker_tokens_total{kind="prefill"}'] >= 2
+    assert m['alise_worker_kv_blocks{state="used"}'] == 0
+    assert m["alise_worker_connected"] == 1

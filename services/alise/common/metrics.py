@@ -62,3 +62,16 @@ class SchedulerMetrics:
 
     def watch(self, read) -> None:
         self.registry.register(StateCollector(read))
+
+
+class WorkerMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.step = Histogram("alise_worker_step_seconds", "Model step duration",
+                              buckets=TOKEN_TIME_BUCKETS_S, registry=r)
+        self.tokens = Counter("alise_worker_tokens", "Tokens processed by kind", ["kind"], registry=r)
+        self.refused = Counter("alise_worker_refused_commands", "Commands refused", ["command"], registry=r)
+
+    def watch(self, read) -> None:
+        self.registry.register(StateCollector(read))

@@ -17,6 +17,7 @@ import grpc
 import torch
 from alise.client._channel import make_aio_channel
 from alise.common import grpc_server, wire
+from alise.common.metrics import WorkerMetrics, serve_metrics
 from alise.core.commands import StepPlan, StepReport
 from alise.core.latency_model import LatencyModel
 from alise.v1 import worker_pb2, worker_pb2_grpc
@@ -77,6 +78,8 @@ class Worker:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="worker-step")
         self._stopping = asyncio.Event()
         self.connected = asyncio.Event()
+        self.metrics = WorkerMetrics()
+        self.metrics_port = 0
 
     async def start_health(self) -> None:
         if not self.config.health_address:
@@ -102,6 +105,9 @@ class Worker:
         self.engine = WorkerEngine(runner, eos_token_id=self.loaded.eos_token_id,
                                    max_model_len=self.loaded.max_model_len,
                                    num_host_blocks=cfg.num_host_blocks)
+        self.metrics.watch(self._state_metrics)
+        if cfg.metrics_address:
+            self.metrics_port = serve_metrics(self.metrics.registry, cfg.metrics_address)
         logger.info("worker %s: %s on %s (%s), %d KV blocks of %d tokens, %s runner", self.worker_id,
                     self.loaded.name, self.loaded.device, self.loaded.dtype, num_blocks, cfg.block_size, cfg.runner)
 
@@ -186,7 +192,24 @@ class Worker:
                                 num_free_device_blocks=self.engine.allocator.num_free,
                                 num_free_host_blocks=self.engine.num_host_blocks)
         report.refused = refused
+        m = self.metrics
+        if report.step_duration_s > 0:
+            m.step.observe(report.step_duration_s)
+        m.tokens.labels("prefill").inc(report.num_prefill_tokens)
+        m.tokens.labels("decode").inc(report.num_decode_tokens)
+        for r in refused:
+            m.refused.labels(r.command).inc()
         return report
+
+    def _state_metrics(self):
+        engine = self.engine
+        used = engine.allocator.num_blocks - engine.allocator.num_free
+        yield ("alise_worker_kv_blocks", "Device KV blocks", ["state"],
+               [(["used"], used), (["free"], engine.allocator.num_free)])
+        yield ("alise_worker_jobs", "Jobs on this worker", ["state"],
+               [(["running"], engine.num_running), (["paused"], engine.num_paused)])
+        yield ("alise_worker_connected", "1 while attached to a scheduler", [],
+               [([], 1 if self.connected.is_set() else 0)])
 
     async def stop(self) -> None:
         self._stopping.set()
