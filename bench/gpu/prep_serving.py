@@ -1,0 +1,63 @@
+"""Data for the GPU serving runs, split so the predictor never saw a trace prompt.
+
+AlpacaEval prompt ids are split by ``id % 5``: ids with remainder 0, 1, 2 (483 prompts) are
+the predictor's history, all 12 models' outputs included; ids with remainder 3, 4 (322
+prompts) make the trace, each prompt once, with llama-2-70b-chat-hf's output lengths (the
+`chat` workload) in the MiniLM tokenizer and Poisson arrivals.
+
+    python bench/gpu/prep_serving.py --out .devcarry/serving --rate 4 --max-model-len 2048
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import random
+from pathlib import Path
+
+from alise.sim.trace import TraceRequest, arrival_times, default_counter, write_trace
+
+DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "alpaca_eval"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--out", required=True)
+    p.add_argument("--rate", type=float, default=4.0)
+    p.add_argument("--max-model-len", type=int, default=2048)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args()
+    out = Path(args.out)
+    (out / "train").mkdir(parents=True, exist_ok=True)
+    test_rows = []
+    for path in sorted(DATA.glob("*.jsonl.gz")):
+        with gzip.open(path, "rt") as f:
+            rows = [json.loads(line) for line in f]
+        with gzip.open(out / "train" / path.name, "wt") as f:
+            for row in rows:
+                if row["id"] % 5 < 3:
+                    f.write(json.dumps(row) + "\n")
+        if path.name.startswith("llama-2-70b-chat-hf"):
+            test_rows = [r for r in rows if r["id"] % 5 >= 3]
+    count = default_counter()
+    prompt_lens = count([r["instruction"] for r in test_rows])
+    output_lens = count([r["output"] for r in test_rows])
+    order = list(range(len(test_rows)))
+    random.Random(args.seed).shuffle(order)
+    times = arrival_times(len(order), args.rate, seed=args.seed + 1)
+    trace = []
+    for i, t in zip(order, times):
+        prompt_tokens = max(prompt_lens[i], 1)
+        room = args.max_model_len - prompt_tokens - 1
+        trace.append(TraceRequest(str(test_rows[i]["id"]), test_rows[i]["instruction"], prompt_tokens,
+                                  max(min(output_lens[i], room), 1), round(t, 6)))
+    write_trace(trace, out / "trace.jsonl")
+    outs = sorted(r.output_tokens for r in trace)
+    print(f"{len(trace)} trace requests at {args.rate} req/s; output tokens mean "
+          f"{sum(outs) / len(outs):.0f}, p50 {outs[len(outs) // 2]}, max {outs[-1]}; "
+          f"history: {len(list((out / 'train').glob('*.jsonl.gz')))} files")
+
+
+if __name__ == "__main__":
+    main()
