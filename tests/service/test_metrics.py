@@ -47,3 +47,23 @@ async def test_worker_metrics(tiny_llama_dir):
     assert m['alise_worker_tokens_total{kind="prefill"}'] >= 2
     assert m['alise_worker_kv_blocks{state="used"}'] == 0
     assert m["alise_worker_connected"] == 1
+
+
+async def test_predictor_metrics(tmp_path):
+    from alise.predictor.client import PredictorClient
+    from alise.predictor.config import PredictorConfig
+    from alise.predictor.service import start_predictor_server
+
+    server = await start_predictor_server(PredictorConfig(address="127.0.0.1:0", metrics_address="127.0.0.1:0"))
+    client = PredictorClient(f"127.0.0.1:{server.port}")
+    try:
+        await client.predict(["one prompt", "and another"], timeout_s=30)
+        await client.observe("one prompt", 12)
+        m = await asyncio.to_thread(scrape, server.metrics_port)
+    finally:
+        await client.close()
+        await server.stop(0.1)
+    assert m["alise_predictor_predict_seconds_count"] == 1
+    assert m["alise_predictor_prompts_total"] == 2
+    assert m['alise_predictor_observations_total{outcome="accepted"}'] == 1
+    assert m["alise_predictor_history_prompts"] == 1

@@ -153,6 +153,7 @@ class PredictorServer:
     port: int
     runtime: PredictorRuntime
     health: ServingStatus
+    metrics_port: int = 0
 
     async def stop(self, grace_s: float | None = None) -> None:
         """Drains: NOT_SERVING, finish in-flight RPCs, stop tasks, final snapshot."""
@@ -175,10 +176,9 @@ async def start_predictor_server(
     server.add_generic_rpc_handlers((servicer.generic_handler(),))
     health = await add_health_and_reflection(server, [SERVICE_NAME])
     port = bind_port(server, config.address, config.security)
-    if config.metrics_address:
-        serve_metrics(servicer.registry, config.metrics_address)
+    metrics_port = serve_metrics(servicer.registry, config.metrics_address) if config.metrics_address else 0
     await server.start()
     runtime.start()
     logger.info("predictor serving on port %d (%d prompts, index %s)", port,
                 runtime.history.num_prompts, runtime.history.index.index_type)
-    return PredictorServer(server, port, runtime, health)
+    return PredictorServer(server, port, runtime, health, metrics_port)
