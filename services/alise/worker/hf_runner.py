@@ -34,7 +34,7 @@ from transformers import DynamicCache
 
 from alise.worker.kv_cache import KVCache, KVShape
 from alise.worker.loader import LoadedModel
-from alise.worker.model_runner import SeqChunk
+from alise.worker.model_runner import RunnerBase, SeqChunk
 
 _PLACEHOLDER_SHAPE = KVShape(num_layers=1, num_kv_heads=1, head_dim=32)
 
@@ -62,7 +62,7 @@ class _SeqState:
     row: int = -1
 
 
-class TransformersRunner:
+class TransformersRunner(RunnerBase):
     """Runs ``loaded.model``'s own forward with per-sequence transformers caches (see the module doc)."""
 
     def __init__(self, loaded: LoadedModel, *, num_blocks: int, block_size: int, **ignored: object) -> None:
@@ -78,21 +78,6 @@ class TransformersRunner:
         self._seqs: dict[object, _SeqState] = {}
         self._batch: _DecodeBatch | None = None
 
-    @property
-    def block_size(self) -> int:
-        return self.kv_cache.block_size
-
-    @property
-    def num_blocks(self) -> int:
-        return self.kv_cache.num_blocks
-
-    @property
-    def vocab_size(self) -> int:
-        return self.config.vocab_size
-
-    @property
-    def max_model_len(self) -> int:
-        return self.loaded.max_model_len
 
     @property
     def num_cached_seqs(self) -> int:

@@ -56,7 +56,31 @@ class SeqChunk:
     block_table: list[int]
 
 
-class ModelRunner:
+class RunnerBase:
+    """What the engine reads off any runner: the cache's geometry and the model's limits.
+    Subclasses set ``kv_cache``, ``config`` and ``loaded``."""
+
+    kv_cache: KVCache
+    loaded: LoadedModel
+
+    @property
+    def block_size(self) -> int:
+        return self.kv_cache.block_size
+
+    @property
+    def num_blocks(self) -> int:
+        return self.kv_cache.num_blocks
+
+    @property
+    def vocab_size(self) -> int:
+        return self.config.vocab_size
+
+    @property
+    def max_model_len(self) -> int:
+        return self.loaded.max_model_len
+
+
+class ModelRunner(RunnerBase):
     """Runs a :class:`LoadedModel` over a :class:`KVCache` of ``num_blocks`` blocks of ``block_size``."""
 
     def __init__(self, loaded: LoadedModel, *, num_blocks: int, block_size: int,
@@ -103,21 +127,6 @@ class ModelRunner:
         return DecodeGraphs(lambda ids, meta: self._logits(self._forward(ids, meta)), max_batch=max_num_seqs,
                             width=width, block_size=self.block_size, device=self.device)
 
-    @property
-    def block_size(self) -> int:
-        return self.kv_cache.block_size
-
-    @property
-    def num_blocks(self) -> int:
-        return self.kv_cache.num_blocks
-
-    @property
-    def vocab_size(self) -> int:
-        return self.config.vocab_size
-
-    @property
-    def max_model_len(self) -> int:
-        return self.loaded.max_model_len
 
     def execute(self, chunks: list[SeqChunk], *, all_logits: bool = False,
                 seq_ids: list[str] | None = None) -> torch.Tensor | list[torch.Tensor]:
