@@ -120,6 +120,8 @@ async def main_async(args) -> dict:
             tally["sent"] += 1
             tasks.append(asyncio.create_task(run_request(client, req, min(req.output_tokens, args.max_tokens), tally)))
         await asyncio.gather(*tasks)
+    # Keep sampling memory (and injecting faults) for the whole duration, traffic or not.
+    await asyncio.sleep(max(end - time.monotonic(), 0.0))
     for task in background:
         task.cancel()
     elapsed = time.monotonic() - start

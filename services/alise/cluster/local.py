@@ -125,7 +125,7 @@ class LocalCluster:
                 raise TimeoutError(f"not healthy after {timeout_s:g} s: {', '.join(pending)}")
             time.sleep(0.2)
 
-    def stop(self, grace_s: float = 10.0) -> dict[str, int]:
+    def stop(self, grace_s: float = 30.0) -> dict[str, int]:
         """SIGTERM in reverse start order, SIGKILL what outlives the grace period."""
         for name in reversed(list(self.procs)):
             proc = self.procs[name]

@@ -258,13 +258,17 @@ class SchedulerServer:
     metrics_port: int = 0
 
     async def stop(self, grace_s: float = 5.0) -> None:
+        """Drains: refuse new requests, let in-flight ones finish within ``grace_s``, then
+        fail the rest with UNAVAILABLE and stop."""
         self.servicer.accepting = False
         await self.health.set(False)
         deadline = time.monotonic() + grace_s
         while self.engine.num_live_jobs() and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
+        logger.info("drained (%d requests still in flight); stopping", self.engine.num_live_jobs())
         await self.engine.stop()
         await self.server.stop(1.0)
+        logger.info("stopped")
 
 
 async def start_scheduler(config: SchedulerConfig, *, predict=None, observe=None) -> SchedulerServer:
