@@ -91,11 +91,14 @@ class LocalCluster:
     env: dict[str, str] = field(default_factory=dict)
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
 
-    def start(self) -> None:
+    def start(self, tier_timeout_s: float = 300.0) -> None:
+        """Starts the predictor, waits until it serves, then the scheduler likewise, then the
+        workers: each tier dials the one before, so it never starts against a closed port."""
         os.makedirs(self.log_dir, exist_ok=True)
-        # Predictor first, then the scheduler, then workers: each dials the one before.
         for name in self.commands:
             self.start_one(name)
+            if name in ("predictor", "scheduler"):
+                self.wait_healthy(tier_timeout_s, names=[name])
 
     def start_one(self, name: str) -> subprocess.Popen:
         """Starts (or restarts) one service with its command; its log is appended to."""
@@ -109,9 +112,9 @@ class LocalCluster:
         logger.info("started %s (pid %d): alise %s", name, proc.pid, " ".join(args))
         return proc
 
-    def wait_healthy(self, timeout_s: float) -> None:
+    def wait_healthy(self, timeout_s: float, names: list[str] | None = None) -> None:
         deadline = time.monotonic() + timeout_s
-        pending = dict(self.commands)
+        pending = {name: self.commands[name] for name in (names or self.commands)}
         while pending:
             for name in list(pending):
                 proc = self.procs[name]

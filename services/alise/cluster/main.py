@@ -48,8 +48,8 @@ def main(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGINT, request_stop)
     signal.signal(signal.SIGTERM, request_stop)
-    cluster.start()
     try:
+        cluster.start(cfg.startup_timeout_s)
         cluster.wait_healthy(cfg.startup_timeout_s)
         print(f"alise: cluster ready on {cfg.address} ({cfg.num_workers} worker(s), policy "
               f"{cfg.policy}); logs in {cluster.log_dir}. Ctrl-C to stop.", file=sys.stderr,

@@ -50,7 +50,8 @@ class PredictorClient:
         """One estimate per prompt, in order."""
         try:
             response = await self._stub.Predict(
-                predictor_pb2.PredictRequest(prompts=list(prompts)), timeout=timeout_s)
+                predictor_pb2.PredictRequest(prompts=list(prompts)), timeout=timeout_s,
+                wait_for_ready=True)  # a reconnecting channel gets the whole deadline
         except grpc.aio.AioRpcError as exc:
             raise PredictorUnavailable(f"Predict failed: {exc.code().name}: {exc.details()}",
                                        exc.code()) from exc
@@ -61,7 +62,8 @@ class PredictorClient:
         """Reports one finished request (``model`` empty = the predictor's served model)."""
         observation = predictor_pb2.Observation(prompt=prompt, output_tokens=output_tokens, model=model)
         try:
-            response = await self._stub.Observe(iter([observation]), timeout=timeout_s)
+            response = await self._stub.Observe(iter([observation]), timeout=timeout_s,
+                                                wait_for_ready=True)
         except grpc.aio.AioRpcError as exc:
             raise PredictorUnavailable(f"Observe failed: {exc.code().name}: {exc.details()}",
                                        exc.code()) from exc
