@@ -124,3 +124,37 @@ def test_oversize_and_garbage_bytes(live):
 
 def test_server_healthy_after_fuzzing(live):
     assert_healthy(live)
+
+
+def _valid_hello(worker_id: str) -> worker_pb2.WorkerMessage:
+    return worker_pb2.WorkerMessage(hello=worker_pb2.WorkerHello(
+        worker_id=worker_id, model="x", block_size=16, num_device_blocks=64, max_model_len=256,
+        max_num_seqs=8, max_num_batched_tokens=512))
+
+
+@pytest.mark.parametrize("report", [
+    worker_pb2.StepReport(step_id=99),                                            # out of step
+    worker_pb2.StepReport(step_id=0, step_duration_s=-1.0),                       # negative duration
+    worker_pb2.StepReport(step_id=0, step_duration_s=float("nan")),               # NaN
+    worker_pb2.StepReport(step_id=0, outputs=[worker_pb2.JobOutput(job_id="ghost", token_ids=[1],
+                                                                   finish_reason=77)]),  # unknown enum
+], ids=["wrong-step", "negative", "nan", "unknown-enum"])
+def test_worker_sending_nonsense_reports_is_disconnected(live, report):
+    def messages():
+        yield _valid_hello("liar")
+        time.sleep(0.3)  # let the welcome plan (step 0) arrive first
+        yield worker_pb2.WorkerMessage(report=report)
+        time.sleep(1.0)
+
+    received = []
+    with grpc.insecure_channel(live.address) as channel:
+        stub = worker_pb2_grpc.WorkerServiceStub(channel)
+        try:
+            for msg in stub.Connect(messages(), timeout=5):
+                received.append(msg)
+        except grpc.RpcError as exc:
+            assert exc.code() in CLEAR, exc
+    kinds = [m.WhichOneof("kind") for m in received]
+    assert kinds[0] == "plan" and kinds[-1] == "shutdown", kinds
+    assert "protocol error" in received[-1].shutdown.reason
+    assert_healthy(live)
