@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import os
 
 from alise.common.grpc_server import run_until_signal
-from alise.common.logs import configure_logging
+from alise.common.entrypoint import run_service
 from alise.common.security import add_security_arguments, security_from_args
 from alise.scheduler.config import SchedulerConfig
 
@@ -58,11 +57,4 @@ async def serve(config: SchedulerConfig) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    configure_logging("scheduler")
-    try:
-        config = config_from_args(args)
-    except ValueError as exc:
-        logger.error("bad configuration: %s", exc)
-        return 2
-    asyncio.run(serve(config))
-    return 0
+    return run_service("scheduler", args, config_from_args, serve)

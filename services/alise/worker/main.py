@@ -8,7 +8,7 @@ import logging
 import os
 import signal
 
-from alise.common.logs import configure_logging
+from alise.common.entrypoint import run_service
 from alise.common.security import add_security_arguments, security_from_args
 from alise.worker.config import WorkerConfig
 
@@ -79,11 +79,4 @@ async def serve(config: WorkerConfig) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    configure_logging("worker")
-    try:
-        config = config_from_args(args)
-    except ValueError as exc:
-        logger.error("bad configuration: %s", exc)
-        return 2
-    asyncio.run(serve(config))
-    return 0
+    return run_service("worker", args, config_from_args, serve)
