@@ -90,6 +90,7 @@ class SchedulerEngine:
         self.inbox: asyncio.Queue = asyncio.Queue(maxsize=100_000)
         self.started_s = time.monotonic()
         self._task: asyncio.Task | None = None
+        self._stopping = False
 
     # ----------------------------------------------------------------- lifecycle
 
@@ -97,12 +98,14 @@ class SchedulerEngine:
         self._task = asyncio.create_task(self._run(), name="scheduler-engine")
 
     async def stop(self) -> None:
+        # A stop event rather than task.cancel(): in Python 3.11 a cancel that lands while
+        # wait_for's inner get() completes is swallowed, and the loop would run on.
         if self._task is not None:
-            self._task.cancel()
+            self.inbox.put_nowait(("stop", None))
             try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+                await asyncio.wait_for(asyncio.shield(self._task), timeout=5.0)
+            except TimeoutError:
+                self._task.cancel()
         for stream in list(self.streams.values()):
             stream.push(JobFailed("UNAVAILABLE", "the scheduler is shutting down"))
 
@@ -139,7 +142,7 @@ class SchedulerEngine:
     # ----------------------------------------------------------------- the loop
 
     async def _run(self) -> None:
-        while True:
+        while not self._stopping:
             try:
                 event = await asyncio.wait_for(self.inbox.get(), timeout=0.5)
             except TimeoutError:
@@ -155,6 +158,9 @@ class SchedulerEngine:
                     logger.exception("engine failed to handle %s", kind)
             self._expire_unserved(now)
             self._dispatch(time.monotonic())
+
+    def _on_stop(self, _payload, now: float) -> None:
+        self._stopping = True
 
     def _on_submit(self, job: Job, now: float) -> None:
         if self.streams.get(job.job_id) is None or self.streams[job.job_id].closed:
