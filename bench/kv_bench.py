@@ -8,7 +8,8 @@ A job of ``--gib`` GiB of KV sits in scattered blocks of the device cache; the s
 * the plain copy: one contiguous device tensor of the same size to/from pinned host memory;
 * swap-out / swap-in of the job through ``KvOffload`` (side stream, staging, event);
 * the overlap of a swap with compute on the default stream;
-* quantize (int8, int4) in place and dequantize on resume, with the reconstruction error.
+* quantize (int8, int4) in place and dequantize on resume, with the reconstruction error, on
+  the fused Triton kernels (the default on CUDA) and on the torch codec.
 
 Torch only (no grpc, no faiss). Prints a table and writes JSON.
 """
@@ -120,8 +121,12 @@ def main() -> None:
     results.update(overlap_compute_s=t_compute, overlap_swap_s=t_swap, overlap_both_s=t_both)
     a = None
 
-    # Quantize in place and dequantize on resume, per format.
-    for bits, action in ((8, KvAction.QUANTIZE_INT8), (4, KvAction.QUANTIZE_INT4)):
+    # Quantize in place and dequantize on resume, per format, fused kernels then the torch codec.
+    paths = (("fused", True), ("torch", False)) if offload.fused else (("torch", False),)
+    for (path, fused), (bits, action) in ((p, b) for p in paths
+                                          for b in ((8, KvAction.QUANTIZE_INT8),
+                                                    (4, KvAction.QUANTIZE_INT4))):
+        offload.fused = fused
         reference = torch.stack((cache.key_cache[:, seq.block_table],
                                  cache.value_cache[:, seq.block_table])).float()
         q_times, d_times = [], []
@@ -144,9 +149,9 @@ def main() -> None:
             # Put the exact values back so each repetition starts from the same data.
             cache.key_cache[:, seq.block_table] = reference[0].half()
             cache.value_cache[:, seq.block_table] = reference[1].half()
-        results[f"int{bits}"] = dict(quantize_s=statistics.median(q_times[1:]),
-                                     dequantize_s=statistics.median(d_times[1:]),
-                                     blocks_held=held, rel_error=rel)
+        results[f"int{bits}_{path}"] = dict(quantize_s=statistics.median(q_times[1:]),
+                                            dequantize_s=statistics.median(d_times[1:]),
+                                            blocks_held=held, rel_error=rel)
         del reference
 
     gib = num_bytes / (1 << 30)
@@ -163,10 +168,13 @@ def main() -> None:
     print(f"swap round trip exact: {results['swap_round_trip_exact']}")
     print(f"overlap: compute {t_compute * 1e3:.1f} ms, swap out+in {t_swap * 1e3:.1f} ms, "
           f"both {t_both * 1e3:.1f} ms (hidden: {(t_compute + t_swap - t_both) / t_swap:.0%} of the swap)")
-    for bits in (8, 4):
-        r = results[f"int{bits}"]
-        print(f"int{bits}: quantize {r['quantize_s'] * 1e3:.2f} ms, dequantize {r['dequantize_s'] * 1e3:.2f} ms "
-              f"of {gib:.2f} GiB; keeps {r['blocks_held']}/{num_job} blocks; rel error {r['rel_error']:.2e}")
+    for path, _ in paths:
+        for bits in (8, 4):
+            r = results[f"int{bits}_{path}"]
+            print(f"int{bits} {path:5s}: quantize {r['quantize_s'] * 1e3:7.2f} ms "
+                  f"({gbs(r['quantize_s']):6.1f} GB/s), dequantize {r['dequantize_s'] * 1e3:7.2f} ms "
+                  f"({gbs(r['dequantize_s']):6.1f} GB/s) of {gib:.2f} GiB; keeps "
+                  f"{r['blocks_held']}/{num_job} blocks; rel error {r['rel_error']:.2e}")
     if args.out:
         with open(args.out, "w", encoding="utf-8") as f:
             json.dump(results, f, indent=2)

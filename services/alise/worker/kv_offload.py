@@ -27,6 +27,9 @@ the blocks it keeps. Dequantizing allocates ``n - m`` blocks again and writes th
 back in full precision. Why G = 32: the scale/zero overhead is 12.5 % of an int8 payload
 and 25 % of an int4 one, and 32 channels is the granularity at which int4 KV keeps the
 model's logits within a few per cent (KIVI-style; figures in tests/unit/test_kv_quant.py).
+On CUDA with Triton, quantizing from full precision and dequantizing run as fused kernels
+(:mod:`alise.worker.triton_kvquant`: the pages are read in place, the same bytes come out);
+elsewhere, and for int8 -> int4, the torch codec below.
 
 Host pool
 ---------
@@ -54,6 +57,7 @@ from alise.core.blocks import (
 )
 from alise.core.commands import KvAction
 from alise.core.job import KvPlace
+from alise.worker import triton_kvquant
 from alise.worker.block_allocator import BlockAllocator
 from alise.worker.kv_cache import KVCache
 
@@ -76,7 +80,8 @@ def quantize_groups(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Ten
     lo = x.amin(-1).clamp(-65504, 65504)
     hi = x.amax(-1).clamp(-65504, 65504)
     zero = lo.half()
-    scale = ((hi - lo) / levels).clamp_min(1e-8).half()
+    scale = ((hi - lo) / levels).half()
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # a constant group: codes 0
     q = ((x - zero.float()[..., None]) / scale.float()[..., None]).round_().clamp_(0, levels)
     q = q.to(torch.uint8)
     if bits == 4:
@@ -182,6 +187,8 @@ class KvOffload:
             self.host_pool = torch.empty((num_host_blocks, 2, layers, self.codec.chunk_bytes),
                                          dtype=torch.uint8, pin_memory=self.is_cuda)
         self.stream = torch.cuda.Stream(self.device) if self.is_cuda else None
+        #: Quantize / dequantize with the Triton kernels (CUDA), else the torch codec.
+        self.fused = triton_kvquant.is_available(self.device)
         #: Swap-outs in flight: (event, device block ids still being read).
         self.pending_out: list[tuple[object, list[int]]] = []
         self._k = _as_bytes(cache.key_cache)
@@ -278,21 +285,46 @@ class KvOffload:
         if full == 0:
             seq.place = _QUANTIZED[bits]
             return None
-        for first, last in self._layer_chunks(full):
-            for raw in (self._k, self._v):
-                values = self._read(raw, seq, table, first, last, full, source_bits)
-                self._write_stream(raw, table[:keep], first, last,
-                                   self.codec.encode(values, bits))
+        if self.fused and source_bits == 16:
+            self._quantize_fused(table, full, keep, bits)
+        else:
+            for first, last in self._layer_chunks(full):
+                for raw in (self._k, self._v):
+                    values = self._read(raw, seq, table, first, last, full, source_bits)
+                    self._write_stream(raw, table[:keep], first, last,
+                                       self.codec.encode(values, bits))
         self.allocator.free(table[keep:])
         seq.block_table = table[:keep]
         seq.place = _QUANTIZED[bits]
         return None
+
+    def _quantize_fused(self, table: list[int], full: int, keep: int, bits: int) -> None:
+        """Triton: pages -> stream buffer (one read of the KV) -> the kept blocks."""
+        index = torch.tensor(table, dtype=torch.int64, device=self.device)
+        for first, last in self._layer_chunks(full, work_bytes_per_value=self.codec.itemsize):
+            for cache, raw in ((self.cache.key_cache, self._k), (self.cache.value_cache, self._v)):
+                buf = torch.empty((last - first, keep * self.codec.chunk_bytes), dtype=torch.uint8,
+                                  device=self.device)
+                triton_kvquant.quantize_pages(cache[first:last], index, full, self.codec.group,
+                                              bits, buf)
+                raw[first:last].index_copy_(1, index[:keep], buf.view(last - first, keep, -1))
 
     def _dequantize(self, seq: KvState, full: int) -> None:
         self.wait_ready([seq])
         bits = QUANTIZED_BITS[seq.place]
         extra = self.allocate(full - len(seq.block_table))
         table = seq.block_table + extra
+        if self.fused:
+            kept = torch.tensor(seq.block_table, dtype=torch.int64, device=self.device)
+            index = torch.tensor(table, dtype=torch.int64, device=self.device)
+            for first, last in self._layer_chunks(full, work_bytes_per_value=self.codec.itemsize):
+                for cache, raw in ((self.cache.key_cache, self._k),
+                                   (self.cache.value_cache, self._v)):
+                    stream = raw[first:last].index_select(1, kept).view(last - first, -1)
+                    triton_kvquant.dequantize_pages(stream, index, full, self.codec.group, bits,
+                                                    cache[first:last])
+            seq.block_table = table
+            return
         for first, last in self._layer_chunks(full):
             for cache, raw in ((self.cache.key_cache, self._k), (self.cache.value_cache, self._v)):
                 values = self._read(raw, seq, seq.block_table, first, last, full, bits)
@@ -320,8 +352,10 @@ class KvOffload:
         index = torch.tensor(table, dtype=torch.int64, device=self.device)
         raw[first:last].index_copy_(1, index, buf.view(num_layers, len(table), -1))
 
-    def _layer_chunks(self, full: int) -> list[tuple[int, int]]:
-        per_layer = max(1, full * self.codec.values_per_block * 4 * 3)  # float32 work + codes
+    def _layer_chunks(self, full: int, work_bytes_per_value: int = 12) -> list[tuple[int, int]]:
+        """Layer ranges whose temporaries stay under ``STAGING_BYTES`` (the torch codec's
+        float32 work and codes: ~12 bytes a value; the fused path's stream: under 2)."""
+        per_layer = max(1, full * self.codec.values_per_block * work_bytes_per_value)
         step = max(1, STAGING_BYTES // per_layer)
         num_layers = self.cache.shape.num_layers
         return [(i, min(i + step, num_layers)) for i in range(0, num_layers, step)]
