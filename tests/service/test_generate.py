@@ -152,3 +152,25 @@ async def test_status_reports_worker(tiny_llama_dir):
     [w] = status.workers
     assert w["worker_id"] == "w0"
     assert int(w["num_device_blocks"]) > 0
+
+
+async def test_cycle_times_account_for_every_step(tiny_llama_dir, caplog):
+    async with cluster(str(tiny_llama_dir)) as c, c.client() as client:
+        engine = c.scheduler.engine
+        link = next(iter(engine.links.values()))
+        await client.complete("time the cycles", max_tokens=12, ignore_eos=True)
+        times = link.times
+        # A cycle per report answered by a plan: 12 tokens take 12 steps; the last report
+        # (the job finished) is answered by no plan.
+        assert times.cycles >= 11
+        assert times.round_trip_s >= times.device_s > 0
+        assert times.turnaround_s >= times.schedule_s > 0
+        assert times.apply_s > 0
+        engine.log_cycle_times_s = 0.0
+        c.workers[0][0].log_cycle_times_s = 0.0
+        with caplog.at_level("INFO"):
+            await client.complete("and log them", max_tokens=3, ignore_eos=True)
+            await asyncio.sleep(0.05)
+        messages = [r.getMessage() for r in caplog.records]
+        assert any("cycles; per cycle" in m and "device" in m for m in messages)   # scheduler
+        assert any("waiting for the plan" in m and "executing" in m for m in messages)  # worker

@@ -56,6 +56,32 @@ class JobStream:
 
 
 @dataclass
+class CycleTimes:
+    """Where one worker's plan/report cycles went (sums, seconds), as the scheduler sees them.
+
+    A cycle: the plan is handed to the worker's stream, the worker runs it and reports, the
+    scheduler takes the report in and hands over the next plan. ``device_s`` is what the worker
+    timed around its forward and sampling; ``round_trip_s - device_s`` is the worker's host
+    work and the transport both ways; ``turnaround_s`` is the scheduler's share (of which
+    ``apply_s`` applying reports and fanning tokens out, ``schedule_s`` planning)."""
+
+    cycles: int = 0
+    device_s: float = 0.0
+    round_trip_s: float = 0.0
+    turnaround_s: float = 0.0
+    apply_s: float = 0.0
+    schedule_s: float = 0.0
+
+    def summary(self) -> str:
+        n = max(self.cycles, 1)
+        ms = lambda x: 1e3 * x / n  # noqa: E731
+        return (f"{self.cycles} cycles; per cycle {ms(self.round_trip_s + self.turnaround_s):.1f} ms: "
+                f"device {ms(self.device_s):.1f}, worker host + transport "
+                f"{ms(self.round_trip_s - self.device_s):.1f}, scheduler {ms(self.turnaround_s):.1f} "
+                f"(reports {ms(self.apply_s):.1f}, planning {ms(self.schedule_s):.1f})")
+
+
+@dataclass
 class WorkerLink:
     """One connected worker's stream, as the engine sees it."""
 
@@ -68,6 +94,9 @@ class WorkerLink:
     plan: StepPlan | None = None      # the plan it is executing
     last_step_s: float = 0.0
     num_steps: int = 0
+    times: CycleTimes = field(default_factory=CycleTimes)
+    plan_sent_s: float | None = None   # when its current plan was handed to the stream
+    report_at_s: float | None = None   # when its last report arrived (not yet answered)
 
     @property
     def worker_id(self) -> str:
@@ -91,6 +120,9 @@ class SchedulerEngine:
         self.started_s = time.monotonic()
         self._task: asyncio.Task | None = None
         self._stopping = False
+        #: Every this many seconds, log each worker's cycle times (and start them over).
+        self.log_cycle_times_s = 30.0
+        self._times_logged_s = time.monotonic()
 
     # ----------------------------------------------------------------- lifecycle
 
@@ -134,7 +166,7 @@ class SchedulerEngine:
         self.inbox.put_nowait(("join", link))
 
     def worker_reported(self, worker_id: str, report: StepReport) -> None:
-        self.inbox.put_nowait(("report", (worker_id, report)))
+        self.inbox.put_nowait(("report", (worker_id, report, time.monotonic())))
 
     def worker_left(self, worker_id: str) -> None:
         self.inbox.put_nowait(("leave", worker_id))
@@ -158,6 +190,16 @@ class SchedulerEngine:
                     logger.exception("engine failed to handle %s", kind)
             self._expire_unserved(now)
             self._dispatch(time.monotonic())
+            if now - self._times_logged_s >= self.log_cycle_times_s:
+                self._log_cycle_times(now)
+
+    def _log_cycle_times(self, now: float) -> None:
+        for link in self.links.values():
+            if link.times.cycles:
+                logger.info("worker %s, last %.0f s: %s", link.worker_id,
+                            now - self._times_logged_s, link.times.summary())
+            link.times = CycleTimes()
+        self._times_logged_s = now
 
     def _on_stop(self, _payload, now: float) -> None:
         self._stopping = True
@@ -190,11 +232,12 @@ class SchedulerEngine:
         moved = self.core.remove_worker(worker_id, now)
         logger.warning("worker %s left; %d jobs go back to the queue", worker_id, len(moved))
 
-    def _on_report(self, payload: tuple[str, StepReport], now: float) -> None:
-        worker_id, report = payload
+    def _on_report(self, payload: tuple[str, StepReport, float], now: float) -> None:
+        worker_id, report, received_s = payload
         link = self.links.get(worker_id)
         if link is None:
             return
+        started = time.monotonic()
         try:
             if link.plan is None or report.step_id != link.plan.step_id:
                 raise ValueError(f"reported step {report.step_id}, expected "
@@ -220,6 +263,12 @@ class SchedulerEngine:
                 self._record_finish(stream.job)
                 if self.on_finish is not None:
                     self.on_finish(stream.job)
+        times = link.times
+        if link.plan_sent_s is not None:
+            times.round_trip_s += received_s - link.plan_sent_s
+            times.device_s += report.step_duration_s
+            times.apply_s += time.monotonic() - started
+            link.report_at_s = received_s
 
     def _record_finish(self, job: Job) -> None:
         m = self.metrics
@@ -266,12 +315,19 @@ class SchedulerEngine:
         for link in self.links.values():
             if not link.idle:
                 continue
+            started = time.monotonic()
             plan = self.core.schedule(link.worker_id, now)
             if plan.is_empty:
                 continue
             link.idle = False
             link.plan = plan
             link.outbox.put_nowait(plan)
+            sent = time.monotonic()
+            if link.report_at_s is not None:
+                link.times.cycles += 1
+                link.times.turnaround_s += sent - link.report_at_s
+                link.times.schedule_s += sent - started
+            link.plan_sent_s, link.report_at_s = sent, None
 
     def _expire_unserved(self, now: float) -> None:
         if self.links or not self.core.waiting:

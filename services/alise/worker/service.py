@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -79,6 +80,10 @@ class Worker:
         self._stopping = asyncio.Event()
         self.connected = asyncio.Event()
         self.metrics = WorkerMetrics()
+        #: Sums since the last log line: [cycles, waiting for a plan, in the executor, step].
+        self._cycle = [0, 0.0, 0.0, 0.0]
+        self._cycle_logged_s = time.monotonic()
+        self.log_cycle_times_s = 30.0
         self.metrics_port = 0
 
     async def start_health(self) -> None:
@@ -155,6 +160,7 @@ class Worker:
             call = worker_pb2_grpc.WorkerServiceStub(channel).Connect(metadata=sec.internal_metadata())
             await call.write(self.hello())
             stop_waiter = asyncio.ensure_future(self._stopping.wait())
+            reported_s = None
             try:
                 while True:
                     reader = asyncio.ensure_future(call.read())
@@ -177,11 +183,32 @@ class Worker:
                         self.connected.set()
                         if self.health:
                             await self.health.set(True)
+                    started = time.monotonic()
                     report = await asyncio.get_running_loop().run_in_executor(
                         self._executor, self._execute, plan)
                     await call.write(wire.report_to_pb(report))
+                    now = time.monotonic()
+                    if reported_s is not None:
+                        self._count_cycle(started - reported_s, now - started, report.step_duration_s)
+                    reported_s = now
             finally:
                 stop_waiter.cancel()
+
+    def _count_cycle(self, wait_s: float, execute_s: float, step_s: float) -> None:
+        """Sums where the worker's time goes; logs them every ``log_cycle_times_s``."""
+        c = self._cycle
+        c[0] += 1
+        c[1] += wait_s
+        c[2] += execute_s
+        c[3] += step_s
+        now = time.monotonic()
+        if now - self._cycle_logged_s >= self.log_cycle_times_s:
+            n = c[0]
+            logger.info("worker %s, last %.0f s: %d cycles; per cycle: waiting for the plan %.1f ms, "
+                        "executing %.1f ms (forward + sampling %.1f ms)", self.worker_id,
+                        now - self._cycle_logged_s, n, 1e3 * c[1] / n, 1e3 * c[2] / n, 1e3 * c[3] / n)
+            self._cycle = [0, 0.0, 0.0, 0.0]
+            self._cycle_logged_s = now
 
     def _execute(self, plan: StepPlan) -> StepReport:
         refused = self.engine.apply(plan.commands)
