@@ -80,8 +80,10 @@ class Worker:
         self._stopping = asyncio.Event()
         self.connected = asyncio.Event()
         self.metrics = WorkerMetrics()
-        #: Sums since the last log line: [cycles, waiting for a plan, in the executor, step].
-        self._cycle = [0, 0.0, 0.0, 0.0]
+        #: Sums since the last log line: cycles, waiting for a plan, in the executor, and per
+        #: kind of step ("decode": decode tokens only; "mixed": with prefill tokens) steps,
+        #: forward + sampling seconds, prefill tokens, decode tokens.
+        self._cycle = self._new_cycle_sums()
         self._cycle_logged_s = time.monotonic()
         self.log_cycle_times_s = 30.0
         self.metrics_port = 0
@@ -189,26 +191,42 @@ class Worker:
                     await call.write(wire.report_to_pb(report))
                     now = time.monotonic()
                     if reported_s is not None:
-                        self._count_cycle(started - reported_s, now - started, report.step_duration_s)
+                        self._count_cycle(started - reported_s, now - started, report)
                     reported_s = now
             finally:
                 stop_waiter.cancel()
 
-    def _count_cycle(self, wait_s: float, execute_s: float, step_s: float) -> None:
+    @staticmethod
+    def _new_cycle_sums() -> dict:
+        return dict(cycles=0, wait_s=0.0, execute_s=0.0,
+                    decode=[0, 0.0, 0, 0], mixed=[0, 0.0, 0, 0])
+
+    def _count_cycle(self, wait_s: float, execute_s: float, report: StepReport) -> None:
         """Sums where the worker's time goes; logs them every ``log_cycle_times_s``."""
         c = self._cycle
-        c[0] += 1
-        c[1] += wait_s
-        c[2] += execute_s
-        c[3] += step_s
+        c["cycles"] += 1
+        c["wait_s"] += wait_s
+        c["execute_s"] += execute_s
+        if report.step_duration_s > 0:
+            kind = c["mixed"] if report.num_prefill_tokens else c["decode"]
+            kind[0] += 1
+            kind[1] += report.step_duration_s
+            kind[2] += report.num_prefill_tokens
+            kind[3] += report.num_decode_tokens
         now = time.monotonic()
-        if now - self._cycle_logged_s >= self.log_cycle_times_s:
-            n = c[0]
-            logger.info("worker %s, last %.0f s: %d cycles; per cycle: waiting for the plan %.1f ms, "
-                        "executing %.1f ms (forward + sampling %.1f ms)", self.worker_id,
-                        now - self._cycle_logged_s, n, 1e3 * c[1] / n, 1e3 * c[2] / n, 1e3 * c[3] / n)
-            self._cycle = [0, 0.0, 0.0, 0.0]
-            self._cycle_logged_s = now
+        if now - self._cycle_logged_s < self.log_cycle_times_s:
+            return
+        n = c["cycles"]
+        kinds = "; ".join(
+            f"{name} steps {k[0]}, {1e3 * k[1] / k[0]:.1f} ms each ({k[2] / k[0]:.0f} prefill + "
+            f"{k[3] / k[0]:.0f} decode tokens)" for name, k in (("decode", c["decode"]), ("mixed", c["mixed"]))
+            if k[0])
+        logger.info("worker %s, last %.0f s: %d cycles; per cycle: waiting for the plan %.1f ms, "
+                    "executing %.1f ms; forward + sampling: %s", self.worker_id,
+                    now - self._cycle_logged_s, n, 1e3 * c["wait_s"] / n, 1e3 * c["execute_s"] / n,
+                    kinds or "no steps")
+        self._cycle = self._new_cycle_sums()
+        self._cycle_logged_s = now
 
     def _execute(self, plan: StepPlan) -> StepReport:
         refused = self.engine.apply(plan.commands)
