@@ -59,16 +59,22 @@ def build_attention_metadata(start_positions: list[int], num_tokens: list[int], 
     width = max(blocks_needed)
     table = torch.tensor([bt[:k] + [0] * (width - k) for bt, k in zip(block_tables, blocks_needed)],
                          dtype=torch.int64)
-    counts = torch.tensor(num_tokens, dtype=torch.int64)
-    row_starts = torch.cumsum(counts, 0) - counts
-    seq_of_row = torch.repeat_interleave(torch.arange(len(num_tokens)), counts)
-    positions = (torch.arange(int(counts.sum())) - row_starts[seq_of_row]
-                 + torch.tensor(start_positions, dtype=torch.int64)[seq_of_row])
-    slots = table[seq_of_row, positions // block_size] * block_size + positions % block_size
+    # Row -> sequence and position, in plain Python: a few thousand rows at most, and CPU
+    # repeat_interleave measured milliseconds a call inside a busy worker.
+    seq_of_row: list[int] = []
+    position_list: list[int] = []
+    row_starts: list[int] = []
+    for seq, (start, n) in enumerate(zip(start_positions, num_tokens)):
+        row_starts.append(len(seq_of_row))
+        seq_of_row.extend([seq] * n)
+        position_list.extend(range(start, start + n))
+    positions = torch.tensor(position_list, dtype=torch.int64)
+    slots = table[torch.tensor(seq_of_row, dtype=torch.int64), positions // block_size] * block_size \
+        + positions % block_size
 
     prefills = []
     decode_seqs = []
-    for seq, (row_start, n) in enumerate(zip(row_starts.tolist(), num_tokens)):
+    for seq, (row_start, n) in enumerate(zip(row_starts, num_tokens)):
         if n == 1:
             decode_seqs.append(seq)
             continue
@@ -85,7 +91,7 @@ def build_attention_metadata(start_positions: list[int], num_tokens: list[int], 
     if decode_seqs:
         idx = torch.tensor(decode_seqs, dtype=torch.int64)
         decode_width = max(blocks_needed[s] for s in decode_seqs)
-        decode_rows = row_starts[idx].to(device)
+        decode_rows = torch.tensor([row_starts[s] for s in decode_seqs], dtype=torch.int64).to(device)
         decode_tables = table[idx, :decode_width].to(device)
         decode_lens = torch.tensor([context_lens[s] for s in decode_seqs], dtype=torch.int64).to(device)
     return AttentionMetadata(positions=positions.to(device), slot_mapping=slots.to(device),

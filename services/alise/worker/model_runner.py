@@ -98,6 +98,12 @@ class ModelRunner(RunnerBase):
         self._head_dim = self.kv_cache.shape.head_dim
         self._scale = self._head_dim ** -0.5
         self.attention_backend = _pick_backend(attention_backend, self.device)
+        if self.device.type == "cuda":
+            # Prefill attention sees a new (query, key) length nearly every step; cuDNN's SDPA
+            # builds an execution plan per new shape (bench/gpu/mixed_steps.py measures it), the
+            # flash and memory-efficient kernels do not. A worker-wide setting, as the runner
+            # owns the process's GPU work.
+            torch.backends.cuda.enable_cudnn_sdp(False)
         if loaded.family == "opt":
             self._forward = self._forward_opt
             layers = self.model.model.decoder.layers
