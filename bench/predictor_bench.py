@@ -3,8 +3,9 @@
     .venv/bin/python bench/predictor_bench.py [--num-entries 1000000] [--bootstrap FILE ...]
 
 1. Bare encoder, in the same run so the ratios hold on a loaded machine: sentence-transformers
-   (the original path) against the default fast path, 1 prompt and 256 prompts, wall and CPU
-   seconds, with the load average beside each line.
+   (the original path), the int8 packed path on torch (the fallback) and the default (int8 on
+   ONNX Runtime where installed), 1 prompt and 256 prompts, wall and CPU seconds, with the
+   load average beside each line.
 2. Starts an in-process PredictorService bootstrapped from the AlpacaEval files (12 models),
    then measures one-prompt Predict latency (sequential calls) and a 256-prompt Predict.
 3. Builds a VectorIndex of ``--num-entries`` synthetic unit vectors (dim 384), added in chunks
@@ -57,7 +58,8 @@ def bare_encoder(bootstrap: list[str], num_calls: int, num_threads: int) -> list
     from alise.predictor.encoder import Encoder
 
     prompts = list(dict.fromkeys(r.prompt for r in load_records(bootstrap[0])))
-    encoders = [Encoder(fast=False, num_threads=num_threads), Encoder(num_threads=num_threads)]
+    encoders = [Encoder(fast=False, num_threads=num_threads),
+                Encoder(num_threads=num_threads, backend="torch"), Encoder(num_threads=num_threads)]
     rows = []
     for rep in range(2):  # interleaved, so both see the same load
         for enc in encoders:

@@ -64,12 +64,15 @@ def add_encoder_arguments(parser: argparse.ArgumentParser) -> None:
                         help="tokens the encoder sees of a prompt (default: the model's limit)")
     parser.add_argument("--fp32", action="store_true",
                         help="fp32 encoder (default: int8 Linear layers where the fast path applies)")
+    parser.add_argument("--encoder-backend", choices=("auto", "onnxruntime", "torch"), default="auto",
+                        help="what runs the int8 encoder (auto: ONNX Runtime where installed)")
 
 
 def make_encoder(args, **kwargs):
     from alise.predictor.encoder import Encoder
 
-    return Encoder(args.encoder, max_seq_length=args.max_seq_length, int8=not args.fp32, **kwargs)
+    return Encoder(args.encoder, max_seq_length=args.max_seq_length, int8=not args.fp32,
+                   backend=args.encoder_backend, **kwargs)
 
 
 def main_build(args) -> int:
@@ -124,6 +127,7 @@ def main_serve(args) -> int:
         model=args.model, tokenizer_path=args.tokenizer, encoder_path=args.encoder,
         refit_interval_s=args.refit_interval_s, metrics_address=args.metrics_address,
         encoder_max_seq_length=args.max_seq_length, encoder_int8=not args.fp32,
+        encoder_backend=args.encoder_backend,
         num_threads=args.encoder_threads,
         security=security_from_args(args),
     )

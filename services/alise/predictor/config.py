@@ -49,6 +49,9 @@ class PredictorConfig:
     encoder_max_seq_length: int | None = None
     #: int8 Linear layers on the encoder's fast path (False: fp32, sentence-transformers' vectors).
     encoder_int8: bool = True
+    #: What runs the int8 fast path: "auto" (ONNX Runtime where installed, else torch),
+    #: "onnxruntime" or "torch". Each names its vectors differently (snapshots are per backend).
+    encoder_backend: str = "auto"
     #: Seconds in-flight RPCs get to finish on shutdown.
     drain_grace_s: float = 5.0
     estimator: EstimatorConfig = field(default_factory=EstimatorConfig)
@@ -74,6 +77,9 @@ class PredictorConfig:
             raise ValueError(f"batch_window_ms must be >= 0, got {self.batch_window_ms}")
         if self.encoder_max_seq_length is not None and self.encoder_max_seq_length < 3:
             raise ValueError(f"encoder_max_seq_length must be >= 3 or None, got {self.encoder_max_seq_length}")
+        if self.encoder_backend not in ("auto", "onnxruntime", "torch"):
+            raise ValueError("encoder_backend must be auto, onnxruntime or torch, "
+                             f"got {self.encoder_backend!r}")
         if self.num_threads is not None and self.num_threads < 1:
             raise ValueError(f"num_threads must be >= 1 or None, got {self.num_threads}")
         if not self.model:

@@ -18,13 +18,20 @@ by default with int8 Linear layers (``int8=True``; activations scaled per token,
 prompt's vector does not depend on its batch-mates), and sentence-transformers' own
 ``encode`` for any other model directory (or ``fast=False``). Measured on AlpacaEval's 805
 prompts: the fp32 packed path equals sentence-transformers to float rounding; int8 is within
-cosine 0.977 (worst) / 0.995 (mean) of it, about 2x faster for one prompt, no faster for
-256 (the per-token scaling passes eat the GEMM gain), and the eval's goals still hold. An
-int8 encoder's ``name`` ends in ``-int8``: snapshots of one are refused by the other.
+cosine 0.977 (worst) / 0.995 (mean) of it, and the eval's goals still hold.
 
-Threads: the packed path runs torch single-threaded and splits a batch of at least
-``MIN_SHARD_TOKENS`` tokens into ``num_threads`` shards of equal token count, embedded in
-parallel threads. On a shared 2-core machine that beats torch's own intra-op threads, whose
+The int8 packed model runs on ONNX Runtime where it is installed (``backend="auto"``, the
+default; :mod:`~alise.predictor.ortbert`: the same weights and quantization in one C++
+graph, ~2x faster than torch for one prompt and for 256) and on torch otherwise
+(``backend="torch"``). Their vectors agree to cosine 0.9991 on average but not to the
+duplicate threshold for every prompt (worst 0.986 of 805), so each has its own ``name``:
+``...-int8`` (torch) and ``...-int8-ort``; an fp32 encoder's has no suffix. A snapshot built
+by one is refused by the others at start-up.
+
+Threads: the packed path runs torch (or ONNX Runtime) single-threaded and splits a batch of
+at least ``MIN_SHARD_TOKENS`` tokens over ``num_threads`` parallel threads: torch in shards of
+equal token count, ONNX Runtime group by group (longest first, so the threads finish
+together). On a shared 2-core machine that beats torch's own intra-op threads, whose
 per-op barriers stall whenever another process holds a core (a single short prompt measured
 ~30x slower with 2 intra-op threads under load). ``num_threads`` is process-wide for torch:
 the predictor is its own process.
@@ -43,6 +50,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
+from alise.predictor import ortbert
 from alise.predictor.tokens import default_model_path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -52,6 +60,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 CHARS_PER_TOKEN_BOUND = 32
 #: Batches with fewer tokens than this are embedded in one thread (sharding would cost more).
 MIN_SHARD_TOKENS = 512
+#: Encoder backends: ONNX Runtime where installed (int8 packed path only), else torch.
+BACKENDS = ("auto", "onnxruntime", "torch")
 
 
 @dataclass(frozen=True)
@@ -82,6 +92,7 @@ class Encoder:
         max_seq_length: int | None = None,
         fast: bool = True,
         int8: bool = True,
+        backend: str = "auto",
     ) -> None:
         import torch
         from sentence_transformers import SentenceTransformer
@@ -105,7 +116,9 @@ class Encoder:
         if self.name == "model":  # the PyPI package's directory is just "model"
             self.name = "all-MiniLM-L6-v2"
         self.batch_size = batch_size
-        self._packed = None
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+        self._packed = self._ort = None
         specials = (self._tokenizer.cls_token_id, self._tokenizer.sep_token_id)
         if fast and None not in specials:
             self._packed = PackedBert.from_sentence_transformer(self._model, quantize=int8)
@@ -114,6 +127,13 @@ class Encoder:
             # Other vectors than fp32's: a snapshot built by one must not be read by the other.
             self.backend += "-int8"
             self.name += "-int8"
+            if backend == "onnxruntime" or (backend == "auto" and ortbert.available()):
+                self._ort = ortbert.OrtBert(self._packed)  # ImportError if asked for and missing
+                self.backend += "-ort"
+                self.name += "-ort"
+        elif backend == "onnxruntime":
+            raise ValueError("the onnxruntime backend needs the int8 packed fast path "
+                             "(a BERT mean-pooling model, fast=True, int8=True)")
         self.num_threads = num_threads or 1
         if self._packed:
             torch.set_num_threads(1)
@@ -144,7 +164,10 @@ class Encoder:
 
     def _embed_packed(self, inputs: list[list[int]]) -> np.ndarray:
         lengths = [len(x) for x in inputs]
-        if self._pool is None or sum(lengths) < MIN_SHARD_TOKENS:
+        parallel = self._pool is not None and sum(lengths) >= MIN_SHARD_TOKENS
+        if self._ort is not None:
+            return self._ort.embed(inputs, self._pool.map if parallel else None)
+        if not parallel:
             return self._packed.embed(inputs)
         shards = _shards(lengths, self.num_threads)
         parts = list(self._pool.map(lambda idx: self._packed.embed([inputs[i] for i in idx]), shards))

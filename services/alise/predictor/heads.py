@@ -81,11 +81,16 @@ class KernelHead:
         self.lam = lam
 
     def _kernel(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
-        return np.exp((a.astype(np.float64) @ b.T.astype(np.float64) - 1.0) / self.temperature)
+        a, b = a.astype(np.float64, copy=False), b.astype(np.float64, copy=False)
+        k = a @ b.T
+        k -= 1.0  # in place: the same values as exp((a @ b.T - 1) / T), no temporaries
+        k /= self.temperature
+        return np.exp(k, out=k)
 
     def fit(self, vectors: np.ndarray, y: np.ndarray) -> np.ndarray:
         """Fits on ``vectors -> y``; returns LOO predictions."""
-        self._anchors = np.asarray(vectors, np.float32)
+        # float64 once here, not per predict call (a 4096 x 384 cast cost ~0.2 ms a request).
+        self._anchors = np.asarray(np.asarray(vectors, np.float32), np.float64)
         self._alpha, self._y_mean, loo = _dual_ridge(self._kernel(vectors, vectors), y, self.lam)
         return loo
 
