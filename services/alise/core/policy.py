@@ -165,13 +165,22 @@ class AlisePolicy(Policy):
         self.min_starve_s = min_starve_s
         self.reserve_horizon_tokens = reserve_horizon_tokens
         self.preemptive = preemptive
-        # A running job keeps its place unless a rival is shorter by more than this: a
-        # preemption costs at least a step and churns memory.
-        self.switch_cost_s = (
-            switch_cost_s if switch_cost_s is not None else 4 * latency.step_s(1, 0)
-        )
+        self._switch_cost_s = switch_cost_s
         #: id(job) -> (job, signature, remaining_s, starved_after_s) for idle jobs.
         self._idle_cache: dict[int, tuple] = {}
+
+    @property
+    def switch_cost_s(self) -> float:
+        """A running job keeps its place unless a rival is shorter by more than this: a
+        preemption costs at least a step and churns memory. Default: four single-sequence
+        steps of the latency model (which may be replaced when a worker brings its profile)."""
+        if self._switch_cost_s is not None:
+            return self._switch_cost_s
+        return 4 * self.estimator.latency.step_s(1, 0)
+
+    def latency_changed(self) -> None:
+        """The latency model's coefficients changed: cached remaining times are stale."""
+        self._idle_cache.clear()
 
     def estimate_of(self, job: Job) -> LengthEstimate:
         return job.estimate or DEFAULT_ESTIMATE

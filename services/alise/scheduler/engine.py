@@ -95,6 +95,7 @@ class WorkerLink:
     last_step_s: float = 0.0
     num_steps: int = 0
     times: CycleTimes = field(default_factory=CycleTimes)
+    latency_profile: LatencyModel | None = None  # what the worker measured on its device
     plan_sent_s: float | None = None   # when its current plan was handed to the stream
     report_at_s: float | None = None   # when its last report arrived (not yet answered)
 
@@ -215,6 +216,7 @@ class SchedulerEngine:
         self.streams.pop(job_id, None)
 
     def _on_join(self, link: WorkerLink, now: float) -> None:
+        self._adopt_profile(link)
         self.core.add_worker(link.capacity)
         self.links[link.worker_id] = link
         # A welcome: an empty plan whose report confirms the worker is executing plans.
@@ -224,6 +226,24 @@ class SchedulerEngine:
         logger.info("worker %s joined: %d device blocks of %d tokens, model %s on %s",
                     link.worker_id, link.capacity.num_device_blocks, link.capacity.block_size,
                     link.model, link.device)
+
+    def _adopt_profile(self, link: WorkerLink) -> None:
+        """The scheduler started without a latency profile takes the first worker's, in place
+        (the policy and the memory planner hold this object); later ones are only compared."""
+        profile = link.latency_profile
+        if profile is None:
+            return
+        if self.latency.name == "default":
+            for name in ("c0_s", "c_seq_s", "c_ctx_s", "c_pre_s", "c_pre2_s", "name", "meta"):
+                setattr(self.latency, name, getattr(profile, name))
+            self.latency.correction = 1.0
+            if hasattr(self.core.policy, "latency_changed"):
+                self.core.policy.latency_changed()
+            logger.info("latency model: worker %s's profile %r (c0 %.2f ms, %.1f us a prefill token)",
+                        link.worker_id, profile.name, 1e3 * profile.c0_s, 1e6 * profile.c_pre_s)
+        elif profile.name != self.latency.name:
+            logger.warning("worker %s measured profile %r; the scheduler keeps %r", link.worker_id,
+                           profile.name, self.latency.name)
 
     def _on_leave(self, worker_id: str, now: float) -> None:
         link = self.links.pop(worker_id, None)

@@ -213,7 +213,14 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                                 f"worker serves a vocabulary of {first.hello.vocab_size}, the scheduler's "
                                 f"model has {self.info.vocab_size}")
-        link = WorkerLink(capacity, asyncio.Queue(), model=first.hello.model, device=first.hello.device)
+        profile = None
+        if first.hello.latency_profile_json:
+            try:
+                profile = LatencyModel.from_json(first.hello.latency_profile_json)
+            except (ValueError, TypeError) as exc:  # json.JSONDecodeError is a ValueError
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"bad latency profile in hello: {exc}")
+        link = WorkerLink(capacity, asyncio.Queue(), model=first.hello.model, device=first.hello.device,
+                          latency_profile=profile)
         self.engine.worker_joined(link)
         reader = asyncio.create_task(self._read_reports(link, request_iterator))
         getter = None
@@ -273,6 +280,7 @@ class SchedulerServer:
 
 async def start_scheduler(config: SchedulerConfig, *, predict=None, observe=None) -> SchedulerServer:
     info = await asyncio.to_thread(load_model_info, config.model, config.max_model_len)
+    # Without a profile of its own, the scheduler adopts the first worker's (measured on its device).
     latency = LatencyModel.load(config.latency_profile) if config.latency_profile else LatencyModel()
     core = SchedulerCore(make_policy(config.policy, latency))
     estimator = LengthEstimator(predict, observe, timeout_s=config.predictor_timeout_s)

@@ -127,7 +127,8 @@ class Worker:
             max_model_len=self.engine.max_model_len, vocab_size=loaded.config.vocab_size,
             eos_token_id=loaded.eos_token_id if loaded.eos_token_id is not None else -1,
             block_bytes=KVCache.block_bytes(loaded.config, cfg.block_size, loaded.dtype),
-            max_num_seqs=cfg.max_num_seqs, max_num_batched_tokens=cfg.max_num_batched_tokens))
+            max_num_seqs=cfg.max_num_seqs, max_num_batched_tokens=cfg.max_num_batched_tokens,
+            latency_profile_json=self.latency_model.to_json() if self.latency_model else ""))
 
     async def run(self) -> None:
         """Connects, serves plans, reconnects; returns after ``stop``."""

@@ -1,0 +1,48 @@
+"""The worker's latency profile reaches the scheduler in its hello."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import grpc
+import pytest
+
+from alise.core.latency_model import LatencyModel
+from alise.v1 import worker_pb2, worker_pb2_grpc
+from cluster_fixtures import cluster
+
+PROFILE = Path(__file__).resolve().parents[2] / "profiles" / "tiny-llama-cpu.json"
+
+
+async def test_scheduler_adopts_the_workers_profile(tiny_llama_dir):
+    expected = LatencyModel.load(str(PROFILE))
+    async with cluster(str(tiny_llama_dir), policy="alise",
+                       worker_overrides=dict(latency_profile=str(PROFILE))) as c, \
+            c.client() as client:
+        latency = c.scheduler.engine.latency
+        assert latency.name == expected.name != "default"
+        assert (latency.c0_s, latency.c_pre_s) == (expected.c0_s, expected.c_pre_s)
+        # The policy prices jobs with the same object.
+        policy = c.scheduler.engine.core.policy
+        assert policy.estimator.latency is latency
+        assert policy.switch_cost_s == pytest.approx(4 * expected.step_s(1, 0))
+        result = await client.complete("priced by the worker's profile", max_tokens=4, ignore_eos=True)
+        assert len(result.token_ids) == 4
+
+
+async def test_bad_profile_in_hello_is_refused(tiny_llama_dir):
+    async with cluster(str(tiny_llama_dir), num_workers=0) as c:
+        hello = worker_pb2.WorkerHello(
+            worker_id="bad-profile", model="m", device="cpu", dtype="float32", block_size=16,
+            num_device_blocks=8, max_model_len=64, vocab_size=c.scheduler.servicer.info.vocab_size,
+            block_bytes=1024, max_num_seqs=4, max_num_batched_tokens=64,
+            latency_profile_json=json.dumps({"c0_s": -1.0}))
+        async with grpc.aio.insecure_channel(c.address) as channel:
+            call = worker_pb2_grpc.WorkerServiceStub(channel).Connect()
+            await call.write(worker_pb2.WorkerMessage(hello=hello))
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await call.read()
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "latency profile" in err.value.details() and "c0_s" in err.value.details()
+        assert "bad-profile" not in c.scheduler.engine.links
