@@ -1,4 +1,4 @@
-"""The worker's latency profile reaches the scheduler in its hello."""
+"""What the scheduler is set up with: the worker's latency profile (sent in its hello), the KV planner."""
 
 from __future__ import annotations
 
@@ -46,3 +46,20 @@ async def test_bad_profile_in_hello_is_refused(tiny_llama_dir):
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "latency profile" in err.value.details() and "c0_s" in err.value.details()
         assert "bad-profile" not in c.scheduler.engine.links
+
+
+def test_kv_planner_choice_is_validated():
+    from alise.scheduler.config import SchedulerConfig
+
+    with pytest.raises(ValueError, match="kv_planner must be one of"):
+        SchedulerConfig(kv_planner="teleport")
+    assert SchedulerConfig(kv_planner="drop").kv_planner == "drop"
+
+
+async def test_alise_with_drop_planner_serves(tiny_llama_dir):
+    from alise.core.memory_planner import DropPlanner
+
+    async with cluster(str(tiny_llama_dir), policy="alise", kv_planner="drop") as c, c.client() as client:
+        assert isinstance(c.scheduler.engine.core.memory, DropPlanner)
+        result = await client.complete("drop only", max_tokens=3, ignore_eos=True)
+        assert len(result.token_ids) == 3

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from alise.common.security import SecurityConfig
+from alise.core.memory_planner import PLANNER_NAMES
 from alise.core.policy import POLICY_NAMES
 
 
@@ -28,8 +29,12 @@ class SchedulerConfig:
     predictor_address: str | None = None
     #: Deadline of one predictor call.
     predictor_timeout_s: float = 0.25
-    #: Latency profile JSON of the workers' device (None = learn online from a default).
+    #: Latency profile JSON of the workers' device (None = the first worker's, else a default
+    #: refined online).
     latency_profile: str | None = None
+    #: Where paused jobs' KV goes: "" = by policy (fcfs: drop; alise / oracle: adaptive), or
+    #: one of adaptive, drop, swap, quantize (see alise.core.memory_planner).
+    kv_planner: str = ""
     #: Longest prompt text accepted, in characters (tokenizing it must stay cheap).
     max_prompt_chars: int = 4_000_000
     #: Grace period for in-flight requests on SIGTERM.
@@ -42,6 +47,8 @@ class SchedulerConfig:
     def __post_init__(self) -> None:
         if self.policy not in POLICY_NAMES:
             raise ValueError(f"policy must be one of {', '.join(POLICY_NAMES)}, got {self.policy!r}")
+        if self.kv_planner and self.kv_planner not in PLANNER_NAMES:
+            raise ValueError(f"kv_planner must be one of {', '.join(PLANNER_NAMES)}, got {self.kv_planner!r}")
         for name in ("default_max_tokens", "max_queued", "max_prompt_chars"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")

@@ -21,6 +21,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=env("ALISE_MODEL") or None,
                    help="model directory or preset name (default: the embedded tiny-llama)")
     p.add_argument("--policy", default=env("ALISE_POLICY", "fcfs"), choices=["fcfs", "alise", "oracle"])
+    p.add_argument("--kv-planner", default=env("ALISE_KV_PLANNER", ""),
+                   choices=["", "adaptive", "drop", "swap", "quantize"],
+                   help="where paused jobs' KV goes (default: drop for fcfs, adaptive otherwise)")
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--default-max-tokens", type=int, default=256)
     p.add_argument("--max-queued", type=int, default=4096)
@@ -36,7 +39,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace) -> SchedulerConfig:
     return SchedulerConfig(
-        address=args.address, model=args.model, policy=args.policy,
+        address=args.address, model=args.model, policy=args.policy, kv_planner=args.kv_planner,
         max_model_len=args.max_model_len, default_max_tokens=args.default_max_tokens,
         max_queued=args.max_queued, max_wait_no_worker_s=args.max_wait_no_worker_s,
         predictor_address=args.predictor_address, predictor_timeout_s=args.predictor_timeout_s,

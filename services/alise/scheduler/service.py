@@ -20,6 +20,7 @@ from alise.common.metrics import serve_metrics
 from alise.common.security import AuthInterceptor, bind_port
 from alise.core.job import Job
 from alise.core.latency_model import LatencyModel
+from alise.core.memory_planner import make_memory_planner
 from alise.core.policy import make_policy
 from alise.core.scheduler import SchedulerCore
 from alise.scheduler.config import SchedulerConfig
@@ -282,7 +283,8 @@ async def start_scheduler(config: SchedulerConfig, *, predict=None, observe=None
     info = await asyncio.to_thread(load_model_info, config.model, config.max_model_len)
     # Without a profile of its own, the scheduler adopts the first worker's (measured on its device).
     latency = LatencyModel.load(config.latency_profile) if config.latency_profile else LatencyModel()
-    core = SchedulerCore(make_policy(config.policy, latency))
+    memory = make_memory_planner(config.kv_planner, latency) if config.kv_planner else None
+    core = SchedulerCore(make_policy(config.policy, latency), memory)
     estimator = LengthEstimator(predict, observe, timeout_s=config.predictor_timeout_s)
 
     def on_finish(job: Job) -> None:
