@@ -4,9 +4,9 @@
 
 The real scheduler core (policy ``alise``) drives one ``VirtualWorker`` on a virtual clock
 (latency: the OPT-13B H100 roofline profile of ``alise.sim.profiles``). KV moves cost what
-bench/kv_bench.py measured on an H100 (2026-11-25): swaps at 40 GB/s on one copy engine
-(swap-outs hold their device blocks until they land), quantize/dequantize at 45 GB/s on the
-compute stream. Length estimates are the true lengths times log-normal noise (sigma 0.5),
+bench/kv_bench.py measured on an H100 (2026-11-25): swaps at 35 GB/s on one copy engine
+(swap-outs hold their device blocks until they land), quantize + dequantize of a job's KV in
+2 x bytes / 380 GB/s on the compute stream (the fused Triton kernels). Length estimates are the true lengths times log-normal noise (sigma 0.5),
 identical for both planners. Device KV is set to a third of the peak KV the offered load
 holds when memory is unlimited (at the middle rate); host KV to twice the device KV.
 
@@ -40,8 +40,10 @@ from alise.sim.virtual_worker import VirtualWorker
 
 BLOCK_SIZE = 16
 BLOCK_BYTES = int(0.8e6 * BLOCK_SIZE)   # OPT-13B fp16: 0.8 MB of KV per token
-SWAP_BYTES_PER_S = 40e9                  # measured swap-out 39.5, swap-in 44.2 GB/s (H100)
-QUANTIZE_BYTES_PER_S = 45e9              # measured 1 GiB: quantize 30 ms + dequantize 15 ms
+SWAP_BYTES_PER_S = 35e9                  # measured swap-out 33.9, swap-in 35.5 GB/s (H100)
+#: Rate at which the planner's ``2 x bytes / rate`` is quantize + dequantize: the fused kernels
+#: measured 3.12 + 2.54 ms for 1 GiB (int8) on the H100.
+QUANTIZE_BYTES_PER_S = 380e9
 
 
 def estimates_for(requests, seed: int = 0) -> list[LengthEstimate]:
@@ -54,19 +56,20 @@ def estimates_for(requests, seed: int = 0) -> list[LengthEstimate]:
 
 
 def simulate(requests, estimates, planner: str, num_blocks: int, num_host_blocks: int,
-             latency, max_model_len: int = 2048) -> dict:
+             latency, max_model_len: int = 2048, swap_bytes_per_s: float = SWAP_BYTES_PER_S,
+             quantize_bytes_per_s: float = QUANTIZE_BYTES_PER_S) -> dict:
     core = SchedulerCore(make_policy("alise", latency),
                          make_memory_planner(planner, latency, block_bytes=BLOCK_BYTES,
-                                             swap_bytes_per_s=SWAP_BYTES_PER_S,
-                                             quantize_bytes_per_s=QUANTIZE_BYTES_PER_S))
+                                             swap_bytes_per_s=swap_bytes_per_s,
+                                             quantize_bytes_per_s=quantize_bytes_per_s))
     core.add_worker(WorkerCapacity("w0", BLOCK_SIZE, num_blocks, num_host_blocks, max_model_len,
                                    256, 4096, block_bytes=BLOCK_BYTES))
     targets: dict[str, int] = {}
     worker = VirtualWorker(num_device_blocks=num_blocks, block_size=BLOCK_SIZE,
                            max_model_len=max_model_len, latency=latency,
                            num_host_blocks=num_host_blocks, target_lengths=targets,
-                           block_bytes=BLOCK_BYTES, swap_bytes_per_s=SWAP_BYTES_PER_S,
-                           quantize_bytes_per_s=QUANTIZE_BYTES_PER_S)
+                           block_bytes=BLOCK_BYTES, swap_bytes_per_s=swap_bytes_per_s,
+                           quantize_bytes_per_s=quantize_bytes_per_s)
     sampling = SamplingParams(max_tokens=max_model_len, ignore_eos=True)
     arrivals = [(r.arrival_s, i) for i, r in enumerate(requests)]
     heapq.heapify(arrivals)
@@ -116,6 +119,10 @@ def main() -> None:
     parser.add_argument("--num", type=int, default=400)
     parser.add_argument("--rates", default="0.5,1,1.5,2,2.5,3,3.5,4,5")
     parser.add_argument("--bound", type=float, default=5.0, help="x the unloaded normalized latency")
+    parser.add_argument("--swap-gbps", type=float, default=SWAP_BYTES_PER_S / 1e9,
+                        help="swap bandwidth, GB/s each way")
+    parser.add_argument("--quantize-gbps", type=float, default=QUANTIZE_BYTES_PER_S / 1e9,
+                        help="quantize + dequantize throughput, GB/s of full-precision KV")
     parser.add_argument("--out", default="")
     args = parser.parse_args()
     latency = opt13b_h100_roofline()
@@ -139,7 +146,9 @@ def main() -> None:
         moves: Counter = Counter()
         for rate in rates:
             started = time.perf_counter()
-            r = simulate(rescale(base, rate), estimates, planner, num_blocks, num_host, latency)
+            r = simulate(rescale(base, rate), estimates, planner, num_blocks, num_host, latency,
+                         swap_bytes_per_s=args.swap_gbps * 1e9,
+                         quantize_bytes_per_s=args.quantize_gbps * 1e9)
             results["runs"][f"{planner}@{rate}"] = r
             lat.append(r["mean_normalized_latency_s"])
             moves.update(r["kv_moves"])
