@@ -217,6 +217,8 @@ class AdaptivePlanner(MemoryPlanner):
         bs = capacity.block_size
         if capacity.block_bytes and not self.costs.block_bytes:
             self.costs.block_bytes = capacity.block_bytes
+        if not paused and device_budget >= 0:
+            return []  # what the sub-steps below return for no slots
         slots = [_Slot(job, job.kv, job.kv, waits.get(job.job_id, 0.0),
                        job.status is JobStatus.RUNNING) for job in paused]
         host_free = host_budget
