@@ -9,7 +9,6 @@ LatencyModel by non-negative least squares and prints fit error per sample group
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 
 from alise.sim.profiles import measure_cpu_profile

@@ -267,6 +267,13 @@ class SchedulerCore:
         plan.run_step = bool(selected)
         return plan
 
+    def latency_changed(self) -> None:
+        """The latency model's coefficients were replaced (a worker brought its profile):
+        every cached remaining time is stale."""
+        if hasattr(self.policy, "latency_changed"):
+            self.policy.latency_changed()
+        self._cols.dirty[:] = True
+
     # ----------------------------------------------------------------- fast path
 
     def _sync(self, job: Job) -> None:

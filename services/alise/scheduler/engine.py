@@ -121,6 +121,10 @@ class SchedulerEngine:
         self.started_s = time.monotonic()
         self._task: asyncio.Task | None = None
         self._stopping = False
+        #: Token events of the reports being handled, pushed to their streams after dispatch
+        #: (``tokens_after_plans``; False pushes each as its report is applied).
+        self._deferred: list[tuple[JobStream, TokenEvent]] = []
+        self.tokens_after_plans = True
         #: Every this many seconds, log each worker's cycle times (and start them over).
         self.log_cycle_times_s = 30.0
         self._times_logged_s = time.monotonic()
@@ -191,8 +195,16 @@ class SchedulerEngine:
                     logger.exception("engine failed to handle %s", kind)
             self._expire_unserved(now)
             self._dispatch(time.monotonic())
+            # Tokens reach their streams only after the next plans are out: waking dozens of
+            # Generate handlers first would queue the plan's write behind all their writes.
+            self._flush_tokens()
             if now - self._times_logged_s >= self.log_cycle_times_s:
                 self._log_cycle_times(now)
+
+    def _flush_tokens(self) -> None:
+        for stream, event in self._deferred:
+            stream.push(event)
+        self._deferred.clear()
 
     def _log_cycle_times(self, now: float) -> None:
         for link in self.links.values():
@@ -237,8 +249,7 @@ class SchedulerEngine:
             for name in ("c0_s", "c_seq_s", "c_ctx_s", "c_pre_s", "c_pre2_s", "name", "meta"):
                 setattr(self.latency, name, getattr(profile, name))
             self.latency.correction = 1.0
-            if hasattr(self.core.policy, "latency_changed"):
-                self.core.policy.latency_changed()
+            self.core.latency_changed()
             logger.info("latency model: worker %s's profile %r (c0 %.2f ms, %.1f us a prefill token)",
                         link.worker_id, profile.name, 1e3 * profile.c0_s, 1e6 * profile.c_pre_s)
         elif profile.name != self.latency.name:
@@ -276,7 +287,9 @@ class SchedulerEngine:
             stream = self.streams.get(event.job_id)
             if stream is None:
                 continue
-            stream.push(event)
+            self._deferred.append((stream, event))
+            if not self.tokens_after_plans:
+                self._flush_tokens()
             self.metrics.tokens.inc(len(event.token_ids))
             if event.finish_reason is not None:
                 del self.streams[event.job_id]
