@@ -174,3 +174,32 @@ async def test_cycle_times_account_for_every_step(tiny_llama_dir, caplog):
         messages = [r.getMessage() for r in caplog.records]
         assert any("cycles; per cycle" in m and "device" in m for m in messages)   # scheduler
         assert any("waiting for the plan" in m and "executing" in m for m in messages)  # worker
+
+
+async def test_failed_step_hands_jobs_back_and_worker_carries_on(tiny_llama_dir, caplog):
+    """A step that raises (as a CUDA out-of-memory would) does not kill the worker: its jobs go
+    back to the scheduler, it reconnects with the same loaded model, the streams finish."""
+    async with cluster(str(tiny_llama_dir)) as c, c.client() as client:
+        worker = c.workers[0][0]
+        engine = worker.engine
+        real_step = engine.step
+        calls = {"n": 0}
+
+        def flaky_step(step_id):
+            calls["n"] += 1
+            if calls["n"] == 6:
+                raise RuntimeError("CUDA out of memory (injected)")
+            return real_step(step_id)
+
+        engine.step = flaky_step
+        results = await asyncio.gather(*(client.complete(f"survive {i}", max_tokens=12, ignore_eos=True)
+                                         for i in range(3)))
+        assert [len(r.token_ids) for r in results] == [12, 12, 12]
+        assert calls["n"] > 6                      # it kept stepping after the failure
+        assert worker.engine is engine            # same engine, no reload
+        assert worker.metrics.step_failures._value.get() == 1
+        assert any("step" in r.getMessage() and "failed" in r.getMessage() for r in caplog.records)
+
+        async def freed():
+            return engine.allocator.num_free == engine.allocator.num_blocks and not engine.seqs
+        await wait_for(freed)

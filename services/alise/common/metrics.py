@@ -72,6 +72,8 @@ class WorkerMetrics:
                               buckets=TOKEN_TIME_BUCKETS_S, registry=r)
         self.tokens = Counter("alise_worker_tokens", "Tokens processed by kind", ["kind"], registry=r)
         self.refused = Counter("alise_worker_refused_commands", "Commands refused", ["command"], registry=r)
+        self.step_failures = Counter("alise_worker_step_failures", "Steps that raised (jobs handed back, "
+                                     "worker reconnected)", registry=r)
 
     def watch(self, read) -> None:
         self.registry.register(StateCollector(read))

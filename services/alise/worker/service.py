@@ -187,8 +187,20 @@ class Worker:
                         if self.health:
                             await self.health.set(True)
                     started = time.monotonic()
-                    report = await asyncio.get_running_loop().run_in_executor(
-                        self._executor, self._execute, plan)
+                    try:
+                        report = await asyncio.get_running_loop().run_in_executor(
+                            self._executor, self._execute, plan)
+                    except Exception:  # a failed step (CUDA out of memory, a kernel error)
+                        # Its sequences may be half-advanced: hand every job back (the scheduler
+                        # recomputes them), free the memory, and reconnect with a clean engine.
+                        logger.exception("step %d failed; this worker's jobs go back to the "
+                                         "scheduler and it reconnects", plan.step_id)
+                        self.metrics.step_failures.inc()
+                        call.cancel()
+                        self.engine.abort_all()
+                        if self.loaded is not None and self.loaded.device.type == "cuda":
+                            torch.cuda.empty_cache()
+                        return
                     await call.write(wire.report_to_pb(report))
                     now = time.monotonic()
                     if reported_s is not None:
