@@ -36,3 +36,18 @@ def test_roofline_profile_of_opt13b_on_h100_and_round_trip():
     assert LatencyModel.from_json(model.to_json()) == model
     # a decode step of a full 15k-token KV cache: 8.57 ms of weights + 4 ms of KV
     assert model.step_s(60, 15_000) == pytest.approx(8.567e-3 + 4e-3, rel=1e-3)
+
+
+def test_cycle_overhead_is_added_per_step_and_kept_out_of_the_correction():
+    forward = LatencyModel(c0_s=0.01, c_seq_s=1e-4, c_ctx_s=1e-6, c_pre_s=1e-4)
+    served = LatencyModel.from_json(forward.to_json())
+    served.c_cycle_s = 0.007
+    assert served.step_s(8, 4000, [64]) == pytest.approx(forward.step_s(8, 4000, [64]) + 0.007)
+    assert served.decode_token_s(500, 8) == pytest.approx(forward.decode_token_s(500, 8) + 0.007 / 8)
+    # The worker reports forward time only: a perfect forward model keeps correction at 1.
+    for _ in range(100):
+        served.observe_step(forward.step_s(8, 4000), 8, 4000)
+    assert served.correction == pytest.approx(1.0)
+    assert LatencyModel.from_json(served.to_json()).c_cycle_s == 0.007
+    with pytest.raises(ValueError, match="c_cycle_s"):
+        LatencyModel.from_json('{"c_cycle_s": -1}')

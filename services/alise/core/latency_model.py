@@ -11,6 +11,12 @@ that sequence's KV cache (linear in its context). So a step costs
 with the quadratic prefill term for attention over long prompts. The coefficients come
 from a profile the worker measures on its own device (least squares, non-negative) and are
 refined online from step reports by an exponentially weighted correction factor.
+
+A served step also pays for what happens around the forward pass: the worker's host work,
+the plan/report round trip and the scheduler's planning (the "cycle" the scheduler logs).
+``c_cycle_s`` adds that per step, outside the correction factor (which compares the worker's
+measured forward time with the forward terms only). A worker's profile cannot see it and
+leaves it 0; a profile for the simulator takes it from the cycle logs of a real run.
 """
 
 from __future__ import annotations
@@ -32,8 +38,14 @@ class LatencyModel:
     correction: float = 1.0
     name: str = "default"
     meta: dict = field(default_factory=dict)
+    #: Per-step cost around the forward pass (host work, round trip, planning).
+    c_cycle_s: float = 0.0
 
     def step_s(self, num_seqs: int, total_context: int, prefill_lens: Sequence[int] = ()) -> float:
+        return self.forward_s(num_seqs, total_context, prefill_lens) + self.c_cycle_s
+
+    def forward_s(self, num_seqs: int, total_context: int, prefill_lens: Sequence[int] = ()) -> float:
+        """The forward pass and sampling of a step, as the worker times it."""
         base = (
             self.c0_s
             + self.c_seq_s * num_seqs
@@ -54,7 +66,8 @@ class LatencyModel:
         c0 / batch_size plus its own per-sequence and per-context terms.
         """
         share = self.c0_s / max(batch_size, 1)
-        return (share + self.c_seq_s + self.c_ctx_s * context) * self.correction
+        return ((share + self.c_seq_s + self.c_ctx_s * context) * self.correction
+                + self.c_cycle_s / max(batch_size, 1))
 
     def decode_s(self, context: int, num_tokens: int, batch_size: int = 1) -> float:
         """Time to generate ``num_tokens`` from a context of ``context`` (T_dec(s, n))."""
@@ -66,7 +79,7 @@ class LatencyModel:
     def observe_step(self, measured_s: float, num_seqs: int, total_context: int,
                      prefill_lens: Sequence[int] = (), weight: float = 0.05) -> None:
         """Online refinement from a worker's step report."""
-        predicted = self.step_s(num_seqs, total_context, prefill_lens) / self.correction
+        predicted = self.forward_s(num_seqs, total_context, prefill_lens) / self.correction
         if predicted <= 0 or not math.isfinite(measured_s) or measured_s <= 0:
             return
         ratio = min(max(measured_s / predicted, 0.1), 10.0)
@@ -100,7 +113,7 @@ class LatencyModel:
         data = json.loads(text)
         known = {k: data[k] for k in cls.__dataclass_fields__ if k in data}
         model = cls(**known)
-        for key in ("c0_s", "c_seq_s", "c_ctx_s", "c_pre_s", "c_pre2_s", "correction"):
+        for key in ("c0_s", "c_seq_s", "c_ctx_s", "c_pre_s", "c_pre2_s", "correction", "c_cycle_s"):
             value = getattr(model, key)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
                 raise ValueError(f"latency profile field {key} must be a finite number >= 0, got {value!r}")
