@@ -85,3 +85,29 @@ def test_tail_is_the_p99_of_the_longest_five_percent():
 
     records = [R(i, i, 1.0) for i in range(95)] + [R(100 + i, 1000 + i, 10.0 + i) for i in range(5)]
     assert tail_p99(records) == 14.0
+
+
+def test_policy_args_parse_numbers_none_and_booleans():
+    from alise.sim.report import parse_policy_args
+
+    assert parse_policy_args(["aging_rate=0.01", "max_slowdown=none", "preemptive=false",
+                              "reserve_horizon_tokens=64"]) == dict(
+        aging_rate=0.01, max_slowdown=None, preemptive=False, reserve_horizon_tokens=64)
+    assert parse_policy_args([]) == {}
+    with pytest.raises(SystemExit):
+        parse_policy_args(["aging_rate"])
+
+
+def test_policy_args_reach_alise_and_oracle_not_fcfs():
+    from alise.sim.sweep import sweep
+
+    latency = LatencyModel()
+    reqs = [TraceRequest(id=f"p{i}", prompt="", prompt_tokens=8, output_tokens=4 + i % 5,
+                         arrival_s=0.01 * i) for i in range(20)]
+    base = sweep(reqs, ["fcfs", "alise"], [50.0], latency, SimConfig(kv_tokens=256))
+    varied = sweep(reqs, ["fcfs", "alise"], [50.0], latency, SimConfig(kv_tokens=256),
+                   policy_kwargs=dict(preemptive=False, hysteresis=0.9))
+    assert base[0].mean_normalized_latency_s == varied[0].mean_normalized_latency_s  # fcfs
+    with pytest.raises(TypeError):
+        sweep(reqs, ["alise"], [50.0], latency, SimConfig(kv_tokens=256),
+              policy_kwargs=dict(no_such_knob=1))

@@ -43,6 +43,9 @@ def register(sub) -> None:
     s.add_argument("--json", dest="json_path", default=None, help="write results as JSON")
     s.add_argument("--png", default=None, help="plot path (default: <json or trace>.png)")
     s.add_argument("--jobs", type=int, default=2, help="parallel processes (default 2)")
+    s.add_argument("--policy-arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="keyword argument for AlisePolicy (alise and oracle), e.g. "
+                        "aging_rate=0.01 or max_slowdown=none; repeatable")
     s.set_defaults(func=_cmd_sim)
 
     b = sub.add_parser("bench", help="replay a trace open-loop against a running cluster")

@@ -31,14 +31,37 @@ def load_profile(path: str | None) -> LatencyModel:
     return opt13b_h100_roofline()
 
 
+def parse_policy_args(items: list[str]) -> dict:
+    """``["aging_rate=0.01", "max_slowdown=none"]`` -> ``{"aging_rate": 0.01, "max_slowdown": None}``."""
+    out = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise SystemExit(f"--policy-arg wants KEY=VALUE, got {item!r}")
+        value = value.strip()
+        if value.lower() in ("none", "null"):
+            parsed = None
+        elif value.lower() in ("true", "false"):
+            parsed = value.lower() == "true"
+        else:
+            try:
+                parsed = int(value)
+            except ValueError:
+                parsed = float(value)
+        out[key.strip()] = parsed
+    return out
+
+
 def workload_results(name: str, requests, latency: LatencyModel, config: SimConfig,
-                     policies: list[str], rates: list[float] | None, estimates, jobs: int) -> dict:
+                     policies: list[str], rates: list[float] | None, estimates, jobs: int,
+                     policy_kwargs: dict | None = None) -> dict:
     unloaded = unloaded_normalized_latency(requests, latency, config.max_model_len)
     capacity = estimate_capacity(requests, latency, config)
     rates = rates or [round(capacity * f, 3) for f in RATE_FRACTIONS]
     started = time.perf_counter()
     runs = sweep(requests, policies, rates, latency, config, estimates=estimates,
-                 stop_above_s=2 * max(CONSTRAINTS) * unloaded, jobs=jobs)
+                 policy_kwargs=policy_kwargs, stop_above_s=2 * max(CONSTRAINTS) * unloaded,
+                 jobs=jobs)
     wall = time.perf_counter() - started
     per_policy = {p: [r for r in runs if r.policy == p] for p in policies}
     constraints = {}
@@ -149,6 +172,11 @@ def run_sim_command(args) -> int:
                        max_num_seqs=args.max_num_seqs)
     policies = [p.strip() for p in args.policies.split(",") if p.strip()]
     rates = [float(x) for x in args.rates.split(",")] if args.rates else None
+    policy_kwargs = parse_policy_args(getattr(args, "policy_arg", None))
+    if policy_kwargs:
+        from alise.core.policy import make_policy
+
+        make_policy("alise", latency, **policy_kwargs)  # fail early on a bad argument
     results = []
     for path in args.trace:
         requests = read_trace(path)
@@ -159,10 +187,12 @@ def run_sim_command(args) -> int:
                 cache_path=f"{path}.estimates-{args.predictor}.json")
             tau = kendall_tau(estimates, requests)
         res = workload_results(Path(path).stem, requests, latency, config, policies, rates,
-                               estimates, args.jobs)
-        res.update(trace=path, predictions=source, kendall_tau=tau)
+                               estimates, args.jobs, policy_kwargs)
+        res.update(trace=path, predictions=source, kendall_tau=tau, policy_kwargs=policy_kwargs)
         results.append(res)
         print(format_workload(res, label))
+        if policy_kwargs:
+            print(f"policy arguments (alise, oracle): {policy_kwargs}")
         if source:
             print(f"alise estimates: {source}; Kendall tau vs true lengths {tau:.3f}")
         print()
