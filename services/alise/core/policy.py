@@ -53,6 +53,9 @@ class Policy(abc.ABC):
         others beside it (0: admit whatever fits now, vLLM's rule)."""
         return 0.0
 
+    def latency_changed(self) -> None:
+        """The latency model's coefficients were replaced; drop anything priced with the old."""
+
 
 class FcfsPolicy(Policy):
     name = "fcfs"

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -270,8 +271,7 @@ class SchedulerCore:
     def latency_changed(self) -> None:
         """The latency model's coefficients were replaced (a worker brought its profile):
         every cached remaining time is stale."""
-        if hasattr(self.policy, "latency_changed"):
-            self.policy.latency_changed()
+        self.policy.latency_changed()
         self._cols.dirty[:] = True
 
     # ----------------------------------------------------------------- fast path
@@ -486,10 +486,12 @@ class SchedulerCore:
             - policy.aging_rate * cols.queued[rslots]
         return rb, keys
 
-    def _select_walk(self, jobs: list[Job], needs: list[int], feeds: list[int],
-                     running: list[bool], cap: WorkerCapacity) -> list[int]:
-        """``_select`` over the ordered candidates' needs (a policy that reserves growth);
-        returns the positions taken."""
+    def _select_walk(self, jobs: Iterable[Job], needs: Iterable[int], feeds: Iterable[int],
+                     running: Iterable[bool], cap: WorkerCapacity) -> list[int]:
+        """Greedy selection over the ordered candidates (blocks each needs, tokens each feeds,
+        whether it runs): sequence, token and block budgets, growth reserves of the policy,
+        backfill past a job that does not fit when the policy allows it. Returns the
+        positions taken; iterables are consumed only as far as the walk goes."""
         taken: list[int] = []
         used_blocks = 0
         num_tokens = 0
@@ -584,35 +586,14 @@ class SchedulerCore:
         return [candidates[d[4]] for d in decorated]
 
     def _select(self, ordered: list[Job], cap: WorkerCapacity) -> list[Job]:
-        selected: list[Job] = []
-        used_blocks = 0
-        num_tokens = 0
+        """The reference selection: ``_select_walk`` over lazily computed needs (it stops early)."""
         block_size = cap.block_size
-        max_blocks = cap.num_device_blocks
-        max_tokens = cap.max_num_batched_tokens
-        backfill = self.policy.backfill
-        reserve_of = self.policy.reserve_tokens
-        reserved = 0.0  # blocks held back for the growth of the jobs selected so far
         running = JobStatus.RUNNING
-        for job in ordered:
-            if len(selected) == cap.max_num_seqs or used_blocks == max_blocks:
-                break  # every job needs a sequence slot and at least one block
-            if selected and num_tokens >= max_tokens:
-                break  # every job feeds at least one token
-            need = -(-(len(job.prompt_token_ids) + len(job.output_token_ids)) // block_size)
-            feed = job.num_tokens_to_prefill
-            fits_tokens = num_tokens + feed <= max_tokens or not selected
-            grow = reserve_of(job) / block_size
-            # A job joining the batch must leave room for the growth of those in it.
-            limit = max_blocks if job.status is running else max_blocks - reserved - grow
-            if used_blocks + need <= limit and fits_tokens:
-                selected.append(job)
-                used_blocks += need
-                num_tokens += feed
-                reserved += grow
-            elif not backfill:
-                break
-        return selected
+        needs = (-(-(len(job.prompt_token_ids) + len(job.output_token_ids)) // block_size)
+                 for job in ordered)
+        feeds = (job.num_tokens_to_prefill for job in ordered)
+        is_running = (job.status is running for job in ordered)
+        return [ordered[i] for i in self._select_walk(ordered, needs, feeds, is_running, cap)]
 
     def _plan_memory(self, view: WorkerView, ordered: list[Job], selected: list[Job],
                      used_blocks: int, now_s: float) -> list[Command]:
