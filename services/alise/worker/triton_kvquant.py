@@ -129,13 +129,7 @@ def quantize_pages(cache: torch.Tensor, table: torch.Tensor, num_blocks: int, gr
     ``cache [L, num_pages, block_size, heads, dim]`` (contiguous from dim 1; fp16, bf16 or
     fp32); ``table`` int32/int64 on the device; ``out [L, >= stream_bytes]`` uint8 with an even
     row stride; row ``l`` receives layer ``l``'s stream."""
-    num_layers = cache.shape[0]
-    values_per_block = cache[0, 0].numel()
-    groups_per_block = values_per_block // group
-    num_groups = num_blocks * groups_per_block
-    code_bytes = num_groups * group * bits // 8
-    _check(cache, out, num_groups, group, bits)
-    grid = (triton.cdiv(num_groups, ROWS), num_layers)
+    grid, groups_per_block, num_groups, code_bytes = _layout(cache, out, num_blocks, group, bits)
     _quantize_kernel[grid](cache, table, out, out.view(torch.float16), cache.stride(0),
                            cache.stride(1), out.stride(0), code_bytes, num_groups,
                            GROUPS_PER_BLOCK=groups_per_block, G=group, BITS=bits, ROWS=ROWS)
@@ -145,16 +139,20 @@ def dequantize_pages(stream: torch.Tensor, table: torch.Tensor, num_blocks: int,
                      bits: int, cache: torch.Tensor) -> None:
     """Inverse of :func:`quantize_pages`: writes the values of ``stream [L, >= stream_bytes]``
     into the first ``num_blocks`` pages of ``table`` of ``cache``."""
-    num_layers = cache.shape[0]
-    values_per_block = cache[0, 0].numel()
-    groups_per_block = values_per_block // group
-    num_groups = num_blocks * groups_per_block
-    code_bytes = num_groups * group * bits // 8
-    _check(cache, stream, num_groups, group, bits)
-    grid = (triton.cdiv(num_groups, ROWS), num_layers)
+    grid, groups_per_block, num_groups, code_bytes = _layout(cache, stream, num_blocks, group, bits)
     _dequantize_kernel[grid](stream, stream.view(torch.float16), table, cache, cache.stride(0),
                              cache.stride(1), stream.stride(0), code_bytes, num_groups,
                              GROUPS_PER_BLOCK=groups_per_block, G=group, BITS=bits, ROWS=ROWS)
+
+
+def _layout(cache: torch.Tensor, stream: torch.Tensor, num_blocks: int, group: int,
+            bits: int) -> tuple[tuple[int, int], int, int, int]:
+    """Checks the arguments; returns (launch grid, groups a page, groups, code bytes a layer)."""
+    groups_per_block = cache[0, 0].numel() // group
+    num_groups = num_blocks * groups_per_block
+    _check(cache, stream, num_groups, group, bits)
+    grid = (triton.cdiv(num_groups, ROWS), cache.shape[0])
+    return grid, groups_per_block, num_groups, num_groups * group * bits // 8
 
 
 def _check(cache: torch.Tensor, stream: torch.Tensor, num_groups: int, group: int,
