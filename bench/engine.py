@@ -391,7 +391,7 @@ def main() -> int:
         from alise.worker.profiler import ProfileGrid
 
         grid = ProfileGrid(decode_batch_sizes=(1, 4), decode_contexts=(16, 64), prefill_lens=(16, 64),
-                           mixed=((32, 2, 32),), repeats=1)
+                           mixed=((32, 2, 32),), multi=((2, 16, 2, 32),), repeats=1)
     command = "PYTHONPATH=services:clients python " + " ".join(sys.argv)
     torch.manual_seed(0)
     card = measure_card(args.device)

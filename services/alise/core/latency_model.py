@@ -6,9 +6,14 @@ reads the weights once (a fixed cost), then per sequence does a little compute a
 that sequence's KV cache (linear in its context). So a step costs
 
     T_step = c0 + c_seq * num_seqs + c_ctx * total_context_tokens + c_pre * prefill_tokens
-             + c_pre2 * sum(prefill_len ** 2)
+             + c_pre2 * sum(prefill_len ** 2) + [any prefill] * c_mixed + c_chunk * num_prefill_chunks
 
-with the quadratic prefill term for attention over long prompts. The coefficients come
+with the quadratic prefill term for attention over long prompts. The last two terms are what
+an engine pays for carrying prefill chunks at all, whatever their length: a step with
+prefills cannot replay a captured decode graph (``c_mixed``), and each chunk adds its own
+per-layer attention launches (``c_chunk``). Neither is in the paper's formula; both show on a
+GPU, where a decode step is cheap and a 50-token prompt costs little compute but a step with
+four of them costs twice a decode step. The coefficients come
 from a profile the worker measures on its own device (least squares, non-negative) and are
 refined online from step reports by an exponentially weighted correction factor.
 
@@ -40,6 +45,13 @@ class LatencyModel:
     meta: dict = field(default_factory=dict)
     #: Per-step cost around the forward pass (host work, round trip, planning).
     c_cycle_s: float = 0.0
+    #: Fixed cost of a step that carries any prefill chunk (no decode graph replay).
+    c_mixed_s: float = 0.0
+    #: Cost of each prefill chunk in a step, beyond its tokens.
+    c_chunk_s: float = 0.0
+
+    #: The coefficients, in :meth:`fit`'s column order (``c_cycle_s`` is not fitted).
+    FITTED = ("c0_s", "c_seq_s", "c_ctx_s", "c_pre_s", "c_pre2_s", "c_mixed_s", "c_chunk_s")
 
     def step_s(self, num_seqs: int, total_context: int, prefill_lens: Sequence[int] = ()) -> float:
         return self.forward_s(num_seqs, total_context, prefill_lens) + self.c_cycle_s
@@ -53,6 +65,8 @@ class LatencyModel:
             + self.c_pre_s * sum(prefill_lens)
             + self.c_pre2_s * sum(n * n for n in prefill_lens)
         )
+        if prefill_lens:
+            base += self.c_mixed_s + self.c_chunk_s * len(prefill_lens)
         return base * self.correction
 
     def prefill_s(self, num_tokens: int) -> float:
@@ -96,14 +110,14 @@ class LatencyModel:
         targets = []
         for num_seqs, total_context, prefill_lens, seconds in samples:
             rows.append([1.0, num_seqs, total_context, sum(prefill_lens),
-                         sum(n * n for n in prefill_lens)])
+                         sum(n * n for n in prefill_lens), float(bool(prefill_lens)), len(prefill_lens)])
             targets.append(seconds)
         a = np.asarray(rows, dtype=np.float64)
         b = np.asarray(targets, dtype=np.float64)
         # Relative error matters: scale each row by 1/target so short steps count as much.
         w = 1.0 / np.maximum(b, 1e-6)
         coef, _ = nnls(a * w[:, None], b * w)
-        return cls(*map(float, coef), name=name, meta=dict(meta or {}))
+        return cls(**dict(zip(cls.FITTED, map(float, coef))), name=name, meta=dict(meta or {}))
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)
@@ -113,7 +127,7 @@ class LatencyModel:
         data = json.loads(text)
         known = {k: data[k] for k in cls.__dataclass_fields__ if k in data}
         model = cls(**known)
-        for key in ("c0_s", "c_seq_s", "c_ctx_s", "c_pre_s", "c_pre2_s", "correction", "c_cycle_s"):
+        for key in (*cls.FITTED, "correction", "c_cycle_s"):
             value = getattr(model, key)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
                 raise ValueError(f"latency profile field {key} must be a finite number >= 0, got {value!r}")

@@ -104,8 +104,8 @@ class RemainingTimeEstimator:
         lat = self.latency
         prefill = 0.0
         if job.kv is KvPlace.NONE:
-            prefill = (lat.c0_s + lat.c_seq_s + (lat.c_ctx_s + lat.c_pre_s) * num_tokens
-                       + lat.c_pre2_s * num_tokens * num_tokens)
+            prefill = (lat.c0_s + lat.c_seq_s + lat.c_mixed_s + lat.c_chunk_s
+                       + (lat.c_ctx_s + lat.c_pre_s) * num_tokens + lat.c_pre2_s * num_tokens * num_tokens)
         context = num_tokens + tokens / 2
         per_token = lat.c0_s / self.typical_batch + lat.c_seq_s + lat.c_ctx_s * context
         return prefill + tokens * per_token

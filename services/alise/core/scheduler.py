@@ -479,8 +479,8 @@ class SchedulerCore:
         rb = tokens * per_token
         kv_none = cols.kv_none[rslots]
         if kv_none.any():
-            prefill = np.where(kv_none, lat.c0_s + lat.c_seq_s + (lat.c_ctx_s + lat.c_pre_s) * ntok
-                               + lat.c_pre2_s * ntok * ntok, 0.0)
+            prefill = np.where(kv_none, lat.c0_s + lat.c_seq_s + lat.c_mixed_s + lat.c_chunk_s
+                               + (lat.c_ctx_s + lat.c_pre_s) * ntok + lat.c_pre2_s * ntok * ntok, 0.0)
             rb = prefill + rb
         keys = (rb * lat.correction * (1.0 - policy.hysteresis) - policy.switch_cost_s) \
             - policy.aging_rate * cols.queued[rslots]

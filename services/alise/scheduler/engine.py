@@ -246,7 +246,7 @@ class SchedulerEngine:
         if profile is None:
             return
         if self.latency.name == "default":
-            for name in ("c0_s", "c_seq_s", "c_ctx_s", "c_pre_s", "c_pre2_s", "name", "meta"):
+            for name in (*LatencyModel.FITTED, "name", "meta"):
                 setattr(self.latency, name, getattr(profile, name))
             self.latency.correction = 1.0
             self.core.latency_changed()

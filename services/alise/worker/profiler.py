@@ -2,8 +2,9 @@
 
 The scheduler and the simulator price a step with :class:`alise.core.latency_model.LatencyModel`
 (``c0 + c_seq*num_seqs + c_ctx*total_context + c_pre*prefill_tokens + c_pre2*sum(prefill^2)``).
-This module measures real steps over a grid -- decode batches x contexts, single prefills, and
-mixed steps (one prefill beside a decode batch) -- and fits the model to them.
+This module measures real steps over a grid -- decode batches x contexts, single prefills,
+mixed steps (one prefill beside a decode batch) and steps with several short prompts beside a
+decode batch (what serving sees when requests arrive together) -- and fits the model to them.
 
 A step is timed the way the worker reports it (``StepReport.step_duration_s``): the forward
 pass plus greedy sampling, up to the read-back of the tokens, wall clock, median of
@@ -46,6 +47,11 @@ class ProfileGrid:
     #: (prefill length, decode batch, decode context)
     mixed: tuple[tuple[int, int, int], ...] = ((64, 8, 512), (256, 16, 512), (512, 32, 512), (1024, 8, 1024),
                                                (512, 48, 256), (2000, 16, 512))
+    #: (number of prompts, prompt length, decode batch, decode context): several prefill chunks
+    #: in one step, which prices the per-chunk cost apart from the per-token one.
+    multi: tuple[tuple[int, int, int, int], ...] = ((1, 48, 56, 400), (2, 48, 56, 400), (4, 48, 56, 400),
+                                                    (8, 32, 16, 256), (3, 128, 32, 512), (2, 256, 8, 512),
+                                                    (4, 64, 0, 0), (1, 400, 56, 400))
     repeats: int = 5
 
     def __post_init__(self) -> None:
@@ -54,27 +60,29 @@ class ProfileGrid:
 
 
 def plan_points(grid: ProfileGrid, *, num_blocks: int, block_size: int, max_model_len: int,
-                max_num_seqs: int) -> list[tuple[int, int, int, int]]:
-    """The grid's points that fit: ``(prefill_len, num_decode, decode_context, blocks_needed)``."""
-    points = [(0, b, c) for b in grid.decode_batch_sizes for c in grid.decode_contexts]
-    points += [(n, 0, 0) for n in grid.prefill_lens]
-    points += list(grid.mixed)
+                max_num_seqs: int) -> list[tuple[int, int, int, int, int]]:
+    """The grid's points that fit: ``(num_prompts, prompt_len, num_decode, decode_context,
+    blocks_needed)``."""
+    points = [(0, 0, b, c) for b in grid.decode_batch_sizes for c in grid.decode_contexts]
+    points += [(1, n, 0, 0) for n in grid.prefill_lens]
+    points += [(1, *point) for point in grid.mixed]
+    points += list(grid.multi)
     fitting = []
-    for prefill_len, num_decode, context in points:
-        if num_decode + (prefill_len > 0) > max_num_seqs:
+    for num_prompts, prefill_len, num_decode, context in points:
+        if num_decode + num_prompts > max_num_seqs:
             continue
         if max(prefill_len, context + 1 if num_decode else 0) > max_model_len:
             continue
-        blocks = -(-prefill_len // block_size) + num_decode * -(-(context + 1) // block_size)
+        blocks = num_prompts * -(-prefill_len // block_size) + num_decode * -(-(context + 1) // block_size)
         if blocks <= num_blocks:
-            fitting.append((prefill_len, num_decode, context, blocks))
+            fitting.append((num_prompts, prefill_len, num_decode, context, blocks))
     return fitting
 
 
 def point_chunks(prefill_len: int, num_decode: int, context: int, *, block_size: int,
-                 vocab_size: int) -> list[SeqChunk]:
-    """One point's step: a prompt of ``prefill_len`` (if any) then ``num_decode`` one-token
-    sequences at ``context``, on consecutive, disjoint block ranges."""
+                 vocab_size: int, num_prompts: int = 1) -> list[SeqChunk]:
+    """One point's step: ``num_prompts`` prompts of ``prefill_len`` (if any) then ``num_decode``
+    one-token sequences at ``context``, on consecutive, disjoint block ranges."""
     chunks = []
     next_block = 0
 
@@ -84,8 +92,8 @@ def point_chunks(prefill_len: int, num_decode: int, context: int, *, block_size:
         next_block += n
         return list(range(next_block - n, next_block))
 
-    if prefill_len:
-        tokens = [(17 * i + 5) % vocab_size for i in range(prefill_len)]
+    for p in range(num_prompts if prefill_len else 0):
+        tokens = [(17 * i + 5 + 3 * p) % vocab_size for i in range(prefill_len)]
         chunks.append(SeqChunk(tokens, 0, take(prefill_len)))
     for i in range(num_decode):
         chunks.append(SeqChunk([(31 * i + 7) % vocab_size], context, take(context + 1)))
@@ -123,15 +131,15 @@ class StepProfiler:
             cache.value_cache.normal_()
         samples: list[Sample] = []
         try:
-            for prefill_len, num_decode, context, _ in points:
+            for num_prompts, prefill_len, num_decode, context, _ in points:
                 chunks = point_chunks(prefill_len, num_decode, context, block_size=runner.block_size,
-                                      vocab_size=runner.vocab_size)
+                                      vocab_size=runner.vocab_size, num_prompts=num_prompts)
                 seconds = self.time_step(chunks)
                 total_context = sum(c.start_pos + len(c.token_ids) for c in chunks)
                 prefill_lens = [len(c.token_ids) for c in chunks if len(c.token_ids) > 1]
                 samples.append((len(chunks), total_context, prefill_lens, seconds))
-                logger.info("profile: prefill %d + %d decodes at %d: %.2f ms", prefill_len, num_decode,
-                            context, seconds * 1e3)
+                logger.info("profile: %d x prefill %d + %d decodes at %d: %.2f ms", num_prompts, prefill_len,
+                            num_decode, context, seconds * 1e3)
         finally:
             cache.key_cache.zero_()
             cache.value_cache.zero_()

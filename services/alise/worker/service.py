@@ -55,8 +55,10 @@ def load_latency_profile(runner: ModelRunner, config: WorkerConfig) -> LatencyMo
         from alise.worker.profiler import profile_runner, save_profile
 
         model = profile_runner(runner, max_num_seqs=config.max_num_seqs, command="alise worker --profile-latency")
-        logger.info("latency profile measured: c0 %.3f ms, c_ctx %.3g s/token, c_pre %.3g s/token (fit error %.1f%%)",
-                    model.c0_s * 1e3, model.c_ctx_s, model.c_pre_s, 100 * model.meta["fit_mean_rel_error"])
+        logger.info("latency profile measured: c0 %.3f ms, c_ctx %.3g s/token, c_pre %.3g s/token, "
+                    "c_mixed %.3f ms, c_chunk %.3f ms (fit error mean %.1f%%, max %.1f%%)",
+                    model.c0_s * 1e3, model.c_ctx_s, model.c_pre_s, model.c_mixed_s * 1e3, model.c_chunk_s * 1e3,
+                    100 * model.meta["fit_mean_rel_error"], 100 * model.meta["fit_max_rel_error"])
         if config.latency_profile:
             save_profile(model, config.latency_profile)
             logger.info("latency profile written to %s", config.latency_profile)
