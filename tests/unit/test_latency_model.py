@@ -55,15 +55,17 @@ def test_cycle_overhead_is_added_per_step_and_kept_out_of_the_correction():
 
 def test_prefill_chunks_cost_a_fixed_and_a_per_chunk_term_which_the_fit_recovers():
     truth = LatencyModel(c0_s=0.011, c_seq_s=1e-5, c_ctx_s=3e-7, c_pre_s=2e-5, c_pre2_s=1e-8,
-                         c_mixed_s=0.004, c_chunk_s=0.002)
+                         c_mixed_s=0.004, c_chunk_s=0.002, c_mixed_decode_s=0.006)
     assert truth.step_s(8, 4000) == pytest.approx(0.011 + 8e-5 + 4000 * 3e-7)  # decode only: no new terms
+    alone = truth.step_s(1, 64, [64])
+    assert alone == pytest.approx(0.011 + 1e-5 + 64 * 3e-7 + 0.004 + 0.002 + 64 * 2e-5 + 64 * 64 * 1e-8)
     with_one = truth.step_s(9, 4064, [64])
     with_four = truth.step_s(12, 4256, [64] * 4)
-    assert with_one - truth.step_s(9, 4064) == pytest.approx(0.004 + 0.002 + 64 * 2e-5 + 64 * 64 * 1e-8)
+    assert with_one - truth.step_s(9, 4064) == pytest.approx(0.004 + 0.002 + 0.006 + 64 * 2e-5 + 64 * 64 * 1e-8)
     assert with_four - with_one == pytest.approx(3 * (0.002 + 64 * 2e-5 + 64 * 64 * 1e-8) + 3 * 1e-5 + 192 * 3e-7)
     samples = [(b, b * c, [], truth.step_s(b, b * c)) for b in (1, 8, 32, 64) for c in (128, 1024)]
     samples += [(1, n, [n], truth.step_s(1, n, [n])) for n in (16, 256, 1024, 2000)]
-    for k, n, b in ((1, 48, 56), (2, 48, 56), (4, 48, 56), (8, 32, 16), (3, 128, 32), (4, 64, 0)):
+    for k, n, b in ((1, 48, 56), (2, 48, 56), (4, 48, 56), (1, 48, 8), (8, 32, 16), (3, 128, 32), (4, 64, 0)):
         seqs, ctx = k + b, k * n + b * 401
         samples.append((seqs, ctx, [n] * k, truth.step_s(seqs, ctx, [n] * k)))
     fitted = LatencyModel.fit(samples)

@@ -6,14 +6,17 @@ reads the weights once (a fixed cost), then per sequence does a little compute a
 that sequence's KV cache (linear in its context). So a step costs
 
     T_step = c0 + c_seq * num_seqs + c_ctx * total_context_tokens + c_pre * prefill_tokens
-             + c_pre2 * sum(prefill_len ** 2) + [any prefill] * c_mixed + c_chunk * num_prefill_chunks
+             + c_pre2 * sum(prefill_len ** 2)
+             + [any prefill] * (c_mixed + c_chunk * num_prefill_chunks + [any decode row] * c_mixed_decode)
 
 with the quadratic prefill term for attention over long prompts. The last two terms are what
 an engine pays for carrying prefill chunks at all, whatever their length: a step with
-prefills cannot replay a captured decode graph (``c_mixed``), and each chunk adds its own
-per-layer attention launches (``c_chunk``). Neither is in the paper's formula; both show on a
-GPU, where a decode step is cheap and a 50-token prompt costs little compute but a step with
-four of them costs twice a decode step. The coefficients come
+prefills cannot replay a captured decode graph (``c_mixed``), each chunk adds its own
+per-layer attention launches (``c_chunk``), and so do the decode rows beside them
+(``c_mixed_decode``). None is in the paper's formula; all show on a GPU, where a decode step is
+cheap and a 50-token prompt costs little compute, but a step with a few prompts beside a
+decode batch runs eagerly, bound by kernel launches, at twice a decode step's time. The
+coefficients come
 from a profile the worker measures on its own device (least squares, non-negative) and are
 refined online from step reports by an exponentially weighted correction factor.
 
@@ -49,9 +52,11 @@ class LatencyModel:
     c_mixed_s: float = 0.0
     #: Cost of each prefill chunk in a step, beyond its tokens.
     c_chunk_s: float = 0.0
+    #: Fixed cost of decode rows in a step that also carries prefill chunks.
+    c_mixed_decode_s: float = 0.0
 
     #: The coefficients, in :meth:`fit`'s column order (``c_cycle_s`` is not fitted).
-    FITTED = ("c0_s", "c_seq_s", "c_ctx_s", "c_pre_s", "c_pre2_s", "c_mixed_s", "c_chunk_s")
+    FITTED = ("c0_s", "c_seq_s", "c_ctx_s", "c_pre_s", "c_pre2_s", "c_mixed_s", "c_chunk_s", "c_mixed_decode_s")
 
     def step_s(self, num_seqs: int, total_context: int, prefill_lens: Sequence[int] = ()) -> float:
         return self.forward_s(num_seqs, total_context, prefill_lens) + self.c_cycle_s
@@ -67,6 +72,8 @@ class LatencyModel:
         )
         if prefill_lens:
             base += self.c_mixed_s + self.c_chunk_s * len(prefill_lens)
+            if num_seqs > len(prefill_lens):
+                base += self.c_mixed_decode_s
         return base * self.correction
 
     def prefill_s(self, num_tokens: int) -> float:
@@ -109,8 +116,9 @@ class LatencyModel:
         rows = []
         targets = []
         for num_seqs, total_context, prefill_lens, seconds in samples:
-            rows.append([1.0, num_seqs, total_context, sum(prefill_lens),
-                         sum(n * n for n in prefill_lens), float(bool(prefill_lens)), len(prefill_lens)])
+            mixed = bool(prefill_lens)
+            rows.append([1.0, num_seqs, total_context, sum(prefill_lens), sum(n * n for n in prefill_lens),
+                         float(mixed), len(prefill_lens), float(mixed and num_seqs > len(prefill_lens))])
             targets.append(seconds)
         a = np.asarray(rows, dtype=np.float64)
         b = np.asarray(targets, dtype=np.float64)
