@@ -63,3 +63,23 @@ async def test_alise_with_drop_planner_serves(tiny_llama_dir):
         assert isinstance(c.scheduler.engine.core.memory, DropPlanner)
         result = await client.complete("drop only", max_tokens=3, ignore_eos=True)
         assert len(result.token_ids) == 3
+
+
+async def test_step_log_records_each_model_step_as_a_fit_sample(tiny_llama_dir, tmp_path):
+    log = tmp_path / "steps.jsonl"
+    async with cluster(str(tiny_llama_dir), policy="fcfs", worker_overrides=dict(step_log=str(log))) as c, \
+            c.client() as client:
+        await client.complete("one two three four five six", max_tokens=4, ignore_eos=True)
+        steps = c.workers[0][0].engine.last_step_shape
+    rows = [json.loads(line) for line in log.read_text().splitlines()]
+    assert len(rows) == 4  # the prompt's prefill (first token), then three decodes
+    first, *decodes = rows
+    assert first["num_seqs"] == 1 and len(first["prefill_lens"]) == 1 and first["prefill_lens"][0] > 1
+    prompt = first["prefill_lens"][0]
+    assert first["context"] == prompt
+    assert [(r["num_seqs"], r["context"], r["prefill_lens"]) for r in decodes] == \
+        [(1, prompt + k, []) for k in (1, 2, 3)]
+    assert steps == (1, prompt + 3, [])
+    assert all(r["seconds"] > 0 for r in rows) and len({r["step"] for r in rows}) == 4
+    fitted = LatencyModel.fit([(r["num_seqs"], r["context"], r["prefill_lens"], r["seconds"]) for r in rows])
+    assert fitted.step_s(1, prompt + 1) > 0

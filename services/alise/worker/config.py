@@ -51,6 +51,10 @@ class WorkerConfig:
     latency_profile: str = ""
     #: Measure this engine's step times over a grid at start-up and fit a latency profile.
     profile_latency: bool = False
+    #: Append one JSON line per model step to this file ("" = none): step id, sequences,
+    #: context tokens, prefill chunk lengths, seconds of forward + sampling. These are the
+    #: samples ``LatencyModel.fit`` takes, measured while serving (bench/fit_steps.py).
+    step_log: str = ""
     #: Capture CUDA graphs for decode steps at start-up (CUDA with Triton only; ignored on CPU).
     cuda_graphs: bool = True
     #: Forward pass: "paged" (ModelRunner) or "transformers" (TransformersRunner, the plain HF

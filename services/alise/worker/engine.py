@@ -73,6 +73,9 @@ class WorkerEngine:
         self.num_host_blocks = num_host_blocks
         self.offload = KvOffload(runner.kv_cache, self.allocator, num_host_blocks)
         self.seqs: dict[str, Sequence] = {}
+        #: The last model step's shape, as ``LatencyModel.fit`` takes it: sequences, context
+        #: tokens (cached + fed), lengths of the multi-token chunks; None before the first step.
+        self.last_step_shape: tuple[int, int, list[int]] | None = None
 
     # ----------------------------------------------------------------- commands
 
@@ -149,6 +152,8 @@ class WorkerEngine:
             params = [s.sampling for s in batch]
             sampled = self.sampler.sample(logits, params, [s.generator for s in batch])
             report.step_duration_s = time.perf_counter() - start
+            self.last_step_shape = (len(chunks), sum(c.start_pos + len(c.token_ids) for c in chunks),
+                                    [len(c.token_ids) for c in chunks if len(c.token_ids) > 1])
             for seq, chunk, token in zip(batch, chunks, sampled):
                 if len(chunk.token_ids) > 1:
                     report.num_prefill_tokens += len(chunk.token_ids)

@@ -39,6 +39,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="latency profile JSON to load, or to write with --profile-latency")
     p.add_argument("--profile-latency", action="store_true",
                    help="measure this engine's step times at start-up and fit a latency profile")
+    p.add_argument("--step-log", default=env("ALISE_WORKER_STEP_LOG", ""),
+                   help="append a JSON line per model step (its shape and seconds) to this file")
     p.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
                    help="run decode steps eagerly on CUDA")
     p.add_argument("--runner", choices=("paged", "transformers"), default=env("ALISE_WORKER_RUNNER", "paged"),
@@ -57,6 +59,7 @@ def config_from_args(args: argparse.Namespace) -> WorkerConfig:
         max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
         worker_id=args.worker_id, health_address=args.health_address, seed=args.seed,
         latency_profile=args.latency_profile, profile_latency=args.profile_latency, cuda_graphs=args.cuda_graphs,
+        step_log=args.step_log,
         runner=args.runner,
         metrics_address=args.metrics_address, security=security_from_args(args))
 

@@ -10,7 +10,9 @@ jobs (the scheduler re-queues them) and reconnects with backoff.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -89,6 +91,8 @@ class Worker:
         self._cycle_logged_s = time.monotonic()
         self.log_cycle_times_s = 30.0
         self.metrics_port = 0
+        self._step_log = None  # open file of config.step_log, written from the step thread
+        self._step_log_lock = threading.Lock()
 
     async def start_health(self) -> None:
         if not self.config.health_address:
@@ -115,6 +119,8 @@ class Worker:
                                    max_model_len=self.loaded.max_model_len,
                                    num_host_blocks=cfg.num_host_blocks)
         self.metrics.watch(self._state_metrics)
+        if cfg.step_log:
+            self._step_log = open(cfg.step_log, "a", encoding="utf-8", buffering=1)  # noqa: SIM115 (closed in close())
         if cfg.metrics_address:
             self.metrics_port = serve_metrics(self.metrics.registry, cfg.metrics_address)
         logger.info("worker %s: %s on %s (%s), %d KV blocks of %d tokens, %s runner", self.worker_id,
@@ -247,6 +253,8 @@ class Worker:
         refused = self.engine.apply(plan.commands)
         if plan.run_step:
             report = self.engine.step(plan.step_id)
+            if self._step_log is not None and report.step_duration_s > 0:
+                self._log_step(plan.step_id, report.step_duration_s)
         else:
             report = StepReport(step_id=plan.step_id,
                                 num_free_device_blocks=self.engine.allocator.num_free,
@@ -276,5 +284,17 @@ class Worker:
         if self._health_server is not None:
             await self._health_server.stop(0.5)
 
+    def _log_step(self, step_id: int, seconds: float) -> None:
+        num_seqs, context, prefill_lens = self.engine.last_step_shape
+        line = json.dumps(dict(step=step_id, num_seqs=num_seqs, context=context, prefill_lens=prefill_lens,
+                               seconds=round(seconds, 6)))
+        with self._step_log_lock:
+            if self._step_log is not None:
+                self._step_log.write(line + "\n")
+
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
+        with self._step_log_lock:
+            if self._step_log is not None:
+                self._step_log.close()
+                self._step_log = None
