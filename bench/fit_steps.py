@@ -16,6 +16,7 @@ outside the forward pass.
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import re
 import statistics
@@ -34,7 +35,7 @@ CYCLE_LINE = re.compile(r"(\d+) cycles; per cycle [\d.]+ ms: device [\d.]+, work
 def load_steps(paths: list[str]) -> list[tuple[int, int, list[int], float]]:
     samples = []
     for path in paths:
-        with open(path, encoding="utf-8") as f:
+        with (gzip.open if path.endswith(".gz") else open)(path, "rt", encoding="utf-8") as f:
             for line in f:
                 r = json.loads(line)
                 samples.append((r["num_seqs"], r["context"], r["prefill_lens"], r["seconds"]))
@@ -45,7 +46,7 @@ def cycle_overhead_s(paths: list[str]) -> tuple[float, int]:
     """Cycle-weighted mean of worker host + transport + scheduler seconds, and the cycle count."""
     cycles, total = 0, 0.0
     for path in paths:
-        with open(path, encoding="utf-8") as f:
+        with (gzip.open if path.endswith(".gz") else open)(path, "rt", encoding="utf-8") as f:
             for line in f:
                 m = CYCLE_LINE.search(line)
                 if m:
@@ -84,7 +85,8 @@ def main() -> None:
     samples = load_steps(args.steps)
     if len(samples) < len(LatencyModel.FITTED):
         raise SystemExit(f"{len(samples)} steps are too few to fit {len(LatencyModel.FITTED)} coefficients")
-    model = LatencyModel.fit(samples, name=args.name)
+    # Absolute least squares: the fitted step times add up to the run's busy time.
+    model = LatencyModel.fit(samples, name=args.name, relative=False)
     fit = priced(model, samples)
     model.meta.update(kind="measured while serving", date=date.today().isoformat(),
                       command="python bench/fit_steps.py " + " ".join(sys.argv[1:]),
@@ -99,10 +101,12 @@ def main() -> None:
     print(f"{len(samples)} steps from {', '.join(args.steps)}")
     print("fitted: " + ", ".join(f"{k} {1e3 * getattr(model, k):.4g} ms" for k in LatencyModel.FITTED)
           + (f"; c_cycle_s {1e3 * model.c_cycle_s:.2f} ms" if args.scheduler_log else ""))
-    print(f"{'profile':<40} {'kind':<12} {'steps':>6} {'measured ms':>12} {'priced ms':>10} {'|error|':>8}")
-    for label, profile in [("fitted to these steps", model)] + [(p, LatencyModel.load(p)) for p in args.check]:
+    profiles = [("fitted to these steps", model)] + [(p, LatencyModel.load(p)) for p in args.check]
+    width = max(len(label) for label, _ in profiles)
+    print(f"{'profile':<{width}} {'kind':<12} {'steps':>6} {'measured ms':>12} {'priced ms':>10} {'|error|':>8}")
+    for label, profile in profiles:
         for kind, (n, measured, pred, err) in priced(profile, samples).items():
-            print(f"{label:<40} {kind:<12} {n:>6} {measured:>12.2f} {pred:>10.2f} {100 * err:>7.1f}%")
+            print(f"{label:<{width}} {kind:<12} {n:>6} {measured:>12.2f} {pred:>10.2f} {100 * err:>7.1f}%")
     if args.out:
         Path(args.out).write_text(model.to_json() + "\n", encoding="utf-8")
         print(f"profile: {args.out}")

@@ -108,8 +108,12 @@ class LatencyModel:
 
     @classmethod
     def fit(cls, samples: Sequence[tuple[int, int, Sequence[int], float]], name: str = "fitted",
-            meta: dict | None = None) -> LatencyModel:
-        """Non-negative least squares over (num_seqs, total_context, prefill_lens, seconds)."""
+            meta: dict | None = None, *, relative: bool = True) -> LatencyModel:
+        """Non-negative least squares over (num_seqs, total_context, prefill_lens, seconds).
+
+        ``relative``: minimise relative errors, so that short steps count as much as long ones
+        (a profile's grid of points); else absolute ones, so that the fitted times add up to the
+        measured total (the steps of a serving run, where the total busy time is what matters)."""
         import numpy as np
         from scipy.optimize import nnls
 
@@ -122,8 +126,7 @@ class LatencyModel:
             targets.append(seconds)
         a = np.asarray(rows, dtype=np.float64)
         b = np.asarray(targets, dtype=np.float64)
-        # Relative error matters: scale each row by 1/target so short steps count as much.
-        w = 1.0 / np.maximum(b, 1e-6)
+        w = 1.0 / np.maximum(b, 1e-6) if relative else np.ones_like(b)
         coef, _ = nnls(a * w[:, None], b * w)
         return cls(**dict(zip(cls.FITTED, map(float, coef))), name=name, meta=dict(meta or {}))
 
