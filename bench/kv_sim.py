@@ -1,9 +1,9 @@
 """Simulated: adaptive KV planner vs drop-only, `chat` trace, KV capacity ~1/3 of the need.
 
-    .venv/bin/python bench/kv_sim.py [--num 400] [--out bench/results/kv_sim.json]
+    .venv/bin/python bench/kv_sim.py [--num 400] [--profile FILE] [--out bench/results/kv_sim.json]
 
 The real scheduler core (policy ``alise``) drives one ``VirtualWorker`` on a virtual clock
-(latency: the OPT-13B H100 roofline profile of ``alise.sim.profiles``). KV moves cost what
+(latency: the OPT-13B H100 roofline profile of ``alise.sim.profiles``, or ``--profile``). KV moves cost what
 bench/kv_bench.py measured on an H100 (2026-11-25): swaps at 35 GB/s on one copy engine
 (swap-outs hold their device blocks until they land), quantize + dequantize of a job's KV in
 2 x bytes / 380 GB/s on the compute stream (the fused Triton kernels). Length estimates are the true lengths times log-normal noise (sigma 0.5),
@@ -29,6 +29,7 @@ from collections import Counter
 from alise.core.blocks import WorkerCapacity, blocks_for
 from alise.core.commands import StepReport
 from alise.core.job import Job, LengthEstimate
+from alise.core.latency_model import LatencyModel
 from alise.core.memory_planner import make_memory_planner
 from alise.core.policy import make_policy
 from alise.core.sampling import SamplingParams
@@ -123,9 +124,10 @@ def main() -> None:
                         help="swap bandwidth, GB/s each way")
     parser.add_argument("--quantize-gbps", type=float, default=QUANTIZE_BYTES_PER_S / 1e9,
                         help="quantize + dequantize throughput, GB/s of full-precision KV")
+    parser.add_argument("--profile", default="", help="latency profile JSON (default: the H100 roofline)")
     parser.add_argument("--out", default="")
     args = parser.parse_args()
-    latency = opt13b_h100_roofline()
+    latency = LatencyModel.load(args.profile) if args.profile else opt13b_h100_roofline()
     base = build_trace(load_pairs(workload_path("chat")), num=args.num, rate=1.0, seed=0)
     estimates = estimates_for(base)
     rates = [float(x) for x in args.rates.split(",")]
@@ -135,7 +137,8 @@ def main() -> None:
     num_host = 2 * num_blocks
     unloaded = unloaded_normalized_latency(base, latency)
     bound = args.bound * unloaded
-    print(f"SIMULATED (roofline {latency.name}); chat trace, {args.num} requests; policy alise")
+    kind = latency.meta.get("kind", "profile")
+    print(f"SIMULATED ({kind} {latency.name}); chat trace, {args.num} requests; policy alise")
     print(f"peak KV need at {mid} req/s with unlimited memory: {unlimited['peak_need_blocks']} blocks;"
           f" device {num_blocks} blocks ({num_blocks * BLOCK_SIZE} tokens), host {num_host} blocks")
     print(f"unloaded normalized latency {unloaded * 1e3:.1f} ms/token; bound {bound * 1e3:.1f} ms/token")

@@ -77,3 +77,23 @@ def test_prefill_chunks_cost_a_fixed_and_a_per_chunk_term_which_the_fit_recovers
     assert old.step_s(3, 300, [100, 100]) == pytest.approx(0.011 + 1e-5 * 3 + 1e-8 * 300 + 2e-5 * 200)
     with pytest.raises(ValueError, match="c_chunk_s"):
         LatencyModel.from_json('{"c_chunk_s": -0.001}')
+
+
+def test_absolute_fit_adds_up_to_the_measured_total():
+    import random
+
+    truth = LatencyModel(c0_s=0.012, c_seq_s=2e-5, c_ctx_s=3e-7, c_pre_s=1.5e-5, c_mixed_s=0.005, c_chunk_s=0.002)
+    rng = random.Random(0)
+    samples = []
+    for _ in range(400):
+        seqs = rng.randint(1, 60)
+        chunks = [rng.randint(8, 300) for _ in range(rng.choice((0, 0, 0, 1, 2, 4)))]
+        ctx = seqs * rng.randint(50, 400) + sum(chunks)
+        samples.append((seqs + len(chunks), ctx, chunks, truth.step_s(seqs + len(chunks), ctx, chunks)
+                        * rng.uniform(0.8, 1.3)))
+    absolute = LatencyModel.fit(samples, relative=False)
+    relative = LatencyModel.fit(samples)
+    total = sum(s[3] for s in samples)
+    assert sum(absolute.step_s(n, c, p) for n, c, p, _ in samples) == pytest.approx(total, rel=1e-6)
+    # The relative fit weighs short steps up, so it need not add up to the total.
+    assert abs(sum(relative.step_s(n, c, p) for n, c, p, _ in samples) - total) > 1e-6 * total
