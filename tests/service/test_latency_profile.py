@@ -83,3 +83,18 @@ async def test_step_log_records_each_model_step_as_a_fit_sample(tiny_llama_dir, 
     assert all(r["seconds"] > 0 for r in rows) and len({r["step"] for r in rows}) == 4
     fitted = LatencyModel.fit([(r["num_seqs"], r["context"], r["prefill_lens"], r["seconds"]) for r in rows])
     assert fitted.step_s(1, prompt + 1) > 0
+
+
+async def test_job_log_records_each_finished_job_with_its_estimate(tiny_llama_dir, tmp_path):
+    log = tmp_path / "jobs.jsonl"
+    async with cluster(str(tiny_llama_dir), policy="alise", job_log=str(log)) as c, c.client() as client:
+        for n in (3, 5):
+            await client.complete(f"a prompt for {n} tokens", max_tokens=n, ignore_eos=True)
+    rows = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [r["output_tokens"] for r in rows] == [3, 5]
+    for r in rows:
+        assert r["prompt_tokens"] > 0 and r["preemptions"] == 0
+        assert 0 < r["ttft_s"] <= r["e2e_s"]
+        # No predictor configured: the running mean, and the log says so.
+        assert r["estimate"]["source"] == "mean" and r["estimate"]["p90"] >= r["estimate"]["mean"] > 0
+    assert rows[0]["job_id"] != rows[1]["job_id"]

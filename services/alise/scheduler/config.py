@@ -43,6 +43,9 @@ class SchedulerConfig:
     security: SecurityConfig = field(default_factory=SecurityConfig)
     #: Prometheus metrics HTTP address ("" = none).
     metrics_address: str = ""
+    #: Append one JSON line per finished job to this file ("" = none): its length estimate
+    #: (mean, p50, p90, source), true output length, TTFT, end-to-end time, preemptions.
+    job_log: str = ""
 
     def __post_init__(self) -> None:
         if self.policy not in POLICY_NAMES:

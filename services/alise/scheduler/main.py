@@ -24,6 +24,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-planner", default=env("ALISE_KV_PLANNER", ""),
                    choices=["", "adaptive", "drop", "swap", "quantize"],
                    help="where paused jobs' KV goes (default: drop for fcfs, adaptive otherwise)")
+    p.add_argument("--job-log", default=env("ALISE_JOB_LOG", ""),
+                   help="append a JSON line per finished job (estimate, length, latencies) to this file")
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--default-max-tokens", type=int, default=256)
     p.add_argument("--max-queued", type=int, default=4096)
@@ -43,7 +45,7 @@ def config_from_args(args: argparse.Namespace) -> SchedulerConfig:
         max_model_len=args.max_model_len, default_max_tokens=args.default_max_tokens,
         max_queued=args.max_queued, max_wait_no_worker_s=args.max_wait_no_worker_s,
         predictor_address=args.predictor_address, predictor_timeout_s=args.predictor_timeout_s,
-        latency_profile=args.latency_profile, metrics_address=args.metrics_address,
+        latency_profile=args.latency_profile, metrics_address=args.metrics_address, job_log=args.job_log,
         security=security_from_args(args))
 
 

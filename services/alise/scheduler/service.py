@@ -8,6 +8,7 @@ estimate, hands the job to the engine and streams its tokens back with text delt
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 import uuid
@@ -264,6 +265,7 @@ class SchedulerServer:
     servicer: SchedulerServicer
     health: grpc_server.ServingStatus
     metrics_port: int = 0
+    job_log: object = None  # the open --job-log file, closed by stop()
 
     async def stop(self, grace_s: float = 5.0) -> None:
         """Drains: refuse new requests, let in-flight ones finish within ``grace_s``, then
@@ -276,6 +278,8 @@ class SchedulerServer:
         logger.info("drained (%d requests still in flight); stopping", self.engine.num_live_jobs())
         await self.engine.stop()
         await self.server.stop(1.0)
+        if self.job_log is not None:
+            self.job_log.close()
         logger.info("stopped")
 
 
@@ -287,8 +291,12 @@ async def start_scheduler(config: SchedulerConfig, *, predict=None, observe=None
     core = SchedulerCore(make_policy(config.policy, latency), memory)
     estimator = LengthEstimator(predict, observe, timeout_s=config.predictor_timeout_s)
 
+    job_log = open(config.job_log, "a", encoding="utf-8", buffering=1) if config.job_log else None  # noqa: SIM115
+
     def on_finish(job: Job) -> None:
         estimator.observe(job.prompt_text, job.num_prompt_tokens, job.num_output_tokens)
+        if job_log is not None:
+            job_log.write(json.dumps(job_record(job)) + "\n")
 
     engine = SchedulerEngine(core, latency, max_queued=config.max_queued,
                              max_wait_no_worker_s=config.max_wait_no_worker_s, on_finish=on_finish)
@@ -316,4 +324,14 @@ async def start_scheduler(config: SchedulerConfig, *, predict=None, observe=None
     await server.start()
     logger.info("scheduler listening on %s (policy %s, model %s, context %d)",
                 config.address.rsplit(":", 1)[0] + f":{port}", config.policy, info.name, info.max_model_len)
-    return SchedulerServer(server, port, engine, servicer, health, metrics_port)
+    return SchedulerServer(server, port, engine, servicer, health, metrics_port, job_log)
+
+
+def job_record(job: Job) -> dict:
+    """One finished job, as ``--job-log`` writes it (times in seconds from its arrival)."""
+    est = job.estimate
+    since = lambda t: None if t is None else round(t - job.arrival_s, 6)  # noqa: E731
+    return dict(job_id=job.job_id, prompt_tokens=job.num_prompt_tokens, output_tokens=job.num_output_tokens,
+                estimate=None if est is None else dict(mean=est.mean, p50=est.p50, p90=est.p90, source=est.source),
+                ttft_s=since(job.first_token_s), e2e_s=since(job.finish_s), preemptions=job.num_preemptions,
+                worker_id=job.worker_id)
