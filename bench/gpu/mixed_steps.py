@@ -18,6 +18,7 @@ import time
 import torch
 
 from alise.core.sampling import SamplingParams
+from alise.worker.attention import MIN_BATCHED_FRESH
 from alise.worker.kv_cache import KVCache
 from alise.worker.loader import load_model
 from alise.worker.model_runner import ModelRunner, SeqChunk
@@ -51,6 +52,7 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=400)
     parser.add_argument("--kv-gib", type=float, default=30.0)
     parser.add_argument("--profile", action="store_true", help="also profile one mixed step")
+    parser.add_argument("--skip-cudnn", action="store_true", help="skip the cuDNN SDPA on/off comparison")
     args = parser.parse_args()
     parser_device = "cuda" if torch.cuda.is_available() else "cpu"
     loaded = load_model(args.model, device=parser_device, dtype="float16" if parser_device == "cuda" else "float32")
@@ -83,6 +85,9 @@ def main() -> None:
         "+ recompute 800": decodes + [prefill(800)],
         "+ chunk 75 at 200": decodes + [prefill(75, 200)],
         "+ 4 prompts of 50": decodes + [prefill(50) for _ in range(4)],
+        "+ 4 prompts of 50, one attention call each": decodes + [prefill(50) for _ in range(4)],
+        "+ 8 prompts of 32": decodes + [prefill(32) for _ in range(8)],
+        "+ 8 prompts of 32, one attention call each": decodes + [prefill(32) for _ in range(8)],
         "prompt 75 alone": [prefill(75)],
         "recompute 300 alone": [prefill(300)],
     }
@@ -99,7 +104,7 @@ def main() -> None:
         n = next(lengths)
         return decodes + ([prefill(n)] if kind == "fresh" else [prefill(n, 200)])
 
-    for cudnn in (True, False):
+    for cudnn in (() if args.skip_cudnn else (True, False)):
         torch.backends.cuda.enable_cudnn_sdp(cudnn)
         for kind in ("fresh", "chunk"):
             name = f"+ {kind} 60-80, new length each call, cuDNN SDPA {'on' if cudnn else 'off'}"
@@ -112,7 +117,10 @@ def main() -> None:
             rows.append((name, wall_ms(lambda: step(decodes))))
             runner.decode_graphs = saved
         else:
+            # "one attention call each": fresh prompts not batched (the runner's behaviour before).
+            runner.min_batched_fresh = 0 if "one attention call each" in name else MIN_BATCHED_FRESH
             rows.append((name, wall_ms(lambda c=chunks: step(c))))
+            runner.min_batched_fresh = MIN_BATCHED_FRESH
         print(f"{name:60s} {rows[-1][1]:8.2f} ms", flush=True)
 
     if args.profile:

@@ -78,8 +78,11 @@ def make_sequences(seed: int) -> tuple[dict[str, list[int]], dict[str, list[int]
     return tokens, tables
 
 
-def test_logits_match_transformers_at_every_position(loaded: LoadedModel) -> None:
+@pytest.mark.parametrize("min_batched_fresh", [0, 3], ids=["fresh-one-by-one", "fresh-batched"])
+def test_logits_match_transformers_at_every_position(loaded: LoadedModel, min_batched_fresh: int) -> None:
+    # The first step's three fresh prompts share one padded attention call unless it is off (0).
     runner = ModelRunner(loaded, num_blocks=NUM_BLOCKS, block_size=BLOCK_SIZE)
+    runner.min_batched_fresh = min_batched_fresh
     tokens, tables = make_sequences(seed=1)
     num_cached = dict.fromkeys(tokens, 0)
     got: dict[str, list[torch.Tensor]] = {name: [] for name in tokens}
@@ -152,3 +155,24 @@ def test_block_bytes_and_budget(tiny_llama: LoadedModel) -> None:
     assert KVCache.num_blocks_for_budget(config, 16, torch.float32, per_block - 1) == 0
     cache = KVCache.from_config(config, num_blocks=10, block_size=16, dtype=torch.float32, device="cpu")
     assert cache.num_bytes == 10 * per_block
+
+
+def test_fresh_batch_metadata_pads_masks_and_places_rows() -> None:
+    from alise.worker.attention import build_attention_metadata
+
+    # Rows: decode (1 token), fresh 3, continuing chunk 2 at position 4, fresh 2, fresh 4.
+    meta = build_attention_metadata([7, 0, 4, 0, 0], [1, 3, 2, 2, 4], [[0, 1], [2], [3, 4], [5], [6]],
+                                    block_size=4, device=torch.device("cpu"), min_batched_fresh=3)
+    fresh = meta.fresh
+    assert (fresh.num_seqs, fresh.max_len) == (3, 4)
+    assert fresh.gather.tolist() == [1, 2, 3, 3, 6, 7, 7, 7, 8, 9, 10, 11]  # pads repeat the last row
+    assert fresh.rows.tolist() == [1, 2, 3, 6, 7, 8, 9, 10, 11]
+    assert fresh.slots.tolist() == [0, 1, 2, 4, 5, 8, 9, 10, 11]
+    mask = fresh.mask[:, 0]
+    assert mask[0].tolist() == [[True, False, False, False], [True, True, False, False],
+                                [True, True, True, False], [True, True, True, False]]  # padded query: real keys
+    assert mask[1, 3].tolist() == [True, True, False, False]
+    assert [span.row_start for span in meta.prefills] == [4]  # the continuing chunk keeps its own call
+    assert not meta.is_all_decode and meta.decode_rows.tolist() == [0]
+    assert build_attention_metadata([0, 0, 0], [2, 2, 2], [[0], [1], [2]], block_size=4,
+                                    device=torch.device("cpu"), min_batched_fresh=4).fresh is None

@@ -8,7 +8,11 @@ Each layer first writes the new tokens' K/V into the pages (:func:`write_kv`), t
 - sequences feeding one token (decode, or a one-token prefill) go through one batched call,
   :func:`decode_attention`, whose signature is what a fused paged-decode kernel implements;
 - longer chunks (a prompt, or a piece of it under chunked prefill) go one sequence at a time through
-  :func:`prefill_attention`, with a causal mask offset by the tokens already cached.
+  :func:`prefill_attention`, with a causal mask offset by the tokens already cached;
+- except that when a step carries several *fresh* prompts (chunks starting at position 0), they
+  go through one padded call, :func:`batched_fresh_attention`: on a GPU a step with prefills runs
+  eagerly, bound by kernel launches, and each chunk's own call costs a few launches in every
+  layer.
 
 Everything layer-independent (slots, positions, padded block tables, masks) is computed once per
 step in :func:`build_attention_metadata` and shared by all layers.
@@ -39,6 +43,23 @@ class PrefillSpan:
 
 
 @dataclass(frozen=True)
+class FreshBatch:
+    """Several fresh chunks (``start_pos`` 0) padded to one ``[S, L]`` batch for one attention call."""
+
+    gather: torch.Tensor  # [S * L] int64: the step row feeding each padded slot (pads repeat a real row)
+    mask: torch.Tensor  # [S, 1, L, L] bool: key j is seen by query i iff j <= i and j < the chunk's length
+    rows: torch.Tensor  # [R] int64: the step rows of the chunks' real tokens
+    slots: torch.Tensor  # [R] int64: where each of those rows sits in the flattened padded batch
+    num_seqs: int
+    max_len: int
+
+
+#: Fresh chunks in a step from which they share one padded attention call (fewer would not save
+#: launches: the padded call costs about as many as two chunks' own calls).
+MIN_BATCHED_FRESH = 3
+
+
+@dataclass(frozen=True)
 class AttentionMetadata:
     """What every layer needs to place and attend the step's ``T`` tokens."""
 
@@ -49,11 +70,14 @@ class AttentionMetadata:
     decode_block_tables: torch.Tensor | None  # [B, max_blocks] int64, padded with block 0 (masked out)
     decode_context_lens: torch.Tensor | None  # [B] int64
     is_all_decode: bool  # decode_rows is exactly 0..T-1, so no gather/scatter is needed
+    fresh: FreshBatch | None = None  # fresh chunks batched together (not in ``prefills``)
 
 
 def build_attention_metadata(start_positions: list[int], num_tokens: list[int], block_tables: list[list[int]],
-                             *, block_size: int, device: torch.device) -> AttentionMetadata:
-    """Metadata for sequences with the given starts, token counts and (validated) block tables."""
+                             *, block_size: int, device: torch.device,
+                             min_batched_fresh: int = MIN_BATCHED_FRESH) -> AttentionMetadata:
+    """Metadata for sequences with the given starts, token counts and (validated) block tables.
+    ``min_batched_fresh``: batch the fresh chunks when there are at least this many (0: never)."""
     context_lens = [s + n for s, n in zip(start_positions, num_tokens)]
     blocks_needed = [-(-c // block_size) for c in context_lens]
     width = max(blocks_needed)
@@ -74,9 +98,13 @@ def build_attention_metadata(start_positions: list[int], num_tokens: list[int], 
 
     prefills = []
     decode_seqs = []
+    fresh_seqs = [s for s, n in enumerate(num_tokens) if n > 1 and start_positions[s] == 0]
+    batch_fresh = 0 < min_batched_fresh <= len(fresh_seqs)
     for seq, (row_start, n) in enumerate(zip(row_starts, num_tokens)):
         if n == 1:
             decode_seqs.append(seq)
+            continue
+        if batch_fresh and start_positions[seq] == 0:
             continue
         ctx = context_lens[seq]
         mask = None
@@ -94,9 +122,28 @@ def build_attention_metadata(start_positions: list[int], num_tokens: list[int], 
         decode_rows = torch.tensor([row_starts[s] for s in decode_seqs], dtype=torch.int64).to(device)
         decode_tables = table[idx, :decode_width].to(device)
         decode_lens = torch.tensor([context_lens[s] for s in decode_seqs], dtype=torch.int64).to(device)
+    fresh = _fresh_batch([row_starts[s] for s in fresh_seqs], [num_tokens[s] for s in fresh_seqs],
+                         device) if batch_fresh else None
     return AttentionMetadata(positions=positions.to(device), slot_mapping=slots.to(device),
                              prefills=tuple(prefills), decode_rows=decode_rows, decode_block_tables=decode_tables,
-                             decode_context_lens=decode_lens, is_all_decode=not prefills)
+                             decode_context_lens=decode_lens, is_all_decode=not prefills and fresh is None,
+                             fresh=fresh)
+
+
+def _fresh_batch(row_starts: list[int], lengths: list[int], device: torch.device) -> FreshBatch:
+    num_seqs, max_len = len(lengths), max(lengths)
+    gather, rows, slots = [], [], []
+    for s, (start, n) in enumerate(zip(row_starts, lengths)):
+        gather.extend(start + min(i, n - 1) for i in range(max_len))
+        rows.extend(range(start, start + n))
+        slots.extend(range(s * max_len, s * max_len + n))
+    lens = torch.tensor(lengths, dtype=torch.int64).to(device)
+    pos = torch.arange(max_len, device=device)
+    # A padded query row (i >= n) sees the chunk's real keys only: never an empty row (no NaN).
+    mask = (pos[None, None, :] <= pos[None, :, None]) & (pos[None, None, :] < lens[:, None, None])
+    as_tensor = lambda xs: torch.tensor(xs, dtype=torch.int64).to(device)  # noqa: E731
+    return FreshBatch(gather=as_tensor(gather), mask=mask[:, None], rows=as_tensor(rows), slots=as_tensor(slots),
+                      num_seqs=num_seqs, max_len=max_len)
 
 
 def write_kv(key_cache: torch.Tensor, value_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -157,6 +204,19 @@ def fresh_prefill_attention(query: torch.Tensor, key: torch.Tensor, value: torch
     return out.squeeze(0).transpose(0, 1)
 
 
+def batched_fresh_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                            fresh: FreshBatch, scale: float) -> torch.Tensor:
+    """Causal attention of several fresh chunks of the step in one padded call. ``query``
+    ``[T, heads, dim]`` and ``key``/``value`` ``[T, kv_heads, dim]`` are the whole step's rows;
+    returns ``[S * L, heads, dim]``, the padded batch flattened (real rows at ``fresh.slots``)."""
+    shape = (fresh.num_seqs, fresh.max_len)
+    q, k, v = (x.index_select(0, fresh.gather).view(*shape, *x.shape[1:]).transpose(1, 2)
+               for x in (query, key, value))
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=fresh.mask, scale=scale,
+                                         enable_gqa=q.shape[1] != k.shape[1])
+    return out.transpose(1, 2).reshape(-1, *query.shape[1:])
+
+
 @dataclass(frozen=True)
 class AttentionBackend:
     """The two pluggable pieces of paged attention, with the signatures of this module's
@@ -183,6 +243,9 @@ def paged_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
         return backend.decode_attention(query, key_cache, value_cache, meta.decode_block_tables,
                                         meta.decode_context_lens, scale)
     out = torch.empty_like(query)
+    if meta.fresh is not None:
+        padded = batched_fresh_attention(query, key, value, meta.fresh, scale)
+        out.index_copy_(0, meta.fresh.rows, padded.index_select(0, meta.fresh.slots))
     for span in meta.prefills:
         rows = slice(span.row_start, span.row_start + span.num_tokens)
         if span.context_len == span.num_tokens:

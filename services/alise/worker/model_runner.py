@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from alise.worker.attention import (
+    MIN_BATCHED_FRESH,
     TORCH_BACKEND,
     AttentionBackend,
     AttentionMetadata,
@@ -98,6 +99,8 @@ class ModelRunner(RunnerBase):
         self._head_dim = self.kv_cache.shape.head_dim
         self._scale = self._head_dim ** -0.5
         self.attention_backend = _pick_backend(attention_backend, self.device)
+        #: Fresh prompts in a step from which they share one attention call per layer (0: never).
+        self.min_batched_fresh = MIN_BATCHED_FRESH
         if self.device.type == "cuda":
             # Prefill attention sees a new (query, key) length nearly every step; cuDNN's SDPA
             # builds an execution plan per new shape (bench/gpu/mixed_steps.py measures it), the
@@ -148,7 +151,7 @@ class ModelRunner(RunnerBase):
         num_tokens = [len(c.token_ids) for c in chunks]
         meta = build_attention_metadata([c.start_pos for c in chunks], num_tokens,
                                         [c.block_table for c in chunks], block_size=self.block_size,
-                                        device=self.device)
+                                        device=self.device, min_batched_fresh=self.min_batched_fresh)
         input_ids = torch.tensor([t for c in chunks for t in c.token_ids], dtype=torch.int64).to(self.device)
         with torch.inference_mode():
             hidden = self._forward(input_ids, meta)
