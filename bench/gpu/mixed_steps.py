@@ -84,9 +84,9 @@ def main() -> None:
         "+ recompute 300": decodes + [prefill(300)],
         "+ recompute 800": decodes + [prefill(800)],
         "+ chunk 75 at 200": decodes + [prefill(75, 200)],
-        "+ 4 prompts of 50": decodes + [prefill(50) for _ in range(4)],
+        "+ 4 prompts of 50, batched": decodes + [prefill(50) for _ in range(4)],
         "+ 4 prompts of 50, one attention call each": decodes + [prefill(50) for _ in range(4)],
-        "+ 8 prompts of 32": decodes + [prefill(32) for _ in range(8)],
+        "+ 8 prompts of 32, batched": decodes + [prefill(32) for _ in range(8)],
         "+ 8 prompts of 32, one attention call each": decodes + [prefill(32) for _ in range(8)],
         "prompt 75 alone": [prefill(75)],
         "recompute 300 alone": [prefill(300)],
@@ -117,10 +117,11 @@ def main() -> None:
             rows.append((name, wall_ms(lambda: step(decodes))))
             runner.decode_graphs = saved
         else:
-            # "one attention call each": fresh prompts not batched (the runner's behaviour before).
-            runner.min_batched_fresh = 0 if "one attention call each" in name else MIN_BATCHED_FRESH
+            # Several fresh prompts: batched into one attention call, unless "one call each" (the default).
+            batched = "prompts of" in name and "one attention call each" not in name
+            runner.min_batched_fresh = MIN_BATCHED_FRESH if batched else 0
             rows.append((name, wall_ms(lambda c=chunks: step(c))))
-            runner.min_batched_fresh = MIN_BATCHED_FRESH
+            runner.min_batched_fresh = 0
         print(f"{name:60s} {rows[-1][1]:8.2f} ms", flush=True)
 
     if args.profile:

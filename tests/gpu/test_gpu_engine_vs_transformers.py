@@ -94,7 +94,8 @@ def run_schedule(runner: ModelRunner, tokens: dict[str, list[int]], tables: dict
 
 @pytest.mark.parametrize(("name", "dtype"), [("opt-125m", torch.float16), ("llama-gqa", torch.float16),
                                              ("llama-gqa", torch.bfloat16)], ids=["opt-fp16", "llama-fp16", "llama-bf16"])
-def test_teacher_forced_logits_match_transformers(name: str, dtype: torch.dtype) -> None:
+@pytest.mark.parametrize("min_batched_fresh", [0, 3], ids=["fresh-one-by-one", "fresh-batched"])
+def test_teacher_forced_logits_match_transformers(name: str, dtype: torch.dtype, min_batched_fresh: int) -> None:
     loaded, reference = build(name, dtype)
     rng = random.Random(1)
     tokens = {n: [rng.randrange(3, loaded.config.vocab_size) for _ in range(p + d)]
@@ -112,6 +113,7 @@ def test_teacher_forced_logits_match_transformers(name: str, dtype: torch.dtype)
         hf_low = {n: loaded.model(torch.tensor([t], device="cuda")).logits[0].float() for n, t in tokens.items()}
     runner = ModelRunner(loaded, num_blocks=num_blocks, block_size=BLOCK_SIZE, max_num_seqs=8)
     assert runner.decode_graphs is not None and runner.decode_graphs.is_captured
+    runner.min_batched_fresh = min_batched_fresh  # step 0 feeds three fresh prompts: a, b, c
     got, num_pure_decode = run_schedule(runner, tokens, tables)
     assert num_pure_decode >= 40
 

@@ -9,10 +9,12 @@ Each layer first writes the new tokens' K/V into the pages (:func:`write_kv`), t
   :func:`decode_attention`, whose signature is what a fused paged-decode kernel implements;
 - longer chunks (a prompt, or a piece of it under chunked prefill) go one sequence at a time through
   :func:`prefill_attention`, with a causal mask offset by the tokens already cached;
-- except that when a step carries several *fresh* prompts (chunks starting at position 0), they
-  go through one padded call, :func:`batched_fresh_attention`: on a GPU a step with prefills runs
-  eagerly, bound by kernel launches, and each chunk's own call costs a few launches in every
-  layer.
+- optionally (``ModelRunner.min_batched_fresh``, off by default), when a step carries several
+  *fresh* prompts (chunks starting at position 0), they go through one padded call,
+  :func:`batched_fresh_attention`: on a GPU a step with prefills runs eagerly, bound by kernel
+  launches, and each chunk's own call costs a few launches in every layer. On the CPU the
+  padded call measured slower than the loop; on the GPU it is not measured yet
+  (``bench/gpu/mixed_steps.py`` compares both), hence off.
 
 Everything layer-independent (slots, positions, padded block tables, masks) is computed once per
 step in :func:`build_attention_metadata` and shared by all layers.
@@ -54,8 +56,8 @@ class FreshBatch:
     max_len: int
 
 
-#: Fresh chunks in a step from which they share one padded attention call (fewer would not save
-#: launches: the padded call costs about as many as two chunks' own calls).
+#: Where batching is on: fresh chunks in a step from which they share one padded attention call
+#: (fewer would not save launches: the padded call costs about as many as two chunks' own calls).
 MIN_BATCHED_FRESH = 3
 
 
@@ -75,7 +77,7 @@ class AttentionMetadata:
 
 def build_attention_metadata(start_positions: list[int], num_tokens: list[int], block_tables: list[list[int]],
                              *, block_size: int, device: torch.device,
-                             min_batched_fresh: int = MIN_BATCHED_FRESH) -> AttentionMetadata:
+                             min_batched_fresh: int = 0) -> AttentionMetadata:
     """Metadata for sequences with the given starts, token counts and (validated) block tables.
     ``min_batched_fresh``: batch the fresh chunks when there are at least this many (0: never)."""
     context_lens = [s + n for s, n in zip(start_positions, num_tokens)]

@@ -26,7 +26,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from alise.worker.attention import (
-    MIN_BATCHED_FRESH,
     TORCH_BACKEND,
     AttentionBackend,
     AttentionMetadata,
@@ -99,8 +98,9 @@ class ModelRunner(RunnerBase):
         self._head_dim = self.kv_cache.shape.head_dim
         self._scale = self._head_dim ** -0.5
         self.attention_backend = _pick_backend(attention_backend, self.device)
-        #: Fresh prompts in a step from which they share one attention call per layer (0: never).
-        self.min_batched_fresh = MIN_BATCHED_FRESH
+        #: Fresh prompts in a step from which they share one attention call per layer; 0 (the
+        #: default): never (see alise.worker.attention, MIN_BATCHED_FRESH where it is on).
+        self.min_batched_fresh = 0
         if self.device.type == "cuda":
             # Prefill attention sees a new (query, key) length nearly every step; cuDNN's SDPA
             # builds an execution plan per new shape (bench/gpu/mixed_steps.py measures it), the
