@@ -32,10 +32,15 @@ CYCLE_LINE = re.compile(r"(\d+) cycles; per cycle [\d.]+ ms: device [\d.]+, work
                         r"([\d.]+), scheduler ([\d.]+)")
 
 
+def open_text(path: str):
+    """A text file, gzip-compressed where its name ends in .gz (the committed logs are)."""
+    return (gzip.open if path.endswith(".gz") else open)(path, "rt", encoding="utf-8")
+
+
 def load_steps(paths: list[str]) -> list[tuple[int, int, list[int], float]]:
     samples = []
     for path in paths:
-        with (gzip.open if path.endswith(".gz") else open)(path, "rt", encoding="utf-8") as f:
+        with open_text(path) as f:
             for line in f:
                 r = json.loads(line)
                 samples.append((r["num_seqs"], r["context"], r["prefill_lens"], r["seconds"]))
@@ -46,7 +51,7 @@ def cycle_overhead_s(paths: list[str]) -> tuple[float, int]:
     """Cycle-weighted mean of worker host + transport + scheduler seconds, and the cycle count."""
     cycles, total = 0, 0.0
     for path in paths:
-        with (gzip.open if path.endswith(".gz") else open)(path, "rt", encoding="utf-8") as f:
+        with open_text(path) as f:
             for line in f:
                 m = CYCLE_LINE.search(line)
                 if m:

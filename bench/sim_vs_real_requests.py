@@ -14,7 +14,6 @@ latency, end-to-end latency and TTFT per quintile of output length, simulated an
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import statistics
 import sys
@@ -27,6 +26,7 @@ from alise.core.policy import make_policy  # noqa: E402
 from alise.sim.predictions import cross_fitted_estimates  # noqa: E402
 from alise.sim.simulator import SimConfig, simulate  # noqa: E402
 from alise.sim.trace import read_trace, rescale  # noqa: E402
+from fit_steps import open_text  # noqa: E402  (this directory is on sys.path when run as a script)
 
 
 def main() -> None:
@@ -52,8 +52,7 @@ def main() -> None:
     result = simulate(rescale(requests, args.rate), policy, timing,
                       SimConfig(kv_tokens=args.kv_tokens, max_num_seqs=args.max_num_seqs), estimates=estimates)
     sim = {int(r.job_id[1:]): r for r in result.records}
-    opener = gzip.open if args.real.endswith(".gz") else open
-    with opener(args.real, "rt", encoding="utf-8") as f:
+    with open_text(args.real) as f:
         real = {r["index"]: r for r in map(json.loads, f) if not r.get("error")}
     common = sorted(set(sim) & set(real), key=lambda i: (real[i]["output_tokens"], i))
     mean = statistics.fmean
