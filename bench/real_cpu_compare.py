@@ -6,10 +6,9 @@ The scheduler and worker are the real services in this process (loopback gRPC, t
 engine loop and model runner, random-weight tiny-llama); requests come open-loop through the
 SDK from a trace built by `alise trace` (AlpacaEval prompts, text_davinci_003 lengths, capped
 at --max-output so a run takes a minute or two). alise gets cross-fitted estimates of the
-project's predictor (the same table `alise sim` uses). Every policy replays the same requests.
-Caveat printed with the table: the bench sends max_tokens = the trace length (that is how
-generation stops at it), and the alise policy caps its estimate at max_tokens, so on the real
-path it sees an upper bound that the simulator withholds.
+project's predictor (the same table `alise sim` uses). Every policy replays the same requests,
+each with the simulator's max_tokens cap; a job ends at its trace length, which only the
+oracle policy sees (``alise.bench.openloop``).
 """
 
 from __future__ import annotations
@@ -92,7 +91,6 @@ def main() -> int:
             if policy != "fcfs":
                 mean = r["summary"]["normalized_latency_s"]["mean"]
                 print(f"  mean normalized latency fcfs/{policy}: {base / mean:.2f}x")
-    print("  caveat: max_tokens = trace length on the real path, and alise caps estimates at it")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(dict(
         label="real cluster, CPU", model=args.model, num=args.num, rate=args.rate,

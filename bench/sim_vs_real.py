@@ -6,8 +6,8 @@
 2. replays the requests on a real in-process cluster (scheduler + worker services, SDK),
 3. simulates the same requests with that profile and the same KV blocks / max seqs,
 and prints the mean normalized latency of both and their difference (goal: within 15 %).
-For fcfs the max_tokens cap does not matter (the real bench sends the trace length, the
-simulation a common cap and ends each job at its trace length).
+Both send every request the same max_tokens cap (``alise.bench.openloop.DEFAULT_MAX_TOKENS``)
+and end each job at its trace length, which only the oracle policy sees.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from real_cpu_compare import estimates_by_prompt, pick_requests  # noqa: E402
 
 from alise.bench.cluster import run_on_cluster  # noqa: E402
+from alise.bench.openloop import DEFAULT_MAX_TOKENS  # noqa: E402
 from alise.core.policy import make_policy  # noqa: E402
 from alise.sim.profiles import measure_cpu_profile  # noqa: E402
 from alise.sim.simulator import SimConfig, simulate  # noqa: E402
@@ -58,7 +59,7 @@ def main() -> int:
 
     estimates = {i: table[r.prompt] for i, r in enumerate(requests)}
     config = SimConfig(kv_tokens=args.blocks * 16, max_num_seqs=args.max_num_seqs,
-                       max_model_len=2048, max_tokens=max(r.output_tokens for r in requests))
+                       max_model_len=2048, max_tokens=DEFAULT_MAX_TOKENS)
     sim = simulate(requests, make_policy(args.policy, latency), latency, config,
                    estimates=estimates)
     sim_nl = statistics.fmean(r.normalized_latency_s for r in sim.records)

@@ -178,6 +178,37 @@ def test_oracle_orders_by_true_length():
     assert [c.job_id for c in commands_of(plan, Admit)] == ["b"]
 
 
+def test_a_job_of_known_length_ends_there_and_alise_never_sees_it():
+    # Trace replay: max_tokens is a common cap, oracle_output_tokens the true length. The
+    # worker is told to stop at the true length; alise's ranking uses only the estimate and the
+    # cap, so a short job predicted long waits behind a long job predicted short.
+    core, worker = make_scheduler("alise", num_blocks=64, max_num_seqs=1)
+    core.submit(make_job("short", 10, max_tokens=2048, oracle=3, predicted=400, arrival_s=0.0))
+    core.submit(make_job("long", 10, max_tokens=2048, oracle=40, predicted=20, arrival_s=0.0))
+    short = core.jobs["short"]
+    assert short.sampling.max_tokens == 2048 and short.worker_sampling.max_tokens == 3
+    assert RemainingTimeEstimator(LATENCY).remaining_output_tokens(short, short.estimate) == 400
+    plan, events = step(core, worker)
+    assert [(c.job_id, c.sampling.max_tokens) for c in commands_of(plan, Admit)] == [("long", 40)]
+    produced = {"short": 0, "long": 0}
+    order = []
+    for _ in range(200):
+        for e in events:
+            produced[e.job_id] += len(e.token_ids)
+            if e.finish_reason is not None:
+                order.append(e.job_id)
+        if not core.jobs:
+            break
+        plan, events = step(core, worker)
+    assert produced == {"short": 3, "long": 40} and order == ["long", "short"]
+    # The oracle, by contrast, reads the true length and runs the short job first.
+    core, worker = make_scheduler("oracle", num_blocks=64, max_num_seqs=1)
+    core.submit(make_job("short", 10, max_tokens=2048, oracle=3, predicted=400, arrival_s=0.0))
+    core.submit(make_job("long", 10, max_tokens=2048, oracle=40, predicted=20, arrival_s=0.0))
+    plan, _ = step(core, worker)
+    assert [(c.job_id, c.sampling.max_tokens) for c in commands_of(plan, Admit)] == [("short", 3)]
+
+
 def test_lost_worker_requeues_jobs_with_their_tokens():
     core, worker = make_scheduler("fcfs", num_blocks=16, block_size=4)
     core.submit(make_job("a", 5))

@@ -1,9 +1,12 @@
 """Open-loop replay of a trace against a live cluster, through the SDK.
 
 Each request is sent at its arrival time whatever the state of the others (open loop: a slow
-server does not slow the offered load down), with ``ignore_eos=True``,
-``max_tokens=output_tokens`` and ``oracle_output_tokens=output_tokens``, so it generates
-exactly the trace's length. Per request: TTFT (first chunk with tokens), TPOT (mean time per
+server does not slow the offered load down), with ``ignore_eos=True`` and
+``oracle_output_tokens=output_tokens``, so it generates exactly the trace's length (the
+scheduler ends a job of known length there). ``max_tokens`` is the same generous cap for every
+request (``DEFAULT_MAX_TOKENS``, the simulator's): the scheduler caps each job's remaining-time
+estimate at ``max_tokens`` minus what it has generated, so sending the true length there would
+hand the ``alise`` policy the oracle's knowledge. Per request: TTFT (first chunk with tokens), TPOT (mean time per
 output token after the first), end-to-end latency and normalized latency (end-to-end over
 output tokens), measured on the client's monotonic clock.
 """
@@ -19,7 +22,11 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from alise.sim.simulator import SimConfig
 from alise.sim.trace import TraceRequest
+
+#: ``max_tokens`` of every replayed request: the simulator's cap, not the true length.
+DEFAULT_MAX_TOKENS = SimConfig.max_tokens
 
 
 @dataclass
@@ -40,14 +47,14 @@ class RequestResult:
 
 
 async def _one(client, i: int, r: TraceRequest, start: float, timeout_s: float,
-               request_prefix: str) -> RequestResult:
+               request_prefix: str, max_tokens: int) -> RequestResult:
     res = RequestResult(i, r.id, r.prompt_tokens, r.output_tokens, r.arrival_s)
     await asyncio.sleep(max(0.0, start + r.arrival_s - time.monotonic()))
     t0 = time.monotonic()
     res.sent_s = t0 - start
     first = None
     try:
-        async for chunk in client.generate(r.prompt, max_tokens=r.output_tokens, ignore_eos=True,
+        async for chunk in client.generate(r.prompt, max_tokens=max_tokens, ignore_eos=True,
                                            oracle_output_tokens=r.output_tokens,
                                            request_id=f"{request_prefix}{i}", timeout_s=timeout_s):
             if chunk.token_ids and first is None:
@@ -69,12 +76,16 @@ async def _one(client, i: int, r: TraceRequest, start: float, timeout_s: float,
 
 
 async def run_bench(requests: Sequence[TraceRequest], address: str, *, timeout_s: float = 600.0,
-                    request_prefix: str = "bench-") -> list[RequestResult]:
+                    request_prefix: str = "bench-",
+                    max_tokens: int = DEFAULT_MAX_TOKENS) -> list[RequestResult]:
+    """Replays ``requests`` open-loop; ``max_tokens`` is every request's cap (raised to a
+    request's trace length where that is longer, or the job could not run to it)."""
     from alise.client import AsyncClient
 
     async with AsyncClient(address) as client:
         start = time.monotonic() + 0.05
-        tasks = [asyncio.create_task(_one(client, i, r, start, timeout_s, request_prefix))
+        tasks = [asyncio.create_task(_one(client, i, r, start, timeout_s, request_prefix,
+                                                    max(max_tokens, r.output_tokens)))
                  for i, r in enumerate(requests)]
         return list(await asyncio.gather(*tasks))
 

@@ -13,7 +13,7 @@ Token arithmetic used throughout the core (and mirrored exactly by the worker):
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from alise.core.sampling import SamplingParams
 
@@ -64,7 +64,8 @@ class Job:
     sampling: SamplingParams
     arrival_s: float
     estimate: LengthEstimate | None = None
-    #: True output length when known in advance (traces); only the oracle policy reads it.
+    #: True output length when known in advance (trace replay): the job ends there, as if
+    #: the model had stopped (``worker_sampling``); only the oracle policy schedules by it.
     oracle_output_tokens: int | None = None
     #: The prompt as text (fed back to the length predictor when the job finishes).
     prompt_text: str = ""
@@ -118,3 +119,17 @@ class Job:
 
     def all_token_ids(self) -> list[int]:
         return self.prompt_token_ids + self.output_token_ids
+
+    @property
+    def worker_sampling(self) -> SamplingParams:
+        """The sampling parameters a worker runs the job with: the request's, except that a
+        job of known length (``oracle_output_tokens``, trace replay) ends at that length.
+
+        The policies see only ``sampling.max_tokens``, the request's own cap: a benchmark
+        that replays a trace must not tell the scheduler each job's true length through it
+        (the remaining-time estimate is capped at ``max_tokens - done``).
+        """
+        n = self.oracle_output_tokens
+        if n is None or n >= self.sampling.max_tokens:
+            return self.sampling
+        return replace(self.sampling, max_tokens=n)

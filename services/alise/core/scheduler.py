@@ -634,7 +634,7 @@ class SchedulerCore:
             job.queued_s += max(now_s - job.idle_since_s, 0.0)
             if job.status is JobStatus.WAITING:
                 self.waiting.pop(job.job_id)
-                commands.append(Admit(job.job_id, job.all_token_ids(), job.sampling,
+                commands.append(Admit(job.job_id, job.all_token_ids(), job.worker_sampling,
                                       num_generated=job.num_output_tokens))
                 job.worker_id = view.worker_id
                 view.jobs[job.job_id] = job

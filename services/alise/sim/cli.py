@@ -55,6 +55,9 @@ def register(sub) -> None:
     b.add_argument("--num", type=int, default=None, help="first N requests only")
     b.add_argument("--out", required=True, help="per-request results JSONL")
     b.add_argument("--timeout", type=float, default=600.0, help="per-request deadline (s)")
+    b.add_argument("--max-tokens", type=int, default=None,
+                   help="max_tokens of every request (default 2048, the simulator's cap); each "
+                        "request still ends at its trace length, which the policy never sees")
     b.set_defaults(func=_cmd_bench)
 
 
@@ -91,7 +94,10 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         requests = requests[:args.num]
     if args.rate:
         requests = rescale(requests, args.rate)
-    results = asyncio.run(run_bench(requests, args.address, timeout_s=args.timeout))
+    from alise.bench.openloop import DEFAULT_MAX_TOKENS
+
+    results = asyncio.run(run_bench(requests, args.address, timeout_s=args.timeout,
+                                    max_tokens=args.max_tokens or DEFAULT_MAX_TOKENS))
     write_results(results, args.out)
     print(format_summary(summarize(results), title=f"bench {args.trace} -> {args.address}"))
     print(f"per-request results: {args.out}")
