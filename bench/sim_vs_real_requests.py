@@ -7,7 +7,10 @@
 simulation is the ``alise sim`` one (same core, same virtual worker); alise's estimates are
 the cross-fitted ``predictor`` ones cached beside the trace by ``alise sim --predictor
 predictor``. ``--decision-profile`` prices the scheduler's decisions with another profile
-than the one that times the steps (the real scheduler's own, say). Prints mean normalized
+than the one that times the steps (the real scheduler's own, say). ``--job-log`` (the real
+scheduler's ``--job-log`` file of the same run) replaces the cross-fitted estimates and the
+trace's prompt lengths with what the real scheduler had: its predictor's estimate of each job
+and the prompt's length in the served model's tokenizer. Prints mean normalized
 latency, end-to-end latency and TTFT per quintile of output length, simulated and real.
 """
 
@@ -17,10 +20,12 @@ import argparse
 import json
 import statistics
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "services"))
 
+from alise.core.job import LengthEstimate  # noqa: E402
 from alise.core.latency_model import LatencyModel  # noqa: E402
 from alise.core.policy import make_policy  # noqa: E402
 from alise.sim.predictions import cross_fitted_estimates  # noqa: E402
@@ -37,6 +42,7 @@ def main() -> None:
     ap.add_argument("--rate", type=float, required=True)
     ap.add_argument("--profile", required=True, help="latency profile that times the simulated steps")
     ap.add_argument("--decision-profile", help="profile the policy prices with (default: --profile)")
+    ap.add_argument("--job-log", help="the real run's scheduler --job-log: its estimates and prompt lengths")
     ap.add_argument("--kv-tokens", type=int, default=15008)
     ap.add_argument("--max-num-seqs", type=int, default=64)
     args = ap.parse_args()
@@ -46,7 +52,17 @@ def main() -> None:
     decision = LatencyModel.load(args.decision_profile or args.profile)
     policy = make_policy(args.policy, decision)
     estimates = None
-    if args.policy == "alise":
+    if args.job_log:
+        with open_text(args.job_log) as f:
+            jobs = {int(j["job_id"].rsplit("-", 1)[1]): j for j in map(json.loads, f)}
+        missing = [i for i in range(len(requests)) if i not in jobs]
+        if missing:
+            raise SystemExit(f"--job-log lacks {len(missing)} of the trace's requests (first: {missing[0]})")
+        requests = [replace(r, prompt_tokens=jobs[i]["prompt_tokens"]) for i, r in enumerate(requests)]
+        if args.policy == "alise":
+            estimates = {i: LengthEstimate(**jobs[i]["estimate"]) for i in range(len(requests))}
+            print(f"alise estimates: the real scheduler's ({args.job_log})")
+    elif args.policy == "alise":
         estimates, source = cross_fitted_estimates(requests, method="predictor")
         print(f"alise estimates: {source}")
     result = simulate(rescale(requests, args.rate), policy, timing,
