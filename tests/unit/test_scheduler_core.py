@@ -209,6 +209,28 @@ def test_a_job_of_known_length_ends_there_and_alise_never_sees_it():
     assert [(c.job_id, c.sampling.max_tokens) for c in commands_of(plan, Admit)] == [("short", 3)]
 
 
+def test_growth_reserve_holds_back_a_job_whose_growth_would_not_fit():
+    # block_size 4, 6 blocks. "short" (predicted 10 tokens) reserves 0.1 * 10 = 1 token, "long"
+    # (predicted 200) 0.1 * 200 = 20 tokens = 5 blocks. Each needs 2 blocks now: both fit now,
+    # but long's growth does not fit beside short (2 + 2 > 6 - 0.25 - 5), so only short starts.
+    policy = make_scheduler("alise")[0].policy
+    assert (policy.reserve_fraction, policy.reserve_horizon_tokens) == (0.1, 64)
+    core, worker = make_scheduler("alise", num_blocks=6, block_size=4)
+    core.submit(make_job("short", 8, max_tokens=2048, predicted=10))
+    core.submit(make_job("long", 8, max_tokens=2048, predicted=200))
+    assert core.policy.reserve_tokens(core.jobs["long"]) == 20.0
+    plan, _ = step(core, worker)
+    assert [c.job_id for c in commands_of(plan, Admit)] == ["short"]
+    # The cap: a job predicted at 10,000 tokens reserves 64, not 1,000.
+    assert core.policy.reserve_tokens(make_job("huge", 8, max_tokens=20_000, predicted=10_000)) == 64
+    # Without a reserve both start at once.
+    core, worker = make_scheduler("alise", num_blocks=6, block_size=4, reserve_horizon_tokens=0)
+    core.submit(make_job("short", 8, max_tokens=2048, predicted=10))
+    core.submit(make_job("long", 8, max_tokens=2048, predicted=200))
+    plan, _ = step(core, worker)
+    assert [c.job_id for c in commands_of(plan, Admit)] == ["short", "long"]
+
+
 def test_lost_worker_requeues_jobs_with_their_tokens():
     core, worker = make_scheduler("fcfs", num_blocks=16, block_size=4)
     core.submit(make_job("a", 5))

@@ -116,7 +116,8 @@ def check_phases(core: SchedulerCore, wid: str, now: float) -> None:
 POLICY = st.sampled_from([
     ("fcfs", {}), ("alise", {}), ("oracle", {}),
     ("alise", {"aging_rate": 0.0}), ("alise", {"aging_rate": 0.5, "hysteresis": 0.0}),
-    ("alise", {"preemptive": False}), ("alise", {"reserve_horizon_tokens": 8}),
+    ("alise", {"preemptive": False}), ("alise", {"reserve_horizon_tokens": 0}),
+    ("alise", {"reserve_horizon_tokens": 8, "reserve_fraction": 1.0}),
     ("oracle", {"aging_rate": 0.05, "switch_cost_s": 0.0}),
 ])
 
