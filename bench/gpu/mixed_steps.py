@@ -117,11 +117,12 @@ def main() -> None:
             rows.append((name, wall_ms(lambda: step(decodes))))
             runner.decode_graphs = saved
         else:
-            # Several fresh prompts: batched into one attention call, unless "one call each" (the default).
+            # Several fresh prompts: batched into one attention call (the default on CUDA),
+            # or one call each.
             batched = "prompts of" in name and "one attention call each" not in name
-            runner.min_batched_fresh = MIN_BATCHED_FRESH if batched else 0
+            default, runner.min_batched_fresh = runner.min_batched_fresh, MIN_BATCHED_FRESH if batched else 0
             rows.append((name, wall_ms(lambda c=chunks: step(c))))
-            runner.min_batched_fresh = 0
+            runner.min_batched_fresh = default
         print(f"{name:60s} {rows[-1][1]:8.2f} ms", flush=True)
 
     if args.profile:
