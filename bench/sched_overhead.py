@@ -41,9 +41,8 @@ def run(policy_name: str, *, num_running: int, num_queued: int, steps: int, seed
     num_blocks = num_running * 48  # 768 tokens per running job: memory does not bind here
     core = SchedulerCore(make_policy(policy_name, latency), fast=fast)
     core.add_worker(WorkerCapacity("w0", block_size, num_blocks, 0, 2048, num_running, 1 << 20))
-    targets: dict[str, int] = {}
     worker = VirtualWorker(num_device_blocks=num_blocks, block_size=block_size,
-                           max_model_len=2048, latency=latency, target_lengths=targets)
+                           max_model_len=2048, latency=latency)
     sampling = SamplingParams(max_tokens=2048, ignore_eos=True)
     counter = 0
     now = 0.0
@@ -55,7 +54,6 @@ def run(policy_name: str, *, num_running: int, num_queued: int, steps: int, seed
             pred = max(1.0, out * rng.lognormvariate(0, 0.5))
             job_id = f"j{counter}"
             counter += 1
-            targets[job_id] = out
             core.submit(Job(job_id, [1] * rng.randint(8, 128), sampling, arrival_s=now,
                             estimate=LengthEstimate(pred, pred, pred * 1.8, "bench"),
                             oracle_output_tokens=out))

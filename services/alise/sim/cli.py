@@ -86,7 +86,9 @@ def _cmd_sim(args: argparse.Namespace) -> int:
 def _cmd_bench(args: argparse.Namespace) -> int:
     import asyncio
 
-    from alise.bench.openloop import format_summary, run_bench, summarize, write_results
+    from alise.bench.openloop import (
+        DEFAULT_MAX_TOKENS, format_summary, run_bench, summarize, write_results,
+    )
     from alise.sim.trace import read_trace, rescale
 
     requests = read_trace(args.trace)
@@ -94,8 +96,6 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         requests = requests[:args.num]
     if args.rate:
         requests = rescale(requests, args.rate)
-    from alise.bench.openloop import DEFAULT_MAX_TOKENS
-
     results = asyncio.run(run_bench(requests, args.address, timeout_s=args.timeout,
                                     max_tokens=args.max_tokens or DEFAULT_MAX_TOKENS))
     write_results(results, args.out)

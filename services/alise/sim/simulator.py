@@ -42,7 +42,8 @@ class SimConfig:
     max_model_len: int = 2048
     num_workers: int = 1
     #: max_tokens of every request: a generous cap, not the true length (which the policy
-    #: must not see); the virtual worker ends each job at its trace length.
+    #: must not see); each job carries its trace length as ``oracle_output_tokens``
+    #: and ends there (``Job.worker_sampling``), as on the real path.
     max_tokens: int = 2048
 
     def __post_init__(self) -> None:
@@ -102,15 +103,13 @@ def simulate(requests: Sequence[TraceRequest], policy: Policy, latency: LatencyM
     """Replays ``requests`` (in arrival order) through the core; ``estimates`` by request index."""
     started = time.perf_counter()
     core = SchedulerCore(policy)
-    targets: dict[str, int] = {}
     workers: dict[str, VirtualWorker] = {}
     for w in range(config.num_workers):
         wid = f"w{w}"
         core.add_worker(config.capacity(wid))
         workers[wid] = VirtualWorker(num_device_blocks=config.num_device_blocks,
                                      block_size=config.block_size,
-                                     max_model_len=config.max_model_len, latency=latency,
-                                     target_lengths=targets)
+                                     max_model_len=config.max_model_len, latency=latency)
     order = sorted(range(len(requests)), key=lambda i: (requests[i].arrival_s, i))
     jobs: dict[str, Job] = {}
     sampling = SamplingParams(max_tokens=config.max_tokens, ignore_eos=True)
@@ -136,7 +135,6 @@ def simulate(requests: Sequence[TraceRequest], policy: Policy, latency: LatencyM
                 i = order[next_arrival]
                 r = requests[i]
                 job_id = f"r{i}"
-                targets[job_id] = r.output_tokens
                 job = Job(job_id, [1] * r.prompt_tokens, sampling, arrival_s=r.arrival_s,
                           estimate=estimates.get(i) if estimates else None,
                           oracle_output_tokens=r.output_tokens)
