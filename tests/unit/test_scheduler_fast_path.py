@@ -233,6 +233,41 @@ def test_select_runs_equals_the_walk(cands, max_blocks, max_tokens, max_seqs, ba
     assert got == _walk(need.tolist(), feed.tolist(), max_blocks, max_tokens, max_seqs, backfill)
 
 
+def _walk_reserving(need, feed, grow, running, max_blocks, max_tokens, max_seqs, backfill):
+    """``SchedulerCore._select_walk`` over plain lists: growth reserves in blocks."""
+    taken, used, tokens, reserved = [], 0, 0, 0.0
+    for i, (n, f, g, r) in enumerate(zip(need, feed, grow, running)):
+        if len(taken) == max_seqs or used == max_blocks:
+            break
+        if taken and tokens >= max_tokens:
+            break
+        limit = max_blocks if r else max_blocks - reserved - g
+        if used + n <= limit and (tokens + f <= max_tokens or not taken):
+            taken.append(i)
+            used += n
+            tokens += f
+            reserved += g
+        elif not backfill:
+            break
+    return taken
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.integers(1, 12), st.sampled_from([1, 1, 1, 5, 30]),
+                          st.sampled_from([0.0, 0.1, 0.25, 1.0 / 3, 1.6, 4.0, 7.5]), st.booleans()),
+                max_size=60),
+       st.integers(1, 60), st.integers(1, 80), st.integers(1, 20), st.booleans())
+def test_select_runs_with_reserves_equals_the_walk(cands, max_blocks, max_tokens, max_seqs, backfill):
+    need = np.array([c[0] for c in cands], dtype=np.int64)
+    feed = np.array([c[1] for c in cands], dtype=np.int64)
+    grow = np.array([c[2] for c in cands], dtype=np.float64)
+    running = np.array([c[3] for c in cands], dtype=bool)
+    cap = WorkerCapacity("w", 1, max_blocks, 0, 1 << 20, max_seqs, max_tokens)
+    got = _select_runs(need, feed, cap, backfill, grow, running).tolist()
+    assert got == _walk_reserving(need.tolist(), feed.tolist(), grow.tolist(), running.tolist(),
+                                  max_blocks, max_tokens, max_seqs, backfill)
+
+
 @settings(max_examples=300, deadline=None)
 @given(st.lists(st.tuples(st.sampled_from([0.0, -0.0, 1.5, 1.5, 2.0, -1e6, 3.25]),
                           st.integers(0, 10_000)), max_size=40, unique_by=lambda t: t[1]),

@@ -78,12 +78,13 @@ class JobColumns:
     Owner -1: the waiting queue; owner w: on the worker of index w, running or paused.
     Every value is read from the job when the core puts it (on each change it makes to the
     job); a running job's token count is refreshed by each step of its worker, and ``rb``
-    (the remaining time before the latency correction) of an idle job is filled lazily, once
-    per idle spell (``dirty``).
+    (the remaining time before the latency correction) and ``reserve`` of an idle job are filled
+    lazily, once per idle spell (``dirty``).
     """
 
     _COLUMNS = {
         "rb": np.float64,           # remaining time before correction (idle; lazily)
+        "reserve": np.float64,      # the policy's growth reserve in tokens (idle: lazily, with rb)
         "dirty": bool,              # rb not computed since the last put
         "queued": np.float64,       # job.queued_s
         "idle_since": np.float64,   # job.idle_since_s

@@ -306,7 +306,8 @@ class SchedulerCore:
         cols.put(job, owner, tie, host, self._estimate_of(job) if running else None, running)
 
     def _fill_remaining(self, slots: np.ndarray) -> None:
-        """Remaining time before correction of the idle jobs in ``slots`` not yet known."""
+        """Remaining time before correction (and, for a reserving policy, the growth reserve)
+        of the idle jobs in ``slots`` not yet known."""
         cols = self._cols
         todo = slots[cols.dirty[slots]]
         if not len(todo):
@@ -314,10 +315,18 @@ class SchedulerCore:
         remaining = self._estimator.remaining_base_s
         estimate_of = self._estimate_of
         jobs, rb = cols.jobs, cols.rb
+        reserve_of = self.policy.reserve_tokens if self._reserving else None
         for slot in todo.tolist():
             job = jobs[slot]
             rb[slot] = remaining(job, estimate_of(job))
+            if reserve_of is not None:
+                cols.reserve[slot] = reserve_of(job)
         cols.dirty[todo] = False
+
+    @property
+    def _reserving(self) -> bool:
+        """Whether the policy holds back room for the selected jobs' growth."""
+        return bool(getattr(self.policy, "reserve_horizon_tokens", 0))
 
     def _schedule_fast(self, view: WorkerView, plan: StepPlan, now_s: float) -> StepPlan:
         """``schedule`` for the built-in policies, decision for decision the same.
@@ -343,11 +352,8 @@ class SchedulerCore:
         ntok = cols.ntok[order]
         need = -(-ntok // cap.block_size)
         feed = np.where(cols.kv_none[order], ntok, 1)
-        if getattr(self.policy, "reserve_horizon_tokens", 0):
-            taken = self._select_walk(cols.jobs[order].tolist(), need.tolist(), feed.tolist(),
-                                      cols.running[order].tolist(), cap)
-        else:
-            taken = _select_runs(need, feed, cap, self.policy.backfill)
+        grow = cols.reserve[order] / cap.block_size if self._reserving else None
+        taken = _select_runs(need, feed, cap, self.policy.backfill, grow, cols.running[order])
         chosen = order[taken]
         selected = cols.jobs[chosen].tolist()
         starting = cols.jobs[chosen[~cols.running[chosen]]].tolist()
@@ -423,8 +429,11 @@ class SchedulerCore:
             keys = None
         else:
             self._fill_remaining(islots)
-            run_rb, run_keys = self._running_keys(rslots, done)
+            run_rb, run_keys, run_tokens = self._running_keys(rslots, done)
             cols.rb[rslots] = run_rb
+            if self._reserving:  # AlisePolicy.reserve_tokens, elementwise
+                cols.reserve[rslots] = np.minimum(policy.reserve_fraction * run_tokens,
+                                                  policy.reserve_horizon_tokens)
             corr = policy.estimator.latency.correction
             aging = policy.aging_rate
             idle_keys = cols.rb[islots] * corr - aging * (
@@ -459,10 +468,12 @@ class SchedulerCore:
                                   ).tolist()
         return dict(zip(cols.ids[order[positions]].tolist(), [ahead[p] for p in positions.tolist()]))
 
-    def _running_keys(self, rslots: np.ndarray, done: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(remaining time before correction, key) of running jobs: ``AlisePolicy.keys``
-        without the starvation rule, ``RemainingTimeEstimator.remaining_base_s`` inlined,
-        elementwise, operation for operation (ints convert to floats exactly, as in Python)."""
+    def _running_keys(self, rslots: np.ndarray,
+                      done: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(remaining time before correction, key, remaining tokens) of running jobs:
+        ``AlisePolicy.keys`` without the starvation rule, ``RemainingTimeEstimator.remaining_base_s``
+        inlined, elementwise, operation for operation (ints convert to floats exactly, as in
+        Python)."""
         policy = self.policy
         cols = self._cols
         est = policy.estimator
@@ -484,7 +495,7 @@ class SchedulerCore:
             rb = prefill + rb
         keys = (rb * lat.correction * (1.0 - policy.hysteresis) - policy.switch_cost_s) \
             - policy.aging_rate * cols.queued[rslots]
-        return rb, keys
+        return rb, keys, tokens
 
     def _select_walk(self, jobs: Iterable[Job], needs: Iterable[int], feeds: Iterable[int],
                      running: Iterable[bool], cap: WorkerCapacity) -> list[int]:
@@ -690,15 +701,19 @@ def _sort_by_key(keys: np.ndarray, ties: np.ndarray) -> np.ndarray:
     return perm
 
 
-def _select_runs(need: np.ndarray, feed: np.ndarray, cap: WorkerCapacity,
-                 backfill: bool) -> np.ndarray:
-    """``SchedulerCore._select`` without growth reserves, over the ordered candidates' block
-    needs and fed tokens (ints); returns the positions taken.
+def _select_runs(need: np.ndarray, feed: np.ndarray, cap: WorkerCapacity, backfill: bool,
+                 grow: np.ndarray | None = None, running: np.ndarray | None = None) -> np.ndarray:
+    """``SchedulerCore._select_walk`` over the ordered candidates' block needs and fed tokens
+    (ints) and, for a reserving policy, their growth reserves in blocks (``grow``, floats)
+    and whether each runs; returns the positions taken.
 
     The walk takes every candidate that fits and, unless backfilling, stops at the first that
     does not. Here a run of candidates that all fit is taken at once (running sums), and with
     backfill the candidates that cannot fit what is left are skipped at once; the budgets only
-    shrink as jobs are taken, so the positions are exactly the walk's.
+    shrink as jobs are taken, so the positions are exactly the walk's. With reserves, a
+    candidate that is not running must fit under ``(max_blocks - reserved) - its grow``, where
+    ``reserved`` sums the grows of those taken before it: the same float operations in the same
+    order as the walk (``np.cumsum`` accumulates left to right, like ``+=``).
     """
     max_blocks = cap.num_device_blocks
     max_tokens = cap.max_num_batched_tokens
@@ -708,6 +723,7 @@ def _select_runs(need: np.ndarray, feed: np.ndarray, cap: WorkerCapacity,
     num_taken = 0
     used = 0
     tokens = 0
+    reserved = 0.0
     i = 0
     while i < n:
         if num_taken == max_seqs or used == max_blocks:
@@ -718,22 +734,34 @@ def _select_runs(need: np.ndarray, feed: np.ndarray, cap: WorkerCapacity,
         end = min(n, i + max_seqs - num_taken)
         blocks = used + np.cumsum(need[i:end])
         fed = tokens + np.cumsum(feed[i:end])
-        fits = (blocks <= max_blocks) & (fed <= max_tokens)
+        if grow is None:
+            fits_blocks = blocks <= max_blocks
+        else:
+            before = np.cumsum(np.concatenate(([reserved], grow[i:end])))  # reserved before each, then after all
+            limit = np.where(running[i:end], max_blocks, (max_blocks - before[:-1]) - grow[i:end])
+            fits_blocks = blocks <= limit
+        fits = fits_blocks & (fed <= max_tokens)
         if not num_taken:
-            fits[0] = blocks[0] <= max_blocks  # the first job may feed more than the budget
+            fits[0] = fits_blocks[0]  # the first job may feed more than the budget
         k = int(np.argmin(fits)) if not fits.all() else end - i
         if k:
             taken.append(np.arange(i, i + k))
             num_taken += k
             used = int(blocks[k - 1])
             tokens = int(fed[k - 1])
+            if grow is not None:
+                reserved = float(before[k])
             i += k
             continue
         # Candidate i does not fit (a break above never hides behind a misfit: every job
         # needs a block and feeds a token, so a full budget makes the next one misfit).
         if not backfill:
             break
-        rest = (need[i + 1:] <= max_blocks - used)
+        if grow is None:
+            rest = (need[i + 1:] <= max_blocks - used)
+        else:
+            rest = used + need[i + 1:] <= np.where(running[i + 1:], max_blocks,
+                                                   (max_blocks - reserved) - grow[i + 1:])
         if num_taken:
             rest &= feed[i + 1:] <= max_tokens - tokens
         nxt = np.flatnonzero(rest)
