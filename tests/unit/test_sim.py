@@ -11,7 +11,8 @@ from alise.core.latency_model import LatencyModel
 from alise.core.policy import make_policy
 from alise.sim.simulator import SimConfig, simulate
 from alise.sim.sweep import (
-    summarize, tail_p99, throughput_at_constraint, unloaded_normalized_latency,
+    MAX_WORK_BACKLOG, capacity_bound, summarize, tail_p99, throughput_at_constraint,
+    unloaded_normalized_latency,
 )
 from alise.sim.trace import TraceRequest, arrival_times
 
@@ -111,3 +112,31 @@ def test_policy_args_reach_alise_and_oracle_not_fcfs():
     with pytest.raises(TypeError):
         sweep(reqs, ["alise"], [50.0], latency, SimConfig(kv_tokens=256),
               policy_kwargs=dict(no_such_knob=1))
+
+
+def test_work_backlog_counts_tokens_not_jobs_and_overload_is_not_sustained():
+    # 30 short jobs and 3 long ones, all at once: at the last arrival nothing is generated yet.
+    burst = [TraceRequest(f"b{i}", "x", 8, 300 if i < 3 else 10, 0.0) for i in range(33)]
+    result = run("oracle", burst)
+    assert result.work_backlog_at_last_arrival == 1.0
+    # One more short job long after: by then the oracle finished the shorts and most of the
+    # longs. Few jobs are unfinished, yet a work backlog remains while the longs still run.
+    late = burst + [TraceRequest("late", "x", 8, 10, 0.9)]
+    s = summarize(run("oracle", late), 1.0)
+    unfinished = s.backlog_at_last_arrival
+    assert unfinished <= 4 / 34
+    assert s.work_backlog_at_last_arrival > unfinished  # long jobs weigh by their tokens
+    assert s.sustained == (s.work_backlog_at_last_arrival <= MAX_WORK_BACKLOG)
+    # far after everything finished: no backlog at all
+    idle = burst + [TraceRequest("idle", "x", 8, 10, 1000.0)]
+    assert summarize(run("fcfs", idle), 1.0).work_backlog_at_last_arrival == pytest.approx(
+        10 / (3 * 300 + 30 * 10 + 10))
+
+
+def test_no_policy_finishes_a_burst_faster_than_the_capacity_bound():
+    burst = [TraceRequest(f"b{i}", "x", 8 + i % 7, 20 + (i * 37) % 180, 0.0) for i in range(80)]
+    bound = capacity_bound(burst, LATENCY, CONFIG)
+    for policy in ("fcfs", "alise", "oracle"):
+        achieved = len(burst) / run(policy, burst).makespan_s
+        assert achieved <= bound
+        assert achieved >= 0.5 * bound  # a bound, but not a vacuous one

@@ -11,8 +11,8 @@ from alise.core.latency_model import LatencyModel
 from alise.sim.profiles import opt13b_h100_roofline, profile_label
 from alise.sim.simulator import SimConfig
 from alise.sim.sweep import (
-    as_dict, estimate_capacity, sweep, tail_p99, throughput_at_constraint,
-    unloaded_normalized_latency,
+    MAX_WORK_BACKLOG, as_dict, capacity_bound, estimate_capacity, sweep, tail_p99,
+    throughput_at_constraint, unloaded_normalized_latency,
 )
 
 #: Default sweep: these multiples of the estimated saturation rate.
@@ -71,12 +71,13 @@ def workload_results(name: str, requests, latency: LatencyModel, config: SimConf
         for p, rs in per_policy.items():
             rate, censored = throughput_at_constraint(
                 [r.rate for r in rs], [r.constrained_latency_s for r in rs], bound)
-            entry[p] = dict(throughput_req_s=rate, censored=censored)
-        ratios = {}
-        for a, b in (("alise", "fcfs"), ("alise", "oracle")):
-            if a in entry and b in entry and entry[b]["throughput_req_s"] > 0:
-                ratios[f"{a}/{b}"] = entry[a]["throughput_req_s"] / entry[b]["throughput_req_s"]
-        constraints[f"{factor:g}x"] = dict(bound_s=bound, policies=entry, ratios=ratios)
+            finite, finite_censored = throughput_at_constraint(
+                [r.rate for r in rs], [r.mean_normalized_latency_s for r in rs], bound)
+            entry[p] = dict(throughput_req_s=rate, censored=censored,
+                            finite_trace_req_s=finite, finite_trace_censored=finite_censored)
+        constraints[f"{factor:g}x"] = dict(
+            bound_s=bound, policies=entry, ratios=_ratios(entry, "throughput_req_s"),
+            finite_trace_ratios=_ratios(entry, "finite_trace_req_s"))
     # Tail at a common load: the highest swept rate at which FCFS still meets 5x.
     tail = {}
     if "fcfs" in per_policy:
@@ -91,8 +92,18 @@ def workload_results(name: str, requests, latency: LatencyModel, config: SimConf
     return dict(workload=name, num_requests=len(requests),
                 arrival_span_s={f"{r:g}": len(requests) / r for r in rates},
                 unloaded_normalized_latency_s=unloaded, estimated_capacity_req_s=capacity,
+                capacity_bound_req_s=capacity_bound(requests, latency, config),
+                max_work_backlog=MAX_WORK_BACKLOG,
                 rates=rates, constraints=constraints, tail=tail, wall_s=wall,
                 runs=[dict(as_dict(r), sustained=r.sustained) for r in runs])
+
+
+def _ratios(entry: dict, key: str) -> dict:
+    out = {}
+    for a, b in (("alise", "fcfs"), ("alise", "oracle")):
+        if a in entry and b in entry and entry[b][key] > 0:
+            out[f"{a}/{b}"] = entry[a][key] / entry[b][key]
+    return out
 
 
 def format_workload(res: dict, profile: str) -> str:
@@ -111,16 +122,23 @@ def format_workload(res: dict, profile: str) -> str:
             cells.append(f"{hit[0]['mean_normalized_latency_s'] / u:9.2f}{mark or ' '}"
                          if hit else f"{'-':>10}")
         lines.append(f"  {rate:10.2f}  " + "".join(cells))
-    lines.append("throughput at latency constraint (req/s):")
-    lines.append("  constraint  " + "".join(f"{p:>10}" for p in policies) +
-                 "  alise/fcfs  alise/oracle")
-    for name, c in res["constraints"].items():
-        cells = "".join(
-            f"{c['policies'][p]['throughput_req_s']:9.2f}{'+' if c['policies'][p]['censored'] else ' '}"
-            for p in policies)
-        r = c["ratios"]
-        lines.append(f"  {name:>4} ({c['bound_s'] * 1e3:5.1f} ms) {cells}"
-                     f"  {r.get('alise/fcfs', float('nan')):10.2f}  {r.get('alise/oracle', float('nan')):12.2f}")
+    for title, key, ratio_key in (
+            ("steady state: sustained runs only", "throughput_req_s", "ratios"),
+            ("finite trace: every run, as its mean says", "finite_trace_req_s", "finite_trace_ratios")):
+        lines.append(f"throughput at latency constraint (req/s), {title}:")
+        lines.append("  constraint  " + "".join(f"{p:>10}" for p in policies) +
+                     "  alise/fcfs  alise/oracle")
+        censored = "censored" if key == "throughput_req_s" else "finite_trace_censored"
+        for name, c in res["constraints"].items():
+            cells = "".join(
+                f"{c['policies'][p][key]:9.2f}{'+' if c['policies'][p][censored] else ' '}"
+                for p in policies)
+            r = c[ratio_key]
+            lines.append(f"  {name:>4} ({c['bound_s'] * 1e3:5.1f} ms) {cells}"
+                         f"  {r.get('alise/fcfs', float('nan')):10.2f}"
+                         f"  {r.get('alise/oracle', float('nan')):12.2f}")
+    lines.append(f"capacity bound (no policy sustains more; memory-time and the profile): "
+                 f"{res['capacity_bound_req_s']:.2f} req/s")
     if res["tail"]:
         t = res["tail"]
         fc = t["p99_longest5_normalized_latency_s"].get("fcfs")
@@ -128,8 +146,9 @@ def format_workload(res: dict, profile: str) -> str:
                           for p, v in t["p99_longest5_normalized_latency_s"].items())
         lines.append(f"p99 normalized latency of the longest 5 % at {t['rate']:.2f} req/s "
                      f"(fcfs's highest rate within 5x), x unloaded: {cells}")
-    lines.append("('*' = not sustained: over 15 % of jobs unfinished at the last arrival; counts as "
-                 "violating every constraint. '+' = censored: never crossed the bound)")
+    lines.append(f"('*' = not sustained: over {res['max_work_backlog']:.0%} of the output tokens still "
+                 "to generate at the last arrival, or a rate above the capacity bound; violates every "
+                 "steady-state constraint. '+' = censored: never crossed the bound)")
     return "\n".join(lines)
 
 

@@ -94,6 +94,10 @@ class SimResult:
     preemptions: Counter = field(default_factory=Counter)
     wall_s: float = 0.0
     label: str = "simulated"
+    #: Output tokens still to generate when the last request arrived, over all output tokens:
+    #: the work backlog. Unlike the count of unfinished jobs it does not depend on the order
+    #: jobs are served in, so a shortest-first policy cannot keep it low by leaving long jobs.
+    work_backlog_at_last_arrival: float = 0.0
 
 
 def simulate(requests: Sequence[TraceRequest], policy: Policy, latency: LatencyModel,
@@ -119,6 +123,7 @@ def simulate(requests: Sequence[TraceRequest], policy: Policy, latency: LatencyM
     next_arrival = 0
     num_steps = 0
     now = 0.0
+    work_backlog = 0.0
     while next_arrival < len(order) or core.jobs:
         if num_steps > max_steps:
             raise RuntimeError(f"simulation did not finish within {max_steps} steps")
@@ -141,6 +146,8 @@ def simulate(requests: Sequence[TraceRequest], policy: Policy, latency: LatencyM
                 jobs[job_id] = job
                 core.submit(job)
                 next_arrival += 1
+            if next_arrival == len(order):
+                work_backlog = _work_backlog(jobs.values())
         else:
             raise RuntimeError("simulation stalled: jobs left but no worker can run them")
         for wid in sorted(idle):
@@ -169,4 +176,13 @@ def simulate(requests: Sequence[TraceRequest], policy: Policy, latency: LatencyM
                                  job.arrival_s, job.first_token_s or job.finish_s or 0.0,
                                  job.finish_s or 0.0, job.num_preemptions))
     return SimResult(policy.name, latency.name, records, now, num_steps, Counter(core.preemptions),
-                     time.perf_counter() - started)
+                     time.perf_counter() - started, work_backlog_at_last_arrival=work_backlog)
+
+
+def _work_backlog(jobs) -> float:
+    total = left = 0
+    for job in jobs:
+        target = job.oracle_output_tokens or 0
+        total += target
+        left += max(target - job.num_output_tokens, 0)
+    return left / total if total else 0.0

@@ -10,8 +10,15 @@
   marked censored; if even the lowest rate exceeds C it is 0.
 * Sustained: a finite trace in overload flatters every policy differently (a shortest-first
   policy keeps the mean low by leaving long jobs for the drain after the last arrival). A run
-  is *sustained* when at most ``MAX_BACKLOG`` of its jobs are unfinished at the last arrival;
-  an unsustained run counts as violating every constraint, and a policy's sweep stops there.
+  is *sustained* when at most ``MAX_WORK_BACKLOG`` of its output tokens are still to be
+  generated at the last arrival. The work backlog does not depend on the order jobs are served
+  in (a count of unfinished jobs does: shortest-first finishes many short jobs and leaves the
+  long ones, so it passed runs at twice the capacity), and when its rate is at most the
+  capacity bound below (a finite run a little above it can still keep its backlog small).
+  Steady-state figures count only sustained runs; *finite-trace* figures count every run, as
+  the trace's mean says.
+* Capacity bound: no policy that decodes from full-precision KV can finish the trace's work
+  faster than its memory-time and the profile allow (:func:`capacity_bound`).
 * Tail: the p99 normalized latency of the longest 5 % of jobs (by output length), the jobs a
   shortest-first policy could starve.
 
@@ -31,8 +38,9 @@ from alise.sim.simulator import SimConfig, SimResult
 from alise.sim.trace import TraceRequest, rescale
 
 
-#: Largest share of a run's jobs unfinished at its last arrival for the run to count.
-MAX_BACKLOG = 0.15
+#: Largest share of a run's output tokens still to generate at its last arrival for the run to
+#: count as sustained. Runs below the capacity bound leave 1-4 % (the jobs in flight).
+MAX_WORK_BACKLOG = 0.05
 
 
 @dataclass(frozen=True)
@@ -50,10 +58,13 @@ class RunSummary:
     num_preemptions: int
     wall_s: float
     backlog_at_last_arrival: float = 0.0
+    work_backlog_at_last_arrival: float = 0.0
+    capacity_bound_req_s: float = math.inf
 
     @property
     def sustained(self) -> bool:
-        return self.backlog_at_last_arrival <= MAX_BACKLOG
+        return (self.work_backlog_at_last_arrival <= MAX_WORK_BACKLOG
+                and self.rate <= self.capacity_bound_req_s)
 
     @property
     def constrained_latency_s(self) -> float:
@@ -82,11 +93,13 @@ def tail_p99(records, fraction: float = 0.05) -> float:
     return values[min(len(values) - 1, math.ceil(0.99 * len(values)) - 1)]
 
 
-def summarize(result: SimResult, rate: float) -> RunSummary:
+def summarize(result: SimResult, rate: float, capacity_bound_req_s: float = math.inf) -> RunSummary:
     recs = result.records
     last = max(r.arrival_s for r in recs)
     return RunSummary(
         backlog_at_last_arrival=sum(1 for r in recs if r.finish_s > last) / len(recs),
+        work_backlog_at_last_arrival=result.work_backlog_at_last_arrival,
+        capacity_bound_req_s=capacity_bound_req_s,
         policy=result.policy, rate=rate,
         mean_normalized_latency_s=statistics.fmean(r.normalized_latency_s for r in recs),
         p99_longest5_normalized_latency_s=tail_p99(recs),
@@ -124,6 +137,30 @@ def estimate_capacity(requests: Sequence[TraceRequest], latency: LatencyModel,
     return config.num_workers * batch / step / mean_out
 
 
+def capacity_bound(requests: Sequence[TraceRequest], latency: LatencyModel,
+                   config: SimConfig) -> float:
+    """An upper bound (req/s) on the rate any policy sustains on this trace's work.
+
+    Job j decodes its tokens 2..n from contexts p+1 .. p+n-1, so it needs at least
+    M_j = sum of those contexts in KV token-steps and n-1 sequence-steps. A step holds at most
+    ``kv_tokens`` of context (paused jobs, swapped or quantized, do not decode) and
+    ``max_num_seqs`` sequences, so the trace needs S >= max(sum M / kv_tokens,
+    sum (n-1) / max_num_seqs) steps, each costing at least c0 + cycle, plus the per-context,
+    per-sequence and per-prompt-token terms of the profile for the work itself (recompute,
+    mixed-step and quadratic terms only add). Holds for a profile with non-negative terms."""
+    mem = seq = prompt = 0.0
+    for r in requests:
+        n = max(min(r.output_tokens, config.max_model_len - r.prompt_tokens), 1) - 1
+        mem += n * r.prompt_tokens + n * (n + 1) / 2
+        seq += n
+        prompt += r.prompt_tokens
+    k = latency.correction
+    steps = max(mem / config.kv_tokens, seq / config.max_num_seqs)
+    seconds = (steps * (latency.c0_s * k + latency.c_cycle_s)
+               + k * (latency.c_ctx_s * mem + latency.c_seq_s * seq + latency.c_pre_s * prompt))
+    return config.num_workers * len(requests) / seconds if seconds > 0 else math.inf
+
+
 def _run_one(args) -> RunSummary:
     requests, policy_name, policy_kwargs, latency_json, config, rate, estimates = args
     from alise.core.policy import make_policy
@@ -133,7 +170,7 @@ def _run_one(args) -> RunSummary:
     policy = make_policy(policy_name, latency, **policy_kwargs)
     result = simulate(rescale(requests, rate), policy, latency, config,
                       estimates=estimates if policy_name == "alise" else None)
-    return summarize(result, rate)
+    return summarize(result, rate, capacity_bound(requests, latency, config))
 
 
 def _sweep_policy(args) -> list[RunSummary]:
@@ -144,7 +181,7 @@ def _sweep_policy(args) -> list[RunSummary]:
         s = _run_one((requests, policy, policy_kwargs, latency_json, config, rate, estimates))
         out.append(s)
         over = over + 1 if stop_above_s and s.mean_normalized_latency_s > stop_above_s else 0
-        if over >= 2 or not s.sustained:
+        if over >= 2:
             break
     return out
 
@@ -154,7 +191,7 @@ def sweep(requests: Sequence[TraceRequest], policies: Sequence[str], rates: Sequ
           policy_kwargs: dict | None = None, stop_above_s: float | None = None,
           jobs: int = 1) -> list[RunSummary]:
     """Runs every policy at every rate (ascending); a policy stops after two consecutive rates
-    above ``stop_above_s`` (its curve is past every constraint of interest). ``jobs`` > 1 runs
+    above ``stop_above_s`` (its curve is past every constraint of interest, sustained or not). ``jobs`` > 1 runs
     policies in parallel processes; results do not depend on it."""
     tasks = [(list(requests), p, dict(policy_kwargs or {}) if p != "fcfs" else {},
               latency.to_json(), config, sorted(rates), estimates, stop_above_s)
