@@ -11,7 +11,7 @@ from alise.core.latency_model import LatencyModel
 from alise.core.policy import make_policy
 from alise.sim.simulator import SimConfig, simulate
 from alise.sim.sweep import (
-    MAX_WORK_BACKLOG, capacity_bound, summarize, tail_p99, throughput_at_constraint,
+    MAX_WORK_BACKLOG_GROWTH, capacity_bound, summarize, tail_p99, throughput_at_constraint,
     unloaded_normalized_latency,
 )
 from alise.sim.trace import TraceRequest, arrival_times
@@ -114,23 +114,35 @@ def test_policy_args_reach_alise_and_oracle_not_fcfs():
               policy_kwargs=dict(no_such_knob=1))
 
 
-def test_work_backlog_counts_tokens_not_jobs_and_overload_is_not_sustained():
+def test_work_backlog_counts_tokens_not_jobs():
     # 30 short jobs and 3 long ones, all at once: at the last arrival nothing is generated yet.
     burst = [TraceRequest(f"b{i}", "x", 8, 300 if i < 3 else 10, 0.0) for i in range(33)]
-    result = run("oracle", burst)
-    assert result.work_backlog_at_last_arrival == 1.0
-    # One more short job long after: by then the oracle finished the shorts and most of the
-    # longs. Few jobs are unfinished, yet a work backlog remains while the longs still run.
+    assert run("oracle", burst).work_backlog_at_last_arrival == 1.0
+    # One more short job later: by then the oracle finished the shorts and part of the longs.
+    # Few jobs are unfinished, yet the longs still hold most of the work.
     late = burst + [TraceRequest("late", "x", 8, 10, 0.9)]
     s = summarize(run("oracle", late), 1.0)
-    unfinished = s.backlog_at_last_arrival
-    assert unfinished <= 4 / 34
-    assert s.work_backlog_at_last_arrival > unfinished  # long jobs weigh by their tokens
-    assert s.sustained == (s.work_backlog_at_last_arrival <= MAX_WORK_BACKLOG)
-    # far after everything finished: no backlog at all
+    assert s.backlog_at_last_arrival <= 4 / 34
+    assert s.work_backlog_at_last_arrival > 4 * s.backlog_at_last_arrival
+    # far after everything finished: only the last job's own tokens are left
     idle = burst + [TraceRequest("idle", "x", 8, 10, 1000.0)]
     assert summarize(run("fcfs", idle), 1.0).work_backlog_at_last_arrival == pytest.approx(
         10 / (3 * 300 + 30 * 10 + 10))
+
+
+def test_a_run_is_sustained_while_its_work_backlog_stays_level():
+    def trace(rate):
+        times = arrival_times(300, rate, seed=3)
+        return [TraceRequest(f"r{i}", "x", 8, 40 + (i * 37) % 120, t) for i, t in enumerate(times)]
+
+    bound = capacity_bound(trace(1.0), LATENCY, CONFIG)
+    light = summarize(run("alise", trace(0.5 * bound)), 0.5 * bound, bound)
+    assert light.sustained and abs(light.work_backlog_growth) < MAX_WORK_BACKLOG_GROWTH
+    for policy in ("fcfs", "alise", "oracle"):  # overload: no order hides a growing backlog
+        heavy = summarize(run(policy, trace(0.95 * 2 * bound)), 0.95 * 2 * bound, bound)
+        assert heavy.work_backlog_growth > 0.15 and not heavy.sustained
+    above = summarize(run("alise", trace(1.02 * bound)), 1.02 * bound, bound)
+    assert not above.sustained  # beyond the bound, whatever its backlog
 
 
 def test_no_policy_finishes_a_burst_faster_than_the_capacity_bound():

@@ -11,7 +11,7 @@ from alise.core.latency_model import LatencyModel
 from alise.sim.profiles import opt13b_h100_roofline, profile_label
 from alise.sim.simulator import SimConfig
 from alise.sim.sweep import (
-    MAX_WORK_BACKLOG, as_dict, capacity_bound, estimate_capacity, sweep, tail_p99,
+    MAX_WORK_BACKLOG_GROWTH, as_dict, capacity_bound, estimate_capacity, sweep, tail_p99,
     throughput_at_constraint, unloaded_normalized_latency,
 )
 
@@ -93,7 +93,7 @@ def workload_results(name: str, requests, latency: LatencyModel, config: SimConf
                 arrival_span_s={f"{r:g}": len(requests) / r for r in rates},
                 unloaded_normalized_latency_s=unloaded, estimated_capacity_req_s=capacity,
                 capacity_bound_req_s=capacity_bound(requests, latency, config),
-                max_work_backlog=MAX_WORK_BACKLOG,
+                max_work_backlog_growth=MAX_WORK_BACKLOG_GROWTH,
                 rates=rates, constraints=constraints, tail=tail, wall_s=wall,
                 runs=[dict(as_dict(r), sustained=r.sustained) for r in runs])
 
@@ -146,9 +146,10 @@ def format_workload(res: dict, profile: str) -> str:
                           for p, v in t["p99_longest5_normalized_latency_s"].items())
         lines.append(f"p99 normalized latency of the longest 5 % at {t['rate']:.2f} req/s "
                      f"(fcfs's highest rate within 5x), x unloaded: {cells}")
-    lines.append(f"('*' = not sustained: over {res['max_work_backlog']:.0%} of the output tokens still "
-                 "to generate at the last arrival, or a rate above the capacity bound; violates every "
-                 "steady-state constraint. '+' = censored: never crossed the bound)")
+    lines.append(f"('*' = not sustained: the output tokens still to generate grew by over "
+                 f"{res['max_work_backlog_growth']:.1%} of the trace's from the middle arrival to the "
+                 "last, or a rate above the capacity bound; violates every steady-state constraint. "
+                 "'+' = censored: never crossed the bound)")
     return "\n".join(lines)
 
 

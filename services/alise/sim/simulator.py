@@ -98,6 +98,13 @@ class SimResult:
     #: the work backlog. Unlike the count of unfinished jobs it does not depend on the order
     #: jobs are served in, so a shortest-first policy cannot keep it low by leaving long jobs.
     work_backlog_at_last_arrival: float = 0.0
+    #: The same when the middle request arrived (over all output tokens too): in a run that
+    #: keeps up the backlog is the work in flight and stays level; in overload it grows.
+    work_backlog_at_mid_arrival: float = 0.0
+
+    @property
+    def work_backlog_growth(self) -> float:
+        return self.work_backlog_at_last_arrival - self.work_backlog_at_mid_arrival
 
 
 def simulate(requests: Sequence[TraceRequest], policy: Policy, latency: LatencyModel,
@@ -123,7 +130,8 @@ def simulate(requests: Sequence[TraceRequest], policy: Policy, latency: LatencyM
     next_arrival = 0
     num_steps = 0
     now = 0.0
-    work_backlog = 0.0
+    total_tokens = sum(r.output_tokens for r in requests) or 1
+    backlog_mid = backlog_end = 0.0
     while next_arrival < len(order) or core.jobs:
         if num_steps > max_steps:
             raise RuntimeError(f"simulation did not finish within {max_steps} steps")
@@ -146,8 +154,10 @@ def simulate(requests: Sequence[TraceRequest], policy: Policy, latency: LatencyM
                 jobs[job_id] = job
                 core.submit(job)
                 next_arrival += 1
+                if next_arrival == (len(order) + 1) // 2:
+                    backlog_mid = tokens_left(jobs.values()) / total_tokens
             if next_arrival == len(order):
-                work_backlog = _work_backlog(jobs.values())
+                backlog_end = tokens_left(jobs.values()) / total_tokens
         else:
             raise RuntimeError("simulation stalled: jobs left but no worker can run them")
         for wid in sorted(idle):
@@ -176,13 +186,10 @@ def simulate(requests: Sequence[TraceRequest], policy: Policy, latency: LatencyM
                                  job.arrival_s, job.first_token_s or job.finish_s or 0.0,
                                  job.finish_s or 0.0, job.num_preemptions))
     return SimResult(policy.name, latency.name, records, now, num_steps, Counter(core.preemptions),
-                     time.perf_counter() - started, work_backlog_at_last_arrival=work_backlog)
+                     time.perf_counter() - started, work_backlog_at_last_arrival=backlog_end,
+                     work_backlog_at_mid_arrival=backlog_mid)
 
 
-def _work_backlog(jobs) -> float:
-    total = left = 0
-    for job in jobs:
-        target = job.oracle_output_tokens or 0
-        total += target
-        left += max(target - job.num_output_tokens, 0)
-    return left / total if total else 0.0
+def tokens_left(jobs) -> int:
+    """Output tokens the jobs (their ``oracle_output_tokens``) still have to generate."""
+    return sum(max((job.oracle_output_tokens or 0) - job.num_output_tokens, 0) for job in jobs)
