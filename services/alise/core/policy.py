@@ -160,7 +160,7 @@ class AlisePolicy(Policy):
     preemptive = True
     backfill = True
 
-    def __init__(self, latency: LatencyModel, *, aging_rate: float = 0.005,
+    def __init__(self, latency: LatencyModel, *, aging_rate: float = 0.03,
                  switch_cost_s: float | None = None, overrun_growth: float = 2.0,
                  hysteresis: float = 0.3, max_slowdown: float | None = None,
                  min_starve_s: float = 10.0, reserve_horizon_tokens: int = 64,
