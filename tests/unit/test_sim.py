@@ -9,10 +9,10 @@ import pytest
 from alise.core.job import LengthEstimate
 from alise.core.latency_model import LatencyModel
 from alise.core.policy import make_policy
-from alise.sim.simulator import SimConfig, simulate
+from alise.sim.simulator import SimConfig, WorkMeter, backlog_growth, simulate
 from alise.sim.sweep import (
-    MAX_WORK_BACKLOG_GROWTH, capacity_bound, summarize, tail_p99, throughput_at_constraint,
-    unloaded_normalized_latency,
+    MAX_WORK_BACKLOG_GROWTH, RunSummary, capacity_bound, summarize, tail_p99,
+    throughput_at_constraint, unloaded_normalized_latency,
 )
 from alise.sim.trace import TraceRequest, arrival_times
 
@@ -114,7 +114,7 @@ def test_policy_args_reach_alise_and_oracle_not_fcfs():
               policy_kwargs=dict(no_such_knob=1))
 
 
-def test_work_backlog_counts_tokens_not_jobs():
+def test_work_backlog_counts_work_not_jobs():
     # 30 short jobs and 3 long ones, all at once: at the last arrival nothing is generated yet.
     burst = [TraceRequest(f"b{i}", "x", 8, 300 if i < 3 else 10, 0.0) for i in range(33)]
     assert run("oracle", burst).work_backlog_at_last_arrival == 1.0
@@ -124,10 +124,42 @@ def test_work_backlog_counts_tokens_not_jobs():
     s = summarize(run("oracle", late), 1.0)
     assert s.backlog_at_last_arrival <= 4 / 34
     assert s.work_backlog_at_last_arrival > 4 * s.backlog_at_last_arrival
-    # far after everything finished: only the last job's own tokens are left
+    # far after everything finished: only the last job's own decode steps are left
     idle = burst + [TraceRequest("idle", "x", 8, 10, 1000.0)]
-    assert summarize(run("fcfs", idle), 1.0).work_backlog_at_last_arrival == pytest.approx(
-        10 / (3 * 300 + 30 * 10 + 10))
+    assert run("fcfs", idle).work_backlog_at_last_arrival == pytest.approx(9 / (3 * 299 + 31 * 9))
+
+
+def test_work_meter_counts_decode_steps_and_kv_token_steps():
+    # "a": prompt 8, 3 tokens: tokens 2 and 3 decode from contexts 9 and 10 (19 token-steps);
+    # "b": prompt 100, 2 tokens: token 2 from context 101.
+    meter = WorkMeter({"a": (8, 3), "b": (100, 2)})
+    assert meter.total_steps == 2 + 1 and meter.total_memory == 19 + 101
+    assert [meter.steps_left("a", g) for g in (0, 1, 2, 3)] == [2, 2, 1, 0]
+    assert [meter.memory_left("a", g) for g in (0, 1, 2, 3)] == [19, 19, 10, 0]
+
+
+def test_work_backlog_at_each_arrival_by_hand():
+    # each job finishes long before the next arrives: the backlog is its own work
+    spaced = [TraceRequest(f"s{i}", "x", 8, n, 100.0 * i) for i, n in enumerate((10, 20, 30, 40))]
+    res = run("fcfs", spaced)
+    assert res.work_backlog == pytest.approx([9 / 96, 19 / 96, 29 / 96, 39 / 96])
+    assert res.work_backlog_at_mid_arrival == pytest.approx(19 / 96)
+    assert res.work_backlog_at_last_arrival == pytest.approx(39 / 96)
+    assert res.work_backlog_growth == pytest.approx((39 - 19) / 96)
+    # in KV token-steps job n needs (n - 1) (8 + n / 2)
+    work = [(n - 1) * (8 + n / 2) for n in (10, 20, 30, 40)]
+    assert res.kv_backlog == pytest.approx([w / sum(work) for w in work])
+
+
+def test_a_job_cut_short_by_the_model_length_leaves_no_phantom_backlog():
+    # 5,000 tokens asked for, but a 1,024-token model ends it after 1,016
+    long_then_short = [TraceRequest("long", "x", 8, 5000, 0.0),
+                       TraceRequest("short", "x", 8, 10, 1000.0)]
+    res = run("fcfs", long_then_short)
+    assert [r.output_tokens for r in sorted(res.records, key=lambda r: r.arrival_s)] == [1016, 10]
+    assert res.work_backlog == pytest.approx([1015 / 1024, 9 / 1024])
+    work = [1015 * (8 + 1016 / 2), 9 * (8 + 10 / 2)]
+    assert res.kv_backlog == pytest.approx([work[0] / sum(work), work[1] / sum(work)])
 
 
 def test_a_run_is_sustained_while_its_work_backlog_stays_level():
@@ -152,3 +184,49 @@ def test_no_policy_finishes_a_burst_faster_than_the_capacity_bound():
         achieved = len(burst) / run(policy, burst).makespan_s
         assert achieved <= bound
         assert achieved >= 0.5 * bound  # a bound, but not a vacuous one
+
+
+def test_backlog_growth_compares_the_last_quarter_with_the_second():
+    samples = [0.0, 0.0, 0.1, 0.1, 0.2, 0.2, 0.3, 0.3]
+    assert backlog_growth(samples) == pytest.approx(0.3 - 0.1)
+    # one outlier at the last arrival moves a two-point difference, barely the window means
+    noisy = [0.1] * 99 + [0.3]
+    assert backlog_growth(noisy) == pytest.approx(0.2 / 25)
+    assert backlog_growth([0.2, 0.5]) == pytest.approx(0.3)
+    assert backlog_growth([]) == 0.0
+
+
+def test_capacity_bound_by_hand():
+    latency = LatencyModel(c0_s=0.01, c_seq_s=1e-4, c_ctx_s=1e-6, c_pre_s=1e-4,
+                           correction=2.0, c_cycle_s=0.005, name="hand")
+    config = SimConfig(kv_tokens=64, max_num_seqs=16, max_model_len=1024, max_tokens=1024)
+    reqs = [TraceRequest("a", "x", 10, 20, 0.0),   # n = 19 decode steps, contexts 11..29
+            # the 64-token KV ends it at 63 tokens; a one-token prompt has no prefill term
+            TraceRequest("b", "x", 1, 100, 0.0)]
+    mem = (19 * 10 + 19 * 20 / 2) + (62 * 1 + 62 * 63 / 2)
+    seqs = 19 + 62
+    steps = max(mem / 64, seqs / 16)
+    seconds = steps * (0.01 * 2.0 + 0.005) + 2.0 * (1e-6 * mem + 1e-4 * seqs + 1e-4 * 10)
+    assert capacity_bound(reqs, latency, config) == pytest.approx(2 / seconds)
+
+
+def test_no_policy_beats_the_capacity_bound_where_memory_binds():
+    config = SimConfig(kv_tokens=1024, max_num_seqs=64, max_model_len=1024, max_tokens=1024)
+    burst = [TraceRequest(f"m{i}", "x", 32, 100 + (i * 37) % 100, 0.0) for i in range(40)]
+    mem = sum((r.output_tokens - 1) * (32 + r.output_tokens / 2) for r in burst)
+    assert mem / 1024 > 3 * sum(r.output_tokens - 1 for r in burst) / 64  # memory binds
+    bound = capacity_bound(burst, LATENCY, config)
+    for policy in ("fcfs", "alise", "oracle"):
+        achieved = len(burst) / run(policy, burst, config).makespan_s
+        assert 0.5 * bound <= achieved <= bound
+
+
+def test_a_run_above_the_capacity_bound_is_never_sustained():
+    def summary(rate, growth):
+        return RunSummary("alise", rate, 0.05, 0.1, 0.1, 1.0, rate, 10.0, 100, 1000, 0, 0.1,
+                          work_backlog_growth=growth, capacity_bound_req_s=8.0)
+
+    assert summary(8.0, 0.0).sustained
+    assert not summary(8.5, 0.0).sustained
+    assert not summary(4.0, MAX_WORK_BACKLOG_GROWTH + 0.001).sustained
+    assert summary(8.5, 0.0).constrained_latency_s == math.inf

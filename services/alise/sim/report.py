@@ -146,9 +146,9 @@ def format_workload(res: dict, profile: str) -> str:
                           for p, v in t["p99_longest5_normalized_latency_s"].items())
         lines.append(f"p99 normalized latency of the longest 5 % at {t['rate']:.2f} req/s "
                      f"(fcfs's highest rate within 5x), x unloaded: {cells}")
-    lines.append(f"('*' = not sustained: the output tokens still to generate grew by over "
-                 f"{res['max_work_backlog_growth']:.1%} of the trace's from the middle arrival to the "
-                 "last, or a rate above the capacity bound; violates every steady-state constraint. "
+    lines.append(f"('*' = not sustained: the decode steps still to run grew by over "
+                 f"{res['max_work_backlog_growth']:.1%} of the trace's over the second half of the "
+                 "arrivals, or a rate above the capacity bound; violates every steady-state constraint. "
                  "'+' = censored: never crossed the bound)")
     return "\n".join(lines)
 

@@ -94,17 +94,29 @@ class SimResult:
     preemptions: Counter = field(default_factory=Counter)
     wall_s: float = 0.0
     label: str = "simulated"
-    #: Output tokens still to generate when the last request arrived, over all output tokens:
-    #: the work backlog. Unlike the count of unfinished jobs it does not depend on the order
-    #: jobs are served in, so a shortest-first policy cannot keep it low by leaving long jobs.
-    work_backlog_at_last_arrival: float = 0.0
-    #: The same when the middle request arrived (over all output tokens too): in a run that
-    #: keeps up the backlog is the work in flight and stays level; in overload it grows.
-    work_backlog_at_mid_arrival: float = 0.0
+    #: The work backlog just after each arrival (in arrival order): decode steps still to run
+    #: (one an output token), as a share of the trace's (:class:`WorkMeter`). In a run that
+    #: keeps up it is the work in flight and stays level; in overload it grows.
+    work_backlog: list[float] = field(default_factory=list)
+    #: The same in KV token-steps: a token decoded from a context of 1,500 counts 15 times one
+    #: decoded from 100. Reported beside the rule, not in it (see :class:`WorkMeter`).
+    kv_backlog: list[float] = field(default_factory=list)
+
+    @property
+    def work_backlog_at_last_arrival(self) -> float:
+        return self.work_backlog[-1] if self.work_backlog else 0.0
+
+    @property
+    def work_backlog_at_mid_arrival(self) -> float:
+        return self.work_backlog[(len(self.work_backlog) + 1) // 2 - 1] if self.work_backlog else 0.0
 
     @property
     def work_backlog_growth(self) -> float:
-        return self.work_backlog_at_last_arrival - self.work_backlog_at_mid_arrival
+        return backlog_growth(self.work_backlog)
+
+    @property
+    def kv_backlog_growth(self) -> float:
+        return backlog_growth(self.kv_backlog)
 
 
 def simulate(requests: Sequence[TraceRequest], policy: Policy, latency: LatencyModel,
@@ -130,8 +142,11 @@ def simulate(requests: Sequence[TraceRequest], policy: Policy, latency: LatencyM
     next_arrival = 0
     num_steps = 0
     now = 0.0
-    total_tokens = sum(r.output_tokens for r in requests) or 1
-    backlog_mid = backlog_end = 0.0
+    max_len = min(config.max_model_len, config.num_device_blocks * config.block_size)
+    meter = WorkMeter({f"r{i}": (r.prompt_tokens, output_target(r.prompt_tokens, r.output_tokens,
+                                                                config.max_tokens, max_len))
+                       for i, r in enumerate(requests)})
+    backlog: list[tuple[float, float]] = []
     while next_arrival < len(order) or core.jobs:
         if num_steps > max_steps:
             raise RuntimeError(f"simulation did not finish within {max_steps} steps")
@@ -154,10 +169,8 @@ def simulate(requests: Sequence[TraceRequest], policy: Policy, latency: LatencyM
                 jobs[job_id] = job
                 core.submit(job)
                 next_arrival += 1
-                if next_arrival == (len(order) + 1) // 2:
-                    backlog_mid = tokens_left(jobs.values()) / total_tokens
-            if next_arrival == len(order):
-                backlog_end = tokens_left(jobs.values()) / total_tokens
+            left = meter.left(core.jobs.values())
+            backlog.extend([left] * (next_arrival - len(backlog)))
         else:
             raise RuntimeError("simulation stalled: jobs left but no worker can run them")
         for wid in sorted(idle):
@@ -186,10 +199,76 @@ def simulate(requests: Sequence[TraceRequest], policy: Policy, latency: LatencyM
                                  job.arrival_s, job.first_token_s or job.finish_s or 0.0,
                                  job.finish_s or 0.0, job.num_preemptions))
     return SimResult(policy.name, latency.name, records, now, num_steps, Counter(core.preemptions),
-                     time.perf_counter() - started, work_backlog_at_last_arrival=backlog_end,
-                     work_backlog_at_mid_arrival=backlog_mid)
+                     time.perf_counter() - started, work_backlog=[b[0] for b in backlog],
+                     kv_backlog=[b[1] for b in backlog])
 
 
-def tokens_left(jobs) -> int:
-    """Output tokens the jobs (their ``oracle_output_tokens``) still have to generate."""
-    return sum(max((job.oracle_output_tokens or 0) - job.num_output_tokens, 0) for job in jobs)
+def output_target(prompt_tokens: int, output_tokens: int, max_tokens: int, max_len: int) -> int:
+    """Tokens a job of this trace length really generates: it also stops at its request's
+    ``max_tokens`` and where its sequence fills ``max_len`` (the model's or the worker's
+    whole KV, whichever is smaller); at least one."""
+    return max(min(output_tokens, max_tokens, max_len - prompt_tokens), 1)
+
+
+def decode_work(prompt_tokens: int, target: int, generated: int = 0) -> int:
+    """KV token-steps a job of ``target`` output tokens still needs after ``generated``: it
+    decodes its tokens max(generated + 1, 2) .. target (the first comes from the prefill), token
+    k from a context of prompt_tokens + k - 1."""
+    first = max(generated + 1, 2)
+    if first > target:
+        return 0
+    return (target - first + 1) * (prompt_tokens - 1) + (target * (target + 1) - (first - 1) * first) // 2
+
+
+class WorkMeter:
+    """The work still to do in a trace, as a share of all of it, in two units.
+
+    * Decode steps, one an output token (after the first, which the prefill makes): what the
+      sustained rule counts. It does not depend on the order jobs are served in.
+    * KV token-steps, the memory-time a step spends on a token (its context): where memory
+      binds, the resource itself. A shortest-first policy works off cheap tokens (short
+      contexts) first, so its backlog in decode steps can look level while the expensive
+      tokens of the long jobs pile up; in KV token-steps they show. But a few long jobs hold
+      most of a heavy-tailed trace's KV token-steps, so the count swings with which of them are
+      in flight: on the 4,000-request alpaca trace (H100 profile) it grew 0.9 % of the work at
+      50 req/s and 2.1 % at 70, every policy alike, with latency flat. Too noisy for a 2.5 %
+      rule, so it is reported, not ruled on.
+    """
+
+    def __init__(self, jobs: Mapping[str, tuple[int, int]]):
+        #: job id -> (prompt tokens, output tokens it will generate)
+        self.jobs = dict(jobs)
+        self.total_steps = sum(n - 1 for _, n in self.jobs.values()) or 1
+        self.total_memory = sum(decode_work(p, n) for p, n in self.jobs.values()) or 1
+
+    def steps_left(self, job_id: str, generated: int) -> int:
+        return max(self.jobs[job_id][1] - max(generated, 1), 0)
+
+    def memory_left(self, job_id: str, generated: int) -> int:
+        p, n = self.jobs[job_id]
+        return decode_work(p, n, generated)
+
+    def left(self, jobs) -> tuple[float, float]:
+        """Shares of the trace's (decode steps, KV token-steps) the unfinished ``jobs`` still need."""
+        steps = memory = 0
+        for job in jobs:
+            if not job.is_finished:
+                steps += self.steps_left(job.job_id, job.num_output_tokens)
+                memory += self.memory_left(job.job_id, job.num_output_tokens)
+        return steps / self.total_steps, memory / self.total_memory
+
+
+def backlog_growth(samples: Sequence[float]) -> float:
+    """How much a work backlog sampled at every arrival grew over the second half of them:
+    its mean over the last quarter of arrivals minus its mean over the second quarter.
+
+    Window means (their centres half the arrivals apart) rather than the backlog at two
+    single arrivals: one long job arriving or finishing moves a point by several percent of
+    a chat trace's work. The first quarter, where the run fills up, is left out. In overload
+    by a fraction x the growth is about x / (2 (1 + x))."""
+    n = len(samples)
+    if n < 4:
+        return samples[-1] - samples[0] if samples else 0.0
+    early = samples[n // 4:n // 2]
+    late = samples[(3 * n) // 4:]
+    return sum(late) / len(late) - sum(early) / len(early)

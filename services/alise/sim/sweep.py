@@ -10,14 +10,20 @@
   marked censored; if even the lowest rate exceeds C it is 0.
 * Sustained: a finite trace in overload flatters every policy differently (a shortest-first
   policy keeps the mean low by leaving long jobs for the drain after the last arrival). A run
-  is *sustained* when its work backlog (output tokens still to generate, over all of the
-  trace's) grows by at most ``MAX_WORK_BACKLOG_GROWTH`` from the middle arrival to the last,
-  and its rate is at most the capacity bound below (a finite run a little above it can still
-  grow its backlog slowly). Work in flight stays level in a run that keeps up, however many
-  jobs run at once; in overload by a fraction x it grows by about x / (2 (1 + x)) of the
-  trace's work over the second half of the arrivals. The work backlog does not depend on the
-  order jobs are served in; a count of unfinished jobs does (shortest-first finishes many
-  short jobs and leaves the long ones: a 15 % count rule passed runs at twice the capacity).
+  is *sustained* when its work backlog (the trace's decode steps still to run, one an output
+  token, as a share of all of them: :class:`alise.sim.simulator.WorkMeter`) grows by at most ``MAX_WORK_BACKLOG_GROWTH`` over
+  the second half of the arrivals (its mean over the last quarter of arrivals less its mean
+  over the second quarter: :func:`alise.sim.simulator.backlog_growth`), and its rate is at
+  most the capacity bound below (a finite run a little above it can still grow its backlog
+  slowly). Work in flight stays level in a run that keeps up, however many jobs run at once;
+  in overload by a fraction x it grows by about x / (2 (1 + x)) of the trace's work over the
+  second half of the arrivals. The work backlog does not depend on the order jobs are served
+  in; a count of unfinished jobs does (shortest-first finishes many short jobs and leaves the
+  long ones: a 15 % count rule passed runs at twice the capacity). Where memory binds, a
+  shortest-first policy still works off more tokens a second than fcfs (short jobs decode
+  from short contexts), so its backlog in tokens grows more slowly than the memory-time it
+  leaves behind; the backlog in KV token-steps is reported beside it, and the capacity bound
+  below caps what any policy is credited with.
   Steady-state figures count only sustained runs; *finite-trace* figures count every run, as
   the trace's mean says.
 * Capacity bound: no policy that decodes from full-precision KV can finish the trace's work
@@ -37,13 +43,12 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 from alise.core.latency_model import LatencyModel
-from alise.sim.simulator import SimConfig, SimResult
+from alise.sim.simulator import SimConfig, SimResult, output_target
 from alise.sim.trace import TraceRequest, rescale
 
 
-#: Largest growth of a run's work backlog (share of the trace's output tokens still to
-#: generate) from its middle arrival to its last for the run to count as sustained: about 5 %
-#: of overload.
+#: Largest growth of a run's work backlog (share of the trace's work still to do) over the second half of its arrivals for the run to count as sustained: about
+#: 5 % of overload.
 MAX_WORK_BACKLOG_GROWTH = 0.025
 
 
@@ -65,6 +70,7 @@ class RunSummary:
     work_backlog_at_last_arrival: float = 0.0
     work_backlog_growth: float = 0.0
     capacity_bound_req_s: float = math.inf
+    kv_backlog_growth: float = 0.0
 
     @property
     def sustained(self) -> bool:
@@ -104,7 +110,7 @@ def summarize(result: SimResult, rate: float, capacity_bound_req_s: float = math
     return RunSummary(
         backlog_at_last_arrival=sum(1 for r in recs if r.finish_s > last) / len(recs),
         work_backlog_at_last_arrival=result.work_backlog_at_last_arrival,
-        work_backlog_growth=result.work_backlog_growth,
+        work_backlog_growth=result.work_backlog_growth, kv_backlog_growth=result.kv_backlog_growth,
         capacity_bound_req_s=capacity_bound_req_s,
         policy=result.policy, rate=rate,
         mean_normalized_latency_s=statistics.fmean(r.normalized_latency_s for r in recs),
@@ -147,19 +153,22 @@ def capacity_bound(requests: Sequence[TraceRequest], latency: LatencyModel,
                    config: SimConfig) -> float:
     """An upper bound (req/s) on the rate any policy sustains on this trace's work.
 
-    Job j decodes its tokens 2..n from contexts p+1 .. p+n-1, so it needs at least
-    M_j = sum of those contexts in KV token-steps and n-1 sequence-steps. A step holds at most
-    ``kv_tokens`` of context (paused jobs, swapped or quantized, do not decode) and
-    ``max_num_seqs`` sequences, so the trace needs S >= max(sum M / kv_tokens,
-    sum (n-1) / max_num_seqs) steps, each costing at least c0 + cycle, plus the per-context,
-    per-sequence and per-prompt-token terms of the profile for the work itself (recompute,
-    mixed-step and quadratic terms only add). Holds for a profile with non-negative terms."""
+    Job j generates n = :func:`output_target` tokens and decodes its tokens 2..n from
+    contexts p+1 .. p+n-1, so it needs at least M_j = sum of those contexts in KV
+    token-steps and n-1 sequence-steps. A step holds at most ``kv_tokens`` of context
+    (paused jobs, swapped or quantized, do not decode) and ``max_num_seqs`` sequences, so
+    the trace needs S >= max(sum M / kv_tokens, sum (n-1) / max_num_seqs) steps, each
+    costing at least c0 + cycle, plus the per-context, per-sequence and per-prompt-token
+    terms of the profile for the work itself (a one-token prompt is fed as a decode row, with
+    no prefill term; recompute, mixed-step and quadratic terms only add). Holds for a
+    profile with non-negative terms."""
+    max_len = min(config.max_model_len, config.num_device_blocks * config.block_size)
     mem = seq = prompt = 0.0
     for r in requests:
-        n = max(min(r.output_tokens, config.max_model_len - r.prompt_tokens), 1) - 1
+        n = output_target(r.prompt_tokens, r.output_tokens, config.max_tokens, max_len) - 1
         mem += n * r.prompt_tokens + n * (n + 1) / 2
         seq += n
-        prompt += r.prompt_tokens
+        prompt += r.prompt_tokens if r.prompt_tokens > 1 else 0
     k = latency.correction
     steps = max(mem / config.kv_tokens, seq / config.max_num_seqs)
     seconds = (steps * (latency.c0_s * k + latency.c_cycle_s)
