@@ -1,14 +1,17 @@
-"""Work backlog of real `alise bench` runs: the share of the run's output tokens still to generate
-when the middle and the last request arrived. The simulator calls a run sustained when it grows
-by at most 2.5 % of the run's tokens in between (``alise.sim.sweep``).
+"""Work backlog of real `alise bench` runs, in the simulator's terms: the share of the run's decode
+steps (one an output token) still to run when each request arrived; printed at the middle and the
+last arrival, with its growth over the second half of the arrivals (mean over the last quarter
+less mean over the second quarter). The simulator calls a run sustained when that growth is at
+most 2.5 % of the run's work (``alise.sim.sweep``). The same growth in KV token-steps (each
+token weighted by its context: the memory-time a long job leaves behind) is printed beside it
+(``alise.sim.simulator.WorkMeter``).
 
     python bench/work_backlog.py RUN-requests.jsonl.gz [...]
-    python bench/work_backlog.py bench/results/real-cpu.json      # every policy of a real_cpu_compare run
+    python bench/work_backlog.py bench/results/real-cpu.json        # every policy of a real_cpu_compare run
 
 A request's tokens are taken to arrive evenly between its first token and its end (the request
-log has no per-token times), so the figure is an estimate. Also prints the offered and served
-output token rates: a run whose offered rate exceeds what it served over the arrivals is in
-overload, whatever its finite-trace mean says.
+log has no per-token times), so the figure is an estimate. Also prints the offered output token
+rate (output tokens over the span of the arrivals).
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ import argparse
 import gzip
 import json
 import statistics
+
+from alise.sim.simulator import WorkMeter, backlog_growth
 
 
 def load(path: str) -> dict[str, list[dict]]:
@@ -46,23 +51,35 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+")
     args = parser.parse_args()
-    print(f"{'run':<40} {'reqs':>5} {'last arrival s':>14} {'makespan s':>10} "
-          f"{'offered tok/s':>13} {'backlog mid':>11} {'last':>6} {'growth':>7} {'mean norm ms':>12}")
-    for name, rows in ((n, rs) for path in args.runs for n, rs in load(path).items()):
-        rows = [r for r in rows if not r.get("error")]
-        sent = sorted(r["sent_s"] for r in rows)
-        start, mid, last = sent[0], sent[(len(sent) + 1) // 2 - 1], sent[-1]
-        total = sum(r["output_tokens"] for r in rows)
+    print(f"{'run':<34} {'reqs':>5} {'last arr s':>10} {'makespan s':>10} {'offered tok/s':>13} "
+          f"{'backlog mid':>11} {'last':>6} {'growth':>7} {'KV growth':>9} {'mean norm ms':>12}")
+    for path in args.runs:
+        for name, rows in load(path).items():
+            report(name, [r for r in rows if not r.get("error")])
 
-        def left(t: float) -> float:
-            return sum(r["output_tokens"] - generated_by(r, t) for r in rows if r["sent_s"] <= t) / total
 
-        makespan = max(r["sent_s"] + r["e2e_s"] for r in rows) - start
-        offered = total / (last - start)
-        mean = statistics.fmean(r["normalized_latency_s"] for r in rows)
-        print(f"{name[-40:]:<40} {len(rows):5d} {last - start:14.1f} {makespan:10.1f} "
-              f"{offered:13.0f} {left(mid):11.3f} {left(last):6.3f} {left(last) - left(mid):+7.3f} "
-              f"{mean * 1e3:12.1f}")
+def report(name: str, rows: list[dict]) -> None:
+    sent = sorted(r["sent_s"] for r in rows)
+    start, last = sent[0], sent[-1]
+    meter = WorkMeter({str(i): (r["prompt_tokens"], r["output_tokens"]) for i, r in enumerate(rows)})
+
+    def left(t: float) -> tuple[float, float]:
+        steps = memory = 0.0
+        for i, r in enumerate(rows):
+            if r["sent_s"] <= t:
+                done = int(generated_by(r, t))
+                steps += meter.steps_left(str(i), done)
+                memory += meter.memory_left(str(i), done)
+        return steps / meter.total_steps, memory / meter.total_memory
+
+    backlog = [left(t) for t in sent]
+    work = [b[0] for b in backlog]
+    makespan = max(r["sent_s"] + r["e2e_s"] for r in rows) - start
+    offered = sum(r["output_tokens"] for r in rows) / (last - start)
+    mean = statistics.fmean(r["normalized_latency_s"] for r in rows)
+    print(f"{name[-34:]:<34} {len(rows):5d} {last - start:10.1f} {makespan:10.1f} {offered:13.0f} "
+          f"{work[(len(work) + 1) // 2 - 1]:11.3f} {work[-1]:6.3f} {backlog_growth(work):+7.3f} "
+          f"{backlog_growth([b[1] for b in backlog]):+9.3f} {mean * 1e3:12.1f}")
 
 
 if __name__ == "__main__":
