@@ -6,9 +6,10 @@ import math
 
 import pytest
 
-from alise.core.job import LengthEstimate
+from alise.core.job import Job, JobStatus, LengthEstimate
 from alise.core.latency_model import LatencyModel
 from alise.core.policy import make_policy
+from alise.core.sampling import SamplingParams
 from alise.sim.simulator import SimConfig, WorkMeter, backlog_growth, simulate
 from alise.sim.sweep import (
     MAX_WORK_BACKLOG_GROWTH, RunSummary, capacity_bound, summarize, tail_p99,
@@ -136,18 +137,29 @@ def test_work_meter_counts_decode_steps_and_kv_token_steps():
     assert meter.total_steps == 2 + 1 and meter.total_memory == 19 + 101
     assert [meter.steps_left("a", g) for g in (0, 1, 2, 3)] == [2, 2, 1, 0]
     assert [meter.memory_left("a", g) for g in (0, 1, 2, 3)] == [19, 19, 10, 0]
+    # a finished job owes nothing, however few tokens it made (a cancelled one, say)
+    sampling = SamplingParams(max_tokens=8, ignore_eos=True)
+    a, b = Job("a", [1] * 8, sampling, 0.0), Job("b", [1] * 100, sampling, 0.0)
+    a.output_token_ids = [5]
+    assert meter.left([a, b]) == pytest.approx((2 / 3 + 1 / 3, (19 + 101) / 120))
+    a.status = JobStatus.FINISHED
+    assert meter.left([a, b]) == pytest.approx((1 / 3, 101 / 120))
 
 
 def test_work_backlog_at_each_arrival_by_hand():
     # each job finishes long before the next arrives: the backlog is its own work
-    spaced = [TraceRequest(f"s{i}", "x", 8, n, 100.0 * i) for i, n in enumerate((10, 20, 30, 40))]
+    lengths = (10, 20, 30, 40, 12, 90, 14, 60)
+    spaced = [TraceRequest(f"s{i}", "x", 8, n, 100.0 * i) for i, n in enumerate(lengths)]
     res = run("fcfs", spaced)
-    assert res.work_backlog == pytest.approx([9 / 96, 19 / 96, 29 / 96, 39 / 96])
-    assert res.work_backlog_at_mid_arrival == pytest.approx(19 / 96)
-    assert res.work_backlog_at_last_arrival == pytest.approx(39 / 96)
-    assert res.work_backlog_growth == pytest.approx((39 - 19) / 96)
+    steps = [n - 1 for n in lengths]
+    assert res.work_backlog == pytest.approx([k / sum(steps) for k in steps])
+    assert res.work_backlog_at_mid_arrival == pytest.approx(39 / 268)
+    assert res.work_backlog_at_last_arrival == pytest.approx(59 / 268)
+    # window means: last quarter (14, 60) less second quarter (30, 40), not last less middle
+    assert res.work_backlog_growth == pytest.approx(((13 + 59) / 2 - (29 + 39) / 2) / 268)
+    assert res.work_backlog_growth != pytest.approx((59 - 39) / 268)
     # in KV token-steps job n needs (n - 1) (8 + n / 2)
-    work = [(n - 1) * (8 + n / 2) for n in (10, 20, 30, 40)]
+    work = [(n - 1) * (8 + n / 2) for n in lengths]
     assert res.kv_backlog == pytest.approx([w / sum(work) for w in work])
 
 
@@ -160,6 +172,20 @@ def test_a_job_cut_short_by_the_model_length_leaves_no_phantom_backlog():
     assert res.work_backlog == pytest.approx([1015 / 1024, 9 / 1024])
     work = [1015 * (8 + 1016 / 2), 9 * (8 + 10 / 2)]
     assert res.kv_backlog == pytest.approx([work[0] / sum(work), work[1] / sum(work)])
+
+
+def test_jobs_count_to_their_max_tokens_and_the_workers_kv():
+    trace = [TraceRequest("long", "x", 8, 5000, 0.0), TraceRequest("short", "x", 8, 10, 1000.0)]
+    # the request's max_tokens (300) ends it first
+    capped = SimConfig(kv_tokens=2048, max_num_seqs=16, max_model_len=1024, max_tokens=300)
+    res = run("fcfs", trace, capped)
+    assert [r.output_tokens for r in sorted(res.records, key=lambda r: r.arrival_s)] == [300, 10]
+    assert res.work_backlog == pytest.approx([299 / 308, 9 / 308])
+    # a worker with 512 tokens of KV ends a sequence at 512 tokens, below the model's 1,024
+    small = SimConfig(kv_tokens=512, max_num_seqs=16, max_model_len=1024, max_tokens=1024)
+    res = run("fcfs", trace, small)
+    assert [r.output_tokens for r in sorted(res.records, key=lambda r: r.arrival_s)] == [504, 10]
+    assert res.work_backlog == pytest.approx([503 / 512, 9 / 512])
 
 
 def test_a_run_is_sustained_while_its_work_backlog_stays_level():
@@ -208,6 +234,12 @@ def test_capacity_bound_by_hand():
     steps = max(mem / 64, seqs / 16)
     seconds = steps * (0.01 * 2.0 + 0.005) + 2.0 * (1e-6 * mem + 1e-4 * seqs + 1e-4 * 10)
     assert capacity_bound(reqs, latency, config) == pytest.approx(2 / seconds)
+    # a max_tokens of 10 ends both at 10 tokens: 9 decode steps each
+    capped = SimConfig(kv_tokens=64, max_num_seqs=16, max_model_len=1024, max_tokens=10)
+    mem = (9 * 10 + 9 * 10 / 2) + (9 * 1 + 9 * 10 / 2)
+    steps = max(mem / 64, 18 / 16)
+    seconds = steps * (0.01 * 2.0 + 0.005) + 2.0 * (1e-6 * mem + 1e-4 * 18 + 1e-4 * 10)
+    assert capacity_bound(reqs, latency, capped) == pytest.approx(2 / seconds)
 
 
 def test_no_policy_beats_the_capacity_bound_where_memory_binds():
