@@ -62,18 +62,20 @@ def estimates_for(requests, seed: int = 0) -> list[LengthEstimate]:
     return out
 
 
-def clamp_prompt(r, max_model_len: int) -> int:
-    """The prompt a request is replayed with: at most half the model's length."""
-    return min(r.prompt_tokens, max_model_len // 2)
+def replayed(r, max_model_len: int, max_len: int) -> tuple[int, int]:
+    """(prompt tokens, output tokens) a request is replayed with: the prompt at most half the
+    model's length, the output ending one token before the sequence fills ``max_len`` (the
+    model's length or the worker's whole KV, whichever is smaller)."""
+    prompt = min(r.prompt_tokens, max_model_len // 2)
+    return prompt, max(min(r.output_tokens, max_len - prompt - 1), 1)
 
 
-def clamped(requests, max_model_len: int = 2048) -> list:
-    """The work this simulation really replays: prompts clamped, outputs ending one token
-    before the model's length (for the capacity bound)."""
+def clamped(requests, max_model_len: int, max_len: int) -> list:
+    """The work this simulation really replays (for the capacity bound)."""
     out = []
     for r in requests:
-        p = clamp_prompt(r, max_model_len)
-        out.append(replace(r, prompt_tokens=p, output_tokens=min(r.output_tokens, max_model_len - p - 1)))
+        p, n = replayed(r, max_model_len, max_len)
+        out.append(replace(r, prompt_tokens=p, output_tokens=n))
     return out
 
 
@@ -97,10 +99,10 @@ def simulate(requests, estimates, planner: str, num_blocks: int, num_host_blocks
     heapq.heapify(arrivals)
     jobs: dict[str, Job] = {}
     now, step_end, in_flight, peak_need = 0.0, None, None, 0
-    for i, r in enumerate(requests):
-        targets[f"r{i}"] = min(r.output_tokens, max_model_len - clamp_prompt(r, max_model_len) - 1)
-    meter = WorkMeter({job_id: (clamp_prompt(requests[int(job_id[1:])], max_model_len), n)
-                       for job_id, n in targets.items()})
+    max_len = min(max_model_len, num_blocks * BLOCK_SIZE)
+    work = {f"r{i}": replayed(r, max_model_len, max_len) for i, r in enumerate(requests)}
+    targets.update({job_id: n for job_id, (_, n) in work.items()})
+    meter = WorkMeter(work)
     backlog: list[float] = []
     while arrivals or core.jobs:
         if step_end is not None and (not arrivals or step_end <= arrivals[0][0]):
@@ -110,7 +112,7 @@ def simulate(requests, estimates, planner: str, num_blocks: int, num_host_blocks
         elif arrivals:
             now, i = heapq.heappop(arrivals)
             r = requests[i]
-            job = Job(f"r{i}", [1] * clamp_prompt(r, max_model_len), sampling,
+            job = Job(f"r{i}", [1] * work[f"r{i}"][0], sampling,
                       arrival_s=r.arrival_s, estimate=estimates[i],
                       oracle_output_tokens=r.output_tokens)
             jobs[job.job_id] = job
@@ -173,7 +175,7 @@ def main() -> None:
     print(f"unloaded normalized latency {unloaded * 1e3:.1f} ms/token; bound {bound * 1e3:.1f} ms/token")
     results: dict = dict(label="simulated", profile=latency.name, num=args.num, device_blocks=num_blocks,
                          host_blocks=num_host, bound_s=bound, runs={})
-    cap = capacity_bound(clamped(base), latency, SimConfig(kv_tokens=num_blocks * BLOCK_SIZE,
+    cap = capacity_bound(clamped(base, 2048, min(2048, num_blocks * BLOCK_SIZE)), latency, SimConfig(kv_tokens=num_blocks * BLOCK_SIZE,
                                                   block_size=BLOCK_SIZE, max_num_seqs=MAX_NUM_SEQS))
     print(f"capacity bound (no policy or planner sustains more): {cap:.2f} req/s")
     results["capacity_bound_req_s"] = cap
