@@ -37,7 +37,7 @@ from alise.core.policy import make_policy
 from alise.core.sampling import SamplingParams
 from alise.core.scheduler import SchedulerCore
 from alise.sim.profiles import opt13b_h100_roofline
-from alise.sim.simulator import SimConfig, WorkMeter, backlog_growth
+from alise.sim.simulator import SimConfig, WorkMeter, backlog_growth, output_target
 from alise.sim.sweep import (
     MAX_WORK_BACKLOG_GROWTH, capacity_bound, throughput_at_constraint, unloaded_normalized_latency,
 )
@@ -67,7 +67,7 @@ def replayed(r, max_model_len: int, max_len: int) -> tuple[int, int]:
     model's length, the output ending one token before the sequence fills ``max_len`` (the
     model's length or the worker's whole KV, whichever is smaller)."""
     prompt = min(r.prompt_tokens, max_model_len // 2)
-    return prompt, max(min(r.output_tokens, max_len - prompt - 1), 1)
+    return prompt, output_target(prompt, r.output_tokens, max_model_len, max_len - 1)
 
 
 def clamped(requests, max_model_len: int, max_len: int) -> list:

@@ -43,7 +43,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 from alise.core.latency_model import LatencyModel
-from alise.sim.simulator import SimConfig, SimResult, output_target
+from alise.sim.simulator import SimConfig, SimResult, decode_work, output_target
 from alise.sim.trace import TraceRequest, rescale
 
 
@@ -165,9 +165,9 @@ def capacity_bound(requests: Sequence[TraceRequest], latency: LatencyModel,
     max_len = min(config.max_model_len, config.num_device_blocks * config.block_size)
     mem = seq = prompt = 0.0
     for r in requests:
-        n = output_target(r.prompt_tokens, r.output_tokens, config.max_tokens, max_len) - 1
-        mem += n * r.prompt_tokens + n * (n + 1) / 2
-        seq += n
+        n = output_target(r.prompt_tokens, r.output_tokens, config.max_tokens, max_len)
+        mem += decode_work(r.prompt_tokens, n)
+        seq += n - 1
         prompt += r.prompt_tokens if r.prompt_tokens > 1 else 0
     k = latency.correction
     steps = max(mem / config.kv_tokens, seq / config.max_num_seqs)
