@@ -6,7 +6,8 @@ Llama-7B KV geometry (32 layers, 32 KV heads x 128, 16-token blocks, fp16: 8 MiB
 A job of ``--gib`` GiB of KV sits in scattered blocks of the device cache; the script times
 
 * the plain copy: one contiguous device tensor of the same size to/from pinned host memory;
-* swap-out / swap-in of the job through ``KvOffload`` (side stream, staging, event);
+* swap-out / swap-in of the job through the worker's KV manager and ``TorchKvMover`` (side
+  stream, staging, event);
 * the overlap of a swap with compute on the default stream;
 * quantize (int8, int4) in place and dequantize on resume, with the reconstruction error, on
   the fused Triton kernels (the default on CUDA) and on the torch codec.
@@ -25,9 +26,9 @@ import torch
 
 from alise.core.commands import KvAction
 from alise.core.job import KvPlace
-from alise.worker.block_allocator import BlockAllocator
 from alise.worker.kv_cache import KVCache, KVShape
-from alise.worker.kv_offload import KvOffload, KvState
+from alise.worker.kv_manager import KvManager, KvState
+from alise.worker.kv_offload import TorchKvMover
 
 SHAPE = KVShape(num_layers=32, num_kv_heads=32, head_dim=128)
 BLOCK_SIZE = 16
@@ -59,8 +60,9 @@ def main() -> None:
                     device=device)
     cache.key_cache.normal_()
     cache.value_cache.normal_()
-    allocator = BlockAllocator(cache.num_blocks)
-    offload = KvOffload(cache, allocator, num_host_blocks=num_job)
+    mover = TorchKvMover(cache, num_host_blocks=num_job)
+    offload = KvManager(cache.num_blocks, num_job, BLOCK_SIZE, mover)
+    allocator = offload.allocator
     gen = torch.Generator().manual_seed(0)
     scattered = torch.randperm(cache.num_blocks, generator=gen)[:num_job].tolist()
     allocator._free = [b for b in allocator._free if b not in set(scattered)]
@@ -85,7 +87,8 @@ def main() -> None:
         torch.cuda.synchronize()
         start = time.perf_counter()
         assert offload.pause(seq, KvAction.SWAP_TO_HOST) is None
-        offload.synchronize()
+        mover.synchronize()
+        offload.reclaim()
         outs.append(time.perf_counter() - start)
         start = time.perf_counter()
         assert offload.resume(seq) is None
@@ -122,11 +125,11 @@ def main() -> None:
     a = None
 
     # Quantize in place and dequantize on resume, per format, fused kernels then the torch codec.
-    paths = (("fused", True), ("torch", False)) if offload.fused else (("torch", False),)
+    paths = (("fused", True), ("torch", False)) if mover.fused else (("torch", False),)
     for (path, fused), (bits, action) in ((p, b) for p in paths
                                           for b in ((8, KvAction.QUANTIZE_INT8),
                                                     (4, KvAction.QUANTIZE_INT4))):
-        offload.fused = fused
+        mover.fused = fused
         reference = torch.stack((cache.key_cache[:, seq.block_table],
                                  cache.value_cache[:, seq.block_table])).float()
         q_times, d_times = [], []
@@ -160,9 +163,9 @@ def main() -> None:
           f"({num_job} blocks of {block_bytes >> 20} MiB, scattered)")
     print(f"{'copy':28s} {'ms':>8s} {'GB/s':>7s} {'vs plain':>8s}")
     for name, key, plain in (("plain pinned D2H", "plain_d2h_s", "plain_d2h_s"),
-                             ("swap-out (KvOffload)", "swap_out_s", "plain_d2h_s"),
+                             ("swap-out (KV manager)", "swap_out_s", "plain_d2h_s"),
                              ("plain pinned H2D", "plain_h2d_s", "plain_h2d_s"),
-                             ("swap-in (KvOffload)", "swap_in_s", "plain_h2d_s")):
+                             ("swap-in (KV manager)", "swap_in_s", "plain_h2d_s")):
         s = results[key]
         print(f"{name:28s} {s * 1e3:8.2f} {gbs(s):7.1f} {results[plain] / s:8.1%}")
     print(f"swap round trip exact: {results['swap_round_trip_exact']}")

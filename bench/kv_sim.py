@@ -2,7 +2,8 @@
 
     .venv/bin/python bench/kv_sim.py [--num 400] [--profile FILE] [--out bench/results/kv_sim.json]
 
-The real scheduler core (policy ``alise``) drives one ``VirtualWorker`` on a virtual clock
+The simulator (``alise.sim.simulator``: the real scheduler core, policy ``alise``, and the
+worker's own engine over a latency model) runs one worker on a virtual clock
 (latency: the OPT-13B H100 roofline profile of ``alise.sim.profiles``, or ``--profile``). KV moves cost what
 bench/kv_bench.py measured on an H100 (2026-11-25): swaps at 35 GB/s on one copy engine
 (swap-outs hold their device blocks until they land), quantize + dequantize of a job's KV in
@@ -19,7 +20,6 @@ state, the rule of ``alise.sim.sweep``), plus the KV moves each planner made. A 
 from __future__ import annotations
 
 import argparse
-import heapq
 import json
 import math
 import random
@@ -28,21 +28,17 @@ import time
 from collections import Counter
 from dataclasses import replace
 
-from alise.core.blocks import WorkerCapacity, blocks_for
-from alise.core.commands import StepReport
-from alise.core.job import Job, LengthEstimate
+from alise.core.job import LengthEstimate
 from alise.core.latency_model import LatencyModel
 from alise.core.memory_planner import make_memory_planner
 from alise.core.policy import make_policy
-from alise.core.sampling import SamplingParams
-from alise.core.scheduler import SchedulerCore
 from alise.sim.profiles import opt13b_h100_roofline
-from alise.sim.simulator import SimConfig, WorkMeter, backlog_growth, output_target
+from alise.sim.simulator import SimConfig, output_target
+from alise.sim.simulator import simulate as run_sim
 from alise.sim.sweep import (
     MAX_WORK_BACKLOG_GROWTH, capacity_bound, throughput_at_constraint, unloaded_normalized_latency,
 )
 from alise.sim.trace import build_trace, load_pairs, rescale, workload_path
-from alise.sim.virtual_worker import VirtualWorker
 
 BLOCK_SIZE = 16
 MAX_NUM_SEQS = 256
@@ -82,68 +78,24 @@ def clamped(requests, max_model_len: int, max_len: int) -> list:
 def simulate(requests, estimates, planner: str, num_blocks: int, num_host_blocks: int,
              latency, max_model_len: int = 2048, swap_bytes_per_s: float = SWAP_BYTES_PER_S,
              quantize_bytes_per_s: float = QUANTIZE_BYTES_PER_S) -> dict:
-    core = SchedulerCore(make_policy("alise", latency),
-                         make_memory_planner(planner, latency, block_bytes=BLOCK_BYTES,
-                                             swap_bytes_per_s=swap_bytes_per_s,
-                                             quantize_bytes_per_s=quantize_bytes_per_s))
-    core.add_worker(WorkerCapacity("w0", BLOCK_SIZE, num_blocks, num_host_blocks, max_model_len,
-                                   MAX_NUM_SEQS, 4096, block_bytes=BLOCK_BYTES))
-    targets: dict[str, int] = {}
-    worker = VirtualWorker(num_device_blocks=num_blocks, block_size=BLOCK_SIZE,
-                           max_model_len=max_model_len, latency=latency,
-                           num_host_blocks=num_host_blocks, target_lengths=targets,
-                           block_bytes=BLOCK_BYTES, swap_bytes_per_s=swap_bytes_per_s,
-                           quantize_bytes_per_s=quantize_bytes_per_s)
-    sampling = SamplingParams(max_tokens=max_model_len, ignore_eos=True)
-    arrivals = [(r.arrival_s, i) for i, r in enumerate(requests)]
-    heapq.heapify(arrivals)
-    jobs: dict[str, Job] = {}
-    now, step_end, in_flight, peak_need = 0.0, None, None, 0
+    """One run of ``alise.sim.simulator.simulate`` with the KV planner and host pool given."""
+    memory = make_memory_planner(planner, latency, block_bytes=BLOCK_BYTES, swap_bytes_per_s=swap_bytes_per_s,
+                                 quantize_bytes_per_s=quantize_bytes_per_s)
+    config = SimConfig(kv_tokens=num_blocks * BLOCK_SIZE, block_size=BLOCK_SIZE, max_num_seqs=MAX_NUM_SEQS,
+                       max_model_len=max_model_len, max_tokens=max_model_len, num_host_blocks=num_host_blocks,
+                       block_bytes=BLOCK_BYTES, swap_bytes_per_s=swap_bytes_per_s,
+                       quantize_bytes_per_s=quantize_bytes_per_s)
     max_len = min(max_model_len, num_blocks * BLOCK_SIZE)
-    work = {f"r{i}": replayed(r, max_model_len, max_len) for i, r in enumerate(requests)}
-    targets.update({job_id: n for job_id, (_, n) in work.items()})
-    meter = WorkMeter(work)
-    backlog: list[float] = []
-    while arrivals or core.jobs:
-        if step_end is not None and (not arrivals or step_end <= arrivals[0][0]):
-            now = step_end
-            core.apply_report("w0", in_flight, now)
-            step_end = in_flight = None
-        elif arrivals:
-            now, i = heapq.heappop(arrivals)
-            r = requests[i]
-            job = Job(f"r{i}", [1] * work[f"r{i}"][0], sampling,
-                      arrival_s=r.arrival_s, estimate=estimates[i],
-                      oracle_output_tokens=r.output_tokens)
-            jobs[job.job_id] = job
-            core.submit(job)
-            backlog.append(meter.left(core.jobs.values()))
-        else:
-            raise RuntimeError("stalled")
-        peak_need = max(peak_need, sum(blocks_for(j.num_tokens, BLOCK_SIZE)
-                                       for j in core.jobs.values()))
-        if step_end is None:
-            worker.kv.clock_s = max(worker.kv.clock_s, now)
-            for _ in range(4):
-                plan = core.schedule("w0", now)
-                if plan.is_empty:
-                    break
-                refused = worker.apply(plan.commands)
-                if plan.run_step:
-                    in_flight = worker.step(plan.step_id)
-                    in_flight.refused = refused
-                    step_end = now + in_flight.step_duration_s
-                    break
-                core.apply_report("w0", StepReport(plan.step_id, refused=refused,
-                                                   num_free_device_blocks=worker.kv.num_free_device),
-                                  now)
-    norm = [(j.finish_s - j.arrival_s) / max(j.num_output_tokens, 1) for j in jobs.values()]
-    return dict(mean_normalized_latency_s=statistics.fmean(norm), makespan_s=now,
-                work_backlog_at_last_arrival=backlog[-1][0],
-                work_backlog_growth=backlog_growth([b[0] for b in backlog]),
-                kv_backlog_growth=backlog_growth([b[1] for b in backlog]),
-                kv_moves=dict(core.kv_moves), preemptions=dict(core.preemptions),
-                peak_need_blocks=peak_need, moved_gb={k: v / 1e9 for k, v in worker.kv.moved_bytes.items()})
+    replay = clamped(requests, max_model_len, max_len)
+    result = run_sim(replay, make_policy("alise", latency), latency, config,
+                     estimates=dict(enumerate(estimates)), memory=memory)
+    norm = [r.normalized_latency_s for r in result.records]
+    return dict(mean_normalized_latency_s=statistics.fmean(norm), makespan_s=result.makespan_s,
+                work_backlog_at_last_arrival=result.work_backlog_at_last_arrival,
+                work_backlog_growth=result.work_backlog_growth, kv_backlog_growth=result.kv_backlog_growth,
+                kv_moves=dict(result.kv_moves), preemptions=dict(result.preemptions),
+                peak_need_blocks=result.peak_need_blocks,
+                moved_gb={k: v / 1e9 for k, v in result.moved_bytes.items()})
 
 
 def main() -> None:

@@ -3,7 +3,7 @@
 The kernels read pages in place through shuffled block tables; the torch reference gathers them
 first. Quantized streams (codes, fp16 scales and zeros) must be identical bytes; dequantized
 values may differ by one rounding step of the cache dtype (the compiler may fuse the multiply-add).
-Then ``KvOffload`` end to end: a job quantized and resumed on the fused path holds the same KV as
+Then the KV manager over ``TorchKvMover`` end to end: a job quantized and resumed on the fused path holds the same KV as
 the same job on the torch path.
 """
 
@@ -18,9 +18,9 @@ from alise.core.blocks import quantized_blocks
 from alise.core.commands import KvAction
 from alise.core.job import KvPlace
 from alise.worker import triton_kvquant
-from alise.worker.block_allocator import BlockAllocator
 from alise.worker.kv_cache import KVCache, KVShape
-from alise.worker.kv_offload import KvCodec, KvOffload, KvState, dequantize_groups, quantize_groups
+from alise.worker.kv_manager import KvManager, KvState
+from alise.worker.kv_offload import KvCodec, TorchKvMover, dequantize_groups, quantize_groups
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available() or not triton_kvquant.is_available(
     torch.device("cuda")), reason="needs CUDA and Triton")
@@ -92,10 +92,11 @@ def test_offload_quantize_and_resume_same_on_both_paths(bits):
         cache = KVCache(shape, num_blocks=40, block_size=16, dtype=torch.float16, device="cuda")
         cache.key_cache.normal_()
         cache.value_cache.normal_()
-        allocator = BlockAllocator(40)
-        offload = KvOffload(cache, allocator, num_host_blocks=0)
-        assert offload.fused  # CUDA with Triton
-        offload.fused = fused
+        mover = TorchKvMover(cache, num_host_blocks=0)
+        assert mover.fused  # CUDA with Triton
+        mover.fused = fused
+        offload = KvManager(40, 0, 16, mover)
+        allocator = offload.allocator
         seq = KvState(block_table=allocator.allocate(9), num_cached=9 * 16 - 5)
         before = torch.stack((cache.key_cache[:, seq.block_table], cache.value_cache[:, seq.block_table]))
         assert offload.pause(seq, KvAction.QUANTIZE_INT8 if bits == 8 else KvAction.QUANTIZE_INT4) is None

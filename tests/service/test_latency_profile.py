@@ -23,9 +23,10 @@ async def test_scheduler_adopts_the_workers_profile(tiny_llama_dir):
         latency = c.scheduler.engine.latency
         assert latency.name == expected.name != "default"
         assert (latency.c0_s, latency.c_pre_s) == (expected.c0_s, expected.c_pre_s)
-        # The policy prices jobs with the same object.
-        policy = c.scheduler.engine.core.policy
-        assert policy.estimator.latency is latency
+        # The policy and the core's remaining-time estimates price jobs with the same object.
+        core = c.scheduler.engine.core
+        policy = core.policy
+        assert policy.latency is latency and core.estimator.latency is latency
         assert policy.switch_cost_s == pytest.approx(4 * expected.step_s(1, 0))
         result = await client.complete("priced by the worker's profile", max_tokens=4, ignore_eos=True)
         assert len(result.token_ids) == 4
@@ -79,7 +80,8 @@ async def test_step_log_records_each_model_step_as_a_fit_sample(tiny_llama_dir, 
     assert first["context"] == prompt
     assert [(r["num_seqs"], r["context"], r["prefill_lens"]) for r in decodes] == \
         [(1, prompt + k, []) for k in (1, 2, 3)]
-    assert steps == (1, prompt + 3, [])
+    assert steps == (1, prompt + 3, [], [])
+    assert first["prefill_starts"] == [0]
     assert all(r["seconds"] > 0 for r in rows) and len({r["step"] for r in rows}) == 4
     fitted = LatencyModel.fit([(r["num_seqs"], r["context"], r["prefill_lens"], r["seconds"]) for r in rows])
     assert fitted.step_s(1, prompt + 1) > 0

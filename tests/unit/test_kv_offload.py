@@ -16,10 +16,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from alise.core.blocks import blocks_for, place_blocks, quantized_blocks
-from alise.core.commands import Abort, Admit, KvAction, Pause, Resume
+from alise.core.commands import Abort, Admit, KvAction, Pause, Resume, StepPlan
 from alise.core.job import KvPlace
 from alise.core.sampling import SamplingParams
 from alise.worker.engine import WorkerEngine
+from alise.worker.executor import make_worker_engine
 from alise.worker.kv_offload import KvCodec, dequantize_groups, quantize_groups
 from alise.worker.loader import load_model
 from alise.worker.model_runner import ModelRunner, SeqChunk
@@ -39,8 +40,16 @@ def loaded(tmp_path_factory):
 
 def make_engine(loaded, num_blocks=48, num_host_blocks=32) -> WorkerEngine:
     runner = ModelRunner(loaded, num_blocks=num_blocks, block_size=BLOCK_SIZE)
-    return WorkerEngine(runner, eos_token_id=None, max_model_len=loaded.max_model_len,
-                        num_host_blocks=num_host_blocks)
+    engine = make_worker_engine(runner, eos_token_id=None, max_model_len=loaded.max_model_len,
+                                num_host_blocks=num_host_blocks)
+    engine.runner = runner
+    return engine
+
+
+def run_step(engine: WorkerEngine):
+    """One step feeding every running sequence all its uncomputed tokens."""
+    chunks = {j: s.num_tokens - s.num_cached for j, s in engine.seqs.items() if not s.paused}
+    return engine.step(StepPlan(0, run_step=True, chunks=chunks))
 
 
 def prompt(n: int, seed: int = 0) -> list[int]:
@@ -75,13 +84,13 @@ def test_swap_round_trip_is_exact_and_generation_continues_identically(loaded):
     ref.apply([Admit("a", prompt(29), GREEDY)])
     ref_seen = record_logits(ref, "a")
     for _ in range(16):
-        ref.step(0)
+        run_step(ref)
 
     eng = make_engine(loaded)
     eng.apply([Admit("a", prompt(29), GREEDY)])
     seen = record_logits(eng, "a")
     for _ in range(6):
-        eng.step(0)
+        run_step(eng)
     seq = eng.seqs["a"]
     before = kv_bytes(eng, seq.block_table)
     num_blocks = len(seq.block_table)
@@ -89,18 +98,18 @@ def test_swap_round_trip_is_exact_and_generation_continues_identically(loaded):
 
     assert eng.apply([Pause("a", KvAction.SWAP_TO_HOST)]) == []
     assert seq.place is KvPlace.HOST and not seq.block_table
-    assert eng.allocator.num_free == 48 and eng.offload.num_free_host == 32 - num_blocks
+    assert eng.allocator.num_free == 48 and eng.kv.num_free_host == 32 - num_blocks
     # Another job takes (and overwrites) the freed device blocks meanwhile.
     eng.apply([Admit("b", prompt(40, seed=1), GREEDY)])
     for _ in range(3):
-        eng.step(0)
+        run_step(eng)
     eng.apply([Abort("b")])
 
     assert eng.apply([Resume("a")]) == []
-    assert eng.offload.num_free_host == 32
+    assert eng.kv.num_free_host == 32
     assert torch.equal(kv_bytes(eng, seq.block_table), before)  # byte for byte
     for _ in range(10):
-        eng.step(0)
+        run_step(eng)
     assert eng.seqs["a"].token_ids == ref.seqs["a"].token_ids
     assert len(seen) == len(ref_seen) == 16
     for ours, theirs in zip(seen, ref_seen):
@@ -125,10 +134,10 @@ def test_group_codec_reconstruction_error(bits, bound):
 @pytest.mark.parametrize("bits", [8, 4])
 def test_quantized_blocks_fit_the_scheduler_fraction_and_free_the_rest(loaded, bits):
     eng = make_engine(loaded)
-    codec = eng.offload.codec
+    codec = eng.kv.mover.codec
     assert codec.group == 32 and codec.fits(bits)
     eng.apply([Admit("a", prompt(50), GREEDY)])
-    eng.step(0)
+    run_step(eng)
     seq = eng.seqs["a"]
     full = blocks_for(50, BLOCK_SIZE)
     action = KvAction.QUANTIZE_INT8 if bits == 8 else KvAction.QUANTIZE_INT4
@@ -143,7 +152,7 @@ def teacher_forced_error(loaded, actions: list[KvAction]) -> float:
     """Relative error of logits over a 96-token forced continuation after a paused KV."""
     eng = make_engine(loaded, num_blocks=64, num_host_blocks=32)
     eng.apply([Admit("a", prompt(60), GREEDY)])
-    eng.step(0)
+    run_step(eng)
     seq = eng.seqs["a"]
     forced = [seq.token_ids[-1]] + prompt(95, seed=7)
     snapshot = kv_bytes(eng, seq.block_table).clone()
@@ -182,13 +191,13 @@ def test_teacher_forced_logits_after_a_pause(loaded, actions, bound):
 def test_swap_refused_whole_when_the_host_pool_is_full(loaded):
     eng = make_engine(loaded, num_host_blocks=4)
     eng.apply([Admit("a", prompt(50), GREEDY)])
-    eng.step(0)
+    run_step(eng)
     table = list(eng.seqs["a"].block_table)
     [refusal] = eng.apply([Pause("a", KvAction.SWAP_TO_HOST)])
     assert "host pool full: 7 blocks needed, 4 free" in refusal.reason
     seq = eng.seqs["a"]
     assert seq.paused and seq.place is KvPlace.DEVICE and seq.block_table == table
-    assert eng.offload.num_free_host == 4
+    assert eng.kv.num_free_host == 4
     [refusal] = make_engine(loaded, num_host_blocks=0).apply([Admit("x", [5], GREEDY),
                                                              Pause("x", KvAction.SWAP_TO_HOST)])
     assert "host pool full" in refusal.reason
@@ -210,12 +219,12 @@ ACTIONS = [KvAction.KEEP, KvAction.QUANTIZE_INT8, KvAction.QUANTIZE_INT4, KvActi
 
 def check_engine_invariants(eng: WorkerEngine) -> None:
     held = [b for s in eng.seqs.values() for b in s.block_table]
-    in_flight = [b for _, ids in eng.offload.pending_out for b in ids]
+    in_flight = [b for _, ids in eng.kv.pending_out for b in ids]
     assert len(set(held + in_flight)) == len(held) + len(in_flight)  # nothing held twice
     assert eng.allocator.num_used == len(held) + len(in_flight)       # nothing leaked
     assert eng.allocator.num_used + eng.allocator.num_free == eng.allocator.num_blocks
     host = [b for s in eng.seqs.values() for b in s.host_blocks]
-    assert len(set(host)) == len(host) == eng.offload.host_allocator.num_used
+    assert len(set(host)) == len(host) == eng.kv.host_allocator.num_used
     for s in eng.seqs.values():
         if s.paused and s.place is not KvPlace.NONE:
             # The scheduler's formulas count exactly what the worker holds.
@@ -241,7 +250,7 @@ def test_worker_engine_accounting_under_random_commands(loaded, ops):
         elif op == "abort":
             eng.apply([Abort(job_id)])
         else:
-            eng.step(0)  # also finishes jobs at max_tokens, freeing their blocks
+            run_step(eng)  # also finishes jobs at max_tokens, freeing their blocks
         check_engine_invariants(eng)
     eng.abort_all()
-    assert eng.allocator.num_free == 24 and eng.offload.num_free_host == 12
+    assert eng.allocator.num_free == 24 and eng.kv.num_free_host == 12

@@ -1,5 +1,5 @@
 """Replacing the latency model's coefficients (a worker brought its profile) refreshes every
-cached remaining time: the fast path's columns and the policy's idle cache."""
+cached remaining time in the core's job table."""
 
 from __future__ import annotations
 
@@ -9,21 +9,21 @@ from alise.core.blocks import WorkerCapacity
 from alise.core.latency_model import LatencyModel
 from alise.core.policy import make_policy
 from alise.core.scheduler import SchedulerCore
-from alise.sim.virtual_worker import VirtualWorker
+from alise.sim.virtual_worker import virtual_worker
 from corekit import make_job, step
 
 
-def _core(latency: LatencyModel) -> tuple[SchedulerCore, VirtualWorker]:
+def _core(latency: LatencyModel):
     core = SchedulerCore(make_policy("alise", latency))
     core.add_worker(WorkerCapacity("w0", 16, 64, 0, 2048, 1, 4096))
-    worker = VirtualWorker(num_device_blocks=64, block_size=16, max_model_len=2048, latency=latency)
+    worker = virtual_worker(num_device_blocks=64, block_size=16, max_model_len=2048, latency=latency)
     return core, worker
 
 
 def _idle_remaining(core: SchedulerCore) -> dict[str, tuple[float, float]]:
     """job id -> (cached remaining time, remaining time recomputed now) of idle jobs."""
-    cols, est = core._cols, core.policy.estimator
-    return {job.job_id: (float(cols.rb[cols.slot_of[job.job_id]]),
+    table, est = core.table, core.estimator
+    return {job.job_id: (float(table.rb[table.slot_of[job.job_id]]),
                          est.remaining_base_s(job, core.policy.estimate_of(job)))
             for job in core.waiting.values()}
 

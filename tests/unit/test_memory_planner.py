@@ -8,12 +8,12 @@ from hypothesis import strategies as st
 from alise.core.blocks import WorkerCapacity, held_device_blocks, held_host_blocks, place_blocks
 from alise.core.commands import KvAction, Pause
 from alise.core.job import JobStatus, KvPlace
-from alise.core.memory_planner import (
-    AdaptivePlanner, KvCostModel, make_memory_planner, transition_actions,
-)
+from alise.core.kv_places import actions_between
+from alise.core.memory_planner import AdaptivePlanner, KvCostModel, make_memory_planner
 from alise.core.policy import make_policy
 from alise.core.scheduler import SchedulerCore
-from alise.sim.virtual_worker import VirtualWorker
+from alise.sim.virtual_worker import virtual_worker
+from alise.worker.engine import WorkerEngine
 from corekit import LATENCY, make_job, step
 
 BS = 4
@@ -23,6 +23,7 @@ BLOCK_BYTES = 1 << 20
 def paused_job(job_id: str, cached: int, place=KvPlace.DEVICE):
     job = make_job(job_id, cached)          # prompt of `cached` tokens, none generated
     job.status, job.kv = JobStatus.PAUSED, place
+    job.num_computed_tokens = cached
     return job
 
 
@@ -37,10 +38,10 @@ def capacity(num_device=64, num_host=64):
 
 
 def test_transitions_are_the_worker_commands_in_order():
-    assert transition_actions(KvPlace.DEVICE, KvPlace.HOST_INT8) == (
+    assert actions_between(KvPlace.DEVICE, KvPlace.HOST_INT8) == (
         KvAction.QUANTIZE_INT8, KvAction.SWAP_TO_HOST)
-    assert transition_actions(KvPlace.HOST_INT4, KvPlace.DEVICE_INT4) == (KvAction.KEEP,)
-    assert transition_actions(KvPlace.DEVICE_INT8, KvPlace.NONE) == (KvAction.DROP,)
+    assert actions_between(KvPlace.HOST_INT4, KvPlace.DEVICE_INT4) == (KvAction.KEEP,)
+    assert actions_between(KvPlace.DEVICE_INT8, KvPlace.NONE) == (KvAction.DROP,)
 
 
 def test_soon_job_is_quantized_long_waiter_is_swapped():
@@ -88,13 +89,13 @@ def make_core(num_blocks, num_host, planner_name="adaptive", targets=None):
                                              swap_bytes_per_s=1e11))
     core.add_worker(WorkerCapacity("w0", BS, num_blocks, num_host, 200, 4, 4096,
                                    block_bytes=BLOCK_BYTES))
-    worker = VirtualWorker(num_device_blocks=num_blocks, block_size=BS, max_model_len=200,
-                           latency=LATENCY, num_host_blocks=num_host, target_lengths=targets,
-                           block_bytes=BLOCK_BYTES, swap_bytes_per_s=1e11)
+    worker = virtual_worker(num_device_blocks=num_blocks, block_size=BS, max_model_len=200,
+                            latency=LATENCY, num_host_blocks=num_host, target_lengths=targets,
+                            block_bytes=BLOCK_BYTES, swap_bytes_per_s=1e11)
     return core, worker
 
 
-def check_accounting(core: SchedulerCore, worker: VirtualWorker, num_blocks: int, num_host: int):
+def check_accounting(core: SchedulerCore, worker: WorkerEngine, num_blocks: int, num_host: int):
     assert worker.allocator.num_used <= num_blocks
     host_used = num_host - worker.kv.num_free_host
     assert 0 <= host_used <= num_host
@@ -104,7 +105,7 @@ def check_accounting(core: SchedulerCore, worker: VirtualWorker, num_blocks: int
         if seq is None or job.status is not JobStatus.PAUSED:
             continue
         # The core counts exactly what the worker holds (no block ids, same numbers).
-        assert held_device_blocks(job, BS) == len(seq.blocks), (job.job_id, job.kv, seq.place)
+        assert held_device_blocks(job, BS) == len(seq.block_table), (job.job_id, job.kv, seq.place)
         assert held_host_blocks(job, BS) == len(seq.host_blocks), (job.job_id, job.kv)
     assert host_used == sum(held_host_blocks(j, BS) for j in view.jobs.values())
 

@@ -8,7 +8,7 @@ import sys
 from alise.core.commands import Abort, Admit, KvAction, Pause, Resume
 from alise.core.job import JobStatus, KvPlace, LengthEstimate
 from alise.core.policy import RemainingTimeEstimator
-from corekit import LATENCY, make_job, make_scheduler, step
+from corekit import LATENCY, candidates_of, make_job, make_scheduler, step
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -34,14 +34,39 @@ def test_fcfs_admits_in_arrival_order_within_the_sequence_budget():
     assert core.jobs["j2"].status is JobStatus.WAITING
 
 
-def test_fcfs_token_budget_limits_prefill_per_step():
+def test_chunked_prefill_feeds_prompts_within_the_token_budget():
+    # Budget 25 tokens a step. Step 1: j0 and j1 feed their 10-token prompts, j2 the 5 left
+    # (a chunk: no token yet). Step 2: j0 and j1 decode (2 tokens set aside first) and j2
+    # feeds its last 5 tokens, which yields its first token.
     core, worker = make_scheduler("fcfs", num_blocks=64, max_num_batched_tokens=25)
     for i in range(3):
         core.submit(make_job(f"j{i}", 10, arrival_s=float(i)))
-    plan, _ = step(core, worker)
-    assert [c.job_id for c in commands_of(plan, Admit)] == ["j0", "j1"]  # 10 + 10 <= 25 < 30
-    plan, _ = step(core, worker)
-    assert [c.job_id for c in commands_of(plan, Admit)] == ["j2"]      # 1 + 1 + 10 decode+prefill
+    plan, events = step(core, worker)
+    assert [c.job_id for c in commands_of(plan, Admit)] == ["j0", "j1", "j2"]
+    assert plan.chunks == {"j0": 10, "j1": 10, "j2": 5}
+    assert sorted(e.job_id for e in events) == ["j0", "j1"]
+    plan, events = step(core, worker)
+    assert plan.chunks == {"j2": 5} and not plan.commands  # decodes are implicit
+    assert sorted(e.job_id for e in events) == ["j0", "j1", "j2"]
+    assert [e.index for e in events if e.job_id == "j2"] == [0]
+
+
+def test_a_long_prompt_never_stalls_the_decodes_beside_it():
+    # A 100-token prompt arrives beside two decoding jobs, budget 20: every step decodes
+    # both and feeds at most 18 prompt tokens, so the prompt takes 6 steps and no step feeds
+    # more than 20 tokens.
+    core, worker = make_scheduler("fcfs", num_blocks=64, block_size=16, max_num_batched_tokens=20)
+    core.submit(make_job("a", 5, max_tokens=30))
+    core.submit(make_job("b", 5, max_tokens=30))
+    step(core, worker)
+    core.submit(make_job("long", 100, max_tokens=5, arrival_s=1.0))
+    fed = []
+    for t in range(6):
+        plan, events = step(core, worker, now_s=1.0 + t)
+        assert {"a", "b"} <= {e.job_id for e in events}
+        fed.append(plan.chunks.get("long", 0))
+        assert worker.last_step_shape[1] and sum(worker.last_step_shape[2]) + 2 <= 20
+    assert fed == [18, 18, 18, 18, 18, 10] and core.jobs["long"].num_output_tokens == 1
 
 
 def test_fcfs_preempts_the_newest_by_recompute_when_blocks_run_out():
@@ -218,11 +243,12 @@ def test_growth_reserve_holds_back_a_job_whose_growth_would_not_fit():
     core, worker = make_scheduler("alise", num_blocks=6, block_size=4)
     core.submit(make_job("short", 8, max_tokens=2048, predicted=10))
     core.submit(make_job("long", 8, max_tokens=2048, predicted=200))
-    assert core.policy.reserve_tokens(core.jobs["long"]) == 20.0
+    assert core.policy.reserve_tokens(candidates_of(core, "long")).tolist() == [20.0]
     plan, _ = step(core, worker)
     assert [c.job_id for c in commands_of(plan, Admit)] == ["short"]
     # The cap: a job predicted at 10,000 tokens reserves 64, not 1,000.
-    assert core.policy.reserve_tokens(make_job("huge", 8, max_tokens=20_000, predicted=10_000)) == 64
+    core.submit(make_job("huge", 8, max_tokens=20_000, predicted=10_000))
+    assert core.policy.reserve_tokens(candidates_of(core, "huge")).tolist() == [64.0]
     # Without a reserve both start at once.
     core, worker = make_scheduler("alise", num_blocks=6, block_size=4, reserve_horizon_tokens=0)
     core.submit(make_job("short", 8, max_tokens=2048, predicted=10))
@@ -261,7 +287,7 @@ def test_blocks_never_overcommitted_and_all_freed(jobs, policy, num_blocks, data
             victim = sorted(core.jobs)[0]
             core.cancel(victim, t * 0.01)
             cancelled.add(victim)
-        step(core, worker, now_s=t * 0.01)  # VirtualWorker raises if a plan overcommits
+        step(core, worker, now_s=t * 0.01)  # the kit asserts that no plan overcommits
         assert worker.allocator.num_used <= num_blocks
         if not core.jobs:
             break

@@ -25,43 +25,49 @@ _sym_db = _symbol_database.Default()
 from alise.v1 import common_pb2 as alise_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15\x61lise/v1/worker.proto\x12\x08\x61lise.v1\x1a\x15\x61lise/v1/common.proto\"g\n\rWorkerMessage\x12&\n\x05hello\x18\x01 \x01(\x0b\x32\x15.alise.v1.WorkerHelloH\x00\x12&\n\x06report\x18\x02 \x01(\x0b\x32\x14.alise.v1.StepReportH\x00\x42\x06\n\x04kind\"f\n\x10SchedulerMessage\x12\"\n\x04plan\x18\x01 \x01(\x0b\x32\x12.alise.v1.StepPlanH\x00\x12&\n\x08shutdown\x18\x02 \x01(\x0b\x32\x12.alise.v1.ShutdownH\x00\x42\x06\n\x04kind\"\xc0\x02\n\x0bWorkerHello\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\t\x12\r\n\x05\x64type\x18\x04 \x01(\t\x12\x12\n\nblock_size\x18\x05 \x01(\x05\x12\x19\n\x11num_device_blocks\x18\x06 \x01(\x05\x12\x17\n\x0fnum_host_blocks\x18\x07 \x01(\x05\x12\x15\n\rmax_model_len\x18\x08 \x01(\x05\x12\x12\n\nvocab_size\x18\t \x01(\x05\x12\x14\n\x0c\x65os_token_id\x18\n \x01(\x05\x12\x13\n\x0b\x62lock_bytes\x18\x0b \x01(\x03\x12\x1c\n\x14latency_profile_json\x18\x0c \x01(\t\x12\x14\n\x0cmax_num_seqs\x18\r \x01(\x05\x12\x1e\n\x16max_num_batched_tokens\x18\x0e \x01(\x05\"X\n\x08StepPlan\x12\x0f\n\x07step_id\x18\x01 \x01(\x03\x12)\n\x08\x63ommands\x18\x02 \x03(\x0b\x32\x17.alise.v1.WorkerCommand\x12\x10\n\x08run_step\x18\x03 \x01(\x08\"\xad\x01\n\rWorkerCommand\x12#\n\x05\x61\x64mit\x18\x01 \x01(\x0b\x32\x12.alise.v1.AdmitJobH\x00\x12#\n\x05pause\x18\x02 \x01(\x0b\x32\x12.alise.v1.PauseJobH\x00\x12%\n\x06resume\x18\x03 \x01(\x0b\x32\x13.alise.v1.ResumeJobH\x00\x12#\n\x05\x61\x62ort\x18\x04 \x01(\x0b\x32\x12.alise.v1.AbortJobH\x00\x42\x06\n\x04kind\"w\n\x08\x41\x64mitJob\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12*\n\x08sampling\x18\x03 \x01(\x0b\x32\x18.alise.v1.SamplingParams\x12\x15\n\rnum_generated\x18\x04 \x01(\x05\"A\n\x08PauseJob\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12%\n\tkv_action\x18\x02 \x01(\x0e\x32\x12.alise.v1.KvAction\"\x1b\n\tResumeJob\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"\x1a\n\x08\x41\x62ortJob\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"\xbf\x02\n\nStepReport\x12\x0f\n\x07step_id\x18\x01 \x01(\x03\x12$\n\x07outputs\x18\x02 \x03(\x0b\x32\x13.alise.v1.JobOutput\x12\x17\n\x0fstep_duration_s\x18\x03 \x01(\x01\x12\x1a\n\x12num_prefill_tokens\x18\x04 \x01(\x05\x12\x19\n\x11num_decode_tokens\x18\x05 \x01(\x05\x12\x1e\n\x16num_free_device_blocks\x18\x06 \x01(\x05\x12\x1c\n\x14num_free_host_blocks\x18\x07 \x01(\x05\x12(\n\x07refused\x18\x08 \x03(\x0b\x32\x17.alise.v1.CommandResult\x12\'\n\tkv_states\x18\t \x03(\x0b\x32\x14.alise.v1.JobKvState\x12\x19\n\x11\x66ree_device_bytes\x18\n \x01(\x03\"q\n\tJobOutput\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12-\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x16.alise.v1.FinishReason\x12\x12\n\nnum_tokens\x18\x04 \x01(\x05\"@\n\rCommandResult\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07\x63ommand\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"x\n\nJobKvState\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12&\n\x08location\x18\x02 \x01(\x0e\x32\x14.alise.v1.KvLocation\x12\x19\n\x11num_device_blocks\x18\x03 \x01(\x05\x12\x17\n\x0fnum_host_blocks\x18\x04 \x01(\x05\"\x1a\n\x08Shutdown\x12\x0e\n\x06reason\x18\x01 \x01(\t*\xa7\x01\n\nKvLocation\x12\x1b\n\x17KV_LOCATION_UNSPECIFIED\x10\x00\x12\x16\n\x12KV_LOCATION_DEVICE\x10\x01\x12\x1b\n\x17KV_LOCATION_DEVICE_INT8\x10\x02\x12\x1b\n\x17KV_LOCATION_DEVICE_INT4\x10\x03\x12\x14\n\x10KV_LOCATION_HOST\x10\x04\x12\x14\n\x10KV_LOCATION_NONE\x10\x05\x32S\n\rWorkerService\x12\x42\n\x07\x43onnect\x12\x17.alise.v1.WorkerMessage\x1a\x1a.alise.v1.SchedulerMessage(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15\x61lise/v1/worker.proto\x12\x08\x61lise.v1\x1a\x15\x61lise/v1/common.proto\"g\n\rWorkerMessage\x12&\n\x05hello\x18\x01 \x01(\x0b\x32\x15.alise.v1.WorkerHelloH\x00\x12&\n\x06report\x18\x02 \x01(\x0b\x32\x14.alise.v1.StepReportH\x00\x42\x06\n\x04kind\"\x8c\x01\n\x10SchedulerMessage\x12\"\n\x04plan\x18\x01 \x01(\x0b\x32\x12.alise.v1.StepPlanH\x00\x12&\n\x08shutdown\x18\x02 \x01(\x0b\x32\x12.alise.v1.ShutdownH\x00\x12$\n\x05\x61\x62ort\x18\x03 \x01(\x0b\x32\x13.alise.v1.AbortJobsH\x00\x42\x06\n\x04kind\"\xd2\x02\n\x0bWorkerHello\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\t\x12\r\n\x05\x64type\x18\x04 \x01(\t\x12\x12\n\nblock_size\x18\x05 \x01(\x05\x12\x19\n\x11num_device_blocks\x18\x06 \x01(\x05\x12\x17\n\x0fnum_host_blocks\x18\x07 \x01(\x05\x12\x15\n\rmax_model_len\x18\x08 \x01(\x05\x12\x12\n\nvocab_size\x18\t \x01(\x05\x12\x14\n\x0c\x65os_token_id\x18\n \x01(\x05\x12\x13\n\x0b\x62lock_bytes\x18\x0b \x01(\x03\x12\x1c\n\x14latency_profile_json\x18\x0c \x01(\t\x12\x14\n\x0cmax_num_seqs\x18\r \x01(\x05\x12\x1e\n\x16max_num_batched_tokens\x18\x0e \x01(\x05\x12\x10\n\x08model_id\x18\x0f \x01(\t\"\xb7\x01\n\x08StepPlan\x12\x0f\n\x07step_id\x18\x01 \x01(\x03\x12)\n\x08\x63ommands\x18\x02 \x03(\x0b\x32\x17.alise.v1.WorkerCommand\x12\x10\n\x08run_step\x18\x03 \x01(\x08\x12.\n\x06\x63hunks\x18\x04 \x03(\x0b\x32\x1e.alise.v1.StepPlan.ChunksEntry\x1a-\n\x0b\x43hunksEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x05:\x02\x38\x01\"\x1c\n\tAbortJobs\x12\x0f\n\x07job_ids\x18\x01 \x03(\t\"\xad\x01\n\rWorkerCommand\x12#\n\x05\x61\x64mit\x18\x01 \x01(\x0b\x32\x12.alise.v1.AdmitJobH\x00\x12#\n\x05pause\x18\x02 \x01(\x0b\x32\x12.alise.v1.PauseJobH\x00\x12%\n\x06resume\x18\x03 \x01(\x0b\x32\x13.alise.v1.ResumeJobH\x00\x12#\n\x05\x61\x62ort\x18\x04 \x01(\x0b\x32\x12.alise.v1.AbortJobH\x00\x42\x06\n\x04kind\"w\n\x08\x41\x64mitJob\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12*\n\x08sampling\x18\x03 \x01(\x0b\x32\x18.alise.v1.SamplingParams\x12\x15\n\rnum_generated\x18\x04 \x01(\x05\"A\n\x08PauseJob\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12%\n\tkv_action\x18\x02 \x01(\x0e\x32\x12.alise.v1.KvAction\"\x1b\n\tResumeJob\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"\x1a\n\x08\x41\x62ortJob\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"\x99\x03\n\nStepReport\x12\x0f\n\x07step_id\x18\x01 \x01(\x03\x12$\n\x07outputs\x18\x02 \x03(\x0b\x32\x13.alise.v1.JobOutput\x12\x17\n\x0fstep_duration_s\x18\x03 \x01(\x01\x12\x1a\n\x12num_prefill_tokens\x18\x04 \x01(\x05\x12\x19\n\x11num_decode_tokens\x18\x05 \x01(\x05\x12\x1e\n\x16num_free_device_blocks\x18\x06 \x01(\x05\x12\x1c\n\x14num_free_host_blocks\x18\x07 \x01(\x05\x12(\n\x07refused\x18\x08 \x03(\x0b\x32\x17.alise.v1.CommandResult\x12\'\n\tkv_states\x18\t \x03(\x0b\x32\x14.alise.v1.JobKvState\x12\x19\n\x11\x66ree_device_bytes\x18\n \x01(\x03\x12\x10\n\x08num_seqs\x18\x0b \x01(\x05\x12\x1a\n\x12num_context_tokens\x18\x0c \x01(\x03\x12\x14\n\x0c\x63hunk_starts\x18\r \x03(\x05\x12\x14\n\x0c\x63hunk_tokens\x18\x0e \x03(\x05\"q\n\tJobOutput\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12-\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x16.alise.v1.FinishReason\x12\x12\n\nnum_tokens\x18\x04 \x01(\x05\"@\n\rCommandResult\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07\x63ommand\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"x\n\nJobKvState\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12&\n\x08location\x18\x02 \x01(\x0e\x32\x14.alise.v1.KvLocation\x12\x19\n\x11num_device_blocks\x18\x03 \x01(\x05\x12\x17\n\x0fnum_host_blocks\x18\x04 \x01(\x05\"\x1a\n\x08Shutdown\x12\x0e\n\x06reason\x18\x01 \x01(\t*\xa7\x01\n\nKvLocation\x12\x1b\n\x17KV_LOCATION_UNSPECIFIED\x10\x00\x12\x16\n\x12KV_LOCATION_DEVICE\x10\x01\x12\x1b\n\x17KV_LOCATION_DEVICE_INT8\x10\x02\x12\x1b\n\x17KV_LOCATION_DEVICE_INT4\x10\x03\x12\x14\n\x10KV_LOCATION_HOST\x10\x04\x12\x14\n\x10KV_LOCATION_NONE\x10\x05\x32S\n\rWorkerService\x12\x42\n\x07\x43onnect\x12\x17.alise.v1.WorkerMessage\x1a\x1a.alise.v1.SchedulerMessage(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'alise.v1.worker_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_KVLOCATION']._serialized_start=1755
-  _globals['_KVLOCATION']._serialized_end=1922
+  _globals['_STEPPLAN_CHUNKSENTRY']._loaded_options = None
+  _globals['_STEPPLAN_CHUNKSENTRY']._serialized_options = b'8\001'
+  _globals['_KVLOCATION']._serialized_start=2028
+  _globals['_KVLOCATION']._serialized_end=2195
   _globals['_WORKERMESSAGE']._serialized_start=58
   _globals['_WORKERMESSAGE']._serialized_end=161
-  _globals['_SCHEDULERMESSAGE']._serialized_start=163
-  _globals['_SCHEDULERMESSAGE']._serialized_end=265
-  _globals['_WORKERHELLO']._serialized_start=268
-  _globals['_WORKERHELLO']._serialized_end=588
-  _globals['_STEPPLAN']._serialized_start=590
-  _globals['_STEPPLAN']._serialized_end=678
-  _globals['_WORKERCOMMAND']._serialized_start=681
-  _globals['_WORKERCOMMAND']._serialized_end=854
-  _globals['_ADMITJOB']._serialized_start=856
-  _globals['_ADMITJOB']._serialized_end=975
-  _globals['_PAUSEJOB']._serialized_start=977
-  _globals['_PAUSEJOB']._serialized_end=1042
-  _globals['_RESUMEJOB']._serialized_start=1044
-  _globals['_RESUMEJOB']._serialized_end=1071
-  _globals['_ABORTJOB']._serialized_start=1073
-  _globals['_ABORTJOB']._serialized_end=1099
-  _globals['_STEPREPORT']._serialized_start=1102
-  _globals['_STEPREPORT']._serialized_end=1421
-  _globals['_JOBOUTPUT']._serialized_start=1423
-  _globals['_JOBOUTPUT']._serialized_end=1536
-  _globals['_COMMANDRESULT']._serialized_start=1538
-  _globals['_COMMANDRESULT']._serialized_end=1602
-  _globals['_JOBKVSTATE']._serialized_start=1604
-  _globals['_JOBKVSTATE']._serialized_end=1724
-  _globals['_SHUTDOWN']._serialized_start=1726
-  _globals['_SHUTDOWN']._serialized_end=1752
-  _globals['_WORKERSERVICE']._serialized_start=1924
-  _globals['_WORKERSERVICE']._serialized_end=2007
+  _globals['_SCHEDULERMESSAGE']._serialized_start=164
+  _globals['_SCHEDULERMESSAGE']._serialized_end=304
+  _globals['_WORKERHELLO']._serialized_start=307
+  _globals['_WORKERHELLO']._serialized_end=645
+  _globals['_STEPPLAN']._serialized_start=648
+  _globals['_STEPPLAN']._serialized_end=831
+  _globals['_STEPPLAN_CHUNKSENTRY']._serialized_start=786
+  _globals['_STEPPLAN_CHUNKSENTRY']._serialized_end=831
+  _globals['_ABORTJOBS']._serialized_start=833
+  _globals['_ABORTJOBS']._serialized_end=861
+  _globals['_WORKERCOMMAND']._serialized_start=864
+  _globals['_WORKERCOMMAND']._serialized_end=1037
+  _globals['_ADMITJOB']._serialized_start=1039
+  _globals['_ADMITJOB']._serialized_end=1158
+  _globals['_PAUSEJOB']._serialized_start=1160
+  _globals['_PAUSEJOB']._serialized_end=1225
+  _globals['_RESUMEJOB']._serialized_start=1227
+  _globals['_RESUMEJOB']._serialized_end=1254
+  _globals['_ABORTJOB']._serialized_start=1256
+  _globals['_ABORTJOB']._serialized_end=1282
+  _globals['_STEPREPORT']._serialized_start=1285
+  _globals['_STEPREPORT']._serialized_end=1694
+  _globals['_JOBOUTPUT']._serialized_start=1696
+  _globals['_JOBOUTPUT']._serialized_end=1809
+  _globals['_COMMANDRESULT']._serialized_start=1811
+  _globals['_COMMANDRESULT']._serialized_end=1875
+  _globals['_JOBKVSTATE']._serialized_start=1877
+  _globals['_JOBKVSTATE']._serialized_end=1997
+  _globals['_SHUTDOWN']._serialized_start=1999
+  _globals['_SHUTDOWN']._serialized_end=2025
+  _globals['_WORKERSERVICE']._serialized_start=2197
+  _globals['_WORKERSERVICE']._serialized_end=2280
 # @@protoc_insertion_point(module_scope)

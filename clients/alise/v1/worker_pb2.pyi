@@ -32,15 +32,17 @@ class WorkerMessage(_message.Message):
     def __init__(self, hello: _Optional[_Union[WorkerHello, _Mapping]] = ..., report: _Optional[_Union[StepReport, _Mapping]] = ...) -> None: ...
 
 class SchedulerMessage(_message.Message):
-    __slots__ = ("plan", "shutdown")
+    __slots__ = ("plan", "shutdown", "abort")
     PLAN_FIELD_NUMBER: _ClassVar[int]
     SHUTDOWN_FIELD_NUMBER: _ClassVar[int]
+    ABORT_FIELD_NUMBER: _ClassVar[int]
     plan: StepPlan
     shutdown: Shutdown
-    def __init__(self, plan: _Optional[_Union[StepPlan, _Mapping]] = ..., shutdown: _Optional[_Union[Shutdown, _Mapping]] = ...) -> None: ...
+    abort: AbortJobs
+    def __init__(self, plan: _Optional[_Union[StepPlan, _Mapping]] = ..., shutdown: _Optional[_Union[Shutdown, _Mapping]] = ..., abort: _Optional[_Union[AbortJobs, _Mapping]] = ...) -> None: ...
 
 class WorkerHello(_message.Message):
-    __slots__ = ("worker_id", "model", "device", "dtype", "block_size", "num_device_blocks", "num_host_blocks", "max_model_len", "vocab_size", "eos_token_id", "block_bytes", "latency_profile_json", "max_num_seqs", "max_num_batched_tokens")
+    __slots__ = ("worker_id", "model", "device", "dtype", "block_size", "num_device_blocks", "num_host_blocks", "max_model_len", "vocab_size", "eos_token_id", "block_bytes", "latency_profile_json", "max_num_seqs", "max_num_batched_tokens", "model_id")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
@@ -55,6 +57,7 @@ class WorkerHello(_message.Message):
     LATENCY_PROFILE_JSON_FIELD_NUMBER: _ClassVar[int]
     MAX_NUM_SEQS_FIELD_NUMBER: _ClassVar[int]
     MAX_NUM_BATCHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     model: str
     device: str
@@ -69,17 +72,33 @@ class WorkerHello(_message.Message):
     latency_profile_json: str
     max_num_seqs: int
     max_num_batched_tokens: int
-    def __init__(self, worker_id: _Optional[str] = ..., model: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., block_size: _Optional[int] = ..., num_device_blocks: _Optional[int] = ..., num_host_blocks: _Optional[int] = ..., max_model_len: _Optional[int] = ..., vocab_size: _Optional[int] = ..., eos_token_id: _Optional[int] = ..., block_bytes: _Optional[int] = ..., latency_profile_json: _Optional[str] = ..., max_num_seqs: _Optional[int] = ..., max_num_batched_tokens: _Optional[int] = ...) -> None: ...
+    model_id: str
+    def __init__(self, worker_id: _Optional[str] = ..., model: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., block_size: _Optional[int] = ..., num_device_blocks: _Optional[int] = ..., num_host_blocks: _Optional[int] = ..., max_model_len: _Optional[int] = ..., vocab_size: _Optional[int] = ..., eos_token_id: _Optional[int] = ..., block_bytes: _Optional[int] = ..., latency_profile_json: _Optional[str] = ..., max_num_seqs: _Optional[int] = ..., max_num_batched_tokens: _Optional[int] = ..., model_id: _Optional[str] = ...) -> None: ...
 
 class StepPlan(_message.Message):
-    __slots__ = ("step_id", "commands", "run_step")
+    __slots__ = ("step_id", "commands", "run_step", "chunks")
+    class ChunksEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
     STEP_ID_FIELD_NUMBER: _ClassVar[int]
     COMMANDS_FIELD_NUMBER: _ClassVar[int]
     RUN_STEP_FIELD_NUMBER: _ClassVar[int]
+    CHUNKS_FIELD_NUMBER: _ClassVar[int]
     step_id: int
     commands: _containers.RepeatedCompositeFieldContainer[WorkerCommand]
     run_step: bool
-    def __init__(self, step_id: _Optional[int] = ..., commands: _Optional[_Iterable[_Union[WorkerCommand, _Mapping]]] = ..., run_step: _Optional[bool] = ...) -> None: ...
+    chunks: _containers.ScalarMap[str, int]
+    def __init__(self, step_id: _Optional[int] = ..., commands: _Optional[_Iterable[_Union[WorkerCommand, _Mapping]]] = ..., run_step: _Optional[bool] = ..., chunks: _Optional[_Mapping[str, int]] = ...) -> None: ...
+
+class AbortJobs(_message.Message):
+    __slots__ = ("job_ids",)
+    JOB_IDS_FIELD_NUMBER: _ClassVar[int]
+    job_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, job_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class WorkerCommand(_message.Message):
     __slots__ = ("admit", "pause", "resume", "abort")
@@ -126,7 +145,7 @@ class AbortJob(_message.Message):
     def __init__(self, job_id: _Optional[str] = ...) -> None: ...
 
 class StepReport(_message.Message):
-    __slots__ = ("step_id", "outputs", "step_duration_s", "num_prefill_tokens", "num_decode_tokens", "num_free_device_blocks", "num_free_host_blocks", "refused", "kv_states", "free_device_bytes")
+    __slots__ = ("step_id", "outputs", "step_duration_s", "num_prefill_tokens", "num_decode_tokens", "num_free_device_blocks", "num_free_host_blocks", "refused", "kv_states", "free_device_bytes", "num_seqs", "num_context_tokens", "chunk_starts", "chunk_tokens")
     STEP_ID_FIELD_NUMBER: _ClassVar[int]
     OUTPUTS_FIELD_NUMBER: _ClassVar[int]
     STEP_DURATION_S_FIELD_NUMBER: _ClassVar[int]
@@ -137,6 +156,10 @@ class StepReport(_message.Message):
     REFUSED_FIELD_NUMBER: _ClassVar[int]
     KV_STATES_FIELD_NUMBER: _ClassVar[int]
     FREE_DEVICE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    NUM_SEQS_FIELD_NUMBER: _ClassVar[int]
+    NUM_CONTEXT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_STARTS_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_TOKENS_FIELD_NUMBER: _ClassVar[int]
     step_id: int
     outputs: _containers.RepeatedCompositeFieldContainer[JobOutput]
     step_duration_s: float
@@ -147,7 +170,11 @@ class StepReport(_message.Message):
     refused: _containers.RepeatedCompositeFieldContainer[CommandResult]
     kv_states: _containers.RepeatedCompositeFieldContainer[JobKvState]
     free_device_bytes: int
-    def __init__(self, step_id: _Optional[int] = ..., outputs: _Optional[_Iterable[_Union[JobOutput, _Mapping]]] = ..., step_duration_s: _Optional[float] = ..., num_prefill_tokens: _Optional[int] = ..., num_decode_tokens: _Optional[int] = ..., num_free_device_blocks: _Optional[int] = ..., num_free_host_blocks: _Optional[int] = ..., refused: _Optional[_Iterable[_Union[CommandResult, _Mapping]]] = ..., kv_states: _Optional[_Iterable[_Union[JobKvState, _Mapping]]] = ..., free_device_bytes: _Optional[int] = ...) -> None: ...
+    num_seqs: int
+    num_context_tokens: int
+    chunk_starts: _containers.RepeatedScalarFieldContainer[int]
+    chunk_tokens: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, step_id: _Optional[int] = ..., outputs: _Optional[_Iterable[_Union[JobOutput, _Mapping]]] = ..., step_duration_s: _Optional[float] = ..., num_prefill_tokens: _Optional[int] = ..., num_decode_tokens: _Optional[int] = ..., num_free_device_blocks: _Optional[int] = ..., num_free_host_blocks: _Optional[int] = ..., refused: _Optional[_Iterable[_Union[CommandResult, _Mapping]]] = ..., kv_states: _Optional[_Iterable[_Union[JobKvState, _Mapping]]] = ..., free_device_bytes: _Optional[int] = ..., num_seqs: _Optional[int] = ..., num_context_tokens: _Optional[int] = ..., chunk_starts: _Optional[_Iterable[int]] = ..., chunk_tokens: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class JobOutput(_message.Message):
     __slots__ = ("job_id", "token_ids", "finish_reason", "num_tokens")

@@ -26,10 +26,13 @@ if _version_not_supported:
 
 
 class WorkerServiceStub:
-    """Workers dial the scheduler and hold one bidirectional stream. The exchange is
-    lock-step: the worker says Hello; the scheduler answers with a StepPlan; the
-    worker applies its commands, runs at most one model step over its active jobs
-    and answers with a StepReport carrying the same step_id; and so on.
+    """Workers dial the scheduler and hold one bidirectional stream. The worker says
+    Hello; the scheduler sends StepPlans, one or two ahead of the step the worker is
+    running, so the worker never waits for a plan. The worker runs the plans in
+    order: it applies each plan's commands, runs at most one model step over its
+    running jobs and answers with a StepReport carrying the plan's step_id.
+    AbortJobs takes effect at the worker's next step boundary, ahead of any plan it
+    holds (a cancelled job costs no step beyond the one running).
     """
 
     def __init__(self, channel):
@@ -46,10 +49,13 @@ class WorkerServiceStub:
 
 
 class WorkerServiceServicer:
-    """Workers dial the scheduler and hold one bidirectional stream. The exchange is
-    lock-step: the worker says Hello; the scheduler answers with a StepPlan; the
-    worker applies its commands, runs at most one model step over its active jobs
-    and answers with a StepReport carrying the same step_id; and so on.
+    """Workers dial the scheduler and hold one bidirectional stream. The worker says
+    Hello; the scheduler sends StepPlans, one or two ahead of the step the worker is
+    running, so the worker never waits for a plan. The worker runs the plans in
+    order: it applies each plan's commands, runs at most one model step over its
+    running jobs and answers with a StepReport carrying the plan's step_id.
+    AbortJobs takes effect at the worker's next step boundary, ahead of any plan it
+    holds (a cancelled job costs no step beyond the one running).
     """
 
     def Connect(self, request_iterator, context):
@@ -75,10 +81,13 @@ def add_WorkerServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class WorkerService:
-    """Workers dial the scheduler and hold one bidirectional stream. The exchange is
-    lock-step: the worker says Hello; the scheduler answers with a StepPlan; the
-    worker applies its commands, runs at most one model step over its active jobs
-    and answers with a StepReport carrying the same step_id; and so on.
+    """Workers dial the scheduler and hold one bidirectional stream. The worker says
+    Hello; the scheduler sends StepPlans, one or two ahead of the step the worker is
+    running, so the worker never waits for a plan. The worker runs the plans in
+    order: it applies each plan's commands, runs at most one model step over its
+    running jobs and answers with a StepReport carrying the plan's step_id.
+    AbortJobs takes effect at the worker's next step boundary, ahead of any plan it
+    holds (a cancelled job costs no step beyond the one running).
     """
 
     @staticmethod

@@ -79,7 +79,7 @@ def sampling_to_pb(params: SamplingParams) -> common_pb2.SamplingParams:
 
 
 def plan_to_pb(plan: StepPlan) -> worker_pb2.SchedulerMessage:
-    pb = worker_pb2.StepPlan(step_id=plan.step_id, run_step=plan.run_step)
+    pb = worker_pb2.StepPlan(step_id=plan.step_id, run_step=plan.run_step, chunks=plan.chunks)
     for command in plan.commands:
         wc = pb.commands.add()
         if isinstance(command, Admit):
@@ -115,7 +115,14 @@ def plan_from_pb(pb: worker_pb2.StepPlan) -> StepPlan:
             commands.append(Abort(wc.abort.job_id))
         else:
             raise WireError("empty worker command")
-    return StepPlan(step_id=pb.step_id, commands=commands, run_step=pb.run_step)
+    chunks = dict(pb.chunks)
+    if any(n < 1 for n in chunks.values()):
+        raise WireError("a chunk must feed at least one token")
+    return StepPlan(step_id=pb.step_id, commands=commands, run_step=pb.run_step, chunks=chunks)
+
+
+def aborts_to_pb(job_ids: list[str]) -> worker_pb2.SchedulerMessage:
+    return worker_pb2.SchedulerMessage(abort=worker_pb2.AbortJobs(job_ids=job_ids))
 
 
 def report_to_pb(report: StepReport) -> worker_pb2.WorkerMessage:
@@ -123,7 +130,9 @@ def report_to_pb(report: StepReport) -> worker_pb2.WorkerMessage:
         step_id=report.step_id, step_duration_s=report.step_duration_s,
         num_prefill_tokens=report.num_prefill_tokens, num_decode_tokens=report.num_decode_tokens,
         num_free_device_blocks=report.num_free_device_blocks,
-        num_free_host_blocks=report.num_free_host_blocks)
+        num_free_host_blocks=report.num_free_host_blocks, num_seqs=report.num_seqs,
+        num_context_tokens=report.num_context_tokens,
+        chunk_starts=[start for start, _ in report.chunks], chunk_tokens=[n for _, n in report.chunks])
     for out in report.outputs:
         pb.outputs.add(job_id=out.job_id, token_ids=out.token_ids,
                        finish_reason=finish_to_pb(out.finish_reason), num_tokens=out.num_tokens)
@@ -135,6 +144,10 @@ def report_to_pb(report: StepReport) -> worker_pb2.WorkerMessage:
 def report_from_pb(pb: worker_pb2.StepReport) -> StepReport:
     if pb.step_duration_s < 0 or pb.step_duration_s != pb.step_duration_s:
         raise WireError(f"step_duration_s must be a number >= 0, got {pb.step_duration_s}")
+    if len(pb.chunk_starts) != len(pb.chunk_tokens):
+        raise WireError("chunk_starts and chunk_tokens differ in length")
+    if min(pb.num_seqs, pb.num_context_tokens, *pb.chunk_starts, *pb.chunk_tokens, 0) < 0:
+        raise WireError("a step's shape cannot be negative")
     outputs = [JobOutput(o.job_id, list(o.token_ids), finish_from_pb(o.finish_reason), o.num_tokens)
                for o in pb.outputs]
     refused = [Refusal(r.job_id, r.command, r.reason) for r in pb.refused]
@@ -142,7 +155,9 @@ def report_from_pb(pb: worker_pb2.StepReport) -> StepReport:
         step_id=pb.step_id, outputs=outputs, step_duration_s=pb.step_duration_s,
         num_prefill_tokens=pb.num_prefill_tokens, num_decode_tokens=pb.num_decode_tokens,
         num_free_device_blocks=pb.num_free_device_blocks,
-        num_free_host_blocks=pb.num_free_host_blocks, refused=refused)
+        num_free_host_blocks=pb.num_free_host_blocks, refused=refused, num_seqs=pb.num_seqs,
+        num_context_tokens=pb.num_context_tokens,
+        chunks=list(zip(pb.chunk_starts, pb.chunk_tokens)))
 
 
 #: Upper bounds on what a worker may claim (a lying or broken worker cannot make the
@@ -162,6 +177,7 @@ def capacity_from_hello(hello: worker_pb2.WorkerHello) -> WorkerCapacity:
             worker_id=hello.worker_id, block_size=hello.block_size,
             num_device_blocks=hello.num_device_blocks, num_host_blocks=hello.num_host_blocks,
             max_model_len=hello.max_model_len, max_num_seqs=hello.max_num_seqs,
-            max_num_batched_tokens=hello.max_num_batched_tokens, block_bytes=hello.block_bytes)
+            max_num_batched_tokens=hello.max_num_batched_tokens, block_bytes=hello.block_bytes,
+            model_id=hello.model_id)
     except ValueError as exc:
         raise WireError(str(exc)) from exc

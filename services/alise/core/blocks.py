@@ -2,7 +2,8 @@
 
 The scheduler mirrors the worker's allocator exactly: a running job needs
 ``blocks_for(num_tokens)`` device blocks for its next step; a paused job keeps what its
-KV place costs (see ``held_blocks``). The worker owns block ids; this module owns counts.
+KV place costs (``held_device_blocks``, ``held_host_blocks``). The worker owns block ids;
+this module owns counts.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from alise.core.job import Job, KvPlace
+from alise.core.kv_places import DEVICE_PLACES, HOST_PLACES, bits_of
 
 
 def blocks_for(num_tokens: int, block_size: int) -> int:
@@ -24,12 +26,6 @@ def blocks_for(num_tokens: int, block_size: int) -> int:
 #: leaves the slack unused, so both sides always use these fractions and agree exactly.
 QUANTIZED_FRACTION = {8: (9, 16), 4: (5, 16)}
 
-#: Bits per value of each quantized place (device or host).
-QUANTIZED_BITS = {
-    KvPlace.DEVICE_INT8: 8, KvPlace.DEVICE_INT4: 4, KvPlace.HOST_INT8: 8, KvPlace.HOST_INT4: 4,
-}
-DEVICE_PLACES = (KvPlace.DEVICE, KvPlace.DEVICE_INT8, KvPlace.DEVICE_INT4)
-HOST_PLACES = (KvPlace.HOST, KvPlace.HOST_INT8, KvPlace.HOST_INT4)
 
 
 def quantized_blocks(num_full_blocks: int, bits: int) -> int:
@@ -43,22 +39,34 @@ def place_blocks(place: KvPlace, num_cached_tokens: int, block_size: int) -> int
     if place is KvPlace.NONE:
         return 0
     full = blocks_for(num_cached_tokens, block_size)
-    bits = QUANTIZED_BITS.get(place)
-    return full if bits is None else quantized_blocks(full, bits)
+    bits = bits_of(place)
+    return full if bits == 16 else quantized_blocks(full, bits)
 
 
 def held_device_blocks(job: Job, block_size: int) -> int:
     """Device blocks a job holds between steps, given where its KV lives."""
     if job.kv not in DEVICE_PLACES:
         return 0
-    return place_blocks(job.kv, job.num_cached_tokens, block_size)
+    return place_blocks(job.kv, job.num_computed_tokens, block_size)
 
 
 def held_host_blocks(job: Job, block_size: int) -> int:
     """Host blocks a job holds: its device footprint at the moment it was swapped out."""
     if job.kv not in HOST_PLACES:
         return 0
-    return place_blocks(job.kv, job.num_cached_tokens, block_size)
+    return place_blocks(job.kv, job.num_computed_tokens, block_size)
+
+
+def default_token_budget(max_num_seqs: int) -> int:
+    """The per-step token budget when none is set: 256, or twice the sequences if more.
+
+    Chunked prefill feeds prompts beside the decodes within this budget. A step's matrix
+    products stay bound by reading the weights (not by arithmetic) up to about 256 tokens
+    for a 13B model on an H200 (26 GB of fp16 weights at ~4.2 TB/s take ~6.2 ms; 256 tokens
+    of 26 GFLOP each take ~8.7 ms at ~770 TFLOP/s), so a step carrying a chunk costs little
+    more than a decode step of the same batch. At least twice ``max_num_seqs``: a full
+    batch of decodes still leaves half the budget to prefill."""
+    return max(256, 2 * max_num_seqs)
 
 
 @dataclass
@@ -74,6 +82,8 @@ class WorkerCapacity:
     max_num_batched_tokens: int
     #: Bytes of one full-precision device block (all layers, K and V); 0 = not reported.
     block_bytes: int = 0
+    #: Model identity the worker serves (name and config hash), as its hello said.
+    model_id: str = ""
 
     def __post_init__(self) -> None:
         for name in ("block_size", "num_device_blocks", "max_model_len", "max_num_seqs",
@@ -85,3 +95,7 @@ class WorkerCapacity:
         self.max_model_len = min(self.max_model_len, self.num_device_blocks * self.block_size)
         if self.num_host_blocks < 0:
             raise ValueError(f"worker {self.worker_id}: num_host_blocks must be >= 0")
+        if self.max_num_batched_tokens < self.max_num_seqs:
+            # Every running sequence decodes a token each step: the budget must cover them.
+            raise ValueError(f"worker {self.worker_id}: max_num_batched_tokens "
+                             f"({self.max_num_batched_tokens}) must be >= max_num_seqs ({self.max_num_seqs})")

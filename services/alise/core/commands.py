@@ -51,11 +51,19 @@ Command = Admit | Pause | Resume | Abort
 
 @dataclass
 class StepPlan:
+    """One step of one worker: apply ``commands`` in order, then (``run_step``) one model step.
+
+    The step feeds every running job of the worker whose next token is ready to decode one
+    token (``num_uncomputed == 1``: implicit, so a decode-only step's plan lists no job), and
+    each job of ``chunks`` the number of prompt / recompute tokens given there. A running
+    job with more than one uncomputed token that ``chunks`` leaves out sits the step out.
+    """
+
     step_id: int
     commands: list[Command] = field(default_factory=list)
     run_step: bool = False
-    #: Jobs expected in the step, with the tokens each feeds (for the latency model).
-    step_jobs: dict[str, int] = field(default_factory=dict)
+    #: job id -> tokens it feeds this step, for jobs with more than one uncomputed token.
+    chunks: dict[str, int] = field(default_factory=dict)
 
     @property
     def is_empty(self) -> bool:
@@ -79,6 +87,9 @@ class Refusal:
 
 @dataclass
 class StepReport:
+    """What a worker did with one plan: the tokens sampled (one per job whose feed reached the
+    end of its sequence), the commands it refused, the step's shape and time."""
+
     step_id: int
     outputs: list[JobOutput] = field(default_factory=list)
     step_duration_s: float = 0.0
@@ -87,6 +98,11 @@ class StepReport:
     num_free_device_blocks: int = 0
     num_free_host_blocks: int = 0
     refused: list[Refusal] = field(default_factory=list)
+    #: Sequences in the step and their context (cached + fed tokens), as the latency model
+    #: prices a step; ``chunks`` the (start position, tokens) of each multi-token feed.
+    num_seqs: int = 0
+    num_context_tokens: int = 0
+    chunks: list[tuple[int, int]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)

@@ -2,12 +2,18 @@
 
 Token arithmetic used throughout the core (and mirrored exactly by the worker):
 
-* ``num_tokens`` = prompt tokens + generated tokens.
-* After a model step the last generated token is not yet in the KV cache, so a job whose KV
-  is on the device caches ``num_tokens - 1`` positions (``num_prompt_tokens`` right after
-  admission, before its first step).
-* To take part in the next step a job needs ``blocks_for(num_tokens)`` device blocks: the
-  step feeds the uncached tail (the whole sequence after a drop) and writes its K/V.
+* The core plans ahead of the worker: a step is planned before the reports of the steps
+  before it have come back. So a job has *confirmed* output tokens (reported, streamed) and
+  *pending* ones (``num_pending_outputs``: planned steps will produce them; their values are
+  not known yet, only their count). Planning reads the projected counts: ``num_generated`` =
+  confirmed + pending, ``num_tokens`` = prompt + ``num_generated``.
+* ``num_computed_tokens``: positions whose K/V the worker will hold once every planned step
+  has run. A step feeds a job the next ``n`` uncomputed tokens (``n = 1`` for a decode; a
+  prompt or a recompute is fed in chunks under the step's token budget); the step that feeds
+  its last uncomputed token samples one new token, which is not yet in the cache, so a
+  decoding job computes ``num_tokens - 1`` positions.
+* To take part in a step a job needs ``blocks_for(num_tokens)`` device blocks (the whole
+  sequence, whatever its chunk: a job that starts is sure to finish its prefill).
 """
 
 from __future__ import annotations
@@ -70,7 +76,12 @@ class Job:
     #: The prompt as text (fed back to the length predictor when the job finishes).
     prompt_text: str = ""
 
+    #: Confirmed output tokens (reported by the worker, streamed to the client).
     output_token_ids: list[int] = field(default_factory=list)
+    #: Output tokens that steps already planned will produce but whose reports are not in.
+    num_pending_outputs: int = 0
+    #: Positions whose K/V the worker holds once every planned step has run (0: none).
+    num_computed_tokens: int = 0
     status: JobStatus = JobStatus.WAITING
     kv: KvPlace = KvPlace.NONE
     worker_id: str | None = None
@@ -95,29 +106,30 @@ class Job:
 
     @property
     def num_output_tokens(self) -> int:
+        """Confirmed output tokens."""
         return len(self.output_token_ids)
 
     @property
-    def num_tokens(self) -> int:
-        return self.num_prompt_tokens + self.num_output_tokens
+    def num_generated(self) -> int:
+        """Output tokens once every planned step has run (confirmed + pending)."""
+        return len(self.output_token_ids) + self.num_pending_outputs
 
     @property
-    def num_cached_tokens(self) -> int:
-        """Positions whose K/V the worker holds (0 when the KV is gone)."""
-        if self.kv is KvPlace.NONE:
-            return 0
-        return self.num_tokens - 1 if self.num_output_tokens else self.num_prompt_tokens
+    def num_tokens(self) -> int:
+        """Prompt + generated tokens once every planned step has run."""
+        return len(self.prompt_token_ids) + len(self.output_token_ids) + self.num_pending_outputs
+
+    @property
+    def num_uncomputed_tokens(self) -> int:
+        """Tokens to feed before this job produces its next token (1 for a decode)."""
+        return self.num_tokens - self.num_computed_tokens
 
     @property
     def is_finished(self) -> bool:
         return self.status is JobStatus.FINISHED
 
-    @property
-    def num_tokens_to_prefill(self) -> int:
-        """Tokens the next step must feed before this job produces a new token."""
-        return max(self.num_tokens - self.num_cached_tokens, 1)
-
     def all_token_ids(self) -> list[int]:
+        """Prompt and confirmed output tokens (what a worker that admits the job receives)."""
         return self.prompt_token_ids + self.output_token_ids
 
     @property

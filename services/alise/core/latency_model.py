@@ -6,10 +6,13 @@ reads the weights once (a fixed cost), then per sequence does a little compute a
 that sequence's KV cache (linear in its context). So a step costs
 
     T_step = c0 + c_seq * num_seqs + c_ctx * total_context_tokens + c_pre * prefill_tokens
-             + c_pre2 * sum(prefill_len ** 2)
+             + c_pre2 * sum(n * (2 * start + n))
              + [any prefill] * (c_mixed + c_chunk * num_prefill_chunks + [any decode row] * c_mixed_decode)
 
-with the quadratic prefill term for attention over long prompts. The last two terms are what
+with the quadratic prefill term for attention: a chunk of ``n`` tokens fed from position
+``start`` (chunked prefill feeds a prompt in pieces) has query ``i`` attend to ``start + i``
+keys, twice the work ``n * (2 * start + n) / 2``; a whole prompt (``start = 0``) costs
+``c_pre2 * n ** 2``. The last two terms are what
 an engine pays for carrying prefill chunks at all, whatever their length: a step with
 prefills cannot replay a captured decode graph (``c_mixed``), each chunk adds its own
 per-layer attention launches (``c_chunk``), and so do the decode rows beside them
@@ -58,23 +61,45 @@ class LatencyModel:
     #: The coefficients, in :meth:`fit`'s column order (``c_cycle_s`` is not fitted).
     FITTED = ("c0_s", "c_seq_s", "c_ctx_s", "c_pre_s", "c_pre2_s", "c_mixed_s", "c_chunk_s", "c_mixed_decode_s")
 
-    def step_s(self, num_seqs: int, total_context: int, prefill_lens: Sequence[int] = ()) -> float:
-        return self.forward_s(num_seqs, total_context, prefill_lens) + self.c_cycle_s
+    def step_s(self, num_seqs: int, total_context: int, prefill_lens: Sequence[int] = (),
+               prefill_starts: Sequence[int] = ()) -> float:
+        return self.forward_s(num_seqs, total_context, prefill_lens, prefill_starts) + self.c_cycle_s
 
-    def forward_s(self, num_seqs: int, total_context: int, prefill_lens: Sequence[int] = ()) -> float:
-        """The forward pass and sampling of a step, as the worker times it."""
+    def forward_s(self, num_seqs: int, total_context: int, prefill_lens: Sequence[int] = (),
+                  prefill_starts: Sequence[int] = ()) -> float:
+        """The forward pass and sampling of a step, as the worker times it. ``prefill_lens``:
+        the multi-token chunks' lengths; ``prefill_starts``: their start positions (default 0)."""
+        return self.forward_base_s(num_seqs, total_context, prefill_lens, prefill_starts) * self.correction
+
+    def forward_base_s(self, num_seqs: int, total_context: int, prefill_lens: Sequence[int] = (),
+                       prefill_starts: Sequence[int] = ()) -> float:
+        """``forward_s`` before the online correction: the one formula of a step's cost."""
+        starts = prefill_starts or (0,) * len(prefill_lens)
         base = (
             self.c0_s
             + self.c_seq_s * num_seqs
             + self.c_ctx_s * total_context
             + self.c_pre_s * sum(prefill_lens)
-            + self.c_pre2_s * sum(n * n for n in prefill_lens)
+            + self.c_pre2_s * sum(n * (2 * s + n) for n, s in zip(prefill_lens, starts))
         )
         if prefill_lens:
             base += self.c_mixed_s + self.c_chunk_s * len(prefill_lens)
             if num_seqs > len(prefill_lens):
                 base += self.c_mixed_decode_s
-        return base * self.correction
+        return base
+
+    def recompute_base_s(self, num_tokens, num_computed=0):
+        """Uncorrected cost of feeding a sequence of ``num_tokens`` from ``num_computed`` on, as
+        a step of its own (``forward_base_s(1, num_tokens, [n], [num_computed])``). Written with
+        plain arithmetic so it takes numpy arrays as well as numbers."""
+        n = num_tokens - num_computed
+        return (self.c0_s + self.c_seq_s + self.c_mixed_s + self.c_chunk_s + self.c_ctx_s * num_tokens
+                + self.c_pre_s * n + self.c_pre2_s * n * (2 * num_computed + n))
+
+    def decode_member_base_s(self, context, batch_size: int):
+        """Uncorrected marginal cost of one member of a decode batch of ``batch_size`` at
+        ``context`` tokens (numbers or numpy arrays): its share of the fixed cost, plus its own."""
+        return self.c0_s / max(batch_size, 1) + self.c_seq_s + self.c_ctx_s * context
 
     def prefill_s(self, num_tokens: int) -> float:
         """Time to prefill one prompt alone (T_pre(s) of the paper)."""
@@ -86,8 +111,7 @@ class LatencyModel:
         The fixed per-step cost is shared by the batch, so each member is charged
         c0 / batch_size plus its own per-sequence and per-context terms.
         """
-        share = self.c0_s / max(batch_size, 1)
-        return ((share + self.c_seq_s + self.c_ctx_s * context) * self.correction
+        return (self.decode_member_base_s(context, batch_size) * self.correction
                 + self.c_cycle_s / max(batch_size, 1))
 
     def decode_s(self, context: int, num_tokens: int, batch_size: int = 1) -> float:
@@ -98,18 +122,20 @@ class LatencyModel:
         return num_tokens * self.decode_token_s(mean_context, batch_size)
 
     def observe_step(self, measured_s: float, num_seqs: int, total_context: int,
-                     prefill_lens: Sequence[int] = (), weight: float = 0.05) -> None:
+                     prefill_lens: Sequence[int] = (), prefill_starts: Sequence[int] = (),
+                     weight: float = 0.05) -> None:
         """Online refinement from a worker's step report."""
-        predicted = self.forward_s(num_seqs, total_context, prefill_lens) / self.correction
+        predicted = self.forward_base_s(num_seqs, total_context, prefill_lens, prefill_starts)
         if predicted <= 0 or not math.isfinite(measured_s) or measured_s <= 0:
             return
         ratio = min(max(measured_s / predicted, 0.1), 10.0)
         self.correction = (1 - weight) * self.correction + weight * ratio
 
     @classmethod
-    def fit(cls, samples: Sequence[tuple[int, int, Sequence[int], float]], name: str = "fitted",
+    def fit(cls, samples: Sequence[tuple], name: str = "fitted",
             meta: dict | None = None, *, relative: bool = True) -> LatencyModel:
-        """Non-negative least squares over (num_seqs, total_context, prefill_lens, seconds).
+        """Non-negative least squares over (num_seqs, total_context, prefill_lens, seconds) or
+        (num_seqs, total_context, prefill_lens, seconds, prefill_starts).
 
         ``relative``: minimise relative errors, so that short steps count as much as long ones
         (a profile's grid of points); else absolute ones, so that the fitted times add up to the
@@ -119,9 +145,11 @@ class LatencyModel:
 
         rows = []
         targets = []
-        for num_seqs, total_context, prefill_lens, seconds in samples:
+        for num_seqs, total_context, prefill_lens, seconds, *rest in samples:
+            starts = rest[0] if rest and rest[0] else (0,) * len(prefill_lens)
             mixed = bool(prefill_lens)
-            rows.append([1.0, num_seqs, total_context, sum(prefill_lens), sum(n * n for n in prefill_lens),
+            rows.append([1.0, num_seqs, total_context, sum(prefill_lens),
+                         sum(n * (2 * s + n) for n, s in zip(prefill_lens, starts)),
                          float(mixed), len(prefill_lens), float(mixed and num_seqs > len(prefill_lens))])
             targets.append(seconds)
         a = np.asarray(rows, dtype=np.float64)

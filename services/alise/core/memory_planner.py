@@ -45,21 +45,15 @@ the worker, which applies pauses before resumes, is never asked for more than it
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable
 from dataclasses import dataclass
 
-from alise.core.blocks import (
-    DEVICE_PLACES, HOST_PLACES, QUANTIZED_BITS, WorkerCapacity, blocks_for, place_blocks,
-)
+from alise.core.blocks import WorkerCapacity, blocks_for, place_blocks
 from alise.core.commands import KvAction
 from alise.core.job import Job, JobStatus, KvPlace
+from alise.core.kv_places import (
+    DEVICE_OF, DEVICE_PLACES, HOST_OF, HOST_PLACES, actions_between, bits_of,
+)
 from alise.core.latency_model import LatencyModel
-
-#: Host place <-> the device place it came from (same format).
-_HOST_OF = {KvPlace.DEVICE: KvPlace.HOST, KvPlace.DEVICE_INT8: KvPlace.HOST_INT8,
-            KvPlace.DEVICE_INT4: KvPlace.HOST_INT4}
-_DEVICE_OF = {host: device for device, host in _HOST_OF.items()}
-_QUANTIZE = {8: KvAction.QUANTIZE_INT8, 4: KvAction.QUANTIZE_INT4}
 
 #: Targets reachable from each place while a job is paused (downgrades only; prefetch apart).
 DOWNGRADES = {
@@ -68,30 +62,6 @@ DOWNGRADES = {
     KvPlace.DEVICE_INT8: (KvPlace.DEVICE_INT4, KvPlace.HOST_INT8, KvPlace.HOST_INT4, KvPlace.NONE),
     KvPlace.DEVICE_INT4: (KvPlace.HOST_INT4, KvPlace.NONE),
 }
-
-
-def bits_of(place: KvPlace) -> int:
-    return QUANTIZED_BITS.get(place, 16)
-
-
-def transition_actions(source: KvPlace, target: KvPlace) -> tuple[KvAction, ...]:
-    """Worker commands (in order) that move a paused job's KV from ``source`` to ``target``."""
-    if target is source:
-        return ()
-    if target is KvPlace.NONE:
-        return (KvAction.DROP,)
-    if source in HOST_PLACES:
-        if _DEVICE_OF[source] is not target:
-            raise ValueError(f"cannot move KV from {source.value} to {target.value}")
-        return (KvAction.KEEP,)  # keep on a host job = bring it back to the device
-    actions: tuple[KvAction, ...] = ()
-    if bits_of(target) < bits_of(source):
-        actions += (_QUANTIZE[bits_of(target)],)
-    elif bits_of(target) > bits_of(source):
-        raise ValueError(f"cannot move KV from {source.value} to {target.value}")
-    if target in HOST_PLACES:
-        actions += (KvAction.SWAP_TO_HOST,)
-    return actions
 
 
 @dataclass(frozen=True)
@@ -135,14 +105,14 @@ class KvCostModel:
             # The recompute rides in a step that runs anyway: its marginal cost only.
             n = job.num_tokens
             return self.latency.step_s(1, n, (n,)) - self.latency.step_s(1, 0)
-        full = blocks_for(job.num_cached_tokens, block_size)
+        full = blocks_for(job.num_computed_tokens, block_size)
         cost = 0.0
         bits = bits_of(target)
         if bits < bits_of(source):
             cost += 2 * self.bytes_of(full) / self.quantize_bytes_per_s
             cost += self.int8_penalty_s if bits == 8 else self.int4_penalty_s
         if target in HOST_PLACES and source not in HOST_PLACES:
-            moved = place_blocks(target, job.num_cached_tokens, block_size)
+            moved = place_blocks(target, job.num_computed_tokens, block_size)
             # Blocks freed to make room now are needed now: the swap-out is exposed (the
             # worker frees them when the copy lands); the swap-in is hidden by a prefetch
             # only as far as the wait exceeds it.
@@ -164,16 +134,18 @@ class _Slot:
     def device_blocks(self, block_size: int) -> int:
         if self.place not in DEVICE_PLACES:
             return 0
-        return place_blocks(self.place, self.job.num_cached_tokens, block_size)
+        return place_blocks(self.place, self.job.num_computed_tokens, block_size)
 
     def host_blocks(self, block_size: int) -> int:
         if self.place not in HOST_PLACES:
             return 0
-        return place_blocks(self.place, self.job.num_cached_tokens, block_size)
+        return place_blocks(self.place, self.job.num_computed_tokens, block_size)
 
 
 class MemoryPlanner(abc.ABC):
     name = "base"
+    #: Whether ``plan`` reads the expected waits (the core computes them only then).
+    uses_waits = True
 
     @abc.abstractmethod
     def plan(self, paused: list[Job], waits: dict[str, float], capacity: WorkerCapacity,
@@ -187,16 +159,17 @@ class DropPlanner(MemoryPlanner):
     """The baseline: keep a paused job's KV while it fits (best-ranked first), else drop it."""
 
     name = "drop"
+    uses_waits = False
 
     def plan(self, paused, waits, capacity, device_budget, host_budget):
         moves = []
         for job in paused:
-            held = place_blocks(job.kv, job.num_cached_tokens, capacity.block_size) \
+            held = place_blocks(job.kv, job.num_computed_tokens, capacity.block_size) \
                 if job.kv in DEVICE_PLACES else 0
             target = job.kv if held <= device_budget else KvPlace.NONE
             device_budget -= held if target is job.kv else 0
             if target is not job.kv or job.status is JobStatus.RUNNING:
-                moves.append(KvMove(job, target, transition_actions(job.kv, target)))
+                moves.append(KvMove(job, target, actions_between(job.kv, target)))
         return moves
 
 
@@ -226,7 +199,7 @@ class AdaptivePlanner(MemoryPlanner):
         headroom = int(capacity.num_device_blocks * self.headroom_fraction)
         host_free = self._make_headroom(slots, bs, device_budget - headroom, host_free)
         self._prefetch(slots, bs, device_budget)
-        return [KvMove(s.job, s.place, transition_actions(s.source, s.place))
+        return [KvMove(s.job, s.place, actions_between(s.source, s.place))
                 for s in slots if s.place is not s.source or s.pausing]
 
     # ----------------------------------------------------------------- sub-steps
@@ -251,10 +224,10 @@ class AdaptivePlanner(MemoryPlanner):
         for slot in sorted(slots, key=lambda s: -s.wait_s):
             if demand <= target_blocks:
                 break
-            host = _HOST_OF.get(slot.place)
+            host = HOST_OF.get(slot.place)
             if host is None or host not in self.allowed or slot.place is not slot.source:
                 continue
-            need = place_blocks(host, slot.job.num_cached_tokens, bs)
+            need = place_blocks(host, slot.job.num_computed_tokens, bs)
             if need > host_free or slot.wait_s < self.hysteresis * self._horizon_s(slot, bs, host):
                 continue
             demand -= slot.device_blocks(bs)
@@ -269,8 +242,8 @@ class AdaptivePlanner(MemoryPlanner):
                 continue
             if slot.wait_s > self._horizon_s(slot, bs, slot.place):
                 continue
-            device = _DEVICE_OF[slot.place]
-            need = place_blocks(device, slot.job.num_cached_tokens, bs)
+            device = DEVICE_OF[slot.place]
+            need = place_blocks(device, slot.job.num_computed_tokens, bs)
             if need <= free:
                 slot.place = device
                 free -= need
@@ -279,7 +252,7 @@ class AdaptivePlanner(MemoryPlanner):
 
     def _horizon_s(self, slot: _Slot, bs: int, host_place: KvPlace) -> float:
         """Wait below which a host job is brought back (its swap-in would not be hidden)."""
-        moved = place_blocks(host_place, slot.job.num_cached_tokens, bs)
+        moved = place_blocks(host_place, slot.job.num_computed_tokens, bs)
         return self.prefetch_factor * self.costs.transfer_s(moved) + self.prefetch_lead_s
 
     def _cheapest_downgrade(self, slots: list[_Slot], bs: int, host_free: int,
@@ -296,9 +269,9 @@ class AdaptivePlanner(MemoryPlanner):
             for target in DOWNGRADES.get(slot.place, ()):
                 if target not in self.allowed and target is not KvPlace.NONE:
                     continue
-                freed = held - (place_blocks(target, slot.job.num_cached_tokens, bs)
+                freed = held - (place_blocks(target, slot.job.num_computed_tokens, bs)
                                 if target in DEVICE_PLACES else 0)
-                host_need = (place_blocks(target, slot.job.num_cached_tokens, bs)
+                host_need = (place_blocks(target, slot.job.num_computed_tokens, bs)
                              if target in HOST_PLACES else 0)
                 if freed <= 0 or host_need > host_free:
                     continue
@@ -329,16 +302,3 @@ def make_memory_planner(name: str, latency: LatencyModel, **cost_kwargs) -> Memo
     if allowed is None:
         raise ValueError(f"unknown KV planner {name!r}; choose one of {', '.join(PLANNER_NAMES)}")
     return AdaptivePlanner(KvCostModel(latency, **cost_kwargs), allowed=allowed)
-
-
-def expected_waits(ordered: list[Job], remaining_s: Callable[[Job], float],
-                   worker_jobs: set[str]) -> dict[str, float]:
-    """Expected wait of each job of ``worker_jobs``: the estimated remaining execution time of
-    every job ahead of it in ``ordered`` (the policy's order)."""
-    waits = {}
-    ahead = 0.0
-    for job in ordered:
-        if job.job_id in worker_jobs:
-            waits[job.job_id] = ahead
-        ahead += remaining_s(job)
-    return waits

@@ -35,6 +35,9 @@ class SchedulerConfig:
     #: Where paused jobs' KV goes: "" = by policy (fcfs: drop; alise / oracle: adaptive), or
     #: one of adaptive, drop, swap, quantize (see alise.core.memory_planner).
     kv_planner: str = ""
+    #: Plans kept in flight per worker: the worker runs step k while step k + 1 is planned
+    #: (1 = lock-step: the worker waits for each plan).
+    plans_ahead: int = 2
     #: Longest prompt text accepted, in characters (tokenizing it must stay cheap).
     max_prompt_chars: int = 4_000_000
     #: Grace period for in-flight requests on SIGTERM.
@@ -52,7 +55,7 @@ class SchedulerConfig:
             raise ValueError(f"policy must be one of {', '.join(POLICY_NAMES)}, got {self.policy!r}")
         if self.kv_planner and self.kv_planner not in PLANNER_NAMES:
             raise ValueError(f"kv_planner must be one of {', '.join(PLANNER_NAMES)}, got {self.kv_planner!r}")
-        for name in ("default_max_tokens", "max_queued", "max_prompt_chars"):
+        for name in ("default_max_tokens", "max_queued", "max_prompt_chars", "plans_ahead"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("max_wait_no_worker_s", "predictor_timeout_s", "drain_grace_s"):

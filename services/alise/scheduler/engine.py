@@ -1,10 +1,20 @@
 """The scheduler's engine loop: the single task that mutates scheduling state.
 
-gRPC handlers never touch the core. They post events (a new job, a cancel, a worker's
-hello, report or departure) to a bounded inbox; one task applies them in order and, after
-each batch of events, hands every idle worker its next step plan. Tokens flow back to
-each request's stream through an unbounded per-request buffer (its size is bounded by
-the request's own output length).
+gRPC handlers never touch the core. They post events (a new job, a cancel, a new length
+estimate, a worker's hello, report or departure) to an inbox; one task applies them in order
+and, after each batch of events, keeps every worker ``plans_ahead`` plans ahead: a worker
+runs step k while the core plans step k + 1 from the report of step k - 1, so the GPU never
+waits for a plan. Aborts go out at once, ahead of any plan.
+
+A report is checked whole before it is applied (``alise.core.reports``); a worker that sends
+a bad one is disconnected and its jobs recompute elsewhere, no token repeated or lost. Any
+other exception while scheduling is fatal: it is logged with its traceback, the engine stops,
+``failure`` is set and ``on_failure`` called (the service turns NOT_SERVING and exits
+non-zero), never a silent stall.
+
+Tokens flow back to each request's stream through an unbounded per-request buffer (bounded by
+the request's own output length), woken after the next plans are out; detokenizing and
+writing to clients happen on the streams' own tasks.
 """
 
 from __future__ import annotations
@@ -18,8 +28,9 @@ from dataclasses import dataclass, field
 from alise.common.metrics import SchedulerMetrics
 from alise.core.blocks import WorkerCapacity
 from alise.core.commands import StepPlan, StepReport, TokenEvent
-from alise.core.job import Job, JobStatus
+from alise.core.job import Job, JobStatus, LengthEstimate
 from alise.core.latency_model import LatencyModel
+from alise.core.reports import ReportError
 from alise.core.scheduler import SchedulerCore
 
 logger = logging.getLogger(__name__)
@@ -57,28 +68,24 @@ class JobStream:
 
 @dataclass
 class CycleTimes:
-    """Where one worker's plan/report cycles went (sums, seconds), as the scheduler sees them.
+    """Where one worker's reports went on the scheduler (sums, seconds, since the last log).
 
-    A cycle: the plan is handed to the worker's stream, the worker runs it and reports, the
-    scheduler takes the report in and hands over the next plan. ``device_s`` is what the worker
-    timed around its forward and sampling; ``round_trip_s - device_s`` is the worker's host
-    work and the transport both ways; ``turnaround_s`` is the scheduler's share (of which
-    ``apply_s`` applying reports and fanning tokens out, ``schedule_s`` planning)."""
+    ``device_s`` is what the worker timed around its forward and sampling; ``apply_s`` the
+    engine's applying of reports (and waking of streams), ``schedule_s`` its planning. With
+    plans in flight ahead of the worker, neither is on the worker's critical path as long as
+    both together stay under a step; the worker logs the time it waited for a plan."""
 
-    cycles: int = 0
+    reports: int = 0
     device_s: float = 0.0
-    round_trip_s: float = 0.0
-    turnaround_s: float = 0.0
     apply_s: float = 0.0
     schedule_s: float = 0.0
+    plans: int = 0
 
     def summary(self) -> str:
-        n = max(self.cycles, 1)
+        n = max(self.reports, 1)
         ms = lambda x: 1e3 * x / n  # noqa: E731
-        return (f"{self.cycles} cycles; per cycle {ms(self.round_trip_s + self.turnaround_s):.1f} ms: "
-                f"device {ms(self.device_s):.1f}, worker host + transport "
-                f"{ms(self.round_trip_s - self.device_s):.1f}, scheduler {ms(self.turnaround_s):.1f} "
-                f"(reports {ms(self.apply_s):.1f}, planning {ms(self.schedule_s):.1f})")
+        return (f"{self.reports} reports, {self.plans} plans; per report: device {ms(self.device_s):.1f} ms, "
+                f"applying {ms(self.apply_s):.2f} ms, planning {ms(self.schedule_s):.2f} ms")
 
 
 @dataclass
@@ -90,14 +97,11 @@ class WorkerLink:
     model: str = ""
     device: str = ""
     connected_at_s: float = field(default_factory=time.monotonic)
-    idle: bool = True                 # its last report has been answered?
-    plan: StepPlan | None = None      # the plan it is executing
+    welcomed: bool = False            # its answer to the welcome (step 0) has come back
     last_step_s: float = 0.0
     num_steps: int = 0
     times: CycleTimes = field(default_factory=CycleTimes)
     latency_profile: LatencyModel | None = None  # what the worker measured on its device
-    plan_sent_s: float | None = None   # when its current plan was handed to the stream
-    report_at_s: float | None = None   # when its last report arrived (not yet answered)
 
     @property
     def worker_id(self) -> str:
@@ -107,25 +111,31 @@ class WorkerLink:
 class SchedulerEngine:
     def __init__(self, core: SchedulerCore, latency: LatencyModel, *,
                  max_queued: int = 4096, max_wait_no_worker_s: float = 30.0,
-                 on_finish=None, metrics: SchedulerMetrics | None = None) -> None:
+                 plans_ahead: int = 2, on_finish=None, on_failure=None,
+                 metrics: SchedulerMetrics | None = None) -> None:
+        if plans_ahead < 1:
+            raise ValueError(f"plans_ahead must be >= 1, got {plans_ahead}")
         self.core = core
         self.latency = latency
         self.max_queued = max_queued
         self.max_wait_no_worker_s = max_wait_no_worker_s
+        self.plans_ahead = plans_ahead
         self.on_finish = on_finish
+        self.on_failure = on_failure
         self.metrics = metrics or SchedulerMetrics()
         self.metrics.watch(self._state_metrics)
         self.streams: dict[str, JobStream] = {}
         self.links: dict[str, WorkerLink] = {}
-        self.inbox: asyncio.Queue = asyncio.Queue(maxsize=100_000)
+        self.inbox: asyncio.Queue = asyncio.Queue()
         self.started_s = time.monotonic()
+        self.failure: BaseException | None = None
         self._task: asyncio.Task | None = None
         self._stopping = False
-        #: Token events of the reports being handled, pushed to their streams after dispatch
-        #: (``tokens_after_plans``; False pushes each as its report is applied).
+        #: Token events of the reports being handled, pushed to their streams after dispatch.
         self._deferred: list[tuple[JobStream, TokenEvent]] = []
-        self.tokens_after_plans = True
-        #: Every this many seconds, log each worker's cycle times (and start them over).
+        #: When the queue last had no worker to run it (the no-worker clock starts there).
+        self._unserved_since_s: float | None = None
+        #: Every this many seconds, log each worker's report times (and start them over).
         self.log_cycle_times_s = 30.0
         self._times_logged_s = time.monotonic()
 
@@ -137,14 +147,18 @@ class SchedulerEngine:
     async def stop(self) -> None:
         # A stop event rather than task.cancel(): in Python 3.11 a cancel that lands while
         # wait_for's inner get() completes is swallowed, and the loop would run on.
-        if self._task is not None:
+        if self._task is not None and not self._task.done():
             self.inbox.put_nowait(("stop", None))
             try:
                 await asyncio.wait_for(asyncio.shield(self._task), timeout=5.0)
             except TimeoutError:
                 self._task.cancel()
+        self._fail_streams("UNAVAILABLE", "the scheduler is shutting down")
+
+    def _fail_streams(self, code: str, message: str) -> None:
         for stream in list(self.streams.values()):
-            stream.push(JobFailed("UNAVAILABLE", "the scheduler is shutting down"))
+            stream.push(JobFailed(code, message))
+        self.streams.clear()
 
     # ----------------------------------------------------------------- posting (handlers)
 
@@ -153,6 +167,8 @@ class SchedulerEngine:
 
     def submit(self, job: Job) -> JobStream:
         """Registers a job; raises OverflowError when the queue is full."""
+        if self.failure is not None:
+            raise RuntimeError("the scheduler's engine has failed")
         if len(self.streams) >= self.max_queued:
             raise OverflowError(f"{len(self.streams)} requests in flight, the limit is {self.max_queued}")
         if job.job_id in self.streams:
@@ -167,11 +183,14 @@ class SchedulerEngine:
             self.streams[job_id].closed = True
             self.inbox.put_nowait(("cancel", job_id))
 
+    def update_estimate(self, job_id: str, estimate: LengthEstimate) -> None:
+        self.inbox.put_nowait(("estimate", (job_id, estimate)))
+
     def worker_joined(self, link: WorkerLink) -> None:
         self.inbox.put_nowait(("join", link))
 
     def worker_reported(self, worker_id: str, report: StepReport) -> None:
-        self.inbox.put_nowait(("report", (worker_id, report, time.monotonic())))
+        self.inbox.put_nowait(("report", (worker_id, report)))
 
     def worker_left(self, worker_id: str) -> None:
         self.inbox.put_nowait(("leave", worker_id))
@@ -179,27 +198,33 @@ class SchedulerEngine:
     # ----------------------------------------------------------------- the loop
 
     async def _run(self) -> None:
-        while not self._stopping:
-            try:
-                event = await asyncio.wait_for(self.inbox.get(), timeout=0.5)
-            except TimeoutError:
-                event = None
-            batch = [event] if event is not None else []
-            while not self.inbox.empty():
-                batch.append(self.inbox.get_nowait())
-            now = time.monotonic()
-            for kind, payload in batch:
+        try:
+            while not self._stopping:
                 try:
+                    event = await asyncio.wait_for(self.inbox.get(), timeout=0.5)
+                except TimeoutError:
+                    event = None
+                batch = [event] if event is not None else []
+                while not self.inbox.empty():
+                    batch.append(self.inbox.get_nowait())
+                now = time.monotonic()
+                for kind, payload in batch:
                     getattr(self, f"_on_{kind}")(payload, now)
-                except Exception:
-                    logger.exception("engine failed to handle %s", kind)
-            self._expire_unserved(now)
-            self._dispatch(time.monotonic())
-            # Tokens reach their streams only after the next plans are out: waking dozens of
-            # Generate handlers first would queue the plan's write behind all their writes.
-            self._flush_tokens()
-            if now - self._times_logged_s >= self.log_cycle_times_s:
-                self._log_cycle_times(now)
+                self._expire_unserved(now)
+                self._dispatch(time.monotonic())
+                # Streams wake only after the next plans are out: waking dozens of Generate
+                # handlers first would queue the plans' writes behind all of theirs.
+                self._flush_tokens()
+                if now - self._times_logged_s >= self.log_cycle_times_s:
+                    self._log_cycle_times(now)
+        except Exception as exc:
+            logger.exception("the scheduling loop failed; the scheduler stops serving")
+            self.failure = exc
+            self._fail_streams("UNAVAILABLE", "the scheduler failed and is restarting; retry")
+            for link in self.links.values():
+                link.outbox.put_nowait("the scheduler failed")
+            if self.on_failure is not None:
+                self.on_failure(exc)
 
     def _flush_tokens(self) -> None:
         for stream, event in self._deferred:
@@ -208,7 +233,7 @@ class SchedulerEngine:
 
     def _log_cycle_times(self, now: float) -> None:
         for link in self.links.values():
-            if link.times.cycles:
+            if link.times.reports:
                 logger.info("worker %s, last %.0f s: %s", link.worker_id,
                             now - self._times_logged_s, link.times.summary())
             link.times = CycleTimes()
@@ -227,14 +252,15 @@ class SchedulerEngine:
         self.core.cancel(job_id, now)
         self.streams.pop(job_id, None)
 
+    def _on_estimate(self, payload: tuple[str, LengthEstimate], now: float) -> None:
+        self.core.update_estimate(*payload)
+
     def _on_join(self, link: WorkerLink, now: float) -> None:
         self._adopt_profile(link)
         self.core.add_worker(link.capacity)
         self.links[link.worker_id] = link
         # A welcome: an empty plan whose report confirms the worker is executing plans.
-        link.idle = False
-        link.plan = StepPlan(step_id=0)
-        link.outbox.put_nowait(link.plan)
+        link.outbox.put_nowait(StepPlan(step_id=0))
         logger.info("worker %s joined: %d device blocks of %d tokens, model %s on %s",
                     link.worker_id, link.capacity.num_device_blocks, link.capacity.block_size,
                     link.model, link.device)
@@ -263,33 +289,28 @@ class SchedulerEngine:
         moved = self.core.remove_worker(worker_id, now)
         logger.warning("worker %s left; %d jobs go back to the queue", worker_id, len(moved))
 
-    def _on_report(self, payload: tuple[str, StepReport, float], now: float) -> None:
-        worker_id, report, received_s = payload
+    def _on_report(self, payload: tuple[str, StepReport], now: float) -> None:
+        worker_id, report = payload
         link = self.links.get(worker_id)
         if link is None:
             return
         started = time.monotonic()
-        try:
-            if link.plan is None or report.step_id != link.plan.step_id:
-                raise ValueError(f"reported step {report.step_id}, expected "
-                                 f"{link.plan.step_id if link.plan else 'no report'}")
-            self._observe_latency(link, report)
-            events = self.core.apply_report(worker_id, report, now)
-        except ValueError as exc:
-            # A worker that breaks the protocol is disconnected; its jobs recompute elsewhere.
-            logger.error("worker %s: %s; disconnecting it", worker_id, exc)
-            link.outbox.put_nowait(f"protocol error: {exc}")
-            self._on_leave(worker_id, now)
+        if not link.welcomed:
+            if report.step_id != 0 or report.outputs:
+                self._disconnect(link, f"answered the welcome with step {report.step_id}", now)
+            link.welcomed = True
             return
-        link.idle = True
-        link.plan = None
+        try:
+            events = self.core.apply_report(worker_id, report, now)
+        except ReportError as exc:
+            self._disconnect(link, str(exc), now)
+            return
+        self._observe_latency(link, report)
         for event in events:
             stream = self.streams.get(event.job_id)
             if stream is None:
                 continue
             self._deferred.append((stream, event))
-            if not self.tokens_after_plans:
-                self._flush_tokens()
             self.metrics.tokens.inc(len(event.token_ids))
             if event.finish_reason is not None:
                 del self.streams[event.job_id]
@@ -297,11 +318,15 @@ class SchedulerEngine:
                 if self.on_finish is not None:
                     self.on_finish(stream.job)
         times = link.times
-        if link.plan_sent_s is not None:
-            times.round_trip_s += received_s - link.plan_sent_s
-            times.device_s += report.step_duration_s
-            times.apply_s += time.monotonic() - started
-            link.report_at_s = received_s
+        times.reports += 1
+        times.device_s += report.step_duration_s
+        times.apply_s += time.monotonic() - started
+
+    def _disconnect(self, link: WorkerLink, reason: str, now: float) -> None:
+        """A worker that breaks the protocol is disconnected; its jobs recompute elsewhere."""
+        logger.error("worker %s: %s; disconnecting it", link.worker_id, reason)
+        link.outbox.put_nowait(f"protocol error: {reason}")
+        self._on_leave(link.worker_id, now)
 
     def _record_finish(self, job: Job) -> None:
         m = self.metrics
@@ -334,39 +359,44 @@ class SchedulerEngine:
         yield ("alise_kv_blocks", "KV blocks per worker", ["worker", "where", "state"], blocks)
 
     def _observe_latency(self, link: WorkerLink, report: StepReport) -> None:
-        if report.step_duration_s <= 0 or link.plan is None or not link.plan.step_jobs:
+        if report.step_duration_s <= 0 or not report.num_seqs:
             return
         self.metrics.step.labels(link.worker_id).observe(report.step_duration_s)
         link.last_step_s = report.step_duration_s
         link.num_steps += 1
-        jobs = [self.core.jobs.get(job_id) for job_id in link.plan.step_jobs]
-        context = sum(job.num_tokens for job in jobs if job is not None)
-        prefill = [n for n in link.plan.step_jobs.values() if n > 1]
-        self.latency.observe_step(report.step_duration_s, len(link.plan.step_jobs), context, prefill)
+        self.latency.observe_step(report.step_duration_s, report.num_seqs, report.num_context_tokens,
+                                  [n for _, n in report.chunks], [s for s, _ in report.chunks])
 
     def _dispatch(self, now: float) -> None:
+        """Aborts out at once, then every worker topped up to ``plans_ahead`` plans in flight."""
+        core = self.core
         for link in self.links.values():
-            if not link.idle:
+            aborts = core.take_aborts(link.worker_id)
+            if aborts:
+                link.outbox.put_nowait(("abort", aborts))
+            if not link.welcomed:
                 continue
             started = time.monotonic()
-            plan = self.core.schedule(link.worker_id, now)
-            if plan.is_empty:
-                continue
-            link.idle = False
-            link.plan = plan
-            link.outbox.put_nowait(plan)
-            sent = time.monotonic()
-            if link.report_at_s is not None:
-                link.times.cycles += 1
-                link.times.turnaround_s += sent - link.report_at_s
-                link.times.schedule_s += sent - started
-            link.plan_sent_s, link.report_at_s = sent, None
+            while core.num_in_flight(link.worker_id) < self.plans_ahead:
+                plan = core.schedule(link.worker_id, now)
+                if plan.is_empty:
+                    break
+                link.outbox.put_nowait(plan)
+                link.times.plans += 1
+            link.times.schedule_s += time.monotonic() - started
 
     def _expire_unserved(self, now: float) -> None:
+        """Fails the waiting jobs once no worker has been connected for the wait bound,
+        counted from when the last worker left (or the first job came with none)."""
         if self.links or not self.core.waiting:
+            self._unserved_since_s = None
+            return
+        if self._unserved_since_s is None:
+            self._unserved_since_s = now
+        if now - self._unserved_since_s <= self.max_wait_no_worker_s:
             return
         for job in list(self.core.waiting.values()):
-            if now - job.arrival_s > self.max_wait_no_worker_s:
+            if now - max(job.arrival_s, self._unserved_since_s) > self.max_wait_no_worker_s:
                 self.core.cancel(job.job_id, now)
                 stream = self.streams.pop(job.job_id, None)
                 if stream is not None:
@@ -399,4 +429,3 @@ class SchedulerEngine:
             num_finished=core.num_finished, uptime_s=time.monotonic() - self.started_s,
             num_preemptions=sum(core.preemptions.values()),
             preemptions_by_action=dict(core.preemptions))
-

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import os
 
@@ -30,6 +31,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--default-max-tokens", type=int, default=256)
     p.add_argument("--max-queued", type=int, default=4096)
     p.add_argument("--max-wait-no-worker", type=float, default=30.0, dest="max_wait_no_worker_s")
+    p.add_argument("--plans-ahead", type=int, default=2,
+                   help="plans kept in flight per worker, so it never waits for the next one "
+                        "(1 = lock-step; default %(default)s)")
     p.add_argument("--predictor", default=env("ALISE_PREDICTOR_ADDRESS"), dest="predictor_address",
                    help="predictor address (default: none, running-mean estimates)")
     p.add_argument("--predictor-timeout", type=float, default=0.25, dest="predictor_timeout_s")
@@ -46,10 +50,10 @@ def config_from_args(args: argparse.Namespace) -> SchedulerConfig:
         max_queued=args.max_queued, max_wait_no_worker_s=args.max_wait_no_worker_s,
         predictor_address=args.predictor_address, predictor_timeout_s=args.predictor_timeout_s,
         latency_profile=args.latency_profile, metrics_address=args.metrics_address, job_log=args.job_log,
-        security=security_from_args(args))
+        plans_ahead=args.plans_ahead, security=security_from_args(args))
 
 
-async def serve(config: SchedulerConfig) -> None:
+async def serve(config: SchedulerConfig) -> int:
     from alise.scheduler.service import start_scheduler
 
     predict = observe = None
@@ -58,7 +62,16 @@ async def serve(config: SchedulerConfig) -> None:
 
         predict, observe = predictor_functions(config.predictor_address, config.security)
     server = await start_scheduler(config, predict=predict, observe=observe)
-    await run_until_signal(lambda: server.stop(config.drain_grace_s))
+    drained = asyncio.ensure_future(run_until_signal(lambda: server.stop(config.drain_grace_s)))
+    failed = asyncio.ensure_future(server.failed.wait())
+    await asyncio.wait({drained, failed}, return_when=asyncio.FIRST_COMPLETED)
+    if not failed.done():
+        failed.cancel()
+        return 0
+    drained.cancel()
+    logger.error("the scheduling loop failed; exiting (see the traceback above)")
+    await server.stop(0.5)
+    return 1
 
 
 def main(args: argparse.Namespace) -> int:

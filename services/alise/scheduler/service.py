@@ -1,8 +1,10 @@
 """The scheduler service: the client front door and the workers' rendezvous.
 
-``SchedulerService.Generate`` validates and tokenizes a request, asks for a length
-estimate, hands the job to the engine and streams its tokens back with text deltas.
-``WorkerService.Connect`` is the lock-step stream each worker holds: plans out, reports in.
+``SchedulerService.Generate`` validates and tokenizes a request, queues the job at once with
+a prior length estimate (re-keyed when the predictor's arrives, so the predictor's latency is
+not in the time to first token) and streams its tokens back with text deltas.
+``WorkerService.Connect`` is the stream each worker holds: plans (one or two ahead) and
+aborts out, reports in.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import json
 import logging
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 from alise.common import grpc_server, wire
@@ -64,6 +66,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
         self.engine = engine
         self.estimator = estimator
         self.accepting = True
+        self._predicting: set[asyncio.Future] = set()
 
     async def Generate(self, request, context):
         request_id_var.set(request.request_id or "-")
@@ -74,8 +77,11 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
         except RequestError as exc:
             logger.info("refused: %s %s", exc.code.name, exc)
             await exc.abort(context)
-        logger.info("queued: %d prompt tokens, max_tokens %d, estimate %.0f tokens (%s)",
-                    job.num_prompt_tokens, job.sampling.max_tokens, job.estimate.mean, job.estimate.source)
+        logger.info("queued: %d prompt tokens, max_tokens %d", job.num_prompt_tokens, job.sampling.max_tokens)
+        # Not awaited: bounded by the predictor's deadline, and its outcome (an estimate, or
+        # a failure that marks the predictor degraded) matters even if the job ends first.
+        self._predicting.add(predicting := asyncio.ensure_future(self._predict(job)))
+        predicting.add_done_callback(self._predicting.discard)
         try:
             async for response in self._relay(stream, job, request):
                 yield response
@@ -90,6 +96,13 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
             # Client gone, deadline passed or cancelled: free the job's memory now.
             if not job.is_finished:
                 self.engine.cancel(job.job_id)
+
+    async def _predict(self, job: Job) -> None:
+        """Asks for the job's length estimate; the engine re-keys the queued job with it."""
+        estimate = await self.estimator.estimate(job.prompt_text, job.num_prompt_tokens)
+        if estimate != job.estimate and not job.is_finished:
+            logger.debug("estimate %.0f tokens (%s)", estimate.mean, estimate.source)
+            self.engine.update_estimate(job.job_id, estimate)
 
     def _submit(self, job: Job):
         try:
@@ -128,6 +141,8 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
             queued_s=job.queued_s, num_preemptions=job.num_preemptions)
 
     async def _make_job(self, request) -> Job:
+        if self.engine.failure is not None:
+            raise RequestError(grpc.StatusCode.UNAVAILABLE, "the scheduler failed and is restarting; retry")
         if not self.accepting:
             raise RequestError(grpc.StatusCode.UNAVAILABLE, "the scheduler is draining")
         request_id = request.request_id or uuid.uuid4().hex
@@ -151,8 +166,8 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
                                f"[0, {self.info.vocab_size})")
         if request.oracle_output_tokens < 0:
             raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "oracle_output_tokens must be >= 0")
-        estimate = await self.estimator.estimate(prompt_text, len(token_ids))
-        return Job(request_id, token_ids, sampling, arrival_s=time.monotonic(), estimate=estimate,
+        return Job(request_id, token_ids, sampling, arrival_s=time.monotonic(),
+                   estimate=self.estimator.running_mean,
                    oracle_output_tokens=request.oracle_output_tokens or None, prompt_text=prompt_text)
 
     async def _prompt_tokens(self, request) -> tuple[list[int], str]:
@@ -237,6 +252,9 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                 if isinstance(item, str):
                     yield worker_pb2.SchedulerMessage(shutdown=worker_pb2.Shutdown(reason=item))
                     return
+                if isinstance(item, tuple):
+                    yield wire.aborts_to_pb(item[1])
+                    continue
                 yield wire.plan_to_pb(item)
         finally:
             reader.cancel()
@@ -266,14 +284,20 @@ class SchedulerServer:
     health: grpc_server.ServingStatus
     metrics_port: int = 0
     job_log: object = None  # the open --job-log file, closed by stop()
+    #: Set when the engine loop failed (the process should exit non-zero).
+    failed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    watcher: asyncio.Future | None = None
 
     async def stop(self, grace_s: float = 5.0) -> None:
         """Drains: refuse new requests, let in-flight ones finish within ``grace_s``, then
         fail the rest with UNAVAILABLE and stop."""
+        if self.watcher is not None:
+            self.watcher.cancel()
         self.servicer.accepting = False
         await self.health.set(False)
         deadline = time.monotonic() + grace_s
-        while self.engine.num_live_jobs() and time.monotonic() < deadline:
+        while self.engine.num_live_jobs() and time.monotonic() < deadline and not self.failed.is_set():
             await asyncio.sleep(0.05)
         logger.info("drained (%d requests still in flight); stopping", self.engine.num_live_jobs())
         await self.engine.stop()
@@ -298,8 +322,11 @@ async def start_scheduler(config: SchedulerConfig, *, predict=None, observe=None
         if job_log is not None:
             job_log.write(json.dumps(job_record(job)) + "\n")
 
+    failed = asyncio.Event()
     engine = SchedulerEngine(core, latency, max_queued=config.max_queued,
-                             max_wait_no_worker_s=config.max_wait_no_worker_s, on_finish=on_finish)
+                             max_wait_no_worker_s=config.max_wait_no_worker_s,
+                             plans_ahead=config.plans_ahead, on_finish=on_finish,
+                             on_failure=lambda exc: failed.set())
     servicer = SchedulerServicer(config, info, engine, estimator)
     server = grpc_server.create_server(max_concurrent_rpcs=config.max_queued + 256,
                                        interceptors=[AuthInterceptor(config.security)])
@@ -317,6 +344,12 @@ async def start_scheduler(config: SchedulerConfig, *, predict=None, observe=None
             asyncio.ensure_future(health.set_one(PREDICTOR_HEALTH_NAME, ok))
         estimator.on_state = on_state
     port = bind_port(server, config.address, config.security)
+
+    async def on_failed() -> None:
+        await failed.wait()
+        servicer.accepting = False
+        await health.set(False)
+    watcher = asyncio.ensure_future(on_failed())
     engine.start()
     metrics_port = 0
     if config.metrics_address:
@@ -324,7 +357,9 @@ async def start_scheduler(config: SchedulerConfig, *, predict=None, observe=None
     await server.start()
     logger.info("scheduler listening on %s (policy %s, model %s, context %d)",
                 config.address.rsplit(":", 1)[0] + f":{port}", config.policy, info.name, info.max_model_len)
-    return SchedulerServer(server, port, engine, servicer, health, metrics_port, job_log)
+    result = SchedulerServer(server, port, engine, servicer, health, metrics_port, job_log, failed)
+    result.watcher = watcher
+    return result
 
 
 def job_record(job: Job) -> dict:

@@ -2,32 +2,33 @@
 
 The simulator replays a trace against the same ``SchedulerCore`` (policy, ordering,
 selection, memory planning, block accounting) that the scheduler service runs, and against
-``VirtualWorker``s that carry out its plans with the real ``BlockAllocator``. Only time is
-virtual: a step lasts what the ``LatencyModel`` says, and the core plans a worker's next
-step at the moment its previous one ends, exactly as the engine loop does on a report.
+the worker's own engine (``alise.sim.virtual_worker``: the engine's commands, chunked feeds,
+KV state machine and block ids, with a latency model for the forward pass). Only time is
+virtual: a step lasts what the ``LatencyModel`` says (KV copies and quantization included).
 
-Events are arrivals and step ends. A job's latency is measured from its arrival to the end
+Events are arrivals and step ends; as in the service, the core plans each worker's steps one
+ahead (``SimConfig.plans_ahead``), so a step runs the decisions made while the step before it ran. A job's latency is measured from its arrival to the end
 of the step that produced its last token; normalized latency is that over its output tokens.
 Every result is labelled "simulated" with the profile's name.
 """
 
 from __future__ import annotations
 
-import heapq
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from alise.core.blocks import WorkerCapacity
+from alise.core.blocks import WorkerCapacity, default_token_budget
 from alise.core.commands import StepReport
 from alise.core.job import Job, LengthEstimate
 from alise.core.latency_model import LatencyModel
+from alise.core.memory_planner import MemoryPlanner
 from alise.core.policy import Policy
 from alise.core.sampling import SamplingParams
 from alise.core.scheduler import SchedulerCore
 from alise.sim.trace import TraceRequest
-from alise.sim.virtual_worker import VirtualWorker
+from alise.sim.virtual_worker import virtual_worker
 
 
 @dataclass(frozen=True)
@@ -38,17 +39,26 @@ class SimConfig:
     kv_tokens: int = 15_000
     block_size: int = 16
     max_num_seqs: int = 256
-    max_num_batched_tokens: int = 4096
+    #: The per-step token budget (chunked prefill); 0 = the worker's default rule.
+    max_num_batched_tokens: int = 0
     max_model_len: int = 2048
     num_workers: int = 1
     #: max_tokens of every request: a generous cap, not the true length (which the policy
     #: must not see); each job carries its trace length as ``oracle_output_tokens``
     #: and ends there (``Job.worker_sampling``), as on the real path.
     max_tokens: int = 2048
+    #: Plans in flight per worker (the scheduler service's default; 1 = lock-step).
+    plans_ahead: int = 2
+    #: Host KV blocks per worker, bytes of a full-precision block, and the KV moves' rates
+    #: (swaps on one copy engine; quantize / dequantize on the compute stream).
+    num_host_blocks: int = 0
+    block_bytes: int = 0
+    swap_bytes_per_s: float = 20e9
+    quantize_bytes_per_s: float = 200e9
 
     def __post_init__(self) -> None:
-        for name in ("kv_tokens", "block_size", "max_num_seqs", "max_num_batched_tokens",
-                     "max_model_len", "num_workers", "max_tokens"):
+        for name in ("kv_tokens", "block_size", "max_num_seqs", "max_model_len", "num_workers",
+                     "max_tokens", "plans_ahead"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
@@ -57,8 +67,9 @@ class SimConfig:
         return self.kv_tokens // self.block_size
 
     def capacity(self, worker_id: str) -> WorkerCapacity:
-        return WorkerCapacity(worker_id, self.block_size, self.num_device_blocks, 0,
-                              self.max_model_len, self.max_num_seqs, self.max_num_batched_tokens)
+        budget = self.max_num_batched_tokens or default_token_budget(self.max_num_seqs)
+        return WorkerCapacity(worker_id, self.block_size, self.num_device_blocks, self.num_host_blocks,
+                              self.max_model_len, self.max_num_seqs, budget, block_bytes=self.block_bytes)
 
 
 @dataclass(frozen=True)
@@ -101,6 +112,11 @@ class SimResult:
     #: The same in KV token-steps: a token decoded from a context of 1,500 counts 15 times one
     #: decoded from 100. Reported beside the rule, not in it (see :class:`WorkMeter`).
     kv_backlog: list[float] = field(default_factory=list)
+    #: KV moves by kind (``SchedulerCore.kv_moves``), bytes each way, and the most device
+    #: blocks the unfinished jobs ever needed at once (memory unlimited: the peak need).
+    kv_moves: Counter = field(default_factory=Counter)
+    moved_bytes: dict[str, int] = field(default_factory=dict)
+    peak_need_blocks: int = 0
 
     @property
     def work_backlog_at_last_arrival(self) -> float:
@@ -122,41 +138,31 @@ class SimResult:
 def simulate(requests: Sequence[TraceRequest], policy: Policy, latency: LatencyModel,
              config: SimConfig = SimConfig(), *,
              estimates: Mapping[int, LengthEstimate] | None = None,
-             max_steps: int = 5_000_000) -> SimResult:
-    """Replays ``requests`` (in arrival order) through the core; ``estimates`` by request index."""
+             memory: MemoryPlanner | None = None, max_steps: int = 5_000_000) -> SimResult:
+    """Replays ``requests`` (in arrival order) through the core; ``estimates`` by request index;
+    ``memory``: the KV planner (default: the policy's)."""
     started = time.perf_counter()
-    core = SchedulerCore(policy)
-    workers: dict[str, VirtualWorker] = {}
-    for w in range(config.num_workers):
-        wid = f"w{w}"
-        core.add_worker(config.capacity(wid))
-        workers[wid] = VirtualWorker(num_device_blocks=config.num_device_blocks,
-                                     block_size=config.block_size,
-                                     max_model_len=config.max_model_len, latency=latency)
+    core = SchedulerCore(policy, memory)
+    cluster = _Cluster(core, config, latency)
     order = sorted(range(len(requests)), key=lambda i: (requests[i].arrival_s, i))
     jobs: dict[str, Job] = {}
     sampling = SamplingParams(max_tokens=config.max_tokens, ignore_eos=True)
-    busy: list[tuple[float, str]] = []          # (step end, worker id)
-    in_flight: dict[str, tuple] = {}             # worker id -> (plan, report)
-    idle = set(workers)
     next_arrival = 0
-    num_steps = 0
     now = 0.0
     max_len = min(config.max_model_len, config.num_device_blocks * config.block_size)
     meter = WorkMeter({f"r{i}": (r.prompt_tokens, output_target(r.prompt_tokens, r.output_tokens,
                                                                 config.max_tokens, max_len))
                        for i, r in enumerate(requests)})
     backlog: list[tuple[float, float]] = []
+    peak_need = 0
     while next_arrival < len(order) or core.jobs:
-        if num_steps > max_steps:
+        if cluster.num_steps > max_steps:
             raise RuntimeError(f"simulation did not finish within {max_steps} steps")
         t_arrival = requests[order[next_arrival]].arrival_s if next_arrival < len(order) else None
-        t_step = busy[0][0] if busy else None
+        t_step = cluster.next_end_s()
         if t_step is not None and (t_arrival is None or t_step <= t_arrival):
-            now, wid = heapq.heappop(busy)
-            plan, report = in_flight.pop(wid)
-            core.apply_report(wid, report, now)
-            idle.add(wid)
+            now = t_step
+            cluster.end_step(now)
         elif t_arrival is not None:
             now = t_arrival
             while next_arrival < len(order) and requests[order[next_arrival]].arrival_s <= now:
@@ -171,36 +177,87 @@ def simulate(requests: Sequence[TraceRequest], policy: Policy, latency: LatencyM
                 next_arrival += 1
             left = meter.left(core.jobs.values())
             backlog.extend([left] * (next_arrival - len(backlog)))
+            need = sum(-(-job.num_tokens // config.block_size) for job in core.jobs.values())
+            peak_need = max(peak_need, need)
         else:
             raise RuntimeError("simulation stalled: jobs left but no worker can run them")
-        for wid in sorted(idle):
-            for _ in range(4):  # a plan of commands only (aborts) is answered at once
-                plan = core.schedule(wid, now)
-                if plan.is_empty:
-                    break
-                worker = workers[wid]
-                refused = worker.apply(plan.commands)
-                if plan.run_step:
-                    report = worker.step(plan.step_id)
-                    report.refused = refused
-                    in_flight[wid] = (plan, report)
-                    heapq.heappush(busy, (now + report.step_duration_s, wid))
-                    idle.discard(wid)
-                    num_steps += 1
-                    break
-                core.apply_report(wid, StepReport(
-                    plan.step_id, refused=refused,
-                    num_free_device_blocks=worker.allocator.num_free), now)
-        if not busy and next_arrival >= len(order) and core.jobs:
+        cluster.plan(now)
+        if cluster.next_end_s() is None and next_arrival >= len(order) and core.jobs:
             raise RuntimeError(f"simulation stalled with {len(core.jobs)} jobs that fit no worker")
     records = []
     for job_id, job in jobs.items():
         records.append(JobRecord(job_id, job.num_prompt_tokens, job.num_output_tokens,
                                  job.arrival_s, job.first_token_s or job.finish_s or 0.0,
                                  job.finish_s or 0.0, job.num_preemptions))
-    return SimResult(policy.name, latency.name, records, now, num_steps, Counter(core.preemptions),
+    moved: Counter = Counter()
+    for worker in cluster.workers.values():
+        moved.update(worker.executor.mover.moved_bytes)
+    return SimResult(policy.name, latency.name, records, now, cluster.num_steps, Counter(core.preemptions),
                      time.perf_counter() - started, work_backlog=[b[0] for b in backlog],
-                     kv_backlog=[b[1] for b in backlog])
+                     kv_backlog=[b[1] for b in backlog], kv_moves=Counter(core.kv_moves),
+                     moved_bytes=dict(moved), peak_need_blocks=peak_need)
+
+
+class _Cluster:
+    """The simulated workers and the plans in flight on each, on the virtual clock.
+
+    As in the service's engine, the core keeps up to ``plans_ahead`` plans in flight per
+    worker: a step's report is applied when the step ends, at which moment the worker starts
+    its next plan (planned one step earlier) and the core plans the one after."""
+
+    def __init__(self, core: SchedulerCore, config: SimConfig, latency: LatencyModel) -> None:
+        self.core = core
+        self.plans_ahead = config.plans_ahead
+        self.workers = {}
+        self.queued: dict[str, deque] = {}
+        self.running: dict[str, tuple[float, StepReport]] = {}  # worker -> (end, report)
+        self.num_steps = 0
+        for w in range(config.num_workers):
+            wid = f"w{w}"
+            core.add_worker(config.capacity(wid))
+            self.workers[wid] = virtual_worker(
+                num_device_blocks=config.num_device_blocks, block_size=config.block_size,
+                max_model_len=config.max_model_len, latency=latency, num_host_blocks=config.num_host_blocks,
+                block_bytes=config.block_bytes, swap_bytes_per_s=config.swap_bytes_per_s,
+                quantize_bytes_per_s=config.quantize_bytes_per_s)
+            self.queued[wid] = deque()
+
+    def next_end_s(self) -> float | None:
+        return min((end for end, _ in self.running.values()), default=None)
+
+    def end_step(self, now: float) -> None:
+        for wid in sorted(w for w, (end, _) in self.running.items() if end <= now):
+            _, report = self.running.pop(wid)
+            # The worker starts its next plan at once (planned while this step ran), so this
+            # report does not change it; reports are applied in step order.
+            self.core.apply_report(wid, report, now)
+            self._start_next(wid, now)
+
+    def plan(self, now: float) -> None:
+        for wid in sorted(self.workers):
+            while self.core.num_in_flight(wid) < self.plans_ahead:
+                plan = self.core.schedule(wid, now)
+                if plan.is_empty:
+                    break
+                self.queued[wid].append(plan)
+                if wid not in self.running:
+                    self._start_next(wid, now)
+
+    def _start_next(self, wid: str, now: float) -> None:
+        """The worker runs its next queued plan from ``now``; a plan without a step is done at once."""
+        queue, worker = self.queued[wid], self.workers[wid]
+        while queue:
+            plan = queue.popleft()
+            worker.executor.mover.clock_s = max(worker.executor.mover.clock_s, now)
+            report = worker.run(plan)
+            broken = [r for r in report.refused if r.command in ("step", "chunk")]
+            if broken:
+                raise RuntimeError(f"worker {wid}: a plan the worker could not run: {broken}")
+            if plan.run_step and report.step_duration_s > 0:
+                self.running[wid] = (now + report.step_duration_s, report)
+                self.num_steps += 1
+                return
+            self.core.apply_report(wid, report, now)
 
 
 def output_target(prompt_tokens: int, output_tokens: int, max_tokens: int, max_len: int) -> int:

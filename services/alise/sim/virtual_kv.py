@@ -1,90 +1,68 @@
-"""KV moves of the virtual worker: the same block arithmetic as the real worker, no bytes.
+"""KV moves on a virtual clock: the simulator's ``KvMover`` (``alise.worker.kv_manager``).
 
-Mirrors ``alise.worker.kv_offload`` + the KV half of ``alise.worker.engine`` on counts and
-a virtual clock:
+The worker's own KV manager runs the commands (same block ids, same refusals); this mover
+moves no bytes and keeps time instead:
 
-* quantize (int8 / int4) keeps the first ``quantized_blocks(full, bits)`` blocks and frees
-  the rest at once; it costs compute time (``quantize_bytes_per_s``), charged to the next step.
-* swap-out takes host blocks at once and queues a copy on the one copy engine; the device
-  blocks stay allocated until the copy has landed (exactly like the CUDA side stream), but
-  are reported free: when a step needs them earlier, it waits for the copy (a stall).
-* swap-in (prefetch or resume) frees the host blocks, takes device blocks and queues a copy;
-  a step that runs the job starts no earlier than the copy lands.
-* resume of a quantized job allocates the difference and dequantizes (compute time).
-
-A command that cannot be honoured (host pool full, no such transition) is refused whole.
+* copies (swap-out, swap-in) queue on one copy engine at ``swap_bytes_per_s``; a swap-out's
+  device blocks stay allocated until its copy lands (exactly like the CUDA side stream), and
+  an allocation that needs them earlier stalls the next step until then;
+* a step that runs a swapped-in job starts no earlier than its copy lands;
+* quantizing and dequantizing cost compute time (``quantize_bytes_per_s``), charged to the
+  next step.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from alise.core.blocks import DEVICE_PLACES, HOST_PLACES, QUANTIZED_BITS, blocks_for, quantized_blocks
-from alise.core.commands import KvAction
-from alise.core.job import KvPlace
-from alise.worker.block_allocator import BlockAllocator
 
-_HOST_OF = {KvPlace.DEVICE: KvPlace.HOST, KvPlace.DEVICE_INT8: KvPlace.HOST_INT8,
-            KvPlace.DEVICE_INT4: KvPlace.HOST_INT4}
-_DEVICE_OF = {host: device for device, host in _HOST_OF.items()}
-_QUANTIZED = {8: KvPlace.DEVICE_INT8, 4: KvPlace.DEVICE_INT4}
+class VirtualReady:
+    """A copy that lands at ``landing_s`` on its mover's clock."""
 
+    def __init__(self, mover: VirtualKvMover, landing_s: float) -> None:
+        self.mover = mover
+        self.landing_s = landing_s
 
-@dataclass
-class VirtualKv:
-    """Where one virtual sequence's KV is: device block ids, host block ids, and when usable."""
+    def done(self) -> bool:
+        return self.landing_s <= self.mover.clock_s
 
-    place: KvPlace = KvPlace.DEVICE
-    blocks: list[int] = field(default_factory=list)
-    host_blocks: list[int] = field(default_factory=list)
-    num_cached: int = 0
-    ready_at_s: float = 0.0
+    def wait(self) -> None:
+        self.mover.stall_until_s = max(self.mover.stall_until_s, self.landing_s)
 
 
 @dataclass
-class VirtualKvStore:
-    allocator: BlockAllocator
-    block_size: int
-    num_host_blocks: int = 0
+class VirtualKvMover:
     #: Bytes of one full-precision block; 0 makes every move free of time.
     block_bytes: int = 0
     swap_bytes_per_s: float = 20e9
     quantize_bytes_per_s: float = 200e9
     clock_s: float = 0.0
     copy_free_at_s: float = 0.0
-    #: Extra compute (quantize/dequantize) to add to the next step.
+    #: Extra compute (quantize / dequantize) to add to the next step.
     compute_debt_s: float = 0.0
-    #: The next step cannot start before this (waited for a swap-out's blocks).
+    #: The next step cannot start before this (it waited for a swap-out's blocks).
     stall_until_s: float = 0.0
-    #: (landing time, device block ids) of swap-outs in flight.
-    pending_out: list[tuple[float, list[int]]] = field(default_factory=list)
+    #: The next step cannot start before this (a swap-in it runs lands then).
+    ready_at_s: float = 0.0
     moved_bytes: dict[str, int] = field(default_factory=lambda: {"out": 0, "in": 0})
 
-    def __post_init__(self) -> None:
-        self.host = BlockAllocator(self.num_host_blocks) if self.num_host_blocks else None
+    def quantize_refusal(self, bits: int) -> str | None:
+        return None
 
-    # ----------------------------------------------------------------- counts
+    def quantize(self, table, num_full: int, keep: int, from_bits: int, to_bits: int) -> None:
+        self._charge_compute(num_full)
 
-    @property
-    def num_free_device(self) -> int:
-        return self.allocator.num_free + sum(len(ids) for _, ids in self.pending_out)
+    def dequantize(self, kept, table, num_full: int, bits: int) -> None:
+        self._charge_compute(num_full)
 
-    @property
-    def num_free_host(self) -> int:
-        return self.host.num_free if self.host else 0
+    def copy_out(self, device_ids, host_ids) -> VirtualReady:
+        return VirtualReady(self, self._copy(len(device_ids), "out"))
 
-    def allocate(self, num_blocks: int) -> list[int] | None:
-        """Device blocks, waiting for in-flight swap-outs if the free list is short."""
-        self._reclaim(self.clock_s)
-        while not self.allocator.can_allocate(num_blocks) and self.pending_out:
-            landed_s, ids = self.pending_out.pop(0)
-            self.allocator.free(ids)
-            self.stall_until_s = max(self.stall_until_s, landed_s)
-        return self.allocator.allocate(num_blocks)
+    def copy_in(self, host_ids, device_ids) -> VirtualReady:
+        return VirtualReady(self, self._copy(len(device_ids), "in"))
 
-    def _reclaim(self, now_s: float) -> None:
-        while self.pending_out and self.pending_out[0][0] <= now_s:
-            self.allocator.free(self.pending_out.pop(0)[1])
+    def wait_ready(self, ready: VirtualReady) -> None:
+        self.ready_at_s = max(self.ready_at_s, ready.landing_s)
 
     def _copy(self, num_blocks: int, direction: str) -> float:
         num_bytes = num_blocks * self.block_bytes
@@ -96,86 +74,12 @@ class VirtualKvStore:
     def _charge_compute(self, num_full_blocks: int) -> None:
         self.compute_debt_s += num_full_blocks * self.block_bytes / self.quantize_bytes_per_s
 
-    # ----------------------------------------------------------------- commands
-
-    def pause(self, kv: VirtualKv, action: KvAction) -> str | None:
-        if action is KvAction.KEEP:
-            return self.swap_in(kv) if kv.place in HOST_PLACES else None
-        if action is KvAction.DROP:
-            self.release(kv)
-            return None
-        if action is KvAction.SWAP_TO_HOST:
-            return self.swap_out(kv)
-        return self.quantize(kv, 8 if action is KvAction.QUANTIZE_INT8 else 4)
-
-    def quantize(self, kv: VirtualKv, bits: int) -> str | None:
-        if kv.place not in DEVICE_PLACES or QUANTIZED_BITS.get(kv.place, 16) <= bits:
-            return f"cannot quantize KV at {kv.place.value} to int{bits}"
-        full = blocks_for(kv.num_cached, self.block_size)
-        keep = quantized_blocks(full, bits)
-        self.allocator.free(kv.blocks[keep:])
-        kv.blocks = kv.blocks[:keep]
-        kv.place = _QUANTIZED[bits]
-        self._charge_compute(full)
-        return None
-
-    def swap_out(self, kv: VirtualKv) -> str | None:
-        if kv.place not in DEVICE_PLACES:
-            return f"cannot swap out KV at {kv.place.value}"
-        ids = self.host.allocate(len(kv.blocks)) if self.host else None
-        if ids is None:
-            return f"host pool full: {len(kv.blocks)} blocks needed, {self.num_free_host} free"
-        self.pending_out.append((self._copy(len(kv.blocks), "out"), kv.blocks))
-        kv.blocks, kv.host_blocks = [], ids
-        kv.place = _HOST_OF[kv.place]
-        return None
-
-    def swap_in(self, kv: VirtualKv) -> str | None:
-        ids = self.allocate(len(kv.host_blocks))
-        if ids is None:
-            return f"no free device blocks for {len(kv.host_blocks)} swapped-in blocks"
-        self.host.free(kv.host_blocks)
-        kv.blocks, kv.host_blocks = ids, []
-        kv.place = _DEVICE_OF[kv.place]
-        kv.ready_at_s = self._copy(len(ids), "in")
-        return None
-
-    def resume(self, kv: VirtualKv) -> str | None:
-        """Brings the KV back to full precision on the device, or refuses and changes nothing."""
-        full = blocks_for(kv.num_cached, self.block_size)
-        held = len(kv.blocks) if kv.place in DEVICE_PLACES else 0
-        need = (full - held) if kv.place is not KvPlace.NONE else 0
-        if need > self.num_free_device:
-            return f"no free device blocks to resume: {need} needed, {self.num_free_device} free"
-        if kv.place in HOST_PLACES:
-            self.swap_in(kv)
-        if kv.place in (KvPlace.DEVICE_INT8, KvPlace.DEVICE_INT4):
-            kv.blocks += self.allocate(full - len(kv.blocks))
-            kv.place = KvPlace.DEVICE
-            self._charge_compute(full)
-        if kv.place is KvPlace.NONE:
-            kv.place = KvPlace.DEVICE
-        return None
-
-    def release(self, kv: VirtualKv) -> None:
-        self.allocator.free(kv.blocks)
-        if kv.host_blocks:
-            self.host.free(kv.host_blocks)
-        kv.blocks, kv.host_blocks = [], []
-        kv.num_cached = 0
-        kv.place = KvPlace.NONE
-
-    # ----------------------------------------------------------------- time
-
-    def step_start_s(self, ready_at_s: float) -> float:
-        """When a step over jobs ready at ``ready_at_s`` can start (copies it waits on)."""
-        start = max(self.clock_s, self.stall_until_s, ready_at_s)
-        self._reclaim(start)
-        return start
-
-    def finish_step(self, start_s: float, compute_s: float) -> float:
-        """Advances the clock past a step; returns its duration as the worker reports it."""
-        duration = (start_s - self.clock_s) + self.compute_debt_s + compute_s
+    def run_step(self, compute_s: float) -> float:
+        """Advances the clock past a step of ``compute_s``; returns its duration as a worker
+        would report it (stalls and quantization work included)."""
+        start = max(self.clock_s, self.stall_until_s, self.ready_at_s)
+        duration = (start - self.clock_s) + self.compute_debt_s + compute_s
         self.clock_s += duration
         self.compute_debt_s = 0.0
+        self.ready_at_s = 0.0
         return duration

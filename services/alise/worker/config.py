@@ -7,6 +7,7 @@ import socket
 from dataclasses import dataclass, field
 
 from alise.common.security import SecurityConfig
+from alise.core.blocks import default_token_budget
 
 
 #: Values of ``WorkerConfig.runner``.
@@ -35,8 +36,9 @@ class WorkerConfig:
     num_host_blocks: int = 0
     #: Sequences in one step.
     max_num_seqs: int = 64
-    #: Tokens (prefill + decode) in one step.
-    max_num_batched_tokens: int = 4096
+    #: Tokens one step may feed (decodes, then prompt chunks); 0 = 256, or twice
+    #: max_num_seqs if more (``alise.core.blocks.default_token_budget`` says why).
+    max_num_batched_tokens: int = 0
     #: Context limit override (None = the model's).
     max_model_len: int | None = None
     #: Identity shown in status (default: host-pid).
@@ -66,9 +68,13 @@ class WorkerConfig:
     metrics_address: str = ""
 
     def __post_init__(self) -> None:
-        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
+        for name in ("block_size", "max_num_seqs"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_num_batched_tokens and self.max_num_batched_tokens < self.max_num_seqs:
+            raise ValueError(f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be 0 (automatic) "
+                             f"or >= max_num_seqs ({self.max_num_seqs}): every running sequence decodes "
+                             "a token each step")
         for name in ("num_device_blocks", "num_host_blocks", "kv_cache_bytes"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
@@ -80,6 +86,10 @@ class WorkerConfig:
             raise ValueError(f"runner must be one of {RUNNERS}, got {self.runner!r}")
         if self.runner != "paged" and self.profile_latency:
             raise ValueError(f"profile_latency needs runner 'paged', got runner {self.runner!r}")
+
+    @property
+    def token_budget(self) -> int:
+        return self.max_num_batched_tokens or default_token_budget(self.max_num_seqs)
 
     @property
     def resolved_worker_id(self) -> str:

@@ -1,81 +1,101 @@
-"""The worker's engine: continuous batching over the paged KV cache.
+"""The worker's engine: continuous batching over the paged KV cache, one plan at a time.
 
-Mechanism only. The scheduler decides who runs; the engine carries out its commands
-(admit, pause with a KV action, resume, abort) and runs one model step at a time over
-the active sequences. Sequences join and leave at step boundaries.
+Mechanism only. The scheduler decides who runs; the engine carries out its commands (admit,
+pause with a KV action, resume, abort) and runs one model step per plan over its running
+sequences: each one whose next token is ready decodes it, and each one the plan lists in
+``chunks`` feeds that many of its uncomputed tokens (chunked prefill). Sequences join and
+leave at step boundaries. No torch here: the forward pass and sampling are an
+:class:`Executor`'s (``alise.worker.executor.ModelExecutor`` on a real worker, the latency
+model's in the simulator, which runs this very engine), the KV bytes a ``KvMover``'s.
 
-Token arithmetic (mirrored by ``alise.core.blocks``): a sequence of ``n`` tokens whose
-first ``c`` positions are cached feeds tokens ``[c, n)`` in its next step and needs
-``ceil(n / block_size)`` blocks for it; after the step ``c = n`` and one sampled token is
-appended.
+Token arithmetic (mirrored by ``alise.core.job``): a sequence of ``n`` tokens whose first ``c``
+positions are cached feeds tokens ``[c, c + k)`` in a step and needs ``ceil((c + k) / block_size)``
+blocks for it; when ``c + k = n`` the step samples one token, which is appended (not cached).
 """
 
 from __future__ import annotations
 
 import logging
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Protocol
 
-import torch
 from alise.core.blocks import blocks_for
 from alise.core.commands import (
-    Abort,
-    Admit,
-    Command,
-    JobOutput,
-    KvAction,
-    Pause,
-    Refusal,
-    Resume,
-    StepReport,
+    Abort, Admit, Command, JobOutput, Pause, Refusal, Resume, StepPlan, StepReport,
 )
-from alise.core.job import FinishReason, KvPlace
+from alise.core.job import FinishReason
 from alise.core.sampling import SamplingParams
-from alise.worker.block_allocator import BlockAllocator
-from alise.worker.kv_offload import KvOffload
-from alise.worker.model_runner import ModelRunner, SeqChunk
-from alise.worker.sampler import Sampler, make_generator
+from alise.worker.kv_manager import KvManager, KvState
 
 logger = logging.getLogger(__name__)
 
 
-@dataclass
-class Sequence:
+@dataclass(eq=False, kw_only=True)
+class Sequence(KvState):
+    """One job on this worker: its tokens (prompt and output) and where its KV is."""
+
     job_id: str
     token_ids: list[int]
     sampling: SamplingParams
-    num_generated: int
-    generator: torch.Generator | None
-    block_table: list[int] = field(default_factory=list)
-    num_cached: int = 0
+    num_generated: int = 0
+    generator: object | None = None
     paused: bool = False
-    #: KV state moved by ``KvOffload`` (quantized, on host, or a swap-in in flight).
-    place: KvPlace = KvPlace.DEVICE
-    host_blocks: list[int] = field(default_factory=list)
-    ready_event: object | None = None
 
     @property
     def num_tokens(self) -> int:
         return len(self.token_ids)
 
 
+@dataclass(frozen=True)
+class Feed:
+    """One sequence's part of a step: ``num_tokens`` tokens from position ``start``."""
+
+    seq: Sequence
+    start: int
+    num_tokens: int
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.seq.token_ids[self.start:self.start + self.num_tokens]
+
+    @property
+    def samples(self) -> bool:
+        """The feed reaches the end of the sequence: the step samples its next token."""
+        return self.start + self.num_tokens == self.seq.num_tokens
+
+
+class Executor(Protocol):
+    vocab_size: int
+
+    def make_generator(self, seed: int) -> object:
+        """A random stream for a seeded request."""
+
+    def release(self, job_id: str) -> None:
+        """The job left this worker (an executor may hold per-sequence state)."""
+
+    def execute(self, feeds: list[Feed]) -> tuple[list[int], float]:
+        """Runs one step over ``feeds`` (their K/V written to the sequences' blocks); returns
+        the token sampled for each feed that ``samples``, in order, and the step's seconds."""
+
+
 class WorkerEngine:
-    def __init__(self, runner: ModelRunner, *, eos_token_id: int | None,
-                 max_model_len: int, num_host_blocks: int = 0) -> None:
-        self.runner = runner
-        self.sampler = Sampler()
+    def __init__(self, executor: Executor, kv: KvManager, *, eos_token_id: int | None,
+                 max_model_len: int) -> None:
+        self.executor = executor
+        self.kv = kv
         self.eos_token_id = eos_token_id
+        self.block_size = kv.block_size
         # No sequence may outgrow the whole cache: it ends there (LENGTH) instead of
         # waiting forever for blocks that cannot exist.
-        self.max_model_len = min(max_model_len, runner.num_blocks * runner.block_size)
-        self.block_size = runner.block_size
-        self.allocator = BlockAllocator(runner.num_blocks)
-        self.num_host_blocks = num_host_blocks
-        self.offload = KvOffload(runner.kv_cache, self.allocator, num_host_blocks)
+        self.max_model_len = min(max_model_len, kv.allocator.num_blocks * kv.block_size)
         self.seqs: dict[str, Sequence] = {}
-        #: The last model step's shape, as ``LatencyModel.fit`` takes it: sequences, context
-        #: tokens (cached + fed), lengths of the multi-token chunks; None before the first step.
-        self.last_step_shape: tuple[int, int, list[int]] | None = None
+        #: The last step's shape as ``LatencyModel.fit`` takes it: (sequences, context tokens,
+        #: chunk lengths, chunk starts); None before the first step.
+        self.last_step_shape: tuple[int, int, list[int], list[int]] | None = None
+
+    @property
+    def allocator(self):
+        return self.kv.allocator
 
     # ----------------------------------------------------------------- commands
 
@@ -90,18 +110,19 @@ class WorkerEngine:
         return refused
 
     def _apply_one(self, command: Command) -> str | None:
-        seq = self.seqs.get(command.job_id)
         if isinstance(command, Admit):
             return self._admit(command)
+        seq = self.seqs.get(command.job_id)
         if seq is None:
-            return None if isinstance(command, Abort) else f"unknown job {command.job_id}"
+            # Finished or aborted here since the plan was made: nothing left to do.
+            return None
         if isinstance(command, Abort):
             self._release(seq)
-            del self.seqs[seq.job_id]
         elif isinstance(command, Pause):
-            return self._pause(seq, command.action)
+            seq.paused = True  # the pause always happens; a refused KV move leaves the KV as it was
+            return self.kv.pause(seq, command.action)
         elif isinstance(command, Resume):
-            reason = self.offload.resume(seq)
+            reason = self.kv.resume(seq)
             seq.paused = reason is not None
             return reason
         return None
@@ -113,72 +134,96 @@ class WorkerEngine:
             return "empty prompt"
         if len(command.token_ids) >= self.max_model_len:
             return f"{len(command.token_ids)} tokens do not fit the context of {self.max_model_len}"
-        vocab = self.runner.vocab_size
-        if any(not 0 <= t < vocab for t in command.token_ids):
+        vocab = self.executor.vocab_size
+        if min(command.token_ids) < 0 or max(command.token_ids) >= vocab:
             return f"token ids must be in [0, {vocab})"
         generator = None
         if command.sampling.seed is not None:
-            generator = make_generator(command.sampling.seed, self.runner.device)
+            generator = self.executor.make_generator(command.sampling.seed)
         self.seqs[command.job_id] = Sequence(
-            command.job_id, list(command.token_ids), command.sampling,
-            command.num_generated, generator)
+            job_id=command.job_id, token_ids=list(command.token_ids), sampling=command.sampling,
+            num_generated=command.num_generated, generator=generator)
         return None
 
-    def _pause(self, seq: Sequence, action: KvAction) -> str | None:
-        seq.paused = True  # the pause always happens; a refused KV move leaves the KV as it was
-        return self.offload.pause(seq, action)
+    def abort(self, job_ids) -> None:
+        """Immediate aborts (ahead of any plan): unknown ids are ignored."""
+        for job_id in job_ids:
+            seq = self.seqs.get(job_id)
+            if seq is not None:
+                self._release(seq)
 
     def _release(self, seq: Sequence) -> None:
-        self.offload.release(seq)
-        self.runner.release(seq.job_id)
+        self.kv.release(seq)
+        self.executor.release(seq.job_id)
+        del self.seqs[seq.job_id]
 
     def abort_all(self) -> None:
-        for seq in self.seqs.values():
+        for seq in list(self.seqs.values()):
             self._release(seq)
-        self.seqs.clear()
 
     # ----------------------------------------------------------------- stepping
 
-    def step(self, step_id: int) -> StepReport:
-        """Runs one model step over every active sequence (blocking: call off the loop)."""
-        batch = self._grow_blocks([s for s in self.seqs.values() if not s.paused])
-        report = StepReport(step_id=step_id)
-        self.offload.wait_ready(batch)  # swapped-in jobs run only once their blocks are back
-        if batch:
-            start = time.perf_counter()
-            chunks = [SeqChunk(s.token_ids[s.num_cached:], s.num_cached, s.block_table)
-                      for s in batch]
-            logits = self.runner.execute(chunks, seq_ids=[s.job_id for s in batch])
-            params = [s.sampling for s in batch]
-            sampled = self.sampler.sample(logits, params, [s.generator for s in batch])
-            report.step_duration_s = time.perf_counter() - start
-            self.last_step_shape = (len(chunks), sum(c.start_pos + len(c.token_ids) for c in chunks),
-                                    [len(c.token_ids) for c in chunks if len(c.token_ids) > 1])
-            for seq, chunk, token in zip(batch, chunks, sampled):
-                if len(chunk.token_ids) > 1:
-                    report.num_prefill_tokens += len(chunk.token_ids)
-                else:
-                    report.num_decode_tokens += 1
-                seq.num_cached = seq.num_tokens
-                report.outputs.append(self._append(seq, token))
-        report.num_free_device_blocks = self.offload.num_free_device
-        report.num_free_host_blocks = self.offload.num_free_host
+    def run(self, plan: StepPlan) -> StepReport:
+        """Applies the plan's commands and runs its step (blocking: call off the event loop)."""
+        refused = self.apply(plan.commands)
+        report = self.step(plan) if plan.run_step else StepReport(step_id=plan.step_id)
+        report.refused = refused + report.refused
+        report.num_free_device_blocks = self.kv.num_free_device
+        report.num_free_host_blocks = self.kv.num_free_host
         return report
 
-    def _grow_blocks(self, active: list[Sequence]) -> list[Sequence]:
-        batch = []
-        for seq in active:
-            missing = blocks_for(seq.num_tokens, self.block_size) - len(seq.block_table)
+    def step(self, plan: StepPlan) -> StepReport:
+        """One model step over the running sequences (see the module doc)."""
+        report = StepReport(step_id=plan.step_id)
+        feeds = self._feeds(plan, report)
+        if not feeds:
+            return report
+        self.kv.wait_ready([f.seq for f in feeds])  # swapped-in jobs run once their blocks are back
+        tokens, report.step_duration_s = self.executor.execute(feeds)
+        lens = [f.num_tokens for f in feeds if f.num_tokens > 1]
+        starts = [f.start for f in feeds if f.num_tokens > 1]
+        report.num_seqs = len(feeds)
+        report.num_context_tokens = sum(f.start + f.num_tokens for f in feeds)
+        report.chunks = list(zip(starts, lens))
+        report.num_prefill_tokens = sum(lens)
+        report.num_decode_tokens = len(feeds) - len(lens)
+        self.last_step_shape = (report.num_seqs, report.num_context_tokens, lens, starts)
+        sampled = iter(tokens)
+        for feed in feeds:
+            feed.seq.num_cached = feed.start + feed.num_tokens
+            if feed.samples:
+                report.outputs.append(self._append(feed.seq, next(sampled)))
+        return report
+
+    def _feeds(self, plan: StepPlan, report: StepReport) -> list[Feed]:
+        """Each running sequence's feed, with its blocks grown to cover it."""
+        feeds = []
+        for job_id, seq in list(self.seqs.items()):
+            if seq.paused:
+                continue
+            left = seq.num_tokens - seq.num_cached
+            n = 1 if left == 1 else plan.chunks.get(job_id, 0)
+            if not n:
+                continue
+            if n > left:
+                self._refuse(report, seq, "chunk", f"{n} tokens to feed, {left} uncomputed")
+                continue
+            missing = blocks_for(seq.num_cached + n, self.block_size) - len(seq.block_table)
             if missing > 0:
-                ids = self.offload.allocate(missing)
+                ids = self.kv.allocate(missing)
                 if ids is None:
-                    # The scheduler's accounting should prevent this; skipping the
-                    # sequence for one step keeps everyone else correct.
-                    logger.error("no free block for %s this step (%d missing)", seq.job_id, missing)
+                    # The scheduler's accounting prevents this; hand the job back rather
+                    # than run it without room for its K/V.
+                    self._refuse(report, seq, "step", f"no free block ({missing} missing)")
                     continue
                 seq.block_table.extend(ids)
-            batch.append(seq)
-        return batch
+            feeds.append(Feed(seq, seq.num_cached, n))
+        return feeds
+
+    def _refuse(self, report: StepReport, seq: Sequence, what: str, reason: str) -> None:
+        logger.error("job %s left out of step %d: %s", seq.job_id, report.step_id, reason)
+        report.refused.append(Refusal(seq.job_id, what, reason))
+        self._release(seq)
 
     def _append(self, seq: Sequence, token: int) -> JobOutput:
         seq.token_ids.append(token)
@@ -192,7 +237,6 @@ class WorkerEngine:
         output = JobOutput(seq.job_id, [token], reason, seq.num_tokens)
         if reason is not None:
             self._release(seq)
-            del self.seqs[seq.job_id]
         return output
 
     @property

@@ -1,8 +1,7 @@
-"""KV moves of paused jobs: quantize in place (int8 / int4), swap to a host pool and back.
+"""The bytes of KV moves: quantize in place (int8 / int4), swap to a host pool and back.
 
-Mechanism only; the scheduler's memory planner decides. Every command is checked before
-anything is touched, so a refused command (host pool full, no such transition) changes
-nothing.
+:class:`TorchKvMover` is the ``KvMover`` of ``alise.worker.kv_manager``, which owns the block
+ids, checks every command and decides what to refuse; this module only moves bytes.
 
 Quantized storage (in the device pool itself, so the freed blocks are real blocks)
 ---------------------------------------------------------------------------------
@@ -48,27 +47,16 @@ order. On the CPU the copies are plain and synchronous.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 
-from alise.core.blocks import (
-    DEVICE_PLACES, HOST_PLACES, QUANTIZED_BITS, QUANTIZED_FRACTION, blocks_for, quantized_blocks,
-)
-from alise.core.commands import KvAction
-from alise.core.job import KvPlace
+from alise.core.blocks import QUANTIZED_FRACTION
 from alise.worker import triton_kvquant
-from alise.worker.block_allocator import BlockAllocator
 from alise.worker.kv_cache import KVCache
 
 GROUP_SIZE = 32
 #: Bound on the device memory a move borrows for staging and dequantized values.
 STAGING_BYTES = 256 << 20
 
-_HOST_OF = {KvPlace.DEVICE: KvPlace.HOST, KvPlace.DEVICE_INT8: KvPlace.HOST_INT8,
-            KvPlace.DEVICE_INT4: KvPlace.HOST_INT4}
-_DEVICE_OF = {host: device for device, host in _HOST_OF.items()}
-_QUANTIZED = {8: KvPlace.DEVICE_INT8, 4: KvPlace.DEVICE_INT4}
 
 
 # --------------------------------------------------------------------------- group codec
@@ -159,28 +147,27 @@ def _runs(ids: list[int]) -> list[tuple[int, int, int]]:
     return runs
 
 
-@dataclass
-class KvState:
-    """Where a sequence's KV is (the engine's ``Sequence`` carries these fields)."""
+class _CudaReady:
+    """A copy on the side stream, marked by a CUDA event."""
 
-    place: KvPlace = KvPlace.DEVICE
-    block_table: list[int] = field(default_factory=list)
-    host_blocks: list[int] = field(default_factory=list)
-    num_cached: int = 0
-    ready_event: object | None = None
+    def __init__(self, event) -> None:
+        self.event = event
+
+    def done(self) -> bool:
+        return self.event.query()
+
+    def wait(self) -> None:
+        self.event.synchronize()
 
 
-class KvOffload:
-    """Quantize / swap / restore the KV of paused sequences of one engine."""
+class TorchKvMover:
+    """The bytes of the KV moves (``alise.worker.kv_manager.KvMover``) over a :class:`KVCache`."""
 
-    def __init__(self, cache: KVCache, allocator: BlockAllocator, num_host_blocks: int) -> None:
+    def __init__(self, cache: KVCache, num_host_blocks: int) -> None:
         self.cache = cache
-        self.allocator = allocator
         self.codec = KvCodec(cache)
         self.device = cache.key_cache.device
         self.is_cuda = self.device.type == "cuda"
-        self.num_host_blocks = num_host_blocks
-        self.host_allocator = BlockAllocator(num_host_blocks) if num_host_blocks else None
         self.host_pool: torch.Tensor | None = None
         if num_host_blocks:
             layers = cache.shape.num_layers
@@ -189,114 +176,32 @@ class KvOffload:
         self.stream = torch.cuda.Stream(self.device) if self.is_cuda else None
         #: Quantize / dequantize with the Triton kernels (CUDA), else the torch codec.
         self.fused = triton_kvquant.is_available(self.device)
-        #: Swap-outs in flight: (event, device block ids still being read).
-        self.pending_out: list[tuple[object, list[int]]] = []
         self._k = _as_bytes(cache.key_cache)
         self._v = _as_bytes(cache.value_cache)
-
-    # ----------------------------------------------------------------- accounting
-
-    @property
-    def num_free_device(self) -> int:
-        """Free device blocks as the scheduler counts them (swap-outs in flight included)."""
-        return self.allocator.num_free + sum(len(ids) for _, ids in self.pending_out)
-
-    @property
-    def num_free_host(self) -> int:
-        return self.host_allocator.num_free if self.host_allocator else 0
-
-    def allocate(self, num_blocks: int) -> list[int] | None:
-        """Device blocks; waits for in-flight swap-outs only when the free list is short."""
-        self.reclaim()
-        while not self.allocator.can_allocate(num_blocks) and self.pending_out:
-            event, ids = self.pending_out.pop(0)
-            event.synchronize()
-            self.allocator.free(ids)
-        return self.allocator.allocate(num_blocks)
-
-    def reclaim(self) -> None:
-        while self.pending_out and self.pending_out[0][0].query():
-            self.allocator.free(self.pending_out.pop(0)[1])
 
     def synchronize(self) -> None:
         """Waits for every copy (tests, shutdown)."""
         if self.stream is not None:
             self.stream.synchronize()
-        self.reclaim()
 
-    # ----------------------------------------------------------------- commands
-
-    def pause(self, seq: KvState, action: KvAction) -> str | None:
-        """Applies a KV action to a paused sequence; a refusal leaves it untouched."""
-        if action is KvAction.KEEP:
-            return self.swap_in(seq) if seq.place in HOST_PLACES else None
-        if action is KvAction.DROP:
-            self.release(seq)
-            return None
-        if action is KvAction.SWAP_TO_HOST:
-            return self.swap_out(seq)
-        return self.quantize(seq, 8 if action is KvAction.QUANTIZE_INT8 else 4)
-
-    def resume(self, seq: KvState) -> str | None:
-        """Back to full precision on the device (swap-in, then dequantize), or refuse whole."""
-        full = blocks_for(seq.num_cached, self.cache.block_size)
-        held = len(seq.block_table) if seq.place in DEVICE_PLACES else 0
-        need = full - held if seq.place is not KvPlace.NONE else 0
-        if need > self.num_free_device:
-            return f"no free device blocks to resume: {need} needed, {self.num_free_device} free"
-        if seq.place in HOST_PLACES:
-            self.swap_in(seq)
-        if seq.place in (KvPlace.DEVICE_INT8, KvPlace.DEVICE_INT4) and full:
-            self._dequantize(seq, full)
-        seq.place = KvPlace.DEVICE
-        return None
-
-    def release(self, seq: KvState) -> None:
-        self.wait_ready([seq])  # the compute stream must not reuse blocks a copy still fills
-        self.allocator.free(seq.block_table)
-        if seq.host_blocks:
-            self.host_allocator.free(seq.host_blocks)
-        seq.block_table, seq.host_blocks = [], []
-        seq.num_cached = 0
-        seq.ready_event = None
-        seq.place = KvPlace.NONE
-
-    def wait_ready(self, seqs: list[KvState]) -> None:
-        """Makes the compute stream wait for the swap-ins of ``seqs`` (no host sync)."""
-        for seq in seqs:
-            if seq.ready_event is not None:
-                torch.cuda.current_stream(self.device).wait_event(seq.ready_event)
-                seq.ready_event = None
+    def wait_ready(self, ready: _CudaReady) -> None:
+        torch.cuda.current_stream(self.device).wait_event(ready.event)
 
     # ----------------------------------------------------------------- quantization
 
-    def quantize(self, seq: KvState, bits: int) -> str | None:
-        source_bits = QUANTIZED_BITS.get(seq.place, 16)
-        if seq.place not in DEVICE_PLACES or source_bits <= bits:
-            return f"cannot quantize KV at {seq.place.value} to int{bits}"
-        if not self.codec.fits(bits):
-            num, den = QUANTIZED_FRACTION[bits]
-            return (f"int{bits} groups of {self.codec.group} channels do not fit in {num}/{den} "
-                    f"of the blocks at {8 * self.codec.itemsize} bits")
-        self.wait_ready([seq])
-        full = blocks_for(seq.num_cached, self.cache.block_size)
-        keep = quantized_blocks(full, bits)
-        table = seq.block_table
-        if full == 0:
-            seq.place = _QUANTIZED[bits]
+    def quantize_refusal(self, bits: int) -> str | None:
+        if self.codec.fits(bits):
             return None
-        if self.fused and source_bits == 16:
-            self._quantize_fused(table, full, keep, bits)
-        else:
-            for first, last in self._layer_chunks(full):
-                for raw in (self._k, self._v):
-                    values = self._read(raw, seq, table, first, last, full, source_bits)
-                    self._write_stream(raw, table[:keep], first, last,
-                                       self.codec.encode(values, bits))
-        self.allocator.free(table[keep:])
-        seq.block_table = table[:keep]
-        seq.place = _QUANTIZED[bits]
-        return None
+        return f"groups of {self.codec.group} channels at {8 * self.codec.itemsize} bits do not fit"
+
+    def quantize(self, table: list[int], num_full: int, keep: int, from_bits: int, to_bits: int) -> None:
+        if self.fused and from_bits == 16:
+            self._quantize_fused(table, num_full, keep, to_bits)
+            return
+        for first, last in self._layer_chunks(num_full):
+            for raw in (self._k, self._v):
+                values = self._read(raw, table, first, last, num_full, from_bits)
+                self._write_stream(raw, table[:keep], first, last, self.codec.encode(values, to_bits))
 
     def _quantize_fused(self, table: list[int], full: int, keep: int, bits: int) -> None:
         """Triton: pages -> stream buffer (one read of the KV) -> the kept blocks."""
@@ -309,30 +214,23 @@ class KvOffload:
                                               bits, buf)
                 raw[first:last].index_copy_(1, index[:keep], buf.view(last - first, keep, -1))
 
-    def _dequantize(self, seq: KvState, full: int) -> None:
-        self.wait_ready([seq])
-        bits = QUANTIZED_BITS[seq.place]
-        extra = self.allocate(full - len(seq.block_table))
-        table = seq.block_table + extra
+    def dequantize(self, kept: list[int], table: list[int], num_full: int, bits: int) -> None:
         if self.fused:
-            kept = torch.tensor(seq.block_table, dtype=torch.int64, device=self.device)
+            kept_index = torch.tensor(kept, dtype=torch.int64, device=self.device)
             index = torch.tensor(table, dtype=torch.int64, device=self.device)
-            for first, last in self._layer_chunks(full, work_bytes_per_value=self.codec.itemsize):
-                for cache, raw in ((self.cache.key_cache, self._k),
-                                   (self.cache.value_cache, self._v)):
-                    stream = raw[first:last].index_select(1, kept).view(last - first, -1)
-                    triton_kvquant.dequantize_pages(stream, index, full, self.codec.group, bits,
+            for first, last in self._layer_chunks(num_full, work_bytes_per_value=self.codec.itemsize):
+                for cache, raw in ((self.cache.key_cache, self._k), (self.cache.value_cache, self._v)):
+                    stream = raw[first:last].index_select(1, kept_index).view(last - first, -1)
+                    triton_kvquant.dequantize_pages(stream, index, num_full, self.codec.group, bits,
                                                     cache[first:last])
-            seq.block_table = table
             return
-        for first, last in self._layer_chunks(full):
+        index = torch.tensor(table, dtype=torch.int64, device=self.device)
+        for first, last in self._layer_chunks(num_full):
             for cache, raw in ((self.cache.key_cache, self._k), (self.cache.value_cache, self._v)):
-                values = self._read(raw, seq, seq.block_table, first, last, full, bits)
-                index = torch.tensor(table, dtype=torch.int64, device=self.device)
+                values = self._read(raw, kept, first, last, num_full, bits)
                 cache[first:last].index_copy_(1, index, values)
-        seq.block_table = table
 
-    def _read(self, raw: torch.Tensor, seq: KvState, table: list[int], first: int, last: int,
+    def _read(self, raw: torch.Tensor, table: list[int], first: int, last: int,
               full: int, bits: int) -> torch.Tensor:
         """Full-precision values ``[last - first, full, ...]`` of a job stored at ``bits``."""
         index = torch.tensor(table, dtype=torch.int64, device=self.device)
@@ -362,36 +260,15 @@ class KvOffload:
 
     # ----------------------------------------------------------------- swapping
 
-    def swap_out(self, seq: KvState) -> str | None:
-        if seq.place not in DEVICE_PLACES:
-            return f"cannot swap out KV at {seq.place.value}"
-        count = len(seq.block_table)
-        host = self.host_allocator.allocate(count) if self.host_allocator else None
-        if host is None:
-            return f"host pool full: {count} blocks needed, {self.num_free_host} free"
-        event = self._copy(seq.block_table, host, to_host=True)
-        if event is None:
-            self.allocator.free(seq.block_table)
-        else:
-            self.pending_out.append((event, seq.block_table))
-        seq.block_table, seq.host_blocks = [], host
-        seq.place = _HOST_OF[seq.place]
-        return None
+    def copy_out(self, device_ids: list[int], host_ids: list[int]) -> _CudaReady | None:
+        return self._copy(device_ids, host_ids, to_host=True)
 
-    def swap_in(self, seq: KvState) -> str | None:
-        count = len(seq.host_blocks)
-        device = self.allocate(count)
-        if device is None:
-            return f"no free device blocks for {count} swapped-in blocks"
-        seq.ready_event = self._copy(device, seq.host_blocks, to_host=False)
-        self.host_allocator.free(seq.host_blocks)
-        seq.block_table, seq.host_blocks = device, []
-        seq.place = _DEVICE_OF[seq.place]
-        return None
+    def copy_in(self, host_ids: list[int], device_ids: list[int]) -> _CudaReady | None:
+        return self._copy(device_ids, host_ids, to_host=False)
 
-    def _copy(self, device_ids: list[int], host_ids: list[int], *, to_host: bool):
-        """Copies blocks between the device cache and the host pool; returns the CUDA event
-        that marks completion (None on the CPU, where the copy is done on return)."""
+    def _copy(self, device_ids: list[int], host_ids: list[int], *, to_host: bool) -> _CudaReady | None:
+        """Copies blocks between the device cache and the host pool; returns what marks
+        completion (None on the CPU, where the copy is done on return)."""
         if self.stream is None:
             self._copy_chunk(device_ids, host_ids, to_host)
             return None
@@ -402,7 +279,7 @@ class KvOffload:
                 self._copy_chunk(device_ids[i:i + step], host_ids[i:i + step], to_host)
             event = torch.cuda.Event()
             event.record(self.stream)
-        return event
+        return _CudaReady(event)
 
     def _copy_chunk(self, device_ids: list[int], host_ids: list[int], to_host: bool) -> None:
         index = torch.tensor(device_ids, dtype=torch.int64, device=self.device)

@@ -29,7 +29,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gpu-memory-fraction", type=float, default=0.85)
     p.add_argument("--num-host-blocks", type=int, default=0)
     p.add_argument("--max-num-seqs", type=int, default=64)
-    p.add_argument("--max-num-batched-tokens", type=int, default=4096)
+    p.add_argument("--max-num-batched-tokens", type=int, default=0,
+                   help="tokens one step may feed, decodes first, then prompt chunks (chunked prefill); "
+                        "0 = 256 or twice --max-num-seqs if more (default %(default)s)")
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--worker-id", default=env("ALISE_WORKER_ID", ""))
     p.add_argument("--health-address", default=env("ALISE_WORKER_HEALTH_ADDRESS", "127.0.0.1:0"),

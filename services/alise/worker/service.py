@@ -2,8 +2,10 @@
 
 It loads the model, sizes its KV cache, serves ``grpc.health.v1`` on its own port
 (NOT_SERVING while loading or disconnected, SERVING while attached to a scheduler), and
-holds the lock-step ``WorkerService.Connect`` stream: each plan is applied and its step
-run in a dedicated thread, then reported. When the stream breaks, the worker drops its
+holds the ``WorkerService.Connect`` stream. Plans arrive ahead of the step the worker runs;
+a step thread (:class:`StepLoop`) takes them one after another, each as soon as the step
+before it is done, while the event loop reads plans and aborts off the stream and writes
+reports back, so neither waits for the other. When the stream breaks, the worker drops its
 jobs (the scheduler re-queues them) and reconnects with backoff.
 """
 
@@ -12,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import queue
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -26,6 +29,7 @@ from alise.core.latency_model import LatencyModel
 from alise.v1 import worker_pb2, worker_pb2_grpc
 from alise.worker.config import WorkerConfig
 from alise.worker.engine import WorkerEngine
+from alise.worker.executor import make_worker_engine
 from alise.worker.hf_runner import TransformersRunner
 from alise.worker.kv_cache import KVCache
 from alise.worker.loader import LoadedModel, load_model
@@ -115,9 +119,9 @@ class Worker:
             self.loaded, num_blocks=num_blocks, block_size=cfg.block_size, max_num_seqs=cfg.max_num_seqs,
             use_cuda_graphs=None if cfg.cuda_graphs else False))
         self.latency_model = await loop.run_in_executor(self._executor, lambda: load_latency_profile(runner, cfg))
-        self.engine = WorkerEngine(runner, eos_token_id=self.loaded.eos_token_id,
-                                   max_model_len=self.loaded.max_model_len,
-                                   num_host_blocks=cfg.num_host_blocks)
+        self.engine = make_worker_engine(runner, eos_token_id=self.loaded.eos_token_id,
+                                         max_model_len=self.loaded.max_model_len,
+                                         num_host_blocks=cfg.num_host_blocks)
         self.metrics.watch(self._state_metrics)
         if cfg.step_log:
             self._step_log = open(cfg.step_log, "a", encoding="utf-8", buffering=1)  # noqa: SIM115 (closed in close())
@@ -135,7 +139,7 @@ class Worker:
             max_model_len=self.engine.max_model_len, vocab_size=loaded.config.vocab_size,
             eos_token_id=loaded.eos_token_id if loaded.eos_token_id is not None else -1,
             block_bytes=KVCache.block_bytes(loaded.config, cfg.block_size, loaded.dtype),
-            max_num_seqs=cfg.max_num_seqs, max_num_batched_tokens=cfg.max_num_batched_tokens,
+            max_num_seqs=cfg.max_num_seqs, max_num_batched_tokens=cfg.token_budget,
             latency_profile_json=self.latency_model.to_json() if self.latency_model else ""))
 
     async def run(self) -> None:
@@ -149,12 +153,13 @@ class Worker:
                 logger.warning("scheduler stream ended: %s %s", exc.code().name, exc.details())
             except wire.WireError as exc:
                 logger.error("scheduler sent a plan this worker cannot read (%s); reconnecting", exc)
+            except (grpc.RpcError, asyncio.InvalidStateError, ConnectionError) as exc:
+                # The stream broke under a write (the scheduler went away mid-step).
+                logger.warning("scheduler stream broke: %s: %s", type(exc).__name__, exc)
             finally:
                 self.connected.clear()
                 if self.health:
                     await self.health.set(False)
-                if self.engine is not None:
-                    self.engine.abort_all()
             if self._stopping.is_set():
                 break
             try:
@@ -170,52 +175,49 @@ class Worker:
         async with channel:
             call = worker_pb2_grpc.WorkerServiceStub(channel).Connect(metadata=sec.internal_metadata())
             await call.write(self.hello())
-            stop_waiter = asyncio.ensure_future(self._stopping.wait())
-            reported_s = None
+            steps = StepLoop(self, asyncio.get_running_loop())
+            tasks = {asyncio.ensure_future(self._read(call, steps)): "read",
+                     asyncio.ensure_future(self._write(call, steps)): "write",
+                     asyncio.ensure_future(steps.failed.wait()): "step",
+                     asyncio.ensure_future(self._stopping.wait()): "stop"}
             try:
-                while True:
-                    reader = asyncio.ensure_future(call.read())
-                    done, _ = await asyncio.wait({reader, stop_waiter},
-                                                 return_when=asyncio.FIRST_COMPLETED)
-                    if reader not in done:
-                        reader.cancel()
-                        call.cancel()
-                        return
-                    message = reader.result()
-                    if message is grpc.aio.EOF:
-                        return
-                    if message.WhichOneof("kind") == "shutdown":
-                        logger.warning("scheduler closed the stream: %s", message.shutdown.reason)
-                        return
-                    plan = wire.plan_from_pb(message.plan)
-                    if not self.connected.is_set():
-                        logger.info("worker %s attached to %s", self.worker_id,
-                                    self.config.scheduler_address)
-                        self.connected.set()
-                        if self.health:
-                            await self.health.set(True)
-                    started = time.monotonic()
-                    try:
-                        report = await asyncio.get_running_loop().run_in_executor(
-                            self._executor, self._execute, plan)
-                    except Exception:  # a failed step (CUDA out of memory, a kernel error)
-                        # Its sequences may be half-advanced: hand every job back (the scheduler
-                        # recomputes them), free the memory, and reconnect with a clean engine.
-                        logger.exception("step %d failed; this worker's jobs go back to the "
-                                         "scheduler and it reconnects", plan.step_id)
-                        self.metrics.step_failures.inc()
-                        call.cancel()
-                        self.engine.abort_all()
-                        if self.loaded is not None and self.loaded.device.type == "cuda":
-                            torch.cuda.empty_cache()
-                        return
-                    await call.write(wire.report_to_pb(report))
-                    now = time.monotonic()
-                    if reported_s is not None:
-                        self._count_cycle(started - reported_s, now - started, report)
-                    reported_s = now
+                done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    if tasks[task] in ("read", "write") and task.exception() is not None:
+                        raise task.exception()
             finally:
-                stop_waiter.cancel()
+                for task in tasks:
+                    task.cancel()
+                call.cancel()
+                await steps.close()
+                if steps.failed.is_set() and self.loaded is not None and self.loaded.device.type == "cuda":
+                    torch.cuda.empty_cache()
+
+    async def _read(self, call, steps: StepLoop) -> None:
+        """Plans and aborts off the stream, into the step thread's queues."""
+        while True:
+            message = await call.read()
+            if message is grpc.aio.EOF:
+                return
+            kind = message.WhichOneof("kind")
+            if kind == "shutdown":
+                logger.warning("scheduler closed the stream: %s", message.shutdown.reason)
+                return
+            if kind == "abort":
+                steps.abort(list(message.abort.job_ids))
+                continue
+            plan = wire.plan_from_pb(message.plan)
+            if not self.connected.is_set():
+                logger.info("worker %s attached to %s", self.worker_id, self.config.scheduler_address)
+                self.connected.set()
+                if self.health:
+                    await self.health.set(True)
+            steps.submit(plan)
+
+    async def _write(self, call, steps: StepLoop) -> None:
+        while True:
+            report = await steps.reports.get()
+            await call.write(wire.report_to_pb(report))
 
     @staticmethod
     def _new_cycle_sums() -> dict:
@@ -250,22 +252,16 @@ class Worker:
         self._cycle_logged_s = now
 
     def _execute(self, plan: StepPlan) -> StepReport:
-        refused = self.engine.apply(plan.commands)
-        if plan.run_step:
-            report = self.engine.step(plan.step_id)
-            if self._step_log is not None and report.step_duration_s > 0:
-                self._log_step(plan.step_id, report.step_duration_s)
-        else:
-            report = StepReport(step_id=plan.step_id,
-                                num_free_device_blocks=self.engine.allocator.num_free,
-                                num_free_host_blocks=self.engine.num_host_blocks)
-        report.refused = refused
+        """Runs one plan on the engine (in the step thread)."""
+        report = self.engine.run(plan)
+        if self._step_log is not None and report.step_duration_s > 0:
+            self._log_step(plan.step_id, report.step_duration_s)
         m = self.metrics
         if report.step_duration_s > 0:
             m.step.observe(report.step_duration_s)
         m.tokens.labels("prefill").inc(report.num_prefill_tokens)
         m.tokens.labels("decode").inc(report.num_decode_tokens)
-        for r in refused:
+        for r in report.refused:
             m.refused.labels(r.command).inc()
         return report
 
@@ -285,9 +281,9 @@ class Worker:
             await self._health_server.stop(0.5)
 
     def _log_step(self, step_id: int, seconds: float) -> None:
-        num_seqs, context, prefill_lens = self.engine.last_step_shape
+        num_seqs, context, prefill_lens, prefill_starts = self.engine.last_step_shape
         line = json.dumps(dict(step=step_id, num_seqs=num_seqs, context=context, prefill_lens=prefill_lens,
-                               seconds=round(seconds, 6)))
+                               prefill_starts=prefill_starts, seconds=round(seconds, 6)))
         with self._step_log_lock:
             if self._step_log is not None:
                 self._step_log.write(line + "\n")
@@ -298,3 +294,65 @@ class Worker:
             if self._step_log is not None:
                 self._step_log.close()
                 self._step_log = None
+
+
+#: Put in the plan queue to wake the step thread for aborts.
+_WAKE = object()
+
+
+class StepLoop:
+    """The step thread of one session: runs plans in order, each as soon as the step before
+    it is done; aborts received meanwhile are applied first, at the step boundary.
+
+    Reports go back to the event loop (``reports``); a step that raises (CUDA out of memory,
+    a kernel error) sets ``failed``: its sequences may be half-advanced, so the session ends,
+    every job goes back to the scheduler and the worker reconnects with a clean engine."""
+
+    def __init__(self, worker: Worker, loop: asyncio.AbstractEventLoop) -> None:
+        self.worker = worker
+        self.loop = loop
+        self.reports: asyncio.Queue = asyncio.Queue()
+        self.failed = asyncio.Event()
+        self._plans: queue.SimpleQueue = queue.SimpleQueue()
+        self._aborts: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="worker-steps", daemon=True)
+        self._thread.start()
+
+    def submit(self, plan: StepPlan) -> None:
+        self._plans.put(plan)
+
+    def abort(self, job_ids: list[str]) -> None:
+        self._aborts.put(job_ids)
+        self._plans.put(_WAKE)  # an idle thread frees the jobs now, not at its next plan
+
+    async def close(self) -> None:
+        """Stops the thread after its current step and drops every job (the scheduler
+        re-queues them)."""
+        self._plans.put(None)
+        await asyncio.to_thread(self._thread.join)
+        self.worker.engine.abort_all()
+
+    def _run(self) -> None:
+        worker, engine = self.worker, self.worker.engine
+        done_s = time.monotonic()
+        while True:
+            plan = self._plans.get()
+            if plan is None:
+                return
+            while not self._aborts.empty():
+                engine.abort(self._aborts.get())
+            if plan is _WAKE:
+                continue
+            started = time.monotonic()
+            try:
+                report = worker._execute(plan)
+            except Exception:
+                logger.exception("step %d failed; this worker's jobs go back to the scheduler and it "
+                                 "reconnects", plan.step_id)
+                worker.metrics.step_failures.inc()
+                self.loop.call_soon_threadsafe(self.failed.set)
+                return
+            now = time.monotonic()
+            self.loop.call_soon_threadsafe(self.reports.put_nowait, report)
+            worker._count_cycle(started - done_s, now - started, report)
+            done_s = now

@@ -1,0 +1,202 @@
+"""Every unfinished job as numpy columns: what a scheduling step reads instead of Python loops.
+
+Two structures, both updated by the core at the moments a job changes (arrival, admit,
+pause, KV move, resume, finish, refusal, lost worker, new estimate), never rebuilt per step:
+
+* :class:`TieLabels`  an integer label per job, increasing in (arrival, job id): the order
+                      ties between equal keys are broken in, as one number numpy can sort.
+* :class:`JobTable`   one slot per unfinished job. An idle job's values (waiting or paused)
+                      cannot change while it is idle (its tokens, KV, queue time and estimate
+                      stay put), so its remaining time is computed once per idle spell, lazily,
+                      by the first step that ranks it. A running job's moving parts (its
+                      projected tokens) are read from the job each step it is ranked.
+"""
+
+from __future__ import annotations
+
+import bisect
+
+import numpy as np
+
+from alise.core.job import Job, JobStatus
+from alise.core.policy import Candidates, RemainingTimeEstimator
+
+#: Gap between consecutive tie labels when (re)labelling; an arrival in between takes the
+#: midpoint, so 2 ** 32 leaves room for 32 arrivals in a row at one place before a relabel.
+_SPACING = 1 << 32
+_LIMIT = 1 << 62
+
+#: Owner values: a free slot, the waiting queue; >= 0 is a worker's index.
+FREE = -2
+WAITING = -1
+
+
+class TieLabels:
+    """``label[job_id]`` increasing in ``(arrival_s, job_id)`` over the jobs it holds."""
+
+    def __init__(self) -> None:
+        self._keys: list[tuple[float, str]] = []
+        self._labels: list[int] = []
+        self.label: dict[str, int] = {}
+        #: Number of relabellings so far (holders of copies refresh on a change).
+        self.epoch = 0
+
+    def add(self, job: Job) -> int:
+        key = (job.arrival_s, job.job_id)
+        keys, labels = self._keys, self._labels
+        pos = bisect.bisect_left(keys, key)
+        lo = labels[pos - 1] if pos else 0
+        value = lo + _SPACING if pos == len(keys) else (lo + labels[pos]) // 2
+        keys.insert(pos, key)
+        if value <= lo or value >= _LIMIT or (pos + 1 < len(keys) and value >= labels[pos]):
+            labels.insert(pos, 0)
+            self._relabel()
+            return self.label[job.job_id]
+        labels.insert(pos, value)
+        self.label[job.job_id] = value
+        return value
+
+    def remove(self, job: Job) -> None:
+        if self.label.pop(job.job_id, None) is None:
+            return
+        pos = bisect.bisect_left(self._keys, (job.arrival_s, job.job_id))
+        del self._keys[pos]
+        del self._labels[pos]
+
+    def _relabel(self) -> None:
+        self._labels = [(i + 1) * _SPACING for i in range(len(self._keys))]
+        self.label = {job_id: value for (_, job_id), value in zip(self._keys, self._labels)}
+        self.epoch += 1
+
+
+class JobTable:
+    """Numpy columns of the core's unfinished jobs, one slot each (slots are reused)."""
+
+    _COLUMNS = {
+        "owner": np.int64,          # FREE, WAITING, or the index of the worker holding the job
+        "running": bool,            # job.status is RUNNING
+        "tie": np.int64,            # TieLabels label
+        "arrival": np.float64,
+        "queued": np.float64,       # job.queued_s
+        "idle_since": np.float64,   # job.idle_since_s
+        "ptok": np.int64,           # prompt tokens
+        "ntok": np.int64,           # job.num_tokens (running jobs: refreshed when ranked)
+        "ncomp": np.int64,          # job.num_computed_tokens (likewise)
+        "max_tokens": np.int64,
+        "mean": np.float64,         # the policy's estimate of the job
+        "p90": np.float64,
+        "host_blocks": np.int64,    # host blocks the job holds on its worker
+        "rb": np.float64,           # remaining time before the correction (idle: lazily)
+        "left": np.float64,         # remaining output tokens (idle: lazily)
+        "dirty": bool,              # rb / left not computed since the last put
+        "route": np.int64,          # worker index a waiting job is routed to (-1: none)
+    }
+
+    def __init__(self, estimator: RemainingTimeEstimator, capacity: int = 256) -> None:
+        self.estimator = estimator
+        self.ties = TieLabels()
+        self._epoch = 0
+        self.jobs = np.full(capacity, None, dtype=object)
+        self.slot_of: dict[str, int] = {}
+        self._free = list(range(capacity - 1, -1, -1))
+        for name, dtype in self._COLUMNS.items():
+            setattr(self, name, np.zeros(capacity, dtype=dtype))
+        self.owner[:] = FREE
+
+    def __len__(self) -> int:
+        return len(self.slot_of)
+
+    # ----------------------------------------------------------------- changes
+
+    def put(self, job: Job, owner: int, estimate, host_blocks: int = 0) -> None:
+        """Records ``job``'s current state (call on every change the core makes to it)."""
+        slot = self.slot_of.get(job.job_id)
+        if slot is None:
+            if not self._free:
+                self._grow()
+            slot = self._free.pop()
+            self.slot_of[job.job_id] = slot
+            self.jobs[slot] = job
+            self.route[slot] = -1
+            self.tie[slot] = self.ties.add(job)
+            if self.ties.epoch != self._epoch:
+                self._retie()
+        self.owner[slot] = owner
+        self.running[slot] = job.status is JobStatus.RUNNING
+        self.arrival[slot] = job.arrival_s
+        self.queued[slot] = job.queued_s
+        self.idle_since[slot] = job.idle_since_s
+        self.ptok[slot] = len(job.prompt_token_ids)
+        self.ntok[slot] = job.num_tokens
+        self.ncomp[slot] = job.num_computed_tokens
+        self.max_tokens[slot] = job.sampling.max_tokens
+        self.mean[slot] = estimate.mean
+        self.p90[slot] = estimate.p90
+        self.host_blocks[slot] = host_blocks
+        self.dirty[slot] = True
+
+    def discard(self, job: Job) -> None:
+        slot = self.slot_of.pop(job.job_id, None)
+        if slot is None:
+            return
+        self.jobs[slot] = None
+        self.owner[slot] = FREE
+        self._free.append(slot)
+        self.ties.remove(job)
+
+    def mark_stale(self) -> None:
+        """Every cached remaining time is stale (the latency model changed)."""
+        self.dirty[:] = True
+
+    # ----------------------------------------------------------------- reads
+
+    def refresh_running(self, slots: np.ndarray) -> None:
+        """Re-reads the projected tokens of running jobs (they move every step)."""
+        jobs = self.jobs[slots].tolist()
+        self.ntok[slots] = [job.num_tokens for job in jobs]
+        self.ncomp[slots] = [job.num_computed_tokens for job in jobs]
+        self.dirty[slots] = True
+
+    def fill_remaining(self, slots: np.ndarray) -> None:
+        """Computes ``rb`` and ``left`` where they are stale, for the jobs at ``slots``."""
+        todo = slots[self.dirty[slots]]
+        if not len(todo):
+            return
+        gen = self.ntok[todo] - self.ptok[todo]
+        rb, left = self.estimator.remaining_base_arrays(
+            gen, self.ntok[todo], self.ncomp[todo], self.max_tokens[todo], self.mean[todo], self.p90[todo])
+        self.rb[todo] = rb
+        self.left[todo] = left
+        self.dirty[todo] = False
+
+    def candidates(self, slots: np.ndarray) -> Candidates:
+        """The policy's view of the jobs at ``slots`` (remaining times filled in)."""
+        self.fill_remaining(slots)
+        return Candidates(
+            running=self.running[slots], arrival_s=self.arrival[slots], queued_s=self.queued[slots],
+            idle_since_s=self.idle_since[slots], prompt_tokens=self.ptok[slots],
+            generated=self.ntok[slots] - self.ptok[slots], remaining_s=self.rb[slots],
+            tokens_left=self.left[slots])
+
+    def uncomputed(self, slots: np.ndarray) -> np.ndarray:
+        return self.ntok[slots] - self.ncomp[slots]
+
+    # ----------------------------------------------------------------- storage
+
+    def _retie(self) -> None:
+        labels = self.ties.label
+        for job_id, slot in self.slot_of.items():
+            self.tie[slot] = labels[job_id]
+        self._epoch = self.ties.epoch
+
+    def _grow(self) -> None:
+        old = len(self.jobs)
+        new = 2 * old
+        for name in ("jobs", *self._COLUMNS):
+            col = getattr(self, name)
+            grown = np.full(new, None, dtype=object) if col.dtype == object else np.zeros(new, dtype=col.dtype)
+            grown[:old] = col
+            if name == "owner":
+                grown[old:] = FREE
+            setattr(self, name, grown)
+        self._free.extend(range(new - 1, old - 1, -1))

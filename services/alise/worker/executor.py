@@ -1,0 +1,55 @@
+"""The real step of a worker: the forward pass over the paged cache, then sampling.
+
+``ModelExecutor`` is the ``Executor`` the engine (``alise.worker.engine``) calls with a step's
+feeds. Only the feeds that reach the end of their sequence are sampled; a prefill chunk that
+stops short of it writes its K/V and yields nothing. ``make_worker_engine`` puts a runner,
+its KV manager and this executor together.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from alise.worker.engine import Feed, WorkerEngine
+from alise.worker.kv_manager import KvManager
+from alise.worker.kv_offload import TorchKvMover
+from alise.worker.model_runner import SeqChunk
+from alise.worker.sampler import Sampler, make_generator
+
+
+class ModelExecutor:
+    def __init__(self, runner) -> None:
+        self.runner = runner
+        self.sampler = Sampler()
+        self.vocab_size = runner.vocab_size
+
+    def make_generator(self, seed: int) -> torch.Generator:
+        return make_generator(seed, self.runner.device)
+
+    def release(self, job_id: str) -> None:
+        self.runner.release(job_id)
+
+    def execute(self, feeds: list[Feed]) -> tuple[list[int], float]:
+        start = time.perf_counter()
+        chunks = [SeqChunk(f.token_ids, f.start, f.seq.block_table) for f in feeds]
+        logits = self.runner.execute(chunks, seq_ids=[f.seq.job_id for f in feeds])
+        rows = [i for i, f in enumerate(feeds) if f.samples]
+        tokens: list[int] = []
+        if rows:
+            if len(rows) < len(feeds):
+                logits = logits.index_select(0, torch.tensor(rows, device=logits.device))
+            seqs = [feeds[i].seq for i in rows]
+            tokens = self.sampler.sample(logits, [s.sampling for s in seqs], [s.generator for s in seqs])
+        elif logits.device.type == "cuda":
+            torch.cuda.current_stream(logits.device).synchronize()  # the step's time includes its work
+        return tokens, time.perf_counter() - start
+
+
+def make_worker_engine(runner, *, eos_token_id: int | None, max_model_len: int,
+                       num_host_blocks: int = 0) -> WorkerEngine:
+    """The engine of a worker over ``runner`` (a ``ModelRunner`` or ``TransformersRunner``)."""
+    mover = TorchKvMover(runner.kv_cache, num_host_blocks)
+    kv = KvManager(runner.num_blocks, num_host_blocks, runner.block_size, mover)
+    return WorkerEngine(ModelExecutor(runner), kv, eos_token_id=eos_token_id, max_model_len=max_model_len)
