@@ -5,6 +5,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 from alise.core.commands import Abort, Admit, KvAction, Pause, Resume
 from alise.core.job import JobStatus, KvPlace, LengthEstimate
 from alise.core.policy import RemainingTimeEstimator
@@ -294,3 +296,84 @@ def test_blocks_never_overcommitted_and_all_freed(jobs, policy, num_blocks, data
     step(core, worker, now_s=99.0)  # deliver the last aborts
     assert not core.jobs and not worker.seqs
     assert worker.allocator.num_free == num_blocks
+
+
+def _state(core):
+    return {j.job_id: (list(j.output_token_ids), j.num_pending_outputs, j.num_computed_tokens, j.status)
+            for j in core.jobs.values()}
+
+
+def test_a_bad_report_is_refused_whole_and_changes_nothing():
+    from dataclasses import replace
+
+    from alise.core.reports import ReportError
+
+    core, worker = make_scheduler("fcfs", num_blocks=64, block_size=4)
+    for i in range(3):
+        core.submit(make_job(f"j{i}", 6, max_tokens=20, arrival_s=float(i)))
+    step(core, worker)
+    step(core, worker)
+    plan = core.schedule("w0", 1.0)
+    good = worker.run(plan)
+    first = good.outputs[0]
+    bad_reports = {
+        "wrong step": replace(good, step_id=good.step_id + 1),
+        "wrong count": replace(good, outputs=[replace(first, num_tokens=first.num_tokens + 1)] + good.outputs[1:]),
+        "twice": replace(good, outputs=good.outputs + [first]),
+        "two tokens": replace(good, outputs=[replace(first, token_ids=[0, 0])] + good.outputs[1:]),
+        "missing": replace(good, outputs=good.outputs[1:]),
+    }
+    before = _state(core)
+    for name, report in bad_reports.items():
+        with pytest.raises(ReportError):
+            core.apply_report("w0", report, 1.0)
+        assert _state(core) == before, name
+    events = core.apply_report("w0", good, 1.0)
+    assert [e.index for e in events] == [2, 2, 2]
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.lists(st.tuples(st.integers(1, 60), st.integers(1, 30)), min_size=1, max_size=12),
+       st.sampled_from(["fcfs", "alise", "oracle"]), st.integers(12, 40), st.integers(2, 3),
+       st.sampled_from([8, 16, 4096]), st.data())
+def test_plans_in_flight_ahead_of_the_worker_stay_exact(jobs, policy, num_blocks, depth, budget, data):
+    """The core plans ``depth`` steps ahead of the worker (reports come back late, in order):
+    no plan overcommits the worker, every stream gets its tokens in order with no gap or
+    repeat, cancelled jobs leave nothing behind."""
+    targets = {f"j{i}": out for i, (_, out) in enumerate(jobs)}
+    core, worker = make_scheduler(policy, num_blocks=num_blocks, block_size=4, max_num_seqs=4,
+                                  max_num_batched_tokens=budget, max_model_len=200, targets=targets)
+    for i, (prompt, out) in enumerate(jobs):
+        core.submit(make_job(f"j{i}", prompt, max_tokens=out + 5, predicted=data.draw(
+            st.floats(1, 60)), oracle=out, arrival_s=i * 0.01))
+    produced = {job_id: 0 for job_id in targets}
+    cancelled = set()
+    in_flight = []
+    for t in range(3000):
+        now = t * 0.01
+        if data.draw(st.integers(0, 30)) == 0 and core.jobs:
+            victim = data.draw(st.sampled_from(sorted(core.jobs)))
+            core.cancel(victim, now)
+            cancelled.add(victim)
+        worker.abort(core.take_aborts("w0"))
+        while core.num_in_flight("w0") < depth:
+            plan = core.schedule("w0", now)
+            if plan.is_empty:
+                break
+            in_flight.append(worker.run(plan))
+        if not in_flight:
+            if not core.jobs:
+                break
+            continue
+        report = in_flight.pop(0)
+        assert not [r for r in report.refused if r.command in ("step", "chunk")]
+        for e in core.apply_report("w0", report, now):
+            assert e.index == produced[e.job_id]
+            produced[e.job_id] += len(e.token_ids)
+        assert worker.allocator.num_used <= num_blocks
+    worker.abort(core.take_aborts("w0"))
+    assert not core.jobs and not worker.seqs and worker.allocator.num_free == num_blocks
+    max_len = min(200, num_blocks * 4)  # a sequence never outgrows the whole cache
+    for i, (prompt, out) in enumerate(jobs):
+        if f"j{i}" not in cancelled:
+            assert produced[f"j{i}"] == min(out, max_len - prompt), f"j{i}"

@@ -1,0 +1,168 @@
+"""The serving loop on a real (tiny) model over in-process gRPC: plans in flight ahead of the
+worker, chunked prefill, aborts ahead of plans, reports checked whole, a supervised loop."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import grpc
+import pytest
+from alise.client import AliseError
+from alise.core.commands import JobOutput
+from cluster_fixtures import cluster
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+PROMPT = " ".join(f"word{i}" for i in range(40))
+
+
+async def test_chunked_prefill_gives_the_tokens_of_a_whole_prefill(tiny_llama_dir):
+    """A prompt fed in chunks of at most 16 tokens (and at most 12 beside two decodes) yields
+    the greedy tokens of the same prompt fed whole: the chunks' K/V are the prompt's."""
+    outputs = {}
+    for budget in (16, 0):
+        async with cluster(str(tiny_llama_dir), worker_overrides=dict(
+                max_num_seqs=4, max_num_batched_tokens=budget)) as c, c.client() as client:
+            engine = c.workers[0][0].engine
+            shapes = []
+            step = engine.step
+
+            def spy(plan, step=step):
+                report = step(plan)
+                shapes.append(sum(n for _, n in report.chunks) + report.num_decode_tokens)
+                return report
+            engine.step = spy
+            results = await asyncio.gather(
+                client.complete(PROMPT, max_tokens=12, temperature=0.0, ignore_eos=True),
+                client.complete("a short one", max_tokens=12, temperature=0.0, ignore_eos=True))
+            outputs[budget] = [r.token_ids for r in results]
+            if budget:
+                assert max(shapes) <= budget and len(shapes) > 12  # the prompt took several steps
+    assert outputs[16] == outputs[0] and all(len(t) == 12 for t in outputs[0])
+
+
+async def test_the_next_plan_is_in_flight_before_a_report_comes_back(tiny_llama_dir):
+    """With two plans in flight the worker runs step k while step k + 1 is already sent: every
+    report of a long generation arrives with the next plan in flight (the protocol's count,
+    not a timing)."""
+    async with cluster(str(tiny_llama_dir)) as c, c.client() as client:
+        core = c.scheduler.engine.core
+        seen = []
+        apply = core.apply_report
+
+        def spy(worker_id, report, now_s):
+            seen.append(core.num_in_flight(worker_id))
+            return apply(worker_id, report, now_s)
+        core.apply_report = spy
+        result = await client.complete("keep the worker busy", max_tokens=30, ignore_eos=True)
+    assert len(result.token_ids) == 30
+    # The first report answers the admitting plan, sent alone; the last two find nothing
+    # left to plan.
+    assert seen[1:-2] and all(n == 2 for n in seen[1:-2]), seen
+
+
+async def test_an_aborted_job_costs_no_step_after_the_abort_reaches_the_worker(tiny_llama_dir):
+    async with cluster(str(tiny_llama_dir)) as c, c.client() as client:
+        worker = c.workers[0][0]
+        engine = worker.engine
+        steps: list[tuple[float, set[str]]] = []
+        aborts: list[float] = []
+        run, abort = engine.run, engine.abort
+
+        def spy_run(plan):
+            steps.append((time.monotonic(), set(engine.seqs)))
+            return run(plan)
+
+        def spy_abort(job_ids):
+            aborts.append(time.monotonic())
+            return abort(job_ids)
+        engine.run, engine.abort = spy_run, spy_abort
+        seen = 0
+        async for chunk in client.generate("cancel me soon", max_tokens=200, ignore_eos=True,
+                                           request_id="victim"):
+            seen += len(chunk.token_ids)
+            if seen >= 5:
+                break
+        busy = asyncio.ensure_future(client.complete("another job", max_tokens=40, ignore_eos=True))
+        await asyncio.sleep(0.3)
+        await busy
+    assert aborts, "the abort never reached the worker"
+    assert not [t for t, jobs in steps if t > aborts[0] and "victim" in jobs]
+
+
+async def test_a_bad_report_disconnects_the_worker_and_leaves_no_gap_or_repeat(tiny_llama_dir, caplog):
+    """The 8th report claims a wrong token count for one job: the scheduler refuses the report
+    whole (nothing of it streams), drops the worker, which reconnects; the jobs recompute and
+    every stream ends with its exact tokens, indexes contiguous."""
+    async with cluster(str(tiny_llama_dir)) as c, c.client() as client:
+        engine = c.workers[0][0].engine
+        run, calls = engine.run, {"n": 0}
+
+        def corrupt(plan):
+            report = run(plan)
+            calls["n"] += 1
+            if calls["n"] == 8 and report.outputs:
+                out = report.outputs[0]
+                report.outputs[0] = JobOutput(out.job_id, out.token_ids, out.finish_reason, out.num_tokens + 1)
+            return report
+        engine.run = corrupt
+
+        async def stream(i: int) -> list[int]:
+            tokens = []
+            async for chunk in client.generate(f"stream {i}", max_tokens=20, ignore_eos=True):
+                assert chunk.index == len(tokens)
+                tokens += chunk.token_ids
+            return tokens
+        results = await asyncio.gather(*(stream(i) for i in range(3)))
+    assert [len(t) for t in results] == [20, 20, 20]
+    assert any("disconnecting" in r.getMessage() and "holds" in r.getMessage() for r in caplog.records)
+
+
+async def health_of(address: str) -> int:
+    async with grpc.aio.insecure_channel(address) as channel:
+        reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""))
+        return reply.status
+
+
+async def test_a_failure_in_scheduling_is_logged_and_turns_health_not_serving(tiny_llama_dir, caplog):
+    async with cluster(str(tiny_llama_dir)) as c, c.client() as client:
+        assert await health_of(c.address) == health_pb2.HealthCheckResponse.SERVING
+        await client.complete("fine", max_tokens=2)
+        core = c.scheduler.engine.core
+
+        def broken(*args, **kwargs):
+            raise RuntimeError("injected fault in schedule")
+        core.schedule = broken
+        with pytest.raises(AliseError) as err:
+            await client.complete("this one hits the fault", max_tokens=4)
+        assert err.value.code == grpc.StatusCode.UNAVAILABLE
+        await asyncio.wait_for(c.scheduler.failed.wait(), 5)
+        assert await health_of(c.address) == health_pb2.HealthCheckResponse.NOT_SERVING
+        with pytest.raises(AliseError) as err:  # refused at the door from now on, not stalled
+            await client.complete("after the fault", max_tokens=4)
+        assert err.value.code == grpc.StatusCode.UNAVAILABLE
+    assert any("scheduling loop failed" in r.getMessage() and r.exc_info for r in caplog.records)
+
+
+async def test_the_scheduler_process_exits_non_zero_when_its_loop_fails(tiny_llama_dir, monkeypatch):
+    from alise.core.scheduler import SchedulerCore
+    from alise.scheduler.config import SchedulerConfig
+    from alise.scheduler.main import serve
+    from alise.worker.config import WorkerConfig
+    from alise.worker.service import Worker
+
+    def broken(self, worker_id, now_s):
+        raise RuntimeError("injected fault in schedule")
+    monkeypatch.setattr(SchedulerCore, "schedule", broken)
+    config = SchedulerConfig(address="127.0.0.1:50151", model=str(tiny_llama_dir))
+    served = asyncio.ensure_future(serve(config))
+    worker = Worker(WorkerConfig(scheduler_address=config.address, model=str(tiny_llama_dir),
+                                 health_address="", reconnect_delay_s=0.1))
+    await worker.load()
+    task = asyncio.ensure_future(worker.run())
+    try:
+        assert await asyncio.wait_for(served, 20) == 1
+    finally:
+        await worker.stop()
+        await asyncio.wait_for(task, 10)
+        worker.close()
