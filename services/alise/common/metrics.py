@@ -74,6 +74,9 @@ class WorkerMetrics:
         self.refused = Counter("alise_worker_refused_commands", "Commands refused", ["command"], registry=r)
         self.step_failures = Counter("alise_worker_step_failures", "Steps that raised (jobs handed back, "
                                      "worker reconnected)", registry=r)
+        self.plan_wait = Histogram("alise_worker_plan_wait_seconds", "Time the worker waited for its next "
+                                   "plan while it had running jobs (the device idle on the scheduler)",
+                                   buckets=TOKEN_TIME_BUCKETS_S, registry=r)
 
     def watch(self, read) -> None:
         self.registry.register(StateCollector(read))

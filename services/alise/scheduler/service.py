@@ -226,6 +226,10 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         if capacity.worker_id in self.engine.links:
             await context.abort(grpc.StatusCode.ALREADY_EXISTS,
                                 f"worker id {capacity.worker_id!r} is already connected")
+        if first.hello.model_id and first.hello.model_id != self.info.model_id:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                f"worker serves model {first.hello.model!r} ({first.hello.model_id}), the "
+                                f"scheduler serves {self.info.name!r} ({self.info.model_id})")
         if first.hello.vocab_size and first.hello.vocab_size != self.info.vocab_size:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                                 f"worker serves a vocabulary of {first.hello.vocab_size}, the scheduler's "

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from alise.common.model_id import model_fingerprint
 from alise.worker import loader
 from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
 
@@ -21,6 +22,8 @@ class ModelInfo:
     max_model_len: int
     eos_token_id: int | None
     vocab_size: int
+    #: ``alise.common.model_id.model_fingerprint`` of the config.
+    model_id: str = ""
 
 
 def load_model_info(model: str | None, max_model_len: int | None = None) -> ModelInfo:
@@ -42,7 +45,7 @@ def load_model_info(model: str | None, max_model_len: int | None = None) -> Mode
         if not 0 < max_model_len <= limit:
             raise ValueError(f"max_model_len must be in [1, {limit}], got {max_model_len}")
         limit = max_model_len
-    return ModelInfo(name, tokenizer, limit, eos, config.vocab_size)
+    return ModelInfo(name, tokenizer, limit, eos, config.vocab_size, model_fingerprint(config))
 
 
 class IncrementalDetokenizer:

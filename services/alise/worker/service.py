@@ -18,12 +18,14 @@ import queue
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import grpc
 import torch
 from alise.client._channel import make_aio_channel
 from alise.common import grpc_server, wire
 from alise.common.metrics import WorkerMetrics, serve_metrics
+from alise.common.model_id import model_fingerprint
 from alise.core.commands import StepPlan, StepReport
 from alise.core.latency_model import LatencyModel
 from alise.v1 import worker_pb2, worker_pb2_grpc
@@ -74,11 +76,35 @@ def load_latency_profile(runner: ModelRunner, config: WorkerConfig) -> LatencyMo
     return None
 
 
+@dataclass(frozen=True)
+class ModelIdentity:
+    """What a worker's hello says about the model it serves."""
+
+    name: str
+    device: str
+    dtype: str
+    vocab_size: int
+    eos_token_id: int | None
+    block_bytes: int
+    model_id: str = ""
+
+    @classmethod
+    def of(cls, loaded: LoadedModel, block_size: int) -> ModelIdentity:
+        return cls(loaded.name, str(loaded.device), str(loaded.dtype).removeprefix("torch."),
+                   loaded.config.vocab_size, loaded.eos_token_id,
+                   KVCache.block_bytes(loaded.config, block_size, loaded.dtype), model_fingerprint(loaded.config))
+
+
 class Worker:
-    def __init__(self, config: WorkerConfig) -> None:
+    """One model replica. ``engine`` and ``identity`` given: serve that engine (a virtual
+    worker over a latency model, for benchmarks) instead of loading ``config.model``."""
+
+    def __init__(self, config: WorkerConfig, *, engine: WorkerEngine | None = None,
+                 identity: ModelIdentity | None = None) -> None:
         self.config = config
         self.worker_id = config.resolved_worker_id
-        self.engine: WorkerEngine | None = None
+        self.engine = engine
+        self.identity = identity
         self.loaded: LoadedModel | None = None
         self.latency_model: LatencyModel | None = None
         self.health: grpc_server.ServingStatus | None = None
@@ -110,6 +136,9 @@ class Worker:
     async def load(self) -> None:
         cfg = self.config
         loop = asyncio.get_running_loop()
+        if self.engine is not None:
+            self._open_outputs()
+            return
         self.loaded = await loop.run_in_executor(self._executor, lambda: load_model(
             cfg.model, device=cfg.device, dtype=cfg.dtype, seed=cfg.seed,
             max_model_len=cfg.max_model_len))
@@ -122,24 +151,28 @@ class Worker:
         self.engine = make_worker_engine(runner, eos_token_id=self.loaded.eos_token_id,
                                          max_model_len=self.loaded.max_model_len,
                                          num_host_blocks=cfg.num_host_blocks)
+        self.identity = ModelIdentity.of(self.loaded, cfg.block_size)
+        self._open_outputs()
+        logger.info("worker %s: %s on %s (%s), %d KV blocks of %d tokens, %s runner", self.worker_id,
+                    self.loaded.name, self.loaded.device, self.loaded.dtype, num_blocks, cfg.block_size, cfg.runner)
+
+    def _open_outputs(self) -> None:
+        cfg = self.config
         self.metrics.watch(self._state_metrics)
         if cfg.step_log:
             self._step_log = open(cfg.step_log, "a", encoding="utf-8", buffering=1)  # noqa: SIM115 (closed in close())
         if cfg.metrics_address:
             self.metrics_port = serve_metrics(self.metrics.registry, cfg.metrics_address)
-        logger.info("worker %s: %s on %s (%s), %d KV blocks of %d tokens, %s runner", self.worker_id,
-                    self.loaded.name, self.loaded.device, self.loaded.dtype, num_blocks, cfg.block_size, cfg.runner)
 
     def hello(self) -> worker_pb2.WorkerMessage:
-        loaded, cfg = self.loaded, self.config
+        ident, cfg = self.identity, self.config
         return worker_pb2.WorkerMessage(hello=worker_pb2.WorkerHello(
-            worker_id=self.worker_id, model=loaded.name, device=str(loaded.device),
-            dtype=str(loaded.dtype).removeprefix("torch."), block_size=cfg.block_size,
-            num_device_blocks=self.engine.allocator.num_blocks, num_host_blocks=cfg.num_host_blocks,
-            max_model_len=self.engine.max_model_len, vocab_size=loaded.config.vocab_size,
-            eos_token_id=loaded.eos_token_id if loaded.eos_token_id is not None else -1,
-            block_bytes=KVCache.block_bytes(loaded.config, cfg.block_size, loaded.dtype),
-            max_num_seqs=cfg.max_num_seqs, max_num_batched_tokens=cfg.token_budget,
+            worker_id=self.worker_id, model=ident.name, device=ident.device, dtype=ident.dtype,
+            block_size=cfg.block_size, num_device_blocks=self.engine.allocator.num_blocks,
+            num_host_blocks=self.engine.kv.num_host_blocks, max_model_len=self.engine.max_model_len,
+            vocab_size=ident.vocab_size, eos_token_id=-1 if ident.eos_token_id is None else ident.eos_token_id,
+            block_bytes=ident.block_bytes, max_num_seqs=cfg.max_num_seqs,
+            max_num_batched_tokens=cfg.token_budget, model_id=ident.model_id,
             latency_profile_json=self.latency_model.to_json() if self.latency_model else ""))
 
     async def run(self) -> None:
@@ -251,11 +284,14 @@ class Worker:
         self._cycle = self._new_cycle_sums()
         self._cycle_logged_s = now
 
-    def _execute(self, plan: StepPlan) -> StepReport:
-        """Runs one plan on the engine (in the step thread)."""
+    def _execute(self, plan: StepPlan, waited_s: float | None = None) -> StepReport:
+        """Runs one plan on the engine (in the step thread); ``waited_s``: how long it waited
+        for this plan with jobs running (None: it had none)."""
+        if waited_s is not None:
+            self.metrics.plan_wait.observe(waited_s)
         report = self.engine.run(plan)
         if self._step_log is not None and report.step_duration_s > 0:
-            self._log_step(plan.step_id, report.step_duration_s)
+            self._log_step(plan.step_id, report.step_duration_s, waited_s)
         m = self.metrics
         if report.step_duration_s > 0:
             m.step.observe(report.step_duration_s)
@@ -280,10 +316,12 @@ class Worker:
         if self._health_server is not None:
             await self._health_server.stop(0.5)
 
-    def _log_step(self, step_id: int, seconds: float) -> None:
+    def _log_step(self, step_id: int, seconds: float, waited_s: float | None) -> None:
         num_seqs, context, prefill_lens, prefill_starts = self.engine.last_step_shape
         line = json.dumps(dict(step=step_id, num_seqs=num_seqs, context=context, prefill_lens=prefill_lens,
-                               prefill_starts=prefill_starts, seconds=round(seconds, 6)))
+                               prefill_starts=prefill_starts, seconds=round(seconds, 6),
+                               end_s=round(time.monotonic(), 6),
+                               waited_s=None if waited_s is None else round(waited_s, 6)))
         with self._step_log_lock:
             if self._step_log is not None:
                 self._step_log.write(line + "\n")
@@ -335,6 +373,7 @@ class StepLoop:
     def _run(self) -> None:
         worker, engine = self.worker, self.worker.engine
         done_s = time.monotonic()
+        busy = False  # the last step left jobs running: a wait for the next plan idles the device
         while True:
             plan = self._plans.get()
             if plan is None:
@@ -345,7 +384,7 @@ class StepLoop:
                 continue
             started = time.monotonic()
             try:
-                report = worker._execute(plan)
+                report = worker._execute(plan, started - done_s if busy else None)
             except Exception:
                 logger.exception("step %d failed; this worker's jobs go back to the scheduler and it "
                                  "reconnects", plan.step_id)
@@ -356,3 +395,4 @@ class StepLoop:
             self.loop.call_soon_threadsafe(self.reports.put_nowait, report)
             worker._count_cycle(started - done_s, now - started, report)
             done_s = now
+            busy = report.step_duration_s > 0 and engine.num_running > 0

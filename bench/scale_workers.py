@@ -1,0 +1,166 @@
+"""One scheduler driving many workers: what it adds to each worker's step, by worker count.
+
+    .venv/bin/python bench/scale_workers.py [--workers 1,4,8,16] [--step-ms 15] [--seconds 20]
+
+For each worker count N: a scheduler process (``alise scheduler``, policy alise, the embedded
+tiny-llama's tokenizer), N virtual worker processes over real gRPC and a load generator.
+A virtual worker is the real worker service (``alise.worker.service.Worker``: its stream, its
+step thread, the worker engine and KV manager) whose model step is a sleep of ``--step-ms``
+instead of a forward pass. The load generator keeps ``--seqs`` requests per worker in flight
+(``--tokens`` tokens each, ignore_eos), so every worker always has jobs running.
+
+From each worker's step log: the time it waited for its next plan after a step that left jobs
+running (``waited_s``: the device idle on the scheduler), as mean and p99 per step, and the
+busy fraction (step seconds over the span of its steps). The table gives, per N, the worst
+worker's mean and p99 and the mean busy fraction. A machine this small runs every process on
+two cores: read the figures as what one scheduler process adds, measured together with the
+cost of N worker processes and the clients sharing its cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def virtual_worker(args: argparse.Namespace) -> None:
+    from alise.common.model_id import model_fingerprint
+    from alise.core.latency_model import LatencyModel
+    from alise.sim.virtual_worker import LatencyExecutor, virtual_worker as make_engine
+    from alise.worker import loader
+    from alise.worker.config import WorkerConfig
+    from alise.worker.service import ModelIdentity, Worker
+
+    class SleepingExecutor(LatencyExecutor):
+        """A step that takes ``step_s`` of wall time, as a device would."""
+
+        def execute(self, feeds):
+            time.sleep(args.step_ms / 1e3)
+            tokens, _ = super().execute(feeds)
+            return tokens, args.step_ms / 1e3
+
+    tokenizer = loader.minilm_tokenizer()
+    config = loader.preset_config(loader.DEFAULT_MODEL, tokenizer)
+    engine = make_engine(num_device_blocks=4096, block_size=16, max_model_len=2048, latency=LatencyModel())
+    engine.executor = SleepingExecutor(LatencyModel(), engine.executor.mover)
+    identity = ModelIdentity(loader.DEFAULT_MODEL, "virtual", "none", config.vocab_size, None, 0,
+                             model_fingerprint(config))
+    worker = Worker(WorkerConfig(scheduler_address=args.scheduler, worker_id=args.worker_id, health_address="",
+                                 max_num_seqs=args.seqs, step_log=args.step_log), engine=engine, identity=identity)
+    await worker.load()
+    task = asyncio.ensure_future(worker.run())
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(15, stop.set)
+    await stop.wait()
+    await worker.stop()
+    await task
+    worker.close()
+
+
+async def load(address: str, in_flight: int, tokens: int, seconds: float) -> int:
+    from alise.client import AsyncClient
+
+    done = 0
+    deadline = time.monotonic() + seconds
+
+    async def loop(client, i: int) -> None:
+        nonlocal done
+        while time.monotonic() < deadline:
+            await client.complete(f"request {i} {done}", max_tokens=tokens, ignore_eos=True)
+            done += 1
+    async with AsyncClient(address) as client:
+        await asyncio.gather(*(loop(client, i) for i in range(in_flight)))
+    return done
+
+
+def run(n: int, args: argparse.Namespace, workdir: Path) -> dict:
+    address = f"127.0.0.1:{free_port()}"
+    alise = [sys.executable, "-m", "alise.cli.main"]
+    log = open(workdir / f"n{n}-scheduler.log", "w")  # noqa: SIM115
+    procs = [subprocess.Popen(alise + ["scheduler", "--address", address, "--policy", "alise"], env=ENV,
+                              stdout=log, stderr=subprocess.STDOUT)]
+    logs = [workdir / f"n{n}-w{i}-steps.jsonl" for i in range(n)]
+    try:
+        while subprocess.run(alise + ["health", address], env=ENV, capture_output=True).returncode:
+            time.sleep(0.3)
+        for i in range(n):
+            logs[i].unlink(missing_ok=True)
+            procs.append(subprocess.Popen(
+                [sys.executable, __file__, "--virtual-worker", "--scheduler", address, "--worker-id", f"w{i}",
+                 "--step-ms", str(args.step_ms), "--seqs", str(args.seqs), "--step-log", str(logs[i])],
+                env=ENV, stdout=log, stderr=subprocess.STDOUT))
+        while (workdir / f"n{n}-scheduler.log").read_text().count("joined") < n:
+            time.sleep(0.3)
+        done = asyncio.run(load(address, n * args.seqs, args.tokens, args.seconds))
+    finally:
+        for proc in reversed(procs):
+            proc.terminate()
+        for proc in procs:
+            proc.wait(30)
+        log.close()
+    per_worker = []
+    for path in logs:
+        rows = [json.loads(line) for line in path.read_text().splitlines()]
+        rows = rows[len(rows) // 10:]  # the ramp
+        waits = sorted(1e3 * r["waited_s"] for r in rows if r.get("waited_s") is not None)
+        span = rows[-1]["end_s"] - rows[0]["end_s"] + rows[0]["seconds"]
+        per_worker.append(dict(steps=len(rows), mean_ms=statistics.fmean(waits) if waits else 0.0,
+                               p99_ms=waits[int(0.99 * (len(waits) - 1))] if waits else 0.0,
+                               busy=sum(r["seconds"] for r in rows) / span))
+    return dict(workers=n, requests=done, worst_mean_ms=max(w["mean_ms"] for w in per_worker),
+                worst_p99_ms=max(w["p99_ms"] for w in per_worker),
+                busy=statistics.fmean(w["busy"] for w in per_worker),
+                steps=sum(w["steps"] for w in per_worker))
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--workers", default="1,4,8,16")
+    p.add_argument("--step-ms", type=float, default=15.0)
+    p.add_argument("--seqs", type=int, default=4, help="requests in flight per worker")
+    p.add_argument("--tokens", type=int, default=64)
+    p.add_argument("--seconds", type=float, default=20.0)
+    p.add_argument("--out", default="")
+    p.add_argument("--virtual-worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--scheduler", default="", help=argparse.SUPPRESS)
+    p.add_argument("--worker-id", default="", help=argparse.SUPPRESS)
+    p.add_argument("--step-log", default="", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.virtual_worker:
+        asyncio.run(virtual_worker(args))
+        return 0
+    workdir = Path(args.out or tempfile.mkdtemp(prefix="alise-scale-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    print(f"virtual workers stepping every {args.step_ms:g} ms, {args.seqs} requests in flight each of "
+          f"{args.tokens} tokens, {args.seconds:g} s per run ({os.cpu_count()} CPUs, load average "
+          f"{os.getloadavg()[0]:.2f}); logs in {workdir}")
+    print(f"{'workers':>8}{'requests':>10}{'steps':>8}{'busy':>7}{'wait/step mean ms':>19}{'p99 ms':>8}"
+          "  (worst worker)")
+    for n in [int(x) for x in args.workers.split(",")]:
+        r = run(n, args, workdir)
+        print(f"{r['workers']:8d}{r['requests']:10d}{r['steps']:8d}{r['busy']:7.3f}{r['worst_mean_ms']:19.2f}"
+              f"{r['worst_p99_ms']:8.2f}", flush=True)
+    print(f"(load average now {os.getloadavg()[0]:.2f})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
