@@ -59,7 +59,7 @@ def check_free(address: str, what: str) -> None:
             if exc.errno != errno.EADDRINUSE:
                 raise PortTaken(f"cannot listen on {address} for {what}: {exc.strerror}") from None
             holder = describe_pid(listener_pid(port))
-            raise PortTaken(f"port {port} ({address}, for {what}) is already in use{holder}; stop "
+            raise PortTaken(f"port {port} ({address}), for {what}, is already in use{holder}; stop "
                             f"that process or choose another port (0 = any free port)") from None
 
 
