@@ -165,6 +165,19 @@ def test_generate_prints_a_one_token_usage_line(up):
     assert "[1 token, finish=length" in out.stderr
 
 
+@pytest.mark.parametrize("service, kind, says", [
+    ("predictor", "grpc", "is not an ALISE scheduler: it is the ALISE predictor (alise.v1.PredictorService)"),
+    ("worker-0", "health", "is not an ALISE scheduler: it is a server of health checks only"),
+    ("scheduler", "metrics", "answers HTTP/1, not gRPC: it is not an ALISE scheduler"),
+])
+def test_the_wrong_address_says_what_answers_there(up, service, kind, says):
+    address = up.state()["services"][service]["listen"][kind]
+    out = subprocess.run([sys.executable, "-m", "alise.cli.main", "generate", "hi", "--address", address],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1
+    assert f"alise: {'UNIMPLEMENTED' if kind != 'metrics' else 'UNAVAILABLE'}: {address} {says}" in out.stderr
+
+
 def test_worker_killed_mid_stream_the_stream_completes_and_the_worker_returns(up):
     before = up.state()["services"]["worker-1"]
 
