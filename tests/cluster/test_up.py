@@ -178,6 +178,18 @@ def test_the_wrong_address_says_what_answers_there(up, service, kind, says):
     assert f"alise: {'UNIMPLEMENTED' if kind != 'metrics' else 'UNAVAILABLE'}: {address} {says}" in out.stderr
 
 
+def test_the_readme_sdk_example_runs_as_pasted(up, tmp_path):
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    example = readme.split("## The SDK", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    default = 'address = "127.0.0.1:50051"'
+    assert default in example
+    script = tmp_path / "example.py"
+    script.write_text(example.replace(default, f'address = "{up.address}"'))
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=240)
+    assert out.returncode == 0, out.stderr
+    assert " tokens\n" in out.stdout
+
+
 def test_worker_killed_mid_stream_the_stream_completes_and_the_worker_returns(up):
     before = up.state()["services"]["worker-1"]
 
