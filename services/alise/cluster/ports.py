@@ -12,16 +12,17 @@ import os
 import socket
 from pathlib import Path
 
+from alise.common.grpc_server import split_host_port
+
 
 class PortTaken(Exception):
     """A port the cluster needs is in use; the message names it and what holds it."""
 
 
 def split_address(address: str) -> tuple[str, int]:
-    host, _, port = address.rpartition(":")
-    if not host or not port.isdigit():
-        raise ValueError(f"address must be HOST:PORT, got {address!r}")
-    return host.strip("[]"), int(port)
+    """(host, port) of HOST:PORT, an IPv6 host without its brackets; ValueError otherwise."""
+    host, port = split_host_port(address)
+    return host.strip("[]"), port
 
 
 def _family(host: str) -> int:
