@@ -131,7 +131,8 @@ def _run(supervisor: Supervisor, cfg: ClusterConfig, address: str) -> int:
         supervisor.start(cfg.startup_timeout_s)
         stop["started"] = True
         predictor = f", predictor {cfg.predictor_address}" if cfg.predictor else ", no predictor"
-        print(f"alise: cluster ready on {address} ({cfg.num_workers} worker(s), policy {cfg.policy}"
+        workers = f"{cfg.num_workers} worker{'' if cfg.num_workers == 1 else 's'}"
+        print(f"alise: cluster ready on {address} ({workers}, policy {cfg.policy}"
               f"{predictor}); logs in {cluster.log_dir}; `alise status` lists every service. "
               f"Ctrl-C to stop.", file=sys.stderr, flush=True)
         supervisor.run(lambda: stop["requested"])
