@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# Installs what the tests need, checks the generated stubs and docker-compose.yml, runs pytest.
+# Installs what the tests need into .venv, checks the generated stubs, docker-compose.yml and
+# the Kubernetes manifests, runs pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/bootstrap.sh server,dev
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 scripts/check_protos.sh
 scripts/check_compose.sh
+scripts/check_k8s.sh
 exec .venv/bin/python -m pytest -q "$@"

@@ -16,14 +16,16 @@ pytestmark = pytest.mark.cluster
 
 
 def test_compose_runs_the_same_commands_as_alise_up(tmp_path):
-    ports = {50051: 50051, 50053: 50053, 50060: 50060}
+    ports = {p: p for p in (50051, 50053, 50060, 9400, 9401, 9402)}
     compose = localize(compose_commands(), tmp_path, ports)
     local = service_commands(ClusterConfig(address="127.0.0.1:50051", state_dir=str(tmp_path),
-                                           num_workers=1, predictor_address="127.0.0.1:50053"))
+                                           num_workers=1, predictor_address="127.0.0.1:50053",
+                                           metrics_base_port=9400))
     local["worker"] = local.pop("worker-0")
     worker_id = local["worker"].index("--worker-id")
     del local["worker"][worker_id:worker_id + 2]  # compose workers are named by their host
     assert compose == local
+    assert ClusterConfig().policy == "alise"  # compose's default too: localize used it above
 
 
 @pytest.fixture(scope="module")

@@ -148,7 +148,7 @@ async def test_memory_pressure_preempts_and_everyone_finishes(tiny_llama_dir):
 async def test_status_reports_worker(tiny_llama_dir):
     async with cluster(str(tiny_llama_dir)) as c, c.client() as client:
         status = await client.status()
-    assert status.policy == "fcfs"
+    assert status.policy == "alise"  # SchedulerConfig's default
     [w] = status.workers
     assert w["worker_id"] == "w0"
     assert int(w["num_device_blocks"]) > 0

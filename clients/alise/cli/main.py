@@ -1,14 +1,16 @@
 """The `alise` command.
 
-Client commands (generate, status) need only the SDK. Server commands (up, scheduler,
-worker, predictor, trace, bench, sim) import the server packages when they run, so the
-client commands start fast and work where torch is not installed.
+Client commands (generate, status, health) need only the SDK. Server commands (up,
+scheduler, worker, predictor, trace, bench, sim) import the server packages when they run,
+so the client commands start fast and work where torch is not installed; in the client-only
+install (alise-client) they say which package to install instead.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import json
 import os
 import sys
@@ -21,44 +23,88 @@ SERVER_COMMANDS = {
     "scheduler": ("alise.scheduler.main", "run the scheduler service"),
     "worker": ("alise.worker.main", "run one worker (a model replica) that dials the scheduler"),
 }
+#: sub-commands that need only the SDK (all that the client-only install has)
+CLIENT_COMMANDS = ("generate", "status", "health")
 #: sub-commands that register their own sub-parsers: module providing register(subparsers)
 REGISTERED = ["alise.predictor.cli", "alise.sim.cli"]
+
+
+def _client_options(p: argparse.ArgumentParser, address: str) -> None:
+    """--address, --token, --tls-ca: how every client command reaches a server."""
+    p.add_argument("--address", default=address,
+                   help="HOST:PORT of the scheduler (env ALISE_ADDRESS; default %(default)s)")
+    p.add_argument("--token", default=os.environ.get("ALISE_TOKEN"),
+                   help="bearer token, when the server requires one (env ALISE_TOKEN; default: none)")
+    p.add_argument("--tls-ca", default=os.environ.get("ALISE_TLS_CA"),
+                   help="CA certificate (PEM) of a TLS server (env ALISE_TLS_CA; default: plaintext)")
+
+
+def _fail(exc: Exception) -> int:
+    """Prints a failed call or a bad address in one line; exit 2 for a usage error."""
+    print(f"alise: {exc}", file=sys.stderr)
+    return 2 if isinstance(exc, ValueError) else 1
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
     kwargs = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                   top_k=args.top_k, seed=args.seed, ignore_eos=args.ignore_eos,
                   timeout_s=args.timeout)
+    last = None
     try:
         with Client(args.address, token=args.token, tls_ca=args.tls_ca) as client:
-            last = None
             for chunk in client.generate(args.prompt, **kwargs):
                 sys.stdout.write(chunk.text)
                 sys.stdout.flush()
                 last = chunk
-    except AliseError as exc:
-        print(f"\nalise: {exc}", file=sys.stderr)
-        return 1
+    except (AliseError, ValueError) as exc:
+        if last is not None:
+            sys.stdout.write("\n")
+        return _fail(exc)
     except KeyboardInterrupt:
         print("\nalise: cancelled", file=sys.stderr)
         return 130
     sys.stdout.write("\n")
     if last is not None and last.usage is not None and not args.quiet:
         u = last.usage
-        print(f"[{u.completion_tokens} tokens, finish={last.finish_reason}, ttft={u.ttft_s * 1e3:.0f} ms, "
+        noun = "token" if u.completion_tokens == 1 else "tokens"
+        print(f"[{u.completion_tokens} {noun}, finish={last.finish_reason}, ttft={u.ttft_s * 1e3:.0f} ms, "
               f"total={u.e2e_s:.2f} s]", file=sys.stderr)
     return 0
+
+
+def _local_cluster(state_dir: str, address: str) -> dict | None:
+    """What `alise up` wrote to STATE_DIR/cluster.json, if that cluster is alive and serves
+    ``address``."""
+    try:
+        with open(os.path.join(state_dir, "cluster.json"), encoding="utf-8") as f:
+            cluster = json.load(f)
+        os.kill(int(cluster["supervisor_pid"]), 0)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    local = ("127.0.0.1", "localhost", "0.0.0.0", "[::1]", "[::]")
+    host, _, port = address.rpartition(":")
+    c_host, _, c_port = str(cluster.get("address", "")).rpartition(":")
+    same = port == c_port and (host == c_host or (host in local and c_host in local))
+    return cluster if same else None
+
+
+def _print_local_cluster(cluster: dict) -> None:
+    print(f"local cluster: `alise up` pid {cluster['supervisor_pid']}, logs in {cluster.get('log_dir')}")
+    for name, svc in cluster.get("services", {}).items():
+        listen = "  ".join(f"{kind} {addr}" for kind, addr in svc.get("listen", {}).items())
+        pid = svc.get("pid") or "-"
+        print(f"  {name:<12} {svc.get('state', '?'):<10} pid {pid:<8} {listen}  restarts {svc.get('restarts', 0)}")
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
     try:
         with Client(args.address, token=args.token, tls_ca=args.tls_ca) as client:
             status = client.status()
-    except AliseError as exc:
-        print(f"alise: {exc}", file=sys.stderr)
-        return 1
+    except (AliseError, ValueError) as exc:
+        return _fail(exc)
+    cluster = _local_cluster(args.state_dir, args.address)
     if args.json:
-        print(json.dumps(status.__dict__, indent=2))
+        print(json.dumps({**status.__dict__, "local_cluster": cluster}, indent=2))
         return 0
     print(f"policy {status.policy}   up {status.uptime_s:.0f} s   predictor: {status.predictor_state}")
     print(f"queue: {status.num_waiting} waiting, {status.num_running} running, {status.num_paused} paused, "
@@ -70,81 +116,149 @@ def _cmd_status(args: argparse.Namespace) -> int:
               f"device blocks {w['num_free_device_blocks']}/{w['num_device_blocks']} free "
               f"(x{w['block_size']} tokens), host {w['num_free_host_blocks']}/{w['num_host_blocks']}  "
               f"running {w['num_running']} paused {w['num_paused']}  last step {w['last_step_ms']:.1f} ms")
+    if cluster is not None:
+        _print_local_cluster(cluster)
     return 0
 
 
 def _cmd_health(args: argparse.Namespace) -> int:
     """Exit 0 when the service at ADDRESS reports SERVING (for container health checks)."""
     import grpc
+    from alise.client._channel import check_address, make_channel
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+    address = args.address or args.address_option
+    metadata = (("authorization", f"Bearer {args.token}"),) if args.token else ()
     try:
-        with grpc.insecure_channel(args.address) as channel:
+        with make_channel(check_address(address), tls_ca=args.tls_ca) as channel:
             reply = health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout)
+                health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout,
+                metadata=metadata)
+    except ValueError as exc:
+        return _fail(exc)
     except grpc.RpcError as exc:
-        print(f"alise: {args.address}: {exc.code().name}", file=sys.stderr)
+        hint = {grpc.StatusCode.UNAVAILABLE: f"nothing answers at {address}: is the service running?",
+                grpc.StatusCode.NOT_FOUND: f"no health status for service {args.service!r} there",
+                grpc.StatusCode.UNIMPLEMENTED: f"{address} serves no grpc.health.v1"}.get(exc.code(), "")
+        print(f"alise: {address}: {exc.code().name} {hint}".rstrip(), file=sys.stderr)
         return 1
     name = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
     print(name)
     return 0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each flag's default, unless its help already speaks of it or there is none to
+    show (an unset value, an on/off switch, an empty list)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        nothing = (action.default is None or action.default is argparse.SUPPRESS or action.nargs == 0
+                   or action.default in ([], ()))
+        if nothing or "default" in text.lower():
+            return text
+        return super()._get_help_string(action)
+
+
+class _Parser(argparse.ArgumentParser):
+    """Every (sub-)parser of the CLI, nested ones included, shows defaults in its help."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="alise", description="ALISE: LLM serving scheduled by predicted job length")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="alise", description="ALISE: LLM serving scheduled by predicted job length")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     address = os.environ.get("ALISE_ADDRESS", DEFAULT_ADDRESS)
-    token = os.environ.get("ALISE_TOKEN")
 
     g = sub.add_parser("generate", help="stream a generation to the terminal")
-    g.add_argument("prompt")
-    g.add_argument("--address", default=address)
-    g.add_argument("--token", default=token, help="bearer token (env ALISE_TOKEN)")
-    g.add_argument("--tls-ca", default=os.environ.get("ALISE_TLS_CA"), help="CA of a TLS server (PEM)")
-    g.add_argument("--max-tokens", type=int, default=None)
-    g.add_argument("--temperature", type=float, default=None)
-    g.add_argument("--top-p", type=float, default=None)
-    g.add_argument("--top-k", type=int, default=0)
-    g.add_argument("--seed", type=int, default=None)
-    g.add_argument("--ignore-eos", action="store_true")
-    g.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
-    g.add_argument("--quiet", action="store_true", help="no usage line")
+    g.add_argument("prompt", help="the prompt text")
+    _client_options(g, address)
+    g.add_argument("--max-tokens", type=int, default=None,
+                   help="most tokens to generate (default: the scheduler's --default-max-tokens)")
+    g.add_argument("--temperature", type=float, default=None,
+                   help="sampling temperature, 0 = greedy (default: the server's, 1.0)")
+    g.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass in (0, 1] (default: 1.0)")
+    g.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens (0 = all)")
+    g.add_argument("--seed", type=int, default=None, help="sampling seed (default: random)")
+    g.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence")
+    g.add_argument("--timeout", type=float, default=None, help="deadline in seconds (default: none)")
+    g.add_argument("--quiet", action="store_true", help="no usage line after the text")
     g.set_defaults(func=_cmd_generate)
 
     s = sub.add_parser("status", help="workers, queue and memory of a running cluster")
-    s.add_argument("--address", default=address)
-    s.add_argument("--token", default=token)
-    s.add_argument("--tls-ca", default=os.environ.get("ALISE_TLS_CA"))
-    s.add_argument("--json", action="store_true")
+    _client_options(s, address)
+    s.add_argument("--state-dir", default=os.environ.get("ALISE_STATE_DIR", ".alise"),
+                   help="where `alise up` keeps its cluster file: its services, pids and ports are "
+                        "shown when it serves --address (env ALISE_STATE_DIR; default %(default)s)")
+    s.add_argument("--json", action="store_true", help="print the status as JSON")
     s.set_defaults(func=_cmd_status)
 
     h = sub.add_parser("health", help="check a service's grpc.health.v1 status (exit 0 if SERVING)")
-    h.add_argument("address")
-    h.add_argument("--service", default="")
-    h.add_argument("--timeout", type=float, default=3.0)
+    h.add_argument("address", nargs="?", default=None,
+                   help="HOST:PORT of any ALISE service: scheduler, predictor, a worker's health port "
+                        "(default: --address)")
+    h.add_argument("--address", dest="address_option", default=address,
+                   help="the same, as the other commands take it (env ALISE_ADDRESS; default: the "
+                        "scheduler, %(default)s)")
+    h.add_argument("--service", default="", help="health service name (default: '', the whole server)")
+    h.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for the answer")
+    h.add_argument("--token", default=os.environ.get("ALISE_TOKEN"),
+                   help="bearer token sent along (env ALISE_TOKEN; default: none)")
+    h.add_argument("--tls-ca", default=os.environ.get("ALISE_TLS_CA"),
+                   help="CA certificate (PEM) of a TLS server (env ALISE_TLS_CA; default: plaintext)")
     h.set_defaults(func=_cmd_health)
 
     for name, (module, help_text) in SERVER_COMMANDS.items():
-        p = sub.add_parser(name, help=help_text)
-        _lazy(p, module)
+        _server_command(sub, name, module, help_text)
     for module in REGISTERED:
         try:
             importlib.import_module(module).register(sub)
         except ModuleNotFoundError as exc:
-            if exc.name is None or not module.startswith(exc.name):
+            if not _is_server_part(exc):
                 raise
     return parser
 
 
-def _lazy(parser: argparse.ArgumentParser, module_name: str) -> None:
-    module = importlib.import_module(module_name)
-    module.add_arguments(parser)
-    parser.set_defaults(func=module.main)
+def _is_server_part(exc: ModuleNotFoundError) -> bool:
+    """Whether the module that is missing is ALISE's server side (absent from alise-client)."""
+    name = exc.name or ""
+    return name.startswith("alise.") and name.split(".")[1] not in ("client", "cli", "v1")
+
+
+SERVER_MISSING = ("`alise {command}` is not among the commands of this client-only install (alise-client: "
+                  "generate, status, health); the server's commands (up, scheduler, worker, predictor, "
+                  "...) need the server package: pip install '.[server]' from a checkout of ALISE (or "
+                  "scripts/bootstrap.sh server)")
+
+
+def _server_command(sub, name: str, module_name: str, help_text: str) -> None:
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if not _is_server_part(exc):
+            raise
+        sub.add_parser(name, help=f"{help_text} (needs the server install)")  # main() refuses it
+        return
+    p = sub.add_parser(name, help=help_text)
+    module.add_arguments(p)
+    p.set_defaults(func=module.main)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and not argv[0].startswith("-") and argv[0] not in CLIENT_COMMANDS and not _has_server():
+        print(f"alise: {SERVER_MISSING.format(command=argv[0])}", file=sys.stderr)
+        return 2
+    args = parser.parse_args(argv)
     return args.func(args) or 0
+
+
+def _has_server() -> bool:
+    return importlib.util.find_spec("alise.common") is not None
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from alise.client.errors import (
     Overloaded,
     Unauthenticated,
     Unavailable,
+    WrongService,
 )
 from alise.client.sync import Client
 from alise.client.types import Chunk, Completion, Status, Usage
@@ -22,5 +23,5 @@ from alise.client.types import Chunk, Completion, Status, Usage
 __all__ = [
     "DEFAULT_ADDRESS", "AliseError", "AsyncClient", "Cancelled", "Chunk", "Client", "Completion",
     "DeadlineExceeded", "InvalidRequest", "Overloaded", "Status", "Unauthenticated",
-    "Unavailable", "Usage",
+    "Unavailable", "Usage", "WrongService",
 ]

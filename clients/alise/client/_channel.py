@@ -4,11 +4,28 @@ from __future__ import annotations
 
 import grpc
 
-_OPTIONS = [("grpc.max_receive_message_length", 16 << 20),
-            ("grpc.max_send_message_length", 16 << 20),
+#: Largest message the SDK sends or accepts: the servers' limit too.
+MAX_MESSAGE_BYTES = 16 << 20
+
+_OPTIONS = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
             # Reconnect quickly after a peer restarts (gRPC's default backoff grows to 2 min).
             ("grpc.initial_reconnect_backoff_ms", 200),
             ("grpc.max_reconnect_backoff_ms", 5000)]
+
+
+def check_address(address: str) -> str:
+    """Returns ``address`` if it names a port: HOST:PORT, [IPv6]:PORT, or a gRPC target with a
+    scheme (``dns:///HOST:PORT``, ``unix:PATH``). A bare host is refused: gRPC would quietly
+    dial port 443, where no ALISE service listens."""
+    if address.startswith("unix:") or "://" in address:
+        return address
+    host, _, port = address.rpartition(":")
+    bracketed = host.startswith("[") and host.endswith("]")
+    if not host or not port.isdigit() or (":" in host and not bracketed):
+        raise ValueError(f"address must be HOST:PORT (e.g. 127.0.0.1:50051, [::1]:50051), "
+                         f"got {address!r}")
+    return address
 
 
 def _read(path: str | None) -> bytes | None:

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import grpc
+from alise.client._channel import MAX_MESSAGE_BYTES
+from alise.client.errors import InvalidRequest
 from alise.client.types import Chunk, Completion, Status, Usage
 from alise.v1 import common_pb2, scheduler_pb2
-from google.protobuf.json_format import MessageToDict
 
 _FINISH = {
     common_pb2.FINISH_REASON_STOP: "stop",
@@ -37,6 +39,11 @@ def build_request(prompt: str | Sequence[int], *, max_tokens: int | None, temper
         s.seed = seed
     s.stop_token_ids.extend(stop_token_ids)
     s.ignore_eos = ignore_eos
+    num_bytes = req.ByteSize()
+    if num_bytes > MAX_MESSAGE_BYTES:
+        raise InvalidRequest(grpc.StatusCode.INVALID_ARGUMENT,
+                             f"the request is {num_bytes / 2**20:.1f} MiB; the SDK sends at most "
+                             f"{MAX_MESSAGE_BYTES >> 20} MiB (the servers' limit too): shorten the prompt")
     return req
 
 
@@ -59,8 +66,8 @@ def join_chunks(chunks: list[Chunk]) -> Completion:
 
 
 def to_status(msg: scheduler_pb2.GetStatusResponse) -> Status:
-    workers = [MessageToDict(w, preserving_proto_field_name=True,
-                             always_print_fields_with_no_presence=True) for w in msg.workers]
+    # Plain attribute reads keep int64 fields ints (MessageToDict would make them strings).
+    workers = [{f.name: getattr(w, f.name) for f in w.DESCRIPTOR.fields} for w in msg.workers]
     return Status(policy=msg.policy, workers=workers, num_waiting=msg.num_waiting,
                   num_running=msg.num_running, num_paused=msg.num_paused,
                   num_finished=msg.num_finished, predictor_state=msg.predictor_state,

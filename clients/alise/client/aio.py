@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Sequence
 
 import grpc
-from alise.client._channel import make_aio_channel
+from alise.client._channel import check_address, make_aio_channel
 from alise.client._convert import build_request, join_chunks, to_chunk, to_status
-from alise.client.errors import AliseError, from_rpc_error
+from alise.client._peer import explain
+from alise.client.errors import AliseError
 from alise.client.types import Chunk, Completion, Status
 from alise.v1 import scheduler_pb2, scheduler_pb2_grpc
 
@@ -19,17 +21,23 @@ class AsyncClient:
 
     ``generate`` yields chunks as tokens are produced; leaving the loop early (``break``,
     an exception, task cancellation) cancels the request on the server, which frees its
-    memory at the next step. ``timeout_s`` is a per-call deadline.
+    memory at the next step. ``timeout_s`` is a per-call deadline. ``address`` is HOST:PORT
+    (ValueError otherwise).
     """
 
     def __init__(self, address: str = DEFAULT_ADDRESS, *, token: str | None = None,
                  timeout_s: float | None = None, tls_ca: str | None = None,
                  channel: grpc.aio.Channel | None = None) -> None:
-        self.address = address
+        self.address = check_address(address)
         self.timeout_s = timeout_s
+        self._tls_ca = tls_ca
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
         self._channel = channel or make_aio_channel(address, tls_ca=tls_ca)
         self._stub = scheduler_pb2_grpc.SchedulerServiceStub(self._channel)
+
+    async def _error(self, exc: grpc.aio.AioRpcError) -> AliseError:
+        # explain() may ask the server what it is (a blocking reflection call): off the loop.
+        return await asyncio.to_thread(explain, exc, self.address, self._tls_ca)
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -56,7 +64,7 @@ class AsyncClient:
             async for message in call:
                 yield to_chunk(message)
         except grpc.aio.AioRpcError as exc:
-            raise from_rpc_error(exc) from None
+            raise await self._error(exc) from None
         finally:
             call.cancel()
 
@@ -71,5 +79,5 @@ class AsyncClient:
             msg = await self._stub.GetStatus(scheduler_pb2.GetStatusRequest(), timeout=timeout_s,
                                              metadata=self._metadata)
         except grpc.aio.AioRpcError as exc:
-            raise from_rpc_error(exc) from None
+            raise await self._error(exc) from None
         return to_status(msg)

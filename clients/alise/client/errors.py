@@ -17,7 +17,8 @@ class AliseError(Exception):
 
 
 class InvalidRequest(AliseError):
-    """INVALID_ARGUMENT: fix the request; retrying it unchanged will fail again."""
+    """INVALID_ARGUMENT: fix the request; retrying it unchanged will fail again. Also raised,
+    before anything is sent, for a request larger than the SDK sends."""
 
 
 class Overloaded(AliseError):
@@ -40,6 +41,10 @@ class Cancelled(AliseError):
     """CANCELLED: the call was cancelled."""
 
 
+class WrongService(AliseError):
+    """UNIMPLEMENTED: something answers at the address, but it is not an ALISE scheduler."""
+
+
 _BY_CODE = {
     grpc.StatusCode.INVALID_ARGUMENT: InvalidRequest,
     grpc.StatusCode.RESOURCE_EXHAUSTED: Overloaded,
@@ -47,14 +52,29 @@ _BY_CODE = {
     grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
     grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
     grpc.StatusCode.CANCELLED: Cancelled,
+    grpc.StatusCode.UNIMPLEMENTED: WrongService,
 }
 
+#: How gRPC's own transport words "nothing listens there" (its messages, lower-cased).
+_NO_PEER = ("failed to connect to all addresses", "dns resolution failed", "connection refused",
+            "name resolution")
 
-def from_rpc_error(error: grpc.RpcError) -> AliseError:
+
+def from_rpc_error(error: grpc.RpcError, address: str | None = None) -> AliseError:
+    """The SDK's exception for a failed call; with ``address``, a refused connection says what
+    to check instead of gRPC's transport message alone."""
     code = error.code()
-    cls = _BY_CODE.get(code, AliseError)
+    details = error.details() or ""
+    lowered = details.lower()
+    if address and code == grpc.StatusCode.UNAVAILABLE:
+        if "http1.x" in lowered or "failed parsing http/2" in lowered:
+            details = (f"{address} answers HTTP/1, not gRPC: it is not an ALISE scheduler "
+                       f"(the HTTP door, perhaps?) ({details})")
+        elif any(phrase in lowered for phrase in _NO_PEER):
+            details = (f"no ALISE scheduler answers at {address}: is `alise up` running, and is "
+                       f"that its address? ({details})")
     retry_after_s = None
     for key, value in error.trailing_metadata() or ():
         if key == "retry-after-ms" and str(value).isdigit():
             retry_after_s = int(value) / 1000
-    return cls(code, error.details() or "", retry_after_s)
+    return _BY_CODE.get(code, AliseError)(code, details, retry_after_s)

@@ -5,21 +5,25 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 
 import grpc
-from alise.client._channel import make_channel
+from alise.client._channel import check_address, make_channel
 from alise.client._convert import build_request, join_chunks, to_chunk, to_status
+from alise.client._peer import explain
 from alise.client.aio import DEFAULT_ADDRESS
-from alise.client.errors import AliseError, from_rpc_error
+from alise.client.errors import AliseError
 from alise.client.types import Chunk, Completion, Status
 from alise.v1 import scheduler_pb2, scheduler_pb2_grpc
 
 
 class Client:
-    """Blocking ALISE client. Closing the ``generate`` iterator early cancels the request."""
+    """Blocking ALISE client. Closing the ``generate`` iterator early cancels the request.
+
+    ``address`` is HOST:PORT (ValueError otherwise)."""
 
     def __init__(self, address: str = DEFAULT_ADDRESS, *, token: str | None = None,
                  timeout_s: float | None = None, tls_ca: str | None = None) -> None:
-        self.address = address
+        self.address = check_address(address)
         self.timeout_s = timeout_s
+        self._tls_ca = tls_ca
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
         self._channel = make_channel(address, tls_ca=tls_ca)
         self._stub = scheduler_pb2_grpc.SchedulerServiceStub(self._channel)
@@ -48,7 +52,7 @@ class Client:
             for message in call:
                 yield to_chunk(message)
         except grpc.RpcError as exc:
-            raise from_rpc_error(exc) from None
+            raise explain(exc, self.address, self._tls_ca) from None
         finally:
             call.cancel()
 
@@ -63,5 +67,5 @@ class Client:
             msg = self._stub.GetStatus(scheduler_pb2.GetStatusRequest(), timeout=timeout_s,
                                        metadata=self._metadata)
         except grpc.RpcError as exc:
-            raise from_rpc_error(exc) from None
+            raise explain(exc, self.address, self._tls_ca) from None
         return to_status(msg)

@@ -1,4 +1,9 @@
-"""`alise up`: start the local cluster and stay in the foreground until Ctrl-C."""
+"""`alise up`: start the local cluster and supervise it in the foreground until Ctrl-C.
+
+Exit status: 0 after a requested stop (SIGINT, SIGTERM) in which every service drained;
+1 when the cluster could not start (a port taken, a service failing before it served) or
+stopped on its own (the scheduler died, a service in a crash loop); 2 on bad flags.
+"""
 
 from __future__ import annotations
 
@@ -7,63 +12,139 @@ import logging
 import os
 import signal
 import sys
-import time
 
-from alise.cluster.local import ClusterConfig, LocalCluster, service_commands
+from alise.cluster.local import ClusterConfig, LocalCluster, ServiceExited, listen_addresses, service_commands
+from alise.cluster.ports import PortTaken, check_free, split_address
+from alise.cluster.supervisor import ClusterFailed, RestartPolicy, Supervisor
 from alise.common.logs import configure_logging
+from alise.core.policy import POLICY_NAMES
 
 logger = logging.getLogger(__name__)
+
+#: The state file in --state-dir that `alise status` reads.
+STATE_FILE = "cluster.json"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=os.environ.get("ALISE_MODEL") or None,
-                   help="model directory or preset name (default: tiny-llama with random weights)")
-    p.add_argument("--workers", type=int, default=1, dest="num_workers")
-    p.add_argument("--policy", default="fcfs", choices=["fcfs", "alise", "oracle"])
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--address", default="127.0.0.1:50051")
-    p.add_argument("--no-predictor", action="store_false", dest="predictor")
-    p.add_argument("--state-dir", default=".alise")
-    p.add_argument("--worker-arg", action="append", default=[], dest="worker_args",
-                   help="extra argument passed to every worker (repeatable)")
-    p.add_argument("--timeout", type=float, default=300.0, dest="startup_timeout_s")
+                   help="model directory or preset name (env ALISE_MODEL; default: the embedded "
+                        "tiny-llama with random weights)")
+    p.add_argument("--workers", type=int, default=1, dest="num_workers", metavar="N",
+                   help="worker processes")
+    p.add_argument("--policy", default=ClusterConfig.policy, choices=POLICY_NAMES,
+                   help="scheduling policy: alise (shortest predicted remaining time), fcfs "
+                        "(arrival order, vLLM's), oracle (true lengths, for benchmarks)")
+    p.add_argument("--device", default="cpu", help="device of every worker (cpu, cuda, cuda:1, ...)")
+    p.add_argument("--address", default="127.0.0.1:50051",
+                   help="the scheduler's HOST:PORT, where clients connect; the other services "
+                        "listen on its host too (port 0 = any free port)")
+    p.add_argument("--predictor-address", default="127.0.0.1:50053",
+                   help="the predictor's HOST:PORT (port 0 = any free port)")
+    p.add_argument("--no-predictor", action="store_false", dest="predictor",
+                   help="run without the length predictor (estimates fall back to running means)")
+    p.add_argument("--worker-health-port", type=int, default=50060, dest="worker_health_base_port", metavar="PORT",
+                   help="worker i serves grpc.health.v1 on this port + i (0 = any free ports)")
+    p.add_argument("--metrics-port", type=int, default=None, dest="metrics_base_port", metavar="PORT",
+                   help="serve Prometheus metrics: the scheduler on this port, the predictor on +1, "
+                        "worker i on +2+i (0 = any free ports; default: no metrics)")
+    p.add_argument("--state-dir", default=".alise",
+                   help="the predictor's index, the services' logs and the cluster file that "
+                        "`alise status` reads")
+    p.add_argument("--worker-arg", action="append", default=[], dest="worker_args", metavar="ARG",
+                   help="extra argument for every worker, repeatable (e.g. --worker-arg=--kv-cache-mib "
+                        "--worker-arg=64)")
+    p.add_argument("--scheduler-arg", action="append", default=[], dest="scheduler_args", metavar="ARG",
+                   help="extra argument for the scheduler, repeatable (e.g. --scheduler-arg=--kv-planner "
+                        "--scheduler-arg=drop)")
+    p.add_argument("--timeout", type=float, default=300.0, dest="startup_timeout_s", metavar="SECONDS",
+                   help="seconds each start-up tier may take before `alise up` gives up")
+    p.add_argument("--max-restarts", type=int, metavar="N", default=RestartPolicy.max_consecutive_failures,
+                   help="a service that dies this many times in a row, each within "
+                        f"{RestartPolicy.stable_s:g} s of starting, stops the cluster (a crash loop)")
+
+
+def _port_owner(name: str, kind: str) -> str:
+    """What a port is for, and the flag that sets it."""
+    if kind == "metrics":
+        return f"{name}'s metrics (--metrics-port)"
+    if kind == "health":
+        return f"{name}'s health (--worker-health-port)"
+    return f"the {name} (--{'predictor-' if name == 'predictor' else ''}address)"
+
+
+def check_ports(commands: dict[str, list[str]]) -> None:
+    """Raises PortTaken (or ValueError for a port given twice) before anything starts."""
+    seen: dict[int, str] = {}
+    for name, command in commands.items():
+        for kind, address in listen_addresses(command).items():
+            what = _port_owner(name, kind)
+            port = split_address(address)[1]
+            if port in seen:
+                raise ValueError(f"port {port} is given to both {seen[port]} and {what}")
+            seen[port] = what
+            check_free(address, what)
 
 
 def main(args: argparse.Namespace) -> int:
     configure_logging("up")
-    cfg = ClusterConfig(address=args.address, model=args.model, num_workers=args.num_workers,
-                        policy=args.policy, device=args.device, predictor=args.predictor,
-                        state_dir=args.state_dir, worker_args=tuple(args.worker_args),
-                        startup_timeout_s=args.startup_timeout_s)
+    try:
+        cfg = ClusterConfig(address=args.address, model=args.model, num_workers=args.num_workers,
+                            policy=args.policy, device=args.device, predictor=args.predictor,
+                            predictor_address=args.predictor_address, state_dir=args.state_dir,
+                            worker_health_base_port=args.worker_health_base_port,
+                            metrics_base_port=args.metrics_base_port, worker_args=tuple(args.worker_args),
+                            scheduler_args=tuple(args.scheduler_args), startup_timeout_s=args.startup_timeout_s)
+        policy = RestartPolicy(max_consecutive_failures=args.max_restarts)
+        commands = service_commands(cfg)
+        check_ports(commands)
+    except (ValueError, PortTaken) as exc:
+        print(f"alise up: {exc}", file=sys.stderr)
+        return 2 if isinstance(exc, ValueError) else 1
     if cfg.model is None:
         print("alise: no --model given: serving the embedded default, tiny-llama with RANDOM "
               "weights on the CPU (its text is meaningless; the serving path is the real one)",
               file=sys.stderr)
-    cluster = LocalCluster(service_commands(cfg), log_dir=os.path.join(cfg.state_dir, "logs"))
-    stop_requested = False
+    os.makedirs(cfg.state_dir, exist_ok=True)
+    cluster = LocalCluster(commands, log_dir=os.path.join(cfg.state_dir, "logs"))
+    address = listen_addresses(commands["scheduler"])["grpc"]
+    supervisor = Supervisor(cluster, policy=policy, state_file=os.path.join(cfg.state_dir, STATE_FILE),
+                            info={"address": address, "policy": cfg.policy, "log_dir": cluster.log_dir})
+    return _run(supervisor, cfg, address)
+
+
+class _StopRequested(Exception):
+    pass
+
+
+def _run(supervisor: Supervisor, cfg: ClusterConfig, address: str) -> int:
+    cluster = supervisor.cluster
+    stop = {"requested": False, "started": False}
 
     def request_stop(signum, frame):
-        nonlocal stop_requested
-        stop_requested = True
+        stop["requested"] = True
+        if not stop["started"]:
+            raise _StopRequested
 
     signal.signal(signal.SIGINT, request_stop)
     signal.signal(signal.SIGTERM, request_stop)
     try:
-        cluster.start(cfg.startup_timeout_s)
-        cluster.wait_healthy(cfg.startup_timeout_s)
-        print(f"alise: cluster ready on {cfg.address} ({cfg.num_workers} worker(s), policy "
-              f"{cfg.policy}); logs in {cluster.log_dir}. Ctrl-C to stop.", file=sys.stderr,
-              flush=True)
-        while not stop_requested:
-            for name, proc in cluster.procs.items():
-                if proc.poll() is not None:
-                    logger.error("%s exited with code %s", name, proc.returncode)
-                    stop_requested = True
-            time.sleep(0.2)
-    except (RuntimeError, TimeoutError) as exc:
+        supervisor.start(cfg.startup_timeout_s)
+        stop["started"] = True
+        predictor = f", predictor {cfg.predictor_address}" if cfg.predictor else ", no predictor"
+        workers = f"{cfg.num_workers} worker{'' if cfg.num_workers == 1 else 's'}"
+        print(f"alise: cluster ready on {address} ({workers}, policy {cfg.policy}"
+              f"{predictor}); logs in {cluster.log_dir}; `alise status` lists every service. "
+              f"Ctrl-C to stop.", file=sys.stderr, flush=True)
+        supervisor.run(lambda: stop["requested"])
+    except _StopRequested:
+        logger.info("stop requested during start-up")
+    except (ServiceExited, TimeoutError, ClusterFailed) as exc:
         logger.error("%s", exc)
         cluster.stop()
+        supervisor.remove_state()
         return 1
+    running = [name for name, proc in cluster.procs.items() if proc.poll() is None]
     codes = cluster.stop()
+    supervisor.remove_state()
     print(f"alise: stopped ({', '.join(f'{n}={c}' for n, c in codes.items())})", file=sys.stderr)
-    return 0
+    return 0 if all(codes[name] == 0 for name in running) else 1

@@ -151,16 +151,19 @@ def add_security_arguments(p, *, server: bool = True) -> None:
     g = p.add_argument_group("security")
     if server:
         g.add_argument("--api-token-file", help="bearer tokens accepted on the client API, one per "
-                       "line (or env ALISE_API_TOKENS, comma-separated); none = open API")
-        g.add_argument("--tls-cert", help="server certificate (PEM): TLS on the listener")
-        g.add_argument("--tls-key", help="server private key (PEM)")
-        g.add_argument("--tls-client-ca", help="require client certificates signed by this CA (mTLS)")
+                       "line (or env ALISE_API_TOKENS, comma-separated); default: none, an open API")
+        g.add_argument("--tls-cert", help="server certificate (PEM): TLS on the listener "
+                       "(default: none, plaintext)")
+        g.add_argument("--tls-key", help="server private key (PEM) (default: none)")
+        g.add_argument("--tls-client-ca", help="require client certificates signed by this CA, "
+                       "mTLS (default: none)")
     else:
-        g.add_argument("--tls-cert", help="client certificate (PEM) for mutual TLS")
-        g.add_argument("--tls-key", help="client private key (PEM)")
+        g.add_argument("--tls-cert", help="client certificate (PEM) for mutual TLS (default: none)")
+        g.add_argument("--tls-key", help="client private key (PEM) (default: none)")
     g.add_argument("--internal-secret-file", help="shared secret of internal channels "
-                   "(or env ALISE_INTERNAL_SECRET)")
-    g.add_argument("--tls-ca", help="CA that verifies the services this one dials (PEM)")
+                   "(or env ALISE_INTERNAL_SECRET; default: none, open internal channels)")
+    g.add_argument("--tls-ca", help="CA that verifies the services this one dials (PEM) "
+                   "(default: none, plaintext)")
 
 
 def security_from_args(args) -> SecurityConfig:

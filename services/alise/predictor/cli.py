@@ -26,34 +26,44 @@ def register(subparsers) -> argparse.ArgumentParser:
 
     build = sub.add_parser("build", help="build a persisted index from dataset files")
     build.add_argument("--data", action="append", required=True, help="dataset file (repeatable)")
-    build.add_argument("--index-dir", required=True)
-    build.add_argument("--tokenizer", default=None, help="HF tokenizer dir of the served model")
-    build.add_argument("--encoder", default=None, help="sentence-transformers model dir")
+    build.add_argument("--index-dir", required=True, help="directory of the persisted index")
+    build.add_argument("--tokenizer", default=None,
+                       help="HF tokenizer dir of the served model (default: the encoder's WordPiece one)")
+    build.add_argument("--encoder", default=None,
+                       help="sentence-transformers model dir (default: all-MiniLM-L6-v2, shipped by a package)")
     add_encoder_arguments(build)
     build.set_defaults(func=main_build)
 
     ev = sub.add_parser("eval", help="k-fold evaluation against the mean and 10-NN baselines")
     ev.add_argument("--data", action="append", required=True, help="dataset file (repeatable)")
-    ev.add_argument("--folds", type=int, default=5)
-    ev.add_argument("--seed", type=int, default=0)
-    ev.add_argument("--json", default=None, help="also write the table as JSON here")
-    ev.add_argument("--tokenizer", default=None)
-    ev.add_argument("--encoder", default=None)
+    ev.add_argument("--folds", type=int, default=5, help="cross-validation folds")
+    ev.add_argument("--seed", type=int, default=0, help="seed of the fold split")
+    ev.add_argument("--json", default=None, help="also write the table as JSON here (default: no)")
+    ev.add_argument("--tokenizer", default=None,
+                    help="HF tokenizer dir of the served model (default: the encoder's WordPiece one)")
+    ev.add_argument("--encoder", default=None,
+                    help="sentence-transformers model dir (default: all-MiniLM-L6-v2, shipped by a package)")
     add_encoder_arguments(ev)
     ev.set_defaults(func=main_eval)
 
     serve = sub.add_parser("serve", help="run the PredictorService")
-    serve.add_argument("--index-dir", default=None)
-    serve.add_argument("--address", default="127.0.0.1:50053")
-    serve.add_argument("--bootstrap", action="append", default=[], help="dataset file for a cold start")
+    serve.add_argument("--index-dir", default=None,
+                       help="directory of the persisted index, loaded and snapshotted (default: in memory only)")
+    serve.add_argument("--address", default="127.0.0.1:50053", help="listen address (port 0 = any free port)")
+    serve.add_argument("--bootstrap", action="append", default=[],
+                       help="dataset file for a cold start (repeatable)")
     serve.add_argument("--model", default="served", help="name of the served model")
-    serve.add_argument("--tokenizer", default=None)
-    serve.add_argument("--encoder", default=None)
+    serve.add_argument("--tokenizer", default=None,
+                       help="HF tokenizer dir of the served model (default: the encoder's WordPiece one)")
+    serve.add_argument("--encoder", default=None,
+                       help="sentence-transformers model dir (default: all-MiniLM-L6-v2, shipped by a package)")
     add_encoder_arguments(serve)
     serve.add_argument("--encoder-threads", type=int, default=None,
-                       help="encoder threads (parallel shards of a batch)")
-    serve.add_argument("--refit-interval-s", type=float, default=60.0)
-    serve.add_argument("--metrics-address", default="", help="serve Prometheus metrics over HTTP here")
+                       help="encoder threads, parallel shards of a batch (default: one shard)")
+    serve.add_argument("--refit-interval-s", type=float, default=60.0,
+                       help="seconds between refits of the estimator on the grown history")
+    serve.add_argument("--metrics-address", default="",
+                       help="serve Prometheus metrics over HTTP here (default: none)")
     add_security_arguments(serve)
     serve.set_defaults(func=main_serve)
     return parser

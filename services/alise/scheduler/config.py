@@ -15,8 +15,8 @@ class SchedulerConfig:
     address: str = "127.0.0.1:50051"
     #: Model directory or preset name, the same the workers serve (None = embedded default).
     model: str | None = None
-    #: Scheduling policy: fcfs, alise or oracle.
-    policy: str = "fcfs"
+    #: Scheduling policy: alise (the product: shortest predicted remaining time), fcfs or oracle.
+    policy: str = "alise"
     #: Context limit override in tokens (None = the model's).
     max_model_len: int | None = None
     #: max_tokens for requests that leave it unset.

@@ -18,34 +18,50 @@ logger = logging.getLogger(__name__)
 def add_arguments(p: argparse.ArgumentParser) -> None:
     env = os.environ.get
     p.add_argument("--address", default=env("ALISE_SCHEDULER_ADDRESS", "127.0.0.1:50051"),
-                   help="listen address for clients and workers (default %(default)s)")
+                   help="listen address for clients and workers (env ALISE_SCHEDULER_ADDRESS; "
+                        "default %(default)s)")
     p.add_argument("--model", default=env("ALISE_MODEL") or None,
-                   help="model directory or preset name (default: the embedded tiny-llama)")
-    p.add_argument("--policy", default=env("ALISE_POLICY", "fcfs"), choices=["fcfs", "alise", "oracle"])
-    p.add_argument("--kv-planner", default=env("ALISE_KV_PLANNER", ""),
-                   choices=["", "adaptive", "drop", "swap", "quantize"],
-                   help="where paused jobs' KV goes (default: drop for fcfs, adaptive otherwise)")
+                   help="model directory or preset name, the one the workers serve (env "
+                        "ALISE_MODEL; default: the embedded tiny-llama)")
+    p.add_argument("--policy", default=env("ALISE_POLICY", SchedulerConfig.policy), choices=["fcfs", "alise", "oracle"],
+                   help="scheduling policy: alise (shortest predicted remaining time, with the "
+                        "predictor), fcfs (arrival order), oracle (true lengths, for benchmarks) "
+                        "(env ALISE_POLICY; default %(default)s)")
+    p.add_argument("--kv-planner", default=env("ALISE_KV_PLANNER") or None,
+                   choices=["adaptive", "drop", "swap", "quantize"],
+                   help="where paused jobs' KV goes (env ALISE_KV_PLANNER; default: drop for fcfs, "
+                        "adaptive otherwise)")
     p.add_argument("--job-log", default=env("ALISE_JOB_LOG", ""),
-                   help="append a JSON line per finished job (estimate, length, latencies) to this file")
-    p.add_argument("--max-model-len", type=int, default=None)
-    p.add_argument("--default-max-tokens", type=int, default=256)
-    p.add_argument("--max-queued", type=int, default=4096)
-    p.add_argument("--max-wait-no-worker", type=float, default=30.0, dest="max_wait_no_worker_s")
+                   help="append a JSON line per finished job (estimate, length, latencies) to this "
+                        "file (env ALISE_JOB_LOG; default: none)")
+    p.add_argument("--max-model-len", type=int, default=None,
+                   help="context limit in tokens (default: the model's)")
+    p.add_argument("--default-max-tokens", type=int, default=256,
+                   help="max_tokens of a request that leaves it unset")
+    p.add_argument("--max-queued", type=int, default=4096,
+                   help="requests in flight (queued + running) before RESOURCE_EXHAUSTED")
+    p.add_argument("--max-wait-no-worker", type=float, default=30.0, dest="max_wait_no_worker_s",
+                   help="seconds a request waits while no worker is connected before UNAVAILABLE")
     p.add_argument("--plans-ahead", type=int, default=2,
                    help="plans kept in flight per worker, so it never waits for the next one "
                         "(1 = lock-step; default %(default)s)")
     p.add_argument("--predictor", default=env("ALISE_PREDICTOR_ADDRESS"), dest="predictor_address",
-                   help="predictor address (default: none, running-mean estimates)")
-    p.add_argument("--predictor-timeout", type=float, default=0.25, dest="predictor_timeout_s")
-    p.add_argument("--latency-profile", default=env("ALISE_LATENCY_PROFILE"))
+                   help="predictor address (env ALISE_PREDICTOR_ADDRESS; default: none, "
+                        "running-mean estimates)")
+    p.add_argument("--predictor-timeout", type=float, default=0.25, dest="predictor_timeout_s",
+                   help="seconds one predictor call may take before the running mean stands in")
+    p.add_argument("--latency-profile", default=env("ALISE_LATENCY_PROFILE"),
+                   help="latency profile JSON of the workers' device (env ALISE_LATENCY_PROFILE; "
+                        "default: the first worker's, corrected online)")
     p.add_argument("--metrics-address", default=env("ALISE_SCHEDULER_METRICS", ""),
-                   help="serve Prometheus metrics over HTTP here (e.g. 127.0.0.1:9400)")
+                   help="serve Prometheus metrics over HTTP here, e.g. 127.0.0.1:9400 (env "
+                        "ALISE_SCHEDULER_METRICS; default: none)")
     add_security_arguments(p)
 
 
 def config_from_args(args: argparse.Namespace) -> SchedulerConfig:
     return SchedulerConfig(
-        address=args.address, model=args.model, policy=args.policy, kv_planner=args.kv_planner,
+        address=args.address, model=args.model, policy=args.policy, kv_planner=args.kv_planner or "",
         max_model_len=args.max_model_len, default_max_tokens=args.default_max_tokens,
         max_queued=args.max_queued, max_wait_no_worker_s=args.max_wait_no_worker_s,
         predictor_address=args.predictor_address, predictor_timeout_s=args.predictor_timeout_s,

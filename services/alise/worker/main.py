@@ -18,37 +18,51 @@ logger = logging.getLogger(__name__)
 def add_arguments(p: argparse.ArgumentParser) -> None:
     env = os.environ.get
     p.add_argument("--scheduler", default=env("ALISE_SCHEDULER_ADDRESS", "127.0.0.1:50051"),
-                   dest="scheduler_address", help="scheduler address (default %(default)s)")
+                   dest="scheduler_address",
+                   help="scheduler address (env ALISE_SCHEDULER_ADDRESS; default %(default)s)")
     p.add_argument("--model", default=env("ALISE_MODEL") or None,
-                   help="model directory or preset name (default: the embedded tiny-llama)")
-    p.add_argument("--device", default=env("ALISE_DEVICE", "cpu"))
-    p.add_argument("--dtype", default="auto")
-    p.add_argument("--block-size", type=int, default=16)
-    p.add_argument("--num-device-blocks", type=int, default=0)
+                   help="model directory or preset name (env ALISE_MODEL; default: the embedded tiny-llama)")
+    p.add_argument("--device", default=env("ALISE_DEVICE", "cpu"),
+                   help="cpu, cuda, cuda:1, ... (env ALISE_DEVICE; default %(default)s)")
+    p.add_argument("--dtype", default="auto", help="auto, float32, float16 or bfloat16")
+    p.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
+    p.add_argument("--num-device-blocks", type=int, default=0,
+                   help="device KV blocks (default 0: sized from --kv-cache-mib on the CPU, from "
+                        "free memory on CUDA)")
     p.add_argument("--kv-cache-mib", type=int, default=256, help="CPU KV budget when blocks are not given")
-    p.add_argument("--gpu-memory-fraction", type=float, default=0.85)
-    p.add_argument("--num-host-blocks", type=int, default=0)
-    p.add_argument("--max-num-seqs", type=int, default=64)
+    p.add_argument("--gpu-memory-fraction", type=float, default=0.85,
+                   help="share of free GPU memory, after the weights, given to the KV cache")
+    p.add_argument("--num-host-blocks", type=int, default=0,
+                   help="host (CPU) KV blocks for swapped-out jobs; the adaptive planner's host moves need them")
+    p.add_argument("--max-num-seqs", type=int, default=64, help="sequences in one step")
     p.add_argument("--max-num-batched-tokens", type=int, default=0,
                    help="tokens one step may feed, decodes first, then prompt chunks (chunked prefill); "
                         "0 = 256 or twice --max-num-seqs if more (default %(default)s)")
-    p.add_argument("--max-model-len", type=int, default=None)
-    p.add_argument("--worker-id", default=env("ALISE_WORKER_ID", ""))
+    p.add_argument("--max-model-len", type=int, default=None,
+                   help="context limit in tokens (default: the model's)")
+    p.add_argument("--worker-id", default=env("ALISE_WORKER_ID", ""),
+                   help="name shown in status (env ALISE_WORKER_ID; default: HOST-PID)")
     p.add_argument("--health-address", default=env("ALISE_WORKER_HEALTH_ADDRESS", "127.0.0.1:0"),
-                   help="where to serve grpc.health.v1 ('' = nowhere)")
-    p.add_argument("--seed", type=int, default=0)
+                   help="where to serve grpc.health.v1: SERVING while connected to the scheduler; "
+                        "port 0 = any free port, '' = nowhere (env ALISE_WORKER_HEALTH_ADDRESS; "
+                        "default %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed of a preset model's random weights")
     p.add_argument("--latency-profile", default=env("ALISE_LATENCY_PROFILE", ""),
-                   help="latency profile JSON to load, or to write with --profile-latency")
+                   help="latency profile JSON to load, or to write with --profile-latency "
+                        "(env ALISE_LATENCY_PROFILE; default: none)")
     p.add_argument("--profile-latency", action="store_true",
                    help="measure this engine's step times at start-up and fit a latency profile")
     p.add_argument("--step-log", default=env("ALISE_WORKER_STEP_LOG", ""),
-                   help="append a JSON line per model step (its shape and seconds) to this file")
+                   help="append a JSON line per model step (its shape and seconds) to this file "
+                        "(env ALISE_WORKER_STEP_LOG; default: none)")
     p.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
                    help="run decode steps eagerly on CUDA")
     p.add_argument("--runner", choices=("paged", "transformers"), default=env("ALISE_WORKER_RUNNER", "paged"),
-                   help="forward pass: this engine's paged one, or the plain transformers one (a baseline)")
+                   help="forward pass: this engine's paged one, or the plain transformers one (a "
+                        "baseline) (env ALISE_WORKER_RUNNER; default %(default)s)")
     p.add_argument("--metrics-address", default=env("ALISE_WORKER_METRICS", ""),
-                   help="serve Prometheus metrics over HTTP here")
+                   help="serve Prometheus metrics over HTTP here, port 0 = any free port (env "
+                        "ALISE_WORKER_METRICS; default: none)")
     add_security_arguments(p, server=False)
 
 

@@ -1,0 +1,50 @@
+"""The `alise` command explains itself: every flag of the commands below has help text that
+gives its default, and no choice list offers an empty value."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+from alise.cli.main import build_parser
+
+COMMANDS = ["generate", "status", "health", "up", "scheduler", "worker", "predictor build",
+            "predictor eval", "predictor serve"]
+
+
+def subparser(path: str) -> argparse.ArgumentParser:
+    parser = build_parser()
+    for name in path.split():
+        [action] = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        parser = action.choices[name]
+    return parser
+
+
+@pytest.mark.parametrize("path", COMMANDS)
+def test_every_flag_has_help_that_gives_its_default(path):
+    parser = subparser(path)
+    formatter = parser._get_formatter()
+    for action in parser._actions:
+        if isinstance(action, argparse._HelpAction):
+            continue
+        name = "/".join(action.option_strings) or action.dest
+        assert action.help, f"alise {path} {name}: no help text"
+        shown = formatter._get_help_string(action) % {**vars(action), "prog": parser.prog}
+        if action.nargs == 0 or action.required or not action.option_strings or action.default == []:
+            continue  # switches, required values, positionals and repeatable lists say it all
+        if action.default is None:
+            assert "default" in shown.lower(), f"alise {path} {name}: what happens without it?"
+        else:
+            assert str(action.default) in shown, f"alise {path} {name}: default {action.default!r} not shown"
+        assert "" not in (action.choices or ()), f"alise {path} {name} offers an empty choice"
+
+
+def test_the_product_policy_is_the_default():
+    assert subparser("up").parse_args([]).policy == "alise"
+    assert subparser("scheduler").parse_args([]).policy == "alise"
+    assert subparser("scheduler").parse_args([]).kv_planner is None  # by policy
+
+
+def test_health_defaults_to_the_scheduler_and_takes_the_client_options():
+    args = subparser("health").parse_args(["--tls-ca", "ca.pem", "--token", "t"])
+    assert (args.address, args.address_option, args.tls_ca, args.token) == (None, "127.0.0.1:50051", "ca.pem", "t")
