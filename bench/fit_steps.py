@@ -8,9 +8,11 @@ serving step runs between gRPC round trips, with new prompt lengths every step a
 feeding it. This fits the same ``LatencyModel`` to the steps of a real run instead, and prints,
 split into decode-only and mixed steps (those with prefill chunks), the mean measured step time
 against what the fitted profile and each ``--check`` profile price the same steps at.
-``--scheduler-log`` adds ``c_cycle_s``: the cycle-weighted mean of the per-cycle worker host +
-transport + scheduler time in the scheduler's cycle log lines, the time a served step spends
-outside the forward pass.
+``c_cycle_s``, the time a served step spends outside the forward pass, comes from the step
+log itself where it has each step's end (``end_s``): the mean gap between a step's end and the
+next one's start while the worker had jobs running (the next step's ``waited_s`` set). For step
+logs without it (earlier, lock-step runs) ``--scheduler-log`` gives the cycle-weighted mean of
+the per-cycle worker host + transport + scheduler time in the scheduler's cycle log lines.
 """
 
 from __future__ import annotations
@@ -37,14 +39,30 @@ def open_text(path: str):
     return (gzip.open if path.endswith(".gz") else open)(path, "rt", encoding="utf-8")
 
 
-def load_steps(paths: list[str]) -> list[tuple[int, int, list[int], float]]:
+def load_steps(paths: list[str]) -> list[tuple[int, int, list[int], float, list[int]]]:
     samples = []
     for path in paths:
         with open_text(path) as f:
             for line in f:
                 r = json.loads(line)
-                samples.append((r["num_seqs"], r["context"], r["prefill_lens"], r["seconds"]))
+                samples.append((r["num_seqs"], r["context"], r["prefill_lens"], r["seconds"],
+                                r.get("prefill_starts") or [0] * len(r["prefill_lens"])))
     return samples
+
+
+def step_gap_s(paths: list[str]) -> tuple[float, int] | None:
+    """Mean seconds between a step's end and the next step's start while jobs ran (from the
+    steps' ``end_s``), and how many gaps; None when the logs do not have ``end_s``."""
+    gaps = []
+    for path in paths:
+        with open_text(path) as f:
+            rows = [json.loads(line) for line in f]
+        if not rows or "end_s" not in rows[0]:
+            return None
+        for prev, row in zip(rows, rows[1:]):
+            if row.get("waited_s") is not None:
+                gaps.append(row["end_s"] - row["seconds"] - prev["end_s"])
+    return (statistics.fmean(gaps), len(gaps)) if gaps else None
 
 
 def cycle_overhead_s(paths: list[str]) -> tuple[float, int]:
@@ -71,7 +89,7 @@ def priced(model: LatencyModel, samples) -> dict[str, tuple[int, float, float, f
         if not rows:
             continue
         measured = [s[3] for s in rows]
-        predicted = [model.forward_s(n, ctx, pre) for n, ctx, pre, _ in rows]
+        predicted = [model.forward_s(n, ctx, pre, starts) for n, ctx, pre, _, starts in rows]
         errors = [abs(p - m) / m for p, m in zip(predicted, measured)]
         out[kind] = (len(rows), 1e3 * statistics.fmean(measured), 1e3 * statistics.fmean(predicted),
                      statistics.fmean(errors))
@@ -99,13 +117,17 @@ def main() -> None:
                       fit_mean_rel_error=fit["all"][3],
                       by_kind={k: dict(steps=v[0], measured_ms=round(v[1], 3), fitted_ms=round(v[2], 3),
                                        mean_rel_error=round(v[3], 4)) for k, v in fit.items()})
-    if args.scheduler_log:
+    gap = step_gap_s(args.steps)
+    if gap is not None:
+        model.c_cycle_s, gaps = gap
+        model.meta["cycle_overhead"] = dict(c_cycle_s=model.c_cycle_s, gaps=gaps, source="step logs (end_s)")
+    elif args.scheduler_log:
         model.c_cycle_s, cycles = cycle_overhead_s(args.scheduler_log)
         model.meta["cycle_overhead"] = dict(c_cycle_s=model.c_cycle_s, cycles=cycles, logs=args.scheduler_log)
 
     print(f"{len(samples)} steps from {', '.join(args.steps)}")
     print("fitted: " + ", ".join(f"{k} {1e3 * getattr(model, k):.4g} ms" for k in LatencyModel.FITTED)
-          + (f"; c_cycle_s {1e3 * model.c_cycle_s:.2f} ms" if args.scheduler_log else ""))
+          + (f"; c_cycle_s {1e3 * model.c_cycle_s:.2f} ms" if "cycle_overhead" in model.meta else ""))
     profiles = [("fitted to these steps", model)] + [(p, LatencyModel.load(p)) for p in args.check]
     width = max(len(label) for label, _ in profiles)
     print(f"{'profile':<{width}} {'kind':<12} {'steps':>6} {'measured ms':>12} {'priced ms':>10} {'|error|':>8}")

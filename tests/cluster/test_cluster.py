@@ -148,6 +148,42 @@ def test_sole_worker_killed_jobs_resume_when_it_returns(cluster):
     local.start_one("worker-1")
 
 
+def test_scheduler_killed_and_restarted_no_stream_loses_a_token(cluster):
+    """kill -9 of the scheduler mid-stream: the workers keep their jobs and stay up, the
+    restarted scheduler adopts them from their hellos, the SDK resumes every stream with its
+    request id and the tokens it has, and each stream ends with all its tokens exactly once."""
+    local, address = cluster
+
+    async def scenario():
+        async with AsyncClient(address) as client:
+            chunks = {i: [] for i in range(3)}
+
+            async def run(i):
+                async for chunk in client.generate(f"outlive the scheduler {i}", max_tokens=150,
+                                                   ignore_eos=True, temperature=0):
+                    chunks[i].append(chunk)
+
+            tasks = [asyncio.create_task(run(i)) for i in range(3)]
+            while min(sum(len(c.token_ids) for c in cs) for cs in chunks.values()) < 5:
+                await asyncio.sleep(0.01)
+            os.kill(local.procs["scheduler"].pid, signal.SIGKILL)
+            local.procs["scheduler"].wait(10)
+            await asyncio.sleep(0.5)
+            assert not any(t.done() for t in tasks)
+            local.start_one("scheduler")
+            await asyncio.wait_for(asyncio.gather(*tasks), 240)
+            return chunks
+
+    chunks = asyncio.run(scenario())
+    for cs in chunks.values():
+        assert sum(len(c.token_ids) for c in cs) == 150
+        assert [c.index for c in cs] == [sum(len(c.token_ids) for c in cs[:i]) for i in range(len(cs))]
+    assert all(local.procs[name].poll() is None for name in ("worker-0", "worker-1"))
+    with open(os.path.join(local.log_dir, "scheduler.log")) as f:
+        log = f.read()
+    assert "adopted" in log and "resumed at token" in log
+
+
 def test_sigterm_drains_every_service_and_exits_zero(cluster):
     local, address = cluster
     for name in ("worker-0", "worker-1"):

@@ -133,13 +133,13 @@ async def test_a_failure_in_scheduling_is_logged_and_turns_health_not_serving(ti
         def broken(*args, **kwargs):
             raise RuntimeError("injected fault in schedule")
         core.schedule = broken
-        with pytest.raises(AliseError) as err:
-            await client.complete("this one hits the fault", max_tokens=4)
+        with pytest.raises(AliseError) as err:  # resumable, but no scheduler comes back here
+            await client.complete("this one hits the fault", max_tokens=4, resume_timeout_s=0)
         assert err.value.code == grpc.StatusCode.UNAVAILABLE
         await asyncio.wait_for(c.scheduler.failed.wait(), 5)
         assert await health_of(c.address) == health_pb2.HealthCheckResponse.NOT_SERVING
         with pytest.raises(AliseError) as err:  # refused at the door from now on, not stalled
-            await client.complete("after the fault", max_tokens=4)
+            await client.complete("after the fault", max_tokens=4, resume_timeout_s=0)
         assert err.value.code == grpc.StatusCode.UNAVAILABLE
     assert any("scheduling loop failed" in r.getMessage() and r.exc_info for r in caplog.records)
 

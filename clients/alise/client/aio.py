@@ -9,11 +9,14 @@ import grpc
 from alise.client._channel import check_address, make_aio_channel
 from alise.client._convert import build_request, join_chunks, to_chunk, to_status
 from alise.client._peer import explain
+from alise.client._resume import Resumer
 from alise.client.errors import AliseError
 from alise.client.types import Chunk, Completion, Status
 from alise.v1 import scheduler_pb2, scheduler_pb2_grpc
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
+#: How long a broken stream is resumed without progress before the error is raised.
+RESUME_TIMEOUT_S = 30.0
 
 
 class AsyncClient:
@@ -53,20 +56,32 @@ class AsyncClient:
                        top_k: int = 0, seed: int | None = None,
                        stop_token_ids: Sequence[int] = (), ignore_eos: bool = False,
                        request_id: str = "", oracle_output_tokens: int = 0,
-                       timeout_s: float | None = None) -> AsyncIterator[Chunk]:
+                       timeout_s: float | None = None,
+                       resume_timeout_s: float = RESUME_TIMEOUT_S) -> AsyncIterator[Chunk]:
+        """Streams the request's chunks; a stream that breaks (UNAVAILABLE) is resumed for up to
+        ``resume_timeout_s`` without progress (0: never), every token delivered once."""
         request = build_request(prompt, max_tokens=max_tokens, temperature=temperature,
                                 top_p=top_p, top_k=top_k, seed=seed,
                                 stop_token_ids=stop_token_ids, ignore_eos=ignore_eos,
                                 request_id=request_id, oracle_output_tokens=oracle_output_tokens)
-        call = self._stub.Generate(request, timeout=timeout_s or self.timeout_s,
-                                   metadata=self._metadata)
-        try:
-            async for message in call:
-                yield to_chunk(message)
-        except grpc.aio.AioRpcError as exc:
-            raise await self._error(exc) from None
-        finally:
-            call.cancel()
+        resumer = Resumer(request, resume_timeout_s=resume_timeout_s, timeout_s=timeout_s or self.timeout_s)
+        while True:
+            message, timeout = resumer.next_request()
+            call = self._stub.Generate(message, timeout=timeout, metadata=self._metadata)
+            try:
+                async for response in call:
+                    chunk = to_chunk(response)
+                    resumer.accept(chunk)
+                    yield chunk
+                return
+            except grpc.aio.AioRpcError as exc:
+                resumer.note_metadata(await call.initial_metadata())
+                delay = resumer.retry_after(exc)
+                if delay is None:
+                    raise await self._error(exc) from None
+            finally:
+                call.cancel()
+            await asyncio.sleep(delay)
 
     async def complete(self, prompt: str | Sequence[int], **kwargs) -> Completion:
         chunks = [chunk async for chunk in self.generate(prompt, **kwargs)]

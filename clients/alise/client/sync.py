@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator, Sequence
 
 import grpc
 from alise.client._channel import check_address, make_channel
 from alise.client._convert import build_request, join_chunks, to_chunk, to_status
 from alise.client._peer import explain
-from alise.client.aio import DEFAULT_ADDRESS
+from alise.client._resume import Resumer
+from alise.client.aio import DEFAULT_ADDRESS, RESUME_TIMEOUT_S
 from alise.client.errors import AliseError
 from alise.client.types import Chunk, Completion, Status
 from alise.v1 import scheduler_pb2, scheduler_pb2_grpc
@@ -41,20 +43,30 @@ class Client:
                  temperature: float | None = None, top_p: float | None = None, top_k: int = 0,
                  seed: int | None = None, stop_token_ids: Sequence[int] = (),
                  ignore_eos: bool = False, request_id: str = "", oracle_output_tokens: int = 0,
-                 timeout_s: float | None = None) -> Iterator[Chunk]:
+                 timeout_s: float | None = None, resume_timeout_s: float = RESUME_TIMEOUT_S) -> Iterator[Chunk]:
+        """As ``AsyncClient.generate``: a broken stream is resumed, every token delivered once."""
         request = build_request(prompt, max_tokens=max_tokens, temperature=temperature,
                                 top_p=top_p, top_k=top_k, seed=seed,
                                 stop_token_ids=stop_token_ids, ignore_eos=ignore_eos,
                                 request_id=request_id, oracle_output_tokens=oracle_output_tokens)
-        call = self._stub.Generate(request, timeout=timeout_s or self.timeout_s,
-                                   metadata=self._metadata)
-        try:
-            for message in call:
-                yield to_chunk(message)
-        except grpc.RpcError as exc:
-            raise explain(exc, self.address, self._tls_ca) from None
-        finally:
-            call.cancel()
+        resumer = Resumer(request, resume_timeout_s=resume_timeout_s, timeout_s=timeout_s or self.timeout_s)
+        while True:
+            message, timeout = resumer.next_request()
+            call = self._stub.Generate(message, timeout=timeout, metadata=self._metadata)
+            try:
+                for response in call:
+                    chunk = to_chunk(response)
+                    resumer.accept(chunk)
+                    yield chunk
+                return
+            except grpc.RpcError as exc:
+                resumer.note_metadata(call.initial_metadata())
+                delay = resumer.retry_after(exc)
+                if delay is None:
+                    raise explain(exc, self.address, self._tls_ca) from None
+            finally:
+                call.cancel()
+            time.sleep(delay)
 
     def complete(self, prompt: str | Sequence[int], **kwargs) -> Completion:
         chunks = list(self.generate(prompt, **kwargs))

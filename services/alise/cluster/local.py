@@ -21,7 +21,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from alise.cluster.child import SUPERVISOR_PID_ENV
 from alise.cluster.ports import owns_listener, resolve, split_address
-from alise.core.policy import POLICY_NAMES
+from alise.core.choices import POLICY_NAMES
 from alise.scheduler.config import SchedulerConfig
 
 logger = logging.getLogger(__name__)

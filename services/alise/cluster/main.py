@@ -17,7 +17,7 @@ from alise.cluster.local import ClusterConfig, LocalCluster, ServiceExited, list
 from alise.cluster.ports import PortTaken, check_free, split_address
 from alise.cluster.supervisor import ClusterFailed, RestartPolicy, Supervisor
 from alise.common.logs import configure_logging
-from alise.core.policy import POLICY_NAMES
+from alise.core.choices import POLICY_NAMES
 
 logger = logging.getLogger(__name__)
 

@@ -11,6 +11,7 @@ from alise.core.commands import (
     Abort,
     Admit,
     Command,
+    HeldJob,
     JobOutput,
     KvAction,
     Pause,
@@ -164,6 +165,26 @@ def report_from_pb(pb: worker_pb2.StepReport) -> StepReport:
 #: scheduler plan absurd batches).
 HELLO_LIMITS = {"block_size": 4096, "num_device_blocks": 1 << 26, "num_host_blocks": 1 << 28,
                 "max_model_len": 1 << 22, "max_num_seqs": 1 << 16, "max_num_batched_tokens": 1 << 22}
+
+
+def held_to_pb(job: HeldJob) -> worker_pb2.HeldJob:
+    return worker_pb2.HeldJob(job_id=job.job_id, token_ids=job.token_ids, num_generated=job.num_generated,
+                              sampling=sampling_to_pb(job.sampling), num_computed=job.num_computed)
+
+
+def held_from_pb(pb: worker_pb2.HeldJob, vocab_size: int) -> HeldJob:
+    """Raises WireError on a held job no worker could hold."""
+    n = len(pb.token_ids)
+    if not pb.job_id or not 0 <= pb.num_generated < n or not 0 <= pb.num_computed <= n:
+        raise WireError(f"held job {pb.job_id!r}: {n} tokens, {pb.num_generated} generated, "
+                        f"{pb.num_computed} computed")
+    if min(pb.token_ids) < 0 or max(pb.token_ids) >= vocab_size:
+        raise WireError(f"held job {pb.job_id!r}: token ids outside the vocabulary [0, {vocab_size})")
+    try:
+        sampling = sampling_from_pb(pb.sampling, default_max_tokens=1)
+    except ValueError as exc:
+        raise WireError(f"held job {pb.job_id!r}: {exc}") from exc
+    return HeldJob(pb.job_id, list(pb.token_ids), pb.num_generated, sampling, pb.num_computed)
 
 
 def capacity_from_hello(hello: worker_pb2.WorkerHello) -> WorkerCapacity:

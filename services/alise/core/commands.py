@@ -106,6 +106,18 @@ class StepReport:
 
 
 @dataclass(frozen=True)
+class HeldJob:
+    """A job a worker kept, paused, while it had no scheduler (its hello lists them)."""
+
+    job_id: str
+    token_ids: list[int]
+    num_generated: int
+    sampling: SamplingParams
+    #: Positions whose K/V the worker holds on the device (0: none).
+    num_computed: int
+
+
+@dataclass(frozen=True)
 class TokenEvent:
     """New tokens for a client stream; ``index`` is the position of ``token_ids[0]``."""
 

@@ -48,6 +48,7 @@ import abc
 from dataclasses import dataclass
 
 from alise.core.blocks import WorkerCapacity, blocks_for, place_blocks
+from alise.core.choices import PLANNER_NAMES
 from alise.core.commands import KvAction
 from alise.core.job import Job, JobStatus, KvPlace
 from alise.core.kv_places import (
@@ -285,7 +286,6 @@ class AdaptivePlanner(MemoryPlanner):
         return self.costs.place_cost_s(slot.job, slot.source, target, slot.wait_s, bs)
 
 
-PLANNER_NAMES = ("adaptive", "drop", "swap", "quantize")
 
 
 def make_memory_planner(name: str, latency: LatencyModel, **cost_kwargs) -> MemoryPlanner:

@@ -37,6 +37,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from alise.core.choices import POLICY_NAMES
 from alise.core.job import Job, LengthEstimate
 from alise.core.latency_model import LatencyModel
 
@@ -250,7 +251,6 @@ class OraclePolicy(AlisePolicy):
         return LengthEstimate(mean=n, p50=n, p90=n, source="oracle")
 
 
-POLICY_NAMES = ("fcfs", "alise", "oracle")
 
 
 def make_policy(name: str, latency: LatencyModel, **kwargs) -> Policy:

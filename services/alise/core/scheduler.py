@@ -35,9 +35,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from alise.core.admission import Budgets, select
-from alise.core.blocks import WorkerCapacity, held_host_blocks
+from alise.core.blocks import WorkerCapacity, blocks_for, held_device_blocks, held_host_blocks
 from alise.core.commands import (
-    Abort, Admit, Command, KvAction, Pause, Resume, StepPlan, StepReport, TokenEvent,
+    Abort, Admit, Command, HeldJob, KvAction, Pause, Resume, StepPlan, StepReport, TokenEvent,
 )
 from alise.core.job import FinishReason, Job, JobStatus, KvPlace, LengthEstimate
 from alise.core.kv_places import HOST_PLACES
@@ -64,12 +64,24 @@ class WorkerView:
     aborts: list[str] = field(default_factory=list)
     in_flight: deque[InFlight] = field(default_factory=deque)
     next_step_id: int = 1
-    num_free_device_blocks: int = 0
-    num_free_host_blocks: int = 0
 
     @property
     def worker_id(self) -> str:
         return self.capacity.worker_id
+
+    @property
+    def num_free_device_blocks(self) -> int:
+        """Device blocks free once the planned steps have run (the core's exact count: a job
+        that runs holds its computed positions' blocks; a paused one what its KV place costs)."""
+        bs = self.capacity.block_size
+        used = sum(blocks_for(job.num_computed_tokens, bs) if job.status is JobStatus.RUNNING
+                   else held_device_blocks(job, bs) for job in self.jobs.values())
+        return self.capacity.num_device_blocks - used
+
+    @property
+    def num_free_host_blocks(self) -> int:
+        bs = self.capacity.block_size
+        return self.capacity.num_host_blocks - sum(held_host_blocks(job, bs) for job in self.jobs.values())
 
     def num_with_status(self, status: JobStatus) -> int:
         return sum(1 for job in self.jobs.values() if job.status is status)
@@ -104,8 +116,7 @@ class SchedulerCore:
     def add_worker(self, capacity: WorkerCapacity) -> WorkerView:
         if capacity.worker_id in self.workers:
             raise ValueError(f"worker {capacity.worker_id!r} is already connected")
-        view = WorkerView(capacity, self._next_index, num_free_device_blocks=capacity.num_device_blocks,
-                          num_free_host_blocks=capacity.num_host_blocks)
+        view = WorkerView(capacity, self._next_index)
         self._next_index += 1  # a fresh index per connection: a worker id may come back
         self.workers[capacity.worker_id] = view
         self.router.add_worker(view.index, capacity.worker_id, capacity.max_model_len)
@@ -121,6 +132,30 @@ class SchedulerCore:
         for job in moved:
             self._to_waiting(job, now_s)
         return moved
+
+    def adopt(self, worker_id: str, held: list[HeldJob], now_s: float) -> list[Job]:
+        """Takes on the jobs a worker kept while it had no scheduler, paused on that worker with
+        the KV it kept, and returns them. Those this core already knows are aborted on the
+        worker instead: their jobs live on here (re-queued when the worker was lost)."""
+        view = self.workers[worker_id]
+        adopted = []
+        for h in held:
+            if h.job_id in self.jobs:
+                view.aborts.append(h.job_id)
+                continue
+            num_prompt = len(h.token_ids) - h.num_generated
+            job = Job(h.job_id, list(h.token_ids[:num_prompt]), h.sampling, arrival_s=now_s,
+                      output_token_ids=list(h.token_ids[num_prompt:]))
+            job.status = JobStatus.PAUSED
+            job.kv = KvPlace.DEVICE if h.num_computed else KvPlace.NONE
+            job.num_computed_tokens = h.num_computed
+            job.worker_id = worker_id
+            job.idle_since_s = now_s
+            self.jobs[job.job_id] = job
+            view.jobs[job.job_id] = job
+            self._put(job)
+            adopted.append(job)
+        return adopted
 
     def submit(self, job: Job) -> None:
         if job.job_id in self.jobs:
@@ -174,8 +209,6 @@ class SchedulerCore:
         view = self.workers[worker_id]
         check_report(report, view.in_flight, view.jobs)
         view.in_flight.popleft()
-        view.num_free_device_blocks = report.num_free_device_blocks
-        view.num_free_host_blocks = report.num_free_host_blocks
         for refusal in report.refused:
             job = view.jobs.get(refusal.job_id)
             if job is not None:

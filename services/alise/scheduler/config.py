@@ -5,8 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from alise.common.security import SecurityConfig
-from alise.core.memory_planner import PLANNER_NAMES
-from alise.core.policy import POLICY_NAMES
+from alise.core.choices import PLANNER_NAMES, POLICY_NAMES
 
 
 @dataclass(frozen=True)

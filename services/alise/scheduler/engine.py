@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 from alise.common.metrics import SchedulerMetrics
 from alise.core.blocks import WorkerCapacity
-from alise.core.commands import StepPlan, StepReport, TokenEvent
+from alise.core.commands import HeldJob, StepPlan, StepReport, TokenEvent
 from alise.core.job import Job, JobStatus, LengthEstimate
 from alise.core.latency_model import LatencyModel
 from alise.core.reports import ReportError
@@ -37,11 +37,18 @@ logger = logging.getLogger(__name__)
 
 
 class JobFailed(Exception):
-    """A job ended without finishing (no worker in time, scheduler shutting down)."""
+    """A job ended without finishing (no worker in time, scheduler shutting down); a
+    ``resumable`` one can be resumed by its client from another scheduler (or this one,
+    restarted)."""
 
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: str, message: str, resumable: bool = False) -> None:
         super().__init__(message)
         self.code = code
+        self.resumable = resumable
+
+
+class StreamClosing(Exception):
+    """The request id belongs to a stream being cancelled: a resume comes a moment early."""
 
 
 @dataclass
@@ -102,6 +109,7 @@ class WorkerLink:
     num_steps: int = 0
     times: CycleTimes = field(default_factory=CycleTimes)
     latency_profile: LatencyModel | None = None  # what the worker measured on its device
+    held: list[HeldJob] = field(default_factory=list)  # jobs it kept while it had no scheduler
 
     @property
     def worker_id(self) -> str:
@@ -111,8 +119,8 @@ class WorkerLink:
 class SchedulerEngine:
     def __init__(self, core: SchedulerCore, latency: LatencyModel, *,
                  max_queued: int = 4096, max_wait_no_worker_s: float = 30.0,
-                 plans_ahead: int = 2, on_finish=None, on_failure=None,
-                 metrics: SchedulerMetrics | None = None) -> None:
+                 plans_ahead: int = 2, orphan_wait_s: float = 60.0, adoption_grace_s: float = 10.0,
+                 on_finish=None, on_failure=None, metrics: SchedulerMetrics | None = None) -> None:
         if plans_ahead < 1:
             raise ValueError(f"plans_ahead must be >= 1, got {plans_ahead}")
         self.core = core
@@ -126,6 +134,14 @@ class SchedulerEngine:
         self.metrics.watch(self._state_metrics)
         self.streams: dict[str, JobStream] = {}
         self.links: dict[str, WorkerLink] = {}
+        #: Jobs adopted from a worker's hello whose client has not resumed its stream yet:
+        #: job id -> (job, until when it waits for its client). They run meanwhile.
+        self.orphans: dict[str, tuple[Job, float]] = {}
+        self.orphan_wait_s = orphan_wait_s
+        #: For this long after start, a stream resumed for an unknown job waits for a worker to
+        #: bring the job back (its hello) before it is recomputed from the client's tokens.
+        self.adoption_grace_s = adoption_grace_s
+        self._joined = asyncio.Event()
         self.inbox: asyncio.Queue = asyncio.Queue()
         self.started_s = time.monotonic()
         self.failure: BaseException | None = None
@@ -157,7 +173,7 @@ class SchedulerEngine:
 
     def _fail_streams(self, code: str, message: str) -> None:
         for stream in list(self.streams.values()):
-            stream.push(JobFailed(code, message))
+            stream.push(JobFailed(code, message, resumable=True))
         self.streams.clear()
 
     # ----------------------------------------------------------------- posting (handlers)
@@ -166,16 +182,51 @@ class SchedulerEngine:
         return len(self.streams)
 
     def submit(self, job: Job) -> JobStream:
-        """Registers a job; raises OverflowError when the queue is full."""
+        """Registers a job (or resumes the stream of the adopted job of that id); raises
+        OverflowError when the queue is full, KeyError when the id is taken."""
         if self.failure is not None:
             raise RuntimeError("the scheduler's engine has failed")
+        if job.job_id in self.orphans:
+            return self._resume(job)
         if len(self.streams) >= self.max_queued:
             raise OverflowError(f"{len(self.streams)} requests in flight, the limit is {self.max_queued}")
         if job.job_id in self.streams:
+            if self.streams[job.job_id].closed:
+                raise StreamClosing(f"request id {job.job_id!r} is being cancelled")
             raise KeyError(f"request id {job.job_id!r} is already in flight")
         stream = JobStream(job)
         self.streams[job.job_id] = stream
         self.inbox.put_nowait(("submit", job))
+        return stream
+
+    async def await_adoption(self, job_id: str) -> None:
+        """Waits (within the grace after start) for a returning worker to bring ``job_id``."""
+        deadline = self.started_s + self.adoption_grace_s
+        while job_id not in self.orphans and job_id not in self.streams:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            self._joined.clear()
+            try:
+                await asyncio.wait_for(self._joined.wait(), left)
+            except TimeoutError:
+                return
+
+    def _resume(self, request: Job) -> JobStream:
+        """The client of an adopted job is back: its stream continues after the tokens it has
+        (``request.output_token_ids``), with what the job produced meanwhile."""
+        job = self.orphans[request.job_id][0]
+        seen = request.output_token_ids
+        if job.output_token_ids[:len(seen)] != seen or job.prompt_token_ids != request.prompt_token_ids:
+            raise KeyError(f"request id {job.job_id!r} is in flight with other tokens")
+        del self.orphans[job.job_id]
+        stream = JobStream(job)
+        extra = job.output_token_ids[len(seen):]
+        if extra or job.is_finished:
+            stream.push(TokenEvent(job.job_id, list(extra), len(seen), job.finish_reason))
+        if not job.is_finished:
+            self.streams[job.job_id] = stream
+        logger.info("stream of adopted job %s resumed at token %d (%d new)", job.job_id, len(seen), len(extra))
         return stream
 
     def cancel(self, job_id: str) -> None:
@@ -211,6 +262,8 @@ class SchedulerEngine:
                 for kind, payload in batch:
                     getattr(self, f"_on_{kind}")(payload, now)
                 self._expire_unserved(now)
+                if self.orphans:
+                    self._expire_orphans(now)
                 self._dispatch(time.monotonic())
                 # Streams wake only after the next plans are out: waking dozens of Generate
                 # handlers first would queue the plans' writes behind all of theirs.
@@ -261,6 +314,12 @@ class SchedulerEngine:
         self.links[link.worker_id] = link
         # A welcome: an empty plan whose report confirms the worker is executing plans.
         link.outbox.put_nowait(StepPlan(step_id=0))
+        for job in self.core.adopt(link.worker_id, link.held, now):
+            self.orphans[job.job_id] = (job, now + self.orphan_wait_s)
+        self._joined.set()
+        if link.held:
+            logger.info("worker %s kept %d jobs: %d adopted, the rest aborted", link.worker_id,
+                        len(link.held), sum(1 for h in link.held if h.job_id in self.orphans))
         logger.info("worker %s joined: %d device blocks of %d tokens, model %s on %s",
                     link.worker_id, link.capacity.num_device_blocks, link.capacity.block_size,
                     link.model, link.device)
@@ -384,6 +443,15 @@ class SchedulerEngine:
                 link.outbox.put_nowait(plan)
                 link.times.plans += 1
             link.times.schedule_s += time.monotonic() - started
+
+    def _expire_orphans(self, now: float) -> None:
+        """Adopted jobs whose clients did not come back in time are cancelled."""
+        for job_id, (job, until) in list(self.orphans.items()):
+            if now > until:
+                del self.orphans[job_id]
+                if not job.is_finished:
+                    self.core.cancel(job_id, now)
+                logger.info("adopted job %s: no client resumed it within %g s", job_id, self.orphan_wait_s)
 
     def _expire_unserved(self, now: float) -> None:
         """Fails the waiting jobs once no worker has been connected for the wait bound,

@@ -27,7 +27,7 @@ from alise.core.memory_planner import make_memory_planner
 from alise.core.policy import make_policy
 from alise.core.scheduler import SchedulerCore
 from alise.scheduler.config import SchedulerConfig
-from alise.scheduler.engine import JobFailed, SchedulerEngine, WorkerLink
+from alise.scheduler.engine import JobFailed, SchedulerEngine, StreamClosing, WorkerLink
 from alise.scheduler.estimates import LengthEstimator
 from alise.scheduler.tokenizer import IncrementalDetokenizer, ModelInfo, load_model_info
 from alise.v1 import (
@@ -46,16 +46,25 @@ PREDICTOR_HEALTH_NAME = "alise.scheduler.predictor"
 
 
 class RequestError(Exception):
-    def __init__(self, code: grpc.StatusCode, message: str, retry_after_s: float | None = None) -> None:
+    """A refused or failed request. ``resumable``: the client may resume the stream (same
+    request id, the tokens it has) once a scheduler is back; sent as ``alise-resumable``
+    trailing metadata on UNAVAILABLE, which is otherwise resumable only when it comes from
+    the transport (no scheduler answered)."""
+
+    def __init__(self, code: grpc.StatusCode, message: str, retry_after_s: float | None = None,
+                 resumable: bool = False) -> None:
         super().__init__(message)
         self.code = code
         self.retry_after_s = retry_after_s
+        self.resumable = resumable
 
     async def abort(self, context) -> None:
-        trailing = ()
+        trailing = []
         if self.retry_after_s is not None:
-            trailing = (("retry-after-ms", str(int(self.retry_after_s * 1000))),)
-        await context.abort(self.code, str(self), trailing_metadata=trailing)
+            trailing.append(("retry-after-ms", str(int(self.retry_after_s * 1000))))
+        if self.code is grpc.StatusCode.UNAVAILABLE:
+            trailing.append(("alise-resumable", "1" if self.resumable else "0"))
+        await context.abort(self.code, str(self), trailing_metadata=tuple(trailing))
 
 
 class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
@@ -73,15 +82,23 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
         try:
             job = await self._make_job(request)
             request_id_var.set(job.job_id)
+            if job.output_token_ids:  # a resumed stream: its job may be on a returning worker
+                await self.engine.await_adoption(job.job_id)
             stream = self._submit(job)
         except RequestError as exc:
             logger.info("refused: %s %s", exc.code.name, exc)
             await exc.abort(context)
-        logger.info("queued: %d prompt tokens, max_tokens %d", job.num_prompt_tokens, job.sampling.max_tokens)
-        # Not awaited: bounded by the predictor's deadline, and its outcome (an estimate, or
-        # a failure that marks the predictor degraded) matters even if the job ends first.
-        self._predicting.add(predicting := asyncio.ensure_future(self._predict(job)))
-        predicting.add_done_callback(self._predicting.discard)
+        if stream.job is job:
+            logger.info("queued: %d prompt tokens, max_tokens %d%s", job.num_prompt_tokens,
+                        job.sampling.max_tokens, f", resumed after {job.num_output_tokens} tokens"
+                        if job.num_output_tokens else "")
+            # Not awaited: bounded by the predictor's deadline, and its outcome (an estimate, or
+            # a failure that marks the predictor degraded) matters even if the job ends first.
+            self._predicting.add(predicting := asyncio.ensure_future(self._predict(job)))
+            predicting.add_done_callback(self._predicting.discard)
+        job = stream.job  # an adopted job whose stream this request resumes
+        # Tells the client its request is taken: from here on, a broken stream is resumable.
+        await context.send_initial_metadata((("alise-accepted", "1"),))
         try:
             async for response in self._relay(stream, job, request):
                 yield response
@@ -114,14 +131,19 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
                                retry_after_s=2.0) from None
         except KeyError as exc:
             raise RequestError(grpc.StatusCode.ALREADY_EXISTS, str(exc.args[0])) from None
+        except StreamClosing as exc:
+            raise RequestError(grpc.StatusCode.UNAVAILABLE, f"{exc}; retry", resumable=True) from None
 
     async def _relay(self, stream, job: Job, request):
         detok = IncrementalDetokenizer(self.info.tokenizer)
+        if request.resume_token_ids:  # a resumed stream's text joins what the client has
+            detok.add(list(request.resume_token_ids))
         want_text = not request.HasField("stream_text") or request.stream_text
         while True:
             for item in await stream.next_batch():
                 if isinstance(item, JobFailed):
-                    raise RequestError(getattr(grpc.StatusCode, item.code), str(item))
+                    raise RequestError(getattr(grpc.StatusCode, item.code), str(item),
+                                       resumable=item.resumable)
                 response = scheduler_pb2.GenerateResponse(
                     request_id=job.job_id, token_ids=item.token_ids, index=item.index)
                 if want_text:
@@ -142,9 +164,10 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
 
     async def _make_job(self, request) -> Job:
         if self.engine.failure is not None:
-            raise RequestError(grpc.StatusCode.UNAVAILABLE, "the scheduler failed and is restarting; retry")
+            raise RequestError(grpc.StatusCode.UNAVAILABLE, "the scheduler failed and is restarting; retry",
+                               resumable=True)
         if not self.accepting:
-            raise RequestError(grpc.StatusCode.UNAVAILABLE, "the scheduler is draining")
+            raise RequestError(grpc.StatusCode.UNAVAILABLE, "the scheduler is draining", resumable=True)
         request_id = request.request_id or uuid.uuid4().hex
         if len(request_id) > MAX_REQUEST_ID_CHARS or not request_id.isprintable():
             raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
@@ -166,9 +189,28 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
                                f"[0, {self.info.vocab_size})")
         if request.oracle_output_tokens < 0:
             raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "oracle_output_tokens must be >= 0")
+        resume = self._resume_tokens(request, len(token_ids), sampling.max_tokens)
         return Job(request_id, token_ids, sampling, arrival_s=time.monotonic(),
-                   estimate=self.estimator.running_mean,
+                   estimate=self.estimator.running_mean, output_token_ids=resume,
                    oracle_output_tokens=request.oracle_output_tokens or None, prompt_text=prompt_text)
+
+    def _resume_tokens(self, request, num_prompt: int, max_tokens: int) -> list[int]:
+        resume = list(request.resume_token_ids)
+        if not resume:
+            return resume
+        if not request.request_id:
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "resume_token_ids need the request_id "
+                               "of the stream they resume")
+        if len(resume) >= max_tokens:
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"resume_token_ids has {len(resume)} "
+                               f"tokens; max_tokens is {max_tokens}, so the stream had ended")
+        if num_prompt + len(resume) >= self.info.max_model_len:
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"prompt and resume_token_ids fill the "
+                               f"model's context of {self.info.max_model_len} tokens")
+        if min(resume) < 0 or max(resume) >= self.info.vocab_size:
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"resume_token_ids must be in "
+                               f"[0, {self.info.vocab_size})")
+        return resume
 
     async def _prompt_tokens(self, request) -> tuple[list[int], str]:
         kind = request.WhichOneof("prompt")
@@ -240,8 +282,12 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                 profile = LatencyModel.from_json(first.hello.latency_profile_json)
             except (ValueError, TypeError) as exc:  # json.JSONDecodeError is a ValueError
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"bad latency profile in hello: {exc}")
+        try:
+            held = [wire.held_from_pb(h, self.info.vocab_size) for h in first.hello.held_jobs]
+        except wire.WireError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"bad hello: {exc}")
         link = WorkerLink(capacity, asyncio.Queue(), model=first.hello.model, device=first.hello.device,
-                          latency_profile=profile)
+                          latency_profile=profile, held=held)
         self.engine.worker_joined(link)
         reader = asyncio.create_task(self._read_reports(link, request_iterator))
         getter = None

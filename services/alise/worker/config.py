@@ -48,6 +48,8 @@ class WorkerConfig:
     #: Seed of random weights for preset models.
     seed: int = 0
     reconnect_delay_s: float = 1.0
+    #: How long jobs are kept, paused, after the scheduler is lost, for a restarted one to adopt.
+    orphan_ttl_s: float = 60.0
     #: Latency profile file (alise.core.latency_model JSON): loaded at start-up, or, with
     #: profile_latency, where the measured profile is written ("" = none).
     latency_profile: str = ""
@@ -80,6 +82,8 @@ class WorkerConfig:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not 0 < self.gpu_memory_fraction <= 1:
             raise ValueError(f"gpu_memory_fraction must be in (0, 1], got {self.gpu_memory_fraction}")
+        if self.orphan_ttl_s < 0:
+            raise ValueError(f"orphan_ttl_s must be >= 0, got {self.orphan_ttl_s}")
         if self.reconnect_delay_s <= 0:
             raise ValueError(f"reconnect_delay_s must be > 0, got {self.reconnect_delay_s}")
         if self.runner not in RUNNERS:

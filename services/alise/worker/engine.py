@@ -21,9 +21,9 @@ from typing import Protocol
 
 from alise.core.blocks import blocks_for
 from alise.core.commands import (
-    Abort, Admit, Command, JobOutput, Pause, Refusal, Resume, StepPlan, StepReport,
+    Abort, Admit, Command, HeldJob, JobOutput, Pause, Refusal, Resume, StepPlan, StepReport,
 )
-from alise.core.job import FinishReason
+from alise.core.job import FinishReason, KvPlace
 from alise.core.sampling import SamplingParams
 from alise.worker.kv_manager import KvManager, KvState
 
@@ -160,6 +160,19 @@ class WorkerEngine:
     def abort_all(self) -> None:
         for seq in list(self.seqs.values()):
             self._release(seq)
+
+    def hold(self) -> list[HeldJob]:
+        """The scheduler is gone: every job pauses where it is, keeping its tokens and its KV
+        if that is in full precision on the device (other places are dropped: a scheduler that
+        adopts the job recomputes them). Returns the jobs, for the next hello."""
+        held = []
+        for seq in self.seqs.values():
+            seq.paused = True
+            if seq.place is not KvPlace.DEVICE:
+                self.kv.release(seq)
+            held.append(HeldJob(seq.job_id, list(seq.token_ids), seq.num_generated, seq.sampling,
+                                seq.num_cached))
+        return held
 
     # ----------------------------------------------------------------- stepping
 

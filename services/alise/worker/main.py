@@ -63,6 +63,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--metrics-address", default=env("ALISE_WORKER_METRICS", ""),
                    help="serve Prometheus metrics over HTTP here, port 0 = any free port (env "
                         "ALISE_WORKER_METRICS; default: none)")
+    p.add_argument("--orphan-ttl", type=float, default=60.0, dest="orphan_ttl_s",
+                   help="seconds to keep jobs, paused with their KV, after losing the scheduler, for a "
+                        "restarted one to adopt (default %(default)s)")
     add_security_arguments(p, server=False)
 
 
@@ -75,7 +78,7 @@ def config_from_args(args: argparse.Namespace) -> WorkerConfig:
         max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
         worker_id=args.worker_id, health_address=args.health_address, seed=args.seed,
         latency_profile=args.latency_profile, profile_latency=args.profile_latency, cuda_graphs=args.cuda_graphs,
-        step_log=args.step_log,
+        step_log=args.step_log, orphan_ttl_s=args.orphan_ttl_s,
         runner=args.runner,
         metrics_address=args.metrics_address, security=security_from_args(args))
 

@@ -105,6 +105,8 @@ class Worker:
         self.worker_id = config.resolved_worker_id
         self.engine = engine
         self.identity = identity
+        #: Jobs kept after the last scheduler was lost, for the next one to adopt.
+        self._held: list = []
         self.loaded: LoadedModel | None = None
         self.latency_model: LatencyModel | None = None
         self.health: grpc_server.ServingStatus | None = None
@@ -173,19 +175,29 @@ class Worker:
             vocab_size=ident.vocab_size, eos_token_id=-1 if ident.eos_token_id is None else ident.eos_token_id,
             block_bytes=ident.block_bytes, max_num_seqs=cfg.max_num_seqs,
             max_num_batched_tokens=cfg.token_budget, model_id=ident.model_id,
+            held_jobs=[wire.held_to_pb(job) for job in self._held],
             latency_profile_json=self.latency_model.to_json() if self.latency_model else ""))
 
     async def run(self) -> None:
-        """Connects, serves plans, reconnects; returns after ``stop``."""
+        """Connects, serves plans, reconnects; returns after ``stop``.
+
+        When the stream breaks (the scheduler died or the network failed), the worker keeps
+        its jobs, paused, for ``orphan_ttl_s``: its next hello lists them, and a scheduler that
+        does not know them (a restarted one) adopts them with their KV; one that does has them
+        aborted. When the scheduler closes the stream itself, a step fails, or the worker
+        stops, the jobs are dropped (the scheduler re-queues them)."""
         delay = self.config.reconnect_delay_s
+        held_until = 0.0
         while not self._stopping.is_set():
+            keep = True
             try:
-                await self._session()
+                keep = await self._session()
                 delay = self.config.reconnect_delay_s
             except grpc.aio.AioRpcError as exc:
                 logger.warning("scheduler stream ended: %s %s", exc.code().name, exc.details())
             except wire.WireError as exc:
                 logger.error("scheduler sent a plan this worker cannot read (%s); reconnecting", exc)
+                keep = False
             except (grpc.RpcError, asyncio.InvalidStateError, ConnectionError) as exc:
                 # The stream broke under a write (the scheduler went away mid-step).
                 logger.warning("scheduler stream broke: %s: %s", type(exc).__name__, exc)
@@ -195,13 +207,28 @@ class Worker:
                     await self.health.set(False)
             if self._stopping.is_set():
                 break
+            if keep and self.engine.seqs and not self._held:
+                self._held = self.engine.hold()
+                held_until = time.monotonic() + self.config.orphan_ttl_s
+                logger.warning("lost the scheduler; keeping %d jobs for %g s for it to adopt",
+                               len(self._held), self.config.orphan_ttl_s)
+            elif not keep or (self._held and time.monotonic() > held_until):
+                self._drop_held()
             try:
                 await asyncio.wait_for(self._stopping.wait(), timeout=delay)
             except TimeoutError:
                 pass
-            delay = min(delay * 2, 10.0)
+            # Kept jobs wait for a scheduler: retry often enough to be back before their clients.
+            delay = min(delay * 2, 1.0 if self._held else 10.0)
+        self._drop_held()
 
-    async def _session(self) -> None:
+    def _drop_held(self) -> None:
+        if self.engine is not None:
+            self.engine.abort_all()
+        self._held = []
+
+    async def _session(self) -> bool:
+        """One connection; returns whether the jobs should be kept for the next one."""
         sec = self.config.security
         channel = make_aio_channel(self.config.scheduler_address, tls=sec.uses_tls or bool(sec.tls_ca),
                                    tls_ca=sec.tls_ca, tls_cert=sec.tls_cert, tls_key=sec.tls_key)
@@ -213,11 +240,15 @@ class Worker:
                      asyncio.ensure_future(self._write(call, steps)): "write",
                      asyncio.ensure_future(steps.failed.wait()): "step",
                      asyncio.ensure_future(self._stopping.wait()): "stop"}
+            ended = "read"
             try:
                 done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
                 for task in done:
-                    if tasks[task] in ("read", "write") and task.exception() is not None:
+                    ended = tasks[task]
+                    if ended in ("read", "write") and task.exception() is not None:
                         raise task.exception()
+                    if ended == "read" and task.result() == "shutdown":
+                        ended = "shutdown"
             finally:
                 for task in tasks:
                     task.cancel()
@@ -225,6 +256,8 @@ class Worker:
                 await steps.close()
                 if steps.failed.is_set() and self.loaded is not None and self.loaded.device.type == "cuda":
                     torch.cuda.empty_cache()
+            # Kept only when the stream just broke (EOF): the scheduler did not say goodbye.
+            return ended == "read"
 
     async def _read(self, call, steps: StepLoop) -> None:
         """Plans and aborts off the stream, into the step thread's queues."""
@@ -235,13 +268,14 @@ class Worker:
             kind = message.WhichOneof("kind")
             if kind == "shutdown":
                 logger.warning("scheduler closed the stream: %s", message.shutdown.reason)
-                return
+                return "shutdown"
             if kind == "abort":
                 steps.abort(list(message.abort.job_ids))
                 continue
             plan = wire.plan_from_pb(message.plan)
             if not self.connected.is_set():
                 logger.info("worker %s attached to %s", self.worker_id, self.config.scheduler_address)
+                self._held = []  # the scheduler has them now (adopted or aborted)
                 self.connected.set()
                 if self.health:
                     await self.health.set(True)
@@ -364,11 +398,9 @@ class StepLoop:
         self._plans.put(_WAKE)  # an idle thread frees the jobs now, not at its next plan
 
     async def close(self) -> None:
-        """Stops the thread after its current step and drops every job (the scheduler
-        re-queues them)."""
+        """Stops the thread after its current step (the worker then keeps or drops the jobs)."""
         self._plans.put(None)
         await asyncio.to_thread(self._thread.join)
-        self.worker.engine.abort_all()
 
     def _run(self) -> None:
         worker, engine = self.worker, self.worker.engine
