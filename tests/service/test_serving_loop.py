@@ -166,3 +166,49 @@ async def test_the_scheduler_process_exits_non_zero_when_its_loop_fails(tiny_lla
         await worker.stop()
         await asyncio.wait_for(task, 10)
         worker.close()
+
+
+async def test_a_resumed_stream_goes_on_after_the_tokens_the_client_has(tiny_llama_dir):
+    """A resume for a job this scheduler does not have (after the adoption grace) recomputes it
+    from the prompt and the client's tokens; the stream starts at the next index and ends at
+    max_tokens; greedy decoding gives the uninterrupted run's tokens."""
+    from alise.client._convert import build_request, to_chunk
+    from alise.v1 import scheduler_pb2_grpc
+
+    async with cluster(str(tiny_llama_dir)) as c, c.client() as client:
+        c.scheduler.engine.adoption_grace_s = 0.0
+        whole = await client.complete("resume me", max_tokens=12, temperature=0.0, ignore_eos=True)
+        request = build_request("resume me", max_tokens=12, temperature=0.0, top_p=None, top_k=0, seed=None,
+                                stop_token_ids=(), ignore_eos=True, request_id="again", oracle_output_tokens=0)
+        request.resume_token_ids.extend(whole.token_ids[:5])
+        async with grpc.aio.insecure_channel(c.address) as channel:
+            chunks = [to_chunk(m) async for m in scheduler_pb2_grpc.SchedulerServiceStub(channel).Generate(request)]
+        assert chunks[0].index == 5
+        assert whole.token_ids[:5] + [t for ch in chunks for t in ch.token_ids] == whole.token_ids
+        assert chunks[-1].usage.completion_tokens == 12
+
+        for resume, fragment in (([1] * 12, "the stream had ended"), ([10 ** 9], "must be in")):
+            del request.resume_token_ids[:]
+            request.resume_token_ids.extend(resume)
+            async with grpc.aio.insecure_channel(c.address) as channel:
+                with pytest.raises(grpc.aio.AioRpcError) as err:
+                    async for _ in scheduler_pb2_grpc.SchedulerServiceStub(channel).Generate(request):
+                        pass
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and fragment in err.value.details()
+
+
+async def test_a_worker_that_lost_its_scheduler_keeps_its_jobs_for_the_next_one(tiny_llama_dir):
+    """The stream to the scheduler breaks: the worker pauses its jobs and lists them in its next
+    hello. A scheduler that knows them (the same one: it re-queued them) has them aborted."""
+    async with cluster(str(tiny_llama_dir)) as c, c.client() as client:
+        worker = c.workers[0][0]
+        seen = 0
+        async for chunk in client.generate("held across a break", max_tokens=60, ignore_eos=True):
+            seen += len(chunk.token_ids)
+            if seen == 10:
+                # Break the worker's stream from its side, as a network failure would.
+                session = next(t for t in asyncio.all_tasks() if "_read" in repr(t.get_coro()))
+                session.cancel()
+        assert seen == 60
+        await asyncio.sleep(0.5)
+        assert not worker.engine.seqs and not worker._held  # aborted by the scheduler that knew them

@@ -245,6 +245,8 @@ class Worker:
                 done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
                 for task in done:
                     ended = tasks[task]
+                    if task.cancelled():
+                        continue
                     if ended in ("read", "write") and task.exception() is not None:
                         raise task.exception()
                     if ended == "read" and task.result() == "shutdown":
