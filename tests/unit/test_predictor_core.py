@@ -35,7 +35,7 @@ def make_history(n=50, seed=0, **index_kwargs):
 def test_snapshot_round_trip_restores_everything(tmp_path):
     history = make_history()
     save_snapshot(history, tmp_path, "enc")
-    restored = load_snapshot(tmp_path, "enc", DIM)
+    restored = load_snapshot(tmp_path, "enc", DIM).history
     assert restored.texts == history.texts
     assert restored.models == ["a", "b"]
     for got, want in zip(restored.observations(), history.observations()):
@@ -51,7 +51,7 @@ def test_second_snapshot_replaces_first_and_keeps_one(tmp_path):
     history.add_observations(np.array([0]), ["c"], [3])
     save_snapshot(history, tmp_path, "enc")
     assert len(list(tmp_path.glob("snap-*"))) == 1
-    assert load_snapshot(tmp_path, "enc", DIM).num_observations == history.num_observations
+    assert load_snapshot(tmp_path, "enc", DIM).history.num_observations == history.num_observations
 
 
 def test_empty_or_missing_dir_means_no_index(tmp_path):
@@ -71,7 +71,7 @@ def test_corrupt_data_file_fails_checksum(tmp_path):
     data = bytearray((snap / "vectors.npy").read_bytes())
     data[-1] ^= 0xFF
     (snap / "vectors.npy").write_bytes(bytes(data))
-    with pytest.raises(SnapshotError, match="checksum mismatch for vectors.npy"):
+    with pytest.raises(SnapshotError, match=r"vectors.npy: checksum mismatch"):
         load_snapshot(tmp_path, "enc", DIM)
 
 
@@ -99,7 +99,7 @@ def test_index_switches_to_ivf_past_threshold_and_survives_snapshot(tmp_path):
     sims, rows = history.index.search(vectors[[5, 350]], 1)
     assert rows[:, 0].tolist() == [5, 350]
     save_snapshot(history, tmp_path, "enc")
-    restored = load_snapshot(tmp_path, "enc", DIM, ivf_threshold=300)
+    restored = load_snapshot(tmp_path, "enc", DIM, ivf_threshold=300).history
     assert restored.index.index_type == "ivf" and len(restored.index) == 400
     assert restored.index.search(vectors[[7]], 1)[1][0, 0] == 7
 
