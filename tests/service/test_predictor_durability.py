@@ -119,7 +119,7 @@ async def test_predict_answers_while_a_snapshot_is_written(encoder, tmp_path):
     client = PredictorClient(f"127.0.0.1:{server.port}")
     try:
         rng = np.random.default_rng(0)
-        vectors = rng.standard_normal((200_000, encoder.dim)).astype(np.float32)
+        vectors = rng.standard_normal((60_000, encoder.dim)).astype(np.float32)
         vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
         history = server.runtime.history
         rows = history.add_prompts([f"stored prompt {i}" for i in range(len(vectors))], vectors,
@@ -127,7 +127,7 @@ async def test_predict_answers_while_a_snapshot_is_written(encoder, tmp_path):
         history.add_observations(rows, ["m1"] * len(rows), [50] * len(rows))
         server.runtime.estimator.sync()
         await client.predict(["warm up"], timeout_s=60)
-        snapshot = asyncio.create_task(server.runtime.snapshot())  # ~300 MB of vectors to write
+        snapshot = asyncio.create_task(server.runtime.snapshot())  # ~90 MB of vectors to write
         await asyncio.sleep(0)
         answered_during = 0
         while not snapshot.done():

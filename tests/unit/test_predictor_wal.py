@@ -11,7 +11,7 @@ import pytest
 from alise.predictor.cli import register
 from alise.predictor.history import History, prompt_key
 from alise.predictor.index import VectorIndex
-from alise.predictor.runtime import replay_log
+from alise.predictor.startup import replay_log
 from alise.predictor.snapshot import (
     SnapshotError, load_snapshot, prepare_index_dir, save_snapshot,
 )

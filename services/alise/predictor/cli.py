@@ -86,7 +86,7 @@ def make_encoder(args, **kwargs):
 def main_build(args) -> int:
     from alise.predictor.history import History
     from alise.predictor.index import VectorIndex
-    from alise.predictor.runtime import bootstrap_history, replay_log
+    from alise.predictor.startup import bootstrap_history, replay_log
     from alise.predictor.snapshot import load_snapshot, prepare_index_dir, save_snapshot
     from alise.predictor.wal import delete_segments_before, segment_numbers
 

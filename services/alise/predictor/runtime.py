@@ -38,15 +38,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from alise.predictor.config import PredictorConfig
-from alise.predictor.datasets import load_records
 from alise.predictor.encoder import Encoder
 from alise.predictor.estimator import Estimates, LengthEstimator
 from alise.predictor.history import History, prompt_key
 from alise.predictor.index import VectorIndex
-from alise.predictor.snapshot import (
-    SnapshotError, capture, load_snapshot, prepare_index_dir, write_snapshot,
-)
-from alise.predictor.wal import LoggedObservation, WriteAheadLog, replay
+from alise.predictor.snapshot import capture, load_snapshot, prepare_index_dir, write_snapshot
+from alise.predictor.startup import add_logged, bootstrap_history, replay_log
+from alise.predictor.wal import LoggedObservation, WriteAheadLog
 
 logger = logging.getLogger(__name__)
 #: De-duplication ids of recent observations remembered (a resend is of recent ones).
@@ -96,25 +94,6 @@ class ObserveOutcome:
     num_accepted: int = 0
     #: Indexes (into the call's list) whose prediction id is unknown and that had no prompt.
     unknown: list[int] | None = None
-
-
-def bootstrap_history(history: History, encoder: Encoder, paths, tokenizer_path) -> int:
-    """Adds every record with an output from ``paths`` (blocking); returns how many."""
-    from alise.predictor.tokens import TokenCounter
-
-    records = [r for p in paths for r in load_records(p) if r.output is not None]
-    if not records:
-        return 0
-    texts = list(dict.fromkeys(r.prompt for r in records))
-    encoded = encoder.encode(texts)
-    keys = [prompt_key(t) for t in texts]
-    stored = [t[:n] for t, n in zip(texts, encoded.visible_chars)]
-    rows = history.add_prompts(stored, encoded.vectors, encoded.num_tokens, keys)
-    row_of = dict(zip(texts, rows.tolist()))
-    tokens = TokenCounter(tokenizer_path).count([r.output for r in records])
-    history.add_observations(np.array([row_of[r.prompt] for r in records]),
-                             [r.model for r in records], tokens)
-    return len(records)
 
 
 class PredictorRuntime:
@@ -311,7 +290,7 @@ class PredictorRuntime:
         logged = [o if is_new else LoggedObservation(o.key, o.text, o.prompt_tokens, o.model,
                                                      o.output_tokens, o.dedup_id)
                   for o, is_new in zip(logged, new)]
-        _add_to_history(self.history, logged)
+        add_logged(self.history, logged)
         self.estimator.sync()
         if self.wal is not None:
             self.wal.append(logged)
@@ -384,37 +363,3 @@ class PredictorRuntime:
     @property
     def mean_abs_error(self) -> float:
         return self._abs_error_sum / self._num_scored if self._num_scored else 0.0
-
-
-def _add_to_history(history: History, logged: list[LoggedObservation]) -> None:
-    if not logged:
-        return
-    dim = history.dim
-    vectors = np.stack([o.vector if o.vector is not None else np.zeros(dim, np.float32) for o in logged])
-    rows = history.add_prompts([o.text for o in logged], vectors, [o.prompt_tokens for o in logged],
-                               [o.key for o in logged])
-    history.add_observations(rows, [o.model for o in logged], [o.output_tokens for o in logged])
-
-
-def replay_log(history: History, index_dir: str, first_segment: int) -> list[str]:
-    """Applies the log's observations on top of a loaded snapshot; returns the recent
-    de-duplication ids. Blocking."""
-    dedup: list[str] = []
-    batch: list[LoggedObservation] = []
-    new_keys: set[str] = set()
-    for record in replay(index_dir, first_segment, history.dim):
-        if isinstance(record, list):
-            dedup += record
-            continue
-        if record.vector is not None:
-            new_keys.add(record.key)
-        elif history.row_of_key(record.key) is None and record.key not in new_keys:
-            raise SnapshotError(f"{index_dir}: the write-ahead log has an observation of a prompt "
-                                "that neither the snapshot nor the log holds (wrong snapshot?)")
-        batch.append(record)
-        if record.dedup_id:
-            dedup.append(record.dedup_id)
-    _add_to_history(history, batch)
-    if batch:
-        logger.info("replayed %d logged observations", len(batch))
-    return dedup

@@ -5,6 +5,11 @@ Requests are registered with *raw* deserialisation and parsed here, so a malform
 ``INVALID_ARGUMENT`` instead of grpc's generic deserialisation failure, and in ``Observe``
 only the bad message is rejected, not the stream.
 
+``Observe`` is a long-lived bidirectional stream: messages are read into a bounded queue
+(so the sender is held back by flow control, not buffered here), taken in batches of what
+has arrived (at most ``max_batch_prompts``, at most ``max_observations_per_s``), and each
+batch is answered once it is durable (see ``ObserveResponse`` in the proto).
+
 Errors: empty prompt list, empty prompt (named by index), too many prompts, undecodable
 request -> ``INVALID_ARGUMENT``; a failed batch -> ``INTERNAL``; shutting down ->
 ``UNAVAILABLE``. A prompt longer than the encoder's window is truncated and listed in
