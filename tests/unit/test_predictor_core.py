@@ -228,3 +228,36 @@ def test_configs_validate_fields():
         PredictorConfig(encoder_max_seq_length=2)
     with pytest.raises(ValueError, match="encoder_backend"):
         PredictorConfig(encoder_backend="tensorflow")
+
+
+def test_exact_duplicates_are_matched_by_text_not_by_similarity():
+    rng = np.random.default_rng(5)
+    centers = unit(rng, 8)
+    history = History(VectorIndex(DIM))
+    v, texts, y = synthetic(rng, 100, centers)
+    history.add_observations(history.add_prompts(texts, v, [10] * 100), ["m"] * 100, y)
+    est = LengthEstimator(history)
+    est.fit()
+    # The same vector under another text is a neighbour, not the same prompt ...
+    assert est.predict(v[:1], ["a different text"], np.array([10]), "m").source != ["knn"]
+    # ... and the same text with a vector that moved (another backend's rounding) still is.
+    moved = v[:1] + 0.05 * unit(rng, 1)
+    moved /= np.linalg.norm(moved)
+    assert est.predict(moved.astype(np.float32), texts[:1], np.array([10]), "m").source == ["knn"]
+
+
+def test_a_model_with_no_history_gets_the_known_models_spread_of_scales():
+    rng = np.random.default_rng(6)
+    centers = unit(rng, 8)
+    history = History(VectorIndex(DIM))
+    v, texts, y = synthetic(rng, 400, centers)
+    rows = history.add_prompts(texts, v, [10] * 400)
+    for model, scale in (("short", 0.25), ("long", 4.0)):
+        history.add_observations(rows, [model] * 400, (y * scale).astype(int) + 1)
+    est = LengthEstimator(history, EstimatorConfig(min_model_observations=10))
+    est.fit()
+    test_v, test_texts, _ = synthetic(rng, 50, centers)
+    known = est.predict(test_v, test_texts, np.full(50, 10), "long")
+    new = est.predict(test_v, test_texts, np.full(50, 10), "a-new-model")
+    # Scales 16x apart: a new model's p90 must allow for either, a known model's need not.
+    assert np.median(new.p90 / new.p50) > 2 * np.median(known.p90 / known.p50)

@@ -21,7 +21,9 @@ them into the point estimate, fitted for MAE. When the top similarity is below
 ``head_threshold`` the neighbour features are noise, so a second stacker without them is
 used (source ``"head"``); a prompt whose exact text is stored with the target model's own
 answers uses those (``"knn"``: matched by the text's key, not by cosine, so it does not depend
-on float rounding of the vectors); before any fit, a running mean (``"prior"``).
+on float rounding of the vectors); before any fit, a running mean (``"prior"``). For a model
+with no observations yet, its scale is unknown: the spread is widened by the known models'
+scales (``Spread.widened``), so its p90 still covers about 90 %.
 
 Threading: :meth:`fit` reads a consistent prefix of the history and builds a new immutable
 :class:`_Fitted`, swapped in by one reference assignment, so it may run in a worker thread
@@ -153,6 +155,14 @@ class LengthEstimator:
         return float((self._model_sum[model_id] + prior * overall)
                      / (self._model_cnt[model_id] + prior))
 
+    def _offset_deviations(self) -> np.ndarray:
+        """Each model's mean log-length less :meth:`offset`'s overall mean (the offset an
+        unknown model gets), over the models with observations."""
+        seen = np.flatnonzero(self._model_cnt > 0)
+        if len(seen) < 2:
+            return np.zeros(0)
+        return self._model_sum[seen] / self._model_cnt[seen] - self.offset(None)
+
     def sync(self) -> None:
         """Folds observations added to the history since the last call into the live
         neighbour statistics (cheap: only the new ones)."""
@@ -256,6 +266,8 @@ class LengthEstimator:
             z = np.where(use_full, fit.full.predict(feats, offset),
                          fit.head.predict(feats[:, HEAD_FEATURES], offset))
             spread = fit.full.spread
+            if model_id is None:
+                spread = spread.widened(self._offset_deviations())
             source = np.where(use_full, "blend", "head").astype(object)
         z = np.where(dup, offset + dup_z, z)
         source[dup] = "knn"
