@@ -7,8 +7,8 @@ repeat is still recognised. An *observation* is one (prompt row, model, output t
 prompt answered by twelve models has one row and twelve observations, so nearest-neighbour
 search returns distinct prompts and cross-model statistics come for free.
 
-Invariants: ``len(index) == len(texts) == len(keys) == len(prompt_tokens)``; every observation's prompt row
-is ``< len(index)``; model ids index :attr:`models`.
+Invariants: ``len(index) == len(texts) == len(keys) == len(prompt_tokens)``; every
+observation's prompt row is ``< len(index)``; model ids index :attr:`models`.
 """
 
 from __future__ import annotations
