@@ -190,3 +190,22 @@ def test_serve_refuses_an_unwritable_index_dir_with_exit_2(tmp_path):
     assert proc.returncode == 2
     assert "alise predictor serve: error:" in proc.stderr and "not a writable directory" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+async def test_a_resend_racing_the_first_send_counts_once(encoder, tmp_path):
+    server = await start_predictor_server(config(tmp_path), encoder=encoder)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            stub = predictor_pb2_grpc.PredictorServiceStub(channel)
+            # New prompts need embedding, so both streams are inside Observe at once.
+            messages = [predictor_pb2.Observation(prompt=f"Write a limerick about {i} cats", output_tokens=i,
+                                                  sequence=i + 1, sender="scheduler-b") for i in range(20)]
+
+            async def send():
+                return [r async for r in stub.Observe(iter(messages), timeout=60)]
+
+            first, second = await asyncio.gather(send(), send())
+        assert first[-1].num_accepted == second[-1].num_accepted == 20
+        assert server.runtime.history.num_observations == 20
+    finally:
+        await server.stop(0.5)

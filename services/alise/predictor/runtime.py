@@ -250,8 +250,17 @@ class PredictorRuntime:
             fresh.append((item, known))
         if fresh:
             logged = await self._resolve(fresh)
+            predicted = [p.p50 if p else None for _, p in fresh]
             async with self._write_lock:
-                self._apply(logged, [p.p50 if p else None for _, p in fresh])
+                # Again under the lock: another stream (a resend racing the broken stream's
+                # last batch) may have taken the same ids during the awaits above.
+                keep, seen = [], set()
+                for k, o in enumerate(logged):
+                    if o.dedup_id and (o.dedup_id in self._dedup or o.dedup_id in seen):
+                        continue
+                    keep.append(k)
+                    seen.add(o.dedup_id)
+                self._apply([logged[k] for k in keep], [predicted[k] for k in keep])
             if self.wal is not None:
                 await self.wal.sync()
             outcome.num_accepted += len(fresh)
