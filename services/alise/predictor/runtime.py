@@ -348,10 +348,16 @@ class PredictorRuntime:
                 state = await asyncio.to_thread(capture, self.history)
                 segment = self.wal.rotate(list(self._dedup)) if self.wal is not None else 0
                 self._dirty = False
+            write = asyncio.ensure_future(asyncio.to_thread(
+                write_snapshot, state, self.config.index_dir, self.encoder.name,
+                max_seq_length=self.encoder.max_seq_length, wal_segment=segment))
             try:
-                path = await asyncio.to_thread(
-                    write_snapshot, state, self.config.index_dir, self.encoder.name,
-                    max_seq_length=self.encoder.max_seq_length, wal_segment=segment)
+                path = await asyncio.shield(write)
+            except asyncio.CancelledError:
+                # NOTE: the thread cannot be stopped; no other snapshot may start while it
+                # writes (an older one finishing last would delete the newer one).
+                await asyncio.wait([write])
+                raise
             except BaseException:
                 self._dirty = True
                 raise

@@ -191,6 +191,9 @@ class PredictorServicer:
                 yield response
         except ShuttingDown as exc:
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+        except (OSError, RuntimeError, ValueError) as exc:  # the sender resends what is unsettled
+            logger.exception("observe batch failed")
+            await context.abort(grpc.StatusCode.INTERNAL, f"observation failed: {exc}")
         finally:
             reader.cancel()
         if response.num_rejected:
