@@ -68,7 +68,7 @@ class PredictorClient:
         return self._stub.Observe(timeout=timeout_s, wait_for_ready=True)
 
     async def observe(self, prompt: str, output_tokens: int, *, model: str = "",
-                      prediction_id: str = "", timeout_s: float = 1.0) -> None:
+                      prediction_id: str = "", timeout_s: float = 10.0) -> None:
         """Reports one finished request (``model`` empty = the predictor's served model) and
         returns once it is durable. Raises :class:`PredictorUnavailable` when it was not taken."""
         observation = predictor_pb2.Observation(prompt=prompt, output_tokens=output_tokens, model=model,

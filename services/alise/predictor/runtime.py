@@ -15,7 +15,7 @@ lone request pays no batching delay.
 
 Each prediction gets an id and is remembered (its key, the text the encoder saw, its vector
 and p50) for ``max_pending_predictions`` predictions: an Observe naming the id needs no
-prompt and no second embedding. What is stored of a prompt is only what the encoder saw
+prompt and no second embedding (nor does one that sends the prompt of a recent Predict). What is stored of a prompt is only what the encoder saw
 (the history is keyed by the SHA-1 of the whole text), so a 10 MB prompt costs the history
 a few kB.
 
@@ -112,6 +112,7 @@ class PredictorRuntime:
         self._abs_error_sum = 0.0
         self._num_scored = 0
         self._predictions: OrderedDict[str, _Prediction] = OrderedDict()
+        self._prediction_of_key: dict[str, str] = {}  # the latest prediction of each prompt
         self._ids = (f"{os.urandom(6).hex()}-{n}" for n in itertools.count())
         self._dedup: OrderedDict[str, None] = OrderedDict.fromkeys(dedup_ids or ())
         self._queue: list[_Pending] = []
@@ -218,8 +219,9 @@ class PredictorRuntime:
         for i, pid in enumerate(ids):
             self._predictions[pid] = _Prediction(keys[i], seen[i], encoded.vectors[i].copy(),
                                                  encoded.num_tokens[i], float(estimates.p50[i]))
+            self._prediction_of_key[keys[i]] = pid
         while len(self._predictions) > self.config.max_pending_predictions:
-            self._predictions.popitem(last=False)
+            self._take_prediction(next(iter(self._predictions)))
         start = 0
         for pending in batch:
             end = start + len(pending.prompts)
@@ -243,7 +245,9 @@ class PredictorRuntime:
             if item.dedup_id and item.dedup_id in self._dedup:
                 outcome.num_accepted += 1
                 continue
-            known = self._predictions.pop(item.prediction_id, None) if item.prediction_id else None
+            known = self._take_prediction(item.prediction_id)
+            if known is None and item.prompt:  # no id: a recent Predict of the same text will do
+                known = self._take_prediction(self._prediction_of_key.get(prompt_key(item.prompt), ""))
             if known is None and not item.prompt:
                 outcome.unknown.append(i)
                 continue
@@ -265,6 +269,12 @@ class PredictorRuntime:
                 await self.wal.sync()
             outcome.num_accepted += len(fresh)
         return outcome
+
+    def _take_prediction(self, prediction_id: str) -> _Prediction | None:
+        known = self._predictions.pop(prediction_id, None) if prediction_id else None
+        if known is not None and self._prediction_of_key.get(known.key) == prediction_id:
+            del self._prediction_of_key[known.key]
+        return known
 
     async def _resolve(self, fresh) -> list[LoggedObservation]:
         """Each observation's key, stored text and (for prompts new to the history) vector:
