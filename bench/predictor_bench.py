@@ -7,7 +7,9 @@
    ONNX Runtime where installed), 1 prompt and 256 prompts, wall and CPU seconds, with the
    load average beside each line.
 2. Starts an in-process PredictorService bootstrapped from the AlpacaEval files (12 models),
-   then measures one-prompt Predict latency (sequential calls) and a 256-prompt Predict.
+   with an index dir (so the write-ahead log is on), then measures one-prompt Predict latency
+   (sequential calls), a 256-prompt Predict, and 256 observations naming those predictions
+   on one Observe stream (until the last is durable: in the history and fsync'd).
 3. Builds a VectorIndex of ``--num-entries`` synthetic unit vectors (dim 384), added in chunks
    the way Observe would (so it migrates flat -> IVF and retrains on the way), and reports
    build time, memory and search latency.
@@ -20,6 +22,7 @@ import asyncio
 import glob
 import os
 import resource
+import shutil
 import statistics
 import time
 
@@ -81,9 +84,15 @@ async def grpc_latency(bootstrap: list[str], num_calls: int, num_threads: int) -
     from alise.predictor.datasets import load_records
     from alise.predictor.service import start_predictor_server
 
+    import tempfile
+
+    from alise.v1 import predictor_pb2
+
     started = time.perf_counter()
+    index_dir = tempfile.mkdtemp(prefix="predictor-bench-")
     server = await start_predictor_server(PredictorConfig(
-        address="127.0.0.1:0", bootstrap=tuple(bootstrap), model="gpt4", num_threads=num_threads))
+        address="127.0.0.1:0", bootstrap=tuple(bootstrap), model="gpt4", num_threads=num_threads,
+        index_dir=index_dir))
     startup_s = time.perf_counter() - started
     prompts = [r.prompt for r in load_records(bootstrap[0])]
     client = PredictorClient(f"127.0.0.1:{server.port}")
@@ -99,16 +108,29 @@ async def grpc_latency(bootstrap: list[str], num_calls: int, num_threads: int) -
         batch = []
         for i in range(5):
             t = time.perf_counter()
-            await client.predict([f"{p} ({i})" for p in prompts[:256]], timeout_s=60)
+            estimates = await client.predict([f"{p} ({i})" for p in prompts[:256]], timeout_s=60)
             batch.append(time.perf_counter() - t)
+        messages = [predictor_pb2.Observation(prediction_id=e.prediction_id, output_tokens=100 + k,
+                                              sequence=k + 1, sender="bench")
+                    for k, e in enumerate(estimates)]
+        t = time.perf_counter()
+        call = client.observe_stream(timeout_s=60)
+        for m in messages:
+            await call.write(m)
+        await call.done_writing()
+        replies = [r async for r in call]
+        observe_s = time.perf_counter() - t
     finally:
         await client.close()
         await server.stop(0.5)
+        shutil.rmtree(index_dir, ignore_errors=True)
     single.sort()
     rows += [
         ("predict 1 prompt, median", f"{statistics.median(single):.1f} ms (goal <= 15 ms; {load()})"),
         ("predict 1 prompt, p90", f"{single[int(0.9 * len(single))]:.1f} ms"),
         ("predict 256 prompts, median of 5", f"{statistics.median(batch):.3f} s (goal <= 1 s; {load()})"),
+        ("observe 256 by prediction id, 1 stream", f"{observe_s * 1000:.0f} ms to the last durable answer "
+         f"({replies[-1].num_accepted} accepted, {len(replies)} answers; {load()})"),
     ]
     return rows
 

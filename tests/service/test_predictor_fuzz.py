@@ -64,7 +64,7 @@ def test_predict_fuzzed(address, request):
 @settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
 @given(stream=st.lists(messages(predictor_pb2.Observation), max_size=5))
 def test_observe_fuzzed(address, stream):
-    code = call(address, lambda stub: stub.Observe(iter(stream), timeout=10))
+    code = call(address, lambda stub: list(stub.Observe(iter(stream), timeout=10)))
     assert code in CLEAR, f"{code}: {stream}"
 
 

@@ -14,6 +14,7 @@ from alise.predictor.config import PredictorConfig
 from alise.predictor.encoder import MIN_SHARD_TOKENS, Encoder
 from alise.predictor.ortbert import plan_groups
 from alise.predictor.packed import PackedBert
+from alise.predictor.runtime import ObservationIn
 from alise.predictor.service import start_predictor_server
 from alise.predictor.snapshot import SnapshotError
 from alise.v1 import predictor_pb2, predictor_pb2_grpc
@@ -86,8 +87,9 @@ async def test_observe_updates_stats_and_refits(client, server):
     before = server.runtime.estimator.fitted_at
     prompt = "Summarise the plot of Hamlet in three sentences"
     [est] = await client.predict([prompt], timeout_s=10)
-    for i in range(5):
-        await client.observe(f"{prompt} v{i}" if i else prompt, 60, timeout_s=10)
+    await client.observe("", 60, prediction_id=est.prediction_id, timeout_s=10)  # no prompt: the id says it
+    for i in range(1, 5):
+        await client.observe(f"{prompt} v{i}", 60, timeout_s=10)
     async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as ch:
         stub = predictor_pb2_grpc.PredictorServiceStub(ch)
         for _ in range(100):
@@ -123,10 +125,12 @@ async def test_non_utf8_bytes_get_a_clear_status(server, client):
             await call(raw, timeout=5)
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "UTF-8" in info.value.details()
-        observe = ch.stream_unary("/alise.v1.PredictorService/Observe")
-        good = predictor_pb2.Observation(prompt="hello there", output_tokens=3).SerializeToString()
-        reply = predictor_pb2.ObserveResponse.FromString(await observe(iter([raw, good]), timeout=10))
-        assert (reply.num_accepted, reply.num_rejected) == (1, 1)
+        observe = ch.stream_stream("/alise.v1.PredictorService/Observe")
+        good = predictor_pb2.Observation(prompt="hello there", output_tokens=3, sequence=2).SerializeToString()
+        replies = [predictor_pb2.ObserveResponse.FromString(r) async for r in observe(iter([raw, good]),
+                                                                                       timeout=10)]
+        assert (replies[-1].num_accepted, replies[-1].num_rejected) == (1, 1)
+        assert replies[-1].durable_sequence == 2
     await assert_healthy(server.port)
     assert len(await client.predict(["still works?"], timeout_s=10)) == 1
 
@@ -141,7 +145,7 @@ async def test_one_megabyte_prompt_is_truncated_and_reported(server):
 
 
 async def test_restart_restores_history_and_corruption_fails_start(encoder, server, tmp_path):
-    await server.runtime.observe(["a brand new prompt"], [42], [""])
+    await server.runtime.observe([ObservationIn(42, prompt="a brand new prompt")])
     await server.stop(0.5)  # drains and snapshots
     config = PredictorConfig(address="127.0.0.1:0", index_dir=str(tmp_path / "index"), model="m1")
     again = await start_predictor_server(config, encoder=encoder)
@@ -216,7 +220,6 @@ def test_vectors_do_not_depend_on_batch_or_shards(encoder, torch_encoder, backen
     singles = np.concatenate([enc.encode([p]).vectors for p in prompts[:12]])
     # int8 activations are scaled per token, so batch-mates do not change a prompt's vector;
     # only float rounding in padded attention can flip an int8 rounding (measured >= 0.998).
-    # Exact-duplicate matching (duplicate_threshold 0.995) relies on this.
     assert (sharded[:12] * singles).sum(axis=1).min() > 0.995
     assert np.array_equal(enc.encode(prompts).vectors, sharded)  # deterministic across thread timing
 
@@ -286,10 +289,12 @@ async def test_observe_reuses_predicted_and_stored_embeddings(client, server, mo
         return await real(prompts)
 
     predicted = "Describe the water cycle to a ten-year-old"
-    await client.predict([predicted], timeout_s=10)
+    [est] = await client.predict([predicted], timeout_s=10)
     monkeypatch.setattr(runtime.encoder, "encode_async", spy)
     stored = runtime.history.texts[0]  # from the bootstrap
-    await runtime.observe([predicted, stored, "A prompt nobody predicted"], [50, 60, 70], ["", "", ""])
+    await runtime.observe([ObservationIn(50, prediction_id=est.prediction_id),
+                           ObservationIn(60, prompt=stored),
+                           ObservationIn(70, prompt="A prompt nobody predicted")])
     assert encoded_for_observe == [["A prompt nobody predicted"]]
     row = runtime.history.row_of(predicted)
     want = runtime.encoder.encode([predicted])

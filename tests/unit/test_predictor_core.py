@@ -35,7 +35,7 @@ def make_history(n=50, seed=0, **index_kwargs):
 def test_snapshot_round_trip_restores_everything(tmp_path):
     history = make_history()
     save_snapshot(history, tmp_path, "enc")
-    restored = load_snapshot(tmp_path, "enc", DIM)
+    restored = load_snapshot(tmp_path, "enc", DIM).history
     assert restored.texts == history.texts
     assert restored.models == ["a", "b"]
     for got, want in zip(restored.observations(), history.observations()):
@@ -51,7 +51,7 @@ def test_second_snapshot_replaces_first_and_keeps_one(tmp_path):
     history.add_observations(np.array([0]), ["c"], [3])
     save_snapshot(history, tmp_path, "enc")
     assert len(list(tmp_path.glob("snap-*"))) == 1
-    assert load_snapshot(tmp_path, "enc", DIM).num_observations == history.num_observations
+    assert load_snapshot(tmp_path, "enc", DIM).history.num_observations == history.num_observations
 
 
 def test_empty_or_missing_dir_means_no_index(tmp_path):
@@ -71,7 +71,7 @@ def test_corrupt_data_file_fails_checksum(tmp_path):
     data = bytearray((snap / "vectors.npy").read_bytes())
     data[-1] ^= 0xFF
     (snap / "vectors.npy").write_bytes(bytes(data))
-    with pytest.raises(SnapshotError, match="checksum mismatch for vectors.npy"):
+    with pytest.raises(SnapshotError, match=r"vectors.npy: checksum mismatch"):
         load_snapshot(tmp_path, "enc", DIM)
 
 
@@ -99,7 +99,7 @@ def test_index_switches_to_ivf_past_threshold_and_survives_snapshot(tmp_path):
     sims, rows = history.index.search(vectors[[5, 350]], 1)
     assert rows[:, 0].tolist() == [5, 350]
     save_snapshot(history, tmp_path, "enc")
-    restored = load_snapshot(tmp_path, "enc", DIM, ivf_threshold=300)
+    restored = load_snapshot(tmp_path, "enc", DIM, ivf_threshold=300).history
     assert restored.index.index_type == "ivf" and len(restored.index) == 400
     assert restored.index.search(vectors[[7]], 1)[1][0, 0] == 7
 
@@ -228,3 +228,36 @@ def test_configs_validate_fields():
         PredictorConfig(encoder_max_seq_length=2)
     with pytest.raises(ValueError, match="encoder_backend"):
         PredictorConfig(encoder_backend="tensorflow")
+
+
+def test_exact_duplicates_are_matched_by_text_not_by_similarity():
+    rng = np.random.default_rng(5)
+    centers = unit(rng, 8)
+    history = History(VectorIndex(DIM))
+    v, texts, y = synthetic(rng, 100, centers)
+    history.add_observations(history.add_prompts(texts, v, [10] * 100), ["m"] * 100, y)
+    est = LengthEstimator(history)
+    est.fit()
+    # The same vector under another text is a neighbour, not the same prompt ...
+    assert est.predict(v[:1], ["a different text"], np.array([10]), "m").source != ["knn"]
+    # ... and the same text with a vector that moved (another backend's rounding) still is.
+    moved = v[:1] + 0.05 * unit(rng, 1)
+    moved /= np.linalg.norm(moved)
+    assert est.predict(moved.astype(np.float32), texts[:1], np.array([10]), "m").source == ["knn"]
+
+
+def test_a_model_with_no_history_gets_the_known_models_spread_of_scales():
+    rng = np.random.default_rng(6)
+    centers = unit(rng, 8)
+    history = History(VectorIndex(DIM))
+    v, texts, y = synthetic(rng, 400, centers)
+    rows = history.add_prompts(texts, v, [10] * 400)
+    for model, scale in (("short", 0.25), ("long", 4.0)):
+        history.add_observations(rows, [model] * 400, (y * scale).astype(int) + 1)
+    est = LengthEstimator(history, EstimatorConfig(min_model_observations=10))
+    est.fit()
+    test_v, test_texts, _ = synthetic(rng, 50, centers)
+    known = est.predict(test_v, test_texts, np.full(50, 10), "long")
+    new = est.predict(test_v, test_texts, np.full(50, 10), "a-new-model")
+    # Scales 16x apart: a new model's p90 must allow for either, a known model's need not.
+    assert np.median(new.p90 / new.p50) > 2 * np.median(known.p90 / known.p50)

@@ -40,8 +40,9 @@ def test_kill_during_snapshot_leaves_the_last_complete_one(tmp_path):
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
         saved += [int(line) for line in proc.stdout.read().split()]
-        history = load_snapshot(index_dir, "enc", 64)
-        assert history is not None
+        loaded = load_snapshot(index_dir, "enc", 64)
+        assert loaded is not None
+        history = loaded.history
         # The last snapshot the writer reported, or the one it finished but died before reporting.
         assert history.num_observations in (saved[-1], saved[-1] + 500), (trial, history.num_observations, saved)
         rows, _, tokens = history.observations()

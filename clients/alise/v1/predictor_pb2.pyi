@@ -16,39 +16,51 @@ class PredictRequest(_message.Message):
     def __init__(self, prompts: _Optional[_Iterable[str]] = ..., prompt_tokens: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class PredictResponse(_message.Message):
-    __slots__ = ("predictions", "truncated")
+    __slots__ = ("predictions", "truncated", "prediction_ids")
     PREDICTIONS_FIELD_NUMBER: _ClassVar[int]
     TRUNCATED_FIELD_NUMBER: _ClassVar[int]
+    PREDICTION_IDS_FIELD_NUMBER: _ClassVar[int]
     predictions: _containers.RepeatedCompositeFieldContainer[_common_pb2.LengthPrediction]
     truncated: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, predictions: _Optional[_Iterable[_Union[_common_pb2.LengthPrediction, _Mapping]]] = ..., truncated: _Optional[_Iterable[int]] = ...) -> None: ...
+    prediction_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, predictions: _Optional[_Iterable[_Union[_common_pb2.LengthPrediction, _Mapping]]] = ..., truncated: _Optional[_Iterable[int]] = ..., prediction_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Observation(_message.Message):
-    __slots__ = ("prompt", "output_tokens", "prompt_tokens", "model")
+    __slots__ = ("prompt", "output_tokens", "prompt_tokens", "model", "prediction_id", "sequence", "sender")
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
+    PREDICTION_ID_FIELD_NUMBER: _ClassVar[int]
+    SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    SENDER_FIELD_NUMBER: _ClassVar[int]
     prompt: str
     output_tokens: int
     prompt_tokens: int
     model: str
-    def __init__(self, prompt: _Optional[str] = ..., output_tokens: _Optional[int] = ..., prompt_tokens: _Optional[int] = ..., model: _Optional[str] = ...) -> None: ...
+    prediction_id: str
+    sequence: int
+    sender: str
+    def __init__(self, prompt: _Optional[str] = ..., output_tokens: _Optional[int] = ..., prompt_tokens: _Optional[int] = ..., model: _Optional[str] = ..., prediction_id: _Optional[str] = ..., sequence: _Optional[int] = ..., sender: _Optional[str] = ...) -> None: ...
 
 class ObserveResponse(_message.Message):
-    __slots__ = ("num_accepted", "num_rejected")
+    __slots__ = ("num_accepted", "num_rejected", "durable_sequence", "unknown_sequences")
     NUM_ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     NUM_REJECTED_FIELD_NUMBER: _ClassVar[int]
+    DURABLE_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    UNKNOWN_SEQUENCES_FIELD_NUMBER: _ClassVar[int]
     num_accepted: int
     num_rejected: int
-    def __init__(self, num_accepted: _Optional[int] = ..., num_rejected: _Optional[int] = ...) -> None: ...
+    durable_sequence: int
+    unknown_sequences: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, num_accepted: _Optional[int] = ..., num_rejected: _Optional[int] = ..., durable_sequence: _Optional[int] = ..., unknown_sequences: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class GetStatsRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class PredictorStats(_message.Message):
-    __slots__ = ("num_entries", "index_type", "encoder", "embedding_dim", "num_predictions", "num_observations", "mean_abs_error", "bucket_edges", "head_fitted_at", "head_num_samples")
+    __slots__ = ("num_entries", "index_type", "encoder", "embedding_dim", "num_predictions", "num_observations", "mean_abs_error", "bucket_edges", "head_fitted_at", "head_num_samples", "num_logged", "last_snapshot_at")
     NUM_ENTRIES_FIELD_NUMBER: _ClassVar[int]
     INDEX_TYPE_FIELD_NUMBER: _ClassVar[int]
     ENCODER_FIELD_NUMBER: _ClassVar[int]
@@ -59,6 +71,8 @@ class PredictorStats(_message.Message):
     BUCKET_EDGES_FIELD_NUMBER: _ClassVar[int]
     HEAD_FITTED_AT_FIELD_NUMBER: _ClassVar[int]
     HEAD_NUM_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    NUM_LOGGED_FIELD_NUMBER: _ClassVar[int]
+    LAST_SNAPSHOT_AT_FIELD_NUMBER: _ClassVar[int]
     num_entries: int
     index_type: str
     encoder: str
@@ -69,4 +83,6 @@ class PredictorStats(_message.Message):
     bucket_edges: _containers.RepeatedScalarFieldContainer[int]
     head_fitted_at: float
     head_num_samples: int
-    def __init__(self, num_entries: _Optional[int] = ..., index_type: _Optional[str] = ..., encoder: _Optional[str] = ..., embedding_dim: _Optional[int] = ..., num_predictions: _Optional[int] = ..., num_observations: _Optional[int] = ..., mean_abs_error: _Optional[float] = ..., bucket_edges: _Optional[_Iterable[int]] = ..., head_fitted_at: _Optional[float] = ..., head_num_samples: _Optional[int] = ...) -> None: ...
+    num_logged: int
+    last_snapshot_at: float
+    def __init__(self, num_entries: _Optional[int] = ..., index_type: _Optional[str] = ..., encoder: _Optional[str] = ..., embedding_dim: _Optional[int] = ..., num_predictions: _Optional[int] = ..., num_observations: _Optional[int] = ..., mean_abs_error: _Optional[float] = ..., bucket_edges: _Optional[_Iterable[int]] = ..., head_fitted_at: _Optional[float] = ..., head_num_samples: _Optional[int] = ..., num_logged: _Optional[int] = ..., last_snapshot_at: _Optional[float] = ...) -> None: ...

@@ -39,7 +39,7 @@ class PredictorServiceStub:
                 request_serializer=alise_dot_v1_dot_predictor__pb2.PredictRequest.SerializeToString,
                 response_deserializer=alise_dot_v1_dot_predictor__pb2.PredictResponse.FromString,
                 _registered_method=True)
-        self.Observe = channel.stream_unary(
+        self.Observe = channel.stream_stream(
                 '/alise.v1.PredictorService/Observe',
                 request_serializer=alise_dot_v1_dot_predictor__pb2.Observation.SerializeToString,
                 response_deserializer=alise_dot_v1_dot_predictor__pb2.ObserveResponse.FromString,
@@ -62,7 +62,10 @@ class PredictorServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Observe(self, request_iterator, context):
-        """Finished requests with their true output lengths, fed into the history.
+        """Finished requests with their true output lengths, fed into the history: one long-lived
+        stream per scheduler. Each observation names the Predict it answers (prediction_id), so
+        the prompt is not sent again. Answers say how far the stream is durable (in the history
+        and in the predictor's write-ahead log), so the sender keeps what is not yet.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -82,7 +85,7 @@ def add_PredictorServiceServicer_to_server(servicer, server):
                     request_deserializer=alise_dot_v1_dot_predictor__pb2.PredictRequest.FromString,
                     response_serializer=alise_dot_v1_dot_predictor__pb2.PredictResponse.SerializeToString,
             ),
-            'Observe': grpc.stream_unary_rpc_method_handler(
+            'Observe': grpc.stream_stream_rpc_method_handler(
                     servicer.Observe,
                     request_deserializer=alise_dot_v1_dot_predictor__pb2.Observation.FromString,
                     response_serializer=alise_dot_v1_dot_predictor__pb2.ObserveResponse.SerializeToString,
@@ -141,7 +144,7 @@ class PredictorService:
             wait_for_ready=None,
             timeout=None,
             metadata=None):
-        return grpc.experimental.stream_unary(
+        return grpc.experimental.stream_stream(
             request_iterator,
             target,
             '/alise.v1.PredictorService/Observe',

@@ -146,12 +146,14 @@ def bind_port(server: grpc.aio.Server, address: str, config: SecurityConfig | No
     return port
 
 
-def add_security_arguments(p, *, server: bool = True) -> None:
-    """Flags shared by the service entrypoints."""
+def add_security_arguments(p, *, server: bool = True, client_api: bool = True) -> None:
+    """Flags shared by the service entrypoints (``client_api=False``: a server with no client
+    API, such as the predictor, takes no API tokens)."""
     g = p.add_argument_group("security")
     if server:
-        g.add_argument("--api-token-file", help="bearer tokens accepted on the client API, one per "
-                       "line (or env ALISE_API_TOKENS, comma-separated); default: none, an open API")
+        if client_api:
+            g.add_argument("--api-token-file", help="bearer tokens accepted on the client API, one per "
+                           "line (or env ALISE_API_TOKENS, comma-separated); default: none, an open API")
         g.add_argument("--tls-cert", help="server certificate (PEM): TLS on the listener "
                        "(default: none, plaintext)")
         g.add_argument("--tls-key", help="server private key (PEM) (default: none)")

@@ -39,6 +39,9 @@ def register(subparsers) -> argparse.ArgumentParser:
     ev.add_argument("--folds", type=int, default=5, help="cross-validation folds")
     ev.add_argument("--seed", type=int, default=0, help="seed of the fold split")
     ev.add_argument("--json", default=None, help="also write the table as JSON here (default: no)")
+    ev.add_argument("--holdout-generator", action="append", default=[], metavar="NAME",
+                    help="leave-one-generator-out: train on the other models' lengths, test on "
+                         "NAME's (repeatable; 'all': every model in turn)")
     ev.add_argument("--tokenizer", default=None,
                     help="HF tokenizer dir of the served model (default: the encoder's WordPiece one)")
     ev.add_argument("--encoder", default=None,
@@ -62,9 +65,14 @@ def register(subparsers) -> argparse.ArgumentParser:
                        help="encoder threads, parallel shards of a batch (default: one shard)")
     serve.add_argument("--refit-interval-s", type=float, default=60.0,
                        help="seconds between refits of the estimator on the grown history")
+    serve.add_argument("--snapshot-interval-s", type=float, default=300.0,
+                       help="seconds between snapshots of the index (the write-ahead log holds "
+                            "every observation in between; default %(default)s)")
+    serve.add_argument("--max-observations-per-s", type=float, default=2000.0,
+                       help="most observations one Observe stream may send per second (default %(default)s)")
     serve.add_argument("--metrics-address", default="",
                        help="serve Prometheus metrics over HTTP here (default: none)")
-    add_security_arguments(serve)
+    add_security_arguments(serve, client_api=False)
     serve.set_defaults(func=main_serve)
     return parser
 
@@ -88,14 +96,22 @@ def make_encoder(args, **kwargs):
 def main_build(args) -> int:
     from alise.predictor.history import History
     from alise.predictor.index import VectorIndex
-    from alise.predictor.runtime import bootstrap_history
-    from alise.predictor.snapshot import load_snapshot, save_snapshot
+    from alise.predictor.startup import bootstrap_history, replay_log
+    from alise.predictor.snapshot import load_snapshot, prepare_index_dir, save_snapshot
+    from alise.predictor.wal import delete_segments_before, segment_numbers
 
     started = time.perf_counter()
+    prepare_index_dir(args.index_dir)
     encoder = make_encoder(args)
-    history = load_snapshot(args.index_dir, encoder.name, encoder.dim) or History(VectorIndex(encoder.dim))
+    loaded = load_snapshot(args.index_dir, encoder.name, encoder.dim, max_seq_length=encoder.max_seq_length)
+    history = loaded.history if loaded else History(VectorIndex(encoder.dim))
+    first = loaded.wal_segment if loaded else 0
+    replay_log(history, args.index_dir, first)  # a served index: its logged observations too
     n = bootstrap_history(history, encoder, args.data, args.tokenizer)
-    path = save_snapshot(history, args.index_dir, encoder.name)
+    segment = max([first, *[s + 1 for s in segment_numbers(args.index_dir)]])
+    path = save_snapshot(history, args.index_dir, encoder.name, max_seq_length=encoder.max_seq_length,
+                         wal_segment=segment)
+    delete_segments_before(args.index_dir, segment)
     print(f"added {n} observations; index has {history.num_prompts} prompts, "
           f"{history.num_observations} observations ({history.index.index_type}); "
           f"snapshot {path} in {time.perf_counter() - started:.1f} s")
@@ -111,10 +127,14 @@ def main_eval(args) -> int:
     records = [r for path in args.data for r in load_records(path)]
     encoder = make_encoder(args)
     corpus = build_corpus(records, encoder, TokenCounter(args.tokenizer))
-    report = evaluate(corpus, num_folds=args.folds, seed=args.seed)
+    holdout = args.holdout_generator
+    if "all" in holdout:
+        holdout = sorted(set(corpus.obs_model))
+    report = evaluate(corpus, num_folds=args.folds, seed=args.seed, holdout=holdout)
     print(format_table(report))
     avg = report["average"]
-    print(f"\nALISE: mean Kendall tau {avg['alise']['kendall_tau']:.3f} "
+    mode = "leave-one-generator-out, " if holdout else ""
+    print(f"\nALISE ({mode}cross-fitted): mean Kendall tau {avg['alise']['kendall_tau']:.3f} "
           f"(10-NN {avg['knn10']['kendall_tau']:.3f}); MAE {avg['alise']['mae_vs_mean'] - 1:+.1%} vs "
           f"the mean predictor (10-NN {avg['knn10']['mae_vs_mean'] - 1:+.1%}); "
           f"{len(corpus.texts)} prompts, {args.folds} folds, {time.perf_counter() - started:.0f} s; "
@@ -126,28 +146,36 @@ def main_eval(args) -> int:
 
 
 def main_serve(args) -> int:
+    """Serves until SIGTERM (exit 0); a bad flag, index or data file: a message, exit 2."""
     from alise.common.grpc_server import run_until_signal
     from alise.common.logs import configure_logging
     from alise.predictor.config import PredictorConfig
     from alise.predictor.service import start_predictor_server
+    from alise.predictor.snapshot import SnapshotError
 
     configure_logging("predictor")
-    config = PredictorConfig(
-        address=args.address, index_dir=args.index_dir, bootstrap=tuple(args.bootstrap),
-        model=args.model, tokenizer_path=args.tokenizer, encoder_path=args.encoder,
-        refit_interval_s=args.refit_interval_s, metrics_address=args.metrics_address,
-        encoder_max_seq_length=args.max_seq_length, encoder_int8=not args.fp32,
-        encoder_backend=args.encoder_backend,
-        num_threads=args.encoder_threads,
-        security=security_from_args(args),
-    )
 
-    async def run() -> None:
+    async def run(config: PredictorConfig) -> None:
         server = await start_predictor_server(config)
         print(f"predictor listening on port {server.port}", flush=True)
         await run_until_signal(server.stop)
 
-    asyncio.run(run())
+    try:
+        config = PredictorConfig(
+            address=args.address, index_dir=args.index_dir, bootstrap=tuple(args.bootstrap),
+            model=args.model, tokenizer_path=args.tokenizer, encoder_path=args.encoder,
+            refit_interval_s=args.refit_interval_s, snapshot_interval_s=args.snapshot_interval_s,
+            max_observations_per_s=args.max_observations_per_s,
+            metrics_address=args.metrics_address,
+            encoder_max_seq_length=args.max_seq_length, encoder_int8=not args.fp32,
+            encoder_backend=args.encoder_backend,
+            num_threads=args.encoder_threads,
+            security=security_from_args(args),
+        )
+        asyncio.run(run(config))
+    except (SnapshotError, ValueError, OSError) as exc:
+        print(f"alise predictor serve: error: {exc}", file=sys.stderr, flush=True)
+        return 2
     return 0
 
 

@@ -4,11 +4,13 @@ Usage::
 
     client = PredictorClient("127.0.0.1:50053")
     estimates = await client.predict(["Write a haiku"], timeout_s=0.05)
-    await client.observe("Write a haiku", output_tokens=21)
+    await client.observe("Write a haiku", output_tokens=21, prediction_id=estimates[0].prediction_id)
     await client.close()
 
 Every method raises :class:`PredictorUnavailable` on any failure (timeout, connection,
 server error), so the caller can fall back to its running mean and say so in its status.
+:meth:`PredictorClient.observe` sends one observation on a stream of its own; a scheduler
+keeps one long-lived stream instead (``alise.scheduler.predictor_link.ObservationOutbox``).
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ class LengthEstimate:
     p50: float
     p90: float
     source: str
+    #: What an Observation of this prompt's answer names ("" from a predictor without ids).
+    prediction_id: str = ""
 
 
 class PredictorClient:
@@ -55,20 +59,31 @@ class PredictorClient:
         except grpc.aio.AioRpcError as exc:
             raise PredictorUnavailable(f"Predict failed: {exc.code().name}: {exc.details()}",
                                        exc.code()) from exc
-        return [LengthEstimate(p.mean, p.p50, p.p90, p.source) for p in response.predictions]
+        ids = list(response.prediction_ids) or [""] * len(response.predictions)
+        return [LengthEstimate(p.mean, p.p50, p.p90, p.source, i)
+                for p, i in zip(response.predictions, ids)]
+
+    def observe_stream(self, *, timeout_s: float | None = None) -> grpc.aio.StreamStreamCall:
+        """A new Observe stream (write Observations, read ObserveResponses)."""
+        return self._stub.Observe(timeout=timeout_s, wait_for_ready=True)
 
     async def observe(self, prompt: str, output_tokens: int, *, model: str = "",
-                      timeout_s: float = 1.0) -> None:
-        """Reports one finished request (``model`` empty = the predictor's served model)."""
-        observation = predictor_pb2.Observation(prompt=prompt, output_tokens=output_tokens, model=model)
+                      prediction_id: str = "", timeout_s: float = 10.0) -> None:
+        """Reports one finished request (``model`` empty = the predictor's served model) and
+        returns once it is durable. Raises :class:`PredictorUnavailable` when it was not taken."""
+        observation = predictor_pb2.Observation(prompt=prompt, output_tokens=output_tokens, model=model,
+                                                prediction_id=prediction_id, sequence=1)
+        call = self.observe_stream(timeout_s=timeout_s)
         try:
-            response = await self._stub.Observe(iter([observation]), timeout=timeout_s,
-                                                wait_for_ready=True)
+            await call.write(observation)
+            await call.done_writing()
+            responses = [r async for r in call]
         except grpc.aio.AioRpcError as exc:
             raise PredictorUnavailable(f"Observe failed: {exc.code().name}: {exc.details()}",
                                        exc.code()) from exc
-        if response.num_rejected:
-            raise PredictorUnavailable("Observe rejected the observation (empty prompt?)")
+        if not responses or responses[-1].num_accepted != 1:
+            raise PredictorUnavailable("Observe did not take the observation (empty prompt, "
+                                       "negative length, or an unknown prediction id without the prompt)")
 
     async def close(self) -> None:
         await self._channel.close()

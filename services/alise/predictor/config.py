@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from alise.common.security import SecurityConfig
-
 from dataclasses import dataclass, field
 
+from alise.common.security import SecurityConfig
 from alise.predictor.estimator import EstimatorConfig
 
 
@@ -29,8 +28,16 @@ class PredictorConfig:
     refit_interval_s: float = 60.0
     #: New observations that trigger a refit before the interval is up.
     refit_after_observations: int = 256
-    #: Seconds between periodic snapshots (when index_dir is set and anything changed).
+    #: Seconds between periodic snapshots (when index_dir is set and anything changed); between
+    #: them every observation is in the write-ahead log, so a kill loses none.
     snapshot_interval_s: float = 300.0
+    #: How long a write-ahead log fsync waits for more observations to share it (ms).
+    wal_sync_delay_ms: float = 10.0
+    #: Predictions remembered for the Observe that names them (~1.6 kB each).
+    max_pending_predictions: int = 32_768
+    #: Observations one Observe stream may send per second (more are read more slowly: the
+    #: stream's flow control holds the sender back).
+    max_observations_per_s: float = 2000.0
     #: How long the first Predict of a batch waits for concurrent ones to join it. 0: none;
     #: requests that arrive while the encoder is busy still form the next batch, and a lone
     #: request does not wait.
@@ -55,7 +62,8 @@ class PredictorConfig:
     #: Seconds in-flight RPCs get to finish on shutdown.
     drain_grace_s: float = 5.0
     estimator: EstimatorConfig = field(default_factory=EstimatorConfig)
-    #: Internal secret (callers must present it) and TLS on the listener.
+    #: Internal secret (callers must present it) and TLS on the listener. The predictor has no
+    #: client API: API tokens do not apply to it.
     security: SecurityConfig = field(default_factory=SecurityConfig)
     #: Prometheus metrics HTTP address ("" = none).
     metrics_address: str = ""
@@ -64,17 +72,18 @@ class PredictorConfig:
         host, _, port = self.address.rpartition(":")
         if not host or not port.isdigit():
             raise ValueError(f"address must look like HOST:PORT, got {self.address!r}")
-        positive = ("refit_interval_s", "snapshot_interval_s", "drain_grace_s")
+        positive = ("refit_interval_s", "snapshot_interval_s", "drain_grace_s", "max_observations_per_s")
         for name in positive:
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         at_least_one = ("refit_after_observations", "max_batch_prompts",
-                        "max_prompts_per_request", "ivf_threshold")
+                        "max_prompts_per_request", "ivf_threshold", "max_pending_predictions")
         for name in at_least_one:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.batch_window_ms < 0:
-            raise ValueError(f"batch_window_ms must be >= 0, got {self.batch_window_ms}")
+        for name in ("batch_window_ms", "wal_sync_delay_ms"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.encoder_max_seq_length is not None and self.encoder_max_seq_length < 3:
             raise ValueError(f"encoder_max_seq_length must be >= 3 or None, got {self.encoder_max_seq_length}")
         if self.encoder_backend not in ("auto", "onnxruntime", "torch"):

@@ -66,12 +66,14 @@ BACKENDS = ("auto", "onnxruntime", "torch")
 
 @dataclass(frozen=True)
 class Encoded:
-    """Vectors (float32, shape ``(n, dim)``, unit norm) and, per prompt, whether it was cut
-    and its token count (before the cut, without special tokens)."""
+    """Vectors (float32, shape ``(n, dim)``, unit norm) and, per prompt, whether it was cut,
+    its token count (before the cut, without special tokens) and how many of its characters
+    the encoder saw (``prompt[:visible_chars]`` is all that shaped its vector)."""
 
     vectors: np.ndarray
     truncated: list[bool]
     num_tokens: list[int]
+    visible_chars: list[int]
 
 
 def _shards(lengths: Sequence[int], num_shards: int) -> list[list[int]]:
@@ -150,17 +152,19 @@ class Encoder:
     def _tokenize(self, prompts: Sequence[str]):
         """Cut texts, truncation flags, token counts and the model's input ids, in one pass."""
         cut = [p[: self.max_chars] for p in prompts]
-        ids = self._tokenizer(cut, add_special_tokens=False, truncation=False, verbose=False)[
-            "input_ids"
-        ]
+        tokens = self._tokenizer(cut, add_special_tokens=False, truncation=False, verbose=False,
+                                 return_offsets_mapping=True)
+        ids, offsets = tokens["input_ids"], tokens["offset_mapping"]
         limit = self.max_seq_length - 2  # [CLS] and [SEP]
         num_tokens = [len(x) for x in ids]
         truncated = [
             len(p) > self.max_chars or n > limit for p, n in zip(prompts, num_tokens, strict=True)
         ]
+        visible = [int(o[limit - 1][1]) if n > limit else len(c)
+                   for c, o, n in zip(cut, offsets, num_tokens)]
         cls_id, sep_id = self._tokenizer.cls_token_id, self._tokenizer.sep_token_id
         inputs = [[cls_id, *x[:limit], sep_id] for x in ids]
-        return cut, truncated, num_tokens, inputs
+        return cut, truncated, num_tokens, visible, inputs
 
     def _embed_packed(self, inputs: list[list[int]]) -> np.ndarray:
         lengths = [len(x) for x in inputs]
@@ -179,9 +183,9 @@ class Encoder:
     def encode(self, prompts: Sequence[str]) -> Encoded:
         """Embeds ``prompts`` (blocking). Empty input gives an empty ``(0, dim)`` array."""
         if not prompts:
-            return Encoded(np.zeros((0, self.dim), np.float32), [], [])
+            return Encoded(np.zeros((0, self.dim), np.float32), [], [], [])
         with self._lock:
-            cut, truncated, num_tokens, inputs = self._tokenize(prompts)
+            cut, truncated, num_tokens, visible, inputs = self._tokenize(prompts)
             if self._packed:
                 vectors = self._embed_packed(inputs)
             else:
@@ -192,7 +196,7 @@ class Encoder:
                     convert_to_numpy=True,
                     show_progress_bar=False,
                 )
-        return Encoded(np.ascontiguousarray(vectors, dtype=np.float32), truncated, num_tokens)
+        return Encoded(np.ascontiguousarray(vectors, dtype=np.float32), truncated, num_tokens, visible)
 
     async def encode_async(self, prompts: Sequence[str]) -> Encoded:
         return await asyncio.to_thread(self.encode, list(prompts))

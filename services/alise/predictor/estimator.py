@@ -19,8 +19,11 @@ For a query prompt and target model ``m`` the features are:
 A per-model :class:`Stacker` (pooled across models for models with little history) turns
 them into the point estimate, fitted for MAE. When the top similarity is below
 ``head_threshold`` the neighbour features are noise, so a second stacker without them is
-used (source ``"head"``); a near-exact duplicate with the target model's own answers uses
-those (``"knn"``); before any fit, a running mean (``"prior"``).
+used (source ``"head"``); a prompt whose exact text is stored with the target model's own
+answers uses those (``"knn"``: matched by the text's key, not by cosine, so it does not depend
+on float rounding of the vectors); before any fit, a running mean (``"prior"``). For a model
+with no observations yet, its scale is unknown: the spread is widened by the known models'
+scales (``Spread.widened``), so its p90 still covers about 90 %.
 
 Threading: :meth:`fit` reads a consistent prefix of the history and builds a new immutable
 :class:`_Fitted`, swapped in by one reference assignment, so it may run in a worker thread
@@ -31,12 +34,13 @@ neighbour features at fit time use at most ``max_head_samples`` of the most rece
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from alise.predictor.heads import KernelHead, LinearHead, TfidfHead
-from alise.predictor.history import History
+from alise.predictor.history import History, prompt_key
 from alise.predictor.stacker import Spread, Stacker
 
 FEATURES = ("kernel", "tfidf", "knn_effect", "knn_target", "deviation", "prompt_len")
@@ -56,8 +60,6 @@ class EstimatorConfig:
     deviation_lambda: float = 10.0
     #: Top cosine similarity below which neighbour features are ignored (heads only).
     head_threshold: float = 0.5
-    #: Top similarity at which a stored prompt counts as the same prompt.
-    duplicate_threshold: float = 0.995
     max_head_samples: int = 4096
     #: Observations a model needs for its own stacker; fewer use the pooled one.
     min_model_observations: int = 30
@@ -153,6 +155,14 @@ class LengthEstimator:
         return float((self._model_sum[model_id] + prior * overall)
                      / (self._model_cnt[model_id] + prior))
 
+    def _offset_deviations(self) -> np.ndarray:
+        """Each model's mean log-length less :meth:`offset`'s overall mean (the offset an
+        unknown model gets), over the models with observations."""
+        seen = np.flatnonzero(self._model_cnt > 0)
+        if len(seen) < 2:
+            return np.zeros(0)
+        return self._model_sum[seen] / self._model_cnt[seen] - self.offset(None)
+
     def sync(self) -> None:
         """Folds observations added to the history since the last call into the live
         neighbour statistics (cheap: only the new ones)."""
@@ -209,25 +219,35 @@ class LengthEstimator:
             t_mean = self._res_sum[model_id][safe] / np.maximum(t_cnt, 1)
             target = np.where(t_cnt > 0, t_mean, eff)
         else:
-            t_cnt, t_mean, target = np.zeros(rows.shape), np.zeros(rows.shape), eff
+            target = eff
         w = _weights(sims, valid, cfg.knn_temperature)
         top = np.where(valid, sims, -1.0).max(axis=1) if rows.shape[1] else np.full(len(rows), -1.0)
-        first = np.argmax(np.where(valid, sims, -np.inf), axis=1) if rows.shape[1] else None
-        dup = np.zeros(len(rows), bool)
-        dup_z = np.zeros(len(rows))
-        if first is not None:
-            idx = np.arange(len(rows))
-            dup = (top >= cfg.duplicate_threshold) & (t_cnt[idx, first] > 0)
-            dup_z = t_mean[idx, first]
-        return _weighted(w, eff), _weighted(w, target), top, dup, dup_z
+        return _weighted(w, eff), _weighted(w, target), top
+
+    def _exact(self, keys: Sequence[str], model_id: int | None) -> tuple[np.ndarray, np.ndarray]:
+        """(is the same prompt text stored with ``model_id``'s own answers, their mean residual)."""
+        dup = np.zeros(len(keys), bool)
+        dup_z = np.zeros(len(keys))
+        if model_id not in self._res_cnt:
+            return dup, dup_z
+        counts, sums = self._res_cnt[model_id], self._res_sum[model_id]
+        for i, key in enumerate(keys):
+            row = self.history.row_of_key(key)
+            if row is not None and row < len(counts) and counts[row] > 0:
+                dup[i], dup_z[i] = True, sums[row] / counts[row]
+        return dup, dup_z
 
     def predict(
-        self, vectors: np.ndarray, texts: list[str], prompt_tokens: np.ndarray, model: str
+        self, vectors: np.ndarray, texts: list[str], prompt_tokens: np.ndarray, model: str,
+        keys: Sequence[str] | None = None,
     ) -> Estimates:
-        """Length distributions for ``texts`` (embedded as ``vectors``) under ``model``."""
+        """Length distributions for ``texts`` (embedded as ``vectors``) under ``model``.
+        ``keys`` are the texts' :func:`prompt_key` (computed here when not given): a prompt
+        stored with the model's own answers is matched by its text, never by similarity."""
         model_id = self.history.model_id(model)
         offset = self.offset(model_id)
-        knn_eff, knn_target, top, dup, dup_z = self._neighbour_features(vectors, model_id)
+        knn_eff, knn_target, top = self._neighbour_features(vectors, model_id)
+        dup, dup_z = self._exact(keys if keys is not None else [prompt_key(t) for t in texts], model_id)
         fitted = self._fitted
         n = len(texts)
         if fitted is None:
@@ -246,6 +266,8 @@ class LengthEstimator:
             z = np.where(use_full, fit.full.predict(feats, offset),
                          fit.head.predict(feats[:, HEAD_FEATURES], offset))
             spread = fit.full.spread
+            if model_id is None:
+                spread = spread.widened(self._offset_deviations())
             source = np.where(use_full, "blend", "head").astype(object)
         z = np.where(dup, offset + dup_z, z)
         source[dup] = "knn"

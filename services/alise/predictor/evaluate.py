@@ -11,6 +11,13 @@ Kendall tau-b and Spearman rho between predicted and true lengths (0 for a const
 prediction), bucket accuracy (ALISE: the most probable bucket; baselines: the bucket of the
 point estimate), and p90 coverage (share of true lengths <= the predicted p90).
 
+Leave-one-generator-out (``holdout``): the history holds only the *other* models' lengths of
+the training-fold prompts, and only the held-out model's lengths of the test-fold prompts are
+scored, so neither the test prompts nor the held-out model's answers to anything are seen:
+a new model being served with other models' history. Its predictions use the pooled fit and
+the other models' mean log-length (the deployment does not know the new model's scale yet),
+and the baselines see the same observations.
+
 Baselines: ``mean`` predicts the model's training mean (p90: training 90th percentile);
 ``knn10`` the similarity-weighted mean of the model's lengths on the 10 most similar training
 prompts (p90: their weighted 90th percentile).
@@ -109,7 +116,7 @@ def _baselines(train_vecs, train_y, test_vecs, edges) -> dict[str, tuple]:
 
 
 def _run_fold(corpus: Corpus, train: np.ndarray, config: EstimatorConfig,
-              models: list[str]) -> dict[str, dict[str, dict[str, float]]]:
+              models: list[str], holdout: str | None = None) -> dict[str, dict[str, dict[str, float]]]:
     edges = np.asarray(config.bucket_edges, np.float64)
     history = History(VectorIndex(corpus.vectors.shape[1]))
     train_rows = np.flatnonzero(train)
@@ -117,18 +124,19 @@ def _run_fold(corpus: Corpus, train: np.ndarray, config: EstimatorConfig,
                         corpus.prompt_tokens[train_rows])
     new_row = np.full(len(train), -1)
     new_row[train_rows] = np.arange(len(train_rows))
-    obs_train = train[corpus.obs_prompt]
+    obs_model = np.asarray(corpus.obs_model)
+    visible = obs_model != holdout if holdout is not None else np.ones(len(obs_model), bool)
+    obs_train = train[corpus.obs_prompt] & visible
     history.add_observations(new_row[corpus.obs_prompt[obs_train]],
                              [m for m, t in zip(corpus.obs_model, obs_train) if t],
                              corpus.obs_tokens[obs_train])
     estimator = LengthEstimator(history, config)
     estimator.fit()
     out: dict[str, dict[str, dict[str, float]]] = {}
-    obs_model = np.asarray(corpus.obs_model)
     for model in models:
         is_model = obs_model == model
-        test_sel = is_model & ~obs_train
-        train_sel = is_model & obs_train
+        test_sel = is_model & ~train[corpus.obs_prompt]
+        train_sel = obs_train if holdout is not None else is_model & obs_train
         if not test_sel.any() or not train_sel.any():
             continue
         rows = corpus.obs_prompt[test_sel]
@@ -145,19 +153,30 @@ def _run_fold(corpus: Corpus, train: np.ndarray, config: EstimatorConfig,
 
 
 def evaluate(corpus: Corpus, *, num_folds: int = 5, seed: int = 0,
-             config: EstimatorConfig | None = None) -> dict:
-    """Returns ``{"models": {model: {method: {metric: value}}}, "average": {method: ...}}``."""
+             config: EstimatorConfig | None = None, holdout: Sequence[str] = ()) -> dict:
+    """Returns ``{"models": {model: {method: {metric: value}}}, "average": {method: ...}}``.
+
+    With ``holdout`` (model names), each named model is left out in turn (see the module
+    docstring) and the table has one row per held-out model."""
     if num_folds < 2:
         raise ValueError(f"num_folds must be >= 2, got {num_folds}")
     config = config or EstimatorConfig()
     fold_of = np.random.default_rng(seed).permutation(len(corpus.texts)) % num_folds
     models = sorted(set(corpus.obs_model))
+    unknown = sorted(set(holdout) - set(models))
+    if unknown:
+        raise ValueError(f"--holdout-generator {', '.join(unknown)}: not a model of the data "
+                         f"({', '.join(models)})")
+    if holdout and len(models) < 2:
+        raise ValueError("leave-one-generator-out needs data of at least two models")
+    runs = [(m, [m]) for m in holdout] if holdout else [(None, models)]
     per_fold: dict[str, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
-    for fold in range(num_folds):
-        logger.info("fold %d/%d", fold + 1, num_folds)
-        for model, by_method in _run_fold(corpus, fold_of != fold, config, models).items():
-            for method, metrics in by_method.items():
-                per_fold[model][method].append(metrics)
+    for held_out, scored in runs:
+        for fold in range(num_folds):
+            logger.info("fold %d/%d%s", fold + 1, num_folds, f" (holding out {held_out})" if held_out else "")
+            for model, by_method in _run_fold(corpus, fold_of != fold, config, scored, held_out).items():
+                for method, metrics in by_method.items():
+                    per_fold[model][method].append(metrics)
     table = {
         model: {method: {k: float(np.mean([f[k] for f in folds])) for k in METRICS}
                 for method, folds in by_method.items()}
@@ -171,7 +190,7 @@ def evaluate(corpus: Corpus, *, num_folds: int = 5, seed: int = 0,
         ratios = [table[m][method]["mae"] / table[m]["mean"]["mae"] for m in table]
         average[method]["mae_vs_mean"] = float(np.mean(ratios))
     return {"num_folds": num_folds, "seed": seed, "num_prompts": len(corpus.texts),
-            "models": table, "average": average}
+            "holdout": list(holdout), "models": table, "average": average}
 
 
 def format_table(report: dict) -> str:

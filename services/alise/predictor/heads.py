@@ -8,30 +8,22 @@ the head has not seen.
 - :class:`KernelHead`: kernel ridge on the unit embeddings with ``k(a, b) = exp((a.b - 1)/T)``
   (an RBF kernel on the sphere). This is the "small learned head on the embedding" of the
   paper's method; it measured better than an MLP of comparable cost on AlpacaEval.
-- :class:`TfidfHead`: ridge on word uni+bigram TF-IDF features of the prompt text; words like
-  "list", "essay" or "one word" carry length information the sentence embedding blurs.
+- :class:`TfidfHead`: ridge on word uni+bigram TF-IDF features of the prompt text
+  (scikit-learn's vectorizer); words like "list", "essay" or "one word" carry length
+  information the sentence embedding blurs.
 - :class:`LinearHead`: primal ridge on the embedding (used for a model's deviation from the
   cross-model prompt effect).
 """
 
 from __future__ import annotations
 
-import math
-import re
-from collections import Counter
 from collections.abc import Sequence
 
 import numpy as np
-import scipy.sparse as sp
+from sklearn.feature_extraction.text import TfidfVectorizer
 
-_WORD = re.compile(r"(?u)\b\w\w+\b")
 #: Characters of a prompt the TF-IDF features look at (same bound as the encoder's pre-cut).
 MAX_TEXT_CHARS = 8192
-
-
-def _terms(text: str) -> list[str]:
-    words = _WORD.findall(text[:MAX_TEXT_CHARS].lower())
-    return words + [f"{a} {b}" for a, b in zip(words, words[1:])]
 
 
 def _dual_ridge(gram: np.ndarray, y: np.ndarray, lam: float):
@@ -43,34 +35,14 @@ def _dual_ridge(gram: np.ndarray, y: np.ndarray, lam: float):
     return alpha, y_mean, loo
 
 
-class TfidfVectorizer:
+def _cut(text: str) -> str:
+    return text[:MAX_TEXT_CHARS].lower()
+
+
+def make_tfidf(min_df: int = 2, max_features: int = 100_000) -> TfidfVectorizer:
     """Word uni+bigram TF-IDF (sublinear tf, smoothed idf, L2 rows), vocabulary by min df."""
-
-    def __init__(self, min_df: int = 2, max_features: int = 100_000) -> None:
-        self.min_df = min_df
-        self.max_features = max_features
-        self.vocab: dict[str, int] = {}
-        self.idf = np.zeros(0)
-
-    def fit(self, texts: Sequence[str]) -> "TfidfVectorizer":
-        df = Counter(t for text in texts for t in set(_terms(text)))
-        kept = [t for t, c in df.most_common(self.max_features) if c >= self.min_df]
-        self.vocab = {t: i for i, t in enumerate(sorted(kept))}
-        n = len(texts)
-        self.idf = np.array([math.log((1 + n) / (1 + df[t])) + 1 for t in sorted(kept)])
-        return self
-
-    def transform(self, texts: Sequence[str]) -> sp.csr_matrix:
-        indptr, indices, data = [0], [], []
-        for text in texts:
-            counts = Counter(self.vocab[t] for t in _terms(text) if t in self.vocab)
-            cols = np.fromiter(counts.keys(), np.int64, len(counts))
-            vals = (1 + np.log(np.fromiter(counts.values(), float, len(counts)))) * self.idf[cols]
-            norm = np.linalg.norm(vals)
-            indices.extend(cols.tolist())
-            data.extend((vals / norm if norm > 0 else vals).tolist())
-            indptr.append(len(indices))
-        return sp.csr_matrix((data, indices, indptr), shape=(len(texts), len(self.vocab)))
+    return TfidfVectorizer(preprocessor=_cut, ngram_range=(1, 2), min_df=min_df,
+                           max_features=max_features, sublinear_tf=True, dtype=np.float64)
 
 
 class KernelHead:
@@ -106,15 +78,15 @@ class TfidfHead:
         self.min_df = min_df
 
     def fit(self, texts: Sequence[str], y: np.ndarray) -> np.ndarray:
-        self._vectorizer = TfidfVectorizer(min_df=self.min_df).fit(texts)
-        features = self._vectorizer.transform(texts)
+        self._vectorizer = make_tfidf(self.min_df)
+        features = self._vectorizer.fit_transform(list(texts))
         gram = (features @ features.T).toarray()
         alpha, self._y_mean, loo = _dual_ridge(gram, y, self.lam)
         self._weights = features.T @ alpha  # primal weights: cheap prediction
         return loo
 
     def predict(self, texts: Sequence[str]) -> np.ndarray:
-        return self._vectorizer.transform(texts) @ self._weights + self._y_mean
+        return self._vectorizer.transform(list(texts)) @ self._weights + self._y_mean
 
 
 class LinearHead:

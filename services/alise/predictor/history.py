@@ -1,12 +1,14 @@
 """The predictor's memory: unique prompts (vectors in the index) and observed output lengths.
 
-A *prompt* is stored once, keyed by the SHA-1 of its text, with its vector at the same row of
-the :class:`VectorIndex`. An *observation* is one (prompt row, model, output tokens) triple; a
+A *prompt* is stored once, keyed by the SHA-1 of its whole text, with its vector at the same
+row of the :class:`VectorIndex`. The stored text may be shorter than the prompt (the service
+keeps only what the encoder sees of it); the key is always of the whole text, so an exact
+repeat is still recognised. An *observation* is one (prompt row, model, output tokens) triple; a
 prompt answered by twelve models has one row and twelve observations, so nearest-neighbour
 search returns distinct prompts and cross-model statistics come for free.
 
-Invariants: ``len(index) == len(texts) == len(prompt_tokens)``; every observation's prompt row
-is ``< len(index)``; model ids index :attr:`models`.
+Invariants: ``len(index) == len(texts) == len(keys) == len(prompt_tokens)``; every
+observation's prompt row is ``< len(index)``; model ids index :attr:`models`.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ class History:
     def __init__(self, index: VectorIndex) -> None:
         self.index = index
         self.texts: list[str] = []
+        self.keys: list[str] = []
         self._prompt_tokens = _Growable(np.int32)
         self._rows_by_key: dict[str, int] = {}
         self.models: list[str] = []
@@ -87,15 +90,23 @@ class History:
     def row_of(self, text: str) -> int | None:
         return self._rows_by_key.get(prompt_key(text))
 
+    def row_of_key(self, key: str) -> int | None:
+        return self._rows_by_key.get(key)
+
     def add_prompts(
-        self, texts: Sequence[str], vectors: np.ndarray, prompt_tokens: Sequence[int]
+        self, texts: Sequence[str], vectors: np.ndarray, prompt_tokens: Sequence[int],
+        keys: Sequence[str] | None = None,
     ) -> np.ndarray:
-        """Rows of ``texts``, adding the ones not yet stored (duplicates are stored once)."""
+        """Rows of ``texts``, adding the ones not yet stored (duplicates are stored once).
+        ``keys`` (default: each text's :func:`prompt_key`) identify the prompts; give them when
+        ``texts`` are cut-down versions of the prompts."""
+        keys = [prompt_key(t) for t in texts] if keys is None else list(keys)
+        if len(keys) != len(texts):
+            raise ValueError("texts and keys must have the same length")
         rows = np.empty(len(texts), np.int64)
         new_idx: list[int] = []
         pending: dict[str, int] = {}
-        for i, text in enumerate(texts):
-            key = prompt_key(text)
+        for i, key in enumerate(keys):
             row = self._rows_by_key.get(key, pending.get(key))
             if row is None:
                 row = len(self.texts) + len(new_idx)
@@ -106,6 +117,7 @@ class History:
             self.index.add(np.asarray(vectors)[new_idx])
             for i in new_idx:
                 self.texts.append(texts[i])
+                self.keys.append(keys[i])
             self._prompt_tokens.extend(np.asarray(prompt_tokens, np.int32)[new_idx])
             self._rows_by_key.update(pending)
         return rows
@@ -134,16 +146,19 @@ class History:
         prompt_tokens: np.ndarray,
         models: list[str],
         obs: tuple[np.ndarray, np.ndarray, np.ndarray],
+        keys: list[str] | None = None,
     ) -> "History":
-        if not len(index) == len(texts) == len(prompt_tokens):
+        keys = [prompt_key(t) for t in texts] if keys is None else list(keys)
+        if not len(index) == len(texts) == len(keys) == len(prompt_tokens):
             raise ValueError(
                 f"index has {len(index)} rows but {len(texts)} texts and "
-                f"{len(prompt_tokens)} prompt lengths were stored"
+                f"{len(keys)} keys and {len(prompt_tokens)} prompt lengths were stored"
             )
         history = cls(index)
         history.texts = list(texts)
         history._prompt_tokens = _Growable(np.int32, prompt_tokens)
-        history._rows_by_key = {prompt_key(t): i for i, t in enumerate(texts)}
+        history.keys = keys
+        history._rows_by_key = {k: i for i, k in enumerate(keys)}
         for m in models:
             history.model_id(m, create=True)
         rows, model_ids, tokens = obs

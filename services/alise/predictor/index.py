@@ -123,9 +123,15 @@ class VectorIndex:
     # -- persistence -------------------------------------------------------------------
 
     def state(self) -> tuple[np.ndarray, bytes, int]:
-        """(vectors, serialized faiss index, rows at last IVF training) for a snapshot."""
-        blob = faiss.serialize_index(self._index).tobytes()
-        return self._vectors[: self._num_rows].copy(), blob, self._trained_at
+        """(vectors, serialized faiss index, rows at last IVF training) for a snapshot.
+
+        The vectors are a read-only view of the first rows, not a copy: rows are never
+        rewritten, so the view stays valid while later adds go on (from another thread too).
+        A flat index is rebuilt from the vectors on load, so its blob is empty; an IVF index
+        is serialized (its trained quantizer is not cheap to redo), which must not overlap
+        an ``add``."""
+        blob = faiss.serialize_index(self._index).tobytes() if self.index_type == IVF else b""
+        return self.vectors, blob, self._trained_at
 
     @classmethod
     def from_state(
@@ -133,7 +139,11 @@ class VectorIndex:
     ) -> "VectorIndex":
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
         index = cls(vectors.shape[1], **kwargs)
-        faiss_index = faiss.deserialize_index(np.frombuffer(blob, dtype=np.uint8))
+        if not blob:
+            faiss_index = faiss.IndexFlatIP(index.dim)
+            faiss_index.add(vectors)
+        else:
+            faiss_index = faiss.deserialize_index(np.frombuffer(blob, dtype=np.uint8))
         if faiss_index.d != index.dim or faiss_index.ntotal != len(vectors):
             raise ValueError(
                 f"faiss index holds {faiss_index.ntotal} vectors of dim {faiss_index.d}, "

@@ -1,25 +1,36 @@
-"""The predictor's runtime (no gRPC): batching, online updates, refits and snapshots.
+"""The predictor's runtime (no gRPC): batching, online updates, refits, the log and snapshots.
 
 One writer: the history, the faiss index and the estimator's live statistics are mutated only
-on the event loop (``observe``), and read there too (``predict``'s neighbour search). Only two
-things leave the loop: embedding (``Encoder.encode_async``) and refitting
+on the event loop (``observe``, under ``_write_lock``), and read there too (``predict``'s
+neighbour search). What leaves the loop: embedding (``Encoder.encode_async``), refitting
 (``LengthEstimator.fit`` reads a consistent prefix of the append-only history and swaps its
-result in by one assignment), so no lock is needed.
+result in by one assignment), the log's fsync and the snapshot's files. A snapshot captures
+its prefix under the write lock (observations wait that long; Predict does not) and writes
+it from a worker thread, so Predict keeps answering while one is written.
 
 Predict calls that queue up while the encoder is busy are embedded together in its next call
 (up to ``max_batch_prompts``), which is what makes 256 concurrent single-prompt requests cost
 about one batch; an idle encoder starts at once (``batch_window_ms`` = 0, the default), so a
 lone request pays no batching delay.
 
-Observe reuses embeddings: a prompt already in the history needs none, and one that a recent
-Predict embedded (the usual order: predict at admission, observe at completion) takes that
-vector from a small LRU cache, so in steady state each prompt is encoded once.
+Each prediction gets an id and is remembered (its key, the text the encoder saw, its vector
+and p50) for ``max_pending_predictions`` predictions: an Observe naming the id needs no
+prompt and no second embedding (nor does one that sends the prompt of a recent Predict). What is stored of a prompt is only what the encoder saw
+(the history is keyed by the SHA-1 of the whole text), so a 10 MB prompt costs the history
+a few kB.
+
+Durability: with an ``index_dir``, every accepted observation is appended to the write-ahead
+log before its answer is sent (``wal.py``, fsync'd in batches), and a snapshot every
+``snapshot_interval_s`` lets the log start over. Start-up loads the snapshot and replays the
+log, so a ``kill -9`` loses nothing that was answered.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
+import os
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -27,17 +38,17 @@ from dataclasses import dataclass
 import numpy as np
 
 from alise.predictor.config import PredictorConfig
-from alise.predictor.datasets import load_records
 from alise.predictor.encoder import Encoder
 from alise.predictor.estimator import Estimates, LengthEstimator
 from alise.predictor.history import History, prompt_key
 from alise.predictor.index import VectorIndex
-from alise.predictor.snapshot import load_snapshot, save_snapshot
+from alise.predictor.snapshot import capture, load_snapshot, prepare_index_dir, write_snapshot
+from alise.predictor.startup import add_logged, bootstrap_history, replay_log
+from alise.predictor.wal import LoggedObservation, WriteAheadLog
 
 logger = logging.getLogger(__name__)
-_MAX_REMEMBERED = 100_000
-#: Embeddings of recently predicted prompts kept for their Observe (384 floats each: ~12 MB).
-_MAX_CACHED_VECTORS = 8192
+#: De-duplication ids of recent observations remembered (a resend is of recent ones).
+_MAX_DEDUP_IDS = 65_536
 
 
 class ShuttingDown(RuntimeError):
@@ -48,6 +59,7 @@ class ShuttingDown(RuntimeError):
 class PredictResult:
     estimates: Estimates
     truncated: list[int]
+    prediction_ids: list[str]
 
 
 @dataclass
@@ -56,65 +68,93 @@ class _Pending:
     future: asyncio.Future
 
 
-def bootstrap_history(history: History, encoder: Encoder, paths, tokenizer_path) -> int:
-    """Adds every record with an output from ``paths`` (blocking); returns how many."""
-    from alise.predictor.tokens import TokenCounter
+@dataclass(frozen=True)
+class _Prediction:
+    key: str
+    text: str  # what the encoder saw
+    vector: np.ndarray | None  # None: the history holds the prompt already
+    num_tokens: int
+    p50: float
 
-    records = [r for p in paths for r in load_records(p) if r.output is not None]
-    if not records:
-        return 0
-    texts = list(dict.fromkeys(r.prompt for r in records))
-    encoded = encoder.encode(texts)
-    rows = history.add_prompts(texts, encoded.vectors, encoded.num_tokens)
-    row_of = dict(zip(texts, rows.tolist()))
-    tokens = TokenCounter(tokenizer_path).count([r.output for r in records])
-    history.add_observations(np.array([row_of[r.prompt] for r in records]),
-                             [r.model for r in records], tokens)
-    return len(records)
+
+@dataclass(frozen=True)
+class ObservationIn:
+    """One observation as the service received it (validated): a prediction id, a prompt, or
+    both."""
+
+    output_tokens: int
+    model: str = ""
+    prediction_id: str = ""
+    prompt: str = ""
+    dedup_id: str = ""
+
+
+@dataclass
+class ObserveOutcome:
+    num_accepted: int = 0
+    #: Indexes (into the call's list) whose prediction id is unknown and that had no prompt.
+    unknown: list[int] | None = None
 
 
 class PredictorRuntime:
-    """Owns encoder, history and estimator; every public coroutine runs on one loop."""
+    """Owns encoder, history, estimator and log; every public coroutine runs on one loop."""
 
-    def __init__(self, config: PredictorConfig, encoder: Encoder, history: History) -> None:
+    def __init__(self, config: PredictorConfig, encoder: Encoder, history: History,
+                 wal: WriteAheadLog | None = None, dedup_ids: list[str] | None = None) -> None:
         self.config = config
         self.encoder = encoder
         self.history = history
         self.estimator = LengthEstimator(history, config.estimator)
+        self.wal = wal
         self.num_predictions = 0
         self.num_observations = 0
+        self.last_snapshot_at = 0.0
         self._abs_error_sum = 0.0
         self._num_scored = 0
-        self._recent: OrderedDict[str, float] = OrderedDict()
-        self._recent_vectors: OrderedDict[str, tuple[np.ndarray, int]] = OrderedDict()
+        self._predictions: OrderedDict[str, _Prediction] = OrderedDict()
+        self._prediction_of_key: dict[str, str] = {}  # the latest prediction of each prompt
+        self._ids = (f"{os.urandom(6).hex()}-{n}" for n in itertools.count())
+        self._dedup: OrderedDict[str, None] = OrderedDict.fromkeys(dedup_ids or ())
         self._queue: list[_Pending] = []
         self._wakeup = asyncio.Event()
         self._since_refit = 0
         self._dirty = False
         self._refit_now = asyncio.Event()
+        self._write_lock = asyncio.Lock()
+        self._snapshot_lock = asyncio.Lock()
         self._tasks: list[asyncio.Task] = []
 
     @classmethod
     async def create(cls, config: PredictorConfig, encoder: Encoder | None = None) -> "PredictorRuntime":
+        if config.index_dir:
+            prepare_index_dir(config.index_dir)  # before the model loads: fail fast
         if encoder is None:
             encoder = await asyncio.to_thread(
                 Encoder, config.encoder_path, num_threads=config.num_threads,
                 max_seq_length=config.encoder_max_seq_length, int8=config.encoder_int8,
                 backend=config.encoder_backend)
         kwargs = {"ivf_threshold": config.ivf_threshold}
-        history = None
+        loaded = None
         if config.index_dir:
-            history = load_snapshot(config.index_dir, encoder.name, encoder.dim, **kwargs)
-        fresh = history is None
-        history = history or History(VectorIndex(encoder.dim, **kwargs))
-        if fresh and config.bootstrap:
+            loaded = await asyncio.to_thread(load_snapshot, config.index_dir, encoder.name, encoder.dim,
+                                             max_seq_length=encoder.max_seq_length, **kwargs)
+        history = loaded.history if loaded else History(VectorIndex(encoder.dim, **kwargs))
+        if loaded is None and config.bootstrap:
             n = await asyncio.to_thread(bootstrap_history, history, encoder, config.bootstrap,
                                         config.tokenizer_path)
             logger.info("bootstrapped %d observations from %s", n, ", ".join(config.bootstrap))
-        runtime = cls(config, encoder, history)
+        wal, dedup = None, []
+        if config.index_dir:
+            first = loaded.wal_segment if loaded else 0
+            dedup = await asyncio.to_thread(replay_log, history, config.index_dir, first)
+            wal = WriteAheadLog(config.index_dir, first_segment=first,
+                                sync_delay_s=config.wal_sync_delay_ms / 1000.0)
+        runtime = cls(config, encoder, history, wal, dedup)
         await asyncio.to_thread(runtime.estimator.fit)
-        if fresh and config.bootstrap and config.index_dir:
-            runtime.snapshot()
+        if wal is not None:
+            wal.open(dedup[-_MAX_DEDUP_IDS:])
+            if loaded is None and config.bootstrap:
+                await runtime.snapshot()
         return runtime
 
     def start(self) -> None:
@@ -130,8 +170,10 @@ class PredictorRuntime:
         for pending in self._queue:
             if not pending.future.done():
                 pending.future.set_exception(ShuttingDown("predictor is shutting down"))
-        if self.config.index_dir and self._dirty:
-            self.snapshot()
+        if self.wal is not None:
+            if self._dirty:
+                await self.snapshot()
+            self.wal.close()
 
     # -- predict -------------------------------------------------------------------------
 
@@ -162,8 +204,10 @@ class PredictorRuntime:
         prompts = [p for pending in batch for p in pending.prompts]
         try:
             encoded = await self.encoder.encode_async(prompts)
-            estimates = self.estimator.predict(encoded.vectors, prompts, np.asarray(encoded.num_tokens),
-                                               self.config.model)
+            seen = [p[:n] for p, n in zip(prompts, encoded.visible_chars)]
+            keys = [prompt_key(p) for p in prompts]
+            estimates = self.estimator.predict(encoded.vectors, seen, np.asarray(encoded.num_tokens),
+                                               self.config.model, keys=keys)
         except Exception as exc:  # every waiter must hear about it
             logger.exception("predict batch of %d prompts failed", len(prompts))
             for pending in batch:
@@ -171,15 +215,13 @@ class PredictorRuntime:
                     pending.future.set_exception(exc)
             return
         self.num_predictions += len(prompts)
-        for i, (text, p50) in enumerate(zip(prompts, estimates.p50.tolist())):
-            key = prompt_key(text)
-            self._recent[key] = p50
-            self._recent_vectors[key] = (encoded.vectors[i].copy(), encoded.num_tokens[i])
-            self._recent_vectors.move_to_end(key)
-        while len(self._recent) > _MAX_REMEMBERED:
-            self._recent.popitem(last=False)
-        while len(self._recent_vectors) > _MAX_CACHED_VECTORS:
-            self._recent_vectors.popitem(last=False)
+        ids = [next(self._ids) for _ in prompts]
+        for i, pid in enumerate(ids):
+            self._predictions[pid] = _Prediction(keys[i], seen[i], encoded.vectors[i].copy(),
+                                                 encoded.num_tokens[i], float(estimates.p50[i]))
+            self._prediction_of_key[keys[i]] = pid
+        while len(self._predictions) > self.config.max_pending_predictions:
+            self._take_prediction(next(iter(self._predictions)))
         start = 0
         for pending in batch:
             end = start + len(pending.prompts)
@@ -188,52 +230,102 @@ class PredictorRuntime:
                              estimates.top_similarity[start:end])
             truncated = [i for i, t in enumerate(encoded.truncated[start:end]) if t]
             if not pending.future.done():
-                pending.future.set_result(PredictResult(part, truncated))
+                pending.future.set_result(PredictResult(part, truncated, ids[start:end]))
             start = end
 
     # -- observe -------------------------------------------------------------------------
 
-    async def observe(self, prompts: list[str], output_tokens: list[int], models: list[str]) -> None:
-        """Adds finished requests to the history (validated by the caller)."""
-        if not prompts:
-            return
-        vectors, num_tokens = await self._vectors_to_store(prompts)
-        rows = self.history.add_prompts(prompts, vectors, num_tokens)
-        self.history.add_observations(rows, [m or self.config.model for m in models], output_tokens)
+    async def observe(self, items: list[ObservationIn]) -> ObserveOutcome:
+        """Adds finished requests to the history and, with an index dir, to the log; returns
+        once they are durable. Items must be validated (``output_tokens >= 0``, an id or a
+        prompt); repeats of a de-duplication id already taken count as accepted."""
+        outcome = ObserveOutcome(unknown=[])
+        fresh: list[tuple[ObservationIn, _Prediction | None]] = []
+        for i, item in enumerate(items):
+            if item.dedup_id and item.dedup_id in self._dedup:
+                outcome.num_accepted += 1
+                continue
+            known = self._take_prediction(item.prediction_id)
+            if known is None and item.prompt:  # no id: a recent Predict of the same text will do
+                known = self._take_prediction(self._prediction_of_key.get(prompt_key(item.prompt), ""))
+            if known is None and not item.prompt:
+                outcome.unknown.append(i)
+                continue
+            fresh.append((item, known))
+        if fresh:
+            logged = await self._resolve(fresh)
+            predicted = [p.p50 if p else None for _, p in fresh]
+            async with self._write_lock:
+                # Again under the lock: another stream (a resend racing the broken stream's
+                # last batch) may have taken the same ids during the awaits above.
+                keep, seen = [], set()
+                for k, o in enumerate(logged):
+                    if o.dedup_id and (o.dedup_id in self._dedup or o.dedup_id in seen):
+                        continue
+                    keep.append(k)
+                    seen.add(o.dedup_id)
+                self._apply([logged[k] for k in keep], [predicted[k] for k in keep])
+            if self.wal is not None:
+                await self.wal.sync()
+            outcome.num_accepted += len(fresh)
+        return outcome
+
+    def _take_prediction(self, prediction_id: str) -> _Prediction | None:
+        known = self._predictions.pop(prediction_id, None) if prediction_id else None
+        if known is not None and self._prediction_of_key.get(known.key) == prediction_id:
+            del self._prediction_of_key[known.key]
+        return known
+
+    async def _resolve(self, fresh) -> list[LoggedObservation]:
+        """Each observation's key, stored text and (for prompts new to the history) vector:
+        from its prediction where known, from the history where it holds the prompt, else by
+        embedding the prompt (the history only grows, so what it holds stays true across
+        the await)."""
+        resolved: list[_Prediction | None] = []
+        need: list[int] = []
+        for i, (item, known) in enumerate(fresh):
+            if known is None:
+                key = prompt_key(item.prompt)
+                row = self.history.row_of_key(key)
+                if row is None:
+                    need.append(i)
+                else:
+                    known = _Prediction(key, self.history.texts[row], None,
+                                        int(self.history.prompt_tokens[row]), 0.0)
+            resolved.append(known)
+        if need:
+            encoded = await self.encoder.encode_async([fresh[i][0].prompt for i in need])
+            for j, i in enumerate(need):
+                prompt = fresh[i][0].prompt
+                resolved[i] = _Prediction(prompt_key(prompt), prompt[:encoded.visible_chars[j]],
+                                          encoded.vectors[j], encoded.num_tokens[j], 0.0)
+        return [LoggedObservation(p.key, p.text, p.num_tokens, item.model or self.config.model,
+                                  item.output_tokens, item.dedup_id, p.vector)
+                for (item, _), p in zip(fresh, resolved)]
+
+    def _apply(self, logged: list[LoggedObservation], predicted: list[float | None]) -> None:
+        """Adds to the history, the estimator and the log (on the loop, under the lock)."""
+        new = [o.vector is not None and self.history.row_of_key(o.key) is None for o in logged]
+        logged = [o if is_new else LoggedObservation(o.key, o.text, o.prompt_tokens, o.model,
+                                                     o.output_tokens, o.dedup_id)
+                  for o, is_new in zip(logged, new)]
+        add_logged(self.history, logged)
         self.estimator.sync()
-        for text, tokens in zip(prompts, output_tokens):
-            predicted = self._recent.pop(prompt_key(text), None)
-            if predicted is not None:
-                self._abs_error_sum += abs(predicted - tokens)
+        if self.wal is not None:
+            self.wal.append(logged)
+        for o, p50 in zip(logged, predicted):
+            if p50 is not None:
+                self._abs_error_sum += abs(p50 - o.output_tokens)
                 self._num_scored += 1
-        self.num_observations += len(prompts)
-        self._since_refit += len(prompts)
+            if o.dedup_id:
+                self._dedup[o.dedup_id] = None
+        while len(self._dedup) > _MAX_DEDUP_IDS:
+            self._dedup.popitem(last=False)
+        self.num_observations += len(logged)
+        self._since_refit += len(logged)
         self._dirty = True
         if self._since_refit >= self.config.refit_after_observations:
             self._refit_now.set()
-
-    async def _vectors_to_store(self, prompts: list[str]) -> tuple[np.ndarray, list[int]]:
-        """Vectors and token counts for ``History.add_prompts``: cached where a recent Predict
-        embedded the prompt, encoded where it is new, zeros where the history already holds it
-        (``add_prompts`` ignores those; the history only grows, so that stays true across the
-        await below)."""
-        vectors = np.zeros((len(prompts), self.encoder.dim), np.float32)
-        num_tokens = [0] * len(prompts)
-        missing = []
-        for i, text in enumerate(prompts):
-            if self.history.row_of(text) is not None:
-                continue
-            cached = self._recent_vectors.pop(prompt_key(text), None)
-            if cached is None:
-                missing.append(i)
-            else:
-                vectors[i], num_tokens[i] = cached
-        if missing:
-            encoded = await self.encoder.encode_async([prompts[i] for i in missing])
-            vectors[missing] = encoded.vectors
-            for i, n in zip(missing, encoded.num_tokens):
-                num_tokens[i] = n
-        return vectors, num_tokens
 
     async def refit(self) -> bool:
         self._since_refit = 0
@@ -258,19 +350,40 @@ class PredictorRuntime:
 
     # -- persistence and stats -------------------------------------------------------------
 
-    def snapshot(self) -> None:
-        path = save_snapshot(self.history, self.config.index_dir, self.encoder.name)
-        self._dirty = False
-        logger.info("snapshot %s (%d prompts)", path, self.history.num_prompts)
+    async def snapshot(self) -> None:
+        """Captures the history (observations wait; Predict does not), starts a new log
+        segment, writes the snapshot from a worker thread, then drops the segments it covers."""
+        async with self._snapshot_lock:
+            async with self._write_lock:
+                state = await asyncio.to_thread(capture, self.history)
+                segment = self.wal.rotate(list(self._dedup)) if self.wal is not None else 0
+                self._dirty = False
+            write = asyncio.ensure_future(asyncio.to_thread(
+                write_snapshot, state, self.config.index_dir, self.encoder.name,
+                max_seq_length=self.encoder.max_seq_length, wal_segment=segment))
+            try:
+                path = await asyncio.shield(write)
+            except asyncio.CancelledError:
+                # NOTE: the thread cannot be stopped; no other snapshot may start while it
+                # writes (an older one finishing last would delete the newer one).
+                await asyncio.wait([write])
+                raise
+            except BaseException:
+                self._dirty = True
+                raise
+            if self.wal is not None:
+                self.wal.delete_before(segment)
+            self.last_snapshot_at = time.time()
+            logger.info("snapshot %s (%d prompts)", path, state.num_prompts)
 
     async def _snapshot_loop(self) -> None:
         while True:
             await asyncio.sleep(self.config.snapshot_interval_s)
             if self._dirty:
                 try:
-                    self.snapshot()
+                    await self.snapshot()
                 except OSError:
-                    logger.exception("periodic snapshot failed; will retry")
+                    logger.exception("periodic snapshot failed; the log keeps everything; will retry")
 
     @property
     def mean_abs_error(self) -> float:

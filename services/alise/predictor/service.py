@@ -5,6 +5,11 @@ Requests are registered with *raw* deserialisation and parsed here, so a malform
 ``INVALID_ARGUMENT`` instead of grpc's generic deserialisation failure, and in ``Observe``
 only the bad message is rejected, not the stream.
 
+``Observe`` is a long-lived bidirectional stream: messages are read into a bounded queue
+(so the sender is held back by flow control, not buffered here), taken in batches of what
+has arrived (at most ``max_batch_prompts``, at most ``max_observations_per_s``), and each
+batch is answered once it is durable (see ``ObserveResponse`` in the proto).
+
 Errors: empty prompt list, empty prompt (named by index), too many prompts, undecodable
 request -> ``INVALID_ARGUMENT``; a failed batch -> ``INTERNAL``; shutting down ->
 ``UNAVAILABLE``. A prompt longer than the encoder's window is truncated and listed in
@@ -13,7 +18,9 @@ request -> ``INVALID_ARGUMENT``; a failed batch -> ``INTERNAL``; shutting down -
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 from dataclasses import dataclass
 
 import grpc
@@ -26,7 +33,7 @@ from alise.common.metrics import LATENCY_BUCKETS_S, StateCollector, serve_metric
 from alise.common.security import AuthInterceptor, bind_port
 from alise.predictor.config import PredictorConfig
 from alise.predictor.encoder import Encoder
-from alise.predictor.runtime import PredictorRuntime, ShuttingDown
+from alise.predictor.runtime import ObservationIn, PredictorRuntime, ShuttingDown
 from alise.v1 import common_pb2, predictor_pb2
 
 logger = logging.getLogger(__name__)
@@ -38,6 +45,71 @@ def _parse(message_type, data: bytes):
     message = message_type()
     message.ParseFromString(data)
     return message
+
+
+class _RateLimit:
+    """A token bucket: ``take(n)`` waits until ``n`` observations fit ``rate`` per second."""
+
+    def __init__(self, rate: float, burst: int) -> None:
+        self.rate, self.burst = rate, burst
+        self._tokens = float(burst)
+        self._at = time.monotonic()
+
+    async def take(self, n: int) -> None:
+        while True:
+            now = time.monotonic()
+            self._tokens = min(self.burst, self._tokens + (now - self._at) * self.rate)
+            self._at = now
+            if self._tokens >= min(n, self.burst):
+                self._tokens -= n
+                return
+            await asyncio.sleep((min(n, self.burst) - self._tokens) / self.rate)
+
+
+async def _read_into(request_iterator, queue: asyncio.Queue) -> None:
+    """Copies a request stream into a bounded queue (so the stream is read only as fast as
+    it is handled), then ``None``."""
+    try:
+        async for data in request_iterator:
+            await queue.put(data)
+    except Exception as exc:  # noqa: BLE001 - a broken stream ends like a closed one
+        logger.debug("observe stream ended: %s", exc)
+    await queue.put(None)
+
+
+async def _next_batch(queue: asyncio.Queue, max_items: int) -> tuple[list[bytes], bool]:
+    """The next message and whatever else is already waiting; True when the stream ended."""
+    first = await queue.get()
+    if first is None:
+        return [], True
+    batch = [first]
+    while len(batch) < max_items and not queue.empty():
+        item = queue.get_nowait()
+        if item is None:
+            return batch, True
+        batch.append(item)
+    return batch, False
+
+
+def _parse_observations(batch: list[bytes]) -> tuple[list[ObservationIn], list[int], int, int]:
+    """(valid observations, their sequences, number rejected: undecodable, negative length,
+    or neither a prediction id nor a prompt; the highest sequence seen)."""
+    items, sequences, rejected, highest = [], [], 0, 0
+    for data in batch:
+        try:
+            obs = _parse(predictor_pb2.Observation, data)
+        except DecodeError:
+            rejected += 1
+            continue
+        highest = max(highest, obs.sequence)
+        if obs.output_tokens < 0 or not (obs.prediction_id or obs.prompt.strip()):
+            rejected += 1
+            continue
+        dedup = f"{obs.sender}:{obs.sequence}" if obs.sender else ""
+        items.append(ObservationIn(obs.output_tokens, obs.model, obs.prediction_id,
+                                   obs.prompt if obs.prompt.strip() else "", dedup))
+        sequences.append(obs.sequence)
+    return items, sequences, rejected, highest
 
 
 class PredictorServicer:
@@ -88,38 +160,45 @@ class PredictorServicer:
             )
             for i in range(len(prompts))
         ]
-        return predictor_pb2.PredictResponse(predictions=predictions, truncated=result.truncated)
+        return predictor_pb2.PredictResponse(predictions=predictions, truncated=result.truncated,
+                                             prediction_ids=result.prediction_ids)
 
     async def observe(self, request_iterator, context: grpc.aio.ServicerContext):
-        accepted = rejected = 0
-        batch: list[tuple[str, int, str]] = []
-
-        async def flush() -> None:
-            nonlocal accepted
-            if batch:
-                await self.runtime.observe([b[0] for b in batch], [b[1] for b in batch],
-                                           [b[2] for b in batch])
-                accepted += len(batch)
-                batch.clear()
-
-        async for data in request_iterator:
-            try:
-                obs = _parse(predictor_pb2.Observation, data)
-            except DecodeError:
-                rejected += 1
-                continue
-            if not obs.prompt.strip() or obs.output_tokens < 0:
-                rejected += 1
-                continue
-            batch.append((obs.prompt, obs.output_tokens, obs.model))
-            if len(batch) >= self.runtime.config.max_batch_prompts:
-                await flush()
-        await flush()
-        if rejected:
-            logger.info("observe stream: %d accepted, %d rejected", accepted, rejected)
-        self.observations.labels("accepted").inc(accepted)
-        self.observations.labels("rejected").inc(rejected)
-        return predictor_pb2.ObserveResponse(num_accepted=accepted, num_rejected=rejected)
+        """A long-lived stream: reads observations in batches (at most ``max_batch_prompts``,
+        at most ``max_observations_per_s``), answers each batch once it is durable."""
+        config = self.runtime.config
+        queue: asyncio.Queue = asyncio.Queue(maxsize=config.max_batch_prompts)
+        reader = asyncio.create_task(_read_into(request_iterator, queue))
+        limit = _RateLimit(config.max_observations_per_s, burst=config.max_batch_prompts)
+        response = predictor_pb2.ObserveResponse()
+        try:
+            ended = False
+            while not ended:
+                batch, ended = await _next_batch(queue, config.max_batch_prompts)
+                if not batch:
+                    break
+                await limit.take(len(batch))
+                items, sequences, num_rejected, highest = _parse_observations(batch)
+                outcome = await self.runtime.observe(items)
+                response.num_accepted += outcome.num_accepted
+                response.num_rejected += num_rejected
+                response.durable_sequence = max(response.durable_sequence, highest)
+                del response.unknown_sequences[:]
+                response.unknown_sequences.extend(sequences[i] for i in outcome.unknown)
+                self.observations.labels("accepted").inc(outcome.num_accepted)
+                self.observations.labels("rejected").inc(num_rejected)
+                self.observations.labels("unknown").inc(len(outcome.unknown))
+                yield response
+        except ShuttingDown as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+        except (OSError, RuntimeError, ValueError) as exc:  # the sender resends what is unsettled
+            logger.exception("observe batch failed")
+            await context.abort(grpc.StatusCode.INTERNAL, f"observation failed: {exc}")
+        finally:
+            reader.cancel()
+        if response.num_rejected:
+            logger.info("observe stream: %d accepted, %d rejected", response.num_accepted,
+                        response.num_rejected)
 
     async def get_stats(self, request_bytes: bytes, context: grpc.aio.ServicerContext):
         rt = self.runtime
@@ -134,13 +213,15 @@ class PredictorServicer:
             bucket_edges=list(rt.config.estimator.bucket_edges),
             head_fitted_at=rt.estimator.fitted_at,
             head_num_samples=rt.estimator.num_fit_samples,
+            num_logged=rt.wal.num_logged if rt.wal is not None else 0,
+            last_snapshot_at=rt.last_snapshot_at,
         )
 
     def generic_handler(self) -> grpc.GenericRpcHandler:
         serialize = lambda m: m.SerializeToString()  # noqa: E731
         return grpc.method_handlers_generic_handler(SERVICE_NAME, {
             "Predict": grpc.unary_unary_rpc_method_handler(self.predict, response_serializer=serialize),
-            "Observe": grpc.stream_unary_rpc_method_handler(self.observe, response_serializer=serialize),
+            "Observe": grpc.stream_stream_rpc_method_handler(self.observe, response_serializer=serialize),
             "GetStats": grpc.unary_unary_rpc_method_handler(self.get_stats, response_serializer=serialize),
         })
 

@@ -4,20 +4,25 @@ Layout of ``index_dir``::
 
     CURRENT                 name of the live snapshot directory (replaced atomically)
     snap-<millis>-<n>/      one complete snapshot:
-        manifest.json       format, encoder name, dim, counts, index type, sha256 of each file
+        manifest.json       format, encoder name, dim, max_seq_length, counts, index type,
+                            the first write-ahead log segment it does not cover, sha256 of each file
         vectors.npy         float32 (num_prompts, dim), row-aligned with the index
-        index.faiss         the serialized faiss index (so IVF is not retrained on start)
-        prompts.json        texts and prompt token counts, row-aligned
+        index.faiss         the serialized IVF index (empty for a flat one: rebuilt from the vectors)
+        prompts.json        stored texts, their keys and prompt token counts, row-aligned
         observations.npz    prompt rows, model ids, output tokens; plus the model names
+    wal-<n>.log             write-ahead log segments (``wal.py``)
 
-A snapshot is written into a temporary directory, every file and the directory are fsynced,
-the directory is renamed into place, and only then is ``CURRENT`` replaced (write, fsync,
-``os.replace``). A crash at any point leaves the previous snapshot live. Older snapshots are
-deleted after the switch.
+A snapshot is taken in two parts: :func:`capture` (on the thread that owns the history: a
+consistent prefix, views rather than copies) and :func:`write_snapshot` (any thread: files,
+fsync, switch). It is written into a temporary directory, every file and the directory are
+fsynced, the directory is renamed into place, and only then is ``CURRENT`` replaced (write,
+fsync, ``os.replace``). A crash at any point leaves the previous snapshot live; the
+temporary directories a crash leaves are removed by :func:`prepare_index_dir` at the next
+start. Older snapshots are deleted after the switch.
 
-Loading verifies checksums, counts, encoder name and dim. Anything wrong raises
-:class:`SnapshotError` naming the problem: a bad index is a start-up error, never silently
-replaced by an empty one.
+Loading verifies checksums, counts, encoder name, dim and the encoder's token window.
+Anything wrong raises :class:`SnapshotError` naming the file and the problem: a bad index
+is a start-up error, never silently replaced by an empty one.
 """
 
 from __future__ import annotations
@@ -25,21 +30,57 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from alise.predictor.history import History
 from alise.predictor.index import VectorIndex
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+_READABLE_VERSIONS = (1, 2)
 CURRENT = "CURRENT"
 _FILES = ("vectors.npy", "index.faiss", "prompts.json", "observations.npz")
+_SNAP_NAME = re.compile(r"snap-\d+-\d+")
+_TMP_PREFIX = ".tmp-snap-"
 
 
 class SnapshotError(RuntimeError):
     """The index directory cannot be used as it is (corrupt, mismatched, or not ours)."""
+
+
+@dataclass(frozen=True)
+class SnapshotState:
+    """A consistent prefix of a history, safe to write from another thread."""
+
+    vectors: np.ndarray
+    blob: bytes
+    trained_at: int
+    index_type: str
+    texts: list[str]
+    keys: list[str]
+    prompt_tokens: np.ndarray
+    observations: tuple[np.ndarray, np.ndarray, np.ndarray]
+    models: list[str]
+
+    @property
+    def num_prompts(self) -> int:
+        return len(self.texts)
+
+    @property
+    def num_observations(self) -> int:
+        return len(self.observations[0])
+
+
+@dataclass(frozen=True)
+class LoadedSnapshot:
+    history: History
+    #: The first write-ahead log segment this snapshot does not cover.
+    wal_segment: int
+    path: Path
 
 
 def _sha256(path: Path) -> str:
@@ -58,34 +99,63 @@ def _fsync_path(path: Path) -> None:
         os.close(fd)
 
 
-def _write_files(history: History, tmp: Path) -> None:
+def prepare_index_dir(index_dir: str | Path) -> None:
+    """Creates ``index_dir`` if needed, refuses one that cannot be written (at start, not at
+    the first snapshot), and removes the temporary directories a crash left."""
+    index_dir = Path(index_dir)
+    try:
+        index_dir.mkdir(parents=True, exist_ok=True)
+        probe = index_dir / f".write-probe-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise SnapshotError(f"--index-dir {index_dir} is not a writable directory "
+                            f"({exc.strerror or exc})") from None
+    for leftover in index_dir.glob(f"{_TMP_PREFIX}*"):
+        shutil.rmtree(leftover, ignore_errors=True)
+
+
+def capture(history: History) -> SnapshotState:
+    """The history's current prefix. Cheap for a flat index (views, a list copy); an IVF
+    index is serialized, which must not overlap an add."""
     vectors, blob, trained_at = history.index.state()
-    np.save(tmp / "vectors.npy", vectors)
-    (tmp / "index.faiss").write_bytes(blob)
-    prompts = {"texts": history.texts, "prompt_tokens": history.prompt_tokens.tolist()}
-    (tmp / "prompts.json").write_text(json.dumps(prompts), encoding="utf-8")
+    n, m = history.num_prompts, history.num_observations
     rows, model_ids, tokens = history.observations()
+    return SnapshotState(vectors[:n], blob, trained_at, history.index.index_type,
+                         history.texts[:n], history.keys[:n], history.prompt_tokens[:n],
+                         (rows[:m], model_ids[:m], tokens[:m]), list(history.models))
+
+
+def _write_files(state: SnapshotState, tmp: Path) -> None:
+    np.save(tmp / "vectors.npy", state.vectors)
+    (tmp / "index.faiss").write_bytes(state.blob)
+    prompts = {"texts": state.texts, "keys": state.keys, "prompt_tokens": state.prompt_tokens.tolist()}
+    (tmp / "prompts.json").write_text(json.dumps(prompts), encoding="utf-8")
+    rows, model_ids, tokens = state.observations
     np.savez(tmp / "observations.npz", rows=rows, model_ids=model_ids, tokens=tokens,
-             trained_at=np.array([trained_at]))
+             trained_at=np.array([state.trained_at]))
 
 
-def save_snapshot(history: History, index_dir: str | Path, encoder_name: str) -> Path:
-    """Writes a snapshot atomically and makes it current; returns its directory."""
+def write_snapshot(state: SnapshotState, index_dir: str | Path, encoder_name: str, *,
+                   max_seq_length: int | None = None, wal_segment: int = 0) -> Path:
+    """Writes a snapshot atomically and makes it current; returns its directory. Blocking."""
     index_dir = Path(index_dir)
     index_dir.mkdir(parents=True, exist_ok=True)
-    name = f"snap-{int(time.time() * 1000)}-{history.num_observations}"
-    tmp = index_dir / f".tmp-{name}-{os.getpid()}"
+    name = f"snap-{int(time.time() * 1000)}-{state.num_observations}"
+    tmp = index_dir / f"{_TMP_PREFIX}{name}-{os.getpid()}"
     tmp.mkdir()
     try:
-        _write_files(history, tmp)
+        _write_files(state, tmp)
         manifest = {
             "format_version": FORMAT_VERSION,
             "encoder": encoder_name,
-            "dim": history.dim,
-            "num_prompts": history.num_prompts,
-            "num_observations": history.num_observations,
-            "index_type": history.index.index_type,
-            "models": history.models,
+            "dim": int(state.vectors.shape[1]),
+            "max_seq_length": max_seq_length,
+            "num_prompts": state.num_prompts,
+            "num_observations": state.num_observations,
+            "index_type": state.index_type,
+            "models": state.models,
+            "wal_segment": wal_segment,
             "created_at": time.time(),
             "sha256": {f: _sha256(tmp / f) for f in _FILES},
         }
@@ -111,63 +181,92 @@ def save_snapshot(history: History, index_dir: str | Path, encoder_name: str) ->
     return final
 
 
+def save_snapshot(history: History, index_dir: str | Path, encoder_name: str, **kwargs) -> Path:
+    """:func:`capture` and :func:`write_snapshot` in one call (same thread)."""
+    return write_snapshot(capture(history), index_dir, encoder_name, **kwargs)
+
+
 def _read_manifest(snap: Path) -> dict:
+    path = snap / "manifest.json"
     try:
-        manifest = json.loads((snap / "manifest.json").read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise SnapshotError(f"{snap}: unreadable manifest.json ({exc})") from None
-    if not isinstance(manifest, dict) or manifest.get("format_version") != FORMAT_VERSION:
-        raise SnapshotError(f"{snap}: manifest is not format version {FORMAT_VERSION}")
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise SnapshotError(f"{path}: unreadable ({exc})") from None
+    if not isinstance(manifest, dict) or manifest.get("format_version") not in _READABLE_VERSIONS:
+        raise SnapshotError(f"{path}: not a predictor manifest of format version "
+                            f"{' or '.join(map(str, _READABLE_VERSIONS))}")
+    checksums = manifest.get("sha256")
     for f in _FILES:
-        expected = manifest.get("sha256", {}).get(f)
+        expected = checksums.get(f) if isinstance(checksums, dict) else None
         if not (snap / f).is_file():
-            raise SnapshotError(f"{snap}: missing {f}")
+            raise SnapshotError(f"{snap / f}: missing")
         if expected != _sha256(snap / f):
-            raise SnapshotError(f"{snap}: checksum mismatch for {f} (corrupt snapshot)")
+            raise SnapshotError(f"{snap / f}: checksum mismatch (corrupt snapshot)")
     return manifest
 
 
-def load_snapshot(
-    index_dir: str | Path, encoder_name: str, dim: int, **index_kwargs
-) -> History | None:
-    """The current snapshot's history; ``None`` when ``index_dir`` holds no index yet."""
-    index_dir = Path(index_dir)
-    if not index_dir.exists():
-        return None
+def _current(index_dir: Path) -> Path | None:
     pointer = index_dir / CURRENT
     if not pointer.exists():
-        leftovers = [p.name for p in index_dir.iterdir() if not p.name.startswith(".tmp-")]
+        leftovers = [p.name for p in index_dir.iterdir()
+                     if not p.name.startswith(".") and not p.name.startswith("wal-")]
         if leftovers:
             raise SnapshotError(
                 f"{index_dir}: no {CURRENT} file but not empty ({', '.join(sorted(leftovers)[:5])}); "
-                "not a predictor index"
-            )
+                "not a predictor index")
         return None
-    snap = index_dir / pointer.read_text().strip()
-    manifest = _read_manifest(snap)
+    try:
+        name = pointer.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SnapshotError(f"{pointer}: unreadable ({exc})") from None
+    if not _SNAP_NAME.fullmatch(name):
+        raise SnapshotError(f"{pointer}: does not name a snapshot ({name[:40]!r})")
+    if not (index_dir / name).is_dir():
+        raise SnapshotError(f"{pointer}: names {name}, which does not exist")
+    return index_dir / name
+
+
+def _check_encoder(snap: Path, manifest: dict, encoder_name: str, dim: int,
+                   max_seq_length: int | None) -> None:
     if manifest.get("encoder") != encoder_name or manifest.get("dim") != dim:
         raise SnapshotError(
             f"{snap}: built with encoder {manifest.get('encoder')!r} (dim {manifest.get('dim')}), "
             f"but this predictor uses {encoder_name!r} (dim {dim}); rebuild the index or point "
-            "--index-dir elsewhere"
-        )
+            "--index-dir elsewhere")
+    stored = manifest.get("max_seq_length")
+    if stored is not None and max_seq_length is not None and stored != max_seq_length:
+        raise SnapshotError(
+            f"{snap}: built with --max-seq-length {stored}, but this predictor's encoder sees "
+            f"{max_seq_length} tokens; rebuild the index or point --index-dir elsewhere")
+
+
+def load_snapshot(
+    index_dir: str | Path, encoder_name: str, dim: int, *, max_seq_length: int | None = None,
+    **index_kwargs,
+) -> LoadedSnapshot | None:
+    """The current snapshot; ``None`` when ``index_dir`` holds no snapshot yet."""
+    index_dir = Path(index_dir)
+    if not index_dir.exists():
+        return None
+    snap = _current(index_dir)
+    if snap is None:
+        return None
+    manifest = _read_manifest(snap)
+    _check_encoder(snap, manifest, encoder_name, dim, max_seq_length)
     try:
-        vectors = np.load(snap / "vectors.npy")
-        obs = np.load(snap / "observations.npz")
+        vectors = np.load(snap / "vectors.npy", allow_pickle=False)
+        obs = np.load(snap / "observations.npz", allow_pickle=False)
         prompts = json.loads((snap / "prompts.json").read_text(encoding="utf-8"))
         index = VectorIndex.from_state(
-            vectors, (snap / "index.faiss").read_bytes(), int(obs["trained_at"][0]), **index_kwargs
-        )
+            vectors, (snap / "index.faiss").read_bytes(), int(obs["trained_at"][0]), **index_kwargs)
         history = History.restore(
-            index,
-            prompts["texts"],
-            np.asarray(prompts["prompt_tokens"], np.int32),
-            list(manifest["models"]),
-            (obs["rows"], obs["model_ids"], obs["tokens"]),
-        )
-    except (ValueError, KeyError, OSError, RuntimeError) as exc:
-        raise SnapshotError(f"{snap}: inconsistent snapshot ({exc})") from None
+            index, prompts["texts"], np.asarray(prompts["prompt_tokens"], np.int32),
+            list(manifest["models"]), (obs["rows"], obs["model_ids"], obs["tokens"]),
+            keys=prompts.get("keys"))
+        wal_segment = int(manifest.get("wal_segment", 0))
+    except (ValueError, KeyError, TypeError, OSError, RuntimeError, IndexError) as exc:
+        raise SnapshotError(f"{snap}: inconsistent snapshot ({type(exc).__name__}: {exc})") from None
     if history.num_prompts != manifest["num_prompts"]:
         raise SnapshotError(f"{snap}: manifest says {manifest['num_prompts']} prompts, found "
                             f"{history.num_prompts}")
-    return history
+    return LoadedSnapshot(history, wal_segment, snap)

@@ -41,6 +41,13 @@ class Spread:
 
         return cls(norm.ppf(PERCENTILES / 100.0))
 
+    def widened(self, offsets: np.ndarray) -> "Spread":
+        """The spread of ``residual + offset`` with the offset drawn from ``offsets``: for a
+        model whose scale is not known yet, the known models' scales (about their mean)."""
+        if len(offsets) == 0:
+            return self
+        return Spread(np.percentile((self.residuals[:, None] + offsets[None, :]).ravel(), PERCENTILES))
+
     def quantile(self, z: np.ndarray, q: float) -> np.ndarray:
         return np.expm1(z + np.interp(q * 100.0, PERCENTILES, self.residuals))
 

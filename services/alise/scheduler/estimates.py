@@ -5,6 +5,10 @@ the estimate falls back to the running mean of observed output lengths (seeded w
 prior), and the state says so. While degraded, requests skip the predictor for
 ``retry_after_s`` (so a slow predictor does not add its deadline to every request), then
 one request probes it again; the first success restores the normal path.
+
+Finished jobs go back to the predictor through an :class:`Observer` (the predictor link's
+outbox: buffered, one long-lived stream), naming the prediction they answer
+(:attr:`PredictedLength.prediction_id`) so the prompt is not sent again.
 """
 
 from __future__ import annotations
@@ -13,18 +17,34 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Protocol
 
 from alise.core.job import LengthEstimate
 from alise.core.policy import DEFAULT_ESTIMATE
 
 logger = logging.getLogger(__name__)
 
+
+@dataclass(frozen=True)
+class PredictedLength(LengthEstimate):
+    """A length estimate from the predictor, with the id its Observe refers to."""
+
+    prediction_id: str = ""
+
+
+class Observer(Protocol):
+    def add(self, prediction_id: str, prompt: str, prompt_tokens: int, output_tokens: int) -> None:
+        """Queues one finished job for the predictor (never blocks)."""
+
+    async def close(self) -> None: ...
+
+
 PredictFn = Callable[[list[str], list[int], float], Awaitable[list[LengthEstimate]]]
-ObserveFn = Callable[[str, int, int], Awaitable[None]]
 
 
 class LengthEstimator:
-    def __init__(self, predict: PredictFn | None = None, observe: ObserveFn | None = None, *,
+    def __init__(self, predict: PredictFn | None = None, observe: Observer | None = None, *,
                  timeout_s: float = 0.25, prior: LengthEstimate = DEFAULT_ESTIMATE,
                  retry_after_s: float = 1.0, on_state=None) -> None:
         self._predict = predict
@@ -37,7 +57,6 @@ class LengthEstimator:
         self.last_error_s = 0.0
         self.retry_after_s = retry_after_s
         self.on_state = on_state
-        self._pending: set[asyncio.Task] = set()
 
     async def warm_up(self, timeout_s: float = 30.0) -> None:
         """One prediction with a generous deadline, so the predictor's first-call costs
@@ -84,18 +103,17 @@ class LengthEstimator:
         if changed and self.on_state is not None:
             self.on_state(not self.is_degraded)
 
-    def observe(self, prompt: str, prompt_tokens: int, output_tokens: int) -> None:
-        """Records a finished job (running mean now; the predictor in the background)."""
+    def observe(self, prompt: str, prompt_tokens: int, output_tokens: int,
+                estimate: LengthEstimate | None = None) -> None:
+        """Records a finished job (running mean now; the predictor through the observer),
+        naming ``estimate``'s prediction when it came from the predictor."""
         self._sum += output_tokens
         self._count += 1
-        if self._observe is None or not prompt:
+        if self._observe is None:
             return
-        task = asyncio.create_task(self._observe_quietly(prompt, prompt_tokens, output_tokens))
-        self._pending.add(task)
-        task.add_done_callback(self._pending.discard)
+        prediction_id = estimate.prediction_id if isinstance(estimate, PredictedLength) else ""
+        self._observe.add(prediction_id, prompt, prompt_tokens, output_tokens)
 
-    async def _observe_quietly(self, prompt: str, prompt_tokens: int, output_tokens: int) -> None:
-        try:
-            await asyncio.wait_for(self._observe(prompt, prompt_tokens, output_tokens), 5.0)
-        except Exception as exc:  # noqa: BLE001
-            logger.debug("observe failed: %s", exc)
+    async def close(self) -> None:
+        if self._observe is not None:
+            await self._observe.close()

@@ -351,6 +351,7 @@ class SchedulerServer:
             await asyncio.sleep(0.05)
         logger.info("drained (%d requests still in flight); stopping", self.engine.num_live_jobs())
         await self.engine.stop()
+        await self.servicer.estimator.close()
         await self.server.stop(1.0)
         if self.job_log is not None:
             self.job_log.close()
@@ -368,7 +369,7 @@ async def start_scheduler(config: SchedulerConfig, *, predict=None, observe=None
     job_log = open(config.job_log, "a", encoding="utf-8", buffering=1) if config.job_log else None  # noqa: SIM115
 
     def on_finish(job: Job) -> None:
-        estimator.observe(job.prompt_text, job.num_prompt_tokens, job.num_output_tokens)
+        estimator.observe(job.prompt_text, job.num_prompt_tokens, job.num_output_tokens, job.estimate)
         if job_log is not None:
             job_log.write(json.dumps(job_record(job)) + "\n")
 
