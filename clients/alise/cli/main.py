@@ -20,9 +20,11 @@ SERVER_COMMANDS = {
     "up": ("alise.cluster.main", "start the local cluster (predictor, scheduler, workers) and stay in the foreground"),
     "scheduler": ("alise.scheduler.main", "run the scheduler service"),
     "worker": ("alise.worker.main", "run one worker (a model replica) that dials the scheduler"),
+    "http": ("alise.http.main", "run the OpenAI-compatible HTTP door in front of the scheduler"),
 }
-#: sub-commands that register their own sub-parsers: module providing register(subparsers)
-REGISTERED = ["alise.predictor.cli", "alise.sim.cli"]
+#: sub-commands that register their own sub-parsers: module providing register(subparsers).
+#: The first module to register a name keeps it (alise.bench.cli's `bench` over alise.sim.cli's).
+REGISTERED = ["alise.bench.cli", "alise.predictor.cli", "alise.sim.cli"]
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
@@ -129,11 +131,24 @@ def build_parser() -> argparse.ArgumentParser:
         _lazy(p, module)
     for module in REGISTERED:
         try:
-            importlib.import_module(module).register(sub)
+            importlib.import_module(module).register(_FirstComeSubparsers(sub))
         except ModuleNotFoundError as exc:
             if exc.name is None or not module.startswith(exc.name):
                 raise
     return parser
+
+
+class _FirstComeSubparsers:
+    """The sub-parsers action as a registering module sees it: a name already taken gets a
+    detached parser, so a later registration of the same name changes nothing."""
+
+    def __init__(self, sub) -> None:
+        self._sub = sub
+
+    def add_parser(self, name: str, **kwargs) -> argparse.ArgumentParser:
+        if name in self._sub.choices:
+            return argparse.ArgumentParser(prog=name, add_help=False)
+        return self._sub.add_parser(name, **kwargs)
 
 
 def _lazy(parser: argparse.ArgumentParser, module_name: str) -> None:

@@ -41,6 +41,10 @@ class ClusterConfig:
     worker_args: tuple[str, ...] = ()
     scheduler_args: tuple[str, ...] = ()
     startup_timeout_s: float = 300.0
+    #: Where the OpenAI-compatible HTTP door listens ("" = no door).
+    http_address: str = "127.0.0.1:8000"
+    #: The door's grpc.health.v1 address (what says it is up).
+    http_health_address: str = "127.0.0.1:8001"
 
     def __post_init__(self) -> None:
         if self.num_workers < 0:
@@ -65,12 +69,15 @@ def service_commands(cfg: ClusterConfig) -> dict[str, list[str]]:
             "--worker-id", f"worker-{i}",
             "--health-address", f"{host}:{cfg.worker_health_base_port + i}",
             *cfg.worker_args]
+    if cfg.http_address:
+        commands["http"] = ["http", "--scheduler", cfg.address, "--address", cfg.http_address,
+                            "--health-address", cfg.http_health_address]
     return commands
 
 
 def health_address(name: str, command: list[str]) -> str:
     """The address whose grpc.health.v1 says the service is up."""
-    flag = "--health-address" if name.startswith("worker") else "--address"
+    flag = "--health-address" if "--health-address" in command else "--address"
     return command[command.index(flag) + 1]
 
 
