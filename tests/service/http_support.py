@@ -78,7 +78,7 @@ class LiveDoor:
         self.wait_idle()
 
 
-def start_live_door(model: str, job_log: Path, **http_overrides):
+def start_live_door(model: str, job_log: Path, scheduler_overrides: dict | None = None, **http_overrides):
     """Starts the cluster and the door in a thread; returns (LiveDoor, stop)."""
     ready = threading.Event()
     state: dict = {}
@@ -86,7 +86,8 @@ def start_live_door(model: str, job_log: Path, **http_overrides):
     def run():
         async def main():
             async with cluster(model, max_model_len=256, job_log=str(job_log),
-                               worker_overrides={"max_model_len": 256, "block_size": 8}) as c:
+                               worker_overrides={"max_model_len": 256, "block_size": 8},
+                               **(scheduler_overrides or {})) as c:
                 config = HttpConfig(address="127.0.0.1:0", scheduler_address=c.address, **http_overrides)
                 http = await start_http(config)
                 state["live"] = LiveDoor(c, http, asyncio.get_running_loop(), job_log)
