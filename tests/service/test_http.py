@@ -211,3 +211,18 @@ def test_health_metrics_version(live):
     metrics = httpx.get(f"{live.base_url}/metrics").text
     assert 'alise_http_requests_total{route="completions",status="200"}' in metrics
     assert "alise_http_client_disconnects_total" in metrics
+
+
+def test_listening_socket_sends_events_without_nagle_delay():
+    import socket
+
+    from alise.http.server import bind_socket
+
+    # asyncio sets TCP_NODELAY on accepted connections only when the socket's proto says TCP;
+    # without it a stream's first event waited for the client's delayed ACK (40 ms).
+    sock = bind_socket("127.0.0.1:0")
+    try:
+        assert sock.proto == socket.IPPROTO_TCP
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
+    finally:
+        sock.close()

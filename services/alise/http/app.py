@@ -79,12 +79,20 @@ class Door:
         self.started_s = time.time()
         self._served: ServedModel | None = None
         self._lock = asyncio.Lock()
+        self.warming: asyncio.Task | None = None
 
     async def served_model(self, token: str | None) -> ServedModel:
         """The model, looked up once (with the door's token, else the caller's)."""
         if self._served is None:
             await self._learn(await self.client.status(token=self.config.scheduler_token or token))
         return self._served
+
+    async def warm_up(self) -> None:
+        """Looks the model up (and loads a chat template) before the first request needs it."""
+        try:
+            await self.served_model(None)
+        except AliseError as exc:  # e.g. the scheduler wants a token: the first caller's will do
+            logger.info("model lookup deferred to the first request: %s", exc)
 
     async def _learn(self, status) -> None:
         async with self._lock:
