@@ -45,7 +45,8 @@ def test_ports_probes_and_metrics_match_the_command(name):
     assert compose_check[:3] == ["CMD", "alise", "health"] and port_of(compose_check[3]) == health
     annotations = workload["spec"]["template"]["metadata"]["annotations"]
     assert annotations["prometheus.io/scrape"] == "true"
-    assert int(annotations["prometheus.io/port"]) == listen["metrics"]
+    # The HTTP door has no metrics listener of its own: it serves /metrics on its HTTP port.
+    assert int(annotations["prometheus.io/port"]) == (listen["metrics"] if "metrics" in listen else listen["grpc"])
 
 
 def test_every_address_a_service_dials_is_a_service_with_that_port():
@@ -80,7 +81,9 @@ def test_credentials_come_from_secrets_and_state_from_volumes():
     secrets = {name: {e["name"] for e in container(x).get("env", []) if "secretKeyRef" in e.get("valueFrom", {})}
                for name, x in w.items()}
     assert "ALISE_API_TOKENS" in secrets["scheduler"]
-    assert all("ALISE_INTERNAL_SECRET" in s for s in secrets.values())
+    # The internal channels (scheduler, predictor, workers); the HTTP door speaks only the client
+    # API and passes each client's own bearer token on.
+    assert all("ALISE_INTERNAL_SECRET" in s for name, s in secrets.items() if name != "http")
     predictor = w["predictor"]
     assert predictor["kind"] == "StatefulSet"
     [claim] = predictor["spec"]["volumeClaimTemplates"]

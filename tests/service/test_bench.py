@@ -29,3 +29,85 @@ async def test_bench_replays_a_trace_and_records_each_request():
     summary = summarize(results)
     assert summary["num_ok"] == 3 and summary["throughput_req_s"] > 0
     assert "normalized" in format_summary(summary)
+
+
+def _result(i, ttft, tpot, tokens=5, error=""):
+    from alise.bench.openloop import RequestResult
+
+    e2e = ttft + tpot * (tokens - 1)
+    return RequestResult(i, f"r{i}", 4, tokens, 0.0, sent_s=0.1 * i, ttft_s=ttft, tpot_s=tpot, e2e_s=e2e,
+                         normalized_latency_s=e2e / tokens, num_tokens=tokens, error=error,
+                         itl_s=[tpot] * (tokens - 1))
+
+
+def test_goodput_counts_requests_meeting_every_slo():
+    from alise.bench.metrics import parse_goodput
+
+    results = [_result(0, 0.05, 0.01), _result(1, 0.20, 0.01), _result(2, 0.05, 0.08),
+               _result(3, 0.01, 0.01, error="Overloaded")]
+    slo = parse_goodput(["ttft:100", "tpot:50"])
+    s = summarize(results, slo)
+    assert s["num_ok"] == 3 and s["num_failed"] == 1 and s["num_good"] == 1
+    assert math.isclose(s["goodput_req_s"], 1 / s["duration_s"])
+    assert s["itl_s"]["p50"] == 0.01 and s["total_output_tokens"] == 15
+    assert summarize(results, parse_goodput(["e2el:1000"]))["num_good"] == 3
+    text = format_summary(s)
+    assert "Request goodput (req/s)" in text and "Median ITL (ms)" in text and "P99 TTFT (ms)" in text
+    for bad, fragment in ((["ttft"], "number"), (["speed:5"], "one of"), (["tpot:-1"], "> 0")):
+        try:
+            parse_goodput(bad)
+        except ValueError as exc:
+            assert fragment in str(exc)
+        else:
+            raise AssertionError(f"{bad} accepted")
+
+
+async def test_openai_and_grpc_backends_measure_the_same_requests(tiny_llama_dir):
+    from alise.bench.backends import GrpcBackend, OpenAIBackend
+    from alise.bench.openloop import run_bench
+    from alise.http.config import HttpConfig
+    from alise.http.server import start_http
+    from cluster_fixtures import cluster
+
+    requests = [TraceRequest(f"p{i}", f"Tell me about topic {i}", 6, n, 0.0) for i, n in enumerate([4, 7, 5, 6])]
+    async with cluster(str(tiny_llama_dir), max_model_len=256,
+                       worker_overrides=dict(max_model_len=256, block_size=8)) as c:
+        http = await start_http(HttpConfig(address="127.0.0.1:0", scheduler_address=c.address))
+        try:
+            runs = {}
+            for backend in (GrpcBackend(c.address), OpenAIBackend(http.base_url),
+                            OpenAIBackend(http.base_url, chat=True, token_ids=True)):
+                runs[backend.name] = await run_bench(requests, backend, max_concurrency=2, request_prefix=backend.name)
+        finally:
+            await http.stop(0.5)
+    for name, results in runs.items():
+        assert [r.error for r in results] == [""] * 4, name
+        assert [r.num_tokens for r in results] == [4, 7, 5, 6], name
+        assert all(0 < r.ttft_s <= r.e2e_s for r in results), name
+        # At most two in flight: every request is sent after all but one of those before it ended.
+        spans = sorted((r.sent_s, r.sent_s + r.e2e_s) for r in results)
+        for i, (start, _) in enumerate(spans):
+            assert sum(1 for s, e in spans[:i] if e > start + 1e-3) <= 1, name
+    assert [len(r.itl_s) for r in runs["grpc"]] == [n - 1 for n in (4, 7, 5, 6)]
+    assert [len(r.itl_s) for r in runs["openai-chat"]] == [n - 1 for n in (4, 7, 5, 6)]
+
+
+def test_bench_compare_prints_runs_side_by_side_and_plots_cdfs(tmp_path, capsys):
+    import json
+    from dataclasses import asdict
+
+    from alise.cli.main import main
+
+    paths = []
+    for label, scale in (("grpc", 1.0), ("openai", 1.3)):
+        results = [_result(i, 0.05 * scale, 0.01 * scale) for i in range(4)]
+        path = tmp_path / f"{label}.json"
+        path.write_text(json.dumps(dict(settings=dict(label=label), summary=summarize(results),
+                                        requests=[asdict(r) for r in results])))
+        paths.append(str(path))
+    png = tmp_path / "cdf.png"
+    assert main(["bench", "--compare", *paths, "--png", str(png), "--goodput", "ttft:60"]) == 0
+    out = capsys.readouterr().out
+    header, goodput = out.splitlines()[0].split(), next(line for line in out.splitlines() if line.startswith("goodput"))
+    assert header == ["grpc", "openai"] and float(goodput.split()[-2]) > 0 and float(goodput.split()[-1]) == 0
+    assert png.stat().st_size > 10_000

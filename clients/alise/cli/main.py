@@ -22,11 +22,12 @@ SERVER_COMMANDS = {
     "up": ("alise.cluster.main", "start the local cluster (predictor, scheduler, workers) and stay in the foreground"),
     "scheduler": ("alise.scheduler.main", "run the scheduler service"),
     "worker": ("alise.worker.main", "run one worker (a model replica) that dials the scheduler"),
+    "http": ("alise.http.main", "run the OpenAI-compatible HTTP door in front of the scheduler"),
 }
 #: sub-commands that need only the SDK (all that the client-only install has)
 CLIENT_COMMANDS = ("generate", "status", "health")
 #: sub-commands that register their own sub-parsers: module providing register(subparsers)
-REGISTERED = ["alise.predictor.cli", "alise.sim.cli"]
+REGISTERED = ["alise.bench.cli", "alise.predictor.cli", "alise.sim.cli"]
 
 
 def _client_options(p: argparse.ArgumentParser, address: str) -> None:

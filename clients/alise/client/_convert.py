@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import grpc
 from alise.client._channel import MAX_MESSAGE_BYTES
 from alise.client.errors import InvalidRequest
-from alise.client.types import Chunk, Completion, Status, Usage
+from alise.client.types import Chunk, Completion, Estimate, Status, Usage
 from alise.v1 import common_pb2, scheduler_pb2
 
 _FINISH = {
@@ -17,12 +17,17 @@ _FINISH = {
 }
 
 
+def call_metadata(token: str | None, default: tuple[tuple[str, str], ...]) -> tuple[tuple[str, str], ...]:
+    """A call's metadata: its own bearer token when given, else the client's."""
+    return (("authorization", f"Bearer {token}"),) if token else default
+
+
 def build_request(prompt: str | Sequence[int], *, max_tokens: int | None, temperature: float | None,
                   top_p: float | None, top_k: int, seed: int | None,
                   stop_token_ids: Sequence[int], ignore_eos: bool, request_id: str,
-                  oracle_output_tokens: int) -> scheduler_pb2.GenerateRequest:
+                  oracle_output_tokens: int, priority: int = 0) -> scheduler_pb2.GenerateRequest:
     req = scheduler_pb2.GenerateRequest(request_id=request_id,
-                                        oracle_output_tokens=oracle_output_tokens)
+                                        oracle_output_tokens=oracle_output_tokens, priority=priority)
     if isinstance(prompt, str):
         req.text = prompt
     else:
@@ -53,8 +58,14 @@ def to_chunk(msg: scheduler_pb2.GenerateResponse) -> Chunk:
         u = msg.usage
         usage = Usage(u.prompt_tokens, u.completion_tokens, u.ttft_s, u.e2e_s, u.queued_s,
                       u.num_preemptions)
+    estimate = prompt_tokens = None
+    if msg.HasField("estimate"):
+        e = msg.estimate
+        estimate = Estimate(e.mean, e.p50, e.p90, e.source)
+    if msg.prompt_tokens:
+        prompt_tokens = msg.prompt_tokens
     return Chunk(msg.request_id, list(msg.token_ids), msg.text, msg.index,
-                 _FINISH.get(msg.finish_reason), usage)
+                 _FINISH.get(msg.finish_reason), usage, estimate, prompt_tokens)
 
 
 def join_chunks(chunks: list[Chunk]) -> Completion:
@@ -72,4 +83,5 @@ def to_status(msg: scheduler_pb2.GetStatusResponse) -> Status:
                   num_running=msg.num_running, num_paused=msg.num_paused,
                   num_finished=msg.num_finished, predictor_state=msg.predictor_state,
                   uptime_s=msg.uptime_s, num_preemptions=msg.num_preemptions,
-                  preemptions_by_action=dict(msg.preemptions_by_action))
+                  preemptions_by_action=dict(msg.preemptions_by_action), model=msg.model,
+                  max_model_len=msg.max_model_len)

@@ -7,12 +7,13 @@ from collections.abc import AsyncIterator, Sequence
 
 import grpc
 from alise.client._channel import check_address, make_aio_channel
-from alise.client._convert import build_request, join_chunks, to_chunk, to_status
+from alise.client._convert import build_request, call_metadata, join_chunks, to_chunk, to_status
 from alise.client._peer import explain
 from alise.client._resume import Resumer
 from alise.client.errors import AliseError
 from alise.client.types import Chunk, Completion, Status
 from alise.v1 import scheduler_pb2, scheduler_pb2_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
 #: How long a broken stream is resumed without progress before the error is raised.
@@ -37,6 +38,7 @@ class AsyncClient:
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
         self._channel = channel or make_aio_channel(address, tls_ca=tls_ca)
         self._stub = scheduler_pb2_grpc.SchedulerServiceStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
 
     async def _error(self, exc: grpc.aio.AioRpcError) -> AliseError:
         # explain() may ask the server what it is (a blocking reflection call): off the loop.
@@ -56,18 +58,21 @@ class AsyncClient:
                        top_k: int = 0, seed: int | None = None,
                        stop_token_ids: Sequence[int] = (), ignore_eos: bool = False,
                        request_id: str = "", oracle_output_tokens: int = 0,
-                       timeout_s: float | None = None,
+                       priority: int = 0, timeout_s: float | None = None, token: str | None = None,
                        resume_timeout_s: float = RESUME_TIMEOUT_S) -> AsyncIterator[Chunk]:
         """Streams the request's chunks; a stream that breaks (UNAVAILABLE) is resumed for up to
-        ``resume_timeout_s`` without progress (0: never), every token delivered once."""
+        ``resume_timeout_s`` without progress (0: never), every token delivered once. ``token``
+        overrides the client's bearer token for this call."""
         request = build_request(prompt, max_tokens=max_tokens, temperature=temperature,
                                 top_p=top_p, top_k=top_k, seed=seed,
                                 stop_token_ids=stop_token_ids, ignore_eos=ignore_eos,
-                                request_id=request_id, oracle_output_tokens=oracle_output_tokens)
+                                request_id=request_id, oracle_output_tokens=oracle_output_tokens,
+                                priority=priority)
         resumer = Resumer(request, resume_timeout_s=resume_timeout_s, timeout_s=timeout_s or self.timeout_s)
+        metadata = call_metadata(token, self._metadata)
         while True:
             message, timeout = resumer.next_request()
-            call = self._stub.Generate(message, timeout=timeout, metadata=self._metadata)
+            call = self._stub.Generate(message, timeout=timeout, metadata=metadata)
             try:
                 async for response in call:
                     chunk = to_chunk(response)
@@ -89,10 +94,19 @@ class AsyncClient:
             raise AliseError(grpc.StatusCode.INTERNAL, "the stream ended without output")
         return join_chunks(chunks)
 
-    async def status(self, *, timeout_s: float | None = 5.0) -> Status:
+    async def status(self, *, timeout_s: float | None = 5.0, token: str | None = None) -> Status:
         try:
             msg = await self._stub.GetStatus(scheduler_pb2.GetStatusRequest(), timeout=timeout_s,
-                                             metadata=self._metadata)
+                                             metadata=call_metadata(token, self._metadata))
         except grpc.aio.AioRpcError as exc:
             raise await self._error(exc) from None
         return to_status(msg)
+
+    async def health(self, service: str = "", *, timeout_s: float | None = 5.0) -> str:
+        """The scheduler's grpc.health.v1 status: "SERVING", "NOT_SERVING", ... (open: no token)."""
+        try:
+            reply = await self._health.Check(health_pb2.HealthCheckRequest(service=service),
+                                             timeout=timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            raise await self._error(exc) from None
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)

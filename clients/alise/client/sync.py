@@ -7,13 +7,14 @@ from collections.abc import Iterator, Sequence
 
 import grpc
 from alise.client._channel import check_address, make_channel
-from alise.client._convert import build_request, join_chunks, to_chunk, to_status
+from alise.client._convert import build_request, call_metadata, join_chunks, to_chunk, to_status
 from alise.client._peer import explain
 from alise.client._resume import Resumer
 from alise.client.aio import DEFAULT_ADDRESS, RESUME_TIMEOUT_S
 from alise.client.errors import AliseError
 from alise.client.types import Chunk, Completion, Status
 from alise.v1 import scheduler_pb2, scheduler_pb2_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 
 class Client:
@@ -29,6 +30,7 @@ class Client:
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
         self._channel = make_channel(address, tls_ca=tls_ca)
         self._stub = scheduler_pb2_grpc.SchedulerServiceStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
 
     def __enter__(self) -> Client:
         return self
@@ -43,16 +45,19 @@ class Client:
                  temperature: float | None = None, top_p: float | None = None, top_k: int = 0,
                  seed: int | None = None, stop_token_ids: Sequence[int] = (),
                  ignore_eos: bool = False, request_id: str = "", oracle_output_tokens: int = 0,
-                 timeout_s: float | None = None, resume_timeout_s: float = RESUME_TIMEOUT_S) -> Iterator[Chunk]:
+                 priority: int = 0, timeout_s: float | None = None, token: str | None = None,
+                 resume_timeout_s: float = RESUME_TIMEOUT_S) -> Iterator[Chunk]:
         """As ``AsyncClient.generate``: a broken stream is resumed, every token delivered once."""
         request = build_request(prompt, max_tokens=max_tokens, temperature=temperature,
                                 top_p=top_p, top_k=top_k, seed=seed,
                                 stop_token_ids=stop_token_ids, ignore_eos=ignore_eos,
-                                request_id=request_id, oracle_output_tokens=oracle_output_tokens)
+                                request_id=request_id, oracle_output_tokens=oracle_output_tokens,
+                                priority=priority)
         resumer = Resumer(request, resume_timeout_s=resume_timeout_s, timeout_s=timeout_s or self.timeout_s)
+        metadata = call_metadata(token, self._metadata)
         while True:
             message, timeout = resumer.next_request()
-            call = self._stub.Generate(message, timeout=timeout, metadata=self._metadata)
+            call = self._stub.Generate(message, timeout=timeout, metadata=metadata)
             try:
                 for response in call:
                     chunk = to_chunk(response)
@@ -74,10 +79,17 @@ class Client:
             raise AliseError(grpc.StatusCode.INTERNAL, "the stream ended without output")
         return join_chunks(chunks)
 
-    def status(self, *, timeout_s: float | None = 5.0) -> Status:
+    def status(self, *, timeout_s: float | None = 5.0, token: str | None = None) -> Status:
         try:
             msg = self._stub.GetStatus(scheduler_pb2.GetStatusRequest(), timeout=timeout_s,
-                                       metadata=self._metadata)
+                                       metadata=call_metadata(token, self._metadata))
         except grpc.RpcError as exc:
             raise explain(exc, self.address, self._tls_ca) from None
         return to_status(msg)
+
+    def health(self, service: str = "", *, timeout_s: float | None = 5.0) -> str:
+        try:
+            reply = self._health.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout_s)
+        except grpc.RpcError as exc:
+            raise explain(exc, self.address, self._tls_ca) from None
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)

@@ -16,6 +16,16 @@ class Usage:
 
 
 @dataclass(frozen=True)
+class Estimate:
+    """The scheduler's prediction of a request's output length, in tokens."""
+
+    mean: float
+    p50: float
+    p90: float
+    source: str   # "blend", "head", "knn" or "prior"
+
+
+@dataclass(frozen=True)
 class Chunk:
     """One streamed piece of output. ``index`` is the position of ``token_ids[0]``."""
 
@@ -25,6 +35,9 @@ class Chunk:
     index: int
     finish_reason: str | None = None   # "stop", "length" or "aborted" on the last chunk
     usage: Usage | None = None
+    #: On the first chunk only: the length estimate and the prompt's token count.
+    estimate: Estimate | None = None
+    prompt_tokens: int | None = None
 
 
 @dataclass(frozen=True)
@@ -48,3 +61,5 @@ class Status:
     uptime_s: float = 0.0
     num_preemptions: int = 0
     preemptions_by_action: dict = field(default_factory=dict)
+    model: str = ""
+    max_model_len: int = 0

@@ -52,6 +52,10 @@ class ClusterConfig:
     worker_args: tuple[str, ...] = ()
     scheduler_args: tuple[str, ...] = ()
     startup_timeout_s: float = 300.0
+    #: Where the OpenAI-compatible HTTP door listens ("" = no door).
+    http_address: str = "127.0.0.1:8000"
+    #: The door's grpc.health.v1 address (what says it is up).
+    http_health_address: str = "127.0.0.1:8001"
 
     def __post_init__(self) -> None:
         if self.num_workers < 0:
@@ -100,6 +104,9 @@ def service_commands(cfg: ClusterConfig) -> dict[str, list[str]]:
             "--worker-id", f"worker-{i}",
             "--health-address", _port(cfg.worker_health_base_port, i, host), *metrics(2 + i),
             *cfg.worker_args]
+    if cfg.http_address:
+        commands["http"] = ["http", "--scheduler", address, "--address", resolve(cfg.http_address),
+                            "--health-address", resolve(cfg.http_health_address)]
     return commands
 
 

@@ -139,6 +139,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
         if request.resume_token_ids:  # a resumed stream's text joins what the client has
             detok.add(list(request.resume_token_ids))
         want_text = not request.HasField("stream_text") or request.stream_text
+        first = True
         while True:
             for item in await stream.next_batch():
                 if isinstance(item, JobFailed):
@@ -146,6 +147,13 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
                                        resumable=item.resumable)
                 response = scheduler_pb2.GenerateResponse(
                     request_id=job.job_id, token_ids=item.token_ids, index=item.index)
+                if first:
+                    first = False
+                    response.prompt_tokens = job.num_prompt_tokens
+                    if job.estimate is not None:
+                        e = job.estimate
+                        response.estimate.CopyFrom(common_pb2.LengthPrediction(
+                            mean=e.mean, p50=e.p50, p90=e.p90, source=e.source))
                 if want_text:
                     response.text = detok.add(item.token_ids)
                 if item.finish_reason is not None:
@@ -187,6 +195,10 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
             raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
                                f"stop_token_ids {bad_stop[:5]} are outside the vocabulary "
                                f"[0, {self.info.vocab_size})")
+        if request.priority:
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                               f"priority must be 0: the {self.config.policy} policy does not "
+                               f"schedule by priority (got {request.priority})")
         if request.oracle_output_tokens < 0:
             raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "oracle_output_tokens must be >= 0")
         resume = self._resume_tokens(request, len(token_ids), sampling.max_tokens)
@@ -246,7 +258,8 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
         snap = self.engine.snapshot()
         workers = [scheduler_pb2.WorkerStatus(**w) for w in snap.pop("workers")]
         return scheduler_pb2.GetStatusResponse(
-            workers=workers, predictor_state=self.estimator.state, **snap)
+            workers=workers, predictor_state=self.estimator.state, model=self.info.name,
+            max_model_len=self.info.max_model_len, **snap)
 
 
 class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):

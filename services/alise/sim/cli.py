@@ -1,4 +1,5 @@
-"""`alise trace`, `alise sim`, `alise bench`: build traces, simulate policies, replay against a cluster.
+"""`alise trace`, `alise sim`: build traces and simulate policies (`alise bench`, the replay against a
+live cluster, is ``alise.bench.cli``).
 
 Building the parser imports nothing heavy; each handler imports what it needs when it runs.
 """
@@ -7,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
 
 def register(sub) -> None:
@@ -48,18 +48,6 @@ def register(sub) -> None:
                         "aging_rate=0.01 or max_slowdown=none; repeatable")
     s.set_defaults(func=_cmd_sim)
 
-    b = sub.add_parser("bench", help="replay a trace open-loop against a running cluster")
-    b.add_argument("--trace", required=True)
-    b.add_argument("--address", default="127.0.0.1:50051")
-    b.add_argument("--rate", type=float, default=None, help="rescale arrivals to this rate")
-    b.add_argument("--num", type=int, default=None, help="first N requests only")
-    b.add_argument("--out", required=True, help="per-request results JSONL")
-    b.add_argument("--timeout", type=float, default=600.0, help="per-request deadline (s)")
-    b.add_argument("--max-tokens", type=int, default=None,
-                   help="max_tokens of every request (default 2048, the simulator's cap); each "
-                        "request still ends at its trace length, which the policy never sees")
-    b.set_defaults(func=_cmd_bench)
-
 
 def _cmd_trace(args: argparse.Namespace) -> int:
     from alise.sim import trace as tr
@@ -81,30 +69,6 @@ def _cmd_sim(args: argparse.Namespace) -> int:
     from alise.sim.report import run_sim_command
 
     return run_sim_command(args)
-
-
-def _cmd_bench(args: argparse.Namespace) -> int:
-    import asyncio
-
-    from alise.bench.openloop import (
-        DEFAULT_MAX_TOKENS, format_summary, run_bench, summarize, write_results,
-    )
-    from alise.sim.trace import read_trace, rescale
-
-    requests = read_trace(args.trace)
-    if args.num:
-        requests = requests[:args.num]
-    if args.rate:
-        requests = rescale(requests, args.rate)
-    results = asyncio.run(run_bench(requests, args.address, timeout_s=args.timeout,
-                                    max_tokens=args.max_tokens or DEFAULT_MAX_TOKENS))
-    write_results(results, args.out)
-    print(format_summary(summarize(results), title=f"bench {args.trace} -> {args.address}"))
-    print(f"per-request results: {args.out}")
-    failed = sum(1 for r in results if r.error)
-    if failed:
-        print(f"{failed} requests failed", file=sys.stderr)
-    return 1 if failed else 0
 
 
 def _dump(obj) -> str:

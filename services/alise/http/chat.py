@@ -1,0 +1,65 @@
+"""Chat messages -> one prompt.
+
+A model directory whose tokenizer has a chat template renders through it (the same rules the
+model was tuned on), and the door sends the result as token ids, encoded without special tokens,
+since the template already placed them. Everything else (the presets' WordPiece tokenizer, a
+tokenizer without a template) uses the plain template, sent as text::
+
+    System: <content>
+    User: <content>
+    Assistant: <content>
+    Assistant:
+
+one line per message with the role's name, then ``Assistant:`` for the reply.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from alise.http.errors import bad_request
+
+logger = logging.getLogger(__name__)
+
+ROLE_NAMES = {"system": "System", "developer": "System", "user": "User", "assistant": "Assistant",
+              "tool": "Tool"}
+
+
+def render_plain(messages: list[dict]) -> str:
+    return "".join(f"{ROLE_NAMES[m['role']]}: {m['content']}\n" for m in messages) + "Assistant:"
+
+
+class ChatRenderer:
+    """Renders chat messages with a tokenizer's template, or the plain one without."""
+
+    def __init__(self, tokenizer=None) -> None:
+        self.tokenizer = tokenizer
+
+    @classmethod
+    def for_model(cls, model: str | None) -> ChatRenderer:
+        """The renderer for ``model`` as the scheduler names it (a directory or a preset)."""
+        if model is None or not Path(model).is_dir():
+            return cls()
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(model, local_files_only=True)
+        if not getattr(tokenizer, "chat_template", None):
+            logger.info("%s has no chat template: chat uses the plain template", model)
+            return cls()
+        logger.info("chat messages render with the chat template of %s", model)
+        return cls(tokenizer)
+
+    @property
+    def template_name(self) -> str:
+        return "plain" if self.tokenizer is None else "tokenizer"
+
+    def render(self, messages: list[dict]) -> str | list[int]:
+        """Blocking (a template and a tokenizer run): call it off the event loop."""
+        if self.tokenizer is None:
+            return render_plain(messages)
+        try:
+            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        except Exception as exc:  # noqa: BLE001 - a template refusing the messages is bad input
+            raise bad_request(f"messages: the chat template refused them: {exc}", param="messages") from None
+        return self.tokenizer.encode(text, add_special_tokens=False)

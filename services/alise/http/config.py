@@ -1,0 +1,65 @@
+"""Settings of the HTTP door (read from flags and env in the entrypoint only)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from alise.common.grpc_server import split_host_port
+
+#: vLLM's default port, so tools written for it find the door.
+DEFAULT_ADDRESS = "127.0.0.1:8000"
+
+
+@dataclass(frozen=True)
+class HttpConfig:
+    #: Where the HTTP server listens (HOST:PORT; port 0 = any free port).
+    address: str = DEFAULT_ADDRESS
+    #: The scheduler's gRPC address.
+    scheduler_address: str = "127.0.0.1:50051"
+    #: The model name clients send and /v1/models lists (None = the scheduler's model).
+    served_model_name: str | None = None
+    #: Model directory whose tokenizer's chat template renders chat messages (None = the
+    #: scheduler's model, when it is a directory on this host; otherwise the plain template).
+    model: str | None = None
+    #: grpc.health.v1 listener ("" = none): SERVING while the door serves and the scheduler does.
+    health_address: str = ""
+    #: Deadline of one generation, passed to the scheduler (504 when it passes).
+    request_timeout_s: float = 600.0
+    #: Largest request body accepted (413 beyond): the scheduler's 16 MiB message limit.
+    max_body_bytes: int = 16 * 1024 * 1024
+    #: Open connections beyond which the server answers 503 (the outer backstop; the scheduler's
+    #: queue limit, as 429, comes first).
+    max_connections: int = 8192
+    #: How often the scheduler's health is polled.
+    health_interval_s: float = 0.5
+    #: Seconds in-flight requests get to finish on SIGTERM.
+    drain_grace_s: float = 10.0
+    #: Bearer token for the door's own calls (the model lookup) when the scheduler requires one;
+    #: clients' requests always carry their own.
+    scheduler_token: str | None = None
+    #: CA of a TLS scheduler (PEM).
+    scheduler_tls_ca: str | None = None
+    #: Certificate and key (PEM) for HTTPS on the door's listener.
+    tls_cert: str | None = None
+    tls_key: str | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("address", "scheduler_address") + (("health_address",) if self.health_address else ()):
+            try:
+                split_host_port(getattr(self, name))
+            except ValueError:
+                raise ValueError(f"{name} must look like HOST:PORT, got {getattr(self, name)!r}") from None
+        for name in ("request_timeout_s", "health_interval_s", "drain_grace_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        for name in ("max_body_bytes", "max_connections"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.served_model_name is not None and not self.served_model_name.strip():
+            raise ValueError("served_model_name must not be blank")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key must be given together")
+        for path in (self.tls_cert, self.tls_key, self.scheduler_tls_ca):
+            if path is not None and not os.path.isfile(path):
+                raise ValueError(f"TLS file {path!r} does not exist")

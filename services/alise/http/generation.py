@@ -1,0 +1,57 @@
+"""One request's run through the scheduler: SDK chunks in, text pieces out, stop strings applied.
+
+Leaving ``pieces`` early (a stop string matched, the client went away, the task was
+cancelled) closes the SDK's stream, which cancels the gRPC call; the scheduler then aborts the
+job and frees its KV blocks at the next step. A stop string's tokens count as generated
+(``completion_tokens``), as the model did produce them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import grpc
+from alise.client import AliseError, AsyncClient
+from alise.http.protocol import GenerationRequest
+from alise.http.shapes import FINISH_REASONS, Facts
+from alise.http.stops import StopStrings
+
+
+@dataclass(frozen=True)
+class Piece:
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None = None   # OpenAI's, on the last piece only
+
+
+async def pieces(client: AsyncClient, req: GenerationRequest, prompt: str | list[int], facts: Facts, *,
+                 token: str | None, timeout_s: float) -> AsyncIterator[Piece]:
+    """Raises the SDK's AliseError subclasses; fills ``facts`` as chunks arrive."""
+    stops = StopStrings(req.stop)
+    stream = client.generate(
+        prompt, max_tokens=req.max_tokens, temperature=req.temperature, top_p=req.top_p,
+        top_k=req.top_k, seed=req.seed, stop_token_ids=req.stop_token_ids, ignore_eos=req.ignore_eos,
+        request_id=facts.request_id, oracle_output_tokens=req.oracle_output_tokens,
+        priority=req.priority, timeout_s=timeout_s, token=token)
+    try:
+        async for chunk in stream:
+            if chunk.prompt_tokens is not None:
+                facts.prompt_tokens = chunk.prompt_tokens
+            if chunk.estimate is not None:
+                facts.estimate = chunk.estimate
+            facts.completion_tokens += len(chunk.token_ids)
+            text = stops.feed(chunk.text)
+            if stops.matched:
+                yield Piece(text, chunk.token_ids, "stop")
+                return
+            if chunk.finish_reason is not None:
+                facts.usage = chunk.usage
+                if chunk.usage is not None:
+                    facts.completion_tokens = chunk.usage.completion_tokens
+                yield Piece(text + stops.flush(), chunk.token_ids, FINISH_REASONS[chunk.finish_reason])
+                return
+            yield Piece(text, chunk.token_ids)
+        raise AliseError(grpc.StatusCode.INTERNAL, "the scheduler's stream ended without a finish reason")
+    finally:
+        await stream.aclose()
