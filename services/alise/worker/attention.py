@@ -220,6 +220,31 @@ def batched_fresh_attention(query: torch.Tensor, key: torch.Tensor, value: torch
     return out.transpose(1, 2).reshape(-1, *query.shape[1:])
 
 
+def unified_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+                      block_tables: torch.Tensor, seq_lens: torch.Tensor, query_start: torch.Tensor,
+                      scale: float) -> torch.Tensor:
+    """Reference of :func:`alise.worker.triton_unified.unified_attention`: sequence ``s`` owns
+    rows ``[query_start[s], query_start[s + 1])`` of ``query [T, heads, dim]`` and attends
+    causally to its first ``seq_lens[s]`` cached keys. Rows of no sequence come back as zeros."""
+    out = torch.zeros_like(query)
+    starts = query_start.tolist()
+    lens = seq_lens.tolist()
+    block_size = key_cache.shape[1]
+    for s, ctx in enumerate(lens):
+        first, n = starts[s], starts[s + 1] - starts[s]
+        if n == 0:
+            continue
+        table = block_tables[s, :-(-ctx // block_size)]
+        rows = slice(first, first + n)
+        if n == 1:
+            out[rows] = decode_attention(query[rows], key_cache, value_cache, table[None], seq_lens[s:s + 1], scale)
+            continue
+        query_pos = torch.arange(ctx - n, ctx, device=query.device)
+        mask = torch.arange(ctx, device=query.device)[None, :] <= query_pos[:, None]
+        out[rows] = prefill_attention(query[rows], key_cache, value_cache, table, ctx, mask, scale)
+    return out
+
+
 @dataclass(frozen=True)
 class AttentionBackend:
     """The two pluggable pieces of paged attention, with the signatures of this module's
