@@ -74,13 +74,26 @@ class AttentionMetadata:
     decode_context_lens: torch.Tensor | None  # [B] int64
     is_all_decode: bool  # decode_rows is exactly 0..T-1, so no gather/scatter is needed
     fresh: FreshBatch | None = None  # fresh chunks batched together (not in ``prefills``)
+    unified: UnifiedStep | None = None  # every sequence in one unified-kernel call (then no prefills)
+    decode_splits: int | None = None  # split-K ranges of the decode kernel (None: its heuristic)
+
+
+@dataclass(frozen=True)
+class UnifiedStep:
+    """A step's attention as one call of the unified kernel (alise.worker.triton_unified)."""
+
+    query_start: torch.Tensor  # [S + 1] int64: first row of each sequence, then the end of the last
+    seq_lens: torch.Tensor  # [S] int64: keys each sequence attends to (start_pos + its rows)
+    block_tables: torch.Tensor  # [S, width] int64
+    config: object = None  # the kernel's launch configuration (triton_unified.UnifiedConfig)
 
 
 def build_attention_metadata(start_positions: list[int], num_tokens: list[int], block_tables: list[list[int]],
-                             *, block_size: int, device: torch.device,
-                             min_batched_fresh: int = 0) -> AttentionMetadata:
+                             *, block_size: int, device: torch.device, min_batched_fresh: int = 0,
+                             unified_config: object = None) -> AttentionMetadata:
     """Metadata for sequences with the given starts, token counts and (validated) block tables.
-    ``min_batched_fresh``: batch the fresh chunks when there are at least this many (0: never)."""
+    ``min_batched_fresh``: batch the fresh chunks when there are at least this many (0: never).
+    ``unified_config``: a step that is not all decodes runs as one unified-kernel call with it."""
     context_lens = [s + n for s, n in zip(start_positions, num_tokens)]
     blocks_needed = [-(-c // block_size) for c in context_lens]
     width = max(blocks_needed)
@@ -99,6 +112,13 @@ def build_attention_metadata(start_positions: list[int], num_tokens: list[int], 
     slots = table[torch.tensor(seq_of_row, dtype=torch.int64), positions // block_size] * block_size \
         + positions % block_size
 
+    if unified_config is not None and max(num_tokens) > 1:
+        query_start = torch.tensor(row_starts + [len(seq_of_row)], dtype=torch.int64)
+        unified = UnifiedStep(query_start=query_start.to(device), block_tables=table.to(device),
+                              seq_lens=torch.tensor(context_lens, dtype=torch.int64).to(device), config=unified_config)
+        return AttentionMetadata(positions=positions.to(device), slot_mapping=slots.to(device), prefills=(),
+                                 decode_rows=None, decode_block_tables=None, decode_context_lens=None,
+                                 is_all_decode=False, unified=unified)
     prefills = []
     decode_seqs = []
     fresh_seqs = [s for s, n in enumerate(num_tokens) if n > 1 and start_positions[s] == 0]
@@ -222,10 +242,11 @@ def batched_fresh_attention(query: torch.Tensor, key: torch.Tensor, value: torch
 
 def unified_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
                       block_tables: torch.Tensor, seq_lens: torch.Tensor, query_start: torch.Tensor,
-                      scale: float) -> torch.Tensor:
+                      scale: float, config: object = None) -> torch.Tensor:
     """Reference of :func:`alise.worker.triton_unified.unified_attention`: sequence ``s`` owns
     rows ``[query_start[s], query_start[s + 1])`` of ``query [T, heads, dim]`` and attends
-    causally to its first ``seq_lens[s]`` cached keys. Rows of no sequence come back as zeros."""
+    causally to its first ``seq_lens[s]`` cached keys. Rows of no sequence come back as zeros.
+    ``config`` (the kernel's launch configuration) means nothing here."""
     out = torch.zeros_like(query)
     starts = query_start.tolist()
     lens = seq_lens.tolist()
@@ -247,12 +268,13 @@ def unified_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache:
 
 @dataclass(frozen=True)
 class AttentionBackend:
-    """The two pluggable pieces of paged attention, with the signatures of this module's
-    :func:`write_kv` and :func:`decode_attention`."""
+    """The pluggable pieces of paged attention, with the signatures of this module's
+    :func:`write_kv`, :func:`decode_attention` and :func:`unified_attention`."""
 
     name: str
     write_kv: Callable[..., None]
     decode_attention: Callable[..., torch.Tensor]
+    unified_attention: Callable[..., torch.Tensor] = unified_attention
 
 
 TORCH_BACKEND = AttentionBackend("torch", write_kv, decode_attention)
@@ -260,16 +282,23 @@ TORCH_BACKEND = AttentionBackend("torch", write_kv, decode_attention)
 
 def paged_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tensor,
                     value_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
-                    backend: AttentionBackend = TORCH_BACKEND) -> torch.Tensor:
+                    backend: AttentionBackend = TORCH_BACKEND, kv_written: bool = False) -> torch.Tensor:
     """One layer's attention for the whole flattened step.
 
     ``query [T, num_heads, head_dim]``, ``key``/``value [T, num_kv_heads, head_dim]`` (already
-    position-encoded); writes K/V into the pages, returns ``[T, num_heads, head_dim]``.
+    position-encoded); writes K/V into the pages (unless ``kv_written``: a fused kernel did),
+    returns ``[T, num_heads, head_dim]``.
     """
-    backend.write_kv(key_cache, value_cache, key, value, meta.slot_mapping)
+    if not kv_written:
+        backend.write_kv(key_cache, value_cache, key, value, meta.slot_mapping)
     if meta.is_all_decode:
+        splits = {} if meta.decode_splits is None else {"num_splits": meta.decode_splits}
         return backend.decode_attention(query, key_cache, value_cache, meta.decode_block_tables,
-                                        meta.decode_context_lens, scale)
+                                        meta.decode_context_lens, scale, **splits)
+    if meta.unified is not None:
+        u = meta.unified
+        return backend.unified_attention(query, key_cache, value_cache, u.block_tables, u.seq_lens, u.query_start,
+                                         scale, u.config)
     out = torch.empty_like(query)
     if meta.fresh is not None:
         padded = batched_fresh_attention(query, key, value, meta.fresh, scale)

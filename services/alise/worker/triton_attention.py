@@ -28,6 +28,7 @@ import os
 import torch
 
 from alise.worker.attention import AttentionBackend
+from alise.worker.triton_unified import unified_attention
 
 try:
     import triton
@@ -53,9 +54,16 @@ def is_available() -> bool:
     return triton is not None and torch.cuda.is_available()
 
 
+#: Under the Triton interpreter (tests on the CPU) the kernels run on CPU tensors.
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
 @functools.lru_cache(maxsize=8)
-def _num_sms(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
+def _num_sms(device: torch.device) -> int:
+    """Multiprocessors to fill; 1 off CUDA (the interpreter), where splitting buys nothing."""
+    if device.type != "cuda":
+        return 1
+    return torch.cuda.get_device_properties(device.index or 0).multi_processor_count
 
 
 def choose_num_splits(batch: int, num_kv_heads: int, num_sms: int, programs_per_sm: int | None = None,
@@ -208,7 +216,7 @@ def decode_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: 
         raise ValueError("block_tables rows and context_lens must be contiguous")
     group = num_heads // num_kv_heads
     if num_splits is None:
-        num_splits = choose_num_splits(batch, num_kv_heads, _num_sms(query.device.index or 0))
+        num_splits = choose_num_splits(batch, num_kv_heads, _num_sms(query.device))
     if out is None:
         out = torch.empty(batch, num_heads, head_dim, dtype=query.dtype, device=query.device)
     config = DECODE_CONFIG
@@ -259,4 +267,4 @@ def write_kv(key_cache: torch.Tensor, value_cache: torch.Tensor, key: torch.Tens
     )
 
 
-TRITON_BACKEND = AttentionBackend("triton", write_kv, decode_attention)
+TRITON_BACKEND = AttentionBackend("triton", write_kv, decode_attention, unified_attention)

@@ -11,9 +11,9 @@ every kernel is tiny and launch-bound even inside a CUDA graph):
 - :func:`rope_write_kv` -- rotary positions (rotate-half form) on the query and key heads of one
   token, the rotated query to a new tensor and the rotated key plus the value straight into the
   token's page slot (a negative slot writes nowhere, like ``write_kv``).
-- :func:`skinny_linear` -- ``x @ weight.T (+ bias) (ReLU) (+ residual)`` for few rows: a program
-  per ``BLOCK_N`` output features streams its weight rows once, so a decode step reads each
-  weight byte once, with the bias, activation and residual add in the epilogue. Whether it beats
+- :func:`skinny_linear` -- ``x @ weight.T (+ bias) (ReLU)`` for few rows: a program per
+  ``BLOCK_N`` output features streams its weight rows once, so a decode step reads each weight
+  byte once, with the bias and activation in the epilogue. Whether it beats
   cuBLAS on a shape is measured at start-up (``alise.worker.tuning``).
 
 Nothing here synchronizes or allocates on the host beyond the outputs: every launch is capturable.
@@ -134,9 +134,8 @@ if triton is not None:
             tl.store(vdst + HALF, tl.load(vsrc + HALF, mask=kv_mask), mask=kv_mask)
 
     @triton.jit
-    def _skinny_kernel(x_ptr, w_ptr, bias_ptr, res_ptr, out_ptr, M, N, K,
-                       stride_xm, stride_wn, stride_rm, stride_om,
-                       HAS_BIAS: tl.constexpr, RELU: tl.constexpr, HAS_RES: tl.constexpr,
+    def _skinny_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_om,
+                       HAS_BIAS: tl.constexpr, RELU: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_F32: tl.constexpr):
         pid = tl.program_id(0)
         offs_m = tl.arange(0, BLOCK_M)
@@ -157,15 +156,10 @@ if triton is not None:
             acc = tl.dot(x, tl.trans(w), acc)
         if HAS_BIAS:
             acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-        ty = out_ptr.dtype.element_ty
         if RELU:
             acc = tl.maximum(acc, 0.0)
-        out_mask = m_mask[:, None] & n_mask[None, :]
-        if HAS_RES:
-            # Rounded to the dtype before the add, as linear-then-add computes it.
-            acc = acc.to(ty).to(tl.float32) + tl.load(res_ptr + offs_m[:, None] * stride_rm + offs_n[None, :],
-                                                        mask=out_mask, other=0.0).to(tl.float32)
-        tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], acc.to(ty), mask=out_mask)
+        tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], acc.to(out_ptr.dtype.element_ty),
+                 mask=m_mask[:, None] & n_mask[None, :])
 
 
 def add_norm(hidden: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -217,9 +211,9 @@ def rope_write_kv(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, c
 
 
 def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *, relu: bool = False,
-                  residual: torch.Tensor | None = None, config: SkinnyConfig | None = None) -> torch.Tensor:
-    """``x [M, K] @ weight[N, K].T`` (+ ``bias``) (ReLU) (+ ``residual [M, N]``) for ``M <=
-    MAX_SKINNY_ROWS``; accumulates in float32, returns ``[M, N]`` in ``x``'s dtype."""
+                  config: SkinnyConfig | None = None) -> torch.Tensor:
+    """``x [M, K] @ weight[N, K].T`` (+ ``bias``) (ReLU) for ``M <= MAX_SKINNY_ROWS``; accumulates
+    in float32, returns ``[M, N]`` in ``x``'s dtype."""
     config = config or SKINNY_CANDIDATES[0]
     num_rows, k = x.shape
     n = weight.shape[0]
@@ -227,13 +221,10 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         raise ValueError(f"skinny_linear takes at most {MAX_SKINNY_ROWS} rows, got {num_rows}")
     if weight.shape[1] != k or x.stride(-1) != 1 or weight.stride(-1) != 1:
         raise ValueError(f"shapes {tuple(x.shape)} x {tuple(weight.shape)}.T do not chain with unit strides")
-    if residual is not None and (residual.shape != (num_rows, n) or residual.stride(-1) != 1):
-        raise ValueError(f"residual must be [{num_rows}, {n}] with unit stride, got {tuple(residual.shape)}")
     out = torch.empty(num_rows, n, dtype=x.dtype, device=x.device)
     _skinny_kernel[(triton.cdiv(n, config.block_n),)](
-        x, weight, bias if bias is not None else weight, residual if residual is not None else out, out,
-        num_rows, n, k, x.stride(0), weight.stride(0), residual.stride(0) if residual is not None else 0,
-        out.stride(0), HAS_BIAS=bias is not None, RELU=relu, HAS_RES=residual is not None,
+        x, weight, bias if bias is not None else weight, out, num_rows, n, k, x.stride(0), weight.stride(0),
+        out.stride(0), HAS_BIAS=bias is not None, RELU=relu,
         BLOCK_M=max(16, _next_pow2(num_rows)), BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         DOT_F32=INTERPRETED and x.dtype == torch.bfloat16,
         num_warps=config.num_warps, num_stages=config.num_stages,

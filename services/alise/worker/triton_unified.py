@@ -148,7 +148,7 @@ if triton is not None:
 
 def unified_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
                       block_tables: torch.Tensor, seq_lens: torch.Tensor, query_start: torch.Tensor,
-                      scale: float, *, config: UnifiedConfig | None = None,
+                      scale: float, config: UnifiedConfig | None = None, *,
                       out: torch.Tensor | None = None) -> torch.Tensor:
     """Causal paged attention of every query row of a step (see the module docstring).
 

@@ -1,0 +1,380 @@
+"""Start-up choice of kernels: check every fast kernel on this device, time it against the
+alternatives per shape inside CUDA graphs, keep the fastest (a :class:`KernelPlan`).
+
+Rules, in the order :func:`plan_kernels` applies them:
+
+- A Triton kernel is used only after it has matched its torch reference on random data of the
+  model's shapes and dtype on this device (``||out - ref|| / ||ref||`` within the dtype's
+  rounding, every output written); a kernel that fails, or raises, is left out and the report
+  says so. The plan's default for every piece is the torch path the runner had before.
+- Timings are of CUDA graphs of several calls (no launch gaps), median of several replays, on
+  random data (never zeros), per shape the runner will run: the decode and mixed-step buckets.
+- After the graphs are captured, :func:`keep_faster_mixed_graphs` times each token bucket's
+  mixed step replayed against the same step run eagerly and keeps only the graphs that win.
+
+Every line of the report (checks, timings, choices) goes to the log and to ``plan.report``.
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from alise.worker import attention as ref
+from alise.worker.cuda_graphs import decode_buckets, token_buckets
+from alise.worker.kernel_plan import KernelPlan, blas_library, norm_params, rotate_half, torch_linear
+
+logger = logging.getLogger(__name__)
+
+#: ||out - ref|| / ||ref|| a kernel may show against its float32 reference, by dtype.
+TOLERANCE = {torch.float32: 2e-3, torch.float16: 3e-3, torch.bfloat16: 2e-2}
+#: Context of the decode rows in representative steps (clamped to the model's limit).
+CONTEXT = 512
+
+
+def graph_time_s(fn: Callable[[], object], calls: int = 5, reps: int = 5) -> float:
+    """Device seconds of one ``fn()``, from replays of a CUDA graph of ``calls`` calls."""
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    graph.replay()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3 / calls)
+    del graph
+    return statistics.median(times)
+
+
+def _us(seconds: list[float]) -> str:
+    return "/".join(f"{t * 1e6:.1f}" for t in seconds) + " us"
+
+
+def rel_error(out: torch.Tensor, expect: torch.Tensor) -> float:
+    if not torch.isfinite(out).all():
+        return float("inf")
+    return ((out.float() - expect.float()).norm() / expect.float().norm().clamp_min(1e-30)).item()
+
+
+class Planner:
+    """Builds the plan of one runner (see the module docstring)."""
+
+    def __init__(self, runner) -> None:
+        self.runner = runner
+        self.plan = KernelPlan()
+        self.dtype = runner.loaded.dtype
+        self.device = runner.device
+        self.tol = TOLERANCE[self.dtype]
+        shape = runner.kv_cache.shape
+        self.num_kv_heads, self.head_dim = shape.num_kv_heads, shape.head_dim
+        self.num_heads = runner.config.num_attention_heads
+        self.context = min(CONTEXT, runner.max_model_len - 1)
+
+    def note(self, line: str) -> None:
+        self.plan.report.append(line)
+        logger.info("kernel plan: %s", line)
+
+    def attempt(self, what: str, fn: Callable[[], object]) -> object:
+        try:
+            return fn()
+        except Exception as exc:  # a kernel that does not build or run here is left out
+            self.note(f"{what}: failed ({type(exc).__name__}: {str(exc)[:160]}); left out")
+            return None
+
+    def randn(self, *shape: int) -> torch.Tensor:
+        return torch.randn(*shape, device=self.device, dtype=self.dtype)
+
+    # ------------------------------------------------------------------ norms and rotary
+
+    def pick_norm(self) -> None:
+        from alise.worker.triton_fused import add_norm
+
+        layer = self.runner._layers[0]
+        norm = layer.input_layernorm if self.runner.loaded.family == "llama" else layer.self_attn_layer_norm
+        weight, bias, eps, rms = norm_params(norm)
+        if weight is None:
+            self.note("add_norm: the norm has no weight; torch")
+            return
+        x, d = self.randn(64, weight.shape[0]), self.randn(64, weight.shape[0])
+        total, out = add_norm(x, d, weight, bias, eps, rms=rms)
+        expect = x + d
+        h = expect.float()
+        if rms:
+            normed = (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)).to(self.dtype).float()
+            expect_out = weight.float() * normed
+        else:
+            expect_out = F.layer_norm(h, h.shape[-1:], weight.float(), bias.float() if bias is not None else None, eps)
+        err = max(rel_error(total, expect), rel_error(out, expect_out))
+        if err > self.tol:
+            self.note(f"add_norm: rel err {err:.1e} > {self.tol:.0e}; left out")
+            return
+        rows = [1, 64]
+        fused = [graph_time_s(lambda r=r: add_norm(x[:r], d[:r], weight, bias, eps, rms=rms)) for r in rows]
+        plain = [graph_time_s(lambda r=r: norm(x[:r] + d[:r])) for r in rows]
+        self.plan.fused_norm = all(f < p for f, p in zip(fused, plain))
+        self.note(f"add_norm (rel err {err:.1e}): rows {rows}: fused {_us(fused)} vs torch {_us(plain)} "
+                  f"-> {'fused' if self.plan.fused_norm else 'torch'}")
+
+    def pick_rope(self) -> None:
+        from alise.worker.triton_fused import rope_write_kv
+
+        if self.runner.loaded.family != "llama":
+            return
+        t, h, kvh, dim = 64, self.num_heads, self.num_kv_heads, self.head_dim
+        qkv = self.randn(t, h + 2 * kvh, dim)
+        q, k, v = qkv.split([h, kvh, kvh], dim=1)
+        cos, sin = self.runner._rope_cos[:t], self.runner._rope_sin[:t]
+        caches = [torch.zeros(-(-t // 16), 16, kvh, dim, device=self.device, dtype=self.dtype) for _ in range(4)]
+        slots = torch.randperm(caches[0].shape[0] * 16, device=self.device)[:t]
+        q_out = rope_write_kv(q, k, v, cos, sin, caches[0], caches[1], slots)
+        c, s = cos[:, None, :], sin[:, None, :]
+        q_ref, k_ref = q * c + rotate_half(q) * s, k * c + rotate_half(k) * s
+        ref.write_kv(caches[2], caches[3], k_ref, v, slots)
+        err = max(rel_error(q_out, q_ref), rel_error(caches[0], caches[2]), rel_error(caches[1], caches[3]))
+        if err > self.tol:
+            self.note(f"rope_write_kv: rel err {err:.1e} > {self.tol:.0e}; left out")
+            return
+        write = self.runner.attention_backend.write_kv
+
+        def plain(r: int) -> None:
+            cc, ss = cos[:r, None, :], sin[:r, None, :]
+            write(caches[2], caches[3], k[:r] * cc + rotate_half(k[:r]) * ss, v[:r], slots[:r])
+            return q[:r] * cc + rotate_half(q[:r]) * ss
+
+        rows = [1, 64]
+        fused = [graph_time_s(lambda r=r: rope_write_kv(q[:r], k[:r], v[:r], cos[:r], sin[:r], caches[0],
+                                                        caches[1], slots[:r])) for r in rows]
+        torch_t = [graph_time_s(lambda r=r: plain(r)) for r in rows]
+        self.plan.fused_rope = all(f < p for f, p in zip(fused, torch_t))
+        self.note(f"rope_write_kv (rel err {err:.1e}): rows {rows}: fused {_us(fused)} vs torch {_us(torch_t)} "
+                  f"-> {'fused' if self.plan.fused_rope else 'torch'}")
+
+    # ------------------------------------------------------------------ attention
+
+    def step_shape(self, num_tokens: int) -> list[tuple[int, int]]:
+        """(start_pos, rows) per sequence of a representative mixed step of ``num_tokens`` rows:
+        decode rows at the planning context beside one chunk that starts mid-sequence."""
+        runner = self.runner
+        decodes = max(0, min(runner.max_num_seqs - 1, num_tokens // 2))
+        chunk = num_tokens - decodes
+        start = max(0, min(256, runner.max_model_len - chunk))
+        return [(self.context, 1)] * decodes + [(start, chunk)]
+
+    def step_tensors(self, shape: list[tuple[int, int]]) -> dict:
+        """Unified-kernel arguments of ``shape`` over layer 0 of the runner's (random) cache."""
+        runner = self.runner
+        bs, num_blocks = runner.block_size, runner.num_blocks
+        width = max(-(-(s + n) // bs) for s, n in shape)
+        ids = torch.arange(len(shape) * width, device=self.device).view(len(shape), width) % num_blocks
+        starts = torch.tensor([0] + [n for _, n in shape], device=self.device).cumsum(0)
+        key_cache, value_cache = runner.kv_cache.layer(0)
+        return dict(query=self.randn(int(starts[-1]), self.num_heads, self.head_dim), key_cache=key_cache,
+                    value_cache=value_cache, block_tables=ids,
+                    seq_lens=torch.tensor([s + n for s, n in shape], device=self.device), query_start=starts,
+                    scale=self.head_dim ** -0.5)
+
+    def pick_unified(self) -> None:
+        from alise.worker import triton_unified
+
+        group = self.num_heads // self.num_kv_heads
+        check = self.step_tensors([(37, 1), (0, 70), (max(0, self.context - 40), 40), (3, 1)])
+        expect = ref.unified_attention(check["query"].float(), check["key_cache"].float(),
+                                       check["value_cache"].float(), check["block_tables"], check["seq_lens"],
+                                       check["query_start"], check["scale"])
+        passing = []
+        for config in triton_unified.CANDIDATES:
+            if config.block_m < group:
+                continue
+            out = torch.full_like(check["query"], float("nan"))
+            done = self.attempt(f"unified {config}", lambda c=config: triton_unified.unified_attention(
+                **check, config=c, out=out))
+            err = rel_error(out, expect) if done is not None else float("inf")
+            if err <= self.tol:
+                passing.append(config)
+            elif done is not None:
+                self.note(f"unified {config}: rel err {err:.1e} > {self.tol:.0e}; left out")
+        if not passing:
+            self.note("unified kernel: no configuration passed its check; prefill attention stays per chunk")
+            return
+        for tokens in token_buckets(max(2, self.runner.max_num_tokens or 512)):
+            case = self.step_tensors(self.step_shape(tokens))
+            times = {c: graph_time_s(lambda c=c: triton_unified.unified_attention(**case, config=c))
+                     for c in passing}
+            best = min(times, key=times.get)
+            self.plan.unified[tokens] = best
+            self.note(f"unified, {tokens} rows: best block_m={best.block_m} block_n={best.block_n} "
+                      f"warps={best.num_warps} stages={best.num_stages} {times[best] * 1e6:.1f} us (worst "
+                      f"{max(times.values()) * 1e6:.1f})")
+        self.pick_long_prompts(passing)
+
+    def pick_long_prompts(self, passing: list) -> None:
+        """Fresh prompts longer than the largest bucket: the unified kernel or flash SDPA."""
+        from alise.worker import triton_unified
+
+        length = min(2048, self.runner.max_model_len)
+        case = self.step_tensors([(0, length)])
+        config = self.plan.unified_config(length)
+        unified_s = graph_time_s(lambda: triton_unified.unified_attention(**case, config=config))
+        q = case["query"]
+        kv = self.randn(length, self.num_kv_heads, self.head_dim)
+        sdpa_s = graph_time_s(lambda: ref.fresh_prefill_attention(q, kv, kv, case["scale"]))
+        if sdpa_s < unified_s:
+            self.plan.unified_max_tokens = max(self.plan.unified)
+        self.note(f"fresh prompt of {length}: unified {unified_s * 1e6:.0f} us vs flash SDPA {sdpa_s * 1e6:.0f} us"
+                  f" -> steps above {self.plan.unified_max_tokens or 'no limit'} rows "
+                  f"{'per chunk' if self.plan.unified_max_tokens else 'unified too'}")
+
+    def pick_decode_splits(self) -> None:
+        from alise.worker import triton_attention
+
+        runner = self.runner
+        contexts = sorted({self.context, min(2048, runner.max_model_len - 1)})
+        for batch in decode_buckets(runner.max_num_seqs):
+            cases = []
+            for ctx in contexts:
+                case = self.step_tensors([(ctx - 1, 1)] * batch)
+                cases.append((case["query"], case["key_cache"], case["value_cache"], case["block_tables"],
+                              case["seq_lens"], case["scale"]))
+            default = triton_attention.choose_num_splits(batch, self.num_kv_heads,
+                                                         triton_attention._num_sms(self.device))
+            options = sorted({1, 2, 4, 8, 16, 32, default} if batch <= 8 else {1, 2, default})
+            times = {k: [graph_time_s(lambda a=a, k=k: triton_attention.decode_attention(*a, num_splits=k))
+                         for a in cases] for k in options}
+            best_each = [min(t[i] for t in times.values()) for i in range(len(contexts))]
+            best = min(options, key=lambda k: sum(t / b for t, b in zip(times[k], best_each)))
+            self.plan.decode_splits[batch] = best
+            self.note(f"decode splits, batch {batch} at contexts {contexts}: {best} ({_us(times[best])}; "
+                      f"heuristic {default}: {_us(times[default])})")
+
+    # ------------------------------------------------------------------ matmuls
+
+    def pick_linears(self) -> None:
+        from alise.worker import triton_fused
+
+        runner = self.runner
+        weights = runner._matmuls(0)
+        rows_all = sorted(set(decode_buckets(runner.max_num_seqs))
+                          | set(token_buckets(runner.max_num_tokens) if runner.max_num_tokens else ()))
+        skinny_ok = self.check_skinny(weights[0])
+        for name, weight, bias, relu in weights:
+            x = self.randn(max(rows_all), weight.shape[1])
+            for rows in rows_all:
+                key = (weight.shape[0], weight.shape[1], rows)
+                a = x[:rows]
+                times = {"cublas": graph_time_s(lambda: torch_linear(a, weight, bias, relu))}
+                with blas_library("cublaslt"):
+                    times["cublaslt"] = graph_time_s(lambda: torch_linear(a, weight, bias, relu))
+                if rows <= 16:
+                    for config in skinny_ok:
+                        times[config] = graph_time_s(lambda c=config: triton_fused.skinny_linear(
+                            a, weight, bias, relu=relu, config=c))
+                best = min(times, key=times.get)
+                if best != "cublas":
+                    self.plan.linear[key] = best
+                gbps = weight.numel() * weight.element_size() / times[best] / 1e9
+                self.note(f"matmul {name} {tuple(weight.shape)} x {rows} rows: {_label(best)} "
+                          f"{times[best] * 1e6:.1f} us ({gbps:.0f} GB/s of weights); cuBLAS {times['cublas'] * 1e6:.1f}")
+
+    def check_skinny(self, entry) -> list:
+        from alise.worker import triton_fused
+
+        name, weight, bias, relu = entry
+        ok = []
+        for config in triton_fused.SKINNY_CANDIDATES:
+            errs = []
+            for rows in (1, 16):
+                x = self.randn(rows, weight.shape[1])
+                out = self.attempt(f"skinny {config}", lambda c=config: triton_fused.skinny_linear(
+                    x, weight, bias, relu=relu, config=c))
+                expect = torch_linear(x.float(), weight.float(), None if bias is None else bias.float(), relu)
+                errs.append(float("inf") if out is None else rel_error(out, expect))
+            if max(errs) <= self.tol:
+                ok.append(config)
+            else:
+                self.note(f"skinny {config} on {name}: rel err {max(errs):.1e}; left out")
+        return ok
+
+
+def _label(choice) -> str:
+    return choice if isinstance(choice, str) else (f"triton skinny block_n={choice.block_n} block_k={choice.block_k} "
+                                                   f"warps={choice.num_warps} stages={choice.num_stages}")
+
+
+def plan_kernels(runner) -> KernelPlan:
+    """The plan for ``runner`` on its device (the default torch plan off CUDA)."""
+    planner = Planner(runner)
+    if runner.device.type != "cuda":
+        planner.note("no CUDA device: the torch path")
+        return planner.plan
+    start = time.perf_counter()
+    cache = runner.kv_cache
+    torch.manual_seed(0)
+    cache.key_cache[0].normal_()  # realistic data to time on, never zeros
+    cache.value_cache[0].normal_()
+    try:
+        with torch.inference_mode():
+            for step in (planner.pick_norm, planner.pick_unified, planner.pick_rope, planner.pick_decode_splits,
+                         planner.pick_linears):
+                planner.attempt(step.__name__, step)
+    finally:
+        cache.key_cache[0].zero_()  # the cache's invariant: never-written slots hold zeros
+        cache.value_cache[0].zero_()
+        torch.cuda.synchronize()
+    planner.note(f"planned in {time.perf_counter() - start:.1f} s")
+    return planner.plan
+
+
+def keep_faster_mixed_graphs(runner) -> None:
+    """Per token bucket, a representative mixed step replayed from its graph against the same step
+    eager; buckets where the graph does not win are dropped."""
+    from alise.worker.model_runner import SeqChunk
+
+    planner = Planner(runner)
+    graphs = runner.mixed_graphs
+    keep = []
+    bs = runner.block_size
+    runner.kv_cache.key_cache.normal_()  # realistic data to time on, zeroed again below
+    runner.kv_cache.value_cache.normal_()
+    for tokens in list(graphs.token_buckets):
+        shape = planner.step_shape(tokens)
+        width = -(-max(s + n for s, n in shape) // bs)
+        chunks = [SeqChunk([(7 * i + j) % runner.vocab_size for j in range(n)], s,
+                           [(i * width + k) % runner.num_blocks for k in range(width)])
+                  for i, (s, n) in enumerate(shape)]
+        graph_s = _wall_s(lambda: runner.execute(chunks).argmax(-1).tolist())
+        saved, runner.mixed_graphs = runner.mixed_graphs, None
+        eager_s = _wall_s(lambda: runner.execute(chunks).argmax(-1).tolist())
+        runner.mixed_graphs = saved
+        if graph_s < eager_s:
+            keep.append(tokens)
+        planner.note(f"mixed step of {tokens} rows ({len(shape) - 1} decodes + chunk of {shape[-1][1]}): graph "
+                     f"{graph_s * 1e3:.2f} ms vs eager {eager_s * 1e3:.2f} ms")
+    graphs.drop_tokens(keep)
+    runner.plan.mixed_graph_tokens = tuple(keep)
+    runner.kv_cache.key_cache.zero_()
+    runner.kv_cache.value_cache.zero_()
+    runner.plan.report.extend(planner.plan.report)
+    if not keep:
+        runner.mixed_graphs = None
+
+
+def _wall_s(fn: Callable[[], object], reps: int = 3) -> float:
+    fn()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
