@@ -69,10 +69,13 @@ def rel_error(out: torch.Tensor, expect: torch.Tensor) -> float:
 
 
 class Planner:
-    """Builds the plan of one runner (see the module docstring)."""
+    """Builds the plan of one runner (see the module docstring). ``timer(fn)`` gives the seconds of
+    one call of ``fn``: graph-timed on CUDA; a wall clock runs the same decisions on the CPU under
+    the Triton interpreter, which is how the tests exercise them."""
 
-    def __init__(self, runner) -> None:
+    def __init__(self, runner, timer: Callable[[Callable[[], object]], float] = graph_time_s) -> None:
         self.runner = runner
+        self.time = timer
         self.plan = KernelPlan()
         self.dtype = runner.loaded.dtype
         self.device = runner.device
@@ -121,8 +124,8 @@ class Planner:
             self.note(f"add_norm: rel err {err:.1e} > {self.tol:.0e}; left out")
             return
         rows = [1, 64]
-        fused = [graph_time_s(lambda r=r: add_norm(x[:r], d[:r], weight, bias, eps, rms=rms)) for r in rows]
-        plain = [graph_time_s(lambda r=r: norm(x[:r] + d[:r])) for r in rows]
+        fused = [self.time(lambda r=r: add_norm(x[:r], d[:r], weight, bias, eps, rms=rms)) for r in rows]
+        plain = [self.time(lambda r=r: norm(x[:r] + d[:r])) for r in rows]
         self.plan.fused_norm = all(f < p for f, p in zip(fused, plain))
         self.note(f"add_norm (rel err {err:.1e}): rows {rows}: fused {_us(fused)} vs torch {_us(plain)} "
                   f"-> {'fused' if self.plan.fused_norm else 'torch'}")
@@ -148,15 +151,15 @@ class Planner:
             return
         write = self.runner.attention_backend.write_kv
 
-        def plain(r: int) -> None:
+        def plain(r: int) -> torch.Tensor:
             cc, ss = cos[:r, None, :], sin[:r, None, :]
             write(caches[2], caches[3], k[:r] * cc + rotate_half(k[:r]) * ss, v[:r], slots[:r])
             return q[:r] * cc + rotate_half(q[:r]) * ss
 
         rows = [1, 64]
-        fused = [graph_time_s(lambda r=r: rope_write_kv(q[:r], k[:r], v[:r], cos[:r], sin[:r], caches[0],
+        fused = [self.time(lambda r=r: rope_write_kv(q[:r], k[:r], v[:r], cos[:r], sin[:r], caches[0],
                                                         caches[1], slots[:r])) for r in rows]
-        torch_t = [graph_time_s(lambda r=r: plain(r)) for r in rows]
+        torch_t = [self.time(lambda r=r: plain(r)) for r in rows]
         self.plan.fused_rope = all(f < p for f, p in zip(fused, torch_t))
         self.note(f"rope_write_kv (rel err {err:.1e}): rows {rows}: fused {_us(fused)} vs torch {_us(torch_t)} "
                   f"-> {'fused' if self.plan.fused_rope else 'torch'}")
@@ -210,7 +213,7 @@ class Planner:
             return
         for tokens in token_buckets(max(2, self.runner.max_num_tokens or 512)):
             case = self.step_tensors(self.step_shape(tokens))
-            times = {c: graph_time_s(lambda c=c: triton_unified.unified_attention(**case, config=c))
+            times = {c: self.time(lambda c=c: triton_unified.unified_attention(**case, config=c))
                      for c in passing}
             best = min(times, key=times.get)
             self.plan.unified[tokens] = best
@@ -226,10 +229,10 @@ class Planner:
         length = min(2048, self.runner.max_model_len)
         case = self.step_tensors([(0, length)])
         config = self.plan.unified_config(length)
-        unified_s = graph_time_s(lambda: triton_unified.unified_attention(**case, config=config))
+        unified_s = self.time(lambda: triton_unified.unified_attention(**case, config=config))
         q = case["query"]
         kv = self.randn(length, self.num_kv_heads, self.head_dim)
-        sdpa_s = graph_time_s(lambda: ref.fresh_prefill_attention(q, kv, kv, case["scale"]))
+        sdpa_s = self.time(lambda: ref.fresh_prefill_attention(q, kv, kv, case["scale"]))
         if sdpa_s < unified_s:
             self.plan.unified_max_tokens = max(self.plan.unified)
         self.note(f"fresh prompt of {length}: unified {unified_s * 1e6:.0f} us vs flash SDPA {sdpa_s * 1e6:.0f} us"
@@ -250,7 +253,7 @@ class Planner:
             default = triton_attention.choose_num_splits(batch, self.num_kv_heads,
                                                          triton_attention._num_sms(self.device))
             options = sorted({1, 2, 4, 8, 16, 32, default} if batch <= 8 else {1, 2, default})
-            times = {k: [graph_time_s(lambda a=a, k=k: triton_attention.decode_attention(*a, num_splits=k))
+            times = {k: [self.time(lambda a=a, k=k: triton_attention.decode_attention(*a, num_splits=k))
                          for a in cases] for k in options}
             best_each = [min(t[i] for t in times.values()) for i in range(len(contexts))]
             best = min(options, key=lambda k: sum(t / b for t, b in zip(times[k], best_each)))
@@ -273,12 +276,13 @@ class Planner:
             for rows in rows_all:
                 key = (weight.shape[0], weight.shape[1], rows)
                 a = x[:rows]
-                times = {"cublas": graph_time_s(lambda: torch_linear(a, weight, bias, relu))}
-                with blas_library("cublaslt"):
-                    times["cublaslt"] = graph_time_s(lambda: torch_linear(a, weight, bias, relu))
+                times = {"cublas": self.time(lambda: torch_linear(a, weight, bias, relu))}
+                if self.device.type == "cuda":
+                    with blas_library("cublaslt"):
+                        times["cublaslt"] = self.time(lambda: torch_linear(a, weight, bias, relu))
                 if rows <= 16:
                     for config in skinny_ok:
-                        times[config] = graph_time_s(lambda c=config: triton_fused.skinny_linear(
+                        times[config] = self.time(lambda c=config: triton_fused.skinny_linear(
                             a, weight, bias, relu=relu, config=c))
                 best = min(times, key=times.get)
                 if best != "cublas":
@@ -312,12 +316,14 @@ def _label(choice) -> str:
                                                    f"warps={choice.num_warps} stages={choice.num_stages}")
 
 
-def plan_kernels(runner) -> KernelPlan:
-    """The plan for ``runner`` on its device (the default torch plan off CUDA)."""
-    planner = Planner(runner)
-    if runner.device.type != "cuda":
-        planner.note("no CUDA device: the torch path")
-        return planner.plan
+def plan_kernels(runner, timer: Callable[[Callable[[], object]], float] | None = None) -> KernelPlan:
+    """The plan for ``runner`` on its device: graph-timed on CUDA; the default torch plan off CUDA
+    unless a ``timer`` is given (the interpreter tests)."""
+    if timer is None:
+        if runner.device.type != "cuda":
+            return KernelPlan(report=["no CUDA device: the torch path"])
+        timer = graph_time_s
+    planner = Planner(runner, timer)
     start = time.perf_counter()
     cache = runner.kv_cache
     torch.manual_seed(0)
@@ -331,9 +337,19 @@ def plan_kernels(runner) -> KernelPlan:
     finally:
         cache.key_cache[0].zero_()  # the cache's invariant: never-written slots hold zeros
         cache.value_cache[0].zero_()
-        torch.cuda.synchronize()
+        if runner.device.type == "cuda":
+            torch.cuda.synchronize()
     planner.note(f"planned in {time.perf_counter() - start:.1f} s")
     return planner.plan
+
+
+def wall_time_s(fn: Callable[[], object], reps: int = 1) -> float:
+    """Wall seconds of one ``fn()`` (after one untimed call): the CPU's stand-in for graph timing."""
+    fn()
+    start = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    return (time.perf_counter() - start) / reps
 
 
 def keep_faster_mixed_graphs(runner) -> None:
