@@ -313,6 +313,7 @@ class MixedGraphs:
                                   block_size=block_size, device=device)
         self.logits = torch.empty(max_seqs, vocab_size, dtype=dtype, device=device)
         self._graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
+        self.num_replays = 0  # steps served by a captured graph (a metric; the tests read it)
 
     def buckets(self) -> list[tuple[int, int]]:
         return [(t, s) for t in self.token_buckets for s in mixed_seq_buckets(t, self.max_seqs)]
@@ -371,6 +372,7 @@ class MixedGraphs:
         graph = self._graphs.get(bucket)
         if graph is not None:
             graph.replay()
+            self.num_replays += 1
         else:
             with torch.inference_mode():
                 self._step(bucket)

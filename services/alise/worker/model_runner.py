@@ -105,6 +105,9 @@ class ModelRunner(RunnerBase):
                                             dtype=loaded.dtype, device=loaded.device)
         self._head_dim = self.kv_cache.shape.head_dim
         self._scale = self._head_dim ** -0.5
+        if max_num_seqs < 1 or max_num_tokens < 0 or max_num_tokens == 1:
+            raise ValueError(f"max_num_seqs must be >= 1 and max_num_tokens 0 or >= 2, got {max_num_seqs} "
+                             f"and {max_num_tokens}")
         self.max_num_seqs = max_num_seqs
         self.max_num_tokens = max_num_tokens
         self.attention_backend = _pick_backend(attention_backend, self.device)

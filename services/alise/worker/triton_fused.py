@@ -56,8 +56,9 @@ class SkinnyConfig:
 SKINNY_CANDIDATES = (SkinnyConfig(32, 256, 4, 3), SkinnyConfig(16, 512, 4, 3), SkinnyConfig(64, 128, 4, 4),
                      SkinnyConfig(32, 512, 8, 3))
 
-#: Most rows :func:`skinny_linear` takes: past this a GEMM is no longer weight-bound.
-MAX_SKINNY_ROWS = 64
+#: Most rows :func:`skinny_linear` takes (decode batches up to 16; larger ones go to cuBLAS,
+#: whose tiles use the tensor cores better). The candidates' tiles fit shared memory up to here.
+MAX_SKINNY_ROWS = 16
 
 
 if triton is not None:

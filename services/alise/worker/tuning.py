@@ -280,7 +280,7 @@ class Planner:
                 if self.device.type == "cuda":
                     with blas_library("cublaslt"):
                         times["cublaslt"] = self.time(lambda: torch_linear(a, weight, bias, relu))
-                if rows <= 16:
+                if rows <= triton_fused.MAX_SKINNY_ROWS:
                     for config in skinny_ok:
                         times[config] = self.time(lambda c=config: triton_fused.skinny_linear(
                             a, weight, bias, relu=relu, config=c))
