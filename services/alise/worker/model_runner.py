@@ -12,9 +12,13 @@ block tables and positions; the runner trusts nothing and validates both.
 
 Fast path on CUDA: Q/K/V (and Llama's gate/up) projections run as one fused matmul each (the HF
 modules' weights become views into the fused tensor, so the HF model still works and shares
-them), attention uses the Triton backend, and pure-decode steps replay CUDA graphs captured per
-batch-size bucket (:mod:`alise.worker.cuda_graphs`). Mixed and prefill steps run eagerly. On
-the CPU the same code runs with the torch reference backend and no graphs.
+them), attention uses the Triton backend, and the layer ops follow a :class:`KernelPlan` chosen at
+start-up (:mod:`alise.worker.tuning`: residual add fused with the next norm, rotary fused with the
+page write, the matmul backend per shape, the decode kernel's split-K, the unified attention
+kernel for every step that is not all decodes). Pure-decode steps replay CUDA graphs captured per
+batch-size bucket and mixed steps (chunks at any position beside decodes) graphs per token and
+sequence bucket (:mod:`alise.worker.cuda_graphs`); longer steps run eagerly. On the CPU the same
+code runs with the torch reference backend, the default plan and no graphs.
 """
 
 from __future__ import annotations
@@ -23,7 +27,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch import nn
 
 from alise.worker.attention import (
     MIN_BATCHED_FRESH,
@@ -35,6 +38,7 @@ from alise.worker.attention import (
 )
 from alise.worker.cuda_graphs import DecodeGraphs, MixedGraphs
 from alise.worker.kernel_plan import KernelPlan, LayerOps
+from alise.worker.fused_weights import fuse_linears
 from alise.worker.kv_cache import KVCache
 from alise.worker.loader import LoadedModel
 
@@ -283,10 +287,11 @@ class ModelRunner(RunnerBase):
         layers = body.layers
         x = ops.add_norm(hidden, None, layers[0].input_layernorm)[1]
         for layer_idx, layer in enumerate(layers):
-            out = ops.linear(self._attend(layer_idx, x, meta, rope=rope), layer.self_attn.o_proj.weight)
+            o_proj = layer.self_attn.o_proj
+            out = ops.linear(self._attend(layer_idx, x, meta, rope=rope), o_proj.weight, o_proj.bias)
             hidden, x = ops.add_norm(hidden, out, layer.post_attention_layernorm)
             gate, up = ops.linear(x, *self._gate_up[layer_idx]).chunk(2, dim=-1)
-            down = ops.linear(layer.mlp.act_fn(gate) * up, layer.mlp.down_proj.weight)
+            down = ops.linear(layer.mlp.act_fn(gate) * up, layer.mlp.down_proj.weight, layer.mlp.down_proj.bias)
             nxt = layers[layer_idx + 1].input_layernorm if layer_idx + 1 < len(layers) else body.norm
             hidden, x = ops.add_norm(hidden, down, nxt)
         return x
@@ -318,8 +323,9 @@ class ModelRunner(RunnerBase):
         if self.loaded.family == "opt":
             return [qkv, ("out", layer.self_attn.out_proj.weight, layer.self_attn.out_proj.bias, False),
                     ("fc1", layer.fc1.weight, layer.fc1.bias, self._relu), ("fc2", layer.fc2.weight, layer.fc2.bias, False)]
-        return [qkv, ("o", layer.self_attn.o_proj.weight, None, False), ("gate_up", *self._gate_up[i], False),
-                ("down", layer.mlp.down_proj.weight, None, False)]
+        o_proj, down = layer.self_attn.o_proj, layer.mlp.down_proj
+        return [qkv, ("o", o_proj.weight, o_proj.bias, False), ("gate_up", *self._gate_up[i], False),
+                ("down", down.weight, down.bias, False)]
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """The LM head over rows of the final hidden states (``_forward``'s output); float32."""
@@ -367,43 +373,3 @@ def _pick_backend(name: str, device: torch.device) -> AttentionBackend:
     if name == "triton":
         raise ValueError(f"the triton attention backend needs Triton and a CUDA device, got {device}")
     return TORCH_BACKEND
-
-
-def fuse_linears(linears: list[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """One ``(weight, bias)`` computing all of ``linears`` at once, their outputs concatenated.
-
-    The modules' parameters become row views of the fused tensors, so memory is not doubled and
-    the HF model (which calls the modules one by one) keeps computing the same function. Already
-    fused modules (adjacent views of one storage) are reused as they are.
-    """
-    weights = [lin.weight for lin in linears]
-    biases = [lin.bias for lin in linears]
-    if any(b is None for b in biases) and not all(b is None for b in biases):
-        raise ValueError("cannot fuse linear layers where only some have a bias")
-    fused_weight = _adjacent_rows(weights)
-    fused_bias = None if biases[0] is None else _adjacent_rows(biases)
-    if fused_weight is None or (biases[0] is not None and fused_bias is None):
-        with torch.no_grad():
-            fused_weight = torch.cat([w.detach() for w in weights])
-            fused_bias = None if biases[0] is None else torch.cat([b.detach() for b in biases])
-        row = 0
-        for lin in linears:
-            rows = slice(row, row + lin.out_features)
-            lin.weight = nn.Parameter(fused_weight[rows], requires_grad=False)
-            if fused_bias is not None:
-                lin.bias = nn.Parameter(fused_bias[rows], requires_grad=False)
-            row += lin.out_features
-    return fused_weight, fused_bias
-
-
-def _adjacent_rows(tensors: list[torch.Tensor]) -> torch.Tensor | None:
-    """The tensors as one, when they already lie back to back in one storage; else None."""
-    first = tensors[0]
-    offset = first.storage_offset()
-    for t in tensors:
-        if (not t.is_contiguous() or t.untyped_storage().data_ptr() != first.untyped_storage().data_ptr()
-                or t.storage_offset() != offset or t.shape[1:] != first.shape[1:]):
-            return None
-        offset += t.numel()
-    shape = (sum(t.shape[0] for t in tensors), *first.shape[1:])
-    return first.detach().new_empty(0).set_(first.untyped_storage(), first.storage_offset(), shape)

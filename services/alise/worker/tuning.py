@@ -175,14 +175,22 @@ class Planner:
         start = max(0, min(256, runner.max_model_len - chunk))
         return [(self.context, 1)] * decodes + [(start, chunk)]
 
-    def step_tensors(self, shape: list[tuple[int, int]]) -> dict:
-        """Unified-kernel arguments of ``shape`` over layer 0 of the runner's (random) cache."""
+    def step_tensors(self, shape: list[tuple[int, int]], *, own_pages: bool = False) -> dict:
+        """Unified-kernel arguments of ``shape`` over layer 0 of the runner's (random) cache, or
+        over fresh random pages of just the blocks needed (``own_pages``: checks, whose float32
+        reference must not copy a whole cache layer)."""
         runner = self.runner
-        bs, num_blocks = runner.block_size, runner.num_blocks
+        bs = runner.block_size
         width = max(-(-(s + n) // bs) for s, n in shape)
-        ids = torch.arange(len(shape) * width, device=self.device).view(len(shape), width) % num_blocks
+        if own_pages:
+            num_blocks = len(shape) * width
+            key_cache = self.randn(num_blocks, bs, self.num_kv_heads, self.head_dim)
+            value_cache = self.randn(num_blocks, bs, self.num_kv_heads, self.head_dim)
+        else:
+            num_blocks = runner.num_blocks
+            key_cache, value_cache = runner.kv_cache.layer(0)
+        ids = torch.randperm(len(shape) * width, device=self.device).view(len(shape), width) % num_blocks
         starts = torch.tensor([0] + [n for _, n in shape], device=self.device).cumsum(0)
-        key_cache, value_cache = runner.kv_cache.layer(0)
         return dict(query=self.randn(int(starts[-1]), self.num_heads, self.head_dim), key_cache=key_cache,
                     value_cache=value_cache, block_tables=ids,
                     seq_lens=torch.tensor([s + n for s, n in shape], device=self.device), query_start=starts,
@@ -192,7 +200,7 @@ class Planner:
         from alise.worker import triton_unified
 
         group = self.num_heads // self.num_kv_heads
-        check = self.step_tensors([(37, 1), (0, 70), (max(0, self.context - 40), 40), (3, 1)])
+        check = self.step_tensors([(37, 1), (0, 70), (max(0, self.context - 40), 40), (3, 1)], own_pages=True)
         expect = ref.unified_attention(check["query"].float(), check["key_cache"].float(),
                                        check["value_cache"].float(), check["block_tables"], check["seq_lens"],
                                        check["query_start"], check["scale"])
