@@ -2,7 +2,7 @@
 # One call on the GPU machine (~5 minutes): the GPU tests (every kernel against its reference,
 # the engine against transformers teacher-forced, each kernel plan), then the engine before and
 # after the fused kernels in one process (issue 20's table, the mixed-step table, the kernel plan
-# start-up chose). Everything goes under $OUT; the short tables come last.
+# start-up chose, the new latency profile). Everything goes under $OUT; the short tables come last.
 #   bash bench/gpu/engine_check.sh            # TEST_S / BENCH_S: stage time limits in seconds
 set -uo pipefail
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
@@ -22,7 +22,7 @@ tests_rc=$?
 tests_s=$(( $(date +%s) - start ))
 start=$(date +%s)
 timeout "${BENCH_S:-330}" python3 bench/gpu/engine_compare.py --json "$OUT/engine_compare.json" \
-    > "$OUT/engine_compare.txt" 2>&1
+    --profile "$OUT/opt-13b-h200.json" > "$OUT/engine_compare.txt" 2>&1
 bench_rc=$?
 bench_s=$(( $(date +%s) - start ))
 echo "== GPU tests: rc $tests_rc in ${tests_s} s ($OUT/gpu_tests.txt)"

@@ -12,8 +12,9 @@ kernels checked and timed at start-up, mixed-step CUDA graphs). For each:
 - mixed steps: a decode batch (8/32/64 at context 512) alone and beside one chunk of
   64/128/256/512 tokens starting at position 256 (a later chunk of a prompt), graph and eager,
   with the expected cost ``decode step + chunk FLOPs / matmul rate``;
-- the after runner's kernel plan (what start-up checked, measured and chose) and where its decode
-  graphs' time goes (torch.profiler at batch 1 and 64).
+- the after runner's kernel plan (what start-up checked, measured and chose), where its decode
+  graphs' time goes (torch.profiler at batch 1 and 64), and with ``--profile PATH`` its latency
+  profile (alise.worker.profiler) for the scheduler and the simulator.
 
     PYTHONPATH=services:clients python3 bench/gpu/engine_compare.py --json $OUT/engine_compare.json
 """
@@ -124,6 +125,15 @@ def bench_runner(loaded, fig: dict, card: dict, label: str, kv_gib: float, args)
     out = dict(label=label, startup_s=startup_s, results=results,
                mixed=mixed_table(runner, fig, flops, label), plan=list(runner.plan.report),
                mixed_graph_tokens=list(runner.plan.mixed_graph_tokens))
+    if fast and args.profile:
+        from alise.worker.profiler import profile_runner, save_profile
+
+        start = time.perf_counter()
+        profile = profile_runner(runner, max_num_seqs=min(64, args.max_num_seqs),
+                                 command="bench/gpu/engine_compare.py --profile")
+        save_profile(profile, args.profile)
+        eb.log(f"profile: {profile.meta['num_samples']} points in {time.perf_counter() - start:.1f} s, fit mean rel "
+               f"error {profile.meta['fit_mean_rel_error']:.3f} -> {args.profile}")
     if fast and runner.decode_graphs is not None:
         try:
             out["breakdown"] = {b: eb.kernel_breakdown(runner, b) for b in (1, 64)}
@@ -169,6 +179,7 @@ def main() -> int:
     parser.add_argument("--kv-gib", type=float, default=40.0, help="KV cache per runner (0: free memory - 10 GiB)")
     parser.add_argument("--max-num-seqs", type=int, default=72, help="65 sequences: 64 decodes + a chunk")
     parser.add_argument("--max-num-tokens", type=int, default=576, help="largest mixed-step graph (64 decodes + 512)")
+    parser.add_argument("--profile", default="", help="also measure the after runner's latency profile into this file")
     parser.add_argument("--device", default="cuda", help="cpu: a smoke run of the script itself (--smoke)")
     parser.add_argument("--smoke", action="store_true", help="tiny model and sizes, to check the script")
     args = parser.parse_args()

@@ -114,6 +114,9 @@ def build_attention_metadata(start_positions: list[int], num_tokens: list[int], 
 
     if unified_config is not None and max(num_tokens) > 1:
         query_start = torch.tensor(row_starts + [len(seq_of_row)], dtype=torch.int64)
+        # Rows padded to a multiple of 16 blocks: the kernel is compiled per stride alignment, so
+        # every step then reuses one build (a new build stalls a step by seconds).
+        table = F.pad(table, (0, -width % 16))
         unified = UnifiedStep(query_start=query_start.to(device), block_tables=table.to(device),
                               seq_lens=torch.tensor(context_lens, dtype=torch.int64).to(device), config=unified_config)
         return AttentionMetadata(positions=positions.to(device), slot_mapping=slots.to(device), prefills=(),

@@ -73,8 +73,10 @@ if triton is not None:
     @triton.jit
     def _find_seq(query_start_ptr, tile, num_seqs, BLOCK_Q: tl.constexpr):
         """The last sequence whose first tile is <= ``tile``."""
-        lo = 0
-        hi = num_seqs
+        # Both bounds start as int32 tensors: a Python 0, or ``num_seqs`` specialized to a
+        # constant when it is 1, would change type when the loop reassigns them.
+        lo = tile * 0
+        hi = lo + num_seqs
         while lo < hi:
             mid = (lo + hi) // 2
             first_tile = tl.load(query_start_ptr + mid).to(tl.int32) // BLOCK_Q + mid

@@ -190,6 +190,8 @@ class Planner:
             num_blocks = runner.num_blocks
             key_cache, value_cache = runner.kv_cache.layer(0)
         ids = torch.randperm(len(shape) * width, device=self.device).view(len(shape), width) % num_blocks
+        # Padded to the graphs' table width: the kernels compile (and run) as they will in a step.
+        ids = F.pad(ids, (0, max(0, runner._table_width - width)))
         starts = torch.tensor([0] + [n for _, n in shape], device=self.device).cumsum(0)
         return dict(query=self.randn(int(starts[-1]), self.num_heads, self.head_dim), key_cache=key_cache,
                     value_cache=value_cache, block_tables=ids,
