@@ -65,10 +65,13 @@ def fused_cases(dtype: str, quick: bool):
            dict(NUM_HEADS=32, NUM_KV_HEADS=8, BLOCK_H=32, BLOCK_KV=8, HALF=64, BLOCK_HALF=64), dict(num_warps=4))
     configs = triton_fused.SKINNY_CANDIDATES[:1] if quick else triton_fused.SKINNY_CANDIDATES
     types = dict(x_ptr=ptr, w_ptr=ptr, bias_ptr=ptr, out_ptr=ptr, M="i32", N="i32", K="i32")
+    if quick:
+        configs = (*configs, next(c for c in triton_fused.SKINNY_CANDIDATES if c.vector))
     for c in configs:
         for relu in (False, True):
             yield (f"skinny relu={relu} {c}", triton_fused._skinny_kernel, types,
-                   dict(HAS_BIAS=True, RELU=relu, BLOCK_M=16, BLOCK_N=c.block_n, BLOCK_K=c.block_k, DOT_F32=False),
+                   dict(HAS_BIAS=True, RELU=relu, BLOCK_M=1 if c.vector else 16, BLOCK_N=c.block_n,
+                        BLOCK_K=c.block_k, DOT_F32=False, VECTOR=c.vector),
                    dict(num_warps=c.num_warps, num_stages=c.num_stages))
 
 

@@ -88,7 +88,7 @@ def test_skinny_linear(dtype: torch.dtype, n: int, k: int, relu: bool, with_bias
     # Every configuration on the first shape, the default on the others (each one is a compile).
     configs = triton_fused.SKINNY_CANDIDATES if n == 15360 else triton_fused.SKINNY_CANDIDATES[:1]
     for config in configs:
-        for rows in (1, 5, 16):
+        for rows in (1,) if config.vector else (1, 5, 16):
             x = torch.randn(rows, k, device="cuda").to(dtype)
             out = triton_fused.skinny_linear(x, weight, bias, relu=relu, config=config)
             expect = F.linear(x.float(), weight.float(), None if bias is None else bias.float())

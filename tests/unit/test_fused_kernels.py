@@ -90,8 +90,9 @@ def test_rope_write_kv_matches_the_torch_form(dtype: torch.dtype) -> None:
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=IDS)
 @pytest.mark.parametrize(("rows", "relu", "with_bias", "config"), [
-    (1, False, True, 0), (3, True, True, 1), (16, False, False, 2), (13, True, True, 3),
-], ids=["b1-bias", "b3-relu", "b16-nobias", "b13-bias-relu"])
+    (1, False, True, 0), (3, True, True, 1), (16, False, False, 2), (13, True, True, 3), (1, True, True, 4),
+    (1, False, False, 5),
+], ids=["b1-bias", "b3-relu", "b16-nobias", "b13-bias-relu", "b1-vector-relu", "b1-vector-nobias"])
 def test_skinny_linear_matches_f_linear(dtype: torch.dtype, rows: int, relu: bool, with_bias: bool,
                                         config: int) -> None:
     torch.manual_seed(rows)
@@ -110,5 +111,7 @@ def test_skinny_linear_matches_f_linear(dtype: torch.dtype, rows: int, relu: boo
 def test_skinny_linear_refuses_bad_shapes() -> None:
     with pytest.raises(ValueError, match="at most 16 rows"):
         fused.skinny_linear(torch.randn(17, 8), torch.randn(4, 8))
+    with pytest.raises(ValueError, match="a vector configuration takes one row"):
+        fused.skinny_linear(torch.randn(2, 8), torch.randn(4, 8), config=fused.SKINNY_CANDIDATES[4])
     with pytest.raises(ValueError, match="do not chain"):
         fused.skinny_linear(torch.randn(2, 8), torch.randn(4, 9))

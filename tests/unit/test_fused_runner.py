@@ -40,7 +40,8 @@ def fused_runner(loaded: LoadedModel) -> ModelRunner:
     runner = ModelRunner(loaded, num_blocks=NUM_BLOCKS, block_size=BLOCK_SIZE, max_num_seqs=8, max_num_tokens=32,
                          fast_kernels=False, use_cuda_graphs=False)
     runner.attention_backend = triton_attention.TRITON_BACKEND
-    skinny = {(w.shape[0], w.shape[1], rows): triton_fused.SKINNY_CANDIDATES[rows % 2]
+    vector = next(c for c in triton_fused.SKINNY_CANDIDATES if c.vector)
+    skinny = {(w.shape[0], w.shape[1], rows): vector if rows == 1 else triton_fused.SKINNY_CANDIDATES[rows % 2]
               for _, w, _, _ in runner._matmuls(0) for rows in range(1, 17)}
     runner.ops.plan = KernelPlan(fused_norm=True, fused_rope=True, linear=skinny,
                                  unified={16: triton_unified.CANDIDATES[0], 32: triton_unified.CANDIDATES[2]})

@@ -44,17 +44,21 @@ def _next_pow2(n: int) -> int:
 
 @dataclass(frozen=True)
 class SkinnyConfig:
-    """Launch configuration of :func:`skinny_linear`."""
+    """Launch configuration of :func:`skinny_linear`. ``vector``: one row only, multiply-adds into
+    a ``[block_n, block_k]`` register tile reduced once at the end, no tensor cores (a GEMV)."""
 
     block_n: int = 32
     block_k: int = 256
     num_warps: int = 4
     num_stages: int = 3
+    vector: bool = False
 
 
-#: Timed at start-up against cuBLAS per weight shape and row bucket (alise.worker.tuning).
+#: Timed at start-up against cuBLAS per weight shape and row bucket (alise.worker.tuning); the
+#: ``vector`` ones only for one row.
 SKINNY_CANDIDATES = (SkinnyConfig(32, 256, 4, 3), SkinnyConfig(16, 512, 4, 3), SkinnyConfig(64, 128, 4, 4),
-                     SkinnyConfig(32, 512, 8, 3))
+                     SkinnyConfig(32, 512, 8, 3), SkinnyConfig(16, 256, 4, 4, vector=True),
+                     SkinnyConfig(8, 512, 4, 3, vector=True))
 
 #: Most rows :func:`skinny_linear` takes (decode batches up to 16; larger ones go to cuBLAS,
 #: whose tiles use the tensor cores better). The candidates' tiles fit shared memory up to here.
@@ -136,25 +140,34 @@ if triton is not None:
 
     @triton.jit
     def _skinny_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_om,
-                       HAS_BIAS: tl.constexpr, RELU: tl.constexpr,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_F32: tl.constexpr):
+                       HAS_BIAS: tl.constexpr, RELU: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                       BLOCK_K: tl.constexpr, DOT_F32: tl.constexpr, VECTOR: tl.constexpr):
         pid = tl.program_id(0)
         offs_m = tl.arange(0, BLOCK_M)
         offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_k = tl.arange(0, BLOCK_K)
         m_mask = offs_m < M
         n_mask = offs_n < N
-        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn
-        for k0 in range(0, K, BLOCK_K):
-            k_mask = (k0 + offs_k) < K
-            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + k0 + offs_k[None, :],
-                        mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-            w = tl.load(w_rows + k0 + offs_k[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0)
-            if DOT_F32:
-                x = x.to(tl.float32)
-                w = w.to(tl.float32)
-            acc = tl.dot(x, tl.trans(w), acc)
+        if VECTOR:  # one row (BLOCK_M == 1): multiply-adds into a register tile, one reduction
+            part = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                k_mask = (k0 + offs_k) < K
+                x = tl.load(x_ptr + k0 + offs_k, mask=k_mask, other=0.0).to(tl.float32)
+                w = tl.load(w_rows + k0 + offs_k[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0)
+                part += w.to(tl.float32) * x[None, :]
+            acc = tl.sum(part, axis=1)[None, :]
+        else:
+            acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                k_mask = (k0 + offs_k) < K
+                x = tl.load(x_ptr + offs_m[:, None] * stride_xm + k0 + offs_k[None, :],
+                            mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+                w = tl.load(w_rows + k0 + offs_k[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0)
+                if DOT_F32:
+                    x = x.to(tl.float32)
+                    w = w.to(tl.float32)
+                acc = tl.dot(x, tl.trans(w), acc)
         if HAS_BIAS:
             acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
         if RELU:
@@ -220,14 +233,16 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     n = weight.shape[0]
     if num_rows > MAX_SKINNY_ROWS:
         raise ValueError(f"skinny_linear takes at most {MAX_SKINNY_ROWS} rows, got {num_rows}")
+    if config.vector and num_rows != 1:
+        raise ValueError(f"a vector configuration takes one row, got {num_rows}")
     if weight.shape[1] != k or x.stride(-1) != 1 or weight.stride(-1) != 1:
         raise ValueError(f"shapes {tuple(x.shape)} x {tuple(weight.shape)}.T do not chain with unit strides")
     out = torch.empty(num_rows, n, dtype=x.dtype, device=x.device)
     _skinny_kernel[(triton.cdiv(n, config.block_n),)](
         x, weight, bias if bias is not None else weight, out, num_rows, n, k, x.stride(0), weight.stride(0),
         out.stride(0), HAS_BIAS=bias is not None, RELU=relu,
-        BLOCK_M=max(16, _next_pow2(num_rows)), BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-        DOT_F32=INTERPRETED and x.dtype == torch.bfloat16,
+        BLOCK_M=1 if config.vector else max(16, _next_pow2(num_rows)), BLOCK_N=config.block_n,
+        BLOCK_K=config.block_k, DOT_F32=INTERPRETED and x.dtype == torch.bfloat16, VECTOR=config.vector,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return out

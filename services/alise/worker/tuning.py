@@ -291,7 +291,7 @@ class Planner:
                     with blas_library("cublaslt"):
                         times["cublaslt"] = self.time(lambda: torch_linear(a, weight, bias, relu))
                 if rows <= triton_fused.MAX_SKINNY_ROWS:
-                    for config in skinny_ok:
+                    for config in (c for c in skinny_ok if rows == 1 or not c.vector):
                         times[config] = self.time(lambda c=config: triton_fused.skinny_linear(
                             a, weight, bias, relu=relu, config=c))
                 best = min(times, key=times.get)
@@ -308,7 +308,7 @@ class Planner:
         ok = []
         for config in triton_fused.SKINNY_CANDIDATES:
             errs = []
-            for rows in (1, 16):
+            for rows in (1,) if config.vector else (1, 16):
                 x = self.randn(rows, weight.shape[1])
                 out = self.attempt(f"skinny {config}", lambda c=config: triton_fused.skinny_linear(
                     x, weight, bias, relu=relu, config=c))
