@@ -80,10 +80,13 @@ def decode_cases(dtype: str, quick: bool):
     cfg = triton_attention.DECODE_CONFIG
     types = dict(q_ptr=ptr, k_ptr=ptr, v_ptr=ptr, tables_ptr="*i64", lens_ptr="*i64", out_ptr=ptr,
                  part_acc_ptr="*fp32", part_ml_ptr="*fp32", scale_log2="fp32", num_heads="i32")
+    types["counters_ptr"] = "*i32"
     for splits in ((1, 8) if quick else (1, 2, 4, 8, 16, 32)):
-        yield (f"decode splits={splits}", triton_attention._paged_decode_kernel, types,
-               dict(BLOCK_SIZE=16, GROUP=1, BLOCK_G=16, HEAD_DIM=128, BLOCK_D=128, BLOCK_N=cfg["block_n"],
-                    NUM_SPLITS=splits, USE_DOT=True), dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]))
+        for fused in (False, True) if splits > 1 else (False,):
+            yield (f"decode splits={splits} fused_merge={fused}", triton_attention._paged_decode_kernel, types,
+                   dict(BLOCK_SIZE=16, GROUP=1, BLOCK_G=16, HEAD_DIM=128, BLOCK_D=128, BLOCK_N=cfg["block_n"],
+                        NUM_SPLITS=splits, USE_DOT=True, FUSED_MERGE=fused),
+                   dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]))
 
 
 def compile_one(fn, types: dict, const: dict, options: dict) -> dict:

@@ -75,7 +75,7 @@ class AttentionMetadata:
     is_all_decode: bool  # decode_rows is exactly 0..T-1, so no gather/scatter is needed
     fresh: FreshBatch | None = None  # fresh chunks batched together (not in ``prefills``)
     unified: UnifiedStep | None = None  # every sequence in one unified-kernel call (then no prefills)
-    decode_splits: int | None = None  # split-K ranges of the decode kernel (None: its heuristic)
+    decode_options: dict | None = None  # decode kernel options (num_splits, fused_merge); None: its defaults
 
 
 @dataclass(frozen=True)
@@ -295,9 +295,8 @@ def paged_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     if not kv_written:
         backend.write_kv(key_cache, value_cache, key, value, meta.slot_mapping)
     if meta.is_all_decode:
-        splits = {} if meta.decode_splits is None else {"num_splits": meta.decode_splits}
         return backend.decode_attention(query, key_cache, value_cache, meta.decode_block_tables,
-                                        meta.decode_context_lens, scale, **splits)
+                                        meta.decode_context_lens, scale, **(meta.decode_options or {}))
     if meta.unified is not None:
         u = meta.unified
         return backend.unified_attention(query, key_cache, value_cache, u.block_tables, u.seq_lens, u.query_start,

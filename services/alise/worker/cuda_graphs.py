@@ -109,28 +109,28 @@ class DecodeInputs:
         if self._uploaded is not None:
             self._uploaded.record()
 
-    def metadata(self, batch: int, num_splits: int | None = None) -> tuple[torch.Tensor, AttentionMetadata]:
+    def metadata(self, batch: int, options: dict | None = None) -> tuple[torch.Tensor, AttentionMetadata]:
         """``(input_ids, metadata)`` over the device buffer's first ``batch`` rows (static addresses)."""
         ids, positions, slots, lens, tables = self.split(self.device_buffer, batch)
         return ids, AttentionMetadata(positions=positions, slot_mapping=slots, prefills=(), decode_rows=None,
                                       decode_block_tables=tables, decode_context_lens=lens, is_all_decode=True,
-                                      decode_splits=num_splits)
+                                      decode_options=options)
 
 
 class DecodeGraphs:
     """Captured decode steps, one per bucket, sharing one memory pool.
 
     ``forward(input_ids, metadata)`` must return the float32 logits ``[batch, vocab]`` of a decode
-    step and use only capturable kernels (the Triton attention backend). ``splits_for(bucket)``
-    gives the decode kernel's split-K ranges for a bucket (None: the kernel's own heuristic).
+    step and use only capturable kernels (the Triton attention backend). ``options_for(bucket)``
+    gives the decode kernel's options for a bucket (split-K ranges, fused merge; None: defaults).
     """
 
     def __init__(self, forward: Callable[[torch.Tensor, AttentionMetadata], torch.Tensor], *, max_batch: int,
                  width: int, block_size: int, device: torch.device,
-                 splits_for: Callable[[int], int | None] = lambda bucket: None) -> None:
+                 options_for: Callable[[int], dict | None] = lambda bucket: None) -> None:
         self.forward = forward
         self.device = device
-        self.splits_for = splits_for
+        self.options_for = options_for
         self.buckets = decode_buckets(max_batch)
         self.inputs = DecodeInputs(max_batch=max_batch, width=width, block_size=block_size, device=device)
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
@@ -147,7 +147,7 @@ class DecodeGraphs:
         for bucket in reversed(self.buckets):
             self.inputs.fill([], bucket)
             self.inputs.upload()
-            ids, meta = self.inputs.metadata(bucket, self.splits_for(bucket))
+            ids, meta = self.inputs.metadata(bucket, self.options_for(bucket))
             side = torch.cuda.Stream(self.device)
             side.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(side), torch.inference_mode():
@@ -183,7 +183,7 @@ class DecodeGraphs:
             graph, logits = self._graphs[bucket]
             graph.replay()
         else:
-            ids, meta = self.inputs.metadata(bucket, self.splits_for(bucket))
+            ids, meta = self.inputs.metadata(bucket, self.options_for(bucket))
             with torch.inference_mode():
                 logits = self.forward(ids, meta)
         return logits[:len(chunks)].clone()

@@ -35,6 +35,8 @@ class KernelPlan:
     linear: dict[LinearKey, object] = field(default_factory=dict)
     #: Split-K ranges of the decode kernel by decode batch bucket; absent: its own heuristic.
     decode_splits: dict[int, int] = field(default_factory=dict)
+    #: Split-K partials merged by the last split in the same launch (no merge kernel).
+    fused_merge: bool = False
     #: Unified attention kernel config by token bucket (triton_unified.UnifiedConfig); empty: the
     #: unified kernel is off and prefill attention runs chunk by chunk.
     unified: dict[int, object] = field(default_factory=dict)
@@ -45,6 +47,12 @@ class KernelPlan:
     mixed_graph_tokens: tuple[int, ...] = ()
     #: What start-up checked, measured and chose, line by line (logged; printed by the benches).
     report: list[str] = field(default_factory=list)
+
+    def decode_options(self, batch: int) -> dict | None:
+        """Options of the decode kernel for a decode graph of ``batch`` sequences (None: defaults)."""
+        if batch not in self.decode_splits:
+            return None
+        return dict(num_splits=self.decode_splits[batch], fused_merge=self.fused_merge)
 
     def unified_config(self, num_tokens: int):
         """The unified kernel's config for a step of ``num_tokens`` rows (None: kernel off)."""

@@ -173,7 +173,7 @@ class ModelRunner(RunnerBase):
         """Static-buffer decode steps for up to ``max_num_seqs`` sequences (not yet captured)."""
         return DecodeGraphs(lambda ids, meta: self._logits(self._forward(ids, meta)), max_batch=max_num_seqs,
                             width=self._table_width, block_size=self.block_size, device=self.device,
-                            splits_for=self.plan.decode_splits.get)
+                            options_for=self.plan.decode_options)
 
     def make_mixed_graphs(self, tokens: list[int] | None = None) -> MixedGraphs:
         """Static-buffer mixed steps for up to ``max_num_tokens`` rows (not yet captured)."""

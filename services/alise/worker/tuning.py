@@ -271,6 +271,37 @@ class Planner:
             self.note(f"decode splits, batch {batch} at contexts {contexts}: {best} ({_us(times[best])}; "
                       f"heuristic {default}: {_us(times[default])})")
 
+    def pick_fused_merge(self) -> None:
+        """The merge inside the decode launch, where the chosen splits exceed one: checked on fresh
+        data several times (a missing ordering shows as an intermittent error), then timed."""
+        from alise.worker import triton_attention
+
+        batches = [b for b, k in self.plan.decode_splits.items() if k > 1]
+        if not batches:
+            self.note("fused merge: no decode bucket splits; nothing to merge")
+            return
+        errs, fused_t, plain_t = [], [], []
+        for batch in batches:
+            case = self.step_tensors([(self.context - 1, 1)] * batch)
+            args = (case["query"], case["key_cache"], case["value_cache"], case["block_tables"], case["seq_lens"],
+                    case["scale"])
+            k = self.plan.decode_splits[batch]
+            for _ in range(3):
+                args[0].normal_()
+                expect = triton_attention.decode_attention(*args, num_splits=k)
+                out = torch.full_like(expect, float("nan"))
+                triton_attention.decode_attention(*args, num_splits=k, out=out, fused_merge=True)
+                errs.append(rel_error(out, expect))
+            fused_t.append(self.time(lambda a=args, k=k: triton_attention.decode_attention(*a, num_splits=k,
+                                                                                          fused_merge=True)))
+            plain_t.append(self.time(lambda a=args, k=k: triton_attention.decode_attention(*a, num_splits=k)))
+        if max(errs) > self.tol:
+            self.note(f"fused merge: rel err {max(errs):.1e} against the merge kernel; left out")
+            return
+        self.plan.fused_merge = sum(fused_t) < sum(plain_t)
+        self.note(f"fused merge (batches {batches}, rel err {max(errs):.1e}): fused {_us(fused_t)} vs merge kernel "
+                  f"{_us(plain_t)} -> {'fused' if self.plan.fused_merge else 'merge kernel'}")
+
     # ------------------------------------------------------------------ matmuls
 
     def pick_linears(self) -> None:
@@ -342,7 +373,7 @@ def plan_kernels(runner, timer: Callable[[Callable[[], object]], float] | None =
     try:
         with torch.inference_mode():
             for step in (planner.pick_norm, planner.pick_unified, planner.pick_rope, planner.pick_decode_splits,
-                         planner.pick_linears):
+                         planner.pick_fused_merge, planner.pick_linears):
                 planner.attempt(step.__name__, step)
     finally:
         cache.key_cache[0].zero_()  # the cache's invariant: never-written slots hold zeros
