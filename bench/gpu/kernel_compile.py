@@ -59,6 +59,8 @@ def fused_cases(dtype: str, quick: bool):
         block = 1 << (cols - 1).bit_length()
         yield (f"add_norm {'rms' if rms else 'ln'} {cols}", triton_fused._add_norm_kernel, types,
                dict(HAS_DELTA=True, HAS_BIAS=not rms, RMS=rms, BLOCK=block), dict(num_warps=16))
+    yield ("silu_mul", triton_fused._silu_mul_kernel, dict(x_ptr=ptr, out_ptr=ptr, n_cols="i32"),
+           dict(BLOCK=1024), dict(num_warps=4))
     types = dict(q_ptr=ptr, k_ptr=ptr, v_ptr=ptr, cos_ptr=ptr, sin_ptr=ptr, slots_ptr="*i64", q_out_ptr=ptr,
                  k_cache_ptr=ptr, v_cache_ptr=ptr)
     yield ("rope_write_kv 32/8x128", triton_fused._rope_write_kernel, types,

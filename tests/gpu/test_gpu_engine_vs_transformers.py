@@ -110,7 +110,7 @@ def forced_plan(runner: ModelRunner) -> KernelPlan:
     matrix = [c for c in candidates if not c.vector]
     skinny = {(w.shape[0], w.shape[1], rows): candidates[-1] if rows == 1 else matrix[rows % len(matrix)]
               for _, w, _, _ in runner._matmuls(0) for rows in range(1, triton_fused.MAX_SKINNY_ROWS + 1)}
-    return KernelPlan(fused_norm=True, fused_rope=True, linear=skinny,
+    return KernelPlan(fused_norm=True, fused_rope=True, fused_silu=True, linear=skinny,
                       unified={t: configs[i % len(configs)] for i, t in enumerate(token_buckets(runner.max_num_tokens))})
 
 

@@ -96,3 +96,14 @@ def test_skinny_linear(dtype: torch.dtype, n: int, k: int, relu: bool, with_bias
             assert not out.isnan().any()
             err = relative_error(out, expect)
             assert err < TOLERANCE[dtype], f"{config} rows {rows}: rel err {err:.2e}"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp16", "bf16"])
+def test_silu_mul(dtype: torch.dtype) -> None:
+    torch.manual_seed(3)
+    gate_up = (torch.randn(40, 2 * 13824, device="cuda") * 3).to(dtype)  # Llama-13B's intermediate size
+    out = triton_fused.silu_mul(gate_up)
+    gate, up = gate_up.chunk(2, dim=-1)
+    assert not out.isnan().any()
+    assert relative_error(out, F.silu(gate).float() * up.float()) < TOLERANCE[dtype]
+

@@ -108,6 +108,18 @@ def test_skinny_linear_matches_f_linear(dtype: torch.dtype, rows: int, relu: boo
     assert relative_error(out, expect) < TOLERANCE[dtype]
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=IDS)
+def test_silu_mul_matches_torch(dtype: torch.dtype) -> None:
+    torch.manual_seed(9)
+    gate_up = (torch.randn(5, 2 * 1100) * 3).to(dtype)  # two column tiles, the second partial
+    out = fused.silu_mul(gate_up)
+    gate, up = gate_up.chunk(2, dim=-1)
+    expect = F.silu(gate.float()).to(dtype).float() * up.float()
+    assert out.shape == (5, 1100) and not out.isnan().any()
+    assert relative_error(out, expect) < TOLERANCE[dtype]
+    assert relative_error(out, F.silu(up.float()) * gate.float()) > 10 * TOLERANCE[dtype]  # halves swapped
+
+
 def test_skinny_linear_refuses_bad_shapes() -> None:
     with pytest.raises(ValueError, match="at most 16 rows"):
         fused.skinny_linear(torch.randn(17, 8), torch.randn(4, 8))

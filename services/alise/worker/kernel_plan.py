@@ -28,6 +28,8 @@ class KernelPlan:
 
     #: Residual add + norm as one Triton kernel (alise.worker.triton_fused.add_norm).
     fused_norm: bool = False
+    #: Llama's gated activation silu(gate) * up as one Triton kernel.
+    fused_silu: bool = False
     #: Llama's rotary + page write as one Triton kernel, in steps whose attention reads every key
     #: from the pages (decode and unified steps; see LayerOps.rope).
     fused_rope: bool = False
@@ -117,6 +119,15 @@ class LayerOps:
             return add_norm(hidden, delta, weight, bias, eps, rms=rms)
         total = hidden if delta is None else hidden + delta
         return total, norm(total)
+
+    def gated(self, gate_up: torch.Tensor, act_fn) -> torch.Tensor:
+        """Llama's ``act_fn(gate) * up`` of the fused gate/up output ``[T, 2 * I]``."""
+        if self.plan.fused_silu:
+            from alise.worker.triton_fused import silu_mul
+
+            return silu_mul(gate_up)
+        gate, up = gate_up.chunk(2, dim=-1)
+        return act_fn(gate) * up
 
     def rope(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cos: torch.Tensor,
              sin: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, slot_mapping: torch.Tensor,

@@ -23,6 +23,7 @@ code runs with the torch reference backend, the default plan and no graphs.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import numpy as np
@@ -41,6 +42,8 @@ from alise.worker.kernel_plan import KernelPlan, LayerOps
 from alise.worker.fused_weights import fuse_linears
 from alise.worker.kv_cache import KVCache
 from alise.worker.loader import LoadedModel
+
+logger = logging.getLogger(__name__)
 
 #: OPT's learned position table reserves its first two rows (a fairseq legacy).
 OPT_POSITION_OFFSET = 2
@@ -158,12 +161,24 @@ class ModelRunner(RunnerBase):
             self.decode_graphs = self.make_decode_graphs(max_num_seqs)
             pool = self.decode_graphs.capture()
             if self.ops.plan.unified and max_num_tokens:
-                self.mixed_graphs = self.make_mixed_graphs()
-                self.mixed_graphs.capture(pool)
-                if fast_kernels:
-                    from alise.worker.tuning import keep_faster_mixed_graphs
+                self._capture_mixed_graphs(pool, measure=fast_kernels)
 
-                    keep_faster_mixed_graphs(self)
+    def _capture_mixed_graphs(self, pool, *, measure: bool) -> None:
+        """Mixed-step graphs over the decode graphs' pool; with ``measure``, each token bucket kept
+        only where its graph matches and beats the eager step. A capture that fails leaves
+        mixed steps eager (the log says why)."""
+        try:
+            self.mixed_graphs = self.make_mixed_graphs()
+            self.mixed_graphs.capture(pool)
+        except Exception as exc:  # a fast path, never a reason not to serve
+            logger.warning("mixed-step graphs not captured (%s: %s); mixed steps run eagerly", type(exc).__name__, exc)
+            self.plan.report.append(f"mixed-step graphs: capture failed ({type(exc).__name__}); eager")
+            self.mixed_graphs = None
+            return
+        if measure:
+            from alise.worker.tuning import keep_faster_mixed_graphs
+
+            keep_faster_mixed_graphs(self)
 
     @property
     def plan(self) -> KernelPlan:
@@ -290,8 +305,8 @@ class ModelRunner(RunnerBase):
             o_proj = layer.self_attn.o_proj
             out = ops.linear(self._attend(layer_idx, x, meta, rope=rope), o_proj.weight, o_proj.bias)
             hidden, x = ops.add_norm(hidden, out, layer.post_attention_layernorm)
-            gate, up = ops.linear(x, *self._gate_up[layer_idx]).chunk(2, dim=-1)
-            down = ops.linear(layer.mlp.act_fn(gate) * up, layer.mlp.down_proj.weight, layer.mlp.down_proj.bias)
+            gated = ops.gated(ops.linear(x, *self._gate_up[layer_idx]), layer.mlp.act_fn)
+            down = ops.linear(gated, layer.mlp.down_proj.weight, layer.mlp.down_proj.bias)
             nxt = layers[layer_idx + 1].input_layernorm if layer_idx + 1 < len(layers) else body.norm
             hidden, x = ops.add_norm(hidden, down, nxt)
         return x

@@ -11,6 +11,8 @@ every kernel is tiny and launch-bound even inside a CUDA graph):
 - :func:`rope_write_kv` -- rotary positions (rotate-half form) on the query and key heads of one
   token, the rotated query to a new tensor and the rotated key plus the value straight into the
   token's page slot (a negative slot writes nowhere, like ``write_kv``).
+- :func:`silu_mul` -- Llama's gated activation ``silu(gate) * up`` of the fused gate/up output,
+  one pass instead of two kernels and a temporary.
 - :func:`skinny_linear` -- ``x @ weight.T (+ bias) (ReLU)`` for few rows: a program per
   ``BLOCK_N`` output features streams its weight rows once, so a decode step reads each weight
   byte once, with the bias and activation in the epilogue. Whether it beats
@@ -139,6 +141,17 @@ if triton is not None:
             tl.store(vdst + HALF, tl.load(vsrc + HALF, mask=kv_mask), mask=kv_mask)
 
     @triton.jit
+    def _silu_mul_kernel(x_ptr, out_ptr, n_cols, stride_x, stride_o, BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        mask = cols < n_cols
+        gate = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+        up = tl.load(x_ptr + row * stride_x + n_cols + cols, mask=mask, other=0.0).to(tl.float32)
+        ty = out_ptr.dtype.element_ty
+        act = (gate / (1.0 + tl.exp(-gate))).to(ty).to(tl.float32)  # rounded as F.silu's output is
+        tl.store(out_ptr + row * stride_o + cols, (act * up).to(ty), mask=mask)
+
+    @triton.jit
     def _skinny_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_om,
                        HAS_BIAS: tl.constexpr, RELU: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                        BLOCK_K: tl.constexpr, DOT_F32: tl.constexpr, VECTOR: tl.constexpr):
@@ -221,6 +234,20 @@ def rope_write_kv(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, c
         NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, BLOCK_H=_next_pow2(num_heads),
         BLOCK_KV=_next_pow2(num_kv_heads), HALF=half, BLOCK_HALF=_next_pow2(half), num_warps=4,
     )
+    return out
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up`` for ``gate_up [T, 2 * I]`` (gate first, as the fused projection lays
+    them out); returns ``[T, I]``."""
+    num_rows, width = gate_up.shape
+    if width % 2 or gate_up.stride(-1) != 1:
+        raise ValueError(f"silu_mul needs [T, 2 * I] rows with unit stride, got {tuple(gate_up.shape)}")
+    out = torch.empty(num_rows, width // 2, dtype=gate_up.dtype, device=gate_up.device)
+    if num_rows:
+        block = 1024
+        _silu_mul_kernel[(num_rows, triton.cdiv(width // 2, block))](
+            gate_up, out, width // 2, gate_up.stride(0), out.stride(0), BLOCK=block, num_warps=4)
     return out
 
 

@@ -130,6 +130,28 @@ class Planner:
         self.note(f"add_norm (rel err {err:.1e}): rows {rows}: fused {_us(fused)} vs torch {_us(plain)} "
                   f"-> {'fused' if self.plan.fused_norm else 'torch'}")
 
+    def pick_silu(self) -> None:
+        from alise.worker.triton_fused import silu_mul
+
+        runner = self.runner
+        if runner.loaded.family != "llama" or runner.config.hidden_act != "silu":
+            return
+        width = runner._gate_up[0][0].shape[0]
+        x = self.randn(64, width)
+        gate, up = x.float().chunk(2, dim=-1)
+        expect = F.silu(gate).to(self.dtype).float() * up
+        err = rel_error(silu_mul(x), expect)
+        if err > self.tol:
+            self.note(f"silu_mul: rel err {err:.1e} > {self.tol:.0e}; left out")
+            return
+        act = runner._layers[0].mlp.act_fn
+        rows = [1, 64]
+        fused = [self.time(lambda r=r: silu_mul(x[:r])) for r in rows]
+        plain = [self.time(lambda r=r: act(x[:r, :width // 2]) * x[:r, width // 2:]) for r in rows]
+        self.plan.fused_silu = all(f < p for f, p in zip(fused, plain))
+        self.note(f"silu_mul (rel err {err:.1e}): rows {rows}: fused {_us(fused)} vs torch {_us(plain)} "
+                  f"-> {'fused' if self.plan.fused_silu else 'torch'}")
+
     def pick_rope(self) -> None:
         from alise.worker.triton_fused import rope_write_kv
 
@@ -372,8 +394,8 @@ def plan_kernels(runner, timer: Callable[[Callable[[], object]], float] | None =
     cache.value_cache[0].normal_()
     try:
         with torch.inference_mode():
-            for step in (planner.pick_norm, planner.pick_unified, planner.pick_rope, planner.pick_decode_splits,
-                         planner.pick_fused_merge, planner.pick_linears):
+            for step in (planner.pick_norm, planner.pick_silu, planner.pick_unified, planner.pick_rope,
+                         planner.pick_decode_splits, planner.pick_fused_merge, planner.pick_linears):
                 planner.attempt(step.__name__, step)
     finally:
         cache.key_cache[0].zero_()  # the cache's invariant: never-written slots hold zeros
@@ -395,7 +417,8 @@ def wall_time_s(fn: Callable[[], object], reps: int = 1) -> float:
 
 def keep_faster_mixed_graphs(runner) -> None:
     """Per token bucket, a representative mixed step replayed from its graph against the same step
-    eager; buckets where the graph does not win are dropped."""
+    eager; buckets whose graph gives other logits (beyond the dtype's rounding) or does not win
+    are dropped."""
     from alise.worker.model_runner import SeqChunk
 
     planner = Planner(runner)
@@ -410,14 +433,17 @@ def keep_faster_mixed_graphs(runner) -> None:
         chunks = [SeqChunk([(7 * i + j) % runner.vocab_size for j in range(n)], s,
                            [(i * width + k) % runner.num_blocks for k in range(width)])
                   for i, (s, n) in enumerate(shape)]
+        graph_logits = runner.execute(chunks)
         graph_s = _wall_s(lambda: runner.execute(chunks).argmax(-1).tolist())
         saved, runner.mixed_graphs = runner.mixed_graphs, None
+        err = rel_error(graph_logits, runner.execute(chunks))
         eager_s = _wall_s(lambda: runner.execute(chunks).argmax(-1).tolist())
         runner.mixed_graphs = saved
-        if graph_s < eager_s:
+        if graph_s < eager_s and err <= planner.tol:
             keep.append(tokens)
         planner.note(f"mixed step of {tokens} rows ({len(shape) - 1} decodes + chunk of {shape[-1][1]}): graph "
-                     f"{graph_s * 1e3:.2f} ms vs eager {eager_s * 1e3:.2f} ms")
+                     f"{graph_s * 1e3:.2f} ms vs eager {eager_s * 1e3:.2f} ms, logits rel err {err:.1e}"
+                     + ("" if err <= planner.tol else " (too far: dropped)"))
     graphs.drop_tokens(keep)
     runner.plan.mixed_graph_tokens = tuple(keep)
     runner.kv_cache.key_cache.zero_()
