@@ -64,6 +64,10 @@ def build_preset(name: str, dtype: str, device: str) -> LoadedModel:
                        device=torch_device, dtype=torch_dtype)
 
 
+def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+
+
 def chunk_flops(fig: dict, n: int, start: int) -> float:
     """Matmul FLOPs of a chunk of ``n`` tokens after ``start`` cached ones (linear layers, causal
     attention over ``start + i + 1`` keys per query; the LM head row is in the decode step)."""
@@ -104,7 +108,19 @@ def mixed_table(runner: ModelRunner, fig: dict, flops_per_s: float, label: str) 
     return rows
 
 
-def bench_runner(loaded, fig: dict, card: dict, label: str, kv_gib: float, args) -> dict:
+def check_steps(runner: ModelRunner) -> list[list[SeqChunk]]:
+    """Steps whose logits the two runners must agree on: decode batch 8, and batch 8 beside a chunk."""
+    vocab, bs = runner.vocab_size, eb.BLOCK_SIZE
+    per_seq = -(-(eb.CONTEXT + 1) // bs)
+    decodes = [SeqChunk([(13 * i + 1) % vocab], eb.CONTEXT, list(range(i * per_seq, (i + 1) * per_seq)))
+               for i in range(8)]
+    n = CHUNKS[len(CHUNKS) // 2]
+    chunk = SeqChunk([(7 * i + 3) % vocab for i in range(n)], CHUNK_START,
+                     list(range(8 * per_seq, 8 * per_seq + -(-(CHUNK_START + n) // bs))))
+    return [decodes, decodes + [chunk]]
+
+
+def build_runner(loaded, label: str, kv_gib: float, args) -> tuple[ModelRunner, float]:
     kv_bytes = int(kv_gib * 2**30) if kv_gib else torch.cuda.mem_get_info()[0] - (10 << 30)
     num_blocks = KVCache.num_blocks_for_budget(loaded.config, eb.BLOCK_SIZE, loaded.dtype, kv_bytes)
     start = time.perf_counter()
@@ -113,37 +129,49 @@ def bench_runner(loaded, fig: dict, card: dict, label: str, kv_gib: float, args)
                          max_num_tokens=args.max_num_tokens if fast else 0, fast_kernels=fast)
     startup_s = time.perf_counter() - start
     eb.log(f"{label}: {num_blocks} KV blocks, start-up (planning + graph capture) {startup_s:.1f} s")
+    torch.manual_seed(1)  # the same random K/V in both runners' caches (same size)
     runner.kv_cache.key_cache.normal_()
     runner.kv_cache.value_cache.normal_()
+    return runner, startup_s
+
+
+def bench_runner(runner: ModelRunner, startup_s: float, fig: dict, card: dict, label: str) -> dict:
+    with torch.inference_mode():
+        logits = [runner.execute(step).cpu() for step in check_steps(runner)]  # before any other step
     results: dict = {}
-    bw, flops = card["copy_bytes_per_s"], card["matmul_flops_per_s"]["bf16" if loaded.dtype == torch.bfloat16 else "fp16"]
+    dtype = runner.loaded.dtype
+    bw, flops = card["copy_bytes_per_s"], card["matmul_flops_per_s"]["bf16" if dtype == torch.bfloat16 else "fp16"]
     for n in eb.PREFILL_LENS:
         results[f"prefill_{n}"] = dict(floor_s=eb.prefill_flops(fig, n) / flops)
     for batch in eb.DECODE_BATCHES:
         results[f"decode_{batch}"] = dict(floor_s=eb.decode_bytes(fig, batch, eb.CONTEXT) / bw)
     eb.bench_engine(runner, results)
-    out = dict(label=label, startup_s=startup_s, results=results,
+    out = dict(label=label, startup_s=startup_s, results=results, logits=logits,
                mixed=mixed_table(runner, fig, flops, label), plan=list(runner.plan.report),
                mixed_graph_tokens=list(runner.plan.mixed_graph_tokens))
-    if fast and args.profile:
-        from alise.worker.profiler import profile_runner, save_profile
-
-        start = time.perf_counter()
-        profile = profile_runner(runner, max_num_seqs=min(64, args.max_num_seqs),
-                                 command="bench/gpu/engine_compare.py --profile")
-        save_profile(profile, args.profile)
-        eb.log(f"profile: {profile.meta['num_samples']} points in {time.perf_counter() - start:.1f} s, fit mean rel "
-               f"error {profile.meta['fit_mean_rel_error']:.3f} -> {args.profile}")
-    if fast and runner.decode_graphs is not None:
+    if label == "after" and runner.decode_graphs is not None:
         try:
             out["breakdown"] = {b: eb.kernel_breakdown(runner, b) for b in (1, 64)}
         except Exception as exc:  # a diagnostic; never lose the run to it
             eb.log(f"kernel breakdown failed: {exc!r}")
+    return out
+
+
+def free(runner: ModelRunner) -> None:
     del runner
     gc.collect()  # the runner and its graphs' closures form a cycle; free the KV cache now
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    return out
+
+
+def profile(runner: ModelRunner, path: str, args) -> None:
+    from alise.worker.profiler import profile_runner, save_profile
+
+    start = time.perf_counter()
+    model = profile_runner(runner, max_num_seqs=min(64, args.max_num_seqs), command="bench/gpu/engine_compare.py --profile")
+    save_profile(model, path)
+    eb.log(f"profile: {model.meta['num_samples']} points in {time.perf_counter() - start:.1f} s, fit mean rel "
+           f"error {model.meta['fit_mean_rel_error']:.3f} -> {path}")
 
 
 def tables(runs: list[dict]) -> str:
@@ -194,14 +222,23 @@ def main() -> int:
            + ", ".join(f"{k} {v / 1e12:.0f} TFLOP/s" for k, v in card["matmul_flops_per_s"].items()))
     loaded = build_preset(args.model, args.dtype, args.device)
     fig = eb.model_figures(loaded)
-    runs = [bench_runner(loaded, fig, card, label, args.kv_gib, args) for label in ("before", "after")]
+    runner, startup_s = build_runner(loaded, "before", args.kv_gib, args)
+    runs = [bench_runner(runner, startup_s, fig, card, "before")]
+    free(runner)
+    runner, startup_s = build_runner(loaded, "after", args.kv_gib, args)
+    runs.append(bench_runner(runner, startup_s, fig, card, "after"))
     for line in runs[1]["plan"]:
         eb.log(f"plan: {line}")
-    report = tables(runs)
+    agreement = [rel_error(a, b) for a, b in zip(runs[1].pop("logits"), runs[0].pop("logits"))]
     Path(args.json).write_text(json.dumps(dict(date=datetime.date.today().isoformat(), command=" ".join(sys.argv),
                                                card=card, model=args.model, dtype=args.dtype, figures=fig,
-                                               runs=runs), indent=2, default=str))
-    eb.log(report)
+                                               logits_rel_err_after_vs_before=agreement, runs=runs),
+                                          indent=2, default=str))
+    eb.log(tables(runs))
+    eb.log(f"logits after vs before, ||a - b|| / ||b||: decode batch 8 {agreement[0]:.1e}, + chunk "
+           f"{agreement[1]:.1e} (fp16 rounding of a 40-layer model: ~1e-3)")
+    if args.profile:  # last: the tables are out even if the stage's time runs out here
+        profile(runner, args.profile, args)
     return 0
 
 

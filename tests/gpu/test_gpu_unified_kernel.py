@@ -18,6 +18,11 @@ import pytest
 import torch
 from kernelcases import make_step, reference, relative_error
 
+# Before any kernel module is imported: on a machine without CUDA the interpreter tests of
+# tests/unit import them (compiled for the interpreter) in this same process.
+if not torch.cuda.is_available():
+    pytest.skip("needs a CUDA device", allow_module_level=True)
+
 triton_attention = pytest.importorskip("alise.worker.triton_attention")
 pytestmark = pytest.mark.skipif(not triton_attention.is_available(), reason="needs CUDA and Triton")
 from alise.worker import triton_unified  # noqa: E402
