@@ -8,9 +8,10 @@ CUDA graphs (batch 5 or 6 in the 8-bucket: padding rows too). Three kernel plans
 - ``torch-plan``: no start-up planning (cuBLAS, torch norms, per-chunk prefill attention, mixed
   steps eager): the runner as it was before the fused kernels;
 - ``tuned``: the plan the runner picks on this device at start-up (whatever it keeps), on Llama bf16;
-- ``all-fast``: every fused kernel forced on (add + norm, rotary + page write, skinny matmuls up
-  to 16 rows, the unified kernel) and every mixed step replayed from a mixed-step graph, so each
-  kernel and graph path is checked whatever the timings chose.
+- ``all-fast``: every fused kernel forced on (add + norm, rotary + page write, SiLU-and-multiply,
+  skinny matmuls up to 16 rows, split-K decode with the merge in the launch, the unified kernel)
+  and every mixed step replayed from a mixed-step graph, so each kernel and graph path is checked
+  whatever the timings chose.
 
 With random weights greedy tokens flip on near-ties, so logits are compared: at every step and
 position, ``max |ours - ref32|`` against the float32 transformers forward must stay within what
@@ -115,7 +116,9 @@ def forced_plan(runner: ModelRunner) -> KernelPlan:
     matrix = [c for c in candidates if not c.vector]
     skinny = {(w.shape[0], w.shape[1], rows): candidates[-1] if rows == 1 else matrix[rows % len(matrix)]
               for _, w, _, _ in runner._matmuls(0) for rows in range(1, triton_fused.MAX_SKINNY_ROWS + 1)}
+    # Split-K with the merge in the launch at decode batches 1 and 2 (the schedule's last steps).
     return KernelPlan(fused_norm=True, fused_rope=True, fused_silu=True, linear=skinny,
+                      decode_splits={1: 8, 2: 4}, fused_merge=True,
                       unified={t: configs[i % len(configs)] for i, t in enumerate(token_buckets(runner.max_num_tokens))})
 
 
