@@ -17,12 +17,17 @@ Each layer first writes the new tokens' K/V into the pages (:func:`write_kv`), t
   36.1 ms batched vs 43.6 one by one, 8 prompts of 32 23.3 vs 27.7. On the CPU the padded
   call measured slower than the loop, so there it is off.
 
+Where the runner's kernel plan has the unified kernel (CUDA), a step that is not all decodes
+instead runs as one call over every sequence (:class:`UnifiedStep`; the contract and its
+reference are :func:`unified_attention`, the kernel :mod:`alise.worker.triton_unified`), every
+key read from the pages.
+
 Everything layer-independent (slots, positions, padded block tables, masks) is computed once per
 step in :func:`build_attention_metadata` and shared by all layers.
 
-The page write and the decode attention are pluggable (:class:`AttentionBackend`): this module's
-torch functions are the reference and the CPU path; :mod:`alise.worker.triton_attention` provides
-fused CUDA kernels with the same contracts.
+The page write, the decode attention and the unified attention are pluggable
+(:class:`AttentionBackend`): this module's torch functions are the reference and the CPU path;
+:mod:`alise.worker.triton_attention` provides fused CUDA kernels with the same contracts.
 """
 
 from __future__ import annotations
