@@ -18,7 +18,6 @@ Every line of the report (checks, timings, choices) goes to the log and to ``pla
 from __future__ import annotations
 
 import logging
-import statistics
 import time
 from collections.abc import Callable
 
@@ -28,6 +27,7 @@ import torch.nn.functional as F
 from alise.worker import attention as ref
 from alise.worker.cuda_graphs import decode_buckets, token_buckets
 from alise.worker.kernel_plan import KernelPlan, blas_library, norm_params, rotate_half, torch_linear
+from alise.worker.timing import fmt_us, graph_time_s, median_wall_s, rel_error
 
 logger = logging.getLogger(__name__)
 
@@ -35,37 +35,6 @@ logger = logging.getLogger(__name__)
 TOLERANCE = {torch.float32: 2e-3, torch.float16: 3e-3, torch.bfloat16: 2e-2}
 #: Context of the decode rows in representative steps (clamped to the model's limit).
 CONTEXT = 512
-
-
-def graph_time_s(fn: Callable[[], object], calls: int = 5, reps: int = 5) -> float:
-    """Device seconds of one ``fn()``, from replays of a CUDA graph of ``calls`` calls."""
-    fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            fn()
-    graph.replay()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3 / calls)
-    del graph
-    return statistics.median(times)
-
-
-def _us(seconds: list[float]) -> str:
-    return "/".join(f"{t * 1e6:.1f}" for t in seconds) + " us"
-
-
-def rel_error(out: torch.Tensor, expect: torch.Tensor) -> float:
-    if not torch.isfinite(out).all():
-        return float("inf")
-    return ((out.float() - expect.float()).norm() / expect.float().norm().clamp_min(1e-30)).item()
 
 
 class Planner:
@@ -127,7 +96,7 @@ class Planner:
         fused = [self.time(lambda r=r: add_norm(x[:r], d[:r], weight, bias, eps, rms=rms)) for r in rows]
         plain = [self.time(lambda r=r: norm(x[:r] + d[:r])) for r in rows]
         self.plan.fused_norm = all(f < p for f, p in zip(fused, plain))
-        self.note(f"add_norm (rel err {err:.1e}): rows {rows}: fused {_us(fused)} vs torch {_us(plain)} "
+        self.note(f"add_norm (rel err {err:.1e}): rows {rows}: fused {fmt_us(fused)} vs torch {fmt_us(plain)} "
                   f"-> {'fused' if self.plan.fused_norm else 'torch'}")
 
     def pick_silu(self) -> None:
@@ -149,7 +118,7 @@ class Planner:
         fused = [self.time(lambda r=r: silu_mul(x[:r])) for r in rows]
         plain = [self.time(lambda r=r: act(x[:r, :width // 2]) * x[:r, width // 2:]) for r in rows]
         self.plan.fused_silu = all(f < p for f, p in zip(fused, plain))
-        self.note(f"silu_mul (rel err {err:.1e}): rows {rows}: fused {_us(fused)} vs torch {_us(plain)} "
+        self.note(f"silu_mul (rel err {err:.1e}): rows {rows}: fused {fmt_us(fused)} vs torch {fmt_us(plain)} "
                   f"-> {'fused' if self.plan.fused_silu else 'torch'}")
 
     def pick_rope(self) -> None:
@@ -183,7 +152,7 @@ class Planner:
                                                         caches[1], slots[:r])) for r in rows]
         torch_t = [self.time(lambda r=r: plain(r)) for r in rows]
         self.plan.fused_rope = all(f < p for f, p in zip(fused, torch_t))
-        self.note(f"rope_write_kv (rel err {err:.1e}): rows {rows}: fused {_us(fused)} vs torch {_us(torch_t)} "
+        self.note(f"rope_write_kv (rel err {err:.1e}): rows {rows}: fused {fmt_us(fused)} vs torch {fmt_us(torch_t)} "
                   f"-> {'fused' if self.plan.fused_rope else 'torch'}")
 
     # ------------------------------------------------------------------ attention
@@ -290,8 +259,8 @@ class Planner:
             best_each = [min(t[i] for t in times.values()) for i in range(len(contexts))]
             best = min(options, key=lambda k: sum(t / b for t, b in zip(times[k], best_each)))
             self.plan.decode_splits[batch] = best
-            self.note(f"decode splits, batch {batch} at contexts {contexts}: {best} ({_us(times[best])}; "
-                      f"heuristic {default}: {_us(times[default])})")
+            self.note(f"decode splits, batch {batch} at contexts {contexts}: {best} ({fmt_us(times[best])}; "
+                      f"heuristic {default}: {fmt_us(times[default])})")
 
     def pick_fused_merge(self) -> None:
         """The merge inside the decode launch, where the chosen splits exceed one: checked on fresh
@@ -321,8 +290,8 @@ class Planner:
             self.note(f"fused merge: rel err {max(errs):.1e} against the merge kernel; left out")
             return
         self.plan.fused_merge = sum(fused_t) < sum(plain_t)
-        self.note(f"fused merge (batches {batches}, rel err {max(errs):.1e}): fused {_us(fused_t)} vs merge kernel "
-                  f"{_us(plain_t)} -> {'fused' if self.plan.fused_merge else 'merge kernel'}")
+        self.note(f"fused merge (batches {batches}, rel err {max(errs):.1e}): fused {fmt_us(fused_t)} vs merge kernel "
+                  f"{fmt_us(plain_t)} -> {'fused' if self.plan.fused_merge else 'merge kernel'}")
 
     # ------------------------------------------------------------------ matmuls
 
@@ -406,15 +375,6 @@ def plan_kernels(runner, timer: Callable[[Callable[[], object]], float] | None =
     return planner.plan
 
 
-def wall_time_s(fn: Callable[[], object], reps: int = 1) -> float:
-    """Wall seconds of one ``fn()`` (after one untimed call): the CPU's stand-in for graph timing."""
-    fn()
-    start = time.perf_counter()
-    for _ in range(reps):
-        fn()
-    return (time.perf_counter() - start) / reps
-
-
 def keep_faster_mixed_graphs(runner) -> None:
     """Per token bucket, a representative mixed step replayed from its graph against the same step
     eager; buckets whose graph gives other logits (beyond the dtype's rounding) or does not win
@@ -434,10 +394,10 @@ def keep_faster_mixed_graphs(runner) -> None:
                            [(i * width + k) % runner.num_blocks for k in range(width)])
                   for i, (s, n) in enumerate(shape)]
         graph_logits = runner.execute(chunks)
-        graph_s = _wall_s(lambda: runner.execute(chunks).argmax(-1).tolist())
+        graph_s = median_wall_s(lambda: runner.execute(chunks).argmax(-1).tolist())
         saved, runner.mixed_graphs = runner.mixed_graphs, None
         err = rel_error(graph_logits, runner.execute(chunks))
-        eager_s = _wall_s(lambda: runner.execute(chunks).argmax(-1).tolist())
+        eager_s = median_wall_s(lambda: runner.execute(chunks).argmax(-1).tolist())
         runner.mixed_graphs = saved
         if graph_s < eager_s and err <= planner.tol:
             keep.append(tokens)
@@ -451,13 +411,3 @@ def keep_faster_mixed_graphs(runner) -> None:
     runner.plan.report.extend(planner.plan.report)
     if not keep:
         runner.mixed_graphs = None
-
-
-def _wall_s(fn: Callable[[], object], reps: int = 3) -> float:
-    fn()
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
