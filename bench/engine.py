@@ -222,8 +222,12 @@ def model_figures(loaded) -> dict:
     cfg = loaded.config
     params = {id(p): p for p in loaded.model.parameters()}.values()  # tied weights once
     weight_bytes = sum(p.numel() * p.element_size() for p in params)
-    hidden, layers, ffn = cfg.hidden_size, cfg.num_hidden_layers, cfg.ffn_dim
-    linear_params = layers * (4 * hidden * hidden + 2 * hidden * ffn)
+    hidden, layers = cfg.hidden_size, cfg.num_hidden_layers
+    if loaded.family == "opt":
+        linear_params = layers * (4 * hidden * hidden + 2 * hidden * cfg.ffn_dim)
+    else:  # grouped K/V projections, gate + up + down
+        kv = cfg.num_key_value_heads * (hidden // cfg.num_attention_heads)
+        linear_params = layers * (2 * hidden * hidden + 2 * hidden * kv + 3 * hidden * cfg.intermediate_size)
     kv_bytes_per_token = KVCache.block_bytes(cfg, 1, loaded.dtype)
     return dict(weight_bytes=weight_bytes, linear_params=linear_params, kv_bytes_per_token=kv_bytes_per_token,
                 hidden=hidden, layers=layers, vocab=cfg.vocab_size)

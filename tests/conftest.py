@@ -6,6 +6,13 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# Without a GPU, the worker's Triton kernels are tested under the Triton interpreter; it must be
+# on before anything imports triton (importing the worker service does), or triton's own helper
+# functions are built for compilation and the interpreted kernels cannot call them.
+import torch  # noqa: E402
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 sys.path.insert(0, str(Path(__file__).parent))
 
 

@@ -1,9 +1,17 @@
-"""The fast GPU runner (Triton attention, CUDA-graph decode) against transformers, same weights.
+"""The fast GPU runner (Triton attention, CUDA graphs) against transformers, same weights.
 
 Six sequences share a batch: prompts of different lengths prefilled together, one prefilled in
 two chunks beside decodes, one leaving early, one joining late; then teacher-forced decode
 (the next true token is fed whatever was predicted) for 64 steps each. Pure-decode steps replay
-CUDA graphs (batch 5 or 6 in the 8-bucket: padding rows too), mixed steps run eagerly.
+CUDA graphs (batch 5 or 6 in the 8-bucket: padding rows too). Three kernel plans:
+
+- ``torch-plan``: no start-up planning (cuBLAS, torch norms, per-chunk prefill attention, mixed
+  steps eager): the runner as it was before the fused kernels;
+- ``tuned``: the plan the runner picks on this device at start-up (whatever it keeps), on Llama bf16;
+- ``all-fast``: every fused kernel forced on (add + norm, rotary + page write, SiLU-and-multiply,
+  skinny matmuls up to 16 rows, split-K decode with the merge in the launch, the unified kernel)
+  and every mixed step replayed from a mixed-step graph, so each kernel and graph path is checked
+  whatever the timings chose.
 
 With random weights greedy tokens flip on near-ties, so logits are compared: at every step and
 position, ``max |ours - ref32|`` against the float32 transformers forward must stay within what
@@ -20,6 +28,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, OPTConfig
 
+# Before any kernel module is imported: on a machine without CUDA the interpreter tests of
+# tests/unit import them (compiled for the interpreter) in this same process.
+if not torch.cuda.is_available():
+    pytest.skip("needs a CUDA device", allow_module_level=True)
+
+from alise.worker.kernel_plan import KernelPlan
 from alise.worker.loader import LoadedModel
 from alise.worker.model_runner import ModelRunner, SeqChunk
 
@@ -92,10 +106,50 @@ def run_schedule(runner: ModelRunner, tokens: dict[str, list[int]], tables: dict
     return got, num_pure_decode
 
 
-@pytest.mark.parametrize(("name", "dtype"), [("opt-125m", torch.float16), ("llama-gqa", torch.float16),
-                                             ("llama-gqa", torch.bfloat16)], ids=["opt-fp16", "llama-fp16", "llama-bf16"])
-@pytest.mark.parametrize("min_batched_fresh", [0, 3], ids=["fresh-one-by-one", "fresh-batched"])
-def test_teacher_forced_logits_match_transformers(name: str, dtype: torch.dtype, min_batched_fresh: int) -> None:
+def forced_plan(runner: ModelRunner) -> KernelPlan:
+    from alise.worker import triton_fused, triton_unified
+    from alise.worker.cuda_graphs import token_buckets
+
+    group = runner.config.num_attention_heads // runner.kv_cache.shape.num_kv_heads
+    configs = [c for c in triton_unified.CANDIDATES if c.block_m >= group]
+    candidates = triton_fused.SKINNY_CANDIDATES
+    matrix = [c for c in candidates if not c.vector]
+    skinny = {(w.shape[0], w.shape[1], rows): candidates[-1] if rows == 1 else matrix[rows % len(matrix)]
+              for _, w, _, _ in runner._matmuls(0) for rows in range(1, triton_fused.MAX_SKINNY_ROWS + 1)}
+    # Split-K with the merge in the launch at decode batches 1 and 2 (the schedule's last steps).
+    return KernelPlan(fused_norm=True, fused_rope=True, fused_silu=True, linear=skinny,
+                      decode_splits={1: 8, 2: 4}, fused_merge=True,
+                      unified={t: configs[i % len(configs)] for i, t in enumerate(token_buckets(runner.max_num_tokens))})
+
+
+def make_runner(loaded: LoadedModel, num_blocks: int, mode: str) -> ModelRunner:
+    kwargs = dict(num_blocks=num_blocks, block_size=BLOCK_SIZE, max_num_seqs=8, max_num_tokens=256)
+    if mode == "tuned":
+        return ModelRunner(loaded, **kwargs)
+    runner = ModelRunner(loaded, **kwargs, fast_kernels=False, use_cuda_graphs=mode == "torch-plan")
+    if mode == "all-fast":
+        runner.ops.plan = forced_plan(runner)
+        runner.decode_graphs = runner.make_decode_graphs(8)
+        pool = runner.decode_graphs.capture()
+        runner.mixed_graphs = runner.make_mixed_graphs()
+        runner.mixed_graphs.capture(pool)
+    return runner
+
+
+# (model, dtype, kernel plan, min_batched_fresh): the torch plan with fresh prompts one by one and
+# batched; every fast kernel forced on for every model and dtype; the tuned plan once (start-up
+# planning costs tens of seconds of kernel compiles; bench/gpu/engine_compare.py checks the tuned
+# OPT-13B engine's logits against the torch plan's).
+RUNS = [(m, d, mode, fresh) for m, d in (("opt-125m", torch.float16), ("llama-gqa", torch.float16),
+                                        ("llama-gqa", torch.bfloat16))
+        for mode, fresh in (("torch-plan", 0), ("torch-plan", 3), ("all-fast", 3))]
+RUNS += [("llama-gqa", torch.bfloat16, "tuned", 3)]
+
+
+@pytest.mark.parametrize(("name", "dtype", "mode", "min_batched_fresh"), RUNS,
+                         ids=[f"{m}-{str(d)[6:]}-{mode}-fresh{f}" for m, d, mode, f in RUNS])
+def test_teacher_forced_logits_match_transformers(name: str, dtype: torch.dtype, mode: str,
+                                                  min_batched_fresh: int) -> None:
     loaded, reference = build(name, dtype)
     rng = random.Random(1)
     tokens = {n: [rng.randrange(3, loaded.config.vocab_size) for _ in range(p + d)]
@@ -111,11 +165,17 @@ def test_teacher_forced_logits_match_transformers(name: str, dtype: torch.dtype,
     with torch.inference_mode():
         ref32 = {n: reference(torch.tensor([t], device="cuda")).logits[0].float() for n, t in tokens.items()}
         hf_low = {n: loaded.model(torch.tensor([t], device="cuda")).logits[0].float() for n, t in tokens.items()}
-    runner = ModelRunner(loaded, num_blocks=num_blocks, block_size=BLOCK_SIZE, max_num_seqs=8)
+    runner = make_runner(loaded, num_blocks, mode)
     assert runner.decode_graphs is not None and runner.decode_graphs.is_captured
     runner.min_batched_fresh = min_batched_fresh  # step 0 feeds three fresh prompts: a, b, c
+    replays_before = runner.mixed_graphs.num_replays if runner.mixed_graphs is not None else 0
     got, num_pure_decode = run_schedule(runner, tokens, tables)
     assert num_pure_decode >= 40
+    mixed_replays = (runner.mixed_graphs.num_replays - replays_before) if runner.mixed_graphs is not None else 0
+    if mode == "all-fast":
+        assert mixed_replays >= 4  # every step with prefill tokens fits a 256-row bucket
+    if mode == "tuned":
+        print(f"tuned plan for {name} {dtype}:\n  " + "\n  ".join(runner.plan.report))
 
     hf_err = max((hf_low[n] - ref32[n]).abs().max().item() for n in tokens)
     scale = max(ref32[n].abs().max().item() for n in tokens)
@@ -128,5 +188,6 @@ def test_teacher_forced_logits_match_transformers(name: str, dtype: torch.dtype,
             worst = max(worst, err)
             num_steps += 1
             assert err <= bound, f"{n} position {pos}: |ours - ref32| = {err:.3g} > {bound:.3g}"
-    print(f"engine-vs-hf {name} {dtype}: {num_steps} compared positions ({num_pure_decode} graph steps), "
-          f"max|ours-ref32| {worst:.3e}, max|hf-ref32| {hf_err:.3e}, max|ref| {scale:.1f}")
+    print(f"engine-vs-hf {name} {dtype} {mode}: {num_steps} compared positions ({num_pure_decode} decode graph "
+          f"steps, {mixed_replays} mixed graph steps), max|ours-ref32| {worst:.3e}, max|hf-ref32| {hf_err:.3e}, "
+          f"max|ref| {scale:.1f}")

@@ -14,6 +14,11 @@ import random
 import pytest
 import torch
 
+# Before any kernel module is imported: on a machine without CUDA the interpreter tests of
+# tests/unit import them (compiled for the interpreter) in this same process.
+if not torch.cuda.is_available():
+    pytest.skip("needs a CUDA device", allow_module_level=True)
+
 from alise.core.blocks import quantized_blocks
 from alise.core.commands import KvAction
 from alise.core.job import KvPlace

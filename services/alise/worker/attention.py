@@ -17,12 +17,17 @@ Each layer first writes the new tokens' K/V into the pages (:func:`write_kv`), t
   36.1 ms batched vs 43.6 one by one, 8 prompts of 32 23.3 vs 27.7. On the CPU the padded
   call measured slower than the loop, so there it is off.
 
+Where the runner's kernel plan has the unified kernel (CUDA), a step that is not all decodes
+instead runs as one call over every sequence (:class:`UnifiedStep`; the contract and its
+reference are :func:`unified_attention`, the kernel :mod:`alise.worker.triton_unified`), every
+key read from the pages.
+
 Everything layer-independent (slots, positions, padded block tables, masks) is computed once per
 step in :func:`build_attention_metadata` and shared by all layers.
 
-The page write and the decode attention are pluggable (:class:`AttentionBackend`): this module's
-torch functions are the reference and the CPU path; :mod:`alise.worker.triton_attention` provides
-fused CUDA kernels with the same contracts.
+The page write, the decode attention and the unified attention are pluggable
+(:class:`AttentionBackend`): this module's torch functions are the reference and the CPU path;
+:mod:`alise.worker.triton_attention` provides fused CUDA kernels with the same contracts.
 """
 
 from __future__ import annotations
@@ -74,13 +79,26 @@ class AttentionMetadata:
     decode_context_lens: torch.Tensor | None  # [B] int64
     is_all_decode: bool  # decode_rows is exactly 0..T-1, so no gather/scatter is needed
     fresh: FreshBatch | None = None  # fresh chunks batched together (not in ``prefills``)
+    unified: UnifiedStep | None = None  # every sequence in one unified-kernel call (then no prefills)
+    decode_options: dict | None = None  # decode kernel options (num_splits, fused_merge); None: its defaults
+
+
+@dataclass(frozen=True)
+class UnifiedStep:
+    """A step's attention as one call of the unified kernel (alise.worker.triton_unified)."""
+
+    query_start: torch.Tensor  # [S + 1] int64: first row of each sequence, then the end of the last
+    seq_lens: torch.Tensor  # [S] int64: keys each sequence attends to (start_pos + its rows)
+    block_tables: torch.Tensor  # [S, width] int64
+    config: object = None  # the kernel's launch configuration (triton_unified.UnifiedConfig)
 
 
 def build_attention_metadata(start_positions: list[int], num_tokens: list[int], block_tables: list[list[int]],
-                             *, block_size: int, device: torch.device,
-                             min_batched_fresh: int = 0) -> AttentionMetadata:
+                             *, block_size: int, device: torch.device, min_batched_fresh: int = 0,
+                             unified_config: object = None) -> AttentionMetadata:
     """Metadata for sequences with the given starts, token counts and (validated) block tables.
-    ``min_batched_fresh``: batch the fresh chunks when there are at least this many (0: never)."""
+    ``min_batched_fresh``: batch the fresh chunks when there are at least this many (0: never).
+    ``unified_config``: a step that is not all decodes runs as one unified-kernel call with it."""
     context_lens = [s + n for s, n in zip(start_positions, num_tokens)]
     blocks_needed = [-(-c // block_size) for c in context_lens]
     width = max(blocks_needed)
@@ -99,6 +117,16 @@ def build_attention_metadata(start_positions: list[int], num_tokens: list[int], 
     slots = table[torch.tensor(seq_of_row, dtype=torch.int64), positions // block_size] * block_size \
         + positions % block_size
 
+    if unified_config is not None and max(num_tokens) > 1:
+        query_start = torch.tensor(row_starts + [len(seq_of_row)], dtype=torch.int64)
+        # Rows padded to a multiple of 16 blocks: the kernel is compiled per stride alignment, so
+        # every step then reuses one build (a new build stalls a step by seconds).
+        table = F.pad(table, (0, -width % 16))
+        unified = UnifiedStep(query_start=query_start.to(device), block_tables=table.to(device),
+                              seq_lens=torch.tensor(context_lens, dtype=torch.int64).to(device), config=unified_config)
+        return AttentionMetadata(positions=positions.to(device), slot_mapping=slots.to(device), prefills=(),
+                                 decode_rows=None, decode_block_tables=None, decode_context_lens=None,
+                                 is_all_decode=False, unified=unified)
     prefills = []
     decode_seqs = []
     fresh_seqs = [s for s, n in enumerate(num_tokens) if n > 1 and start_positions[s] == 0]
@@ -220,14 +248,41 @@ def batched_fresh_attention(query: torch.Tensor, key: torch.Tensor, value: torch
     return out.transpose(1, 2).reshape(-1, *query.shape[1:])
 
 
+def unified_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+                      block_tables: torch.Tensor, seq_lens: torch.Tensor, query_start: torch.Tensor,
+                      scale: float, config: object = None) -> torch.Tensor:
+    """Reference of :func:`alise.worker.triton_unified.unified_attention`: sequence ``s`` owns
+    rows ``[query_start[s], query_start[s + 1])`` of ``query [T, heads, dim]`` and attends
+    causally to its first ``seq_lens[s]`` cached keys. Rows of no sequence come back as zeros.
+    ``config`` (the kernel's launch configuration) means nothing here."""
+    out = torch.zeros_like(query)
+    starts = query_start.tolist()
+    lens = seq_lens.tolist()
+    block_size = key_cache.shape[1]
+    for s, ctx in enumerate(lens):
+        first, n = starts[s], starts[s + 1] - starts[s]
+        if n == 0:
+            continue
+        table = block_tables[s, :-(-ctx // block_size)]
+        rows = slice(first, first + n)
+        if n == 1:
+            out[rows] = decode_attention(query[rows], key_cache, value_cache, table[None], seq_lens[s:s + 1], scale)
+            continue
+        query_pos = torch.arange(ctx - n, ctx, device=query.device)
+        mask = torch.arange(ctx, device=query.device)[None, :] <= query_pos[:, None]
+        out[rows] = prefill_attention(query[rows], key_cache, value_cache, table, ctx, mask, scale)
+    return out
+
+
 @dataclass(frozen=True)
 class AttentionBackend:
-    """The two pluggable pieces of paged attention, with the signatures of this module's
-    :func:`write_kv` and :func:`decode_attention`."""
+    """The pluggable pieces of paged attention, with the signatures of this module's
+    :func:`write_kv`, :func:`decode_attention` and :func:`unified_attention`."""
 
     name: str
     write_kv: Callable[..., None]
     decode_attention: Callable[..., torch.Tensor]
+    unified_attention: Callable[..., torch.Tensor] = unified_attention
 
 
 TORCH_BACKEND = AttentionBackend("torch", write_kv, decode_attention)
@@ -235,16 +290,22 @@ TORCH_BACKEND = AttentionBackend("torch", write_kv, decode_attention)
 
 def paged_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tensor,
                     value_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
-                    backend: AttentionBackend = TORCH_BACKEND) -> torch.Tensor:
+                    backend: AttentionBackend = TORCH_BACKEND, kv_written: bool = False) -> torch.Tensor:
     """One layer's attention for the whole flattened step.
 
     ``query [T, num_heads, head_dim]``, ``key``/``value [T, num_kv_heads, head_dim]`` (already
-    position-encoded); writes K/V into the pages, returns ``[T, num_heads, head_dim]``.
+    position-encoded); writes K/V into the pages (unless ``kv_written``: a fused kernel did),
+    returns ``[T, num_heads, head_dim]``.
     """
-    backend.write_kv(key_cache, value_cache, key, value, meta.slot_mapping)
+    if not kv_written:
+        backend.write_kv(key_cache, value_cache, key, value, meta.slot_mapping)
     if meta.is_all_decode:
         return backend.decode_attention(query, key_cache, value_cache, meta.decode_block_tables,
-                                        meta.decode_context_lens, scale)
+                                        meta.decode_context_lens, scale, **(meta.decode_options or {}))
+    if meta.unified is not None:
+        u = meta.unified
+        return backend.unified_attention(query, key_cache, value_cache, u.block_tables, u.seq_lens, u.query_start,
+                                         scale, u.config)
     out = torch.empty_like(query)
     if meta.fresh is not None:
         padded = batched_fresh_attention(query, key, value, meta.fresh, scale)

@@ -12,18 +12,22 @@ block tables and positions; the runner trusts nothing and validates both.
 
 Fast path on CUDA: Q/K/V (and Llama's gate/up) projections run as one fused matmul each (the HF
 modules' weights become views into the fused tensor, so the HF model still works and shares
-them), attention uses the Triton backend, and pure-decode steps replay CUDA graphs captured per
-batch-size bucket (:mod:`alise.worker.cuda_graphs`). Mixed and prefill steps run eagerly. On
-the CPU the same code runs with the torch reference backend and no graphs.
+them), attention uses the Triton backend, and the layer ops follow a :class:`KernelPlan` chosen at
+start-up (:mod:`alise.worker.tuning`: residual add fused with the next norm, rotary fused with the
+page write, the matmul backend per shape, the decode kernel's split-K, the unified attention
+kernel for every step that is not all decodes). Pure-decode steps replay CUDA graphs captured per
+batch-size bucket and mixed steps (chunks at any position beside decodes) graphs per token and
+sequence bucket (:mod:`alise.worker.cuda_graphs`); longer steps run eagerly. On the CPU the same
+code runs with the torch reference backend, the default plan and no graphs.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
+import numpy as np
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 from alise.worker.attention import (
     MIN_BATCHED_FRESH,
@@ -33,9 +37,13 @@ from alise.worker.attention import (
     build_attention_metadata,
     paged_attention,
 )
-from alise.worker.cuda_graphs import DecodeGraphs
+from alise.worker.cuda_graphs import DecodeGraphs, MixedGraphs
+from alise.worker.kernel_plan import KernelPlan, LayerOps
+from alise.worker.fused_weights import fuse_linears
 from alise.worker.kv_cache import KVCache
 from alise.worker.loader import LoadedModel
+
+logger = logging.getLogger(__name__)
 
 #: OPT's learned position table reserves its first two rows (a fairseq legacy).
 OPT_POSITION_OFFSET = 2
@@ -55,6 +63,9 @@ class SeqChunk:
     token_ids: list[int]
     start_pos: int
     block_table: list[int]
+    #: False for a chunk that does not reach the end of its sequence's known tokens (a prompt
+    #: fed in pieces): its logits are not computed, and ``execute`` returns no row for it.
+    needs_logits: bool = True
 
 
 class RunnerBase:
@@ -86,10 +97,13 @@ class ModelRunner(RunnerBase):
 
     def __init__(self, loaded: LoadedModel, *, num_blocks: int, block_size: int,
                  attention_backend: str = "auto", use_cuda_graphs: bool | None = None,
-                 max_num_seqs: int = 64) -> None:
+                 max_num_seqs: int = 64, max_num_tokens: int = 512, fast_kernels: bool | None = None) -> None:
         """``attention_backend``: "torch" (reference), "triton" (CUDA), or "auto" (Triton on CUDA when
-        available). ``use_cuda_graphs`` (default: on with the Triton backend) captures decode
-        graphs for up to ``max_num_seqs`` sequences now, at construction."""
+        available). ``fast_kernels`` (default: on with the Triton backend) checks and times the
+        fused kernels on this device now and keeps the fastest per shape (alise.worker.tuning).
+        ``use_cuda_graphs`` (default: on with the Triton backend) captures decode graphs for up to
+        ``max_num_seqs`` sequences and, where the unified kernel passed its check, mixed-step
+        graphs for up to ``max_num_tokens`` rows (0: none)."""
         self.loaded = loaded
         self.model = loaded.model
         self.config = loaded.config
@@ -98,11 +112,17 @@ class ModelRunner(RunnerBase):
                                             dtype=loaded.dtype, device=loaded.device)
         self._head_dim = self.kv_cache.shape.head_dim
         self._scale = self._head_dim ** -0.5
+        if max_num_seqs < 1 or max_num_tokens < 0 or max_num_tokens == 1:
+            raise ValueError(f"max_num_seqs must be >= 1 and max_num_tokens 0 or >= 2, got {max_num_seqs} "
+                             f"and {max_num_tokens}")
+        self.max_num_seqs = max_num_seqs
+        self.max_num_tokens = max_num_tokens
         self.attention_backend = _pick_backend(attention_backend, self.device)
         #: Fresh prompts in a step from which they share one attention call per layer; 0:
         #: never. On by default on CUDA, where a step with prefills runs eagerly and the padded
         #: call saves launches (H200: 4 prompts of 50 beside 58 decodes 36.1 vs 43.6 ms a
-        #: step); off on the CPU, where it measured slower (alise.worker.attention).
+        #: step); off on the CPU, where it measured slower (alise.worker.attention). Unused
+        #: where the unified kernel runs those steps.
         self.min_batched_fresh = MIN_BATCHED_FRESH if loaded.device.type == "cuda" else 0
         if self.device.type == "cuda":
             # Prefill attention sees a new (query, key) length nearly every step; cuDNN's SDPA
@@ -113,8 +133,7 @@ class ModelRunner(RunnerBase):
         if loaded.family == "opt":
             self._forward = self._forward_opt
             layers = self.model.model.decoder.layers
-            self._fused_relu = (self.device.type == "cuda" and self.config.activation_function == "relu"
-                                and layers[0].fc1.bias is not None and hasattr(torch, "_addmm_activation"))
+            self._relu = self.config.activation_function == "relu"
         elif loaded.family == "llama":
             self._forward = self._forward_llama
             self._rope_cos, self._rope_sin = self._rope_tables()
@@ -122,45 +141,94 @@ class ModelRunner(RunnerBase):
             self._gate_up = [fuse_linears([layer.mlp.gate_proj, layer.mlp.up_proj]) for layer in layers]
         else:
             raise ValueError(f"no forward pass for model family {loaded.family!r}")
+        self._layers = layers
         self._qkv = [fuse_linears([layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj])
                      for layer in layers]
+        self.ops = LayerOps()
+        if fast_kernels is None:
+            fast_kernels = self.attention_backend.name == "triton"
+        if fast_kernels:
+            from alise.worker.tuning import plan_kernels
+
+            self.ops.plan = plan_kernels(self)
         if use_cuda_graphs is None:
             use_cuda_graphs = self.attention_backend.name == "triton"
         self.decode_graphs = None
+        self.mixed_graphs = None
         if use_cuda_graphs:
             if self.attention_backend.name != "triton":
                 raise ValueError("CUDA graphs need the triton attention backend (its kernels never sync the host)")
             self.decode_graphs = self.make_decode_graphs(max_num_seqs)
-            self.decode_graphs.capture()
+            pool = self.decode_graphs.capture()
+            if self.ops.plan.unified and max_num_tokens:
+                self._capture_mixed_graphs(pool, measure=fast_kernels)
+
+    def _capture_mixed_graphs(self, pool, *, measure: bool) -> None:
+        """Mixed-step graphs over the decode graphs' pool; with ``measure``, each token bucket kept
+        only where its graph matches and beats the eager step. A capture that fails leaves
+        mixed steps eager (the log says why)."""
+        try:
+            self.mixed_graphs = self.make_mixed_graphs()
+            self.mixed_graphs.capture(pool)
+        except Exception as exc:  # a fast path, never a reason not to serve
+            logger.warning("mixed-step graphs not captured (%s: %s); mixed steps run eagerly", type(exc).__name__, exc)
+            self.plan.report.append(f"mixed-step graphs: capture failed ({type(exc).__name__}); eager")
+            self.mixed_graphs = None
+            return
+        if measure:
+            from alise.worker.tuning import keep_faster_mixed_graphs
+
+            keep_faster_mixed_graphs(self)
+
+    @property
+    def plan(self) -> KernelPlan:
+        return self.ops.plan
 
     def make_decode_graphs(self, max_num_seqs: int) -> DecodeGraphs:
         """Static-buffer decode steps for up to ``max_num_seqs`` sequences (not yet captured)."""
-        width = -(-self.max_model_len // self.block_size)
         return DecodeGraphs(lambda ids, meta: self._logits(self._forward(ids, meta)), max_batch=max_num_seqs,
-                            width=width, block_size=self.block_size, device=self.device)
+                            width=self._table_width, block_size=self.block_size, device=self.device,
+                            options_for=self.plan.decode_options)
 
+    def make_mixed_graphs(self, tokens: list[int] | None = None) -> MixedGraphs:
+        """Static-buffer mixed steps for up to ``max_num_tokens`` rows (not yet captured)."""
+        return MixedGraphs(self._mixed_forward, max_tokens=self.max_num_tokens, max_seqs=self.max_num_seqs,
+                           width=self._table_width, block_size=self.block_size, vocab_size=self.vocab_size,
+                           dtype=self.loaded.dtype, device=self.device, tokens=tokens,
+                           config_for=lambda t: self.plan.unified_config(t))
+
+    @property
+    def _table_width(self) -> int:
+        return -(-self.max_model_len // self.block_size)
 
     def execute(self, chunks: list[SeqChunk], *, all_logits: bool = False,
                 seq_ids: list[str] | None = None) -> torch.Tensor | list[torch.Tensor]:
         """One forward step over ``chunks``; writes their K/V and returns float32 logits.
 
-        Default: ``[len(chunks), vocab]``, the logits after each chunk's last token (the next-token
-        distribution). ``all_logits=True``: a list with ``[len(token_ids), vocab]`` per chunk.
-        ``seq_ids`` is ignored: the block tables are all the per-sequence state this runner needs.
+        Default: ``[num_wanted, vocab]``, the logits after the last token of each chunk whose
+        ``needs_logits`` is set (all by default), in chunk order. ``all_logits=True``: a list with
+        ``[len(token_ids), vocab]`` per chunk. ``seq_ids`` is ignored: the block tables are all
+        the per-sequence state this runner needs.
         """
         self._validate(chunks)
-        if self.decode_graphs is not None and not all_logits and self.decode_graphs.can_run(chunks):
-            return self.decode_graphs.run(chunks)
+        wants = [c.needs_logits for c in chunks]
+        if not all_logits:
+            if self.decode_graphs is not None and all(wants) and self.decode_graphs.can_run(chunks):
+                return self.decode_graphs.run(chunks)
+            if self.mixed_graphs is not None and self.mixed_graphs.can_run(chunks):
+                return self.mixed_graphs.run(chunks, wants)
         num_tokens = [len(c.token_ids) for c in chunks]
         meta = build_attention_metadata([c.start_pos for c in chunks], num_tokens,
                                         [c.block_table for c in chunks], block_size=self.block_size,
-                                        device=self.device, min_batched_fresh=self.min_batched_fresh)
+                                        device=self.device, min_batched_fresh=self.min_batched_fresh,
+                                        unified_config=self.plan.unified_config(sum(num_tokens)))
         input_ids = torch.tensor([t for c in chunks for t in c.token_ids], dtype=torch.int64).to(self.device)
         with torch.inference_mode():
             hidden = self._forward(input_ids, meta)
             if all_logits:
                 return list(self._logits(hidden).split(num_tokens))
-            last_rows = torch.tensor(num_tokens, dtype=torch.int64).cumsum(0).sub_(1).to(self.device)
+            ends = np.cumsum(num_tokens) - 1
+            last_rows = torch.from_numpy(ends[np.asarray(wants, dtype=bool)]).to(self.device)
             return self._logits(hidden.index_select(0, last_rows))
 
     def release(self, seq_id: str) -> None:
@@ -189,47 +257,59 @@ class ModelRunner(RunnerBase):
                                  f"got {min(chunk.token_ids)}..{max(chunk.token_ids)}")
 
     def _forward_opt(self, input_ids: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        """Decoder layers of OPT (pre- or post-LN by ``do_layer_norm_before``); returns ``[T, hidden]``."""
+        """Decoder layers of OPT (pre- or post-LN by ``do_layer_norm_before``), then its final
+        norm and ``project_out``; returns ``[T, hidden]``, ready for the LM head. Each residual add
+        runs fused with the norm that reads it (``LayerOps.add_norm``)."""
         decoder = self.model.model.decoder
+        ops = self.ops
         hidden = decoder.embed_tokens(input_ids)
         if decoder.project_in is not None:
             hidden = decoder.project_in(hidden)
         hidden = hidden + decoder.embed_positions.weight[meta.positions + OPT_POSITION_OFFSET]
         pre_norm = self.config.do_layer_norm_before
-        for layer_idx, layer in enumerate(decoder.layers):
+        layers = decoder.layers
+        x = ops.add_norm(hidden, None, layers[0].self_attn_layer_norm)[1] if pre_norm else hidden
+        for layer_idx, layer in enumerate(layers):
             attn = layer.self_attn
-            residual = hidden
-            x = layer.self_attn_layer_norm(hidden) if pre_norm else hidden
-            out = self._attend(layer_idx, x, meta)
-            hidden = residual + attn.out_proj(out)
-            if not pre_norm:
-                hidden = layer.self_attn_layer_norm(hidden)
-            residual = hidden
-            x = layer.final_layer_norm(hidden) if pre_norm else hidden
-            if self._fused_relu:  # bias and ReLU in the matmul's epilogue: one kernel instead of two
-                up = torch._addmm_activation(layer.fc1.bias, x, layer.fc1.weight.t())
+            out = ops.linear(self._attend(layer_idx, x, meta), attn.out_proj.weight, attn.out_proj.bias)
+            if pre_norm:
+                hidden, x = ops.add_norm(hidden, out, layer.final_layer_norm)
             else:
-                up = layer.activation_fn(layer.fc1(x))
-            hidden = residual + layer.fc2(up)
+                hidden = x = ops.add_norm(hidden, out, layer.self_attn_layer_norm)[1]
+            up = ops.linear(x, layer.fc1.weight, layer.fc1.bias, relu=self._relu)
+            if not self._relu:
+                up = layer.activation_fn(up)
+            down = ops.linear(up, layer.fc2.weight, layer.fc2.bias)
             if not pre_norm:
-                hidden = layer.final_layer_norm(hidden)
-        return hidden
+                hidden = x = ops.add_norm(hidden, down, layer.final_layer_norm)[1]
+                continue
+            nxt = layers[layer_idx + 1].self_attn_layer_norm if layer_idx + 1 < len(layers) else decoder.final_layer_norm
+            if nxt is None:  # no final norm (_remove_final_layer_norm)
+                hidden = x = hidden + down
+            else:
+                hidden, x = ops.add_norm(hidden, down, nxt)
+        if decoder.project_out is not None:
+            x = decoder.project_out(x)
+        return x
 
     def _forward_llama(self, input_ids: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        """Decoder layers of Llama (RMSNorm, rotary positions, GQA, gated SiLU MLP); returns ``[T, hidden]``."""
+        """Decoder layers of Llama (RMSNorm, rotary positions, GQA, gated SiLU MLP), then the final
+        norm; returns ``[T, hidden]``, ready for the LM head."""
         body = self.model.model
+        ops = self.ops
         hidden = body.embed_tokens(input_ids)
-        cos = self._rope_cos[meta.positions][:, None, :]  # [T, 1, head_dim], broadcast over heads
-        sin = self._rope_sin[meta.positions][:, None, :]
-        for layer_idx, layer in enumerate(body.layers):
-            attn = layer.self_attn
-            residual = hidden
-            x = layer.input_layernorm(hidden)
-            out = self._attend(layer_idx, x, meta, rope=(cos, sin))
-            hidden = residual + attn.o_proj(out)
-            gate, up = F.linear(layer.post_attention_layernorm(hidden), *self._gate_up[layer_idx]).chunk(2, dim=-1)
-            hidden = hidden + layer.mlp.down_proj(layer.mlp.act_fn(gate) * up)
-        return hidden
+        rope = (self._rope_cos[meta.positions], self._rope_sin[meta.positions])  # [T, head_dim] each
+        layers = body.layers
+        x = ops.add_norm(hidden, None, layers[0].input_layernorm)[1]
+        for layer_idx, layer in enumerate(layers):
+            o_proj = layer.self_attn.o_proj
+            out = ops.linear(self._attend(layer_idx, x, meta, rope=rope), o_proj.weight, o_proj.bias)
+            hidden, x = ops.add_norm(hidden, out, layer.post_attention_layernorm)
+            gated = ops.gated(ops.linear(x, *self._gate_up[layer_idx]), layer.mlp.act_fn)
+            down = ops.linear(gated, layer.mlp.down_proj.weight, layer.mlp.down_proj.bias)
+            nxt = layers[layer_idx + 1].input_layernorm if layer_idx + 1 < len(layers) else body.norm
+            hidden, x = ops.add_norm(hidden, down, nxt)
+        return x
 
     def _attend(self, layer_idx: int, x: torch.Tensor, meta: AttentionMetadata,
                 rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
@@ -237,30 +317,45 @@ class ModelRunner(RunnerBase):
         attend over the pages. Returns ``[T, num_heads * head_dim]``, ready for the output projection.
         """
         num_tokens = x.shape[0]
-        qkv = F.linear(x, *self._qkv[layer_idx]).view(num_tokens, -1, self._head_dim)
+        qkv = self.ops.linear(x, *self._qkv[layer_idx]).view(num_tokens, -1, self._head_dim)
         num_kv_heads = self.kv_cache.shape.num_kv_heads
         num_heads = qkv.shape[1] - 2 * num_kv_heads
         query, key, value = qkv.split([num_heads, num_kv_heads, num_kv_heads], dim=1)
-        if rope is not None:
-            cos, sin = rope
-            query = query * cos + _rotate_half(query) * sin
-            key = key * cos + _rotate_half(key) * sin
         key_cache, value_cache = self.kv_cache.layer(layer_idx)
+        written = rope is not None
+        if written:
+            query, key = self.ops.rope(query, key, value, *rope, key_cache, value_cache, meta.slot_mapping,
+                                       self.attention_backend.write_kv,
+                                       keys_from_pages=meta.is_all_decode or meta.unified is not None)
         out = paged_attention(query, key, value, key_cache, value_cache, meta, self._scale,
-                              self.attention_backend)
+                              self.attention_backend, kv_written=written)
         return out.reshape(num_tokens, -1)
 
-    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Final norm (and OPT's ``project_out``), then the LM head, of the given rows; float32."""
+    def _matmuls(self, i: int) -> list[tuple[str, torch.Tensor, torch.Tensor | None, bool]]:
+        """``(name, weight, bias, relu)`` of each matmul of decoder layer ``i``, as the forward runs them."""
+        layer = self._layers[i]
+        qkv = ("qkv", *self._qkv[i], False)
         if self.loaded.family == "opt":
-            decoder = self.model.model.decoder
-            if decoder.final_layer_norm is not None:
-                hidden = decoder.final_layer_norm(hidden)
-            if decoder.project_out is not None:
-                hidden = decoder.project_out(hidden)
-        else:
-            hidden = self.model.model.norm(hidden)
+            return [qkv, ("out", layer.self_attn.out_proj.weight, layer.self_attn.out_proj.bias, False),
+                    ("fc1", layer.fc1.weight, layer.fc1.bias, self._relu), ("fc2", layer.fc2.weight, layer.fc2.bias, False)]
+        o_proj, down = layer.self_attn.o_proj, layer.mlp.down_proj
+        return [qkv, ("o", o_proj.weight, o_proj.bias, False), ("gate_up", *self._gate_up[i], False),
+                ("down", down.weight, down.bias, False)]
+
+    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The LM head over rows of the final hidden states (``_forward``'s output); float32."""
         return self.model.lm_head(hidden).float()
+
+    def _mixed_forward(self, input_ids: torch.Tensor, meta: AttentionMetadata, logit_rows: torch.Tensor,
+                       out: torch.Tensor) -> None:
+        """A mixed-step graph's body: the forward pass, then the LM head of ``logit_rows`` into
+        ``out`` (model dtype; the graphs' shared logits buffer)."""
+        hidden = self._forward(input_ids, meta).index_select(0, logit_rows)
+        head = self.model.lm_head
+        if head.bias is None:
+            torch.matmul(hidden, head.weight.t(), out=out)
+        else:
+            torch.addmm(head.bias, hidden, head.weight.t(), out=out)
 
     def _rope_tables(self) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin ``[max_model_len, head_dim]`` in the model dtype, from the HF module's frequencies.
@@ -281,11 +376,6 @@ class ModelRunner(RunnerBase):
         return (angles.cos() * scaling).to(dtype), (angles.sin() * scaling).to(dtype)
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
 def _pick_backend(name: str, device: torch.device) -> AttentionBackend:
     if name == "torch" or (name == "auto" and device.type != "cuda"):
         return TORCH_BACKEND
@@ -298,43 +388,3 @@ def _pick_backend(name: str, device: torch.device) -> AttentionBackend:
     if name == "triton":
         raise ValueError(f"the triton attention backend needs Triton and a CUDA device, got {device}")
     return TORCH_BACKEND
-
-
-def fuse_linears(linears: list[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """One ``(weight, bias)`` computing all of ``linears`` at once, their outputs concatenated.
-
-    The modules' parameters become row views of the fused tensors, so memory is not doubled and
-    the HF model (which calls the modules one by one) keeps computing the same function. Already
-    fused modules (adjacent views of one storage) are reused as they are.
-    """
-    weights = [lin.weight for lin in linears]
-    biases = [lin.bias for lin in linears]
-    if any(b is None for b in biases) and not all(b is None for b in biases):
-        raise ValueError("cannot fuse linear layers where only some have a bias")
-    fused_weight = _adjacent_rows(weights)
-    fused_bias = None if biases[0] is None else _adjacent_rows(biases)
-    if fused_weight is None or (biases[0] is not None and fused_bias is None):
-        with torch.no_grad():
-            fused_weight = torch.cat([w.detach() for w in weights])
-            fused_bias = None if biases[0] is None else torch.cat([b.detach() for b in biases])
-        row = 0
-        for lin in linears:
-            rows = slice(row, row + lin.out_features)
-            lin.weight = nn.Parameter(fused_weight[rows], requires_grad=False)
-            if fused_bias is not None:
-                lin.bias = nn.Parameter(fused_bias[rows], requires_grad=False)
-            row += lin.out_features
-    return fused_weight, fused_bias
-
-
-def _adjacent_rows(tensors: list[torch.Tensor]) -> torch.Tensor | None:
-    """The tensors as one, when they already lie back to back in one storage; else None."""
-    first = tensors[0]
-    offset = first.storage_offset()
-    for t in tensors:
-        if (not t.is_contiguous() or t.untyped_storage().data_ptr() != first.untyped_storage().data_ptr()
-                or t.storage_offset() != offset or t.shape[1:] != first.shape[1:]):
-            return None
-        offset += t.numel()
-    shape = (sum(t.shape[0] for t in tensors), *first.shape[1:])
-    return first.detach().new_empty(0).set_(first.untyped_storage(), first.storage_offset(), shape)

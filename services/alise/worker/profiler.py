@@ -168,11 +168,13 @@ def profile_runner(runner: ModelRunner, *, grid: ProfileGrid | None = None, max_
     device = runner.device
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     graphs = runner.decode_graphs is not None
+    mixed = getattr(runner, "mixed_graphs", None) is not None
     meta = dict(kind="measured", device=device_name, date=date.today().isoformat(), command=command,
                 model=runner.loaded.name, dtype=str(runner.loaded.dtype).removeprefix("torch."),
                 random_weights=runner.loaded.random_weights, block_size=runner.block_size,
                 engine=engine or f"alise ModelRunner, {runner.attention_backend.name} attention, "
-                                 f"cuda graphs {'on' if graphs else 'off'}")
+                                 f"cuda graphs {'on' if graphs else 'off'}, mixed-step graphs "
+                                 f"{'on' if mixed else 'off'}")
     return fit_profile(samples, name=f"{runner.loaded.name}-{device.type}", meta=meta)
 
 

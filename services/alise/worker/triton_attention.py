@@ -10,7 +10,9 @@ Same contracts as the torch reference in :mod:`alise.worker.attention`:
   (for MHA too by default; ``dot_for_mha=False`` uses a register reduction there instead).
 - Split-K ("flash-decoding"): when ``batch x kv_heads`` programs would leave SMs idle, each
   sequence's context is cut into ``num_splits`` equal ranges worked on in parallel, and a second
-  kernel merges their (max, sum, accumulator) partials. ``num_splits`` depends only on the batch
+  kernel merges their (max, sum, accumulator) partials -- or, with ``fused_merge``, the last
+  range of each sequence and KV head to finish merges them in the same launch (a counter per
+  pair, release-acquire ordered, reset by that last program). ``num_splits`` depends only on the batch
   size and head count, never on the context lengths, so a CUDA graph captured for a batch size
   stays valid for any lengths (the ranges are computed on the device from ``context_lens``).
 - :func:`write_kv` -- stores the step's new K/V at their slots; a negative slot is skipped (the
@@ -28,6 +30,7 @@ import os
 import torch
 
 from alise.worker.attention import AttentionBackend
+from alise.worker.triton_unified import unified_attention
 
 try:
     import triton
@@ -53,9 +56,16 @@ def is_available() -> bool:
     return triton is not None and torch.cuda.is_available()
 
 
+#: Under the Triton interpreter (tests on the CPU) the kernels run on CPU tensors.
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
 @functools.lru_cache(maxsize=8)
-def _num_sms(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
+def _num_sms(device: torch.device) -> int:
+    """Multiprocessors to fill; 1 off CUDA (the interpreter), where splitting buys nothing."""
+    if device.type != "cuda":
+        return 1
+    return torch.cuda.get_device_properties(device.index or 0).multi_processor_count
 
 
 def choose_num_splits(batch: int, num_kv_heads: int, num_sms: int, programs_per_sm: int | None = None,
@@ -79,7 +89,7 @@ if triton is not None:
 
     @triton.jit
     def _paged_decode_kernel(
-        q_ptr, k_ptr, v_ptr, tables_ptr, lens_ptr, out_ptr, part_acc_ptr, part_ml_ptr,
+        q_ptr, k_ptr, v_ptr, tables_ptr, lens_ptr, out_ptr, part_acc_ptr, part_ml_ptr, counters_ptr,
         scale_log2,
         stride_qb, stride_qh,
         stride_kb, stride_kt, stride_kh,
@@ -88,7 +98,7 @@ if triton is not None:
         num_heads,
         BLOCK_SIZE: tl.constexpr, GROUP: tl.constexpr, BLOCK_G: tl.constexpr,
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-        NUM_SPLITS: tl.constexpr, USE_DOT: tl.constexpr,
+        NUM_SPLITS: tl.constexpr, USE_DOT: tl.constexpr, FUSED_MERGE: tl.constexpr,
     ):
         seq = tl.program_id(0)
         kv_head = tl.program_id(1)
@@ -146,6 +156,34 @@ if triton is not None:
             tl.store(part_acc_ptr + row[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=out_mask)
             tl.store(part_ml_ptr + row * 2, m_i, mask=g_mask)
             tl.store(part_ml_ptr + row * 2 + 1, l_i, mask=g_mask)
+            if FUSED_MERGE:
+                # The last split of (seq, kv_head) to finish merges them all: every thread's
+                # stores come before the barrier, the release-acquire counter orders them before
+                # the last program's reads (L2, not a stale L1), which resets the counter.
+                tl.debug_barrier()
+                counter = counters_ptr + seq * tl.num_programs(1) + kv_head
+                ticket = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
+                if ticket == NUM_SPLITS - 1:
+                    tl.store(counter, 0)
+                    m_all = tl.full([BLOCK_G], float("-inf"), tl.float32)
+                    l_all = tl.zeros([BLOCK_G], tl.float32)
+                    acc_all = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+                    # Split 0 holds the first key (context >= 1): the running max is finite from
+                    # there on and empty splits (m = -inf) weigh exactly 0.
+                    for s in range(NUM_SPLITS):
+                        r = (seq * num_heads + heads) * NUM_SPLITS + s
+                        m_s = tl.load(part_ml_ptr + r * 2, mask=g_mask, other=float("-inf"), cache_modifier=".cg")
+                        l_s = tl.load(part_ml_ptr + r * 2 + 1, mask=g_mask, other=0.0, cache_modifier=".cg")
+                        a_s = tl.load(part_acc_ptr + r[:, None] * HEAD_DIM + offs_d[None, :], mask=out_mask,
+                                      other=0.0, cache_modifier=".cg")
+                        m_new = tl.maximum(m_all, m_s)
+                        alpha = tl.exp2(m_all - m_new)
+                        beta = tl.exp2(m_s - m_new)
+                        l_all = l_all * alpha + l_s * beta
+                        acc_all = acc_all * alpha[:, None] + a_s * beta[:, None]
+                        m_all = m_new
+                    tl.store(out_ptr + seq * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
+                             (acc_all / l_all[:, None]).to(out_ptr.dtype.element_ty), mask=out_mask)
 
     @triton.jit
     def _merge_splits_kernel(
@@ -190,13 +228,29 @@ if triton is not None:
             tl.store(v_cache_ptr + dst, v, mask=mask)
 
 
+#: Split counters of the fused merge, per device; every step leaves them at zero.
+_COUNTERS: dict[torch.device, torch.Tensor] = {}
+_MAX_COUNTERS = 1 << 16
+
+
+def _counters(device: torch.device, needed: int) -> torch.Tensor:
+    if needed > _MAX_COUNTERS:
+        raise ValueError(f"the fused merge counts at most {_MAX_COUNTERS} (sequence, KV head) pairs, got {needed}")
+    if device not in _COUNTERS:  # allocated at the first (warm-up) call, never inside a graph capture
+        _COUNTERS[device] = torch.zeros(_MAX_COUNTERS, dtype=torch.int32, device=device)
+    return _COUNTERS[device]
+
+
 def decode_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
                      block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float,
-                     num_splits: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+                     num_splits: int | None = None, out: torch.Tensor | None = None,
+                     fused_merge: bool = False) -> torch.Tensor:
     """Triton version of :func:`alise.worker.attention.decode_attention` (same arguments and result).
 
     ``block_tables [B, width]`` may be wider than any context (a graph's static width): only the
     pages a sequence's context covers are read. ``context_lens[b]`` must be >= 1.
+    ``fused_merge``: with split-K, the last split of each (sequence, KV head) merges the partials
+    in the same launch instead of a second kernel.
     """
     batch, num_heads, head_dim = query.shape
     _, block_size, num_kv_heads, _ = key_cache.shape
@@ -208,7 +262,7 @@ def decode_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: 
         raise ValueError("block_tables rows and context_lens must be contiguous")
     group = num_heads // num_kv_heads
     if num_splits is None:
-        num_splits = choose_num_splits(batch, num_kv_heads, _num_sms(query.device.index or 0))
+        num_splits = choose_num_splits(batch, num_kv_heads, _num_sms(query.device))
     if out is None:
         out = torch.empty(batch, num_heads, head_dim, dtype=query.dtype, device=query.device)
     config = DECODE_CONFIG
@@ -220,8 +274,10 @@ def decode_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: 
         part_ml = torch.empty(batch, num_heads, num_splits, 2, dtype=torch.float32, device=query.device)
     else:
         part_acc = part_ml = out  # unused
+    fused_merge = fused_merge and num_splits > 1
+    counters = _counters(query.device, batch * num_kv_heads) if fused_merge else context_lens  # else unused
     _paged_decode_kernel[(batch, num_kv_heads, num_splits)](
-        query, key_cache, value_cache, block_tables, context_lens, out, part_acc, part_ml,
+        query, key_cache, value_cache, block_tables, context_lens, out, part_acc, part_ml, counters,
         scale * 1.4426950408889634,
         query.stride(0), query.stride(1),
         key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
@@ -229,10 +285,10 @@ def decode_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: 
         out.stride(0), out.stride(1),
         num_heads,
         BLOCK_SIZE=block_size, GROUP=group, BLOCK_G=block_g, HEAD_DIM=head_dim, BLOCK_D=block_d,
-        BLOCK_N=config["block_n"], NUM_SPLITS=num_splits, USE_DOT=use_dot,
+        BLOCK_N=config["block_n"], NUM_SPLITS=num_splits, USE_DOT=use_dot, FUSED_MERGE=fused_merge,
         num_warps=config["num_warps"], num_stages=config["num_stages"],
     )
-    if num_splits > 1:
+    if num_splits > 1 and not fused_merge:
         _merge_splits_kernel[(batch, num_heads)](
             part_acc, part_ml, out, out.stride(0), out.stride(1), num_heads,
             HEAD_DIM=head_dim, BLOCK_D=block_d, NUM_SPLITS=num_splits, BLOCK_S=_next_pow2(num_splits),
@@ -259,4 +315,4 @@ def write_kv(key_cache: torch.Tensor, value_cache: torch.Tensor, key: torch.Tens
     )
 
 
-TRITON_BACKEND = AttentionBackend("triton", write_kv, decode_attention)
+TRITON_BACKEND = AttentionBackend("triton", write_kv, decode_attention, unified_attention)

@@ -1,0 +1,152 @@
+"""Which kernel each piece of a step runs on this device, and the layer ops that follow the choice.
+
+A :class:`KernelPlan` is decided once, at start-up, by :mod:`alise.worker.tuning` (each fast
+kernel checked against its torch reference on the device, then timed against the alternatives
+per shape); the default plan is the plain torch path, which is also what the CPU runs. The
+:class:`LayerOps` of a runner read the plan at every call, so a CUDA graph captured after the
+plan is fixed records the chosen kernels.
+"""
+
+from __future__ import annotations
+
+import bisect
+import contextlib
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+#: (out_features, in_features, rows) of one matmul.
+LinearKey = tuple[int, int, int]
+
+
+@dataclass
+class KernelPlan:
+    """The chosen implementation of each piece. Defaults: torch everywhere (cuBLAS matmuls, torch
+    norms and rotary, the per-chunk attention path for prefill, no mixed-step graphs)."""
+
+    #: Residual add + norm as one Triton kernel (alise.worker.triton_fused.add_norm).
+    fused_norm: bool = False
+    #: Llama's gated activation silu(gate) * up as one Triton kernel.
+    fused_silu: bool = False
+    #: Llama's rotary + page write as one Triton kernel, in steps whose attention reads every key
+    #: from the pages (decode and unified steps; see LayerOps.rope).
+    fused_rope: bool = False
+    #: Matmul backend by shape and rows: "cublaslt", or a triton_fused.SkinnyConfig; absent: cuBLAS.
+    linear: dict[LinearKey, object] = field(default_factory=dict)
+    #: Split-K ranges of the decode kernel by decode batch bucket; absent: its own heuristic.
+    decode_splits: dict[int, int] = field(default_factory=dict)
+    #: Split-K partials merged by the last split in the same launch (no merge kernel).
+    fused_merge: bool = False
+    #: Unified attention kernel config by token bucket (triton_unified.UnifiedConfig); empty: the
+    #: unified kernel is off and prefill attention runs chunk by chunk.
+    unified: dict[int, object] = field(default_factory=dict)
+    #: Steps of more rows run attention per chunk (flash SDPA measured faster on a long fresh
+    #: prompt); None: no limit.
+    unified_max_tokens: int | None = None
+    #: Token buckets whose mixed steps replay CUDA graphs (needs the unified kernel).
+    mixed_graph_tokens: tuple[int, ...] = ()
+    #: What start-up checked, measured and chose, line by line (logged; printed by the benches).
+    report: list[str] = field(default_factory=list)
+
+    def decode_options(self, batch: int) -> dict | None:
+        """Options of the decode kernel for a decode graph of ``batch`` sequences (None: defaults)."""
+        if batch not in self.decode_splits:
+            return None
+        return dict(num_splits=self.decode_splits[batch], fused_merge=self.fused_merge)
+
+    def unified_config(self, num_tokens: int):
+        """The unified kernel's config for a step of ``num_tokens`` rows (None: kernel off)."""
+        if not self.unified or (self.unified_max_tokens is not None and num_tokens > self.unified_max_tokens):
+            return None
+        buckets = sorted(self.unified)
+        i = bisect.bisect_left(buckets, num_tokens)
+        return self.unified[buckets[min(i, len(buckets) - 1)]]
+
+
+@contextlib.contextmanager
+def blas_library(library: str):
+    """Within the block, torch's matmuls go to ``library`` ("cublas" or "cublaslt")."""
+    previous = torch.backends.cuda.preferred_blas_library()
+    torch.backends.cuda.preferred_blas_library(library)
+    try:
+        yield
+    finally:
+        torch.backends.cuda.preferred_blas_library(previous)
+
+
+def torch_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, relu: bool) -> torch.Tensor:
+    """``x @ weight.T + bias`` (ReLU): on CUDA the bias and ReLU go into cuBLASLt's epilogue."""
+    if relu and bias is not None and x.is_cuda and hasattr(torch, "_addmm_activation"):
+        return torch._addmm_activation(bias, x, weight.t())
+    out = F.linear(x, weight, bias)
+    return out.relu_() if relu else out
+
+
+def norm_params(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None, float, bool]:
+    """``(weight, bias, eps, is_rms)`` of a LayerNorm or a Llama RMSNorm module."""
+    if isinstance(module, nn.LayerNorm):
+        return module.weight, module.bias, module.eps, False
+    return module.weight, None, module.variance_epsilon, True
+
+
+class LayerOps:
+    """The matmuls, norms and rotary of a forward pass, dispatched by a :class:`KernelPlan`."""
+
+    def __init__(self, plan: KernelPlan | None = None) -> None:
+        self.plan = plan or KernelPlan()
+
+    def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
+               relu: bool = False) -> torch.Tensor:
+        choice = self.plan.linear.get((weight.shape[0], weight.shape[1], x.shape[0]))
+        if choice is None:
+            return torch_linear(x, weight, bias, relu)
+        if choice == "cublaslt":
+            with blas_library("cublaslt"):
+                return torch_linear(x, weight, bias, relu)
+        from alise.worker.triton_fused import skinny_linear
+
+        return skinny_linear(x, weight, bias, relu=relu, config=choice)
+
+    def add_norm(self, hidden: torch.Tensor, delta: torch.Tensor | None,
+                 norm: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(s, norm(s))`` with ``s = hidden + delta`` (``hidden`` when ``delta`` is None)."""
+        if self.plan.fused_norm:
+            from alise.worker.triton_fused import add_norm
+
+            weight, bias, eps, rms = norm_params(norm)
+            return add_norm(hidden, delta, weight, bias, eps, rms=rms)
+        total = hidden if delta is None else hidden + delta
+        return total, norm(total)
+
+    def gated(self, gate_up: torch.Tensor, act_fn) -> torch.Tensor:
+        """Llama's ``act_fn(gate) * up`` of the fused gate/up output ``[T, 2 * I]``."""
+        if self.plan.fused_silu:
+            from alise.worker.triton_fused import silu_mul
+
+            return silu_mul(gate_up)
+        gate, up = gate_up.chunk(2, dim=-1)
+        return act_fn(gate) * up
+
+    def rope(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cos: torch.Tensor,
+             sin: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, slot_mapping: torch.Tensor,
+             write_kv, *, keys_from_pages: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Rotary positions on ``query``/``key`` (``cos``/``sin [T, dim]``), the key and value
+        written into the pages (by ``write_kv`` unless fused). Returns the rotated query and key.
+        The fused kernel puts the rotated key only into the pages and returns None for it, so it
+        runs only where the step's attention reads every key from the pages (``keys_from_pages``)."""
+        if self.plan.fused_rope and keys_from_pages:
+            from alise.worker.triton_fused import rope_write_kv
+
+            return rope_write_kv(query, key, value, cos, sin, key_cache, value_cache, slot_mapping), None
+        cos, sin = cos[:, None, :], sin[:, None, :]
+        query = query * cos + rotate_half(query) * sin
+        key = key * cos + rotate_half(key) * sin
+        write_kv(key_cache, value_cache, key, value, slot_mapping)
+        return query, key
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)

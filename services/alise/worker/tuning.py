@@ -1,0 +1,413 @@
+"""Start-up choice of kernels: check every fast kernel on this device, time it against the
+alternatives per shape inside CUDA graphs, keep the fastest (a :class:`KernelPlan`).
+
+Rules, in the order :func:`plan_kernels` applies them:
+
+- A Triton kernel is used only after it has matched its torch reference on random data of the
+  model's shapes and dtype on this device (``||out - ref|| / ||ref||`` within the dtype's
+  rounding, every output written); a kernel that fails, or raises, is left out and the report
+  says so. The plan's default for every piece is the torch path the runner had before.
+- Timings are of CUDA graphs of several calls (no launch gaps), median of several replays, on
+  random data (never zeros), per shape the runner will run: the decode and mixed-step buckets.
+- After the graphs are captured, :func:`keep_faster_mixed_graphs` times each token bucket's
+  mixed step replayed against the same step run eagerly and keeps only the graphs that win.
+
+Every line of the report (checks, timings, choices) goes to the log and to ``plan.report``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from alise.worker import attention as ref
+from alise.worker.cuda_graphs import decode_buckets, token_buckets
+from alise.worker.kernel_plan import KernelPlan, blas_library, norm_params, rotate_half, torch_linear
+from alise.worker.timing import fmt_us, graph_time_s, median_wall_s, rel_error
+
+logger = logging.getLogger(__name__)
+
+#: ||out - ref|| / ||ref|| a kernel may show against its float32 reference, by dtype.
+TOLERANCE = {torch.float32: 2e-3, torch.float16: 3e-3, torch.bfloat16: 2e-2}
+#: Context of the decode rows in representative steps (clamped to the model's limit).
+CONTEXT = 512
+
+
+class Planner:
+    """Builds the plan of one runner (see the module docstring). ``timer(fn)`` gives the seconds of
+    one call of ``fn``: graph-timed on CUDA; a wall clock runs the same decisions on the CPU under
+    the Triton interpreter, which is how the tests exercise them."""
+
+    def __init__(self, runner, timer: Callable[[Callable[[], object]], float] = graph_time_s) -> None:
+        self.runner = runner
+        self.time = timer
+        self.plan = KernelPlan()
+        self.dtype = runner.loaded.dtype
+        self.device = runner.device
+        self.tol = TOLERANCE[self.dtype]
+        shape = runner.kv_cache.shape
+        self.num_kv_heads, self.head_dim = shape.num_kv_heads, shape.head_dim
+        self.num_heads = runner.config.num_attention_heads
+        self.context = min(CONTEXT, runner.max_model_len - 1)
+
+    def note(self, line: str) -> None:
+        self.plan.report.append(line)
+        logger.info("kernel plan: %s", line)
+
+    def attempt(self, what: str, fn: Callable[[], object]) -> object:
+        try:
+            return fn()
+        except Exception as exc:  # a kernel that does not build or run here is left out
+            self.note(f"{what}: failed ({type(exc).__name__}: {str(exc)[:160]}); left out")
+            return None
+
+    def randn(self, *shape: int) -> torch.Tensor:
+        return torch.randn(*shape, device=self.device, dtype=self.dtype)
+
+    # ------------------------------------------------------------------ norms and rotary
+
+    def pick_norm(self) -> None:
+        from alise.worker.triton_fused import add_norm
+
+        layer = self.runner._layers[0]
+        norm = layer.input_layernorm if self.runner.loaded.family == "llama" else layer.self_attn_layer_norm
+        weight, bias, eps, rms = norm_params(norm)
+        if weight is None:
+            self.note("add_norm: the norm has no weight; torch")
+            return
+        x, d = self.randn(64, weight.shape[0]), self.randn(64, weight.shape[0])
+        total, out = add_norm(x, d, weight, bias, eps, rms=rms)
+        expect = x + d
+        h = expect.float()
+        if rms:
+            normed = (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)).to(self.dtype).float()
+            expect_out = weight.float() * normed
+        else:
+            expect_out = F.layer_norm(h, h.shape[-1:], weight.float(), bias.float() if bias is not None else None, eps)
+        err = max(rel_error(total, expect), rel_error(out, expect_out))
+        if err > self.tol:
+            self.note(f"add_norm: rel err {err:.1e} > {self.tol:.0e}; left out")
+            return
+        rows = [1, 64]
+        fused = [self.time(lambda r=r: add_norm(x[:r], d[:r], weight, bias, eps, rms=rms)) for r in rows]
+        plain = [self.time(lambda r=r: norm(x[:r] + d[:r])) for r in rows]
+        self.plan.fused_norm = all(f < p for f, p in zip(fused, plain))
+        self.note(f"add_norm (rel err {err:.1e}): rows {rows}: fused {fmt_us(fused)} vs torch {fmt_us(plain)} "
+                  f"-> {'fused' if self.plan.fused_norm else 'torch'}")
+
+    def pick_silu(self) -> None:
+        from alise.worker.triton_fused import silu_mul
+
+        runner = self.runner
+        if runner.loaded.family != "llama" or runner.config.hidden_act != "silu":
+            return
+        width = runner._gate_up[0][0].shape[0]
+        x = self.randn(64, width)
+        gate, up = x.float().chunk(2, dim=-1)
+        expect = F.silu(gate).to(self.dtype).float() * up
+        err = rel_error(silu_mul(x), expect)
+        if err > self.tol:
+            self.note(f"silu_mul: rel err {err:.1e} > {self.tol:.0e}; left out")
+            return
+        act = runner._layers[0].mlp.act_fn
+        rows = [1, 64]
+        fused = [self.time(lambda r=r: silu_mul(x[:r])) for r in rows]
+        plain = [self.time(lambda r=r: act(x[:r, :width // 2]) * x[:r, width // 2:]) for r in rows]
+        self.plan.fused_silu = all(f < p for f, p in zip(fused, plain))
+        self.note(f"silu_mul (rel err {err:.1e}): rows {rows}: fused {fmt_us(fused)} vs torch {fmt_us(plain)} "
+                  f"-> {'fused' if self.plan.fused_silu else 'torch'}")
+
+    def pick_rope(self) -> None:
+        from alise.worker.triton_fused import rope_write_kv
+
+        if self.runner.loaded.family != "llama":
+            return
+        t, h, kvh, dim = 64, self.num_heads, self.num_kv_heads, self.head_dim
+        qkv = self.randn(t, h + 2 * kvh, dim)
+        q, k, v = qkv.split([h, kvh, kvh], dim=1)
+        cos, sin = self.runner._rope_cos[:t], self.runner._rope_sin[:t]
+        caches = [torch.zeros(-(-t // 16), 16, kvh, dim, device=self.device, dtype=self.dtype) for _ in range(4)]
+        slots = torch.randperm(caches[0].shape[0] * 16, device=self.device)[:t]
+        q_out = rope_write_kv(q, k, v, cos, sin, caches[0], caches[1], slots)
+        c, s = cos[:, None, :], sin[:, None, :]
+        q_ref, k_ref = q * c + rotate_half(q) * s, k * c + rotate_half(k) * s
+        ref.write_kv(caches[2], caches[3], k_ref, v, slots)
+        err = max(rel_error(q_out, q_ref), rel_error(caches[0], caches[2]), rel_error(caches[1], caches[3]))
+        if err > self.tol:
+            self.note(f"rope_write_kv: rel err {err:.1e} > {self.tol:.0e}; left out")
+            return
+        write = self.runner.attention_backend.write_kv
+
+        def plain(r: int) -> torch.Tensor:
+            cc, ss = cos[:r, None, :], sin[:r, None, :]
+            write(caches[2], caches[3], k[:r] * cc + rotate_half(k[:r]) * ss, v[:r], slots[:r])
+            return q[:r] * cc + rotate_half(q[:r]) * ss
+
+        rows = [1, 64]
+        fused = [self.time(lambda r=r: rope_write_kv(q[:r], k[:r], v[:r], cos[:r], sin[:r], caches[0],
+                                                        caches[1], slots[:r])) for r in rows]
+        torch_t = [self.time(lambda r=r: plain(r)) for r in rows]
+        self.plan.fused_rope = all(f < p for f, p in zip(fused, torch_t))
+        self.note(f"rope_write_kv (rel err {err:.1e}): rows {rows}: fused {fmt_us(fused)} vs torch {fmt_us(torch_t)} "
+                  f"-> {'fused' if self.plan.fused_rope else 'torch'}")
+
+    # ------------------------------------------------------------------ attention
+
+    def step_shape(self, num_tokens: int) -> list[tuple[int, int]]:
+        """(start_pos, rows) per sequence of a representative mixed step of ``num_tokens`` rows:
+        decode rows at the planning context beside one chunk that starts mid-sequence."""
+        runner = self.runner
+        decodes = max(0, min(runner.max_num_seqs - 1, num_tokens // 2))
+        chunk = num_tokens - decodes
+        start = max(0, min(256, runner.max_model_len - chunk))
+        return [(self.context, 1)] * decodes + [(start, chunk)]
+
+    def step_tensors(self, shape: list[tuple[int, int]], *, own_pages: bool = False) -> dict:
+        """Unified-kernel arguments of ``shape`` over layer 0 of the runner's (random) cache, or
+        over fresh random pages of just the blocks needed (``own_pages``: checks, whose float32
+        reference must not copy a whole cache layer)."""
+        runner = self.runner
+        bs = runner.block_size
+        width = max(-(-(s + n) // bs) for s, n in shape)
+        if own_pages:
+            num_blocks = len(shape) * width
+            key_cache = self.randn(num_blocks, bs, self.num_kv_heads, self.head_dim)
+            value_cache = self.randn(num_blocks, bs, self.num_kv_heads, self.head_dim)
+        else:
+            num_blocks = runner.num_blocks
+            key_cache, value_cache = runner.kv_cache.layer(0)
+        ids = torch.randperm(len(shape) * width, device=self.device).view(len(shape), width) % num_blocks
+        # Padded to the graphs' table width: the kernels compile (and run) as they will in a step.
+        ids = F.pad(ids, (0, max(0, runner._table_width - width)))
+        starts = torch.tensor([0] + [n for _, n in shape], device=self.device).cumsum(0)
+        return dict(query=self.randn(int(starts[-1]), self.num_heads, self.head_dim), key_cache=key_cache,
+                    value_cache=value_cache, block_tables=ids,
+                    seq_lens=torch.tensor([s + n for s, n in shape], device=self.device), query_start=starts,
+                    scale=self.head_dim ** -0.5)
+
+    def pick_unified(self) -> None:
+        from alise.worker import triton_unified
+
+        group = self.num_heads // self.num_kv_heads
+        check = self.step_tensors([(37, 1), (0, 70), (max(0, self.context - 40), 40), (3, 1)], own_pages=True)
+        expect = ref.unified_attention(check["query"].float(), check["key_cache"].float(),
+                                       check["value_cache"].float(), check["block_tables"], check["seq_lens"],
+                                       check["query_start"], check["scale"])
+        passing = []
+        for config in triton_unified.CANDIDATES:
+            if config.block_m < group:
+                continue
+            out = torch.full_like(check["query"], float("nan"))
+            done = self.attempt(f"unified {config}", lambda c=config: triton_unified.unified_attention(
+                **check, config=c, out=out))
+            err = rel_error(out, expect) if done is not None else float("inf")
+            if err <= self.tol:
+                passing.append(config)
+            elif done is not None:
+                self.note(f"unified {config}: rel err {err:.1e} > {self.tol:.0e}; left out")
+        if not passing:
+            self.note("unified kernel: no configuration passed its check; prefill attention stays per chunk")
+            return
+        for tokens in token_buckets(max(2, self.runner.max_num_tokens or 512)):
+            case = self.step_tensors(self.step_shape(tokens))
+            times = {c: self.time(lambda c=c: triton_unified.unified_attention(**case, config=c))
+                     for c in passing}
+            best = min(times, key=times.get)
+            self.plan.unified[tokens] = best
+            self.note(f"unified, {tokens} rows: best block_m={best.block_m} block_n={best.block_n} "
+                      f"warps={best.num_warps} stages={best.num_stages} {times[best] * 1e6:.1f} us (worst "
+                      f"{max(times.values()) * 1e6:.1f})")
+        self.pick_long_prompts(passing)
+
+    def pick_long_prompts(self, passing: list) -> None:
+        """Fresh prompts longer than the largest bucket: the unified kernel or flash SDPA."""
+        from alise.worker import triton_unified
+
+        length = min(2048, self.runner.max_model_len)
+        case = self.step_tensors([(0, length)])
+        config = self.plan.unified_config(length)
+        unified_s = self.time(lambda: triton_unified.unified_attention(**case, config=config))
+        q = case["query"]
+        kv = self.randn(length, self.num_kv_heads, self.head_dim)
+        sdpa_s = self.time(lambda: ref.fresh_prefill_attention(q, kv, kv, case["scale"]))
+        if sdpa_s < unified_s:
+            self.plan.unified_max_tokens = max(self.plan.unified)
+        self.note(f"fresh prompt of {length}: unified {unified_s * 1e6:.0f} us vs flash SDPA {sdpa_s * 1e6:.0f} us"
+                  f" -> steps above {self.plan.unified_max_tokens or 'no limit'} rows "
+                  f"{'per chunk' if self.plan.unified_max_tokens else 'unified too'}")
+
+    def pick_decode_splits(self) -> None:
+        from alise.worker import triton_attention
+
+        runner = self.runner
+        contexts = sorted({self.context, min(2048, runner.max_model_len - 1)})
+        for batch in decode_buckets(runner.max_num_seqs):
+            cases = []
+            for ctx in contexts:
+                case = self.step_tensors([(ctx - 1, 1)] * batch)
+                cases.append((case["query"], case["key_cache"], case["value_cache"], case["block_tables"],
+                              case["seq_lens"], case["scale"]))
+            default = triton_attention.choose_num_splits(batch, self.num_kv_heads,
+                                                         triton_attention._num_sms(self.device))
+            options = sorted({1, 2, 4, 8, 16, 32, default} if batch <= 8 else {1, 2, default})
+            times = {k: [self.time(lambda a=a, k=k: triton_attention.decode_attention(*a, num_splits=k))
+                         for a in cases] for k in options}
+            best_each = [min(t[i] for t in times.values()) for i in range(len(contexts))]
+            best = min(options, key=lambda k: sum(t / b for t, b in zip(times[k], best_each)))
+            self.plan.decode_splits[batch] = best
+            self.note(f"decode splits, batch {batch} at contexts {contexts}: {best} ({fmt_us(times[best])}; "
+                      f"heuristic {default}: {fmt_us(times[default])})")
+
+    def pick_fused_merge(self) -> None:
+        """The merge inside the decode launch, where the chosen splits exceed one: checked on fresh
+        data several times (a missing ordering shows as an intermittent error), then timed."""
+        from alise.worker import triton_attention
+
+        batches = [b for b, k in self.plan.decode_splits.items() if k > 1]
+        if not batches:
+            self.note("fused merge: no decode bucket splits; nothing to merge")
+            return
+        errs, fused_t, plain_t = [], [], []
+        for batch in batches:
+            case = self.step_tensors([(self.context - 1, 1)] * batch)
+            args = (case["query"], case["key_cache"], case["value_cache"], case["block_tables"], case["seq_lens"],
+                    case["scale"])
+            k = self.plan.decode_splits[batch]
+            for _ in range(3):
+                args[0].normal_()
+                expect = triton_attention.decode_attention(*args, num_splits=k)
+                out = torch.full_like(expect, float("nan"))
+                triton_attention.decode_attention(*args, num_splits=k, out=out, fused_merge=True)
+                errs.append(rel_error(out, expect))
+            fused_t.append(self.time(lambda a=args, k=k: triton_attention.decode_attention(*a, num_splits=k,
+                                                                                          fused_merge=True)))
+            plain_t.append(self.time(lambda a=args, k=k: triton_attention.decode_attention(*a, num_splits=k)))
+        if max(errs) > self.tol:
+            self.note(f"fused merge: rel err {max(errs):.1e} against the merge kernel; left out")
+            return
+        self.plan.fused_merge = sum(fused_t) < sum(plain_t)
+        self.note(f"fused merge (batches {batches}, rel err {max(errs):.1e}): fused {fmt_us(fused_t)} vs merge kernel "
+                  f"{fmt_us(plain_t)} -> {'fused' if self.plan.fused_merge else 'merge kernel'}")
+
+    # ------------------------------------------------------------------ matmuls
+
+    def pick_linears(self) -> None:
+        from alise.worker import triton_fused
+
+        runner = self.runner
+        weights = runner._matmuls(0)
+        rows_all = sorted(set(decode_buckets(runner.max_num_seqs))
+                          | set(token_buckets(runner.max_num_tokens) if runner.max_num_tokens else ()))
+        skinny_ok = self.check_skinny(weights[0])
+        for name, weight, bias, relu in weights:
+            x = self.randn(max(rows_all), weight.shape[1])
+            for rows in rows_all:
+                key = (weight.shape[0], weight.shape[1], rows)
+                a = x[:rows]
+                times = {"cublas": self.time(lambda: torch_linear(a, weight, bias, relu))}
+                if self.device.type == "cuda":
+                    with blas_library("cublaslt"):
+                        times["cublaslt"] = self.time(lambda: torch_linear(a, weight, bias, relu))
+                if rows <= triton_fused.MAX_SKINNY_ROWS:
+                    for config in (c for c in skinny_ok if rows == 1 or not c.vector):
+                        times[config] = self.time(lambda c=config: triton_fused.skinny_linear(
+                            a, weight, bias, relu=relu, config=c))
+                best = min(times, key=times.get)
+                if best != "cublas":
+                    self.plan.linear[key] = best
+                gbps = weight.numel() * weight.element_size() / times[best] / 1e9
+                self.note(f"matmul {name} {tuple(weight.shape)} x {rows} rows: {_label(best)} "
+                          f"{times[best] * 1e6:.1f} us ({gbps:.0f} GB/s of weights); cuBLAS {times['cublas'] * 1e6:.1f}")
+
+    def check_skinny(self, entry) -> list:
+        from alise.worker import triton_fused
+
+        name, weight, bias, relu = entry
+        ok = []
+        for config in triton_fused.SKINNY_CANDIDATES:
+            errs = []
+            for rows in (1,) if config.vector else (1, 16):
+                x = self.randn(rows, weight.shape[1])
+                out = self.attempt(f"skinny {config}", lambda c=config: triton_fused.skinny_linear(
+                    x, weight, bias, relu=relu, config=c))
+                expect = torch_linear(x.float(), weight.float(), None if bias is None else bias.float(), relu)
+                errs.append(float("inf") if out is None else rel_error(out, expect))
+            if max(errs) <= self.tol:
+                ok.append(config)
+            else:
+                self.note(f"skinny {config} on {name}: rel err {max(errs):.1e}; left out")
+        return ok
+
+
+def _label(choice) -> str:
+    return choice if isinstance(choice, str) else (f"triton skinny block_n={choice.block_n} block_k={choice.block_k} "
+                                                   f"warps={choice.num_warps} stages={choice.num_stages}")
+
+
+def plan_kernels(runner, timer: Callable[[Callable[[], object]], float] | None = None) -> KernelPlan:
+    """The plan for ``runner`` on its device: graph-timed on CUDA; the default torch plan off CUDA
+    unless a ``timer`` is given (the interpreter tests)."""
+    if timer is None:
+        if runner.device.type != "cuda":
+            return KernelPlan(report=["no CUDA device: the torch path"])
+        timer = graph_time_s
+    planner = Planner(runner, timer)
+    start = time.perf_counter()
+    cache = runner.kv_cache
+    torch.manual_seed(0)
+    cache.key_cache[0].normal_()  # realistic data to time on, never zeros
+    cache.value_cache[0].normal_()
+    try:
+        with torch.inference_mode():
+            for step in (planner.pick_norm, planner.pick_silu, planner.pick_unified, planner.pick_rope,
+                         planner.pick_decode_splits, planner.pick_fused_merge, planner.pick_linears):
+                planner.attempt(step.__name__, step)
+    finally:
+        cache.key_cache[0].zero_()  # the cache's invariant: never-written slots hold zeros
+        cache.value_cache[0].zero_()
+        if runner.device.type == "cuda":
+            torch.cuda.synchronize()
+    planner.note(f"planned in {time.perf_counter() - start:.1f} s")
+    return planner.plan
+
+
+def keep_faster_mixed_graphs(runner) -> None:
+    """Per token bucket, a representative mixed step replayed from its graph against the same step
+    eager; buckets whose graph gives other logits (beyond the dtype's rounding) or does not win
+    are dropped."""
+    from alise.worker.model_runner import SeqChunk
+
+    planner = Planner(runner)
+    graphs = runner.mixed_graphs
+    keep = []
+    bs = runner.block_size
+    runner.kv_cache.key_cache.normal_()  # realistic data to time on, zeroed again below
+    runner.kv_cache.value_cache.normal_()
+    for tokens in list(graphs.token_buckets):
+        shape = planner.step_shape(tokens)
+        width = -(-max(s + n for s, n in shape) // bs)
+        chunks = [SeqChunk([(7 * i + j) % runner.vocab_size for j in range(n)], s,
+                           [(i * width + k) % runner.num_blocks for k in range(width)])
+                  for i, (s, n) in enumerate(shape)]
+        graph_logits = runner.execute(chunks)
+        graph_s = median_wall_s(lambda: runner.execute(chunks).argmax(-1).tolist())
+        saved, runner.mixed_graphs = runner.mixed_graphs, None
+        err = rel_error(graph_logits, runner.execute(chunks))
+        eager_s = median_wall_s(lambda: runner.execute(chunks).argmax(-1).tolist())
+        runner.mixed_graphs = saved
+        if graph_s < eager_s and err <= planner.tol:
+            keep.append(tokens)
+        planner.note(f"mixed step of {tokens} rows ({len(shape) - 1} decodes + chunk of {shape[-1][1]}): graph "
+                     f"{graph_s * 1e3:.2f} ms vs eager {eager_s * 1e3:.2f} ms, logits rel err {err:.1e}"
+                     + ("" if err <= planner.tol else " (too far: dropped)"))
+    graphs.drop_tokens(keep)
+    runner.plan.mixed_graph_tokens = tuple(keep)
+    runner.kv_cache.key_cache.zero_()
+    runner.kv_cache.value_cache.zero_()
+    runner.plan.report.extend(planner.plan.report)
+    if not keep:
+        runner.mixed_graphs = None
