@@ -33,12 +33,13 @@ class ModelExecutor:
 
     def execute(self, feeds: list[Feed]) -> tuple[list[int], float]:
         start = time.perf_counter()
-        chunks = [SeqChunk(f.token_ids, f.start, f.seq.block_table) for f in feeds]
+        # A chunk that stops short of its sequence's end needs no logits (nothing is sampled).
+        chunks = [SeqChunk(f.token_ids, f.start, f.seq.block_table, needs_logits=f.samples) for f in feeds]
         logits = self.runner.execute(chunks, seq_ids=[f.seq.job_id for f in feeds])
         rows = [i for i, f in enumerate(feeds) if f.samples]
         tokens: list[int] = []
         if rows:
-            if len(rows) < len(feeds):
+            if logits.shape[0] != len(rows):  # a runner that returns every chunk's row
                 logits = logits.index_select(0, torch.tensor(rows, device=logits.device))
             seqs = [feeds[i].seq for i in rows]
             tokens = self.sampler.sample(logits, [s.sampling for s in seqs], [s.generator for s in seqs])

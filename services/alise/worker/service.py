@@ -146,9 +146,11 @@ class Worker:
             max_model_len=cfg.max_model_len))
         num_blocks = size_kv_cache(self.loaded, cfg)
         runner_class = TransformersRunner if cfg.runner == "transformers" else ModelRunner
+        # The paged runner's mixed-step graphs cover the serving loop's token budget.
+        sizes = dict(max_num_tokens=cfg.token_budget) if runner_class is ModelRunner else {}
         runner = await loop.run_in_executor(self._executor, lambda: runner_class(
             self.loaded, num_blocks=num_blocks, block_size=cfg.block_size, max_num_seqs=cfg.max_num_seqs,
-            use_cuda_graphs=None if cfg.cuda_graphs else False))
+            use_cuda_graphs=None if cfg.cuda_graphs else False, **sizes))
         self.latency_model = await loop.run_in_executor(self._executor, lambda: load_latency_profile(runner, cfg))
         self.engine = make_worker_engine(runner, eos_token_id=self.loaded.eos_token_id,
                                          max_model_len=self.loaded.max_model_len,
