@@ -61,6 +61,12 @@ class WorkerConfig:
     step_log: str = ""
     #: Capture CUDA graphs for decode steps at start-up (CUDA with Triton only; ignored on CPU).
     cuda_graphs: bool = True
+    #: Check and time the fused kernels at start-up and keep the fastest per shape (CUDA with
+    #: Triton; False: the plain torch path).
+    fast_kernels: bool = True
+    #: File of the kernel plan: used as it is when it was made for this device, model and sizes,
+    #: else planned at start-up and written there ("" = plan at every start).
+    kernel_plan: str = ""
     #: Forward pass: "paged" (ModelRunner) or "transformers" (TransformersRunner, the plain HF
     #: forward as a baseline; cuda_graphs does not apply, profile_latency is refused).
     runner: str = "paged"

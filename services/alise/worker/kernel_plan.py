@@ -150,3 +150,45 @@ class LayerOps:
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def plan_to_json(plan: KernelPlan, key: dict) -> str:
+    """``plan`` with the ``key`` it was planned for (device, model shapes, versions), as JSON."""
+    import json
+
+    def config(choice) -> object:
+        if isinstance(choice, str):
+            return choice
+        return {"type": type(choice).__name__, **{k: getattr(choice, k) for k in choice.__dataclass_fields__}}
+    return json.dumps(dict(
+        key=key, fused_norm=plan.fused_norm, fused_silu=plan.fused_silu, fused_rope=plan.fused_rope,
+        linear=[[list(k), config(v)] for k, v in plan.linear.items()],
+        decode_splits=[[b, n] for b, n in plan.decode_splits.items()], fused_merge=plan.fused_merge,
+        unified=[[t, config(c)] for t, c in plan.unified.items()], unified_max_tokens=plan.unified_max_tokens,
+        mixed_graph_tokens=list(plan.mixed_graph_tokens), report=plan.report), indent=1)
+
+
+def plan_from_json(text: str, key: dict) -> KernelPlan | None:
+    """The plan in ``text`` if it was made for ``key``, else None (plan again)."""
+    import json
+
+    from alise.worker.triton_fused import SkinnyConfig
+    from alise.worker.triton_unified import UnifiedConfig
+
+    data = json.loads(text)
+    if data.get("key") != key:
+        return None
+    types = {"SkinnyConfig": SkinnyConfig, "UnifiedConfig": UnifiedConfig}
+
+    def config(value) -> object:
+        if isinstance(value, str):
+            return value
+        value = dict(value)
+        return types[value.pop("type")](**value)
+    return KernelPlan(
+        fused_norm=data["fused_norm"], fused_silu=data["fused_silu"], fused_rope=data["fused_rope"],
+        linear={tuple(k): config(v) for k, v in data["linear"]},
+        decode_splits={int(b): int(n) for b, n in data["decode_splits"]}, fused_merge=data["fused_merge"],
+        unified={int(t): config(c) for t, c in data["unified"]}, unified_max_tokens=data["unified_max_tokens"],
+        mixed_graph_tokens=tuple(data["mixed_graph_tokens"]),
+        report=[f"(loaded) {line}" for line in data["report"]])

@@ -57,6 +57,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(env ALISE_WORKER_STEP_LOG; default: none)")
     p.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
                    help="run decode steps eagerly on CUDA")
+    p.add_argument("--no-fast-kernels", dest="fast_kernels", action="store_false",
+                   help="the plain torch path on CUDA: no fused kernels checked and timed at start-up")
+    p.add_argument("--kernel-plan", default=env("ALISE_KERNEL_PLAN", ""),
+                   help="file of the start-up kernel plan: reused when made for this device, model and "
+                        "sizes, else written (env ALISE_KERNEL_PLAN; default: plan at every start)")
     p.add_argument("--runner", choices=("paged", "transformers"), default=env("ALISE_WORKER_RUNNER", "paged"),
                    help="forward pass: this engine's paged one, or the plain transformers one (a "
                         "baseline) (env ALISE_WORKER_RUNNER; default %(default)s)")
@@ -78,7 +83,8 @@ def config_from_args(args: argparse.Namespace) -> WorkerConfig:
         max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
         worker_id=args.worker_id, health_address=args.health_address, seed=args.seed,
         latency_profile=args.latency_profile, profile_latency=args.profile_latency, cuda_graphs=args.cuda_graphs,
-        step_log=args.step_log, orphan_ttl_s=args.orphan_ttl_s,
+        step_log=args.step_log, orphan_ttl_s=args.orphan_ttl_s, fast_kernels=args.fast_kernels,
+        kernel_plan=args.kernel_plan,
         runner=args.runner,
         metrics_address=args.metrics_address, security=security_from_args(args))
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -97,13 +98,16 @@ class ModelRunner(RunnerBase):
 
     def __init__(self, loaded: LoadedModel, *, num_blocks: int, block_size: int,
                  attention_backend: str = "auto", use_cuda_graphs: bool | None = None,
-                 max_num_seqs: int = 64, max_num_tokens: int = 512, fast_kernels: bool | None = None) -> None:
+                 max_num_seqs: int = 64, max_num_tokens: int = 512, fast_kernels: bool | None = None,
+                 plan_file: str = "") -> None:
         """``attention_backend``: "torch" (reference), "triton" (CUDA), or "auto" (Triton on CUDA when
         available). ``fast_kernels`` (default: on with the Triton backend) checks and times the
         fused kernels on this device now and keeps the fastest per shape (alise.worker.tuning).
         ``use_cuda_graphs`` (default: on with the Triton backend) captures decode graphs for up to
         ``max_num_seqs`` sequences and, where the unified kernel passed its check, mixed-step
-        graphs for up to ``max_num_tokens`` rows (0: none)."""
+        graphs for up to ``max_num_tokens`` rows (0: none). ``plan_file``: where the kernel plan is
+        kept: a plan made there for this device, model and sizes is used as it is (no checks or
+        timings at start-up), else the plan made now is written there."""
         self.loaded = loaded
         self.model = loaded.model
         self.config = loaded.config
@@ -147,10 +151,13 @@ class ModelRunner(RunnerBase):
         self.ops = LayerOps()
         if fast_kernels is None:
             fast_kernels = self.attention_backend.name == "triton"
+        loaded_plan = False
         if fast_kernels:
             from alise.worker.tuning import plan_kernels
 
-            self.ops.plan = plan_kernels(self)
+            cached = self._load_plan(plan_file, max_num_seqs) if plan_file else None
+            loaded_plan = cached is not None
+            self.ops.plan = cached or plan_kernels(self)
         if use_cuda_graphs is None:
             use_cuda_graphs = self.attention_backend.name == "triton"
         self.decode_graphs = None
@@ -161,7 +168,36 @@ class ModelRunner(RunnerBase):
             self.decode_graphs = self.make_decode_graphs(max_num_seqs)
             pool = self.decode_graphs.capture()
             if self.ops.plan.unified and max_num_tokens:
-                self._capture_mixed_graphs(pool, measure=fast_kernels)
+                self._capture_mixed_graphs(pool, measure=fast_kernels and not loaded_plan)
+                if loaded_plan and self.mixed_graphs is not None:
+                    self.mixed_graphs.drop_tokens(list(self.plan.mixed_graph_tokens))
+                    if not self.plan.mixed_graph_tokens:
+                        self.mixed_graphs = None
+        if fast_kernels and plan_file and not loaded_plan:
+            from alise.worker.kernel_plan import plan_to_json
+
+            Path(plan_file).write_text(plan_to_json(self.plan, self._plan_key(max_num_seqs)), encoding="utf-8")
+
+    def _plan_key(self, max_num_seqs: int) -> dict:
+        """What a kept kernel plan must have been made for."""
+        import triton
+
+        c = self.config
+        return dict(device=torch.cuda.get_device_name(self.device), torch=torch.__version__,
+                    triton=triton.__version__, dtype=str(self.loaded.dtype), family=self.loaded.family,
+                    hidden=c.hidden_size, layers=c.num_hidden_layers, heads=c.num_attention_heads,
+                    head_dim=self._head_dim, kv_heads=self.kv_cache.shape.num_kv_heads,
+                    max_num_seqs=max_num_seqs, max_num_tokens=self.max_num_tokens, block_size=self.block_size)
+
+    def _load_plan(self, plan_file: str, max_num_seqs: int) -> KernelPlan | None:
+        from alise.worker.kernel_plan import plan_from_json
+
+        path = Path(plan_file)
+        if not path.exists():
+            return None
+        plan = plan_from_json(path.read_text(encoding="utf-8"), self._plan_key(max_num_seqs))
+        logger.info("kernel plan %s: %s", plan_file, "kept" if plan else "made for another set-up; planning again")
+        return plan
 
     def _capture_mixed_graphs(self, pool, *, measure: bool) -> None:
         """Mixed-step graphs over the decode graphs' pool; with ``measure``, each token bucket kept

@@ -147,7 +147,8 @@ class Worker:
         num_blocks = size_kv_cache(self.loaded, cfg)
         runner_class = TransformersRunner if cfg.runner == "transformers" else ModelRunner
         # The paged runner's mixed-step graphs cover the serving loop's token budget.
-        sizes = dict(max_num_tokens=cfg.token_budget) if runner_class is ModelRunner else {}
+        sizes = dict(max_num_tokens=cfg.token_budget, fast_kernels=None if cfg.fast_kernels else False,
+                     plan_file=cfg.kernel_plan) if runner_class is ModelRunner else {}
         runner = await loop.run_in_executor(self._executor, lambda: runner_class(
             self.loaded, num_blocks=num_blocks, block_size=cfg.block_size, max_num_seqs=cfg.max_num_seqs,
             use_cuda_graphs=None if cfg.cuda_graphs else False, **sizes))
