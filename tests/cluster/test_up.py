@@ -53,6 +53,7 @@ class Up:
         self.stderr_path = tmp / "up.stderr"
         command = [sys.executable, "-m", "alise.cli.main", "up", "--model", model, "--address", "127.0.0.1:0",
                    "--predictor-address", "127.0.0.1:0", "--worker-health-port", "0", "--metrics-port", "0",
+                   "--http-address", "127.0.0.1:0", "--http-health-address", "127.0.0.1:0",
                    "--state-dir", str(self.state_dir), *args]
         with open(self.stderr_path, "wb") as err:
             self.proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=err, cwd=tmp)
@@ -125,7 +126,7 @@ def test_status_lists_every_service_with_its_ports(up):
     assert all(isinstance(w["num_steps"], int) and isinstance(w["num_device_blocks"], int)
                for w in status["workers"])
     services = status["local_cluster"]["services"]
-    assert sorted(services) == ["predictor", "scheduler", "worker-0", "worker-1"]
+    assert sorted(services) == ["http", "predictor", "scheduler", "worker-0", "worker-1"]
     assert services["scheduler"]["listen"]["grpc"] == up.address
     assert {kind for s in services.values() for kind in s["listen"]} == {"grpc", "health", "metrics"}
     assert all(s["state"] == "serving" and is_running(s["pid"]) for s in services.values())
@@ -266,7 +267,7 @@ def test_sigkill_of_alise_up_leaves_no_service_running(tmp_path, tiny_llama_dir)
     cluster = _light_cluster(tmp_path, str(tiny_llama_dir))
     try:
         pids = cluster.service_pids()
-        assert len(pids) == 2 and all(is_running(p) for p in pids)
+        assert len(pids) == 3 and all(is_running(p) for p in pids)  # scheduler, worker, HTTP door
         cluster.proc.kill()
         cluster.proc.wait()
         seconds = wait_until(lambda: not any(is_running(p) for p in pids), 60, "orphans gone")
@@ -278,12 +279,12 @@ def test_sigkill_of_alise_up_leaves_no_service_running(tmp_path, tiny_llama_dir)
 
 
 def test_sigterm_drains_and_exits_0(tmp_path, tiny_llama_dir):
-    # The scheduler alone: tests/cluster/test_cluster.py drains workers through the same stop().
+    # The scheduler and the HTTP door: tests/cluster/test_cluster.py drains workers through the same stop().
     cluster = Up(tmp_path, str(tiny_llama_dir), "--no-predictor", "--workers", "0")
     cluster.wait_ready()
     cluster.proc.send_signal(signal.SIGTERM)
     assert cluster.wait_exit() == 0
-    assert "stopped (scheduler=0)" in cluster.stderr
+    assert "stopped (scheduler=0, http=0)" in cluster.stderr
     assert not (cluster.state_dir / "cluster.json").exists()
 
 

@@ -42,6 +42,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="the predictor's HOST:PORT (port 0 = any free port)")
     p.add_argument("--no-predictor", action="store_false", dest="predictor",
                    help="run without the length predictor (estimates fall back to running means)")
+    p.add_argument("--http-address", default=ClusterConfig.http_address,
+                   help="the OpenAI-compatible HTTP door's HOST:PORT (port 0 = any free port; '' = no "
+                        "door; default %(default)s)")
+    p.add_argument("--http-health-address", default=ClusterConfig.http_health_address,
+                   help="where the HTTP door serves grpc.health.v1 (default %(default)s)")
     p.add_argument("--worker-health-port", type=int, default=50060, dest="worker_health_base_port", metavar="PORT",
                    help="worker i serves grpc.health.v1 on this port + i (0 = any free ports)")
     p.add_argument("--metrics-port", type=int, default=None, dest="metrics_base_port", metavar="PORT",
@@ -67,6 +72,8 @@ def _port_owner(name: str, kind: str) -> str:
     """What a port is for, and the flag that sets it."""
     if kind == "metrics":
         return f"{name}'s metrics (--metrics-port)"
+    if name == "http":
+        return "the HTTP door (--http-address)" if kind == "grpc" else "the HTTP door's health (--http-health-address)"
     if kind == "health":
         return f"{name}'s health (--worker-health-port)"
     return f"the {name} (--{'predictor-' if name == 'predictor' else ''}address)"
@@ -91,6 +98,7 @@ def main(args: argparse.Namespace) -> int:
         cfg = ClusterConfig(address=args.address, model=args.model, num_workers=args.num_workers,
                             policy=args.policy, device=args.device, predictor=args.predictor,
                             predictor_address=args.predictor_address, state_dir=args.state_dir,
+                            http_address=args.http_address, http_health_address=args.http_health_address,
                             worker_health_base_port=args.worker_health_base_port,
                             metrics_base_port=args.metrics_base_port, worker_args=tuple(args.worker_args),
                             scheduler_args=tuple(args.scheduler_args), startup_timeout_s=args.startup_timeout_s)

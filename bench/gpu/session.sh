@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# The GPU calls of a session, one stage per call (each well inside a call's 10 minutes), in this
+# order on one warm machine: the first installs the carried wheels (bench/gpu/carry.sh builds them).
+#   STAGE=engine    bench/gpu/engine_check.sh: the kernels' tests, the engine before/after (issue 20)
+#   STAGE=saturated the chat trace all at once, this tree against .devcarry/baseline, fcfs, at
+#                   938 blocks / 64 sequences and 4,096 / 256 (busy fraction, output tok/s)
+#   STAGE=rate      fcfs, alise, oracle at 6.5 req/s on the chat trace (the predictor's history
+#                   carried in .devcarry/serving, MiniLM in .devcarry/minilm-fp16)
+#   STAGE=bursty    the same three on .devcarry/serving/bursty.jsonl (another generator's lengths,
+#                   Gamma CV 3 arrivals at 6 req/s): the simulator's check
+#   OUT=$OUT STAGE=saturated bash bench/gpu/session.sh
+set -uo pipefail
+OUT=${OUT:-/tmp/out}
+case ${STAGE:?} in
+  engine)
+    if [ ! -f /tmp/site/.done ]; then
+      python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+        && touch /tmp/site/.done
+    fi
+    export PYTHONPATH=/tmp/site
+    TEST_S=${TEST_S:-120} BENCH_S=${BENCH_S:-300} bash bench/gpu/engine_check.sh ;;
+  saturated)
+    MODE=once NUM=${NUM:-200} RUNS="base:fcfs:938:64:base938 new:fcfs:938:64:new938 base:fcfs:4096:256:base4096 new:fcfs:4096:256:new4096" \
+      bash bench/gpu/loop_runs.sh ;;
+  rate)
+    MODE=rate:6.5 RUNS="new:fcfs:938:64:fcfs65 new:alise:938:64:alise65 new:oracle:938:64:oracle65" bash bench/gpu/loop_runs.sh ;;
+  bursty)
+    MODE=trace TRACE=.devcarry/serving/bursty.jsonl RUNS="new:fcfs:938:64:fcfsB new:alise:938:64:aliseB new:oracle:938:64:oracleB" \
+      bash bench/gpu/loop_runs.sh ;;
+esac
