@@ -22,9 +22,15 @@ case ${STAGE:?} in
   saturated)
     MODE=once NUM=${NUM:-200} RUNS="base:fcfs:938:64:base938 new:fcfs:938:64:new938 base:fcfs:4096:256:base4096 new:fcfs:4096:256:new4096" \
       bash bench/gpu/loop_runs.sh ;;
-  rate)
-    MODE=rate:6.5 RUNS="new:fcfs:938:64:fcfs65 new:alise:938:64:alise65 new:oracle:938:64:oracle65" bash bench/gpu/loop_runs.sh ;;
+  rate)  # then the 4,096-block pair of the saturated stage again, with the same profile
+    export WORKER_ARGS="--latency-profile profiles/opt-13b-h200-engine.json"
+    MODE=rate:6.5 RUNS="new:fcfs:938:64:fcfs65 new:alise:938:64:alise65 new:oracle:938:64:oracle65" bash bench/gpu/loop_runs.sh
+    MODE=once NUM=${NUM:-200} RUNS="base:fcfs:4096:256:base4096 new:fcfs:4096:256:new4096" bash bench/gpu/loop_runs.sh ;;
   bursty)
+    export WORKER_ARGS="--latency-profile profiles/opt-13b-h200-engine.json"
     MODE=trace TRACE=.devcarry/serving/bursty.jsonl RUNS="new:fcfs:938:64:fcfsB new:alise:938:64:aliseB new:oracle:938:64:oracleB" \
       bash bench/gpu/loop_runs.sh ;;
 esac
+# What comes back is at most 8 files: the logs in one archive, the summaries beside it.
+tar -C "$OUT" -czf /tmp/runs.tgz --exclude='*.tgz' . && mv /tmp/runs.tgz "$OUT/runs-$STAGE.tgz"
+find "$OUT" -maxdepth 1 -type f ! -name '*.tgz' ! -name 'summary.*' -delete

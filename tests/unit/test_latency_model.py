@@ -97,3 +97,12 @@ def test_absolute_fit_adds_up_to_the_measured_total():
     assert sum(absolute.step_s(n, c, p) for n, c, p, _ in samples) == pytest.approx(total, rel=1e-6)
     # The relative fit weighs short steps up, so it need not add up to the total.
     assert abs(sum(relative.step_s(n, c, p) for n, c, p, _ in samples) - total) > 1e-6 * total
+
+
+def test_a_chunk_is_allowed_what_keeps_the_step_within_the_ratio():
+    m = LatencyModel(c0_s=8e-3, c_seq_s=1e-5, c_ctx_s=1e-8, c_pre_s=4e-5, c_mixed_s=2e-4, name="gpu")
+    alone = m.forward_base_s(8, 4000)
+    t = m.chunk_allowance(8, 4000, 1.5)
+    assert m.forward_base_s(9, 4000 + t, [t]) <= 1.5 * alone < m.forward_base_s(9, 4001 + t, [t + 1])
+    assert m.chunk_allowance(0, 0, 1.5) is None                   # no decodes to protect
+    assert LatencyModel(c_pre_s=0.0, c_ctx_s=0.0).chunk_allowance(8, 4000, 1.5) is None

@@ -377,3 +377,19 @@ def test_plans_in_flight_ahead_of_the_worker_stay_exact(jobs, policy, num_blocks
     for i, (prompt, out) in enumerate(jobs):
         if f"j{i}" not in cancelled:
             assert produced[f"j{i}"] == min(out, max_len - prompt), f"j{i}"
+
+
+def test_a_chunk_beside_decodes_is_cut_to_the_latency_allowance():
+    # Two decoding jobs of ~10 tokens: the test profile prices their step at ~10.2 ms, and a
+    # chunk may add half of that: (0.5 * 10.22 ms - 0.1 ms) / 0.101 ms a token = 49 tokens,
+    # though the token budget would allow 4,094.
+    core, worker = make_scheduler("fcfs", num_blocks=64, block_size=16)
+    core.submit(make_job("a", 5, max_tokens=30))
+    core.submit(make_job("b", 5, max_tokens=30))
+    step(core, worker)
+    core.submit(make_job("long", 300, max_tokens=5, arrival_s=1.0))
+    plan, _ = step(core, worker, now_s=1.0)
+    assert plan.chunks == {"long": core.latency.chunk_allowance(2, 14, 1.5)} == {"long": 49}
+    core.prefill_step_ratio = 0  # no cap: the token budget alone
+    plan, _ = step(core, worker, now_s=1.1)
+    assert plan.chunks == {"long": 300 - 49}

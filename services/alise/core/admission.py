@@ -10,10 +10,11 @@ fits three budgets:
   ``reserve_tokens``, in blocks);
 * tokens (chunked prefill): a step feeds at most ``max_num_batched_tokens``. Every running
   job that decodes feeds one token, and those tokens are set aside first, so decodes never
-  stall behind a prompt. What is left is the prefill budget: jobs with more than one token to
-  feed (a prompt, a recompute after a drop) take chunks of it in rank order. A running job
-  whose chunk comes to 0 stays in the batch and waits for budget; a job that is not running
-  starts (or resumes) only while some prefill budget is left.
+  stall behind a prompt. What is left is the prefill budget (capped by ``max_prefill_tokens``
+  where the latency model limits what a chunk may add to the decode step beside it): jobs
+  with more than one token to feed (a prompt, a recompute after a drop) take chunks of it in
+  rank order. A running job whose chunk comes to 0 stays in the batch and waits for budget;
+  a job that is not running starts (or resumes) only while some prefill budget is left.
 
 A job that does not fit ends the walk, unless the policy backfills (then the walk goes on
 with the jobs that still can fit). The walk is vectorized: a run of candidates that all fit
@@ -34,6 +35,8 @@ class Budgets:
     max_num_seqs: int
     max_num_blocks: int
     max_num_batched_tokens: int
+    #: Most prompt tokens the step may feed beside its decodes (None: the token budget's rest).
+    max_prefill_tokens: int | None = None
 
 
 def select(need: np.ndarray, uncomputed: np.ndarray, running: np.ndarray, budgets: Budgets,
@@ -48,6 +51,8 @@ def select(need: np.ndarray, uncomputed: np.ndarray, running: np.ndarray, budget
     decode = running & (uncomputed == 1)
     prefill = ~decode
     budget = budgets.max_num_batched_tokens - int(np.count_nonzero(decode))
+    if budgets.max_prefill_tokens is not None:
+        budget = min(budget, budgets.max_prefill_tokens)
     max_seqs, max_blocks = budgets.max_num_seqs, budgets.max_num_blocks
     pre_u = np.where(prefill, uncomputed, 0)
     taken: list[np.ndarray] = []

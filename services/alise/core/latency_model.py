@@ -88,6 +88,22 @@ class LatencyModel:
                 base += self.c_mixed_decode_s
         return base
 
+    def chunk_allowance(self, num_seqs: int, total_context: int, ratio: float) -> int | None:
+        """Most prompt tokens one chunk may add to a decode step of ``num_seqs`` sequences and
+        ``total_context`` tokens so that the step costs at most ``ratio`` times the decode step
+        alone, by this model; None: no limit (no decodes to protect, or a model that does not
+        price prefill tokens)."""
+        per_token = self.c_pre_s + self.c_ctx_s
+        if num_seqs < 1 or per_token <= 0 or ratio <= 1:
+            return None
+        alone = self.forward_base_s(num_seqs, total_context)
+        room = (ratio - 1) * alone - (self.c_seq_s + self.c_mixed_s + self.c_chunk_s + self.c_mixed_decode_s)
+        if room <= 0:
+            return 0
+        if self.c_pre2_s > 0:  # c_pre2 t^2 + per_token t = room (a chunk from position 0)
+            return int((-per_token + math.sqrt(per_token ** 2 + 4 * self.c_pre2_s * room)) / (2 * self.c_pre2_s))
+        return int(room / per_token)
+
     def recompute_base_s(self, num_tokens, num_computed=0):
         """Uncorrected cost of feeding a sequence of ``num_tokens`` from ``num_computed`` on, as
         a step of its own (``forward_base_s(1, num_tokens, [n], [num_computed])``). Written with

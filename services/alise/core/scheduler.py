@@ -50,6 +50,9 @@ from alise.core.table import WAITING, JobTable
 
 logger = logging.getLogger(__name__)
 
+#: The smallest prompt chunk a step's latency allowance is rounded up to.
+MIN_CHUNK_TOKENS = 16
+
 
 @dataclass
 class WorkerView:
@@ -89,8 +92,11 @@ class WorkerView:
 
 class SchedulerCore:
     def __init__(self, policy: Policy, memory: MemoryPlanner | None = None, *,
-                 latency: LatencyModel | None = None) -> None:
+                 latency: LatencyModel | None = None, prefill_step_ratio: float = 1.5) -> None:
         self.policy = policy
+        #: A step that carries prompt chunks beside decodes may cost at most this many times the
+        #: decode step alone (by a measured latency model; not capped under the default one).
+        self.prefill_step_ratio = prefill_step_ratio
         latency = latency or policy.latency or LatencyModel()
         self.estimator = RemainingTimeEstimator(latency, overrun_growth=policy.overrun_growth)
         # fcfs is vLLM's behaviour: recompute preemption. The speculative policies plan KV moves.
@@ -304,11 +310,22 @@ class SchedulerCore:
 
     def _select(self, view: WorkerView, order: np.ndarray, need: np.ndarray, reserve: np.ndarray | None,
                 held: int) -> tuple[np.ndarray, np.ndarray]:
-        cap = view.capacity
+        cap, table = view.capacity, self.table
         grow = None if reserve is None else reserve / cap.block_size
-        budgets = Budgets(cap.max_num_seqs, cap.num_device_blocks - held, cap.max_num_batched_tokens)
-        return select(need, self.table.uncomputed(order), self.table.running[order], budgets,
-                      self.policy.backfill, grow)
+        uncomputed, running = table.uncomputed(order), table.running[order]
+        budgets = Budgets(cap.max_num_seqs, cap.num_device_blocks - held, cap.max_num_batched_tokens,
+                          self._prefill_allowance(order, running & (uncomputed == 1)))
+        return select(need, uncomputed, running, budgets, self.policy.backfill, grow)
+
+    def _prefill_allowance(self, order: np.ndarray, decoding: np.ndarray) -> int | None:
+        """Prompt tokens the step may add beside its decodes (``LatencyModel.chunk_allowance``),
+        at least ``MIN_CHUNK_TOKENS`` so prompts always progress; None where unpriced."""
+        latency = self.latency
+        if latency.name == "default" or not self.prefill_step_ratio:
+            return None
+        allowance = latency.chunk_allowance(int(np.count_nonzero(decoding)),
+                                            int(self.table.ntok[order][decoding].sum()), self.prefill_step_ratio)
+        return None if allowance is None else max(allowance, MIN_CHUNK_TOKENS)
 
     def _plan_memory(self, view: WorkerView, order: np.ndarray, taken: np.ndarray, used: int,
                      now_s: float) -> list[Command]:

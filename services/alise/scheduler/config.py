@@ -37,6 +37,10 @@ class SchedulerConfig:
     #: Plans kept in flight per worker: the worker runs step k while step k + 1 is planned
     #: (1 = lock-step: the worker waits for each plan).
     plans_ahead: int = 2
+    #: A step that carries prompt chunks beside decodes costs at most this many times the decode
+    #: step alone, by the workers' measured latency profile (chunks are cut to fit; 0 = only
+    #: the workers' token budget limits them).
+    prefill_step_ratio: float = 1.5
     #: Longest prompt text accepted, in characters (tokenizing it must stay cheap).
     max_prompt_chars: int = 4_000_000
     #: Grace period for in-flight requests on SIGTERM.
@@ -57,6 +61,8 @@ class SchedulerConfig:
         for name in ("default_max_tokens", "max_queued", "max_prompt_chars", "plans_ahead"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.prefill_step_ratio and self.prefill_step_ratio <= 1:
+            raise ValueError(f"prefill_step_ratio must be 0 (off) or > 1, got {self.prefill_step_ratio}")
         for name in ("max_wait_no_worker_s", "predictor_timeout_s", "drain_grace_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")

@@ -42,6 +42,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="requests in flight (queued + running) before RESOURCE_EXHAUSTED")
     p.add_argument("--max-wait-no-worker", type=float, default=30.0, dest="max_wait_no_worker_s",
                    help="seconds a request waits while no worker is connected before UNAVAILABLE")
+    p.add_argument("--prefill-step-ratio", type=float, default=1.5,
+                   help="a step with prompt chunks beside decodes costs at most this many times the decode "
+                        "step alone, by the workers' latency profile (0 = no cap; default %(default)s)")
     p.add_argument("--plans-ahead", type=int, default=2,
                    help="plans kept in flight per worker, so it never waits for the next one "
                         "(1 = lock-step; default %(default)s)")
@@ -66,7 +69,7 @@ def config_from_args(args: argparse.Namespace) -> SchedulerConfig:
         max_queued=args.max_queued, max_wait_no_worker_s=args.max_wait_no_worker_s,
         predictor_address=args.predictor_address, predictor_timeout_s=args.predictor_timeout_s,
         latency_profile=args.latency_profile, metrics_address=args.metrics_address, job_log=args.job_log,
-        plans_ahead=args.plans_ahead, security=security_from_args(args))
+        plans_ahead=args.plans_ahead, prefill_step_ratio=args.prefill_step_ratio, security=security_from_args(args))
 
 
 async def serve(config: SchedulerConfig) -> int:

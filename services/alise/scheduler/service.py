@@ -376,7 +376,7 @@ async def start_scheduler(config: SchedulerConfig, *, predict=None, observe=None
     # Without a profile of its own, the scheduler adopts the first worker's (measured on its device).
     latency = LatencyModel.load(config.latency_profile) if config.latency_profile else LatencyModel()
     memory = make_memory_planner(config.kv_planner, latency) if config.kv_planner else None
-    core = SchedulerCore(make_policy(config.policy, latency), memory)
+    core = SchedulerCore(make_policy(config.policy, latency), memory, prefill_step_ratio=config.prefill_step_ratio)
     estimator = LengthEstimator(predict, observe, timeout_s=config.predictor_timeout_s)
 
     job_log = open(config.job_log, "a", encoding="utf-8", buffering=1) if config.job_log else None  # noqa: SIM115

@@ -7,6 +7,7 @@ import asyncio
 import logging
 import os
 import signal
+import sys
 
 from alise.common.entrypoint import run_service
 from alise.common.security import add_security_arguments, security_from_args
@@ -91,6 +92,10 @@ def config_from_args(args: argparse.Namespace) -> WorkerConfig:
 
 async def serve(config: WorkerConfig) -> None:
     from alise.worker.service import Worker
+
+    # The step thread must get the interpreter back as soon as a step's device work is done: the
+    # event loop's thread (reports, plans) then yields within half a millisecond, not Python's 5.
+    sys.setswitchinterval(0.0005)
 
     worker = Worker(config)
     loop = asyncio.get_running_loop()
