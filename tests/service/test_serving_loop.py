@@ -212,3 +212,20 @@ async def test_a_worker_that_lost_its_scheduler_keeps_its_jobs_for_the_next_one(
         assert seen == 60
         await asyncio.sleep(0.5)
         assert not worker.engine.seqs and not worker._held  # aborted by the scheduler that knew them
+
+
+async def test_the_advertised_token_budget_stays_within_the_mixed_step_graphs(tiny_llama_dir):
+    """A step above the largest mixed-step graph runs eagerly: the worker's hello says so."""
+    from alise.worker.config import WorkerConfig
+    from alise.worker.service import Worker
+
+    worker = Worker(WorkerConfig(model=str(tiny_llama_dir), health_address="", max_num_seqs=16,
+                                 max_num_batched_tokens=256))
+    await worker.load()
+    runner = worker.engine.executor.runner
+    assert worker.token_budget() == 256 and runner.mixed_graphs is None  # no graphs on the CPU
+    runner.mixed_graphs = runner.make_mixed_graphs(tokens=[16, 32, 64])
+    assert worker.token_budget() == 64 == worker.hello().hello.max_num_batched_tokens
+    runner.mixed_graphs = runner.make_mixed_graphs(tokens=[8])
+    assert worker.token_budget() == 16  # never under a full batch of decodes
+    worker.close()

@@ -177,9 +177,19 @@ class Worker:
             num_host_blocks=self.engine.kv.num_host_blocks, max_model_len=self.engine.max_model_len,
             vocab_size=ident.vocab_size, eos_token_id=-1 if ident.eos_token_id is None else ident.eos_token_id,
             block_bytes=ident.block_bytes, max_num_seqs=cfg.max_num_seqs,
-            max_num_batched_tokens=cfg.token_budget, model_id=ident.model_id,
+            max_num_batched_tokens=self.token_budget(), model_id=ident.model_id,
             held_jobs=[wire.held_to_pb(job) for job in self._held],
             latency_profile_json=self.latency_model.to_json() if self.latency_model else ""))
+
+    def token_budget(self) -> int:
+        """The step's token budget this worker advertises: the configured one, but no more than
+        its largest mixed-step graph where it has them (a step above it would run eagerly, at two
+        to three times a decode step), and never under a full batch of decodes."""
+        budget = self.config.token_budget
+        graphs = getattr(getattr(self.engine.executor, "runner", None), "mixed_graphs", None)
+        if graphs is not None and graphs.token_buckets:
+            budget = min(budget, max(graphs.token_buckets))
+        return max(budget, self.config.max_num_seqs)
 
     async def run(self) -> None:
         """Connects, serves plans, reconnects; returns after ``stop``.
