@@ -10,15 +10,15 @@ aborts out, reports in.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
-import uuid
 from dataclasses import dataclass, field
 
 import grpc
 from alise.common import grpc_server, wire
-from alise.common.logs import request_id_var
+from alise.common.logs import LogLimiter, preview, request_id_var
 from alise.common.metrics import serve_metrics
 from alise.common.security import AuthInterceptor, bind_port
 from alise.core.job import Job
@@ -30,6 +30,7 @@ from alise.scheduler.config import SchedulerConfig
 from alise.scheduler.engine import JobFailed, SchedulerEngine, WorkerLink
 from alise.scheduler.estimates import LengthEstimator
 from alise.scheduler.tokenizer import IncrementalDetokenizer, ModelInfo, load_model_info
+from alise.scheduler.validation import RequestError, RequestValidator, generate_precheck
 from alise.v1 import (
     common_pb2,
     scheduler_pb2,
@@ -40,22 +41,9 @@ from alise.v1 import (
 
 logger = logging.getLogger(__name__)
 
-MAX_REQUEST_ID_CHARS = 128
 #: grpc.health.v1 service name that is NOT_SERVING while the scheduler runs on fallback estimates.
 PREDICTOR_HEALTH_NAME = "alise.scheduler.predictor"
-
-
-class RequestError(Exception):
-    def __init__(self, code: grpc.StatusCode, message: str, retry_after_s: float | None = None) -> None:
-        super().__init__(message)
-        self.code = code
-        self.retry_after_s = retry_after_s
-
-    async def abort(self, context) -> None:
-        trailing = ()
-        if self.retry_after_s is not None:
-            trailing = (("retry-after-ms", str(int(self.retry_after_s * 1000))),)
-        await context.abort(self.code, str(self), trailing_metadata=trailing)
+GENERATE_METHOD = "/alise.v1.SchedulerService/Generate"
 
 
 class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
@@ -67,16 +55,18 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
         self.estimator = estimator
         self.accepting = True
         self._predicting: set[asyncio.Future] = set()
+        self.validator = RequestValidator(config, info)
+        self._refusals = LogLimiter(logger)
 
     async def Generate(self, request, context):
-        request_id_var.set(request.request_id or "-")
         try:
             job = await self._make_job(request)
-            request_id_var.set(job.job_id)
             stream = self._submit(job)
         except RequestError as exc:
-            logger.info("refused: %s %s", exc.code.name, exc)
+            self._refusals.log(logging.INFO, "refused: %s %s (request id %s)", exc.code.name, exc,
+                               preview(request.request_id))
             await exc.abort(context)
+        request_id_var.set(job.job_id)
         logger.info("queued: %d prompt tokens, max_tokens %d", job.num_prompt_tokens, job.sampling.max_tokens)
         # Not awaited: bounded by the predictor's deadline, and its outcome (an estimate, or
         # a failure that marks the predictor degraded) matters even if the job ends first.
@@ -145,60 +135,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
             raise RequestError(grpc.StatusCode.UNAVAILABLE, "the scheduler failed and is restarting; retry")
         if not self.accepting:
             raise RequestError(grpc.StatusCode.UNAVAILABLE, "the scheduler is draining")
-        request_id = request.request_id or uuid.uuid4().hex
-        if len(request_id) > MAX_REQUEST_ID_CHARS or not request_id.isprintable():
-            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
-                               f"request_id must be printable and at most {MAX_REQUEST_ID_CHARS} characters")
-        token_ids, prompt_text = await self._prompt_tokens(request)
-        limit = self.info.max_model_len
-        if len(token_ids) >= limit:
-            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
-                               f"prompt has {len(token_ids)} tokens; the model's context is {limit} "
-                               "tokens, so a prompt must have fewer to leave room for output")
-        try:
-            sampling = wire.sampling_from_pb(request.sampling, self.config.default_max_tokens)
-        except ValueError as exc:
-            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"sampling: {exc}") from None
-        bad_stop = [t for t in sampling.stop_token_ids if not 0 <= t < self.info.vocab_size]
-        if bad_stop:
-            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
-                               f"stop_token_ids {bad_stop[:5]} are outside the vocabulary "
-                               f"[0, {self.info.vocab_size})")
-        if request.oracle_output_tokens < 0:
-            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "oracle_output_tokens must be >= 0")
-        return Job(request_id, token_ids, sampling, arrival_s=time.monotonic(),
-                   estimate=self.estimator.running_mean,
-                   oracle_output_tokens=request.oracle_output_tokens or None, prompt_text=prompt_text)
-
-    async def _prompt_tokens(self, request) -> tuple[list[int], str]:
-        kind = request.WhichOneof("prompt")
-        if kind is None:
-            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "prompt is required: set text or token_ids")
-        if kind == "token_ids":
-            ids = list(request.token_ids.ids)
-            if not ids:
-                raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "prompt is empty (no token ids)")
-            vocab = self.info.vocab_size
-            for position, token in enumerate(ids):
-                if not 0 <= token < vocab:
-                    raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
-                                       f"token id {token} at position {position} is outside the "
-                                       f"vocabulary [0, {vocab})")
-            text = self.info.tokenizer.decode([t for t in ids if t < len(self.info.tokenizer)])
-            return ids, text
-        text = request.text
-        if not text.strip():
-            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "prompt is empty")
-        if len(text) > self.config.max_prompt_chars:
-            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
-                               f"prompt has {len(text)} characters; the limit is {self.config.max_prompt_chars}")
-        ids = await asyncio.to_thread(self._encode, text)
-        if not ids:
-            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "prompt has no tokens after tokenization")
-        return ids, text
-
-    def _encode(self, text: str) -> list[int]:
-        return self.info.tokenizer.encode(text, add_special_tokens=True)
+        return await self.validator.make_job(request, self.estimator.running_mean)
 
     async def GetStatus(self, request, context):
         snap = self.engine.snapshot()
@@ -279,25 +216,42 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             self.engine.worker_reported(link.worker_id, report)
 
 
+class WorkerServiceElsewhere(worker_pb2_grpc.WorkerServiceServicer):
+    """WorkerService on the client listener: it only tells a worker dialing the wrong port
+    where to go. Workers are served on the worker listener alone."""
+
+    async def Connect(self, request_iterator, context):
+        with contextlib.suppress(Exception):  # its hello first: a write racing the refusal hides it
+            await asyncio.wait_for(request_iterator.__anext__(), timeout=5.0)
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED,
+                            "this is the scheduler's client listener; workers connect to its worker "
+                            "listener (`alise scheduler --worker-address`, by default 127.0.0.1 and the "
+                            "client port + 1)")
+
+
 @dataclass
 class SchedulerServer:
+    #: The client listener (SchedulerService) and its port.
     server: grpc.aio.Server
     port: int
     engine: SchedulerEngine
     servicer: SchedulerServicer
     health: grpc_server.ServingStatus
+    #: The worker listener (WorkerService) and its port.
+    worker_server: grpc.aio.Server
+    worker_port: int
     metrics_port: int = 0
     job_log: object = None  # the open --job-log file, closed by stop()
     #: Set when the engine loop failed (the process should exit non-zero).
     failed: asyncio.Event = field(default_factory=asyncio.Event)
-
-    watcher: asyncio.Future | None = None
+    #: Background tasks (the failure watcher, the predictor's warm-up), cancelled by stop().
+    tasks: list[asyncio.Future] = field(default_factory=list)
 
     async def stop(self, grace_s: float = 5.0) -> None:
-        """Drains: refuse new requests, let in-flight ones finish within ``grace_s``, then
-        fail the rest with UNAVAILABLE and stop."""
-        if self.watcher is not None:
-            self.watcher.cancel()
+        """Drains: refuse new requests, let in-flight ones finish within ``grace_s`` (workers
+        stay connected meanwhile), then fail the rest with UNAVAILABLE and stop."""
+        for task in self.tasks:
+            task.cancel()
         self.servicer.accepting = False
         await self.health.set(False)
         deadline = time.monotonic() + grace_s
@@ -305,10 +259,14 @@ class SchedulerServer:
             await asyncio.sleep(0.05)
         logger.info("drained (%d requests still in flight); stopping", self.engine.num_live_jobs())
         await self.engine.stop()
-        await self.server.stop(1.0)
+        await asyncio.gather(self.server.stop(1.0), self.worker_server.stop(1.0))
         if self.job_log is not None:
             self.job_log.close()
         logger.info("stopped")
+
+
+SCHEDULER_SERVICE = scheduler_pb2.DESCRIPTOR.services_by_name["SchedulerService"].full_name
+WORKER_SERVICE = worker_pb2.DESCRIPTOR.services_by_name["WorkerService"].full_name
 
 
 async def start_scheduler(config: SchedulerConfig, *, predict=None, observe=None) -> SchedulerServer:
@@ -331,39 +289,65 @@ async def start_scheduler(config: SchedulerConfig, *, predict=None, observe=None
                              max_wait_no_worker_s=config.max_wait_no_worker_s,
                              plans_ahead=config.plans_ahead, on_finish=on_finish,
                              on_failure=lambda exc: failed.set())
+    engine.metrics.forget_departed_workers(lambda: engine.links)
     servicer = SchedulerServicer(config, info, engine, estimator)
-    server = grpc_server.create_server(max_concurrent_rpcs=config.max_queued + 256,
-                                       interceptors=[AuthInterceptor(config.security)])
-    scheduler_pb2_grpc.add_SchedulerServiceServicer_to_server(servicer, server)
-    worker_pb2_grpc.add_WorkerServiceServicer_to_server(WorkerServicer(engine, info), server)
-    health = await grpc_server.add_health_and_reflection(server, [
-        scheduler_pb2.DESCRIPTOR.services_by_name["SchedulerService"].full_name,
-        worker_pb2.DESCRIPTOR.services_by_name["WorkerService"].full_name,
-    ])
+    health = grpc_server.ServingStatus([SCHEDULER_SERVICE, WORKER_SERVICE])
+    await health.set(True)
     if predict is not None:
-        await estimator.warm_up()
-        await health.set_one(PREDICTOR_HEALTH_NAME, True)
-
-        def on_state(ok: bool) -> None:
-            asyncio.ensure_future(health.set_one(PREDICTOR_HEALTH_NAME, ok))
-        estimator.on_state = on_state
-    port = bind_port(server, config.address, config.security)
+        await health.set_one(PREDICTOR_HEALTH_NAME, False)  # until the warm-up call answers
+        estimator.on_state = lambda ok: asyncio.ensure_future(health.set_one(PREDICTOR_HEALTH_NAME, ok))
+    server, worker_server = await _listeners(config, servicer, WorkerServicer(engine, info), health)
+    port = bind_port(server, config.address, config.security, internal=False)
+    worker_port = bind_port(worker_server, config.worker_listen_address, config.security)
 
     async def on_failed() -> None:
         await failed.wait()
         servicer.accepting = False
         await health.set(False)
-    watcher = asyncio.ensure_future(on_failed())
+    tasks = [asyncio.ensure_future(on_failed())]
     engine.start()
     metrics_port = 0
     if config.metrics_address:
         metrics_port = serve_metrics(engine.metrics.registry, config.metrics_address)
     await server.start()
-    logger.info("scheduler listening on %s (policy %s, model %s, context %d)",
-                config.address.rsplit(":", 1)[0] + f":{port}", config.policy, info.name, info.max_model_len)
-    result = SchedulerServer(server, port, engine, servicer, health, metrics_port, job_log, failed)
-    result.watcher = watcher
-    return result
+    await worker_server.start()
+    if predict is not None:
+        # After listening: a predictor that is down must not keep clients and workers out.
+        tasks.append(asyncio.ensure_future(_warm_up(estimator, health)))
+    host = lambda address, p: f"{address.rsplit(':', 1)[0]}:{p}"  # noqa: E731
+    logger.info("scheduler listening for clients on %s and for workers on %s (policy %s, model %s, "
+                "context %d)", host(config.address, port), host(config.worker_listen_address, worker_port),
+                config.policy, info.name, info.max_model_len)
+    if not config.security.has_internal_credential:
+        logger.warning("the worker listener %s is open: any process on this host can register as a "
+                       "worker and read the prompts it is given; give the scheduler and its workers an "
+                       "internal secret (--internal-secret-file or ALISE_INTERNAL_SECRET)",
+                       host(config.worker_listen_address, worker_port))
+    return SchedulerServer(server=server, port=port, engine=engine, servicer=servicer, health=health,
+                           worker_server=worker_server, worker_port=worker_port, metrics_port=metrics_port,
+                           job_log=job_log, failed=failed, tasks=tasks)
+
+
+async def _listeners(config: SchedulerConfig, servicer: SchedulerServicer, workers: WorkerServicer,
+                     health: grpc_server.ServingStatus) -> tuple[grpc.aio.Server, grpc.aio.Server]:
+    """The client listener and the worker listener: two servers, so neither reaches the
+    other's service and a flood of clients never takes a worker's place in a call limit."""
+    auth = AuthInterceptor(config.security)
+    server = grpc_server.create_server(
+        max_calls=config.max_calls_in_progress, interceptors=[auth],
+        prechecks={GENERATE_METHOD: generate_precheck(servicer.info.max_model_len)})
+    scheduler_pb2_grpc.add_SchedulerServiceServicer_to_server(servicer, server)
+    worker_pb2_grpc.add_WorkerServiceServicer_to_server(WorkerServiceElsewhere(), server)
+    await grpc_server.add_health_and_reflection(server, [SCHEDULER_SERVICE], status=health)
+    worker_server = grpc_server.create_server(max_calls=1024, interceptors=[auth])
+    worker_pb2_grpc.add_WorkerServiceServicer_to_server(workers, worker_server)
+    await grpc_server.add_health_and_reflection(worker_server, [WORKER_SERVICE], status=health)
+    return server, worker_server
+
+
+async def _warm_up(estimator: LengthEstimator, health: grpc_server.ServingStatus) -> None:
+    await estimator.warm_up()
+    await health.set_one(PREDICTOR_HEALTH_NAME, not estimator.is_degraded)
 
 
 def job_record(job: Job) -> dict:
