@@ -7,10 +7,11 @@ with and the prompts it received.
 
     python bench/rogue_worker.py ADDRESS --model-id ID --vocab-size N [--secret S] [--tls-ca PEM]
 
-With ``--matrix`` it starts a scheduler of each supported configuration (in this process,
-loopback, the embedded tiny-llama), queues a client's prompt while no worker is connected,
-runs itself as a rogue against the client port and the worker port, with no secret, a
-guessed one and (for contrast) the real one, and prints what each rogue could read.
+With ``--matrix`` it starts a scheduler of each configuration (in this process, loopback,
+the embedded tiny-llama; then `alise up` as processes), queues a client's prompt while no
+worker is connected, runs itself as a rogue against the client port and the worker port,
+with no secret, a guessed one and (for contrast) the real one, and prints what each rogue
+could read.
 
     python bench/rogue_worker.py --matrix
 """
@@ -144,11 +145,39 @@ async def one_configuration(overrides: dict, token: str | None, certs: dict[str,
     return rows
 
 
+async def alise_up() -> list[tuple[str, str]]:
+    """`alise up` (no predictor, no worker): the secret it makes for its cluster."""
+    from alise.client import AsyncClient
+    from alise.scheduler.tokenizer import load_model_info
+    from upcluster import UpCluster
+
+    up = await asyncio.to_thread(UpCluster, "--no-predictor", workers=0)
+    info = await asyncio.to_thread(load_model_info, None)
+    listen = up.state["services"]["scheduler"]["listen"]
+    rows = []
+    try:
+        async with AsyncClient(up.address) as client:
+            waiting = asyncio.ensure_future(client.complete(PROMPT, max_tokens=2))
+            await asyncio.sleep(2.0)
+            for listener, address in (("client port", listen["grpc"]), ("worker port", listen["workers"])):
+                for secret in ("", "guessed"):
+                    result = await run_rogue(address, info, *(["--secret", secret] if secret else []))
+                    read = f"READ {len(result['prompts'])} PROMPT(S)" if result["prompts"] else "no prompt"
+                    rows.append((f"{listener}, {secret or 'no'} secret", f"{result['code']}, {read}"))
+            waiting.cancel()
+    finally:
+        await asyncio.to_thread(up.stop)
+    return rows
+
+
 async def matrix() -> None:
     certs = make_certs(Path(tempfile.mkdtemp(prefix="alise-rogue-")))
     print(f"{'configuration':<36}{'rogue dials':<34}outcome")
-    for name, overrides, token in configurations(certs):
-        for what, outcome in await one_configuration(overrides, token, certs):
+    rows = [(name, await one_configuration(overrides, token, certs))
+            for name, overrides, token in configurations(certs)]
+    rows.append(("alise up (a secret of its own)", await alise_up()))
+    for name, outcomes in rows:
+        for what, outcome in outcomes:
             print(f"{name:<36}{what:<34}{outcome}", flush=True)
             name = ""
 

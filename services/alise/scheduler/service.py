@@ -10,7 +10,6 @@ aborts out, reports in.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import time
@@ -20,7 +19,7 @@ import grpc
 from alise.common import grpc_server, wire
 from alise.common.logs import LogLimiter, preview, request_id_var
 from alise.common.metrics import serve_metrics
-from alise.common.security import AuthInterceptor, bind_port
+from alise.common.security import bind_port
 from alise.core.job import Job
 from alise.core.latency_model import LatencyModel
 from alise.core.memory_planner import make_memory_planner
@@ -29,8 +28,15 @@ from alise.core.scheduler import SchedulerCore
 from alise.scheduler.config import SchedulerConfig
 from alise.scheduler.engine import JobFailed, SchedulerEngine, WorkerLink
 from alise.scheduler.estimates import LengthEstimator
+from alise.scheduler.listeners import SCHEDULER_SERVICE, WORKER_SERVICE, make_listeners
+from alise.scheduler.request_checks import (
+    MAX_STOP_TOKEN_IDS,
+    check_request_id,
+    generate_precheck,
+    prompt_too_long,
+    token_prompt,
+)
 from alise.scheduler.tokenizer import IncrementalDetokenizer, ModelInfo, load_model_info
-from alise.scheduler.validation import RequestError, RequestValidator, generate_precheck
 from alise.v1 import (
     common_pb2,
     scheduler_pb2,
@@ -46,6 +52,19 @@ PREDICTOR_HEALTH_NAME = "alise.scheduler.predictor"
 GENERATE_METHOD = "/alise.v1.SchedulerService/Generate"
 
 
+class RequestError(Exception):
+    def __init__(self, code: grpc.StatusCode, message: str, retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.retry_after_s = retry_after_s
+
+    async def abort(self, context) -> None:
+        trailing = ()
+        if self.retry_after_s is not None:
+            trailing = (("retry-after-ms", str(int(self.retry_after_s * 1000))),)
+        await context.abort(self.code, str(self), trailing_metadata=trailing)
+
+
 class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
     def __init__(self, config: SchedulerConfig, info: ModelInfo, engine: SchedulerEngine,
                  estimator: LengthEstimator) -> None:
@@ -55,18 +74,17 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
         self.estimator = estimator
         self.accepting = True
         self._predicting: set[asyncio.Future] = set()
-        self.validator = RequestValidator(config, info)
         self._refusals = LogLimiter(logger)
 
     async def Generate(self, request, context):
         try:
             job = await self._make_job(request)
+            request_id_var.set(job.job_id)  # validated: only now may it go into log lines
             stream = self._submit(job)
         except RequestError as exc:
             self._refusals.log(logging.INFO, "refused: %s %s (request id %s)", exc.code.name, exc,
                                preview(request.request_id))
             await exc.abort(context)
-        request_id_var.set(job.job_id)
         logger.info("queued: %d prompt tokens, max_tokens %d", job.num_prompt_tokens, job.sampling.max_tokens)
         # Not awaited: bounded by the predictor's deadline, and its outcome (an estimate, or
         # a failure that marks the predictor degraded) matters even if the job ends first.
@@ -135,7 +153,61 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
             raise RequestError(grpc.StatusCode.UNAVAILABLE, "the scheduler failed and is restarting; retry")
         if not self.accepting:
             raise RequestError(grpc.StatusCode.UNAVAILABLE, "the scheduler is draining")
-        return await self.validator.make_job(request, self.estimator.running_mean)
+        try:
+            request_id = check_request_id(request.request_id)
+        except ValueError as exc:
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
+        token_ids, prompt_text = await self._prompt_tokens(request)
+        limit = self.info.max_model_len
+        if len(token_ids) >= limit:
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, prompt_too_long(len(token_ids), limit))
+        try:
+            sampling = wire.sampling_from_pb(request.sampling, self.config.default_max_tokens)
+        except ValueError as exc:
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"sampling: {exc}") from None
+        if len(sampling.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"sampling: at most {MAX_STOP_TOKEN_IDS} "
+                               f"stop_token_ids, got {len(sampling.stop_token_ids)}")
+        bad_stop = [t for t in sampling.stop_token_ids if not 0 <= t < self.info.vocab_size]
+        if bad_stop:
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                               f"stop_token_ids {bad_stop[:5]} are outside the vocabulary "
+                               f"[0, {self.info.vocab_size})")
+        if request.oracle_output_tokens < 0:
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "oracle_output_tokens must be >= 0")
+        return Job(request_id, token_ids, sampling, arrival_s=time.monotonic(),
+                   estimate=self.estimator.running_mean,
+                   oracle_output_tokens=request.oracle_output_tokens or None, prompt_text=prompt_text)
+
+    async def _prompt_tokens(self, request) -> tuple[list[int], str]:
+        kind = request.WhichOneof("prompt")
+        if kind is None:
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "prompt is required: set text or token_ids")
+        if kind == "token_ids":
+            # The count first; the per-id work runs off the event loop, bounded by the context.
+            num_ids = len(request.token_ids.ids)
+            if not num_ids:
+                raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "prompt is empty (no token ids)")
+            if num_ids >= self.info.max_model_len:
+                raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                                   prompt_too_long(num_ids, self.info.max_model_len))
+            try:
+                return await asyncio.to_thread(token_prompt, request.token_ids.ids, self.info)
+            except ValueError as exc:
+                raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
+        text = request.text
+        if not text.strip():
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "prompt is empty")
+        if len(text) > self.config.max_prompt_chars:
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                               f"prompt has {len(text)} characters; the limit is {self.config.max_prompt_chars}")
+        ids = await asyncio.to_thread(self._encode, text)
+        if not ids:
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "prompt has no tokens after tokenization")
+        return ids, text
+
+    def _encode(self, text: str) -> list[int]:
+        return self.info.tokenizer.encode(text, add_special_tokens=True)
 
     async def GetStatus(self, request, context):
         snap = self.engine.snapshot()
@@ -216,19 +288,6 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             self.engine.worker_reported(link.worker_id, report)
 
 
-class WorkerServiceElsewhere(worker_pb2_grpc.WorkerServiceServicer):
-    """WorkerService on the client listener: it only tells a worker dialing the wrong port
-    where to go. Workers are served on the worker listener alone."""
-
-    async def Connect(self, request_iterator, context):
-        with contextlib.suppress(Exception):  # its hello first: a write racing the refusal hides it
-            await asyncio.wait_for(request_iterator.__anext__(), timeout=5.0)
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED,
-                            "this is the scheduler's client listener; workers connect to its worker "
-                            "listener (`alise scheduler --worker-address`, by default 127.0.0.1 and the "
-                            "client port + 1)")
-
-
 @dataclass
 class SchedulerServer:
     #: The client listener (SchedulerService) and its port.
@@ -265,10 +324,6 @@ class SchedulerServer:
         logger.info("stopped")
 
 
-SCHEDULER_SERVICE = scheduler_pb2.DESCRIPTOR.services_by_name["SchedulerService"].full_name
-WORKER_SERVICE = worker_pb2.DESCRIPTOR.services_by_name["WorkerService"].full_name
-
-
 async def start_scheduler(config: SchedulerConfig, *, predict=None, observe=None) -> SchedulerServer:
     info = await asyncio.to_thread(load_model_info, config.model, config.max_model_len)
     # Without a profile of its own, the scheduler adopts the first worker's (measured on its device).
@@ -296,7 +351,9 @@ async def start_scheduler(config: SchedulerConfig, *, predict=None, observe=None
     if predict is not None:
         await health.set_one(PREDICTOR_HEALTH_NAME, False)  # until the warm-up call answers
         estimator.on_state = lambda ok: asyncio.ensure_future(health.set_one(PREDICTOR_HEALTH_NAME, ok))
-    server, worker_server = await _listeners(config, servicer, WorkerServicer(engine, info), health)
+    server, worker_server = await make_listeners(
+        config, servicer, WorkerServicer(engine, info), health,
+        prechecks={GENERATE_METHOD: generate_precheck(info.max_model_len)})
     port = bind_port(server, config.address, config.security, internal=False)
     worker_port = bind_port(worker_server, config.worker_listen_address, config.security)
 
@@ -314,35 +371,21 @@ async def start_scheduler(config: SchedulerConfig, *, predict=None, observe=None
     if predict is not None:
         # After listening: a predictor that is down must not keep clients and workers out.
         tasks.append(asyncio.ensure_future(_warm_up(estimator, health)))
-    host = lambda address, p: f"{address.rsplit(':', 1)[0]}:{p}"  # noqa: E731
-    logger.info("scheduler listening for clients on %s and for workers on %s (policy %s, model %s, "
-                "context %d)", host(config.address, port), host(config.worker_listen_address, worker_port),
-                config.policy, info.name, info.max_model_len)
-    if not config.security.has_internal_credential:
-        logger.warning("the worker listener %s is open: any process on this host can register as a "
-                       "worker and read the prompts it is given; give the scheduler and its workers an "
-                       "internal secret (--internal-secret-file or ALISE_INTERNAL_SECRET)",
-                       host(config.worker_listen_address, worker_port))
+    _log_listening(config, info, port, worker_port)
     return SchedulerServer(server=server, port=port, engine=engine, servicer=servicer, health=health,
                            worker_server=worker_server, worker_port=worker_port, metrics_port=metrics_port,
                            job_log=job_log, failed=failed, tasks=tasks)
 
 
-async def _listeners(config: SchedulerConfig, servicer: SchedulerServicer, workers: WorkerServicer,
-                     health: grpc_server.ServingStatus) -> tuple[grpc.aio.Server, grpc.aio.Server]:
-    """The client listener and the worker listener: two servers, so neither reaches the
-    other's service and a flood of clients never takes a worker's place in a call limit."""
-    auth = AuthInterceptor(config.security)
-    server = grpc_server.create_server(
-        max_calls=config.max_calls_in_progress, interceptors=[auth],
-        prechecks={GENERATE_METHOD: generate_precheck(servicer.info.max_model_len)})
-    scheduler_pb2_grpc.add_SchedulerServiceServicer_to_server(servicer, server)
-    worker_pb2_grpc.add_WorkerServiceServicer_to_server(WorkerServiceElsewhere(), server)
-    await grpc_server.add_health_and_reflection(server, [SCHEDULER_SERVICE], status=health)
-    worker_server = grpc_server.create_server(max_calls=1024, interceptors=[auth])
-    worker_pb2_grpc.add_WorkerServiceServicer_to_server(workers, worker_server)
-    await grpc_server.add_health_and_reflection(worker_server, [WORKER_SERVICE], status=health)
-    return server, worker_server
+def _log_listening(config: SchedulerConfig, info: ModelInfo, port: int, worker_port: int) -> None:
+    clients = f"{config.address.rsplit(':', 1)[0]}:{port}"
+    workers = f"{config.worker_listen_address.rsplit(':', 1)[0]}:{worker_port}"
+    logger.info("scheduler listening for clients on %s and for workers on %s (policy %s, model %s, "
+                "context %d)", clients, workers, config.policy, info.name, info.max_model_len)
+    if not config.security.has_internal_credential:
+        logger.warning("the worker listener %s is open: any process on this host can register as a "
+                       "worker and read the prompts it is given; give the scheduler and its workers an "
+                       "internal secret (--internal-secret-file or ALISE_INTERNAL_SECRET)", workers)
 
 
 async def _warm_up(estimator: LengthEstimator, health: grpc_server.ServingStatus) -> None:
