@@ -37,7 +37,7 @@ async def main() -> None:
     args = parser.parse_args()
     scheduler = await start_scheduler(SchedulerConfig(address="127.0.0.1:0"))
     address = f"127.0.0.1:{scheduler.port}"
-    worker = Worker(WorkerConfig(scheduler_address=address, health_address="", worker_id="w0",
+    worker = Worker(WorkerConfig(scheduler_address=f"127.0.0.1:{scheduler.worker_port}", health_address="", worker_id="w0",
                                  max_num_seqs=args.streams, num_device_blocks=4096))
     await worker.load()
     task = asyncio.create_task(worker.run())

@@ -92,7 +92,8 @@ async def load(address: str, in_flight: int, tokens: int, seconds: float) -> int
 
 
 def run(n: int, args: argparse.Namespace, workdir: Path) -> dict:
-    address = f"127.0.0.1:{free_port()}"
+    port = free_port()
+    address, worker_address = f"127.0.0.1:{port}", f"127.0.0.1:{port + 1}"  # workers: the client port + 1
     alise = [sys.executable, "-m", "alise.cli.main"]
     log = open(workdir / f"n{n}-scheduler.log", "w")  # noqa: SIM115
     procs = [subprocess.Popen(alise + ["scheduler", "--address", address, "--policy", "alise"], env=ENV,
@@ -104,7 +105,7 @@ def run(n: int, args: argparse.Namespace, workdir: Path) -> dict:
         for i in range(n):
             logs[i].unlink(missing_ok=True)
             procs.append(subprocess.Popen(
-                [sys.executable, __file__, "--virtual-worker", "--scheduler", address, "--worker-id", f"w{i}",
+                [sys.executable, __file__, "--virtual-worker", "--scheduler", worker_address, "--worker-id", f"w{i}",
                  "--step-ms", str(args.step_ms), "--seqs", str(args.seqs), "--step-log", str(logs[i])],
                 env=ENV, stdout=log, stderr=subprocess.STDOUT))
         while (workdir / f"n{n}-scheduler.log").read_text().count("joined") < n:

@@ -92,7 +92,8 @@ async def sample_rss(cluster: LocalCluster, names: list[str], start: float, end:
 
 async def main_async(args) -> dict:
     state = Path(tempfile.mkdtemp(prefix="alise-soak-"))
-    cfg = ClusterConfig(address=f"127.0.0.1:{args.port}", num_workers=args.workers, policy=args.policy,
+    cfg = ClusterConfig(address=f"127.0.0.1:{args.port}", worker_address=f"127.0.0.1:{args.port + 1}",
+                        num_workers=args.workers, policy=args.policy,
                         predictor_address=f"127.0.0.1:{args.port + 2}", state_dir=str(state),
                         worker_health_base_port=args.port + 10,
                         worker_args=("--max-num-seqs", "32", "--num-device-blocks", "2048"))

@@ -35,7 +35,7 @@ for run in $RUNS; do
   # Started as plain commands (not through the shell function) so $! is the server's own pid.
   python3 -m alise.cli.main predictor serve --index-dir /tmp/idx --address 127.0.0.1:50053 > "$OUT/$tag-predictor.log" 2>&1 & pp=$!
   python3 -m alise.cli.main scheduler --address 127.0.0.1:50051 --policy "$policy" ${planner:+--kv-planner "$planner"} --model opt-13b --predictor 127.0.0.1:50053 --job-log "$OUT/$tag-jobs.jsonl" > "$OUT/$tag-scheduler.log" 2>&1 & sp=$!
-  python3 -m alise.cli.main worker --scheduler 127.0.0.1:50051 --model opt-13b --device cuda --dtype float16 --num-device-blocks "$BLOCKS" \
+  python3 -m alise.cli.main worker --scheduler 127.0.0.1:50052 --model opt-13b --device cuda --dtype float16 --num-device-blocks "$BLOCKS" \
     --max-num-seqs "$seqs" $([ "$runner" = paged ] || echo --runner "$runner") --health-address 127.0.0.1:50060 --step-log "$OUT/$tag-steps.jsonl" ${WORKER_ARGS:-} > "$OUT/$tag-worker.log" 2>&1 & wp=$!
   wait_healthy 127.0.0.1:50053 && wait_healthy 127.0.0.1:50051 && wait_healthy 127.0.0.1:50060 || { tail -30 "$OUT/$tag-"*.log; exit 1; }
   start=$(date +%s.%N)

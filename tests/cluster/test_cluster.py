@@ -16,9 +16,10 @@ pytestmark = pytest.mark.cluster
 
 
 def test_compose_runs_the_same_commands_as_alise_up(tmp_path):
-    ports = {p: p for p in (50051, 50053, 50060, 8000, 8001, 9400, 9401, 9402)}
+    ports = {p: p for p in (50051, 50052, 50053, 50060, 8000, 8001, 9400, 9401, 9402)}
     compose = localize(compose_commands(), tmp_path, ports)
-    local = service_commands(ClusterConfig(address="127.0.0.1:50051", state_dir=str(tmp_path),
+    local = service_commands(ClusterConfig(address="127.0.0.1:50051", worker_address="127.0.0.1:50052",
+                                           state_dir=str(tmp_path),
                                            num_workers=1, predictor_address="127.0.0.1:50053",
                                            metrics_base_port=9400))
     local["worker"] = local.pop("worker-0")

@@ -52,8 +52,8 @@ class Up:
         self.state_dir = tmp / "state"
         self.stderr_path = tmp / "up.stderr"
         command = [sys.executable, "-m", "alise.cli.main", "up", "--model", model, "--address", "127.0.0.1:0",
-                   "--predictor-address", "127.0.0.1:0", "--worker-health-port", "0", "--metrics-port", "0",
-                   "--http-address", "127.0.0.1:0", "--http-health-address", "127.0.0.1:0",
+                   "--worker-address", "127.0.0.1:0", "--predictor-address", "127.0.0.1:0", "--worker-health-port", "0",
+                   "--metrics-port", "0", "--http-address", "127.0.0.1:0", "--http-health-address", "127.0.0.1:0",
                    "--state-dir", str(self.state_dir), *args]
         with open(self.stderr_path, "wb") as err:
             self.proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=err, cwd=tmp)
@@ -128,7 +128,7 @@ def test_status_lists_every_service_with_its_ports(up):
     services = status["local_cluster"]["services"]
     assert sorted(services) == ["http", "predictor", "scheduler", "worker-0", "worker-1"]
     assert services["scheduler"]["listen"]["grpc"] == up.address
-    assert {kind for s in services.values() for kind in s["listen"]} == {"grpc", "health", "metrics"}
+    assert {kind for s in services.values() for kind in s["listen"]} == {"grpc", "workers", "health", "metrics"}
     assert all(s["state"] == "serving" and is_running(s["pid"]) for s in services.values())
 
 
@@ -160,6 +160,20 @@ def test_health_watch_list_and_reflection_v1_on_every_service(up):
     assert "alise.v1.PredictorService" in served["predictor"]
 
 
+def test_workers_need_the_clusters_own_secret(up):
+    """alise up gives its services a secret made for the cluster: a process without it that
+    dials the worker listener is refused, while the cluster's workers serve."""
+    state = up.state()
+    workers_address = state["services"]["scheduler"]["listen"]["workers"]
+    rogue = Path(__file__).resolve().parents[2] / "bench" / "rogue_worker.py"
+    out = subprocess.run([sys.executable, str(rogue), workers_address, "--secret", "guessed"],
+                         capture_output=True, text=True, timeout=120)
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == {"code": "UNAUTHENTICATED", "prompts": []}
+    with Client(up.address) as client:
+        assert len(client.complete("still served", max_tokens=2, ignore_eos=True).token_ids) == 2
+    assert "ALISE_INTERNAL_SECRET" not in (up.state_dir / "cluster.json").read_text()
+
+
 def test_generate_prints_a_one_token_usage_line(up):
     out = subprocess.run([sys.executable, "-m", "alise.cli.main", "generate", "hi", "--address", up.address,
                           "--max-tokens", "1", "--ignore-eos"], capture_output=True, text=True, check=True)
@@ -169,6 +183,7 @@ def test_generate_prints_a_one_token_usage_line(up):
 @pytest.mark.parametrize("service, kind, says", [
     ("predictor", "grpc", "is not an ALISE scheduler: it is the ALISE predictor (alise.v1.PredictorService)"),
     ("worker-0", "health", "is not an ALISE scheduler: it is a server of health checks only"),
+    ("scheduler", "workers", "is not an ALISE scheduler: it is the ALISE scheduler's worker listener"),
     ("scheduler", "metrics", "answers HTTP/1, not gRPC: it is not an ALISE scheduler"),
 ])
 def test_the_wrong_address_says_what_answers_there(up, service, kind, says):
@@ -306,12 +321,12 @@ class _HealthServer:
         self.server.stop(0)
 
 
-@pytest.mark.parametrize("flag", ["--address", "--predictor-address"])
+@pytest.mark.parametrize("flag", ["--address", "--worker-address", "--predictor-address"])
 def test_a_taken_port_is_refused_by_name_before_anything_starts(tmp_path, tiny_llama_dir, flag):
     with _HealthServer() as port:
         command = [sys.executable, "-m", "alise.cli.main", "up", "--model", str(tiny_llama_dir),
-                   "--state-dir", str(tmp_path), "--address", "127.0.0.1:0", "--predictor-address",
-                   "127.0.0.1:0", "--worker-health-port", "0", flag, f"127.0.0.1:{port}"]
+                   "--state-dir", str(tmp_path), "--address", "127.0.0.1:0", "--worker-address", "127.0.0.1:0",
+                   "--predictor-address", "127.0.0.1:0", "--worker-health-port", "0", flag, f"127.0.0.1:{port}"]
         start = time.monotonic()
         out = subprocess.run(command, capture_output=True, text=True, timeout=120)
         print(f"alise up refused port {port} after {time.monotonic() - start:.1f} s")

@@ -16,11 +16,13 @@ from alise.worker.service import Worker
 @dataclass
 class InProcessCluster:
     scheduler: SchedulerServer
+    #: The client listener (SDK calls) and the worker listener (workers dial it).
     address: str
+    worker_address: str
     workers: list[tuple[Worker, asyncio.Task]] = field(default_factory=list)
 
     async def add_worker(self, model: str, **overrides) -> Worker:
-        cfg = WorkerConfig(scheduler_address=self.address, model=model, health_address="",
+        cfg = WorkerConfig(scheduler_address=self.worker_address, model=model, health_address="",
                            worker_id=f"w{len(self.workers)}", reconnect_delay_s=0.1, **overrides)
         worker = Worker(cfg)
         await worker.load()
@@ -52,7 +54,7 @@ async def cluster(model: str, *, num_workers: int = 1, worker_overrides: dict | 
                   **scheduler_overrides):
     config = SchedulerConfig(address="127.0.0.1:0", model=model, **scheduler_overrides)
     scheduler = await start_scheduler(config)
-    c = InProcessCluster(scheduler, f"127.0.0.1:{scheduler.port}")
+    c = InProcessCluster(scheduler, f"127.0.0.1:{scheduler.port}", f"127.0.0.1:{scheduler.worker_port}")
     try:
         for _ in range(num_workers):
             await c.add_worker(model, **(worker_overrides or {}))

@@ -89,7 +89,7 @@ def test_generate_fuzzed(live, request):
 @settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
 @given(stream=st.lists(messages(worker_pb2.WorkerMessage), min_size=1, max_size=5))
 def test_worker_stream_fuzzed(live, stream):
-    with grpc.insecure_channel(live.address) as channel:
+    with grpc.insecure_channel(live.worker_address) as channel:
         stub = worker_pb2_grpc.WorkerServiceStub(channel)
         try:
             for _ in stub.Connect(iter(stream), timeout=1.5):
@@ -111,14 +111,15 @@ def test_oversize_and_garbage_bytes(live):
         with pytest.raises(grpc.RpcError) as info:
             list(generate(bad_utf8, timeout=5))
         assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT
-        connect = channel.stream_stream("/alise.v1.WorkerService/Connect")
-        with pytest.raises(grpc.RpcError) as info:
-            list(connect(iter([b"\x0a\x02\xff\xff"]), timeout=5))
-        assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT
         huge = scheduler_pb2.GenerateRequest(text="x" * (20 << 20)).SerializeToString()
         with pytest.raises(grpc.RpcError) as info:
             list(generate(huge, timeout=10))
         assert info.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+    with grpc.insecure_channel(live.worker_address) as channel:
+        connect = channel.stream_stream("/alise.v1.WorkerService/Connect")
+        with pytest.raises(grpc.RpcError) as info:
+            list(connect(iter([b"\x0a\x02\xff\xff"]), timeout=5))
+        assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT
     assert_healthy(live)
 
 
@@ -147,7 +148,7 @@ def test_worker_sending_nonsense_reports_is_disconnected(live, report):
         time.sleep(1.0)
 
     received = []
-    with grpc.insecure_channel(live.address) as channel:
+    with grpc.insecure_channel(live.worker_address) as channel:
         stub = worker_pb2_grpc.WorkerServiceStub(channel)
         try:
             for msg in stub.Connect(messages(), timeout=5):

@@ -39,7 +39,7 @@ async def test_bad_profile_in_hello_is_refused(tiny_llama_dir):
             num_device_blocks=8, max_model_len=64, vocab_size=c.scheduler.servicer.info.vocab_size,
             block_bytes=1024, max_num_seqs=4, max_num_batched_tokens=64,
             latency_profile_json=json.dumps({"c0_s": -1.0}))
-        async with grpc.aio.insecure_channel(c.address) as channel:
+        async with grpc.aio.insecure_channel(c.worker_address) as channel:
             call = worker_pb2_grpc.WorkerServiceStub(channel).Connect()
             await call.write(worker_pb2.WorkerMessage(hello=hello))
             with pytest.raises(grpc.aio.AioRpcError) as err:

@@ -42,7 +42,8 @@ async def test_predictor_outage_degrades_then_recovers(tiny_llama_dir, tmp_path)
         predict=predict, observe=observe)
     scheduler.servicer.estimator.retry_after_s = 0.2
     address = f"127.0.0.1:{scheduler.port}"
-    worker = Worker(WorkerConfig(scheduler_address=address, model=str(tiny_llama_dir), health_address=""))
+    worker = Worker(WorkerConfig(scheduler_address=f"127.0.0.1:{scheduler.worker_port}", model=str(tiny_llama_dir),
+                                 health_address=""))
     await worker.load()
     task = asyncio.create_task(worker.run())
     from alise.client import AsyncClient

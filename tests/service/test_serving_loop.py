@@ -156,7 +156,7 @@ async def test_the_scheduler_process_exits_non_zero_when_its_loop_fails(tiny_lla
     monkeypatch.setattr(SchedulerCore, "schedule", broken)
     config = SchedulerConfig(address="127.0.0.1:50151", model=str(tiny_llama_dir))
     served = asyncio.ensure_future(serve(config))
-    worker = Worker(WorkerConfig(scheduler_address=config.address, model=str(tiny_llama_dir),
+    worker = Worker(WorkerConfig(scheduler_address=config.worker_listen_address, model=str(tiny_llama_dir),
                                  health_address="", reconnect_delay_s=0.1))
     await worker.load()
     task = asyncio.ensure_future(worker.run())

@@ -12,7 +12,7 @@ from cluster_fixtures import cluster
 async def test_a_worker_serving_another_model_is_refused(tiny_llama_dir, tiny_opt_dir, caplog):
     # Same vocabulary (both use the MiniLM tokenizer), different architecture.
     async with cluster(str(tiny_llama_dir), num_workers=0) as c:
-        worker = Worker(WorkerConfig(scheduler_address=c.address, model=str(tiny_opt_dir), health_address="",
+        worker = Worker(WorkerConfig(scheduler_address=c.worker_address, model=str(tiny_opt_dir), health_address="",
                                      reconnect_delay_s=0.1))
         await worker.load()
         task = asyncio.create_task(worker.run())

@@ -11,7 +11,8 @@ SCHEDULER = "alise.v1.SchedulerService"
 #: Services every ALISE server carries beside its own; they say nothing about which it is.
 _PLUMBING = ("grpc.health.v1.Health", "grpc.reflection.v1.ServerReflection",
              "grpc.reflection.v1alpha.ServerReflection")
-_KNOWN = {"alise.v1.PredictorService": "the ALISE predictor"}
+_KNOWN = {"alise.v1.PredictorService": "the ALISE predictor",
+          "alise.v1.WorkerService": "the ALISE scheduler's worker listener"}
 
 
 def served_services(address: str, tls_ca: str | None = None, timeout_s: float = 2.0) -> list[str] | None:

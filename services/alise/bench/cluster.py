@@ -44,7 +44,7 @@ async def run_on_cluster(requests: Sequence[TraceRequest], *, policy: str, model
     workers = []
     try:
         for i in range(num_workers):
-            cfg = WorkerConfig(scheduler_address=address, model=model, health_address="",
+            cfg = WorkerConfig(scheduler_address=f"127.0.0.1:{scheduler.worker_port}", model=model, health_address="",
                                worker_id=f"w{i}", reconnect_delay_s=0.1,
                                **(worker_overrides or {}))
             worker = Worker(cfg)

@@ -29,8 +29,10 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class ClusterConfig:
-    #: Where the scheduler listens (clients and workers connect here); port 0 = any free one.
+    #: Where the scheduler listens for clients; port 0 = any free one.
     address: str = "127.0.0.1:50051"
+    #: Where the scheduler listens for workers (they dial it); port 0 = any free one.
+    worker_address: str = "127.0.0.1:50052"
     #: Model directory or preset (None = the embedded default, random weights).
     model: str | None = None
     num_workers: int = 1
@@ -62,7 +64,7 @@ class ClusterConfig:
             raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
         if self.policy not in POLICY_NAMES:
             raise ValueError(f"policy must be one of {', '.join(POLICY_NAMES)}, got {self.policy!r}")
-        for name in ("address", "predictor_address"):
+        for name in ("address", "worker_address", "predictor_address"):
             _, port = split_address(getattr(self, name))
             if port > 65535:
                 raise ValueError(f"{name} has port {port}, past 65535")
@@ -84,6 +86,7 @@ def service_commands(cfg: ClusterConfig) -> dict[str, list[str]]:
     model = ["--model", cfg.model] if cfg.model else []
     host = split_address(cfg.address)[0]
     address, predictor_address = resolve(cfg.address), resolve(cfg.predictor_address)
+    worker_address = resolve(cfg.worker_address)
 
     def metrics(offset: int) -> list[str]:
         if cfg.metrics_base_port is None:
@@ -94,13 +97,14 @@ def service_commands(cfg: ClusterConfig) -> dict[str, list[str]]:
     if cfg.predictor:
         commands["predictor"] = ["predictor", "serve", "--address", predictor_address,
                                  "--index-dir", os.path.join(cfg.state_dir, "predictor"), *metrics(1)]
-    sched = ["scheduler", "--address", address, "--policy", cfg.policy, *model]
+    sched = ["scheduler", "--address", address, "--worker-address", worker_address, "--policy", cfg.policy,
+             *model]
     if cfg.predictor:
         sched += ["--predictor", predictor_address]
     commands["scheduler"] = sched + metrics(0) + list(cfg.scheduler_args)
     for i in range(cfg.num_workers):
         commands[f"worker-{i}"] = [
-            "worker", "--scheduler", address, "--device", cfg.device, *model,
+            "worker", "--scheduler", worker_address, "--device", cfg.device, *model,
             "--worker-id", f"worker-{i}",
             "--health-address", _port(cfg.worker_health_base_port, i, host), *metrics(2 + i),
             *cfg.worker_args]
@@ -111,11 +115,13 @@ def service_commands(cfg: ClusterConfig) -> dict[str, list[str]]:
 
 
 #: Flags by which a service's command says where it listens, and what listens there.
-_LISTEN_FLAGS = {"--address": "grpc", "--health-address": "health", "--metrics-address": "metrics"}
+_LISTEN_FLAGS = {"--address": "grpc", "--worker-address": "workers", "--health-address": "health",
+                 "--metrics-address": "metrics"}
 
 
 def listen_addresses(command: list[str]) -> dict[str, str]:
-    """What the service listens on, by kind (grpc, health, metrics), read from its command."""
+    """What the service listens on, by kind (grpc, workers, health, metrics), read from its
+    command."""
     found = {}
     for flag, kind in _LISTEN_FLAGS.items():
         if flag in command and command.index(flag) + 1 < len(command):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import secrets
 import signal
 import sys
 
@@ -38,6 +39,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--address", default="127.0.0.1:50051",
                    help="the scheduler's HOST:PORT, where clients connect; the other services "
                         "listen on its host too (port 0 = any free port)")
+    p.add_argument("--worker-address", default=ClusterConfig.worker_address,
+                   help="the scheduler's HOST:PORT for workers; they dial it with a secret that `alise "
+                        "up` makes for the cluster unless ALISE_INTERNAL_SECRET is set (port 0 = any "
+                        "free port)")
     p.add_argument("--predictor-address", default="127.0.0.1:50053",
                    help="the predictor's HOST:PORT (port 0 = any free port)")
     p.add_argument("--no-predictor", action="store_false", dest="predictor",
@@ -76,6 +81,8 @@ def _port_owner(name: str, kind: str) -> str:
         return "the HTTP door (--http-address)" if kind == "grpc" else "the HTTP door's health (--http-health-address)"
     if kind == "health":
         return f"{name}'s health (--worker-health-port)"
+    if kind == "workers":
+        return f"the {name}'s worker listener (--worker-address)"
     return f"the {name} (--{'predictor-' if name == 'predictor' else ''}address)"
 
 
@@ -95,7 +102,8 @@ def check_ports(commands: dict[str, list[str]]) -> None:
 def main(args: argparse.Namespace) -> int:
     configure_logging("up")
     try:
-        cfg = ClusterConfig(address=args.address, model=args.model, num_workers=args.num_workers,
+        cfg = ClusterConfig(address=args.address, worker_address=args.worker_address, model=args.model,
+                            num_workers=args.num_workers,
                             policy=args.policy, device=args.device, predictor=args.predictor,
                             predictor_address=args.predictor_address, state_dir=args.state_dir,
                             http_address=args.http_address, http_health_address=args.http_health_address,
@@ -113,11 +121,20 @@ def main(args: argparse.Namespace) -> int:
               "weights on the CPU (its text is meaningless; the serving path is the real one)",
               file=sys.stderr)
     os.makedirs(cfg.state_dir, exist_ok=True)
-    cluster = LocalCluster(commands, log_dir=os.path.join(cfg.state_dir, "logs"))
+    cluster = LocalCluster(commands, log_dir=os.path.join(cfg.state_dir, "logs"), env=cluster_secret(cfg))
     address = listen_addresses(commands["scheduler"])["grpc"]
     supervisor = Supervisor(cluster, policy=policy, state_file=os.path.join(cfg.state_dir, STATE_FILE),
                             info={"address": address, "policy": cfg.policy, "log_dir": cluster.log_dir})
     return _run(supervisor, cfg, address)
+
+
+def cluster_secret(cfg: ClusterConfig) -> dict[str, str]:
+    """The environment that gives every service one internal secret, made for this cluster,
+    so no process without it can register as a worker; none when one is given already."""
+    given = any(a.startswith("--internal-secret-file") for a in (*cfg.scheduler_args, *cfg.worker_args))
+    if given or os.environ.get("ALISE_INTERNAL_SECRET"):
+        return {}
+    return {"ALISE_INTERNAL_SECRET": secrets.token_hex(32)}
 
 
 class _StopRequested(Exception):
@@ -138,10 +155,11 @@ def _run(supervisor: Supervisor, cfg: ClusterConfig, address: str) -> int:
     try:
         supervisor.start(cfg.startup_timeout_s)
         stop["started"] = True
-        predictor = f", predictor {cfg.predictor_address}" if cfg.predictor else ", no predictor"
+        listen = {name: listen_addresses(command) for name, command in cluster.commands.items()}
+        predictor = f", predictor {listen['predictor']['grpc']}" if cfg.predictor else ", no predictor"
         workers = f"{cfg.num_workers} worker{'' if cfg.num_workers == 1 else 's'}"
-        print(f"alise: cluster ready on {address} ({workers}, policy {cfg.policy}"
-              f"{predictor}); logs in {cluster.log_dir}; `alise status` lists every service. "
+        print(f"alise: cluster ready on {address} ({workers} dialing {listen['scheduler']['workers']}, policy "
+              f"{cfg.policy}{predictor}); logs in {cluster.log_dir}; `alise status` lists every service. "
               f"Ctrl-C to stop.", file=sys.stderr, flush=True)
         supervisor.run(lambda: stop["requested"])
     except _StopRequested:

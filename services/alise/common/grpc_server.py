@@ -1,19 +1,28 @@
-"""Shared gRPC server plumbing: health, reflection, graceful shutdown.
+"""Shared gRPC server plumbing: health, reflection, limits, graceful shutdown.
 
 Every ALISE service serves the standard ``grpc.health.v1`` protocol (Check, Watch, List)
 from the moment it listens, and server reflection (v1 and v1alpha) so ``grpcurl`` and
 ``buf curl`` can describe it.
+
+Limits, outermost first (a service's admission control sits inside them and answers first):
+gRPC core holds at most ``max_pending_calls`` calls that Python has not picked up yet (past
+that it cancels them); ``CallLimit`` answers RESOURCE_EXHAUSTED with a retry-after hint past
+``max_calls`` calls in progress, health checks exempt, so a flood never makes a service look
+dead to its orchestrator. gRPC's own ``maximum_concurrent_rpcs`` is not used: at its limit it
+stops picking up calls, health checks included, and leaves the rest to core's cancelling.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import logging
 import signal
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 
 import grpc
+from alise.common.logs import LogLimiter
 from google.protobuf import descriptor_pb2, descriptor_pool
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
@@ -22,6 +31,15 @@ logger = logging.getLogger(__name__)
 
 #: Largest message any ALISE server accepts (a 1 MB prompt fits with room to spare).
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+#: Trailing metadata key of the retry hint that goes with RESOURCE_EXHAUSTED.
+RETRY_AFTER_KEY = "retry-after-ms"
+#: Calls gRPC core queues before Python picks them up (its default is 1,000, then it starts
+#: cancelling): room for a burst of several thousand while the event loop catches up.
+MAX_PENDING_CALLS = 16384
+HEALTH_CHECK_METHOD = "/grpc.health.v1.Health/Check"
+#: Checks a service runs on a request's raw bytes before they are parsed: (status, message)
+#: refuses the call, None lets it through. Keyed by full method name.
+Precheck = Callable[[bytes], "tuple[grpc.StatusCode, str] | None"]
 
 
 class HealthServicer(health.aio.HealthServicer):
@@ -53,31 +71,37 @@ class ServingStatus:
 
 def create_server(
     *,
-    max_concurrent_rpcs: int | None = None,
+    max_calls: int = 4096,
     interceptors: Iterable[grpc.aio.ServerInterceptor] = (),
+    prechecks: Mapping[str, Precheck] | None = None,
 ) -> grpc.aio.Server:
+    """A server with the shared options and interceptors: ``interceptors`` (authentication)
+    first, then the call limit, then the decode guard (with ``prechecks``)."""
     return grpc.aio.server(
-        interceptors=[*interceptors, DecodeGuardInterceptor()],
-        maximum_concurrent_rpcs=max_concurrent_rpcs,
+        interceptors=[*interceptors, CallLimit(max_calls), DecodeGuardInterceptor(prechecks)],
         options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
             ("grpc.so_reuseport", 0),
+            ("grpc.server.max_pending_requests", MAX_PENDING_CALLS),
+            ("grpc.server.max_pending_requests_hard_limit", MAX_PENDING_CALLS),
         ],
     )
 
 
 async def add_health_and_reflection(
-    server: grpc.aio.Server, service_full_names: Iterable[str]
+    server: grpc.aio.Server, service_full_names: Iterable[str], status: ServingStatus | None = None
 ) -> ServingStatus:
     """Registers health (initially SERVING) and reflection, v1 and v1alpha, for the given
-    services."""
+    services. Given ``status``, the server answers health from it (one status, several
+    listeners) instead of a new one."""
     names = list(service_full_names)
-    status = ServingStatus(names)
+    if status is None:
+        status = ServingStatus(names)
+        await status.set(True)
     health_pb2_grpc.add_HealthServicer_to_server(status.servicer, server)
     health_name = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
     _add_reflection(server, [*names, health_name, reflection.SERVICE_NAME, REFLECTION_V1])
-    await status.set(True)
     return status
 
 
@@ -152,30 +176,43 @@ def split_host_port(address: str) -> tuple[str, int]:
     return host, int(port)
 
 
-class _Undecodable:
-    """Stands in for a request whose bytes did not parse; the guard turns it into a status."""
+class _Refused:
+    """Stands in for a request refused before or by parsing; the guard turns it into a status."""
 
-    def __init__(self, error: Exception) -> None:
-        self.error = error
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        self.code = code
+        self.message = message
 
 
-def _guarded_deserializer(deserializer):
+def _guarded_deserializer(deserializer, method: str, precheck: Precheck | None):
     def decode(data: bytes):
+        if precheck is not None:
+            try:
+                refusal = precheck(data)
+            except WireScanError as exc:
+                refusal = grpc.StatusCode.INVALID_ARGUMENT, f"request to {method} could not be parsed: {exc}"
+            if refusal is not None:
+                return _Refused(*refusal)
         try:
             return deserializer(data)
         except Exception as exc:  # noqa: BLE001 - any parse failure is the caller's bad input
-            return _Undecodable(exc)
+            return _Refused(grpc.StatusCode.INVALID_ARGUMENT, f"request to {method} could not be parsed: {exc}")
     return decode
 
 
 class DecodeGuardInterceptor(grpc.aio.ServerInterceptor):
     """Answers unparseable requests (corrupt wire format, invalid UTF-8 in a string field)
-    with INVALID_ARGUMENT and a readable message, instead of gRPC's UNKNOWN.
+    with INVALID_ARGUMENT and a readable message, instead of gRPC's UNKNOWN, and runs the
+    service's prechecks on raw bytes first (so a request too large to be worth parsing is
+    refused without the parse: parsing holds the GIL, in any thread).
 
     The wrapper keeps the handler's style: gRPC runs an async-generator handler by iterating
     what it yields, and a coroutine handler (health's ``Watch``) that writes its responses
     with ``context.write``; wrapping one style as the other breaks the call.
     """
+
+    def __init__(self, prechecks: Mapping[str, Precheck] | None = None) -> None:
+        self.prechecks = dict(prechecks or {})
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
@@ -183,16 +220,16 @@ class DecodeGuardInterceptor(grpc.aio.ServerInterceptor):
             return handler
         method = handler_call_details.method
 
-        async def refuse(item: _Undecodable, context) -> None:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                f"request to {method} could not be parsed: {item.error}")
+        async def refuse(item: _Refused, context) -> None:
+            await context.abort(item.code, item.message)
 
-        codec = dict(request_deserializer=_guarded_deserializer(handler.request_deserializer),
+        codec = dict(request_deserializer=_guarded_deserializer(
+                         handler.request_deserializer, method, self.prechecks.get(method)),
                      response_serializer=handler.response_serializer)
         if handler.request_streaming:
             async def checked(request_iterator, context):
                 async for item in request_iterator:
-                    if isinstance(item, _Undecodable):
+                    if isinstance(item, _Refused):
                         await refuse(item, context)
                     yield item
 
@@ -205,7 +242,7 @@ class DecodeGuardInterceptor(grpc.aio.ServerInterceptor):
                 _unary(handler.stream_unary, check_stream), **codec)
 
         async def check_one(request, context):
-            if isinstance(request, _Undecodable):
+            if isinstance(request, _Refused):
                 await refuse(request, context)
             return request
         if handler.response_streaming:
@@ -231,3 +268,112 @@ def _streaming(behavior, check):
         async for response in behavior(await check(request, context), context):
             yield response
     return yield_style
+
+
+class CallLimit(grpc.aio.ServerInterceptor):
+    """At most ``max_calls`` calls in progress (health checks exempt); the next is answered
+    RESOURCE_EXHAUSTED with a retry-after hint. The outer backstop: a service's admission
+    control (the scheduler's queue bound) sits below it and answers first."""
+
+    def __init__(self, max_calls: int, *, retry_after_s: float = 2.0,
+                 exempt: tuple[str, ...] = (HEALTH_CHECK_METHOD,)) -> None:
+        if max_calls < 1:
+            raise ValueError(f"max_calls must be >= 1, got {max_calls}")
+        self.max_calls = max_calls
+        self.retry_after_s = retry_after_s
+        self.exempt = exempt
+        self.num_active = 0
+        self._refusals = LogLimiter(logger)
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None or handler_call_details.method in self.exempt:
+            return handler
+        return _around(handler, self._slot)
+
+    @contextlib.asynccontextmanager
+    async def _slot(self, context):
+        if self.num_active >= self.max_calls:
+            self._refusals.log(logging.WARNING, "refused a call: %d calls in progress, the limit is %d",
+                               self.num_active, self.max_calls)
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                f"server busy: {self.num_active} calls in progress, the limit is "
+                                f"{self.max_calls}; retry in a few seconds",
+                                trailing_metadata=((RETRY_AFTER_KEY, str(int(self.retry_after_s * 1000))),))
+        self.num_active += 1
+        try:
+            yield
+        finally:
+            self.num_active -= 1
+
+
+def _around(handler: grpc.RpcMethodHandler, around) -> grpc.RpcMethodHandler:
+    """``handler`` with its behavior run inside ``around(context)``, an async context manager,
+    in the behavior's own style (see DecodeGuardInterceptor)."""
+    kind = f"{'stream' if handler.request_streaming else 'unary'}_{'stream' if handler.response_streaming else 'unary'}"
+    behavior = getattr(handler, kind)
+    if handler.response_streaming and not inspect.iscoroutinefunction(behavior):
+        async def call(request, context):
+            async with around(context):
+                async for response in behavior(request, context):
+                    yield response
+    else:
+        async def call(request, context):
+            async with around(context):
+                return await behavior(request, context)
+    return getattr(grpc, f"{kind}_rpc_method_handler")(
+        call, request_deserializer=handler.request_deserializer,
+        response_serializer=handler.response_serializer)
+
+
+class WireScanError(ValueError):
+    """The raw bytes are not a protobuf message a service will parse."""
+
+
+def _varint(buf: memoryview, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        if pos >= len(buf):
+            raise WireScanError("truncated message")
+        byte = buf[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, pos
+        shift += 7
+        if shift >= 70:
+            raise WireScanError("varint longer than 10 bytes")
+
+
+def iter_fields(buf: memoryview, max_fields: int):
+    """(field number, wire type, start, end) of each field of a message's raw bytes, without
+    parsing the values; a message of more than ``max_fields`` fields is refused, so the walk
+    costs at most that many steps whatever the bytes."""
+    pos = num_fields = 0
+    while pos < len(buf):
+        num_fields += 1
+        if num_fields > max_fields:
+            raise WireScanError(f"more than {max_fields} fields")
+        key, pos = _varint(buf, pos)
+        number, wire_type = key >> 3, key & 7
+        start = pos
+        if wire_type == 0:
+            _, end = _varint(buf, pos)
+        elif wire_type == 2:
+            length, start = _varint(buf, pos)
+            end = start + length
+        elif wire_type in (1, 5):
+            end = pos + (8 if wire_type == 1 else 4)
+        else:
+            raise WireScanError(f"wire type {wire_type} of field {number} is not supported")
+        if end > len(buf):
+            raise WireScanError("truncated message")
+        pos = end
+        yield number, wire_type, start, end
+
+
+def count_varints(buf: memoryview) -> int:
+    """How many varints packed bytes hold (each ends in the one byte below 0x80), vectorized."""
+    import numpy as np
+
+    return int(np.count_nonzero(np.frombuffer(buf, dtype=np.uint8) < 0x80))

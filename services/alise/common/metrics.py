@@ -43,6 +43,22 @@ def serve_metrics(registry: CollectorRegistry, address: str) -> int:
     return bound
 
 
+class _LiveWorkersOnly:
+    """Collects ``metric`` (labelled first by worker id) after dropping the series of workers
+    no longer connected, so a departed worker leaves no stale series behind."""
+
+    def __init__(self, metric, live: Callable[[], Iterable[str]]) -> None:
+        self.metric = metric
+        self.live = live
+
+    def collect(self):
+        live = set(self.live())
+        departed = {s.labels["worker"] for family in self.metric.collect() for s in family.samples} - live
+        for worker_id in departed:
+            self.metric.remove(worker_id)
+        return self.metric.collect()
+
+
 class SchedulerMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
@@ -62,6 +78,11 @@ class SchedulerMetrics:
 
     def watch(self, read) -> None:
         self.registry.register(StateCollector(read))
+
+    def forget_departed_workers(self, live: Callable[[], Iterable[str]]) -> None:
+        """From now on, per-worker series are collected only for the workers ``live()`` lists."""
+        self.registry.unregister(self.step)
+        self.registry.register(_LiveWorkersOnly(self.step, live))
 
 
 class WorkerMetrics:

@@ -1,10 +1,11 @@
 """Access control: bearer tokens on the client API, a shared secret on internal channels, TLS.
 
-* Client API (``alise.v1.SchedulerService``): when tokens are configured, each call must
-  carry ``authorization: Bearer <token>`` with one of them.
-* Internal APIs (``alise.v1.WorkerService``, ``alise.v1.PredictorService``): when a shared
-  secret is configured, each call must carry ``x-alise-secret: <secret>`` (or come over
-  mutual TLS, which the transport checks before any handler runs).
+* Client API (``alise.v1.SchedulerService``, the scheduler's client listener): when tokens
+  are configured, each call must carry ``authorization: Bearer <token>`` with one of them.
+* Internal APIs (``alise.v1.WorkerService`` on the scheduler's worker listener,
+  ``alise.v1.PredictorService``): when a shared secret is configured, each call must carry
+  ``x-alise-secret: <secret>``; with ``tls_client_ca`` the internal listeners also require a
+  client certificate (mutual TLS, checked by the transport before any handler runs).
 * Health and reflection stay open, so orchestrators can probe.
 
 Refusals are UNAUTHENTICATED with a fixed message; credentials are compared in constant
@@ -13,12 +14,16 @@ time and never logged.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hmac
+import ipaddress
 import logging
 import os
 from dataclasses import dataclass
 
 import grpc
+from alise.common.logs import LogLimiter
 
 logger = logging.getLogger(__name__)
 
@@ -33,10 +38,11 @@ class SecurityConfig:
     api_tokens: tuple[str, ...] = ()
     #: Shared secret for worker and predictor channels (None: open).
     internal_secret: str | None = None
-    #: Server certificate and key (PEM); both set = TLS on the listener.
+    #: Server certificate and key (PEM); both set = TLS on the listeners.
     tls_cert: str | None = None
     tls_key: str | None = None
-    #: CA that client certificates must chain to (set = mutual TLS required).
+    #: CA that client certificates must chain to (set = mutual TLS required on internal
+    #: listeners: the scheduler's worker listener, the predictor's).
     tls_client_ca: str | None = None
     #: CA used by this service's own outgoing channels to verify their peers (PEM).
     tls_ca: str | None = None
@@ -55,6 +61,11 @@ class SecurityConfig:
     @property
     def uses_tls(self) -> bool:
         return self.tls_cert is not None
+
+    @property
+    def has_internal_credential(self) -> bool:
+        """Whether internal callers (workers) must prove who they are: a secret or mTLS."""
+        return bool(self.internal_secret) or self.tls_client_ca is not None
 
     def internal_metadata(self) -> tuple[tuple[str, str], ...]:
         return ((SECRET_HEADER, self.internal_secret),) if self.internal_secret else ()
@@ -84,9 +95,21 @@ def _matches(candidate: str, accepted: tuple[str, ...]) -> bool:
     return ok
 
 
+def is_loopback(address: str) -> bool:
+    """Whether HOST:PORT binds only the loopback interface (127.0.0.0/8, ::1, localhost)."""
+    host = address.rpartition(":")[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name, or "" (every interface)
+        return False
+
+
 class AuthInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, config: SecurityConfig) -> None:
         self.config = config
+        self._refusals = LogLimiter(logger)
 
     def _allowed(self, method: str, metadata) -> bool:
         headers = {k.lower(): v for k, v in (metadata or ()) if isinstance(v, str)}
@@ -103,7 +126,8 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         if handler is None or self._allowed(handler_call_details.method,
                                             handler_call_details.invocation_metadata):
             return handler
-        logger.warning("refused a call to %s: missing or invalid credential", handler_call_details.method)
+        self._refusals.log(logging.WARNING, "refused a call to %s: missing or invalid credential",
+                           handler_call_details.method)
         return _deny(handler)
 
 
@@ -112,6 +136,9 @@ _DENIED = "missing or invalid credential"
 
 def _deny(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
     async def abort(request_or_iterator, context):
+        if handler.request_streaming:  # its first message first: a write racing the refusal hides it
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(request_or_iterator.__anext__(), timeout=5.0)
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, _DENIED)
 
     codec = dict(request_deserializer=handler.request_deserializer,
@@ -125,8 +152,10 @@ def _deny(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
     return grpc.unary_unary_rpc_method_handler(abort, **codec)
 
 
-def bind_port(server: grpc.aio.Server, address: str, config: SecurityConfig | None) -> int:
-    """Binds ``address`` with TLS when the config has a certificate; returns the port."""
+def bind_port(server: grpc.aio.Server, address: str, config: SecurityConfig | None, *,
+              internal: bool = True) -> int:
+    """Binds ``address`` with TLS when the config has a certificate (and, on an ``internal``
+    listener, client certificates required when it has a client CA); returns the port."""
     if config is None or not config.uses_tls:
         port = server.add_insecure_port(address)
     else:
@@ -135,7 +164,7 @@ def bind_port(server: grpc.aio.Server, address: str, config: SecurityConfig | No
         with open(config.tls_cert, "rb") as f:
             cert = f.read()
         client_ca = None
-        if config.tls_client_ca:
+        if config.tls_client_ca and internal:
             with open(config.tls_client_ca, "rb") as f:
                 client_ca = f.read()
         creds = grpc.ssl_server_credentials([(key, cert)], root_certificates=client_ca,
@@ -154,11 +183,12 @@ def add_security_arguments(p, *, server: bool = True, client_api: bool = True) -
         if client_api:
             g.add_argument("--api-token-file", help="bearer tokens accepted on the client API, one per "
                            "line (or env ALISE_API_TOKENS, comma-separated); default: none, an open API")
-        g.add_argument("--tls-cert", help="server certificate (PEM): TLS on the listener "
+        g.add_argument("--tls-cert", help="server certificate (PEM): TLS on the listeners "
                        "(default: none, plaintext)")
         g.add_argument("--tls-key", help="server private key (PEM) (default: none)")
-        g.add_argument("--tls-client-ca", help="require client certificates signed by this CA, "
-                       "mTLS (default: none)")
+        g.add_argument("--tls-client-ca", help="require client certificates signed by this CA on "
+                       "internal listeners (the scheduler's worker listener, the predictor), mTLS "
+                       "(default: none)")
     else:
         g.add_argument("--tls-cert", help="client certificate (PEM) for mutual TLS (default: none)")
         g.add_argument("--tls-key", help="client private key (PEM) (default: none)")

@@ -4,14 +4,20 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from alise.common.security import SecurityConfig
+from alise.common.grpc_server import split_host_port
+from alise.common.security import SecurityConfig, is_loopback
 from alise.core.choices import PLANNER_NAMES, POLICY_NAMES
 
 
 @dataclass(frozen=True)
 class SchedulerConfig:
-    #: Where clients and workers connect (one port serves both services).
+    #: Where clients connect (SchedulerService: Generate, GetStatus).
     address: str = "127.0.0.1:50051"
+    #: Where workers connect (WorkerService), a listener of its own: a worker sees every
+    #: prompt it is given. "" = 127.0.0.1 and the client port + 1 (any free port when the
+    #: client port is 0). A worker must prove itself here (internal secret or mTLS) unless
+    #: both listeners are on loopback and no API tokens are set.
+    worker_address: str = ""
     #: Model directory or preset name, the same the workers serve (None = embedded default).
     model: str | None = None
     #: Scheduling policy: alise (the product: shortest predicted remaining time), fcfs or oracle.
@@ -22,6 +28,9 @@ class SchedulerConfig:
     default_max_tokens: int = 256
     #: Requests in flight (queued + running) before RESOURCE_EXHAUSTED.
     max_queued: int = 4096
+    #: Calls in progress on the client listener before RESOURCE_EXHAUSTED (the backstop
+    #: above the queue bound; health checks do not count). 0 = max_queued + 1024.
+    max_calls: int = 0
     #: How long a request waits while no worker is connected before UNAVAILABLE.
     max_wait_no_worker_s: float = 30.0
     #: Predictor address (None = running-mean estimates only).
@@ -63,8 +72,49 @@ class SchedulerConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.prefill_step_ratio and self.prefill_step_ratio <= 1:
             raise ValueError(f"prefill_step_ratio must be 0 (off) or > 1, got {self.prefill_step_ratio}")
+        if self.max_calls < 0:
+            raise ValueError(f"max_calls must be >= 0 (0 = automatic), got {self.max_calls}")
         for name in ("max_wait_no_worker_s", "predictor_timeout_s", "drain_grace_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-        if ":" not in self.address:
-            raise ValueError(f"address must look like HOST:PORT, got {self.address!r}")
+        for name in ("address", "worker_listen_address"):
+            try:
+                split_host_port(getattr(self, name))
+            except ValueError:
+                raise ValueError(f"{name} must look like HOST:PORT, got {getattr(self, name)!r}") from None
+        client_port, worker_port = (split_host_port(a)[1] for a in (self.address, self.worker_listen_address))
+        if worker_port > 65535:
+            raise ValueError(f"worker_address defaults to the client port + 1, past 65535 here; set it")
+        if client_port and client_port == worker_port:
+            raise ValueError(f"address and worker_address must be different ports, both are {client_port}")
+        self._check_worker_credential()
+
+    def _check_worker_credential(self) -> None:
+        """A process that registers as a worker reads the prompts it is given: the worker
+        listener is open only where nobody but this host can reach any listener and no one
+        has to prove who they are on the client side either."""
+        if self.security.has_internal_credential:
+            return
+        fix = ("set an internal secret (--internal-secret-file, or env ALISE_INTERNAL_SECRET) that "
+               "the workers are given too, or mutual TLS (--tls-client-ca)")
+        if self.security.api_tokens:
+            raise ValueError(f"API tokens are set but workers need no credential: anyone who reaches "
+                             f"the worker listener ({self.worker_listen_address}) could register as a "
+                             f"worker and read every prompt; {fix}")
+        for name, address in (("address", self.address), ("worker_address", self.worker_listen_address)):
+            if not is_loopback(address):
+                raise ValueError(f"{name} {address} is not loopback-only, and workers need no credential: "
+                                 f"anyone who reaches the worker listener could register as a worker and "
+                                 f"read every prompt; {fix}")
+
+    @property
+    def worker_listen_address(self) -> str:
+        """``worker_address``, or its default from the client address."""
+        if self.worker_address:
+            return self.worker_address
+        port = self.address.rpartition(":")[2]
+        return f"127.0.0.1:{int(port) + 1 if port.isdigit() and int(port) else 0}"
+
+    @property
+    def max_calls_in_progress(self) -> int:
+        return self.max_calls or self.max_queued + 1024

@@ -60,13 +60,18 @@ class LengthEstimator:
 
     async def warm_up(self, timeout_s: float = 30.0) -> None:
         """One prediction with a generous deadline, so the predictor's first-call costs
-        (loading, compiling) are not paid by a client request."""
+        (loading, compiling) are not paid by a client request; its outcome sets the state."""
         if self._predict is None:
             return
         try:
             await asyncio.wait_for(self._predict(["warm-up"], [2], timeout_s), timeout_s)
         except Exception as exc:  # noqa: BLE001
             logger.warning("predictor warm-up failed: %s: %s", type(exc).__name__, exc)
+            self._set_state(f"degraded (warm-up: {type(exc).__name__}: {exc or 'timeout'})"[:200])
+            self.last_error_s = time.monotonic()
+            return
+        if self.is_degraded:
+            self._set_state("ok")
 
     @property
     def running_mean(self) -> LengthEstimate:

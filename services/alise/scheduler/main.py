@@ -18,8 +18,12 @@ logger = logging.getLogger(__name__)
 def add_arguments(p: argparse.ArgumentParser) -> None:
     env = os.environ.get
     p.add_argument("--address", default=env("ALISE_SCHEDULER_ADDRESS", "127.0.0.1:50051"),
-                   help="listen address for clients and workers (env ALISE_SCHEDULER_ADDRESS; "
-                        "default %(default)s)")
+                   help="listen address for clients (env ALISE_SCHEDULER_ADDRESS; default %(default)s)")
+    p.add_argument("--worker-address", default=env("ALISE_SCHEDULER_WORKER_ADDRESS", ""),
+                   help="listen address for workers, a listener of its own (env "
+                        "ALISE_SCHEDULER_WORKER_ADDRESS; default: 127.0.0.1 and the --address port + 1). "
+                        "Workers must give the internal secret (or a client certificate with "
+                        "--tls-client-ca) unless every listener is on loopback and no API tokens are set")
     p.add_argument("--model", default=env("ALISE_MODEL") or None,
                    help="model directory or preset name, the one the workers serve (env "
                         "ALISE_MODEL; default: the embedded tiny-llama)")
@@ -40,6 +44,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="max_tokens of a request that leaves it unset")
     p.add_argument("--max-queued", type=int, default=4096,
                    help="requests in flight (queued + running) before RESOURCE_EXHAUSTED")
+    p.add_argument("--max-calls", type=int, default=0,
+                   help="calls in progress on the client listener before RESOURCE_EXHAUSTED, health "
+                        "checks not counted (default 0: --max-queued + 1024)")
     p.add_argument("--max-wait-no-worker", type=float, default=30.0, dest="max_wait_no_worker_s",
                    help="seconds a request waits while no worker is connected before UNAVAILABLE")
     p.add_argument("--prefill-step-ratio", type=float, default=1.5,
@@ -64,7 +71,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace) -> SchedulerConfig:
     return SchedulerConfig(
-        address=args.address, model=args.model, policy=args.policy, kv_planner=args.kv_planner or "",
+        address=args.address, worker_address=args.worker_address, model=args.model, policy=args.policy,
+        kv_planner=args.kv_planner or "", max_calls=args.max_calls,
         max_model_len=args.max_model_len, default_max_tokens=args.default_max_tokens,
         max_queued=args.max_queued, max_wait_no_worker_s=args.max_wait_no_worker_s,
         predictor_address=args.predictor_address, predictor_timeout_s=args.predictor_timeout_s,

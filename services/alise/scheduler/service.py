@@ -13,14 +13,13 @@ import asyncio
 import json
 import logging
 import time
-import uuid
 from dataclasses import dataclass, field
 
 import grpc
 from alise.common import grpc_server, wire
-from alise.common.logs import request_id_var
+from alise.common.logs import LogLimiter, preview, request_id_var
 from alise.common.metrics import serve_metrics
-from alise.common.security import AuthInterceptor, bind_port
+from alise.common.security import bind_port
 from alise.core.job import Job
 from alise.core.latency_model import LatencyModel
 from alise.core.memory_planner import make_memory_planner
@@ -29,6 +28,14 @@ from alise.core.scheduler import SchedulerCore
 from alise.scheduler.config import SchedulerConfig
 from alise.scheduler.engine import JobFailed, SchedulerEngine, StreamClosing, WorkerLink
 from alise.scheduler.estimates import LengthEstimator
+from alise.scheduler.listeners import SCHEDULER_SERVICE, WORKER_SERVICE, make_listeners
+from alise.scheduler.request_checks import (
+    MAX_STOP_TOKEN_IDS,
+    check_request_id,
+    generate_precheck,
+    prompt_too_long,
+    token_prompt,
+)
 from alise.scheduler.tokenizer import IncrementalDetokenizer, ModelInfo, load_model_info
 from alise.v1 import (
     common_pb2,
@@ -40,9 +47,9 @@ from alise.v1 import (
 
 logger = logging.getLogger(__name__)
 
-MAX_REQUEST_ID_CHARS = 128
 #: grpc.health.v1 service name that is NOT_SERVING while the scheduler runs on fallback estimates.
 PREDICTOR_HEALTH_NAME = "alise.scheduler.predictor"
+GENERATE_METHOD = "/alise.v1.SchedulerService/Generate"
 
 
 class RequestError(Exception):
@@ -76,17 +83,18 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
         self.estimator = estimator
         self.accepting = True
         self._predicting: set[asyncio.Future] = set()
+        self._refusals = LogLimiter(logger)
 
     async def Generate(self, request, context):
-        request_id_var.set(request.request_id or "-")
         try:
             job = await self._make_job(request)
-            request_id_var.set(job.job_id)
+            request_id_var.set(job.job_id)  # validated: only now may it go into log lines
             if job.output_token_ids:  # a resumed stream: its job may be on a returning worker
                 await self.engine.await_adoption(job.job_id)
             stream = self._submit(job)
         except RequestError as exc:
-            logger.info("refused: %s %s", exc.code.name, exc)
+            self._refusals.log(logging.INFO, "refused: %s %s (request id %s)", exc.code.name, exc,
+                               preview(request.request_id))
             await exc.abort(context)
         if stream.job is job:
             logger.info("queued: %d prompt tokens, max_tokens %d%s", job.num_prompt_tokens,
@@ -176,20 +184,21 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
                                resumable=True)
         if not self.accepting:
             raise RequestError(grpc.StatusCode.UNAVAILABLE, "the scheduler is draining", resumable=True)
-        request_id = request.request_id or uuid.uuid4().hex
-        if len(request_id) > MAX_REQUEST_ID_CHARS or not request_id.isprintable():
-            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
-                               f"request_id must be printable and at most {MAX_REQUEST_ID_CHARS} characters")
+        try:
+            request_id = check_request_id(request.request_id)
+        except ValueError as exc:
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
         token_ids, prompt_text = await self._prompt_tokens(request)
         limit = self.info.max_model_len
         if len(token_ids) >= limit:
-            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
-                               f"prompt has {len(token_ids)} tokens; the model's context is {limit} "
-                               "tokens, so a prompt must have fewer to leave room for output")
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, prompt_too_long(len(token_ids), limit))
         try:
             sampling = wire.sampling_from_pb(request.sampling, self.config.default_max_tokens)
         except ValueError as exc:
             raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"sampling: {exc}") from None
+        if len(sampling.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"sampling: at most {MAX_STOP_TOKEN_IDS} "
+                               f"stop_token_ids, got {len(sampling.stop_token_ids)}")
         bad_stop = [t for t in sampling.stop_token_ids if not 0 <= t < self.info.vocab_size]
         if bad_stop:
             raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
@@ -229,17 +238,17 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
         if kind is None:
             raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "prompt is required: set text or token_ids")
         if kind == "token_ids":
-            ids = list(request.token_ids.ids)
-            if not ids:
+            # The count first; the per-id work runs off the event loop, bounded by the context.
+            num_ids = len(request.token_ids.ids)
+            if not num_ids:
                 raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "prompt is empty (no token ids)")
-            vocab = self.info.vocab_size
-            for position, token in enumerate(ids):
-                if not 0 <= token < vocab:
-                    raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
-                                       f"token id {token} at position {position} is outside the "
-                                       f"vocabulary [0, {vocab})")
-            text = self.info.tokenizer.decode([t for t in ids if t < len(self.info.tokenizer)])
-            return ids, text
+            if num_ids >= self.info.max_model_len:
+                raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                                   prompt_too_long(num_ids, self.info.max_model_len))
+            try:
+                return await asyncio.to_thread(token_prompt, request.token_ids.ids, self.info)
+            except ValueError as exc:
+                raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
         text = request.text
         if not text.strip():
             raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "prompt is empty")
@@ -340,23 +349,27 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
 
 @dataclass
 class SchedulerServer:
+    #: The client listener (SchedulerService) and its port.
     server: grpc.aio.Server
     port: int
     engine: SchedulerEngine
     servicer: SchedulerServicer
     health: grpc_server.ServingStatus
+    #: The worker listener (WorkerService) and its port.
+    worker_server: grpc.aio.Server
+    worker_port: int
     metrics_port: int = 0
     job_log: object = None  # the open --job-log file, closed by stop()
     #: Set when the engine loop failed (the process should exit non-zero).
     failed: asyncio.Event = field(default_factory=asyncio.Event)
-
-    watcher: asyncio.Future | None = None
+    #: Background tasks (the failure watcher, the predictor's warm-up), cancelled by stop().
+    tasks: list[asyncio.Future] = field(default_factory=list)
 
     async def stop(self, grace_s: float = 5.0) -> None:
-        """Drains: refuse new requests, let in-flight ones finish within ``grace_s``, then
-        fail the rest with UNAVAILABLE and stop."""
-        if self.watcher is not None:
-            self.watcher.cancel()
+        """Drains: refuse new requests, let in-flight ones finish within ``grace_s`` (workers
+        stay connected meanwhile), then fail the rest with UNAVAILABLE and stop."""
+        for task in self.tasks:
+            task.cancel()
         self.servicer.accepting = False
         await self.health.set(False)
         deadline = time.monotonic() + grace_s
@@ -365,7 +378,7 @@ class SchedulerServer:
         logger.info("drained (%d requests still in flight); stopping", self.engine.num_live_jobs())
         await self.engine.stop()
         await self.servicer.estimator.close()
-        await self.server.stop(1.0)
+        await asyncio.gather(self.server.stop(1.0), self.worker_server.stop(1.0))
         if self.job_log is not None:
             self.job_log.close()
         logger.info("stopped")
@@ -391,39 +404,53 @@ async def start_scheduler(config: SchedulerConfig, *, predict=None, observe=None
                              max_wait_no_worker_s=config.max_wait_no_worker_s,
                              plans_ahead=config.plans_ahead, on_finish=on_finish,
                              on_failure=lambda exc: failed.set())
+    engine.metrics.forget_departed_workers(lambda: engine.links)
     servicer = SchedulerServicer(config, info, engine, estimator)
-    server = grpc_server.create_server(max_concurrent_rpcs=config.max_queued + 256,
-                                       interceptors=[AuthInterceptor(config.security)])
-    scheduler_pb2_grpc.add_SchedulerServiceServicer_to_server(servicer, server)
-    worker_pb2_grpc.add_WorkerServiceServicer_to_server(WorkerServicer(engine, info), server)
-    health = await grpc_server.add_health_and_reflection(server, [
-        scheduler_pb2.DESCRIPTOR.services_by_name["SchedulerService"].full_name,
-        worker_pb2.DESCRIPTOR.services_by_name["WorkerService"].full_name,
-    ])
+    health = grpc_server.ServingStatus([SCHEDULER_SERVICE, WORKER_SERVICE])
+    await health.set(True)
     if predict is not None:
-        await estimator.warm_up()
-        await health.set_one(PREDICTOR_HEALTH_NAME, True)
-
-        def on_state(ok: bool) -> None:
-            asyncio.ensure_future(health.set_one(PREDICTOR_HEALTH_NAME, ok))
-        estimator.on_state = on_state
-    port = bind_port(server, config.address, config.security)
+        await health.set_one(PREDICTOR_HEALTH_NAME, False)  # until the warm-up call answers
+        estimator.on_state = lambda ok: asyncio.ensure_future(health.set_one(PREDICTOR_HEALTH_NAME, ok))
+    server, worker_server = await make_listeners(
+        config, servicer, WorkerServicer(engine, info), health,
+        prechecks={GENERATE_METHOD: generate_precheck(info.max_model_len)})
+    port = bind_port(server, config.address, config.security, internal=False)
+    worker_port = bind_port(worker_server, config.worker_listen_address, config.security)
 
     async def on_failed() -> None:
         await failed.wait()
         servicer.accepting = False
         await health.set(False)
-    watcher = asyncio.ensure_future(on_failed())
+    tasks = [asyncio.ensure_future(on_failed())]
     engine.start()
     metrics_port = 0
     if config.metrics_address:
         metrics_port = serve_metrics(engine.metrics.registry, config.metrics_address)
     await server.start()
-    logger.info("scheduler listening on %s (policy %s, model %s, context %d)",
-                config.address.rsplit(":", 1)[0] + f":{port}", config.policy, info.name, info.max_model_len)
-    result = SchedulerServer(server, port, engine, servicer, health, metrics_port, job_log, failed)
-    result.watcher = watcher
-    return result
+    await worker_server.start()
+    if predict is not None:
+        # After listening: a predictor that is down must not keep clients and workers out.
+        tasks.append(asyncio.ensure_future(_warm_up(estimator, health)))
+    _log_listening(config, info, port, worker_port)
+    return SchedulerServer(server=server, port=port, engine=engine, servicer=servicer, health=health,
+                           worker_server=worker_server, worker_port=worker_port, metrics_port=metrics_port,
+                           job_log=job_log, failed=failed, tasks=tasks)
+
+
+def _log_listening(config: SchedulerConfig, info: ModelInfo, port: int, worker_port: int) -> None:
+    clients = f"{config.address.rsplit(':', 1)[0]}:{port}"
+    workers = f"{config.worker_listen_address.rsplit(':', 1)[0]}:{worker_port}"
+    logger.info("scheduler listening for clients on %s and for workers on %s (policy %s, model %s, "
+                "context %d)", clients, workers, config.policy, info.name, info.max_model_len)
+    if not config.security.has_internal_credential:
+        logger.warning("the worker listener %s is open: any process on this host can register as a "
+                       "worker and read the prompts it is given; give the scheduler and its workers an "
+                       "internal secret (--internal-secret-file or ALISE_INTERNAL_SECRET)", workers)
+
+
+async def _warm_up(estimator: LengthEstimator, health: grpc_server.ServingStatus) -> None:
+    await estimator.warm_up()
+    await health.set_one(PREDICTOR_HEALTH_NAME, not estimator.is_degraded)
 
 
 def job_record(job: Job) -> dict:

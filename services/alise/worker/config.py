@@ -16,8 +16,8 @@ RUNNERS = ("paged", "transformers")
 
 @dataclass(frozen=True)
 class WorkerConfig:
-    #: The scheduler to dial.
-    scheduler_address: str = "127.0.0.1:50051"
+    #: The scheduler's worker listener to dial (its ``worker_address``).
+    scheduler_address: str = "127.0.0.1:50052"
     #: Model directory or preset name (None = the embedded default).
     model: str | None = None
     #: "cpu", "cuda", "cuda:1", ...
@@ -41,7 +41,8 @@ class WorkerConfig:
     max_num_batched_tokens: int = 0
     #: Context limit override (None = the model's).
     max_model_len: int | None = None
-    #: Identity shown in status (default: host-pid).
+    #: Identity shown in status and metrics, unique among a scheduler's workers ("" = host
+    #: and device, which stay the same when the worker restarts).
     worker_id: str = ""
     #: Where this worker serves its health check ("" = no health port).
     health_address: str = "127.0.0.1:0"
@@ -103,4 +104,15 @@ class WorkerConfig:
 
     @property
     def resolved_worker_id(self) -> str:
-        return self.worker_id or f"{socket.gethostname()}-{os.getpid()}"
+        return self.worker_id or default_worker_id(self.device)
+
+
+def default_worker_id(device: str) -> str:
+    """HOST-DEVICE: ``node1-cpu``, ``node1-cuda0``; a CUDA index is the physical one (through
+    CUDA_VISIBLE_DEVICES), so two workers of one host on different GPUs differ."""
+    kind, _, index = device.partition(":")
+    if kind == "cuda":
+        visible = [d.strip() for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+        position = int(index) if index.isdigit() else 0
+        index = visible[position] if position < len(visible) else str(position)
+    return f"{socket.gethostname()}-{kind}{index}"

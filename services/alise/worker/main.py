@@ -18,9 +18,10 @@ logger = logging.getLogger(__name__)
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     env = os.environ.get
-    p.add_argument("--scheduler", default=env("ALISE_SCHEDULER_ADDRESS", "127.0.0.1:50051"),
+    p.add_argument("--scheduler", default=env("ALISE_SCHEDULER_WORKER_ADDRESS", "127.0.0.1:50052"),
                    dest="scheduler_address",
-                   help="scheduler address (env ALISE_SCHEDULER_ADDRESS; default %(default)s)")
+                   help="the scheduler's worker listener, its --worker-address (env "
+                        "ALISE_SCHEDULER_WORKER_ADDRESS; default %(default)s)")
     p.add_argument("--model", default=env("ALISE_MODEL") or None,
                    help="model directory or preset name (env ALISE_MODEL; default: the embedded tiny-llama)")
     p.add_argument("--device", default=env("ALISE_DEVICE", "cpu"),
@@ -42,7 +43,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-model-len", type=int, default=None,
                    help="context limit in tokens (default: the model's)")
     p.add_argument("--worker-id", default=env("ALISE_WORKER_ID", ""),
-                   help="name shown in status (env ALISE_WORKER_ID; default: HOST-PID)")
+                   help="name shown in status and metrics, unique among the scheduler's workers (env "
+                        "ALISE_WORKER_ID; default: HOST-DEVICE, e.g. node1-cuda0, the same after a "
+                        "restart; two workers on one host and device need their own)")
     p.add_argument("--health-address", default=env("ALISE_WORKER_HEALTH_ADDRESS", "127.0.0.1:0"),
                    help="where to serve grpc.health.v1: SERVING while connected to the scheduler; "
                         "port 0 = any free port, '' = nowhere (env ALISE_WORKER_HEALTH_ADDRESS; "
