@@ -58,7 +58,9 @@ for run in ${RUNS:?}; do
   PYTHONPATH=$P $PY -m alise.cli.main scheduler --address 127.0.0.1:50051 --policy "$policy" \
     ${planner:+--kv-planner "$planner"} --model $MODEL "${pred[@]}" --job-log "$OUT/$tag-jobs.jsonl" \
     > "$OUT/$tag-scheduler.log" 2>&1 & pids+=($!)
-  PYTHONPATH=$P $PY -m alise.cli.main worker --scheduler 127.0.0.1:50051 --model $MODEL --device $DEVICE \
+  # This tree's scheduler takes workers on a listener of their own (the client port + 1).
+  wport=50051; [ "$tree" = new ] && wport=50052
+  PYTHONPATH=$P $PY -m alise.cli.main worker --scheduler 127.0.0.1:$wport --model $MODEL --device $DEVICE \
     --dtype $DTYPE --num-device-blocks "$blocks" --max-num-seqs "$seqs" --health-address 127.0.0.1:50060 \
     --step-log "$OUT/$tag-steps.jsonl" ${WORKER_ARGS:-} $([ "$tree" = new ] && echo --kernel-plan /tmp/plan-$seqs.json) \
     > "$OUT/$tag-worker.log" 2>&1 & pids+=($!)

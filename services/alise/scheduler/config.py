@@ -84,7 +84,7 @@ class SchedulerConfig:
                 raise ValueError(f"{name} must look like HOST:PORT, got {getattr(self, name)!r}") from None
         client_port, worker_port = (split_host_port(a)[1] for a in (self.address, self.worker_listen_address))
         if worker_port > 65535:
-            raise ValueError(f"worker_address defaults to the client port + 1, past 65535 here; set it")
+            raise ValueError("worker_address defaults to the client port + 1, past 65535 here; set it")
         if client_port and client_port == worker_port:
             raise ValueError(f"address and worker_address must be different ports, both are {client_port}")
         self._check_worker_credential()
