@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -266,14 +267,24 @@ def _light_cluster(tmp: Path, model: str) -> Up:
     return cluster
 
 
-def test_the_scheduler_dying_stops_the_cluster_with_exit_1(tmp_path, tiny_llama_dir):
+def test_the_scheduler_dying_is_restarted_and_a_stream_carries_on(tmp_path, tiny_llama_dir):
+    """kill -9 of the scheduler under `alise up`: it is restarted, the worker keeps its job for the
+    new one, and the SDK resumes the stream: every token once, `alise up` still running."""
     cluster = _light_cluster(tmp_path, str(tiny_llama_dir))
     try:
-        pids = cluster.service_pids()
-        os.kill(cluster.state()["services"]["scheduler"]["pid"], signal.SIGKILL)
-        assert cluster.wait_exit() == 1
-        assert "scheduler exited with code -9; stopping the cluster" in cluster.stderr
-        wait_until(lambda: not any(is_running(p) for p in pids), 60, "every service stopped")
+        state = cluster.state()["services"]
+        worker_pid = state["worker-0"]["pid"]
+        with Client(cluster.address) as client:
+            chunks = []
+            for chunk in client.generate("outlive the scheduler", max_tokens=120, ignore_eos=True):
+                chunks.append(chunk)
+                if len(chunks) == 5:
+                    os.kill(state["scheduler"]["pid"], signal.SIGKILL)
+        assert sum(len(c.token_ids) for c in chunks) == 120
+        assert [c.index for c in chunks] == [sum(len(c.token_ids) for c in chunks[:i]) for i in range(len(chunks))]
+        assert cluster.proc.poll() is None and is_running(worker_pid)
+        assert re.search(r"scheduler exited with code -9 after [\d.]+ s; restarting it", cluster.stderr)
+        assert "scheduler is serving again (restart 1)" in cluster.stderr
     finally:
         cluster.close()
 

@@ -29,7 +29,7 @@ async def _door(scheduler_config: SchedulerConfig, **http_overrides):
 
 async def test_bearer_token_passes_through_to_the_schedulers_check():
     scheduler, http = await _door(SchedulerConfig(address="127.0.0.1:0", model="tiny-llama",
-                                                  security=SecurityConfig(api_tokens=(TOKEN,)),
+                                                  security=SecurityConfig(api_tokens=(TOKEN,), internal_secret="s3cret-for-workers"),
                                                   max_wait_no_worker_s=0.3))
     try:
         async with openai.AsyncOpenAI(base_url=f"{http.base_url}/v1", api_key="wrong", max_retries=0) as bad:

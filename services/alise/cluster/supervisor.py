@@ -1,10 +1,11 @@
 """`alise up`'s supervision: restart what dies, stop only for what cannot go on.
 
-* A worker or the predictor that exits is restarted with exponential back-off. Its jobs
-  recompute elsewhere meanwhile (the scheduler's doing), so in-flight streams continue.
+* A service that exits is restarted with exponential back-off. A worker's jobs recompute
+  elsewhere meanwhile (the scheduler's doing); a scheduler's are kept by the workers, which
+  hand them to the restarted one, and every client's SDK resumes its stream there: in-flight
+  streams continue either way.
 * A service that keeps dying soon after each start (``max_consecutive_failures`` times in
   a row, each within ``stable_s`` of starting) is in a crash loop: the cluster stops.
-* The scheduler's death stops the cluster: it holds every request and the queue.
 * Start-up is stricter: a service that exits before it first serves is a configuration
   error (a bad flag, a corrupt index), reported with its log's tail, not retried.
 
@@ -25,11 +26,8 @@ from alise.cluster.local import LocalCluster, listen_addresses
 
 logger = logging.getLogger(__name__)
 
-ESSENTIAL = ("scheduler",)
-
-
 class ClusterFailed(RuntimeError):
-    """The cluster cannot go on (the scheduler died, or a service is in a crash loop)."""
+    """The cluster cannot go on (a service is in a crash loop)."""
 
 
 @dataclass(frozen=True)
@@ -111,9 +109,6 @@ class Supervisor:
 
     def _on_exit(self, name: str, state: _ServiceState, code: int, now: float) -> None:
         log = self.cluster.log_path(name)
-        if name in ESSENTIAL:
-            raise ClusterFailed(f"{name} exited with code {code}; stopping the cluster. The end "
-                                f"of {log}:\n{self.cluster.log_tail(name)}")
         ran_s = now - state.started_s
         state.failures = state.failures + 1 if ran_s < self.policy.stable_s else 1
         state.serving, state.last_exit_code = False, code
