@@ -73,8 +73,11 @@ def run_once(code: Path, requests, policy: str, workdir: Path, label: str) -> di
     logs = [open(workdir / f"{label}-{name}.log", "w") for name in ("scheduler", "worker")]  # noqa: SIM115
     sched = subprocess.Popen(alise + ["scheduler", "--address", address, "--policy", policy],
                              env=env, stdout=logs[0], stderr=subprocess.STDOUT)
-    # The scheduler's worker listener: by default the client port + 1.
-    worker = subprocess.Popen(alise + ["worker", "--scheduler", f"127.0.0.1:{port + 1}", "--health-address", "",
+    # The scheduler's worker listener: by default the client port + 1 (a tree from before the
+    # worker listener took workers on the client port).
+    own_listener = "--worker-address" in (code / "services" / "alise" / "scheduler" / "main.py").read_text()
+    worker_port = port + 1 if own_listener else port
+    worker = subprocess.Popen(alise + ["worker", "--scheduler", f"127.0.0.1:{worker_port}", "--health-address", "",
                                        "--max-num-seqs", str(len(requests)), "--num-device-blocks", "8192",
                                        "--step-log", str(steps)],
                               env=env, stdout=logs[1], stderr=subprocess.STDOUT)

@@ -1,12 +1,22 @@
-"""Soak: the `chat` trace against a real CPU cluster while workers are killed and restarted.
+"""Soak: the `chat` trace against `alise up` on this CPU while its services are killed.
 
-Bounded in time and requests, loopback only. Every `--kill-every` seconds one worker gets
-SIGKILL and is restarted at once; the predictor is restarted once (SIGTERM, then start).
-Every request is checked: its chunk indices must be contiguous from 0 and its token count
-must equal what it asked for (zero lost requests, zero duplicated or missing tokens).
-Resident memory of the long-lived processes is sampled; growth is measured after warm-up.
+    python bench/soak.py [--duration 600] [--kill-every 80] [--out soak.json]
 
-    python bench/soak.py --duration 600 --out runs/soak.json
+Starts `alise up` (its defaults: the predictor, tiny-llama workers with random weights, every
+port a free one on loopback, an internal secret), sends the `chat` trace at ``--rate`` through
+the SDK, and every ``--kill-every`` seconds SIGKILLs one service, in turn: a worker, the
+predictor, the scheduler, another worker, the predictor, the scheduler. `alise up` restarts
+each; the SDK resumes every stream the scheduler's death broke, and requests sent while no
+scheduler answers wait for it (``wait_for_ready``). Checked and printed:
+
+* every request: its chunk indices contiguous from 0 and its token count what it asked for
+  (zero lost requests, zero duplicated or missing tokens);
+* no worker process lost: every service serving at the end, two workers attached;
+* the predictor's history: its observation count read just before each kill, and after the
+  restart (nothing it had taken is lost), and at the end against the start plus one
+  observation per completed request (each finished job observed once, adopted ones too);
+* resident memory of every process (each service's pid, and `alise up` itself), first sample
+  after ``--warmup`` against the last.
 """
 
 from __future__ import annotations
@@ -15,16 +25,21 @@ import argparse
 import asyncio
 import json
 import os
+import secrets
 import signal
-import statistics
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+import grpc
 from alise.client import AliseError, AsyncClient
-from alise.cluster.local import ClusterConfig, LocalCluster, is_serving, service_commands
+from alise.common.security import SECRET_HEADER
 from alise.sim.trace import build_trace, load_pairs, rescale, workload_path
+from alise.v1 import predictor_pb2, predictor_pb2_grpc
+
+TURNS = ("worker-0", "predictor", "scheduler", "worker-1", "predictor", "scheduler")
 
 
 def rss_kib(pid: int) -> int | None:
@@ -37,138 +52,206 @@ def rss_kib(pid: int) -> int | None:
     return None
 
 
+class Up:
+    """One `alise up` process and its state file."""
+
+    def __init__(self, state_dir: Path, secret: str, args: list[str]) -> None:
+        self.state_dir = state_dir
+        self.stderr_path = state_dir.parent / "up.stderr"
+        env = {**os.environ, "ALISE_INTERNAL_SECRET": secret}
+        command = [sys.executable, "-m", "alise.cli.main", "up", "--address", "127.0.0.1:0",
+                   "--worker-address", "127.0.0.1:0", "--predictor-address", "127.0.0.1:0",
+                   "--worker-health-port", "0", "--http-address", "", "--state-dir", str(state_dir), *args]
+        with open(self.stderr_path, "wb") as err:
+            self.proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=err, env=env)
+
+    def state(self) -> dict:
+        for _ in range(50):  # the file is replaced atomically; it may not exist yet
+            try:
+                return json.loads((self.state_dir / "cluster.json").read_text())
+            except (FileNotFoundError, json.JSONDecodeError):
+                time.sleep(0.1)
+        raise RuntimeError(f"no cluster file in {self.state_dir}")
+
+    def services(self) -> dict:
+        return self.state()["services"]
+
+    def wait_ready(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while "cluster ready" not in self.stderr_path.read_text(errors="replace"):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"alise up did not start:\n{self.stderr_path.read_text()[-3000:]}")
+            time.sleep(0.3)
+
+    async def wait_serving(self, name: str, old_pid: int | None, timeout_s: float = 120) -> float:
+        """Seconds until ``name`` serves again under a pid other than ``old_pid``."""
+        start = time.monotonic()
+        while time.monotonic() - start < timeout_s:
+            s = self.services()[name]
+            if s["state"] == "serving" and s["pid"] and s["pid"] != old_pid:
+                return time.monotonic() - start
+            await asyncio.sleep(0.2)
+        raise RuntimeError(f"{name} did not come back within {timeout_s} s")
+
+    def stop(self) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(120)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait()
+
+
+def history_observations(address: str, secret: str) -> int:
+    with grpc.insecure_channel(address) as channel:
+        stats = predictor_pb2_grpc.PredictorServiceStub(channel).GetStats(
+            predictor_pb2.GetStatsRequest(), timeout=10, metadata=((SECRET_HEADER, secret),))
+    return stats.history_observations
+
+
 async def run_request(client: AsyncClient, req, max_tokens: int, tally: dict) -> None:
-    tokens = 0
-    expected_index = 0
+    tokens = expected_index = 0
     try:
         async for chunk in client.generate(req.prompt, max_tokens=max_tokens, ignore_eos=True,
-                                           oracle_output_tokens=max_tokens, timeout_s=900):
+                                           timeout_s=900, wait_for_ready=True):
             if chunk.index != expected_index:
                 tally["index_errors"] += 1
             expected_index = chunk.index + len(chunk.token_ids)
             tokens += len(chunk.token_ids)
     except AliseError as exc:
-        tally["errors"].append(str(exc)[:200])
+        tally["errors"].append(f"{exc.code.name}: {exc.details[:200]}")
         return
-    if tokens == max_tokens:
-        tally["complete"] += 1
-    else:
-        tally["short"] += 1
+    tally["complete" if tokens == max_tokens else "short"] += 1
 
 
-async def chaos(cluster: LocalCluster, workers: list[str], kill_every_s: float,
-                predictor_restart_at_s: float, start: float, end: float, events: list) -> None:
-    turn = 0
-    next_kill = start + kill_every_s
-    predictor_done = "predictor" not in cluster.procs
+async def chaos(up: Up, secret: str, kill_every_s: float, start: float, stop_at: float,
+                events: list, history: list) -> None:
+    for k, name in enumerate(TURNS):
+        at = start + (k + 1) * kill_every_s
+        if at > stop_at:
+            break
+        await asyncio.sleep(max(at - time.monotonic(), 0.0))
+        services = up.services()
+        pid = services[name]["pid"]
+        predictor = services["predictor"]["listen"]["grpc"]
+        before = await asyncio.to_thread(history_observations, predictor, secret) if name == "predictor" else None
+        os.kill(pid, signal.SIGKILL)
+        back_s = await up.wait_serving(name, pid)
+        event = {"t_s": round(at - start, 1), "fault": f"SIGKILL {name} (pid {pid})", "serving_again_s": round(back_s, 1)}
+        if before is not None:
+            after = await asyncio.to_thread(history_observations, up.services()["predictor"]["listen"]["grpc"], secret)
+            history.append((before, after))
+            event["history_before_after"] = [before, after]
+        events.append(event)
+        print(f"  {event}", flush=True)
+
+
+async def sample_rss(up: Up, start: float, end: float, samples: dict) -> None:
     while time.monotonic() < end:
-        await asyncio.sleep(1.0)
-        now = time.monotonic()
-        if now >= next_kill:
-            name = workers[turn % len(workers)]
-            turn += 1
-            os.kill(cluster.procs[name].pid, signal.SIGKILL)
-            cluster.procs[name].wait()
-            cluster.start_one(name)
-            events.append((round(now - start, 1), f"SIGKILL {name}, restarted"))
-            next_kill += kill_every_s
-        if not predictor_done and now - start >= predictor_restart_at_s:
-            proc = cluster.procs["predictor"]
-            proc.send_signal(signal.SIGTERM)
-            code = await asyncio.to_thread(proc.wait)
-            cluster.start_one("predictor")
-            events.append((round(now - start, 1), f"predictor SIGTERM (exit {code}), restarted"))
-            predictor_done = True
-
-
-async def sample_rss(cluster: LocalCluster, names: list[str], start: float, end: float, samples: dict) -> None:
-    while time.monotonic() < end:
-        for name in names:
-            kib = rss_kib(cluster.procs[name].pid)
+        procs = {"alise up": up.proc.pid}
+        procs.update({f"{n} (pid {s['pid']})": s["pid"] for n, s in up.services().items() if s["pid"]})
+        for label, pid in procs.items():
+            kib = rss_kib(pid)
             if kib:
-                samples.setdefault(name, []).append((time.monotonic() - start, kib))
+                samples.setdefault(label, []).append((time.monotonic() - start, kib))
         await asyncio.sleep(5.0)
 
 
 async def main_async(args) -> dict:
-    state = Path(tempfile.mkdtemp(prefix="alise-soak-"))
-    cfg = ClusterConfig(address=f"127.0.0.1:{args.port}", worker_address=f"127.0.0.1:{args.port + 1}",
-                        num_workers=args.workers, policy=args.policy,
-                        predictor_address=f"127.0.0.1:{args.port + 2}", state_dir=str(state),
-                        worker_health_base_port=args.port + 10,
-                        worker_args=("--max-num-seqs", "32", "--num-device-blocks", "2048"))
-    cluster = LocalCluster(service_commands(cfg), log_dir=str(state / "logs"))
-    cluster.start()
-    await asyncio.to_thread(cluster.wait_healthy, 300)
-    trace = rescale(build_trace(load_pairs(workload_path("chat")), num=args.num, rate=1.0, seed=3),
-                    args.rate)
-    trace = [r for r in trace if r.arrival_s < args.duration - args.tail]
-    tally = {"sent": 0, "complete": 0, "short": 0, "index_errors": 0, "errors": []}
-    events: list = []
-    samples: dict = {}
-    start = time.monotonic()
-    end = start + args.duration
-    workers = [n for n in cluster.commands if n.startswith("worker")]
-    background = [asyncio.create_task(chaos(cluster, workers, args.kill_every, args.predictor_restart_at,
-                                            start, end - args.tail, events)),
-                  asyncio.create_task(sample_rss(cluster, ["scheduler"], start, end, samples))]
-    async with AsyncClient(cfg.address) as client:
-        tasks = []
-        for req in trace:
-            delay = start + req.arrival_s - time.monotonic()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            tally["sent"] += 1
-            tasks.append(asyncio.create_task(run_request(client, req, min(req.output_tokens, args.max_tokens), tally)))
-        await asyncio.gather(*tasks)
-    # Keep sampling memory (and injecting faults) for the whole duration, traffic or not.
-    await asyncio.sleep(max(end - time.monotonic(), 0.0))
-    for task in background:
-        task.cancel()
-    elapsed = time.monotonic() - start
-    predictor_ok = is_serving(cfg.predictor_address)
-    async with AsyncClient(cfg.address) as client:
-        status = await client.status()
-    codes = cluster.stop()
+    root = Path(args.out_dir or tempfile.mkdtemp(prefix="alise-soak-"))
+    root.mkdir(parents=True, exist_ok=True)
+    secret = secrets.token_hex(16)
+    up = Up(root / "state", secret, ["--workers", "2", "--policy", args.policy,
+                                     "--worker-arg=--max-num-seqs", "--worker-arg=32"])
+    try:
+        await asyncio.to_thread(up.wait_ready, 600)
+        address = up.state()["address"]
+        predictor = up.services()["predictor"]["listen"]["grpc"]
+        trace = rescale(build_trace(load_pairs(workload_path("chat")), num=args.num, rate=1.0, seed=3), args.rate)
+        trace = [r for r in trace if r.arrival_s < args.duration - args.tail]
+        tally = {"sent": 0, "complete": 0, "short": 0, "index_errors": 0, "errors": []}
+        events: list = []
+        history: list = []
+        samples: dict = {}
+        async with AsyncClient(address) as client:
+            await client.complete("warm up", max_tokens=2, ignore_eos=True)
+            await asyncio.sleep(2.0)
+            history_start = history_observations(predictor, secret)
+            start = time.monotonic()
+            end = start + args.duration
+            background = [asyncio.create_task(chaos(up, secret, args.kill_every, start, end - args.tail,
+                                                    events, history)),
+                          asyncio.create_task(sample_rss(up, start, end, samples))]
+            tasks = []
+            for req in trace:
+                await asyncio.sleep(max(start + req.arrival_s - time.monotonic(), 0.0))
+                tally["sent"] += 1
+                tasks.append(asyncio.create_task(run_request(client, req, min(req.output_tokens, args.max_tokens), tally)))
+            await asyncio.gather(*tasks)
+            await background[0]
+            # Memory is sampled for the whole duration, traffic or not.
+            await asyncio.sleep(max(end - time.monotonic(), 0.0))
+            background[1].cancel()
+            status = await client.status()
+        elapsed = time.monotonic() - start
+        predictor = up.services()["predictor"]["listen"]["grpc"]
+        deadline = time.monotonic() + 30
+        expected_end = history_start + tally["complete"] + tally["short"]
+        while (history_end := history_observations(predictor, secret)) < expected_end and time.monotonic() < deadline:
+            await asyncio.sleep(0.5)
+        services = {n: s["state"] for n, s in up.services().items()}
+    finally:
+        code = up.stop()
     rss = {}
-    for name, points in samples.items():
-        warm = [kib for t, kib in points if t >= args.warmup]
+    for label, points in samples.items():
+        warm = [kib for t, kib in points if t >= args.warmup] or [kib for _, kib in points]
         if len(warm) >= 2:
-            base = statistics.median(warm[: max(len(warm) // 5, 1)])
-            rss[name] = {"after_warmup_kib": base, "end_kib": warm[-1], "growth": warm[-1] / base - 1}
+            rss[label] = {"samples": len(warm), "first_kib": warm[0], "last_kib": warm[-1],
+                          "growth": round(warm[-1] / warm[0] - 1, 4)}
     return {"duration_s": round(elapsed, 1), "requests": tally["sent"], "completed": tally["complete"],
-            "lost_or_failed": len(tally["errors"]) + tally["short"], "index_errors": tally["index_errors"],
-            "errors": tally["errors"][:10], "events": events, "rss": rss, "exit_codes": codes,
-            "predictor_serving_at_end": predictor_ok, "predictor_state_at_end": status.predictor_state,
-            "workers_at_end": [w["worker_id"] for w in status.workers], "rate": args.rate,
-            "max_tokens": args.max_tokens, "state_dir": str(state)}
+            "short": tally["short"], "failed": len(tally["errors"]), "index_errors": tally["index_errors"],
+            "errors": tally["errors"][:10], "faults": events, "history_start": history_start,
+            "history_end": history_end, "history_expected_end": expected_end,
+            "history_around_predictor_kills": history, "services_at_end": services,
+            "workers_at_end": sorted(w["worker_id"] for w in status.workers), "rss": rss,
+            "alise_up_exit_code": code, "rate": args.rate, "max_tokens": args.max_tokens, "dir": str(root)}
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--duration", type=float, default=600.0)
     p.add_argument("--tail", type=float, default=60.0, help="no new requests in the last seconds")
     p.add_argument("--rate", type=float, default=0.5, help="requests per second")
     p.add_argument("--num", type=int, default=2000)
     p.add_argument("--max-tokens", type=int, default=96, help="cap on a request's output tokens")
-    p.add_argument("--workers", type=int, default=2)
     p.add_argument("--policy", default="alise")
-    p.add_argument("--kill-every", type=float, default=120.0)
-    p.add_argument("--predictor-restart-at", type=float, default=300.0)
+    p.add_argument("--kill-every", type=float, default=80.0)
     p.add_argument("--warmup", type=float, default=60.0)
-    p.add_argument("--port", type=int, default=52051)
-    p.add_argument("--out", default=None)
+    p.add_argument("--out-dir", default="", help="state, logs (default: a temporary directory)")
+    p.add_argument("--out", default=None, help="the result as JSON")
     args = p.parse_args()
     result = asyncio.run(main_async(args))
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=2))
-    print(json.dumps({k: v for k, v in result.items() if k != "errors"}, indent=2))
-    print(f"\nsoak: {result['requests']} requests, {result['completed']} complete, "
-          f"{result['lost_or_failed']} lost or failed, {result['index_errors']} index errors (dup/missing "
-          f"tokens), {len(result['events'])} faults injected; scheduler RSS growth after warm-up "
-          f"{result['rss'].get('scheduler', {}).get('growth', float('nan')):+.1%}")
-    ok = result["lost_or_failed"] == 0 and result["index_errors"] == 0
+    print(f"\n{'fault':<34}{'at s':>7}{'serving again s':>17}  predictor history before -> after")
+    for e in result["faults"]:
+        h = e.get("history_before_after")
+        print(f"{e['fault']:<34}{e['t_s']:>7}{e['serving_again_s']:>17}  {f'{h[0]} -> {h[1]}' if h else ''}")
+    print(f"\n{'process':<28}{'first KiB':>11}{'last KiB':>11}{'growth':>9}  (after {args.warmup:g} s)")
+    for label, r in result["rss"].items():
+        print(f"{label:<28}{r['first_kib']:>11}{r['last_kib']:>11}{r['growth']:>+9.1%}")
+    ok = (result["failed"] == 0 and result["short"] == 0 and result["index_errors"] == 0
+          and result["history_end"] == result["history_expected_end"]
+          and all(after >= before for before, after in result["history_around_predictor_kills"])
+          and len(result["workers_at_end"]) == 2 and set(result["services_at_end"].values()) == {"serving"})
+    print(f"\nsoak {result['duration_s']} s: {result['requests']} requests, {result['completed']} complete, "
+          f"{result['short']} short, {result['failed']} failed, {result['index_errors']} index errors "
+          f"(dup/missing tokens); {len(result['faults'])} faults; predictor history "
+          f"{result['history_start']} -> {result['history_end']} (expected {result['history_expected_end']}); "
+          f"workers at end {result['workers_at_end']}; services {result['services_at_end']}; "
+          f"alise up exit {result['alise_up_exit_code']}: {'OK' if ok else 'FAILED'}")
+    for err in result["errors"]:
+        print("  error:", err)
     return 0 if ok else 1
 
 

@@ -154,6 +154,10 @@ def test_scheduler_killed_and_restarted_no_stream_loses_a_token(cluster):
     restarted scheduler adopts them from their hellos, the SDK resumes every stream with its
     request id and the tokens it has, and each stream ends with all its tokens exactly once."""
     local, address = cluster
+    predictor = local.commands.get("predictor")
+    stats = (lambda: None) if predictor is None else \
+        (lambda: _history_observations(predictor[predictor.index("--address") + 1]))
+    before = stats()
 
     async def scenario():
         async with AsyncClient(address) as client:
@@ -183,6 +187,22 @@ def test_scheduler_killed_and_restarted_no_stream_loses_a_token(cluster):
     with open(os.path.join(local.log_dir, "scheduler.log")) as f:
         log = f.read()
     assert "adopted" in log and "resumed at token" in log
+    if before is not None:
+        # The restarted scheduler observes each adopted job once, under its client's prompt.
+        deadline = time.monotonic() + 30
+        while stats() < before + 3 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        time.sleep(1.0)
+        assert stats() == before + 3
+
+
+def _history_observations(address: str) -> int:
+    import grpc
+    from alise.v1 import predictor_pb2, predictor_pb2_grpc
+
+    with grpc.insecure_channel(address) as channel:
+        stub = predictor_pb2_grpc.PredictorServiceStub(channel)
+        return stub.GetStats(predictor_pb2.GetStatsRequest(), timeout=10).history_observations
 
 
 def test_sigterm_drains_every_service_and_exits_zero(cluster):

@@ -51,8 +51,8 @@ class InProcessCluster:
 
 @contextlib.asynccontextmanager
 async def cluster(model: str, *, num_workers: int = 1, worker_overrides: dict | None = None,
-                  **scheduler_overrides):
-    config = SchedulerConfig(address="127.0.0.1:0", model=model, **scheduler_overrides)
+                  address: str = "127.0.0.1:0", **scheduler_overrides):
+    config = SchedulerConfig(address=address, model=model, **scheduler_overrides)
     scheduler = await start_scheduler(config)
     c = InProcessCluster(scheduler, f"127.0.0.1:{scheduler.port}", f"127.0.0.1:{scheduler.worker_port}")
     try:

@@ -53,7 +53,7 @@ async def test_bearer_token_passes_through_to_the_schedulers_check():
 
 async def test_full_queue_is_429_with_retry_after_and_deadline_is_504():
     scheduler, http = await _door(SchedulerConfig(address="127.0.0.1:0", model="tiny-llama", max_queued=1,
-                                                  max_wait_no_worker_s=30), request_timeout_s=1.5)
+                                                  max_wait_no_worker_s=30), request_timeout_s=4.0)
     try:
         async with httpx.AsyncClient(base_url=http.base_url, timeout=30) as h:
             waiting = asyncio.create_task(h.post("/v1/completions", json={"prompt": "first", "max_tokens": 2}))

@@ -235,3 +235,25 @@ async def test_the_advertised_token_budget_stays_within_the_mixed_step_graphs(ti
     runner.mixed_graphs = runner.make_mixed_graphs(tokens=[8])
     assert worker.token_budget() == 16  # never under a full batch of decodes
     worker.close()
+
+
+async def test_a_request_waiting_for_ready_is_served_by_a_scheduler_that_starts_later(tiny_llama_dir):
+    """``wait_for_ready``: a request sent while nothing listens (a scheduler restarting) waits
+    and is served once one starts; without it the same call fails at once with UNAVAILABLE."""
+    import socket
+
+    from alise.client import AsyncClient, Unavailable
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{s.getsockname()[1]}"
+    async with AsyncClient(address) as client:
+        with pytest.raises(Unavailable):
+            await client.complete("too early", max_tokens=4, timeout_s=10)
+        waiting = asyncio.create_task(client.complete("wait for me", max_tokens=6, ignore_eos=True,
+                                                      timeout_s=120, wait_for_ready=True))
+        await asyncio.sleep(1.0)
+        assert not waiting.done()
+        async with cluster(str(tiny_llama_dir), address=address, worker_address="127.0.0.1:0"):
+            result = await asyncio.wait_for(waiting, 120)
+    assert len(result.token_ids) == 6

@@ -59,10 +59,13 @@ class AsyncClient:
                        stop_token_ids: Sequence[int] = (), ignore_eos: bool = False,
                        request_id: str = "", oracle_output_tokens: int = 0,
                        priority: int = 0, timeout_s: float | None = None, token: str | None = None,
-                       resume_timeout_s: float = RESUME_TIMEOUT_S) -> AsyncIterator[Chunk]:
+                       resume_timeout_s: float = RESUME_TIMEOUT_S,
+                       wait_for_ready: bool = False) -> AsyncIterator[Chunk]:
         """Streams the request's chunks; a stream that breaks (UNAVAILABLE) is resumed for up to
         ``resume_timeout_s`` without progress (0: never), every token delivered once. ``token``
-        overrides the client's bearer token for this call."""
+        overrides the client's bearer token for this call. ``wait_for_ready``: a request sent
+        while no scheduler answers (one restarting) waits for one, up to ``timeout_s``, instead
+        of failing at once with UNAVAILABLE."""
         request = build_request(prompt, max_tokens=max_tokens, temperature=temperature,
                                 top_p=top_p, top_k=top_k, seed=seed,
                                 stop_token_ids=stop_token_ids, ignore_eos=ignore_eos,
@@ -72,7 +75,8 @@ class AsyncClient:
         metadata = call_metadata(token, self._metadata)
         while True:
             message, timeout = resumer.next_request()
-            call = self._stub.Generate(message, timeout=timeout, metadata=metadata)
+            call = self._stub.Generate(message, timeout=timeout, metadata=metadata,
+                                       wait_for_ready=wait_for_ready or None)
             try:
                 async for response in call:
                     chunk = to_chunk(response)

@@ -46,8 +46,9 @@ class Client:
                  seed: int | None = None, stop_token_ids: Sequence[int] = (),
                  ignore_eos: bool = False, request_id: str = "", oracle_output_tokens: int = 0,
                  priority: int = 0, timeout_s: float | None = None, token: str | None = None,
-                 resume_timeout_s: float = RESUME_TIMEOUT_S) -> Iterator[Chunk]:
-        """As ``AsyncClient.generate``: a broken stream is resumed, every token delivered once."""
+                 resume_timeout_s: float = RESUME_TIMEOUT_S, wait_for_ready: bool = False) -> Iterator[Chunk]:
+        """As ``AsyncClient.generate``: a broken stream is resumed, every token delivered once;
+        ``wait_for_ready`` waits for a scheduler that does not answer yet."""
         request = build_request(prompt, max_tokens=max_tokens, temperature=temperature,
                                 top_p=top_p, top_k=top_k, seed=seed,
                                 stop_token_ids=stop_token_ids, ignore_eos=ignore_eos,
@@ -57,7 +58,8 @@ class Client:
         metadata = call_metadata(token, self._metadata)
         while True:
             message, timeout = resumer.next_request()
-            call = self._stub.Generate(message, timeout=timeout, metadata=metadata)
+            call = self._stub.Generate(message, timeout=timeout, metadata=metadata,
+                                       wait_for_ready=wait_for_ready or None)
             try:
                 for response in call:
                     chunk = to_chunk(response)

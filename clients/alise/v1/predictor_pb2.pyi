@@ -60,7 +60,7 @@ class GetStatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class PredictorStats(_message.Message):
-    __slots__ = ("num_entries", "index_type", "encoder", "embedding_dim", "num_predictions", "num_observations", "mean_abs_error", "bucket_edges", "head_fitted_at", "head_num_samples", "num_logged", "last_snapshot_at")
+    __slots__ = ("num_entries", "index_type", "encoder", "embedding_dim", "num_predictions", "num_observations", "mean_abs_error", "bucket_edges", "head_fitted_at", "head_num_samples", "num_logged", "last_snapshot_at", "history_observations")
     NUM_ENTRIES_FIELD_NUMBER: _ClassVar[int]
     INDEX_TYPE_FIELD_NUMBER: _ClassVar[int]
     ENCODER_FIELD_NUMBER: _ClassVar[int]
@@ -73,6 +73,7 @@ class PredictorStats(_message.Message):
     HEAD_NUM_SAMPLES_FIELD_NUMBER: _ClassVar[int]
     NUM_LOGGED_FIELD_NUMBER: _ClassVar[int]
     LAST_SNAPSHOT_AT_FIELD_NUMBER: _ClassVar[int]
+    HISTORY_OBSERVATIONS_FIELD_NUMBER: _ClassVar[int]
     num_entries: int
     index_type: str
     encoder: str
@@ -85,4 +86,5 @@ class PredictorStats(_message.Message):
     head_num_samples: int
     num_logged: int
     last_snapshot_at: float
-    def __init__(self, num_entries: _Optional[int] = ..., index_type: _Optional[str] = ..., encoder: _Optional[str] = ..., embedding_dim: _Optional[int] = ..., num_predictions: _Optional[int] = ..., num_observations: _Optional[int] = ..., mean_abs_error: _Optional[float] = ..., bucket_edges: _Optional[_Iterable[int]] = ..., head_fitted_at: _Optional[float] = ..., head_num_samples: _Optional[int] = ..., num_logged: _Optional[int] = ..., last_snapshot_at: _Optional[float] = ...) -> None: ...
+    history_observations: int
+    def __init__(self, num_entries: _Optional[int] = ..., index_type: _Optional[str] = ..., encoder: _Optional[str] = ..., embedding_dim: _Optional[int] = ..., num_predictions: _Optional[int] = ..., num_observations: _Optional[int] = ..., mean_abs_error: _Optional[float] = ..., bucket_edges: _Optional[_Iterable[int]] = ..., head_fitted_at: _Optional[float] = ..., head_num_samples: _Optional[int] = ..., num_logged: _Optional[int] = ..., last_snapshot_at: _Optional[float] = ..., history_observations: _Optional[int] = ...) -> None: ...

@@ -209,6 +209,7 @@ class PredictorServicer:
             embedding_dim=rt.encoder.dim,
             num_predictions=rt.num_predictions,
             num_observations=rt.num_observations,
+            history_observations=rt.history.num_observations,
             mean_abs_error=rt.mean_abs_error,
             bucket_edges=list(rt.config.estimator.bucket_edges),
             head_fitted_at=rt.estimator.fitted_at,

@@ -220,12 +220,18 @@ class SchedulerEngine:
         if job.output_token_ids[:len(seen)] != seen or job.prompt_token_ids != request.prompt_token_ids:
             raise KeyError(f"request id {job.job_id!r} is in flight with other tokens")
         del self.orphans[job.job_id]
+        # A worker's hello carries token ids only: the text (the predictor's key) is the client's.
+        job.prompt_text = job.prompt_text or request.prompt_text
         stream = JobStream(job)
         extra = job.output_token_ids[len(seen):]
         if extra or job.is_finished:
             stream.push(TokenEvent(job.job_id, list(extra), len(seen), job.finish_reason))
         if not job.is_finished:
             self.streams[job.job_id] = stream
+        else:  # it finished while its client was away: counted, and observed, now
+            self._record_finish(job)
+            if self.on_finish is not None:
+                self.on_finish(job)
         logger.info("stream of adopted job %s resumed at token %d (%d new)", job.job_id, len(seen), len(extra))
         return stream
 
