@@ -298,6 +298,14 @@ def test_blocks_never_overcommitted_and_all_freed(jobs, policy, num_blocks, data
     assert worker.allocator.num_free == num_blocks
 
 
+def _assert_table_mirrors_jobs(core):
+    """The job table's token counts are the jobs' own (the core ranks and budgets on them)."""
+    table = core.table
+    for job in core.jobs.values():
+        slot = table.slot_of[job.job_id]
+        assert (table.ntok[slot], table.ncomp[slot]) == (job.num_tokens, job.num_computed_tokens), job.job_id
+
+
 def _state(core):
     return {j.job_id: (list(j.output_token_ids), j.num_pending_outputs, j.num_computed_tokens, j.status)
             for j in core.jobs.values()}
@@ -371,6 +379,7 @@ def test_plans_in_flight_ahead_of_the_worker_stay_exact(jobs, policy, num_blocks
             assert e.index == produced[e.job_id]
             produced[e.job_id] += len(e.token_ids)
         assert worker.allocator.num_used <= num_blocks
+        _assert_table_mirrors_jobs(core)
     worker.abort(core.take_aborts("w0"))
     assert not core.jobs and not worker.seqs and worker.allocator.num_free == num_blocks
     max_len = min(200, num_blocks * 4)  # a sequence never outgrows the whole cache

@@ -276,7 +276,6 @@ class SchedulerCore:
         owner = table.owner
         mine = owner == view.index
         rslots = np.flatnonzero(mine & table.running)
-        table.refresh_running(rslots)
         gen = table.ntok[rslots] - table.ptok[rslots]
         done = (gen >= table.max_tokens[rslots]) | (table.ntok[rslots] >= cap.max_model_len)
         held = 0
@@ -389,17 +388,26 @@ class SchedulerCore:
 
     def _advance(self, chosen: np.ndarray, feed: np.ndarray) -> tuple[dict[str, int], set[str]]:
         """Projects the step onto the jobs it feeds: (plan chunks, jobs that output a token)."""
+        table = self.table
+        fed = feed > 0
+        slots, n = chosen[fed], feed[fed]
+        # The table's token counts are the jobs' own: only this projection and ``_put`` change
+        # them (a report confirms one pending token per output, which leaves the count as is).
+        ntok, ncomp = table.ntok[slots], table.ncomp[slots]
+        out = ncomp + n == ntok
+        chunk = ntok - ncomp > 1
         chunks: dict[str, int] = {}
         outputs: set[str] = set()
-        for job, n in zip(self.table.jobs[chosen].tolist(), feed.tolist()):
-            if not n:
-                continue
-            if job.num_tokens - job.num_computed_tokens > 1:
-                chunks[job.job_id] = n
-            job.num_computed_tokens += n
-            if job.num_computed_tokens == job.num_tokens:
+        for job, k, o, c in zip(table.jobs[slots].tolist(), n.tolist(), out.tolist(), chunk.tolist()):
+            job.num_computed_tokens += k
+            if c:
+                chunks[job.job_id] = k
+            if o:
                 job.num_pending_outputs += 1
                 outputs.add(job.job_id)
+        table.ncomp[slots] = ncomp + n
+        table.ntok[slots] = ntok + out
+        table.dirty[slots] = True
         return chunks, outputs
 
     # ----------------------------------------------------------------- helpers

@@ -150,13 +150,6 @@ class JobTable:
 
     # ----------------------------------------------------------------- reads
 
-    def refresh_running(self, slots: np.ndarray) -> None:
-        """Re-reads the projected tokens of running jobs (they move every step)."""
-        jobs = self.jobs[slots].tolist()
-        self.ntok[slots] = [job.num_tokens for job in jobs]
-        self.ncomp[slots] = [job.num_computed_tokens for job in jobs]
-        self.dirty[slots] = True
-
     def fill_remaining(self, slots: np.ndarray) -> None:
         """Computes ``rb`` and ``left`` where they are stale, for the jobs at ``slots``."""
         todo = slots[self.dirty[slots]]
