@@ -14,7 +14,8 @@ running (``waited_s``: the device idle on the scheduler), as mean and p99 per st
 busy fraction (step seconds over the span of its steps). The table gives, per N, the worst
 worker's mean and p99 and the mean busy fraction. A machine this small runs every process on
 two cores: read the figures as what one scheduler process adds, measured together with the
-cost of N worker processes and the clients sharing its cores.
+cost of N worker processes and the clients sharing its cores; the CPU columns (cores used
+over the run, from /proc) say which of them holds the cores.
 """
 
 from __future__ import annotations
@@ -91,6 +92,12 @@ async def load(address: str, in_flight: int, tokens: int, seconds: float) -> int
     return done
 
 
+def cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) a process has used, from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def run(n: int, args: argparse.Namespace, workdir: Path) -> dict:
     port = free_port()
     address, worker_address = f"127.0.0.1:{port}", f"127.0.0.1:{port + 1}"  # workers: the client port + 1
@@ -110,7 +117,9 @@ def run(n: int, args: argparse.Namespace, workdir: Path) -> dict:
                 env=ENV, stdout=log, stderr=subprocess.STDOUT))
         while (workdir / f"n{n}-scheduler.log").read_text().count("joined") < n:
             time.sleep(0.3)
+        cpu0, own0, t0 = [cpu_s(p.pid) for p in procs], time.process_time(), time.monotonic()
         done = asyncio.run(load(address, n * args.seqs, args.tokens, args.seconds))
+        cpu1, own1, wall = [cpu_s(p.pid) for p in procs], time.process_time(), time.monotonic() - t0
     finally:
         for proc in reversed(procs):
             proc.terminate()
@@ -126,7 +135,9 @@ def run(n: int, args: argparse.Namespace, workdir: Path) -> dict:
         per_worker.append(dict(steps=len(rows), mean_ms=statistics.fmean(waits) if waits else 0.0,
                                p99_ms=waits[int(0.99 * (len(waits) - 1))] if waits else 0.0,
                                busy=sum(r["seconds"] for r in rows) / span))
+    used = [b - a for a, b in zip(cpu0, cpu1)]
     return dict(workers=n, requests=done, worst_mean_ms=max(w["mean_ms"] for w in per_worker),
+                scheduler_cpu=used[0] / wall, workers_cpu=sum(used[1:]) / wall, client_cpu=(own1 - own0) / wall,
                 worst_p99_ms=max(w["p99_ms"] for w in per_worker),
                 busy=statistics.fmean(w["busy"] for w in per_worker),
                 steps=sum(w["steps"] for w in per_worker))
@@ -154,11 +165,12 @@ def main() -> int:
           f"{args.tokens} tokens, {args.seconds:g} s per run ({os.cpu_count()} CPUs, load average "
           f"{os.getloadavg()[0]:.2f}); logs in {workdir}")
     print(f"{'workers':>8}{'requests':>10}{'steps':>8}{'busy':>7}{'wait/step mean ms':>19}{'p99 ms':>8}"
-          "  (worst worker)")
+          f"{'CPU: scheduler':>16}{'workers':>9}{'client':>8}  (wait: worst worker; CPU: cores used)")
     for n in [int(x) for x in args.workers.split(",")]:
         r = run(n, args, workdir)
         print(f"{r['workers']:8d}{r['requests']:10d}{r['steps']:8d}{r['busy']:7.3f}{r['worst_mean_ms']:19.2f}"
-              f"{r['worst_p99_ms']:8.2f}", flush=True)
+              f"{r['worst_p99_ms']:8.2f}{r['scheduler_cpu']:16.2f}{r['workers_cpu']:9.2f}{r['client_cpu']:8.2f}",
+              flush=True)
     print(f"(load average now {os.getloadavg()[0]:.2f})")
     return 0
 
