@@ -15,8 +15,8 @@ scheduler answers wait for it (``wait_for_ready``). Checked and printed:
 * the predictor's history: its observation count read just before each kill, and after the
   restart (nothing it had taken is lost), and at the end against the start plus one
   observation per completed request (each finished job observed once, adopted ones too);
-* resident memory of every process (each service's pid, and `alise up` itself), first sample
-  after ``--warmup`` against the last.
+* resident memory of every process (each service's pid, and `alise up` itself), its first
+  sample ``--warmup`` seconds into its life against its last.
 """
 
 from __future__ import annotations
@@ -204,7 +204,9 @@ async def main_async(args) -> dict:
         code = up.stop()
     rss = {}
     for label, points in samples.items():
-        warm = [kib for t, kib in points if t >= args.warmup] or [kib for _, kib in points]
+        # Each process from ``--warmup`` seconds after its own first sample (a restarted one
+        # is still loading its model at first).
+        warm = [kib for t, kib in points if t >= points[0][0] + args.warmup]
         if len(warm) >= 2:
             rss[label] = {"samples": len(warm), "first_kib": warm[0], "last_kib": warm[-1],
                           "growth": round(warm[-1] / warm[0] - 1, 4)}
@@ -237,7 +239,7 @@ def main() -> int:
     for e in result["faults"]:
         h = e.get("history_before_after")
         print(f"{e['fault']:<34}{e['t_s']:>7}{e['serving_again_s']:>17}  {f'{h[0]} -> {h[1]}' if h else ''}")
-    print(f"\n{'process':<28}{'first KiB':>11}{'last KiB':>11}{'growth':>9}  (after {args.warmup:g} s)")
+    print(f"\n{'process':<28}{'first KiB':>11}{'last KiB':>11}{'growth':>9}  ({args.warmup:g} s into each one's life)")
     for label, r in result["rss"].items():
         print(f"{label:<28}{r['first_kib']:>11}{r['last_kib']:>11}{r['growth']:>+9.1%}")
     ok = (result["failed"] == 0 and result["short"] == 0 and result["index_errors"] == 0

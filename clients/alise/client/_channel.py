@@ -45,9 +45,8 @@ def channel_credentials(tls_ca: str | None, tls_cert: str | None = None,
                                         certificate_chain=_read(tls_cert))
 
 
-class _MetadataInterceptor(grpc.aio.UnaryUnaryClientInterceptor, grpc.aio.UnaryStreamClientInterceptor,
-                           grpc.aio.StreamUnaryClientInterceptor, grpc.aio.StreamStreamClientInterceptor):
-    """Adds fixed metadata (a credential) to every call made on a channel."""
+class _WithMetadata:
+    """Adds fixed metadata (a credential) to every call of its kind made on a channel."""
 
     def __init__(self, metadata: tuple[tuple[str, str], ...]) -> None:
         self.metadata = metadata
@@ -56,24 +55,40 @@ class _MetadataInterceptor(grpc.aio.UnaryUnaryClientInterceptor, grpc.aio.UnaryS
         merged = tuple(details.metadata or ()) + self.metadata
         return details._replace(metadata=grpc.aio.Metadata(*merged))
 
+
+# One class per call kind: grpc.aio files each interceptor under the first kind it is an
+# instance of, so one object subclassing all four would only ever see unary-unary calls.
+class _UnaryUnaryMetadata(_WithMetadata, grpc.aio.UnaryUnaryClientInterceptor):
     async def intercept_unary_unary(self, continuation, details, request):
         return await continuation(self._details(details), request)
 
+
+class _UnaryStreamMetadata(_WithMetadata, grpc.aio.UnaryStreamClientInterceptor):
     async def intercept_unary_stream(self, continuation, details, request):
         return await continuation(self._details(details), request)
 
+
+class _StreamUnaryMetadata(_WithMetadata, grpc.aio.StreamUnaryClientInterceptor):
     async def intercept_stream_unary(self, continuation, details, request_iterator):
         return await continuation(self._details(details), request_iterator)
 
+
+class _StreamStreamMetadata(_WithMetadata, grpc.aio.StreamStreamClientInterceptor):
     async def intercept_stream_stream(self, continuation, details, request_iterator):
         return await continuation(self._details(details), request_iterator)
+
+
+def metadata_interceptors(metadata: tuple[tuple[str, str], ...]) -> list:
+    """Interceptors that put ``metadata`` on every call of a channel, whatever its kind."""
+    kinds = (_UnaryUnaryMetadata, _UnaryStreamMetadata, _StreamUnaryMetadata, _StreamStreamMetadata)
+    return [kind(metadata) for kind in kinds]
 
 
 def make_aio_channel(address: str, *, tls: bool = False, tls_ca: str | None = None,
                      tls_cert: str | None = None, tls_key: str | None = None,
                      metadata: tuple[tuple[str, str], ...] = ()) -> grpc.aio.Channel:
     """An asyncio channel; ``metadata`` (e.g. an internal secret) rides on every call."""
-    interceptors = [_MetadataInterceptor(metadata)] if metadata else None
+    interceptors = metadata_interceptors(metadata) if metadata else None
     if tls or tls_ca or tls_cert:
         return grpc.aio.secure_channel(address, channel_credentials(tls_ca, tls_cert, tls_key),
                                        options=_OPTIONS, interceptors=interceptors)
