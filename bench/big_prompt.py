@@ -6,7 +6,8 @@ STREAMS requests stream long outputs; once they are going, a client sends SENDS 
 long each took to be refused, and what it was told; the longest gap between two chunks of
 each other stream before the first was sent and from 0.5 s before it to 2 s after the last;
 and the scheduler's health checks (every 20 ms, from a process of their own) in the same two
-windows.
+windows. Then the floor: the same bytes sent the same way to a bare gRPC server (the same
+message limit, its own process) that refuses them without reading them.
 
     python bench/big_prompt.py
     python bench/big_prompt.py --ids 8000000 --streams 8 --out /tmp/big_prompt.json
@@ -66,6 +67,28 @@ async def send_big(address: str, raw: bytes, num_sends: int) -> list[dict]:
     return sends
 
 
+def floor_server(ports, stop) -> None:
+    """A bare gRPC server with the scheduler's message limit whose Generate refuses at once,
+    reading nothing: what moving the bytes alone costs."""
+    from alise.common.grpc_server import MAX_MESSAGE_BYTES
+
+    async def serve() -> None:
+        async def refuse(request: bytes, context):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "refused unread")
+            yield b""
+
+        server = grpc.aio.server(options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)])
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+            "alise.v1.SchedulerService", {"Generate": grpc.unary_stream_rpc_method_handler(refuse)}),))
+        ports.put(server.add_insecure_port("127.0.0.1:0"))
+        await server.start()
+        while not stop.is_set():
+            await asyncio.sleep(0.1)
+        await server.stop(0)
+
+    asyncio.run(serve())
+
+
 def max_gap_ms(times: list[float], start: float, end: float) -> float | None:
     """Longest gap between consecutive arrivals, counting the gaps that overlap [start, end]."""
     gaps = [b - a for a, b in zip(times, times[1:]) if b >= start and a <= end]
@@ -122,6 +145,16 @@ def main() -> int:
         prober.join(10)
     finally:
         up.stop()
+    # The floor: the same bytes, the same way, to a process that refuses them unread.
+    ports, done = ctx.Queue(), ctx.Event()
+    floor = ctx.Process(target=floor_server, args=(ports, done))
+    floor.start()
+    try:
+        result["floor"] = asyncio.run(send_big(f"127.0.0.1:{ports.get(timeout=60)}",
+                                               token_id_request(args.ids), args.sends))
+    finally:
+        done.set()
+        floor.join(10)
     result["health_baseline"] = health_in(probes, *result["baseline"])
     result["health_window"] = health_in(probes, *result["window"])
     if args.out:
@@ -132,6 +165,8 @@ def main() -> int:
     for i, send in enumerate(result["sends"]):
         print(f"  {'new' if i == 0 else 'same'} connection: answered in {send['refused_ms']:.1f} ms: {send['code']} "
               f"{send['details'][:90]}")
+    floor_ms = ", ".join(f"{f['refused_ms']:.1f}" for f in result["floor"])
+    print(f"  floor (the same bytes to a server that refuses them unread): {floor_ms} ms")
     print(f"  {'':<34}{'before (baseline)':>20}{'around the prompt':>20}")
     print(f"  {'max gap per stream, ms':<34}{max(x or 0 for x in result['gaps_baseline_ms']):>20.0f}"
           f"{max(x or 0 for x in result['gaps_window_ms']):>20.0f}")
