@@ -131,6 +131,10 @@ def test_status_lists_every_service_with_its_ports(up):
     assert services["scheduler"]["listen"]["grpc"] == up.address
     assert {kind for s in services.values() for kind in s["listen"]} == {"grpc", "workers", "health", "metrics"}
     assert all(s["state"] == "serving" and is_running(s["pid"]) for s in services.values())
+    text = subprocess.run([sys.executable, "-m", "alise.cli.main", "status", "--address", up.address,
+                           "--state-dir", str(up.state_dir)], capture_output=True, text=True, check=True).stdout
+    door = next(line for line in text.splitlines() if line.split()[:1] == ["http"])
+    assert f"http {services['http']['listen']['grpc']}" in door and " grpc " not in door, door
 
 
 def _health_addresses(up) -> dict[str, str]:

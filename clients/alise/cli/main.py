@@ -92,7 +92,9 @@ def _local_cluster(state_dir: str, address: str) -> dict | None:
 def _print_local_cluster(cluster: dict) -> None:
     print(f"local cluster: `alise up` pid {cluster['supervisor_pid']}, logs in {cluster.get('log_dir')}")
     for name, svc in cluster.get("services", {}).items():
-        listen = "  ".join(f"{kind} {addr}" for kind, addr in svc.get("listen", {}).items())
+        # The door's own address speaks HTTP; every other service's, gRPC.
+        listen = "  ".join(f"{'http' if name == 'http' and kind == 'grpc' else kind} {addr}"
+                           for kind, addr in svc.get("listen", {}).items())
         pid = svc.get("pid") or "-"
         print(f"  {name:<12} {svc.get('state', '?'):<10} pid {pid:<8} {listen}  restarts {svc.get('restarts', 0)}")
 
