@@ -209,3 +209,30 @@ async def test_a_resend_racing_the_first_send_counts_once(encoder, tmp_path):
         assert server.runtime.history.num_observations == 20
     finally:
         await server.stop(0.5)
+
+
+async def test_a_predictor_with_an_internal_secret_takes_the_schedulers_calls_and_no_others(encoder, tmp_path):
+    """The secret is required on every call, the Observe stream included: the scheduler's link
+    (which carries it) gets predictions and has its observations stored; a caller without it
+    is refused UNAUTHENTICATED."""
+    from alise.common.security import SecurityConfig
+
+    secret = SecurityConfig(internal_secret="predictor-s3cret")
+    address = f"127.0.0.1:{free_port()}"
+    server = await start_predictor_server(config(tmp_path, address, security=secret), encoder=encoder)
+    predict, outbox = predictor_functions(address, secret)
+    stranger = PredictorClient(address)
+    try:
+        with pytest.raises(Exception, match="UNAUTHENTICATED"):
+            await stranger.predict(["who am I"], timeout_s=30)
+        with pytest.raises(Exception, match="UNAUTHENTICATED"):
+            await stranger.observe("who am I", 3, timeout_s=30)
+        [estimate] = await predict(["Describe a lighthouse"], [4], 30.0)
+        outbox.add(estimate.prediction_id, "Describe a lighthouse", 4, 42)
+        assert await outbox.flush(60.0)
+        history = server.runtime.history
+        assert history.num_observations == 1 and history.row_of("Describe a lighthouse") is not None
+    finally:
+        await outbox.close()
+        await stranger.close()
+        await server.stop(0.5)
