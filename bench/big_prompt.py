@@ -25,23 +25,14 @@ from pathlib import Path
 
 import grpc
 from alise.client import AsyncClient
+from alise.v1 import scheduler_pb2
 from upcluster import UpCluster, probe_health
-
-
-def varint(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, value = value & 0x7F, value >> 7
-        out.append(byte | (0x80 if value else 0))
-        if not value:
-            return bytes(out)
 
 
 def token_id_request(num_ids: int, token_id: int = 5) -> bytes:
     """A GenerateRequest's bytes: its prompt ``num_ids`` copies of ``token_id``, packed."""
-    payload = varint(token_id) * num_ids
-    ids = b"\x0a" + varint(len(payload)) + payload          # TokenIds.ids = 1
-    return b"\x1a" + varint(len(ids)) + ids                 # GenerateRequest.token_ids = 3
+    ids = scheduler_pb2.TokenIds(ids=[token_id] * num_ids)
+    return scheduler_pb2.GenerateRequest(token_ids=ids).SerializeToString()
 
 
 async def stream(client: AsyncClient, i: int, max_tokens: int, arrivals: list[float]) -> None:
