@@ -27,7 +27,6 @@ import json
 import os
 import secrets
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -38,6 +37,7 @@ from alise.client import AliseError, AsyncClient
 from alise.common.security import SECRET_HEADER
 from alise.sim.trace import build_trace, load_pairs, rescale, workload_path
 from alise.v1 import predictor_pb2, predictor_pb2_grpc
+from upcluster import UpCluster
 
 TURNS = ("worker-0", "predictor", "scheduler", "worker-1", "predictor", "scheduler")
 
@@ -52,54 +52,15 @@ def rss_kib(pid: int) -> int | None:
     return None
 
 
-class Up:
-    """One `alise up` process and its state file."""
-
-    def __init__(self, state_dir: Path, secret: str, args: list[str]) -> None:
-        self.state_dir = state_dir
-        self.stderr_path = state_dir.parent / "up.stderr"
-        env = {**os.environ, "ALISE_INTERNAL_SECRET": secret}
-        command = [sys.executable, "-m", "alise.cli.main", "up", "--address", "127.0.0.1:0",
-                   "--worker-address", "127.0.0.1:0", "--predictor-address", "127.0.0.1:0",
-                   "--worker-health-port", "0", "--http-address", "", "--state-dir", str(state_dir), *args]
-        with open(self.stderr_path, "wb") as err:
-            self.proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=err, env=env)
-
-    def state(self) -> dict:
-        for _ in range(50):  # the file is replaced atomically; it may not exist yet
-            try:
-                return json.loads((self.state_dir / "cluster.json").read_text())
-            except (FileNotFoundError, json.JSONDecodeError):
-                time.sleep(0.1)
-        raise RuntimeError(f"no cluster file in {self.state_dir}")
-
-    def services(self) -> dict:
-        return self.state()["services"]
-
-    def wait_ready(self, timeout_s: float) -> None:
-        deadline = time.monotonic() + timeout_s
-        while "cluster ready" not in self.stderr_path.read_text(errors="replace"):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"alise up did not start:\n{self.stderr_path.read_text()[-3000:]}")
-            time.sleep(0.3)
-
-    async def wait_serving(self, name: str, old_pid: int | None, timeout_s: float = 120) -> float:
-        """Seconds until ``name`` serves again under a pid other than ``old_pid``."""
-        start = time.monotonic()
-        while time.monotonic() - start < timeout_s:
-            s = self.services()[name]
-            if s["state"] == "serving" and s["pid"] and s["pid"] != old_pid:
-                return time.monotonic() - start
-            await asyncio.sleep(0.2)
-        raise RuntimeError(f"{name} did not come back within {timeout_s} s")
-
-    def stop(self) -> int:
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(120)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            return self.proc.wait()
+async def wait_serving(up: UpCluster, name: str, old_pid: int | None, timeout_s: float = 120) -> float:
+    """Seconds until ``name`` serves again under a pid other than ``old_pid``."""
+    start = time.monotonic()
+    while time.monotonic() - start < timeout_s:
+        s = up.services()[name]
+        if s["state"] == "serving" and s["pid"] and s["pid"] != old_pid:
+            return time.monotonic() - start
+        await asyncio.sleep(0.2)
+    raise RuntimeError(f"{name} did not come back within {timeout_s} s")
 
 
 def history_observations(address: str, secret: str) -> int:
@@ -124,7 +85,7 @@ async def run_request(client: AsyncClient, req, max_tokens: int, tally: dict) ->
     tally["complete" if tokens == max_tokens else "short"] += 1
 
 
-async def chaos(up: Up, secret: str, kill_every_s: float, start: float, stop_at: float,
+async def chaos(up: UpCluster, secret: str, kill_every_s: float, start: float, stop_at: float,
                 events: list, history: list) -> None:
     for k, name in enumerate(TURNS):
         at = start + (k + 1) * kill_every_s
@@ -136,7 +97,7 @@ async def chaos(up: Up, secret: str, kill_every_s: float, start: float, stop_at:
         predictor = services["predictor"]["listen"]["grpc"]
         before = await asyncio.to_thread(history_observations, predictor, secret) if name == "predictor" else None
         os.kill(pid, signal.SIGKILL)
-        back_s = await up.wait_serving(name, pid)
+        back_s = await wait_serving(up, name, pid)
         event = {"t_s": round(at - start, 1), "fault": f"SIGKILL {name} (pid {pid})", "serving_again_s": round(back_s, 1)}
         if before is not None:
             after = await asyncio.to_thread(history_observations, up.services()["predictor"]["listen"]["grpc"], secret)
@@ -146,7 +107,7 @@ async def chaos(up: Up, secret: str, kill_every_s: float, start: float, stop_at:
         print(f"  {event}", flush=True)
 
 
-async def sample_rss(up: Up, start: float, end: float, samples: dict) -> None:
+async def sample_rss(up: UpCluster, start: float, end: float, samples: dict) -> None:
     while time.monotonic() < end:
         procs = {"alise up": up.proc.pid}
         procs.update({f"{n} (pid {s['pid']})": s["pid"] for n, s in up.services().items() if s["pid"]})
@@ -159,13 +120,12 @@ async def sample_rss(up: Up, start: float, end: float, samples: dict) -> None:
 
 async def main_async(args) -> dict:
     root = Path(args.out_dir or tempfile.mkdtemp(prefix="alise-soak-"))
-    root.mkdir(parents=True, exist_ok=True)
     secret = secrets.token_hex(16)
-    up = Up(root / "state", secret, ["--workers", "2", "--policy", args.policy,
-                                     "--worker-arg=--max-num-seqs", "--worker-arg=32"])
+    up = await asyncio.to_thread(
+        UpCluster, "--http-address", "", "--policy", args.policy, "--worker-arg=--max-num-seqs",
+        "--worker-arg=32", workers=2, state_dir=root / "state", env={**os.environ, "ALISE_INTERNAL_SECRET": secret})
     try:
-        await asyncio.to_thread(up.wait_ready, 600)
-        address = up.state()["address"]
+        address = up.address
         predictor = up.services()["predictor"]["listen"]["grpc"]
         trace = rescale(build_trace(load_pairs(workload_path("chat")), num=args.num, rate=1.0, seed=3), args.rate)
         trace = [r for r in trace if r.arrival_s < args.duration - args.tail]

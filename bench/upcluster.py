@@ -16,16 +16,30 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 
 class UpCluster:
-    def __init__(self, *up_args: str, workers: int = 1) -> None:
-        self.state_dir = Path(tempfile.mkdtemp(prefix="alise-bench-"))
+    """Started and ready on return. ``state_dir``: where its state and logs go (default: a
+    temporary directory); ``env``: the processes' environment (default: this one's)."""
+
+    def __init__(self, *up_args: str, workers: int = 1, state_dir: str | Path | None = None,
+                 env: dict[str, str] | None = None) -> None:
+        self.state_dir = Path(state_dir or tempfile.mkdtemp(prefix="alise-bench-"))
+        self.state_dir.mkdir(parents=True, exist_ok=True)
         command = [sys.executable, "-m", "alise.cli.main", "up", "--address", "127.0.0.1:0",
                    "--worker-address", "127.0.0.1:0", "--predictor-address", "127.0.0.1:0",
                    "--worker-health-port", "0", "--workers", str(workers), "--state-dir", str(self.state_dir),
                    *up_args]
         self._err = open(self.state_dir / "up.stderr", "wb")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=self._err)
+        self.proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=self._err, env=env)
         self.state = self._wait_ready(600)
         self.address = self.state["address"]
+
+    def services(self) -> dict:
+        """The services as `alise up` sees them now (pids change as it restarts them)."""
+        for _ in range(50):  # the file is replaced atomically, but read it again if caught mid-way
+            try:
+                return json.loads((self.state_dir / "cluster.json").read_text())["services"]
+            except (FileNotFoundError, json.JSONDecodeError):
+                time.sleep(0.1)
+        raise RuntimeError(f"no cluster file in {self.state_dir}")
 
     def _wait_ready(self, timeout_s: float) -> dict:
         deadline = time.monotonic() + timeout_s
@@ -41,13 +55,16 @@ class UpCluster:
     def pid(self, service: str) -> int:
         return self.state["services"][service]["pid"]
 
-    def stop(self) -> None:
+    def stop(self) -> int:
+        """SIGTERM, then `alise up`'s exit code (SIGKILL after 120 s)."""
         self.proc.send_signal(signal.SIGTERM)
         try:
-            self.proc.wait(120)
+            code = self.proc.wait(120)
         except subprocess.TimeoutExpired:
             self.proc.kill()
+            code = self.proc.wait()
         self._err.close()
+        return code
 
 
 def probe_health(address: str, stop, results, interval_s: float = 0.1) -> None:
