@@ -58,6 +58,11 @@ class LatencyModel:
     #: Fixed cost of decode rows in a step that also carries prefill chunks.
     c_mixed_decode_s: float = 0.0
 
+    @property
+    def measured(self) -> bool:
+        """Whether the coefficients come from a profile (measured or loaded), not the defaults."""
+        return self.name != "default"
+
     #: The coefficients, in :meth:`fit`'s column order (``c_cycle_s`` is not fitted).
     FITTED = ("c0_s", "c_seq_s", "c_ctx_s", "c_pre_s", "c_pre2_s", "c_mixed_s", "c_chunk_s", "c_mixed_decode_s")
 

@@ -320,7 +320,7 @@ class SchedulerCore:
         """Prompt tokens the step may add beside its decodes (``LatencyModel.chunk_allowance``),
         at least ``MIN_CHUNK_TOKENS`` so prompts always progress; None where unpriced."""
         latency = self.latency
-        if latency.name == "default" or not self.prefill_step_ratio:
+        if not latency.measured or not self.prefill_step_ratio:
             return None
         allowance = latency.chunk_allowance(int(np.count_nonzero(decoding)),
                                             int(self.table.ntok[order][decoding].sum()), self.prefill_step_ratio)

@@ -336,7 +336,7 @@ class SchedulerEngine:
         profile = link.latency_profile
         if profile is None:
             return
-        if self.latency.name == "default":
+        if not self.latency.measured:
             for name in (*LatencyModel.FITTED, "name", "meta"):
                 setattr(self.latency, name, getattr(profile, name))
             self.latency.correction = 1.0
