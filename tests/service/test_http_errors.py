@@ -65,6 +65,10 @@ async def test_full_queue_is_429_with_retry_after_and_deadline_is_504():
             assert busy.json()["error"]["type"] == "rate_limit_error"
             late = await waiting
             assert late.status_code == 504 and late.json()["error"]["code"] == "DEADLINE_EXCEEDED"
+        # The expired job leaves the queue once the scheduler sees its stream go; until then it
+        # would pass for the next blocker and let the request meant to be refused take its place.
+        while scheduler.engine.num_live_jobs() != 0:
+            await asyncio.sleep(0.01)
         async with openai.AsyncOpenAI(base_url=f"{http.base_url}/v1", api_key="x", max_retries=0) as client:
             blocker = asyncio.create_task(client.completions.create(model="tiny-llama", prompt="a", max_tokens=2))
             while scheduler.engine.num_live_jobs() == 0:
