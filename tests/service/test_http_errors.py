@@ -44,8 +44,15 @@ async def test_bearer_token_passes_through_to_the_schedulers_check():
             assert [m.id async for m in good.models.list()] == ["tiny-llama"]
             # Past the token check, the request waits for a worker that never comes: 503.
             with pytest.raises(openai.InternalServerError, match="no worker connected") as info:
-                await good.completions.create(model="tiny-llama", prompt="hi", max_tokens=2, stream=True)
+                await good.completions.create(model="tiny-llama", prompt="hi", max_tokens=2)
             assert info.value.status_code == 503 and info.value.body["code"] == "UNAVAILABLE"
+            # A stream is opened (200) when the scheduler accepts it; the later 503 is its last event.
+            stream = await good.completions.create(model="tiny-llama", prompt="hi", max_tokens=2, stream=True)
+            assert stream.response.status_code == 200
+            with pytest.raises(openai.APIError, match="no worker connected") as info:
+                async for _ in stream:
+                    pass
+            assert info.value.body["code"] == "UNAVAILABLE"
     finally:
         await http.stop(0.5)
         await scheduler.stop(0.1)
@@ -114,3 +121,59 @@ async def test_health_follows_the_scheduler():
         gone = await h.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2}, timeout=30)
         assert gone.status_code == 503
     await http.stop(0.5)
+
+
+async def test_a_stream_is_opened_when_the_scheduler_accepts_it_and_not_before():
+    """No worker: nothing can produce a token, yet the accepted stream has its status line."""
+    from alise.client import AsyncClient, Client, DeadlineExceeded, InvalidRequest
+
+    scheduler, http = await _door(SchedulerConfig(address="127.0.0.1:0", model="tiny-llama",
+                                                  max_wait_no_worker_s=30))
+    try:
+        async with httpx.AsyncClient(base_url=http.base_url, timeout=10) as h:
+            body = {"prompt": "queued", "max_tokens": 2, "stream": True}
+            async with h.stream("POST", "/v1/completions", json=body) as reply:
+                assert reply.status_code == 200
+                assert reply.headers["content-type"].startswith("text/event-stream")
+                assert scheduler.engine.num_live_jobs() == 1  # queued, no token yet
+            refused = await h.post("/v1/completions", json={**body, "top_p": 5.0})
+            assert refused.status_code == 400  # refused before acceptance: its own status
+        for _ in range(300):  # the closed stream cancelled its job
+            if scheduler.engine.num_live_jobs() == 0:
+                break
+            await asyncio.sleep(0.01)
+        assert scheduler.engine.num_live_jobs() == 0
+
+        address = f"127.0.0.1:{scheduler.port}"
+        accepted = []
+
+        async def note() -> None:
+            accepted.append(scheduler.engine.num_live_jobs())
+
+        async with AsyncClient(address) as client:
+            stream = client.generate("queued", max_tokens=2, on_accepted=note, timeout_s=0.5)
+            with pytest.raises(DeadlineExceeded):  # no worker: the job waits out its deadline
+                async for _ in stream:
+                    pass
+            assert accepted == [1]
+            with pytest.raises(InvalidRequest):
+                async for _ in client.generate("bad", top_p=5.0, on_accepted=note):
+                    pass
+            assert accepted == [1]
+
+        def sync_call() -> list[int]:
+            calls = []
+            with Client(address) as client:
+                with pytest.raises(InvalidRequest):
+                    for _ in client.generate("bad", top_p=5.0, on_accepted=lambda: calls.append("bad")):
+                        pass
+                with pytest.raises(DeadlineExceeded):
+                    for _ in client.generate("queued", max_tokens=2, timeout_s=0.5,
+                                             on_accepted=lambda: calls.append("queued")):
+                        pass
+            return calls
+
+        assert await asyncio.to_thread(sync_call) == ["queued"]
+    finally:
+        await http.stop(0.5)
+        await scheduler.stop(0.1)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 
 import grpc
 from alise.client._channel import check_address, make_aio_channel
@@ -60,12 +60,15 @@ class AsyncClient:
                        request_id: str = "", oracle_output_tokens: int = 0,
                        priority: int = 0, timeout_s: float | None = None, token: str | None = None,
                        resume_timeout_s: float = RESUME_TIMEOUT_S,
-                       wait_for_ready: bool = False) -> AsyncIterator[Chunk]:
+                       wait_for_ready: bool = False,
+                       on_accepted: Callable[[], Awaitable[None]] | None = None) -> AsyncIterator[Chunk]:
         """Streams the request's chunks; a stream that breaks (UNAVAILABLE) is resumed for up to
         ``resume_timeout_s`` without progress (0: never), every token delivered once. ``token``
         overrides the client's bearer token for this call. ``wait_for_ready``: a request sent
         while no scheduler answers (one restarting) waits for one, up to ``timeout_s``, instead
-        of failing at once with UNAVAILABLE."""
+        of failing at once with UNAVAILABLE. ``on_accepted`` is awaited once, when the scheduler
+        has accepted the request (it passed validation, the token check and admission), before
+        its first chunk: a relay can answer its own client then, while the job is queued."""
         request = build_request(prompt, max_tokens=max_tokens, temperature=temperature,
                                 top_p=top_p, top_k=top_k, seed=seed,
                                 stop_token_ids=stop_token_ids, ignore_eos=ignore_eos,
@@ -78,6 +81,10 @@ class AsyncClient:
             call = self._stub.Generate(message, timeout=timeout, metadata=metadata,
                                        wait_for_ready=wait_for_ready or None)
             try:
+                if on_accepted is not None and not resumer.accepted:
+                    resumer.note_metadata(await call.initial_metadata())
+                    if resumer.accepted:
+                        await on_accepted()
                 async for response in call:
                     chunk = to_chunk(response)
                     resumer.accept(chunk)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import grpc
 from alise.client._channel import check_address, make_channel
@@ -46,9 +46,11 @@ class Client:
                  seed: int | None = None, stop_token_ids: Sequence[int] = (),
                  ignore_eos: bool = False, request_id: str = "", oracle_output_tokens: int = 0,
                  priority: int = 0, timeout_s: float | None = None, token: str | None = None,
-                 resume_timeout_s: float = RESUME_TIMEOUT_S, wait_for_ready: bool = False) -> Iterator[Chunk]:
+                 resume_timeout_s: float = RESUME_TIMEOUT_S, wait_for_ready: bool = False,
+                 on_accepted: Callable[[], None] | None = None) -> Iterator[Chunk]:
         """As ``AsyncClient.generate``: a broken stream is resumed, every token delivered once;
-        ``wait_for_ready`` waits for a scheduler that does not answer yet."""
+        ``wait_for_ready`` waits for a scheduler that does not answer yet; ``on_accepted`` is
+        called once when the scheduler has accepted the request, before its first chunk."""
         request = build_request(prompt, max_tokens=max_tokens, temperature=temperature,
                                 top_p=top_p, top_k=top_k, seed=seed,
                                 stop_token_ids=stop_token_ids, ignore_eos=ignore_eos,
@@ -61,6 +63,10 @@ class Client:
             call = self._stub.Generate(message, timeout=timeout, metadata=metadata,
                                        wait_for_ready=wait_for_ready or None)
             try:
+                if on_accepted is not None and not resumer.accepted:
+                    resumer.note_metadata(call.initial_metadata())
+                    if resumer.accepted:
+                        on_accepted()
                 for response in call:
                     chunk = to_chunk(response)
                     resumer.accept(chunk)

@@ -3,8 +3,12 @@
 Raw ASGI rather than a framework response class, because the door needs two things most
 response helpers hide:
 
-* the status line waits for the scheduler's first message, so a refused request (400, 401,
-  429, 503, 504) gets its status and JSON body even when it asked to stream;
+* the status line waits for the scheduler's verdict, so a refused request (400, 401, 429,
+  503) gets its status and JSON body even when it asked to stream. A stream's status line and
+  headers go out the moment the scheduler accepts it (its ``alise-accepted`` metadata), while
+  the job is queued, so the first token is one write; an error after that (the deadline, no
+  worker in time) travels as an error event, as vLLM's do. A whole completion's status waits
+  for its end;
 * the connection is watched from the moment the body is read: a client that goes away,
   while queued, streaming or waiting for a whole completion, cancels its gRPC call at once.
 """
@@ -81,12 +85,16 @@ class Relay:
         self.done = False
 
     async def run(self, send) -> None:
+        opened = (lambda: self._open(send)) if self.req.stream else None
         stream = pieces(self.door.client, self.req, self.prompt, self.facts, token=self.token,
-                        timeout_s=self.door.config.request_timeout_s)
+                        timeout_s=self.door.config.request_timeout_s, on_accepted=opened)
         try:
             first = await anext(stream)
         except AliseError as exc:
-            await self.refuse(send, from_alise_error(exc))
+            if self.status:  # the stream is open: the error is its last event
+                await self._end_with_error(exc, send)
+            else:
+                await self.refuse(send, from_alise_error(exc))
             return
         self.door.metrics.ttft.observe(time.monotonic() - self.arrival_s)
         if self.req.stream:
@@ -112,34 +120,44 @@ class Relay:
         await send_json(send, 200, self.shaper.whole("".join(texts), ids, piece.finish_reason, self.facts),
                         {"x-request-id": self.facts.request_id})
 
-    async def _stream(self, piece: Piece, stream, send) -> None:
+    async def _event(self, send, data: bytes) -> None:
+        await send({"type": "http.response.body", "body": data, "more_body": True})
+
+    async def _open(self, send) -> None:
+        """The stream's status line and headers (and a chat's role event), once accepted."""
         self.status = 200
         await send({"type": "http.response.start", "status": 200, "headers": [
             (b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache"),
             (b"x-request-id", self.facts.request_id.encode())]})
+        if self.shaper.chat:
+            await self._event(send, sse(self.shaper.role_chunk()))
+
+    async def _end_with_error(self, exc: AliseError, send) -> None:
+        # The status line is sent already: the error travels as an event, as vLLM's does.
+        error = from_alise_error(exc)
+        self.finish_reason = f"error {error.status}"
+        await self._event(send, sse(error.body()))
+        self.done = True
+        await send({"type": "http.response.body", "body": SSE_DONE, "more_body": False})
+
+    async def _stream(self, piece: Piece, stream, send) -> None:
+        if not self.status:  # the scheduler's metadata did not come first (it always does)
+            await self._open(send)
         shaper, include_usage = self.shaper, self.req.include_usage
-
-        async def event(data: bytes) -> None:
-            await send({"type": "http.response.body", "body": data, "more_body": True})
-
-        if shaper.chat:
-            await event(sse(shaper.role_chunk()))
         try:
             while True:
                 if piece.text or piece.finish_reason or self.req.return_token_ids:
-                    await event(sse(shaper.chunk(piece.text, piece.token_ids, piece.finish_reason,
-                                                 self.facts, include_usage)))
+                    await self._event(send, sse(shaper.chunk(piece.text, piece.token_ids, piece.finish_reason,
+                                                             self.facts, include_usage)))
                 if piece.finish_reason is not None:
                     break
                 piece = await anext(stream)
             self.finish_reason = piece.finish_reason
             if include_usage:
-                await event(sse(shaper.usage_chunk(self.facts)))
+                await self._event(send, sse(shaper.usage_chunk(self.facts)))
         except AliseError as exc:
-            # The status line is sent already: the error travels as an event, as vLLM's does.
-            error = from_alise_error(exc)
-            self.finish_reason = f"error {error.status}"
-            await event(sse(error.body()))
+            await self._end_with_error(exc, send)
+            return
         self.done = True
         await send({"type": "http.response.body", "body": SSE_DONE, "more_body": False})
 

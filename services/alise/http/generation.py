@@ -8,7 +8,7 @@ job and frees its KV blocks at the next step. A stop string's tokens count as ge
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
 import grpc
@@ -26,14 +26,16 @@ class Piece:
 
 
 async def pieces(client: AsyncClient, req: GenerationRequest, prompt: str | list[int], facts: Facts, *,
-                 token: str | None, timeout_s: float) -> AsyncIterator[Piece]:
-    """Raises the SDK's AliseError subclasses; fills ``facts`` as chunks arrive."""
+                 token: str | None, timeout_s: float,
+                 on_accepted: Callable[[], Awaitable[None]] | None = None) -> AsyncIterator[Piece]:
+    """Raises the SDK's AliseError subclasses; fills ``facts`` as chunks arrive; awaits
+    ``on_accepted`` when the scheduler has accepted the request."""
     stops = StopStrings(req.stop)
     stream = client.generate(
         prompt, max_tokens=req.max_tokens, temperature=req.temperature, top_p=req.top_p,
         top_k=req.top_k, seed=req.seed, stop_token_ids=req.stop_token_ids, ignore_eos=req.ignore_eos,
         request_id=facts.request_id, oracle_output_tokens=req.oracle_output_tokens,
-        priority=req.priority, timeout_s=timeout_s, token=token)
+        priority=req.priority, timeout_s=timeout_s, token=token, on_accepted=on_accepted)
     try:
         async for chunk in stream:
             if chunk.prompt_tokens is not None:
