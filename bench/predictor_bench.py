@@ -2,10 +2,10 @@
 
     .venv/bin/python bench/predictor_bench.py [--num-entries 1000000] [--bootstrap FILE ...]
 
-1. Bare encoder, in the same run so the ratios hold on a loaded machine: sentence-transformers
-   (the original path), the int8 packed path on torch (the fallback) and the default (int8 on
-   ONNX Runtime where installed), 1 prompt and 256 prompts, wall and CPU seconds, with the
-   load average beside each line.
+1. Bare encoder, in the same run so the ratios hold on a loaded machine: sentence-transformers'
+   own encode (torch, padded batches) and the encoder (its ONNX export, fp32 and the default
+   int8), 1 prompt and 256 prompts, wall and CPU seconds, with the load average beside each
+   line.
 2. Starts an in-process PredictorService bootstrapped from the AlpacaEval files (12 models),
    with an index dir (so the write-ahead log is on), then measures one-prompt Predict latency
    (sequential calls), a 256-prompt Predict, and 256 observations naming those predictions
@@ -56,24 +56,31 @@ def timed(fn, repeats: int) -> tuple[float, float]:
 
 def bare_encoder(bootstrap: list[str], num_calls: int, num_threads: int) -> list[tuple[str, str]]:
     import torch
+    from sentence_transformers import SentenceTransformer
 
     from alise.predictor.datasets import load_records
     from alise.predictor.encoder import Encoder
+    from alise.predictor.tokens import default_model_path
 
     prompts = list(dict.fromkeys(r.prompt for r in load_records(bootstrap[0])))
-    encoders = [Encoder(fast=False, num_threads=num_threads),
-                Encoder(num_threads=num_threads, backend="torch"), Encoder(num_threads=num_threads)]
+    model = SentenceTransformer(default_model_path(), device="cpu", local_files_only=True)
+    torch.set_num_threads(num_threads)
+
+    def original(batch):  # sentence-transformers' own padded batches, torch's intra-op threads
+        model.encode(batch, batch_size=64, normalize_embeddings=True, show_progress_bar=False)
+
+    encoders = [("sentence-transformers (torch, fp32)", original)]
+    for enc in (Encoder(num_threads=num_threads, int8=False), Encoder(num_threads=num_threads)):
+        encoders.append((f"encoder {enc.name}", enc.encode))
     rows = []
-    for rep in range(2):  # interleaved, so both see the same load
-        for enc in encoders:
-            # the fast path sets torch to 1 thread (it shards instead); give the original its own
-            torch.set_num_threads(1 if enc._packed else num_threads)
-            enc.encode(prompts[:8])
-            one = timed(lambda i=iter(range(10**6)): enc.encode([prompts[next(i) % len(prompts)]]), num_calls)
-            many = timed(lambda: enc.encode(prompts[256 * rep:256 * (rep + 1)]), 3 if enc._packed else 1)
-            rows.append((f"encoder {enc.backend}, 1 prompt",
+    for rep in range(2):  # interleaved, so all see the same load
+        for name, encode in encoders:
+            encode(prompts[:8])
+            one = timed(lambda i=iter(range(10**6)): encode([prompts[next(i) % len(prompts)]]), num_calls)
+            many = timed(lambda: encode(prompts[256 * rep:256 * (rep + 1)]), 3)
+            rows.append((f"{name}, 1 prompt",
                          f"{one[0] * 1000:.1f} ms wall, {one[1] * 1000:.1f} ms CPU ({load()})"))
-            rows.append((f"encoder {enc.backend}, 256 prompts",
+            rows.append((f"{name}, 256 prompts",
                          f"{many[0]:.2f} s wall, {many[1]:.2f} s CPU ({load()})"))
     return rows
 
@@ -97,7 +104,7 @@ async def grpc_latency(bootstrap: list[str], num_calls: int, num_threads: int) -
     prompts = [r.prompt for r in load_records(bootstrap[0])]
     client = PredictorClient(f"127.0.0.1:{server.port}")
     rows = [("server start + bootstrap", f"{startup_s:.1f} s ({server.runtime.history.num_observations} obs, "
-             f"encoder {server.runtime.encoder.backend}, {num_threads} thread(s))")]
+             f"encoder {server.runtime.encoder.name}, {num_threads} thread(s))")]
     try:
         await client.predict(prompts[:4], timeout_s=30)  # warm-up
         single = []

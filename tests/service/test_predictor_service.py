@@ -12,8 +12,6 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from alise.predictor.client import PredictorClient, PredictorUnavailable
 from alise.predictor.config import PredictorConfig
 from alise.predictor.encoder import MIN_SHARD_TOKENS, Encoder
-from alise.predictor.ortbert import plan_groups
-from alise.predictor.packed import PackedBert
 from alise.predictor.runtime import ObservationIn
 from alise.predictor.service import start_predictor_server
 from alise.predictor.snapshot import SnapshotError
@@ -24,13 +22,7 @@ TOPICS = [("Write a one-word answer: what color is the sky", 2), ("Write a long 
 
 @pytest.fixture(scope="module")
 def encoder():
-    return Encoder(num_threads=2)  # the default: int8 on ONNX Runtime
-
-
-@pytest.fixture(scope="module")
-def torch_encoder():
-    """The same int8 model on the pure-torch fallback path."""
-    return Encoder(num_threads=2, backend="torch")
+    return Encoder(num_threads=2)  # the default: int8
 
 
 @pytest.fixture
@@ -99,7 +91,7 @@ async def test_observe_updates_stats_and_refits(client, server):
             await asyncio.sleep(0.05)
     assert stats.num_observations == 5 and stats.num_entries == 30 + 5
     assert stats.mean_abs_error == pytest.approx(abs(est.p50 - 60), rel=1e-5)
-    assert stats.head_fitted_at > before and stats.encoder == "all-MiniLM-L6-v2-int8-ort"
+    assert stats.head_fitted_at > before and stats.encoder == "all-MiniLM-L6-v2-qint8"
     assert stats.embedding_dim == 384 and stats.index_type == "flat" and list(stats.bucket_edges)
     [again] = await client.predict([prompt], timeout_s=10)
     assert again.source == "knn" and again.p50 == pytest.approx(60, rel=0.1)
@@ -160,7 +152,7 @@ async def test_restart_restores_history_and_corruption_fails_start(encoder, serv
         await start_predictor_server(config, encoder=encoder)
 
 
-# -- the encoder's packed fast path ----------------------------------------------------------
+# -- the encoder -------------------------------------------------------------------------------
 
 ENCODER_PROMPTS = ["hi", "Write a one-word answer: what color is grass",
                    "Explain how a transformer works. " * 40,  # past 256 tokens: truncated
@@ -168,115 +160,87 @@ ENCODER_PROMPTS = ["hi", "Write a one-word answer: what color is grass",
 
 
 @pytest.fixture(scope="module")
-def reference_encoder():
-    """sentence-transformers' own encode of the same model: the ground truth for the fast path."""
-    return Encoder(fast=False, num_threads=2)
+def reference():
+    """sentence-transformers' own encode of the same model: the ground truth."""
+    from sentence_transformers import SentenceTransformer
+    from alise.predictor.tokens import default_model_path
+
+    model = SentenceTransformer(default_model_path(), device="cpu", local_files_only=True)
+
+    def encode(prompts, max_chars):
+        return model.encode([p[:max_chars] for p in prompts], normalize_embeddings=True, convert_to_numpy=True)
+
+    return model, encode
 
 
-def test_packed_fp32_matches_sentence_transformers(reference_encoder):
+def test_fp32_matches_sentence_transformers(reference):
+    model, encode = reference
     fp32 = Encoder(int8=False)
-    assert fp32.backend == "packed" and reference_encoder.backend == "sentence-transformers"
-    assert fp32.name == reference_encoder.name == "all-MiniLM-L6-v2"
-    fast, ref = fp32.encode(ENCODER_PROMPTS), reference_encoder.encode(ENCODER_PROMPTS)
-    assert (fast.vectors * ref.vectors).sum(axis=1).min() > 0.9999
-    assert fast.truncated == ref.truncated == [False, False, True, True, False, False]
-    assert fast.num_tokens == ref.num_tokens
+    assert fp32.name == "all-MiniLM-L6-v2"
+    got = fp32.encode(ENCODER_PROMPTS)
+    assert (got.vectors * encode(ENCODER_PROMPTS, fp32.max_chars)).sum(axis=1).min() > 0.9999
+    assert got.truncated == [False, False, True, True, False, False]
+    cut = [p[:fp32.max_chars] for p in ENCODER_PROMPTS]
+    assert got.num_tokens == [len(model.tokenizer(p, add_special_tokens=False)["input_ids"]) for p in cut]
 
 
-@pytest.mark.parametrize("backend", ["onnxruntime", "torch"])
-def test_int8_stays_close_to_fp32_and_has_its_own_name(encoder, torch_encoder, reference_encoder, backend):
-    enc = encoder if backend == "onnxruntime" else torch_encoder
-    suffix = "-int8-ort" if backend == "onnxruntime" else "-int8"
-    assert enc.backend == f"packed{suffix}" and enc.name == f"all-MiniLM-L6-v2{suffix}"
+def test_int8_stays_close_to_fp32_and_has_its_own_name(encoder, reference):
+    _, encode = reference
+    assert encoder.name == "all-MiniLM-L6-v2-qint8"
     prompts = ENCODER_PROMPTS + [f"{t} {i}" for i, (t, _) in enumerate(TOPICS * 5)] + [
         "Translate 'good morning' into French", "List five prime numbers", "Why is the sky blue?"]
-    got, ref = enc.encode(prompts), reference_encoder.encode(prompts)
-    cosine = (got.vectors * ref.vectors).sum(axis=1)
-    # AlpacaEval (805 prompts): worst 0.976, mean 0.995 on either backend; the eval's goals hold.
+    got = encoder.encode(prompts)
+    cosine = (got.vectors * encode(prompts, encoder.max_chars)).sum(axis=1)
+    # AlpacaEval (256 prompts): worst 0.982, mean 0.993.
     assert cosine.min() > 0.9 and cosine.mean() > 0.96
     np.testing.assert_allclose(np.linalg.norm(got.vectors, axis=1), 1.0, atol=1e-5)
-    assert got.truncated == ref.truncated and got.num_tokens == ref.num_tokens
 
 
-def test_onnxruntime_backend_equals_torch_int8_within_tolerance(encoder, torch_encoder):
-    """Same weights, same per-token quantization: only float rounding differs (which can flip
-    an int8 rounding now and then; AlpacaEval's 805 prompts: mean 0.9991, worst 0.986)."""
-    prompts = ENCODER_PROMPTS + [f"{t} {i}" for i, (t, _) in enumerate(TOPICS * 10)] + [
-        "Translate 'good morning' into French", "List five prime numbers", "Why is the sky blue?",
-        "Write a Python function that reverses a linked list, with tests. " * 3]
-    got, want = encoder.encode(prompts), torch_encoder.encode(prompts)
-    cosine = (got.vectors * want.vectors).sum(axis=1)
-    assert cosine.mean() > 0.998 and cosine.min() > 0.98
-    assert got.truncated == want.truncated and got.num_tokens == want.num_tokens
-    np.testing.assert_allclose(np.linalg.norm(got.vectors, axis=1), 1.0, atol=1e-5)
-
-
-@pytest.mark.parametrize("backend", ["onnxruntime", "torch"])
-def test_vectors_do_not_depend_on_batch_or_shards(encoder, torch_encoder, backend):
-    enc = encoder if backend == "onnxruntime" else torch_encoder
+def test_vectors_do_not_depend_on_batch_or_shards(encoder):
     prompts = [f"{ENCODER_PROMPTS[i % 6][:300]} {i}" for i in range(60)]
-    assert enc.num_threads == 2 and sum(enc.encode(prompts).num_tokens) > MIN_SHARD_TOKENS
-    sharded = enc.encode(prompts).vectors
-    singles = np.concatenate([enc.encode([p]).vectors for p in prompts[:12]])
-    # int8 activations are scaled per token, so batch-mates do not change a prompt's vector;
-    # only float rounding in padded attention can flip an int8 rounding (measured >= 0.998).
-    assert (sharded[:12] * singles).sum(axis=1).min() > 0.995
-    assert np.array_equal(enc.encode(prompts).vectors, sharded)  # deterministic across thread timing
+    assert encoder.num_threads == 2 and sum(encoder.encode(prompts).num_tokens) > MIN_SHARD_TOKENS
+    sharded = encoder.encode(prompts).vectors
+    singles = np.concatenate([encoder.encode([p]).vectors for p in prompts[:12]])
+    assert np.array_equal(sharded[:12], singles)  # each prompt runs alone: batch-mates change nothing
+    assert np.array_equal(encoder.encode(prompts).vectors, sharded)  # nor does thread timing
 
 
-def test_attention_groups_cover_every_prompt_with_bounded_padding():
-    lengths = [5, 300, 7, 7, 12, 40, 41, 3, 256, 9] * 7
-    groups = plan_groups(lengths, max_size=16, max_padding=0.15)
-    assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
-    flat = [lengths[i] for g in groups for i in g]
-    assert flat == sorted(lengths)  # consecutive in length order
-    for g in groups:
-        lens = [lengths[i] for i in g]
-        assert len(g) <= 16
-        assert len(g) == 1 or max(lens) * len(lens) <= 1.15 * sum(lens)
-    assert plan_groups([]) == [] and plan_groups([4]) == [[0]]
+def test_the_export_is_cached_and_an_unreadable_one_is_made_again(tmp_path, monkeypatch, encoder):
+    monkeypatch.setenv("ALISE_CACHE_DIR", str(tmp_path))
+    first = Encoder()
+    assert first.graph_path.parent == tmp_path / "encoders" and first.graph_path.is_file()
+    made = first.graph_path.stat().st_mtime_ns
+    assert Encoder().graph_path == first.graph_path and first.graph_path.stat().st_mtime_ns == made
+    first.graph_path.write_bytes(b"not a graph")
+    again = Encoder()
+    assert again.graph_path == first.graph_path and again.graph_path.stat().st_size > 1_000_000
+    assert np.array_equal(again.encode(ENCODER_PROMPTS).vectors, encoder.encode(ENCODER_PROMPTS).vectors)
+    assert Encoder(int8=False).graph_path != first.graph_path  # fp32 is its own graph
 
 
-def test_backend_choice_is_validated():
-    with pytest.raises(ValueError, match="backend must be one of"):
-        Encoder(backend="tensorflow")
-    with pytest.raises(ValueError, match="int8 packed fast path"):
-        Encoder(int8=False, backend="onnxruntime")
-    assert Encoder(int8=False).backend == "packed"  # auto: fp32 stays on torch
-
-
-async def test_snapshot_of_another_backend_is_a_start_up_error(encoder, torch_encoder, bootstrap_file,
-                                                               tmp_path):
+async def test_snapshot_of_another_encoder_is_a_start_up_error(encoder, bootstrap_file, tmp_path):
     config = PredictorConfig(address="127.0.0.1:0", index_dir=str(tmp_path / "index"), model="m1",
                              bootstrap=(bootstrap_file,))
-    first = await start_predictor_server(config, encoder=torch_encoder)  # writes a snapshot
+    first = await start_predictor_server(config, encoder=Encoder(int8=False))  # writes a snapshot
     await first.stop(0.5)
-    with pytest.raises(SnapshotError, match="all-MiniLM-L6-v2-int8'.*all-MiniLM-L6-v2-int8-ort"):
+    with pytest.raises(SnapshotError, match="all-MiniLM-L6-v2'.*all-MiniLM-L6-v2-qint8"):
         await start_predictor_server(config, encoder=encoder)
 
 
-def test_shorter_window_truncates_and_reports_it():
+def test_shorter_window_truncates_and_reports_it(reference):
+    model, _ = reference
     enc = Encoder(max_seq_length=16, int8=False)
-    reference = Encoder(max_seq_length=16, fast=False)
     prompts = ["one two three", "word " * 14, "word " * 15]  # 14 tokens fit beside [CLS] [SEP]
-    got, want = enc.encode(prompts), reference.encode(prompts)
+    got = enc.encode(prompts)
     assert got.truncated == [False, False, True] and got.num_tokens == [3, 14, 15]
-    assert (got.vectors * want.vectors).sum(axis=1).min() > 0.9999
+    model.max_seq_length = 16
+    try:
+        want = model.encode(prompts, normalize_embeddings=True, convert_to_numpy=True)
+    finally:
+        model.max_seq_length = 256
+    assert (got.vectors * want).sum(axis=1).min() > 0.9999
     with pytest.raises(ValueError, match="max_seq_length"):
         Encoder(max_seq_length=4096)
-
-
-def test_fast_path_declines_other_model_shapes():
-    class Transformer:  # noqa: D401 - stand-ins named like sentence-transformers' modules
-        auto_model = None
-
-    class Pooling:
-        def get_config_dict(self):
-            return {"pooling_mode": "cls"}
-
-    assert PackedBert.from_sentence_transformer([Transformer(), Pooling()]) is None
-    Pooling.get_config_dict = lambda self: {"pooling_mode": "mean"}
-    assert PackedBert.from_sentence_transformer([Transformer(), Pooling()]) is None  # not a BERT
 
 
 async def test_observe_reuses_predicted_and_stored_embeddings(client, server, monkeypatch):

@@ -226,8 +226,6 @@ def test_configs_validate_fields():
         PredictorConfig(refit_interval_s=0)
     with pytest.raises(ValueError, match="encoder_max_seq_length"):
         PredictorConfig(encoder_max_seq_length=2)
-    with pytest.raises(ValueError, match="encoder_backend"):
-        PredictorConfig(encoder_backend="tensorflow")
 
 
 def test_exact_duplicates_are_matched_by_text_not_by_similarity():

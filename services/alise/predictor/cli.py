@@ -81,16 +81,13 @@ def add_encoder_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-seq-length", type=int, default=None,
                         help="tokens the encoder sees of a prompt (default: the model's limit)")
     parser.add_argument("--fp32", action="store_true",
-                        help="fp32 encoder (default: int8 Linear layers where the fast path applies)")
-    parser.add_argument("--encoder-backend", choices=("auto", "onnxruntime", "torch"), default="auto",
-                        help="what runs the int8 encoder (auto: ONNX Runtime where installed)")
+                        help="fp32 encoder (default: int8, ONNX Runtime's dynamic quantization)")
 
 
 def make_encoder(args, **kwargs):
     from alise.predictor.encoder import Encoder
 
-    return Encoder(args.encoder, max_seq_length=args.max_seq_length, int8=not args.fp32,
-                   backend=args.encoder_backend, **kwargs)
+    return Encoder(args.encoder, max_seq_length=args.max_seq_length, int8=not args.fp32, **kwargs)
 
 
 def main_build(args) -> int:
@@ -138,7 +135,7 @@ def main_eval(args) -> int:
           f"(10-NN {avg['knn10']['kendall_tau']:.3f}); MAE {avg['alise']['mae_vs_mean'] - 1:+.1%} vs "
           f"the mean predictor (10-NN {avg['knn10']['mae_vs_mean'] - 1:+.1%}); "
           f"{len(corpus.texts)} prompts, {args.folds} folds, {time.perf_counter() - started:.0f} s; "
-          f"encoder {encoder.name} ({encoder.backend}, max_seq_length {encoder.max_seq_length})")
+          f"encoder {encoder.name} (max_seq_length {encoder.max_seq_length})")
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(report, f, indent=1)
@@ -168,7 +165,6 @@ def main_serve(args) -> int:
             max_observations_per_s=args.max_observations_per_s,
             metrics_address=args.metrics_address,
             encoder_max_seq_length=args.max_seq_length, encoder_int8=not args.fp32,
-            encoder_backend=args.encoder_backend,
             num_threads=args.encoder_threads,
             security=security_from_args(args),
         )

