@@ -259,3 +259,52 @@ def test_a_model_with_no_history_gets_the_known_models_spread_of_scales():
     new = est.predict(test_v, test_texts, np.full(50, 10), "a-new-model")
     # Scales 16x apart: a new model's p90 must allow for either, a known model's need not.
     assert np.median(new.p90 / new.p50) > 2 * np.median(known.p90 / known.p50)
+
+
+# -- refits are validated before they are served ---------------------------------------------
+
+async def test_a_refit_that_validates_worse_than_the_serving_fit_is_not_served():
+    from alise.predictor.runtime import PredictorRuntime
+
+    rng = np.random.default_rng(5)
+    centers = unit(rng, 8)
+
+    def add(history, n, *, corrupt):
+        v, texts, y = synthetic(rng, n, centers)
+        if corrupt:  # answers whose lengths run against their topics' (a broken model's)
+            y = (12_800 / np.maximum(y, 1)).astype(int)
+        history.add_observations(history.add_prompts(texts, v, [10] * n), ["m"] * n, y)
+
+    config = PredictorConfig(estimator=EstimatorConfig(min_model_observations=10))
+    bad, good = History(VectorIndex(DIM)), History(VectorIndex(DIM))
+    for history in (bad, good):
+        add(history, 300, corrupt=False)
+    # No encoder: a refit reads the history only.
+    for runtime, history, corrupt in ((PredictorRuntime(config, None, bad), bad, True),
+                                      (PredictorRuntime(config, None, good), good, False)):
+        assert await runtime.refit() and runtime.last_validation is None  # the first: nothing to judge
+        first = runtime.estimator.fitted
+        add(history, 300, corrupt=corrupt)  # then sound answers, the newest: held out
+        add(history, 300, corrupt=False)
+        served = await runtime.refit()
+        verdict = runtime.last_validation
+        assert verdict.num_held_out == 300
+        if corrupt:
+            assert not served and not verdict.accepted and runtime.estimator.fitted is first
+            assert verdict.candidate_error > 1.05 * verdict.serving_error
+        else:
+            assert served and verdict.accepted and runtime.estimator.fitted is not first
+            assert runtime.estimator.fitted.num_observations == 900
+
+
+def test_too_few_new_observations_are_not_judged():
+    from alise.predictor.fitting import MIN_VALIDATION_OBSERVATIONS, fit_estimator, holdout_start
+
+    rng = np.random.default_rng(6)
+    history = History(VectorIndex(DIM))
+    v, texts, y = synthetic(rng, 200, unit(rng, 8))
+    history.add_observations(history.add_prompts(texts, v, [10] * 200), ["m"] * 200, y)
+    serving = fit_estimator(history.prefix(200 - 2 * MIN_VALIDATION_OBSERVATIONS + 1), EstimatorConfig())
+    assert holdout_start(history, serving) is None
+    serving = fit_estimator(history.prefix(200 - 2 * MIN_VALIDATION_OBSERVATIONS), EstimatorConfig())
+    assert holdout_start(history, serving) == 200 - MIN_VALIDATION_OBSERVATIONS

@@ -104,6 +104,8 @@ class _Fitted:
     models: dict[int, _ModelFit]
     pooled: _ModelFit
     num_samples: int
+    #: The history's observations when the fit read it: the ones after are unseen by it.
+    num_observations: int = 0
     fitted_at: float = field(default_factory=time.time)
 
 
@@ -204,11 +206,20 @@ class LengthEstimator:
         self._fitted = fitted
         return True
 
+    @property
+    def fitted(self) -> _Fitted | None:
+        return self._fitted
+
+    def install(self, fitted: _Fitted) -> None:
+        """Serves ``fitted`` (one reference assignment: safe beside :meth:`predict`)."""
+        self._fitted = fitted
+
     # -- prediction ------------------------------------------------------------------------
 
     def _neighbour_features(self, vectors: np.ndarray, model_id: int | None):
         cfg = self.config
         sims, rows = self.history.index.search(vectors, cfg.num_neighbors)
+        rows = np.where(rows < len(self._eff_cnt), rows, -1)  # a prompt added since the last sync
         safe = np.maximum(rows, 0)
         cnt = self._eff_cnt[safe] if len(self._eff_cnt) else np.zeros(rows.shape)
         valid = (rows >= 0) & (cnt > 0)

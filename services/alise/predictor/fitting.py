@@ -8,15 +8,23 @@ See ``estimator.py`` for the model.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
-from alise.predictor.estimator import HEAD_FEATURES, EstimatorConfig, _Fitted, _ModelFit
+from alise.predictor.estimator import HEAD_FEATURES, EstimatorConfig, LengthEstimator, _Fitted, _ModelFit
 from alise.predictor.heads import KernelHead, LinearHead, TfidfHead
 from alise.predictor.history import History
 from alise.predictor.stacker import Stacker
 
 #: Fewest prompts with observations before heads are worth fitting.
 MIN_FIT_PROMPTS = 16
+#: Fewest held-out observations a refit is judged on (fewer new ones: the refit is served).
+MIN_VALIDATION_OBSERVATIONS = 32
+#: Most held-out observations (the newest): the check runs on the event loop, like a Predict.
+MAX_VALIDATION_OBSERVATIONS = 512
+#: How much worse than the serving fit a refit may validate and still replace it (noise).
+VALIDATION_TOLERANCE = 0.01
 
 
 def _loo_neighbours(vectors: np.ndarray, k: int, temperature: float) -> tuple[np.ndarray, np.ndarray]:
@@ -88,4 +96,53 @@ def fit_estimator(history: History, config: EstimatorConfig) -> _Fitted | None:
         feats[:, 4] = dev_loo
         models[m] = _fit_stackers(feats, ly[sel], np.full(sel.sum(), offsets[m]), deviation)
     return _Fitted(kernel=kernel, tfidf=tfidf, models=models, pooled=pooled,
-                   num_samples=int(in_anchors.sum()))
+                   num_samples=int(in_anchors.sum()), num_observations=len(rows))
+
+
+@dataclass(frozen=True)
+class Validation:
+    """A refit judged against the serving fit on the newest observations, which neither saw:
+    the serving fit is older than them, the trial fit is the refit without them."""
+
+    num_held_out: int
+    serving_error: float    # mean |log1p(p50) - log1p(output tokens)|
+    candidate_error: float
+
+    @property
+    def accepted(self) -> bool:
+        return self.candidate_error <= self.serving_error * (1 + VALIDATION_TOLERANCE)
+
+
+def holdout_start(history: History, serving: _Fitted) -> int | None:
+    """Where the held-out observations start: the newer half of those the serving fit never
+    saw (at most ``MAX_VALIDATION_OBSERVATIONS``), so the trial fit learns from the older half;
+    None when too few are new to judge."""
+    unseen = history.num_observations - serving.num_observations
+    held = min(unseen // 2, MAX_VALIDATION_OBSERVATIONS)
+    if held < MIN_VALIDATION_OBSERVATIONS:
+        return None
+    return history.num_observations - held
+
+
+def validate_refit(history: History, start: int, end: int, config: EstimatorConfig,
+                   serving: _Fitted, trial: _Fitted) -> Validation:
+    """Both fits predict observations ``start:end`` from the history before ``start`` (the
+    same neighbours and statistics for both: only the fits differ). Runs where the history's
+    writer runs (it searches the index)."""
+    prefix = history.prefix(start)
+    estimator = LengthEstimator(prefix, config)
+    rows, model_ids, tokens = (a[start:end] for a in history.observations())
+    truth = np.log1p(tokens.astype(np.float64))
+    errors = []
+    for fitted in (serving, trial):
+        estimator.install(fitted)
+        total = 0.0
+        for m in np.unique(model_ids):
+            sel = model_ids == m
+            r = rows[sel]
+            est = estimator.predict(history.index.vectors[r], [history.texts[i] for i in r],
+                                    history.prompt_tokens[r], history.models[m],
+                                    keys=[history.keys[i] for i in r])
+            total += float(np.abs(np.log1p(est.p50) - truth[sel]).sum())
+        errors.append(total / max(len(rows), 1))
+    return Validation(len(rows), errors[0], errors[1])

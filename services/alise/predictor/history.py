@@ -136,6 +136,20 @@ class History:
         self._obs_model.extend(np.asarray(ids, np.int32))
         self._obs_tokens.extend(np.asarray(output_tokens, np.int32))
 
+    def prefix(self, num_observations: int) -> "History":
+        """This history as it would be with only its first ``num_observations`` observations:
+        the same prompts, index and models (shared, not copied), the observations cut. For a
+        refit's validation; valid while this history gains no prompt (use it on its thread)."""
+        view = History(self.index)
+        view.texts, view.keys, view._rows_by_key = self.texts, self.keys, self._rows_by_key
+        view._prompt_tokens = self._prompt_tokens
+        view.models, view._model_ids = self.models, self._model_ids
+        rows, model_ids, tokens = self.observations()
+        view._obs_row = _Growable(np.int64, rows[:num_observations])
+        view._obs_model = _Growable(np.int32, model_ids[:num_observations])
+        view._obs_tokens = _Growable(np.int32, tokens[:num_observations])
+        return view
+
     # -- persistence (see snapshot.py) ----------------------------------------------------
 
     @classmethod

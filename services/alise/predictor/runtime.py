@@ -3,8 +3,12 @@
 One writer: the history, the faiss index and the estimator's live statistics are mutated only
 on the event loop (``observe``, under ``_write_lock``), and read there too (``predict``'s
 neighbour search). What leaves the loop: embedding (``Encoder.encode_async``), refitting
-(``LengthEstimator.fit`` reads a consistent prefix of the append-only history and swaps its
-result in by one assignment), the log's fsync and the snapshot's files. A snapshot captures
+(``fit_estimator`` reads a consistent prefix of the append-only history; its result is swapped
+in by one assignment), the log's fsync and the snapshot's files. A refit is served only if it
+validates no worse than the serving fit: a trial fit without the newest observations (the
+newer half of those the serving fit never saw) must predict them about as well as the serving
+fit does, both from the same history before them (``fitting.validate_refit``, on the loop,
+since it searches the index). A snapshot captures
 its prefix under the write lock (observations wait that long; Predict does not) and writes
 it from a worker thread, so Predict keeps answering while one is written.
 
@@ -40,6 +44,7 @@ import numpy as np
 from alise.predictor.config import PredictorConfig
 from alise.predictor.encoder import Encoder
 from alise.predictor.estimator import Estimates, LengthEstimator
+from alise.predictor.fitting import Validation, fit_estimator, holdout_start, validate_refit
 from alise.predictor.history import History, prompt_key
 from alise.predictor.index import VectorIndex
 from alise.predictor.snapshot import capture, load_snapshot, prepare_index_dir, write_snapshot
@@ -118,6 +123,8 @@ class PredictorRuntime:
         self._queue: list[_Pending] = []
         self._wakeup = asyncio.Event()
         self._since_refit = 0
+        #: The last refit's check against the serving fit (None: none was judged yet).
+        self.last_validation: Validation | None = None
         self._dirty = False
         self._refit_now = asyncio.Event()
         self._write_lock = asyncio.Lock()
@@ -327,13 +334,35 @@ class PredictorRuntime:
             self._refit_now.set()
 
     async def refit(self) -> bool:
+        """Fits heads and stackers on the whole history (in a worker thread) and serves the
+        fit, unless it validates worse than the one serving: then a trial fit without the
+        newest observations predicts them worse than the serving fit does (``fitting.py``).
+        True when a new fit is served."""
         self._since_refit = 0
         self._refit_now.clear()
         started = time.perf_counter()
-        ok = await asyncio.to_thread(self.estimator.fit)
-        logger.info("refit on %d samples in %.2f s", self.estimator.num_fit_samples,
-                    time.perf_counter() - started)
-        return ok
+        serving, history, config = self.estimator.fitted, self.history, self.estimator.config
+        candidate = await asyncio.to_thread(fit_estimator, history, config)
+        if candidate is None:
+            return False
+        verdict = None
+        start = holdout_start(history, serving) if serving is not None else None
+        if start is not None:
+            end = history.num_observations
+            trial = await asyncio.to_thread(fit_estimator, history.prefix(start), config)
+            if trial is not None:
+                verdict = validate_refit(history, start, end, config, serving, trial)
+                self.last_validation = verdict
+        if verdict is not None and not verdict.accepted:
+            logger.warning("refit not served: it validates worse than the serving fit (error %.4f vs "
+                           "%.4f on the newest %d observations)", verdict.candidate_error,
+                           verdict.serving_error, verdict.num_held_out)
+            return False
+        self.estimator.install(candidate)
+        logger.info("refit on %d samples in %.2f s%s", candidate.num_samples, time.perf_counter() - started,
+                    "" if verdict is None else f" (validated: error {verdict.candidate_error:.4f} vs "
+                    f"{verdict.serving_error:.4f} serving, {verdict.num_held_out} observations)")
+        return True
 
     async def _refit_loop(self) -> None:
         while True:
