@@ -9,6 +9,9 @@ COPY protos ./protos
 COPY clients ./clients
 COPY services ./services
 RUN pip install ".[server]"
+# The predictor's encoder graph, exported and quantized once here (~/.cache/alise), not at
+# every container start.
+RUN python -c "from alise.predictor.encoder import Encoder; Encoder()"
 # scheduler, predictor, worker health; Prometheus metrics of the three
 EXPOSE 50051 50053 50060 9400 9401 9402
 # One container, the whole cluster under `alise up`'s supervision; docker-compose.yml and
