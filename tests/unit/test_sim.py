@@ -262,3 +262,19 @@ def test_a_run_above_the_capacity_bound_is_never_sustained():
     assert not summary(8.5, 0.0).sustained
     assert not summary(4.0, MAX_WORK_BACKLOG_GROWTH + 0.001).sustained
     assert summary(8.5, 0.0).constrained_latency_s == math.inf
+
+
+def test_the_simulator_follows_the_schedulers_prefill_step_ratio():
+    """Long prompts arriving beside running decodes: the cap slows their prefill (first tokens
+    come later), as it does on the real path; 0 turns it off; the ratio is checked."""
+    times = arrival_times(40, 40.0, seed=1)
+    trace = [TraceRequest(f"r{i}", "x", 600 if i % 2 else 20, 40, t) for i, t in enumerate(times)]
+    config = SimConfig(kv_tokens=32_768, max_num_seqs=32, max_model_len=1024, max_tokens=1024)
+    ttft = {}
+    for ratio in (0.0, 1.5):
+        cfg = SimConfig(**{**config.__dict__, "prefill_step_ratio": ratio})
+        records = run("fcfs", trace, cfg).records
+        ttft[ratio] = sum(r.first_token_s - r.arrival_s for r in records) / len(records)
+    assert ttft[1.5] > 1.5 * ttft[0.0]
+    with pytest.raises(ValueError, match="prefill_step_ratio"):
+        SimConfig(prefill_step_ratio=1.0)

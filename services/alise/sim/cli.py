@@ -35,6 +35,9 @@ def register(sub) -> None:
     s.add_argument("--kv-tokens", type=int, default=15_000, help="KV room per worker (default 15000)")
     s.add_argument("--workers", type=int, default=1)
     s.add_argument("--max-num-seqs", type=int, default=256)
+    s.add_argument("--prefill-step-ratio", type=float, default=1.5,
+                   help="the scheduler's cap on chunks beside decodes, in decode steps (default 1.5, "
+                        "as `alise scheduler`; 0 = off)")
     s.add_argument("--rates", default=None,
                    help="comma-separated rates (req/s); default: 0.4..2.4 x estimated capacity")
     s.add_argument("--predictor", default="auto", choices=["auto", "predictor", "knn"],

@@ -189,7 +189,7 @@ def run_sim_command(args) -> int:
     latency = load_profile(args.profile)
     label = profile_label(latency)
     config = SimConfig(kv_tokens=args.kv_tokens, num_workers=args.workers,
-                       max_num_seqs=args.max_num_seqs)
+                       max_num_seqs=args.max_num_seqs, prefill_step_ratio=args.prefill_step_ratio)
     policies = [p.strip() for p in args.policies.split(",") if p.strip()]
     rates = [float(x) for x in args.rates.split(",")] if args.rates else None
     policy_kwargs = parse_policy_args(getattr(args, "policy_arg", None))
@@ -223,7 +223,8 @@ def run_sim_command(args) -> int:
         doc = dict(label="simulated", profile=label, profile_meta=latency.meta,
                    config=dict(kv_tokens=config.kv_tokens, block_size=config.block_size,
                                max_num_seqs=config.max_num_seqs, num_workers=config.num_workers,
-                               max_model_len=config.max_model_len),
+                               max_model_len=config.max_model_len,
+                               prefill_step_ratio=config.prefill_step_ratio),
                    constraints_x_unloaded=list(CONSTRAINTS), workloads=results)
         Path(args.json_path).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json_path).write_text(json.dumps(doc, indent=1))

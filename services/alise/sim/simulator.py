@@ -49,6 +49,9 @@ class SimConfig:
     max_tokens: int = 2048
     #: Plans in flight per worker (the scheduler service's default; 1 = lock-step).
     plans_ahead: int = 2
+    #: The scheduler's ``--prefill-step-ratio``: chunks beside decodes keep a step within this
+    #: many decode steps (its default; 0 = off). The capacity bound does not include this cap.
+    prefill_step_ratio: float = 1.5
     #: Host KV blocks per worker, bytes of a full-precision block, and the KV moves' rates
     #: (swaps on one copy engine; quantize / dequantize on the compute stream).
     num_host_blocks: int = 0
@@ -61,6 +64,8 @@ class SimConfig:
                      "max_tokens", "plans_ahead"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.prefill_step_ratio and self.prefill_step_ratio <= 1:
+            raise ValueError(f"prefill_step_ratio must be 0 (off) or > 1, got {self.prefill_step_ratio}")
 
     @property
     def num_device_blocks(self) -> int:
@@ -142,7 +147,7 @@ def simulate(requests: Sequence[TraceRequest], policy: Policy, latency: LatencyM
     """Replays ``requests`` (in arrival order) through the core; ``estimates`` by request index;
     ``memory``: the KV planner (default: the policy's)."""
     started = time.perf_counter()
-    core = SchedulerCore(policy, memory)
+    core = SchedulerCore(policy, memory, prefill_step_ratio=config.prefill_step_ratio)
     cluster = _Cluster(core, config, latency)
     order = sorted(range(len(requests)), key=lambda i: (requests[i].arrival_s, i))
     jobs: dict[str, Job] = {}
