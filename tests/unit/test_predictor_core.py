@@ -308,3 +308,12 @@ def test_too_few_new_observations_are_not_judged():
     assert holdout_start(history, serving) is None
     serving = fit_estimator(history.prefix(200 - 2 * MIN_VALIDATION_OBSERVATIONS), EstimatorConfig())
     assert holdout_start(history, serving) == 200 - MIN_VALIDATION_OBSERVATIONS
+
+
+def test_a_difference_within_the_noise_of_the_held_out_sample_is_no_verdict():
+    from alise.predictor.fitting import Validation
+
+    assert Validation(100, 0.100, 0.115, difference_se=0.01).accepted  # within two standard errors
+    assert not Validation(100, 0.100, 0.125, difference_se=0.01).accepted
+    assert Validation(100, 0.100, 0.1009, difference_se=0.0).accepted  # within the 1 % tolerance
+    assert not Validation(100, 0.100, 0.102, difference_se=0.0).accepted

@@ -23,7 +23,9 @@ MIN_FIT_PROMPTS = 16
 MIN_VALIDATION_OBSERVATIONS = 32
 #: Most held-out observations (the newest): the check runs on the event loop, like a Predict.
 MAX_VALIDATION_OBSERVATIONS = 512
-#: How much worse than the serving fit a refit may validate and still replace it (noise).
+#: How much worse than the serving fit a refit may validate and still replace it: this
+#: fraction of the serving fit's error, or two standard errors of the paired difference,
+#: whichever is more (a difference within the noise of the held-out sample is no verdict).
 VALIDATION_TOLERANCE = 0.01
 
 
@@ -107,10 +109,13 @@ class Validation:
     num_held_out: int
     serving_error: float    # mean |log1p(p50) - log1p(output tokens)|
     candidate_error: float
+    #: Standard error of the mean per-observation difference (candidate minus serving).
+    difference_se: float = 0.0
 
     @property
     def accepted(self) -> bool:
-        return self.candidate_error <= self.serving_error * (1 + VALIDATION_TOLERANCE)
+        margin = max(VALIDATION_TOLERANCE * self.serving_error, 2.0 * self.difference_se)
+        return self.candidate_error - self.serving_error <= margin
 
 
 def holdout_start(history: History, serving: _Fitted) -> int | None:
@@ -136,13 +141,15 @@ def validate_refit(history: History, start: int, end: int, config: EstimatorConf
     errors = []
     for fitted in (serving, trial):
         estimator.install(fitted)
-        total = 0.0
+        err = np.zeros(len(rows))
         for m in np.unique(model_ids):
             sel = model_ids == m
             r = rows[sel]
             est = estimator.predict(history.index.vectors[r], [history.texts[i] for i in r],
                                     history.prompt_tokens[r], history.models[m],
                                     keys=[history.keys[i] for i in r])
-            total += float(np.abs(np.log1p(est.p50) - truth[sel]).sum())
-        errors.append(total / max(len(rows), 1))
-    return Validation(len(rows), errors[0], errors[1])
+            err[sel] = np.abs(np.log1p(est.p50) - truth[sel])
+        errors.append(err)
+    diff = errors[1] - errors[0]
+    se = float(diff.std(ddof=1) / np.sqrt(len(diff))) if len(diff) > 1 else 0.0
+    return Validation(len(rows), float(errors[0].mean()), float(errors[1].mean()), se)

@@ -355,8 +355,9 @@ class PredictorRuntime:
                 self.last_validation = verdict
         if verdict is not None and not verdict.accepted:
             logger.warning("refit not served: it validates worse than the serving fit (error %.4f vs "
-                           "%.4f on the newest %d observations)", verdict.candidate_error,
-                           verdict.serving_error, verdict.num_held_out)
+                           "%.4f on the newest %d observations, standard error of the difference "
+                           "%.4f)", verdict.candidate_error, verdict.serving_error, verdict.num_held_out,
+                           verdict.difference_se)
             return False
         self.estimator.install(candidate)
         logger.info("refit on %d samples in %.2f s%s", candidate.num_samples, time.perf_counter() - started,
