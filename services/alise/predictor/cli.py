@@ -62,7 +62,7 @@ def register(subparsers) -> argparse.ArgumentParser:
                        help="sentence-transformers model dir (default: all-MiniLM-L6-v2, shipped by a package)")
     add_encoder_arguments(serve)
     serve.add_argument("--encoder-threads", type=int, default=None,
-                       help="encoder threads, parallel shards of a batch (default: one shard)")
+                       help="encoder threads, parallel shards of a batch (default: 2, or 1 on one core)")
     serve.add_argument("--refit-interval-s", type=float, default=60.0,
                        help="seconds between refits of the estimator on the grown history")
     serve.add_argument("--snapshot-interval-s", type=float, default=300.0,

@@ -48,7 +48,8 @@ class PredictorConfig:
     max_prompts_per_request: int = 1024
     #: Index rows at which the exact index migrates to IVF.
     ivf_threshold: int = 50_000
-    #: Encoder threads: parallel single-threaded shards of a batch; None: 1.
+    #: Encoder threads: parallel single-threaded shards of a batch; None: the encoder's
+    #: default (2, or 1 on one core).
     num_threads: int | None = None
     #: Tokens the encoder sees of a prompt; None: the model's own limit (256 for MiniLM).
     #: Longer prompts are truncated and listed in ``PredictResponse.truncated``.

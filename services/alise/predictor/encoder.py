@@ -58,6 +58,9 @@ logger = logging.getLogger(__name__)
 CHARS_PER_TOKEN_BOUND = 32
 #: Batches with fewer tokens than this are embedded in one thread (sharding would cost more).
 MIN_SHARD_TOKENS = 512
+#: Encoder threads by default: two where there are two cores. A lone prompt runs in one
+#: either way; only batches of MIN_SHARD_TOKENS or more use the second.
+DEFAULT_THREADS = min(2, os.cpu_count() or 1)
 #: Bumped when the exported graph changes for the same model (a cached one is then re-made).
 EXPORT_VERSION = 1
 
@@ -211,7 +214,7 @@ class Encoder:
         options.inter_op_num_threads = 1
         options.log_severity_level = 3
         self._session = ort.InferenceSession(str(self.graph_path), options, providers=["CPUExecutionProvider"])
-        self.num_threads = num_threads or 1
+        self.num_threads = num_threads or DEFAULT_THREADS
         self._pool = ThreadPoolExecutor(self.num_threads, thread_name_prefix="encoder") \
             if self.num_threads > 1 else None
         self._lock = threading.Lock()
