@@ -129,13 +129,18 @@ def holdout_start(history: History, serving: _Fitted) -> int | None:
     return history.num_observations - held
 
 
-def validate_refit(history: History, start: int, end: int, config: EstimatorConfig,
-                   serving: _Fitted, trial: _Fitted) -> Validation:
-    """Both fits predict observations ``start:end`` from the history before ``start`` (the
-    same neighbours and statistics for both: only the fits differ). Runs where the history's
-    writer runs (it searches the index)."""
+def trial_fit(history: History, start: int, config: EstimatorConfig) -> tuple[_Fitted | None, LengthEstimator]:
+    """The fit without observations ``start:`` and an estimator whose statistics are the
+    history's before ``start`` (blocking: run off the loop, like any fit)."""
     prefix = history.prefix(start)
-    estimator = LengthEstimator(prefix, config)
+    return fit_estimator(prefix, config), LengthEstimator(prefix, config)
+
+
+def validate_refit(history: History, estimator: LengthEstimator, start: int, end: int,
+                   serving: _Fitted, trial: _Fitted) -> Validation:
+    """Both fits predict observations ``start:end`` through ``estimator`` (``trial_fit``'s: the
+    same neighbours and statistics for both, so only the fits differ). Runs where the
+    history's writer runs (it searches the index)."""
     rows, model_ids, tokens = (a[start:end] for a in history.observations())
     truth = np.log1p(tokens.astype(np.float64))
     errors = []

@@ -44,7 +44,7 @@ import numpy as np
 from alise.predictor.config import PredictorConfig
 from alise.predictor.encoder import Encoder
 from alise.predictor.estimator import Estimates, LengthEstimator
-from alise.predictor.fitting import Validation, fit_estimator, holdout_start, validate_refit
+from alise.predictor.fitting import Validation, fit_estimator, holdout_start, trial_fit, validate_refit
 from alise.predictor.history import History, prompt_key
 from alise.predictor.index import VectorIndex
 from alise.predictor.snapshot import capture, load_snapshot, prepare_index_dir, write_snapshot
@@ -349,9 +349,9 @@ class PredictorRuntime:
         start = holdout_start(history, serving) if serving is not None else None
         if start is not None:
             end = history.num_observations
-            trial = await asyncio.to_thread(fit_estimator, history.prefix(start), config)
+            trial, estimator = await asyncio.to_thread(trial_fit, history, start, config)
             if trial is not None:
-                verdict = validate_refit(history, start, end, config, serving, trial)
+                verdict = validate_refit(history, estimator, start, end, serving, trial)
                 self.last_validation = verdict
         if verdict is not None and not verdict.accepted:
             logger.warning("refit not served: it validates worse than the serving fit (error %.4f vs "
