@@ -14,19 +14,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import glob
+import os
+import sys
 import time
 
 import numpy as np
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from http_cluster import rss_mib  # noqa: E402
+
 DATA = sorted(glob.glob("/work/shared/data/alpaca_eval/*.jsonl.gz"))
-
-
-def rss_mib() -> float:
-    with open("/proc/self/status", encoding="ascii") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmRSS")
 
 
 async def run(num_refits: int, num_add: int, seed: int) -> None:
@@ -48,7 +46,7 @@ async def run(num_refits: int, num_add: int, seed: int) -> None:
         v = runtime.last_validation
         judged = (f"{v.num_held_out:9d} {v.serving_error:8.4f} {v.candidate_error:8.4f} {v.difference_se:7.4f}"
                   if v is not None else f"{'-':>9} {'-':>8} {'-':>8} {'-':>7}")
-        print(f"{i + 1:5d} {str(served):>7} {seconds:6.1f} {judged} {rss_mib():8.0f}", flush=True)
+        print(f"{i + 1:5d} {str(served):>7} {seconds:6.1f} {judged} {rss_mib(os.getpid()):8.0f}", flush=True)
 
 
 def main() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -272,7 +273,7 @@ def test_the_simulator_follows_the_schedulers_prefill_step_ratio():
     config = SimConfig(kv_tokens=32_768, max_num_seqs=32, max_model_len=1024, max_tokens=1024)
     ttft = {}
     for ratio in (0.0, 1.5):
-        cfg = SimConfig(**{**config.__dict__, "prefill_step_ratio": ratio})
+        cfg = dataclasses.replace(config, prefill_step_ratio=ratio)
         records = run("fcfs", trace, cfg).records
         ttft[ratio] = sum(r.first_token_s - r.arrival_s for r in records) / len(records)
     assert ttft[1.5] > 1.5 * ttft[0.0]
