@@ -342,9 +342,6 @@ class PredictorRuntime:
         self._refit_now.clear()
         started = time.perf_counter()
         serving, history, config = self.estimator.fitted, self.history, self.estimator.config
-        candidate = await asyncio.to_thread(fit_estimator, history, config)
-        if candidate is None:
-            return False
         verdict = None
         start = holdout_start(history, serving) if serving is not None else None
         if start is not None:
@@ -358,6 +355,9 @@ class PredictorRuntime:
                            "%.4f on the newest %d observations, standard error of the difference "
                            "%.4f)", verdict.candidate_error, verdict.serving_error, verdict.num_held_out,
                            verdict.difference_se)
+            return False
+        candidate = await asyncio.to_thread(fit_estimator, history, config)  # judged: now the whole history
+        if candidate is None:
             return False
         self.estimator.install(candidate)
         logger.info("refit on %d samples in %.2f s%s", candidate.num_samples, time.perf_counter() - started,
