@@ -82,12 +82,17 @@ def add_encoder_arguments(parser: argparse.ArgumentParser) -> None:
                         help="tokens the encoder sees of a prompt (default: the model's limit)")
     parser.add_argument("--fp32", action="store_true",
                         help="fp32 encoder (default: int8, ONNX Runtime's dynamic quantization)")
+    parser.add_argument("--encoder-layers", type=int, default=None, metavar="N",
+                        help="transformer layers the encoder runs; the vector is the last one's mean "
+                             "(default: all but the last, which measured better for length; the "
+                             "model's depth gives sentence-transformers' own vectors)")
 
 
 def make_encoder(args, **kwargs):
     from alise.predictor.encoder import Encoder
 
-    return Encoder(args.encoder, max_seq_length=args.max_seq_length, int8=not args.fp32, **kwargs)
+    return Encoder(args.encoder, max_seq_length=args.max_seq_length, int8=not args.fp32,
+                   layers=args.encoder_layers, **kwargs)
 
 
 def main_build(args) -> int:
@@ -165,7 +170,7 @@ def main_serve(args) -> int:
             max_observations_per_s=args.max_observations_per_s,
             metrics_address=args.metrics_address,
             encoder_max_seq_length=args.max_seq_length, encoder_int8=not args.fp32,
-            num_threads=args.encoder_threads,
+            encoder_layers=args.encoder_layers, num_threads=args.encoder_threads,
             security=security_from_args(args),
         )
         asyncio.run(run(config))

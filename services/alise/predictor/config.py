@@ -57,6 +57,9 @@ class PredictorConfig:
     #: The encoder in int8 (ONNX Runtime's dynamic quantization; False: fp32,
     #: sentence-transformers' vectors). Each names its vectors differently.
     encoder_int8: bool = True
+    #: Transformer layers the encoder runs (its vector is the last one's mean); None: all but
+    #: the model's last, which measured better for length. Each depth names its vectors.
+    encoder_layers: int | None = None
     #: Seconds in-flight RPCs get to finish on shutdown.
     drain_grace_s: float = 5.0
     estimator: EstimatorConfig = field(default_factory=EstimatorConfig)
@@ -84,6 +87,8 @@ class PredictorConfig:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.encoder_max_seq_length is not None and self.encoder_max_seq_length < 3:
             raise ValueError(f"encoder_max_seq_length must be >= 3 or None, got {self.encoder_max_seq_length}")
+        if self.encoder_layers is not None and self.encoder_layers < 1:
+            raise ValueError(f"encoder_layers must be >= 1 or None, got {self.encoder_layers}")
         if self.num_threads is not None and self.num_threads < 1:
             raise ValueError(f"num_threads must be >= 1 or None, got {self.num_threads}")
         if not self.model:

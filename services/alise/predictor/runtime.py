@@ -138,7 +138,8 @@ class PredictorRuntime:
         if encoder is None:
             encoder = await asyncio.to_thread(
                 Encoder, config.encoder_path, num_threads=config.num_threads,
-                max_seq_length=config.encoder_max_seq_length, int8=config.encoder_int8)
+                max_seq_length=config.encoder_max_seq_length, int8=config.encoder_int8,
+                layers=config.encoder_layers)
         kwargs = {"ivf_threshold": config.ivf_threshold}
         loaded = None
         if config.index_dir:
