@@ -2,11 +2,13 @@
 
     .venv/bin/python bench/predictor_bench.py [--num-entries 1000000] [--bootstrap FILE ...]
 
-1. Bare encoder: its start with an empty cache (export and quantization) and a warm one, the
-   cosine of its fp32 and int8 vectors to sentence-transformers' own on 256 prompts; then, in
-   the same run so the ratios hold on a loaded machine, sentence-transformers' own encode
-   (torch, padded batches) and the encoder (fp32 and the default int8), 1 prompt and 256
-   prompts, wall and CPU seconds, with the load average beside each line.
+1. Bare encoder: its start with an empty cache (export and quantization) and a warm one; the
+   cosine, on 256 prompts, of the encoder at the model's full depth (fp32 and int8) to
+   sentence-transformers' own vectors, and of the default int8 encoder to the same depth in
+   fp32; then, in the same run so the ratios hold on a loaded machine, sentence-transformers'
+   own encode (torch, padded batches) and the encoder (the default depth in fp32 and int8,
+   the full depth in int8), 1 prompt and 256 prompts, wall and CPU seconds, with the load
+   average beside each line.
 2. Starts an in-process PredictorService bootstrapped from the AlpacaEval files (12 models),
    with an index dir (so the write-ahead log is on), then measures one-prompt Predict latency
    (sequential calls), a 256-prompt Predict, and 256 observations naming those predictions
@@ -86,15 +88,18 @@ def bare_encoder(bootstrap: list[str], num_calls: int, num_threads: int) -> list
     started = time.perf_counter()
     pair = (Encoder(num_threads=num_threads, int8=False), Encoder(num_threads=num_threads))
     rows.append(("encoder start, cached (both)", f"{time.perf_counter() - started:.1f} s"))
+    full = (Encoder(num_threads=num_threads, int8=False, layers=pair[0].depth),
+            Encoder(num_threads=num_threads, layers=pair[0].depth))  # sentence-transformers' vectors
     sample = prompts[:256]
     want = model.encode([p[:pair[0].max_chars] for p in sample], batch_size=64, normalize_embeddings=True,
                         show_progress_bar=False)
-    for enc in pair:
-        cosine = (enc.encode(sample).vectors * want).sum(axis=1)
-        rows.append((f"encoder {enc.name} vs sentence-transformers, cosine",
+    for enc, ref, ref_name in ((full[0], want, "sentence-transformers"), (full[1], want, "sentence-transformers"),
+                               (pair[1], pair[0].encode(sample).vectors, pair[0].name)):
+        cosine = (enc.encode(sample).vectors * ref).sum(axis=1)
+        rows.append((f"encoder {enc.name} vs {ref_name}, cosine",
                      f"mean {cosine.mean():.5f}, worst {cosine.min():.5f} ({len(sample)} prompts)"))
     encoders = [("sentence-transformers (torch, fp32)", original)]
-    encoders += [(f"encoder {enc.name}", enc.encode) for enc in pair]
+    encoders += [(f"encoder {enc.name}", enc.encode) for enc in (*pair, full[1])]
     for rep in range(2):  # interleaved, so all see the same load
         for name, encode in encoders:
             encode(prompts[:8])
