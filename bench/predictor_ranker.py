@@ -1,16 +1,28 @@
-"""Would a fine-tuned ranker beat the predictor's frozen-embedding stack? Prints a table.
+"""Would a learned ranker beat the predictor's frozen-embedding stack? Prints a table.
 
-    .venv/bin/python bench/predictor_ranker.py [--folds 5] [--epochs 3] [--max-folds N]
-        [--holdout-generator NAME]
+    .venv/bin/python bench/predictor_ranker.py [--ranker finetune|toplayer|mlp|stacker] [--folds 5]
+        [--epochs 3] [--max-folds N] [--holdout-generator NAME]
 
 Per fold (the folds of ``alise predictor eval``: split by prompt, seed 0), on the AlpacaEval
 files: the estimator as served (``LengthEstimator``, frozen MiniLM embeddings + heads +
-neighbours), and a *ranker*: all-MiniLM-L6-v2 fine-tuned (fp32 torch, CPU) on the training
-prompts' prompt effect (mean over models of log length minus the model's mean) with a
-pairwise logistic loss weighted by the effect gap plus a small squared-error term, then
-scoring the test prompts. Kendall tau per model, averaged; ``blend`` averages the two
-predictions' per-model ranks. With ``--holdout-generator`` the held-out model's lengths are
-left out of both trainings and only it is scored. Reports training time and peak memory.
+neighbours), and a *ranker* trained on the training prompts' prompt effect (mean over models
+of log length minus the model's mean) with a pairwise logistic loss weighted by the effect
+gap plus a small squared-error term:
+
+- ``finetune``: all-MiniLM-L6-v2 itself fine-tuned (fp32 torch, CPU), mean-pooled, a linear
+  head;
+- ``toplayer``: a copy of the encoder's top layer (MiniLM's fifth, the one the served vector
+  is pooled from) fine-tuned over the frozen states of the layers below it, mean-pooled, a
+  linear head: a ranker that would share the encoder's forward pass up to that layer;
+- ``mlp``: a ranking head over the served (frozen) vectors: dropout, one hidden layer of 64
+  (GELU), full-batch AdamW, 300 steps;
+- ``stacker``: the estimator itself with each stacker's weights fitted for pairwise order of
+  the log-lengths (L-BFGS over 200,000 sampled pairs), then only a scale and bias fitted for
+  absolute error (the order stays the pairwise one).
+
+Kendall tau per model, averaged; ``blend`` averages the two predictions' per-model ranks.
+With ``--holdout-generator`` the held-out model's lengths are left out of both trainings and
+only it is scored. Reports training time and peak memory.
 """
 
 from __future__ import annotations
@@ -71,8 +83,122 @@ def finetune_scores(texts, effect, train, test, *, epochs: int, max_len: int = 1
         return np.concatenate([score(test[i:i + 64]).numpy() for i in range(0, len(test), 64)])
 
 
+def toplayer_scores(texts, effect, train, test, *, epochs: int, layers: int = 5, max_len: int = 256,
+                    seed: int = 0):
+    """The scores for ``test`` of layer ``layers`` fine-tuned over frozen layers below it."""
+    import copy
+
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    from alise.predictor.tokens import default_model_path
+
+    torch.manual_seed(seed)
+    tok = AutoTokenizer.from_pretrained(default_model_path())
+    model = AutoModel.from_pretrained(default_model_path()).eval()
+    below = []  # frozen states entering the trained layer, one (tokens, hidden) tensor a prompt
+    with torch.inference_mode():
+        for text in texts:
+            b = tok([text], truncation=True, max_length=max_len, return_tensors="pt")
+            below.append(model(**b, output_hidden_states=True).hidden_states[layers - 1][0].clone())
+    layer = copy.deepcopy(model.encoder.layer[layers - 1]).train()
+    head = torch.nn.Linear(model.config.hidden_size, 1)
+    batch_size = 16
+    steps = epochs * -(-len(train) // batch_size)
+    opt = torch.optim.AdamW([{"params": layer.parameters(), "lr": 1e-4},
+                             {"params": head.parameters(), "lr": 1e-3}], weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / (0.1 * steps)) * max(0.0, (steps - s) / steps))
+    target = torch.tensor(effect, dtype=torch.float32)
+
+    def score(idx):
+        states = torch.nn.utils.rnn.pad_sequence([below[i] for i in idx], batch_first=True)
+        mask = torch.nn.utils.rnn.pad_sequence([torch.ones(len(below[i])) for i in idx], batch_first=True)
+        bias = (1.0 - mask)[:, None, None, :] * torch.finfo(torch.float32).min
+        out = layer(states, attention_mask=bias)
+        h = out[0] if isinstance(out, tuple) else out
+        m = mask[..., None]
+        return head((h * m).sum(1) / m.sum(1)).squeeze(1)
+
+    rng = np.random.default_rng(seed)
+    for _ in range(epochs):
+        order = rng.permutation(train)
+        for i in range(0, len(order), batch_size):
+            idx = order[i:i + batch_size]
+            p, y = score(idx), target[idx]
+            gap = y[:, None] - y[None, :]
+            pair = torch.nn.functional.softplus(-torch.sign(gap) * (p[:, None] - p[None, :]))
+            loss = (pair * gap.abs()).sum() / gap.abs().sum().clamp(min=1e-6) + 0.1 * ((p - y) ** 2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+    layer.eval()
+    with torch.inference_mode():
+        return np.concatenate([score(test[i:i + 64]).numpy() for i in range(0, len(test), 64)])
+
+
+def mlp_scores(vectors, effect, train, test, *, epochs: int = 300, hidden: int = 64, seed: int = 0):
+    """The scores of a pairwise-trained head over frozen ``vectors`` for ``test``."""
+    import torch
+
+    torch.manual_seed(seed)
+    net = torch.nn.Sequential(torch.nn.Dropout(0.3), torch.nn.Linear(vectors.shape[1], hidden),
+                              torch.nn.GELU(), torch.nn.Linear(hidden, 1))
+    opt = torch.optim.AdamW(net.parameters(), lr=3e-3, weight_decay=1e-2)
+    x = torch.tensor(vectors[train], dtype=torch.float32)
+    y = torch.tensor(effect[train], dtype=torch.float32)
+    gap = y[:, None] - y[None, :]
+    for _ in range(epochs):
+        p = net(x).squeeze(1)
+        pair = torch.nn.functional.softplus(-torch.sign(gap) * (p[:, None] - p[None, :]))
+        loss = (pair * gap.abs()).sum() / gap.abs().sum() + 0.1 * ((p - y) ** 2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    net.eval()
+    with torch.no_grad():
+        return net(torch.tensor(vectors[test], dtype=torch.float32)).squeeze(1).numpy()
+
+
+def pairwise_stacker():
+    """A Stacker whose weights order pairs; then a scale and bias fitted for absolute error."""
+    from scipy.optimize import minimize
+
+    from alise.predictor.stacker import Stacker
+
+    class PairwiseStacker(Stacker):
+        def fit(self, features, log_lengths, offsets):
+            rng = np.random.default_rng(0)
+            n = len(features)
+            i, j = rng.integers(0, n, 200_000), rng.integers(0, n, 200_000)
+            target = log_lengths - offsets
+            gap = target[i] - target[j]
+            keep = gap != 0
+            i, j, gap = i[keep], j[keep], gap[keep]
+            self._mu, self._sd = features.mean(0), features.std(0) + 1e-9
+            x = (features - self._mu) / self._sd
+            dx, w, sign = x[i] - x[j], np.abs(gap), np.sign(gap)
+
+            def loss(v):
+                a = sign * (dx @ v)
+                grad = -(w * sign / (1 + np.exp(a))) @ dx / w.sum() + 2e-3 * v
+                return (w * np.logaddexp(0, -a)).sum() / w.sum() + 1e-3 * v @ v, grad
+
+            self._v = minimize(loss, np.full(x.shape[1], 1 / x.shape[1]), jac=True, method="L-BFGS-B").x
+            super().fit((x @ self._v)[:, None], log_lengths, offsets)
+
+        def predict(self, features, offsets):
+            if features.shape[1] > 1:  # the raw features: to the one pairwise score
+                features = (((features - self._mu) / self._sd) @ self._v)[:, None]
+            return super().predict(features, offsets)
+
+    return PairwiseStacker
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--ranker", choices=("finetune", "toplayer", "mlp", "stacker"), default="finetune")
     parser.add_argument("--folds", type=int, default=5)
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--max-folds", type=int, default=None, help="run only the first N folds")
@@ -90,7 +216,9 @@ def main() -> None:
 
     torch.set_num_threads(2)
     records = [r for path in DATA for r in load_records(path)]
-    corpus = build_corpus(records, Encoder(), TokenCounter())
+    encoder = Encoder()
+    corpus_encoder = encoder.name
+    corpus = build_corpus(records, encoder, TokenCounter())
     models = sorted(set(corpus.obs_model))
     obs_model = np.asarray(corpus.obs_model)
     ly = np.log1p(corpus.obs_tokens.astype(np.float64))
@@ -108,7 +236,15 @@ def main() -> None:
         np.add.at(effect, corpus.obs_prompt[visible], res[visible])
         effect /= np.maximum(np.bincount(corpus.obs_prompt[visible], minlength=len(corpus.texts)), 1)
         started = time.perf_counter()
-        ranker = dict(zip(test_p, finetune_scores(corpus.texts, effect, train_p, test_p, epochs=args.epochs)))
+        if args.ranker == "finetune":
+            scores = finetune_scores(corpus.texts, effect, train_p, test_p, epochs=args.epochs)
+        elif args.ranker == "toplayer":
+            scores = toplayer_scores(corpus.texts, effect, train_p, test_p, epochs=args.epochs)
+        elif args.ranker == "mlp":
+            scores = mlp_scores(corpus.vectors, effect, train_p, test_p)
+        else:  # per model, from the pairwise estimator below
+            scores = np.zeros(len(test_p))
+        ranker = dict(zip(test_p, scores))
         train_s = time.perf_counter() - started
         history = History(VectorIndex(corpus.vectors.shape[1]))
         new_rows = history.add_prompts([corpus.texts[r] for r in train_p], corpus.vectors[train_p],
@@ -118,6 +254,15 @@ def main() -> None:
                                  list(obs_model[visible]), corpus.obs_tokens[visible])
         estimator = LengthEstimator(history)
         estimator.fit()
+        if args.ranker == "stacker":
+            import alise.predictor.fitting as fitting
+
+            served, fitting.Stacker = fitting.Stacker, pairwise_stacker()
+            started = time.perf_counter()
+            pairwise = LengthEstimator(history)
+            pairwise.fit()
+            train_s = time.perf_counter() - started
+            fitting.Stacker = served
         taus = {"estimator": [], "ranker": [], "blend": []}
         for m in scored:
             sel = (obs_model == m) & np.isin(corpus.obs_prompt, test_p)
@@ -125,7 +270,9 @@ def main() -> None:
             y = corpus.obs_tokens[sel]
             est = estimator.predict(corpus.vectors[prompts], [corpus.texts[p] for p in prompts],
                                     corpus.prompt_tokens[prompts], m).p50
-            rank = np.array([ranker[p] for p in prompts])
+            rank = np.array([ranker[p] for p in prompts]) if args.ranker != "stacker" else \
+                pairwise.predict(corpus.vectors[prompts], [corpus.texts[p] for p in prompts],
+                                 corpus.prompt_tokens[prompts], m).p50
             blend = stats.rankdata(est) + stats.rankdata(rank)
             for name, pred in (("estimator", est), ("ranker", rank), ("blend", blend)):
                 taus[name].append(stats.kendalltau(pred, y).statistic)
@@ -136,7 +283,8 @@ def main() -> None:
         rows.append(row)
     mean = {k: np.mean([r[k] for r in rows]) for k in rows[0]}
     print(f"{'mean':>4} {mean['estimator']:10.3f} {mean['ranker']:8.3f} {mean['blend']:8.3f}  "
-          f"({len(scored)} model(s), {args.epochs} epochs; load {__import__('os').getloadavg()[0]:.1f})")
+          f"(ranker {args.ranker}, encoder {corpus_encoder}, {len(scored)} model(s); "
+          f"load {__import__('os').getloadavg()[0]:.1f})")
 
 
 if __name__ == "__main__":
