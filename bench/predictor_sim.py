@@ -10,12 +10,19 @@ with fcfs, alise (cross-fitted estimates of ``alise.sim.predictions``: no reques
 predicted by a model that saw its length) and oracle (true lengths). Prints mean normalized
 latency per policy and alise/oracle, with the estimates' Kendall tau. A simulation,
 labelled as one.
+
+``--noise 0.25,0.5,...`` also runs alise on *noisy oracle* estimates: each request's true
+log-length plus seeded Gaussian noise of that standard deviation (p90 from the same
+log-normal). Their tau against alise/oracle says how good a ranking each trace needs for a
+given gap to oracle.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import random
 import time
 
 from alise.sim.predictions import cross_fitted_estimates, kendall_tau
@@ -27,6 +34,19 @@ from alise.sim.trace import build_trace, load_pairs, workload_path
 POLICIES = ("fcfs", "alise", "oracle")
 
 
+def noisy_oracle(requests, sigma: float, seed: int = 0) -> dict:
+    """True log-lengths plus N(0, sigma) noise, as length estimates (p90 of that log-normal)."""
+    from alise.core.job import LengthEstimate
+
+    rng = random.Random(seed)
+    out = {}
+    for i, r in enumerate(requests):
+        z = max(math.log1p(r.output_tokens) + rng.gauss(0.0, sigma), 0.0)  # no negative length
+        out[i] = LengthEstimate(mean=math.expm1(z + sigma * sigma / 2), p50=math.expm1(z),
+                                p90=math.expm1(z + 1.2816 * sigma))
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--profile", default="profiles/opt-13b-h200-served.json")
@@ -36,7 +56,11 @@ def main() -> None:
     parser.add_argument("--out", default="/tmp/predictor_sim.json")
     parser.add_argument("--prefill-step-ratio", type=float, default=1.5,
                         help="the scheduler's cap on chunks beside decodes (default 1.5, its own; 0 = off)")
+    parser.add_argument("--noise", default="",
+                        help="also run alise on noisy-oracle estimates with these log-space sigmas, "
+                             "comma-separated (default: none)")
     args = parser.parse_args()
+    sigmas = [float(x) for x in args.noise.split(",") if x]
     latency = load_profile(args.profile)
     config = SimConfig(prefill_step_ratio=args.prefill_step_ratio)
     rows, runs = [], []
@@ -61,7 +85,16 @@ def main() -> None:
             print(f"{name:<16} {bound:7.2f} {rate:7.2f} {tau:6.3f} {ms['fcfs']:8.2f} {ms['alise']:8.2f} "
                   f"{ms['oracle']:8.2f} {ms['alise'] / ms['oracle']:12.3f}x "
                   f"({time.perf_counter() - started:.0f} s)", flush=True)
-            rows.append(dict(trace=name, bound=bound, rate=rate, tau=tau, source=source, ms=ms))
+            noisy = []
+            for sigma in sigmas:
+                guess = noisy_oracle(requests, sigma)
+                run = sweep(requests, ("alise",), [rate], latency, config, estimates=guess, jobs=1)[0]
+                noisy_ms = run.mean_normalized_latency_s * 1000
+                noisy.append(dict(sigma=sigma, tau=kendall_tau(guess, requests), ms=noisy_ms))
+                print(f"{'  noisy oracle':<16} {'sigma':>7} {sigma:7.2f} {noisy[-1]['tau']:6.3f} "
+                      f"{'':>8} {noisy_ms:8.2f} {'':>8} {noisy_ms / ms['oracle']:12.3f}x", flush=True)
+            rows.append(dict(trace=name, bound=bound, rate=rate, tau=tau, source=source, ms=ms,
+                             noisy=noisy))
             runs += [as_dict(s) for s in result.values()]
     with open(args.out, "w", encoding="utf-8") as f:
         json.dump(dict(profile=args.profile, fraction=args.fraction, rows=rows, runs=runs), f, indent=1)
