@@ -239,13 +239,32 @@ def test_the_export_is_cached_and_an_unreadable_one_is_made_again(tmp_path, monk
     assert Encoder(int8=False).graph_path != first.graph_path  # fp32 is its own graph
 
 
-async def test_snapshot_of_another_encoder_is_a_start_up_error(encoder, bootstrap_file, tmp_path):
+async def test_a_snapshot_of_another_encoder_is_embedded_again_and_loses_nothing(
+        encoder, bootstrap_file, tmp_path):
     config = PredictorConfig(address="127.0.0.1:0", index_dir=str(tmp_path / "index"), model="m1",
                              bootstrap=(bootstrap_file,))
-    first = await start_predictor_server(config, encoder=Encoder(int8=False))  # writes a snapshot
+    fp32 = Encoder(int8=False)
+    first = await start_predictor_server(config, encoder=fp32)  # bootstraps and snapshots
+    await first.runtime.observe([ObservationIn(42, prompt="a brand new prompt", model="m2")])
+    first.runtime._dirty = False  # stopped as if killed: the new observation is only in the log
     await first.stop(0.5)
-    with pytest.raises(SnapshotError, match="all-MiniLM-L6-v2-L5'.*all-MiniLM-L6-v2-L5-qint8"):
-        await start_predictor_server(config, encoder=encoder)
+    old = first.runtime.history
+    again = await start_predictor_server(config, encoder=encoder)  # int8: another encoder
+    try:
+        history = again.runtime.history
+        assert (history.num_prompts, history.num_observations) == (old.num_prompts, old.num_observations) == (31, 61)
+        assert history.texts == old.texts and history.keys == old.keys
+        assert np.array_equal(history.prompt_tokens, old.prompt_tokens)
+        assert history.row_of("a brand new prompt") is not None
+        assert np.array_equal(np.asarray(history.index.vectors[:]), encoder.encode(history.texts).vectors)
+        assert len(await PredictorClient(f"127.0.0.1:{again.port}").predict(["still works?"], timeout_s=10)) == 1
+    finally:
+        await again.stop(0.5)
+    manifests = [json.loads((p / "manifest.json").read_text()) for p in (tmp_path / "index").glob("snap-*")]
+    assert [m["encoder"] for m in manifests] == [encoder.name]  # the old snapshot is replaced
+    third = await start_predictor_server(config, encoder=encoder)  # now a plain load
+    assert third.runtime.history.num_observations == 61
+    await third.stop(0.5)
 
 
 def test_shorter_window_truncates_and_reports_it(reference):

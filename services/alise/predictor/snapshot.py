@@ -226,18 +226,29 @@ def _current(index_dir: Path) -> Path | None:
     return index_dir / name
 
 
+class EncoderChanged(SnapshotError):
+    """The snapshot was made by another encoder with the same window: its stored texts are what
+    that encoder saw, so they can be embedded again (``startup.reembed_snapshot``)."""
+
+    def __init__(self, message: str, encoder_name: str, dim: int) -> None:
+        super().__init__(message)
+        self.encoder_name = encoder_name
+        self.dim = dim
+
+
 def _check_encoder(snap: Path, manifest: dict, encoder_name: str, dim: int,
                    max_seq_length: int | None) -> None:
-    if manifest.get("encoder") != encoder_name or manifest.get("dim") != dim:
-        raise SnapshotError(
-            f"{snap}: built with encoder {manifest.get('encoder')!r} (dim {manifest.get('dim')}), "
-            f"but this predictor uses {encoder_name!r} (dim {dim}); rebuild the index or point "
-            "--index-dir elsewhere")
     stored = manifest.get("max_seq_length")
     if stored is not None and max_seq_length is not None and stored != max_seq_length:
         raise SnapshotError(
             f"{snap}: built with --max-seq-length {stored}, but this predictor's encoder sees "
             f"{max_seq_length} tokens; rebuild the index or point --index-dir elsewhere")
+    if manifest.get("encoder") != encoder_name or manifest.get("dim") != dim:
+        message = (f"{snap}: built with encoder {manifest.get('encoder')!r} (dim {manifest.get('dim')}), "
+                   f"but this predictor uses {encoder_name!r} (dim {dim})")
+        if isinstance(manifest.get("encoder"), str) and isinstance(manifest.get("dim"), int):
+            raise EncoderChanged(message, manifest["encoder"], manifest["dim"])
+        raise SnapshotError(message + "; rebuild the index or point --index-dir elsewhere")
 
 
 def load_snapshot(

@@ -9,8 +9,9 @@ import numpy as np
 
 from alise.predictor.datasets import load_records
 from alise.predictor.history import History, prompt_key
-from alise.predictor.snapshot import SnapshotError
-from alise.predictor.wal import LoggedObservation, replay
+from alise.predictor.index import VectorIndex
+from alise.predictor.snapshot import EncoderChanged, SnapshotError, load_snapshot
+from alise.predictor.wal import LoggedObservation, replay, segment_numbers
 
 logger = logging.getLogger(__name__)
 
@@ -66,3 +67,28 @@ def replay_log(history: History, index_dir: str, first_segment: int) -> list[str
     if batch:
         logger.info("replayed %d logged observations", len(batch))
     return dedup
+
+
+def reembed_snapshot(index_dir: str, changed: EncoderChanged, encoder, **index_kwargs
+                     ) -> tuple[History, int, list[str]]:
+    """The history of a snapshot another encoder made (``changed``), with the write-ahead log
+    replayed on it, embedded again by ``encoder``: (history, the first log segment it does not
+    cover, the recent de-duplication ids). Blocking.
+
+    The stored texts are what the old encoder saw of each prompt, in the same window, so the
+    new vectors are the ones the new encoder gives the prompts; the prompts' token counts, keys
+    and every observation are kept. The caller snapshots the result before taking new
+    observations, so the old vectors' log segments are then dropped."""
+    loaded = load_snapshot(index_dir, changed.encoder_name, changed.dim,
+                           max_seq_length=encoder.max_seq_length, **index_kwargs)
+    old = loaded.history
+    dedup = replay_log(old, index_dir, loaded.wal_segment)
+    logger.warning("%s was made by encoder %s; embedding its %d prompts again with %s",
+                   loaded.path, changed.encoder_name, old.num_prompts, encoder.name)
+    history = History(VectorIndex(encoder.dim, **index_kwargs))
+    vectors = encoder.encode(old.texts).vectors
+    history.add_prompts(old.texts, vectors, old.prompt_tokens, old.keys)
+    rows, model_ids, tokens = old.observations()
+    history.add_observations(rows, [old.models[m] for m in model_ids], tokens)
+    segments = segment_numbers(index_dir)
+    return history, max([loaded.wal_segment - 1, *segments]) + 1, dedup
