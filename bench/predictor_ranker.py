@@ -38,6 +38,44 @@ from scipy import stats
 DATA = sorted(glob.glob("/work/shared/data/alpaca_eval/*.jsonl.gz"))
 
 
+def pairwise_loss(p, y):
+    """Pairwise logistic loss weighted by the target gap, plus 0.1 x squared error."""
+    import torch
+
+    gap = y[:, None] - y[None, :]
+    pair = torch.nn.functional.softplus(-torch.sign(gap) * (p[:, None] - p[None, :]))
+    return (pair * gap.abs()).sum() / gap.abs().sum().clamp(min=1e-6) + 0.1 * ((p - y) ** 2).mean()
+
+
+def train_and_score(score, groups, modules, effect, train, test, *, epochs: int, seed: int,
+                    batch_size: int = 16):
+    """Trains ``score`` (indices -> scores) on ``train`` in shuffled batches (AdamW over
+    ``groups``, warm-up then linear decay); returns its scores of ``test``."""
+    import torch
+
+    steps = epochs * -(-len(train) // batch_size)
+    opt = torch.optim.AdamW(groups, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / (0.1 * steps)) * max(0.0, (steps - s) / steps))
+    target = torch.tensor(effect, dtype=torch.float32)
+    rng = np.random.default_rng(seed)
+    for m in modules:
+        m.train()
+    for _ in range(epochs):
+        order = rng.permutation(train)
+        for i in range(0, len(order), batch_size):
+            idx = order[i:i + batch_size]
+            loss = pairwise_loss(score(idx), target[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+    for m in modules:
+        m.eval()
+    with torch.inference_mode():
+        return np.concatenate([score(test[i:i + 64]).numpy() for i in range(0, len(test), 64)])
+
+
 def finetune_scores(texts, effect, train, test, *, epochs: int, max_len: int = 128, seed: int = 0):
     """The ranker's scores for ``test`` after fine-tuning on ``train`` (indices into texts)."""
     import torch
@@ -49,13 +87,6 @@ def finetune_scores(texts, effect, train, test, *, epochs: int, max_len: int = 1
     tok = AutoTokenizer.from_pretrained(default_model_path())
     model = AutoModel.from_pretrained(default_model_path())
     head = torch.nn.Linear(model.config.hidden_size, 1)
-    batch_size = 16
-    steps = epochs * -(-len(train) // batch_size)
-    opt = torch.optim.AdamW([{"params": model.parameters(), "lr": 5e-5},
-                             {"params": head.parameters(), "lr": 1e-3}], weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / (0.1 * steps)) * max(0.0, (steps - s) / steps))
-    target = torch.tensor(effect, dtype=torch.float32)
 
     def score(idx):
         b = tok([texts[i] for i in idx], padding=True, truncation=True, max_length=max_len,
@@ -64,23 +95,9 @@ def finetune_scores(texts, effect, train, test, *, epochs: int, max_len: int = 1
         mask = b["attention_mask"][..., None].float()
         return head((h * mask).sum(1) / mask.sum(1)).squeeze(1)
 
-    rng = np.random.default_rng(seed)
-    model.train()
-    for _ in range(epochs):
-        order = rng.permutation(train)
-        for i in range(0, len(order), batch_size):
-            idx = order[i:i + batch_size]
-            p, y = score(idx), target[idx]
-            gap = y[:, None] - y[None, :]
-            pair = torch.nn.functional.softplus(-torch.sign(gap) * (p[:, None] - p[None, :]))
-            loss = (pair * gap.abs()).sum() / gap.abs().sum().clamp(min=1e-6) + 0.1 * ((p - y) ** 2).mean()
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
-    model.eval()
-    with torch.inference_mode():
-        return np.concatenate([score(test[i:i + 64]).numpy() for i in range(0, len(test), 64)])
+    return train_and_score(score, [{"params": model.parameters(), "lr": 5e-5},
+                                   {"params": head.parameters(), "lr": 1e-3}],
+                           [model], effect, train, test, epochs=epochs, seed=seed)
 
 
 def toplayer_scores(texts, effect, train, test, *, epochs: int, layers: int = 5, max_len: int = 256,
@@ -101,15 +118,8 @@ def toplayer_scores(texts, effect, train, test, *, epochs: int, layers: int = 5,
         for text in texts:
             b = tok([text], truncation=True, max_length=max_len, return_tensors="pt")
             below.append(model(**b, output_hidden_states=True).hidden_states[layers - 1][0].clone())
-    layer = copy.deepcopy(model.encoder.layer[layers - 1]).train()
+    layer = copy.deepcopy(model.encoder.layer[layers - 1])
     head = torch.nn.Linear(model.config.hidden_size, 1)
-    batch_size = 16
-    steps = epochs * -(-len(train) // batch_size)
-    opt = torch.optim.AdamW([{"params": layer.parameters(), "lr": 1e-4},
-                             {"params": head.parameters(), "lr": 1e-3}], weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / (0.1 * steps)) * max(0.0, (steps - s) / steps))
-    target = torch.tensor(effect, dtype=torch.float32)
 
     def score(idx):
         states = torch.nn.utils.rnn.pad_sequence([below[i] for i in idx], batch_first=True)
@@ -120,22 +130,9 @@ def toplayer_scores(texts, effect, train, test, *, epochs: int, layers: int = 5,
         m = mask[..., None]
         return head((h * m).sum(1) / m.sum(1)).squeeze(1)
 
-    rng = np.random.default_rng(seed)
-    for _ in range(epochs):
-        order = rng.permutation(train)
-        for i in range(0, len(order), batch_size):
-            idx = order[i:i + batch_size]
-            p, y = score(idx), target[idx]
-            gap = y[:, None] - y[None, :]
-            pair = torch.nn.functional.softplus(-torch.sign(gap) * (p[:, None] - p[None, :]))
-            loss = (pair * gap.abs()).sum() / gap.abs().sum().clamp(min=1e-6) + 0.1 * ((p - y) ** 2).mean()
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
-    layer.eval()
-    with torch.inference_mode():
-        return np.concatenate([score(test[i:i + 64]).numpy() for i in range(0, len(test), 64)])
+    return train_and_score(score, [{"params": layer.parameters(), "lr": 1e-4},
+                                   {"params": head.parameters(), "lr": 1e-3}],
+                           [layer], effect, train, test, epochs=epochs, seed=seed)
 
 
 def mlp_scores(vectors, effect, train, test, *, epochs: int = 300, hidden: int = 64, seed: int = 0):
@@ -148,11 +145,8 @@ def mlp_scores(vectors, effect, train, test, *, epochs: int = 300, hidden: int =
     opt = torch.optim.AdamW(net.parameters(), lr=3e-3, weight_decay=1e-2)
     x = torch.tensor(vectors[train], dtype=torch.float32)
     y = torch.tensor(effect[train], dtype=torch.float32)
-    gap = y[:, None] - y[None, :]
     for _ in range(epochs):
-        p = net(x).squeeze(1)
-        pair = torch.nn.functional.softplus(-torch.sign(gap) * (p[:, None] - p[None, :]))
-        loss = (pair * gap.abs()).sum() / gap.abs().sum() + 0.1 * ((p - y) ** 2).mean()
+        loss = pairwise_loss(net(x).squeeze(1), y)
         opt.zero_grad()
         loss.backward()
         opt.step()
