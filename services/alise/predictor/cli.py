@@ -98,20 +98,19 @@ def make_encoder(args, **kwargs):
 def main_build(args) -> int:
     from alise.predictor.history import History
     from alise.predictor.index import VectorIndex
-    from alise.predictor.startup import bootstrap_history, reembed_snapshot, replay_log
-    from alise.predictor.snapshot import EncoderChanged, load_snapshot, prepare_index_dir, save_snapshot
+    from alise.predictor.startup import bootstrap_history, replay_log, restore_history
+    from alise.predictor.snapshot import prepare_index_dir, save_snapshot
     from alise.predictor.wal import delete_segments_before, segment_numbers
 
     started = time.perf_counter()
     prepare_index_dir(args.index_dir)
     encoder = make_encoder(args)
-    try:
-        loaded = load_snapshot(args.index_dir, encoder.name, encoder.dim, max_seq_length=encoder.max_seq_length)
-        history = loaded.history if loaded else History(VectorIndex(encoder.dim))
-        first = loaded.wal_segment if loaded else 0
-        replay_log(history, args.index_dir, first)  # a served index: its logged observations too
-    except EncoderChanged as changed:  # made by another encoder: its stored texts embedded again
-        history, first, _ = reembed_snapshot(args.index_dir, changed, encoder)
+    restored = restore_history(args.index_dir, encoder)  # a served index: its logged observations too
+    if restored is not None:
+        history, first = restored.history, restored.first_segment
+    else:
+        history, first = History(VectorIndex(encoder.dim)), 0
+        replay_log(history, args.index_dir, first)
     n = bootstrap_history(history, encoder, args.data, args.tokenizer)
     segment = max([first, *[s + 1 for s in segment_numbers(args.index_dir)]])
     path = save_snapshot(history, args.index_dir, encoder.name, max_seq_length=encoder.max_seq_length,

@@ -13,7 +13,7 @@ The vector is the normalized mean of one transformer layer's token states: by de
 second-to-last (``layers``: how many of the model's layers run; the graph stops there). For
 length it measured better than the last layer, which sentence-transformers trains for
 similarity: on AlpacaEval (5 folds split by prompt, 12 generators) the predictor's mean Kendall
-tau was 0.417 from MiniLM's sixth and last layer and 0.446 from its fifth
+tau was 0.417 from MiniLM's sixth and last layer and 0.447 from its fifth
 (``bench/predictor_layers.py``), and a layer less is a sixth less work. ``layers`` equal to the
 model's own depth gives sentence-transformers' vectors.
 

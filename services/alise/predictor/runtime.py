@@ -47,8 +47,8 @@ from alise.predictor.estimator import Estimates, LengthEstimator
 from alise.predictor.fitting import Validation, fit_estimator, holdout_start, trial_fit, validate_refit
 from alise.predictor.history import History, prompt_key
 from alise.predictor.index import VectorIndex
-from alise.predictor.snapshot import EncoderChanged, capture, load_snapshot, prepare_index_dir, write_snapshot
-from alise.predictor.startup import add_logged, bootstrap_history, reembed_snapshot, replay_log
+from alise.predictor.snapshot import capture, prepare_index_dir, write_snapshot
+from alise.predictor.startup import add_logged, bootstrap_history, replay_log, restore_history
 from alise.predictor.wal import LoggedObservation, WriteAheadLog
 
 logger = logging.getLogger(__name__)
@@ -141,36 +141,28 @@ class PredictorRuntime:
                 max_seq_length=config.encoder_max_seq_length, int8=config.encoder_int8,
                 layers=config.encoder_layers)
         kwargs = {"ivf_threshold": config.ivf_threshold}
-        loaded, reembedded = None, None
+        restored = None
         if config.index_dir:
-            try:
-                loaded = await asyncio.to_thread(load_snapshot, config.index_dir, encoder.name, encoder.dim,
-                                                 max_seq_length=encoder.max_seq_length, **kwargs)
-            except EncoderChanged as changed:  # stored texts: embedded again, nothing is lost
-                reembedded = await asyncio.to_thread(reembed_snapshot, config.index_dir, changed,
-                                                     encoder, **kwargs)
-        if reembedded is not None:
-            history = reembedded[0]
+            restored = await asyncio.to_thread(restore_history, config.index_dir, encoder, **kwargs)
+        if restored is not None:
+            history, first, dedup, reembedded = restored
         else:
-            history = loaded.history if loaded else History(VectorIndex(encoder.dim, **kwargs))
-        if loaded is None and reembedded is None and config.bootstrap:
-            n = await asyncio.to_thread(bootstrap_history, history, encoder, config.bootstrap,
-                                        config.tokenizer_path)
-            logger.info("bootstrapped %d observations from %s", n, ", ".join(config.bootstrap))
-        wal, dedup = None, []
+            history, first, dedup, reembedded = History(VectorIndex(encoder.dim, **kwargs)), 0, [], False
+            if config.bootstrap:
+                n = await asyncio.to_thread(bootstrap_history, history, encoder, config.bootstrap,
+                                            config.tokenizer_path)
+                logger.info("bootstrapped %d observations from %s", n, ", ".join(config.bootstrap))
+            if config.index_dir:  # a log without a snapshot (a crash before the first one)
+                dedup = await asyncio.to_thread(replay_log, history, config.index_dir, 0)
+        wal = None
         if config.index_dir:
-            if reembedded is not None:  # the log was replayed before the vectors were remade
-                _, first, dedup = reembedded
-            else:
-                first = loaded.wal_segment if loaded else 0
-                dedup = await asyncio.to_thread(replay_log, history, config.index_dir, first)
             wal = WriteAheadLog(config.index_dir, first_segment=first,
                                 sync_delay_s=config.wal_sync_delay_ms / 1000.0)
         runtime = cls(config, encoder, history, wal, dedup)
         await asyncio.to_thread(runtime.estimator.fit)
         if wal is not None:
             wal.open(dedup[-_MAX_DEDUP_IDS:])
-            if reembedded is not None or (loaded is None and config.bootstrap):
+            if reembedded or (restored is None and config.bootstrap):
                 await runtime.snapshot()
         return runtime
 

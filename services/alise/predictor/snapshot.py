@@ -228,7 +228,7 @@ def _current(index_dir: Path) -> Path | None:
 
 class EncoderChanged(SnapshotError):
     """The snapshot was made by another encoder with the same window: its stored texts are what
-    that encoder saw, so they can be embedded again (``startup.reembed_snapshot``)."""
+    that encoder saw, so they can be embedded again (``startup.restore_history``)."""
 
     def __init__(self, message: str, encoder_name: str, dim: int) -> None:
         super().__init__(message)

@@ -4,6 +4,7 @@ log (the observations since the last snapshot). Blocking; callers run these in a
 from __future__ import annotations
 
 import logging
+from typing import NamedTuple
 
 import numpy as np
 
@@ -69,26 +70,46 @@ def replay_log(history: History, index_dir: str, first_segment: int) -> list[str
     return dedup
 
 
-def reembed_snapshot(index_dir: str, changed: EncoderChanged, encoder, **index_kwargs
-                     ) -> tuple[History, int, list[str]]:
-    """The history of a snapshot another encoder made (``changed``), with the write-ahead log
-    replayed on it, embedded again by ``encoder``: (history, the first log segment it does not
-    cover, the recent de-duplication ids). Blocking.
+class Restored(NamedTuple):
+    """A history restored from an index dir (see :func:`restore_history`)."""
 
-    The stored texts are what the old encoder saw of each prompt, in the same window, so the
-    new vectors are the ones the new encoder gives the prompts; the prompts' token counts, keys
-    and every observation are kept. The caller snapshots the result before taking new
-    observations, so the old vectors' log segments are then dropped."""
-    loaded = load_snapshot(index_dir, changed.encoder_name, changed.dim,
-                           max_seq_length=encoder.max_seq_length, **index_kwargs)
+    history: History
+    #: The first write-ahead log segment the history does not cover.
+    first_segment: int
+    #: The recent de-duplication ids the log carried.
+    dedup: list[str]
+    #: Another encoder made the snapshot: its prompts were embedded again (snapshot it now).
+    reembedded: bool
+
+
+def restore_history(index_dir: str, encoder, **index_kwargs) -> Restored | None:
+    """The current snapshot's history with the write-ahead log replayed on it; None when the
+    directory holds no snapshot yet. Blocking.
+
+    A snapshot another encoder made with the same window is embedded again by ``encoder``: the
+    stored texts are what the old encoder saw of each prompt, so the new vectors are the ones
+    the new encoder gives the prompts, and the prompts' token counts, keys and every
+    observation are kept. The caller snapshots such a history before taking new observations,
+    so the old vectors' log segments are then dropped."""
+    changed = None
+    try:
+        loaded = load_snapshot(index_dir, encoder.name, encoder.dim,
+                               max_seq_length=encoder.max_seq_length, **index_kwargs)
+    except EncoderChanged as exc:  # loaded with its own encoder's name and dim, then remade
+        changed = exc
+        loaded = load_snapshot(index_dir, exc.encoder_name, exc.dim,
+                               max_seq_length=encoder.max_seq_length, **index_kwargs)
+    if loaded is None:
+        return None
     old = loaded.history
     dedup = replay_log(old, index_dir, loaded.wal_segment)
+    if changed is None:
+        return Restored(old, loaded.wal_segment, dedup, False)
     logger.warning("%s was made by encoder %s; embedding its %d prompts again with %s",
                    loaded.path, changed.encoder_name, old.num_prompts, encoder.name)
     history = History(VectorIndex(encoder.dim, **index_kwargs))
-    vectors = encoder.encode(old.texts).vectors
-    history.add_prompts(old.texts, vectors, old.prompt_tokens, old.keys)
+    history.add_prompts(old.texts, encoder.encode(old.texts).vectors, old.prompt_tokens, old.keys)
     rows, model_ids, tokens = old.observations()
     history.add_observations(rows, [old.models[m] for m in model_ids], tokens)
-    segments = segment_numbers(index_dir)
-    return history, max([loaded.wal_segment - 1, *segments]) + 1, dedup
+    first = max([loaded.wal_segment - 1, *segment_numbers(index_dir)]) + 1  # all were replayed
+    return Restored(history, first, dedup, True)
