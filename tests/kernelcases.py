@@ -40,11 +40,13 @@ def make_step(rows: list[tuple[int, int]], *, num_heads: int, num_kv_heads: int,
                 query_start=torch.tensor(starts, device=device), scale=head_dim ** -0.5)
 
 
-def reference(case: dict, seq_lens: torch.Tensor | None = None) -> torch.Tensor:
+def reference(case: dict, seq_lens: torch.Tensor | None = None, *, window: int | None = None,
+              softcap: float | None = None) -> torch.Tensor:
     """The torch reference on float32 upcasts of the case."""
     return ref_attention.unified_attention(
         case["query"].float(), case["key_cache"].float(), case["value_cache"].float(), case["block_tables"],
-        case["seq_lens"] if seq_lens is None else seq_lens, case["query_start"], case["scale"])
+        case["seq_lens"] if seq_lens is None else seq_lens, case["query_start"], case["scale"],
+        window=window, softcap=softcap)
 
 
 def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:

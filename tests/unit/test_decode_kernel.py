@@ -63,3 +63,30 @@ def test_decode_kernel_matches_reference(dtype: torch.dtype, shape: tuple, split
         assert relative_error(out, expect) < TOLERANCE[dtype]
     if fused:
         assert not triton_attention._COUNTERS[torch.device("cpu")].any()
+
+
+# Windows shorter than most contexts (with split-K the ranges divide the window, and some splits
+# are empty), one longer than every context; soft-caps that bend the logits.
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize(("shape", "splits", "window", "softcap"), [
+    ((3, 4, 4, 32, 8, 90), 1, 17, None), ((3, 8, 2, 16, 16, 200), 4, 40, None), ((4, 4, 1, 16, 4, 30), 8, 5, None),
+    ((3, 4, 2, 32, 8, 90), 3, None, 1.5), ((3, 4, 2, 32, 8, 90), 3, 25, 2.0), ((2, 4, 4, 16, 4, 12), 2, 64, None),
+], ids=["window", "gqa-split4-window", "mqa-split8-window5", "softcap", "window+softcap", "window-beyond-context"])
+def test_window_and_softcap_match_reference(dtype: torch.dtype, shape: tuple, splits: int, window: int | None,
+                                            softcap: float | None) -> None:
+    rng = random.Random(f"{shape}-{splits}-{window}-{softcap}-{dtype}")
+    torch.manual_seed(rng.randrange(1 << 30))
+    case = make_case(*shape, dtype=dtype, rng=rng)
+    case["query"] *= 3  # larger logits: the cap bends them, and the window's cut shows
+    out = torch.full_like(case["query"], float("nan"))
+    triton_attention.decode_attention(**case, num_splits=splits, out=out, fused_merge=splits > 1, window=window,
+                                      softcap=softcap)
+    floats = dict(query=case["query"].float(), key_cache=case["key_cache"].float(),
+                  value_cache=case["value_cache"].float())
+    expect = ref_attention.decode_attention(**{**case, **floats}, window=window, softcap=softcap)
+    assert relative_error(out, expect) < TOLERANCE[dtype]
+    plain = ref_attention.decode_attention(**{**case, **floats})
+    cut = window is not None and window < max(case["context_lens"].tolist())
+    if cut or softcap is not None:  # negative control: plain attention is far from it
+        assert relative_error(out, plain) > 100 * TOLERANCE[torch.float32]

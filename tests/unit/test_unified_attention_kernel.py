@@ -51,6 +51,41 @@ def test_unified_kernel_matches_reference(case_spec: tuple, dtype: torch.dtype) 
     assert err < TOLERANCE[dtype], f"{name} {dtype}: rel err {err:.2e}"
 
 
+# (name, rows, heads, kv_heads, head_dim, block_size, config index, window, softcap): windows
+# shorter than the contexts (the loop starts mid-sequence, some rows see no key of the first
+# tiles), one as long as a chunk, one of a single key; soft-caps small enough to bend the logits.
+WINDOWED = [
+    ("window-decodes+chunks", [(40, 1), (0, 23), (33, 18), (100, 1)], 4, 2, 32, 8, 0, 7, None),
+    ("window-small-tiles", [(5, 70), (0, 1), (130, 1)], 2, 2, 32, 16, 3, 20, None),
+    ("window-1", [(12, 9), (3, 1)], 4, 4, 16, 4, 1, 1, None),
+    ("softcap", [(40, 1), (0, 23), (33, 18)], 4, 2, 32, 8, 2, None, 1.5),
+    ("window+softcap-gqa8", [(9, 12), (1, 1), (0, 37)], 16, 2, 32, 16, 4, 10, 2.0),
+]
+
+
+# Padding rows of a tile may see no key inside a window: 0 / 0 there, never stored.
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("case_spec", WINDOWED, ids=[c[0] for c in WINDOWED])
+def test_window_and_softcap_match_reference(case_spec: tuple, dtype: torch.dtype) -> None:
+    name, rows, heads, kv_heads, head_dim, block_size, config_index, window, softcap = case_spec
+    rng = random.Random(f"{name}-{dtype}")
+    torch.manual_seed(rng.randrange(1 << 30))
+    case = make_step(rows, num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim, block_size=block_size,
+                     dtype=dtype, rng=rng, pad_seqs=1, pad_rows=2)
+    case["query"] *= 3  # larger logits: the cap bends them, and the window's cut shows
+    out = torch.full_like(case["query"], float("nan"))
+    unified.unified_attention(**case, config=unified.CANDIDATES[config_index], out=out, window=window,
+                              softcap=softcap)
+    real = int(case["query_start"][-1])
+    assert not out[:real].isnan().any(), "a real row was not written"
+    assert out[real:].isnan().all(), "a padding row was written"
+    expect = reference(case, window=window, softcap=softcap)[:real]
+    assert relative_error(out[:real], expect) < TOLERANCE[dtype]
+    # Negative control: the plain causal reference is far from it.
+    assert relative_error(out[:real], reference(case)[:real]) > 100 * TOLERANCE[torch.float32]
+
+
 def test_one_key_too_few_is_caught() -> None:
     """Negative control: the same bound must fail when one sequence's context is one key short."""
     rng = random.Random(3)

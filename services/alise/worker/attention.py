@@ -25,6 +25,12 @@ key read from the pages.
 Everything layer-independent (slots, positions, padded block tables, masks) is computed once per
 step in :func:`build_attention_metadata` and shared by all layers.
 
+Per layer, three things may differ from plain causal attention (every function here and every
+backend takes them): ``scale`` (the logits' multiplier; ``head_dim ** -0.5`` unless the model
+says otherwise), ``window`` (sliding-window attention: a query at position ``p`` sees the keys
+at positions ``(p - window, p]``; None: all of ``[0, p]``) and ``softcap`` (the logits become
+``tanh(s / softcap) * softcap`` before the softmax, as Gemma 2 does; None: unchanged).
+
 The page write, the decode attention and the unified attention are pluggable
 (:class:`AttentionBackend`): this module's torch functions are the reference and the CPU path;
 :mod:`alise.worker.triton_attention` provides fused CUDA kernels with the same contracts.
@@ -190,25 +196,71 @@ def write_kv(key_cache: torch.Tensor, value_cache: torch.Tensor, key: torch.Tens
     value_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, value)
 
 
+def window_mask(query_pos: torch.Tensor, num_keys: int, window: int | None) -> torch.Tensor:
+    """``[n, num_keys]`` bool: key ``j`` is seen by the query at ``query_pos[i]`` (causal, and
+    within ``window`` when given)."""
+    keys = torch.arange(num_keys, device=query_pos.device)[None, :]
+    seen = keys <= query_pos[:, None]
+    if window is not None:
+        seen &= keys > query_pos[:, None] - window
+    return seen
+
+
+def cuts(window: int | None, num_keys: int) -> bool:
+    """Whether a window hides any of ``num_keys`` keys from some query (else it changes nothing)."""
+    return window is not None and num_keys > window
+
+
+def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float, *,
+           mask: torch.Tensor | None = None, causal: bool = False, softcap: float | None = None) -> torch.Tensor:
+    """``softmax(q k^T * scale [capped], masked) v`` over ``[..., heads, L, dim]`` tensors, the key
+    and value with ``kv_heads`` dividing ``heads`` (grouped-query). ``mask`` (bool, True = seen)
+    broadcasts to ``[..., heads, Lq, Lk]``; ``causal`` without a mask is the square causal mask.
+
+    Without a soft-cap this is SDPA; with one it is the computation of transformers' eager
+    attention (logits, cap, mask, float32 softmax rounded to the dtype, then the values)."""
+    if softcap is None:
+        return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, is_causal=causal and mask is None,
+                                              scale=scale, enable_gqa=True)
+    group = query.shape[-3] // key.shape[-3]
+    key = key.repeat_interleave(group, dim=-3)
+    value = value.repeat_interleave(group, dim=-3)
+    scores = torch.matmul(query, key.transpose(-1, -2)) * scale
+    scores = torch.tanh(scores / softcap) * softcap
+    if mask is None and causal:
+        lq, lk = scores.shape[-2:]
+        mask = window_mask(torch.arange(lk - lq, lk, device=scores.device), lk, None)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    return torch.matmul(probs, value)
+
+
 def prefill_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
                       block_table: torch.Tensor, context_len: int, mask: torch.Tensor | None,
-                      scale: float) -> torch.Tensor:
+                      scale: float, window: int | None = None, softcap: float | None = None) -> torch.Tensor:
     """Attention of one sequence's chunk ``query [n, num_heads, head_dim]`` over its first
-    ``context_len`` cached positions (the chunk's own K/V already written). Returns ``[n, heads, dim]``."""
+    ``context_len`` cached positions (the chunk's own K/V already written). ``mask`` is the
+    chunk's causal mask (None: square causal); a ``window`` that cuts replaces it. Returns
+    ``[n, heads, dim]``."""
     # index_select, not key_cache[block_table]: advanced indexing on CPU sizes its parallel
     # work by the whole cache and costs milliseconds for a two-block gather.
     key = key_cache.index_select(0, block_table).flatten(0, 1)[:context_len]  # [context_len, kv_heads, dim]
     value = value_cache.index_select(0, block_table).flatten(0, 1)[:context_len]
-    out = F.scaled_dot_product_attention(
-        query.transpose(0, 1).unsqueeze(0), key.transpose(0, 1).unsqueeze(0), value.transpose(0, 1).unsqueeze(0),
-        attn_mask=mask, is_causal=mask is None, scale=scale, enable_gqa=True)
+    n = query.shape[0]
+    if cuts(window, context_len):
+        mask = window_mask(torch.arange(context_len - n, context_len, device=query.device), context_len, window)
+    out = attend(query.transpose(0, 1).unsqueeze(0), key.transpose(0, 1).unsqueeze(0),
+                 value.transpose(0, 1).unsqueeze(0), scale, mask=mask, causal=mask is None, softcap=softcap)
     return out.squeeze(0).transpose(0, 1)
 
 
 def decode_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
-                     block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float) -> torch.Tensor:
+                     block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float,
+                     window: int | None = None, softcap: float | None = None) -> torch.Tensor:
     """One query token per sequence, ``query [B, num_heads, head_dim]``, attending to the first
-    ``context_lens[b]`` positions behind ``block_tables[b]`` (``[B, max_blocks]``). Returns ``[B, heads, dim]``.
+    ``context_lens[b]`` positions behind ``block_tables[b]`` (``[B, max_blocks]``), the last
+    ``window`` of them when a window is given. Returns ``[B, heads, dim]``.
 
     The gather pads every sequence to ``max_blocks * block_size`` keys and masks the tail; a fused
     kernel with this signature reads the pages in place instead.
@@ -219,42 +271,52 @@ def decode_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: 
     flat_tables = block_tables.flatten()
     key = key_cache.index_select(0, flat_tables).view(batch, max_len, num_kv_heads, head_dim).transpose(1, 2)
     value = value_cache.index_select(0, flat_tables).view(batch, max_len, num_kv_heads, head_dim).transpose(1, 2)
-    mask = torch.arange(max_len, device=query.device)[None, :] < context_lens[:, None]
-    out = F.scaled_dot_product_attention(query.unsqueeze(2), key, value, attn_mask=mask[:, None, None, :],
-                                         scale=scale, enable_gqa=True)
+    keys = torch.arange(max_len, device=query.device)[None, :]
+    mask = keys < context_lens[:, None]
+    if window is not None:
+        mask &= keys >= context_lens[:, None] - window
+    out = attend(query.unsqueeze(2), key, value, scale, mask=mask[:, None, None, :], softcap=softcap)
     return out.squeeze(2)
 
 
 def fresh_prefill_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                            scale: float) -> torch.Tensor:
+                            scale: float, window: int | None = None, softcap: float | None = None) -> torch.Tensor:
     """Causal attention of a chunk that starts at position 0: its own K/V are all the keys, so
     they are used as computed instead of being gathered back from the pages."""
-    out = F.scaled_dot_product_attention(
-        query.transpose(0, 1).unsqueeze(0), key.transpose(0, 1).unsqueeze(0), value.transpose(0, 1).unsqueeze(0),
-        is_causal=True, scale=scale, enable_gqa=True)
+    n = query.shape[0]
+    mask = window_mask(torch.arange(n, device=query.device), n, window) if cuts(window, n) else None
+    out = attend(query.transpose(0, 1).unsqueeze(0), key.transpose(0, 1).unsqueeze(0),
+                 value.transpose(0, 1).unsqueeze(0), scale, mask=mask, causal=True, softcap=softcap)
     return out.squeeze(0).transpose(0, 1)
 
 
 def batched_fresh_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                            fresh: FreshBatch, scale: float) -> torch.Tensor:
+                            fresh: FreshBatch, scale: float, window: int | None = None,
+                            softcap: float | None = None) -> torch.Tensor:
     """Causal attention of several fresh chunks of the step in one padded call. ``query``
     ``[T, heads, dim]`` and ``key``/``value`` ``[T, kv_heads, dim]`` are the whole step's rows;
     returns ``[S * L, heads, dim]``, the padded batch flattened (real rows at ``fresh.slots``)."""
     shape = (fresh.num_seqs, fresh.max_len)
     q, k, v = (x.index_select(0, fresh.gather).view(*shape, *x.shape[1:]).transpose(1, 2)
                for x in (query, key, value))
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=fresh.mask, scale=scale,
-                                         enable_gqa=q.shape[1] != k.shape[1])
+    mask = fresh.mask
+    if cuts(window, fresh.max_len):
+        # Only real query rows are windowed: a padded row keeps every real key (never an empty row).
+        real = fresh.mask[:, 0, -1]  # [S, L]: position j is a real token of chunk s
+        in_window = window_mask(torch.arange(fresh.max_len, device=query.device), fresh.max_len, window)
+        mask = mask & (in_window | ~real[:, None, :, None])
+    out = attend(q, k, v, scale, mask=mask, softcap=softcap)
     return out.transpose(1, 2).reshape(-1, *query.shape[1:])
 
 
 def unified_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
                       block_tables: torch.Tensor, seq_lens: torch.Tensor, query_start: torch.Tensor,
-                      scale: float, config: object = None) -> torch.Tensor:
+                      scale: float, config: object = None, *, window: int | None = None,
+                      softcap: float | None = None) -> torch.Tensor:
     """Reference of :func:`alise.worker.triton_unified.unified_attention`: sequence ``s`` owns
     rows ``[query_start[s], query_start[s + 1])`` of ``query [T, heads, dim]`` and attends
-    causally to its first ``seq_lens[s]`` cached keys. Rows of no sequence come back as zeros.
-    ``config`` (the kernel's launch configuration) means nothing here."""
+    causally (within ``window``) to its first ``seq_lens[s]`` cached keys. Rows of no sequence
+    come back as zeros. ``config`` (the kernel's launch configuration) means nothing here."""
     out = torch.zeros_like(query)
     starts = query_start.tolist()
     lens = seq_lens.tolist()
@@ -266,11 +328,12 @@ def unified_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache:
         table = block_tables[s, :-(-ctx // block_size)]
         rows = slice(first, first + n)
         if n == 1:
-            out[rows] = decode_attention(query[rows], key_cache, value_cache, table[None], seq_lens[s:s + 1], scale)
+            out[rows] = decode_attention(query[rows], key_cache, value_cache, table[None], seq_lens[s:s + 1], scale,
+                                         window=window, softcap=softcap)
             continue
-        query_pos = torch.arange(ctx - n, ctx, device=query.device)
-        mask = torch.arange(ctx, device=query.device)[None, :] <= query_pos[:, None]
-        out[rows] = prefill_attention(query[rows], key_cache, value_cache, table, ctx, mask, scale)
+        mask = window_mask(torch.arange(ctx - n, ctx, device=query.device), ctx, None)
+        out[rows] = prefill_attention(query[rows], key_cache, value_cache, table, ctx, mask, scale,
+                                      window=window, softcap=softcap)
     return out
 
 
@@ -290,35 +353,37 @@ TORCH_BACKEND = AttentionBackend("torch", write_kv, decode_attention)
 
 def paged_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tensor,
                     value_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
-                    backend: AttentionBackend = TORCH_BACKEND, kv_written: bool = False) -> torch.Tensor:
+                    backend: AttentionBackend = TORCH_BACKEND, kv_written: bool = False, *,
+                    window: int | None = None, softcap: float | None = None) -> torch.Tensor:
     """One layer's attention for the whole flattened step.
 
     ``query [T, num_heads, head_dim]``, ``key``/``value [T, num_kv_heads, head_dim]`` (already
     position-encoded); writes K/V into the pages (unless ``kv_written``: a fused kernel did),
-    returns ``[T, num_heads, head_dim]``.
+    returns ``[T, num_heads, head_dim]``. ``window`` and ``softcap``: see the module docstring.
     """
     if not kv_written:
         backend.write_kv(key_cache, value_cache, key, value, meta.slot_mapping)
+    extra = dict(window=window, softcap=softcap)
     if meta.is_all_decode:
         return backend.decode_attention(query, key_cache, value_cache, meta.decode_block_tables,
-                                        meta.decode_context_lens, scale, **(meta.decode_options or {}))
+                                        meta.decode_context_lens, scale, **(meta.decode_options or {}), **extra)
     if meta.unified is not None:
         u = meta.unified
         return backend.unified_attention(query, key_cache, value_cache, u.block_tables, u.seq_lens, u.query_start,
-                                         scale, u.config)
+                                         scale, u.config, **extra)
     out = torch.empty_like(query)
     if meta.fresh is not None:
-        padded = batched_fresh_attention(query, key, value, meta.fresh, scale)
+        padded = batched_fresh_attention(query, key, value, meta.fresh, scale, **extra)
         out.index_copy_(0, meta.fresh.rows, padded.index_select(0, meta.fresh.slots))
     for span in meta.prefills:
         rows = slice(span.row_start, span.row_start + span.num_tokens)
         if span.context_len == span.num_tokens:
-            out[rows] = fresh_prefill_attention(query[rows], key[rows], value[rows], scale)
+            out[rows] = fresh_prefill_attention(query[rows], key[rows], value[rows], scale, **extra)
         else:
             out[rows] = prefill_attention(query[rows], key_cache, value_cache, span.block_table,
-                                          span.context_len, span.mask, scale)
+                                          span.context_len, span.mask, scale, **extra)
     if meta.decode_rows is not None:
         decoded = backend.decode_attention(query.index_select(0, meta.decode_rows), key_cache, value_cache,
-                                           meta.decode_block_tables, meta.decode_context_lens, scale)
+                                           meta.decode_block_tables, meta.decode_context_lens, scale, **extra)
         out.index_copy_(0, meta.decode_rows, decoded)
     return out

@@ -15,6 +15,9 @@ Same contracts as the torch reference in :mod:`alise.worker.attention`:
   pair, release-acquire ordered, reset by that last program). ``num_splits`` depends only on the batch
   size and head count, never on the context lengths, so a CUDA graph captured for a batch size
   stays valid for any lengths (the ranges are computed on the device from ``context_lens``).
+- Sliding windows and soft-caps (Gemma 2): with a ``window``, a sequence's key range starts at
+  ``context - window`` (the split ranges divide that range: pages before it are never read);
+  with a ``softcap``, each score ``s`` becomes ``softcap * tanh(s / softcap)`` before the softmax.
 - :func:`write_kv` -- stores the step's new K/V at their slots; a negative slot is skipped (the
   padding rows of a captured decode graph write nowhere).
 
@@ -30,7 +33,7 @@ import os
 import torch
 
 from alise.worker.attention import AttentionBackend
-from alise.worker.triton_unified import unified_attention
+from alise.worker.triton_unified import LOG2E, check_window_softcap, softcap_factors, unified_attention
 
 try:
     import triton
@@ -38,6 +41,8 @@ try:
 except ImportError:  # the CPU image has no Triton; the torch reference serves there
     triton = None
     tl = None
+if triton is not None:
+    from alise.worker.triton_unified import tanh
 
 #: Launch configuration of the decode kernel; ALISE_DECODE_KERNEL_CONFIG, a JSON object with some
 #: of these keys, overrides it at import. ``block_n`` keys per inner-loop tile; ``num_warps`` and
@@ -90,7 +95,7 @@ if triton is not None:
     @triton.jit
     def _paged_decode_kernel(
         q_ptr, k_ptr, v_ptr, tables_ptr, lens_ptr, out_ptr, part_acc_ptr, part_ml_ptr, counters_ptr,
-        scale_log2,
+        scale_log2, window, softcap_scale, softcap_log2,
         stride_qb, stride_qh,
         stride_kb, stride_kt, stride_kh,
         stride_tb,
@@ -99,13 +104,17 @@ if triton is not None:
         BLOCK_SIZE: tl.constexpr, GROUP: tl.constexpr, BLOCK_G: tl.constexpr,
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
         NUM_SPLITS: tl.constexpr, USE_DOT: tl.constexpr, FUSED_MERGE: tl.constexpr,
+        HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     ):
         seq = tl.program_id(0)
         kv_head = tl.program_id(1)
         split = tl.program_id(2)
         ctx = tl.load(lens_ptr + seq).to(tl.int32)
-        per_split = tl.cdiv(tl.cdiv(ctx, NUM_SPLITS), BLOCK_N) * BLOCK_N
-        start = split * per_split
+        first = ctx * 0
+        if HAS_WINDOW:
+            first = tl.maximum(ctx - window, 0)
+        per_split = tl.cdiv(tl.cdiv(ctx - first, NUM_SPLITS), BLOCK_N) * BLOCK_N
+        start = first + split * per_split
         end = tl.minimum(start + per_split, ctx)
 
         offs_g = tl.arange(0, BLOCK_G)
@@ -133,7 +142,11 @@ if triton is not None:
                 scores = tl.dot(q, tl.trans(k))
             else:
                 scores = tl.sum(q[:, None, :].to(tl.float32) * k[None, :, :].to(tl.float32), axis=2)
-            scores = tl.where(n_mask[None, :], scores * scale_log2, float("-inf"))
+            if HAS_SOFTCAP:
+                scores = tanh(scores * softcap_scale) * softcap_log2
+            else:
+                scores = scores * scale_log2
+            scores = tl.where(n_mask[None, :], scores, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(scores, axis=1))
             alpha = tl.exp2(m_i - m_new)
             p = tl.exp2(scores - m_new[:, None])
@@ -168,8 +181,8 @@ if triton is not None:
                     m_all = tl.full([BLOCK_G], float("-inf"), tl.float32)
                     l_all = tl.zeros([BLOCK_G], tl.float32)
                     acc_all = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
-                    # Split 0 holds the first key (context >= 1): the running max is finite from
-                    # there on and empty splits (m = -inf) weigh exactly 0.
+                    # Split 0 holds the first key of the range (context >= 1): the running max
+                    # is finite from there on and empty splits (m = -inf) weigh exactly 0.
                     for s in range(NUM_SPLITS):
                         r = (seq * num_heads + heads) * NUM_SPLITS + s
                         m_s = tl.load(part_ml_ptr + r * 2, mask=g_mask, other=float("-inf"), cache_modifier=".cg")
@@ -244,13 +257,14 @@ def _counters(device: torch.device, needed: int) -> torch.Tensor:
 def decode_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
                      block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float,
                      num_splits: int | None = None, out: torch.Tensor | None = None,
-                     fused_merge: bool = False) -> torch.Tensor:
+                     fused_merge: bool = False, window: int | None = None,
+                     softcap: float | None = None) -> torch.Tensor:
     """Triton version of :func:`alise.worker.attention.decode_attention` (same arguments and result).
 
     ``block_tables [B, width]`` may be wider than any context (a graph's static width): only the
-    pages a sequence's context covers are read. ``context_lens[b]`` must be >= 1.
-    ``fused_merge``: with split-K, the last split of each (sequence, KV head) merges the partials
-    in the same launch instead of a second kernel.
+    pages a sequence's context (its last ``window`` keys, with a window) covers are read.
+    ``context_lens[b]`` must be >= 1. ``fused_merge``: with split-K, the last split of each
+    (sequence, KV head) merges the partials in the same launch instead of a second kernel.
     """
     batch, num_heads, head_dim = query.shape
     _, block_size, num_kv_heads, _ = key_cache.shape
@@ -260,6 +274,7 @@ def decode_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: 
         raise ValueError("key/value pages must share strides with unit stride on head_dim, and so must query")
     if block_tables.stride(-1) != 1 or context_lens.stride(-1) != 1:
         raise ValueError("block_tables rows and context_lens must be contiguous")
+    check_window_softcap(window, softcap)
     group = num_heads // num_kv_heads
     if num_splits is None:
         num_splits = choose_num_splits(batch, num_kv_heads, _num_sms(query.device))
@@ -278,7 +293,7 @@ def decode_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: 
     counters = _counters(query.device, batch * num_kv_heads) if fused_merge else context_lens  # else unused
     _paged_decode_kernel[(batch, num_kv_heads, num_splits)](
         query, key_cache, value_cache, block_tables, context_lens, out, part_acc, part_ml, counters,
-        scale * 1.4426950408889634,
+        scale * LOG2E, window or 0, *softcap_factors(scale, softcap),
         query.stride(0), query.stride(1),
         key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
         block_tables.stride(0),
@@ -286,6 +301,7 @@ def decode_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: 
         num_heads,
         BLOCK_SIZE=block_size, GROUP=group, BLOCK_G=block_g, HEAD_DIM=head_dim, BLOCK_D=block_d,
         BLOCK_N=config["block_n"], NUM_SPLITS=num_splits, USE_DOT=use_dot, FUSED_MERGE=fused_merge,
+        HAS_WINDOW=window is not None, HAS_SOFTCAP=softcap is not None,
         num_warps=config["num_warps"], num_stages=config["num_stages"],
     )
     if num_splits > 1 and not fused_merge:

@@ -14,6 +14,10 @@ return at once. So one CUDA graph captured for ``(T, S)`` serves any split of ``
 at most ``S`` sequences, with any lengths; padding sequences have no rows (``query_start``
 repeats), padding rows belong to no sequence and are left unwritten.
 
+With a sliding ``window`` a query at position ``p`` sees keys ``(p - window, p]`` and a tile's
+key loop starts at its first query's window (pages before it are never read); with a
+``softcap`` each score ``s`` becomes ``softcap * tanh(s / softcap)`` before the softmax.
+
 A tile holds ``BLOCK_Q`` query tokens times the ``GROUP`` query heads of one KV head
 (``BLOCK_M = BLOCK_Q * GROUP`` rows, a power of two), so grouped-query heads load their K/V once
 and score them with one tensor-core ``tl.dot``. Softmax is the online (flash) form in base 2.
@@ -59,6 +63,24 @@ CANDIDATES = (UnifiedConfig(16, 64, 4, 2), UnifiedConfig(32, 64, 4, 2), UnifiedC
               UnifiedConfig(64, 32, 4, 3), UnifiedConfig(128, 64, 8, 2), UnifiedConfig(16, 128, 4, 2))
 
 
+LOG2E = 1.4426950408889634
+
+
+def check_window_softcap(window: int | None, softcap: float | None) -> None:
+    if window is not None and window < 1:
+        raise ValueError(f"window must be None or >= 1, got {window}")
+    if softcap is not None and not softcap > 0:
+        raise ValueError(f"softcap must be None or > 0, got {softcap}")
+
+
+def softcap_factors(scale: float, softcap: float | None) -> tuple[float, float]:
+    """``(scale / softcap, softcap * log2(e))``: a kernel's capped base-2 score of a raw dot
+    product ``d`` is ``tanh(d * first) * second``; ``(0, 0)`` without a cap (unused then)."""
+    if softcap is None:
+        return 0.0, 0.0
+    return scale / softcap, softcap * LOG2E
+
+
 def num_query_tiles(num_tokens: int, num_seqs: int, block_q: int) -> int:
     """Grid size along the query axis: enough tiles for any split of the rows among the sequences."""
     return num_tokens // block_q + num_seqs
@@ -69,6 +91,13 @@ def _next_pow2(n: int) -> int:
 
 
 if triton is not None:
+
+    @triton.jit
+    def tanh(x):
+        """tanh from one exp of a non-positive argument: no overflow, exact sign."""
+        e = tl.exp(-2.0 * tl.abs(x))
+        t = (1.0 - e) / (1.0 + e)
+        return tl.where(x < 0, -t, t)
 
     @triton.jit
     def _find_seq(query_start_ptr, tile, num_seqs, BLOCK_Q: tl.constexpr):
@@ -89,11 +118,12 @@ if triton is not None:
     @triton.jit
     def _unified_kernel(
         q_ptr, k_ptr, v_ptr, out_ptr, tables_ptr, seq_lens_ptr, query_start_ptr,
-        scale_log2, num_seqs,
+        scale_log2, num_seqs, window, softcap_scale, softcap_log2,
         stride_qt, stride_qh, stride_ot, stride_oh,
         stride_kb, stride_kt, stride_kh, stride_tb,
         BLOCK_SIZE: tl.constexpr, GROUP: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr,
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, DOT_F32: tl.constexpr,
+        HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     ):
         tile = tl.program_id(0)
         kv_head = tl.program_id(1)
@@ -119,11 +149,16 @@ if triton is not None:
             m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
             l_i = tl.zeros([BLOCK_M], tl.float32)
             acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-            # Keys up to the tile's last query (the longest causal row); key 0 is in every row's
-            # range, so each row's running max is finite after the first key tile.
+            # Keys up to the tile's last query (the longest causal row). Without a window key 0 is
+            # in every row's range, so each row's running max is finite after the first key tile;
+            # with one, the loop starts at the first query's window and a row may see no key of
+            # the first tiles (its max stays -inf: see the guard below).
             kv_end = ctx - q_len + tl.minimum((local + 1) * BLOCK_Q, q_len)
+            kv_begin = kv_end * 0
+            if HAS_WINDOW:
+                kv_begin = tl.maximum(ctx - q_len + local * BLOCK_Q - window + 1, 0)
             table_row = tables_ptr + seq.to(tl.int64) * stride_tb
-            for n0 in range(0, kv_end, BLOCK_N):
+            for n0 in range(kv_begin, kv_end, BLOCK_N):
                 pos = n0 + offs_n
                 n_mask = pos < kv_end
                 block_ids = tl.load(table_row + pos // BLOCK_SIZE, mask=n_mask, other=0).to(tl.int64)
@@ -134,12 +169,20 @@ if triton is not None:
                 if DOT_F32:
                     k = k.to(tl.float32)
                     v = v.to(tl.float32)
-                scores = tl.dot(q, tl.trans(k)) * scale_log2
+                if HAS_SOFTCAP:
+                    scores = tanh(tl.dot(q, tl.trans(k)) * softcap_scale) * softcap_log2
+                else:
+                    scores = tl.dot(q, tl.trans(k)) * scale_log2
                 seen = n_mask[None, :] & (pos[None, :] <= q_pos[:, None])
+                if HAS_WINDOW:
+                    seen = seen & (pos[None, :] > q_pos[:, None] - window)
                 scores = tl.where(seen, scores, float("-inf"))
                 m_new = tl.maximum(m_i, tl.max(scores, axis=1))
-                alpha = tl.exp2(m_i - m_new)
-                p = tl.exp2(scores - m_new[:, None])
+                m_ref = m_new
+                if HAS_WINDOW:  # a row that has seen no key yet weighs 0 (exp2(-inf - 0)), never NaN
+                    m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+                alpha = tl.exp2(m_i - m_ref)
+                p = tl.exp2(scores - m_ref[:, None])
                 l_i = l_i * alpha + tl.sum(p, axis=1)
                 acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
                 m_i = m_new
@@ -151,15 +194,17 @@ if triton is not None:
 def unified_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
                       block_tables: torch.Tensor, seq_lens: torch.Tensor, query_start: torch.Tensor,
                       scale: float, config: UnifiedConfig | None = None, *,
-                      out: torch.Tensor | None = None) -> torch.Tensor:
+                      out: torch.Tensor | None = None, window: int | None = None,
+                      softcap: float | None = None) -> torch.Tensor:
     """Causal paged attention of every query row of a step (see the module docstring).
 
     ``query [T, num_heads, head_dim]``; ``key_cache``/``value_cache [num_blocks, block_size,
     num_kv_heads, head_dim]`` with the step's K/V already written; ``block_tables [S, width]``,
     ``seq_lens [S]`` (keys per sequence, >= its rows), ``query_start [S + 1]`` (row offsets,
     non-decreasing, ``query_start[S] <= T``). Returns ``out [T, num_heads, head_dim]``; rows of no
-    sequence are left as they were.
+    sequence are left as they were. ``window``/``softcap``: see the module docstring.
     """
+    check_window_softcap(window, softcap)
     config = config or CANDIDATES[0]
     num_tokens, num_heads, head_dim = query.shape
     _, block_size, num_kv_heads, _ = key_cache.shape
@@ -182,12 +227,13 @@ def unified_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache:
     grid = (num_query_tiles(num_tokens, num_seqs, block_q), num_kv_heads)
     _unified_kernel[grid](
         query, key_cache, value_cache, out, block_tables, seq_lens, query_start,
-        scale * 1.4426950408889634, num_seqs,
+        scale * LOG2E, num_seqs, window or 0, *softcap_factors(scale, softcap),
         query.stride(0), query.stride(1), out.stride(0), out.stride(1),
         key_cache.stride(0), key_cache.stride(1), key_cache.stride(2), block_tables.stride(0),
         BLOCK_SIZE=block_size, GROUP=group, BLOCK_Q=block_q, BLOCK_M=config.block_m, HEAD_DIM=head_dim,
         BLOCK_D=max(16, _next_pow2(head_dim)), BLOCK_N=config.block_n,
         DOT_F32=INTERPRETED and query.dtype == torch.bfloat16,
+        HAS_WINDOW=window is not None, HAS_SOFTCAP=softcap is not None,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return out
