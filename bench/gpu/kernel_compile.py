@@ -38,7 +38,8 @@ DT = {"fp16": "*fp16", "bf16": "*bf16"}
 def unified_cases(dtype: str, quick: bool):
     ptr = DT[dtype]
     types = dict(q_ptr=ptr, k_ptr=ptr, v_ptr=ptr, out_ptr=ptr, tables_ptr="*i64", seq_lens_ptr="*i64",
-                 query_start_ptr="*i64", scale_log2="fp32", num_seqs="i32")
+                 query_start_ptr="*i64", scale_log2="fp32", num_seqs="i32", softcap_scale="fp32",
+                 softcap_log2="fp32")
     configs = triton_unified.CANDIDATES[:1] if quick else triton_unified.CANDIDATES
     for heads, kv_heads, dim in ((40, 40, 128), (32, 8, 128)):  # OPT-13B, Llama GQA
         group = heads // kv_heads
@@ -46,7 +47,7 @@ def unified_cases(dtype: str, quick: bool):
             if c.block_m < group:
                 continue
             const = dict(BLOCK_SIZE=16, GROUP=group, BLOCK_Q=c.block_q(group), BLOCK_M=c.block_m, HEAD_DIM=dim,
-                         BLOCK_D=dim, BLOCK_N=c.block_n, DOT_F32=False)
+                         BLOCK_D=dim, BLOCK_N=c.block_n, DOT_F32=False, HAS_WINDOW=False, HAS_SOFTCAP=False)
             yield (f"unified h{heads}/{kv_heads} {c}", triton_unified._unified_kernel, types, const,
                    dict(num_warps=c.num_warps, num_stages=c.num_stages))
 
@@ -58,9 +59,9 @@ def fused_cases(dtype: str, quick: bool):
                      n_cols="i32")
         block = 1 << (cols - 1).bit_length()
         yield (f"add_norm {'rms' if rms else 'ln'} {cols}", triton_fused._add_norm_kernel, types,
-               dict(HAS_DELTA=True, HAS_BIAS=not rms, RMS=rms, BLOCK=block), dict(num_warps=16))
-    yield ("silu_mul", triton_fused._silu_mul_kernel, dict(x_ptr=ptr, out_ptr=ptr, n_cols="i32"),
-           dict(BLOCK=1024), dict(num_warps=4))
+               dict(HAS_DELTA=True, HAS_BIAS=not rms, RMS=rms, UNIT_OFFSET=False, BLOCK=block), dict(num_warps=16))
+    yield ("act_mul", triton_fused._act_mul_kernel, dict(x_ptr=ptr, out_ptr=ptr, n_cols="i32"),
+           dict(GELU_TANH=False, BLOCK=1024), dict(num_warps=4))
     types = dict(q_ptr=ptr, k_ptr=ptr, v_ptr=ptr, cos_ptr=ptr, sin_ptr=ptr, slots_ptr="*i64", q_out_ptr=ptr,
                  k_cache_ptr=ptr, v_cache_ptr=ptr)
     yield ("rope_write_kv 32/8x128", triton_fused._rope_write_kernel, types,
@@ -81,13 +82,14 @@ def decode_cases(dtype: str, quick: bool):
     ptr = DT[dtype]
     cfg = triton_attention.DECODE_CONFIG
     types = dict(q_ptr=ptr, k_ptr=ptr, v_ptr=ptr, tables_ptr="*i64", lens_ptr="*i64", out_ptr=ptr,
-                 part_acc_ptr="*fp32", part_ml_ptr="*fp32", scale_log2="fp32", num_heads="i32")
+                 part_acc_ptr="*fp32", part_ml_ptr="*fp32", scale_log2="fp32", num_heads="i32",
+                 softcap_scale="fp32", softcap_log2="fp32")
     types["counters_ptr"] = "*i32"
     for splits in ((1, 8) if quick else (1, 2, 4, 8, 16, 32)):
         for fused in (False, True) if splits > 1 else (False,):
             yield (f"decode splits={splits} fused_merge={fused}", triton_attention._paged_decode_kernel, types,
                    dict(BLOCK_SIZE=16, GROUP=1, BLOCK_G=16, HEAD_DIM=128, BLOCK_D=128, BLOCK_N=cfg["block_n"],
-                        NUM_SPLITS=splits, USE_DOT=True, FUSED_MERGE=fused),
+                        NUM_SPLITS=splits, USE_DOT=True, FUSED_MERGE=fused, HAS_WINDOW=False, HAS_SOFTCAP=False),
                    dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]))
 
 

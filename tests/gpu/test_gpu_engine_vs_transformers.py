@@ -117,7 +117,7 @@ def forced_plan(runner: ModelRunner) -> KernelPlan:
     skinny = {(w.shape[0], w.shape[1], rows): candidates[-1] if rows == 1 else matrix[rows % len(matrix)]
               for _, w, _, _ in runner._matmuls(0) for rows in range(1, triton_fused.MAX_SKINNY_ROWS + 1)}
     # Split-K with the merge in the launch at decode batches 1 and 2 (the schedule's last steps).
-    return KernelPlan(fused_norm=True, fused_rope=True, fused_silu=True, linear=skinny,
+    return KernelPlan(fused_norm=True, fused_rope=True, fused_act=True, linear=skinny,
                       decode_splits={1: 8, 2: 4}, fused_merge=True,
                       unified={t: configs[i % len(configs)] for i, t in enumerate(token_buckets(runner.max_num_tokens))})
 

@@ -30,31 +30,23 @@ DTYPES = [torch.float16, torch.bfloat16]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp16", "bf16"])
-@pytest.mark.parametrize("rms", [False, True], ids=["layernorm", "rmsnorm"])
+@pytest.mark.parametrize("kind", ["layer", "rms", "rms_unit_offset"])
 @pytest.mark.parametrize("cols", [5120, 4096, 200])
-def test_add_norm(dtype: torch.dtype, rms: bool, cols: int) -> None:
-    torch.manual_seed(cols + rms)
+def test_add_norm(dtype: torch.dtype, kind: str, cols: int) -> None:
+    from alise.worker.tuning import reference_norm
+
+    torch.manual_seed(cols + len(kind))
     rows = 37
     hidden = (torch.randn(rows, cols, device="cuda") * 4).to(dtype)
     delta = torch.randn(rows, cols, device="cuda").to(dtype)
     weight = (1 + 0.1 * torch.randn(cols, device="cuda")).to(dtype)
-    bias = None if rms else (0.1 * torch.randn(cols, device="cuda")).to(dtype)
-    total, out = triton_fused.add_norm(hidden, delta, weight, bias, 1e-5, rms=rms)
+    bias = None if kind != "layer" else (0.1 * torch.randn(cols, device="cuda")).to(dtype)
+    total, out = triton_fused.add_norm(hidden, delta, weight, bias, 1e-5, kind=kind)
     assert torch.equal(total, hidden + delta)
-    h = (hidden + delta).float()
-    if rms:
-        expect = weight.float() * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-5)).to(dtype).float()
-    else:
-        expect = F.layer_norm(h, (cols,), weight.float(), bias.float(), 1e-5)
     assert not out.isnan().any()
-    assert relative_error(out, expect) < TOLERANCE[dtype]
-    _, alone = triton_fused.add_norm(hidden, None, weight, bias, 1e-5, rms=rms)
-    h = hidden.float()
-    if rms:
-        expect = weight.float() * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-5)).to(dtype).float()
-    else:
-        expect = F.layer_norm(h, (cols,), weight.float(), bias.float(), 1e-5)
-    assert relative_error(alone, expect) < TOLERANCE[dtype]
+    assert relative_error(out, reference_norm(hidden + delta, weight, bias, 1e-5, kind)) < TOLERANCE[dtype]
+    _, alone = triton_fused.add_norm(hidden, None, weight, bias, 1e-5, kind=kind)
+    assert relative_error(alone, reference_norm(hidden, weight, bias, 1e-5, kind)) < TOLERANCE[dtype]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp16", "bf16"])
@@ -104,11 +96,12 @@ def test_skinny_linear(dtype: torch.dtype, n: int, k: int, relu: bool, with_bias
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp16", "bf16"])
-def test_silu_mul(dtype: torch.dtype) -> None:
+@pytest.mark.parametrize("activation", ["silu", "gelu_tanh"])
+def test_act_mul(dtype: torch.dtype, activation: str) -> None:
     torch.manual_seed(3)
     gate_up = (torch.randn(40, 2 * 13824, device="cuda") * 3).to(dtype)  # Llama-13B's intermediate size
-    out = triton_fused.silu_mul(gate_up)
+    out = triton_fused.act_mul(gate_up, activation)
     gate, up = gate_up.chunk(2, dim=-1)
+    act = F.silu if activation == "silu" else lambda x: F.gelu(x, approximate="tanh")
     assert not out.isnan().any()
-    assert relative_error(out, F.silu(gate).float() * up.float()) < TOLERANCE[dtype]
-
+    assert relative_error(out, act(gate).float() * up.float()) < TOLERANCE[dtype]

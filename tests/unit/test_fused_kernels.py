@@ -1,8 +1,9 @@
 """The fused layer kernels (add + norm, rotary + page write, skinny matmul) against torch, under
 the Triton interpreter, outputs poisoned with NaN first.
 
-References are the torch ops the runner uses without them (transformers' LayerNorm and
-``LlamaRMSNorm``, the rotate-half rotary form, ``write_kv``, ``F.linear``), computed in float32
+References are the torch ops the runner uses without them (transformers' LayerNorm,
+``LlamaRMSNorm`` and ``Gemma2RMSNorm``, the rotate-half rotary form, ``write_kv``, ``F.linear``,
+SiLU and GELU-tanh), computed in float32
 on the same (rounded) inputs; bounds are the dtype's rounding. Negative controls: a norm with the
 wrong epsilon scale, a key written to the wrong slot.
 
@@ -16,6 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from kernelkit import TOLERANCE, interpreted, relative_error
+from transformers.models.gemma2.modeling_gemma2 import Gemma2RMSNorm
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from alise.worker.attention import write_kv
@@ -32,16 +34,17 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=IDS)
-@pytest.mark.parametrize("rms", [False, True], ids=["layernorm", "rmsnorm"])
+@pytest.mark.parametrize("kind", ["layer", "rms", "rms_unit_offset"], ids=["layernorm", "rmsnorm", "gemma-rmsnorm"])
 @pytest.mark.parametrize("with_delta", [True, False], ids=["add", "norm-only"])
-def test_add_norm_matches_torch(dtype: torch.dtype, rms: bool, with_delta: bool) -> None:
-    torch.manual_seed(hash((str(dtype), rms, with_delta)) & 0xFFFF)
+def test_add_norm_matches_torch(dtype: torch.dtype, kind: str, with_delta: bool) -> None:
+    torch.manual_seed(hash((str(dtype), kind, with_delta)) & 0xFFFF)
     rows, cols = 7, 200  # not a power of two: the tail is masked
+    rms = kind != "layer"
     hidden = (torch.randn(rows, cols) * 3).to(dtype)
     delta = torch.randn(rows, cols).to(dtype) if with_delta else None
-    weight = (1 + torch.randn(cols) * 0.1).to(dtype)
+    weight = ((0 if kind == "rms_unit_offset" else 1) + torch.randn(cols) * 0.1).to(dtype)
     bias = None if rms else (torch.randn(cols) * 0.1).to(dtype)
-    total, out = fused.add_norm(hidden, delta, weight, bias, 1e-5, rms=rms)
+    total, out = fused.add_norm(hidden, delta, weight, bias, 1e-5, kind=kind)
     expect_total = hidden + delta if with_delta else hidden
     # The residual is the dtype's own sum, bit for bit; except that the interpreter's float32 ->
     # bf16 cast truncates where the GPU rounds to nearest, so there it may sit one step lower.
@@ -49,9 +52,13 @@ def test_add_norm_matches_torch(dtype: torch.dtype, rms: bool, with_delta: bool)
     assert ((total.float() - expect_total.float()).abs() <= ulp).all()
     h = expect_total.float()
     if rms:
-        norm = LlamaRMSNorm(cols, eps=1e-5)
+        norm = LlamaRMSNorm(cols, eps=1e-5) if kind == "rms" else Gemma2RMSNorm(cols, eps=1e-5)
         norm.weight.data = weight.float()
         expect = norm(h)
+        # Negative control: the other RMSNorm (weight vs 1 + weight) misses the same bound.
+        other = Gemma2RMSNorm(cols, eps=1e-5) if kind == "rms" else LlamaRMSNorm(cols, eps=1e-5)
+        other.weight.data = weight.float()
+        assert relative_error(out, other(h)) > 10 * TOLERANCE[dtype]
     else:
         expect = F.layer_norm(h, (cols,), weight.float(), bias.float(), 1e-5)
     assert not out.isnan().any()
@@ -109,15 +116,19 @@ def test_skinny_linear_matches_f_linear(dtype: torch.dtype, rows: int, relu: boo
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=IDS)
-def test_silu_mul_matches_torch(dtype: torch.dtype) -> None:
+@pytest.mark.parametrize("activation", ["silu", "gelu_tanh"])
+def test_act_mul_matches_torch(dtype: torch.dtype, activation: str) -> None:
     torch.manual_seed(9)
     gate_up = (torch.randn(5, 2 * 1100) * 3).to(dtype)  # two column tiles, the second partial
-    out = fused.silu_mul(gate_up)
+    out = fused.act_mul(gate_up, activation)
     gate, up = gate_up.chunk(2, dim=-1)
-    expect = F.silu(gate.float()).to(dtype).float() * up.float()
+    act = F.silu if activation == "silu" else lambda x: F.gelu(x, approximate="tanh")
+    expect = act(gate.float()).to(dtype).float() * up.float()
     assert out.shape == (5, 1100) and not out.isnan().any()
     assert relative_error(out, expect) < TOLERANCE[dtype]
-    assert relative_error(out, F.silu(up.float()) * gate.float()) > 10 * TOLERANCE[dtype]  # halves swapped
+    assert relative_error(out, act(up.float()) * gate.float()) > 10 * TOLERANCE[dtype]  # halves swapped
+    other = F.gelu if activation == "silu" else F.silu  # the other activation misses the bound
+    assert relative_error(out, other(gate.float()) * up.float()) > 2 * TOLERANCE[dtype]
 
 
 def test_skinny_linear_refuses_bad_shapes() -> None:

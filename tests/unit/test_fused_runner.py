@@ -43,7 +43,7 @@ def fused_runner(loaded: LoadedModel) -> ModelRunner:
     vector = next(c for c in triton_fused.SKINNY_CANDIDATES if c.vector)
     skinny = {(w.shape[0], w.shape[1], rows): vector if rows == 1 else triton_fused.SKINNY_CANDIDATES[rows % 2]
               for _, w, _, _ in runner._matmuls(0) for rows in range(1, 17)}
-    runner.ops.plan = KernelPlan(fused_norm=True, fused_rope=True, fused_silu=True, linear=skinny,
+    runner.ops.plan = KernelPlan(fused_norm=True, fused_rope=True, fused_act=True, linear=skinny,
                                  unified={16: triton_unified.CANDIDATES[0], 32: triton_unified.CANDIDATES[2]})
     return runner
 
@@ -63,7 +63,7 @@ def test_fused_plan_matches_transformers(tiny: LoadedModel, through_graph_buffer
                                          monkeypatch: pytest.MonkeyPatch) -> None:
     runner = fused_runner(tiny)
     calls: collections.Counter = collections.Counter()
-    for name in ("add_norm", "rope_write_kv", "silu_mul", "skinny_linear"):
+    for name in ("add_norm", "rope_write_kv", "act_mul", "skinny_linear"):
         monkeypatch.setattr(triton_fused, name, counting(calls, name, getattr(triton_fused, name)))
     backend = runner.attention_backend
     runner.attention_backend = dataclasses.replace(
@@ -85,7 +85,7 @@ def test_fused_plan_matches_transformers(tiny: LoadedModel, through_graph_buffer
             cached[name] += n
             got[name].append((cached[name] - 1, logits[row]))
     expected = {"add_norm", "skinny_linear", "decode_attention", "unified_attention"}
-    expected |= {"rope_write_kv", "silu_mul"} if tiny.family == "llama" else {"write_kv"}
+    expected |= {"rope_write_kv", "act_mul"} if tiny.family == "llama" else {"write_kv"}
     assert expected <= set(calls), f"kernels never called: {expected - set(calls)}"
     for name, ids in tokens.items():
         reference = hf_logits(tiny, ids)

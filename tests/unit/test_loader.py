@@ -81,7 +81,8 @@ def test_directory_without_config_or_weights(tmp_path: Path) -> None:
 def test_unsupported_architecture(tmp_path: Path) -> None:
     GPT2Config().save_pretrained(tmp_path)
     (tmp_path / "model.safetensors").write_bytes(b"")  # never read: the config is refused first
-    with pytest.raises(ValueError, match="unsupported model_type 'gpt2'; supported: llama, opt"):
+    with pytest.raises(ValueError, match="unsupported model_type 'gpt2'; supported: gemma2, gemma3_text, llama, "
+                                         "mistral, mixtral, opt, phi3, qwen2, qwen3, qwen3_moe"):
         load_model(str(tmp_path))
 
 

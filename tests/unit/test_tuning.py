@@ -42,7 +42,7 @@ def test_planner_runs_every_decision_and_the_plan_computes_the_same(tiny: Loaded
     assert any(line.startswith("add_norm") for line in plan.report)
     assert any(line.startswith("matmul qkv") for line in plan.report)
     assert (tiny.family == "llama") == any(line.startswith("rope_write_kv") for line in plan.report)
-    assert (tiny.family == "llama") == any(line.startswith("silu_mul") for line in plan.report)
+    assert (tiny.family == "llama") == any(line.startswith("act_mul") for line in plan.report)
     assert not runner.kv_cache.key_cache.any()  # the planner's random K/V are gone again
 
     runner.ops.plan = plan

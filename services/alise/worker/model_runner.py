@@ -1,24 +1,26 @@
-"""The forward pass of OPT and Llama over the paged KV cache, for a whole batch in one go.
+"""The forward pass of every served family over the paged KV cache, for a whole batch in one go.
 
 A step is a list of :class:`SeqChunk` (prefill chunks and single decode tokens, freely mixed).
 Their tokens are flattened into one ``[T, hidden]`` batch, so every linear layer runs once over all
-of them; only attention splits by sequence (see :mod:`alise.worker.attention`). The layers reuse
-the Hugging Face module's parameters in place (``model.model.layers[i].self_attn.q_proj`` and so
-on): nothing is copied, and a checkpoint loads the usual way.
+of them; only attention splits by sequence (see :mod:`alise.worker.attention`). What the layers
+compute is the model's :class:`DecoderSpec` (:mod:`alise.worker.families`), run by the one decoder
+forward of :mod:`alise.worker.decoder` (OPT keeps its own); the layers reuse the Hugging Face
+module's parameters in place: nothing is copied, and a checkpoint loads the usual way.
 
 Invariant kept across steps: after ``execute``, the K/V of every fed token sits in its sequence's
 pages, so the next chunk of that sequence starts at ``start_pos + len(token_ids)``. The engine owns
 block tables and positions; the runner trusts nothing and validates both.
 
-Fast path on CUDA: Q/K/V (and Llama's gate/up) projections run as one fused matmul each (the HF
+Fast path on CUDA: Q/K/V (and the gate/up) projections run as one fused matmul each (the HF
 modules' weights become views into the fused tensor, so the HF model still works and shares
 them), attention uses the Triton backend, and the layer ops follow a :class:`KernelPlan` chosen at
 start-up (:mod:`alise.worker.tuning`: residual add fused with the next norm, rotary fused with the
 page write, the matmul backend per shape, the decode kernel's split-K, the unified attention
 kernel for every step that is not all decodes). Pure-decode steps replay CUDA graphs captured per
 batch-size bucket and mixed steps (chunks at any position beside decodes) graphs per token and
-sequence bucket (:mod:`alise.worker.cuda_graphs`); longer steps run eagerly. On the CPU the same
-code runs with the torch reference backend, the default plan and no graphs.
+sequence bucket (:mod:`alise.worker.cuda_graphs`); longer steps run eagerly, and so does every
+step of a model with routed experts (their grouping reads counts back to the host). On the CPU
+the same code runs with the torch reference backend, the default plan and no graphs.
 """
 
 from __future__ import annotations
@@ -39,17 +41,14 @@ from alise.worker.attention import (
     paged_attention,
 )
 from alise.worker.cuda_graphs import DecodeGraphs, MixedGraphs
+from alise.worker.decoder import DecoderPass, bind, rope_tables
+from alise.worker.fused_weights import fuse_linears  # noqa: F401  (re-exported for the tests)
 from alise.worker.kernel_plan import KernelPlan, LayerOps
-from alise.worker.fused_weights import fuse_linears
 from alise.worker.kv_cache import KVCache
 from alise.worker.loader import LoadedModel
+from alise.worker.families import describe
 
 logger = logging.getLogger(__name__)
-
-#: OPT's learned position table reserves its first two rows (a fairseq legacy).
-OPT_POSITION_OFFSET = 2
-
-_STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
 
 @dataclass(frozen=True)
@@ -93,7 +92,7 @@ class RunnerBase:
         return self.loaded.max_model_len
 
 
-class ModelRunner(RunnerBase):
+class ModelRunner(RunnerBase, DecoderPass):
     """Runs a :class:`LoadedModel` over a :class:`KVCache` of ``num_blocks`` blocks of ``block_size``."""
 
     def __init__(self, loaded: LoadedModel, *, num_blocks: int, block_size: int,
@@ -112,10 +111,11 @@ class ModelRunner(RunnerBase):
         self.model = loaded.model
         self.config = loaded.config
         self.device = loaded.device
+        #: What the forward computes (alise.worker.families); refuses what it cannot compute exactly.
+        self.spec = describe(loaded.config, loaded.max_model_len)
         self.kv_cache = KVCache.from_config(loaded.config, num_blocks=num_blocks, block_size=block_size,
                                             dtype=loaded.dtype, device=loaded.device)
         self._head_dim = self.kv_cache.shape.head_dim
-        self._scale = self._head_dim ** -0.5
         if max_num_seqs < 1 or max_num_tokens < 0 or max_num_tokens == 1:
             raise ValueError(f"max_num_seqs must be >= 1 and max_num_tokens 0 or >= 2, got {max_num_seqs} "
                              f"and {max_num_tokens}")
@@ -134,21 +134,11 @@ class ModelRunner(RunnerBase):
             # flash and memory-efficient kernels do not. A worker-wide setting, as the runner
             # owns the process's GPU work.
             torch.backends.cuda.enable_cudnn_sdp(False)
-        if loaded.family == "opt":
-            self._forward = self._forward_opt
-            layers = self.model.model.decoder.layers
-            self._relu = self.config.activation_function == "relu"
-        elif loaded.family == "llama":
-            self._forward = self._forward_llama
-            self._rope_cos, self._rope_sin = self._rope_tables()
-            layers = self.model.model.layers
-            self._gate_up = [fuse_linears([layer.mlp.gate_proj, layer.mlp.up_proj]) for layer in layers]
-        else:
-            raise ValueError(f"no forward pass for model family {loaded.family!r}")
-        self._layers = layers
-        self._qkv = [fuse_linears([layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj])
-                     for layer in layers]
-        self.ops = LayerOps()
+        self._body, self._weights = bind(self.model, self.spec)
+        self._qkv = [w.qkv for w in self._weights]
+        self._rope = rope_tables(self._body, self.spec, self.max_model_len, self.device, loaded.dtype)
+        self._forward = self._forward_opt if self.spec.family == "opt" else self._forward_decoder
+        self.ops = LayerOps(norm_kind=self.spec.norm, activation=self.spec.activation)
         if fast_kernels is None:
             fast_kernels = self.attention_backend.name == "triton"
         loaded_plan = False
@@ -159,24 +149,34 @@ class ModelRunner(RunnerBase):
             loaded_plan = cached is not None
             self.ops.plan = cached or plan_kernels(self)
         if use_cuda_graphs is None:
-            use_cuda_graphs = self.attention_backend.name == "triton"
+            use_cuda_graphs = self.attention_backend.name == "triton" and not self.spec.has_moe
+            if self.spec.has_moe and self.attention_backend.name == "triton":
+                logger.info("%s routes tokens to experts (host read-back per layer): steps run eagerly, "
+                            "no CUDA graphs", loaded.name)
         self.decode_graphs = None
         self.mixed_graphs = None
         if use_cuda_graphs:
-            if self.attention_backend.name != "triton":
-                raise ValueError("CUDA graphs need the triton attention backend (its kernels never sync the host)")
-            self.decode_graphs = self.make_decode_graphs(max_num_seqs)
-            pool = self.decode_graphs.capture()
-            if self.ops.plan.unified and max_num_tokens:
-                self._capture_mixed_graphs(pool, measure=fast_kernels and not loaded_plan)
-                if loaded_plan and self.mixed_graphs is not None:
-                    self.mixed_graphs.drop_tokens(list(self.plan.mixed_graph_tokens))
-                    if not self.plan.mixed_graph_tokens:
-                        self.mixed_graphs = None
+            self._capture_graphs(measure=fast_kernels and not loaded_plan, loaded_plan=loaded_plan)
         if fast_kernels and plan_file and not loaded_plan:
             from alise.worker.kernel_plan import plan_to_json
 
             Path(plan_file).write_text(plan_to_json(self.plan, self._plan_key(max_num_seqs)), encoding="utf-8")
+
+    def _capture_graphs(self, *, measure: bool, loaded_plan: bool) -> None:
+        """Decode graphs, then mixed-step graphs where the plan has the unified kernel."""
+        if self.attention_backend.name != "triton":
+            raise ValueError("CUDA graphs need the triton attention backend (its kernels never sync the host)")
+        if self.spec.has_moe:
+            raise ValueError(f"CUDA graphs cannot capture {self.loaded.name}'s routed experts (they read expert "
+                             f"counts back to the host); run it without graphs")
+        self.decode_graphs = self.make_decode_graphs(self.max_num_seqs)
+        pool = self.decode_graphs.capture()
+        if self.ops.plan.unified and self.max_num_tokens:
+            self._capture_mixed_graphs(pool, measure=measure)
+            if loaded_plan and self.mixed_graphs is not None:
+                self.mixed_graphs.drop_tokens(list(self.plan.mixed_graph_tokens))
+                if not self.plan.mixed_graph_tokens:
+                    self.mixed_graphs = None
 
     def _plan_key(self, max_num_seqs: int) -> dict:
         """What a kept kernel plan must have been made for."""
@@ -184,7 +184,8 @@ class ModelRunner(RunnerBase):
 
         c = self.config
         return dict(device=torch.cuda.get_device_name(self.device), torch=torch.__version__,
-                    triton=triton.__version__, dtype=str(self.loaded.dtype), family=self.loaded.family,
+                    triton=triton.__version__, dtype=str(self.loaded.dtype), family=self.spec.family,
+                    norm=self.spec.norm, activation=self.spec.activation,
                     hidden=c.hidden_size, layers=c.num_hidden_layers, heads=c.num_attention_heads,
                     head_dim=self._head_dim, kv_heads=self.kv_cache.shape.num_kv_heads,
                     max_num_seqs=max_num_seqs, max_num_tokens=self.max_num_tokens, block_size=self.block_size)
@@ -291,125 +292,6 @@ class ModelRunner(RunnerBase):
             if min(chunk.token_ids) < 0 or max(chunk.token_ids) >= self.vocab_size:
                 raise ValueError(f"chunk {i}: token ids must be in [0, {self.vocab_size}), "
                                  f"got {min(chunk.token_ids)}..{max(chunk.token_ids)}")
-
-    def _forward_opt(self, input_ids: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        """Decoder layers of OPT (pre- or post-LN by ``do_layer_norm_before``), then its final
-        norm and ``project_out``; returns ``[T, hidden]``, ready for the LM head. Each residual add
-        runs fused with the norm that reads it (``LayerOps.add_norm``)."""
-        decoder = self.model.model.decoder
-        ops = self.ops
-        hidden = decoder.embed_tokens(input_ids)
-        if decoder.project_in is not None:
-            hidden = decoder.project_in(hidden)
-        hidden = hidden + decoder.embed_positions.weight[meta.positions + OPT_POSITION_OFFSET]
-        pre_norm = self.config.do_layer_norm_before
-        layers = decoder.layers
-        x = ops.add_norm(hidden, None, layers[0].self_attn_layer_norm)[1] if pre_norm else hidden
-        for layer_idx, layer in enumerate(layers):
-            attn = layer.self_attn
-            out = ops.linear(self._attend(layer_idx, x, meta), attn.out_proj.weight, attn.out_proj.bias)
-            if pre_norm:
-                hidden, x = ops.add_norm(hidden, out, layer.final_layer_norm)
-            else:
-                hidden = x = ops.add_norm(hidden, out, layer.self_attn_layer_norm)[1]
-            up = ops.linear(x, layer.fc1.weight, layer.fc1.bias, relu=self._relu)
-            if not self._relu:
-                up = layer.activation_fn(up)
-            down = ops.linear(up, layer.fc2.weight, layer.fc2.bias)
-            if not pre_norm:
-                hidden = x = ops.add_norm(hidden, down, layer.final_layer_norm)[1]
-                continue
-            nxt = layers[layer_idx + 1].self_attn_layer_norm if layer_idx + 1 < len(layers) else decoder.final_layer_norm
-            if nxt is None:  # no final norm (_remove_final_layer_norm)
-                hidden = x = hidden + down
-            else:
-                hidden, x = ops.add_norm(hidden, down, nxt)
-        if decoder.project_out is not None:
-            x = decoder.project_out(x)
-        return x
-
-    def _forward_llama(self, input_ids: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        """Decoder layers of Llama (RMSNorm, rotary positions, GQA, gated SiLU MLP), then the final
-        norm; returns ``[T, hidden]``, ready for the LM head."""
-        body = self.model.model
-        ops = self.ops
-        hidden = body.embed_tokens(input_ids)
-        rope = (self._rope_cos[meta.positions], self._rope_sin[meta.positions])  # [T, head_dim] each
-        layers = body.layers
-        x = ops.add_norm(hidden, None, layers[0].input_layernorm)[1]
-        for layer_idx, layer in enumerate(layers):
-            o_proj = layer.self_attn.o_proj
-            out = ops.linear(self._attend(layer_idx, x, meta, rope=rope), o_proj.weight, o_proj.bias)
-            hidden, x = ops.add_norm(hidden, out, layer.post_attention_layernorm)
-            gated = ops.gated(ops.linear(x, *self._gate_up[layer_idx]), layer.mlp.act_fn)
-            down = ops.linear(gated, layer.mlp.down_proj.weight, layer.mlp.down_proj.bias)
-            nxt = layers[layer_idx + 1].input_layernorm if layer_idx + 1 < len(layers) else body.norm
-            hidden, x = ops.add_norm(hidden, down, nxt)
-        return x
-
-    def _attend(self, layer_idx: int, x: torch.Tensor, meta: AttentionMetadata,
-                rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-        """Project ``x [T, hidden]`` to Q/K/V (one fused matmul), apply rotary positions if given,
-        attend over the pages. Returns ``[T, num_heads * head_dim]``, ready for the output projection.
-        """
-        num_tokens = x.shape[0]
-        qkv = self.ops.linear(x, *self._qkv[layer_idx]).view(num_tokens, -1, self._head_dim)
-        num_kv_heads = self.kv_cache.shape.num_kv_heads
-        num_heads = qkv.shape[1] - 2 * num_kv_heads
-        query, key, value = qkv.split([num_heads, num_kv_heads, num_kv_heads], dim=1)
-        key_cache, value_cache = self.kv_cache.layer(layer_idx)
-        written = rope is not None
-        if written:
-            query, key = self.ops.rope(query, key, value, *rope, key_cache, value_cache, meta.slot_mapping,
-                                       self.attention_backend.write_kv,
-                                       keys_from_pages=meta.is_all_decode or meta.unified is not None)
-        out = paged_attention(query, key, value, key_cache, value_cache, meta, self._scale,
-                              self.attention_backend, kv_written=written)
-        return out.reshape(num_tokens, -1)
-
-    def _matmuls(self, i: int) -> list[tuple[str, torch.Tensor, torch.Tensor | None, bool]]:
-        """``(name, weight, bias, relu)`` of each matmul of decoder layer ``i``, as the forward runs them."""
-        layer = self._layers[i]
-        qkv = ("qkv", *self._qkv[i], False)
-        if self.loaded.family == "opt":
-            return [qkv, ("out", layer.self_attn.out_proj.weight, layer.self_attn.out_proj.bias, False),
-                    ("fc1", layer.fc1.weight, layer.fc1.bias, self._relu), ("fc2", layer.fc2.weight, layer.fc2.bias, False)]
-        o_proj, down = layer.self_attn.o_proj, layer.mlp.down_proj
-        return [qkv, ("o", o_proj.weight, o_proj.bias, False), ("gate_up", *self._gate_up[i], False),
-                ("down", down.weight, down.bias, False)]
-
-    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """The LM head over rows of the final hidden states (``_forward``'s output); float32."""
-        return self.model.lm_head(hidden).float()
-
-    def _mixed_forward(self, input_ids: torch.Tensor, meta: AttentionMetadata, logit_rows: torch.Tensor,
-                       out: torch.Tensor) -> None:
-        """A mixed-step graph's body: the forward pass, then the LM head of ``logit_rows`` into
-        ``out`` (model dtype; the graphs' shared logits buffer)."""
-        hidden = self._forward(input_ids, meta).index_select(0, logit_rows)
-        head = self.model.lm_head
-        if head.bias is None:
-            torch.matmul(hidden, head.weight.t(), out=out)
-        else:
-            torch.addmm(head.bias, hidden, head.weight.t(), out=out)
-
-    def _rope_tables(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos/sin ``[max_model_len, head_dim]`` in the model dtype, from the HF module's frequencies.
-
-        Reading ``inv_freq`` and ``attention_scaling`` off the model's rotary module picks up
-        ``rope_theta`` and the static scalings (linear, llama3, yarn) exactly as transformers computes
-        them. Dynamic scalings depend on the batch's longest sequence, which a paged cache shared by
-        sequences of different lengths cannot honour, so they are refused.
-        """
-        rotary = self.model.model.rotary_emb
-        if rotary.rope_type not in _STATIC_ROPE_TYPES:
-            raise ValueError(f"rope type {rotary.rope_type!r} is not supported; supported: {_STATIC_ROPE_TYPES}")
-        positions = torch.arange(self.max_model_len, dtype=torch.float32, device=self.device)
-        freqs = torch.outer(positions, rotary.inv_freq.to(device=self.device, dtype=torch.float32))
-        angles = torch.cat((freqs, freqs), dim=-1)
-        scaling = rotary.attention_scaling
-        dtype = self.loaded.dtype
-        return (angles.cos() * scaling).to(dtype), (angles.sin() * scaling).to(dtype)
 
 
 def _pick_backend(name: str, device: torch.device) -> AttentionBackend:

@@ -6,13 +6,14 @@ every kernel is tiny and launch-bound even inside a CUDA graph):
 
 - :func:`add_norm` -- ``hidden + delta`` (stored: the next residual) and its LayerNorm or
   RMSNorm, one pass over each row. Rounding follows transformers: the sum is rounded to the model
-  dtype before the norm reads it; statistics in float32; RMSNorm casts to the dtype before the
-  weight multiplies, as ``LlamaRMSNorm`` does.
+  dtype before the norm reads it; statistics in float32; Llama's RMSNorm casts to the dtype
+  before the weight multiplies, Gemma's (``rms_unit_offset``) multiplies by ``1 + weight`` in
+  float32 and rounds once.
 - :func:`rope_write_kv` -- rotary positions (rotate-half form) on the query and key heads of one
   token, the rotated query to a new tensor and the rotated key plus the value straight into the
   token's page slot (a negative slot writes nowhere, like ``write_kv``).
-- :func:`silu_mul` -- Llama's gated activation ``silu(gate) * up`` of the fused gate/up output,
-  one pass instead of two kernels and a temporary.
+- :func:`act_mul` -- the gated activation ``act(gate) * up`` (SiLU, or Gemma's GELU-tanh) of
+  the fused gate/up output, one pass instead of two kernels and a temporary.
 - :func:`skinny_linear` -- ``x @ weight.T (+ bias) (ReLU)`` for few rows: a program per
   ``BLOCK_N`` output features streams its weight rows once, so a decode step reads each weight
   byte once, with the bias and activation in the epilogue. Whether it beats
@@ -34,6 +35,8 @@ try:
 except ImportError:  # the CPU image has no Triton; torch ops serve there
     triton = None
     tl = None
+if triton is not None:
+    from alise.worker.triton_unified import tanh
 
 #: Under the Triton interpreter (tests on the CPU) a bf16 ``tl.dot`` computes garbage (Triton
 #: 3.6), so the matmul upcasts its operands to float32 there.
@@ -72,7 +75,8 @@ if triton is not None:
     @triton.jit
     def _add_norm_kernel(x_ptr, delta_ptr, weight_ptr, bias_ptr, sum_ptr, out_ptr, eps, n_cols,
                          stride_x, stride_d, stride_s, stride_o,
-                         HAS_DELTA: tl.constexpr, HAS_BIAS: tl.constexpr, RMS: tl.constexpr, BLOCK: tl.constexpr):
+                         HAS_DELTA: tl.constexpr, HAS_BIAS: tl.constexpr, RMS: tl.constexpr,
+                         UNIT_OFFSET: tl.constexpr, BLOCK: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK)
         mask = cols < n_cols
@@ -85,8 +89,10 @@ if triton is not None:
         w = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
         if RMS:
             var = tl.sum(h * h, axis=0) / n_cols
-            # Rounded to the dtype before the weight multiplies, as LlamaRMSNorm does.
-            y = w * (h * tl.rsqrt(var + eps)).to(out_ptr.dtype.element_ty).to(tl.float32)
+            if UNIT_OFFSET:  # Gemma: (1 + weight) in float32, one rounding at the end
+                y = h * tl.rsqrt(var + eps) * (1.0 + w)
+            else:  # rounded to the dtype before the weight multiplies, as LlamaRMSNorm does
+                y = w * (h * tl.rsqrt(var + eps)).to(out_ptr.dtype.element_ty).to(tl.float32)
         else:
             mean = tl.sum(h, axis=0) / n_cols
             centered = tl.where(mask, h - mean, 0.0)
@@ -141,14 +147,18 @@ if triton is not None:
             tl.store(vdst + HALF, tl.load(vsrc + HALF, mask=kv_mask), mask=kv_mask)
 
     @triton.jit
-    def _silu_mul_kernel(x_ptr, out_ptr, n_cols, stride_x, stride_o, BLOCK: tl.constexpr):
+    def _act_mul_kernel(x_ptr, out_ptr, n_cols, stride_x, stride_o, GELU_TANH: tl.constexpr, BLOCK: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         mask = cols < n_cols
         gate = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
         up = tl.load(x_ptr + row * stride_x + n_cols + cols, mask=mask, other=0.0).to(tl.float32)
         ty = out_ptr.dtype.element_ty
-        act = (gate / (1.0 + tl.exp(-gate))).to(ty).to(tl.float32)  # rounded as F.silu's output is
+        if GELU_TANH:
+            act = 0.5 * gate * (1.0 + tanh(0.7978845608028654 * (gate + 0.044715 * gate * gate * gate)))
+        else:
+            act = gate / (1.0 + tl.exp(-gate))
+        act = act.to(ty).to(tl.float32)  # rounded as the torch activation's output is
         tl.store(out_ptr + row * stride_o + cols, (act * up).to(ty), mask=mask)
 
     @triton.jit
@@ -189,10 +199,16 @@ if triton is not None:
                  mask=m_mask[:, None] & n_mask[None, :])
 
 
+NORM_KINDS = ("layer", "rms", "rms_unit_offset")
+
+
 def add_norm(hidden: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, bias: torch.Tensor | None,
-             eps: float, *, rms: bool) -> tuple[torch.Tensor, torch.Tensor]:
+             eps: float, *, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
     """``(s, norm(s))`` with ``s = hidden + delta`` (``s = hidden`` when ``delta`` is None), rows of
-    ``[T, hidden_size]``; LayerNorm with ``weight`` and ``bias``, or RMSNorm (``rms=True``)."""
+    ``[T, hidden_size]``; ``kind``: "layer" (LayerNorm with ``weight`` and ``bias``), "rms"
+    (Llama's RMSNorm) or "rms_unit_offset" (Gemma's)."""
+    if kind not in NORM_KINDS:
+        raise ValueError(f"kind must be one of {NORM_KINDS}, got {kind!r}")
     num_rows, n_cols = hidden.shape
     if hidden.stride(-1) != 1 or (delta is not None and delta.stride(-1) != 1):
         raise ValueError("add_norm needs rows with unit stride")
@@ -204,7 +220,8 @@ def add_norm(hidden: torch.Tensor, delta: torch.Tensor | None, weight: torch.Ten
     _add_norm_kernel[(num_rows,)](
         hidden, delta if delta is not None else hidden, weight, bias if bias is not None else weight, total, out,
         eps, n_cols, hidden.stride(0), delta.stride(0) if delta is not None else 0, total.stride(0), out.stride(0),
-        HAS_DELTA=delta is not None, HAS_BIAS=bias is not None, RMS=rms, BLOCK=block,
+        HAS_DELTA=delta is not None, HAS_BIAS=bias is not None, RMS=kind != "layer",
+        UNIT_OFFSET=kind == "rms_unit_offset", BLOCK=block,
         num_warps=max(1, min(16, block // 512)),
     )
     return total, out
@@ -237,17 +254,20 @@ def rope_write_kv(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, c
     return out
 
 
-def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
-    """``silu(gate) * up`` for ``gate_up [T, 2 * I]`` (gate first, as the fused projection lays
-    them out); returns ``[T, I]``."""
+def act_mul(gate_up: torch.Tensor, activation: str = "silu") -> torch.Tensor:
+    """``act(gate) * up`` for ``gate_up [T, 2 * I]`` (gate first, as the fused projection lays
+    them out), ``activation`` "silu" or "gelu_tanh"; returns ``[T, I]``."""
     num_rows, width = gate_up.shape
     if width % 2 or gate_up.stride(-1) != 1:
-        raise ValueError(f"silu_mul needs [T, 2 * I] rows with unit stride, got {tuple(gate_up.shape)}")
+        raise ValueError(f"act_mul needs [T, 2 * I] rows with unit stride, got {tuple(gate_up.shape)}")
+    if activation not in ("silu", "gelu_tanh"):
+        raise ValueError(f"activation must be 'silu' or 'gelu_tanh', got {activation!r}")
     out = torch.empty(num_rows, width // 2, dtype=gate_up.dtype, device=gate_up.device)
     if num_rows:
         block = 1024
-        _silu_mul_kernel[(num_rows, triton.cdiv(width // 2, block))](
-            gate_up, out, width // 2, gate_up.stride(0), out.stride(0), BLOCK=block, num_warps=4)
+        _act_mul_kernel[(num_rows, triton.cdiv(width // 2, block))](
+            gate_up, out, width // 2, gate_up.stride(0), out.stride(0), GELU_TANH=activation == "gelu_tanh",
+            BLOCK=block, num_warps=4)
     return out
 
 

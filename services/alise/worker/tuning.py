@@ -26,7 +26,14 @@ import torch.nn.functional as F
 
 from alise.worker import attention as ref
 from alise.worker.cuda_graphs import decode_buckets, token_buckets
-from alise.worker.kernel_plan import KernelPlan, blas_library, norm_params, rotate_half, torch_linear
+from alise.worker.kernel_plan import (
+    FUSED_ACTIVATIONS,
+    KernelPlan,
+    blas_library,
+    norm_params,
+    rotate_half,
+    torch_linear,
+)
 from alise.worker.timing import fmt_us, graph_time_s, median_wall_s, rel_error
 
 logger = logging.getLogger(__name__)
@@ -51,7 +58,7 @@ class Planner:
         self.tol = TOLERANCE[self.dtype]
         shape = runner.kv_cache.shape
         self.num_kv_heads, self.head_dim = shape.num_kv_heads, shape.head_dim
-        self.num_heads = runner.config.num_attention_heads
+        self.num_heads = runner.spec.num_heads
         self.context = min(CONTEXT, runner.max_model_len - 1)
 
     def note(self, line: str) -> None:
@@ -73,63 +80,63 @@ class Planner:
     def pick_norm(self) -> None:
         from alise.worker.triton_fused import add_norm
 
-        layer = self.runner._layers[0]
-        norm = layer.input_layernorm if self.runner.loaded.family == "llama" else layer.self_attn_layer_norm
-        weight, bias, eps, rms = norm_params(norm)
+        norm = self.runner._weights[0].input_norm
+        kind = self.runner.spec.norm
+        weight, bias, eps = norm_params(norm)
         if weight is None:
             self.note("add_norm: the norm has no weight; torch")
             return
         x, d = self.randn(64, weight.shape[0]), self.randn(64, weight.shape[0])
-        total, out = add_norm(x, d, weight, bias, eps, rms=rms)
+        total, out = add_norm(x, d, weight, bias, eps, kind=kind)
         expect = x + d
-        h = expect.float()
-        if rms:
-            normed = (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)).to(self.dtype).float()
-            expect_out = weight.float() * normed
-        else:
-            expect_out = F.layer_norm(h, h.shape[-1:], weight.float(), bias.float() if bias is not None else None, eps)
-        err = max(rel_error(total, expect), rel_error(out, expect_out))
+        err = max(rel_error(total, expect), rel_error(out, reference_norm(expect, weight, bias, eps, kind)))
         if err > self.tol:
-            self.note(f"add_norm: rel err {err:.1e} > {self.tol:.0e}; left out")
+            self.note(f"add_norm ({kind}): rel err {err:.1e} > {self.tol:.0e}; left out")
             return
         rows = [1, 64]
-        fused = [self.time(lambda r=r: add_norm(x[:r], d[:r], weight, bias, eps, rms=rms)) for r in rows]
+        fused = [self.time(lambda r=r: add_norm(x[:r], d[:r], weight, bias, eps, kind=kind)) for r in rows]
         plain = [self.time(lambda r=r: norm(x[:r] + d[:r])) for r in rows]
         self.plan.fused_norm = all(f < p for f, p in zip(fused, plain))
-        self.note(f"add_norm (rel err {err:.1e}): rows {rows}: fused {fmt_us(fused)} vs torch {fmt_us(plain)} "
+        self.note(f"add_norm ({kind}, rel err {err:.1e}): rows {rows}: fused {fmt_us(fused)} vs torch {fmt_us(plain)} "
                   f"-> {'fused' if self.plan.fused_norm else 'torch'}")
 
-    def pick_silu(self) -> None:
-        from alise.worker.triton_fused import silu_mul
+    def pick_act(self) -> None:
+        from alise.worker.triton_fused import act_mul
 
         runner = self.runner
-        if runner.loaded.family != "llama" or runner.config.hidden_act != "silu":
+        activation = FUSED_ACTIVATIONS.get(runner.spec.activation)
+        dense = next((w for w in runner._weights if w.gate_up is not None), None)
+        if activation is None or dense is None:
             return
-        width = runner._gate_up[0][0].shape[0]
+        width = dense.gate_up[0].shape[0]
         x = self.randn(64, width)
         gate, up = x.float().chunk(2, dim=-1)
-        expect = F.silu(gate).to(self.dtype).float() * up
-        err = rel_error(silu_mul(x), expect)
+        torch_act = F.silu if activation == "silu" else lambda g: F.gelu(g, approximate="tanh")
+        expect = torch_act(gate).to(self.dtype).float() * up
+        err = rel_error(act_mul(x, activation), expect)
         if err > self.tol:
-            self.note(f"silu_mul: rel err {err:.1e} > {self.tol:.0e}; left out")
+            self.note(f"act_mul ({activation}): rel err {err:.1e} > {self.tol:.0e}; left out")
             return
-        act = runner._layers[0].mlp.act_fn
         rows = [1, 64]
-        fused = [self.time(lambda r=r: silu_mul(x[:r])) for r in rows]
-        plain = [self.time(lambda r=r: act(x[:r, :width // 2]) * x[:r, width // 2:]) for r in rows]
-        self.plan.fused_silu = all(f < p for f, p in zip(fused, plain))
-        self.note(f"silu_mul (rel err {err:.1e}): rows {rows}: fused {fmt_us(fused)} vs torch {fmt_us(plain)} "
-                  f"-> {'fused' if self.plan.fused_silu else 'torch'}")
+        fused = [self.time(lambda r=r: act_mul(x[:r], activation)) for r in rows]
+        plain = [self.time(lambda r=r: dense.act(x[:r, :width // 2]) * x[:r, width // 2:]) for r in rows]
+        self.plan.fused_act = all(f < p for f, p in zip(fused, plain))
+        self.note(f"act_mul ({activation}, rel err {err:.1e}): rows {rows}: fused {fmt_us(fused)} vs torch "
+                  f"{fmt_us(plain)} -> {'fused' if self.plan.fused_act else 'torch'}")
 
     def pick_rope(self) -> None:
         from alise.worker.triton_fused import rope_write_kv
 
-        if self.runner.loaded.family != "llama":
+        tables = list(self.runner._rope.values())
+        if not tables:
             return
         t, h, kvh, dim = 64, self.num_heads, self.num_kv_heads, self.head_dim
+        if tables[0][0].shape[-1] != dim:
+            self.note(f"rope_write_kv: partial rotary ({tables[0][0].shape[-1]} of {dim} dims); torch")
+            return
         qkv = self.randn(t, h + 2 * kvh, dim)
         q, k, v = qkv.split([h, kvh, kvh], dim=1)
-        cos, sin = self.runner._rope_cos[:t], self.runner._rope_sin[:t]
+        cos, sin = tables[0][0][:t], tables[0][1][:t]
         caches = [torch.zeros(-(-t // 16), 16, kvh, dim, device=self.device, dtype=self.dtype) for _ in range(4)]
         slots = torch.randperm(caches[0].shape[0] * 16, device=self.device)[:t]
         q_out = rope_write_kv(q, k, v, cos, sin, caches[0], caches[1], slots)
@@ -194,20 +201,26 @@ class Planner:
 
         group = self.num_heads // self.num_kv_heads
         check = self.step_tensors([(37, 1), (0, 70), (max(0, self.context - 40), 40), (3, 1)], own_pages=True)
-        expect = ref.unified_attention(check["query"].float(), check["key_cache"].float(),
-                                       check["value_cache"].float(), check["block_tables"], check["seq_lens"],
-                                       check["query_start"], check["scale"])
+        # The model's own attention variants: plain, and windowed where a layer has a window.
+        spec = self.runner.spec
+        windows = sorted({w for w in spec.windows if w is not None})
+        variants = [dict(window=w, softcap=spec.attn_softcap) for w in [None] + windows[:1]]
+        expects = [ref.unified_attention(check["query"].float(), check["key_cache"].float(),
+                                         check["value_cache"].float(), check["block_tables"], check["seq_lens"],
+                                         check["query_start"], check["scale"], **v) for v in variants]
         passing = []
         for config in triton_unified.CANDIDATES:
             if config.block_m < group:
                 continue
-            out = torch.full_like(check["query"], float("nan"))
-            done = self.attempt(f"unified {config}", lambda c=config: triton_unified.unified_attention(
-                **check, config=c, out=out))
-            err = rel_error(out, expect) if done is not None else float("inf")
+            err = 0.0
+            for variant, expect in zip(variants, expects):
+                out = torch.full_like(check["query"], float("nan"))
+                done = self.attempt(f"unified {config}", lambda c=config, v=variant: triton_unified.unified_attention(
+                    **check, config=c, out=out, **v))
+                err = max(err, rel_error(out, expect) if done is not None else float("inf"))
             if err <= self.tol:
                 passing.append(config)
-            elif done is not None:
+            elif err < float("inf"):
                 self.note(f"unified {config}: rel err {err:.1e} > {self.tol:.0e}; left out")
         if not passing:
             self.note("unified kernel: no configuration passed its check; prefill attention stays per chunk")
@@ -343,6 +356,18 @@ class Planner:
         return ok
 
 
+def reference_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float,
+                   kind: str) -> torch.Tensor:
+    """The norm of ``x``'s rows in float32, rounded where transformers' module rounds."""
+    h = x.float()
+    if kind == "layer":
+        return F.layer_norm(h, h.shape[-1:], weight.float(), bias.float() if bias is not None else None, eps)
+    normed = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    if kind == "rms_unit_offset":
+        return normed * (1.0 + weight.float())
+    return weight.float() * normed.to(x.dtype).float()
+
+
 def _label(choice) -> str:
     return choice if isinstance(choice, str) else (f"triton skinny block_n={choice.block_n} block_k={choice.block_k} "
                                                    f"warps={choice.num_warps} stages={choice.num_stages}")
@@ -363,7 +388,7 @@ def plan_kernels(runner, timer: Callable[[Callable[[], object]], float] | None =
     cache.value_cache[0].normal_()
     try:
         with torch.inference_mode():
-            for step in (planner.pick_norm, planner.pick_silu, planner.pick_unified, planner.pick_rope,
+            for step in (planner.pick_norm, planner.pick_act, planner.pick_unified, planner.pick_rope,
                          planner.pick_decode_splits, planner.pick_fused_merge, planner.pick_linears):
                 planner.attempt(step.__name__, step)
     finally:
