@@ -108,8 +108,8 @@ def hold_port(port: int) -> socket.socket:
 
 @pytest.fixture(scope="module")
 def up(tmp_path_factory, tiny_llama_dir):
-    cluster = Up(tmp_path_factory.mktemp("up"), str(tiny_llama_dir), "--workers", "2", "--max-restarts", "2",
-                 *SMALL_WORKERS)
+    cluster = Up(tmp_path_factory.mktemp("up"), str(tiny_llama_dir), "--workers", "2", "--crash-loop-after", "2",
+                 "--log-max-mb", "0.0005", "--log-backups", "2", *SMALL_WORKERS)
     try:
         cluster.wait_ready()
         yield cluster
@@ -250,19 +250,73 @@ def test_predictor_killed_is_restarted(up):
     assert up.proc.poll() is None
 
 
-def test_a_crash_loop_stops_the_cluster_with_exit_1(up):
-    """worker-0 is killed, then its health port taken: each restart dies at once. The second
-    failure in a row (--max-restarts 2) stops everything."""
+def test_a_hung_service_is_killed_and_restarted(up):
+    """SIGSTOP of the predictor and the HTTP door: each stops answering health checks while
+    its process lives; within --hang-timeout (3 s) and a probe it is killed and restarted."""
+    services = up.state()["services"]
+    stopped = {name: services[name]["pid"] for name in ("predictor", "http")}
+    start = time.monotonic()
+    for pid in stopped.values():
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        def killed() -> bool:
+            return all(not is_running(pid) for pid in stopped.values())
+        seconds = wait_until(killed, 30, "the stopped services killed", interval_s=0.1)
+    finally:
+        for pid in stopped.values():
+            if is_running(pid):
+                os.kill(pid, signal.SIGCONT)
+    print(f"stopped services killed {seconds:.1f} s after SIGSTOP")
+    assert seconds <= 3.0 + 1.0 + 2.0  # --hang-timeout, a probe interval, this busy machine's slack
+    for name in stopped:
+        assert re.search(rf"{name} \(pid \d+\) is hung: no answer on its health listener", up.stderr)
+
+    def back() -> bool:
+        now = up.state()["services"]
+        return all(now[n]["state"] == "serving" and now[n]["pid"] not in stopped.values() for n in stopped)
+    wait_until(back, 180, "predictor and HTTP door serving again")
+    last_exit = up.state()["services"]["predictor"]["last_exit"]
+    assert last_exit.startswith("killed: hung: no answer on its health listener"), last_exit
+    assert time.monotonic() - start < 180 and up.proc.poll() is None
+
+
+def test_logs_rotate_by_size(up):
+    """--log-max-mb 0.0005 (524 bytes), --log-backups 2: the services' output goes through the
+    rotation: no file past that size by more than one write, at most two kept."""
+    logs = up.state_dir / "logs"
+    wait_until(lambda: (logs / "predictor.log.1").exists(), 60, "the predictor's log rotated")
+    for name in up.state()["services"]:
+        files = sorted(p.name for p in logs.glob(f"{name}.log*"))
+        assert f"{name}.log.3" not in files, files
+        assert all((logs / f).stat().st_size <= 524 + 65536 for f in files)
+    assert "rotated at 524 bytes, 2 kept" in up.stderr
+
+
+def test_a_crash_loop_keeps_the_cluster_up(up):
+    """worker-0 is killed, then its health port taken: each restart dies at once (a one-line
+    refusal of the port). After two failures in a row (--crash-loop-after 2) it shows as
+    crash-looping with its restarts and last exit, the rest serves, and once the port is free
+    it serves again."""
     worker = up.state()["services"]["worker-0"]
-    pids = up.service_pids()
     os.kill(worker["pid"], signal.SIGKILL)
     sock = hold_port(int(worker["listen"]["health"].rsplit(":", 1)[1]))
     try:
-        assert up.wait_exit(240) == 1
+        wait_until(lambda: up.state()["services"]["worker-0"]["state"] == "crash-looping", 120, "crash-looping")
+        state = up.state()["services"]["worker-0"]
+        assert state["restarts"] >= 1 and state["last_exit"] == "exit code 1", state
+        text = subprocess.run([sys.executable, "-m", "alise.cli.main", "status", "--address", up.address,
+                               "--state-dir", str(up.state_dir)], capture_output=True, text=True, check=True).stdout
+        line = next(line for line in text.splitlines() if line.split()[:1] == ["worker-0"])
+        assert "crash-looping" in line and "last exit: exit code 1" in line, line
+        with Client(up.address) as client:
+            assert len(client.complete("worker-1 still serves", max_tokens=3, ignore_eos=True).token_ids) == 3
+        assert up.proc.poll() is None
+        assert "worker-0 is crash-looping: it died 2 times in a row" in up.stderr
+        assert "alise worker: port" in (up.state_dir / "logs" / "worker-0.log").read_text() + "".join(
+            p.read_text() for p in (up.state_dir / "logs").glob("worker-0.log.*"))
     finally:
         sock.close()
-    assert "worker-0 is in a crash loop" in up.stderr
-    wait_until(lambda: not any(is_running(p) for p in pids), 60, "every service stopped")
+    wait_until(lambda: up.state()["services"]["worker-0"]["state"] == "serving", 180, "worker-0 back")
 
 
 def _light_cluster(tmp: Path, model: str) -> Up:
@@ -287,7 +341,7 @@ def test_the_scheduler_dying_is_restarted_and_a_stream_carries_on(tmp_path, tiny
         assert sum(len(c.token_ids) for c in chunks) == 120
         assert [c.index for c in chunks] == [sum(len(c.token_ids) for c in chunks[:i]) for i in range(len(chunks))]
         assert cluster.proc.poll() is None and is_running(worker_pid)
-        assert re.search(r"scheduler exited with code -9 after [\d.]+ s; restarting it", cluster.stderr)
+        assert re.search(r"scheduler exited with code -9 after [\d.]+ s \(signal 9\); restarting it", cluster.stderr)
         assert "scheduler is serving again (restart 1)" in cluster.stderr
     finally:
         cluster.close()

@@ -90,13 +90,22 @@ def _local_cluster(state_dir: str, address: str) -> dict | None:
 
 
 def _print_local_cluster(cluster: dict) -> None:
-    print(f"local cluster: `alise up` pid {cluster['supervisor_pid']}, logs in {cluster.get('log_dir')}")
+    rotation = f" ({cluster['log_rotation']})" if cluster.get("log_rotation") else ""
+    print(f"local cluster: `alise up` pid {cluster['supervisor_pid']}, logs in {cluster.get('log_dir')}{rotation}")
+    if cluster.get("served_model_name"):
+        print(f"served model name: {cluster['served_model_name']}")
     for name, svc in cluster.get("services", {}).items():
         # The door's own address speaks HTTP; every other service's, gRPC.
         listen = "  ".join(f"{'http' if name == 'http' and kind == 'grpc' else kind} {addr}"
                            for kind, addr in svc.get("listen", {}).items())
         pid = svc.get("pid") or "-"
-        print(f"  {name:<12} {svc.get('state', '?'):<10} pid {pid:<8} {listen}  restarts {svc.get('restarts', 0)}")
+        last = f", last exit: {svc['last_exit']}" if svc.get("last_exit") else ""
+        print(f"  {name:<12} {svc.get('state', '?'):<13} pid {pid:<8} {listen}  restarts {svc.get('restarts', 0)}{last}")
+        if svc.get("log_lines_dropped"):
+            print(f"  {'':<12} log: {svc['log_lines_dropped']} lines dropped ({svc.get('log_error')})")
+    if cluster.get("state_writes_failed"):
+        print(f"cluster file: {cluster['state_writes_failed']} writes failed ({cluster.get('state_write_error')}); "
+              f"this is what it last held")
 
 
 def _cmd_status(args: argparse.Namespace) -> int:

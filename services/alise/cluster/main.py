@@ -1,76 +1,109 @@
 """`alise up`: start the local cluster and supervise it in the foreground until Ctrl-C.
 
 Exit status: 0 after a requested stop (SIGINT, SIGTERM) in which every service drained;
-1 when the cluster could not start (a port taken, a service failing before it served) or
-stopped on its own (the scheduler died, a service in a crash loop); 2 on bad flags.
+1 when the cluster could not start (a port taken, a service failing before it served);
+2 on bad flags or a state directory it cannot write. Once up, the cluster stays up: a
+service that dies, hangs or keeps crashing is restarted (alise.cluster.supervisor).
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import secrets
 import signal
 import sys
+import tempfile
 
-from alise.cluster.local import ClusterConfig, LocalCluster, ServiceExited, listen_addresses, service_commands
+from alise.cluster.config import ClusterConfig, listen_addresses, service_commands
+from alise.cluster.local import LocalCluster, ServiceExited
+from alise.cluster.logfiles import LogLimits
 from alise.cluster.ports import PortTaken, check_free, split_address
-from alise.cluster.supervisor import ClusterFailed, RestartPolicy, Supervisor
+from alise.cluster.supervisor import RestartPolicy, Supervisor
+from alise.common.entrypoint import ConfigFlag, add_config_flags, config_values
 from alise.common.logs import configure_logging
 from alise.core.choices import POLICY_NAMES
+from alise.http.config import HttpConfig
+from alise.worker.config import WorkerConfig
+from alise.worker.main import ENGINE_FLAGS
 
 logger = logging.getLogger(__name__)
 
 #: The state file in --state-dir that `alise status` reads.
 STATE_FILE = "cluster.json"
+_SERVED_NAME = ConfigFlag("served_model_name", "the model name the HTTP door answers to and /v1/models "
+                          "lists (default: the scheduler's model)", metavar="NAME")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=os.environ.get("ALISE_MODEL") or None,
-                   help="model directory or preset name (env ALISE_MODEL; default: the embedded "
-                        "tiny-llama with random weights)")
-    p.add_argument("--workers", type=int, default=1, dest="num_workers", metavar="N",
-                   help="worker processes")
-    p.add_argument("--policy", default=ClusterConfig.policy, choices=POLICY_NAMES,
-                   help="scheduling policy: alise (shortest predicted remaining time), fcfs "
-                        "(arrival order, vLLM's), oracle (true lengths, for benchmarks)")
-    p.add_argument("--device", default="cpu", help="device of every worker (cpu, cuda, cuda:1, ...)")
-    p.add_argument("--address", default="127.0.0.1:50051",
-                   help="the scheduler's HOST:PORT, where clients connect; the other services "
-                        "listen on its host too (port 0 = any free port)")
-    p.add_argument("--worker-address", default=ClusterConfig.worker_address,
+    engine = p.add_argument_group("model and engine (vLLM's flag names; every worker gets them)")
+    engine.add_argument("--model", default=os.environ.get("ALISE_MODEL") or None,
+                        help="model directory or preset name (env ALISE_MODEL; default: the embedded "
+                             "tiny-llama with random weights)")
+    engine.add_argument("--device", default=ClusterConfig.device, help="device of every worker (cpu, cuda, cuda:1, ...)")
+    engine.add_argument("--workers", type=int, default=ClusterConfig.num_workers, dest="num_workers", metavar="N",
+                        help="worker processes")
+    add_config_flags(engine, WorkerConfig, ENGINE_FLAGS, passed_to="workers")
+    add_config_flags(engine, HttpConfig, [_SERVED_NAME], passed_to="HTTP door")
+    _add_listener_arguments(p.add_argument_group("listeners (port 0 = any free port)"))
+    sched = p.add_argument_group("scheduling")
+    sched.add_argument("--policy", default=ClusterConfig.policy, choices=POLICY_NAMES,
+                       help="scheduling policy: alise (shortest predicted remaining time), fcfs "
+                            "(arrival order, vLLM's), oracle (true lengths, for benchmarks)")
+    sched.add_argument("--no-predictor", action="store_false", dest="predictor",
+                       help="run without the length predictor (estimates fall back to running means)")
+    sched.add_argument("--worker-arg", action="append", default=[], dest="worker_args", metavar="ARG",
+                       help="any other `alise worker` flag for every worker, repeatable (e.g. "
+                            "--worker-arg=--kv-cache-mib --worker-arg=64)")
+    sched.add_argument("--scheduler-arg", action="append", default=[], dest="scheduler_args", metavar="ARG",
+                       help="any other `alise scheduler` flag, repeatable (e.g. --scheduler-arg=--kv-planner "
+                            "--scheduler-arg=drop)")
+    _add_supervision_arguments(p.add_argument_group("supervision and logs"))
+
+
+def _add_listener_arguments(g) -> None:
+    g.add_argument("--host", default=ClusterConfig.host,
+                   help="where every service listens unless its own flag says otherwise (0.0.0.0: "
+                        "every interface, as in a container)")
+    g.add_argument("--address", default=None,
+                   help="the scheduler's HOST:PORT, where clients connect (default: --host, port 50051)")
+    g.add_argument("--worker-address", default=None,
                    help="the scheduler's HOST:PORT for workers; they dial it with a secret that `alise "
-                        "up` makes for the cluster unless ALISE_INTERNAL_SECRET is set (port 0 = any "
-                        "free port)")
-    p.add_argument("--predictor-address", default="127.0.0.1:50053",
-                   help="the predictor's HOST:PORT (port 0 = any free port)")
-    p.add_argument("--no-predictor", action="store_false", dest="predictor",
-                   help="run without the length predictor (estimates fall back to running means)")
-    p.add_argument("--http-address", default=ClusterConfig.http_address,
-                   help="the OpenAI-compatible HTTP door's HOST:PORT (port 0 = any free port; '' = no "
-                        "door; default %(default)s)")
-    p.add_argument("--http-health-address", default=ClusterConfig.http_health_address,
-                   help="where the HTTP door serves grpc.health.v1 (default %(default)s)")
-    p.add_argument("--worker-health-port", type=int, default=50060, dest="worker_health_base_port", metavar="PORT",
-                   help="worker i serves grpc.health.v1 on this port + i (0 = any free ports)")
-    p.add_argument("--metrics-port", type=int, default=None, dest="metrics_base_port", metavar="PORT",
-                   help="serve Prometheus metrics: the scheduler on this port, the predictor on +1, "
-                        "worker i on +2+i (0 = any free ports; default: no metrics)")
-    p.add_argument("--state-dir", default=".alise",
+                        "up` makes for the cluster unless ALISE_INTERNAL_SECRET is set (default: "
+                        "--host, port 50052)")
+    g.add_argument("--predictor-address", default=None, help="the predictor's HOST:PORT (default: --host, port 50053)")
+    g.add_argument("--http-address", default=None,
+                   help="the OpenAI-compatible HTTP door's HOST:PORT ('' = no door; default: --host, port 8000)")
+    g.add_argument("--http-health-address", default=None,
+                   help="where the HTTP door serves grpc.health.v1 (default: --host, port 8001)")
+    g.add_argument("--worker-health-port", type=int, default=ClusterConfig.worker_health_base_port,
+                   dest="worker_health_base_port", metavar="PORT",
+                   help="worker i serves grpc.health.v1 on this port + i, on --host")
+    g.add_argument("--metrics-port", type=int, default=None, dest="metrics_base_port", metavar="PORT",
+                   help="serve Prometheus metrics on --host: the scheduler on this port, the predictor "
+                        "on +1, worker i on +2+i (default: no metrics)")
+
+
+def _add_supervision_arguments(g) -> None:
+    g.add_argument("--state-dir", default=ClusterConfig.state_dir,
                    help="the predictor's index, the services' logs and the cluster file that "
                         "`alise status` reads")
-    p.add_argument("--worker-arg", action="append", default=[], dest="worker_args", metavar="ARG",
-                   help="extra argument for every worker, repeatable (e.g. --worker-arg=--kv-cache-mib "
-                        "--worker-arg=64)")
-    p.add_argument("--scheduler-arg", action="append", default=[], dest="scheduler_args", metavar="ARG",
-                   help="extra argument for the scheduler, repeatable (e.g. --scheduler-arg=--kv-planner "
-                        "--scheduler-arg=drop)")
-    p.add_argument("--timeout", type=float, default=300.0, dest="startup_timeout_s", metavar="SECONDS",
-                   help="seconds each start-up tier may take before `alise up` gives up")
-    p.add_argument("--max-restarts", type=int, metavar="N", default=RestartPolicy.max_consecutive_failures,
+    g.add_argument("--timeout", type=float, default=RestartPolicy.startup_timeout_s, dest="startup_timeout_s",
+                   metavar="SECONDS", help="seconds a service may take to start serving before `alise up` "
+                                           "gives up (at start) or kills and restarts it (later)")
+    g.add_argument("--hang-timeout", type=float, default=RestartPolicy.hang_timeout_s, dest="hang_timeout_s",
+                   metavar="SECONDS", help="a running service whose health listener gives no answer for this "
+                                           "long (probed every second) is hung: killed and restarted")
+    g.add_argument("--crash-loop-after", type=int, default=RestartPolicy.crash_loop_after, metavar="N",
                    help="a service that dies this many times in a row, each within "
-                        f"{RestartPolicy.stable_s:g} s of starting, stops the cluster (a crash loop)")
+                        f"{RestartPolicy.stable_s:g} s of its start, is shown as crash-looping (it is "
+                        f"restarted every {RestartPolicy.max_backoff_s:g} s at most)")
+    g.add_argument("--log-max-mb", type=float, default=LogLimits.max_bytes / 2**20, metavar="MB",
+                   help="each service's log is rotated at this size")
+    g.add_argument("--log-backups", type=int, default=LogLimits.backups, metavar="N",
+                   help="rotated logs kept per service (NAME.log.1 ... NAME.log.N)")
 
 
 def _port_owner(name: str, kind: str) -> str:
@@ -99,32 +132,68 @@ def check_ports(commands: dict[str, list[str]]) -> None:
             check_free(address, what)
 
 
+def config_from_args(args: argparse.Namespace) -> ClusterConfig:
+    return ClusterConfig(
+        host=args.host, address=args.address, worker_address=args.worker_address,
+        predictor_address=args.predictor_address, http_address=args.http_address,
+        http_health_address=args.http_health_address, model=args.model, num_workers=args.num_workers,
+        policy=args.policy, device=args.device, predictor=args.predictor, state_dir=args.state_dir,
+        worker_health_base_port=args.worker_health_base_port, metrics_base_port=args.metrics_base_port,
+        engine=WorkerConfig(**config_values(args, ENGINE_FLAGS)), served_model_name=args.served_model_name,
+        worker_args=tuple(args.worker_args), scheduler_args=tuple(args.scheduler_args),
+        startup_timeout_s=args.startup_timeout_s)
+
+
+def state_dir_problem(path: str) -> str | None:
+    """Why ``path`` cannot hold the cluster's state (None: it can). A full disk is no reason:
+    the cluster runs on it, dropping the log lines it cannot write."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        return f"--state-dir {path} is not a directory"
+    try:
+        os.makedirs(path, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=path, prefix=".write-check-")
+        os.close(fd)
+        os.remove(probe)
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return None
+        return f"cannot use --state-dir {path}: {exc.strerror or exc}"
+    return None
+
+
+def say(message: str) -> None:
+    """A line on the terminal; one that cannot be written (stderr on a full disk) is dropped."""
+    try:
+        print(message, file=sys.stderr, flush=True)
+    except OSError:
+        pass
+
+
 def main(args: argparse.Namespace) -> int:
     configure_logging("up")
     try:
-        cfg = ClusterConfig(address=args.address, worker_address=args.worker_address, model=args.model,
-                            num_workers=args.num_workers,
-                            policy=args.policy, device=args.device, predictor=args.predictor,
-                            predictor_address=args.predictor_address, state_dir=args.state_dir,
-                            http_address=args.http_address, http_health_address=args.http_health_address,
-                            worker_health_base_port=args.worker_health_base_port,
-                            metrics_base_port=args.metrics_base_port, worker_args=tuple(args.worker_args),
-                            scheduler_args=tuple(args.scheduler_args), startup_timeout_s=args.startup_timeout_s)
-        policy = RestartPolicy(max_consecutive_failures=args.max_restarts)
+        cfg = config_from_args(args)
+        policy = RestartPolicy(crash_loop_after=args.crash_loop_after, hang_timeout_s=args.hang_timeout_s,
+                               startup_timeout_s=args.startup_timeout_s)
+        limits = LogLimits(max_bytes=int(args.log_max_mb * 2**20), backups=args.log_backups)
         commands = service_commands(cfg)
         check_ports(commands)
     except (ValueError, PortTaken) as exc:
-        print(f"alise up: {exc}", file=sys.stderr)
+        say(f"alise up: {exc}")
         return 2 if isinstance(exc, ValueError) else 1
+    problem = state_dir_problem(cfg.state_dir)
+    if problem is not None:
+        say(f"alise up: {problem}")
+        return 2
     if cfg.model is None:
-        print("alise: no --model given: serving the embedded default, tiny-llama with RANDOM "
-              "weights on the CPU (its text is meaningless; the serving path is the real one)",
-              file=sys.stderr)
-    os.makedirs(cfg.state_dir, exist_ok=True)
-    cluster = LocalCluster(commands, log_dir=os.path.join(cfg.state_dir, "logs"), env=cluster_secret(cfg))
+        say("alise: no --model given: serving the embedded default, tiny-llama with RANDOM weights on the "
+            "CPU (its text is meaningless; the serving path is the real one)")
+    cluster = LocalCluster(commands, log_dir=os.path.join(cfg.state_dir, "logs"), env=cluster_secret(cfg),
+                           log_limits=limits)
     address = listen_addresses(commands["scheduler"])["grpc"]
-    supervisor = Supervisor(cluster, policy=policy, state_file=os.path.join(cfg.state_dir, STATE_FILE),
-                            info={"address": address, "policy": cfg.policy, "log_dir": cluster.log_dir})
+    info = {"address": address, "policy": cfg.policy, "log_dir": cluster.log_dir, "model": cfg.model,
+            "served_model_name": cfg.served_model_name, "log_rotation": limits.describe()}
+    supervisor = Supervisor(cluster, policy=policy, state_file=os.path.join(cfg.state_dir, STATE_FILE), info=info)
     return _run(supervisor, cfg, address)
 
 
@@ -141,6 +210,16 @@ class _StopRequested(Exception):
     pass
 
 
+def _ready_line(cluster: LocalCluster, cfg: ClusterConfig, address: str) -> str:
+    listen = {name: listen_addresses(command) for name, command in cluster.commands.items()}
+    predictor = f", predictor {listen['predictor']['grpc']}" if cfg.predictor else ", no predictor"
+    door = f", HTTP door {listen['http']['grpc']}" if "http" in listen else ""
+    workers = f"{cfg.num_workers} worker{'' if cfg.num_workers == 1 else 's'}"
+    return (f"alise: cluster ready on {address} ({workers} dialing {listen['scheduler']['workers']}, policy "
+            f"{cfg.policy}{predictor}{door}); logs in {cluster.log_dir} (NAME.log, "
+            f"{cluster.log_limits.describe()}); `alise status` lists every service. Ctrl-C to stop.")
+
+
 def _run(supervisor: Supervisor, cfg: ClusterConfig, address: str) -> int:
     cluster = supervisor.cluster
     stop = {"requested": False, "started": False}
@@ -155,16 +234,11 @@ def _run(supervisor: Supervisor, cfg: ClusterConfig, address: str) -> int:
     try:
         supervisor.start(cfg.startup_timeout_s)
         stop["started"] = True
-        listen = {name: listen_addresses(command) for name, command in cluster.commands.items()}
-        predictor = f", predictor {listen['predictor']['grpc']}" if cfg.predictor else ", no predictor"
-        workers = f"{cfg.num_workers} worker{'' if cfg.num_workers == 1 else 's'}"
-        print(f"alise: cluster ready on {address} ({workers} dialing {listen['scheduler']['workers']}, policy "
-              f"{cfg.policy}{predictor}); logs in {cluster.log_dir}; `alise status` lists every service. "
-              f"Ctrl-C to stop.", file=sys.stderr, flush=True)
+        say(_ready_line(cluster, cfg, address))
         supervisor.run(lambda: stop["requested"])
     except _StopRequested:
         logger.info("stop requested during start-up")
-    except (ServiceExited, TimeoutError, ClusterFailed) as exc:
+    except (ServiceExited, TimeoutError) as exc:
         logger.error("%s", exc)
         cluster.stop()
         supervisor.remove_state()
@@ -172,5 +246,5 @@ def _run(supervisor: Supervisor, cfg: ClusterConfig, address: str) -> int:
     running = [name for name, proc in cluster.procs.items() if proc.poll() is None]
     codes = cluster.stop()
     supervisor.remove_state()
-    print(f"alise: stopped ({', '.join(f'{n}={c}' for n, c in codes.items())})", file=sys.stderr)
+    say(f"alise: stopped ({', '.join(f'{n}={c}' for n, c in codes.items())})")
     return 0 if all(codes[name] == 0 for name in running) else 1

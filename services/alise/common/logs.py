@@ -111,9 +111,22 @@ class LogLimiter:
         self.logger.log(level, msg, *args)
 
 
+class DroppingStreamHandler(logging.StreamHandler):
+    """A line the stream cannot take (a full disk, a closed pipe) is dropped and counted: no
+    error report written to the same failing stream, and never an exception for the caller."""
+
+    num_dropped_lines = 0
+
+    def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 - logging's name
+        if isinstance(sys.exc_info()[1], OSError):
+            self.num_dropped_lines += 1
+            return
+        super().handleError(record)
+
+
 def make_handler(service: str, fmt: str | None = None, stream=None) -> logging.Handler:
     """The services' log handler: text (or JSON lines with ``fmt="json"``) on ``stream``."""
-    handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
+    handler = DroppingStreamHandler(stream if stream is not None else sys.stderr)
     handler.addFilter(RequestIdFilter())
     if (fmt or os.environ.get("ALISE_LOG_FORMAT", "text")) == "json":
         handler.setFormatter(JsonFormatter(service))

@@ -69,4 +69,5 @@ async def serve(config) -> None:
 def main(args: argparse.Namespace) -> int:
     from alise.common.entrypoint import run_service
 
-    return run_service("http", args, config_from_args, serve)
+    return run_service("http", args, config_from_args, serve,
+                       lambda config: {"--address": config.address, "--health-address": config.health_address})

@@ -151,6 +151,7 @@ def main_eval(args) -> int:
 
 def main_serve(args) -> int:
     """Serves until SIGTERM (exit 0); a bad flag, index or data file: a message, exit 2."""
+    from alise.common.entrypoint import bind_failure, refuse_taken_ports
     from alise.common.grpc_server import run_until_signal
     from alise.common.logs import configure_logging
     from alise.predictor.config import PredictorConfig
@@ -175,10 +176,20 @@ def main_serve(args) -> int:
             encoder_layers=args.encoder_layers, num_threads=args.encoder_threads,
             security=security_from_args(args),
         )
-        asyncio.run(run(config))
+        refusal = refuse_taken_ports("predictor", {"--address": config.address,
+                                                   "--metrics-address": config.metrics_address})
+        if refusal is None:
+            asyncio.run(run(config))
     except (SnapshotError, ValueError, OSError) as exc:
         print(f"alise predictor serve: error: {exc}", file=sys.stderr, flush=True)
         return 2
+    except RuntimeError as exc:
+        refusal = bind_failure("predictor", exc)
+        if refusal is None:
+            raise
+    if refusal is not None:
+        print(refusal, file=sys.stderr, flush=True)
+        return 1
     return 0
 
 

@@ -72,6 +72,8 @@ class SchedulerConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.prefill_step_ratio and self.prefill_step_ratio <= 1:
             raise ValueError(f"prefill_step_ratio must be 0 (off) or > 1, got {self.prefill_step_ratio}")
+        if self.max_model_len is not None and self.max_model_len < 1:
+            raise ValueError(f"max_model_len must be >= 1 (or None: the model's), got {self.max_model_len}")
         if self.max_calls < 0:
             raise ValueError(f"max_calls must be >= 0 (0 = automatic), got {self.max_calls}")
         for name in ("max_wait_no_worker_s", "predictor_timeout_s", "drain_grace_s"):

@@ -8,11 +8,17 @@ import logging
 import os
 
 from alise.common.grpc_server import run_until_signal
-from alise.common.entrypoint import run_service
+from alise.common.entrypoint import ConfigFlag, add_config_flags, run_service
 from alise.common.security import add_security_arguments, security_from_args
 from alise.scheduler.config import SchedulerConfig
 
 logger = logging.getLogger(__name__)
+
+#: The scheduler's flags under vLLM's names; `alise up` hands them on.
+ENGINE_FLAGS = (
+    ConfigFlag("max_model_len", "context limit in tokens, prompt and output (default: the model's)",
+               metavar="TOKENS"),
+)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -38,8 +44,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--job-log", default=env("ALISE_JOB_LOG", ""),
                    help="append a JSON line per finished job (estimate, length, latencies) to this "
                         "file (env ALISE_JOB_LOG; default: none)")
-    p.add_argument("--max-model-len", type=int, default=None,
-                   help="context limit in tokens (default: the model's)")
+    add_config_flags(p, SchedulerConfig, ENGINE_FLAGS)
     p.add_argument("--default-max-tokens", type=int, default=256,
                    help="max_tokens of a request that leaves it unset")
     p.add_argument("--max-queued", type=int, default=4096,
@@ -101,5 +106,10 @@ async def serve(config: SchedulerConfig) -> int:
     return 1
 
 
+def listeners(config: SchedulerConfig) -> dict[str, str]:
+    return {"--address": config.address, "--worker-address": config.worker_listen_address,
+            "--metrics-address": config.metrics_address}
+
+
 def main(args: argparse.Namespace) -> int:
-    return run_service("scheduler", args, config_from_args, serve)
+    return run_service("scheduler", args, config_from_args, serve, listeners)

@@ -12,6 +12,9 @@ from alise.core.blocks import default_token_budget
 
 #: Values of ``WorkerConfig.runner``.
 RUNNERS = ("paged", "transformers")
+#: Values of ``WorkerConfig.dtype``, vLLM's names ("half" is float16, "float" float32).
+DTYPES = ("auto", "half", "float16", "bfloat16", "float", "float32")
+_DTYPE_ALIASES = {"half": "float16", "float": "float32"}
 
 
 @dataclass(frozen=True)
@@ -22,7 +25,8 @@ class WorkerConfig:
     model: str | None = None
     #: "cpu", "cuda", "cuda:1", ...
     device: str = "cpu"
-    #: "auto", "float32", "float16", "bfloat16".
+    #: Weights' and activations' dtype, one of DTYPES: "auto" is float32 on CPU, float16 on a
+    #: GPU. The aliases are stored by their full names.
     dtype: str = "auto"
     #: Tokens per KV block.
     block_size: int = 16
@@ -30,8 +34,10 @@ class WorkerConfig:
     num_device_blocks: int = 0
     #: KV budget on CPU when num_device_blocks is 0.
     kv_cache_bytes: int = 256 << 20
-    #: Fraction of free GPU memory (after loading the weights) given to the KV cache.
-    gpu_memory_fraction: float = 0.85
+    #: Share of the GPU's total memory this worker may hold, weights, activations and KV cache
+    #: together (vLLM's meaning): the KV cache gets the share less what is in use once the
+    #: weights are loaded (theirs, and anything else on the device).
+    gpu_memory_utilization: float = 0.9
     #: Host (CPU) KV blocks for swapped-out jobs.
     num_host_blocks: int = 0
     #: Sequences in one step.
@@ -46,7 +52,8 @@ class WorkerConfig:
     worker_id: str = ""
     #: Where this worker serves its health check ("" = no health port).
     health_address: str = "127.0.0.1:0"
-    #: Seed of random weights for preset models.
+    #: Seed of random weights for preset models: workers given the same seed serve the same
+    #: model.
     seed: int = 0
     reconnect_delay_s: float = 1.0
     #: How long jobs are kept, paused, after the scheduler is lost, for a restarted one to adopt.
@@ -87,8 +94,15 @@ class WorkerConfig:
         for name in ("num_device_blocks", "num_host_blocks", "kv_cache_bytes"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if not 0 < self.gpu_memory_fraction <= 1:
-            raise ValueError(f"gpu_memory_fraction must be in (0, 1], got {self.gpu_memory_fraction}")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        object.__setattr__(self, "dtype", _DTYPE_ALIASES.get(self.dtype, self.dtype))
+        if self.max_model_len is not None and self.max_model_len < 1:
+            raise ValueError(f"max_model_len must be >= 1 (or None: the model's), got {self.max_model_len}")
+        if self.seed < 0:
+            raise ValueError(f"seed must be >= 0, got {self.seed}")
         if self.orphan_ttl_s < 0:
             raise ValueError(f"orphan_ttl_s must be >= 0, got {self.orphan_ttl_s}")
         if self.reconnect_delay_s <= 0:

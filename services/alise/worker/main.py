@@ -9,11 +9,28 @@ import os
 import signal
 import sys
 
-from alise.common.entrypoint import run_service
+from alise.common.entrypoint import ConfigFlag, add_config_flags, config_values, run_service
 from alise.common.security import add_security_arguments, security_from_args
-from alise.worker.config import WorkerConfig
+from alise.worker.config import DTYPES, WorkerConfig
 
 logger = logging.getLogger(__name__)
+
+
+#: The engine's flags under vLLM's names; `alise up` takes the same ones and hands them to
+#: every worker.
+ENGINE_FLAGS = (
+    ConfigFlag("dtype", "weights' and activations' dtype (auto: float32 on the CPU, float16 on a GPU)",
+               choices=DTYPES),
+    ConfigFlag("seed", "seed of a preset model's random weights (workers with one seed serve one model)"),
+    ConfigFlag("gpu_memory_utilization", "share of the GPU's memory the worker may hold, weights, "
+               "activations and KV cache together; the KV cache gets what the weights leave of it",
+               metavar="FRACTION"),
+    ConfigFlag("max_num_seqs", "sequences in one step", metavar="N"),
+    ConfigFlag("max_num_batched_tokens", "tokens one step may feed, decodes first, then prompt chunks "
+               "(chunked prefill); 0 = 256 or twice --max-num-seqs if more", metavar="N"),
+    ConfigFlag("max_model_len", "context limit in tokens, prompt and output (default: the model's)",
+               metavar="TOKENS"),
+)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -26,22 +43,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="model directory or preset name (env ALISE_MODEL; default: the embedded tiny-llama)")
     p.add_argument("--device", default=env("ALISE_DEVICE", "cpu"),
                    help="cpu, cuda, cuda:1, ... (env ALISE_DEVICE; default %(default)s)")
-    p.add_argument("--dtype", default="auto", help="auto, float32, float16 or bfloat16")
+    add_config_flags(p, WorkerConfig, ENGINE_FLAGS)
     p.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
     p.add_argument("--num-device-blocks", type=int, default=0,
                    help="device KV blocks (default 0: sized from --kv-cache-mib on the CPU, from "
-                        "free memory on CUDA)")
+                        "--gpu-memory-utilization on CUDA)")
     p.add_argument("--kv-cache-mib", type=int, default=256, help="CPU KV budget when blocks are not given")
-    p.add_argument("--gpu-memory-fraction", type=float, default=0.85,
-                   help="share of free GPU memory, after the weights, given to the KV cache")
     p.add_argument("--num-host-blocks", type=int, default=0,
                    help="host (CPU) KV blocks for swapped-out jobs; the adaptive planner's host moves need them")
-    p.add_argument("--max-num-seqs", type=int, default=64, help="sequences in one step")
-    p.add_argument("--max-num-batched-tokens", type=int, default=0,
-                   help="tokens one step may feed, decodes first, then prompt chunks (chunked prefill); "
-                        "0 = 256 or twice --max-num-seqs if more (default %(default)s)")
-    p.add_argument("--max-model-len", type=int, default=None,
-                   help="context limit in tokens (default: the model's)")
     p.add_argument("--worker-id", default=env("ALISE_WORKER_ID", ""),
                    help="name shown in status and metrics, unique among the scheduler's workers (env "
                         "ALISE_WORKER_ID; default: HOST-DEVICE, e.g. node1-cuda0, the same after a "
@@ -50,7 +59,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="where to serve grpc.health.v1: SERVING while connected to the scheduler; "
                         "port 0 = any free port, '' = nowhere (env ALISE_WORKER_HEALTH_ADDRESS; "
                         "default %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="seed of a preset model's random weights")
     p.add_argument("--latency-profile", default=env("ALISE_LATENCY_PROFILE", ""),
                    help="latency profile JSON to load, or to write with --profile-latency "
                         "(env ALISE_LATENCY_PROFILE; default: none)")
@@ -81,11 +89,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def config_from_args(args: argparse.Namespace) -> WorkerConfig:
     return WorkerConfig(
         scheduler_address=args.scheduler_address, model=args.model, device=args.device,
-        dtype=args.dtype, block_size=args.block_size, num_device_blocks=args.num_device_blocks,
-        kv_cache_bytes=args.kv_cache_mib << 20, gpu_memory_fraction=args.gpu_memory_fraction,
-        num_host_blocks=args.num_host_blocks, max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
-        worker_id=args.worker_id, health_address=args.health_address, seed=args.seed,
+        block_size=args.block_size, num_device_blocks=args.num_device_blocks,
+        kv_cache_bytes=args.kv_cache_mib << 20, num_host_blocks=args.num_host_blocks,
+        worker_id=args.worker_id, health_address=args.health_address, **config_values(args, ENGINE_FLAGS),
         latency_profile=args.latency_profile, profile_latency=args.profile_latency, cuda_graphs=args.cuda_graphs,
         step_log=args.step_log, orphan_ttl_s=args.orphan_ttl_s, fast_kernels=args.fast_kernels,
         kernel_plan=args.kernel_plan,
@@ -114,5 +120,9 @@ async def serve(config: WorkerConfig) -> None:
         worker.close()
 
 
+def listeners(config: WorkerConfig) -> dict[str, str]:
+    return {"--health-address": config.health_address, "--metrics-address": config.metrics_address}
+
+
 def main(args: argparse.Namespace) -> int:
-    return run_service("worker", args, config_from_args, serve)
+    return run_service("worker", args, config_from_args, serve, listeners)

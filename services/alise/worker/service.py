@@ -45,8 +45,14 @@ def size_kv_cache(loaded: LoadedModel, config: WorkerConfig) -> int:
     if config.num_device_blocks:
         return config.num_device_blocks
     if loaded.device.type == "cuda":
-        free_bytes, _ = torch.cuda.mem_get_info(loaded.device)
-        budget = int(free_bytes * config.gpu_memory_fraction)
+        free_bytes, total_bytes = torch.cuda.mem_get_info(loaded.device)
+        # vLLM's meaning: the share is of the whole device, and what is in use now (the
+        # weights, anything else on it) comes out of it.
+        budget = int(total_bytes * config.gpu_memory_utilization) - (total_bytes - free_bytes)
+        if budget <= 0:
+            raise ValueError(f"gpu_memory_utilization {config.gpu_memory_utilization} leaves no room for the "
+                             f"KV cache: {(total_bytes - free_bytes) / 2**30:.1f} GiB of the device's "
+                             f"{total_bytes / 2**30:.1f} GiB are in use with the weights loaded")
     else:
         budget = config.kv_cache_bytes
     blocks = KVCache.num_blocks_for_budget(loaded.config, config.block_size, loaded.dtype, budget)
