@@ -77,6 +77,34 @@ def test_top_k_keeps_the_k_most_likely_in_vocab_order() -> None:
     assert_frequencies(observed, [0.0, 0.5 / 0.8, 0.0, 0.3 / 0.8])
 
 
+def test_min_p_keeps_tokens_at_least_that_fraction_of_the_most_likely() -> None:
+    # min_p 0.5 keeps p >= 0.25: tokens 0 (0.5) and 1 (0.3), renormalized to 0.625 / 0.375.
+    assert_frequencies(frequencies(SamplingParams(min_p=0.5)), [0.625, 0.375, 0.0, 0.0])
+    # min_p 0.25 keeps p >= 0.125: token 2 (0.15) too; token 3 (0.05) never.
+    assert_frequencies(frequencies(SamplingParams(min_p=0.25)), [0.5 / 0.95, 0.3 / 0.95, 0.15 / 0.95, 0.0])
+    # After temperature 2 the probabilities are 0.37, 0.29, 0.20, 0.12: min_p 0.5 keeps three.
+    flat = torch.softmax(fixed_logits() / 2.0, dim=-1)
+    kept = flat[:3] / flat[:3].sum()
+    assert_frequencies(frequencies(SamplingParams(temperature=2.0, min_p=0.5)), kept.tolist() + [0.0])
+
+
+def test_min_p_one_is_argmax_and_min_p_is_per_row() -> None:
+    logits = torch.randn(8, 100, generator=torch.Generator().manual_seed(5))
+    params = [SamplingParams(temperature=3.0, min_p=1.0), SamplingParams(temperature=3.0)] * 4
+    ids = Sampler().sample(logits, params, [None] * 8)
+    assert ids[0::2] == logits[0::2].argmax(dim=-1).tolist()
+    # The unfiltered rows draw from all 100 tokens at temperature 3: not all argmax by chance.
+    torch.manual_seed(6)
+    draws = [Sampler().sample(logits, params, [None] * 8)[1::2] for _ in range(5)]
+    assert any(d != logits[1::2].argmax(dim=-1).tolist() for d in draws)
+
+
+def test_min_p_outside_zero_one_is_refused() -> None:
+    for bad in (-0.1, 1.5, float("nan")):
+        with pytest.raises(ValueError, match="min_p must be in"):
+            SamplingParams(min_p=bad)
+
+
 def test_filtered_tokens_never_appear() -> None:
     observed = frequencies(SamplingParams(top_k=3, top_p=0.7))
     assert observed[2:].sum().item() == 0.0

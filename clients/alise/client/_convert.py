@@ -25,7 +25,8 @@ def call_metadata(token: str | None, default: tuple[tuple[str, str], ...]) -> tu
 def build_request(prompt: str | Sequence[int], *, max_tokens: int | None, temperature: float | None,
                   top_p: float | None, top_k: int, seed: int | None,
                   stop_token_ids: Sequence[int], ignore_eos: bool, request_id: str,
-                  oracle_output_tokens: int, priority: int = 0) -> scheduler_pb2.GenerateRequest:
+                  oracle_output_tokens: int, priority: int = 0,
+                  min_p: float | None = None) -> scheduler_pb2.GenerateRequest:
     req = scheduler_pb2.GenerateRequest(request_id=request_id,
                                         oracle_output_tokens=oracle_output_tokens, priority=priority)
     if isinstance(prompt, str):
@@ -40,6 +41,8 @@ def build_request(prompt: str | Sequence[int], *, max_tokens: int | None, temper
     if top_p is not None:
         s.top_p = top_p
     s.top_k = top_k
+    if min_p is not None:
+        s.min_p = min_p
     if seed is not None:
         s.seed = seed
     s.stop_token_ids.extend(stop_token_ids)

@@ -63,6 +63,7 @@ def sampling_from_pb(msg: common_pb2.SamplingParams, default_max_tokens: int) ->
         temperature=msg.temperature if msg.HasField("temperature") else 1.0,
         top_p=msg.top_p if msg.HasField("top_p") else 1.0,
         top_k=msg.top_k,
+        min_p=msg.min_p if msg.HasField("min_p") else 0.0,
         seed=msg.seed if msg.HasField("seed") else None,
         stop_token_ids=tuple(msg.stop_token_ids),
         ignore_eos=msg.ignore_eos,
@@ -76,6 +77,8 @@ def sampling_to_pb(params: SamplingParams) -> common_pb2.SamplingParams:
         ignore_eos=params.ignore_eos)
     if params.seed is not None:
         msg.seed = params.seed
+    if params.min_p:
+        msg.min_p = params.min_p
     return msg
 
 

@@ -17,14 +17,17 @@ MAX_TOKENS_LIMIT = 1_000_000
 class SamplingParams:
     """How one request samples.
 
-    ``temperature == 0`` means greedy; ``top_p == 1`` and ``top_k == 0`` disable those
-    filters. ``seed`` makes the request's draws reproducible regardless of batch-mates.
+    ``temperature == 0`` means greedy; ``top_p == 1``, ``top_k == 0`` and ``min_p == 0``
+    disable those filters. ``min_p`` keeps the tokens at least ``min_p`` times as likely as
+    the most likely one (after temperature), as vLLM's does. ``seed`` makes the request's
+    draws reproducible regardless of batch-mates.
     """
 
     max_tokens: int = 16
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
+    min_p: float = 0.0
     seed: int | None = None
     stop_token_ids: tuple[int, ...] = field(default_factory=tuple)
     ignore_eos: bool = False
@@ -40,6 +43,8 @@ class SamplingParams:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if not math.isfinite(self.min_p) or not 0 <= self.min_p <= 1:
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p!r}")
         if self.seed is not None and not 0 <= self.seed < 2**64:
             raise ValueError(f"seed must be in [0, 2**64), got {self.seed}")
 

@@ -1,8 +1,10 @@
 """Next-token sampling for a batch, each row with its own parameters and random stream.
 
-Filtering runs vectorized on the logits' device: temperature scaling, then top-k, then top-p over
-the surviving tokens (the nucleus: the fewest most-likely tokens whose mass reaches ``top_p``; the
-most likely token always survives). The draw is an exponential race over the vocabulary: a seeded
+Filtering runs vectorized on the logits' device: temperature scaling, then min-p (tokens less
+than ``min_p`` times as likely as the most likely one are dropped: in logits, those more than
+``-log(min_p)`` below the row's largest), then top-k, then top-p over the surviving tokens (the
+nucleus: the fewest most-likely tokens whose mass reaches ``top_p``). The most likely token
+always survives every filter; vLLM applies them in the same order. The draw is an exponential race over the vocabulary: a seeded
 request takes its noise from its own generator, so its tokens depend only on its seed and its
 logits, never on its batch-mates. Greedy rows (temperature 0, or top_k 1) take the
 argmax and draw nothing. The returned Python list is the step's only host sync.
@@ -44,6 +46,8 @@ class Sampler:
         sub_params = [params[i] for i in sampled_rows]
         temperatures = torch.tensor([p.temperature for p in sub_params], dtype=torch.float32, device=device)
         scaled = logits.index_select(0, rows) / temperatures[:, None]
+        if any(p.min_p > 0 for p in sub_params):
+            scaled = _mask_min_p(scaled, sub_params)
         if any(p.top_k > 0 or p.top_p < 1.0 for p in sub_params):
             sorted_logits, order = scaled.sort(dim=-1, descending=True)
             scaled = torch.empty_like(scaled).scatter_(1, order, _mask_sorted(sorted_logits, sub_params))
@@ -67,6 +71,15 @@ class Sampler:
             if generator is not None:
                 noise[i].exponential_(generator=generator)
         return noise
+
+
+def _mask_min_p(scaled: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """Set to -inf the logits of tokens less than ``min_p`` times as likely as the row's most
+    likely one: p_i < min_p * p_max  <=>  logit_i < logit_max + log(min_p). Rows with min_p 0
+    keep everything (log 0 = -inf)."""
+    min_p = torch.tensor([p.min_p for p in params], dtype=scaled.dtype, device=scaled.device)
+    floor = scaled.amax(dim=-1, keepdim=True) + torch.log(min_p)[:, None]
+    return scaled.masked_fill(scaled < floor, float("-inf"))
 
 
 def _mask_sorted(sorted_logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
