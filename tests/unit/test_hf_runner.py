@@ -50,7 +50,8 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(before)
 
 
-@pytest.fixture(scope="module", params=["llama", "opt"])
+# Gemma 2 and Mistral: sliding windows (5 tokens) over a left-padded batched cache, soft-caps.
+@pytest.fixture(scope="module", params=["llama", "opt", "gemma2", "mistral"])
 def loaded(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> LoadedModel:
     return load_model(str(make_tiny_model_dir(tmp_path_factory.mktemp(request.param), request.param,
                                               initializer_range=0.1, vocab_size=VOCAB_SIZE)))
