@@ -36,6 +36,31 @@ async def test_scheduler_metrics_after_traffic(tiny_llama_dir):
     assert total == num_blocks
 
 
+async def test_scheduler_serves_vllm_families_and_get_metrics_answers_them(tiny_llama_dir):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    async with cluster(str(tiny_llama_dir), metrics_address="127.0.0.1:0") as c, c.client() as client:
+        done = await asyncio.gather(*(client.complete(f"m {i}", max_tokens=5, ignore_eos=True) for i in range(3)))
+        m = await asyncio.to_thread(scrape, c.scheduler.metrics_port)
+        text, model = await client.metrics()
+    assert m['vllm:request_success_total{finished_reason="length"}'] == 3
+    assert m['vllm:request_success_total{finished_reason="stop"}'] == 0
+    assert m["vllm:generation_tokens_total"] == 15
+    assert m["vllm:prompt_tokens_total"] == sum(d.usage.prompt_tokens for d in done)
+    assert m["vllm:time_to_first_token_seconds_count"] == 3
+    assert m["vllm:inter_token_latency_seconds_count"] == 12  # 4 gaps in each of 3 streams
+    assert m["vllm:time_per_output_token_seconds_count"] == 12
+    assert m["vllm:e2e_request_latency_seconds_count"] == m["vllm:request_queue_time_seconds_count"] == 3
+    assert m["vllm:request_generation_tokens_sum"] == 15
+    assert m["vllm:num_requests_running"] == m["vllm:num_requests_waiting"] == 0
+    assert m["vllm:kv_cache_usage_perc"] == 0 and m["vllm:num_preemptions_total"] == 0
+    assert m["alise_prediction_ratio_count"] == 3
+    # GetMetrics answers the same families, for the HTTP door to serve.
+    families = {f.name for f in text_string_to_metric_families(text)}
+    assert {"vllm:request_success", "vllm:kv_cache_usage_perc", "alise_kv_blocks"} <= families
+    assert model == str(tiny_llama_dir)
+
+
 async def test_worker_metrics(tiny_llama_dir):
     async with cluster(str(tiny_llama_dir), worker_overrides={"metrics_address": "127.0.0.1:0"}) as c, \
             c.client() as client:

@@ -113,6 +113,15 @@ class AsyncClient:
             raise await self._error(exc) from None
         return to_status(msg)
 
+    async def metrics(self, *, timeout_s: float | None = 5.0, token: str | None = None) -> tuple[str, str]:
+        """(the scheduler's Prometheus metrics in the text format, its model)."""
+        try:
+            msg = await self._stub.GetMetrics(scheduler_pb2.GetMetricsRequest(), timeout=timeout_s,
+                                              metadata=call_metadata(token, self._metadata))
+        except grpc.aio.AioRpcError as exc:
+            raise await self._error(exc) from None
+        return msg.text, msg.model
+
     async def health(self, service: str = "", *, timeout_s: float | None = 5.0) -> str:
         """The scheduler's grpc.health.v1 status: "SERVING", "NOT_SERVING", ... (open: no token)."""
         try:

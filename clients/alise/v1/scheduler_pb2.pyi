@@ -121,3 +121,15 @@ class GetStatusResponse(_message.Message):
     model: str
     max_model_len: int
     def __init__(self, policy: _Optional[str] = ..., workers: _Optional[_Iterable[_Union[WorkerStatus, _Mapping]]] = ..., num_waiting: _Optional[int] = ..., num_running: _Optional[int] = ..., num_paused: _Optional[int] = ..., num_finished: _Optional[int] = ..., predictor_state: _Optional[str] = ..., uptime_s: _Optional[float] = ..., num_preemptions: _Optional[int] = ..., preemptions_by_action: _Optional[_Mapping[str, int]] = ..., model: _Optional[str] = ..., max_model_len: _Optional[int] = ...) -> None: ...
+
+class GetMetricsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class GetMetricsResponse(_message.Message):
+    __slots__ = ("text", "model")
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    text: str
+    model: str
+    def __init__(self, text: _Optional[str] = ..., model: _Optional[str] = ...) -> None: ...

@@ -45,6 +45,11 @@ class SchedulerServiceStub:
                 request_serializer=alise_dot_v1_dot_scheduler__pb2.GetStatusRequest.SerializeToString,
                 response_deserializer=alise_dot_v1_dot_scheduler__pb2.GetStatusResponse.FromString,
                 _registered_method=True)
+        self.GetMetrics = channel.unary_unary(
+                '/alise.v1.SchedulerService/GetMetrics',
+                request_serializer=alise_dot_v1_dot_scheduler__pb2.GetMetricsRequest.SerializeToString,
+                response_deserializer=alise_dot_v1_dot_scheduler__pb2.GetMetricsResponse.FromString,
+                _registered_method=True)
 
 
 class SchedulerServiceServicer:
@@ -67,6 +72,14 @@ class SchedulerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetMetrics(self, request, context):
+        """The scheduler's Prometheus metrics, in the text exposition format (what its
+        --metrics-address serves): how the HTTP door serves them on its /metrics.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SchedulerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -79,6 +92,11 @@ def add_SchedulerServiceServicer_to_server(servicer, server):
                     servicer.GetStatus,
                     request_deserializer=alise_dot_v1_dot_scheduler__pb2.GetStatusRequest.FromString,
                     response_serializer=alise_dot_v1_dot_scheduler__pb2.GetStatusResponse.SerializeToString,
+            ),
+            'GetMetrics': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetMetrics,
+                    request_deserializer=alise_dot_v1_dot_scheduler__pb2.GetMetricsRequest.FromString,
+                    response_serializer=alise_dot_v1_dot_scheduler__pb2.GetMetricsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -136,6 +154,33 @@ class SchedulerService:
             '/alise.v1.SchedulerService/GetStatus',
             alise_dot_v1_dot_scheduler__pb2.GetStatusRequest.SerializeToString,
             alise_dot_v1_dot_scheduler__pb2.GetStatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetMetrics(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/alise.v1.SchedulerService/GetMetrics',
+            alise_dot_v1_dot_scheduler__pb2.GetMetricsRequest.SerializeToString,
+            alise_dot_v1_dot_scheduler__pb2.GetMetricsResponse.FromString,
             options,
             channel_credentials,
             insecure,

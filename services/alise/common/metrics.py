@@ -3,35 +3,130 @@
 Event metrics (histograms, counters) are updated where the event happens; state metrics
 (queue lengths, KV blocks) are read from the live objects at scrape time by a collector,
 so the hot path pays nothing for them.
+
+The scheduler keeps, beside ALISE's own families (``alise_*``), the families vLLM's server
+exports where the meaning is the same (``vllm:*``, with vLLM's names and buckets), so
+dashboards and alerts written for vLLM read an ALISE cluster: the HTTP door serves both on
+its ``/metrics`` and adds the ``model_name`` label (its served name) that vLLM's carry.
 """
 
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 logger = logging.getLogger(__name__)
 
 LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 TOKEN_TIME_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28)
 ERROR_BUCKETS_TOKENS = (4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
+RATIO_BUCKETS = (0.125, 0.25, 0.5, 0.8, 1.0, 1.25, 2.0, 4.0, 8.0)
+
+# vLLM's buckets (vllm/v1/metrics/loggers.py), so its dashboards' quantiles read the same.
+VLLM_TTFT_BUCKETS_S = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
+                       7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
+VLLM_ITL_BUCKETS_S = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,
+                      10.0, 20.0, 40.0, 80.0)
+VLLM_REQUEST_BUCKETS_S = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0,
+                          120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
+#: vLLM's 1-2-5 series (it stops at the context length; here at the max_tokens limit).
+VLLM_TOKEN_BUCKETS = tuple(m * 10**e for e in range(7) for m in (1, 2, 5) if m * 10**e <= 1_000_000)
+#: vLLM's finished_reason label values, by ALISE's finish reason.
+VLLM_FINISH_REASONS = {"stop": "stop", "length": "length", "aborted": "abort"}
+#: Jobs whose last token time is kept for the inter-token latency. A job is dropped when it
+#: finishes; one cancelled is forgotten once this many newer jobs have produced tokens.
+MAX_TRACKED_JOBS = 65_536
 
 
 class StateCollector:
-    """Gauges computed at scrape time from ``read()``: [(name, help, labels, samples)]."""
+    """Gauges computed at scrape time from ``read()``: [(name, help, labels, samples)];
+    ``derive``, given the same rows, yields further families (vLLM's names for them)."""
 
-    def __init__(self, read: Callable[[], Iterable[tuple[str, str, list[str], list[tuple[list[str], float]]]]]):
+    def __init__(self, read: Callable[[], Iterable[tuple[str, str, list[str], list[tuple[list[str], float]]]]],
+                 derive: Callable[[list], Iterable] | None = None):
         self._read = read
+        self._derive = derive
 
     def collect(self):
-        for name, documentation, labels, samples in self._read():
+        rows = list(self._read())
+        for name, documentation, labels, samples in rows:
             family = GaugeMetricFamily(name, documentation, labels=labels)
             for label_values, value in samples:
                 family.add_metric(label_values, value)
             yield family
+        if self._derive is not None:
+            yield from self._derive(rows)
+
+
+def vllm_state(rows: list) -> Iterable:
+    """vLLM's scheduler-state families from the engine's own gauges: running (in a worker's
+    batch), waiting (queued, or paused after a preemption: vLLM's waiting queue holds its
+    preempted requests too), KV cache usage (device blocks used over all workers' blocks, 0
+    to 1) and preemptions since start."""
+    values = {name: samples for name, _, _, samples in rows}
+    jobs = {labels[0]: value for labels, value in values.get("alise_jobs", [])}
+    waiting = sum(value for _, value in values.get("alise_queue_waiting", []))
+    device = [(labels[2], value) for labels, value in values.get("alise_kv_blocks", []) if labels[1] == "device"]
+    total = sum(value for _, value in device)
+    used = sum(value for state, value in device if state == "used")
+    for name, documentation, value in (
+            ("vllm:num_requests_running", "Number of requests in model execution batches.", jobs.get("running", 0)),
+            ("vllm:num_requests_waiting", "Number of requests waiting to be processed.",
+             waiting + jobs.get("paused", 0)),
+            ("vllm:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.", used / total if total else 0.0)):
+        yield GaugeMetricFamily(name, documentation, value=value)
+    preemptions = sum(value for _, value in values.get("alise_preemptions", []))
+    yield CounterMetricFamily("vllm:num_preemptions", "Cumulative number of preemption from the engine.",
+                              value=preemptions)
+
+
+class VllmRequestMetrics:
+    """vLLM's per-request families (the names of vllm/v1/metrics/loggers.py), in ``registry``."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        r = registry
+        self.prompt_tokens = Counter("vllm:prompt_tokens", "Number of prefill tokens processed.", registry=r)
+        self.generation_tokens = Counter("vllm:generation_tokens", "Number of generation tokens processed.",
+                                         registry=r)
+        self.success = Counter("vllm:request_success", "Count of successfully processed requests.",
+                               ["finished_reason"], registry=r)
+        for reason in VLLM_FINISH_REASONS.values():
+            self.success.labels(reason)
+        self.ttft = Histogram("vllm:time_to_first_token_seconds", "Histogram of time to first token in seconds.",
+                              buckets=VLLM_TTFT_BUCKETS_S, registry=r)
+        self.itl = Histogram("vllm:inter_token_latency_seconds", "Histogram of inter-token latency in seconds.",
+                             buckets=VLLM_ITL_BUCKETS_S, registry=r)
+        self.tpot = Histogram("vllm:time_per_output_token_seconds",
+                              "Histogram of time per output token in seconds (the inter-token latency).",
+                              buckets=VLLM_ITL_BUCKETS_S, registry=r)
+        self.e2e = Histogram("vllm:e2e_request_latency_seconds", "Histogram of e2e request latency in seconds.",
+                             buckets=VLLM_REQUEST_BUCKETS_S, registry=r)
+        self.queue = Histogram("vllm:request_queue_time_seconds",
+                               "Histogram of time spent in WAITING phase for request (here: queued, and "
+                               "paused after preemptions).", buckets=VLLM_REQUEST_BUCKETS_S, registry=r)
+        self.request_prompt_tokens = Histogram("vllm:request_prompt_tokens", "Number of prefill tokens processed.",
+                                               buckets=VLLM_TOKEN_BUCKETS, registry=r)
+        self.request_generation_tokens = Histogram("vllm:request_generation_tokens",
+                                                   "Number of generation tokens processed.",
+                                                   buckets=VLLM_TOKEN_BUCKETS, registry=r)
+        self.max_tokens = Histogram("vllm:request_params_max_tokens", "Histogram of the max_tokens request parameter.",
+                                    buckets=VLLM_TOKEN_BUCKETS, registry=r)
+
+    def observe_finished(self, reason: str, e2e_s: float, prompt_tokens: int, generation_tokens: int,
+                         max_tokens: int | None = None, queued_s: float | None = None) -> None:
+        """One request that ended with ``reason`` (an ALISE finish reason)."""
+        self.success.labels(VLLM_FINISH_REASONS.get(reason, reason)).inc()
+        self.e2e.observe(e2e_s)
+        self.request_prompt_tokens.observe(prompt_tokens)
+        self.request_generation_tokens.observe(generation_tokens)
+        if max_tokens is not None:
+            self.max_tokens.observe(max_tokens)
+        if queued_s is not None:
+            self.queue.observe(queued_s)
 
 
 def serve_metrics(registry: CollectorRegistry, address: str) -> int:
@@ -60,6 +155,9 @@ class _LiveWorkersOnly:
 
 
 class SchedulerMetrics:
+    """The scheduler's families; ``record_tokens`` and ``record_finish`` are the engine's
+    two event hooks (one per token event, one per finished job)."""
+
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
@@ -73,11 +171,53 @@ class SchedulerMetrics:
         self.prediction_error = Histogram("alise_prediction_abs_error_tokens",
                                           "|predicted - true| output length of finished requests",
                                           buckets=ERROR_BUCKETS_TOKENS, registry=r)
+        self.prediction_ratio = Histogram("alise_prediction_ratio",
+                                          "Predicted over true output length of finished requests",
+                                          buckets=RATIO_BUCKETS, registry=r)
         self.step = Histogram("alise_step_seconds", "Worker step duration", ["worker"],
                               buckets=TOKEN_TIME_BUCKETS_S, registry=r)
+        self.vllm = VllmRequestMetrics(r)
+        #: job id -> when its last tokens came (least recently updated first).
+        self._last_token_s: OrderedDict[str, float] = OrderedDict()
 
     def watch(self, read) -> None:
-        self.registry.register(StateCollector(read))
+        self.registry.register(StateCollector(read, derive=vllm_state))
+
+    def exposition(self) -> str:
+        """Every family in Prometheus' text format (what ``GetMetrics`` answers)."""
+        return generate_latest(self.registry).decode()
+
+    def record_tokens(self, job, num_tokens: int, now_s: float) -> None:
+        """Tokens of ``job`` reported at ``now_s`` (``job`` already holds them)."""
+        self.tokens.inc(num_tokens)
+        v = self.vllm
+        v.generation_tokens.inc(num_tokens)
+        last = self._last_token_s.pop(job.job_id, None)
+        if last is not None:
+            v.itl.observe(now_s - last)
+            v.tpot.observe(now_s - last)
+        elif job.num_output_tokens == num_tokens:  # its first tokens (not an adopted job's)
+            v.prompt_tokens.inc(job.num_prompt_tokens)
+            v.ttft.observe((job.first_token_s or now_s) - job.arrival_s)
+        self._last_token_s[job.job_id] = now_s
+        if len(self._last_token_s) > MAX_TRACKED_JOBS:
+            self._last_token_s.popitem(last=False)
+
+    def record_finish(self, job) -> None:
+        self.requests.labels("finished").inc()
+        self._last_token_s.pop(job.job_id, None)
+        if job.first_token_s is None or job.finish_s is None:
+            return
+        self.ttft.observe(job.first_token_s - job.arrival_s)
+        self.e2e.observe(job.finish_s - job.arrival_s)
+        if job.num_output_tokens > 1:
+            self.tpot.observe((job.finish_s - job.first_token_s) / (job.num_output_tokens - 1))
+        if job.estimate is not None:
+            self.prediction_error.observe(abs(job.estimate.mean - job.num_output_tokens))
+            self.prediction_ratio.observe(job.estimate.mean / max(1, job.num_output_tokens))
+        reason = job.finish_reason.value if job.finish_reason is not None else "stop"
+        self.vllm.observe_finished(reason, job.finish_s - job.arrival_s, job.num_prompt_tokens,
+                                   job.num_output_tokens, job.sampling.max_tokens, job.queued_s)
 
     def forget_departed_workers(self, live: Callable[[], Iterable[str]]) -> None:
         """From now on, per-worker series are collected only for the workers ``live()`` lists."""

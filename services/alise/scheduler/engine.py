@@ -376,7 +376,7 @@ class SchedulerEngine:
             if stream is None:
                 continue
             self._deferred.append((stream, event))
-            self.metrics.tokens.inc(len(event.token_ids))
+            self.metrics.record_tokens(stream.job, len(event.token_ids), now)
             if event.finish_reason is not None:
                 del self.streams[event.job_id]
                 self._record_finish(stream.job)
@@ -394,16 +394,7 @@ class SchedulerEngine:
         self._on_leave(link.worker_id, now)
 
     def _record_finish(self, job: Job) -> None:
-        m = self.metrics
-        m.requests.labels("finished").inc()
-        if job.first_token_s is None or job.finish_s is None:
-            return
-        m.ttft.observe(job.first_token_s - job.arrival_s)
-        m.e2e.observe(job.finish_s - job.arrival_s)
-        if job.num_output_tokens > 1:
-            m.tpot.observe((job.finish_s - job.first_token_s) / (job.num_output_tokens - 1))
-        if job.estimate is not None:
-            m.prediction_error.observe(abs(job.estimate.mean - job.num_output_tokens))
+        self.metrics.record_finish(job)
 
     def _state_metrics(self):
         core = self.core

@@ -270,6 +270,9 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
             workers=workers, predictor_state=self.estimator.state, model=self.info.name,
             max_model_len=self.info.max_model_len, **snap)
 
+    async def GetMetrics(self, request, context):
+        return scheduler_pb2.GetMetricsResponse(text=self.engine.metrics.exposition(), model=self.info.name)
+
 
 class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
     def __init__(self, engine: SchedulerEngine, info: ModelInfo) -> None:
