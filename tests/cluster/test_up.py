@@ -49,8 +49,8 @@ def wait_until(condition, timeout_s: float, what: str, interval_s: float = 0.2) 
 class Up:
     """One `alise up` process with its own state directory; every port is any free one."""
 
-    def __init__(self, tmp: Path, model: str, *args: str) -> None:
-        self.state_dir = tmp / "state"
+    def __init__(self, tmp: Path, model: str, *args: str, state_dir: Path | None = None) -> None:
+        self.state_dir = state_dir or tmp / "state"
         self.stderr_path = tmp / "up.stderr"
         command = [sys.executable, "-m", "alise.cli.main", "up", "--model", model, "--address", "127.0.0.1:0",
                    "--worker-address", "127.0.0.1:0", "--predictor-address", "127.0.0.1:0", "--worker-health-port", "0",

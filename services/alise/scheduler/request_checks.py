@@ -8,6 +8,12 @@ without parsing them (parsing a packed list of ids holds the GIL for ~25 ns a by
 CPU, in any thread). After parsing, the scheduler checks the id count first; converting,
 checking and decoding the ids (``token_prompt``) run in a thread, bounded by the context.
 
+A text prompt is bounded in characters before it is tokenized (``check_text_prompt``): the
+context holds at most ``max_model_len * MAX_CHARS_PER_TOKEN`` characters of text, so a longer
+one is refused without tokenizing it (megabytes of text take seconds of tokenizer time, and
+every thread of the pool that tokenizes is one that other requests wait for). A text field
+over four times that in bytes is refused unparsed.
+
 A request id is checked (``check_request_id``) before anything logs it.
 
 The functions raise ``ValueError`` with the message a client is given (INVALID_ARGUMENT).
@@ -16,11 +22,14 @@ The functions raise ``ValueError`` with the message a client is given (INVALID_A
 from __future__ import annotations
 
 import uuid
+from typing import TYPE_CHECKING
 
 import grpc
 from alise.common.grpc_server import count_varints, iter_fields
-from alise.scheduler.tokenizer import ModelInfo
 from alise.v1 import scheduler_pb2
+
+if TYPE_CHECKING:  # the HTTP door imports the text bound; the tokenizer module pulls in torch
+    from alise.scheduler.tokenizer import ModelInfo
 
 MAX_REQUEST_ID_CHARS = 128
 #: A request this large or larger is looked at in its raw bytes before it is parsed.
@@ -30,8 +39,16 @@ MAX_STOP_TOKEN_IDS = 1024
 #: Raw size of SamplingParams past which it is refused unparsed (1,024 stop ids take <= 5 KiB).
 MAX_SAMPLING_BYTES = 16 * 1024
 
+#: Characters of text one token covers at most, for the bound above. Measured over the
+#: 14,418 prompts and outputs of ../shared/data (bench/http_prompt_chars.py, docs/http.md):
+#: 4.5 characters a token on average, 6.5 at the 99th percentile, 48.5 at most (ASCII art
+#: under WordPiece, which does not tokenize whitespace); 64 leaves a third more.
+MAX_CHARS_PER_TOKEN = 64
+_UTF8_MAX_BYTES = 4
+
 _FIELDS = scheduler_pb2.GenerateRequest.DESCRIPTOR.fields_by_name
 _TOKEN_IDS, _SAMPLING = _FIELDS["token_ids"].number, _FIELDS["sampling"].number
+_TEXT = _FIELDS["text"].number
 _IDS = scheduler_pb2.TokenIds.DESCRIPTOR.fields_by_name["ids"].number
 #: Top-level fields a GenerateRequest may have on the wire (it defines a handful).
 MAX_TOP_LEVEL_FIELDS = 64
@@ -40,6 +57,27 @@ MAX_TOP_LEVEL_FIELDS = 64
 def prompt_too_long(num_tokens: int, limit: int, *, at_least: bool = False) -> str:
     return (f"prompt has {'at least ' if at_least else ''}{num_tokens} tokens; the model's context is "
             f"{limit} tokens, so a prompt must have fewer to leave room for output")
+
+
+def max_text_chars(max_model_len: int) -> int:
+    """Characters a text prompt may have for a context of ``max_model_len`` tokens."""
+    return max_model_len * MAX_CHARS_PER_TOKEN
+
+
+def text_too_long(num_chars: int, max_model_len: int, *, at_least: bool = False,
+                  subject: str = "prompt has") -> str:
+    return (f"{subject} {'at least ' if at_least else ''}{num_chars} characters; the model's context of "
+            f"{max_model_len} tokens holds at most {max_text_chars(max_model_len)} characters of text "
+            f"({MAX_CHARS_PER_TOKEN} a token), so it cannot fit")
+
+
+def check_text_prompt(text: str, max_model_len: int, max_prompt_chars: int) -> None:
+    """Raises ValueError unless ``text`` is short enough to tokenize: checked first, by its
+    length alone. ``max_prompt_chars`` is the service's own cap (``--max-prompt-chars``)."""
+    if len(text) > max_text_chars(max_model_len):
+        raise ValueError(text_too_long(len(text), max_model_len))
+    if len(text) > max_prompt_chars:
+        raise ValueError(f"prompt has {len(text)} characters; the limit is {max_prompt_chars}")
 
 
 def check_request_id(request_id: str) -> str:
@@ -81,6 +119,9 @@ def generate_precheck(max_model_len: int):
                 if num_ids >= max_model_len:
                     return grpc.StatusCode.INVALID_ARGUMENT, prompt_too_long(num_ids, max_model_len,
                                                                              at_least=not exact)
+            elif number == _TEXT and (end - start) // _UTF8_MAX_BYTES > max_text_chars(max_model_len):
+                return grpc.StatusCode.INVALID_ARGUMENT, text_too_long(
+                    (end - start) // _UTF8_MAX_BYTES, max_model_len, at_least=True)
             elif number == _SAMPLING and end - start > MAX_SAMPLING_BYTES:
                 return grpc.StatusCode.INVALID_ARGUMENT, (
                     f"sampling parameters take {end - start} bytes, more than {MAX_SAMPLING_BYTES}: "

@@ -32,6 +32,7 @@ from alise.scheduler.listeners import SCHEDULER_SERVICE, WORKER_SERVICE, make_li
 from alise.scheduler.request_checks import (
     MAX_STOP_TOKEN_IDS,
     check_request_id,
+    check_text_prompt,
     generate_precheck,
     prompt_too_long,
     token_prompt,
@@ -250,11 +251,12 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
             except ValueError as exc:
                 raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
         text = request.text
+        try:  # its length first: tokenizing megabytes takes seconds of a pool thread
+            check_text_prompt(text, self.info.max_model_len, self.config.max_prompt_chars)
+        except ValueError as exc:
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
         if not text.strip():
             raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "prompt is empty")
-        if len(text) > self.config.max_prompt_chars:
-            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
-                               f"prompt has {len(text)} characters; the limit is {self.config.max_prompt_chars}")
         ids = await asyncio.to_thread(self._encode, text)
         if not ids:
             raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "prompt has no tokens after tokenization")
