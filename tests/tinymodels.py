@@ -51,14 +51,17 @@ _BASE: dict[str, tuple[str, dict[str, Any]]] = {
 FAMILIES = tuple(_BASE)
 
 
+#: The MiniLM tokenizer's [PAD], [CLS] and [SEP]: constants, so a config needs no tokenizer
+#: package (the GPU image has none).
+_SPECIAL_IDS = dict(pad_token_id=0, bos_token_id=101, eos_token_id=102)
+
+
 def tiny_config(family: str, **overrides: Any) -> PretrainedConfig:
     """The tiny config of ``family`` with the MiniLM vocabulary and special ids."""
     if family not in _BASE:
         raise ValueError(f"family must be one of {sorted(_BASE)}, got {family!r}")
-    tokenizer = minilm_tokenizer()
     model_type, base = _BASE[family]
-    fields = base | dict(vocab_size=MINILM_VOCAB_SIZE, pad_token_id=tokenizer.pad_token_id,
-                         bos_token_id=tokenizer.cls_token_id, eos_token_id=tokenizer.sep_token_id)
+    fields = base | dict(vocab_size=MINILM_VOCAB_SIZE, **_SPECIAL_IDS)
     return CONFIG_MAPPING[model_type](**(fields | overrides))
 
 

@@ -130,3 +130,38 @@ def test_fused_merge_matches_the_merge_kernel(shape: tuple, splits: int, dtype: 
         assert relative_error(out, reference(case)) < TOLERANCE[dtype]
         assert not triton_attention._COUNTERS[case["query"].device].any()
 
+
+
+# (batch, heads, kv_heads, head_dim, block_size, max_context, splits, window, softcap): Mistral's and
+# Gemma's shapes with windows shorter than the contexts (split-K over the window only; pages
+# before it never read) and Gemma 2's soft-cap.
+WINDOWED = [
+    (1, 32, 8, 128, 16, 6000, None, 4096, None),  # Mistral 7B, batch 1: split-K inside the window
+    (48, 32, 8, 128, 16, 1500, None, 512, None),
+    (4, 16, 8, 256, 16, 3000, 8, 1024, 5.0),      # Gemma 2 9B's local layers
+    (3, 16, 8, 256, 16, 900, None, None, 5.0),    # Gemma 2 9B's global layers
+    (5, 8, 2, 64, 8, 300, 4, 7, 3.0),             # a tiny window: most splits empty
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("shape", WINDOWED, ids=[f"b{s[0]}-h{s[1]}-d{s[3]}-ctx{s[5]}-w{s[7]}-cap{s[8]}"
+                                                 for s in WINDOWED])
+def test_window_and_softcap_match_reference(shape: tuple, dtype: torch.dtype) -> None:
+    batch, heads, kv_heads, head_dim, block_size, max_context, splits, window, softcap = shape
+    rng = random.Random(repr(shape) + str(dtype))
+    torch.manual_seed(rng.randrange(1 << 30))
+    for fused_merge in (False, True):
+        case = make_case(batch, heads, kv_heads, head_dim, block_size, max_context, dtype, rng)
+        case["query"] *= 4  # larger logits: the cap bends them
+        out = torch.full_like(case["query"], float("nan"))
+        triton_attention.decode_attention(**case, num_splits=splits, out=out, fused_merge=fused_merge, window=window,
+                                          softcap=softcap)
+        expect = ref_attention.decode_attention(case["query"].float(), case["key_cache"].float(),
+                                                case["value_cache"].float(), case["block_tables"],
+                                                case["context_lens"], case["scale"], window=window, softcap=softcap)
+        assert not out.isnan().any()
+        err = relative_error(out, expect)
+        print(f"decode window={window} softcap={softcap} {dtype} b={batch} d={head_dim}: rel err {err:.2e}")
+        assert err < TOLERANCE[dtype]
+        assert relative_error(out, reference(case)) > 5 * TOLERANCE[dtype]  # plain attention is far off

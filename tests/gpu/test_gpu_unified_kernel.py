@@ -119,3 +119,38 @@ def test_one_graph_serves_any_split_of_its_bucket() -> None:
         n = case["query"].shape[0]
         assert not out[:n].isnan().any()
         assert relative_error(out[:n], reference(case)) < TOLERANCE[torch.float16]
+
+
+# (name, rows, heads, kv_heads, head_dim, block_size, window, softcap): chunked prefill beside
+# decodes on windowed layers (Mistral 4096, Gemma local 1024, a window shorter than a tile) and
+# Gemma 2's soft-capped global layers, every launch configuration.
+WINDOWED = [
+    ("mistral-w4096", [(int(c), 1) for c in torch.randint(1, 6000, (64,), generator=torch.Generator()
+                                                           .manual_seed(1))] + [(4500, 256), (0, 300)],
+     32, 8, 128, 16, 4096, None),
+    ("gemma2-local", [(1500, 1)] * 16 + [(1200, 200), (0, 64)], 16, 8, 256, 16, 1024, 5.0),
+    ("gemma2-global", [(700, 1)] * 16 + [(300, 200)], 16, 8, 256, 16, None, 5.0),
+    ("window-13", [(40, 1), (0, 100), (90, 33)], 8, 2, 64, 16, 13, None),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("case_spec", WINDOWED, ids=[c[0] for c in WINDOWED])
+def test_window_and_softcap_match_reference(case_spec: tuple, dtype: torch.dtype) -> None:
+    name, rows, heads, kv_heads, head_dim, block_size, window, softcap = case_spec
+    rng = random.Random(f"{name}-{dtype}")
+    torch.manual_seed(rng.randrange(1 << 30))
+    group = heads // kv_heads
+    for config in (c for c in triton_unified.CANDIDATES if c.block_m >= group):
+        case = make_step(rows, num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim, block_size=block_size,
+                         dtype=dtype, rng=rng, pad_seqs=2, pad_rows=3, device="cuda")
+        case["query"] *= 4  # larger logits: the cap bends them
+        out = torch.full_like(case["query"], float("nan"))
+        triton_unified.unified_attention(**case, config=config, out=out, window=window, softcap=softcap)
+        real = int(case["query_start"][-1])
+        assert not out[:real].isnan().any(), f"{config}: a real row was not written"
+        assert out[real:].isnan().all(), f"{config}: a padding row was written"
+        err = relative_error(out[:real], reference(case, window=window, softcap=softcap)[:real])
+        print(f"unified {name} {dtype} {config}: rel err {err:.2e}")
+        assert err < TOLERANCE[dtype], f"{config}: rel err {err:.2e}"
+        assert relative_error(out[:real], reference(case)[:real]) > 5 * TOLERANCE[dtype]  # plain is far off

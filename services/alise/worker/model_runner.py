@@ -36,9 +36,7 @@ from alise.worker.attention import (
     MIN_BATCHED_FRESH,
     TORCH_BACKEND,
     AttentionBackend,
-    AttentionMetadata,
     build_attention_metadata,
-    paged_attention,
 )
 from alise.worker.cuda_graphs import DecodeGraphs, MixedGraphs
 from alise.worker.decoder import DecoderPass, bind, rope_tables
