@@ -79,9 +79,9 @@ async def test_an_aborted_job_costs_no_step_after_the_abort_reaches_the_worker(t
             steps.append((time.monotonic(), set(engine.seqs)))
             return run(plan)
 
-        def spy_abort(job_ids):
+        def spy_abort(job_ids, through=-1):
             aborts.append(time.monotonic())
-            return abort(job_ids)
+            return abort(job_ids, through)
         engine.run, engine.abort = spy_run, spy_abort
         seen = 0
         async for chunk in client.generate("cancel me soon", max_tokens=200, ignore_eos=True,

@@ -363,7 +363,7 @@ def test_plans_in_flight_ahead_of_the_worker_stay_exact(jobs, policy, num_blocks
             victim = data.draw(st.sampled_from(sorted(core.jobs)))
             core.cancel(victim, now)
             cancelled.add(victim)
-        worker.abort(core.take_aborts("w0"))
+        worker.abort(*core.take_aborts("w0"))
         while core.num_in_flight("w0") < depth:
             plan = core.schedule("w0", now)
             if plan.is_empty:
@@ -380,7 +380,7 @@ def test_plans_in_flight_ahead_of_the_worker_stay_exact(jobs, policy, num_blocks
             produced[e.job_id] += len(e.token_ids)
         assert worker.allocator.num_used <= num_blocks
         _assert_table_mirrors_jobs(core)
-    worker.abort(core.take_aborts("w0"))
+    worker.abort(*core.take_aborts("w0"))
     assert not core.jobs and not worker.seqs and worker.allocator.num_free == num_blocks
     max_len = min(200, num_blocks * 4)  # a sequence never outgrows the whole cache
     for i, (prompt, out) in enumerate(jobs):

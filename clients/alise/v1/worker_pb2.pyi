@@ -42,7 +42,7 @@ class SchedulerMessage(_message.Message):
     def __init__(self, plan: _Optional[_Union[StepPlan, _Mapping]] = ..., shutdown: _Optional[_Union[Shutdown, _Mapping]] = ..., abort: _Optional[_Union[AbortJobs, _Mapping]] = ...) -> None: ...
 
 class WorkerHello(_message.Message):
-    __slots__ = ("worker_id", "model", "device", "dtype", "block_size", "num_device_blocks", "num_host_blocks", "max_model_len", "vocab_size", "eos_token_id", "block_bytes", "latency_profile_json", "max_num_seqs", "max_num_batched_tokens", "model_id", "held_jobs")
+    __slots__ = ("worker_id", "model", "device", "dtype", "block_size", "num_device_blocks", "num_host_blocks", "max_model_len", "vocab_size", "eos_token_id", "block_bytes", "latency_profile_json", "max_num_seqs", "max_num_batched_tokens", "model_id", "held_jobs", "weights_fingerprint", "held_from_scheduler_id")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
@@ -59,6 +59,8 @@ class WorkerHello(_message.Message):
     MAX_NUM_BATCHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     HELD_JOBS_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    HELD_FROM_SCHEDULER_ID_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     model: str
     device: str
@@ -75,7 +77,9 @@ class WorkerHello(_message.Message):
     max_num_batched_tokens: int
     model_id: str
     held_jobs: _containers.RepeatedCompositeFieldContainer[HeldJob]
-    def __init__(self, worker_id: _Optional[str] = ..., model: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., block_size: _Optional[int] = ..., num_device_blocks: _Optional[int] = ..., num_host_blocks: _Optional[int] = ..., max_model_len: _Optional[int] = ..., vocab_size: _Optional[int] = ..., eos_token_id: _Optional[int] = ..., block_bytes: _Optional[int] = ..., latency_profile_json: _Optional[str] = ..., max_num_seqs: _Optional[int] = ..., max_num_batched_tokens: _Optional[int] = ..., model_id: _Optional[str] = ..., held_jobs: _Optional[_Iterable[_Union[HeldJob, _Mapping]]] = ...) -> None: ...
+    weights_fingerprint: str
+    held_from_scheduler_id: str
+    def __init__(self, worker_id: _Optional[str] = ..., model: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., block_size: _Optional[int] = ..., num_device_blocks: _Optional[int] = ..., num_host_blocks: _Optional[int] = ..., max_model_len: _Optional[int] = ..., vocab_size: _Optional[int] = ..., eos_token_id: _Optional[int] = ..., block_bytes: _Optional[int] = ..., latency_profile_json: _Optional[str] = ..., max_num_seqs: _Optional[int] = ..., max_num_batched_tokens: _Optional[int] = ..., model_id: _Optional[str] = ..., held_jobs: _Optional[_Iterable[_Union[HeldJob, _Mapping]]] = ..., weights_fingerprint: _Optional[str] = ..., held_from_scheduler_id: _Optional[str] = ...) -> None: ...
 
 class HeldJob(_message.Message):
     __slots__ = ("job_id", "token_ids", "num_generated", "sampling", "num_computed")
@@ -92,7 +96,7 @@ class HeldJob(_message.Message):
     def __init__(self, job_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., num_generated: _Optional[int] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., num_computed: _Optional[int] = ...) -> None: ...
 
 class StepPlan(_message.Message):
-    __slots__ = ("step_id", "commands", "run_step", "chunks")
+    __slots__ = ("step_id", "commands", "run_step", "chunks", "census", "scheduler_id")
     class ChunksEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -104,17 +108,23 @@ class StepPlan(_message.Message):
     COMMANDS_FIELD_NUMBER: _ClassVar[int]
     RUN_STEP_FIELD_NUMBER: _ClassVar[int]
     CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    CENSUS_FIELD_NUMBER: _ClassVar[int]
+    SCHEDULER_ID_FIELD_NUMBER: _ClassVar[int]
     step_id: int
     commands: _containers.RepeatedCompositeFieldContainer[WorkerCommand]
     run_step: bool
     chunks: _containers.ScalarMap[str, int]
-    def __init__(self, step_id: _Optional[int] = ..., commands: _Optional[_Iterable[_Union[WorkerCommand, _Mapping]]] = ..., run_step: _Optional[bool] = ..., chunks: _Optional[_Mapping[str, int]] = ...) -> None: ...
+    census: bool
+    scheduler_id: str
+    def __init__(self, step_id: _Optional[int] = ..., commands: _Optional[_Iterable[_Union[WorkerCommand, _Mapping]]] = ..., run_step: _Optional[bool] = ..., chunks: _Optional[_Mapping[str, int]] = ..., census: _Optional[bool] = ..., scheduler_id: _Optional[str] = ...) -> None: ...
 
 class AbortJobs(_message.Message):
-    __slots__ = ("job_ids",)
+    __slots__ = ("job_ids", "through_step_id")
     JOB_IDS_FIELD_NUMBER: _ClassVar[int]
+    THROUGH_STEP_ID_FIELD_NUMBER: _ClassVar[int]
     job_ids: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, job_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+    through_step_id: int
+    def __init__(self, job_ids: _Optional[_Iterable[str]] = ..., through_step_id: _Optional[int] = ...) -> None: ...
 
 class WorkerCommand(_message.Message):
     __slots__ = ("admit", "pause", "resume", "abort")
@@ -161,7 +171,7 @@ class AbortJob(_message.Message):
     def __init__(self, job_id: _Optional[str] = ...) -> None: ...
 
 class StepReport(_message.Message):
-    __slots__ = ("step_id", "outputs", "step_duration_s", "num_prefill_tokens", "num_decode_tokens", "num_free_device_blocks", "num_free_host_blocks", "refused", "kv_states", "free_device_bytes", "num_seqs", "num_context_tokens", "chunk_starts", "chunk_tokens")
+    __slots__ = ("step_id", "outputs", "step_duration_s", "num_prefill_tokens", "num_decode_tokens", "num_free_device_blocks", "num_free_host_blocks", "refused", "kv_states", "free_device_bytes", "num_seqs", "num_context_tokens", "chunk_starts", "chunk_tokens", "census_job_ids")
     STEP_ID_FIELD_NUMBER: _ClassVar[int]
     OUTPUTS_FIELD_NUMBER: _ClassVar[int]
     STEP_DURATION_S_FIELD_NUMBER: _ClassVar[int]
@@ -176,6 +186,7 @@ class StepReport(_message.Message):
     NUM_CONTEXT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     CHUNK_STARTS_FIELD_NUMBER: _ClassVar[int]
     CHUNK_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    CENSUS_JOB_IDS_FIELD_NUMBER: _ClassVar[int]
     step_id: int
     outputs: _containers.RepeatedCompositeFieldContainer[JobOutput]
     step_duration_s: float
@@ -190,7 +201,8 @@ class StepReport(_message.Message):
     num_context_tokens: int
     chunk_starts: _containers.RepeatedScalarFieldContainer[int]
     chunk_tokens: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, step_id: _Optional[int] = ..., outputs: _Optional[_Iterable[_Union[JobOutput, _Mapping]]] = ..., step_duration_s: _Optional[float] = ..., num_prefill_tokens: _Optional[int] = ..., num_decode_tokens: _Optional[int] = ..., num_free_device_blocks: _Optional[int] = ..., num_free_host_blocks: _Optional[int] = ..., refused: _Optional[_Iterable[_Union[CommandResult, _Mapping]]] = ..., kv_states: _Optional[_Iterable[_Union[JobKvState, _Mapping]]] = ..., free_device_bytes: _Optional[int] = ..., num_seqs: _Optional[int] = ..., num_context_tokens: _Optional[int] = ..., chunk_starts: _Optional[_Iterable[int]] = ..., chunk_tokens: _Optional[_Iterable[int]] = ...) -> None: ...
+    census_job_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, step_id: _Optional[int] = ..., outputs: _Optional[_Iterable[_Union[JobOutput, _Mapping]]] = ..., step_duration_s: _Optional[float] = ..., num_prefill_tokens: _Optional[int] = ..., num_decode_tokens: _Optional[int] = ..., num_free_device_blocks: _Optional[int] = ..., num_free_host_blocks: _Optional[int] = ..., refused: _Optional[_Iterable[_Union[CommandResult, _Mapping]]] = ..., kv_states: _Optional[_Iterable[_Union[JobKvState, _Mapping]]] = ..., free_device_bytes: _Optional[int] = ..., num_seqs: _Optional[int] = ..., num_context_tokens: _Optional[int] = ..., chunk_starts: _Optional[_Iterable[int]] = ..., chunk_tokens: _Optional[_Iterable[int]] = ..., census_job_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class JobOutput(_message.Message):
     __slots__ = ("job_id", "token_ids", "finish_reason", "num_tokens")

@@ -32,7 +32,8 @@ class WorkerServiceStub:
     order: it applies each plan's commands, runs at most one model step over its
     running jobs and answers with a StepReport carrying the plan's step_id.
     AbortJobs takes effect at the worker's next step boundary, ahead of any plan it
-    holds (a cancelled job costs no step beyond the one running).
+    holds (a cancelled job costs no step beyond the one running); it rides the same
+    stream as the plans, so it always comes after the plan that admitted its jobs.
     """
 
     def __init__(self, channel):
@@ -55,7 +56,8 @@ class WorkerServiceServicer:
     order: it applies each plan's commands, runs at most one model step over its
     running jobs and answers with a StepReport carrying the plan's step_id.
     AbortJobs takes effect at the worker's next step boundary, ahead of any plan it
-    holds (a cancelled job costs no step beyond the one running).
+    holds (a cancelled job costs no step beyond the one running); it rides the same
+    stream as the plans, so it always comes after the plan that admitted its jobs.
     """
 
     def Connect(self, request_iterator, context):
@@ -87,7 +89,8 @@ class WorkerService:
     order: it applies each plan's commands, runs at most one model step over its
     running jobs and answers with a StepReport carrying the plan's step_id.
     AbortJobs takes effect at the worker's next step boundary, ahead of any plan it
-    holds (a cancelled job costs no step beyond the one running).
+    holds (a cancelled job costs no step beyond the one running); it rides the same
+    stream as the plans, so it always comes after the plan that admitted its jobs.
     """
 
     @staticmethod

@@ -83,7 +83,7 @@ def sampling_to_pb(params: SamplingParams) -> common_pb2.SamplingParams:
 
 
 def plan_to_pb(plan: StepPlan) -> worker_pb2.SchedulerMessage:
-    pb = worker_pb2.StepPlan(step_id=plan.step_id, run_step=plan.run_step, chunks=plan.chunks)
+    pb = worker_pb2.StepPlan(step_id=plan.step_id, run_step=plan.run_step, chunks=plan.chunks, census=plan.census)
     for command in plan.commands:
         wc = pb.commands.add()
         if isinstance(command, Admit):
@@ -122,11 +122,12 @@ def plan_from_pb(pb: worker_pb2.StepPlan) -> StepPlan:
     chunks = dict(pb.chunks)
     if any(n < 1 for n in chunks.values()):
         raise WireError("a chunk must feed at least one token")
-    return StepPlan(step_id=pb.step_id, commands=commands, run_step=pb.run_step, chunks=chunks)
+    return StepPlan(step_id=pb.step_id, commands=commands, run_step=pb.run_step, chunks=chunks,
+                    census=pb.census)
 
 
-def aborts_to_pb(job_ids: list[str]) -> worker_pb2.SchedulerMessage:
-    return worker_pb2.SchedulerMessage(abort=worker_pb2.AbortJobs(job_ids=job_ids))
+def aborts_to_pb(job_ids: list[str], through_step_id: int) -> worker_pb2.SchedulerMessage:
+    return worker_pb2.SchedulerMessage(abort=worker_pb2.AbortJobs(job_ids=job_ids, through_step_id=through_step_id))
 
 
 def report_to_pb(report: StepReport) -> worker_pb2.WorkerMessage:
@@ -136,7 +137,8 @@ def report_to_pb(report: StepReport) -> worker_pb2.WorkerMessage:
         num_free_device_blocks=report.num_free_device_blocks,
         num_free_host_blocks=report.num_free_host_blocks, num_seqs=report.num_seqs,
         num_context_tokens=report.num_context_tokens,
-        chunk_starts=[start for start, _ in report.chunks], chunk_tokens=[n for _, n in report.chunks])
+        chunk_starts=[start for start, _ in report.chunks], chunk_tokens=[n for _, n in report.chunks],
+        census_job_ids=report.census_job_ids)
     for out in report.outputs:
         pb.outputs.add(job_id=out.job_id, token_ids=out.token_ids,
                        finish_reason=finish_to_pb(out.finish_reason), num_tokens=out.num_tokens)
@@ -161,7 +163,7 @@ def report_from_pb(pb: worker_pb2.StepReport) -> StepReport:
         num_free_device_blocks=pb.num_free_device_blocks,
         num_free_host_blocks=pb.num_free_host_blocks, refused=refused, num_seqs=pb.num_seqs,
         num_context_tokens=pb.num_context_tokens,
-        chunks=list(zip(pb.chunk_starts, pb.chunk_tokens)))
+        chunks=list(zip(pb.chunk_starts, pb.chunk_tokens)), census_job_ids=list(pb.census_job_ids))
 
 
 #: Upper bounds on what a worker may claim (a lying or broken worker cannot make the

@@ -64,10 +64,12 @@ class StepPlan:
     run_step: bool = False
     #: job id -> tokens it feeds this step, for jobs with more than one uncomputed token.
     chunks: dict[str, int] = field(default_factory=dict)
+    #: The report lists every job the worker holds after the step (``alise.core.census``).
+    census: bool = False
 
     @property
     def is_empty(self) -> bool:
-        return not self.commands and not self.run_step
+        return not self.commands and not self.run_step and not self.census
 
 
 @dataclass(frozen=True)
@@ -103,6 +105,8 @@ class StepReport:
     num_seqs: int = 0
     num_context_tokens: int = 0
     chunks: list[tuple[int, int]] = field(default_factory=list)
+    #: With a census plan: every job the worker holds after the step, running or paused.
+    census_job_ids: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)

@@ -34,6 +34,10 @@ class InFlight:
     step_id: int
     #: Jobs that will produce a token in that step.
     outputs: set[str] = field(default_factory=set)
+    #: The plan asked for a census; the device blocks it left free on the worker (at most
+    #: what the worker reports: jobs can only have left since).
+    census: bool = False
+    planned_free_blocks: int = 0
 
 
 def check_report(report: StepReport, in_flight: deque[InFlight], jobs: dict[str, Job]) -> None:

@@ -36,6 +36,7 @@ import numpy as np
 
 from alise.core.admission import Budgets, select
 from alise.core.blocks import WorkerCapacity, blocks_for, held_device_blocks, held_host_blocks
+from alise.core.census import CensusFindings, Disagreements, check_census
 from alise.core.commands import (
     Abort, Admit, Command, HeldJob, KvAction, Pause, Resume, StepPlan, StepReport, TokenEvent,
 )
@@ -65,8 +66,11 @@ class WorkerView:
     pending: list[Command] = field(default_factory=list)
     #: Jobs to abort on the worker at its next step boundary, ahead of any plan.
     aborts: list[str] = field(default_factory=list)
+    #: Aborts sent: job id -> the last plan sent before the abort (``alise.core.census``).
+    aborting: dict[str, int] = field(default_factory=dict)
     in_flight: deque[InFlight] = field(default_factory=deque)
     next_step_id: int = 1
+    disagreements: Disagreements = field(default_factory=Disagreements)
 
     @property
     def worker_id(self) -> str:
@@ -139,14 +143,17 @@ class SchedulerCore:
             self._to_waiting(job, now_s)
         return moved
 
-    def adopt(self, worker_id: str, held: list[HeldJob], now_s: float) -> list[Job]:
+    def adopt(self, worker_id: str, held: list[HeldJob], now_s: float, *, own: bool = False) -> list[Job]:
         """Takes on the jobs a worker kept while it had no scheduler, paused on that worker with
         the KV it kept, and returns them. Those this core already knows are aborted on the
-        worker instead: their jobs live on here (re-queued when the worker was lost)."""
+        worker instead: their jobs live on here (re-queued when the worker was lost). ``own``:
+        this core handed the jobs out itself (the worker lost its stream to this scheduler,
+        not to one before it): each has since been re-queued, finished or cancelled here, so
+        all are aborted; adopting one would run it twice."""
         view = self.workers[worker_id]
         adopted = []
         for h in held:
-            if h.job_id in self.jobs:
+            if own or h.job_id in self.jobs:
                 view.aborts.append(h.job_id)
                 continue
             num_prompt = len(h.token_ids) - h.num_generated
@@ -191,13 +198,18 @@ class SchedulerCore:
             job.estimate = estimate
             self._put(job)
 
-    def take_aborts(self, worker_id: str) -> list[str]:
-        """Jobs the worker must abort before its next step (sent ahead of any plan)."""
+    def take_aborts(self, worker_id: str) -> tuple[list[str], int]:
+        """(jobs the worker must abort at its next step boundary, the last plan sent before
+        them): sent at once, ahead of the plans the worker holds, on the stream that carries
+        the plans (the worker skips an admit of one of them in a plan up to that one)."""
         view = self.workers.get(worker_id)
         if view is None or not view.aborts:
-            return []
+            return [], 0
         aborts, view.aborts = view.aborts, []
-        return aborts
+        through = view.next_step_id - 1
+        for job_id in aborts:
+            view.aborting[job_id] = through
+        return aborts, through
 
     def num_in_flight(self, worker_id: str) -> int:
         return len(self.workers[worker_id].in_flight)
@@ -214,7 +226,7 @@ class SchedulerCore:
         raises ``ReportError`` and nothing changes)."""
         view = self.workers[worker_id]
         check_report(report, view.in_flight, view.jobs)
-        view.in_flight.popleft()
+        expected = view.in_flight.popleft()
         for refusal in report.refused:
             job = view.jobs.get(refusal.job_id)
             if job is not None:
@@ -236,7 +248,31 @@ class SchedulerCore:
                 view.jobs.pop(job.job_id)
                 strike(view.in_flight, job.job_id)
                 self._finish(job, out.finish_reason, now_s)
+        if expected.census:
+            self._reconcile(view, report, expected.planned_free_blocks, now_s)
+        if view.aborting:  # an abort sent after this plan or an earlier one has taken effect
+            view.aborting = {j: t for j, t in view.aborting.items() if t > report.step_id}
         return events
+
+    def _reconcile(self, view: WorkerView, report: StepReport, planned_free_blocks: int,
+                   now_s: float) -> CensusFindings:
+        """Checks the worker's census (``alise.core.census``): ghosts are aborted, missing
+        jobs go back to the queue."""
+        findings = check_census(report.step_id, report.census_job_ids, view.jobs, view.aborting, view.aborts,
+                                planned_free_blocks=planned_free_blocks,
+                                reported_free_blocks=report.num_free_device_blocks)
+        view.disagreements.add(findings)
+        if findings.agrees:
+            return findings
+        logger.error("worker %s disagrees after step %d: %d jobs it holds are unknown here (aborted), "
+                     "%d jobs counted here it does not hold (recomputed), %d device blocks in use "
+                     "beyond the plan: %s", view.worker_id, report.step_id, len(findings.ghosts),
+                     len(findings.missing), findings.block_deficit,
+                     ", ".join([*findings.ghosts[:5], *(job.job_id for job in findings.missing[:5])]))
+        view.aborts.extend(findings.ghosts)
+        for job in findings.missing:
+            self._requeue(view, job, now_s)
+        return findings
 
     def _requeue(self, view: WorkerView, job: Job, now_s: float) -> None:
         """A refused command: the worker drops whatever it holds of the job, which goes back
@@ -248,11 +284,13 @@ class SchedulerCore:
 
     # ----------------------------------------------------------------- planning
 
-    def schedule(self, worker_id: str, now_s: float) -> StepPlan:
+    def schedule(self, worker_id: str, now_s: float, *, census: bool = False) -> StepPlan:
         """Plans the worker's next step on top of the steps in flight (an empty plan, when
-        there is nothing to do, is not in flight and need not be sent)."""
+        there is nothing to do, is not in flight and need not be sent). ``census``: the
+        report is to list the worker's jobs (a plan with nothing else to do still goes)."""
         view = self.workers[worker_id]
-        plan = StepPlan(step_id=view.next_step_id, commands=[Abort(j) for j in view.aborts] + view.pending)
+        plan = StepPlan(step_id=view.next_step_id, commands=[Abort(j) for j in view.aborts] + view.pending,
+                        census=census)
         view.aborts, view.pending = [], []
         slots, held = self._candidates(view)
         order, reserve = self._rank(slots, now_s)
@@ -266,7 +304,8 @@ class SchedulerCore:
         plan.run_step = bool(len(feed)) and bool(feed.any())
         if not plan.is_empty:
             view.next_step_id += 1
-            view.in_flight.append(InFlight(plan.step_id, outputs))
+            view.in_flight.append(InFlight(plan.step_id, outputs, census=census, planned_free_blocks=(
+                view.num_free_device_blocks if census else 0)))
         return plan
 
     def _candidates(self, view: WorkerView) -> tuple[np.ndarray, int]:
@@ -378,6 +417,7 @@ class SchedulerCore:
                 commands.append(Admit(job.job_id, job.all_token_ids(), job.worker_sampling,
                                       num_generated=job.num_output_tokens))
                 job.worker_id = view.worker_id
+                job.admit_step_id = view.next_step_id  # the plan being made
                 view.jobs[job.job_id] = job
             else:
                 commands.append(Resume(job.job_id))

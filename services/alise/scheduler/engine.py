@@ -4,7 +4,10 @@ gRPC handlers never touch the core. They post events (a new job, a cancel, a new
 estimate, a worker's hello, report or departure) to an inbox; one task applies them in order
 and, after each batch of events, keeps every worker ``plans_ahead`` plans ahead: a worker
 runs step k while the core plans step k + 1 from the report of step k - 1, so the GPU never
-waits for a plan. Aborts go out at once, ahead of any plan.
+waits for a plan. Aborts go out at once, on the plans' stream, ahead of the plans the worker
+holds. About once a second (``census_interval_s``) a plan asks each worker for the list of
+its jobs, which the core checks against its own (``alise.core.census``): a job the worker
+holds that the scheduler does not know is aborted on sight, and counted in status and metrics.
 
 A report is checked whole before it is applied (``alise.core.reports``); a worker that sends
 a bad one is disconnected and its jobs recompute elsewhere, no token repeated or lost. Any
@@ -21,12 +24,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections import deque
 from dataclasses import dataclass, field
 
 from alise.common.metrics import SchedulerMetrics
 from alise.core.blocks import WorkerCapacity
+from alise.core.census import Disagreements
 from alise.core.commands import HeldJob, StepPlan, StepReport, TokenEvent
 from alise.core.job import Job, JobStatus, LengthEstimate
 from alise.core.latency_model import LatencyModel
@@ -95,6 +100,15 @@ class CycleTimes:
                 f"applying {ms(self.apply_s):.2f} ms, planning {ms(self.schedule_s):.2f} ms")
 
 
+@dataclass(frozen=True)
+class AbortJobs:
+    """For a worker's stream: abort these jobs at the next step boundary; a plan up to
+    ``through_step_id`` that the worker has not run yet may admit one of them (it skips that)."""
+
+    job_ids: list[str]
+    through_step_id: int
+
+
 @dataclass
 class WorkerLink:
     """One connected worker's stream, as the engine sees it."""
@@ -110,6 +124,8 @@ class WorkerLink:
     times: CycleTimes = field(default_factory=CycleTimes)
     latency_profile: LatencyModel | None = None  # what the worker measured on its device
     held: list[HeldJob] = field(default_factory=list)  # jobs it kept while it had no scheduler
+    held_from: str = ""  # the scheduler_id they ran under
+    last_census_s: float = 0.0
 
     @property
     def worker_id(self) -> str:
@@ -120,7 +136,8 @@ class SchedulerEngine:
     def __init__(self, core: SchedulerCore, latency: LatencyModel, *,
                  max_queued: int = 4096, max_wait_no_worker_s: float = 30.0,
                  plans_ahead: int = 2, orphan_wait_s: float = 60.0, adoption_grace_s: float = 10.0,
-                 on_finish=None, on_failure=None, metrics: SchedulerMetrics | None = None) -> None:
+                 census_interval_s: float = 1.0, on_finish=None, on_failure=None,
+                 metrics: SchedulerMetrics | None = None) -> None:
         if plans_ahead < 1:
             raise ValueError(f"plans_ahead must be >= 1, got {plans_ahead}")
         self.core = core
@@ -128,6 +145,10 @@ class SchedulerEngine:
         self.max_queued = max_queued
         self.max_wait_no_worker_s = max_wait_no_worker_s
         self.plans_ahead = plans_ahead
+        #: Every this many seconds a plan asks each worker for its jobs (0: every plan).
+        self.census_interval_s = census_interval_s
+        #: Random at start: a worker that lost its stream to this very scheduler says so.
+        self.scheduler_id = os.urandom(8).hex()
         self.on_finish = on_finish
         self.on_failure = on_failure
         self.metrics = metrics or SchedulerMetrics()
@@ -320,12 +341,14 @@ class SchedulerEngine:
         self.links[link.worker_id] = link
         # A welcome: an empty plan whose report confirms the worker is executing plans.
         link.outbox.put_nowait(StepPlan(step_id=0))
-        for job in self.core.adopt(link.worker_id, link.held, now):
+        own = link.held_from == self.scheduler_id
+        for job in self.core.adopt(link.worker_id, link.held, now, own=own):
             self.orphans[job.job_id] = (job, now + self.orphan_wait_s)
         self._joined.set()
         if link.held:
-            logger.info("worker %s kept %d jobs: %d adopted, the rest aborted", link.worker_id,
-                        len(link.held), sum(1 for h in link.held if h.job_id in self.orphans))
+            logger.info("worker %s kept %d jobs%s: %d adopted, the rest aborted", link.worker_id, len(link.held),
+                        " under this scheduler (re-queued here since)" if own else "",
+                        sum(1 for h in link.held if h.job_id in self.orphans))
         logger.info("worker %s joined: %d device blocks of %d tokens, model %s on %s",
                     link.worker_id, link.capacity.num_device_blocks, link.capacity.block_size,
                     link.model, link.device)
@@ -413,6 +436,14 @@ class SchedulerEngine:
                        ([worker_id, "host", "free"], view.num_free_host_blocks),
                        ([worker_id, "host", "used"], cap.num_host_blocks - view.num_free_host_blocks)]
         yield ("alise_kv_blocks", "KV blocks per worker", ["worker", "where", "state"], blocks)
+        yield ("alise_worker_disagreements", "What censuses of a worker's jobs found since it connected: "
+               "jobs it held unknown here (ghost, aborted), jobs counted here it did not hold (missing, "
+               "recomputed), censuses with more device blocks in use than planned (block_deficit)",
+               ["worker", "kind"],
+               [([worker_id, kind], n) for worker_id, view in core.workers.items()
+                for kind, n in (("ghost", view.disagreements.num_ghosts),
+                                ("missing", view.disagreements.num_missing),
+                                ("block_deficit", view.disagreements.num_block_deficits))])
 
     def _observe_latency(self, link: WorkerLink, report: StepReport) -> None:
         if report.step_duration_s <= 0 or not report.num_seqs:
@@ -424,19 +455,23 @@ class SchedulerEngine:
                                   [n for _, n in report.chunks], [s for s, _ in report.chunks])
 
     def _dispatch(self, now: float) -> None:
-        """Aborts out at once, then every worker topped up to ``plans_ahead`` plans in flight."""
+        """Aborts out at once, then every worker topped up to ``plans_ahead`` plans in flight
+        (one of them a census when one is due)."""
         core = self.core
         for link in self.links.values():
-            aborts = core.take_aborts(link.worker_id)
+            aborts, through = core.take_aborts(link.worker_id)
             if aborts:
-                link.outbox.put_nowait(("abort", aborts))
+                link.outbox.put_nowait(AbortJobs(aborts, through))
             if not link.welcomed:
                 continue
             started = time.monotonic()
             while core.num_in_flight(link.worker_id) < self.plans_ahead:
-                plan = core.schedule(link.worker_id, now)
+                census = now - link.last_census_s >= self.census_interval_s
+                plan = core.schedule(link.worker_id, now, census=census)
                 if plan.is_empty:
                     break
+                if census:
+                    link.last_census_s = now
                 link.outbox.put_nowait(plan)
                 link.times.plans += 1
             link.times.schedule_s += time.monotonic() - started
@@ -486,7 +521,7 @@ class SchedulerEngine:
                 num_running=view.num_with_status(JobStatus.RUNNING) if view else 0,
                 num_paused=view.num_with_status(JobStatus.PAUSED) if view else 0,
                 last_step_ms=link.last_step_s * 1e3, num_steps=link.num_steps,
-                connected_s=time.monotonic() - link.connected_at_s))
+                connected_s=time.monotonic() - link.connected_at_s, **_disagreements(view)))
         return dict(
             policy=core.policy.name, workers=workers, num_waiting=len(core.waiting),
             num_running=core.num_with_status(JobStatus.RUNNING),
@@ -494,3 +529,10 @@ class SchedulerEngine:
             num_finished=core.num_finished, uptime_s=time.monotonic() - self.started_s,
             num_preemptions=sum(core.preemptions.values()),
             preemptions_by_action=dict(core.preemptions))
+
+
+def _disagreements(view) -> dict[str, int]:
+    """A worker's census totals, as status reports them."""
+    d = view.disagreements if view is not None else Disagreements()
+    return dict(num_censuses=d.num_censuses, num_ghost_jobs=d.num_ghosts, num_missing_jobs=d.num_missing,
+                num_block_deficits=d.num_block_deficits)

@@ -26,7 +26,7 @@ from alise.core.memory_planner import make_memory_planner
 from alise.core.policy import make_policy
 from alise.core.scheduler import SchedulerCore
 from alise.scheduler.config import SchedulerConfig
-from alise.scheduler.engine import JobFailed, SchedulerEngine, StreamClosing, WorkerLink
+from alise.scheduler.engine import AbortJobs, JobFailed, SchedulerEngine, StreamClosing, WorkerLink
 from alise.scheduler.estimates import LengthEstimator
 from alise.scheduler.listeners import SCHEDULER_SERVICE, WORKER_SERVICE, make_listeners
 from alise.scheduler.request_checks import (
@@ -314,7 +314,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         except wire.WireError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"bad hello: {exc}")
         link = WorkerLink(capacity, asyncio.Queue(), model=first.hello.model, device=first.hello.device,
-                          latency_profile=profile, held=held)
+                          latency_profile=profile, held=held, held_from=first.hello.held_from_scheduler_id)
         self.engine.worker_joined(link)
         reader = asyncio.create_task(self._read_reports(link, request_iterator))
         getter = None
@@ -325,14 +325,17 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                 if getter not in done:
                     getter.cancel()
                     return
-                item = getter.result()
-                if isinstance(item, str):
-                    yield worker_pb2.SchedulerMessage(shutdown=worker_pb2.Shutdown(reason=item))
-                    return
-                if isinstance(item, tuple):
-                    yield wire.aborts_to_pb(item[1])
-                    continue
-                yield wire.plan_to_pb(item)
+                match getter.result():
+                    case str(reason):
+                        yield worker_pb2.SchedulerMessage(shutdown=worker_pb2.Shutdown(reason=reason))
+                        return
+                    case AbortJobs(job_ids, through):
+                        yield wire.aborts_to_pb(job_ids, through)
+                    case plan:
+                        message = wire.plan_to_pb(plan)
+                        if plan.step_id == 0:  # the welcome
+                            message.plan.scheduler_id = self.engine.scheduler_id
+                        yield message
         finally:
             reader.cancel()
             if getter is not None:

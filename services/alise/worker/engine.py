@@ -8,6 +8,13 @@ leave at step boundaries. No torch here: the forward pass and sampling are an
 :class:`Executor`'s (``alise.worker.executor.ModelExecutor`` on a real worker, the latency
 model's in the simulator, which runs this very engine), the KV bytes a ``KvMover``'s.
 
+Aborts come two ways: as commands inside a plan (applied in order with the rest), and at
+once (``abort``), ahead of the plans the worker already holds. One of the latter names the
+last plan sent before it (``through``): a plan up to that one may still admit the job (the
+scheduler admitted it, then its client left), so the engine remembers the id until that plan
+has run and skips the admit. Without that, a job cancelled while its admit was in flight
+would run to its end on a worker whose scheduler no longer knows it.
+
 Token arithmetic (mirrored by ``alise.core.job``): a sequence of ``n`` tokens whose first ``c``
 positions are cached feeds tokens ``[c, c + k)`` in a step and needs ``ceil((c + k) / block_size)``
 blocks for it; when ``c + k = n`` the step samples one token, which is appended (not cached).
@@ -89,6 +96,10 @@ class WorkerEngine:
         # waiting forever for blocks that cannot exist.
         self.max_model_len = min(max_model_len, kv.allocator.num_blocks * kv.block_size)
         self.seqs: dict[str, Sequence] = {}
+        #: Aborted before their admit ran: job id -> the last plan that may still admit it.
+        self.aborted: dict[str, int] = {}
+        #: Step id of the last plan run (-1: none since ``new_session``).
+        self.last_step_id = -1
         #: The last step's shape as ``LatencyModel.fit`` takes it: (sequences, context tokens,
         #: chunk lengths, chunk starts); None before the first step.
         self.last_step_shape: tuple[int, int, list[int], list[int]] | None = None
@@ -128,6 +139,9 @@ class WorkerEngine:
         return None
 
     def _admit(self, command: Admit) -> str | None:
+        if command.job_id in self.aborted:
+            logger.debug("admit of %s skipped: aborted before its plan ran", command.job_id)
+            return None
         if command.job_id in self.seqs:
             return f"job {command.job_id} is already on this worker"
         if not command.token_ids:
@@ -145,12 +159,20 @@ class WorkerEngine:
             num_generated=command.num_generated, generator=generator)
         return None
 
-    def abort(self, job_ids) -> None:
-        """Immediate aborts (ahead of any plan): unknown ids are ignored."""
+    def abort(self, job_ids, through: int = -1) -> None:
+        """Immediate aborts, ahead of the plans held: a job here is released; one not here yet
+        is remembered until plan ``through`` (the last sent before the abort) has run."""
         for job_id in job_ids:
             seq = self.seqs.get(job_id)
             if seq is not None:
                 self._release(seq)
+            elif through > self.last_step_id:
+                self.aborted[job_id] = through
+
+    def new_session(self) -> None:
+        """A new scheduler stream: step ids start again, and no plan of the last one runs."""
+        self.aborted.clear()
+        self.last_step_id = -1
 
     def _release(self, seq: Sequence) -> None:
         self.kv.release(seq)
@@ -183,6 +205,11 @@ class WorkerEngine:
         report.refused = refused + report.refused
         report.num_free_device_blocks = self.kv.num_free_device
         report.num_free_host_blocks = self.kv.num_free_host
+        if plan.census:
+            report.census_job_ids = list(self.seqs)
+        self.last_step_id = plan.step_id
+        if self.aborted:
+            self.aborted = {job_id: t for job_id, t in self.aborted.items() if t > plan.step_id}
         return report
 
     def step(self, plan: StepPlan) -> StepReport:

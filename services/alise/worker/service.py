@@ -111,8 +111,11 @@ class Worker:
         self.worker_id = config.resolved_worker_id
         self.engine = engine
         self.identity = identity
-        #: Jobs kept after the last scheduler was lost, for the next one to adopt.
+        #: Jobs kept after the last scheduler was lost, for the next one to adopt, and the
+        #: scheduler_id they ran under (that of the session's welcome).
         self._held: list = []
+        self._held_from = ""
+        self._scheduler_id = ""
         self.loaded: LoadedModel | None = None
         self.latency_model: LatencyModel | None = None
         self.health: grpc_server.ServingStatus | None = None
@@ -184,7 +187,7 @@ class Worker:
             vocab_size=ident.vocab_size, eos_token_id=-1 if ident.eos_token_id is None else ident.eos_token_id,
             block_bytes=ident.block_bytes, max_num_seqs=cfg.max_num_seqs,
             max_num_batched_tokens=self.token_budget(), model_id=ident.model_id,
-            held_jobs=[wire.held_to_pb(job) for job in self._held],
+            held_jobs=[wire.held_to_pb(job) for job in self._held], held_from_scheduler_id=self._held_from,
             latency_profile_json=self.latency_model.to_json() if self.latency_model else ""))
 
     def token_budget(self) -> int:
@@ -227,7 +230,7 @@ class Worker:
             if self._stopping.is_set():
                 break
             if keep and self.engine.seqs and not self._held:
-                self._held = self.engine.hold()
+                self._held, self._held_from = self.engine.hold(), self._scheduler_id
                 held_until = time.monotonic() + self.config.orphan_ttl_s
                 logger.warning("lost the scheduler; keeping %d jobs for %g s for it to adopt",
                                len(self._held), self.config.orphan_ttl_s)
@@ -244,7 +247,7 @@ class Worker:
     def _drop_held(self) -> None:
         if self.engine is not None:
             self.engine.abort_all()
-        self._held = []
+        self._held, self._held_from = [], ""
 
     async def _session(self) -> bool:
         """One connection; returns whether the jobs should be kept for the next one."""
@@ -254,6 +257,8 @@ class Worker:
         async with channel:
             call = worker_pb2_grpc.WorkerServiceStub(channel).Connect(metadata=sec.internal_metadata())
             await call.write(self.hello())
+            self._scheduler_id = ""
+            self.engine.new_session()
             steps = StepLoop(self, asyncio.get_running_loop())
             tasks = {asyncio.ensure_future(self._read(call, steps)): "read",
                      asyncio.ensure_future(self._write(call, steps)): "write",
@@ -291,12 +296,13 @@ class Worker:
                 logger.warning("scheduler closed the stream: %s", message.shutdown.reason)
                 return "shutdown"
             if kind == "abort":
-                steps.abort(list(message.abort.job_ids))
+                steps.abort(list(message.abort.job_ids), message.abort.through_step_id)
                 continue
             plan = wire.plan_from_pb(message.plan)
             if not self.connected.is_set():
                 logger.info("worker %s attached to %s", self.worker_id, self.config.scheduler_address)
-                self._held = []  # the scheduler has them now (adopted or aborted)
+                self._scheduler_id = message.plan.scheduler_id
+                self._held, self._held_from = [], ""  # the scheduler has them now (adopted or aborted)
                 self.connected.set()
                 if self.health:
                     await self.health.set(True)
@@ -414,8 +420,8 @@ class StepLoop:
     def submit(self, plan: StepPlan) -> None:
         self._plans.put(plan)
 
-    def abort(self, job_ids: list[str]) -> None:
-        self._aborts.put(job_ids)
+    def abort(self, job_ids: list[str], through_step_id: int) -> None:
+        self._aborts.put((job_ids, through_step_id))
         self._plans.put(_WAKE)  # an idle thread frees the jobs now, not at its next plan
 
     async def close(self) -> None:
@@ -432,7 +438,7 @@ class StepLoop:
             if plan is None:
                 return
             while not self._aborts.empty():
-                engine.abort(self._aborts.get())
+                engine.abort(*self._aborts.get())
             if plan is _WAKE:
                 continue
             started = time.monotonic()
