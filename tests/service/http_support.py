@@ -17,9 +17,11 @@ from alise.http.config import HttpConfig
 from alise.http.server import HttpServer, start_http
 from cluster_fixtures import InProcessCluster, cluster
 
-#: A chat template in the style of the instruction-tuned checkpoints (Zephyr's).
+#: A chat template in the style of the instruction-tuned checkpoints (Zephyr's), with a switch
+#: of its own (Qwen3's ``enable_thinking``) that requests set through chat_template_kwargs.
 CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}</s>\n{% endfor %}"
-                 "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+                 "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+                 "{% if enable_thinking is defined and not enable_thinking %}<think></think>\n{% endif %}")
 
 
 def with_chat_template(model_dir: Path, out: Path) -> Path:

@@ -226,3 +226,26 @@ def test_listening_socket_sends_events_without_nagle_delay():
         assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
     finally:
         sock.close()
+
+
+def test_text_prompts_are_bounded_in_characters_before_they_are_tokenized(live, monkeypatch):
+    from alise.client import InvalidRequest
+    from alise.scheduler.request_checks import MAX_CHARS_PER_TOKEN
+
+    servicer = live.cluster.scheduler.servicer
+    encoded = []
+    real_encode = servicer._encode
+    monkeypatch.setattr(servicer, "_encode", lambda text: encoded.append(len(text)) or real_encode(text))
+    limit = 256 * MAX_CHARS_PER_TOKEN  # the live door's context is 256 tokens
+    with Client(live.address) as client:
+        for num_chars in (limit + 1, 1_000_000):  # parsed, and refused from its raw bytes
+            with pytest.raises(InvalidRequest, match=f"holds at most {limit} characters of text"):
+                client.complete("a" * num_chars, max_tokens=2)
+        # Within the bound it is tokenized, and refused by its token count.
+        with pytest.raises(InvalidRequest, match="the model's context is 256 tokens"):
+            client.complete("word " * (limit // 5), max_tokens=2)
+    assert encoded == [limit // 5 * 5]
+    chat = httpx.post(f"{live.base_url}/v1/chat/completions", timeout=60,
+                      json={"messages": [{"role": "user", "content": "b" * (limit + 1)}]})
+    assert chat.status_code == 400 and f"messages have {limit + 1} characters" in chat.json()["error"]["message"]
+    live.assert_serving()

@@ -2,7 +2,11 @@
 
 Everything a route answers comes from the scheduler's public gRPC API: the model from
 ``GetStatus`` (with the caller's bearer token, so the scheduler's token check decides who may
-list it), health from ``grpc.health.v1``, generations from ``Generate``.
+list it), health from ``grpc.health.v1``, metrics from ``GetMetrics``, generations from
+``Generate``.
+
+No error a client can cause logs a traceback: an exception no handler expected is answered
+500 and logged in one line (its traceback at DEBUG), at most 20 at once and 2 a second.
 """
 
 from __future__ import annotations
@@ -14,12 +18,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import metadata
 
+import grpc
 from alise.client import AliseError, AsyncClient
+from alise.common.logs import LogLimiter
 from alise.http.chat import ChatRenderer
 from alise.http.config import HttpConfig
 from alise.http.endpoints import CompletionEndpoint, bearer_token
-from alise.http.errors import ApiError, from_alise_error
-from alise.http.metrics import HttpMetrics
+from alise.http.errors import UNAVAILABLE_RETRY_AFTER_S, ApiError, from_alise_error, unavailable
+from alise.http.metrics import HttpMetrics, merged_exposition
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -28,6 +34,9 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 logger = logging.getLogger(__name__)
+
+#: How often a call to a scheduler that cannot be reached is tried again, within the bound.
+_RETRY_S = 0.25
 
 
 @dataclass(frozen=True)
@@ -39,24 +48,41 @@ class ServedModel:
 
 
 class SchedulerHealth:
-    """Polls the scheduler's grpc.health.v1; ``status`` is its last answer (or why none came)."""
+    """Polls the scheduler's grpc.health.v1. ``status`` is what /health reports: its last
+    answer, or why none came once ``max_failures`` checks in a row went unanswered (one slow
+    check under load is no outage). ``last_code`` is the last check's own outcome: None when
+    it was answered, else the gRPC code (UNAVAILABLE: nothing listens, a restart)."""
 
-    def __init__(self, client: AsyncClient, interval_s: float,
-                 on_change: Callable[[bool], None] | None = None) -> None:
+    def __init__(self, client: AsyncClient, interval_s: float, timeout_s: float | None = None,
+                 max_failures: int = 1, on_change: Callable[[bool], None] | None = None) -> None:
         self.client = client
         self.interval_s = interval_s
+        self.timeout_s = timeout_s or interval_s
+        self.max_failures = max_failures
         self.on_change = on_change
         self.status = "UNKNOWN"
+        self.last_code: grpc.StatusCode | None = None
+        self.num_failures = 0
 
     @property
     def is_serving(self) -> bool:
         return self.status == "SERVING"
 
+    @property
+    def is_unreachable(self) -> bool:
+        """The last check found no scheduler to talk to (restarting, or down)."""
+        return self.last_code == grpc.StatusCode.UNAVAILABLE
+
     async def poll_once(self) -> None:
         try:
-            status = await self.client.health(timeout_s=self.interval_s)
+            status = await self.client.health(timeout_s=self.timeout_s)
+            self.last_code, self.num_failures = None, 0
         except AliseError as exc:
+            self.last_code = exc.code
+            self.num_failures += 1
             status = f"unreachable ({exc.code.name})"
+            if self.num_failures < self.max_failures and self.status != "UNKNOWN":
+                return
         if status != self.status:
             logger.info("scheduler %s: %s", self.client.address, status)
             was = self.is_serving
@@ -75,23 +101,69 @@ class Door:
         self.config = config
         self.client = client
         self.metrics = HttpMetrics()
-        self.health = SchedulerHealth(client, config.health_interval_s)
+        self.health = SchedulerHealth(client, config.health_interval_s, config.health_timeout_s,
+                                      config.health_failures)
         self.started_s = time.time()
         self._served: ServedModel | None = None
         self._lock = asyncio.Lock()
         self.warming: asyncio.Task | None = None
+        #: Requests being relayed now.
+        self.num_in_flight = 0
+        #: Set when the door stops: new requests are refused, streams still open end (503).
+        self.draining = False
+        self.closing = asyncio.Event()
+        self.refusals = LogLimiter(logger)
+        self._errors = LogLimiter(logger)
+
+    def wait_bound_s(self) -> float:
+        """How long a request may wait for the scheduler to accept it: the restart bound while
+        the scheduler cannot be reached (never past the request's deadline), else the bound
+        for one that is reachable but silent."""
+        if self.health.is_unreachable:
+            return min(self.config.scheduler_wait_s, self.config.request_timeout_s)
+        return self.config.accept_timeout_s
+
+    async def check_caller(self, token: str | None) -> None:
+        """Raises the scheduler's refusal (UNAUTHENTICATED) unless ``token`` may call it."""
+        await self.client.status(token=token, timeout_s=self.config.accept_timeout_s)
+
+    def api_error(self, exc: AliseError) -> ApiError:
+        return from_alise_error(exc, self.client.address)
+
+    def log_error(self, what: str, exc: BaseException) -> None:
+        """One line (rate-limited) for an exception no handler expected; its traceback at DEBUG."""
+        self._errors.log(logging.ERROR, "%s: %s: %s", what, type(exc).__name__, exc)
+        logger.debug("%s", what, exc_info=exc)
 
     async def served_model(self, token: str | None) -> ServedModel:
         """The model, looked up once (with the door's token, else the caller's)."""
         if self._served is None:
-            await self._learn(await self.client.status(token=self.config.scheduler_token or token))
+            await self._learn(await self.status(self.config.scheduler_token or token))
         return self._served
+
+    async def status(self, token: str | None):
+        """The scheduler's GetStatus, waited for as a generation waits to be accepted (a
+        scheduler that cannot be reached is tried again within the bound); past the bound,
+        ApiError 503 with Retry-After."""
+        started = time.monotonic()
+        while True:
+            left = started + self.wait_bound_s() - time.monotonic()
+            try:
+                return await self.client.status(token=token, timeout_s=max(left, 0.1))
+            except AliseError as exc:
+                retryable = exc.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+                if not retryable:
+                    raise
+                if exc.code == grpc.StatusCode.DEADLINE_EXCEEDED or time.monotonic() - started >= self.wait_bound_s():
+                    raise unavailable(f"the scheduler did not answer within {self.wait_bound_s():g} s (it may be "
+                                      "restarting or overloaded); retry shortly") from None
+            await asyncio.sleep(min(_RETRY_S, max(left, 0.0)))
 
     async def warm_up(self) -> None:
         """Looks the model up (and loads a chat template) before the first request needs it."""
         try:
             await self.served_model(None)
-        except AliseError as exc:  # e.g. the scheduler wants a token: the first caller's will do
+        except (AliseError, ApiError) as exc:  # e.g. the scheduler wants a token: the first caller's will do
             logger.info("model lookup deferred to the first request: %s", exc)
 
     async def _learn(self, status) -> None:
@@ -109,23 +181,37 @@ class Door:
     async def models(self, request: Request) -> Response:
         try:
             # The caller's credential decides, as it does for a generation.
-            await self._learn(await self.client.status(token=bearer_token(request)))
+            await self._learn(await self.status(bearer_token(request)))
         except AliseError as exc:
-            return self._answer("models", from_alise_error(exc).response())
+            return self._answer("models", self.api_error(exc).response())
+        except ApiError as error:
+            return self._answer("models", error.response())
         served = self._served
         card = {"id": served.name, "object": "model", "created": int(self.started_s), "owned_by": "alise",
                 "root": served.root, "max_model_len": served.max_model_len}
         return self._answer("models", JSONResponse({"object": "list", "data": [card]}))
 
     async def health_route(self, request: Request) -> Response:
-        if self.health.is_serving:
+        if self.health.is_serving and not self.draining:
             return self._answer("health", JSONResponse({"status": "ok"}))
-        error = ApiError(503, f"the scheduler at {self.client.address} is {self.health.status}",
-                         code="scheduler_not_serving")
+        status = "draining" if self.draining else self.health.status
+        error = ApiError(503, f"the scheduler is {status}", code="scheduler_not_serving",
+                         retry_after_s=UNAVAILABLE_RETRY_AFTER_S)
         return self._answer("health", error.response())
 
     async def metrics_route(self, request: Request) -> Response:
-        return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        m = self.metrics
+        try:
+            text, model = await self.client.metrics(timeout_s=self.config.accept_timeout_s,
+                                                    token=self.config.scheduler_token or bearer_token(request))
+            m.scheduler_up.set(1)
+        except AliseError as exc:
+            self.refusals.log(logging.INFO, "metrics without the scheduler's: %s", exc.code.name)
+            text, model = "", None
+            m.scheduler_up.set(0)
+        name = self.config.served_model_name or model or (self._served.name if self._served else None)
+        body = merged_exposition(text, generate_latest(m.registry).decode(), name)
+        return Response(body, media_type=CONTENT_TYPE_LATEST)
 
     async def version(self, request: Request) -> Response:
         return self._answer("version", JSONResponse({"version": metadata.version("alise")}))
@@ -144,12 +230,25 @@ async def _http_error(request: Request, exc: HTTPException) -> Response:
     return response
 
 
-async def _server_error(request: Request, exc: Exception) -> Response:
-    logger.exception("unhandled error on %s", request.url.path)
-    return ApiError(500, "internal error in the HTTP door", code="internal").response()
+class _Answered:
+    """The outermost layer: Starlette answers an unexpected exception (500, logged in one line)
+    and then re-raises it for the server to log; here it stops, so uvicorn logs no traceback."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await self.app(scope, receive, send)
+        except Exception:  # noqa: BLE001 - answered and logged by the 500 handler
+            pass
 
 
-def build_app(door: Door) -> Starlette:
+def build_app(door: Door):
+    async def server_error(request: Request, exc: Exception) -> Response:
+        door.log_error(f"unhandled error on {request.method} {request.url.path}", exc)
+        return ApiError(500, "internal error in the HTTP door", code="internal").response()
+
     routes = [
         Route("/v1/models", door.models, methods=["GET"]),
         Route("/v1/completions", CompletionEndpoint(door, chat=False), methods=["POST"]),
@@ -158,4 +257,5 @@ def build_app(door: Door) -> Starlette:
         Route("/metrics", door.metrics_route, methods=["GET"]),
         Route("/version", door.version, methods=["GET"]),
     ]
-    return Starlette(routes=routes, exception_handlers={HTTPException: _http_error, Exception: _server_error})
+    return _Answered(Starlette(routes=routes, exception_handlers={HTTPException: _http_error,
+                                                                  Exception: server_error}))

@@ -11,6 +11,11 @@ tokenizer without a template) uses the plain template, sent as text::
     Assistant:
 
 one line per message with the role's name, then ``Assistant:`` for the reply.
+
+A request's ``chat_template_kwargs`` (vLLM's: ``{"enable_thinking": false}``, say) reach the
+template as variables; a template that does not use one ignores it, as in vLLM, and the plain
+template uses none. Messages are bounded in characters before anything renders or tokenizes
+them (``check_length``), by the same rule as the scheduler's text prompts.
 """
 
 from __future__ import annotations
@@ -19,11 +24,19 @@ import logging
 from pathlib import Path
 
 from alise.http.errors import bad_request
+from alise.scheduler.request_checks import max_text_chars, text_too_long
 
 logger = logging.getLogger(__name__)
 
 ROLE_NAMES = {"system": "System", "developer": "System", "user": "User", "assistant": "Assistant",
               "tool": "Tool"}
+
+
+def check_length(messages: list[dict], max_model_len: int) -> None:
+    """Raises ApiError (400) when the messages hold more text than the context can."""
+    num_chars = sum(len(m["content"]) for m in messages)
+    if num_chars > max_text_chars(max_model_len):
+        raise bad_request(text_too_long(num_chars, max_model_len, subject="messages have"), param="messages")
 
 
 def render_plain(messages: list[dict]) -> str:
@@ -54,12 +67,13 @@ class ChatRenderer:
     def template_name(self) -> str:
         return "plain" if self.tokenizer is None else "tokenizer"
 
-    def render(self, messages: list[dict]) -> str | list[int]:
+    def render(self, messages: list[dict], template_kwargs: dict | None = None) -> str | list[int]:
         """Blocking (a template and a tokenizer run): call it off the event loop."""
         if self.tokenizer is None:
             return render_plain(messages)
         try:
-            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
+                                                      **(template_kwargs or {}))
         except Exception as exc:  # noqa: BLE001 - a template refusing the messages is bad input
             raise bad_request(f"messages: the chat template refused them: {exc}", param="messages") from None
         return self.tokenizer.encode(text, add_special_tokens=False)

@@ -28,11 +28,35 @@ class HttpConfig:
     request_timeout_s: float = 600.0
     #: Largest request body accepted (413 beyond): the scheduler's 16 MiB message limit.
     max_body_bytes: int = 16 * 1024 * 1024
-    #: Open connections beyond which the server answers 503 (the outer backstop; the scheduler's
-    #: queue limit, as 429, comes first).
+    #: Open connections at most (the outer backstop; the scheduler's queue limit, as 429, comes
+    #: first). At the limit a new connection closes the one idle longest (no request in
+    #: progress); with none idle it is answered 503.
     max_connections: int = 8192
-    #: How often the scheduler's health is polled.
+    #: Connections one client (remote IP) may hold with no request in progress; past it, its
+    #: connection idle longest (and idle 1 s at least) is closed. Requests in progress are
+    #: never counted, so a client may run as many as it likes.
+    max_idle_connections_per_client: int = 64
+    #: A connection whose request line and headers are not all in within this long of its first
+    #: byte (or of opening) is answered 408 and closed.
+    header_timeout_s: float = 10.0
+    #: A request body not all in within this long of its headers is answered 408.
+    body_timeout_s: float = 30.0
+    #: Largest request line plus headers (431 beyond).
+    max_header_bytes: int = 64 * 1024
+    #: A kept-alive connection with no new request for this long is closed (uvicorn's).
+    keep_alive_timeout_s: float = 5.0
+    #: How long a request waits for a scheduler that cannot be reached (one restarting), never
+    #: past its own deadline, before it is answered 503 with Retry-After.
+    scheduler_wait_s: float = 5.0
+    #: How long a request waits for a scheduler that is reachable but accepts nothing (hung),
+    #: before it is answered 503 with Retry-After.
+    accept_timeout_s: float = 1.5
+    #: How often the scheduler's health is polled, how long one check may take, and how many
+    #: checks in a row must fail (no answer in time) before /health says 503. An answer of
+    #: NOT_SERVING (a draining scheduler) counts at once.
     health_interval_s: float = 0.5
+    health_timeout_s: float = 2.0
+    health_failures: int = 3
     #: Seconds in-flight requests get to finish on SIGTERM.
     drain_grace_s: float = 10.0
     #: Bearer token for the door's own calls (the model lookup) when the scheduler requires one;
@@ -50,10 +74,13 @@ class HttpConfig:
                 split_host_port(getattr(self, name))
             except ValueError:
                 raise ValueError(f"{name} must look like HOST:PORT, got {getattr(self, name)!r}") from None
-        for name in ("request_timeout_s", "health_interval_s", "drain_grace_s"):
+        for name in ("request_timeout_s", "health_interval_s", "health_timeout_s", "drain_grace_s",
+                     "header_timeout_s", "body_timeout_s", "keep_alive_timeout_s", "scheduler_wait_s",
+                     "accept_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-        for name in ("max_body_bytes", "max_connections"):
+        for name in ("max_body_bytes", "max_connections", "max_idle_connections_per_client",
+                     "max_header_bytes", "health_failures"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.served_model_name is not None and not self.served_model_name.strip():

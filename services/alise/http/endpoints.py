@@ -1,32 +1,35 @@
 """``POST /v1/completions`` and ``POST /v1/chat/completions``, as raw ASGI endpoints.
 
 Raw ASGI rather than a framework response class, because the door needs two things most
-response helpers hide:
+response helpers hide: the status line waits for the scheduler's verdict (``relay``), and the
+connection is watched from the moment the body is read: a client that goes away, while
+queued, streaming or waiting for a whole completion, cancels its gRPC call at once.
 
-* the status line waits for the scheduler's verdict, so a refused request (400, 401, 429,
-  503) gets its status and JSON body even when it asked to stream. A stream's status line and
-  headers go out the moment the scheduler accepts it (its ``alise-accepted`` metadata), while
-  the job is queued, so the first token is one write; an error after that (the deadline, no
-  worker in time) travels as an error event, as vLLM's do. A whole completion's status waits
-  for its end;
-* the connection is watched from the moment the body is read: a client that goes away,
-  while queued, streaming or waiting for a whole completion, cancels its gRPC call at once.
+Before anything is relayed, a request is read within ``body_timeout_s`` (408 past it) and
+``max_body_bytes`` (413), parsed, checked for text that cannot be encoded (a lone UTF-16
+surrogate: 400), its caller checked by the scheduler when the model it names is not the one
+served (401 before the 404 that names the served model), and a chat's messages bounded in
+characters and rendered off the event loop. Refusals are logged at most 20 at once and 2 a
+second; an exception no check expected is answered 500 and logged in one line.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
 import uuid
 
 from alise.client import AliseError
-from alise.common.logs import request_id_var
-from alise.http.errors import ApiError, from_alise_error
-from alise.http.generation import Piece, pieces
-from alise.http.protocol import GenerationRequest, parse_request
-from alise.http.shapes import SSE_DONE, Facts, Shaper, sse
+from alise.common.logs import preview, request_id_var
+from alise.http.chat import check_length
+from alise.http.errors import ApiError, bad_request
+from alise.http.protocol import SURROGATE_ESCAPE, lone_surrogate_at, parse_request
+from alise.http.relay import Relay, send_json
+from alise.http.shapes import Facts, Shaper
+from alise.scheduler.request_checks import check_request_id
 from starlette.requests import Request
 
 logger = logging.getLogger(__name__)
@@ -35,21 +38,33 @@ logger = logging.getLogger(__name__)
 CLIENT_CLOSED = 499
 
 
-async def read_json(request: Request, max_bytes: int):
+async def read_json(request: Request, max_bytes: int, timeout_s: float):
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > max_bytes:
         raise ApiError(413, f"the request body has {int(declared)} bytes; the limit is {max_bytes}",
                        code="body_too_large")
     parts, size = [], 0
-    async for part in request.stream():
-        size += len(part)
-        if size > max_bytes:
-            raise ApiError(413, f"the request body exceeds the limit of {max_bytes} bytes", code="body_too_large")
-        parts.append(part)
     try:
-        return json.loads(b"".join(parts))
+        async with asyncio.timeout(timeout_s):
+            async for part in request.stream():
+                size += len(part)
+                if size > max_bytes:
+                    raise ApiError(413, f"the request body exceeds the limit of {max_bytes} bytes",
+                                   code="body_too_large")
+                parts.append(part)
+    except TimeoutError:
+        raise ApiError(408, f"the request body did not arrive within {timeout_s:g} s",
+                       code="request_timeout") from None
+    raw = b"".join(parts)
+    try:
+        body = json.loads(raw)
     except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise ApiError(400, f"the request body is not valid JSON: {exc}", code="invalid_json") from None
+    where = lone_surrogate_at(body) if SURROGATE_ESCAPE.search(raw) else None
+    if where is not None:
+        raise bad_request(f"{where} holds a lone UTF-16 surrogate (a \\ud800-\\udfff escape without "
+                          "its pair): text must be valid Unicode", param=where, code="invalid_unicode")
+    return body
 
 
 def bearer_token(request: Request) -> str | None:
@@ -57,109 +72,10 @@ def bearer_token(request: Request) -> str | None:
     return (token.strip() or None) if scheme.lower() == "bearer" else None
 
 
-async def send_json(send, status: int, obj: dict, headers: dict[str, str] | None = None) -> None:
-    body = json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode()
-    raw = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    raw += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
-    await send({"type": "http.response.start", "status": status, "headers": raw})
-    await send({"type": "http.response.body", "body": body})
-
-
 async def until_disconnect(receive) -> None:
     """Returns when the client has gone (or the response is complete: the server says so too)."""
     while (await receive())["type"] != "http.disconnect":
         pass
-
-
-class Relay:
-    """Sends one request's answer: an error, a whole completion, or a stream of events."""
-
-    def __init__(self, door, req: GenerationRequest, prompt, shaper: Shaper, facts: Facts,
-                 token: str | None, arrival_s: float) -> None:
-        self.door, self.req, self.prompt, self.shaper, self.facts = door, req, prompt, shaper, facts
-        self.token, self.arrival_s = token, arrival_s
-        self.status = 0
-        self.finish_reason = ""
-        #: Set just before the last send, so a wake-up of the disconnect watcher caused by the
-        #: response completing is not taken for a client that left.
-        self.done = False
-
-    async def run(self, send) -> None:
-        opened = (lambda: self._open(send)) if self.req.stream else None
-        stream = pieces(self.door.client, self.req, self.prompt, self.facts, token=self.token,
-                        timeout_s=self.door.config.request_timeout_s, on_accepted=opened)
-        try:
-            first = await anext(stream)
-        except AliseError as exc:
-            if self.status:  # the stream is open: the error is its last event
-                await self._end_with_error(exc, send)
-            else:
-                await self.refuse(send, from_alise_error(exc))
-            return
-        self.door.metrics.ttft.observe(time.monotonic() - self.arrival_s)
-        if self.req.stream:
-            await self._stream(first, stream, send)
-        else:
-            await self._whole(first, stream, send)
-
-    async def refuse(self, send, error: ApiError) -> None:
-        self.status, self.done = error.status, True
-        await send_json(send, error.status, error.body(), error.headers())
-
-    async def _whole(self, piece: Piece, stream, send) -> None:
-        texts, ids = [piece.text], list(piece.token_ids)
-        try:
-            while piece.finish_reason is None:
-                piece = await anext(stream)
-                texts.append(piece.text)
-                ids.extend(piece.token_ids)
-        except AliseError as exc:
-            await self.refuse(send, from_alise_error(exc))
-            return
-        self.status, self.finish_reason, self.done = 200, piece.finish_reason, True
-        await send_json(send, 200, self.shaper.whole("".join(texts), ids, piece.finish_reason, self.facts),
-                        {"x-request-id": self.facts.request_id})
-
-    async def _event(self, send, data: bytes) -> None:
-        await send({"type": "http.response.body", "body": data, "more_body": True})
-
-    async def _open(self, send) -> None:
-        """The stream's status line and headers (and a chat's role event), once accepted."""
-        self.status = 200
-        await send({"type": "http.response.start", "status": 200, "headers": [
-            (b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache"),
-            (b"x-request-id", self.facts.request_id.encode())]})
-        if self.shaper.chat:
-            await self._event(send, sse(self.shaper.role_chunk()))
-
-    async def _end_with_error(self, exc: AliseError, send) -> None:
-        # The status line is sent already: the error travels as an event, as vLLM's does.
-        error = from_alise_error(exc)
-        self.finish_reason = f"error {error.status}"
-        await self._event(send, sse(error.body()))
-        self.done = True
-        await send({"type": "http.response.body", "body": SSE_DONE, "more_body": False})
-
-    async def _stream(self, piece: Piece, stream, send) -> None:
-        if not self.status:  # the scheduler's metadata did not come first (it always does)
-            await self._open(send)
-        shaper, include_usage = self.shaper, self.req.include_usage
-        try:
-            while True:
-                if piece.text or piece.finish_reason or self.req.return_token_ids:
-                    await self._event(send, sse(shaper.chunk(piece.text, piece.token_ids, piece.finish_reason,
-                                                             self.facts, include_usage)))
-                if piece.finish_reason is not None:
-                    break
-                piece = await anext(stream)
-            self.finish_reason = piece.finish_reason
-            if include_usage:
-                await self._event(send, sse(shaper.usage_chunk(self.facts)))
-        except AliseError as exc:
-            await self._end_with_error(exc, send)
-            return
-        self.done = True
-        await send({"type": "http.response.body", "body": SSE_DONE, "more_body": False})
 
 
 class CompletionEndpoint:
@@ -171,14 +87,13 @@ class CompletionEndpoint:
     async def __call__(self, scope, receive, send) -> None:
         arrival_s = time.monotonic()
         request = Request(scope, receive)
-        request_id = uuid.uuid4().hex
-        request_id_var.set(request_id)
+        request_id_var.set(uuid.uuid4().hex)
         token = bearer_token(request)
         try:
-            req, prompt, model_name = await self._prepare(request, token)
+            req, prompt, model_name, request_id = await self._prepare(request, token)
         except (ApiError, AliseError) as exc:
-            error = exc if isinstance(exc, ApiError) else from_alise_error(exc)
-            logger.info("refused: %d %s", error.status, error.message)
+            error = exc if isinstance(exc, ApiError) else self.door.api_error(exc)
+            self.door.refusals.log(logging.INFO, "refused: %d %s", error.status, preview(error.message))
             self.door.metrics.requests.labels(self.route, str(error.status)).inc()
             await send_json(send, error.status, error.body(), error.headers())
             return
@@ -190,40 +105,69 @@ class CompletionEndpoint:
         self.door.metrics.requests.labels(self.route, str(relay.status)).inc()
         logger.info("%s %d: %d prompt + %d completion tokens, finish %s, %.3f s%s", self.route,
                     relay.status, facts.prompt_tokens, facts.completion_tokens, relay.finish_reason or "-",
-                    time.monotonic() - arrival_s, f", user {req.user!r}" if req.user else "")
+                    time.monotonic() - arrival_s, f", user {preview(req.user)}" if req.user else "")
 
     async def _prepare(self, request: Request, token: str | None):
-        body = await read_json(request, self.door.config.max_body_bytes)
+        config = self.door.config
+        if self.door.draining:
+            raise ApiError(503, "the server is shutting down; retry", code="shutting_down", retry_after_s=2)
+        body = await read_json(request, config.max_body_bytes, config.body_timeout_s)
         req = parse_request(body, chat=self.chat)
+        request_id = request_id_var.get()
+        if req.request_id is not None:
+            try:
+                request_id = check_request_id(req.request_id)
+            except ValueError as exc:
+                raise bad_request(str(exc), param="request_id") from None
+            request_id_var.set(request_id)
         served = await self.door.served_model(token)
         if req.model is not None and req.model != served.name:
+            await self.door.check_caller(token)  # who may not call the scheduler learns nothing
             raise ApiError(404, f"The model `{req.model}` does not exist; this server serves "
                            f"`{served.name}`.", param="model", code="model_not_found")
         if not self.chat:
-            return req, req.prompt, served.name
+            return req, req.prompt, served.name, request_id
+        check_length(req.messages, served.max_model_len)
         renderer = served.renderer
         if renderer.tokenizer is None:
-            return req, renderer.render(req.messages), served.name
-        return req, await asyncio.to_thread(renderer.render, req.messages), served.name
+            return req, renderer.render(req.messages), served.name, request_id
+        prompt = await asyncio.to_thread(renderer.render, req.messages, req.template_kwargs)
+        return req, prompt, served.name, request_id
 
     async def _race(self, relay: Relay, send, receive) -> None:
-        """Runs the relay until it ends or the client leaves; leaving cancels the gRPC call."""
-        metrics = self.door.metrics
+        """Runs the relay until it ends, the client leaves (which cancels the gRPC call) or the
+        door stops (which ends it with a last event)."""
+        door, metrics = self.door, self.door.metrics
         metrics.in_flight.inc()
+        door.num_in_flight += 1
         work = asyncio.ensure_future(relay.run(send))
         watcher = asyncio.ensure_future(until_disconnect(receive))
+        closing = asyncio.ensure_future(door.closing.wait())
         try:
-            await asyncio.wait({work, watcher}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait({work, watcher, closing}, return_when=asyncio.FIRST_COMPLETED)
             if work.done() or relay.done:
                 await work
                 return
             work.cancel()
+            await asyncio.gather(work, return_exceptions=True)
+            if closing.done() and not watcher.done():
+                await relay.end_for_shutdown(send)
+                return
             metrics.disconnects.inc()
             relay.status = CLIENT_CLOSED
             logger.info("client closed the connection: request cancelled")
-            await asyncio.gather(work, return_exceptions=True)
+        except Exception as exc:  # noqa: BLE001 - a bug, not the client's doing: one line, then 500
+            door.log_error(f"{self.route}: relaying failed", exc)
+            error = ApiError(500, "internal error in the HTTP door", code="internal")
+            with contextlib.suppress(Exception):
+                if not relay.status:
+                    await relay.refuse(send, error)
+                elif not relay.done:
+                    await relay.end_with_error(send, error)
         finally:
             watcher.cancel()
+            closing.cancel()
             if not work.done():  # this task itself was cancelled (server shutdown)
                 work.cancel()
             metrics.in_flight.dec()
+            door.num_in_flight -= 1

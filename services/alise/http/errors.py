@@ -2,7 +2,9 @@
 
 A refusal from the scheduler keeps its gRPC message word for word; ``code`` is then the gRPC
 status name (``INVALID_ARGUMENT``, ...), so a client can tell the door's own refusals (short
-snake_case codes such as ``model_not_found``) from the scheduler's.
+snake_case codes such as ``model_not_found``) from the scheduler's. What the transport says
+when the scheduler cannot be reached names internal addresses: clients are told that the
+scheduler is unavailable, with Retry-After, and the details go to the log.
 """
 
 from __future__ import annotations
@@ -38,6 +40,12 @@ ERROR_TYPE = {
 
 #: Retry-After for RESOURCE_EXHAUSTED when the scheduler gave no hint.
 DEFAULT_RETRY_AFTER_S = 1.0
+#: Retry-After for UNAVAILABLE: a scheduler restarting, no worker yet, a door draining.
+UNAVAILABLE_RETRY_AFTER_S = 2.0
+#: How gRPC's transport words a peer it cannot reach or lost (lower-cased).
+_TRANSPORT = ("failed to connect", "connection refused", "connection reset", "socket closed",
+              "dns resolution", "name resolution", "keepalive", "goaway", "no alise scheduler answers",
+              "http1.x", "failed parsing http/2")
 
 
 class ApiError(Exception):
@@ -73,11 +81,23 @@ def bad_request(message: str, param: str | None = None, code: str | None = None)
     return ApiError(400, message, param=param, code=code)
 
 
-def from_alise_error(exc: AliseError) -> ApiError:
-    """The scheduler's refusal as the HTTP answer: same message, matching status."""
+def unavailable(message: str, code: str = "scheduler_unavailable") -> ApiError:
+    return ApiError(503, message, code=code, retry_after_s=UNAVAILABLE_RETRY_AFTER_S)
+
+
+def from_alise_error(exc: AliseError, scheduler_address: str = "") -> ApiError:
+    """The scheduler's refusal as the HTTP answer: same message, matching status. A message
+    from the transport (the scheduler unreachable) is replaced; no message names
+    ``scheduler_address``."""
     status = HTTP_STATUS.get(exc.code, 500)
+    message = exc.details or exc.code.name.lower()
+    if status == 503 and any(phrase in message.lower() for phrase in _TRANSPORT):
+        return unavailable("the scheduler cannot be reached (it may be restarting); retry shortly")
+    if scheduler_address:
+        message = message.replace(scheduler_address, "the scheduler")
     retry_after = exc.retry_after_s
     if status == 429 and retry_after is None:
         retry_after = DEFAULT_RETRY_AFTER_S
-    return ApiError(status, exc.details or exc.code.name.lower(), code=exc.code.name,
-                    retry_after_s=retry_after if status == 429 else None)
+    elif status == 503:
+        retry_after = retry_after or UNAVAILABLE_RETRY_AFTER_S
+    return ApiError(status, message, code=exc.code.name, retry_after_s=retry_after if status in (429, 503) else None)

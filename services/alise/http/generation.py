@@ -3,7 +3,8 @@
 Leaving ``pieces`` early (a stop string matched, the client went away, the task was
 cancelled) closes the SDK's stream, which cancels the gRPC call; the scheduler then aborts the
 job and frees its KV blocks at the next step. A stop string's tokens count as generated
-(``completion_tokens``), as the model did produce them.
+(``completion_tokens``), as the model did produce them. The scheduler saw such a request
+cancelled; the door counts it as finished (``HttpMetrics.stopped_by_string``).
 """
 
 from __future__ import annotations
@@ -31,11 +32,13 @@ async def pieces(client: AsyncClient, req: GenerationRequest, prompt: str | list
     """Raises the SDK's AliseError subclasses; fills ``facts`` as chunks arrive; awaits
     ``on_accepted`` when the scheduler has accepted the request."""
     stops = StopStrings(req.stop)
+    # wait_for_ready: a request sent while the scheduler restarts waits for it (the relay bounds
+    # that wait) instead of failing at once.
     stream = client.generate(
         prompt, max_tokens=req.max_tokens, temperature=req.temperature, top_p=req.top_p,
-        top_k=req.top_k, seed=req.seed, stop_token_ids=req.stop_token_ids, ignore_eos=req.ignore_eos,
-        request_id=facts.request_id, oracle_output_tokens=req.oracle_output_tokens,
-        priority=req.priority, timeout_s=timeout_s, token=token, on_accepted=on_accepted)
+        top_k=req.top_k, min_p=req.min_p, seed=req.seed, stop_token_ids=req.stop_token_ids,
+        ignore_eos=req.ignore_eos, request_id=facts.request_id, oracle_output_tokens=req.oracle_output_tokens,
+        priority=req.priority, timeout_s=timeout_s, token=token, wait_for_ready=True, on_accepted=on_accepted)
     try:
         async for chunk in stream:
             if chunk.prompt_tokens is not None:
@@ -45,6 +48,7 @@ async def pieces(client: AsyncClient, req: GenerationRequest, prompt: str | list
             facts.completion_tokens += len(chunk.token_ids)
             text = stops.feed(chunk.text)
             if stops.matched:
+                facts.stopped_by_string = True
                 yield Piece(text, chunk.token_ids, "stop")
                 return
             if chunk.finish_reason is not None:

@@ -6,8 +6,30 @@ import argparse
 import os
 
 
+def _bound_flags():
+    """The bounds on connections and waits: flags read from HttpConfig's fields."""
+    from alise.common.entrypoint import ConfigFlag
+
+    return (
+        ConfigFlag("max_idle_connections_per_client", "connections one client (remote IP) may hold with no "
+                   "request in progress; past it, its longest idle is closed", metavar="N"),
+        ConfigFlag("header_timeout_s", "seconds a connection has to send its request line and headers (408)",
+                   metavar="S"),
+        ConfigFlag("body_timeout_s", "seconds a request has to send its body (408)", metavar="S"),
+        ConfigFlag("max_header_bytes", "largest request line and headers (431 beyond)", metavar="N"),
+        ConfigFlag("keep_alive_timeout_s", "seconds a kept-alive connection may sit idle", metavar="S"),
+        ConfigFlag("scheduler_wait_s", "seconds a request waits for a scheduler that cannot be reached (a "
+                   "restart) before 503 with Retry-After", metavar="S"),
+        ConfigFlag("accept_timeout_s", "seconds a request waits for a reachable scheduler to accept it "
+                   "before 503 with Retry-After", metavar="S"),
+        ConfigFlag("health_failures", "health checks in a row that must fail before /health says 503",
+                   metavar="N"),
+    )
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from alise.http.config import DEFAULT_ADDRESS
+    from alise.common.entrypoint import add_config_flags
+    from alise.http.config import DEFAULT_ADDRESS, HttpConfig
 
     env = os.environ.get
     p.add_argument("--scheduler", dest="scheduler_address", default=env("ALISE_ADDRESS", "127.0.0.1:50051"),
@@ -26,7 +48,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-body-bytes", type=int, default=16 * 1024 * 1024,
                    help="largest request body (413 beyond; default %(default)s)")
     p.add_argument("--max-connections", type=int, default=8192,
-                   help="open connections beyond which the server answers 503 (default %(default)s)")
+                   help="open connections at most: past it the longest idle is closed, and with none idle "
+                        "the new one is answered 503 (default %(default)s)")
+    add_config_flags(p, HttpConfig, _bound_flags())
     p.add_argument("--scheduler-token-file", default=None,
                    help="file holding a bearer token for the door's own scheduler calls (env ALISE_TOKEN)")
     p.add_argument("--scheduler-tls-ca", default=env("ALISE_TLS_CA"), help="CA of a TLS scheduler (PEM)")
@@ -35,6 +59,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace):
+    from alise.common.entrypoint import config_values
     from alise.http.config import HttpConfig
 
     token = os.environ.get("ALISE_TOKEN") or None
@@ -49,7 +74,7 @@ def config_from_args(args: argparse.Namespace):
                       health_address=args.health_address, request_timeout_s=args.request_timeout_s,
                       max_body_bytes=args.max_body_bytes, max_connections=args.max_connections,
                       scheduler_token=token, scheduler_tls_ca=args.scheduler_tls_ca,
-                      tls_cert=args.tls_cert, tls_key=args.tls_key)
+                      tls_cert=args.tls_cert, tls_key=args.tls_key, **config_values(args, _bound_flags()))
 
 
 async def serve(config) -> None:

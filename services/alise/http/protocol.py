@@ -5,18 +5,21 @@ ranges, the OpenAI features ALISE does not have. Values (``max_tokens >= 1``, ``
 (0, 1], a prompt that fits the context, ...) are the scheduler's to judge, so its messages reach
 the client unchanged and each rule lives in one place.
 
-JSON ``null`` means "unset" for every field, as OpenAI's clients send it. Unknown fields are
-ignored (as vLLM does), so newer clients keep working; fields ALISE knows but cannot honour
-(``n > 1``, logprobs, penalties, tools, ...) are refused rather than silently dropped.
+JSON ``null`` means "unset" for every field, as OpenAI's clients send it. Fields OpenAI or
+vLLM define that ALISE cannot honour (``n > 1``, logprobs, penalties, tools, structured
+outputs, ...) are refused rather than silently dropped (``extras``); fields neither defines are
+ignored, as vLLM ignores them, so newer clients keep working.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from alise.http.errors import bad_request
+from alise.http.extras import refuse_unsupported
 
 INT32_MAX = 2**31 - 1
 UINT64_LIMIT = 2**64
@@ -38,10 +41,12 @@ class GenerationRequest:
     model: str | None
     stream: bool
     include_usage: bool
+    continuous_usage: bool               # usage in every chunk (vLLM's continuous_usage_stats)
     max_tokens: int | None
     temperature: float | None
     top_p: float | None
     top_k: int
+    min_p: float | None
     seed: int | None
     stop: tuple[str, ...]
     stop_token_ids: tuple[int, ...]
@@ -51,6 +56,8 @@ class GenerationRequest:
     return_token_ids: bool
     alise_stats: bool
     user: str | None
+    request_id: str | None               # vLLM's: the scheduler's request id (and the response's)
+    template_kwargs: dict                # chat: vLLM's chat_template_kwargs, for the template
 
 
 def _describe(value: Any) -> str:
@@ -108,40 +115,27 @@ def _int_list(value: Any, name: str) -> list[int]:
     return value
 
 
-#: Known fields ALISE cannot honour: name -> (values that mean "off", why it is refused).
-_UNSUPPORTED: dict[str, tuple[tuple, str]] = {
-    "n": ((1,), "n must be 1: one choice per request (send several requests instead)"),
-    "best_of": ((1,), "best_of must be 1: one choice per request"),
-    "logprobs": ((False, 0), "logprobs are not supported"),
-    "top_logprobs": ((0,), "top_logprobs are not supported"),
-    "echo": ((False,), "echo is not supported"),
-    "suffix": (("",), "suffix is not supported"),
-    "presence_penalty": ((0, 0.0), "presence_penalty is not supported (send 0 or leave it unset)"),
-    "frequency_penalty": ((0, 0.0), "frequency_penalty is not supported (send 0 or leave it unset)"),
-    "repetition_penalty": ((1, 1.0), "repetition_penalty is not supported (send 1 or leave it unset)"),
-    "min_tokens": ((0,), "min_tokens is not supported"),
-    "logit_bias": (({},), "logit_bias is not supported"),
-    "tools": (([],), "tools are not supported"),
-    "functions": (([],), "functions are not supported"),
-    "tool_choice": (("none",), "tool_choice is not supported"),
-    "response_format": (({"type": "text"},), "response_format other than text is not supported"),
-}
-
-
-def _refuse_unsupported(body: Mapping) -> None:
-    for name, (neutral, message) in _UNSUPPORTED.items():
-        value = body.get(name)
-        if value is not None and not any(type(value) is type(v) and value == v for v in neutral):
-            raise bad_request(message, param=name, code="unsupported_parameter")
-
-
-def _stream_options(body: Mapping, stream: bool) -> bool:
+def _stream_options(body: Mapping, stream: bool) -> tuple[bool, bool]:
+    """(include_usage, continuous_usage). As in vLLM, an object that leaves include_usage unset
+    includes it, and usage in every chunk needs both."""
     options = _typed(body, "stream_options", (dict,), "an object")
     if options is None:
-        return False
+        return False, False
     if not stream:
         raise bad_request("stream_options is only allowed with stream: true", param="stream_options")
-    return _bool(options, "include_usage")
+    include = _bool(options, "include_usage", default=True)
+    return include, include and _bool(options, "continuous_usage_stats")
+
+
+def _template_kwargs(body: Mapping, chat: bool) -> dict:
+    kwargs = _typed(body, "chat_template_kwargs", (dict,), "an object") if chat else None
+    if kwargs is None:
+        return {}
+    # The renderer passes messages and add_generation_prompt itself.
+    taken = sorted(kwargs.keys() & {"messages", "add_generation_prompt", "conversation", "tokenize"})
+    if taken:
+        raise bad_request(f"chat_template_kwargs may not set {', '.join(taken)}", param="chat_template_kwargs")
+    return kwargs
 
 
 def _completion_prompt(body: Mapping) -> str | list[int]:
@@ -194,12 +188,40 @@ def _chat_messages(body: Mapping) -> list[dict]:
     return out
 
 
+#: A lone UTF-16 surrogate: JSON may spell one (``"\\ud800"``), no valid text contains one.
+_SURROGATE = re.compile("[\ud800-\udfff]")
+#: Its JSON escape in a raw body: only bodies holding one are searched.
+SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def lone_surrogate_at(body: Any) -> str | None:
+    """Where the parsed ``body`` holds a string with a lone surrogate (``messages[0].content``),
+    or None. Such a string cannot be encoded as UTF-8, so it can go nowhere."""
+    stack = [(body, "")]
+    while stack:
+        value, path = stack.pop()
+        if isinstance(value, str):
+            if _SURROGATE.search(value):
+                return path or "the body"
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                if _SURROGATE.search(key):
+                    return f"a key of {path or 'the body'}"
+                stack.append((item, f"{path}.{key}" if path else key))
+        elif isinstance(value, list):
+            stack.extend((item, f"{path}[{i}]") for i, item in enumerate(value))
+    return None
+
+
 def parse_request(body: Any, *, chat: bool) -> GenerationRequest:
     """Raises ApiError (400) naming the first field that cannot be used."""
     if not isinstance(body, dict):
         raise bad_request(f"the request body must be a JSON object, got {_describe(body)}")
-    _refuse_unsupported(body)
+    refuse_unsupported(body, chat=chat)
     stream = _bool(body, "stream")
+    include_usage, continuous_usage = _stream_options(body, stream)
+    for name in ("session_id", "cache_salt"):  # no effect here: nothing is shared between requests
+        _typed(body, name, (str,), "a string")
     max_tokens = _int(body, "max_completion_tokens") if chat else None
     if max_tokens is None:
         max_tokens = _int(body, "max_tokens")
@@ -208,9 +230,10 @@ def parse_request(body: Any, *, chat: bool) -> GenerationRequest:
     return GenerationRequest(
         prompt=None if chat else _completion_prompt(body),
         messages=_chat_messages(body) if chat else None,
-        model=model, stream=stream, include_usage=_stream_options(body, stream),
+        model=model, stream=stream, include_usage=include_usage, continuous_usage=continuous_usage,
         max_tokens=max_tokens, temperature=_number(body, "temperature"), top_p=_number(body, "top_p"),
         top_k=0 if top_k in (None, -1) else top_k,  # vLLM's -1 = disabled
+        min_p=_number(body, "min_p"),
         seed=_int(body, "seed", 0, UINT64_LIMIT - 1),
         stop=_stop_strings(body),
         stop_token_ids=tuple(_int_list(body["stop_token_ids"], "stop_token_ids"))
@@ -218,4 +241,6 @@ def parse_request(body: Any, *, chat: bool) -> GenerationRequest:
         ignore_eos=_bool(body, "ignore_eos"), priority=_int(body, "priority") or 0,
         oracle_output_tokens=_int(body, "oracle_output_tokens") or 0,
         return_token_ids=_bool(body, "return_token_ids"), alise_stats=_bool(body, "alise_stats"),
-        user=_typed(body, "user", (str,), "a string"))
+        user=_typed(body, "user", (str,), "a string"),
+        request_id=_typed(body, "request_id", (str,), "a string"),
+        template_kwargs=_template_kwargs(body, chat))

@@ -27,6 +27,7 @@ class Facts:
     completion_tokens: int = 0
     estimate: Estimate | None = None
     usage: Usage | None = None   # the scheduler's, when the stream ran to its end
+    stopped_by_string: bool = False   # the door ended it on a stop string
 
     def openai_usage(self) -> dict:
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
@@ -82,17 +83,25 @@ class Shaper:
             obj["alise"] = facts.alise()
         return obj
 
-    def role_chunk(self) -> dict:
-        """The first event of a streamed chat completion: who speaks."""
+    def role_chunk(self, include_usage: bool) -> dict:
+        """The first event of a streamed chat completion: who speaks (sent when the scheduler
+        accepts the request, before its prompt's token count is known: usage is null)."""
         choice = {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                   "finish_reason": None}
-        return self._envelope("chat.completion.chunk", [choice])
+        obj = self._envelope("chat.completion.chunk", [choice])
+        if include_usage:
+            obj["usage"] = None
+        return obj
 
     def chunk(self, text: str, token_ids: list[int], finish_reason: str | None, facts: Facts,
-              include_usage: bool) -> dict:
+              include_usage: bool, continuous_usage: bool = False) -> dict:
+        """One streamed chunk; with ``continuous_usage`` (vLLM's continuous_usage_stats) it
+        carries the usage so far, else null when usage was asked for (OpenAI's shape)."""
         obj = self._envelope("chat.completion.chunk" if self.chat else "text_completion",
                              [self._choice(text, token_ids, finish_reason, whole=False)])
-        if include_usage:
+        if continuous_usage:
+            obj["usage"] = facts.openai_usage()
+        elif include_usage:
             obj["usage"] = None
         if finish_reason is not None and self.alise_stats:
             obj["alise"] = facts.alise()

@@ -1,0 +1,145 @@
+"""Connections that send nothing, or trickle, hold no one else up: header and body timeouts,
+the header size bound, idle connections per client, and room made at the connection limit by
+closing idle ones. Attackers connect from other loopback addresses (127.0.0.2, ...), users
+from 127.0.0.1, as from other hosts."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import httpx
+import pytest
+from alise.http.config import HttpConfig
+from alise.http.connections import MIN_IDLE_S
+from alise.http.server import start_http
+from alise.scheduler.config import SchedulerConfig
+from alise.scheduler.service import start_scheduler
+
+
+@pytest.fixture()
+async def door_factory():
+    started = []
+
+    async def make(**overrides):
+        scheduler = await start_scheduler(SchedulerConfig(address="127.0.0.1:0", model="tiny-llama",
+                                                          max_wait_no_worker_s=30))
+        http = await start_http(HttpConfig(address="127.0.0.1:0", scheduler_address=f"127.0.0.1:{scheduler.port}",
+                                           health_interval_s=0.05, **overrides))
+        started.append((scheduler, http))
+        return http
+
+    yield make
+    for scheduler, http in started:
+        await http.stop(0.2)
+        await scheduler.stop(0.1)
+
+
+async def connect(http, source: str = "127.0.0.1", send: bytes = b""):
+    reader, writer = await asyncio.open_connection("127.0.0.1", http.port, local_addr=(source, 0))
+    if send:
+        writer.write(send)
+        await writer.drain()
+    return reader, writer
+
+
+async def answer(reader, timeout_s: float = 5.0) -> bytes:
+    """Everything the server sends until it closes the connection."""
+    return await asyncio.wait_for(reader.read(), timeout_s)
+
+
+async def test_a_connection_that_sends_nothing_gets_408_and_is_closed(door_factory):
+    http = await door_factory(header_timeout_s=0.3)
+    reader, writer = await connect(http)
+    started = time.monotonic()
+    reply = await answer(reader)
+    assert reply.startswith(b"HTTP/1.1 408") and b"did not arrive within 0.3 s" in reply
+    assert 0.25 < time.monotonic() - started < 2.0
+    writer.close()
+
+
+async def test_headers_that_trickle_in_are_cut_at_the_header_timeout(door_factory):
+    http = await door_factory(header_timeout_s=0.5)
+    reader, writer = await connect(http, send=b"GET /health HTTP/1.1\r\nHost: x\r\n")
+    started = time.monotonic()
+
+    async def trickle() -> None:  # a header byte every 0.1 s: never complete
+        for _ in range(30):
+            writer.write(b"X")
+            await writer.drain()
+            await asyncio.sleep(0.1)
+
+    sender = asyncio.create_task(trickle())
+    reply = await answer(reader)
+    assert reply.startswith(b"HTTP/1.1 408") and time.monotonic() - started < 1.5
+    sender.cancel()
+    await asyncio.gather(sender, return_exceptions=True)
+    writer.close()
+
+
+async def test_headers_over_the_size_bound_are_431(door_factory):
+    http = await door_factory(max_header_bytes=8192)
+    reader, writer = await connect(http, send=b"GET /health HTTP/1.1\r\nX-Big: " + b"a" * 20_000)
+    assert (await answer(reader)).startswith(b"HTTP/1.1 431")
+    writer.close()
+    async with httpx.AsyncClient(base_url=http.base_url) as client:  # a normal request is fine
+        assert (await client.get("/health", headers={"x-small": "a" * 1000})).status_code == 200
+
+
+async def test_a_body_that_trickles_in_gets_408(door_factory):
+    http = await door_factory(body_timeout_s=0.3)
+    head = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n"
+    reader, writer = await connect(http, send=head + b'{"prompt": ')
+    reply = await asyncio.wait_for(reader.read(4096), 5)
+    assert reply.startswith(b"HTTP/1.1 408") and b"request body did not arrive within 0.3 s" in reply
+    writer.close()
+
+
+async def test_a_client_over_its_idle_connections_loses_its_oldest(door_factory):
+    http = await door_factory(max_idle_connections_per_client=4, header_timeout_s=30)
+    guard = http.uvicorn.config.http_protocol_class.guard
+    first = [await connect(http, "127.0.0.2") for _ in range(6)]  # fresh: none closed yet
+    await asyncio.sleep(MIN_IDLE_S + 0.2)
+    later = [await connect(http, "127.0.0.2") for _ in range(3)]
+    # Each later one closed one of the oldest, idle for over MIN_IDLE_S.
+    closed = [i for i, (reader, _) in enumerate(first) if await _closed(reader)]
+    assert closed == [0, 1, 2] and guard.idle_by_client["127.0.0.2"] == 6
+    async with httpx.AsyncClient(base_url=http.base_url) as client:
+        assert (await client.get("/health")).status_code == 200
+    for _, writer in first + later:
+        writer.close()
+
+
+async def _closed(reader, wait_s: float = 0.5) -> bool:
+    try:
+        return await asyncio.wait_for(reader.read(), wait_s) == b""
+    except TimeoutError:
+        return False
+
+
+async def test_at_the_connection_limit_the_idle_make_room_for_requests(door_factory):
+    http = await door_factory(max_connections=30, max_idle_connections_per_client=1000, header_timeout_s=30)
+    idle = [await connect(http, f"127.0.0.{3 + i % 5}") for i in range(30)]
+    async with httpx.AsyncClient(base_url=http.base_url) as client:
+        for _ in range(5):
+            reply = await client.get("/health")
+            assert reply.status_code == 200
+    guard = http.uvicorn.config.http_protocol_class.guard
+    assert guard.num_closed["evicted"] >= 1
+    for _, writer in idle:
+        writer.close()
+
+
+async def test_with_every_connection_busy_a_new_one_gets_503(door_factory):
+    http = await door_factory(max_connections=3)
+    body = b'{"prompt": "queued", "max_tokens": 2, "stream": true}'
+    head = (b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n" % len(body))
+    streams = [await connect(http, send=head + body) for _ in range(3)]
+    for reader, _ in streams:  # accepted and queued (no worker): each holds its connection
+        assert (await asyncio.wait_for(reader.readline(), 5)).startswith(b"HTTP/1.1 200")
+    reader, writer = await connect(http)
+    reply = await answer(reader)
+    assert reply.startswith(b"HTTP/1.1 503") and b"retry-after: 1" in reply.lower()
+    for _, w in streams + [(reader, writer)]:
+        w.close()

@@ -1,0 +1,273 @@
+"""The door speaks vLLM's dialect: the bodies vLLM's tools send are served, vLLM's extras it
+does not implement are refused by name, those it implements (min_p, chat_template_kwargs,
+continuous_usage_stats, request_id) work end to end, and /metrics carries vLLM's families."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import httpx
+import openai
+import pytest
+from alise.client import Client
+from http_support import CHAT_TEMPLATE, start_live_door, with_chat_template
+from prometheus_client.parser import text_string_to_metric_families
+
+MODEL = "tiny-chat"
+CHAT = [{"role": "user", "content": "hi there"}]
+
+
+@pytest.fixture(scope="module")
+def live(tiny_llama_dir, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("vllm")
+    model = with_chat_template(tiny_llama_dir, tmp / "model")
+    door, stop = start_live_door(str(model), tmp / "jobs.jsonl", served_model_name=MODEL)
+    yield door
+    stop()
+
+
+def post(live, path: str, body: dict, **kwargs) -> httpx.Response:
+    # json.dumps writes a lone surrogate as its escape, as a client's JSON library would.
+    return httpx.post(f"{live.base_url}{path}", content=json.dumps(body), timeout=60,
+                      headers={"content-type": "application/json"}, **kwargs)
+
+
+def events(reply: httpx.Response) -> list[dict]:
+    lines = [line[6:] for line in reply.text.splitlines() if line.startswith("data: ")]
+    assert lines[-1] == "[DONE]", reply.text[-300:]
+    return [json.loads(line) for line in lines[:-1]]
+
+
+# What the load generators send by default (vllm/benchmarks/lib/endpoint_request_func.py;
+# guidellm's backends/openai/request_handlers.py; aiperf's endpoints/openai_*.py).
+TOOL_BODIES = {
+    "vllm bench serve, openai": ("/v1/completions", {
+        "model": MODEL, "prompt": "the sea", "repetition_penalty": 1.0, "max_tokens": 4, "logprobs": None,
+        "stream": True, "stream_options": {"include_usage": True}, "ignore_eos": True}),
+    "vllm bench serve, openai-chat": ("/v1/chat/completions", {
+        "model": MODEL, "messages": [{"role": "user", "content": [{"type": "text", "text": "the sea"}]}],
+        "max_completion_tokens": 4, "stream": True, "stream_options": {"include_usage": True},
+        "ignore_eos": True}),
+    "vllm bench serve, older": ("/v1/completions", {
+        "model": MODEL, "prompt": "the sea", "temperature": 0.0, "best_of": 1, "max_tokens": 4,
+        "logprobs": None, "stream": True, "ignore_eos": True}),
+    "guidellm, text": ("/v1/completions", {
+        "model": MODEL, "prompt": "the sea", "stream": True,
+        "stream_options": {"include_usage": True, "continuous_usage_stats": True},
+        "max_tokens": 4, "stop": None, "ignore_eos": True}),
+    "guidellm, chat": ("/v1/chat/completions", {
+        "model": MODEL, "stream": True, "stream_options": {"include_usage": True, "continuous_usage_stats": True},
+        "max_completion_tokens": 4, "stop": None, "ignore_eos": True,
+        "messages": [{"role": "user", "content": [{"type": "text", "text": "the sea"}]}]}),
+    "aiperf, chat": ("/v1/chat/completions", {
+        "messages": CHAT, "model": MODEL, "stream": True, "max_completion_tokens": 4,
+        "stream_options": {"include_usage": True}, "ignore_eos": True}),
+    "aiperf, completions": ("/v1/completions", {
+        "prompt": ["the sea"], "model": MODEL, "stream": True, "max_tokens": 4,
+        "stream_options": {"include_usage": True}}),
+}
+
+
+@pytest.mark.parametrize("tool", sorted(TOOL_BODIES))
+def test_the_bodies_load_generators_send_are_served(live, tool):
+    path, body = TOOL_BODIES[tool]
+    reply = post(live, path, body)
+    assert reply.status_code == 200, reply.text
+    last = events(reply)[-1]
+    if "stream_options" in body:
+        assert last["usage"]["completion_tokens"] == 4
+    else:
+        assert last["choices"][0]["finish_reason"] == "length"
+
+
+# (field, value, endpoints): a value that asks for something the door does not do.
+REFUSED = [
+    ("guided_json", {"type": "object"}, "both"), ("guided_regex", "a+", "both"),
+    ("guided_choice", ["yes", "no"], "both"), ("guided_grammar", "root ::= 'a'", "both"),
+    ("structured_outputs", {"json": {"type": "object"}}, "both"), ("structural_tag", "{}", "chat"),
+    ("response_format", {"type": "json_object"}, "both"), ("guided_decoding_backend", "xgrammar", "both"),
+    ("repetition_penalty", 1.2, "both"), ("frequency_penalty", 0.5, "both"), ("presence_penalty", 0.5, "both"),
+    ("min_tokens", 5, "both"), ("use_beam_search", True, "both"), ("length_penalty", 0.5, "both"),
+    ("bad_words", ["sea"], "both"), ("allowed_token_ids", [1, 2], "both"), ("logit_bias", {"5": 10}, "both"),
+    ("truncate_prompt_tokens", 8, "both"), ("include_stop_str_in_output", True, "both"),
+    ("skip_special_tokens", False, "both"), ("spaces_between_special_tokens", False, "both"),
+    ("prompt_logprobs", 1, "both"), ("logprobs", 2, "completions"), ("logprobs", True, "chat"),
+    ("top_logprobs", 2, "chat"), ("echo", True, "both"), ("n", 2, "both"), ("best_of", 2, "completions"),
+    ("logits_processors", ["my.Processor"], "both"), ("kv_transfer_params", {"do_remote_decode": True}, "both"),
+    ("vllm_xargs", {"k": 1}, "both"), ("thinking_token_budget", 10, "both"), ("stream_interval", 4, "both"),
+    ("prompt_embeds", "AAAA", "completions"), ("add_special_tokens", False, "completions"),
+    ("add_special_tokens", True, "chat"), ("chat_template", "{{ messages }}", "chat"),
+    ("documents", [{"title": "t", "text": "x"}], "chat"), ("add_generation_prompt", False, "chat"),
+    ("continue_final_message", True, "chat"), ("reasoning_effort", "low", "chat"),
+    ("include_reasoning", False, "chat"), ("mm_processor_kwargs", {"fps": 1}, "chat"),
+    ("tools", [{"type": "function", "function": {"name": "f"}}], "chat"), ("tool_choice", "required", "chat"),
+    ("suffix", "end", "completions"), ("watermarking", True, "both"),
+]
+CASES = [(field, value, path) for field, value, where in REFUSED
+         for path in {"both": ("/v1/completions", "/v1/chat/completions"), "chat": ("/v1/chat/completions",),
+                      "completions": ("/v1/completions",)}[where]]
+
+
+@pytest.mark.parametrize("field, value, path", CASES, ids=[f"{c[0]}-{c[2].split('/')[-1]}" for c in CASES])
+def test_unimplemented_fields_are_refused_by_name(live, field, value, path):
+    base = {"messages": CHAT} if "chat" in path else {"prompt": "the sea"}
+    reply = post(live, path, {**base, "max_tokens": 2, field: value})
+    assert reply.status_code == 400, (field, reply.text)
+    error = reply.json()["error"]
+    assert error["code"] == "unsupported_parameter" and error["param"] == field
+    assert field in error["message"] and error["type"] == "invalid_request_error"
+
+
+def test_neutral_values_and_nulls_are_accepted(live):
+    neutral = {"repetition_penalty": 1, "frequency_penalty": 0.0, "presence_penalty": 0, "min_tokens": 0,
+               "use_beam_search": False, "length_penalty": 1.0, "bad_words": [], "skip_special_tokens": True,
+               "include_stop_str_in_output": False, "guided_json": None, "structured_outputs": None,
+               "n": 1, "echo": False, "add_generation_prompt": True, "add_special_tokens": False,
+               "parallel_tool_calls": True, "tool_choice": "none", "session_id": "s-1", "cache_salt": "salt"}
+    reply = post(live, "/v1/chat/completions", {"messages": CHAT, "max_tokens": 2, **neutral})
+    assert reply.status_code == 200, reply.text
+
+
+def _greedy_ids(live, prompt: str, n: int) -> list[int]:
+    with Client(live.address) as client:
+        return client.complete(prompt, max_tokens=n, temperature=0, ignore_eos=True).token_ids
+
+
+def test_min_p_one_keeps_only_the_most_likely_token(live):
+    greedy = _greedy_ids(live, "the lighthouse keeper", 8)
+    body = {"prompt": "the lighthouse keeper", "max_tokens": 8, "temperature": 1.0, "ignore_eos": True,
+            "return_token_ids": True}
+    # Random weights spread the probability: sampled without min_p, seeds part from greedy.
+    plain = [post(live, "/v1/completions", {**body, "seed": s}).json()["choices"][0]["token_ids"] for s in range(3)]
+    assert any(ids != greedy for ids in plain)
+    for seed in range(3):
+        ids = post(live, "/v1/completions", {**body, "seed": seed, "min_p": 1.0}).json()["choices"][0]["token_ids"]
+        assert ids == greedy
+    refused = post(live, "/v1/completions", {**body, "min_p": 1.5})
+    assert refused.status_code == 400 and "min_p must be in [0, 1]" in refused.json()["error"]["message"]
+    typed = post(live, "/v1/completions", {**body, "min_p": "high"})
+    assert typed.status_code == 400 and "min_p must be a number" in typed.json()["error"]["message"]
+
+
+def test_chat_template_kwargs_reach_the_template(live):
+    tokenizer = live.cluster.scheduler.servicer.info.tokenizer
+    tokenizer.chat_template = CHAT_TEMPLATE
+    counts = {}
+    for kwargs in ({}, {"enable_thinking": False}, {"enable_thinking": True}):
+        reply = post(live, "/v1/chat/completions", {"messages": CHAT, "max_tokens": 1, "chat_template_kwargs": kwargs})
+        assert reply.status_code == 200, reply.text
+        rendered = tokenizer.apply_chat_template(CHAT, tokenize=False, add_generation_prompt=True, **kwargs)
+        expected = len(tokenizer.encode(rendered, add_special_tokens=False))
+        counts[json.dumps(kwargs)] = reply.json()["usage"]["prompt_tokens"]
+        assert counts[json.dumps(kwargs)] == expected
+    assert counts['{"enable_thinking": false}'] > counts["{}"] == counts['{"enable_thinking": true}']
+    bad = post(live, "/v1/chat/completions", {"messages": CHAT, "chat_template_kwargs": {"messages": []}})
+    assert bad.status_code == 400 and "may not set messages" in bad.json()["error"]["message"]
+
+
+def test_continuous_usage_stats_put_the_usage_so_far_in_every_chunk(live):
+    with openai.OpenAI(base_url=f"{live.base_url}/v1", api_key="x", max_retries=0) as client:
+        chunks = list(client.completions.create(
+            model=MODEL, prompt="the sea", max_tokens=5, stream=True, extra_body={"ignore_eos": True},
+            stream_options={"include_usage": True, "continuous_usage_stats": True}))
+    content, last = chunks[:-1], chunks[-1]
+    assert [c.usage.completion_tokens for c in content] == list(range(1, 6))
+    assert all(c.usage.prompt_tokens == last.usage.prompt_tokens > 0 for c in content)
+    assert last.choices == [] and last.usage.completion_tokens == 5
+    # include_usage alone: null in each chunk, the total at the end (OpenAI's shape).
+    plain = events(post(live, "/v1/completions", {"prompt": "the sea", "max_tokens": 3, "ignore_eos": True,
+                                                  "stream": True, "stream_options": {"include_usage": True}}))
+    assert all(e["usage"] is None for e in plain[:-1]) and plain[-1]["usage"]["completion_tokens"] == 3
+
+
+def test_request_id_names_the_job_and_the_response(live):
+    reply = post(live, "/v1/completions", {"prompt": "the sea", "max_tokens": 2, "request_id": "trace-42"})
+    assert reply.json()["id"] == "cmpl-trace-42" and reply.headers["x-request-id"] == "trace-42"
+    assert any(job["job_id"] == "trace-42" for job in live.jobs())
+    bad = post(live, "/v1/completions", {"prompt": "the sea", "request_id": "a\nb"})
+    assert bad.status_code == 400 and "request_id must be printable" in bad.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("path, body, where", [
+    ("/v1/completions", {"prompt": "a\ud800b"}, "prompt"),
+    ("/v1/completions", {"prompt": "ok", "model": "tiny\udfff"}, "model"),
+    ("/v1/completions", {"prompt": "ok", "stop": ["x", "\ud800"]}, "stop[1]"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "\udc00 hi"}]}, "messages[0].content"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "text", "text": "\ud800"}]}]},
+     "messages[0].content[0].text"),
+])
+def test_lone_surrogates_are_400_and_log_no_traceback(live, caplog, path, body, where):
+    with caplog.at_level(logging.DEBUG):
+        reply = post(live, path, body)
+    assert reply.status_code == 400, reply.text
+    error = reply.json()["error"]
+    assert error["param"] == where and "lone UTF-16 surrogate" in error["message"]
+    assert not [r for r in caplog.records if r.exc_info], [r.getMessage() for r in caplog.records]
+    assert len([r for r in caplog.records if r.levelno >= logging.INFO and "refused" in r.getMessage()]) <= 1
+    live.assert_serving()
+
+
+def scrape(live) -> dict[str, object]:
+    """The door's /metrics, parsed: family name -> family (each name once)."""
+    text = httpx.get(f"{live.base_url}/metrics", timeout=10).text
+    families = list(text_string_to_metric_families(text))
+    names = [f.name for f in families]
+    assert len(names) == len(set(names)), sorted(n for n in names if names.count(n) > 1)
+    return {f.name: f for f in families}
+
+
+def value(families, sample_name: str, **labels) -> float:
+    family = families[sample_name.removesuffix("_total").removesuffix("_count").removesuffix("_sum")]
+    found = [s.value for s in family.samples if s.name == sample_name and all(s.labels.get(k) == v
+                                                                           for k, v in labels.items())]
+    assert len(found) == 1, (sample_name, labels, family.samples[:5])
+    return found[0]
+
+
+VLLM_FAMILIES = ["vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc",
+                 "vllm:time_to_first_token_seconds", "vllm:e2e_request_latency_seconds",
+                 "vllm:inter_token_latency_seconds", "vllm:time_per_output_token_seconds",
+                 "vllm:request_queue_time_seconds", "vllm:num_preemptions", "vllm:prompt_tokens",
+                 "vllm:generation_tokens", "vllm:request_success", "vllm:request_prompt_tokens",
+                 "vllm:request_generation_tokens"]
+
+
+def test_metrics_carry_vllm_families_with_the_model_name(live):
+    live.wait_idle()
+    before = scrape(live)
+    reply = post(live, "/v1/completions", {"prompt": "the sea at night", "max_tokens": 6, "ignore_eos": True})
+    prompt_tokens = reply.json()["usage"]["prompt_tokens"]
+    live.wait_idle()
+    after = scrape(live)
+    for name in VLLM_FAMILIES:
+        assert all(s.labels.get("model_name") == MODEL for s in after[name].samples), name
+    delta = lambda name, **labels: value(after, name, **labels) - value(before, name, **labels)  # noqa: E731
+    assert delta("vllm:request_success_total", finished_reason="length") == 1
+    assert delta("vllm:generation_tokens_total") == 6 and delta("vllm:prompt_tokens_total") == prompt_tokens
+    assert delta("vllm:time_to_first_token_seconds_count") == 1
+    assert delta("vllm:inter_token_latency_seconds_count") == 5
+    assert delta("vllm:e2e_request_latency_seconds_count") == 1
+    assert delta("vllm:request_generation_tokens_sum") == 6
+    assert value(after, "vllm:num_requests_running") == 0 and value(after, "vllm:kv_cache_usage_perc") == 0
+    assert delta("alise_prediction_abs_error_tokens_count") == 1
+    # The door's own families stay unlabelled by model.
+    assert all("model_name" not in s.labels for s in after["alise_http_requests"].samples)
+
+
+def test_a_request_ended_by_a_stop_string_is_counted_finished(live):
+    text = Client(live.address).complete("once upon a time", max_tokens=20, temperature=0, ignore_eos=True).text
+    stop = text[len(text) // 2:len(text) // 2 + 4]
+    live.wait_idle()
+    before = scrape(live)
+    reply = post(live, "/v1/completions", {"prompt": "once upon a time", "max_tokens": 20, "temperature": 0,
+                                           "ignore_eos": True, "stop": [stop]})
+    assert reply.json()["choices"][0]["finish_reason"] == "stop"
+    live.wait_idle()
+    after = scrape(live)
+    assert value(after, "vllm:request_success_total", finished_reason="stop") == \
+        value(before, "vllm:request_success_total", finished_reason="stop") + 1
+    assert value(after, "alise_requests_total", outcome="finished") == \
+        value(before, "alise_requests_total", outcome="finished") + 1
+    assert value(after, "vllm:e2e_request_latency_seconds_count") == \
+        value(before, "vllm:e2e_request_latency_seconds_count") + 1
