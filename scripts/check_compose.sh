@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Validates docker-compose.yml without a Docker engine (Debian's docker-compose parses it).
+# Validates docker-compose.yml, alone and with the GPU workers of docker-compose.gpu.yml,
+# without a Docker engine (Debian's docker-compose parses them).
 # Where docker-compose is missing it is installed with apt-get (as root only, and it says
 # so); where it cannot be, the check is skipped with a message (the cluster tests still run
 # the compose file's commands, and tests/cluster/test_manifests.py reads the file).
@@ -15,8 +16,10 @@ if ! command -v docker-compose >/dev/null 2>&1; then
 fi
 if command -v docker-compose >/dev/null 2>&1; then
   # The file requires ALISE_INTERNAL_SECRET at `up`; a placeholder is enough to validate it.
-  ALISE_INTERNAL_SECRET="${ALISE_INTERNAL_SECRET:-validation-only}" docker-compose -f docker-compose.yml config -q
-  echo "compose: docker-compose.yml is valid"
+  export ALISE_INTERNAL_SECRET="${ALISE_INTERNAL_SECRET:-validation-only}"
+  docker-compose -f docker-compose.yml config -q
+  docker-compose -f docker-compose.yml -f docker-compose.gpu.yml config -q
+  echo "compose: docker-compose.yml is valid, alone and with docker-compose.gpu.yml"
 else
   echo "compose: SKIPPED: docker-compose is not installed (installing it needs root and apt-get); the cluster tests still run its commands" >&2
 fi

@@ -4,8 +4,9 @@ both files read as data). scripts/check_k8s.sh validates the manifests against t
 from __future__ import annotations
 
 import pytest
+import yaml
 from alise.cluster.local import health_address, listen_addresses
-from compose_cluster import compose_commands, compose_spec, k8s_documents, symbolic
+from compose_cluster import ROOT, compose_commands, compose_spec, k8s_documents, symbolic
 
 WORKLOADS = ("Deployment", "StatefulSet")
 
@@ -93,3 +94,26 @@ def test_credentials_come_from_secrets_and_state_from_volumes():
     worker = container(w["worker"])
     assert worker["resources"]["limits"]["nvidia.com/gpu"] == 1
     assert "/models" in {m["mountPath"] for m in worker["volumeMounts"]}
+
+
+def gpu_override() -> dict:
+    return yaml.safe_load((ROOT / "docker-compose.gpu.yml").read_text())
+
+
+def test_gpu_workers_run_the_gpu_image_with_a_gpu_each():
+    """The GPU override changes only the workers: the GPU image, --device cuda, one NVIDIA GPU
+    reserved; Kubernetes' workers run the same image with a GPU each."""
+    [(name, worker)] = gpu_override()["services"].items()
+    assert name == "worker"
+    assert worker["build"] == {"context": ".", "dockerfile": "Dockerfile.gpu"}
+    base = compose_commands()["worker"]
+    device = base.index("--device")
+    assert worker["command"] == base[:device + 1] + ["cuda"] + base[device + 2:]
+    [reservation] = worker["deploy"]["resources"]["reservations"]["devices"]
+    assert reservation["driver"] == "nvidia" and reservation["capabilities"] == ["gpu"]
+    images = {name: container(w)["image"] for name, w in workloads().items()}
+    assert images.pop("worker") == worker["image"]
+    assert set(images.values()) == {compose_spec()["x-alise"]["image"]}
+    assert container(workloads()["worker"])["resources"]["limits"]["nvidia.com/gpu"] == 1
+    [config] = [d for d in k8s_documents() if d["kind"] == "ConfigMap"]
+    assert config["data"]["ALISE_DEVICE"] == "cuda"
