@@ -105,10 +105,15 @@ PRESETS: dict[str, dict] = {
 }
 
 
-def preset_config(name: str, tokenizer: PreTrainedTokenizerBase) -> PretrainedConfig:
-    """The config of preset ``name``, with special ids taken from ``tokenizer``."""
+#: [PAD], [CLS] and [SEP] of the MiniLM vocabulary: a preset's special ids without its tokenizer.
+MINILM_SPECIAL_IDS = dict(pad_token_id=0, bos_token_id=101, eos_token_id=102)
+
+
+def preset_config(name: str, tokenizer: PreTrainedTokenizerBase | None = None) -> PretrainedConfig:
+    """The config of preset ``name``, with special ids taken from ``tokenizer`` (the MiniLM
+    tokenizer's, which are :data:`MINILM_SPECIAL_IDS`, when None: a GPU image may lack it)."""
     fields = dict(PRESETS[name])
     model_type = fields.pop("family")
-    special = dict(pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.cls_token_id,
-                   eos_token_id=tokenizer.sep_token_id)
+    special = MINILM_SPECIAL_IDS if tokenizer is None else dict(
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.cls_token_id, eos_token_id=tokenizer.sep_token_id)
     return CONFIG_MAPPING[model_type](**fields, **special)
