@@ -73,3 +73,93 @@ def test_arrival_times_reject_bad_rates():
     with pytest.raises(ValueError, match="rate"):
         arrival_times(3, 0.0)
     assert isinstance(TraceRequest("a", "b", 1, 1, 0.0), TraceRequest)
+
+
+def test_prompts_without_outputs_take_a_fixed_length_or_draw_from_a_pool():
+    prompts = [(f"s{i}", "word " * (i + 1), None) for i in range(30)]
+    with pytest.raises(ValueError, match="no records with outputs"):
+        build_trace(prompts, num=10, rate=1.0, count_tokens=count_words)
+    fixed = build_trace(prompts, num=10, rate=1.0, count_tokens=count_words, output_lengths=64)
+    assert {r.output_tokens for r in fixed} == {64}
+    assert all(r.prompt_tokens == len(r.prompt.split()) for r in fixed)
+    pool = [5, 50, 500]
+    drawn = build_trace(prompts, num=90, rate=1.0, seed=4, count_tokens=count_words, output_lengths=pool)
+    assert {r.output_tokens for r in drawn} == set(pool)
+    # a prompt drawn again keeps the length it drew; the same seed draws the same lengths
+    by_id = {}
+    for r in drawn:
+        assert by_id.setdefault(r.id, r.output_tokens) == r.output_tokens
+    assert drawn == build_trace(prompts, num=90, rate=1.0, seed=4, count_tokens=count_words,
+                                output_lengths=pool)
+    with pytest.raises(ValueError, match=">= 1"):
+        build_trace(prompts, num=3, rate=1.0, count_tokens=count_words, output_lengths=0)
+    with pytest.raises(ValueError, match="empty"):
+        build_trace(prompts, num=3, rate=1.0, count_tokens=count_words, output_lengths=[])
+
+
+def _write_jsonl_gz(path, rows):
+    import gzip
+    import json
+
+    with gzip.open(path, "wt", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+
+
+def test_alise_trace_on_prompt_only_data_names_the_flags_it_needs(tmp_path, capsys):
+    from alise.cli.main import main
+
+    prompts = tmp_path / "sharegpt_prompts.jsonl.gz"
+    _write_jsonl_gz(prompts, [{"id": f"c{i}", "prompt": f"Question number {i} about gardens"}
+                              for i in range(6)])
+    out = tmp_path / "t.jsonl"
+    with pytest.raises(SystemExit) as exc:
+        main(["trace", "--data", str(prompts), "--out", str(out), "--num", "4"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "no outputs" in err and "--output-len" in err and "--output-lens-from" in err
+    assert "Traceback" not in err and not out.exists()
+
+    assert main(["trace", "--data", str(prompts), "--out", str(out), "--num", "8", "--output-len", "40"]) == 0
+    assert {r.output_tokens for r in read_trace(out)} == {40}
+    assert "output lengths: 40 tokens each" in capsys.readouterr().out
+
+    # lengths drawn from another data set's outputs (AlpacaEval's format), counted in tokens
+    answers = tmp_path / "answers.jsonl.gz"
+    _write_jsonl_gz(answers, [{"id": 0, "instruction": "a", "output": "yes"},
+                              {"id": 1, "instruction": "b", "output": " ".join(["cat"] * 30)}])
+    assert main(["trace", "--data", str(prompts), "--out", str(out), "--num", "12",
+                 "--output-lens-from", str(answers)]) == 0
+    trace = read_trace(out)
+    assert {r.output_tokens for r in trace} <= {1, 30}
+    assert {r.id for r in trace} == {f"sharegpt:c{i}" for i in range(6)}
+
+    with pytest.raises(SystemExit):
+        main(["trace", "--workload", "chat", "--output-len", "5", "--out", str(out)])
+    assert "go with --data" in capsys.readouterr().err
+
+
+def test_alise_trace_reads_the_standard_alpaca_and_sharegpt_json_files(tmp_path, capsys):
+    import json
+
+    from alise.cli.main import main
+
+    alpaca = tmp_path / "alpaca_data.json"
+    alpaca.write_text(json.dumps([
+        {"instruction": "Give three tips for staying healthy.", "input": "", "output": "Eat, sleep, walk."},
+        {"instruction": "Translate to French.", "input": "Good morning", "output": "Bonjour"}], indent=4))
+    sharegpt = tmp_path / "ShareGPT_V3_unfiltered_cleaned_split.json"
+    sharegpt.write_text(json.dumps([
+        {"id": "a1", "conversations": [{"from": "human", "value": "What is the capital of France?"},
+                                       {"from": "gpt", "value": "Paris is the capital of France."},
+                                       {"from": "human", "value": "And of Spain?"}]},
+        {"id": "a2", "conversations": [{"from": "human", "value": "a question left unanswered"}]}]))
+    out = tmp_path / "t.jsonl"
+    assert main(["trace", "--data", str(alpaca), "--out", str(out), "--num", "2"]) == 0
+    prompts = {r.prompt: r.output_tokens for r in read_trace(out)}
+    assert prompts.keys() == {"Give three tips for staying healthy.", "Translate to French.\n\nGood morning"}
+    assert main(["trace", "--data", str(sharegpt), "--out", str(out), "--num", "2"]) == 0
+    trace = read_trace(out)
+    assert {r.prompt for r in trace} == {"What is the capital of France?"}  # the first exchange only
+    assert trace[0].output_tokens == 7  # "paris is the capital of france." in WordPiece
+    assert "1 record without an output left out" in capsys.readouterr().out

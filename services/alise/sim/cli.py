@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 
 def register(sub) -> None:
@@ -16,7 +17,19 @@ def register(sub) -> None:
     src.add_argument("--workload", choices=["alpaca", "chat"],
                      help="alpaca: AlpacaEval prompts, text_davinci_003 lengths; "
                           "chat: the same prompts, llama-2-70b-chat-hf lengths")
-    src.add_argument("--data", help="any data set file the predictor reads (with outputs)")
+    src.add_argument("--data", metavar="FILE",
+                     help="any data set file the predictor reads: AlpacaEval JSONL, alpaca_data.json "
+                          "(a list of {instruction, input, output}), ShareGPT JSON (a list of {id, "
+                          "conversations}), ShareGPT prompts JSONL ({id, prompt}: no outputs, so give "
+                          "--output-len or --output-lens-from); gzip or not")
+    lengths = t.add_mutually_exclusive_group()
+    lengths.add_argument("--output-len", type=int, metavar="N",
+                         help="with --data: every request generates N tokens (the data's outputs, if "
+                              "any, are not used)")
+    lengths.add_argument("--output-lens-from", metavar="FILE",
+                         help="with --data: each prompt draws its output length (seeded by --seed) from "
+                              "the outputs of FILE, e.g. ../shared/data/alpaca_eval/"
+                              "llama-2-70b-chat-hf.jsonl.gz (the data's own outputs are not used)")
     t.add_argument("--out", required=True, help="trace JSONL to write")
     t.add_argument("--rate", type=float, default=1.0, help="mean arrivals per second (default 1)")
     t.add_argument("--bursty", action="store_true", help="Gamma inter-arrivals, CV --cv")
@@ -55,16 +68,40 @@ def register(sub) -> None:
 def _cmd_trace(args: argparse.Namespace) -> int:
     from alise.sim import trace as tr
 
+    def error(message: str):
+        print(f"alise trace: {message}", file=sys.stderr)
+        raise SystemExit(2)
+
+    has_lengths = args.output_len is not None or args.output_lens_from
+    if has_lengths and not args.data:
+        error("--output-len and --output-lens-from go with --data (a --workload has its own lengths)")
     path = tr.workload_path(args.workload) if args.workload else args.data
-    requests = tr.build_trace(tr.load_pairs(path), num=args.num, rate=args.rate,
-                              bursty=args.bursty, cv=args.cv, seed=args.seed)
+    try:
+        records = tr.load_prompts(path)
+        source, lengths = "the data's outputs", None
+        if args.output_len is not None:
+            source, lengths = f"{args.output_len} tokens each", args.output_len
+        elif args.output_lens_from:
+            source = f"drawn from {args.output_lens_from}"
+            lengths = tr.output_lengths_of(args.output_lens_from)
+        requests = tr.build_trace(records, num=args.num, rate=args.rate, bursty=args.bursty, cv=args.cv,
+                                  seed=args.seed, output_lengths=lengths)
+    except tr.MissingOutputsError:
+        error(f"{path} has prompts but no outputs to take output lengths from: give --output-len N "
+              "(every request N tokens) or --output-lens-from FILE (lengths drawn from another data "
+              "set's outputs, e.g. ../shared/data/alpaca_eval/llama-2-70b-chat-hf.jsonl.gz)")
+    except (ValueError, OSError) as exc:  # an unreadable or unrecognised file, a bad number
+        error(str(exc))
     tr.write_trace(requests, args.out)
     stats = tr.describe(requests)
+    left_out = sum(1 for r in records if r[2] is None) if lengths is None else 0
     print(f"wrote {len(requests)} requests to {args.out} "
           f"({'Gamma CV %g' % args.cv if args.bursty else 'Poisson'}, {stats['rate']:.2f} req/s over "
           f"{stats['span_s']:.1f} s; prompt mean {stats['prompt_mean']:.0f}, output mean "
           f"{stats['output_mean']:.0f} p50 {stats['output_p50']:.0f} p90 {stats['output_p90']:.0f} "
-          f"tokens)")
+          f"tokens; output lengths: {source}"
+          + (f"; {left_out} record{'s' * (left_out > 1)} without an output left out" if left_out else "")
+          + ")")
     return 0
 
 

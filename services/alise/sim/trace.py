@@ -12,7 +12,10 @@ Workloads built from ``shared/data/alpaca_eval`` (the 805 AlpacaEval instruction
 * ``chat``   — the same prompts with ``llama-2-70b-chat-hf`` lengths (mean ~390, ShareGPT-like).
 
 Lengths are counted in the serving model's tokenizer (default: the MiniLM WordPiece tokenizer
-the presets use), without special tokens, and an output is at least one token.
+the presets use), without special tokens, and an output is at least one token. Any data set
+the predictor reads makes a trace (``load_prompts``); one without outputs (ShareGPT prompt
+files) needs its output lengths from elsewhere: a fixed length, or a pool drawn from another
+data set's outputs (``build_trace(output_lengths=...)``, ``output_lengths_of``).
 
 Arrivals: Poisson at ``rate`` (exponential gaps), or bursty: Gamma gaps with coefficient of
 variation ``cv`` (shape ``1/cv**2``) and the same mean. Requests are drawn from the data set
@@ -76,34 +79,33 @@ def arrival_times(num: int, rate: float, *, bursty: bool = False, cv: float = 3.
     return out
 
 
-def load_pairs(path: str | Path) -> list[tuple[str, str, str]]:
-    """(prompt_id, prompt, output) of every record with an output.
+class MissingOutputsError(ValueError):
+    """A data set without outputs where a trace needs output lengths from them."""
 
-    Any format the predictor's loaders read (AlpacaEval JSONL, Alpaca JSON, ShareGPT JSON);
-    AlpacaEval JSONL (optionally gzip) is read here directly when they are not installed.
-    """
-    try:
-        from alise.predictor.datasets import load_records
-    except ImportError:
-        load_records = None
-    if load_records is not None:
-        pairs = [(r.prompt_id, r.prompt, r.output) for r in load_records(path)
-                 if r.output is not None]
-    else:
-        pairs = _load_alpaca_eval(Path(path))
+
+def load_prompts(path: str | Path) -> list[tuple[str, str, str | None]]:
+    """(prompt_id, prompt, output or None) of every record of a data set file, in any format the
+    predictor reads (:mod:`alise.predictor.datasets`: AlpacaEval JSONL, ShareGPT prompts JSONL,
+    Alpaca's ``alpaca_data.json``, ShareGPT's ``ShareGPT_V3_unfiltered_cleaned_split.json``;
+    gzip or not)."""
+    from alise.predictor.datasets import load_records
+
+    return [(r.prompt_id, r.prompt, r.output) for r in load_records(path)]
+
+
+def load_pairs(path: str | Path) -> list[tuple[str, str, str]]:
+    """(prompt_id, prompt, output) of every record with an output."""
+    pairs = [p for p in load_prompts(path) if p[2] is not None]
     if not pairs:
-        raise ValueError(f"{path}: no records with outputs (a trace needs output lengths)")
+        raise MissingOutputsError(f"{path}: no records with outputs (a trace needs output lengths)")
     return pairs
 
 
-def _load_alpaca_eval(path: Path) -> list[tuple[str, str, str]]:
-    import gzip
-
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        rows = [json.loads(line) for line in f if line.strip()]
-    return [(f"alpaca_eval:{r.get('id', i)}", r["instruction"], r["output"])
-            for i, r in enumerate(rows) if r.get("output") is not None]
+def output_lengths_of(path: str | Path, count_tokens=None) -> list[int]:
+    """The output lengths (tokens, at least one) of the records of ``path`` that have outputs:
+    a pool that prompts without outputs draw their lengths from."""
+    count_tokens = count_tokens or default_counter()
+    return [max(n, 1) for n in count_tokens([o for _, _, o in load_pairs(path)])]
 
 
 def default_counter():
@@ -119,28 +121,50 @@ def default_counter():
     return count
 
 
-def build_trace(pairs: Sequence[tuple[str, str, str]], *, num: int, rate: float,
-                bursty: bool = False, cv: float = 3.0, seed: int = 0,
-                count_tokens=None) -> list[TraceRequest]:
-    """A trace of ``num`` requests drawn from ``pairs`` (id, prompt, output text)."""
+def build_trace(records: Sequence[tuple[str, str, str | None]], *, num: int, rate: float,
+                bursty: bool = False, cv: float = 3.0, seed: int = 0, count_tokens=None,
+                output_lengths: int | Sequence[int] | None = None) -> list[TraceRequest]:
+    """A trace of ``num`` requests drawn from ``records`` (id, prompt, output text or None).
+
+    Output lengths come from ``output_lengths``: None, each record's own output (records without
+    one are left out); an int, that many tokens for every request; a sequence, a pool of lengths
+    each record draws one from (seeded by ``seed``; a prompt drawn twice keeps its length)."""
     if num < 1:
         raise ValueError(f"num must be >= 1, got {num}")
     count_tokens = count_tokens or default_counter()
-    prompt_lens = count_tokens([p for _, p, _ in pairs])
-    output_lens = count_tokens([o for _, _, o in pairs])
+    records, output_lens = _output_lengths(records, output_lengths, count_tokens, seed)
+    prompt_lens = count_tokens([p for _, p, _ in records])
     rng = random.Random(seed)
     order: list[int] = []
     while len(order) < num:
-        chunk = list(range(len(pairs)))
+        chunk = list(range(len(records)))
         rng.shuffle(chunk)
         order += chunk
     times = arrival_times(num, rate, bursty=bursty, cv=cv, seed=seed + 1)
     out = []
     for i, t in zip(order[:num], times):
-        pid, prompt, _ = pairs[i]
+        pid, prompt, _ = records[i]
         out.append(TraceRequest(pid, prompt, max(prompt_lens[i], 1), max(output_lens[i], 1),
                                 round(t, 6)))
     return out
+
+
+def _output_lengths(records, output_lengths, count_tokens, seed: int):
+    if output_lengths is None:
+        records = [r for r in records if r[2] is not None]
+        if not records:
+            raise MissingOutputsError("no records with outputs, and no output lengths given")
+        return records, count_tokens([o for _, _, o in records])
+    if not records:
+        raise ValueError("no records")
+    if isinstance(output_lengths, int):
+        if output_lengths < 1:
+            raise ValueError(f"output length must be >= 1, got {output_lengths}")
+        return records, [output_lengths] * len(records)
+    if not output_lengths:
+        raise ValueError("the pool of output lengths is empty")
+    rng = random.Random(seed + 2)
+    return records, [rng.choice(output_lengths) for _ in records]
 
 
 def write_trace(requests: Sequence[TraceRequest], path: str | Path) -> None:
