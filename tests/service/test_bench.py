@@ -75,21 +75,36 @@ async def test_openai_and_grpc_backends_measure_the_same_requests(tiny_llama_dir
         http = await start_http(HttpConfig(address="127.0.0.1:0", scheduler_address=c.address))
         try:
             runs = {}
-            for backend in (GrpcBackend(c.address), OpenAIBackend(http.base_url),
-                            OpenAIBackend(http.base_url, chat=True, token_ids=True)):
-                runs[backend.name] = await run_bench(requests, backend, max_concurrency=2, request_prefix=backend.name)
+            # --max-tokens 6 caps the 7-token request, told through the oracle field (grpc,
+            # openai) or through max_tokens (openai-chat)
+            for backend, lengths in ((GrpcBackend(c.address), "oracle"),
+                                     (OpenAIBackend(http.base_url), "oracle"),
+                                     (OpenAIBackend(http.base_url, chat=True, token_ids=True), "max-tokens")):
+                runs[backend.name] = await run_bench(requests, backend, max_concurrency=2, max_tokens=6,
+                                                     request_prefix=backend.name, lengths=lengths)
         finally:
             await http.stop(0.5)
     for name, results in runs.items():
         assert [r.error for r in results] == [""] * 4, name
-        assert [r.num_tokens for r in results] == [4, 7, 5, 6], name
+        assert [r.num_tokens for r in results] == [4, 6, 5, 6], name
         assert all(0 < r.ttft_s <= r.e2e_s for r in results), name
         # At most two in flight: every request is sent after all but one of those before it ended.
         spans = sorted((r.sent_s, r.sent_s + r.e2e_s) for r in results)
         for i, (start, _) in enumerate(spans):
             assert sum(1 for s, e in spans[:i] if e > start + 1e-3) <= 1, name
-    assert [len(r.itl_s) for r in runs["grpc"]] == [n - 1 for n in (4, 7, 5, 6)]
-    assert [len(r.itl_s) for r in runs["openai-chat"]] == [n - 1 for n in (4, 7, 5, 6)]
+    assert [len(r.itl_s) for r in runs["grpc"]] == [n - 1 for n in (4, 6, 5, 6)]
+    assert [len(r.itl_s) for r in runs["openai-chat"]] == [n - 1 for n in (4, 6, 5, 6)]
+
+
+def test_max_tokens_caps_each_request_and_the_oracle_length_never_exceeds_it():
+    from alise.bench.openloop import request_send
+
+    short, long = TraceRequest("a", "hi", 1, 30, 0.0), TraceRequest("b", "hi", 1, 900, 0.0)
+    oracle = [request_send(r, "x", lengths="oracle", max_tokens=100, timeout_s=1.0) for r in (short, long)]
+    # the common cap for all (the policy never sees a length), the target in the oracle field
+    assert [(s.max_tokens, s.oracle_output_tokens) for s in oracle] == [(100, 30), (100, 100)]
+    plain = [request_send(r, "x", lengths="max-tokens", max_tokens=100, timeout_s=1.0) for r in (short, long)]
+    assert [(s.max_tokens, s.oracle_output_tokens) for s in plain] == [(30, 0), (100, 0)]
 
 
 def test_bench_compare_prints_runs_side_by_side_and_plots_cdfs(tmp_path, capsys):

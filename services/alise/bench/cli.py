@@ -23,6 +23,13 @@ def _rate(value: str) -> float:
     return rate
 
 
+def _positive_int(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return number
+
+
 def register(sub) -> None:
     b = sub.add_parser("bench", help="replay a trace open-loop against a server (gRPC or OpenAI HTTP), "
                                      "or compare saved runs (--compare)")
@@ -50,11 +57,13 @@ def register(sub) -> None:
     b.add_argument("--model", default=None, help="model name for the openai backends (default: /v1/models' first)")
     b.add_argument("--token", default=os.environ.get("ALISE_TOKEN"), help="bearer token (env ALISE_TOKEN)")
     b.add_argument("--lengths", choices=["oracle", "max-tokens"], default="oracle",
-                   help="how each request runs to its trace length: oracle = ALISE's oracle_output_tokens "
-                        "under a common --max-tokens cap; max-tokens = max_tokens set to the length, as "
+                   help="how each request is told its length (min(--max-tokens, its trace length)): "
+                        "oracle = ALISE's oracle_output_tokens, with max_tokens = the common cap, so the "
+                        "policy never sees the length; max-tokens = max_tokens set to the length, as "
                         "vLLM's benchmark does (for other servers) (default %(default)s)")
-    b.add_argument("--max-tokens", type=int, default=None,
-                   help="the common max_tokens cap in oracle mode (default 2048, the simulator's)")
+    b.add_argument("--max-tokens", type=_positive_int, default=None, metavar="N",
+                   help="cap on each request's output: it generates min(N, its trace length) tokens "
+                        "(default 2048, the simulator's cap)")
     b.add_argument("--timeout", type=float, default=600.0, help="per-request deadline (s)")
     b.add_argument("--goodput", nargs="+", default=[], metavar="KEY:MS",
                    help="SLOs for goodput, e.g. ttft:500 tpot:50 e2el:20000 (a request counts if it meets all)")
@@ -129,9 +138,9 @@ def _run(args: argparse.Namespace, slo: dict) -> int:
 
     requests = _requests(args)
     backend = _backend(args)
+    max_tokens = args.max_tokens or DEFAULT_MAX_TOKENS
     results = asyncio.run(run_bench(requests, backend, timeout_s=args.timeout, lengths=args.lengths,
-                                    max_tokens=args.max_tokens or DEFAULT_MAX_TOKENS,
-                                    max_concurrency=args.max_concurrency))
+                                    max_tokens=max_tokens, max_concurrency=args.max_concurrency))
     summary = summarize(results, slo)
     label = args.label or backend.name
     print(format_summary(summary, title=f"{label} -> {backend.target}"))
@@ -142,7 +151,7 @@ def _run(args: argparse.Namespace, slo: dict) -> int:
         settings = dict(label=label, backend=backend.name, target=backend.target, trace=args.trace,
                         num_requests=len(requests), rate=args.rate, request_rate=args.request_rate,
                         burstiness=args.burstiness, seed=args.seed, max_concurrency=args.max_concurrency,
-                        lengths=args.lengths, date=time.strftime("%Y-%m-%d %H:%M:%S"))
+                        lengths=args.lengths, max_tokens=max_tokens, date=time.strftime("%Y-%m-%d %H:%M:%S"))
         with open(args.json_path, "w", encoding="utf-8") as f:
             json.dump(dict(settings=settings, summary=summary, requests=[asdict(r) for r in results]), f)
         print(f"run written to {args.json_path}")

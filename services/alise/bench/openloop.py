@@ -2,14 +2,17 @@
 
 Each request is sent at its arrival time whatever the state of the others (open loop: a slow
 server does not slow the offered load down); ``max_concurrency`` caps the requests in flight,
-and a request past the cap waits for a slot (its clock starts when it is sent). Every request
-runs to the trace's length (``ignore_eos``): with ``lengths="oracle"`` it carries
-``oracle_output_tokens=output_tokens`` under a common generous ``max_tokens``
-(``DEFAULT_MAX_TOKENS``, the simulator's): the scheduler caps each job's remaining-time estimate
-at ``max_tokens`` minus what it has generated, so sending the true length there would hand the
-``alise`` policy the oracle's knowledge. ``lengths="max-tokens"`` sends ``max_tokens`` = the
-length instead, as vLLM's benchmark does, for servers that lack the oracle field. Per-request
-timings are taken on the client's monotonic clock (``alise.bench.metrics`` defines them).
+and a request past the cap waits for a slot (its clock starts when it is sent).
+
+Lengths: ``max_tokens`` is a cap (``DEFAULT_MAX_TOKENS``, the simulator's, unless given): every
+request generates min(cap, its trace length) tokens (``ignore_eos``), in both modes, as the
+simulator's jobs do. With ``lengths="oracle"`` every request sends the common cap as its
+``max_tokens`` and that target as ``oracle_output_tokens`` (never above the cap): the scheduler
+caps each job's remaining-time estimate at ``max_tokens`` minus what it has generated, so
+sending the true length there would hand the ``alise`` policy the oracle's knowledge.
+``lengths="max-tokens"`` sends ``max_tokens`` = the target instead, as vLLM's benchmark does,
+for servers that lack the oracle field. Per-request timings are taken on the client's monotonic
+clock (``alise.bench.metrics`` defines them).
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from alise.bench.metrics import format_summary, summarize  # noqa: F401 - the ru
 from alise.sim.simulator import SimConfig
 from alise.sim.trace import TraceRequest
 
-#: ``max_tokens`` of every replayed request: the simulator's cap, not the true length.
+#: The cap on every replayed request's output: the simulator's, not the true length.
 DEFAULT_MAX_TOKENS = SimConfig.max_tokens
 LENGTH_MODES = ("oracle", "max-tokens")
 
@@ -38,6 +41,7 @@ class RequestResult:
     index: int
     id: str
     prompt_tokens: int
+    #: The trace's length (the request generates at most its ``max_tokens`` cap of it).
     output_tokens: int
     arrival_s: float
     sent_s: float = 0.0
@@ -54,9 +58,11 @@ class RequestResult:
 
 def request_send(r: TraceRequest, request_id: str, *, lengths: str, max_tokens: int,
                  timeout_s: float) -> Send:
+    """What the backend sends for ``r``: it is to generate min(``max_tokens``, its trace length)."""
+    target = min(max_tokens, r.output_tokens)
     if lengths == "oracle":
-        return Send(r.prompt, max(max_tokens, r.output_tokens), r.output_tokens, request_id, timeout_s)
-    return Send(r.prompt, r.output_tokens, 0, request_id, timeout_s)
+        return Send(r.prompt, max_tokens, target, request_id, timeout_s)
+    return Send(r.prompt, target, 0, request_id, timeout_s)
 
 
 async def _one(backend, i: int, r: TraceRequest, start: float, send: Send, gate) -> RequestResult:
@@ -94,10 +100,11 @@ async def run_bench(requests: Sequence[TraceRequest], target, *, timeout_s: floa
                     request_prefix: str = "bench-", max_tokens: int = DEFAULT_MAX_TOKENS,
                     lengths: str = "oracle", max_concurrency: int | None = None) -> list[RequestResult]:
     """Replays ``requests`` open-loop against ``target``: a backend, or a scheduler's gRPC
-    address. ``max_tokens`` is every request's cap in ``oracle`` mode (raised to a request's
-    trace length where that is longer, or the job could not run to it)."""
+    address. Each request generates min(``max_tokens``, its trace length) tokens (module doc)."""
     if lengths not in LENGTH_MODES:
         raise ValueError(f"lengths must be one of {', '.join(LENGTH_MODES)}, got {lengths!r}")
+    if max_tokens < 1:
+        raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
     if max_concurrency is not None and max_concurrency < 1:
         raise ValueError(f"max_concurrency must be >= 1, got {max_concurrency}")
     backend = GrpcBackend(target) if isinstance(target, str) else target
