@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 
+import pytest
+
 from alise.bench.cluster import run_on_cluster
 from alise.bench.openloop import format_summary, summarize
 from alise.core.job import LengthEstimate
@@ -126,3 +128,35 @@ def test_bench_compare_prints_runs_side_by_side_and_plots_cdfs(tmp_path, capsys)
     header, goodput = out.splitlines()[0].split(), next(line for line in out.splitlines() if line.startswith("goodput"))
     assert header == ["grpc", "openai"] and float(goodput.split()[-2]) > 0 and float(goodput.split()[-1]) == 0
     assert png.stat().st_size > 10_000
+
+
+def test_cdfs_mark_p50_and_p99_and_go_logarithmic_past_a_decade():
+    from alise.bench.metrics import pct
+    from alise.bench.plot import PANELS, cdf_figure, x_scale
+
+    # TTFT from 2 ms to 2 s in both runs (three decades); TPOT within 20-30 ms
+    runs = {name: [_result(i, 0.002 * (1.07 ** i) * scale, (0.020 + 0.0001 * i) * scale) for i in range(100)]
+            for name, scale in (("fcfs", 1.2), ("alise", 1.0))}
+    assert x_scale([[1.0, 9.9]]) == "linear" and x_scale([[0.0, 1.0, 10.1]]) == "log"
+    assert x_scale([[]]) == "linear"
+    fig = cdf_figure(runs)
+    try:
+        panels = dict(zip((key for key, _ in PANELS), fig.axes))
+        assert panels["ttft_s"].get_xscale() == "log" and panels["e2e_s"].get_xscale() == "log"
+        assert panels["tpot_s"].get_xscale() == "linear"
+        for key, ax in panels.items():
+            marked = sorted(line.get_xdata()[0] for line in ax.get_lines()
+                            if line.get_linestyle() in ("--", ":"))
+            expected = sorted(pct(sorted(getattr(r, key) * 1000 for r in results), q)
+                              for results in runs.values() for q in (0.5, 0.99)) if key != "itl_s" else None
+            assert len(marked) == 4, key
+            if expected:
+                assert marked == pytest.approx(expected), key
+            texts = [t.get_text() for t in ax.texts]
+            assert texts.count("p50") == 2 and texts.count("p99") == 2, key
+            legend = [t.get_text() for t in ax.get_legend().get_texts()]
+            assert legend[0].startswith("fcfs: p50 ") and ", p99 " in legend[0], key
+    finally:
+        import matplotlib.pyplot as plt
+
+        plt.close(fig)

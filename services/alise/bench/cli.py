@@ -72,7 +72,7 @@ def register(sub) -> None:
     b.add_argument("--out", default=None, help="write per-request results as JSONL here")
     b.add_argument("--compare", nargs="+", default=None, metavar="RUN.json",
                    help="print saved runs (--json files) side by side instead of running")
-    b.add_argument("--png", default=None, help="with --compare: latency CDFs of the runs")
+    b.add_argument("--png", default=None, help="with --compare: latency CDFs of the runs, p50 and p99 marked")
     b.set_defaults(func=_cmd_bench)
 
 
