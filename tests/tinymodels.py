@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from alise.worker.families import describe, hf_attention
 from alise.worker.loader import MINILM_VOCAB_SIZE, minilm_tokenizer
 from transformers import CONFIG_MAPPING, AutoModelForCausalLM, PretrainedConfig
 
@@ -68,7 +69,8 @@ def tiny_config(family: str, **overrides: Any) -> PretrainedConfig:
 def tiny_model(config: PretrainedConfig, *, seed: int = 0) -> torch.nn.Module:
     """A float32 model of ``config`` with random weights, norm weights and routers included."""
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32,
+                                             attn_implementation=hf_attention(describe(config, 64)))
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "norm" in name and "weight" in name:

@@ -47,7 +47,7 @@ import torch  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
 from alise.worker.cuda_graphs import pick_bucket  # noqa: E402
-from alise.worker.families import PRESETS, describe, preset_config  # noqa: E402
+from alise.worker.families import PRESETS, describe, hf_attention, preset_config  # noqa: E402
 from alise.worker.loader import LoadedModel, resolve_dtype  # noqa: E402
 from alise.worker.model_runner import ModelRunner, SeqChunk  # noqa: E402
 
@@ -73,7 +73,7 @@ def build(name: str, device: torch.device, dtype_arg: str, max_model_len: int) -
     dtype = resolve_dtype(dtype_arg, device, config)
     torch.manual_seed(0)
     with torch.device(device):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=hf_attention(spec)).eval()
     return LoadedModel(model=model, tokenizer=None, config=model.config, family=spec.family, name=name,
                        random_weights=True, max_model_len=max_len, eos_token_id=None, device=device, dtype=dtype)
 

@@ -38,7 +38,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from alise.worker.families import FAMILIES, MINILM_VOCAB_SIZE, PRESETS, describe, preset_config
+from alise.worker.families import FAMILIES, MINILM_VOCAB_SIZE, PRESETS, describe, hf_attention, preset_config
 
 logger = logging.getLogger(__name__)
 
@@ -121,11 +121,13 @@ def load_model(model: str | None, *, device: str = "cpu", dtype: str = "auto", s
     max_len = max_model_len or limit
     spec = describe(config, max_len)  # refuses what the runner cannot execute, before any weight is read
     torch_dtype = resolve_dtype(dtype, torch_device, config)
+    # transformers' own forward (the baseline runner's) must compute what the spec says too.
+    hf_options = dict(dtype=torch_dtype, attn_implementation=hf_attention(spec))
     if tokenizer is None:
-        hf_model, tokenizer = _load_directory(path, config, torch_device, torch_dtype)
+        hf_model, tokenizer = _load_directory(path, config, torch_device, hf_options)
         eos = eos_token_id_of(tokenizer, config)
     else:
-        hf_model = _build_preset(name, config, torch_device, torch_dtype, seed)
+        hf_model = _build_preset(name, config, torch_device, hf_options, seed)
         eos = tokenizer.sep_token_id
     hf_model.eval()
     param = next(hf_model.parameters())
@@ -136,7 +138,7 @@ def load_model(model: str | None, *, device: str = "cpu", dtype: str = "auto", s
     return loaded
 
 
-def _build_preset(name: str, config: PretrainedConfig, device: torch.device, dtype: torch.dtype,
+def _build_preset(name: str, config: PretrainedConfig, device: torch.device, hf_options: dict,
                   seed: int) -> torch.nn.Module:
     logger.warning("model %r is a preset architecture with RANDOM weights (seed %d): generated text is "
                    "meaningless; use it to measure serving, not quality", name, seed)
@@ -145,7 +147,7 @@ def _build_preset(name: str, config: PretrainedConfig, device: torch.device, dty
     cuda_devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=cuda_devices), torch.device(device):
         torch.manual_seed(seed)
-        return AutoModelForCausalLM.from_config(config, dtype=dtype)
+        return AutoModelForCausalLM.from_config(config, **hf_options)
 
 
 def _check_directory(path: Path) -> None:
@@ -157,10 +159,10 @@ def _check_directory(path: Path) -> None:
 
 
 def _load_directory(path: Path, config: PretrainedConfig, device: torch.device,
-                    dtype: torch.dtype) -> tuple[torch.nn.Module, PreTrainedTokenizerBase]:
+                    hf_options: dict) -> tuple[torch.nn.Module, PreTrainedTokenizerBase]:
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    hf_model = AutoModelForCausalLM.from_pretrained(path, config=config, local_files_only=True, dtype=dtype,
-                                                    use_safetensors=True)
+    hf_model = AutoModelForCausalLM.from_pretrained(path, config=config, local_files_only=True, use_safetensors=True,
+                                                    **hf_options)
     return hf_model.to(device), tokenizer
 
 

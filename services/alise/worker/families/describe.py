@@ -183,6 +183,13 @@ FAMILIES: dict[str, Callable[[PretrainedConfig, int], DecoderSpec]] = {
 }
 
 
+def hf_attention(spec: DecoderSpec) -> str | None:
+    """The transformers attention implementation that computes what ``spec`` says (None: its
+    default). Its SDPA path drops the logit soft-cap without a word (transformers 5.17 sends
+    Gemma 2 there), so soft-capped models get the eager one, which applies it."""
+    return "eager" if spec.attn_softcap is not None else None
+
+
 def describe(config: PretrainedConfig, max_model_len: int | None = None) -> DecoderSpec:
     """The spec of ``config`` for contexts up to ``max_model_len`` (default: the config's
     ``max_position_embeddings``); ValueError for what the runner cannot execute exactly."""
