@@ -109,6 +109,39 @@ def test_max_tokens_caps_each_request_and_the_oracle_length_never_exceeds_it():
     assert [(s.max_tokens, s.oracle_output_tokens) for s in plain] == [(30, 0), (100, 0)]
 
 
+async def test_alise_bench_shows_progress_and_caps_lengths(tiny_llama_dir, tmp_path, capsys):
+    import asyncio
+    import json
+
+    from alise.cli.main import main
+    from alise.sim.trace import write_trace
+    from cluster_fixtures import cluster
+
+    trace = tmp_path / "t.jsonl"
+    write_trace([TraceRequest(f"p{i}", f"Tell me about topic {i}", 6, n, 0.02 * i)
+                 for i, n in enumerate([3, 9, 5])], trace)
+    run = tmp_path / "run.json"
+    async with cluster(str(tiny_llama_dir), max_model_len=256,
+                       worker_overrides=dict(max_model_len=256, block_size=8)) as c:
+        argv = ["bench", "--trace", str(trace), "--address", c.address, "--max-tokens", "6",
+                "--json", str(run)]
+        capsys.readouterr()  # what loading the model printed
+        assert await asyncio.to_thread(main, argv) == 0
+        piped = capsys.readouterr().err  # not a terminal: the run's end, on one line
+        assert await asyncio.to_thread(main, argv + ["--progress"]) == 0
+        live = capsys.readouterr().err
+        assert await asyncio.to_thread(main, argv + ["--no-progress"]) == 0
+        silent = capsys.readouterr().err
+    assert piped.startswith("bench: 3 requests in ") and piped.endswith(", 0 failed\n")
+    assert piped.count("\n") == 1
+    assert "\r" not in piped and silent == ""
+    assert live.startswith("\r\x1b[Kbench: 0/3 done, ") and "| 0.00 req/s | " in live
+    assert "\r\x1b[Kbench: 3 requests in " in live
+    saved = json.loads(run.read_text())
+    assert saved["settings"]["max_tokens"] == 6
+    assert [r["num_tokens"] for r in saved["requests"]] == [3, 6, 5]
+
+
 def test_bench_compare_prints_runs_side_by_side_and_plots_cdfs(tmp_path, capsys):
     import json
     from dataclasses import asdict

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import io
 import math
 
 import pytest
@@ -279,3 +280,80 @@ def test_the_simulator_follows_the_schedulers_prefill_step_ratio():
     assert ttft[1.5] > 1.5 * ttft[0.0]
     with pytest.raises(ValueError, match="prefill_step_ratio"):
         SimConfig(prefill_step_ratio=1.0)
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_line_redraws_in_place_a_few_times_a_second_on_a_terminal_only():
+    from alise.sim.progress import ERASE, ProgressLine
+
+    now = [0.0]
+    term = _Terminal()
+    line = ProgressLine.for_flag(None, term)
+    line.clock = lambda: now[0]
+    line.update("a")
+    now[0] = 0.1
+    line.update("b")  # too soon: not drawn
+    now[0] = 0.3
+    line.update("c" * 500)  # cut to the width (160 where the stream does not say)
+    line.phase("done")
+    assert term.getvalue() == ERASE + "a" + ERASE + "c" * 159 + ERASE + "done\n"
+    line.update("d")  # drawn at once after a phase line
+    assert term.getvalue().endswith("done\n" + ERASE + "d")
+
+    piped = io.StringIO()  # CI logs, pipes: only the finished phases
+    line = ProgressLine.for_flag(None, piped)
+    line.update("a")
+    line.phase("done")
+    line.clear()
+    assert piped.getvalue() == "done\n"
+    silent = io.StringIO()
+    line = ProgressLine.for_flag(False, silent)
+    line.update("a")
+    line.phase("done")
+    assert silent.getvalue() == ""
+    forced = io.StringIO()
+    ProgressLine.for_flag(True, forced).update("a")
+    assert forced.getvalue() == ERASE + "a"
+
+
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_a_sweep_reports_each_policy_and_rate_as_it_runs(jobs):
+    from alise.sim.sweep import sweep
+
+    trace = mixed_trace(num=40)
+    events = []
+    runs = sweep(trace, ["fcfs", "oracle"], [10.0, 30.0], LATENCY, CONFIG, jobs=jobs, progress=events.append)
+    quiet = sweep(trace, ["fcfs", "oracle"], [10.0, 30.0], LATENCY, CONFIG, jobs=jobs)
+    assert [dataclasses.replace(r, wall_s=0) for r in runs] == [
+        dataclasses.replace(r, wall_s=0) for r in quiet]
+    for policy in ("fcfs", "oracle"):
+        mine = [e for e in events if e.policy == policy]
+        # every run reports as it starts (nothing finished yet); the sweep's end comes last
+        assert {(e.rate_index, e.rate) for e in mine if e.num_finished == 0} == {(0, 10.0), (1, 30.0)}
+        assert all(e.num_jobs == 40 and e.num_rates == 2 and 0 <= e.num_finished <= 40 for e in mine)
+        assert [e.done for e in mine].count(True) == 1 and mine[-1].done and mine[-1].rate_index == 1
+
+
+def test_alise_sim_shows_progress_on_stderr(tmp_path, capsys):
+    from alise.cli.main import main
+    from alise.sim.trace import write_trace
+
+    path = tmp_path / "mixed.jsonl"
+    write_trace(mixed_trace(num=40), path)
+    argv = ["sim", "--trace", str(path), "--policies", "fcfs,oracle", "--rates", "10,30",
+            "--kv-tokens", "2048", "--png", str(tmp_path / "sim.png")]
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    # not a terminal: one line per finished sweep (the two policies run side by side) and nothing else
+    assert sorted(line.partition(" in ")[0] for line in captured.err.splitlines()) == [
+        "sim mixed: fcfs swept 2 of 2 rates", "sim mixed: oracle swept 2 of 2 rates"]
+    assert "\r" not in captured.err and "mean normalized latency" in captured.out
+    assert main(argv + ["--progress", "--jobs", "1"]) == 0
+    err = capsys.readouterr().err
+    assert "\r\x1b[Ksim mixed: fcfs rate 1/2 (10 req/s) 0/40 jobs" in err
+    assert main(argv + ["--no-progress"]) == 0
+    assert capsys.readouterr().err == ""

@@ -73,6 +73,9 @@ def register(sub) -> None:
     b.add_argument("--compare", nargs="+", default=None, metavar="RUN.json",
                    help="print saved runs (--json files) side by side instead of running")
     b.add_argument("--png", default=None, help="with --compare: latency CDFs of the runs, p50 and p99 marked")
+    b.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="show requests done, rate and elapsed time on stderr as the run goes (default: "
+                        "on a terminal; elsewhere one line when the run ends)")
     b.set_defaults(func=_cmd_bench)
 
 
@@ -135,12 +138,14 @@ def _run(args: argparse.Namespace, slo: dict) -> int:
     from dataclasses import asdict
 
     from alise.bench.openloop import DEFAULT_MAX_TOKENS, format_summary, run_bench, summarize, write_results
+    from alise.sim.progress import ProgressLine
 
     requests = _requests(args)
     backend = _backend(args)
     max_tokens = args.max_tokens or DEFAULT_MAX_TOKENS
     results = asyncio.run(run_bench(requests, backend, timeout_s=args.timeout, lengths=args.lengths,
-                                    max_tokens=max_tokens, max_concurrency=args.max_concurrency))
+                                    max_tokens=max_tokens, max_concurrency=args.max_concurrency,
+                                    progress=ProgressLine.for_flag(args.progress)))
     summary = summarize(results, slo)
     label = args.label or backend.name
     print(format_summary(summary, title=f"{label} -> {backend.target}"))

@@ -28,6 +28,7 @@ from pathlib import Path
 
 from alise.bench.backends import GrpcBackend, Send, StreamEnd
 from alise.bench.metrics import format_summary, summarize  # noqa: F401 - the run's figures
+from alise.sim.progress import ProgressLine
 from alise.sim.simulator import SimConfig
 from alise.sim.trace import TraceRequest
 
@@ -65,27 +66,54 @@ def request_send(r: TraceRequest, request_id: str, *, lengths: str, max_tokens: 
     return Send(r.prompt, target, 0, request_id, timeout_s)
 
 
-async def _one(backend, i: int, r: TraceRequest, start: float, send: Send, gate) -> RequestResult:
+@dataclass
+class _Tally:
+    """Requests sent, ended and failed so far (what the progress line shows)."""
+
+    num_requests: int
+    num_sent: int = 0
+    num_done: int = 0
+    num_failed: int = 0
+
+    def line(self, elapsed_s: float) -> str:
+        rate = self.num_done / elapsed_s if elapsed_s > 0 else 0.0
+        failed = f", {self.num_failed} failed" if self.num_failed else ""
+        return (f"bench: {self.num_done}/{self.num_requests} done, {self.num_sent - self.num_done} in flight"
+                f"{failed} | {rate:.2f} req/s | {elapsed_s:.1f} s")
+
+    def ended(self, res: RequestResult) -> RequestResult:
+        self.num_done += 1
+        self.num_failed += bool(res.error)
+        return res
+
+
+async def _one(backend, i: int, r: TraceRequest, start: float, send: Send, gate, tally: _Tally
+               ) -> RequestResult:
     res = RequestResult(i, r.id, r.prompt_tokens, r.output_tokens, r.arrival_s)
     await asyncio.sleep(max(0.0, start + r.arrival_s - time.monotonic()))
     async with gate:
-        t0 = time.monotonic()
-        res.sent_s = t0 - start
-        first = last = None
-        try:
-            async for event in backend.stream(send):
-                now = time.monotonic()
-                if isinstance(event, StreamEnd):
-                    res.num_tokens, res.finish_reason = event.num_tokens, event.finish_reason
-                    break
-                if first is None:
-                    first = now
-                else:
-                    res.itl_s.append(now - last)
-                last = now
-        except Exception as exc:  # noqa: BLE001 - BenchError, an SDK error, a broken stream: recorded per request
-            res.error = f"{type(exc).__name__}: {exc}"[:300]
-            return res
+        tally.num_sent += 1
+        return tally.ended(await _measure(backend, send, start, res))
+
+
+async def _measure(backend, send: Send, start: float, res: RequestResult) -> RequestResult:
+    t0 = time.monotonic()
+    res.sent_s = t0 - start
+    first = last = None
+    try:
+        async for event in backend.stream(send):
+            now = time.monotonic()
+            if isinstance(event, StreamEnd):
+                res.num_tokens, res.finish_reason = event.num_tokens, event.finish_reason
+                break
+            if first is None:
+                first = now
+            else:
+                res.itl_s.append(now - last)
+            last = now
+    except Exception as exc:  # noqa: BLE001 - BenchError, an SDK error, a broken stream: recorded per request
+        res.error = f"{type(exc).__name__}: {exc}"[:300]
+        return res
     end = last if last is not None else time.monotonic()
     res.e2e_s = end - t0
     if first is not None:
@@ -96,11 +124,20 @@ async def _one(backend, i: int, r: TraceRequest, start: float, send: Send, gate)
     return res
 
 
+async def _show(progress: ProgressLine, tally: _Tally, start: float) -> None:
+    while True:
+        progress.update(tally.line(max(time.monotonic() - start, 0.0)))  # the first draw precedes start
+        await asyncio.sleep(progress.min_interval_s)
+
+
 async def run_bench(requests: Sequence[TraceRequest], target, *, timeout_s: float = 600.0,
                     request_prefix: str = "bench-", max_tokens: int = DEFAULT_MAX_TOKENS,
-                    lengths: str = "oracle", max_concurrency: int | None = None) -> list[RequestResult]:
+                    lengths: str = "oracle", max_concurrency: int | None = None,
+                    progress: ProgressLine | None = None) -> list[RequestResult]:
     """Replays ``requests`` open-loop against ``target``: a backend, or a scheduler's gRPC
-    address. Each request generates min(``max_tokens``, its trace length) tokens (module doc)."""
+    address. Each request generates min(``max_tokens``, its trace length) tokens (module doc).
+    ``progress``: where to show requests done, in flight and failed as the run goes, and one
+    line when it ends."""
     if lengths not in LENGTH_MODES:
         raise ValueError(f"lengths must be one of {', '.join(LENGTH_MODES)}, got {lengths!r}")
     if max_tokens < 1:
@@ -109,13 +146,24 @@ async def run_bench(requests: Sequence[TraceRequest], target, *, timeout_s: floa
         raise ValueError(f"max_concurrency must be >= 1, got {max_concurrency}")
     backend = GrpcBackend(target) if isinstance(target, str) else target
     gate = asyncio.Semaphore(max_concurrency) if max_concurrency else contextlib.nullcontext()
+    tally = _Tally(len(requests))
     async with backend:
         start = time.monotonic() + 0.05
         tasks = [asyncio.create_task(_one(backend, i, r, start, request_send(
                      r, f"{request_prefix}{i}", lengths=lengths, max_tokens=max_tokens,
-                     timeout_s=timeout_s), gate))
+                     timeout_s=timeout_s), gate, tally))
                  for i, r in enumerate(requests)]
-        return list(await asyncio.gather(*tasks))
+        shown = asyncio.create_task(_show(progress, tally, start)) if progress and progress.is_live else None
+        try:
+            results = list(await asyncio.gather(*tasks))
+        finally:
+            if shown is not None:
+                shown.cancel()
+    if progress:
+        elapsed = max(time.monotonic() - start, 1e-9)
+        progress.phase(f"bench: {tally.num_done} requests in {elapsed:.1f} s "
+                       f"({tally.num_done / elapsed:.2f} req/s), {tally.num_failed} failed")
+    return results
 
 
 def write_results(results: Sequence[RequestResult], path: str | Path) -> None:

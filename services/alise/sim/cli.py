@@ -62,6 +62,9 @@ def register(sub) -> None:
     s.add_argument("--policy-arg", action="append", default=[], metavar="KEY=VALUE",
                    help="keyword argument for AlisePolicy (alise and oracle), e.g. "
                         "aging_rate=0.01 or max_slowdown=none; repeatable")
+    s.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="show which policy and rate run and how far on stderr (default: on a terminal; "
+                        "elsewhere one line per finished policy sweep)")
     s.set_defaults(func=_cmd_sim)
 
 

@@ -10,9 +10,10 @@ from pathlib import Path
 from alise.core.latency_model import LatencyModel
 from alise.sim.profiles import opt13b_h100_roofline, profile_label
 from alise.sim.simulator import SimConfig
+from alise.sim.progress import ProgressLine
 from alise.sim.sweep import (
-    MAX_WORK_BACKLOG_GROWTH, as_dict, capacity_bound, estimate_capacity, sweep, tail_p99,
-    throughput_at_constraint, unloaded_normalized_latency,
+    MAX_WORK_BACKLOG_GROWTH, SweepProgress, as_dict, capacity_bound, estimate_capacity, sweep,
+    tail_p99, throughput_at_constraint, unloaded_normalized_latency,
 )
 
 #: Default sweep: these multiples of the estimated saturation rate.
@@ -52,16 +53,54 @@ def parse_policy_args(items: list[str]) -> dict:
     return out
 
 
+class SweepDisplay:
+    """The progress line of one workload's sweep: each running policy's rate and jobs finished,
+    runs done of all, elapsed; and a line per policy whose sweep ended."""
+
+    def __init__(self, line: ProgressLine, workload: str, policies: list[str], num_rates: int) -> None:
+        self.line = line
+        self.workload = workload
+        self.policies = policies
+        self.num_runs = len(policies) * num_rates
+        self.started = time.monotonic()
+        self.latest: dict[str, SweepProgress] = {}
+        self.done: dict[str, SweepProgress] = {}
+
+    def _order(self, p: SweepProgress) -> int:
+        return self.policies.index(p.policy)
+
+    def __call__(self, p: SweepProgress) -> None:
+        if p.policy in self.done:
+            return  # a late report from the process that ran it
+        elapsed = time.monotonic() - self.started
+        if p.done:
+            self.done[p.policy] = p
+            self.latest.pop(p.policy, None)
+            stopped = "" if p.rate_index + 1 == p.num_rates else " (stopped: past every constraint)"
+            self.line.phase(f"sim {self.workload}: {p.policy} swept {p.rate_index + 1} of {p.num_rates} "
+                            f"rates in {elapsed:.1f} s{stopped}")
+            return
+        self.latest[p.policy] = p
+        running = " | ".join(f"{q.policy} rate {q.rate_index + 1}/{q.num_rates} ({q.rate:g} req/s) "
+                             f"{q.num_finished}/{q.num_jobs} jobs"
+                             for q in sorted(self.latest.values(), key=self._order))
+        runs_done = sum(q.rate_index + 1 for q in self.done.values()) + sum(
+            q.rate_index for q in self.latest.values())
+        self.line.update(f"sim {self.workload}: {running} | {runs_done} of <={self.num_runs} runs done"
+                         f" | {elapsed:.0f} s")
+
+
 def workload_results(name: str, requests, latency: LatencyModel, config: SimConfig,
                      policies: list[str], rates: list[float] | None, estimates, jobs: int,
-                     policy_kwargs: dict | None = None) -> dict:
+                     policy_kwargs: dict | None = None, progress: ProgressLine | None = None) -> dict:
     unloaded = unloaded_normalized_latency(requests, latency, config.max_model_len)
     capacity = estimate_capacity(requests, latency, config)
     rates = rates or [round(capacity * f, 3) for f in RATE_FRACTIONS]
     started = time.perf_counter()
+    display = SweepDisplay(progress, name, policies, len(rates)) if progress else None
     runs = sweep(requests, policies, rates, latency, config, estimates=estimates,
                  policy_kwargs=policy_kwargs, stop_above_s=2 * max(CONSTRAINTS) * unloaded,
-                 jobs=jobs)
+                 jobs=jobs, progress=display)
     wall = time.perf_counter() - started
     per_policy = {p: [r for r in runs if r.policy == p] for p in policies}
     constraints = {}
@@ -197,19 +236,25 @@ def run_sim_command(args) -> int:
         from alise.core.policy import make_policy
 
         make_policy("alise", latency, **policy_kwargs)  # fail early on a bad argument
+    progress = ProgressLine.for_flag(getattr(args, "progress", None))
     results = []
     for path in args.trace:
         requests = read_trace(path)
         estimates, source, tau = None, None, None
         if "alise" in policies:
+            progress.update(f"sim {Path(path).stem}: alise's estimates ({args.predictor}, "
+                            f"{args.folds} folds)")
+            started = time.monotonic()
             estimates, source = cross_fitted_estimates(
                 requests, method=args.predictor, num_folds=args.folds,
                 cache_path=f"{path}.estimates-{args.predictor}.json")
             tau = kendall_tau(estimates, requests)
+            progress.phase(f"sim {Path(path).stem}: alise's estimates in {time.monotonic() - started:.1f} s")
         res = workload_results(Path(path).stem, requests, latency, config, policies, rates,
-                               estimates, args.jobs, policy_kwargs)
+                               estimates, args.jobs, policy_kwargs, progress)
         res.update(trace=path, predictions=source, kendall_tau=tau, policy_kwargs=policy_kwargs)
         results.append(res)
+        progress.clear()
         print(format_workload(res, label))
         if policy_kwargs:
             print(f"policy arguments (alise, oracle): {policy_kwargs}")

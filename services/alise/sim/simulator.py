@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter, deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from alise.core.blocks import WorkerCapacity, default_token_budget
@@ -143,9 +143,11 @@ class SimResult:
 def simulate(requests: Sequence[TraceRequest], policy: Policy, latency: LatencyModel,
              config: SimConfig = SimConfig(), *,
              estimates: Mapping[int, LengthEstimate] | None = None,
-             memory: MemoryPlanner | None = None, max_steps: int = 5_000_000) -> SimResult:
+             memory: MemoryPlanner | None = None, max_steps: int = 5_000_000,
+             on_progress: Callable[[int], None] | None = None) -> SimResult:
     """Replays ``requests`` (in arrival order) through the core; ``estimates`` by request index;
-    ``memory``: the KV planner (default: the policy's)."""
+    ``memory``: the KV planner (default: the policy's); ``on_progress``: called with the number
+    of jobs finished so far at every event (it keeps its own pace)."""
     started = time.perf_counter()
     core = SchedulerCore(policy, memory, prefill_step_ratio=config.prefill_step_ratio)
     cluster = _Cluster(core, config, latency)
@@ -165,6 +167,8 @@ def simulate(requests: Sequence[TraceRequest], policy: Policy, latency: LatencyM
             raise RuntimeError(f"simulation did not finish within {max_steps} steps")
         t_arrival = requests[order[next_arrival]].arrival_s if next_arrival < len(order) else None
         t_step = cluster.next_end_s()
+        if on_progress is not None:
+            on_progress(len(jobs) - len(core.jobs))
         if t_step is not None and (t_arrival is None or t_step <= t_arrival):
             now = t_step
             cluster.end_step(now)

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import math
 import statistics
+import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
@@ -176,7 +177,41 @@ def capacity_bound(requests: Sequence[TraceRequest], latency: LatencyModel,
     return config.num_workers * len(requests) / seconds if seconds > 0 else math.inf
 
 
-def _run_one(args) -> RunSummary:
+@dataclass(frozen=True)
+class SweepProgress:
+    """Where one policy's sweep stands: the rate it runs (``rate_index`` of ``num_rates``) and
+    the jobs of that run finished so far; ``done``: the sweep of this policy ended, after
+    ``rate_index + 1`` rates (fewer than ``num_rates`` where it stopped past the constraints)."""
+
+    policy: str
+    rate: float
+    rate_index: int
+    num_rates: int
+    num_finished: int
+    num_jobs: int
+    done: bool = False
+
+
+#: Least time between two reports of one sweep (a child process's reports cross a pipe).
+REPORT_INTERVAL_S = 0.25
+
+
+def _reporter(report, policy: str, rate: float, index: int, num_rates: int, num_jobs: int):
+    """``simulate``'s ``on_progress`` for one run: reports at once, then at most every
+    ``REPORT_INTERVAL_S``."""
+    last = -math.inf
+
+    def on_progress(num_finished: int) -> None:
+        nonlocal last
+        now = time.monotonic()
+        if now - last >= REPORT_INTERVAL_S:
+            last = now
+            report(SweepProgress(policy, rate, index, num_rates, num_finished, num_jobs))
+
+    return on_progress
+
+
+def _run_one(args, on_progress=None) -> RunSummary:
     requests, policy_name, policy_kwargs, latency_json, config, rate, estimates = args
     from alise.core.policy import make_policy
     from alise.sim.simulator import simulate
@@ -184,16 +219,17 @@ def _run_one(args) -> RunSummary:
     latency = LatencyModel.from_json(latency_json)
     policy = make_policy(policy_name, latency, **policy_kwargs)
     result = simulate(rescale(requests, rate), policy, latency, config,
-                      estimates=estimates if policy_name == "alise" else None)
+                      estimates=estimates if policy_name == "alise" else None, on_progress=on_progress)
     return summarize(result, rate, capacity_bound(requests, latency, config))
 
 
-def _sweep_policy(args) -> list[RunSummary]:
+def _sweep_policy(args, report=None) -> list[RunSummary]:
     requests, policy, policy_kwargs, latency_json, config, rates, estimates, stop_above_s = args
     out: list[RunSummary] = []
     over = 0
-    for rate in rates:
-        s = _run_one((requests, policy, policy_kwargs, latency_json, config, rate, estimates))
+    for index, rate in enumerate(rates):
+        on_progress = _reporter(report, policy, rate, index, len(rates), len(requests)) if report else None
+        s = _run_one((requests, policy, policy_kwargs, latency_json, config, rate, estimates), on_progress)
         out.append(s)
         over = over + 1 if stop_above_s and s.mean_normalized_latency_s > stop_above_s else 0
         if over >= 2:
@@ -201,24 +237,79 @@ def _sweep_policy(args) -> list[RunSummary]:
     return out
 
 
+#: In a pool's child process: where its sweeps report (the parent's queue), or None.
+_child_queue = None
+
+
+def _init_child(queue) -> None:
+    global _child_queue
+    _child_queue = queue
+
+
+def _sweep_policy_in_child(indexed_task) -> tuple[int, list[RunSummary]]:
+    index, task = indexed_task
+    return index, _sweep_policy(task, _child_queue.put if _child_queue is not None else None)
+
+
+def _done(task, runs: list[RunSummary]) -> SweepProgress:
+    requests, policy, rates = task[0], task[1], task[5]
+    return SweepProgress(policy, runs[-1].rate, len(runs) - 1, len(rates), len(requests), len(requests), True)
+
+
 def sweep(requests: Sequence[TraceRequest], policies: Sequence[str], rates: Sequence[float],
           latency: LatencyModel, config: SimConfig, *, estimates=None,
           policy_kwargs: dict | None = None, stop_above_s: float | None = None,
-          jobs: int = 1) -> list[RunSummary]:
+          jobs: int = 1, progress=None) -> list[RunSummary]:
     """Runs every policy at every rate (ascending); a policy stops after two consecutive rates
-    above ``stop_above_s`` (its curve is past every constraint of interest, sustained or not). ``jobs`` > 1 runs
-    policies in parallel processes; results do not depend on it."""
+    above ``stop_above_s`` (its curve is past every constraint of interest, sustained or not).
+    ``jobs`` > 1 runs policies in parallel processes; results do not depend on it.
+    ``progress``, if given, is called in this process with a :class:`SweepProgress` as runs go
+    (at most every ``REPORT_INTERVAL_S`` per policy), and once with ``done`` when a policy's
+    sweep ends."""
     tasks = [(list(requests), p, dict(policy_kwargs or {}) if p != "fcfs" else {},
               latency.to_json(), config, sorted(rates), estimates, stop_above_s)
              for p in policies]
     if jobs > 1 and len(tasks) > 1:
-        import multiprocessing
-
-        with multiprocessing.get_context("fork").Pool(min(jobs, len(tasks))) as pool:
-            results = pool.map(_sweep_policy, tasks)
+        results = _sweep_in_pool(tasks, min(jobs, len(tasks)), progress)
     else:
-        results = [_sweep_policy(t) for t in tasks]
+        results = []
+        for t in tasks:
+            results.append(_sweep_policy(t, progress))
+            if progress:
+                progress(_done(t, results[-1]))
     return [s for per_policy in results for s in per_policy]
+
+
+def _sweep_in_pool(tasks: list, num_processes: int, progress) -> list[list[RunSummary]]:
+    """One policy a process; the children's reports come through a queue, read between results.
+
+    NOTE: a ``SimpleQueue``'s ``put`` writes to the pipe before it returns (no feeder thread), so
+    every report of a policy is in the pipe before its result is: draining after each result
+    delivers them all before the policy's ``done``."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    reports = ctx.SimpleQueue() if progress else None
+    results: list = [None] * len(tasks)
+    with ctx.Pool(num_processes, initializer=_init_child, initargs=(reports,)) as pool:
+        pending = pool.imap_unordered(_sweep_policy_in_child, list(enumerate(tasks)))
+        for _ in tasks:
+            while True:
+                try:
+                    index, runs = pending.next(timeout=0.1 if progress else None)
+                    break
+                except multiprocessing.TimeoutError:
+                    _drain(reports, progress)
+            _drain(reports, progress)
+            results[index] = runs
+            if progress:
+                progress(_done(tasks[index], runs))
+    return results
+
+
+def _drain(reports, progress) -> None:
+    while reports is not None and not reports.empty():
+        progress(reports.get())
 
 
 def as_dict(summary: RunSummary) -> dict:
