@@ -33,7 +33,7 @@ DTYPES = [torch.float16, torch.bfloat16]
 @pytest.mark.parametrize("kind", ["layer", "rms", "rms_unit_offset"])
 @pytest.mark.parametrize("cols", [5120, 4096, 200])
 def test_add_norm(dtype: torch.dtype, kind: str, cols: int) -> None:
-    from alise.worker.tuning import reference_norm
+    from alise.worker.kernel_plan import reference_norm
 
     torch.manual_seed(cols + len(kind))
     rows = 37

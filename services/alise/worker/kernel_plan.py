@@ -93,6 +93,18 @@ def norm_params(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None, f
     return module.weight, None, module.eps if eps is None else eps
 
 
+def reference_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float,
+                   kind: str) -> torch.Tensor:
+    """The norm of ``x``'s rows in float32, rounded where transformers' module rounds."""
+    h = x.float()
+    if kind == "layer":
+        return F.layer_norm(h, h.shape[-1:], weight.float(), bias.float() if bias is not None else None, eps)
+    normed = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    if kind == "rms_unit_offset":
+        return normed * (1.0 + weight.float())
+    return weight.float() * normed.to(x.dtype).float()
+
+
 #: Gated activations the fused kernel computes (config names -> the kernel's).
 FUSED_ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh"}
 

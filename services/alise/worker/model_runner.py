@@ -132,11 +132,7 @@ class ModelRunner(RunnerBase, DecoderPass):
             # flash and memory-efficient kernels do not. A worker-wide setting, as the runner
             # owns the process's GPU work.
             torch.backends.cuda.enable_cudnn_sdp(False)
-        self._body, self._weights = bind(self.model, self.spec)
-        self._qkv = [w.qkv for w in self._weights]
-        self._rope = rope_tables(self._body, self.spec, self.max_model_len, self.device, loaded.dtype)
-        self._forward = self._forward_opt if self.spec.family == "opt" else self._forward_decoder
-        self.ops = LayerOps(norm_kind=self.spec.norm, activation=self.spec.activation)
+        self._bind_model()
         if fast_kernels is None:
             fast_kernels = self.attention_backend.name == "triton"
         loaded_plan = False
@@ -159,6 +155,15 @@ class ModelRunner(RunnerBase, DecoderPass):
             from alise.worker.kernel_plan import plan_to_json
 
             Path(plan_file).write_text(plan_to_json(self.plan, self._plan_key(max_num_seqs)), encoding="utf-8")
+
+    def _bind_model(self) -> None:
+        """The HF model's weights as the spec's forward reads them (alise.worker.decoder.bind),
+        its rotary tables, and the layer ops (default plan) for its norm and activation."""
+        self._body, self._weights = bind(self.model, self.spec)
+        self._qkv = [w.qkv for w in self._weights]
+        self._rope = rope_tables(self._body, self.spec, self.max_model_len, self.device, self.loaded.dtype)
+        self._forward = self._forward_opt if self.spec.family == "opt" else self._forward_decoder
+        self.ops = LayerOps(norm_kind=self.spec.norm, activation=self.spec.activation)
 
     def _capture_graphs(self, *, measure: bool, loaded_plan: bool) -> None:
         """Decode graphs, then mixed-step graphs where the plan has the unified kernel."""

@@ -31,6 +31,7 @@ from alise.worker.kernel_plan import (
     KernelPlan,
     blas_library,
     norm_params,
+    reference_norm,
     rotate_half,
     torch_linear,
 )
@@ -354,18 +355,6 @@ class Planner:
             else:
                 self.note(f"skinny {config} on {name}: rel err {max(errs):.1e}; left out")
         return ok
-
-
-def reference_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float,
-                   kind: str) -> torch.Tensor:
-    """The norm of ``x``'s rows in float32, rounded where transformers' module rounds."""
-    h = x.float()
-    if kind == "layer":
-        return F.layer_norm(h, h.shape[-1:], weight.float(), bias.float() if bias is not None else None, eps)
-    normed = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-    if kind == "rms_unit_offset":
-        return normed * (1.0 + weight.float())
-    return weight.float() * normed.to(x.dtype).float()
 
 
 def _label(choice) -> str:
