@@ -50,6 +50,11 @@ def unified_cases(dtype: str, quick: bool):
                          BLOCK_D=dim, BLOCK_N=c.block_n, DOT_F32=False, HAS_WINDOW=False, HAS_SOFTCAP=False)
             yield (f"unified h{heads}/{kv_heads} {c}", triton_unified._unified_kernel, types, const,
                    dict(num_warps=c.num_warps, num_stages=c.num_stages))
+    c = triton_unified.CANDIDATES[0]  # Gemma 2's local layers: 256-wide heads, a window, a soft-cap
+    const = dict(BLOCK_SIZE=16, GROUP=2, BLOCK_Q=c.block_q(2), BLOCK_M=c.block_m, HEAD_DIM=256, BLOCK_D=256,
+                 BLOCK_N=c.block_n, DOT_F32=False, HAS_WINDOW=True, HAS_SOFTCAP=True)
+    yield (f"unified h16/8 d256 window softcap {c}", triton_unified._unified_kernel, types, const,
+           dict(num_warps=c.num_warps, num_stages=c.num_stages))
 
 
 def fused_cases(dtype: str, quick: bool):
@@ -60,8 +65,13 @@ def fused_cases(dtype: str, quick: bool):
         block = 1 << (cols - 1).bit_length()
         yield (f"add_norm {'rms' if rms else 'ln'} {cols}", triton_fused._add_norm_kernel, types,
                dict(HAS_DELTA=True, HAS_BIAS=not rms, RMS=rms, UNIT_OFFSET=False, BLOCK=block), dict(num_warps=16))
-    yield ("act_mul", triton_fused._act_mul_kernel, dict(x_ptr=ptr, out_ptr=ptr, n_cols="i32"),
-           dict(GELU_TANH=False, BLOCK=1024), dict(num_warps=4))
+    types = dict(x_ptr=ptr, delta_ptr=ptr, weight_ptr=ptr, bias_ptr=ptr, sum_ptr=ptr, out_ptr=ptr, eps="fp32",
+                 n_cols="i32")
+    yield ("add_norm gemma-rms 3584", triton_fused._add_norm_kernel, types,
+           dict(HAS_DELTA=True, HAS_BIAS=False, RMS=True, UNIT_OFFSET=True, BLOCK=4096), dict(num_warps=8))
+    for gelu in (False, True):
+        yield (f"act_mul {'gelu_tanh' if gelu else 'silu'}", triton_fused._act_mul_kernel,
+               dict(x_ptr=ptr, out_ptr=ptr, n_cols="i32"), dict(GELU_TANH=gelu, BLOCK=1024), dict(num_warps=4))
     types = dict(q_ptr=ptr, k_ptr=ptr, v_ptr=ptr, cos_ptr=ptr, sin_ptr=ptr, slots_ptr="*i64", q_out_ptr=ptr,
                  k_cache_ptr=ptr, v_cache_ptr=ptr)
     yield ("rope_write_kv 32/8x128", triton_fused._rope_write_kernel, types,
@@ -91,6 +101,11 @@ def decode_cases(dtype: str, quick: bool):
                    dict(BLOCK_SIZE=16, GROUP=1, BLOCK_G=16, HEAD_DIM=128, BLOCK_D=128, BLOCK_N=cfg["block_n"],
                         NUM_SPLITS=splits, USE_DOT=True, FUSED_MERGE=fused, HAS_WINDOW=False, HAS_SOFTCAP=False),
                    dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]))
+    yield ("decode d256 window softcap splits=8 fused_merge=True", triton_attention._paged_decode_kernel, types,
+           dict(BLOCK_SIZE=16, GROUP=2, BLOCK_G=16, HEAD_DIM=256, BLOCK_D=256,
+                BLOCK_N=triton_attention.decode_block_n(256), NUM_SPLITS=8,
+                USE_DOT=True, FUSED_MERGE=True, HAS_WINDOW=True, HAS_SOFTCAP=True),
+           dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]))
 
 
 def compile_one(fn, types: dict, const: dict, options: dict) -> dict:

@@ -90,6 +90,13 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
+def decode_block_n(head_dim: int) -> int:
+    """Keys per tile of the decode kernel: the configured ``block_n`` while a K/V tile stays
+    within 128 x 128 elements (the shape it was tuned at); fewer keys for wider heads (Gemma's
+    256: at 128 keys the soft-capped kernel spills registers on sm_90)."""
+    return max(16, min(DECODE_CONFIG["block_n"], 128 * 128 // max(16, _next_pow2(head_dim))))
+
+
 if triton is not None:
 
     @triton.jit
@@ -300,7 +307,7 @@ def decode_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: 
         out.stride(0), out.stride(1),
         num_heads,
         BLOCK_SIZE=block_size, GROUP=group, BLOCK_G=block_g, HEAD_DIM=head_dim, BLOCK_D=block_d,
-        BLOCK_N=config["block_n"], NUM_SPLITS=num_splits, USE_DOT=use_dot, FUSED_MERGE=fused_merge,
+        BLOCK_N=decode_block_n(head_dim), NUM_SPLITS=num_splits, USE_DOT=use_dot, FUSED_MERGE=fused_merge,
         HAS_WINDOW=window is not None, HAS_SOFTCAP=softcap is not None,
         num_warps=config["num_warps"], num_stages=config["num_stages"],
     )
