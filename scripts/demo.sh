@@ -16,5 +16,9 @@ for _ in $(seq 1 600); do
   sleep 0.5
 done
 grep "cluster ready" "$state_dir/up.log" || { cat "$state_dir/up.log"; exit 1; }
+if grep -q "RANDOM weights" "$state_dir/up.log"; then
+  echo "note: the model is tiny-llama with RANDOM weights: the text below is meaningless; every request" \
+       "still takes the real path (tokenizer, predictor, scheduler, paged-KV forward pass, sampling, streaming)."
+fi
 alise generate "Write a short poem about the sea." --max-tokens 48 --ignore-eos
 alise status
