@@ -55,9 +55,11 @@ _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.flo
 class LoadedModel:
     """A model ready for :class:`alise.worker.model_runner.ModelRunner`.
 
-    ``model`` is in eval mode, on ``device``, in ``dtype``. ``max_model_len`` (tokens, prompt plus
-    output) never exceeds the architecture's position limit. ``random_weights`` is True for
-    presets: their outputs are meaningless text, and every report should say so.
+    ``model`` is in eval mode, on ``device``, in ``dtype``. ``family`` is its
+    :class:`alise.worker.families.DecoderSpec`'s (``gemma3`` for model_type ``gemma3_text``).
+    ``max_model_len`` (tokens, prompt plus output) never exceeds the architecture's position
+    limit. ``random_weights`` is True for presets: their outputs are meaningless text, and every
+    report should say so.
     """
 
     model: torch.nn.Module
