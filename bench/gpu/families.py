@@ -110,7 +110,7 @@ def floor_bytes(loaded: LoadedModel, runner: ModelRunner, batch: int, context: i
     nbytes = lambda t: t.numel() * t.element_size()  # noqa: E731
     total = sum(nbytes(p) for p in params.values())
     embed = model.get_input_embeddings().weight
-    if embed.data_ptr() != model.get_output_embeddings().weight.data_ptr():
+    if embed is not model.get_output_embeddings().weight:  # untied: one row per sequence is read
         total -= nbytes(embed) - batch * embed.shape[1] * embed.element_size()
     if spec.moe is not None:
         e, k = spec.moe.num_experts, spec.moe.top_k
