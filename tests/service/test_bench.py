@@ -193,3 +193,17 @@ def test_cdfs_mark_p50_and_p99_and_go_logarithmic_past_a_decade():
         import matplotlib.pyplot as plt
 
         plt.close(fig)
+
+
+async def test_bench_sends_a_later_turn_its_think_time_after_the_answer_before():
+    turns = [TraceRequest("a", "Tell me about rivers", 6, 12, 0.0, "c0", 0),
+             TraceRequest("b", "Tell me about rivers ... and lakes?", 9, 4, 0.3, "c0", 1, think_time_s=0.3),
+             TraceRequest("x", "Tell me about hills", 6, 3, 0.05)]
+    results = await run_on_cluster(turns, policy="fcfs", model="tiny-llama",
+                                   worker_overrides=dict(num_device_blocks=32, max_num_seqs=4))
+    first, second, lone = results
+    assert [r.error for r in results] == ["", "", ""] and [r.index for r in results] == [0, 1, 2]
+    answered = first.sent_s + first.e2e_s
+    # released by the first turn's end, not by the file's arrival time
+    assert second.arrival_s == pytest.approx(answered + 0.3, abs=0.02) and second.arrival_s > 0.3
+    assert second.sent_s >= second.arrival_s - 0.01 and lone.arrival_s == 0.05

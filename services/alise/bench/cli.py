@@ -40,7 +40,9 @@ def register(sub) -> None:
                           help="keep the trace's arrival pattern, rescaled to this mean rate (req/s)")
     arrivals.add_argument("--request-rate", type=_rate, default=None,
                           help="draw new arrivals at this rate (req/s; inf = all at once), "
-                               "Poisson or Gamma (--burstiness)")
+                               "Poisson or Gamma (--burstiness); conversations start at this rate over "
+                               "their turns, and a later turn is sent its think time after the answer "
+                               "before it ended")
     b.add_argument("--burstiness", type=float, default=1.0,
                    help="Gamma shape of the inter-arrival gaps with --request-rate: 1 = Poisson, "
                         "< 1 burstier, > 1 more regular (default %(default)s)")
@@ -80,7 +82,7 @@ def register(sub) -> None:
 
 
 def _requests(args: argparse.Namespace):
-    from alise.sim.trace import TraceRequest, arrival_times, read_trace, rescale
+    from alise.sim.trace import arrival_times, read_trace, rescale, with_start_times
 
     requests = read_trace(args.trace)
     if args.num:
@@ -89,12 +91,15 @@ def _requests(args: argparse.Namespace):
         return rescale(requests, args.rate)
     if args.request_rate is None:
         return requests
+    # New arrivals for the requests on the clock; a conversation's later turns keep their think times.
+    num_starts = sum(not r.is_follow_up for r in requests)
     if math.isinf(args.request_rate):
-        times = [0.0] * len(requests)
+        times = [0.0] * num_starts
     else:
-        times = arrival_times(len(requests), args.request_rate, bursty=args.burstiness != 1.0,
+        rate = args.request_rate * num_starts / len(requests)  # so that requests come at --request-rate
+        times = arrival_times(num_starts, rate, bursty=args.burstiness != 1.0,
                               cv=args.burstiness ** -0.5, seed=args.seed)
-    return [TraceRequest(r.id, r.prompt, r.prompt_tokens, r.output_tokens, t) for r, t in zip(requests, times)]
+    return with_start_times(requests, times)
 
 
 def _backend(args: argparse.Namespace):

@@ -2,7 +2,10 @@
 
 Each request is sent at its arrival time whatever the state of the others (open loop: a slow
 server does not slow the offered load down); ``max_concurrency`` caps the requests in flight,
-and a request past the cap waits for a slot (its clock starts when it is sent).
+and a request past the cap waits for a slot (its clock starts when it is sent). A
+conversation's later turns are the exception (``alise.sim.trace.Releases``): turn k+1 is sent
+its think time after turn k's stream ended (or failed), as a chat client would, so those
+arrivals follow the server's speed.
 
 Lengths: ``max_tokens`` is a cap (``DEFAULT_MAX_TOKENS``, the simulator's, unless given): every
 request generates min(cap, its trace length) tokens (``ignore_eos``), in both modes, as the
@@ -30,7 +33,7 @@ from alise.bench.backends import GrpcBackend, Send, StreamEnd
 from alise.bench.metrics import format_summary, summarize  # noqa: F401 - the run's figures
 from alise.sim.progress import ProgressLine
 from alise.sim.simulator import SimConfig
-from alise.sim.trace import TraceRequest
+from alise.sim.trace import Releases, TraceRequest
 
 #: The cap on every replayed request's output: the simulator's, not the true length.
 DEFAULT_MAX_TOKENS = SimConfig.max_tokens
@@ -87,10 +90,9 @@ class _Tally:
         return res
 
 
-async def _one(backend, i: int, r: TraceRequest, start: float, send: Send, gate, tally: _Tally
-               ) -> RequestResult:
-    res = RequestResult(i, r.id, r.prompt_tokens, r.output_tokens, r.arrival_s)
-    await asyncio.sleep(max(0.0, start + r.arrival_s - time.monotonic()))
+async def _one(backend, i: int, r: TraceRequest, released_s: float, start: float, send: Send, gate,
+               tally: _Tally) -> RequestResult:
+    res = RequestResult(i, r.id, r.prompt_tokens, r.output_tokens, released_s)
     async with gate:
         tally.num_sent += 1
         return tally.ended(await _measure(backend, send, start, res))
@@ -130,6 +132,38 @@ async def _show(progress: ProgressLine, tally: _Tally, start: float) -> None:
         await asyncio.sleep(progress.min_interval_s)
 
 
+async def _release(requests: Sequence[TraceRequest], start: float, launch) -> list[asyncio.Task]:
+    """Calls ``launch(index, release time)`` for each request when :class:`Releases` says
+    (times from ``start`` on the monotonic clock); a launched task's end releases its
+    conversation's next turn. Returns the tasks once every request is launched."""
+    releases = Releases(requests)
+    changed = asyncio.Event()
+    tasks = []
+
+    def ended(i: int, _task) -> None:
+        releases.finished(i, time.monotonic() - start)
+        changed.set()
+
+    try:
+        while releases:
+            due = releases.next_s()
+            try:
+                timeout = None if due is None else max(0.0, start + due - time.monotonic())
+                await asyncio.wait_for(changed.wait(), timeout)
+            except TimeoutError:
+                pass
+            changed.clear()
+            for i, released_s in releases.pop_due(time.monotonic() - start):
+                task = asyncio.create_task(launch(i, released_s))
+                task.add_done_callback(lambda t, i=i: ended(i, t))
+                tasks.append(task)
+    except BaseException:  # cancelled: so are the requests in flight
+        for task in tasks:
+            task.cancel()
+        raise
+    return tasks
+
+
 async def run_bench(requests: Sequence[TraceRequest], target, *, timeout_s: float = 600.0,
                     request_prefix: str = "bench-", max_tokens: int = DEFAULT_MAX_TOKENS,
                     lengths: str = "oracle", max_concurrency: int | None = None,
@@ -149,13 +183,17 @@ async def run_bench(requests: Sequence[TraceRequest], target, *, timeout_s: floa
     tally = _Tally(len(requests))
     async with backend:
         start = time.monotonic() + 0.05
-        tasks = [asyncio.create_task(_one(backend, i, r, start, request_send(
-                     r, f"{request_prefix}{i}", lengths=lengths, max_tokens=max_tokens,
-                     timeout_s=timeout_s), gate, tally))
-                 for i, r in enumerate(requests)]
+
+        def launch(i: int, released_s: float):
+            r = requests[i]
+            return _one(backend, i, r, released_s, start, request_send(
+                r, f"{request_prefix}{i}", lengths=lengths, max_tokens=max_tokens, timeout_s=timeout_s),
+                gate, tally)
+
         shown = asyncio.create_task(_show(progress, tally, start)) if progress and progress.is_live else None
         try:
-            results = list(await asyncio.gather(*tasks))
+            tasks = await _release(requests, start, launch)
+            results = sorted(await asyncio.gather(*tasks), key=lambda res: res.index)
         finally:
             if shown is not None:
                 shown.cancel()

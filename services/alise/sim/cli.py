@@ -14,9 +14,11 @@ import sys
 def register(sub) -> None:
     t = sub.add_parser("trace", help="build a request trace (prompts, lengths, arrivals) as JSONL")
     src = t.add_mutually_exclusive_group(required=True)
-    src.add_argument("--workload", choices=["alpaca", "chat"],
+    src.add_argument("--workload", choices=["alpaca", "chat", "multiturn"],
                      help="alpaca: AlpacaEval prompts, text_davinci_003 lengths; "
-                          "chat: the same prompts, llama-2-70b-chat-hf lengths")
+                          "chat: the same prompts, llama-2-70b-chat-hf lengths; "
+                          "multiturn: conversations of AlpacaEval instructions and real answers, each "
+                          "turn's prompt holding the conversation so far (--turns, --think-time-s)")
     src.add_argument("--data", metavar="FILE",
                      help="any data set file the predictor reads: AlpacaEval JSONL, alpaca_data.json "
                           "(a list of {instruction, input, output}), ShareGPT JSON (a list of {id, "
@@ -36,6 +38,9 @@ def register(sub) -> None:
     t.add_argument("--cv", type=float, default=3.0, help="CV of bursty gaps (default 3)")
     t.add_argument("--num", type=int, default=800, help="requests (default 800)")
     t.add_argument("--seed", type=int, default=0)
+    from alise.sim.conversations import add_trace_arguments
+
+    add_trace_arguments(t)
     t.set_defaults(func=_cmd_trace)
 
     s = sub.add_parser("sim", help="simulate policies over request rates (discrete-event, virtual time)")
@@ -69,6 +74,7 @@ def register(sub) -> None:
 
 
 def _cmd_trace(args: argparse.Namespace) -> int:
+    from alise.sim import conversations as conv
     from alise.sim import trace as tr
 
     def error(message: str):
@@ -78,17 +84,26 @@ def _cmd_trace(args: argparse.Namespace) -> int:
     has_lengths = args.output_len is not None or args.output_lens_from
     if has_lengths and not args.data:
         error("--output-len and --output-lens-from go with --data (a --workload has its own lengths)")
-    path = tr.workload_path(args.workload) if args.workload else args.data
+    path, records, lengths = args.data, [], None
     try:
-        records = tr.load_prompts(path)
-        source, lengths = "the data's outputs", None
-        if args.output_len is not None:
-            source, lengths = f"{args.output_len} tokens each", args.output_len
-        elif args.output_lens_from:
-            source = f"drawn from {args.output_lens_from}"
-            lengths = tr.output_lengths_of(args.output_lens_from)
-        requests = tr.build_trace(records, num=args.num, rate=args.rate, bursty=args.bursty, cv=args.cv,
-                                  seed=args.seed, output_lengths=lengths)
+        conv.conversation_settings(args)
+        tokenize = tr.default_tokenizer()
+        system = conv.system_prompt_from_args(args, tokenize)
+        if args.workload == "multiturn":
+            requests, source = conv.multiturn_from_args(args, system, tokenize)
+        else:
+            path = tr.workload_path(args.workload) if args.workload else args.data
+            records = tr.load_prompts(path)
+            source = "the data's outputs"
+            if args.output_len is not None:
+                source, lengths = f"{args.output_len} tokens each", args.output_len
+            elif args.output_lens_from:
+                source = f"drawn from {args.output_lens_from}"
+                lengths = tr.output_lengths_of(args.output_lens_from)
+            requests = tr.build_trace(records, num=args.num, rate=args.rate, bursty=args.bursty, cv=args.cv,
+                                      seed=args.seed, output_lengths=lengths)
+            if system:
+                requests = conv.with_system_prompt(requests, system, tokenize)
     except tr.MissingOutputsError:
         error(f"{path} has prompts but no outputs to take output lengths from: give --output-len N "
               "(every request N tokens) or --output-lens-from FILE (lengths drawn from another data "
@@ -105,6 +120,7 @@ def _cmd_trace(args: argparse.Namespace) -> int:
           f"tokens; output lengths: {source}"
           + (f"; {left_out} record{'s' * (left_out > 1)} without an output left out" if left_out else "")
           + ")")
+    print(conv.prefix_line(requests, tokenize))
     return 0
 
 

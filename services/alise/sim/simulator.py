@@ -27,7 +27,7 @@ from alise.core.memory_planner import MemoryPlanner
 from alise.core.policy import Policy
 from alise.core.sampling import SamplingParams
 from alise.core.scheduler import SchedulerCore
-from alise.sim.trace import TraceRequest
+from alise.sim.trace import Releases, TraceRequest
 from alise.sim.virtual_worker import virtual_worker
 
 
@@ -145,16 +145,17 @@ def simulate(requests: Sequence[TraceRequest], policy: Policy, latency: LatencyM
              estimates: Mapping[int, LengthEstimate] | None = None,
              memory: MemoryPlanner | None = None, max_steps: int = 5_000_000,
              on_progress: Callable[[int], None] | None = None) -> SimResult:
-    """Replays ``requests`` (in arrival order) through the core; ``estimates`` by request index;
+    """Replays ``requests`` (in arrival order; a conversation's later turns as
+    ``trace.Releases`` says: after the turn before ends) through the core; ``estimates`` by
+    request index;
     ``memory``: the KV planner (default: the policy's); ``on_progress``: called with the number
     of jobs finished so far at every event (it keeps its own pace)."""
     started = time.perf_counter()
     core = SchedulerCore(policy, memory, prefill_step_ratio=config.prefill_step_ratio)
     cluster = _Cluster(core, config, latency)
-    order = sorted(range(len(requests)), key=lambda i: (requests[i].arrival_s, i))
+    releases = Releases(requests)
     jobs: dict[str, Job] = {}
     sampling = SamplingParams(max_tokens=config.max_tokens, ignore_eos=True)
-    next_arrival = 0
     now = 0.0
     max_len = min(config.max_model_len, config.num_device_blocks * config.block_size)
     meter = WorkMeter({f"r{i}": (r.prompt_tokens, output_target(r.prompt_tokens, r.output_tokens,
@@ -162,10 +163,10 @@ def simulate(requests: Sequence[TraceRequest], policy: Policy, latency: LatencyM
                        for i, r in enumerate(requests)})
     backlog: list[tuple[float, float]] = []
     peak_need = 0
-    while next_arrival < len(order) or core.jobs:
+    while releases or core.jobs:
         if cluster.num_steps > max_steps:
             raise RuntimeError(f"simulation did not finish within {max_steps} steps")
-        t_arrival = requests[order[next_arrival]].arrival_s if next_arrival < len(order) else None
+        t_arrival = releases.next_s()
         t_step = cluster.next_end_s()
         if on_progress is not None:
             on_progress(len(jobs) - len(core.jobs))
@@ -174,24 +175,25 @@ def simulate(requests: Sequence[TraceRequest], policy: Policy, latency: LatencyM
             cluster.end_step(now)
         elif t_arrival is not None:
             now = t_arrival
-            while next_arrival < len(order) and requests[order[next_arrival]].arrival_s <= now:
-                i = order[next_arrival]
+            for i, released_s in releases.pop_due(now):
                 r = requests[i]
                 job_id = f"r{i}"
-                job = Job(job_id, [1] * r.prompt_tokens, sampling, arrival_s=r.arrival_s,
+                job = Job(job_id, [1] * r.prompt_tokens, sampling, arrival_s=released_s,
                           estimate=estimates.get(i) if estimates else None,
                           oracle_output_tokens=r.output_tokens)
                 jobs[job_id] = job
                 core.submit(job)
-                next_arrival += 1
             left = meter.left(core.jobs.values())
-            backlog.extend([left] * (next_arrival - len(backlog)))
+            backlog.extend([left] * (len(jobs) - len(backlog)))
             need = sum(-(-job.num_tokens // config.block_size) for job in core.jobs.values())
             peak_need = max(peak_need, need)
         else:
             raise RuntimeError("simulation stalled: jobs left but no worker can run them")
         cluster.plan(now)
-        if cluster.next_end_s() is None and next_arrival >= len(order) and core.jobs:
+        for i in releases.awaited():  # a finished turn releases the next one of its conversation
+            if jobs[f"r{i}"].is_finished:
+                releases.finished(i, jobs[f"r{i}"].finish_s)
+        if cluster.next_end_s() is None and releases.next_s() is None and core.jobs:
             raise RuntimeError(f"simulation stalled with {len(core.jobs)} jobs that fit no worker")
     records = []
     for job_id, job in jobs.items():

@@ -20,14 +20,32 @@ data set's outputs (``build_trace(output_lengths=...)``, ``output_lengths_of``).
 Arrivals: Poisson at ``rate`` (exponential gaps), or bursty: Gamma gaps with coefficient of
 variation ``cv`` (shape ``1/cv**2``) and the same mean. Requests are drawn from the data set
 in a seeded random order; past its size the order repeats with a new shuffle.
+
+Conversations (``alise.sim.conversations``): a request may be turn ``turn`` (from 0) of the
+conversation ``conversation_id``, and then carries ``think_time_s``; ``query`` is its own text
+(the latest user message) where ``prompt`` renders it after a system prompt or earlier turns::
+
+    {"id": "alpaca_eval:17", "prompt": "...", "prompt_tokens": 812, "output_tokens": 301,
+     "arrival_s": 14.2, "conversation_id": "c3", "turn": 2, "think_time_s": 4.1,
+     "query": "..."}
+
+Release rule (:class:`Releases`, the one implementation the simulator and ``alise bench`` use):
+a request without a conversation, or a turn 0, is sent at its ``arrival_s``; turn k+1 is sent
+``think_time_s`` after turn k's answer ended, so its clock depends on how fast the server
+answered, as in a chat (vLLM's and SGLang's multi-turn benchmarks send the next turn after the
+previous completes). The ``arrival_s`` of a later turn is the previous turn's plus its think
+time: the earliest it can be sent (answers taking no time), which keeps the file in arrival
+order; a replayer that ignores conversations sends it then. Files without these fields read as
+before, and single-turn traces are written without them.
 """
 
 from __future__ import annotations
 
+import heapq
 import json
 import random
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 DATA_DIR = Path(__file__).resolve().parents[3] / ".." / "shared" / "data"
@@ -44,6 +62,28 @@ class TraceRequest:
     prompt_tokens: int
     output_tokens: int
     arrival_s: float
+    #: The conversation this request is a turn of ("": none).
+    conversation_id: str = ""
+    #: Its turn in the conversation, from 0.
+    turn: int = 0
+    #: Turns after the first: seconds after the previous turn's answer ended that it is sent.
+    think_time_s: float = 0.0
+    #: Its own text, where ``prompt`` renders it with a system prompt or earlier turns ("": the prompt).
+    query: str = ""
+
+    @property
+    def is_follow_up(self) -> bool:
+        """A turn after the first: released by its predecessor's end, not by the clock."""
+        return bool(self.conversation_id) and self.turn > 0
+
+    @property
+    def text(self) -> str:
+        """What the request itself asks: ``query``, or the prompt when it has none."""
+        return self.query or self.prompt
+
+
+#: Fields written only when they differ from their default (single-turn files stay as they were).
+_OPTIONAL = {"conversation_id": "", "turn": 0, "think_time_s": 0.0, "query": ""}
 
 
 def data_dir() -> Path:
@@ -108,15 +148,26 @@ def output_lengths_of(path: str | Path, count_tokens=None) -> list[int]:
     return [max(n, 1) for n in count_tokens([o for _, _, o in load_pairs(path)])]
 
 
-def default_counter():
-    """Token counter of the serving model's tokenizer (default MiniLM WordPiece)."""
+def default_tokenizer():
+    """Token ids of texts in the serving model's tokenizer (default MiniLM WordPiece), without
+    special tokens."""
     from alise.worker.loader import minilm_tokenizer
 
     tokenizer = minilm_tokenizer()
     tokenizer.model_max_length = 1 << 30
 
+    def tokenize(texts: Sequence[str]) -> list[list[int]]:
+        return tokenizer(list(texts), add_special_tokens=False)["input_ids"] if texts else []
+
+    return tokenize
+
+
+def default_counter():
+    """Token counter of the serving model's tokenizer (default MiniLM WordPiece)."""
+    tokenize = default_tokenizer()
+
     def count(texts: Sequence[str]) -> list[int]:
-        return [len(ids) for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
+        return [len(ids) for ids in tokenize(texts)]
 
     return count
 
@@ -172,7 +223,8 @@ def write_trace(requests: Sequence[TraceRequest], path: str | Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", encoding="utf-8") as f:
         for r in requests:
-            f.write(json.dumps(asdict(r), ensure_ascii=False) + "\n")
+            row = {k: v for k, v in asdict(r).items() if k not in _OPTIONAL or v != _OPTIONAL[k]}
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
 def read_trace(path: str | Path) -> list[TraceRequest]:
@@ -183,26 +235,131 @@ def read_trace(path: str | Path) -> list[TraceRequest]:
                 continue
             obj = json.loads(line)
             try:
-                out.append(TraceRequest(str(obj["id"]), obj["prompt"], int(obj["prompt_tokens"]),
-                                        int(obj["output_tokens"]), float(obj["arrival_s"])))
+                out.append(TraceRequest(
+                    str(obj["id"]), obj["prompt"], int(obj["prompt_tokens"]), int(obj["output_tokens"]),
+                    float(obj["arrival_s"]), str(obj.get("conversation_id", "")), int(obj.get("turn", 0)),
+                    float(obj.get("think_time_s", 0.0)), str(obj.get("query", ""))))
             except KeyError as exc:
                 raise ValueError(f"{path}:{line_no}: trace record lacks {exc}") from None
     if not out:
         raise ValueError(f"{path}: empty trace")
-    return sorted(out, key=lambda r: r.arrival_s)
+    out.sort(key=lambda r: r.arrival_s)
+    check_conversations(out, str(path))
+    return out
+
+
+def conversations(requests: Sequence[TraceRequest]) -> dict[str, list[int]]:
+    """Request indexes of each conversation, in turn order."""
+    out: dict[str, list[int]] = {}
+    for i, r in enumerate(requests):
+        if r.conversation_id:
+            out.setdefault(r.conversation_id, []).append(i)
+    for turns in out.values():
+        turns.sort(key=lambda i: requests[i].turn)
+    return out
+
+
+def check_conversations(requests: Sequence[TraceRequest], where: str = "trace") -> None:
+    """``ValueError`` unless every conversation has turns 0, 1, ... once each, later turns not
+    before earlier ones, and think times >= 0."""
+    for cid, turns in conversations(requests).items():
+        numbers = [requests[i].turn for i in turns]
+        if numbers != list(range(len(numbers))):
+            raise ValueError(f"{where}: conversation {cid!r} has turns {numbers[:10]}, not 0, 1, 2, ...")
+        for a, b in zip(turns, turns[1:]):
+            if requests[b].think_time_s < 0 or requests[b].arrival_s < requests[a].arrival_s:
+                raise ValueError(f"{where}: conversation {cid!r} turn {requests[b].turn} has a negative "
+                                 "think time or arrives before the turn it follows")
+
+
+def previous_outputs(requests: Sequence[TraceRequest]) -> list[list[int]]:
+    """Per request, the output tokens of the earlier turns of its conversation, oldest first."""
+    out: list[list[int]] = [[] for _ in requests]
+    for turns in conversations(requests).values():
+        for k, i in enumerate(turns):
+            out[i] = [requests[j].output_tokens for j in turns[:k]]
+    return out
+
+
+class Releases:
+    """When each request of a trace is sent (the module's release rule).
+
+    Requests that are not follow-up turns wait on the clock (their ``arrival_s``); a follow-up
+    waits on its predecessor: :meth:`finished` with that request's end time releases it
+    ``think_time_s`` later. Release order among requests due together is by release time, then
+    index, so a trace without conversations is released exactly in arrival order."""
+
+    def __init__(self, requests: Sequence[TraceRequest]) -> None:
+        self._think = [r.think_time_s for r in requests]
+        self._successor: dict[int, int] = {}
+        for turns in conversations(requests).values():
+            self._successor.update(zip(turns, turns[1:]))
+        followers = set(self._successor.values())
+        self._due = [(r.arrival_s, i) for i, r in enumerate(requests) if i not in followers]
+        heapq.heapify(self._due)
+        self._num_waiting = len(followers)
+        self._awaited: set[int] = set()  # released requests whose successor waits on them
+
+    def __bool__(self) -> bool:
+        """Whether any request is not released yet."""
+        return bool(self._due) or self._num_waiting > 0
+
+    def next_s(self) -> float | None:
+        """The earliest release time known now (None: none, or only successors of requests
+        still running)."""
+        return self._due[0][0] if self._due else None
+
+    def pop_due(self, now_s: float) -> list[tuple[int, float]]:
+        """(index, release time) of every request released at or before ``now_s``."""
+        out = []
+        while self._due and self._due[0][0] <= now_s:
+            t, i = heapq.heappop(self._due)
+            out.append((i, t))
+            if i in self._successor:
+                self._awaited.add(i)
+        return out
+
+    def awaited(self) -> list[int]:
+        """Released requests whose successor waits for them to finish."""
+        return sorted(self._awaited)
+
+    def finished(self, index: int, end_s: float) -> None:
+        """Request ``index`` ended (answered, or failed) at ``end_s``: its successor, if any, is
+        released ``think_time_s`` later."""
+        if index in self._awaited:
+            self._awaited.remove(index)
+            nxt = self._successor[index]
+            heapq.heappush(self._due, (end_s + self._think[nxt], nxt))
+            self._num_waiting -= 1
 
 
 def mean_rate(requests: Sequence[TraceRequest]) -> float:
-    """Requests per second over the arrival span (n / last arrival)."""
-    last = max(r.arrival_s for r in requests)
+    """Requests per second over the span of the clock's arrivals (n / the last arrival that is
+    not a follow-up turn: conversations start at this rate over the number of turns)."""
+    last = max(r.arrival_s for r in requests if not r.is_follow_up)
     return len(requests) / last if last > 0 else float("inf")
 
 
+def with_start_times(requests: Sequence[TraceRequest], times: Sequence[float]) -> list[TraceRequest]:
+    """The same requests, those that are not follow-up turns at ``times`` (in their order);
+    each follow-up at its predecessor's new arrival plus its think time. In arrival order."""
+    out = list(requests)
+    starts = [i for i, r in enumerate(requests) if not r.is_follow_up]
+    if len(times) != len(starts):
+        raise ValueError(f"{len(starts)} requests start on the clock, but {len(times)} times were given")
+    for i, t in zip(starts, times):
+        out[i] = replace(out[i], arrival_s=t)
+    for turns in conversations(requests).values():
+        for a, b in zip(turns, turns[1:]):
+            out[b] = replace(out[b], arrival_s=out[a].arrival_s + out[b].think_time_s)
+    return sorted(out, key=lambda r: r.arrival_s)
+
+
 def rescale(requests: Sequence[TraceRequest], rate: float) -> list[TraceRequest]:
-    """The same requests with arrivals stretched or squeezed to mean rate ``rate``."""
+    """The same requests with arrivals stretched or squeezed to mean rate ``rate`` (think times
+    between turns kept)."""
     factor = mean_rate(requests) / rate
-    return [TraceRequest(r.id, r.prompt, r.prompt_tokens, r.output_tokens, r.arrival_s * factor)
-            for r in requests]
+    return with_start_times(requests, [r.arrival_s * factor for r in requests if not r.is_follow_up])
 
 
 def describe(requests: Sequence[TraceRequest]) -> dict:
@@ -210,11 +367,17 @@ def describe(requests: Sequence[TraceRequest]) -> dict:
     import statistics
 
     outs = sorted(r.output_tokens for r in requests)
-    gaps = [b.arrival_s - a.arrival_s for a, b in zip(requests, requests[1:])]
+    starts = sorted(r.arrival_s for r in requests if not r.is_follow_up)
+    gaps = [b - a for a, b in zip(starts, starts[1:])]
     mean_gap = statistics.fmean(gaps) if gaps else 0.0
+    convs = conversations(requests)
+    thinks = [r.think_time_s for r in requests if r.is_follow_up]
     return dict(
         num=len(requests), rate=mean_rate(requests), span_s=max(r.arrival_s for r in requests),
         gap_cv=(statistics.pstdev(gaps) / mean_gap) if mean_gap > 0 else 0.0,
         prompt_mean=statistics.fmean(r.prompt_tokens for r in requests),
         output_mean=statistics.fmean(outs), output_p50=outs[len(outs) // 2],
-        output_p90=outs[min(len(outs) - 1, int(0.9 * len(outs)))])
+        output_p90=outs[min(len(outs) - 1, int(0.9 * len(outs)))],
+        num_conversations=len(convs),
+        turns_mean=statistics.fmean(len(t) for t in convs.values()) if convs else 0.0,
+        think_mean_s=statistics.fmean(thinks) if thinks else 0.0)
