@@ -109,7 +109,7 @@ def hold_port(port: int) -> socket.socket:
 @pytest.fixture(scope="module")
 def up(tmp_path_factory, tiny_llama_dir):
     cluster = Up(tmp_path_factory.mktemp("up"), str(tiny_llama_dir), "--workers", "2", "--crash-loop-after", "2",
-                 "--log-max-mb", "0.0005", "--log-backups", "2", *SMALL_WORKERS)
+                 "--log-max-mb", "0.0005", "--log-backups", "2", "--served-model-name", "tiny-chat", *SMALL_WORKERS)
     try:
         cluster.wait_ready()
         yield cluster
@@ -135,6 +135,11 @@ def test_status_lists_every_service_with_its_ports(up):
                            "--state-dir", str(up.state_dir)], capture_output=True, text=True, check=True).stdout
     door = next(line for line in text.splitlines() if line.split()[:1] == ["http"])
     assert f"http {services['http']['listen']['grpc']}" in door and " grpc " not in door, door
+    assert "served model name: tiny-chat" in text.splitlines()
+    import httpx
+
+    models = httpx.get(f"http://{services['http']['listen']['grpc']}/v1/models", timeout=30).json()
+    assert [m["id"] for m in models["data"]] == ["tiny-chat"]
 
 
 def _health_addresses(up) -> dict[str, str]:

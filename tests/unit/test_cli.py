@@ -48,3 +48,19 @@ def test_the_product_policy_is_the_default():
 def test_health_defaults_to_the_scheduler_and_takes_the_client_options():
     args = subparser("health").parse_args(["--tls-ca", "ca.pem", "--token", "t"])
     assert (args.address, args.address_option, args.tls_ca, args.token) == (None, "127.0.0.1:50051", "ca.pem", "t")
+
+
+def test_up_groups_its_flags_and_shares_the_workers_engine_flags():
+    up, worker = subparser("up"), subparser("worker")
+    groups = {g.title: {a.option_strings[0] for a in g._group_actions} for g in up._action_groups}
+    engine = groups["model and engine (vLLM's flag names; every worker gets them)"]
+    vllm = {"--dtype", "--seed", "--gpu-memory-utilization", "--max-num-seqs", "--max-num-batched-tokens",
+            "--max-model-len", "--served-model-name"}
+    assert vllm <= engine
+    assert {"--host", "--address", "--http-address"} <= groups["listeners (port 0 = any free port)"]
+    assert {"--hang-timeout", "--log-max-mb", "--log-backups"} <= groups["supervision and logs"]
+    # The worker's own flags have the defaults that `alise up` names in its help.
+    defaults = worker.parse_args([])
+    for action in up._actions:
+        if action.dest in ("dtype", "seed", "gpu_memory_utilization", "max_num_seqs", "max_num_batched_tokens"):
+            assert f"(default: the workers', {getattr(defaults, action.dest)})" in action.help
