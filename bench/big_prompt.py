@@ -1,4 +1,13 @@
-"""A huge token-id prompt sent while other streams run, against a real CPU cluster (`alise up`).
+"""Huge prompts sent while other streams run, against a real CPU cluster (`alise up`).
+
+With ``--text-chars N``: ``--concurrent`` text prompts of N characters at once (3.9 MB each by
+default: under the scheduler's 4M-character cap, far past what the context holds), through the
+HTTP door (``--via http``, the default) or the SDK (``--via grpc``), while STREAMS requests
+stream and a small completion is sent every 0.2 s. Reported: how long each huge prompt took to
+be answered and what it was told, the small requests' latency, and the longest gap between two
+chunks of each other stream before and around the huge prompts.
+
+Without it, the token-id prompt below.
 
 STREAMS requests stream long outputs; once they are going, a client sends SENDS requests
 (1 s apart, on one channel: the first on a new connection) whose prompt is IDS token ids
@@ -19,6 +28,7 @@ import argparse
 import asyncio
 import json
 import multiprocessing
+import os
 import sys
 import time
 from pathlib import Path
@@ -27,6 +37,14 @@ import grpc
 from alise.client import AsyncClient
 from alise.v1 import scheduler_pb2
 from upcluster import UpCluster, probe_health
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def token_id_request(num_ids: int, token_id: int = 5) -> bytes:
@@ -107,6 +125,107 @@ async def run(address: str, args) -> dict:
     return result
 
 
+async def send_text(target: str, text: str, via: str) -> dict:
+    """One huge text prompt through the door (``target`` its base URL) or the SDK (an address)."""
+    import httpx
+
+    sent = time.time()
+    if via == "http":
+        async with httpx.AsyncClient(timeout=300) as client:
+            reply = await client.post(f"{target}/v1/completions", json={"prompt": text, "max_tokens": 4})
+        code, details = str(reply.status_code), reply.json().get("error", {}).get("message", "")
+    else:
+        # A connection of its own, as separate clients have (gRPC shares one between channels
+        # to one address otherwise).
+        channel = grpc.aio.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1),
+                                                             ("grpc.max_send_message_length", 64 << 20)])
+        async with AsyncClient(target, channel=channel) as client:
+            try:
+                await client.complete(text, max_tokens=4, timeout_s=300)
+                code, details = "OK", ""
+            except Exception as exc:  # noqa: BLE001 - what it was told is the measurement
+                code, details = getattr(getattr(exc, "code", None), "name", type(exc).__name__), str(exc)
+    return dict(sent=sent, refused_ms=1e3 * (time.time() - sent), code=code, details=details)
+
+
+async def small_requests(target: str, via: str, until: asyncio.Event, out: list[float]) -> None:
+    """A 4-token completion every 0.2 s until ``until``; their latencies in ``out`` (s)."""
+    while not until.is_set():
+        started = time.time()
+        await send_text(target, "a small request", via)
+        out.append(time.time() - started)
+        await asyncio.sleep(0.2)
+
+
+def send_all(target: str, num_chars: int, via: str, concurrent: int, go, results) -> None:
+    """In a process of its own (building and sending megabytes must not stall the loop that
+    times the streams): waits for ``go``, sends ``concurrent`` huge prompts at once."""
+    text = ("the quick brown fox jumps over the lazy dog " * (num_chars // 44 + 1))[:num_chars]
+
+    async def main() -> list[dict]:
+        return await asyncio.gather(*(send_text(target, text, via) for _ in range(concurrent)))
+
+    go.wait()
+    results.put(asyncio.run(main()))
+
+
+async def run_text(address: str, base_url: str, args) -> dict:
+    target = base_url if args.via == "http" else address
+    ctx = multiprocessing.get_context("spawn")
+    go, results = ctx.Event(), ctx.Queue()
+    sender = ctx.Process(target=send_all, args=(target, args.text_chars, args.via, args.concurrent, go, results))
+    sender.start()
+    arrivals = [[] for _ in range(args.streams)]
+    async with AsyncClient(address) as client:
+        tasks = [asyncio.create_task(stream(client, i, args.max_tokens, arrivals[i])) for i in range(args.streams)]
+        while min(len(a) for a in arrivals) < 5:
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(args.baseline_s)
+        before, during, done = [], [], asyncio.Event()
+        await small_requests_for(target, args.via, 1.0, before)
+        smalls = asyncio.create_task(small_requests(target, args.via, done, during))
+        go.set()
+        sends = await asyncio.to_thread(results.get, True, 600)
+        sender.join(60)
+        await asyncio.sleep(1.0)
+        done.set()
+        await smalls
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    first_sent = min(x["sent"] for x in sends)
+    last = max(x["sent"] + x["refused_ms"] / 1e3 for x in sends)
+    result = dict(chars=args.text_chars, sends=sends, small_before_ms=[1e3 * x for x in before],
+                  small_during_ms=[1e3 * x for x in during],
+                  baseline=(max(a[4] for a in arrivals), first_sent - 0.5), window=(first_sent - 0.5, last + 1.0))
+    result["gaps_baseline_ms"] = [max_gap_ms(a, *result["baseline"]) for a in arrivals]
+    result["gaps_window_ms"] = [max_gap_ms(a, *result["window"]) for a in arrivals]
+    return result
+
+
+async def small_requests_for(target: str, via: str, seconds: float, out: list[float]) -> None:
+    done = asyncio.Event()
+    task = asyncio.create_task(small_requests(target, via, done, out))
+    await asyncio.sleep(seconds)
+    done.set()
+    await task
+
+
+def print_text(result: dict, args) -> None:
+    fmt = lambda xs: " ".join("-" if x is None else f"{x:.0f}" for x in xs)  # noqa: E731
+    print(f"{args.concurrent} text prompts of {args.text_chars} characters at once, via {args.via}, while "
+          f"{args.streams} streams run")
+    for send in sorted(result["sends"], key=lambda x: x["refused_ms"]):
+        print(f"  answered in {send['refused_ms']:.1f} ms: {send['code']} {send['details'][:110]}")
+    before, during = result["small_before_ms"], result["small_during_ms"]
+    print(f"  {'':<38}{'before':>12}{'around the prompts':>22}")
+    print(f"  {'max gap per stream, ms':<38}{max(x or 0 for x in result['gaps_baseline_ms']):>12.0f}"
+          f"{max(x or 0 for x in result['gaps_window_ms']):>22.0f}")
+    print(f"  {'small requests: n, max ms':<38}{len(before):>6} {max(before, default=0):>5.0f}"
+          f"{len(during):>16} {max(during, default=0):>5.0f}")
+    print(f"  per stream, before: {fmt(result['gaps_baseline_ms'])}; around: {fmt(result['gaps_window_ms'])}")
+
+
 def health_in(probes: list, start: float, end: float) -> dict:
     inside = [(lat, status) for sent, lat, status in probes if start <= sent <= end]
     answered = [lat for lat, status in inside if lat is not None]
@@ -122,8 +241,29 @@ def main() -> int:
     p.add_argument("--sends", type=int, default=3, help="huge requests sent, one after another")
     p.add_argument("--baseline-s", type=float, default=3.0, help="seconds of streaming measured before")
     p.add_argument("--up-arg", action="append", default=[], help="extra argument for alise up, repeatable")
+    p.add_argument("--text-chars", type=int, default=0, help="send text prompts of this many characters "
+                   "instead (3900000: 3.9 MB)")
+    p.add_argument("--concurrent", type=int, default=8, help="text prompts sent at once")
+    p.add_argument("--via", choices=("http", "grpc"), default="http", help="text prompts through the door or the SDK")
+    p.add_argument("--pythonpath", default=None, help="run the cluster from another checkout (DIR/services and "
+                   "DIR/clients first on its PYTHONPATH): before and after on one machine")
     p.add_argument("--out", default=None)
     args = p.parse_args()
+    if args.text_chars:
+        http = f"127.0.0.1:{_free_port()}"
+        env = None
+        if args.pythonpath:
+            env = dict(os.environ, PYTHONPATH=f"{args.pythonpath}/services:{args.pythonpath}/clients")
+        up = UpCluster(*args.up_arg, "--http-address", http, "--http-health-address", f"127.0.0.1:{_free_port()}",
+                       env=env)
+        try:
+            result = asyncio.run(run_text(up.address, f"http://{http}", args))
+        finally:
+            up.stop()
+        if args.out:
+            Path(args.out).write_text(json.dumps(result, indent=2))
+        print_text(result, args)
+        return 0
     up = UpCluster(*args.up_arg)
     ctx = multiprocessing.get_context("spawn")
     stop, results = ctx.Event(), ctx.Queue()

@@ -248,4 +248,8 @@ def test_text_prompts_are_bounded_in_characters_before_they_are_tokenized(live, 
     chat = httpx.post(f"{live.base_url}/v1/chat/completions", timeout=60,
                       json={"messages": [{"role": "user", "content": "b" * (limit + 1)}]})
     assert chat.status_code == 400 and f"messages have {limit + 1} characters" in chat.json()["error"]["message"]
+    text = httpx.post(f"{live.base_url}/v1/completions", timeout=60, json={"prompt": "c" * 3_900_000})
+    assert text.status_code == 400 and text.json()["error"]["param"] == "prompt"
+    assert f"prompt has 3900000 characters; the model's context of 256 tokens" in text.json()["error"]["message"]
+    assert encoded == [limit // 5 * 5]  # the door refused it: the scheduler never saw it
     live.assert_serving()

@@ -11,7 +11,7 @@ import time
 import httpx
 import pytest
 from alise.http.config import HttpConfig
-from alise.http.connections import MIN_IDLE_S
+from alise.http.connections import MIN_IDLE_S, SWEEP_S
 from alise.http.server import start_http
 from alise.scheduler.config import SchedulerConfig
 from alise.scheduler.service import start_scheduler
@@ -98,15 +98,17 @@ async def test_a_body_that_trickles_in_gets_408(door_factory):
 async def test_a_client_over_its_idle_connections_loses_its_oldest(door_factory):
     http = await door_factory(max_idle_connections_per_client=4, header_timeout_s=30)
     guard = http.uvicorn.config.http_protocol_class.guard
-    first = [await connect(http, "127.0.0.2") for _ in range(6)]  # fresh: none closed yet
-    await asyncio.sleep(MIN_IDLE_S + 0.2)
-    later = [await connect(http, "127.0.0.2") for _ in range(3)]
-    # Each later one closed one of the oldest, idle for over MIN_IDLE_S.
-    closed = [i for i, (reader, _) in enumerate(first) if await _closed(reader)]
-    assert closed == [0, 1, 2] and guard.idle_by_client["127.0.0.2"] == 6
+    first = [await connect(http, "127.0.0.2") for _ in range(6)]
+    assert guard.idle_by_client["127.0.0.2"] == 6  # fresh ones are never cut
+    await asyncio.sleep(MIN_IDLE_S + SWEEP_S + 0.3)
+    # The sweep closed the two idle longest, leaving the client its 4.
+    assert [i for i, (reader, _) in enumerate(first) if await _closed(reader)] == [0, 1]
+    assert guard.idle_by_client["127.0.0.2"] == 4
+    later = await connect(http, "127.0.0.2")  # one more closes the oldest at once
+    assert await _closed(first[2][0]) and guard.idle_by_client["127.0.0.2"] == 4
     async with httpx.AsyncClient(base_url=http.base_url) as client:
         assert (await client.get("/health")).status_code == 200
-    for _, writer in first + later:
+    for _, writer in first + [later]:
         writer.close()
 
 

@@ -177,3 +177,21 @@ async def test_a_stream_is_opened_when_the_scheduler_accepts_it_and_not_before()
     finally:
         await http.stop(0.5)
         await scheduler.stop(0.1)
+
+
+async def test_an_unknown_model_is_answered_after_the_token_check():
+    """The door has a token of its own (it knows the model): a caller without one is still
+    told 401, not a 404 that names the served model."""
+    scheduler, http = await _door(SchedulerConfig(address="127.0.0.1:0", model="tiny-llama",
+                                                  security=SecurityConfig(api_tokens=(TOKEN,), internal_secret="s3cret-w"),
+                                                  max_wait_no_worker_s=0.3), scheduler_token=TOKEN)
+    try:
+        async with httpx.AsyncClient(base_url=http.base_url) as h:
+            body = {"model": "gpt-4", "prompt": "hi", "max_tokens": 2}
+            anonymous = await h.post("/v1/completions", json=body)
+            assert anonymous.status_code == 401 and "tiny-llama" not in anonymous.text
+            known = await h.post("/v1/completions", json=body, headers={"authorization": f"Bearer {TOKEN}"})
+            assert known.status_code == 404 and "tiny-llama" in known.json()["error"]["message"]
+    finally:
+        await http.stop(0.5)
+        await scheduler.stop(0.1)

@@ -37,6 +37,9 @@ logger = logging.getLogger(__name__)
 
 #: How often a call to a scheduler that cannot be reached is tried again, within the bound.
 _RETRY_S = 0.25
+#: How gRPC says that nothing listens at an address (lower-cased); a frozen server's
+#: connection times out instead.
+_NOT_LISTENING = ("connection refused", "dns resolution", "name resolution", "no such file")
 
 
 @dataclass(frozen=True)
@@ -50,8 +53,7 @@ class ServedModel:
 class SchedulerHealth:
     """Polls the scheduler's grpc.health.v1. ``status`` is what /health reports: its last
     answer, or why none came once ``max_failures`` checks in a row went unanswered (one slow
-    check under load is no outage). ``last_code`` is the last check's own outcome: None when
-    it was answered, else the gRPC code (UNAVAILABLE: nothing listens, a restart)."""
+    check under load is no outage)."""
 
     def __init__(self, client: AsyncClient, interval_s: float, timeout_s: float | None = None,
                  max_failures: int = 1, on_change: Callable[[bool], None] | None = None) -> None:
@@ -61,24 +63,23 @@ class SchedulerHealth:
         self.max_failures = max_failures
         self.on_change = on_change
         self.status = "UNKNOWN"
-        self.last_code: grpc.StatusCode | None = None
+        #: The last check found nothing listening (connection refused: a restart, or down),
+        #: as opposed to a scheduler that listens but does not answer (hung, frozen).
+        self.is_unreachable = False
         self.num_failures = 0
 
     @property
     def is_serving(self) -> bool:
         return self.status == "SERVING"
 
-    @property
-    def is_unreachable(self) -> bool:
-        """The last check found no scheduler to talk to (restarting, or down)."""
-        return self.last_code == grpc.StatusCode.UNAVAILABLE
-
     async def poll_once(self) -> None:
         try:
             status = await self.client.health(timeout_s=self.timeout_s)
-            self.last_code, self.num_failures = None, 0
+            self.is_unreachable, self.num_failures = False, 0
         except AliseError as exc:
-            self.last_code = exc.code
+            details = exc.details.lower()
+            self.is_unreachable = exc.code == grpc.StatusCode.UNAVAILABLE and any(
+                phrase in details for phrase in _NOT_LISTENING)
             self.num_failures += 1
             status = f"unreachable ({exc.code.name})"
             if self.num_failures < self.max_failures and self.status != "UNKNOWN":

@@ -9,9 +9,11 @@ it answer 503 to everyone (slowloris). Here, per server:
   byte (of opening, for the first request) and within ``max_header_bytes``, else it is
   answered 408 (or 431) and closed; the body has its own bound (``endpoints.read_json``);
 * a connection with no request in progress is *idle*. One client (remote IP) may hold
-  ``max_idle_connections_per_client`` idle connections: past that its connection idle longest
-  is closed, if idle for ``MIN_IDLE_S`` at least (a burst of fresh connections about to send
-  their requests is never cut). Requests in progress are never counted against a client;
+  ``max_idle_connections_per_client`` idle connections: past that its connections idle
+  longest are closed, those idle for ``MIN_IDLE_S`` at least (a burst of fresh connections
+  about to send their requests is never cut), when it opens one more and every ``SWEEP_S``
+  (at most ``SWEEP_MAX_CLOSES`` a time: closing thousands at once would stall the loop).
+  Requests in progress are never counted against a client;
 * at ``max_connections`` open, a new connection closes the one idle longest, of any client;
   with none idle it is answered 503 and closed.
 
@@ -35,6 +37,10 @@ logger = logging.getLogger(__name__)
 
 #: A connection idle for less than this is never closed to make room for its own client's.
 MIN_IDLE_S = 1.0
+#: How often the clients over their idle connections are looked for, and how many of their
+#: connections one look closes at most.
+SWEEP_S = 0.1
+SWEEP_MAX_CLOSES = 64
 
 
 def _raw_response(status: int, reason: str, message: str, code: str, retry_after_s: int | None = None) -> bytes:
@@ -63,6 +69,7 @@ class ConnectionGuard:
         self.idle_by_client: Counter[str] = Counter()
         self.num_closed = Counter()  # why connections were closed: header timeout, evicted, ...
         self._closes = LogLimiter(logger)
+        self._sweeping: asyncio.TimerHandle | None = None
 
     @property
     def num_open(self) -> int:
@@ -77,8 +84,32 @@ class ConnectionGuard:
         self._make_idle(conn)
         oldest = self._oldest_idle_of(conn.client_host)
         if oldest is not None:
-            self._close(oldest, f"evicted (its client holds over {self.max_idle_per_client} idle connections)")
+            self._close(oldest, self._over_cap)
+        if self._sweeping is None:
+            self._sweeping = conn.loop.call_later(SWEEP_S, self._sweep, conn.loop)
         return True
+
+    @property
+    def _over_cap(self) -> str:
+        return f"evicted (its client holds over {self.max_idle_per_client} idle connections)"
+
+    def _sweep(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Closes the connections idle longest of each client over its bound."""
+        self._sweeping = None
+        over = {host for host, n in self.idle_by_client.items() if n > self.max_idle_per_client}
+        if over:
+            now, closing, taken = self.clock(), [], Counter()
+            for conn, since in self.idle.items():
+                if now - since < MIN_IDLE_S or len(closing) == SWEEP_MAX_CLOSES:
+                    break
+                host = conn.client_host
+                if host in over and self.idle_by_client[host] - taken[host] > self.max_idle_per_client:
+                    closing.append(conn)
+                    taken[host] += 1
+            for conn in closing:
+                self._close(conn, self._over_cap)
+        if self.num_open:
+            self._sweeping = loop.call_later(SWEEP_S, self._sweep, loop)
 
     def _oldest_idle_of(self, host: str) -> GuardedProtocol | None:
         if self.idle_by_client[host] <= self.max_idle_per_client:

@@ -8,8 +8,8 @@ queued, streaming or waiting for a whole completion, cancels its gRPC call at on
 Before anything is relayed, a request is read within ``body_timeout_s`` (408 past it) and
 ``max_body_bytes`` (413), parsed, checked for text that cannot be encoded (a lone UTF-16
 surrogate: 400), its caller checked by the scheduler when the model it names is not the one
-served (401 before the 404 that names the served model), and a chat's messages bounded in
-characters and rendered off the event loop. Refusals are logged at most 20 at once and 2 a
+served (401 before the 404 that names the served model), its text bounded in characters (as the
+scheduler bounds it) and a chat's messages rendered off the event loop. Refusals are logged at most 20 at once and 2 a
 second; an exception no check expected is answered 500 and logged in one line.
 """
 
@@ -29,7 +29,7 @@ from alise.http.errors import ApiError, bad_request
 from alise.http.protocol import SURROGATE_ESCAPE, lone_surrogate_at, parse_request
 from alise.http.relay import Relay, send_json
 from alise.http.shapes import Facts, Shaper
-from alise.scheduler.request_checks import check_request_id
+from alise.scheduler.request_checks import check_request_id, max_text_chars, text_too_long
 from starlette.requests import Request
 
 logger = logging.getLogger(__name__)
@@ -126,6 +126,10 @@ class CompletionEndpoint:
             raise ApiError(404, f"The model `{req.model}` does not exist; this server serves "
                            f"`{served.name}`.", param="model", code="model_not_found")
         if not self.chat:
+            # The scheduler's own first check, made here too: megabytes of text refused by the
+            # scheduler would first go through the one connection every request shares.
+            if isinstance(req.prompt, str) and len(req.prompt) > max_text_chars(served.max_model_len):
+                raise bad_request(text_too_long(len(req.prompt), served.max_model_len), param="prompt")
             return req, req.prompt, served.name, request_id
         check_length(req.messages, served.max_model_len)
         renderer = served.renderer
