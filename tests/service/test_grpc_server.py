@@ -3,6 +3,8 @@ through the decode guard, and server reflection under both its names."""
 
 from __future__ import annotations
 
+import asyncio
+
 import grpc
 from alise.common import grpc_server
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -62,3 +64,20 @@ async def test_reflection_answers_under_v1_and_v1alpha_and_describes_v1_itself()
         assert (file.name, file.package) == ("grpc/reflection/v1/reflection.proto", "grpc.reflection.v1"), version
         [method] = file.service[0].method
         assert method.input_type == ".grpc.reflection.v1.ServerReflectionRequest"
+
+
+async def test_a_server_accepts_the_sdks_pings_between_calls():
+    """The SDK's channels ping every 0.5 s, calls or not; gRPC's default policy would close
+    such a connection after three pings (GOAWAY too_many_pings), and the channel would go
+    idle. Ours keeps it ready."""
+    from alise.client._channel import make_aio_channel
+
+    server, _, address = await start([])
+    try:
+        async with make_aio_channel(address) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            await stub.Check(health_pb2.HealthCheckRequest())
+            await asyncio.sleep(4.5)  # nine pings with no call
+            assert channel.get_state() == grpc.ChannelConnectivity.READY
+    finally:
+        await server.stop(0)

@@ -1,4 +1,13 @@
-"""Channel construction shared by the SDK and the services' internal clients."""
+"""Channel construction shared by the SDK and the services' internal clients.
+
+Every channel pings its server every ``KEEPALIVE_PING_EVERY_MS`` and gives up on the
+connection when a ping goes unanswered for ``KEEPALIVE_TIMEOUT_MS``: a frozen server (a
+stopped process, a hung host) fails the calls on it with UNAVAILABLE within 1.5 s, which the
+SDK resumes once a server answers again. A connection attempt gives up after
+``CONNECT_TIMEOUT_MS``, so a call sent while the server is frozen fails then, instead of
+waiting for TCP (the kernel accepts the connection, but nobody answers it). ALISE's servers
+accept pings this often (``alise.common.grpc_server``); a proxy between them may need to too.
+"""
 
 from __future__ import annotations
 
@@ -6,12 +15,22 @@ import grpc
 
 #: Largest message the SDK sends or accepts: the servers' limit too.
 MAX_MESSAGE_BYTES = 16 << 20
+KEEPALIVE_PING_EVERY_MS = 500
+KEEPALIVE_TIMEOUT_MS = 1000
+CONNECT_TIMEOUT_MS = 1000
 
 _OPTIONS = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
             # Reconnect quickly after a peer restarts (gRPC's default backoff grows to 2 min).
             ("grpc.initial_reconnect_backoff_ms", 200),
-            ("grpc.max_reconnect_backoff_ms", 5000)]
+            ("grpc.max_reconnect_backoff_ms", 5000),
+            # NOTE: gRPC core reads its minimum connect timeout (default 20 s) from this one.
+            ("grpc.min_reconnect_backoff_ms", CONNECT_TIMEOUT_MS),
+            ("grpc.keepalive_time_ms", KEEPALIVE_PING_EVERY_MS),
+            ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+            ("grpc.http2.ping_timeout_ms", KEEPALIVE_TIMEOUT_MS),  # what times the ping out
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.max_pings_without_data", 0)]
 
 
 def check_address(address: str) -> str:

@@ -10,6 +10,13 @@ that it cancels them); ``CallLimit`` answers RESOURCE_EXHAUSTED with a retry-aft
 ``max_calls`` calls in progress, health checks exempt, so a flood never makes a service look
 dead to its orchestrator. gRPC's own ``maximum_concurrent_rpcs`` is not used: at its limit it
 stops picking up calls, health checks included, and leaves the rest to core's cancelling.
+
+Liveness: every server pings each peer (HTTP/2 keepalive, :class:`Keepalive`) and closes a
+connection whose ping is not acknowledged in time, which cancels its calls; and it lets its
+peers ping it as often as every ``MIN_PEER_PING_INTERVAL_MS`` (the SDK's channels ping every
+0.5 s, ``alise.client._channel``), even between calls. Acknowledging a ping is gRPC core's
+work, on its own threads: a busy event loop or a long model step in the process does not
+delay it, while a stopped or frozen process misses it.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ import inspect
 import logging
 import signal
 from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass
 
 import grpc
 from alise.common.logs import LogLimiter
@@ -37,6 +45,45 @@ RETRY_AFTER_KEY = "retry-after-ms"
 #: cancelling): room for a burst of several thousand while the event loop catches up.
 MAX_PENDING_CALLS = 16384
 HEALTH_CHECK_METHOD = "/grpc.health.v1.Health/Check"
+#: The shortest interval between a peer's pings that is not a strike (two strikes, and gRPC
+#: core closes the connection with GOAWAY "too_many_pings"; its default is five minutes).
+MIN_PEER_PING_INTERVAL_MS = 250
+
+
+@dataclass(frozen=True)
+class Keepalive:
+    """How a server watches its peers: a ping every ``ping_every_s``; a connection whose ping
+    is not acknowledged within ``timeout_s`` is closed and its calls cancelled. A frozen peer
+    (SIGSTOP, a hung host) is noticed within ``ping_every_s + timeout_s``."""
+
+    ping_every_s: float
+    timeout_s: float
+
+    def __post_init__(self) -> None:
+        if not (self.ping_every_s > 0 and self.timeout_s > 0):
+            raise ValueError(f"keepalive intervals must be > 0, got {self.ping_every_s} and {self.timeout_s}")
+
+    @property
+    def detect_s(self) -> float:
+        """The longest a frozen peer goes unnoticed."""
+        return self.ping_every_s + self.timeout_s
+
+    def options(self) -> list[tuple[str, int]]:
+        timeout_ms = int(self.timeout_s * 1000)
+        return [("grpc.keepalive_time_ms", int(self.ping_every_s * 1000)),
+                ("grpc.keepalive_timeout_ms", timeout_ms),
+                # NOTE: gRPC core times a keepalive ping out by this one (default 60 s), not by
+                # keepalive_timeout_ms alone.
+                ("grpc.http2.ping_timeout_ms", timeout_ms),
+                ("grpc.keepalive_permit_without_calls", 1),
+                ("grpc.http2.max_pings_without_data", 0)]
+
+
+#: Clients and internal callers: a vanished one's calls are cancelled within 20 s.
+PEER_KEEPALIVE = Keepalive(ping_every_s=10.0, timeout_s=10.0)
+#: Workers, on the scheduler's worker listener: a frozen worker is dropped (and its jobs go
+#: back to the queue) within 3 s, however long its steps take.
+WORKER_KEEPALIVE = Keepalive(ping_every_s=1.0, timeout_s=2.0)
 #: Checks a service runs on a request's raw bytes before they are parsed: (status, message)
 #: refuses the call, None lets it through. Keyed by full method name.
 Precheck = Callable[[bytes], "tuple[grpc.StatusCode, str] | None"]
@@ -74,9 +121,11 @@ def create_server(
     max_calls: int = 4096,
     interceptors: Iterable[grpc.aio.ServerInterceptor] = (),
     prechecks: Mapping[str, Precheck] | None = None,
+    keepalive: Keepalive = PEER_KEEPALIVE,
 ) -> grpc.aio.Server:
     """A server with the shared options and interceptors: ``interceptors`` (authentication)
-    first, then the call limit, then the decode guard (with ``prechecks``)."""
+    first, then the call limit, then the decode guard (with ``prechecks``); it pings its
+    peers by ``keepalive`` and accepts their pings (see the module doc)."""
     return grpc.aio.server(
         interceptors=[*interceptors, CallLimit(max_calls), DecodeGuardInterceptor(prechecks)],
         options=[
@@ -85,6 +134,8 @@ def create_server(
             ("grpc.so_reuseport", 0),
             ("grpc.server.max_pending_requests", MAX_PENDING_CALLS),
             ("grpc.server.max_pending_requests_hard_limit", MAX_PENDING_CALLS),
+            ("grpc.http2.min_ping_interval_without_data_ms", MIN_PEER_PING_INTERVAL_MS),
+            *keepalive.options(),
         ],
     )
 

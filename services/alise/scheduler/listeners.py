@@ -3,7 +3,9 @@
 Two servers, not two ports of one: a gRPC server serves every service it has on every port,
 and a worker reads the prompts it is given, so WorkerService must not be reachable where
 clients are. Each has its own call limit, so a flood of clients never takes a worker's place.
-Both answer health from one status and reflection for their own service.
+Both answer health from one status and reflection for their own service. The worker listener
+pings its workers every second and drops one that does not answer within two
+(``grpc_server.WORKER_KEEPALIVE``): its jobs go back to the queue.
 """
 
 from __future__ import annotations
@@ -47,7 +49,8 @@ async def make_listeners(config: SchedulerConfig, clients, workers, health: grpc
     scheduler_pb2_grpc.add_SchedulerServiceServicer_to_server(clients, server)
     worker_pb2_grpc.add_WorkerServiceServicer_to_server(WorkerServiceElsewhere(), server)
     await grpc_server.add_health_and_reflection(server, [SCHEDULER_SERVICE], status=health)
-    worker_server = grpc_server.create_server(max_calls=MAX_WORKER_CALLS, interceptors=[auth])
+    worker_server = grpc_server.create_server(max_calls=MAX_WORKER_CALLS, interceptors=[auth],
+                                              keepalive=grpc_server.WORKER_KEEPALIVE)
     worker_pb2_grpc.add_WorkerServiceServicer_to_server(workers, worker_server)
     await grpc_server.add_health_and_reflection(worker_server, [WORKER_SERVICE], status=health)
     return server, worker_server
