@@ -157,7 +157,7 @@ async def test_the_scheduler_process_exits_non_zero_when_its_loop_fails(tiny_lla
     from alise.worker.config import WorkerConfig
     from alise.worker.service import Worker
 
-    def broken(self, worker_id, now_s):
+    def broken(self, worker_id, now_s, **kwargs):
         raise RuntimeError("injected fault in schedule")
     monkeypatch.setattr(SchedulerCore, "schedule", broken)
     config = SchedulerConfig(address="127.0.0.1:50151", model=str(tiny_llama_dir))

@@ -131,7 +131,7 @@ def service_commands(cfg: ClusterConfig) -> dict[str, list[str]]:
         commands["predictor"] = ["predictor", "serve", "--address", predictor_address,
                                  "--index-dir", os.path.join(cfg.state_dir, "predictor"), *metrics(1)]
     sched = ["scheduler", "--address", address, "--worker-address", worker_address, "--policy", cfg.policy,
-             *model]
+             "--state-dir", os.path.join(cfg.state_dir, "scheduler"), *model]
     if cfg.predictor:
         sched += ["--predictor", dial_address(predictor_address)]
     sched += config_argv(SchedulerConfig(max_model_len=cfg.engine.max_model_len), SCHEDULER_FLAGS)

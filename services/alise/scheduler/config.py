@@ -61,6 +61,9 @@ class SchedulerConfig:
     #: Append one JSON line per finished job to this file ("" = none): its length estimate
     #: (mean, p50, p90, source), true output length, TTFT, end-to-end time, preemptions.
     job_log: str = ""
+    #: Directory of the scheduler's own state ("" = none): the requests that crashed it
+    #: (``alise.scheduler.quarantine``), refused after a restart.
+    state_dir: str = ""
 
     def __post_init__(self) -> None:
         if self.policy not in POLICY_NAMES:

@@ -12,7 +12,8 @@ holds that the scheduler does not know is aborted on sight, and counted in statu
 A report is checked whole before it is applied (``alise.core.reports``); a worker that sends
 a bad one is disconnected and its jobs recompute elsewhere, no token repeated or lost. Any
 other exception while scheduling is fatal: it is logged with its traceback, the engine stops,
-``failure`` is set and ``on_failure`` called (the service turns NOT_SERVING and exits
+``failure`` and ``suspects`` (the jobs involved, ``alise.scheduler.quarantine``) are set and
+``on_failure`` called (the service records the suspects, turns NOT_SERVING and exits
 non-zero), never a silent stall.
 
 Tokens flow back to each request's stream through an unbounded per-request buffer (bounded by
@@ -37,6 +38,7 @@ from alise.core.job import Job, JobStatus, LengthEstimate
 from alise.core.latency_model import LatencyModel
 from alise.core.reports import ReportError
 from alise.core.scheduler import SchedulerCore
+from alise.scheduler.quarantine import suspects
 
 logger = logging.getLogger(__name__)
 
@@ -166,6 +168,10 @@ class SchedulerEngine:
         self.inbox: asyncio.Queue = asyncio.Queue()
         self.started_s = time.monotonic()
         self.failure: BaseException | None = None
+        #: The jobs involved in the failure (see ``alise.scheduler.quarantine.suspects``).
+        self.suspects: list[Job] = []
+        #: What the loop is doing: (event kind, payload), or ("dispatch", worker id).
+        self._handling: tuple = ()
         self._task: asyncio.Task | None = None
         self._stopping = False
         #: Token events of the reports being handled, pushed to their streams after dispatch.
@@ -287,11 +293,14 @@ class SchedulerEngine:
                     batch.append(self.inbox.get_nowait())
                 now = time.monotonic()
                 for kind, payload in batch:
+                    self._handling = (kind, payload)
                     getattr(self, f"_on_{kind}")(payload, now)
+                self._handling = ()
                 self._expire_unserved(now)
                 if self.orphans:
                     self._expire_orphans(now)
                 self._dispatch(time.monotonic())
+                self._handling = ()
                 # Streams wake only after the next plans are out: waking dozens of Generate
                 # handlers first would queue the plans' writes behind all of theirs.
                 self._flush_tokens()
@@ -300,11 +309,27 @@ class SchedulerEngine:
         except Exception as exc:
             logger.exception("the scheduling loop failed; the scheduler stops serving")
             self.failure = exc
+            self.suspects = suspects(exc, self._involved())
             self._fail_streams("UNAVAILABLE", "the scheduler failed and is restarting; retry")
             for link in self.links.values():
                 link.outbox.put_nowait("the scheduler failed")
             if self.on_failure is not None:
                 self.on_failure(exc)
+
+    def _involved(self) -> list[Job]:
+        """The jobs of the event or plan being handled."""
+        jobs = self.core.jobs
+        match self._handling:
+            case ("submit", job):
+                return [job]
+            case ("cancel", job_id) | ("estimate", (job_id, _)):
+                return [jobs[job_id]] if job_id in jobs else []
+            case ("report", (_, report)):
+                named = {out.job_id for out in report.outputs} | {r.job_id for r in report.refused}
+                return [jobs[job_id] for job_id in sorted(named) if job_id in jobs]
+            case ("dispatch", worker_id):  # its jobs and those it may take
+                return [job for job in jobs.values() if job.worker_id in (worker_id, None)]
+        return []
 
     def _flush_tokens(self) -> None:
         for stream, event in self._deferred:
@@ -459,6 +484,7 @@ class SchedulerEngine:
         (one of them a census when one is due)."""
         core = self.core
         for link in self.links.values():
+            self._handling = ("dispatch", link.worker_id)
             aborts, through = core.take_aborts(link.worker_id)
             if aborts:
                 link.outbox.put_nowait(AbortJobs(aborts, through))

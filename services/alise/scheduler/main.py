@@ -68,6 +68,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--latency-profile", default=env("ALISE_LATENCY_PROFILE"),
                    help="latency profile JSON of the workers' device (env ALISE_LATENCY_PROFILE; "
                         "default: the first worker's, corrected online)")
+    p.add_argument("--state-dir", default=env("ALISE_SCHEDULER_STATE_DIR", ""),
+                   help="directory of the scheduler's state: the requests that crashed it, refused "
+                        "after a restart (env ALISE_SCHEDULER_STATE_DIR; default: none, kept in memory)")
     p.add_argument("--metrics-address", default=env("ALISE_SCHEDULER_METRICS", ""),
                    help="serve Prometheus metrics over HTTP here, e.g. 127.0.0.1:9400 (env "
                         "ALISE_SCHEDULER_METRICS; default: none)")
@@ -82,6 +85,7 @@ def config_from_args(args: argparse.Namespace) -> SchedulerConfig:
         max_queued=args.max_queued, max_wait_no_worker_s=args.max_wait_no_worker_s,
         predictor_address=args.predictor_address, predictor_timeout_s=args.predictor_timeout_s,
         latency_profile=args.latency_profile, metrics_address=args.metrics_address, job_log=args.job_log,
+        state_dir=args.state_dir,
         plans_ahead=args.plans_ahead, prefill_step_ratio=args.prefill_step_ratio, security=security_from_args(args))
 
 

@@ -29,6 +29,7 @@ from alise.scheduler.config import SchedulerConfig
 from alise.scheduler.engine import AbortJobs, JobFailed, SchedulerEngine, StreamClosing, WorkerLink
 from alise.scheduler.estimates import LengthEstimator
 from alise.scheduler.listeners import SCHEDULER_SERVICE, WORKER_SERVICE, make_listeners
+from alise.scheduler.quarantine import Quarantine
 from alise.scheduler.request_checks import (
     MAX_STOP_TOKEN_IDS,
     check_request_id,
@@ -77,11 +78,12 @@ class RequestError(Exception):
 
 class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
     def __init__(self, config: SchedulerConfig, info: ModelInfo, engine: SchedulerEngine,
-                 estimator: LengthEstimator) -> None:
+                 estimator: LengthEstimator, quarantine: Quarantine | None = None) -> None:
         self.config = config
         self.info = info
         self.engine = engine
         self.estimator = estimator
+        self.quarantine = quarantine or Quarantine(None)
         self.accepting = True
         self._predicting: set[asyncio.Future] = set()
         self._refusals = LogLimiter(logger)
@@ -90,6 +92,8 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
         try:
             job = await self._make_job(request)
             request_id_var.set(job.job_id)  # validated: only now may it go into log lines
+            if (refusal := self.quarantine.refusal(job)) is not None:
+                raise RequestError(grpc.StatusCode.FAILED_PRECONDITION, refusal)
             if job.output_token_ids:  # a resumed stream: its job may be on a returning worker
                 await self.engine.await_adoption(job.job_id)
             stream = self._submit(job)
@@ -408,12 +412,17 @@ async def start_scheduler(config: SchedulerConfig, *, predict=None, observe=None
             job_log.write(json.dumps(job_record(job)) + "\n")
 
     failed = asyncio.Event()
+    quarantine = Quarantine(config.state_dir or None)
+
+    def on_failure(exc: BaseException) -> None:
+        quarantine.record_crash(engine.suspects, exc)  # before the process exits
+        failed.set()
+
     engine = SchedulerEngine(core, latency, max_queued=config.max_queued,
                              max_wait_no_worker_s=config.max_wait_no_worker_s,
-                             plans_ahead=config.plans_ahead, on_finish=on_finish,
-                             on_failure=lambda exc: failed.set())
+                             plans_ahead=config.plans_ahead, on_finish=on_finish, on_failure=on_failure)
     engine.metrics.forget_departed_workers(lambda: engine.links)
-    servicer = SchedulerServicer(config, info, engine, estimator)
+    servicer = SchedulerServicer(config, info, engine, estimator, quarantine)
     health = grpc_server.ServingStatus([SCHEDULER_SERVICE, WORKER_SERVICE])
     await health.set(True)
     if predict is not None:
