@@ -284,6 +284,10 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
     def __init__(self, engine: SchedulerEngine, info: ModelInfo) -> None:
         self.engine = engine
         self.info = info
+        #: The weights every worker must serve: the scheduler's directory's, else the first
+        #: worker's (a preset's random weights exist only on the workers).
+        self.weights = info.weights_fingerprint
+        self._weights_from = f"the scheduler's {info.name}" if self.weights else ""
 
     async def Connect(self, request_iterator, context):
         try:
@@ -317,6 +321,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             held = [wire.held_from_pb(h, self.info.vocab_size) for h in first.hello.held_jobs]
         except wire.WireError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"bad hello: {exc}")
+        if refusal := self._weights_refusal(first.hello):  # last: the first worker to pass sets them
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, refusal)
         link = WorkerLink(capacity, asyncio.Queue(), model=first.hello.model, device=first.hello.device,
                           latency_profile=profile, held=held, held_from=first.hello.held_from_scheduler_id)
         self.engine.worker_joined(link)
@@ -345,6 +351,22 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             if getter is not None:
                 getter.cancel()
             self.engine.worker_left(capacity.worker_id)
+
+    def _weights_refusal(self, hello) -> str | None:
+        """Why a worker with other weights is refused (None: same weights, or unknown); the
+        first worker with a fingerprint sets it when the scheduler has none of its own."""
+        theirs = hello.weights_fingerprint
+        if not theirs:
+            return None
+        if not self.weights:
+            self.weights, self._weights_from = theirs, f"worker {hello.worker_id!r}, the first to join"
+            logger.info("serving weights %s (those of worker %s)", theirs, hello.worker_id)
+            return None
+        if theirs == self.weights:
+            return None
+        return (f"worker {hello.worker_id!r} serves {hello.model!r} with weights {theirs}; this scheduler serves "
+                f"weights {self.weights} (those of {self._weights_from}): same architecture, other weights "
+                "(another checkpoint, or a preset with another seed, device or dtype)")
 
     async def _read_reports(self, link: WorkerLink, request_iterator) -> None:
         async for message in request_iterator:

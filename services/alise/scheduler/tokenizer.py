@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from alise.common.model_id import model_fingerprint
+from alise.common.model_id import model_fingerprint, weights_fingerprint
 from alise.worker import loader
 from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
 
@@ -24,12 +24,17 @@ class ModelInfo:
     vocab_size: int
     #: ``alise.common.model_id.model_fingerprint`` of the config.
     model_id: str = ""
+    #: ``alise.common.model_id.weights_fingerprint`` of a directory's weights ("": a preset, or
+    #: a directory without them here; the first worker's is held to then).
+    weights_fingerprint: str = ""
 
 
 def load_model_info(model: str | None, max_model_len: int | None = None) -> ModelInfo:
     name = loader.DEFAULT_MODEL if model is None else model
     path = Path(name)
+    weights = ""
     if path.is_dir():
+        weights = weights_fingerprint(path)
         config = AutoConfig.from_pretrained(path, local_files_only=True)
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
         eos = loader.eos_token_id_of(tokenizer, config)
@@ -45,7 +50,7 @@ def load_model_info(model: str | None, max_model_len: int | None = None) -> Mode
         if not 0 < max_model_len <= limit:
             raise ValueError(f"max_model_len must be in [1, {limit}], got {max_model_len}")
         limit = max_model_len
-    return ModelInfo(name, tokenizer, limit, eos, config.vocab_size, model_fingerprint(config))
+    return ModelInfo(name, tokenizer, limit, eos, config.vocab_size, model_fingerprint(config), weights)
 
 
 class IncrementalDetokenizer:

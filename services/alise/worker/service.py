@@ -25,7 +25,7 @@ import torch
 from alise.client._channel import make_aio_channel
 from alise.common import grpc_server, wire
 from alise.common.metrics import WorkerMetrics, serve_metrics
-from alise.common.model_id import model_fingerprint
+from alise.common.model_id import model_fingerprint, samples_fingerprint, weights_fingerprint
 from alise.core.commands import StepPlan, StepReport
 from alise.core.latency_model import LatencyModel
 from alise.v1 import worker_pb2, worker_pb2_grpc
@@ -93,12 +93,27 @@ class ModelIdentity:
     eos_token_id: int | None
     block_bytes: int
     model_id: str = ""
+    #: ``alise.common.model_id``'s fingerprint of the weights ("" = not compared).
+    weights: str = ""
 
     @classmethod
     def of(cls, loaded: LoadedModel, block_size: int) -> ModelIdentity:
+        weights = (random_weights_fingerprint(loaded.model) if loaded.random_weights
+                   else weights_fingerprint(loaded.name))
         return cls(loaded.name, str(loaded.device), str(loaded.dtype).removeprefix("torch."),
                    loaded.config.vocab_size, loaded.eos_token_id,
-                   KVCache.block_bytes(loaded.config, block_size, loaded.dtype), model_fingerprint(loaded.config))
+                   KVCache.block_bytes(loaded.config, block_size, loaded.dtype), model_fingerprint(loaded.config),
+                   weights)
+
+
+def random_weights_fingerprint(model: torch.nn.Module, num_tensors: int = 4, num_values: int = 256) -> str:
+    """Random weights (a preset's: they depend on its seed, device and dtype), by the bytes of
+    the first ``num_values`` values of ``num_tensors`` matrices spread over the model."""
+    matrices = sorted((name, t) for name, t in model.state_dict().items() if t.dim() >= 2)
+    picks = [matrices[round(i * (len(matrices) - 1) / max(num_tensors - 1, 1))] for i in range(num_tensors)]
+    return samples_fingerprint(
+        (name, t.detach().flatten()[:num_values].cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        for name, t in picks)
 
 
 class Worker:
@@ -165,7 +180,7 @@ class Worker:
         self.engine = make_worker_engine(runner, eos_token_id=self.loaded.eos_token_id,
                                          max_model_len=self.loaded.max_model_len,
                                          num_host_blocks=cfg.num_host_blocks)
-        self.identity = ModelIdentity.of(self.loaded, cfg.block_size)
+        self.identity = await loop.run_in_executor(self._executor, ModelIdentity.of, self.loaded, cfg.block_size)
         self._open_outputs()
         logger.info("worker %s: %s on %s (%s), %d KV blocks of %d tokens, %s runner", self.worker_id,
                     self.loaded.name, self.loaded.device, self.loaded.dtype, num_blocks, cfg.block_size, cfg.runner)
@@ -186,7 +201,7 @@ class Worker:
             num_host_blocks=self.engine.kv.num_host_blocks, max_model_len=self.engine.max_model_len,
             vocab_size=ident.vocab_size, eos_token_id=-1 if ident.eos_token_id is None else ident.eos_token_id,
             block_bytes=ident.block_bytes, max_num_seqs=cfg.max_num_seqs,
-            max_num_batched_tokens=self.token_budget(), model_id=ident.model_id,
+            max_num_batched_tokens=self.token_budget(), model_id=ident.model_id, weights_fingerprint=ident.weights,
             held_jobs=[wire.held_to_pb(job) for job in self._held], held_from_scheduler_id=self._held_from,
             latency_profile_json=self.latency_model.to_json() if self.latency_model else ""))
 
