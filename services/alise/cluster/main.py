@@ -92,7 +92,8 @@ def _add_supervision_arguments(g) -> None:
                         "`alise status` reads")
     g.add_argument("--timeout", type=float, default=RestartPolicy.startup_timeout_s, dest="startup_timeout_s",
                    metavar="SECONDS", help="seconds a service may take to start serving before `alise up` "
-                                           "gives up (at start) or kills and restarts it (later)")
+                                           "gives up; after a restart, to answer on its health listener "
+                                           "before it is killed and restarted")
     g.add_argument("--hang-timeout", type=float, default=RestartPolicy.hang_timeout_s, dest="hang_timeout_s",
                    metavar="SECONDS", help="a running service whose health listener gives no answer for this "
                                            "long (probed every second) is hung: killed and restarted")

@@ -8,7 +8,9 @@
   process lives is hung (stopped, deadlocked): it is killed (SIGKILL) and restarted like one
   that died. Only an answer counts, not its status: a worker or the HTTP door answers
   NOT_SERVING while the scheduler is away, and is alive (alise.cluster.probe).
-* A restarted service that does not serve within ``startup_timeout_s`` is killed likewise.
+* A restarted service whose health listener gives no answer within ``startup_timeout_s`` of
+  its start is killed likewise. One that answers NOT_SERVING (a worker loading its model, or
+  waiting for a scheduler that is away) is left to come up.
 * A service that dies ``crash_loop_after`` times in a row, each within ``stable_s`` of its
   start, is crash-looping: said once in the log with the end of its own, shown in the state
   file (and `alise status`) with its restarts and last exit, and restarted every
@@ -50,7 +52,7 @@ class RestartPolicy:
     hang_timeout_s: float = 3.0
     #: How often each serving service is probed.
     probe_interval_s: float = 1.0
-    #: Seconds a restarted service may take to serve again before it is killed.
+    #: Seconds a restarted service may take to answer on its health listener before it is killed.
     startup_timeout_s: float = 300.0
 
     def __post_init__(self) -> None:
@@ -147,8 +149,9 @@ class Supervisor:
                 state.serving = True
                 state.probe.reset(now)
                 logger.info("%s is serving again (restart %d)", name, state.restarts)
-            elif now - state.started_s > self.policy.startup_timeout_s and state.kill_reason is None:
-                self._kill(name, state, f"not serving {self.policy.startup_timeout_s:g} s after its start")
+            elif state.probe.poll(now) > self.policy.startup_timeout_s and state.kill_reason is None:
+                self._kill(name, state, f"silent: no answer on its health listener ({state.probe.address}) "
+                                        f"{self.policy.startup_timeout_s:g} s after its start")
         self.write_state(now)
 
     def _check_alive(self, name: str, state: _ServiceState, now: float) -> None:
@@ -190,6 +193,7 @@ class Supervisor:
     def _restart(self, name: str, state: _ServiceState, now: float) -> None:
         self.cluster.start_one(name)
         state.restart_at_s, state.started_s = None, now
+        state.probe.reset(now)
         state.restarts += 1
 
     def _service_state(self, state: _ServiceState | None) -> str:
