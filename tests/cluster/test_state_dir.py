@@ -85,3 +85,24 @@ def test_a_read_only_state_dir_is_one_line_and_exit_2(tmp_path):
                              capture_output=True, text=True, timeout=120)
     assert (out.returncode, out.stderr, out.stdout) == (
         2, f"alise up: cannot use --state-dir {ro}: Read-only file system\n", "")
+
+
+def test_alise_up_whose_own_output_the_disk_refuses_runs_and_stops_cleanly(tmp_path):
+    """Its stderr on a full disk (/dev/full: every write ENOSPC): the lines are dropped, the
+    scheduler serves, SIGTERM still drains it (exit 0)."""
+    from test_up import Up
+
+    with open("/dev/full", "wb") as full:
+        proc = subprocess.Popen([sys.executable, "-m", "alise.cli.main", "up", "--no-predictor", "--workers", "0",
+                                 "--http-address", "", "--address", "127.0.0.1:0", "--worker-address", "127.0.0.1:0",
+                                 "--state-dir", str(tmp_path / "state")], stdout=full, stderr=full, cwd=tmp_path)
+    up = Up.__new__(Up)
+    up.proc, up.state_dir = proc, tmp_path / "state"
+    try:
+        wait_until(lambda: (up.state_dir / "cluster.json").exists() or proc.poll() is not None, 120, "cluster up")
+        assert proc.poll() is None
+        with Client(up.address) as client:
+            assert client.status().policy == "alise"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
