@@ -317,3 +317,70 @@ def test_a_difference_within_the_noise_of_the_held_out_sample_is_no_verdict():
     assert not Validation(100, 0.100, 0.125, difference_se=0.01).accepted
     assert Validation(100, 0.100, 0.1009, difference_se=0.0).accepted  # within the 1 % tolerance
     assert not Validation(100, 0.100, 0.102, difference_se=0.0).accepted
+
+
+# -- conversation context ----------------------------------------------------------------------
+
+def test_context_shift_is_the_earlier_answers_deviation_shrunk_by_their_number():
+    import math
+
+    from alise.predictor.context import MAX_PREVIOUS, context_shift
+
+    offset = float(np.log1p(100))
+    d = float(np.log1p(400)) - offset
+    shift = context_shift([[], [400], [400, 400, 400], [400]], offset, prior_turns=2.0)
+    np.testing.assert_allclose(shift, [0.0, d / 3, d * 3 / 5, d / 3])
+    assert not context_shift([[400, 400]], offset, math.inf).any()
+    # only the most recent answers count
+    old = [0] * 10 + [400] * MAX_PREVIOUS
+    assert context_shift([old], offset, 2.0)[0] == pytest.approx(d * MAX_PREVIOUS / (MAX_PREVIOUS + 2))
+
+
+def test_prior_turns_are_fitted_by_moments_from_conversations_alone():
+    import math
+
+    from alise.predictor.context import fit_prior_turns
+
+    rng = np.random.default_rng(11)
+    tau, sigma = 0.6, 1.0  # conversation effect and per-answer spread, in log space
+    convs = []
+    for _ in range(3000):
+        u = rng.normal(0, tau)
+        convs.append(list(np.expm1(5.0 + u + rng.normal(0, sigma, rng.integers(1, 6))).astype(int)))
+    assert fit_prior_turns(convs) == pytest.approx(sigma**2 / tau**2, rel=0.15)
+    alike = [list(np.expm1(5.0 + rng.normal(0, sigma, 4)).astype(int)) for _ in range(3000)]
+    assert fit_prior_turns(alike) > 20 * sigma**2 / tau**2 or math.isinf(fit_prior_turns(alike))
+    assert math.isinf(fit_prior_turns([[10], [300]])) and math.isinf(fit_prior_turns([]))
+
+
+def fitted_estimator(prior_turns=2.0):
+    rng = np.random.default_rng(12)
+    centers = unit(rng, 8)
+    history = History(VectorIndex(DIM))
+    v, texts, y = synthetic(rng, 400, centers)
+    history.add_observations(history.add_prompts(texts, v, [10] * 400), ["m"] * 400, y)
+    est = LengthEstimator(history, EstimatorConfig(min_model_observations=10, context_prior_turns=prior_turns))
+    est.fit()
+    return est, synthetic(rng, 40, centers)
+
+
+def test_earlier_answers_move_the_estimate_and_none_leave_it_as_it_was():
+    est, (v, texts, _) = fitted_estimator()
+    tokens = np.full(len(texts), 10)
+    alone = est.predict(v, texts, tokens, "m")
+    for empty in (None, [[]] * len(texts)):
+        np.testing.assert_array_equal(est.predict(v, texts, tokens, "m", previous_output_tokens=empty).p50,
+                                      alone.p50)
+    wordy = est.predict(v, texts, tokens, "m", previous_output_tokens=[[2000, 1500]] * len(texts))
+    terse = est.predict(v, texts, tokens, "m", previous_output_tokens=[[3]] * len(texts))
+    assert np.all(wordy.p50 > alone.p50) and np.all(terse.p50 < alone.p50)
+    assert np.all(wordy.p90 > wordy.p50) and wordy.source == alone.source
+
+
+def test_estimates_never_go_below_zero_tokens():
+    # Trusting the earlier answers fully (k tiny) and all of them empty takes short prompts'
+    # log-length estimates under zero, where a residual quantile would give negative tokens.
+    est, (v, texts, _) = fitted_estimator(prior_turns=1e-6)
+    out = est.predict(v, texts, np.full(len(texts), 10), "m", previous_output_tokens=[[0] * 8] * len(texts))
+    assert np.all(out.p50 >= 0) and np.all(out.mean >= 0) and np.all(out.p90 >= out.p50)
+    assert (out.p50 == 0).any()

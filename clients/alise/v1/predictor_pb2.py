@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from alise.v1 import common_pb2 as alise_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x61lise/v1/predictor.proto\x12\x08\x61lise.v1\x1a\x15\x61lise/v1/common.proto\"8\n\x0ePredictRequest\x12\x0f\n\x07prompts\x18\x01 \x03(\t\x12\x15\n\rprompt_tokens\x18\x02 \x03(\x05\"m\n\x0fPredictResponse\x12/\n\x0bpredictions\x18\x01 \x03(\x0b\x32\x1a.alise.v1.LengthPrediction\x12\x11\n\ttruncated\x18\x02 \x03(\x05\x12\x16\n\x0eprediction_ids\x18\x03 \x03(\t\"\x93\x01\n\x0bObservation\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x15\n\routput_tokens\x18\x02 \x01(\x05\x12\x15\n\rprompt_tokens\x18\x03 \x01(\x05\x12\r\n\x05model\x18\x04 \x01(\t\x12\x15\n\rprediction_id\x18\x05 \x01(\t\x12\x10\n\x08sequence\x18\x06 \x01(\x04\x12\x0e\n\x06sender\x18\x07 \x01(\t\"r\n\x0fObserveResponse\x12\x14\n\x0cnum_accepted\x18\x01 \x01(\x03\x12\x14\n\x0cnum_rejected\x18\x02 \x01(\x03\x12\x18\n\x10\x64urable_sequence\x18\x03 \x01(\x04\x12\x19\n\x11unknown_sequences\x18\x04 \x03(\x04\"\x11\n\x0fGetStatsRequest\"\xc0\x02\n\x0ePredictorStats\x12\x13\n\x0bnum_entries\x18\x01 \x01(\x03\x12\x12\n\nindex_type\x18\x02 \x01(\t\x12\x0f\n\x07\x65ncoder\x18\x03 \x01(\t\x12\x15\n\rembedding_dim\x18\x04 \x01(\x05\x12\x17\n\x0fnum_predictions\x18\x05 \x01(\x03\x12\x18\n\x10num_observations\x18\x06 \x01(\x03\x12\x16\n\x0emean_abs_error\x18\x07 \x01(\x01\x12\x14\n\x0c\x62ucket_edges\x18\x08 \x03(\x05\x12\x16\n\x0ehead_fitted_at\x18\t \x01(\x01\x12\x18\n\x10head_num_samples\x18\n \x01(\x03\x12\x12\n\nnum_logged\x18\x0b \x01(\x03\x12\x18\n\x10last_snapshot_at\x18\x0c \x01(\x01\x12\x1c\n\x14history_observations\x18\r \x01(\x03\x32\xd4\x01\n\x10PredictorService\x12>\n\x07Predict\x12\x18.alise.v1.PredictRequest\x1a\x19.alise.v1.PredictResponse\x12?\n\x07Observe\x12\x15.alise.v1.Observation\x1a\x19.alise.v1.ObserveResponse(\x01\x30\x01\x12?\n\x08GetStats\x12\x19.alise.v1.GetStatsRequest\x1a\x18.alise.v1.PredictorStatsb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x61lise/v1/predictor.proto\x12\x08\x61lise.v1\x1a\x15\x61lise/v1/common.proto\"c\n\x0ePredictRequest\x12\x0f\n\x07prompts\x18\x01 \x03(\t\x12\x15\n\rprompt_tokens\x18\x02 \x03(\x05\x12)\n\x08\x63ontexts\x18\x03 \x03(\x0b\x32\x17.alise.v1.PromptContext\">\n\rPromptContext\x12\x1e\n\x16previous_output_tokens\x18\x01 \x03(\x05\x12\r\n\x05query\x18\x02 \x01(\t\"m\n\x0fPredictResponse\x12/\n\x0bpredictions\x18\x01 \x03(\x0b\x32\x1a.alise.v1.LengthPrediction\x12\x11\n\ttruncated\x18\x02 \x03(\x05\x12\x16\n\x0eprediction_ids\x18\x03 \x03(\t\"\x93\x01\n\x0bObservation\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x15\n\routput_tokens\x18\x02 \x01(\x05\x12\x15\n\rprompt_tokens\x18\x03 \x01(\x05\x12\r\n\x05model\x18\x04 \x01(\t\x12\x15\n\rprediction_id\x18\x05 \x01(\t\x12\x10\n\x08sequence\x18\x06 \x01(\x04\x12\x0e\n\x06sender\x18\x07 \x01(\t\"r\n\x0fObserveResponse\x12\x14\n\x0cnum_accepted\x18\x01 \x01(\x03\x12\x14\n\x0cnum_rejected\x18\x02 \x01(\x03\x12\x18\n\x10\x64urable_sequence\x18\x03 \x01(\x04\x12\x19\n\x11unknown_sequences\x18\x04 \x03(\x04\"\x11\n\x0fGetStatsRequest\"\xc0\x02\n\x0ePredictorStats\x12\x13\n\x0bnum_entries\x18\x01 \x01(\x03\x12\x12\n\nindex_type\x18\x02 \x01(\t\x12\x0f\n\x07\x65ncoder\x18\x03 \x01(\t\x12\x15\n\rembedding_dim\x18\x04 \x01(\x05\x12\x17\n\x0fnum_predictions\x18\x05 \x01(\x03\x12\x18\n\x10num_observations\x18\x06 \x01(\x03\x12\x16\n\x0emean_abs_error\x18\x07 \x01(\x01\x12\x14\n\x0c\x62ucket_edges\x18\x08 \x03(\x05\x12\x16\n\x0ehead_fitted_at\x18\t \x01(\x01\x12\x18\n\x10head_num_samples\x18\n \x01(\x03\x12\x12\n\nnum_logged\x18\x0b \x01(\x03\x12\x18\n\x10last_snapshot_at\x18\x0c \x01(\x01\x12\x1c\n\x14history_observations\x18\r \x01(\x03\x32\xd4\x01\n\x10PredictorService\x12>\n\x07Predict\x12\x18.alise.v1.PredictRequest\x1a\x19.alise.v1.PredictResponse\x12?\n\x07Observe\x12\x15.alise.v1.Observation\x1a\x19.alise.v1.ObserveResponse(\x01\x30\x01\x12?\n\x08GetStats\x12\x19.alise.v1.GetStatsRequest\x1a\x18.alise.v1.PredictorStatsb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,17 +33,19 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'alise.v1.predictor_pb2', _g
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_PREDICTREQUEST']._serialized_start=61
-  _globals['_PREDICTREQUEST']._serialized_end=117
-  _globals['_PREDICTRESPONSE']._serialized_start=119
-  _globals['_PREDICTRESPONSE']._serialized_end=228
-  _globals['_OBSERVATION']._serialized_start=231
-  _globals['_OBSERVATION']._serialized_end=378
-  _globals['_OBSERVERESPONSE']._serialized_start=380
-  _globals['_OBSERVERESPONSE']._serialized_end=494
-  _globals['_GETSTATSREQUEST']._serialized_start=496
-  _globals['_GETSTATSREQUEST']._serialized_end=513
-  _globals['_PREDICTORSTATS']._serialized_start=516
-  _globals['_PREDICTORSTATS']._serialized_end=836
-  _globals['_PREDICTORSERVICE']._serialized_start=839
-  _globals['_PREDICTORSERVICE']._serialized_end=1051
+  _globals['_PREDICTREQUEST']._serialized_end=160
+  _globals['_PROMPTCONTEXT']._serialized_start=162
+  _globals['_PROMPTCONTEXT']._serialized_end=224
+  _globals['_PREDICTRESPONSE']._serialized_start=226
+  _globals['_PREDICTRESPONSE']._serialized_end=335
+  _globals['_OBSERVATION']._serialized_start=338
+  _globals['_OBSERVATION']._serialized_end=485
+  _globals['_OBSERVERESPONSE']._serialized_start=487
+  _globals['_OBSERVERESPONSE']._serialized_end=601
+  _globals['_GETSTATSREQUEST']._serialized_start=603
+  _globals['_GETSTATSREQUEST']._serialized_end=620
+  _globals['_PREDICTORSTATS']._serialized_start=623
+  _globals['_PREDICTORSTATS']._serialized_end=943
+  _globals['_PREDICTORSERVICE']._serialized_start=946
+  _globals['_PREDICTORSERVICE']._serialized_end=1158
 # @@protoc_insertion_point(module_scope)

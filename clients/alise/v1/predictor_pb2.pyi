@@ -8,12 +8,22 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class PredictRequest(_message.Message):
-    __slots__ = ("prompts", "prompt_tokens")
+    __slots__ = ("prompts", "prompt_tokens", "contexts")
     PROMPTS_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    CONTEXTS_FIELD_NUMBER: _ClassVar[int]
     prompts: _containers.RepeatedScalarFieldContainer[str]
     prompt_tokens: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, prompts: _Optional[_Iterable[str]] = ..., prompt_tokens: _Optional[_Iterable[int]] = ...) -> None: ...
+    contexts: _containers.RepeatedCompositeFieldContainer[PromptContext]
+    def __init__(self, prompts: _Optional[_Iterable[str]] = ..., prompt_tokens: _Optional[_Iterable[int]] = ..., contexts: _Optional[_Iterable[_Union[PromptContext, _Mapping]]] = ...) -> None: ...
+
+class PromptContext(_message.Message):
+    __slots__ = ("previous_output_tokens", "query")
+    PREVIOUS_OUTPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    QUERY_FIELD_NUMBER: _ClassVar[int]
+    previous_output_tokens: _containers.RepeatedScalarFieldContainer[int]
+    query: str
+    def __init__(self, previous_output_tokens: _Optional[_Iterable[int]] = ..., query: _Optional[str] = ...) -> None: ...
 
 class PredictResponse(_message.Message):
     __slots__ = ("predictions", "truncated", "prediction_ids")

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import grpc
 
+from alise.predictor.context import PromptContext
 from alise.v1 import predictor_pb2, predictor_pb2_grpc
 
 
@@ -50,12 +51,16 @@ class PredictorClient:
         self._channel = channel or grpc.aio.insecure_channel(address)
         self._stub = predictor_pb2_grpc.PredictorServiceStub(self._channel)
 
-    async def predict(self, prompts: Sequence[str], timeout_s: float = 1.0) -> list[LengthEstimate]:
-        """One estimate per prompt, in order."""
+    async def predict(self, prompts: Sequence[str], timeout_s: float = 1.0,
+                      contexts: Sequence[PromptContext] | None = None) -> list[LengthEstimate]:
+        """One estimate per prompt, in order; ``contexts``: one per prompt (the conversation it
+        continues), or none."""
+        request = predictor_pb2.PredictRequest(prompts=list(prompts))
+        for c in contexts or ():
+            request.contexts.add(previous_output_tokens=list(c.previous_output_tokens), query=c.query)
         try:
             response = await self._stub.Predict(
-                predictor_pb2.PredictRequest(prompts=list(prompts)), timeout=timeout_s,
-                wait_for_ready=True)  # a reconnecting channel gets the whole deadline
+                request, timeout=timeout_s, wait_for_ready=True)  # a reconnecting channel gets the whole deadline
         except grpc.aio.AioRpcError as exc:
             raise PredictorUnavailable(f"Predict failed: {exc.code().name}: {exc.details()}",
                                        exc.code()) from exc

@@ -16,6 +16,10 @@ For a query prompt and target model ``m`` the features are:
 - ``deviation``: a linear head for how ``m`` departs from the cross-model effect;
 - ``prompt_len``: ``log1p`` of the prompt's encoder tokens.
 
+A prompt that continues a conversation may come with the output tokens of the conversation's
+earlier answers; their deviation from the model's mean, shrunk by how many there are, is added
+to the estimate (``context.py``). Without them the estimate is the prompt's alone.
+
 A per-model :class:`Stacker` (pooled across models for models with little history) turns
 them into the point estimate, fitted for MAE. When the top similarity is below
 ``head_threshold`` the neighbour features are noise, so a second stacker without them is
@@ -39,6 +43,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from alise.predictor.context import context_shift
 from alise.predictor.heads import KernelHead, LinearHead, TfidfHead
 from alise.predictor.history import History, prompt_key
 from alise.predictor.stacker import Spread, Stacker
@@ -64,13 +69,16 @@ class EstimatorConfig:
     #: Observations a model needs for its own stacker; fewer use the pooled one.
     min_model_observations: int = 30
     bucket_edges: tuple[int, ...] = (32, 64, 128, 256, 512, 1024, 2048)
+    #: Earlier answers of a conversation that weigh as much as the model's mean in its shift
+    #: (``context.py``: ``k``; fitted on multi-turn AlpacaEval conversations; inf = no shift).
+    context_prior_turns: float = 2.0
 
     def __post_init__(self) -> None:
         for name in ("num_neighbors", "max_head_samples", "min_model_observations"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("knn_temperature", "kernel_temperature", "kernel_lambda", "tfidf_lambda",
-                     "deviation_lambda"):
+                     "deviation_lambda", "context_prior_turns"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         edges = self.bucket_edges
@@ -250,11 +258,13 @@ class LengthEstimator:
 
     def predict(
         self, vectors: np.ndarray, texts: list[str], prompt_tokens: np.ndarray, model: str,
-        keys: Sequence[str] | None = None,
+        keys: Sequence[str] | None = None, previous_output_tokens: Sequence[Sequence[int]] | None = None,
     ) -> Estimates:
         """Length distributions for ``texts`` (embedded as ``vectors``) under ``model``.
         ``keys`` are the texts' :func:`prompt_key` (computed here when not given): a prompt
-        stored with the model's own answers is matched by its text, never by similarity."""
+        stored with the model's own answers is matched by its text, never by similarity.
+        ``previous_output_tokens``: per text, the output tokens of the earlier answers of the
+        conversation it continues (empty: none known)."""
         model_id = self.history.model_id(model)
         offset = self.offset(model_id)
         knn_eff, knn_target, top = self._neighbour_features(vectors, model_id)
@@ -282,9 +292,13 @@ class LengthEstimator:
             source = np.where(use_full, "blend", "head").astype(object)
         z = np.where(dup, offset + dup_z, z)
         source[dup] = "knn"
+        if previous_output_tokens is not None:
+            z = z + context_shift(previous_output_tokens, offset, self.config.context_prior_turns)
         edges = np.asarray(self.config.bucket_edges, np.float64)
+        # NOTE: a residual quantile below zero can take a short estimate under zero tokens.
         return Estimates(
-            mean=spread.mean(z), p50=spread.quantile(z, 0.5), p90=spread.quantile(z, 0.9),
+            mean=np.maximum(spread.mean(z), 0.0), p50=np.maximum(spread.quantile(z, 0.5), 0.0),
+            p90=np.maximum(spread.quantile(z, 0.9), 0.0),
             bucket_probs=spread.bucket_probs(z, edges), source=list(source),
             top_similarity=np.maximum(top, -1.0),
         )

@@ -17,6 +17,10 @@ Predict calls that queue up while the encoder is busy are embedded together in i
 about one batch; an idle encoder starts at once (``batch_window_ms`` = 0, the default), so a
 lone request pays no batching delay.
 
+A prompt may come with its conversation's context (:class:`PromptContext`): the text read in
+its place (the latest user message of a rendered chat) and the earlier answers' lengths,
+which shift its estimate (``context.py``).
+
 Each prediction gets an id and is remembered (its key, the text the encoder saw, its vector
 and p50) for ``max_pending_predictions`` predictions: an Observe naming the id needs no
 prompt and no second embedding (nor does one that sends the prompt of a recent Predict). What is stored of a prompt is only what the encoder saw
@@ -42,6 +46,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from alise.predictor.config import PredictorConfig
+from alise.predictor.context import PromptContext
 from alise.predictor.encoder import Encoder
 from alise.predictor.estimator import Estimates, LengthEstimator
 from alise.predictor.fitting import Validation, fit_estimator, holdout_start, trial_fit, validate_refit
@@ -71,6 +76,7 @@ class PredictResult:
 class _Pending:
     prompts: list[str]
     future: asyncio.Future
+    contexts: list[PromptContext] | None = None
 
 
 @dataclass(frozen=True)
@@ -186,10 +192,13 @@ class PredictorRuntime:
 
     # -- predict -------------------------------------------------------------------------
 
-    async def predict(self, prompts: list[str]) -> PredictResult:
-        """Validated prompts in, estimates out (batched with concurrent callers)."""
+    async def predict(self, prompts: list[str], contexts: list[PromptContext] | None = None) -> PredictResult:
+        """Validated prompts in (with a context each, or none), estimates out (batched with
+        concurrent callers)."""
+        if contexts is not None and len(contexts) != len(prompts):
+            raise ValueError(f"{len(contexts)} contexts for {len(prompts)} prompts")
         future = asyncio.get_running_loop().create_future()
-        self._queue.append(_Pending(list(prompts), future))
+        self._queue.append(_Pending(list(prompts), future, list(contexts) if contexts else None))
         self._wakeup.set()
         return await future
 
@@ -210,13 +219,17 @@ class PredictorRuntime:
                 await self._run_batch(batch)
 
     async def _run_batch(self, batch: list[_Pending]) -> None:
-        prompts = [p for pending in batch for p in pending.prompts]
+        contexts = [c for pending in batch for c in (pending.contexts or [PromptContext()] * len(pending.prompts))]
+        # What is read, stored and keyed: the query where a context gives one.
+        prompts = [c.query or p for p, c in zip((p for pending in batch for p in pending.prompts), contexts)]
         try:
             encoded = await self.encoder.encode_async(prompts)
             seen = [p[:n] for p, n in zip(prompts, encoded.visible_chars)]
             keys = [prompt_key(p) for p in prompts]
+            previous = [c.previous_output_tokens for c in contexts]
             estimates = self.estimator.predict(encoded.vectors, seen, np.asarray(encoded.num_tokens),
-                                               self.config.model, keys=keys)
+                                               self.config.model, keys=keys,
+                                               previous_output_tokens=previous if any(previous) else None)
         except Exception as exc:  # every waiter must hear about it
             logger.exception("predict batch of %d prompts failed", len(prompts))
             for pending in batch:

@@ -10,8 +10,8 @@ only the bad message is rejected, not the stream.
 has arrived (at most ``max_batch_prompts``, at most ``max_observations_per_s``), and each
 batch is answered once it is durable (see ``ObserveResponse`` in the proto).
 
-Errors: empty prompt list, empty prompt (named by index), too many prompts, undecodable
-request -> ``INVALID_ARGUMENT``; a failed batch -> ``INTERNAL``; shutting down ->
+Errors: empty prompt list, empty prompt (named by index), too many prompts, contexts not one
+per prompt, a negative earlier length, undecodable request -> ``INVALID_ARGUMENT``; a failed batch -> ``INTERNAL``; shutting down ->
 ``UNAVAILABLE``. A prompt longer than the encoder's window is truncated and listed in
 ``PredictResponse.truncated``.
 """
@@ -32,6 +32,7 @@ from alise.common.grpc_server import ServingStatus, add_health_and_reflection, c
 from alise.common.metrics import LATENCY_BUCKETS_S, StateCollector, serve_metrics
 from alise.common.security import AuthInterceptor, bind_port
 from alise.predictor.config import PredictorConfig
+from alise.predictor.context import PromptContext
 from alise.predictor.encoder import Encoder
 from alise.predictor.runtime import ObservationIn, PredictorRuntime, ShuttingDown
 from alise.v1 import common_pb2, predictor_pb2
@@ -112,6 +113,21 @@ def _parse_observations(batch: list[bytes]) -> tuple[list[ObservationIn], list[i
     return items, sequences, rejected, highest
 
 
+def _contexts(request, num_prompts: int) -> tuple[list[PromptContext] | None, str]:
+    """The request's contexts (None: none given) or what is wrong with them."""
+    if not request.contexts:
+        return None, ""
+    if len(request.contexts) != num_prompts:
+        return None, (f"contexts: {len(request.contexts)} given for {num_prompts} prompts "
+                      "(give one per prompt, or none)")
+    out = []
+    for i, c in enumerate(request.contexts):
+        if any(n < 0 for n in c.previous_output_tokens):
+            return None, f"contexts[{i}].previous_output_tokens has a negative length"
+        out.append(PromptContext(tuple(c.previous_output_tokens), c.query if c.query.strip() else ""))
+    return out, ""
+
+
 class PredictorServicer:
     """RPC handlers; holds the runtime by composition."""
 
@@ -143,9 +159,12 @@ class PredictorServicer:
         for i, prompt in enumerate(prompts):
             if not prompt.strip():
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"prompts[{i}] is empty")
+        contexts, problem = _contexts(request, len(prompts))
+        if problem:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
         try:
             with self.predict_seconds.time():
-                result = await self.runtime.predict(prompts)
+                result = await self.runtime.predict(prompts, contexts)
             self.prompts.inc(len(prompts))
         except ShuttingDown as exc:
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))

@@ -1,0 +1,95 @@
+"""Predict with a conversation's context, in-process on port 0, through the real client."""
+
+import gzip
+import json
+
+import grpc
+import pytest
+
+from alise.predictor.client import PredictorClient, PredictorUnavailable
+from alise.predictor.config import PredictorConfig
+from alise.predictor.context import PromptContext
+from alise.predictor.encoder import Encoder
+from alise.predictor.history import prompt_key
+from alise.predictor.service import start_predictor_server
+from alise.v1 import predictor_pb2, predictor_pb2_grpc
+
+TOPICS = [("Write a one-word answer: what color is the sky", 2), ("Write a long detailed essay about", 400)]
+SYSTEM = "<|system|>\n" + " ".join(["You are a helpful assistant who follows the house rules."] * 40) + "\n"
+
+
+@pytest.fixture(scope="module")
+def encoder():
+    return Encoder(num_threads=2)
+
+
+@pytest.fixture
+async def server(encoder, tmp_path):
+    path = tmp_path / "tiny.jsonl.gz"
+    with gzip.open(path, "wt") as f:
+        for i in range(40):
+            prompt, words = TOPICS[i % 2]
+            f.write(json.dumps({"id": i, "instruction": f"{prompt} (item {i})", "output": "word " * words,
+                                "generator": "m1"}) + "\n")
+    config = PredictorConfig(address="127.0.0.1:0", model="m1", bootstrap=(str(path),))
+    srv = await start_predictor_server(config, encoder=encoder)
+    yield srv
+    await srv.stop(0.5)
+
+
+@pytest.fixture
+async def client(server):
+    c = PredictorClient(f"127.0.0.1:{server.port}")
+    yield c
+    await c.close()
+
+
+def chat(user: str) -> str:
+    return f"{SYSTEM}<|user|>\n{user}\n<|assistant|>\n"
+
+
+async def test_earlier_answers_move_the_estimate_and_no_context_is_as_before(client):
+    prompt = "Write a long detailed essay about rivers"
+    [alone] = await client.predict([prompt], timeout_s=10)
+    [empty] = await client.predict([prompt], timeout_s=10, contexts=[PromptContext()])
+    [wordy], [terse] = [await client.predict([prompt], timeout_s=10,
+                                             contexts=[PromptContext(previous_output_tokens=lengths)])
+                        for lengths in ((1500, 1800, 1200), (2, 3))]
+    assert empty.p50 == pytest.approx(alone.p50) and terse.p50 < alone.p50 < wordy.p50
+
+
+async def test_a_query_is_read_in_place_of_the_rendered_prompt_and_is_what_is_stored(client, server):
+    short, long = "Write a one-word answer: what color is grass", "Write a long detailed essay about rivers"
+    # Behind 480 tokens of system prompt, the encoder sees the same window for both prompts.
+    rendered = await client.predict([chat(short), chat(long)], timeout_s=10)
+    assert rendered[0].p50 == pytest.approx(rendered[1].p50, rel=0.05)
+    by_query = await client.predict([chat(short), chat(long)], timeout_s=10,
+                                    contexts=[PromptContext(query=short), PromptContext(query=long)])
+    plain = await client.predict([short, long], timeout_s=10)
+    assert [e.p50 for e in by_query] == pytest.approx([e.p50 for e in plain])
+    assert by_query[0].p50 < by_query[1].p50 / 10
+    await client.observe("", 7, prediction_id=by_query[0].prediction_id, timeout_s=10)
+    history = server.runtime.history
+    assert history.row_of_key(prompt_key(short)) is not None
+    assert history.row_of_key(prompt_key(chat(short))) is None
+
+
+@pytest.mark.parametrize("contexts,message", [
+    ([predictor_pb2.PromptContext()], r"contexts: 1 given for 2 prompts \(give one per prompt, or none\)"),
+    ([predictor_pb2.PromptContext(), predictor_pb2.PromptContext(previous_output_tokens=[5, -1])],
+     r"contexts\[1\].previous_output_tokens has a negative length"),
+])
+async def test_contexts_that_do_not_fit_the_prompts_are_invalid_argument(server, contexts, message):
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as ch:
+        stub = predictor_pb2_grpc.PredictorServiceStub(ch)
+        with pytest.raises(grpc.aio.AioRpcError, match=message) as info:
+            await stub.Predict(predictor_pb2.PredictRequest(prompts=["a", "b"], contexts=contexts), timeout=10)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        reply = await stub.Predict(predictor_pb2.PredictRequest(prompts=["a", "b"]), timeout=10)
+        assert len(reply.predictions) == 2  # the server goes on
+
+
+async def test_the_client_names_a_refused_context(client):
+    with pytest.raises(PredictorUnavailable, match="negative length") as info:
+        await client.predict(["a"], timeout_s=10, contexts=[PromptContext(previous_output_tokens=(-3,))])
+    assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT
