@@ -231,6 +231,9 @@ def test_rescale_moves_conversation_starts_and_keeps_think_times():
 
     trace = conversation_trace()
     assert mean_rate(trace) == pytest.approx(6 / 1.0)  # six requests over the last start at 1 s
+    slow = rescale(trace, 1.0)  # starts 6x later, think times kept: "b" now comes before "x"
+    assert [r.id for r in slow] == [r.id for r in trace]  # the same order: estimates by index hold
+    assert slow[3].arrival_s == pytest.approx(2.0) and slow[1].arrival_s == pytest.approx(3.0)
     fast = rescale(trace, 12.0)
     by_id = {r.id: r for r in fast}
     assert by_id["p"].arrival_s == pytest.approx(0.5) and by_id["x"].arrival_s == pytest.approx(0.25)

@@ -341,8 +341,9 @@ def mean_rate(requests: Sequence[TraceRequest]) -> float:
 
 
 def with_start_times(requests: Sequence[TraceRequest], times: Sequence[float]) -> list[TraceRequest]:
-    """The same requests, those that are not follow-up turns at ``times`` (in their order);
-    each follow-up at its predecessor's new arrival plus its think time. In arrival order."""
+    """The same requests in the same order (estimates by index still apply), those that are not
+    follow-up turns at ``times`` (in their order); each follow-up at its predecessor's new
+    arrival plus its think time."""
     out = list(requests)
     starts = [i for i, r in enumerate(requests) if not r.is_follow_up]
     if len(times) != len(starts):
@@ -352,7 +353,7 @@ def with_start_times(requests: Sequence[TraceRequest], times: Sequence[float]) -
     for turns in conversations(requests).values():
         for a, b in zip(turns, turns[1:]):
             out[b] = replace(out[b], arrival_s=out[a].arrival_s + out[b].think_time_s)
-    return sorted(out, key=lambda r: r.arrival_s)
+    return out
 
 
 def rescale(requests: Sequence[TraceRequest], rate: float) -> list[TraceRequest]:
