@@ -125,26 +125,36 @@ async def run(address: str, args) -> dict:
     return result
 
 
-async def send_text(target: str, text: str, via: str) -> dict:
-    """One huge text prompt through the door (``target`` its base URL) or the SDK (an address)."""
+async def send_text(target: str, text: str, via: str, go: asyncio.Event | None = None) -> dict:
+    """One huge text prompt through the door (``target`` its base URL) or the SDK (an address),
+    on a connection of its own made before ``go`` (timed from the send: the body encoded, the
+    connection up)."""
     import httpx
 
-    sent = time.time()
     if via == "http":
+        body = json.dumps({"prompt": text, "max_tokens": 4}).encode()
         async with httpx.AsyncClient(timeout=300) as client:
-            reply = await client.post(f"{target}/v1/completions", json={"prompt": text, "max_tokens": 4})
+            await client.get(f"{target}/health")  # the connection, kept alive for the send
+            if go is not None:
+                await go.wait()
+            sent = time.time()
+            reply = await client.post(f"{target}/v1/completions", content=body,
+                                      headers={"content-type": "application/json"})
         code, details = str(reply.status_code), reply.json().get("error", {}).get("message", "")
-    else:
-        # A connection of its own, as separate clients have (gRPC shares one between channels
-        # to one address otherwise).
-        channel = grpc.aio.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1),
-                                                             ("grpc.max_send_message_length", 64 << 20)])
-        async with AsyncClient(target, channel=channel) as client:
-            try:
-                await client.complete(text, max_tokens=4, timeout_s=300)
-                code, details = "OK", ""
-            except Exception as exc:  # noqa: BLE001 - what it was told is the measurement
-                code, details = getattr(getattr(exc, "code", None), "name", type(exc).__name__), str(exc)
+        return dict(sent=sent, refused_ms=1e3 * (time.time() - sent), code=code, details=details)
+    # Its own connection, as separate clients have (channels to one address share one otherwise).
+    channel = grpc.aio.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1),
+                                                         ("grpc.max_send_message_length", 64 << 20)])
+    async with AsyncClient(target, channel=channel) as client:
+        await channel.channel_ready()
+        if go is not None:
+            await go.wait()
+        sent = time.time()
+        try:
+            await client.complete(text, max_tokens=4, timeout_s=300)
+            code, details = "OK", ""
+        except Exception as exc:  # noqa: BLE001 - what it was told is the measurement
+            code, details = getattr(getattr(exc, "code", None), "name", type(exc).__name__), str(exc)
     return dict(sent=sent, refused_ms=1e3 * (time.time() - sent), code=code, details=details)
 
 
@@ -163,9 +173,13 @@ def send_all(target: str, num_chars: int, via: str, concurrent: int, go, results
     text = ("the quick brown fox jumps over the lazy dog " * (num_chars // 44 + 1))[:num_chars]
 
     async def main() -> list[dict]:
-        return await asyncio.gather(*(send_text(target, text, via) for _ in range(concurrent)))
+        ready = asyncio.Event()
+        sends = [asyncio.create_task(send_text(target, text, via, ready)) for _ in range(concurrent)]
+        await asyncio.sleep(2.0)  # the connections are up
+        await asyncio.to_thread(go.wait)
+        ready.set()
+        return await asyncio.gather(*sends)
 
-    go.wait()
     results.put(asyncio.run(main()))
 
 

@@ -195,9 +195,12 @@ class Door:
     async def health_route(self, request: Request) -> Response:
         if self.health.is_serving and not self.draining:
             return self._answer("health", JSONResponse({"status": "ok"}))
-        status = "draining" if self.draining else self.health.status
-        error = ApiError(503, f"the scheduler is {status}", code="scheduler_not_serving",
-                         retry_after_s=UNAVAILABLE_RETRY_AFTER_S)
+        if self.draining:
+            error = ApiError(503, "the HTTP door is stopping", code="shutting_down",
+                             retry_after_s=UNAVAILABLE_RETRY_AFTER_S)
+        else:
+            error = ApiError(503, f"the scheduler is {self.health.status}", code="scheduler_not_serving",
+                             retry_after_s=UNAVAILABLE_RETRY_AFTER_S)
         return self._answer("health", error.response())
 
     async def metrics_route(self, request: Request) -> Response:
