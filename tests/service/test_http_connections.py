@@ -6,6 +6,7 @@ from 127.0.0.1, as from other hosts."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 
 import httpx
@@ -145,3 +146,14 @@ async def test_with_every_connection_busy_a_new_one_gets_503(door_factory):
     assert reply.startswith(b"HTTP/1.1 503") and b"retry-after: 1" in reply.lower()
     for _, w in streams + [(reader, writer)]:
         w.close()
+
+
+async def test_a_flood_of_malformed_requests_logs_a_bounded_number_of_lines(door_factory, caplog):
+    http = await door_factory()
+    with caplog.at_level(logging.INFO):
+        for _ in range(100):
+            reader, writer = await connect(http, send=b"\x00\x01 not http\r\n\r\n")
+            assert (await answer(reader)).startswith(b"HTTP/1.1 400")
+            writer.close()
+    lines = [r for r in caplog.records if "Invalid HTTP request" in r.getMessage()]
+    assert 1 <= len(lines) <= 25 and not any(r.exc_info for r in caplog.records)

@@ -28,6 +28,7 @@ import grpc
 import uvicorn
 from alise.client import AsyncClient
 from alise.common import grpc_server
+from alise.common.logs import LogLimiter
 from alise.http.app import Door, build_app
 from alise.http.config import HttpConfig
 from alise.http.connections import ConnectionGuard, guarded_protocol
@@ -51,6 +52,27 @@ def raise_open_file_limit(max_connections: int) -> int:
         logger.warning("the open-file limit (%d) is below max_connections (%d) + %d: connections past "
                        "it are refused by the kernel, not answered", soft, max_connections, SPARE_FDS)
     return soft
+
+
+class _UvicornLines(logging.Filter):
+    """uvicorn logs one warning per malformed request: those lines (below ERROR) go out through
+    a LogLimiter, so a flood of bad requests is no flood of lines."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.limiter = LogLimiter(logger)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.ERROR:
+            return True
+        self.limiter.log(record.levelno, "uvicorn: %s", record.getMessage())
+        return False
+
+
+def _limit_uvicorn_lines() -> None:
+    uvicorn_logger = logging.getLogger("uvicorn.error")
+    if not any(isinstance(f, _UvicornLines) for f in uvicorn_logger.filters):
+        uvicorn_logger.addFilter(_UvicornLines())
 
 
 class _Uvicorn(uvicorn.Server):
@@ -130,6 +152,7 @@ async def _start_health(config: HttpConfig, door: Door) -> tuple[grpc.aio.Server
 
 async def start_http(config: HttpConfig) -> HttpServer:
     raise_open_file_limit(config.max_connections)
+    _limit_uvicorn_lines()
     sock = bind_socket(config.address)
     client = AsyncClient(config.scheduler_address, tls_ca=config.scheduler_tls_ca)
     door = Door(config, client)
