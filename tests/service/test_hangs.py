@@ -1,7 +1,8 @@
 """Frozen processes (SIGSTOP) are noticed by keepalive pings, not by timeouts of minutes: a
 frozen worker is dropped and its jobs go on elsewhere, and when it thaws its kept jobs are
 aborted, not adopted; a frozen scheduler fails new SDK calls with UNAVAILABLE while it is
-frozen, and a broken stream resumes once it thaws; a long step is not a hang."""
+frozen (those sent with wait_for_ready wait for it), and a broken stream resumes once it
+thaws; a long step is not a hang."""
 
 from __future__ import annotations
 
@@ -91,12 +92,16 @@ async def test_a_frozen_scheduler_fails_new_calls_fast_and_streams_resume_after(
             await until(lambda: len(got) >= 3, "first tokens", 30)
             freeze(proc)
             started = time.monotonic()
+            waiting = asyncio.ensure_future(client.complete("waits for the thaw", max_tokens=5, ignore_eos=True,
+                                                            wait_for_ready=True, timeout_s=60))
             with pytest.raises(Unavailable):  # (gRPC's defaults: it waits for the whole freeze)
                 await asyncio.wait_for(client.complete("sent while frozen", max_tokens=2), 5.0)
             failed_s = time.monotonic() - started
             await asyncio.sleep(max(5.0 - failed_s, 0.0))
             frozen_for_s = time.monotonic() - started
+            assert not waiting.done()
             thaw(proc)
             await asyncio.wait_for(stream, 60)
+            waited = await asyncio.wait_for(waiting, 60)
     assert failed_s < frozen_for_s  # it failed while frozen, not once thawed
-    assert len(got) == 220
+    assert len(got) == 220 and len(waited.token_ids) == 5

@@ -8,6 +8,11 @@ next token, so the caller sees every token once, in order. The scheduler picks t
 where a worker kept it, or recomputes it from the prompt and those tokens. UNAVAILABLE is not
 resumed when the scheduler says so (trailing ``alise-resumable: 0``: no worker came in time),
 and resuming stops ``resume_timeout_s`` after the last progress.
+
+A request sent with ``wait_for_ready`` whose call ends UNAVAILABLE before a scheduler
+accepted it (the scheduler froze or died as the request arrived, or it is restarting or
+draining) is sent again the same way, under the same id, unless a scheduler said not to: the
+caller asked to wait for a scheduler.
 """
 
 from __future__ import annotations
@@ -23,11 +28,12 @@ from alise.v1 import scheduler_pb2
 
 class Resumer:
     def __init__(self, request: scheduler_pb2.GenerateRequest, *, resume_timeout_s: float,
-                 timeout_s: float | None) -> None:
+                 timeout_s: float | None, wait_for_ready: bool = False) -> None:
         if not request.request_id:
             request.request_id = uuid.uuid4().hex  # a resumed stream is found by its id
         self.request = request
         self.resume_timeout_s = resume_timeout_s
+        self.wait_for_ready = wait_for_ready
         self.deadline = None if timeout_s is None else time.monotonic() + timeout_s
         self.received: list[int] = []
         self.attempts = 0
@@ -56,10 +62,12 @@ class Resumer:
 
     def retry_after(self, error: grpc.RpcError) -> float | None:
         """Seconds to wait before resuming after ``error``, or None: do not resume."""
-        if not self.accepted or self.resume_timeout_s <= 0 or error.code() is not grpc.StatusCode.UNAVAILABLE:
+        if self.resume_timeout_s <= 0 or error.code() is not grpc.StatusCode.UNAVAILABLE:
             return None
         trailing = dict(error.trailing_metadata() or ())
         if trailing.get("alise-resumable") == "0":
+            return None
+        if not self.accepted and not self.wait_for_ready:
             return None
         now = time.monotonic()
         self._stalled_since = self._stalled_since or now

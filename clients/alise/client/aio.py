@@ -74,7 +74,8 @@ class AsyncClient:
                                 stop_token_ids=stop_token_ids, ignore_eos=ignore_eos,
                                 request_id=request_id, oracle_output_tokens=oracle_output_tokens,
                                 priority=priority, min_p=min_p)
-        resumer = Resumer(request, resume_timeout_s=resume_timeout_s, timeout_s=timeout_s or self.timeout_s)
+        resumer = Resumer(request, resume_timeout_s=resume_timeout_s, timeout_s=timeout_s or self.timeout_s,
+                          wait_for_ready=wait_for_ready)
         metadata = call_metadata(token, self._metadata)
         while True:
             message, timeout = resumer.next_request()
