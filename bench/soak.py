@@ -1,22 +1,37 @@
-"""Soak: the `chat` trace against `alise up` on this CPU while its services are killed.
+"""Soak: the `chat` trace against `alise up` on this CPU while its services are killed and frozen.
 
-    python bench/soak.py [--duration 600] [--kill-every 80] [--out soak.json]
+    python bench/soak.py [--duration 600] [--fault-every 40] [--http] [--out soak.json]
 
-Starts `alise up` (its defaults: the predictor, tiny-llama workers with random weights, every
-port a free one on loopback, an internal secret), sends the `chat` trace at ``--rate`` through
-the SDK, and every ``--kill-every`` seconds SIGKILLs one service, in turn: a worker, the
-predictor, the scheduler, another worker, the predictor, the scheduler. `alise up` restarts
-each; the SDK resumes every stream the scheduler's death broke, and requests sent while no
-scheduler answers wait for it (``wait_for_ready``). Checked and printed:
+Starts `alise up` (its defaults: the predictor, two tiny-llama workers with random weights,
+every port a free one on loopback, an internal secret), sends the `chat` trace at ``--rate``
+through the SDK, and every ``--fault-every`` seconds injects one fault, in turn (``FAULTS``):
+SIGKILL of a worker, the predictor or the scheduler, which `alise up` restarts; SIGSTOP of a
+worker or the scheduler, and SIGCONT ``--stop-for`` seconds later (`alise up` is told to leave
+a stopped service alone that long, ``--hang-timeout``, so the thaw is what is tested). The
+SDK resumes every stream a fault broke; requests sent while no scheduler answers wait for it
+(``wait_for_ready``). Meanwhile, the whole time:
 
-* every request: its chunk indices contiguous from 0 and its token count what it asked for
-  (zero lost requests, zero duplicated or missing tokens);
-* no worker process lost: every service serving at the end, two workers attached;
-* the predictor's history: its observation count read just before each kill, and after the
-  restart (nothing it had taken is lost), and at the end against the start plus one
-  observation per completed request (each finished job observed once, adopted ones too);
-* resident memory of every process (each service's pid, and `alise up` itself), its first
-  sample ``--warmup`` seconds into its life against its last.
+* requests cancelled at random moments (``--cancel-rate`` a second, each 0-3 s after it is
+  sent), whose jobs must leave no trace on any worker;
+* with ``--http``, the OpenAI door in front: every ``--fault-every`` seconds a burst of
+  ``--sse-burst`` streamed completions whose clients close the connection mid-way.
+
+Checked and printed:
+
+* every request of the trace: its chunk indices contiguous from 0 and its token count what
+  it asked for (zero lost requests, zero duplicated or missing tokens);
+* every service back after each fault (serving again, two workers attached at the end);
+* the views agree at the end: once the scheduler holds no job, every worker holds none and
+  uses no KV block (its own metrics), and no census found a ghost, missing job or block
+  deficit (status, per worker, since it last connected);
+* the predictor's history: its observation count read just before each predictor kill and
+  after the restart (nothing it had taken is lost), and at the end against the start plus
+  one observation per completed request;
+* resident memory of every process, its first sample ``--warmup`` seconds into its life
+  against its last.
+
+``--full-disk`` (filling the state dir's file system under the running cluster) is not
+implemented yet: it needs a file system of its own to fill (a loop mount), and is refused.
 """
 
 from __future__ import annotations
@@ -25,21 +40,29 @@ import argparse
 import asyncio
 import json
 import os
+import random
+import re
 import secrets
 import signal
+import socket
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 import grpc
+import httpx
 from alise.client import AliseError, AsyncClient
 from alise.common.security import SECRET_HEADER
 from alise.sim.trace import build_trace, load_pairs, rescale, workload_path
 from alise.v1 import predictor_pb2, predictor_pb2_grpc
 from upcluster import UpCluster
 
-TURNS = ("worker-0", "predictor", "scheduler", "worker-1", "predictor", "scheduler")
+#: (signal, service), in turn.
+FAULTS = (("SIGKILL", "worker-0"), ("SIGSTOP", "worker-1"), ("SIGKILL", "predictor"), ("SIGSTOP", "scheduler"),
+          ("SIGKILL", "scheduler"), ("SIGSTOP", "worker-0"), ("SIGKILL", "worker-1"), ("SIGKILL", "predictor"),
+          ("SIGKILL", "scheduler"), ("SIGSTOP", "scheduler"))
 
 
 def rss_kib(pid: int) -> int | None:
@@ -52,8 +75,14 @@ def rss_kib(pid: int) -> int | None:
     return None
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 async def wait_serving(up: UpCluster, name: str, old_pid: int | None, timeout_s: float = 120) -> float:
-    """Seconds until ``name`` serves again under a pid other than ``old_pid``."""
+    """Seconds until ``name`` serves again, under a pid other than ``old_pid`` (None: any)."""
     start = time.monotonic()
     while time.monotonic() - start < timeout_s:
         s = up.services()[name]
@@ -68,6 +97,14 @@ def history_observations(address: str, secret: str) -> int:
         stats = predictor_pb2_grpc.PredictorServiceStub(channel).GetStats(
             predictor_pb2.GetStatsRequest(), timeout=10, metadata=((SECRET_HEADER, secret),))
     return stats.history_observations
+
+
+def worker_state(metrics_port: int) -> tuple[int, int]:
+    """(jobs, device KV blocks in use) by a worker's own metrics."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
+    jobs = sum(float(v) for v in re.findall(r'^alise_worker_jobs\{state="\w+"\} (\S+)$', text, re.M))
+    used = re.search(r'^alise_worker_kv_blocks\{state="used"\} (\S+)$', text, re.M)
+    return int(jobs), int(float(used.group(1)))
 
 
 async def run_request(client: AsyncClient, req, max_tokens: int, tally: dict) -> None:
@@ -85,26 +122,95 @@ async def run_request(client: AsyncClient, req, max_tokens: int, tally: dict) ->
     tally["complete" if tokens == max_tokens else "short"] += 1
 
 
-async def chaos(up: UpCluster, secret: str, kill_every_s: float, start: float, stop_at: float,
-                events: list, history: list) -> None:
-    for k, name in enumerate(TURNS):
-        at = start + (k + 1) * kill_every_s
+async def inject(up: UpCluster, secret: str, sig: str, name: str, stop_for_s: float) -> dict:
+    """One fault; returns its event once the service serves again."""
+    services = up.services()
+    pid = services[name]["pid"]
+    predictor = services["predictor"]["listen"]["grpc"]
+    before = await asyncio.to_thread(history_observations, predictor, secret) if name == "predictor" else None
+    event = {"fault": f"{sig} {name} (pid {pid})"}
+    if sig == "SIGKILL":
+        os.kill(pid, signal.SIGKILL)
+        event["serving_again_s"] = round(await wait_serving(up, name, pid), 1)
+    else:
+        os.kill(pid, signal.SIGSTOP)
+        await asyncio.sleep(stop_for_s)
+        try:
+            os.kill(pid, signal.SIGCONT)
+        except ProcessLookupError:
+            event["fault"] += ", killed by alise up while stopped"
+        event["serving_again_s"] = round(stop_for_s + await wait_serving(up, name, None), 1)
+    if before is not None:
+        after = await asyncio.to_thread(history_observations, up.services()["predictor"]["listen"]["grpc"], secret)
+        event["history_before_after"] = [before, after]
+    return event
+
+
+async def chaos(up: UpCluster, secret: str, args, start: float, stop_at: float, events: list,
+                http_url: str | None, sse: dict) -> None:
+    for k in range(10_000):
+        at = start + (k + 1) * args.fault_every
         if at > stop_at:
             break
         await asyncio.sleep(max(at - time.monotonic(), 0.0))
-        services = up.services()
-        pid = services[name]["pid"]
-        predictor = services["predictor"]["listen"]["grpc"]
-        before = await asyncio.to_thread(history_observations, predictor, secret) if name == "predictor" else None
-        os.kill(pid, signal.SIGKILL)
-        back_s = await wait_serving(up, name, pid)
-        event = {"t_s": round(at - start, 1), "fault": f"SIGKILL {name} (pid {pid})", "serving_again_s": round(back_s, 1)}
-        if before is not None:
-            after = await asyncio.to_thread(history_observations, up.services()["predictor"]["listen"]["grpc"], secret)
-            history.append((before, after))
-            event["history_before_after"] = [before, after]
+        if http_url:
+            asyncio.ensure_future(sse_burst(http_url, args.sse_burst, sse))
+        sig, name = FAULTS[k % len(FAULTS)]
+        event = {"t_s": round(at - start, 1), **await inject(up, secret, sig, name, args.stop_for)}
         events.append(event)
         print(f"  {event}", flush=True)
+
+
+async def cancel_storm(client: AsyncClient, rate: float, stop_at: float, tally: dict) -> None:
+    """Requests cancelled at random moments, 0-3 s after they are sent (none lives to finish:
+    the predictor observes only what finishes)."""
+    rng = random.Random(11)
+    tasks = []
+
+    async def one(i: int) -> None:
+        async def read() -> None:
+            async for _ in client.generate(f"cancelled {i} " * rng.randint(1, 30), max_tokens=1500,
+                                           ignore_eos=True, wait_for_ready=True):
+                pass
+        task = asyncio.ensure_future(read())
+        await asyncio.sleep(rng.uniform(0.0, 3.0))
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        tally["cancelled"] += 1
+
+    i = 0
+    while time.monotonic() < stop_at:
+        tasks.append(asyncio.ensure_future(one(i)))
+        i += 1
+        await asyncio.sleep(rng.expovariate(rate))
+    await asyncio.gather(*tasks)
+
+
+async def sse_burst(base_url: str, n: int, sse: dict) -> None:
+    """``n`` streamed completions through the door, each closed by its client after a few events."""
+    rng = random.Random(len(sse.get("bursts", [])))
+
+    async def one(http: httpx.AsyncClient, model: str) -> None:
+        body = {"model": model, "prompt": "close me early", "max_tokens": 200, "stream": True}
+        try:
+            async with http.stream("POST", f"{base_url}/v1/completions", json=body) as response:
+                seen, leave_after = 0, rng.randint(1, 8)
+                async for line in response.aiter_lines():
+                    seen += line.startswith("data:")
+                    if seen >= leave_after:
+                        sse["closed"] += 1
+                        return  # closing the response drops the connection mid-stream
+        except httpx.HTTPError as exc:
+            sse["errors"].append(type(exc).__name__)
+
+    async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=n)) as http:
+        try:
+            model = (await http.get(f"{base_url}/v1/models")).json()["data"][0]["id"]
+        except (httpx.HTTPError, KeyError, IndexError, ValueError) as exc:
+            sse["errors"].append(f"models: {type(exc).__name__}")
+            return
+        await asyncio.gather(*(one(http, model) for _ in range(n)))
+    sse.setdefault("bursts", []).append(n)
 
 
 async def sample_rss(up: UpCluster, start: float, end: float, samples: dict) -> None:
@@ -118,20 +224,47 @@ async def sample_rss(up: UpCluster, start: float, end: float, samples: dict) -> 
         await asyncio.sleep(5.0)
 
 
+async def views_agree(client: AsyncClient, metrics_base: int, timeout_s: float = 60) -> dict:
+    """Once the scheduler holds no job: each worker's jobs and KV blocks by its own metrics,
+    and what the censuses found (status)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        s = await client.status()
+        if s.num_running + s.num_waiting + s.num_paused == 0:
+            break
+        await asyncio.sleep(0.5)
+    await asyncio.sleep(2.0)  # a census of each idle worker
+    status = await client.status()
+    workers = {}
+    for w in status.workers:
+        index = int(w["worker_id"].rsplit("-", 1)[1])
+        jobs, used = await asyncio.to_thread(worker_state, metrics_base + 2 + index)
+        workers[w["worker_id"]] = {
+            "worker_jobs": jobs, "worker_blocks_used": used,
+            "scheduler_blocks_used": w["num_device_blocks"] - w["num_free_device_blocks"],
+            **{k: w[k] for k in ("num_censuses", "num_ghost_jobs", "num_missing_jobs", "num_block_deficits")}}
+    return {"scheduler_jobs": status.num_running + status.num_waiting + status.num_paused, "workers": workers}
+
+
 async def main_async(args) -> dict:
     root = Path(args.out_dir or tempfile.mkdtemp(prefix="alise-soak-"))
     secret = secrets.token_hex(16)
+    metrics_base = free_port()
+    http = ["--http-address", f"127.0.0.1:{free_port()}", "--http-health-address", f"127.0.0.1:{free_port()}"] \
+        if args.http else ["--http-address", ""]
     up = await asyncio.to_thread(
-        UpCluster, "--http-address", "", "--policy", args.policy, "--worker-arg=--max-num-seqs",
-        "--worker-arg=32", workers=2, state_dir=root / "state", env={**os.environ, "ALISE_INTERNAL_SECRET": secret})
+        UpCluster, *http, "--policy", args.policy, "--max-num-seqs", "32", "--metrics-port", str(metrics_base),
+        "--hang-timeout", str(args.hang_timeout), workers=2, state_dir=root / "state",
+        env={**os.environ, "ALISE_INTERNAL_SECRET": secret})
     try:
         address = up.address
+        http_url = f"http://{up.services()['http']['listen']['grpc']}" if args.http else None
         predictor = up.services()["predictor"]["listen"]["grpc"]
         trace = rescale(build_trace(load_pairs(workload_path("chat")), num=args.num, rate=1.0, seed=3), args.rate)
         trace = [r for r in trace if r.arrival_s < args.duration - args.tail]
-        tally = {"sent": 0, "complete": 0, "short": 0, "index_errors": 0, "errors": []}
+        tally = {"sent": 0, "complete": 0, "short": 0, "index_errors": 0, "errors": [], "cancelled": 0}
+        sse = {"closed": 0, "errors": []}
         events: list = []
-        history: list = []
         samples: dict = {}
         async with AsyncClient(address) as client:
             await client.complete("warm up", max_tokens=2, ignore_eos=True)
@@ -139,19 +272,19 @@ async def main_async(args) -> dict:
             history_start = history_observations(predictor, secret)
             start = time.monotonic()
             end = start + args.duration
-            background = [asyncio.create_task(chaos(up, secret, args.kill_every, start, end - args.tail,
-                                                    events, history)),
+            background = [asyncio.create_task(chaos(up, secret, args, start, end - args.tail, events, http_url, sse)),
+                          asyncio.create_task(cancel_storm(client, args.cancel_rate, end - args.tail, tally)),
                           asyncio.create_task(sample_rss(up, start, end, samples))]
             tasks = []
             for req in trace:
                 await asyncio.sleep(max(start + req.arrival_s - time.monotonic(), 0.0))
                 tally["sent"] += 1
                 tasks.append(asyncio.create_task(run_request(client, req, min(req.output_tokens, args.max_tokens), tally)))
-            await asyncio.gather(*tasks)
-            await background[0]
+            await asyncio.gather(*tasks, *background[:2])
             # Memory is sampled for the whole duration, traffic or not.
             await asyncio.sleep(max(end - time.monotonic(), 0.0))
-            background[1].cancel()
+            background[2].cancel()
+            views = await views_agree(client, metrics_base)
             status = await client.status()
         elapsed = time.monotonic() - start
         predictor = up.services()["predictor"]["listen"]["grpc"]
@@ -170,51 +303,78 @@ async def main_async(args) -> dict:
         if len(warm) >= 2:
             rss[label] = {"samples": len(warm), "first_kib": warm[0], "last_kib": warm[-1],
                           "growth": round(warm[-1] / warm[0] - 1, 4)}
+    history = [e["history_before_after"] for e in events if "history_before_after" in e]
     return {"duration_s": round(elapsed, 1), "requests": tally["sent"], "completed": tally["complete"],
             "short": tally["short"], "failed": len(tally["errors"]), "index_errors": tally["index_errors"],
-            "errors": tally["errors"][:10], "faults": events, "history_start": history_start,
-            "history_end": history_end, "history_expected_end": expected_end,
-            "history_around_predictor_kills": history, "services_at_end": services,
-            "workers_at_end": sorted(w["worker_id"] for w in status.workers), "rss": rss,
-            "alise_up_exit_code": code, "rate": args.rate, "max_tokens": args.max_tokens, "dir": str(root)}
+            "errors": tally["errors"][:10], "cancelled": tally["cancelled"], "sse": sse, "faults": events,
+            "views": views, "history_start": history_start, "history_end": history_end,
+            "history_expected_end": expected_end, "history_around_predictor_kills": history,
+            "services_at_end": services, "workers_at_end": sorted(w["worker_id"] for w in status.workers),
+            "rss": rss, "alise_up_exit_code": code, "rate": args.rate, "max_tokens": args.max_tokens,
+            "dir": str(root)}
+
+
+def views_ok(views: dict) -> bool:
+    return views["scheduler_jobs"] == 0 and all(
+        (w["worker_jobs"], w["worker_blocks_used"], w["scheduler_blocks_used"], w["num_ghost_jobs"],
+         w["num_missing_jobs"], w["num_block_deficits"]) == (0, 0, 0, 0, 0, 0) for w in views["workers"].values())
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--duration", type=float, default=600.0)
-    p.add_argument("--tail", type=float, default=60.0, help="no new requests in the last seconds")
-    p.add_argument("--rate", type=float, default=0.5, help="requests per second")
+    p.add_argument("--tail", type=float, default=60.0, help="no new requests or faults in the last seconds")
+    p.add_argument("--rate", type=float, default=0.5, help="requests of the trace per second")
     p.add_argument("--num", type=int, default=2000)
     p.add_argument("--max-tokens", type=int, default=96, help="cap on a request's output tokens")
     p.add_argument("--policy", default="alise")
-    p.add_argument("--kill-every", type=float, default=80.0)
+    p.add_argument("--fault-every", type=float, default=40.0)
+    p.add_argument("--stop-for", type=float, default=8.0, help="seconds a SIGSTOPped service stays stopped")
+    p.add_argument("--hang-timeout", type=float, default=30.0,
+                   help="alise up's --hang-timeout: above --stop-for, so a stopped service is thawed, not killed")
+    p.add_argument("--cancel-rate", type=float, default=1.0, help="cancelled requests per second")
+    p.add_argument("--http", action="store_true", help="run the HTTP door and close SSE streams mid-way")
+    p.add_argument("--sse-burst", type=int, default=50, help="SSE streams closed early per fault period")
+    p.add_argument("--full-disk", action="store_true", help="not implemented yet (see the module doc)")
     p.add_argument("--warmup", type=float, default=60.0)
     p.add_argument("--out-dir", default="", help="state, logs (default: a temporary directory)")
     p.add_argument("--out", default=None, help="the result as JSON")
     args = p.parse_args()
+    if args.full_disk:
+        p.error("--full-disk is not implemented yet: it needs a file system of its own under --out-dir to fill")
     result = asyncio.run(main_async(args))
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2))
-    print(f"\n{'fault':<34}{'at s':>7}{'serving again s':>17}  predictor history before -> after")
-    for e in result["faults"]:
-        h = e.get("history_before_after")
-        print(f"{e['fault']:<34}{e['t_s']:>7}{e['serving_again_s']:>17}  {f'{h[0]} -> {h[1]}' if h else ''}")
-    print(f"\n{'process':<28}{'first KiB':>11}{'last KiB':>11}{'growth':>9}  ({args.warmup:g} s into each one's life)")
-    for label, r in result["rss"].items():
-        print(f"{label:<28}{r['first_kib']:>11}{r['last_kib']:>11}{r['growth']:>+9.1%}")
-    ok = (result["failed"] == 0 and result["short"] == 0 and result["index_errors"] == 0
+    print_result(result, args)
+    ok = (result["failed"] == 0 and result["short"] == 0 and result["index_errors"] == 0 and views_ok(result["views"])
           and result["history_end"] == result["history_expected_end"]
           and all(after >= before for before, after in result["history_around_predictor_kills"])
           and len(result["workers_at_end"]) == 2 and set(result["services_at_end"].values()) == {"serving"})
     print(f"\nsoak {result['duration_s']} s: {result['requests']} requests, {result['completed']} complete, "
           f"{result['short']} short, {result['failed']} failed, {result['index_errors']} index errors "
-          f"(dup/missing tokens); {len(result['faults'])} faults; predictor history "
+          f"(dup/missing tokens); {result['cancelled']} cancelled at random; {result['sse']['closed']} SSE streams "
+          f"closed early; {len(result['faults'])} faults; views agree: {views_ok(result['views'])}; predictor history "
           f"{result['history_start']} -> {result['history_end']} (expected {result['history_expected_end']}); "
           f"workers at end {result['workers_at_end']}; services {result['services_at_end']}; "
           f"alise up exit {result['alise_up_exit_code']}: {'OK' if ok else 'FAILED'}")
     for err in result["errors"]:
         print("  error:", err)
     return 0 if ok else 1
+
+
+def print_result(result: dict, args) -> None:
+    print(f"\n{'fault':<44}{'at s':>7}{'serving again s':>17}  predictor history before -> after")
+    for e in result["faults"]:
+        h = e.get("history_before_after")
+        print(f"{e['fault']:<44}{e['t_s']:>7}{e['serving_again_s']:>17}  {f'{h[0]} -> {h[1]}' if h else ''}")
+    print(f"\n{'worker at the end':<20}{'jobs':>6}{'blocks used':>13}{'sched. count':>14}{'censuses':>10}"
+          f"{'ghosts':>8}{'missing':>9}{'deficits':>10}")
+    for worker_id, w in result["views"]["workers"].items():
+        print(f"{worker_id:<20}{w['worker_jobs']:>6}{w['worker_blocks_used']:>13}{w['scheduler_blocks_used']:>14}"
+              f"{w['num_censuses']:>10}{w['num_ghost_jobs']:>8}{w['num_missing_jobs']:>9}{w['num_block_deficits']:>10}")
+    print(f"\n{'process':<28}{'first KiB':>11}{'last KiB':>11}{'growth':>9}  ({args.warmup:g} s into each one's life)")
+    for label, r in result["rss"].items():
+        print(f"{label:<28}{r['first_kib']:>11}{r['last_kib']:>11}{r['growth']:>+9.1%}")
 
 
 if __name__ == "__main__":
