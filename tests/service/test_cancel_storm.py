@@ -56,3 +56,30 @@ async def test_cancels_at_random_moments_leave_no_ghost(tiny_llama_dir):
         assert worker.engine.kv.num_free_device == view.num_free_device_blocks == total
         [status] = (await client.status()).workers
         assert (status["num_ghost_jobs"], status["num_free_device_blocks"]) == (0, total)
+
+
+async def test_a_ghost_is_aborted_on_sight_and_alise_status_says_so(tiny_llama_dir):
+    """A job appears on the worker behind the scheduler's back (as the ghosts of a lost abort
+    did): the next census aborts it there, and `alise status` shows the disagreement."""
+    import subprocess
+    import sys
+
+    from alise.core.commands import Admit
+    from alise.core.sampling import SamplingParams
+
+    async with cluster(str(tiny_llama_dir)) as c, c.client() as client:
+        worker = c.workers[0][0]
+        run, planted = worker.engine.run, []
+
+        def plant_once(plan):  # in the step thread, between steps, as a lost abort's admit ran
+            if not planted:
+                planted.append(worker.engine.apply([Admit("ghost", [5, 6, 7], SamplingParams(max_tokens=500))]))
+            return run(plan)
+        worker.engine.run = plant_once
+        await client.complete("anything", max_tokens=3)
+        await until(lambda: "ghost" not in worker.engine.seqs, "the ghost aborted", 10)
+        view = c.scheduler.engine.core.workers["w0"]
+        assert view.disagreements.num_ghosts == 1
+        out = await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "alise.cli.main", "status",
+                                                        "--address", c.address], capture_output=True, text=True)
+    assert "its censuses disagreed: 1 jobs it held unknown to the scheduler (aborted)" in out.stdout, out

@@ -128,6 +128,10 @@ def _cmd_status(args: argparse.Namespace) -> int:
               f"device blocks {w['num_free_device_blocks']}/{w['num_device_blocks']} free "
               f"(x{w['block_size']} tokens), host {w['num_free_host_blocks']}/{w['num_host_blocks']}  "
               f"running {w['num_running']} paused {w['num_paused']}  last step {w['last_step_ms']:.1f} ms")
+        if w.get("num_ghost_jobs") or w.get("num_missing_jobs") or w.get("num_block_deficits"):
+            print(f"  its censuses disagreed: {w['num_ghost_jobs']} jobs it held unknown to the scheduler "
+                  f"(aborted), {w['num_missing_jobs']} jobs it had lost (recomputed), "
+                  f"{w['num_block_deficits']} times more KV blocks in use than planned")
     if cluster is not None:
         _print_local_cluster(cluster)
     return 0
