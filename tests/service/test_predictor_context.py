@@ -48,14 +48,25 @@ def chat(user: str) -> str:
     return f"{SYSTEM}<|user|>\n{user}\n<|assistant|>\n"
 
 
-async def test_earlier_answers_move_the_estimate_and_no_context_is_as_before(client):
+async def test_the_service_learns_from_observed_conversations_what_earlier_answers_say(client, server):
     prompt = "Write a long detailed essay about rivers"
+    wordy_turn = PromptContext(previous_output_tokens=(1500, 1800, 1200), query=prompt)
     [alone] = await client.predict([prompt], timeout_s=10)
     [empty] = await client.predict([prompt], timeout_s=10, contexts=[PromptContext()])
-    [wordy], [terse] = [await client.predict([prompt], timeout_s=10,
-                                             contexts=[PromptContext(previous_output_tokens=lengths)])
-                        for lengths in ((1500, 1800, 1200), (2, 3))]
-    assert empty.p50 == pytest.approx(alone.p50) and terse.p50 < alone.p50 < wordy.p50
+    # a fresh predictor has seen no conversation: earlier answers move nothing yet
+    [fresh] = await client.predict([chat(prompt)], timeout_s=10, contexts=[wordy_turn])
+    assert empty.p50 == pytest.approx(alone.p50) and fresh.p50 == pytest.approx(alone.p50)
+    # conversations whose answers are alike within and unlike between, observed by prediction id
+    for i in range(80):
+        words = 900 if i % 2 else 3
+        question = f"Tell me about topic {i}"
+        [est] = await client.predict([chat(question)], timeout_s=10, contexts=[
+            PromptContext(previous_output_tokens=(words, words + 1), query=question)])
+        await client.observe("", words, prediction_id=est.prediction_id, timeout_s=10)
+    assert server.runtime.estimator.context_prior_turns("m1") < 2
+    [wordy], [terse] = [await client.predict([chat(prompt)], timeout_s=10, contexts=[
+        PromptContext(previous_output_tokens=lengths, query=prompt)]) for lengths in ((1500, 1800, 1200), (2, 3))]
+    assert terse.p50 < alone.p50 / 2 and wordy.p50 > 2 * alone.p50
 
 
 async def test_a_query_is_read_in_place_of_the_rendered_prompt_and_is_what_is_stored(client, server):

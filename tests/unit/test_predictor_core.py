@@ -348,6 +348,8 @@ def test_prior_turns_are_fitted_by_moments_from_conversations_alone():
         u = rng.normal(0, tau)
         convs.append(list(np.expm1(5.0 + u + rng.normal(0, sigma, rng.integers(1, 6))).astype(int)))
     assert fit_prior_turns(convs) == pytest.approx(sigma**2 / tau**2, rel=0.15)
+    # few conversations: the covariance is shrunk, so the shift trusts them less
+    assert fit_prior_turns(convs[:40]) > 1.5 * sigma**2 / tau**2
     alike = [list(np.expm1(5.0 + rng.normal(0, sigma, 4)).astype(int)) for _ in range(3000)]
     assert fit_prior_turns(alike) > 20 * sigma**2 / tau**2 or math.isinf(fit_prior_turns(alike))
     assert math.isinf(fit_prior_turns([[10], [300]])) and math.isinf(fit_prior_turns([]))
@@ -384,3 +386,26 @@ def test_estimates_never_go_below_zero_tokens():
     out = est.predict(v, texts, np.full(len(texts), 10), "m", previous_output_tokens=[[0] * 8] * len(texts))
     assert np.all(out.p50 >= 0) and np.all(out.mean >= 0) and np.all(out.p90 >= out.p50)
     assert (out.p50 == 0).any()
+
+
+def test_a_served_model_learns_how_much_its_conversations_differ_from_their_answers():
+    est, (v, texts, _) = fitted_estimator(prior_turns=None)
+    tokens, n = np.full(len(texts), 10), len(texts)
+    alone = est.predict(v, texts, tokens, "m").p50
+    wordy = [[1500, 1200]] * n
+    # nothing learned yet: earlier answers move nothing
+    np.testing.assert_array_equal(est.predict(v, texts, tokens, "m", previous_output_tokens=wordy).p50, alone)
+    rng = np.random.default_rng(13)
+    for _ in range(300):  # conversations of one model, alike within, unlike between
+        scale = rng.choice([5.0, 800.0])
+        lengths = (scale * np.exp(rng.normal(0, 0.3, 4))).astype(int)
+        for t in range(1, 4):
+            est.observe_context("m", int(lengths[t]), lengths[:t].tolist())
+    assert 0 < est.context_prior_turns("m") < 1.0 and est.context_prior_turns("other") == float("inf")
+    assert np.all(est.predict(v, texts, tokens, "m", previous_output_tokens=wordy).p50 > 2 * alone)
+    unlike = fitted_estimator(prior_turns=None)[0]
+    for _ in range(300):  # answers of a conversation no more alike than any two
+        lengths = (80 * np.exp(rng.normal(0, 1.0, 4))).astype(int)
+        for t in range(1, 4):
+            unlike.observe_context("m", int(lengths[t]), lengths[:t].tolist())
+    assert unlike.context_prior_turns("m") > 20

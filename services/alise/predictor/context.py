@@ -9,10 +9,13 @@ with mean deviation ``d``, the best linear estimate of ``u`` is ``w(n) * d`` wit
 ``w(n) = n / (n + k)``, ``k = sigma2 / tau2``: no shift without earlier answers, more trust as
 they accumulate. The estimator adds it to its estimate from the prompt alone, in log space.
 
-``k`` (``EstimatorConfig.context_prior_turns``) is fitted by moments on conversations' answer
-lengths (:func:`fit_prior_turns`): ``tau2`` is the mean product of two different answers'
-deviations within a conversation, ``sigma2`` their variance less ``tau2``. It needs no
-predictions, only lengths, so any log of conversations fits it.
+``k`` is fitted by moments (:class:`ContextMoments`) from pairs of an answer and the mean of
+its conversation's earlier answers (both as log-lengths): their covariance is ``tau2``, the
+answers' variance ``tau2 + sigma2``. The covariance is shrunk toward 0 by ``PRIOR_PAIRS``
+pairs of no evidence, so a predictor that has seen few conversations shifts little, and one
+whose conversations do not differ (one model answering unrelated requests) learns ``k`` large
+or infinite: no shift. It needs lengths only: the service learns it from the Predicts that
+came with earlier answers as their observations arrive; any log of conversations fits it.
 """
 
 from __future__ import annotations
@@ -37,6 +40,16 @@ class PromptContext:
     query: str = ""
 
 
+#: Pairs of no evidence the covariance of :class:`ContextMoments` is shrunk by.
+PRIOR_PAIRS = 100
+
+
+def earlier_log_length(previous: Sequence[int]) -> tuple[int, float]:
+    """(how many earlier answers count, their mean log-length): the last ``MAX_PREVIOUS``."""
+    z = np.log1p(np.asarray(previous[-MAX_PREVIOUS:], np.float64))
+    return len(z), float(z.mean()) if len(z) else 0.0
+
+
 def context_shift(previous: Sequence[Sequence[int]], offset: float, prior_turns: float) -> np.ndarray:
     """Per prompt, ``w(n) * d`` (the module's model) from its earlier answers' output tokens
     (oldest first; empty: no shift)."""
@@ -44,29 +57,53 @@ def context_shift(previous: Sequence[Sequence[int]], offset: float, prior_turns:
     if not math.isfinite(prior_turns):
         return out
     for i, lengths in enumerate(previous):
-        if len(lengths):
-            z = np.log1p(np.asarray(lengths[-MAX_PREVIOUS:], np.float64))
-            out[i] = len(z) / (len(z) + prior_turns) * (float(z.mean()) - offset)
+        n, mean = earlier_log_length(lengths)
+        if n:
+            out[i] = n / (n + prior_turns) * (mean - offset)
     return out
 
 
+@dataclass
+class ContextMoments:
+    """Running sums over (answer, its conversation's earlier answers) pairs of one model, in
+    log-lengths: what ``k`` is fitted from (module doc)."""
+
+    num_pairs: int = 0
+    sum_y: float = 0.0
+    sum_yy: float = 0.0
+    sum_p: float = 0.0
+    sum_yp: float = 0.0
+
+    def add(self, output_tokens: int, previous: Sequence[int]) -> None:
+        """An answer of ``output_tokens`` after earlier answers ``previous`` (none: ignored)."""
+        n, p = earlier_log_length(previous)
+        if not n:
+            return
+        y = math.log1p(output_tokens)
+        self.num_pairs += 1
+        self.sum_y += y
+        self.sum_yy += y * y
+        self.sum_p += p
+        self.sum_yp += y * p
+
+    def prior_turns(self) -> float:
+        """``k = sigma2 / tau2``; inf (no shift) when the shrunk covariance is not positive."""
+        n = self.num_pairs
+        if n < 2:
+            return math.inf
+        mean_y, mean_p = self.sum_y / n, self.sum_p / n
+        var = self.sum_yy / n - mean_y * mean_y
+        cov = (self.sum_yp / n - mean_y * mean_p) * n / (n + PRIOR_PAIRS)
+        if cov <= 0 or var <= cov:
+            return math.inf
+        return (var - cov) / cov
+
+
 def fit_prior_turns(conversations: Sequence[Sequence[int]]) -> float:
-    """``k = sigma2 / tau2`` by moments from each conversation's answer lengths; ``inf`` (no
-    shift) when answers within a conversation are no more alike than any two answers, or
-    when no conversation has two answers."""
-    z = [np.log1p(np.asarray(c, np.float64)) for c in conversations if len(c)]
-    if not z:
-        return math.inf
-    mean = float(np.concatenate(z).mean())
-    pair_sum = pair_count = 0.0
-    for c in z:
-        d = c - mean
-        pair_sum += float(d.sum() ** 2 - (d * d).sum())  # sum over ordered pairs i != j of d_i d_j
-        pair_count += len(d) * (len(d) - 1)
-    if pair_count == 0:
-        return math.inf
-    tau2 = pair_sum / pair_count
-    total = float(np.mean(np.concatenate(z) ** 2) - mean**2)
-    if tau2 <= 0 or total <= tau2:
-        return math.inf
-    return (total - tau2) / tau2
+    """``k`` from each conversation's answer lengths, in turn order: every answer after the
+    first paired with those before it, as the service pairs them."""
+    moments = ContextMoments()
+    for lengths in conversations:
+        for t in range(1, len(lengths)):
+            moments.add(lengths[t], lengths[:t])
+    return moments.prior_turns()

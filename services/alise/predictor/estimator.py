@@ -17,8 +17,10 @@ For a query prompt and target model ``m`` the features are:
 - ``prompt_len``: ``log1p`` of the prompt's encoder tokens.
 
 A prompt that continues a conversation may come with the output tokens of the conversation's
-earlier answers; their deviation from the model's mean, shrunk by how many there are, is added
-to the estimate (``context.py``). Without them the estimate is the prompt's alone.
+earlier answers; their deviation from the model's mean, shrunk by how many there are and by
+how much the model's conversations are seen to differ (learned from the pairs fed to
+:meth:`observe_context`), is added to the estimate (``context.py``). Without them the
+estimate is the prompt's alone.
 
 A per-model :class:`Stacker` (pooled across models for models with little history) turns
 them into the point estimate, fitted for MAE. When the top similarity is below
@@ -43,7 +45,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from alise.predictor.context import context_shift
+from alise.predictor.context import ContextMoments, context_shift
 from alise.predictor.heads import KernelHead, LinearHead, TfidfHead
 from alise.predictor.history import History, prompt_key
 from alise.predictor.stacker import Spread, Stacker
@@ -70,17 +72,20 @@ class EstimatorConfig:
     min_model_observations: int = 30
     bucket_edges: tuple[int, ...] = (32, 64, 128, 256, 512, 1024, 2048)
     #: Earlier answers of a conversation that weigh as much as the model's mean in its shift
-    #: (``context.py``: ``k``; fitted on multi-turn AlpacaEval conversations; inf = no shift).
-    context_prior_turns: float = 2.0
+    #: (``context.py``'s ``k``; inf = no shift); None: learned from the model's own
+    #: conversations (:meth:`LengthEstimator.observe_context`).
+    context_prior_turns: float | None = None
 
     def __post_init__(self) -> None:
         for name in ("num_neighbors", "max_head_samples", "min_model_observations"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("knn_temperature", "kernel_temperature", "kernel_lambda", "tfidf_lambda",
-                     "deviation_lambda", "context_prior_turns"):
+                     "deviation_lambda"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.context_prior_turns is not None and not self.context_prior_turns > 0:
+            raise ValueError(f"context_prior_turns must be > 0 or None, got {self.context_prior_turns}")
         edges = self.bucket_edges
         if not edges or any(b <= a for a, b in zip(edges, edges[1:])) or edges[0] <= 0:
             raise ValueError(f"bucket_edges must be positive and increasing, got {edges}")
@@ -140,6 +145,7 @@ class LengthEstimator:
         self._model_cnt = np.zeros(0)
         self._res_sum: dict[int, np.ndarray] = {}
         self._res_cnt: dict[int, np.ndarray] = {}
+        self._context: dict[str, ContextMoments] = {}
         self.sync()
 
     @property
@@ -201,6 +207,18 @@ class LengthEstimator:
             self._res_sum[m] = self._grow(self._res_sum[m], num_prompts)
             self._res_cnt[m] = self._grow(self._res_cnt[m], num_prompts)
         self._num_synced += len(ly)
+
+    def observe_context(self, model: str, output_tokens: int, previous_output_tokens) -> None:
+        """An answer of ``model`` to a prompt that came with its conversation's earlier answers:
+        a pair ``k`` is learned from (not kept across restarts)."""
+        self._context.setdefault(model, ContextMoments()).add(output_tokens, previous_output_tokens)
+
+    def context_prior_turns(self, model: str) -> float:
+        """The shift's ``k`` for ``model``: the configured one, else learned (inf: no shift)."""
+        if self.config.context_prior_turns is not None:
+            return self.config.context_prior_turns
+        moments = self._context.get(model)
+        return moments.prior_turns() if moments is not None else float("inf")
 
     # -- fitting -------------------------------------------------------------------------
 
@@ -293,7 +311,7 @@ class LengthEstimator:
         z = np.where(dup, offset + dup_z, z)
         source[dup] = "knn"
         if previous_output_tokens is not None:
-            z = z + context_shift(previous_output_tokens, offset, self.config.context_prior_turns)
+            z = z + context_shift(previous_output_tokens, offset, self.context_prior_turns(model))
         edges = np.asarray(self.config.bucket_edges, np.float64)
         # NOTE: a residual quantile below zero can take a short estimate under zero tokens.
         return Estimates(

@@ -19,7 +19,8 @@ lone request pays no batching delay.
 
 A prompt may come with its conversation's context (:class:`PromptContext`): the text read in
 its place (the latest user message of a rendered chat) and the earlier answers' lengths,
-which shift its estimate (``context.py``).
+which shift its estimate (``context.py``); when such a prediction's answer is observed, the
+pair teaches the estimator how much a conversation's earlier answers say.
 
 Each prediction gets an id and is remembered (its key, the text the encoder saw, its vector
 and p50) for ``max_pending_predictions`` predictions: an Observe naming the id needs no
@@ -86,6 +87,8 @@ class _Prediction:
     vector: np.ndarray | None  # None: the history holds the prompt already
     num_tokens: int
     p50: float
+    #: The earlier answers' lengths its Predict came with (empty: none).
+    previous: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -240,7 +243,7 @@ class PredictorRuntime:
         ids = [next(self._ids) for _ in prompts]
         for i, pid in enumerate(ids):
             self._predictions[pid] = _Prediction(keys[i], seen[i], encoded.vectors[i].copy(),
-                                                 encoded.num_tokens[i], float(estimates.p50[i]))
+                                                 encoded.num_tokens[i], float(estimates.p50[i]), previous[i])
             self._prediction_of_key[keys[i]] = pid
         while len(self._predictions) > self.config.max_pending_predictions:
             self._take_prediction(next(iter(self._predictions)))
@@ -287,6 +290,10 @@ class PredictorRuntime:
                     keep.append(k)
                     seen.add(o.dedup_id)
                 self._apply([logged[k] for k in keep], [predicted[k] for k in keep])
+                for k in keep:
+                    known = fresh[k][1]
+                    if known is not None and known.previous:
+                        self.estimator.observe_context(logged[k].model, logged[k].output_tokens, known.previous)
             if self.wal is not None:
                 await self.wal.sync()
             outcome.num_accepted += len(fresh)
