@@ -393,3 +393,34 @@ def test_the_simulator_sends_a_later_turn_its_think_time_after_the_answer_before
         assert gap == pytest.approx(trace[after].think_time_s)
     assert rec["r3"].arrival_s > trace[3].arrival_s  # later than the file's earliest time
     assert [rec[f"r{i}"].arrival_s for i in (0, 1, 2)] == [0.0, 0.5, 1.0]
+
+
+def test_folds_keep_conversations_and_their_instructions_together():
+    from alise.sim.context_estimates import fold_groups
+
+    trace = [TraceRequest("i1", "", 1, 1, 0.0, "c0", 0), TraceRequest("i2", "", 1, 1, 1.0, "c0", 1),
+             TraceRequest("i3", "", 1, 1, 2.0, "c1", 0), TraceRequest("i2", "", 1, 1, 3.0, "c2", 0),
+             TraceRequest("i4", "", 1, 1, 4.0, "c3", 0), TraceRequest("i5", "", 1, 1, 5.0)]
+    groups = fold_groups(trace)
+    # c0 and c2 share instruction i2: one group; c1, c3 and the lone request stand alone
+    assert groups[0] == groups[1] == groups[3] and len({groups[0], groups[2], groups[4], groups[5]}) == 4
+
+
+def test_earlier_answers_sharpen_cross_fitted_estimates_of_later_turns(monkeypatch, tmp_path):
+    from alise.sim.context_estimates import conversation_cross_fit, metrics
+    from alise.sim.conversations import TurnsDistribution, build_conversations
+
+    monkeypatch.setenv("ALISE_DATA_DIR", str(tmp_path))  # no AlpacaEval answers to warm up from
+    answers = {"terse": [(f"i{i}", f"question {i} about thing {i % 7}", "yes " * (1 + i % 3)) for i in range(150)],
+               "wordy": [(f"i{i}", f"question {i} about thing {i % 7}", "well " * (20 + i % 40)) for i in range(150)]}
+    # 120 requests of 150 instructions: none repeats, so folds are the conversations
+    trace = build_conversations(answers, num=120, rate=2.0, turns=TurnsDistribution.parse("3"),
+                                think_time_s=1.0, seed=2, max_context_tokens=400, tokenize=split_words)
+    fit = conversation_cross_fit(trace, text="query", num_folds=3)
+    later = [i for i, r in enumerate(trace) if r.turn > 0]
+    alone, context = metrics(fit.plain, trace, later), metrics(fit.with_context, trace, later)
+    # the instruction says nothing of the generator; the earlier answers do
+    assert context["kendall_tau"] > alone["kendall_tau"] + 0.2 and context["mae"] < alone["mae"]
+    first = [i for i, r in enumerate(trace) if r.turn == 0]
+    assert [fit.plain[i].p50 for i in first] == [fit.with_context[i].p50 for i in first]
+    assert len(fit.prior_turns) == 3 and all(0 < k < 5 for k in fit.prior_turns)

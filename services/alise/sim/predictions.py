@@ -15,6 +15,11 @@ Two predictors:
 
 Estimates are cached beside the trace (``<trace>.estimates-<method>.json``), keyed by the
 trace's prompts and lengths, so a sweep computes them once.
+
+What is predicted from is each request's own text (``TraceRequest.text``: without a system
+prompt it was rendered after). A trace of conversations is cross-fitted by conversation
+(``context_estimates.py``), each request with its conversation's earlier answers' lengths:
+the predictor as it serves a scheduler that sends it the query and those lengths.
 """
 
 from __future__ import annotations
@@ -74,27 +79,33 @@ def knn_cross_fit(prompts: dict[str, str], lengths: dict[str, int], folds: dict[
     return out
 
 
-def _warm_up_observations(prompts: dict[str, str], trace_model_lengths: dict[str, int]):
-    """Other models' output lengths for the trace's prompts (AlpacaEval files beside the
-    workload's), as the predictor service warms up; the trace's own model is excluded."""
+def alpaca_eval_observations(texts) -> tuple[list[str], list[str], list[int]]:
+    """(text, generator, output tokens) of every AlpacaEval answer (the files in the data dir)
+    to an instruction among ``texts``: what the predictor service warms up from."""
     import gzip
 
     from alise.predictor.tokens import TokenCounter
     from alise.sim.trace import data_dir
 
-    by_text = {text: pid for pid, text in prompts.items()}
-    texts, models, outputs = [], [], []
+    wanted = set(texts)
+    found, models, outputs = [], [], []
     for path in sorted((data_dir() / "alpaca_eval").glob("*.jsonl.gz")):
         with gzip.open(path, "rt", encoding="utf-8") as f:
             rows = [json.loads(line) for line in f if line.strip()]
-        hits = [(by_text[r["instruction"]], r) for r in rows if r["instruction"] in by_text]
+        hits = [r for r in rows if r["instruction"] in wanted]
         if not hits:
             continue
-        model = str(hits[0][1].get("generator") or path.name)
-        texts += [prompts[pid] for pid, _ in hits]
-        models += [model] * len(hits)
-        outputs += [r["output"] for _, r in hits]
-    lengths = TokenCounter().count(outputs) if outputs else []
+        found += [r["instruction"] for r in hits]
+        models += [str(hits[0].get("generator") or path.name)] * len(hits)
+        outputs += [r["output"] for r in hits]
+    return found, models, TokenCounter().count(outputs) if outputs else []
+
+
+def _warm_up_observations(prompts: dict[str, str], trace_model_lengths: dict[str, int]):
+    """Other models' output lengths for the trace's prompts (AlpacaEval files beside the
+    workload's), as the predictor service warms up; the trace's own model is excluded."""
+    by_text = {text: pid for pid, text in prompts.items()}
+    texts, models, lengths = alpaca_eval_observations(list(by_text))
     # The file whose lengths equal the trace's is the trace's own model: leave it out.
     own = {}
     for text, model, n in zip(texts, models, lengths):
@@ -157,7 +168,7 @@ def predictor_cross_fit(prompts: dict[str, str], lengths: dict[str, int],
 def _cache_key(requests: Sequence[TraceRequest], method: str, num_folds: int, seed: int) -> str:
     h = hashlib.sha256(f"{method}|{num_folds}|{seed}".encode())
     for r in requests:
-        h.update(f"{r.id}\0{r.output_tokens}\0{r.prompt}\0".encode())
+        h.update(f"{r.id}\0{r.output_tokens}\0{r.text}\0{r.conversation_id}\0{r.turn}\0".encode())
     return h.hexdigest()[:16]
 
 
@@ -168,34 +179,52 @@ def cross_fitted_estimates(requests: Sequence[TraceRequest], *, method: str = "a
     """Estimates by request index, and the name of the predictor that made them."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+    # A request's estimate depends on its text alone, or also on its conversation's turns.
+    conversational = any(r.conversation_id for r in requests)
+    names = [str(i) if conversational else r.id for i, r in enumerate(requests)]
     key = _cache_key(requests, method, num_folds, seed)
     if cache_path is not None and Path(cache_path).is_file():
         cached = json.loads(Path(cache_path).read_text())
         if cached.get("key") == key:
-            by_id = {pid: LengthEstimate(**e) for pid, e in cached["estimates"].items()}
-            return {i: by_id[r.id] for i, r in enumerate(requests)}, cached["source"]
-    prompts = {r.id: r.prompt for r in requests}
+            by_name = {name: LengthEstimate(**e) for name, e in cached["estimates"].items()}
+            return {i: by_name[name] for i, name in enumerate(names)}, cached["source"]
+    if conversational:
+        by_name, source = _conversation_estimates(requests, method, num_folds, seed)
+    else:
+        by_name, source = _prompt_estimates(requests, method, num_folds, seed)
+    if cache_path is not None:
+        Path(cache_path).write_text(json.dumps(dict(
+            key=key, source=source,
+            estimates={name: dict(mean=e.mean, p50=e.p50, p90=e.p90, source=e.source)
+                       for name, e in by_name.items()})))
+    return {i: by_name[name] for i, name in enumerate(names)}, source
+
+
+def _prompt_estimates(requests: Sequence[TraceRequest], method: str, num_folds: int, seed: int):
+    """By prompt id (a prompt repeated in the trace is one)."""
+    prompts = {r.id: r.text for r in requests}
     lengths = {r.id: r.output_tokens for r in requests}
     folds = fold_of(list(prompts), num_folds, seed)
-    by_id = None
-    source = ""
     if method in ("auto", "predictor"):
         try:
-            by_id = predictor_cross_fit(prompts, lengths, folds)
-            source = f"alise.predictor, {num_folds}-fold cross-fit"
+            return predictor_cross_fit(prompts, lengths, folds), f"alise.predictor, {num_folds}-fold cross-fit"
         except ImportError as exc:
             if method == "predictor":
                 raise
             logger.info("predictor cross-fit unavailable (%s); using the kNN fallback", exc)
-    if by_id is None:
-        by_id = knn_cross_fit(prompts, lengths, folds)
-        source = f"knn10 over MiniLM (fallback), {num_folds}-fold cross-fit"
-    if cache_path is not None:
-        Path(cache_path).write_text(json.dumps(dict(
-            key=key, source=source,
-            estimates={pid: dict(mean=e.mean, p50=e.p50, p90=e.p90, source=e.source)
-                       for pid, e in by_id.items()})))
-    return {i: by_id[r.id] for i, r in enumerate(requests)}, source
+    return knn_cross_fit(prompts, lengths, folds), f"knn10 over MiniLM (fallback), {num_folds}-fold cross-fit"
+
+
+def _conversation_estimates(requests: Sequence[TraceRequest], method: str, num_folds: int, seed: int):
+    """By request index (the context differs by turn)."""
+    from alise.sim.context_estimates import conversation_cross_fit
+
+    if method == "knn":
+        raise ValueError("a trace of conversations is cross-fitted by the predictor (method auto or predictor)")
+    fit = conversation_cross_fit(requests, text="query", num_folds=num_folds, seed=seed)
+    return ({str(i): e for i, e in enumerate(fit.with_context)},
+            f"alise.predictor on each request's query with its conversation's earlier answers, "
+            f"{num_folds}-fold cross-fit by conversation")
 
 
 def kendall_tau(estimates: dict[int, LengthEstimate], requests: Sequence[TraceRequest]) -> float:
