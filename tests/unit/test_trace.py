@@ -424,3 +424,20 @@ def test_earlier_answers_sharpen_cross_fitted_estimates_of_later_turns(monkeypat
     first = [i for i, r in enumerate(trace) if r.turn == 0]
     assert [fit.plain[i].p50 for i in first] == [fit.with_context[i].p50 for i in first]
     assert len(fit.prior_turns) == 3 and all(0 < k < 5 for k in fit.prior_turns)
+
+
+def test_alise_bench_request_rate_moves_conversation_starts_and_keeps_think_times(tmp_path):
+    import argparse
+
+    from alise.bench.cli import _requests
+
+    path = tmp_path / "c.jsonl"
+    write_trace(conversation_trace(), path)
+    args = argparse.Namespace(trace=str(path), num=None, rate=None, request_rate=float("inf"),
+                              burstiness=1.0, seed=0)
+    sent = _requests(args)
+    assert [r.id for r in sent] == [r.id for r in read_trace(path)]
+    by_id = {r.id: r for r in sent}
+    assert {by_id[i].arrival_s for i in "axp"} == {0.0}
+    assert by_id["b"].arrival_s == 2.0 and by_id["c"].arrival_s == 5.0 and by_id["q"].arrival_s == 3.0
+    assert by_id["q"].conversation_id == "c1" and by_id["q"].think_time_s == 3.0

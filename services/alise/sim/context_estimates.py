@@ -27,7 +27,6 @@ are the served model's, ``"served"``.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -165,7 +164,3 @@ def metrics(estimates: Sequence[LengthEstimate], requests: Sequence[TraceRequest
     y = np.array([requests[i].output_tokens for i in idx], np.float64)
     return dict(kendall_tau=float(stats.kendalltau(p50, y).statistic), mae=float(np.abs(p50 - y).mean()),
                 p90_coverage=float((y <= p90).mean()), num=len(idx))
-
-
-def as_dicts(estimates: Sequence[LengthEstimate]) -> list[dict]:
-    return [dataclasses.asdict(e) for e in estimates]
