@@ -13,7 +13,10 @@ For each run NAME (``<server>-<setup>-r<rate>``, e.g. ``vllm-mem-r11``, ``fcfs-m
   over its output tokens; 1.00 means one event per token, less means tokens came in fewer,
   later events (or in none: a server that sends no event for a token without text);
 * from the server: the running and waiting requests averaged over the run's samples (and the
-  most waiting), preemptions, engine steps and the mean step time (span / steps) where known.
+  most waiting), preemptions, engine steps and the mean step time (span / steps) where known,
+  the prompt tokens it computed (recomputes after preemption included) and, for vLLM, the
+  tokens its prefix cache served (a preempted request's blocks stay cached until reused);
+  the server's own mean TTFT and queue time; the CPU each serving process spent per token.
 
 Writes ``DIR/summary.json`` (the table's numbers) and prints the tables last.
 
@@ -89,6 +92,10 @@ def server_figures(watch: dict | None, steps: Path | None, duration_s: float) ->
             total, count = delta(prefix + "_sum"), delta(prefix + "_count")
             if total is not None and count:
                 out[key] = 1e3 * total / count
+        fed, made = delta("vllm:iteration_tokens_total_sum"), delta("vllm:generation_tokens_total")
+        if fed is not None and made is not None:  # prompt tokens computed, recomputes included
+            out["prefill_tokens"] = fed - made
+            out["cache_hit_tokens"] = delta("vllm:prefix_cache_hits_total")
         n = delta("vllm:iteration_tokens_total_count")
         if n is None:
             n = delta("alise_step_seconds_count")
@@ -109,6 +116,7 @@ def server_figures(watch: dict | None, steps: Path | None, duration_s: float) ->
             out.update(steps=len(rows), step_ms=1e3 * float(np.mean([r["seconds"] for r in rows])),
                        busy=sum(r["seconds"] for r in rows) / span if span > 0 else None,
                        batch_mean=float(np.mean([r["num_seqs"] for r in rows])),
+                       prefill_tokens=sum(sum(r["prefill_lens"]) for r in rows),
                        mixed_steps=sum(1 for r in rows if r["prefill_lens"]))
     return out
 
@@ -148,14 +156,15 @@ def tables(rows: list[dict]) -> str:
         lines.append(f"{r['name']:<{w}}  {' / '.join(fmt(e[k]) for k in STATS):<38} "
                      f"{' / '.join(fmt(n.get(k), 1) for k in STATS)}")
     lines += ["", f"{head}  running mean  waiting mean / max  preemptions  steps  step ms  busy  batch"
-                  f"  server TTFT / queue ms mean"]
+                  f"  server TTFT / queue ms mean  prompt tokens computed / from cache"]
     for r in rows:
         s = r["server"]
         lines.append(f"{r['name']:<{w}}  {fmt(s.get('running_mean'), 1):>12}  "
                      f"{fmt(s.get('waiting_mean'), 1):>8} / {fmt(s.get('waiting_max')):<5}  "
                      f"{fmt(s.get('preemptions')):>11}  {fmt(s.get('steps')):>5}  {fmt(s.get('step_ms'), 1):>7}  "
                      f"{fmt(s.get('busy'), 3):>4}  {fmt(s.get('batch_mean'), 1):>5}"
-                     f"  {fmt(s.get('server_ttft_ms'))} / {fmt(s.get('queue_ms'))}")
+                     f"  {fmt(s.get('server_ttft_ms')):>9} / {fmt(s.get('queue_ms')):<14}"
+                     f"  {fmt(s.get('prefill_tokens'))} / {fmt(s.get('cache_hit_tokens'))}")
     lines += ["", f"{head}  CPU ms per output token (cores busy) of each serving process"]
     for r in rows:
         cpu, tokens, span = r["server"].get("cpu_s") or {}, r.get("total_output_tokens") or 0, r["duration_s"]

@@ -42,7 +42,10 @@
 #                                    OUT=$OUT STAGES=alise bash bench/gpu/peer_vllm.sh
 # A dry run of the ALISE side on a CPU (no vLLM server there): DEVICE=cpu DTYPE=float32
 #   MODEL=opt-125m PY=<python3.12 with the image's packages> VSITE=<where to unpack .vllmcarry>
-#   PORTS=<offset> ENGINE_ARGS="--preset tiny-opt --device cpu --kv-gib 0.5" STAGES="fcfs engine-alise"
+#   PORTS=<offset> ENGINE_ARGS="--preset tiny-opt --device cpu --kv-gib 0.5" STAGES="fcfs engine-alise";
+#   with VIRTUAL=profiles/opt-13b-h100.json the worker's steps last what that profile says
+#   (bench/gpu/peer_virtual.py; VIRTUAL_SCALE scales them): the scheduler, the door and the
+#   client at GPU pace.
 set -uo pipefail
 START_S=$SECONDS
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 VLLM_USE_FLASHINFER_SAMPLER=0 \
@@ -171,7 +174,7 @@ stage_vllm() {
   for rate in $RATES; do
     bench "vllm-$SETUP-r$rate" http://127.0.0.1:$P_VLLM http://127.0.0.1:$P_VLLM/metrics \
       vllm:num_requests_running,vllm:num_requests_waiting,vllm:kv_cache_usage_perc \
-      vllm:num_preemptions_total,vllm:iteration_tokens_total_count,vllm:iteration_tokens_total_sum,vllm:time_to_first_token_seconds_sum,vllm:time_to_first_token_seconds_count,vllm:request_queue_time_seconds_sum,vllm:request_queue_time_seconds_count "$rate"
+      vllm:num_preemptions_total,vllm:iteration_tokens_total_count,vllm:iteration_tokens_total_sum,vllm:time_to_first_token_seconds_sum,vllm:time_to_first_token_seconds_count,vllm:request_queue_time_seconds_sum,vllm:request_queue_time_seconds_count,vllm:generation_tokens_total,vllm:prefix_cache_hits_total,vllm:prefix_cache_queries_total "$rate"
   done
   stop_group $pid
 }
@@ -198,11 +201,18 @@ stage_alise() {  # POLICY
   PYTHONPATH=$P $PY -m alise.cli.main scheduler --address 127.0.0.1:$P_SCHED --worker-address 127.0.0.1:$P_WORKERS \
     --policy "$policy" --model "$MODEL" "${pred[@]}" --metrics-address 127.0.0.1:$P_METRICS \
     --job-log "$R/logs/$policy-$SETUP-jobs.jsonl" ${SCHEDULER_ARGS:-} > "$R/logs/$policy-$SETUP-scheduler.log" 2>&1 & pids+=($!)
-  PYTHONPATH=$P $PY -m alise.cli.main worker --scheduler 127.0.0.1:$P_WORKERS --model "$MODEL" --device "$DEVICE" \
-    --dtype "$DTYPE" --num-device-blocks "$BLOCKS" --max-num-seqs "$SEQS" --max-model-len 2048 \
-    --health-address 127.0.0.1:$P_WHEALTH --step-log "$steplog" $(profile_arg) \
-    $([ "$DEVICE" = cpu ] || echo --kernel-plan /tmp/plan-peer-$SEQS.json) ${WORKER_ARGS:-} \
-    > "$R/logs/$policy-$SETUP-worker.log" 2>&1 & pids+=($!)
+  if [ -n "${VIRTUAL:-}" ]; then  # steps that last what the profile says (bench/gpu/peer_virtual.py)
+    PYTHONPATH=$P $PY "$REPO/bench/gpu/peer_virtual.py" --scheduler 127.0.0.1:$P_WORKERS --profile "$VIRTUAL" \
+      --model "$MODEL" --num-device-blocks "$BLOCKS" --max-num-seqs "$SEQS" --health-address 127.0.0.1:$P_WHEALTH \
+      --scale "${VIRTUAL_SCALE:-1}" \
+      --step-log "$steplog" > "$R/logs/$policy-$SETUP-worker.log" 2>&1 & pids+=($!)
+  else
+    PYTHONPATH=$P $PY -m alise.cli.main worker --scheduler 127.0.0.1:$P_WORKERS --model "$MODEL" --device "$DEVICE" \
+      --dtype "$DTYPE" --num-device-blocks "$BLOCKS" --max-num-seqs "$SEQS" --max-model-len 2048 \
+      --health-address 127.0.0.1:$P_WHEALTH --step-log "$steplog" $(profile_arg) \
+      $([ "$DEVICE" = cpu ] || echo --kernel-plan /tmp/plan-peer-$SEQS.json) ${WORKER_ARGS:-} \
+      > "$R/logs/$policy-$SETUP-worker.log" 2>&1 & pids+=($!)
+  fi
   PYTHONPATH=$P $PY -m alise.cli.main http --scheduler 127.0.0.1:$P_SCHED --address 127.0.0.1:$P_DOOR --served-model-name "$SERVED" \
     > "$R/logs/$policy-$SETUP-http.log" 2>&1 & pids+=($!)
   say "ALISE $policy: $BLOCKS blocks, $SEQS sequences $(profile_arg) ${WORKER_ARGS:-} ${SCHEDULER_ARGS:-}"
