@@ -71,6 +71,7 @@ APATH=$ASITE:$REPO/clients:$REPO/services:$DATA/pkg:$VSITE
 say() { echo "[$(( SECONDS - START_S ))s] $*"; }
 left() { echo $(( CALL_S - (SECONDS - START_S) )); }
 mono() { $PY -c 'import time; print(time.monotonic())'; }
+http_ok() { $PY -c 'import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=2)' "$1" 2>/dev/null; }
 untar() { $PY -c 'import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2], filter="tar")' "$1" "$2"; }
 
 unpack() {
@@ -100,7 +101,7 @@ PY
 wait_http() {  # URL SECONDS PID: until URL answers 200, the process dies, or time runs out
   local t=0
   while [ "$t" -lt "$2" ]; do
-    curl -sf -o /dev/null "$1" && return 0
+    http_ok "$1" && return 0
     kill -0 "$3" 2>/dev/null || { say "process $3 exited before $1 answered"; return 1; }
     sleep 1; t=$((t + 1))
   done
@@ -218,8 +219,7 @@ stage_alise() {  # POLICY
   say "ALISE $policy: $BLOCKS blocks, $SEQS sequences $(profile_arg) ${WORKER_ARGS:-} ${SCHEDULER_ARGS:-}"
   local ok=1
   for _ in $(seq 600); do
-    PYTHONPATH=$P $PY -m alise.cli.main health 127.0.0.1:$P_WHEALTH >/dev/null 2>&1 && curl -sf -o /dev/null \
-      http://127.0.0.1:$P_DOOR/health && { ok=0; break; }
+    PYTHONPATH=$P $PY -m alise.cli.main health 127.0.0.1:$P_WHEALTH >/dev/null 2>&1 && http_ok http://127.0.0.1:$P_DOOR/health && { ok=0; break; }
     alive "${pids[@]}" || break
     sleep 1
   done
