@@ -163,7 +163,10 @@ class Relay:
         shaper, req = self.shaper, self.req
         try:
             while True:
-                if piece.text or piece.finish_reason or req.return_token_ids:
+                # One event per piece that carries tokens, text or not (as vLLM sends them):
+                # clients time inter-token latency between events, and a token that adds no
+                # text yet (a partial character, a held-back stop-string prefix) is still one.
+                if piece.token_ids or piece.text or piece.finish_reason is not None:
                     await self._event(send, sse(shaper.chunk(piece.text, piece.token_ids, piece.finish_reason,
                                                              self.facts, req.include_usage, req.continuous_usage)))
                 if piece.finish_reason is not None:

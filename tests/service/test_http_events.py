@@ -1,0 +1,47 @@
+"""One SSE event per streamed token piece, text or not: clients (vLLM's benchmark, guidellm)
+time inter-token latency between events, so a token that adds no text yet must not be folded
+into the next event. A model whose vocabulary is wider than its tokenizer's makes many such
+tokens: ids past the tokenizer's entries decode to nothing."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+from http_support import start_live_door
+from tinymodels import make_tiny_model_dir
+
+from alise.worker.loader import MINILM_VOCAB_SIZE
+
+
+@pytest.fixture(scope="module")
+def wide_door(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("wide-vocab")
+    model = make_tiny_model_dir(tmp / "model", "llama", vocab_size=2 * MINILM_VOCAB_SIZE)
+    door, stop = start_live_door(str(model), tmp / "jobs.jsonl")
+    yield door
+    stop()
+
+
+def stream_events(door, body: dict) -> list[dict]:
+    events = []
+    with httpx.stream("POST", f"{door.base_url}/v1/completions", json=body, timeout=60) as reply:
+        assert reply.status_code == 200
+        for line in reply.iter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                events.append(json.loads(line[len("data: "):]))
+    return events
+
+
+def test_every_token_is_an_event_even_when_it_adds_no_text(wide_door):
+    events = stream_events(wide_door, {"prompt": "the sea", "max_tokens": 24, "ignore_eos": True, "stream": True,
+                                       "temperature": 1.0, "seed": 3,
+                                       "stream_options": {"include_usage": True}})
+    usage = events[-1]["usage"]
+    token_events = [e["choices"][0] for e in events if e["choices"]]
+    assert usage["completion_tokens"] == 24
+    silent = [c for c in token_events if c["text"] == "" and c["finish_reason"] is None]
+    assert silent, "no event for a token without text"
+    # A piece may carry several tokens when the stream fell behind; never more events than tokens.
+    assert len(silent) < len(token_events) <= 24
