@@ -23,7 +23,7 @@ def _core(latency: LatencyModel):
 def _idle_remaining(core: SchedulerCore) -> dict[str, tuple[float, float]]:
     """job id -> (cached remaining time, remaining time recomputed now) of idle jobs."""
     table, est = core.table, core.estimator
-    return {job.job_id: (float(table.rb[table.slot_of[job.job_id]]),
+    return {job.job_id: (float(table.remaining_base_s[table.slot_of[job.job_id]]),
                          est.remaining_base_s(job, core.policy.estimate_of(job)))
             for job in core.waiting.values()}
 

@@ -303,7 +303,7 @@ def _assert_table_mirrors_jobs(core):
     table = core.table
     for job in core.jobs.values():
         slot = table.slot_of[job.job_id]
-        assert (table.ntok[slot], table.ncomp[slot]) == (job.num_tokens, job.num_computed_tokens), job.job_id
+        assert (table.num_tokens[slot], table.num_computed_tokens[slot]) == (job.num_tokens, job.num_computed_tokens), job.job_id
 
 
 def _state(core):

@@ -26,7 +26,7 @@ def test_cached_remaining_times_equal_fresh_ones_while_jobs_wait_run_and_pause()
             slot = core.table.slot_of[job.job_id]
             core.table.fill_remaining(__import__("numpy").array([slot]))
             if job.status is not JobStatus.RUNNING:
-                assert core.table.rb[slot] == est.remaining_base_s(job, core.policy.estimate_of(job))
+                assert core.table.remaining_base_s[slot] == est.remaining_base_s(job, core.policy.estimate_of(job))
         if not core.jobs:
             break
     assert not core.jobs and core.num_finished == 4

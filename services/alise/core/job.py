@@ -31,6 +31,23 @@ class JobStatus(enum.Enum):
     FINISHED = "finished"
 
 
+#: The status changes a job may make; ``Job.transition`` refuses any other. PAUSED -> PAUSED
+#: is a paused job's KV moving (the planner's commands); a job enters PAUSED without a
+#: change only when it is adopted from a worker's hello (built paused, not moved there).
+TRANSITIONS: dict[JobStatus, frozenset[JobStatus]] = {
+    JobStatus.WAITING: frozenset({JobStatus.RUNNING, JobStatus.FINISHED}),
+    JobStatus.RUNNING: frozenset({JobStatus.PAUSED, JobStatus.WAITING, JobStatus.FINISHED}),
+    JobStatus.PAUSED: frozenset({JobStatus.PAUSED, JobStatus.RUNNING, JobStatus.WAITING, JobStatus.FINISHED}),
+    JobStatus.FINISHED: frozenset(),
+}
+#: Statuses in which a job waits (its time counts as queued).
+IDLE = frozenset({JobStatus.WAITING, JobStatus.PAUSED})
+
+
+class TransitionError(ValueError):
+    """A status change that ``TRANSITIONS`` does not allow, or without what it needs."""
+
+
 class KvPlace(enum.Enum):
     """Where a job's KV cache lives."""
 
@@ -123,11 +140,6 @@ class Job:
         return len(self.prompt_token_ids) + len(self.output_token_ids) + self.num_pending_outputs
 
     @property
-    def num_uncomputed_tokens(self) -> int:
-        """Tokens to feed before this job produces its next token (1 for a decode)."""
-        return self.num_tokens - self.num_computed_tokens
-
-    @property
     def is_finished(self) -> bool:
         return self.status is JobStatus.FINISHED
 
@@ -148,3 +160,62 @@ class Job:
         if n is None or n >= self.sampling.max_tokens:
             return self.sampling
         return replace(self.sampling, max_tokens=n)
+
+    # ----------------------------------------------------------------- status
+
+    def transition(self, status: JobStatus, now_s: float, *, kv: KvPlace | None = None,
+                   worker_id: str | None = None, admit_step_id: int | None = None,
+                   reason: FinishReason | None = None) -> None:
+        """Moves the job to ``status`` and sets every field that status implies:
+
+        ============  ===================================================================
+        WAITING       on no worker, nothing cached or pending: ``kv`` NONE, ``worker_id``
+                      None, no computed or pending tokens
+        RUNNING       ``kv`` DEVICE (a resume brings the KV back at full precision); from
+                      WAITING the job is admitted: ``worker_id`` and ``admit_step_id`` given
+        PAUSED        ``kv`` given (where the planner put it; NONE: nothing computed);
+                      from RUNNING it is a preemption (``num_preemptions`` + 1)
+        FINISHED      ``reason`` given, ``finish_s`` now, ``kv`` NONE, nothing pending
+        ============  ===================================================================
+
+        Time spent in WAITING or PAUSED is added to ``queued_s`` when the job leaves them
+        (``idle_since_s`` marks the start of the spell). Raises :class:`TransitionError`
+        (and changes nothing) on a change ``TRANSITIONS`` does not allow, or when a keyword
+        the new status needs is missing or one it does not take is given.
+        """
+        given = {name for name, value in (("kv", kv), ("worker_id", worker_id),
+                                          ("admit_step_id", admit_step_id), ("reason", reason))
+                 if value is not None}
+        admits = self.status is JobStatus.WAITING and status is JobStatus.RUNNING
+        needs = {JobStatus.PAUSED: {"kv"}, JobStatus.FINISHED: {"reason"},
+                 JobStatus.RUNNING: {"worker_id", "admit_step_id"} if admits else set()}.get(status, set())
+        allowed = TRANSITIONS[self.status]
+        if status not in allowed:
+            names = ", ".join(sorted(x.value for x in allowed)) or "nothing"
+            raise TransitionError(f"job {self.job_id}: cannot go from {self.status.value} to "
+                                  f"{status.value} (from {self.status.value}: {names})")
+        if given != needs:
+            raise TransitionError(f"job {self.job_id}: {self.status.value} -> {status.value} takes "
+                                  f"{', '.join(sorted(needs)) or 'nothing'}, got {', '.join(sorted(given)) or 'nothing'}")
+        if status is not self.status:
+            if self.status in IDLE:
+                self.queued_s += max(now_s - self.idle_since_s, 0.0)
+            if status in IDLE:
+                self.idle_since_s = now_s
+        if status is JobStatus.WAITING:
+            self.kv, self.worker_id = KvPlace.NONE, None
+            self.num_computed_tokens = self.num_pending_outputs = 0
+        elif status is JobStatus.RUNNING:
+            self.kv = KvPlace.DEVICE
+            if admits:
+                self.worker_id, self.admit_step_id = worker_id, admit_step_id
+        elif status is JobStatus.PAUSED:
+            if self.status is JobStatus.RUNNING:
+                self.num_preemptions += 1
+            self.kv = kv
+            if kv is KvPlace.NONE:
+                self.num_computed_tokens = 0
+        else:
+            self.finish_reason, self.finish_s = reason, now_s
+            self.kv, self.num_pending_outputs = KvPlace.NONE, 0
+        self.status = status

@@ -87,14 +87,14 @@ class Router:
         table.fill_remaining(new)
         size = max(indices) + 1
         owners = table.owner[placed]
-        load = np.bincount(owners, weights=table.rb[placed] * correction, minlength=size)
-        parallel = np.bincount(owners[table.running[placed]], minlength=size)
+        load = np.bincount(owners, weights=table.remaining_base_s[placed] * correction, minlength=size)
+        parallel = np.bincount(owners[table.is_running[placed]], minlength=size)
         backlog = {w: float(load[w]) + self.queued_s[w] for w in indices}
-        for slot in new[np.argsort(table.tie[new], kind="stable")].tolist():
-            own = float(table.rb[slot]) * correction
+        for slot in new[np.argsort(table.tie_label[new], kind="stable")].tolist():
+            own = float(table.remaining_base_s[slot]) * correction
             best = None
             for w in indices:
-                if table.ntok[slot] >= self.max_model_len[w]:
+                if table.num_tokens[slot] >= self.max_model_len[w]:
                     continue
                 finish = own + backlog[w] / max(int(parallel[w]), 1)
                 if best is None or finish < best[0]:

@@ -53,6 +53,8 @@ logger = logging.getLogger(__name__)
 
 #: The smallest prompt chunk a step's latency allowance is rounded up to.
 MIN_CHUNK_TOKENS = 16
+#: Statuses of a job that a worker holds (it is in that ``WorkerView.jobs``).
+_ON_WORKER = frozenset({JobStatus.RUNNING, JobStatus.PAUSED})
 
 
 @dataclass
@@ -62,8 +64,6 @@ class WorkerView:
     capacity: WorkerCapacity
     index: int
     jobs: dict[str, Job] = field(default_factory=dict)
-    #: Commands for the next plan (refusal clean-ups).
-    pending: list[Command] = field(default_factory=list)
     #: Jobs to abort on the worker at its next step boundary, ahead of any plan.
     aborts: list[str] = field(default_factory=list)
     #: Aborts sent: job id -> the last plan sent before the abort (``alise.core.census``).
@@ -157,13 +157,11 @@ class SchedulerCore:
                 view.aborts.append(h.job_id)
                 continue
             num_prompt = len(h.token_ids) - h.num_generated
+            # Built paused (not moved there): it has been on the worker all along.
             job = Job(h.job_id, list(h.token_ids[:num_prompt]), h.sampling, arrival_s=now_s,
-                      output_token_ids=list(h.token_ids[num_prompt:]))
-            job.status = JobStatus.PAUSED
-            job.kv = KvPlace.DEVICE if h.num_computed else KvPlace.NONE
-            job.num_computed_tokens = h.num_computed
-            job.worker_id = worker_id
-            job.idle_since_s = now_s
+                      output_token_ids=list(h.token_ids[num_prompt:]), num_computed_tokens=h.num_computed,
+                      status=JobStatus.PAUSED, kv=KvPlace.DEVICE if h.num_computed else KvPlace.NONE,
+                      worker_id=worker_id)
             self.jobs[job.job_id] = job
             view.jobs[job.job_id] = job
             self._put(job)
@@ -184,10 +182,8 @@ class SchedulerCore:
             return False
         view = self.workers.get(job.worker_id) if job.worker_id is not None else None
         if view is not None:
-            view.jobs.pop(job_id, None)
             view.aborts.append(job_id)
             strike(view.in_flight, job_id)
-        self.waiting.pop(job_id, None)
         self._finish(job, FinishReason.ABORTED, now_s)
         return True
 
@@ -245,7 +241,6 @@ class SchedulerCore:
                 job.first_token_s = now_s
             events.append(TokenEvent(job.job_id, list(out.token_ids), index, out.finish_reason))
             if out.finish_reason is not None:
-                view.jobs.pop(job.job_id)
                 strike(view.in_flight, job.job_id)
                 self._finish(job, out.finish_reason, now_s)
         if expected.census:
@@ -277,7 +272,6 @@ class SchedulerCore:
     def _requeue(self, view: WorkerView, job: Job, now_s: float) -> None:
         """A refused command: the worker drops whatever it holds of the job, which goes back
         to the queue with its confirmed tokens (a rare path; correct before cheap)."""
-        view.jobs.pop(job.job_id)
         view.aborts.append(job.job_id)
         strike(view.in_flight, job.job_id)
         self._to_waiting(job, now_s)
@@ -289,12 +283,11 @@ class SchedulerCore:
         there is nothing to do, is not in flight and need not be sent). ``census``: the
         report is to list the worker's jobs (a plan with nothing else to do still goes)."""
         view = self.workers[worker_id]
-        plan = StepPlan(step_id=view.next_step_id, commands=[Abort(j) for j in view.aborts] + view.pending,
-                        census=census)
-        view.aborts, view.pending = [], []
+        plan = StepPlan(step_id=view.next_step_id, commands=[Abort(j) for j in view.aborts], census=census)
+        view.aborts = []
         slots, held = self._candidates(view)
         order, reserve = self._rank(slots, now_s)
-        need = -(-self.table.ntok[order] // view.capacity.block_size)
+        need = -(-self.table.num_tokens[order] // view.capacity.block_size)
         taken, feed = self._select(view, order, need, reserve, held)
         used = int(need[taken].sum()) + held
         plan.commands += self._plan_memory(view, order, taken, used, now_s)
@@ -314,15 +307,15 @@ class SchedulerCore:
         table, cap = self.table, view.capacity
         owner = table.owner
         mine = owner == view.index
-        rslots = np.flatnonzero(mine & table.running)
-        gen = table.ntok[rslots] - table.ptok[rslots]
-        done = (gen >= table.max_tokens[rslots]) | (table.ntok[rslots] >= cap.max_model_len)
+        rslots = np.flatnonzero(mine & table.is_running)
+        gen = table.num_tokens[rslots] - table.num_prompt_tokens[rslots]
+        done = (gen >= table.max_tokens[rslots]) | (table.num_tokens[rslots] >= cap.max_model_len)
         held = 0
         if done.any():
             finishing = rslots[done]
             mine[finishing] = False
-            held = int((-(-table.ncomp[finishing] // cap.block_size)).sum())
-        waiting = (owner == WAITING) & (table.ntok < cap.max_model_len)
+            held = int((-(-table.num_computed_tokens[finishing] // cap.block_size)).sum())
+        waiting = (owner == WAITING) & (table.num_tokens < cap.max_model_len)
         if len(self.workers) > 1:
             self.router.route_new(np.flatnonzero(owner == WAITING), self.latency.correction)
             if view.jobs:  # an idle worker takes jobs routed elsewhere rather than idle
@@ -338,7 +331,7 @@ class SchedulerCore:
         policy, table = self.policy, self.table
         cands = table.candidates(slots)
         keys = policy.keys(cands, now_s)
-        ties = table.tie[slots]
+        ties = table.tie_label[slots]
         if policy.preemptive:
             perm = np.lexsort((ties, keys))
         else:
@@ -350,7 +343,7 @@ class SchedulerCore:
                 held: int) -> tuple[np.ndarray, np.ndarray]:
         cap, table = view.capacity, self.table
         grow = None if reserve is None else reserve / cap.block_size
-        uncomputed, running = table.uncomputed(order), table.running[order]
+        uncomputed, running = table.uncomputed(order), table.is_running[order]
         budgets = Budgets(cap.max_num_seqs, cap.num_device_blocks - held, cap.max_num_batched_tokens,
                           self._prefill_allowance(order, running & (uncomputed == 1)))
         return select(need, uncomputed, running, budgets, self.policy.backfill, grow)
@@ -362,7 +355,7 @@ class SchedulerCore:
         if not latency.measured or not self.prefill_step_ratio:
             return None
         allowance = latency.chunk_allowance(int(np.count_nonzero(decoding)),
-                                            int(self.table.ntok[order][decoding].sum()), self.prefill_step_ratio)
+                                            int(self.table.num_tokens[order][decoding].sum()), self.prefill_step_ratio)
         return None if allowance is None else max(allowance, MIN_CHUNK_TOKENS)
 
     def _plan_memory(self, view: WorkerView, order: np.ndarray, taken: np.ndarray, used: int,
@@ -377,9 +370,9 @@ class SchedulerCore:
         paused = table.jobs[order[positions]].tolist()
         waits: dict[str, float] = {}
         if self.memory.uses_waits:  # the wait of a job: the remaining time of every job ahead
-            ahead = np.concatenate(([0.0], np.cumsum(table.rb[order] * self.latency.correction)))
+            ahead = np.concatenate(([0.0], np.cumsum(table.remaining_base_s[order] * self.latency.correction)))
             waits = dict(zip([job.job_id for job in paused], ahead[positions].tolist()))
-        host_used = int(table.host_blocks[table.owner == view.index].sum())
+        host_used = int(table.num_host_blocks[table.owner == view.index].sum())
         moves = self.memory.plan(paused, waits, cap, cap.num_device_blocks - used,
                                  cap.num_host_blocks - host_used)
         # Device-freeing moves first: the worker applies commands in order, and a prefetch
@@ -396,34 +389,23 @@ class SchedulerCore:
         if job.status is JobStatus.RUNNING:
             actions = actions or (KvAction.KEEP,)
             self.preemptions[actions[0].value] += 1
-            job.num_preemptions += 1
-            job.status = JobStatus.PAUSED
-            job.idle_since_s = now_s
-        job.kv = move.target
-        if move.target is KvPlace.NONE:
-            job.num_computed_tokens = 0
-        self._put(job)
+        self._set_status(job, JobStatus.PAUSED, now_s, kv=move.target)
         return [Pause(job.job_id, action) for action in actions]
 
     def _start(self, view: WorkerView, chosen: np.ndarray, now_s: float) -> list[Command]:
         table = self.table
-        starting = chosen[~table.running[chosen]]
+        starting = chosen[~table.is_running[chosen]]
         commands: list[Command] = []
         for job in table.jobs[starting].tolist():
-            job.queued_s += max(now_s - job.idle_since_s, 0.0)
             if job.status is JobStatus.WAITING:
-                del self.waiting[job.job_id]
-                self.router.unroute(job.job_id)
                 commands.append(Admit(job.job_id, job.all_token_ids(), job.worker_sampling,
                                       num_generated=job.num_output_tokens))
-                job.worker_id = view.worker_id
-                job.admit_step_id = view.next_step_id  # the plan being made
-                view.jobs[job.job_id] = job
+                # admit_step_id: the plan being made.
+                self._set_status(job, JobStatus.RUNNING, now_s, worker_id=view.worker_id,
+                                 admit_step_id=view.next_step_id)
             else:
                 commands.append(Resume(job.job_id))
-            job.status = JobStatus.RUNNING
-            job.kv = KvPlace.DEVICE
-            self._put(job)
+                self._set_status(job, JobStatus.RUNNING, now_s)
         return commands
 
     def _advance(self, chosen: np.ndarray, feed: np.ndarray) -> tuple[dict[str, int], set[str]]:
@@ -433,9 +415,9 @@ class SchedulerCore:
         slots, n = chosen[fed], feed[fed]
         # The table's token counts are the jobs' own: only this projection and ``_put`` change
         # them (a report confirms one pending token per output, which leaves the count as is).
-        ntok, ncomp = table.ntok[slots], table.ncomp[slots]
-        out = ncomp + n == ntok
-        chunk = ntok - ncomp > 1
+        num_tokens, num_computed = table.num_tokens[slots], table.num_computed_tokens[slots]
+        out = num_computed + n == num_tokens
+        chunk = num_tokens - num_computed > 1
         chunks: dict[str, int] = {}
         outputs: set[str] = set()
         for job, k, o, c in zip(table.jobs[slots].tolist(), n.tolist(), out.tolist(), chunk.tolist()):
@@ -445,12 +427,37 @@ class SchedulerCore:
             if o:
                 job.num_pending_outputs += 1
                 outputs.add(job.job_id)
-        table.ncomp[slots] = ncomp + n
-        table.ntok[slots] = ntok + out
-        table.dirty[slots] = True
+        table.num_computed_tokens[slots] = num_computed + n
+        table.num_tokens[slots] = num_tokens + out
+        table.is_stale[slots] = True
         return chunks, outputs
 
     # ----------------------------------------------------------------- helpers
+
+    def _set_status(self, job: Job, status: JobStatus, now_s: float, **fields) -> None:
+        """Every status change of a job goes through here: the job's own fields
+        (:meth:`Job.transition`, which refuses a change ``TRANSITIONS`` does not allow), then
+        what the core keeps beside it: the waiting queue and its routes, the worker's jobs,
+        and the job's table row (a finished job leaves the table)."""
+        before = job.status
+        held_by = job.worker_id if before in _ON_WORKER else None
+        job.transition(status, now_s, **fields)
+        if before is JobStatus.WAITING and status is not JobStatus.WAITING:
+            del self.waiting[job.job_id]
+            self.router.unroute(job.job_id)
+        elif status is JobStatus.WAITING:
+            self.waiting[job.job_id] = job
+        if held_by is not None and status not in _ON_WORKER:
+            view = self.workers.get(held_by)  # None: the worker is gone (``remove_worker``)
+            if view is not None:
+                view.jobs.pop(job.job_id)
+        elif held_by is None and status in _ON_WORKER:
+            self.workers[job.worker_id].jobs[job.job_id] = job
+        if status is JobStatus.FINISHED:
+            self.jobs.pop(job.job_id, None)
+            self.table.discard(job)
+        else:
+            self._put(job)
 
     def _put(self, job: Job) -> None:
         """Brings the job's row of the table in line with it (every change goes through here)."""
@@ -460,28 +467,10 @@ class SchedulerCore:
         self.table.put(job, owner, self.policy.estimate_of(job), host)
 
     def _to_waiting(self, job: Job, now_s: float) -> None:
-        if job.status in (JobStatus.WAITING, JobStatus.PAUSED):
-            job.queued_s += max(now_s - job.idle_since_s, 0.0)
-        job.status = JobStatus.WAITING
-        job.kv = KvPlace.NONE
-        job.worker_id = None
-        job.num_computed_tokens = 0
-        job.num_pending_outputs = 0
-        job.idle_since_s = now_s
-        self.waiting[job.job_id] = job
-        self._put(job)
+        self._set_status(job, JobStatus.WAITING, now_s)
 
     def _finish(self, job: Job, reason: FinishReason, now_s: float) -> None:
-        if job.status in (JobStatus.WAITING, JobStatus.PAUSED):
-            job.queued_s += max(now_s - job.idle_since_s, 0.0)
-        job.status = JobStatus.FINISHED
-        job.finish_reason = reason
-        job.finish_s = now_s
-        job.kv = KvPlace.NONE
-        job.num_pending_outputs = 0
-        self.jobs.pop(job.job_id, None)
-        self.router.unroute(job.job_id)
-        self.table.discard(job)
+        self._set_status(job, JobStatus.FINISHED, now_s, reason=reason)
         if reason is FinishReason.ABORTED:
             self.num_cancelled += 1
         else:

@@ -9,7 +9,7 @@ pause, KV move, resume, finish, refusal, lost worker, new estimate), never rebui
                       cannot change while it is idle (its tokens, KV, queue time and estimate
                       stay put), so its remaining time is computed once per idle spell, lazily,
                       by the first step that ranks it. A running job's moving parts (its
-                      projected tokens) are read from the job each step it is ranked.
+                      projected tokens) are written by each plan that feeds it.
 """
 
 from __future__ import annotations
@@ -73,23 +73,23 @@ class JobTable:
     """Numpy columns of the core's unfinished jobs, one slot each (slots are reused)."""
 
     _COLUMNS = {
-        "owner": np.int64,          # FREE, WAITING, or the index of the worker holding the job
-        "running": bool,            # job.status is RUNNING
-        "tie": np.int64,            # TieLabels label
-        "arrival": np.float64,
-        "queued": np.float64,       # job.queued_s
-        "idle_since": np.float64,   # job.idle_since_s
-        "ptok": np.int64,           # prompt tokens
-        "ntok": np.int64,           # job.num_tokens (running jobs: refreshed when ranked)
-        "ncomp": np.int64,          # job.num_computed_tokens (likewise)
+        "owner": np.int64,                  # FREE, WAITING, or the index of the worker holding the job
+        "is_running": bool,                 # job.status is RUNNING
+        "tie_label": np.int64,              # TieLabels label
+        "arrival_s": np.float64,
+        "queued_s": np.float64,
+        "idle_since_s": np.float64,
+        "num_prompt_tokens": np.int64,
+        "num_tokens": np.int64,             # running jobs: projected by each plan (``SchedulerCore._advance``)
+        "num_computed_tokens": np.int64,    # likewise
         "max_tokens": np.int64,
-        "mean": np.float64,         # the policy's estimate of the job
-        "p90": np.float64,
-        "host_blocks": np.int64,    # host blocks the job holds on its worker
-        "rb": np.float64,           # remaining time before the correction (idle: lazily)
-        "left": np.float64,         # remaining output tokens (idle: lazily)
-        "dirty": bool,              # rb / left not computed since the last put
-        "route": np.int64,          # worker index a waiting job is routed to (-1: none)
+        "estimate_mean": np.float64,        # the policy's length estimate of the job, in tokens
+        "estimate_p90": np.float64,
+        "num_host_blocks": np.int64,        # host blocks the job holds on its worker
+        "remaining_base_s": np.float64,     # remaining time before the correction (idle: lazily)
+        "remaining_tokens": np.float64,     # remaining output tokens (idle: lazily)
+        "is_stale": bool,                   # the two above not computed since the last put
+        "route": np.int64,                  # worker index a waiting job is routed to (-1: none)
     }
 
     def __init__(self, estimator: RemainingTimeEstimator, capacity: int = 256) -> None:
@@ -118,22 +118,22 @@ class JobTable:
             self.slot_of[job.job_id] = slot
             self.jobs[slot] = job
             self.route[slot] = -1
-            self.tie[slot] = self.ties.add(job)
+            self.tie_label[slot] = self.ties.add(job)
             if self.ties.epoch != self._epoch:
                 self._retie()
         self.owner[slot] = owner
-        self.running[slot] = job.status is JobStatus.RUNNING
-        self.arrival[slot] = job.arrival_s
-        self.queued[slot] = job.queued_s
-        self.idle_since[slot] = job.idle_since_s
-        self.ptok[slot] = len(job.prompt_token_ids)
-        self.ntok[slot] = job.num_tokens
-        self.ncomp[slot] = job.num_computed_tokens
+        self.is_running[slot] = job.status is JobStatus.RUNNING
+        self.arrival_s[slot] = job.arrival_s
+        self.queued_s[slot] = job.queued_s
+        self.idle_since_s[slot] = job.idle_since_s
+        self.num_prompt_tokens[slot] = len(job.prompt_token_ids)
+        self.num_tokens[slot] = job.num_tokens
+        self.num_computed_tokens[slot] = job.num_computed_tokens
         self.max_tokens[slot] = job.sampling.max_tokens
-        self.mean[slot] = estimate.mean
-        self.p90[slot] = estimate.p90
-        self.host_blocks[slot] = host_blocks
-        self.dirty[slot] = True
+        self.estimate_mean[slot] = estimate.mean
+        self.estimate_p90[slot] = estimate.p90
+        self.num_host_blocks[slot] = host_blocks
+        self.is_stale[slot] = True
 
     def discard(self, job: Job) -> None:
         slot = self.slot_of.pop(job.job_id, None)
@@ -146,40 +146,43 @@ class JobTable:
 
     def mark_stale(self) -> None:
         """Every cached remaining time is stale (the latency model changed)."""
-        self.dirty[:] = True
+        self.is_stale[:] = True
 
     # ----------------------------------------------------------------- reads
 
     def fill_remaining(self, slots: np.ndarray) -> None:
-        """Computes ``rb`` and ``left`` where they are stale, for the jobs at ``slots``."""
-        todo = slots[self.dirty[slots]]
+        """Computes ``remaining_base_s`` and ``remaining_tokens`` where they are stale, for the
+        jobs at ``slots``."""
+        todo = slots[self.is_stale[slots]]
         if not len(todo):
             return
-        gen = self.ntok[todo] - self.ptok[todo]
-        rb, left = self.estimator.remaining_base_arrays(
-            gen, self.ntok[todo], self.ncomp[todo], self.max_tokens[todo], self.mean[todo], self.p90[todo])
-        self.rb[todo] = rb
-        self.left[todo] = left
-        self.dirty[todo] = False
+        num_tokens = self.num_tokens[todo]
+        seconds, tokens = self.estimator.remaining_base_arrays(
+            num_tokens - self.num_prompt_tokens[todo], num_tokens, self.num_computed_tokens[todo],
+            self.max_tokens[todo], self.estimate_mean[todo], self.estimate_p90[todo])
+        self.remaining_base_s[todo] = seconds
+        self.remaining_tokens[todo] = tokens
+        self.is_stale[todo] = False
 
     def candidates(self, slots: np.ndarray) -> Candidates:
         """The policy's view of the jobs at ``slots`` (remaining times filled in)."""
         self.fill_remaining(slots)
+        num_prompt = self.num_prompt_tokens[slots]
         return Candidates(
-            running=self.running[slots], arrival_s=self.arrival[slots], queued_s=self.queued[slots],
-            idle_since_s=self.idle_since[slots], prompt_tokens=self.ptok[slots],
-            generated=self.ntok[slots] - self.ptok[slots], remaining_s=self.rb[slots],
-            tokens_left=self.left[slots])
+            running=self.is_running[slots], arrival_s=self.arrival_s[slots], queued_s=self.queued_s[slots],
+            idle_since_s=self.idle_since_s[slots], prompt_tokens=num_prompt,
+            generated=self.num_tokens[slots] - num_prompt, remaining_s=self.remaining_base_s[slots],
+            tokens_left=self.remaining_tokens[slots])
 
     def uncomputed(self, slots: np.ndarray) -> np.ndarray:
-        return self.ntok[slots] - self.ncomp[slots]
+        return self.num_tokens[slots] - self.num_computed_tokens[slots]
 
     # ----------------------------------------------------------------- storage
 
     def _retie(self) -> None:
         labels = self.ties.label
         for job_id, slot in self.slot_of.items():
-            self.tie[slot] = labels[job_id]
+            self.tie_label[slot] = labels[job_id]
         self._epoch = self.ties.epoch
 
     def _grow(self) -> None:
