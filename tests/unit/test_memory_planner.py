@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from alise.core.blocks import WorkerCapacity, held_device_blocks, held_host_blocks, place_blocks
 from alise.core.commands import KvAction, Pause
 from alise.core.job import JobStatus, KvPlace
-from alise.core.kv_places import actions_between
+from alise.core.kv_places import PLACES, KvMoveRefused, actions_between, move_label
 from alise.core.memory_planner import AdaptivePlanner, KvCostModel, make_memory_planner
 from alise.core.policy import make_policy
 from alise.core.scheduler import SchedulerCore
@@ -42,6 +42,30 @@ def test_transitions_are_the_worker_commands_in_order():
         KvAction.QUANTIZE_INT8, KvAction.SWAP_TO_HOST)
     assert actions_between(KvPlace.HOST_INT4, KvPlace.DEVICE_INT4) == (KvAction.KEEP,)
     assert actions_between(KvPlace.DEVICE_INT8, KvPlace.NONE) == (KvAction.DROP,)
+
+
+def test_the_planners_moves_are_exactly_those_the_worker_commands_make():
+    """For every pair of places, the commands reach the target (``actions_between``) exactly
+    when it is a downgrade of ``PLACES``, a prefetch back to the device, a drop (from
+    anywhere) or no move at all; a downgrade frees device blocks; each place names its move."""
+    for source, place in PLACES.items():
+        for target, there in PLACES.items():
+            prefetch = place.on_host and target is place.device
+            expected = target in (source, KvPlace.NONE) or target in place.downgrades or prefetch
+            try:
+                actions_between(source, target)
+                reached = True
+            except KvMoveRefused:
+                reached = False
+            assert reached == expected, (source, target)
+            if target in place.downgrades:
+                assert place.on_device and place_blocks(target, 64, BS) * there.on_device < place_blocks(source, 64, BS)
+        for counterpart in (place.device, place.host):
+            assert counterpart is None or PLACES[counterpart].bits == place.bits
+    assert len({p.label for p in PLACES.values()}) == len(PLACES)
+    assert move_label(KvPlace.DEVICE, KvPlace.HOST_INT8) == "swap-int8"
+    assert move_label(KvPlace.HOST_INT8, KvPlace.DEVICE_INT8) == "prefetch"
+    assert move_label(KvPlace.HOST, KvPlace.NONE) == "drop"
 
 
 def test_soon_job_is_quantized_long_waiter_is_swapped():

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from alise.core.job import Job, KvPlace
-from alise.core.kv_places import DEVICE_PLACES, HOST_PLACES, bits_of
+from alise.core.kv_places import PLACES
 
 
 def blocks_for(num_tokens: int, block_size: int) -> int:
@@ -39,20 +39,20 @@ def place_blocks(place: KvPlace, num_cached_tokens: int, block_size: int) -> int
     if place is KvPlace.NONE:
         return 0
     full = blocks_for(num_cached_tokens, block_size)
-    bits = bits_of(place)
+    bits = PLACES[place].bits
     return full if bits == 16 else quantized_blocks(full, bits)
 
 
 def held_device_blocks(job: Job, block_size: int) -> int:
     """Device blocks a job holds between steps, given where its KV lives."""
-    if job.kv not in DEVICE_PLACES:
+    if not PLACES[job.kv].on_device:
         return 0
     return place_blocks(job.kv, job.num_computed_tokens, block_size)
 
 
 def held_host_blocks(job: Job, block_size: int) -> int:
     """Host blocks a job holds: its device footprint at the moment it was swapped out."""
-    if job.kv not in HOST_PLACES:
+    if not PLACES[job.kv].on_host:
         return 0
     return place_blocks(job.kv, job.num_computed_tokens, block_size)
 

@@ -51,19 +51,8 @@ from alise.core.blocks import WorkerCapacity, blocks_for, place_blocks
 from alise.core.choices import PLANNER_NAMES
 from alise.core.commands import KvAction
 from alise.core.job import Job, JobStatus, KvPlace
-from alise.core.kv_places import (
-    DEVICE_OF, DEVICE_PLACES, HOST_OF, HOST_PLACES, actions_between, bits_of,
-)
+from alise.core.kv_places import PLACES, actions_between
 from alise.core.latency_model import LatencyModel
-
-#: Targets reachable from each place while a job is paused (downgrades only; prefetch apart).
-DOWNGRADES = {
-    KvPlace.DEVICE: (KvPlace.DEVICE_INT8, KvPlace.DEVICE_INT4, KvPlace.HOST, KvPlace.HOST_INT8,
-                     KvPlace.HOST_INT4, KvPlace.NONE),
-    KvPlace.DEVICE_INT8: (KvPlace.DEVICE_INT4, KvPlace.HOST_INT8, KvPlace.HOST_INT4, KvPlace.NONE),
-    KvPlace.DEVICE_INT4: (KvPlace.HOST_INT4, KvPlace.NONE),
-}
-
 
 @dataclass(frozen=True)
 class KvMove:
@@ -108,11 +97,11 @@ class KvCostModel:
             return self.latency.step_s(1, n, (n,)) - self.latency.step_s(1, 0)
         full = blocks_for(job.num_computed_tokens, block_size)
         cost = 0.0
-        bits = bits_of(target)
-        if bits < bits_of(source):
+        bits = PLACES[target].bits
+        if bits < PLACES[source].bits:
             cost += 2 * self.bytes_of(full) / self.quantize_bytes_per_s
             cost += self.int8_penalty_s if bits == 8 else self.int4_penalty_s
-        if target in HOST_PLACES and source not in HOST_PLACES:
+        if PLACES[target].on_host and not PLACES[source].on_host:
             moved = place_blocks(target, job.num_computed_tokens, block_size)
             # Blocks freed to make room now are needed now: the swap-out is exposed (the
             # worker frees them when the copy lands); the swap-in is hidden by a prefetch
@@ -133,12 +122,12 @@ class _Slot:
     pausing: bool
 
     def device_blocks(self, block_size: int) -> int:
-        if self.place not in DEVICE_PLACES:
+        if not PLACES[self.place].on_device:
             return 0
         return place_blocks(self.place, self.job.num_computed_tokens, block_size)
 
     def host_blocks(self, block_size: int) -> int:
-        if self.place not in HOST_PLACES:
+        if not PLACES[self.place].on_host:
             return 0
         return place_blocks(self.place, self.job.num_computed_tokens, block_size)
 
@@ -166,7 +155,7 @@ class DropPlanner(MemoryPlanner):
         moves = []
         for job in paused:
             held = place_blocks(job.kv, job.num_computed_tokens, capacity.block_size) \
-                if job.kv in DEVICE_PLACES else 0
+                if PLACES[job.kv].on_device else 0
             target = job.kv if held <= device_budget else KvPlace.NONE
             device_budget -= held if target is job.kv else 0
             if target is not job.kv or job.status is JobStatus.RUNNING:
@@ -225,8 +214,9 @@ class AdaptivePlanner(MemoryPlanner):
         for slot in sorted(slots, key=lambda s: -s.wait_s):
             if demand <= target_blocks:
                 break
-            host = HOST_OF.get(slot.place)
-            if host is None or host not in self.allowed or slot.place is not slot.source:
+            here = PLACES[slot.place]
+            host = here.host
+            if not here.on_device or host not in self.allowed or slot.place is not slot.source:
                 continue
             need = place_blocks(host, slot.job.num_computed_tokens, bs)
             if need > host_free or slot.wait_s < self.hysteresis * self._horizon_s(slot, bs, host):
@@ -239,11 +229,11 @@ class AdaptivePlanner(MemoryPlanner):
     def _prefetch(self, slots: list[_Slot], bs: int, budget: int) -> None:
         free = budget - sum(s.device_blocks(bs) for s in slots)
         for slot in sorted(slots, key=lambda s: s.wait_s):
-            if slot.place not in HOST_PLACES or slot.place is not slot.source:
+            if not PLACES[slot.place].on_host or slot.place is not slot.source:
                 continue
             if slot.wait_s > self._horizon_s(slot, bs, slot.place):
                 continue
-            device = DEVICE_OF[slot.place]
+            device = PLACES[slot.place].device
             need = place_blocks(device, slot.job.num_computed_tokens, bs)
             if need <= free:
                 slot.place = device
@@ -267,13 +257,13 @@ class AdaptivePlanner(MemoryPlanner):
             if held == 0:
                 continue
             now_cost = self._cost(slot, slot.place, bs)
-            for target in DOWNGRADES.get(slot.place, ()):
+            for target in PLACES[slot.place].downgrades:
                 if target not in self.allowed and target is not KvPlace.NONE:
                     continue
                 freed = held - (place_blocks(target, slot.job.num_computed_tokens, bs)
-                                if target in DEVICE_PLACES else 0)
+                                if PLACES[target].on_device else 0)
                 host_need = (place_blocks(target, slot.job.num_computed_tokens, bs)
-                             if target in HOST_PLACES else 0)
+                             if PLACES[target].on_host else 0)
                 if freed <= 0 or host_need > host_free:
                     continue
                 cost = self._cost(slot, target, bs) - now_cost

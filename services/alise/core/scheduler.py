@@ -41,7 +41,7 @@ from alise.core.commands import (
     Abort, Admit, Command, HeldJob, KvAction, Pause, Resume, StepPlan, StepReport, TokenEvent,
 )
 from alise.core.job import FinishReason, Job, JobStatus, KvPlace, LengthEstimate
-from alise.core.kv_places import HOST_PLACES
+from alise.core.kv_places import PLACES, move_label
 from alise.core.latency_model import LatencyModel
 from alise.core.memory_planner import KvMove, MemoryPlanner, make_memory_planner
 from alise.core.policy import Policy, RemainingTimeEstimator
@@ -377,7 +377,7 @@ class SchedulerCore:
                                  cap.num_host_blocks - host_used)
         # Device-freeing moves first: the worker applies commands in order, and a prefetch
         # (host -> device) may need the blocks that a swap-out or quantization frees.
-        moves.sort(key=lambda move: move.job.kv in HOST_PLACES)
+        moves.sort(key=lambda move: PLACES[move.job.kv].on_host)
         commands: list[Command] = []
         for move in moves:
             commands += self._apply_move(move, now_s)
@@ -385,7 +385,7 @@ class SchedulerCore:
 
     def _apply_move(self, move: KvMove, now_s: float) -> list[Command]:
         job, actions = move.job, move.actions
-        self.kv_moves[_move_label(job.kv, move.target)] += 1
+        self.kv_moves[move_label(job.kv, move.target)] += 1
         if job.status is JobStatus.RUNNING:
             actions = actions or (KvAction.KEEP,)
             self.preemptions[actions[0].value] += 1
@@ -478,11 +478,4 @@ class SchedulerCore:
 
     def num_with_status(self, status: JobStatus) -> int:
         return sum(1 for job in self.jobs.values() if job.status is status)
-
-
-def _move_label(source: KvPlace, target: KvPlace) -> str:
-    if source in HOST_PLACES and target is not KvPlace.NONE:
-        return "prefetch"
-    return {KvPlace.DEVICE: "keep", KvPlace.HOST: "swap", KvPlace.HOST_INT8: "swap-int8",
-            KvPlace.HOST_INT4: "swap-int4", KvPlace.NONE: "drop"}.get(target, target.value)
 

@@ -26,9 +26,7 @@ from typing import Protocol
 from alise.core.blocks import QUANTIZED_FRACTION, blocks_for, quantized_blocks
 from alise.core.commands import KvAction
 from alise.core.job import KvPlace
-from alise.core.kv_places import (
-    DEVICE_OF, DEVICE_PLACES, HOST_OF, HOST_PLACES, QUANTIZED_AT, KvMoveRefused, bits_of, pause_target,
-)
+from alise.core.kv_places import PLACES, QUANTIZED_AT, KvMoveRefused, pause_target
 from alise.worker.block_allocator import BlockAllocator
 
 
@@ -134,19 +132,19 @@ class KvManager:
             return self._swap_in(seq)
         if action is KvAction.SWAP_TO_HOST:
             return self._swap_out(seq)
-        return self._quantize(seq, bits_of(target))
+        return self._quantize(seq, PLACES[target].bits)
 
     def resume(self, seq: KvState) -> str | None:
         """Back to full precision on the device (swap-in, then dequantize), or refuse whole."""
         full = blocks_for(seq.num_cached, self.block_size)
-        held = len(seq.block_table) if seq.place in DEVICE_PLACES else 0
+        held = len(seq.block_table) if PLACES[seq.place].on_device else 0
         need = full - held if seq.place is not KvPlace.NONE else 0
         if need > self.num_free_device:
             return f"no free device blocks to resume: {need} needed, {self.num_free_device} free"
-        if seq.place in HOST_PLACES:
+        if PLACES[seq.place].on_host:
             self._swap_in(seq)
-        bits = bits_of(seq.place)
-        if seq.place in DEVICE_PLACES and bits < 16 and full:
+        bits = PLACES[seq.place].bits
+        if PLACES[seq.place].on_device and bits < 16 and full:
             self.wait_ready([seq])
             extra = self.allocate(full - len(seq.block_table))
             table = seq.block_table + extra
@@ -182,7 +180,7 @@ class KvManager:
         full = blocks_for(seq.num_cached, self.block_size)
         keep = quantized_blocks(full, bits)
         if full:
-            self.mover.quantize(seq.block_table, full, keep, bits_of(seq.place), bits)
+            self.mover.quantize(seq.block_table, full, keep, PLACES[seq.place].bits, bits)
             self.allocator.free(seq.block_table[keep:])
             seq.block_table = seq.block_table[:keep]
         seq.place = QUANTIZED_AT[bits]
@@ -200,7 +198,7 @@ class KvManager:
         else:
             self.pending_out.append((ready, seq.block_table))
         seq.block_table, seq.host_blocks = [], host
-        seq.place = HOST_OF[seq.place]
+        seq.place = PLACES[seq.place].host
         return None
 
     def _swap_in(self, seq: KvState) -> str | None:
@@ -211,5 +209,5 @@ class KvManager:
         seq.ready = self.mover.copy_in(seq.host_blocks, device)
         self.host_allocator.free(seq.host_blocks)
         seq.block_table, seq.host_blocks = device, []
-        seq.place = DEVICE_OF[seq.place]
+        seq.place = PLACES[seq.place].device
         return None
