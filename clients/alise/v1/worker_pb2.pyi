@@ -1,27 +1,11 @@
 from alise.v1 import common_pb2 as _common_pb2
 from google.protobuf.internal import containers as _containers
-from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
-
-class KvLocation(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
-    __slots__ = ()
-    KV_LOCATION_UNSPECIFIED: _ClassVar[KvLocation]
-    KV_LOCATION_DEVICE: _ClassVar[KvLocation]
-    KV_LOCATION_DEVICE_INT8: _ClassVar[KvLocation]
-    KV_LOCATION_DEVICE_INT4: _ClassVar[KvLocation]
-    KV_LOCATION_HOST: _ClassVar[KvLocation]
-    KV_LOCATION_NONE: _ClassVar[KvLocation]
-KV_LOCATION_UNSPECIFIED: KvLocation
-KV_LOCATION_DEVICE: KvLocation
-KV_LOCATION_DEVICE_INT8: KvLocation
-KV_LOCATION_DEVICE_INT4: KvLocation
-KV_LOCATION_HOST: KvLocation
-KV_LOCATION_NONE: KvLocation
 
 class WorkerMessage(_message.Message):
     __slots__ = ("hello", "report")
@@ -171,7 +155,7 @@ class AbortJob(_message.Message):
     def __init__(self, job_id: _Optional[str] = ...) -> None: ...
 
 class StepReport(_message.Message):
-    __slots__ = ("step_id", "outputs", "step_duration_s", "num_prefill_tokens", "num_decode_tokens", "num_free_device_blocks", "num_free_host_blocks", "refused", "kv_states", "free_device_bytes", "num_seqs", "num_context_tokens", "chunk_starts", "chunk_tokens", "census_job_ids")
+    __slots__ = ("step_id", "outputs", "step_duration_s", "num_prefill_tokens", "num_decode_tokens", "num_free_device_blocks", "num_free_host_blocks", "refused", "num_seqs", "num_context_tokens", "chunk_starts", "chunk_tokens", "census_job_ids")
     STEP_ID_FIELD_NUMBER: _ClassVar[int]
     OUTPUTS_FIELD_NUMBER: _ClassVar[int]
     STEP_DURATION_S_FIELD_NUMBER: _ClassVar[int]
@@ -180,8 +164,6 @@ class StepReport(_message.Message):
     NUM_FREE_DEVICE_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     NUM_FREE_HOST_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     REFUSED_FIELD_NUMBER: _ClassVar[int]
-    KV_STATES_FIELD_NUMBER: _ClassVar[int]
-    FREE_DEVICE_BYTES_FIELD_NUMBER: _ClassVar[int]
     NUM_SEQS_FIELD_NUMBER: _ClassVar[int]
     NUM_CONTEXT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     CHUNK_STARTS_FIELD_NUMBER: _ClassVar[int]
@@ -195,14 +177,12 @@ class StepReport(_message.Message):
     num_free_device_blocks: int
     num_free_host_blocks: int
     refused: _containers.RepeatedCompositeFieldContainer[CommandResult]
-    kv_states: _containers.RepeatedCompositeFieldContainer[JobKvState]
-    free_device_bytes: int
     num_seqs: int
     num_context_tokens: int
     chunk_starts: _containers.RepeatedScalarFieldContainer[int]
     chunk_tokens: _containers.RepeatedScalarFieldContainer[int]
     census_job_ids: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, step_id: _Optional[int] = ..., outputs: _Optional[_Iterable[_Union[JobOutput, _Mapping]]] = ..., step_duration_s: _Optional[float] = ..., num_prefill_tokens: _Optional[int] = ..., num_decode_tokens: _Optional[int] = ..., num_free_device_blocks: _Optional[int] = ..., num_free_host_blocks: _Optional[int] = ..., refused: _Optional[_Iterable[_Union[CommandResult, _Mapping]]] = ..., kv_states: _Optional[_Iterable[_Union[JobKvState, _Mapping]]] = ..., free_device_bytes: _Optional[int] = ..., num_seqs: _Optional[int] = ..., num_context_tokens: _Optional[int] = ..., chunk_starts: _Optional[_Iterable[int]] = ..., chunk_tokens: _Optional[_Iterable[int]] = ..., census_job_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+    def __init__(self, step_id: _Optional[int] = ..., outputs: _Optional[_Iterable[_Union[JobOutput, _Mapping]]] = ..., step_duration_s: _Optional[float] = ..., num_prefill_tokens: _Optional[int] = ..., num_decode_tokens: _Optional[int] = ..., num_free_device_blocks: _Optional[int] = ..., num_free_host_blocks: _Optional[int] = ..., refused: _Optional[_Iterable[_Union[CommandResult, _Mapping]]] = ..., num_seqs: _Optional[int] = ..., num_context_tokens: _Optional[int] = ..., chunk_starts: _Optional[_Iterable[int]] = ..., chunk_tokens: _Optional[_Iterable[int]] = ..., census_job_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class JobOutput(_message.Message):
     __slots__ = ("job_id", "token_ids", "finish_reason", "num_tokens")
@@ -225,18 +205,6 @@ class CommandResult(_message.Message):
     command: str
     reason: str
     def __init__(self, job_id: _Optional[str] = ..., command: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
-
-class JobKvState(_message.Message):
-    __slots__ = ("job_id", "location", "num_device_blocks", "num_host_blocks")
-    JOB_ID_FIELD_NUMBER: _ClassVar[int]
-    LOCATION_FIELD_NUMBER: _ClassVar[int]
-    NUM_DEVICE_BLOCKS_FIELD_NUMBER: _ClassVar[int]
-    NUM_HOST_BLOCKS_FIELD_NUMBER: _ClassVar[int]
-    job_id: str
-    location: KvLocation
-    num_device_blocks: int
-    num_host_blocks: int
-    def __init__(self, job_id: _Optional[str] = ..., location: _Optional[_Union[KvLocation, str]] = ..., num_device_blocks: _Optional[int] = ..., num_host_blocks: _Optional[int] = ...) -> None: ...
 
 class Shutdown(_message.Message):
     __slots__ = ("reason",)
