@@ -109,8 +109,6 @@ class Job:
     first_token_s: float | None = None
     finish_s: float | None = None
     finish_reason: FinishReason | None = None
-    #: Re-estimated remaining output length after the job outran its prediction.
-    overrun_estimate: float | None = None
     #: Step id of the plan that admitted the job to its worker (0: adopted from the worker's
     #: hello); from that step on the worker holds it (``alise.core.census``).
     admit_step_id: int = 0

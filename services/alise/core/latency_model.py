@@ -126,7 +126,7 @@ class LatencyModel:
         """Time to prefill one prompt alone (T_pre(s) of the paper)."""
         return self.step_s(1, num_tokens, (num_tokens,))
 
-    def decode_token_s(self, context: int, batch_size: int = 1, batch_context: int = 0) -> float:
+    def decode_token_s(self, context: int, batch_size: int = 1) -> float:
         """Marginal cost one sequence adds to a decode step in a batch of ``batch_size``.
 
         The fixed per-step cost is shared by the batch, so each member is charged
@@ -134,13 +134,6 @@ class LatencyModel:
         """
         return (self.decode_member_base_s(context, batch_size) * self.correction
                 + self.c_cycle_s / max(batch_size, 1))
-
-    def decode_s(self, context: int, num_tokens: int, batch_size: int = 1) -> float:
-        """Time to generate ``num_tokens`` from a context of ``context`` (T_dec(s, n))."""
-        if num_tokens <= 0:
-            return 0.0
-        mean_context = context + (num_tokens - 1) / 2
-        return num_tokens * self.decode_token_s(mean_context, batch_size)
 
     def observe_step(self, measured_s: float, num_seqs: int, total_context: int,
                      prefill_lens: Sequence[int] = (), prefill_starts: Sequence[int] = (),
