@@ -1,7 +1,8 @@
 """KV moves on a virtual clock: the simulator's ``KvMover`` (``alise.worker.kv_manager``).
 
-The worker's own KV manager runs the commands (same block ids, same refusals); this mover
-moves no bytes and keeps time instead:
+The worker's own KV manager runs the commands (the same places and transitions, those of
+``alise.core.kv_places.PLACES``, the same block ids, the same refusals); this mover moves no
+bytes and keeps time instead:
 
 * copies (swap-out, swap-in) queue on one copy engine at ``swap_bytes_per_s``; a swap-out's
   device blocks stay allocated until its copy lands (exactly like the CUDA side stream), and
