@@ -6,7 +6,7 @@ In-process scheduler and one worker (the embedded tiny-llama, random weights) ov
 gRPC; ``--streams`` concurrent Generate calls of ``--tokens`` tokens each. Alternates, round
 by round, the engine's two orders of work after a report: next plans first, then the tokens to
 the streams (``tokens_after_plans``, the default), or tokens first. Prints, per order, the
-cycle split the scheduler measures (alise.scheduler.engine.CycleTimes) and the wall time.
+cycle split the scheduler measures (alise.scheduler.worker_link.CycleTimes) and the wall time.
 Ratios within one run are what count on a shared CPU.
 """
 
@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from alise.client import AsyncClient  # noqa: E402
 from alise.scheduler.config import SchedulerConfig  # noqa: E402
-from alise.scheduler.engine import CycleTimes  # noqa: E402
+from alise.scheduler.worker_link import CycleTimes  # noqa: E402
 from alise.scheduler.service import start_scheduler  # noqa: E402
 from alise.worker.config import WorkerConfig  # noqa: E402
 from alise.worker.service import Worker  # noqa: E402

@@ -122,11 +122,11 @@ async def one_configuration(overrides: dict, token: str | None, certs: dict[str,
     client = AsyncClient(f"127.0.0.1:{server.port}", token=token, tls_ca=certs["ca.pem"] if tls else None)
     waiting = asyncio.ensure_future(client.complete(PROMPT, max_tokens=2))
     for _ in range(500):
-        if server.engine.num_live_jobs() or waiting.done():
+        if server.streams.num_live() or waiting.done():
             break
         await asyncio.sleep(0.02)
     rows = []
-    if not server.engine.num_live_jobs():
+    if not server.streams.num_live():
         rows.append(("(a client)", "could not queue its prompt: " + (
             repr(waiting.exception())[:60] if waiting.done() and waiting.exception() else "no answer")))
     try:

@@ -4,6 +4,8 @@ model), jobs, and a lock-step driver."""
 from __future__ import annotations
 
 from alise.core.blocks import WorkerCapacity
+from alise.core.commands import AbortJobs, StepPlan
+from alise.core.dispatch import keep_in_flight
 from alise.core.job import Job, LengthEstimate
 from alise.core.latency_model import LatencyModel
 from alise.core.policy import make_policy
@@ -37,8 +39,16 @@ def make_job(job_id: str, prompt_len: int, max_tokens: int = 64, arrival_s: floa
 
 
 def step(core: SchedulerCore, worker: WorkerEngine, now_s: float = 0.0, worker_id: str = "w0"):
-    """One lock-step round: plan, run on the virtual worker, report back. Returns (plan, events)."""
-    plan = core.schedule(worker_id, now_s)
+    """One lock-step round (``keep_in_flight`` with one plan): aborts to the virtual worker,
+    then a plan run there and reported back. Returns (plan, events), an empty plan when there
+    was nothing to do."""
+    plan = StepPlan(step_id=0)
+    for message in keep_in_flight(core, worker_id, now_s, plans_ahead=1):
+        match message:
+            case AbortJobs(job_ids, through):
+                worker.abort(job_ids, through)
+            case StepPlan():
+                plan = message
     if plan.is_empty:
         return plan, []
     report = worker.run(plan)

@@ -55,7 +55,7 @@ async def test_a_frozen_worker_is_dropped_its_jobs_move_and_it_comes_back_clean(
         await asyncio.sleep(1.5)  # a census of the thawed worker
         status = {w["worker_id"]: w for w in (await client.status()).workers}
     assert [len(g) for g in got] == [200, 200, 200]
-    assert not engine.orphans
+    assert not c.scheduler.streams.orphans
     kept = [r.getMessage() for r in caplog.records if "kept" in r.getMessage()]
     assert kept and "kept 3 jobs under this scheduler" in kept[0] and "0 adopted" in kept[0], kept
     assert status["frozen"]["num_censuses"] > 0 and status["frozen"]["num_ghost_jobs"] == 0

@@ -232,10 +232,10 @@ def test_text_prompts_are_bounded_in_characters_before_they_are_tokenized(live, 
     from alise.client import InvalidRequest
     from alise.scheduler.request_checks import MAX_CHARS_PER_TOKEN
 
-    servicer = live.cluster.scheduler.servicer
+    checks = live.cluster.scheduler.servicer.checks
     encoded = []
-    real_encode = servicer._encode
-    monkeypatch.setattr(servicer, "_encode", lambda text: encoded.append(len(text)) or real_encode(text))
+    real_encode = checks._encode
+    monkeypatch.setattr(checks, "_encode", lambda text: encoded.append(len(text)) or real_encode(text))
     limit = 256 * MAX_CHARS_PER_TOKEN  # the live door's context is 256 tokens
     with Client(live.address) as client:
         for num_chars in (limit + 1, 1_000_000):  # parsed, and refused from its raw bytes

@@ -64,7 +64,7 @@ async def test_full_queue_is_429_with_retry_after_and_deadline_is_504():
     try:
         async with httpx.AsyncClient(base_url=http.base_url, timeout=30) as h:
             waiting = asyncio.create_task(h.post("/v1/completions", json={"prompt": "first", "max_tokens": 2}))
-            while scheduler.engine.num_live_jobs() == 0:
+            while scheduler.streams.num_live() == 0:
                 await asyncio.sleep(0.01)
             busy = await h.post("/v1/completions", json={"prompt": "second", "max_tokens": 2, "stream": True})
             assert busy.status_code == 429 and int(busy.headers["retry-after"]) >= 1
@@ -74,11 +74,11 @@ async def test_full_queue_is_429_with_retry_after_and_deadline_is_504():
             assert late.status_code == 504 and late.json()["error"]["code"] == "DEADLINE_EXCEEDED"
         # The expired job leaves the queue once the scheduler sees its stream go; until then it
         # would pass for the next blocker and let the request meant to be refused take its place.
-        while scheduler.engine.num_live_jobs() != 0:
+        while scheduler.streams.num_live() != 0:
             await asyncio.sleep(0.01)
         async with openai.AsyncOpenAI(base_url=f"{http.base_url}/v1", api_key="x", max_retries=0) as client:
             blocker = asyncio.create_task(client.completions.create(model="tiny-llama", prompt="a", max_tokens=2))
-            while scheduler.engine.num_live_jobs() == 0:
+            while scheduler.streams.num_live() == 0:
                 await asyncio.sleep(0.01)
             with pytest.raises(openai.RateLimitError):
                 await client.completions.create(model="tiny-llama", prompt="b", max_tokens=2)
@@ -135,20 +135,20 @@ async def test_a_stream_is_opened_when_the_scheduler_accepts_it_and_not_before()
             async with h.stream("POST", "/v1/completions", json=body) as reply:
                 assert reply.status_code == 200
                 assert reply.headers["content-type"].startswith("text/event-stream")
-                assert scheduler.engine.num_live_jobs() == 1  # queued, no token yet
+                assert scheduler.streams.num_live() == 1  # queued, no token yet
             refused = await h.post("/v1/completions", json={**body, "top_p": 5.0})
             assert refused.status_code == 400  # refused before acceptance: its own status
         for _ in range(300):  # the closed stream cancelled its job
-            if scheduler.engine.num_live_jobs() == 0:
+            if scheduler.streams.num_live() == 0:
                 break
             await asyncio.sleep(0.01)
-        assert scheduler.engine.num_live_jobs() == 0
+        assert scheduler.streams.num_live() == 0
 
         address = f"127.0.0.1:{scheduler.port}"
         accepted = []
 
         async def note() -> None:
-            accepted.append(scheduler.engine.num_live_jobs())
+            accepted.append(scheduler.streams.num_live())
 
         async with AsyncClient(address) as client:
             stream = client.generate("queued", max_tokens=2, on_accepted=note, timeout_s=0.5)

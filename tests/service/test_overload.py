@@ -21,7 +21,7 @@ async def test_full_queue_is_resource_exhausted_with_retry_hint(tiny_llama_dir):
     async with cluster(str(tiny_llama_dir), num_workers=0, max_queued=2) as c, c.client() as client:
         waiting = [asyncio.create_task(client.complete(f"q{i}", max_tokens=3, ignore_eos=True))
                    for i in range(2)]
-        while c.scheduler.engine.num_live_jobs() < 2:
+        while c.scheduler.streams.num_live() < 2:
             await asyncio.sleep(0.02)
         with pytest.raises(Overloaded, match="server busy") as info:
             await client.complete("one too many", max_tokens=3)

@@ -45,7 +45,7 @@ async def test_bad_request_ids_are_refused(tiny_llama_dir, request_id, says):
     async with cluster(str(tiny_llama_dir), num_workers=0) as c, c.client() as client:
         with pytest.raises(InvalidRequest, match=says):
             await client.complete("hi", max_tokens=2, request_id=request_id)
-        assert c.scheduler.engine.num_live_jobs() == 0
+        assert c.scheduler.streams.num_live() == 0
 
 
 async def test_a_forged_line_and_a_huge_id_stay_one_short_line(tiny_llama_dir, service_log):

@@ -182,7 +182,7 @@ async def test_a_resumed_stream_goes_on_after_the_tokens_the_client_has(tiny_lla
     from alise.v1 import scheduler_pb2_grpc
 
     async with cluster(str(tiny_llama_dir)) as c, c.client() as client:
-        c.scheduler.engine.adoption_grace_s = 0.0
+        c.scheduler.streams.adoption_grace_s = 0.0
         whole = await client.complete("resume me", max_tokens=12, temperature=0.0, ignore_eos=True)
         request = build_request("resume me", max_tokens=12, temperature=0.0, top_p=None, top_k=0, seed=None,
                                 stop_token_ids=(), ignore_eos=True, request_id="again", oracle_output_tokens=0)

@@ -46,7 +46,7 @@ async def waiting_prompt(server, address: str, **client_kwargs) -> asyncio.Task:
         async with AsyncClient(address, **client_kwargs) as client:
             return await client.complete(PROMPT, max_tokens=2, ignore_eos=True)
     task = asyncio.create_task(ask())
-    while server.engine.num_live_jobs() == 0:
+    while server.streams.num_live() == 0:
         await asyncio.sleep(0.02)
     return task
 

@@ -7,7 +7,8 @@ from __future__ import annotations
 from collections import deque
 
 import pytest
-from alise.core.commands import Admit
+from alise.core.commands import AbortJobs, Admit, StepPlan
+from alise.core.dispatch import keep_in_flight
 from alise.core.sampling import SamplingParams
 from corekit import make_job, make_scheduler
 from hypothesis import given, settings
@@ -17,8 +18,9 @@ NUM_BLOCKS = 40
 
 
 class Stream:
-    """The scheduler -> worker stream and the worker's two queues, as the worker service
-    keeps them: plans in order, aborts applied at the next step boundary ahead of them."""
+    """The scheduler -> worker stream (what ``keep_in_flight`` returns, in order) and the
+    worker's two queues, as its step thread keeps them: plans in order, aborts applied at the
+    next step boundary ahead of them."""
 
     def __init__(self, core, worker, depth: int, census: bool) -> None:
         self.core, self.worker, self.depth, self.census = core, worker, depth, census
@@ -29,25 +31,22 @@ class Stream:
         self.tokens: dict[str, int] = {}
 
     def dispatch(self, now: float) -> None:
-        ids, through = self.core.take_aborts("w0")
-        if ids:
-            self.wire.append(("abort", ids, through))
-        while self.core.num_in_flight("w0") < self.depth:
-            plan = self.core.schedule("w0", now, census=self.census)
-            if plan.is_empty:
-                break
-            self.wire.append(("plan", plan))
+        self.wire.extend(keep_in_flight(self.core, "w0", now, plans_ahead=self.depth, census=self.census))
 
     def receive(self) -> None:
-        message = self.wire.popleft()
-        if message[0] == "plan":
-            self.plans.append(message[1])
-        else:
-            self.aborts.append(message[1:])
+        match self.wire.popleft():
+            case StepPlan() as plan:
+                self.plans.append(plan)
+            case AbortJobs() as aborts:
+                self.aborts.append(aborts)
+
+    def apply_aborts(self) -> None:
+        while self.aborts:
+            aborts = self.aborts.popleft()
+            self.worker.abort(aborts.job_ids, aborts.through_step_id)
 
     def run_step(self) -> None:
-        while self.aborts:
-            self.worker.abort(*self.aborts.popleft())
+        self.apply_aborts()
         report = self.worker.run(self.plans.popleft())
         assert not [r for r in report.refused if r.command in ("step", "chunk")], report.refused
         self.reports.append(report)
@@ -99,7 +98,7 @@ def test_cancels_at_any_moment_leave_no_job_on_the_worker(census, jobs, depth, d
         elif stream.plans:
             stream.run_step()
         elif stream.aborts:
-            stream.worker.abort(*stream.aborts.popleft())
+            stream.apply_aborts()
         else:
             stream.apply(99.0)
     assert not worker.seqs, f"jobs left on the worker: {sorted(worker.seqs)}"

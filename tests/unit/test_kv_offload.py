@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from alise.core.blocks import blocks_for, place_blocks, quantized_blocks
-from alise.core.commands import Abort, Admit, KvAction, Pause, Resume, StepPlan
+from alise.core.commands import Admit, KvAction, Pause, Resume, StepPlan
 from alise.core.job import KvPlace
 from alise.core.sampling import SamplingParams
 from alise.worker.engine import WorkerEngine
@@ -103,7 +103,7 @@ def test_swap_round_trip_is_exact_and_generation_continues_identically(loaded):
     eng.apply([Admit("b", prompt(40, seed=1), GREEDY)])
     for _ in range(3):
         run_step(eng)
-    eng.apply([Abort("b")])
+    eng.abort(["b"])
 
     assert eng.apply([Resume("a")]) == []
     assert eng.kv.num_free_host == 32
@@ -248,7 +248,7 @@ def test_worker_engine_accounting_under_random_commands(loaded, ops):
         elif op == "resume":
             eng.apply([Resume(job_id)])
         elif op == "abort":
-            eng.apply([Abort(job_id)])
+            eng.abort([job_id])
         else:
             run_step(eng)  # also finishes jobs at max_tokens, freeing their blocks
         check_engine_invariants(eng)

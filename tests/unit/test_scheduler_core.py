@@ -7,7 +7,8 @@ import sys
 
 import pytest
 
-from alise.core.commands import Abort, Admit, KvAction, Pause, Resume
+from alise.core.commands import AbortJobs, Admit, KvAction, Pause, Resume
+from alise.core.dispatch import keep_in_flight
 from alise.core.job import JobStatus, KvPlace, LengthEstimate
 from alise.core.policy import RemainingTimeEstimator
 from corekit import LATENCY, candidates_of, make_job, make_scheduler, step
@@ -129,14 +130,21 @@ def test_every_job_finishes_with_exact_token_counts():
 
 
 def test_cancel_aborts_on_the_worker_and_frees_its_blocks():
+    """The abort goes out ahead of any plan, naming the last plan sent (step 1); the plan
+    after it carries no command for the job."""
     core, worker = make_scheduler("fcfs", num_blocks=8, block_size=4)
     core.submit(make_job("a", 8))
     step(core, worker)
     assert worker.allocator.num_free < 8
     assert core.cancel("a", now_s=1.0)
-    plan, _ = step(core, worker)
-    assert commands_of(plan, Abort) == [Abort("a")]
-    assert worker.allocator.num_free == 8 and not worker.seqs and not core.jobs
+    core.submit(make_job("b", 4, arrival_s=1.0))
+    aborts, plan = keep_in_flight(core, "w0", 1.0, plans_ahead=1)
+    assert aborts == AbortJobs(("a",), 1)
+    assert [c.job_id for c in plan.commands] == ["b"]
+    worker.abort(aborts.job_ids, aborts.through_step_id)
+    assert not worker.seqs and worker.allocator.num_free == 8
+    core.apply_report("w0", worker.run(plan), 1.0)
+    assert set(worker.seqs) == {"b"} and set(core.jobs) == {"b"}
 
 
 def test_alise_preempts_a_long_running_job_for_a_short_newcomer_and_keeps_its_kv():
@@ -363,12 +371,12 @@ def test_plans_in_flight_ahead_of_the_worker_stay_exact(jobs, policy, num_blocks
             victim = data.draw(st.sampled_from(sorted(core.jobs)))
             core.cancel(victim, now)
             cancelled.add(victim)
-        worker.abort(*core.take_aborts("w0"))
-        while core.num_in_flight("w0") < depth:
-            plan = core.schedule("w0", now)
-            if plan.is_empty:
-                break
-            in_flight.append(worker.run(plan))
+        for message in keep_in_flight(core, "w0", now, plans_ahead=depth):
+            match message:
+                case AbortJobs(job_ids, through):
+                    worker.abort(job_ids, through)
+                case plan:
+                    in_flight.append(worker.run(plan))
         if not in_flight:
             if not core.jobs:
                 break

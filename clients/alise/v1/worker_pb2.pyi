@@ -111,16 +111,14 @@ class AbortJobs(_message.Message):
     def __init__(self, job_ids: _Optional[_Iterable[str]] = ..., through_step_id: _Optional[int] = ...) -> None: ...
 
 class WorkerCommand(_message.Message):
-    __slots__ = ("admit", "pause", "resume", "abort")
+    __slots__ = ("admit", "pause", "resume")
     ADMIT_FIELD_NUMBER: _ClassVar[int]
     PAUSE_FIELD_NUMBER: _ClassVar[int]
     RESUME_FIELD_NUMBER: _ClassVar[int]
-    ABORT_FIELD_NUMBER: _ClassVar[int]
     admit: AdmitJob
     pause: PauseJob
     resume: ResumeJob
-    abort: AbortJob
-    def __init__(self, admit: _Optional[_Union[AdmitJob, _Mapping]] = ..., pause: _Optional[_Union[PauseJob, _Mapping]] = ..., resume: _Optional[_Union[ResumeJob, _Mapping]] = ..., abort: _Optional[_Union[AbortJob, _Mapping]] = ...) -> None: ...
+    def __init__(self, admit: _Optional[_Union[AdmitJob, _Mapping]] = ..., pause: _Optional[_Union[PauseJob, _Mapping]] = ..., resume: _Optional[_Union[ResumeJob, _Mapping]] = ...) -> None: ...
 
 class AdmitJob(_message.Message):
     __slots__ = ("job_id", "prompt_token_ids", "sampling", "num_generated")
@@ -143,12 +141,6 @@ class PauseJob(_message.Message):
     def __init__(self, job_id: _Optional[str] = ..., kv_action: _Optional[_Union[_common_pb2.KvAction, str]] = ...) -> None: ...
 
 class ResumeJob(_message.Message):
-    __slots__ = ("job_id",)
-    JOB_ID_FIELD_NUMBER: _ClassVar[int]
-    job_id: str
-    def __init__(self, job_id: _Optional[str] = ...) -> None: ...
-
-class AbortJob(_message.Message):
     __slots__ = ("job_id",)
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     job_id: str

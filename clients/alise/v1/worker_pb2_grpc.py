@@ -31,9 +31,10 @@ class WorkerServiceStub:
     running, so the worker never waits for a plan. The worker runs the plans in
     order: it applies each plan's commands, runs at most one model step over its
     running jobs and answers with a StepReport carrying the plan's step_id.
-    AbortJobs takes effect at the worker's next step boundary, ahead of any plan it
-    holds (a cancelled job costs no step beyond the one running); it rides the same
-    stream as the plans, so it always comes after the plan that admitted its jobs.
+    AbortJobs is the only way a job is aborted on a worker: it takes effect at the
+    worker's next step boundary, ahead of any plan it holds (a cancelled job costs no
+    step beyond the one running); it rides the same stream as the plans, so it always
+    comes after the plan that admitted its jobs.
     """
 
     def __init__(self, channel):
@@ -55,9 +56,10 @@ class WorkerServiceServicer:
     running, so the worker never waits for a plan. The worker runs the plans in
     order: it applies each plan's commands, runs at most one model step over its
     running jobs and answers with a StepReport carrying the plan's step_id.
-    AbortJobs takes effect at the worker's next step boundary, ahead of any plan it
-    holds (a cancelled job costs no step beyond the one running); it rides the same
-    stream as the plans, so it always comes after the plan that admitted its jobs.
+    AbortJobs is the only way a job is aborted on a worker: it takes effect at the
+    worker's next step boundary, ahead of any plan it holds (a cancelled job costs no
+    step beyond the one running); it rides the same stream as the plans, so it always
+    comes after the plan that admitted its jobs.
     """
 
     def Connect(self, request_iterator, context):
@@ -88,9 +90,10 @@ class WorkerService:
     running, so the worker never waits for a plan. The worker runs the plans in
     order: it applies each plan's commands, runs at most one model step over its
     running jobs and answers with a StepReport carrying the plan's step_id.
-    AbortJobs takes effect at the worker's next step boundary, ahead of any plan it
-    holds (a cancelled job costs no step beyond the one running); it rides the same
-    stream as the plans, so it always comes after the plan that admitted its jobs.
+    AbortJobs is the only way a job is aborted on a worker: it takes effect at the
+    worker's next step boundary, ahead of any plan it holds (a cancelled job costs no
+    step beyond the one running); it rides the same stream as the plans, so it always
+    comes after the plan that admitted its jobs.
     """
 
     @staticmethod

@@ -155,8 +155,9 @@ class _LiveWorkersOnly:
 
 
 class SchedulerMetrics:
-    """The scheduler's families; ``record_tokens`` and ``record_finish`` are the engine's
-    two event hooks (one per token event, one per finished job)."""
+    """The scheduler's families; ``record_tokens`` and ``record_finish`` are the client
+    streams' two event hooks (one per token event, one per finished job), called off the
+    engine loop (``alise.scheduler.streams``)."""
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
@@ -187,8 +188,8 @@ class SchedulerMetrics:
         """Every family in Prometheus' text format (what ``GetMetrics`` answers)."""
         return generate_latest(self.registry).decode()
 
-    def record_tokens(self, job, num_tokens: int, now_s: float) -> None:
-        """Tokens of ``job`` reported at ``now_s`` (``job`` already holds them)."""
+    def record_tokens(self, job, index: int, num_tokens: int, now_s: float) -> None:
+        """Tokens ``index`` .. ``index + num_tokens - 1`` of ``job``, reported at ``now_s``."""
         self.tokens.inc(num_tokens)
         v = self.vllm
         v.generation_tokens.inc(num_tokens)
@@ -196,7 +197,7 @@ class SchedulerMetrics:
         if last is not None:
             v.itl.observe(now_s - last)
             v.tpot.observe(now_s - last)
-        elif job.num_output_tokens == num_tokens:  # its first tokens (not an adopted job's)
+        elif index == 0:  # its first tokens (not an adopted or resumed job's)
             v.prompt_tokens.inc(job.num_prompt_tokens)
             v.ttft.observe((job.first_token_s or now_s) - job.arrival_s)
         self._last_token_s[job.job_id] = now_s

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from alise.core.blocks import WorkerCapacity
 from alise.core.commands import (
-    Abort,
+    AbortJobs,
     Admit,
     Command,
     HeldJob,
@@ -17,8 +17,11 @@ from alise.core.commands import (
     Pause,
     Refusal,
     Resume,
+    Shutdown,
     StepPlan,
     StepReport,
+    ToWorker,
+    Welcome,
 )
 from alise.core.job import FinishReason
 from alise.core.sampling import SamplingParams
@@ -82,52 +85,75 @@ def sampling_to_pb(params: SamplingParams) -> common_pb2.SamplingParams:
     return msg
 
 
-def plan_to_pb(plan: StepPlan) -> worker_pb2.SchedulerMessage:
+def to_worker_pb(message: ToWorker) -> worker_pb2.SchedulerMessage:
+    """One message of a worker's stream, as it goes on the wire."""
+    match message:
+        case StepPlan():
+            return worker_pb2.SchedulerMessage(plan=_plan_to_pb(message))
+        case AbortJobs(job_ids, through):
+            return worker_pb2.SchedulerMessage(abort=worker_pb2.AbortJobs(job_ids=job_ids, through_step_id=through))
+        case Welcome(scheduler_id):  # an empty plan of step 0
+            return worker_pb2.SchedulerMessage(plan=worker_pb2.StepPlan(step_id=0, scheduler_id=scheduler_id))
+        case Shutdown(reason):
+            return worker_pb2.SchedulerMessage(shutdown=worker_pb2.Shutdown(reason=reason))
+    raise TypeError(f"not a message for a worker: {message!r}")
+
+
+def to_worker_from_pb(pb: worker_pb2.SchedulerMessage) -> ToWorker:
+    """Raises WireError on a message no scheduler sends."""
+    match pb.WhichOneof("kind"):
+        case "plan" if pb.plan.step_id == 0:
+            return Welcome(pb.plan.scheduler_id)
+        case "plan":
+            return _plan_from_pb(pb.plan)
+        case "abort":
+            return AbortJobs(tuple(pb.abort.job_ids), pb.abort.through_step_id)
+        case "shutdown":
+            return Shutdown(pb.shutdown.reason)
+    raise WireError("empty scheduler message")
+
+
+def _plan_to_pb(plan: StepPlan) -> worker_pb2.StepPlan:
     pb = worker_pb2.StepPlan(step_id=plan.step_id, run_step=plan.run_step, chunks=plan.chunks, census=plan.census)
     for command in plan.commands:
         wc = pb.commands.add()
-        if isinstance(command, Admit):
-            wc.admit.job_id = command.job_id
-            wc.admit.prompt_token_ids.extend(command.token_ids)
-            wc.admit.sampling.CopyFrom(sampling_to_pb(command.sampling))
-            wc.admit.num_generated = command.num_generated
-        elif isinstance(command, Pause):
-            wc.pause.job_id = command.job_id
-            wc.pause.kv_action = _ACTION_TO_PB[command.action]
-        elif isinstance(command, Resume):
-            wc.resume.job_id = command.job_id
-        else:
-            wc.abort.job_id = command.job_id
-    return worker_pb2.SchedulerMessage(plan=pb)
+        match command:
+            case Admit():
+                wc.admit.job_id = command.job_id
+                wc.admit.prompt_token_ids.extend(command.token_ids)
+                wc.admit.sampling.CopyFrom(sampling_to_pb(command.sampling))
+                wc.admit.num_generated = command.num_generated
+            case Pause():
+                wc.pause.job_id = command.job_id
+                wc.pause.kv_action = _ACTION_TO_PB[command.action]
+            case Resume():
+                wc.resume.job_id = command.job_id
+    return pb
 
 
-def plan_from_pb(pb: worker_pb2.StepPlan) -> StepPlan:
+def _plan_from_pb(pb: worker_pb2.StepPlan) -> StepPlan:
+    if pb.step_id < 1:
+        raise WireError(f"a plan's step_id must be >= 1, got {pb.step_id}")
     commands: list[Command] = []
     for wc in pb.commands:
-        kind = wc.WhichOneof("kind")
-        if kind == "admit":
-            a = wc.admit
-            params = sampling_from_pb(a.sampling, default_max_tokens=1)
-            commands.append(Admit(a.job_id, list(a.prompt_token_ids), params, a.num_generated))
-        elif kind == "pause":
-            if wc.pause.kv_action not in _ACTION_FROM_PB:
-                raise WireError(f"unknown KV action {wc.pause.kv_action}")
-            commands.append(Pause(wc.pause.job_id, _ACTION_FROM_PB[wc.pause.kv_action]))
-        elif kind == "resume":
-            commands.append(Resume(wc.resume.job_id))
-        elif kind == "abort":
-            commands.append(Abort(wc.abort.job_id))
-        else:
-            raise WireError("empty worker command")
+        match wc.WhichOneof("kind"):
+            case "admit":
+                a = wc.admit
+                params = sampling_from_pb(a.sampling, default_max_tokens=1)
+                commands.append(Admit(a.job_id, list(a.prompt_token_ids), params, a.num_generated))
+            case "pause":
+                if wc.pause.kv_action not in _ACTION_FROM_PB:
+                    raise WireError(f"unknown KV action {wc.pause.kv_action}")
+                commands.append(Pause(wc.pause.job_id, _ACTION_FROM_PB[wc.pause.kv_action]))
+            case "resume":
+                commands.append(Resume(wc.resume.job_id))
+            case _:
+                raise WireError("empty worker command")
     chunks = dict(pb.chunks)
     if any(n < 1 for n in chunks.values()):
         raise WireError("a chunk must feed at least one token")
     return StepPlan(step_id=pb.step_id, commands=commands, run_step=pb.run_step, chunks=chunks,
                     census=pb.census)
-
-
-def aborts_to_pb(job_ids: list[str], through_step_id: int) -> worker_pb2.SchedulerMessage:
-    return worker_pb2.SchedulerMessage(abort=worker_pb2.AbortJobs(job_ids=job_ids, through_step_id=through_step_id))
 
 
 def report_to_pb(report: StepReport) -> worker_pb2.WorkerMessage:

@@ -1,6 +1,10 @@
-"""What the scheduler core tells a worker, and what a worker reports back (pure types).
+"""What the scheduler tells a worker, and what a worker reports back (pure types).
 
-The services convert these to and from protobuf in one place each; nothing inward sees
+A worker's stream carries, in order, a :class:`Welcome`, then :class:`StepPlan` s (each a
+list of commands and at most one model step), :class:`AbortJobs` (the one way a job is
+aborted on a worker: at its next step boundary, ahead of the plans it holds) and, last, a
+:class:`Shutdown`; the worker answers every plan with a :class:`StepReport`. The services
+convert these to and from protobuf in one place (``alise.common.wire``); nothing inward sees
 protobuf.
 """
 
@@ -41,12 +45,7 @@ class Resume:
     job_id: str
 
 
-@dataclass(frozen=True)
-class Abort:
-    job_id: str
-
-
-Command = Admit | Pause | Resume | Abort
+Command = Admit | Pause | Resume
 
 
 @dataclass
@@ -70,6 +69,38 @@ class StepPlan:
     @property
     def is_empty(self) -> bool:
         return not self.commands and not self.run_step and not self.census
+
+
+@dataclass(frozen=True)
+class Welcome:
+    """The first message on a worker's stream: an empty plan of step 0, whose report confirms
+    the worker is running plans, and the scheduler's id (random at its start)."""
+
+    scheduler_id: str
+
+
+@dataclass(frozen=True)
+class AbortJobs:
+    """Abort these jobs at the next step boundary, ahead of any plan the worker holds.
+
+    It rides the stream that carries the plans, so it always comes after the plan that
+    admitted its jobs. ``through_step_id`` is the last plan sent before it: a plan up to that
+    one which the worker has not run yet may admit one of the jobs (its client left
+    meanwhile); the worker skips that admit (``alise.core.census`` relies on it)."""
+
+    job_ids: tuple[str, ...]
+    through_step_id: int
+
+
+@dataclass(frozen=True)
+class Shutdown:
+    """The scheduler closes the stream; the worker drops its jobs and reconnects."""
+
+    reason: str
+
+
+#: What a scheduler sends down a worker's stream.
+ToWorker = Welcome | StepPlan | AbortJobs | Shutdown
 
 
 @dataclass(frozen=True)

@@ -38,7 +38,7 @@ from alise.core.admission import Budgets, select
 from alise.core.blocks import WorkerCapacity, blocks_for, held_device_blocks, held_host_blocks
 from alise.core.census import CensusFindings, Disagreements, check_census
 from alise.core.commands import (
-    Abort, Admit, Command, HeldJob, KvAction, Pause, Resume, StepPlan, StepReport, TokenEvent,
+    Admit, Command, HeldJob, KvAction, Pause, Resume, StepPlan, StepReport, TokenEvent,
 )
 from alise.core.job import FinishReason, Job, JobStatus, KvPlace, LengthEstimate
 from alise.core.kv_places import PLACES, move_label
@@ -281,10 +281,10 @@ class SchedulerCore:
     def schedule(self, worker_id: str, now_s: float, *, census: bool = False) -> StepPlan:
         """Plans the worker's next step on top of the steps in flight (an empty plan, when
         there is nothing to do, is not in flight and need not be sent). ``census``: the
-        report is to list the worker's jobs (a plan with nothing else to do still goes)."""
+        report is to list the worker's jobs (a plan with nothing else to do still goes).
+        Aborts never ride in a plan: they wait for ``take_aborts``."""
         view = self.workers[worker_id]
-        plan = StepPlan(step_id=view.next_step_id, commands=[Abort(j) for j in view.aborts], census=census)
-        view.aborts = []
+        plan = StepPlan(step_id=view.next_step_id, census=census)
         slots, held = self._candidates(view)
         order, reserve = self._rank(slots, now_s)
         need = -(-self.table.num_tokens[order] // view.capacity.block_size)

@@ -1,4 +1,12 @@
-"""Checks of a Generate request that must not cost more than its size says.
+"""The scheduler's checks of a Generate request, all in one place (``GenerateChecks``).
+
+What a checked request holds is what the engine may take as given: a request id fit for a
+log line, a prompt of 1 .. ``max_model_len - 1`` tokens in the vocabulary (and its text),
+valid sampling parameters (``SamplingParams`` checks its own fields) with at most
+``MAX_STOP_TOKEN_IDS`` stop ids in the vocabulary, and resume tokens that leave room for one
+more. Every failure is a ``ValueError`` whose message the client is given (INVALID_ARGUMENT).
+The HTTP door checks the shape of its own JSON bodies itself and borrows the text bound and
+the request-id check from here.
 
 Order matters for cost: what a request claims is checked from its size before anything is
 done per token. A request of ``PRECHECK_MIN_BYTES`` or more is first looked at in its raw
@@ -15,17 +23,19 @@ every thread of the pool that tokenizes is one that other requests wait for). A 
 over four times that in bytes is refused unparsed.
 
 A request id is checked (``check_request_id``) before anything logs it.
-
-The functions raise ``ValueError`` with the message a client is given (INVALID_ARGUMENT).
 """
 
 from __future__ import annotations
 
+import asyncio
 import uuid
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import grpc
+from alise.common import wire
 from alise.common.grpc_server import count_varints, iter_fields
+from alise.core.sampling import SamplingParams
 from alise.v1 import scheduler_pb2
 
 if TYPE_CHECKING:  # the HTTP door imports the text bound; the tokenizer module pulls in torch
@@ -140,3 +150,102 @@ def _count_ids(token_ids: memoryview, stop_at: int) -> tuple[int, bool]:
             if count >= stop_at and wire_type != 2:
                 return count, False
     return count, True
+
+
+@dataclass(frozen=True)
+class CheckedRequest:
+    """A Generate request that passed every check."""
+
+    request_id: str
+    token_ids: list[int]
+    prompt_text: str
+    sampling: SamplingParams
+    #: The tokens a resumed stream's client already has (empty: a new stream).
+    resume_token_ids: list[int]
+    oracle_output_tokens: int | None
+
+
+class GenerateChecks:
+    """The checks of a parsed Generate request against the served model and the service's
+    limits; the cheap ones first, tokenizing and per-id work last and off the event loop."""
+
+    def __init__(self, info: ModelInfo, *, default_max_tokens: int, max_prompt_chars: int,
+                 policy: str) -> None:
+        self.info = info
+        self.default_max_tokens = default_max_tokens
+        self.max_prompt_chars = max_prompt_chars
+        self.policy = policy
+
+    async def check(self, request: scheduler_pb2.GenerateRequest) -> CheckedRequest:
+        """Raises ValueError, with the message the client is given."""
+        request_id = check_request_id(request.request_id)
+        token_ids, prompt_text = await self._prompt(request)
+        limit = self.info.max_model_len
+        if len(token_ids) >= limit:
+            raise ValueError(prompt_too_long(len(token_ids), limit))
+        sampling = self._sampling(request)
+        if request.priority:
+            raise ValueError(f"priority must be 0: the {self.policy} policy does not schedule by "
+                             f"priority (got {request.priority})")
+        if request.oracle_output_tokens < 0:
+            raise ValueError("oracle_output_tokens must be >= 0")
+        resume = self._resume_tokens(request, len(token_ids), sampling.max_tokens)
+        return CheckedRequest(request_id, token_ids, prompt_text, sampling, resume,
+                              request.oracle_output_tokens or None)
+
+    async def _prompt(self, request: scheduler_pb2.GenerateRequest) -> tuple[list[int], str]:
+        """The prompt's token ids and text, bounded by its size before any per-token work."""
+        info = self.info
+        kind = request.WhichOneof("prompt")
+        if kind is None:
+            raise ValueError("prompt is required: set text or token_ids")
+        if kind == "token_ids":
+            # The count first; the per-id work runs off the event loop, bounded by the context.
+            num_ids = len(request.token_ids.ids)
+            if not num_ids:
+                raise ValueError("prompt is empty (no token ids)")
+            if num_ids >= info.max_model_len:
+                raise ValueError(prompt_too_long(num_ids, info.max_model_len))
+            return await asyncio.to_thread(token_prompt, request.token_ids.ids, info)
+        text = request.text
+        # Its length first: tokenizing megabytes takes seconds of a pool thread.
+        check_text_prompt(text, info.max_model_len, self.max_prompt_chars)
+        if not text.strip():
+            raise ValueError("prompt is empty")
+        ids = await asyncio.to_thread(self._encode, text)
+        if not ids:
+            raise ValueError("prompt has no tokens after tokenization")
+        return ids, text
+
+    def _encode(self, text: str) -> list[int]:
+        return self.info.tokenizer.encode(text, add_special_tokens=True)
+
+    def _sampling(self, request: scheduler_pb2.GenerateRequest) -> SamplingParams:
+        try:
+            sampling = wire.sampling_from_pb(request.sampling, self.default_max_tokens)
+        except ValueError as exc:
+            raise ValueError(f"sampling: {exc}") from None
+        stop = sampling.stop_token_ids
+        if len(stop) > MAX_STOP_TOKEN_IDS:
+            raise ValueError(f"sampling: at most {MAX_STOP_TOKEN_IDS} stop_token_ids, got {len(stop)}")
+        bad_stop = [t for t in stop if not 0 <= t < self.info.vocab_size]
+        if bad_stop:
+            raise ValueError(f"stop_token_ids {bad_stop[:5]} are outside the vocabulary [0, {self.info.vocab_size})")
+        return sampling
+
+    def _resume_tokens(self, request: scheduler_pb2.GenerateRequest, num_prompt: int,
+                       max_tokens: int) -> list[int]:
+        resume = list(request.resume_token_ids)
+        if not resume:
+            return resume
+        limit, vocab = self.info.max_model_len, self.info.vocab_size
+        if not request.request_id:
+            raise ValueError("resume_token_ids need the request_id of the stream they resume")
+        if len(resume) >= max_tokens:
+            raise ValueError(f"resume_token_ids has {len(resume)} tokens; max_tokens is {max_tokens}, "
+                             "so the stream had ended")
+        if num_prompt + len(resume) >= limit:
+            raise ValueError(f"prompt and resume_token_ids fill the model's context of {limit} tokens")
+        if min(resume) < 0 or max(resume) >= vocab:
+            raise ValueError(f"resume_token_ids must be in [0, {vocab})")
+        return resume

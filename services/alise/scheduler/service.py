@@ -1,10 +1,12 @@
 """The scheduler service: the client front door and the workers' rendezvous.
 
-``SchedulerService.Generate`` validates and tokenizes a request, queues the job at once with
-a prior length estimate (re-keyed when the predictor's arrives, so the predictor's latency is
-not in the time to first token) and streams its tokens back with text deltas.
-``WorkerService.Connect`` is the stream each worker holds: plans (one or two ahead) and
-aborts out, reports in.
+``SchedulerService.Generate`` checks and tokenizes a request (``alise.scheduler.request_checks``),
+queues the job at once with a prior length estimate (re-keyed when the predictor's arrives, so
+the predictor's latency is not in the time to first token) and streams its tokens back with
+text deltas, detokenized on the handler's own task. ``WorkerService.Connect`` is the stream
+each worker holds: plans (one or two ahead) and aborts out, reports in. The engine loop
+(``alise.scheduler.engine``), the client streams (``alise.scheduler.streams``) and status
+(``alise.scheduler.status``) are put together in ``start_scheduler``.
 """
 
 from __future__ import annotations
@@ -18,32 +20,29 @@ from dataclasses import dataclass, field
 import grpc
 from alise.common import grpc_server, wire
 from alise.common.logs import LogLimiter, preview, request_id_var
-from alise.common.metrics import serve_metrics
+from alise.common.metrics import SchedulerMetrics, serve_metrics
 from alise.common.security import bind_port
+from alise.core.commands import Shutdown
 from alise.core.job import Job
 from alise.core.latency_model import LatencyModel
 from alise.core.memory_planner import make_memory_planner
 from alise.core.policy import make_policy
 from alise.core.scheduler import SchedulerCore
 from alise.scheduler.config import SchedulerConfig
-from alise.scheduler.engine import AbortJobs, JobFailed, SchedulerEngine, StreamClosing, WorkerLink
+from alise.scheduler.engine import SchedulerEngine
 from alise.scheduler.estimates import LengthEstimator
 from alise.scheduler.listeners import SCHEDULER_SERVICE, WORKER_SERVICE, make_listeners
+from alise.scheduler.messages import Inbox, NewEstimate, WorkerJoined, WorkerLeft, WorkerReported
 from alise.scheduler.quarantine import Quarantine
-from alise.scheduler.request_checks import (
-    MAX_STOP_TOKEN_IDS,
-    check_request_id,
-    check_text_prompt,
-    generate_precheck,
-    prompt_too_long,
-    token_prompt,
-)
+from alise.scheduler.request_checks import GenerateChecks, generate_precheck
+from alise.scheduler.status import EngineStatus
+from alise.scheduler.streams import JobFailed, JobStream, StreamClosing, Streams
 from alise.scheduler.tokenizer import IncrementalDetokenizer, ModelInfo, load_model_info
+from alise.scheduler.worker_link import WorkerLink
 from alise.v1 import (
     common_pb2,
     scheduler_pb2,
     scheduler_pb2_grpc,
-    worker_pb2,
     worker_pb2_grpc,
 )
 
@@ -77,13 +76,17 @@ class RequestError(Exception):
 
 
 class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
-    def __init__(self, config: SchedulerConfig, info: ModelInfo, engine: SchedulerEngine,
-                 estimator: LengthEstimator, quarantine: Quarantine | None = None) -> None:
+    def __init__(self, config: SchedulerConfig, info: ModelInfo, engine: SchedulerEngine, streams: Streams,
+                 status: EngineStatus, estimator: LengthEstimator, quarantine: Quarantine | None = None) -> None:
         self.config = config
         self.info = info
         self.engine = engine
+        self.streams = streams
+        self.status = status
         self.estimator = estimator
         self.quarantine = quarantine or Quarantine(None)
+        self.checks = GenerateChecks(info, default_max_tokens=config.default_max_tokens,
+                                     max_prompt_chars=config.max_prompt_chars, policy=config.policy)
         self.accepting = True
         self._predicting: set[asyncio.Future] = set()
         self._refusals = LogLimiter(logger)
@@ -91,12 +94,12 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
     async def Generate(self, request, context):
         try:
             job = await self._make_job(request)
-            request_id_var.set(job.job_id)  # validated: only now may it go into log lines
+            request_id_var.set(job.job_id)  # checked: only now may it go into log lines
             if (refusal := self.quarantine.refusal(job)) is not None:
                 raise RequestError(grpc.StatusCode.FAILED_PRECONDITION, refusal)
             if job.output_token_ids:  # a resumed stream: its job may be on a returning worker
-                await self.engine.await_adoption(job.job_id)
-            stream = self._submit(job)
+                await self.streams.await_adoption(job.job_id)
+            stream = self._open(job)
         except RequestError as exc:
             self._refusals.log(logging.INFO, "refused: %s %s (request id %s)", exc.code.name, exc,
                                preview(request.request_id))
@@ -125,18 +128,18 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
         finally:
             # Client gone, deadline passed or cancelled: free the job's memory now.
             if not job.is_finished:
-                self.engine.cancel(job.job_id)
+                self.streams.close(job.job_id)
 
     async def _predict(self, job: Job) -> None:
         """Asks for the job's length estimate; the engine re-keys the queued job with it."""
         estimate = await self.estimator.estimate(job.prompt_text, job.num_prompt_tokens)
         if estimate != job.estimate and not job.is_finished:
             logger.debug("estimate %.0f tokens (%s)", estimate.mean, estimate.source)
-            self.engine.update_estimate(job.job_id, estimate)
+            self.engine.inbox.post(NewEstimate(job.job_id, estimate))
 
-    def _submit(self, job: Job):
+    def _open(self, job: Job) -> JobStream:
         try:
-            return self.engine.submit(job)
+            return self.streams.open(job)
         except OverflowError as exc:
             self.engine.metrics.requests.labels("rejected_busy").inc()
             raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -146,8 +149,12 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
             raise RequestError(grpc.StatusCode.ALREADY_EXISTS, str(exc.args[0])) from None
         except StreamClosing as exc:
             raise RequestError(grpc.StatusCode.UNAVAILABLE, f"{exc}; retry", resumable=True) from None
+        except JobFailed as exc:
+            raise RequestError(getattr(grpc.StatusCode, exc.code), str(exc), resumable=exc.resumable) from None
 
-    async def _relay(self, stream, job: Job, request):
+    async def _relay(self, stream: JobStream, job: Job, request):
+        """The job's responses, on this handler's task: the streams wake it once the engine
+        loop's plans are out, and it detokenizes and writes its own tokens."""
         detok = IncrementalDetokenizer(self.info.tokenizer)
         if request.resume_token_ids:  # a resumed stream's text joins what the client has
             detok.add(list(request.resume_token_ids))
@@ -190,87 +197,15 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
         if not self.accepting:
             raise RequestError(grpc.StatusCode.UNAVAILABLE, "the scheduler is draining", resumable=True)
         try:
-            request_id = check_request_id(request.request_id)
+            checked = await self.checks.check(request)
         except ValueError as exc:
             raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
-        token_ids, prompt_text = await self._prompt_tokens(request)
-        limit = self.info.max_model_len
-        if len(token_ids) >= limit:
-            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, prompt_too_long(len(token_ids), limit))
-        try:
-            sampling = wire.sampling_from_pb(request.sampling, self.config.default_max_tokens)
-        except ValueError as exc:
-            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"sampling: {exc}") from None
-        if len(sampling.stop_token_ids) > MAX_STOP_TOKEN_IDS:
-            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"sampling: at most {MAX_STOP_TOKEN_IDS} "
-                               f"stop_token_ids, got {len(sampling.stop_token_ids)}")
-        bad_stop = [t for t in sampling.stop_token_ids if not 0 <= t < self.info.vocab_size]
-        if bad_stop:
-            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
-                               f"stop_token_ids {bad_stop[:5]} are outside the vocabulary "
-                               f"[0, {self.info.vocab_size})")
-        if request.priority:
-            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
-                               f"priority must be 0: the {self.config.policy} policy does not "
-                               f"schedule by priority (got {request.priority})")
-        if request.oracle_output_tokens < 0:
-            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "oracle_output_tokens must be >= 0")
-        resume = self._resume_tokens(request, len(token_ids), sampling.max_tokens)
-        return Job(request_id, token_ids, sampling, arrival_s=time.monotonic(),
-                   estimate=self.estimator.running_mean, output_token_ids=resume,
-                   oracle_output_tokens=request.oracle_output_tokens or None, prompt_text=prompt_text)
-
-    def _resume_tokens(self, request, num_prompt: int, max_tokens: int) -> list[int]:
-        resume = list(request.resume_token_ids)
-        if not resume:
-            return resume
-        if not request.request_id:
-            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "resume_token_ids need the request_id "
-                               "of the stream they resume")
-        if len(resume) >= max_tokens:
-            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"resume_token_ids has {len(resume)} "
-                               f"tokens; max_tokens is {max_tokens}, so the stream had ended")
-        if num_prompt + len(resume) >= self.info.max_model_len:
-            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"prompt and resume_token_ids fill the "
-                               f"model's context of {self.info.max_model_len} tokens")
-        if min(resume) < 0 or max(resume) >= self.info.vocab_size:
-            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"resume_token_ids must be in "
-                               f"[0, {self.info.vocab_size})")
-        return resume
-
-    async def _prompt_tokens(self, request) -> tuple[list[int], str]:
-        kind = request.WhichOneof("prompt")
-        if kind is None:
-            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "prompt is required: set text or token_ids")
-        if kind == "token_ids":
-            # The count first; the per-id work runs off the event loop, bounded by the context.
-            num_ids = len(request.token_ids.ids)
-            if not num_ids:
-                raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "prompt is empty (no token ids)")
-            if num_ids >= self.info.max_model_len:
-                raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
-                                   prompt_too_long(num_ids, self.info.max_model_len))
-            try:
-                return await asyncio.to_thread(token_prompt, request.token_ids.ids, self.info)
-            except ValueError as exc:
-                raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
-        text = request.text
-        try:  # its length first: tokenizing megabytes takes seconds of a pool thread
-            check_text_prompt(text, self.info.max_model_len, self.config.max_prompt_chars)
-        except ValueError as exc:
-            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
-        if not text.strip():
-            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "prompt is empty")
-        ids = await asyncio.to_thread(self._encode, text)
-        if not ids:
-            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "prompt has no tokens after tokenization")
-        return ids, text
-
-    def _encode(self, text: str) -> list[int]:
-        return self.info.tokenizer.encode(text, add_special_tokens=True)
+        return Job(checked.request_id, checked.token_ids, checked.sampling, arrival_s=time.monotonic(),
+                   estimate=self.estimator.running_mean, output_token_ids=checked.resume_token_ids,
+                   oracle_output_tokens=checked.oracle_output_tokens, prompt_text=checked.prompt_text)
 
     async def GetStatus(self, request, context):
-        snap = self.engine.snapshot()
+        snap = self.status.snapshot()
         workers = [scheduler_pb2.WorkerStatus(**w) for w in snap.pop("workers")]
         return scheduler_pb2.GetStatusResponse(
             workers=workers, predictor_state=self.estimator.state, model=self.info.name,
@@ -294,38 +229,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             first = await asyncio.wait_for(request_iterator.__anext__(), timeout=30.0)
         except (StopAsyncIteration, TimeoutError):
             return
-        if first.WhichOneof("kind") != "hello":
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "the first message must be a hello")
-        try:
-            capacity = wire.capacity_from_hello(first.hello)
-        except wire.WireError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"bad hello: {exc}")
-        if capacity.worker_id in self.engine.links:
-            await context.abort(grpc.StatusCode.ALREADY_EXISTS,
-                                f"worker id {capacity.worker_id!r} is already connected")
-        if first.hello.model_id and first.hello.model_id != self.info.model_id:
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
-                                f"worker serves model {first.hello.model!r} ({first.hello.model_id}), the "
-                                f"scheduler serves {self.info.name!r} ({self.info.model_id})")
-        if first.hello.vocab_size and first.hello.vocab_size != self.info.vocab_size:
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
-                                f"worker serves a vocabulary of {first.hello.vocab_size}, the scheduler's "
-                                f"model has {self.info.vocab_size}")
-        profile = None
-        if first.hello.latency_profile_json:
-            try:
-                profile = LatencyModel.from_json(first.hello.latency_profile_json)
-            except (ValueError, TypeError) as exc:  # json.JSONDecodeError is a ValueError
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"bad latency profile in hello: {exc}")
-        try:
-            held = [wire.held_from_pb(h, self.info.vocab_size) for h in first.hello.held_jobs]
-        except wire.WireError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"bad hello: {exc}")
-        if refusal := self._weights_refusal(first.hello):  # last: the first worker to pass sets them
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, refusal)
-        link = WorkerLink(capacity, asyncio.Queue(), model=first.hello.model, device=first.hello.device,
-                          latency_profile=profile, held=held, held_from=first.hello.held_from_scheduler_id)
-        self.engine.worker_joined(link)
+        link = await self._link_from_hello(first, context)
+        self.engine.inbox.post(WorkerJoined(link))
         reader = asyncio.create_task(self._read_reports(link, request_iterator))
         getter = None
         try:
@@ -335,22 +240,50 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                 if getter not in done:
                     getter.cancel()
                     return
-                match getter.result():
-                    case str(reason):
-                        yield worker_pb2.SchedulerMessage(shutdown=worker_pb2.Shutdown(reason=reason))
-                        return
-                    case AbortJobs(job_ids, through):
-                        yield wire.aborts_to_pb(job_ids, through)
-                    case plan:
-                        message = wire.plan_to_pb(plan)
-                        if plan.step_id == 0:  # the welcome
-                            message.plan.scheduler_id = self.engine.scheduler_id
-                        yield message
+                message = getter.result()
+                yield wire.to_worker_pb(message)
+                if isinstance(message, Shutdown):
+                    return
         finally:
             reader.cancel()
             if getter is not None:
                 getter.cancel()
-            self.engine.worker_left(capacity.worker_id)
+            self.engine.inbox.post(WorkerLeft(link.worker_id))
+
+    async def _link_from_hello(self, first, context) -> WorkerLink:
+        """The link of a worker whose hello passes every check (else the call is aborted)."""
+        if first.WhichOneof("kind") != "hello":
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "the first message must be a hello")
+        hello = first.hello
+        try:
+            capacity = wire.capacity_from_hello(hello)
+        except wire.WireError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"bad hello: {exc}")
+        if capacity.worker_id in self.engine.links:
+            await context.abort(grpc.StatusCode.ALREADY_EXISTS,
+                                f"worker id {capacity.worker_id!r} is already connected")
+        if hello.model_id and hello.model_id != self.info.model_id:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                f"worker serves model {hello.model!r} ({hello.model_id}), the "
+                                f"scheduler serves {self.info.name!r} ({self.info.model_id})")
+        if hello.vocab_size and hello.vocab_size != self.info.vocab_size:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                f"worker serves a vocabulary of {hello.vocab_size}, the scheduler's "
+                                f"model has {self.info.vocab_size}")
+        profile = None
+        if hello.latency_profile_json:
+            try:
+                profile = LatencyModel.from_json(hello.latency_profile_json)
+            except (ValueError, TypeError) as exc:  # json.JSONDecodeError is a ValueError
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"bad latency profile in hello: {exc}")
+        try:
+            held = [wire.held_from_pb(h, self.info.vocab_size) for h in hello.held_jobs]
+        except wire.WireError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"bad hello: {exc}")
+        if refusal := self._weights_refusal(hello):  # last: the first worker to pass sets them
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, refusal)
+        return WorkerLink(capacity, asyncio.Queue(), model=hello.model, device=hello.device,
+                          latency_profile=profile, held=held, held_from=hello.held_from_scheduler_id)
 
     def _weights_refusal(self, hello) -> str | None:
         """Why a worker with other weights is refused (None: same weights, or unknown); the
@@ -371,14 +304,14 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
     async def _read_reports(self, link: WorkerLink, request_iterator) -> None:
         async for message in request_iterator:
             if message.WhichOneof("kind") != "report":
-                link.outbox.put_nowait("protocol error: expected a step report")
+                link.outbox.put_nowait(Shutdown("protocol error: expected a step report"))
                 return
             try:
                 report = wire.report_from_pb(message.report)
             except wire.WireError as exc:
-                link.outbox.put_nowait(f"protocol error: {exc}")
+                link.outbox.put_nowait(Shutdown(f"protocol error: {exc}"))
                 return
-            self.engine.worker_reported(link.worker_id, report)
+            self.engine.inbox.post(WorkerReported(link.worker_id, report))
 
 
 @dataclass
@@ -387,6 +320,8 @@ class SchedulerServer:
     server: grpc.aio.Server
     port: int
     engine: SchedulerEngine
+    streams: Streams
+    status: EngineStatus
     servicer: SchedulerServicer
     health: grpc_server.ServingStatus
     #: The worker listener (WorkerService) and its port.
@@ -396,7 +331,8 @@ class SchedulerServer:
     job_log: object = None  # the open --job-log file, closed by stop()
     #: Set when the engine loop failed (the process should exit non-zero).
     failed: asyncio.Event = field(default_factory=asyncio.Event)
-    #: Background tasks (the failure watcher, the predictor's warm-up), cancelled by stop().
+    #: Background tasks (the failure watcher, the cycle-time log, the predictor's warm-up),
+    #: cancelled by stop().
     tasks: list[asyncio.Future] = field(default_factory=list)
 
     async def stop(self, grace_s: float = 5.0) -> None:
@@ -407,9 +343,9 @@ class SchedulerServer:
         self.servicer.accepting = False
         await self.health.set(False)
         deadline = time.monotonic() + grace_s
-        while self.engine.num_live_jobs() and time.monotonic() < deadline and not self.failed.is_set():
+        while self.streams.num_live() and time.monotonic() < deadline and not self.failed.is_set():
             await asyncio.sleep(0.05)
-        logger.info("drained (%d requests still in flight); stopping", self.engine.num_live_jobs())
+        logger.info("drained (%d requests still in flight); stopping", self.streams.num_live())
         await self.engine.stop()
         await self.servicer.estimator.close()
         await asyncio.gather(self.server.stop(1.0), self.worker_server.stop(1.0))
@@ -440,11 +376,14 @@ async def start_scheduler(config: SchedulerConfig, *, predict=None, observe=None
         quarantine.record_crash(engine.suspects, exc)  # before the process exits
         failed.set()
 
-    engine = SchedulerEngine(core, latency, max_queued=config.max_queued,
-                             max_wait_no_worker_s=config.max_wait_no_worker_s,
-                             plans_ahead=config.plans_ahead, on_finish=on_finish, on_failure=on_failure)
-    engine.metrics.forget_departed_workers(lambda: engine.links)
-    servicer = SchedulerServicer(config, info, engine, estimator, quarantine)
+    metrics = SchedulerMetrics()
+    inbox = Inbox()
+    streams = Streams(inbox, metrics, max_queued=config.max_queued, on_finish=on_finish)
+    engine = SchedulerEngine(core, latency, inbox, streams, max_wait_no_worker_s=config.max_wait_no_worker_s,
+                             plans_ahead=config.plans_ahead, on_failure=on_failure, metrics=metrics)
+    status = EngineStatus(engine)
+    metrics.forget_departed_workers(lambda: engine.links)
+    servicer = SchedulerServicer(config, info, engine, streams, status, estimator, quarantine)
     health = grpc_server.ServingStatus([SCHEDULER_SERVICE, WORKER_SERVICE])
     await health.set(True)
     if predict is not None:
@@ -460,7 +399,8 @@ async def start_scheduler(config: SchedulerConfig, *, predict=None, observe=None
         await failed.wait()
         servicer.accepting = False
         await health.set(False)
-    tasks = [asyncio.ensure_future(on_failed())]
+    tasks = [asyncio.ensure_future(on_failed()), asyncio.ensure_future(status.run())]
+    streams.start()
     engine.start()
     metrics_port = 0
     if config.metrics_address:
@@ -471,7 +411,8 @@ async def start_scheduler(config: SchedulerConfig, *, predict=None, observe=None
         # After listening: a predictor that is down must not keep clients and workers out.
         tasks.append(asyncio.ensure_future(_warm_up(estimator, health)))
     _log_listening(config, info, port, worker_port)
-    return SchedulerServer(server=server, port=port, engine=engine, servicer=servicer, health=health,
+    return SchedulerServer(server=server, port=port, engine=engine, streams=streams, status=status,
+                           servicer=servicer, health=health,
                            worker_server=worker_server, worker_port=worker_port, metrics_port=metrics_port,
                            job_log=job_log, failed=failed, tasks=tasks)
 

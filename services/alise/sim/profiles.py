@@ -61,7 +61,7 @@ def measure_cpu_profile(model: str = "tiny-llama", *, batches=(1, 2, 4, 8, 16),
     script, never from the core.
     """
     import torch
-    from alise.core.commands import Abort, Admit
+    from alise.core.commands import Admit
     from alise.core.sampling import SamplingParams
     from alise.worker.engine import WorkerEngine
     from alise.worker.loader import load_model
@@ -79,7 +79,7 @@ def measure_cpu_profile(model: str = "tiny-llama", *, batches=(1, 2, 4, 8, 16),
     for _ in range(2):  # warm-up: allocator paths, kernels
         engine.apply([Admit("warm", [5] * 32, sampling)])
         engine.step(0)
-        engine.apply([Abort("warm")])
+        engine.abort(["warm"])
     for batch in batches:
         for context in contexts:
             if context > max_ctx:
@@ -94,7 +94,7 @@ def measure_cpu_profile(model: str = "tiny-llama", *, batches=(1, 2, 4, 8, 16),
                 step_id += 1
                 report = engine.step(step_id)
                 samples.append((batch, batch * (context + k + 1), [], report.step_duration_s))
-            engine.apply([Abort(j) for j in ids])
+            engine.abort(ids)
     return LatencyModel.fit(samples, name=f"{model}-cpu", meta=dict(
         kind="measured", device=f"CPU, {torch.get_num_threads()} torch threads",
         model=model, date=date.today().isoformat(), num_samples=len(samples),

@@ -20,7 +20,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from alise.core.blocks import WorkerCapacity, default_token_budget
-from alise.core.commands import StepReport
+from alise.core.commands import AbortJobs, StepPlan, StepReport
+from alise.core.dispatch import keep_in_flight
 from alise.core.job import Job, LengthEstimate
 from alise.core.latency_model import LatencyModel
 from alise.core.memory_planner import MemoryPlanner
@@ -245,14 +246,24 @@ class _Cluster:
             self._start_next(wid, now)
 
     def plan(self, now: float) -> None:
+        """Each worker's aborts and plans, as the service's engine sends them; an idle worker
+        starts at once (a plan without a step is done at once and frees its place in flight)."""
         for wid in sorted(self.workers):
-            while self.core.num_in_flight(wid) < self.plans_ahead:
-                plan = self.core.schedule(wid, now)
-                if plan.is_empty:
-                    break
-                self.queued[wid].append(plan)
+            worker = self.workers[wid]
+            while True:
+                messages = keep_in_flight(self.core, wid, now, plans_ahead=self.plans_ahead)
+                for message in messages:
+                    match message:
+                        case AbortJobs(job_ids, through):
+                            # The virtual worker already holds the state at the end of its
+                            # running step: now is its next step boundary.
+                            worker.abort(job_ids, through)
+                        case StepPlan():
+                            self.queued[wid].append(message)
                 if wid not in self.running:
                     self._start_next(wid, now)
+                if not any(isinstance(m, StepPlan) for m in messages):
+                    break
 
     def _start_next(self, wid: str, now: float) -> None:
         """The worker runs its next queued plan from ``now``; a plan without a step is done at once."""

@@ -8,12 +8,12 @@ leave at step boundaries. No torch here: the forward pass and sampling are an
 :class:`Executor`'s (``alise.worker.executor.ModelExecutor`` on a real worker, the latency
 model's in the simulator, which runs this very engine), the KV bytes a ``KvMover``'s.
 
-Aborts come two ways: as commands inside a plan (applied in order with the rest), and at
-once (``abort``), ahead of the plans the worker already holds. One of the latter names the
-last plan sent before it (``through``): a plan up to that one may still admit the job (the
-scheduler admitted it, then its client left), so the engine remembers the id until that plan
-has run and skips the admit. Without that, a job cancelled while its admit was in flight
-would run to its end on a worker whose scheduler no longer knows it.
+Aborts are not commands of a plan: they come at once (``abort``, from an ``AbortJobs`` on the
+stream) and are applied at the next step boundary, ahead of the plans the worker already
+holds. Each names the last plan sent before it (``through``): a plan up to that one may still
+admit the job (the scheduler admitted it, then its client left), so the engine remembers the
+id until that plan has run and skips the admit. Without that, a job cancelled while its admit
+was in flight would run to its end on a worker whose scheduler no longer knows it.
 
 Token arithmetic (mirrored by ``alise.core.job``): a sequence of ``n`` tokens whose first ``c``
 positions are cached feeds tokens ``[c, c + k)`` in a step and needs ``ceil((c + k) / block_size)``
@@ -23,12 +23,13 @@ blocks for it; when ``c + k = n`` the step samples one token, which is appended 
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
 from alise.core.blocks import blocks_for
 from alise.core.commands import (
-    Abort, Admit, Command, HeldJob, JobOutput, Pause, Refusal, Resume, StepPlan, StepReport,
+    Admit, Command, HeldJob, JobOutput, Pause, Refusal, StepPlan, StepReport,
 )
 from alise.core.job import FinishReason, KvPlace
 from alise.core.sampling import SamplingParams
@@ -127,16 +128,12 @@ class WorkerEngine:
         if seq is None:
             # Finished or aborted here since the plan was made: nothing left to do.
             return None
-        if isinstance(command, Abort):
-            self._release(seq)
-        elif isinstance(command, Pause):
+        if isinstance(command, Pause):
             seq.paused = True  # the pause always happens; a refused KV move leaves the KV as it was
             return self.kv.pause(seq, command.action)
-        elif isinstance(command, Resume):
-            reason = self.kv.resume(seq)
-            seq.paused = reason is not None
-            return reason
-        return None
+        reason = self.kv.resume(seq)
+        seq.paused = reason is not None
+        return reason
 
     def _admit(self, command: Admit) -> str | None:
         if command.job_id in self.aborted:
@@ -159,9 +156,9 @@ class WorkerEngine:
             num_generated=command.num_generated, generator=generator)
         return None
 
-    def abort(self, job_ids, through: int = -1) -> None:
-        """Immediate aborts, ahead of the plans held: a job here is released; one not here yet
-        is remembered until plan ``through`` (the last sent before the abort) has run."""
+    def abort(self, job_ids: Iterable[str], through: int = -1) -> None:
+        """Aborts at the step boundary, ahead of the plans held: a job here is released; one not
+        here yet is remembered until plan ``through`` (the last sent before the abort) has run."""
         for job_id in job_ids:
             seq = self.seqs.get(job_id)
             if seq is not None:

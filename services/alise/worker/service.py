@@ -3,7 +3,7 @@
 It loads the model, sizes its KV cache, serves ``grpc.health.v1`` on its own port
 (NOT_SERVING while loading or disconnected, SERVING while attached to a scheduler), and
 holds the ``WorkerService.Connect`` stream. Plans arrive ahead of the step the worker runs;
-a step thread (:class:`StepLoop`) takes them one after another, each as soon as the step
+a step thread (``alise.worker.step_loop``) takes them one after another, each as soon as the step
 before it is done, while the event loop reads plans and aborts off the stream and writes
 reports back, so neither waits for the other. When the stream breaks, the worker drops its
 jobs (the scheduler re-queues them) and reconnects with backoff.
@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import queue
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -26,7 +25,7 @@ from alise.client._channel import make_aio_channel
 from alise.common import grpc_server, wire
 from alise.common.metrics import WorkerMetrics, serve_metrics
 from alise.common.model_id import model_fingerprint, samples_fingerprint, weights_fingerprint
-from alise.core.commands import StepPlan, StepReport
+from alise.core.commands import AbortJobs, Shutdown, StepPlan, StepReport, Welcome
 from alise.core.latency_model import LatencyModel
 from alise.v1 import worker_pb2, worker_pb2_grpc
 from alise.worker.config import WorkerConfig
@@ -36,6 +35,7 @@ from alise.worker.hf_runner import TransformersRunner
 from alise.worker.kv_cache import KVCache
 from alise.worker.loader import LoadedModel, load_model
 from alise.worker.model_runner import ModelRunner
+from alise.worker.step_loop import StepLoop
 
 logger = logging.getLogger(__name__)
 
@@ -300,28 +300,29 @@ class Worker:
             # Kept only when the stream just broke (EOF): the scheduler did not say goodbye.
             return ended == "read"
 
-    async def _read(self, call, steps: StepLoop) -> None:
-        """Plans and aborts off the stream, into the step thread's queues."""
+    async def _read(self, call, steps: StepLoop) -> str | None:
+        """Plans and aborts off the stream, into the step thread's queues; "shutdown" when
+        the scheduler closed the stream, None when it broke."""
         while True:
             message = await call.read()
             if message is grpc.aio.EOF:
-                return
-            kind = message.WhichOneof("kind")
-            if kind == "shutdown":
-                logger.warning("scheduler closed the stream: %s", message.shutdown.reason)
-                return "shutdown"
-            if kind == "abort":
-                steps.abort(list(message.abort.job_ids), message.abort.through_step_id)
-                continue
-            plan = wire.plan_from_pb(message.plan)
-            if not self.connected.is_set():
-                logger.info("worker %s attached to %s", self.worker_id, self.config.scheduler_address)
-                self._scheduler_id = message.plan.scheduler_id
-                self._held, self._held_from = [], ""  # the scheduler has them now (adopted or aborted)
-                self.connected.set()
-                if self.health:
-                    await self.health.set(True)
-            steps.submit(plan)
+                return None
+            match wire.to_worker_from_pb(message):
+                case Shutdown(reason):
+                    logger.warning("scheduler closed the stream: %s", reason)
+                    return "shutdown"
+                case AbortJobs() as aborts:
+                    steps.abort(aborts)
+                case Welcome(scheduler_id):
+                    logger.info("worker %s attached to %s", self.worker_id, self.config.scheduler_address)
+                    self._scheduler_id = scheduler_id
+                    self._held, self._held_from = [], ""  # the scheduler has them now (adopted or aborted)
+                    self.connected.set()
+                    if self.health:
+                        await self.health.set(True)
+                    steps.submit(StepPlan(step_id=0))  # its report tells the scheduler plans run here
+                case StepPlan() as plan:
+                    steps.submit(plan)
 
     async def _write(self, call, steps: StepLoop) -> None:
         while True:
@@ -408,65 +409,3 @@ class Worker:
             if self._step_log is not None:
                 self._step_log.close()
                 self._step_log = None
-
-
-#: Put in the plan queue to wake the step thread for aborts.
-_WAKE = object()
-
-
-class StepLoop:
-    """The step thread of one session: runs plans in order, each as soon as the step before
-    it is done; aborts received meanwhile are applied first, at the step boundary.
-
-    Reports go back to the event loop (``reports``); a step that raises (CUDA out of memory,
-    a kernel error) sets ``failed``: its sequences may be half-advanced, so the session ends,
-    every job goes back to the scheduler and the worker reconnects with a clean engine."""
-
-    def __init__(self, worker: Worker, loop: asyncio.AbstractEventLoop) -> None:
-        self.worker = worker
-        self.loop = loop
-        self.reports: asyncio.Queue = asyncio.Queue()
-        self.failed = asyncio.Event()
-        self._plans: queue.SimpleQueue = queue.SimpleQueue()
-        self._aborts: queue.SimpleQueue = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._run, name="worker-steps", daemon=True)
-        self._thread.start()
-
-    def submit(self, plan: StepPlan) -> None:
-        self._plans.put(plan)
-
-    def abort(self, job_ids: list[str], through_step_id: int) -> None:
-        self._aborts.put((job_ids, through_step_id))
-        self._plans.put(_WAKE)  # an idle thread frees the jobs now, not at its next plan
-
-    async def close(self) -> None:
-        """Stops the thread after its current step (the worker then keeps or drops the jobs)."""
-        self._plans.put(None)
-        await asyncio.to_thread(self._thread.join)
-
-    def _run(self) -> None:
-        worker, engine = self.worker, self.worker.engine
-        done_s = time.monotonic()
-        busy = False  # the last step left jobs running: a wait for the next plan idles the device
-        while True:
-            plan = self._plans.get()
-            if plan is None:
-                return
-            while not self._aborts.empty():
-                engine.abort(*self._aborts.get())
-            if plan is _WAKE:
-                continue
-            started = time.monotonic()
-            try:
-                report = worker._execute(plan, started - done_s if busy else None)
-            except Exception:
-                logger.exception("step %d failed; this worker's jobs go back to the scheduler and it "
-                                 "reconnects", plan.step_id)
-                worker.metrics.step_failures.inc()
-                self.loop.call_soon_threadsafe(self.failed.set)
-                return
-            now = time.monotonic()
-            self.loop.call_soon_threadsafe(self.reports.put_nowait, report)
-            worker._count_cycle(started - done_s, now - started, report)
-            done_s = now
-            busy = report.step_duration_s > 0 and engine.num_running > 0
