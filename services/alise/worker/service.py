@@ -3,8 +3,8 @@
 It loads the model, sizes its KV cache, serves ``grpc.health.v1`` on its own port
 (NOT_SERVING while loading or disconnected, SERVING while attached to a scheduler), and
 holds the ``WorkerService.Connect`` stream. Plans arrive ahead of the step the worker runs;
-a step thread (``alise.worker.step_loop``) takes them one after another, each as soon as the step
-before it is done, while the event loop reads plans and aborts off the stream and writes
+a step thread (``alise.worker.step_loop``) takes them one after another, each as soon as the
+step before it is done, while the event loop reads plans and aborts off the stream and writes
 reports back, so neither waits for the other. When the stream breaks, the worker drops its
 jobs (the scheduler re-queues them) and reconnects with backoff.
 """
