@@ -81,7 +81,7 @@ async def drain(stream) -> None:
 async def cancels(args) -> dict:
     base = free_port_block(4)
     up = await asyncio.to_thread(UpCluster, "--no-predictor", "--http-address", "", "--metrics-port", str(base),
-                                 "--worker-arg=--max-num-seqs", "--worker-arg=64")
+                                 "--max-num-seqs", "64")
     rng = random.Random(args.seed)
     try:
         async with AsyncClient(up.address) as client:

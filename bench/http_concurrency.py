@@ -25,6 +25,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from http_cluster import cpu_cluster, rss_mib  # noqa: E402
 
+from alise.worker.config import WorkerConfig  # noqa: E402
+
 
 async def one_client(base_url: str, i: int, tokens: int) -> str:
     """"" when the stream was complete and exact, else what was wrong."""
@@ -84,7 +86,7 @@ def main() -> int:
     p.add_argument("--tokens", type=int, default=32)
     args = p.parse_args()
     rows, failures = [], []
-    with cpu_cluster(worker_args=("--max-num-seqs", "256")) as (cluster, _, base_url):
+    with cpu_cluster(worker=WorkerConfig(max_num_seqs=256)) as (cluster, _, base_url):
         pid = cluster.procs["http"].pid
         asyncio.run(wave(base_url, 4, 4))  # first requests: the model lookup, connections
         for w in range(args.waves):

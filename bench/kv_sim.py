@@ -31,7 +31,6 @@ from dataclasses import replace
 from alise.core.job import LengthEstimate
 from alise.core.latency_model import LatencyModel
 from alise.core.memory_planner import make_memory_planner
-from alise.core.policy import make_policy
 from alise.sim.profiles import opt13b_h100_roofline
 from alise.sim.simulator import SimConfig, output_target
 from alise.sim.simulator import simulate as run_sim
@@ -87,8 +86,8 @@ def simulate(requests, estimates, planner: str, num_blocks: int, num_host_blocks
                        quantize_bytes_per_s=quantize_bytes_per_s)
     max_len = min(max_model_len, num_blocks * BLOCK_SIZE)
     replay = clamped(requests, max_model_len, max_len)
-    result = run_sim(replay, make_policy("alise", latency), latency, config,
-                     estimates=dict(enumerate(estimates)), memory=memory)
+    # The alise policy (SchedulingConfig's default) with this planner and its measured costs.
+    result = run_sim(replay, latency, config, estimates=dict(enumerate(estimates)), memory=memory)
     norm = [r.normalized_latency_s for r in result.records]
     return dict(mean_normalized_latency_s=statistics.fmean(norm), makespan_s=result.makespan_s,
                 work_backlog_at_last_arrival=result.work_backlog_at_last_arrival,

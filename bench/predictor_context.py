@@ -27,6 +27,7 @@ import json
 import statistics
 import time
 
+from alise.sim.cli import add_scheduling_flags
 from alise.sim.context_estimates import conversation_cross_fit, metrics
 from alise.sim.conversations import (
     TurnsDistribution, build_conversations, load_answers, prefix_share, system_prompt_text,
@@ -81,12 +82,13 @@ def print_accuracy(seed: int, acc: dict) -> None:
 
 
 def simulate(requests, acc: dict, args) -> dict:
+    from alise.sim.cli import scheduling_from_args
     from alise.sim.report import load_profile
     from alise.sim.simulator import SimConfig
     from alise.sim.sweep import capacity_bound, sweep
 
     latency = load_profile(args.profile)
-    config = SimConfig(prefill_step_ratio=args.prefill_step_ratio)
+    config = SimConfig(scheduling=scheduling_from_args(args))
     bound = capacity_bound(requests, latency, config)
     rate = round(args.fraction * bound, 3)
     ms = {s.policy: s.mean_normalized_latency_s * 1000
@@ -96,7 +98,8 @@ def simulate(requests, acc: dict, args) -> dict:
         [run] = sweep(requests, ("alise",), [rate], latency, config, estimates=est, jobs=1)
         ms[f"alise {key}"] = run.mean_normalized_latency_s * 1000
     print(f"SIMULATED ({args.profile}, kv_tokens {config.kv_tokens}, prefill step ratio "
-          f"{config.prefill_step_ratio:g}): bound {bound:.2f} req/s, rate {rate:.2f}; mean normalized "
+          f"{config.scheduling.prefill_step_ratio:g}): bound {bound:.2f} req/s, rate {rate:.2f}; "
+          "mean normalized "
           "latency ms/token, x oracle")
     for name, value in ms.items():
         print(f"  {name:<26} {value:8.2f}  {value / ms['oracle']:6.3f}x", flush=True)
@@ -116,10 +119,10 @@ def main() -> None:
     parser.add_argument("--no-sim", action="store_true")
     parser.add_argument("--profile", default="profiles/opt-13b-h200-served.json")
     parser.add_argument("--fraction", type=float, default=0.9, help="of the capacity bound")
-    parser.add_argument("--prefill-step-ratio", type=float, default=0.0,
-                        help="the scheduler's cap on chunks beside decodes (default 0 = off: see "
-                             "docs/predictor.md on why the comparison runs uncapped)")
     parser.add_argument("--out", default="/tmp/predictor_context.json")
+    add_scheduling_flags(parser)
+    # Uncapped chunks beside decodes, unlike the scheduler: docs/predictor.md says why.
+    parser.set_defaults(prefill_step_ratio=0.0)
     args = parser.parse_args()
     from alise.predictor.encoder import Encoder
 

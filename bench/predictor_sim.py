@@ -25,6 +25,7 @@ import math
 import random
 import time
 
+from alise.sim.cli import add_scheduling_flags, scheduling_from_args
 from alise.sim.predictions import cross_fitted_estimates, kendall_tau
 from alise.sim.report import load_profile
 from alise.sim.simulator import SimConfig
@@ -54,18 +55,18 @@ def main() -> None:
     parser.add_argument("--predictor", default="predictor", choices=("predictor", "knn"))
     parser.add_argument("--num", type=int, default=800)
     parser.add_argument("--out", default="/tmp/predictor_sim.json")
-    parser.add_argument("--prefill-step-ratio", type=float, default=1.5,
-                        help="the scheduler's cap on chunks beside decodes (default 1.5, its own; 0 = off)")
     parser.add_argument("--noise", default="",
                         help="also run alise on noisy-oracle estimates with these log-space sigmas, "
                              "comma-separated (default: none)")
+    add_scheduling_flags(parser)
     args = parser.parse_args()
     sigmas = [float(x) for x in args.noise.split(",") if x]
     latency = load_profile(args.profile)
-    config = SimConfig(prefill_step_ratio=args.prefill_step_ratio)
+    config = SimConfig(scheduling=scheduling_from_args(args))
     rows, runs = [], []
     print(f"SIMULATED ({args.profile}, kv_tokens {config.kv_tokens}, prefill step ratio "
-          f"{config.prefill_step_ratio:g}); rate = {args.fraction:g} x capacity bound (without that cap); "
+          f"{config.scheduling.prefill_step_ratio:g}); rate = {args.fraction:g} x capacity bound "
+          "(without that cap); "
           "mean normalized latency in ms/token")
     print(f"{'trace':<16} {'bound':>7} {'rate':>7} {'tau':>6} {'fcfs':>8} {'alise':>8} "
           f"{'oracle':>8} {'alise/oracle':>13}")

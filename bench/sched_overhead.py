@@ -22,11 +22,10 @@ import sys
 import time
 
 from alise.core.blocks import WorkerCapacity
+from alise.core.config import SchedulingConfig, make_core
 from alise.core.job import Job, JobStatus, LengthEstimate
 from alise.core.latency_model import LatencyModel
-from alise.core.policy import make_policy
 from alise.core.sampling import SamplingParams
-from alise.core.scheduler import SchedulerCore
 from alise.sim.virtual_worker import virtual_worker
 
 
@@ -36,7 +35,7 @@ def run(policy_name: str, *, num_running: int, num_queued: int, steps: int, seed
     latency = LatencyModel.load("profiles/opt-13b-h100-roofline.json")
     block_size = 16
     num_blocks = num_running * 48  # 768 tokens per running job: memory does not bind here
-    core = SchedulerCore(make_policy(policy_name, latency))
+    core = make_core(SchedulingConfig(policy=policy_name), latency)
     core.add_worker(WorkerCapacity("w0", block_size, num_blocks, 0, 2048, num_running, 2 * num_running))
     worker = virtual_worker(num_device_blocks=num_blocks, block_size=block_size,
                             max_model_len=2048, latency=latency)

@@ -25,7 +25,7 @@ from real_cpu_compare import estimates_by_prompt, pick_requests  # noqa: E402
 
 from alise.bench.cluster import run_on_cluster  # noqa: E402
 from alise.bench.openloop import DEFAULT_MAX_TOKENS  # noqa: E402
-from alise.core.policy import make_policy  # noqa: E402
+from alise.core.config import SchedulingConfig  # noqa: E402
 from alise.sim.profiles import measure_cpu_profile  # noqa: E402
 from alise.sim.simulator import SimConfig, simulate  # noqa: E402
 
@@ -59,17 +59,16 @@ def main() -> int:
 
     estimates = {i: table[r.prompt] for i, r in enumerate(requests)}
     config = SimConfig(kv_tokens=args.blocks * 16, max_num_seqs=args.max_num_seqs,
-                       max_model_len=2048, max_tokens=DEFAULT_MAX_TOKENS)
-    sim = simulate(requests, make_policy(args.policy, latency), latency, config,
-                   estimates=estimates)
+                       max_model_len=2048, max_tokens=DEFAULT_MAX_TOKENS,
+                       scheduling=SchedulingConfig(policy=args.policy))
+    sim = simulate(requests, latency, config, estimates=estimates)
     sim_nl = statistics.fmean(r.normalized_latency_s for r in sim.records)
     diff = (sim_nl - real_nl) / real_nl
     # The same simulation with the profile scaled by the scheduler's online correction (its
     # measured-over-modelled step time during the real run): how much of the gap is the
     # machine's speed drifting between profiling and the run (this CPU is shared).
     latency.correction = stats.get("latency_correction", 1.0)
-    sim2 = simulate(requests, make_policy(args.policy, latency), latency, config,
-                    estimates=estimates)
+    sim2 = simulate(requests, latency, config, estimates=estimates)
     sim2_nl = statistics.fmean(r.normalized_latency_s for r in sim2.records)
     latency.correction = 1.0
     print(f"policy {args.policy}, {args.num} requests at {args.rate} req/s (Poisson), outputs <= "

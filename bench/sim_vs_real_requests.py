@@ -25,9 +25,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "services"))
 
+from alise.core.config import SchedulingConfig  # noqa: E402
 from alise.core.job import LengthEstimate  # noqa: E402
 from alise.core.latency_model import LatencyModel  # noqa: E402
-from alise.core.policy import make_policy  # noqa: E402
 from alise.sim.predictions import cross_fitted_estimates  # noqa: E402
 from alise.sim.simulator import SimConfig, simulate  # noqa: E402
 from alise.sim.trace import read_trace, rescale  # noqa: E402
@@ -50,7 +50,6 @@ def main() -> None:
     requests = read_trace(args.trace)
     timing = LatencyModel.load(args.profile)
     decision = LatencyModel.load(args.decision_profile or args.profile)
-    policy = make_policy(args.policy, decision)
     estimates = None
     if args.job_log:
         with open_text(args.job_log) as f:
@@ -65,8 +64,9 @@ def main() -> None:
     elif args.policy == "alise":
         estimates, source = cross_fitted_estimates(requests, method="predictor")
         print(f"alise estimates: {source}")
-    result = simulate(rescale(requests, args.rate), policy, timing,
-                      SimConfig(kv_tokens=args.kv_tokens, max_num_seqs=args.max_num_seqs), estimates=estimates)
+    config = SimConfig(kv_tokens=args.kv_tokens, max_num_seqs=args.max_num_seqs,
+                       scheduling=SchedulingConfig(policy=args.policy))
+    result = simulate(rescale(requests, args.rate), timing, config, estimates=estimates, pricing=decision)
     sim = {int(r.job_id[1:]): r for r in result.records}
     with open_text(args.real) as f:
         real = {r["index"]: r for r in map(json.loads, f) if not r.get("error")}

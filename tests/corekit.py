@@ -5,9 +5,10 @@ from __future__ import annotations
 
 from alise.core.blocks import WorkerCapacity
 from alise.core.commands import AbortJobs, StepPlan
-from alise.core.dispatch import keep_in_flight
 from alise.core.job import Job, LengthEstimate
 from alise.core.latency_model import LatencyModel
+from alise.core.config import SchedulingConfig
+from alise.core.dispatch import keep_in_flight
 from alise.core.policy import make_policy
 from alise.core.sampling import SamplingParams
 from alise.core.scheduler import SchedulerCore
@@ -21,7 +22,7 @@ def make_scheduler(policy: str = "fcfs", *, num_blocks: int = 6, block_size: int
                    max_num_seqs: int = 8, max_num_batched_tokens: int = 4096,
                    max_model_len: int = 2048, targets: dict[str, int] | None = None,
                    **policy_kwargs) -> tuple[SchedulerCore, WorkerEngine]:
-    core = SchedulerCore(make_policy(policy, LATENCY, **policy_kwargs))
+    core = SchedulerCore(make_policy(SchedulingConfig(policy=policy, **policy_kwargs), LATENCY))
     core.add_worker(WorkerCapacity("w0", block_size, num_blocks, 0, max_model_len, max_num_seqs,
                                    max_num_batched_tokens))
     worker = virtual_worker(num_device_blocks=num_blocks, block_size=block_size,

@@ -34,20 +34,21 @@ from pathlib import Path
 
 import numpy as np
 
+from alise.core import scheduler as core_scheduler
+from alise.core.config import SchedulingConfig
 from alise.core.latency_model import LatencyModel
-from alise.core.policy import make_policy
 from alise.core.scheduler import SchedulerCore
-from alise.sim import simulator
 from alise.sim.simulator import SimConfig, simulate
 from alise.sim.trace import TraceRequest, read_trace
 
-#: name -> (max_num_batched_tokens (0: the worker's default rule), prefill_step_ratio, plans_ahead)
+FCFS = SchedulingConfig(policy="fcfs")
+#: name -> (max_num_batched_tokens (0: the worker's default rule), the scheduler's settings)
 VARIANTS = {
-    "alise": (0, 1.5, 2),
-    "no-cap": (0, 0.0, 2),
-    "8192-cap": (8192, 1.5, 2),
-    "vllm-like": (8192, 0.0, 2),
-    "1-ahead": (8192, 0.0, 1),
+    "alise": (0, FCFS),
+    "no-cap": (0, replace(FCFS, prefill_step_ratio=0.0)),
+    "8192-cap": (8192, FCFS),
+    "vllm-like": (8192, replace(FCFS, prefill_step_ratio=0.0)),
+    "1-ahead": (8192, replace(FCFS, prefill_step_ratio=0.0, plans_ahead=1)),
 }
 
 
@@ -80,16 +81,16 @@ class TokenTimes(SchedulerCore):
 
 
 def run(trace, latency: LatencyModel, variant: str, args) -> dict:
-    budget, ratio, ahead = VARIANTS[variant]
+    budget, scheduling = VARIANTS[variant]
+    ratio, ahead = scheduling.prefill_step_ratio, scheduling.plans_ahead
     config = SimConfig(kv_tokens=args.kv_tokens, block_size=16, max_num_seqs=args.max_num_seqs,
-                       max_num_batched_tokens=budget, max_model_len=args.max_model_len, plans_ahead=ahead,
-                       prefill_step_ratio=ratio)
+                       max_num_batched_tokens=budget, max_model_len=args.max_model_len, scheduling=scheduling)
     TokenTimes.times = defaultdict(list)
-    simulator.SchedulerCore = TokenTimes
+    core_scheduler.SchedulerCore = TokenTimes  # the class alise.core.config.make_core builds
     try:
-        result = simulate(trace, make_policy("fcfs", latency), latency, config)
+        result = simulate(trace, latency, config)
     finally:
-        simulator.SchedulerCore = SchedulerCore
+        core_scheduler.SchedulerCore = SchedulerCore
     recs = result.records
     ttft = np.array([r.ttft_s for r in recs]) * 1e3
     tpot = [1e3 * (r.finish_s - r.first_token_s) / (r.output_tokens - 1) for r in recs if r.output_tokens > 1]

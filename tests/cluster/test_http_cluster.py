@@ -9,6 +9,7 @@ import httpx
 import openai
 import pytest
 from alise.cluster.local import ClusterConfig, LocalCluster, service_commands
+from alise.worker.config import WorkerConfig
 from compose_cluster import free_port
 
 pytestmark = pytest.mark.cluster
@@ -21,7 +22,7 @@ def up(tmp_path_factory, tiny_llama_dir):
     cfg = ClusterConfig(address=f"127.0.0.1:{free_port()}", model=str(tiny_llama_dir), predictor=False,
                         state_dir=str(tmp), worker_health_base_port=free_port(),
                         http_address=f"127.0.0.1:{http_port}", http_health_address=f"127.0.0.1:{free_port()}",
-                        worker_args=("--block-size", "4"))
+                        worker=WorkerConfig(block_size=4))
     cluster = LocalCluster(service_commands(cfg), log_dir=str(tmp / "logs"))
     cluster.start()
     try:

@@ -23,8 +23,7 @@ from grpc_reflection.v1alpha import reflection_pb2
 pytestmark = pytest.mark.cluster
 
 #: Small caches and no waiting on the CPU: these clusters only have to serve a few streams.
-SMALL_WORKERS = ["--worker-arg=--num-device-blocks", "--worker-arg=256", "--worker-arg=--block-size",
-                 "--worker-arg=4"]
+SMALL_WORKERS = ["--num-device-blocks", "256", "--block-size", "4"]
 
 
 def is_running(pid: int) -> bool:

@@ -1,6 +1,7 @@
 """`alise up`'s flags and what its services are given, without starting anything: vLLM's
-engine flags reach every worker (and the scheduler, the door) as the same config, --host
-moves every listener, and a service's log is bounded and survives a disk that refuses it."""
+engine flags reach every worker (and the scheduler, the door) as the same config, the
+scheduling flags reach the scheduler as the same config, --host moves every listener, and a
+service's log is bounded and survives a disk that refuses it."""
 
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ from alise.cli.main import build_parser
 from alise.cluster.config import ClusterConfig, listen_addresses, service_commands
 from alise.cluster.logfiles import LogLimits, RotatingLog
 from alise.cluster.main import config_from_args
+from alise.core.config import SchedulingConfig
+from alise.scheduler.main import config_from_args as scheduler_config_from_args
 from alise.worker.main import config_from_args as worker_config_from_args
 
 
@@ -39,6 +42,31 @@ def test_vllm_engine_flags_reach_every_worker_the_scheduler_and_the_door(tmp_pat
     assert http[http.index("--served-model-name") + 1] == "my-model"
 
 
+def test_every_scheduling_knob_reaches_the_scheduler_as_the_same_config(tmp_path, monkeypatch):
+    """The policy's knobs, the planner and the pace of planning, set on `alise up`, are the
+    scheduler's config once it parses its command; so are its limits, and the workers' KV
+    sizes are every worker's."""
+    for name in ("ALISE_POLICY", "ALISE_KV_PLANNER"):
+        monkeypatch.delenv(name, raising=False)
+    cfg = config_from_args(parse("up", [
+        "--state-dir", str(tmp_path), "--policy", "oracle", "--kv-planner", "swap",
+        "--prefill-step-ratio", "0", "--plans-ahead", "3", "--overrun-growth", "1.5", "--aging-rate", "0.01",
+        "--hysteresis", "0.1", "--switch-cost-s", "0.02", "--max-slowdown", "4", "--min-starve-s", "2",
+        "--reserve-horizon-tokens", "16", "--reserve-fraction", "0.5", "--no-preemptive",
+        "--max-queued", "10", "--default-max-tokens", "32", "--block-size", "4", "--num-device-blocks", "256", "--no-cuda-graphs"]))
+    expected = SchedulingConfig(
+        policy="oracle", kv_planner="swap", prefill_step_ratio=0.0, plans_ahead=3, overrun_growth=1.5,
+        aging_rate=0.01, hysteresis=0.1, switch_cost_s=0.02, max_slowdown=4.0, min_starve_s=2.0,
+        reserve_horizon_tokens=16, reserve_fraction=0.5, preemptive=False)
+    assert cfg.scheduler.scheduling == expected
+    commands = service_commands(cfg)
+    scheduler = scheduler_config_from_args(build_parser().parse_args(commands["scheduler"]))
+    assert scheduler.scheduling == expected
+    assert (scheduler.max_queued, scheduler.default_max_tokens) == (10, 32)
+    worker = worker_config_from_args(build_parser().parse_args(commands["worker-0"]))
+    assert (worker.block_size, worker.num_device_blocks, worker.cuda_graphs) == (4, 256, False)
+
+
 def test_defaults_are_the_services_own_and_are_not_repeated():
     """Flags left alone are not handed on: each service keeps its own default, written once
     in its config dataclass."""
@@ -57,6 +85,9 @@ def test_defaults_are_the_services_own_and_are_not_repeated():
     (["--max-model-len", "0"], "max_model_len must be >= 1"),
     (["--served-model-name", " "], "served_model_name must not be blank"),
     (["--http-health-address", ""], "http_health_address must be given when the HTTP door runs"),
+    (["--hysteresis", "1.5"], "hysteresis must be in [0, 1), got 1.5"),
+    (["--prefill-step-ratio", "0.5"], "prefill_step_ratio must be 0 (no cap) or > 1, got 0.5"),
+    (["--max-queued", "0"], "max_queued must be >= 1, got 0"),
 ])
 def test_a_bad_engine_flag_is_refused_before_anything_starts(tmp_path, argv, says):
     out = subprocess.run([sys.executable, "-m", "alise.cli.main", "up", "--state-dir", str(tmp_path / "s"), *argv],
@@ -79,7 +110,7 @@ def test_host_moves_every_listener_and_each_flag_still_overrides():
 
 
 def test_a_log_rotates_by_size_and_keeps_its_backups(tmp_path):
-    log = RotatingLog(str(tmp_path / "svc.log"), LogLimits(max_bytes=100, backups=2))
+    log = RotatingLog(str(tmp_path / "svc.log"), LogLimits(max_mb=100 / 2**20, backups=2))
     for i in range(10):
         log.write(f"line {i:02d} {'x' * 40}\n".encode())  # 49 bytes: two lines a file
     log.close()

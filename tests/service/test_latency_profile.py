@@ -8,6 +8,7 @@ from pathlib import Path
 import grpc
 import pytest
 
+from alise.core.config import SchedulingConfig
 from alise.core.latency_model import LatencyModel
 from alise.v1 import worker_pb2, worker_pb2_grpc
 from cluster_fixtures import cluster
@@ -17,7 +18,7 @@ PROFILE = Path(__file__).resolve().parents[2] / "profiles" / "tiny-llama-cpu.jso
 
 async def test_scheduler_adopts_the_workers_profile(tiny_llama_dir):
     expected = LatencyModel.load(str(PROFILE))
-    async with cluster(str(tiny_llama_dir), policy="alise",
+    async with cluster(str(tiny_llama_dir), scheduling=SchedulingConfig(policy="alise"),
                        worker_overrides=dict(latency_profile=str(PROFILE))) as c, \
             c.client() as client:
         latency = c.scheduler.engine.latency
@@ -50,17 +51,16 @@ async def test_bad_profile_in_hello_is_refused(tiny_llama_dir):
 
 
 def test_kv_planner_choice_is_validated():
-    from alise.scheduler.config import SchedulerConfig
-
     with pytest.raises(ValueError, match="kv_planner must be one of"):
-        SchedulerConfig(kv_planner="teleport")
-    assert SchedulerConfig(kv_planner="drop").kv_planner == "drop"
+        SchedulingConfig(kv_planner="teleport")
+    assert SchedulingConfig(kv_planner="drop").kv_planner == "drop"
 
 
 async def test_alise_with_drop_planner_serves(tiny_llama_dir):
     from alise.core.memory_planner import DropPlanner
 
-    async with cluster(str(tiny_llama_dir), policy="alise", kv_planner="drop") as c, c.client() as client:
+    drop = SchedulingConfig(policy="alise", kv_planner="drop")
+    async with cluster(str(tiny_llama_dir), scheduling=drop) as c, c.client() as client:
         assert isinstance(c.scheduler.engine.core.memory, DropPlanner)
         result = await client.complete("drop only", max_tokens=3, ignore_eos=True)
         assert len(result.token_ids) == 3
@@ -68,7 +68,8 @@ async def test_alise_with_drop_planner_serves(tiny_llama_dir):
 
 async def test_step_log_records_each_model_step_as_a_fit_sample(tiny_llama_dir, tmp_path):
     log = tmp_path / "steps.jsonl"
-    async with cluster(str(tiny_llama_dir), policy="fcfs", worker_overrides=dict(step_log=str(log))) as c, \
+    async with cluster(str(tiny_llama_dir), scheduling=SchedulingConfig(policy="fcfs"),
+                       worker_overrides=dict(step_log=str(log))) as c, \
             c.client() as client:
         await client.complete("one two three four five six", max_tokens=4, ignore_eos=True)
         steps = c.workers[0][0].engine.last_step_shape
@@ -89,7 +90,8 @@ async def test_step_log_records_each_model_step_as_a_fit_sample(tiny_llama_dir, 
 
 async def test_job_log_records_each_finished_job_with_its_estimate(tiny_llama_dir, tmp_path):
     log = tmp_path / "jobs.jsonl"
-    async with cluster(str(tiny_llama_dir), policy="alise", job_log=str(log)) as c, c.client() as client:
+    alise = SchedulingConfig(policy="alise")
+    async with cluster(str(tiny_llama_dir), scheduling=alise, job_log=str(log)) as c, c.client() as client:
         for n in (3, 5):
             await client.complete(f"a prompt for {n} tokens", max_tokens=n, ignore_eos=True)
     rows = [json.loads(line) for line in log.read_text().splitlines()]

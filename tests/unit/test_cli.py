@@ -8,8 +8,8 @@ import argparse
 import pytest
 from alise.cli.main import build_parser
 
-COMMANDS = ["generate", "status", "health", "up", "scheduler", "worker", "predictor build",
-            "predictor eval", "predictor serve"]
+COMMANDS = ["generate", "status", "health", "up", "scheduler", "worker", "http", "predictor build",
+            "predictor eval", "predictor serve", "sim"]
 
 
 def subparser(path: str) -> argparse.ArgumentParser:
@@ -39,8 +39,15 @@ def test_every_flag_has_help_that_gives_its_default(path):
         assert "" not in (action.choices or ()), f"alise {path} {name} offers an empty choice"
 
 
-def test_the_product_policy_is_the_default():
-    assert subparser("up").parse_args([]).policy == "alise"
+def test_the_product_policy_is_the_default(monkeypatch):
+    from alise.cluster.config import service_commands
+    from alise.cluster.main import config_from_args
+
+    monkeypatch.delenv("ALISE_POLICY", raising=False)
+    up = config_from_args(subparser("up").parse_args([]))
+    assert up.policy == "alise"
+    scheduler = service_commands(up)["scheduler"]
+    assert scheduler[scheduler.index("--policy") + 1] == "alise"  # named, though the default
     assert subparser("scheduler").parse_args([]).policy == "alise"
     assert subparser("scheduler").parse_args([]).kv_planner is None  # by policy
 
@@ -53,10 +60,15 @@ def test_health_defaults_to_the_scheduler_and_takes_the_client_options():
 def test_up_groups_its_flags_and_shares_the_workers_engine_flags():
     up, worker = subparser("up"), subparser("worker")
     groups = {g.title: {a.option_strings[0] for a in g._group_actions} for g in up._action_groups}
-    engine = groups["model and engine (vLLM's flag names; every worker gets them)"]
+    engine = groups["model and workers (vLLM's flag names; every worker gets them)"]
     vllm = {"--dtype", "--seed", "--gpu-memory-utilization", "--max-num-seqs", "--max-num-batched-tokens",
-            "--max-model-len", "--served-model-name"}
-    assert vllm <= engine
+            "--max-model-len"}
+    assert vllm | {"--block-size", "--num-device-blocks", "--kv-cache-mib"} <= engine
+    assert "--served-model-name" in groups["HTTP door (`alise http`'s flags)"]
+    scheduling = groups["scheduling (the same flags as `alise scheduler` and `alise sim`)"]
+    assert {"--policy", "--kv-planner", "--prefill-step-ratio", "--plans-ahead", "--aging-rate",
+            "--hysteresis", "--reserve-horizon-tokens", "--preemptive"} <= scheduling
+    assert {"--max-queued", "--default-max-tokens"} <= groups["scheduler (`alise scheduler`'s flags)"]
     assert {"--host", "--address", "--http-address"} <= groups["listeners (port 0 = any free port)"]
     assert {"--hang-timeout", "--log-max-mb", "--log-backups"} <= groups["supervision and logs"]
     # The worker's own flags have the defaults that `alise up` names in its help.

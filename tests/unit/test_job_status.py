@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from alise.core.blocks import WorkerCapacity, held_host_blocks
 from alise.core.commands import Refusal
+from alise.core.config import SchedulingConfig
 from alise.core.job import TRANSITIONS, FinishReason, JobStatus, KvPlace, LengthEstimate, TransitionError
 from alise.core.memory_planner import make_memory_planner
 from alise.core.policy import make_policy
@@ -102,7 +103,7 @@ class Cluster:
     """A core with lock-step virtual workers, plans in flight on each."""
 
     def __init__(self, policy: str) -> None:
-        self.core = SchedulerCore(make_policy(policy, LATENCY),
+        self.core = SchedulerCore(make_policy(SchedulingConfig(policy=policy), LATENCY),
                                   make_memory_planner("adaptive", LATENCY, block_bytes=1 << 16))
         self.workers, self.in_flight, self.serial = {}, {}, 0
         for _ in range(2):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from alise.core.blocks import WorkerCapacity
+from alise.core.config import SchedulingConfig
 from alise.core.latency_model import LatencyModel
 from alise.core.policy import make_policy
 from alise.core.scheduler import SchedulerCore
@@ -14,7 +15,7 @@ from corekit import make_job, step
 
 
 def _core(latency: LatencyModel):
-    core = SchedulerCore(make_policy("alise", latency))
+    core = SchedulerCore(make_policy(SchedulingConfig(policy="alise"), latency))
     core.add_worker(WorkerCapacity("w0", 16, 64, 0, 2048, 1, 4096))
     worker = virtual_worker(num_device_blocks=64, block_size=16, max_model_len=2048, latency=latency)
     return core, worker

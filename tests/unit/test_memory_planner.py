@@ -7,6 +7,7 @@ from hypothesis import strategies as st
 
 from alise.core.blocks import WorkerCapacity, held_device_blocks, held_host_blocks, place_blocks
 from alise.core.commands import KvAction, Pause
+from alise.core.config import SchedulingConfig
 from alise.core.job import JobStatus, KvPlace
 from alise.core.kv_places import PLACES, KvMoveRefused, actions_between, move_label
 from alise.core.memory_planner import AdaptivePlanner, KvCostModel, make_memory_planner
@@ -108,7 +109,7 @@ def test_prefetch_brings_back_a_job_about_to_run_and_not_one_that_waits():
 
 
 def make_core(num_blocks, num_host, planner_name="adaptive", targets=None):
-    core = SchedulerCore(make_policy("alise", LATENCY),
+    core = SchedulerCore(make_policy(SchedulingConfig(policy="alise"), LATENCY),
                          make_memory_planner(planner_name, LATENCY, block_bytes=BLOCK_BYTES,
                                              swap_bytes_per_s=1e11))
     core.add_worker(WorkerCapacity("w0", BS, num_blocks, num_host, 200, 4, 4096,

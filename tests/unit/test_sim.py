@@ -8,9 +8,9 @@ import math
 
 import pytest
 
+from alise.core.config import SchedulingConfig
 from alise.core.job import Job, JobStatus, LengthEstimate
 from alise.core.latency_model import LatencyModel
-from alise.core.policy import make_policy
 from alise.core.sampling import SamplingParams
 from alise.sim.simulator import SimConfig, WorkMeter, backlog_growth, simulate
 from alise.sim.sweep import (
@@ -33,8 +33,8 @@ def mixed_trace(num=60, rate=30.0, seed=0):
 def run(policy, trace, config=CONFIG, **kw):
     estimates = {i: LengthEstimate(r.output_tokens, r.output_tokens, 2 * r.output_tokens)
                  for i, r in enumerate(trace)}
-    return simulate(trace, make_policy(policy, LATENCY, **kw), LATENCY, config,
-                    estimates=estimates)
+    scheduling = dataclasses.replace(config.scheduling, policy=policy, **kw)
+    return simulate(trace, LATENCY, dataclasses.replace(config, scheduling=scheduling), estimates=estimates)
 
 
 def test_simulation_is_deterministic_and_labelled():
@@ -91,30 +91,35 @@ def test_tail_is_the_p99_of_the_longest_five_percent():
     assert tail_p99(records) == 14.0
 
 
-def test_policy_args_parse_numbers_none_and_booleans():
-    from alise.sim.report import parse_policy_args
+def test_sim_takes_the_schedulers_flags_and_refuses_a_bad_one():
+    from alise.cli.main import build_parser
+    from alise.sim.report import sim_config
 
-    assert parse_policy_args(["aging_rate=0.01", "max_slowdown=none", "preemptive=false",
-                              "reserve_horizon_tokens=64"]) == dict(
-        aging_rate=0.01, max_slowdown=None, preemptive=False, reserve_horizon_tokens=64)
-    assert parse_policy_args([]) == {}
-    with pytest.raises(SystemExit):
-        parse_policy_args(["aging_rate"])
+    def parse(*argv):
+        return build_parser().parse_args(["sim", "--trace", "t.jsonl", *argv])
+
+    config, policies = sim_config(parse("--aging-rate", "0.01", "--no-preemptive", "--max-slowdown", "4",
+                                        "--prefill-step-ratio", "0", "--kv-planner", "swap"))
+    assert policies == ["fcfs", "alise", "oracle"]
+    assert config.scheduling == SchedulingConfig(aging_rate=0.01, preemptive=False, max_slowdown=4.0,
+                                                 prefill_step_ratio=0.0, kv_planner="swap")
+    assert sim_config(parse())[0].scheduling == SchedulingConfig()
+    with pytest.raises(ValueError, match="hysteresis must be in"):
+        sim_config(parse("--hysteresis", "1.5"))
+    with pytest.raises(ValueError, match="policy must be one of fcfs, alise, oracle, got 'sjf'"):
+        sim_config(parse("--policies", "fcfs,sjf"))
 
 
-def test_policy_args_reach_alise_and_oracle_not_fcfs():
+def test_scheduling_knobs_reach_alise_and_oracle_not_fcfs():
     from alise.sim.sweep import sweep
 
-    latency = LatencyModel()
-    reqs = [TraceRequest(id=f"p{i}", prompt="", prompt_tokens=8, output_tokens=4 + i % 5,
-                         arrival_s=0.01 * i) for i in range(20)]
-    base = sweep(reqs, ["fcfs", "alise"], [50.0], latency, SimConfig(kv_tokens=256))
-    varied = sweep(reqs, ["fcfs", "alise"], [50.0], latency, SimConfig(kv_tokens=256),
-                   policy_kwargs=dict(preemptive=False, hysteresis=0.9))
+    narrow = SimConfig(kv_tokens=2048, max_num_seqs=2, max_model_len=1024, max_tokens=1024)
+    base = sweep(mixed_trace(), ["fcfs", "alise"], [30.0], LATENCY, narrow)
+    varied = sweep(mixed_trace(), ["fcfs", "alise"], [30.0], LATENCY,
+                   dataclasses.replace(narrow, scheduling=SchedulingConfig(preemptive=False)))
+    assert [r.policy for r in varied] == ["fcfs", "alise"]
     assert base[0].mean_normalized_latency_s == varied[0].mean_normalized_latency_s  # fcfs
-    with pytest.raises(TypeError):
-        sweep(reqs, ["alise"], [50.0], latency, SimConfig(kv_tokens=256),
-              policy_kwargs=dict(no_such_knob=1))
+    assert base[1].num_preemptions > 0 and varied[1].num_preemptions == 0  # alise, not preemptive
 
 
 def test_work_backlog_counts_work_not_jobs():
@@ -274,12 +279,12 @@ def test_the_simulator_follows_the_schedulers_prefill_step_ratio():
     config = SimConfig(kv_tokens=32_768, max_num_seqs=32, max_model_len=1024, max_tokens=1024)
     ttft = {}
     for ratio in (0.0, 1.5):
-        cfg = dataclasses.replace(config, prefill_step_ratio=ratio)
+        cfg = dataclasses.replace(config, scheduling=SchedulingConfig(prefill_step_ratio=ratio))
         records = run("fcfs", trace, cfg).records
         ttft[ratio] = sum(r.first_token_s - r.arrival_s for r in records) / len(records)
     assert ttft[1.5] > 1.5 * ttft[0.0]
     with pytest.raises(ValueError, match="prefill_step_ratio"):
-        SimConfig(prefill_step_ratio=1.0)
+        SchedulingConfig(prefill_step_ratio=1.0)
 
 
 class _Terminal(io.StringIO):

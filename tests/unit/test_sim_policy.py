@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from alise.core.blocks import WorkerCapacity
 from alise.core.commands import Admit, Pause
+from alise.core.config import SchedulingConfig
 from alise.core.job import JobStatus, LengthEstimate
 from alise.core.policy import STARVED_BOOST_S, AlisePolicy, RemainingTimeEstimator
 from alise.sim.virtual_worker import virtual_worker
@@ -49,7 +50,7 @@ def test_hysteresis_keeps_a_running_job_against_a_slightly_shorter_rival():
 def test_starvation_rule_puts_a_starved_job_first_and_is_bounded():
     # Unloaded cost of a token for a 10-token prompt: step_s(1, 10) = 10.11 ms. A job
     # predicted at 300 tokens starves after max_slowdown * 300 * 10.11 ms = 6.07 s (>= floor).
-    policy = AlisePolicy(LATENCY, aging_rate=0.0, max_slowdown=2.0, min_starve_s=1.0)
+    policy = AlisePolicy(LATENCY, SchedulingConfig(aging_rate=0.0, max_slowdown=2.0, min_starve_s=1.0))
     long = make_job("long", 10, max_tokens=1000, predicted=300, arrival_s=0.0)
     fresh = make_job("fresh", 10, max_tokens=1000, predicted=2, arrival_s=6.0)
     threshold = 2.0 * 300 * LATENCY.step_s(1, 10)
@@ -63,7 +64,7 @@ def test_starvation_rule_puts_a_starved_job_first_and_is_bounded():
 
 
 def test_aging_bound_waiting_job_overtakes_after_remaining_over_rate():
-    policy = AlisePolicy(LATENCY, aging_rate=0.5, hysteresis=0.0)
+    policy = AlisePolicy(LATENCY, SchedulingConfig(aging_rate=0.5, hysteresis=0.0))
     long = make_job("long", 10, max_tokens=1000, predicted=300, arrival_s=0.0)
     remaining = RemainingTimeEstimator(LATENCY).remaining_s(long, long.estimate)
     fresh_at = lambda t: make_job("f", 10, max_tokens=1000, predicted=1, arrival_s=t)  # noqa: E731

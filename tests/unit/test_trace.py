@@ -379,14 +379,15 @@ def test_alise_trace_multiturn_writes_conversations_and_prints_the_prefix_share(
 def test_the_simulator_sends_a_later_turn_its_think_time_after_the_answer_before():
     from alise.core.job import LengthEstimate
     from alise.core.latency_model import LatencyModel
-    from alise.core.policy import make_policy
+    from alise.core.config import SchedulingConfig
     from alise.sim.simulator import SimConfig, simulate
 
     latency = LatencyModel(c0_s=0.01, c_seq_s=1e-4, c_ctx_s=1e-6, c_pre_s=1e-4, name="test")
     trace = conversation_trace()
     estimates = {i: LengthEstimate(10, 10, 20) for i in range(len(trace))}
-    result = simulate(trace, make_policy("fcfs", latency), latency,
-                      SimConfig(kv_tokens=2048, max_model_len=512, max_tokens=512), estimates=estimates)
+    config = SimConfig(kv_tokens=2048, max_model_len=512, max_tokens=512,
+                       scheduling=SchedulingConfig(policy="fcfs"))
+    result = simulate(trace, latency, config, estimates=estimates)
     rec = {r.job_id: r for r in result.records}
     for before, after in ((0, 3), (3, 5), (2, 4)):
         gap = rec[f"r{after}"].arrival_s - rec[f"r{before}"].finish_s

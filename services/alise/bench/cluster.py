@@ -31,12 +31,13 @@ async def run_on_cluster(requests: Sequence[TraceRequest], *, policy: str, model
                          timeout_s: float = 900.0, stats: dict | None = None
                          ) -> list[RequestResult]:
     """Replays ``requests``; fills ``stats`` (if given) with the core's preemption counts."""
+    from alise.core.config import SchedulingConfig
     from alise.scheduler.config import SchedulerConfig
     from alise.scheduler.service import start_scheduler
     from alise.worker.config import WorkerConfig
     from alise.worker.service import Worker
 
-    config = SchedulerConfig(address="127.0.0.1:0", model=model, policy=policy,
+    config = SchedulerConfig(address="127.0.0.1:0", model=model, scheduling=SchedulingConfig(policy=policy),
                              latency_profile=latency_profile)
     predict = table_predictor(estimates_by_prompt) if estimates_by_prompt else None
     scheduler = await start_scheduler(config, predict=predict)

@@ -1,24 +1,55 @@
 """What `alise up` runs: the cluster's settings and each service's command.
 
-The commands are the ones docker-compose.yml gives its services (a cluster test compares
-them, another checks the Kubernetes manifests against compose), so the three cannot drift.
-Every listener is on ``host`` unless its own address says otherwise.
+`alise up` holds each service's config (``ClusterConfig.scheduler``, ``worker``, ``http``: what
+its flags set), fills in what the cluster decides (listeners, model, the predictor, state and
+metrics), and hands each child its config as the flags that give it
+(``alise.common.entrypoint.config_argv``, the child's own flags): a command line is what crosses
+the process boundary, it reads in `ps` and `alise status`, and docker-compose.yml and k8s/ run
+the same commands (a cluster test compares them, another checks the Kubernetes manifests
+against compose), so the three cannot drift. Every listener is on ``host`` unless its own
+address says otherwise.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass, field
 
 from alise.cluster.ports import resolve, split_address
 from alise.common.entrypoint import config_argv
-from alise.core.choices import POLICY_NAMES
+from alise.common.security import SecurityConfig
+from alise.http.config import HttpConfig
 from alise.scheduler.config import SchedulerConfig
 from alise.worker.config import WorkerConfig
 
 #: The port of each listener whose address is not given (on ``ClusterConfig.host``).
 DEFAULT_PORTS = {"address": 50051, "worker_address": 50052, "predictor_address": 50053,
                  "http_address": 8000, "http_health_address": 8001}
+
+#: Fields of each service's config that the cluster sets (its flags on `alise up` are the
+#: cluster's own): the rest are `alise up`'s flags for that service.
+CLUSTER_SET = {
+    "scheduler": ("address", "worker_address", "model", "state_dir", "predictor_address", "max_model_len",
+                  "metrics_address", "security",
+                  # the workers carry the profile; the scheduler adopts the first worker's
+                  "latency_profile"),
+    "worker": ("scheduler_address", "model", "worker_id", "health_address", "metrics_address", "security"),
+}
+
+#: Fields always on a command, whatever their value: the listeners (the port check and `alise
+#: status` read them from the commands), the policy and the device (compose's variables).
+ALWAYS = {
+    "scheduler": ("address", "worker_address", "scheduling.policy"),
+    "worker": ("scheduler_address", "device", "health_address"),
+    "predictor": ("address",),
+    "http": ("address", "scheduler_address", "health_address"),
+}
+
+#: The credential of the configs built here: every child reads the cluster's internal secret
+#: from the environment the cluster gives it (``alise.cluster.main.cluster_secret``), never
+#: from a flag, so a config built here holds this stand-in, which no flag hands on.
+FROM_ENVIRONMENT = SecurityConfig(internal_secret="the cluster's, from the environment")
 
 
 def join_host_port(host: str, port: int) -> str:
@@ -50,9 +81,6 @@ class ClusterConfig:
     #: Model directory or preset (None = the embedded default, random weights).
     model: str | None = None
     num_workers: int = 1
-    #: Scheduling policy: alise (the product: shortest predicted remaining time), fcfs, oracle.
-    policy: str = SchedulerConfig.policy
-    device: str = "cpu"
     #: Run the length predictor (the alise policy's estimates come from it).
     predictor: bool = True
     #: Directory for the predictor's index, the services' logs and the cluster file.
@@ -62,24 +90,19 @@ class ClusterConfig:
     #: Prometheus metrics: the scheduler on base, the predictor on base + 1, worker i on
     #: base + 2 + i (0 = any free ports; None = no metrics).
     metrics_base_port: int | None = None
-    #: The workers' engine settings under vLLM's names (alise.worker.main.ENGINE_FLAGS; its
-    #: other fields are not used): every worker gets those that differ from the defaults, and
-    #: the scheduler the context limit.
-    engine: WorkerConfig = field(default_factory=WorkerConfig)
-    #: The model name the HTTP door answers to and lists (None = the scheduler's model).
-    served_model_name: str | None = None
-    #: Extra arguments for every worker (e.g. ["--num-device-blocks", "64"]).
-    worker_args: tuple[str, ...] = ()
-    scheduler_args: tuple[str, ...] = ()
-    startup_timeout_s: float = 300.0
+    #: The scheduler's settings; the cluster sets those in ``CLUSTER_SET["scheduler"]`` (the
+    #: context limit is the workers').
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    #: Every worker's settings; the cluster sets those in ``CLUSTER_SET["worker"]``.
+    worker: WorkerConfig = field(default_factory=WorkerConfig)
+    #: The HTTP door's settings; the cluster sets its listeners and the scheduler it dials.
+    http: HttpConfig = field(default_factory=HttpConfig)
 
     def __post_init__(self) -> None:
         if not self.host:
             raise ValueError("host must not be empty")
         if self.num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
-        if self.policy not in POLICY_NAMES:
-            raise ValueError(f"policy must be one of {', '.join(POLICY_NAMES)}, got {self.policy!r}")
         if self.http_address != "" and self.http_health_address == "":
             raise ValueError("http_health_address must be given when the HTTP door runs: it says the door is up")
         for name in DEFAULT_PORTS:
@@ -90,12 +113,10 @@ class ClusterConfig:
                                   ("metrics_base_port", self.metrics_base_port, self.num_workers + 2)):
             if base is not None and not (base == 0 or 0 < base and base + count - 1 <= 65535):
                 raise ValueError(f"{name} must be 0 or a port with room for {count} after it, got {base}")
-        if not self.startup_timeout_s > 0:
-            raise ValueError(f"startup_timeout_s must be > 0, got {self.startup_timeout_s}")
-        if self.served_model_name is not None:
-            from alise.http.config import HttpConfig
 
-            HttpConfig(served_model_name=self.served_model_name)  # the door's own check of the name
+    @property
+    def policy(self) -> str:
+        return self.scheduler.scheduling.policy
 
     def listen_address(self, name: str) -> str:
         """The address of listener ``name`` (a key of DEFAULT_PORTS): its own, or on ``host``;
@@ -111,42 +132,47 @@ def _port(base: int, offset: int, host: str) -> str:
 
 
 def service_commands(cfg: ClusterConfig) -> dict[str, list[str]]:
-    """The ``alise`` sub-commands of each service (without the program name). Ports given
-    as 0 are resolved to free ones here, so every command names real ports."""
-    from alise.scheduler.main import ENGINE_FLAGS as SCHEDULER_FLAGS
-    from alise.worker.main import ENGINE_FLAGS as WORKER_FLAGS
+    """The ``alise`` sub-commands of each service (without the program name): each service's
+    config, with what the cluster decides, as its flags. Ports given as 0 are resolved to free
+    ones here, so every command names real ports."""
+    from alise.http.main import flags as http_flags
+    from alise.predictor.cli import SERVE_FLAGS as PREDICTOR_FLAGS
+    from alise.predictor.config import PredictorConfig
+    from alise.scheduler.main import FLAGS as SCHEDULER_FLAGS
+    from alise.worker.main import FLAGS as WORKER_FLAGS
 
-    model = ["--model", cfg.model] if cfg.model else []
     address = resolve(cfg.listen_address("address"))
     predictor_address = resolve(cfg.listen_address("predictor_address"))
     worker_address = resolve(cfg.listen_address("worker_address"))
 
-    def metrics(offset: int) -> list[str]:
-        if cfg.metrics_base_port is None:
-            return []
-        return ["--metrics-address", _port(cfg.metrics_base_port, offset, cfg.host)]
+    def metrics(offset: int) -> str:
+        return "" if cfg.metrics_base_port is None else _port(cfg.metrics_base_port, offset, cfg.host)
 
     commands: dict[str, list[str]] = {}
     if cfg.predictor:
-        commands["predictor"] = ["predictor", "serve", "--address", predictor_address,
-                                 "--index-dir", os.path.join(cfg.state_dir, "predictor"), *metrics(1)]
-    sched = ["scheduler", "--address", address, "--worker-address", worker_address, "--policy", cfg.policy,
-             "--state-dir", os.path.join(cfg.state_dir, "scheduler"), *model]
-    if cfg.predictor:
-        sched += ["--predictor", dial_address(predictor_address)]
-    sched += config_argv(SchedulerConfig(max_model_len=cfg.engine.max_model_len), SCHEDULER_FLAGS)
-    commands["scheduler"] = sched + metrics(0) + list(cfg.scheduler_args)
+        predictor = PredictorConfig(address=predictor_address, metrics_address=metrics(1),
+                                    index_dir=os.path.join(cfg.state_dir, "predictor"))
+        commands["predictor"] = ["predictor", "serve", *config_argv(predictor, PREDICTOR_FLAGS,
+                                                                    always=ALWAYS["predictor"])]
+    scheduler = dataclasses.replace(
+        cfg.scheduler, address=address, worker_address=worker_address, model=cfg.model,
+        state_dir=os.path.join(cfg.state_dir, "scheduler"), max_model_len=cfg.worker.max_model_len,
+        predictor_address=dial_address(predictor_address) if cfg.predictor else None,
+        metrics_address=metrics(0), security=FROM_ENVIRONMENT)
+    commands["scheduler"] = ["scheduler", *config_argv(scheduler, SCHEDULER_FLAGS,
+                                                        always=ALWAYS["scheduler"])]
     for i in range(cfg.num_workers):
-        commands[f"worker-{i}"] = [
-            "worker", "--scheduler", dial_address(worker_address), "--device", cfg.device, *model,
-            "--worker-id", f"worker-{i}",
-            "--health-address", _port(cfg.worker_health_base_port, i, cfg.host), *metrics(2 + i),
-            *config_argv(cfg.engine, WORKER_FLAGS), *cfg.worker_args]
+        worker = dataclasses.replace(
+            cfg.worker, scheduler_address=dial_address(worker_address), model=cfg.model,
+            worker_id=f"worker-{i}", health_address=_port(cfg.worker_health_base_port, i, cfg.host),
+            metrics_address=metrics(2 + i))
+        commands[f"worker-{i}"] = ["worker", *config_argv(worker, WORKER_FLAGS, always=ALWAYS["worker"])]
     if cfg.http_address != "":
-        commands["http"] = ["http", "--scheduler", dial_address(address), "--address", resolve(cfg.listen_address("http_address")),
-                            "--health-address", resolve(cfg.listen_address("http_health_address"))]
-        if cfg.served_model_name is not None:
-            commands["http"] += ["--served-model-name", cfg.served_model_name]
+        http = dataclasses.replace(
+            cfg.http, address=resolve(cfg.listen_address("http_address")),
+            scheduler_address=dial_address(address),
+            health_address=resolve(cfg.listen_address("http_health_address")))
+        commands["http"] = ["http", *config_argv(http, http_flags(), always=ALWAYS["http"])]
     return commands
 
 

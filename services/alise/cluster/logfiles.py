@@ -19,18 +19,22 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class LogLimits:
-    #: Size at which a service's log is rotated.
-    max_bytes: int = 50 << 20
-    #: Rotated files kept (NAME.log.1 ... NAME.log.N); 0 = the log is emptied instead.
+    #: Size in MB (MiB) at which each service's log is rotated.
+    max_mb: float = 50.0
+    #: Rotated logs kept per service, NAME.log.1 ... NAME.log.N (0 = the log is emptied instead).
     backups: int = 3
 
+    @property
+    def max_bytes(self) -> int:
+        return max(int(self.max_mb * 2**20), 1)
+
     def describe(self) -> str:
-        size = f"{self.max_bytes / 2**20:g} MB" if self.max_bytes >= 2**20 else f"{self.max_bytes:,} bytes"
+        size = f"{self.max_mb:g} MB" if self.max_mb >= 1 else f"{self.max_bytes:,} bytes"
         return f"rotated at {size}, {self.backups} kept"
 
     def __post_init__(self) -> None:
-        if self.max_bytes < 1:
-            raise ValueError(f"max_bytes must be >= 1, got {self.max_bytes}")
+        if not self.max_mb > 0:
+            raise ValueError(f"max_mb must be > 0, got {self.max_mb}")
         if self.backups < 0:
             raise ValueError(f"backups must be >= 0, got {self.backups}")
 

@@ -17,49 +17,59 @@ import signal
 import sys
 import tempfile
 
-from alise.cluster.config import ClusterConfig, listen_addresses, service_commands
+from alise.cluster.config import CLUSTER_SET, ClusterConfig, listen_addresses, service_commands
 from alise.cluster.local import LocalCluster, ServiceExited
 from alise.cluster.logfiles import LogLimits
 from alise.cluster.ports import PortTaken, check_free, split_address
 from alise.cluster.supervisor import RestartPolicy, Supervisor
-from alise.common.entrypoint import ConfigFlag, add_config_flags, config_values
+from alise.common.entrypoint import ConfigFlag, add_config_flags, build_config, config_flags, config_values
 from alise.common.logs import configure_logging
-from alise.core.choices import POLICY_NAMES
 from alise.http.config import HttpConfig
+from alise.http.main import flags as http_flags
+from alise.scheduler.config import SchedulerConfig
+from alise.scheduler.main import FLAGS as SCHEDULER_FLAGS
+from alise.scheduler.main import is_scheduling
 from alise.worker.config import WorkerConfig
-from alise.worker.main import ENGINE_FLAGS
+from alise.worker.main import FLAGS as WORKER_FLAGS
 
 logger = logging.getLogger(__name__)
 
 #: The state file in --state-dir that `alise status` reads.
 STATE_FILE = "cluster.json"
-_SERVED_NAME = ConfigFlag("served_model_name", "the model name the HTTP door answers to and /v1/models "
-                          "lists (default: the scheduler's model)", metavar="NAME")
+
+#: The services' flags that `alise up` takes, each as the service takes it, and hands on to
+#: it where given (the cluster decides the others: ``alise.cluster.config.CLUSTER_SET``).
+UP_WORKER_FLAGS = tuple(f for f in WORKER_FLAGS if f.field not in CLUSTER_SET["worker"])
+UP_SCHEDULER_FLAGS = tuple(f for f in SCHEDULER_FLAGS
+                           if f.field.split(".")[0] not in CLUSTER_SET["scheduler"])
+UP_HTTP_FLAGS = tuple(f for f in http_flags() if f.field in ("served_model_name", "request_timeout_s",
+                                                              "max_body_bytes", "max_connections"))
+#: The supervisor's own settings.
+RESTART_FLAGS = config_flags(RestartPolicy, ConfigFlag("startup_timeout_s", name="timeout", metavar="S"),
+                             ConfigFlag("hang_timeout_s", name="hang-timeout", metavar="S"),
+                             ConfigFlag("crash_loop_after", metavar="N"))
+LOG_FLAGS = config_flags(LogLimits, ConfigFlag("max_mb", name="log-max-mb", metavar="MB"),
+                         ConfigFlag("backups", name="log-backups", metavar="N"))
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    engine = p.add_argument_group("model and engine (vLLM's flag names; every worker gets them)")
+    engine = p.add_argument_group("model and workers (vLLM's flag names; every worker gets them)")
     engine.add_argument("--model", default=os.environ.get("ALISE_MODEL") or None,
                         help="model directory or preset name (env ALISE_MODEL; default: the embedded "
                              "tiny-llama with random weights)")
-    engine.add_argument("--device", default=ClusterConfig.device, help="device of every worker (cpu, cuda, cuda:1, ...)")
     engine.add_argument("--workers", type=int, default=ClusterConfig.num_workers, dest="num_workers", metavar="N",
-                        help="worker processes")
-    add_config_flags(engine, WorkerConfig, ENGINE_FLAGS, passed_to="workers")
-    add_config_flags(engine, HttpConfig, [_SERVED_NAME], passed_to="HTTP door")
+                        help="worker processes (default: %(default)s)")
+    add_config_flags(engine, WorkerConfig, UP_WORKER_FLAGS, passed_to="the workers'")
     _add_listener_arguments(p.add_argument_group("listeners (port 0 = any free port)"))
-    sched = p.add_argument_group("scheduling")
-    sched.add_argument("--policy", default=ClusterConfig.policy, choices=POLICY_NAMES,
-                       help="scheduling policy: alise (shortest predicted remaining time), fcfs "
-                            "(arrival order, vLLM's), oracle (true lengths, for benchmarks)")
+    sched = p.add_argument_group("scheduling (the same flags as `alise scheduler` and `alise sim`)")
+    add_config_flags(sched, SchedulerConfig, [f for f in UP_SCHEDULER_FLAGS if is_scheduling(f)],
+                     passed_to="the scheduler's")
     sched.add_argument("--no-predictor", action="store_false", dest="predictor",
                        help="run without the length predictor (estimates fall back to running means)")
-    sched.add_argument("--worker-arg", action="append", default=[], dest="worker_args", metavar="ARG",
-                       help="any other `alise worker` flag for every worker, repeatable (e.g. "
-                            "--worker-arg=--kv-cache-mib --worker-arg=64)")
-    sched.add_argument("--scheduler-arg", action="append", default=[], dest="scheduler_args", metavar="ARG",
-                       help="any other `alise scheduler` flag, repeatable (e.g. --scheduler-arg=--kv-planner "
-                            "--scheduler-arg=drop)")
+    add_config_flags(p.add_argument_group("scheduler (`alise scheduler`'s flags)"), SchedulerConfig,
+                     [f for f in UP_SCHEDULER_FLAGS if not is_scheduling(f)], passed_to="the scheduler's")
+    add_config_flags(p.add_argument_group("HTTP door (`alise http`'s flags)"), HttpConfig, UP_HTTP_FLAGS,
+                     passed_to="the HTTP door's")
     _add_supervision_arguments(p.add_argument_group("supervision and logs"))
 
 
@@ -89,22 +99,9 @@ def _add_listener_arguments(g) -> None:
 def _add_supervision_arguments(g) -> None:
     g.add_argument("--state-dir", default=ClusterConfig.state_dir,
                    help="the predictor's index, the services' logs and the cluster file that "
-                        "`alise status` reads")
-    g.add_argument("--timeout", type=float, default=RestartPolicy.startup_timeout_s, dest="startup_timeout_s",
-                   metavar="SECONDS", help="seconds a service may take to start serving before `alise up` "
-                                           "gives up; after a restart, to answer on its health listener "
-                                           "before it is killed and restarted")
-    g.add_argument("--hang-timeout", type=float, default=RestartPolicy.hang_timeout_s, dest="hang_timeout_s",
-                   metavar="SECONDS", help="a running service whose health listener gives no answer for this "
-                                           "long (probed every second) is hung: killed and restarted")
-    g.add_argument("--crash-loop-after", type=int, default=RestartPolicy.crash_loop_after, metavar="N",
-                   help="a service that dies this many times in a row, each within "
-                        f"{RestartPolicy.stable_s:g} s of its start, is shown as crash-looping (it is "
-                        f"restarted every {RestartPolicy.max_backoff_s:g} s at most)")
-    g.add_argument("--log-max-mb", type=float, default=LogLimits.max_bytes / 2**20, metavar="MB",
-                   help="each service's log is rotated at this size")
-    g.add_argument("--log-backups", type=int, default=LogLimits.backups, metavar="N",
-                   help="rotated logs kept per service (NAME.log.1 ... NAME.log.N)")
+                        "`alise status` reads (default: %(default)s)")
+    add_config_flags(g, RestartPolicy, RESTART_FLAGS)
+    add_config_flags(g, LogLimits, LOG_FLAGS)
 
 
 def _port_owner(name: str, kind: str) -> str:
@@ -138,11 +135,11 @@ def config_from_args(args: argparse.Namespace) -> ClusterConfig:
         host=args.host, address=args.address, worker_address=args.worker_address,
         predictor_address=args.predictor_address, http_address=args.http_address,
         http_health_address=args.http_health_address, model=args.model, num_workers=args.num_workers,
-        policy=args.policy, device=args.device, predictor=args.predictor, state_dir=args.state_dir,
+        predictor=args.predictor, state_dir=args.state_dir,
         worker_health_base_port=args.worker_health_base_port, metrics_base_port=args.metrics_base_port,
-        engine=WorkerConfig(**config_values(args, ENGINE_FLAGS)), served_model_name=args.served_model_name,
-        worker_args=tuple(args.worker_args), scheduler_args=tuple(args.scheduler_args),
-        startup_timeout_s=args.startup_timeout_s)
+        scheduler=build_config(SchedulerConfig, config_values(args, UP_SCHEDULER_FLAGS)),
+        worker=build_config(WorkerConfig, config_values(args, UP_WORKER_FLAGS)),
+        http=build_config(HttpConfig, config_values(args, UP_HTTP_FLAGS)))
 
 
 def state_dir_problem(path: str) -> str | None:
@@ -174,9 +171,8 @@ def main(args: argparse.Namespace) -> int:
     configure_logging("up")
     try:
         cfg = config_from_args(args)
-        policy = RestartPolicy(crash_loop_after=args.crash_loop_after, hang_timeout_s=args.hang_timeout_s,
-                               startup_timeout_s=args.startup_timeout_s)
-        limits = LogLimits(max_bytes=int(args.log_max_mb * 2**20), backups=args.log_backups)
+        policy = build_config(RestartPolicy, config_values(args, RESTART_FLAGS))
+        limits = build_config(LogLimits, config_values(args, LOG_FLAGS))
         commands = service_commands(cfg)
         check_ports(commands)
     except (ValueError, PortTaken) as exc:
@@ -189,20 +185,19 @@ def main(args: argparse.Namespace) -> int:
     if cfg.model is None:
         say("alise: no --model given: serving the embedded default, tiny-llama with RANDOM weights on the "
             "CPU (its text is meaningless; the serving path is the real one)")
-    cluster = LocalCluster(commands, log_dir=os.path.join(cfg.state_dir, "logs"), env=cluster_secret(cfg),
+    cluster = LocalCluster(commands, log_dir=os.path.join(cfg.state_dir, "logs"), env=cluster_secret(),
                            log_limits=limits)
     address = listen_addresses(commands["scheduler"])["grpc"]
     info = {"address": address, "policy": cfg.policy, "log_dir": cluster.log_dir, "model": cfg.model,
-            "served_model_name": cfg.served_model_name, "log_rotation": limits.describe()}
+            "served_model_name": cfg.http.served_model_name, "log_rotation": limits.describe()}
     supervisor = Supervisor(cluster, policy=policy, state_file=os.path.join(cfg.state_dir, STATE_FILE), info=info)
-    return _run(supervisor, cfg, address)
+    return _run(supervisor, cfg, address, policy.startup_timeout_s)
 
 
-def cluster_secret(cfg: ClusterConfig) -> dict[str, str]:
+def cluster_secret() -> dict[str, str]:
     """The environment that gives every service one internal secret, made for this cluster,
     so no process without it can register as a worker; none when one is given already."""
-    given = any(a.startswith("--internal-secret-file") for a in (*cfg.scheduler_args, *cfg.worker_args))
-    if given or os.environ.get("ALISE_INTERNAL_SECRET"):
+    if os.environ.get("ALISE_INTERNAL_SECRET"):
         return {}
     return {"ALISE_INTERNAL_SECRET": secrets.token_hex(32)}
 
@@ -221,7 +216,7 @@ def _ready_line(cluster: LocalCluster, cfg: ClusterConfig, address: str) -> str:
             f"{cluster.log_limits.describe()}); `alise status` lists every service. Ctrl-C to stop.")
 
 
-def _run(supervisor: Supervisor, cfg: ClusterConfig, address: str) -> int:
+def _run(supervisor: Supervisor, cfg: ClusterConfig, address: str, startup_timeout_s: float) -> int:
     cluster = supervisor.cluster
     stop = {"requested": False, "started": False}
 
@@ -233,7 +228,7 @@ def _run(supervisor: Supervisor, cfg: ClusterConfig, address: str) -> int:
     signal.signal(signal.SIGINT, request_stop)
     signal.signal(signal.SIGTERM, request_stop)
     try:
-        supervisor.start(cfg.startup_timeout_s)
+        supervisor.start(startup_timeout_s)
         stop["started"] = True
         say(_ready_line(cluster, cfg, address))
         supervisor.run(lambda: stop["requested"])

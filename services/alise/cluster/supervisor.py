@@ -41,18 +41,22 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class RestartPolicy:
-    #: Wait before the first restart; it doubles with each failure in a row.
+    #: Seconds before the first restart of a service that died; doubled with each failure in a row.
     initial_backoff_s: float = 1.0
+    #: The longest wait before a restart, also the pace of a crash-looping service's restarts.
     max_backoff_s: float = 30.0
-    #: A run shorter than this counts as a failure in a row; a longer one resets the count.
+    #: Seconds a service must run for its next death to start a new count of failures in a row.
     stable_s: float = 60.0
-    #: Failures in a row that make a crash loop.
+    #: A service that dies this many times in a row, each within stable_s of its start, is
+    #: shown as crash-looping (restarted every max_backoff_s at most).
     crash_loop_after: int = 5
-    #: Seconds without any answer on its health listener after which a running service is hung.
+    #: A running service whose health listener gives no answer for this many seconds is hung:
+    #: killed and restarted.
     hang_timeout_s: float = 3.0
-    #: How often each serving service is probed.
+    #: Seconds between probes of each running service's health listener.
     probe_interval_s: float = 1.0
-    #: Seconds a restarted service may take to answer on its health listener before it is killed.
+    #: Seconds a service may take to start serving before `alise up` gives up; after a
+    #: restart, to answer on its health listener before it is killed and restarted.
     startup_timeout_s: float = 300.0
 
     def __post_init__(self) -> None:

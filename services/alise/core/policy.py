@@ -37,12 +37,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from alise.core.choices import POLICY_NAMES
+from alise.core.config import SchedulingConfig
 from alise.core.job import Job, LengthEstimate
 from alise.core.latency_model import LatencyModel
 
 #: Used when a job has no estimate (predictor down and nothing observed yet).
 DEFAULT_ESTIMATE = LengthEstimate(mean=128.0, p50=128.0, p90=512.0, source="prior")
+
+#: The knobs' defaults, for a policy built without a config of its own (tests).
+DEFAULT_CONFIG = SchedulingConfig()
 
 #: Subtracted from the key of a starved job: it runs before every job that is not starved.
 STARVED_BOOST_S = 1e6
@@ -74,7 +77,7 @@ class RemainingTimeEstimator:
     """
 
     latency: LatencyModel
-    overrun_growth: float = 2.0
+    overrun_growth: float = SchedulingConfig.overrun_growth
     #: Batch size used to share a decode step's fixed cost between members.
     typical_batch: int = 8
 
@@ -116,11 +119,12 @@ class Policy(abc.ABC):
     preemptive = False
     backfill = False
 
-    def __init__(self, latency: LatencyModel | None = None, *, overrun_growth: float = 2.0) -> None:
+    def __init__(self, latency: LatencyModel | None = None,
+                 config: SchedulingConfig = DEFAULT_CONFIG) -> None:
         #: The latency model remaining times are priced with (None: the core's default).
         self.latency = latency
         #: The misprediction rule's growth factor (:class:`RemainingTimeEstimator`).
-        self.overrun_growth = overrun_growth
+        self.overrun_growth = config.overrun_growth
 
     def estimate_of(self, job: Job) -> LengthEstimate:
         return job.estimate or DEFAULT_ESTIMATE
@@ -175,36 +179,25 @@ class AlisePolicy(Policy):
     Without it, shortest-first admits every short newcomer that fits *now*, the batch then
     outgrows the cache within a few steps, and the core pauses its lowest-priority job,
     usually a long one with a large context, whose KV is dropped and recomputed later.
+
+    Every knob named here is a field of :class:`~alise.core.config.SchedulingConfig`, with its
+    default and its check.
     """
 
     name = "alise"
-    preemptive = True
     backfill = True
 
-    def __init__(self, latency: LatencyModel, *, aging_rate: float = 0.03,
-                 switch_cost_s: float | None = None, overrun_growth: float = 2.0,
-                 hysteresis: float = 0.3, max_slowdown: float | None = None,
-                 min_starve_s: float = 10.0, reserve_horizon_tokens: int = 64,
-                 reserve_fraction: float = 0.1, preemptive: bool = True) -> None:
-        if aging_rate < 0:
-            raise ValueError(f"aging_rate must be >= 0, got {aging_rate}")
-        if not 0 <= hysteresis < 1:
-            raise ValueError(f"hysteresis must be in [0, 1), got {hysteresis}")
-        if max_slowdown is not None and not max_slowdown > 0:
-            raise ValueError(f"max_slowdown must be > 0 or None, got {max_slowdown}")
-        if reserve_horizon_tokens < 0 or not 0 <= reserve_fraction <= 1:
-            raise ValueError(f"reserve_horizon_tokens must be >= 0 and reserve_fraction in [0, 1], "
-                             f"got {reserve_horizon_tokens} and {reserve_fraction}")
-        super().__init__(latency, overrun_growth=overrun_growth)
-        self.aging_rate = aging_rate
-        self.hysteresis = hysteresis
-        self.max_slowdown = max_slowdown
-        self.min_starve_s = min_starve_s
+    def __init__(self, latency: LatencyModel, config: SchedulingConfig = DEFAULT_CONFIG) -> None:
+        super().__init__(latency, config)
+        self.aging_rate = config.aging_rate
+        self.hysteresis = config.hysteresis
+        self.max_slowdown = config.max_slowdown
+        self.min_starve_s = config.min_starve_s
         #: 0 when either is 0: no reserve.
-        self.reserve_horizon_tokens = reserve_horizon_tokens if reserve_fraction > 0 else 0
-        self.reserve_fraction = reserve_fraction
-        self.preemptive = preemptive
-        self._switch_cost_s = switch_cost_s
+        self.reserve_horizon_tokens = config.reserve_horizon_tokens if config.reserve_fraction > 0 else 0
+        self.reserve_fraction = config.reserve_fraction
+        self.preemptive = config.preemptive
+        self._switch_cost_s = config.switch_cost_s
 
     @property
     def switch_cost_s(self) -> float:
@@ -251,14 +244,11 @@ class OraclePolicy(AlisePolicy):
         return LengthEstimate(mean=n, p50=n, p90=n, source="oracle")
 
 
+#: The class of each policy name (``alise.core.choices.PolicyName``).
+POLICIES: dict[str, type[Policy]] = {"fcfs": FcfsPolicy, "alise": AlisePolicy, "oracle": OraclePolicy}
 
 
-def make_policy(name: str, latency: LatencyModel, **kwargs) -> Policy:
-    if name == "fcfs":
-        return FcfsPolicy(latency, **kwargs)
-    if name == "alise":
-        return AlisePolicy(latency, **kwargs)
-    if name == "oracle":
-        return OraclePolicy(latency, **kwargs)
-    raise ValueError(f"unknown policy {name!r}; choose one of {', '.join(POLICY_NAMES)}")
+def make_policy(config: SchedulingConfig, latency: LatencyModel) -> Policy:
+    """The policy ``config.policy`` names, with ``config``'s knobs (checked by the config)."""
+    return POLICIES[config.policy](latency, config)
 

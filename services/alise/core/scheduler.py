@@ -40,6 +40,7 @@ from alise.core.census import CensusFindings, Disagreements, check_census
 from alise.core.commands import (
     Admit, Command, HeldJob, KvAction, Pause, Resume, StepPlan, StepReport, TokenEvent,
 )
+from alise.core.config import SchedulingConfig
 from alise.core.job import FinishReason, Job, JobStatus, KvPlace, LengthEstimate
 from alise.core.kv_places import PLACES, move_label
 from alise.core.latency_model import LatencyModel
@@ -96,7 +97,8 @@ class WorkerView:
 
 class SchedulerCore:
     def __init__(self, policy: Policy, memory: MemoryPlanner | None = None, *,
-                 latency: LatencyModel | None = None, prefill_step_ratio: float = 1.5) -> None:
+                 latency: LatencyModel | None = None,
+                 prefill_step_ratio: float = SchedulingConfig.prefill_step_ratio) -> None:
         self.policy = policy
         #: A step that carries prompt chunks beside decodes may cost at most this many times the
         #: decode step alone (by a measured latency model; not capped under the default one).

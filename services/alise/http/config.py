@@ -1,4 +1,7 @@
-"""Settings of the HTTP door (read from flags and env in the entrypoint only)."""
+"""Settings of the HTTP door (read from flags and env in the entrypoint only).
+
+Each field is a flag of `alise http` (``alise.http.main``), its ``#:`` comment the flag's help.
+"""
 
 from __future__ import annotations
 
@@ -13,24 +16,24 @@ DEFAULT_ADDRESS = "127.0.0.1:8000"
 
 @dataclass(frozen=True)
 class HttpConfig:
-    #: Where the HTTP server listens (HOST:PORT; port 0 = any free port).
-    address: str = DEFAULT_ADDRESS
     #: The scheduler's gRPC address.
     scheduler_address: str = "127.0.0.1:50051"
-    #: The model name clients send and /v1/models lists (None = the scheduler's model).
+    #: HTTP listen address, HOST:PORT (port 0 = any free port; vLLM's port by default).
+    address: str = DEFAULT_ADDRESS
+    #: The model name clients send and /v1/models lists (None: the scheduler's model).
     served_model_name: str | None = None
-    #: Model directory whose tokenizer's chat template renders chat messages (None = the
-    #: scheduler's model, when it is a directory on this host; otherwise the plain template).
+    #: Model directory whose tokenizer's chat template renders chat messages (None: the
+    #: scheduler's model when it is a directory on this host, else the plain template).
     model: str | None = None
-    #: grpc.health.v1 listener ("" = none): SERVING while the door serves and the scheduler does.
+    #: Also serve grpc.health.v1 here, SERVING while the door serves and the scheduler does
+    #: ("" = none).
     health_address: str = ""
-    #: Deadline of one generation, passed to the scheduler (504 when it passes).
+    #: Deadline of one generation in seconds, passed to the scheduler (504 past it).
     request_timeout_s: float = 600.0
     #: Largest request body accepted (413 beyond): the scheduler's 16 MiB message limit.
     max_body_bytes: int = 16 * 1024 * 1024
-    #: Open connections at most (the outer backstop; the scheduler's queue limit, as 429, comes
-    #: first). At the limit a new connection closes the one idle longest (no request in
-    #: progress); with none idle it is answered 503.
+    #: Open connections at most, the outer backstop (the scheduler's queue limit, as 429, comes
+    #: first): past it the longest idle is closed, and with none idle the new one is answered 503.
     max_connections: int = 8192
     #: Connections one client (remote IP) may hold with no request in progress; past it, its
     #: connection idle longest (and idle 1 s at least) is closed. Requests in progress are
@@ -51,21 +54,23 @@ class HttpConfig:
     #: How long a request waits for a scheduler that is reachable but accepts nothing (hung),
     #: before it is answered 503 with Retry-After.
     accept_timeout_s: float = 1.5
-    #: How often the scheduler's health is polled, how long one check may take, and how many
-    #: checks in a row must fail (no answer in time) before /health says 503. An answer of
-    #: NOT_SERVING (a draining scheduler) counts at once.
+    #: Seconds between polls of the scheduler's health.
     health_interval_s: float = 0.5
+    #: Seconds one poll of the scheduler's health may take.
     health_timeout_s: float = 2.0
+    #: Polls in a row that must fail (no answer in time) before /health says 503; an answer of
+    #: NOT_SERVING (a draining scheduler) counts at once.
     health_failures: int = 3
     #: Seconds in-flight requests get to finish on SIGTERM.
     drain_grace_s: float = 10.0
     #: Bearer token for the door's own calls (the model lookup) when the scheduler requires one;
     #: clients' requests always carry their own.
     scheduler_token: str | None = None
-    #: CA of a TLS scheduler (PEM).
+    #: CA of a TLS scheduler (PEM; None: plaintext).
     scheduler_tls_ca: str | None = None
-    #: Certificate and key (PEM) for HTTPS on the door's listener.
+    #: Certificate (PEM) for HTTPS on the door's listener (None: plain HTTP).
     tls_cert: str | None = None
+    #: Private key (PEM) of tls_cert.
     tls_key: str | None = None
 
     def __post_init__(self) -> None:

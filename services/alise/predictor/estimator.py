@@ -45,6 +45,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from alise.predictor.config import EstimatorConfig
 from alise.predictor.context import ContextMoments, context_shift
 from alise.predictor.heads import KernelHead, LinearHead, TfidfHead
 from alise.predictor.history import History, prompt_key
@@ -53,42 +54,6 @@ from alise.predictor.stacker import Spread, Stacker
 FEATURES = ("kernel", "tfidf", "knn_effect", "knn_target", "deviation", "prompt_len")
 HEAD_FEATURES = (0, 1, 4, 5)
 _DEFAULT_LOG_LEN = float(np.log1p(128))
-
-
-@dataclass(frozen=True)
-class EstimatorConfig:
-    """Hyper-parameters (defaults tuned by 5-fold CV on AlpacaEval, 12 models)."""
-
-    num_neighbors: int = 20
-    knn_temperature: float = 0.05
-    kernel_temperature: float = 0.5
-    kernel_lambda: float = 1.0
-    tfidf_lambda: float = 1.0
-    deviation_lambda: float = 10.0
-    #: Top cosine similarity below which neighbour features are ignored (heads only).
-    head_threshold: float = 0.5
-    max_head_samples: int = 4096
-    #: Observations a model needs for its own stacker; fewer use the pooled one.
-    min_model_observations: int = 30
-    bucket_edges: tuple[int, ...] = (32, 64, 128, 256, 512, 1024, 2048)
-    #: Earlier answers of a conversation that weigh as much as the model's mean in its shift
-    #: (``context.py``'s ``k``; inf = no shift); None: learned from the model's own
-    #: conversations (:meth:`LengthEstimator.observe_context`).
-    context_prior_turns: float | None = None
-
-    def __post_init__(self) -> None:
-        for name in ("num_neighbors", "max_head_samples", "min_model_observations"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("knn_temperature", "kernel_temperature", "kernel_lambda", "tfidf_lambda",
-                     "deviation_lambda"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-        if self.context_prior_turns is not None and not self.context_prior_turns > 0:
-            raise ValueError(f"context_prior_turns must be > 0 or None, got {self.context_prior_turns}")
-        edges = self.bucket_edges
-        if not edges or any(b <= a for a, b in zip(edges, edges[1:])) or edges[0] <= 0:
-            raise ValueError(f"bucket_edges must be positive and increasing, got {edges}")
 
 
 @dataclass

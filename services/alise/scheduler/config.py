@@ -1,4 +1,8 @@
-"""Settings of the scheduler service (read from flags and env in the entrypoint only)."""
+"""Settings of the scheduler service (read from flags and env in the entrypoint only).
+
+Each field is a flag of `alise scheduler` (``alise.scheduler.main``), its ``#:`` comment the
+flag's help; the fields of ``scheduling`` are the core's (``alise.core.config``).
+"""
 
 from __future__ import annotations
 
@@ -6,75 +10,58 @@ from dataclasses import dataclass, field
 
 from alise.common.grpc_server import split_host_port
 from alise.common.security import SecurityConfig, is_loopback
-from alise.core.choices import PLANNER_NAMES, POLICY_NAMES
+from alise.core.config import SchedulingConfig
 
 
 @dataclass(frozen=True)
 class SchedulerConfig:
-    #: Where clients connect (SchedulerService: Generate, GetStatus).
+    #: Listen address for clients (SchedulerService: Generate, GetStatus).
     address: str = "127.0.0.1:50051"
-    #: Where workers connect (WorkerService), a listener of its own: a worker sees every
-    #: prompt it is given. "" = 127.0.0.1 and the client port + 1 (any free port when the
-    #: client port is 0). A worker must prove itself here (internal secret or mTLS) unless
-    #: both listeners are on loopback and no API tokens are set.
+    #: Listen address for workers, a listener of its own: a worker sees every prompt it is
+    #: given (default: 127.0.0.1 and the client port + 1, any free port when that is 0). A
+    #: worker must prove itself here (internal secret or mTLS) unless both listeners are on
+    #: loopback and no API tokens are set.
     worker_address: str = ""
-    #: Model directory or preset name, the same the workers serve (None = embedded default).
+    #: Model directory or preset name, the one the workers serve (None: the embedded tiny-llama).
     model: str | None = None
-    #: Scheduling policy: alise (the product: shortest predicted remaining time), fcfs or oracle.
-    policy: str = "alise"
-    #: Context limit override in tokens (None = the model's).
+    #: The policy, its knobs, the KV planner and the plans in flight.
+    scheduling: SchedulingConfig = field(default_factory=SchedulingConfig)
+    #: Directory of the scheduler's own state: the requests that crashed it
+    #: (``alise.scheduler.quarantine``), refused after a restart ("" = none, kept in memory).
+    state_dir: str = ""
+    #: Predictor address (None: no predictor, running-mean estimates).
+    predictor_address: str | None = None
+    #: Seconds one predictor call may take before the running mean stands in.
+    predictor_timeout_s: float = 0.25
+    #: Latency profile JSON of the workers' device (None: the first worker's, refined online).
+    latency_profile: str | None = None
+    #: Context limit in tokens, prompt and output (None: the model's).
     max_model_len: int | None = None
-    #: max_tokens for requests that leave it unset.
+    #: max_tokens of a request that leaves it unset.
     default_max_tokens: int = 256
     #: Requests in flight (queued + running) before RESOURCE_EXHAUSTED.
     max_queued: int = 4096
-    #: Calls in progress on the client listener before RESOURCE_EXHAUSTED (the backstop
-    #: above the queue bound; health checks do not count). 0 = max_queued + 1024.
+    #: Calls in progress on the client listener before RESOURCE_EXHAUSTED, health checks not
+    #: counted: the backstop above the queue bound (0 = max_queued + 1024).
     max_calls: int = 0
-    #: How long a request waits while no worker is connected before UNAVAILABLE.
+    #: Seconds a request waits while no worker is connected before UNAVAILABLE.
     max_wait_no_worker_s: float = 30.0
-    #: Predictor address (None = running-mean estimates only).
-    predictor_address: str | None = None
-    #: Deadline of one predictor call.
-    predictor_timeout_s: float = 0.25
-    #: Latency profile JSON of the workers' device (None = the first worker's, else a default
-    #: refined online).
-    latency_profile: str | None = None
-    #: Where paused jobs' KV goes: "" = by policy (fcfs: drop; alise / oracle: adaptive), or
-    #: one of adaptive, drop, swap, quantize (see alise.core.memory_planner).
-    kv_planner: str = ""
-    #: Plans kept in flight per worker: the worker runs step k while step k + 1 is planned
-    #: (1 = lock-step: the worker waits for each plan).
-    plans_ahead: int = 2
-    #: A step that carries prompt chunks beside decodes costs at most this many times the decode
-    #: step alone, by the workers' measured latency profile (chunks are cut to fit; 0 = only
-    #: the workers' token budget limits them).
-    prefill_step_ratio: float = 1.5
     #: Longest prompt text accepted, in characters (tokenizing it must stay cheap).
     max_prompt_chars: int = 4_000_000
-    #: Grace period for in-flight requests on SIGTERM.
+    #: Seconds in-flight requests get to finish on SIGTERM.
     drain_grace_s: float = 10.0
-    #: Tokens, internal secret, TLS.
-    security: SecurityConfig = field(default_factory=SecurityConfig)
-    #: Prometheus metrics HTTP address ("" = none).
-    metrics_address: str = ""
     #: Append one JSON line per finished job to this file ("" = none): its length estimate
     #: (mean, p50, p90, source), true output length, TTFT, end-to-end time, preemptions.
     job_log: str = ""
-    #: Directory of the scheduler's own state ("" = none): the requests that crashed it
-    #: (``alise.scheduler.quarantine``), refused after a restart.
-    state_dir: str = ""
+    #: Serve Prometheus metrics over HTTP here, e.g. 127.0.0.1:9400 ("" = none).
+    metrics_address: str = ""
+    #: Tokens, internal secret, TLS.
+    security: SecurityConfig = field(default_factory=SecurityConfig)
 
     def __post_init__(self) -> None:
-        if self.policy not in POLICY_NAMES:
-            raise ValueError(f"policy must be one of {', '.join(POLICY_NAMES)}, got {self.policy!r}")
-        if self.kv_planner and self.kv_planner not in PLANNER_NAMES:
-            raise ValueError(f"kv_planner must be one of {', '.join(PLANNER_NAMES)}, got {self.kv_planner!r}")
-        for name in ("default_max_tokens", "max_queued", "max_prompt_chars", "plans_ahead"):
+        for name in ("default_max_tokens", "max_queued", "max_prompt_chars"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.prefill_step_ratio and self.prefill_step_ratio <= 1:
-            raise ValueError(f"prefill_step_ratio must be 0 (off) or > 1, got {self.prefill_step_ratio}")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be >= 1 (or None: the model's), got {self.max_model_len}")
         if self.max_calls < 0:

@@ -64,11 +64,10 @@ class Dispatching:
 
 class SchedulerEngine:
     def __init__(self, core: SchedulerCore, latency: LatencyModel, inbox: Inbox, streams: Streams, *,
-                 max_wait_no_worker_s: float = 30.0, plans_ahead: int = 2, census_interval_s: float = 1.0,
+                 max_wait_no_worker_s: float, plans_ahead: int, census_interval_s: float = 1.0,
                  on_failure: Callable[[BaseException], None] | None = None,
                  metrics: SchedulerMetrics | None = None) -> None:
-        if plans_ahead < 1:
-            raise ValueError(f"plans_ahead must be >= 1, got {plans_ahead}")
+        # max_wait_no_worker_s and plans_ahead: the scheduler's config, checked there.
         self.core = core
         self.latency = latency
         self.inbox = inbox

@@ -23,11 +23,9 @@ from alise.common import grpc_server, wire
 from alise.common.logs import LogLimiter, preview, request_id_var
 from alise.common.metrics import SchedulerMetrics, serve_metrics
 from alise.common.security import bind_port
+from alise.core.config import make_core
 from alise.core.job import Job
 from alise.core.latency_model import LatencyModel
-from alise.core.memory_planner import make_memory_planner
-from alise.core.policy import make_policy
-from alise.core.scheduler import SchedulerCore
 from alise.scheduler.config import SchedulerConfig
 from alise.scheduler.engine import SchedulerEngine
 from alise.scheduler.estimates import LengthEstimator
@@ -85,7 +83,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
         self.estimator = estimator
         self.quarantine = quarantine or Quarantine(None)
         self.checks = GenerateChecks(info, default_max_tokens=config.default_max_tokens,
-                                     max_prompt_chars=config.max_prompt_chars, policy=config.policy)
+                                     max_prompt_chars=config.max_prompt_chars, policy=config.scheduling.policy)
         self.accepting = True
         self._predicting: set[asyncio.Future] = set()
         self._refusals = LogLimiter(logger)
@@ -258,8 +256,7 @@ async def start_scheduler(config: SchedulerConfig, *, predict=None, observe=None
     info = await asyncio.to_thread(load_model_info, config.model, config.max_model_len)
     # Without a profile of its own, the scheduler adopts the first worker's (measured on its device).
     latency = LatencyModel.load(config.latency_profile) if config.latency_profile else LatencyModel()
-    memory = make_memory_planner(config.kv_planner, latency) if config.kv_planner else None
-    core = SchedulerCore(make_policy(config.policy, latency), memory, prefill_step_ratio=config.prefill_step_ratio)
+    core = make_core(config.scheduling, latency)
     estimator = LengthEstimator(predict, observe, timeout_s=config.predictor_timeout_s)
 
     job_log = open(config.job_log, "a", encoding="utf-8", buffering=1) if config.job_log else None  # noqa: SIM115
@@ -280,7 +277,7 @@ async def start_scheduler(config: SchedulerConfig, *, predict=None, observe=None
     inbox = Inbox()
     streams = Streams(inbox, metrics, max_queued=config.max_queued, on_finish=on_finish)
     engine = SchedulerEngine(core, latency, inbox, streams, max_wait_no_worker_s=config.max_wait_no_worker_s,
-                             plans_ahead=config.plans_ahead, on_failure=on_failure, metrics=metrics)
+                             plans_ahead=config.scheduling.plans_ahead, on_failure=on_failure, metrics=metrics)
     status = EngineStatus(engine)
     metrics.forget_departed_workers(lambda: engine.links)
     servicer = SchedulerServicer(config, info, engine, streams, status, estimator, quarantine)
@@ -321,7 +318,7 @@ def _log_listening(config: SchedulerConfig, info: ModelInfo, port: int, worker_p
     clients = f"{config.address.rsplit(':', 1)[0]}:{port}"
     workers = f"{config.worker_listen_address.rsplit(':', 1)[0]}:{worker_port}"
     logger.info("scheduler listening for clients on %s and for workers on %s (policy %s, model %s, "
-                "context %d)", clients, workers, config.policy, info.name, info.max_model_len)
+                "context %d)", clients, workers, config.scheduling.policy, info.name, info.max_model_len)
     if not config.security.has_internal_credential:
         logger.warning("the worker listener %s is open: any process on this host can register as a "
                        "worker and read the prompts it is given; give the scheduler and its workers an "

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from alise.common.metrics import SchedulerMetrics
 from alise.core.commands import TokenEvent
 from alise.core.job import Job
+from alise.scheduler.config import SchedulerConfig
 from alise.scheduler.messages import Cancel, Inbox, Submit
 
 logger = logging.getLogger(__name__)
@@ -75,7 +76,8 @@ class JobStream:
 
 
 class Streams:
-    def __init__(self, inbox: Inbox, metrics: SchedulerMetrics, *, max_queued: int = 4096,
+    def __init__(self, inbox: Inbox, metrics: SchedulerMetrics, *,
+                 max_queued: int = SchedulerConfig.max_queued,
                  orphan_wait_s: float = 60.0, adoption_grace_s: float = 10.0,
                  on_finish: Callable[[Job], None] | None = None) -> None:
         self.inbox = inbox

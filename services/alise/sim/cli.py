@@ -10,6 +10,23 @@ import argparse
 import json
 import sys
 
+from alise.common.entrypoint import add_config_flags, build_config, config_flags, config_values
+from alise.core.config import SchedulingConfig
+
+#: `alise scheduler`'s scheduling flags, but the policy: `alise sim` (and the benchmark
+#: scripts that simulate) run each of their policies with the same knobs.
+SCHEDULING_FLAGS = config_flags(SchedulingConfig, exclude=("policy",))
+
+
+def add_scheduling_flags(parser) -> None:
+    group = parser.add_argument_group("scheduling (`alise scheduler`'s flags; the policies are swept)")
+    add_config_flags(group, SchedulingConfig, SCHEDULING_FLAGS)
+
+
+def scheduling_from_args(args: argparse.Namespace) -> SchedulingConfig:
+    """The config those flags give (ValueError naming a bad setting)."""
+    return build_config(SchedulingConfig, config_values(args, SCHEDULING_FLAGS))
+
 
 def register(sub) -> None:
     t = sub.add_parser("trace", help="build a request trace (prompts, lengths, arrivals) as JSONL")
@@ -46,30 +63,31 @@ def register(sub) -> None:
     s = sub.add_parser("sim", help="simulate policies over request rates (discrete-event, virtual time)")
     s.add_argument("--trace", action="append", required=True,
                    help="trace JSONL (repeat for several workloads)")
-    s.add_argument("--policies", default="fcfs,alise,oracle")
+    s.add_argument("--policies", default="fcfs,alise,oracle",
+                   help="comma-separated policies to sweep, each with the knobs below (default: %(default)s)")
     s.add_argument("--profile", default=None,
                    help="latency profile JSON (default: profiles/opt-13b-h100.json if present, "
                         "else the OPT-13B H100 roofline)")
-    s.add_argument("--kv-tokens", type=int, default=15_000, help="KV room per worker (default 15000)")
-    s.add_argument("--workers", type=int, default=1)
-    s.add_argument("--max-num-seqs", type=int, default=256)
-    s.add_argument("--prefill-step-ratio", type=float, default=1.5,
-                   help="the scheduler's cap on chunks beside decodes, in decode steps (default 1.5, "
-                        "as `alise scheduler`; 0 = off)")
+    # The simulated workers' shape: SimConfig's defaults (an H100 serving OPT-13B), read when it
+    # runs (the simulator imports numpy; building this parser does not).
+    s.add_argument("--kv-tokens", type=int, default=None,
+                   help="KV room per worker in tokens (default: SimConfig's, OPT-13B's on an H100)")
+    s.add_argument("--workers", type=int, default=None, dest="num_workers",
+                   help="simulated workers, all alike (default: SimConfig's, one)")
+    s.add_argument("--max-num-seqs", type=int, default=None,
+                   help="sequences in one step of a worker (default: SimConfig's, vLLM's)")
     s.add_argument("--rates", default=None,
                    help="comma-separated rates (req/s); default: 0.4..2.4 x estimated capacity")
     s.add_argument("--predictor", default="auto", choices=["auto", "predictor", "knn"],
-                   help="where alise's cross-fitted estimates come from")
-    s.add_argument("--folds", type=int, default=5)
-    s.add_argument("--json", dest="json_path", default=None, help="write results as JSON")
+                   help="where alise's cross-fitted estimates come from (default: %(default)s)")
+    s.add_argument("--folds", type=int, default=5, help="cross-fitting folds of alise's estimates")
+    s.add_argument("--json", dest="json_path", default=None, help="write results as JSON (default: no JSON)")
     s.add_argument("--png", default=None, help="plot path (default: <json or trace>.png)")
     s.add_argument("--jobs", type=int, default=2, help="parallel processes (default 2)")
-    s.add_argument("--policy-arg", action="append", default=[], metavar="KEY=VALUE",
-                   help="keyword argument for AlisePolicy (alise and oracle), e.g. "
-                        "aging_rate=0.01 or max_slowdown=none; repeatable")
     s.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="show which policy and rate run and how far on stderr (default: on a terminal; "
                         "elsewhere one line per finished policy sweep)")
+    add_scheduling_flags(s)
     s.set_defaults(func=_cmd_sim)
 
 

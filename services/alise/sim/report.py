@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 from alise.core.latency_model import LatencyModel
@@ -13,7 +15,7 @@ from alise.sim.simulator import SimConfig
 from alise.sim.progress import ProgressLine
 from alise.sim.sweep import (
     MAX_WORK_BACKLOG_GROWTH, SweepProgress, as_dict, capacity_bound, estimate_capacity, sweep,
-    tail_p99, throughput_at_constraint, unloaded_normalized_latency,
+    tail_p99, throughput_at_constraint, unloaded_normalized_latency, with_policy,
 )
 
 #: Default sweep: these multiples of the estimated saturation rate.
@@ -30,27 +32,6 @@ def load_profile(path: str | None) -> LatencyModel:
     if os.path.isfile(MEASURED_PROFILE):
         return LatencyModel.load(MEASURED_PROFILE)
     return opt13b_h100_roofline()
-
-
-def parse_policy_args(items: list[str]) -> dict:
-    """``["aging_rate=0.01", "max_slowdown=none"]`` -> ``{"aging_rate": 0.01, "max_slowdown": None}``."""
-    out = {}
-    for item in items or []:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise SystemExit(f"--policy-arg wants KEY=VALUE, got {item!r}")
-        value = value.strip()
-        if value.lower() in ("none", "null"):
-            parsed = None
-        elif value.lower() in ("true", "false"):
-            parsed = value.lower() == "true"
-        else:
-            try:
-                parsed = int(value)
-            except ValueError:
-                parsed = float(value)
-        out[key.strip()] = parsed
-    return out
 
 
 class SweepDisplay:
@@ -92,14 +73,14 @@ class SweepDisplay:
 
 def workload_results(name: str, requests, latency: LatencyModel, config: SimConfig,
                      policies: list[str], rates: list[float] | None, estimates, jobs: int,
-                     policy_kwargs: dict | None = None, progress: ProgressLine | None = None) -> dict:
+                     progress: ProgressLine | None = None) -> dict:
     unloaded = unloaded_normalized_latency(requests, latency, config.max_model_len)
     capacity = estimate_capacity(requests, latency, config)
     rates = rates or [round(capacity * f, 3) for f in RATE_FRACTIONS]
     started = time.perf_counter()
     display = SweepDisplay(progress, name, policies, len(rates)) if progress else None
     runs = sweep(requests, policies, rates, latency, config, estimates=estimates,
-                 policy_kwargs=policy_kwargs, stop_above_s=2 * max(CONSTRAINTS) * unloaded,
+                 stop_above_s=2 * max(CONSTRAINTS) * unloaded,
                  jobs=jobs, progress=display)
     wall = time.perf_counter() - started
     per_policy = {p: [r for r in runs if r.policy == p] for p in policies}
@@ -221,21 +202,36 @@ def plot(results: list[dict], profile: str, path: str) -> None:
     plt.close(fig)
 
 
+def sim_config(args) -> tuple[SimConfig, list[str]]:
+    """The simulated cluster and the policies to sweep that ``args`` give; ValueError naming
+    the setting for a bad one."""
+    from alise.sim.cli import scheduling_from_args
+
+    scheduling = scheduling_from_args(args)
+    shape = {name: getattr(args, name) for name in ("kv_tokens", "num_workers", "max_num_seqs")
+             if getattr(args, name) is not None}
+    config = SimConfig(**shape, scheduling=scheduling)
+    policies = [p.strip() for p in args.policies.split(",") if p.strip()]
+    for policy in policies:
+        with_policy(config, policy)
+    return config, policies
+
+
 def run_sim_command(args) -> int:
+    from alise.common.entrypoint import config_argv
+    from alise.sim.cli import SCHEDULING_FLAGS
     from alise.sim.predictions import cross_fitted_estimates, kendall_tau
     from alise.sim.trace import read_trace
 
+    try:
+        config, policies = sim_config(args)
+    except ValueError as exc:
+        print(f"alise sim: {exc}", file=sys.stderr)
+        return 2
     latency = load_profile(args.profile)
     label = profile_label(latency)
-    config = SimConfig(kv_tokens=args.kv_tokens, num_workers=args.workers,
-                       max_num_seqs=args.max_num_seqs, prefill_step_ratio=args.prefill_step_ratio)
-    policies = [p.strip() for p in args.policies.split(",") if p.strip()]
     rates = [float(x) for x in args.rates.split(",")] if args.rates else None
-    policy_kwargs = parse_policy_args(getattr(args, "policy_arg", None))
-    if policy_kwargs:
-        from alise.core.policy import make_policy
-
-        make_policy("alise", latency, **policy_kwargs)  # fail early on a bad argument
+    knobs = " ".join(config_argv(config.scheduling, SCHEDULING_FLAGS))
     progress = ProgressLine.for_flag(getattr(args, "progress", None))
     results = []
     for path in args.trace:
@@ -251,13 +247,13 @@ def run_sim_command(args) -> int:
             tau = kendall_tau(estimates, requests)
             progress.phase(f"sim {Path(path).stem}: alise's estimates in {time.monotonic() - started:.1f} s")
         res = workload_results(Path(path).stem, requests, latency, config, policies, rates,
-                               estimates, args.jobs, policy_kwargs, progress)
-        res.update(trace=path, predictions=source, kendall_tau=tau, policy_kwargs=policy_kwargs)
+                               estimates, args.jobs, progress)
+        res.update(trace=path, predictions=source, kendall_tau=tau)
         results.append(res)
         progress.clear()
         print(format_workload(res, label))
-        if policy_kwargs:
-            print(f"policy arguments (alise, oracle): {policy_kwargs}")
+        if knobs:
+            print(f"scheduling (beside the defaults): {knobs}")
         if source:
             print(f"alise estimates: {source}; Kendall tau vs true lengths {tau:.3f}")
         print()
@@ -268,8 +264,7 @@ def run_sim_command(args) -> int:
         doc = dict(label="simulated", profile=label, profile_meta=latency.meta,
                    config=dict(kv_tokens=config.kv_tokens, block_size=config.block_size,
                                max_num_seqs=config.max_num_seqs, num_workers=config.num_workers,
-                               max_model_len=config.max_model_len,
-                               prefill_step_ratio=config.prefill_step_ratio),
+                               max_model_len=config.max_model_len, scheduling=asdict(config.scheduling)),
                    constraints_x_unloaded=list(CONSTRAINTS), workloads=results)
         Path(args.json_path).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json_path).write_text(json.dumps(doc, indent=1))

@@ -7,7 +7,8 @@ KV state machine and block ids, with a latency model for the forward pass). Only
 virtual: a step lasts what the ``LatencyModel`` says (KV copies and quantization included).
 
 Events are arrivals and step ends; as in the service, the core plans each worker's steps one
-ahead (``SimConfig.plans_ahead``), so a step runs the decisions made while the step before it ran. A job's latency is measured from its arrival to the end
+ahead (``SchedulingConfig.plans_ahead``), so a step runs the decisions made while the step
+before it ran. A job's latency is measured from its arrival to the end
 of the step that produced its last token; normalized latency is that over its output tokens.
 Every result is labelled "simulated" with the profile's name.
 """
@@ -21,11 +22,11 @@ from dataclasses import dataclass, field
 
 from alise.core.blocks import WorkerCapacity, default_token_budget
 from alise.core.commands import AbortJobs, StepPlan, StepReport
+from alise.core.config import SchedulingConfig, make_core
 from alise.core.dispatch import keep_in_flight
 from alise.core.job import Job, LengthEstimate
 from alise.core.latency_model import LatencyModel
 from alise.core.memory_planner import MemoryPlanner
-from alise.core.policy import Policy
 from alise.core.sampling import SamplingParams
 from alise.core.scheduler import SchedulerCore
 from alise.sim.trace import Releases, TraceRequest
@@ -48,11 +49,10 @@ class SimConfig:
     #: must not see); each job carries its trace length as ``oracle_output_tokens``
     #: and ends there (``Job.worker_sampling``), as on the real path.
     max_tokens: int = 2048
-    #: Plans in flight per worker (the scheduler service's default; 1 = lock-step).
-    plans_ahead: int = 2
-    #: The scheduler's ``--prefill-step-ratio``: chunks beside decodes keep a step within this
-    #: many decode steps (its default; 0 = off). The capacity bound does not include this cap.
-    prefill_step_ratio: float = 1.5
+    #: What the scheduler service would be given (``alise scheduler``'s scheduling flags): the
+    #: policy and its knobs, the KV planner, the prefill step cap (which the capacity bound
+    #: does not include) and the plans in flight per worker.
+    scheduling: SchedulingConfig = field(default_factory=SchedulingConfig)
     #: Host KV blocks per worker, bytes of a full-precision block, and the KV moves' rates
     #: (swaps on one copy engine; quantize / dequantize on the compute stream).
     num_host_blocks: int = 0
@@ -61,12 +61,9 @@ class SimConfig:
     quantize_bytes_per_s: float = 200e9
 
     def __post_init__(self) -> None:
-        for name in ("kv_tokens", "block_size", "max_num_seqs", "max_model_len", "num_workers",
-                     "max_tokens", "plans_ahead"):
+        for name in ("kv_tokens", "block_size", "max_num_seqs", "max_model_len", "num_workers", "max_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.prefill_step_ratio and self.prefill_step_ratio <= 1:
-            raise ValueError(f"prefill_step_ratio must be 0 (off) or > 1, got {self.prefill_step_ratio}")
 
     @property
     def num_device_blocks(self) -> int:
@@ -141,18 +138,18 @@ class SimResult:
         return backlog_growth(self.kv_backlog)
 
 
-def simulate(requests: Sequence[TraceRequest], policy: Policy, latency: LatencyModel,
-             config: SimConfig = SimConfig(), *,
+def simulate(requests: Sequence[TraceRequest], latency: LatencyModel, config: SimConfig = SimConfig(), *,
              estimates: Mapping[int, LengthEstimate] | None = None,
-             memory: MemoryPlanner | None = None, max_steps: int = 5_000_000,
-             on_progress: Callable[[int], None] | None = None) -> SimResult:
+             memory: MemoryPlanner | None = None, pricing: LatencyModel | None = None,
+             max_steps: int = 5_000_000, on_progress: Callable[[int], None] | None = None) -> SimResult:
     """Replays ``requests`` (in arrival order; a conversation's later turns as
-    ``trace.Releases`` says: after the turn before ends) through the core; ``estimates`` by
-    request index;
-    ``memory``: the KV planner (default: the policy's); ``on_progress``: called with the number
-    of jobs finished so far at every event (it keeps its own pace)."""
+    ``trace.Releases`` says: after the turn before ends) through the core that
+    ``config.scheduling`` describes, its steps timed by ``latency``; ``estimates`` by request
+    index; ``memory``: the KV planner (default: ``config.scheduling``'s); ``pricing``: the
+    latency model the core prices with (default: ``latency``); ``on_progress``: called with the
+    number of jobs finished so far at every event (it keeps its own pace)."""
     started = time.perf_counter()
-    core = SchedulerCore(policy, memory, prefill_step_ratio=config.prefill_step_ratio)
+    core = make_core(config.scheduling, pricing or latency, memory)
     cluster = _Cluster(core, config, latency)
     releases = Releases(requests)
     jobs: dict[str, Job] = {}
@@ -204,7 +201,8 @@ def simulate(requests: Sequence[TraceRequest], policy: Policy, latency: LatencyM
     moved: Counter = Counter()
     for worker in cluster.workers.values():
         moved.update(worker.executor.mover.moved_bytes)
-    return SimResult(policy.name, latency.name, records, now, cluster.num_steps, Counter(core.preemptions),
+    return SimResult(core.policy.name, latency.name, records, now, cluster.num_steps,
+                     Counter(core.preemptions),
                      time.perf_counter() - started, work_backlog=[b[0] for b in backlog],
                      kv_backlog=[b[1] for b in backlog], kv_moves=Counter(core.kv_moves),
                      moved_bytes=dict(moved), peak_need_blocks=peak_need)
@@ -219,7 +217,7 @@ class _Cluster:
 
     def __init__(self, core: SchedulerCore, config: SimConfig, latency: LatencyModel) -> None:
         self.core = core
-        self.plans_ahead = config.plans_ahead
+        self.plans_ahead = config.scheduling.plans_ahead
         self.workers = {}
         self.queued: dict[str, deque] = {}
         self.running: dict[str, tuple[float, StepReport]] = {}  # worker -> (end, report)

@@ -41,7 +41,7 @@ import math
 import statistics
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 from alise.core.latency_model import LatencyModel
 from alise.sim.simulator import SimConfig, SimResult, decode_work, output_target
@@ -212,24 +212,24 @@ def _reporter(report, policy: str, rate: float, index: int, num_rates: int, num_
 
 
 def _run_one(args, on_progress=None) -> RunSummary:
-    requests, policy_name, policy_kwargs, latency_json, config, rate, estimates = args
-    from alise.core.policy import make_policy
+    requests, latency_json, config, rate, estimates = args
     from alise.sim.simulator import simulate
 
     latency = LatencyModel.from_json(latency_json)
-    policy = make_policy(policy_name, latency, **policy_kwargs)
-    result = simulate(rescale(requests, rate), policy, latency, config,
-                      estimates=estimates if policy_name == "alise" else None, on_progress=on_progress)
+    alise = config.scheduling.policy == "alise"
+    result = simulate(rescale(requests, rate), latency, config, estimates=estimates if alise else None,
+                      on_progress=on_progress)
     return summarize(result, rate, capacity_bound(requests, latency, config))
 
 
 def _sweep_policy(args, report=None) -> list[RunSummary]:
-    requests, policy, policy_kwargs, latency_json, config, rates, estimates, stop_above_s = args
+    requests, latency_json, config, rates, estimates, stop_above_s = args
+    policy = config.scheduling.policy
     out: list[RunSummary] = []
     over = 0
     for index, rate in enumerate(rates):
         on_progress = _reporter(report, policy, rate, index, len(rates), len(requests)) if report else None
-        s = _run_one((requests, policy, policy_kwargs, latency_json, config, rate, estimates), on_progress)
+        s = _run_one((requests, latency_json, config, rate, estimates), on_progress)
         out.append(s)
         over = over + 1 if stop_above_s and s.mean_normalized_latency_s > stop_above_s else 0
         if over >= 2:
@@ -252,23 +252,23 @@ def _sweep_policy_in_child(indexed_task) -> tuple[int, list[RunSummary]]:
 
 
 def _done(task, runs: list[RunSummary]) -> SweepProgress:
-    requests, policy, rates = task[0], task[1], task[5]
-    return SweepProgress(policy, runs[-1].rate, len(runs) - 1, len(rates), len(requests), len(requests), True)
+    requests, config, rates = task[0], task[2], task[3]
+    return SweepProgress(config.scheduling.policy, runs[-1].rate, len(runs) - 1, len(rates), len(requests),
+                         len(requests), True)
 
 
 def sweep(requests: Sequence[TraceRequest], policies: Sequence[str], rates: Sequence[float],
           latency: LatencyModel, config: SimConfig, *, estimates=None,
-          policy_kwargs: dict | None = None, stop_above_s: float | None = None,
-          jobs: int = 1, progress=None) -> list[RunSummary]:
-    """Runs every policy at every rate (ascending); a policy stops after two consecutive rates
-    above ``stop_above_s`` (its curve is past every constraint of interest, sustained or not).
+          stop_above_s: float | None = None, jobs: int = 1, progress=None) -> list[RunSummary]:
+    """Runs every policy at every rate (ascending), each with ``config.scheduling``'s knobs
+    under its own name; a policy stops after two consecutive rates above ``stop_above_s`` (its
+    curve is past every constraint of interest, sustained or not).
     ``jobs`` > 1 runs policies in parallel processes; results do not depend on it.
     ``progress``, if given, is called in this process with a :class:`SweepProgress` as runs go
     (at most every ``REPORT_INTERVAL_S`` per policy), and once with ``done`` when a policy's
     sweep ends."""
-    tasks = [(list(requests), p, dict(policy_kwargs or {}) if p != "fcfs" else {},
-              latency.to_json(), config, sorted(rates), estimates, stop_above_s)
-             for p in policies]
+    tasks = [(list(requests), latency.to_json(), with_policy(config, p), sorted(rates), estimates,
+              stop_above_s) for p in policies]
     if jobs > 1 and len(tasks) > 1:
         results = _sweep_in_pool(tasks, min(jobs, len(tasks)), progress)
     else:
@@ -278,6 +278,11 @@ def sweep(requests: Sequence[TraceRequest], policies: Sequence[str], rates: Sequ
             if progress:
                 progress(_done(t, results[-1]))
     return [s for per_policy in results for s in per_policy]
+
+
+def with_policy(config: SimConfig, policy: str) -> SimConfig:
+    """``config`` with the policy ``policy`` (checked) and the same knobs."""
+    return replace(config, scheduling=replace(config.scheduling, policy=policy))
 
 
 def _sweep_in_pool(tasks: list, num_processes: int, progress) -> list[list[RunSummary]]:

@@ -1,89 +1,97 @@
-"""Settings of the worker service (read from flags and env in the entrypoint only)."""
+"""Settings of the worker service (read from flags and env in the entrypoint only).
+
+Each field is a flag of `alise worker` (``alise.worker.main``), its ``#:`` comment the flag's
+help; `alise up` takes the same flags for all its workers.
+"""
 
 from __future__ import annotations
 
 import os
 import socket
 from dataclasses import dataclass, field
+from typing import Literal
 
 from alise.common.security import SecurityConfig
 from alise.core.blocks import default_token_budget
+from alise.core.config import check_choices
 
-
-#: Values of ``WorkerConfig.runner``.
-RUNNERS = ("paged", "transformers")
 #: Values of ``WorkerConfig.dtype``, vLLM's names ("half" is float16, "float" float32).
-DTYPES = ("auto", "half", "float16", "bfloat16", "float", "float32")
+Dtype = Literal["auto", "half", "float16", "bfloat16", "float", "float32"]
 _DTYPE_ALIASES = {"half": "float16", "float": "float32"}
 
 
 @dataclass(frozen=True)
 class WorkerConfig:
-    #: The scheduler's worker listener to dial (its ``worker_address``).
+    #: The scheduler's worker listener to dial, its --worker-address.
     scheduler_address: str = "127.0.0.1:50052"
-    #: Model directory or preset name (None = the embedded default).
+    #: Model directory or preset name (None: the embedded tiny-llama).
     model: str | None = None
-    #: "cpu", "cuda", "cuda:1", ...
+    #: Device: cpu, cuda, cuda:1, ...
     device: str = "cpu"
-    #: Weights' and activations' dtype, one of DTYPES: "auto" is float32 on CPU, float16 on a
-    #: GPU. The aliases are stored by their full names.
-    dtype: str = "auto"
-    #: Tokens per KV block.
-    block_size: int = 16
-    #: Device KV blocks; 0 sizes the cache from kv_cache_bytes (CPU) or free memory (CUDA).
-    num_device_blocks: int = 0
-    #: KV budget on CPU when num_device_blocks is 0.
-    kv_cache_bytes: int = 256 << 20
-    #: Share of the GPU's total memory this worker may hold, weights, activations and KV cache
-    #: together (vLLM's meaning): the KV cache gets the share less what is in use once the
-    #: weights are loaded (theirs, and anything else on the device).
+    #: Weights' and activations' dtype (auto: float32 on the CPU, float16 on a GPU); the
+    #: aliases half and float are stored by their full names.
+    dtype: Dtype = "auto"
+    #: Seed of a preset model's random weights (workers with one seed serve one model).
+    seed: int = 0
+    #: Share of the GPU's memory the worker may hold, weights, activations and KV cache
+    #: together (vLLM's meaning): the KV cache gets what the weights (and anything else on the
+    #: device) leave of it.
     gpu_memory_utilization: float = 0.9
-    #: Host (CPU) KV blocks for swapped-out jobs.
-    num_host_blocks: int = 0
     #: Sequences in one step.
     max_num_seqs: int = 64
-    #: Tokens one step may feed (decodes, then prompt chunks); 0 = 256, or twice
-    #: max_num_seqs if more (``alise.core.blocks.default_token_budget`` says why).
+    #: Tokens one step may feed, decodes first, then prompt chunks (chunked prefill); 0 = 256,
+    #: or twice max_num_seqs if more (``alise.core.blocks.default_token_budget`` says why).
     max_num_batched_tokens: int = 0
-    #: Context limit override (None = the model's).
+    #: Context limit in tokens, prompt and output (None: the model's).
     max_model_len: int | None = None
-    #: Identity shown in status and metrics, unique among a scheduler's workers ("" = host
-    #: and device, which stay the same when the worker restarts).
+    #: Tokens per KV block.
+    block_size: int = 16
+    #: Device KV blocks (0: sized from kv_cache_mib on the CPU, from gpu_memory_utilization
+    #: on CUDA).
+    num_device_blocks: int = 0
+    #: KV cache on the CPU, in MiB, when num_device_blocks is 0.
+    kv_cache_mib: int = 256
+    #: Host (CPU) KV blocks for swapped-out jobs; the adaptive planner's host moves need them.
+    num_host_blocks: int = 0
+    #: Name shown in status and metrics, unique among a scheduler's workers ("" = HOST-DEVICE,
+    #: e.g. node1-cuda0, the same after a restart; two workers on one host and device need
+    #: their own).
     worker_id: str = ""
-    #: Where this worker serves its health check ("" = no health port).
+    #: Where to serve grpc.health.v1, SERVING while connected to the scheduler (port 0 = any
+    #: free port, "" = nowhere).
     health_address: str = "127.0.0.1:0"
-    #: Seed of random weights for preset models: workers given the same seed serve the same
-    #: model.
-    seed: int = 0
+    #: Seconds between attempts to reach a lost scheduler.
     reconnect_delay_s: float = 1.0
-    #: How long jobs are kept, paused, after the scheduler is lost, for a restarted one to adopt.
+    #: Seconds jobs are kept, paused with their KV, after the scheduler is lost, for a
+    #: restarted one to adopt.
     orphan_ttl_s: float = 60.0
-    #: Latency profile file (alise.core.latency_model JSON): loaded at start-up, or, with
-    #: profile_latency, where the measured profile is written ("" = none).
+    #: Latency profile JSON (alise.core.latency_model) to load at start-up, or to write with
+    #: profile_latency ("" = none).
     latency_profile: str = ""
     #: Measure this engine's step times over a grid at start-up and fit a latency profile.
     profile_latency: bool = False
     #: Append one JSON line per model step to this file ("" = none): step id, sequences,
-    #: context tokens, prefill chunk lengths, seconds of forward + sampling. These are the
-    #: samples ``LatencyModel.fit`` takes, measured while serving (bench/fit_steps.py).
+    #: context tokens, prefill chunk lengths, seconds of forward + sampling, the samples
+    #: ``LatencyModel.fit`` takes (bench/fit_steps.py).
     step_log: str = ""
-    #: Capture CUDA graphs for decode steps at start-up (CUDA with Triton only; ignored on CPU).
+    #: Capture CUDA graphs for decode steps at start-up (CUDA with Triton only; off: eager).
     cuda_graphs: bool = True
     #: Check and time the fused kernels at start-up and keep the fastest per shape (CUDA with
-    #: Triton; False: the plain torch path).
+    #: Triton; off: the plain torch path).
     fast_kernels: bool = True
-    #: File of the kernel plan: used as it is when it was made for this device, model and sizes,
-    #: else planned at start-up and written there ("" = plan at every start).
+    #: File of the start-up kernel plan: used as it is when made for this device, model and
+    #: sizes, else planned and written there ("" = plan at every start).
     kernel_plan: str = ""
-    #: Forward pass: "paged" (ModelRunner) or "transformers" (TransformersRunner, the plain HF
-    #: forward as a baseline; cuda_graphs does not apply, profile_latency is refused).
-    runner: str = "paged"
+    #: Forward pass: paged (this engine's ModelRunner) or transformers (the plain HF forward,
+    #: a baseline: cuda_graphs does not apply, profile_latency is refused).
+    runner: Literal["paged", "transformers"] = "paged"
+    #: Serve Prometheus metrics over HTTP here, port 0 = any free port ("" = none).
+    metrics_address: str = ""
     #: Internal secret and TLS for the channel to the scheduler.
     security: SecurityConfig = field(default_factory=SecurityConfig)
-    #: Prometheus metrics HTTP address ("" = none).
-    metrics_address: str = ""
 
     def __post_init__(self) -> None:
+        check_choices(self)
         for name in ("block_size", "max_num_seqs"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -91,13 +99,11 @@ class WorkerConfig:
             raise ValueError(f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be 0 (automatic) "
                              f"or >= max_num_seqs ({self.max_num_seqs}): every running sequence decodes "
                              "a token each step")
-        for name in ("num_device_blocks", "num_host_blocks", "kv_cache_bytes"):
+        for name in ("num_device_blocks", "num_host_blocks", "kv_cache_mib"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         object.__setattr__(self, "dtype", _DTYPE_ALIASES.get(self.dtype, self.dtype))
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be >= 1 (or None: the model's), got {self.max_model_len}")
@@ -107,10 +113,12 @@ class WorkerConfig:
             raise ValueError(f"orphan_ttl_s must be >= 0, got {self.orphan_ttl_s}")
         if self.reconnect_delay_s <= 0:
             raise ValueError(f"reconnect_delay_s must be > 0, got {self.reconnect_delay_s}")
-        if self.runner not in RUNNERS:
-            raise ValueError(f"runner must be one of {RUNNERS}, got {self.runner!r}")
         if self.runner != "paged" and self.profile_latency:
             raise ValueError(f"profile_latency needs runner 'paged', got runner {self.runner!r}")
+
+    @property
+    def kv_cache_bytes(self) -> int:
+        return self.kv_cache_mib << 20
 
     @property
     def token_budget(self) -> int:
