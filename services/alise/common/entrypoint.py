@@ -210,18 +210,14 @@ def add_config_flags(parser, config_cls: type, flags: Iterable[ConfigFlag], *, p
         if flag.env and os.environ.get(flag.env) and not passed_to:
             default = kind.type(os.environ[flag.env])
         kwargs = dict(dest=flag.dest, default=default, help=_help(config_cls, flag, kind, passed_to))
-        if kind.type is bool:
-            switch = flag.name and field_default(config_cls, flag.field) is not None
-            if switch:
-                kwargs["action"] = "store_false" if field_default(config_cls, flag.field) else "store_true"
-            else:
-                kwargs["action"] = argparse.BooleanOptionalAction
+        if kind.type is bool and flag.name:  # a switch away from the default: --fp32
+            kwargs["action"] = "store_false" if field_default(config_cls, flag.field) else "store_true"
+        elif kind.type is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
         else:
             kwargs.update(type=kind.type, choices=kind.choices, metavar=flag.metavar)
             if kind.repeated:
                 kwargs["action"] = "append"
-        if passed_to and kwargs.get("action") in ("store_true", "store_false"):
-            kwargs["default"] = None
         parser.add_argument(flag.option, **kwargs)
 
 
