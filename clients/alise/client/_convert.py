@@ -25,10 +25,9 @@ def call_metadata(token: str | None, default: tuple[tuple[str, str], ...]) -> tu
 def build_request(prompt: str | Sequence[int], *, max_tokens: int | None, temperature: float | None,
                   top_p: float | None, top_k: int, seed: int | None,
                   stop_token_ids: Sequence[int], ignore_eos: bool, request_id: str,
-                  oracle_output_tokens: int, priority: int = 0,
+                  oracle_output_tokens: int,
                   min_p: float | None = None) -> scheduler_pb2.GenerateRequest:
-    req = scheduler_pb2.GenerateRequest(request_id=request_id,
-                                        oracle_output_tokens=oracle_output_tokens, priority=priority)
+    req = scheduler_pb2.GenerateRequest(request_id=request_id, oracle_output_tokens=oracle_output_tokens)
     if isinstance(prompt, str):
         req.text = prompt
     else:

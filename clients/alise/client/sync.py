@@ -45,7 +45,7 @@ class Client:
                  temperature: float | None = None, top_p: float | None = None, top_k: int = 0,
                  min_p: float | None = None, seed: int | None = None, stop_token_ids: Sequence[int] = (),
                  ignore_eos: bool = False, request_id: str = "", oracle_output_tokens: int = 0,
-                 priority: int = 0, timeout_s: float | None = None, token: str | None = None,
+                 timeout_s: float | None = None, token: str | None = None,
                  resume_timeout_s: float = RESUME_TIMEOUT_S, wait_for_ready: bool = False,
                  on_accepted: Callable[[], None] | None = None) -> Iterator[Chunk]:
         """As ``AsyncClient.generate``: a broken stream is resumed, every token delivered once;
@@ -55,7 +55,7 @@ class Client:
                                 top_p=top_p, top_k=top_k, seed=seed,
                                 stop_token_ids=stop_token_ids, ignore_eos=ignore_eos,
                                 request_id=request_id, oracle_output_tokens=oracle_output_tokens,
-                                priority=priority, min_p=min_p)
+                                min_p=min_p)
         resumer = Resumer(request, resume_timeout_s=resume_timeout_s, timeout_s=timeout_s or self.timeout_s,
                           wait_for_ready=wait_for_ready)
         metadata = call_metadata(token, self._metadata)

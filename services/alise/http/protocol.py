@@ -51,7 +51,6 @@ class GenerationRequest:
     stop: tuple[str, ...]
     stop_token_ids: tuple[int, ...]
     ignore_eos: bool
-    priority: int
     oracle_output_tokens: int
     return_token_ids: bool
     alise_stats: bool
@@ -218,6 +217,10 @@ def parse_request(body: Any, *, chat: bool) -> GenerationRequest:
     if not isinstance(body, dict):
         raise bad_request(f"the request body must be a JSON object, got {_describe(body)}")
     refuse_unsupported(body, chat=chat)
+    # vLLM's priority scheduling: 0, its default, is accepted; no policy here orders by it.
+    if priority := _int(body, "priority"):
+        raise bad_request(f"priority must be 0: no ALISE policy schedules by priority (got {priority})",
+                          param="priority")
     stream = _bool(body, "stream")
     include_usage, continuous_usage = _stream_options(body, stream)
     for name in ("session_id", "cache_salt"):  # no effect here: nothing is shared between requests
@@ -238,7 +241,7 @@ def parse_request(body: Any, *, chat: bool) -> GenerationRequest:
         stop=_stop_strings(body),
         stop_token_ids=tuple(_int_list(body["stop_token_ids"], "stop_token_ids"))
         if body.get("stop_token_ids") is not None else (),
-        ignore_eos=_bool(body, "ignore_eos"), priority=_int(body, "priority") or 0,
+        ignore_eos=_bool(body, "ignore_eos"),
         oracle_output_tokens=_int(body, "oracle_output_tokens") or 0,
         return_token_ids=_bool(body, "return_token_ids"), alise_stats=_bool(body, "alise_stats"),
         user=_typed(body, "user", (str,), "a string"),

@@ -169,12 +169,10 @@ class GenerateChecks:
     """The checks of a parsed Generate request against the served model and the service's
     limits; the cheap ones first, tokenizing and per-id work last and off the event loop."""
 
-    def __init__(self, info: ModelInfo, *, default_max_tokens: int, max_prompt_chars: int,
-                 policy: str) -> None:
+    def __init__(self, info: ModelInfo, *, default_max_tokens: int, max_prompt_chars: int) -> None:
         self.info = info
         self.default_max_tokens = default_max_tokens
         self.max_prompt_chars = max_prompt_chars
-        self.policy = policy
 
     async def check(self, request: scheduler_pb2.GenerateRequest) -> CheckedRequest:
         """Raises ValueError, with the message the client is given."""
@@ -184,9 +182,6 @@ class GenerateChecks:
         if len(token_ids) >= limit:
             raise ValueError(prompt_too_long(len(token_ids), limit))
         sampling = self._sampling(request)
-        if request.priority:
-            raise ValueError(f"priority must be 0: the {self.policy} policy does not schedule by "
-                             f"priority (got {request.priority})")
         if request.oracle_output_tokens < 0:
             raise ValueError("oracle_output_tokens must be >= 0")
         resume = self._resume_tokens(request, len(token_ids), sampling.max_tokens)
