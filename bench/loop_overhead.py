@@ -10,7 +10,8 @@ worker's step log: the seconds of every model step (forward + sampling, as the w
 it) and how long the worker waited for each plan while it had jobs running. Per run it prints
 the wall time from the first request to the last token, the steps, the busy fraction (the
 steps' seconds over the wall), the wall time per step *not* spent in a model step, and the
-plan wait per step (mean, and the share of steps that waited over a millisecond).
+plan wait per step (mean, and the share of steps that waited over a millisecond) and the CPU
+seconds the scheduler process spent (the warm-up request's included).
 
 ``--virtual PROFILE`` serves the OPT-13B preset with a worker whose steps last what the
 latency profile says (``bench/gpu/peer_virtual.py``, ``--scale`` on each step): the worker
@@ -38,6 +39,12 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parents[1]
+
+
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a live process so far (Linux: /proc/PID/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def free_port() -> int:
@@ -117,7 +124,9 @@ def run_once(code: Path, requests, args, workdir: Path, label: str) -> dict:
             time.sleep(0.3)
         else:
             raise RuntimeError(f"cluster did not start; see {workdir}")
+        sched_cpu = cpu_s(sched.pid)
         wall, warm = asyncio.run(drive(address, requests, steps))
+        sched_cpu = cpu_s(sched.pid) - sched_cpu  # the run's and its warm-up's
         time.sleep(0.2)
         rows = [json.loads(line) for line in steps.read_text().splitlines()][warm:]
     finally:
@@ -129,7 +138,7 @@ def run_once(code: Path, requests, args, workdir: Path, label: str) -> dict:
             log.close()
     busy = sum(r["seconds"] for r in rows)
     waits = [r["waited_s"] for r in rows if r.get("waited_s") is not None]
-    return dict(wall_s=wall, steps=len(rows), busy_s=busy, busy=busy / wall,
+    return dict(wall_s=wall, steps=len(rows), busy_s=busy, busy=busy / wall, sched_cpu_s=sched_cpu,
                 gap_ms=1e3 * (wall - busy) / max(len(rows), 1),
                 wait_ms=1e3 * sum(waits) / max(len(rows), 1),
                 waited=sum(w > 1e-3 for w in waits) / max(len(rows), 1))
@@ -164,13 +173,14 @@ def main() -> int:
             results[name].append(r)
             print(f"  round {k} {name:<10} wall {r['wall_s']:6.2f} s  steps {r['steps']:5d}  "
                   f"busy {r['busy']:.3f}  not in a step {r['gap_ms']:5.2f} ms/step  "
-                  f"plan wait {r['wait_ms']:5.2f} ms/step ({100 * r['waited']:.0f} % of steps > 1 ms)", flush=True)
+                  f"plan wait {r['wait_ms']:5.2f} ms/step ({100 * r['waited']:.0f} % of steps > 1 ms)  "
+                  f"scheduler CPU {r['sched_cpu_s']:.2f} s", flush=True)
     print(f"{'tree':<12}{'wall s':>8}{'steps':>7}{'busy':>7}{'ms/step not in a step':>24}"
-          f"{'plan wait ms/step':>19}{'steps > 1 ms':>14}  (medians)")
+          f"{'plan wait ms/step':>19}{'steps > 1 ms':>14}{'sched CPU s':>13}  (medians)")
     for name, runs in results.items():
         med = lambda key: statistics.median(r[key] for r in runs)  # noqa: E731
         print(f"{name:<12}{med('wall_s'):8.2f}{med('steps'):7.0f}{med('busy'):7.3f}{med('gap_ms'):24.2f}"
-              f"{med('wait_ms'):19.2f}{100 * med('waited'):13.0f}%")
+              f"{med('wait_ms'):19.2f}{100 * med('waited'):13.0f}%{med('sched_cpu_s'):13.2f}")
     print(f"(load average now {os.getloadavg()[0]:.2f})")
     return 0
 

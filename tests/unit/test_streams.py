@@ -48,6 +48,24 @@ async def test_streams_wake_a_slice_at_a_time_and_wait_while_the_loop_has_work()
     streams.fail_all("UNAVAILABLE", "test over")
 
 
+async def test_streams_go_on_while_reports_keep_coming():
+    """A loop that finds a new event waiting at the end of every turn still lets the streams
+    through, a slice per turn."""
+    inbox = Inbox()
+    streams = Streams(inbox, SchedulerMetrics())
+    streams.start()
+    opened = [streams.open(make_job(f"j{i}", 4)) for i in range(3 * WAKE_SLICE)]
+    await settled(inbox)
+    streams.deliver([TokenEvent(s.job.job_id, [7], 0, None) for s in opened], 1.0)
+    for turn in range(1, 4):
+        inbox.post(Cancel("a report"))
+        await settled(inbox)
+        inbox.post(Cancel("the next report, already in"))
+        await turns(3)
+        assert sum(bool(s.events) for s in opened) == turn * WAKE_SLICE
+    streams.fail_all("UNAVAILABLE", "test over")
+
+
 async def test_first_tokens_are_counted_as_first_however_late_the_pump_runs():
     """Two reports of one job are applied before the streams' task gets to the first: its
     first token still counts for the time to first token and the prompt's tokens."""

@@ -65,8 +65,7 @@ class Dispatching:
 class SchedulerEngine:
     def __init__(self, core: SchedulerCore, latency: LatencyModel, inbox: Inbox, streams: Streams, *,
                  max_wait_no_worker_s: float, plans_ahead: int, census_interval_s: float = 1.0,
-                 on_failure: Callable[[BaseException], None] | None = None,
-                 metrics: SchedulerMetrics | None = None) -> None:
+                 on_failure: Callable[[BaseException], None] | None = None) -> None:
         # max_wait_no_worker_s and plans_ahead: the scheduler's config, checked there.
         self.core = core
         self.latency = latency
@@ -79,7 +78,8 @@ class SchedulerEngine:
         #: Random at start: a worker that lost its stream to this very scheduler says so.
         self.scheduler_id = os.urandom(8).hex()
         self.on_failure = on_failure
-        self.metrics = metrics or SchedulerMetrics()
+        #: One registry for the scheduler: the streams' (their tokens), the loop's (its steps).
+        self.metrics: SchedulerMetrics = streams.metrics
         self.links: dict[str, WorkerLink] = {}
         self.started_s = time.monotonic()
         self.failure: BaseException | None = None

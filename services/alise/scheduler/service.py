@@ -83,7 +83,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
         self.estimator = estimator
         self.quarantine = quarantine or Quarantine(None)
         self.checks = GenerateChecks(info, default_max_tokens=config.default_max_tokens,
-                                     max_prompt_chars=config.max_prompt_chars)
+                                     max_prompt_chars=config.max_prompt_chars, policy=config.scheduling.policy)
         self.accepting = True
         self._predicting: set[asyncio.Future] = set()
         self._refusals = LogLimiter(logger)
@@ -277,7 +277,7 @@ async def start_scheduler(config: SchedulerConfig, *, predict=None, observe=None
     inbox = Inbox()
     streams = Streams(inbox, metrics, max_queued=config.max_queued, on_finish=on_finish)
     engine = SchedulerEngine(core, latency, inbox, streams, max_wait_no_worker_s=config.max_wait_no_worker_s,
-                             plans_ahead=config.scheduling.plans_ahead, on_failure=on_failure, metrics=metrics)
+                             plans_ahead=config.scheduling.plans_ahead, on_failure=on_failure)
     status = EngineStatus(engine)
     metrics.forget_departed_workers(lambda: engine.links)
     servicer = SchedulerServicer(config, info, engine, streams, status, estimator, quarantine)

@@ -8,7 +8,8 @@ job's accounting, and waking each stream's handler, which detokenizes and writes
 client on its own task. The pump wakes ``WAKE_SLICE`` streams per turn of the event loop and
 only while the loop has caught up (``Inbox.caught_up``): a report that arrives while
 hundreds of handlers have text to write waits at most a slice or two of them before the
-loop turns it into the next plan, never all of them.
+loop turns it into the next plan, never all of them. The loop catches up at the end of each
+of its turns, so however fast reports come the streams get at least a slice per turn.
 
 Jobs a returning worker kept (its hello lists them) are adopted by the core and wait here,
 running meanwhile, for their clients to resume their streams (``orphans``, each until
