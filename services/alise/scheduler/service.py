@@ -83,7 +83,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
         self.estimator = estimator
         self.quarantine = quarantine or Quarantine(None)
         self.checks = GenerateChecks(info, default_max_tokens=config.default_max_tokens,
-                                     max_prompt_chars=config.max_prompt_chars, policy=config.scheduling.policy)
+                                     max_prompt_chars=config.max_prompt_chars)
         self.accepting = True
         self._predicting: set[asyncio.Future] = set()
         self._refusals = LogLimiter(logger)
