@@ -36,9 +36,9 @@ PROMPT = "a prompt only a real worker may read"
 
 def hello(args) -> worker_pb2.WorkerMessage:
     return worker_pb2.WorkerMessage(hello=worker_pb2.WorkerHello(
-        worker_id="rogue", model="rogue", device="cpu", dtype="float32", block_size=16,
+        worker_id="rogue", model="rogue", device="cpu", block_size=16,
         num_device_blocks=4096, max_model_len=2048, vocab_size=args.vocab_size, block_bytes=1024,
-        max_num_seqs=64, max_num_batched_tokens=4096, model_id=args.model_id, eos_token_id=-1))
+        max_num_seqs=64, max_num_batched_tokens=4096, model_id=args.model_id))
 
 
 async def listen(args) -> dict:

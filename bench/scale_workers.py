@@ -62,8 +62,7 @@ async def virtual_worker(args: argparse.Namespace) -> None:
     config = loader.preset_config(loader.DEFAULT_MODEL, tokenizer)
     engine = make_engine(num_device_blocks=4096, block_size=16, max_model_len=2048, latency=LatencyModel())
     engine.executor = SleepingExecutor(LatencyModel(), engine.executor.mover)
-    identity = ModelIdentity(loader.DEFAULT_MODEL, "virtual", "none", config.vocab_size, None, 0,
-                             model_fingerprint(config))
+    identity = ModelIdentity(loader.DEFAULT_MODEL, "virtual", config.vocab_size, 0, model_fingerprint(config))
     worker = Worker(WorkerConfig(scheduler_address=args.scheduler, worker_id=args.worker_id, health_address="",
                                  max_num_seqs=args.seqs, step_log=args.step_log), engine=engine, identity=identity)
     await worker.load()

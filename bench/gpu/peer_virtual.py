@@ -72,7 +72,7 @@ async def serve(args) -> None:
     engine = virtual_worker(num_device_blocks=args.num_device_blocks, block_size=16,
                             max_model_len=args.max_model_len, latency=latency)
     engine.executor = ProfiledExecutor(latency, engine.executor.mover)
-    identity = ModelIdentity(args.model, "virtual", "float16", config.vocab_size, None, 0, model_fingerprint(config))
+    identity = ModelIdentity(args.model, "virtual", config.vocab_size, 0, model_fingerprint(config))
     worker = Worker(WorkerConfig(scheduler_address=args.scheduler, worker_id=args.worker_id,
                                  health_address=args.health_address, max_num_seqs=args.max_num_seqs,
                                  max_model_len=args.max_model_len, step_log=args.step_log),

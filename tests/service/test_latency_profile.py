@@ -36,7 +36,7 @@ async def test_scheduler_adopts_the_workers_profile(tiny_llama_dir):
 async def test_bad_profile_in_hello_is_refused(tiny_llama_dir):
     async with cluster(str(tiny_llama_dir), num_workers=0) as c:
         hello = worker_pb2.WorkerHello(
-            worker_id="bad-profile", model="m", device="cpu", dtype="float32", block_size=16,
+            worker_id="bad-profile", model="m", device="cpu", block_size=16,
             num_device_blocks=8, max_model_len=64, vocab_size=c.scheduler.servicer.info.vocab_size,
             block_bytes=1024, max_num_seqs=4, max_num_batched_tokens=64,
             latency_profile_json=json.dumps({"c0_s": -1.0}))

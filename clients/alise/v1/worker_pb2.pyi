@@ -26,17 +26,15 @@ class SchedulerMessage(_message.Message):
     def __init__(self, plan: _Optional[_Union[StepPlan, _Mapping]] = ..., shutdown: _Optional[_Union[Shutdown, _Mapping]] = ..., abort: _Optional[_Union[AbortJobs, _Mapping]] = ...) -> None: ...
 
 class WorkerHello(_message.Message):
-    __slots__ = ("worker_id", "model", "device", "dtype", "block_size", "num_device_blocks", "num_host_blocks", "max_model_len", "vocab_size", "eos_token_id", "block_bytes", "latency_profile_json", "max_num_seqs", "max_num_batched_tokens", "model_id", "held_jobs", "weights_fingerprint", "held_from_scheduler_id")
+    __slots__ = ("worker_id", "model", "device", "block_size", "num_device_blocks", "num_host_blocks", "max_model_len", "vocab_size", "block_bytes", "latency_profile_json", "max_num_seqs", "max_num_batched_tokens", "model_id", "held_jobs", "weights_fingerprint", "held_from_scheduler_id")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
-    DTYPE_FIELD_NUMBER: _ClassVar[int]
     BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
     NUM_DEVICE_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     NUM_HOST_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     MAX_MODEL_LEN_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
-    EOS_TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
     BLOCK_BYTES_FIELD_NUMBER: _ClassVar[int]
     LATENCY_PROFILE_JSON_FIELD_NUMBER: _ClassVar[int]
     MAX_NUM_SEQS_FIELD_NUMBER: _ClassVar[int]
@@ -48,13 +46,11 @@ class WorkerHello(_message.Message):
     worker_id: str
     model: str
     device: str
-    dtype: str
     block_size: int
     num_device_blocks: int
     num_host_blocks: int
     max_model_len: int
     vocab_size: int
-    eos_token_id: int
     block_bytes: int
     latency_profile_json: str
     max_num_seqs: int
@@ -63,7 +59,7 @@ class WorkerHello(_message.Message):
     held_jobs: _containers.RepeatedCompositeFieldContainer[HeldJob]
     weights_fingerprint: str
     held_from_scheduler_id: str
-    def __init__(self, worker_id: _Optional[str] = ..., model: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., block_size: _Optional[int] = ..., num_device_blocks: _Optional[int] = ..., num_host_blocks: _Optional[int] = ..., max_model_len: _Optional[int] = ..., vocab_size: _Optional[int] = ..., eos_token_id: _Optional[int] = ..., block_bytes: _Optional[int] = ..., latency_profile_json: _Optional[str] = ..., max_num_seqs: _Optional[int] = ..., max_num_batched_tokens: _Optional[int] = ..., model_id: _Optional[str] = ..., held_jobs: _Optional[_Iterable[_Union[HeldJob, _Mapping]]] = ..., weights_fingerprint: _Optional[str] = ..., held_from_scheduler_id: _Optional[str] = ...) -> None: ...
+    def __init__(self, worker_id: _Optional[str] = ..., model: _Optional[str] = ..., device: _Optional[str] = ..., block_size: _Optional[int] = ..., num_device_blocks: _Optional[int] = ..., num_host_blocks: _Optional[int] = ..., max_model_len: _Optional[int] = ..., vocab_size: _Optional[int] = ..., block_bytes: _Optional[int] = ..., latency_profile_json: _Optional[str] = ..., max_num_seqs: _Optional[int] = ..., max_num_batched_tokens: _Optional[int] = ..., model_id: _Optional[str] = ..., held_jobs: _Optional[_Iterable[_Union[HeldJob, _Mapping]]] = ..., weights_fingerprint: _Optional[str] = ..., held_from_scheduler_id: _Optional[str] = ...) -> None: ...
 
 class HeldJob(_message.Message):
     __slots__ = ("job_id", "token_ids", "num_generated", "sampling", "num_computed")
@@ -147,14 +143,11 @@ class ResumeJob(_message.Message):
     def __init__(self, job_id: _Optional[str] = ...) -> None: ...
 
 class StepReport(_message.Message):
-    __slots__ = ("step_id", "outputs", "step_duration_s", "num_prefill_tokens", "num_decode_tokens", "num_free_device_blocks", "num_free_host_blocks", "refused", "num_seqs", "num_context_tokens", "chunk_starts", "chunk_tokens", "census_job_ids")
+    __slots__ = ("step_id", "outputs", "step_duration_s", "num_free_device_blocks", "refused", "num_seqs", "num_context_tokens", "chunk_starts", "chunk_tokens", "census_job_ids")
     STEP_ID_FIELD_NUMBER: _ClassVar[int]
     OUTPUTS_FIELD_NUMBER: _ClassVar[int]
     STEP_DURATION_S_FIELD_NUMBER: _ClassVar[int]
-    NUM_PREFILL_TOKENS_FIELD_NUMBER: _ClassVar[int]
-    NUM_DECODE_TOKENS_FIELD_NUMBER: _ClassVar[int]
     NUM_FREE_DEVICE_BLOCKS_FIELD_NUMBER: _ClassVar[int]
-    NUM_FREE_HOST_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     REFUSED_FIELD_NUMBER: _ClassVar[int]
     NUM_SEQS_FIELD_NUMBER: _ClassVar[int]
     NUM_CONTEXT_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -164,17 +157,14 @@ class StepReport(_message.Message):
     step_id: int
     outputs: _containers.RepeatedCompositeFieldContainer[JobOutput]
     step_duration_s: float
-    num_prefill_tokens: int
-    num_decode_tokens: int
     num_free_device_blocks: int
-    num_free_host_blocks: int
     refused: _containers.RepeatedCompositeFieldContainer[CommandResult]
     num_seqs: int
     num_context_tokens: int
     chunk_starts: _containers.RepeatedScalarFieldContainer[int]
     chunk_tokens: _containers.RepeatedScalarFieldContainer[int]
     census_job_ids: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, step_id: _Optional[int] = ..., outputs: _Optional[_Iterable[_Union[JobOutput, _Mapping]]] = ..., step_duration_s: _Optional[float] = ..., num_prefill_tokens: _Optional[int] = ..., num_decode_tokens: _Optional[int] = ..., num_free_device_blocks: _Optional[int] = ..., num_free_host_blocks: _Optional[int] = ..., refused: _Optional[_Iterable[_Union[CommandResult, _Mapping]]] = ..., num_seqs: _Optional[int] = ..., num_context_tokens: _Optional[int] = ..., chunk_starts: _Optional[_Iterable[int]] = ..., chunk_tokens: _Optional[_Iterable[int]] = ..., census_job_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+    def __init__(self, step_id: _Optional[int] = ..., outputs: _Optional[_Iterable[_Union[JobOutput, _Mapping]]] = ..., step_duration_s: _Optional[float] = ..., num_free_device_blocks: _Optional[int] = ..., refused: _Optional[_Iterable[_Union[CommandResult, _Mapping]]] = ..., num_seqs: _Optional[int] = ..., num_context_tokens: _Optional[int] = ..., chunk_starts: _Optional[_Iterable[int]] = ..., chunk_tokens: _Optional[_Iterable[int]] = ..., census_job_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class JobOutput(_message.Message):
     __slots__ = ("job_id", "token_ids", "finish_reason", "num_tokens")

@@ -159,9 +159,7 @@ def _plan_from_pb(pb: worker_pb2.StepPlan) -> StepPlan:
 def report_to_pb(report: StepReport) -> worker_pb2.WorkerMessage:
     pb = worker_pb2.StepReport(
         step_id=report.step_id, step_duration_s=report.step_duration_s,
-        num_prefill_tokens=report.num_prefill_tokens, num_decode_tokens=report.num_decode_tokens,
-        num_free_device_blocks=report.num_free_device_blocks,
-        num_free_host_blocks=report.num_free_host_blocks, num_seqs=report.num_seqs,
+        num_free_device_blocks=report.num_free_device_blocks, num_seqs=report.num_seqs,
         num_context_tokens=report.num_context_tokens,
         chunk_starts=[start for start, _ in report.chunks], chunk_tokens=[n for _, n in report.chunks],
         census_job_ids=report.census_job_ids)
@@ -185,9 +183,7 @@ def report_from_pb(pb: worker_pb2.StepReport) -> StepReport:
     refused = [Refusal(r.job_id, r.command, r.reason) for r in pb.refused]
     return StepReport(
         step_id=pb.step_id, outputs=outputs, step_duration_s=pb.step_duration_s,
-        num_prefill_tokens=pb.num_prefill_tokens, num_decode_tokens=pb.num_decode_tokens,
-        num_free_device_blocks=pb.num_free_device_blocks,
-        num_free_host_blocks=pb.num_free_host_blocks, refused=refused, num_seqs=pb.num_seqs,
+        num_free_device_blocks=pb.num_free_device_blocks, refused=refused, num_seqs=pb.num_seqs,
         num_context_tokens=pb.num_context_tokens,
         chunks=list(zip(pb.chunk_starts, pb.chunk_tokens)), census_job_ids=list(pb.census_job_ids))
 

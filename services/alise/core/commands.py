@@ -129,7 +129,6 @@ class StepReport:
     num_prefill_tokens: int = 0
     num_decode_tokens: int = 0
     num_free_device_blocks: int = 0
-    num_free_host_blocks: int = 0
     refused: list[Refusal] = field(default_factory=list)
     #: Sequences in the step and their context (cached + fed tokens), as the latency model
     #: prices a step; ``chunks`` the (start position, tokens) of each multi-token feed.

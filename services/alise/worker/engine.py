@@ -201,7 +201,6 @@ class WorkerEngine:
         report = self.step(plan) if plan.run_step else StepReport(step_id=plan.step_id)
         report.refused = refused + report.refused
         report.num_free_device_blocks = self.kv.num_free_device
-        report.num_free_host_blocks = self.kv.num_free_host
         if plan.census:
             report.census_job_ids = list(self.seqs)
         self.last_step_id = plan.step_id

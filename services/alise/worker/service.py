@@ -88,9 +88,7 @@ class ModelIdentity:
 
     name: str
     device: str
-    dtype: str
     vocab_size: int
-    eos_token_id: int | None
     block_bytes: int
     model_id: str = ""
     #: ``alise.common.model_id``'s fingerprint of the weights ("" = not compared).
@@ -100,8 +98,7 @@ class ModelIdentity:
     def of(cls, loaded: LoadedModel, block_size: int) -> ModelIdentity:
         weights = (random_weights_fingerprint(loaded.model) if loaded.random_weights
                    else weights_fingerprint(loaded.name))
-        return cls(loaded.name, str(loaded.device), str(loaded.dtype).removeprefix("torch."),
-                   loaded.config.vocab_size, loaded.eos_token_id,
+        return cls(loaded.name, str(loaded.device), loaded.config.vocab_size,
                    KVCache.block_bytes(loaded.config, block_size, loaded.dtype), model_fingerprint(loaded.config),
                    weights)
 
@@ -196,11 +193,10 @@ class Worker:
     def hello(self) -> worker_pb2.WorkerMessage:
         ident, cfg = self.identity, self.config
         return worker_pb2.WorkerMessage(hello=worker_pb2.WorkerHello(
-            worker_id=self.worker_id, model=ident.name, device=ident.device, dtype=ident.dtype,
+            worker_id=self.worker_id, model=ident.name, device=ident.device,
             block_size=cfg.block_size, num_device_blocks=self.engine.allocator.num_blocks,
             num_host_blocks=self.engine.kv.num_host_blocks, max_model_len=self.engine.max_model_len,
-            vocab_size=ident.vocab_size, eos_token_id=-1 if ident.eos_token_id is None else ident.eos_token_id,
-            block_bytes=ident.block_bytes, max_num_seqs=cfg.max_num_seqs,
+            vocab_size=ident.vocab_size, block_bytes=ident.block_bytes, max_num_seqs=cfg.max_num_seqs,
             max_num_batched_tokens=self.token_budget(), model_id=ident.model_id, weights_fingerprint=ident.weights,
             held_jobs=[wire.held_to_pb(job) for job in self._held], held_from_scheduler_id=self._held_from,
             latency_profile_json=self.latency_model.to_json() if self.latency_model else ""))
