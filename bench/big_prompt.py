@@ -153,7 +153,7 @@ async def send_text(target: str, text: str, via: str, go: asyncio.Event | None =
         try:
             await client.complete(text, max_tokens=4, timeout_s=300)
             code, details = "OK", ""
-        except Exception as exc:  # noqa: BLE001 - what it was told is the measurement
+        except Exception as exc:  # what it was told is the measurement
             code, details = getattr(getattr(exc, "code", None), "name", type(exc).__name__), str(exc)
     return dict(sent=sent, refused_ms=1e3 * (time.time() - sent), code=code, details=details)
 

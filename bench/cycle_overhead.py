@@ -21,12 +21,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from alise.client import AsyncClient  # noqa: E402
-from alise.scheduler.config import SchedulerConfig  # noqa: E402
-from alise.scheduler.worker_link import CycleTimes  # noqa: E402
-from alise.scheduler.service import start_scheduler  # noqa: E402
-from alise.worker.config import WorkerConfig  # noqa: E402
-from alise.worker.service import Worker  # noqa: E402
+from alise.client import AsyncClient
+from alise.scheduler.config import SchedulerConfig
+from alise.scheduler.worker_link import CycleTimes
+from alise.scheduler.service import start_scheduler
+from alise.worker.config import WorkerConfig
+from alise.worker.service import Worker
 
 
 async def main() -> None:

@@ -28,7 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "services"))
 
-from alise.core.latency_model import LatencyModel  # noqa: E402
+from alise.core.latency_model import LatencyModel
 
 CYCLE_LINE = re.compile(r"(\d+) cycles; per cycle [\d.]+ ms: device [\d.]+, worker host \+ transport "
                         r"([\d.]+), scheduler ([\d.]+)")

@@ -23,9 +23,9 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from http_cluster import cpu_cluster, rss_mib  # noqa: E402
+from http_cluster import cpu_cluster, rss_mib
 
-from alise.worker.config import WorkerConfig  # noqa: E402
+from alise.worker.config import WorkerConfig
 
 
 async def one_client(base_url: str, i: int, tokens: int) -> str:
@@ -49,7 +49,7 @@ async def one_client(base_url: str, i: int, tokens: int) -> str:
                         for choice in event["choices"]:
                             ids += choice["token_ids"]
                             finish = choice["finish_reason"] or finish
-    except Exception as exc:  # noqa: BLE001 - reported per client
+    except Exception as exc:  # reported per client
         return f"{type(exc).__name__}: {exc}"
     if not done or finish != "length" or len(ids) != tokens or usage["completion_tokens"] != tokens:
         return f"{len(ids)} ids, usage {usage and usage['completion_tokens']}, finish {finish}, done {done}"

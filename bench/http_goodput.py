@@ -21,7 +21,7 @@ import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from http_cluster import cpu_cluster  # noqa: E402
+from http_cluster import cpu_cluster
 
 
 def build_trace(path: str, num: int, rate: float, max_output: int, seed: int) -> None:

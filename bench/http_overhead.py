@@ -25,8 +25,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from alise.bench.backends import GrpcBackend, OpenAIBackend, Send, StreamEnd  # noqa: E402
-from http_cluster import cpu_cluster, cpu_seconds  # noqa: E402
+from alise.bench.backends import GrpcBackend, OpenAIBackend, Send, StreamEnd
+from http_cluster import cpu_cluster, cpu_seconds
 
 
 async def timed(backend, send: Send, t0: float) -> list[tuple[float, int]]:

@@ -103,7 +103,7 @@ def run_once(code: Path, requests, args, workdir: Path, label: str) -> dict:
     steps = workdir / f"{label}-steps.jsonl"
     steps.unlink(missing_ok=True)
     alise = [sys.executable, "-m", "alise.cli.main"]
-    logs = [open(workdir / f"{label}-{name}.log", "w") for name in ("scheduler", "worker")]  # noqa: SIM115
+    logs = [open(workdir / f"{label}-{name}.log", "w") for name in ("scheduler", "worker")]
     model = ["--model", "opt-13b"] if args.virtual else []
     sched = subprocess.Popen(alise + ["scheduler", "--address", address, "--policy", args.policy, *model],
                              env=env, stdout=logs[0], stderr=subprocess.STDOUT)

@@ -22,7 +22,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from http_cluster import rss_mib  # noqa: E402
+from http_cluster import rss_mib
 
 DATA = sorted(glob.glob("/work/shared/data/alpaca_eval/*.jsonl.gz"))
 

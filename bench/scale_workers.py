@@ -101,7 +101,7 @@ def run(n: int, args: argparse.Namespace, workdir: Path) -> dict:
     port = free_port()
     address, worker_address = f"127.0.0.1:{port}", f"127.0.0.1:{port + 1}"  # workers: the client port + 1
     alise = [sys.executable, "-m", "alise.cli.main"]
-    log = open(workdir / f"n{n}-scheduler.log", "w")  # noqa: SIM115
+    log = open(workdir / f"n{n}-scheduler.log", "w")
     procs = [subprocess.Popen(alise + ["scheduler", "--address", address, "--policy", "alise"], env=ENV,
                               stdout=log, stderr=subprocess.STDOUT)]
     logs = [workdir / f"n{n}-w{i}-steps.jsonl" for i in range(n)]

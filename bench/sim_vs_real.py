@@ -21,13 +21,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from real_cpu_compare import estimates_by_prompt, pick_requests  # noqa: E402
+from real_cpu_compare import estimates_by_prompt, pick_requests
 
-from alise.bench.cluster import run_on_cluster  # noqa: E402
-from alise.bench.openloop import DEFAULT_MAX_TOKENS  # noqa: E402
-from alise.core.config import SchedulingConfig  # noqa: E402
-from alise.sim.profiles import measure_cpu_profile  # noqa: E402
-from alise.sim.simulator import SimConfig, simulate  # noqa: E402
+from alise.bench.cluster import run_on_cluster
+from alise.bench.openloop import DEFAULT_MAX_TOKENS
+from alise.core.config import SchedulingConfig
+from alise.sim.profiles import measure_cpu_profile
+from alise.sim.simulator import SimConfig, simulate
 
 
 def main() -> int:

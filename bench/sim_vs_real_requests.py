@@ -25,13 +25,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "services"))
 
-from alise.core.config import SchedulingConfig  # noqa: E402
-from alise.core.job import LengthEstimate  # noqa: E402
-from alise.core.latency_model import LatencyModel  # noqa: E402
-from alise.sim.predictions import cross_fitted_estimates  # noqa: E402
-from alise.sim.simulator import SimConfig, simulate  # noqa: E402
-from alise.sim.trace import read_trace, rescale  # noqa: E402
-from fit_steps import open_text  # noqa: E402  (this directory is on sys.path when run as a script)
+from alise.core.config import SchedulingConfig
+from alise.core.job import LengthEstimate
+from alise.core.latency_model import LatencyModel
+from alise.sim.predictions import cross_fitted_estimates
+from alise.sim.simulator import SimConfig, simulate
+from alise.sim.trace import read_trace, rescale
+from fit_steps import open_text  # this directory is on sys.path when run as a script
 
 
 def main() -> None:

@@ -27,7 +27,7 @@ class UpCluster:
                    "--worker-address", "127.0.0.1:0", "--predictor-address", "127.0.0.1:0",
                    "--worker-health-port", "0", "--workers", str(workers), "--state-dir", str(self.state_dir),
                    *up_args]
-        self._err = open(self.state_dir / "up.stderr", "wb")  # noqa: SIM115 - closed in stop()
+        self._err = open(self.state_dir / "up.stderr", "wb")  # closed in stop()
         self.proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=self._err, env=env)
         self.state = self._wait_ready(600)
         self.address = self.state["address"]

@@ -9,7 +9,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # Without a GPU, the worker's Triton kernels are tested under the Triton interpreter; it must be
 # on before anything imports triton (importing the worker service does), or triton's own helper
 # functions are built for compilation and the interpreted kernels cannot call them.
-import torch  # noqa: E402
+import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")

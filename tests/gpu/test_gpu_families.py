@@ -25,12 +25,12 @@ import torch
 if not torch.cuda.is_available():
     pytest.skip("needs a CUDA device", allow_module_level=True)
 
-from test_gpu_engine_vs_transformers import BLOCK_SIZE, SEQUENCES, forced_plan, run_schedule  # noqa: E402
-from tinymodels import tiny_config, tiny_model  # noqa: E402
+from test_gpu_engine_vs_transformers import BLOCK_SIZE, SEQUENCES, forced_plan, run_schedule
+from tinymodels import tiny_config, tiny_model
 
-from alise.worker.families import describe  # noqa: E402
-from alise.worker.loader import LoadedModel  # noqa: E402
-from alise.worker.model_runner import ModelRunner  # noqa: E402
+from alise.worker.families import describe
+from alise.worker.loader import LoadedModel
+from alise.worker.model_runner import ModelRunner
 
 triton_attention = pytest.importorskip("alise.worker.triton_attention")
 pytestmark = pytest.mark.skipif(not triton_attention.is_available(), reason="needs CUDA and Triton")

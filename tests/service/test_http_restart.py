@@ -76,7 +76,7 @@ async def test_a_request_sent_during_a_restart_is_served_when_the_scheduler_is_b
 def stopped_scheduler(tmp_path):
     """A scheduler in a process of its own, to SIGSTOP: (address, process)."""
     port = free_port()
-    log = open(tmp_path / "scheduler.log", "wb")  # noqa: SIM115
+    log = open(tmp_path / "scheduler.log", "wb")
     proc = subprocess.Popen([sys.executable, "-m", "alise.cli.main", "scheduler", "--address", f"127.0.0.1:{port}",
                              "--worker-address", "127.0.0.1:0", "--model", "tiny-llama"],
                             stdout=log, stderr=subprocess.STDOUT)

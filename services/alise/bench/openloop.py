@@ -113,7 +113,7 @@ async def _measure(backend, send: Send, start: float, res: RequestResult) -> Req
             else:
                 res.itl_s.append(now - last)
             last = now
-    except Exception as exc:  # noqa: BLE001 - BenchError, an SDK error, a broken stream: recorded per request
+    except Exception as exc:  # BenchError, an SDK error, a broken stream: recorded per request
         res.error = f"{type(exc).__name__}: {exc}"[:300]
         return res
     end = last if last is not None else time.monotonic()

@@ -246,7 +246,7 @@ def _guarded_deserializer(deserializer, method: str, precheck: Precheck | None):
                 return _Refused(*refusal)
         try:
             return deserializer(data)
-        except Exception as exc:  # noqa: BLE001 - any parse failure is the caller's bad input
+        except Exception as exc:  # any parse failure is the caller's bad input
             return _Refused(grpc.StatusCode.INVALID_ARGUMENT, f"request to {method} could not be parsed: {exc}")
     return decode
 

@@ -56,7 +56,7 @@ class TextFormatter(logging.Formatter):
     """The plain-text line: message and request id escaped and bounded; a traceback (the
     service's own) is kept as it is."""
 
-    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 - logging's name
+    def formatMessage(self, record: logging.LogRecord) -> str:  # logging's name
         safe = logging.makeLogRecord(record.__dict__)
         safe.message = escape(_bounded(record.message))
         safe.request_id = escape(str(getattr(record, "request_id", "-")))
@@ -117,7 +117,7 @@ class DroppingStreamHandler(logging.StreamHandler):
 
     num_dropped_lines = 0
 
-    def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 - logging's name
+    def handleError(self, record: logging.LogRecord) -> None:  # logging's name
         if isinstance(sys.exc_info()[1], OSError):
             self.num_dropped_lines += 1
             return

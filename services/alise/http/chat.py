@@ -74,6 +74,6 @@ class ChatRenderer:
         try:
             text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
                                                       **(template_kwargs or {}))
-        except Exception as exc:  # noqa: BLE001 - a template refusing the messages is bad input
+        except Exception as exc:  # a template refusing the messages is bad input
             raise bad_request(f"messages: the chat template refused them: {exc}", param="messages") from None
         return self.tokenizer.encode(text, add_special_tokens=False)

@@ -160,7 +160,7 @@ class CompletionEndpoint:
             metrics.disconnects.inc()
             relay.status = CLIENT_CLOSED
             logger.info("client closed the connection: request cancelled")
-        except Exception as exc:  # noqa: BLE001 - a bug, not the client's doing: one line, then 500
+        except Exception as exc:  # a bug, not the client's doing: one line, then 500
             door.log_error(f"{self.route}: relaying failed", exc)
             error = ApiError(500, "internal error in the HTTP door", code="internal")
             with contextlib.suppress(Exception):

@@ -271,7 +271,7 @@ class Encoder:
             try:
                 onnx.checker.check_model(str(path))
                 return path
-            except Exception as exc:  # noqa: BLE001 - a truncated or foreign file: made again
+            except Exception as exc:  # a truncated or foreign file: made again
                 logger.warning("the cached encoder graph %s is unreadable (%s); exporting it again", path, exc)
         try:
             export_onnx(model, path, int8=self.int8)

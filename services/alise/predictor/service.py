@@ -73,7 +73,7 @@ async def _read_into(request_iterator, queue: asyncio.Queue) -> None:
     try:
         async for data in request_iterator:
             await queue.put(data)
-    except Exception as exc:  # noqa: BLE001 - a broken stream ends like a closed one
+    except Exception as exc:  # a broken stream ends like a closed one
         logger.debug("observe stream ended: %s", exc)
     await queue.put(None)
 

@@ -170,7 +170,7 @@ class WriteAheadLog:
 
     def open(self, carried_ids: Sequence[str] = ()) -> None:
         """Starts the current segment (with the recent de-duplication ids first)."""
-        self._file = open(segment_path(self.index_dir, self.segment), "ab", buffering=0)  # noqa: SIM115
+        self._file = open(segment_path(self.index_dir, self.segment), "ab", buffering=0)
         self._write(_record(b"I", json.dumps(list(carried_ids)).encode("utf-8")))
         self._fsync_now()
 

@@ -65,7 +65,7 @@ class LengthEstimator:
             return
         try:
             await asyncio.wait_for(self._predict(["warm-up"], [2], timeout_s), timeout_s)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             logger.warning("predictor warm-up failed: %s: %s", type(exc).__name__, exc)
             self._set_state(f"degraded (warm-up: {type(exc).__name__}: {exc or 'timeout'})"[:200])
             self.last_error_s = time.monotonic()
@@ -86,7 +86,7 @@ class LengthEstimator:
         try:
             [result] = await asyncio.wait_for(
                 self._predict([prompt], [prompt_tokens], self.timeout_s), self.timeout_s)
-        except Exception as exc:  # noqa: BLE001 - any failure means "use the fallback"
+        except Exception as exc:  # any failure means "use the fallback"
             if not self.state.startswith("degraded"):
                 logger.warning("predictor unavailable (%s: %s); using the running mean",
                                type(exc).__name__, exc or f"no answer within {self.timeout_s:g} s")

@@ -142,7 +142,7 @@ class ObservationOutbox:
             except grpc.aio.AioRpcError as exc:
                 logger.debug("observe stream broke (%s); %d observations wait", exc.code().name,
                              len(self._entries))
-            except (ConnectionError, grpc.RpcError) as exc:  # noqa: BLE001
+            except (ConnectionError, grpc.RpcError) as exc:
                 logger.debug("observe stream broke (%s)", exc)
             delay = self.retry_s[0] if self.num_settled > settled else min(2 * delay, self.retry_s[1])
             await asyncio.sleep(delay)

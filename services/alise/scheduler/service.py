@@ -259,7 +259,7 @@ async def start_scheduler(config: SchedulerConfig, *, predict=None, observe=None
     core = make_core(config.scheduling, latency)
     estimator = LengthEstimator(predict, observe, timeout_s=config.predictor_timeout_s)
 
-    job_log = open(config.job_log, "a", encoding="utf-8", buffering=1) if config.job_log else None  # noqa: SIM115
+    job_log = open(config.job_log, "a", encoding="utf-8", buffering=1) if config.job_log else None
 
     def on_finish(job: Job) -> None:
         estimator.observe(job.prompt_text, job.num_prompt_tokens, job.num_output_tokens, job.estimate)

@@ -186,7 +186,7 @@ class Worker:
         cfg = self.config
         self.metrics.watch(self._state_metrics)
         if cfg.step_log:
-            self._step_log = open(cfg.step_log, "a", encoding="utf-8", buffering=1)  # noqa: SIM115 (closed in close())
+            self._step_log = open(cfg.step_log, "a", encoding="utf-8", buffering=1)  # closed in close()
         if cfg.metrics_address:
             self.metrics_port = serve_metrics(self.metrics.registry, cfg.metrics_address)
 
