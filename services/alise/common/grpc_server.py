@@ -63,11 +63,6 @@ class Keepalive:
         if not (self.ping_every_s > 0 and self.timeout_s > 0):
             raise ValueError(f"keepalive intervals must be > 0, got {self.ping_every_s} and {self.timeout_s}")
 
-    @property
-    def detect_s(self) -> float:
-        """The longest a frozen peer goes unnoticed."""
-        return self.ping_every_s + self.timeout_s
-
     def options(self) -> list[tuple[str, int]]:
         timeout_ms = int(self.timeout_s * 1000)
         return [("grpc.keepalive_time_ms", int(self.ping_every_s * 1000)),

@@ -7,7 +7,6 @@ Building the parser imports nothing heavy; each handler imports what it needs wh
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 from alise.common.entrypoint import add_config_flags, build_config, config_flags, config_values
@@ -146,7 +145,3 @@ def _cmd_sim(args: argparse.Namespace) -> int:
     from alise.sim.report import run_sim_command
 
     return run_sim_command(args)
-
-
-def _dump(obj) -> str:
-    return json.dumps(obj, indent=2)
