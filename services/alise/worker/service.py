@@ -271,42 +271,37 @@ class Worker:
             self._scheduler_id = ""
             self.engine.new_session()
             steps = StepLoop(self, asyncio.get_running_loop())
-            tasks = {asyncio.ensure_future(self._read(call, steps)): "read",
-                     asyncio.ensure_future(self._write(call, steps)): "write",
-                     asyncio.ensure_future(steps.failed.wait()): "step",
-                     asyncio.ensure_future(self._stopping.wait()): "stop"}
-            ended = "read"
+            read = asyncio.ensure_future(self._read(call, steps))
+            write = asyncio.ensure_future(self._write(call, steps))
+            ends = [read, write, asyncio.ensure_future(steps.failed.wait()),
+                    asyncio.ensure_future(self._stopping.wait())]
             try:
-                done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-                for task in done:
-                    ended = tasks[task]
-                    if task.cancelled():
-                        continue
-                    if ended in ("read", "write") and task.exception() is not None:
+                done, _ = await asyncio.wait(ends, return_when=asyncio.FIRST_COMPLETED)
+                for task in (read, write):
+                    if task in done and not task.cancelled() and task.exception() is not None:
                         raise task.exception()
-                    if ended == "read" and task.result() == "shutdown":
-                        ended = "shutdown"
             finally:
-                for task in tasks:
+                for task in ends:
                     task.cancel()
                 call.cancel()
                 await steps.close()
                 if steps.failed.is_set() and self.loaded is not None and self.loaded.device.type == "cuda":
                     torch.cuda.empty_cache()
-            # Kept only when the stream just broke (EOF): the scheduler did not say goodbye.
-            return ended == "read"
+            # Kept only when the stream just broke (EOF): the scheduler did not say goodbye, and
+            # no step failed half-way.
+            return read in done and read.result() is None and not steps.failed.is_set()
 
-    async def _read(self, call, steps: StepLoop) -> str | None:
-        """Plans and aborts off the stream, into the step thread's queues; "shutdown" when
-        the scheduler closed the stream, None when it broke."""
+    async def _read(self, call, steps: StepLoop) -> Shutdown | None:
+        """Plans and aborts off the stream, into the step thread's queues, until the scheduler
+        closes the stream (its Shutdown) or the stream breaks (None)."""
         while True:
             message = await call.read()
             if message is grpc.aio.EOF:
                 return None
             match wire.to_worker_from_pb(message):
-                case Shutdown(reason):
+                case Shutdown(reason) as shutdown:
                     logger.warning("scheduler closed the stream: %s", reason)
-                    return "shutdown"
+                    return shutdown
                 case AbortJobs() as aborts:
                     steps.abort(aborts)
                 case Welcome(scheduler_id):
