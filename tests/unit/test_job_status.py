@@ -53,12 +53,14 @@ def test_a_refused_transition_says_why_and_changes_nothing():
     job = make_job("j", 4)
     job.transition(JobStatus.FINISHED, 1.0, reason=FinishReason.ABORTED)
     before = copy.deepcopy(job)
-    with pytest.raises(TransitionError, match=r"job j: cannot go from finished to running \(from finished: nothing\)"):
+    with pytest.raises(TransitionError, match=r"job j: cannot go from finished to running \(from finished: "
+                                              r"nothing\)"):
         job.transition(JobStatus.RUNNING, 2.0)
     job = make_job("k", 4)
     with pytest.raises(TransitionError, match="job k: cannot go from waiting to paused"):
         job.transition(JobStatus.PAUSED, 1.0, kv=KvPlace.DEVICE)
-    with pytest.raises(TransitionError, match="waiting -> running takes admit_step_id, worker_id, got worker_id"):
+    with pytest.raises(TransitionError, match="waiting -> running takes admit_step_id, worker_id, "
+                                              "got worker_id"):
         job.transition(JobStatus.RUNNING, 1.0, worker_id="w0")
     with pytest.raises(TransitionError, match="waiting -> finished takes reason, got kv, reason"):
         job.transition(JobStatus.FINISHED, 1.0, kv=KvPlace.NONE, reason=FinishReason.STOP)
@@ -91,7 +93,8 @@ def test_random_transitions_set_what_each_status_implies(moves):
         if status in (JobStatus.WAITING, JobStatus.PAUSED) and status is not was:
             idle_since = now
         assert job.queued_s == pytest.approx(queued) and job.idle_since_s == idle_since
-        assert job.num_preemptions == before.num_preemptions + (was is JobStatus.RUNNING and status is JobStatus.PAUSED)
+        preempted = was is JobStatus.RUNNING and status is JobStatus.PAUSED
+        assert job.num_preemptions == before.num_preemptions + preempted
 
 
 # --------------------------------------------------------------------------- core and table
@@ -158,10 +161,12 @@ def assert_rows_agree(core: SchedulerCore) -> None:
             "num_computed_tokens", "max_tokens", "estimate_mean", "estimate_p90", "num_host_blocks")}
         assert row == {
             "owner": WAITING if job.status is JobStatus.WAITING else view.index,
-            "is_running": job.status is JobStatus.RUNNING, "arrival_s": job.arrival_s, "queued_s": job.queued_s,
+            "is_running": job.status is JobStatus.RUNNING, "arrival_s": job.arrival_s,
+            "queued_s": job.queued_s,
             "idle_since_s": job.idle_since_s, "num_prompt_tokens": job.num_prompt_tokens,
             "num_tokens": job.num_tokens, "num_computed_tokens": job.num_computed_tokens,
-            "max_tokens": job.sampling.max_tokens, "estimate_mean": estimate.mean, "estimate_p90": estimate.p90,
+            "max_tokens": job.sampling.max_tokens, "estimate_mean": estimate.mean,
+            "estimate_p90": estimate.p90,
             "num_host_blocks": held_host_blocks(job, BS),
         }, job.job_id
         assert (job.job_id in core.waiting) == (job.status is JobStatus.WAITING)
@@ -175,7 +180,8 @@ _OPS = ("submit",) * 3 + ("plan",) * 4 + ("report",) * 3 + ("cancel", "estimate"
 
 @settings(max_examples=40, deadline=None)
 @given(st.sampled_from(["fcfs", "alise"]), st.lists(st.tuples(
-    st.sampled_from(_OPS), st.integers(0, 1), st.integers(1, 40), st.integers(1, 40)), min_size=20, max_size=150))
+    st.sampled_from(_OPS), st.integers(0, 1), st.integers(1, 40), st.integers(1, 40)),
+    min_size=20, max_size=150))
 def test_the_table_rows_agree_with_the_jobs_through_random_transitions(policy, ops):
     """Jobs arrive, start, pause (their KV kept, quantized, swapped or dropped), resume, finish,
     are cancelled, refused, or lost with their worker, in a random order, with up to several
@@ -187,7 +193,8 @@ def test_the_table_rows_agree_with_the_jobs_through_random_transitions(policy, o
         worker_id = sorted(cluster.workers)[which]
         jobs = sorted(core.jobs)
         if op == "submit":
-            core.submit(make_job(f"j{t}", size, max_tokens=out, arrival_s=now, predicted=float(out * size % 37)))
+            predicted = float(out * size % 37)
+            core.submit(make_job(f"j{t}", size, max_tokens=out, arrival_s=now, predicted=predicted))
         elif op == "plan":
             cluster.plan(worker_id, now)
         elif op in ("report", "refuse"):

@@ -193,8 +193,9 @@ class Job:
             raise TransitionError(f"job {self.job_id}: cannot go from {self.status.value} to "
                                   f"{status.value} (from {self.status.value}: {names})")
         if given != needs:
-            raise TransitionError(f"job {self.job_id}: {self.status.value} -> {status.value} takes "
-                                  f"{', '.join(sorted(needs)) or 'nothing'}, got {', '.join(sorted(given)) or 'nothing'}")
+            takes, got = ", ".join(sorted(needs)) or "nothing", ", ".join(sorted(given)) or "nothing"
+            raise TransitionError(f"job {self.job_id}: {self.status.value} -> {status.value} takes {takes}, "
+                                  f"got {got}")
         if status is not self.status:
             if self.status in IDLE:
                 self.queued_s += max(now_s - self.idle_since_s, 0.0)

@@ -356,8 +356,8 @@ class SchedulerCore:
         latency = self.latency
         if not latency.measured or not self.prefill_step_ratio:
             return None
-        allowance = latency.chunk_allowance(int(np.count_nonzero(decoding)),
-                                            int(self.table.num_tokens[order][decoding].sum()), self.prefill_step_ratio)
+        context = int(self.table.num_tokens[order][decoding].sum())
+        allowance = latency.chunk_allowance(int(np.count_nonzero(decoding)), context, self.prefill_step_ratio)
         return None if allowance is None else max(allowance, MIN_CHUNK_TOKENS)
 
     def _plan_memory(self, view: WorkerView, order: np.ndarray, taken: np.ndarray, used: int,
@@ -372,7 +372,8 @@ class SchedulerCore:
         paused = table.jobs[order[positions]].tolist()
         waits: dict[str, float] = {}
         if self.memory.uses_waits:  # the wait of a job: the remaining time of every job ahead
-            ahead = np.concatenate(([0.0], np.cumsum(table.remaining_base_s[order] * self.latency.correction)))
+            remaining_s = table.remaining_base_s[order] * self.latency.correction
+            ahead = np.concatenate(([0.0], np.cumsum(remaining_s)))
             waits = dict(zip([job.job_id for job in paused], ahead[positions].tolist()))
         host_used = int(table.num_host_blocks[table.owner == view.index].sum())
         moves = self.memory.plan(paused, waits, cap, cap.num_device_blocks - used,

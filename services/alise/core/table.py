@@ -80,7 +80,7 @@ class JobTable:
         "queued_s": np.float64,
         "idle_since_s": np.float64,
         "num_prompt_tokens": np.int64,
-        "num_tokens": np.int64,             # running jobs: projected by each plan (``SchedulerCore._advance``)
+        "num_tokens": np.int64,             # running jobs: projected by each plan (``_advance``)
         "num_computed_tokens": np.int64,    # likewise
         "max_tokens": np.int64,
         "estimate_mean": np.float64,        # the policy's length estimate of the job, in tokens
