@@ -8,8 +8,7 @@ ENV PIP_NO_CACHE_DIR=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=
 RUN pip install --no-cache-dir --index-url https://download.pytorch.org/whl/cpu torch==2.13.0
 COPY pyproject.toml README.md ./
 COPY protos ./protos
-COPY clients ./clients
-COPY services ./services
+COPY src ./src
 # ALISE from this checkout (its dependencies pinned in pyproject.toml), then the predictor's
 # encoder graph, exported and quantized once here (~/.cache/alise), not at every start.
 # hadolint ignore=DL3013

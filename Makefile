@@ -6,7 +6,7 @@ PIP = $(VENV)/bin/pip
 
 # Regenerate the committed gRPC/protobuf stubs from protos/.
 protos:
-	$(VENV)/bin/python -m grpc_tools.protoc -I protos --python_out=clients --pyi_out=clients --grpc_python_out=clients protos/alise/v1/*.proto
+	$(VENV)/bin/python -m grpc_tools.protoc -I protos --python_out=src --pyi_out=src --grpc_python_out=src protos/alise/v1/*.proto
 
 check-protos:
 	scripts/check_protos.sh

@@ -8,8 +8,8 @@ trap 'rm -rf "$tmp"' EXIT
   --grpc_python_out="$tmp" protos/alise/v1/*.proto
 for f in "$tmp"/alise/v1/*; do
   name=$(basename "$f")
-  if ! cmp -s "$f" "clients/alise/v1/$name"; then
-    echo "stale generated stub: clients/alise/v1/$name (run: make protos)" >&2
+  if ! cmp -s "$f" "src/alise/v1/$name"; then
+    echo "stale generated stub: src/alise/v1/$name (run: make protos)" >&2
     exit 1
   fi
 done

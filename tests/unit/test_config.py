@@ -30,7 +30,7 @@ from alise.sim.cli import SCHEDULING_FLAGS as SIM_FLAGS
 from alise.worker import main as worker_main
 from alise.worker.config import WorkerConfig
 
-PRODUCT = Path(__file__).resolve().parents[2] / "services" / "alise"
+PRODUCT = Path(__file__).resolve().parents[2] / "src" / "alise"
 
 #: command -> (its config class, its flags)
 COMMANDS = {

@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_every_kernel_compiles_for_sm90_without_spills() -> None:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = str(ROOT / "services")
+    env["PYTHONPATH"] = str(ROOT / "src")
     result = subprocess.run([sys.executable, str(ROOT / "bench/gpu/kernel_compile.py"), "--quick", "--dtype", "fp16"],
                             capture_output=True, text=True, env=env, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

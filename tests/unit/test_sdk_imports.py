@@ -42,11 +42,14 @@ def test_both_distributions_declare_the_same_client_dependencies():
 
 @pytest.fixture(scope="module")
 def client_install(tmp_path_factory) -> Path:
-    """alise-client built from a copy of clients/ and installed into a folder of its own."""
+    """alise-client built from a copy of clients/ and src/ (its package filter reads ../src) and
+    installed into a folder of its own."""
     tmp = tmp_path_factory.mktemp("alise-client")
-    shutil.copytree(ROOT / "clients", tmp / "src", ignore=shutil.ignore_patterns("build", "*.egg-info"))
+    ignore = shutil.ignore_patterns("build", "*.egg-info", "__pycache__")
+    for folder in ("clients", "src"):
+        shutil.copytree(ROOT / folder, tmp / folder, ignore=ignore)
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
-                    "--target", str(tmp / "site"), str(tmp / "src")], check=True, capture_output=True)
+                    "--target", str(tmp / "site"), str(tmp / "clients")], check=True, capture_output=True)
     return tmp / "site"
 
 
@@ -59,7 +62,8 @@ def _run_in_client_install(site: Path, statement: str) -> subprocess.CompletedPr
 
 
 def test_the_client_install_has_only_the_client_packages(client_install):
-    assert sorted(p.name for p in (client_install / "alise").iterdir()) == ["cli", "client", "v1"]
+    found = sorted(p.name for p in (client_install / "alise").iterdir() if p.name != "__pycache__")
+    assert found == ["__init__.py", "cli", "client", "v1"]
     out = _run_in_client_install(client_install, "import importlib.util as u; "
                                  "print(u.find_spec('alise.cluster'), u.find_spec('alise.core'))")
     assert out.stdout.split() == ["None", "None"], out.stderr
