@@ -36,7 +36,7 @@ from pathlib import Path
 
 import grpc
 from alise.client import AliseError, AsyncClient
-from alise.client._channel import make_aio_channel
+from alise.client.channel import make_aio_channel
 from alise.v1 import scheduler_pb2, scheduler_pb2_grpc
 from upcluster import UpCluster
 

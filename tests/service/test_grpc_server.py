@@ -70,7 +70,7 @@ async def test_a_server_accepts_the_sdks_pings_between_calls():
     """The SDK's channels ping every 0.5 s, calls or not; gRPC's default policy would close
     such a connection after three pings (GOAWAY too_many_pings), and the channel would go
     idle. Ours keeps it ready."""
-    from alise.client._channel import make_aio_channel
+    from alise.client.channel import make_aio_channel
 
     server, _, address = await start([])
     try:

@@ -140,7 +140,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
 def _cmd_health(args: argparse.Namespace) -> int:
     """Exit 0 when the service at ADDRESS reports SERVING (for container health checks)."""
     import grpc
-    from alise.client._channel import check_address, make_channel
+    from alise.client.channel import check_address, make_channel
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     address = args.address or args.address_option

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import grpc
-from alise.client._channel import MAX_MESSAGE_BYTES
+from alise.client.channel import MAX_MESSAGE_BYTES
 from alise.client.errors import InvalidRequest
 from alise.client.types import Chunk, Completion, Estimate, Status, Usage
 from alise.v1 import common_pb2, scheduler_pb2

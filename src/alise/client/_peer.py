@@ -4,7 +4,7 @@ UNIMPLEMENTED): the services that server lists through reflection."""
 from __future__ import annotations
 
 import grpc
-from alise.client._channel import make_channel
+from alise.client.channel import make_channel
 from alise.client.errors import AliseError, WrongService, from_rpc_error
 
 SCHEDULER = "alise.v1.SchedulerService"

@@ -6,7 +6,7 @@ import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 
 import grpc
-from alise.client._channel import check_address, make_aio_channel
+from alise.client.channel import check_address, make_aio_channel
 from alise.client._convert import build_request, call_metadata, join_chunks, to_chunk, to_status
 from alise.client._peer import explain
 from alise.client._resume import Resumer

@@ -14,7 +14,7 @@ stops picking up calls, health checks included, and leaves the rest to core's ca
 Liveness: every server pings each peer (HTTP/2 keepalive, :class:`Keepalive`) and closes a
 connection whose ping is not acknowledged in time, which cancels its calls; and it lets its
 peers ping it as often as every ``MIN_PEER_PING_INTERVAL_MS`` (the SDK's channels ping every
-0.5 s, ``alise.client._channel``), even between calls. Acknowledging a ping is gRPC core's
+0.5 s, ``alise.client.channel``), even between calls. Acknowledging a ping is gRPC core's
 work, on its own threads: a busy event loop or a long model step in the process does not
 delay it, while a stopped or frozen process misses it.
 """

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import grpc
 
-from alise.client._channel import make_aio_channel
+from alise.client.channel import make_aio_channel
 from alise.common.security import SecurityConfig
 from alise.predictor.client import PredictorClient
 from alise.scheduler.estimates import PredictedLength

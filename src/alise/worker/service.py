@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import grpc
 import torch
-from alise.client._channel import make_aio_channel
+from alise.client.channel import make_aio_channel
 from alise.common import grpc_server, wire
 from alise.common.metrics import WorkerMetrics, serve_metrics
 from alise.common.model_id import model_fingerprint, samples_fingerprint, weights_fingerprint

@@ -1,4 +1,5 @@
-"""Channel construction shared by the SDK and the services' internal clients.
+"""Channel construction, public: the SDK dials with it, and so do the services (the scheduler
+to the predictor, a worker to the scheduler), so every connection keeps the same limits.
 
 Every channel pings its server every ``KEEPALIVE_PING_EVERY_MS`` and gives up on the
 connection when a ping goes unanswered for ``KEEPALIVE_TIMEOUT_MS``: a frozen server (a
