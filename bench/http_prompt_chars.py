@@ -62,7 +62,7 @@ def main() -> int:
     p.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared" / "data"))
     p.add_argument("--vocab", type=int, default=32000, help="merges of the byte-level BPE trained here")
     args = p.parse_args()
-    from alise.worker.loader import minilm_tokenizer
+    from alise.modelinfo.tokenizer import minilm_tokenizer
 
     sets = read_texts(Path(args.data))
     everything = [t for texts in sets.values() for t in texts]

@@ -148,7 +148,7 @@ async def one_configuration(overrides: dict, token: str | None, certs: dict[str,
 async def alise_up() -> list[tuple[str, str]]:
     """`alise up` (no predictor, no worker): the secret it makes for its cluster."""
     from alise.client import AsyncClient
-    from alise.scheduler.tokenizer import load_model_info
+    from alise.modelinfo.served import load_model_info
     from upcluster import UpCluster
 
     up = await asyncio.to_thread(UpCluster, "--no-predictor", workers=0)

@@ -43,10 +43,9 @@ def free_port() -> int:
 
 
 async def virtual_worker(args: argparse.Namespace) -> None:
-    from alise.common.model_id import model_fingerprint
     from alise.core.latency_model import LatencyModel
+    from alise.modelinfo.source import resolve_model
     from alise.sim.virtual_worker import LatencyExecutor, virtual_worker as make_engine
-    from alise.worker import loader
     from alise.worker.config import WorkerConfig
     from alise.worker.service import ModelIdentity, Worker
 
@@ -58,11 +57,10 @@ async def virtual_worker(args: argparse.Namespace) -> None:
             tokens, _ = super().execute(feeds)
             return tokens, args.step_ms / 1e3
 
-    tokenizer = loader.minilm_tokenizer()
-    config = loader.preset_config(loader.DEFAULT_MODEL, tokenizer)
+    model = resolve_model(None)
     engine = make_engine(num_device_blocks=4096, block_size=16, max_model_len=2048, latency=LatencyModel())
     engine.executor = SleepingExecutor(LatencyModel(), engine.executor.mover)
-    identity = ModelIdentity(loader.DEFAULT_MODEL, "virtual", config.vocab_size, 0, model_fingerprint(config))
+    identity = ModelIdentity(model.name, "virtual", model.count("vocab_size"), 0, model.model_id)
     worker = Worker(WorkerConfig(scheduler_address=args.scheduler, worker_id=args.worker_id, health_address="",
                                  max_num_seqs=args.seqs, step_log=args.step_log), engine=engine, identity=identity)
     await worker.load()

@@ -39,7 +39,8 @@ from transformers import AutoModelForCausalLM, LlamaConfig, OPTConfig  # noqa: E
 
 from alise.core.sampling import SamplingParams  # noqa: E402
 from alise.worker.kv_cache import KVCache  # noqa: E402
-from alise.worker.loader import PRESETS, LoadedModel, resolve_dtype  # noqa: E402
+from alise.modelinfo.presets import PRESETS  # noqa: E402
+from alise.worker.loader import LoadedModel, resolve_dtype  # noqa: E402
 from alise.worker.model_runner import ModelRunner, SeqChunk  # noqa: E402
 from alise.worker.sampler import Sampler  # noqa: E402
 

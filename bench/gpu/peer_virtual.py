@@ -44,21 +44,21 @@ def main() -> int:
 
 
 async def serve(args) -> None:
-    from alise.common.model_id import model_fingerprint
     from alise.core.latency_model import LatencyModel
+    from alise.modelinfo.source import resolve_model
     from alise.sim.virtual_worker import LatencyExecutor, virtual_worker
-    from alise.worker import loader
     from alise.worker.config import WorkerConfig
     from alise.worker.service import ModelIdentity, Worker
 
     latency = LatencyModel.load(args.profile)
-    config = loader.preset_config(args.model, loader.minilm_tokenizer())
+    model = resolve_model(args.model)
+    vocab = model.count("vocab_size")
     rng = random.Random(0)
 
     class ProfiledExecutor(LatencyExecutor):
         """Sleeps for the profile's step time; tokens uniform over the vocabulary."""
 
-        vocab_size = config.vocab_size
+        vocab_size = vocab
 
         def execute(self, feeds):
             started = time.perf_counter()
@@ -66,13 +66,13 @@ async def serve(args) -> None:
             starts = [f.start for f in feeds if f.num_tokens > 1]
             context = sum(f.start + f.num_tokens for f in feeds)
             time.sleep(args.scale * latency.step_s(len(feeds), context, lens, starts))
-            tokens = [rng.randrange(config.vocab_size) for f in feeds if f.samples]
+            tokens = [rng.randrange(vocab) for f in feeds if f.samples]
             return tokens, time.perf_counter() - started
 
     engine = virtual_worker(num_device_blocks=args.num_device_blocks, block_size=16,
                             max_model_len=args.max_model_len, latency=latency)
     engine.executor = ProfiledExecutor(latency, engine.executor.mover)
-    identity = ModelIdentity(args.model, "virtual", config.vocab_size, 0, model_fingerprint(config))
+    identity = ModelIdentity(model.name, "virtual", vocab, 0, model.model_id)
     worker = Worker(WorkerConfig(scheduler_address=args.scheduler, worker_id=args.worker_id,
                                  health_address=args.health_address, max_num_seqs=args.max_num_seqs,
                                  max_model_len=args.max_model_len, step_log=args.step_log),

@@ -12,7 +12,7 @@ import pytest
 from http_support import start_live_door
 from tinymodels import make_tiny_model_dir
 
-from alise.worker.loader import MINILM_VOCAB_SIZE
+from alise.modelinfo.presets import MINILM_VOCAB_SIZE
 
 
 @pytest.fixture(scope="module")

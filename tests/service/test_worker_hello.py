@@ -51,7 +51,7 @@ async def refused_hello(scheduler_model: str, worker_model: str, caplog, **worke
 
 
 async def test_a_worker_with_other_weights_of_the_same_architecture_is_refused(tiny_llama_dir, tmp_path, caplog):
-    from alise.common.model_id import weights_fingerprint
+    from alise.modelinfo.identity import weights_fingerprint
     from tinymodels import make_tiny_model_dir
 
     other = make_tiny_model_dir(tmp_path / "reseeded", "llama", seed=1)

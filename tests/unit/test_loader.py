@@ -8,7 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from alise.worker.loader import DEFAULT_MODEL, MINILM_VOCAB_SIZE, PRESETS, load_model, resolve_dtype
+from alise.modelinfo.presets import MINILM_VOCAB_SIZE, PRESETS
+from alise.modelinfo.source import DEFAULT_MODEL
+from alise.worker.loader import load_model, resolve_dtype
 from tinymodels import make_tiny_model_dir
 from transformers import GPT2Config
 

@@ -54,9 +54,10 @@ class ChatRenderer:
         """The renderer for ``model`` as the scheduler names it (a directory or a preset)."""
         if model is None or not Path(model).is_dir():
             return cls()
-        from transformers import AutoTokenizer
+        from alise.modelinfo.source import resolve_model
+        from alise.modelinfo.tokenizer import load_tokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(model, local_files_only=True)
+        tokenizer = load_tokenizer(resolve_model(model))
         if not getattr(tokenizer, "chat_template", None):
             logger.info("%s has no chat template: chat uses the plain template", model)
             return cls()

@@ -38,8 +38,8 @@ from alise.common.grpc_server import count_varints, iter_fields
 from alise.core.sampling import SamplingParams
 from alise.v1 import scheduler_pb2
 
-if TYPE_CHECKING:  # the HTTP door imports the text bound; the tokenizer module pulls in torch
-    from alise.scheduler.tokenizer import ModelInfo
+if TYPE_CHECKING:  # the HTTP door imports the text bound; ModelInfo's module imports transformers
+    from alise.modelinfo.served import ModelInfo
 
 MAX_REQUEST_ID_CHARS = 128
 #: A request this large or larger is looked at in its raw bytes before it is parsed.

@@ -26,6 +26,7 @@ from alise.common.security import bind_port
 from alise.core.config import make_core
 from alise.core.job import Job
 from alise.core.latency_model import LatencyModel
+from alise.modelinfo.served import ModelInfo, load_model_info
 from alise.scheduler.config import SchedulerConfig
 from alise.scheduler.engine import SchedulerEngine
 from alise.scheduler.estimates import LengthEstimator
@@ -35,7 +36,7 @@ from alise.scheduler.quarantine import Quarantine
 from alise.scheduler.request_checks import GenerateChecks, generate_precheck
 from alise.scheduler.status import EngineStatus
 from alise.scheduler.streams import JobFailed, JobStream, StreamClosing, Streams
-from alise.scheduler.tokenizer import IncrementalDetokenizer, ModelInfo, load_model_info
+from alise.scheduler.detokenizer import IncrementalDetokenizer
 from alise.scheduler.worker_service import WorkerServicer
 from alise.v1 import (
     common_pb2,

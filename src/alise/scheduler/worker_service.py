@@ -17,7 +17,7 @@ from alise.core.commands import Shutdown
 from alise.core.latency_model import LatencyModel
 from alise.scheduler.engine import SchedulerEngine
 from alise.scheduler.messages import WorkerJoined, WorkerLeft, WorkerReported
-from alise.scheduler.tokenizer import ModelInfo
+from alise.modelinfo.served import ModelInfo
 from alise.scheduler.worker_link import WorkerLink
 from alise.v1 import worker_pb2_grpc
 

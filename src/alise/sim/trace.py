@@ -151,7 +151,7 @@ def output_lengths_of(path: str | Path, count_tokens=None) -> list[int]:
 def default_tokenizer():
     """Token ids of texts in the serving model's tokenizer (default MiniLM WordPiece), without
     special tokens."""
-    from alise.worker.loader import minilm_tokenizer
+    from alise.modelinfo.tokenizer import minilm_tokenizer
 
     tokenizer = minilm_tokenizer()
     tokenizer.model_max_length = 1 << 30

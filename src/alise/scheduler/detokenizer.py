@@ -1,0 +1,39 @@
+"""Streamed text: the tokens a job generates, turned into text deltas as they arrive."""
+
+from __future__ import annotations
+
+from transformers import PreTrainedTokenizerBase
+
+
+class IncrementalDetokenizer:
+    """Turns a growing list of token ids into text deltas.
+
+    Decodes a short window (the tokens of the previous delta plus the unread ones) rather
+    than the whole output each time, so word-joining rules see their left context, and
+    holds back text that ends in an incomplete character (U+FFFD) until the next token
+    completes it.
+    """
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, vocab_limit: int | None = None) -> None:
+        self.tokenizer = tokenizer
+        self.vocab_limit = vocab_limit if vocab_limit is not None else len(tokenizer)
+        self.ids: list[int] = []
+        self.prefix_offset = 0
+        self.read_offset = 0
+
+    def _decode(self, ids: list[int]) -> str:
+        # Random-weight models can emit ids past the tokenizer's vocabulary: they have no text.
+        ids = [t for t in ids if 0 <= t < self.vocab_limit]
+        return self.tokenizer.decode(ids, skip_special_tokens=True,
+                                     clean_up_tokenization_spaces=False)
+
+    def add(self, new_ids: list[int]) -> str:
+        self.ids.extend(new_ids)
+        prefix_text = self._decode(self.ids[self.prefix_offset:self.read_offset])
+        full_text = self._decode(self.ids[self.prefix_offset:])
+        if full_text.endswith("\ufffd") or len(full_text) <= len(prefix_text):
+            return ""
+        delta = full_text[len(prefix_text):]
+        self.prefix_offset = self.read_offset
+        self.read_offset = len(self.ids)
+        return delta
