@@ -36,10 +36,11 @@ sys.path[:0] = [str(ROOT / "services"), str(ROOT / "clients")]
 import torch  # noqa: E402
 
 from alise.core.sampling import SamplingParams  # noqa: E402
-from alise.worker.kv_cache import KVCache  # noqa: E402
-from alise.worker.loader import load_model  # noqa: E402
-from alise.worker.model_runner import ModelRunner, SeqChunk  # noqa: E402
-from alise.worker.sampler import Sampler  # noqa: E402
+from alise.worker.model.chunk import SeqChunk  # noqa: E402
+from alise.worker.model.kv_cache import KVCache  # noqa: E402
+from alise.worker.model.loader import load_model  # noqa: E402
+from alise.worker.model.runner import ModelRunner  # noqa: E402
+from alise.worker.model.sampler import Sampler  # noqa: E402
 
 CONTEXT = 512
 DECODE_BATCHES = (1, 8, 32, 64)
@@ -102,8 +103,8 @@ def graph_time_s(fn, launches: int = 10, reps: int = 10) -> float:
 def tune_decode_kernel(heads: int, head_dim: int, dtype: torch.dtype) -> dict:
     """Sweeps the decode kernel's launch configurations at context 512 (graph-timed, checked against
     the reference), keeps the fastest in ``triton_attention.DECODE_CONFIG``, returns the sweep."""
-    from alise.worker import attention as ref_attention
-    from alise.worker import triton_attention
+    from alise.worker.kernels import triton_attention
+    from alise.worker.model import attention as ref_attention
 
     config = triton_attention.DECODE_CONFIG
     per_seq = -(-(CONTEXT + 1) // BLOCK_SIZE)
@@ -279,7 +280,7 @@ def bench_attention_kernel(runner: ModelRunner, results: dict) -> None:
     """The decode kernel alone on one layer at batch 1 and 64, context 512: achieved KV bandwidth."""
     if runner.attention_backend.name != "triton":
         return
-    from alise.worker import triton_attention
+    from alise.worker.kernels import triton_attention
 
     cfg = runner.config
     heads, head_dim = cfg.num_attention_heads, cfg.hidden_size // cfg.num_attention_heads
@@ -369,7 +370,7 @@ def table(results: dict, card: dict, fig: dict) -> str:
 
 def _decode_config() -> dict | None:
     try:
-        from alise.worker import triton_attention
+        from alise.worker.kernels import triton_attention
     except ImportError:
         return None
     return dict(triton_attention.DECODE_CONFIG)
@@ -392,7 +393,7 @@ def main() -> int:
     if args.smoke:
         global CONTEXT, DECODE_BATCHES, PREFILL_LENS
         CONTEXT, DECODE_BATCHES, PREFILL_LENS = 64, (1, 4), (32, 100)
-        from alise.worker.profiler import ProfileGrid
+        from alise.worker.model.profiler import ProfileGrid
 
         grid = ProfileGrid(decode_batch_sizes=(1, 4), decode_contexts=(16, 64), prefill_lens=(16, 64),
                            mixed=((32, 2, 32),), multi=((2, 16, 2, 32),), repeats=1)
@@ -453,7 +454,7 @@ def main() -> int:
 
     profile_meta = None
     if args.profile:
-        from alise.worker.profiler import profile_runner, save_profile
+        from alise.worker.model.profiler import profile_runner, save_profile
 
         start = time.perf_counter()
         profile = profile_runner(runner, grid=grid, command=command)

@@ -26,9 +26,9 @@ import torch
 
 from alise.core.commands import KvAction
 from alise.core.job import KvPlace
-from alise.worker.kv_cache import KVCache, KVShape
 from alise.worker.kv_manager import KvManager, KvState
-from alise.worker.kv_offload import TorchKvMover
+from alise.worker.model.kv_cache import KVCache, KVShape
+from alise.worker.model.kv_offload import TorchKvMover
 
 SHAPE = KVShape(num_layers=32, num_kv_heads=32, head_dim=128)
 BLOCK_SIZE = 16

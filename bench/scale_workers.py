@@ -44,10 +44,11 @@ def free_port() -> int:
 
 async def virtual_worker(args: argparse.Namespace) -> None:
     from alise.core.latency_model import LatencyModel
+    from alise.modelinfo.identity import ModelIdentity
     from alise.modelinfo.source import resolve_model
     from alise.sim.virtual_worker import LatencyExecutor, virtual_worker as make_engine
     from alise.worker.config import WorkerConfig
-    from alise.worker.service import ModelIdentity, Worker
+    from alise.worker.service import Worker
 
     class SleepingExecutor(LatencyExecutor):
         """A step that takes ``step_s`` of wall time, as a device would."""

@@ -87,7 +87,7 @@ def run_schedule(runner, tokens: dict[str, list[int]], tables: dict[str, list[in
 
 
 def runner_chunk(token_ids: list[int], start_pos: int, block_table: list[int]):
-    from alise.worker.model_runner import SeqChunk
+    from alise.worker.model.chunk import SeqChunk
 
     return SeqChunk(token_ids, start_pos, block_table)
 

@@ -7,7 +7,7 @@ import random
 
 import torch
 
-from alise.worker import attention as ref_attention
+from alise.worker.model import attention as ref_attention
 
 
 def make_step(rows: list[tuple[int, int]], *, num_heads: int, num_kv_heads: int, head_dim: int, block_size: int,

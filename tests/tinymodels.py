@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from alise.modelinfo.presets import MINILM_VOCAB_SIZE
 from alise.modelinfo.tokenizer import minilm_tokenizer
-from alise.worker.families import describe, hf_attention
+from alise.worker.model.families import describe, hf_attention
 from transformers import CONFIG_MAPPING, AutoModelForCausalLM, PretrainedConfig
 
 _LLAMA_LIKE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,

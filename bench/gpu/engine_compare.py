@@ -14,7 +14,7 @@ kernels checked and timed at start-up, mixed-step CUDA graphs). For each:
   with the expected cost ``decode step + chunk FLOPs / matmul rate``;
 - the after runner's kernel plan (what start-up checked, measured and chose), where its decode
   graphs' time goes (torch.profiler at batch 1 and 64), and with ``--profile PATH`` its latency
-  profile (alise.worker.profiler) for the scheduler and the simulator.
+  profile (alise.worker.model.profiler) for the scheduler and the simulator.
 
     PYTHONPATH=services:clients python3 bench/gpu/engine_compare.py --json $OUT/engine_compare.json
 """
@@ -38,11 +38,12 @@ import torch  # noqa: E402
 from transformers import AutoModelForCausalLM, LlamaConfig, OPTConfig  # noqa: E402
 
 from alise.core.sampling import SamplingParams  # noqa: E402
-from alise.worker.kv_cache import KVCache  # noqa: E402
 from alise.modelinfo.presets import PRESETS  # noqa: E402
-from alise.worker.loader import LoadedModel, resolve_dtype  # noqa: E402
-from alise.worker.model_runner import ModelRunner, SeqChunk  # noqa: E402
-from alise.worker.sampler import Sampler  # noqa: E402
+from alise.worker.model.chunk import SeqChunk  # noqa: E402
+from alise.worker.model.kv_cache import KVCache  # noqa: E402
+from alise.worker.model.loader import LoadedModel, resolve_dtype  # noqa: E402
+from alise.worker.model.runner import ModelRunner  # noqa: E402
+from alise.worker.model.sampler import Sampler  # noqa: E402
 
 MIXED_BATCHES = (8, 32, 64)
 CHUNKS = (64, 128, 256, 512)
@@ -166,7 +167,7 @@ def free(runner: ModelRunner) -> None:
 
 
 def profile(runner: ModelRunner, path: str, args) -> None:
-    from alise.worker.profiler import profile_runner, save_profile
+    from alise.worker.model.profiler import profile_runner, save_profile
 
     start = time.perf_counter()
     model = profile_runner(runner, max_num_seqs=min(64, args.max_num_seqs), command="bench/gpu/engine_compare.py --profile")

@@ -46,11 +46,12 @@ import engine as eb  # noqa: E402  (bench/engine.py: copy bandwidth, event timin
 import torch  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
-from alise.worker.cuda_graphs import pick_bucket  # noqa: E402
 from alise.modelinfo.presets import PRESETS  # noqa: E402
-from alise.worker.families import describe, hf_attention  # noqa: E402
-from alise.worker.loader import LoadedModel, preset_config, resolve_dtype  # noqa: E402
-from alise.worker.model_runner import ModelRunner, SeqChunk  # noqa: E402
+from alise.worker.model.chunk import SeqChunk  # noqa: E402
+from alise.worker.model.cuda_graphs import pick_bucket  # noqa: E402
+from alise.worker.model.families import describe, hf_attention  # noqa: E402
+from alise.worker.model.loader import LoadedModel, preset_config, resolve_dtype  # noqa: E402
+from alise.worker.model.runner import ModelRunner  # noqa: E402
 
 DEFAULT_PRESETS = ("qwen2.5-7b", "llama-3-8b", "qwen3-8b", "mistral-7b", "phi-3-mini", "gemma-2-9b", "gemma-3-12b",
                    "qwen3-30b-a3b", "mixtral-8x7b")

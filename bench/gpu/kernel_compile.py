@@ -27,7 +27,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from alise.worker import triton_attention, triton_fused, triton_unified  # noqa: E402
+from alise.worker.kernels import triton_attention, triton_fused, triton_unified  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 MAX_SHARED = 227 * 1024

@@ -18,11 +18,12 @@ import time
 import torch
 
 from alise.core.sampling import SamplingParams
-from alise.worker.attention import MIN_BATCHED_FRESH
-from alise.worker.kv_cache import KVCache
-from alise.worker.loader import load_model
-from alise.worker.model_runner import ModelRunner, SeqChunk
-from alise.worker.sampler import Sampler
+from alise.worker.model.attention import MIN_BATCHED_FRESH
+from alise.worker.model.chunk import SeqChunk
+from alise.worker.model.kv_cache import KVCache
+from alise.worker.model.loader import load_model
+from alise.worker.model.runner import ModelRunner
+from alise.worker.model.sampler import Sampler
 
 BLOCK_SIZE = 16
 

@@ -49,8 +49,8 @@ def run_alise(args) -> dict:
     import engine as eb
     import engine_compare as ec
     import torch
-    from alise.worker.kv_cache import KVCache
-    from alise.worker.model_runner import ModelRunner
+    from alise.worker.model.kv_cache import KVCache
+    from alise.worker.model.runner import ModelRunner
 
     eb.DECODE_BATCHES, eb.PREFILL_LENS, eb.CONTEXT = BATCHES, PREFILLS, CONTEXT
     card = eb.measure_card(args.device)

@@ -32,9 +32,9 @@ import shutil
 import statistics
 from pathlib import Path
 
-from alise.sim.trace import TraceRequest, default_counter, write_trace
 from alise.modelinfo.tokenizer import minilm_tokenizer
-from alise.worker.loader import preset_config
+from alise.sim.trace import TraceRequest, default_counter, write_trace
+from alise.worker.model.loader import preset_config
 
 DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "alpaca_eval"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json",

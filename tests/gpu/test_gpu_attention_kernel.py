@@ -13,14 +13,14 @@ import random
 import pytest
 import torch
 
-from alise.worker import attention as ref_attention
+from alise.worker.model import attention as ref_attention
 
 # Before any kernel module is imported: on a machine without CUDA the interpreter tests of
 # tests/unit import them (compiled for the interpreter) in this same process.
 if not torch.cuda.is_available():
     pytest.skip("needs a CUDA device", allow_module_level=True)
 
-triton_attention = pytest.importorskip("alise.worker.triton_attention")
+triton_attention = pytest.importorskip("alise.worker.kernels.triton_attention")
 pytestmark = pytest.mark.skipif(not triton_attention.is_available(), reason="needs CUDA and Triton")
 
 TOLERANCE = {torch.float16: 3e-3, torch.bfloat16: 2e-2}

@@ -33,11 +33,12 @@ from transformers import AutoModelForCausalLM, LlamaConfig, OPTConfig
 if not torch.cuda.is_available():
     pytest.skip("needs a CUDA device", allow_module_level=True)
 
-from alise.worker.kernel_plan import KernelPlan
-from alise.worker.loader import LoadedModel
-from alise.worker.model_runner import ModelRunner, SeqChunk
+from alise.worker.model.chunk import SeqChunk
+from alise.worker.model.kernel_plan import KernelPlan
+from alise.worker.model.loader import LoadedModel
+from alise.worker.model.runner import ModelRunner
 
-triton_attention = pytest.importorskip("alise.worker.triton_attention")
+triton_attention = pytest.importorskip("alise.worker.kernels.triton_attention")
 pytestmark = pytest.mark.skipif(not triton_attention.is_available(), reason="needs CUDA and Triton")
 
 BLOCK_SIZE = 16
@@ -107,8 +108,8 @@ def run_schedule(runner: ModelRunner, tokens: dict[str, list[int]], tables: dict
 
 
 def forced_plan(runner: ModelRunner) -> KernelPlan:
-    from alise.worker import triton_fused, triton_unified
-    from alise.worker.cuda_graphs import token_buckets
+    from alise.worker.kernels import triton_fused, triton_unified
+    from alise.worker.model.cuda_graphs import token_buckets
 
     group = runner.config.num_attention_heads // runner.kv_cache.shape.num_kv_heads
     configs = [c for c in triton_unified.CANDIDATES if c.block_m >= group]

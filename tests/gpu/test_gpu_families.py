@@ -28,11 +28,11 @@ if not torch.cuda.is_available():
 from test_gpu_engine_vs_transformers import BLOCK_SIZE, SEQUENCES, forced_plan, run_schedule
 from tinymodels import tiny_config, tiny_model
 
-from alise.worker.families import describe
-from alise.worker.loader import LoadedModel
-from alise.worker.model_runner import ModelRunner
+from alise.worker.model.families import describe
+from alise.worker.model.loader import LoadedModel
+from alise.worker.model.runner import ModelRunner
 
-triton_attention = pytest.importorskip("alise.worker.triton_attention")
+triton_attention = pytest.importorskip("alise.worker.kernels.triton_attention")
 pytestmark = pytest.mark.skipif(not triton_attention.is_available(), reason="needs CUDA and Triton")
 
 _COMMON = dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=4, num_attention_heads=8,

@@ -19,11 +19,11 @@ from kernelcases import relative_error
 if not torch.cuda.is_available():
     pytest.skip("needs a CUDA device", allow_module_level=True)
 
-triton_attention = pytest.importorskip("alise.worker.triton_attention")
+triton_attention = pytest.importorskip("alise.worker.kernels.triton_attention")
 pytestmark = pytest.mark.skipif(not triton_attention.is_available(), reason="needs CUDA and Triton")
-from alise.worker import attention as ref_attention  # noqa: E402
-from alise.worker import triton_fused  # noqa: E402
-from alise.worker.kernel_plan import rotate_half  # noqa: E402
+from alise.worker.kernels import triton_fused  # noqa: E402
+from alise.worker.model import attention as ref_attention  # noqa: E402
+from alise.worker.model.kernel_plan import rotate_half  # noqa: E402
 
 TOLERANCE = {torch.float16: 3e-3, torch.bfloat16: 2e-2}
 DTYPES = [torch.float16, torch.bfloat16]
@@ -33,7 +33,7 @@ DTYPES = [torch.float16, torch.bfloat16]
 @pytest.mark.parametrize("kind", ["layer", "rms", "rms_unit_offset"])
 @pytest.mark.parametrize("cols", [5120, 4096, 200])
 def test_add_norm(dtype: torch.dtype, kind: str, cols: int) -> None:
-    from alise.worker.kernel_plan import reference_norm
+    from alise.worker.model.kernel_plan import reference_norm
 
     torch.manual_seed(cols + len(kind))
     rows = 37

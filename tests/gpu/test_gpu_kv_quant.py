@@ -22,10 +22,10 @@ if not torch.cuda.is_available():
 from alise.core.blocks import quantized_blocks
 from alise.core.commands import KvAction
 from alise.core.job import KvPlace
-from alise.worker import triton_kvquant
-from alise.worker.kv_cache import KVCache, KVShape
+from alise.worker.kernels import triton_kvquant
 from alise.worker.kv_manager import KvManager, KvState
-from alise.worker.kv_offload import KvCodec, TorchKvMover, dequantize_groups, quantize_groups
+from alise.worker.model.kv_cache import KVCache, KVShape
+from alise.worker.model.kv_offload import KvCodec, TorchKvMover, dequantize_groups, quantize_groups
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available() or not triton_kvquant.is_available(
     torch.device("cuda")), reason="needs CUDA and Triton")

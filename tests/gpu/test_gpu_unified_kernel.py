@@ -23,9 +23,9 @@ from kernelcases import make_step, reference, relative_error
 if not torch.cuda.is_available():
     pytest.skip("needs a CUDA device", allow_module_level=True)
 
-triton_attention = pytest.importorskip("alise.worker.triton_attention")
+triton_attention = pytest.importorskip("alise.worker.kernels.triton_attention")
 pytestmark = pytest.mark.skipif(not triton_attention.is_available(), reason="needs CUDA and Triton")
-from alise.worker import triton_unified  # noqa: E402
+from alise.worker.kernels import triton_unified  # noqa: E402
 
 TOLERANCE = {torch.float16: 3e-3, torch.bfloat16: 2e-2}
 

@@ -12,10 +12,12 @@ import numpy as np
 import pytest
 import torch
 
-from alise.worker.attention import write_kv
-from alise.worker.cuda_graphs import DecodeInputs, decode_buckets, pick_bucket
-from alise.worker.loader import LoadedModel, load_model
-from alise.worker.model_runner import ModelRunner, SeqChunk, fuse_linears
+from alise.worker.model.attention import write_kv
+from alise.worker.model.chunk import SeqChunk
+from alise.worker.model.cuda_graphs import DecodeInputs, decode_buckets, pick_bucket
+from alise.worker.model.fused_weights import fuse_linears
+from alise.worker.model.loader import LoadedModel, load_model
+from alise.worker.model.runner import ModelRunner
 
 
 def test_buckets_cover_every_batch_size_up_to_the_maximum() -> None:

@@ -18,9 +18,9 @@ import pytest
 import torch
 from kernelkit import TOLERANCE, interpreted, relative_error
 
-from alise.worker import attention as ref_attention
+from alise.worker.model import attention as ref_attention
 
-triton_attention = interpreted("alise.worker.triton_attention")
+triton_attention = interpreted("alise.worker.kernels.triton_attention")
 
 
 def make_case(batch: int, heads: int, kv_heads: int, head_dim: int, block_size: int, max_context: int,

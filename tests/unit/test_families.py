@@ -18,10 +18,10 @@ import torch
 from familycases import CASES, NUM_BLOCKS, BLOCK_SIZE, hf_logits, make_sequences, max_error, run_schedule
 from tinymodels import make_tiny_model_dir
 
-from alise.worker.kernel_plan import KernelPlan
-from alise.worker.loader import LoadedModel, load_model
-from alise.worker.model_runner import ModelRunner
-from alise.worker.triton_unified import UnifiedConfig
+from alise.worker.kernels.triton_unified import UnifiedConfig
+from alise.worker.model.kernel_plan import KernelPlan
+from alise.worker.model.loader import LoadedModel, load_model
+from alise.worker.model.runner import ModelRunner
 
 MODES = ["per-chunk", "fresh-batched", "unified", "graph-buffers"]
 

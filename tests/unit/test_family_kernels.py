@@ -23,11 +23,11 @@ from kernelkit import interpreted
 from test_fused_runner import counting, fused_runner
 from tinymodels import make_tiny_model_dir
 
-from alise.worker.loader import load_model
+from alise.worker.model.loader import load_model
 
-triton_attention = interpreted("alise.worker.triton_attention")
-interpreted("alise.worker.triton_unified")
-triton_fused = interpreted("alise.worker.triton_fused")
+triton_attention = interpreted("alise.worker.kernels.triton_attention")
+interpreted("alise.worker.kernels.triton_unified")
+triton_fused = interpreted("alise.worker.kernels.triton_fused")
 
 RUNS = [("gemma2", "graph-buffers"), ("qwen3", "graph-buffers"), ("phi3-longrope-partial", "eager"),
         ("qwen3-moe", "eager")]
@@ -68,8 +68,8 @@ def test_family_with_fast_kernels_matches_transformers(name: str, mode: str, tmp
 def test_planner_checks_each_familys_kernels(name: str, tmp_path) -> None:
     """The start-up checks of the fused norm, activation and rotary pass on each family's own
     kinds (Gemma's unit-offset norm and GELU-tanh, Qwen3's RMSNorm); partial rotary stays torch."""
-    tuning = interpreted("alise.worker.tuning")
-    from alise.worker.timing import wall_time_s
+    tuning = interpreted("alise.worker.model.tuning")
+    from alise.worker.model.timing import wall_time_s
 
     family, overrides, max_model_len = CASES[name]
     loaded = load_model(str(make_tiny_model_dir(tmp_path, family, **overrides)), max_model_len=max_model_len)

@@ -20,9 +20,9 @@ from kernelkit import TOLERANCE, interpreted, relative_error
 from transformers.models.gemma2.modeling_gemma2 import Gemma2RMSNorm
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
-from alise.worker.attention import write_kv
+from alise.worker.model.attention import write_kv
 
-fused = interpreted("alise.worker.triton_fused")
+fused = interpreted("alise.worker.kernels.triton_fused")
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 IDS = ["fp32", "fp16", "bf16"]

@@ -22,13 +22,15 @@ import torch
 from kernelkit import interpreted
 from test_model_runner import BLOCK_SIZE, NUM_BLOCKS, SCHEDULE, hf_logits, make_sequences, tolerance
 
-from alise.worker.kernel_plan import KernelPlan
-from alise.worker.loader import LoadedModel, load_model
-from alise.worker.model_runner import ModelRunner, SeqChunk
+from alise.worker.model.attention import triton_backend
+from alise.worker.model.chunk import SeqChunk
+from alise.worker.model.kernel_plan import KernelPlan
+from alise.worker.model.loader import LoadedModel, load_model
+from alise.worker.model.runner import ModelRunner
 
-triton_attention = interpreted("alise.worker.triton_attention")
-triton_unified = interpreted("alise.worker.triton_unified")
-triton_fused = interpreted("alise.worker.triton_fused")
+triton_attention = interpreted("alise.worker.kernels.triton_attention")
+triton_unified = interpreted("alise.worker.kernels.triton_unified")
+triton_fused = interpreted("alise.worker.kernels.triton_fused")
 
 
 @pytest.fixture(scope="module", params=["llama", "opt"])
@@ -39,7 +41,7 @@ def tiny(request: pytest.FixtureRequest, tiny_llama_dir, tiny_opt_dir) -> Loaded
 def fused_runner(loaded: LoadedModel) -> ModelRunner:
     runner = ModelRunner(loaded, num_blocks=NUM_BLOCKS, block_size=BLOCK_SIZE, max_num_seqs=8, max_num_tokens=32,
                          fast_kernels=False, use_cuda_graphs=False)
-    runner.attention_backend = triton_attention.TRITON_BACKEND
+    runner.attention_backend = triton_backend()
     vector = next(c for c in triton_fused.SKINNY_CANDIDATES if c.vector)
     skinny = {(w.shape[0], w.shape[1], rows): vector if rows == 1 else triton_fused.SKINNY_CANDIDATES[rows % 2]
               for _, w, _, _ in runner._matmuls(0) for rows in range(1, 17)}

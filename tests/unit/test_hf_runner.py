@@ -12,9 +12,10 @@ from collections.abc import Iterator
 
 import pytest
 import torch
-from alise.worker.hf_runner import TransformersRunner
-from alise.worker.loader import LoadedModel, load_model
-from alise.worker.model_runner import ModelRunner, SeqChunk
+from alise.worker.model.chunk import SeqChunk
+from alise.worker.model.hf_runner import TransformersRunner
+from alise.worker.model.loader import LoadedModel, load_model
+from alise.worker.model.runner import ModelRunner
 from tinymodels import make_tiny_model_dir
 
 BLOCK_SIZE = 4

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from alise.worker.kernel_plan import KernelPlan, plan_from_json, plan_to_json
-from alise.worker.triton_fused import SkinnyConfig
-from alise.worker.triton_unified import UnifiedConfig
+from alise.worker.kernels.triton_fused import SkinnyConfig
+from alise.worker.kernels.triton_unified import UnifiedConfig
+from alise.worker.model.kernel_plan import KernelPlan, plan_from_json, plan_to_json
 
 KEY = dict(device="NVIDIA H200", dtype="torch.float16", hidden=5120, max_num_tokens=256)
 

@@ -20,10 +20,11 @@ from alise.core.commands import Admit, KvAction, Pause, Resume, StepPlan
 from alise.core.job import KvPlace
 from alise.core.sampling import SamplingParams
 from alise.worker.engine import WorkerEngine
-from alise.worker.executor import make_worker_engine
-from alise.worker.kv_offload import KvCodec, dequantize_groups, quantize_groups
-from alise.worker.loader import load_model
-from alise.worker.model_runner import ModelRunner, SeqChunk
+from alise.worker.model.chunk import SeqChunk
+from alise.worker.model.executor import make_worker_engine
+from alise.worker.model.kv_offload import KvCodec, dequantize_groups, quantize_groups
+from alise.worker.model.loader import load_model
+from alise.worker.model.runner import ModelRunner
 from tinymodels import make_tiny_model_dir
 
 BLOCK_SIZE = 8
@@ -205,7 +206,7 @@ def test_swap_refused_whole_when_the_host_pool_is_full(loaded):
 
 def test_codec_refuses_a_layout_that_would_not_fit_the_fraction(loaded):
     # 16-bit cache with 16-channel heads: 1 + 4/16 = 1.25 bytes per value > 9/16 of 2.
-    from alise.worker.kv_cache import KVCache, KVShape
+    from alise.worker.model.kv_cache import KVCache, KVShape
 
     cache = KVCache(KVShape(1, 2, 16), num_blocks=2, block_size=4, dtype=torch.float16, device="cpu")
     assert KvCodec(cache).group == 16 and not KvCodec(cache).fits(8)

@@ -10,7 +10,7 @@ import pytest
 import torch
 from alise.modelinfo.presets import MINILM_VOCAB_SIZE, PRESETS
 from alise.modelinfo.source import DEFAULT_MODEL
-from alise.worker.loader import load_model, resolve_dtype
+from alise.worker.model.loader import load_model, resolve_dtype
 from tinymodels import make_tiny_model_dir
 from transformers import GPT2Config
 
@@ -18,7 +18,7 @@ SEP_ID = 102  # [SEP] of the MiniLM WordPiece vocabulary
 
 
 def test_default_preset_is_random_and_says_so(caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.WARNING, logger="alise.worker.loader"):
+    with caplog.at_level(logging.WARNING, logger="alise.worker.model.loader"):
         loaded = load_model(None)
     assert loaded.name == DEFAULT_MODEL == "tiny-llama"
     assert loaded.random_weights
@@ -53,7 +53,8 @@ def test_large_presets_have_the_published_sizes(name: str, billions: float, dtyp
 
 
 def test_tiny_presets_serve_on_the_cpu_in_float32() -> None:
-    from alise.worker.model_runner import ModelRunner, SeqChunk
+    from alise.worker.model.chunk import SeqChunk
+    from alise.worker.model.runner import ModelRunner
 
     for name in [n for n in PRESETS if n.startswith("tiny-")]:
         loaded = load_model(name)
@@ -63,7 +64,7 @@ def test_tiny_presets_serve_on_the_cpu_in_float32() -> None:
 
 
 def test_load_logs_size_and_time(caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.INFO, logger="alise.worker.loader"):
+    with caplog.at_level(logging.INFO, logger="alise.worker.model.loader"):
         load_model("tiny-qwen2")
     line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("loaded "))
     assert re.fullmatch(r"loaded tiny-qwen2 \(qwen2, float32, 0\.0\d B parameters, 0\.\d GB\) in \d+\.\d s", line), line

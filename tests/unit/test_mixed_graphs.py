@@ -13,9 +13,10 @@ import random
 import pytest
 import torch
 
-from alise.worker.cuda_graphs import MixedInputs, mixed_seq_buckets, token_buckets
-from alise.worker.loader import LoadedModel, load_model
-from alise.worker.model_runner import ModelRunner, SeqChunk
+from alise.worker.model.chunk import SeqChunk
+from alise.worker.model.cuda_graphs import MixedInputs, mixed_seq_buckets, token_buckets
+from alise.worker.model.loader import LoadedModel, load_model
+from alise.worker.model.runner import ModelRunner
 
 
 def test_token_and_sequence_buckets() -> None:

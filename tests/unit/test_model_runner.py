@@ -13,9 +13,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from alise.worker.kv_cache import KVCache
-from alise.worker.loader import LoadedModel, load_model
-from alise.worker.model_runner import ModelRunner, SeqChunk
+from alise.worker.model.chunk import SeqChunk
+from alise.worker.model.kv_cache import KVCache
+from alise.worker.model.loader import LoadedModel, load_model
+from alise.worker.model.runner import ModelRunner
 from tinymodels import make_tiny_model_dir
 
 BLOCK_SIZE = 4
@@ -158,7 +159,7 @@ def test_block_bytes_and_budget(tiny_llama: LoadedModel) -> None:
 
 
 def test_fresh_batch_metadata_pads_masks_and_places_rows() -> None:
-    from alise.worker.attention import build_attention_metadata
+    from alise.worker.model.attention import build_attention_metadata
 
     # Rows: decode (1 token), fresh 3, continuing chunk 2 at position 4, fresh 2, fresh 4.
     meta = build_attention_metadata([7, 0, 4, 0, 0], [1, 3, 2, 2, 4], [[0, 1], [2], [3, 4], [5], [6]],

@@ -13,7 +13,7 @@ from alise.modelinfo.identity import weights_fingerprint
 from alise.modelinfo.served import load_model_info
 from alise.modelinfo.source import resolve_model
 from alise.modelinfo.tokenizer import load_tokenizer
-from alise.worker.loader import load_model
+from alise.worker.model.loader import load_model
 from transformers import AutoTokenizer
 
 
@@ -27,7 +27,7 @@ def test_reading_a_preset_or_a_directory_imports_no_torch(tiny_llama_dir):
     read = "from alise.modelinfo.served import load_model_info; info = load_model_info({!r}); info.tokenizer.encode('a b')"
     assert not torch_after(read.format("tiny-qwen3"))
     assert not torch_after(read.format(str(tiny_llama_dir)))
-    assert torch_after("import alise.worker.loader")  # the check sees torch where it is imported
+    assert torch_after("import alise.worker.model.loader")  # the check sees torch where it is imported
 
 
 @pytest.mark.parametrize("family", ["llama", "opt", "gemma2"])

@@ -7,10 +7,10 @@ import json
 import pytest
 
 from alise.core.latency_model import LatencyModel
-from alise.worker.loader import load_model
-from alise.worker.model_runner import ModelRunner
-from alise.worker.profiler import ProfileGrid, StepProfiler, plan_points, point_chunks, profile_runner, save_profile
-from alise.worker.triton_attention import choose_num_splits
+from alise.worker.kernels.triton_attention import choose_num_splits
+from alise.worker.model.loader import load_model
+from alise.worker.model.profiler import ProfileGrid, StepProfiler, plan_points, point_chunks, profile_runner, save_profile
+from alise.worker.model.runner import ModelRunner
 
 
 def test_points_that_do_not_fit_are_skipped() -> None:

@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 from alise.core.sampling import SamplingParams
-from alise.worker.sampler import Sampler, make_generator
+from alise.worker.model.sampler import Sampler, make_generator
 
 NUM_DRAWS = 4000
 FREQ_TOLERANCE = 0.04

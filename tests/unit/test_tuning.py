@@ -15,14 +15,16 @@ import pytest
 from kernelkit import interpreted
 from test_model_runner import BLOCK_SIZE, NUM_BLOCKS, SCHEDULE, hf_logits, make_sequences, tolerance
 
-from alise.worker.loader import LoadedModel, load_model
-from alise.worker.model_runner import ModelRunner, SeqChunk
+from alise.worker.model.attention import triton_backend
+from alise.worker.model.chunk import SeqChunk
+from alise.worker.model.loader import LoadedModel, load_model
+from alise.worker.model.runner import ModelRunner
 
-triton_attention = interpreted("alise.worker.triton_attention")
-interpreted("alise.worker.triton_unified")
-interpreted("alise.worker.triton_fused")
-tuning = interpreted("alise.worker.tuning")
-from alise.worker.timing import wall_time_s  # noqa: E402
+triton_attention = interpreted("alise.worker.kernels.triton_attention")
+interpreted("alise.worker.kernels.triton_unified")
+interpreted("alise.worker.kernels.triton_fused")
+tuning = interpreted("alise.worker.model.tuning")
+from alise.worker.model.timing import wall_time_s  # noqa: E402
 
 
 @pytest.fixture(scope="module", params=["llama", "opt"])
@@ -34,7 +36,7 @@ def tiny(request: pytest.FixtureRequest, tiny_llama_dir, tiny_opt_dir) -> Loaded
 def test_planner_runs_every_decision_and_the_plan_computes_the_same(tiny: LoadedModel) -> None:
     runner = ModelRunner(tiny, num_blocks=NUM_BLOCKS, block_size=BLOCK_SIZE, max_num_seqs=2, max_num_tokens=16,
                          fast_kernels=False, use_cuda_graphs=False)
-    runner.attention_backend = triton_attention.TRITON_BACKEND
+    runner.attention_backend = triton_backend()
     plan = tuning.plan_kernels(runner, timer=wall_time_s)
     assert not [line for line in plan.report if "failed" in line or "left out" in line], plan.report
     assert sorted(plan.unified) == [16]

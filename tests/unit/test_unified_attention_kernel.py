@@ -4,7 +4,7 @@ Each case is a step as the serving loop builds them: decode rows, fresh prompts 
 start mid-sequence (``start_pos > 0``), over shuffled block tables, with padding sequences (no
 rows) and padding rows (in no sequence) as a CUDA graph's buckets have them. The output is
 poisoned with NaN first: every real row must be written and within the dtype's rounding of the
-float32 reference (``alise.worker.attention.unified_attention``); padding rows must stay NaN.
+float32 reference (``alise.worker.model.attention.unified_attention``); padding rows must stay NaN.
 A negative control (one key too few for one sequence) must fail the same bound.
 
 Run: ``pip install -e '.[kernels]'`` then ``pytest tests/unit/test_unified_attention_kernel.py``
@@ -20,7 +20,7 @@ import torch
 from kernelcases import make_step, reference
 from kernelkit import TOLERANCE, interpreted, relative_error
 
-unified = interpreted("alise.worker.triton_unified")
+unified = interpreted("alise.worker.kernels.triton_unified")
 
 
 # (name, rows, heads, kv_heads, head_dim, block_size, config index)

@@ -19,7 +19,7 @@ def blocks_for(num_tokens: int, block_size: int) -> int:
 
 
 #: Blocks a quantized KV cache occupies per full-precision block, as an exact fraction
-#: (numerator, denominator) of a 16-bit cache. The worker's layout (``alise.worker.kv_offload``)
+#: (numerator, denominator) of a 16-bit cache. The worker's layout (``alise.worker.model.kv_offload``)
 #: packs, per layer and K/V, the codes (``bits / 8`` bytes per value) followed by an fp16 scale
 #: and an fp16 zero point per group of 32 channels (4 / 32 bytes per value): 1.125 of 2 bytes
 #: for int8 = 9/16, 0.625 of 2 bytes for int4 = 5/16. A 32-bit cache needs less than that and

@@ -24,8 +24,23 @@ import hashlib
 import json
 import struct
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+@dataclass(frozen=True)
+class ModelIdentity:
+    """What a worker's hello says about the model it serves."""
+
+    name: str
+    device: str
+    vocab_size: int
+    block_bytes: int
+    #: ``model_fingerprint`` of the config ("" = not compared).
+    model_id: str = ""
+    #: ``weights_fingerprint`` of a directory, ``samples_fingerprint`` of random weights ("" = not compared).
+    weights: str = ""
+
 
 #: Config fields that identify an architecture (those a config lacks are skipped).
 FIELDS = ("model_type", "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",

@@ -64,8 +64,8 @@ def measure_cpu_profile(model: str = "tiny-llama", *, batches=(1, 2, 4, 8, 16),
     from alise.core.commands import Admit
     from alise.core.sampling import SamplingParams
     from alise.worker.engine import WorkerEngine
-    from alise.worker.loader import load_model
-    from alise.worker.model_runner import ModelRunner
+    from alise.worker.model.loader import load_model
+    from alise.worker.model.runner import ModelRunner
 
     loaded = load_model(model, seed=seed)
     max_ctx = max(c for c in contexts if c + num_decode_steps + 1 < loaded.max_model_len)

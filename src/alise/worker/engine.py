@@ -5,7 +5,7 @@ pause with a KV action, resume, abort) and runs one model step per plan over its
 sequences: each one whose next token is ready decodes it, and each one the plan lists in
 ``chunks`` feeds that many of its uncomputed tokens (chunked prefill). Sequences join and
 leave at step boundaries. No torch here: the forward pass and sampling are an
-:class:`Executor`'s (``alise.worker.executor.ModelExecutor`` on a real worker, the latency
+:class:`Executor`'s (``alise.worker.model.executor.ModelExecutor`` on a real worker, the latency
 model's in the simulator, which runs this very engine), the KV bytes a ``KvMover``'s.
 
 Aborts are not commands of a plan: they come at once (``abort``, from an ``AbortJobs`` on the

@@ -1,6 +1,6 @@
 """The worker process: one model replica that dials the scheduler.
 
-It loads the model, sizes its KV cache, serves ``grpc.health.v1`` on its own port
+It loads the model (``alise.worker.model.serving``: the one place torch comes in), serves ``grpc.health.v1`` on its own port
 (NOT_SERVING while loading or disconnected, SERVING while attached to a scheduler), and
 holds the ``WorkerService.Connect`` stream. Plans arrive ahead of the step the worker runs;
 a step thread (``alise.worker.step_loop``) takes them one after another, each as soon as the
@@ -17,100 +17,20 @@ import logging
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 
 import grpc
-import torch
 from alise.client.channel import make_aio_channel
 from alise.common import grpc_server, wire
 from alise.common.metrics import WorkerMetrics, serve_metrics
-from alise.modelinfo.identity import samples_fingerprint, weights_fingerprint
 from alise.core.commands import AbortJobs, Shutdown, StepPlan, StepReport, Welcome
 from alise.core.latency_model import LatencyModel
+from alise.modelinfo.identity import ModelIdentity
 from alise.v1 import worker_pb2, worker_pb2_grpc
 from alise.worker.config import WorkerConfig
 from alise.worker.engine import WorkerEngine
-from alise.worker.executor import make_worker_engine
-from alise.worker.hf_runner import TransformersRunner
-from alise.worker.kv_cache import KVCache
-from alise.worker.loader import LoadedModel, load_model
-from alise.worker.model_runner import ModelRunner
 from alise.worker.step_loop import StepLoop
 
 logger = logging.getLogger(__name__)
-
-
-def size_kv_cache(loaded: LoadedModel, config: WorkerConfig) -> int:
-    """Number of device blocks: as configured, else what the memory budget holds."""
-    if config.num_device_blocks:
-        return config.num_device_blocks
-    if loaded.device.type == "cuda":
-        free_bytes, total_bytes = torch.cuda.mem_get_info(loaded.device)
-        # vLLM's meaning: the share is of the whole device, and what is in use now (the
-        # weights, anything else on it) comes out of it.
-        budget = int(total_bytes * config.gpu_memory_utilization) - (total_bytes - free_bytes)
-        if budget <= 0:
-            raise ValueError(f"gpu_memory_utilization {config.gpu_memory_utilization} leaves no room for the "
-                             f"KV cache: {(total_bytes - free_bytes) / 2**30:.1f} GiB of the device's "
-                             f"{total_bytes / 2**30:.1f} GiB are in use with the weights loaded")
-    else:
-        budget = config.kv_cache_bytes
-    blocks = KVCache.num_blocks_for_budget(loaded.config, config.block_size, loaded.dtype, budget)
-    if blocks < 1:
-        raise ValueError(f"not even one KV block fits in {budget} bytes")
-    # More blocks than the context can address per sequence times the batch is waste.
-    cap = -(-loaded.max_model_len // config.block_size) * config.max_num_seqs
-    return min(blocks, cap)
-
-
-def load_latency_profile(runner: ModelRunner, config: WorkerConfig) -> LatencyModel | None:
-    """Measures (``profile_latency``) or loads (``latency_profile``) this worker's latency profile."""
-    if config.profile_latency:
-        from alise.worker.profiler import profile_runner, save_profile
-
-        model = profile_runner(runner, max_num_seqs=config.max_num_seqs, command="alise worker --profile-latency")
-        logger.info("latency profile measured: c0 %.3f ms, c_ctx %.3g s/token, c_pre %.3g s/token, "
-                    "c_mixed %.3f ms, c_chunk %.3f ms (fit error mean %.1f%%, max %.1f%%)",
-                    model.c0_s * 1e3, model.c_ctx_s, model.c_pre_s, model.c_mixed_s * 1e3, model.c_chunk_s * 1e3,
-                    100 * model.meta["fit_mean_rel_error"], 100 * model.meta["fit_max_rel_error"])
-        if config.latency_profile:
-            save_profile(model, config.latency_profile)
-            logger.info("latency profile written to %s", config.latency_profile)
-        return model
-    if config.latency_profile:
-        return LatencyModel.load(config.latency_profile)
-    return None
-
-
-@dataclass(frozen=True)
-class ModelIdentity:
-    """What a worker's hello says about the model it serves."""
-
-    name: str
-    device: str
-    vocab_size: int
-    block_bytes: int
-    model_id: str = ""
-    #: ``alise.modelinfo.identity``'s fingerprint of the weights ("" = not compared).
-    weights: str = ""
-
-    @classmethod
-    def of(cls, loaded: LoadedModel, block_size: int) -> ModelIdentity:
-        weights = (random_weights_fingerprint(loaded.model) if loaded.random_weights
-                   else weights_fingerprint(loaded.name))
-        return cls(loaded.name, str(loaded.device), loaded.config.vocab_size,
-                   KVCache.block_bytes(loaded.config, block_size, loaded.dtype), loaded.model_id,
-                   weights)
-
-
-def random_weights_fingerprint(model: torch.nn.Module, num_tensors: int = 4, num_values: int = 256) -> str:
-    """Random weights (a preset's: they depend on its seed, device and dtype), by the bytes of
-    the first ``num_values`` values of ``num_tensors`` matrices spread over the model."""
-    matrices = sorted((name, t) for name, t in model.state_dict().items() if t.dim() >= 2)
-    picks = [matrices[round(i * (len(matrices) - 1) / max(num_tensors - 1, 1))] for i in range(num_tensors)]
-    return samples_fingerprint(
-        (name, t.detach().flatten()[:num_values].cpu().contiguous().view(torch.uint8).numpy().tobytes())
-        for name, t in picks)
 
 
 class Worker:
@@ -128,7 +48,7 @@ class Worker:
         self._held: list = []
         self._held_from = ""
         self._scheduler_id = ""
-        self.loaded: LoadedModel | None = None
+        self._free_cached_memory = None  # the loaded model's, after a failed step
         self.latency_model: LatencyModel | None = None
         self.health: grpc_server.ServingStatus | None = None
         self.health_port = 0
@@ -157,30 +77,15 @@ class Worker:
         await self._health_server.start()
 
     async def load(self) -> None:
-        cfg = self.config
-        loop = asyncio.get_running_loop()
-        if self.engine is not None:
-            self._open_outputs()
-            return
-        self.loaded = await loop.run_in_executor(self._executor, lambda: load_model(
-            cfg.model, device=cfg.device, dtype=cfg.dtype, seed=cfg.seed,
-            max_model_len=cfg.max_model_len))
-        num_blocks = size_kv_cache(self.loaded, cfg)
-        runner_class = TransformersRunner if cfg.runner == "transformers" else ModelRunner
-        # The paged runner's mixed-step graphs cover the serving loop's token budget.
-        sizes = dict(max_num_tokens=cfg.token_budget, fast_kernels=None if cfg.fast_kernels else False,
-                     plan_file=cfg.kernel_plan) if runner_class is ModelRunner else {}
-        runner = await loop.run_in_executor(self._executor, lambda: runner_class(
-            self.loaded, num_blocks=num_blocks, block_size=cfg.block_size, max_num_seqs=cfg.max_num_seqs,
-            use_cuda_graphs=None if cfg.cuda_graphs else False, **sizes))
-        self.latency_model = await loop.run_in_executor(self._executor, lambda: load_latency_profile(runner, cfg))
-        self.engine = make_worker_engine(runner, eos_token_id=self.loaded.eos_token_id,
-                                         max_model_len=self.loaded.max_model_len,
-                                         num_host_blocks=cfg.num_host_blocks)
-        self.identity = await loop.run_in_executor(self._executor, ModelIdentity.of, self.loaded, cfg.block_size)
+        if self.engine is None:
+            # Torch comes in here, with the model: the serving mechanism itself never needs it.
+            from alise.worker.model.serving import load_served_model
+
+            loop = asyncio.get_running_loop()
+            served = await loop.run_in_executor(self._executor, load_served_model, self.config)
+            self.engine, self.identity, self.latency_model = served.engine, served.identity, served.latency_model
+            self._free_cached_memory = served.free_cached_memory
         self._open_outputs()
-        logger.info("worker %s: %s on %s (%s), %d KV blocks of %d tokens, %s runner", self.worker_id,
-                    self.loaded.name, self.loaded.device, self.loaded.dtype, num_blocks, cfg.block_size, cfg.runner)
 
     def _open_outputs(self) -> None:
         cfg = self.config
@@ -285,8 +190,8 @@ class Worker:
                     task.cancel()
                 call.cancel()
                 await steps.close()
-                if steps.failed.is_set() and self.loaded is not None and self.loaded.device.type == "cuda":
-                    torch.cuda.empty_cache()
+                if steps.failed.is_set() and self._free_cached_memory is not None:
+                    self._free_cached_memory()
             # Kept only when the stream just broke (EOF): the scheduler did not say goodbye, and
             # no step failed half-way.
             return read in done and read.result() is None and not steps.failed.is_set()
@@ -325,7 +230,7 @@ class Worker:
         return dict(cycles=0, wait_s=0.0, execute_s=0.0,
                     decode=[0, 0.0, 0, 0], mixed=[0, 0.0, 0, 0])
 
-    def _count_cycle(self, wait_s: float, execute_s: float, report: StepReport) -> None:
+    def count_cycle(self, wait_s: float, execute_s: float, report: StepReport) -> None:
         """Sums where the worker's time goes; logs them every ``log_cycle_times_s``."""
         c = self._cycle
         c["cycles"] += 1
@@ -352,7 +257,7 @@ class Worker:
         self._cycle = self._new_cycle_sums()
         self._cycle_logged_s = now
 
-    def _execute(self, plan: StepPlan, waited_s: float | None = None) -> StepReport:
+    def execute(self, plan: StepPlan, waited_s: float | None = None) -> StepReport:
         """Runs one plan on the engine (in the step thread); ``waited_s``: how long it waited
         for this plan with jobs running (None: it had none)."""
         if waited_s is not None:
@@ -368,6 +273,9 @@ class Worker:
         for r in report.refused:
             m.refused.labels(r.command).inc()
         return report
+
+    def step_failed(self) -> None:
+        self.metrics.step_failures.inc()
 
     def _state_metrics(self):
         engine = self.engine

@@ -15,12 +15,10 @@ import queue
 import threading
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from alise.core.commands import AbortJobs, StepPlan, StepReport
-
-if TYPE_CHECKING:
-    from alise.worker.service import Worker
+from alise.worker.engine import WorkerEngine
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +33,21 @@ class Close:
     """The session is over: the thread ends after its current step."""
 
 
+class StepHost(Protocol):
+    """What the step thread runs plans on (the worker service)."""
+
+    engine: WorkerEngine
+
+    def execute(self, plan: StepPlan, waited_s: float | None) -> StepReport:
+        """Runs one plan on the engine; ``waited_s``: how long it waited with jobs running."""
+
+    def count_cycle(self, wait_s: float, execute_s: float, report: StepReport) -> None:
+        """Where one cycle's time went: waiting for the plan, executing it."""
+
+    def step_failed(self) -> None:
+        """A step raised (its jobs may be half-advanced)."""
+
+
 class StepLoop:
     """The step thread of one session: runs plans in order, each as soon as the step before
     it is done; aborts received meanwhile are applied first, at the step boundary.
@@ -43,7 +56,7 @@ class StepLoop:
     a kernel error) sets ``failed``: its sequences may be half-advanced, so the session ends,
     every job goes back to the scheduler and the worker reconnects with a clean engine."""
 
-    def __init__(self, worker: Worker, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, worker: StepHost, loop: asyncio.AbstractEventLoop) -> None:
         self.worker = worker
         self.loop = loop
         self.reports: asyncio.Queue = asyncio.Queue()
@@ -85,18 +98,18 @@ class StepLoop:
                     if report is None:
                         return
                     now = time.monotonic()
-                    self.worker._count_cycle(started - done_s, now - started, report)
+                    self.worker.count_cycle(started - done_s, now - started, report)
                     done_s = now
                     busy = report.step_duration_s > 0 and engine.num_running > 0
 
     def _execute(self, plan: StepPlan, waited_s: float | None) -> StepReport | None:
         """Runs the plan and sends its report back; None when the step raised."""
         try:
-            report = self.worker._execute(plan, waited_s)
+            report = self.worker.execute(plan, waited_s)
         except Exception:
             logger.exception("step %d failed; this worker's jobs go back to the scheduler and it "
                              "reconnects", plan.step_id)
-            self.worker.metrics.step_failures.inc()
+            self.worker.step_failed()
             self.loop.call_soon_threadsafe(self.failed.set)
             return None
         self.loop.call_soon_threadsafe(self.reports.put_nowait, report)

@@ -27,7 +27,7 @@ back in full precision. Why G = 32: the scale/zero overhead is 12.5 % of an int8
 and 25 % of an int4 one, and 32 channels is the granularity at which int4 KV keeps the
 model's logits within a few per cent (KIVI-style; figures in tests/unit/test_kv_quant.py).
 On CUDA with Triton, quantizing from full precision and dequantizing run as fused kernels
-(:mod:`alise.worker.triton_kvquant`: the pages are read in place, the same bytes come out);
+(:mod:`alise.worker.kernels.triton_kvquant`: the pages are read in place, the same bytes come out);
 elsewhere, and for int8 -> int4, the torch codec below.
 
 Host pool
@@ -50,8 +50,8 @@ from __future__ import annotations
 import torch
 
 from alise.core.blocks import QUANTIZED_FRACTION
-from alise.worker import triton_kvquant
-from alise.worker.kv_cache import KVCache
+from alise.worker.kernels import triton_kvquant
+from alise.worker.model.kv_cache import KVCache
 
 GROUP_SIZE = 32
 #: Bound on the device memory a move borrows for staging and dequantized values.

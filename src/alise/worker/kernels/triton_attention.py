@@ -1,6 +1,6 @@
 """Paged decode attention and the K/V page write as Triton kernels (CUDA only).
 
-Same contracts as the torch reference in :mod:`alise.worker.attention`:
+Same contracts as the torch reference in :mod:`alise.worker.model.attention`:
 
 - :func:`decode_attention` -- one query token per sequence, ``query [B, num_heads, head_dim]``,
   attends to the first ``context_lens[b]`` positions behind ``block_tables[b]``. It reads the
@@ -32,8 +32,7 @@ import os
 
 import torch
 
-from alise.worker.attention import AttentionBackend
-from alise.worker.triton_unified import LOG2E, check_window_softcap, softcap_factors, unified_attention
+from alise.worker.kernels.triton_unified import LOG2E, check_window_softcap, softcap_factors
 
 try:
     import triton
@@ -42,7 +41,7 @@ except ImportError:  # the CPU image has no Triton; the torch reference serves t
     triton = None
     tl = None
 if triton is not None:
-    from alise.worker.triton_unified import tanh
+    from alise.worker.kernels.triton_unified import tanh
 
 #: Launch configuration of the decode kernel; ALISE_DECODE_KERNEL_CONFIG, a JSON object with some
 #: of these keys, overrides it at import. ``block_n`` keys per inner-loop tile; ``num_warps`` and
@@ -266,7 +265,7 @@ def decode_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: 
                      num_splits: int | None = None, out: torch.Tensor | None = None,
                      fused_merge: bool = False, window: int | None = None,
                      softcap: float | None = None) -> torch.Tensor:
-    """Triton version of :func:`alise.worker.attention.decode_attention` (same arguments and result).
+    """Triton version of :func:`alise.worker.model.attention.decode_attention` (same arguments and result).
 
     ``block_tables [B, width]`` may be wider than any context (a graph's static width): only the
     pages a sequence's context (its last ``window`` keys, with a window) covers are read.
@@ -322,7 +321,7 @@ def decode_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: 
 
 def write_kv(key_cache: torch.Tensor, value_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
              slot_mapping: torch.Tensor) -> None:
-    """Triton version of :func:`alise.worker.attention.write_kv`; rows with a negative slot are skipped."""
+    """Triton version of :func:`alise.worker.model.attention.write_kv`; rows with a negative slot are skipped."""
     num_tokens, num_kv_heads, head_dim = key.shape
     if num_tokens == 0:
         return
@@ -337,5 +336,3 @@ def write_kv(key_cache: torch.Tensor, value_cache: torch.Tensor, key: torch.Tens
         BLOCK_D=_next_pow2(head_dim), num_warps=4,
     )
 
-
-TRITON_BACKEND = AttentionBackend("triton", write_kv, decode_attention, unified_attention)

@@ -17,7 +17,7 @@ tokens is the only sync, and the next :meth:`DecodeInputs.fill` waits for the pr
 A mixed step (prefill chunks at any start position beside decodes, as chunked prefill feeds
 them) has two shapes, its row count ``T`` and its sequence count ``S``; both are padded up to a
 bucket and attention runs as one unified-kernel launch whose grid depends on ``(T, S)`` only
-(:mod:`alise.worker.triton_unified`), so one graph serves any split of the rows among the
+(:mod:`alise.worker.kernels.triton_unified`), so one graph serves any split of the rows among the
 sequences. :class:`MixedInputs` and :class:`MixedGraphs` mirror the decode pair.
 """
 
@@ -31,13 +31,13 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from alise.worker.attention import AttentionMetadata, UnifiedStep
+from alise.worker.model.attention import AttentionMetadata, UnifiedStep
 
 logger = logging.getLogger(__name__)
 
 
 class DecodeChunk(Protocol):
-    """What a decode step needs of a :class:`alise.worker.model_runner.SeqChunk`."""
+    """What a decode step needs of a :class:`alise.worker.model.runner.SeqChunk`."""
 
     token_ids: list[int]
     start_pos: int

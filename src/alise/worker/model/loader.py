@@ -16,9 +16,9 @@ Two sources, one result type:
 Which of the two a name is, the config's fields and the tokenizer are :mod:`alise.modelinfo`'s
 (torch-free, the scheduler's too); this module builds the transformers config and the weights.
 
-The families served are those :mod:`alise.worker.families` describes (model_type llama, mistral,
+The families served are those :mod:`alise.worker.model.families` describes (model_type llama, mistral,
 qwen2, qwen3, phi3, gemma2, gemma3_text, mixtral, qwen3_moe, opt), because
-:mod:`alise.worker.model_runner` runs their forward passes itself over the paged KV cache. The
+:mod:`alise.worker.model.runner` runs their forward passes itself over the paged KV cache. The
 config is checked first (family, rotary scaling, ``max_model_len``), before any weight is read.
 
 ``dtype="auto"`` is float32 on the CPU; elsewhere the checkpoint's (or preset's) own dtype,
@@ -44,7 +44,7 @@ from transformers import (
 from alise.modelinfo.presets import preset_fields
 from alise.modelinfo.source import context_limit, resolve_model
 from alise.modelinfo.tokenizer import load_tokenizer
-from alise.worker.families import describe, hf_attention
+from alise.worker.model.families import describe, hf_attention
 
 logger = logging.getLogger(__name__)
 
@@ -54,10 +54,10 @@ _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.flo
 
 @dataclass
 class LoadedModel:
-    """A model ready for :class:`alise.worker.model_runner.ModelRunner`.
+    """A model ready for :class:`alise.worker.model.runner.ModelRunner`.
 
     ``model`` is in eval mode, on ``device``, in ``dtype``. ``family`` is its
-    :class:`alise.worker.families.DecoderSpec`'s (``gemma3`` for model_type ``gemma3_text``).
+    :class:`alise.worker.model.families.DecoderSpec`'s (``gemma3`` for model_type ``gemma3_text``).
     ``max_model_len`` (tokens, prompt plus output) never exceeds the architecture's position
     limit. ``random_weights`` is True for presets: their outputs are meaningless text, and every
     report should say so.

@@ -1,6 +1,6 @@
 """What a decoder computes, as data: one frozen :class:`DecoderSpec` per model, built from its
-config by :mod:`alise.worker.families.describe`, run by the one forward pass of
-:mod:`alise.worker.decoder`.
+config by :mod:`alise.worker.model.families.describe`, run by the one forward pass of
+:mod:`alise.worker.model.decoder`.
 
 The decoders served here share one shape (pre-norm residual blocks of attention and a gated
 MLP); what differs between families is a handful of choices, each a field below:

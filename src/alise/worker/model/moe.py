@@ -16,7 +16,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from alise.worker.families.spec import MoeSpec
+from alise.worker.model.families.spec import MoeSpec
 
 
 def route(x: torch.Tensor, router_weight: torch.Tensor, spec: MoeSpec) -> tuple[torch.Tensor, torch.Tensor]:

@@ -24,9 +24,10 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from alise.worker import attention as ref
-from alise.worker.cuda_graphs import decode_buckets, token_buckets
-from alise.worker.kernel_plan import (
+from alise.worker.model import attention as ref
+from alise.worker.model.chunk import SeqChunk
+from alise.worker.model.cuda_graphs import decode_buckets, token_buckets
+from alise.worker.model.kernel_plan import (
     FUSED_ACTIVATIONS,
     KernelPlan,
     blas_library,
@@ -35,7 +36,7 @@ from alise.worker.kernel_plan import (
     rotate_half,
     torch_linear,
 )
-from alise.worker.timing import fmt_us, graph_time_s, median_wall_s, rel_error
+from alise.worker.model.timing import fmt_us, graph_time_s, median_wall_s, rel_error
 
 logger = logging.getLogger(__name__)
 
@@ -79,7 +80,7 @@ class Planner:
     # ------------------------------------------------------------------ norms and rotary
 
     def pick_norm(self) -> None:
-        from alise.worker.triton_fused import add_norm
+        from alise.worker.kernels.triton_fused import add_norm
 
         norm = self.runner._weights[0].input_norm
         kind = self.runner.spec.norm
@@ -102,7 +103,7 @@ class Planner:
                   f"-> {'fused' if self.plan.fused_norm else 'torch'}")
 
     def pick_act(self) -> None:
-        from alise.worker.triton_fused import act_mul
+        from alise.worker.kernels.triton_fused import act_mul
 
         runner = self.runner
         activation = FUSED_ACTIVATIONS.get(runner.spec.activation)
@@ -126,7 +127,7 @@ class Planner:
                   f"{fmt_us(plain)} -> {'fused' if self.plan.fused_act else 'torch'}")
 
     def pick_rope(self) -> None:
-        from alise.worker.triton_fused import rope_write_kv
+        from alise.worker.kernels.triton_fused import rope_write_kv
 
         tables = list(self.runner._rope.values())
         if not tables:
@@ -198,7 +199,7 @@ class Planner:
                     scale=self.head_dim ** -0.5)
 
     def pick_unified(self) -> None:
-        from alise.worker import triton_unified
+        from alise.worker.kernels import triton_unified
 
         group = self.num_heads // self.num_kv_heads
         check = self.step_tensors([(37, 1), (0, 70), (max(0, self.context - 40), 40), (3, 1)], own_pages=True)
@@ -239,7 +240,7 @@ class Planner:
 
     def pick_long_prompts(self, passing: list) -> None:
         """Fresh prompts longer than the largest bucket: the unified kernel or flash SDPA."""
-        from alise.worker import triton_unified
+        from alise.worker.kernels import triton_unified
 
         length = min(2048, self.runner.max_model_len)
         case = self.step_tensors([(0, length)])
@@ -255,7 +256,7 @@ class Planner:
                   f"{'per chunk' if self.plan.unified_max_tokens else 'unified too'}")
 
     def pick_decode_splits(self) -> None:
-        from alise.worker import triton_attention
+        from alise.worker.kernels import triton_attention
 
         runner = self.runner
         contexts = sorted({self.context, min(2048, runner.max_model_len - 1)})
@@ -279,7 +280,7 @@ class Planner:
     def pick_fused_merge(self) -> None:
         """The merge inside the decode launch, where the chosen splits exceed one: checked on fresh
         data several times (a missing ordering shows as an intermittent error), then timed."""
-        from alise.worker import triton_attention
+        from alise.worker.kernels import triton_attention
 
         batches = [b for b, k in self.plan.decode_splits.items() if k > 1]
         if not batches:
@@ -310,7 +311,7 @@ class Planner:
     # ------------------------------------------------------------------ matmuls
 
     def pick_linears(self) -> None:
-        from alise.worker import triton_fused
+        from alise.worker.kernels import triton_fused
 
         runner = self.runner
         weights = runner._matmuls(0)
@@ -338,7 +339,7 @@ class Planner:
                           f"{times[best] * 1e6:.1f} us ({gbps:.0f} GB/s of weights); cuBLAS {times['cublas'] * 1e6:.1f}")
 
     def check_skinny(self, entry) -> list:
-        from alise.worker import triton_fused
+        from alise.worker.kernels import triton_fused
 
         name, weight, bias, relu = entry
         ok = []
@@ -393,8 +394,6 @@ def keep_faster_mixed_graphs(runner) -> None:
     """Per token bucket, a representative mixed step replayed from its graph against the same step
     eager; buckets whose graph gives other logits (beyond the dtype's rounding) or does not win
     are dropped."""
-    from alise.worker.model_runner import SeqChunk
-
     planner = Planner(runner)
     graphs = runner.mixed_graphs
     keep = []

@@ -26,10 +26,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from alise.worker.attention import AttentionMetadata, paged_attention
-from alise.worker.fused_weights import fuse_linears
-from alise.worker.families.spec import DecoderSpec
-from alise.worker.moe import routed_experts
+from alise.worker.model.attention import AttentionMetadata, paged_attention
+from alise.worker.model.families.spec import DecoderSpec
+from alise.worker.model.fused_weights import fuse_linears
+from alise.worker.model.moe import routed_experts
 
 #: OPT's learned position table reserves its first two rows (a fairseq legacy).
 OPT_POSITION_OFFSET = 2
@@ -116,7 +116,7 @@ def rope_tables(body: nn.Module, spec: DecoderSpec, max_len: int, device: torch.
 
 
 class DecoderPass:
-    """The forward passes of :class:`alise.worker.model_runner.ModelRunner` (see the module
+    """The forward passes of :class:`alise.worker.model.runner.ModelRunner` (see the module
     docstring). Set by the runner: ``spec``, ``ops``, ``kv_cache``, ``attention_backend``,
     ``model``, ``_body``, ``_weights``, ``_qkv``, ``_rope``, ``_head_dim``."""
 

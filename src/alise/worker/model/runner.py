@@ -2,9 +2,9 @@
 
 A step is a list of :class:`SeqChunk` (prefill chunks and single decode tokens, freely mixed).
 Their tokens are flattened into one ``[T, hidden]`` batch, so every linear layer runs once over all
-of them; only attention splits by sequence (see :mod:`alise.worker.attention`). What the layers
-compute is the model's :class:`DecoderSpec` (:mod:`alise.worker.families`), run by the one decoder
-forward of :mod:`alise.worker.decoder` (OPT keeps its own); the layers reuse the Hugging Face
+of them; only attention splits by sequence (see :mod:`alise.worker.model.attention`). What the layers
+compute is the model's :class:`DecoderSpec` (:mod:`alise.worker.model.families`), run by the one decoder
+forward of :mod:`alise.worker.model.decoder` (OPT keeps its own); the layers reuse the Hugging Face
 module's parameters in place: nothing is copied, and a checkpoint loads the usual way.
 
 Invariant kept across steps: after ``execute``, the K/V of every fed token sits in its sequence's
@@ -14,11 +14,11 @@ block tables and positions; the runner trusts nothing and validates both.
 Fast path on CUDA: Q/K/V (and the gate/up) projections run as one fused matmul each (the HF
 modules' weights become views into the fused tensor, so the HF model still works and shares
 them), attention uses the Triton backend, and the layer ops follow a :class:`KernelPlan` chosen at
-start-up (:mod:`alise.worker.tuning`: residual add fused with the next norm, rotary fused with the
+start-up (:mod:`alise.worker.model.tuning`: residual add fused with the next norm, rotary fused with the
 page write, the matmul backend per shape, the decode kernel's split-K, the unified attention
 kernel for every step that is not all decodes). Pure-decode steps replay CUDA graphs captured per
 batch-size bucket and mixed steps (chunks at any position beside decodes) graphs per token and
-sequence bucket (:mod:`alise.worker.cuda_graphs`); longer steps run eagerly, and so does every
+sequence bucket (:mod:`alise.worker.model.cuda_graphs`); longer steps run eagerly, and so does every
 step of a model with routed experts (their grouping reads counts back to the host). On the CPU
 the same code runs with the torch reference backend, the default plan and no graphs.
 """
@@ -26,44 +26,27 @@ the same code runs with the torch reference backend, the default plan and no gra
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from alise.worker.attention import (
+from alise.worker.model.attention import (
     MIN_BATCHED_FRESH,
     TORCH_BACKEND,
     AttentionBackend,
     build_attention_metadata,
+    triton_backend,
 )
-from alise.worker.cuda_graphs import DecodeGraphs, MixedGraphs
-from alise.worker.decoder import DecoderPass, bind, rope_tables
-from alise.worker.fused_weights import fuse_linears  # noqa: F401  (re-exported for the tests)
-from alise.worker.kernel_plan import KernelPlan, LayerOps
-from alise.worker.kv_cache import KVCache
-from alise.worker.loader import LoadedModel
-from alise.worker.families import describe
+from alise.worker.model.chunk import SeqChunk
+from alise.worker.model.cuda_graphs import DecodeGraphs, MixedGraphs
+from alise.worker.model.decoder import DecoderPass, bind, rope_tables
+from alise.worker.model.families import describe
+from alise.worker.model.kernel_plan import KernelPlan, LayerOps
+from alise.worker.model.kv_cache import KVCache
+from alise.worker.model.loader import LoadedModel
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class SeqChunk:
-    """Tokens of one sequence to feed in one step.
-
-    ``start_pos`` tokens of the sequence are already in the KV cache; ``token_ids`` take positions
-    ``[start_pos, start_pos + len(token_ids))``. ``block_table`` lists the sequence's blocks in
-    order and covers at least ``start_pos + len(token_ids)`` positions.
-    """
-
-    token_ids: list[int]
-    start_pos: int
-    block_table: list[int]
-    #: False for a chunk that does not reach the end of its sequence's known tokens (a prompt
-    #: fed in pieces): its logits are not computed, and ``execute`` returns no row for it.
-    needs_logits: bool = True
 
 
 class RunnerBase:
@@ -99,7 +82,7 @@ class ModelRunner(RunnerBase, DecoderPass):
                  plan_file: str = "") -> None:
         """``attention_backend``: "torch" (reference), "triton" (CUDA), or "auto" (Triton on CUDA when
         available). ``fast_kernels`` (default: on with the Triton backend) checks and times the
-        fused kernels on this device now and keeps the fastest per shape (alise.worker.tuning).
+        fused kernels on this device now and keeps the fastest per shape (alise.worker.model.tuning).
         ``use_cuda_graphs`` (default: on with the Triton backend) captures decode graphs for up to
         ``max_num_seqs`` sequences and, where the unified kernel passed its check, mixed-step
         graphs for up to ``max_num_tokens`` rows (0: none). ``plan_file``: where the kernel plan is
@@ -109,7 +92,7 @@ class ModelRunner(RunnerBase, DecoderPass):
         self.model = loaded.model
         self.config = loaded.config
         self.device = loaded.device
-        #: What the forward computes (alise.worker.families); refuses what it cannot compute exactly.
+        #: What the forward computes (alise.worker.model.families); refuses what it cannot compute exactly.
         self.spec = describe(loaded.config, loaded.max_model_len)
         self.kv_cache = KVCache.from_config(loaded.config, num_blocks=num_blocks, block_size=block_size,
                                             dtype=loaded.dtype, device=loaded.device)
@@ -123,7 +106,7 @@ class ModelRunner(RunnerBase, DecoderPass):
         #: Fresh prompts in a step from which they share one attention call per layer; 0:
         #: never. On by default on CUDA, where a step with prefills runs eagerly and the padded
         #: call saves launches (H200: 4 prompts of 50 beside 58 decodes 36.1 vs 43.6 ms a
-        #: step); off on the CPU, where it measured slower (alise.worker.attention). Unused
+        #: step); off on the CPU, where it measured slower (alise.worker.model.attention). Unused
         #: where the unified kernel runs those steps.
         self.min_batched_fresh = MIN_BATCHED_FRESH if loaded.device.type == "cuda" else 0
         if self.device.type == "cuda":
@@ -137,7 +120,7 @@ class ModelRunner(RunnerBase, DecoderPass):
             fast_kernels = self.attention_backend.name == "triton"
         loaded_plan = False
         if fast_kernels:
-            from alise.worker.tuning import plan_kernels
+            from alise.worker.model.tuning import plan_kernels
 
             cached = self._load_plan(plan_file, max_num_seqs) if plan_file else None
             loaded_plan = cached is not None
@@ -152,12 +135,12 @@ class ModelRunner(RunnerBase, DecoderPass):
         if use_cuda_graphs:
             self._capture_graphs(measure=fast_kernels and not loaded_plan, loaded_plan=loaded_plan)
         if fast_kernels and plan_file and not loaded_plan:
-            from alise.worker.kernel_plan import plan_to_json
+            from alise.worker.model.kernel_plan import plan_to_json
 
             Path(plan_file).write_text(plan_to_json(self.plan, self._plan_key(max_num_seqs)), encoding="utf-8")
 
     def _bind_model(self) -> None:
-        """The HF model's weights as the spec's forward reads them (alise.worker.decoder.bind),
+        """The HF model's weights as the spec's forward reads them (alise.worker.model.decoder.bind),
         its rotary tables, and the layer ops (default plan) for its norm and activation."""
         self._body, self._weights = bind(self.model, self.spec)
         self._qkv = [w.qkv for w in self._weights]
@@ -194,7 +177,7 @@ class ModelRunner(RunnerBase, DecoderPass):
                     max_num_seqs=max_num_seqs, max_num_tokens=self.max_num_tokens, block_size=self.block_size)
 
     def _load_plan(self, plan_file: str, max_num_seqs: int) -> KernelPlan | None:
-        from alise.worker.kernel_plan import plan_from_json
+        from alise.worker.model.kernel_plan import plan_from_json
 
         path = Path(plan_file)
         if not path.exists():
@@ -216,7 +199,7 @@ class ModelRunner(RunnerBase, DecoderPass):
             self.mixed_graphs = None
             return
         if measure:
-            from alise.worker.tuning import keep_faster_mixed_graphs
+            from alise.worker.model.tuning import keep_faster_mixed_graphs
 
             keep_faster_mixed_graphs(self)
 
@@ -302,10 +285,10 @@ def _pick_backend(name: str, device: torch.device) -> AttentionBackend:
         return TORCH_BACKEND
     if name not in ("auto", "triton"):
         raise ValueError(f"attention_backend must be 'auto', 'torch' or 'triton', got {name!r}")
-    from alise.worker import triton_attention
+    from alise.worker.kernels import triton_attention
 
     if device.type == "cuda" and triton_attention.is_available():
-        return triton_attention.TRITON_BACKEND
+        return triton_backend()
     if name == "triton":
         raise ValueError(f"the triton attention backend needs Triton and a CUDA device, got {device}")
     return TORCH_BACKEND

@@ -1,6 +1,6 @@
 """The baseline runner: the plain transformers forward with transformers' own ``DynamicCache``.
 
-Same interface as :class:`alise.worker.model_runner.ModelRunner` (``execute(chunks)`` returns float32
+Same interface as :class:`alise.worker.model.runner.ModelRunner` (``execute(chunks)`` returns float32
 next-token logits ``[len(chunks), vocab]``), so the engine and the whole serving stack run unchanged
 on top of it, and a serving benchmark can compare the two forwards end to end. It does what a
 simple transformers server with batching does:
@@ -32,9 +32,10 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
-from alise.worker.kv_cache import KVCache, KVShape
-from alise.worker.loader import LoadedModel
-from alise.worker.model_runner import RunnerBase, SeqChunk
+from alise.worker.model.chunk import SeqChunk
+from alise.worker.model.kv_cache import KVCache, KVShape
+from alise.worker.model.loader import LoadedModel
+from alise.worker.model.runner import RunnerBase
 
 _PLACEHOLDER_SHAPE = KVShape(num_layers=1, num_kv_heads=1, head_dim=32)
 

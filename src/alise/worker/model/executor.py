@@ -14,9 +14,9 @@ import torch
 
 from alise.worker.engine import Feed, WorkerEngine
 from alise.worker.kv_manager import KvManager
-from alise.worker.kv_offload import TorchKvMover
-from alise.worker.model_runner import SeqChunk
-from alise.worker.sampler import Sampler, make_generator
+from alise.worker.model.chunk import SeqChunk
+from alise.worker.model.kv_offload import TorchKvMover
+from alise.worker.model.sampler import Sampler, make_generator
 
 
 class ModelExecutor:

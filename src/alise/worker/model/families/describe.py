@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 from transformers import PretrainedConfig
 
-from alise.worker.families.spec import DecoderSpec, LayerSpec, MoeSpec, RopeTable, WeightPaths
+from alise.worker.model.families.spec import DecoderSpec, LayerSpec, MoeSpec, RopeTable, WeightPaths
 
 #: Rotary scalings whose angles depend on the position only (one table serves every sequence).
 STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")

@@ -1,6 +1,6 @@
 """Which kernel each piece of a step runs on this device, and the layer ops that follow the choice.
 
-A :class:`KernelPlan` is decided once, at start-up, by :mod:`alise.worker.tuning` (each fast
+A :class:`KernelPlan` is decided once, at start-up, by :mod:`alise.worker.model.tuning` (each fast
 kernel checked against its torch reference on the device, then timed against the alternatives
 per shape); the default plan is the plain torch path, which is also what the CPU runs. The
 :class:`LayerOps` of a runner read the plan at every call, so a CUDA graph captured after the
@@ -26,7 +26,7 @@ class KernelPlan:
     """The chosen implementation of each piece. Defaults: torch everywhere (cuBLAS matmuls, torch
     norms and rotary, the per-chunk attention path for prefill, no mixed-step graphs)."""
 
-    #: Residual add + norm as one Triton kernel (alise.worker.triton_fused.add_norm), for every
+    #: Residual add + norm as one Triton kernel (alise.worker.kernels.triton_fused.add_norm), for every
     #: norm of the model (LayerNorm, RMSNorm, Gemma's unit-offset RMSNorm).
     fused_norm: bool = False
     #: The gated activation act(gate) * up as one Triton kernel (SiLU or GELU-tanh).
@@ -111,7 +111,7 @@ FUSED_ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh"}
 
 class LayerOps:
     """The matmuls, norms and rotary of a forward pass, dispatched by a :class:`KernelPlan`.
-    ``norm_kind`` and ``activation`` are the model's (alise.worker.families.spec): what the fused
+    ``norm_kind`` and ``activation`` are the model's (alise.worker.model.families.spec): what the fused
     kernels must compute where the plan picks them; the torch path calls the HF modules."""
 
     def __init__(self, plan: KernelPlan | None = None, *, norm_kind: str = "rms", activation: str = "silu") -> None:
@@ -127,7 +127,7 @@ class LayerOps:
         if choice == "cublaslt":
             with blas_library("cublaslt"):
                 return torch_linear(x, weight, bias, relu)
-        from alise.worker.triton_fused import skinny_linear
+        from alise.worker.kernels.triton_fused import skinny_linear
 
         return skinny_linear(x, weight, bias, relu=relu, config=choice)
 
@@ -135,7 +135,7 @@ class LayerOps:
                  norm: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
         """``(s, norm(s))`` with ``s = hidden + delta`` (``hidden`` when ``delta`` is None)."""
         if self.plan.fused_norm:
-            from alise.worker.triton_fused import add_norm
+            from alise.worker.kernels.triton_fused import add_norm
 
             weight, bias, eps = norm_params(norm)
             return add_norm(hidden, delta, weight, bias, eps, kind=self.norm_kind)
@@ -152,7 +152,7 @@ class LayerOps:
     def gated(self, gate_up: torch.Tensor, act_fn) -> torch.Tensor:
         """``act_fn(gate) * up`` of the fused gate/up output ``[T, 2 * I]``."""
         if self.plan.fused_act and self.activation in FUSED_ACTIVATIONS:
-            from alise.worker.triton_fused import act_mul
+            from alise.worker.kernels.triton_fused import act_mul
 
             return act_mul(gate_up, FUSED_ACTIVATIONS[self.activation])
         gate, up = gate_up.chunk(2, dim=-1)
@@ -169,7 +169,7 @@ class LayerOps:
         pages (``keys_from_pages``), and only for full-width rotary."""
         rotary_dim = cos.shape[-1]
         if self.plan.fused_rope and keys_from_pages and rotary_dim == query.shape[-1]:
-            from alise.worker.triton_fused import rope_write_kv
+            from alise.worker.kernels.triton_fused import rope_write_kv
 
             return rope_write_kv(query, key, value, cos, sin, key_cache, value_cache, slot_mapping), None
         query, key = rotate(query, cos, sin), rotate(key, cos, sin)
@@ -213,8 +213,8 @@ def plan_from_json(text: str, key: dict) -> KernelPlan | None:
     """The plan in ``text`` if it was made for ``key``, else None (plan again)."""
     import json
 
-    from alise.worker.triton_fused import SkinnyConfig
-    from alise.worker.triton_unified import UnifiedConfig
+    from alise.worker.kernels.triton_fused import SkinnyConfig
+    from alise.worker.kernels.triton_unified import UnifiedConfig
 
     data = json.loads(text)
     if data.get("key") != key:

@@ -17,7 +17,7 @@ every kernel is tiny and launch-bound even inside a CUDA graph):
 - :func:`skinny_linear` -- ``x @ weight.T (+ bias) (ReLU)`` for few rows: a program per
   ``BLOCK_N`` output features streams its weight rows once, so a decode step reads each weight
   byte once, with the bias and activation in the epilogue. Whether it beats
-  cuBLAS on a shape is measured at start-up (``alise.worker.tuning``).
+  cuBLAS on a shape is measured at start-up (``alise.worker.model.tuning``).
 
 Nothing here synchronizes or allocates on the host beyond the outputs: every launch is capturable.
 """
@@ -36,7 +36,7 @@ except ImportError:  # the CPU image has no Triton; torch ops serve there
     triton = None
     tl = None
 if triton is not None:
-    from alise.worker.triton_unified import tanh
+    from alise.worker.kernels.triton_unified import tanh
 
 #: Under the Triton interpreter (tests on the CPU) a bf16 ``tl.dot`` computes garbage (Triton
 #: 3.6), so the matmul upcasts its operands to float32 there.
@@ -59,7 +59,7 @@ class SkinnyConfig:
     vector: bool = False
 
 
-#: Timed at start-up against cuBLAS per weight shape and row bucket (alise.worker.tuning); the
+#: Timed at start-up against cuBLAS per weight shape and row bucket (alise.worker.model.tuning); the
 #: ``vector`` ones only for one row.
 SKINNY_CANDIDATES = (SkinnyConfig(32, 256, 4, 3), SkinnyConfig(16, 512, 4, 3), SkinnyConfig(64, 128, 4, 4),
                      SkinnyConfig(32, 512, 8, 3), SkinnyConfig(16, 256, 4, 4, vector=True),

@@ -1,6 +1,6 @@
 """Fused group-wise KV quantization for paused jobs, as Triton kernels (CUDA only).
 
-The same format as :class:`alise.worker.kv_offload.KvCodec` (the torch reference, and the
+The same format as :class:`alise.worker.model.kv_offload.KvCodec` (the torch reference, and the
 path on the CPU): per (layer, K/V) one byte stream ``codes | scales | zeros`` with groups of
 ``G`` consecutive channels of one token and one head, int8 or int4 (two codes a byte, the even
 channel in the low nibble), asymmetric, fp16 scale and zero per group.

@@ -28,8 +28,9 @@ import torch
 
 from alise.core.latency_model import LatencyModel
 from alise.core.sampling import SamplingParams
-from alise.worker.model_runner import ModelRunner, SeqChunk
-from alise.worker.sampler import Sampler
+from alise.worker.model.chunk import SeqChunk
+from alise.worker.model.runner import ModelRunner
+from alise.worker.model.sampler import Sampler
 
 logger = logging.getLogger(__name__)
 

@@ -58,7 +58,7 @@ class UnifiedConfig:
         return max(1, self.block_m // group)
 
 
-#: The candidates the runner times at start-up (alise.worker.tuning); the first is the default.
+#: The candidates the runner times at start-up (alise.worker.model.tuning); the first is the default.
 CANDIDATES = (UnifiedConfig(16, 64, 4, 2), UnifiedConfig(32, 64, 4, 2), UnifiedConfig(64, 64, 4, 2),
               UnifiedConfig(64, 32, 4, 3), UnifiedConfig(128, 64, 8, 2), UnifiedConfig(16, 128, 4, 2))
 

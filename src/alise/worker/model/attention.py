@@ -19,7 +19,7 @@ Each layer first writes the new tokens' K/V into the pages (:func:`write_kv`), t
 
 Where the runner's kernel plan has the unified kernel (CUDA), a step that is not all decodes
 instead runs as one call over every sequence (:class:`UnifiedStep`; the contract and its
-reference are :func:`unified_attention`, the kernel :mod:`alise.worker.triton_unified`), every
+reference are :func:`unified_attention`, the kernel :mod:`alise.worker.kernels.triton_unified`), every
 key read from the pages.
 
 Everything layer-independent (slots, positions, padded block tables, masks) is computed once per
@@ -33,7 +33,7 @@ at positions ``(p - window, p]``; None: all of ``[0, p]``) and ``softcap`` (the 
 
 The page write, the decode attention and the unified attention are pluggable
 (:class:`AttentionBackend`): this module's torch functions are the reference and the CPU path;
-:mod:`alise.worker.triton_attention` provides fused CUDA kernels with the same contracts.
+:mod:`alise.worker.kernels.triton_attention` provides fused CUDA kernels with the same contracts.
 """
 
 from __future__ import annotations
@@ -91,7 +91,7 @@ class AttentionMetadata:
 
 @dataclass(frozen=True)
 class UnifiedStep:
-    """A step's attention as one call of the unified kernel (alise.worker.triton_unified)."""
+    """A step's attention as one call of the unified kernel (alise.worker.kernels.triton_unified)."""
 
     query_start: torch.Tensor  # [S + 1] int64: first row of each sequence, then the end of the last
     seq_lens: torch.Tensor  # [S] int64: keys each sequence attends to (start_pos + its rows)
@@ -313,7 +313,7 @@ def unified_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache:
                       block_tables: torch.Tensor, seq_lens: torch.Tensor, query_start: torch.Tensor,
                       scale: float, config: object = None, *, window: int | None = None,
                       softcap: float | None = None) -> torch.Tensor:
-    """Reference of :func:`alise.worker.triton_unified.unified_attention`: sequence ``s`` owns
+    """Reference of :func:`alise.worker.kernels.triton_unified.unified_attention`: sequence ``s`` owns
     rows ``[query_start[s], query_start[s + 1])`` of ``query [T, heads, dim]`` and attends
     causally (within ``window``) to its first ``seq_lens[s]`` cached keys. Rows of no sequence
     come back as zeros. ``config`` (the kernel's launch configuration) means nothing here."""
@@ -349,6 +349,15 @@ class AttentionBackend:
 
 
 TORCH_BACKEND = AttentionBackend("torch", write_kv, decode_attention)
+
+
+def triton_backend() -> AttentionBackend:
+    """The Triton kernels of ``alise.worker.kernels.triton_attention`` as a backend (CUDA, or the
+    Triton interpreter in the CPU tests); triton is imported only when one is asked for."""
+    from alise.worker.kernels import triton_attention, triton_unified
+
+    return AttentionBackend("triton", triton_attention.write_kv, triton_attention.decode_attention,
+                            triton_unified.unified_attention)
 
 
 def paged_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tensor,

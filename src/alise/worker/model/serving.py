@@ -1,0 +1,118 @@
+"""The model a worker serves, loaded: weights, KV cache sized to the memory budget, runner,
+engine, latency profile and the identity its hello carries.
+
+``alise.worker.service`` imports this only when it loads a model (a virtual worker over a
+latency model never does), so the serving mechanism itself stays free of torch.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from alise.core.latency_model import LatencyModel
+from alise.modelinfo.identity import ModelIdentity, samples_fingerprint, weights_fingerprint
+from alise.worker.config import WorkerConfig
+from alise.worker.engine import WorkerEngine
+from alise.worker.model.executor import make_worker_engine
+from alise.worker.model.hf_runner import TransformersRunner
+from alise.worker.model.kv_cache import KVCache
+from alise.worker.model.loader import LoadedModel, load_model
+from alise.worker.model.runner import ModelRunner
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ServedModel:
+    loaded: LoadedModel
+    engine: WorkerEngine
+    identity: ModelIdentity
+    latency_model: LatencyModel | None
+
+    def free_cached_memory(self) -> None:
+        """Gives the device memory torch caches back (after a step that failed, out of memory say)."""
+        if self.loaded.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def load_served_model(config: WorkerConfig) -> ServedModel:
+    """Loads ``config.model`` and builds the engine over it (blocking: seconds to minutes)."""
+    loaded = load_model(config.model, device=config.device, dtype=config.dtype, seed=config.seed,
+                        max_model_len=config.max_model_len)
+    num_blocks = size_kv_cache(loaded, config)
+    runner_class = TransformersRunner if config.runner == "transformers" else ModelRunner
+    # The paged runner's mixed-step graphs cover the serving loop's token budget.
+    sizes = dict(max_num_tokens=config.token_budget, fast_kernels=None if config.fast_kernels else False,
+                 plan_file=config.kernel_plan) if runner_class is ModelRunner else {}
+    runner = runner_class(loaded, num_blocks=num_blocks, block_size=config.block_size,
+                          max_num_seqs=config.max_num_seqs, use_cuda_graphs=None if config.cuda_graphs else False,
+                          **sizes)
+    latency_model = load_latency_profile(runner, config)
+    engine = make_worker_engine(runner, eos_token_id=loaded.eos_token_id, max_model_len=loaded.max_model_len,
+                                num_host_blocks=config.num_host_blocks)
+    served = ServedModel(loaded, engine, identity_of(loaded, config.block_size), latency_model)
+    logger.info("worker %s: %s on %s (%s), %d KV blocks of %d tokens, %s runner", config.resolved_worker_id,
+                loaded.name, loaded.device, loaded.dtype, num_blocks, config.block_size, config.runner)
+    return served
+
+
+def size_kv_cache(loaded: LoadedModel, config: WorkerConfig) -> int:
+    """Number of device blocks: as configured, else what the memory budget holds."""
+    if config.num_device_blocks:
+        return config.num_device_blocks
+    if loaded.device.type == "cuda":
+        free_bytes, total_bytes = torch.cuda.mem_get_info(loaded.device)
+        # vLLM's meaning: the share is of the whole device, and what is in use now (the
+        # weights, anything else on it) comes out of it.
+        budget = int(total_bytes * config.gpu_memory_utilization) - (total_bytes - free_bytes)
+        if budget <= 0:
+            raise ValueError(f"gpu_memory_utilization {config.gpu_memory_utilization} leaves no room for the "
+                             f"KV cache: {(total_bytes - free_bytes) / 2**30:.1f} GiB of the device's "
+                             f"{total_bytes / 2**30:.1f} GiB are in use with the weights loaded")
+    else:
+        budget = config.kv_cache_bytes
+    blocks = KVCache.num_blocks_for_budget(loaded.config, config.block_size, loaded.dtype, budget)
+    if blocks < 1:
+        raise ValueError(f"not even one KV block fits in {budget} bytes")
+    # More blocks than the context can address per sequence times the batch is waste.
+    cap = -(-loaded.max_model_len // config.block_size) * config.max_num_seqs
+    return min(blocks, cap)
+
+
+def load_latency_profile(runner: ModelRunner, config: WorkerConfig) -> LatencyModel | None:
+    """Measures (``profile_latency``) or loads (``latency_profile``) this worker's latency profile."""
+    if config.profile_latency:
+        from alise.worker.model.profiler import profile_runner, save_profile
+
+        model = profile_runner(runner, max_num_seqs=config.max_num_seqs, command="alise worker --profile-latency")
+        logger.info("latency profile measured: c0 %.3f ms, c_ctx %.3g s/token, c_pre %.3g s/token, "
+                    "c_mixed %.3f ms, c_chunk %.3f ms (fit error mean %.1f%%, max %.1f%%)",
+                    model.c0_s * 1e3, model.c_ctx_s, model.c_pre_s, model.c_mixed_s * 1e3, model.c_chunk_s * 1e3,
+                    100 * model.meta["fit_mean_rel_error"], 100 * model.meta["fit_max_rel_error"])
+        if config.latency_profile:
+            save_profile(model, config.latency_profile)
+            logger.info("latency profile written to %s", config.latency_profile)
+        return model
+    if config.latency_profile:
+        return LatencyModel.load(config.latency_profile)
+    return None
+
+
+def identity_of(loaded: LoadedModel, block_size: int) -> ModelIdentity:
+    weights = (random_weights_fingerprint(loaded.model) if loaded.random_weights
+               else weights_fingerprint(loaded.name))
+    return ModelIdentity(loaded.name, str(loaded.device), loaded.config.vocab_size,
+                         KVCache.block_bytes(loaded.config, block_size, loaded.dtype), loaded.model_id, weights)
+
+
+def random_weights_fingerprint(model: torch.nn.Module, num_tensors: int = 4, num_values: int = 256) -> str:
+    """Random weights (a preset's: they depend on its seed, device and dtype), by the bytes of
+    the first ``num_values`` values of ``num_tensors`` matrices spread over the model."""
+    matrices = sorted((name, t) for name, t in model.state_dict().items() if t.dim() >= 2)
+    picks = [matrices[round(i * (len(matrices) - 1) / max(num_tensors - 1, 1))] for i in range(num_tensors)]
+    return samples_fingerprint(
+        (name, t.detach().flatten()[:num_values].cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        for name, t in picks)
