@@ -6,6 +6,7 @@ from 127.0.0.1, as from other hosts."""
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 
@@ -157,3 +158,58 @@ async def test_a_flood_of_malformed_requests_logs_a_bounded_number_of_lines(door
             writer.close()
     lines = [r for r in caplog.records if "Invalid HTTP request" in r.getMessage()]
     assert 1 <= len(lines) <= 25 and not any(r.exc_info for r in caplog.records)
+
+
+async def read_response(reader, timeout_s: float = 5.0) -> tuple[bytes, bytes]:
+    """(status line and headers, body) of one response on a kept-alive connection."""
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout_s)
+    length = next(int(line.split(b":")[1]) for line in head.lower().split(b"\r\n")
+                  if line.startswith(b"content-length:"))
+    return head, await asyncio.wait_for(reader.readexactly(length), timeout_s)
+
+
+async def test_a_body_longer_than_the_context_admits_is_refused_from_its_length_unread(door_factory):
+    http = await door_factory()
+    async with httpx.AsyncClient() as client:
+        await client.get(f"{http.base_url}/v1/models")  # the door learns the model's context
+    limit = http.door.max_body_bytes()
+    assert limit < http.door.config.max_body_bytes
+    declared = 3_900_000
+    head = (b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n" % declared)
+    opening = b'{"prompt": "' + b"a" * 1000
+    reader, writer = await connect(http, send=head + opening)
+    # Answered with 1 KB of the 3.9 MB sent: nothing waits for the rest.
+    status, body = await read_response(reader)
+    assert status.startswith(b"HTTP/1.1 413")
+    error = json.loads(body)["error"]
+    assert error["code"] == "body_too_large" and error["type"] == "invalid_request_error"
+    assert f"has {declared} bytes; the limit is {limit}" in error["message"]
+    assert "characters of text" in error["message"]
+    # The rest of the body is dropped as it comes, not taken for the next request's headers,
+    # and the connection serves the next request.
+    writer.write(b"a" * (declared - len(opening) - 2) + b'"}')
+    writer.write(b"GET /version HTTP/1.1\r\nHost: x\r\n\r\n")
+    status, body = await read_response(reader)
+    assert status.startswith(b"HTTP/1.1 200") and b"version" in body
+    writer.close()
+
+
+async def test_a_chunked_body_is_refused_once_its_bytes_pass_the_limit(door_factory):
+    http = await door_factory()
+    async with httpx.AsyncClient() as client:
+        await client.get(f"{http.base_url}/v1/models")
+    limit = http.door.max_body_bytes()
+    head = (b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n")
+    chunk = b"a" * (1 << 16)
+    opening = b'{"prompt": "'
+    reader, writer = await connect(http, send=head + b"%x\r\n%s\r\n" % (len(opening), opening))
+    for _ in range(limit // len(chunk) + 1):
+        writer.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+    await writer.drain()
+    # Refused with the body still open (no last chunk sent).
+    status, body = await read_response(reader)
+    assert status.startswith(b"HTTP/1.1 413")
+    assert f"exceeds the limit of {limit} bytes" in json.loads(body)["error"]["message"]
+    writer.close()

@@ -26,6 +26,7 @@ from alise.http.config import HttpConfig
 from alise.http.endpoints import CompletionEndpoint, bearer_token
 from alise.http.errors import UNAVAILABLE_RETRY_AFTER_S, ApiError, from_alise_error, unavailable
 from alise.http.metrics import HttpMetrics, merged_exposition
+from alise.scheduler.request_checks import max_text_chars
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -40,6 +41,11 @@ _RETRY_S = 0.25
 #: How gRPC says that nothing listens at an address (lower-cased); a frozen server's
 #: connection times out instead.
 _NOT_LISTENING = ("connection refused", "dns resolution", "name resolution", "no such file")
+#: JSON bytes one character of text can take at most: a character outside the BMP written as
+#: two ``\uXXXX`` escapes.
+MAX_JSON_BYTES_PER_CHAR = 12
+#: Room in a body for everything but its text (the other fields, token-id prompts, whitespace).
+BODY_ALLOWANCE_BYTES = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -115,6 +121,25 @@ class Door:
         self.closing = asyncio.Event()
         self.refusals = LogLimiter(logger)
         self._errors = LogLimiter(logger)
+
+    def max_body_bytes(self) -> int:
+        """The largest body a request can be: as much text as the model's context admits
+        (``max_text_chars``, in its widest JSON spelling) plus ``BODY_ALLOWANCE_BYTES``, never
+        past ``max_body_bytes``. Before the model is known, the configured limit. A body over
+        it is refused by its Content-Length, or as soon as its bytes read pass it."""
+        if self._served is None:
+            return self.config.max_body_bytes
+        text_bytes = max_text_chars(self._served.max_model_len) * MAX_JSON_BYTES_PER_CHAR
+        return min(self.config.max_body_bytes, text_bytes + BODY_ALLOWANCE_BYTES)
+
+    def body_limit_reason(self) -> str:
+        """Why ``max_body_bytes`` is what it is, for the 413's message."""
+        if self._served is None or self.max_body_bytes() == self.config.max_body_bytes:
+            return ""
+        max_model_len = self._served.max_model_len
+        return (f" (the model's context of {max_model_len} tokens holds at most "
+                f"{max_text_chars(max_model_len)} characters of text, {MAX_JSON_BYTES_PER_CHAR} JSON bytes each at most, plus "
+                f"{BODY_ALLOWANCE_BYTES} bytes for the other fields)")
 
     def wait_bound_s(self) -> float:
         """How long a request may wait for the scheduler to accept it: the restart bound while

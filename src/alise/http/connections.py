@@ -170,6 +170,9 @@ class GuardedProtocol(HttpToolsProtocol):
         self.client_host = self.client[0] if self.client else ""
         self._header_bytes = 0
         self._header_timer: asyncio.TimerHandle | None = None
+        #: From a request's headers to the end of its body: bytes in between are body, even
+        #: once the request is answered (a body refused early still arrives, and is dropped).
+        self._in_body = False
         if not self.guard.opened(self):
             self._refuse(503, "Service Unavailable", "the server is at its connection limit; retry shortly",
                          "too_many_connections", retry_after_s=1)
@@ -185,7 +188,8 @@ class GuardedProtocol(HttpToolsProtocol):
         if self.transport.is_closing():  # refused or closed: what it sends goes nowhere
             return
         self.guard.active(self)
-        if self._header_timer is None and (self.cycle is None or self.cycle.response_complete):
+        is_between = not self._in_body and (self.cycle is None or self.cycle.response_complete)
+        if self._header_timer is None and is_between:
             self._arm_header_timer()  # the first bytes of a kept-alive connection's next request
         if self._header_timer is not None:
             self._header_bytes += len(data)
@@ -199,8 +203,13 @@ class GuardedProtocol(HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         self._disarm_header_timer()
+        self._in_body = True
         self.guard.started(self)
         super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        self._in_body = False
+        super().on_message_complete()
 
     def on_response_complete(self) -> None:
         self.guard.finished(self)

@@ -6,11 +6,13 @@ connection is watched from the moment the body is read: a client that goes away,
 queued, streaming or waiting for a whole completion, cancels its gRPC call at once.
 
 Before anything is relayed, a request is read within ``body_timeout_s`` (408 past it) and
-``max_body_bytes`` (413), parsed, checked for text that cannot be encoded (a lone UTF-16
-surrogate: 400), its caller checked by the scheduler when the model it names is not the one
-served (401 before the 404 that names the served model), its text bounded in characters (as the
-scheduler bounds it) and a chat's messages rendered off the event loop. Refusals are logged at most 20 at once and 2 a
-second; an exception no check expected is answered 500 and logged in one line.
+within the largest body the door can accept (``Door.max_body_bytes``: 413 from its
+Content-Length before any of it is read, else as soon as the bytes read pass it), parsed,
+checked for text that cannot be encoded (a lone UTF-16 surrogate: 400), its caller checked by
+the scheduler when the model it names is not the one served (401 before the 404 that names the
+served model), its text bounded in characters (as the scheduler bounds it) and a chat's
+messages rendered off the event loop. Refusals are logged at most 20 at once and 2 a second;
+an exception no check expected is answered 500 and logged in one line.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from alise.http.protocol import SURROGATE_ESCAPE, lone_surrogate_at, parse_reque
 from alise.http.relay import Relay, send_json
 from alise.http.shapes import Facts, Shaper
 from alise.scheduler.request_checks import check_request_id, max_text_chars, text_too_long
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 
 logger = logging.getLogger(__name__)
 
@@ -38,10 +40,13 @@ logger = logging.getLogger(__name__)
 CLIENT_CLOSED = 499
 
 
-async def read_json(request: Request, max_bytes: int, timeout_s: float):
+async def read_json(request: Request, max_bytes: int, timeout_s: float, why: str = ""):
+    """The body, parsed. A body over ``max_bytes`` is refused (413) before any of it is read when
+    its Content-Length says so, else as soon as the bytes read pass it (chunked or lying);
+    ``why`` says where the limit comes from."""
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > max_bytes:
-        raise ApiError(413, f"the request body has {int(declared)} bytes; the limit is {max_bytes}",
+        raise ApiError(413, f"the request body has {int(declared)} bytes; the limit is {max_bytes}{why}",
                        code="body_too_large")
     parts, size = [], 0
     try:
@@ -49,12 +54,15 @@ async def read_json(request: Request, max_bytes: int, timeout_s: float):
             async for part in request.stream():
                 size += len(part)
                 if size > max_bytes:
-                    raise ApiError(413, f"the request body exceeds the limit of {max_bytes} bytes",
+                    raise ApiError(413, f"the request body exceeds the limit of {max_bytes} bytes{why}",
                                    code="body_too_large")
                 parts.append(part)
     except TimeoutError:
         raise ApiError(408, f"the request body did not arrive within {timeout_s:g} s",
                        code="request_timeout") from None
+    except ClientDisconnect:  # nobody reads the answer; it is counted, not logged as an error
+        raise ApiError(CLIENT_CLOSED, "the client closed the connection before its body arrived",
+                       code="client_closed") from None
     raw = b"".join(parts)
     try:
         body = json.loads(raw)
@@ -111,7 +119,8 @@ class CompletionEndpoint:
         config = self.door.config
         if self.door.draining:
             raise ApiError(503, "the server is shutting down; retry", code="shutting_down", retry_after_s=2)
-        body = await read_json(request, config.max_body_bytes, config.body_timeout_s)
+        body = await read_json(request, self.door.max_body_bytes(), config.body_timeout_s,
+                               self.door.body_limit_reason())
         req = parse_request(body, chat=self.chat)
         request_id = request_id_var.get()
         if req.request_id is not None:
