@@ -34,9 +34,11 @@ import time
 from pathlib import Path
 
 import grpc
+
 from alise.client import AsyncClient
+from alise.tools.lab.checkout import pythonpath
+from alise.tools.lab.upcluster import UpCluster, probe_health
 from alise.v1 import scheduler_pb2
-from upcluster import UpCluster, probe_health
 
 
 def _free_port() -> int:
@@ -259,15 +261,15 @@ def main() -> int:
                    "instead (3900000: 3.9 MB)")
     p.add_argument("--concurrent", type=int, default=8, help="text prompts sent at once")
     p.add_argument("--via", choices=("http", "grpc"), default="http", help="text prompts through the door or the SDK")
-    p.add_argument("--pythonpath", default=None, help="run the cluster from another checkout (DIR/services and "
-                   "DIR/clients first on its PYTHONPATH): before and after on one machine")
+    p.add_argument("--pythonpath", default=None, help="run the cluster from another checkout (DIR/src first on "
+                   "its PYTHONPATH): before and after on one machine")
     p.add_argument("--out", default=None)
     args = p.parse_args()
     if args.text_chars:
         http = f"127.0.0.1:{_free_port()}"
         env = None
         if args.pythonpath:
-            env = dict(os.environ, PYTHONPATH=f"{args.pythonpath}/services:{args.pythonpath}/clients")
+            env = dict(os.environ, PYTHONPATH=pythonpath(args.pythonpath))
         up = UpCluster(*args.up_arg, "--http-address", http, "--http-health-address", f"127.0.0.1:{_free_port()}",
                        env=env)
         try:

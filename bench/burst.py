@@ -25,7 +25,7 @@ from collections import Counter
 from pathlib import Path
 
 from alise.client import AliseError, AsyncClient
-from upcluster import UpCluster, probe_health
+from alise.tools.lab.upcluster import UpCluster, probe_health
 
 
 async def one_request(client: AsyncClient, i: int, max_tokens: int, tally: Counter, errors: list) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from alise.sim.profiles import measure_cpu_profile
+from alise.tools.sim.profiles import measure_cpu_profile
 
 
 def main() -> int:

@@ -18,7 +18,6 @@ the per-cycle worker host + transport + scheduler time in the scheduler's cycle 
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import re
 import statistics
@@ -26,17 +25,11 @@ import sys
 from datetime import date
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "services"))
-
 from alise.core.latency_model import LatencyModel
+from alise.tools.lab.files import open_text
 
 CYCLE_LINE = re.compile(r"(\d+) cycles; per cycle [\d.]+ ms: device [\d.]+, worker host \+ transport "
                         r"([\d.]+), scheduler ([\d.]+)")
-
-
-def open_text(path: str):
-    """A text file, gzip-compressed where its name ends in .gz (the committed logs are)."""
-    return (gzip.open if path.endswith(".gz") else open)(path, "rt", encoding="utf-8")
 
 
 def load_steps(paths: list[str]) -> list[tuple[int, int, list[int], float, list[int]]]:

@@ -21,10 +21,7 @@ import sys
 import threading
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from http_cluster import cpu_cluster, rss_mib
-
+from alise.tools.lab.local_cluster import cpu_cluster, rss_mib
 from alise.worker.config import WorkerConfig
 
 

@@ -19,13 +19,11 @@ import subprocess
 import sys
 import tempfile
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from http_cluster import cpu_cluster
+from alise.tools.lab.local_cluster import cpu_cluster
 
 
 def build_trace(path: str, num: int, rate: float, max_output: int, seed: int) -> None:
-    from alise.sim import trace as tr
+    from alise.tools import trace as tr
 
     requests = tr.build_trace(tr.load_pairs(tr.workload_path("alpaca")), num=num, rate=rate, seed=seed)
     tr.write_trace([tr.TraceRequest(r.id, r.prompt, r.prompt_tokens, min(r.output_tokens, max_output), r.arrival_s)

@@ -23,10 +23,8 @@ import statistics
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from alise.bench.backends import GrpcBackend, OpenAIBackend, Send, StreamEnd
-from http_cluster import cpu_cluster, cpu_seconds
+from alise.tools.bench.backends import GrpcBackend, OpenAIBackend, Send, StreamEnd
+from alise.tools.lab.local_cluster import cpu_cluster, cpu_seconds
 
 
 async def timed(backend, send: Send, t0: float) -> list[tuple[float, int]]:

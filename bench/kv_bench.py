@@ -1,6 +1,6 @@
 """KV offload on a GPU: swap bandwidth against a plain pinned copy, quantize/dequantize timings.
 
-    PYTHONPATH=services:clients python3 bench/kv_bench.py [--gib 1] [--out results.json]
+    python3 bench/kv_bench.py [--gib 1] [--out results.json]
 
 Llama-7B KV geometry (32 layers, 32 KV heads x 128, 16-token blocks, fp16: 8 MiB a block).
 A job of ``--gib`` GiB of KV sits in scattered blocks of the device cache; the script times

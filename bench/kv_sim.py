@@ -2,9 +2,9 @@
 
     .venv/bin/python bench/kv_sim.py [--num 400] [--profile FILE] [--out bench/results/kv_sim.json]
 
-The simulator (``alise.sim.simulator``: the real scheduler core, policy ``alise``, and the
+The simulator (``alise.tools.sim.simulator``: the real scheduler core, policy ``alise``, and the
 worker's own engine over a latency model) runs one worker on a virtual clock
-(latency: the OPT-13B H100 roofline profile of ``alise.sim.profiles``, or ``--profile``). KV moves cost what
+(latency: the OPT-13B H100 roofline profile of ``alise.tools.sim.profiles``, or ``--profile``). KV moves cost what
 bench/kv_bench.py measured on an H100 (2026-11-25): swaps at 35 GB/s on one copy engine
 (swap-outs hold their device blocks until they land), quantize + dequantize of a job's KV in
 2 x bytes / 380 GB/s on the compute stream (the fused Triton kernels). Length estimates are the true lengths times log-normal noise (sigma 0.5),
@@ -14,7 +14,7 @@ holds when memory is unlimited (at the middle rate); host KV to twice the device
 Figures: mean normalized latency (s/token) per rate, and throughput at latency constraint
 (the highest rate whose mean normalized latency stays under ``--bound`` times the unloaded
 figure, interpolated), over every run (finite trace) and over sustained runs only (steady
-state, the rule of ``alise.sim.sweep``), plus the KV moves each planner made. A simulation, labelled as one.
+state, the rule of ``alise.tools.sim.sweep``), plus the KV moves each planner made. A simulation, labelled as one.
 """
 
 from __future__ import annotations
@@ -31,13 +31,16 @@ from dataclasses import replace
 from alise.core.job import LengthEstimate
 from alise.core.latency_model import LatencyModel
 from alise.core.memory_planner import make_memory_planner
-from alise.sim.profiles import opt13b_h100_roofline
-from alise.sim.simulator import SimConfig, output_target
-from alise.sim.simulator import simulate as run_sim
-from alise.sim.sweep import (
-    MAX_WORK_BACKLOG_GROWTH, capacity_bound, throughput_at_constraint, unloaded_normalized_latency,
+from alise.tools.sim.profiles import opt13b_h100_roofline
+from alise.tools.sim.simulator import SimConfig, output_target
+from alise.tools.sim.simulator import simulate as run_sim
+from alise.tools.sim.sweep import (
+    MAX_WORK_BACKLOG_GROWTH,
+    capacity_bound,
+    throughput_at_constraint,
+    unloaded_normalized_latency,
 )
-from alise.sim.trace import build_trace, load_pairs, rescale, workload_path
+from alise.tools.trace import build_trace, load_pairs, rescale, workload_path
 
 BLOCK_SIZE = 16
 MAX_NUM_SEQS = 256
@@ -77,7 +80,7 @@ def clamped(requests, max_model_len: int, max_len: int) -> list:
 def simulate(requests, estimates, planner: str, num_blocks: int, num_host_blocks: int,
              latency, max_model_len: int = 2048, swap_bytes_per_s: float = SWAP_BYTES_PER_S,
              quantize_bytes_per_s: float = QUANTIZE_BYTES_PER_S) -> dict:
-    """One run of ``alise.sim.simulator.simulate`` with the KV planner and host pool given."""
+    """One run of ``alise.tools.sim.simulator.simulate`` with the KV planner and host pool given."""
     memory = make_memory_planner(planner, latency, block_bytes=BLOCK_BYTES, swap_bytes_per_s=swap_bytes_per_s,
                                  quantize_bytes_per_s=quantize_bytes_per_s)
     config = SimConfig(kv_tokens=num_blocks * BLOCK_SIZE, block_size=BLOCK_SIZE, max_num_seqs=MAX_NUM_SEQS,

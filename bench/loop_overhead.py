@@ -18,8 +18,8 @@ latency profile says (``bench/gpu/peer_virtual.py``, ``--scale`` on each step): 
 then takes almost no CPU, and with hundreds of streams the scheduler's own work (planning,
 detokenizing and writing every stream's tokens) is what a plan can wait for.
 
-``--baseline DIR`` runs the same against another checkout of the project (its ``clients/`` and
-``services/`` first on ``PYTHONPATH``, this interpreter and its packages), alternating with this
+``--baseline DIR`` runs the same against another checkout of the project (its ``src/`` first on
+``PYTHONPATH``, this interpreter and its packages), alternating with this
 tree round by round, so the two are compared on the same shared machine in one run. The load
 average is printed: compare quiet runs, as ratios.
 """
@@ -38,6 +38,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from alise.tools.lab.checkout import package_file, pythonpath
+
 HERE = Path(__file__).resolve().parents[1]
 
 
@@ -54,8 +56,7 @@ def free_port() -> int:
 
 
 def requests_of(num: int) -> list[tuple[str, int]]:
-    sys.path[:0] = [str(HERE / "clients"), str(HERE / "services")]
-    from alise.sim.trace import build_trace, load_pairs, workload_path
+    from alise.tools.trace import build_trace, load_pairs, workload_path
 
     trace = build_trace(load_pairs(workload_path("chat")), num=num, rate=1.0, seed=0)
     return [(r.prompt, min(r.output_tokens, 2048 - 2 * r.prompt_tokens - 8)) for r in trace]
@@ -97,7 +98,7 @@ def attached(alise: list[str], env: dict, workdir: Path, label: str, health: str
 
 def run_once(code: Path, requests, args, workdir: Path, label: str) -> dict:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-           "PYTHONPATH": f"{code / 'clients'}:{code / 'services'}"}
+           "PYTHONPATH": pythonpath(code)}
     port = free_port()
     address = f"127.0.0.1:{port}"
     steps = workdir / f"{label}-steps.jsonl"
@@ -109,7 +110,7 @@ def run_once(code: Path, requests, args, workdir: Path, label: str) -> dict:
                              env=env, stdout=logs[0], stderr=subprocess.STDOUT)
     # The scheduler's worker listener: by default the client port + 1 (a tree from before the
     # worker listener took workers on the client port).
-    own_listener = "--worker-address" in (code / "services" / "alise" / "scheduler" / "main.py").read_text()
+    own_listener = "--worker-address" in package_file(code, "scheduler/main.py").read_text()
     worker_port = port + 1 if own_listener else port
     health = f"127.0.0.1:{free_port()}" if args.virtual else ""
     worker = subprocess.Popen(worker_command(code, args, worker_port, int(health.rpartition(":")[2] or 0), steps,

@@ -7,7 +7,7 @@
 For each seed, a multi-turn trace from the builder of ``alise trace --workload multiturn``
 (its defaults: 1-8 turns, think time 10 s, answers of all 12 AlpacaEval generators, one a
 conversation; context within 2,048 tokens) and cross-fitted estimates of every request
-(``alise.sim.context_estimates``: folds of whole conversations, each fold's test requests
+(``alise.tools.sim.context_estimates``: folds of whole conversations, each fold's test requests
 predicted in arrival order and observed after), reading either the rendered prompt (what the
 scheduler sends today) or the latest user message (``PromptContext.query``), each alone and
 with the earlier answers' lengths (``PromptContext.previous_output_tokens``). Prints Kendall
@@ -27,12 +27,16 @@ import json
 import statistics
 import time
 
-from alise.sim.cli import add_scheduling_flags
-from alise.sim.context_estimates import conversation_cross_fit, metrics
-from alise.sim.conversations import (
-    TurnsDistribution, build_conversations, load_answers, prefix_share, system_prompt_text,
+from alise.tools.conversations import (
+    TurnsDistribution,
+    build_conversations,
+    load_answers,
+    prefix_share,
+    system_prompt_text,
 )
-from alise.sim.trace import conversations, default_tokenizer
+from alise.tools.sim.cli import add_scheduling_flags
+from alise.tools.sim.context_estimates import conversation_cross_fit, metrics
+from alise.tools.trace import conversations, default_tokenizer
 
 
 def traces(args, tokenize):
@@ -82,10 +86,10 @@ def print_accuracy(seed: int, acc: dict) -> None:
 
 
 def simulate(requests, acc: dict, args) -> dict:
-    from alise.sim.cli import scheduling_from_args
-    from alise.sim.report import load_profile
-    from alise.sim.simulator import SimConfig
-    from alise.sim.sweep import capacity_bound, sweep
+    from alise.tools.sim.cli import scheduling_from_args
+    from alise.tools.sim.report import load_profile
+    from alise.tools.sim.simulator import SimConfig
+    from alise.tools.sim.sweep import capacity_bound, sweep
 
     latency = load_profile(args.profile)
     config = SimConfig(scheduling=scheduling_from_args(args))

@@ -15,14 +15,11 @@ import argparse
 import asyncio
 import glob
 import os
-import sys
 import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from http_cluster import rss_mib
+from alise.tools.lab.local_cluster import rss_mib
 
 DATA = sorted(glob.glob("/work/shared/data/alpaca_eval/*.jsonl.gz"))
 

@@ -4,9 +4,9 @@
         [--fraction 0.9] [--predictor predictor] [--out /tmp/predictor_sim.json]
 
 Four traces (``chat`` and ``alpaca``, Poisson and bursty Gamma CV 3, 800 requests, seed 0),
-each replayed at ``--fraction`` of its capacity bound (``alise.sim.sweep.capacity_bound``:
+each replayed at ``--fraction`` of its capacity bound (``alise.tools.sim.sweep.capacity_bound``:
 the rate no policy can exceed with the worker's KV and the profile) through the simulator,
-with fcfs, alise (cross-fitted estimates of ``alise.sim.predictions``: no request is
+with fcfs, alise (cross-fitted estimates of ``alise.tools.sim.predictions``: no request is
 predicted by a model that saw its length) and oracle (true lengths). Prints mean normalized
 latency per policy and alise/oracle, with the estimates' Kendall tau. A simulation,
 labelled as one.
@@ -25,12 +25,12 @@ import math
 import random
 import time
 
-from alise.sim.cli import add_scheduling_flags, scheduling_from_args
-from alise.sim.predictions import cross_fitted_estimates, kendall_tau
-from alise.sim.report import load_profile
-from alise.sim.simulator import SimConfig
-from alise.sim.sweep import as_dict, capacity_bound, sweep
-from alise.sim.trace import build_trace, load_pairs, workload_path
+from alise.tools.sim.cli import add_scheduling_flags, scheduling_from_args
+from alise.tools.sim.predictions import cross_fitted_estimates, kendall_tau
+from alise.tools.sim.report import load_profile
+from alise.tools.sim.simulator import SimConfig
+from alise.tools.sim.sweep import as_dict, capacity_bound, sweep
+from alise.tools.trace import build_trace, load_pairs, workload_path
 
 POLICIES = ("fcfs", "alise", "oracle")
 

@@ -8,7 +8,7 @@ SDK from a trace built by `alise trace` (AlpacaEval prompts, text_davinci_003 le
 at --max-output so a run takes a minute or two). alise gets cross-fitted estimates of the
 project's predictor (the same table `alise sim` uses). Every policy replays the same requests,
 each with the simulator's max_tokens cap; a job ends at its trace length, which only the
-oracle policy sees (``alise.bench.openloop``).
+oracle policy sees (``alise.tools.bench.openloop``).
 """
 
 from __future__ import annotations
@@ -16,31 +16,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import random
 import sys
 from pathlib import Path
 
-from alise.bench.cluster import run_on_cluster
-from alise.bench.openloop import summarize
-from alise.sim.predictions import cross_fitted_estimates
-from alise.sim.trace import TraceRequest, arrival_times, read_trace
-
-
-def pick_requests(trace: str, num: int, rate: float, max_output: int, seed: int,
-                  bursty: bool = False) -> list[TraceRequest]:
-    pool = read_trace(trace)
-    rng = random.Random(seed)
-    chosen = rng.sample(pool, num)
-    times = arrival_times(num, rate, bursty=bursty, seed=seed + 7)
-    return [TraceRequest(r.id, r.prompt, r.prompt_tokens, min(r.output_tokens, max_output), t)
-            for r, t in zip(chosen, times)]
-
-
-def estimates_by_prompt(trace: str, predictor: str) -> dict:
-    pool = read_trace(trace)
-    est, source = cross_fitted_estimates(pool, method=predictor,
-                                         cache_path=f"{trace}.estimates-{predictor}.json")
-    return {r.prompt: est[i] for i, r in enumerate(pool)}, source
+from alise.tools.bench.cluster import run_on_cluster
+from alise.tools.bench.openloop import summarize
+from alise.tools.lab.replay import estimates_by_prompt, pick_requests
 
 
 def main() -> int:

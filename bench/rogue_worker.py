@@ -27,6 +27,7 @@ import tempfile
 from pathlib import Path
 
 import grpc
+
 from alise.v1 import worker_pb2, worker_pb2_grpc
 
 SECRET = "the-real-internal-secret"
@@ -149,7 +150,7 @@ async def alise_up() -> list[tuple[str, str]]:
     """`alise up` (no predictor, no worker): the secret it makes for its cluster."""
     from alise.client import AsyncClient
     from alise.modelinfo.served import load_model_info
-    from upcluster import UpCluster
+    from alise.tools.lab.upcluster import UpCluster
 
     up = await asyncio.to_thread(UpCluster, "--no-predictor", workers=0)
     info = await asyncio.to_thread(load_model_info, None)

@@ -46,7 +46,8 @@ async def virtual_worker(args: argparse.Namespace) -> None:
     from alise.core.latency_model import LatencyModel
     from alise.modelinfo.identity import ModelIdentity
     from alise.modelinfo.source import resolve_model
-    from alise.sim.virtual_worker import LatencyExecutor, virtual_worker as make_engine
+    from alise.tools.sim.virtual_worker import LatencyExecutor
+    from alise.tools.sim.virtual_worker import virtual_worker as make_engine
     from alise.worker.config import WorkerConfig
     from alise.worker.service import Worker
 

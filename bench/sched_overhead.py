@@ -26,7 +26,7 @@ from alise.core.config import SchedulingConfig, make_core
 from alise.core.job import Job, JobStatus, LengthEstimate
 from alise.core.latency_model import LatencyModel
 from alise.core.sampling import SamplingParams
-from alise.sim.virtual_worker import virtual_worker
+from alise.tools.sim.virtual_worker import virtual_worker
 
 
 def run(policy_name: str, *, num_running: int, num_queued: int, steps: int, seed: int,

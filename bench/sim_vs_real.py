@@ -6,7 +6,7 @@
 2. replays the requests on a real in-process cluster (scheduler + worker services, SDK),
 3. simulates the same requests with that profile and the same KV blocks / max seqs,
 and prints the mean normalized latency of both and their difference (goal: within 15 %).
-Both send every request the same max_tokens cap (``alise.bench.openloop.DEFAULT_MAX_TOKENS``)
+Both send every request the same max_tokens cap (``alise.tools.bench.openloop.DEFAULT_MAX_TOKENS``)
 and end each job at its trace length, which only the oracle policy sees.
 """
 
@@ -19,15 +19,12 @@ import statistics
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from real_cpu_compare import estimates_by_prompt, pick_requests
-
-from alise.bench.cluster import run_on_cluster
-from alise.bench.openloop import DEFAULT_MAX_TOKENS
 from alise.core.config import SchedulingConfig
-from alise.sim.profiles import measure_cpu_profile
-from alise.sim.simulator import SimConfig, simulate
+from alise.tools.bench.cluster import run_on_cluster
+from alise.tools.bench.openloop import DEFAULT_MAX_TOKENS
+from alise.tools.lab.replay import estimates_by_prompt, pick_requests
+from alise.tools.sim.profiles import measure_cpu_profile
+from alise.tools.sim.simulator import SimConfig, simulate
 
 
 def main() -> int:

@@ -19,19 +19,15 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 from dataclasses import replace
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "services"))
 
 from alise.core.config import SchedulingConfig
 from alise.core.job import LengthEstimate
 from alise.core.latency_model import LatencyModel
-from alise.sim.predictions import cross_fitted_estimates
-from alise.sim.simulator import SimConfig, simulate
-from alise.sim.trace import read_trace, rescale
-from fit_steps import open_text  # this directory is on sys.path when run as a script
+from alise.tools.lab.files import open_text
+from alise.tools.sim.predictions import cross_fitted_estimates
+from alise.tools.sim.simulator import SimConfig, simulate
+from alise.tools.trace import read_trace, rescale
 
 
 def main() -> None:

@@ -1,7 +1,7 @@
 """Slowloris against the HTTP door: thousands of connections that send nothing, held open
 (each one the door closes is opened again), while users send ordinary completions.
 
-A real CPU cluster (`alise up`'s scheduler, worker and door as processes, bench/http_cluster.py)
+A real CPU cluster (`alise up`'s scheduler, worker and door as processes, alise.tools.lab.local_cluster)
 is attacked in phases: none (the baseline), then ``--connections`` idle connections from one
 address, then the same spread over ``--addresses`` loopback addresses (127.0.1.x: as from
 that many hosts). The attacker is a process of its own with its open-file limit raised to the
@@ -11,8 +11,8 @@ other or no answer within 10 s), their latency (connect included) p50 / p99 / ma
 idle connections the attacker held open (mean and max of its 1 s samples), and how many the
 door closed by reason (its ``alise_http_connections_closed_total``), and the door process's CPU (share of one core).
 
-``--compare-with DIR`` also attacks a door run from another checkout (``DIR/services`` and
-``DIR/clients`` on its PYTHONPATH, e.g. ``git archive <commit> | tar -x -C DIR``) in front of
+``--compare-with DIR`` also attacks a door run from another checkout (``DIR/src`` on its
+PYTHONPATH, e.g. ``git archive <commit> | tar -x -C DIR``) in front of
 the same cluster: before and after, on one machine in one run.
 
     python bench/slowloris.py
@@ -32,7 +32,9 @@ import time
 
 import httpx
 import numpy as np
-from http_cluster import cpu_cluster, free_port
+
+from alise.tools.lab.checkout import pythonpath
+from alise.tools.lab.local_cluster import cpu_cluster, free_port
 
 
 def raise_open_files() -> int:
@@ -116,7 +118,7 @@ def closed_counts(base_url: str) -> dict[str, float]:
 
 
 def phase(base_url: str, door_pid: int, port: int, args, connections: int, addresses: int) -> dict:
-    from http_cluster import cpu_seconds
+    from alise.tools.lab.local_cluster import cpu_seconds
 
     ctx = multiprocessing.get_context("spawn")
     stop, samples = ctx.Event(), ctx.Queue()
@@ -153,7 +155,7 @@ def phase(base_url: str, door_pid: int, port: int, args, connections: int, addre
 def start_door(pythonpath_dir: str, scheduler: str) -> tuple[subprocess.Popen, str, int]:
     """A door run from another checkout: (process, base URL, port)."""
     port = free_port()
-    env = dict(os.environ, PYTHONPATH=f"{pythonpath_dir}/services:{pythonpath_dir}/clients")
+    env = dict(os.environ, PYTHONPATH=pythonpath(pythonpath_dir))
     proc = subprocess.Popen([sys.executable, "-m", "alise.cli.main", "http", "--scheduler", scheduler,
                              "--address", f"127.0.0.1:{port}"], env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)

@@ -2,9 +2,9 @@
 steps (one an output token) still to run when each request arrived; printed at the middle and the
 last arrival, with its growth over the second half of the arrivals (mean over the last quarter
 less mean over the second quarter). The simulator calls a run sustained when that growth is at
-most 2.5 % of the run's work (``alise.sim.sweep``). The same growth in KV token-steps (each
+most 2.5 % of the run's work (``alise.tools.sim.sweep``). The same growth in KV token-steps (each
 token weighted by its context: the memory-time a long job leaves behind) is printed beside it
-(``alise.sim.simulator.WorkMeter``).
+(``alise.tools.sim.simulator.WorkMeter``).
 
     python bench/work_backlog.py RUN-requests.jsonl.gz [...]
     python bench/work_backlog.py bench/results/real-cpu.json        # every policy of a real_cpu_compare run
@@ -21,7 +21,7 @@ import gzip
 import json
 import statistics
 
-from alise.sim.simulator import WorkMeter, backlog_growth
+from alise.tools.sim.simulator import WorkMeter, backlog_growth
 
 
 def load(path: str) -> dict[str, list[dict]]:

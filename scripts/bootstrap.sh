@@ -4,7 +4,7 @@
 # visible (and, with --cuda, triton, which the worker's fused kernels need).
 #
 # Usage: scripts/bootstrap.sh [--cuda] [--venv DIR] [EXTRAS]
-#   EXTRAS      ALISE's extras (default server,dev; "" = the SDK and CLI only)
+#   EXTRAS      ALISE's extras (default server,tools,dev; "" = the SDK and CLI only)
 #   --venv DIR  the environment to make, or to install into if it exists (default .venv)
 #   --cuda      a CUDA build of torch. When the Python making the environment has one already (a
 #               CUDA base image, a GPU machine), the environment sees that Python's packages
@@ -25,7 +25,7 @@ cd "$(dirname "$0")/.."
 torch_version=2.13.0
 cuda=0
 venv=.venv
-extras="server,dev"
+extras="server,tools,dev"
 while [ $# -gt 0 ]; do
   case "$1" in
     --cuda) cuda=1 ;;

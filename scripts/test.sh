@@ -3,7 +3,7 @@
 # Kubernetes manifests and the Dockerfiles (hadolint), runs pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-scripts/bootstrap.sh server,dev
+scripts/bootstrap.sh server,tools,dev
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 scripts/check_protos.sh
 scripts/check_compose.sh

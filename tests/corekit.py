@@ -5,14 +5,14 @@ from __future__ import annotations
 
 from alise.core.blocks import WorkerCapacity
 from alise.core.commands import AbortJobs, StepPlan
-from alise.core.job import Job, LengthEstimate
-from alise.core.latency_model import LatencyModel
 from alise.core.config import SchedulingConfig
 from alise.core.dispatch import keep_in_flight
+from alise.core.job import Job, LengthEstimate
+from alise.core.latency_model import LatencyModel
 from alise.core.policy import make_policy
 from alise.core.sampling import SamplingParams
 from alise.core.scheduler import SchedulerCore
-from alise.sim.virtual_worker import virtual_worker
+from alise.tools.sim.virtual_worker import virtual_worker
 from alise.worker.engine import WorkerEngine
 
 LATENCY = LatencyModel(c0_s=0.01, c_seq_s=1e-4, c_ctx_s=1e-6, c_pre_s=1e-4, name="test")

@@ -8,7 +8,8 @@
 #   .devcarry/minilm-tok/   the MiniLM tokenizer and configs (what scheduler and workers read)
 #   .devcarry/minilm-fp16/  the MiniLM weights in fp16 (the predictor's encoder; served in fp32)
 #   .devcarry/serving/      the predictor's history and the traces (bench/gpu/prep_serving.py)
-#   .devcarry/baseline/     clients/ and services/ of another commit, for before/after runs
+#   .devcarry/baseline/     the source of another commit (src/, or clients/ and services/ before
+#                           the single source root), for before/after runs
 # Usage: bench/gpu/carry.sh [BASELINE_COMMIT]     (all under paths git ignores; nothing committed)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -65,7 +66,7 @@ PY
 $py bench/gpu/prep_serving.py --out .devcarry/serving --rate 4 --max-model-len 2048
 if [ -n "${1:-}" ]; then
   rm -rf .devcarry/baseline && mkdir -p .devcarry/baseline
-  git archive "$1" clients services | tar -x -C .devcarry/baseline
+  git archive "$1" $(git ls-tree --name-only "$1" src clients services) | tar -x -C .devcarry/baseline
   git rev-parse "$1" > .devcarry/baseline/COMMIT
 fi
 du -sh .whl .devcarry/*

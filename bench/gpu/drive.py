@@ -3,7 +3,7 @@
     python3 bench/gpu/drive.py --trace T --address A --tag NAME [--all-at-once] [--rate R]
         [--steps STEP_LOG] [--out DIR]
 
-Open loop through the SDK (``alise.bench.openloop``): each request at its arrival time (all at
+Open loop through the SDK (``alise.tools.bench.openloop``): each request at its arrival time (all at
 once with ``--all-at-once``; rescaled to ``--rate`` req/s if given), generating its trace
 length. Prints requests served, output tokens per second over the span (first request sent
 to last token), mean / p99 normalized latency, mean TTFT, TPOT mean / p99, and, from the
@@ -21,8 +21,8 @@ import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from alise.bench.openloop import run_bench
-from alise.sim.trace import read_trace, rescale
+from alise.tools.bench.openloop import run_bench
+from alise.tools.trace import read_trace, rescale
 
 
 def pct(values: list[float], q: float) -> float:

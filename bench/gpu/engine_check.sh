@@ -7,7 +7,7 @@
 #   bash bench/gpu/engine_check.sh            # TEST_S / BENCH_S: stage time limits in seconds
 set -uo pipefail
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
-export PYTHONPATH=$PWD/services:$PWD/clients:${PYTHONPATH:-}
+export PYTHONPATH=$PWD/src:${PYTHONPATH:-}
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 python3 - <<'PY' 2>&1 | tee "$OUT/env.txt"
 import torch, triton, transformers

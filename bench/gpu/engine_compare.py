@@ -16,7 +16,7 @@ kernels checked and timed at start-up, mixed-step CUDA graphs). For each:
   graphs' time goes (torch.profiler at batch 1 and 64), and with ``--profile PATH`` its latency
   profile (alise.worker.model.profiler) for the scheduler and the simulator.
 
-    PYTHONPATH=services:clients python3 bench/gpu/engine_compare.py --json $OUT/engine_compare.json
+    python3 bench/gpu/engine_compare.py --json $OUT/engine_compare.json
 """
 
 from __future__ import annotations
@@ -29,21 +29,17 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path[:0] = [str(ROOT / "bench"), str(ROOT / "services"), str(ROOT / "clients")]
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, OPTConfig
 
-import engine as eb  # noqa: E402  (bench/engine.py: measurement helpers)
-import torch  # noqa: E402
-
-from transformers import AutoModelForCausalLM, LlamaConfig, OPTConfig  # noqa: E402
-
-from alise.core.sampling import SamplingParams  # noqa: E402
-from alise.modelinfo.presets import PRESETS  # noqa: E402
-from alise.worker.model.chunk import SeqChunk  # noqa: E402
-from alise.worker.model.kv_cache import KVCache  # noqa: E402
-from alise.worker.model.loader import LoadedModel, resolve_dtype  # noqa: E402
-from alise.worker.model.runner import ModelRunner  # noqa: E402
-from alise.worker.model.sampler import Sampler  # noqa: E402
+import alise.tools.lab.engine as eb  # copy bandwidth, event timing, floors
+from alise.core.sampling import SamplingParams
+from alise.modelinfo.presets import PRESETS
+from alise.worker.model.chunk import SeqChunk
+from alise.worker.model.kv_cache import KVCache
+from alise.worker.model.loader import LoadedModel, resolve_dtype
+from alise.worker.model.runner import ModelRunner
+from alise.worker.model.sampler import Sampler
 
 MIXED_BATCHES = (8, 32, 64)
 CHUNKS = (64, 128, 256, 512)

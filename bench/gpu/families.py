@@ -23,8 +23,8 @@ One family that fails (out of memory, say) prints its error and the others go on
 printed last and, with ``--out``, written as JSON. The goal: Qwen2.5-7B and Llama-3-8B within 1.3x
 of the floor at batch 1 and 64.
 
-    PYTHONPATH=services:clients python3 bench/gpu/families.py --out $OUT/families.json
-    PYTHONPATH=services:clients python3 bench/gpu/families.py --presets qwen2.5-7b,llama-3-8b
+    python3 bench/gpu/families.py --out $OUT/families.json
+    python3 bench/gpu/families.py --presets qwen2.5-7b,llama-3-8b
     python3 bench/gpu/families.py --device cpu --presets tiny-qwen2,tiny-gemma2  # a smoke run, no GPU
 """
 
@@ -39,19 +39,16 @@ import time
 import traceback
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path[:0] = [str(ROOT / "bench"), str(ROOT / "services"), str(ROOT / "clients")]
+import torch
+from transformers import AutoModelForCausalLM
 
-import engine as eb  # noqa: E402  (bench/engine.py: copy bandwidth, event timing)
-import torch  # noqa: E402
-from transformers import AutoModelForCausalLM  # noqa: E402
-
-from alise.modelinfo.presets import PRESETS  # noqa: E402
-from alise.worker.model.chunk import SeqChunk  # noqa: E402
-from alise.worker.model.cuda_graphs import pick_bucket  # noqa: E402
-from alise.worker.model.families import describe, hf_attention  # noqa: E402
-from alise.worker.model.loader import LoadedModel, preset_config, resolve_dtype  # noqa: E402
-from alise.worker.model.runner import ModelRunner  # noqa: E402
+import alise.tools.lab.engine as eb  # copy bandwidth, event timing, floors
+from alise.modelinfo.presets import PRESETS
+from alise.worker.model.chunk import SeqChunk
+from alise.worker.model.cuda_graphs import pick_bucket
+from alise.worker.model.families import describe, hf_attention
+from alise.worker.model.loader import LoadedModel, preset_config, resolve_dtype
+from alise.worker.model.runner import ModelRunner
 
 DEFAULT_PRESETS = ("qwen2.5-7b", "llama-3-8b", "qwen3-8b", "mistral-7b", "phi-3-mini", "gemma-2-9b", "gemma-3-12b",
                    "qwen3-30b-a3b", "mixtral-8x7b")

@@ -6,7 +6,7 @@ fp16 and bf16, to a sm_90 cubin with its bundled ptxas; its bundled cuobjdump re
 registers and stack (local memory: spills), Triton's metadata its shared memory. A kernel that does not compile, spills, or needs more shared memory
 than a H200 block may have (227 KiB) is flagged. Prints one line a kernel, a summary last.
 
-    PYTHONPATH=services python bench/gpu/kernel_compile.py [--quick] [--dtype fp16|bf16|both]
+    python bench/gpu/kernel_compile.py [--quick] [--dtype fp16|bf16|both]
 """
 
 from __future__ import annotations
@@ -20,14 +20,11 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path[:0] = [str(ROOT / "services")]
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
 
-import triton  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
-
-from alise.worker.kernels import triton_attention, triton_fused, triton_unified  # noqa: E402
+from alise.worker.kernels import triton_attention, triton_fused, triton_unified
 
 TARGET = GPUTarget("cuda", 90, 32)
 MAX_SHARED = 227 * 1024

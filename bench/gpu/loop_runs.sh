@@ -32,7 +32,9 @@ save_file({k: v.float() if v.is_floating_point() else v for k, v in w.items()}, 
           metadata={"format": "pt"})
 PY
 fi
-path_of() { local code=$NEW; [ "$1" = base ] && code=$NEW/$D/baseline; echo "/tmp/site:$code/clients:$code/services:$NEW/$D/pkg"; }
+# A tree's source: src/, or clients/ and services/ in a baseline from before the single source root.
+roots_of() { if [ -d "$1/src/alise" ]; then echo "$1/src"; else echo "$1/clients:$1/services"; fi; }
+path_of() { local code=$NEW; [ "$1" = base ] && code=$NEW/$D/baseline; echo "/tmp/site:$(roots_of "$code"):$NEW/$D/pkg"; }
 NEWPATH=$(path_of new)
 alise_new() { PYTHONPATH=$NEWPATH $PY -m alise.cli.main "$@"; }
 wait_healthy() { for _ in $(seq 900); do alise_new health "$1" >/dev/null 2>&1 && return 0; sleep 0.2; done; echo "not healthy: $1"; return 1; }

@@ -1,6 +1,6 @@
 """Where a mixed step's time goes: decode rows beside prefill chunks, OPT-13B shapes on a GPU.
 
-    PYTHONPATH=services:clients python3 bench/gpu/mixed_steps.py [--model opt-13b] [--batch 58]
+    python3 bench/gpu/mixed_steps.py [--model opt-13b] [--batch 58]
 
 A serving run showed steps that carry prefill tokens costing several times a pure decode step.
 This times, with the worker's own runner and sampler (greedy), a decode batch at one context

@@ -20,7 +20,7 @@ import json
 import random
 from pathlib import Path
 
-from alise.sim.trace import TraceRequest, arrival_times, default_counter, write_trace
+from alise.tools.trace import TraceRequest, arrival_times, default_counter, write_trace
 
 DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "alpaca_eval"
 

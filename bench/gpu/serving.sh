@@ -7,7 +7,7 @@
 #   RATE=8 RUNS="fcfs:paged:fcfs alise:paged:alise" bash bench/gpu/serving.sh
 set -uo pipefail
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
-export PYTHONPATH=/tmp/site:$PWD/clients:$PWD/services:$PWD/.devcarry
+export PYTHONPATH=/tmp/site:$PWD/src:$PWD/.devcarry
 OUT=${OUT:-/tmp/out}; RATE=${RATE:-8}; BLOCKS=${BLOCKS:-938}; SEQS=${SEQS:-64}
 RUNS=${RUNS:-"fcfs:paged:fcfs alise:paged:alise"}
 D=.devcarry/serving

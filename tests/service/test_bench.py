@@ -6,10 +6,10 @@ import math
 
 import pytest
 
-from alise.bench.cluster import run_on_cluster
-from alise.bench.openloop import format_summary, summarize
 from alise.core.job import LengthEstimate
-from alise.sim.trace import TraceRequest
+from alise.tools.bench.cluster import run_on_cluster
+from alise.tools.bench.openloop import format_summary, summarize
+from alise.tools.trace import TraceRequest
 
 
 async def test_bench_replays_a_trace_and_records_each_request():
@@ -34,7 +34,7 @@ async def test_bench_replays_a_trace_and_records_each_request():
 
 
 def _result(i, ttft, tpot, tokens=5, error=""):
-    from alise.bench.openloop import RequestResult
+    from alise.tools.bench.openloop import RequestResult
 
     e2e = ttft + tpot * (tokens - 1)
     return RequestResult(i, f"r{i}", 4, tokens, 0.0, sent_s=0.1 * i, ttft_s=ttft, tpot_s=tpot, e2e_s=e2e,
@@ -43,7 +43,7 @@ def _result(i, ttft, tpot, tokens=5, error=""):
 
 
 def test_goodput_counts_requests_meeting_every_slo():
-    from alise.bench.metrics import parse_goodput
+    from alise.tools.bench.metrics import parse_goodput
 
     results = [_result(0, 0.05, 0.01), _result(1, 0.20, 0.01), _result(2, 0.05, 0.08),
                _result(3, 0.01, 0.01, error="Overloaded")]
@@ -65,11 +65,12 @@ def test_goodput_counts_requests_meeting_every_slo():
 
 
 async def test_openai_and_grpc_backends_measure_the_same_requests(tiny_llama_dir):
-    from alise.bench.backends import GrpcBackend, OpenAIBackend
-    from alise.bench.openloop import run_bench
+    from cluster_fixtures import cluster
+
     from alise.http.config import HttpConfig
     from alise.http.server import start_http
-    from cluster_fixtures import cluster
+    from alise.tools.bench.backends import GrpcBackend, OpenAIBackend
+    from alise.tools.bench.openloop import run_bench
 
     requests = [TraceRequest(f"p{i}", f"Tell me about topic {i}", 6, n, 0.0) for i, n in enumerate([4, 7, 5, 6])]
     async with cluster(str(tiny_llama_dir), max_model_len=256,
@@ -99,7 +100,7 @@ async def test_openai_and_grpc_backends_measure_the_same_requests(tiny_llama_dir
 
 
 def test_max_tokens_caps_each_request_and_the_oracle_length_never_exceeds_it():
-    from alise.bench.openloop import request_send
+    from alise.tools.bench.openloop import request_send
 
     short, long = TraceRequest("a", "hi", 1, 30, 0.0), TraceRequest("b", "hi", 1, 900, 0.0)
     oracle = [request_send(r, "x", lengths="oracle", max_tokens=100, timeout_s=1.0) for r in (short, long)]
@@ -113,9 +114,10 @@ async def test_alise_bench_shows_progress_and_caps_lengths(tiny_llama_dir, tmp_p
     import asyncio
     import json
 
-    from alise.cli.main import main
-    from alise.sim.trace import write_trace
     from cluster_fixtures import cluster
+
+    from alise.cli.main import main
+    from alise.tools.trace import write_trace
 
     trace = tmp_path / "t.jsonl"
     write_trace([TraceRequest(f"p{i}", f"Tell me about topic {i}", 6, n, 0.02 * i)
@@ -164,8 +166,8 @@ def test_bench_compare_prints_runs_side_by_side_and_plots_cdfs(tmp_path, capsys)
 
 
 def test_cdfs_mark_p50_and_p99_and_go_logarithmic_past_a_decade():
-    from alise.bench.metrics import pct
-    from alise.bench.plot import PANELS, cdf_figure, x_scale
+    from alise.tools.bench.metrics import pct
+    from alise.tools.bench.plot import PANELS, cdf_figure, x_scale
 
     # TTFT from 2 ms to 2 s in both runs (three decades); TPOT within 20-30 ms
     runs = {name: [_result(i, 0.002 * (1.07 ** i) * scale, (0.020 + 0.0001 * i) * scale) for i in range(100)]

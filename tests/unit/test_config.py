@@ -9,12 +9,19 @@ import re
 from pathlib import Path
 
 import pytest
+
 from alise.cli.main import build_parser
 from alise.cluster.logfiles import LogLimits
 from alise.cluster.main import LOG_FLAGS, RESTART_FLAGS
 from alise.cluster.supervisor import RestartPolicy
 from alise.common.entrypoint import (
-    ConfigFlag, build_config, config_argv, config_flags, config_values, field_default, field_docs,
+    ConfigFlag,
+    build_config,
+    config_argv,
+    config_flags,
+    config_values,
+    field_default,
+    field_docs,
     field_owner,
 )
 from alise.common.security import SecurityConfig
@@ -26,7 +33,7 @@ from alise.predictor import cli as predictor_cli
 from alise.predictor.config import PredictorConfig
 from alise.scheduler import main as scheduler_main
 from alise.scheduler.config import SchedulerConfig
-from alise.sim.cli import SCHEDULING_FLAGS as SIM_FLAGS
+from alise.tools.sim.cli import SCHEDULING_FLAGS as SIM_FLAGS
 from alise.worker import main as worker_main
 from alise.worker.config import WorkerConfig
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 
 import pytest
+from corekit import LATENCY, make_job
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -17,8 +18,7 @@ from alise.core.memory_planner import make_memory_planner
 from alise.core.policy import make_policy
 from alise.core.scheduler import SchedulerCore
 from alise.core.table import FREE, WAITING
-from alise.sim.virtual_worker import virtual_worker
-from corekit import LATENCY, make_job
+from alise.tools.sim.virtual_worker import virtual_worker
 
 #: The keywords each transition takes (``Job.transition``).
 _ARGS = {

@@ -4,14 +4,14 @@ cached remaining time in the core's job table."""
 from __future__ import annotations
 
 import pytest
+from corekit import make_job, step
 
 from alise.core.blocks import WorkerCapacity
 from alise.core.config import SchedulingConfig
 from alise.core.latency_model import LatencyModel
 from alise.core.policy import make_policy
 from alise.core.scheduler import SchedulerCore
-from alise.sim.virtual_worker import virtual_worker
-from corekit import make_job, step
+from alise.tools.sim.virtual_worker import virtual_worker
 
 
 def _core(latency: LatencyModel):

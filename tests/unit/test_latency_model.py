@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from alise.core.latency_model import LatencyModel
-from alise.sim.profiles import opt13b_h100_roofline
+from alise.tools.sim.profiles import opt13b_h100_roofline
 
 
 def test_fit_recovers_the_coefficients_of_a_noise_free_profile():

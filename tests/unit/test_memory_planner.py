@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from corekit import LATENCY, make_job, step
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -13,9 +14,8 @@ from alise.core.kv_places import PLACES, KvMoveRefused, actions_between, move_la
 from alise.core.memory_planner import AdaptivePlanner, KvCostModel, make_memory_planner
 from alise.core.policy import make_policy
 from alise.core.scheduler import SchedulerCore
-from alise.sim.virtual_worker import virtual_worker
+from alise.tools.sim.virtual_worker import virtual_worker
 from alise.worker.engine import WorkerEngine
-from corekit import LATENCY, make_job, step
 
 BS = 4
 BLOCK_BYTES = 1 << 20

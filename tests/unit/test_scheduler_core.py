@@ -6,14 +6,14 @@ import subprocess
 import sys
 
 import pytest
+from corekit import LATENCY, candidates_of, make_job, make_scheduler, step
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from alise.core.commands import AbortJobs, Admit, KvAction, Pause, Resume
 from alise.core.dispatch import keep_in_flight
 from alise.core.job import JobStatus, KvPlace, LengthEstimate
 from alise.core.policy import RemainingTimeEstimator
-from corekit import LATENCY, candidates_of, make_job, make_scheduler, step
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 
 def commands_of(plan, kind):
@@ -22,7 +22,7 @@ def commands_of(plan, kind):
 
 def test_pure_core_imports_neither_grpc_nor_torch():
     code = ("import sys, alise.core.scheduler, alise.core.policy, alise.core.latency_model, "
-            "alise.core.blocks, alise.core.dispatch, alise.sim.virtual_worker; "
+            "alise.core.blocks, alise.core.dispatch, alise.tools.sim.virtual_worker; "
             "print(sorted(m for m in ('grpc', 'torch', 'transformers') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

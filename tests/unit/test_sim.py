@@ -12,12 +12,17 @@ from alise.core.config import SchedulingConfig
 from alise.core.job import Job, JobStatus, LengthEstimate
 from alise.core.latency_model import LatencyModel
 from alise.core.sampling import SamplingParams
-from alise.sim.simulator import SimConfig, WorkMeter, backlog_growth, simulate
-from alise.sim.sweep import (
-    MAX_WORK_BACKLOG_GROWTH, RunSummary, capacity_bound, summarize, tail_p99,
-    throughput_at_constraint, unloaded_normalized_latency,
+from alise.tools.sim.simulator import SimConfig, WorkMeter, backlog_growth, simulate
+from alise.tools.sim.sweep import (
+    MAX_WORK_BACKLOG_GROWTH,
+    RunSummary,
+    capacity_bound,
+    summarize,
+    tail_p99,
+    throughput_at_constraint,
+    unloaded_normalized_latency,
 )
-from alise.sim.trace import TraceRequest, arrival_times
+from alise.tools.trace import TraceRequest, arrival_times
 
 LATENCY = LatencyModel(c0_s=0.01, c_seq_s=1e-4, c_ctx_s=1e-6, c_pre_s=1e-4, name="test")
 CONFIG = SimConfig(kv_tokens=2048, max_num_seqs=16, max_model_len=1024, max_tokens=1024)
@@ -93,7 +98,7 @@ def test_tail_is_the_p99_of_the_longest_five_percent():
 
 def test_sim_takes_the_schedulers_flags_and_refuses_a_bad_one():
     from alise.cli.main import build_parser
-    from alise.sim.report import sim_config
+    from alise.tools.sim.report import sim_config
 
     def parse(*argv):
         return build_parser().parse_args(["sim", "--trace", "t.jsonl", *argv])
@@ -111,7 +116,7 @@ def test_sim_takes_the_schedulers_flags_and_refuses_a_bad_one():
 
 
 def test_scheduling_knobs_reach_alise_and_oracle_not_fcfs():
-    from alise.sim.sweep import sweep
+    from alise.tools.sim.sweep import sweep
 
     narrow = SimConfig(kv_tokens=2048, max_num_seqs=2, max_model_len=1024, max_tokens=1024)
     base = sweep(mixed_trace(), ["fcfs", "alise"], [30.0], LATENCY, narrow)
@@ -293,7 +298,7 @@ class _Terminal(io.StringIO):
 
 
 def test_progress_line_redraws_in_place_a_few_times_a_second_on_a_terminal_only():
-    from alise.sim.progress import ERASE, ProgressLine
+    from alise.tools.sim.progress import ERASE, ProgressLine
 
     now = [0.0]
     term = _Terminal()
@@ -327,7 +332,7 @@ def test_progress_line_redraws_in_place_a_few_times_a_second_on_a_terminal_only(
 
 @pytest.mark.parametrize("jobs", [1, 2])
 def test_a_sweep_reports_each_policy_and_rate_as_it_runs(jobs):
-    from alise.sim.sweep import sweep
+    from alise.tools.sim.sweep import sweep
 
     trace = mixed_trace(num=40)
     events = []
@@ -345,7 +350,7 @@ def test_a_sweep_reports_each_policy_and_rate_as_it_runs(jobs):
 
 def test_alise_sim_shows_progress_on_stderr(tmp_path, capsys):
     from alise.cli.main import main
-    from alise.sim.trace import write_trace
+    from alise.tools.trace import write_trace
 
     path = tmp_path / "mixed.jsonl"
     write_trace(mixed_trace(num=40), path)

@@ -9,8 +9,14 @@ import statistics
 
 import pytest
 
-from alise.sim.trace import (
-    TraceRequest, arrival_times, build_trace, describe, read_trace, rescale, write_trace,
+from alise.tools.trace import (
+    TraceRequest,
+    arrival_times,
+    build_trace,
+    describe,
+    read_trace,
+    rescale,
+    write_trace,
 )
 
 PAIRS = [(f"p{i}", "word " * (i % 7 + 1), "tok " * (i % 13)) for i in range(50)]
@@ -181,7 +187,7 @@ def conversation_trace():
 
 
 def test_a_later_turn_is_released_its_think_time_after_the_turn_before_ends():
-    from alise.sim.trace import Releases
+    from alise.tools.trace import Releases
 
     trace = conversation_trace()
     rel = Releases(trace)
@@ -198,7 +204,7 @@ def test_a_later_turn_is_released_its_think_time_after_the_turn_before_ends():
 
 
 def test_a_trace_without_conversations_is_released_in_arrival_order():
-    from alise.sim.trace import Releases
+    from alise.tools.trace import Releases
 
     trace = build_trace(PAIRS, num=40, rate=5.0, seed=2, count_tokens=count_words)
     rel = Releases(trace)
@@ -227,7 +233,7 @@ def test_read_trace_refuses_a_conversation_with_a_missing_turn(tmp_path):
 
 
 def test_rescale_moves_conversation_starts_and_keeps_think_times():
-    from alise.sim.trace import mean_rate, previous_outputs
+    from alise.tools.trace import mean_rate, previous_outputs
 
     trace = conversation_trace()
     assert mean_rate(trace) == pytest.approx(6 / 1.0)  # six requests over the last start at 1 s
@@ -253,8 +259,8 @@ def split_words(texts):
 
 
 def test_conversations_carry_the_history_real_answers_and_think_times():
-    from alise.sim.conversations import TurnsDistribution, build_conversations, render_chat
-    from alise.sim.trace import check_conversations, conversations
+    from alise.tools.conversations import TurnsDistribution, build_conversations, render_chat
+    from alise.tools.trace import check_conversations, conversations
 
     trace = build_conversations(ANSWERS, num=60, rate=2.0, turns=TurnsDistribution.parse("2-4"),
                                 think_time_s=5.0, seed=1, max_context_tokens=150, tokenize=split_words)
@@ -289,7 +295,7 @@ def test_conversations_carry_the_history_real_answers_and_think_times():
 def test_turns_distributions_parse_sample_and_refuse_nonsense():
     import random
 
-    from alise.sim.conversations import TurnsDistribution
+    from alise.tools.conversations import TurnsDistribution
 
     rng = random.Random(0)
     assert {TurnsDistribution.parse("3").sample(rng) for _ in range(20)} == {3}
@@ -309,7 +315,7 @@ def brute_force_share(seqs):
 def test_prefix_share_is_the_longest_prefix_any_earlier_prompt_had():
     import random
 
-    from alise.sim.conversations import prefix_share
+    from alise.tools.conversations import prefix_share
 
     share = prefix_share([[1, 2, 3], [1, 2, 4], [9], [1, 2, 3, 5], [1, 2, 3]])
     assert share.shared_tokens == [0, 2, 0, 3, 3]
@@ -321,7 +327,7 @@ def test_prefix_share_is_the_longest_prefix_any_earlier_prompt_had():
 
 
 def test_a_system_prompt_is_cut_from_real_text_and_prepended_to_every_request(tmp_path):
-    from alise.sim.conversations import prefix_share, system_prompt_text, with_system_prompt
+    from alise.tools.conversations import prefix_share, system_prompt_text, with_system_prompt
 
     source = tmp_path / "prompts.jsonl.gz"
     _write_jsonl_gz(source, [{"id": i, "prompt": f"first second third prompt{i}"} for i in range(10)])
@@ -377,10 +383,10 @@ def test_alise_trace_multiturn_writes_conversations_and_prints_the_prefix_share(
 
 
 def test_the_simulator_sends_a_later_turn_its_think_time_after_the_answer_before():
+    from alise.core.config import SchedulingConfig
     from alise.core.job import LengthEstimate
     from alise.core.latency_model import LatencyModel
-    from alise.core.config import SchedulingConfig
-    from alise.sim.simulator import SimConfig, simulate
+    from alise.tools.sim.simulator import SimConfig, simulate
 
     latency = LatencyModel(c0_s=0.01, c_seq_s=1e-4, c_ctx_s=1e-6, c_pre_s=1e-4, name="test")
     trace = conversation_trace()
@@ -397,7 +403,7 @@ def test_the_simulator_sends_a_later_turn_its_think_time_after_the_answer_before
 
 
 def test_folds_keep_conversations_and_their_instructions_together():
-    from alise.sim.context_estimates import fold_groups
+    from alise.tools.sim.context_estimates import fold_groups
 
     trace = [TraceRequest("i1", "", 1, 1, 0.0, "c0", 0), TraceRequest("i2", "", 1, 1, 1.0, "c0", 1),
              TraceRequest("i3", "", 1, 1, 2.0, "c1", 0), TraceRequest("i2", "", 1, 1, 3.0, "c2", 0),
@@ -408,8 +414,8 @@ def test_folds_keep_conversations_and_their_instructions_together():
 
 
 def test_earlier_answers_sharpen_cross_fitted_estimates_of_later_turns(monkeypatch, tmp_path):
-    from alise.sim.context_estimates import conversation_cross_fit, metrics
-    from alise.sim.conversations import TurnsDistribution, build_conversations
+    from alise.tools.conversations import TurnsDistribution, build_conversations
+    from alise.tools.sim.context_estimates import conversation_cross_fit, metrics
 
     monkeypatch.setenv("ALISE_DATA_DIR", str(tmp_path))  # no AlpacaEval answers to warm up from
     answers = {"terse": [(f"i{i}", f"question {i} about thing {i % 7}", "yes " * (1 + i % 3)) for i in range(150)],
@@ -430,7 +436,7 @@ def test_earlier_answers_sharpen_cross_fitted_estimates_of_later_turns(monkeypat
 def test_alise_bench_request_rate_moves_conversation_starts_and_keeps_think_times(tmp_path):
     import argparse
 
-    from alise.bench.cli import _requests
+    from alise.tools.bench.cli import _requests
 
     path = tmp_path / "c.jsonl"
     write_trace(conversation_trace(), path)

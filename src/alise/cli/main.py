@@ -3,7 +3,9 @@
 Client commands (generate, status, health) need only the SDK. Server commands (up,
 scheduler, worker, predictor, trace, bench, sim) import the server packages when they run,
 so the client commands start fast and work where torch is not installed; in the client-only
-install (alise-client) they say which package to install instead.
+install (alise-client) they say which package to install instead. The tooling commands (trace,
+sim, bench: ``alise.tools``) are imported only when one of them runs or the whole parser is
+built (help, tests), so a service started by this command never imports tooling.
 """
 
 from __future__ import annotations
@@ -27,7 +29,14 @@ SERVER_COMMANDS = {
 #: sub-commands that need only the SDK (all that the client-only install has)
 CLIENT_COMMANDS = ("generate", "status", "health")
 #: sub-commands that register their own sub-parsers: module providing register(subparsers)
-REGISTERED = ["alise.bench.cli", "alise.predictor.cli", "alise.sim.cli"]
+REGISTERED = ["alise.predictor.cli"]
+#: tooling module providing register(subparsers) -> {its sub-command: help}
+TOOL_COMMANDS = {
+    "alise.tools.sim.cli": {"trace": "build a request trace (prompts, lengths, arrivals) as JSONL",
+                            "sim": "simulate policies over request rates (discrete-event, virtual time)"},
+    "alise.tools.bench.cli": {"bench": "replay a trace open-loop against a server (gRPC or OpenAI HTTP), "
+                                       "or compare saved runs (--compare)"},
+}
 
 
 def _client_options(p: argparse.ArgumentParser, address: str) -> None:
@@ -140,8 +149,9 @@ def _cmd_status(args: argparse.Namespace) -> int:
 def _cmd_health(args: argparse.Namespace) -> int:
     """Exit 0 when the service at ADDRESS reports SERVING (for container health checks)."""
     import grpc
-    from alise.client.channel import check_address, make_channel
     from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from alise.client.channel import check_address, make_channel
 
     address = args.address or args.address_option
     metadata = (("authorization", f"Bearer {args.token}"),) if args.token else ()
@@ -184,7 +194,9 @@ class _Parser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The whole CLI; given the sub-command about to run, the tooling commands other than it
+    are listed by name only (their modules not imported)."""
     parser = _Parser(prog="alise", description="ALISE: LLM serving scheduled by predicted job length")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     address = os.environ.get("ALISE_ADDRESS", DEFAULT_ADDRESS)
@@ -230,12 +242,22 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (module, help_text) in SERVER_COMMANDS.items():
         _server_command(sub, name, module, help_text)
     for module in REGISTERED:
-        try:
-            importlib.import_module(module).register(sub)
-        except ModuleNotFoundError as exc:
-            if not _is_server_part(exc):
-                raise
+        _register(sub, module)
+    for module, commands in TOOL_COMMANDS.items():
+        if command is None or command in commands:
+            _register(sub, module)
+        else:
+            for name, help_text in commands.items():
+                sub.add_parser(name, help=help_text)
     return parser
+
+
+def _register(sub, module: str) -> None:
+    try:
+        importlib.import_module(module).register(sub)
+    except ModuleNotFoundError as exc:
+        if not _is_server_part(exc):
+            raise
 
 
 def _is_server_part(exc: ModuleNotFoundError) -> bool:
@@ -264,8 +286,8 @@ def _server_command(sub, name: str, module_name: str, help_text: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
     argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser(argv[0] if argv and not argv[0].startswith("-") else None)
     if argv and not argv[0].startswith("-") and argv[0] not in CLIENT_COMMANDS and not _has_server():
         print(f"alise: {SERVER_MISSING.format(command=argv[0])}", file=sys.stderr)
         return 2

@@ -16,8 +16,8 @@ import dataclasses
 import os
 from dataclasses import dataclass, field
 
-from alise.cluster.ports import resolve, split_address
 from alise.common.entrypoint import config_argv
+from alise.common.ports import resolve, split_address
 from alise.common.security import SecurityConfig
 from alise.http.config import HttpConfig
 from alise.scheduler.config import SchedulerConfig

@@ -21,10 +21,11 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from alise.cluster.child import SUPERVISOR_PID_ENV
+
 # The cluster's settings and commands, importable from here as before.
 from alise.cluster.config import ClusterConfig, health_address, listen_addresses, service_commands  # noqa: F401
 from alise.cluster.logfiles import LogLimits, LogPump, RotatingLog
-from alise.cluster.ports import owns_listener, split_address
+from alise.common.ports import owns_listener, split_address
 
 logger = logging.getLogger(__name__)
 

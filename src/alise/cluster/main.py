@@ -20,10 +20,10 @@ import tempfile
 from alise.cluster.config import CLUSTER_SET, ClusterConfig, listen_addresses, service_commands
 from alise.cluster.local import LocalCluster, ServiceExited
 from alise.cluster.logfiles import LogLimits
-from alise.cluster.ports import PortTaken, check_free, split_address
 from alise.cluster.supervisor import RestartPolicy, Supervisor
 from alise.common.entrypoint import ConfigFlag, add_config_flags, build_config, config_flags, config_values
 from alise.common.logs import configure_logging
+from alise.common.ports import PortTaken, check_free, split_address
 from alise.http.config import HttpConfig
 from alise.http.main import flags as http_flags
 from alise.scheduler.config import SchedulerConfig

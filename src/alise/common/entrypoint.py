@@ -281,7 +281,7 @@ def config_argv(config, flags: Iterable[ConfigFlag], *, always: Iterable[str] = 
 def refuse_taken_ports(service: str, listeners: Mapping[str, str]) -> str | None:
     """A one-line refusal naming the first listener (flag -> HOST:PORT; "" or port 0: none to
     check) whose port is taken, and what holds it; None when all are free."""
-    from alise.cluster.ports import PortTaken, check_free, split_address
+    from alise.common.ports import PortTaken, check_free, split_address
 
     for flag, address in listeners.items():
         if not address or split_address(address)[1] == 0:

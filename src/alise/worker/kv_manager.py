@@ -4,7 +4,7 @@ Mechanism only: the scheduler's memory planner decides; this carries out a comma
 refuses it whole (a refused command changes nothing). Which transitions exist is the one
 table of ``alise.core.kv_places``; what a place costs in blocks is ``alise.core.blocks``
 (the scheduler counts by the same formulas). The bytes are moved by a :class:`KvMover`:
-``alise.worker.model.kv_offload.TorchKvMover`` on a real worker, ``alise.sim.virtual_kv`` in the
+``alise.worker.model.kv_offload.TorchKvMover`` on a real worker, ``alise.tools.sim.virtual_kv`` in the
 simulator, which therefore runs this very code. No torch here.
 
 Timing rules the movers implement:

@@ -1,9 +1,9 @@
-"""Open-loop replay of a trace against a live server, through a backend (``alise.bench.backends``).
+"""Open-loop replay of a trace against a live server, through a backend (``alise.tools.bench.backends``).
 
 Each request is sent at its arrival time whatever the state of the others (open loop: a slow
 server does not slow the offered load down); ``max_concurrency`` caps the requests in flight,
 and a request past the cap waits for a slot (its clock starts when it is sent). A
-conversation's later turns are the exception (``alise.sim.trace.Releases``): turn k+1 is sent
+conversation's later turns are the exception (``alise.tools.trace.Releases``): turn k+1 is sent
 its think time after turn k's stream ended (or failed), as a chat client would, so those
 arrivals follow the server's speed.
 
@@ -15,7 +15,7 @@ caps each job's remaining-time estimate at ``max_tokens`` minus what it has gene
 sending the true length there would hand the ``alise`` policy the oracle's knowledge.
 ``lengths="max-tokens"`` sends ``max_tokens`` = the target instead, as vLLM's benchmark does,
 for servers that lack the oracle field. Per-request timings are taken on the client's monotonic
-clock (``alise.bench.metrics`` defines them).
+clock (``alise.tools.bench.metrics`` defines them).
 """
 
 from __future__ import annotations
@@ -29,11 +29,11 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from alise.bench.backends import GrpcBackend, Send, StreamEnd
-from alise.bench.metrics import format_summary, summarize  # noqa: F401 - the run's figures
-from alise.sim.progress import ProgressLine
-from alise.sim.simulator import SimConfig
-from alise.sim.trace import Releases, TraceRequest
+from alise.tools.bench.backends import GrpcBackend, Send, StreamEnd
+from alise.tools.bench.metrics import format_summary, summarize  # noqa: F401 - the run's figures
+from alise.tools.sim.progress import ProgressLine
+from alise.tools.sim.simulator import SimConfig
+from alise.tools.trace import Releases, TraceRequest
 
 #: The cap on every replayed request's output: the simulator's, not the true length.
 DEFAULT_MAX_TOKENS = SimConfig.max_tokens

@@ -82,7 +82,7 @@ def register(sub) -> None:
 
 
 def _requests(args: argparse.Namespace):
-    from alise.sim.trace import arrival_times, read_trace, rescale, with_start_times
+    from alise.tools.trace import arrival_times, read_trace, rescale, with_start_times
 
     requests = read_trace(args.trace)
     if args.num:
@@ -103,7 +103,7 @@ def _requests(args: argparse.Namespace):
 
 
 def _backend(args: argparse.Namespace):
-    from alise.bench.backends import GrpcBackend, OpenAIBackend
+    from alise.tools.bench.backends import GrpcBackend, OpenAIBackend
 
     if args.backend == "grpc":
         return GrpcBackend(args.address, token=args.token)
@@ -111,7 +111,7 @@ def _backend(args: argparse.Namespace):
 
 
 def _validate(args: argparse.Namespace, parser_error) -> dict:
-    from alise.bench.metrics import parse_goodput
+    from alise.tools.bench.metrics import parse_goodput
 
     if args.compare is None and not args.trace:
         parser_error("--trace is required (or --compare RUN.json ...)")
@@ -142,8 +142,14 @@ def _run(args: argparse.Namespace, slo: dict) -> int:
     import asyncio
     from dataclasses import asdict
 
-    from alise.bench.openloop import DEFAULT_MAX_TOKENS, format_summary, run_bench, summarize, write_results
-    from alise.sim.progress import ProgressLine
+    from alise.tools.bench.openloop import (
+        DEFAULT_MAX_TOKENS,
+        format_summary,
+        run_bench,
+        summarize,
+        write_results,
+    )
+    from alise.tools.sim.progress import ProgressLine
 
     requests = _requests(args)
     backend = _backend(args)
@@ -172,8 +178,8 @@ def _run(args: argparse.Namespace, slo: dict) -> int:
 
 
 def _compare(paths: list[str], png: str | None, slo: dict) -> int:
-    from alise.bench.metrics import format_comparison, summarize
-    from alise.bench.openloop import read_results
+    from alise.tools.bench.metrics import format_comparison, summarize
+    from alise.tools.bench.openloop import read_results
 
     runs, summaries = {}, {}
     for path in paths:
@@ -186,7 +192,7 @@ def _compare(paths: list[str], png: str | None, slo: dict) -> int:
         summaries[label] = summarize(runs[label], slo or saved["summary"].get("goodput_slo_ms"))
     print(format_comparison(summaries))
     if png:
-        from alise.bench.plot import plot_cdfs
+        from alise.tools.bench.plot import plot_cdfs
 
         plot_cdfs(runs, png, title=" vs ".join(runs))
         print(f"latency CDFs: {png}")

@@ -2,7 +2,7 @@
 
 The simulator replays a trace against the same ``SchedulerCore`` (policy, ordering,
 selection, memory planning, block accounting) that the scheduler service runs, and against
-the worker's own engine (``alise.sim.virtual_worker``: the engine's commands, chunked feeds,
+the worker's own engine (``alise.tools.sim.virtual_worker``: the engine's commands, chunked feeds,
 KV state machine and block ids, with a latency model for the forward pass). Only time is
 virtual: a step lasts what the ``LatencyModel`` says (KV copies and quantization included).
 
@@ -29,8 +29,8 @@ from alise.core.latency_model import LatencyModel
 from alise.core.memory_planner import MemoryPlanner
 from alise.core.sampling import SamplingParams
 from alise.core.scheduler import SchedulerCore
-from alise.sim.trace import Releases, TraceRequest
-from alise.sim.virtual_worker import virtual_worker
+from alise.tools.sim.virtual_worker import virtual_worker
+from alise.tools.trace import Releases, TraceRequest
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ Conversations (:func:`build_conversations`) are made of AlpacaEval data, real on
 * turns per conversation from a :class:`TurnsDistribution`; a conversation ends early when its
   next turn's prompt plus answer would pass ``max_context_tokens``;
 * think time before each later turn: exponential with mean ``think_time_s``, counted from the
-  end of the previous answer (``alise.sim.trace.Releases``);
+  end of the previous answer (``alise.tools.trace.Releases``);
 * conversations start at ``rate`` / (turns per conversation), Poisson or Gamma, so the trace
   offers ``rate`` requests per second (``trace.mean_rate``).
 
@@ -35,7 +35,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from alise.sim.trace import TraceRequest, arrival_times, data_dir
+from alise.tools.trace import TraceRequest, arrival_times, data_dir
 
 Tokenize = Callable[[Sequence[str]], list[list[int]]]
 SYSTEM_PROMPT_SOURCE = "sharegpt/sharegpt_v3_filtered_1000.jsonl.gz"
@@ -179,7 +179,7 @@ def build_conversations(answers: Mapping[str, Sequence[tuple[str, str, str]]], *
     """``num`` requests in conversations (module doc). ``answers``: per generator, its
     (prompt id, instruction, output) records; the instructions every generator answered are
     the pool of user turns."""
-    from alise.sim.trace import default_tokenizer
+    from alise.tools.trace import default_tokenizer
 
     if num < 1:
         raise ValueError(f"num must be >= 1, got {num}")
@@ -206,7 +206,7 @@ def build_conversations(answers: Mapping[str, Sequence[tuple[str, str, str]]], *
 def load_answers(models: Sequence[str] | None = None) -> dict[str, list[tuple[str, str, str]]]:
     """(prompt id, instruction, output) of each AlpacaEval generator in ``models`` (file names
     without ``.jsonl.gz``; default: all of ``shared/data/alpaca_eval``)."""
-    from alise.sim.trace import load_pairs
+    from alise.tools.trace import load_pairs
 
     folder = data_dir() / "alpaca_eval"
     available = sorted(p.name.removesuffix(".jsonl.gz") for p in folder.glob("*.jsonl.gz"))
@@ -328,7 +328,7 @@ def multiturn_from_args(args, system: str, tokenize: Tokenize) -> tuple[list[Tra
 
 def prefix_line(requests: Sequence[TraceRequest], tokenize: Tokenize) -> str:
     """What ``alise trace`` prints about conversations and shared prefixes."""
-    from alise.sim.trace import describe
+    from alise.tools.trace import describe
 
     share = prefix_share(tokenize([r.prompt for r in requests]))
     stats = describe(requests)

@@ -21,7 +21,7 @@ Arrivals: Poisson at ``rate`` (exponential gaps), or bursty: Gamma gaps with coe
 variation ``cv`` (shape ``1/cv**2``) and the same mean. Requests are drawn from the data set
 in a seeded random order; past its size the order repeats with a new shuffle.
 
-Conversations (``alise.sim.conversations``): a request may be turn ``turn`` (from 0) of the
+Conversations (``alise.tools.conversations``): a request may be turn ``turn`` (from 0) of the
 conversation ``conversation_id``, and then carries ``think_time_s``; ``query`` is its own text
 (the latest user message) where ``prompt`` renders it after a system prompt or earlier turns::
 

@@ -10,12 +10,20 @@ from dataclasses import asdict
 from pathlib import Path
 
 from alise.core.latency_model import LatencyModel
-from alise.sim.profiles import opt13b_h100_roofline, profile_label
-from alise.sim.simulator import SimConfig
-from alise.sim.progress import ProgressLine
-from alise.sim.sweep import (
-    MAX_WORK_BACKLOG_GROWTH, SweepProgress, as_dict, capacity_bound, estimate_capacity, sweep,
-    tail_p99, throughput_at_constraint, unloaded_normalized_latency, with_policy,
+from alise.tools.sim.profiles import opt13b_h100_roofline, profile_label
+from alise.tools.sim.progress import ProgressLine
+from alise.tools.sim.simulator import SimConfig
+from alise.tools.sim.sweep import (
+    MAX_WORK_BACKLOG_GROWTH,
+    SweepProgress,
+    as_dict,
+    capacity_bound,
+    estimate_capacity,
+    sweep,
+    tail_p99,
+    throughput_at_constraint,
+    unloaded_normalized_latency,
+    with_policy,
 )
 
 #: Default sweep: these multiples of the estimated saturation rate.
@@ -205,7 +213,7 @@ def plot(results: list[dict], profile: str, path: str) -> None:
 def sim_config(args) -> tuple[SimConfig, list[str]]:
     """The simulated cluster and the policies to sweep that ``args`` give; ValueError naming
     the setting for a bad one."""
-    from alise.sim.cli import scheduling_from_args
+    from alise.tools.sim.cli import scheduling_from_args
 
     scheduling = scheduling_from_args(args)
     shape = {name: getattr(args, name) for name in ("kv_tokens", "num_workers", "max_num_seqs")
@@ -219,9 +227,9 @@ def sim_config(args) -> tuple[SimConfig, list[str]]:
 
 def run_sim_command(args) -> int:
     from alise.common.entrypoint import config_argv
-    from alise.sim.cli import SCHEDULING_FLAGS
-    from alise.sim.predictions import cross_fitted_estimates, kendall_tau
-    from alise.sim.trace import read_trace
+    from alise.tools.sim.cli import SCHEDULING_FLAGS
+    from alise.tools.sim.predictions import cross_fitted_estimates, kendall_tau
+    from alise.tools.trace import read_trace
 
     try:
         config, policies = sim_config(args)

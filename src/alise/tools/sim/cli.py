@@ -1,5 +1,5 @@
 """`alise trace`, `alise sim`: build traces and simulate policies (`alise bench`, the replay against a
-live cluster, is ``alise.bench.cli``).
+live cluster, is ``alise.tools.bench.cli``).
 
 Building the parser imports nothing heavy; each handler imports what it needs when it runs.
 """
@@ -54,7 +54,7 @@ def register(sub) -> None:
     t.add_argument("--cv", type=float, default=3.0, help="CV of bursty gaps (default 3)")
     t.add_argument("--num", type=int, default=800, help="requests (default 800)")
     t.add_argument("--seed", type=int, default=0)
-    from alise.sim.conversations import add_trace_arguments
+    from alise.tools.conversations import add_trace_arguments
 
     add_trace_arguments(t)
     t.set_defaults(func=_cmd_trace)
@@ -91,8 +91,8 @@ def register(sub) -> None:
 
 
 def _cmd_trace(args: argparse.Namespace) -> int:
-    from alise.sim import conversations as conv
-    from alise.sim import trace as tr
+    from alise.tools import conversations as conv
+    from alise.tools import trace as tr
 
     def error(message: str):
         print(f"alise trace: {message}", file=sys.stderr)
@@ -142,6 +142,6 @@ def _cmd_trace(args: argparse.Namespace) -> int:
 
 
 def _cmd_sim(args: argparse.Namespace) -> int:
-    from alise.sim.report import run_sim_command
+    from alise.tools.sim.report import run_sim_command
 
     return run_sim_command(args)

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from alise.core.job import LengthEstimate
-from alise.sim.trace import TraceRequest, previous_outputs
+from alise.tools.trace import TraceRequest, previous_outputs
 
 logger = logging.getLogger(__name__)
 
@@ -104,7 +104,7 @@ def conversation_cross_fit(requests: Sequence[TraceRequest], *, text: str = "que
     ``prior_turns``: the shift's ``k`` (None: learned, module doc)."""
     from alise.predictor.encoder import Encoder
     from alise.predictor.estimator import EstimatorConfig, LengthEstimator
-    from alise.sim.predictions import alpaca_eval_observations, fold_of
+    from alise.tools.sim.predictions import alpaca_eval_observations, fold_of
 
     if text not in TEXTS:
         raise ValueError(f"text must be one of {', '.join(TEXTS)}, got {text!r}")

@@ -1,4 +1,4 @@
-"""Ports of the local cluster: free ones for ``0``, taken ones refused by name, and which
+"""Ports the services listen on: free ones for ``0``, taken ones refused by name, and which
 process owns a listening socket (so a stranger answering health never passes for ours).
 
 Ownership is read from Linux's /proc (the listening socket's inode among a process's

@@ -3,7 +3,7 @@
 It is the worker's own engine (``alise.worker.engine.WorkerEngine``: the same commands, block
 arithmetic, chunked feeds and finishing rules) over the worker's own KV manager, with a
 :class:`LatencyExecutor` for the forward pass and a virtual KV mover
-(``alise.sim.virtual_kv``) for the copies. A step lasts what a ``LatencyModel`` says, plus the
+(``alise.tools.sim.virtual_kv``) for the copies. A step lasts what a ``LatencyModel`` says, plus the
 KV moves' stalls and compute; its tokens are 0, except that a job with a target length (a
 test's ``target_lengths``) emits the end-of-sequence token there. The result is a simulation
 and says so.
@@ -12,7 +12,7 @@ and says so.
 from __future__ import annotations
 
 from alise.core.latency_model import LatencyModel
-from alise.sim.virtual_kv import VirtualKvMover
+from alise.tools.sim.virtual_kv import VirtualKvMover
 from alise.worker.engine import Feed, WorkerEngine
 from alise.worker.kv_manager import KvManager
 

@@ -2,7 +2,7 @@
 
 Each panel marks every run's p50 (dashed) and p99 (dotted) with vertical lines in the run's
 colour, tagged above the panel and given in the legend below it; the percentiles are those of the printed
-table (``alise.bench.metrics.pct``, nearest rank). A panel whose values span more than a
+table (``alise.tools.bench.metrics.pct``, nearest rank). A panel whose values span more than a
 decade (largest over smallest positive value, over all runs) has a log x axis, where a tail
 of long latencies would otherwise squeeze the body of the curves against the axis.
 """
@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 
-from alise.bench.metrics import pct
+from alise.tools.bench.metrics import pct
 
 PANELS = (("ttft_s", "TTFT (ms)"), ("tpot_s", "TPOT (ms)"), ("itl_s", "ITL (ms)"), ("e2e_s", "E2EL (ms)"))
 #: (quantile, line style, tag) of the marked percentiles.

@@ -32,7 +32,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from alise.core.job import LengthEstimate
-from alise.sim.trace import TraceRequest
+from alise.tools.trace import TraceRequest
 
 logger = logging.getLogger(__name__)
 
@@ -85,7 +85,7 @@ def alpaca_eval_observations(texts) -> tuple[list[str], list[str], list[int]]:
     import gzip
 
     from alise.predictor.tokens import TokenCounter
-    from alise.sim.trace import data_dir
+    from alise.tools.trace import data_dir
 
     wanted = set(texts)
     found, models, outputs = [], [], []
@@ -217,7 +217,7 @@ def _prompt_estimates(requests: Sequence[TraceRequest], method: str, num_folds: 
 
 def _conversation_estimates(requests: Sequence[TraceRequest], method: str, num_folds: int, seed: int):
     """By request index (the context differs by turn)."""
-    from alise.sim.context_estimates import conversation_cross_fit
+    from alise.tools.sim.context_estimates import conversation_cross_fit
 
     if method == "knn":
         raise ValueError("a trace of conversations is cross-fitted by the predictor (method auto or predictor)")

@@ -11,9 +11,9 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Mapping, Sequence
 
-from alise.bench.openloop import RequestResult, run_bench
 from alise.core.job import LengthEstimate
-from alise.sim.trace import TraceRequest
+from alise.tools.bench.openloop import RequestResult, run_bench
+from alise.tools.trace import TraceRequest
 
 
 def table_predictor(by_prompt: Mapping[str, LengthEstimate]):

@@ -11,9 +11,9 @@
 * Sustained: a finite trace in overload flatters every policy differently (a shortest-first
   policy keeps the mean low by leaving long jobs for the drain after the last arrival). A run
   is *sustained* when its work backlog (the trace's decode steps still to run, one an output
-  token, as a share of all of them: :class:`alise.sim.simulator.WorkMeter`) grows by at most ``MAX_WORK_BACKLOG_GROWTH`` over
+  token, as a share of all of them: :class:`alise.tools.sim.simulator.WorkMeter`) grows by at most ``MAX_WORK_BACKLOG_GROWTH`` over
   the second half of the arrivals (its mean over the last quarter of arrivals less its mean
-  over the second quarter: :func:`alise.sim.simulator.backlog_growth`), and its rate is at
+  over the second quarter: :func:`alise.tools.sim.simulator.backlog_growth`), and its rate is at
   most the capacity bound below (a finite run a little above it can still grow its backlog
   slowly). Work in flight stays level in a run that keeps up, however many jobs run at once;
   in overload by a fraction x it grows by about x / (2 (1 + x)) of the trace's work over the
@@ -44,9 +44,8 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 
 from alise.core.latency_model import LatencyModel
-from alise.sim.simulator import SimConfig, SimResult, decode_work, output_target
-from alise.sim.trace import TraceRequest, rescale
-
+from alise.tools.sim.simulator import SimConfig, SimResult, decode_work, output_target
+from alise.tools.trace import TraceRequest, rescale
 
 #: Largest growth of a run's work backlog (share of the trace's work still to do) over the second half of its arrivals for the run to count as sustained: about
 #: 5 % of overload.
@@ -213,7 +212,7 @@ def _reporter(report, policy: str, rate: float, index: int, num_rates: int, num_
 
 def _run_one(args, on_progress=None) -> RunSummary:
     requests, latency_json, config, rate, estimates = args
-    from alise.sim.simulator import simulate
+    from alise.tools.sim.simulator import simulate
 
     latency = LatencyModel.from_json(latency_json)
     alise = config.scheduling.policy == "alise"
