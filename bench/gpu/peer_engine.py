@@ -45,8 +45,8 @@ CONTEXT = 512
 
 
 def run_alise(args) -> dict:
-    sys.path[:0] = [str(ROOT / "bench" / "gpu"), str(ROOT / "bench"), str(ROOT / "services"), str(ROOT / "clients")]
-    import engine as eb
+    sys.path[:0] = [str(ROOT / "bench" / "gpu")]
+    import alise.tools.lab.engine as eb
     import engine_compare as ec
     import torch
     from alise.worker.model.kv_cache import KVCache

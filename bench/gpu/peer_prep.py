@@ -11,7 +11,7 @@ Written under ``--out``:
 
 * ``custom.jsonl``  vLLM's custom data set (``{"prompt", "output_tokens"}``), what
   ``vllm bench serve --dataset-name custom`` reads;
-* ``trace.jsonl``   the same rows in the same order as ALISE traces (``alise.sim.trace``), with
+* ``trace.jsonl``   the same rows in the same order as ALISE traces (``alise.tools.trace``), with
   ``prompt_tokens`` as the servers count them and every ``arrival_s`` 0: a replayer sets
   the arrivals (bench/gpu/peer_sim.py draws the ones vLLM's client draws);
 * ``model/``        an OPT-13B directory without weights: the ``opt-13b`` preset's config (the
@@ -33,7 +33,7 @@ import statistics
 from pathlib import Path
 
 from alise.modelinfo.tokenizer import minilm_tokenizer
-from alise.sim.trace import TraceRequest, default_counter, write_trace
+from alise.tools.trace import TraceRequest, default_counter, write_trace
 from alise.worker.model.loader import preset_config
 
 DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "alpaca_eval"

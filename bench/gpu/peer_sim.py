@@ -1,6 +1,6 @@
 """Simulated: how ALISE's prefill budget and chunk cap change first tokens under bursts (CPU).
 
-Replays the side-by-side trace (bench/gpu/peer_prep.py) through the simulator (``alise.sim``:
+Replays the side-by-side trace (bench/gpu/peer_prep.py) through the simulator (``alise.tools.sim``:
 the scheduler core and the worker's engine, steps priced by a latency profile) with the
 requests in the order and at the moments ``vllm bench serve --dataset-name custom --seed SEED
 --request-rate R --burstiness B`` sends them (its shuffle of the data set and its Gamma gaps,
@@ -19,7 +19,7 @@ p99; TPOT mean; the gaps between a request's tokens (ITL) p50 and p99; normalize
 output tokens per second over the makespan; steps; and the steps that carried prompt tokens.
 The simulator sees no HTTP, streaming or client: these are the scheduling effects alone.
 
-    PYTHONPATH=services:clients python bench/gpu/peer_sim.py --trace .peercarry/trace.jsonl \
+    python bench/gpu/peer_sim.py --trace .peercarry/trace.jsonl \
         --profile profiles/opt-13b-h100.json --rates 11,16,inf
 """
 
@@ -38,8 +38,8 @@ from alise.core import scheduler as core_scheduler
 from alise.core.config import SchedulingConfig
 from alise.core.latency_model import LatencyModel
 from alise.core.scheduler import SchedulerCore
-from alise.sim.simulator import SimConfig, simulate
-from alise.sim.trace import TraceRequest, read_trace
+from alise.tools.sim.simulator import SimConfig, simulate
+from alise.tools.trace import TraceRequest, read_trace
 
 FCFS = SchedulingConfig(policy="fcfs")
 #: name -> (max_num_batched_tokens (0: the worker's default rule), the scheduler's settings)

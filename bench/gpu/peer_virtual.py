@@ -47,7 +47,7 @@ async def serve(args) -> None:
     from alise.core.latency_model import LatencyModel
     from alise.modelinfo.identity import ModelIdentity
     from alise.modelinfo.source import resolve_model
-    from alise.sim.virtual_worker import LatencyExecutor, virtual_worker
+    from alise.tools.sim.virtual_worker import LatencyExecutor, virtual_worker
     from alise.worker.config import WorkerConfig
     from alise.worker.service import Worker
 

@@ -67,7 +67,7 @@ SERVED=opt-13b
 B=${PORTS:-0}; P_VLLM=$((8100 + B)); P_DOOR=$((8000 + B)); P_SCHED=$((50051 + B)); P_WORKERS=$((50052 + B))
 P_PRED=$((50053 + B)); P_WHEALTH=$((50060 + B)); P_METRICS=$((9101 + B))
 mkdir -p "$OUT" "$R"/{results,watch,steps,logs,engine}
-APATH=$ASITE:$REPO/clients:$REPO/services:$DATA/pkg:$VSITE
+APATH=$ASITE:$REPO/src:$DATA/pkg:$VSITE
 say() { echo "[$(( SECONDS - START_S ))s] $*"; }
 left() { echo $(( CALL_S - (SECONDS - START_S) )); }
 mono() { $PY -c 'import time; print(time.monotonic())'; }
