@@ -11,13 +11,9 @@ import pytest
 from alise.predictor.cli import register
 from alise.predictor.history import History, prompt_key
 from alise.predictor.index import VectorIndex
+from alise.predictor.snapshot import SnapshotError, load_snapshot, prepare_index_dir, save_snapshot
 from alise.predictor.startup import replay_log
-from alise.predictor.snapshot import (
-    SnapshotError, load_snapshot, prepare_index_dir, save_snapshot,
-)
-from alise.predictor.wal import (
-    LoggedObservation, WriteAheadLog, read_segment, segment_numbers, segment_path,
-)
+from alise.predictor.wal import LoggedObservation, WriteAheadLog, read_segment, segment_numbers, segment_path
 
 DIM = 8
 
@@ -140,3 +136,35 @@ def test_predictor_serve_takes_no_api_tokens():
     with pytest.raises(SystemExit) as info:
         parser.parse_args(["predictor", "serve", "--api-token-file", "tokens.txt"])
     assert info.value.code == 2
+
+
+@pytest.fixture()
+def file_size_limit():
+    """Sets this process's file size limit (RLIMIT_FSIZE): writes past it fail as on a full
+    disk (EFBIG), one that straddles it is cut short. Restored afterwards."""
+    import resource
+    import signal
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the error, not the signal
+    yield lambda limit: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
+    resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    signal.signal(signal.SIGXFSZ, handler)
+
+
+async def test_a_write_the_disk_cannot_take_leaves_no_half_record(tmp_path, file_size_limit):
+    wal = await write_log(tmp_path, [observation(0)])
+    path = segment_path(tmp_path, wal.segment)
+    size = path.stat().st_size
+    file_size_limit(size + 40)  # room for part of the next record only
+    with pytest.raises(OSError):
+        wal.append([observation(1), observation(2)])
+    file_size_limit(size + (1 << 20))
+    assert path.stat().st_size == size
+    wal.append([observation(3)])
+    await wal.sync()
+    wal.close()
+    # The log replays whole: what was refused is absent, what came after it is there.
+    history = History(VectorIndex(DIM))
+    replay_log(history, str(tmp_path), 0)
+    assert history.observations()[2].tolist() == [10, 13]

@@ -333,15 +333,17 @@ class PredictorRuntime:
                 for (item, _), p in zip(fresh, resolved)]
 
     def _apply(self, logged: list[LoggedObservation], predicted: list[float | None]) -> None:
-        """Adds to the history, the estimator and the log (on the loop, under the lock)."""
+        """Adds to the log, then the history and the estimator (on the loop, under the lock).
+        The log first: a write that fails (a full disk) raises with nothing taken, and the
+        sender's resend is then taken once."""
         new = [o.vector is not None and self.history.row_of_key(o.key) is None for o in logged]
         logged = [o if is_new else LoggedObservation(o.key, o.text, o.prompt_tokens, o.model,
                                                      o.output_tokens, o.dedup_id)
                   for o, is_new in zip(logged, new)]
-        add_logged(self.history, logged)
-        self.estimator.sync()
         if self.wal is not None:
             self.wal.append(logged)
+        add_logged(self.history, logged)
+        self.estimator.sync()
         for o, p50 in zip(logged, predicted):
             if p50 is not None:
                 self._abs_error_sum += abs(p50 - o.output_tokens)

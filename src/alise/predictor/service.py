@@ -11,8 +11,9 @@ has arrived (at most ``max_batch_prompts``, at most ``max_observations_per_s``),
 batch is answered once it is durable (see ``ObserveResponse`` in the proto).
 
 Errors: empty prompt list, empty prompt (named by index), too many prompts, contexts not one
-per prompt, a negative earlier length, undecodable request -> ``INVALID_ARGUMENT``; a failed batch -> ``INTERNAL``; shutting down ->
-``UNAVAILABLE``. A prompt longer than the encoder's window is truncated and listed in
+per prompt, a negative earlier length, undecodable request -> ``INVALID_ARGUMENT``; a failed
+batch -> ``INTERNAL``; shutting down, or observations the log cannot take (a full disk: none
+of the batch is taken) -> ``UNAVAILABLE``. A prompt longer than the encoder's window is truncated and listed in
 ``PredictResponse.truncated``.
 """
 
@@ -29,6 +30,7 @@ from google.protobuf.message import DecodeError
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from alise.common.grpc_server import ServingStatus, add_health_and_reflection, create_server
+from alise.common.logs import LogLimiter
 from alise.common.metrics import LATENCY_BUCKETS_S, StateCollector, serve_metrics
 from alise.common.security import AuthInterceptor, bind_port
 from alise.predictor.config import PredictorConfig
@@ -133,6 +135,8 @@ class PredictorServicer:
 
     def __init__(self, runtime: PredictorRuntime) -> None:
         self.runtime = runtime
+        #: Observe batches the log could not take, said at most twice a second.
+        self._unwritten = LogLimiter(logger)
         self.registry = CollectorRegistry()
         self.predict_seconds = Histogram("alise_predictor_predict_seconds", "Predict RPC latency",
                                          buckets=LATENCY_BUCKETS_S, registry=self.registry)
@@ -210,7 +214,12 @@ class PredictorServicer:
                 yield response
         except ShuttingDown as exc:
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
-        except (OSError, RuntimeError, ValueError) as exc:  # the sender resends what is unsettled
+        except OSError as exc:  # the log cannot be written (a full disk): nothing was taken
+            self._unwritten.log(logging.WARNING, "observations not taken: cannot write the log (%s); "
+                                "their sender sends them again", exc.strerror or exc)
+            await context.abort(grpc.StatusCode.UNAVAILABLE,
+                                f"observations not durable: {exc.strerror or exc}")
+        except (RuntimeError, ValueError) as exc:  # the sender resends what is unsettled
             logger.exception("observe batch failed")
             await context.abort(grpc.StatusCode.INTERNAL, f"observation failed: {exc}")
         finally:

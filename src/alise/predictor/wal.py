@@ -15,7 +15,8 @@ byte then its body:
 - ``I`` the de-duplication ids of recent observations (JSON list), first in each segment, so a
   sender's resend after a lost answer counts once across a snapshot too.
 
-Appends go to the file at once (one ``write``); :meth:`WriteAheadLog.sync` makes them durable
+Appends go to the file at once (one ``write``), whole or not at all (a disk that fills up
+mid-record gets it cut off again); :meth:`WriteAheadLog.sync` makes them durable
 with one ``fsync`` for every caller that waited in the same ``sync_delay_s`` window, in a
 worker thread. An answer to the sender is sent only after its sync.
 
@@ -175,7 +176,16 @@ class WriteAheadLog:
         self._fsync_now()
 
     def _write(self, data: bytes) -> None:
-        self._file.write(data)
+        """Appends ``data`` whole or not at all: what a full disk took of it is cut off again
+        (then OSError), so a segment never holds half a record with more records after it."""
+        size = os.fstat(self._file.fileno()).st_size
+        view = memoryview(data)
+        try:
+            while view:
+                view = view[self._file.write(view):]  # a short write when the disk fills up
+        except OSError:
+            self._file.truncate(size)
+            raise
         self._written += len(data)
 
     def append(self, observations: Sequence[LoggedObservation]) -> None:
