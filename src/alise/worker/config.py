@@ -18,6 +18,8 @@ from alise.core.config import check_choices
 #: Values of ``WorkerConfig.dtype``, vLLM's names ("half" is float16, "float" float32).
 Dtype = Literal["auto", "half", "float16", "bfloat16", "float", "float32"]
 _DTYPE_ALIASES = {"half": "float16", "float": "float32"}
+#: Values of ``WorkerConfig.kv_cache_dtype`` (alise.worker.model.kv_cache.KV_CACHE_DTYPES).
+KvCacheDtype = Literal["auto", "fp8_e4m3"]
 
 
 @dataclass(frozen=True)
@@ -46,6 +48,9 @@ class WorkerConfig:
     max_model_len: int | None = None
     #: Tokens per KV block.
     block_size: int = 16
+    #: KV pages' dtype (vLLM's names): auto (the model's dtype) or fp8_e4m3 (one byte a value,
+    #: twice the blocks in the same memory; scale 1, saturating at +-448).
+    kv_cache_dtype: KvCacheDtype = "auto"
     #: Device KV blocks (0: sized from kv_cache_mib on the CPU, from gpu_memory_utilization
     #: on CUDA).
     num_device_blocks: int = 0
@@ -115,6 +120,9 @@ class WorkerConfig:
             raise ValueError(f"reconnect_delay_s must be > 0, got {self.reconnect_delay_s}")
         if self.runner != "paged" and self.profile_latency:
             raise ValueError(f"profile_latency needs runner 'paged', got runner {self.runner!r}")
+        if self.runner != "paged" and self.kv_cache_dtype != "auto":
+            raise ValueError(f"kv_cache_dtype {self.kv_cache_dtype} needs runner 'paged' (the transformers "
+                             f"runner keeps its own cache in the model's dtype), got runner {self.runner!r}")
 
     @property
     def kv_cache_bytes(self) -> int:

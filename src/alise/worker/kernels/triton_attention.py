@@ -20,6 +20,9 @@ Same contracts as the torch reference in :mod:`alise.worker.model.attention`:
   with a ``softcap``, each score ``s`` becomes ``softcap * tanh(s / softcap)`` before the softmax.
 - :func:`write_kv` -- stores the step's new K/V at their slots; a negative slot is skipped (the
   padding rows of a captured decode graph write nowhere).
+- fp8 pages (``float8_e4m3fn``): the write saturates at +-448 and rounds to nearest even, as the
+  torch reference does; the decode kernel converts each K/V tile to the query's dtype in
+  registers, so it reads half the bytes and computes as with 16-bit pages.
 
 Nothing here allocates on the host or synchronizes: every launch is capturable.
 """
@@ -41,7 +44,7 @@ except ImportError:  # the CPU image has no Triton; the torch reference serves t
     triton = None
     tl = None
 if triton is not None:
-    from alise.worker.kernels.triton_unified import tanh
+    from alise.worker.kernels.triton_unified import tanh, to_pages
 
 #: Launch configuration of the decode kernel; ALISE_DECODE_KERNEL_CONFIG, a JSON object with some
 #: of these keys, overrides it at import. ``block_n`` keys per inner-loop tile; ``num_warps`` and
@@ -142,8 +145,9 @@ if triton is not None:
             block_ids = tl.load(table_row + pos // BLOCK_SIZE, mask=n_mask, other=0).to(tl.int64)
             kv_off = block_ids * stride_kb + (pos % BLOCK_SIZE) * stride_kt + kv_head * stride_kh
             kv_mask = n_mask[:, None] & d_mask[None, :]
-            k = tl.load(k_ptr + kv_off[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
-            v = tl.load(v_ptr + kv_off[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
+            # fp8 pages become the query's dtype in registers (a no-op for pages in that dtype).
+            k = tl.load(k_ptr + kv_off[:, None] + offs_d[None, :], mask=kv_mask, other=0.0).to(q.dtype)
+            v = tl.load(v_ptr + kv_off[:, None] + offs_d[None, :], mask=kv_mask, other=0.0).to(q.dtype)
             if USE_DOT:
                 scores = tl.dot(q, tl.trans(k))
             else:
@@ -233,6 +237,7 @@ if triton is not None:
         key_ptr, value_ptr, k_cache_ptr, v_cache_ptr, slots_ptr,
         stride_kt, stride_kh, stride_vt, stride_vh, stride_cs, stride_ch,
         NUM_KV_HEADS: tl.constexpr, BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+        FP8: tl.constexpr,
     ):
         token = tl.program_id(0)
         slot = tl.load(slots_ptr + token).to(tl.int64)
@@ -242,9 +247,9 @@ if triton is not None:
             mask = (offs_h[:, None] < NUM_KV_HEADS) & (offs_d[None, :] < HEAD_DIM)
             dst = slot * stride_cs + offs_h[:, None] * stride_ch + offs_d[None, :]
             k = tl.load(key_ptr + token * stride_kt + offs_h[:, None] * stride_kh + offs_d[None, :], mask=mask)
-            tl.store(k_cache_ptr + dst, k, mask=mask)
+            tl.store(k_cache_ptr + dst, to_pages(k, k_cache_ptr, FP8), mask=mask)
             v = tl.load(value_ptr + token * stride_vt + offs_h[:, None] * stride_vh + offs_d[None, :], mask=mask)
-            tl.store(v_cache_ptr + dst, v, mask=mask)
+            tl.store(v_cache_ptr + dst, to_pages(v, v_cache_ptr, FP8), mask=mask)
 
 
 #: Split counters of the fused merge, per device; every step leaves them at zero.
@@ -333,6 +338,6 @@ def write_kv(key_cache: torch.Tensor, value_cache: torch.Tensor, key: torch.Tens
         key.stride(0), key.stride(1), value.stride(0), value.stride(1),
         key_cache.stride(1), key_cache.stride(2),
         NUM_KV_HEADS=num_kv_heads, BLOCK_H=_next_pow2(num_kv_heads), HEAD_DIM=head_dim,
-        BLOCK_D=_next_pow2(head_dim), num_warps=4,
+        BLOCK_D=_next_pow2(head_dim), FP8=key_cache.dtype == torch.float8_e4m3fn, num_warps=4,
     )
 

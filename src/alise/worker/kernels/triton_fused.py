@@ -36,7 +36,7 @@ except ImportError:  # the CPU image has no Triton; torch ops serve there
     triton = None
     tl = None
 if triton is not None:
-    from alise.worker.kernels.triton_unified import tanh
+    from alise.worker.kernels.triton_unified import tanh, to_pages
 
 #: Under the Triton interpreter (tests on the CPU) a bf16 ``tl.dot`` computes garbage (Triton
 #: 3.6), so the matmul upcasts its operands to float32 there.
@@ -107,7 +107,8 @@ if triton is not None:
                            stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ct,
                            stride_ot, stride_oh, stride_cs, stride_ch,
                            NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, BLOCK_H: tl.constexpr,
-                           BLOCK_KV: tl.constexpr, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr):
+                           BLOCK_KV: tl.constexpr, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr,
+                           FP8: tl.constexpr):
         token = tl.program_id(0).to(tl.int64)
         offs = tl.arange(0, BLOCK_HALF)
         d_mask = offs < HALF
@@ -137,14 +138,15 @@ if triton is not None:
             k1 = tl.load(ksrc, mask=kv_mask, other=0.0).to(tl.float32)
             k2 = tl.load(ksrc + HALF, mask=kv_mask, other=0.0).to(tl.float32)
             kdst = k_cache_ptr + slot * stride_cs + kv_heads[:, None] * stride_ch + offs[None, :]
-            tl.store(kdst, ((k1 * cos1[None, :]).to(ty).to(tl.float32) - (k2 * sin1[None, :]).to(ty).to(tl.float32))
-                     .to(ty), mask=kv_mask)
-            tl.store(kdst + HALF, ((k2 * cos2[None, :]).to(ty).to(tl.float32)
-                                   + (k1 * sin2[None, :]).to(ty).to(tl.float32)).to(ty), mask=kv_mask)
+            # The rotated key is rounded to the model's dtype, then to the pages' (fp8 or the same).
+            k_lo = ((k1 * cos1[None, :]).to(ty).to(tl.float32) - (k2 * sin1[None, :]).to(ty).to(tl.float32)).to(ty)
+            k_hi = ((k2 * cos2[None, :]).to(ty).to(tl.float32) + (k1 * sin2[None, :]).to(ty).to(tl.float32)).to(ty)
+            tl.store(kdst, to_pages(k_lo, k_cache_ptr, FP8), mask=kv_mask)
+            tl.store(kdst + HALF, to_pages(k_hi, k_cache_ptr, FP8), mask=kv_mask)
             vsrc = v_ptr + token * stride_vt + kv_heads[:, None] * stride_vh + offs[None, :]
             vdst = v_cache_ptr + slot * stride_cs + kv_heads[:, None] * stride_ch + offs[None, :]
-            tl.store(vdst, tl.load(vsrc, mask=kv_mask), mask=kv_mask)
-            tl.store(vdst + HALF, tl.load(vsrc + HALF, mask=kv_mask), mask=kv_mask)
+            tl.store(vdst, to_pages(tl.load(vsrc, mask=kv_mask), v_cache_ptr, FP8), mask=kv_mask)
+            tl.store(vdst + HALF, to_pages(tl.load(vsrc + HALF, mask=kv_mask), v_cache_ptr, FP8), mask=kv_mask)
 
     @triton.jit
     def _act_mul_kernel(x_ptr, out_ptr, n_cols, stride_x, stride_o, GELU_TANH: tl.constexpr, BLOCK: tl.constexpr):
@@ -231,7 +233,8 @@ def rope_write_kv(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, c
                   sin: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
                   slot_mapping: torch.Tensor) -> torch.Tensor:
     """Rotary positions on ``query [T, heads, dim]`` and ``key [T, kv_heads, dim]`` with per-token
-    ``cos``/``sin [T, dim]``; the rotated key and ``value`` go into their page slots. Returns the
+    ``cos``/``sin [T, dim]``; the rotated key and ``value`` go into their page slots (in the pages'
+    dtype, fp8 as ``alise.worker.model.kv_cache.to_pages`` stores it). Returns the
     rotated query (a new contiguous tensor)."""
     num_tokens, num_heads, head_dim = query.shape
     num_kv_heads = key.shape[1]
@@ -249,7 +252,8 @@ def rope_write_kv(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, c
         query.stride(0), query.stride(1), key.stride(0), key.stride(1), value.stride(0), value.stride(1),
         cos.stride(0), out.stride(0), out.stride(1), key_cache.stride(1), key_cache.stride(2),
         NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, BLOCK_H=_next_pow2(num_heads),
-        BLOCK_KV=_next_pow2(num_kv_heads), HALF=half, BLOCK_HALF=_next_pow2(half), num_warps=4,
+        BLOCK_KV=_next_pow2(num_kv_heads), HALF=half, BLOCK_HALF=_next_pow2(half),
+        FP8=key_cache.dtype == torch.float8_e4m3fn, num_warps=4,
     )
     return out
 

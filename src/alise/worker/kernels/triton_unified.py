@@ -21,6 +21,8 @@ key loop starts at its first query's window (pages before it are never read); wi
 A tile holds ``BLOCK_Q`` query tokens times the ``GROUP`` query heads of one KV head
 (``BLOCK_M = BLOCK_Q * GROUP`` rows, a power of two), so grouped-query heads load their K/V once
 and score them with one tensor-core ``tl.dot``. Softmax is the online (flash) form in base 2.
+Pages may be fp8 (``float8_e4m3fn``): each K/V tile is converted to the query's dtype in registers.
+
 Nothing here synchronizes or allocates on the host: the launch is capturable.
 """
 
@@ -100,6 +102,14 @@ if triton is not None:
         return tl.where(x < 0, -t, t)
 
     @triton.jit
+    def to_pages(x, pages_ptr, FP8: tl.constexpr):
+        """``x`` in the dtype of ``pages_ptr``; fp8 saturates at +-448 first (as
+        ``alise.worker.model.kv_cache.to_pages``: never NaN), then rounds to nearest even."""
+        if FP8:
+            x = tl.minimum(tl.maximum(x.to(tl.float32), -448.0), 448.0)
+        return x.to(pages_ptr.dtype.element_ty)
+
+    @triton.jit
     def _find_seq(query_start_ptr, tile, num_seqs, BLOCK_Q: tl.constexpr):
         """The last sequence whose first tile is <= ``tile``."""
         # Both bounds start as int32 tensors: a Python 0, or ``num_seqs`` specialized to a
@@ -164,8 +174,9 @@ if triton is not None:
                 block_ids = tl.load(table_row + pos // BLOCK_SIZE, mask=n_mask, other=0).to(tl.int64)
                 kv_off = block_ids * stride_kb + (pos % BLOCK_SIZE) * stride_kt + kv_head * stride_kh
                 kv_mask = n_mask[:, None] & d_mask[None, :]
-                k = tl.load(k_ptr + kv_off[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
-                v = tl.load(v_ptr + kv_off[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
+                # fp8 pages become the query's dtype in registers (a no-op for pages in that dtype).
+                k = tl.load(k_ptr + kv_off[:, None] + offs_d[None, :], mask=kv_mask, other=0.0).to(q.dtype)
+                v = tl.load(v_ptr + kv_off[:, None] + offs_d[None, :], mask=kv_mask, other=0.0).to(q.dtype)
                 if DOT_F32:
                     k = k.to(tl.float32)
                     v = v.to(tl.float32)

@@ -22,6 +22,9 @@ instead runs as one call over every sequence (:class:`UnifiedStep`; the contract
 reference are :func:`unified_attention`, the kernel :mod:`alise.worker.kernels.triton_unified`), every
 key read from the pages.
 
+Pages may be fp8 (``alise.worker.model.kv_cache``): every path that reads them converts the keys and
+values to the query's dtype first; a fresh chunk attends to its own K/V as computed (it reads no page).
+
 Everything layer-independent (slots, positions, padded block tables, masks) is computed once per
 step in :func:`build_attention_metadata` and shared by all layers.
 
@@ -43,6 +46,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from alise.worker.model.kv_cache import is_fp8, to_pages
 
 
 @dataclass(frozen=True)
@@ -185,15 +190,19 @@ def _fresh_batch(row_starts: list[int], lengths: list[int], device: torch.device
 
 def write_kv(key_cache: torch.Tensor, value_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
              slot_mapping: torch.Tensor) -> None:
-    """Store ``key``/``value`` ``[T, num_kv_heads, head_dim]`` at ``slot_mapping`` of one layer's pages.
+    """Store ``key``/``value`` ``[T, num_kv_heads, head_dim]`` at ``slot_mapping`` of one layer's pages,
+    in the pages' dtype (fp8: see ``alise.worker.model.kv_cache.to_pages``).
 
     Rows with a negative slot are skipped (the padding rows of a batch-size bucket)."""
     num_kv_heads, head_dim = key_cache.shape[-2:]
     if slot_mapping.numel() and bool(slot_mapping.min() < 0):
         keep = slot_mapping >= 0
         key, value, slot_mapping = key[keep], value[keep], slot_mapping[keep]
-    key_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, key)
-    value_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, value)
+    for pages, rows in ((key_cache, key), (value_cache, value)):
+        rows = to_pages(rows, pages.dtype)
+        if is_fp8(pages.dtype):  # torch has no fp8 index_copy_: the same bytes, copied as uint8
+            pages, rows = pages.view(torch.uint8), rows.view(torch.uint8)
+        pages.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, rows)
 
 
 def window_mask(query_pos: torch.Tensor, num_keys: int, window: int | None) -> torch.Tensor:
@@ -245,8 +254,8 @@ def prefill_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache:
     ``[n, heads, dim]``."""
     # index_select, not key_cache[block_table]: advanced indexing on CPU sizes its parallel
     # work by the whole cache and costs milliseconds for a two-block gather.
-    key = key_cache.index_select(0, block_table).flatten(0, 1)[:context_len]  # [context_len, kv_heads, dim]
-    value = value_cache.index_select(0, block_table).flatten(0, 1)[:context_len]
+    key = key_cache.index_select(0, block_table).flatten(0, 1)[:context_len].to(query.dtype)  # [ctx, kv_heads, dim]
+    value = value_cache.index_select(0, block_table).flatten(0, 1)[:context_len].to(query.dtype)
     n = query.shape[0]
     if cuts(window, context_len):
         mask = window_mask(torch.arange(context_len - n, context_len, device=query.device), context_len, window)
@@ -269,8 +278,8 @@ def decode_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: 
     block_size, num_kv_heads, head_dim = key_cache.shape[1:]
     max_len = max_blocks * block_size
     flat_tables = block_tables.flatten()
-    key = key_cache.index_select(0, flat_tables).view(batch, max_len, num_kv_heads, head_dim).transpose(1, 2)
-    value = value_cache.index_select(0, flat_tables).view(batch, max_len, num_kv_heads, head_dim).transpose(1, 2)
+    key, value = (pages.index_select(0, flat_tables).view(batch, max_len, num_kv_heads, head_dim).transpose(1, 2)
+                  .to(query.dtype) for pages in (key_cache, value_cache))
     keys = torch.arange(max_len, device=query.device)[None, :]
     mask = keys < context_lens[:, None]
     if window is not None:

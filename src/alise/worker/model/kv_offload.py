@@ -22,7 +22,9 @@ the head is narrower), are encoded as one byte stream
 and written across the ``m`` chunks of that (layer, K/V), in block-table order; the tail
 is padding. At 16 bits that is 1 + 4/32 = 1.125 bytes (int8) or 0.625 bytes (int4) per
 value of 2, exactly the 9/16 and 5/16 the scheduler counts; a 32-bit cache uses less than
-the blocks it keeps. Dequantizing allocates ``n - m`` blocks again and writes the values
+the blocks it keeps; an fp8 cache (1 byte a value) would need 18/16 (int8) and 10/16 (int4)
+of its blocks, so the KV manager refuses both there (the job is dropped and recomputed) and
+only the host moves apply. Dequantizing allocates ``n - m`` blocks again and writes the values
 back in full precision. Why G = 32: the scale/zero overhead is 12.5 % of an int8 payload
 and 25 % of an int4 one, and 32 channels is the granularity at which int4 KV keeps the
 model's logits within a few per cent (KIVI-style; figures in tests/unit/test_kv_quant.py).
@@ -51,7 +53,7 @@ import torch
 
 from alise.core.blocks import QUANTIZED_FRACTION
 from alise.worker.kernels import triton_kvquant
-from alise.worker.model.kv_cache import KVCache
+from alise.worker.model.kv_cache import KVCache, is_fp8
 
 GROUP_SIZE = 32
 #: Bound on the device memory a move borrows for staging and dequantized values.
@@ -192,7 +194,10 @@ class TorchKvMover:
     def quantize_refusal(self, bits: int) -> str | None:
         if self.codec.fits(bits):
             return None
-        return f"groups of {self.codec.group} channels at {8 * self.codec.itemsize} bits do not fit"
+        needed = self.codec.stream_bytes(1, bits) / self.codec.chunk_bytes
+        pages = "fp8 pages" if is_fp8(self.cache.dtype) else f"{8 * self.codec.itemsize}-bit pages"
+        return (f"int{bits} groups of {self.codec.group} channels with fp16 scales take {needed:.3g} of the "
+                f"blocks of {pages}; swap or drop instead")
 
     def quantize(self, table: list[int], num_full: int, keep: int, from_bits: int, to_bits: int) -> None:
         if self.fused and from_bits == 16:

@@ -130,8 +130,7 @@ class StepProfiler:
                              max_model_len=runner.max_model_len, max_num_seqs=max_num_seqs)
         cache = runner.kv_cache
         if runner.device.type == "cuda":
-            cache.key_cache.normal_()  # realistic data, never zeros (see the module docstring)
-            cache.value_cache.normal_()
+            cache.fill_random_()  # realistic data, never zeros (see the module docstring)
         samples: list[Sample] = []
         try:
             for num_prompts, prefill_len, num_decode, context, _ in points:

@@ -44,6 +44,7 @@ from alise.worker.model.decoder import DecoderPass, bind, rope_tables
 from alise.worker.model.families import describe
 from alise.worker.model.kernel_plan import KernelPlan, LayerOps
 from alise.worker.model.kv_cache import KVCache
+from alise.worker.model.kv_cache import kv_cache_dtype as kv_cache_dtype_of
 from alise.worker.model.loader import LoadedModel
 
 logger = logging.getLogger(__name__)
@@ -79,7 +80,7 @@ class ModelRunner(RunnerBase, DecoderPass):
     def __init__(self, loaded: LoadedModel, *, num_blocks: int, block_size: int,
                  attention_backend: str = "auto", use_cuda_graphs: bool | None = None,
                  max_num_seqs: int = 64, max_num_tokens: int = 512, fast_kernels: bool | None = None,
-                 plan_file: str = "") -> None:
+                 plan_file: str = "", kv_cache_dtype: str = "auto") -> None:
         """``attention_backend``: "torch" (reference), "triton" (CUDA), or "auto" (Triton on CUDA when
         available). ``fast_kernels`` (default: on with the Triton backend) checks and times the
         fused kernels on this device now and keeps the fastest per shape (alise.worker.model.tuning).
@@ -87,7 +88,8 @@ class ModelRunner(RunnerBase, DecoderPass):
         ``max_num_seqs`` sequences and, where the unified kernel passed its check, mixed-step
         graphs for up to ``max_num_tokens`` rows (0: none). ``plan_file``: where the kernel plan is
         kept: a plan made there for this device, model and sizes is used as it is (no checks or
-        timings at start-up), else the plan made now is written there."""
+        timings at start-up), else the plan made now is written there. ``kv_cache_dtype``: the
+        pages' dtype by vLLM's name ("auto": the model's; "fp8_e4m3": alise.worker.model.kv_cache)."""
         self.loaded = loaded
         self.model = loaded.model
         self.config = loaded.config
@@ -95,7 +97,8 @@ class ModelRunner(RunnerBase, DecoderPass):
         #: What the forward computes (alise.worker.model.families); refuses what it cannot compute exactly.
         self.spec = describe(loaded.config, loaded.max_model_len)
         self.kv_cache = KVCache.from_config(loaded.config, num_blocks=num_blocks, block_size=block_size,
-                                            dtype=loaded.dtype, device=loaded.device)
+                                            dtype=kv_cache_dtype_of(kv_cache_dtype, loaded.dtype),
+                                            device=loaded.device)
         self._head_dim = self.kv_cache.shape.head_dim
         if max_num_seqs < 1 or max_num_tokens < 0 or max_num_tokens == 1:
             raise ValueError(f"max_num_seqs must be >= 1 and max_num_tokens 0 or >= 2, got {max_num_seqs} "
@@ -170,7 +173,8 @@ class ModelRunner(RunnerBase, DecoderPass):
 
         c = self.config
         return dict(device=torch.cuda.get_device_name(self.device), torch=torch.__version__,
-                    triton=triton.__version__, dtype=str(self.loaded.dtype), family=self.spec.family,
+                    triton=triton.__version__, dtype=str(self.loaded.dtype), kv_dtype=str(self.kv_cache.dtype),
+                    family=self.spec.family,
                     norm=self.spec.norm, activation=self.spec.activation,
                     hidden=c.hidden_size, layers=c.num_hidden_layers, heads=c.num_attention_heads,
                     head_dim=self._head_dim, kv_heads=self.kv_cache.shape.num_kv_heads,

@@ -18,7 +18,7 @@ from alise.worker.config import WorkerConfig
 from alise.worker.engine import WorkerEngine
 from alise.worker.model.executor import make_worker_engine
 from alise.worker.model.hf_runner import TransformersRunner
-from alise.worker.model.kv_cache import KVCache
+from alise.worker.model.kv_cache import KVCache, kv_cache_dtype
 from alise.worker.model.loader import LoadedModel, load_model
 from alise.worker.model.runner import ModelRunner
 
@@ -46,16 +46,19 @@ def load_served_model(config: WorkerConfig) -> ServedModel:
     runner_class = TransformersRunner if config.runner == "transformers" else ModelRunner
     # The paged runner's mixed-step graphs cover the serving loop's token budget.
     sizes = dict(max_num_tokens=config.token_budget, fast_kernels=None if config.fast_kernels else False,
-                 plan_file=config.kernel_plan) if runner_class is ModelRunner else {}
+                 plan_file=config.kernel_plan,
+                 kv_cache_dtype=config.kv_cache_dtype) if runner_class is ModelRunner else {}
     runner = runner_class(loaded, num_blocks=num_blocks, block_size=config.block_size,
                           max_num_seqs=config.max_num_seqs, use_cuda_graphs=None if config.cuda_graphs else False,
                           **sizes)
     latency_model = load_latency_profile(runner, config)
     engine = make_worker_engine(runner, eos_token_id=loaded.eos_token_id, max_model_len=loaded.max_model_len,
                                 num_host_blocks=config.num_host_blocks)
-    served = ServedModel(loaded, engine, identity_of(loaded, config.block_size), latency_model)
-    logger.info("worker %s: %s on %s (%s), %d KV blocks of %d tokens, %s runner", config.resolved_worker_id,
-                loaded.name, loaded.device, loaded.dtype, num_blocks, config.block_size, config.runner)
+    served = ServedModel(loaded, engine, identity_of(loaded, config.block_size, kv_dtype(loaded, config)),
+                         latency_model)
+    logger.info("worker %s: %s on %s (%s), %d KV blocks of %d tokens in %s, %s runner", config.resolved_worker_id,
+                loaded.name, loaded.device, loaded.dtype, num_blocks, config.block_size, kv_dtype(loaded, config),
+                config.runner)
     return served
 
 
@@ -74,7 +77,7 @@ def size_kv_cache(loaded: LoadedModel, config: WorkerConfig) -> int:
                              f"{total_bytes / 2**30:.1f} GiB are in use with the weights loaded")
     else:
         budget = config.kv_cache_bytes
-    blocks = KVCache.num_blocks_for_budget(loaded.config, config.block_size, loaded.dtype, budget)
+    blocks = KVCache.num_blocks_for_budget(loaded.config, config.block_size, kv_dtype(loaded, config), budget)
     if blocks < 1:
         raise ValueError(f"not even one KV block fits in {budget} bytes")
     # More blocks than the context can address per sequence times the batch is waste.
@@ -101,11 +104,18 @@ def load_latency_profile(runner: ModelRunner, config: WorkerConfig) -> LatencyMo
     return None
 
 
-def identity_of(loaded: LoadedModel, block_size: int) -> ModelIdentity:
+def kv_dtype(loaded: LoadedModel, config: WorkerConfig) -> torch.dtype:
+    """The KV pages' dtype: the model's, or fp8 where ``kv_cache_dtype`` asks for it."""
+    return kv_cache_dtype(config.kv_cache_dtype, loaded.dtype)
+
+
+def identity_of(loaded: LoadedModel, block_size: int, kv_dtype: torch.dtype | None = None) -> ModelIdentity:
+    """What the hello says of the model; ``block_bytes`` counts pages of ``kv_dtype`` (None: the model's)."""
     weights = (random_weights_fingerprint(loaded.model) if loaded.random_weights
                else weights_fingerprint(loaded.name))
     return ModelIdentity(loaded.name, str(loaded.device), loaded.config.vocab_size,
-                         KVCache.block_bytes(loaded.config, block_size, loaded.dtype), loaded.model_id, weights)
+                         KVCache.block_bytes(loaded.config, block_size, kv_dtype or loaded.dtype), loaded.model_id,
+                         weights)
 
 
 def random_weights_fingerprint(model: torch.nn.Module, num_tensors: int = 4, num_values: int = 256) -> str:

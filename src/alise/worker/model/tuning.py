@@ -36,6 +36,7 @@ from alise.worker.model.kernel_plan import (
     rotate_half,
     torch_linear,
 )
+from alise.worker.model.kv_cache import to_pages
 from alise.worker.model.timing import fmt_us, graph_time_s, median_wall_s, rel_error
 
 logger = logging.getLogger(__name__)
@@ -139,7 +140,8 @@ class Planner:
         qkv = self.randn(t, h + 2 * kvh, dim)
         q, k, v = qkv.split([h, kvh, kvh], dim=1)
         cos, sin = tables[0][0][:t], tables[0][1][:t]
-        caches = [torch.zeros(-(-t // 16), 16, kvh, dim, device=self.device, dtype=self.dtype) for _ in range(4)]
+        caches = [torch.zeros(-(-t // 16), 16, kvh, dim, device=self.device, dtype=self.runner.kv_cache.dtype)
+                  for _ in range(4)]
         slots = torch.randperm(caches[0].shape[0] * 16, device=self.device)[:t]
         q_out = rope_write_kv(q, k, v, cos, sin, caches[0], caches[1], slots)
         c, s = cos[:, None, :], sin[:, None, :]
@@ -184,8 +186,9 @@ class Planner:
         width = max(-(-(s + n) // bs) for s, n in shape)
         if own_pages:
             num_blocks = len(shape) * width
-            key_cache = self.randn(num_blocks, bs, self.num_kv_heads, self.head_dim)
-            value_cache = self.randn(num_blocks, bs, self.num_kv_heads, self.head_dim)
+            pages = runner.kv_cache.dtype
+            key_cache = to_pages(self.randn(num_blocks, bs, self.num_kv_heads, self.head_dim), pages)
+            value_cache = to_pages(self.randn(num_blocks, bs, self.num_kv_heads, self.head_dim), pages)
         else:
             num_blocks = runner.num_blocks
             key_cache, value_cache = runner.kv_cache.layer(0)
@@ -374,8 +377,7 @@ def plan_kernels(runner, timer: Callable[[Callable[[], object]], float] | None =
     start = time.perf_counter()
     cache = runner.kv_cache
     torch.manual_seed(0)
-    cache.key_cache[0].normal_()  # realistic data to time on, never zeros
-    cache.value_cache[0].normal_()
+    cache.fill_random_(num_layers=1)  # realistic data to time on, never zeros
     try:
         with torch.inference_mode():
             for step in (planner.pick_norm, planner.pick_act, planner.pick_unified, planner.pick_rope,
@@ -398,8 +400,7 @@ def keep_faster_mixed_graphs(runner) -> None:
     graphs = runner.mixed_graphs
     keep = []
     bs = runner.block_size
-    runner.kv_cache.key_cache.normal_()  # realistic data to time on, zeroed again below
-    runner.kv_cache.value_cache.normal_()
+    runner.kv_cache.fill_random_()  # realistic data to time on, zeroed again below
     for tokens in list(graphs.token_buckets):
         shape = planner.step_shape(tokens)
         width = -(-max(s + n for s, n in shape) // bs)
