@@ -126,14 +126,16 @@ def test_random_operations_keep_every_invariant(ops):
     sequence reads keeps its hash and is never handed out again."""
     cache = PrefixCache(12)
     seqs: dict[int, tuple[list[int], list[int]]] = {}
-    for op, tokens, k in ops:
+    for i, (op, tokens, k) in enumerate(ops):
         if op == "start":
             hashes = chain_hashes(tokens, BS)
             hit = cache.match(hashes)
+            cache.acquire(hit)  # before allocating: the allocation must not evict the hit
             rest = cache.allocate(len(hashes) - len(hit))
-            if rest is not None:
-                cache.acquire(hit)
-                seqs[len(seqs) + k * 1000] = (hit + rest, tokens)
+            if rest is None:
+                cache.release(hit)
+            else:
+                seqs[i] = (hit + rest, tokens)
         elif op == "grow" and seqs:
             key = sorted(seqs)[k % len(seqs)]
             more = cache.allocate(1)

@@ -85,6 +85,7 @@ class PrefixCache:
         #: Cached blocks taken back by :meth:`acquire` and evicted by :meth:`allocate`, ever.
         self.num_hits = 0
         self.num_evictions = 0
+        self._num_shared_in_use = 0
 
     # ----------------------------------------------------------------- counts
 
@@ -108,7 +109,7 @@ class PrefixCache:
     @property
     def num_shared_in_use(self) -> int:
         """Cached blocks in use: read by one or more sequences, counted once."""
-        return sum(1 for b in self._refs if b in self._hash_of)
+        return self._num_shared_in_use
 
     def refs(self, block_id: int) -> int:
         return self._refs.get(block_id, 0)
@@ -168,6 +169,7 @@ class PrefixCache:
             else:
                 del self._lru[h]
                 self._refs[block] = 1
+                self._num_shared_in_use += 1
             self.num_hits += 1
 
     def release(self, block_ids: Sequence[int]) -> None:
@@ -188,6 +190,7 @@ class PrefixCache:
                 self._free.append(block)
             else:
                 self._lru[h] = block
+                self._num_shared_in_use -= 1
 
     def register(self, block_ids: Sequence[int], hashes: Sequence[BlockHash]) -> int:
         """Names the in-use blocks ``block_ids`` (a sequence's leading full blocks) by ``hashes``,
@@ -206,6 +209,7 @@ class PrefixCache:
                 break
             self._by_hash[h] = block
             self._hash_of[block] = h
+            self._num_shared_in_use += 1
             count += 1
         return count
 
@@ -219,6 +223,8 @@ class PrefixCache:
             del self._hash_of[block]
             if self._lru.pop(h, None) is not None:
                 self._free.append(block)
+            else:
+                self._num_shared_in_use -= 1
 
     def check(self) -> None:
         """Asserts the invariants of the module doc (tests)."""
@@ -230,3 +236,4 @@ class PrefixCache:
         assert {b: h for h, b in self._by_hash.items()} == self._hash_of
         assert all(self._by_hash[h] == b for h, b in self._lru.items())
         assert not (free & set(self._hash_of)), "an uncached free block with a name"
+        assert self._num_shared_in_use == sum(1 for b in self._refs if b in self._hash_of)

@@ -16,6 +16,24 @@ Timing rules the movers implement:
   the job waits (on the device, not the host) for the copy;
 * quantizing keeps the first ``quantized_blocks(full, bits)`` of a job's blocks and frees the
   rest; a resume of a quantized job allocates the difference and dequantizes.
+
+Prefix caching (``prefix_caching``; the allocator is ``alise.core.prefix_cache.PrefixCache``):
+
+* an admit names how many leading tokens the scheduler found cached (``start``): the sequence
+  takes a reference to exactly those blocks (never more, so its blocks are what the
+  scheduler's mirror counts) and computes from there; a prefix no longer all here is refused;
+* a sequence's table is its shared prefix (``num_shared_blocks``, cached blocks others may
+  read) followed by its private blocks. Every KV action moves only the private blocks:
+  int8 / int4 / swap leave the shared prefix on the device at full precision, read-only,
+  referenced by the paused sequence; a drop or a release gives up the references. So a pause
+  never writes into, frees or moves a block another sequence reads (skip, not copy-on-write:
+  a copy would cost the device blocks the move is meant to free);
+* on release the sequence's full blocks (``reusable_tokens``) are named by their chain hash
+  and kept, free, in the cache's LRU until reused or evicted;
+* an allocation takes uncached free blocks, then the blocks of landed swap-outs, then waits
+  for swap-outs in flight, and only then evicts cached blocks: the scheduler's mirror counts a
+  swapped-out job's blocks free at once, so evicting before the copy lands would evict what
+  the mirror still holds.
 """
 
 from __future__ import annotations
@@ -27,6 +45,7 @@ from alise.core.blocks import QUANTIZED_FRACTION, blocks_for, quantized_blocks
 from alise.core.commands import KvAction
 from alise.core.job import KvPlace
 from alise.core.kv_places import PLACES, QUANTIZED_AT, KvMoveRefused, pause_target
+from alise.core.prefix_cache import chain_hashes, reusable_tokens
 from alise.worker.block_allocator import BlockAllocator
 
 
@@ -66,17 +85,25 @@ class KvState:
     """Where one sequence's KV is (the engine's ``Sequence`` carries these fields)."""
 
     place: KvPlace = KvPlace.DEVICE
+    #: The sequence's tokens (their chain hashes name its full blocks).
+    token_ids: list[int] = field(default_factory=list)
     block_table: list[int] = field(default_factory=list)
     host_blocks: list[int] = field(default_factory=list)
     num_cached: int = 0
     ready: Ready | None = None
+    #: Leading blocks of ``block_table`` taken from the prefix cache (shared, read-only).
+    num_shared_blocks: int = 0
+    #: Tokens the admit gave (what the scheduler knows the values of, ``reusable_tokens``).
+    num_admitted: int = 0
 
 
 class KvManager:
     """Device and host blocks of one engine, and the KV moves of its paused sequences."""
 
-    def __init__(self, num_blocks: int, num_host_blocks: int, block_size: int, mover: KvMover) -> None:
+    def __init__(self, num_blocks: int, num_host_blocks: int, block_size: int, mover: KvMover, *,
+                 prefix_caching: bool = False) -> None:
         self.allocator = BlockAllocator(num_blocks)
+        self.prefix_caching = prefix_caching
         self.host_allocator = BlockAllocator(num_host_blocks) if num_host_blocks else None
         self.num_host_blocks = num_host_blocks
         self.block_size = block_size
@@ -96,9 +123,10 @@ class KvManager:
         return self.host_allocator.num_free if self.host_allocator else 0
 
     def allocate(self, num_blocks: int) -> list[int] | None:
-        """Device blocks; waits for in-flight swap-outs only when the free list is short."""
+        """Device blocks; waits for in-flight swap-outs only when the uncached free list is short
+        (then evicts cached blocks: see the module doc)."""
         self.reclaim()
-        while not self.allocator.can_allocate(num_blocks) and self.pending_out:
+        while self.allocator.num_uncached_free < num_blocks and self.pending_out:
             ready, ids = self.pending_out.pop(0)
             ready.wait()
             self.allocator.free(ids)
@@ -134,32 +162,58 @@ class KvManager:
             return self._swap_out(seq)
         return self._quantize(seq, PLACES[target].bits)
 
+    def start(self, seq: KvState, num_cached_tokens: int) -> str | None:
+        """A new sequence (its ``token_ids`` the admitted tokens) whose first
+        ``num_cached_tokens`` the scheduler found cached: takes those blocks, or refuses."""
+        token_ids = seq.token_ids
+        seq.num_admitted = len(token_ids)
+        if not num_cached_tokens:
+            return None
+        bs = self.block_size
+        if not self.prefix_caching:
+            return f"{num_cached_tokens} cached tokens asked of a worker without prefix caching"
+        if num_cached_tokens % bs or not 0 < num_cached_tokens < len(token_ids):
+            return (f"{num_cached_tokens} cached tokens: must be whole blocks of {bs} and fewer than "
+                    f"the {len(token_ids)} tokens")
+        ids = self.allocator.match(chain_hashes(token_ids, bs, num_cached_tokens // bs))
+        if len(ids) * bs < num_cached_tokens:
+            return f"prefix of {num_cached_tokens} tokens not cached here ({len(ids) * bs} are)"
+        self.allocator.acquire(ids)
+        seq.block_table, seq.num_shared_blocks, seq.num_cached = ids, len(ids), num_cached_tokens
+        return None
+
     def resume(self, seq: KvState) -> str | None:
         """Back to full precision on the device (swap-in, then dequantize), or refuse whole."""
         full = blocks_for(seq.num_cached, self.block_size)
-        held = len(seq.block_table) if PLACES[seq.place].on_device else 0
-        need = full - held if seq.place is not KvPlace.NONE else 0
+        # The table holds the shared prefix wherever the private blocks are (none: dropped).
+        need = full - len(seq.block_table) if seq.place is not KvPlace.NONE else 0
         if need > self.num_free_device:
             return f"no free device blocks to resume: {need} needed, {self.num_free_device} free"
         if PLACES[seq.place].on_host:
             self._swap_in(seq)
         bits = PLACES[seq.place].bits
-        if PLACES[seq.place].on_device and bits < 16 and full:
+        shared = seq.num_shared_blocks
+        if PLACES[seq.place].on_device and bits < 16 and full > shared:
             self.wait_ready([seq])
+            kept = seq.block_table[shared:]
             extra = self.allocate(full - len(seq.block_table))
-            table = seq.block_table + extra
-            self.mover.dequantize(seq.block_table, table, full, bits)
-            seq.block_table = table
+            self.mover.dequantize(kept, kept + extra, full - shared, bits)
+            seq.block_table = seq.block_table + extra
         seq.place = KvPlace.DEVICE
         return None
 
-    def release(self, seq: KvState) -> None:
+    def release(self, seq: KvState, *, finished: bool = False) -> None:
+        """Frees the sequence's blocks; with prefix caching, its full blocks
+        (``reusable_tokens``) at full precision on the device are kept in the cache first."""
         self.wait_ready([seq])  # the compute stream must not reuse blocks a copy still fills
+        if self.prefix_caching and seq.place is KvPlace.DEVICE:
+            n = reusable_tokens(seq.num_cached, seq.num_admitted, finished) // self.block_size
+            self.allocator.register(seq.block_table[:n], chain_hashes(seq.token_ids, self.block_size, n))
         self.allocator.free(seq.block_table)
         if seq.host_blocks:
             self.host_allocator.free(seq.host_blocks)
         seq.block_table, seq.host_blocks = [], []
-        seq.num_cached = 0
+        seq.num_cached = seq.num_shared_blocks = 0
         seq.place = KvPlace.NONE
 
     def wait_ready(self, seqs) -> None:
@@ -177,27 +231,31 @@ class KvManager:
             num, den = QUANTIZED_FRACTION[bits]
             return f"{reason} (int{bits} must fit in {num}/{den} of the blocks)"
         self.wait_ready([seq])
-        full = blocks_for(seq.num_cached, self.block_size)
+        shared = seq.num_shared_blocks
+        private = seq.block_table[shared:]
+        full = blocks_for(seq.num_cached, self.block_size) - shared
         keep = quantized_blocks(full, bits)
         if full:
-            self.mover.quantize(seq.block_table, full, keep, PLACES[seq.place].bits, bits)
-            self.allocator.free(seq.block_table[keep:])
-            seq.block_table = seq.block_table[:keep]
+            self.mover.quantize(private, full, keep, PLACES[seq.place].bits, bits)
+            self.allocator.free(private[keep:])
+            seq.block_table = seq.block_table[:shared + keep]
         seq.place = QUANTIZED_AT[bits]
         return None
 
     def _swap_out(self, seq: KvState) -> str | None:
-        count = len(seq.block_table)
+        shared = seq.num_shared_blocks
+        private = seq.block_table[shared:]
+        count = len(private)
         host = self.host_allocator.allocate(count) if self.host_allocator else None
         if host is None:
             return f"host pool full: {count} blocks needed, {self.num_free_host} free"
         self.wait_ready([seq])
-        ready = self.mover.copy_out(seq.block_table, host)
+        ready = self.mover.copy_out(private, host)
         if ready is None:
-            self.allocator.free(seq.block_table)
+            self.allocator.free(private)
         else:
-            self.pending_out.append((ready, seq.block_table))
-        seq.block_table, seq.host_blocks = [], host
+            self.pending_out.append((ready, private))
+        seq.block_table, seq.host_blocks = seq.block_table[:shared], host
         seq.place = PLACES[seq.place].host
         return None
 
@@ -208,6 +266,6 @@ class KvManager:
             return f"no free device blocks for {count} swapped-in blocks"
         seq.ready = self.mover.copy_in(seq.host_blocks, device)
         self.host_allocator.free(seq.host_blocks)
-        seq.block_table, seq.host_blocks = device, []
+        seq.block_table, seq.host_blocks = seq.block_table + device, []
         seq.place = PLACES[seq.place].device
         return None
