@@ -9,9 +9,10 @@ import json
 import httpx
 import openai
 import pytest
+from http_support import CHAT_TEMPLATE, start_live_door, with_chat_template
+
 from alise.client import Client
 from alise.http.chat import ChatRenderer, render_plain
-from http_support import CHAT_TEMPLATE, start_live_door, with_chat_template
 
 
 @pytest.fixture(scope="module")
@@ -248,8 +249,12 @@ def test_text_prompts_are_bounded_in_characters_before_they_are_tokenized(live, 
     chat = httpx.post(f"{live.base_url}/v1/chat/completions", timeout=60,
                       json={"messages": [{"role": "user", "content": "b" * (limit + 1)}]})
     assert chat.status_code == 400 and f"messages have {limit + 1} characters" in chat.json()["error"]["message"]
-    text = httpx.post(f"{live.base_url}/v1/completions", timeout=60, json={"prompt": "c" * 3_900_000})
+    text = httpx.post(f"{live.base_url}/v1/completions", timeout=60, json={"prompt": "c" * 4 * limit})
     assert text.status_code == 400 and text.json()["error"]["param"] == "prompt"
-    assert f"prompt has 3900000 characters; the model's context of 256 tokens" in text.json()["error"]["message"]
+    assert f"prompt has {4 * limit} characters; the model's context of 256 tokens" in text.json()["error"]["message"]
+    # A body larger than any text the context admits is refused from its length, unparsed.
+    huge = httpx.post(f"{live.base_url}/v1/completions", timeout=60, json={"prompt": "c" * 3_900_000})
+    assert huge.status_code == 413 and huge.json()["error"]["code"] == "body_too_large"
+    assert f"holds at most {limit} characters of text" in huge.json()["error"]["message"]
     assert encoded == [limit // 5 * 5]  # the door refused it: the scheduler never saw it
     live.assert_serving()

@@ -5,9 +5,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import grpc
+
 from alise.client.channel import MAX_MESSAGE_BYTES
 from alise.client.errors import InvalidRequest
-from alise.client.types import Chunk, Completion, Estimate, Status, Usage
+from alise.client.types import Chunk, Completion, Conversation, Estimate, Status, Usage
 from alise.v1 import common_pb2, scheduler_pb2
 
 _FINISH = {
@@ -25,13 +26,16 @@ def call_metadata(token: str | None, default: tuple[tuple[str, str], ...]) -> tu
 def build_request(prompt: str | Sequence[int], *, max_tokens: int | None, temperature: float | None,
                   top_p: float | None, top_k: int, seed: int | None,
                   stop_token_ids: Sequence[int], ignore_eos: bool, request_id: str,
-                  oracle_output_tokens: int,
-                  min_p: float | None = None) -> scheduler_pb2.GenerateRequest:
+                  oracle_output_tokens: int, min_p: float | None = None,
+                  conversation: Conversation | None = None) -> scheduler_pb2.GenerateRequest:
     req = scheduler_pb2.GenerateRequest(request_id=request_id, oracle_output_tokens=oracle_output_tokens)
     if isinstance(prompt, str):
         req.text = prompt
     else:
         req.token_ids.ids.extend(prompt)
+    if conversation is not None:
+        req.conversation.query = conversation.query
+        req.conversation.previous_output_tokens.extend(conversation.previous_output_tokens)
     s = req.sampling
     if max_tokens is not None:
         s.max_tokens = max_tokens

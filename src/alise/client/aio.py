@@ -6,14 +6,15 @@ import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 
 import grpc
-from alise.client.channel import check_address, make_aio_channel
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
 from alise.client._convert import build_request, call_metadata, join_chunks, to_chunk, to_status
 from alise.client._peer import explain
 from alise.client._resume import Resumer
+from alise.client.channel import check_address, make_aio_channel
 from alise.client.errors import AliseError
-from alise.client.types import Chunk, Completion, Status
+from alise.client.types import Chunk, Completion, Conversation, Status
 from alise.v1 import scheduler_pb2, scheduler_pb2_grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
 #: How long a broken stream is resumed without progress before the error is raised.
@@ -61,19 +62,22 @@ class AsyncClient:
                        timeout_s: float | None = None, token: str | None = None,
                        resume_timeout_s: float = RESUME_TIMEOUT_S,
                        wait_for_ready: bool = False,
-                       on_accepted: Callable[[], Awaitable[None]] | None = None) -> AsyncIterator[Chunk]:
+                       on_accepted: Callable[[], Awaitable[None]] | None = None,
+                       conversation: Conversation | None = None) -> AsyncIterator[Chunk]:
         """Streams the request's chunks; a stream that breaks (UNAVAILABLE) is resumed for up to
         ``resume_timeout_s`` without progress (0: never), every token delivered once. ``token``
         overrides the client's bearer token for this call. ``wait_for_ready``: a request sent
         while no scheduler answers (one restarting) waits for one, up to ``timeout_s``, instead
         of failing at once with UNAVAILABLE. ``on_accepted`` is awaited once, when the scheduler
         has accepted the request (it passed validation, the token check and admission), before
-        its first chunk: a relay can answer its own client then, while the job is queued."""
+        its first chunk: a relay can answer its own client then, while the job is queued.
+        ``conversation``: the conversation the prompt continues (its latest user message and the
+        earlier answers' lengths), read by the length predictor only."""
         request = build_request(prompt, max_tokens=max_tokens, temperature=temperature,
                                 top_p=top_p, top_k=top_k, seed=seed,
                                 stop_token_ids=stop_token_ids, ignore_eos=ignore_eos,
                                 request_id=request_id, oracle_output_tokens=oracle_output_tokens,
-                                min_p=min_p)
+                                min_p=min_p, conversation=conversation)
         resumer = Resumer(request, resume_timeout_s=resume_timeout_s, timeout_s=timeout_s or self.timeout_s,
                           wait_for_ready=wait_for_ready)
         metadata = call_metadata(token, self._metadata)

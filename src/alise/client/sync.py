@@ -6,15 +6,16 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 
 import grpc
-from alise.client.channel import check_address, make_channel
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
 from alise.client._convert import build_request, call_metadata, join_chunks, to_chunk, to_status
 from alise.client._peer import explain
 from alise.client._resume import Resumer
 from alise.client.aio import DEFAULT_ADDRESS, RESUME_TIMEOUT_S
+from alise.client.channel import check_address, make_channel
 from alise.client.errors import AliseError
-from alise.client.types import Chunk, Completion, Status
+from alise.client.types import Chunk, Completion, Conversation, Status
 from alise.v1 import scheduler_pb2, scheduler_pb2_grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 
 class Client:
@@ -47,15 +48,17 @@ class Client:
                  ignore_eos: bool = False, request_id: str = "", oracle_output_tokens: int = 0,
                  timeout_s: float | None = None, token: str | None = None,
                  resume_timeout_s: float = RESUME_TIMEOUT_S, wait_for_ready: bool = False,
-                 on_accepted: Callable[[], None] | None = None) -> Iterator[Chunk]:
+                 on_accepted: Callable[[], None] | None = None,
+                 conversation: Conversation | None = None) -> Iterator[Chunk]:
         """As ``AsyncClient.generate``: a broken stream is resumed, every token delivered once;
         ``wait_for_ready`` waits for a scheduler that does not answer yet; ``on_accepted`` is
-        called once when the scheduler has accepted the request, before its first chunk."""
+        called once when the scheduler has accepted the request, before its first chunk;
+        ``conversation`` goes to the length predictor only."""
         request = build_request(prompt, max_tokens=max_tokens, temperature=temperature,
                                 top_p=top_p, top_k=top_k, seed=seed,
                                 stop_token_ids=stop_token_ids, ignore_eos=ignore_eos,
                                 request_id=request_id, oracle_output_tokens=oracle_output_tokens,
-                                min_p=min_p)
+                                min_p=min_p, conversation=conversation)
         resumer = Resumer(request, resume_timeout_s=resume_timeout_s, timeout_s=timeout_s or self.timeout_s,
                           wait_for_ready=wait_for_ready)
         metadata = call_metadata(token, self._metadata)

@@ -6,6 +6,17 @@ from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True)
+class Conversation:
+    """The conversation a prompt continues, for the scheduler's output-length estimate only
+    (the model reads the prompt alone): ``query``, the request's own text where the prompt
+    renders it after a system prompt or earlier turns (the latest user message); and the
+    output tokens of the earlier answers, oldest first, in the served model's tokens."""
+
+    query: str = ""
+    previous_output_tokens: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
 class Usage:
     prompt_tokens: int
     completion_tokens: int

@@ -19,6 +19,13 @@ from dataclasses import dataclass
 from importlib import metadata
 
 import grpc
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
 from alise.client import AliseError, AsyncClient
 from alise.common.logs import LogLimiter
 from alise.http.chat import ChatRenderer
@@ -27,12 +34,6 @@ from alise.http.endpoints import CompletionEndpoint, bearer_token
 from alise.http.errors import UNAVAILABLE_RETRY_AFTER_S, ApiError, from_alise_error, unavailable
 from alise.http.metrics import HttpMetrics, merged_exposition
 from alise.scheduler.request_checks import max_text_chars
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from starlette.applications import Starlette
-from starlette.exceptions import HTTPException
-from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
 
 logger = logging.getLogger(__name__)
 
@@ -138,8 +139,8 @@ class Door:
             return ""
         max_model_len = self._served.max_model_len
         return (f" (the model's context of {max_model_len} tokens holds at most "
-                f"{max_text_chars(max_model_len)} characters of text, {MAX_JSON_BYTES_PER_CHAR} JSON bytes each at most, plus "
-                f"{BODY_ALLOWANCE_BYTES} bytes for the other fields)")
+                f"{max_text_chars(max_model_len)} characters of text, {MAX_JSON_BYTES_PER_CHAR} JSON "
+                f"bytes each at most, plus {BODY_ALLOWANCE_BYTES} bytes for the other fields)")
 
     def wait_bound_s(self) -> float:
         """How long a request may wait for the scheduler to accept it: the restart bound while

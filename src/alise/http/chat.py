@@ -12,6 +12,11 @@ tokenizer without a template) uses the plain template, sent as text::
 
 one line per message with the role's name, then ``Assistant:`` for the reply.
 
+A chat also tells the scheduler the conversation it continues, for its length estimate
+(``ChatRenderer.conversation``): the latest user message, and the output tokens of the
+assistant messages before it (the served model's tokenizer counts them; without one here, a
+directory of another host, only the message is sent).
+
 A request's ``chat_template_kwargs`` (vLLM's: ``{"enable_thinking": false}``, say) reach the
 template as variables; a template that does not use one ignores it, as in vLLM, and the plain
 template uses none. Messages are bounded in characters before anything renders or tokenizes
@@ -23,8 +28,9 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from alise.client import Conversation
 from alise.http.errors import bad_request
-from alise.scheduler.request_checks import max_text_chars, text_too_long
+from alise.scheduler.request_checks import MAX_PREVIOUS_ANSWERS, max_text_chars, text_too_long
 
 logger = logging.getLogger(__name__)
 
@@ -44,25 +50,44 @@ def render_plain(messages: list[dict]) -> str:
 
 
 class ChatRenderer:
-    """Renders chat messages with a tokenizer's template, or the plain one without."""
+    """Renders chat messages with a tokenizer's template, or the plain one without; counts
+    earlier answers' tokens with the served model's tokenizer (``counter``; None: unknown)."""
 
-    def __init__(self, tokenizer=None) -> None:
+    def __init__(self, tokenizer=None, counter=None) -> None:
         self.tokenizer = tokenizer
+        self.counter = tokenizer if counter is None else counter
 
     @classmethod
     def for_model(cls, model: str | None) -> ChatRenderer:
         """The renderer for ``model`` as the scheduler names it (a directory or a preset)."""
-        if model is None or not Path(model).is_dir():
-            return cls()
         from alise.modelinfo.source import resolve_model
         from alise.modelinfo.tokenizer import load_tokenizer
 
-        tokenizer = load_tokenizer(resolve_model(model))
-        if not getattr(tokenizer, "chat_template", None):
-            logger.info("%s has no chat template: chat uses the plain template", model)
+        try:
+            tokenizer = load_tokenizer(resolve_model(model)) if model is not None else None
+        except ValueError as exc:  # a directory on the scheduler's host, not here
+            logger.info("no tokenizer for %s here (%s): chat uses the plain template, and earlier "
+                        "answers' lengths are not sent", model, exc)
             return cls()
+        if not Path(model).is_dir() or not getattr(tokenizer, "chat_template", None):
+            if Path(model).is_dir():
+                logger.info("%s has no chat template: chat uses the plain template", model)
+            return cls(counter=tokenizer)
         logger.info("chat messages render with the chat template of %s", model)
         return cls(tokenizer)
+
+    def conversation(self, messages: list[dict]) -> Conversation | None:
+        """Blocking (a tokenizer runs). The latest user message and the output tokens of the
+        assistant messages before it (the latest ``MAX_PREVIOUS_ANSWERS``); None without a
+        user message."""
+        last = next((i for i in range(len(messages) - 1, -1, -1) if messages[i]["role"] == "user"), None)
+        if last is None:
+            return None
+        answers = [m["content"] for m in messages[:last] if m["role"] == "assistant"][-MAX_PREVIOUS_ANSWERS:]
+        if self.counter is None or not answers:
+            return Conversation(messages[last]["content"])
+        ids = self.counter(answers, add_special_tokens=False)["input_ids"]
+        return Conversation(messages[last]["content"], tuple(len(x) for x in ids))
 
     @property
     def template_name(self) -> str:

@@ -19,20 +19,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import time
 import uuid
 
-from alise.client import AliseError
+from starlette.requests import ClientDisconnect, Request
+
+from alise.client import AliseError, Conversation
 from alise.common.logs import preview, request_id_var
-from alise.http.chat import check_length
+from alise.http.chat import ChatRenderer, check_length
 from alise.http.errors import ApiError, bad_request
-from alise.http.protocol import SURROGATE_ESCAPE, lone_surrogate_at, parse_request
+from alise.http.protocol import SURROGATE_ESCAPE, GenerationRequest, lone_surrogate_at, parse_request
 from alise.http.relay import Relay, send_json
 from alise.http.shapes import Facts, Shaper
 from alise.scheduler.request_checks import check_request_id, max_text_chars, text_too_long
-from starlette.requests import ClientDisconnect, Request
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +75,12 @@ async def read_json(request: Request, max_bytes: int, timeout_s: float, why: str
         raise bad_request(f"{where} holds a lone UTF-16 surrogate (a \\ud800-\\udfff escape without "
                           "its pair): text must be valid Unicode", param=where, code="invalid_unicode")
     return body
+
+
+def render_chat(renderer: ChatRenderer, req: GenerationRequest
+                ) -> tuple[str | list[int], Conversation | None]:
+    """Blocking (a template and a tokenizer run): the prompt and the conversation it continues."""
+    return renderer.render(req.messages, req.template_kwargs), renderer.conversation(req.messages)
 
 
 def bearer_token(request: Request) -> str | None:
@@ -141,11 +149,8 @@ class CompletionEndpoint:
                 raise bad_request(text_too_long(len(req.prompt), served.max_model_len), param="prompt")
             return req, req.prompt, served.name, request_id
         check_length(req.messages, served.max_model_len)
-        renderer = served.renderer
-        if renderer.tokenizer is None:
-            return req, renderer.render(req.messages), served.name, request_id
-        prompt = await asyncio.to_thread(renderer.render, req.messages, req.template_kwargs)
-        return req, prompt, served.name, request_id
+        prompt, conversation = await asyncio.to_thread(render_chat, served.renderer, req)
+        return dataclasses.replace(req, conversation=conversation), prompt, served.name, request_id
 
     async def _race(self, relay: Relay, send, receive) -> None:
         """Runs the relay until it ends, the client leaves (which cancels the gRPC call) or the

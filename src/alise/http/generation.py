@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
 import grpc
+
 from alise.client import AliseError, AsyncClient
 from alise.http.protocol import GenerationRequest
 from alise.http.shapes import FINISH_REASONS, Facts
@@ -38,7 +39,8 @@ async def pieces(client: AsyncClient, req: GenerationRequest, prompt: str | list
         prompt, max_tokens=req.max_tokens, temperature=req.temperature, top_p=req.top_p,
         top_k=req.top_k, min_p=req.min_p, seed=req.seed, stop_token_ids=req.stop_token_ids,
         ignore_eos=req.ignore_eos, request_id=facts.request_id, oracle_output_tokens=req.oracle_output_tokens,
-        timeout_s=timeout_s, token=token, wait_for_ready=True, on_accepted=on_accepted)
+        timeout_s=timeout_s, token=token, wait_for_ready=True, on_accepted=on_accepted,
+        conversation=req.conversation)
     try:
         async for chunk in stream:
             if chunk.prompt_tokens is not None:

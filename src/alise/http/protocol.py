@@ -18,6 +18,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from alise.client import Conversation
 from alise.http.errors import bad_request
 from alise.http.extras import refuse_unsupported
 
@@ -57,6 +58,8 @@ class GenerationRequest:
     user: str | None
     request_id: str | None               # vLLM's: the scheduler's request id (and the response's)
     template_kwargs: dict                # chat: vLLM's chat_template_kwargs, for the template
+    #: chat: the conversation the request continues, for the length estimate (set once rendered)
+    conversation: Conversation | None = None
 
 
 def _describe(value: Any) -> str:

@@ -16,12 +16,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol
 
 from alise.core.job import LengthEstimate
 from alise.core.policy import DEFAULT_ESTIMATE
+from alise.predictor.context import PromptContext
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +40,11 @@ class Observer(Protocol):
     async def close(self) -> None: ...
 
 
-PredictFn = Callable[[list[str], list[int], float], Awaitable[list[LengthEstimate]]]
+class PredictFn(Protocol):
+    async def __call__(self, prompts: list[str], prompt_tokens: list[int], timeout_s: float,
+                       contexts: list[PromptContext] | None = None) -> list[LengthEstimate]:
+        """One estimate per prompt; ``contexts``: one per prompt (the conversation it
+        continues), or None."""
 
 
 class LengthEstimator:
@@ -78,14 +82,17 @@ class LengthEstimator:
         mean = self._sum / self._count
         return LengthEstimate(mean=mean, p50=mean, p90=mean * self._p90_ratio, source="mean")
 
-    async def estimate(self, prompt: str, prompt_tokens: int) -> LengthEstimate:
+    async def estimate(self, prompt: str, prompt_tokens: int,
+                       context: PromptContext | None = None) -> LengthEstimate:
+        """``context``: the conversation the prompt continues, when the request gave one."""
         if self._predict is None:
             return self.running_mean
         if self.is_degraded and time.monotonic() - self.last_error_s < self.retry_after_s:
             return self.running_mean
         try:
-            [result] = await asyncio.wait_for(
-                self._predict([prompt], [prompt_tokens], self.timeout_s), self.timeout_s)
+            [result] = await asyncio.wait_for(self._predict(
+                [prompt], [prompt_tokens], self.timeout_s, contexts=None if context is None else [context]),
+                self.timeout_s)
         except Exception as exc:  # any failure means "use the fallback"
             if not self.state.startswith("degraded"):
                 logger.warning("predictor unavailable (%s: %s); using the running mean",

@@ -28,6 +28,7 @@ import grpc
 from alise.client.channel import make_aio_channel
 from alise.common.security import SecurityConfig
 from alise.predictor.client import PredictorClient
+from alise.predictor.context import PromptContext
 from alise.scheduler.estimates import PredictedLength
 from alise.v1 import predictor_pb2
 
@@ -174,8 +175,9 @@ def predictor_functions(address: str, security: SecurityConfig | None = None):
                                metadata=security.internal_metadata())
     client = PredictorClient(address, channel=channel)
 
-    async def predict(prompts: list[str], prompt_tokens: list[int], timeout_s: float) -> list[PredictedLength]:
-        estimates = await client.predict(prompts, timeout_s=timeout_s)
+    async def predict(prompts: list[str], prompt_tokens: list[int], timeout_s: float,
+                      contexts: list[PromptContext] | None = None) -> list[PredictedLength]:
+        estimates = await client.predict(prompts, timeout_s=timeout_s, contexts=contexts)
         return [PredictedLength(max(e.mean, 0.0), max(e.p50, 0.0), max(e.p90, 0.0), e.source,
                                 prediction_id=e.prediction_id) for e in estimates]
 

@@ -22,6 +22,9 @@ one is refused without tokenizing it (megabytes of text take seconds of tokenize
 every thread of the pool that tokenizes is one that other requests wait for). A text field
 over four times that in bytes is refused unparsed.
 
+A request's conversation (the query and the earlier answers' lengths the length predictor
+reads, ``check_conversation``) is bounded as a prompt's text is, and its answers in number.
+
 A request id is checked (``check_request_id``) before anything logs it.
 """
 
@@ -33,9 +36,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import grpc
+
 from alise.common import wire
 from alise.common.grpc_server import count_varints, iter_fields
 from alise.core.sampling import SamplingParams
+from alise.predictor.context import PromptContext
 from alise.v1 import scheduler_pb2
 
 if TYPE_CHECKING:  # the HTTP door imports the text bound; ModelInfo's module imports transformers
@@ -62,6 +67,9 @@ _TEXT = _FIELDS["text"].number
 _IDS = scheduler_pb2.TokenIds.DESCRIPTOR.fields_by_name["ids"].number
 #: Top-level fields a GenerateRequest may have on the wire (it defines a handful).
 MAX_TOP_LEVEL_FIELDS = 64
+#: Earlier answers a request's conversation may list (the predictor reads the latest 64).
+MAX_PREVIOUS_ANSWERS = 1024
+_CONVERSATION = _FIELDS["conversation"].number
 
 
 def prompt_too_long(num_tokens: int, limit: int, *, at_least: bool = False) -> str:
@@ -132,12 +140,38 @@ def generate_precheck(max_model_len: int):
             elif number == _TEXT and (end - start) // _UTF8_MAX_BYTES > max_text_chars(max_model_len):
                 return grpc.StatusCode.INVALID_ARGUMENT, text_too_long(
                     (end - start) // _UTF8_MAX_BYTES, max_model_len, at_least=True)
+            elif number == _CONVERSATION and end - start > (bound := _max_conversation_bytes(max_model_len)):
+                return grpc.StatusCode.INVALID_ARGUMENT, (
+                    f"conversation takes {end - start} bytes, more than {bound}: "
+                    f"a query of at most {max_text_chars(max_model_len)} characters and at most "
+                    f"{MAX_PREVIOUS_ANSWERS} earlier answers")
             elif number == _SAMPLING and end - start > MAX_SAMPLING_BYTES:
                 return grpc.StatusCode.INVALID_ARGUMENT, (
                     f"sampling parameters take {end - start} bytes, more than {MAX_SAMPLING_BYTES}: "
                     f"at most {MAX_STOP_TOKEN_IDS} stop_token_ids")
         return None
     return check
+
+
+def _max_conversation_bytes(max_model_len: int) -> int:
+    """A Conversation's largest encoding: its query's text and the varints of its lengths."""
+    return _UTF8_MAX_BYTES * max_text_chars(max_model_len) + 5 * MAX_PREVIOUS_ANSWERS + 16
+
+
+def check_conversation(conversation: scheduler_pb2.Conversation, max_model_len: int) -> PromptContext | None:
+    """The request's conversation as the predictor takes it (None: none given); ValueError
+    for a query longer than any prompt may be, too many earlier answers or a negative one."""
+    query, previous = conversation.query, conversation.previous_output_tokens
+    if len(query) > max_text_chars(max_model_len):
+        raise ValueError(text_too_long(len(query), max_model_len, subject="conversation.query has"))
+    if len(previous) > MAX_PREVIOUS_ANSWERS:
+        raise ValueError(f"conversation.previous_output_tokens has {len(previous)} answers; at most "
+                         f"{MAX_PREVIOUS_ANSWERS} are allowed (send the latest)")
+    if previous and min(previous) < 0:
+        raise ValueError("conversation.previous_output_tokens must be >= 0")
+    if not query.strip() and not previous:
+        return None
+    return PromptContext(tuple(previous), query if query.strip() else "")
 
 
 def _count_ids(token_ids: memoryview, stop_at: int) -> tuple[int, bool]:
@@ -163,6 +197,8 @@ class CheckedRequest:
     #: The tokens a resumed stream's client already has (empty: a new stream).
     resume_token_ids: list[int]
     oracle_output_tokens: int | None
+    #: The conversation the prompt continues, for the length estimate (None: not given).
+    context: PromptContext | None = None
 
 
 class GenerateChecks:
@@ -185,8 +221,10 @@ class GenerateChecks:
         if request.oracle_output_tokens < 0:
             raise ValueError("oracle_output_tokens must be >= 0")
         resume = self._resume_tokens(request, len(token_ids), sampling.max_tokens)
+        has_context = request.HasField("conversation")
+        context = check_conversation(request.conversation, limit) if has_context else None
         return CheckedRequest(request_id, token_ids, prompt_text, sampling, resume,
-                              request.oracle_output_tokens or None)
+                              request.oracle_output_tokens or None, context)
 
     async def _prompt(self, request: scheduler_pb2.GenerateRequest) -> tuple[list[int], str]:
         """The prompt's token ids and text, bounded by its size before any per-token work."""

@@ -19,6 +19,7 @@ import time
 from dataclasses import dataclass, field
 
 import grpc
+
 from alise.common import grpc_server, wire
 from alise.common.logs import LogLimiter, preview, request_id_var
 from alise.common.metrics import SchedulerMetrics, serve_metrics
@@ -27,7 +28,9 @@ from alise.core.config import make_core
 from alise.core.job import Job
 from alise.core.latency_model import LatencyModel
 from alise.modelinfo.served import ModelInfo, load_model_info
+from alise.predictor.context import PromptContext
 from alise.scheduler.config import SchedulerConfig
+from alise.scheduler.detokenizer import IncrementalDetokenizer
 from alise.scheduler.engine import SchedulerEngine
 from alise.scheduler.estimates import LengthEstimator
 from alise.scheduler.listeners import SCHEDULER_SERVICE, WORKER_SERVICE, make_listeners
@@ -36,13 +39,8 @@ from alise.scheduler.quarantine import Quarantine
 from alise.scheduler.request_checks import GenerateChecks, generate_precheck
 from alise.scheduler.status import EngineStatus
 from alise.scheduler.streams import JobFailed, JobStream, StreamClosing, Streams
-from alise.scheduler.detokenizer import IncrementalDetokenizer
 from alise.scheduler.worker_service import WorkerServicer
-from alise.v1 import (
-    common_pb2,
-    scheduler_pb2,
-    scheduler_pb2_grpc,
-)
+from alise.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
 
 logger = logging.getLogger(__name__)
 
@@ -91,7 +89,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
 
     async def Generate(self, request, context):
         try:
-            job = await self._make_job(request)
+            job, prompt_context = await self._make_job(request)
             request_id_var.set(job.job_id)  # checked: only now may it go into log lines
             if (refusal := self.quarantine.refusal(job)) is not None:
                 raise RequestError(grpc.StatusCode.FAILED_PRECONDITION, refusal)
@@ -108,7 +106,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
                         if job.num_output_tokens else "")
             # Not awaited: bounded by the predictor's deadline, and its outcome (an estimate, or
             # a failure that marks the predictor degraded) matters even if the job ends first.
-            self._predicting.add(predicting := asyncio.ensure_future(self._predict(job)))
+            self._predicting.add(predicting := asyncio.ensure_future(self._predict(job, prompt_context)))
             predicting.add_done_callback(self._predicting.discard)
         job = stream.job  # an adopted job whose stream this request resumes
         # Tells the client its request is taken: from here on, a broken stream is resumable.
@@ -128,9 +126,10 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
             if not job.is_finished:
                 self.streams.close(job.job_id)
 
-    async def _predict(self, job: Job) -> None:
-        """Asks for the job's length estimate; the engine re-keys the queued job with it."""
-        estimate = await self.estimator.estimate(job.prompt_text, job.num_prompt_tokens)
+    async def _predict(self, job: Job, context: PromptContext | None) -> None:
+        """Asks for the job's length estimate (with the conversation it continues, when the
+        request gave it); the engine re-keys the queued job with it."""
+        estimate = await self.estimator.estimate(job.prompt_text, job.num_prompt_tokens, context)
         if estimate != job.estimate and not job.is_finished:
             logger.debug("estimate %.0f tokens (%s)", estimate.mean, estimate.source)
             self.engine.inbox.post(NewEstimate(job.job_id, estimate))
@@ -188,7 +187,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
             ttft_s=(job.first_token_s or end) - job.arrival_s, e2e_s=end - job.arrival_s,
             queued_s=job.queued_s, num_preemptions=job.num_preemptions)
 
-    async def _make_job(self, request) -> Job:
+    async def _make_job(self, request) -> tuple[Job, PromptContext | None]:
         if self.engine.failure is not None:
             raise RequestError(grpc.StatusCode.UNAVAILABLE, "the scheduler failed and is restarting; retry",
                                resumable=True)
@@ -198,9 +197,10 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
             checked = await self.checks.check(request)
         except ValueError as exc:
             raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
-        return Job(checked.request_id, checked.token_ids, checked.sampling, arrival_s=time.monotonic(),
-                   estimate=self.estimator.running_mean, output_token_ids=checked.resume_token_ids,
-                   oracle_output_tokens=checked.oracle_output_tokens, prompt_text=checked.prompt_text)
+        job = Job(checked.request_id, checked.token_ids, checked.sampling, arrival_s=time.monotonic(),
+                  estimate=self.estimator.running_mean, output_token_ids=checked.resume_token_ids,
+                  oracle_output_tokens=checked.oracle_output_tokens, prompt_text=checked.prompt_text)
+        return job, checked.context
 
     async def GetStatus(self, request, context):
         snap = self.status.snapshot()
