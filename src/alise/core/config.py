@@ -107,10 +107,11 @@ def _literal_fields(cls: type) -> dict[str, tuple]:
     return allowed
 
 
-def check_choices(config) -> None:
+def check_choices(config: object) -> None:
     """Raises ValueError naming the first field typed ``Literal[...]`` whose value is not one of
     its choices: a config's choices are written once, in its field's type."""
-    for name, allowed in _literal_fields(type(config)).items():
+    # A class is hashable; typeshed types functools.cache's argument as an instance's Hashable.
+    for name, allowed in _literal_fields(type(config)).items():  # type: ignore[arg-type]
         value = getattr(config, name)
         if value not in allowed:
             names = ", ".join(str(a) for a in allowed if a is not None)

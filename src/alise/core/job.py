@@ -207,10 +207,12 @@ class Job:
         elif status is JobStatus.RUNNING:
             self.kv = KvPlace.DEVICE
             if admits:
+                assert admit_step_id is not None  # given: checked above
                 self.worker_id, self.admit_step_id = worker_id, admit_step_id
         elif status is JobStatus.PAUSED:
             if self.status is JobStatus.RUNNING:
                 self.num_preemptions += 1
+            assert kv is not None  # given: checked above
             self.kv = kv
             if kv is KvPlace.NONE:
                 self.num_computed_tokens = 0

@@ -85,10 +85,14 @@ def pause_target(place: KvPlace, action: KvAction) -> KvPlace:
         return KvPlace.NONE
     here = PLACES[place]
     if action is KvAction.KEEP:
-        return here.device if here.on_host else place
+        if not here.on_host:
+            return place
+        assert here.device is not None  # every host place has its device twin
+        return here.device
     if action is KvAction.SWAP_TO_HOST:
         if not here.on_device:
             raise KvMoveRefused(f"cannot swap out KV at {place.value}")
+        assert here.host is not None  # every device place has its host twin
         return here.host
     bits = _QUANTIZE_BITS[action]
     if not here.on_device or here.bits <= bits:

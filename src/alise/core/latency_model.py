@@ -85,7 +85,7 @@ class LatencyModel:
             + self.c_seq_s * num_seqs
             + self.c_ctx_s * total_context
             + self.c_pre_s * sum(prefill_lens)
-            + self.c_pre2_s * sum(n * (2 * s + n) for n, s in zip(prefill_lens, starts))
+            + self.c_pre2_s * sum(n * (2 * s + n) for n, s in zip(prefill_lens, starts, strict=True))
         )
         if prefill_lens:
             base += self.c_mixed_s + self.c_chunk_s * len(prefill_lens)
@@ -163,14 +163,14 @@ class LatencyModel:
             starts = rest[0] if rest and rest[0] else (0,) * len(prefill_lens)
             mixed = bool(prefill_lens)
             rows.append([1.0, num_seqs, total_context, sum(prefill_lens),
-                         sum(n * (2 * s + n) for n, s in zip(prefill_lens, starts)),
+                         sum(n * (2 * s + n) for n, s in zip(prefill_lens, starts, strict=True)),
                          float(mixed), len(prefill_lens), float(mixed and num_seqs > len(prefill_lens))])
             targets.append(seconds)
         a = np.asarray(rows, dtype=np.float64)
         b = np.asarray(targets, dtype=np.float64)
         w = 1.0 / np.maximum(b, 1e-6) if relative else np.ones_like(b)
         coef, _ = nnls(a * w[:, None], b * w)
-        return cls(**dict(zip(cls.FITTED, map(float, coef))), name=name, meta=dict(meta or {}))
+        return cls(**dict(zip(cls.FITTED, map(float, coef), strict=True)), name=name, meta=dict(meta or {}))
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)

@@ -25,9 +25,10 @@ with ``T_in`` = bytes / measured copy bandwidth. Four named sub-steps, each a sm
 
 1. ``_fit_device``  while the paused jobs hold more device blocks than the budget, apply
                     the cheapest downgrade that covers the deficit alone, else the cheapest
-                    per block freed (ties: the longest wait first), within the host budget. Jobs expected to wait longest go to host first
-                    (their swap-in is hidden); jobs about to run are quantized instead;
-                    drop only when that is cheaper or nothing else fits.
+                    per block freed (ties: the longest wait first), within the host budget.
+                    Jobs expected to wait longest go to host first (their swap-in is hidden); jobs
+                    about to run are quantized instead; drop only when that is cheaper or nothing
+                    else fits.
 2. ``_make_headroom`` beyond that, swap out long waiters whose swap is fully hidden until
                     ``headroom_fraction`` of the device is free, so the next arrivals do
                     not wait on a swap-out they need the blocks of.
@@ -53,6 +54,7 @@ from alise.core.commands import KvAction
 from alise.core.job import Job, JobStatus, KvPlace
 from alise.core.kv_places import PLACES, actions_between
 from alise.core.latency_model import LatencyModel
+
 
 @dataclass(frozen=True)
 class KvMove:
@@ -234,6 +236,7 @@ class AdaptivePlanner(MemoryPlanner):
             if slot.wait_s > self._horizon_s(slot, bs, slot.place):
                 continue
             device = PLACES[slot.place].device
+            assert device is not None  # every host place has its device twin
             need = place_blocks(device, slot.job.num_computed_tokens, bs)
             if need <= free:
                 slot.place = device

@@ -140,6 +140,7 @@ class Policy(abc.ABC):
 
     def latency_changed(self) -> None:
         """The latency model's coefficients were replaced; drop anything priced with the old."""
+        return None
 
 
 class FcfsPolicy(Policy):
@@ -206,9 +207,11 @@ class AlisePolicy(Policy):
         brings its profile)."""
         if self._switch_cost_s is not None:
             return self._switch_cost_s
+        assert self.latency is not None  # make_policy gives this policy its latency model
         return 4 * self.latency.step_s(1, 0)
 
     def keys(self, c: Candidates, now_s: float) -> np.ndarray:
+        assert self.latency is not None  # make_policy gives this policy its latency model
         corrected = c.remaining_s * self.latency.correction
         waited = c.queued_s + np.where(c.running, 0.0, np.maximum(now_s - c.idle_since_s, 0.0))
         keys = np.where(c.running, corrected * (1.0 - self.hysteresis) - self.switch_cost_s, corrected)
@@ -222,6 +225,7 @@ class AlisePolicy(Policy):
         if self.max_slowdown is None:
             return np.zeros(len(c), dtype=bool)
         lat = self.latency
+        assert lat is not None  # make_policy gives this policy its latency model
         unloaded = lat.step_s(1, 0) + lat.c_ctx_s * lat.correction * c.prompt_tokens
         threshold = np.maximum(self.max_slowdown * (c.generated + c.tokens_left) * unloaded, self.min_starve_s)
         return (now_s - c.arrival_s) > threshold

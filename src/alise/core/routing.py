@@ -81,7 +81,7 @@ class Router:
         new = waiting[table.route[waiting] == NO_ROUTE]
         if not len(new) or not self.worker_ids:
             return
-        indices = sorted(self.worker_ids, key=self.worker_ids.get)
+        indices = sorted(self.worker_ids, key=self.worker_ids.__getitem__)
         placed = np.flatnonzero(table.owner >= 0)
         table.fill_remaining(placed)
         table.fill_remaining(new)

@@ -37,9 +37,7 @@ import numpy as np
 from alise.core.admission import Budgets, select
 from alise.core.blocks import WorkerCapacity, blocks_for, held_device_blocks, held_host_blocks
 from alise.core.census import CensusFindings, Disagreements, check_census
-from alise.core.commands import (
-    Admit, Command, HeldJob, KvAction, Pause, Resume, StepPlan, StepReport, TokenEvent,
-)
+from alise.core.commands import Admit, Command, HeldJob, KvAction, Pause, Resume, StepPlan, StepReport, TokenEvent
 from alise.core.config import SchedulingConfig
 from alise.core.job import FinishReason, Job, JobStatus, KvPlace, LengthEstimate
 from alise.core.kv_places import PLACES, move_label
@@ -374,7 +372,7 @@ class SchedulerCore:
         if self.memory.uses_waits:  # the wait of a job: the remaining time of every job ahead
             remaining_s = table.remaining_base_s[order] * self.latency.correction
             ahead = np.concatenate(([0.0], np.cumsum(remaining_s)))
-            waits = dict(zip([job.job_id for job in paused], ahead[positions].tolist()))
+            waits = dict(zip([job.job_id for job in paused], ahead[positions].tolist(), strict=True))
         host_used = int(table.num_host_blocks[table.owner == view.index].sum())
         moves = self.memory.plan(paused, waits, cap, cap.num_device_blocks - used,
                                  cap.num_host_blocks - host_used)
@@ -423,7 +421,7 @@ class SchedulerCore:
         chunk = num_tokens - num_computed > 1
         chunks: dict[str, int] = {}
         outputs: set[str] = set()
-        for job, k, o, c in zip(table.jobs[slots].tolist(), n.tolist(), out.tolist(), chunk.tolist()):
+        for job, k, o, c in zip(table.jobs[slots].tolist(), n.tolist(), out.tolist(), chunk.tolist(), strict=True):
             job.num_computed_tokens += k
             if c:
                 chunks[job.job_id] = k
@@ -455,6 +453,7 @@ class SchedulerCore:
             if view is not None:
                 view.jobs.pop(job.job_id)
         elif held_by is None and status in _ON_WORKER:
+            assert job.worker_id is not None  # a job on a worker knows which
             self.workers[job.worker_id].jobs[job.job_id] = job
         if status is JobStatus.FINISHED:
             self.jobs.pop(job.job_id, None)

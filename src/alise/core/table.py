@@ -65,32 +65,45 @@ class TieLabels:
 
     def _relabel(self) -> None:
         self._labels = [(i + 1) * _SPACING for i in range(len(self._keys))]
-        self.label = {job_id: value for (_, job_id), value in zip(self._keys, self._labels)}
+        self.label = {job_id: value for (_, job_id), value in zip(self._keys, self._labels, strict=True)}
         self.epoch += 1
+
+
+class Column:
+    """One numpy column of :class:`JobTable`, declared with its dtype. The table keeps the
+    array in its instance, which shadows this declaration: a read is a plain attribute read,
+    and a type checker sees an ``np.ndarray``."""
+
+    def __init__(self, dtype: type) -> None:
+        self.dtype = dtype
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, table: object, owner: type | None = None) -> np.ndarray:
+        raise AttributeError(f"column {self.name} is read from a table, not its class")
 
 
 class JobTable:
     """Numpy columns of the core's unfinished jobs, one slot each (slots are reused)."""
 
-    _COLUMNS = {
-        "owner": np.int64,                  # FREE, WAITING, or the index of the worker holding the job
-        "is_running": bool,                 # job.status is RUNNING
-        "tie_label": np.int64,              # TieLabels label
-        "arrival_s": np.float64,
-        "queued_s": np.float64,
-        "idle_since_s": np.float64,
-        "num_prompt_tokens": np.int64,
-        "num_tokens": np.int64,             # running jobs: projected by each plan (``_advance``)
-        "num_computed_tokens": np.int64,    # likewise
-        "max_tokens": np.int64,
-        "estimate_mean": np.float64,        # the policy's length estimate of the job, in tokens
-        "estimate_p90": np.float64,
-        "num_host_blocks": np.int64,        # host blocks the job holds on its worker
-        "remaining_base_s": np.float64,     # remaining time before the correction (idle: lazily)
-        "remaining_tokens": np.float64,     # remaining output tokens (idle: lazily)
-        "is_stale": bool,                   # the two above not computed since the last put
-        "route": np.int64,                  # worker index a waiting job is routed to (-1: none)
-    }
+    owner = Column(np.int64)                # FREE, WAITING, or the index of the worker holding the job
+    is_running = Column(bool)               # job.status is RUNNING
+    tie_label = Column(np.int64)            # TieLabels label
+    arrival_s = Column(np.float64)
+    queued_s = Column(np.float64)
+    idle_since_s = Column(np.float64)
+    num_prompt_tokens = Column(np.int64)
+    num_tokens = Column(np.int64)           # running jobs: projected by each plan (``_advance``)
+    num_computed_tokens = Column(np.int64)  # likewise
+    max_tokens = Column(np.int64)
+    estimate_mean = Column(np.float64)      # the policy's length estimate of the job, in tokens
+    estimate_p90 = Column(np.float64)
+    num_host_blocks = Column(np.int64)      # host blocks the job holds on its worker
+    remaining_base_s = Column(np.float64)   # remaining time before the correction (idle: lazily)
+    remaining_tokens = Column(np.float64)   # remaining output tokens (idle: lazily)
+    is_stale = Column(bool)                 # the two above not computed since the last put
+    route = Column(np.int64)                # worker index a waiting job is routed to (-1: none)
 
     def __init__(self, estimator: RemainingTimeEstimator, capacity: int = 256) -> None:
         self.estimator = estimator
@@ -99,8 +112,8 @@ class JobTable:
         self.jobs = np.full(capacity, None, dtype=object)
         self.slot_of: dict[str, int] = {}
         self._free = list(range(capacity - 1, -1, -1))
-        for name, dtype in self._COLUMNS.items():
-            setattr(self, name, np.zeros(capacity, dtype=dtype))
+        for name, column in _COLUMNS.items():
+            setattr(self, name, np.zeros(capacity, dtype=column.dtype))
         self.owner[:] = FREE
 
     def __len__(self) -> int:
@@ -188,7 +201,7 @@ class JobTable:
     def _grow(self) -> None:
         old = len(self.jobs)
         new = 2 * old
-        for name in ("jobs", *self._COLUMNS):
+        for name in ("jobs", *_COLUMNS):
             col = getattr(self, name)
             grown = np.full(new, None, dtype=object) if col.dtype == object else np.zeros(new, dtype=col.dtype)
             grown[:old] = col
@@ -196,3 +209,7 @@ class JobTable:
                 grown[old:] = FREE
             setattr(self, name, grown)
         self._free.extend(range(new - 1, old - 1, -1))
+
+
+#: The table's columns by name.
+_COLUMNS = {name: c for name, c in vars(JobTable).items() if isinstance(c, Column)}
