@@ -34,8 +34,8 @@ from alise.tools.conversations import (
     prefix_share,
     system_prompt_text,
 )
-from alise.tools.sim.cli import add_scheduling_flags
 from alise.tools.sim.context_estimates import conversation_cross_fit, metrics
+from alise.tools.sim.flags import add_scheduling_flags
 from alise.tools.trace import conversations, default_tokenizer
 
 
@@ -86,7 +86,7 @@ def print_accuracy(seed: int, acc: dict) -> None:
 
 
 def simulate(requests, acc: dict, args) -> dict:
-    from alise.tools.sim.cli import scheduling_from_args
+    from alise.tools.sim.flags import scheduling_from_args
     from alise.tools.sim.report import load_profile
     from alise.tools.sim.simulator import SimConfig
     from alise.tools.sim.sweep import capacity_bound, sweep
@@ -151,7 +151,8 @@ def main() -> None:
         mae = statistics.fmean(r["accuracy"][key]["all"]["mae"] / r["mean_mae"]["all"] - 1 for r in rows)
         line = f"  {key:<18} tau {tau:.3f} (later turns {later:.3f}), MAE {mae:+.1%} vs mean"
         if rows[0]["sim"]:
-            line += f", alise/oracle {statistics.fmean(r['sim']['ms']['alise ' + key] / r['sim']['ms']['oracle'] for r in rows):.3f}x"
+            ratio = statistics.fmean(r['sim']['ms']['alise ' + key] / r['sim']['ms']['oracle'] for r in rows)
+            line += f", alise/oracle {ratio:.3f}x"
         print(line)
     with open(args.out, "w", encoding="utf-8") as f:
         json.dump(dict(args=vars(args), rows=rows), f, indent=1)

@@ -25,7 +25,7 @@ import math
 import random
 import time
 
-from alise.tools.sim.cli import add_scheduling_flags, scheduling_from_args
+from alise.tools.sim.flags import add_scheduling_flags, scheduling_from_args
 from alise.tools.sim.predictions import cross_fitted_estimates, kendall_tau
 from alise.tools.sim.report import load_profile
 from alise.tools.sim.simulator import SimConfig

@@ -33,7 +33,7 @@ from alise.predictor import cli as predictor_cli
 from alise.predictor.config import PredictorConfig
 from alise.scheduler import main as scheduler_main
 from alise.scheduler.config import SchedulerConfig
-from alise.tools.sim.cli import SCHEDULING_FLAGS as SIM_FLAGS
+from alise.tools.sim.flags import SCHEDULING_FLAGS as SIM_FLAGS
 from alise.worker import main as worker_main
 from alise.worker.config import WorkerConfig
 

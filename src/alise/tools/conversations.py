@@ -61,7 +61,7 @@ class TurnsDistribution:
     geometric_mean: float = 0.0
 
     @classmethod
-    def parse(cls, spec: str) -> "TurnsDistribution":
+    def parse(cls, spec: str) -> TurnsDistribution:
         text = spec.strip()
         try:
             if text.startswith("geom:"):
@@ -113,7 +113,7 @@ def with_system_prompt(requests: Sequence[TraceRequest], system: str,
     prompts = [render_chat(system, [], r.text) for r in requests]
     counts = [len(ids) for ids in tokenize(prompts)]
     return [replace(r, prompt=p, prompt_tokens=n, query=r.text)
-            for r, p, n in zip(requests, prompts, counts)]
+            for r, p, n in zip(requests, prompts, counts, strict=True)]
 
 
 @dataclass
@@ -191,7 +191,7 @@ def build_conversations(answers: Mapping[str, Sequence[tuple[str, str, str]]], *
     starts = arrival_times(len(convs), rate * len(convs) / num, bursty=bursty, cv=cv, seed=seed + 1)
     think_rng = random.Random(seed + 3)
     out = []
-    for k, (conv, start) in enumerate(zip(convs, starts)):
+    for k, (conv, start) in enumerate(zip(convs, starts, strict=True)):
         t = start
         for turn, x in enumerate(conv):
             think = 0.0
@@ -232,7 +232,7 @@ class PrefixShare:
 
     @property
     def mean_per_request(self) -> float:
-        shares = [s / n for s, n in zip(self.shared_tokens, self.prompt_tokens) if n]
+        shares = [s / n for s, n in zip(self.shared_tokens, self.prompt_tokens, strict=True) if n]
         return sum(shares) / len(shares) if shares else 0.0
 
 

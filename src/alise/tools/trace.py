@@ -46,6 +46,7 @@ import json
 import random
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
+from itertools import pairwise
 from pathlib import Path
 
 DATA_DIR = Path(__file__).resolve().parents[3] / ".." / "shared" / "data"
@@ -193,7 +194,7 @@ def build_trace(records: Sequence[tuple[str, str, str | None]], *, num: int, rat
         order += chunk
     times = arrival_times(num, rate, bursty=bursty, cv=cv, seed=seed + 1)
     out = []
-    for i, t in zip(order[:num], times):
+    for i, t in zip(order[:num], times, strict=True):
         pid, prompt, _ = records[i]
         out.append(TraceRequest(pid, prompt, max(prompt_lens[i], 1), max(output_lens[i], 1),
                                 round(t, 6)))
@@ -266,7 +267,7 @@ def check_conversations(requests: Sequence[TraceRequest], where: str = "trace") 
         numbers = [requests[i].turn for i in turns]
         if numbers != list(range(len(numbers))):
             raise ValueError(f"{where}: conversation {cid!r} has turns {numbers[:10]}, not 0, 1, 2, ...")
-        for a, b in zip(turns, turns[1:]):
+        for a, b in pairwise(turns):
             if requests[b].think_time_s < 0 or requests[b].arrival_s < requests[a].arrival_s:
                 raise ValueError(f"{where}: conversation {cid!r} turn {requests[b].turn} has a negative "
                                  "think time or arrives before the turn it follows")
@@ -293,7 +294,7 @@ class Releases:
         self._think = [r.think_time_s for r in requests]
         self._successor: dict[int, int] = {}
         for turns in conversations(requests).values():
-            self._successor.update(zip(turns, turns[1:]))
+            self._successor.update(pairwise(turns))
         followers = set(self._successor.values())
         self._due = [(r.arrival_s, i) for i, r in enumerate(requests) if i not in followers]
         heapq.heapify(self._due)
@@ -348,10 +349,10 @@ def with_start_times(requests: Sequence[TraceRequest], times: Sequence[float]) -
     starts = [i for i, r in enumerate(requests) if not r.is_follow_up]
     if len(times) != len(starts):
         raise ValueError(f"{len(starts)} requests start on the clock, but {len(times)} times were given")
-    for i, t in zip(starts, times):
+    for i, t in zip(starts, times, strict=True):
         out[i] = replace(out[i], arrival_s=t)
     for turns in conversations(requests).values():
-        for a, b in zip(turns, turns[1:]):
+        for a, b in pairwise(turns):
             out[b] = replace(out[b], arrival_s=out[a].arrival_s + out[b].think_time_s)
     return out
 
@@ -369,7 +370,7 @@ def describe(requests: Sequence[TraceRequest]) -> dict:
 
     outs = sorted(r.output_tokens for r in requests)
     starts = sorted(r.arrival_s for r in requests if not r.is_follow_up)
-    gaps = [b - a for a, b in zip(starts, starts[1:])]
+    gaps = [b - a for a, b in pairwise(starts)]
     mean_gap = statistics.fmean(gaps) if gaps else 0.0
     convs = conversations(requests)
     thinks = [r.think_time_s for r in requests if r.is_follow_up]

@@ -142,13 +142,7 @@ def _run(args: argparse.Namespace, slo: dict) -> int:
     import asyncio
     from dataclasses import asdict
 
-    from alise.tools.bench.openloop import (
-        DEFAULT_MAX_TOKENS,
-        format_summary,
-        run_bench,
-        summarize,
-        write_results,
-    )
+    from alise.tools.bench.openloop import DEFAULT_MAX_TOKENS, format_summary, run_bench, summarize, write_results
     from alise.tools.sim.progress import ProgressLine
 
     requests = _requests(args)

@@ -81,7 +81,7 @@ def cdf_figure(runs: Mapping[str, Sequence], title: str = ""):
 
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     fig, axes = plt.subplots(1, len(PANELS), figsize=(4.6 * len(PANELS), 3.8 + 0.35 * len(runs)))
-    for ax, (key, label) in zip(axes, PANELS):
+    for ax, (key, label) in zip(axes, PANELS, strict=True):
         _panel(ax, runs, key, label, colors)
     axes[0].set_ylabel("fraction of requests (ITL: of gaps)")
     if title:

@@ -29,6 +29,7 @@ import json
 import statistics
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -171,7 +172,8 @@ def compare_blas(hidden: int, ffn: int, dtype: torch.dtype) -> dict:
             for batch in (1, 64):
                 x = torch.randn(batch, n_in, device="cuda", dtype=dtype)
                 t = graph_time_s(lambda x=x, w=weight, b=bias: torch.nn.functional.linear(x, w, b))
-                out[f"{backend}/{name}/b{batch}"] = dict(us=t * 1e6, tb_per_s=weight.numel() * dtype.itemsize / t / 1e12)
+                out[f"{backend}/{name}/b{batch}"] = dict(us=t * 1e6,
+                                                         tb_per_s=weight.numel() * dtype.itemsize / t / 1e12)
     torch.backends.cuda.preferred_blas_library("cublas")
     for key, row in out.items():
         log(f"blas {key:22}: {row['us']:7.1f} us, {row['tb_per_s']:.2f} TB/s of weights")
@@ -254,20 +256,20 @@ def bench_engine(runner: ModelRunner, results: dict) -> None:
 
     for n in PREFILL_LENS:
         chunks = [SeqChunk([(7 * i + 3) % vocab for i in range(n)], 0, list(range(-(-n // BLOCK_SIZE))))]
-        results[f"prefill_{n}"]["engine_s"] = wall_time_s(lambda: step(chunks), reps=5)
+        results[f"prefill_{n}"]["engine_s"] = wall_time_s(partial(step, chunks), reps=5)
         log(f"engine prefill {n}: {results[f'prefill_{n}']['engine_s'] * 1e3:.2f} ms")
     per_seq = -(-(CONTEXT + 1) // BLOCK_SIZE)
     for batch in DECODE_BATCHES:
         chunks = [SeqChunk([(13 * i + 1) % vocab], CONTEXT, list(range(i * per_seq, (i + 1) * per_seq)))
                   for i in range(batch)]
         row = results[f"decode_{batch}"]
-        row["engine_s"] = wall_time_s(lambda: step(chunks), reps=20)
+        row["engine_s"] = wall_time_s(partial(step, chunks), reps=20)
         graphs = runner.decode_graphs
         if graphs is not None and graphs.is_captured:
             graph, _ = graphs._graphs[batch]
             row["engine_graph_replay_s"] = event_time_s(graph.replay, reps=20)
             saved, runner.decode_graphs = runner.decode_graphs, None
-            row["engine_eager_s"] = wall_time_s(lambda: step(chunks), reps=5)
+            row["engine_eager_s"] = wall_time_s(partial(step, chunks), reps=5)
             runner.decode_graphs = saved
         log(f"engine decode batch {batch}: {row['engine_s'] * 1e3:.2f} ms/step "
             f"(graph replay on the GPU {row.get('engine_graph_replay_s', 0) * 1e3:.2f} ms, "
@@ -288,8 +290,8 @@ def bench_attention_kernel(runner: ModelRunner, results: dict) -> None:
         lens = torch.full((batch,), CONTEXT, device="cuda")
         query = torch.randn(batch, heads, head_dim, device="cuda", dtype=runner.loaded.dtype)
         key_cache, value_cache = runner.kv_cache.layer(0)
-        seconds = event_time_s(lambda: triton_attention.decode_attention(
-            query, key_cache, value_cache, tables, lens, head_dim ** -0.5), reps=50)
+        seconds = event_time_s(partial(triton_attention.decode_attention, query, key_cache, value_cache, tables,
+                                       lens, head_dim ** -0.5), reps=50)
         kv_bytes = 2 * batch * CONTEXT * heads * head_dim * runner.loaded.dtype.itemsize
         results[f"kernel_decode_{batch}"] = dict(seconds=seconds, kv_bytes=kv_bytes,
                                                  bytes_per_s=kv_bytes / seconds)
@@ -326,7 +328,7 @@ def bench_transformers(model, results: dict, dtype: torch.dtype, device: torch.d
             ids = torch.tensor([[(7 * i + 3) % vocab for i in range(n)]], device=device)
             # logits_to_keep=1: the LM head on the last token only, as generate() does.
             results[f"prefill_{n}"]["hf_s"] = wall_time_s(
-                lambda: model(ids, logits_to_keep=1).logits[:, -1].argmax(-1).tolist(), reps=5)
+                lambda ids=ids: model(ids, logits_to_keep=1).logits[:, -1].argmax(-1).tolist(), reps=5)
             log(f"transformers prefill {n}: {results[f'prefill_{n}']['hf_s'] * 1e3:.2f} ms")
         for batch in DECODE_BATCHES:
             cache = hf_cache(model, batch, CONTEXT, dtype, device)

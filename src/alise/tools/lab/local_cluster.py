@@ -21,15 +21,16 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def cpu_cluster(*, predictor: bool = False, num_workers: int = 1, worker: WorkerConfig = WorkerConfig(),
+def cpu_cluster(*, predictor: bool = False, num_workers: int = 1, worker: WorkerConfig | None = None,
                 model: str | None = None):
     """Yields (cluster, grpc address, http base URL); stops every process on the way out.
-    ``worker``: every worker's settings (``alise up`` sets its listeners and model)."""
+    ``worker``: every worker's settings (``alise up`` sets its listeners and model; default:
+    the defaults)."""
     state = tempfile.mkdtemp(prefix="alise-http-bench-")
     http = f"127.0.0.1:{free_port()}"
     cfg = ClusterConfig(address=f"127.0.0.1:{free_port()}", model=model, num_workers=num_workers,
                         predictor=predictor, predictor_address=f"127.0.0.1:{free_port()}", state_dir=state,
-                        worker_health_base_port=free_port(), worker=worker, http_address=http,
+                        worker_health_base_port=free_port(), worker=worker or WorkerConfig(), http_address=http,
                         http_health_address=f"127.0.0.1:{free_port()}")
     cluster = LocalCluster(service_commands(cfg), log_dir=f"{state}/logs")
     # The services run in their own sessions: a SIGTERM (a timeout) must still stop them.

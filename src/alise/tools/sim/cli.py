@@ -9,22 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from alise.common.entrypoint import add_config_flags, build_config, config_flags, config_values
-from alise.core.config import SchedulingConfig
-
-#: `alise scheduler`'s scheduling flags, but the policy: `alise sim` (and the benchmark
-#: scripts that simulate) run each of their policies with the same knobs.
-SCHEDULING_FLAGS = config_flags(SchedulingConfig, exclude=("policy",))
-
-
-def add_scheduling_flags(parser) -> None:
-    group = parser.add_argument_group("scheduling (`alise scheduler`'s flags; the policies are swept)")
-    add_config_flags(group, SchedulingConfig, SCHEDULING_FLAGS)
-
-
-def scheduling_from_args(args: argparse.Namespace) -> SchedulingConfig:
-    """The config those flags give (ValueError naming a bad setting)."""
-    return build_config(SchedulingConfig, config_values(args, SCHEDULING_FLAGS))
+from alise.tools.sim.flags import add_scheduling_flags
 
 
 def register(sub) -> None:
@@ -131,7 +116,7 @@ def _cmd_trace(args: argparse.Namespace) -> int:
     stats = tr.describe(requests)
     left_out = sum(1 for r in records if r[2] is None) if lengths is None else 0
     print(f"wrote {len(requests)} requests to {args.out} "
-          f"({'Gamma CV %g' % args.cv if args.bursty else 'Poisson'}, {stats['rate']:.2f} req/s over "
+          f"({f'Gamma CV {args.cv:g}' if args.bursty else 'Poisson'}, {stats['rate']:.2f} req/s over "
           f"{stats['span_s']:.1f} s; prompt mean {stats['prompt_mean']:.0f}, output mean "
           f"{stats['output_mean']:.0f} p50 {stats['output_p50']:.0f} p90 {stats['output_p90']:.0f} "
           f"tokens; output lengths: {source}"

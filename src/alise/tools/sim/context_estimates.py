@@ -81,11 +81,11 @@ def _history(encoded, texts: list[str], rows: Sequence[int], outputs: Sequence[i
     history = History(VectorIndex(dim))
     index_of = {t: i for i, t in enumerate(texts)}
     obs_rows, obs_models, obs_tokens = [], [], []
-    for r, y in zip(rows, outputs):
+    for r, y in zip(rows, outputs, strict=True):
         obs_rows.append(int(history.add_prompts([texts[r]], encoded.vectors[[r]], [encoded.num_tokens[r]])[0]))
         obs_models.append(SERVED)
         obs_tokens.append(y)
-    for text, model, n in zip(*warm):
+    for text, model, n in zip(*warm, strict=True):
         r = index_of[text]
         obs_rows.append(int(history.add_prompts([text], encoded.vectors[[r]], [encoded.num_tokens[r]])[0]))
         obs_models.append(model)
@@ -104,7 +104,7 @@ def conversation_cross_fit(requests: Sequence[TraceRequest], *, text: str = "que
     ``prior_turns``: the shift's ``k`` (None: learned, module doc)."""
     from alise.predictor.encoder import Encoder
     from alise.predictor.estimator import EstimatorConfig, LengthEstimator
-    from alise.tools.sim.predictions import alpaca_eval_observations, fold_of
+    from alise.tools.sim.folds import alpaca_eval_observations, fold_of
 
     if text not in TEXTS:
         raise ValueError(f"text must be one of {', '.join(TEXTS)}, got {text!r}")
@@ -114,7 +114,7 @@ def conversation_cross_fit(requests: Sequence[TraceRequest], *, text: str = "que
     warm_all = alpaca_eval_observations(instructions)
     texts = sorted(set(read) | set(warm_all[0]))
     encoded = encoder.encode(texts)
-    seen = [t[:n] for t, n in zip(texts, encoded.visible_chars)]  # what the service stores of each
+    seen = [t[:n] for t, n in zip(texts, encoded.visible_chars, strict=True)]  # what the service stores of each
     row = {t: i for i, t in enumerate(texts)}
     groups = fold_groups(requests)
     fold = fold_of(groups, num_folds, seed)
@@ -128,7 +128,7 @@ def conversation_cross_fit(requests: Sequence[TraceRequest], *, text: str = "que
         if not test:
             continue
         train_texts = {requests[i].text for i in train}
-        warm = tuple(zip(*[w for w in zip(*warm_all) if w[0] in train_texts])) or ([], [], [])
+        warm = tuple(zip(*[w for w in zip(*warm_all, strict=True) if w[0] in train_texts], strict=True)) or ([], [], [])
         history = _history(encoded, seen, [row[read[i]] for i in train],
                            [requests[i].output_tokens for i in train],
                            ([seen[row[t]] for t in warm[0]], list(warm[1]), list(warm[2])),

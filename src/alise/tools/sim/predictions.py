@@ -27,23 +27,16 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import random
 from collections.abc import Sequence
 from pathlib import Path
 
 from alise.core.job import LengthEstimate
+from alise.tools.sim.folds import alpaca_eval_observations, fold_of
 from alise.tools.trace import TraceRequest
 
 logger = logging.getLogger(__name__)
 
 METHODS = ("auto", "predictor", "knn")
-
-
-def fold_of(ids: Sequence[str], num_folds: int, seed: int) -> dict[str, int]:
-    """Fold of each distinct id: a seeded shuffle dealt round-robin."""
-    distinct = sorted(set(ids))
-    random.Random(seed).shuffle(distinct)
-    return {pid: i % num_folds for i, pid in enumerate(distinct)}
 
 
 def _weighted_quantile(values, weights, q: float) -> float:
@@ -79,28 +72,6 @@ def knn_cross_fit(prompts: dict[str, str], lengths: dict[str, int], folds: dict[
     return out
 
 
-def alpaca_eval_observations(texts) -> tuple[list[str], list[str], list[int]]:
-    """(text, generator, output tokens) of every AlpacaEval answer (the files in the data dir)
-    to an instruction among ``texts``: what the predictor service warms up from."""
-    import gzip
-
-    from alise.predictor.tokens import TokenCounter
-    from alise.tools.trace import data_dir
-
-    wanted = set(texts)
-    found, models, outputs = [], [], []
-    for path in sorted((data_dir() / "alpaca_eval").glob("*.jsonl.gz")):
-        with gzip.open(path, "rt", encoding="utf-8") as f:
-            rows = [json.loads(line) for line in f if line.strip()]
-        hits = [r for r in rows if r["instruction"] in wanted]
-        if not hits:
-            continue
-        found += [r["instruction"] for r in hits]
-        models += [str(hits[0].get("generator") or path.name)] * len(hits)
-        outputs += [r["output"] for r in hits]
-    return found, models, TokenCounter().count(outputs) if outputs else []
-
-
 def _warm_up_observations(prompts: dict[str, str], trace_model_lengths: dict[str, int]):
     """Other models' output lengths for the trace's prompts (AlpacaEval files beside the
     workload's), as the predictor service warms up; the trace's own model is excluded."""
@@ -108,7 +79,7 @@ def _warm_up_observations(prompts: dict[str, str], trace_model_lengths: dict[str
     texts, models, lengths = alpaca_eval_observations(list(by_text))
     # The file whose lengths equal the trace's is the trace's own model: leave it out.
     own = {}
-    for text, model, n in zip(texts, models, lengths):
+    for text, model, n in zip(texts, models, lengths, strict=True):
         pid = by_text[text]
         own[model] = own.get(model, 0) + (trace_model_lengths.get(pid) == max(n, 1))
     trace_model = max(own, key=own.get) if own else ""
@@ -143,11 +114,11 @@ def predictor_cross_fit(prompts: dict[str, str], lengths: dict[str, int],
         rows = [row_of[p] for p in train]
         new_rows = history.add_prompts([prompts[p] for p in train], encoded.vectors[rows],
                                        [encoded.num_tokens[r] for r in rows])
-        hist_row = dict(zip(train, new_rows))
+        hist_row = dict(zip(train, new_rows, strict=True))
         obs_rows = [hist_row[p] for p in train]
         obs_models = [model] * len(train)
         obs_lengths = [lengths[p] for p in train]
-        for text, m, n in zip(w_texts, w_models, w_lengths):
+        for text, m, n in zip(w_texts, w_models, w_lengths, strict=True):
             pid = ids[row_of_text[text]]
             if pid in hist_row:
                 obs_rows.append(hist_row[pid])

@@ -61,6 +61,7 @@ def measure_cpu_profile(model: str = "tiny-llama", *, batches=(1, 2, 4, 8, 16),
     script, never from the core.
     """
     import torch
+
     from alise.core.commands import Admit
     from alise.core.sampling import SamplingParams
     from alise.worker.engine import WorkerEngine

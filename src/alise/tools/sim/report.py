@@ -188,7 +188,7 @@ def plot(results: list[dict], profile: str, path: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(results), figsize=(5.5 * len(results), 4.2), squeeze=False)
-    for ax, res in zip(axes[0], results):
+    for ax, res in zip(axes[0], results, strict=True):
         u = res["unloaded_normalized_latency_s"]
         for p in next(iter(res["constraints"].values()))["policies"]:
             rs = [r for r in res["runs"] if r["policy"] == p]
@@ -213,7 +213,7 @@ def plot(results: list[dict], profile: str, path: str) -> None:
 def sim_config(args) -> tuple[SimConfig, list[str]]:
     """The simulated cluster and the policies to sweep that ``args`` give; ValueError naming
     the setting for a bad one."""
-    from alise.tools.sim.cli import scheduling_from_args
+    from alise.tools.sim.flags import scheduling_from_args
 
     scheduling = scheduling_from_args(args)
     shape = {name: getattr(args, name) for name in ("kv_tokens", "num_workers", "max_num_seqs")
@@ -227,7 +227,7 @@ def sim_config(args) -> tuple[SimConfig, list[str]]:
 
 def run_sim_command(args) -> int:
     from alise.common.entrypoint import config_argv
-    from alise.tools.sim.cli import SCHEDULING_FLAGS
+    from alise.tools.sim.flags import SCHEDULING_FLAGS
     from alise.tools.sim.predictions import cross_fitted_estimates, kendall_tau
     from alise.tools.trace import read_trace
 

@@ -11,9 +11,10 @@
 * Sustained: a finite trace in overload flatters every policy differently (a shortest-first
   policy keeps the mean low by leaving long jobs for the drain after the last arrival). A run
   is *sustained* when its work backlog (the trace's decode steps still to run, one an output
-  token, as a share of all of them: :class:`alise.tools.sim.simulator.WorkMeter`) grows by at most ``MAX_WORK_BACKLOG_GROWTH`` over
-  the second half of the arrivals (its mean over the last quarter of arrivals less its mean
-  over the second quarter: :func:`alise.tools.sim.simulator.backlog_growth`), and its rate is at
+  token, as a share of all of them: :class:`alise.tools.sim.simulator.WorkMeter`) grows by at
+  most ``MAX_WORK_BACKLOG_GROWTH`` over the second half of the arrivals (its mean over the last
+  quarter of arrivals less its mean over the second quarter:
+  :func:`alise.tools.sim.simulator.backlog_growth`), and its rate is at
   most the capacity bound below (a finite run a little above it can still grow its backlog
   slowly). Work in flight stays level in a run that keeps up, however many jobs run at once;
   in overload by a fraction x it grows by about x / (2 (1 + x)) of the trace's work over the
@@ -42,13 +43,14 @@ import statistics
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
+from itertools import pairwise
 
 from alise.core.latency_model import LatencyModel
 from alise.tools.sim.simulator import SimConfig, SimResult, decode_work, output_target
 from alise.tools.trace import TraceRequest, rescale
 
-#: Largest growth of a run's work backlog (share of the trace's work still to do) over the second half of its arrivals for the run to count as sustained: about
-#: 5 % of overload.
+#: Largest growth of a run's work backlog (share of the trace's work still to do) over the
+#: second half of its arrivals for the run to count as sustained: about 5 % of overload.
 MAX_WORK_BACKLOG_GROWTH = 0.025
 
 
@@ -125,12 +127,12 @@ def summarize(result: SimResult, rate: float, capacity_bound_req_s: float = math
 def throughput_at_constraint(rates: Sequence[float], latencies: Sequence[float],
                              bound: float) -> tuple[float, bool]:
     """(rate, censored): the highest rate whose latency stays <= bound (see module doc)."""
-    points = sorted(zip(rates, latencies))
+    points = sorted(zip(rates, latencies, strict=True))
     if not points:
         return 0.0, True
     if points[0][1] > bound:
         return 0.0, False
-    for (r0, l0), (r1, l1) in zip(points, points[1:]):
+    for (r0, l0), (r1, l1) in pairwise(points):
         if l1 > bound:
             if math.isinf(l1):
                 return r0, False
