@@ -1,0 +1,151 @@
+"""The fp8 KV cache (``kv_cache_dtype="fp8_e4m3"``) on the CPU: logits, block count, KV moves, flags.
+
+Logits: each family of tests/familycases.py (Hugging Face's default initializer range 0.02)
+feeds a 10-token prompt, then a 30-token continuation one token a step, teacher-forced; the
+logits of every step with fp8 pages are compared with the same run over float32 pages,
+``||fp8 - ref|| / ||ref||`` over the whole continuation. Measured 2026-12-07 on the CPU over a
+50-token continuation (docs/fp8_kv.md): llama3-rope 9.4e-3, qwen2-tied 1.4e-2, qwen2 1.7e-2,
+mistral 1.8e-2, phi3-longrope-partial 2.0e-2, mixtral 2.0e-2, phi3 2.1e-2, qwen3-moe 2.2e-2,
+qwen3 2.5e-2, gemma2 3.6e-2, gemma3 4.8e-2.
+e4m3 keeps 3 mantissa bits (a value's rounding error up to 2**-4 of it), and these 2-layer
+models pass that noise to their O(1) logits almost undamped; the bound leaves room for it and
+still catches a page read wrongly (a wrong block or an unconverted byte gives errors of order 1).
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from familycases import CASES
+from tinymodels import make_tiny_model_dir
+
+from alise.core.commands import Admit, KvAction, Pause, Resume, StepPlan
+from alise.core.job import KvPlace
+from alise.core.sampling import SamplingParams
+from alise.worker.config import WorkerConfig
+from alise.worker.model.chunk import SeqChunk
+from alise.worker.model.executor import make_worker_engine
+from alise.worker.model.kv_cache import KVCache
+from alise.worker.model.loader import load_model
+from alise.worker.model.runner import ModelRunner
+from alise.worker.model.serving import size_kv_cache
+
+PROMPT, CONTINUATION, BLOCK_SIZE = 10, 30, 4
+#: ``||fp8 - fp32|| / ||fp32||`` of the continuation's logits, per family (measured up to 4.8e-2).
+BOUND = 7e-2
+GREEDY = SamplingParams(max_tokens=1000, temperature=0.0, ignore_eos=True)
+
+
+def teacher_forced(loaded, ids: list[int], kv_cache_dtype: str) -> torch.Tensor:
+    """Logits after each token of ``ids`` past the prompt, fed one a step."""
+    table = list(range(-(-len(ids) // BLOCK_SIZE)))
+    runner = ModelRunner(loaded, num_blocks=len(table) + 1, block_size=BLOCK_SIZE, max_num_seqs=2,
+                         max_num_tokens=16, kv_cache_dtype=kv_cache_dtype)
+    assert runner.kv_cache.dtype == (torch.float8_e4m3fn if kv_cache_dtype == "fp8_e4m3" else torch.float32)
+    rows = [runner.execute([SeqChunk(ids[:PROMPT], 0, table)])]
+    rows += [runner.execute([SeqChunk([ids[p]], p, table)]) for p in range(PROMPT, len(ids))]
+    return torch.cat(rows)
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_fp8_logits_track_the_float32_cache(name: str, tmp_path) -> None:
+    family, overrides, max_model_len = CASES[name]
+    loaded = load_model(str(make_tiny_model_dir(tmp_path, family, **overrides)), max_model_len=max_model_len)
+    rng = random.Random(name)
+    ids = [rng.randrange(1000, loaded.config.vocab_size) for _ in range(PROMPT + CONTINUATION)]
+    ref = teacher_forced(loaded, ids, "auto")
+    got = teacher_forced(loaded, ids, "fp8_e4m3")
+    error = ((got - ref).norm() / ref.norm()).item()
+    print(f"{name}: fp8 KV logits relative error {error:.2e}")
+    # Nonzero: the pages really are fp8 (float32 pages would give exactly the reference).
+    assert 1e-4 < error < BOUND
+
+
+@pytest.fixture(scope="module")
+def loaded(tmp_path_factory):
+    path = make_tiny_model_dir(tmp_path_factory.mktemp("fp8-llama"), "llama", hidden_size=128,
+                               num_attention_heads=2, num_key_value_heads=1)
+    return load_model(str(path), device="cpu")
+
+
+def test_block_count_doubles_at_the_same_memory(loaded) -> None:
+    config = loaded.config
+    assert KVCache.block_bytes(config, 16, torch.float8_e4m3fn) * 2 == KVCache.block_bytes(config, 16, torch.float16)
+    budget = 10 * KVCache.block_bytes(config, 16, torch.float16) + 5
+    assert KVCache.num_blocks_for_budget(config, 16, torch.float8_e4m3fn, budget) == 20
+    assert KVCache.num_blocks_for_budget(config, 16, torch.float16, budget) == 10
+    # The worker sizes its cache from the budget by the pages' dtype (the model is float32 here).
+    auto = size_kv_cache(loaded, WorkerConfig(kv_cache_mib=1, block_size=4))
+    fp8 = size_kv_cache(loaded, WorkerConfig(kv_cache_mib=1, block_size=4, kv_cache_dtype="fp8_e4m3"))
+    assert fp8 == 4 * auto
+
+
+def make_engine(loaded, num_blocks: int = 48, num_host_blocks: int = 32):
+    runner = ModelRunner(loaded, num_blocks=num_blocks, block_size=8, kv_cache_dtype="fp8_e4m3")
+    engine = make_worker_engine(runner, eos_token_id=None, max_model_len=loaded.max_model_len,
+                                num_host_blocks=num_host_blocks)
+    return engine, runner
+
+
+def run_step(engine) -> None:
+    chunks = {j: s.num_tokens - s.num_cached for j, s in engine.seqs.items() if not s.paused}
+    engine.step(StepPlan(0, run_step=True, chunks=chunks))
+
+
+def page_bytes(runner: ModelRunner, table: list[int]) -> torch.Tensor:
+    index = torch.tensor(table)
+    cache = runner.kv_cache
+    return torch.stack([pages.view(torch.uint8).index_select(1, index) for pages in (cache.key_cache,
+                                                                                     cache.value_cache)])
+
+
+def test_host_swap_round_trips_fp8_pages_byte_for_byte(loaded) -> None:
+    engine, runner = make_engine(loaded)
+    engine.apply([Admit("a", list(range(5, 34)), GREEDY)])
+    for _ in range(4):
+        run_step(engine)
+    seq = engine.seqs["a"]
+    before = page_bytes(runner, seq.block_table)
+    assert before.any()
+    assert engine.apply([Pause("a", KvAction.SWAP_TO_HOST)]) == []
+    assert seq.place is KvPlace.HOST
+    engine.apply([Admit("b", list(range(50, 90)), GREEDY)])  # overwrites the freed blocks
+    run_step(engine)
+    engine.abort(["b"])
+    assert engine.apply([Resume("a")]) == []
+    assert torch.equal(page_bytes(runner, seq.block_table), before)
+    run_step(engine)
+
+
+@pytest.mark.parametrize(("action", "needed"), [(KvAction.QUANTIZE_INT8, "1.12"), (KvAction.QUANTIZE_INT4, "0.625")])
+def test_int8_and_int4_are_refused_on_fp8_pages_with_the_reason(loaded, action: KvAction, needed: str) -> None:
+    engine, runner = make_engine(loaded)
+    engine.apply([Admit("a", list(range(5, 34)), GREEDY)])
+    run_step(engine)
+    seq = engine.seqs["a"]
+    table, before = list(seq.block_table), page_bytes(runner, seq.block_table)
+    [refusal] = engine.apply([Pause("a", action)])
+    assert f"take {needed} of the blocks of fp8 pages; swap or drop instead" in refusal.reason
+    assert seq.place is KvPlace.DEVICE and seq.block_table == table
+    assert torch.equal(page_bytes(runner, table), before)
+
+
+def test_kv_cache_dtype_is_a_flag_of_worker_and_up() -> None:
+    import argparse
+
+    from alise.cluster import main as up_main
+    from alise.worker import main as worker_main
+
+    for module in (worker_main, up_main):
+        parser = argparse.ArgumentParser()
+        module.add_arguments(parser)
+        assert parser.parse_args(["--kv-cache-dtype", "fp8_e4m3"]).kv_cache_dtype == "fp8_e4m3"
+        with pytest.raises(SystemExit):
+            parser.parse_args(["--kv-cache-dtype", "fp8_e5m2"])
+    args = argparse.ArgumentParser()
+    worker_main.add_arguments(args)
+    assert worker_main.config_from_args(args.parse_args(["--kv-cache-dtype", "fp8_e4m3"])).kv_cache_dtype == "fp8_e4m3"
+    with pytest.raises(ValueError, match="kv_cache_dtype fp8_e4m3 needs runner 'paged'"):
+        WorkerConfig(kv_cache_dtype="fp8_e4m3", runner="transformers")
