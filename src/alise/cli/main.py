@@ -109,7 +109,8 @@ def _print_local_cluster(cluster: dict) -> None:
                            for kind, addr in svc.get("listen", {}).items())
         pid = svc.get("pid") or "-"
         last = f", last exit: {svc['last_exit']}" if svc.get("last_exit") else ""
-        print(f"  {name:<12} {svc.get('state', '?'):<13} pid {pid:<8} {listen}  restarts {svc.get('restarts', 0)}{last}")
+        print(f"  {name:<12} {svc.get('state', '?'):<13} pid {pid:<8} {listen}  "
+              f"restarts {svc.get('restarts', 0)}{last}")
         if svc.get("log_lines_dropped"):
             print(f"  {'':<12} log: {svc['log_lines_dropped']} lines dropped ({svc.get('log_error')})")
     if cluster.get("state_writes_failed"):

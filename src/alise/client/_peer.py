@@ -4,6 +4,7 @@ UNIMPLEMENTED): the services that server lists through reflection."""
 from __future__ import annotations
 
 import grpc
+
 from alise.client.channel import make_channel
 from alise.client.errors import AliseError, WrongService, from_rpc_error
 

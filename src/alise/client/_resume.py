@@ -21,6 +21,7 @@ import time
 import uuid
 
 import grpc
+
 from alise.client.errors import AliseError
 from alise.client.types import Chunk
 from alise.v1 import scheduler_pb2

@@ -23,6 +23,7 @@ import os
 from dataclasses import dataclass
 
 import grpc
+
 from alise.common.logs import LogLimiter
 
 logger = logging.getLogger(__name__)

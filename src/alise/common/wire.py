@@ -185,7 +185,7 @@ def report_from_pb(pb: worker_pb2.StepReport) -> StepReport:
         step_id=pb.step_id, outputs=outputs, step_duration_s=pb.step_duration_s,
         num_free_device_blocks=pb.num_free_device_blocks, refused=refused, num_seqs=pb.num_seqs,
         num_context_tokens=pb.num_context_tokens,
-        chunks=list(zip(pb.chunk_starts, pb.chunk_tokens)), census_job_ids=list(pb.census_job_ids))
+        chunks=list(zip(pb.chunk_starts, pb.chunk_tokens, strict=True)), census_job_ids=list(pb.census_job_ids))
 
 
 #: Upper bounds on what a worker may claim (a lying or broken worker cannot make the

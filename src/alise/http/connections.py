@@ -30,8 +30,9 @@ import logging
 import time
 from collections import Counter, OrderedDict
 
-from alise.common.logs import LogLimiter
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from alise.common.logs import LogLimiter
 
 logger = logging.getLogger(__name__)
 

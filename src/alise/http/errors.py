@@ -12,8 +12,9 @@ from __future__ import annotations
 import math
 
 import grpc
-from alise.client import AliseError
 from starlette.responses import JSONResponse
+
+from alise.client import AliseError
 
 #: gRPC status -> HTTP status. Anything else is a 500.
 HTTP_STATUS = {

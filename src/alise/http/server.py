@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import grpc
 import uvicorn
+
 from alise.client import AsyncClient
 from alise.common import grpc_server
 from alise.common.logs import LogLimiter

@@ -77,8 +77,8 @@ def make_encoder(args, **kwargs):
 def main_build(args) -> int:
     from alise.predictor.history import History
     from alise.predictor.index import VectorIndex
-    from alise.predictor.startup import bootstrap_history, replay_log, restore_history
     from alise.predictor.snapshot import prepare_index_dir, save_snapshot
+    from alise.predictor.startup import bootstrap_history, replay_log, restore_history
     from alise.predictor.wal import delete_segments_before, segment_numbers
 
     started = time.perf_counter()

@@ -66,7 +66,7 @@ class PredictorClient:
                                        exc.code()) from exc
         ids = list(response.prediction_ids) or [""] * len(response.predictions)
         return [LengthEstimate(p.mean, p.p50, p.p90, p.source, i)
-                for p, i in zip(response.predictions, ids)]
+                for p, i in zip(response.predictions, ids, strict=True)]
 
     def observe_stream(self, *, timeout_s: float | None = None) -> grpc.aio.StreamStreamCall:
         """A new Observe stream (write Observations, read ObserveResponses)."""

@@ -7,6 +7,7 @@ Each field but ``estimator`` and ``security`` is a flag of `alise predictor serv
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from itertools import pairwise
 
 from alise.common.security import SecurityConfig
 
@@ -43,7 +44,7 @@ class EstimatorConfig:
         if self.context_prior_turns is not None and not self.context_prior_turns > 0:
             raise ValueError(f"context_prior_turns must be > 0 or None, got {self.context_prior_turns}")
         edges = self.bucket_edges
-        if not edges or any(b <= a for a, b in zip(edges, edges[1:])) or edges[0] <= 0:
+        if not edges or any(b <= a for a, b in pairwise(edges)) or edges[0] <= 0:
             raise ValueError(f"bucket_edges must be positive and increasing, got {edges}")
 
 

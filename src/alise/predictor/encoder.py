@@ -55,6 +55,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
 from alise.predictor.tokens import default_model_path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -234,8 +235,7 @@ class Encoder:
                 raise ValueError(f"max_seq_length must be in 3..{positions}, got {max_seq_length}")
             model.max_seq_length = max_seq_length
         self.max_seq_length = int(model.max_seq_length)
-        get_dim = getattr(model, "get_embedding_dimension", None) or getattr(
-            model, "get_sentence_embedding_dimension")
+        get_dim = getattr(model, "get_embedding_dimension", None) or model.get_sentence_embedding_dimension
         self.dim = int(get_dim())
         self.layers, self.depth = _cut_layers(model, layers)
         self.name = os.path.basename(os.path.normpath(self.path))
@@ -299,7 +299,7 @@ class Encoder:
             len(p) > self.max_chars or n > limit for p, n in zip(prompts, num_tokens, strict=True)
         ]
         visible = [int(o[limit - 1][1]) if n > limit else len(c)
-                   for c, o, n in zip(cut, offsets, num_tokens)]
+                   for c, o, n in zip(cut, offsets, num_tokens, strict=True)]
         inputs = [[*prefix, *x[:limit], *suffix] for x in ids]
         return truncated, num_tokens, visible, inputs
 

@@ -128,7 +128,7 @@ def _run_fold(corpus: Corpus, train: np.ndarray, config: EstimatorConfig,
     visible = obs_model != holdout if holdout is not None else np.ones(len(obs_model), bool)
     obs_train = train[corpus.obs_prompt] & visible
     history.add_observations(new_row[corpus.obs_prompt[obs_train]],
-                             [m for m, t in zip(corpus.obs_model, obs_train) if t],
+                             [m for m, t in zip(corpus.obs_model, obs_train, strict=True) if t],
                              corpus.obs_tokens[obs_train])
     estimator = LengthEstimator(history, config)
     estimator.fit()

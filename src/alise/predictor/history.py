@@ -17,6 +17,7 @@ import hashlib
 from collections.abc import Sequence
 
 import numpy as np
+
 from alise.predictor.index import VectorIndex
 
 
@@ -136,7 +137,7 @@ class History:
         self._obs_model.extend(np.asarray(ids, np.int32))
         self._obs_tokens.extend(np.asarray(output_tokens, np.int32))
 
-    def prefix(self, num_observations: int) -> "History":
+    def prefix(self, num_observations: int) -> History:
         """This history as it would be with only its first ``num_observations`` observations:
         the same prompts, index and models (shared, not copied), the observations cut. For a
         refit's validation; valid while this history gains no prompt (use it on its thread)."""
@@ -161,7 +162,7 @@ class History:
         models: list[str],
         obs: tuple[np.ndarray, np.ndarray, np.ndarray],
         keys: list[str] | None = None,
-    ) -> "History":
+    ) -> History:
         keys = [prompt_key(t) for t in texts] if keys is None else list(keys)
         if not len(index) == len(texts) == len(keys) == len(prompt_tokens):
             raise ValueError(

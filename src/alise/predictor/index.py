@@ -136,7 +136,7 @@ class VectorIndex:
     @classmethod
     def from_state(
         cls, vectors: np.ndarray, blob: bytes, trained_at: int, **kwargs
-    ) -> "VectorIndex":
+    ) -> VectorIndex:
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
         index = cls(vectors.shape[1], **kwargs)
         if not blob:

@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
 from alise.predictor.history import History
 from alise.predictor.index import VectorIndex
 

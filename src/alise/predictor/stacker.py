@@ -29,19 +29,19 @@ class Spread:
     residuals: np.ndarray
 
     @classmethod
-    def from_residuals(cls, residuals: np.ndarray) -> "Spread":
+    def from_residuals(cls, residuals: np.ndarray) -> Spread:
         if len(residuals) == 0:
             return cls.default()
         return cls(np.percentile(residuals, PERCENTILES))
 
     @classmethod
-    def default(cls) -> "Spread":
+    def default(cls) -> Spread:
         # A wide log-normal (sigma 1) for when nothing has been learned yet.
         from scipy.stats import norm
 
         return cls(norm.ppf(PERCENTILES / 100.0))
 
-    def widened(self, offsets: np.ndarray) -> "Spread":
+    def widened(self, offsets: np.ndarray) -> Spread:
         """The spread of ``residual + offset`` with the offset drawn from ``offsets``: for a
         model whose scale is not known yet, the known models' scales (about their mean)."""
         if len(offsets) == 0:

@@ -27,9 +27,9 @@ def bootstrap_history(history: History, encoder, paths, tokenizer_path) -> int:
     texts = list(dict.fromkeys(r.prompt for r in records))
     encoded = encoder.encode(texts)
     keys = [prompt_key(t) for t in texts]
-    stored = [t[:n] for t, n in zip(texts, encoded.visible_chars)]
+    stored = [t[:n] for t, n in zip(texts, encoded.visible_chars, strict=True)]
     rows = history.add_prompts(stored, encoded.vectors, encoded.num_tokens, keys)
-    row_of = dict(zip(texts, rows.tolist()))
+    row_of = dict(zip(texts, rows.tolist(), strict=True))
     tokens = TokenCounter(tokenizer_path).count([r.output for r in records])
     history.add_observations(np.array([row_of[r.prompt] for r in records]),
                              [r.model for r in records], tokens)

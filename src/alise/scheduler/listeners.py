@@ -15,6 +15,7 @@ import contextlib
 from collections.abc import Mapping
 
 import grpc
+
 from alise.common import grpc_server
 from alise.common.security import AuthInterceptor
 from alise.scheduler.config import SchedulerConfig

@@ -6,9 +6,7 @@ import argparse
 import asyncio
 import logging
 
-from alise.common.entrypoint import (
-    ConfigFlag, add_config_flags, build_config, config_flags, config_values, run_service,
-)
+from alise.common.entrypoint import ConfigFlag, add_config_flags, build_config, config_flags, config_values, run_service
 from alise.common.grpc_server import run_until_signal
 from alise.common.security import add_security_arguments, security_from_args
 from alise.scheduler.config import SchedulerConfig

@@ -12,12 +12,13 @@ import asyncio
 import logging
 
 import grpc
+
 from alise.common import wire
 from alise.core.commands import Shutdown
 from alise.core.latency_model import LatencyModel
+from alise.modelinfo.served import ModelInfo
 from alise.scheduler.engine import SchedulerEngine
 from alise.scheduler.messages import WorkerJoined, WorkerLeft, WorkerReported
-from alise.modelinfo.served import ModelInfo
 from alise.scheduler.worker_link import WorkerLink
 from alise.v1 import worker_pb2_grpc
 

@@ -28,9 +28,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from alise.core.blocks import blocks_for
-from alise.core.commands import (
-    Admit, Command, HeldJob, JobOutput, Pause, Refusal, StepPlan, StepReport,
-)
+from alise.core.commands import Admit, Command, HeldJob, JobOutput, Pause, Refusal, StepPlan, StepReport
 from alise.core.job import FinishReason, KvPlace
 from alise.core.sampling import SamplingParams
 from alise.worker.kv_manager import KvManager, KvState
@@ -220,7 +218,7 @@ class WorkerEngine:
         starts = [f.start for f in feeds if f.num_tokens > 1]
         report.num_seqs = len(feeds)
         report.num_context_tokens = sum(f.start + f.num_tokens for f in feeds)
-        report.chunks = list(zip(starts, lens))
+        report.chunks = list(zip(starts, lens, strict=True))
         report.num_prefill_tokens = sum(lens)
         report.num_decode_tokens = len(feeds) - len(lens)
         self.last_step_shape = (report.num_seqs, report.num_context_tokens, lens, starts)

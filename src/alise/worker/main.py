@@ -8,9 +8,7 @@ import logging
 import signal
 import sys
 
-from alise.common.entrypoint import (
-    ConfigFlag, add_config_flags, build_config, config_flags, config_values, run_service,
-)
+from alise.common.entrypoint import ConfigFlag, add_config_flags, build_config, config_flags, config_values, run_service
 from alise.common.security import add_security_arguments, security_from_args
 from alise.worker.config import WorkerConfig
 

@@ -1,8 +1,9 @@
 """The worker process: one model replica that dials the scheduler.
 
-It loads the model (``alise.worker.model.serving``: the one place torch comes in), serves ``grpc.health.v1`` on its own port
-(NOT_SERVING while loading or disconnected, SERVING while attached to a scheduler), and
-holds the ``WorkerService.Connect`` stream. Plans arrive ahead of the step the worker runs;
+It loads the model (``alise.worker.model.serving``: the one place torch comes in), serves
+``grpc.health.v1`` on its own port (NOT_SERVING while loading or disconnected, SERVING while
+attached to a scheduler), and holds the ``WorkerService.Connect`` stream. Plans arrive ahead of the
+step the worker runs;
 a step thread (``alise.worker.step_loop``) takes them one after another, each as soon as the
 step before it is done, while the event loop reads plans and aborts off the stream and writes
 reports back, so neither waits for the other. When the stream breaks, the worker drops its
@@ -19,6 +20,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
+
 from alise.client.channel import make_aio_channel
 from alise.common import grpc_server, wire
 from alise.common.metrics import WorkerMetrics, serve_metrics

@@ -75,7 +75,7 @@ def bind(model: nn.Module, spec: DecoderSpec) -> tuple[nn.Module, list[LayerWeig
     p = spec.paths
     body = resolve(model, p.body)
     out = []
-    for layer, layer_spec in zip(resolve(body, p.layers), spec.layers):
+    for layer, layer_spec in zip(resolve(body, p.layers), spec.layers, strict=True):
         weights = LayerWeights(qkv=fused(layer, p.qkv), o=fused(layer, (p.o_proj,)),
                                input_norm=resolve(layer, p.input_norm), pre_ffn_norm=resolve(layer, p.pre_ffn_norm),
                                q_norm=resolve(layer, p.q_norm), k_norm=resolve(layer, p.k_norm),
@@ -126,7 +126,7 @@ class DecoderPass:
         hidden = resolve(self._body, spec.paths.embed)(input_ids)  # Gemma's module scales by sqrt(hidden)
         ropes = {name: (cos[meta.positions], sin[meta.positions]) for name, (cos, sin) in self._rope.items()}
         x = ops.add_norm(hidden, None, layers[0].input_norm)[1]
-        for i, (lw, layer_spec) in enumerate(zip(layers, spec.layers)):
+        for i, (lw, layer_spec) in enumerate(zip(layers, spec.layers, strict=True)):
             out = ops.linear(self._attend(i, x, meta, ropes.get(layer_spec.rope)), *lw.o)
             if lw.post_attn_norm is not None:
                 out = ops.norm(out, lw.post_attn_norm)
@@ -172,7 +172,8 @@ class DecoderPass:
             if not pre_norm:
                 hidden = x = ops.add_norm(hidden, down, layer.final_layer_norm)[1]
                 continue
-            nxt = layers[layer_idx + 1].self_attn_layer_norm if layer_idx + 1 < len(layers) else decoder.final_layer_norm
+            last = layer_idx + 1 == len(layers)
+            nxt = decoder.final_layer_norm if last else layers[layer_idx + 1].self_attn_layer_norm
             if nxt is None:  # no final norm (_remove_final_layer_norm)
                 hidden = x = hidden + down
             else:
@@ -209,8 +210,8 @@ class DecoderPass:
         if self.spec.family == "opt":
             layer = resolve(resolve(self._body, self.spec.paths.layers), str(i))
             relu = self.config.activation_function == "relu"
-            return [("qkv", *self._qkv[i], False), ("out", *lw.o, False), ("fc1", layer.fc1.weight, layer.fc1.bias, relu),
-                    ("fc2", layer.fc2.weight, layer.fc2.bias, False)]
+            return [("qkv", *self._qkv[i], False), ("out", *lw.o, False),
+                    ("fc1", layer.fc1.weight, layer.fc1.bias, relu), ("fc2", layer.fc2.weight, layer.fc2.bias, False)]
         dense = [("gate_up", *lw.gate_up, False), ("down", *lw.down, False)] if lw.gate_up is not None else []
         return [("qkv", *self._qkv[i], False), ("o", *lw.o, False), *dense]
 

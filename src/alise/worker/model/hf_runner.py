@@ -103,7 +103,7 @@ class TransformersRunner(RunnerBase):
         out = torch.empty((len(chunks), self.vocab_size), dtype=torch.float32, device=self.device)
         decode = []
         with torch.inference_mode():
-            for i, (key, chunk) in enumerate(zip(keys, chunks)):
+            for i, (key, chunk) in enumerate(zip(keys, chunks, strict=True)):
                 self._check(i, chunk)
                 if chunk.start_pos == 0:
                     self.release(key)

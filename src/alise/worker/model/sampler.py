@@ -4,15 +4,17 @@ Filtering runs vectorized on the logits' device: temperature scaling, then min-p
 than ``min_p`` times as likely as the most likely one are dropped: in logits, those more than
 ``-log(min_p)`` below the row's largest), then top-k, then top-p over the surviving tokens (the
 nucleus: the fewest most-likely tokens whose mass reaches ``top_p``). The most likely token
-always survives every filter; vLLM applies them in the same order. The draw is an exponential race over the vocabulary: a seeded
-request takes its noise from its own generator, so its tokens depend only on its seed and its
-logits, never on its batch-mates. Greedy rows (temperature 0, or top_k 1) take the
+always survives every filter; vLLM applies them in the same order. The draw is an exponential
+race over the vocabulary: a seeded request takes its noise from its own generator, so its tokens
+depend only on its seed and its logits, never on its batch-mates. Greedy rows (temperature 0, or
+top_k 1) take the
 argmax and draw nothing. The returned Python list is the step's only host sync.
 """
 
 from __future__ import annotations
 
 import torch
+
 from alise.core.sampling import SamplingParams
 
 

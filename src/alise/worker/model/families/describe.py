@@ -97,7 +97,7 @@ def _decoder(config: PretrainedConfig, family: str, max_model_len: int, *, windo
     moe_layers = moe_layers or [False] * config.num_hidden_layers
     layers = tuple(LayerSpec(window=w, rope=rope_names[0] if len(rope_names) == 1 else t, moe=m)
                    for w, t, m in zip(_windows(config, window_rule), getattr(config, "layer_types", None)
-                                      or [None] * config.num_hidden_layers, moe_layers))
+                                      or [None] * config.num_hidden_layers, moe_layers, strict=True))
     fields.setdefault("scale", hd ** -0.5)
     fields.setdefault("norm", "rms")
     fields.setdefault("activation", getattr(config, "hidden_act", "silu"))
