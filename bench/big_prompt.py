@@ -31,6 +31,7 @@ import multiprocessing
 import os
 import sys
 import time
+from itertools import pairwise
 from pathlib import Path
 
 import grpc
@@ -102,7 +103,7 @@ def floor_server(ports, stop) -> None:
 
 def max_gap_ms(times: list[float], start: float, end: float) -> float | None:
     """Longest gap between consecutive arrivals, counting the gaps that overlap [start, end]."""
-    gaps = [b - a for a, b in zip(times, times[1:]) if b >= start and a <= end]
+    gaps = [b - a for a, b in pairwise(times) if b >= start and a <= end]
     return 1e3 * max(gaps) if gaps else None
 
 
@@ -318,8 +319,10 @@ def main() -> int:
     print(f"  {'max gap per stream, ms':<34}{max(x or 0 for x in result['gaps_baseline_ms']):>20.0f}"
           f"{max(x or 0 for x in result['gaps_window_ms']):>20.0f}")
     hb, hw = result["health_baseline"], result["health_window"]
-    print(f"  {'health checks: sent / failed':<34}{hb['probes']:>14} / {hb['failed']:<3}{hw['probes']:>14} / {hw['failed']:<3}")
-    print(f"  {'health check, slowest answer, ms':<34}{hb['max_ms'] or float('nan'):>20.1f}{hw['max_ms'] or float('nan'):>20.1f}")
+    print(f"  {'health checks: sent / failed':<34}{hb['probes']:>14} / {hb['failed']:<3}"
+          f"{hw['probes']:>14} / {hw['failed']:<3}")
+    print(f"  {'health check, slowest answer, ms':<34}{hb['max_ms'] or float('nan'):>20.1f}"
+          f"{hw['max_ms'] or float('nan'):>20.1f}")
     print(f"  per stream, before: {fmt(result['gaps_baseline_ms'])}; around: {fmt(result['gaps_window_ms'])}")
     return 0
 

@@ -23,6 +23,7 @@ import re
 import statistics
 import sys
 from datetime import date
+from itertools import pairwise
 from pathlib import Path
 
 from alise.core.latency_model import LatencyModel
@@ -52,7 +53,7 @@ def step_gap_s(paths: list[str]) -> tuple[float, int] | None:
             rows = [json.loads(line) for line in f]
         if not rows or "end_s" not in rows[0]:
             return None
-        for prev, row in zip(rows, rows[1:]):
+        for prev, row in pairwise(rows):
             if row.get("waited_s") is not None:
                 gaps.append(row["end_s"] - row["seconds"] - prev["end_s"])
     return (statistics.fmean(gaps), len(gaps)) if gaps else None
@@ -83,7 +84,7 @@ def priced(model: LatencyModel, samples) -> dict[str, tuple[int, float, float, f
             continue
         measured = [s[3] for s in rows]
         predicted = [model.forward_s(n, ctx, pre, starts) for n, ctx, pre, _, starts in rows]
-        errors = [abs(p - m) / m for p, m in zip(predicted, measured)]
+        errors = [abs(p - m) / m for p, m in zip(predicted, measured, strict=True)]
         out[kind] = (len(rows), 1e3 * statistics.fmean(measured), 1e3 * statistics.fmean(predicted),
                      statistics.fmean(errors))
     return out

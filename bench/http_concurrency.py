@@ -98,7 +98,8 @@ def main() -> int:
             failures += [e for e in errors if e]
     print(f"{args.clients} concurrent streaming HTTP clients x {args.tokens} tokens, {args.waves} waves, "
           f"CPU cluster of `alise up` (tiny-llama, random weights, 1 worker); {os.cpu_count()} cores")
-    print(f"  {'wave':>4}{'complete':>10}{'seconds':>9}{'door RSS before':>17}{'peak':>8}{'after (MiB)':>13}{'load':>6}")
+    print(f"  {'wave':>4}{'complete':>10}{'seconds':>9}{'door RSS before':>17}{'peak':>8}"
+          f"{'after (MiB)':>13}{'load':>6}")
     for w, ok, elapsed, before, peak, after, load in rows:
         print(f"  {w:>4}{f'{ok}/{args.clients}':>10}{elapsed:9.1f}{before:17.1f}{peak:8.1f}{after:13.1f}{load:6.1f}")
     if failures:

@@ -22,6 +22,7 @@ import os
 import statistics
 import sys
 import time
+from itertools import pairwise
 
 from alise.tools.bench.backends import GrpcBackend, OpenAIBackend, Send, StreamEnd
 from alise.tools.lab.local_cluster import cpu_cluster, cpu_seconds
@@ -72,12 +73,12 @@ async def measure(address: str, base_url: str, pairs: int, tokens: int, warmup: 
             gt, ht = token_times(g), token_times(h)
             rows["ttft_grpc"].append(gt[0])
             rows["ttft_http"].append(ht[0])
-            rows["itl_grpc"] += [b - a for (a, _), (b, _) in zip(g, g[1:])]
-            rows["itl_http"] += [b - a for (a, _), (b, _) in zip(h, h[1:])]
+            rows["itl_grpc"] += [b - a for (a, _), (b, _) in pairwise(g)]
+            rows["itl_http"] += [b - a for (a, _), (b, _) in pairwise(h)]
             rows["ttft_paired"].append(ht[0] - gt[0])
-            rows["delivery_paired"] += [b - a for a, b in zip(gt, ht)]
-            gg, hg = [b - a for a, b in zip(gt, gt[1:])], [b - a for a, b in zip(ht, ht[1:])]
-            rows["gap_paired"] += [y - x for x, y in zip(gg, hg)]
+            rows["delivery_paired"] += [b - a for a, b in zip(gt, ht, strict=True)]
+            gg, hg = [b - a for a, b in pairwise(gt)], [b - a for a, b in pairwise(ht)]
+            rows["gap_paired"] += [y - x for x, y in zip(gg, hg, strict=True)]
         background.cancel()
         await asyncio.gather(background, return_exceptions=True)
     return rows

@@ -74,7 +74,8 @@ def main() -> int:
         f"byte-level BPE {args.vocab // 1000}k": (lambda ts: [e.ids for e in bpe.encode_batch(ts)],
                                                   max(len(bpe.decode([i])) for i in range(bpe.get_vocab_size()))),
     }
-    print(f"characters per token, per text ({len(everything)} texts, {sum(map(len, everything)) / 1e6:.1f} M characters)")
+    print(f"characters per token, per text ({len(everything)} texts, "
+          f"{sum(map(len, everything)) / 1e6:.1f} M characters)")
     print(f"{'tokenizer':<20}{'texts':<22}{'n':>6}{'mean':>7}{'p99':>7}{'p99.9':>7}{'max':>7}")
     for name, (encode, longest) in tokenizers.items():
         for set_name, texts in {**sets, "all": everything}.items():

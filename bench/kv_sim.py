@@ -7,9 +7,10 @@ worker's own engine over a latency model) runs one worker on a virtual clock
 (latency: the OPT-13B H100 roofline profile of ``alise.tools.sim.profiles``, or ``--profile``). KV moves cost what
 bench/kv_bench.py measured on an H100 (2026-11-25): swaps at 35 GB/s on one copy engine
 (swap-outs hold their device blocks until they land), quantize + dequantize of a job's KV in
-2 x bytes / 380 GB/s on the compute stream (the fused Triton kernels). Length estimates are the true lengths times log-normal noise (sigma 0.5),
-identical for both planners. Device KV is set to a third of the peak KV the offered load
-holds when memory is unlimited (at the middle rate); host KV to twice the device KV.
+2 x bytes / 380 GB/s on the compute stream (the fused Triton kernels). Length estimates are the
+true lengths times log-normal noise (sigma 0.5), identical for both planners. Device KV is set to a
+third of the peak KV the offered load holds when memory is unlimited (at the middle rate); host KV
+to twice the device KV.
 
 Figures: mean normalized latency (s/token) per rate, and throughput at latency constraint
 (the highest rate whose mean normalized latency stays under ``--bound`` times the unloaded
@@ -129,8 +130,8 @@ def main() -> None:
     print(f"unloaded normalized latency {unloaded * 1e3:.1f} ms/token; bound {bound * 1e3:.1f} ms/token")
     results: dict = dict(label="simulated", profile=latency.name, num=args.num, device_blocks=num_blocks,
                          host_blocks=num_host, bound_s=bound, runs={})
-    cap = capacity_bound(clamped(base, 2048, min(2048, num_blocks * BLOCK_SIZE)), latency, SimConfig(kv_tokens=num_blocks * BLOCK_SIZE,
-                                                  block_size=BLOCK_SIZE, max_num_seqs=MAX_NUM_SEQS))
+    shape = SimConfig(kv_tokens=num_blocks * BLOCK_SIZE, block_size=BLOCK_SIZE, max_num_seqs=MAX_NUM_SEQS)
+    cap = capacity_bound(clamped(base, 2048, min(2048, num_blocks * BLOCK_SIZE)), latency, shape)
     print(f"capacity bound (no policy or planner sustains more): {cap:.2f} req/s")
     results["capacity_bound_req_s"] = cap
     for planner in ("drop", "adaptive"):

@@ -179,7 +179,9 @@ def main() -> int:
     print(f"{'tree':<12}{'wall s':>8}{'steps':>7}{'busy':>7}{'ms/step not in a step':>24}"
           f"{'plan wait ms/step':>19}{'steps > 1 ms':>14}{'sched CPU s':>13}  (medians)")
     for name, runs in results.items():
-        med = lambda key: statistics.median(r[key] for r in runs)  # noqa: E731
+        def med(key: str, runs: list = runs) -> float:
+            return statistics.median(r[key] for r in runs)
+
         print(f"{name:<12}{med('wall_s'):8.2f}{med('steps'):7.0f}{med('busy'):7.3f}{med('gap_ms'):24.2f}"
               f"{med('wait_ms'):19.2f}{100 * med('waited'):13.0f}%{med('sched_cpu_s'):13.2f}")
     print(f"(load average now {os.getloadavg()[0]:.2f})")

@@ -23,12 +23,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import glob
+import itertools
 import os
 import resource
 import shutil
 import statistics
 import tempfile
 import time
+from functools import partial
 
 import numpy as np
 
@@ -44,7 +46,7 @@ def rss_mb() -> float:
 
 
 def load() -> str:
-    return "load %.1f" % os.getloadavg()[0]
+    return f"load {os.getloadavg()[0]:.1f}"
 
 
 def timed(fn, repeats: int) -> tuple[float, float]:
@@ -103,8 +105,9 @@ def bare_encoder(bootstrap: list[str], num_calls: int, num_threads: int) -> list
     for rep in range(2):  # interleaved, so all see the same load
         for name, encode in encoders:
             encode(prompts[:8])
-            one = timed(lambda i=iter(range(10**6)): encode([prompts[next(i) % len(prompts)]]), num_calls)
-            many = timed(lambda: encode(prompts[256 * rep:256 * (rep + 1)]), 3)
+            singles = itertools.cycle(prompts)
+            one = timed(lambda encode=encode, singles=singles: encode([next(singles)]), num_calls)
+            many = timed(partial(encode, prompts[256 * rep:256 * (rep + 1)]), 3)
             rows.append((f"{name}, 1 prompt",
                          f"{one[0] * 1000:.1f} ms wall, {one[1] * 1000:.1f} ms CPU ({load()})"))
             rows.append((f"{name}, 256 prompts",
@@ -188,7 +191,8 @@ def index_scale(num_entries: int, chunk: int = 20_000) -> list[tuple[str, str]]:
     batch_ms = (time.perf_counter() - t) * 1000
     return [
         (f"index build, {num_entries:,} entries", f"{build_s:.1f} s ({index.index_type}, chunks of {chunk:,})"),
-        ("index memory (RSS growth)", f"{rss_mb() - base_mb:.0f} MB (raw vectors {num_entries * 384 * 4 / 2**20:.0f} MB)"),
+        ("index memory (RSS growth)",
+         f"{rss_mb() - base_mb:.0f} MB (raw vectors {num_entries * 384 * 4 / 2**20:.0f} MB)"),
         ("search k=20, 1 query", f"{search_ms:.2f} ms"),
         ("search k=20, 200 queries", f"{batch_ms:.1f} ms"),
     ]

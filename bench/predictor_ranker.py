@@ -238,12 +238,12 @@ def main() -> None:
             scores = mlp_scores(corpus.vectors, effect, train_p, test_p)
         else:  # per model, from the pairwise estimator below
             scores = np.zeros(len(test_p))
-        ranker = dict(zip(test_p, scores))
+        ranker = dict(zip(test_p, scores, strict=True))
         train_s = time.perf_counter() - started
         history = History(VectorIndex(corpus.vectors.shape[1]))
         new_rows = history.add_prompts([corpus.texts[r] for r in train_p], corpus.vectors[train_p],
                                        corpus.prompt_tokens[train_p])
-        row_of = dict(zip(train_p.tolist(), new_rows.tolist()))
+        row_of = dict(zip(train_p.tolist(), new_rows.tolist(), strict=True))
         history.add_observations(np.array([row_of[p] for p in corpus.obs_prompt[visible]]),
                                  list(obs_model[visible]), corpus.obs_tokens[visible])
         estimator = LengthEstimator(history)

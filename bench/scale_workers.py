@@ -134,7 +134,7 @@ def run(n: int, args: argparse.Namespace, workdir: Path) -> dict:
         per_worker.append(dict(steps=len(rows), mean_ms=statistics.fmean(waits) if waits else 0.0,
                                p99_ms=waits[int(0.99 * (len(waits) - 1))] if waits else 0.0,
                                busy=sum(r["seconds"] for r in rows) / span))
-    used = [b - a for a, b in zip(cpu0, cpu1)]
+    used = [b - a for a, b in zip(cpu0, cpu1, strict=True)]
     return dict(workers=n, requests=done, worst_mean_ms=max(w["mean_ms"] for w in per_worker),
                 scheduler_cpu=used[0] / wall, workers_cpu=sum(used[1:]) / wall, client_cpu=(own1 - own0) / wall,
                 worst_p99_ms=max(w["p99_ms"] for w in per_worker),

@@ -80,7 +80,8 @@ def main() -> int:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(dict(
         policy=args.policy, num=args.num, rate=args.rate, real_mean_nl_s=real_nl,
-        sim_mean_nl_s=sim_nl, relative_difference=diff, sim_corrected_mean_nl_s=sim2_nl, profile=json.loads(latency.to_json()),
+        sim_mean_nl_s=sim_nl, relative_difference=diff, sim_corrected_mean_nl_s=sim2_nl,
+        profile=json.loads(latency.to_json()),
         real_core=stats), indent=1))
     return 0
 

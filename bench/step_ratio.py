@@ -66,7 +66,7 @@ def report(path: str, graph_rows: int) -> None:
     steps = load(path)
     medians = decode_medians(steps)
     ends = [s["end_s"] for s in steps if s.get("end_s") is not None]
-    span = max(ends) - min(e - s["seconds"] for e, s in zip(ends, steps)) if ends else 0.0
+    span = max(ends) - min(e - s["seconds"] for e, s in zip(ends, steps, strict=True)) if ends else 0.0
     busy = sum(s["seconds"] for s in steps) / span if span else float("nan")
     decode = [s["seconds"] for s in steps if not s["prefill_lens"]]
     groups: dict[str, tuple[list[float], list[float]]] = defaultdict(lambda: ([], []))

@@ -27,6 +27,7 @@ import gc
 import json
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -85,7 +86,7 @@ def mixed_table(runner: ModelRunner, fig: dict, flops_per_s: float, label: str) 
     for batch in MIXED_BATCHES:
         decodes = [SeqChunk([(13 * i + 1) % vocab], eb.CONTEXT, list(range(i * per_seq, (i + 1) * per_seq)))
                    for i in range(batch)]
-        decode_s = eb.wall_time_s(lambda: step(decodes), reps=10)
+        decode_s = eb.wall_time_s(partial(step, decodes), reps=10)
         rows.append(dict(runner=label, batch=batch, chunk=0, path="graph", ms=decode_s * 1e3))
         first = batch * per_seq
         for n in CHUNKS:
@@ -98,7 +99,7 @@ def mixed_table(runner: ModelRunner, fig: dict, flops_per_s: float, label: str) 
             for path in paths:
                 if path == "eager":
                     runner.mixed_graphs = None
-                ms = eb.wall_time_s(lambda: step(chunks), reps=7) * 1e3
+                ms = eb.wall_time_s(partial(step, chunks), reps=7) * 1e3
                 runner.mixed_graphs = graphs
                 rows.append(dict(runner=label, batch=batch, chunk=n, path=path, ms=ms, expected_ms=expected_ms))
                 eb.log(f"{label}: batch {batch} + chunk {n} at {CHUNK_START} ({path}): {ms:.2f} ms "
@@ -166,7 +167,8 @@ def profile(runner: ModelRunner, path: str, args) -> None:
     from alise.worker.model.profiler import profile_runner, save_profile
 
     start = time.perf_counter()
-    model = profile_runner(runner, max_num_seqs=min(64, args.max_num_seqs), command="bench/gpu/engine_compare.py --profile")
+    model = profile_runner(runner, max_num_seqs=min(64, args.max_num_seqs),
+                           command="bench/gpu/engine_compare.py --profile")
     save_profile(model, path)
     eb.log(f"profile: {model.meta['num_samples']} points in {time.perf_counter() - start:.1f} s, fit mean rel "
            f"error {model.meta['fit_mean_rel_error']:.3f} -> {path}")
@@ -227,7 +229,7 @@ def main() -> int:
     runs.append(bench_runner(runner, startup_s, fig, card, "after"))
     for line in runs[1]["plan"]:
         eb.log(f"plan: {line}")
-    agreement = [rel_error(a, b) for a, b in zip(runs[1].pop("logits"), runs[0].pop("logits"))]
+    agreement = [rel_error(a, b) for a, b in zip(runs[1].pop("logits"), runs[0].pop("logits"), strict=True)]
     Path(args.json).write_text(json.dumps(dict(date=datetime.date.today().isoformat(), command=" ".join(sys.argv),
                                                card=card, model=args.model, dtype=args.dtype, figures=fig,
                                                logits_rel_err_after_vs_before=agreement, runs=runs),

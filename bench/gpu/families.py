@@ -92,7 +92,7 @@ def check(runner: ModelRunner, loaded: LoadedModel, first_block: int) -> dict:
     errs, agree, count = [], 0, 0
     for step in CHECK_SCHEDULE:
         chunks = [SeqChunk(tokens[n][cached[n]:cached[n] + k], cached[n], tables[n]) for n, k in step.items()]
-        for (n, k), row in zip(step.items(), runner.execute(chunks)):
+        for (n, k), row in zip(step.items(), runner.execute(chunks), strict=True):
             cached[n] += k
             ref = hf[n][cached[n] - 1]
             errs.append((row - ref).abs().max().item() / max(ref.abs().max().item(), 1e-6))
@@ -226,8 +226,9 @@ def main() -> int:
                 torch.cuda.empty_cache()
     log("\n" + table(rows))
     if args.out:
-        Path(args.out).write_text(json.dumps(dict(date=datetime.date.today().isoformat(), card=card, context=args.context,
-                                                  command=" ".join(sys.argv), rows=rows), indent=1), encoding="utf-8")
+        Path(args.out).write_text(json.dumps(dict(date=datetime.date.today().isoformat(), card=card,
+                                                  context=args.context, command=" ".join(sys.argv), rows=rows),
+                                             indent=1), encoding="utf-8")
     return 0 if all("error" not in r and r["check"]["ok"] for r in rows) else 1
 
 

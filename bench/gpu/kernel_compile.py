@@ -3,8 +3,9 @@
 
 No GPU needed: Triton lowers each kernel, at each launch configuration the runner may pick and in
 fp16 and bf16, to a sm_90 cubin with its bundled ptxas; its bundled cuobjdump reads the cubin's
-registers and stack (local memory: spills), Triton's metadata its shared memory. A kernel that does not compile, spills, or needs more shared memory
-than a H200 block may have (227 KiB) is flagged. Prints one line a kernel, a summary last.
+registers and stack (local memory: spills), Triton's metadata its shared memory. A kernel that
+does not compile, spills, or needs more shared memory than a H200 block may have (227 KiB) is
+flagged. Prints one line a kernel, a summary last.
 
     python bench/gpu/kernel_compile.py [--quick] [--dtype fp16|bf16|both]
 """

@@ -138,7 +138,8 @@ def main() -> None:
         print(averages.table(sort_by="cpu_time_total", row_limit=14, max_name_column_width=60))
 
     print(f"\n{args.model}, fp16, {args.batch} decode rows at context {args.context}, "
-          f"{torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'}; forward + greedy sampling, median wall ms")
+          f"{torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'}; "
+          "forward + greedy sampling, median wall ms")
     for name, ms in rows:
         print(f"  {name:60s} {ms:8.2f}")
 

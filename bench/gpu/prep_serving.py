@@ -55,7 +55,7 @@ def main() -> None:
     random.Random(args.seed).shuffle(order)
     times = arrival_times(len(order), args.rate, bursty=args.bursty, cv=args.cv, seed=args.seed + 1)
     trace = []
-    for i, t in zip(order, times):
+    for i, t in zip(order, times, strict=True):
         prompt_tokens = max(prompt_lens[i], 1)
         room = args.max_model_len - prompt_tokens - 1
         trace.append(TraceRequest(str(test_rows[i]["id"]), test_rows[i]["instruction"], prompt_tokens,
