@@ -7,6 +7,11 @@
   scheduler holds no job: the jobs the worker still holds (ghosts: nobody will ever read
   them), those a census aborted on sight meanwhile (status, where the scheduler has one), the
   worker's KV blocks in use, and how long an 8-token request takes now.
+* SSE disconnects: ``--disconnects`` streamed completions through the HTTP door
+  (``--concurrency`` at a time), each dropped by its client (the connection closed) after 1-8
+  events or 0-50 ms after its headers, beside four SDK streams that keep the worker stepping.
+  Then, as for cancels: the jobs the worker still holds, those a census aborted on sight, the
+  KV blocks in use, and the door's count of clients that closed first.
 * hung worker: two workers, six long streams; worker-0 is stopped (SIGSTOP). Until the
   scheduler drops it (status no longer lists it) and until every stream that stalled gets a
   token again (its job moved to worker-1). SIGCONT 15 s later, and the ghosts it brings back.
@@ -16,7 +21,7 @@
 
 `alise up` would kill a stopped service after 3 s (``--hang-timeout``); it is told not to here.
 Each wait is capped (``--cap``): "> cap" means it had not happened. To measure another
-checkout: PYTHONPATH=OTHER/services:OTHER/clients python bench/faults.py.
+checkout: PYTHONPATH=OTHER/src python bench/faults.py.
 """
 
 from __future__ import annotations
@@ -35,10 +40,12 @@ import urllib.request
 from pathlib import Path
 
 import grpc
+import httpx
+
 from alise.client import AliseError, AsyncClient
 from alise.client.channel import make_aio_channel
+from alise.tools.lab.upcluster import UpCluster
 from alise.v1 import scheduler_pb2, scheduler_pb2_grpc
-from upcluster import UpCluster
 
 #: `alise up` kills a service whose health check goes unanswered for 3 s (and restarts it);
 #: these measure what the other services notice themselves, so the stopped one is left alone.
@@ -115,15 +122,7 @@ async def cancels(args) -> dict:
             storm_s = time.monotonic() - started
             stop.set()
             await asyncio.gather(*loads)
-            deadline = time.monotonic() + 60
-            while time.monotonic() < deadline:
-                s = await client.status()
-                if s.num_running + s.num_waiting + s.num_paused == 0:
-                    break
-                await asyncio.sleep(0.2)
-            await asyncio.sleep(3.0)  # a census or two
-            jobs, used = await asyncio.to_thread(worker_jobs, base + 2)
-            [w] = (await client.status()).workers
+            jobs, used, w = await settled(client, base + 2)
             t = time.monotonic()
             await client.complete("a short one", max_tokens=8, ignore_eos=True)
             short_s = time.monotonic() - t
@@ -133,6 +132,91 @@ async def cancels(args) -> dict:
             "ghosts_aborted_on_sight": w.get("num_ghost_jobs"), "worker_blocks_used": used,
             "scheduler_blocks_used": w["num_device_blocks"] - w["num_free_device_blocks"],
             "short_request_s": round(short_s, 3)}
+
+
+async def sse_disconnects(args) -> dict:
+    base = free_port_block(4)
+    up = await asyncio.to_thread(UpCluster, "--no-predictor", "--http-address", f"127.0.0.1:{free_port_block(1)}",
+                                 "--metrics-port", str(base), "--max-num-seqs", "64")
+    url = f"http://{up.services()['http']['listen']['grpc']}"
+    rng = random.Random(args.seed)
+    dropped = {"after_events": 0, "after_headers": 0, "answered_whole": 0, "errors": []}
+    try:
+        async with AsyncClient(up.address) as client, \
+                httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=args.concurrency)) as http:
+            await client.complete("warm up", max_tokens=4, ignore_eos=True)
+            stop = asyncio.Event()
+
+            async def load() -> None:
+                while not stop.is_set():
+                    await client.complete("keep stepping", max_tokens=32, ignore_eos=True)
+
+            gate = asyncio.Semaphore(args.concurrency)
+
+            async def dropped_stream(i: int) -> None:
+                body = {"prompt": f"drop me {i} " * rng.randint(1, 40), "max_tokens": 200, "stream": True,
+                        "ignore_eos": True}
+                leave_after = rng.randint(0, 8)  # 0: a moment after the headers, before any event
+                async with gate:
+                    try:
+                        await drop_after(http, url, body, leave_after, rng.uniform(0.0, 0.05), dropped)
+                    except httpx.HTTPError as exc:
+                        dropped["errors"].append(type(exc).__name__)
+
+            loads = [asyncio.ensure_future(load()) for _ in range(4)]
+            started = time.monotonic()
+            await asyncio.gather(*(dropped_stream(i) for i in range(args.disconnects)))
+            storm_s = time.monotonic() - started
+            stop.set()
+            await asyncio.gather(*loads)
+            jobs, used, w = await settled(client, base + 2)
+            door_closed = await asyncio.to_thread(door_disconnects, url)
+    finally:
+        up.stop()
+    return {"disconnects": args.disconnects, "concurrency": args.concurrency, "storm_s": round(storm_s, 1),
+            **{k: v for k, v in dropped.items() if k != "errors"}, "errors": len(dropped["errors"]),
+            "door_counted": door_closed, "ghosts_left": jobs, "ghosts_aborted_on_sight": w.get("num_ghost_jobs"),
+            "worker_blocks_used": used, "scheduler_blocks_used": w["num_device_blocks"] - w["num_free_device_blocks"]}
+
+
+async def drop_after(http: httpx.AsyncClient, url: str, body: dict, leave_after: int, wait_s: float,
+                     dropped: dict) -> None:
+    """One streamed completion, its connection closed after ``leave_after`` events (0: ``wait_s``
+    after the headers)."""
+    async with http.stream("POST", f"{url}/v1/completions", json=body) as response:
+        if leave_after == 0:
+            await asyncio.sleep(wait_s)
+            dropped["after_headers"] += 1
+            return  # leaving the block closes the connection mid-stream
+        seen = 0
+        async for line in response.aiter_lines():
+            seen += line.startswith("data:")
+            if seen >= leave_after:
+                dropped["after_events"] += 1
+                return
+    dropped["answered_whole"] += 1
+
+
+async def settled(client: AsyncClient, metrics_port: int) -> tuple[int, int, dict]:
+    """Once the scheduler holds no job (and a census or two later): the worker's jobs and KV
+    blocks in use by its own metrics, and its status entry."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        s = await client.status()
+        if s.num_running + s.num_waiting + s.num_paused == 0:
+            break
+        await asyncio.sleep(0.2)
+    await asyncio.sleep(3.0)
+    jobs, used = await asyncio.to_thread(worker_jobs, metrics_port)
+    [w] = (await client.status()).workers
+    return jobs, used, w
+
+
+def door_disconnects(url: str) -> int:
+    """The door's count of clients that closed their connection first."""
+    text = urllib.request.urlopen(f"{url}/metrics", timeout=5).read().decode()
+    found = re.search(r"^alise_http_client_disconnects_total (\S+)$", text, re.M)
+    return int(float(found.group(1))) if found else -1
 
 
 async def hung_worker(args) -> dict:
@@ -244,16 +328,19 @@ def _round(value: float | None) -> float | None:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--cancels", type=int, default=1000)
+    p.add_argument("--disconnects", type=int, default=1000, help="SSE streams dropped by their clients")
     p.add_argument("--concurrency", type=int, default=10, help="cancelled requests in flight at once")
     p.add_argument("--trials", type=int, default=3, help="hung-worker and hung-scheduler trials")
     p.add_argument("--cap", type=float, default=90.0, help="seconds a wait is capped at")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--only", choices=("cancels", "worker", "scheduler"), default=None)
+    p.add_argument("--only", choices=("cancels", "sse", "worker", "scheduler"), default=None)
     p.add_argument("--out", default=None)
     args = p.parse_args()
     result: dict = {"command": " ".join(sys.argv), "cap_s": args.cap}
     if args.only in (None, "cancels"):
         result["cancels"] = asyncio.run(cancels(args))
+    if args.only in (None, "sse"):
+        result["sse"] = asyncio.run(sse_disconnects(args))
     if args.only in (None, "worker"):
         result["hung_worker"] = [asyncio.run(hung_worker(args)) for _ in range(args.trials)]
     if args.only in (None, "scheduler"):
@@ -272,6 +359,13 @@ def print_table(result: dict, cap: float) -> None:
               f"{c['ghosts_left']}, aborted on sight {known(c['ghosts_aborted_on_sight'])}; KV blocks in use: "
               f"worker {c['worker_blocks_used']}, scheduler's count {c['scheduler_blocks_used']}; "
               f"an 8-token request then {c['short_request_s']} s")
+    if c := result.get("sse"):
+        print(f"\n{c['disconnects']} SSE streams through the door dropped by their clients ({c['after_events']} after "
+              f"1-8 events, {c['after_headers']} 0-50 ms after the headers, {c['answered_whole']} ended first, "
+              f"{c['errors']} errors), {c['concurrency']} at a time, in {c['storm_s']} s; the door counted "
+              f"{c['door_counted']}: ghost jobs left on the worker {c['ghosts_left']}, aborted on sight "
+              f"{known(c['ghosts_aborted_on_sight'])}; KV blocks in use: worker {c['worker_blocks_used']}, "
+              f"scheduler's count {c['scheduler_blocks_used']}")
     if trials := result.get("hung_worker"):
         print(f"\n{'hung worker (SIGSTOP)':<24}{'detected s':>12}{'jobs moved s':>14}{'stalled':>9}"
               f"{'back':>6}{'ghosts after':>14}")

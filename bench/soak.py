@@ -30,21 +30,29 @@ Checked and printed:
 * resident memory of every process, its first sample ``--warmup`` seconds into its life
   against its last.
 
-``--full-disk`` (filling the state dir's file system under the running cluster) is not
-implemented yet: it needs a file system of its own to fill (a loop mount), and is refused.
+With ``--full-disk``, the state dir (the services' logs, the predictor's index and log, the
+scheduler's state, the cluster file) is a file system of its own, a tmpfs of ``--disk-mb``
+(mounting it needs root), and it is filled to its last byte for ``--full-for`` seconds around
+every other fault (a service killed while the disk is full restarts on it). The cluster must
+keep serving: the requests still complete meanwhile (counted), every service comes back, the
+lines and state writes it could not write are counted (`alise up`'s cluster file), and the
+predictor's history catches up once the disk has room.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import json
 import os
 import random
 import re
 import secrets
+import shutil
 import signal
 import socket
+import subprocess
 import sys
 import tempfile
 import time
@@ -53,16 +61,68 @@ from pathlib import Path
 
 import grpc
 import httpx
+
 from alise.client import AliseError, AsyncClient
 from alise.common.security import SECRET_HEADER
-from alise.sim.trace import build_trace, load_pairs, rescale, workload_path
+from alise.tools.lab.upcluster import UpCluster
+from alise.tools.trace import build_trace, load_pairs, rescale, workload_path
 from alise.v1 import predictor_pb2, predictor_pb2_grpc
-from upcluster import UpCluster
 
 #: (signal, service), in turn.
 FAULTS = (("SIGKILL", "worker-0"), ("SIGSTOP", "worker-1"), ("SIGKILL", "predictor"), ("SIGSTOP", "scheduler"),
           ("SIGKILL", "scheduler"), ("SIGSTOP", "worker-0"), ("SIGKILL", "worker-1"), ("SIGKILL", "predictor"),
           ("SIGKILL", "scheduler"), ("SIGSTOP", "scheduler"))
+
+
+#: The file that fills the state dir's file system during a disk fault.
+FILLER = "disk-filler"
+
+
+def mount_tmpfs(path: Path, size_mb: int) -> None:
+    """A tmpfs of ``size_mb`` at ``path``: filling it fills nothing else (root only)."""
+    path.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_mb}m,mode=0755", "alise-soak", str(path)],
+                   check=True)
+
+
+def fill(path: Path) -> int:
+    """Writes ``path`` until its file system has no byte left; returns the bytes written."""
+    written = 0
+    with open(path, "wb", buffering=0) as f:
+        for size in (1 << 20, 4096, 1):
+            chunk = bytes(size)
+            while True:
+                try:
+                    n = f.write(chunk)
+                except OSError as exc:
+                    if exc.errno != errno.ENOSPC:
+                        raise
+                    break
+                written += n
+                if n < size:
+                    break
+    return written
+
+
+async def disk_faults(state_dir: Path, args, start: float, stop_at: float, events: list, tally: dict) -> None:
+    """The state dir's file system full for ``--full-for`` seconds around every other fault
+    (those at odd multiples of ``--fault-every``)."""
+    for k in range(10_000):
+        at = start + (2 * k + 1) * args.fault_every - args.full_for / 2
+        if at + args.full_for > stop_at:
+            break
+        await asyncio.sleep(max(at - time.monotonic(), 0.0))
+        completed = tally["complete"]
+        filled = await asyncio.to_thread(fill, state_dir / FILLER)
+        left = shutil.disk_usage(state_dir).free
+        await asyncio.sleep(args.full_for)
+        os.remove(state_dir / FILLER)
+        fault = f"disk full ({filled / 2**20:.1f} MiB filled, {left} B left)"
+        event = {"t_s": round(at - start, 1), "fault": fault, "serving_again_s": "-",
+                 "full_for_s": args.full_for,
+                 "completed_while_full": tally["complete"] - completed}
+        events.append(event)
+        print(f"  {event}", flush=True)
 
 
 def rss_kib(pid: int) -> int | None:
@@ -248,6 +308,17 @@ async def views_agree(client: AsyncClient, metrics_base: int, timeout_s: float =
 
 async def main_async(args) -> dict:
     root = Path(args.out_dir or tempfile.mkdtemp(prefix="alise-soak-"))
+    if args.full_disk:
+        mount_tmpfs(root / "state", args.disk_mb)
+    try:
+        return await soak(root, args)
+    finally:
+        if args.full_disk:  # the logs outlive the file system they were on
+            shutil.copytree(root / "state", root / "state-at-end", dirs_exist_ok=True)
+            subprocess.run(["umount", "--lazy", str(root / "state")], check=False)
+
+
+async def soak(root: Path, args) -> dict:
     secret = secrets.token_hex(16)
     metrics_base = free_port()
     http = ["--http-address", f"127.0.0.1:{free_port()}", "--http-health-address", f"127.0.0.1:{free_port()}"] \
@@ -275,15 +346,19 @@ async def main_async(args) -> dict:
             background = [asyncio.create_task(chaos(up, secret, args, start, end - args.tail, events, http_url, sse)),
                           asyncio.create_task(cancel_storm(client, args.cancel_rate, end - args.tail, tally)),
                           asyncio.create_task(sample_rss(up, start, end, samples))]
+            if args.full_disk:
+                background.insert(2, asyncio.create_task(
+                    disk_faults(root / "state", args, start, end - args.tail, events, tally)))
             tasks = []
             for req in trace:
                 await asyncio.sleep(max(start + req.arrival_s - time.monotonic(), 0.0))
                 tally["sent"] += 1
-                tasks.append(asyncio.create_task(run_request(client, req, min(req.output_tokens, args.max_tokens), tally)))
-            await asyncio.gather(*tasks, *background[:2])
+                max_tokens = min(req.output_tokens, args.max_tokens)
+                tasks.append(asyncio.create_task(run_request(client, req, max_tokens, tally)))
+            await asyncio.gather(*tasks, *background[:-1])
             # Memory is sampled for the whole duration, traffic or not.
             await asyncio.sleep(max(end - time.monotonic(), 0.0))
-            background[2].cancel()
+            background[-1].cancel()
             views = await views_agree(client, metrics_base)
             status = await client.status()
         elapsed = time.monotonic() - start
@@ -293,6 +368,10 @@ async def main_async(args) -> dict:
         while (history_end := history_observations(predictor, secret)) < expected_end and time.monotonic() < deadline:
             await asyncio.sleep(0.5)
         services = {n: s["state"] for n, s in up.services().items()}
+        cluster_file = json.loads((up.state_dir / "cluster.json").read_text())
+        dropped = {n: s["log_lines_dropped"] for n, s in cluster_file["services"].items()}
+        unwritten = {"state_writes_failed": cluster_file.get("state_writes_failed", 0),
+                     "log_lines_dropped": dropped}
     finally:
         code = up.stop()
     rss = {}
@@ -310,8 +389,8 @@ async def main_async(args) -> dict:
             "views": views, "history_start": history_start, "history_end": history_end,
             "history_expected_end": expected_end, "history_around_predictor_kills": history,
             "services_at_end": services, "workers_at_end": sorted(w["worker_id"] for w in status.workers),
-            "rss": rss, "alise_up_exit_code": code, "rate": args.rate, "max_tokens": args.max_tokens,
-            "dir": str(root)}
+            "rss": rss, "unwritten": unwritten, "alise_up_exit_code": code, "rate": args.rate,
+            "max_tokens": args.max_tokens, "dir": str(root)}
 
 
 def views_ok(views: dict) -> bool:
@@ -335,13 +414,18 @@ def main() -> int:
     p.add_argument("--cancel-rate", type=float, default=1.0, help="cancelled requests per second")
     p.add_argument("--http", action="store_true", help="run the HTTP door and close SSE streams mid-way")
     p.add_argument("--sse-burst", type=int, default=50, help="SSE streams closed early per fault period")
-    p.add_argument("--full-disk", action="store_true", help="not implemented yet (see the module doc)")
+    p.add_argument("--full-disk", action="store_true",
+                   help="the state dir on a tmpfs of its own, filled around every other fault (needs root)")
+    p.add_argument("--disk-mb", type=int, default=64, help="size of that tmpfs")
+    p.add_argument("--full-for", type=float, default=20.0, help="seconds the disk stays full each time")
     p.add_argument("--warmup", type=float, default=60.0)
     p.add_argument("--out-dir", default="", help="state, logs (default: a temporary directory)")
     p.add_argument("--out", default=None, help="the result as JSON")
     args = p.parse_args()
-    if args.full_disk:
-        p.error("--full-disk is not implemented yet: it needs a file system of its own under --out-dir to fill")
+    if args.full_disk and os.geteuid() != 0:
+        p.error("--full-disk mounts a tmpfs of its own to fill, which needs root")
+    if args.full_disk and args.full_for >= args.fault_every:
+        p.error("--full-for must be shorter than --fault-every")
     result = asyncio.run(main_async(args))
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2))
@@ -364,7 +448,7 @@ def main() -> int:
 
 def print_result(result: dict, args) -> None:
     print(f"\n{'fault':<44}{'at s':>7}{'serving again s':>17}  predictor history before -> after")
-    for e in result["faults"]:
+    for e in sorted(result["faults"], key=lambda e: e["t_s"]):
         h = e.get("history_before_after")
         print(f"{e['fault']:<44}{e['t_s']:>7}{e['serving_again_s']:>17}  {f'{h[0]} -> {h[1]}' if h else ''}")
     print(f"\n{'worker at the end':<20}{'jobs':>6}{'blocks used':>13}{'sched. count':>14}{'censuses':>10}"
@@ -375,6 +459,12 @@ def print_result(result: dict, args) -> None:
     print(f"\n{'process':<28}{'first KiB':>11}{'last KiB':>11}{'growth':>9}  ({args.warmup:g} s into each one's life)")
     for label, r in result["rss"].items():
         print(f"{label:<28}{r['first_kib']:>11}{r['last_kib']:>11}{r['growth']:>+9.1%}")
+    if args.full_disk:
+        full = [e for e in result["faults"] if "completed_while_full" in e]
+        print(f"\ndisk full {len(full)} times for {args.full_for:g} s: requests completed meanwhile "
+              f"{[e['completed_while_full'] for e in full]}; writes `alise up` could not make: cluster file "
+              f"{result['unwritten']['state_writes_failed']}, log lines "
+              f"{result['unwritten']['log_lines_dropped']}")
 
 
 if __name__ == "__main__":
