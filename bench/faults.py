@@ -355,8 +355,9 @@ def print_table(result: dict, cap: float) -> None:
     show = lambda v: f"> {cap:g}" if v is None else str(v)  # noqa: E731
     known = lambda v: "n/a" if v is None else str(v)  # noqa: E731  (a tree without censuses)
     if c := result.get("cancels"):
-        print(f"\n{c['cancels']} cancels 0-50 ms after acceptance, {c['concurrency']} at a time, in {c['storm_s']} s: ghost jobs left on the worker "
-              f"{c['ghosts_left']}, aborted on sight {known(c['ghosts_aborted_on_sight'])}; KV blocks in use: "
+        print(f"\n{c['cancels']} cancels 0-50 ms after acceptance, {c['concurrency']} at a time, in "
+              f"{c['storm_s']} s: ghost jobs left on the worker {c['ghosts_left']}, aborted on sight "
+              f"{known(c['ghosts_aborted_on_sight'])}; KV blocks in use: "
               f"worker {c['worker_blocks_used']}, scheduler's count {c['scheduler_blocks_used']}; "
               f"an 8-token request then {c['short_request_s']} s")
     if c := result.get("sse"):
