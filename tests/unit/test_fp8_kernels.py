@@ -14,10 +14,10 @@ import random
 import pytest
 import torch
 from kernelkit import TOLERANCE, interpreted, relative_error
-from kernelcases import make_step, reference
 
 from alise.worker.model import attention as ref_attention
 from alise.worker.model.kv_cache import FP8_MAX, to_pages
+from kernelcases import make_step, reference
 
 triton_attention = interpreted("alise.worker.kernels.triton_attention")
 triton_unified = interpreted("alise.worker.kernels.triton_unified")

@@ -18,8 +18,6 @@ import random
 
 import pytest
 import torch
-from familycases import CASES
-from tinymodels import make_tiny_model_dir
 
 from alise.core.commands import Admit, KvAction, Pause, Resume, StepPlan
 from alise.core.job import KvPlace
@@ -31,6 +29,8 @@ from alise.worker.model.kv_cache import KVCache
 from alise.worker.model.loader import load_model
 from alise.worker.model.runner import ModelRunner
 from alise.worker.model.serving import size_kv_cache
+from familycases import CASES
+from tinymodels import make_tiny_model_dir
 
 PROMPT, CONTINUATION, BLOCK_SIZE = 10, 30, 4
 #: ``||fp8 - fp32|| / ||fp32||`` of the continuation's logits, per family (measured up to 4.8e-2).
