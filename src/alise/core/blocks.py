@@ -3,7 +3,9 @@
 The scheduler mirrors the worker's allocator exactly: a running job needs
 ``blocks_for(num_tokens)`` device blocks for its next step; a paused job keeps what its
 KV place costs (``held_device_blocks``, ``held_host_blocks``). The worker owns block ids;
-this module owns counts.
+this module owns counts. With prefix caching a job's first ``num_shared_tokens`` are read
+from shared cached blocks, counted once per worker (``alise.core.prefix_mirror``), so
+these formulas count only its private tokens (``Job.num_private_tokens``).
 """
 
 from __future__ import annotations
@@ -47,14 +49,14 @@ def held_device_blocks(job: Job, block_size: int) -> int:
     """Device blocks a job holds between steps, given where its KV lives."""
     if not PLACES[job.kv].on_device:
         return 0
-    return place_blocks(job.kv, job.num_computed_tokens, block_size)
+    return place_blocks(job.kv, job.num_private_tokens, block_size)
 
 
 def held_host_blocks(job: Job, block_size: int) -> int:
     """Host blocks a job holds: its device footprint at the moment it was swapped out."""
     if not PLACES[job.kv].on_host:
         return 0
-    return place_blocks(job.kv, job.num_computed_tokens, block_size)
+    return place_blocks(job.kv, job.num_private_tokens, block_size)
 
 
 def default_token_budget(max_num_seqs: int) -> int:
@@ -84,6 +86,8 @@ class WorkerCapacity:
     block_bytes: int = 0
     #: Model identity the worker serves (name and config hash), as its hello said.
     model_id: str = ""
+    #: The worker caches released full blocks by content (``alise.core.prefix_cache``).
+    prefix_caching: bool = False
 
     def __post_init__(self) -> None:
         for name in ("block_size", "num_device_blocks", "max_model_len", "max_num_seqs",

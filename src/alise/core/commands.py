@@ -32,6 +32,9 @@ class Admit:
     sampling: SamplingParams
     #: How many of the trailing ``token_ids`` were already generated (a moved job).
     num_generated: int = 0
+    #: Leading tokens the worker's prefix cache holds, as the scheduler's mirror found them
+    #: (whole blocks, ``alise.core.prefix_mirror``): the job starts after them.
+    num_cached_tokens: int = 0
 
 
 @dataclass(frozen=True)

@@ -99,6 +99,9 @@ class Job:
     num_pending_outputs: int = 0
     #: Positions whose K/V the worker holds once every planned step has run (0: none).
     num_computed_tokens: int = 0
+    #: Of them, the leading ones read from blocks of the worker's prefix cache, shared and
+    #: counted once per worker (``alise.core.prefix_mirror``); whole blocks, set by the admit.
+    num_shared_tokens: int = 0
     status: JobStatus = JobStatus.WAITING
     kv: KvPlace = KvPlace.NONE
     worker_id: str | None = None
@@ -136,6 +139,11 @@ class Job:
     def num_tokens(self) -> int:
         """Prompt + generated tokens once every planned step has run."""
         return len(self.prompt_token_ids) + len(self.output_token_ids) + self.num_pending_outputs
+
+    @property
+    def num_private_tokens(self) -> int:
+        """Computed positions in the job's own blocks (what a KV move moves)."""
+        return self.num_computed_tokens - self.num_shared_tokens
 
     @property
     def is_finished(self) -> bool:
@@ -203,7 +211,7 @@ class Job:
                 self.idle_since_s = now_s
         if status is JobStatus.WAITING:
             self.kv, self.worker_id = KvPlace.NONE, None
-            self.num_computed_tokens = self.num_pending_outputs = 0
+            self.num_computed_tokens = self.num_shared_tokens = self.num_pending_outputs = 0
         elif status is JobStatus.RUNNING:
             self.kv = KvPlace.DEVICE
             if admits:
@@ -215,7 +223,7 @@ class Job:
             assert kv is not None  # given: checked above
             self.kv = kv
             if kv is KvPlace.NONE:
-                self.num_computed_tokens = 0
+                self.num_computed_tokens = self.num_shared_tokens = 0
         else:
             self.finish_reason, self.finish_s = reason, now_s
             self.kv, self.num_pending_outputs = KvPlace.NONE, 0

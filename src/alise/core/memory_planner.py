@@ -4,6 +4,8 @@ Pure Python (no grpc, no torch). The scheduler core selects the jobs of a step f
 whatever device blocks they leave over is the budget of the paused jobs on that worker.
 A planner maps every paused (or now pausing) job to a target ``KvPlace`` and the worker
 commands that get it there; the core applies the result (``SchedulerCore._plan_memory``).
+A move covers a job's private blocks only (``Job.num_private_tokens``): a prefix it reads from
+the worker's prefix cache stays on the device, shared and read-only (``alise.worker.kv_manager``).
 
 The adaptive rule (``AdaptivePlanner``)
 --------------------------------------
@@ -97,14 +99,14 @@ class KvCostModel:
             # The recompute rides in a step that runs anyway: its marginal cost only.
             n = job.num_tokens
             return self.latency.step_s(1, n, (n,)) - self.latency.step_s(1, 0)
-        full = blocks_for(job.num_computed_tokens, block_size)
+        full = blocks_for(job.num_private_tokens, block_size)
         cost = 0.0
         bits = PLACES[target].bits
         if bits < PLACES[source].bits:
             cost += 2 * self.bytes_of(full) / self.quantize_bytes_per_s
             cost += self.int8_penalty_s if bits == 8 else self.int4_penalty_s
         if PLACES[target].on_host and not PLACES[source].on_host:
-            moved = place_blocks(target, job.num_computed_tokens, block_size)
+            moved = place_blocks(target, job.num_private_tokens, block_size)
             # Blocks freed to make room now are needed now: the swap-out is exposed (the
             # worker frees them when the copy lands); the swap-in is hidden by a prefetch
             # only as far as the wait exceeds it.
@@ -126,12 +128,12 @@ class _Slot:
     def device_blocks(self, block_size: int) -> int:
         if not PLACES[self.place].on_device:
             return 0
-        return place_blocks(self.place, self.job.num_computed_tokens, block_size)
+        return place_blocks(self.place, self.job.num_private_tokens, block_size)
 
     def host_blocks(self, block_size: int) -> int:
         if not PLACES[self.place].on_host:
             return 0
-        return place_blocks(self.place, self.job.num_computed_tokens, block_size)
+        return place_blocks(self.place, self.job.num_private_tokens, block_size)
 
 
 class MemoryPlanner(abc.ABC):
@@ -156,7 +158,7 @@ class DropPlanner(MemoryPlanner):
     def plan(self, paused, waits, capacity, device_budget, host_budget):
         moves = []
         for job in paused:
-            held = place_blocks(job.kv, job.num_computed_tokens, capacity.block_size) \
+            held = place_blocks(job.kv, job.num_private_tokens, capacity.block_size) \
                 if PLACES[job.kv].on_device else 0
             target = job.kv if held <= device_budget else KvPlace.NONE
             device_budget -= held if target is job.kv else 0
@@ -220,7 +222,7 @@ class AdaptivePlanner(MemoryPlanner):
             host = here.host
             if not here.on_device or host not in self.allowed or slot.place is not slot.source:
                 continue
-            need = place_blocks(host, slot.job.num_computed_tokens, bs)
+            need = place_blocks(host, slot.job.num_private_tokens, bs)
             if need > host_free or slot.wait_s < self.hysteresis * self._horizon_s(slot, bs, host):
                 continue
             demand -= slot.device_blocks(bs)
@@ -237,7 +239,7 @@ class AdaptivePlanner(MemoryPlanner):
                 continue
             device = PLACES[slot.place].device
             assert device is not None  # every host place has its device twin
-            need = place_blocks(device, slot.job.num_computed_tokens, bs)
+            need = place_blocks(device, slot.job.num_private_tokens, bs)
             if need <= free:
                 slot.place = device
                 free -= need
@@ -246,7 +248,7 @@ class AdaptivePlanner(MemoryPlanner):
 
     def _horizon_s(self, slot: _Slot, bs: int, host_place: KvPlace) -> float:
         """Wait below which a host job is brought back (its swap-in would not be hidden)."""
-        moved = place_blocks(host_place, slot.job.num_computed_tokens, bs)
+        moved = place_blocks(host_place, slot.job.num_private_tokens, bs)
         return self.prefetch_factor * self.costs.transfer_s(moved) + self.prefetch_lead_s
 
     def _cheapest_downgrade(self, slots: list[_Slot], bs: int, host_free: int,
@@ -263,9 +265,9 @@ class AdaptivePlanner(MemoryPlanner):
             for target in PLACES[slot.place].downgrades:
                 if target not in self.allowed and target is not KvPlace.NONE:
                     continue
-                freed = held - (place_blocks(target, slot.job.num_computed_tokens, bs)
+                freed = held - (place_blocks(target, slot.job.num_private_tokens, bs)
                                 if PLACES[target].on_device else 0)
-                host_need = (place_blocks(target, slot.job.num_computed_tokens, bs)
+                host_need = (place_blocks(target, slot.job.num_private_tokens, bs)
                              if PLACES[target].on_host else 0)
                 if freed <= 0 or host_need > host_free:
                     continue

@@ -214,17 +214,13 @@ class PrefixCache:
         return count
 
     def forget(self, hashes: Sequence[BlockHash]) -> None:
-        """Drops these names: a cached free block goes back to the free list, one in use stays
-        with its readers as an uncached block."""
+        """Drops these names where no sequence reads the block (a cached free block goes back to
+        the free list); a block in use keeps its name: its readers count on it."""
         for h in hashes:
-            block = self._by_hash.pop(h, None)
-            if block is None:
-                continue
-            del self._hash_of[block]
-            if self._lru.pop(h, None) is not None:
+            block = self._lru.pop(h, None)
+            if block is not None:
+                del self._by_hash[h], self._hash_of[block]
                 self._free.append(block)
-            else:
-                self._num_shared_in_use -= 1
 
     def check(self) -> None:
         """Asserts the invariants of the module doc (tests)."""

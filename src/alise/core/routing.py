@@ -6,7 +6,9 @@ leaves) to the worker where it is expected to finish first:
     finish on w = the job's own remaining time + w's backlog / w's parallelism
 
 where w's backlog is the estimated remaining time of every job on w plus that of the waiting
-jobs routed to w, and its parallelism the number of jobs it runs at once (at least 1).
+jobs routed to w, and its parallelism the number of jobs it runs at once (at least 1), less
+the prefill the job would save on w, whose prefix cache holds its first tokens (so among
+workers that can take it alike, the one holding its prefix wins).
 Workers that cannot hold the job are skipped; ties go to the lower worker id. Only that worker
 takes the job, unless another worker has nothing at all to do, which then takes it rather than
 idle.
@@ -17,6 +19,8 @@ goes: O(new jobs x workers), never a scan of the queue per job.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import numpy as np
 
@@ -75,8 +79,10 @@ class Router:
         if slot is not None:
             self.table.route[slot] = NO_ROUTE
 
-    def route_new(self, waiting: np.ndarray, correction: float) -> None:
-        """Routes the waiting jobs at slots ``waiting`` that have no route yet."""
+    def route_new(self, waiting: np.ndarray, correction: float,
+                  saved_s: Callable[[int, int], float] | None = None) -> None:
+        """Routes the waiting jobs at slots ``waiting`` that have no route yet; ``saved_s(slot,
+        worker index)``: seconds of prefill the job saves there (its cached prefix)."""
         table = self.table
         new = waiting[table.route[waiting] == NO_ROUTE]
         if not len(new) or not self.worker_ids:
@@ -97,6 +103,8 @@ class Router:
                 if table.num_tokens[slot] >= self.max_model_len[w]:
                     continue
                 finish = own + backlog[w] / max(int(parallel[w]), 1)
+                if saved_s is not None:
+                    finish -= saved_s(slot, w)
                 if best is None or finish < best[0]:
                     best = (finish, w)
             w = best[1] if best is not None else indices[0]

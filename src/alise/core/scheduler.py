@@ -23,7 +23,10 @@ always has its next plan when a step ends. ``schedule`` runs in named phases:
 6. ``_advance``      project the step: computed tokens and pending outputs of each job fed.
 
 Block accounting is exact (the worker allocates by the same formulas), so a plan never asks
-a worker for more blocks than it has; jobs that finish early only leave it more.
+a worker for more blocks than it has; jobs that finish early only leave it more. A worker with
+prefix caching has a mirror of its cache here (``alise.core.prefix_mirror``): a waiting job's
+cached prefix is not fed, its shared blocks are counted once, and the mirror follows every
+admit, step, KV move and release of the plans in the order the worker applies them.
 """
 
 from __future__ import annotations
@@ -44,7 +47,8 @@ from alise.core.kv_places import PLACES, move_label
 from alise.core.latency_model import LatencyModel
 from alise.core.memory_planner import KvMove, MemoryPlanner, make_memory_planner
 from alise.core.policy import Policy, RemainingTimeEstimator
-from alise.core.reports import InFlight, check_report, strike
+from alise.core.prefix_mirror import HashMemo, PrefillCounts, PrefixMirror
+from alise.core.reports import InFlight, check_report, job_at, strike
 from alise.core.routing import Router
 from alise.core.table import WAITING, JobTable
 
@@ -70,6 +74,8 @@ class WorkerView:
     in_flight: deque[InFlight] = field(default_factory=deque)
     next_step_id: int = 1
     disagreements: Disagreements = field(default_factory=Disagreements)
+    #: The worker's prefix cache as the core mirrors it (None: the worker caches nothing).
+    prefix: PrefixMirror | None = None
 
     @property
     def worker_id(self) -> str:
@@ -78,11 +84,16 @@ class WorkerView:
     @property
     def num_free_device_blocks(self) -> int:
         """Device blocks free once the planned steps have run (the core's exact count: a job
-        that runs holds its computed positions' blocks; a paused one what its KV place costs)."""
+        that runs holds its computed positions' blocks; a paused one what its KV place costs;
+        shared prefix blocks count once)."""
         bs = self.capacity.block_size
-        used = sum(blocks_for(job.num_computed_tokens, bs) if job.status is JobStatus.RUNNING
+        used = sum(blocks_for(job.num_private_tokens, bs) if job.status is JobStatus.RUNNING
                    else held_device_blocks(job, bs) for job in self.jobs.values())
-        return self.capacity.num_device_blocks - used
+        return self.capacity.num_device_blocks - used - self.num_shared_blocks
+
+    @property
+    def num_shared_blocks(self) -> int:
+        return self.prefix.num_shared_in_use if self.prefix is not None else 0
 
     @property
     def num_free_host_blocks(self) -> int:
@@ -116,6 +127,9 @@ class SchedulerCore:
         self.preemptions: Counter[str] = Counter()
         #: KV moves by kind (keep, int8, int4, swap, swap-int8, swap-int4, drop, prefetch).
         self.kv_moves: Counter[str] = Counter()
+        self.hash_memo = HashMemo()
+        #: Tokens admitted, found in a prefix cache, and computed by prefills (recomputes too).
+        self.prefill = PrefillCounts()
 
     @property
     def latency(self) -> LatencyModel:
@@ -127,6 +141,8 @@ class SchedulerCore:
         if capacity.worker_id in self.workers:
             raise ValueError(f"worker {capacity.worker_id!r} is already connected")
         view = WorkerView(capacity, self._next_index)
+        if capacity.prefix_caching:
+            view.prefix = PrefixMirror(capacity.num_device_blocks, capacity.block_size, self.hash_memo)
         self._next_index += 1  # a fresh index per connection: a worker id may come back
         self.workers[capacity.worker_id] = view
         self.router.add_worker(view.index, capacity.worker_id, capacity.max_model_len)
@@ -164,6 +180,8 @@ class SchedulerCore:
                       worker_id=worker_id)
             self.jobs[job.job_id] = job
             view.jobs[job.job_id] = job
+            if view.prefix is not None:
+                view.prefix.adopt(job, blocks_for(h.num_computed, view.capacity.block_size))
             self._put(job)
             adopted.append(job)
         return adopted
@@ -224,14 +242,17 @@ class SchedulerCore:
         check_report(report, view.in_flight, view.jobs)
         expected = view.in_flight.popleft()
         for refusal in report.refused:
-            job = view.jobs.get(refusal.job_id)
+            job = job_at(view.jobs, refusal.job_id, report.step_id)
             if job is not None:
                 logger.warning("worker %s refused %s of %s: %s; it recomputes", worker_id,
                                refusal.command, job.job_id, refusal.reason)
                 self._requeue(view, job, now_s)
+                if view.prefix is not None:
+                    # What the worker lacked or never computed is not counted on again.
+                    view.prefix.forget(job)
         events = []
         for out in report.outputs:
-            job = view.jobs.get(out.job_id)
+            job = job_at(view.jobs, out.job_id, report.step_id)
             if job is None:
                 continue
             index = job.num_output_tokens
@@ -287,13 +308,13 @@ class SchedulerCore:
         plan = StepPlan(step_id=view.next_step_id, census=census)
         slots, held = self._candidates(view)
         order, reserve = self._rank(slots, now_s)
-        need = -(-self.table.num_tokens[order] // view.capacity.block_size)
-        taken, feed = self._select(view, order, need, reserve, held)
-        used = int(need[taken].sum()) + held
+        need, hits = self._needs(view, order)
+        taken, feed = self._select(view, order, need, reserve, held + view.num_shared_blocks, hits)
+        used = int(need[taken].sum()) + held + view.num_shared_blocks
         plan.commands += self._plan_memory(view, order, taken, used, now_s)
         chosen = order[taken]
-        plan.commands += self._start(view, chosen, now_s)
-        plan.chunks, outputs = self._advance(chosen, feed)
+        plan.commands += self._start(view, chosen, hits[taken], now_s)
+        plan.chunks, outputs = self._advance(view, chosen, feed)
         plan.run_step = bool(len(feed)) and bool(feed.any())
         if not plan.is_empty:
             view.next_step_id += 1
@@ -314,10 +335,11 @@ class SchedulerCore:
         if done.any():
             finishing = rslots[done]
             mine[finishing] = False
-            held = int((-(-table.num_computed_tokens[finishing] // cap.block_size)).sum())
+            private = table.num_computed_tokens[finishing] - table.num_shared_tokens[finishing]
+            held = int((-(-private // cap.block_size)).sum())
         waiting = (owner == WAITING) & (table.num_tokens < cap.max_model_len)
         if len(self.workers) > 1:
-            self.router.route_new(np.flatnonzero(owner == WAITING), self.latency.correction)
+            self.router.route_new(np.flatnonzero(owner == WAITING), self.latency.correction, self._prefix_saving_s)
             if view.jobs:  # an idle worker takes jobs routed elsewhere rather than idle
                 waiting &= table.route == view.index
         return np.flatnonzero(mine | waiting), held
@@ -339,11 +361,34 @@ class SchedulerCore:
         reserve = policy.reserve_tokens(cands)
         return slots[perm], None if reserve is None else reserve[perm]
 
+    def _needs(self, view: WorkerView, order: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(device blocks each candidate needs to run, tokens of each waiting one's prefix
+        cached on the worker). Shared blocks count once, in ``view.num_shared_blocks``; a
+        waiting job's hit on cached blocks no job reads takes those out of the free ones."""
+        table, bs = self.table, view.capacity.block_size
+        private = table.num_tokens[order] - table.num_shared_tokens[order]
+        hits = np.zeros(len(order), dtype=np.int64)
+        if view.prefix is None:
+            return -(-private // bs), hits
+        taken_free = np.zeros(len(order), dtype=np.int64)
+        for i in np.flatnonzero(table.owner[order] == WAITING).tolist():
+            hits[i], taken_free[i] = view.prefix.lookup(table.jobs[order[i]])
+        return -(-(private - hits) // bs) + taken_free, hits
+
+    def _prefix_saving_s(self, slot: int, index: int) -> float:
+        """Seconds of prefill a waiting job saves on the worker of ``index`` (its cached prefix)."""
+        view = next((v for v in self.workers.values() if v.index == index), None)
+        if view is None or view.prefix is None:
+            return 0.0
+        hit, _ = view.prefix.lookup(self.table.jobs[slot])
+        n, lat = int(self.table.num_tokens[slot]), self.latency
+        return float(lat.recompute_base_s(n) - lat.recompute_base_s(n, hit)) * lat.correction if hit else 0.0
+
     def _select(self, view: WorkerView, order: np.ndarray, need: np.ndarray, reserve: np.ndarray | None,
-                held: int) -> tuple[np.ndarray, np.ndarray]:
+                held: int, hits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         cap, table = view.capacity, self.table
         grow = None if reserve is None else reserve / cap.block_size
-        uncomputed, running = table.uncomputed(order), table.is_running[order]
+        uncomputed, running = table.uncomputed(order) - hits, table.is_running[order]
         budgets = Budgets(cap.max_num_seqs, cap.num_device_blocks - held, cap.max_num_batched_tokens,
                           self._prefill_allowance(order, running & (uncomputed == 1)))
         return select(need, uncomputed, running, budgets, self.policy.backfill, grow)
@@ -393,23 +438,31 @@ class SchedulerCore:
         self._set_status(job, JobStatus.PAUSED, now_s, kv=move.target)
         return [Pause(job.job_id, action) for action in actions]
 
-    def _start(self, view: WorkerView, chosen: np.ndarray, now_s: float) -> list[Command]:
-        table = self.table
-        starting = chosen[~table.is_running[chosen]]
+    def _start(self, view: WorkerView, chosen: np.ndarray, hits: np.ndarray, now_s: float) -> list[Command]:
+        table, counts = self.table, self.prefill
+        starts = ~table.is_running[chosen]
         commands: list[Command] = []
-        for job in table.jobs[starting].tolist():
+        for job, hit in zip(table.jobs[chosen[starts]].tolist(), hits[starts].tolist(), strict=True):
             if job.status is JobStatus.WAITING:
+                cached = view.prefix.admit(job, hit) if view.prefix is not None else 0
+                job.num_computed_tokens = job.num_shared_tokens = cached
+                admitted = job.num_prompt_tokens + job.num_output_tokens
+                counts.num_admitted_tokens += admitted
+                counts.num_cached_tokens += cached
+                counts.num_computed_tokens += admitted - cached
                 commands.append(Admit(job.job_id, job.all_token_ids(), job.worker_sampling,
-                                      num_generated=job.num_output_tokens))
+                                      num_generated=job.num_output_tokens, num_cached_tokens=cached))
                 # admit_step_id: the plan being made.
                 self._set_status(job, JobStatus.RUNNING, now_s, worker_id=view.worker_id,
                                  admit_step_id=view.next_step_id)
             else:
+                if job.kv is KvPlace.NONE:
+                    counts.num_computed_tokens += job.num_tokens  # a recompute after a drop
                 commands.append(Resume(job.job_id))
                 self._set_status(job, JobStatus.RUNNING, now_s)
         return commands
 
-    def _advance(self, chosen: np.ndarray, feed: np.ndarray) -> tuple[dict[str, int], set[str]]:
+    def _advance(self, view: WorkerView, chosen: np.ndarray, feed: np.ndarray) -> tuple[dict[str, int], set[str]]:
         """Projects the step onto the jobs it feeds: (plan chunks, jobs that output a token)."""
         table = self.table
         fed = feed > 0
@@ -423,6 +476,8 @@ class SchedulerCore:
         outputs: set[str] = set()
         for job, k, o, c in zip(table.jobs[slots].tolist(), n.tolist(), out.tolist(), chunk.tolist(), strict=True):
             job.num_computed_tokens += k
+            if view.prefix is not None:  # the blocks the worker allocates for the feed
+                view.prefix.resize(job, blocks_for(job.num_computed_tokens, view.capacity.block_size))
             if c:
                 chunks[job.job_id] = k
             if o:
@@ -442,7 +497,16 @@ class SchedulerCore:
         and the job's table row (a finished job leaves the table)."""
         before = job.status
         held_by = job.worker_id if before in _ON_WORKER else None
+        mirror = self.workers[held_by].prefix if held_by in self.workers else None
+        if mirror is not None:
+            self._mirror_release(mirror, job, status, fields)
         job.transition(status, now_s, **fields)
+        if mirror is not None and status in _ON_WORKER and job.kv is not KvPlace.NONE:
+            # A KV move or a resume: the job's device blocks, its shared prefix included.
+            bs = self.workers[held_by].capacity.block_size
+            private = blocks_for(job.num_private_tokens, bs) if status is JobStatus.RUNNING \
+                else held_device_blocks(job, bs)
+            mirror.resize(job, job.num_shared_tokens // bs + private)
         if before is JobStatus.WAITING and status is not JobStatus.WAITING:
             del self.waiting[job.job_id]
             self.router.unroute(job.job_id)
@@ -458,15 +522,29 @@ class SchedulerCore:
         if status is JobStatus.FINISHED:
             self.jobs.pop(job.job_id, None)
             self.table.discard(job)
+            self.hash_memo.drop(job.job_id)
         else:
             self._put(job)
+
+    @staticmethod
+    def _mirror_release(mirror: PrefixMirror, job: Job, status: JobStatus, fields: dict) -> None:
+        """A job leaving its worker, or dropping its KV there, releases its blocks in the
+        mirror (before the transition, which forgets its computed tokens)."""
+        drops = status is JobStatus.PAUSED and fields.get("kv") is KvPlace.NONE
+        if status in _ON_WORKER and not drops:
+            return
+        finished = status is JobStatus.FINISHED and fields.get("reason") is not FinishReason.ABORTED
+        mirror.release(job, finished=finished, on_device=job.kv is KvPlace.DEVICE)
 
     def _put(self, job: Job) -> None:
         """Brings the job's row of the table in line with it (every change goes through here)."""
         view = self.workers.get(job.worker_id) if job.worker_id is not None else None
         owner = view.index if view is not None else WAITING
         host = held_host_blocks(job, view.capacity.block_size) if view is not None else 0
-        self.table.put(job, owner, self.policy.estimate_of(job), host)
+        hint = 0
+        if job.status is JobStatus.WAITING:  # its prefill is what no worker has cached
+            hint = max((v.prefix.lookup(job)[0] for v in self.workers.values() if v.prefix is not None), default=0)
+        self.table.put(job, owner, self.policy.estimate_of(job), host, hint)
 
     def _to_waiting(self, job: Job, now_s: float) -> None:
         self._set_status(job, JobStatus.WAITING, now_s)

@@ -96,6 +96,8 @@ class JobTable:
     num_prompt_tokens = Column(np.int64)
     num_tokens = Column(np.int64)           # running jobs: projected by each plan (``_advance``)
     num_computed_tokens = Column(np.int64)  # likewise
+    num_shared_tokens = Column(np.int64)    # of them, read from shared prefix-cache blocks
+    num_cached_hint = Column(np.int64)      # waiting jobs: tokens of their prefix cached on a worker
     max_tokens = Column(np.int64)
     estimate_mean = Column(np.float64)      # the policy's length estimate of the job, in tokens
     estimate_p90 = Column(np.float64)
@@ -121,8 +123,10 @@ class JobTable:
 
     # ----------------------------------------------------------------- changes
 
-    def put(self, job: Job, owner: int, estimate, host_blocks: int = 0) -> None:
-        """Records ``job``'s current state (call on every change the core makes to it)."""
+    def put(self, job: Job, owner: int, estimate, host_blocks: int = 0, cached_hint: int = 0) -> None:
+        """Records ``job``'s current state (call on every change the core makes to it);
+        ``cached_hint``: tokens of a waiting job's prefix a worker holds (its prefill is the
+        rest, which its remaining time prices)."""
         slot = self.slot_of.get(job.job_id)
         if slot is None:
             if not self._free:
@@ -142,6 +146,8 @@ class JobTable:
         self.num_prompt_tokens[slot] = len(job.prompt_token_ids)
         self.num_tokens[slot] = job.num_tokens
         self.num_computed_tokens[slot] = job.num_computed_tokens
+        self.num_shared_tokens[slot] = job.num_shared_tokens
+        self.num_cached_hint[slot] = cached_hint
         self.max_tokens[slot] = job.sampling.max_tokens
         self.estimate_mean[slot] = estimate.mean
         self.estimate_p90[slot] = estimate.p90
@@ -171,7 +177,8 @@ class JobTable:
             return
         num_tokens = self.num_tokens[todo]
         seconds, tokens = self.estimator.remaining_base_arrays(
-            num_tokens - self.num_prompt_tokens[todo], num_tokens, self.num_computed_tokens[todo],
+            num_tokens - self.num_prompt_tokens[todo], num_tokens,
+            np.maximum(self.num_computed_tokens[todo], self.num_cached_hint[todo]),
             self.max_tokens[todo], self.estimate_mean[todo], self.estimate_p90[todo])
         self.remaining_base_s[todo] = seconds
         self.remaining_tokens[todo] = tokens

@@ -26,7 +26,7 @@ class SchedulerMessage(_message.Message):
     def __init__(self, plan: _Optional[_Union[StepPlan, _Mapping]] = ..., shutdown: _Optional[_Union[Shutdown, _Mapping]] = ..., abort: _Optional[_Union[AbortJobs, _Mapping]] = ...) -> None: ...
 
 class WorkerHello(_message.Message):
-    __slots__ = ("worker_id", "model", "device", "block_size", "num_device_blocks", "num_host_blocks", "max_model_len", "vocab_size", "block_bytes", "latency_profile_json", "max_num_seqs", "max_num_batched_tokens", "model_id", "held_jobs", "weights_fingerprint", "held_from_scheduler_id")
+    __slots__ = ("worker_id", "model", "device", "block_size", "num_device_blocks", "num_host_blocks", "max_model_len", "vocab_size", "block_bytes", "latency_profile_json", "max_num_seqs", "max_num_batched_tokens", "model_id", "held_jobs", "weights_fingerprint", "held_from_scheduler_id", "prefix_caching")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
@@ -43,6 +43,7 @@ class WorkerHello(_message.Message):
     HELD_JOBS_FIELD_NUMBER: _ClassVar[int]
     WEIGHTS_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     HELD_FROM_SCHEDULER_ID_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_CACHING_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     model: str
     device: str
@@ -59,7 +60,8 @@ class WorkerHello(_message.Message):
     held_jobs: _containers.RepeatedCompositeFieldContainer[HeldJob]
     weights_fingerprint: str
     held_from_scheduler_id: str
-    def __init__(self, worker_id: _Optional[str] = ..., model: _Optional[str] = ..., device: _Optional[str] = ..., block_size: _Optional[int] = ..., num_device_blocks: _Optional[int] = ..., num_host_blocks: _Optional[int] = ..., max_model_len: _Optional[int] = ..., vocab_size: _Optional[int] = ..., block_bytes: _Optional[int] = ..., latency_profile_json: _Optional[str] = ..., max_num_seqs: _Optional[int] = ..., max_num_batched_tokens: _Optional[int] = ..., model_id: _Optional[str] = ..., held_jobs: _Optional[_Iterable[_Union[HeldJob, _Mapping]]] = ..., weights_fingerprint: _Optional[str] = ..., held_from_scheduler_id: _Optional[str] = ...) -> None: ...
+    prefix_caching: bool
+    def __init__(self, worker_id: _Optional[str] = ..., model: _Optional[str] = ..., device: _Optional[str] = ..., block_size: _Optional[int] = ..., num_device_blocks: _Optional[int] = ..., num_host_blocks: _Optional[int] = ..., max_model_len: _Optional[int] = ..., vocab_size: _Optional[int] = ..., block_bytes: _Optional[int] = ..., latency_profile_json: _Optional[str] = ..., max_num_seqs: _Optional[int] = ..., max_num_batched_tokens: _Optional[int] = ..., model_id: _Optional[str] = ..., held_jobs: _Optional[_Iterable[_Union[HeldJob, _Mapping]]] = ..., weights_fingerprint: _Optional[str] = ..., held_from_scheduler_id: _Optional[str] = ..., prefix_caching: _Optional[bool] = ...) -> None: ...
 
 class HeldJob(_message.Message):
     __slots__ = ("job_id", "token_ids", "num_generated", "sampling", "num_computed")
@@ -117,16 +119,18 @@ class WorkerCommand(_message.Message):
     def __init__(self, admit: _Optional[_Union[AdmitJob, _Mapping]] = ..., pause: _Optional[_Union[PauseJob, _Mapping]] = ..., resume: _Optional[_Union[ResumeJob, _Mapping]] = ...) -> None: ...
 
 class AdmitJob(_message.Message):
-    __slots__ = ("job_id", "prompt_token_ids", "sampling", "num_generated")
+    __slots__ = ("job_id", "prompt_token_ids", "sampling", "num_generated", "num_cached_tokens")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     NUM_GENERATED_FIELD_NUMBER: _ClassVar[int]
+    NUM_CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
     sampling: _common_pb2.SamplingParams
     num_generated: int
-    def __init__(self, job_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., num_generated: _Optional[int] = ...) -> None: ...
+    num_cached_tokens: int
+    def __init__(self, job_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., num_generated: _Optional[int] = ..., num_cached_tokens: _Optional[int] = ...) -> None: ...
 
 class PauseJob(_message.Message):
     __slots__ = ("job_id", "kv_action")

@@ -15,6 +15,9 @@ admit the job (the scheduler admitted it, then its client left), so the engine r
 id until that plan has run and skips the admit. Without that, a job cancelled while its admit
 was in flight would run to its end on a worker whose scheduler no longer knows it.
 
+Prefix caching (``KvManager.start``): an admit may name leading tokens the worker's prefix
+cache holds; the sequence starts with those blocks as computed and feeds only the rest.
+
 Token arithmetic (mirrored by ``alise.core.job``): a sequence of ``n`` tokens whose first ``c``
 positions are cached feeds tokens ``[c, c + k)`` in a step and needs ``ceil((c + k) / block_size)``
 blocks for it; when ``c + k = n`` the step samples one token, which is appended (not cached).
@@ -149,10 +152,12 @@ class WorkerEngine:
         generator = None
         if command.sampling.seed is not None:
             generator = self.executor.make_generator(command.sampling.seed)
-        self.seqs[command.job_id] = Sequence(
-            job_id=command.job_id, token_ids=list(command.token_ids), sampling=command.sampling,
-            num_generated=command.num_generated, generator=generator)
-        return None
+        seq = Sequence(job_id=command.job_id, token_ids=list(command.token_ids), sampling=command.sampling,
+                       num_generated=command.num_generated, generator=generator)
+        reason = self.kv.start(seq, command.num_cached_tokens)
+        if reason is None:
+            self.seqs[command.job_id] = seq
+        return reason
 
     def abort(self, job_ids: Iterable[str], through: int = -1) -> None:
         """Aborts at the step boundary, ahead of the plans held: a job here is released; one not
@@ -169,8 +174,8 @@ class WorkerEngine:
         self.aborted.clear()
         self.last_step_id = -1
 
-    def _release(self, seq: Sequence) -> None:
-        self.kv.release(seq)
+    def _release(self, seq: Sequence, *, finished: bool = False) -> None:
+        self.kv.release(seq, finished=finished)
         self.executor.release(seq.job_id)
         del self.seqs[seq.job_id]
 
@@ -270,7 +275,7 @@ class WorkerEngine:
             reason = FinishReason.LENGTH
         output = JobOutput(seq.job_id, [token], reason, seq.num_tokens)
         if reason is not None:
-            self._release(seq)
+            self._release(seq, finished=True)
         return output
 
     @property

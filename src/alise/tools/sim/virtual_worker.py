@@ -52,9 +52,10 @@ class LatencyExecutor:
 def virtual_worker(*, num_device_blocks: int, block_size: int, max_model_len: int,
                    latency: LatencyModel, num_host_blocks: int = 0,
                    target_lengths: dict[str, int] | None = None, block_bytes: int = 0,
-                   swap_bytes_per_s: float = 20e9, quantize_bytes_per_s: float = 200e9) -> WorkerEngine:
+                   swap_bytes_per_s: float = 20e9, quantize_bytes_per_s: float = 200e9,
+                   prefix_caching: bool = False) -> WorkerEngine:
     """A worker engine with a latency-model executor and a virtual KV mover."""
     mover = VirtualKvMover(block_bytes, swap_bytes_per_s, quantize_bytes_per_s)
-    kv = KvManager(num_device_blocks, num_host_blocks, block_size, mover)
+    kv = KvManager(num_device_blocks, num_host_blocks, block_size, mover, prefix_caching=prefix_caching)
     executor = LatencyExecutor(latency, mover, target_lengths)
     return WorkerEngine(executor, kv, eos_token_id=EOS_TOKEN_ID, max_model_len=max_model_len)

@@ -49,8 +49,8 @@ class ModelExecutor:
 
 
 def make_worker_engine(runner, *, eos_token_id: int | None, max_model_len: int,
-                       num_host_blocks: int = 0) -> WorkerEngine:
+                       num_host_blocks: int = 0, prefix_caching: bool = False) -> WorkerEngine:
     """The engine of a worker over ``runner`` (a ``ModelRunner`` or ``TransformersRunner``)."""
     mover = TorchKvMover(runner.kv_cache, num_host_blocks)
-    kv = KvManager(runner.num_blocks, num_host_blocks, runner.block_size, mover)
+    kv = KvManager(runner.num_blocks, num_host_blocks, runner.block_size, mover, prefix_caching=prefix_caching)
     return WorkerEngine(ModelExecutor(runner), kv, eos_token_id=eos_token_id, max_model_len=max_model_len)
