@@ -11,7 +11,9 @@ What a plan expects (``InFlight.outputs``): exactly one token from every job who
 that step reaches the end of its sequence and that is still on the worker. Jobs that left
 the worker since (cancelled, finished in an earlier step, refused and re-queued) are struck
 from every plan in flight when they leave, and an output naming a job the core no longer
-has is ignored (its stream is gone).
+has is ignored (its stream is gone). Nor is one of a job that left the worker and was
+admitted there again after that step (:func:`job_at`): it belongs to the job's earlier stay,
+which the worker has since released, and the job recomputes from its confirmed tokens.
 """
 
 from __future__ import annotations
@@ -51,7 +53,7 @@ def check_report(report: StepReport, in_flight: deque[InFlight], jobs: dict[str,
     refused = {r.job_id for r in report.refused}
     seen: set[str] = set()
     for out in report.outputs:
-        job = jobs.get(out.job_id)
+        job = job_at(jobs, out.job_id, report.step_id)
         if job is None or out.job_id in refused:
             continue  # it left this worker while the step ran; nothing streams from it
         if out.job_id in seen:
@@ -72,6 +74,14 @@ def check_report(report: StepReport, in_flight: deque[InFlight], jobs: dict[str,
     if missing:
         raise ReportError(f"step {report.step_id} should have produced a token for "
                           f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+
+
+def job_at(jobs: dict[str, Job], job_id: str, step_id: int) -> Job | None:
+    """The worker's job ``job_id`` as step ``step_id`` knew it: None when the job has left the
+    worker, or left it and was admitted there again by a later plan (its ``admit_step_id``).
+    What a report of that step says of the job (a token, a refusal) is of a stay that is over."""
+    job = jobs.get(job_id)
+    return job if job is not None and job.admit_step_id <= step_id else None
 
 
 def strike(in_flight: deque[InFlight], job_id: str) -> None:
