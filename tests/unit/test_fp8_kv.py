@@ -149,3 +149,17 @@ def test_kv_cache_dtype_is_a_flag_of_worker_and_up() -> None:
     assert worker_main.config_from_args(args.parse_args(["--kv-cache-dtype", "fp8_e4m3"])).kv_cache_dtype == "fp8_e4m3"
     with pytest.raises(ValueError, match="kv_cache_dtype fp8_e4m3 needs runner 'paged'"):
         WorkerConfig(kv_cache_dtype="fp8_e4m3", runner="transformers")
+
+
+def test_a_loaded_profile_is_fitted_to_the_pages_bytes(loaded) -> None:
+    from alise.core.latency_model import LatencyModel
+    from alise.worker.model.serving import fit_kv_bytes
+
+    runner = ModelRunner(loaded, num_blocks=4, block_size=8, kv_cache_dtype="fp8_e4m3")
+    float32_bytes = KVCache.block_bytes(loaded.config, 1, torch.float32)
+    profile = LatencyModel(c0_s=0.01, c_ctx_s=4e-6, name="p", meta=dict(kv_bytes_per_token=float32_bytes))
+    fitted = fit_kv_bytes(profile, runner)
+    assert fitted.c_ctx_s == pytest.approx(1e-6) and fitted.c0_s == 0.01  # 1 byte a value, not 4
+    assert fitted.meta["kv_bytes_per_token"] == float32_bytes // 4
+    assert fit_kv_bytes(fitted, runner) is fitted
+    assert fit_kv_bytes(LatencyModel(name="unlabelled"), runner).c_ctx_s == LatencyModel().c_ctx_s

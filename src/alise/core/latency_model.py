@@ -35,7 +35,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 
 @dataclass
@@ -57,6 +57,16 @@ class LatencyModel:
     c_chunk_s: float = 0.0
     #: Fixed cost of decode rows in a step that also carries prefill chunks.
     c_mixed_decode_s: float = 0.0
+
+    def with_kv_bytes_ratio(self, ratio: float) -> LatencyModel:
+        """This model for KV pages of ``ratio`` times the bytes per token it was made with (fp8
+        pages under a 16-bit profile: 0.5). A decode step reads each cached token's K and V
+        once, so the per-context-token cost ``c_ctx_s`` scales with the bytes; the weights'
+        read, prefill compute and fixed costs do not. ``meta["kv_bytes_ratio"]`` compounds."""
+        if not ratio > 0:
+            raise ValueError(f"ratio must be > 0, got {ratio}")
+        meta = dict(self.meta, kv_bytes_ratio=self.meta.get("kv_bytes_ratio", 1.0) * ratio)
+        return replace(self, c_ctx_s=self.c_ctx_s * ratio, meta=meta)
 
     @property
     def measured(self) -> bool:

@@ -56,6 +56,9 @@ def register(sub) -> None:
     # runs (the simulator imports numpy; building this parser does not).
     s.add_argument("--kv-tokens", type=int, default=None,
                    help="KV room per worker in tokens (default: SimConfig's, OPT-13B's on an H100)")
+    s.add_argument("--kv-cache-dtype", choices=["auto", "fp8_e4m3"], default=None,
+                   help="the workers' KV pages: fp8_e4m3 doubles the blocks and halves the profile's "
+                        "per-context-token cost (default: SimConfig's, auto: 16 bits)")
     s.add_argument("--workers", type=int, default=None, dest="num_workers",
                    help="simulated workers, all alike (default: SimConfig's, one)")
     s.add_argument("--max-num-seqs", type=int, default=None,

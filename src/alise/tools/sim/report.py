@@ -216,8 +216,8 @@ def sim_config(args) -> tuple[SimConfig, list[str]]:
     from alise.tools.sim.flags import scheduling_from_args
 
     scheduling = scheduling_from_args(args)
-    shape = {name: getattr(args, name) for name in ("kv_tokens", "num_workers", "max_num_seqs")
-             if getattr(args, name) is not None}
+    shape = {name: getattr(args, name) for name in ("kv_tokens", "num_workers", "max_num_seqs", "kv_cache_dtype")
+             if getattr(args, name, None) is not None}
     config = SimConfig(**shape, scheduling=scheduling)
     policies = [p.strip() for p in args.policies.split(",") if p.strip()]
     for policy in policies:
@@ -270,7 +270,8 @@ def run_sim_command(args) -> int:
     print(f"plot: {png}")
     if args.json_path:
         doc = dict(label="simulated", profile=label, profile_meta=latency.meta,
-                   config=dict(kv_tokens=config.kv_tokens, block_size=config.block_size,
+                   config=dict(kv_tokens=config.kv_tokens, kv_cache_dtype=config.kv_cache_dtype,
+                               block_size=config.block_size,
                                max_num_seqs=config.max_num_seqs, num_workers=config.num_workers,
                                max_model_len=config.max_model_len, scheduling=asdict(config.scheduling)),
                    constraints_x_unloaded=list(CONSTRAINTS), workloads=results)

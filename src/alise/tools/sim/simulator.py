@@ -19,10 +19,11 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Literal
 
 from alise.core.blocks import WorkerCapacity, default_token_budget
 from alise.core.commands import AbortJobs, StepPlan, StepReport
-from alise.core.config import SchedulingConfig, make_core
+from alise.core.config import SchedulingConfig, check_choices, make_core
 from alise.core.dispatch import keep_in_flight
 from alise.core.job import Job, LengthEstimate
 from alise.core.latency_model import LatencyModel
@@ -37,9 +38,13 @@ from alise.tools.trace import Releases, TraceRequest
 class SimConfig:
     """One simulated worker's shape (every worker alike) and the cluster size."""
 
-    #: KV room in tokens per worker (default: OPT-13B on an H100, the issue's reference).
+    #: KV room in tokens per worker at 16 bits a value (default: OPT-13B on an H100, the issue's
+    #: reference); fp8 pages hold twice as many in the same memory (``kv_cache_dtype``).
     kv_tokens: int = 15_000
     block_size: int = 16
+    #: The workers' KV pages (their kv_cache_dtype): fp8_e4m3 halves a token's bytes, so the blocks
+    #: double, a block's bytes halve and so does the profile's per-context-token cost.
+    kv_cache_dtype: Literal["auto", "fp8_e4m3"] = "auto"
     max_num_seqs: int = 256
     #: The per-step token budget (chunked prefill); 0 = the worker's default rule.
     max_num_batched_tokens: int = 0
@@ -61,18 +66,34 @@ class SimConfig:
     quantize_bytes_per_s: float = 200e9
 
     def __post_init__(self) -> None:
+        check_choices(self)
         for name in ("kv_tokens", "block_size", "max_num_seqs", "max_model_len", "num_workers", "max_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
     @property
+    def kv_bytes_ratio(self) -> float:
+        """A token's KV bytes over a 16-bit cache's."""
+        return 0.5 if self.kv_cache_dtype == "fp8_e4m3" else 1.0
+
+    @property
     def num_device_blocks(self) -> int:
-        return self.kv_tokens // self.block_size
+        return int(self.kv_tokens / self.kv_bytes_ratio) // self.block_size
+
+    @property
+    def kv_room_tokens(self) -> int:
+        """Tokens the device blocks hold."""
+        return self.num_device_blocks * self.block_size
+
+    def kv_latency(self, model: LatencyModel) -> LatencyModel:
+        """``model`` (a profile of 16-bit pages) for these workers' pages."""
+        return model if self.kv_bytes_ratio == 1.0 else model.with_kv_bytes_ratio(self.kv_bytes_ratio)
 
     def capacity(self, worker_id: str) -> WorkerCapacity:
         budget = self.max_num_batched_tokens or default_token_budget(self.max_num_seqs)
         return WorkerCapacity(worker_id, self.block_size, self.num_device_blocks, self.num_host_blocks,
-                              self.max_model_len, self.max_num_seqs, budget, block_bytes=self.block_bytes)
+                              self.max_model_len, self.max_num_seqs, budget,
+                              block_bytes=int(self.block_bytes * self.kv_bytes_ratio))
 
 
 @dataclass(frozen=True)
@@ -149,6 +170,8 @@ def simulate(requests: Sequence[TraceRequest], latency: LatencyModel, config: Si
     latency model the core prices with (default: ``latency``); ``on_progress``: called with the
     number of jobs finished so far at every event (it keeps its own pace)."""
     started = time.perf_counter()
+    latency = config.kv_latency(latency)
+    pricing = config.kv_latency(pricing) if pricing is not None else None
     core = make_core(config.scheduling, pricing or latency, memory)
     cluster = _Cluster(core, config, latency)
     releases = Releases(requests)

@@ -146,7 +146,8 @@ def estimate_capacity(requests: Sequence[TraceRequest], latency: LatencyModel,
     mean_out = statistics.fmean(r.output_tokens for r in requests)
     mean_prompt = statistics.fmean(r.prompt_tokens for r in requests)
     per_job = mean_prompt + mean_out / 2
-    batch = max(1.0, min(config.max_num_seqs, config.kv_tokens / per_job))
+    latency = config.kv_latency(latency)
+    batch = max(1.0, min(config.max_num_seqs, config.kv_room_tokens / per_job))
     step = latency.step_s(int(batch), int(batch * per_job))
     return config.num_workers * batch / step / mean_out
 
@@ -157,9 +158,9 @@ def capacity_bound(requests: Sequence[TraceRequest], latency: LatencyModel,
 
     Job j generates n = :func:`output_target` tokens and decodes its tokens 2..n from
     contexts p+1 .. p+n-1, so it needs at least M_j = sum of those contexts in KV
-    token-steps and n-1 sequence-steps. A step holds at most ``kv_tokens`` of context
+    token-steps and n-1 sequence-steps. A step holds at most ``kv_room_tokens`` of context
     (paused jobs, swapped or quantized, do not decode) and ``max_num_seqs`` sequences, so
-    the trace needs S >= max(sum M / kv_tokens, sum (n-1) / max_num_seqs) steps, each
+    the trace needs S >= max(sum M / kv_room_tokens, sum (n-1) / max_num_seqs) steps, each
     costing at least c0 + cycle, plus the per-context, per-sequence and per-prompt-token
     terms of the profile for the work itself (a one-token prompt is fed as a decode row, with
     no prefill term; recompute, mixed-step and quadratic terms only add). Holds for a
@@ -171,8 +172,9 @@ def capacity_bound(requests: Sequence[TraceRequest], latency: LatencyModel,
         mem += decode_work(r.prompt_tokens, n)
         seq += n - 1
         prompt += r.prompt_tokens if r.prompt_tokens > 1 else 0
+    latency = config.kv_latency(latency)
     k = latency.correction
-    steps = max(mem / config.kv_tokens, seq / config.max_num_seqs)
+    steps = max(mem / config.kv_room_tokens, seq / config.max_num_seqs)
     seconds = (steps * (latency.c0_s * k + latency.c_cycle_s)
                + k * (latency.c_ctx_s * mem + latency.c_seq_s * seq + latency.c_pre_s * prompt))
     return config.num_workers * len(requests) / seconds if seconds > 0 else math.inf

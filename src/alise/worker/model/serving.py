@@ -52,8 +52,10 @@ def load_served_model(config: WorkerConfig) -> ServedModel:
                           max_num_seqs=config.max_num_seqs, use_cuda_graphs=None if config.cuda_graphs else False,
                           **sizes)
     latency_model = load_latency_profile(runner, config)
+    # The transformers runner keeps a cache per sequence, which cannot start from shared blocks.
     engine = make_worker_engine(runner, eos_token_id=loaded.eos_token_id, max_model_len=loaded.max_model_len,
-                                num_host_blocks=config.num_host_blocks)
+                                num_host_blocks=config.num_host_blocks,
+                                prefix_caching=config.enable_prefix_caching and runner_class is ModelRunner)
     served = ServedModel(loaded, engine, identity_of(loaded, config.block_size, kv_dtype(loaded, config)),
                          latency_model)
     logger.info("worker %s: %s on %s (%s), %d KV blocks of %d tokens in %s, %s runner", config.resolved_worker_id,
@@ -100,8 +102,23 @@ def load_latency_profile(runner: ModelRunner, config: WorkerConfig) -> LatencyMo
             logger.info("latency profile written to %s", config.latency_profile)
         return model
     if config.latency_profile:
-        return LatencyModel.load(config.latency_profile)
+        return fit_kv_bytes(LatencyModel.load(config.latency_profile), runner)
     return None
+
+
+def fit_kv_bytes(model: LatencyModel, runner: ModelRunner) -> LatencyModel:
+    """``model`` for this runner's KV bytes per token: a profile measured with other pages (fp16
+    pages, served with fp8 ones) has its per-context-token cost scaled by the ratio of the bytes
+    (``LatencyModel.with_kv_bytes_ratio``); a profile that does not say its bytes is kept."""
+    theirs = model.meta.get("kv_bytes_per_token")
+    ours = KVCache.block_bytes(runner.config, 1, runner.kv_cache.dtype)
+    if not theirs or theirs == ours:
+        return model
+    logger.info("latency profile measured at %d KV bytes a token, served at %d: c_ctx scaled by %.3g",
+                theirs, ours, ours / theirs)
+    scaled = model.with_kv_bytes_ratio(ours / theirs)
+    scaled.meta["kv_bytes_per_token"] = ours
+    return scaled
 
 
 def kv_dtype(loaded: LoadedModel, config: WorkerConfig) -> torch.dtype:
