@@ -123,6 +123,7 @@ def _plan_to_pb(plan: StepPlan) -> worker_pb2.StepPlan:
                 wc.admit.prompt_token_ids.extend(command.token_ids)
                 wc.admit.sampling.CopyFrom(sampling_to_pb(command.sampling))
                 wc.admit.num_generated = command.num_generated
+                wc.admit.num_cached_tokens = command.num_cached_tokens
             case Pause():
                 wc.pause.job_id = command.job_id
                 wc.pause.kv_action = _ACTION_TO_PB[command.action]
@@ -140,7 +141,8 @@ def _plan_from_pb(pb: worker_pb2.StepPlan) -> StepPlan:
             case "admit":
                 a = wc.admit
                 params = sampling_from_pb(a.sampling, default_max_tokens=1)
-                commands.append(Admit(a.job_id, list(a.prompt_token_ids), params, a.num_generated))
+                commands.append(Admit(a.job_id, list(a.prompt_token_ids), params, a.num_generated,
+                                      a.num_cached_tokens))
             case "pause":
                 if wc.pause.kv_action not in _ACTION_FROM_PB:
                     raise WireError(f"unknown KV action {wc.pause.kv_action}")
@@ -226,6 +228,6 @@ def capacity_from_hello(hello: worker_pb2.WorkerHello) -> WorkerCapacity:
             num_device_blocks=hello.num_device_blocks, num_host_blocks=hello.num_host_blocks,
             max_model_len=hello.max_model_len, max_num_seqs=hello.max_num_seqs,
             max_num_batched_tokens=hello.max_num_batched_tokens, block_bytes=hello.block_bytes,
-            model_id=hello.model_id)
+            model_id=hello.model_id, prefix_caching=hello.prefix_caching)
     except ValueError as exc:
         raise WireError(str(exc)) from exc

@@ -90,6 +90,10 @@ class WorkerConfig:
     #: Forward pass: paged (this engine's ModelRunner) or transformers (the plain HF forward,
     #: a baseline: cuda_graphs does not apply, profile_latency is refused).
     runner: Literal["paged", "transformers"] = "paged"
+    #: Keep released full KV blocks, named by the hash of their tokens and prefix, for later
+    #: requests that start with the same tokens: they compute only the rest (automatic prefix
+    #: caching, vLLM's --enable-prefix-caching; the paged runner only).
+    enable_prefix_caching: bool = True
     #: Serve Prometheus metrics over HTTP here, port 0 = any free port ("" = none).
     metrics_address: str = ""
     #: Internal secret and TLS for the channel to the scheduler.
