@@ -228,6 +228,7 @@ def capacity_from_hello(hello: worker_pb2.WorkerHello) -> WorkerCapacity:
             num_device_blocks=hello.num_device_blocks, num_host_blocks=hello.num_host_blocks,
             max_model_len=hello.max_model_len, max_num_seqs=hello.max_num_seqs,
             max_num_batched_tokens=hello.max_num_batched_tokens, block_bytes=hello.block_bytes,
-            model_id=hello.model_id, prefix_caching=hello.prefix_caching)
+            model_id=hello.model_id, prefix_caching=hello.prefix_caching,
+            kv_cache_dtype=hello.kv_cache_dtype or "auto")
     except ValueError as exc:
         raise WireError(str(exc)) from exc

@@ -88,6 +88,14 @@ class WorkerCapacity:
     model_id: str = ""
     #: The worker caches released full blocks by content (``alise.core.prefix_cache``).
     prefix_caching: bool = False
+    #: The worker's KV pages (its kv_cache_dtype): "auto" (the model's dtype) or "fp8_e4m3".
+    kv_cache_dtype: str = "auto"
+
+    @property
+    def can_quantize_kv(self) -> bool:
+        """int8/int4 moves apply: the layout above fits ``QUANTIZED_FRACTION`` of 16-bit (or
+        wider) pages; fp8 pages would need 18/16 and 10/16 of their blocks."""
+        return self.kv_cache_dtype == "auto"
 
     def __post_init__(self) -> None:
         for name in ("block_size", "num_device_blocks", "max_model_len", "max_num_seqs",
@@ -99,6 +107,9 @@ class WorkerCapacity:
         self.max_model_len = min(self.max_model_len, self.num_device_blocks * self.block_size)
         if self.num_host_blocks < 0:
             raise ValueError(f"worker {self.worker_id}: num_host_blocks must be >= 0")
+        if self.kv_cache_dtype not in ("auto", "fp8_e4m3"):
+            raise ValueError(f"worker {self.worker_id}: kv_cache_dtype must be auto or fp8_e4m3, "
+                             f"got {self.kv_cache_dtype!r}")
         if self.max_num_batched_tokens < self.max_num_seqs:
             # Every running sequence decodes a token each step: the budget must cover them.
             raise ValueError(f"worker {self.worker_id}: max_num_batched_tokens "

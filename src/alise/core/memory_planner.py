@@ -167,6 +167,10 @@ class DropPlanner(MemoryPlanner):
         return moves
 
 
+#: Places of quantized KV: a worker whose pages cannot be quantized (fp8) is planned without them.
+_QUANTIZED = frozenset(place for place, p in PLACES.items() if p.bits < 16)
+
+
 class AdaptivePlanner(MemoryPlanner):
     name = "adaptive"
 
@@ -189,7 +193,8 @@ class AdaptivePlanner(MemoryPlanner):
         slots = [_Slot(job, job.kv, job.kv, waits.get(job.job_id, 0.0),
                        job.status is JobStatus.RUNNING) for job in paused]
         host_free = host_budget
-        host_free = self._fit_device(slots, bs, device_budget, host_free)
+        allowed = self.allowed if capacity.can_quantize_kv else self.allowed - _QUANTIZED
+        host_free = self._fit_device(slots, bs, device_budget, host_free, allowed)
         headroom = int(capacity.num_device_blocks * self.headroom_fraction)
         host_free = self._make_headroom(slots, bs, device_budget - headroom, host_free)
         self._prefetch(slots, bs, device_budget)
@@ -198,10 +203,11 @@ class AdaptivePlanner(MemoryPlanner):
 
     # ----------------------------------------------------------------- sub-steps
 
-    def _fit_device(self, slots: list[_Slot], bs: int, budget: int, host_free: int) -> int:
+    def _fit_device(self, slots: list[_Slot], bs: int, budget: int, host_free: int,
+                    allowed: frozenset[KvPlace]) -> int:
         demand = sum(s.device_blocks(bs) for s in slots)
         while demand > budget:
-            best = self._cheapest_downgrade(slots, bs, host_free, demand - budget)
+            best = self._cheapest_downgrade(slots, bs, host_free, demand - budget, allowed)
             if best is None:
                 raise AssertionError("dropping frees every device block; unreachable")
             slot, target = best
@@ -251,8 +257,8 @@ class AdaptivePlanner(MemoryPlanner):
         moved = place_blocks(host_place, slot.job.num_private_tokens, bs)
         return self.prefetch_factor * self.costs.transfer_s(moved) + self.prefetch_lead_s
 
-    def _cheapest_downgrade(self, slots: list[_Slot], bs: int, host_free: int,
-                            deficit: int) -> tuple[_Slot, KvPlace] | None:
+    def _cheapest_downgrade(self, slots: list[_Slot], bs: int, host_free: int, deficit: int,
+                            allowed: frozenset[KvPlace]) -> tuple[_Slot, KvPlace] | None:
         """The cheapest move that frees ``deficit`` blocks on its own, else the cheapest per
         block freed (ties: the longest wait)."""
         best = None
@@ -263,7 +269,7 @@ class AdaptivePlanner(MemoryPlanner):
                 continue
             now_cost = self._cost(slot, slot.place, bs)
             for target in PLACES[slot.place].downgrades:
-                if target not in self.allowed and target is not KvPlace.NONE:
+                if target not in allowed and target is not KvPlace.NONE:
                     continue
                 freed = held - (place_blocks(target, slot.job.num_private_tokens, bs)
                                 if PLACES[target].on_device else 0)

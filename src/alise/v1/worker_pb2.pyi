@@ -26,7 +26,7 @@ class SchedulerMessage(_message.Message):
     def __init__(self, plan: _Optional[_Union[StepPlan, _Mapping]] = ..., shutdown: _Optional[_Union[Shutdown, _Mapping]] = ..., abort: _Optional[_Union[AbortJobs, _Mapping]] = ...) -> None: ...
 
 class WorkerHello(_message.Message):
-    __slots__ = ("worker_id", "model", "device", "block_size", "num_device_blocks", "num_host_blocks", "max_model_len", "vocab_size", "block_bytes", "latency_profile_json", "max_num_seqs", "max_num_batched_tokens", "model_id", "held_jobs", "weights_fingerprint", "held_from_scheduler_id", "prefix_caching")
+    __slots__ = ("worker_id", "model", "device", "block_size", "num_device_blocks", "num_host_blocks", "max_model_len", "vocab_size", "block_bytes", "latency_profile_json", "max_num_seqs", "max_num_batched_tokens", "model_id", "held_jobs", "weights_fingerprint", "held_from_scheduler_id", "prefix_caching", "kv_cache_dtype")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
@@ -44,6 +44,7 @@ class WorkerHello(_message.Message):
     WEIGHTS_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     HELD_FROM_SCHEDULER_ID_FIELD_NUMBER: _ClassVar[int]
     PREFIX_CACHING_FIELD_NUMBER: _ClassVar[int]
+    KV_CACHE_DTYPE_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     model: str
     device: str
@@ -61,7 +62,8 @@ class WorkerHello(_message.Message):
     weights_fingerprint: str
     held_from_scheduler_id: str
     prefix_caching: bool
-    def __init__(self, worker_id: _Optional[str] = ..., model: _Optional[str] = ..., device: _Optional[str] = ..., block_size: _Optional[int] = ..., num_device_blocks: _Optional[int] = ..., num_host_blocks: _Optional[int] = ..., max_model_len: _Optional[int] = ..., vocab_size: _Optional[int] = ..., block_bytes: _Optional[int] = ..., latency_profile_json: _Optional[str] = ..., max_num_seqs: _Optional[int] = ..., max_num_batched_tokens: _Optional[int] = ..., model_id: _Optional[str] = ..., held_jobs: _Optional[_Iterable[_Union[HeldJob, _Mapping]]] = ..., weights_fingerprint: _Optional[str] = ..., held_from_scheduler_id: _Optional[str] = ..., prefix_caching: _Optional[bool] = ...) -> None: ...
+    kv_cache_dtype: str
+    def __init__(self, worker_id: _Optional[str] = ..., model: _Optional[str] = ..., device: _Optional[str] = ..., block_size: _Optional[int] = ..., num_device_blocks: _Optional[int] = ..., num_host_blocks: _Optional[int] = ..., max_model_len: _Optional[int] = ..., vocab_size: _Optional[int] = ..., block_bytes: _Optional[int] = ..., latency_profile_json: _Optional[str] = ..., max_num_seqs: _Optional[int] = ..., max_num_batched_tokens: _Optional[int] = ..., model_id: _Optional[str] = ..., held_jobs: _Optional[_Iterable[_Union[HeldJob, _Mapping]]] = ..., weights_fingerprint: _Optional[str] = ..., held_from_scheduler_id: _Optional[str] = ..., prefix_caching: _Optional[bool] = ..., kv_cache_dtype: _Optional[str] = ...) -> None: ...
 
 class HeldJob(_message.Message):
     __slots__ = ("job_id", "token_ids", "num_generated", "sampling", "num_computed")

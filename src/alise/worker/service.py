@@ -106,7 +106,7 @@ class Worker:
             vocab_size=ident.vocab_size, block_bytes=ident.block_bytes, max_num_seqs=cfg.max_num_seqs,
             max_num_batched_tokens=self.token_budget(), model_id=ident.model_id, weights_fingerprint=ident.weights,
             held_jobs=[wire.held_to_pb(job) for job in self._held], held_from_scheduler_id=self._held_from,
-            prefix_caching=self.engine.kv.prefix_caching,
+            prefix_caching=self.engine.kv.prefix_caching, kv_cache_dtype=cfg.kv_cache_dtype,
             latency_profile_json=self.latency_model.to_json() if self.latency_model else ""))
 
     def token_budget(self) -> int:
