@@ -90,4 +90,5 @@ def to_status(msg: scheduler_pb2.GetStatusResponse) -> Status:
                   num_finished=msg.num_finished, predictor_state=msg.predictor_state,
                   uptime_s=msg.uptime_s, num_preemptions=msg.num_preemptions,
                   preemptions_by_action=dict(msg.preemptions_by_action), model=msg.model,
-                  max_model_len=msg.max_model_len)
+                  max_model_len=msg.max_model_len, num_admitted_tokens=msg.num_admitted_tokens,
+                  num_cached_tokens=msg.num_cached_tokens, num_prefill_tokens=msg.num_prefill_tokens)

@@ -74,3 +74,7 @@ class Status:
     preemptions_by_action: dict = field(default_factory=dict)
     model: str = ""
     max_model_len: int = 0
+    #: Tokens admitted to workers, read from their prefix caches, and computed by prefills.
+    num_admitted_tokens: int = 0
+    num_cached_tokens: int = 0
+    num_prefill_tokens: int = 0

@@ -52,7 +52,9 @@ class EngineStatus:
             num_paused=core.num_with_status(JobStatus.PAUSED),
             num_finished=core.num_finished, uptime_s=time.monotonic() - engine.started_s,
             num_preemptions=sum(core.preemptions.values()),
-            preemptions_by_action=dict(core.preemptions))
+            preemptions_by_action=dict(core.preemptions),
+            num_admitted_tokens=core.prefill.num_admitted_tokens, num_cached_tokens=core.prefill.num_cached_tokens,
+            num_prefill_tokens=core.prefill.num_computed_tokens)
 
     def _state_metrics(self) -> Iterator[tuple]:
         core = self.engine.core
@@ -62,6 +64,10 @@ class EngineStatus:
                 (["paused"], core.num_with_status(JobStatus.PAUSED))])
         yield ("alise_preemptions", "Preemptions by KV action since start", ["action"],
                [([action], n) for action, n in core.preemptions.items()])
+        yield ("alise_prefill_tokens", "Tokens admitted to workers since start, those read from their prefix "
+               "caches, and those prefills computed", ["kind"],
+               [(["admitted"], core.prefill.num_admitted_tokens), (["cached"], core.prefill.num_cached_tokens),
+                (["computed"], core.prefill.num_computed_tokens)])
         yield ("alise_workers", "Connected workers", [], [([], len(self.engine.links))])
         blocks = []
         for worker_id, view in core.workers.items():

@@ -104,7 +104,7 @@ class WorkerStatus(_message.Message):
     def __init__(self, worker_id: _Optional[str] = ..., model: _Optional[str] = ..., device: _Optional[str] = ..., block_size: _Optional[int] = ..., num_device_blocks: _Optional[int] = ..., num_free_device_blocks: _Optional[int] = ..., num_host_blocks: _Optional[int] = ..., num_free_host_blocks: _Optional[int] = ..., num_running: _Optional[int] = ..., num_paused: _Optional[int] = ..., last_step_ms: _Optional[float] = ..., num_steps: _Optional[int] = ..., connected_s: _Optional[float] = ..., num_censuses: _Optional[int] = ..., num_ghost_jobs: _Optional[int] = ..., num_missing_jobs: _Optional[int] = ..., num_block_deficits: _Optional[int] = ...) -> None: ...
 
 class GetStatusResponse(_message.Message):
-    __slots__ = ("policy", "workers", "num_waiting", "num_running", "num_paused", "num_finished", "predictor_state", "uptime_s", "num_preemptions", "preemptions_by_action", "model", "max_model_len")
+    __slots__ = ("policy", "workers", "num_waiting", "num_running", "num_paused", "num_finished", "predictor_state", "uptime_s", "num_preemptions", "preemptions_by_action", "model", "max_model_len", "num_admitted_tokens", "num_cached_tokens", "num_prefill_tokens")
     class PreemptionsByActionEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -124,6 +124,9 @@ class GetStatusResponse(_message.Message):
     PREEMPTIONS_BY_ACTION_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     MAX_MODEL_LEN_FIELD_NUMBER: _ClassVar[int]
+    NUM_ADMITTED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    NUM_CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    NUM_PREFILL_TOKENS_FIELD_NUMBER: _ClassVar[int]
     policy: str
     workers: _containers.RepeatedCompositeFieldContainer[WorkerStatus]
     num_waiting: int
@@ -136,7 +139,10 @@ class GetStatusResponse(_message.Message):
     preemptions_by_action: _containers.ScalarMap[str, int]
     model: str
     max_model_len: int
-    def __init__(self, policy: _Optional[str] = ..., workers: _Optional[_Iterable[_Union[WorkerStatus, _Mapping]]] = ..., num_waiting: _Optional[int] = ..., num_running: _Optional[int] = ..., num_paused: _Optional[int] = ..., num_finished: _Optional[int] = ..., predictor_state: _Optional[str] = ..., uptime_s: _Optional[float] = ..., num_preemptions: _Optional[int] = ..., preemptions_by_action: _Optional[_Mapping[str, int]] = ..., model: _Optional[str] = ..., max_model_len: _Optional[int] = ...) -> None: ...
+    num_admitted_tokens: int
+    num_cached_tokens: int
+    num_prefill_tokens: int
+    def __init__(self, policy: _Optional[str] = ..., workers: _Optional[_Iterable[_Union[WorkerStatus, _Mapping]]] = ..., num_waiting: _Optional[int] = ..., num_running: _Optional[int] = ..., num_paused: _Optional[int] = ..., num_finished: _Optional[int] = ..., predictor_state: _Optional[str] = ..., uptime_s: _Optional[float] = ..., num_preemptions: _Optional[int] = ..., preemptions_by_action: _Optional[_Mapping[str, int]] = ..., model: _Optional[str] = ..., max_model_len: _Optional[int] = ..., num_admitted_tokens: _Optional[int] = ..., num_cached_tokens: _Optional[int] = ..., num_prefill_tokens: _Optional[int] = ...) -> None: ...
 
 class GetMetricsRequest(_message.Message):
     __slots__ = ()

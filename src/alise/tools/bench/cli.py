@@ -148,12 +148,19 @@ def _run(args: argparse.Namespace, slo: dict) -> int:
     requests = _requests(args)
     backend = _backend(args)
     max_tokens = args.max_tokens or DEFAULT_MAX_TOKENS
+    before = _prefill_counts(args)
     results = asyncio.run(run_bench(requests, backend, timeout_s=args.timeout, lengths=args.lengths,
                                     max_tokens=max_tokens, max_concurrency=args.max_concurrency,
                                     progress=ProgressLine.for_flag(args.progress)))
     summary = summarize(results, slo)
+    after = _prefill_counts(args)
+    if before is not None and after is not None:
+        summary["prefill"] = dict(zip(("admitted_tokens", "cached_tokens", "computed_tokens"),
+                                      (b - a for a, b in zip(before, after, strict=True)), strict=True))
     label = args.label or backend.name
     print(format_summary(summary, title=f"{label} -> {backend.target}"))
+    if "prefill" in summary:
+        print(format_prefill(summary["prefill"]))
     if args.out:
         write_results(results, args.out)
         print(f"per-request results: {args.out}")
@@ -169,6 +176,29 @@ def _run(args: argparse.Namespace, slo: dict) -> int:
     if failed:
         print(f"{failed} requests failed; first: {next(r.error for r in results if r.error)}", file=sys.stderr)
     return 1 if failed else 0
+
+
+def _prefill_counts(args: argparse.Namespace) -> tuple[int, int, int] | None:
+    """The scheduler's (admitted, cached, computed) prompt tokens since its start (the grpc
+    backend: its status); None where the backend has no status to read, or it fails."""
+    from alise.client import AliseError, Client
+
+    if args.backend != "grpc":
+        return None
+    try:
+        with Client(args.address, token=args.token) as client:
+            s = client.status()
+    except AliseError:
+        return None
+    return s.num_admitted_tokens, s.num_cached_tokens, s.num_prefill_tokens
+
+
+def format_prefill(prefill: dict) -> str:
+    """One line: how much of the run's prompts the prefix caches held (server-side counts)."""
+    admitted, cached = prefill["admitted_tokens"], prefill["cached_tokens"]
+    rate = cached / admitted if admitted else 0.0
+    return (f"prefix cache (scheduler's counts over the run): {cached:,} of {admitted:,} admitted prompt "
+            f"tokens cached, hit rate {rate:.1%}; prefill tokens computed {prefill['computed_tokens']:,}")
 
 
 def _compare(paths: list[str], png: str | None, slo: dict) -> int:

@@ -63,6 +63,9 @@ def register(sub) -> None:
                    help="simulated workers, all alike (default: SimConfig's, one)")
     s.add_argument("--max-num-seqs", type=int, default=None,
                    help="sequences in one step of a worker (default: SimConfig's, vLLM's)")
+    s.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=None,
+                   help="the workers keep released full KV blocks for prompts that start with the same "
+                        "tokens, a conversation's later turns here (default: SimConfig's, on)")
     s.add_argument("--rates", default=None,
                    help="comma-separated rates (req/s); default: 0.4..2.4 x estimated capacity")
     s.add_argument("--predictor", default="auto", choices=["auto", "predictor", "knn"],

@@ -165,6 +165,7 @@ def format_workload(res: dict, profile: str) -> str:
             lines.append(f"  {name:>4} ({c['bound_s'] * 1e3:5.1f} ms) {cells}"
                          f"  {r.get('alise/fcfs', float('nan')):10.2f}"
                          f"  {r.get('alise/oracle', float('nan')):12.2f}")
+    lines.append(format_prefix_cache(res["runs"]))
     lines.append(f"capacity bound (no policy sustains more; memory-time and the profile): "
                  f"{res['capacity_bound_req_s']:.2f} req/s")
     if res["tail"]:
@@ -179,6 +180,19 @@ def format_workload(res: dict, profile: str) -> str:
                  "arrivals, or a rate above the capacity bound; violates every steady-state constraint. "
                  "'+' = censored: never crossed the bound)")
     return "\n".join(lines)
+
+
+def format_prefix_cache(runs: list[dict]) -> str:
+    """Per policy, over its runs: the share of admitted prompt tokens the prefix caches held and
+    the prefill tokens computed (a run's counts include recomputes after dropped KV)."""
+    cells = []
+    for p in dict.fromkeys(r["policy"] for r in runs):
+        mine = [r for r in runs if r["policy"] == p]
+        admitted = sum(r["num_admitted_tokens"] for r in mine)
+        cached = sum(r["num_cached_tokens"] for r in mine)
+        computed = sum(r["num_prefill_tokens"] for r in mine)
+        cells.append(f"{p} {cached / admitted if admitted else 0.0:.1%} ({computed:,} of {admitted:,} computed)")
+    return "prefix cache hit rate, prefill tokens computed of prompt tokens admitted (all rates): " + ", ".join(cells)
 
 
 def plot(results: list[dict], profile: str, path: str) -> None:
@@ -216,7 +230,8 @@ def sim_config(args) -> tuple[SimConfig, list[str]]:
     from alise.tools.sim.flags import scheduling_from_args
 
     scheduling = scheduling_from_args(args)
-    shape = {name: getattr(args, name) for name in ("kv_tokens", "num_workers", "max_num_seqs", "kv_cache_dtype")
+    shape = {name: getattr(args, name) for name in ("kv_tokens", "num_workers", "max_num_seqs", "kv_cache_dtype",
+                                                    "enable_prefix_caching")
              if getattr(args, name, None) is not None}
     config = SimConfig(**shape, scheduling=scheduling)
     policies = [p.strip() for p in args.policies.split(",") if p.strip()]
@@ -271,7 +286,7 @@ def run_sim_command(args) -> int:
     if args.json_path:
         doc = dict(label="simulated", profile=label, profile_meta=latency.meta,
                    config=dict(kv_tokens=config.kv_tokens, kv_cache_dtype=config.kv_cache_dtype,
-                               block_size=config.block_size,
+                               block_size=config.block_size, enable_prefix_caching=config.enable_prefix_caching,
                                max_num_seqs=config.max_num_seqs, num_workers=config.num_workers,
                                max_model_len=config.max_model_len, scheduling=asdict(config.scheduling)),
                    constraints_x_unloaded=list(CONSTRAINTS), workloads=results)

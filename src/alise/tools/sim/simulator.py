@@ -21,6 +21,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
+import numpy as np
+
 from alise.core.blocks import WorkerCapacity, default_token_budget
 from alise.core.commands import AbortJobs, StepPlan, StepReport
 from alise.core.config import SchedulingConfig, check_choices, make_core
@@ -28,10 +30,11 @@ from alise.core.dispatch import keep_in_flight
 from alise.core.job import Job, LengthEstimate
 from alise.core.latency_model import LatencyModel
 from alise.core.memory_planner import MemoryPlanner
+from alise.core.prefix_mirror import PrefillCounts
 from alise.core.sampling import SamplingParams
 from alise.core.scheduler import SchedulerCore
-from alise.tools.sim.virtual_worker import virtual_worker
-from alise.tools.trace import Releases, TraceRequest
+from alise.tools.sim.virtual_worker import EOS_TOKEN_ID, virtual_worker
+from alise.tools.trace import Releases, TraceRequest, conversations
 
 
 @dataclass(frozen=True)
@@ -64,6 +67,10 @@ class SimConfig:
     block_bytes: int = 0
     swap_bytes_per_s: float = 20e9
     quantize_bytes_per_s: float = 200e9
+    #: The workers keep released full KV blocks for later prompts that start with the same
+    #: tokens (their --enable-prefix-caching); here only a conversation's later turns share a
+    #: prefix (``prompt_token_ids``).
+    enable_prefix_caching: bool = True
 
     def __post_init__(self) -> None:
         check_choices(self)
@@ -93,7 +100,8 @@ class SimConfig:
         budget = self.max_num_batched_tokens or default_token_budget(self.max_num_seqs)
         return WorkerCapacity(worker_id, self.block_size, self.num_device_blocks, self.num_host_blocks,
                               self.max_model_len, self.max_num_seqs, budget,
-                              block_bytes=int(self.block_bytes * self.kv_bytes_ratio))
+                              block_bytes=int(self.block_bytes * self.kv_bytes_ratio),
+                              prefix_caching=self.enable_prefix_caching)
 
 
 @dataclass(frozen=True)
@@ -141,6 +149,8 @@ class SimResult:
     kv_moves: Counter = field(default_factory=Counter)
     moved_bytes: dict[str, int] = field(default_factory=dict)
     peak_need_blocks: int = 0
+    #: Prompt tokens admitted, found in the workers' prefix caches, and computed by prefills.
+    prefill: PrefillCounts = field(default_factory=PrefillCounts)
 
     @property
     def work_backlog_at_last_arrival(self) -> float:
@@ -184,6 +194,7 @@ def simulate(requests: Sequence[TraceRequest], latency: LatencyModel, config: Si
                        for i, r in enumerate(requests)})
     backlog: list[tuple[float, float]] = []
     peak_need = 0
+    previous = {turns[k + 1]: turns[k] for turns in conversations(requests).values() for k in range(len(turns) - 1)}
     while releases or core.jobs:
         if cluster.num_steps > max_steps:
             raise RuntimeError(f"simulation did not finish within {max_steps} steps")
@@ -199,7 +210,8 @@ def simulate(requests: Sequence[TraceRequest], latency: LatencyModel, config: Si
             for i, released_s in releases.pop_due(now):
                 r = requests[i]
                 job_id = f"r{i}"
-                job = Job(job_id, [1] * r.prompt_tokens, sampling, arrival_s=released_s,
+                before = jobs.get(f"r{previous[i]}") if i in previous else None
+                job = Job(job_id, prompt_token_ids(i, r.prompt_tokens, before), sampling, arrival_s=released_s,
                           estimate=estimates.get(i) if estimates else None,
                           oracle_output_tokens=r.output_tokens)
                 jobs[job_id] = job
@@ -228,7 +240,19 @@ def simulate(requests: Sequence[TraceRequest], latency: LatencyModel, config: Si
                      Counter(core.preemptions),
                      time.perf_counter() - started, work_backlog=[b[0] for b in backlog],
                      kv_backlog=[b[1] for b in backlog], kv_moves=Counter(core.kv_moves),
-                     moved_bytes=dict(moved), peak_need_blocks=peak_need)
+                     moved_bytes=dict(moved), peak_need_blocks=peak_need, prefill=core.prefill)
+
+
+def prompt_token_ids(index: int, num_tokens: int, previous: Job | None) -> list[int]:
+    """A simulated prompt's token ids: a later turn of a conversation starts with the turn
+    before it, prompt and answer, as a chat template renders them; the rest are tokens of its
+    own (a fixed random draw per request), so prompts share a prefix only where a conversation
+    does (a system prompt shared by every request is not modelled)."""
+    own = np.random.default_rng(index).integers(1, EOS_TOKEN_ID, num_tokens).tolist()
+    if previous is None:
+        return own
+    head = previous.all_token_ids()[:num_tokens]
+    return head + own[len(head):]
 
 
 class _Cluster:
@@ -252,7 +276,7 @@ class _Cluster:
                 num_device_blocks=config.num_device_blocks, block_size=config.block_size,
                 max_model_len=config.max_model_len, latency=latency, num_host_blocks=config.num_host_blocks,
                 block_bytes=config.block_bytes, swap_bytes_per_s=config.swap_bytes_per_s,
-                quantize_bytes_per_s=config.quantize_bytes_per_s)
+                quantize_bytes_per_s=config.quantize_bytes_per_s, prefix_caching=config.enable_prefix_caching)
             self.queued[wid] = deque()
 
     def next_end_s(self) -> float | None:

@@ -73,6 +73,11 @@ class RunSummary:
     work_backlog_growth: float = 0.0
     capacity_bound_req_s: float = math.inf
     kv_backlog_growth: float = 0.0
+    #: Prompt tokens admitted to the workers, read from their prefix caches, computed by prefills.
+    num_admitted_tokens: int = 0
+    num_cached_tokens: int = 0
+    num_prefill_tokens: int = 0
+    p50_ttft_s: float = 0.0
 
     @property
     def sustained(self) -> bool:
@@ -121,7 +126,10 @@ def summarize(result: SimResult, rate: float, capacity_bound_req_s: float = math
         mean_e2e_s=statistics.fmean(r.e2e_s for r in recs),
         throughput_req_s=len(recs) / result.makespan_s if result.makespan_s > 0 else 0.0,
         makespan_s=result.makespan_s, num_requests=len(recs), num_steps=result.num_steps,
-        num_preemptions=sum(result.preemptions.values()), wall_s=result.wall_s)
+        num_preemptions=sum(result.preemptions.values()), wall_s=result.wall_s,
+        num_admitted_tokens=result.prefill.num_admitted_tokens, num_cached_tokens=result.prefill.num_cached_tokens,
+        num_prefill_tokens=result.prefill.num_computed_tokens,
+        p50_ttft_s=statistics.median(r.ttft_s for r in recs))
 
 
 def throughput_at_constraint(rates: Sequence[float], latencies: Sequence[float],
