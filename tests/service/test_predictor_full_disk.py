@@ -63,3 +63,28 @@ async def test_an_observation_the_log_cannot_take_is_not_taken_and_its_resend_co
         assert sorted(again.runtime.history.observations()[2].tolist()) == [9, 20]
     finally:
         await again.stop(0.5)
+
+
+async def test_a_predictor_started_on_a_full_disk_predicts_and_takes_observations_once_there_is_room(
+        encoder, tmp_path, file_size_limit):
+    config = PredictorConfig(address="127.0.0.1:0", index_dir=str(tmp_path / "index"), model="m1")
+    message = predictor_pb2.Observation(prompt="Count to ten", output_tokens=20, sequence=1, sender="s")
+    file_size_limit(1)  # no record fits: its log cannot even start
+    server = await start_predictor_server(config, encoder=encoder)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            stub = predictor_pb2_grpc.PredictorServiceStub(channel)
+            reply = await stub.Predict(predictor_pb2.PredictRequest(prompts=["Count to ten"]), timeout=30)
+            assert len(reply.predictions) == 1
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await observe(server.port, message)
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+        file_size_limit(resource.RLIM_INFINITY)
+        assert (await observe(server.port, message))[-1].num_accepted == 1
+    finally:
+        await server.stop(0.5)
+    again = await start_predictor_server(config, encoder=encoder)
+    try:
+        assert again.runtime.history.observations()[2].tolist() == [20]
+    finally:
+        await again.stop(0.5)

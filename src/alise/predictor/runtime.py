@@ -170,9 +170,13 @@ class PredictorRuntime:
         runtime = cls(config, encoder, history, wal, dedup)
         await asyncio.to_thread(runtime.estimator.fit)
         if wal is not None:
-            wal.open(dedup[-_MAX_DEDUP_IDS:])
-            if reembedded or (restored is None and config.bootstrap):
-                await runtime.snapshot()
+            try:
+                wal.open(dedup[-_MAX_DEDUP_IDS:])
+                if reembedded or (restored is None and config.bootstrap):
+                    await runtime.snapshot()
+            except OSError as exc:  # a full disk: Predict serves, Observe waits for room
+                logger.warning("cannot write %s (%s): predictions are served; observations are refused "
+                               "until the log can be written", config.index_dir, exc.strerror or exc)
         return runtime
 
     def start(self) -> None:

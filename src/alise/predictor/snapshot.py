@@ -27,6 +27,7 @@ is a start-up error, never silently replaced by an empty one.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -110,8 +111,9 @@ def prepare_index_dir(index_dir: str | Path) -> None:
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as exc:
-        raise SnapshotError(f"--index-dir {index_dir} is not a writable directory "
-                            f"({exc.strerror or exc})") from None
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):  # a full disk is no reason not to serve
+            raise SnapshotError(f"--index-dir {index_dir} is not a writable directory "
+                                f"({exc.strerror or exc})") from None
     for leftover in index_dir.glob(f"{_TMP_PREFIX}*"):
         shutil.rmtree(leftover, ignore_errors=True)
 

@@ -16,7 +16,8 @@ byte then its body:
   sender's resend after a lost answer counts once across a snapshot too.
 
 Appends go to the file at once (one ``write``), whole or not at all (a disk that fills up
-mid-record gets it cut off again); :meth:`WriteAheadLog.sync` makes them durable
+mid-record gets it cut off again; a segment the disk could not start is started again by the
+next append); :meth:`WriteAheadLog.sync` makes them durable
 with one ``fsync`` for every caller that waited in the same ``sync_delay_s`` window, in a
 worker thread. An answer to the sender is sent only after its sync.
 
@@ -168,12 +169,26 @@ class WriteAheadLog:
         self._written = self._synced = 0  # bytes over all segments, both only grow
         self._sync_task: asyncio.Task | None = None
         self.num_logged = 0
+        #: The ids the current segment starts with (again, if starting it failed).
+        self._carried: list[str] = []
+
+    @property
+    def is_open(self) -> bool:
+        return self._file is not None
 
     def open(self, carried_ids: Sequence[str] = ()) -> None:
-        """Starts the current segment (with the recent de-duplication ids first)."""
+        """Starts the current segment (with the recent de-duplication ids first). When the disk
+        cannot take it (OSError, raised), the log stays closed and the next append starts the
+        segment again, ids first."""
+        self._carried = list(carried_ids)
         self._file = open(segment_path(self.index_dir, self.segment), "ab", buffering=0)
-        self._write(_record(b"I", json.dumps(list(carried_ids)).encode("utf-8")))
-        self._fsync_now()
+        try:
+            self._write(_record(b"I", json.dumps(self._carried).encode("utf-8")))
+            self._fsync_now()
+        except OSError:
+            self._file.close()
+            self._file = None
+            raise
 
     def _write(self, data: bytes) -> None:
         """Appends ``data`` whole or not at all: what a full disk took of it is cut off again
@@ -191,6 +206,8 @@ class WriteAheadLog:
     def append(self, observations: Sequence[LoggedObservation]) -> None:
         """Writes the records (not yet durable: await :meth:`sync`)."""
         if observations:
+            if self._file is None:
+                self.open(self._carried)
             self._write(b"".join(encode_observation(o) for o in observations))
             self.num_logged += len(observations)
 
