@@ -21,8 +21,9 @@ class InProcessCluster:
     worker_address: str
     workers: list[tuple[Worker, asyncio.Task]] = field(default_factory=list)
 
-    async def add_worker(self, model: str, **overrides) -> Worker:
-        cfg = WorkerConfig(scheduler_address=self.worker_address, model=model, health_address="",
+    async def add_worker(self, model: str, *, via: str = "", **overrides) -> Worker:
+        """A worker that dials the worker listener, or ``via`` (an address in front of it)."""
+        cfg = WorkerConfig(scheduler_address=via or self.worker_address, model=model, health_address="",
                            worker_id=f"w{len(self.workers)}", reconnect_delay_s=0.1, **overrides)
         worker = Worker(cfg)
         await worker.load()
@@ -32,21 +33,29 @@ class InProcessCluster:
         return worker
 
     async def remove_worker(self, worker: Worker) -> None:
+        """Stops the worker; its run task's failure, if any, is raised once it is stopped."""
         for i, (w, task) in enumerate(self.workers):
             if w is worker:
-                await w.stop()
-                await asyncio.wait_for(task, 10)
-                w.close()
                 del self.workers[i]
+                try:
+                    await w.stop()
+                    await asyncio.wait_for(task, 10)
+                finally:
+                    task.cancel()
+                    w.close()
                 return
 
     def client(self, **kwargs) -> AsyncClient:
         return AsyncClient(self.address, **kwargs)
 
     async def close(self) -> None:
-        for worker, _ in list(self.workers):
-            await self.remove_worker(worker)
-        await self.scheduler.stop(grace_s=0.1)
+        """Stops every worker and the scheduler, whatever fails on the way (a
+        failure is raised after): a gRPC server left running outlives the test's event loop,
+        and its finalizer then fails, or hangs, at interpreter exit."""
+        async with contextlib.AsyncExitStack() as stack:
+            stack.push_async_callback(self.scheduler.stop, 0.1)
+            for worker, _ in self.workers:
+                stack.push_async_callback(self.remove_worker, worker)
 
 
 @contextlib.asynccontextmanager

@@ -60,14 +60,17 @@ async def serve(config: SchedulerConfig) -> int:
     server = await start_scheduler(config, predict=predict, observe=observe)
     drained = asyncio.ensure_future(run_until_signal(lambda: server.stop(config.drain_grace_s)))
     failed = asyncio.ensure_future(server.failed.wait())
-    await asyncio.wait({drained, failed}, return_when=asyncio.FIRST_COMPLETED)
-    if not failed.done():
+    try:
+        await asyncio.wait({drained, failed}, return_when=asyncio.FIRST_COMPLETED)
+        if not failed.done():
+            return 0
+        logger.error("the scheduling loop failed; exiting (see the traceback above)")
+        return 1
+    finally:
         failed.cancel()
-        return 0
-    drained.cancel()
-    logger.error("the scheduling loop failed; exiting (see the traceback above)")
-    await server.stop(0.5)
-    return 1
+        if not drained.done():  # the loop failed, or this coroutine was cancelled
+            drained.cancel()
+            await server.stop(0.5)
 
 
 def listeners(config: SchedulerConfig) -> dict[str, str]:

@@ -236,20 +236,24 @@ class SchedulerServer:
 
     async def stop(self, grace_s: float = 5.0) -> None:
         """Drains: refuse new requests, let in-flight ones finish within ``grace_s`` (workers
-        stay connected meanwhile), then fail the rest with UNAVAILABLE and stop."""
+        stay connected meanwhile), then fail the rest with UNAVAILABLE and stop. The listeners
+        stop on every way out of here (a failed step of the drain, a cancelled stop): a
+        listener left running outlives its event loop."""
         for task in self.tasks:
             task.cancel()
         self.servicer.accepting = False
-        await self.health.set(False)
-        deadline = time.monotonic() + grace_s
-        while self.streams.num_live() and time.monotonic() < deadline and not self.failed.is_set():
-            await asyncio.sleep(0.05)
-        logger.info("drained (%d requests still in flight); stopping", self.streams.num_live())
-        await self.engine.stop()
-        await self.servicer.estimator.close()
-        await asyncio.gather(self.server.stop(1.0), self.worker_server.stop(1.0))
-        if self.job_log is not None:
-            self.job_log.close()
+        try:
+            await self.health.set(False)
+            deadline = time.monotonic() + grace_s
+            while self.streams.num_live() and time.monotonic() < deadline and not self.failed.is_set():
+                await asyncio.sleep(0.05)
+            logger.info("drained (%d requests still in flight); stopping", self.streams.num_live())
+            await self.engine.stop()
+            await self.servicer.estimator.close()
+        finally:
+            await asyncio.gather(self.server.stop(1.0), self.worker_server.stop(1.0))
+            if self.job_log is not None:
+                self.job_log.close()
         logger.info("stopped")
 
 

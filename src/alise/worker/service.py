@@ -196,8 +196,10 @@ class Worker:
                 if steps.failed.is_set() and self._free_cached_memory is not None:
                     self._free_cached_memory()
             # Kept only when the stream just broke (EOF): the scheduler did not say goodbye, and
-            # no step failed half-way.
-            return read in done and read.result() is None and not steps.failed.is_set()
+            # no step failed half-way. A read cancelled from outside is no EOF, and its
+            # CancelledError must not end the worker's reconnect loop.
+            return (read in done and not read.cancelled() and read.result() is None
+                    and not steps.failed.is_set())
 
     async def _read(self, call, steps: StepLoop) -> Shutdown | None:
         """Plans and aborts off the stream, into the step thread's queues, until the scheduler
