@@ -12,8 +12,8 @@ under $OUT (default /tmp/out).
   # the trace (on a machine with ../shared/data; carried to the GPU machine under .devcarry/):
   alise trace --workload multiturn --num 120 --rate 4 --turns 2-6 --think-time-s 1 \\
       --out .devcarry/prefix/multiturn.jsonl
-  # on the GPU (an H100: about 3 minutes for both arms):
-  python3 bench/gpu/prefix_cache.py --trace .devcarry/prefix/multiturn.jsonl
+  # on the GPU machine (an H100: about 3 minutes for both arms; installs the carried wheels):
+  OUT=$OUT bash bench/gpu/prefix_cache.sh
   # a CPU check of the same path:
   python bench/gpu/prefix_cache.py --trace T.jsonl --model tiny-llama --device cpu --num 40
 """
@@ -120,7 +120,7 @@ def main() -> int:
     p.add_argument("--policy", default="fcfs")
     p.add_argument("--max-num-seqs", type=int, default=32)
     p.add_argument("--num-device-blocks", type=int, default=0, help="0: the worker's sizing")
-    p.add_argument("--max-tokens", type=int, default=512, help="cap on each request's output tokens")
+    p.add_argument("--max-tokens", type=int, default=128, help="cap on each request's output tokens")
     p.add_argument("--timeout-s", type=float, default=300.0)
     p.add_argument("--start-timeout-s", type=float, default=300.0)
     args = p.parse_args()
