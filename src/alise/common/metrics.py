@@ -16,7 +16,7 @@ import logging
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 logger = logging.getLogger(__name__)
@@ -178,6 +178,10 @@ class SchedulerMetrics:
         self.step = Histogram("alise_step_seconds", "Worker step duration", ["worker"],
                               buckets=TOKEN_TIME_BUCKETS_S, registry=r)
         self.vllm = VllmRequestMetrics(r)
+        #: Set by the scheduler to read its outbox: what a SIGKILL of the scheduler would lose.
+        self.observations_buffered = Gauge("alise_scheduler_observations_buffered",
+                                           "Finished requests' observations the predictor has not taken yet",
+                                           registry=r)
         #: job id -> when its last tokens came (least recently updated first).
         self._last_token_s: OrderedDict[str, float] = OrderedDict()
 

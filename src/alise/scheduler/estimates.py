@@ -37,6 +37,10 @@ class Observer(Protocol):
     def add(self, prediction_id: str, prompt: str, prompt_tokens: int, output_tokens: int) -> None:
         """Queues one finished job for the predictor (never blocks)."""
 
+    @property
+    def num_buffered(self) -> int:
+        """Observations queued and not yet taken by the predictor."""
+
     async def close(self) -> None: ...
 
 

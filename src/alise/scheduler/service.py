@@ -266,10 +266,16 @@ async def start_scheduler(config: SchedulerConfig, *, predict=None, observe=None
 
     job_log = open(config.job_log, "a", encoding="utf-8", buffering=1) if config.job_log else None
 
+    unwritten = LogLimiter(logger, per_s=0.1, burst=1)
+
     def on_finish(job: Job) -> None:
         estimator.observe(job.prompt_text, job.num_prompt_tokens, job.num_output_tokens, job.estimate)
         if job_log is not None:
-            job_log.write(json.dumps(job_record(job)) + "\n")
+            try:
+                job_log.write(json.dumps(job_record(job)) + "\n")
+            except OSError as exc:  # a full disk: the record is dropped, the job is not
+                unwritten.log(logging.WARNING, "cannot write the job log %s (%s): records dropped",
+                              config.job_log, exc.strerror or exc)
 
     failed = asyncio.Event()
     quarantine = Quarantine(config.state_dir or None)
@@ -279,6 +285,8 @@ async def start_scheduler(config: SchedulerConfig, *, predict=None, observe=None
         failed.set()
 
     metrics = SchedulerMetrics()
+    if observe is not None:
+        metrics.observations_buffered.set_function(lambda: observe.num_buffered)
     inbox = Inbox()
     streams = Streams(inbox, metrics, max_queued=config.max_queued, on_finish=on_finish)
     engine = SchedulerEngine(core, latency, inbox, streams, max_wait_no_worker_s=config.max_wait_no_worker_s,
