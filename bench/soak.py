@@ -14,7 +14,13 @@ SDK resumes every stream a fault broke; requests sent while no scheduler answers
 * requests cancelled at random moments (``--cancel-rate`` a second, each 0-3 s after it is
   sent), whose jobs must leave no trace on any worker;
 * with ``--http``, the OpenAI door in front: every ``--fault-every`` seconds a burst of
-  ``--sse-burst`` streamed completions whose clients close the connection mid-way.
+  ``--sse-burst`` streamed completions whose clients close the connection mid-way, and with
+  ``--huge-prompts N`` N text prompts of ``--huge-chars`` at once, none of which may be
+  accepted (413 from its length; 400 from a door just restarted that has not learnt the
+  model yet; no answer from a door that is down); with ``--idle-conns N``, N connections that send nothing held open to the
+  door from 100 loopback addresses (bench/soak_door.py);
+* with ``--hangs``, two more faults in the turn: the HTTP door and the predictor stopped
+  (SIGSTOP) and left so, until `alise up` finds them hung and restarts them.
 
 Checked and printed:
 
@@ -26,7 +32,9 @@ Checked and printed:
   deficit (status, per worker, since it last connected);
 * the predictor's history: its observation count read just before each predictor kill and
   after the restart (nothing it had taken is lost), and at the end against the start plus
-  one observation per completed request;
+  one observation per completed request, less those a scheduler held (waiting for a predictor
+  that was down or could not write its log) when it was killed: read from its metrics just
+  before, and reported;
 * resident memory of every process, its first sample ``--warmup`` seconds into its life
   against its last.
 
@@ -57,10 +65,12 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections import Counter
 from pathlib import Path
 
 import grpc
 import httpx
+from soak_door import IdleConnections, huge_body, huge_prompt_burst
 
 from alise.client import AliseError, AsyncClient
 from alise.common.security import SECRET_HEADER
@@ -72,6 +82,8 @@ from alise.v1 import predictor_pb2, predictor_pb2_grpc
 FAULTS = (("SIGKILL", "worker-0"), ("SIGSTOP", "worker-1"), ("SIGKILL", "predictor"), ("SIGSTOP", "scheduler"),
           ("SIGKILL", "scheduler"), ("SIGSTOP", "worker-0"), ("SIGKILL", "worker-1"), ("SIGKILL", "predictor"),
           ("SIGKILL", "scheduler"), ("SIGSTOP", "scheduler"))
+#: With ``--hangs``, after those: stopped until `alise up` finds them hung and restarts them.
+HANGS = (("HANG", "http"), ("HANG", "predictor"))
 
 
 #: The file that fills the state dir's file system during a disk fault.
@@ -159,6 +171,13 @@ def history_observations(address: str, secret: str) -> int:
     return stats.history_observations
 
 
+def observations_buffered(metrics_address: str) -> int:
+    """Observations a scheduler holds that the predictor has not taken (its own metrics)."""
+    text = urllib.request.urlopen(f"http://{metrics_address}/metrics", timeout=5).read().decode()
+    found = re.search(r"^alise_scheduler_observations_buffered (\S+)$", text, re.M)
+    return int(float(found.group(1))) if found else 0
+
+
 def worker_state(metrics_port: int) -> tuple[int, int]:
     """(jobs, device KV blocks in use) by a worker's own metrics."""
     text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
@@ -189,9 +208,21 @@ async def inject(up: UpCluster, secret: str, sig: str, name: str, stop_for_s: fl
     predictor = services["predictor"]["listen"]["grpc"]
     before = await asyncio.to_thread(history_observations, predictor, secret) if name == "predictor" else None
     event = {"fault": f"{sig} {name} (pid {pid})"}
+    if sig == "SIGKILL" and name == "scheduler":
+        # Observations waiting in its memory for the predictor (one that is down, or cannot
+        # write its log) go with it.
+        event["observations_lost"] = await asyncio.to_thread(observations_buffered, services[name]["listen"]["metrics"])
     if sig == "SIGKILL":
         os.kill(pid, signal.SIGKILL)
         event["serving_again_s"] = round(await wait_serving(up, name, pid), 1)
+    elif sig == "HANG":
+        os.kill(pid, signal.SIGSTOP)
+        event["serving_again_s"] = round(await wait_serving(up, name, pid), 1)
+        try:
+            os.kill(pid, signal.SIGCONT)
+            event["fault"] += ": SIGSTOP, not restarted"
+        except ProcessLookupError:
+            event["fault"] += ": SIGSTOP, killed as hung"
     else:
         os.kill(pid, signal.SIGSTOP)
         await asyncio.sleep(stop_for_s)
@@ -208,6 +239,7 @@ async def inject(up: UpCluster, secret: str, sig: str, name: str, stop_for_s: fl
 
 async def chaos(up: UpCluster, secret: str, args, start: float, stop_at: float, events: list,
                 http_url: str | None, sse: dict) -> None:
+    huge = huge_body(args.huge_chars) if args.huge_prompts else b""
     for k in range(10_000):
         at = start + (k + 1) * args.fault_every
         if at > stop_at:
@@ -215,7 +247,10 @@ async def chaos(up: UpCluster, secret: str, args, start: float, stop_at: float, 
         await asyncio.sleep(max(at - time.monotonic(), 0.0))
         if http_url:
             asyncio.ensure_future(sse_burst(http_url, args.sse_burst, sse))
-        sig, name = FAULTS[k % len(FAULTS)]
+            if args.huge_prompts:
+                asyncio.ensure_future(huge_prompt_burst(http_url, args.huge_prompts, huge, sse))
+        faults = FAULTS + HANGS if args.hangs else FAULTS
+        sig, name = faults[k % len(faults)]
         event = {"t_s": round(at - start, 1), **await inject(up, secret, sig, name, args.stop_for)}
         events.append(event)
         print(f"  {event}", flush=True)
@@ -327,9 +362,12 @@ async def soak(root: Path, args) -> dict:
         UpCluster, *http, "--policy", args.policy, "--max-num-seqs", "32", "--metrics-port", str(metrics_base),
         "--hang-timeout", str(args.hang_timeout), workers=2, state_dir=root / "state",
         env={**os.environ, "ALISE_INTERNAL_SECRET": secret})
+    idle = None
     try:
         address = up.address
         http_url = f"http://{up.services()['http']['listen']['grpc']}" if args.http else None
+        if http_url and args.idle_conns:
+            idle = IdleConnections(int(http_url.rsplit(":", 1)[1]), args.idle_conns)
         predictor = up.services()["predictor"]["listen"]["grpc"]
         trace = rescale(build_trace(load_pairs(workload_path("chat")), num=args.num, rate=1.0, seed=3), args.rate)
         trace = [r for r in trace if r.arrival_s < args.duration - args.tail]
@@ -364,7 +402,8 @@ async def soak(root: Path, args) -> dict:
         elapsed = time.monotonic() - start
         predictor = up.services()["predictor"]["listen"]["grpc"]
         deadline = time.monotonic() + 30
-        expected_end = history_start + tally["complete"] + tally["short"]
+        lost = sum(e.get("observations_lost", 0) for e in events)
+        expected_end = history_start + tally["complete"] + tally["short"] - lost
         while (history_end := history_observations(predictor, secret)) < expected_end and time.monotonic() < deadline:
             await asyncio.sleep(0.5)
         services = {n: s["state"] for n, s in up.services().items()}
@@ -373,6 +412,7 @@ async def soak(root: Path, args) -> dict:
         unwritten = {"state_writes_failed": cluster_file.get("state_writes_failed", 0),
                      "log_lines_dropped": dropped}
     finally:
+        sse["idle_held"] = idle.stop() if idle is not None else []
         code = up.stop()
     rss = {}
     for label, points in samples.items():
@@ -387,7 +427,7 @@ async def soak(root: Path, args) -> dict:
             "short": tally["short"], "failed": len(tally["errors"]), "index_errors": tally["index_errors"],
             "errors": tally["errors"][:10], "cancelled": tally["cancelled"], "sse": sse, "faults": events,
             "views": views, "history_start": history_start, "history_end": history_end,
-            "history_expected_end": expected_end, "history_around_predictor_kills": history,
+            "history_expected_end": expected_end, "observations_lost": lost, "history_around_predictor_kills": history,
             "services_at_end": services, "workers_at_end": sorted(w["worker_id"] for w in status.workers),
             "rss": rss, "unwritten": unwritten, "alise_up_exit_code": code, "rate": args.rate,
             "max_tokens": args.max_tokens, "dir": str(root)}
@@ -414,6 +454,11 @@ def main() -> int:
     p.add_argument("--cancel-rate", type=float, default=1.0, help="cancelled requests per second")
     p.add_argument("--http", action="store_true", help="run the HTTP door and close SSE streams mid-way")
     p.add_argument("--sse-burst", type=int, default=50, help="SSE streams closed early per fault period")
+    p.add_argument("--hangs", action="store_true",
+                   help="also stop the HTTP door and the predictor until alise up restarts them as hung")
+    p.add_argument("--idle-conns", type=int, default=0, help="idle connections held open to the HTTP door")
+    p.add_argument("--huge-prompts", type=int, default=0, help="huge text prompts sent at once per fault period")
+    p.add_argument("--huge-chars", type=int, default=3_900_000, help="characters of each huge prompt")
     p.add_argument("--full-disk", action="store_true",
                    help="the state dir on a tmpfs of its own, filled around every other fault (needs root)")
     p.add_argument("--disk-mb", type=int, default=64, help="size of that tmpfs")
@@ -433,12 +478,14 @@ def main() -> int:
     ok = (result["failed"] == 0 and result["short"] == 0 and result["index_errors"] == 0 and views_ok(result["views"])
           and result["history_end"] == result["history_expected_end"]
           and all(after >= before for before, after in result["history_around_predictor_kills"])
-          and len(result["workers_at_end"]) == 2 and set(result["services_at_end"].values()) == {"serving"})
+          and len(result["workers_at_end"]) == 2 and set(result["services_at_end"].values()) == {"serving"}
+          and not any(status == "200" for _, status in result["sse"].get("huge", [])))
     print(f"\nsoak {result['duration_s']} s: {result['requests']} requests, {result['completed']} complete, "
           f"{result['short']} short, {result['failed']} failed, {result['index_errors']} index errors "
           f"(dup/missing tokens); {result['cancelled']} cancelled at random; {result['sse']['closed']} SSE streams "
           f"closed early; {len(result['faults'])} faults; views agree: {views_ok(result['views'])}; predictor history "
-          f"{result['history_start']} -> {result['history_end']} (expected {result['history_expected_end']}); "
+          f"{result['history_start']} -> {result['history_end']} (expected {result['history_expected_end']}: "
+          f"{result['observations_lost']} held by a scheduler when it was killed); "
           f"workers at end {result['workers_at_end']}; services {result['services_at_end']}; "
           f"alise up exit {result['alise_up_exit_code']}: {'OK' if ok else 'FAILED'}")
     for err in result["errors"]:
@@ -450,7 +497,8 @@ def print_result(result: dict, args) -> None:
     print(f"\n{'fault':<44}{'at s':>7}{'serving again s':>17}  predictor history before -> after")
     for e in sorted(result["faults"], key=lambda e: e["t_s"]):
         h = e.get("history_before_after")
-        print(f"{e['fault']:<44}{e['t_s']:>7}{e['serving_again_s']:>17}  {f'{h[0]} -> {h[1]}' if h else ''}")
+        lost = f"{e['observations_lost']} observations held, lost" if "observations_lost" in e else ""
+        print(f"{e['fault']:<44}{e['t_s']:>7}{e['serving_again_s']:>17}  {f'{h[0]} -> {h[1]}' if h else lost}")
     print(f"\n{'worker at the end':<20}{'jobs':>6}{'blocks used':>13}{'sched. count':>14}{'censuses':>10}"
           f"{'ghosts':>8}{'missing':>9}{'deficits':>10}")
     for worker_id, w in result["views"]["workers"].items():
@@ -459,6 +507,15 @@ def print_result(result: dict, args) -> None:
     print(f"\n{'process':<28}{'first KiB':>11}{'last KiB':>11}{'growth':>9}  ({args.warmup:g} s into each one's life)")
     for label, r in result["rss"].items():
         print(f"{label:<28}{r['first_kib']:>11}{r['last_kib']:>11}{r['growth']:>+9.1%}")
+    huge, held = result["sse"].get("huge", []), result["sse"].get("idle_held", [])
+    if huge:
+        times = sorted(ms for ms, _ in huge)
+        print(f"\n{len(huge)} huge prompts ({args.huge_chars:,} characters): answered in {times[0]:.0f}-"
+              f"{times[-1]:.0f} ms (median {times[len(times) // 2]:.0f}); statuses "
+              f"{dict(Counter(status for _, status in huge))}")
+    if held:
+        print(f"idle connections held open: mean {sum(held) / len(held):.0f}, max {max(held)} "
+              f"(of {args.idle_conns}, the door closing those past its limits)")
     if args.full_disk:
         full = [e for e in result["faults"] if "completed_while_full" in e]
         print(f"\ndisk full {len(full)} times for {args.full_for:g} s: requests completed meanwhile "
