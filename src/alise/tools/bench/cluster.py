@@ -17,7 +17,7 @@ from alise.tools.trace import TraceRequest
 
 
 def table_predictor(by_prompt: Mapping[str, LengthEstimate]):
-    async def predict(prompts: list[str], prompt_tokens: list[int], timeout_s: float):
+    async def predict(prompts: list[str], prompt_tokens: list[int], timeout_s: float, contexts=None):
         missing = LengthEstimate(128.0, 128.0, 512.0, "prior")
         return [by_prompt.get(p, missing) for p in prompts]
 
