@@ -14,8 +14,9 @@ import sys
 from collections import Counter
 
 import grpc
-from alise.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from alise.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
 
 NUM_CHANNELS = 8
 

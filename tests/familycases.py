@@ -76,10 +76,10 @@ def run_schedule(runner, tokens: dict[str, list[int]], tables: dict[str, list[in
     for step in schedule:
         chunks = [runner_chunk(tokens[n][cached[n]:cached[n] + k], cached[n], tables[n]) for n, k in step.items()]
         if every_position:
-            for name, logits in zip(step, runner.execute(chunks, all_logits=True)):
+            for name, logits in zip(step, runner.execute(chunks, all_logits=True), strict=True):
                 got[name].extend((cached[name] + i, row) for i, row in enumerate(logits))
         else:
-            for name, row in zip(step, runner.execute(chunks)):
+            for name, row in zip(step, runner.execute(chunks), strict=True):
                 got[name].append((cached[name] + step[name] - 1, row))
         for name, k in step.items():
             cached[name] += k

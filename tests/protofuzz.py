@@ -45,7 +45,8 @@ def messages(cls, depth: int = 0):
     @st.composite
     def build(draw):
         msg = cls()
-        oneof_members = {f.name for o in [o for o in desc.oneofs if not (len(o.fields) == 1 and o.name.startswith("_"))] for f in o.fields}
+        real_oneofs = [o for o in desc.oneofs if not (len(o.fields) == 1 and o.name.startswith("_"))]
+        oneof_members = {f.name for o in real_oneofs for f in o.fields}
         for oneof in [o for o in desc.oneofs if not (len(o.fields) == 1 and o.name.startswith("_"))]:
             chosen = draw(st.sampled_from([None, *oneof.fields]))
             if chosen is not None:

@@ -18,10 +18,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import CONFIG_MAPPING, AutoModelForCausalLM, PretrainedConfig
+
 from alise.modelinfo.presets import MINILM_VOCAB_SIZE
 from alise.modelinfo.tokenizer import minilm_tokenizer
 from alise.worker.model.families import describe, hf_attention
-from transformers import CONFIG_MAPPING, AutoModelForCausalLM, PretrainedConfig
 
 _LLAMA_LIKE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                    num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False)

@@ -10,6 +10,7 @@ import socket
 from pathlib import Path
 
 import yaml
+
 from alise.cluster.local import LocalCluster
 
 ROOT = Path(__file__).resolve().parents[2]

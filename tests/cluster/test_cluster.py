@@ -8,9 +8,10 @@ import signal
 import time
 
 import pytest
+from compose_cluster import compose_commands, localize, start_compose_cluster
+
 from alise.client import AsyncClient, Client
 from alise.cluster.local import ClusterConfig, service_commands
-from compose_cluster import compose_commands, localize, start_compose_cluster
 
 pytestmark = pytest.mark.cluster
 
@@ -198,6 +199,7 @@ def test_scheduler_killed_and_restarted_no_stream_loses_a_token(cluster):
 
 def _history_observations(address: str) -> int:
     import grpc
+
     from alise.v1 import predictor_pb2, predictor_pb2_grpc
 
     with grpc.insecure_channel(address) as channel:

@@ -8,9 +8,10 @@ import asyncio
 import httpx
 import openai
 import pytest
+from compose_cluster import free_port
+
 from alise.cluster.local import ClusterConfig, LocalCluster, service_commands
 from alise.worker.config import WorkerConfig
-from compose_cluster import free_port
 
 pytestmark = pytest.mark.cluster
 

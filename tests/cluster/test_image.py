@@ -15,11 +15,12 @@ import sys
 from pathlib import Path
 
 import pytest
+from compose_cluster import ROOT
+from test_up import is_running, wait_until
+
 from alise.cli.main import build_parser
 from alise.cluster.config import listen_addresses, service_commands
 from alise.cluster.main import config_from_args
-from compose_cluster import ROOT
-from test_up import is_running, wait_until
 
 pytestmark = pytest.mark.cluster
 
@@ -100,7 +101,8 @@ def test_the_cpu_images_command_serves_from_the_containers_address(tmp_path):
         assert {port for _, port in listening} == exposed
         # A client on the container's network, from the other end of the veth pair.
         client = ("import http.client, json; "
-                  f"c = http.client.HTTPConnection('{CONTAINER_IP}', 8000, timeout=60, source_address=('{PEER_IP}', 0)); "
+                  f"c = http.client.HTTPConnection('{CONTAINER_IP}', 8000, timeout=60, "
+                  f"source_address=('{PEER_IP}', 0)); "
                   "c.request('POST', '/v1/completions', json.dumps({'prompt': 'hi', 'max_tokens': 3, "
                   "'ignore_eos': True}), {'Content-Type': 'application/json'}); r = c.getresponse(); "
                   "print(r.status, json.loads(r.read())['usage']['completion_tokens'])")

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import pytest
 import yaml
-from alise.cluster.local import health_address, listen_addresses
 from compose_cluster import ROOT, compose_commands, compose_spec, k8s_documents, symbolic
+
+from alise.cluster.local import health_address, listen_addresses
 
 WORKLOADS = ("Deployment", "StatefulSet")
 

@@ -27,7 +27,8 @@ def test_a_taken_port_is_one_line_naming_it(command, flag):
         held.listen()
         port = held.getsockname()[1]
         out = subprocess.run([sys.executable, "-m", "alise.cli.main", *command, flag, f"127.0.0.1:{port}"],
-                             capture_output=True, text=True, timeout=120, env={**os.environ, "ALISE_LOG_FORMAT": "text"})
+                             capture_output=True, text=True, timeout=120,
+                             env={**os.environ, "ALISE_LOG_FORMAT": "text"})
     service = command[0]
     assert out.returncode == 1, out.stderr
     [line] = out.stderr.splitlines()

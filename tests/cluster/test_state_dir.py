@@ -13,8 +13,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from alise.client import Client
 from test_up import SMALL_WORKERS, Up, is_running, wait_until
+
+from alise.client import Client
 
 pytestmark = pytest.mark.cluster
 

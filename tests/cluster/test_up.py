@@ -16,9 +16,10 @@ from pathlib import Path
 
 import grpc
 import pytest
-from alise.client import AsyncClient, Client
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2
+
+from alise.client import AsyncClient, Client
 
 pytestmark = pytest.mark.cluster
 

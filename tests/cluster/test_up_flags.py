@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from alise.cli.main import build_parser
 from alise.cluster.config import ClusterConfig, listen_addresses, service_commands
 from alise.cluster.logfiles import LogLimits, RotatingLog
@@ -53,7 +54,8 @@ def test_every_scheduling_knob_reaches_the_scheduler_as_the_same_config(tmp_path
         "--prefill-step-ratio", "0", "--plans-ahead", "3", "--overrun-growth", "1.5", "--aging-rate", "0.01",
         "--hysteresis", "0.1", "--switch-cost-s", "0.02", "--max-slowdown", "4", "--min-starve-s", "2",
         "--reserve-horizon-tokens", "16", "--reserve-fraction", "0.5", "--no-preemptive",
-        "--max-queued", "10", "--default-max-tokens", "32", "--block-size", "4", "--num-device-blocks", "256", "--no-cuda-graphs"]))
+        "--max-queued", "10", "--default-max-tokens", "32", "--block-size", "4", "--num-device-blocks", "256",
+        "--no-cuda-graphs"]))
     expected = SchedulingConfig(
         policy="oracle", kv_planner="swap", prefill_step_ratio=0.0, plans_ahead=3, overrun_growth=1.5,
         aging_rate=0.01, hysteresis=0.1, switch_cost_s=0.02, max_slowdown=4.0, min_starve_s=2.0,
@@ -150,6 +152,7 @@ def test_grpcs_own_bind_failure_reads_as_one_line():
     from concurrent import futures
 
     import grpc
+
     from alise.common.entrypoint import bind_failure
 
     with socket.socket() as held:

@@ -120,7 +120,8 @@ def forced_plan(runner: ModelRunner) -> KernelPlan:
     # Split-K with the merge in the launch at decode batches 1 and 2 (the schedule's last steps).
     return KernelPlan(fused_norm=True, fused_rope=True, fused_act=True, linear=skinny,
                       decode_splits={1: 8, 2: 4}, fused_merge=True,
-                      unified={t: configs[i % len(configs)] for i, t in enumerate(token_buckets(runner.max_num_tokens))})
+                      unified={t: configs[i % len(configs)]
+                               for i, t in enumerate(token_buckets(runner.max_num_tokens))})
 
 
 def make_runner(loaded: LoadedModel, num_blocks: int, mode: str) -> ModelRunner:

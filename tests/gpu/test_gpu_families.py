@@ -26,11 +26,11 @@ if not torch.cuda.is_available():
     pytest.skip("needs a CUDA device", allow_module_level=True)
 
 from test_gpu_engine_vs_transformers import BLOCK_SIZE, SEQUENCES, forced_plan, run_schedule
-from tinymodels import tiny_config, tiny_model
 
 from alise.worker.model.families import describe
 from alise.worker.model.loader import LoadedModel
 from alise.worker.model.runner import ModelRunner
+from tinymodels import tiny_config, tiny_model
 
 triton_attention = pytest.importorskip("alise.worker.kernels.triton_attention")
 pytestmark = pytest.mark.skipif(not triton_attention.is_available(), reason="needs CUDA and Triton")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+
 from kernelcases import relative_error
 
 # Before any kernel module is imported: on a machine without CUDA the interpreter tests of

@@ -16,6 +16,7 @@ import random
 
 import pytest
 import torch
+
 from kernelcases import make_step, reference, relative_error
 
 # Before any kernel module is imported: on a machine without CUDA the interpreter tests of

@@ -12,10 +12,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+from cluster_fixtures import InProcessCluster, cluster
+
 from alise.client import Client
 from alise.http.config import HttpConfig
 from alise.http.server import HttpServer, start_http
-from cluster_fixtures import InProcessCluster, cluster
 
 #: A chat template in the style of the instruction-tuned checkpoints (Zephyr's), with a switch
 #: of its own (Qwen3's ``enable_thinking``) that requests set through chat_template_kwargs.

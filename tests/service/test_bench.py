@@ -176,7 +176,7 @@ def test_cdfs_mark_p50_and_p99_and_go_logarithmic_past_a_decade():
     assert x_scale([[]]) == "linear"
     fig = cdf_figure(runs)
     try:
-        panels = dict(zip((key for key, _ in PANELS), fig.axes))
+        panels = dict(zip((key for key, _ in PANELS), fig.axes, strict=True))
         assert panels["ttft_s"].get_xscale() == "log" and panels["e2e_s"].get_xscale() == "log"
         assert panels["tpot_s"].get_xscale() == "linear"
         for key, ax in panels.items():

@@ -5,6 +5,7 @@ only unary calls left the predictor refusing every observation."""
 from __future__ import annotations
 
 import grpc
+
 from alise.client.channel import make_aio_channel
 
 SECRET = ("x-alise-secret", "s3cret")

@@ -8,14 +8,15 @@ import socket
 import urllib.request
 
 import grpc
+from cluster_fixtures import cluster
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
 from alise.predictor.config import PredictorConfig
 from alise.predictor.encoder import Encoder
 from alise.predictor.service import start_predictor_server
 from alise.scheduler.config import SchedulerConfig
 from alise.scheduler.predictor_link import predictor_functions
 from alise.scheduler.service import PREDICTOR_HEALTH_NAME, start_scheduler
-from cluster_fixtures import cluster
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
 

@@ -12,13 +12,13 @@ import time
 
 import grpc
 import pytest
+from cluster_fixtures import cluster
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from alise.client import Client
 from alise.v1 import scheduler_pb2, scheduler_pb2_grpc, worker_pb2, worker_pb2_grpc
-from cluster_fixtures import cluster
 from protofuzz import messages
 
 CLEAR = {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.ALREADY_EXISTS,

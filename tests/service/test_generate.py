@@ -6,8 +6,9 @@ import asyncio
 
 import grpc
 import pytest
-from alise.client import InvalidRequest, Unavailable
 from cluster_fixtures import cluster
+
+from alise.client import InvalidRequest, Unavailable
 
 
 async def wait_for(predicate, timeout_s: float = 10.0) -> None:

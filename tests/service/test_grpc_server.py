@@ -6,9 +6,10 @@ from __future__ import annotations
 import asyncio
 
 import grpc
-from alise.common import grpc_server
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2
+
+from alise.common import grpc_server
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -60,7 +61,8 @@ async def test_reflection_answers_under_v1_and_v1alpha_and_describes_v1_itself()
                          "grpc.reflection.v1alpha.ServerReflection"}, version
         from google.protobuf import descriptor_pb2
 
-        file = descriptor_pb2.FileDescriptorProto.FromString(described.file_descriptor_response.file_descriptor_proto[0])
+        proto = described.file_descriptor_response.file_descriptor_proto[0]
+        file = descriptor_pb2.FileDescriptorProto.FromString(proto)
         assert (file.name, file.package) == ("grpc/reflection/v1/reflection.proto", "grpc.reflection.v1"), version
         [method] = file.service[0].method
         assert method.input_type == ".grpc.reflection.v1.ServerReflectionRequest"

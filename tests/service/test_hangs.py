@@ -11,9 +11,10 @@ import logging
 import time
 
 import pytest
-from alise.client import Unavailable
 from cluster_fixtures import cluster
 from faultkit import cluster_process, freeze, thaw, worker_process
+
+from alise.client import Unavailable
 
 
 async def until(condition, what: str, timeout_s: float) -> float:
@@ -48,7 +49,7 @@ async def test_a_frozen_worker_is_dropped_its_jobs_move_and_it_comes_back_clean(
         await until(lambda: "frozen" not in engine.links, "the frozen worker dropped while frozen", 8)
         assert [len(g) for g in got] == progress
         await c.add_worker(str(tiny_llama_dir))  # w0
-        await until(lambda: all(len(g) > n for g, n in zip(got, progress)), "the jobs go on on w0", 10)
+        await until(lambda: all(len(g) > n for g, n in zip(got, progress, strict=True)), "the jobs go on on w0", 10)
         thaw(proc)
         await until(lambda: "frozen" in engine.links, "the thawed worker back", 30)
         await asyncio.gather(*streams)

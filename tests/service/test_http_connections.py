@@ -12,6 +12,7 @@ import time
 
 import httpx
 import pytest
+
 from alise.http.config import HttpConfig
 from alise.http.connections import MIN_IDLE_S, SWEEP_S
 from alise.http.server import start_http

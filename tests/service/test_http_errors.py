@@ -11,6 +11,7 @@ import httpx
 import openai
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
 from alise.common.security import SecurityConfig
 from alise.http.config import HttpConfig
 from alise.http.server import start_http
@@ -28,8 +29,8 @@ async def _door(scheduler_config: SchedulerConfig, **http_overrides):
 
 
 async def test_bearer_token_passes_through_to_the_schedulers_check():
-    scheduler, http = await _door(SchedulerConfig(address="127.0.0.1:0", model="tiny-llama",
-                                                  security=SecurityConfig(api_tokens=(TOKEN,), internal_secret="s3cret-for-workers"),
+    security = SecurityConfig(api_tokens=(TOKEN,), internal_secret="s3cret-for-workers")
+    scheduler, http = await _door(SchedulerConfig(address="127.0.0.1:0", model="tiny-llama", security=security,
                                                   max_wait_no_worker_s=0.3))
     try:
         async with openai.AsyncOpenAI(base_url=f"{http.base_url}/v1", api_key="wrong", max_retries=0) as bad:
@@ -182,8 +183,8 @@ async def test_a_stream_is_opened_when_the_scheduler_accepts_it_and_not_before()
 async def test_an_unknown_model_is_answered_after_the_token_check():
     """The door has a token of its own (it knows the model): a caller without one is still
     told 401, not a 404 that names the served model."""
-    scheduler, http = await _door(SchedulerConfig(address="127.0.0.1:0", model="tiny-llama",
-                                                  security=SecurityConfig(api_tokens=(TOKEN,), internal_secret="s3cret-w"),
+    security = SecurityConfig(api_tokens=(TOKEN,), internal_secret="s3cret-w")
+    scheduler, http = await _door(SchedulerConfig(address="127.0.0.1:0", model="tiny-llama", security=security,
                                                   max_wait_no_worker_s=0.3), scheduler_token=TOKEN)
     try:
         async with httpx.AsyncClient(base_url=http.base_url) as h:

@@ -10,9 +10,9 @@ import json
 import httpx
 import pytest
 from http_support import start_live_door
-from tinymodels import make_tiny_model_dir
 
 from alise.modelinfo.presets import MINILM_VOCAB_SIZE
+from tinymodels import make_tiny_model_dir
 
 
 @pytest.fixture(scope="module")

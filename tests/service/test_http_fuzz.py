@@ -7,9 +7,9 @@ import json
 
 import httpx
 import pytest
+from http_support import start_live_door
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from http_support import start_live_door
 
 FIELDS = ["model", "prompt", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p",
           "top_k", "n", "stop", "stop_token_ids", "seed", "user", "stream", "stream_options", "ignore_eos",

@@ -15,11 +15,12 @@ import time
 import httpx
 import openai
 import pytest
+from http_support import start_live_door
+
 from alise.http.config import HttpConfig
 from alise.http.server import start_http
 from alise.scheduler.config import SchedulerConfig
 from alise.scheduler.service import start_scheduler
-from http_support import start_live_door
 
 STREAM = {"prompt": "queued", "max_tokens": 2, "stream": True}
 

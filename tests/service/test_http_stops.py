@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from alise.http.stops import StopStrings
+from itertools import pairwise
+
 from hypothesis import given
 from hypothesis import strategies as st
+
+from alise.http.stops import StopStrings
 
 TEXT = st.text(alphabet="ab c\u00e9", max_size=40)
 
@@ -19,7 +22,7 @@ def run(stops, deltas) -> tuple[str, bool]:
        cuts=st.lists(st.integers(0, 40), max_size=10))
 def test_released_text_stops_right_before_a_stop_string(text, stops, cuts):
     bounds = sorted({0, len(text), *(c for c in cuts if c <= len(text))})
-    deltas = [text[a:b] for a, b in zip(bounds, bounds[1:])]
+    deltas = [text[a:b] for a, b in pairwise(bounds)]
     released, matched = run(stops, deltas)
     assert text.startswith(released)
     assert not any(s in released for s in stops)

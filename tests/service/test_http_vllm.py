@@ -10,9 +10,10 @@ import logging
 import httpx
 import openai
 import pytest
-from alise.client import Client
 from http_support import CHAT_TEMPLATE, start_live_door, with_chat_template
 from prometheus_client.parser import text_string_to_metric_families
+
+from alise.client import Client
 
 MODEL = "tiny-chat"
 CHAT = [{"role": "user", "content": "hi there"}]

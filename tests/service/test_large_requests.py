@@ -7,8 +7,9 @@ from __future__ import annotations
 import grpc
 import pytest
 import pytest_asyncio
-from alise.v1 import common_pb2, scheduler_pb2
 from cluster_fixtures import cluster
+
+from alise.v1 import common_pb2, scheduler_pb2
 
 CONTEXT = 256  # the tiny test model's
 pytestmark = pytest.mark.asyncio(loop_scope="module")

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import grpc
 import pytest
+from cluster_fixtures import cluster
 
 from alise.core.config import SchedulingConfig
 from alise.core.latency_model import LatencyModel
 from alise.v1 import worker_pb2, worker_pb2_grpc
-from cluster_fixtures import cluster
 
 PROFILE = Path(__file__).resolve().parents[2] / "profiles" / "tiny-llama-cpu.json"
 

@@ -10,11 +10,11 @@ import time
 from pathlib import Path
 
 import pytest
+from cluster_fixtures import cluster
 
 from alise.client import Overloaded
 from alise.worker.config import WorkerConfig
 from alise.worker.service import Worker
-from cluster_fixtures import cluster
 
 
 async def test_full_queue_is_resource_exhausted_with_retry_hint(tiny_llama_dir):

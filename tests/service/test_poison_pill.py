@@ -9,6 +9,7 @@ import socket
 
 import grpc
 import pytest
+
 from alise.client import AliseError, AsyncClient
 from alise.core.scheduler import SchedulerCore
 from alise.scheduler.config import SchedulerConfig

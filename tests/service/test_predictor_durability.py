@@ -73,7 +73,7 @@ async def test_outbox_buffers_through_an_outage_and_resends_prompts_a_restart_fo
         estimates = await predict(prompts, [3, 4, 5], 30.0)
         assert all(e.prediction_id for e in estimates)
         await server.stop(0.5)  # down: what follows waits in the outbox
-        for prompt, est, n in zip(prompts, estimates, (120, 80, 4)):
+        for prompt, est, n in zip(prompts, estimates, (120, 80, 4), strict=True):
             outbox.add(est.prediction_id, prompt, 4, n)
         outbox.add("", "A prompt with no prediction", 5, 33)
         await asyncio.sleep(0.3)

@@ -163,6 +163,7 @@ ENCODER_PROMPTS = ["hi", "Write a one-word answer: what color is grass",
 def reference():
     """sentence-transformers' own encode of the same model: the ground truth."""
     from sentence_transformers import SentenceTransformer
+
     from alise.predictor.tokens import default_model_path
 
     model = SentenceTransformer(default_model_path(), device="cpu", local_files_only=True)
@@ -194,7 +195,7 @@ def test_default_vectors_are_the_mean_of_the_second_to_last_layer(reference):
     got = fp32.encode(prompts).vectors
     bert = model[0].auto_model  # transformers' own forward, every layer's states
     with torch.inference_mode():
-        for prompt, vector in zip(prompts, got):
+        for prompt, vector in zip(prompts, got, strict=True):
             batch = model.tokenizer([prompt], truncation=True, max_length=256, return_tensors="pt")
             states = bert(**batch, output_hidden_states=True).hidden_states
             assert len(states) == 7  # the embeddings, then six layers

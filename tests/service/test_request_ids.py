@@ -10,9 +10,10 @@ import re
 import time
 
 import pytest
+from cluster_fixtures import cluster
+
 from alise.client import InvalidRequest
 from alise.common.logs import make_handler
-from cluster_fixtures import cluster
 
 #: How every line of the services' text log starts.
 LINE_START = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} [A-Z]+ scheduler ")

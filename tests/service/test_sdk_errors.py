@@ -6,6 +6,7 @@ from __future__ import annotations
 import socket
 
 import pytest
+
 from alise.client import AsyncClient, Client, InvalidRequest, Unavailable
 from alise.client._peer import describe_wrong_service
 

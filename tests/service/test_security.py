@@ -8,6 +8,7 @@ import subprocess
 
 import grpc
 import pytest
+
 from alise.client import AsyncClient, Unauthenticated
 from alise.common.security import SecurityConfig
 from alise.scheduler.config import SchedulerConfig
@@ -35,8 +36,8 @@ async def start(model: str, security: SecurityConfig, worker_security: SecurityC
     address = f"127.0.0.1:{server.port}"
     worker = None
     if worker_security is not None:
-        worker = Worker(WorkerConfig(scheduler_address=f"127.0.0.1:{server.worker_port}", model=model, health_address="",
-                                     worker_id="w0", security=worker_security,
+        worker = Worker(WorkerConfig(scheduler_address=f"127.0.0.1:{server.worker_port}", model=model,
+                                     health_address="", worker_id="w0", security=worker_security,
                                      reconnect_delay_s=0.2))
         await worker.load()
         task = asyncio.create_task(worker.run())

@@ -11,11 +11,12 @@ import time
 
 import grpc
 import pytest
-from alise.client import AliseError
-from alise.core.commands import JobOutput
 from cluster_fixtures import cluster
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tcp_relay import TcpRelay
+
+from alise.client import AliseError
+from alise.core.commands import JobOutput
 
 PROMPT = " ".join(f"word{i}" for i in range(40))
 
@@ -31,7 +32,7 @@ async def test_chunked_prefill_gives_the_tokens_of_a_whole_prefill(tiny_llama_di
             shapes = []
             step = engine.step
 
-            def spy(plan, step=step):
+            def spy(plan, step=step, shapes=shapes):
                 report = step(plan)
                 shapes.append(sum(n for _, n in report.chunks) + report.num_decode_tokens)
                 return report

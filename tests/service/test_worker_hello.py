@@ -5,9 +5,10 @@ from __future__ import annotations
 import asyncio
 import shutil
 
+from cluster_fixtures import cluster
+
 from alise.worker.config import WorkerConfig
 from alise.worker.service import Worker
-from cluster_fixtures import cluster
 
 
 async def test_a_worker_serving_another_model_is_refused(tiny_llama_dir, tiny_opt_dir, caplog):

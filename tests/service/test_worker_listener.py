@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from alise.client import AsyncClient
 from alise.common.security import SecurityConfig
 from alise.scheduler.config import SchedulerConfig

@@ -55,6 +55,5 @@ def interpreted(module_name: str):
 
 from kernelcases import relative_error  # noqa: E402,F401  (one definition for both test trees)
 
-
 #: ||out - ref|| / ||ref|| allowed against a float32 reference, by the kernel's dtype.
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}

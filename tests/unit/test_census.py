@@ -5,14 +5,16 @@ stream between them modelled message by message; no gRPC, no torch)."""
 from __future__ import annotations
 
 from collections import deque
+from functools import partial
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from alise.core.commands import AbortJobs, Admit, StepPlan
 from alise.core.dispatch import keep_in_flight
 from alise.core.sampling import SamplingParams
 from corekit import make_job, make_scheduler
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 NUM_BLOCKS = 40
 
@@ -84,7 +86,7 @@ def test_cancels_at_any_moment_leave_no_job_on_the_worker(census, jobs, depth, d
         elif action == "dispatch":
             stream.dispatch(now)
         elif stream.can(action):
-            {"receive": stream.receive, "step": stream.run_step, "apply": lambda: stream.apply(now)}[action]()
+            {"receive": stream.receive, "step": stream.run_step, "apply": partial(stream.apply, now)}[action]()
         d = core.workers["w0"].disagreements
         assert (d.num_ghosts, d.num_missing, d.num_block_deficits) == (0, 0, 0)
         if not core.jobs and not (stream.wire or stream.plans or stream.reports):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 
 import pytest
+
 from alise.cli.main import build_parser
 
 COMMANDS = ["generate", "status", "health", "up", "scheduler", "worker", "http", "predictor build",

@@ -77,17 +77,18 @@ def test_static_buffer_decode_matches_execute(tiny: LoadedModel) -> None:
     for use_static in (False, True):
         runner = ModelRunner(tiny, num_blocks=per_seq * len(prompts), block_size=block_size)
         graphs = runner.make_decode_graphs(8)
-        runner.execute([SeqChunk(p, 0, t) for p, t in zip(prompts, tables)])
+        runner.execute([SeqChunk(p, 0, t) for p, t in zip(prompts, tables, strict=True)])
         step = runner.execute if not use_static else graphs.run
         logits = []
         for k in range(3):
-            chunks = [SeqChunk([1000 + k + i], len(p) + k, t) for i, (p, t) in enumerate(zip(prompts, tables))]
+            chunks = [SeqChunk([1000 + k + i], len(p) + k, t)
+                      for i, (p, t) in enumerate(zip(prompts, tables, strict=True))]
             logits.append(step(chunks))
         chunks = [SeqChunk([555], len(prompts[i]) + 3, tables[i]) for i in (1, 3)]
         logits.append(step(chunks))
         results.append(logits)
         assert not runner.kv_cache.key_cache[:, per_seq * len(prompts):].any()
-    for eager, static in zip(*results):
+    for eager, static in zip(*results, strict=True):
         assert static.shape == eager.shape
         assert torch.allclose(static, eager, atol=1e-4, rtol=1e-4)
 

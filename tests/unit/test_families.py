@@ -15,13 +15,13 @@ import dataclasses
 
 import pytest
 import torch
-from familycases import CASES, NUM_BLOCKS, BLOCK_SIZE, hf_logits, make_sequences, max_error, run_schedule
-from tinymodels import make_tiny_model_dir
 
 from alise.worker.kernels.triton_unified import UnifiedConfig
 from alise.worker.model.kernel_plan import KernelPlan
 from alise.worker.model.loader import LoadedModel, load_model
 from alise.worker.model.runner import ModelRunner
+from familycases import BLOCK_SIZE, CASES, NUM_BLOCKS, hf_logits, make_sequences, max_error, run_schedule
+from tinymodels import make_tiny_model_dir
 
 MODES = ["per-chunk", "fresh-batched", "unified", "graph-buffers"]
 

@@ -18,12 +18,12 @@ import collections
 import dataclasses
 
 import pytest
-from familycases import CASES, hf_logits, make_sequences, max_error, run_schedule
 from kernelkit import interpreted
 from test_fused_runner import counting, fused_runner
-from tinymodels import make_tiny_model_dir
 
 from alise.worker.model.loader import load_model
+from familycases import CASES, hf_logits, make_sequences, max_error, run_schedule
+from tinymodels import make_tiny_model_dir
 
 triton_attention = interpreted("alise.worker.kernels.triton_attention")
 interpreted("alise.worker.kernels.triton_unified")

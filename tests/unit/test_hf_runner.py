@@ -12,6 +12,7 @@ from collections.abc import Iterator
 
 import pytest
 import torch
+
 from alise.worker.model.chunk import SeqChunk
 from alise.worker.model.hf_runner import TransformersRunner
 from alise.worker.model.loader import LoadedModel, load_model

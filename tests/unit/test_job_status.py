@@ -6,7 +6,6 @@ from __future__ import annotations
 import copy
 
 import pytest
-from corekit import LATENCY, make_job
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -19,6 +18,7 @@ from alise.core.policy import make_policy
 from alise.core.scheduler import SchedulerCore
 from alise.core.table import FREE, WAITING
 from alise.tools.sim.virtual_worker import virtual_worker
+from corekit import LATENCY, make_job
 
 #: The keywords each transition takes (``Job.transition``).
 _ARGS = {

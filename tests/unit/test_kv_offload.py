@@ -71,7 +71,7 @@ def record_logits(engine: WorkerEngine, job_id: str) -> list[torch.Tensor]:
 
     def wrapped(chunks, **kwargs):
         logits = execute(chunks, **kwargs)
-        for chunk, row in zip(chunks, logits):
+        for chunk, row in zip(chunks, logits, strict=True):
             if chunk.block_table is engine.seqs[job_id].block_table:
                 seen.append(row.clone())
         return logits
@@ -113,7 +113,7 @@ def test_swap_round_trip_is_exact_and_generation_continues_identically(loaded):
         run_step(eng)
     assert eng.seqs["a"].token_ids == ref.seqs["a"].token_ids
     assert len(seen) == len(ref_seen) == 16
-    for ours, theirs in zip(seen, ref_seen):
+    for ours, theirs in zip(seen, ref_seen, strict=True):
         torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
 
 

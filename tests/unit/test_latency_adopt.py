@@ -4,7 +4,6 @@ cached remaining time in the core's job table."""
 from __future__ import annotations
 
 import pytest
-from corekit import make_job, step
 
 from alise.core.blocks import WorkerCapacity
 from alise.core.config import SchedulingConfig
@@ -12,6 +11,7 @@ from alise.core.latency_model import LatencyModel
 from alise.core.policy import make_policy
 from alise.core.scheduler import SchedulerCore
 from alise.tools.sim.virtual_worker import virtual_worker
+from corekit import make_job, step
 
 
 def _core(latency: LatencyModel):

@@ -124,3 +124,19 @@ def test_a_service_command_imports_no_tooling():
 def test_a_tooling_command_imports_its_tooling(command):
     # The other side of the check above: the tooling is there when its command runs.
     assert loaded_tools(f"import alise.cli.main as m; m.build_parser({command!r})") != []
+
+
+def loaded_torch(modules: tuple[str, ...]) -> bool:
+    tests = Path(__file__).parents[1]
+    code = (f"import sys; sys.path[:0] = [{str(tests)!r}, {str(tests / 'unit')!r}]; "
+            f"import {', '.join(modules)}; print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return out.stdout.strip().splitlines()[-1] == "True"
+
+
+def test_the_core_tests_load_no_torch():
+    # The suite's conftest decides the Triton interpreter without torch; the core's tests and
+    # their factories need none, so running them alone never imports it.
+    assert not loaded_torch(("conftest", "corekit", "test_scheduler_core", "test_dispatch", "test_job_status",
+                             "test_memory_planner", "test_layers"))
+    assert loaded_torch(("conftest", "test_sampler"))  # the check sees torch where a test needs it

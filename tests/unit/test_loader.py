@@ -8,11 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers import GPT2Config
+
 from alise.modelinfo.presets import MINILM_VOCAB_SIZE, PRESETS
 from alise.modelinfo.source import DEFAULT_MODEL
 from alise.worker.model.loader import load_model, resolve_dtype
 from tinymodels import make_tiny_model_dir
-from transformers import GPT2Config
 
 SEP_ID = 102  # [SEP] of the MiniLM WordPiece vocabulary
 
@@ -122,7 +123,7 @@ def test_sharded_tied_and_bf16_checkpoints_load(tmp_path: Path) -> None:
     assert (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
     assert len(list((tmp_path / "sharded").glob("model-*.safetensors"))) > 1
     whole = load_model(str(make_tiny_model_dir(tmp_path / "whole", "qwen2")))
-    for (name, a), (_, b) in zip(sharded.model.state_dict().items(), whole.model.state_dict().items()):
+    for (name, a), (_, b) in zip(sharded.model.state_dict().items(), whole.model.state_dict().items(), strict=True):
         assert torch.equal(a, b), name
     tied = load_model(str(make_tiny_model_dir(tmp_path / "tied", "qwen2", tie_word_embeddings=True)))
     assert tied.model.lm_head.weight.data_ptr() == tied.model.model.embed_tokens.weight.data_ptr()
@@ -133,7 +134,8 @@ def test_sharded_tied_and_bf16_checkpoints_load(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(("declared", "expected"), [
-    (torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16), (torch.float32, torch.float16), (None, torch.float16),
+    (torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16), (torch.float32, torch.float16),
+    (None, torch.float16),
 ])
 def test_auto_dtype_follows_the_checkpoint_off_the_cpu(declared, expected) -> None:
     config = GPT2Config(dtype=declared)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from corekit import LATENCY, make_job, step
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -16,6 +15,7 @@ from alise.core.policy import make_policy
 from alise.core.scheduler import SchedulerCore
 from alise.tools.sim.virtual_worker import virtual_worker
 from alise.worker.engine import WorkerEngine
+from corekit import LATENCY, make_job, step
 
 BS = 4
 BLOCK_BYTES = 1 << 20

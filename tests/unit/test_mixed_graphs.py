@@ -83,7 +83,7 @@ def test_static_buffer_mixed_steps_match_execute(tiny: LoadedModel) -> None:
                 got.append(runner.execute(chunks))
         results.append(got)
         assert not runner.kv_cache.key_cache[:, per_seq * 4:].any()
-    for eager, static in zip(*results):
+    for eager, static in zip(*results, strict=True):
         assert static.shape == eager.shape
         assert torch.allclose(static, eager, atol=1e-4, rtol=1e-4)
     assert results[0][0].shape[0] == 3  # the chunk that wants no logits got no row

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from alise.worker.model.chunk import SeqChunk
 from alise.worker.model.kv_cache import KVCache
 from alise.worker.model.loader import LoadedModel, load_model
@@ -90,7 +91,7 @@ def test_logits_match_transformers_at_every_position(loaded: LoadedModel, min_ba
     for step in SCHEDULE:
         chunks = [SeqChunk(tokens[name][num_cached[name]:num_cached[name] + n], num_cached[name], tables[name])
                   for name, n in step.items()]
-        for name, logits in zip(step, runner.execute(chunks, all_logits=True)):
+        for name, logits in zip(step, runner.execute(chunks, all_logits=True), strict=True):
             got[name].append(logits)
             num_cached[name] += step[name]
     for name, ids in tokens.items():

@@ -9,12 +9,11 @@ import subprocess
 import sys
 
 import pytest
+
 from alise.modelinfo.identity import weights_fingerprint
 from alise.modelinfo.served import load_model_info
 from alise.modelinfo.source import resolve_model
 from alise.modelinfo.tokenizer import load_tokenizer
-from alise.worker.model.loader import load_model
-from transformers import AutoTokenizer
 
 
 def torch_after(statement: str) -> bool:
@@ -24,7 +23,8 @@ def torch_after(statement: str) -> bool:
 
 
 def test_reading_a_preset_or_a_directory_imports_no_torch(tiny_llama_dir):
-    read = "from alise.modelinfo.served import load_model_info; info = load_model_info({!r}); info.tokenizer.encode('a b')"
+    read = ("from alise.modelinfo.served import load_model_info; info = load_model_info({!r}); "
+            "info.tokenizer.encode('a b')")
     assert not torch_after(read.format("tiny-qwen3"))
     assert not torch_after(read.format(str(tiny_llama_dir)))
     assert torch_after("import alise.worker.model.loader")  # the check sees torch where it is imported
@@ -32,6 +32,7 @@ def test_reading_a_preset_or_a_directory_imports_no_torch(tiny_llama_dir):
 
 @pytest.mark.parametrize("family", ["llama", "opt", "gemma2"])
 def test_the_scheduler_and_the_worker_read_the_same_identity_and_limits(tmp_path, family):
+    from alise.worker.model.loader import load_model  # torch: only this test loads a model
     from tinymodels import make_tiny_model_dir
 
     path = str(make_tiny_model_dir(tmp_path / family, family))
@@ -52,6 +53,8 @@ def test_architectures_differ_in_identity(tmp_path, tiny_llama_dir):
 
 
 def test_the_tokenizer_is_the_one_autotokenizer_picks(tiny_llama_dir):
+    from transformers import AutoTokenizer  # imports torch
+
     for source in (resolve_model(str(tiny_llama_dir)), resolve_model("tiny-llama")):
         ours = load_tokenizer(source)
         theirs = AutoTokenizer.from_pretrained(source.directory or _minilm_dir(), local_files_only=True)

@@ -38,7 +38,7 @@ def test_snapshot_round_trip_restores_everything(tmp_path):
     restored = load_snapshot(tmp_path, "enc", DIM).history
     assert restored.texts == history.texts
     assert restored.models == ["a", "b"]
-    for got, want in zip(restored.observations(), history.observations()):
+    for got, want in zip(restored.observations(), history.observations(), strict=True):
         np.testing.assert_array_equal(got, want)
     query = history.index.vectors[:3]
     np.testing.assert_array_equal(restored.index.search(query, 4)[1], history.index.search(query, 4)[1])

@@ -9,7 +9,14 @@ import pytest
 from alise.core.latency_model import LatencyModel
 from alise.worker.kernels.triton_attention import choose_num_splits
 from alise.worker.model.loader import load_model
-from alise.worker.model.profiler import ProfileGrid, StepProfiler, plan_points, point_chunks, profile_runner, save_profile
+from alise.worker.model.profiler import (
+    ProfileGrid,
+    StepProfiler,
+    plan_points,
+    point_chunks,
+    profile_runner,
+    save_profile,
+)
 from alise.worker.model.runner import ModelRunner
 
 

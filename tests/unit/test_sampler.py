@@ -11,6 +11,7 @@ import math
 
 import pytest
 import torch
+
 from alise.core.sampling import SamplingParams
 from alise.worker.model.sampler import Sampler, make_generator
 

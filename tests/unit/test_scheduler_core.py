@@ -6,7 +6,6 @@ import subprocess
 import sys
 
 import pytest
-from corekit import LATENCY, candidates_of, make_job, make_scheduler, step
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -14,6 +13,7 @@ from alise.core.commands import AbortJobs, Admit, KvAction, Pause, Resume
 from alise.core.dispatch import keep_in_flight
 from alise.core.job import JobStatus, KvPlace, LengthEstimate
 from alise.core.policy import RemainingTimeEstimator
+from corekit import LATENCY, candidates_of, make_job, make_scheduler, step
 
 
 def commands_of(plan, kind):
@@ -311,7 +311,8 @@ def _assert_table_mirrors_jobs(core):
     table = core.table
     for job in core.jobs.values():
         slot = table.slot_of[job.job_id]
-        assert (table.num_tokens[slot], table.num_computed_tokens[slot]) == (job.num_tokens, job.num_computed_tokens), job.job_id
+        row = (table.num_tokens[slot], table.num_computed_tokens[slot])
+        assert row == (job.num_tokens, job.num_computed_tokens), job.job_id
 
 
 def _state(core):

@@ -3,14 +3,13 @@ multi-worker routing, on the pure core with virtual workers."""
 
 from __future__ import annotations
 
-from corekit import LATENCY, is_starved, key_of, make_job, make_scheduler, step
-
 from alise.core.blocks import WorkerCapacity
 from alise.core.commands import Admit, Pause
 from alise.core.config import SchedulingConfig
 from alise.core.job import JobStatus, LengthEstimate
 from alise.core.policy import STARVED_BOOST_S, AlisePolicy, RemainingTimeEstimator
 from alise.tools.sim.virtual_worker import virtual_worker
+from corekit import LATENCY, is_starved, key_of, make_job, make_scheduler, step
 
 
 def test_cached_remaining_times_equal_fresh_ones_while_jobs_wait_run_and_pause():

@@ -6,18 +6,11 @@ import collections
 import json
 import os
 import statistics
+from itertools import pairwise
 
 import pytest
 
-from alise.tools.trace import (
-    TraceRequest,
-    arrival_times,
-    build_trace,
-    describe,
-    read_trace,
-    rescale,
-    write_trace,
-)
+from alise.tools.trace import TraceRequest, arrival_times, build_trace, describe, read_trace, rescale, write_trace
 
 PAIRS = [(f"p{i}", "word " * (i % 7 + 1), "tok " * (i % 13)) for i in range(50)]
 
@@ -27,7 +20,7 @@ def count_words(texts):
 
 
 def gaps(times):
-    return [b - a for a, b in zip([0.0] + times, times)]
+    return [b - a for a, b in pairwise([0.0, *times])]
 
 
 def test_poisson_arrivals_have_the_rate_and_cv_one():

@@ -17,8 +17,9 @@ import random
 
 import pytest
 import torch
-from kernelcases import make_step, reference
 from kernelkit import TOLERANCE, interpreted, relative_error
+
+from kernelcases import make_step, reference
 
 unified = interpreted("alise.worker.kernels.triton_unified")
 
