@@ -25,7 +25,6 @@ import argparse
 import asyncio
 import multiprocessing
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -34,52 +33,8 @@ import httpx
 import numpy as np
 
 from alise.tools.lab.checkout import pythonpath
+from alise.tools.lab.door_load import attacker, raise_open_files
 from alise.tools.lab.local_cluster import cpu_cluster, free_port
-
-
-def raise_open_files() -> int:
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    return hard
-
-
-def attacker(port: int, connections: int, addresses: int, reopen_s: float, stop, samples) -> None:
-    """Holds ``connections`` idle connections to ``port`` from ``addresses`` source addresses
-    until ``stop`` is set; puts its per-second counts of open connections on ``samples``."""
-    raise_open_files()
-
-    async def hold(i: int, gate: asyncio.Semaphore, open_now: list[int]) -> None:
-        source = "127.0.0.2" if addresses == 1 else f"127.0.1.{1 + i % addresses}"
-        while not stop.is_set():
-            try:
-                async with gate:
-                    reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=(source, 0))
-            except OSError:
-                await asyncio.sleep(reopen_s)
-                continue
-            open_now[0] += 1
-            try:
-                while await reader.read(65536):  # what the door says before it closes
-                    pass
-            except OSError:
-                pass
-            finally:
-                open_now[0] -= 1
-                writer.close()
-            await asyncio.sleep(reopen_s)
-
-    async def main() -> None:
-        gate, open_now, counts = asyncio.Semaphore(256), [0], []
-        tasks = [asyncio.create_task(hold(i, gate, open_now)) for i in range(connections)]
-        while not stop.is_set():
-            await asyncio.sleep(1.0)
-            counts.append(open_now[0])
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        samples.put(counts)
-
-    asyncio.run(main())
 
 
 async def users(base_url: str, rate: float, duration_s: float) -> list[tuple[float, str]]:

@@ -17,8 +17,9 @@ SDK resumes every stream a fault broke; requests sent while no scheduler answers
   ``--sse-burst`` streamed completions whose clients close the connection mid-way, and with
   ``--huge-prompts N`` N text prompts of ``--huge-chars`` at once, none of which may be
   accepted (413 from its length; 400 from a door just restarted that has not learnt the
-  model yet; no answer from a door that is down); with ``--idle-conns N``, N connections that send nothing held open to the
-  door from 100 loopback addresses (bench/soak_door.py);
+  model yet; no answer from a door that is down); with ``--idle-conns N``, N connections
+  that send nothing held open to the door from 100 loopback addresses
+  (alise.tools.lab.door_load);
 * with ``--hangs``, two more faults in the turn: the HTTP door and the predictor stopped
   (SIGSTOP) and left so, until `alise up` finds them hung and restarts them.
 
@@ -70,10 +71,10 @@ from pathlib import Path
 
 import grpc
 import httpx
-from soak_door import IdleConnections, huge_body, huge_prompt_burst
 
 from alise.client import AliseError, AsyncClient
 from alise.common.security import SECRET_HEADER
+from alise.tools.lab.door_load import IdleConnections, huge_body, huge_prompt_burst
 from alise.tools.lab.upcluster import UpCluster
 from alise.tools.trace import build_trace, load_pairs, rescale, workload_path
 from alise.v1 import predictor_pb2, predictor_pb2_grpc
