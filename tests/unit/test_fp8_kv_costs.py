@@ -48,6 +48,7 @@ def test_sim_workers_with_fp8_pages_have_twice_the_blocks_of_half_the_bytes() ->
     assert (auto.num_device_blocks, fp8.num_device_blocks) == (937, 1875)
     assert fp8.kv_room_tokens == 30_000
     assert fp8.capacity("w").block_bytes * 2 == auto.capacity("w").block_bytes
+    assert not fp8.capacity("w").can_quantize_kv and auto.capacity("w").can_quantize_kv
     assert fp8.kv_latency(PROFILE).c_ctx_s == PROFILE.c_ctx_s / 2
     assert auto.kv_latency(PROFILE) is PROFILE
     with pytest.raises(ValueError, match="kv_cache_dtype must be one of auto, fp8_e4m3"):

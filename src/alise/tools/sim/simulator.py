@@ -101,7 +101,7 @@ class SimConfig:
         return WorkerCapacity(worker_id, self.block_size, self.num_device_blocks, self.num_host_blocks,
                               self.max_model_len, self.max_num_seqs, budget,
                               block_bytes=int(self.block_bytes * self.kv_bytes_ratio),
-                              prefix_caching=self.enable_prefix_caching)
+                              prefix_caching=self.enable_prefix_caching, kv_cache_dtype=self.kv_cache_dtype)
 
 
 @dataclass(frozen=True)
