@@ -46,9 +46,10 @@ CONTEXT = 512
 
 def run_alise(args) -> dict:
     sys.path[:0] = [str(ROOT / "bench" / "gpu")]
-    import alise.tools.lab.engine as eb
     import engine_compare as ec
     import torch
+
+    import alise.tools.lab.engine as eb
     from alise.worker.model.kv_cache import KVCache
     from alise.worker.model.runner import ModelRunner
 

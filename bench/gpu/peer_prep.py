@@ -107,7 +107,7 @@ def main() -> None:
     served = [len(ids) for ids in tokenizer([r["instruction"] for r in rows], add_special_tokens=True)["input_ids"]]
     outputs = default_counter()([r["output"] for r in rows])
     kept, dropped = [], []
-    for row, prompt_tokens, output_tokens in zip(rows, served, outputs):
+    for row, prompt_tokens, output_tokens in zip(rows, served, outputs, strict=True):
         output_tokens = max(output_tokens, 1)
         target = kept if prompt_tokens + output_tokens <= args.max_model_len else dropped
         target.append(TraceRequest(str(row["id"]), row["instruction"], prompt_tokens, output_tokens, 0.0))
@@ -119,8 +119,9 @@ def main() -> None:
     write_model_dir(out / "model")
     copy_tokenizer(out / "minilm-tok")
     lens = [r.output_tokens for r in kept]
+    left_out = ", ".join(f"id {r.id} ({r.prompt_tokens} + {r.output_tokens})" for r in dropped) or "none"
     print(f"{len(kept)} of {len(rows)} requests kept ({args.generator}; left out, prompt + output over "
-          f"{args.max_model_len}: {', '.join(f'id {r.id} ({r.prompt_tokens} + {r.output_tokens})' for r in dropped) or 'none'}); "
+          f"{args.max_model_len}: {left_out}); "
           f"output tokens mean {statistics.fmean(lens):.0f}, p50 {statistics.median(lens):.0f}, max {max(lens)}; "
           f"prompt tokens mean {statistics.fmean(r.prompt_tokens for r in kept):.1f} -> {out}")
 

@@ -18,7 +18,11 @@ For each run NAME (``<server>-<setup>-r<rate>``, e.g. ``vllm-mem-r11``, ``fcfs-m
   tokens its prefix cache served (a preempted request's blocks stay cached until reused);
   the server's own mean TTFT and queue time; the CPU each serving process spent per token.
 
-Writes ``DIR/summary.json`` (the table's numbers) and prints the tables last.
+Last, the comparison: each ALISE run against vLLM's run of the same setup and rate, as ratios
+(ALISE / vLLM) of what the goals name, each marked ``ok`` or ``MISS`` against its goal
+(``GOALS``: fcfs at least level with vLLM; the alise policy well ahead of it).
+
+Writes ``DIR/summary.json`` (the table's numbers) and prints the tables, the comparison last.
 
     python bench/gpu/peer_table.py DIR [--runs NAME ...]
 """
@@ -87,8 +91,8 @@ def server_figures(watch: dict | None, steps: Path | None, duration_s: float) ->
             out["preemptions"] = delta("vllm:num_preemptions")
         elif any(k.startswith("alise_") for k in watch["last"]):  # no series until the first preemption
             out["preemptions"] = delta("alise_preemptions") or 0.0
-        for key, prefix in (("server_ttft_ms", "vllm:time_to_first_token_seconds"), ("server_ttft_ms", "alise_ttft_seconds"),
-                            ("queue_ms", "vllm:request_queue_time_seconds")):
+        for key, prefix in (("server_ttft_ms", "vllm:time_to_first_token_seconds"),
+                            ("server_ttft_ms", "alise_ttft_seconds"), ("queue_ms", "vllm:request_queue_time_seconds")):
             total, count = delta(prefix + "_sum"), delta(prefix + "_count")
             if total is not None and count:
                 out[key] = 1e3 * total / count
@@ -175,6 +179,44 @@ def tables(rows: list[dict]) -> str:
 
 SERVERS = ("vllm", "fcfs", "alise", "oracle")
 
+#: policy -> (label, how to read it from a row, "<=" or ">=", the bound on ALISE / vLLM); the
+#: rate of all at once is judged on throughput alone (its TTFT is the backlog of the whole trace).
+GOALS = {
+    "fcfs": [("TTFT p90", lambda r: r["ttft"]["p90"], "<=", 1.0),
+             ("ITL p99", lambda r: r["itl"]["p99"], "<=", 1.0),
+             ("goodput", lambda r: r["goodput"], ">=", 1.0)],
+    "alise": [("TTFT p90", lambda r: r["ttft"]["p90"], "<=", 0.25),
+              ("norm mean", lambda r: r.get("norm_ms", {}).get("mean"), "<=", 0.7),
+              ("norm p99", lambda r: r.get("norm_ms", {}).get("p99"), "<=", 0.3),
+              ("goodput", lambda r: r["goodput"], ">=", 1.5)],
+}
+THROUGHPUT_GOAL = ("out tok/s", lambda r: r["output_tok_s"], ">=", 1.0)
+
+
+def comparison(rows: list[dict]) -> str:
+    """Each ALISE run beside vLLM's of the same setup and rate: ALISE / vLLM per goal."""
+    by_name = {r["name"]: r for r in rows}
+    lines = ["", "ALISE / vLLM, the same setup and rate (ms, req/s, tok/s; the goal in brackets)"]
+    for r in rows:
+        server, _, rest = r["name"].partition("-")
+        peer = by_name.get(f"vllm-{rest}")
+        if server == "vllm" or peer is None:
+            continue
+        goals = [THROUGHPUT_GOAL] if rest.endswith("-rinf") else GOALS.get(server, GOALS["fcfs"])
+        cells = []
+        for label, read, op, bound in goals:
+            mine, theirs = read(r), read(peer)
+            if mine is None or not theirs:
+                cells.append(f"{label} -")
+                continue
+            ratio = mine / theirs
+            ok = ratio <= bound if op == "<=" else ratio >= bound
+            digits = 2 if label == "goodput" else 0
+            cells.append(f"{label} {fmt(mine, digits)} / {fmt(theirs, digits)} = {ratio:.2f}x [{op}{bound:g}] "
+                         f"{'ok' if ok else 'MISS'}")
+        lines.append(f"{r['name']:<14} " + "; ".join(cells))
+    return "\n".join(lines) if len(lines) > 2 else ""
+
 
 def run_order(name: str) -> tuple:
     """``<server>-<setup>-r<rate>`` by setup, rate (all at once last), then vLLM, fcfs, alise."""
@@ -208,6 +250,7 @@ def main() -> int:
     (root / "summary.json").write_text(json.dumps(rows, indent=1))
     if rows:
         print(tables(rows))
+        print(comparison(rows) or "\nno vLLM run beside an ALISE run of the same setup and rate: no comparison")
     return 0
 
 

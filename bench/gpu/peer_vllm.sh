@@ -32,14 +32,15 @@
 # Results stay in /tmp/peer-results while the machine is warm, so a later call's tables hold
 # every run so far; $OUT gets peer-results.tgz (all logs and JSON), summary.json, tables.txt.
 #
-# The carried sets (64 MiB a call; the tree itself is ~2 MB):
+# The carried sets (64 MiB a call; the tree itself is ~3 MB):
 #   .vllmcarry (38 MB, bench/gpu/vllm_carry.sh), .peercarry (8 MB) and .peerpredictor (58 MB,
 #   both bench/gpu/peer_carry.sh). vLLM's client is vLLM, so every stage needs .vllmcarry
 #   unpacked; the alise stage needs .peerpredictor, which cannot travel with .vllmcarry:
-#   1. carry .vllmcarry .peercarry:  OUT=$OUT STAGES="engine-vllm vllm" bash bench/gpu/peer_vllm.sh
-#   2. carry .vllmcarry .peercarry:  OUT=$OUT STAGES="fcfs engine-alise" bash bench/gpu/peer_vllm.sh
-#   3. carry .peerpredictor, on the machine call 2 left warm (30 s), which keeps the unpacked sets:
-#                                    OUT=$OUT STAGES=alise bash bench/gpu/peer_vllm.sh
+#   1. carry .vllmcarry .peercarry:  OUT=$OUT RATES="11 inf" STAGES="vllm fcfs" bash bench/gpu/peer_vllm.sh
+#   2. carry .peerpredictor, on the machine call 1 left warm, which keeps the unpacked sets:
+#                                    OUT=$OUT RATES=11 STAGES=alise CALL_S=300 bash bench/gpu/peer_vllm.sh
+#   with device time to spare, carry .vllmcarry .peercarry (a fresh machine) or nothing (warm):
+#                                    OUT=$OUT STAGES="engine-vllm engine-alise" bash bench/gpu/peer_vllm.sh
 # A dry run of the ALISE side on a CPU (no vLLM server there): DEVICE=cpu DTYPE=float32
 #   MODEL=opt-125m PY=<python3.12 with the image's packages> VSITE=<where to unpack .vllmcarry>
 #   PORTS=<offset> ENGINE_ARGS="--preset tiny-opt --device cpu --kv-gib 0.5" STAGES="fcfs engine-alise";
@@ -261,9 +262,9 @@ for stage in $STAGES; do
   esac
 done
 tar -C "$R" -czf "$OUT/peer-results.tgz" .
-{
+{  # the engines first: the serving tables end with the comparison against vLLM
+  ls "$R"/engine/*.json >/dev/null 2>&1 && { $PY "$REPO/bench/gpu/peer_engine.py" --table "$R"/engine/*.json; echo; }
   $PY "$REPO/bench/gpu/peer_table.py" "$R"
-  ls "$R"/engine/*.json >/dev/null 2>&1 && { echo; $PY "$REPO/bench/gpu/peer_engine.py" --table "$R"/engine/*.json; }
 } > "$OUT/tables.txt" 2>&1
 cp "$R/summary.json" "$OUT/" 2>/dev/null
 say "done"
