@@ -94,6 +94,8 @@ async def test_the_scheduler_listens_at_once_while_its_predictor_is_down(tiny_ll
         assert await health_of(scheduler.port, PREDICTOR_HEALTH_NAME) == SERVING
         assert scheduler.servicer.estimator.state == "ok"
     finally:
-        await scheduler.stop(0.1)
-        if predictor is not None:
-            await predictor.stop(0.1)
+        try:
+            await scheduler.stop(0.1)
+        finally:
+            if predictor is not None:
+                await predictor.stop(0.1)
