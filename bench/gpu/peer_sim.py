@@ -8,10 +8,12 @@ rescaled so the last request leaves at N / R, as vllm/benchmarks/serve.py does),
 scheduler settings, fcfs at the same KV budget:
 
 * ``alise``      the defaults: 256 tokens a step (or twice the sequences), chunks beside
-                 decodes capped at 1.5x the decode step by the profile, two plans ahead;
+                 decodes capped at 1.5x the decode step by the profile, three plans ahead;
+* ``2-ahead``    the defaults with two plans in flight instead of three (the default before);
 * ``no-cap``     the same budget, no cap (``--prefill-step-ratio 0``);
 * ``8192-cap``   vLLM's budget on an H100 (8,192 tokens a step), the cap kept;
-* ``vllm-like``  8,192 tokens a step, no cap (vLLM's chunked prefill);
+* ``vllm-like``  8,192 tokens a step, no cap (vLLM's chunked prefill), two plans in flight
+                 (vLLM's async scheduling: one step queued behind the running one);
 * ``1-ahead``    vllm-like with one plan in flight instead of two.
 
 Per run: TTFT (from arrival to the end of the step that made the first token) mean, p50, p90,
@@ -45,9 +47,10 @@ FCFS = SchedulingConfig(policy="fcfs")
 #: name -> (max_num_batched_tokens (0: the worker's default rule), the scheduler's settings)
 VARIANTS = {
     "alise": (0, FCFS),
+    "2-ahead": (0, replace(FCFS, plans_ahead=2)),
     "no-cap": (0, replace(FCFS, prefill_step_ratio=0.0)),
     "8192-cap": (8192, FCFS),
-    "vllm-like": (8192, replace(FCFS, prefill_step_ratio=0.0)),
+    "vllm-like": (8192, replace(FCFS, prefill_step_ratio=0.0, plans_ahead=2)),
     "1-ahead": (8192, replace(FCFS, prefill_step_ratio=0.0, plans_ahead=1)),
 }
 
@@ -65,7 +68,7 @@ def client_order(trace: list[TraceRequest], seed: int, rate: float, burstiness: 
     theta = 1.0 / (rate * burstiness)
     delays = np.cumsum([np.random.gamma(shape=burstiness, scale=theta) for _ in rows])
     delays *= (len(rows) / rate) / delays[-1]
-    return [replace(r, arrival_s=float(t)) for r, t in zip(rows, delays)]
+    return [replace(r, arrival_s=float(t)) for r, t in zip(rows, delays, strict=True)]
 
 
 class TokenTimes(SchedulerCore):
@@ -124,7 +127,8 @@ def main() -> int:
     rows = []
     print(f"SIMULATED, profile {latency.name} ({Path(args.profile).name}), {len(trace)} requests, fcfs, "
           f"{args.kv_tokens} KV tokens, {args.max_num_seqs} sequences, burstiness {args.burstiness}, seed {args.seed}")
-    print(f"{'rate':>5} {'scale':>5} {'variant':<10} {'budget':>6} {'cap':>4} {'ahead':>5}  TTFT ms mean / p50 / p90 / p99"
+    print(f"{'rate':>5} {'scale':>5} {'variant':<10} {'budget':>6} {'cap':>4} {'ahead':>5}  "
+          "TTFT ms mean / p50 / p90 / p99"
           f"       TPOT  ITL p50 / p99  norm ms/tok  tok/s  steps  preempt")
     for rate_text in args.rates.split(","):
         rate = float(rate_text)
@@ -135,7 +139,8 @@ def main() -> int:
             row = run(ordered, latency, variant, args) | dict(rate=rate, scale=scale)
             rows.append(row)
             t = row["ttft_ms"]
-            print(f"{rate_text:>5} {scale:>5g} {variant:<10} {row['budget']:>6} {row['ratio'] or '-':>4} {row['plans_ahead']:>5}  "
+            print(f"{rate_text:>5} {scale:>5g} {variant:<10} {row['budget']:>6} {row['ratio'] or '-':>4} "
+                  f"{row['plans_ahead']:>5}  "
                   f"{t[0]:6.0f} / {t[1]:5.0f} / {t[2]:6.0f} / {t[3]:6.0f}   {row['tpot_ms']:5.1f}  "
                   f"{row['itl_ms'][0]:5.1f} / {row['itl_ms'][1]:5.1f}  {row['norm_ms']:11.1f}  {row['tok_s']:5.0f}  "
                   f"{row['steps']:5d}  {row['preemptions']:7d}", flush=True)

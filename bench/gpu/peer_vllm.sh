@@ -150,8 +150,8 @@ for line in open(sys.argv[1]):
     "$R/logs/$name.txt" | tr -s ' ' | paste -sd ';' | sed "s/^/    /"
 }
 
-profile_arg() {
-  [ "${PROFILE:-auto}" = none ] || [ "$DEVICE" = cpu ] && return
+profile_arg() {  # the virtual worker brings its own profile (VIRTUAL)
+  [ "${PROFILE:-auto}" = none ] || [ "$DEVICE" = cpu ] || [ -n "${VIRTUAL:-}" ] && return
   local p=${PROFILE:-auto}
   if [ "$p" = auto ]; then
     case $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1) in

@@ -40,9 +40,12 @@ class SchedulingConfig:
     #: step alone, by the workers' measured latency profile (chunks are cut to fit; 0 = no cap:
     #: only the workers' token budget limits them).
     prefill_step_ratio: float = 1.5
-    #: Plans kept in flight per worker: the worker runs step k while step k + 1 is planned
-    #: (1 = lock-step: the worker waits for each plan).
-    plans_ahead: int = 2
+    #: Plans kept in flight per worker: the worker runs step k while step k + 1 waits and
+    #: step k + 2 is planned, so a scheduler that stalls for up to two steps (a full garbage
+    #: collection, a burst of requests, a busy CPU) does not idle the device; each plan ahead
+    #: costs a new job one step before its first token (1 = lock-step: the worker waits for
+    #: each plan).
+    plans_ahead: int = 3
     #: Every policy: a job that outran its p90 estimate is assumed to produce this many times
     #: what it has produced so far, less one (2 doubles its expected total each time it is outrun).
     overrun_growth: float = 2.0

@@ -12,7 +12,7 @@ all drive this same class. The parts, each with one job:
 
 Planning runs ahead of the workers: ``schedule`` plans a worker's next step on top of every
 step already planned for it, before their reports are in (a job's projected tokens, see
-``alise.core.job``). The engine keeps one or two plans in flight per worker, so a worker
+``alise.core.job``). The engine keeps a few plans in flight per worker, so a worker
 always has its next plan when a step ends. ``schedule`` runs in named phases:
 
 1. ``_candidates``   the worker's running and paused jobs, and the waiting jobs it may take;
