@@ -51,13 +51,13 @@ def test_every_scheduling_knob_reaches_the_scheduler_as_the_same_config(tmp_path
         monkeypatch.delenv(name, raising=False)
     cfg = config_from_args(parse("up", [
         "--state-dir", str(tmp_path), "--policy", "oracle", "--kv-planner", "swap",
-        "--prefill-step-ratio", "0", "--plans-ahead", "3", "--overrun-growth", "1.5", "--aging-rate", "0.01",
+        "--prefill-step-ratio", "0", "--plans-ahead", "4", "--overrun-growth", "1.5", "--aging-rate", "0.01",
         "--hysteresis", "0.1", "--switch-cost-s", "0.02", "--max-slowdown", "4", "--min-starve-s", "2",
         "--reserve-horizon-tokens", "16", "--reserve-fraction", "0.5", "--no-preemptive",
         "--max-queued", "10", "--default-max-tokens", "32", "--block-size", "4", "--num-device-blocks", "256",
         "--no-cuda-graphs"]))
     expected = SchedulingConfig(
-        policy="oracle", kv_planner="swap", prefill_step_ratio=0.0, plans_ahead=3, overrun_growth=1.5,
+        policy="oracle", kv_planner="swap", prefill_step_ratio=0.0, plans_ahead=4, overrun_growth=1.5,
         aging_rate=0.01, hysteresis=0.1, switch_cost_s=0.02, max_slowdown=4.0, min_starve_s=2.0,
         reserve_horizon_tokens=16, reserve_fraction=0.5, preemptive=False)
     assert cfg.scheduler.scheduling == expected
