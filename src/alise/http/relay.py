@@ -133,13 +133,11 @@ class Relay:
         await send({"type": "http.response.body", "body": data, "more_body": True})
 
     async def _open(self, send) -> None:
-        """The stream's status line and headers (and a chat's role event), once accepted."""
+        """The stream's status line and headers, once accepted."""
         await send({"type": "http.response.start", "status": 200, "headers": [
             (b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache"),
             (b"x-request-id", self.facts.request_id.encode())]})
         self.status = 200  # after the send: a relay cancelled during it has sent no status line
-        if self.shaper.chat:
-            await self._event(send, sse(self.shaper.role_chunk(self.req.include_usage)))
 
     async def end_with_error(self, send, error: ApiError) -> None:
         """The last events of an open stream: the error, then ``[DONE]``."""
@@ -161,12 +159,19 @@ class Relay:
         if not self.status:  # the scheduler's metadata did not come first (it always does)
             await self._open(send)
         shaper, req = self.shaper, self.req
+        # NOTE: a chat's role event goes just before its first token's, not at acceptance, as
+        # vLLM sends it: clients (vllm bench serve) time the first token from the first event,
+        # so a role event sent while the job is queued would hide the wait.
+        role_pending = shaper.chat
         try:
             while True:
                 # One event per piece that carries tokens, text or not (as vLLM sends them):
                 # clients time inter-token latency between events, and a token that adds no
                 # text yet (a partial character, a held-back stop-string prefix) is still one.
                 if piece.token_ids or piece.text or piece.finish_reason is not None:
+                    if role_pending:
+                        await self._event(send, sse(shaper.role_chunk(req.include_usage)))
+                        role_pending = False
                     await self._event(send, sse(shaper.chunk(piece.text, piece.token_ids, piece.finish_reason,
                                                              self.facts, req.include_usage, req.continuous_usage)))
                 if piece.finish_reason is not None:
