@@ -126,11 +126,13 @@ class PrefixMirror:
                 ids = self.cache.allocate(self.cache.num_free) or []
             table += ids
 
-    def release(self, job: Job, *, finished: bool, on_device: bool) -> None:
-        """The job leaves the worker or drops its KV: its full blocks (``reusable_tokens``) are
-        cached when its KV was at full precision on the device, then every reference goes."""
+    def release(self, job: Job, *, finished: bool, on_device: bool, leaves: bool = True) -> None:
+        """The job leaves the worker (``leaves``) or drops its KV there: its full blocks
+        (``reusable_tokens``) are cached when its KV was at full precision on the device, then
+        every reference goes. A job that stays keeps the count of its admitted tokens (the
+        worker's sequence does), for its next release."""
         table = self._tables.pop(job.job_id, None)
-        admitted = self._admitted.pop(job.job_id, 0)
+        admitted = self._admitted.pop(job.job_id, 0) if leaves else self._admitted.get(job.job_id, 0)
         if table is None:
             return
         if on_device:

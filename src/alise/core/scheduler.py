@@ -534,7 +534,7 @@ class SchedulerCore:
         if status in _ON_WORKER and not drops:
             return
         finished = status is JobStatus.FINISHED and fields.get("reason") is not FinishReason.ABORTED
-        mirror.release(job, finished=finished, on_device=job.kv is KvPlace.DEVICE)
+        mirror.release(job, finished=finished, on_device=job.kv is KvPlace.DEVICE, leaves=not drops)
 
     def _put(self, job: Job) -> None:
         """Brings the job's row of the table in line with it (every change goes through here)."""
