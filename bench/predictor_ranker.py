@@ -204,6 +204,7 @@ def main() -> None:
     from alise.predictor.encoder import Encoder
     from alise.predictor.estimator import LengthEstimator
     from alise.predictor.evaluate import build_corpus
+    from alise.predictor.fitting import refit
     from alise.predictor.history import History
     from alise.predictor.index import VectorIndex
     from alise.predictor.tokens import TokenCounter
@@ -247,14 +248,14 @@ def main() -> None:
         history.add_observations(np.array([row_of[p] for p in corpus.obs_prompt[visible]]),
                                  list(obs_model[visible]), corpus.obs_tokens[visible])
         estimator = LengthEstimator(history)
-        estimator.fit()
+        refit(estimator)
         if args.ranker == "stacker":
             import alise.predictor.fitting as fitting
 
             served, fitting.Stacker = fitting.Stacker, pairwise_stacker()
             started = time.perf_counter()
             pairwise = LengthEstimator(history)
-            pairwise.fit()
+            refit(pairwise)
             train_s = time.perf_counter() - started
             fitting.Stacker = served
         taus = {"estimator": [], "ranker": [], "blend": []}

@@ -9,6 +9,7 @@ import pytest
 from alise.predictor.config import PredictorConfig
 from alise.predictor.datasets import detect_format, load_records
 from alise.predictor.estimator import EstimatorConfig, LengthEstimator
+from alise.predictor.fitting import refit
 from alise.predictor.history import History
 from alise.predictor.index import VectorIndex
 from alise.predictor.snapshot import SnapshotError, load_snapshot, save_snapshot
@@ -164,7 +165,7 @@ def synthetic(rng, n, centers):
 
 def fit_and_score(history, test, cfg=None):
     est = LengthEstimator(history, cfg or EstimatorConfig(min_model_observations=10))
-    est.fit()
+    refit(est)
     v, texts, y = test
     out = est.predict(v, texts, np.full(len(texts), 10), "m")
     return est, out, float(np.abs(out.p50 - y).mean())
@@ -209,7 +210,7 @@ def test_unfitted_estimator_returns_prior_and_duplicates_use_their_answer():
     v, texts, y = synthetic(rng, 100, centers)
     history.add_observations(history.add_prompts(texts, v, [10] * 100), ["m"] * 100, y)
     est.sync()
-    est.fit()
+    refit(est)
     out = est.predict(v[:1], texts[:1], np.array([10]), "m")
     assert out.source == ["knn"]
     assert out.p50[0] == pytest.approx(y[0], rel=0.15)
@@ -235,7 +236,7 @@ def test_exact_duplicates_are_matched_by_text_not_by_similarity():
     v, texts, y = synthetic(rng, 100, centers)
     history.add_observations(history.add_prompts(texts, v, [10] * 100), ["m"] * 100, y)
     est = LengthEstimator(history)
-    est.fit()
+    refit(est)
     # The same vector under another text is a neighbour, not the same prompt ...
     assert est.predict(v[:1], ["a different text"], np.array([10]), "m").source != ["knn"]
     # ... and the same text with a vector that moved (another backend's rounding) still is.
@@ -253,7 +254,7 @@ def test_a_model_with_no_history_gets_the_known_models_spread_of_scales():
     for model, scale in (("short", 0.25), ("long", 4.0)):
         history.add_observations(rows, [model] * 400, (y * scale).astype(int) + 1)
     est = LengthEstimator(history, EstimatorConfig(min_model_observations=10))
-    est.fit()
+    refit(est)
     test_v, test_texts, _ = synthetic(rng, 50, centers)
     known = est.predict(test_v, test_texts, np.full(50, 10), "long")
     new = est.predict(test_v, test_texts, np.full(50, 10), "a-new-model")
@@ -362,7 +363,7 @@ def fitted_estimator(prior_turns=2.0):
     v, texts, y = synthetic(rng, 400, centers)
     history.add_observations(history.add_prompts(texts, v, [10] * 400), ["m"] * 400, y)
     est = LengthEstimator(history, EstimatorConfig(min_model_observations=10, context_prior_turns=prior_turns))
-    est.fit()
+    refit(est)
     return est, synthetic(rng, 40, centers)
 
 

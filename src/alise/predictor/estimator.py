@@ -31,7 +31,7 @@ on float rounding of the vectors); before any fit, a running mean (``"prior"``).
 with no observations yet, its scale is unknown: the spread is widened by the known models'
 scales (``Spread.widened``), so its p90 still covers about 90 %.
 
-Threading: :meth:`fit` reads a consistent prefix of the history and builds a new immutable
+Threading: ``fitting.refit`` reads a consistent prefix of the history and builds a new immutable
 :class:`_Fitted`, swapped in by one reference assignment, so it may run in a worker thread
 while :meth:`sync` and :meth:`predict` run on the owning thread. Kernel, TF-IDF and LOO
 neighbour features at fit time use at most ``max_head_samples`` of the most recent prompts.
@@ -185,17 +185,7 @@ class LengthEstimator:
         moments = self._context.get(model)
         return moments.prior_turns() if moments is not None else float("inf")
 
-    # -- fitting -------------------------------------------------------------------------
-
-    def fit(self) -> bool:
-        """Refits heads and stackers on the history; False when it holds too little."""
-        from alise.predictor.fitting import fit_estimator
-
-        fitted = fit_estimator(self.history, self.config)
-        if fitted is None:
-            return False
-        self._fitted = fitted
-        return True
+    # -- fitting (``alise.predictor.fitting`` builds what is installed) -----------------
 
     @property
     def fitted(self) -> _Fitted | None:

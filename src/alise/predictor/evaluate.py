@@ -35,6 +35,7 @@ from scipy import stats
 
 from alise.predictor.datasets import PromptRecord
 from alise.predictor.estimator import EstimatorConfig, LengthEstimator
+from alise.predictor.fitting import refit
 from alise.predictor.history import History, prompt_key
 from alise.predictor.index import VectorIndex
 
@@ -131,7 +132,7 @@ def _run_fold(corpus: Corpus, train: np.ndarray, config: EstimatorConfig,
                              [m for m, t in zip(corpus.obs_model, obs_train, strict=True) if t],
                              corpus.obs_tokens[obs_train])
     estimator = LengthEstimator(history, config)
-    estimator.fit()
+    refit(estimator)
     out: dict[str, dict[str, dict[str, float]]] = {}
     for model in models:
         is_model = obs_model == model

@@ -158,3 +158,13 @@ def validate_refit(history: History, estimator: LengthEstimator, start: int, end
     diff = errors[1] - errors[0]
     se = float(diff.std(ddof=1) / np.sqrt(len(diff))) if len(diff) > 1 else 0.0
     return Validation(len(rows), float(errors[0].mean()), float(errors[1].mean()), se)
+
+
+def refit(estimator: LengthEstimator) -> bool:
+    """Refits ``estimator``'s heads and stackers on its history and serves them; False when the
+    history holds too little."""
+    fitted = fit_estimator(estimator.history, estimator.config)
+    if fitted is None:
+        return False
+    estimator.install(fitted)
+    return True

@@ -24,8 +24,9 @@ pair teaches the estimator how much a conversation's earlier answers say.
 
 Each prediction gets an id and is remembered (its key, the text the encoder saw, its vector
 and p50) for ``max_pending_predictions`` predictions: an Observe naming the id needs no
-prompt and no second embedding (nor does one that sends the prompt of a recent Predict). What is stored of a prompt is only what the encoder saw
-(the history is keyed by the SHA-1 of the whole text), so a 10 MB prompt costs the history
+prompt and no second embedding (nor does one that sends the prompt of a recent Predict). What is
+stored of a prompt is only what the encoder saw (the history is keyed by the SHA-1 of the whole
+text), so a 10 MB prompt costs the history
 a few kB.
 
 Durability: with an ``index_dir``, every accepted observation is appended to the write-ahead
@@ -50,7 +51,7 @@ from alise.predictor.config import PredictorConfig
 from alise.predictor.context import PromptContext
 from alise.predictor.encoder import Encoder
 from alise.predictor.estimator import Estimates, LengthEstimator
-from alise.predictor.fitting import Validation, fit_estimator, holdout_start, trial_fit, validate_refit
+from alise.predictor.fitting import Validation, fit_estimator, holdout_start, refit, trial_fit, validate_refit
 from alise.predictor.history import History, prompt_key
 from alise.predictor.index import VectorIndex
 from alise.predictor.snapshot import capture, prepare_index_dir, write_snapshot
@@ -141,7 +142,7 @@ class PredictorRuntime:
         self._tasks: list[asyncio.Task] = []
 
     @classmethod
-    async def create(cls, config: PredictorConfig, encoder: Encoder | None = None) -> "PredictorRuntime":
+    async def create(cls, config: PredictorConfig, encoder: Encoder | None = None) -> PredictorRuntime:
         if config.index_dir:
             prepare_index_dir(config.index_dir)  # before the model loads: fail fast
         if encoder is None:
@@ -168,7 +169,7 @@ class PredictorRuntime:
             wal = WriteAheadLog(config.index_dir, first_segment=first,
                                 sync_delay_s=config.wal_sync_delay_ms / 1000.0)
         runtime = cls(config, encoder, history, wal, dedup)
-        await asyncio.to_thread(runtime.estimator.fit)
+        await asyncio.to_thread(refit, runtime.estimator)
         if wal is not None:
             try:
                 wal.open(dedup[-_MAX_DEDUP_IDS:])
@@ -228,10 +229,11 @@ class PredictorRuntime:
     async def _run_batch(self, batch: list[_Pending]) -> None:
         contexts = [c for pending in batch for c in (pending.contexts or [PromptContext()] * len(pending.prompts))]
         # What is read, stored and keyed: the query where a context gives one.
-        prompts = [c.query or p for p, c in zip((p for pending in batch for p in pending.prompts), contexts)]
+        texts = (p for pending in batch for p in pending.prompts)
+        prompts = [c.query or p for p, c in zip(texts, contexts, strict=True)]
         try:
             encoded = await self.encoder.encode_async(prompts)
-            seen = [p[:n] for p, n in zip(prompts, encoded.visible_chars)]
+            seen = [p[:n] for p, n in zip(prompts, encoded.visible_chars, strict=True)]
             keys = [prompt_key(p) for p in prompts]
             previous = [c.previous_output_tokens for c in contexts]
             estimates = self.estimator.predict(encoded.vectors, seen, np.asarray(encoded.num_tokens),
@@ -334,7 +336,7 @@ class PredictorRuntime:
                                           encoded.vectors[j], encoded.num_tokens[j], 0.0)
         return [LoggedObservation(p.key, p.text, p.num_tokens, item.model or self.config.model,
                                   item.output_tokens, item.dedup_id, p.vector)
-                for (item, _), p in zip(fresh, resolved)]
+                for (item, _), p in zip(fresh, resolved, strict=True)]
 
     def _apply(self, logged: list[LoggedObservation], predicted: list[float | None]) -> None:
         """Adds to the log, then the history and the estimator (on the loop, under the lock).
@@ -343,12 +345,12 @@ class PredictorRuntime:
         new = [o.vector is not None and self.history.row_of_key(o.key) is None for o in logged]
         logged = [o if is_new else LoggedObservation(o.key, o.text, o.prompt_tokens, o.model,
                                                      o.output_tokens, o.dedup_id)
-                  for o, is_new in zip(logged, new)]
+                  for o, is_new in zip(logged, new, strict=True)]
         if self.wal is not None:
             self.wal.append(logged)
         add_logged(self.history, logged)
         self.estimator.sync()
-        for o, p50 in zip(logged, predicted):
+        for o, p50 in zip(logged, predicted, strict=True):
             if p50 is not None:
                 self._abs_error_sum += abs(p50 - o.output_tokens)
                 self._num_scored += 1

@@ -104,6 +104,7 @@ def conversation_cross_fit(requests: Sequence[TraceRequest], *, text: str = "que
     ``prior_turns``: the shift's ``k`` (None: learned, module doc)."""
     from alise.predictor.encoder import Encoder
     from alise.predictor.estimator import EstimatorConfig, LengthEstimator
+    from alise.predictor.fitting import refit
     from alise.tools.sim.folds import alpaca_eval_observations, fold_of
 
     if text not in TEXTS:
@@ -134,7 +135,7 @@ def conversation_cross_fit(requests: Sequence[TraceRequest], *, text: str = "que
                            ([seen[row[t]] for t in warm[0]], list(warm[1]), list(warm[2])),
                            encoded.vectors.shape[1])
         estimator = LengthEstimator(history, EstimatorConfig(context_prior_turns=prior_turns))
-        estimator.fit()
+        refit(estimator)
         for i in train:
             estimator.observe_context(SERVED, requests[i].output_tokens, previous[i])
         priors.append(estimator.context_prior_turns(SERVED))

@@ -97,6 +97,7 @@ def predictor_cross_fit(prompts: dict[str, str], lengths: dict[str, int],
 
     from alise.predictor.encoder import Encoder
     from alise.predictor.estimator import LengthEstimator
+    from alise.predictor.fitting import refit
     from alise.predictor.history import History
     from alise.predictor.index import VectorIndex
 
@@ -126,7 +127,7 @@ def predictor_cross_fit(prompts: dict[str, str], lengths: dict[str, int],
                 obs_lengths.append(n)
         history.add_observations(np.asarray(obs_rows, np.int64), obs_models, obs_lengths)
         estimator = LengthEstimator(history)
-        estimator.fit()
+        refit(estimator)
         rows = [row_of[p] for p in test]
         est = estimator.predict(encoded.vectors[rows], [prompts[p] for p in test],
                                 np.asarray([encoded.num_tokens[r] for r in rows]), model)
