@@ -107,7 +107,8 @@ def table(rows: list[dict], args: argparse.Namespace, num: int) -> str:
     if len(rows) == 2 and rows[1]["computed"]:
         on, off = rows
         lines.append(f"on/off: prefill tokens computed {on['computed'] / off['computed']:.2f}x, "
-                     f"TTFT p50 {on['ttft_p50_ms'] / off['ttft_p50_ms']:.2f}x, p90 {on['ttft_p90_ms'] / off['ttft_p90_ms']:.2f}x")
+                     f"TTFT p50 {on['ttft_p50_ms'] / off['ttft_p50_ms']:.2f}x, "
+                     f"p90 {on['ttft_p90_ms'] / off['ttft_p90_ms']:.2f}x")
     return "\n".join(lines)
 
 

@@ -8,6 +8,7 @@ import asyncio
 
 import httpx
 import pytest
+from cluster_fixtures import InProcessCluster
 
 from alise.client import AsyncClient, Conversation, InvalidRequest
 from alise.http.config import HttpConfig
@@ -21,7 +22,6 @@ from alise.predictor.service import start_predictor_server
 from alise.scheduler.config import SchedulerConfig
 from alise.scheduler.predictor_link import predictor_functions
 from alise.scheduler.service import start_scheduler
-from cluster_fixtures import InProcessCluster
 
 ANSWER = "The Nile is the longest river in Africa, at about 6,650 kilometres."
 

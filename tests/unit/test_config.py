@@ -64,7 +64,8 @@ SCHEDULER = SchedulerConfig(
 WORKER = WorkerConfig(
     scheduler_address="10.0.0.1:1", model="m", device="cuda:1", dtype="bfloat16", seed=3,
     gpu_memory_utilization=0.5, max_num_seqs=8, max_num_batched_tokens=64, max_model_len=128, block_size=4,
-    kv_cache_dtype="fp8_e4m3", num_device_blocks=100, kv_cache_mib=64, num_host_blocks=10, worker_id="w", health_address="",
+    kv_cache_dtype="fp8_e4m3", num_device_blocks=100, kv_cache_mib=64, num_host_blocks=10, worker_id="w",
+    health_address="",
     reconnect_delay_s=0.5, orphan_ttl_s=0.0, latency_profile="p.json", profile_latency=True,
     step_log="s.jsonl", cuda_graphs=False, fast_kernels=False, kernel_plan="k.json", metrics_address=":9")
 

@@ -4,10 +4,11 @@ reference counts, LRU eviction, and its invariants over random operations."""
 from __future__ import annotations
 
 import pytest
-from alise.core.prefix_cache import PrefixCache, chain_hashes, reusable_tokens
-from alise.worker.block_allocator import BlockAllocator
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
+from alise.core.prefix_cache import PrefixCache, chain_hashes, reusable_tokens
+from alise.worker.block_allocator import BlockAllocator
 
 BS = 4
 
@@ -152,7 +153,7 @@ def test_random_operations_keep_every_invariant(ops):
         read = {b for ids, _ in seqs.values() for b in ids}
         assert cache.num_used == len(read)
         for ids, toks in seqs.values():
-            for b, h in zip(ids, chain_hashes(toks, BS)):
+            for b, h in zip(ids, chain_hashes(toks, BS), strict=False):  # a partial last block has no hash
                 assert cache.hash_of(b) in (None, h)  # a read block never changes name
     for ids, _ in seqs.values():
         cache.release(ids)

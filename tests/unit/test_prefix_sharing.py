@@ -9,6 +9,9 @@ import random
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from alise.core.blocks import blocks_for, place_blocks
 from alise.core.commands import Admit, KvAction, Pause, Resume, StepPlan
 from alise.core.job import KvPlace
@@ -20,8 +23,6 @@ from alise.worker.engine import WorkerEngine
 from alise.worker.model.executor import make_worker_engine
 from alise.worker.model.loader import load_model
 from alise.worker.model.runner import ModelRunner
-from hypothesis import given, settings
-from hypothesis import strategies as st
 from tinymodels import make_tiny_model_dir
 
 BS = 8

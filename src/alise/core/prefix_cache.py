@@ -198,7 +198,7 @@ class PrefixCache:
         another block already carries (that block keeps the name; this one stays uncached, so
         the names stay one prefix chain)."""
         count = 0
-        for block, h in zip(block_ids, hashes):
+        for block, h in zip(block_ids, hashes, strict=False):  # a partial last block has no hash
             if block not in self._refs:
                 raise ValueError(f"block {block} is not in use: only a computed block can be cached")
             held = self._by_hash.get(h)

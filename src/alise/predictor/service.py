@@ -26,7 +26,6 @@ from dataclasses import dataclass
 
 import grpc
 from google.protobuf.message import DecodeError
-
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from alise.common.grpc_server import ServingStatus, add_health_and_reflection, create_server

@@ -221,14 +221,14 @@ if triton is not None:
         d_mask = offs_d < HEAD_DIM
         rows = (seq * num_heads + head) * NUM_SPLITS + offs_s
         m = tl.load(part_ml_ptr + rows * 2, mask=s_mask, other=float("-inf"))
-        l = tl.load(part_ml_ptr + rows * 2 + 1, mask=s_mask, other=0.0)
+        sums = tl.load(part_ml_ptr + rows * 2 + 1, mask=s_mask, other=0.0)
         acc = tl.load(part_acc_ptr + rows[:, None] * HEAD_DIM + offs_d[None, :],
                       mask=s_mask[:, None] & d_mask[None, :], other=0.0)
         # Split 0 always holds the first key (context >= 1), so m_max is finite and empty
         # splits (m = -inf) weigh exactly 0.
         m_max = tl.max(m, axis=0)
         w = tl.exp2(m - m_max)
-        out = tl.sum(acc * w[:, None], axis=0) / tl.sum(l * w, axis=0)
+        out = tl.sum(acc * w[:, None], axis=0) / tl.sum(sums * w, axis=0)
         tl.store(out_ptr + seq * stride_ob + head * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty),
                  mask=d_mask)
 

@@ -110,17 +110,17 @@ def build_attention_metadata(start_positions: list[int], num_tokens: list[int], 
     """Metadata for sequences with the given starts, token counts and (validated) block tables.
     ``min_batched_fresh``: batch the fresh chunks when there are at least this many (0: never).
     ``unified_config``: a step that is not all decodes runs as one unified-kernel call with it."""
-    context_lens = [s + n for s, n in zip(start_positions, num_tokens)]
+    context_lens = [s + n for s, n in zip(start_positions, num_tokens, strict=True)]
     blocks_needed = [-(-c // block_size) for c in context_lens]
     width = max(blocks_needed)
-    table = torch.tensor([bt[:k] + [0] * (width - k) for bt, k in zip(block_tables, blocks_needed)],
+    table = torch.tensor([bt[:k] + [0] * (width - k) for bt, k in zip(block_tables, blocks_needed, strict=True)],
                          dtype=torch.int64)
     # Row -> sequence and position, in plain Python: a few thousand rows at most, and CPU
     # repeat_interleave measured milliseconds a call inside a busy worker.
     seq_of_row: list[int] = []
     position_list: list[int] = []
     row_starts: list[int] = []
-    for seq, (start, n) in enumerate(zip(start_positions, num_tokens)):
+    for seq, (start, n) in enumerate(zip(start_positions, num_tokens, strict=True)):
         row_starts.append(len(seq_of_row))
         seq_of_row.extend([seq] * n)
         position_list.extend(range(start, start + n))
@@ -142,7 +142,7 @@ def build_attention_metadata(start_positions: list[int], num_tokens: list[int], 
     decode_seqs = []
     fresh_seqs = [s for s, n in enumerate(num_tokens) if n > 1 and start_positions[s] == 0]
     batch_fresh = 0 < min_batched_fresh <= len(fresh_seqs)
-    for seq, (row_start, n) in enumerate(zip(row_starts, num_tokens)):
+    for seq, (row_start, n) in enumerate(zip(row_starts, num_tokens, strict=True)):
         if n == 1:
             decode_seqs.append(seq)
             continue
@@ -175,7 +175,7 @@ def build_attention_metadata(start_positions: list[int], num_tokens: list[int], 
 def _fresh_batch(row_starts: list[int], lengths: list[int], device: torch.device) -> FreshBatch:
     num_seqs, max_len = len(lengths), max(lengths)
     gather, rows, slots = [], [], []
-    for s, (start, n) in enumerate(zip(row_starts, lengths)):
+    for s, (start, n) in enumerate(zip(row_starts, lengths, strict=True)):
         gather.extend(start + min(i, n - 1) for i in range(max_len))
         rows.extend(range(start, start + n))
         slots.extend(range(s * max_len, s * max_len + n))

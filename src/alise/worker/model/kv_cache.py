@@ -2,8 +2,9 @@
 
 Layout: one key tensor and one value tensor, each
 ``[num_layers, num_blocks, block_size, num_kv_heads, head_dim]`` on the model's device, in the
-model's dtype or in fp8 (:data:`KV_CACHE_DTYPES`). Token ``pos`` of a sequence lives in block ``block_table[pos // block_size]`` at offset
-``pos % block_size``; its *slot* ``block_id * block_size + offset`` indexes the flattened
+model's dtype or in fp8 (:data:`KV_CACHE_DTYPES`). Token ``pos`` of a sequence lives in block
+``block_table[pos // block_size]`` at offset ``pos % block_size``; its *slot* ``block_id *
+block_size + offset`` indexes the flattened
 ``[num_blocks * block_size]`` axis of one layer. Block ids mean the same thing in every layer, so
 moving, swapping or quantizing a block touches ``[:, block_id]`` of both tensors.
 
@@ -25,7 +26,6 @@ from dataclasses import dataclass
 
 import torch
 from transformers import PretrainedConfig
-
 
 #: ``kv_cache_dtype`` names (vLLM's) -> the page dtype; None: the model's dtype.
 KV_CACHE_DTYPES: dict[str, torch.dtype | None] = {"auto": None, "fp8_e4m3": torch.float8_e4m3fn}

@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -99,7 +100,7 @@ class Planner:
         rows = [1, 64]
         fused = [self.time(lambda r=r: add_norm(x[:r], d[:r], weight, bias, eps, kind=kind)) for r in rows]
         plain = [self.time(lambda r=r: norm(x[:r] + d[:r])) for r in rows]
-        self.plan.fused_norm = all(f < p for f, p in zip(fused, plain))
+        self.plan.fused_norm = all(f < p for f, p in zip(fused, plain, strict=True))
         self.note(f"add_norm ({kind}, rel err {err:.1e}): rows {rows}: fused {fmt_us(fused)} vs torch {fmt_us(plain)} "
                   f"-> {'fused' if self.plan.fused_norm else 'torch'}")
 
@@ -123,7 +124,7 @@ class Planner:
         rows = [1, 64]
         fused = [self.time(lambda r=r: act_mul(x[:r], activation)) for r in rows]
         plain = [self.time(lambda r=r: dense.act(x[:r, :width // 2]) * x[:r, width // 2:]) for r in rows]
-        self.plan.fused_act = all(f < p for f, p in zip(fused, plain))
+        self.plan.fused_act = all(f < p for f, p in zip(fused, plain, strict=True))
         self.note(f"act_mul ({activation}, rel err {err:.1e}): rows {rows}: fused {fmt_us(fused)} vs torch "
                   f"{fmt_us(plain)} -> {'fused' if self.plan.fused_act else 'torch'}")
 
@@ -162,7 +163,7 @@ class Planner:
         fused = [self.time(lambda r=r: rope_write_kv(q[:r], k[:r], v[:r], cos[:r], sin[:r], caches[0],
                                                         caches[1], slots[:r])) for r in rows]
         torch_t = [self.time(lambda r=r: plain(r)) for r in rows]
-        self.plan.fused_rope = all(f < p for f, p in zip(fused, torch_t))
+        self.plan.fused_rope = all(f < p for f, p in zip(fused, torch_t, strict=True))
         self.note(f"rope_write_kv (rel err {err:.1e}): rows {rows}: fused {fmt_us(fused)} vs torch {fmt_us(torch_t)} "
                   f"-> {'fused' if self.plan.fused_rope else 'torch'}")
 
@@ -218,10 +219,10 @@ class Planner:
             if config.block_m < group:
                 continue
             err = 0.0
-            for variant, expect in zip(variants, expects):
+            for variant, expect in zip(variants, expects, strict=True):
                 out = torch.full_like(check["query"], float("nan"))
-                done = self.attempt(f"unified {config}", lambda c=config, v=variant: triton_unified.unified_attention(
-                    **check, config=c, out=out, **v))
+                done = self.attempt(f"unified {config}", lambda c=config, v=variant, o=out:
+                                    triton_unified.unified_attention(**check, config=c, out=o, **v))
                 err = max(err, rel_error(out, expect) if done is not None else float("inf"))
             if err <= self.tol:
                 passing.append(config)
@@ -232,7 +233,7 @@ class Planner:
             return
         for tokens in token_buckets(max(2, self.runner.max_num_tokens or 512)):
             case = self.step_tensors(self.step_shape(tokens))
-            times = {c: self.time(lambda c=c: triton_unified.unified_attention(**case, config=c))
+            times = {c: self.time(lambda c=c, case=case: triton_unified.unified_attention(**case, config=c))
                      for c in passing}
             best = min(times, key=times.get)
             self.plan.unified[tokens] = best
@@ -275,7 +276,7 @@ class Planner:
             times = {k: [self.time(lambda a=a, k=k: triton_attention.decode_attention(*a, num_splits=k))
                          for a in cases] for k in options}
             best_each = [min(t[i] for t in times.values()) for i in range(len(contexts))]
-            best = min(options, key=lambda k: sum(t / b for t, b in zip(times[k], best_each)))
+            best = min(options, key=lambda k: sum(t / b for t, b in zip(times[k], best_each, strict=True)))
             self.plan.decode_splits[batch] = best
             self.note(f"decode splits, batch {batch} at contexts {contexts}: {best} ({fmt_us(times[best])}; "
                       f"heuristic {default}: {fmt_us(times[default])})")
@@ -326,20 +327,21 @@ class Planner:
             for rows in rows_all:
                 key = (weight.shape[0], weight.shape[1], rows)
                 a = x[:rows]
-                times = {"cublas": self.time(lambda: torch_linear(a, weight, bias, relu))}
+                times = {"cublas": self.time(partial(torch_linear, a, weight, bias, relu))}
                 if self.device.type == "cuda":
                     with blas_library("cublaslt"):
-                        times["cublaslt"] = self.time(lambda: torch_linear(a, weight, bias, relu))
+                        times["cublaslt"] = self.time(partial(torch_linear, a, weight, bias, relu))
                 if rows <= triton_fused.MAX_SKINNY_ROWS:
                     for config in (c for c in skinny_ok if rows == 1 or not c.vector):
-                        times[config] = self.time(lambda c=config: triton_fused.skinny_linear(
-                            a, weight, bias, relu=relu, config=c))
+                        times[config] = self.time(partial(triton_fused.skinny_linear, a, weight, bias,
+                                                          relu=relu, config=config))
                 best = min(times, key=times.get)
                 if best != "cublas":
                     self.plan.linear[key] = best
                 gbps = weight.numel() * weight.element_size() / times[best] / 1e9
                 self.note(f"matmul {name} {tuple(weight.shape)} x {rows} rows: {_label(best)} "
-                          f"{times[best] * 1e6:.1f} us ({gbps:.0f} GB/s of weights); cuBLAS {times['cublas'] * 1e6:.1f}")
+                          f"{times[best] * 1e6:.1f} us ({gbps:.0f} GB/s of weights); "
+                          f"cuBLAS {times['cublas'] * 1e6:.1f}")
 
     def check_skinny(self, entry) -> list:
         from alise.worker.kernels import triton_fused
@@ -350,8 +352,8 @@ class Planner:
             errs = []
             for rows in (1,) if config.vector else (1, 16):
                 x = self.randn(rows, weight.shape[1])
-                out = self.attempt(f"skinny {config}", lambda c=config: triton_fused.skinny_linear(
-                    x, weight, bias, relu=relu, config=c))
+                out = self.attempt(f"skinny {config}", partial(triton_fused.skinny_linear, x, weight, bias,
+                                                               relu=relu, config=config))
                 expect = torch_linear(x.float(), weight.float(), None if bias is None else bias.float(), relu)
                 errs.append(float("inf") if out is None else rel_error(out, expect))
             if max(errs) <= self.tol:
@@ -408,10 +410,10 @@ def keep_faster_mixed_graphs(runner) -> None:
                            [(i * width + k) % runner.num_blocks for k in range(width)])
                   for i, (s, n) in enumerate(shape)]
         graph_logits = runner.execute(chunks)
-        graph_s = median_wall_s(lambda: runner.execute(chunks).argmax(-1).tolist())
+        graph_s = median_wall_s(lambda chunks=chunks: runner.execute(chunks).argmax(-1).tolist())
         saved, runner.mixed_graphs = runner.mixed_graphs, None
         err = rel_error(graph_logits, runner.execute(chunks))
-        eager_s = median_wall_s(lambda: runner.execute(chunks).argmax(-1).tolist())
+        eager_s = median_wall_s(lambda chunks=chunks: runner.execute(chunks).argmax(-1).tolist())
         runner.mixed_graphs = saved
         if graph_s < eager_s and err <= planner.tol:
             keep.append(tokens)
