@@ -371,7 +371,9 @@ class SchedulerCore:
         if view.prefix is None:
             return -(-private // bs), hits
         taken_free = np.zeros(len(order), dtype=np.int64)
-        for i in np.flatnonzero(table.owner[order] == WAITING).tolist():
+        # A step takes at most max_num_seqs jobs, so the lookups stop at that many waiting ones
+        # (bounded work per plan); one ranked below them that backfill takes starts uncached.
+        for i in np.flatnonzero(table.owner[order] == WAITING)[:view.capacity.max_num_seqs].tolist():
             hits[i], taken_free[i] = view.prefix.lookup(table.jobs[order[i]])
         return -(-(private - hits) // bs) + taken_free, hits
 
