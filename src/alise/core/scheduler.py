@@ -496,7 +496,8 @@ class SchedulerCore:
         """Every status change of a job goes through here: the job's own fields
         (:meth:`Job.transition`, which refuses a change ``TRANSITIONS`` does not allow), then
         what the core keeps beside it: the waiting queue and its routes, the worker's jobs,
-        and the job's table row (a finished job leaves the table)."""
+        its prefix mirror (a release, a KV move, a resume: the worker's blocks change there at
+        the same point of the plans), and the job's table row (a finished job leaves the table)."""
         before = job.status
         held_by = job.worker_id if before in _ON_WORKER else None
         mirror = self.workers[held_by].prefix if held_by in self.workers else None
