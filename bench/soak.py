@@ -283,11 +283,13 @@ async def cancel_storm(client: AsyncClient, rate: float, stop_at: float, tally: 
 
 
 async def sse_burst(base_url: str, n: int, sse: dict) -> None:
-    """``n`` streamed completions through the door, each closed by its client after a few events."""
+    """``n`` streamed completions through the door, each closed by its client after a few events.
+    None lives to finish, as the predictor observes what finishes: with 200 tokens, one whose
+    door relayed slowly (8,300 idle connections, huge prompts) finished before its client left."""
     rng = random.Random(len(sse.get("bursts", [])))
 
     async def one(http: httpx.AsyncClient, model: str) -> None:
-        body = {"model": model, "prompt": "close me early", "max_tokens": 200, "stream": True}
+        body = {"model": model, "prompt": "close me early", "max_tokens": 1500, "ignore_eos": True, "stream": True}
         try:
             async with http.stream("POST", f"{base_url}/v1/completions", json=body) as response:
                 seen, leave_after = 0, rng.randint(1, 8)
