@@ -214,3 +214,38 @@ async def test_a_chunked_body_is_refused_once_its_bytes_pass_the_limit(door_fact
     assert status.startswith(b"HTTP/1.1 413")
     assert f"exceeds the limit of {limit} bytes" in json.loads(body)["error"]["message"]
     writer.close()
+
+
+async def test_the_rest_of_a_refused_body_is_bounded_in_time_and_bytes(door_factory):
+    http = await door_factory(header_timeout_s=2.0)
+    async with httpx.AsyncClient() as client:
+        await client.get(f"{http.base_url}/v1/models")
+    head = (b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n" % (64 << 20))
+    slow_reader, slow = await connect(http, send=head + b'{"prompt": "')
+    fast_reader, fast = await connect(http, send=head + b'{"prompt": "')
+    for reader in (slow_reader, fast_reader):
+        assert (await read_response(reader))[0].startswith(b"HTTP/1.1 413")
+    # One sends it at once: closed past MAX_DISCARD_BYTES, without waiting for the rest.
+    try:
+        for _ in range(32):
+            fast.write(b"a" * (1 << 20))
+            await fast.drain()
+        assert await asyncio.wait_for(fast_reader.read(), 5) == b""
+    except ConnectionError:
+        pass
+    # The other trickles the rest of its 64 MB: closed once the header timeout has passed.
+    started, closed = time.monotonic(), False
+    while not closed and time.monotonic() - started < 8.0:
+        try:
+            slow.write(b"a" * 100)
+            await slow.drain()
+            await asyncio.sleep(0.1)
+            closed = slow_reader.at_eof()
+        except ConnectionError:
+            closed = True
+    assert closed and time.monotonic() - started < 6.0
+    guard = http.uvicorn.config.http_protocol_class.guard
+    assert guard.num_closed["discard timeout"] == 1 and guard.num_closed["discard too large"] == 1
+    slow.close()
+    fast.close()

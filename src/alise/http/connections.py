@@ -7,7 +7,9 @@ it answer 503 to everyone (slowloris). Here, per server:
 
 * a connection's request line and headers must be in within ``header_timeout_s`` of its first
   byte (of opening, for the first request) and within ``max_header_bytes``, else it is
-  answered 408 (or 431) and closed; the body has its own bound (``endpoints.read_json``);
+  answered 408 (or 431) and closed; the body has its own bound (``endpoints.read_json``),
+  and what is left of a body answered before it was all in (a 413) is dropped as it comes, up
+  to ``MAX_DISCARD_BYTES`` and within ``header_timeout_s``, else the connection is closed;
 * a connection with no request in progress is *idle*. One client (remote IP) may hold
   ``max_idle_connections_per_client`` idle connections: past that its connections idle
   longest are closed, those idle for ``MIN_IDLE_S`` at least (a burst of fresh connections
@@ -42,6 +44,9 @@ MIN_IDLE_S = 1.0
 #: connections one look closes at most.
 SWEEP_S = 0.1
 SWEEP_MAX_CLOSES = 64
+#: The rest of a body answered before it was all in (a 413) is read and dropped, at most this
+#: many bytes and within ``header_timeout_s``; past either the connection is closed.
+MAX_DISCARD_BYTES = 16 * 1024 * 1024
 
 
 def _raw_response(status: int, reason: str, message: str, code: str, retry_after_s: int | None = None) -> bytes:
@@ -174,6 +179,8 @@ class GuardedProtocol(HttpToolsProtocol):
         #: From a request's headers to the end of its body: bytes in between are body, even
         #: once the request is answered (a body refused early still arrives, and is dropped).
         self._in_body = False
+        self._discard_timer: asyncio.TimerHandle | None = None
+        self._discard_left = 0
         if not self.guard.opened(self):
             self._refuse(503, "Service Unavailable", "the server is at its connection limit; retry shortly",
                          "too_many_connections", retry_after_s=1)
@@ -183,12 +190,18 @@ class GuardedProtocol(HttpToolsProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.guard.lost(self)
         self._disarm_header_timer()
+        self._disarm_discard()
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
         if self.transport.is_closing():  # refused or closed: what it sends goes nowhere
             return
         self.guard.active(self)
+        if self._discard_timer is not None:
+            self._discard_left -= len(data)
+            if self._discard_left < 0:
+                self._close_discarding("discard too large")
+                return
         is_between = not self._in_body and (self.cycle is None or self.cycle.response_complete)
         if self._header_timer is None and is_between:
             self._arm_header_timer()  # the first bytes of a kept-alive connection's next request
@@ -210,11 +223,28 @@ class GuardedProtocol(HttpToolsProtocol):
 
     def on_message_complete(self) -> None:
         self._in_body = False
+        self._disarm_discard()
         super().on_message_complete()
 
     def on_response_complete(self) -> None:
         self.guard.finished(self)
+        if self._in_body and self._discard_timer is None:  # answered before its body was all in
+            self._discard_left = MAX_DISCARD_BYTES
+            self._discard_timer = self.loop.call_later(self.guard.header_timeout_s, self._close_discarding,
+                                                       "discard timeout")
         super().on_response_complete()
+
+    def _disarm_discard(self) -> None:
+        if self._discard_timer is not None:
+            self._discard_timer.cancel()
+            self._discard_timer = None
+
+    def _close_discarding(self, why: str) -> None:
+        """The rest of an answered body came too slowly or was too large: closed, no answer
+        (one was given)."""
+        self._disarm_discard()
+        self.guard.num_closed[why] += 1
+        self.transport.close()
 
     def _arm_header_timer(self) -> None:
         self._header_bytes = 0
