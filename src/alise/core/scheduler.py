@@ -504,7 +504,7 @@ class SchedulerCore:
         if mirror is not None:
             self._mirror_release(mirror, job, status, fields)
         job.transition(status, now_s, **fields)
-        if mirror is not None and status in _ON_WORKER and job.kv is not KvPlace.NONE:
+        if mirror is not None and held_by is not None and status in _ON_WORKER and job.kv is not KvPlace.NONE:
             # A KV move or a resume: the job's device blocks, its shared prefix included.
             bs = self.workers[held_by].capacity.block_size
             private = blocks_for(job.num_private_tokens, bs) if status is JobStatus.RUNNING \
