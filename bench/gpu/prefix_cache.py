@@ -24,6 +24,7 @@ import argparse
 import asyncio
 import json
 import os
+import socket
 import statistics
 import subprocess
 import sys
@@ -32,8 +33,13 @@ from pathlib import Path
 
 from alise.client import AliseError, Client
 from alise.tools.bench.openloop import run_bench, write_results
-from alise.tools.lab.local_cluster import free_port
 from alise.tools.trace import read_trace
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def start(args: argparse.Namespace, arm: str, out: Path) -> tuple[list[subprocess.Popen], str]:
