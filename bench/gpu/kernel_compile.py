@@ -31,6 +31,8 @@ TARGET = GPUTarget("cuda", 90, 32)
 MAX_SHARED = 227 * 1024
 CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
 DT = {"fp16": "*fp16", "bf16": "*bf16"}
+#: fp8 KV pages (kv_cache_dtype fp8_e4m3).
+FP8_PTR = "*fp8e4nv"
 
 
 def unified_cases(dtype: str, quick: bool):
@@ -53,6 +55,10 @@ def unified_cases(dtype: str, quick: bool):
                  BLOCK_N=c.block_n, DOT_F32=False, HAS_WINDOW=True, HAS_SOFTCAP=True)
     yield (f"unified h16/8 d256 window softcap {c}", triton_unified._unified_kernel, types, const,
            dict(num_warps=c.num_warps, num_stages=c.num_stages))
+    const = dict(BLOCK_SIZE=16, GROUP=1, BLOCK_Q=c.block_q(1), BLOCK_M=c.block_m, HEAD_DIM=128, BLOCK_D=128,
+                 BLOCK_N=c.block_n, DOT_F32=False, HAS_WINDOW=False, HAS_SOFTCAP=False)
+    yield (f"unified h40/40 fp8 pages {c}", triton_unified._unified_kernel, types | dict(k_ptr=FP8_PTR, v_ptr=FP8_PTR),
+           const, dict(num_warps=c.num_warps, num_stages=c.num_stages))
 
 
 def fused_cases(dtype: str, quick: bool):
@@ -73,7 +79,12 @@ def fused_cases(dtype: str, quick: bool):
     types = dict(q_ptr=ptr, k_ptr=ptr, v_ptr=ptr, cos_ptr=ptr, sin_ptr=ptr, slots_ptr="*i64", q_out_ptr=ptr,
                  k_cache_ptr=ptr, v_cache_ptr=ptr)
     yield ("rope_write_kv 32/8x128", triton_fused._rope_write_kernel, types,
-           dict(NUM_HEADS=32, NUM_KV_HEADS=8, BLOCK_H=32, BLOCK_KV=8, HALF=64, BLOCK_HALF=64), dict(num_warps=4))
+           dict(NUM_HEADS=32, NUM_KV_HEADS=8, BLOCK_H=32, BLOCK_KV=8, HALF=64, BLOCK_HALF=64, FP8=False),
+           dict(num_warps=4))
+    yield ("rope_write_kv 32/8x128 fp8 pages", triton_fused._rope_write_kernel,
+           types | dict(k_cache_ptr=FP8_PTR, v_cache_ptr=FP8_PTR),
+           dict(NUM_HEADS=32, NUM_KV_HEADS=8, BLOCK_H=32, BLOCK_KV=8, HALF=64, BLOCK_HALF=64, FP8=True),
+           dict(num_warps=4))
     configs = triton_fused.SKINNY_CANDIDATES[:1] if quick else triton_fused.SKINNY_CANDIDATES
     types = dict(x_ptr=ptr, w_ptr=ptr, bias_ptr=ptr, out_ptr=ptr, M="i32", N="i32", K="i32")
     if quick:
@@ -104,6 +115,12 @@ def decode_cases(dtype: str, quick: bool):
                 BLOCK_N=triton_attention.decode_block_n(256), NUM_SPLITS=8,
                 USE_DOT=True, FUSED_MERGE=True, HAS_WINDOW=True, HAS_SOFTCAP=True),
            dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]))
+    for splits in (1, 8):  # OPT-13B heads over fp8 pages: batch 64 (no split) and batch 1
+        yield (f"decode fp8 pages splits={splits} fused_merge={splits > 1}", triton_attention._paged_decode_kernel,
+               types | dict(k_ptr=FP8_PTR, v_ptr=FP8_PTR),
+               dict(BLOCK_SIZE=16, GROUP=1, BLOCK_G=16, HEAD_DIM=128, BLOCK_D=128, BLOCK_N=cfg["block_n"],
+                    NUM_SPLITS=splits, USE_DOT=True, FUSED_MERGE=splits > 1, HAS_WINDOW=False, HAS_SOFTCAP=False),
+               dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]))
 
 
 def compile_one(fn, types: dict, const: dict, options: dict) -> dict:
