@@ -34,7 +34,6 @@ import argparse
 import json
 import random
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -45,17 +44,18 @@ CONTEXT = 512
 
 
 def run_alise(args) -> dict:
-    sys.path[:0] = [str(ROOT / "bench" / "gpu")]
-    import engine_compare as ec
     import torch
 
     import alise.tools.lab.engine as eb
     from alise.worker.model.kv_cache import KVCache
+    from alise.worker.model.loader import load_model
     from alise.worker.model.runner import ModelRunner
 
     eb.DECODE_BATCHES, eb.PREFILL_LENS, eb.CONTEXT = BATCHES, PREFILLS, CONTEXT
     card = eb.measure_card(args.device)
-    loaded = ec.build_preset(args.preset, "float16" if args.device.startswith("cuda") else "float32", args.device)
+    # The worker's own loader: the preset with random weights, as `alise worker --model` builds it.
+    loaded = load_model(args.preset, device=args.device,
+                        dtype="float16" if args.device.startswith("cuda") else "float32")
     fig = eb.model_figures(loaded)
     kv_bytes = int(args.kv_gib * 2**30)
     num_blocks = KVCache.num_blocks_for_budget(loaded.config, eb.BLOCK_SIZE, loaded.dtype, kv_bytes)
