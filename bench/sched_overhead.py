@@ -22,7 +22,8 @@ import sys
 import time
 
 from alise.core.blocks import WorkerCapacity
-from alise.core.config import SchedulingConfig, make_core
+from alise.core.build import make_core
+from alise.core.config import SchedulingConfig
 from alise.core.job import Job, JobStatus, LengthEstimate
 from alise.core.latency_model import LatencyModel
 from alise.core.sampling import SamplingParams

@@ -22,7 +22,7 @@ def commands_of(plan, kind):
 
 def test_pure_core_imports_neither_grpc_nor_torch():
     code = ("import sys, alise.core.scheduler, alise.core.policy, alise.core.latency_model, "
-            "alise.core.blocks, alise.core.dispatch, alise.tools.sim.virtual_worker; "
+            "alise.core.blocks, alise.core.dispatch, alise.core.build, alise.tools.sim.virtual_worker; "
             "print(sorted(m for m in ('grpc', 'torch', 'transformers') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

@@ -6,8 +6,8 @@ same core with it (``SimConfig.scheduling``). Its fields are also the flags of `
 scheduler``, ``alise up`` and ``alise sim`` (``alise.common.entrypoint`` reads each field's type,
 default and ``#:`` comment), so each default and each check is written here once.
 
-Light on purpose (no numpy): command-line parsers import it. :func:`make_core` builds the core
-it describes.
+Light on purpose (no numpy): command-line parsers import it. ``alise.core.build.make_core``
+builds the core it describes.
 """
 
 from __future__ import annotations
@@ -17,11 +17,6 @@ import typing
 from dataclasses import dataclass
 
 from alise.core.choices import PlannerName, PolicyName
-
-if typing.TYPE_CHECKING:
-    from alise.core.latency_model import LatencyModel
-    from alise.core.memory_planner import MemoryPlanner
-    from alise.core.scheduler import SchedulerCore
 
 
 @dataclass(frozen=True)
@@ -120,18 +115,3 @@ def check_choices(config: object) -> None:
             names = ", ".join(str(a) for a in allowed if a is not None)
             raise ValueError(f"{name} must be one of {names}{' (or None)' if None in allowed else ''}, "
                              f"got {value!r}")
-
-
-def make_core(config: SchedulingConfig, latency: LatencyModel,
-              memory: MemoryPlanner | None = None) -> SchedulerCore:
-    """The scheduler core ``config`` describes, pricing with ``latency``; ``memory`` replaces
-    the planner ``config.kv_planner`` names (a planner with costs of its own, for benchmarks).
-    The service and the simulator both build their core here."""
-    # Imported here, not above: parsers import this module, and the core pulls in numpy.
-    from alise.core.memory_planner import make_memory_planner
-    from alise.core.policy import make_policy
-    from alise.core.scheduler import SchedulerCore
-
-    if memory is None and config.kv_planner is not None:
-        memory = make_memory_planner(config.kv_planner, latency)
-    return SchedulerCore(make_policy(config, latency), memory, prefill_step_ratio=config.prefill_step_ratio)

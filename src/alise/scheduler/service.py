@@ -24,7 +24,7 @@ from alise.common import grpc_server, wire
 from alise.common.logs import LogLimiter, preview, request_id_var
 from alise.common.metrics import SchedulerMetrics, serve_metrics
 from alise.common.security import bind_port
-from alise.core.config import make_core
+from alise.core.build import make_core
 from alise.core.job import Job
 from alise.core.latency_model import LatencyModel
 from alise.modelinfo.served import ModelInfo, load_model_info

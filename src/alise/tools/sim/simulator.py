@@ -24,8 +24,9 @@ from typing import Literal
 import numpy as np
 
 from alise.core.blocks import WorkerCapacity, default_token_budget
+from alise.core.build import make_core
 from alise.core.commands import AbortJobs, StepPlan, StepReport
-from alise.core.config import SchedulingConfig, check_choices, make_core
+from alise.core.config import SchedulingConfig, check_choices
 from alise.core.dispatch import keep_in_flight
 from alise.core.job import Job, LengthEstimate
 from alise.core.latency_model import LatencyModel
