@@ -258,6 +258,25 @@ async def test_a_worker_that_lost_its_scheduler_keeps_its_jobs_for_the_next_one(
                for r in caplog.records)
 
 
+async def test_a_worker_whose_read_is_cancelled_reconnects(tiny_llama_dir):
+    """The task reading the worker's stream ends cancelled (nothing in the worker cancels it,
+    but a cancellation may come from outside): the session ends, its jobs go back to the
+    queue, and the worker connects again; the request is served."""
+    async with cluster(str(tiny_llama_dir)) as c, c.client() as client:
+        worker, run = c.workers[0]
+
+        def session_read():
+            return next(t for t in asyncio.all_tasks() if getattr(t.get_coro(), "cr_code", None)
+                        is worker._read.__code__ and t.get_coro().cr_frame.f_locals.get("self") is worker)
+        seen = 0
+        async for chunk in client.generate("read cancelled", max_tokens=40, ignore_eos=True):
+            seen += len(chunk.token_ids)
+            if seen == 5:
+                session_read().cancel()
+        assert seen == 40 and not run.done()
+        assert worker.connected.is_set()
+
+
 async def test_the_advertised_token_budget_stays_within_the_mixed_step_graphs(tiny_llama_dir):
     """A step above the largest mixed-step graph runs eagerly: the worker's hello says so."""
     from alise.worker.config import WorkerConfig
