@@ -187,6 +187,30 @@ async def test_the_scheduler_process_exits_non_zero_when_its_loop_fails(tiny_lla
         worker.close()
 
 
+async def test_a_cancelled_scheduler_process_stops_its_listeners(tiny_llama_dir):
+    """``serve`` cancelled (the process's main task, on the way out): both listeners stop
+    first; a listener left running would outlive its event loop."""
+    from alise.scheduler.config import SchedulerConfig
+    from alise.scheduler.main import serve
+
+    ports = free_ports(2)
+    config = SchedulerConfig(address=f"127.0.0.1:{ports[0]}", worker_address=f"127.0.0.1:{ports[1]}",
+                             model=str(tiny_llama_dir))
+    served = asyncio.ensure_future(serve(config))
+    for _ in range(600):
+        with contextlib.suppress(grpc.aio.AioRpcError):
+            if await health_of(config.address) == health_pb2.HealthCheckResponse.SERVING:
+                break
+        await asyncio.sleep(0.05)
+    served.cancel()
+    await asyncio.wait({served})
+    for port in ports:  # free to listen on again: nothing listens there now
+        with socket.socket() as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(("127.0.0.1", port))
+            sock.listen()
+
+
 def free_ports(n: int) -> list[int]:
     """``n`` loopback ports free a moment ago, for a process that takes its ports from flags."""
     with contextlib.ExitStack() as stack:
