@@ -71,9 +71,10 @@ def test_a_refused_transition_says_why_and_changes_nothing():
 @given(st.lists(st.tuples(st.sampled_from(list(JobStatus)), st.floats(0.0, 5.0)), max_size=12))
 def test_random_transitions_set_what_each_status_implies(moves):
     """Allowed changes happen and leave the job as its status implies; the others raise and
-    change nothing. ``queued_s`` is the time spent waiting or paused, spell by spell."""
+    change nothing. ``queued_s`` is the time spent waiting or paused, spell by spell;
+    ``scheduled_s`` the time of the first RUNNING, kept through pauses and re-queues."""
     job = make_job("j", 10, max_tokens=50)
-    now, queued, idle_since = 0.0, 0.0, 0.0
+    now, queued, idle_since, scheduled = 0.0, 0.0, 0.0, None
     for status, dt in moves:
         now += dt
         before = copy.deepcopy(job)
@@ -93,6 +94,9 @@ def test_random_transitions_set_what_each_status_implies(moves):
         if status in (JobStatus.WAITING, JobStatus.PAUSED) and status is not was:
             idle_since = now
         assert job.queued_s == pytest.approx(queued) and job.idle_since_s == idle_since
+        if status is JobStatus.RUNNING and scheduled is None:
+            scheduled = now
+        assert job.scheduled_s == scheduled
         preempted = was is JobStatus.RUNNING and status is JobStatus.PAUSED
         assert job.num_preemptions == before.num_preemptions + preempted
 

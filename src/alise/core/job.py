@@ -109,6 +109,8 @@ class Job:
     #: Time the job last entered WAITING or PAUSED (for aging and queue-time accounting).
     idle_since_s: float = 0.0
     queued_s: float = 0.0
+    #: When the job first went RUNNING (vLLM's first SCHEDULED): its wait and prefill meet there.
+    scheduled_s: float | None = None
     first_token_s: float | None = None
     finish_s: float | None = None
     finish_reason: FinishReason | None = None
@@ -178,7 +180,8 @@ class Job:
         WAITING       on no worker, nothing cached or pending: ``kv`` NONE, ``worker_id``
                       None, no computed or pending tokens
         RUNNING       ``kv`` DEVICE (a resume brings the KV back at full precision); from
-                      WAITING the job is admitted: ``worker_id`` and ``admit_step_id`` given
+                      WAITING the job is admitted: ``worker_id`` and ``admit_step_id`` given;
+                      the first time, ``scheduled_s`` now
         PAUSED        ``kv`` given (where the planner put it; NONE: nothing computed);
                       from RUNNING it is a preemption (``num_preemptions`` + 1)
         FINISHED      ``reason`` given, ``finish_s`` now, ``kv`` NONE, nothing pending
@@ -214,6 +217,8 @@ class Job:
             self.num_computed_tokens = self.num_shared_tokens = self.num_pending_outputs = 0
         elif status is JobStatus.RUNNING:
             self.kv = KvPlace.DEVICE
+            if self.scheduled_s is None:
+                self.scheduled_s = now_s
             if admits:
                 assert admit_step_id is not None  # given: checked above
                 self.worker_id, self.admit_step_id = worker_id, admit_step_id
