@@ -228,7 +228,7 @@ def value(families, sample_name: str, **labels) -> float:
 
 VLLM_FAMILIES = ["vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc",
                  "vllm:time_to_first_token_seconds", "vllm:e2e_request_latency_seconds",
-                 "vllm:inter_token_latency_seconds", "vllm:time_per_output_token_seconds",
+                 "vllm:inter_token_latency_seconds", "vllm:request_time_per_output_token_seconds",
                  "vllm:request_queue_time_seconds", "vllm:num_preemptions", "vllm:prompt_tokens",
                  "vllm:generation_tokens", "vllm:request_success", "vllm:request_prompt_tokens",
                  "vllm:request_generation_tokens"]
@@ -254,6 +254,50 @@ def test_metrics_carry_vllm_families_with_the_model_name(live):
     assert delta("alise_prediction_abs_error_tokens_count") == 1
     # The door's own families stay unlabelled by model.
     assert all("model_name" not in s.labels for s in after["alise_http_requests"].samples)
+
+
+PHASES = ["vllm:request_queue_time_seconds", "vllm:request_prefill_time_seconds", "vllm:request_decode_time_seconds",
+          "vllm:request_inference_time_seconds", "vllm:request_time_per_output_token_seconds"]
+
+
+def test_metrics_carry_vllm_0_26_request_phases_steps_and_prefix_cache(live):
+    live.wait_idle()
+    before = scrape(live)
+    prompt = "the sea at night is dark and the waves are loud, " * 4
+    replies = [post(live, "/v1/completions", {"prompt": prompt, "max_tokens": 5, "ignore_eos": True})
+               for _ in range(3)]
+    prompt_tokens = replies[0].json()["usage"]["prompt_tokens"]
+    live.wait_idle()
+    after = scrape(live)
+    names = [*PHASES, "vllm:iteration_tokens_total", "vllm:prefix_cache_queries", "vllm:prefix_cache_hits",
+             "vllm:num_requests_waiting_by_reason", "vllm:prompt_tokens_cached", "vllm:prompt_tokens_by_source"]
+    for name in names:
+        assert after[name].samples and all(s.labels.get("model_name") == MODEL for s in after[name].samples), name
+    delta = lambda name, **labels: value(after, name, **labels) - value(before, name, **labels)  # noqa: E731
+    for name in PHASES:
+        assert delta(f"{name}_count") == 3, name
+    phase = {name: delta(f"{name}_sum") for name in PHASES}
+    assert phase["vllm:request_prefill_time_seconds"] > 0 and phase["vllm:request_decode_time_seconds"] > 0
+    # One clock: arrival -> first scheduled -> first token -> last token.
+    assert phase["vllm:request_inference_time_seconds"] == pytest.approx(
+        phase["vllm:request_prefill_time_seconds"] + phase["vllm:request_decode_time_seconds"])
+    assert delta("vllm:e2e_request_latency_seconds_sum") == pytest.approx(
+        phase["vllm:request_queue_time_seconds"] + phase["vllm:request_inference_time_seconds"])
+    assert phase["vllm:request_time_per_output_token_seconds"] == pytest.approx(
+        phase["vllm:request_decode_time_seconds"] / 4)  # 4 tokens after the first, each request
+    # The repeats read the prompt's full blocks from the worker's prefix cache.
+    hits = delta("vllm:prefix_cache_hits_total")
+    assert delta("vllm:prefix_cache_queries_total") == 3 * prompt_tokens
+    assert 0 < hits < 2 * prompt_tokens and delta("vllm:prompt_tokens_cached_total") == hits
+    assert delta("vllm:prompt_tokens_by_source_total", source="local_cache_hit") == hits
+    assert delta("vllm:prompt_tokens_by_source_total", source="local_compute") == 3 * prompt_tokens - hits
+    assert delta("vllm:prompt_tokens_by_source_total", source="external_kv_transfer") == 0
+    # Every step fed the uncached prompt tokens and then one token per decode (4 a request).
+    assert delta("vllm:iteration_tokens_total_sum") == 3 * prompt_tokens - hits + 3 * 4
+    assert delta("vllm:iteration_tokens_total_count") >= 3 * 5
+    assert value(after, "vllm:num_requests_waiting_by_reason", reason="capacity") == \
+        value(after, "vllm:num_requests_waiting") == 0
+    assert value(after, "vllm:num_requests_waiting_by_reason", reason="deferred") == 0
 
 
 def test_a_request_ended_by_a_stop_string_is_counted_finished(live):

@@ -49,7 +49,7 @@ async def test_scheduler_serves_vllm_families_and_get_metrics_answers_them(tiny_
     assert m["vllm:prompt_tokens_total"] == sum(d.usage.prompt_tokens for d in done)
     assert m["vllm:time_to_first_token_seconds_count"] == 3
     assert m["vllm:inter_token_latency_seconds_count"] == 12  # 4 gaps in each of 3 streams
-    assert m["vllm:time_per_output_token_seconds_count"] == 12
+    assert m["vllm:request_time_per_output_token_seconds_count"] == 3
     assert m["vllm:e2e_request_latency_seconds_count"] == m["vllm:request_queue_time_seconds_count"] == 3
     assert m["vllm:request_generation_tokens_sum"] == 15
     assert m["vllm:num_requests_running"] == m["vllm:num_requests_waiting"] == 0

@@ -33,6 +33,7 @@ VLLM_ITL_BUCKETS_S = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0
                       10.0, 20.0, 40.0, 80.0)
 VLLM_REQUEST_BUCKETS_S = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0,
                           120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
+VLLM_ITERATION_TOKEN_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
 #: vLLM's 1-2-5 series (it stops at the context length; here at the max_tokens limit).
 VLLM_TOKEN_BUCKETS = tuple(m * 10**e for e in range(7) for m in (1, 2, 5) if m * 10**e <= 1_000_000)
 #: vLLM's finished_reason label values, by ALISE's finish reason.
@@ -65,23 +66,38 @@ class StateCollector:
 def vllm_state(rows: list) -> Iterable:
     """vLLM's scheduler-state families from the engine's own gauges: running (in a worker's
     batch), waiting (queued, or paused after a preemption: vLLM's waiting queue holds its
-    preempted requests too), KV cache usage (device blocks used over all workers' blocks, 0
-    to 1) and preemptions since start."""
+    preempted requests too), waiting by reason (all of them wait for capacity: ALISE defers
+    none for a LoRA budget, a KV transfer or a grammar, vLLM's ``deferred``), KV cache usage
+    (device blocks used over all workers' blocks, 0 to 1), preemptions since start, and the
+    prefix cache's queries and hits (tokens the admits gave workers, and those of them found
+    cached: vLLM counts a lookup's tokens, a preempted request's output included, the same way)."""
     values = {name: samples for name, _, _, samples in rows}
     jobs = {labels[0]: value for labels, value in values.get("alise_jobs", [])}
     waiting = sum(value for _, value in values.get("alise_queue_waiting", []))
+    num_waiting = waiting + jobs.get("paused", 0)
+    prefill = {labels[0]: value for labels, value in values.get("alise_prefill_tokens", [])}
     device = [(labels[2], value) for labels, value in values.get("alise_kv_blocks", []) if labels[1] == "device"]
     total = sum(value for _, value in device)
     used = sum(value for state, value in device if state == "used")
     for name, documentation, value in (
             ("vllm:num_requests_running", "Number of requests in model execution batches.", jobs.get("running", 0)),
-            ("vllm:num_requests_waiting", "Number of requests waiting to be processed.",
-             waiting + jobs.get("paused", 0)),
+            ("vllm:num_requests_waiting", "Number of requests waiting to be processed.", num_waiting),
             ("vllm:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.", used / total if total else 0.0)):
         yield GaugeMetricFamily(name, documentation, value=value)
+    by_reason = GaugeMetricFamily("vllm:num_requests_waiting_by_reason", "Number of waiting requests by reason. "
+                                  "Reason labels: 'capacity' = waiting for scheduling capacity; 'deferred' = "
+                                  "deferred by transient constraints (none in ALISE). Sum of all reasons equals "
+                                  "vllm:num_requests_waiting.", labels=["reason"])
+    by_reason.add_metric(["capacity"], num_waiting)
+    by_reason.add_metric(["deferred"], 0)
+    yield by_reason
     preemptions = sum(value for _, value in values.get("alise_preemptions", []))
     yield CounterMetricFamily("vllm:num_preemptions", "Cumulative number of preemption from the engine.",
                               value=preemptions)
+    yield CounterMetricFamily("vllm:prefix_cache_queries", "Prefix cache queries, in terms of number of "
+                              "queried tokens.", value=prefill.get("admitted", 0))
+    yield CounterMetricFamily("vllm:prefix_cache_hits", "Prefix cache hits, in terms of number of cached "
+                              "tokens.", value=prefill.get("cached", 0))
 
 
 class VllmRequestMetrics:
@@ -100,14 +116,29 @@ class VllmRequestMetrics:
                               buckets=VLLM_TTFT_BUCKETS_S, registry=r)
         self.itl = Histogram("vllm:inter_token_latency_seconds", "Histogram of inter-token latency in seconds.",
                              buckets=VLLM_ITL_BUCKETS_S, registry=r)
-        self.tpot = Histogram("vllm:time_per_output_token_seconds",
-                              "Histogram of time per output token in seconds (the inter-token latency).",
-                              buckets=VLLM_ITL_BUCKETS_S, registry=r)
+        self.request_tpot = Histogram("vllm:request_time_per_output_token_seconds",
+                                      "Histogram of time_per_output_token_seconds per request.",
+                                      buckets=VLLM_ITL_BUCKETS_S, registry=r)
         self.e2e = Histogram("vllm:e2e_request_latency_seconds", "Histogram of e2e request latency in seconds.",
                              buckets=VLLM_REQUEST_BUCKETS_S, registry=r)
         self.queue = Histogram("vllm:request_queue_time_seconds",
-                               "Histogram of time spent in WAITING phase for request (here: queued, and "
-                               "paused after preemptions).", buckets=VLLM_REQUEST_BUCKETS_S, registry=r)
+                               "Histogram of time spent in WAITING phase for request.",
+                               buckets=VLLM_REQUEST_BUCKETS_S, registry=r)
+        self.inference = Histogram("vllm:request_inference_time_seconds",
+                                   "Histogram of time spent in RUNNING phase for request.",
+                                   buckets=VLLM_REQUEST_BUCKETS_S, registry=r)
+        self.prefill = Histogram("vllm:request_prefill_time_seconds",
+                                 "Histogram of time spent in PREFILL phase for request.",
+                                 buckets=VLLM_REQUEST_BUCKETS_S, registry=r)
+        self.decode = Histogram("vllm:request_decode_time_seconds",
+                                "Histogram of time spent in DECODE phase for request.",
+                                buckets=VLLM_REQUEST_BUCKETS_S, registry=r)
+        self.prompt_tokens_cached = Counter("vllm:prompt_tokens_cached",
+                                            "Number of cached prompt tokens (local + external).", registry=r)
+        self.prompt_tokens_by_source = Counter("vllm:prompt_tokens_by_source", "Number of prompt tokens by source.",
+                                               ["source"], registry=r)
+        for source in ("local_compute", "local_cache_hit", "external_kv_transfer"):
+            self.prompt_tokens_by_source.labels(source)
         self.request_prompt_tokens = Histogram("vllm:request_prompt_tokens", "Number of prefill tokens processed.",
                                                buckets=VLLM_TOKEN_BUCKETS, registry=r)
         self.request_generation_tokens = Histogram("vllm:request_generation_tokens",
@@ -116,8 +147,16 @@ class VllmRequestMetrics:
         self.max_tokens = Histogram("vllm:request_params_max_tokens", "Histogram of the max_tokens request parameter.",
                                     buckets=VLLM_TOKEN_BUCKETS, registry=r)
 
+    def observe_prompt(self, num_prompt_tokens: int, num_cached_tokens: int) -> None:
+        """A request's prompt, once its prefill is done: ``num_cached_tokens`` of it were read
+        from a worker's prefix cache, the rest computed (no KV comes from another instance)."""
+        self.prompt_tokens.inc(num_prompt_tokens)
+        self.prompt_tokens_cached.inc(num_cached_tokens)
+        self.prompt_tokens_by_source.labels("local_cache_hit").inc(num_cached_tokens)
+        self.prompt_tokens_by_source.labels("local_compute").inc(num_prompt_tokens - num_cached_tokens)
+
     def observe_finished(self, reason: str, e2e_s: float, prompt_tokens: int, generation_tokens: int,
-                         max_tokens: int | None = None, queued_s: float | None = None) -> None:
+                         max_tokens: int | None = None) -> None:
         """One request that ended with ``reason`` (an ALISE finish reason)."""
         self.success.labels(VLLM_FINISH_REASONS.get(reason, reason)).inc()
         self.e2e.observe(e2e_s)
@@ -125,8 +164,22 @@ class VllmRequestMetrics:
         self.request_generation_tokens.observe(generation_tokens)
         if max_tokens is not None:
             self.max_tokens.observe(max_tokens)
-        if queued_s is not None:
-            self.queue.observe(queued_s)
+
+    def observe_phases(self, job) -> None:
+        """A finished job's phases, as vLLM splits a request (its ``FinishedRequestStats``), on
+        the scheduler's clock: queue = arrival to first scheduled; prefill = first scheduled to
+        first token; decode = first token to the last; inference = first scheduled to the last
+        token (a preemption's pause counts in the phase it falls in); time per output token =
+        the decode over the tokens after the first (0 for a one-token request)."""
+        if job.scheduled_s is None or job.first_token_s is None or job.finish_s is None:
+            return
+        decode_s = job.finish_s - job.first_token_s
+        self.queue.observe(job.scheduled_s - job.arrival_s)
+        self.prefill.observe(job.first_token_s - job.scheduled_s)
+        self.decode.observe(decode_s)
+        self.inference.observe(job.finish_s - job.scheduled_s)
+        n = job.num_output_tokens
+        self.request_tpot.observe(decode_s / (n - 1) if n > 1 else 0.0)
 
 
 def serve_metrics(registry: CollectorRegistry, address: str) -> int:
@@ -178,6 +231,9 @@ class SchedulerMetrics:
         self.step = Histogram("alise_step_seconds", "Worker step duration", ["worker"],
                               buckets=TOKEN_TIME_BUCKETS_S, registry=r)
         self.vllm = VllmRequestMetrics(r)
+        self.iteration_tokens = Histogram("vllm:iteration_tokens_total", "Histogram of number of tokens per "
+                                          "engine_step (here: tokens a worker's step fed its model).",
+                                          buckets=VLLM_ITERATION_TOKEN_BUCKETS, registry=r)
         #: Set by the scheduler to read its outbox: what a SIGKILL of the scheduler would lose.
         self.observations_buffered = Gauge("alise_scheduler_observations_buffered",
                                            "Finished requests' observations the predictor has not taken yet",
@@ -200,9 +256,10 @@ class SchedulerMetrics:
         last = self._last_token_s.pop(job.job_id, None)
         if last is not None:
             v.itl.observe(now_s - last)
-            v.tpot.observe(now_s - last)
         elif index == 0:  # its first tokens (not an adopted or resumed job's)
-            v.prompt_tokens.inc(job.num_prompt_tokens)
+            # The prefill that gave this token read its shared tokens from a prefix cache (its
+            # admit's hit; a resume after a drop recomputed everything and left 0).
+            v.observe_prompt(job.num_prompt_tokens, min(job.num_shared_tokens, job.num_prompt_tokens))
             v.ttft.observe((job.first_token_s or now_s) - job.arrival_s)
         self._last_token_s[job.job_id] = now_s
         if len(self._last_token_s) > MAX_TRACKED_JOBS:
@@ -222,7 +279,15 @@ class SchedulerMetrics:
             self.prediction_ratio.observe(job.estimate.mean / max(1, job.num_output_tokens))
         reason = job.finish_reason.value if job.finish_reason is not None else "stop"
         self.vllm.observe_finished(reason, job.finish_s - job.arrival_s, job.num_prompt_tokens,
-                                   job.num_output_tokens, job.sampling.max_tokens, job.queued_s)
+                                   job.num_output_tokens, job.sampling.max_tokens)
+        self.vllm.observe_phases(job)
+
+    def record_step(self, worker_id: str, report) -> None:
+        """A worker's step that ran (``StepReport``): its time, and the tokens it fed (each
+        chunk's, and one per other sequence: a decode)."""
+        self.step.labels(worker_id).observe(report.step_duration_s)
+        chunked = sum(n for _, n in report.chunks)
+        self.iteration_tokens.observe(chunked + report.num_seqs - len(report.chunks))
 
     def forget_departed_workers(self, live: Callable[[], Iterable[str]]) -> None:
         """From now on, per-worker series are collected only for the workers ``live()`` lists."""

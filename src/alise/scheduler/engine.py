@@ -244,7 +244,7 @@ class SchedulerEngine:
     def _observe_latency(self, link: WorkerLink, report: StepReport) -> None:
         if report.step_duration_s <= 0 or not report.num_seqs:
             return
-        self.metrics.step.labels(link.worker_id).observe(report.step_duration_s)
+        self.metrics.record_step(link.worker_id, report)
         link.last_step_s = report.step_duration_s
         link.num_steps += 1
         self.latency.observe_step(report.step_duration_s, report.num_seqs, report.num_context_tokens,
