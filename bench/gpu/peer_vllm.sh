@@ -155,7 +155,7 @@ profile_arg() {  # the virtual worker brings its own profile (VIRTUAL)
   local p=${PROFILE:-auto}
   if [ "$p" = auto ]; then
     case $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1) in
-      *H200*) p=profiles/opt-13b-h200-engine.json ;;
+      *H200*) p=profiles/opt-13b-h200.json ;;
       *) p=profiles/opt-13b-h100.json ;;
     esac
   fi

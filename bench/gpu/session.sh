@@ -24,13 +24,13 @@ case ${STAGE:?} in
     MODE=once NUM=${NUM:-200} RUNS="base:fcfs:938:64:base938 new:fcfs:938:64:new938 base:fcfs:4096:256:base4096 new:fcfs:4096:256:new4096" \
       bash bench/gpu/loop_runs.sh ;;
   sat4096)  # the 4,096-block pair of the saturated stage, the workers priced by the engine's profile
-    export WORKER_ARGS="--latency-profile profiles/opt-13b-h200-engine.json"
+    export WORKER_ARGS="--latency-profile profiles/opt-13b-h200.json"
     MODE=once NUM=${NUM:-200} RUNS="base:fcfs:4096:256:base4096 new:fcfs:4096:256:new4096" bash bench/gpu/loop_runs.sh ;;
   rate)
-    export WORKER_ARGS="--latency-profile profiles/opt-13b-h200-engine.json"
+    export WORKER_ARGS="--latency-profile profiles/opt-13b-h200.json"
     MODE=rate:6.5 RUNS="new:fcfs:938:64:fcfs65 new:alise:938:64:alise65 new:oracle:938:64:oracle65" bash bench/gpu/loop_runs.sh ;;
   bursty)
-    export WORKER_ARGS="--latency-profile profiles/opt-13b-h200-engine.json"
+    export WORKER_ARGS="--latency-profile profiles/opt-13b-h200.json"
     MODE=trace TRACE=.devcarry/serving/bursty.jsonl RUNS="new:fcfs:938:64:fcfsB new:alise:938:64:aliseB new:oracle:938:64:oracleB" \
       bash bench/gpu/loop_runs.sh ;;
 esac
