@@ -35,7 +35,9 @@ Checked and printed:
   after the restart (nothing it had taken is lost), and at the end against the start plus
   one observation per completed request; those a killed scheduler held unacknowledged (for a
   predictor that was down or could not write its log; or taken, their answer lost) may be
-  missing: read from its metrics just before the kill, and reported;
+  missing: read from its metrics just before the kill, with one more for each request whose
+  client saw it finish between that read and the kill (a second on a loaded machine), and
+  reported;
 * resident memory of every process, its first sample ``--warmup`` seconds into its life
   against its last.
 
@@ -200,22 +202,48 @@ async def run_request(client: AsyncClient, req, max_tokens: int, tally: dict) ->
         tally["errors"].append(f"{exc.code.name}: {exc.details[:200]}")
         return
     tally["complete" if tokens == max_tokens else "short"] += 1
+    tally["finished_at"].append(time.monotonic())
 
 
-async def inject(up: UpCluster, secret: str, sig: str, name: str, stop_for_s: float) -> dict:
+#: After a kill, the seconds in which a finished request's last tokens, sent before it, may
+#: still reach its client; no restarted scheduler serves that soon (`alise up` waits 1 s).
+KILL_GRACE_S = 1.0
+
+
+def observations_at_risk(buffered: int, finished_at: list[float], read_at: float, killed_at: float,
+                         grace_s: float = KILL_GRACE_S) -> int:
+    """Observations a scheduler killed at ``killed_at`` may take with it: those its metrics
+    showed unacknowledged (read from ``read_at`` on), and one for each request of the trace its
+    client saw finish from the read to ``grace_s`` after the kill (each finished meanwhile, its
+    observation with the scheduler, and while the predictor cannot take it, as on a full disk,
+    still held there). A request its scheduler finished but whose last tokens its client did
+    not get resumes on the next scheduler, which observes it: not at risk."""
+    return buffered + sum(read_at <= t <= killed_at + grace_s for t in finished_at)
+
+
+async def inject(up: UpCluster, secret: str, sig: str, name: str, stop_for_s: float, tally: dict) -> dict:
     """One fault; returns its event once the service serves again."""
     services = up.services()
     pid = services[name]["pid"]
     predictor = services["predictor"]["listen"]["grpc"]
     before = await asyncio.to_thread(history_observations, predictor, secret) if name == "predictor" else None
     event = {"fault": f"{sig} {name} (pid {pid})"}
+    buffered = None
     if sig == "SIGKILL" and name == "scheduler":
         # Observations in its memory the predictor has not acknowledged (it is down, or cannot
-        # write its log, or took them and its answer was lost) go with it: at most these are lost.
-        event["observations_held"] = await asyncio.to_thread(observations_buffered, services[name]["listen"]["metrics"])
+        # write its log, or took them and its answer was lost) go with it: at most these, and
+        # those of the requests that finish before the kill (the read takes a second on a
+        # loaded machine), are lost.
+        read_at = time.monotonic()
+        buffered = await asyncio.to_thread(observations_buffered, services[name]["listen"]["metrics"])
     if sig == "SIGKILL":
         os.kill(pid, signal.SIGKILL)
+        killed_at = time.monotonic()
         event["serving_again_s"] = round(await wait_serving(up, name, pid), 1)
+        if buffered is not None:
+            await asyncio.sleep(max(killed_at + KILL_GRACE_S - time.monotonic(), 0.0))
+            event["observations_buffered"] = buffered
+            event["observations_held"] = observations_at_risk(buffered, tally["finished_at"], read_at, killed_at)
     elif sig == "HANG":
         os.kill(pid, signal.SIGSTOP)
         event["serving_again_s"] = round(await wait_serving(up, name, pid), 1)
@@ -239,7 +267,7 @@ async def inject(up: UpCluster, secret: str, sig: str, name: str, stop_for_s: fl
 
 
 async def chaos(up: UpCluster, secret: str, args, start: float, stop_at: float, events: list,
-                http_url: str | None, sse: dict) -> None:
+                http_url: str | None, sse: dict, tally: dict) -> None:
     huge = huge_body(args.huge_chars) if args.huge_prompts else b""
     for k in range(10_000):
         at = start + (k + 1) * args.fault_every
@@ -252,7 +280,7 @@ async def chaos(up: UpCluster, secret: str, args, start: float, stop_at: float, 
                 asyncio.ensure_future(huge_prompt_burst(http_url, args.huge_prompts, huge, sse))
         faults = FAULTS + HANGS if args.hangs else FAULTS
         sig, name = faults[k % len(faults)]
-        event = {"t_s": round(at - start, 1), **await inject(up, secret, sig, name, args.stop_for)}
+        event = {"t_s": round(at - start, 1), **await inject(up, secret, sig, name, args.stop_for, tally)}
         events.append(event)
         print(f"  {event}", flush=True)
 
@@ -374,7 +402,8 @@ async def soak(root: Path, args) -> dict:
         predictor = up.services()["predictor"]["listen"]["grpc"]
         trace = rescale(build_trace(load_pairs(workload_path("chat")), num=args.num, rate=1.0, seed=3), args.rate)
         trace = [r for r in trace if r.arrival_s < args.duration - args.tail]
-        tally = {"sent": 0, "complete": 0, "short": 0, "index_errors": 0, "errors": [], "cancelled": 0}
+        tally = {"sent": 0, "complete": 0, "short": 0, "index_errors": 0, "errors": [], "cancelled": 0,
+                 "finished_at": []}
         sse = {"closed": 0, "errors": []}
         events: list = []
         samples: dict = {}
@@ -384,7 +413,8 @@ async def soak(root: Path, args) -> dict:
             history_start = history_observations(predictor, secret)
             start = time.monotonic()
             end = start + args.duration
-            background = [asyncio.create_task(chaos(up, secret, args, start, end - args.tail, events, http_url, sse)),
+            background = [asyncio.create_task(chaos(up, secret, args, start, end - args.tail, events, http_url, sse,
+                                                    tally)),
                           asyncio.create_task(cancel_storm(client, args.cancel_rate, end - args.tail, tally)),
                           asyncio.create_task(sample_rss(up, start, end, samples))]
             if args.full_disk:
@@ -490,7 +520,7 @@ def main() -> int:
           f"closed early; {len(result['faults'])} faults; views agree: {views_ok(result['views'])}; predictor history "
           f"{result['history_start']} -> {result['history_end']} (expected {result['history_expected_end']}, at "
           f"least {result['history_expected_end'] - result['observations_held']}: "
-          f"{result['observations_held']} unacknowledged in a scheduler when it was killed); "
+          f"{result['observations_held']} held by a scheduler when it was killed); "
           f"workers at end {result['workers_at_end']}; services {result['services_at_end']}; "
           f"alise up exit {result['alise_up_exit_code']}: {'OK' if ok else 'FAILED'}")
     for err in result["errors"]:
@@ -502,7 +532,8 @@ def print_result(result: dict, args) -> None:
     print(f"\n{'fault':<44}{'at s':>7}{'serving again s':>17}  predictor history before -> after")
     for e in sorted(result["faults"], key=lambda e: e["t_s"]):
         h = e.get("history_before_after")
-        lost = f"{e['observations_held']} observations unacknowledged" if "observations_held" in e else ""
+        lost = (f"{e['observations_held']} observations held ({e['observations_buffered']} unacknowledged at "
+                f"the read, the rest finished before the kill)" if "observations_held" in e else "")
         print(f"{e['fault']:<44}{e['t_s']:>7}{e['serving_again_s']:>17}  {f'{h[0]} -> {h[1]}' if h else lost}")
     print(f"\n{'worker at the end':<20}{'jobs':>6}{'blocks used':>13}{'sched. count':>14}{'censuses':>10}"
           f"{'ghosts':>8}{'missing':>9}{'deficits':>10}")
