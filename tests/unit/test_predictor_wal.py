@@ -168,3 +168,20 @@ async def test_a_write_the_disk_cannot_take_leaves_no_half_record(tmp_path, file
     history = History(VectorIndex(DIM))
     replay_log(history, str(tmp_path), 0)
     assert history.observations()[2].tolist() == [10, 13]
+
+
+async def test_a_sync_waiting_while_a_rotation_cannot_start_the_next_segment_returns(tmp_path, file_size_limit):
+    wal = await write_log(tmp_path, [observation(0)])
+    wal.sync_delay_s = 0.05
+    wal.append([observation(1)])
+    pending = asyncio.ensure_future(wal.sync())
+    await asyncio.sleep(0)  # its fsync waits for later appends to join it
+    file_size_limit(1)  # the next segment cannot take its first record
+    with pytest.raises(OSError):
+        wal.rotate([])
+    file_size_limit(1 << 30)
+    await asyncio.wait_for(pending, 5)  # the rotation made the appends durable
+    assert not wal.is_open
+    history = History(VectorIndex(DIM))
+    replay_log(history, str(tmp_path), 0)
+    assert history.observations()[2].tolist() == [10, 11]

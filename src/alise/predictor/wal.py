@@ -222,6 +222,9 @@ class WriteAheadLog:
     async def _sync_batch(self) -> None:
         await asyncio.sleep(self.sync_delay_s)  # later appends join this fsync
         upto = self._written
+        if self._file is None:  # a rotation synced the segment, closed it and could not start the next
+            self._synced = max(self._synced, upto)
+            return
         fd = os.dup(self._file.fileno())  # stays valid if a rotation closes the file meanwhile
         try:
             await asyncio.to_thread(os.fsync, fd)
