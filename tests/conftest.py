@@ -1,4 +1,6 @@
 import os
+import resource
+import signal
 import sys
 from pathlib import Path
 
@@ -35,3 +37,14 @@ def tiny_opt_dir(tmp_path_factory) -> Path:
     from tinymodels import make_tiny_model_dir
 
     return make_tiny_model_dir(tmp_path_factory.mktemp("tiny-opt"), "opt")
+
+
+@pytest.fixture()
+def file_size_limit():
+    """Sets this process's file size limit (RLIMIT_FSIZE): writes past it fail as on a full
+    disk (EFBIG), one that straddles it is cut short. Restored afterwards."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the error, not the signal
+    yield lambda limit: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
+    resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    signal.signal(signal.SIGXFSZ, handler)

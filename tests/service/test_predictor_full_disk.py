@@ -4,7 +4,6 @@ the sender's resend, once the disk has room, is taken once and survives a restar
 from __future__ import annotations
 
 import resource
-import signal
 
 import grpc
 import pytest
@@ -19,17 +18,6 @@ from alise.v1 import predictor_pb2, predictor_pb2_grpc
 @pytest.fixture(scope="module")
 def encoder():
     return Encoder(num_threads=2)
-
-
-@pytest.fixture()
-def file_size_limit():
-    """Sets this process's file size limit (RLIMIT_FSIZE): a write past it fails as on a full
-    disk. Restored afterwards."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
-    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the error, not the signal
-    yield lambda limit: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
-    resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
-    signal.signal(signal.SIGXFSZ, handler)
 
 
 async def observe(port: int, message) -> list:

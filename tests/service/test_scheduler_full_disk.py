@@ -5,21 +5,8 @@ from __future__ import annotations
 
 import logging
 import resource
-import signal
 
-import pytest
 from cluster_fixtures import cluster
-
-
-@pytest.fixture()
-def file_size_limit():
-    """Sets this process's file size limit (RLIMIT_FSIZE): a write past it fails as on a full
-    disk. Restored afterwards."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
-    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the error, not the signal
-    yield lambda limit: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
-    resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
-    signal.signal(signal.SIGXFSZ, handler)
 
 
 async def test_jobs_finish_and_the_scheduler_serves_on_when_its_job_log_cannot_be_written(

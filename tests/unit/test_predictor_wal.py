@@ -138,20 +138,6 @@ def test_predictor_serve_takes_no_api_tokens():
     assert info.value.code == 2
 
 
-@pytest.fixture()
-def file_size_limit():
-    """Sets this process's file size limit (RLIMIT_FSIZE): writes past it fail as on a full
-    disk (EFBIG), one that straddles it is cut short. Restored afterwards."""
-    import resource
-    import signal
-
-    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
-    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the error, not the signal
-    yield lambda limit: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
-    resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
-    signal.signal(signal.SIGXFSZ, handler)
-
-
 async def test_a_write_the_disk_cannot_take_leaves_no_half_record(tmp_path, file_size_limit):
     wal = await write_log(tmp_path, [observation(0)])
     path = segment_path(tmp_path, wal.segment)
