@@ -79,6 +79,21 @@ def build(name: str, dtype: torch.dtype) -> tuple[LoadedModel, torch.nn.Module]:
     return loaded, reference
 
 
+def schedule_inputs(vocab_size: int) -> tuple[dict[str, list[int]], dict[str, list[int]], int]:
+    """SEQUENCES' tokens (random ids, seed 1), their block tables over shuffled blocks (so no
+    sequence's pages are contiguous) and the number of blocks."""
+    rng = random.Random(1)
+    tokens = {n: [rng.randrange(3, vocab_size) for _ in range(p + d)] for n, (p, _, _, d) in SEQUENCES.items()}
+    num_blocks = sum(-(-len(t) // BLOCK_SIZE) for t in tokens.values())
+    free = list(range(num_blocks))
+    rng.shuffle(free)
+    tables = {}
+    for n, t in tokens.items():
+        k = -(-len(t) // BLOCK_SIZE)
+        tables[n], free = free[:k], free[k:]
+    return tokens, tables, num_blocks
+
+
 def run_schedule(runner: ModelRunner, tokens: dict[str, list[int]], tables: dict[str, list[int]]):
     """Feeds SEQUENCES step by step; returns {name: [(position, logits)]} and the pure-decode step count."""
     pending = {name: list(chunks) for name, (_, _, chunks, _) in SEQUENCES.items()}
@@ -153,16 +168,7 @@ RUNS += [("llama-gqa", torch.bfloat16, "tuned", 3)]
 def test_teacher_forced_logits_match_transformers(name: str, dtype: torch.dtype, mode: str,
                                                   min_batched_fresh: int) -> None:
     loaded, reference = build(name, dtype)
-    rng = random.Random(1)
-    tokens = {n: [rng.randrange(3, loaded.config.vocab_size) for _ in range(p + d)]
-              for n, (p, _, _, d) in SEQUENCES.items()}
-    num_blocks = sum(-(-len(t) // BLOCK_SIZE) for t in tokens.values())
-    free = list(range(num_blocks))
-    rng.shuffle(free)
-    tables = {}
-    for n, t in tokens.items():
-        k = -(-len(t) // BLOCK_SIZE)
-        tables[n], free = free[:k], free[k:]
+    tokens, tables, num_blocks = schedule_inputs(loaded.config.vocab_size)
     # HF first: the runner turns the HF projections into views of its fused weights.
     with torch.inference_mode():
         ref32 = {n: reference(torch.tensor([t], device="cuda")).logits[0].float() for n, t in tokens.items()}

@@ -15,7 +15,6 @@ eagerly: they cannot be captured) and ``tuned`` (the plan the runner picks at st
 from __future__ import annotations
 
 import copy
-import random
 
 import pytest
 import torch
@@ -25,7 +24,7 @@ import torch
 if not torch.cuda.is_available():
     pytest.skip("needs a CUDA device", allow_module_level=True)
 
-from test_gpu_engine_vs_transformers import BLOCK_SIZE, SEQUENCES, forced_plan, run_schedule
+from test_gpu_engine_vs_transformers import BLOCK_SIZE, forced_plan, run_schedule, schedule_inputs
 
 from alise.worker.model.families import describe
 from alise.worker.model.loader import LoadedModel
@@ -91,16 +90,7 @@ def make_runner(loaded: LoadedModel, num_blocks: int, mode: str) -> ModelRunner:
 @pytest.mark.parametrize(("name", "dtype", "mode"), RUNS, ids=[f"{n}-{str(d)[6:]}-{m}" for n, d, m in RUNS])
 def test_family_matches_transformers(name: str, dtype: torch.dtype, mode: str) -> None:
     loaded, reference = build(name, dtype)
-    rng = random.Random(1)
-    tokens = {n: [rng.randrange(3, loaded.config.vocab_size) for _ in range(p + d)]
-              for n, (p, _, _, d) in SEQUENCES.items()}
-    num_blocks = sum(-(-len(t) // BLOCK_SIZE) for t in tokens.values())
-    free = list(range(num_blocks))
-    rng.shuffle(free)
-    tables = {}
-    for n, t in tokens.items():
-        k = -(-len(t) // BLOCK_SIZE)
-        tables[n], free = free[:k], free[k:]
+    tokens, tables, num_blocks = schedule_inputs(loaded.config.vocab_size)
     # HF first: the runner turns the HF projections into views of its fused weights.
     with torch.inference_mode():
         ref32 = {n: reference(torch.tensor([t], device="cuda")).logits[0].float() for n, t in tokens.items()}

@@ -16,15 +16,13 @@ two chunks beside decodes, a late joiner, 64 teacher-forced decodes): three runn
 
 from __future__ import annotations
 
-import random
-
 import pytest
 import torch
 
 if not torch.cuda.is_available():
     pytest.skip("needs a CUDA device", allow_module_level=True)
 
-from test_gpu_engine_vs_transformers import BLOCK_SIZE, SEQUENCES, forced_plan, run_schedule
+from test_gpu_engine_vs_transformers import BLOCK_SIZE, forced_plan, run_schedule, schedule_inputs
 from test_gpu_families import CASES, build
 
 from alise.worker.model.runner import ModelRunner
@@ -59,16 +57,7 @@ def relative(a: torch.Tensor, b: torch.Tensor) -> float:
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_fp8_pages_fast_path_matches_torch_path(name: str) -> None:
     loaded, _ = build(name, torch.float16)
-    rng = random.Random(1)
-    tokens = {n: [rng.randrange(3, loaded.config.vocab_size) for _ in range(p + d)]
-              for n, (p, _, _, d) in SEQUENCES.items()}
-    num_blocks = sum(-(-len(t) // BLOCK_SIZE) for t in tokens.values())
-    free = list(range(num_blocks))
-    rng.shuffle(free)
-    tables = {}
-    for n, t in tokens.items():
-        k = -(-len(t) // BLOCK_SIZE)
-        tables[n], free = free[:k], free[k:]
+    tokens, tables, num_blocks = schedule_inputs(loaded.config.vocab_size)
     logits = {}
     for kind, kv in (("torch", "fp8_e4m3"), ("fast", "fp8_e4m3"), ("fast", "auto")):
         runner = make_runner(loaded, num_blocks, kind, kv)
