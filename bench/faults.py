@@ -85,6 +85,24 @@ async def drain(stream) -> None:
         pass
 
 
+async def under_load(client: AsyncClient, storm) -> float:
+    """Awaits ``storm`` while four requests at a time keep the worker stepping; its seconds."""
+    stop = asyncio.Event()
+
+    async def load() -> None:
+        while not stop.is_set():
+            await client.complete("keep stepping", max_tokens=32, ignore_eos=True)
+
+    loads = [asyncio.ensure_future(load()) for _ in range(4)]
+    started = time.monotonic()
+    try:
+        await storm
+        return time.monotonic() - started
+    finally:
+        stop.set()
+        await asyncio.gather(*loads)
+
+
 async def cancels(args) -> dict:
     base = free_port_block(4)
     up = await asyncio.to_thread(UpCluster, "--no-predictor", "--http-address", "", "--metrics-port", str(base),
@@ -93,12 +111,6 @@ async def cancels(args) -> dict:
     try:
         async with AsyncClient(up.address) as client:
             await client.complete("warm up", max_tokens=4, ignore_eos=True)
-            stop = asyncio.Event()
-
-            async def load() -> None:
-                while not stop.is_set():
-                    await client.complete("keep stepping", max_tokens=32, ignore_eos=True)
-
             gate = asyncio.Semaphore(args.concurrency)
 
             async def cancelled(i: int) -> None:
@@ -116,12 +128,7 @@ async def cancels(args) -> dict:
                     task.cancel()
                     await asyncio.gather(task, return_exceptions=True)
 
-            loads = [asyncio.ensure_future(load()) for _ in range(4)]
-            started = time.monotonic()
-            await asyncio.gather(*(cancelled(i) for i in range(args.cancels)))
-            storm_s = time.monotonic() - started
-            stop.set()
-            await asyncio.gather(*loads)
+            storm_s = await under_load(client, asyncio.gather(*(cancelled(i) for i in range(args.cancels))))
             jobs, used, w = await settled(client, base + 2)
             t = time.monotonic()
             await client.complete("a short one", max_tokens=8, ignore_eos=True)
@@ -145,12 +152,6 @@ async def sse_disconnects(args) -> dict:
         async with AsyncClient(up.address) as client, \
                 httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=args.concurrency)) as http:
             await client.complete("warm up", max_tokens=4, ignore_eos=True)
-            stop = asyncio.Event()
-
-            async def load() -> None:
-                while not stop.is_set():
-                    await client.complete("keep stepping", max_tokens=32, ignore_eos=True)
-
             gate = asyncio.Semaphore(args.concurrency)
 
             async def dropped_stream(i: int) -> None:
@@ -163,12 +164,7 @@ async def sse_disconnects(args) -> dict:
                     except httpx.HTTPError as exc:
                         dropped["errors"].append(type(exc).__name__)
 
-            loads = [asyncio.ensure_future(load()) for _ in range(4)]
-            started = time.monotonic()
-            await asyncio.gather(*(dropped_stream(i) for i in range(args.disconnects)))
-            storm_s = time.monotonic() - started
-            stop.set()
-            await asyncio.gather(*loads)
+            storm_s = await under_load(client, asyncio.gather(*(dropped_stream(i) for i in range(args.disconnects))))
             jobs, used, w = await settled(client, base + 2)
             door_closed = await asyncio.to_thread(door_disconnects, url)
     finally:
