@@ -92,8 +92,12 @@ class Up:
 
 
 def hold_port(port: int) -> socket.socket:
-    """Listens on ``port`` (as another program would), once whatever held it is gone."""
+    """Listens on ``port`` (as another program would), once whatever held it is gone. With
+    SO_REUSEADDR, as servers bind: the killed holder's connections in TIME_WAIT (the
+    supervisor's health probes) would keep a plain bind out past the restart that takes the
+    port back."""
     sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 
     def bound() -> bool:
         try:
