@@ -190,6 +190,73 @@ def test_request_id_names_the_job_and_the_response(live):
     assert bad.status_code == 400 and "request_id must be printable" in bad.json()["error"]["message"]
 
 
+CONTEXT = 256  # the live door's max_model_len
+LONG_IDS = [10 + i % 50 for i in range(250)]  # a token-id prompt 6 tokens short of the context
+LONG_CHAT = [{"role": "user", "content": "word " * 230}]
+
+
+def context_exceeded(num_prompt: int, max_tokens: int) -> str:
+    return (f"This model's maximum context length is {CONTEXT} tokens. However, you requested "
+            f"{num_prompt + max_tokens} tokens ({num_prompt} in the messages, {max_tokens} in the "
+            "completion). Please reduce the length of the messages or completion.")
+
+
+def assert_context_exceeded(reply: httpx.Response, num_prompt: int, max_tokens: int) -> None:
+    assert reply.status_code == 400, reply.text
+    error = reply.json()["error"]
+    assert error["message"] == context_exceeded(num_prompt, max_tokens)
+    assert error["type"] == "invalid_request_error"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_completion_over_the_context_is_400_as_in_vllm(live, stream):
+    body = {"prompt": LONG_IDS, "ignore_eos": True, "stream": stream}
+    assert_context_exceeded(post(live, "/v1/completions", {**body, "max_tokens": 7}), 250, 7)
+    with openai.OpenAI(base_url=f"{live.base_url}/v1", api_key="x", max_retries=0) as client:
+        with pytest.raises(openai.BadRequestError, match="maximum context length is 256 tokens"):
+            client.completions.create(model=MODEL, prompt=LONG_IDS, max_tokens=100, stream=stream)
+    # A prompt that fills the context alone is refused with or without max_tokens.
+    for extra in ({"max_tokens": 1}, {}):
+        full = post(live, "/v1/completions", {**body, "prompt": LONG_IDS + [11] * 6, **extra})
+        assert full.status_code == 400 and "the model's context is 256 tokens" in full.json()["error"]["message"]
+    live.assert_serving()
+
+
+def test_completion_that_fills_the_context_exactly_is_served(live):
+    exact = post(live, "/v1/completions", {"prompt": LONG_IDS, "max_tokens": 6, "ignore_eos": True})
+    assert exact.status_code == 200, exact.text
+    assert exact.json()["usage"] == {"prompt_tokens": 250, "completion_tokens": 6, "total_tokens": 256}
+    # Without max_tokens nothing is refused: the job ends where the context fills.
+    unset = post(live, "/v1/completions", {"prompt": LONG_IDS, "ignore_eos": True})
+    assert unset.status_code == 200, unset.text
+    assert unset.json()["usage"]["completion_tokens"] == 6
+    assert unset.json()["choices"][0]["finish_reason"] == "length"
+
+
+def test_chat_over_the_context_is_400_and_exactly_the_context_is_served(live):
+    probe = post(live, "/v1/chat/completions", {"messages": LONG_CHAT, "max_tokens": 1})
+    assert probe.status_code == 200, probe.text
+    num_prompt = probe.json()["usage"]["prompt_tokens"]
+    room = CONTEXT - num_prompt
+    assert 1 <= room <= 16  # the rendered chat fills most of the context
+    for field in ("max_tokens", "max_completion_tokens"):
+        over = post(live, "/v1/chat/completions", {"messages": LONG_CHAT, field: room + 1})
+        assert_context_exceeded(over, num_prompt, room + 1)
+    streamed = post(live, "/v1/chat/completions", {"messages": LONG_CHAT, "max_tokens": 64, "stream": True})
+    assert_context_exceeded(streamed, num_prompt, 64)
+    exact = post(live, "/v1/chat/completions", {"messages": LONG_CHAT, "max_tokens": room, "ignore_eos": True})
+    assert exact.status_code == 200, exact.text
+    assert exact.json()["usage"]["completion_tokens"] == room
+    live.assert_serving()
+
+
+def test_grpc_requests_over_the_context_still_end_where_it_fills(live):
+    # The SDK's default is unchanged: no refusal, the job runs until the context is full.
+    with Client(live.address) as client:
+        done = client.complete(LONG_IDS, max_tokens=50, ignore_eos=True)
+    assert (len(done.token_ids), done.finish_reason) == (6, "length")
+
+
 @pytest.mark.parametrize("path, body, where", [
     ("/v1/completions", {"prompt": "a\ud800b"}, "prompt"),
     ("/v1/completions", {"prompt": "ok", "model": "tiny\udfff"}, "model"),

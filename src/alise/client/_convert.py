@@ -27,8 +27,10 @@ def build_request(prompt: str | Sequence[int], *, max_tokens: int | None, temper
                   top_p: float | None, top_k: int, seed: int | None,
                   stop_token_ids: Sequence[int], ignore_eos: bool, request_id: str,
                   oracle_output_tokens: int, min_p: float | None = None,
-                  conversation: Conversation | None = None) -> scheduler_pb2.GenerateRequest:
-    req = scheduler_pb2.GenerateRequest(request_id=request_id, oracle_output_tokens=oracle_output_tokens)
+                  conversation: Conversation | None = None,
+                  strict_max_tokens: bool = False) -> scheduler_pb2.GenerateRequest:
+    req = scheduler_pb2.GenerateRequest(request_id=request_id, oracle_output_tokens=oracle_output_tokens,
+                                        strict_max_tokens=strict_max_tokens)
     if isinstance(prompt, str):
         req.text = prompt
     else:

@@ -63,7 +63,8 @@ class AsyncClient:
                        resume_timeout_s: float = RESUME_TIMEOUT_S,
                        wait_for_ready: bool = False,
                        on_accepted: Callable[[], Awaitable[None]] | None = None,
-                       conversation: Conversation | None = None) -> AsyncIterator[Chunk]:
+                       conversation: Conversation | None = None,
+                       strict_max_tokens: bool = False) -> AsyncIterator[Chunk]:
         """Streams the request's chunks; a stream that breaks (UNAVAILABLE) is resumed for up to
         ``resume_timeout_s`` without progress (0: never), every token delivered once. ``token``
         overrides the client's bearer token for this call. ``wait_for_ready``: a request sent
@@ -72,12 +73,15 @@ class AsyncClient:
         has accepted the request (it passed validation, the token check and admission), before
         its first chunk: a relay can answer its own client then, while the job is queued.
         ``conversation``: the conversation the prompt continues (its latest user message and the
-        earlier answers' lengths), read by the length predictor only."""
+        earlier answers' lengths), read by the length predictor only. ``strict_max_tokens``: a
+        prompt and ``max_tokens`` that exceed the context together are refused (InvalidRequest,
+        as vLLM refuses them) instead of ending where the context fills."""
         request = build_request(prompt, max_tokens=max_tokens, temperature=temperature,
                                 top_p=top_p, top_k=top_k, seed=seed,
                                 stop_token_ids=stop_token_ids, ignore_eos=ignore_eos,
                                 request_id=request_id, oracle_output_tokens=oracle_output_tokens,
-                                min_p=min_p, conversation=conversation)
+                                min_p=min_p, conversation=conversation,
+                                strict_max_tokens=strict_max_tokens)
         resumer = Resumer(request, resume_timeout_s=resume_timeout_s, timeout_s=timeout_s or self.timeout_s,
                           wait_for_ready=wait_for_ready)
         metadata = call_metadata(token, self._metadata)

@@ -4,7 +4,10 @@ What a checked request holds is what the engine may take as given: a request id 
 log line, a prompt of 1 .. ``max_model_len - 1`` tokens in the vocabulary (and its text),
 valid sampling parameters (``SamplingParams`` checks its own fields) with at most
 ``MAX_STOP_TOKEN_IDS`` stop ids in the vocabulary, and resume tokens that leave room for one
-more. Every failure is a ``ValueError`` whose message the client is given (INVALID_ARGUMENT).
+more. A request that asks for it (``strict_max_tokens``, as the HTTP door does) also has a
+prompt and an explicit ``max_tokens`` that fit the context together, as vLLM requires; without
+it a job ends where the context fills (finish reason "length"). Every failure is a
+``ValueError`` whose message the client is given (INVALID_ARGUMENT).
 The HTTP door checks the shape of its own JSON bodies itself and borrows the text bound and
 the request-id check from here.
 
@@ -75,6 +78,14 @@ _CONVERSATION = _FIELDS["conversation"].number
 def prompt_too_long(num_tokens: int, limit: int, *, at_least: bool = False) -> str:
     return (f"prompt has {'at least ' if at_least else ''}{num_tokens} tokens; the model's context is "
             f"{limit} tokens, so a prompt must have fewer to leave room for output")
+
+
+def context_exceeded(num_prompt: int, max_tokens: int, limit: int) -> str:
+    """vLLM's words for a prompt and max_tokens that do not fit the context together (clients
+    match on them)."""
+    return (f"This model's maximum context length is {limit} tokens. However, you requested "
+            f"{num_prompt + max_tokens} tokens ({num_prompt} in the messages, {max_tokens} in the "
+            "completion). Please reduce the length of the messages or completion.")
 
 
 def max_text_chars(max_model_len: int) -> int:
@@ -218,6 +229,9 @@ class GenerateChecks:
         if len(token_ids) >= limit:
             raise ValueError(prompt_too_long(len(token_ids), limit))
         sampling = self._sampling(request)
+        if (request.strict_max_tokens and request.sampling.HasField("max_tokens")
+                and len(token_ids) + sampling.max_tokens > limit):
+            raise ValueError(context_exceeded(len(token_ids), sampling.max_tokens, limit))
         if request.oracle_output_tokens < 0:
             raise ValueError("oracle_output_tokens must be >= 0")
         resume = self._resume_tokens(request, len(token_ids), sampling.max_tokens)

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from alise.v1 import common_pb2 as alise_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x61lise/v1/scheduler.proto\x12\x08\x61lise.v1\x1a\x15\x61lise/v1/common.proto\"\xb4\x02\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12\'\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x12.alise.v1.TokenIdsH\x00\x12*\n\x08sampling\x18\x04 \x01(\x0b\x32\x18.alise.v1.SamplingParams\x12\x18\n\x0bstream_text\x18\x05 \x01(\x08H\x01\x88\x01\x01\x12\x1c\n\x14oracle_output_tokens\x18\x06 \x01(\x05\x12\x18\n\x10resume_token_ids\x18\x07 \x03(\x05\x12,\n\x0c\x63onversation\x18\t \x01(\x0b\x32\x16.alise.v1.ConversationB\x08\n\x06promptB\x0e\n\x0c_stream_textJ\x04\x08\x08\x10\tR\x08priority\"=\n\x0c\x43onversation\x12\r\n\x05query\x18\x01 \x01(\t\x12\x1e\n\x16previous_output_tokens\x18\x02 \x03(\x05\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\xea\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\r\n\x05index\x18\x04 \x01(\x05\x12-\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x16.alise.v1.FinishReason\x12\x1e\n\x05usage\x18\x06 \x01(\x0b\x32\x0f.alise.v1.Usage\x12,\n\x08\x65stimate\x18\x07 \x01(\x0b\x32\x1a.alise.v1.LengthPrediction\x12\x15\n\rprompt_tokens\x18\x08 \x01(\x05\"\x12\n\x10GetStatusRequest\"\x91\x03\n\x0cWorkerStatus\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\t\x12\x12\n\nblock_size\x18\x04 \x01(\x05\x12\x19\n\x11num_device_blocks\x18\x05 \x01(\x05\x12\x1e\n\x16num_free_device_blocks\x18\x06 \x01(\x05\x12\x17\n\x0fnum_host_blocks\x18\x07 \x01(\x05\x12\x1c\n\x14num_free_host_blocks\x18\x08 \x01(\x05\x12\x13\n\x0bnum_running\x18\t \x01(\x05\x12\x12\n\nnum_paused\x18\n \x01(\x05\x12\x14\n\x0clast_step_ms\x18\x0b \x01(\x01\x12\x11\n\tnum_steps\x18\x0c \x01(\x03\x12\x13\n\x0b\x63onnected_s\x18\r \x01(\x01\x12\x14\n\x0cnum_censuses\x18\x0e \x01(\x03\x12\x16\n\x0enum_ghost_jobs\x18\x0f \x01(\x03\x12\x18\n\x10num_missing_jobs\x18\x10 \x01(\x03\x12\x1a\n\x12num_block_deficits\x18\x11 \x01(\x03\"\xef\x03\n\x11GetStatusResponse\x12\x0e\n\x06policy\x18\x01 \x01(\t\x12\'\n\x07workers\x18\x02 \x03(\x0b\x32\x16.alise.v1.WorkerStatus\x12\x13\n\x0bnum_waiting\x18\x03 \x01(\x05\x12\x13\n\x0bnum_running\x18\x04 \x01(\x05\x12\x12\n\nnum_paused\x18\x05 \x01(\x05\x12\x14\n\x0cnum_finished\x18\x06 \x01(\x03\x12\x17\n\x0fpredictor_state\x18\x07 \x01(\t\x12\x10\n\x08uptime_s\x18\x08 \x01(\x01\x12\x17\n\x0fnum_preemptions\x18\t \x01(\x03\x12S\n\x15preemptions_by_action\x18\n \x03(\x0b\x32\x34.alise.v1.GetStatusResponse.PreemptionsByActionEntry\x12\r\n\x05model\x18\x0b \x01(\t\x12\x15\n\rmax_model_len\x18\x0c \x01(\x05\x12\x1b\n\x13num_admitted_tokens\x18\r \x01(\x03\x12\x19\n\x11num_cached_tokens\x18\x0e \x01(\x03\x12\x1a\n\x12num_prefill_tokens\x18\x0f \x01(\x03\x1a:\n\x18PreemptionsByActionEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\"\x13\n\x11GetMetricsRequest\"1\n\x12GetMetricsResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t2\xe6\x01\n\x10SchedulerService\x12\x43\n\x08Generate\x12\x19.alise.v1.GenerateRequest\x1a\x1a.alise.v1.GenerateResponse0\x01\x12\x44\n\tGetStatus\x12\x1a.alise.v1.GetStatusRequest\x1a\x1b.alise.v1.GetStatusResponse\x12G\n\nGetMetrics\x12\x1b.alise.v1.GetMetricsRequest\x1a\x1c.alise.v1.GetMetricsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x61lise/v1/scheduler.proto\x12\x08\x61lise.v1\x1a\x15\x61lise/v1/common.proto\"\xcf\x02\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12\'\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x12.alise.v1.TokenIdsH\x00\x12*\n\x08sampling\x18\x04 \x01(\x0b\x32\x18.alise.v1.SamplingParams\x12\x18\n\x0bstream_text\x18\x05 \x01(\x08H\x01\x88\x01\x01\x12\x1c\n\x14oracle_output_tokens\x18\x06 \x01(\x05\x12\x18\n\x10resume_token_ids\x18\x07 \x03(\x05\x12,\n\x0c\x63onversation\x18\t \x01(\x0b\x32\x16.alise.v1.Conversation\x12\x19\n\x11strict_max_tokens\x18\n \x01(\x08\x42\x08\n\x06promptB\x0e\n\x0c_stream_textJ\x04\x08\x08\x10\tR\x08priority\"=\n\x0c\x43onversation\x12\r\n\x05query\x18\x01 \x01(\t\x12\x1e\n\x16previous_output_tokens\x18\x02 \x03(\x05\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\xea\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\r\n\x05index\x18\x04 \x01(\x05\x12-\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x16.alise.v1.FinishReason\x12\x1e\n\x05usage\x18\x06 \x01(\x0b\x32\x0f.alise.v1.Usage\x12,\n\x08\x65stimate\x18\x07 \x01(\x0b\x32\x1a.alise.v1.LengthPrediction\x12\x15\n\rprompt_tokens\x18\x08 \x01(\x05\"\x12\n\x10GetStatusRequest\"\x91\x03\n\x0cWorkerStatus\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\t\x12\x12\n\nblock_size\x18\x04 \x01(\x05\x12\x19\n\x11num_device_blocks\x18\x05 \x01(\x05\x12\x1e\n\x16num_free_device_blocks\x18\x06 \x01(\x05\x12\x17\n\x0fnum_host_blocks\x18\x07 \x01(\x05\x12\x1c\n\x14num_free_host_blocks\x18\x08 \x01(\x05\x12\x13\n\x0bnum_running\x18\t \x01(\x05\x12\x12\n\nnum_paused\x18\n \x01(\x05\x12\x14\n\x0clast_step_ms\x18\x0b \x01(\x01\x12\x11\n\tnum_steps\x18\x0c \x01(\x03\x12\x13\n\x0b\x63onnected_s\x18\r \x01(\x01\x12\x14\n\x0cnum_censuses\x18\x0e \x01(\x03\x12\x16\n\x0enum_ghost_jobs\x18\x0f \x01(\x03\x12\x18\n\x10num_missing_jobs\x18\x10 \x01(\x03\x12\x1a\n\x12num_block_deficits\x18\x11 \x01(\x03\"\xef\x03\n\x11GetStatusResponse\x12\x0e\n\x06policy\x18\x01 \x01(\t\x12\'\n\x07workers\x18\x02 \x03(\x0b\x32\x16.alise.v1.WorkerStatus\x12\x13\n\x0bnum_waiting\x18\x03 \x01(\x05\x12\x13\n\x0bnum_running\x18\x04 \x01(\x05\x12\x12\n\nnum_paused\x18\x05 \x01(\x05\x12\x14\n\x0cnum_finished\x18\x06 \x01(\x03\x12\x17\n\x0fpredictor_state\x18\x07 \x01(\t\x12\x10\n\x08uptime_s\x18\x08 \x01(\x01\x12\x17\n\x0fnum_preemptions\x18\t \x01(\x03\x12S\n\x15preemptions_by_action\x18\n \x03(\x0b\x32\x34.alise.v1.GetStatusResponse.PreemptionsByActionEntry\x12\r\n\x05model\x18\x0b \x01(\t\x12\x15\n\rmax_model_len\x18\x0c \x01(\x05\x12\x1b\n\x13num_admitted_tokens\x18\r \x01(\x03\x12\x19\n\x11num_cached_tokens\x18\x0e \x01(\x03\x12\x1a\n\x12num_prefill_tokens\x18\x0f \x01(\x03\x1a:\n\x18PreemptionsByActionEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\"\x13\n\x11GetMetricsRequest\"1\n\x12GetMetricsResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t2\xe6\x01\n\x10SchedulerService\x12\x43\n\x08Generate\x12\x19.alise.v1.GenerateRequest\x1a\x1a.alise.v1.GenerateResponse0\x01\x12\x44\n\tGetStatus\x12\x1a.alise.v1.GetStatusRequest\x1a\x1b.alise.v1.GetStatusResponse\x12G\n\nGetMetrics\x12\x1b.alise.v1.GetMetricsRequest\x1a\x1c.alise.v1.GetMetricsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,25 +35,25 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETSTATUSRESPONSE_PREEMPTIONSBYACTIONENTRY']._loaded_options = None
   _globals['_GETSTATUSRESPONSE_PREEMPTIONSBYACTIONENTRY']._serialized_options = b'8\001'
   _globals['_GENERATEREQUEST']._serialized_start=62
-  _globals['_GENERATEREQUEST']._serialized_end=370
-  _globals['_CONVERSATION']._serialized_start=372
-  _globals['_CONVERSATION']._serialized_end=433
-  _globals['_TOKENIDS']._serialized_start=435
-  _globals['_TOKENIDS']._serialized_end=458
-  _globals['_GENERATERESPONSE']._serialized_start=461
-  _globals['_GENERATERESPONSE']._serialized_end=695
-  _globals['_GETSTATUSREQUEST']._serialized_start=697
-  _globals['_GETSTATUSREQUEST']._serialized_end=715
-  _globals['_WORKERSTATUS']._serialized_start=718
-  _globals['_WORKERSTATUS']._serialized_end=1119
-  _globals['_GETSTATUSRESPONSE']._serialized_start=1122
-  _globals['_GETSTATUSRESPONSE']._serialized_end=1617
-  _globals['_GETSTATUSRESPONSE_PREEMPTIONSBYACTIONENTRY']._serialized_start=1559
-  _globals['_GETSTATUSRESPONSE_PREEMPTIONSBYACTIONENTRY']._serialized_end=1617
-  _globals['_GETMETRICSREQUEST']._serialized_start=1619
-  _globals['_GETMETRICSREQUEST']._serialized_end=1638
-  _globals['_GETMETRICSRESPONSE']._serialized_start=1640
-  _globals['_GETMETRICSRESPONSE']._serialized_end=1689
-  _globals['_SCHEDULERSERVICE']._serialized_start=1692
-  _globals['_SCHEDULERSERVICE']._serialized_end=1922
+  _globals['_GENERATEREQUEST']._serialized_end=397
+  _globals['_CONVERSATION']._serialized_start=399
+  _globals['_CONVERSATION']._serialized_end=460
+  _globals['_TOKENIDS']._serialized_start=462
+  _globals['_TOKENIDS']._serialized_end=485
+  _globals['_GENERATERESPONSE']._serialized_start=488
+  _globals['_GENERATERESPONSE']._serialized_end=722
+  _globals['_GETSTATUSREQUEST']._serialized_start=724
+  _globals['_GETSTATUSREQUEST']._serialized_end=742
+  _globals['_WORKERSTATUS']._serialized_start=745
+  _globals['_WORKERSTATUS']._serialized_end=1146
+  _globals['_GETSTATUSRESPONSE']._serialized_start=1149
+  _globals['_GETSTATUSRESPONSE']._serialized_end=1644
+  _globals['_GETSTATUSRESPONSE_PREEMPTIONSBYACTIONENTRY']._serialized_start=1586
+  _globals['_GETSTATUSRESPONSE_PREEMPTIONSBYACTIONENTRY']._serialized_end=1644
+  _globals['_GETMETRICSREQUEST']._serialized_start=1646
+  _globals['_GETMETRICSREQUEST']._serialized_end=1665
+  _globals['_GETMETRICSRESPONSE']._serialized_start=1667
+  _globals['_GETMETRICSRESPONSE']._serialized_end=1716
+  _globals['_SCHEDULERSERVICE']._serialized_start=1719
+  _globals['_SCHEDULERSERVICE']._serialized_end=1949
 # @@protoc_insertion_point(module_scope)

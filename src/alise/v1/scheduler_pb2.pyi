@@ -8,7 +8,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("request_id", "text", "token_ids", "sampling", "stream_text", "oracle_output_tokens", "resume_token_ids", "conversation")
+    __slots__ = ("request_id", "text", "token_ids", "sampling", "stream_text", "oracle_output_tokens", "resume_token_ids", "conversation", "strict_max_tokens")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -17,6 +17,7 @@ class GenerateRequest(_message.Message):
     ORACLE_OUTPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     RESUME_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     CONVERSATION_FIELD_NUMBER: _ClassVar[int]
+    STRICT_MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     text: str
     token_ids: TokenIds
@@ -25,7 +26,8 @@ class GenerateRequest(_message.Message):
     oracle_output_tokens: int
     resume_token_ids: _containers.RepeatedScalarFieldContainer[int]
     conversation: Conversation
-    def __init__(self, request_id: _Optional[str] = ..., text: _Optional[str] = ..., token_ids: _Optional[_Union[TokenIds, _Mapping]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., stream_text: _Optional[bool] = ..., oracle_output_tokens: _Optional[int] = ..., resume_token_ids: _Optional[_Iterable[int]] = ..., conversation: _Optional[_Union[Conversation, _Mapping]] = ...) -> None: ...
+    strict_max_tokens: bool
+    def __init__(self, request_id: _Optional[str] = ..., text: _Optional[str] = ..., token_ids: _Optional[_Union[TokenIds, _Mapping]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., stream_text: _Optional[bool] = ..., oracle_output_tokens: _Optional[int] = ..., resume_token_ids: _Optional[_Iterable[int]] = ..., conversation: _Optional[_Union[Conversation, _Mapping]] = ..., strict_max_tokens: _Optional[bool] = ...) -> None: ...
 
 class Conversation(_message.Message):
     __slots__ = ("query", "previous_output_tokens")
