@@ -11,7 +11,7 @@ import grpc
 import pytest
 
 from alise.client import AliseError, AsyncClient
-from alise.core.scheduler import SchedulerCore
+from alise.core.planner import StepPlanner
 from alise.scheduler.config import SchedulerConfig
 from alise.scheduler.service import start_scheduler
 from alise.worker.config import WorkerConfig
@@ -26,14 +26,14 @@ def free_port() -> int:
 
 async def test_a_request_that_crashed_the_scheduler_is_refused_after_its_restart(tiny_llama_dir, tmp_path,
                                                                                  monkeypatch):
-    start = SchedulerCore._start
+    start = StepPlanner._start
 
     def start_or_crash(self, view, chosen, *args):
         for job in self.table.jobs[chosen].tolist():
             if "poison" in job.prompt_text:
                 raise RuntimeError("injected: this request breaks the scheduler")
         return start(self, view, chosen, *args)
-    monkeypatch.setattr(SchedulerCore, "_start", start_or_crash)
+    monkeypatch.setattr(StepPlanner, "_start", start_or_crash)
     config = SchedulerConfig(address=f"127.0.0.1:{free_port()}", worker_address=f"127.0.0.1:{free_port()}",
                              model=str(tiny_llama_dir), state_dir=str(tmp_path / "scheduler"))
     first = await start_scheduler(config)

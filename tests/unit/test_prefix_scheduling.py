@@ -103,7 +103,7 @@ def test_the_router_prefers_the_worker_holding_the_prefix():
     core.submit(job("next", seed.all_token_ids() + [9] * 30))
     core.submit(job("other", list(range(300, 400))))
     slots = np.array([core.table.slot_of["next"], core.table.slot_of["other"]])
-    core.router.route_new(slots, core.latency.correction, core._prefix_saving_s)
+    core.router.route_new(slots, core.latency.correction, core.planner._prefix_saving_s)
     # Both workers are idle: without the prefix, ties go to w0.
     assert core.router.route_of("next") == "w1" and core.router.route_of("other") == "w0"
 

@@ -408,6 +408,6 @@ def test_a_chunk_beside_decodes_is_cut_to_the_latency_allowance():
     core.submit(make_job("long", 300, max_tokens=5, arrival_s=1.0))
     plan, _ = step(core, worker, now_s=1.0)
     assert plan.chunks == {"long": core.latency.chunk_allowance(2, 14, 1.5)} == {"long": 49}
-    core.prefill_step_ratio = 0  # no cap: the token budget alone
+    core.planner.prefill_step_ratio = 0  # no cap: the token budget alone
     plan, _ = step(core, worker, now_s=1.1)
     assert plan.chunks == {"long": 300 - 49}

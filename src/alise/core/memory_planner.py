@@ -3,7 +3,7 @@
 Pure Python (no grpc, no torch). The scheduler core selects the jobs of a step first;
 whatever device blocks they leave over is the budget of the paused jobs on that worker.
 A planner maps every paused (or now pausing) job to a target ``KvPlace`` and the worker
-commands that get it there; the core applies the result (``SchedulerCore._plan_memory``).
+commands that get it there; the core applies the result (``StepPlanner._plan_memory``).
 A move covers a job's private blocks only (``Job.num_private_tokens``): a prefix it reads from
 the worker's prefix cache stays on the device, shared and read-only (``alise.worker.kv_manager``).
 

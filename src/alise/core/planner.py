@@ -1,0 +1,265 @@
+"""One worker's next step, planned in named phases (``StepPlanner.schedule``).
+
+Planning runs ahead of the workers: a plan is made on top of every step already planned for
+the worker, before their reports are in (a job's projected tokens, see ``alise.core.job``).
+The phases:
+
+1. ``_candidates``   the worker's running and paused jobs, and the waiting jobs it may take;
+2. ``_rank``         the policy's keys; non-preemptive policies keep running jobs first;
+3. ``_select``       the walk within the sequence, block and token budgets (chunked prefill,
+                     :func:`~alise.core.admission.select`);
+4. ``_plan_memory``  a KV place for each of the worker's jobs that does not run (the memory
+                     planner);
+5. ``_start``        admit or resume the selected jobs that are not running;
+6. ``_advance``      project the step: computed tokens and pending outputs of each job fed.
+
+Block accounting is exact (the worker allocates by the same formulas), so a plan never asks
+a worker for more blocks than it has; jobs that finish early only leave it more. A waiting
+job's prefix cached on the worker (its ``alise.core.prefix_mirror``) is not fed, and its
+shared blocks are counted once.
+
+The planner reads the core's job table, policy, router and workers, and changes a job's
+status only through the core's one status-change path (``set_status``); what the plans did
+is counted here (preemptions, KV moves, prefill tokens).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable
+
+import numpy as np
+
+from alise.core.admission import Budgets, select
+from alise.core.blocks import blocks_for
+from alise.core.commands import Admit, Command, KvAction, Pause, Resume, StepPlan
+from alise.core.job import JobStatus, KvPlace
+from alise.core.kv_places import PLACES, move_label
+from alise.core.latency_model import LatencyModel
+from alise.core.memory_planner import KvMove, MemoryPlanner
+from alise.core.policy import Policy, RemainingTimeEstimator
+from alise.core.prefix_mirror import PrefillCounts
+from alise.core.reports import InFlight
+from alise.core.routing import Router
+from alise.core.table import WAITING, JobTable
+from alise.core.worker_view import WorkerView
+
+#: The smallest prompt chunk a step's latency allowance is rounded up to.
+MIN_CHUNK_TOKENS = 16
+
+
+class StepPlanner:
+    """Makes one worker's next plan from the core's state; the core's ``schedule`` calls it."""
+
+    def __init__(self, table: JobTable, policy: Policy, estimator: RemainingTimeEstimator,
+                 memory: MemoryPlanner, router: Router, workers: dict[str, WorkerView],
+                 set_status: Callable[..., None], prefill_step_ratio: float) -> None:
+        self.table = table
+        self.policy = policy
+        self.estimator = estimator
+        self.memory = memory
+        self.router = router
+        #: The core's workers (the same dict).
+        self.workers = workers
+        #: The core's status change of a job: ``set_status(job, status, now_s, **fields)``.
+        self.set_status = set_status
+        #: A step that carries prompt chunks beside decodes may cost at most this many times the
+        #: decode step alone (by a measured latency model; not capped under the default one).
+        self.prefill_step_ratio = prefill_step_ratio
+        #: Preemptions by action.
+        self.preemptions: Counter[str] = Counter()
+        #: KV moves by kind (keep, int8, int4, swap, swap-int8, swap-int4, drop, prefetch).
+        self.kv_moves: Counter[str] = Counter()
+        #: Tokens admitted, found in a prefix cache, and computed by prefills (recomputes too).
+        self.prefill = PrefillCounts()
+
+    @property
+    def latency(self) -> LatencyModel:
+        return self.estimator.latency
+
+    def schedule(self, view: WorkerView, now_s: float, *, census: bool = False) -> StepPlan:
+        """The worker's next plan (``SchedulerCore.schedule``)."""
+        plan = StepPlan(step_id=view.next_step_id, census=census)
+        slots, held = self._candidates(view)
+        order, reserve = self._rank(slots, now_s)
+        need, hits = self._needs(view, order)
+        taken, feed = self._select(view, order, need, reserve, held + view.num_shared_blocks, hits)
+        used = int(need[taken].sum()) + held + view.num_shared_blocks
+        plan.commands += self._plan_memory(view, order, taken, used, now_s)
+        chosen = order[taken]
+        plan.commands += self._start(view, chosen, hits[taken], now_s)
+        plan.chunks, outputs = self._advance(view, chosen, feed)
+        plan.run_step = bool(len(feed)) and bool(feed.any())
+        if not plan.is_empty:
+            view.next_step_id += 1
+            view.in_flight.append(InFlight(plan.step_id, outputs, census=census, planned_free_blocks=(
+                view.num_free_device_blocks if census else 0)))
+        return plan
+
+    def _candidates(self, view: WorkerView) -> tuple[np.ndarray, int]:
+        """(slots of the step's candidates, device blocks held by running jobs whose last
+        token is in flight: they end with it, so they are not candidates)."""
+        table, cap = self.table, view.capacity
+        owner = table.owner
+        mine = owner == view.index
+        rslots = np.flatnonzero(mine & table.is_running)
+        gen = table.num_tokens[rslots] - table.num_prompt_tokens[rslots]
+        done = (gen >= table.max_tokens[rslots]) | (table.num_tokens[rslots] >= cap.max_model_len)
+        held = 0
+        if done.any():
+            finishing = rslots[done]
+            mine[finishing] = False
+            private = table.num_computed_tokens[finishing] - table.num_shared_tokens[finishing]
+            held = int((-(-private // cap.block_size)).sum())
+        waiting = (owner == WAITING) & (table.num_tokens < cap.max_model_len)
+        if len(self.workers) > 1:
+            self.router.route_new(np.flatnonzero(owner == WAITING), self.latency.correction, self._prefix_saving_s)
+            if view.jobs:  # an idle worker takes jobs routed elsewhere rather than idle
+                waiting &= table.route == view.index
+        return np.flatnonzero(mine | waiting), held
+
+    def _rank(self, slots: np.ndarray, now_s: float) -> tuple[np.ndarray, np.ndarray | None]:
+        """(``slots`` in the policy's order, their growth reserves in tokens or None). Order:
+        key, then arrival and job id (tie labels); running jobs first for a non-preemptive
+        policy."""
+        if not len(slots):
+            return slots, None
+        policy, table = self.policy, self.table
+        cands = table.candidates(slots)
+        keys = policy.keys(cands, now_s)
+        ties = table.tie_label[slots]
+        if policy.preemptive:
+            perm = np.lexsort((ties, keys))
+        else:
+            perm = np.lexsort((ties, keys, ~cands.running))
+        reserve = policy.reserve_tokens(cands)
+        return slots[perm], None if reserve is None else reserve[perm]
+
+    def _needs(self, view: WorkerView, order: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(device blocks each candidate needs to run, tokens of each waiting one's prefix
+        cached on the worker). Shared blocks count once, in ``view.num_shared_blocks``; a
+        waiting job's hit on cached blocks no job reads takes those out of the free ones."""
+        table, bs = self.table, view.capacity.block_size
+        private = table.num_tokens[order] - table.num_shared_tokens[order]
+        hits = np.zeros(len(order), dtype=np.int64)
+        if view.prefix is None:
+            return -(-private // bs), hits
+        taken_free = np.zeros(len(order), dtype=np.int64)
+        # A step takes at most max_num_seqs jobs, so the lookups stop at that many waiting ones
+        # (bounded work per plan); one ranked below them that backfill takes starts uncached.
+        for i in np.flatnonzero(table.owner[order] == WAITING)[:view.capacity.max_num_seqs].tolist():
+            hits[i], taken_free[i] = view.prefix.lookup(table.jobs[order[i]])
+        return -(-(private - hits) // bs) + taken_free, hits
+
+    def _prefix_saving_s(self, slot: int, index: int) -> float:
+        """Seconds of prefill a waiting job saves on the worker of ``index`` (its cached prefix)."""
+        view = next((v for v in self.workers.values() if v.index == index), None)
+        if view is None or view.prefix is None:
+            return 0.0
+        hit, _ = view.prefix.lookup(self.table.jobs[slot])
+        n, lat = int(self.table.num_tokens[slot]), self.latency
+        return float(lat.recompute_base_s(n) - lat.recompute_base_s(n, hit)) * lat.correction if hit else 0.0
+
+    def _select(self, view: WorkerView, order: np.ndarray, need: np.ndarray, reserve: np.ndarray | None,
+                held: int, hits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        cap, table = view.capacity, self.table
+        grow = None if reserve is None else reserve / cap.block_size
+        uncomputed, running = table.uncomputed(order) - hits, table.is_running[order]
+        budgets = Budgets(cap.max_num_seqs, cap.num_device_blocks - held, cap.max_num_batched_tokens,
+                          self._prefill_allowance(order, running & (uncomputed == 1)))
+        return select(need, uncomputed, running, budgets, self.policy.backfill, grow)
+
+    def _prefill_allowance(self, order: np.ndarray, decoding: np.ndarray) -> int | None:
+        """Prompt tokens the step may add beside its decodes (``LatencyModel.chunk_allowance``),
+        at least ``MIN_CHUNK_TOKENS`` so prompts always progress; None where unpriced."""
+        latency = self.latency
+        if not latency.measured or not self.prefill_step_ratio:
+            return None
+        context = int(self.table.num_tokens[order][decoding].sum())
+        allowance = latency.chunk_allowance(int(np.count_nonzero(decoding)), context, self.prefill_step_ratio)
+        return None if allowance is None else max(allowance, MIN_CHUNK_TOKENS)
+
+    def _plan_memory(self, view: WorkerView, order: np.ndarray, taken: np.ndarray, used: int,
+                     now_s: float) -> list[Command]:
+        """KV places for the worker's jobs that do not run (best-ranked first)."""
+        table, cap = self.table, view.capacity
+        left = table.owner[order] == view.index
+        left[taken] = False
+        positions = np.flatnonzero(left)
+        if not len(positions):
+            return []
+        paused = table.jobs[order[positions]].tolist()
+        waits: dict[str, float] = {}
+        if self.memory.uses_waits:  # the wait of a job: the remaining time of every job ahead
+            remaining_s = table.remaining_base_s[order] * self.latency.correction
+            ahead = np.concatenate(([0.0], np.cumsum(remaining_s)))
+            waits = dict(zip([job.job_id for job in paused], ahead[positions].tolist(), strict=True))
+        host_used = int(table.num_host_blocks[table.owner == view.index].sum())
+        moves = self.memory.plan(paused, waits, cap, cap.num_device_blocks - used,
+                                 cap.num_host_blocks - host_used)
+        # Device-freeing moves first: the worker applies commands in order, and a prefetch
+        # (host -> device) may need the blocks that a swap-out or quantization frees.
+        moves.sort(key=lambda move: PLACES[move.job.kv].on_host)
+        commands: list[Command] = []
+        for move in moves:
+            commands += self._apply_move(move, now_s)
+        return commands
+
+    def _apply_move(self, move: KvMove, now_s: float) -> list[Command]:
+        job, actions = move.job, move.actions
+        self.kv_moves[move_label(job.kv, move.target)] += 1
+        if job.status is JobStatus.RUNNING:
+            actions = actions or (KvAction.KEEP,)
+            self.preemptions[actions[0].value] += 1
+        self.set_status(job, JobStatus.PAUSED, now_s, kv=move.target)
+        return [Pause(job.job_id, action) for action in actions]
+
+    def _start(self, view: WorkerView, chosen: np.ndarray, hits: np.ndarray, now_s: float) -> list[Command]:
+        table, counts = self.table, self.prefill
+        starts = ~table.is_running[chosen]
+        commands: list[Command] = []
+        for job, hit in zip(table.jobs[chosen[starts]].tolist(), hits[starts].tolist(), strict=True):
+            if job.status is JobStatus.WAITING:
+                cached = view.prefix.admit(job, hit) if view.prefix is not None else 0
+                job.num_computed_tokens = job.num_shared_tokens = cached
+                admitted = job.num_prompt_tokens + job.num_output_tokens
+                counts.num_admitted_tokens += admitted
+                counts.num_cached_tokens += cached
+                counts.num_computed_tokens += admitted - cached
+                commands.append(Admit(job.job_id, job.all_token_ids(), job.worker_sampling,
+                                      num_generated=job.num_output_tokens, num_cached_tokens=cached))
+                # admit_step_id: the plan being made.
+                self.set_status(job, JobStatus.RUNNING, now_s, worker_id=view.worker_id,
+                                 admit_step_id=view.next_step_id)
+            else:
+                if job.kv is KvPlace.NONE:
+                    counts.num_computed_tokens += job.num_tokens  # a recompute after a drop
+                commands.append(Resume(job.job_id))
+                self.set_status(job, JobStatus.RUNNING, now_s)
+        return commands
+
+    def _advance(self, view: WorkerView, chosen: np.ndarray, feed: np.ndarray) -> tuple[dict[str, int], set[str]]:
+        """Projects the step onto the jobs it feeds: (plan chunks, jobs that output a token)."""
+        table = self.table
+        fed = feed > 0
+        slots, n = chosen[fed], feed[fed]
+        # The table's token counts are the jobs' own: only this projection and ``_put`` change
+        # them (a report confirms one pending token per output, which leaves the count as is).
+        num_tokens, num_computed = table.num_tokens[slots], table.num_computed_tokens[slots]
+        out = num_computed + n == num_tokens
+        chunk = num_tokens - num_computed > 1
+        chunks: dict[str, int] = {}
+        outputs: set[str] = set()
+        for job, k, o, c in zip(table.jobs[slots].tolist(), n.tolist(), out.tolist(), chunk.tolist(), strict=True):
+            job.num_computed_tokens += k
+            if view.prefix is not None:  # the blocks the worker allocates for the feed
+                view.prefix.resize(job, blocks_for(job.num_computed_tokens, view.capacity.block_size))
+            if c:
+                chunks[job.job_id] = k
+            if o:
+                job.num_pending_outputs += 1
+                outputs.add(job.job_id)
+        table.num_computed_tokens[slots] = num_computed + n
+        table.num_tokens[slots] = num_tokens + out
+        table.is_stale[slots] = True
+        return chunks, outputs
