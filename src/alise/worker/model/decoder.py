@@ -16,6 +16,11 @@ planner may swap them). A layer, in the spec's terms::
     h = h + m                                  (fused with the next layer's input norm)
 
 The final norm follows the last layer; the LM head and the final soft-cap (Gemma) follow it.
+
+Under tensor parallelism (``tp``: alise.worker.model.parallel) each rank holds its heads and its
+slice of the MLP (alise.worker.model.tp_shard): the attention's and the MLP's outputs are partial
+sums, all-reduced before their residual add; the embedding and the LM head are
+vocabulary-parallel. With ``tp`` None (one device) none of it runs.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import functools
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from alise.worker.model.attention import AttentionMetadata, paged_attention
@@ -118,20 +124,26 @@ def rope_tables(body: nn.Module, spec: DecoderSpec, max_len: int, device: torch.
 class DecoderPass:
     """The forward passes of :class:`alise.worker.model.runner.ModelRunner` (see the module
     docstring). Set by the runner: ``spec``, ``ops``, ``kv_cache``, ``attention_backend``,
-    ``model``, ``_body``, ``_weights``, ``_qkv``, ``_rope``, ``_head_dim``."""
+    ``model``, ``_body``, ``_weights``, ``_qkv``, ``_rope``, ``_head_dim``, ``tp`` (None: one device)."""
+
+    tp = None
 
     def _forward_decoder(self, input_ids: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """Every decoder layer, then the final norm; returns ``[T, hidden]``, ready for the LM head."""
         ops, spec, layers = self.ops, self.spec, self._weights
-        hidden = resolve(self._body, spec.paths.embed)(input_ids)  # Gemma's module scales by sqrt(hidden)
+        hidden = self._embed(resolve(self._body, spec.paths.embed), input_ids)  # Gemma's scales by sqrt(hidden)
         ropes = {name: (cos[meta.positions], sin[meta.positions]) for name, (cos, sin) in self._rope.items()}
         x = ops.add_norm(hidden, None, layers[0].input_norm)[1]
         for i, (lw, layer_spec) in enumerate(zip(layers, spec.layers, strict=True)):
             out = ops.linear(self._attend(i, x, meta, ropes.get(layer_spec.rope)), *lw.o)
+            if self.tp is not None:
+                out = self.tp.all_reduce(out)
             if lw.post_attn_norm is not None:
                 out = ops.norm(out, lw.post_attn_norm)
             hidden, x = ops.add_norm(hidden, out, lw.pre_ffn_norm)
             out = self._mlp(lw, x)
+            if self.tp is not None:
+                out = self.tp.all_reduce(out)
             if lw.post_ffn_norm is not None:
                 out = ops.norm(out, lw.post_ffn_norm)
             nxt = layers[i + 1].input_norm if i + 1 < len(layers) else resolve(self._body, spec.paths.final_norm)
@@ -151,7 +163,7 @@ class DecoderPass:
         runs fused with the norm that reads it (``LayerOps.add_norm``)."""
         decoder = self._body
         ops = self.ops
-        hidden = decoder.embed_tokens(input_ids)
+        hidden = self._embed(decoder.embed_tokens, input_ids)
         if decoder.project_in is not None:
             hidden = decoder.project_in(hidden)
         hidden = hidden + decoder.embed_positions.weight[meta.positions + OPT_POSITION_OFFSET]
@@ -161,6 +173,8 @@ class DecoderPass:
         x = ops.add_norm(hidden, None, layers[0].self_attn_layer_norm)[1] if pre_norm else hidden
         for layer_idx, layer in enumerate(layers):
             out = ops.linear(self._attend(layer_idx, x, meta, None), *self._weights[layer_idx].o)
+            if self.tp is not None:
+                out = self.tp.all_reduce(out)
             if pre_norm:
                 hidden, x = ops.add_norm(hidden, out, layer.final_layer_norm)
             else:
@@ -169,6 +183,8 @@ class DecoderPass:
             if not relu:
                 up = layer.activation_fn(up)
             down = ops.linear(up, layer.fc2.weight, layer.fc2.bias)
+            if self.tp is not None:
+                down = self.tp.all_reduce(down)
             if not pre_norm:
                 hidden = x = ops.add_norm(hidden, down, layer.final_layer_norm)[1]
                 continue
@@ -181,6 +197,9 @@ class DecoderPass:
         if decoder.project_out is not None:
             x = decoder.project_out(x)
         return x
+
+    def _embed(self, module: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+        return module(input_ids) if self.tp is None else self.tp.embed(module, input_ids)
 
     def _attend(self, layer_idx: int, x: torch.Tensor, meta: AttentionMetadata,
                 rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
@@ -218,7 +237,8 @@ class DecoderPass:
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """The LM head over rows of the final hidden states (``_forward``'s output), soft-capped
         in the model dtype where the model does (Gemma); float32."""
-        logits = self.model.lm_head(hidden)
+        head = self.model.lm_head
+        logits = head(hidden) if self.tp is None else self.tp.gather_logits(F.linear(hidden, head.weight, head.bias))
         cap = self.spec.final_softcap
         if cap is not None:
             logits = torch.tanh(logits / cap) * cap
@@ -230,7 +250,9 @@ class DecoderPass:
         ``out`` (model dtype; the graphs' shared logits buffer)."""
         hidden = self._forward(input_ids, meta).index_select(0, logit_rows)
         head = self.model.lm_head
-        if head.bias is None:
+        if self.tp is not None:
+            out.copy_(self.tp.gather_logits(F.linear(hidden, head.weight, head.bias)))
+        elif head.bias is None:
             torch.matmul(hidden, head.weight.t(), out=out)
         else:
             torch.addmm(head.bias, hidden, head.weight.t(), out=out)

@@ -27,6 +27,7 @@ float16 where that is float32 or unset, as vLLM does.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -69,6 +70,9 @@ class LoadedModel:
     dtype: torch.dtype
     #: The architecture's fingerprint (``ModelSource.model_id``), what the worker's hello says.
     model_id: str = ""
+    #: This rank of a tensor-parallel replica (alise.worker.model.parallel.TensorParallel):
+    #: ``model`` then holds its slices only (alise.worker.model.tp_shard). None: the whole model.
+    tp: object | None = None
 
 
 def resolve_dtype(dtype: str, device: torch.device, config: PretrainedConfig | None = None) -> torch.dtype:
@@ -98,12 +102,14 @@ def preset_config(name: str, tokenizer: PreTrainedTokenizerBase | None = None) -
 
 
 def load_model(model: str | None, *, device: str = "cpu", dtype: str = "auto", seed: int = 0,
-               max_model_len: int | None = None) -> LoadedModel:
+               max_model_len: int | None = None, tp=None) -> LoadedModel:
     """Load ``model`` (a checkpoint directory or a preset name; None = the default preset,
     ``alise.modelinfo.source.DEFAULT_MODEL``).
 
     ``seed`` fixes the random weights of presets. ``max_model_len`` lowers the context limit below
-    the architecture's ``max_position_embeddings``; it may not raise it.
+    the architecture's ``max_position_embeddings``; it may not raise it. ``tp``
+    (alise.worker.model.parallel.TensorParallel): load this rank's slices only
+    (alise.worker.model.tp_load).
     """
     start = time.perf_counter()
     if model is not None and Path(model).is_dir():
@@ -120,26 +126,41 @@ def load_model(model: str | None, *, device: str = "cpu", dtype: str = "auto", s
     torch_dtype = resolve_dtype(dtype, torch_device, config)
     # transformers' own forward (the baseline runner's) must compute what the spec says too.
     hf_options = dict(dtype=torch_dtype, attn_implementation=hf_attention(spec))
+    if tp is not None:
+        from alise.worker.model.tp_load import build_sharded
+
+        tp = dataclasses.replace(tp, vocab_size=config.vocab_size)
     if source.directory is None:
-        hf_model = _build_preset(source.name, config, torch_device, hf_options, seed)
+        if tp is None:
+            hf_model = _build_preset(source.name, config, torch_device, hf_options, seed)
+        else:
+            _warn_random(source.name, seed)
+            hf_model = build_sharded(None, config, spec, tp, torch_device, hf_options, seed)
         eos = tokenizer.sep_token_id
     else:
         tokenizer = load_tokenizer(source)
-        hf_model = _load_directory(source.directory, config, torch_device, hf_options)
+        if tp is None:
+            hf_model = _load_directory(source.directory, config, torch_device, hf_options)
+        else:
+            hf_model = build_sharded(Path(source.directory), config, spec, tp, torch_device, hf_options, seed)
         eos = eos_token_id_of(tokenizer, config)
     hf_model.eval()
     param = next(hf_model.parameters())
     loaded = LoadedModel(model=hf_model, tokenizer=tokenizer, config=hf_model.config, family=spec.family,
                          name=source.name, random_weights=source.is_preset, max_model_len=max_len,
-                         eos_token_id=eos, device=param.device, dtype=param.dtype, model_id=source.model_id)
+                         eos_token_id=eos, device=param.device, dtype=param.dtype, model_id=source.model_id, tp=tp)
     _log_loaded(loaded, time.perf_counter() - start)
     return loaded
 
 
-def _build_preset(name: str, config: PretrainedConfig, device: torch.device, hf_options: dict,
-                  seed: int) -> torch.nn.Module:
+def _warn_random(name: str, seed: int) -> None:
     logger.warning("model %r is a preset architecture with RANDOM weights (seed %d): generated text is "
                    "meaningless; use it to measure serving, not quality", name, seed)
+
+
+def _build_preset(name: str, config: PretrainedConfig, device: torch.device, hf_options: dict,
+                  seed: int) -> torch.nn.Module:
+    _warn_random(name, seed)
     # Built in place on the target device and dtype: a 13B model materializes in well under a second
     # on a GPU instead of minutes of CPU init plus a copy. The caller's RNG state is left untouched.
     cuda_devices = [device] if device.type == "cuda" else []

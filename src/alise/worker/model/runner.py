@@ -43,9 +43,10 @@ from alise.worker.model.cuda_graphs import DecodeGraphs, MixedGraphs
 from alise.worker.model.decoder import DecoderPass, bind, rope_tables
 from alise.worker.model.families import describe
 from alise.worker.model.kernel_plan import KernelPlan, LayerOps
-from alise.worker.model.kv_cache import KVCache
+from alise.worker.model.kv_cache import KVCache, KVShape
 from alise.worker.model.kv_cache import kv_cache_dtype as kv_cache_dtype_of
 from alise.worker.model.loader import LoadedModel
+from alise.worker.model.tp_shard import local_spec
 
 logger = logging.getLogger(__name__)
 
@@ -96,9 +97,17 @@ class ModelRunner(RunnerBase, DecoderPass):
         self.device = loaded.device
         #: What the forward computes (alise.worker.model.families); refuses what it cannot compute exactly.
         self.spec = describe(loaded.config, loaded.max_model_len)
-        self.kv_cache = KVCache.from_config(loaded.config, num_blocks=num_blocks, block_size=block_size,
-                                            dtype=kv_cache_dtype_of(kv_cache_dtype, loaded.dtype),
-                                            device=loaded.device)
+        #: This rank of a tensor-parallel replica (None: the whole model on one device).
+        self.tp = loaded.tp
+        page_dtype = kv_cache_dtype_of(kv_cache_dtype, loaded.dtype)
+        if self.tp is None:
+            self.kv_cache = KVCache.from_config(loaded.config, num_blocks=num_blocks, block_size=block_size,
+                                                dtype=page_dtype, device=loaded.device)
+        else:  # this rank's heads, and the KV heads they read
+            self.spec = local_spec(self.spec, self.tp.rank, self.tp.world_size)
+            self.kv_cache = KVCache(KVShape(self.spec.num_layers, self.spec.num_kv_heads, self.spec.head_dim),
+                                    num_blocks=num_blocks, block_size=block_size, dtype=page_dtype,
+                                    device=loaded.device)
         self._head_dim = self.kv_cache.shape.head_dim
         if max_num_seqs < 1 or max_num_tokens < 0 or max_num_tokens == 1:
             raise ValueError(f"max_num_seqs must be >= 1 and max_num_tokens 0 or >= 2, got {max_num_seqs} "
@@ -128,6 +137,12 @@ class ModelRunner(RunnerBase, DecoderPass):
             cached = self._load_plan(plan_file, max_num_seqs) if plan_file else None
             loaded_plan = cached is not None
             self.ops.plan = cached or plan_kernels(self)
+            if self.tp is not None:  # the plan decides the padded shapes of the collectives
+                from alise.worker.model.kernel_plan import plan_from_json, plan_to_json
+
+                key = self._plan_key(max_num_seqs)
+                self.ops.plan = plan_from_json(self.tp.agree(plan_to_json(self.plan, key)), key)
+                loaded_plan = self.tp.agree(loaded_plan)
         if use_cuda_graphs is None:
             use_cuda_graphs = self.attention_backend.name == "triton" and not self.spec.has_moe
             if self.spec.has_moe and self.attention_backend.name == "triton":
@@ -137,7 +152,7 @@ class ModelRunner(RunnerBase, DecoderPass):
         self.mixed_graphs = None
         if use_cuda_graphs:
             self._capture_graphs(measure=fast_kernels and not loaded_plan, loaded_plan=loaded_plan)
-        if fast_kernels and plan_file and not loaded_plan:
+        if fast_kernels and plan_file and not loaded_plan and (self.tp is None or self.tp.is_driver):
             from alise.worker.model.kernel_plan import plan_to_json
 
             Path(plan_file).write_text(plan_to_json(self.plan, self._plan_key(max_num_seqs)), encoding="utf-8")
@@ -161,7 +176,11 @@ class ModelRunner(RunnerBase, DecoderPass):
         self.decode_graphs = self.make_decode_graphs(self.max_num_seqs)
         pool = self.decode_graphs.capture()
         if self.ops.plan.unified and self.max_num_tokens:
-            self._capture_mixed_graphs(pool, measure=measure)
+            # Under tensor parallelism every rank keeps every bucket: a rank's own timings would
+            # keep others than its peers', and a graph pads a step to its bucket's shape.
+            self._capture_mixed_graphs(pool, measure=measure and self.tp is None)
+            if self.tp is not None and not self.tp.min_over_ranks(int(self.mixed_graphs is not None)):
+                self.mixed_graphs = None
             if loaded_plan and self.mixed_graphs is not None:
                 self.mixed_graphs.drop_tokens(list(self.plan.mixed_graph_tokens))
                 if not self.plan.mixed_graph_tokens:
