@@ -72,3 +72,74 @@ def logits_rank(rank: int, world_size: int, store: str, models: dict[str, tuple[
 def single_device(loaded):
     """``loaded`` as one device holds it (the reference a TP run must equal)."""
     return dataclasses.replace(loaded, tp=None)
+
+
+def engine_plans() -> list:
+    """Plans through a tiny model's engine: two prompts in chunks beside decodes, then each KV
+    action on a paused job (swap to host, int8, drop for recompute) and its resume; greedy, so
+    the tokens follow the logits. A random sampler's job (seeded) runs beside them."""
+    from alise.core.commands import Admit, KvAction, Pause, Resume, StepPlan
+    from alise.core.sampling import SamplingParams
+
+    greedy = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
+    seeded = SamplingParams(max_tokens=40, temperature=1.0, seed=7, ignore_eos=True)
+    prompts = {"a": list(range(1000, 1013)), "b": list(range(2000, 2006)), "c": list(range(3000, 3009))}
+    # c comes first and takes block 0, which pads the decode block tables: the torch attention
+    # reads it masked, and a job's int8 codes there, read as floats, may be NaN (NaN x 0 is NaN).
+    plans = [StepPlan(0, [Admit("c", prompts["c"], seeded), Admit("a", prompts["a"], greedy),
+                          Admit("b", prompts["b"], greedy)], run_step=True, chunks={"a": 8, "b": 6, "c": 9})]
+    plans.append(StepPlan(1, run_step=True, chunks={"a": 5}))
+    # A dropped job recomputes all its tokens on resume: b's 6, its token of step 0 and one for
+    # each step it ran (1, 2, 5-10) make 15.
+    actions = [("b", KvAction.SWAP_TO_HOST, {}), ("a", KvAction.QUANTIZE_INT8, {}), ("b", KvAction.DROP, {"b": 15})]
+    step = 2
+    for job_id, action, chunks in actions:
+        plans += [StepPlan(step, run_step=True), StepPlan(step + 1, [Pause(job_id, action)], run_step=True),
+                  StepPlan(step + 2, run_step=True), StepPlan(step + 3, [Resume(job_id)], run_step=True,
+                                                              chunks=chunks)]
+        step += 4
+    plans += [StepPlan(step + i, run_step=True) for i in range(3)]
+    return plans
+
+
+def engine_config(model_dir: str, tensor_parallel_size: int):
+    from alise.worker.config import WorkerConfig
+
+    return WorkerConfig(model=model_dir, num_device_blocks=48, num_host_blocks=16, block_size=4, max_num_seqs=8,
+                        max_num_batched_tokens=64, tensor_parallel_size=tensor_parallel_size)
+
+
+def record_logits(runner) -> list:
+    """Every step's logits of ``runner`` (float32, on the host), appended as steps run."""
+    seen = []
+    execute = runner.execute
+
+    def recording(chunks, **kwargs):
+        logits = execute(chunks, **kwargs)
+        seen.append(logits.detach().cpu().clone())
+        return logits
+
+    runner.execute = recording
+    return seen
+
+
+def engine_rank(rank: int, world_size: int, store: str, model_dir: str, out: str) -> None:
+    """Rank 0 runs :func:`engine_plans` through the driver engine (the others follow) and saves
+    the outputs and each step's logits to ``{out}/engine.pt``."""
+    from alise.worker.model.tp_serving import load_rank, make_engine
+    from alise.worker.tp_engine import follow
+
+    config = engine_config(model_dir, world_size)
+    parts = load_rank(config, rank, store)
+
+    def failed(reason: str) -> None:
+        raise AssertionError(reason)
+
+    engine = make_engine(parts, config, on_failure=failed)
+    if rank:
+        follow(engine, parts.tp.broadcast)
+        return
+    logits = record_logits(parts.runner)
+    reports = [engine.run(plan) for plan in engine_plans()]
+    engine.stop_followers()
+    torch.save(dict(reports=reports, logits=logits, num_blocks=engine.allocator.num_blocks), f"{out}/engine.pt")

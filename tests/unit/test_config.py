@@ -92,7 +92,8 @@ PREDICTOR = PredictorConfig(
     metrics_address="127.0.0.1:9003")
 #: command -> (configs that between them set every flag, the module that parses them)
 ROUND_TRIPS = {"scheduler": ([SCHEDULER], scheduler_main),
-               "worker": ([WORKER, WorkerConfig(runner="transformers", enable_prefix_caching=False)], worker_main),
+               "worker": ([WORKER, WorkerConfig(runner="transformers", enable_prefix_caching=False),
+                           WorkerConfig(tensor_parallel_size=2)], worker_main),
                "http": ([http_config], http_main), "predictor serve": ([PREDICTOR], None)}
 
 

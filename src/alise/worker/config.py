@@ -48,6 +48,10 @@ class WorkerConfig:
     max_model_len: int | None = None
     #: Tokens per KV block.
     block_size: int = 16
+    #: Ranks the model is split over (vLLM's --tensor-parallel-size): this process and N-1
+    #: children, on devices cuda:i .. cuda:i+N-1 (or all on the CPU, gloo), one replica and one
+    #: connection to the scheduler; the KV sizes below are per rank.
+    tensor_parallel_size: int = 1
     #: KV pages' dtype (vLLM's names): auto (the model's dtype) or fp8_e4m3 (one byte a value,
     #: twice the blocks in the same memory; scale 1, saturating at +-448).
     kv_cache_dtype: KvCacheDtype = "auto"
@@ -101,7 +105,7 @@ class WorkerConfig:
 
     def __post_init__(self) -> None:
         check_choices(self)
-        for name in ("block_size", "max_num_seqs"):
+        for name in ("block_size", "max_num_seqs", "tensor_parallel_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_num_batched_tokens and self.max_num_batched_tokens < self.max_num_seqs:
@@ -122,6 +126,13 @@ class WorkerConfig:
             raise ValueError(f"orphan_ttl_s must be >= 0, got {self.orphan_ttl_s}")
         if self.reconnect_delay_s <= 0:
             raise ValueError(f"reconnect_delay_s must be > 0, got {self.reconnect_delay_s}")
+        if self.tensor_parallel_size > 1 and self.runner != "paged":
+            raise ValueError(f"tensor_parallel_size {self.tensor_parallel_size} needs runner 'paged', got runner "
+                             f"{self.runner!r}")
+        if self.tensor_parallel_size > 1 and self.profile_latency:
+            raise ValueError(f"profile_latency measures one device's steps: measure at tensor_parallel_size 1 "
+                             f"and pass the profile with its all-reduce term (docs/tp.md), got "
+                             f"tensor_parallel_size {self.tensor_parallel_size}")
         if self.runner != "paged" and self.profile_latency:
             raise ValueError(f"profile_latency needs runner 'paged', got runner {self.runner!r}")
         if self.runner != "paged" and self.kv_cache_dtype != "auto":

@@ -31,6 +31,8 @@ class ServedModel:
     engine: WorkerEngine
     identity: ModelIdentity
     latency_model: LatencyModel | None
+    #: The other ranks of a tensor-parallel replica (alise.worker.tp_ranks.RankGroup); None: one device.
+    ranks: object | None = None
 
     def free_cached_memory(self) -> None:
         """Gives the device memory torch caches back (after a step that failed, out of memory say)."""
@@ -39,18 +41,17 @@ class ServedModel:
 
 
 def load_served_model(config: WorkerConfig) -> ServedModel:
-    """Loads ``config.model`` and builds the engine over it (blocking: seconds to minutes)."""
+    """Loads ``config.model`` and builds the engine over it (blocking: seconds to minutes); over
+    ``tensor_parallel_size`` ranks, this process being rank 0 (alise.worker.model.tp_serving)."""
+    if config.tensor_parallel_size > 1:
+        from alise.worker.model.tp_serving import load_tp_served_model
+
+        return load_tp_served_model(config)
     loaded = load_model(config.model, device=config.device, dtype=config.dtype, seed=config.seed,
                         max_model_len=config.max_model_len)
     num_blocks = size_kv_cache(loaded, config)
     runner_class = TransformersRunner if config.runner == "transformers" else ModelRunner
-    # The paged runner's mixed-step graphs cover the serving loop's token budget.
-    sizes = dict(max_num_tokens=config.token_budget, fast_kernels=None if config.fast_kernels else False,
-                 plan_file=config.kernel_plan,
-                 kv_cache_dtype=config.kv_cache_dtype) if runner_class is ModelRunner else {}
-    runner = runner_class(loaded, num_blocks=num_blocks, block_size=config.block_size,
-                          max_num_seqs=config.max_num_seqs, use_cuda_graphs=None if config.cuda_graphs else False,
-                          **sizes)
+    runner = make_runner(loaded, config, num_blocks, runner_class)
     latency_model = load_latency_profile(runner, config)
     # The transformers runner keeps a cache per sequence, which cannot start from shared blocks.
     engine = make_worker_engine(runner, eos_token_id=loaded.eos_token_id, max_model_len=loaded.max_model_len,
@@ -64,8 +65,20 @@ def load_served_model(config: WorkerConfig) -> ServedModel:
     return served
 
 
-def size_kv_cache(loaded: LoadedModel, config: WorkerConfig) -> int:
-    """Number of device blocks: as configured, else what the memory budget holds."""
+def make_runner(loaded: LoadedModel, config: WorkerConfig, num_blocks: int, runner_class: type = ModelRunner):
+    """The runner of ``config`` over ``loaded``'s weights and ``num_blocks`` KV blocks."""
+    # The paged runner's mixed-step graphs cover the serving loop's token budget.
+    sizes = dict(max_num_tokens=config.token_budget, fast_kernels=None if config.fast_kernels else False,
+                 plan_file=config.kernel_plan,
+                 kv_cache_dtype=config.kv_cache_dtype) if runner_class is ModelRunner else {}
+    return runner_class(loaded, num_blocks=num_blocks, block_size=config.block_size,
+                        max_num_seqs=config.max_num_seqs, use_cuda_graphs=None if config.cuda_graphs else False,
+                        **sizes)
+
+
+def size_kv_cache(loaded: LoadedModel, config: WorkerConfig, block_bytes: int = 0) -> int:
+    """Number of device blocks: as configured, else what the memory budget holds (blocks of
+    ``block_bytes``; 0: the whole model's, as one device holds it)."""
     if config.num_device_blocks:
         return config.num_device_blocks
     if loaded.device.type == "cuda":
@@ -79,7 +92,10 @@ def size_kv_cache(loaded: LoadedModel, config: WorkerConfig) -> int:
                              f"{total_bytes / 2**30:.1f} GiB are in use with the weights loaded")
     else:
         budget = config.kv_cache_bytes
-    blocks = KVCache.num_blocks_for_budget(loaded.config, config.block_size, kv_dtype(loaded, config), budget)
+    if block_bytes:
+        blocks = max(0, budget // block_bytes)
+    else:
+        blocks = KVCache.num_blocks_for_budget(loaded.config, config.block_size, kv_dtype(loaded, config), budget)
     if blocks < 1:
         raise ValueError(f"not even one KV block fits in {budget} bytes")
     # More blocks than the context can address per sequence times the batch is waste.
