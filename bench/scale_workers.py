@@ -97,16 +97,34 @@ def cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def run(n: int, args: argparse.Namespace, workdir: Path) -> dict:
+def children(pid: int) -> list[int]:
+    """The processes ``pid`` started (the scheduler's client front), from /proc."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                    found.append(int(entry.name))
+            except (OSError, IndexError, ValueError):
+                continue
+    return found
+
+
+def run(n: int, streams_process: bool, args: argparse.Namespace, workdir: Path) -> dict:
     port = free_port()
     address, worker_address = f"127.0.0.1:{port}", f"127.0.0.1:{port + 1}"  # workers: the client port + 1
     alise = [sys.executable, "-m", "alise.cli.main"]
-    log = open(workdir / f"n{n}-scheduler.log", "w")
-    procs = [subprocess.Popen(alise + ["scheduler", "--address", address, "--policy", "alise"], env=ENV,
+    name = f"n{n}{'-front' if streams_process else ''}"
+    log = open(workdir / f"{name}-scheduler.log", "w")
+    profile = ["-m", "cProfile", "-o", str(workdir / f"{name}-scheduler.prof")] if args.profile else []
+    procs = [subprocess.Popen([sys.executable, *profile, "-m", "alise.cli.main", "scheduler", "--address", address,
+                               "--policy", "alise", *(["--streams-process"] if streams_process else [])], env=ENV,
                               stdout=log, stderr=subprocess.STDOUT)]
-    logs = [workdir / f"n{n}-w{i}-steps.jsonl" for i in range(n)]
+    logs = [workdir / f"{name}-w{i}-steps.jsonl" for i in range(n)]
     try:
         while subprocess.run(alise + ["health", address], env=ENV, capture_output=True).returncode:
+            if procs[0].poll() is not None:
+                raise RuntimeError(f"the scheduler exited ({procs[0].returncode}); see {log.name}")
             time.sleep(0.3)
         for i in range(n):
             logs[i].unlink(missing_ok=True)
@@ -114,32 +132,56 @@ def run(n: int, args: argparse.Namespace, workdir: Path) -> dict:
                 [sys.executable, __file__, "--virtual-worker", "--scheduler", worker_address, "--worker-id", f"w{i}",
                  "--step-ms", str(args.step_ms), "--seqs", str(args.seqs), "--step-log", str(logs[i])],
                 env=ENV, stdout=log, stderr=subprocess.STDOUT))
-        while (workdir / f"n{n}-scheduler.log").read_text().count("joined") < n:
+        while (workdir / f"{name}-scheduler.log").read_text().count("joined") < n:
             time.sleep(0.3)
-        cpu0, own0, t0 = [cpu_s(p.pid) for p in procs], time.process_time(), time.monotonic()
+        fronts = children(procs[0].pid)
+        pids = [p.pid for p in procs]
+        cpu0, front0, own0 = [cpu_s(p) for p in pids], sum(map(cpu_s, fronts)), time.process_time()
+        t0 = time.monotonic()
         done = asyncio.run(load(address, n * args.seqs, args.tokens, args.seconds))
-        cpu1, own1, wall = [cpu_s(p.pid) for p in procs], time.process_time(), time.monotonic() - t0
+        cpu1, front1, own1 = [cpu_s(p) for p in pids], sum(map(cpu_s, fronts)), time.process_time()
+        wall = time.monotonic() - t0
     finally:
         for proc in reversed(procs):
             proc.terminate()
         for proc in procs:
             proc.wait(30)
         log.close()
-    per_worker = []
-    for path in logs:
-        rows = [json.loads(line) for line in path.read_text().splitlines()]
-        rows = rows[len(rows) // 10:]  # the ramp
-        waits = sorted(1e3 * r["waited_s"] for r in rows if r.get("waited_s") is not None)
-        span = rows[-1]["end_s"] - rows[0]["end_s"] + rows[0]["seconds"]
-        per_worker.append(dict(steps=len(rows), mean_ms=statistics.fmean(waits) if waits else 0.0,
-                               p99_ms=waits[int(0.99 * (len(waits) - 1))] if waits else 0.0,
-                               busy=sum(r["seconds"] for r in rows) / span))
+    per_worker = [step_waits(path) for path in logs]
+    # The planning process's CPU per worker step: the steps that ended while it was measured.
+    window = sum(t0 <= json.loads(line)["end_s"] <= t0 + wall
+                 for path in logs for line in path.read_text().splitlines())
     used = [b - a for a, b in zip(cpu0, cpu1, strict=True)]
-    return dict(workers=n, requests=done, worst_mean_ms=max(w["mean_ms"] for w in per_worker),
-                scheduler_cpu=used[0] / wall, workers_cpu=sum(used[1:]) / wall, client_cpu=(own1 - own0) / wall,
-                worst_p99_ms=max(w["p99_ms"] for w in per_worker),
+    steps = sum(w["steps"] for w in per_worker)
+    return dict(workers=n, front=streams_process, requests=done, steps=steps,
+                mean_ms=statistics.fmean(w["mean_ms"] for w in per_worker),
+                worst_mean_ms=max(w["mean_ms"] for w in per_worker),
+                worst_p99_ms=max(w["p99_ms"] for w in per_worker), worst_ms=max(w["max_ms"] for w in per_worker),
                 busy=statistics.fmean(w["busy"] for w in per_worker),
-                steps=sum(w["steps"] for w in per_worker))
+                scheduler_cpu=used[0] / wall, front_cpu=(front1 - front0) / wall,
+                workers_cpu=sum(used[1:]) / wall, client_cpu=(own1 - own0) / wall,
+                cpu_ms_per_step=1e3 * used[0] / max(window, 1))
+
+
+def step_waits(path: Path) -> dict:
+    """One worker's steps under load (the first tenth, the ramp, left out): how long it
+    waited for its next plan after each step that left jobs running."""
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    rows = rows[len(rows) // 10:]
+    waits = sorted(1e3 * r["waited_s"] for r in rows if r.get("waited_s") is not None) or [0.0]
+    span = rows[-1]["end_s"] - rows[0]["end_s"] + rows[0]["seconds"]
+    return dict(steps=len(rows), mean_ms=statistics.fmean(waits), p99_ms=waits[int(0.99 * (len(waits) - 1))],
+                max_ms=waits[-1], busy=sum(r["seconds"] for r in rows) / span)
+
+
+def decision_median(policy: str) -> float:
+    """bench/sched_overhead.py's figure: one plan decision's median, ms, with 1,000 queued
+    and 256 running jobs."""
+    sys.path.insert(0, str(HERE / "bench"))
+    import sched_overhead
+
+    timings, _, _ = sched_overhead.run(policy, num_running=256, num_queued=1000, steps=300, seed=0, rest=[])
+    return 1e3 * statistics.median(timings)
 
 
 def main() -> int:
@@ -149,7 +191,10 @@ def main() -> int:
     p.add_argument("--seqs", type=int, default=4, help="requests in flight per worker")
     p.add_argument("--tokens", type=int, default=64)
     p.add_argument("--seconds", type=float, default=20.0)
+    p.add_argument("--streams", default="front,inline",
+                   help="where the client streams run: front (--streams-process), inline, or both")
     p.add_argument("--out", default="")
+    p.add_argument("--profile", action="store_true", help="run the scheduler under cProfile (<run>-scheduler.prof)")
     p.add_argument("--virtual-worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--scheduler", default="", help=argparse.SUPPRESS)
     p.add_argument("--worker-id", default="", help=argparse.SUPPRESS)
@@ -163,14 +208,21 @@ def main() -> int:
     print(f"virtual workers stepping every {args.step_ms:g} ms, {args.seqs} requests in flight each of "
           f"{args.tokens} tokens, {args.seconds:g} s per run ({os.cpu_count()} CPUs, load average "
           f"{os.getloadavg()[0]:.2f}); logs in {workdir}")
-    print(f"{'workers':>8}{'requests':>10}{'steps':>8}{'busy':>7}{'wait/step mean ms':>19}{'p99 ms':>8}"
-          f"{'CPU: scheduler':>16}{'workers':>9}{'client':>8}  (wait: worst worker; CPU: cores used)")
+    print(f"{'streams':>8}{'workers':>8}{'requests':>9}{'steps':>7}{'busy':>7}"
+          f"{'wait/step ms: mean':>19}{'worst mean':>11}{'p99':>7}{'max':>7}"
+          f"{'CPU: sched':>11}{'front':>7}{'workers':>8}{'client':>7}{'sched ms/step':>14}")
     for n in [int(x) for x in args.workers.split(",")]:
-        r = run(n, args, workdir)
-        print(f"{r['workers']:8d}{r['requests']:10d}{r['steps']:8d}{r['busy']:7.3f}{r['worst_mean_ms']:19.2f}"
-              f"{r['worst_p99_ms']:8.2f}{r['scheduler_cpu']:16.2f}{r['workers_cpu']:9.2f}{r['client_cpu']:8.2f}",
-              flush=True)
-    print(f"(load average now {os.getloadavg()[0]:.2f})")
+        for mode in args.streams.split(","):
+            r = run(n, mode == "front", args, workdir)
+            print(f"{mode:>8}{r['workers']:8d}{r['requests']:9d}{r['steps']:7d}{r['busy']:7.3f}"
+                  f"{r['mean_ms']:19.2f}{r['worst_mean_ms']:11.2f}{r['worst_p99_ms']:7.2f}{r['worst_ms']:7.1f}"
+                  f"{r['scheduler_cpu']:11.2f}{r['front_cpu']:7.2f}{r['workers_cpu']:8.2f}{r['client_cpu']:7.2f}"
+                  f"{r['cpu_ms_per_step']:14.2f}", flush=True)
+    print("(wait: a worker's wait for its next plan after a step, per step: the mean over workers, then the "
+          "worst worker's mean, p99 and longest; CPU: cores used over the run; sched ms/step: the planning "
+          f"process's CPU per worker step)\n(load average now {os.getloadavg()[0]:.2f})")
+    print(f"plan decision with 1,000 queued and 256 running (bench/sched_overhead.py, alise): median "
+          f"{decision_median('alise'):.3f} ms")
     return 0
 
 

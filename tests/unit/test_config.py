@@ -60,7 +60,7 @@ SCHEDULER = SchedulerConfig(
     state_dir="/tmp/state", predictor_address="127.0.0.1:7003", predictor_timeout_s=1.0,
     latency_profile="p.json", max_model_len=512, default_max_tokens=8, max_queued=9, max_calls=10,
     max_wait_no_worker_s=2.0, max_prompt_chars=100, drain_grace_s=1.0, job_log="jobs.jsonl",
-    metrics_address="127.0.0.1:7004")
+    metrics_address="127.0.0.1:7004", streams_process=True)
 WORKER = WorkerConfig(
     scheduler_address="10.0.0.1:1", model="m", device="cuda:1", dtype="bfloat16", seed=3,
     gpu_memory_utilization=0.5, max_num_seqs=8, max_num_batched_tokens=64, max_model_len=128, block_size=4,

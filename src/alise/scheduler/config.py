@@ -55,6 +55,9 @@ class SchedulerConfig:
     job_log: str = ""
     #: Serve Prometheus metrics over HTTP here, e.g. 127.0.0.1:9400 ("" = none).
     metrics_address: str = ""
+    #: Serve clients from a process of their own (``alise.scheduler.front``): their calls, token
+    #: streams and text, so the planning process's CPU goes to plans and workers (many workers).
+    streams_process: bool = False
     #: Tokens, internal secret, TLS.
     security: SecurityConfig = field(default_factory=SecurityConfig)
 

@@ -1,4 +1,8 @@
-"""Streamed text: the tokens a job generates, turned into text deltas as they arrive."""
+"""Streamed text: the tokens a job generates, turned into text deltas as they arrive.
+
+Whichever process writes a Generate call's responses to its client fills in their text
+(``TextDeltas``): the scheduler's own process, or its client front
+(``alise.scheduler.front``) when it has one."""
 
 from __future__ import annotations
 
@@ -37,3 +41,21 @@ class IncrementalDetokenizer:
         self.prefix_offset = self.read_offset
         self.read_offset = len(self.ids)
         return delta
+
+
+class TextDeltas:
+    """The ``text`` of one Generate call's responses: each response's token ids as a text
+    delta, joined to the text of the tokens a resumed stream's client already has; left
+    empty when the request asked for tokens only (``stream_text`` false)."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, request) -> None:
+        self.want_text = not request.HasField("stream_text") or request.stream_text
+        self.detok = IncrementalDetokenizer(tokenizer) if self.want_text else None
+        if self.detok is not None and request.resume_token_ids:
+            self.detok.add(list(request.resume_token_ids))
+
+    def fill(self, response):
+        """``response`` (a GenerateResponse) with its text delta set; returns it."""
+        if self.detok is not None:
+            response.text = self.detok.add(list(response.token_ids))
+        return response

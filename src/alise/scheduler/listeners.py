@@ -40,18 +40,23 @@ class WorkerServiceElsewhere(worker_pb2_grpc.WorkerServiceServicer):
                             "client port + 1)")
 
 
-async def make_listeners(config: SchedulerConfig, clients, workers, health: grpc_server.ServingStatus, *,
-                         prechecks: Mapping[str, grpc_server.Precheck]) -> tuple[grpc.aio.Server, grpc.aio.Server]:
-    """(client listener, worker listener), not yet bound: ``clients`` serves SchedulerService
-    (with ``prechecks`` on raw requests), ``workers`` WorkerService."""
-    auth = AuthInterceptor(config.security)
-    server = grpc_server.create_server(max_calls=config.max_calls_in_progress, interceptors=[auth],
-                                       prechecks=prechecks)
+async def make_client_listener(config: SchedulerConfig, clients, health: grpc_server.ServingStatus, *,
+                               prechecks: Mapping[str, grpc_server.Precheck]) -> grpc.aio.Server:
+    """The client listener, not yet bound: ``clients`` serves SchedulerService (with
+    ``prechecks`` on raw requests); a worker dialing it is told where to go."""
+    server = grpc_server.create_server(max_calls=config.max_calls_in_progress,
+                                       interceptors=[AuthInterceptor(config.security)], prechecks=prechecks)
     scheduler_pb2_grpc.add_SchedulerServiceServicer_to_server(clients, server)
     worker_pb2_grpc.add_WorkerServiceServicer_to_server(WorkerServiceElsewhere(), server)
     await grpc_server.add_health_and_reflection(server, [SCHEDULER_SERVICE], status=health)
-    worker_server = grpc_server.create_server(max_calls=MAX_WORKER_CALLS, interceptors=[auth],
+    return server
+
+
+async def make_worker_listener(config: SchedulerConfig, workers, health: grpc_server.ServingStatus) -> grpc.aio.Server:
+    """The worker listener, not yet bound: ``workers`` serves WorkerService."""
+    worker_server = grpc_server.create_server(max_calls=MAX_WORKER_CALLS,
+                                              interceptors=[AuthInterceptor(config.security)],
                                               keepalive=grpc_server.WORKER_KEEPALIVE)
     worker_pb2_grpc.add_WorkerServiceServicer_to_server(workers, worker_server)
     await grpc_server.add_health_and_reflection(worker_server, [WORKER_SERVICE], status=health)
-    return server, worker_server
+    return worker_server

@@ -3,7 +3,9 @@
 ``SchedulerService.Generate`` checks and tokenizes a request (``alise.scheduler.request_checks``),
 queues the job at once with a prior length estimate (re-keyed when the predictor's arrives, so
 the predictor's latency is not in the time to first token) and streams its tokens back with
-text deltas, detokenized on the handler's own task. ``WorkerService.Connect``
+text deltas, detokenized on the handler's own task, or, with ``streams_process``, by the
+client front (``alise.scheduler.front``), a process of its own that holds the client listener
+and relays its calls here. ``WorkerService.Connect``
 (``alise.scheduler.worker_service``) is the stream each worker holds: plans (one or two ahead)
 and aborts out, reports in. ``start_scheduler`` puts the parts together: the engine loop
 (``alise.scheduler.engine``), the client streams (``alise.scheduler.streams``), status
@@ -13,6 +15,7 @@ and aborts out, reports in. ``start_scheduler`` puts the parts together: the eng
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -30,10 +33,11 @@ from alise.core.latency_model import LatencyModel
 from alise.modelinfo.served import ModelInfo, load_model_info
 from alise.predictor.context import PromptContext
 from alise.scheduler.config import SchedulerConfig
-from alise.scheduler.detokenizer import IncrementalDetokenizer
+from alise.scheduler.detokenizer import TextDeltas
 from alise.scheduler.engine import SchedulerEngine
 from alise.scheduler.estimates import LengthEstimator
-from alise.scheduler.listeners import SCHEDULER_SERVICE, WORKER_SERVICE, make_listeners
+from alise.scheduler.front_link import FrontProcess, RelayedStatus
+from alise.scheduler.listeners import SCHEDULER_SERVICE, WORKER_SERVICE, make_client_listener, make_worker_listener
 from alise.scheduler.messages import Inbox, NewEstimate
 from alise.scheduler.quarantine import Quarantine
 from alise.scheduler.request_checks import GenerateChecks, generate_precheck
@@ -88,6 +92,14 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
         self._refusals = LogLimiter(logger)
 
     async def Generate(self, request, context):
+        texts = TextDeltas(self.info.tokenizer, request)
+        async with contextlib.aclosing(self.responses(request, context)) as responses:
+            async for response in responses:
+                yield texts.fill(response)
+
+    async def responses(self, request, context):
+        """Generate's responses without their text: the writer of the call fills it in
+        (``Generate`` here, or the client front, ``alise.scheduler.front``)."""
         try:
             job, prompt_context = await self._make_job(request)
             request_id_var.set(job.job_id)  # checked: only now may it go into log lines
@@ -112,7 +124,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
         # Tells the client its request is taken: from here on, a broken stream is resumable.
         await context.send_initial_metadata((("alise-accepted", "1"),))
         try:
-            async for response in self._relay(stream, job, request):
+            async for response in self._relay(stream, job):
                 yield response
             logger.info("finished: %d tokens (%s), ttft %.3f s, e2e %.3f s, %d preemptions",
                         job.num_output_tokens, job.finish_reason.value if job.finish_reason else "?",
@@ -149,13 +161,9 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
         except JobFailed as exc:
             raise RequestError(getattr(grpc.StatusCode, exc.code), str(exc), resumable=exc.resumable) from None
 
-    async def _relay(self, stream: JobStream, job: Job, request):
+    async def _relay(self, stream: JobStream, job: Job):
         """The job's responses, on this handler's task: the streams wake it once the engine
-        loop's plans are out, and it detokenizes and writes its own tokens."""
-        detok = IncrementalDetokenizer(self.info.tokenizer)
-        if request.resume_token_ids:  # a resumed stream's text joins what the client has
-            detok.add(list(request.resume_token_ids))
-        want_text = not request.HasField("stream_text") or request.stream_text
+        loop's plans are out."""
         first = True
         while True:
             for item in await stream.next_batch():
@@ -171,8 +179,6 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
                         e = job.estimate
                         response.estimate.CopyFrom(common_pb2.LengthPrediction(
                             mean=e.mean, p50=e.p50, p90=e.p90, source=e.source))
-                if want_text:
-                    response.text = detok.add(item.token_ids)
                 if item.finish_reason is not None:
                     response.finish_reason = wire.finish_to_pb(item.finish_reason)
                     response.usage.CopyFrom(self._usage(job))
@@ -215,8 +221,8 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
 
 @dataclass
 class SchedulerServer:
-    #: The client listener (SchedulerService) and its port.
-    server: grpc.aio.Server
+    #: The client listener (SchedulerService), or the front process that holds it, and its port.
+    server: grpc.aio.Server | FrontProcess
     port: int
     engine: SchedulerEngine
     streams: Streams
@@ -294,15 +300,19 @@ async def start_scheduler(config: SchedulerConfig, *, predict=None, observe=None
     status = EngineStatus(engine)
     metrics.forget_departed_workers(lambda: engine.links)
     servicer = SchedulerServicer(config, info, engine, streams, status, estimator, quarantine)
-    health = grpc_server.ServingStatus([SCHEDULER_SERVICE, WORKER_SERVICE])
+    health = (RelayedStatus if config.streams_process else grpc_server.ServingStatus)(
+        [SCHEDULER_SERVICE, WORKER_SERVICE])
     await health.set(True)
     if predict is not None:
         await health.set_one(PREDICTOR_HEALTH_NAME, False)  # until the warm-up call answers
         estimator.on_state = lambda ok: asyncio.ensure_future(health.set_one(PREDICTOR_HEALTH_NAME, ok))
-    server, worker_server = await make_listeners(
-        config, servicer, WorkerServicer(engine, info), health,
-        prechecks={GENERATE_METHOD: generate_precheck(info.max_model_len)})
-    port = bind_port(server, config.address, config.security, internal=False)
+    worker_server = await make_worker_listener(config, WorkerServicer(engine, info), health)
+    if config.streams_process:
+        server = FrontProcess(servicer, health, on_lost=failed.set)
+    else:
+        server = await make_client_listener(config, servicer, health,
+                                            prechecks={GENERATE_METHOD: generate_precheck(info.max_model_len)})
+        port = bind_port(server, config.address, config.security, internal=False)
     worker_port = bind_port(worker_server, config.worker_listen_address, config.security)
 
     async def on_failed() -> None:
@@ -315,7 +325,10 @@ async def start_scheduler(config: SchedulerConfig, *, predict=None, observe=None
     metrics_port = 0
     if config.metrics_address:
         metrics_port = serve_metrics(engine.metrics.registry, config.metrics_address)
-    await server.start()
+    if config.streams_process:
+        port = await server.start(config)
+    else:
+        await server.start()
     await worker_server.start()
     if predict is not None:
         # After listening: a predictor that is down must not keep clients and workers out.

@@ -1,0 +1,98 @@
+"""The scheduler with its client front in a process of its own (``streams_process``): clients
+get the same streams, refusals and cancels as from the scheduler's own listener, and either
+process going ends the other's part cleanly."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+
+import grpc
+import pytest
+from cluster_fixtures import cluster
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from alise.client import InvalidRequest
+from alise.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
+
+
+async def wait_for(predicate, timeout_s: float = 10.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while not predicate():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(0.05)
+
+
+async def greedy_chunks(c, prompt: str, n: int) -> list:
+    async with c.client() as client:
+        return [ch async for ch in client.generate(prompt, max_tokens=n, temperature=0, ignore_eos=True)]
+
+
+async def test_front_streams_what_the_scheduler_streams(tiny_llama_dir):
+    """Tokens, indices, text and usage as from the scheduler's own listener; status, metrics
+    and health answered through the front."""
+    async with cluster(str(tiny_llama_dir)) as c:
+        inline = await greedy_chunks(c, "the cat sat on the", 12)
+    async with cluster(str(tiny_llama_dir), streams_process=True) as c:
+        assert c.scheduler.server.port == c.scheduler.port != 0
+        front = await greedy_chunks(c, "the cat sat on the", 12)
+        async with c.client() as client:
+            status = await client.status()
+            metrics, _ = await client.metrics()
+        async with grpc.aio.insecure_channel(c.address) as channel:
+            health = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())
+    assert [(ch.index, ch.token_ids, ch.text) for ch in front] == [(ch.index, ch.token_ids, ch.text) for ch in inline]
+    assert "".join(ch.text for ch in front)
+    assert front[-1].finish_reason == "length" and front[-1].usage.completion_tokens == 12
+    assert len(status.workers) == 1
+    assert "alise_requests" in metrics
+    assert health.status == health_pb2.HealthCheckResponse.SERVING
+
+
+async def test_front_relays_refusals_and_client_cancels(tiny_llama_dir):
+    async with cluster(str(tiny_llama_dir), streams_process=True) as c, c.client() as client:
+        with pytest.raises(InvalidRequest, match="max_tokens"):
+            await client.complete("hi", max_tokens=0)
+        seen = 0
+        async for chunk in client.generate("a long story " * 5, max_tokens=500, ignore_eos=True):
+            seen += len(chunk.token_ids)
+            if seen >= 5:
+                assert c.scheduler.streams.num_live() == 1
+                break
+        # The client went: the front tells the planning process, which cancels the job.
+        core = c.scheduler.engine.core
+        await wait_for(lambda: not c.scheduler.streams.num_live() and not core.jobs)
+        out = await client.complete("still serving", max_tokens=3, ignore_eos=True)
+    assert len(out.token_ids) == 3
+
+
+async def test_planning_process_gone_ends_streams_resumable(tiny_llama_dir):
+    """The front's socket to the planning process closes mid-stream (as when that process is
+    killed): the client's stream ends UNAVAILABLE with alise-resumable 1, so the SDK resumes it
+    on the scheduler that comes back."""
+    async with cluster(str(tiny_llama_dir), streams_process=True) as c:
+        front = c.scheduler.server
+        async with grpc.aio.insecure_channel(c.address) as channel:
+            call = scheduler_pb2_grpc.SchedulerServiceStub(channel).Generate(scheduler_pb2.GenerateRequest(
+                text="a long story", sampling=common_pb2.SamplingParams(max_tokens=1000, ignore_eos=True)))
+            async for _ in call:
+                front._stopping = True  # what follows is this test's doing, not a failure
+                front._writer.writer.transport.abort()
+                break
+            with pytest.raises(grpc.aio.AioRpcError) as exc:
+                async for _ in call:
+                    pass
+            trailing = dict(await call.trailing_metadata() or ())
+        assert exc.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert trailing.get("alise-resumable") == "1"
+        await asyncio.wait_for(front._proc.wait(), 10)
+
+
+async def test_front_gone_fails_the_scheduler(tiny_llama_dir):
+    """A front that exits leaves the scheduler with no clients: it fails (exits non-zero, and
+    is restarted), never serves on without a listener."""
+    async with cluster(str(tiny_llama_dir), streams_process=True) as c:
+        os.kill(c.scheduler.server._proc.pid, signal.SIGKILL)
+        await asyncio.wait_for(c.scheduler.failed.wait(), 10)
