@@ -74,6 +74,7 @@ class RankGroup:
         for process in self.processes:
             if process.is_alive():
                 process.kill()
+        shutil.rmtree(self._dir, ignore_errors=True)
         logging.shutdown()
         os._exit(EXIT_RANK_DIED)
 
