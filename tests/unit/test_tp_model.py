@@ -11,14 +11,16 @@ index. Tolerance: 2e-5 x max(1, max |logit|) (float32; the all-reduces only reor
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
 
 from alise.worker.model.families import describe
-from alise.worker.model.loader import load_model
-from alise.worker.model.tp_shard import CutRules, HeadSplit, local_spec
+from alise.worker.model.loader import load_model, preset_config
+from alise.worker.model.tp_load import build_sharded
+from alise.worker.model.tp_shard import REPLICATED, CutRules, HeadSplit, local_spec
 from familycases import CASES, max_error
 from tinymodels import make_tiny_model_dir, tiny_config
 from tpkit import logits_rank, schedule_logits, spawn_ranks
@@ -89,3 +91,66 @@ def test_unsplittable_shapes_are_refused() -> None:
     rules = CutRules(spec, tiny_config("llama"), 0, 4)
     with pytest.raises(ValueError, match="must divide model.layers.0.mlp.up_proj.weight's rows"):
         rules.cut("model.layers.0.mlp.up_proj.weight", (130, 64))
+
+
+@dataclass
+class RankOf:
+    """What building a rank's weights reads of its group: the rank and the rank count."""
+
+    rank: int
+    world_size: int
+
+
+@pytest.mark.parametrize(("family", "overrides"), [("llama", {}), ("qwen2", dict(tie_word_embeddings=True)),
+                                                   ("opt", {}), ("phi3", {})])
+def test_each_rank_reads_its_slices_of_the_checkpoint(family: str, overrides: dict, tmp_path, caplog) -> None:
+    """Every parameter is read by slice (no fallback to a whole load), tied ones stay tied, and
+    the two ranks' slices put back together are the checkpoint's tensors."""
+    path = make_tiny_model_dir(tmp_path, family, **overrides)
+    full = load_model(str(path))
+    spec = describe(full.config)
+    options = dict(dtype=torch.float32)
+    ranks = [build_sharded(path, full.config, spec, RankOf(r, 2), torch.device("cpu"), options, 0) for r in (0, 1)]
+    assert "loading it whole" not in caplog.text
+    for name, param in full.model.named_parameters():
+        cut = CutRules(spec, full.config, 0, 2).cut(name, tuple(param.shape))
+        parts = [dict(m.named_parameters())[name] for m in ranks]
+        if cut.dim is None:
+            assert all(torch.equal(p, param) for p in parts) or cut.driver_only, name
+        else:
+            kept = sum(n for _, n in cut.ranges)
+            whole = torch.cat([p.narrow(cut.dim, 0, kept) for p in parts], dim=cut.dim)
+            assert whole.shape == param.shape or cut.pad_to, name
+    assert (ranks[0].lm_head.weight is ranks[0].get_input_embeddings().weight) == full.config.tie_word_embeddings
+    pairs = [(ranks[r].get_input_embeddings().weight, r) for r in (0, 1)]
+    vocab = full.config.vocab_size
+    assert torch.equal(torch.cat([w for w, _ in pairs])[:vocab], full.model.get_input_embeddings().weight)
+
+
+def test_routed_experts_checkpoints_are_cut_after_a_whole_load(tmp_path, caplog) -> None:
+    path = make_tiny_model_dir(tmp_path, "mixtral")
+    config = load_model(str(path)).config
+    model = build_sharded(path, config, describe(config), RankOf(1, 2), torch.device("cpu"),
+                          dict(dtype=torch.float32), 0)
+    assert "loading it whole on the host" in caplog.text
+    assert model.model.layers[0].mlp.experts.down_proj.shape[2] == config.intermediate_size // 2
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-opt", "tiny-gemma2"])
+def test_random_presets_are_drawn_in_slices(name: str) -> None:
+    """A preset at TP=2: each rank draws only its slices; the replicated weights are the same
+    on both ranks, the sharded ones differ (their own streams), Gemma's norms start at 0."""
+    config = preset_config(name)
+    spec = describe(config, 256)
+    ranks = [dict(build_sharded(None, config, spec, RankOf(r, 2), torch.device("cpu"), dict(dtype=torch.float32),
+                                5).named_parameters()) for r in (0, 1)]
+    rules = CutRules(spec, config, 0, 2)
+    for pname, p0 in ranks[0].items():
+        p1 = ranks[1][pname]
+        assert p0.shape == p1.shape and not p0.is_meta, pname
+        if rules.cut(pname, tuple(p0.shape)) == REPLICATED:
+            assert torch.equal(p0, p1), pname
+        elif p0.abs().sum() > 0 and not pname.endswith("bias"):
+            assert not torch.equal(p0, p1), pname
+    norms = [p for n, p in ranks[0].items() if "norm" in n and n.endswith("weight")]
+    assert all(torch.all(p == (0.0 if spec.norm == "rms_unit_offset" else 1.0)) for p in norms)

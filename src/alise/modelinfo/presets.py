@@ -54,11 +54,17 @@ PRESETS: dict[str, dict] = {
     "opt-1.3b": _opt(2048, 24, 32, 8192),
     "opt-6.7b": _opt(4096, 32, 32, 16384),
     "opt-13b": _opt(5120, 40, 40, 20480),
+    # 60 GB of fp16 weights: tensor parallelism (--tensor-parallel-size) on 80 GB cards.
+    "opt-30b": _opt(7168, 48, 56, 28672),
     "llama-7b": _llama(4096, 32, 32, 32, 11008),
     "llama-13b": _llama(5120, 40, 40, 40, 13824),
     # Llama 3.1 8B, with its llama3 rotary scaling.
     "llama-3-8b": _llama(4096, 32, 32, 8, 14336, vocab=128256, max_pos=131072, dtype="bfloat16",
                          rope_parameters=_LLAMA31_ROPE),
+    # 70B-class (140 GB of 16-bit weights: two or more GPUs by tensor parallelism); 8 KV heads.
+    "llama-2-70b": _llama(8192, 80, 64, 8, 28672),
+    "llama-3-70b": _llama(8192, 80, 64, 8, 28672, vocab=128256, max_pos=131072, dtype="bfloat16",
+                          rope_parameters=_LLAMA31_ROPE),
     "qwen2.5-1.5b": _decoder("qwen2", 1536, 28, 12, 2, 8960, _QWEN_VOCAB, 32768, rms_norm_eps=1e-6,
                              rope_theta=1e6, tie_word_embeddings=True, dtype="bfloat16"),
     "qwen2.5-7b": _decoder("qwen2", 3584, 28, 28, 4, 18944, 152064, 32768, rms_norm_eps=1e-6, rope_theta=1e6,

@@ -40,7 +40,7 @@ def parameters_on_meta():
 
     def on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
         register(module, name, param)
-        if param is not None:
+        if param is not None and not param.is_meta:  # a meta one is a tie: kept, so it stays tied
             module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=False)
 
     nn.Module.register_parameter = on_meta
