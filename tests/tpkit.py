@@ -143,3 +143,18 @@ def engine_rank(rank: int, world_size: int, store: str, model_dir: str, out: str
     reports = [engine.run(plan) for plan in engine_plans()]
     engine.stop_followers()
     torch.save(dict(reports=reports, logits=logits, num_blocks=engine.allocator.num_blocks), f"{out}/engine.pt")
+
+
+def profiled_worker(_: int, model_dir: str, out: str) -> None:
+    """A TP=2 worker's start-up with ``profile_latency`` (this process rank 0, its rank 1 a child):
+    saves the fitted profile's JSON and the hello's block count to ``out``."""
+    import dataclasses as dc
+    import json
+
+    from alise.worker.model.serving import load_served_model
+
+    config = dc.replace(engine_config(model_dir, 2), profile_latency=True, max_model_len=256, num_device_blocks=512)
+    served = load_served_model(config)
+    served.ranks.stop()
+    Path(out).write_text(json.dumps(dict(profile=served.latency_model.to_json(),
+                                         num_blocks=served.engine.allocator.num_blocks)))

@@ -44,10 +44,28 @@ def test_tp2_engine_serves_what_one_device_does(family: str, tmp_path) -> None:
 @pytest.mark.parametrize(("fields", "message"), [
     (dict(tensor_parallel_size=0), "tensor_parallel_size must be >= 1, got 0"),
     (dict(tensor_parallel_size=2, runner="transformers"), "tensor_parallel_size 2 needs runner 'paged'"),
-    (dict(tensor_parallel_size=2, profile_latency=True), "profile_latency measures one device's steps"),
 ])
 def test_tp_config_refuses_what_it_cannot_run(fields: dict, message: str) -> None:
     from alise.worker.config import WorkerConfig
 
     with pytest.raises(ValueError, match=message):
         WorkerConfig(**fields)
+
+
+def test_tp2_worker_profiles_its_steps_over_both_ranks(tmp_path) -> None:
+    """``profile_latency`` at TP=2: both ranks run the profiler's grid in step (rank 1 as the
+    worker's child would), and rank 0 keeps the fit, labelled with its rank count."""
+    import json
+
+    import torch.multiprocessing as mp
+
+    from alise.core.latency_model import LatencyModel
+    from tpkit import profiled_worker
+
+    model_dir = str(make_tiny_model_dir(tmp_path / "model", "llama"))
+    mp.spawn(profiled_worker, args=(model_dir, str(tmp_path / "out.json")), nprocs=1, join=True)
+    result = json.loads((tmp_path / "out.json").read_text())
+    profile = LatencyModel.from_json(result["profile"])
+    assert result["num_blocks"] == 512
+    assert profile.meta["tensor_parallel_size"] == 2 and profile.meta["num_samples"] >= 6
+    assert profile.c0_s > 0

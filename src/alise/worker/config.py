@@ -129,10 +129,6 @@ class WorkerConfig:
         if self.tensor_parallel_size > 1 and self.runner != "paged":
             raise ValueError(f"tensor_parallel_size {self.tensor_parallel_size} needs runner 'paged', got runner "
                              f"{self.runner!r}")
-        if self.tensor_parallel_size > 1 and self.profile_latency:
-            raise ValueError(f"profile_latency measures one device's steps: measure at tensor_parallel_size 1 "
-                             f"and pass the profile with its all-reduce term (docs/tp.md), got "
-                             f"tensor_parallel_size {self.tensor_parallel_size}")
         if self.runner != "paged" and self.profile_latency:
             raise ValueError(f"profile_latency needs runner 'paged', got runner {self.runner!r}")
         if self.runner != "paged" and self.kv_cache_dtype != "auto":

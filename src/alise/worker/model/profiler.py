@@ -173,6 +173,7 @@ def profile_runner(runner: ModelRunner, *, grid: ProfileGrid | None = None, max_
     meta = dict(kind="measured", device=device_name, date=date.today().isoformat(), command=command,
                 model=runner.loaded.name, dtype=str(runner.loaded.dtype).removeprefix("torch."),
                 random_weights=runner.loaded.random_weights, block_size=runner.block_size,
+                tensor_parallel_size=runner.tp.world_size if runner.tp is not None else 1,
                 kv_bytes_per_token=KVCache.block_bytes(runner.config, 1, runner.kv_cache.dtype),
                 engine=engine or f"alise ModelRunner, {runner.attention_backend.name} attention, "
                                  f"cuda graphs {'on' if graphs else 'off'}, mixed-step graphs "

@@ -8,7 +8,9 @@ share, what a swap of a block moves over each rank's own link, in parallel with 
 Host blocks (``num_host_blocks``) are per rank too.
 
 Rank 0 samples; the others take its tokens (:class:`TpExecutor`). The KV movers never let the
-clock decide (:class:`LockstepKvMover`), so the engines stay equal.
+clock decide (:class:`LockstepKvMover`), so the engines stay equal. A latency profile
+(``profile_latency``) is measured over the whole replica: every rank runs the profiler's steps,
+so the fitted step times include the all-reduces.
 """
 
 from __future__ import annotations
@@ -140,6 +142,12 @@ def load_tp_served_model(config: WorkerConfig) -> ServedModel:
 def follow_rank(rank_index: int, config: WorkerConfig, store_path: str) -> None:
     """Ranks 1..N-1: load, then follow rank 0's engine until it says Stop."""
     rank = load_rank(config, rank_index, store_path)
+    if config.profile_latency:
+        # Rank 0 measures its profile now (load_latency_profile): the same grid of steps, in
+        # the same order, on every rank, so their collectives meet. Rank 0's fit is the one kept.
+        from alise.worker.model.profiler import profile_runner
+
+        profile_runner(rank.runner, max_num_seqs=config.max_num_seqs)
     engine = make_engine(rank, config)
     logger.info("rank %d of %d ready: %d KV blocks on %s", rank_index, rank.tp.world_size, rank.runner.num_blocks,
                 rank.loaded.device)
