@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import time
 
 import grpc
 import pytest
@@ -14,6 +15,7 @@ from cluster_fixtures import cluster
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from alise.client import InvalidRequest
+from alise.scheduler.front_wire import STALL_AFTER_S
 from alise.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
 
 
@@ -96,3 +98,25 @@ async def test_front_gone_fails_the_scheduler(tiny_llama_dir):
     async with cluster(str(tiny_llama_dir), streams_process=True) as c:
         os.kill(c.scheduler.server._proc.pid, signal.SIGKILL)
         await asyncio.wait_for(c.scheduler.failed.wait(), 10)
+
+
+async def test_frozen_planning_process_fails_streams_fast_then_serves(tiny_llama_dir):
+    """The planning process stops turning (here: this test's loop, which is that process's,
+    blocked past STALL_AFTER_S): the front fails the stream in flight UNAVAILABLE, resumable,
+    as a client's keepalive fails a frozen scheduler's, and serves again once it turns."""
+    async with cluster(str(tiny_llama_dir), streams_process=True) as c, c.client() as client:
+        async with grpc.aio.insecure_channel(c.address) as channel:
+            call = scheduler_pb2_grpc.SchedulerServiceStub(channel).Generate(scheduler_pb2.GenerateRequest(
+                text="a long story", sampling=common_pb2.SamplingParams(max_tokens=1000, ignore_eos=True)))
+            async for _ in call:
+                time.sleep(STALL_AFTER_S + 1.0)  # noqa: ASYNC251 - the freeze under test
+                break
+            with pytest.raises(grpc.aio.AioRpcError) as exc:
+                async for _ in call:
+                    pass
+            trailing = dict(await call.trailing_metadata() or ())
+        assert exc.value.code() == grpc.StatusCode.UNAVAILABLE and "not answering" in exc.value.details()
+        assert trailing.get("alise-resumable") == "1"
+        out = await client.complete("after the thaw", max_tokens=3, ignore_eos=True)
+        assert len(out.token_ids) == 3
+        await wait_for(lambda: not c.scheduler.engine.core.jobs)  # the failed stream's job is cancelled

@@ -24,6 +24,7 @@ import logging
 import signal
 import socket
 import sys
+import time
 from collections import deque
 
 import grpc
@@ -34,12 +35,14 @@ from alise.common.security import bind_port
 from alise.modelinfo.served import load_model_info
 from alise.scheduler.detokenizer import TextDeltas
 from alise.scheduler.front_wire import (
+    STALL_AFTER_S,
     CallEnded,
     CallStarted,
     Finished,
     FrameWriter,
     FrontSetup,
     HealthChanged,
+    Heartbeat,
     InitialMetadata,
     Listening,
     Refused,
@@ -56,6 +59,8 @@ logger = logging.getLogger(__name__)
 _SERVICE = "/alise.v1.SchedulerService/"
 _PLANNER_GONE = Refused(0, grpc.StatusCode.UNAVAILABLE, "the scheduler failed and is restarting; retry",
                         (("alise-resumable", "1"),))
+_PLANNER_STALLED = Refused(0, grpc.StatusCode.UNAVAILABLE, "the scheduler is not answering; retry",
+                           (("alise-resumable", "1"),))
 
 
 class PendingCall:
@@ -86,11 +91,14 @@ class PlannerLink:
         self.calls: dict[int, PendingCall] = {}
         self._ids = itertools.count(1)
         self.gone = False
+        #: No frame from the planning process for STALL_AFTER_S: calls fail fast meanwhile.
+        self.stalled = False
+        self.last_heard_s = time.monotonic()
 
     async def call(self, method: str, request, context, response_type):
         """Relays one call; yields its responses and ends as the planning process ends it."""
-        if self.gone:
-            await _abort(context, _PLANNER_GONE)
+        if self.gone or self.stalled:
+            await _abort(context, _PLANNER_GONE if self.gone else _PLANNER_STALLED)
         call_id = next(self._ids)
         pending = self.calls[call_id] = PendingCall()
         self.writer.send(CallStarted(call_id, _SERVICE + method, request.SerializeToString()))
@@ -120,6 +128,26 @@ class PlannerLink:
                 pending = self.calls.get(message.call_id)
         if pending is not None:
             pending.push(message)
+
+    def heard(self) -> None:
+        self.last_heard_s = time.monotonic()
+        if self.stalled:
+            self.stalled = False
+            logger.warning("the scheduler's planning process answers again")
+
+    def check_stalled(self) -> None:
+        """A planning process silent for STALL_AFTER_S: its calls in flight fail (resumable)
+        and end there too (it cancels them once it runs again)."""
+        silent_s = time.monotonic() - self.last_heard_s
+        if self.stalled or self.gone or silent_s <= STALL_AFTER_S:
+            return
+        self.stalled = True
+        logger.error("the scheduler's planning process has not answered for %.1f s; failing its %d calls "
+                     "(resumable) until it does", silent_s, len(self.calls))
+        for call_id, pending in self.calls.items():
+            pending.push(_PLANNER_STALLED)
+            self.writer.send(CallEnded(call_id))
+        self.calls.clear()
 
     def fail_all(self) -> None:
         """The planning process is gone: every call ends UNAVAILABLE (resumable)."""
@@ -178,6 +206,7 @@ async def serve(fd: int) -> int:
     writer.send(Listening(port))
     stop = asyncio.Future()
     reading = asyncio.ensure_future(_read(reader, link, health, stop))
+    watching = asyncio.ensure_future(_watch(link))
     try:
         # Replies keep coming in while the listener stops: the calls in flight end as the
         # planning process ends them (drained, or failed resumable).
@@ -185,15 +214,26 @@ async def serve(fd: int) -> int:
         await server.stop(grace_s)
     finally:
         reading.cancel()
+        watching.cancel()
     return 1 if link.gone else 0
+
+
+async def _watch(link: PlannerLink) -> None:
+    while True:
+        await asyncio.sleep(STALL_AFTER_S / 10)
+        link.check_stalled()
 
 
 async def _read(reader: asyncio.StreamReader, link: PlannerLink, health: grpc_server.ServingStatus,
                 stop: asyncio.Future) -> None:
     try:
         while True:
-            for message in await read_frame(reader):
+            frame = await read_frame(reader)
+            link.heard()
+            for message in frame:
                 match message:
+                    case Heartbeat():
+                        pass
                     case HealthChanged(name, serving):
                         await health.set_one(name, serving)
                     case StopListening(grace_s):

@@ -15,7 +15,7 @@ fed) go to the front as one frame (``alise.scheduler.front_wire``).
 The front lives as long as this process: a front that exits on its own is a failure of the
 scheduler (``on_lost``: it stops serving and exits non-zero, and its clients resume their
 streams on the restarted one); the front exits when its socket closes, so it never outlives
-this process.
+this process, and fails its calls fast while this process is frozen (``Heartbeat``).
 """
 
 from __future__ import annotations
@@ -32,12 +32,14 @@ import grpc
 from alise.common.grpc_server import ServingStatus
 from alise.scheduler.config import SchedulerConfig
 from alise.scheduler.front_wire import (
+    HEARTBEAT_INTERVAL_S,
     CallEnded,
     CallStarted,
     Finished,
     FrameWriter,
     FrontSetup,
     HealthChanged,
+    Heartbeat,
     InitialMetadata,
     Listening,
     Refused,
@@ -101,6 +103,7 @@ class FrontProcess:
         self._writer: FrameWriter | None = None
         self._calls: dict[int, asyncio.Task] = {}
         self._reader_task: asyncio.Task | None = None
+        self._beat_task: asyncio.Task | None = None
         self._stopping = False
         # method name -> (request type, handler, streams its responses)
         self._methods = {
@@ -127,13 +130,19 @@ class FrontProcess:
         match first:
             case [Listening(port)]:
                 self.port = port
+            case _:
+                await self._end_process(0.0)
+                raise RuntimeError(f"the scheduler's client front answered {first!r}, not its port")
         self._reader_task = asyncio.create_task(self._read(reader), name="scheduler-front-link")
+        self._beat_task = asyncio.create_task(self._beat(), name="scheduler-front-heartbeat")
         logger.info("client front (pid %d) serves clients on port %d", self._proc.pid, self.port)
         return self.port
 
     async def stop(self, grace_s: float) -> None:
         """Stops the front's listener (``grace_s`` for calls in flight) and the front."""
         self._stopping = True
+        if self._beat_task is not None:
+            self._beat_task.cancel()
         if self._writer is not None and not self._writer.writer.is_closing():
             self._writer.send(StopListening(grace_s))
             with contextlib.suppress(ConnectionError):
@@ -155,6 +164,11 @@ class FrontProcess:
             await self._proc.wait()
         if self._writer is not None:
             self._writer.writer.close()
+
+    async def _beat(self) -> None:
+        while True:
+            self._writer.send(Heartbeat())
+            await asyncio.sleep(HEARTBEAT_INTERVAL_S)
 
     async def _read(self, reader: asyncio.StreamReader) -> None:
         try:

@@ -19,6 +19,12 @@ import grpc
 from alise.scheduler.config import SchedulerConfig
 
 _LENGTH_BYTES = 4
+#: The planning process sends a frame at least this often (``Heartbeat`` when it has nothing else).
+HEARTBEAT_INTERVAL_S = 0.5
+#: A planning process silent this long is stalled (frozen, or its loop blocked): the front
+#: fails its calls in flight UNAVAILABLE (resumable) and refuses new ones until it hears from
+#: it again, as a client's keepalive would a frozen scheduler's listener.
+STALL_AFTER_S = 2.5
 
 
 # ----------------------------------------------------------------- planning process -> front
@@ -70,6 +76,11 @@ class HealthChanged:
 
 
 @dataclass(frozen=True, slots=True)
+class Heartbeat:
+    """The planning process's loop is turning."""
+
+
+@dataclass(frozen=True, slots=True)
 class StopListening:
     """The scheduler stops: the front stops its listener (``grace_s`` for calls in flight)
     and exits."""
@@ -77,7 +88,7 @@ class StopListening:
     grace_s: float
 
 
-ToFront = FrontSetup | InitialMetadata | Reply | Finished | Refused | HealthChanged | StopListening
+ToFront = FrontSetup | InitialMetadata | Reply | Finished | Refused | HealthChanged | Heartbeat | StopListening
 
 
 # ----------------------------------------------------------------- front -> planning process
