@@ -59,6 +59,16 @@ def register(sub) -> None:
     s.add_argument("--kv-cache-dtype", choices=["auto", "fp8_e4m3"], default=None,
                    help="the workers' KV pages: fp8_e4m3 doubles the blocks and halves the profile's "
                         "per-context-token cost (default: SimConfig's, auto: 16 bits)")
+    s.add_argument("--tensor-parallel-size", type=int, default=1,
+                   help="each worker's ranks: a one-device profile is priced for them, its weights, FLOPs and KV "
+                        "split N ways, plus 2 all-reduces per layer (alise.tools.sim.profiles; default: 1)")
+    s.add_argument("--tp-model", default=None,
+                   help="the model whose shape prices the all-reduces (default: the profile's own model)")
+    s.add_argument("--allreduce-us", type=float, default=10.0,
+                   help="latency of one all-reduce, microseconds (default: %(default)s, assumed; "
+                        "bench/gpu/tp_decode.py measures it)")
+    s.add_argument("--allreduce-gb-s", type=float, default=100.0,
+                   help="all-reduce bandwidth, GB/s (default: %(default)s, assumed)")
     s.add_argument("--workers", type=int, default=None, dest="num_workers",
                    help="simulated workers, all alike (default: SimConfig's, one)")
     s.add_argument("--max-num-seqs", type=int, default=None,

@@ -10,6 +10,7 @@ one says "roofline".
 
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
 from datetime import date
 
 from alise.core.latency_model import LatencyModel
@@ -43,6 +44,68 @@ def opt13b_h100_roofline() -> LatencyModel:
         name="opt-13b-h100-roofline", num_params=12.85e9, weight_bytes=25.7e9,
         kv_bytes_per_token=0.8e6, hidden_size=5120, num_layers=40,
         hbm_bytes_per_s=3.0e12, flops_per_s=800e12)
+
+
+@dataclass(frozen=True)
+class AllReduceCost:
+    """One all-reduce of ``n`` bytes across the ranks: ``latency_s + n / bytes_per_s`` (measured:
+    bench/gpu/tp_decode.py prints it per decode batch; a fit over two sizes gives both terms)."""
+
+    latency_s: float
+    bytes_per_s: float
+
+    def __post_init__(self) -> None:
+        if self.latency_s < 0 or not self.bytes_per_s > 0:
+            raise ValueError(f"all-reduce cost needs latency_s >= 0 and bytes_per_s > 0, got {self}")
+
+
+def tensor_parallel_profile(model: LatencyModel, *, tensor_parallel_size: int, num_layers: int, hidden_size: int,
+                            num_kv_heads: int, activation_bytes: int, allreduce: AllReduceCost) -> LatencyModel:
+    """A one-device profile as a worker over ``tensor_parallel_size`` ranks would pay it: an
+    estimate, labelled as one.
+
+    Each rank reads a 1/N share of the weights (``c0``) and of the prefill FLOPs (``c_pre``,
+    ``c_pre2``) and its KV heads' share of each cached token (``c_ctx``: ``max(1, K/N)`` of ``K``
+    heads, fewer KV heads than ranks being replicated); the per-sequence and per-launch terms
+    stay (a rank launches as many kernels). Every step then waits for ``2 * num_layers + 1``
+    all-reduces (after each attention and MLP block, and the vocabulary-parallel embedding)
+    of ``hidden_size`` activations per token fed: their latencies join ``c0``, their bytes the
+    per-token terms (``c_seq`` for a decode's token, ``c_pre`` for a prefill's)."""
+    n = tensor_parallel_size
+    if n < 1:
+        raise ValueError(f"tensor_parallel_size must be >= 1, got {n}")
+    if n == 1:
+        return model
+    num_reduces = 2 * num_layers + 1
+    per_token_s = num_reduces * hidden_size * activation_bytes / allreduce.bytes_per_s
+    kv_share = max(1, num_kv_heads // n) / num_kv_heads
+    meta = dict(model.meta, kind=f"{model.meta.get('kind', 'measured')}, tensor-parallel estimate",
+                tensor_parallel=dict(size=n, num_layers=num_layers, hidden_size=hidden_size,
+                                     num_kv_heads=num_kv_heads, activation_bytes=activation_bytes,
+                                     allreduce_latency_s=allreduce.latency_s,
+                                     allreduce_bytes_per_s=allreduce.bytes_per_s))
+    return replace(model, name=f"{model.name}-tp{n}", c0_s=model.c0_s / n + num_reduces * allreduce.latency_s,
+                   c_seq_s=model.c_seq_s + per_token_s, c_ctx_s=model.c_ctx_s * kv_share,
+                   c_pre_s=model.c_pre_s / n + per_token_s, c_pre2_s=model.c_pre2_s / n, meta=meta)
+
+
+def tensor_parallel_from_args(model: LatencyModel, args) -> LatencyModel:
+    """``model`` for the sim's ``--tensor-parallel-size`` workers (unchanged at 1): the shape from
+    ``--tp-model`` (default: the model the profile was measured on), 16-bit activations."""
+    n = getattr(args, "tensor_parallel_size", None) or 1
+    if n == 1 or model.meta.get("tensor_parallel_size", 1) > 1:
+        return model  # a profile measured over its ranks (alise worker --profile-latency) has the all-reduces
+    from alise.modelinfo.source import resolve_model
+
+    name = args.tp_model or model.meta.get("model")
+    if not name:
+        raise ValueError("--tensor-parallel-size needs --tp-model: the profile does not name its model")
+    source = resolve_model(name)
+    heads = source.count("num_attention_heads")
+    return tensor_parallel_profile(
+        model, tensor_parallel_size=n, num_layers=source.count("num_hidden_layers"),
+        hidden_size=source.count("hidden_size"), num_kv_heads=source.fields.get("num_key_value_heads") or heads,
+        activation_bytes=2, allreduce=AllReduceCost(args.allreduce_us * 1e-6, args.allreduce_gb_s * 1e9))
 
 
 def profile_label(model: LatencyModel) -> str:

@@ -10,7 +10,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from alise.core.latency_model import LatencyModel
-from alise.tools.sim.profiles import opt13b_h100_roofline, profile_label
+from alise.tools.sim.profiles import opt13b_h100_roofline, profile_label, tensor_parallel_from_args
 from alise.tools.sim.progress import ProgressLine
 from alise.tools.sim.simulator import SimConfig
 from alise.tools.sim.sweep import (
@@ -251,7 +251,11 @@ def run_sim_command(args) -> int:
     except ValueError as exc:
         print(f"alise sim: {exc}", file=sys.stderr)
         return 2
-    latency = load_profile(args.profile)
+    try:
+        latency = tensor_parallel_from_args(load_profile(args.profile), args)
+    except ValueError as exc:
+        print(f"alise sim: {exc}", file=sys.stderr)
+        return 2
     label = profile_label(latency)
     rates = [float(x) for x in args.rates.split(",")] if args.rates else None
     knobs = " ".join(config_argv(config.scheduling, SCHEDULING_FLAGS))
