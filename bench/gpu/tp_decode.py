@@ -41,8 +41,9 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def median_s(fn, device: torch.device, reps: int) -> float:
-    fn()
+def median_s(fn, device: torch.device, reps: int, warmup: int = 3) -> float:
+    for _ in range(warmup):  # the first calls of a shape allocate and pick kernels
+        fn()
     sync(device)
     times = []
     for _ in range(reps):
