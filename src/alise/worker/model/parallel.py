@@ -114,8 +114,9 @@ def init_tensor_parallel(rank: int, world_size: int, store_path: str, device: st
     elif world_size > 1:
         # Ranks share the host's cores: each takes its share, not all of them.
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
+    # NCCL binds its communicator to the rank's device now (device_id), before any graph is captured.
     dist.init_process_group(backend, init_method=f"file://{store_path}", rank=rank, world_size=world_size,
-                            timeout=IDLE_TIMEOUT)
+                            timeout=IDLE_TIMEOUT, device_id=torch_device if backend == "nccl" else None)
     group = dist.group.WORLD
     cpu_group = dist.new_group(backend="gloo", timeout=IDLE_TIMEOUT) if backend != "gloo" else group
     return TensorParallel(rank, world_size, group, cpu_group, vocab_size)
