@@ -117,6 +117,9 @@ async def test_frozen_planning_process_fails_streams_fast_then_serves(tiny_llama
             trailing = dict(await call.trailing_metadata() or ())
         assert exc.value.code() == grpc.StatusCode.UNAVAILABLE and "not answering" in exc.value.details()
         assert trailing.get("alise-resumable") == "1"
-        out = await client.complete("after the thaw", max_tokens=3, ignore_eos=True)
+        # A call that reaches the front before the planning process's first frame since the
+        # thaw is still refused (resumable): wait_for_ready sends it again.
+        out = await client.complete("after the thaw", max_tokens=3, ignore_eos=True, wait_for_ready=True,
+                                    timeout_s=30)
         assert len(out.token_ids) == 3
         await wait_for(lambda: not c.scheduler.engine.core.jobs)  # the failed stream's job is cancelled

@@ -245,7 +245,7 @@ async def _read(reader: asyncio.StreamReader, link: PlannerLink, health: grpc_se
         if not stop.done():
             logger.error("the scheduler's planning process is gone; the client front stops")
             link.fail_all()
-            stop.set_result(1.0)
+            stop.set_result(0.2)  # its calls are failed already: free the port for the restart
 
 
 def main() -> int:
