@@ -272,18 +272,23 @@ def decode_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: 
     ``window`` of them when a window is given. Returns ``[B, heads, dim]``.
 
     The gather pads every sequence to ``max_blocks * block_size`` keys and masks the tail; a fused
-    kernel with this signature reads the pages in place instead.
+    kernel with this signature reads the pages in place instead (and never loads the tail).
+
+    NOTE: the keys and values the mask hides are zeroed, not only masked. They are whatever bytes
+    sit there (the padding block 0 and a last block's tail may hold another job's int8 codes,
+    which read as floats can be NaN or inf), and a softmax weight of 0 times NaN is NaN.
     """
     batch, max_blocks = block_tables.shape
     block_size, num_kv_heads, head_dim = key_cache.shape[1:]
     max_len = max_blocks * block_size
     flat_tables = block_tables.flatten()
-    key, value = (pages.index_select(0, flat_tables).view(batch, max_len, num_kv_heads, head_dim).transpose(1, 2)
-                  .to(query.dtype) for pages in (key_cache, value_cache))
     keys = torch.arange(max_len, device=query.device)[None, :]
     mask = keys < context_lens[:, None]
     if window is not None:
         mask &= keys >= context_lens[:, None] - window
+    hidden = ~mask[:, :, None, None]
+    key, value = (pages.index_select(0, flat_tables).view(batch, max_len, num_kv_heads, head_dim).to(query.dtype)
+                  .masked_fill_(hidden, 0).transpose(1, 2) for pages in (key_cache, value_cache))
     out = attend(query.unsqueeze(2), key, value, scale, mask=mask[:, None, None, :], softcap=softcap)
     return out.squeeze(2)
 
