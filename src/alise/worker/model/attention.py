@@ -23,7 +23,9 @@ reference are :func:`unified_attention`, the kernel :mod:`alise.worker.kernels.t
 key read from the pages.
 
 Pages may be fp8 (``alise.worker.model.kv_cache``): every path that reads them converts the keys and
-values to the query's dtype first; a fresh chunk attends to its own K/V as computed (it reads no page).
+values to the query's dtype first. Every query attends to every key and value as the pages hold
+it, its own chunk's included (the kernels read them all from the pages): a fresh chunk, which
+reads no page, attends to its own K/V rounded as the page write rounds them (:func:`as_paged`).
 
 Everything layer-independent (slots, positions, padded block tables, masks) is computed once per
 step in :func:`build_attention_metadata` and shared by all layers.
@@ -293,10 +295,17 @@ def decode_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: 
     return out.squeeze(2)
 
 
+def as_paged(x: torch.Tensor, page_dtype: torch.dtype) -> torch.Tensor:
+    """``x`` as a reader of pages of ``page_dtype`` gets it back: the fp8 rounding the page write
+    applies (``to_pages``), then ``x``'s dtype again. Where the pages are in ``x``'s dtype this is ``x``."""
+    return to_pages(x, page_dtype).to(x.dtype)
+
+
 def fresh_prefill_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                             scale: float, window: int | None = None, softcap: float | None = None) -> torch.Tensor:
     """Causal attention of a chunk that starts at position 0: its own K/V are all the keys, so
-    they are used as computed instead of being gathered back from the pages."""
+    they are used as they are instead of being gathered back from the pages (on fp8 pages the
+    caller passes them as the pages hold them: :func:`as_paged`)."""
     n = query.shape[0]
     mask = window_mask(torch.arange(n, device=query.device), n, window) if cuts(window, n) else None
     out = attend(query.transpose(0, 1).unsqueeze(0), key.transpose(0, 1).unsqueeze(0),
@@ -387,6 +396,10 @@ def paged_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     if not kv_written:
         backend.write_kv(key_cache, value_cache, key, value, meta.slot_mapping)
     extra = dict(window=window, softcap=softcap)
+    if is_fp8(key_cache.dtype) and (meta.fresh is not None or any(s.context_len == s.num_tokens
+                                                                   for s in meta.prefills)):
+        # Fresh chunks attend to their own K/V as the pages hold them, as the kernels do.
+        key, value = as_paged(key, key_cache.dtype), as_paged(value, value_cache.dtype)
     if meta.is_all_decode:
         return backend.decode_attention(query, key_cache, value_cache, meta.decode_block_tables,
                                         meta.decode_context_lens, scale, **(meta.decode_options or {}), **extra)
