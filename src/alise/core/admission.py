@@ -62,7 +62,7 @@ def select(need: np.ndarray, uncomputed: np.ndarray, running: np.ndarray, budget
     while i < n and num_taken < max_seqs and used < max_blocks:
         end = min(n, i + max_seqs - num_taken)
         blocks = used + np.cumsum(need[i:end])
-        fed_before = fed + np.concatenate(([0], np.cumsum(pre_u[i:end - 1])))
+        fed_before = fed + (np.cumsum(pre_u[i:end]) - pre_u[i:end])  # integers: exact
         tokens_ok = running[i:end] | (fed_before < budget)
         if grow is None:
             blocks_ok = blocks <= max_blocks
@@ -101,6 +101,6 @@ def select(need: np.ndarray, uncomputed: np.ndarray, running: np.ndarray, budget
 def feeds(uncomputed: np.ndarray, decode: np.ndarray, budget: int) -> np.ndarray:
     """Tokens each taken job feeds: 1 for a decode; chunks of the prefill budget in order."""
     pre_u = np.where(decode, 0, uncomputed)
-    before = np.concatenate(([0], np.cumsum(pre_u)[:-1])) if len(pre_u) else pre_u
-    chunk = np.clip(budget - before, 0, pre_u)
+    before = np.cumsum(pre_u) - pre_u  # integers: exact
+    chunk = np.minimum(np.maximum(budget - before, 0), pre_u)
     return np.where(decode, 1, chunk)

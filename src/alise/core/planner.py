@@ -27,6 +27,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable
+from itertools import compress
 
 import numpy as np
 
@@ -97,8 +98,8 @@ class StepPlanner:
         return plan
 
     def _candidates(self, view: WorkerView) -> tuple[np.ndarray, int]:
-        """(slots of the step's candidates, device blocks held by running jobs whose last
-        token is in flight: they end with it, so they are not candidates)."""
+        """(slots of the step's candidates in tie order, device blocks held by running jobs
+        whose last token is in flight: they end with it, so they are not candidates)."""
         table, cap = self.table, view.capacity
         owner = table.owner
         mine = owner == view.index
@@ -116,22 +117,26 @@ class StepPlanner:
             self.router.route_new(np.flatnonzero(owner == WAITING), self.latency.correction, self._prefix_saving_s)
             if view.jobs:  # an idle worker takes jobs routed elsewhere rather than idle
                 waiting &= table.route == view.index
-        return np.flatnonzero(mine | waiting), held
+        tied = table.tie_order
+        return tied[(mine | waiting)[tied]], held
 
     def _rank(self, slots: np.ndarray, now_s: float) -> tuple[np.ndarray, np.ndarray | None]:
         """(``slots`` in the policy's order, their growth reserves in tokens or None). Order:
         key, then arrival and job id (tie labels); running jobs first for a non-preemptive
-        policy."""
+        policy.
+
+        NOTE: ``slots`` come in tie order (``_candidates``), so a stable sort by key alone
+        breaks ties by the label."""
         if not len(slots):
             return slots, None
         policy, table = self.policy, self.table
         cands = table.candidates(slots)
         keys = policy.keys(cands, now_s)
-        ties = table.tie_label[slots]
         if policy.preemptive:
-            perm = np.lexsort((ties, keys))
+            perm = stable_argsort(keys)
         else:
-            perm = np.lexsort((ties, keys, ~cands.running))
+            first, rest = np.flatnonzero(cands.running), np.flatnonzero(~cands.running)
+            perm = np.concatenate((first[stable_argsort(keys[first])], rest[stable_argsort(keys[rest])]))
         reserve = policy.reserve_tokens(cands)
         return slots[perm], None if reserve is None else reserve[perm]
 
@@ -175,7 +180,7 @@ class StepPlanner:
         latency = self.latency
         if not latency.measured or not self.prefill_step_ratio:
             return None
-        context = int(self.table.num_tokens[order][decoding].sum())
+        context = int(self.table.num_tokens[order[decoding]].sum())
         allowance = latency.chunk_allowance(int(np.count_nonzero(decoding)), context, self.prefill_step_ratio)
         return None if allowance is None else max(allowance, MIN_CHUNK_TOKENS)
 
@@ -191,6 +196,7 @@ class StepPlanner:
         paused = table.jobs[order[positions]].tolist()
         waits: dict[str, float] = {}
         if self.memory.uses_waits:  # the wait of a job: the remaining time of every job ahead
+            table.fill_remaining(order)
             remaining_s = table.remaining_base_s[order] * self.latency.correction
             ahead = np.concatenate(([0.0], np.cumsum(remaining_s)))
             waits = dict(zip([job.job_id for job in paused], ahead[positions].tolist(), strict=True))
@@ -246,20 +252,32 @@ class StepPlanner:
         # The table's token counts are the jobs' own: only this projection and ``_put`` change
         # them (a report confirms one pending token per output, which leaves the count as is).
         num_tokens, num_computed = table.num_tokens[slots], table.num_computed_tokens[slots]
-        out = num_computed + n == num_tokens
-        chunk = num_tokens - num_computed > 1
-        chunks: dict[str, int] = {}
+        computed = num_computed + n
+        out = computed == num_tokens
+        jobs = table.jobs[slots].tolist()
+        # Plain loops, one per field: most jobs fed are decodes (one token, one output).
+        for job, k in zip(jobs, computed.tolist(), strict=True):
+            job.num_computed_tokens = k
         outputs: set[str] = set()
-        for job, k, o, c in zip(table.jobs[slots].tolist(), n.tolist(), out.tolist(), chunk.tolist(), strict=True):
-            job.num_computed_tokens += k
-            if view.prefix is not None:  # the blocks the worker allocates for the feed
-                view.prefix.resize(job, blocks_for(job.num_computed_tokens, view.capacity.block_size))
-            if c:
-                chunks[job.job_id] = k
-            if o:
-                job.num_pending_outputs += 1
-                outputs.add(job.job_id)
-        table.num_computed_tokens[slots] = num_computed + n
+        for job in compress(jobs, out.tolist()):
+            job.num_pending_outputs += 1
+            outputs.add(job.job_id)
+        chunks = {jobs[i].job_id: int(n[i]) for i in np.flatnonzero(num_tokens - num_computed > 1).tolist()}
+        if view.prefix is not None:  # the blocks the worker allocates for the feed
+            bs = view.capacity.block_size
+            for job, k in zip(jobs, computed.tolist(), strict=True):
+                view.prefix.resize(job, blocks_for(k, bs))
+        table.num_computed_tokens[slots] = computed
         table.num_tokens[slots] = num_tokens + out
         table.is_stale[slots] = True
         return chunks, outputs
+
+
+def stable_argsort(keys: np.ndarray) -> np.ndarray:
+    """``np.argsort(keys, kind="stable")``, by the faster unstable sort where the sorted keys
+    strictly increase (no two equal, no NaN): then the order is the same."""
+    perm = np.argsort(keys)
+    ordered = keys[perm]
+    if not (ordered[1:] > ordered[:-1]).all():
+        return np.argsort(keys, kind="stable")
+    return perm

@@ -34,12 +34,17 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass
+from functools import cached_property
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from alise.core.config import SchedulingConfig
 from alise.core.job import Job, LengthEstimate
 from alise.core.latency_model import LatencyModel
+
+if TYPE_CHECKING:
+    from alise.core.table import JobTable
 
 #: Used when a job has no estimate (predictor down and nothing observed yet).
 DEFAULT_ESTIMATE = LengthEstimate(mean=128.0, p50=128.0, p90=512.0, source="prior")
@@ -51,21 +56,57 @@ DEFAULT_CONFIG = SchedulingConfig()
 STARVED_BOOST_S = 1e6
 
 
-@dataclass
 class Candidates:
-    """Jobs a step ranks, as aligned numpy columns (one row a job)."""
+    """Jobs a step ranks, as aligned numpy columns (one row a job), each gathered from the
+    core's job table on its first read: a policy pays only for the columns it reads (fcfs
+    reads arrival times alone), and remaining times are brought up to date only when read."""
 
-    running: np.ndarray       # bool: in the worker's running batch
-    arrival_s: np.ndarray     # float
-    queued_s: np.ndarray      # float: waited or paused so far (closed spells)
-    idle_since_s: np.ndarray  # float: start of the current wait (idle jobs)
-    prompt_tokens: np.ndarray  # int
-    generated: np.ndarray     # int: output tokens once the planned steps have run
-    remaining_s: np.ndarray   # float: estimated remaining execution time before the correction
-    tokens_left: np.ndarray   # float: estimated remaining output tokens
+    def __init__(self, table: JobTable, slots: np.ndarray) -> None:
+        self._table = table
+        self._slots = slots
 
     def __len__(self) -> int:
-        return len(self.running)
+        return len(self._slots)
+
+    @cached_property
+    def running(self) -> np.ndarray:
+        """bool: in the worker's running batch."""
+        return self._table.is_running[self._slots]
+
+    @cached_property
+    def arrival_s(self) -> np.ndarray:
+        return self._table.arrival_s[self._slots]
+
+    @cached_property
+    def queued_s(self) -> np.ndarray:
+        """Waited or paused so far (closed spells)."""
+        return self._table.queued_s[self._slots]
+
+    @cached_property
+    def idle_since_s(self) -> np.ndarray:
+        """Start of the current wait (idle jobs)."""
+        return self._table.idle_since_s[self._slots]
+
+    @cached_property
+    def prompt_tokens(self) -> np.ndarray:
+        return self._table.num_prompt_tokens[self._slots]
+
+    @cached_property
+    def generated(self) -> np.ndarray:
+        """Output tokens once the planned steps have run."""
+        return self._table.num_tokens[self._slots] - self.prompt_tokens
+
+    @cached_property
+    def remaining_s(self) -> np.ndarray:
+        """Estimated remaining execution time before the correction."""
+        self._table.fill_remaining(self._slots)
+        return self._table.remaining_base_s[self._slots]
+
+    @cached_property
+    def tokens_left(self) -> np.ndarray:
+        """Estimated remaining output tokens."""
+        self._table.fill_remaining(self._slots)
+        return self._table.remaining_tokens[self._slots]
 
 
 @dataclass
@@ -95,9 +136,17 @@ class RemainingTimeEstimator:
         member of a typical batch, at the mean context over the rest of the job."""
         lat = self.latency
         tokens = self.remaining_tokens_arrays(done, max_tokens, mean, p90)
-        feed = np.where(num_tokens - num_computed > 1, lat.recompute_base_s(num_tokens, num_computed), 0.0)
         per_token = lat.decode_member_base_s(num_tokens + tokens / 2, self.typical_batch)
-        return feed + tokens * per_token, tokens
+        seconds = tokens * per_token
+        if np.ndim(num_tokens) == 0:
+            feed = lat.recompute_base_s(num_tokens, num_computed) if num_tokens - num_computed > 1 else 0.0
+            return feed + seconds, tokens
+        # Mostly decoding jobs (one token left): the feed is priced only where it is not 0.
+        fed = np.flatnonzero(num_tokens - num_computed > 1)
+        if len(fed):
+            seconds = seconds.copy()
+            seconds[fed] += lat.recompute_base_s(num_tokens[fed], num_computed[fed])
+        return seconds, tokens
 
     # Per-job forms (tests, logs): the same arithmetic on one job.
 

@@ -5,7 +5,9 @@ pause, KV move, resume, finish, refusal, lost worker, new estimate), never rebui
 
 * :class:`TieLabels`  an integer label per job, increasing in (arrival, job id): the order
                       ties between equal keys are broken in, as one number numpy can sort.
-* :class:`JobTable`   one slot per unfinished job. An idle job's values (waiting or paused)
+* :class:`JobTable`   one slot per unfinished job, and the slots in tie order
+                      (``tie_order``: ranking sorts candidates taken in that order by their
+                      keys alone, with a stable sort). An idle job's values (waiting or paused)
                       cannot change while it is idle (its tokens, KV, queue time and estimate
                       stay put), so its remaining time is computed once per idle spell, lazily,
                       by the first step that ranks it. A running job's moving parts (its
@@ -41,7 +43,8 @@ class TieLabels:
         #: Number of relabellings so far (holders of copies refresh on a change).
         self.epoch = 0
 
-    def add(self, job: Job) -> int:
+    def add(self, job: Job) -> tuple[int, int]:
+        """(the job's label, its position among the jobs held, in label order)."""
         key = (job.arrival_s, job.job_id)
         keys, labels = self._keys, self._labels
         pos = bisect.bisect_left(keys, key)
@@ -51,17 +54,19 @@ class TieLabels:
         if value <= lo or value >= _LIMIT or (pos + 1 < len(keys) and value >= labels[pos]):
             labels.insert(pos, 0)
             self._relabel()
-            return self.label[job.job_id]
+            return self.label[job.job_id], pos
         labels.insert(pos, value)
         self.label[job.job_id] = value
-        return value
+        return value, pos
 
-    def remove(self, job: Job) -> None:
+    def remove(self, job: Job) -> int | None:
+        """The job's position before it left (None: not held)."""
         if self.label.pop(job.job_id, None) is None:
-            return
+            return None
         pos = bisect.bisect_left(self._keys, (job.arrival_s, job.job_id))
         del self._keys[pos]
         del self._labels[pos]
+        return pos
 
     def _relabel(self) -> None:
         self._labels = [(i + 1) * _SPACING for i in range(len(self._keys))]
@@ -113,6 +118,9 @@ class JobTable:
         self._epoch = 0
         self.jobs = np.full(capacity, None, dtype=object)
         self.slot_of: dict[str, int] = {}
+        # The occupied slots in increasing tie label (``tie_order``), kept by every add and
+        # discard: a relabelling keeps the order, so it never rebuilds this.
+        self._by_tie = np.zeros(capacity, dtype=np.int64)
         self._free = list(range(capacity - 1, -1, -1))
         for name, column in _COLUMNS.items():
             setattr(self, name, np.zeros(capacity, dtype=column.dtype))
@@ -135,9 +143,12 @@ class JobTable:
             self.slot_of[job.job_id] = slot
             self.jobs[slot] = job
             self.route[slot] = -1
-            self.tie_label[slot] = self.ties.add(job)
+            self.tie_label[slot], pos = self.ties.add(job)
             if self.ties.epoch != self._epoch:
                 self._retie()
+            n, by_tie = len(self.slot_of) - 1, self._by_tie
+            by_tie[pos + 1:n + 1] = by_tie[pos:n]  # numpy copies overlapping ranges as if buffered
+            by_tie[pos] = slot
         self.owner[slot] = owner
         self.is_running[slot] = job.status is JobStatus.RUNNING
         self.arrival_s[slot] = job.arrival_s
@@ -161,13 +172,22 @@ class JobTable:
         self.jobs[slot] = None
         self.owner[slot] = FREE
         self._free.append(slot)
-        self.ties.remove(job)
+        pos = self.ties.remove(job)
+        assert pos is not None  # every job of the table holds a label
+        n, by_tie = len(self.slot_of), self._by_tie
+        by_tie[pos:n] = by_tie[pos + 1:n + 1]
 
     def mark_stale(self) -> None:
         """Every cached remaining time is stale (the latency model changed)."""
         self.is_stale[:] = True
 
     # ----------------------------------------------------------------- reads
+
+    @property
+    def tie_order(self) -> np.ndarray:
+        """The occupied slots in increasing tie label, i.e. in (arrival, job id) order (a view:
+        the next add or discard changes it)."""
+        return self._by_tie[:len(self.slot_of)]
 
     def fill_remaining(self, slots: np.ndarray) -> None:
         """Computes ``remaining_base_s`` and ``remaining_tokens`` where they are stale, for the
@@ -185,14 +205,8 @@ class JobTable:
         self.is_stale[todo] = False
 
     def candidates(self, slots: np.ndarray) -> Candidates:
-        """The policy's view of the jobs at ``slots`` (remaining times filled in)."""
-        self.fill_remaining(slots)
-        num_prompt = self.num_prompt_tokens[slots]
-        return Candidates(
-            running=self.is_running[slots], arrival_s=self.arrival_s[slots], queued_s=self.queued_s[slots],
-            idle_since_s=self.idle_since_s[slots], prompt_tokens=num_prompt,
-            generated=self.num_tokens[slots] - num_prompt, remaining_s=self.remaining_base_s[slots],
-            tokens_left=self.remaining_tokens[slots])
+        """The policy's view of the jobs at ``slots`` (columns gathered as the policy reads them)."""
+        return Candidates(self, slots)
 
     def uncomputed(self, slots: np.ndarray) -> np.ndarray:
         return self.num_tokens[slots] - self.num_computed_tokens[slots]
@@ -208,7 +222,7 @@ class JobTable:
     def _grow(self) -> None:
         old = len(self.jobs)
         new = 2 * old
-        for name in ("jobs", *_COLUMNS):
+        for name in ("jobs", "_by_tie", *_COLUMNS):
             col = getattr(self, name)
             grown = np.full(new, None, dtype=object) if col.dtype == object else np.zeros(new, dtype=col.dtype)
             grown[:old] = col
