@@ -1,6 +1,6 @@
 """Scheduler overhead: one SchedulerCore.schedule decision with ~1,000 queued and 256 running jobs.
 
-    python bench/sched_overhead.py [--policies fcfs,alise,oracle] [--steps 300]
+    python bench/sched_overhead.py [--policies fcfs,alise,oracle] [--steps 300] [--no-phases]
 
 Drives the core lock-step against a virtual worker (the worker's engine over a latency
 model): 256 jobs run, ~1,000 wait, and new jobs arrive as old ones finish so the queue stays
@@ -9,7 +9,9 @@ start, advance), per step; the median, the 90th percentile and the maximum are p
 other core calls of a step (``apply_report`` and the ``submit`` of the new arrivals, where the
 job table is also kept up to date) are timed separately ("rest"), so that no work hides
 outside the timed call. The 1-minute load average is printed before and after: the machine
-is shared, compare only quiet runs. A script that reports figures, not a timed test.
+is shared, compare only quiet runs. A second run per policy times each phase of
+``StepPlanner.schedule`` on its own (medians; the timers add a little to each), unless
+``--no-phases``. A script that reports figures, not a timed test.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ import random
 import statistics
 import sys
 import time
+from collections import defaultdict
+from collections.abc import Callable
 
 from alise.core.blocks import WorkerCapacity
 from alise.core.build import make_core
@@ -29,15 +33,42 @@ from alise.core.latency_model import LatencyModel
 from alise.core.sampling import SamplingParams
 from alise.tools.sim.virtual_worker import virtual_worker
 
+#: The phases of ``StepPlanner.schedule``, in order.
+PHASES = ("_candidates", "_rank", "_needs", "_select", "_plan_memory", "_start", "_advance")
+
+
+def time_phases(planner, phases: dict[str, list[float]]) -> Callable[[], None]:
+    """Wraps the planner's phases (on the instance) with timers that add to ``phases``; returns
+    what closes a step (each phase's seconds of that step appended)."""
+    step: dict[str, float] = defaultdict(float)
+
+    def timed(name: str, method):
+        def call(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return method(*args, **kwargs)
+            finally:
+                step[name] += time.perf_counter() - t0
+        return call
+
+    for name in PHASES:
+        setattr(planner, name, timed(name, getattr(planner, name)))
+
+    def close() -> None:
+        for name in PHASES:
+            phases[name].append(step.pop(name, 0.0))
+    return close
+
 
 def run(policy_name: str, *, num_running: int, num_queued: int, steps: int, seed: int,
-        rest: list[float] | None = None):
+        rest: list[float] | None = None, phases: dict[str, list[float]] | None = None):
     rng = random.Random(seed)
     latency = LatencyModel.load("profiles/opt-13b-h100-roofline.json")
     block_size = 16
     num_blocks = num_running * 48  # 768 tokens per running job: memory does not bind here
     core = make_core(SchedulingConfig(policy=policy_name), latency)
     core.add_worker(WorkerCapacity("w0", block_size, num_blocks, 0, 2048, num_running, 2 * num_running))
+    close_step = time_phases(core.planner, phases) if phases is not None else None
     worker = virtual_worker(num_device_blocks=num_blocks, block_size=block_size,
                             max_model_len=2048, latency=latency)
     sampling = SamplingParams(max_tokens=2048, ignore_eos=True)
@@ -65,6 +96,8 @@ def run(policy_name: str, *, num_running: int, num_queued: int, steps: int, seed
         t0 = time.perf_counter()
         plan = core.schedule("w0", now)
         timings.append(time.perf_counter() - t0)
+        if close_step is not None:
+            close_step()
         report = worker.run(plan)
         now += report.step_duration_s or 0.01
         t1 = time.perf_counter()
@@ -74,7 +107,10 @@ def run(policy_name: str, *, num_running: int, num_queued: int, steps: int, seed
             rest.append(time.perf_counter() - t1)
             running.append(core.num_with_status(JobStatus.RUNNING))
     queued = len(core.waiting)
-    return timings[warmup:], statistics.median(running), queued
+    if phases is not None:
+        for name in PHASES:
+            del phases[name][:warmup]
+    return timings[warmup:], statistics.median(running) if running else 0, queued
 
 
 def main() -> int:
@@ -84,6 +120,7 @@ def main() -> int:
     p.add_argument("--running", type=int, default=256)
     p.add_argument("--queued", type=int, default=1000)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-phases", action="store_true", help="skip the per-phase run")
     args = p.parse_args()
     print(f"SchedulerCore.schedule with {args.running} running and ~{args.queued} queued "
           f"jobs, {args.steps} steps (this machine, python {sys.version.split()[0]}, "
@@ -99,7 +136,20 @@ def main() -> int:
               f"{statistics.median(rest) * 1e3:9.3f}  ({running:.0f} / {queued})")
     print(f"  (rest = median apply_report + submit per step; load average now "
           f"{os.getloadavg()[0]:.2f})")
+    if not args.no_phases:
+        print_phases(args)
     return 0
+
+
+def print_phases(args: argparse.Namespace) -> None:
+    print("Median microseconds per phase of StepPlanner.schedule (a second run, each phase timed):")
+    print("  " + f"{'policy':<8}" + "".join(f"{name.strip('_'):>12}" for name in PHASES))
+    for policy in args.policies.split(","):
+        phases: dict[str, list[float]] = defaultdict(list)
+        run(policy, num_running=args.running, num_queued=args.queued, steps=args.steps, seed=args.seed,
+            phases=phases)
+        print("  " + f"{policy:<8}" + "".join(f"{statistics.median(phases[name]) * 1e6:12.1f}"
+                                             for name in PHASES))
 
 
 if __name__ == "__main__":
