@@ -47,15 +47,15 @@ async def test_chunked_prefill_gives_the_tokens_of_a_whole_prefill(tiny_llama_di
 
 
 async def test_the_next_plan_is_in_flight_before_a_report_comes_back(tiny_llama_dir):
-    """With ``plans_ahead`` plans in flight (the default, two or more) the worker runs step k
-    while step k + 1 is already sent: after every batch of events the loop leaves that many
-    plans in flight while the job has tokens left to plan (the protocol's count, not a timing:
-    on a slow machine several reports may land in one batch, and the top-up after it still
-    restores them)."""
+    """With its depth of plans in flight (two or more: ``min_plans_ahead`` by default, up to
+    ``plans_ahead`` on a worker found waiting) the worker runs step k while step k + 1 is
+    already sent: after every batch of events the loop leaves that many plans in flight while
+    the job has tokens left to plan (the protocol's count, not a timing: on a slow machine
+    several reports may land in one batch, and the top-up after it still restores them)."""
     async with cluster(str(tiny_llama_dir)) as c, c.client() as client:
         engine = c.scheduler.engine
-        core, ahead = engine.core, engine.plans_ahead
-        assert ahead >= 2
+        core = engine.core
+        assert 2 <= engine.min_plans_ahead <= engine.plans_ahead
         seen = []
         dispatch = engine._dispatch
 
@@ -64,14 +64,16 @@ async def test_the_next_plan_is_in_flight_before_a_report_comes_back(tiny_llama_
             for link in engine.links.values():
                 left = [job.sampling.max_tokens - job.num_generated for job in core.jobs.values()]
                 if left and link.num_steps:
-                    seen.append((core.num_in_flight(link.worker_id), max(left)))
+                    depth = engine.depths[link.worker_id].depth
+                    assert engine.min_plans_ahead <= depth <= engine.plans_ahead
+                    seen.append((core.num_in_flight(link.worker_id), depth, max(left)))
         engine._dispatch = spy
         result = await client.complete("keep the worker busy", max_tokens=30, ignore_eos=True)
     assert len(result.token_ids) == 30
     assert len(seen) >= 10, seen
     # Fewer in flight only once every token of the job is already planned.
-    assert all(n == ahead or left == 0 for n, left in seen), seen
-    assert sum(n == ahead for n, _ in seen) >= 10, seen
+    assert all(n == depth or left == 0 for n, depth, left in seen), seen
+    assert sum(n == depth for n, depth, _ in seen) >= 10, seen
 
 
 async def test_an_aborted_job_costs_no_step_after_the_abort_reaches_the_worker(tiny_llama_dir):
@@ -334,3 +336,28 @@ async def test_a_request_waiting_for_ready_is_served_by_a_scheduler_that_starts_
         async with cluster(str(tiny_llama_dir), address=address, worker_address="127.0.0.1:0"):
             result = await asyncio.wait_for(waiting, 120)
     assert len(result.token_ids) == 6
+
+
+async def test_a_worker_left_waiting_for_a_plan_gets_one_more_in_flight(tiny_llama_dir):
+    """The loop stalls once (a sleep where a full garbage collection would be): the worker runs
+    the plans it holds and waits, and the next dispatch finds it ran out (by the time gone: the
+    reports of the steps run meanwhile come in one loop turn at a time) and keeps one more plan
+    in flight from then on, up to ``plans_ahead`` (``alise.core.dispatch.FlightDepth``; on a
+    loaded machine the worker may have run out before, by itself)."""
+    async with cluster(str(tiny_llama_dir)) as c, c.client() as client:
+        engine = c.scheduler.engine
+        assert engine.min_plans_ahead < engine.plans_ahead
+        dispatch, stalled = engine._dispatch, []
+
+        def stall_once(now_s):
+            dispatch(now_s)
+            link = next(iter(engine.links.values()), None)
+            if link is not None and link.num_steps >= 5 and not stalled:
+                stalled.append(engine.depths[link.worker_id].num_drained)
+                time.sleep(0.5)
+        engine._dispatch = stall_once
+        result = await client.complete("keep the worker busy", max_tokens=30, ignore_eos=True)
+        [depth] = engine.depths.values()
+    assert len(result.token_ids) == 30
+    assert len(stalled) == 1 and depth.num_drained > stalled[0]
+    assert depth.depth == engine.plans_ahead == engine.min_plans_ahead + 1

@@ -54,6 +54,7 @@ COMMANDS = {
 SCHEDULER = SchedulerConfig(
     address="127.0.0.1:7001", worker_address="127.0.0.1:7002", model="tiny-llama",
     scheduling=SchedulingConfig(policy="oracle", kv_planner="quantize", prefill_step_ratio=2.5, plans_ahead=1,
+                                min_plans_ahead=1,
                                 overrun_growth=3.0, aging_rate=0.5, hysteresis=0.0, switch_cost_s=0.01,
                                 max_slowdown=8.0, min_starve_s=1.0, reserve_horizon_tokens=0,
                                 reserve_fraction=0.0, preemptive=False),
@@ -173,6 +174,7 @@ def test_scheduling_is_checked_once_with_the_field_and_value_in_the_message():
                          (dict(kv_planner=""), "kv_planner must be one of adaptive, drop, swap, quantize"),
                          (dict(prefill_step_ratio=1.0), "prefill_step_ratio must be 0 (no cap) or > 1"),
                          (dict(plans_ahead=0), "plans_ahead must be >= 1, got 0"),
+                         (dict(min_plans_ahead=0), "min_plans_ahead must be >= 1, got 0"),
                          (dict(aging_rate=-1.0), "aging_rate must be >= 0, got -1.0"),
                          (dict(hysteresis=1.0), "hysteresis must be in [0, 1), got 1.0"),
                          (dict(max_slowdown=0.0), "max_slowdown must be > 0 or None, got 0.0"),

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from alise.core.commands import AbortJobs, Admit, Refusal, StepPlan
-from alise.core.dispatch import keep_in_flight
+from alise.core.dispatch import RELAX_AFTER_PLANS, FlightDepth, has_running, keep_in_flight
 from corekit import make_job, make_scheduler
 
 
@@ -62,3 +62,35 @@ def test_a_job_aborted_and_admitted_again_in_one_round_runs():
             break
         [again] = keep_in_flight(core, "w0", 0.2 + t, plans_ahead=1)
     assert tokens == 6 and not worker.seqs
+
+
+def test_the_depth_rises_when_the_worker_ran_out_of_plans_and_falls_after_a_run_in_time():
+    depth = FlightDepth(2, 3)
+    assert depth.depth == 2
+    assert not depth.dispatching(0.0, 0, has_running=False, step_s=0.01)  # idle, not starved
+    depth.sent(0.0, 2, 2)
+    assert not depth.dispatching(0.01, 1, has_running=True, step_s=0.01)  # a step later: one left
+    depth.sent(0.01, 1, 2)
+    assert depth.dispatching(0.02, 0, has_running=True, step_s=0.01)  # every report in, none left
+    assert depth.depth == 3 and depth.num_drained == 1
+    depth.sent(0.02, 3, 3)
+    # A stalled loop: one report read of the three steps that ran; the time gone tells.
+    assert depth.dispatching(0.06, 2, has_running=True, step_s=0.01)
+    assert depth.depth == 3  # never past plans_ahead
+    depth.sent(0.06, RELAX_AFTER_PLANS - 1, 3)
+    assert depth.depth == 3
+    depth.sent(0.07, 1, 3)
+    assert depth.depth == 2
+    depth.sent(0.08, 10 * RELAX_AFTER_PLANS, 2)
+    assert depth.depth == 2  # never under min_plans_ahead
+    assert FlightDepth(2, 1).depth == 1  # a least above the most is read as the most
+
+
+def test_has_running_counts_running_jobs_only():
+    core, worker = make_scheduler("fcfs", num_blocks=40, block_size=4)
+    assert not has_running(core, "w0")
+    core.submit(make_job("a", 8, max_tokens=20))
+    assert not has_running(core, "w0")  # waiting: the worker has nothing to run yet
+    [plan] = keep_in_flight(core, "w0", 0.0, plans_ahead=1)
+    core.apply_report("w0", worker.run(plan), 0.01)
+    assert has_running(core, "w0") and core.num_in_flight("w0") == 0

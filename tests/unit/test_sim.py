@@ -367,3 +367,17 @@ def test_alise_sim_shows_progress_on_stderr(tmp_path, capsys):
     assert "\r\x1b[Ksim mixed: fcfs rate 1/2 (10 req/s) 0/40 jobs" in err
     assert main(argv + ["--no-progress"]) == 0
     assert capsys.readouterr().err == ""
+
+
+def test_each_plan_in_flight_costs_a_new_job_one_step_before_its_first_token():
+    """A job that arrives while another decodes runs behind the plans already sent: with
+    three in flight its prefill comes two steps after the running one, with two (the
+    ``min_plans_ahead`` a worker keeps while its plans come in time) one step, lock-step none."""
+    trace = [TraceRequest("a", "x", 8, 300, 0.0), TraceRequest("b", "x", 8, 10, 0.5)]
+    ttft = {}
+    for least, most in ((3, 3), (2, 3), (1, 1)):
+        result = run("fcfs", trace, plans_ahead=most, min_plans_ahead=least)
+        ttft[least] = next(r.ttft_s for r in result.records if r.job_id == "r1")  # "b", by index
+    step_s = LATENCY.c0_s  # a decode step of two short sequences: c0 and a little
+    assert step_s < ttft[3] - ttft[2] < 1.1 * step_s
+    assert step_s < ttft[2] - ttft[1] < 1.1 * step_s

@@ -35,12 +35,17 @@ class SchedulingConfig:
     #: step alone, by the workers' measured latency profile (chunks are cut to fit; 0 = no cap:
     #: only the workers' token budget limits them).
     prefill_step_ratio: float = 1.5
-    #: Plans kept in flight per worker: the worker runs step k while step k + 1 waits and
-    #: step k + 2 is planned, so a scheduler that stalls for up to two steps (a full garbage
-    #: collection, a burst of requests, a busy CPU) does not idle the device; each plan ahead
-    #: costs a new job one step before its first token (1 = lock-step: the worker waits for
-    #: each plan).
+    #: Most plans kept in flight per worker: the worker runs step k while steps k + 1 .. k + n - 1
+    #: wait and step k + n is planned, so a scheduler that stalls for up to n - 1 steps (a full
+    #: garbage collection, a burst of requests, a busy CPU) does not idle the device; each plan
+    #: ahead costs a new job one step before its first token (1 = lock-step: the worker waits
+    #: for each plan).
     plans_ahead: int = 3
+    #: Plans kept in flight while they reach the worker in time (at most plans_ahead): one more,
+    #: up to plans_ahead, each time the worker is found waiting for a plan with jobs to run, one
+    #: less after a run of plans in time (``alise.core.dispatch.FlightDepth``). 2 = vLLM's async
+    #: scheduling: step k + 1 is planned while step k runs.
+    min_plans_ahead: int = 2
     #: Every policy: a job that outran its p90 estimate is assumed to produce this many times
     #: what it has produced so far, less one (2 doubles its expected total each time it is outrun).
     overrun_growth: float = 2.0
@@ -75,6 +80,8 @@ class SchedulingConfig:
             raise ValueError(f"prefill_step_ratio must be 0 (no cap) or > 1, got {self.prefill_step_ratio}")
         if self.plans_ahead < 1:
             raise ValueError(f"plans_ahead must be >= 1, got {self.plans_ahead}")
+        if self.min_plans_ahead < 1:
+            raise ValueError(f"min_plans_ahead must be >= 1, got {self.min_plans_ahead}")
         if not self.overrun_growth >= 1:
             raise ValueError(f"overrun_growth must be >= 1, got {self.overrun_growth}")
         for name in ("aging_rate", "min_starve_s", "reserve_horizon_tokens"):

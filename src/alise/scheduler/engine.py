@@ -2,13 +2,14 @@
 
 gRPC handlers never touch the core. They post typed events (``alise.scheduler.messages``)
 to the inbox; this loop takes every event posted so far, applies them in order, and then
-keeps every worker ``plans_ahead`` plans ahead (``alise.core.dispatch.keep_in_flight``): a
-worker runs step k while the core plans step k + 1 from the report of step k - 1, so the GPU
-never waits for a plan. Aborts go out at once, on the plans' stream, ahead of the plans the
-worker holds. About once a second (``census_interval_s``) a plan asks each worker for the
-list of its jobs, which the core checks against its own (``alise.core.census``): a job the
-worker holds that the scheduler does not know is aborted on sight, and counted in status
-and metrics.
+keeps every worker a few plans ahead (``alise.core.dispatch.keep_in_flight``): a worker runs
+step k while the core plans step k + 1 from the report of step k - 1, so the GPU never waits
+for a plan. How many: ``min_plans_ahead`` while the plans reach the worker in time, more (up
+to ``plans_ahead``) once it is found waiting for one (``alise.core.dispatch.FlightDepth``).
+Aborts go out at once, on the plans' stream, ahead of the plans the worker holds. About
+once a second (``census_interval_s``) a plan asks each worker for the list of its jobs, which
+the core checks against its own (``alise.core.census``): a job the worker holds that the
+scheduler does not know is aborted on sight, and counted in status and metrics.
 
 A report is checked whole before it is applied (``alise.core.reports``); a worker that sends
 a bad one is disconnected and its jobs recompute elsewhere, no token repeated or lost. Any
@@ -32,7 +33,7 @@ from dataclasses import dataclass
 
 from alise.common.metrics import SchedulerMetrics
 from alise.core.commands import Shutdown, StepPlan, StepReport, Welcome
-from alise.core.dispatch import keep_in_flight
+from alise.core.dispatch import FlightDepth, has_running, keep_in_flight
 from alise.core.job import Job
 from alise.core.latency_model import LatencyModel
 from alise.core.reports import ReportError
@@ -64,15 +65,20 @@ class Dispatching:
 
 class SchedulerEngine:
     def __init__(self, core: SchedulerCore, latency: LatencyModel, inbox: Inbox, streams: Streams, *,
-                 max_wait_no_worker_s: float, plans_ahead: int, census_interval_s: float = 1.0,
+                 max_wait_no_worker_s: float, plans_ahead: int, min_plans_ahead: int | None = None,
+                 census_interval_s: float = 1.0,
                  on_failure: Callable[[BaseException], None] | None = None) -> None:
-        # max_wait_no_worker_s and plans_ahead: the scheduler's config, checked there.
+        # max_wait_no_worker_s, plans_ahead and min_plans_ahead (None: plans_ahead, a fixed
+        # depth): the scheduler's config, checked there.
         self.core = core
         self.latency = latency
         self.inbox = inbox
         self.streams = streams
         self.max_wait_no_worker_s = max_wait_no_worker_s
         self.plans_ahead = plans_ahead
+        self.min_plans_ahead = plans_ahead if min_plans_ahead is None else min_plans_ahead
+        #: worker id -> the plans it keeps in flight now (kept while it is connected).
+        self.depths: dict[str, FlightDepth] = {}
         #: Every this many seconds a plan asks each worker for its jobs (0: every plan).
         self.census_interval_s = census_interval_s
         #: Random at start: a worker that lost its stream to this very scheduler says so.
@@ -178,6 +184,7 @@ class SchedulerEngine:
         self._adopt_profile(link)
         self.core.add_worker(link.capacity)
         self.links[link.worker_id] = link
+        self.depths[link.worker_id] = FlightDepth(self.min_plans_ahead, self.plans_ahead)
         link.outbox.put_nowait(Welcome(self.scheduler_id))
         own = link.held_from == self.scheduler_id
         adopted = self.core.adopt(link.worker_id, link.held, now, own=own)
@@ -208,6 +215,7 @@ class SchedulerEngine:
 
     def _leave(self, worker_id: str, now: float) -> None:
         link = self.links.pop(worker_id, None)
+        self.depths.pop(worker_id, None)
         if link is None:
             return
         moved = self.core.remove_worker(worker_id, now)
@@ -253,14 +261,23 @@ class SchedulerEngine:
     # ----------------------------------------------------------------- plans
 
     def _dispatch(self, now: float) -> None:
-        """Every worker's aborts out at once, then its plans topped up to ``plans_ahead`` in
-        flight (the first a census when one is due); a worker not welcomed yet gets aborts only."""
+        """Every worker's aborts out at once, then its plans topped up to its depth in flight
+        (the first a census when one is due); a worker not welcomed yet gets aborts only."""
         for link in self.links.values():
             self._handling = Dispatching(link.worker_id)
             started = time.monotonic()
             census = now - link.last_census_s >= self.census_interval_s
+            depth = self.depths[link.worker_id]
+            before = depth.depth
+            if link.welcomed:
+                depth.dispatching(now, self.core.num_in_flight(link.worker_id),
+                                  has_running(self.core, link.worker_id), link.last_step_s)
             messages = keep_in_flight(self.core, link.worker_id, now, census=census,
-                                      plans_ahead=self.plans_ahead if link.welcomed else 0)
+                                      plans_ahead=depth.depth if link.welcomed else 0)
+            depth.sent(now, sum(isinstance(m, StepPlan) for m in messages), self.core.num_in_flight(link.worker_id))
+            if depth.depth != before:
+                logger.info("worker %s %s: %d plans in flight from now", link.worker_id,
+                            "waited for a plan" if depth.depth > before else "had its plans in time", depth.depth)
             for message in messages:
                 link.outbox.put_nowait(message)
                 if isinstance(message, StepPlan):

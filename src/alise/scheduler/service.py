@@ -296,7 +296,8 @@ async def start_scheduler(config: SchedulerConfig, *, predict=None, observe=None
     inbox = Inbox()
     streams = Streams(inbox, metrics, max_queued=config.max_queued, on_finish=on_finish)
     engine = SchedulerEngine(core, latency, inbox, streams, max_wait_no_worker_s=config.max_wait_no_worker_s,
-                             plans_ahead=config.scheduling.plans_ahead, on_failure=on_failure)
+                             plans_ahead=config.scheduling.plans_ahead,
+                             min_plans_ahead=config.scheduling.min_plans_ahead, on_failure=on_failure)
     status = EngineStatus(engine)
     metrics.forget_departed_workers(lambda: engine.links)
     servicer = SchedulerServicer(config, info, engine, streams, status, estimator, quarantine)

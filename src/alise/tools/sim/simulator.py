@@ -6,10 +6,13 @@ the worker's own engine (``alise.tools.sim.virtual_worker``: the engine's comman
 KV state machine and block ids, with a latency model for the forward pass). Only time is
 virtual: a step lasts what the ``LatencyModel`` says (KV copies and quantization included).
 
-Events are arrivals and step ends; as in the service, the core plans each worker's steps one
-ahead (``SchedulingConfig.plans_ahead``), so a step runs the decisions made while the step
-before it ran. A job's latency is measured from its arrival to the end
-of the step that produced its last token; normalized latency is that over its output tokens.
+Events are arrivals and step ends; as in the service, the core plans each worker's steps
+ahead (``SchedulingConfig.min_plans_ahead`` to ``plans_ahead``, by the service's rule,
+``alise.core.dispatch.FlightDepth``), so a step runs the decisions made while the steps
+before it ran. Planning takes no virtual time, so a worker is never found waiting for a plan
+and keeps ``min_plans_ahead`` in flight. A job's latency is measured from its arrival to the
+end of the step that produced its last token; normalized latency is that over its output
+tokens.
 Every result is labelled "simulated" with the profile's name.
 """
 
@@ -27,7 +30,7 @@ from alise.core.blocks import WorkerCapacity, default_token_budget
 from alise.core.build import make_core
 from alise.core.commands import AbortJobs, StepPlan, StepReport
 from alise.core.config import SchedulingConfig, check_choices
-from alise.core.dispatch import keep_in_flight
+from alise.core.dispatch import FlightDepth, has_running, keep_in_flight
 from alise.core.job import Job, LengthEstimate
 from alise.core.latency_model import LatencyModel
 from alise.core.memory_planner import MemoryPlanner
@@ -259,13 +262,15 @@ def prompt_token_ids(index: int, num_tokens: int, previous: Job | None) -> list[
 class _Cluster:
     """The simulated workers and the plans in flight on each, on the virtual clock.
 
-    As in the service's engine, the core keeps up to ``plans_ahead`` plans in flight per
-    worker: a step's report is applied when the step ends, at which moment the worker starts
-    its next plan (planned one step earlier) and the core plans the one after."""
+    As in the service's engine, the core keeps each worker's ``FlightDepth`` of plans in
+    flight: a step's report is applied when the step ends, at which moment the worker starts
+    its next plan (planned while earlier steps ran) and the core tops its plans up."""
 
     def __init__(self, core: SchedulerCore, config: SimConfig, latency: LatencyModel) -> None:
         self.core = core
-        self.plans_ahead = config.scheduling.plans_ahead
+        scheduling = config.scheduling
+        self.depths: dict[str, FlightDepth] = {}
+        self.step_s: dict[str, float] = {}  # worker -> its last step's duration
         self.workers = {}
         self.queued: dict[str, deque] = {}
         self.running: dict[str, tuple[float, StepReport]] = {}  # worker -> (end, report)
@@ -279,6 +284,8 @@ class _Cluster:
                 block_bytes=config.block_bytes, swap_bytes_per_s=config.swap_bytes_per_s,
                 quantize_bytes_per_s=config.quantize_bytes_per_s, prefix_caching=config.enable_prefix_caching)
             self.queued[wid] = deque()
+            self.depths[wid] = FlightDepth(scheduling.min_plans_ahead, scheduling.plans_ahead)
+            self.step_s[wid] = 0.0
 
     def next_end_s(self) -> float | None:
         return min((end for end, _ in self.running.values()), default=None)
@@ -295,9 +302,11 @@ class _Cluster:
         """Each worker's aborts and plans, as the service's engine sends them; an idle worker
         starts at once (a plan without a step is done at once and frees its place in flight)."""
         for wid in sorted(self.workers):
-            worker = self.workers[wid]
+            worker, depth = self.workers[wid], self.depths[wid]
+            depth.dispatching(now, self.core.num_in_flight(wid), has_running(self.core, wid), self.step_s[wid])
             while True:
-                messages = keep_in_flight(self.core, wid, now, plans_ahead=self.plans_ahead)
+                messages = keep_in_flight(self.core, wid, now, plans_ahead=depth.depth)
+                depth.sent(now, sum(isinstance(m, StepPlan) for m in messages), self.core.num_in_flight(wid))
                 for message in messages:
                     match message:
                         case AbortJobs(job_ids, through):
@@ -323,6 +332,7 @@ class _Cluster:
                 raise RuntimeError(f"worker {wid}: a plan the worker could not run: {broken}")
             if plan.run_step and report.step_duration_s > 0:
                 self.running[wid] = (now + report.step_duration_s, report)
+                self.step_s[wid] = report.step_duration_s
                 self.num_steps += 1
                 return
             self.core.apply_report(wid, report, now)
