@@ -8,8 +8,9 @@ rescaled so the last request leaves at N / R, as vllm/benchmarks/serve.py does),
 scheduler settings, fcfs at the same KV budget:
 
 * ``alise``      the defaults: 256 tokens a step (or twice the sequences), chunks beside
-                 decodes capped at 1.5x the decode step by the profile, three plans ahead;
-* ``2-ahead``    the defaults with two plans in flight instead of three (the default before);
+                 decodes capped at 1.5x the decode step by the profile, two plans ahead while
+                 they reach the worker in time, three once it runs out (never, simulated);
+* ``3-ahead``    the defaults with three plans always in flight (the default before);
 * ``no-cap``     the same budget, no cap (``--prefill-step-ratio 0``);
 * ``8192-cap``   vLLM's budget on an H100 (8,192 tokens a step), the cap kept;
 * ``vllm-like``  8,192 tokens a step, no cap (vLLM's chunked prefill), two plans in flight
@@ -22,7 +23,9 @@ output tokens per second over the makespan; steps; and the steps that carried pr
 The simulator sees no HTTP, streaming or client: these are the scheduling effects alone.
 
     python bench/gpu/peer_sim.py --trace .peercarry/trace.jsonl \
-        --profile profiles/opt-13b-h100.json --rates 11,16,inf
+        --profile profiles/opt-13b-h200.json --rates 11,13,16,inf --variants alise,3-ahead
+
+``ahead`` is the plans kept in flight while they reach the worker in time.
 """
 
 from __future__ import annotations
@@ -47,7 +50,7 @@ FCFS = SchedulingConfig(policy="fcfs")
 #: name -> (max_num_batched_tokens (0: the worker's default rule), the scheduler's settings)
 VARIANTS = {
     "alise": (0, FCFS),
-    "2-ahead": (0, replace(FCFS, plans_ahead=2)),
+    "3-ahead": (0, replace(FCFS, min_plans_ahead=3)),
     "no-cap": (0, replace(FCFS, prefill_step_ratio=0.0)),
     "8192-cap": (8192, FCFS),
     "vllm-like": (8192, replace(FCFS, prefill_step_ratio=0.0, plans_ahead=2)),
@@ -85,7 +88,7 @@ class TokenTimes(SchedulerCore):
 
 def run(trace, latency: LatencyModel, variant: str, args) -> dict:
     budget, scheduling = VARIANTS[variant]
-    ratio, ahead = scheduling.prefill_step_ratio, scheduling.plans_ahead
+    ratio, ahead = scheduling.prefill_step_ratio, min(scheduling.min_plans_ahead, scheduling.plans_ahead)
     config = SimConfig(kv_tokens=args.kv_tokens, block_size=16, max_num_seqs=args.max_num_seqs,
                        max_num_batched_tokens=budget, max_model_len=args.max_model_len, scheduling=scheduling)
     TokenTimes.times = defaultdict(list)
