@@ -55,9 +55,21 @@ def test_rope_write_kv_stores_the_reference_bytes() -> None:
     half = dim // 2
     rotated = k * cos[:, None] + torch.cat((-k[..., half:], k[..., :half]), -1) * sin[:, None]
     ref_attention.write_kv(pages[2], pages[3], rotated, v, slots)
-    # The kernel rounds each product to fp16 as torch does; fp8 absorbs all but rare last-bit ties.
-    assert (pages[0].view(torch.uint8) != pages[2].view(torch.uint8)).float().mean() < 1e-3
-    assert torch.equal(pages[1].view(torch.uint8), pages[3].view(torch.uint8))
+    assert torch.equal(pages[1].view(torch.uint8), pages[3].view(torch.uint8))  # values: stored as loaded
+    got, want = (p.view(-1, kv_heads, dim)[slots] for p in (pages[0], pages[2]))
+    differ = got.view(torch.uint8) != want.view(torch.uint8)
+    # The rotated key reaches fp8 through one rounding in the kernel where the reference rounds it
+    # to fp16 first (measured: 0.34 % of the key bytes differ on an H200). Double and single rounding
+    # part only where the fp16 value lies within half an fp16 ulp of an e4m3 midpoint (2**-7 of
+    # e4m3's spacing: about 0.4 % of the values), and then by one code. Anything else (a wrong
+    # slot, scale or saturation) differs by more, or elsewhere.
+    assert differ.float().mean() < 1e-2
+    codes_got, codes_want = (x.view(torch.uint8)[differ].int() for x in (got, want))
+    assert ((codes_got - codes_want).abs() == 1).all() and ((codes_got ^ codes_want) & 0x80 == 0).all()
+    midpoint = (got.float()[differ] + want.float()[differ]) / 2
+    exact = rotated.float()[differ]
+    fp16_ulp = torch.exp2(torch.floor(torch.log2(exact.abs())) - 10)
+    assert ((exact - midpoint).abs() <= fp16_ulp).all()
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
