@@ -19,7 +19,8 @@ fits three budgets:
 A job that does not fit ends the walk, unless the policy backfills (then the walk goes on
 with the jobs that still can fit). The walk is vectorized: a run of candidates that all fit
 is taken at once (running sums), and with backfill the candidates that cannot fit what is
-left are skipped at once; the budgets only shrink as jobs are taken, so the result is the
+left are skipped at once; once the prefill tokens are spent, the running jobs left are taken
+at once where they all fit. The budgets only shrink as jobs are taken, so the result is the
 one-by-one walk's.
 """
 
@@ -49,58 +50,93 @@ def select(need: np.ndarray, uncomputed: np.ndarray, running: np.ndarray, budget
     """
     n = len(need)
     decode = running & (uncomputed == 1)
-    prefill = ~decode
     budget = budgets.max_num_batched_tokens - int(np.count_nonzero(decode))
     if budgets.max_prefill_tokens is not None:
         budget = min(budget, budgets.max_prefill_tokens)
     max_seqs, max_blocks = budgets.max_num_seqs, budgets.max_num_blocks
-    pre_u = np.where(prefill, uncomputed, 0)
+    pre_u = np.where(decode, 0, uncomputed)
+    # Sums before each position (integers: exact), so a run's running sums are two reads.
+    blocks_at = np.concatenate(([0], need.cumsum()))
+    fed_at = np.concatenate(([0], pre_u.cumsum()))
     taken: list[np.ndarray] = []
     num_taken = used = fed = 0
     reserved = 0.0
     i = 0
     while i < n and num_taken < max_seqs and used < max_blocks:
+        if fed >= budget:  # only running jobs fit the tokens now, and they hold no reserve back
+            tail = _take_running(need, running, i, max_seqs - num_taken, max_blocks - used, backfill)
+            if tail is not None:
+                taken.append(tail)
+                break
         end = min(n, i + max_seqs - num_taken)
-        blocks = used + np.cumsum(need[i:end])
-        fed_before = fed + (np.cumsum(pre_u[i:end]) - pre_u[i:end])  # integers: exact
-        tokens_ok = running[i:end] | (fed_before < budget)
+        blocks = blocks_at[i + 1:end + 1] + (used - blocks_at[i])
+        fed_before = fed_at[i:end] + (fed - fed_at[i])
+        run = running[i:end]
+        fits = run | (fed_before < budget)
         if grow is None:
-            blocks_ok = blocks <= max_blocks
+            fits &= blocks <= max_blocks
         else:
-            before = reserved + np.concatenate(([0.0], np.cumsum(grow[i:end])))
-            limit = np.where(running[i:end], max_blocks, (max_blocks - before[:-1]) - grow[i:end])
-            blocks_ok = blocks <= limit
-        fits = blocks_ok & tokens_ok
-        k = end - i if fits.all() else int(np.argmin(fits))
+            # NOTE: the reserves are summed per run, from ``reserved`` (floats: the order of
+            # the additions is part of the decision).
+            before = reserved + np.concatenate(([0.0], grow[i:end].cumsum()))
+            fits &= blocks <= np.where(run, max_blocks, (max_blocks - before[:-1]) - grow[i:end])
+        k = int(fits.argmin())
+        if fits[k]:
+            k = end - i
         if k:
             taken.append(np.arange(i, i + k))
             num_taken += k
             used = int(blocks[k - 1])
-            fed = int(fed_before[k - 1] + pre_u[i + k - 1])
+            fed += int(fed_at[i + k] - fed_at[i])
             if grow is not None:
                 reserved = float(before[k])
             i += k
             continue
-        if not backfill:
+        # Candidate i does not fit: with backfill, skip to the next one that fits what is left.
+        nxt = _next_fit(need, running, grow, i + 1, used, max_blocks, reserved, fed < budget) if backfill else None
+        if nxt is None:
             break
-        # Candidate i does not fit: skip to the next one that fits what is left.
-        rest = slice(i + 1, n)
-        if grow is None:
-            ok = need[rest] <= max_blocks - used
-        else:
-            ok = used + need[rest] <= np.where(running[rest], max_blocks, (max_blocks - reserved) - grow[rest])
-        ok &= running[rest] | (fed < budget)
-        nxt = np.flatnonzero(ok)
-        if not len(nxt):
-            break
-        i += 1 + int(nxt[0])
-    positions = np.concatenate(taken) if taken else np.zeros(0, dtype=np.int64)
+        i = nxt
+    positions = taken[0] if len(taken) == 1 else np.concatenate(taken) if taken else np.zeros(0, dtype=np.int64)
     return positions, feeds(uncomputed[positions], decode[positions], budget)
+
+
+def _next_fit(need: np.ndarray, running: np.ndarray, grow: np.ndarray | None, start: int, used: int,
+              max_blocks: int, reserved: float, can_start: bool) -> int | None:
+    """The first position from ``start`` on that fits the blocks left (``used`` of
+    ``max_blocks``, and for a job that is not running the reserves: ``reserved`` so far and
+    its own) and the tokens (a job that is not running only if ``can_start``); None: none."""
+    rest = slice(start, len(need))
+    if grow is None:
+        ok = need[rest] <= max_blocks - used
+    else:
+        ok = used + need[rest] <= np.where(running[rest], max_blocks, (max_blocks - reserved) - grow[rest])
+    if not can_start:
+        ok &= running[rest]
+    nxt = int(ok.argmax()) if len(ok) else 0
+    return start + nxt if len(ok) and ok[nxt] else None
+
+
+def _take_running(need: np.ndarray, running: np.ndarray, start: int, num_seqs: int, num_blocks: int,
+                  backfill: bool) -> np.ndarray | None:
+    """Positions from ``start`` on that the walk takes once the step's prefill tokens are
+    spent: the running jobs in order (without backfill, up to the first job that is not
+    running), when all of them up to ``num_seqs`` fit ``num_blocks``; None when the blocks
+    bind (then the walk goes on a run at a time)."""
+    run = running[start:]
+    if not backfill:
+        stop = int(run.argmin())
+        if run[stop]:
+            stop = len(run)
+        run = run[:stop]
+    positions = run.nonzero()[0][:num_seqs] + start
+    # Strictly fewer: the walk stops once the blocks are all taken, even for a job needing none.
+    return positions if int(need[positions].sum()) < num_blocks else None
 
 
 def feeds(uncomputed: np.ndarray, decode: np.ndarray, budget: int) -> np.ndarray:
     """Tokens each taken job feeds: 1 for a decode; chunks of the prefill budget in order."""
     pre_u = np.where(decode, 0, uncomputed)
-    before = np.cumsum(pre_u) - pre_u  # integers: exact
+    before = pre_u.cumsum() - pre_u  # integers: exact
     chunk = np.minimum(np.maximum(budget - before, 0), pre_u)
     return np.where(decode, 1, chunk)
