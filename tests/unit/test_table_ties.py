@@ -39,6 +39,8 @@ def test_tie_order_is_the_slots_by_label_through_adds_discards_and_growth() -> N
 
 def test_stable_argsort_is_numpys_stable_sort_with_and_without_ties() -> None:
     rng = np.random.default_rng(0)
-    for keys in (rng.random(300), rng.integers(0, 20, 300).astype(float), np.array([2.0, np.nan, 1.0, np.nan]),
-                 np.zeros(0), np.ones(1)):
+    few_ties = rng.random(300)
+    few_ties[rng.integers(0, 300, 15)] = few_ties[rng.integers(0, 300, 15)]  # a few runs of equal keys
+    for keys in (rng.random(300), rng.integers(0, 20, 300).astype(float), few_ties, np.sort(few_ties),
+                 np.array([2.0, np.nan, 1.0, np.nan]), np.array([1.0, 1.0, np.nan]), np.zeros(0), np.ones(1)):
         assert stable_argsort(keys).tolist() == np.argsort(keys, kind="stable").tolist()

@@ -274,10 +274,25 @@ class StepPlanner:
 
 
 def stable_argsort(keys: np.ndarray) -> np.ndarray:
-    """``np.argsort(keys, kind="stable")``, by the faster unstable sort where the sorted keys
-    strictly increase (no two equal, no NaN): then the order is the same."""
-    perm = np.argsort(keys)
+    """``np.argsort(keys, kind="stable")``, by the faster unstable sort: where the sorted keys
+    strictly increase (no two equal, no NaN) the order is the same; where some are equal, only
+    the runs of equal keys are put back in position order (a sort of those rows alone)."""
+    if (keys[1:] >= keys[:-1]).all():  # in order already (fcfs: the candidates come by arrival)
+        return np.arange(len(keys))
+    perm = keys.argsort()
     ordered = keys[perm]
-    if not (ordered[1:] > ordered[:-1]).all():
-        return np.argsort(keys, kind="stable")
+    rises = ordered[1:] > ordered[:-1]
+    if rises.all():
+        return perm
+    same = ordered[1:] == ordered[:-1]
+    if not (rises | same).all():  # NaN
+        return keys.argsort(kind="stable")
+    tied = np.zeros(len(keys), dtype=bool)
+    tied[1:] = same
+    tied[:-1] |= same
+    rows = tied.nonzero()[0]
+    if 4 * len(rows) > len(keys):  # mostly ties: the stable sort is the cheaper
+        return keys.argsort(kind="stable")
+    # The tied rows' keys are in order already; sorting by (key, position) orders each run.
+    perm[rows] = perm[rows[np.lexsort((perm[rows], ordered[rows]))]]
     return perm
