@@ -55,9 +55,6 @@ def select(need: np.ndarray, uncomputed: np.ndarray, running: np.ndarray, budget
         budget = min(budget, budgets.max_prefill_tokens)
     max_seqs, max_blocks = budgets.max_num_seqs, budgets.max_num_blocks
     pre_u = np.where(decode, 0, uncomputed)
-    # Sums before each position (integers: exact), so a run's running sums are two reads.
-    blocks_at = np.concatenate(([0], need.cumsum()))
-    fed_at = np.concatenate(([0], pre_u.cumsum()))
     taken: list[np.ndarray] = []
     num_taken = used = fed = 0
     reserved = 0.0
@@ -69,8 +66,9 @@ def select(need: np.ndarray, uncomputed: np.ndarray, running: np.ndarray, budget
                 taken.append(tail)
                 break
         end = min(n, i + max_seqs - num_taken)
-        blocks = blocks_at[i + 1:end + 1] + (used - blocks_at[i])
-        fed_before = fed_at[i:end] + (fed - fed_at[i])
+        blocks = need[i:end].cumsum() + used
+        fed_after = pre_u[i:end].cumsum() + fed
+        fed_before = fed_after - pre_u[i:end]
         run = running[i:end]
         fits = run | (fed_before < budget)
         if grow is None:
@@ -87,7 +85,7 @@ def select(need: np.ndarray, uncomputed: np.ndarray, running: np.ndarray, budget
             taken.append(np.arange(i, i + k))
             num_taken += k
             used = int(blocks[k - 1])
-            fed += int(fed_at[i + k] - fed_at[i])
+            fed = int(fed_after[k - 1])
             if grow is not None:
                 reserved = float(before[k])
             i += k
@@ -98,7 +96,7 @@ def select(need: np.ndarray, uncomputed: np.ndarray, running: np.ndarray, budget
             break
         i = nxt
     positions = taken[0] if len(taken) == 1 else np.concatenate(taken) if taken else np.zeros(0, dtype=np.int64)
-    return positions, feeds(uncomputed[positions], decode[positions], budget)
+    return positions, feeds(pre_u[positions], decode[positions], budget)
 
 
 def _next_fit(need: np.ndarray, running: np.ndarray, grow: np.ndarray | None, start: int, used: int,
@@ -134,9 +132,9 @@ def _take_running(need: np.ndarray, running: np.ndarray, start: int, num_seqs: i
     return positions if int(need[positions].sum()) < num_blocks else None
 
 
-def feeds(uncomputed: np.ndarray, decode: np.ndarray, budget: int) -> np.ndarray:
-    """Tokens each taken job feeds: 1 for a decode; chunks of the prefill budget in order."""
-    pre_u = np.where(decode, 0, uncomputed)
-    before = pre_u.cumsum() - pre_u  # integers: exact
-    chunk = np.minimum(np.maximum(budget - before, 0), pre_u)
+def feeds(prefill: np.ndarray, decode: np.ndarray, budget: int) -> np.ndarray:
+    """Tokens each taken job feeds: 1 for a decode; chunks of the prefill budget in order
+    (``prefill``: each job's uncomputed tokens, 0 for a decode)."""
+    before = prefill.cumsum() - prefill  # integers: exact
+    chunk = np.minimum(np.maximum(budget - before, 0), prefill)
     return np.where(decode, 1, chunk)
