@@ -27,7 +27,6 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable
-from itertools import compress
 
 import numpy as np
 
@@ -103,9 +102,10 @@ class StepPlanner:
         table, cap = self.table, view.capacity
         owner = table.owner
         mine = owner == view.index
-        rslots = np.flatnonzero(mine & table.is_running)
-        gen = table.num_tokens[rslots] - table.num_prompt_tokens[rslots]
-        done = (gen >= table.max_tokens[rslots]) | (table.num_tokens[rslots] >= cap.max_model_len)
+        rslots = (mine & table.is_running).nonzero()[0]
+        num_tokens = table.num_tokens[rslots]
+        done = ((num_tokens - table.num_prompt_tokens[rslots] >= table.max_tokens[rslots])
+                | (num_tokens >= cap.max_model_len))
         held = 0
         if done.any():
             finishing = rslots[done]
@@ -114,7 +114,7 @@ class StepPlanner:
             held = int((-(-private // cap.block_size)).sum())
         waiting = (owner == WAITING) & (table.num_tokens < cap.max_model_len)
         if len(self.workers) > 1:
-            self.router.route_new(np.flatnonzero(owner == WAITING), self.latency.correction, self._prefix_saving_s)
+            self.router.route_new((owner == WAITING).nonzero()[0], self.latency.correction, self._prefix_saving_s)
             if view.jobs:  # an idle worker takes jobs routed elsewhere rather than idle
                 waiting &= table.route == view.index
         tied = table.tie_order
@@ -135,7 +135,7 @@ class StepPlanner:
         if policy.preemptive:
             perm = stable_argsort(keys)
         else:
-            first, rest = np.flatnonzero(cands.running), np.flatnonzero(~cands.running)
+            first, rest = cands.running.nonzero()[0], (~cands.running).nonzero()[0]
             perm = np.concatenate((first[stable_argsort(keys[first])], rest[stable_argsort(keys[rest])]))
         reserve = policy.reserve_tokens(cands)
         return slots[perm], None if reserve is None else reserve[perm]
@@ -152,7 +152,7 @@ class StepPlanner:
         taken_free = np.zeros(len(order), dtype=np.int64)
         # A step takes at most max_num_seqs jobs, so the lookups stop at that many waiting ones
         # (bounded work per plan); one ranked below them that backfill takes starts uncached.
-        for i in np.flatnonzero(table.owner[order] == WAITING)[:view.capacity.max_num_seqs].tolist():
+        for i in (table.owner[order] == WAITING).nonzero()[0][:view.capacity.max_num_seqs].tolist():
             hits[i], taken_free[i] = view.prefix.lookup(table.jobs[order[i]])
         return -(-(private - hits) // bs) + taken_free, hits
 
@@ -169,18 +169,19 @@ class StepPlanner:
                 held: int, hits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         cap, table = view.capacity, self.table
         grow = None if reserve is None else reserve / cap.block_size
-        uncomputed, running = table.uncomputed(order) - hits, table.is_running[order]
+        num_tokens, running = table.num_tokens[order], table.is_running[order]
+        uncomputed = num_tokens - table.num_computed_tokens[order] - hits
         budgets = Budgets(cap.max_num_seqs, cap.num_device_blocks - held, cap.max_num_batched_tokens,
-                          self._prefill_allowance(order, running & (uncomputed == 1)))
+                          self._prefill_allowance(num_tokens, running & (uncomputed == 1)))
         return select(need, uncomputed, running, budgets, self.policy.backfill, grow)
 
-    def _prefill_allowance(self, order: np.ndarray, decoding: np.ndarray) -> int | None:
+    def _prefill_allowance(self, num_tokens: np.ndarray, decoding: np.ndarray) -> int | None:
         """Prompt tokens the step may add beside its decodes (``LatencyModel.chunk_allowance``),
         at least ``MIN_CHUNK_TOKENS`` so prompts always progress; None where unpriced."""
         latency = self.latency
         if not latency.measured or not self.prefill_step_ratio:
             return None
-        context = int(self.table.num_tokens[order[decoding]].sum())
+        context = int(num_tokens[decoding].sum())
         allowance = latency.chunk_allowance(int(np.count_nonzero(decoding)), context, self.prefill_step_ratio)
         return None if allowance is None else max(allowance, MIN_CHUNK_TOKENS)
 
@@ -190,7 +191,7 @@ class StepPlanner:
         table, cap = self.table, view.capacity
         left = table.owner[order] == view.index
         left[taken] = False
-        positions = np.flatnonzero(left)
+        positions = left.nonzero()[0]
         if not len(positions):
             return []
         paused = table.jobs[order[positions]].tolist()
@@ -198,7 +199,7 @@ class StepPlanner:
         if self.memory.uses_waits:  # the wait of a job: the remaining time of every job ahead
             table.fill_remaining(order)
             remaining_s = table.remaining_base_s[order] * self.latency.correction
-            ahead = np.concatenate(([0.0], np.cumsum(remaining_s)))
+            ahead = np.concatenate(([0.0], remaining_s.cumsum()))
             waits = dict(zip([job.job_id for job in paused], ahead[positions].tolist(), strict=True))
         host_used = int(table.num_host_blocks[table.owner == view.index].sum())
         moves = self.memory.plan(paused, waits, cap, cap.num_device_blocks - used,
@@ -247,7 +248,7 @@ class StepPlanner:
     def _advance(self, view: WorkerView, chosen: np.ndarray, feed: np.ndarray) -> tuple[dict[str, int], set[str]]:
         """Projects the step onto the jobs it feeds: (plan chunks, jobs that output a token)."""
         table = self.table
-        fed = feed > 0
+        fed = feed.nonzero()[0]  # feeds are never negative
         slots, n = chosen[fed], feed[fed]
         # The table's token counts are the jobs' own: only this projection and ``_put`` change
         # them (a report confirms one pending token per output, which leaves the count as is).
@@ -255,14 +256,12 @@ class StepPlanner:
         computed = num_computed + n
         out = computed == num_tokens
         jobs = table.jobs[slots].tolist()
-        # Plain loops, one per field: most jobs fed are decodes (one token, one output).
-        for job, k in zip(jobs, computed.tolist(), strict=True):
+        # One plain loop: most jobs fed are decodes (one token, one output).
+        for job, k, o in zip(jobs, computed.tolist(), out.tolist(), strict=True):
             job.num_computed_tokens = k
-        outputs: set[str] = set()
-        for job in compress(jobs, out.tolist()):
-            job.num_pending_outputs += 1
-            outputs.add(job.job_id)
-        chunks = {jobs[i].job_id: int(n[i]) for i in np.flatnonzero(num_tokens - num_computed > 1).tolist()}
+            job.num_pending_outputs += o
+        outputs = set(table.job_ids[slots[out]].tolist())
+        chunks = {jobs[i].job_id: int(n[i]) for i in (num_tokens - num_computed > 1).nonzero()[0].tolist()}
         if view.prefix is not None:  # the blocks the worker allocates for the feed
             bs = view.capacity.block_size
             for job, k in zip(jobs, computed.tolist(), strict=True):

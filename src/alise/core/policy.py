@@ -33,8 +33,8 @@ at most about R / aging_rate seconds of waiting.
 from __future__ import annotations
 
 import abc
+from collections.abc import Callable
 from dataclasses import dataclass
-from functools import cached_property
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -56,6 +56,22 @@ DEFAULT_CONFIG = SchedulingConfig()
 STARVED_BOOST_S = 1e6
 
 
+class _Gathered:
+    """A column of :class:`Candidates`, computed on its first read and kept in the instance
+    (``functools.cached_property`` without its lock: one thread plans)."""
+
+    def __init__(self, func: Callable[[Candidates], np.ndarray]) -> None:
+        self.func = func
+        self.name = func.__name__
+        self.__doc__ = func.__doc__
+
+    def __get__(self, obj: Candidates | None, owner: type | None = None) -> np.ndarray:
+        if obj is None:
+            raise AttributeError(f"{self.name} is read from candidates, not their class")
+        value = obj.__dict__[self.name] = self.func(obj)
+        return value
+
+
 class Candidates:
     """Jobs a step ranks, as aligned numpy columns (one row a job), each gathered from the
     core's job table on its first read: a policy pays only for the columns it reads (fcfs
@@ -68,41 +84,41 @@ class Candidates:
     def __len__(self) -> int:
         return len(self._slots)
 
-    @cached_property
+    @_Gathered
     def running(self) -> np.ndarray:
         """bool: in the worker's running batch."""
         return self._table.is_running[self._slots]
 
-    @cached_property
+    @_Gathered
     def arrival_s(self) -> np.ndarray:
         return self._table.arrival_s[self._slots]
 
-    @cached_property
+    @_Gathered
     def queued_s(self) -> np.ndarray:
         """Waited or paused so far (closed spells)."""
         return self._table.queued_s[self._slots]
 
-    @cached_property
+    @_Gathered
     def idle_since_s(self) -> np.ndarray:
         """Start of the current wait (idle jobs)."""
         return self._table.idle_since_s[self._slots]
 
-    @cached_property
+    @_Gathered
     def prompt_tokens(self) -> np.ndarray:
         return self._table.num_prompt_tokens[self._slots]
 
-    @cached_property
+    @_Gathered
     def generated(self) -> np.ndarray:
         """Output tokens once the planned steps have run."""
         return self._table.num_tokens[self._slots] - self.prompt_tokens
 
-    @cached_property
+    @_Gathered
     def remaining_s(self) -> np.ndarray:
         """Estimated remaining execution time before the correction."""
         self._table.fill_remaining(self._slots)
         return self._table.remaining_base_s[self._slots]
 
-    @cached_property
+    @_Gathered
     def tokens_left(self) -> np.ndarray:
         """Estimated remaining output tokens."""
         self._table.fill_remaining(self._slots)
@@ -138,11 +154,11 @@ class RemainingTimeEstimator:
         tokens = self.remaining_tokens_arrays(done, max_tokens, mean, p90)
         per_token = lat.decode_member_base_s(num_tokens + tokens / 2, self.typical_batch)
         seconds = tokens * per_token
-        if np.ndim(num_tokens) == 0:
+        if not isinstance(num_tokens, np.ndarray):
             feed = lat.recompute_base_s(num_tokens, num_computed) if num_tokens - num_computed > 1 else 0.0
             return feed + seconds, tokens
         # Mostly decoding jobs (one token left): the feed is priced only where it is not 0.
-        fed = np.flatnonzero(num_tokens - num_computed > 1)
+        fed = (num_tokens - num_computed > 1).nonzero()[0]
         if len(fed):
             seconds = seconds.copy()
             seconds[fed] += lat.recompute_base_s(num_tokens[fed], num_computed[fed])

@@ -117,6 +117,8 @@ class JobTable:
         self.ties = TieLabels()
         self._epoch = 0
         self.jobs = np.full(capacity, None, dtype=object)
+        #: ``jobs[slot].job_id`` (None where free).
+        self.job_ids = np.full(capacity, None, dtype=object)
         self.slot_of: dict[str, int] = {}
         # The occupied slots in increasing tie label (``tie_order``), kept by every add and
         # discard: a relabelling keeps the order, so it never rebuilds this.
@@ -142,6 +144,7 @@ class JobTable:
             slot = self._free.pop()
             self.slot_of[job.job_id] = slot
             self.jobs[slot] = job
+            self.job_ids[slot] = job.job_id
             self.route[slot] = -1
             self.tie_label[slot], pos = self.ties.add(job)
             if self.ties.epoch != self._epoch:
@@ -169,7 +172,7 @@ class JobTable:
         slot = self.slot_of.pop(job.job_id, None)
         if slot is None:
             return
-        self.jobs[slot] = None
+        self.jobs[slot] = self.job_ids[slot] = None
         self.owner[slot] = FREE
         self._free.append(slot)
         pos = self.ties.remove(job)
@@ -208,9 +211,6 @@ class JobTable:
         """The policy's view of the jobs at ``slots`` (columns gathered as the policy reads them)."""
         return Candidates(self, slots)
 
-    def uncomputed(self, slots: np.ndarray) -> np.ndarray:
-        return self.num_tokens[slots] - self.num_computed_tokens[slots]
-
     # ----------------------------------------------------------------- storage
 
     def _retie(self) -> None:
@@ -222,7 +222,7 @@ class JobTable:
     def _grow(self) -> None:
         old = len(self.jobs)
         new = 2 * old
-        for name in ("jobs", "_by_tie", *_COLUMNS):
+        for name in ("jobs", "job_ids", "_by_tie", *_COLUMNS):
             col = getattr(self, name)
             grown = np.full(new, None, dtype=object) if col.dtype == object else np.zeros(new, dtype=col.dtype)
             grown[:old] = col
