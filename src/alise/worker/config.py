@@ -85,6 +85,11 @@ class WorkerConfig:
     step_log: str = ""
     #: Capture CUDA graphs for decode steps at start-up (CUDA with Triton only; off: eager).
     cuda_graphs: bool = True
+    #: Launch the next step before this one's tokens reach the host, its decodes' input ids
+    #: taken on the device (vLLM's async scheduling; the paged runner on one device, others
+    #: run steps one after another). Same tokens and reports; the step log's seconds are each
+    #: step's own device time.
+    async_steps: bool = False
     #: Check and time the fused kernels at start-up and keep the fastest per shape (CUDA with
     #: Triton; off: the plain torch path).
     fast_kernels: bool = True

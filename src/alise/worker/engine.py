@@ -18,6 +18,12 @@ was in flight would run to its end on a worker whose scheduler no longer knows i
 Prefix caching (``KvManager.start``): an admit may name leading tokens the worker's prefix
 cache holds; the sequence starts with those blocks as computed and feeds only the rest.
 
+Overlapped steps (``launch`` then ``finish``, ``alise worker --async-steps``): ``run`` split so
+that the next plan's step is launched before this one's tokens are on the host. A sequence that
+sampled in the step in flight decodes that token (its id gathered on the device, ``Feed.
+source_row``) unless the host already knows the token ends it (its length); one that stops on
+the token has its next one dropped at ``finish``. The reports are ``run``'s.
+
 Token arithmetic (mirrored by ``alise.core.job``): a sequence of ``n`` tokens whose first ``c``
 positions are cached feeds tokens ``[c, c + k)`` in a step and needs ``ceil((c + k) / block_size)``
 blocks for it; when ``c + k = n`` the step samples one token, which is appended (not cached).
@@ -62,15 +68,21 @@ class Feed:
     seq: Sequence
     start: int
     num_tokens: int
+    #: An overlapped step's decode whose one token the step before sampled and has not handed
+    #: to the host yet: the row of that step's sampled ids holding it (None: the token is in
+    #: ``seq.token_ids``).
+    source_row: int | None = None
 
     @property
     def token_ids(self) -> list[int]:
+        if self.source_row is not None:
+            return [0]  # a placeholder: the executor takes the id on the device
         return self.seq.token_ids[self.start:self.start + self.num_tokens]
 
     @property
     def samples(self) -> bool:
         """The feed reaches the end of the sequence: the step samples its next token."""
-        return self.start + self.num_tokens == self.seq.num_tokens
+        return self.source_row is not None or self.start + self.num_tokens == self.seq.num_tokens
 
 
 class Executor(Protocol):
@@ -85,6 +97,22 @@ class Executor(Protocol):
     def execute(self, feeds: list[Feed]) -> tuple[list[int], float]:
         """Runs one step over ``feeds`` (their K/V written to the sequences' blocks); returns
         the token sampled for each feed that ``samples``, in order, and the step's seconds."""
+
+    # Overlapped steps (``WorkerEngine.launch``), where ``can_overlap`` is true:
+    # ``launch(feeds, previous_handle) -> handle`` and ``collect(handle) -> (tokens, seconds)``.
+
+
+@dataclass(eq=False)
+class LaunchedStep:
+    """A step on the device whose sampled tokens the host has not read yet (``launch``)."""
+
+    plan: StepPlan
+    report: StepReport
+    #: The feeds that sample, in the order of the step's sampled ids.
+    sampled: list[Feed]
+    #: The executor's handle on the step (None: nothing ran).
+    handle: object | None = None
+    shape: tuple[int, int, list[int], list[int]] | None = None
 
 
 class WorkerEngine:
@@ -203,13 +231,76 @@ class WorkerEngine:
         refused = self.apply(plan.commands)
         report = self.step(plan) if plan.run_step else StepReport(step_id=plan.step_id)
         report.refused = refused + report.refused
+        self._ran(plan.step_id)
+        return self._seal(plan, report)
+
+    def _ran(self, step_id: int) -> None:
+        """Plan ``step_id``'s commands have been applied: aborts waiting for it are done."""
+        self.last_step_id = step_id
+        if self.aborted:
+            self.aborted = {job_id: t for job_id, t in self.aborted.items() if t > step_id}
+
+    def _seal(self, plan: StepPlan, report: StepReport) -> StepReport:
         report.num_free_device_blocks = self.kv.num_free_device
         if plan.census:
             report.census_job_ids = list(self.seqs)
-        self.last_step_id = plan.step_id
-        if self.aborted:
-            self.aborted = {job_id: t for job_id, t in self.aborted.items() if t > plan.step_id}
         return report
+
+    # ----------------------------------------------------------------- overlapped steps
+
+    def can_overlap(self, previous: LaunchedStep, plan: StepPlan) -> bool:
+        """Whether ``plan`` may be launched before ``previous``'s tokens are read: not after a
+        census (its report counts what is left right after it), nor when the plan pauses a job
+        whose token is in flight (whether that token ends the job decides the KV action)."""
+        if previous.plan.census:
+            return False
+        in_flight = {f.seq.job_id for f in previous.sampled}
+        return not any(isinstance(c, Pause) and c.job_id in in_flight for c in plan.commands)
+
+    def launch(self, plan: StepPlan, previous: LaunchedStep | None = None) -> LaunchedStep:
+        """``run`` split in two: applies the plan's commands and queues its step on the device
+        (``executor.launch``); ``finish`` reads its tokens and makes its report. ``previous``:
+        the step launched before and not finished yet (``can_overlap`` said yes); a sequence
+        that samples there decodes that token here, its id taken on the device. The reports
+        are the synchronous ones: a sequence that ends with ``previous``'s token is not fed
+        when the host knows it (its length), else its token from this step is dropped."""
+        refused = self.apply(plan.commands)
+        report = StepReport(step_id=plan.step_id)
+        launched = LaunchedStep(plan, report, [])
+        if plan.run_step:
+            pending = self._pending(previous) if previous is not None else None
+            feeds = self._feeds(plan, report, pending)
+            if feeds:
+                self.kv.wait_ready([f.seq for f in feeds])
+                launched.handle = self.executor.launch(feeds, previous.handle if pending else None)
+                launched.shape = self._count(report, feeds)
+                launched.sampled = [f for f in feeds if f.samples]
+                for feed in feeds:
+                    feed.seq.num_cached = feed.start + feed.num_tokens
+        report.refused = refused + report.refused
+        self._ran(plan.step_id)
+        return launched
+
+    def finish(self, launched: LaunchedStep) -> StepReport:
+        """Waits for a launched step's tokens; its report (``run``'s)."""
+        report = launched.report
+        if launched.handle is not None:
+            tokens, report.step_duration_s = self.executor.collect(launched.handle)
+            self.last_step_shape = launched.shape
+            self._take(report, launched.sampled, tokens)
+        return self._seal(launched.plan, report)
+
+    def _pending(self, previous: LaunchedStep) -> dict[str, int | None]:
+        """The sequences whose token ``previous`` sampled: their row of its sampled ids, None
+        where the token ends the sequence by length (``_append``'s rule, one token ahead)."""
+        pending = {}
+        for row, feed in enumerate(previous.sampled):
+            seq = feed.seq
+            if self.seqs.get(seq.job_id) is seq:
+                ends = (seq.num_generated + 1 >= seq.sampling.max_tokens
+                        or seq.num_tokens + 1 >= self.max_model_len)
+                pending[seq.job_id] = None if ends else row
+        return pending
 
     def step(self, plan: StepPlan) -> StepReport:
         """One model step over the running sequences (see the module doc)."""
@@ -219,6 +310,16 @@ class WorkerEngine:
             return report
         self.kv.wait_ready([f.seq for f in feeds])  # swapped-in jobs run once their blocks are back
         tokens, report.step_duration_s = self.executor.execute(feeds)
+        self.last_step_shape = self._count(report, feeds)
+        sampled = [f for f in feeds if f.samples]
+        for feed in feeds:
+            feed.seq.num_cached = feed.start + feed.num_tokens
+        self._take(report, sampled, tokens)
+        return report
+
+    @staticmethod
+    def _count(report: StepReport, feeds: list[Feed]) -> tuple[int, int, list[int], list[int]]:
+        """The step's figures into ``report``; returns its shape (``last_step_shape``)."""
         lens = [f.num_tokens for f in feeds if f.num_tokens > 1]
         starts = [f.start for f in feeds if f.num_tokens > 1]
         report.num_seqs = len(feeds)
@@ -226,21 +327,30 @@ class WorkerEngine:
         report.chunks = list(zip(starts, lens, strict=True))
         report.num_prefill_tokens = sum(lens)
         report.num_decode_tokens = len(feeds) - len(lens)
-        self.last_step_shape = (report.num_seqs, report.num_context_tokens, lens, starts)
-        sampled = iter(tokens)
-        for feed in feeds:
-            feed.seq.num_cached = feed.start + feed.num_tokens
-            if feed.samples:
-                report.outputs.append(self._append(feed.seq, next(sampled)))
-        return report
+        return report.num_seqs, report.num_context_tokens, lens, starts
 
-    def _feeds(self, plan: StepPlan, report: StepReport) -> list[Feed]:
-        """Each running sequence's feed, with its blocks grown to cover it."""
+    def _take(self, report: StepReport, sampled: list[Feed], tokens: list[int]) -> None:
+        """Appends each sampled token to its sequence. A sequence gone since the step was
+        launched (it finished at the step before, whose tokens were still on the device) has
+        its token dropped: the synchronous engine would not have fed it."""
+        for feed, token in zip(sampled, tokens, strict=True):
+            if self.seqs.get(feed.seq.job_id) is feed.seq:
+                report.outputs.append(self._append(feed.seq, token))
+
+    def _feeds(self, plan: StepPlan, report: StepReport, pending: dict[str, int | None] | None = None) -> list[Feed]:
+        """Each running sequence's feed, with its blocks grown to cover it. ``pending``: the
+        sequences whose next token the step before has sampled but the host has not read, each
+        with its row of that step's sampled ids (None: the token ends the sequence by length,
+        so it is not fed)."""
+        pending = pending or {}
         feeds = []
         for job_id, seq in list(self.seqs.items()):
             if seq.paused:
                 continue
-            left = seq.num_tokens - seq.num_cached
+            row = pending.get(job_id, -1)
+            if row is None:
+                continue
+            left = seq.num_tokens - seq.num_cached + (row >= 0)
             n = 1 if left == 1 else plan.chunks.get(job_id, 0)
             if not n:
                 continue
@@ -256,7 +366,7 @@ class WorkerEngine:
                     self._refuse(report, seq, "step", f"no free block ({missing} missing)")
                     continue
                 seq.block_table.extend(ids)
-            feeds.append(Feed(seq, seq.num_cached, n))
+            feeds.append(Feed(seq, seq.num_cached, n, row if row >= 0 else None))
         return feeds
 
     def _refuse(self, report: StepReport, seq: Sequence, what: str, reason: str) -> None:

@@ -178,7 +178,7 @@ class Worker:
             await call.write(self.hello())
             self._scheduler_id = ""
             self.engine.new_session()
-            steps = StepLoop(self, asyncio.get_running_loop())
+            steps = StepLoop(self, asyncio.get_running_loop(), overlap=self.config.async_steps)
             read = asyncio.ensure_future(self._read(call, steps))
             write = asyncio.ensure_future(self._write(call, steps))
             ends = [read, write, asyncio.ensure_future(steps.failed.wait()),
@@ -265,11 +265,15 @@ class Worker:
     def execute(self, plan: StepPlan, waited_s: float | None = None) -> StepReport:
         """Runs one plan on the engine (in the step thread); ``waited_s``: how long it waited
         for this plan with jobs running (None: it had none)."""
+        return self.record(self.engine.run(plan), waited_s)
+
+    def record(self, report: StepReport, waited_s: float | None = None) -> StepReport:
+        """A step's report into the metrics and the step log (``execute``'s, and that of an
+        overlapped step, ``alise.worker.step_loop``, once its tokens are read)."""
         if waited_s is not None:
             self.metrics.plan_wait.observe(waited_s)
-        report = self.engine.run(plan)
         if self._step_log is not None and report.step_duration_s > 0:
-            self._log_step(plan.step_id, report.step_duration_s, waited_s)
+            self._log_step(report.step_id, report.step_duration_s, waited_s)
         m = self.metrics
         if report.step_duration_s > 0:
             m.step.observe(report.step_duration_s)

@@ -5,6 +5,14 @@ The event loop reads the scheduler's stream and hands each plan (``submit``) and
 as the step before it is done. Aborts wait in a queue of their own and are all applied at the
 next step boundary, before the next plan, however many plans are queued: a cancelled job
 costs no step beyond the one running. An idle thread is woken to apply them at once.
+
+Overlapped (``overlap``, ``alise worker --async-steps``): when the next plan is already queued
+as a step is launched, the thread launches that plan's step too (``WorkerEngine.launch``, its
+decodes' ids taken on the device) before it waits for the first step's tokens and sends its
+report, so the device runs one step while the host reports the last and prepares the next.
+It finishes the step in flight first (no overlap there) when no plan is queued, before
+aborts, at the end, and where ``WorkerEngine.can_overlap`` says no: aborts and KV actions then
+meet the jobs exactly as the synchronous loop would.
 """
 
 from __future__ import annotations
@@ -18,7 +26,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from alise.core.commands import AbortJobs, StepPlan, StepReport
-from alise.worker.engine import WorkerEngine
+from alise.worker.engine import LaunchedStep, WorkerEngine
 
 logger = logging.getLogger(__name__)
 
@@ -44,8 +52,22 @@ class StepHost(Protocol):
     def count_cycle(self, wait_s: float, execute_s: float, report: StepReport) -> None:
         """Where one cycle's time went: waiting for the plan, executing it."""
 
+    def record(self, report: StepReport, waited_s: float | None) -> StepReport:
+        """An overlapped step's report, once its tokens are read, into metrics and logs."""
+
     def step_failed(self) -> None:
         """A step raised (its jobs may be half-advanced)."""
+
+
+@dataclass(frozen=True)
+class _InFlight:
+    """A launched step: when, how long the thread waited for its plan, and that wait as
+    ``StepHost.execute``'s ``waited_s`` (None: no job was running)."""
+
+    step: LaunchedStep
+    started_s: float
+    wait_s: float
+    waited_s: float | None
 
 
 class StepLoop:
@@ -56,14 +78,19 @@ class StepLoop:
     a kernel error) sets ``failed``: its sequences may be half-advanced, so the session ends,
     every job goes back to the scheduler and the worker reconnects with a clean engine."""
 
-    def __init__(self, worker: StepHost, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, worker: StepHost, loop: asyncio.AbstractEventLoop, *, overlap: bool = False) -> None:
         self.worker = worker
+        can = getattr(worker.engine.executor, "can_overlap", False)
+        if overlap and not can:
+            logger.warning("async steps need the paged runner on one device; steps run one after another")
+        self.overlap = overlap and can
         self.loop = loop
         self.reports: asyncio.Queue = asyncio.Queue()
         self.failed = asyncio.Event()
         self._plans: queue.SimpleQueue[StepPlan | WakeUp | Close] = queue.SimpleQueue()
         self._aborts: queue.SimpleQueue[AbortJobs] = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._run, name="worker-steps", daemon=True)
+        run = self._run_overlapped if self.overlap else self._run
+        self._thread = threading.Thread(target=run, name="worker-steps", daemon=True)
         self._thread.start()
 
     def submit(self, plan: StepPlan) -> None:
@@ -102,15 +129,79 @@ class StepLoop:
                     done_s = now
                     busy = report.step_duration_s > 0 and engine.num_running > 0
 
-    def _execute(self, plan: StepPlan, waited_s: float | None) -> StepReport | None:
-        """Runs the plan and sends its report back; None when the step raised."""
+    def _run_overlapped(self) -> None:
+        """``_run`` with each step launched, when its successor is queued, before its tokens
+        are read (the module doc)."""
+        engine = self.worker.engine
+        self._done_s, self._busy = time.monotonic(), False
+        flight: _InFlight | None = None
+        while True:
+            item = self._take(block=flight is None)
+            aborts = self._drain_aborts()
+            if flight is not None and (item is None or aborts or not isinstance(item, StepPlan)
+                                       or not engine.can_overlap(flight.step, item)):
+                if not self._finish(flight):
+                    return
+                flight = None
+            for abort in aborts:
+                engine.abort(abort.job_ids, abort.through_step_id)
+            match item:
+                case Close():
+                    return
+                case StepPlan() as plan:
+                    started = time.monotonic()
+                    # A step launched behind another waited for nothing; one launched after a
+                    # wait for its plan waited that long (with jobs running: the device idled).
+                    wait_s = 0.0 if flight else max(0.0, started - self._done_s)
+                    waited_s = wait_s if self._busy and flight is None else None
+                    step = self._guard(plan.step_id, engine.launch, plan, flight.step if flight else None)
+                    if step is None or (flight is not None and not self._finish(flight)):
+                        return
+                    flight = _InFlight(step, started, wait_s, waited_s)
+                case WakeUp():
+                    pass  # the aborts above were all it came for
+
+    def _take(self, *, block: bool) -> StepPlan | WakeUp | Close | None:
+        """The next plan or signal; None when none is queued and ``block`` is off."""
+        if block:
+            return self._plans.get()
         try:
-            report = self.worker.execute(plan, waited_s)
+            return self._plans.get_nowait()
+        except queue.Empty:
+            return None
+
+    def _drain_aborts(self) -> list[AbortJobs]:
+        aborts = []
+        while not self._aborts.empty():
+            aborts.append(self._aborts.get())
+        return aborts
+
+    def _finish(self, flight: _InFlight) -> bool:
+        """Reads a launched step's tokens and sends its report; False when that raised."""
+        report = self._guard(flight.step.plan.step_id, self.worker.engine.finish, flight.step)
+        if report is None:
+            return False
+        report = self.worker.record(report, flight.waited_s)
+        self.loop.call_soon_threadsafe(self.reports.put_nowait, report)
+        self._done_s = time.monotonic()
+        self._busy = report.step_duration_s > 0 and self.worker.engine.num_running > 0
+        self.worker.count_cycle(flight.wait_s, self._done_s - flight.started_s, report)
+        return True
+
+    def _guard(self, step_id: int, call, *args):
+        """``call(*args)``; None when it raised (the session ends, as in ``_execute``)."""
+        try:
+            return call(*args)
         except Exception:
-            logger.exception("step %d failed; this worker's jobs go back to the scheduler and it "
-                             "reconnects", plan.step_id)
+            logger.exception("step %d failed; this worker's jobs go back to the scheduler and it reconnects",
+                             step_id)
             self.worker.step_failed()
             self.loop.call_soon_threadsafe(self.failed.set)
             return None
-        self.loop.call_soon_threadsafe(self.reports.put_nowait, report)
+
+    def _execute(self, plan: StepPlan, waited_s: float | None) -> StepReport | None:
+        """Runs the plan and sends its report back; None when the step raised."""
+        report = self._guard(plan.step_id, self.worker.execute, plan, waited_s)
+        if report is not None:
+            self.loop.call_soon_threadsafe(self.reports.put_nowait, report)
         return report

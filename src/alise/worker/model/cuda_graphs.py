@@ -13,6 +13,9 @@ Padding rows feed token 0 at position 0 with slot -1 (the Triton page write skip
 slots) and a context of 1 over block 0, which is read but never written; their logits are
 discarded. Nothing in a step synchronizes with the host; the caller's read-back of sampled
 tokens is the only sync, and the next :meth:`DecodeInputs.fill` waits for the previous upload.
+An overlapped step (:mod:`alise.worker.model.overlap`) is filled and uploaded while the step
+before it runs: its copy into the static buffers is queued behind that step's graph on the
+same stream, so a graph never reads the next step's inputs.
 
 A mixed step (prefill chunks at any start position beside decodes, as chunked prefill feeds
 them) has two shapes, its row count ``T`` and its sequence count ``S``; both are padded up to a
@@ -32,6 +35,7 @@ import numpy as np
 import torch
 
 from alise.worker.model.attention import AttentionMetadata, UnifiedStep
+from alise.worker.model.overlap import TokenGather
 
 logger = logging.getLogger(__name__)
 
@@ -170,8 +174,9 @@ class DecodeGraphs:
     def is_captured(self) -> bool:
         return bool(self._graphs)
 
-    def run(self, chunks: Sequence[DecodeChunk]) -> torch.Tensor:
-        """Logits ``[len(chunks), vocab]`` (float32, a fresh tensor) of one decode step.
+    def run(self, chunks: Sequence[DecodeChunk], gather: TokenGather | None = None) -> torch.Tensor:
+        """Logits ``[len(chunks), vocab]`` (float32, a fresh tensor) of one decode step;
+        ``gather`` writes ids still on the device over the uploaded ones (stream-ordered).
 
         Before :meth:`capture` (or on the CPU) the same padded static-buffer step runs eagerly,
         which is how the CPU tests check the buffers and the padding.
@@ -179,6 +184,8 @@ class DecodeGraphs:
         bucket = pick_bucket(len(chunks), self.buckets)
         self.inputs.fill(chunks, bucket)
         self.inputs.upload()
+        if gather is not None:
+            gather.apply(self.inputs.split(self.inputs.device_buffer, bucket)[0])
         if bucket in self._graphs:
             graph, logits = self._graphs[bucket]
             graph.replay()
@@ -360,8 +367,9 @@ class MixedGraphs:
         self.token_buckets = [t for t in self.token_buckets if t in keep]
         self._graphs = {b: g for b, g in self._graphs.items() if b[0] in keep}
 
-    def run(self, chunks: Sequence, wants_logits: Sequence[bool]) -> torch.Tensor:
-        """Float32 logits (a fresh tensor) of the last row of each chunk that wants them.
+    def run(self, chunks: Sequence, wants_logits: Sequence[bool], gather: TokenGather | None = None) -> torch.Tensor:
+        """Float32 logits (a fresh tensor) of the last row of each chunk that wants them
+        (``gather``: as :meth:`DecodeGraphs.run`).
 
         Before :meth:`capture` (or on the CPU) the same padded static-buffer step runs eagerly,
         which is how the CPU tests check the buffers and the padding.
@@ -369,6 +377,8 @@ class MixedGraphs:
         bucket = self.pick(sum(len(c.token_ids) for c in chunks), len(chunks))
         num_wanted = self.inputs.fill(chunks, *bucket, wants_logits)
         self.inputs.upload()
+        if gather is not None:
+            gather.apply(self.inputs.split(self.inputs.device_buffer, *bucket)[0])
         graph = self._graphs.get(bucket)
         if graph is not None:
             graph.replay()

@@ -2,7 +2,8 @@
 
 ``ModelExecutor`` is the ``Executor`` the engine (``alise.worker.engine``) calls with a step's
 feeds. Only the feeds that reach the end of their sequence are sampled; a prefill chunk that
-stops short of it writes its K/V and yields nothing. ``make_worker_engine`` puts a runner,
+stops short of it writes its K/V and yields nothing. ``launch`` / ``collect``
+(:mod:`alise.worker.model.overlap`) are the same step, split for overlapped steps. ``make_worker_engine`` puts a runner,
 its KV manager and this executor together.
 """
 
@@ -16,10 +17,11 @@ from alise.worker.engine import Feed, WorkerEngine
 from alise.worker.kv_manager import KvManager
 from alise.worker.model.chunk import SeqChunk
 from alise.worker.model.kv_offload import TorchKvMover
+from alise.worker.model.overlap import OverlappedSteps
 from alise.worker.model.sampler import Sampler, make_generator
 
 
-class ModelExecutor:
+class ModelExecutor(OverlappedSteps):
     def __init__(self, runner) -> None:
         self.runner = runner
         self.sampler = Sampler()

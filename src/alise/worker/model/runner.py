@@ -46,6 +46,7 @@ from alise.worker.model.kernel_plan import KernelPlan, LayerOps
 from alise.worker.model.kv_cache import KVCache, KVShape
 from alise.worker.model.kv_cache import kv_cache_dtype as kv_cache_dtype_of
 from alise.worker.model.loader import LoadedModel
+from alise.worker.model.overlap import TokenGather
 from alise.worker.model.tp_shard import local_spec
 
 logger = logging.getLogger(__name__)
@@ -247,28 +248,32 @@ class ModelRunner(RunnerBase, DecoderPass):
     def _table_width(self) -> int:
         return -(-self.max_model_len // self.block_size)
 
-    def execute(self, chunks: list[SeqChunk], *, all_logits: bool = False,
-                seq_ids: list[str] | None = None) -> torch.Tensor | list[torch.Tensor]:
+    def execute(self, chunks: list[SeqChunk], *, all_logits: bool = False, seq_ids: list[str] | None = None,
+                gather: TokenGather | None = None) -> torch.Tensor | list[torch.Tensor]:
         """One forward step over ``chunks``; writes their K/V and returns float32 logits.
 
         Default: ``[num_wanted, vocab]``, the logits after the last token of each chunk whose
         ``needs_logits`` is set (all by default), in chunk order. ``all_logits=True``: a list with
         ``[len(token_ids), vocab]`` per chunk. ``seq_ids`` is ignored: the block tables are all
-        the per-sequence state this runner needs.
+        the per-sequence state this runner needs. ``gather``: input ids still on the device (an
+        overlapped step's decode rows take the ids the step before sampled; their ``token_ids``
+        are placeholders), written over the uploaded ids in stream order before the forward.
         """
         self._validate(chunks)
         wants = [c.needs_logits for c in chunks]
         if not all_logits:
             if self.decode_graphs is not None and all(wants) and self.decode_graphs.can_run(chunks):
-                return self.decode_graphs.run(chunks)
+                return self.decode_graphs.run(chunks, gather)
             if self.mixed_graphs is not None and self.mixed_graphs.can_run(chunks):
-                return self.mixed_graphs.run(chunks, wants)
+                return self.mixed_graphs.run(chunks, wants, gather)
         num_tokens = [len(c.token_ids) for c in chunks]
         meta = build_attention_metadata([c.start_pos for c in chunks], num_tokens,
                                         [c.block_table for c in chunks], block_size=self.block_size,
                                         device=self.device, min_batched_fresh=self.min_batched_fresh,
                                         unified_config=self.plan.unified_config(sum(num_tokens)))
         input_ids = torch.tensor([t for c in chunks for t in c.token_ids], dtype=torch.int64).to(self.device)
+        if gather is not None:
+            gather.apply(input_ids)
         with torch.inference_mode():
             hidden = self._forward(input_ids, meta)
             if all_logits:

@@ -1,0 +1,168 @@
+"""Overlapped steps: step n+1 is launched before step n's sampled tokens reach the host.
+
+The synchronous step reads its sampled ids back with ``.tolist()``, so the device idles while
+the worker builds the report, takes the next plan and prepares the next step. With overlap
+(``alise worker --async-steps``), :meth:`OverlappedSteps.launch` queues a step's forward and
+sampling on the device and starts an asynchronous copy of its sampled ids into a pinned host
+buffer (:class:`SampledIds`), returning at once; the next step is launched behind it, its
+decode rows taking their input ids on the device from the step before (:class:`TokenGather`);
+only then does :meth:`OverlappedSteps.collect` wait for the first step's ids.
+
+NOTE: nothing in a launch may wait for the device's queue, or the overlap is lost: every
+host-to-device copy goes through pinned memory, non-blocking (:class:`PinnedUploads`; a pageable
+``torch.tensor(..., device=cuda)`` waits for the stream). Ordering needs no waits: one compute
+stream runs step n, then step n+1's uploads into the static graph buffers, its token gather,
+its forward; the KV mover's side stream waits for that stream before each copy. On the CPU
+every launch completes before it returns, so the same code runs serially.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from alise.worker.model.chunk import SeqChunk
+
+
+class PinnedUploads:
+    """Host-to-device copies of small arrays that never block the host on the device's queue.
+
+    A ring of pinned buffers: a slot is refilled only once its last copy has left it (its
+    event), ``num_slots`` uploads later, by which time the step that made it has finished."""
+
+    def __init__(self, device: torch.device, num_slots: int = 32) -> None:
+        self.device = device
+        self.on_cuda = device.type == "cuda"
+        self._slots: list[dict] = [{} for _ in range(num_slots)]
+        self._events: list[torch.cuda.Event | None] = [None] * num_slots
+        self._next = 0
+
+    def __call__(self, values: Sequence, dtype: torch.dtype) -> torch.Tensor:
+        if not self.on_cuda:
+            return torch.tensor(values, dtype=dtype, device=self.device)
+        i = self._next
+        self._next = (i + 1) % len(self._slots)
+        if self._events[i] is not None:
+            self._events[i].synchronize()
+        n = len(values)
+        host = self._slots[i].get(dtype)
+        if host is None or host.numel() < n:
+            host = torch.empty(max(n, 256), dtype=dtype, pin_memory=True)
+            self._slots[i][dtype] = host
+        host.numpy()[:n] = np.asarray(values)
+        out = torch.empty(n, dtype=dtype, device=self.device)
+        out.copy_(host[:n], non_blocking=True)
+        event = self._events[i] or torch.cuda.Event()
+        event.record()
+        self._events[i] = event
+        return out
+
+
+@dataclass(frozen=True)
+class TokenGather:
+    """Input ids still on the device: row ``rows[i]`` of a step's flat input ids (chunks in
+    order, their tokens concatenated) is ``source[source_rows[i]]``, the id the step before
+    sampled. Applied after the step's host ids are uploaded and before its forward."""
+
+    rows: torch.Tensor
+    source_rows: torch.Tensor
+    source: torch.Tensor
+
+    def apply(self, input_ids: torch.Tensor) -> None:
+        input_ids.index_copy_(0, self.rows, self.source.index_select(0, self.source_rows))
+
+
+@dataclass(eq=False)
+class SampledIds:
+    """A launched step's sampled ids: on the device (``ids``, what the next step gathers from)
+    and on their way into a pinned host buffer (``host``, complete once ``ready`` has fired)."""
+
+    ids: torch.Tensor | None
+    host: torch.Tensor | None
+    ready: torch.cuda.Event | None
+    #: CUDA: events around the step's work on the stream; CPU: perf_counter at launch and return.
+    started: object
+    ended: object
+
+    def tokens(self) -> list[int]:
+        if self.ids is None:
+            return []
+        if self.ready is not None:
+            self.ready.synchronize()
+        return self.host.tolist()
+
+    def seconds(self) -> float:
+        """The step's own time: on CUDA between its events on the stream (it starts when the
+        step before it ends there), else the launch's wall time."""
+        if isinstance(self.started, float):
+            return self.ended - self.started
+        self.ended.synchronize()
+        return self.started.elapsed_time(self.ended) / 1e3
+
+
+class OverlappedSteps:
+    """``launch`` and ``collect`` of :class:`alise.worker.model.executor.ModelExecutor` (which
+    sets ``runner``, ``sampler`` and the ``execute`` they mirror)."""
+
+    @property
+    def can_overlap(self) -> bool:
+        """One device with the paged runner (a tensor-parallel step broadcasts its tokens from
+        the host; the transformers runner takes no device-side ids)."""
+        return getattr(self.runner, "tp", True) is None
+
+    def _overlap_state(self) -> tuple[PinnedUploads, list[torch.Tensor]]:
+        state = getattr(self, "_overlap", None)
+        if state is None:
+            on_cuda = self.runner.device.type == "cuda"
+            # Two host buffers: step n's is read after step n+1 has been launched into the other.
+            buffers = [torch.empty(self.runner.max_num_seqs, dtype=torch.int64, pin_memory=on_cuda)
+                       for _ in range(2)]
+            state = self._overlap = (PinnedUploads(self.runner.device), buffers)
+        return state
+
+    def _clock(self) -> object:
+        if self.runner.device.type != "cuda":
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def launch(self, feeds: list, previous: SampledIds | None) -> SampledIds:
+        """Queues one step over ``feeds`` (the engine's ``Feed``); a feed whose ``source_row``
+        is set takes its one input id from row ``source_row`` of ``previous``'s sampled ids."""
+        upload, buffers = self._overlap_state()
+        started = self._clock()
+        chunks = [SeqChunk(f.token_ids, f.start, f.seq.block_table, needs_logits=f.samples) for f in feeds]
+        gather = None
+        flat = np.cumsum([0] + [f.num_tokens for f in feeds])
+        pairs = [(int(flat[i]), f.source_row) for i, f in enumerate(feeds) if f.source_row is not None]
+        if pairs:
+            both = upload([row for row, _ in pairs] + [src for _, src in pairs], torch.int64)
+            gather = TokenGather(both[:len(pairs)], both[len(pairs):], previous.ids)
+        logits = self.runner.execute(chunks, gather=gather)
+        seqs = [f.seq for f in feeds if f.samples]
+        ids = host = ready = None
+        if seqs:
+            ids = self.sampler.sample_ids(logits, [s.sampling for s in seqs], [s.generator for s in seqs],
+                                          upload=upload)
+            self._flip = 1 - getattr(self, "_flip", 0)
+            buffer = buffers[self._flip]
+            if buffer.numel() < len(seqs):
+                buffer = buffers[self._flip] = torch.empty(len(seqs), dtype=torch.int64,
+                                                           pin_memory=buffer.is_pinned())
+            host = buffer[:len(seqs)]
+            host.copy_(ids, non_blocking=True)
+            if self.runner.device.type == "cuda":
+                ready = torch.cuda.Event()
+                ready.record()
+        return SampledIds(ids, host, ready, started, self._clock())
+
+    @staticmethod
+    def collect(launched: SampledIds) -> tuple[list[int], float]:
+        """Waits for a launched step: its sampled ids (in the order of its sampling feeds) and
+        its seconds."""
+        return launched.tokens(), launched.seconds()

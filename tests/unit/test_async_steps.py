@@ -1,0 +1,188 @@
+"""Overlapped steps (``alise worker --async-steps``) against the synchronous engine, on a real
+tiny model on the CPU: the same plans give the same token streams, finish reasons and
+refusals, over chunked prefills, decodes, a job stopping while it is in the next plan, a job
+ending by length, an abort, a swap and a drop with their resumes, greedy and seeded sampling.
+
+The plans are made once, by a planner that watches the synchronous engine (chunks of at most
+``CHUNK`` tokens, commands from a script), then replayed on a fresh engine step by step as
+the overlapped step loop does: each plan launched before the step ahead of it is finished
+unless ``WorkerEngine.can_overlap`` says no or aborts are waiting.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from alise.core.commands import Admit, KvAction, Pause, Resume, StepPlan
+from alise.core.job import FinishReason
+from alise.core.sampling import SamplingParams
+from alise.worker.engine import WorkerEngine
+from alise.worker.kernels.triton_unified import UnifiedConfig
+from alise.worker.model.executor import make_worker_engine
+from alise.worker.model.kernel_plan import KernelPlan
+from alise.worker.model.loader import load_model
+from alise.worker.model.overlap import TokenGather
+from alise.worker.model.runner import ModelRunner
+from tinymodels import make_tiny_model_dir
+
+BLOCK_SIZE = 8
+CHUNK = 12
+NUM_STEPS = 26
+
+
+@pytest.fixture(scope="module")
+def loaded(tmp_path_factory):
+    path = make_tiny_model_dir(tmp_path_factory.mktemp("async-llama"), "llama")
+    return load_model(str(path), device="cpu")
+
+
+def make_engine(loaded, mode: str) -> WorkerEngine:
+    runner = ModelRunner(loaded, num_blocks=64, block_size=BLOCK_SIZE, max_num_seqs=8, max_num_tokens=32)
+    if mode == "graph-buffers":  # the CUDA graphs' static buffers, run eagerly on the CPU
+        runner.ops.plan = KernelPlan(unified={16: UnifiedConfig(), 32: UnifiedConfig()})
+        runner.decode_graphs = runner.make_decode_graphs(8)
+        runner.mixed_graphs = runner.make_mixed_graphs()
+    return make_worker_engine(runner, eos_token_id=None, max_model_len=loaded.max_model_len, num_host_blocks=32)
+
+
+def prompt(n: int, first: int) -> list[int]:
+    return [(first + 37 * i) % 900 + 5 for i in range(n)]
+
+
+def script(stop_token: int | None) -> tuple[dict[int, list], dict[int, list[str]]]:
+    """Commands before each step, and aborts applied before each step."""
+    greedy = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True,
+                            stop_token_ids=[stop_token] if stop_token is not None else [])
+    seeded = SamplingParams(max_tokens=9, temperature=0.8, top_p=0.9, seed=7, ignore_eos=True)
+    top_k = SamplingParams(max_tokens=40, temperature=1.0, top_k=50, seed=3, ignore_eos=True)
+    plain = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
+    commands = {
+        0: [Admit("stop", prompt(20, 1), greedy), Admit("seeded", prompt(13, 2), seeded)],
+        1: [Admit("chunked", prompt(30, 3), top_k)],
+        3: [Admit("aborted", prompt(9, 4), plain), Admit("swapped", prompt(10, 5), plain),
+            Admit("dropped", prompt(11, 6), top_k)],
+        9: [Pause("swapped", KvAction.SWAP_TO_HOST)],
+        11: [Pause("dropped", KvAction.DROP)],
+        13: [Resume("swapped")],
+        15: [Resume("dropped")],
+    }
+    return commands, {8: ["aborted"]}
+
+
+def make_plans(engine: WorkerEngine, commands: dict[int, list], aborts: dict[int, list[str]]):
+    """Runs the script synchronously, planning each step from the engine's state; returns
+    the plans and the reports."""
+    plans, reports = [], []
+    for step_id in range(NUM_STEPS):
+        if step_id in aborts:
+            engine.abort(aborts[step_id], step_id - 1)
+        cmds = commands.get(step_id, [])
+        pausing = {c.job_id for c in cmds if isinstance(c, Pause)}
+        chunks = {}
+        for job_id, seq in engine.seqs.items():
+            left = seq.num_tokens - seq.num_cached
+            if left > 1 and job_id not in pausing and (not seq.paused or Resume(job_id) in cmds):
+                chunks[job_id] = min(CHUNK, left)
+        for c in cmds:
+            if isinstance(c, Admit):
+                chunks[c.job_id] = min(CHUNK, len(c.token_ids))
+            elif isinstance(c, Resume) and engine.seqs[c.job_id].num_cached == 0:
+                chunks[c.job_id] = min(CHUNK, engine.seqs[c.job_id].num_tokens)
+        plan = StepPlan(step_id, commands=cmds, chunks=chunks, run_step=True)
+        plans.append(plan)
+        reports.append(engine.run(plan))
+    return plans, reports
+
+
+def run_overlapped(engine: WorkerEngine, plans: list[StepPlan], aborts: dict[int, list[str]]):
+    """The overlapped step loop's order (``StepLoop._run_overlapped``) with every plan queued."""
+    reports, flight = [], None
+    for plan in plans:
+        waiting = aborts.get(plan.step_id)
+        if flight is not None and (waiting or not engine.can_overlap(flight, plan)):
+            reports.append(engine.finish(flight))
+            flight = None
+        if waiting:
+            engine.abort(waiting, plan.step_id - 1)
+        step = engine.launch(plan, flight)
+        if flight is not None:
+            reports.append(engine.finish(flight))
+        flight = step
+    reports.append(engine.finish(flight))
+    return reports
+
+
+def streams(reports) -> dict[str, tuple[list[int], FinishReason | None]]:
+    out: dict[str, tuple[list[int], FinishReason | None]] = {}
+    for report in reports:
+        for o in report.outputs:
+            tokens, _ = out.get(o.job_id, ([], None))
+            out[o.job_id] = (tokens + o.token_ids, o.finish_reason)
+    return out
+
+
+def outputs(reports):
+    return [[(o.job_id, o.token_ids, o.finish_reason, o.num_tokens) for o in r.outputs] for r in reports]
+
+
+@pytest.fixture(scope="module")
+def scenario(loaded):
+    """The stop token: the fourth token the "stop" job generates when nothing stops it (one
+    not generated before it), so that job stops on it while its next step is launched."""
+    free = streams(make_plans(make_engine(loaded, "eager"), *script(None))[1])["stop"][0]
+    index = next(i for i in range(3, len(free)) if free[i] not in free[:i])
+    commands, aborts = script(free[index])
+    plans, reports = make_plans(make_engine(loaded, "eager"), commands, aborts)
+    return plans, aborts, reports, index
+
+
+@pytest.mark.parametrize("mode", ["eager", "graph-buffers"])
+def test_overlapped_steps_give_the_synchronous_tokens(loaded, scenario, mode, monkeypatch):
+    plans, aborts, expected, stop_index = scenario
+    gathered = []
+    apply = TokenGather.apply
+    monkeypatch.setattr(TokenGather, "apply", lambda self, ids: (gathered.append(len(self.rows)), apply(self, ids)))
+    got = run_overlapped(make_engine(loaded, mode), plans, aborts)
+
+    assert outputs(got) == outputs(expected)
+    assert [r.refused for r in got] == [r.refused for r in expected] and not any(r.refused for r in got)
+    assert [r.step_id for r in got] == list(range(NUM_STEPS))
+    final = streams(expected)
+    assert final["stop"] == (final["stop"][0], FinishReason.STOP) and len(final["stop"][0]) == stop_index + 1
+    assert final["seeded"][1] is FinishReason.LENGTH and len(final["seeded"][0]) == 9
+    assert "aborted" in final and final["aborted"][1] is None
+    assert len(final["swapped"][0]) > 10 and len(final["dropped"][0]) > 10  # ran on after their resumes
+    assert sum(gathered) >= 40  # most decodes took their ids on the device
+    # The stopped job was fed once more (its token dropped); the one ending by length was not.
+    stop_step = next(r.step_id for r in expected for o in r.outputs if o.job_id == "stop" and o.finish_reason)
+    seeded_step = next(r.step_id for r in expected for o in r.outputs if o.job_id == "seeded" and o.finish_reason)
+    assert got[stop_step + 1].num_seqs == expected[stop_step + 1].num_seqs + 1
+    assert got[seeded_step + 1].num_seqs == expected[seeded_step + 1].num_seqs
+
+
+@pytest.mark.parametrize("broken", ["no-gather", "stale-row"])
+def test_a_wrong_token_gather_changes_the_tokens(loaded, scenario, broken, monkeypatch):
+    """The comparison above sees the gathered ids: a gather that leaves the placeholder, or
+    takes another row's token, changes the streams."""
+    plans, aborts, expected, _ = scenario
+    if broken == "no-gather":
+        monkeypatch.setattr(TokenGather, "apply", lambda self, ids: None)
+    else:
+        apply = TokenGather.apply
+        monkeypatch.setattr(TokenGather, "apply", lambda self, ids: apply(
+            TokenGather(self.rows, self.source_rows.flip(0), self.source), ids))
+    got = run_overlapped(make_engine(loaded, "eager"), plans, aborts)
+    assert outputs(got) != outputs(expected)
+
+
+def test_no_overlap_across_a_census_or_a_pause_of_a_job_in_flight(loaded):
+    engine = make_engine(loaded, "eager")
+    greedy = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)
+    first = engine.launch(StepPlan(0, commands=[Admit("a", prompt(5, 1), greedy)], chunks={"a": 5}, run_step=True))
+    assert engine.can_overlap(first, StepPlan(1, run_step=True))
+    assert engine.can_overlap(first, StepPlan(1, commands=[Admit("b", prompt(5, 2), greedy)], run_step=True))
+    assert not engine.can_overlap(first, StepPlan(1, commands=[Pause("a", KvAction.SWAP_TO_HOST)], run_step=True))
+    engine.finish(first)
+    census = engine.launch(StepPlan(1, run_step=True, census=True))
+    assert not engine.can_overlap(census, StepPlan(2, run_step=True))
+    assert engine.finish(census).census_job_ids == ["a"]
