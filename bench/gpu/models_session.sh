@@ -6,12 +6,15 @@
 #                 against transformers and decode steps at batch 1 and 64 against the floor
 #   STAGE=served  each of those presets through `alise up --device cuda` from that install, and
 #                 bench/gpu/served_decode.py: decode time per token at batch 1 and 64, served,
-#                 beside the engine stage's floor (its families.json must be in $FLOOR)
+#                 beside the engine stage's floor (its families.json must be in $FLOOR); per
+#                 variant of SERVED_VARIANTS (default "sync"; "sync async": each preset served
+#                 twice, the second with `alise worker --async-steps`, overlapped steps)
 #   STAGE=all     families.py, then served, then the GPU tests with what is left of DEADLINE_S
 #                 (default 560 s from the start): one call when device time is short
 #   here:  bench/gpu/carry.sh     there (carry .whl .devcarry/minilm-tok):
 #          OUT=$OUT STAGE=engine bash bench/gpu/models_session.sh
 #          OUT=$OUT STAGE=served FLOOR=/tmp/families.json bash bench/gpu/models_session.sh
+#          OUT=$OUT STAGE=served SERVED_VARIANTS="sync async" FLOOR=/tmp/families.json bash bench/gpu/models_session.sh
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 PRESETS=${PRESETS:-qwen2.5-7b llama-3-8b}
@@ -48,28 +51,35 @@ families() {
 }
 served() {
     for preset in $PRESETS; do
-      [ "$(left)" -gt 120 ] || { echo "== $preset: skipped, $(left) s left"; continue; }
-      state=/tmp/st-$preset; rm -rf "$state"
+     for variant in ${SERVED_VARIANTS:-sync}; do
+      [ "$(left)" -gt 120 ] || { echo "== $preset $variant: skipped, $(left) s left"; continue; }
+      state=/tmp/st-$preset-$variant; rm -rf "$state"
+      flags=(); [ "$variant" = async ] && flags=(--async-steps)
+      # The kernel plan of the first variant is kept for the second: start-up checks and
+      # timings run once per preset.
       start=$(date +%s)
       "$venv/bin/alise" up --device cuda --model "$preset" --no-predictor --max-model-len 2048 \
-        --state-dir "$state" > "$OUT/up-$preset.txt" 2>&1 &
+        --kernel-plan "/tmp/plan-$preset.json" "${flags[@]}" \
+        --state-dir "$state" > "$OUT/up-$preset-$variant.txt" 2>&1 &
       up=$!
       for _ in $(seq $(( ${SERVE_S:-200} * 2 ))); do
-        grep -q "cluster ready" "$OUT/up-$preset.txt" && break
+        grep -q "cluster ready" "$OUT/up-$preset-$variant.txt" && break
         kill -0 "$up" 2>/dev/null || break
         sleep 0.5
       done
-      if grep -q "cluster ready" "$OUT/up-$preset.txt"; then
-        echo "== $preset: alise up ready in $(( $(date +%s) - start )) s"
+      if grep -q "cluster ready" "$OUT/up-$preset-$variant.txt"; then
+        echo "== $preset $variant: alise up ready in $(( $(date +%s) - start )) s"
         timeout 60 "$py" bench/gpu/served_decode.py --preset "$preset" --floor-json "${FLOOR:-/tmp/families.json}" \
-          --out "$OUT/served-$preset.json"
+          --variant "$variant" --out "$OUT/served-$preset-$variant.json"
         "$venv/bin/alise" status --state-dir "$state" | head -8
       else
-        echo "== $preset: alise up not ready"; tail -20 "$OUT/up-$preset.txt"; tail -n 20 "$state"/logs/*.log
+        echo "== $preset $variant: alise up not ready"; tail -20 "$OUT/up-$preset-$variant.txt"
+        tail -n 20 "$state"/logs/*.log
       fi
       kill -INT "$up" 2>/dev/null; wait "$up"
-      echo "== $preset: alise up exited with $?"
-      grep -hE "loaded |kernel plan|graphs" "$state"/logs/worker*.log 2>/dev/null | head -6
+      echo "== $preset $variant: alise up exited with $?"
+      grep -hE "loaded |kernel plan|graphs|async steps" "$state"/logs/worker*.log 2>/dev/null | head -6
+     done
     done
 }
 case ${STAGE:?} in

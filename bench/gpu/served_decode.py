@@ -3,7 +3,7 @@
 engine's bandwidth floor.
 
     python3 bench/gpu/served_decode.py --address 127.0.0.1:50051 --preset qwen2.5-7b \
-        --floor-json $OUT/families.json [--prompt-tokens 500] [--max-tokens 96]
+        --floor-json $OUT/families.json [--prompt-tokens 500] [--max-tokens 96] [--variant async]
 
 For each batch size B, B requests are sent at once through the SDK, each a prompt of
 ``--prompt-tokens`` token ids generating ``--max-tokens`` tokens (EOS ignored). The decode phase
@@ -75,6 +75,7 @@ def main() -> int:
     p.add_argument("--max-tokens", type=int, default=96)
     p.add_argument("--batches", default="1,64")
     p.add_argument("--vocab", type=int, default=30000, help="prompt ids are drawn below this")
+    p.add_argument("--variant", default="", help="a label for the served set-up (sync, async), printed and kept")
     p.add_argument("--out", default="")
     args = p.parse_args()
     floors = {}
@@ -89,12 +90,14 @@ def main() -> int:
         row["floor_ms"] = floors.get(batch, float("nan"))
         row["ratio"] = row["tpot_ms_median"] / row["floor_ms"]
         rows.append(row)
-        print(f"served {args.preset} batch {batch:>3}: decode {row['tpot_ms_median']:.3f} ms/token median "
+        row["variant"] = args.variant
+        label = f"{args.preset} {args.variant}".rstrip()
+        print(f"served {label} batch {batch:>3}: decode {row['tpot_ms_median']:.3f} ms/token median "
               f"(p90 {row['tpot_ms_p90']:.3f}, {row['measured']}/{row['requests']} requests) vs floor "
               f"{row['floor_ms']:.3f} ms -> {row['ratio']:.2f}x", flush=True)
     if args.out:
         with open(args.out, "w") as f:
-            json.dump(dict(preset=args.preset, rows=rows), f, indent=1)
+            json.dump(dict(preset=args.preset, variant=args.variant, rows=rows), f, indent=1)
     return 0
 
 
