@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field, replace
+from itertools import compress
 
 from alise.core.sampling import SamplingParams
 
@@ -29,6 +30,10 @@ class JobStatus(enum.Enum):
     RUNNING = "running"      # in the worker's active batch
     PAUSED = "paused"        # on a worker, not stepping
     FINISHED = "finished"
+
+    # Members are singletons, equal only to themselves: hashing by identity is the same
+    # contract, in C (Enum's own hashes the name in Python, and every plan looks statuses up).
+    __hash__ = object.__hash__
 
 
 #: The status changes a job may make; ``Job.transition`` refuses any other. PAUSED -> PAUSED
@@ -42,6 +47,10 @@ TRANSITIONS: dict[JobStatus, frozenset[JobStatus]] = {
 }
 #: Statuses in which a job waits (its time counts as queued).
 IDLE = frozenset({JobStatus.WAITING, JobStatus.PAUSED})
+#: ``Job.transition``'s keywords, and those each change needs (an admit: WAITING -> RUNNING).
+_KEYWORDS = ("kv", "worker_id", "admit_step_id", "reason")
+_NEEDS = {JobStatus.PAUSED: frozenset({"kv"}), JobStatus.FINISHED: frozenset({"reason"})}
+_ADMIT_NEEDS = frozenset({"worker_id", "admit_step_id"})
 
 
 class TransitionError(ValueError):
@@ -58,6 +67,8 @@ class KvPlace(enum.Enum):
     HOST = "host"
     HOST_INT8 = "host-int8"  # quantized on the device, then swapped to host memory
     HOST_INT4 = "host-int4"
+
+    __hash__ = object.__hash__  # as JobStatus's
 
 
 class FinishReason(enum.Enum):
@@ -192,12 +203,10 @@ class Job:
         (and changes nothing) on a change ``TRANSITIONS`` does not allow, or when a keyword
         the new status needs is missing or one it does not take is given.
         """
-        given = {name for name, value in (("kv", kv), ("worker_id", worker_id),
-                                          ("admit_step_id", admit_step_id), ("reason", reason))
-                 if value is not None}
+        given = frozenset(compress(_KEYWORDS, (kv is not None, worker_id is not None,
+                                               admit_step_id is not None, reason is not None)))
         admits = self.status is JobStatus.WAITING and status is JobStatus.RUNNING
-        needs = {JobStatus.PAUSED: {"kv"}, JobStatus.FINISHED: {"reason"},
-                 JobStatus.RUNNING: {"worker_id", "admit_step_id"} if admits else set()}.get(status, set())
+        needs = _ADMIT_NEEDS if admits else _NEEDS.get(status, frozenset())
         allowed = TRANSITIONS[self.status]
         if status not in allowed:
             names = ", ".join(sorted(x.value for x in allowed)) or "nothing"
