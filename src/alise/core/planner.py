@@ -274,8 +274,8 @@ class StepPlanner:
 
 def stable_argsort(keys: np.ndarray) -> np.ndarray:
     """``np.argsort(keys, kind="stable")``, by the faster unstable sort: where the sorted keys
-    strictly increase (no two equal, no NaN) the order is the same; where some are equal, only
-    the runs of equal keys are put back in position order (a sort of those rows alone)."""
+    strictly increase the order is the same; where some are equal, only the runs of equal keys
+    are put back in position order."""
     if (keys[1:] >= keys[:-1]).all():  # in order already (fcfs: the candidates come by arrival)
         return np.arange(len(keys))
     perm = keys.argsort()
@@ -283,15 +283,15 @@ def stable_argsort(keys: np.ndarray) -> np.ndarray:
     rises = ordered[1:] > ordered[:-1]
     if rises.all():
         return perm
-    same = ordered[1:] == ordered[:-1]
-    if not (rises | same).all():  # NaN
+    if np.isnan(ordered[-1]):  # NaN sorts last; with one, "not rising" is not "equal"
         return keys.argsort(kind="stable")
-    tied = np.zeros(len(keys), dtype=bool)
-    tied[1:] = same
-    tied[:-1] |= same
-    rows = tied.nonzero()[0]
-    if 4 * len(rows) > len(keys):  # mostly ties: the stable sort is the cheaper
+    pairs = (~rises).nonzero()[0].tolist()  # ordered[a] == ordered[a + 1]
+    if len(pairs) > 16:  # many ties: the stable sort is the cheaper
         return keys.argsort(kind="stable")
-    # The tied rows' keys are in order already; sorting by (key, position) orders each run.
-    perm[rows] = perm[rows[np.lexsort((perm[rows], ordered[rows]))]]
+    start = end = pairs[0]
+    for a in [*pairs[1:], -2]:
+        if a != end + 1:  # the run of equal keys ordered[start:end + 2] ends
+            perm[start:end + 2].sort()
+            start = a
+        end = a
     return perm

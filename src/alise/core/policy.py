@@ -80,6 +80,7 @@ class Candidates:
     def __init__(self, table: JobTable, slots: np.ndarray) -> None:
         self._table = table
         self._slots = slots
+        self._is_filled = False
 
     def __len__(self) -> int:
         return len(self._slots)
@@ -115,14 +116,21 @@ class Candidates:
     @_Gathered
     def remaining_s(self) -> np.ndarray:
         """Estimated remaining execution time before the correction."""
-        self._table.fill_remaining(self._slots)
+        self._fill()
         return self._table.remaining_base_s[self._slots]
 
     @_Gathered
     def tokens_left(self) -> np.ndarray:
         """Estimated remaining output tokens."""
-        self._table.fill_remaining(self._slots)
+        self._fill()
         return self._table.remaining_tokens[self._slots]
+
+    def _fill(self) -> None:
+        """Brings the remaining times up to date (once: the table does not change while a
+        step ranks)."""
+        if not self._is_filled:
+            self._table.fill_remaining(self._slots)
+            self._is_filled = True
 
 
 @dataclass
@@ -140,8 +148,9 @@ class RemainingTimeEstimator:
 
     def remaining_tokens_arrays(self, done, max_tokens, mean, p90):
         """Remaining output tokens under the misprediction rule (at least 1, at most the cap)."""
-        remaining = np.where(done < mean, mean - done,
-                             np.where(done < p90, p90 - done, done * (self.overrun_growth - 1.0)))
+        # The point estimate, else p90 (the one to count down from), else the growth rule.
+        target = np.where(done < mean, mean, p90)
+        remaining = np.where(done < target, target - done, done * (self.overrun_growth - 1.0))
         return np.maximum(np.minimum(remaining, max_tokens - done), 1.0)
 
     def remaining_base_arrays(self, done, num_tokens, num_computed, max_tokens, mean, p90):
@@ -159,8 +168,7 @@ class RemainingTimeEstimator:
             return feed + seconds, tokens
         # Mostly decoding jobs (one token left): the feed is priced only where it is not 0.
         fed = (num_tokens - num_computed > 1).nonzero()[0]
-        if len(fed):
-            seconds = seconds.copy()
+        if len(fed):  # ``seconds`` is a new array
             seconds[fed] += lat.recompute_base_s(num_tokens[fed], num_computed[fed])
         return seconds, tokens
 
