@@ -61,7 +61,7 @@ async def test_alise_with_drop_planner_serves(tiny_llama_dir):
 
     drop = SchedulingConfig(policy="alise", kv_planner="drop")
     async with cluster(str(tiny_llama_dir), scheduling=drop) as c, c.client() as client:
-        assert isinstance(c.scheduler.engine.core.memory, DropPlanner)
+        assert isinstance(c.scheduler.engine.core.planner.memory, DropPlanner)
         result = await client.complete("drop only", max_tokens=3, ignore_eos=True)
         assert len(result.token_ids) == 3
 
