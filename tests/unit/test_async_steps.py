@@ -186,3 +186,41 @@ def test_no_overlap_across_a_census_or_a_pause_of_a_job_in_flight(loaded):
     census = engine.launch(StepPlan(1, run_step=True, census=True))
     assert not engine.can_overlap(census, StepPlan(2, run_step=True))
     assert engine.finish(census).census_job_ids == ["a"]
+
+
+@pytest.mark.parametrize("stops", [False, True])
+def test_a_job_refused_while_its_token_is_in_flight_keeps_that_token(loaded, stops):
+    """Four blocks of 8: "a" (7 prompt tokens, one block) and "b" (23, three) fill them. At
+    step 2 "a" needs a second block and none is free: the synchronous engine reports its
+    step-1 token, then refuses it at step 2 (its block goes to "b"). Launched behind step 1,
+    step 2 refuses "a" before step 1's tokens are read: that token must still be reported,
+    or the scheduler finds step 1 short of a token and drops the worker. When that token stops
+    "a" (``stops``), the synchronous engine never fed "a" again: no refusal at step 2."""
+    greedy = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)
+
+    def engine():
+        runner = ModelRunner(loaded, num_blocks=4, block_size=BLOCK_SIZE, max_num_seqs=8, max_num_tokens=32)
+        return make_worker_engine(runner, eos_token_id=None, max_model_len=loaded.max_model_len,
+                                  num_host_blocks=8)
+
+    def make_plans(sampling):
+        admits = [Admit("a", prompt(7, 1), sampling), Admit("b", prompt(23, 2), greedy)]
+        return [StepPlan(0, commands=admits, chunks={"a": 7, "b": 23}, run_step=True)] + [
+            StepPlan(i, run_step=True) for i in range(1, 5)]
+
+    plans = make_plans(greedy)
+    sync = engine()
+    expected = [sync.run(plan) for plan in plans]
+    if stops:
+        second = expected[1].outputs[0].token_ids[0]
+        plans = make_plans(SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True, stop_token_ids=[second]))
+        sync = engine()
+        expected = [sync.run(plan) for plan in plans]
+        assert expected[1].outputs[0].finish_reason is FinishReason.STOP and not expected[2].refused
+    else:
+        assert [r.job_id for r in expected[2].refused] == ["a"]
+    assert [o.job_id for o in expected[1].outputs] == ["a", "b"]
+
+    got = run_overlapped(engine(), plans, {})
+    assert outputs(got) == outputs(expected)
+    assert [r.refused for r in got] == [r.refused for r in expected]

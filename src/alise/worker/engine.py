@@ -133,6 +133,10 @@ class WorkerEngine:
         #: The last step's shape as ``LatencyModel.fit`` takes it: (sequences, context tokens,
         #: chunk lengths, chunk starts); None before the first step.
         self.last_step_shape: tuple[int, int, list[int], list[int]] | None = None
+        #: Overlapped steps: sequences refused by a launch while the step before it still held
+        #: their token (job id -> the sequence, the launch's report, its refusal); ``finish``
+        #: of that step reports the token first, as the synchronous engine did.
+        self._handed_back: dict[str, tuple[Sequence, StepReport, Refusal]] = {}
 
     @property
     def allocator(self):
@@ -334,8 +338,16 @@ class WorkerEngine:
         launched (it finished at the step before, whose tokens were still on the device) has
         its token dropped: the synchronous engine would not have fed it."""
         for feed, token in zip(sampled, tokens, strict=True):
-            if self.seqs.get(feed.seq.job_id) is feed.seq:
-                report.outputs.append(self._append(feed.seq, token))
+            seq = feed.seq
+            if self.seqs.get(seq.job_id) is seq:
+                report.outputs.append(self._append(seq, token))
+            elif (held := self._handed_back.pop(seq.job_id, None)) is not None and held[0] is seq:
+                # Refused by the step launched behind this one: its token comes first, and a
+                # token that ends it means the synchronous engine never fed it again to refuse.
+                output = self._append(seq, token, release=False)
+                report.outputs.append(output)
+                if output.finish_reason is not None:
+                    held[1].refused.remove(held[2])
 
     def _feeds(self, plan: StepPlan, report: StepReport, pending: dict[str, int | None] | None = None) -> list[Feed]:
         """Each running sequence's feed, with its blocks grown to cover it. ``pending``: the
@@ -364,6 +376,8 @@ class WorkerEngine:
                     # The scheduler's accounting prevents this; hand the job back rather
                     # than run it without room for its K/V.
                     self._refuse(report, seq, "step", f"no free block ({missing} missing)")
+                    if row >= 0:
+                        self._handed_back[job_id] = (seq, report, report.refused[-1])
                     continue
                 seq.block_table.extend(ids)
             feeds.append(Feed(seq, seq.num_cached, n, row if row >= 0 else None))
@@ -374,7 +388,7 @@ class WorkerEngine:
         report.refused.append(Refusal(seq.job_id, what, reason))
         self._release(seq)
 
-    def _append(self, seq: Sequence, token: int) -> JobOutput:
+    def _append(self, seq: Sequence, token: int, *, release: bool = True) -> JobOutput:
         seq.token_ids.append(token)
         seq.num_generated += 1
         reason = None
@@ -384,7 +398,7 @@ class WorkerEngine:
         elif seq.num_generated >= seq.sampling.max_tokens or seq.num_tokens >= self.max_model_len:
             reason = FinishReason.LENGTH
         output = JobOutput(seq.job_id, [token], reason, seq.num_tokens)
-        if reason is not None:
+        if reason is not None and release:
             self._release(seq, finished=True)
         return output
 
