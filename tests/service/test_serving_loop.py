@@ -251,6 +251,29 @@ async def test_a_resumed_stream_goes_on_after_the_tokens_the_client_has(tiny_lla
             assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and fragment in err.value.details()
 
 
+async def test_a_refused_resume_decodes_none_of_its_tokens(tiny_llama_dir, monkeypatch):
+    """Resume tokens join a stream's text once its request has passed its checks (which bound
+    them by the context): a refused request of 100k of them decodes none (16 MB of them took
+    the event loop, and every stream and plan on it, 6 s before the refusal)."""
+    from alise.client._convert import build_request
+    from alise.scheduler.detokenizer import IncrementalDetokenizer
+    from alise.v1 import scheduler_pb2_grpc
+
+    decoded = []
+    add = IncrementalDetokenizer.add
+    monkeypatch.setattr(IncrementalDetokenizer, "add", lambda self, ids: decoded.append(len(ids)) or add(self, ids))
+    async with cluster(str(tiny_llama_dir)) as c:
+        request = build_request("resume me", max_tokens=12, temperature=0.0, top_p=None, top_k=0, seed=None,
+                                stop_token_ids=(), ignore_eos=True, request_id="", oracle_output_tokens=0)
+        request.resume_token_ids.extend([1] * 100_000)
+        async with grpc.aio.insecure_channel(c.address) as channel:
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                async for _ in scheduler_pb2_grpc.SchedulerServiceStub(channel).Generate(request):
+                    pass
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "request_id" in err.value.details()
+    assert max(decoded, default=0) < 100_000
+
+
 async def test_a_worker_that_lost_its_scheduler_keeps_its_jobs_for_the_next_one(tiny_llama_dir, caplog):
     """The network between the worker and the scheduler fails mid-stream (a relay resets the
     connection): the worker pauses its jobs and lists them in its next hello. A scheduler that

@@ -46,16 +46,22 @@ class IncrementalDetokenizer:
 class TextDeltas:
     """The ``text`` of one Generate call's responses: each response's token ids as a text
     delta, joined to the text of the tokens a resumed stream's client already has; left
-    empty when the request asked for tokens only (``stream_text`` false)."""
+    empty when the request asked for tokens only (``stream_text`` false).
+
+    Made before the request is checked: the client's tokens are decoded at the first
+    response, once the checks have bounded them by the context, so a refused request
+    decodes nothing (a message may carry millions)."""
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, request) -> None:
         self.want_text = not request.HasField("stream_text") or request.stream_text
         self.detok = IncrementalDetokenizer(tokenizer) if self.want_text else None
-        if self.detok is not None and request.resume_token_ids:
-            self.detok.add(list(request.resume_token_ids))
+        self._resumed = request.resume_token_ids if self.detok is not None else None
 
     def fill(self, response):
         """``response`` (a GenerateResponse) with its text delta set; returns it."""
         if self.detok is not None:
+            if self._resumed:
+                self.detok.add(list(self._resumed))
+            self._resumed = None
             response.text = self.detok.add(list(response.token_ids))
         return response
