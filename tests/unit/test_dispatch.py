@@ -94,3 +94,13 @@ def test_has_running_counts_running_jobs_only():
     [plan] = keep_in_flight(core, "w0", 0.0, plans_ahead=1)
     core.apply_report("w0", worker.run(plan), 0.01)
     assert has_running(core, "w0") and core.num_in_flight("w0") == 0
+
+
+def test_the_depth_holds_while_the_workers_pace_is_unknown():
+    """Before the worker's first report (no step time yet) plans in flight are not late: the
+    dispatch that follows a new job's admit (an estimate, another request) keeps the depth."""
+    depth = FlightDepth(2, 3)
+    assert not depth.dispatching(0.0, 0, has_running=False, step_s=0.0)
+    depth.sent(0.0, 2, 2)
+    assert not depth.dispatching(0.001, 2, has_running=True, step_s=0.0)
+    assert depth.depth == 2 and depth.num_drained == 0

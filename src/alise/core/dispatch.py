@@ -55,7 +55,9 @@ class FlightDepth:
     def dispatching(self, now_s: float, num_in_flight: int, has_running: bool, step_s: float) -> bool:
         """Whether the worker ran out of plans since the last dispatch; if so one more plan is
         kept in flight from this dispatch on."""
-        late = (self._last_s is not None and self._left_in_flight > 0
+        # No step time yet (no report, or steps that ran nothing): the pace is unknown, and
+        # no time gone is a sign.
+        late = (self._last_s is not None and self._left_in_flight > 0 and step_s > 0
                 and now_s - self._last_s > self._left_in_flight * step_s)
         if not has_running or not (num_in_flight == 0 or late):
             return False
