@@ -123,3 +123,34 @@ async def test_frozen_planning_process_fails_streams_fast_then_serves(tiny_llama
                                     timeout_s=30)
         assert len(out.token_ids) == 3
         await wait_for(lambda: not c.scheduler.engine.core.jobs)  # the failed stream's job is cancelled
+
+
+async def test_planning_process_gone_while_draining_ends_streams_resumable(tiny_llama_dir):
+    """The planning process dies while the front drains its calls (told to stop listening
+    with a long grace, then killed): the streams end at once as failed by a scheduler that
+    restarts, UNAVAILABLE and resumable (they waited for the stall watch, 2.5 s, and were
+    told the scheduler was not answering), and the front exits as for a failure."""
+    from alise.scheduler.front_wire import StopListening
+
+    async with cluster(str(tiny_llama_dir), streams_process=True) as c:
+        front = c.scheduler.server
+        async with grpc.aio.insecure_channel(c.address) as channel:
+            call = scheduler_pb2_grpc.SchedulerServiceStub(channel).Generate(scheduler_pb2.GenerateRequest(
+                text="a long story", sampling=common_pb2.SamplingParams(max_tokens=1000, ignore_eos=True)))
+            async for _ in call:
+                front._stopping = True  # what follows is this test's doing, not a failure
+                front._writer.send(StopListening(60.0))
+                await front._writer.drain()
+                await asyncio.sleep(0.5)  # the front is draining
+                front._writer.writer.transport.abort()
+                break
+
+            async def rest():
+                async for _ in call:
+                    pass
+            with pytest.raises(grpc.aio.AioRpcError) as exc:
+                await asyncio.wait_for(rest(), 10)
+            trailing = dict(await call.trailing_metadata() or ())
+        assert exc.value.code() == grpc.StatusCode.UNAVAILABLE and "restarting" in exc.value.details()
+        assert trailing.get("alise-resumable") == "1"
+        assert await asyncio.wait_for(front._proc.wait(), 10) == 1

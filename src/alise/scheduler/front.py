@@ -242,9 +242,10 @@ async def _read(reader: asyncio.StreamReader, link: PlannerLink, health: grpc_se
                     case _:
                         link.deliver(message)
     except (asyncio.IncompleteReadError, ConnectionError):
+        # Draining or not (a StopListening before it), no reply comes any more.
+        logger.error("the scheduler's planning process is gone; the client front stops")
+        link.fail_all()
         if not stop.done():
-            logger.error("the scheduler's planning process is gone; the client front stops")
-            link.fail_all()
             stop.set_result(0.2)  # its calls are failed already: free the port for the restart
 
 
