@@ -76,7 +76,7 @@ def single_device(loaded):
 
 def engine_plans() -> list:
     """Plans through a tiny model's engine: two prompts in chunks beside decodes, then each KV
-    action on a paused job (swap to host, int8, drop for recompute) and its resume; greedy, so
+    action on a paused job (swap to host, int8, drop for recompute, int4) and its resume; greedy, so
     the tokens follow the logits. A random sampler's job (seeded) runs beside them."""
     from alise.core.commands import Admit, KvAction, Pause, Resume, StepPlan
     from alise.core.sampling import SamplingParams
@@ -91,7 +91,8 @@ def engine_plans() -> list:
     plans.append(StepPlan(1, run_step=True, chunks={"a": 5}))
     # A dropped job recomputes all its tokens on resume: b's 6, its token of step 0 and one for
     # each step it ran (1, 2, 5-10) make 15.
-    actions = [("b", KvAction.SWAP_TO_HOST, {}), ("a", KvAction.QUANTIZE_INT8, {}), ("b", KvAction.DROP, {"b": 15})]
+    actions = [("b", KvAction.SWAP_TO_HOST, {}), ("a", KvAction.QUANTIZE_INT8, {}), ("b", KvAction.DROP, {"b": 15}),
+               ("a", KvAction.QUANTIZE_INT4, {})]
     step = 2
     for job_id, action, chunks in actions:
         plans += [StepPlan(step, run_step=True), StepPlan(step + 1, [Pause(job_id, action)], run_step=True),

@@ -1,9 +1,11 @@
 """A tensor-parallel worker's engines (gloo, 2 processes): rank 0's driver engine, the other
 rank following its messages, serves the same tokens with the same logits as one device's engine,
 through chunked prefills beside decodes and each KV action on a paused job: swapped to host and
-back, quantized to int8 and back, dropped and recomputed. The swapped and dropped jobs resume
-with the logits of one device (float32: the all-reduces only reorder sums); the int8 one within
-the rounding of its codes."""
+back, quantized to int8 and back, dropped and recomputed, quantized to int4 and back. The swapped
+and dropped jobs resume with the logits of one device (float32: the all-reduces only reorder
+sums); the quantized ones with those of one device quantizing the same KV (each rank encodes
+its heads' groups of 32 channels, the groups one device encodes), within the rounding of a code
+that the reordered sums may tip."""
 
 from __future__ import annotations
 
@@ -31,14 +33,21 @@ def test_tp2_engine_serves_what_one_device_does(family: str, tmp_path) -> None:
 
     assert tp2["num_blocks"] == 48
     assert [r.refused for r in tp2["reports"]] == [r.refused for r in reports] == [[]] * len(reports)
+    free = [r.num_free_device_blocks for r in reports]
+    assert [r.num_free_device_blocks for r in tp2["reports"]] == free
+    # Step 15 pauses a with int4: its 24 tokens' 6 blocks shrink to ceil(6 * 5/16) = 2, and
+    # the step's decodes (b, c) take one block: 32 free before, 32 + 4 - 1 after.
+    assert (free[14], free[15]) == (32, 35)
     outputs = [[(o.job_id, o.token_ids) for o in r.outputs] for r in reports]
     assert [[(o.job_id, o.token_ids) for o in r.outputs] for r in tp2["reports"]] == outputs
     assert sum(len(o) for o in outputs) > 40
     assert len(tp2["logits"]) == len(logits)
-    int8_steps = range(7, 11)  # job a's KV quantized (steps 7-9) and dequantized (step 10 on)
+    # Job a's KV quantized to int8 (steps 7-9) and dequantized (step 10 on), to int4 (15-17).
+    first_quantized = 7
     for step, (got, want) in enumerate(zip(tp2["logits"], logits, strict=True)):
-        tol = (1e-3 if step >= int8_steps.start else 2e-5) * max(1.0, want.abs().max().item())
-        assert (got - want).abs().max().item() <= tol, f"step {step}"
+        tol = (1e-3 if step >= first_quantized else 2e-5) * max(1.0, want.abs().max().item())
+        err = (got - want).abs().max().item()
+        assert err <= tol, f"step {step}: max |TP=2 - TP=1| = {err:.3g}"
 
 
 @pytest.mark.parametrize(("fields", "message"), [
