@@ -2,7 +2,8 @@
 starts) serving a scheduler in this process, through the SDK.
 
 One scenario, as starting the ranks costs seconds: the TP worker says hello with the replica's
-capacity and serves greedy tokens; then, with streams running on it, its rank 1 is killed: the
+capacity and its rank count (which the scheduler's status and `alise status` show) and serves
+greedy tokens; then, with streams running on it, its rank 1 is killed: the
 worker exits at once with EXIT_RANK_DIED, the scheduler requeues its jobs, and a one-device
 worker that joins finishes them, each stream whole, without a gap, and serves the first prompt's
 tokens again (TP=2 and one device compute the same greedy tokens).
@@ -75,7 +76,11 @@ async def scenario(model: str, tmp_path) -> None:
             try:
                 await wait_for(lambda: _has_workers(client, 1), 120, "the TP worker never said hello")
                 [hello] = (await client.status()).workers
-                assert (hello["worker_id"], hello["num_device_blocks"]) == ("tp", NUM_BLOCKS)
+                assert (hello["worker_id"], hello["num_device_blocks"], hello["tensor_parallel_size"]) == (
+                    "tp", NUM_BLOCKS, 2)
+                status_cmd = [sys.executable, "-m", "alise.cli.main", "status", "--address", c.address]
+                shown = await asyncio.to_thread(subprocess.run, status_cmd, capture_output=True, text=True)
+                assert "worker tp: " in shown.stdout and " on cpu (TP 2)  device blocks" in shown.stdout, shown
                 tp_tokens = (await client.complete(PROMPT, max_tokens=12, ignore_eos=True, temperature=0)).token_ids
 
                 seen = [[] for _ in range(3)]
@@ -102,6 +107,7 @@ async def scenario(model: str, tmp_path) -> None:
                                                    for i in range(len(chunks))]
         one_device = (await client.complete(PROMPT, max_tokens=12, ignore_eos=True, temperature=0)).token_ids
         assert tp_tokens == one_device
+        assert [w["tensor_parallel_size"] for w in (await client.status()).workers] == [1]
 
 
 async def _has_workers(client, n: int) -> bool:

@@ -134,7 +134,8 @@ def _cmd_status(args: argparse.Namespace) -> int:
     if not status.workers:
         print("workers: none connected")
     for w in status.workers:
-        print(f"worker {w['worker_id']}: {w['model']} on {w['device']}  "
+        ranks = f" (TP {w['tensor_parallel_size']})" if w.get("tensor_parallel_size", 1) > 1 else ""
+        print(f"worker {w['worker_id']}: {w['model']} on {w['device']}{ranks}  "
               f"device blocks {w['num_free_device_blocks']}/{w['num_device_blocks']} free "
               f"(x{w['block_size']} tokens), host {w['num_free_host_blocks']}/{w['num_host_blocks']}  "
               f"running {w['num_running']} paused {w['num_paused']}  last step {w['last_step_ms']:.1f} ms")

@@ -229,6 +229,6 @@ def capacity_from_hello(hello: worker_pb2.WorkerHello) -> WorkerCapacity:
             max_model_len=hello.max_model_len, max_num_seqs=hello.max_num_seqs,
             max_num_batched_tokens=hello.max_num_batched_tokens, block_bytes=hello.block_bytes,
             model_id=hello.model_id, prefix_caching=hello.prefix_caching,
-            kv_cache_dtype=hello.kv_cache_dtype or "auto")
+            kv_cache_dtype=hello.kv_cache_dtype or "auto", tensor_parallel_size=hello.tensor_parallel_size or 1)
     except ValueError as exc:
         raise WireError(str(exc)) from exc

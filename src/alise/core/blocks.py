@@ -90,6 +90,8 @@ class WorkerCapacity:
     prefix_caching: bool = False
     #: The worker's KV pages (its kv_cache_dtype): "auto" (the model's dtype) or "fp8_e4m3".
     kv_cache_dtype: str = "auto"
+    #: Ranks (devices) its replica spans; the block counts above are the whole replica's.
+    tensor_parallel_size: int = 1
 
     @property
     def can_quantize_kv(self) -> bool:
@@ -99,7 +101,7 @@ class WorkerCapacity:
 
     def __post_init__(self) -> None:
         for name in ("block_size", "num_device_blocks", "max_model_len", "max_num_seqs",
-                     "max_num_batched_tokens"):
+                     "max_num_batched_tokens", "tensor_parallel_size"):
             value = getattr(self, name)
             if value < 1:
                 raise ValueError(f"worker {self.worker_id}: {name} must be >= 1, got {value}")

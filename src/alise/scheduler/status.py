@@ -38,6 +38,7 @@ class EngineStatus:
             cap = link.capacity
             workers.append(dict(
                 worker_id=link.worker_id, model=link.model, device=link.device,
+                tensor_parallel_size=cap.tensor_parallel_size,
                 block_size=cap.block_size, num_device_blocks=cap.num_device_blocks,
                 num_free_device_blocks=view.num_free_device_blocks if view else 0,
                 num_host_blocks=cap.num_host_blocks,

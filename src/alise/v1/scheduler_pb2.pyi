@@ -68,7 +68,7 @@ class GetStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class WorkerStatus(_message.Message):
-    __slots__ = ("worker_id", "model", "device", "block_size", "num_device_blocks", "num_free_device_blocks", "num_host_blocks", "num_free_host_blocks", "num_running", "num_paused", "last_step_ms", "num_steps", "connected_s", "num_censuses", "num_ghost_jobs", "num_missing_jobs", "num_block_deficits")
+    __slots__ = ("worker_id", "model", "device", "block_size", "num_device_blocks", "num_free_device_blocks", "num_host_blocks", "num_free_host_blocks", "num_running", "num_paused", "last_step_ms", "num_steps", "connected_s", "num_censuses", "num_ghost_jobs", "num_missing_jobs", "num_block_deficits", "tensor_parallel_size")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
@@ -86,6 +86,7 @@ class WorkerStatus(_message.Message):
     NUM_GHOST_JOBS_FIELD_NUMBER: _ClassVar[int]
     NUM_MISSING_JOBS_FIELD_NUMBER: _ClassVar[int]
     NUM_BLOCK_DEFICITS_FIELD_NUMBER: _ClassVar[int]
+    TENSOR_PARALLEL_SIZE_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     model: str
     device: str
@@ -103,7 +104,8 @@ class WorkerStatus(_message.Message):
     num_ghost_jobs: int
     num_missing_jobs: int
     num_block_deficits: int
-    def __init__(self, worker_id: _Optional[str] = ..., model: _Optional[str] = ..., device: _Optional[str] = ..., block_size: _Optional[int] = ..., num_device_blocks: _Optional[int] = ..., num_free_device_blocks: _Optional[int] = ..., num_host_blocks: _Optional[int] = ..., num_free_host_blocks: _Optional[int] = ..., num_running: _Optional[int] = ..., num_paused: _Optional[int] = ..., last_step_ms: _Optional[float] = ..., num_steps: _Optional[int] = ..., connected_s: _Optional[float] = ..., num_censuses: _Optional[int] = ..., num_ghost_jobs: _Optional[int] = ..., num_missing_jobs: _Optional[int] = ..., num_block_deficits: _Optional[int] = ...) -> None: ...
+    tensor_parallel_size: int
+    def __init__(self, worker_id: _Optional[str] = ..., model: _Optional[str] = ..., device: _Optional[str] = ..., block_size: _Optional[int] = ..., num_device_blocks: _Optional[int] = ..., num_free_device_blocks: _Optional[int] = ..., num_host_blocks: _Optional[int] = ..., num_free_host_blocks: _Optional[int] = ..., num_running: _Optional[int] = ..., num_paused: _Optional[int] = ..., last_step_ms: _Optional[float] = ..., num_steps: _Optional[int] = ..., connected_s: _Optional[float] = ..., num_censuses: _Optional[int] = ..., num_ghost_jobs: _Optional[int] = ..., num_missing_jobs: _Optional[int] = ..., num_block_deficits: _Optional[int] = ..., tensor_parallel_size: _Optional[int] = ...) -> None: ...
 
 class GetStatusResponse(_message.Message):
     __slots__ = ("policy", "workers", "num_waiting", "num_running", "num_paused", "num_finished", "predictor_state", "uptime_s", "num_preemptions", "preemptions_by_action", "model", "max_model_len", "num_admitted_tokens", "num_cached_tokens", "num_prefill_tokens")

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from alise.v1 import common_pb2 as alise_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15\x61lise/v1/worker.proto\x12\x08\x61lise.v1\x1a\x15\x61lise/v1/common.proto\"g\n\rWorkerMessage\x12&\n\x05hello\x18\x01 \x01(\x0b\x32\x15.alise.v1.WorkerHelloH\x00\x12&\n\x06report\x18\x02 \x01(\x0b\x32\x14.alise.v1.StepReportH\x00\x42\x06\n\x04kind\"\x8c\x01\n\x10SchedulerMessage\x12\"\n\x04plan\x18\x01 \x01(\x0b\x32\x12.alise.v1.StepPlanH\x00\x12&\n\x08shutdown\x18\x02 \x01(\x0b\x32\x12.alise.v1.ShutdownH\x00\x12$\n\x05\x61\x62ort\x18\x03 \x01(\x0b\x32\x13.alise.v1.AbortJobsH\x00\x42\x06\n\x04kind\"\xe1\x03\n\x0bWorkerHello\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\t\x12\x12\n\nblock_size\x18\x05 \x01(\x05\x12\x19\n\x11num_device_blocks\x18\x06 \x01(\x05\x12\x17\n\x0fnum_host_blocks\x18\x07 \x01(\x05\x12\x15\n\rmax_model_len\x18\x08 \x01(\x05\x12\x12\n\nvocab_size\x18\t \x01(\x05\x12\x13\n\x0b\x62lock_bytes\x18\x0b \x01(\x03\x12\x1c\n\x14latency_profile_json\x18\x0c \x01(\t\x12\x14\n\x0cmax_num_seqs\x18\r \x01(\x05\x12\x1e\n\x16max_num_batched_tokens\x18\x0e \x01(\x05\x12\x10\n\x08model_id\x18\x0f \x01(\t\x12$\n\theld_jobs\x18\x10 \x03(\x0b\x32\x11.alise.v1.HeldJob\x12\x1b\n\x13weights_fingerprint\x18\x11 \x01(\t\x12\x1e\n\x16held_from_scheduler_id\x18\x12 \x01(\t\x12\x16\n\x0eprefix_caching\x18\x13 \x01(\x08\x12\x16\n\x0ekv_cache_dtype\x18\x14 \x01(\tJ\x04\x08\x04\x10\x05J\x04\x08\n\x10\x0bR\x05\x64typeR\x0c\x65os_token_id\"\x85\x01\n\x07HeldJob\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x15\n\rnum_generated\x18\x03 \x01(\x05\x12*\n\x08sampling\x18\x04 \x01(\x0b\x32\x18.alise.v1.SamplingParams\x12\x14\n\x0cnum_computed\x18\x05 \x01(\x05\"\xdd\x01\n\x08StepPlan\x12\x0f\n\x07step_id\x18\x01 \x01(\x03\x12)\n\x08\x63ommands\x18\x02 \x03(\x0b\x32\x17.alise.v1.WorkerCommand\x12\x10\n\x08run_step\x18\x03 \x01(\x08\x12.\n\x06\x63hunks\x18\x04 \x03(\x0b\x32\x1e.alise.v1.StepPlan.ChunksEntry\x12\x0e\n\x06\x63\x65nsus\x18\x05 \x01(\x08\x12\x14\n\x0cscheduler_id\x18\x06 \x01(\t\x1a-\n\x0b\x43hunksEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x05:\x02\x38\x01\"5\n\tAbortJobs\x12\x0f\n\x07job_ids\x18\x01 \x03(\t\x12\x17\n\x0fthrough_step_id\x18\x02 \x01(\x03\"\x95\x01\n\rWorkerCommand\x12#\n\x05\x61\x64mit\x18\x01 \x01(\x0b\x32\x12.alise.v1.AdmitJobH\x00\x12#\n\x05pause\x18\x02 \x01(\x0b\x32\x12.alise.v1.PauseJobH\x00\x12%\n\x06resume\x18\x03 \x01(\x0b\x32\x13.alise.v1.ResumeJobH\x00\x42\x06\n\x04kindJ\x04\x08\x04\x10\x05R\x05\x61\x62ort\"\x92\x01\n\x08\x41\x64mitJob\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12*\n\x08sampling\x18\x03 \x01(\x0b\x32\x18.alise.v1.SamplingParams\x12\x15\n\rnum_generated\x18\x04 \x01(\x05\x12\x19\n\x11num_cached_tokens\x18\x05 \x01(\x05\"A\n\x08PauseJob\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12%\n\tkv_action\x18\x02 \x01(\x0e\x32\x12.alise.v1.KvAction\"\x1b\n\tResumeJob\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"\x91\x03\n\nStepReport\x12\x0f\n\x07step_id\x18\x01 \x01(\x03\x12$\n\x07outputs\x18\x02 \x03(\x0b\x32\x13.alise.v1.JobOutput\x12\x17\n\x0fstep_duration_s\x18\x03 \x01(\x01\x12\x1e\n\x16num_free_device_blocks\x18\x06 \x01(\x05\x12(\n\x07refused\x18\x08 \x03(\x0b\x32\x17.alise.v1.CommandResult\x12\x10\n\x08num_seqs\x18\x0b \x01(\x05\x12\x1a\n\x12num_context_tokens\x18\x0c \x01(\x03\x12\x14\n\x0c\x63hunk_starts\x18\r \x03(\x05\x12\x14\n\x0c\x63hunk_tokens\x18\x0e \x03(\x05\x12\x16\n\x0e\x63\x65nsus_job_ids\x18\x0f \x03(\tJ\x04\x08\x04\x10\x05J\x04\x08\x05\x10\x06J\x04\x08\x07\x10\x08J\x04\x08\t\x10\nJ\x04\x08\n\x10\x0bR\x12num_prefill_tokensR\x11num_decode_tokensR\x14num_free_host_blocksR\tkv_statesR\x11\x66ree_device_bytes\"q\n\tJobOutput\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12-\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x16.alise.v1.FinishReason\x12\x12\n\nnum_tokens\x18\x04 \x01(\x05\"@\n\rCommandResult\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07\x63ommand\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"\x1a\n\x08Shutdown\x12\x0e\n\x06reason\x18\x01 \x01(\t2S\n\rWorkerService\x12\x42\n\x07\x43onnect\x12\x17.alise.v1.WorkerMessage\x1a\x1a.alise.v1.SchedulerMessage(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15\x61lise/v1/worker.proto\x12\x08\x61lise.v1\x1a\x15\x61lise/v1/common.proto\"g\n\rWorkerMessage\x12&\n\x05hello\x18\x01 \x01(\x0b\x32\x15.alise.v1.WorkerHelloH\x00\x12&\n\x06report\x18\x02 \x01(\x0b\x32\x14.alise.v1.StepReportH\x00\x42\x06\n\x04kind\"\x8c\x01\n\x10SchedulerMessage\x12\"\n\x04plan\x18\x01 \x01(\x0b\x32\x12.alise.v1.StepPlanH\x00\x12&\n\x08shutdown\x18\x02 \x01(\x0b\x32\x12.alise.v1.ShutdownH\x00\x12$\n\x05\x61\x62ort\x18\x03 \x01(\x0b\x32\x13.alise.v1.AbortJobsH\x00\x42\x06\n\x04kind\"\xff\x03\n\x0bWorkerHello\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\t\x12\x12\n\nblock_size\x18\x05 \x01(\x05\x12\x19\n\x11num_device_blocks\x18\x06 \x01(\x05\x12\x17\n\x0fnum_host_blocks\x18\x07 \x01(\x05\x12\x15\n\rmax_model_len\x18\x08 \x01(\x05\x12\x12\n\nvocab_size\x18\t \x01(\x05\x12\x13\n\x0b\x62lock_bytes\x18\x0b \x01(\x03\x12\x1c\n\x14latency_profile_json\x18\x0c \x01(\t\x12\x14\n\x0cmax_num_seqs\x18\r \x01(\x05\x12\x1e\n\x16max_num_batched_tokens\x18\x0e \x01(\x05\x12\x10\n\x08model_id\x18\x0f \x01(\t\x12$\n\theld_jobs\x18\x10 \x03(\x0b\x32\x11.alise.v1.HeldJob\x12\x1b\n\x13weights_fingerprint\x18\x11 \x01(\t\x12\x1e\n\x16held_from_scheduler_id\x18\x12 \x01(\t\x12\x16\n\x0eprefix_caching\x18\x13 \x01(\x08\x12\x16\n\x0ekv_cache_dtype\x18\x14 \x01(\t\x12\x1c\n\x14tensor_parallel_size\x18\x15 \x01(\x05J\x04\x08\x04\x10\x05J\x04\x08\n\x10\x0bR\x05\x64typeR\x0c\x65os_token_id\"\x85\x01\n\x07HeldJob\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x15\n\rnum_generated\x18\x03 \x01(\x05\x12*\n\x08sampling\x18\x04 \x01(\x0b\x32\x18.alise.v1.SamplingParams\x12\x14\n\x0cnum_computed\x18\x05 \x01(\x05\"\xdd\x01\n\x08StepPlan\x12\x0f\n\x07step_id\x18\x01 \x01(\x03\x12)\n\x08\x63ommands\x18\x02 \x03(\x0b\x32\x17.alise.v1.WorkerCommand\x12\x10\n\x08run_step\x18\x03 \x01(\x08\x12.\n\x06\x63hunks\x18\x04 \x03(\x0b\x32\x1e.alise.v1.StepPlan.ChunksEntry\x12\x0e\n\x06\x63\x65nsus\x18\x05 \x01(\x08\x12\x14\n\x0cscheduler_id\x18\x06 \x01(\t\x1a-\n\x0b\x43hunksEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x05:\x02\x38\x01\"5\n\tAbortJobs\x12\x0f\n\x07job_ids\x18\x01 \x03(\t\x12\x17\n\x0fthrough_step_id\x18\x02 \x01(\x03\"\x95\x01\n\rWorkerCommand\x12#\n\x05\x61\x64mit\x18\x01 \x01(\x0b\x32\x12.alise.v1.AdmitJobH\x00\x12#\n\x05pause\x18\x02 \x01(\x0b\x32\x12.alise.v1.PauseJobH\x00\x12%\n\x06resume\x18\x03 \x01(\x0b\x32\x13.alise.v1.ResumeJobH\x00\x42\x06\n\x04kindJ\x04\x08\x04\x10\x05R\x05\x61\x62ort\"\x92\x01\n\x08\x41\x64mitJob\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12*\n\x08sampling\x18\x03 \x01(\x0b\x32\x18.alise.v1.SamplingParams\x12\x15\n\rnum_generated\x18\x04 \x01(\x05\x12\x19\n\x11num_cached_tokens\x18\x05 \x01(\x05\"A\n\x08PauseJob\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12%\n\tkv_action\x18\x02 \x01(\x0e\x32\x12.alise.v1.KvAction\"\x1b\n\tResumeJob\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"\x91\x03\n\nStepReport\x12\x0f\n\x07step_id\x18\x01 \x01(\x03\x12$\n\x07outputs\x18\x02 \x03(\x0b\x32\x13.alise.v1.JobOutput\x12\x17\n\x0fstep_duration_s\x18\x03 \x01(\x01\x12\x1e\n\x16num_free_device_blocks\x18\x06 \x01(\x05\x12(\n\x07refused\x18\x08 \x03(\x0b\x32\x17.alise.v1.CommandResult\x12\x10\n\x08num_seqs\x18\x0b \x01(\x05\x12\x1a\n\x12num_context_tokens\x18\x0c \x01(\x03\x12\x14\n\x0c\x63hunk_starts\x18\r \x03(\x05\x12\x14\n\x0c\x63hunk_tokens\x18\x0e \x03(\x05\x12\x16\n\x0e\x63\x65nsus_job_ids\x18\x0f \x03(\tJ\x04\x08\x04\x10\x05J\x04\x08\x05\x10\x06J\x04\x08\x07\x10\x08J\x04\x08\t\x10\nJ\x04\x08\n\x10\x0bR\x12num_prefill_tokensR\x11num_decode_tokensR\x14num_free_host_blocksR\tkv_statesR\x11\x66ree_device_bytes\"q\n\tJobOutput\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12-\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x16.alise.v1.FinishReason\x12\x12\n\nnum_tokens\x18\x04 \x01(\x05\"@\n\rCommandResult\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07\x63ommand\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"\x1a\n\x08Shutdown\x12\x0e\n\x06reason\x18\x01 \x01(\t2S\n\rWorkerService\x12\x42\n\x07\x43onnect\x12\x17.alise.v1.WorkerMessage\x1a\x1a.alise.v1.SchedulerMessage(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,31 +39,31 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SCHEDULERMESSAGE']._serialized_start=164
   _globals['_SCHEDULERMESSAGE']._serialized_end=304
   _globals['_WORKERHELLO']._serialized_start=307
-  _globals['_WORKERHELLO']._serialized_end=788
-  _globals['_HELDJOB']._serialized_start=791
-  _globals['_HELDJOB']._serialized_end=924
-  _globals['_STEPPLAN']._serialized_start=927
-  _globals['_STEPPLAN']._serialized_end=1148
-  _globals['_STEPPLAN_CHUNKSENTRY']._serialized_start=1103
-  _globals['_STEPPLAN_CHUNKSENTRY']._serialized_end=1148
-  _globals['_ABORTJOBS']._serialized_start=1150
-  _globals['_ABORTJOBS']._serialized_end=1203
-  _globals['_WORKERCOMMAND']._serialized_start=1206
-  _globals['_WORKERCOMMAND']._serialized_end=1355
-  _globals['_ADMITJOB']._serialized_start=1358
-  _globals['_ADMITJOB']._serialized_end=1504
-  _globals['_PAUSEJOB']._serialized_start=1506
-  _globals['_PAUSEJOB']._serialized_end=1571
-  _globals['_RESUMEJOB']._serialized_start=1573
-  _globals['_RESUMEJOB']._serialized_end=1600
-  _globals['_STEPREPORT']._serialized_start=1603
-  _globals['_STEPREPORT']._serialized_end=2004
-  _globals['_JOBOUTPUT']._serialized_start=2006
-  _globals['_JOBOUTPUT']._serialized_end=2119
-  _globals['_COMMANDRESULT']._serialized_start=2121
-  _globals['_COMMANDRESULT']._serialized_end=2185
-  _globals['_SHUTDOWN']._serialized_start=2187
-  _globals['_SHUTDOWN']._serialized_end=2213
-  _globals['_WORKERSERVICE']._serialized_start=2215
-  _globals['_WORKERSERVICE']._serialized_end=2298
+  _globals['_WORKERHELLO']._serialized_end=818
+  _globals['_HELDJOB']._serialized_start=821
+  _globals['_HELDJOB']._serialized_end=954
+  _globals['_STEPPLAN']._serialized_start=957
+  _globals['_STEPPLAN']._serialized_end=1178
+  _globals['_STEPPLAN_CHUNKSENTRY']._serialized_start=1133
+  _globals['_STEPPLAN_CHUNKSENTRY']._serialized_end=1178
+  _globals['_ABORTJOBS']._serialized_start=1180
+  _globals['_ABORTJOBS']._serialized_end=1233
+  _globals['_WORKERCOMMAND']._serialized_start=1236
+  _globals['_WORKERCOMMAND']._serialized_end=1385
+  _globals['_ADMITJOB']._serialized_start=1388
+  _globals['_ADMITJOB']._serialized_end=1534
+  _globals['_PAUSEJOB']._serialized_start=1536
+  _globals['_PAUSEJOB']._serialized_end=1601
+  _globals['_RESUMEJOB']._serialized_start=1603
+  _globals['_RESUMEJOB']._serialized_end=1630
+  _globals['_STEPREPORT']._serialized_start=1633
+  _globals['_STEPREPORT']._serialized_end=2034
+  _globals['_JOBOUTPUT']._serialized_start=2036
+  _globals['_JOBOUTPUT']._serialized_end=2149
+  _globals['_COMMANDRESULT']._serialized_start=2151
+  _globals['_COMMANDRESULT']._serialized_end=2215
+  _globals['_SHUTDOWN']._serialized_start=2217
+  _globals['_SHUTDOWN']._serialized_end=2243
+  _globals['_WORKERSERVICE']._serialized_start=2245
+  _globals['_WORKERSERVICE']._serialized_end=2328
 # @@protoc_insertion_point(module_scope)

@@ -26,7 +26,7 @@ class SchedulerMessage(_message.Message):
     def __init__(self, plan: _Optional[_Union[StepPlan, _Mapping]] = ..., shutdown: _Optional[_Union[Shutdown, _Mapping]] = ..., abort: _Optional[_Union[AbortJobs, _Mapping]] = ...) -> None: ...
 
 class WorkerHello(_message.Message):
-    __slots__ = ("worker_id", "model", "device", "block_size", "num_device_blocks", "num_host_blocks", "max_model_len", "vocab_size", "block_bytes", "latency_profile_json", "max_num_seqs", "max_num_batched_tokens", "model_id", "held_jobs", "weights_fingerprint", "held_from_scheduler_id", "prefix_caching", "kv_cache_dtype")
+    __slots__ = ("worker_id", "model", "device", "block_size", "num_device_blocks", "num_host_blocks", "max_model_len", "vocab_size", "block_bytes", "latency_profile_json", "max_num_seqs", "max_num_batched_tokens", "model_id", "held_jobs", "weights_fingerprint", "held_from_scheduler_id", "prefix_caching", "kv_cache_dtype", "tensor_parallel_size")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
@@ -45,6 +45,7 @@ class WorkerHello(_message.Message):
     HELD_FROM_SCHEDULER_ID_FIELD_NUMBER: _ClassVar[int]
     PREFIX_CACHING_FIELD_NUMBER: _ClassVar[int]
     KV_CACHE_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    TENSOR_PARALLEL_SIZE_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     model: str
     device: str
@@ -63,7 +64,8 @@ class WorkerHello(_message.Message):
     held_from_scheduler_id: str
     prefix_caching: bool
     kv_cache_dtype: str
-    def __init__(self, worker_id: _Optional[str] = ..., model: _Optional[str] = ..., device: _Optional[str] = ..., block_size: _Optional[int] = ..., num_device_blocks: _Optional[int] = ..., num_host_blocks: _Optional[int] = ..., max_model_len: _Optional[int] = ..., vocab_size: _Optional[int] = ..., block_bytes: _Optional[int] = ..., latency_profile_json: _Optional[str] = ..., max_num_seqs: _Optional[int] = ..., max_num_batched_tokens: _Optional[int] = ..., model_id: _Optional[str] = ..., held_jobs: _Optional[_Iterable[_Union[HeldJob, _Mapping]]] = ..., weights_fingerprint: _Optional[str] = ..., held_from_scheduler_id: _Optional[str] = ..., prefix_caching: _Optional[bool] = ..., kv_cache_dtype: _Optional[str] = ...) -> None: ...
+    tensor_parallel_size: int
+    def __init__(self, worker_id: _Optional[str] = ..., model: _Optional[str] = ..., device: _Optional[str] = ..., block_size: _Optional[int] = ..., num_device_blocks: _Optional[int] = ..., num_host_blocks: _Optional[int] = ..., max_model_len: _Optional[int] = ..., vocab_size: _Optional[int] = ..., block_bytes: _Optional[int] = ..., latency_profile_json: _Optional[str] = ..., max_num_seqs: _Optional[int] = ..., max_num_batched_tokens: _Optional[int] = ..., model_id: _Optional[str] = ..., held_jobs: _Optional[_Iterable[_Union[HeldJob, _Mapping]]] = ..., weights_fingerprint: _Optional[str] = ..., held_from_scheduler_id: _Optional[str] = ..., prefix_caching: _Optional[bool] = ..., kv_cache_dtype: _Optional[str] = ..., tensor_parallel_size: _Optional[int] = ...) -> None: ...
 
 class HeldJob(_message.Message):
     __slots__ = ("job_id", "token_ids", "num_generated", "sampling", "num_computed")

@@ -107,6 +107,7 @@ class Worker:
             max_num_batched_tokens=self.token_budget(), model_id=ident.model_id, weights_fingerprint=ident.weights,
             held_jobs=[wire.held_to_pb(job) for job in self._held], held_from_scheduler_id=self._held_from,
             prefix_caching=self.engine.kv.prefix_caching, kv_cache_dtype=cfg.kv_cache_dtype,
+            tensor_parallel_size=cfg.tensor_parallel_size,
             latency_profile_json=self.latency_model.to_json() if self.latency_model else ""))
 
     def token_budget(self) -> int:
