@@ -9,6 +9,14 @@ drops), two plans in flight per worker, census steps, two workers (routing) one 
 and replaced, and a latency model replaced mid-run. The virtual workers are the worker's own
 engine over a latency model (``alise.tools.sim.virtual_worker``).
 
+Where a virtual worker's step lasts exactly what the scheduler's model predicts, the model's
+online correction never leaves 1.0, and every decision that reads it (alise's keys and switch
+cost, the expected waits the memory planner weighs, routing) runs as if it were not there. A
+scenario with a ``drift`` therefore times its steps on a device model of its own, whose
+correction follows a triangle from ``drift[0]`` up to ``drift[1]`` and back over the run, times
+a seeded jitter of +-``JITTER``; the scheduler's model observes every report as the service does
+(``SchedulerEngine._observe_latency``), so its correction moves on every step.
+
 ``python tests/unit/plan_trace.py`` rewrites ``tests/unit/data/plan_trace.json`` from the
 current code; ``test_plan_trace.py`` compares the current code's plans with it.
 """
@@ -39,7 +47,13 @@ SCENARIOS = {
     "one": {"workers": 1, "blocks": 96, "host": 160, "seqs": 12, "tokens": 96, "ticks": 400},
     # Two workers (routing); the second is lost at tick 120 and another joins.
     "two": {"workers": 2, "blocks": 72, "host": 0, "seqs": 8, "tokens": 64, "ticks": 300},
+    # Two workers with host memory, on devices slower or faster than the model says; the blocks
+    # are OPT-13B's (16 tokens of 800 kB), so that swaps take as long as a step or two.
+    "drift": {"workers": 2, "blocks": 80, "host": 128, "seqs": 10, "tokens": 80, "ticks": 400,
+              "drift": (0.85, 1.3), "block_bytes": 16 * 800_000},
 }
+#: A drifting device's per-step jitter: its step lasts up to this fraction more or less.
+JITTER = 0.06
 PLANS_AHEAD = 2
 BLOCK_SIZE = 16
 MAX_MODEL_LEN = 512
@@ -52,6 +66,11 @@ class Driver:
         self.rng = random.Random(seed)
         self.spec = spec
         self.latency = LatencyModel.load(str(ROOT / "profiles/opt-13b-h100-roofline.json"))
+        # The devices' own timing: the scheduler's model itself unless the scenario drifts.
+        self.device = self.latency
+        if "drift" in spec:
+            self.device = LatencyModel.load(str(ROOT / "profiles/opt-13b-h100-roofline.json"))
+            self.device_rng = random.Random(f"device{seed}")  # the workload's draws stay as they are
         self.core: SchedulerCore = make_core(SchedulingConfig(policy=policy), self.latency)
         self.engines: dict[str, WorkerEngine] = {}
         self.targets: dict[str, int] = {}
@@ -67,12 +86,12 @@ class Driver:
     def add_worker(self, worker_id: str, *, prefix_caching: bool) -> None:
         s = self.spec
         self.core.add_worker(WorkerCapacity(worker_id, BLOCK_SIZE, s["blocks"], s["host"], MAX_MODEL_LEN,
-                                            s["seqs"], s["tokens"], block_bytes=1 << 20,
+                                            s["seqs"], s["tokens"], block_bytes=s.get("block_bytes", 1 << 20),
                                             prefix_caching=prefix_caching))
         self.engines[worker_id] = virtual_worker(
             num_device_blocks=s["blocks"], block_size=BLOCK_SIZE, max_model_len=MAX_MODEL_LEN,
-            latency=self.latency, num_host_blocks=s["host"], target_lengths=self.targets,
-            block_bytes=1 << 20, prefix_caching=prefix_caching)
+            latency=self.device, num_host_blocks=s["host"], target_lengths=self.targets,
+            block_bytes=s.get("block_bytes", 1 << 20), prefix_caching=prefix_caching)
         self.queues[worker_id] = []
 
     def arrive(self) -> None:
@@ -117,12 +136,20 @@ class Driver:
             self.digests.append(hashlib.sha1(repr(record).encode()).hexdigest()[:10])
             self.queues[worker_id].append(plan)
 
-    def run_one(self, worker_id: str) -> float:
+    def run_one(self, worker_id: str, tick: int) -> float:
         """Runs the worker's oldest plan and applies its report; the step's seconds."""
         if not self.queues[worker_id]:
             return 0.0
+        drift = self.spec.get("drift")
+        if drift is not None:
+            low, high = drift
+            rise = 1 - abs(2 * tick / self.spec["ticks"] - 1)  # 0 -> 1 -> 0 over the run
+            self.device.correction = (low + (high - low) * rise) * self.device_rng.uniform(1 - JITTER, 1 + JITTER)
         report = self.engines[worker_id].run(self.queues[worker_id].pop(0))
         self.core.apply_report(worker_id, report, self.now_s + report.step_duration_s)
+        if drift is not None and report.step_duration_s > 0 and report.num_seqs:
+            self.latency.observe_step(report.step_duration_s, report.num_seqs, report.num_context_tokens,
+                                      [n for _, n in report.chunks], [s for s, _ in report.chunks])
         return report.step_duration_s
 
     def tick(self, tick: int) -> None:
@@ -136,7 +163,7 @@ class Driver:
             self.core.latency_changed()
         for worker_id in sorted(self.engines):
             self.plan(worker_id, tick)
-        self.now_s += max([self.run_one(w) for w in sorted(self.engines)] + [0.001])
+        self.now_s += max([self.run_one(w, tick) for w in sorted(self.engines)] + [0.001])
 
     def run(self) -> dict:
         for tick in range(self.spec["ticks"]):
