@@ -4,7 +4,7 @@ in two chunks beside decodes, a late joiner, decodes), eagerly and through the g
 buffers (the mixed-step and decode paths serving takes).
 
 Each rank loads its slices straight from the checkpoint (safetensors ``get_slice``; the routed
-experts, stored one module per expert, are read whole and cut). Besides the families' cases:
+experts, stored one module per expert, each expert's slices). Besides the families' cases:
 OPT, a Llama with one KV head (replicated on both ranks), and a checkpoint in shards with an
 index. Tolerance: 2e-5 x max(1, max |logit|) (float32; the all-reduces only reorder sums).
 """
@@ -127,13 +127,66 @@ def test_each_rank_reads_its_slices_of_the_checkpoint(family: str, overrides: di
     assert torch.equal(torch.cat([w for w, _ in pairs])[:vocab], full.model.get_input_embeddings().weight)
 
 
-def test_routed_experts_checkpoints_are_cut_after_a_whole_load(tmp_path, caplog) -> None:
-    path = make_tiny_model_dir(tmp_path, "mixtral")
-    config = load_model(str(path)).config
-    model = build_sharded(path, config, describe(config), RankOf(1, 2), torch.device("cpu"),
-                          dict(dtype=torch.float32), 0)
-    assert "loading it whole on the host" in caplog.text
-    assert model.model.layers[0].mlp.experts.down_proj.shape[2] == config.intermediate_size // 2
+class _SpiedFile:
+    """A safe_open handle whose slices note the shape of every read, by tensor name."""
+
+    def __init__(self, handle, reads: dict) -> None:
+        self.handle, self.reads = handle, reads
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.handle.__exit__(*exc)
+
+    def keys(self):
+        return self.handle.keys()
+
+    def get_slice(self, key: str):
+        tensor, reads = self.handle.get_slice(key), self.reads
+
+        class Spied:
+            get_shape, get_dtype = tensor.get_shape, tensor.get_dtype
+
+            def __getitem__(self, index):
+                out = tensor[index]
+                reads.setdefault(key, []).append(tuple(out.shape))
+                return out
+        return Spied()
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
+def test_each_rank_reads_its_slice_of_every_expert(family: str, tmp_path, caplog, monkeypatch) -> None:
+    """Routed experts stored one module per expert (Mixtral's w1/w3/w2 under block_sparse_moe,
+    Qwen3-MoE's gate/up/down_proj): each rank reads half of each expert's tensors, never a
+    whole one, and holds what cutting transformers' fused experts would give it. (Their TP=2
+    logits: the families' cases above, which load the same way.)"""
+    from safetensors import safe_open
+
+    from alise.worker.model import tp_load
+    from alise.worker.model.tp_shard import take
+
+    path = make_tiny_model_dir(tmp_path, family)
+    full = load_model(str(path))
+    spec = describe(full.config)
+    reads: dict[str, list[tuple[int, ...]]] = {}
+    monkeypatch.setattr(tp_load, "safe_open", lambda *a, **kw: _SpiedFile(safe_open(*a, **kw), reads))
+    ranks = [build_sharded(path, full.config, spec, RankOf(r, 2), torch.device("cpu"), dict(dtype=torch.float32), 0)
+             for r in (0, 1)]
+    assert "loading it whole" not in caplog.text
+    with safe_open(str(path / "model.safetensors"), framework="pt") as f:
+        experts = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys() if ".experts." in k}
+    moe_layers = sum(layer.moe for layer in spec.layers)
+    assert len(experts) == moe_layers * 4 * 3  # 4 experts, gate, up and down each
+    for key, (rows, columns) in experts.items():
+        # Gate and up: half the rows; down: half the columns. One read a rank.
+        half = (rows, columns // 2) if key.endswith(("w2.weight", "down_proj.weight")) else (rows // 2, columns)
+        assert reads.get(key) == [half, half], key
+    rules = [CutRules(spec, full.config, r, 2) for r in (0, 1)]
+    for name, param in full.model.named_parameters():
+        for r, model in enumerate(ranks):
+            want = take(param.detach(), rules[r].cut(name, tuple(param.shape)), r)
+            assert torch.equal(dict(model.named_parameters())[name], want), (name, r)
 
 
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-opt", "tiny-gemma2"])

@@ -5,9 +5,12 @@ initialization; buffers such as the rotary frequencies are real), then each para
 replaced by the rank's part of it:
 
 - from a safetensors checkpoint, read slice by slice (``safe_open(...).get_slice``): a rank
-  reads its rows or columns of each tensor, never the whole checkpoint. A checkpoint whose
-  tensor names are not the model's parameters (routed experts stored one module per expert,
-  which transformers fuses while loading) is loaded whole on the host and cut in memory;
+  reads its rows or columns of each tensor, never the whole checkpoint. Routed experts stored
+  one module per expert (``experts.E.gate_proj``/``up_proj``/``down_proj``, Mixtral's
+  ``w1``/``w3``/``w2`` under ``block_sparse_moe``), which transformers fuses into
+  ``experts.gate_up_proj`` and ``experts.down_proj`` while loading, are read the same way: each
+  expert's slice of each of its tensors, stacked. A checkpoint whose tensors are named neither
+  way is loaded whole on the host and cut in memory;
 - for a preset, drawn at random: matrices from N(0, initializer_range), norm weights 1 (0 for
   Gemma's ``1 + weight``), biases 0. A sharded part is drawn from a stream of its own
   (seed, name, rank, ranks), a replicated one from (seed, name), so every rank holds the same
@@ -17,6 +20,7 @@ replaced by the rank's part of it:
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import logging
 import zlib
@@ -68,12 +72,13 @@ def build_sharded(directory: Path | None, config: PretrainedConfig, spec: Decode
         make = _random_part(rules, seed, std, norm_fill, device, dtype)
     else:
         reader = CheckpointReader(directory)
-        missing = [name for name, _ in model.named_parameters() if reader.find(name) is None]
+        missing = [name for name, p in model.named_parameters() if not reader.has(name, tuple(p.shape))]
         if missing:
             logger.warning("%s: %d parameters (%s, ...) are not tensors of the checkpoint as named: loading it "
                            "whole on the host and cutting it there", directory, len(missing), missing[0])
             return _load_whole_then_cut(directory, config, spec, tp, device, hf_options)
-        make = lambda name, p: reader.read(name, rules.cut(name, tuple(p.shape)), tp.rank).to(device, dtype)  # noqa: E731
+        make = lambda name, p: reader.read(name, tuple(p.shape), rules.cut(name, tuple(p.shape)),  # noqa: E731
+                                           tp.rank).to(device, dtype)
     with torch.no_grad():
         replace_parameters(model, make)
     return model.to(device)
@@ -112,18 +117,40 @@ class CheckpointReader:
         self._files: dict[str, object] = {}
 
     def find(self, name: str) -> str | None:
-        """The checkpoint's name of parameter ``name`` (some checkpoints drop the ``model.`` prefix)."""
-        for candidate in (name, name.partition(".")[2]):
-            if candidate in self.weight_map:
-                return candidate
+        """The checkpoint's name of parameter ``name`` (some checkpoints drop the ``model.`` prefix;
+        Mixtral's keep ``block_sparse_moe`` for the MoE block transformers calls ``mlp``)."""
+        for candidate in (name, name.replace(".mlp.", ".block_sparse_moe.")):
+            for key in (candidate, candidate.partition(".")[2]):
+                if key in self.weight_map:
+                    return key
         return None
 
-    def read(self, name: str, cut: Cut, rank: int) -> torch.Tensor:
-        key = self.find(name)
+    def expert_keys(self, name: str, shape: tuple[int, ...]) -> list[list[str]] | None:
+        """Per expert, the checkpoint's tensors that laid end to end along their rows are its
+        part of the fused parameter ``name`` (gate then up; down); None: not stored so."""
+        prefix, _, leaf = name.rpartition(".")
+        for parts in _EXPERT_PARTS.get(leaf, ()):
+            keys = [[self.find(f"{prefix}.{e}.{part}.weight") for part in parts] for e in range(shape[0])]
+            if all(all(keys_of) for keys_of in keys):
+                return keys
+        return None
+
+    def has(self, name: str, shape: tuple[int, ...]) -> bool:
+        return self.find(name) is not None or self.expert_keys(name, shape) is not None
+
+    def _slice(self, key: str):
         file = self.weight_map[key]
         if file not in self._files:
             self._files[file] = safe_open(str(self.directory / file), framework="pt")
-        tensor = self._files[file].get_slice(key)
+        return self._files[file].get_slice(key)
+
+    def read(self, name: str, shape: tuple[int, ...], cut: Cut, rank: int) -> torch.Tensor:
+        """Rank's part of parameter ``name`` (of full ``shape``), as ``take`` cuts the whole."""
+        key = self.find(name)
+        if key is None:
+            keys = self.expert_keys(name, shape)
+            return torch.stack([self._read_expert(k, shape, cut) for k in keys])
+        tensor = self._slice(key)
         if cut.driver_only and rank > 0:
             return torch.zeros(tensor.get_shape(), dtype=_dtype_of(tensor.get_dtype()))
         if cut.dim is None or cut.driver_only:
@@ -131,6 +158,27 @@ class CheckpointReader:
         lead = (slice(None),) * cut.dim
         parts = [tensor[(*lead, slice(start, start + n))] for start, n in cut.ranges]
         return pad(torch.cat(parts, dim=cut.dim), cut)
+
+    def _read_expert(self, keys: list[str], shape: tuple[int, ...], cut: Cut) -> torch.Tensor:
+        """One expert's part of a fused ``[experts, ...]`` parameter: its cut's ranges (along
+        ``cut.dim``, the whole when replicated) read from the slices of ``keys`` that hold them."""
+        dim = (cut.dim or 1) - 1  # an expert's tensors lack the fused leading experts dim
+        ranges = cut.ranges if cut.dim is not None else ((0, shape[1]),)
+        lead = (slice(None),) * dim
+        tensors = [self._slice(k) for k in keys]
+        offsets = list(itertools.accumulate((t.get_shape()[dim] for t in tensors), initial=0))
+        pieces = []
+        for start, n in ranges:
+            for tensor, offset, end in zip(tensors, offsets, offsets[1:], strict=False):
+                lo, hi = max(start, offset), min(start + n, end)
+                if lo < hi:
+                    pieces.append(tensor[(*lead, slice(lo - offset, hi - offset))])
+        return torch.cat(pieces, dim=dim)
+
+
+#: A fused expert parameter -> the names of each expert's tensors in a checkpoint, in the
+#: fused order (transformers' conversion: gate and up concatenated, then down), per layout.
+_EXPERT_PARTS = {"gate_up_proj": (("gate_proj", "up_proj"), ("w1", "w3")), "down_proj": (("down_proj",), ("w2",))}
 
 
 _SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
