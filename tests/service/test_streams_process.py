@@ -15,7 +15,7 @@ from cluster_fixtures import cluster
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from alise.client import InvalidRequest
-from alise.scheduler.front_wire import STALL_AFTER_S
+from alise.scheduler.front_wire import STALL_AFTER_S, Reply
 from alise.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
 
 
@@ -154,3 +154,101 @@ async def test_planning_process_gone_while_draining_ends_streams_resumable(tiny_
         assert exc.value.code() == grpc.StatusCode.UNAVAILABLE and "restarting" in exc.value.details()
         assert trailing.get("alise-resumable") == "1"
         assert await asyncio.wait_for(front._proc.wait(), 10) == 1
+
+
+def long_generation(channel, max_tokens: int = 1000):
+    return scheduler_pb2_grpc.SchedulerServiceStub(channel).Generate(scheduler_pb2.GenerateRequest(
+        text="a long story", sampling=common_pb2.SamplingParams(max_tokens=max_tokens, ignore_eos=True)))
+
+
+def resume(pid: int) -> None:
+    """Lets a front this test stopped run again (it may be dead already)."""
+    try:
+        os.kill(pid, signal.SIGCONT)
+    except ProcessLookupError:
+        pass
+
+
+async def test_frozen_front_is_killed_and_fails_the_scheduler(tiny_llama_dir):
+    """The front stops turning (SIGSTOP) while it streams a long generation: the planning
+    process notices within STALL_AFTER_S and a tick, kills the front (its clients' connections
+    break, which the SDK resumes, and its port is free for the restart) and fails, to be
+    restarted; what it buffered for the front meanwhile is dropped, never past the bound."""
+    async with cluster(str(tiny_llama_dir), streams_process=True) as c:
+        front = c.scheduler.server
+        transport = front._writer.writer.transport
+        pid = front._proc.pid
+        async with grpc.aio.insecure_channel(c.address) as channel:
+            call = long_generation(channel)
+            try:
+                async for _ in call:
+                    os.kill(pid, signal.SIGSTOP)
+                    break
+                stopped_s = time.monotonic()
+                num_unread: list[int] = []
+                while not c.scheduler.failed.is_set() and time.monotonic() - stopped_s < STALL_AFTER_S + 2.0:
+                    num_unread.append(transport.get_write_buffer_size())
+                    await asyncio.sleep(0.05)
+                noticed_s = time.monotonic() - stopped_s
+            finally:
+                resume(pid)
+            assert c.scheduler.failed.is_set(), "a frozen front went unnoticed"
+            assert STALL_AFTER_S - 1.0 < noticed_s < STALL_AFTER_S + 1.0
+            assert await asyncio.wait_for(front._proc.wait(), 5) == -signal.SIGKILL
+            assert transport.is_closing() and transport.get_write_buffer_size() == 0
+            assert max(num_unread) <= front._writer.max_unread_bytes
+            with pytest.raises(grpc.aio.AioRpcError) as exc:
+                async for _ in call:
+                    pass
+        assert exc.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+async def test_front_that_leaves_too_much_unread_is_killed(tiny_llama_dir, caplog):
+    """Output for a stopped front beyond the bound (here lowered to 1 MiB, and a burst of
+    256 KiB frames where many streams' replies would be): the planning process stops at the
+    frame that passes it, long before the front counts as silent, kills the front and fails;
+    what it holds for the front never passes the bound by more than that one frame."""
+    frame_bytes = 256 << 10
+    async with cluster(str(tiny_llama_dir), streams_process=True) as c:
+        front = c.scheduler.server
+        front._writer.max_unread_bytes = 1 << 20
+        transport = front._writer.writer.transport
+        pid = front._proc.pid
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            num_unread = []
+            for _ in range(32):  # 8 MiB at most
+                front._writer.send(Reply(0, bytes(frame_bytes)))  # call 0 is no call: the front drops it
+                await asyncio.sleep(0)  # one frame a turn
+                num_unread.append(transport.get_write_buffer_size())
+                if c.scheduler.failed.is_set():
+                    break
+        finally:
+            resume(pid)
+        assert c.scheduler.failed.is_set(), "the output for a stopped front grew past the bound"
+        assert max(num_unread) <= (1 << 20) + frame_bytes + 64
+        assert "MiB unread" in caplog.text
+        assert await asyncio.wait_for(front._proc.wait(), 5) == -signal.SIGKILL
+
+
+async def test_front_slow_for_a_second_is_not_failed(tiny_llama_dir):
+    """A front that stops for 1 s (under STALL_AFTER_S) mid-stream is only late: the stream
+    ends complete and nothing fails; nor does a front idle past STALL_AFTER_S (its heartbeat)."""
+    async with cluster(str(tiny_llama_dir), streams_process=True) as c:
+        front = c.scheduler.server
+        pid = front._proc.pid
+        num_tokens = 0
+        async with grpc.aio.insecure_channel(c.address) as channel:
+            call = long_generation(channel, max_tokens=200)
+            try:
+                async for response in call:
+                    if not num_tokens:
+                        os.kill(pid, signal.SIGSTOP)
+                        await asyncio.sleep(1.0)
+                        os.kill(pid, signal.SIGCONT)
+                    num_tokens += len(response.token_ids)
+            finally:
+                resume(pid)
+        assert num_tokens == 200
+        await asyncio.sleep(STALL_AFTER_S + 0.5)
+        assert not c.scheduler.failed.is_set() and front._proc.returncode is None

@@ -11,7 +11,9 @@ writing each client's stream. The planning process's CPU is left to plans and wo
 A client that goes is told to the planning process (``CallEnded``), which cancels the call as
 gRPC would. When the planning process goes (its socket closes), every call in flight ends
 UNAVAILABLE, resumable as a scheduler's failure is, and the front exits; SIGINT and SIGTERM
-are the planning process's to act on (it drains, then stops the front).
+are the planning process's to act on (it drains, then stops the front). The front sends a
+``Heartbeat`` every ``HEARTBEAT_INTERVAL_S``: a front that stops turning is killed by the
+planning process, which then fails as for a front that died.
 
     python -m alise.scheduler.front FD      (FD: the front's end of the socket pair)
 """
@@ -35,6 +37,7 @@ from alise.common.security import bind_port
 from alise.modelinfo.served import load_model_info
 from alise.scheduler.detokenizer import TextDeltas
 from alise.scheduler.front_wire import (
+    HEARTBEAT_INTERVAL_S,
     STALL_AFTER_S,
     CallEnded,
     CallStarted,
@@ -207,6 +210,7 @@ async def serve(fd: int) -> int:
     stop = asyncio.Future()
     reading = asyncio.ensure_future(_read(reader, link, health, stop))
     watching = asyncio.ensure_future(_watch(link))
+    beating = asyncio.ensure_future(_beat(writer))
     try:
         # Replies keep coming in while the listener stops: the calls in flight end as the
         # planning process ends them (drained, or failed resumable).
@@ -215,6 +219,7 @@ async def serve(fd: int) -> int:
     finally:
         reading.cancel()
         watching.cancel()
+        beating.cancel()
     return 1 if link.gone else 0
 
 
@@ -222,6 +227,12 @@ async def _watch(link: PlannerLink) -> None:
     while True:
         await asyncio.sleep(STALL_AFTER_S / 10)
         link.check_stalled()
+
+
+async def _beat(writer: FrameWriter) -> None:
+    while True:
+        writer.send(Heartbeat())
+        await asyncio.sleep(HEARTBEAT_INTERVAL_S)
 
 
 async def _read(reader: asyncio.StreamReader, link: PlannerLink, health: grpc_server.ServingStatus,

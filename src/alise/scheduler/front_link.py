@@ -15,7 +15,12 @@ fed) go to the front as one frame (``alise.scheduler.front_wire``).
 The front lives as long as this process: a front that exits on its own is a failure of the
 scheduler (``on_lost``: it stops serving and exits non-zero, and its clients resume their
 streams on the restarted one); the front exits when its socket closes, so it never outlives
-this process, and fails its calls fast while this process is frozen (``Heartbeat``).
+this process, and fails its calls fast while this process is frozen (``Heartbeat``). A front
+that is frozen (no frame from it for ``STALL_AFTER_S``) or leaves ``MAX_UNREAD_BYTES`` unread
+is a failure too: it holds the client listener and every client's connection, so nothing
+here can reach them. This process kills it (its clients' connections break, which the SDK
+resumes; its port is free for the restart) and fails as for a front that exited, so what it
+buffers for the front stays bounded and no client waits on a front that does not turn.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import contextlib
 import logging
 import socket
 import sys
+import time
 from collections.abc import Callable, Iterable
 
 import grpc
@@ -33,6 +39,8 @@ from alise.common.grpc_server import ServingStatus
 from alise.scheduler.config import SchedulerConfig
 from alise.scheduler.front_wire import (
     HEARTBEAT_INTERVAL_S,
+    MAX_UNREAD_BYTES,
+    STALL_AFTER_S,
     CallEnded,
     CallStarted,
     Finished,
@@ -104,7 +112,10 @@ class FrontProcess:
         self._calls: dict[int, asyncio.Task] = {}
         self._reader_task: asyncio.Task | None = None
         self._beat_task: asyncio.Task | None = None
+        self._watch_task: asyncio.Task | None = None
+        self._last_heard_s = 0.0
         self._stopping = False
+        self._lost = False
         # method name -> (request type, handler, streams its responses)
         self._methods = {
             _SERVICE + "Generate": (scheduler_pb2.GenerateRequest, servicer.responses, True),
@@ -119,7 +130,7 @@ class FrontProcess:
             self._proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "alise.scheduler.front", str(theirs.fileno()), pass_fds=(theirs.fileno(),))
         reader, writer = await asyncio.open_unix_connection(sock=ours)
-        self._writer = FrameWriter(writer)
+        self._writer = FrameWriter(writer, MAX_UNREAD_BYTES, on_full=self._on_full)
         self._writer.send(FrontSetup(config, dict(self.status.current)))
         self.status.on_change = lambda name, serving: self._writer.send(HealthChanged(name, serving))
         try:
@@ -135,18 +146,21 @@ class FrontProcess:
                 raise RuntimeError(f"the scheduler's client front answered {first!r}, not its port")
         self._reader_task = asyncio.create_task(self._read(reader), name="scheduler-front-link")
         self._beat_task = asyncio.create_task(self._beat(), name="scheduler-front-heartbeat")
+        self._last_heard_s = time.monotonic()
+        self._watch_task = asyncio.create_task(self._watch(), name="scheduler-front-watch")
         logger.info("client front (pid %d) serves clients on port %d", self._proc.pid, self.port)
         return self.port
 
     async def stop(self, grace_s: float) -> None:
         """Stops the front's listener (``grace_s`` for calls in flight) and the front."""
         self._stopping = True
-        if self._beat_task is not None:
-            self._beat_task.cancel()
+        for task in (self._beat_task, self._watch_task):
+            if task is not None:
+                task.cancel()
         if self._writer is not None and not self._writer.writer.is_closing():
             self._writer.send(StopListening(grace_s))
-            with contextlib.suppress(ConnectionError):
-                await self._writer.drain()
+            with contextlib.suppress(ConnectionError, TimeoutError):  # a front that does not read
+                await asyncio.wait_for(self._writer.drain(), STALL_AFTER_S)
         await self._end_process(grace_s + 5.0)
         if self._reader_task is not None:
             self._reader_task.cancel()
@@ -170,11 +184,49 @@ class FrontProcess:
             self._writer.send(Heartbeat())
             await asyncio.sleep(HEARTBEAT_INTERVAL_S)
 
+    async def _watch(self) -> None:
+        """Fails the scheduler once the front is silent for STALL_AFTER_S, counting only the
+        time this loop turned: while it is blocked, the front's frames wait unread."""
+        tick_s = STALL_AFTER_S / 10
+        last_tick_s = time.monotonic()
+        while True:
+            await asyncio.sleep(tick_s)
+            now = time.monotonic()
+            late_s = now - last_tick_s - tick_s
+            last_tick_s = now
+            if late_s > tick_s:
+                self._last_heard_s = min(now, self._last_heard_s + late_s)
+            if (silent_s := now - self._last_heard_s) > STALL_AFTER_S:
+                self._lose(f"has not been heard from for {silent_s:.1f} s (frozen, or its loop blocked)")
+                return
+
+    def _on_full(self, num_unread: int) -> None:
+        self._lose(f"left {num_unread / 2**20:.1f} MiB unread (the bound is "
+                   f"{self._writer.max_unread_bytes / 2**20:.1f} MiB)")
+
+    def _lose(self, reason: str) -> None:
+        """The front is gone or stalled: the scheduler fails (``on_lost``), once. A stalled front
+        is killed, and what is buffered for it dropped: it serves no client any more, and its
+        port and connections are the restarted scheduler's to take."""
+        if self._stopping or self._lost:
+            return
+        self._lost = True
+        logger.error("the scheduler's client front %s; the scheduler stops", reason)
+        if self._proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self._proc.kill()
+        self._writer.writer.transport.abort()
+        self.on_lost()
+
     async def _read(self, reader: asyncio.StreamReader) -> None:
         try:
             while True:
-                for message in await read_frame(reader):
+                frame = await read_frame(reader)
+                self._last_heard_s = time.monotonic()
+                for message in frame:
                     match message:
+                        case Heartbeat():
+                            pass
                         case CallStarted(call_id, method, request):
                             self._start_call(call_id, method, request)
                         case CallEnded(call_id):
@@ -182,9 +234,7 @@ class FrontProcess:
                                 task.cancel()
         except (asyncio.IncompleteReadError, ConnectionError):
             pass
-        if not self._stopping:
-            logger.error("the scheduler's client front exited; the scheduler stops")
-            self.on_lost()
+        self._lose("exited")
 
     def _start_call(self, call_id: int, method: str, request: bytes) -> None:
         request_type, handler, streaming = self._methods[method]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import pickle
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import grpc
@@ -19,12 +20,17 @@ import grpc
 from alise.scheduler.config import SchedulerConfig
 
 _LENGTH_BYTES = 4
-#: The planning process sends a frame at least this often (``Heartbeat`` when it has nothing else).
+#: Each side sends a frame at least this often (``Heartbeat`` when it has nothing else).
 HEARTBEAT_INTERVAL_S = 0.5
-#: A planning process silent this long is stalled (frozen, or its loop blocked): the front
-#: fails its calls in flight UNAVAILABLE (resumable) and refuses new ones until it hears from
-#: it again, as a client's keepalive would a frozen scheduler's listener.
+#: A side silent this long is stalled (frozen, or its loop blocked). A stalled planning
+#: process: the front fails its calls in flight UNAVAILABLE (resumable) and refuses new ones
+#: until it hears from it again, as a client's keepalive would a frozen scheduler's listener.
+#: A stalled front holds every client connection, so the scheduler can serve none of them:
+#: the planning process kills it and fails (``alise.scheduler.front_link``).
 STALL_AFTER_S = 2.5
+#: The most bytes the planning process leaves unread by the front (beyond the socket's own
+#: buffers) before it treats the front as stalled: its output never grows without limit.
+MAX_UNREAD_BYTES = 64 << 20
 
 
 # ----------------------------------------------------------------- planning process -> front
@@ -77,7 +83,7 @@ class HealthChanged:
 
 @dataclass(frozen=True, slots=True)
 class Heartbeat:
-    """The planning process's loop is turning."""
+    """The sender's loop is turning (either way)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,7 +122,7 @@ class CallEnded:
     call_id: int
 
 
-FromFront = Listening | CallStarted | CallEnded
+FromFront = Listening | CallStarted | CallEnded | Heartbeat
 
 
 async def read_frame(reader: asyncio.StreamReader) -> list:
@@ -126,10 +132,18 @@ async def read_frame(reader: asyncio.StreamReader) -> list:
 
 
 class FrameWriter:
-    """Queues messages and writes all those of one turn of the event loop as one frame."""
+    """Queues messages and writes all those of one turn of the event loop as one frame.
 
-    def __init__(self, writer: asyncio.StreamWriter) -> None:
+    With ``max_unread_bytes``, the transport never holds more than that plus one frame: the
+    frame that passes it makes the writer full (``is_full``; it writes nothing more) and
+    calls ``on_full``, once."""
+
+    def __init__(self, writer: asyncio.StreamWriter, max_unread_bytes: int | None = None,
+                 on_full: Callable[[int], None] | None = None) -> None:
         self.writer = writer
+        self.max_unread_bytes = max_unread_bytes
+        self.on_full = on_full
+        self.is_full = False
         self._queued: list = []
 
     def send(self, message) -> None:
@@ -139,10 +153,16 @@ class FrameWriter:
 
     def _flush(self) -> None:
         messages, self._queued = self._queued, []
-        if self.writer.is_closing():
+        if self.writer.is_closing() or self.is_full:
             return
         data = pickle.dumps(messages, protocol=pickle.HIGHEST_PROTOCOL)
         self.writer.write(len(data).to_bytes(_LENGTH_BYTES, "little") + data)
+        if self.max_unread_bytes is not None:
+            num_unread = self.writer.transport.get_write_buffer_size()
+            if num_unread > self.max_unread_bytes:
+                self.is_full = True
+                if self.on_full is not None:
+                    self.on_full(num_unread)
 
     async def drain(self) -> None:
         """Writes what is queued now and waits until the socket took it."""
