@@ -11,23 +11,29 @@ unless ``WorkerEngine.can_overlap`` says no or aborts are waiting.
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
+import torch
 
 from alise.core.commands import Admit, KvAction, Pause, Resume, StepPlan
 from alise.core.job import FinishReason
 from alise.core.sampling import SamplingParams
 from alise.worker.engine import WorkerEngine
 from alise.worker.kernels.triton_unified import UnifiedConfig
+from alise.worker.model.attention import build_attention_metadata
+from alise.worker.model.chunk import SeqChunk
 from alise.worker.model.executor import make_worker_engine
 from alise.worker.model.kernel_plan import KernelPlan
 from alise.worker.model.loader import load_model
-from alise.worker.model.overlap import TokenGather
+from alise.worker.model.overlap import PinnedUploads, TokenGather
 from alise.worker.model.runner import ModelRunner
 from tinymodels import make_tiny_model_dir
 
 BLOCK_SIZE = 8
 CHUNK = 12
 NUM_STEPS = 26
+PINNED_CALL = PinnedUploads.__call__
 
 
 @pytest.fixture(scope="module")
@@ -224,3 +230,90 @@ def test_a_job_refused_while_its_token_is_in_flight_keeps_that_token(loaded, sto
     got = run_overlapped(engine(), plans, {})
     assert outputs(got) == outputs(expected)
     assert [r.refused for r in got] == [r.refused for r in expected]
+
+
+def device_copies(monkeypatch) -> list:
+    """Records every ``Tensor.to`` that names a device (a pageable upload on CUDA)."""
+    calls = []
+    to = torch.Tensor.to
+
+    def spy(self, *args, **kwargs):
+        if "device" in kwargs or any(isinstance(a, (torch.device, str)) for a in args):
+            calls.append((tuple(self.shape), args, kwargs))
+        return to(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "to", spy)
+    return calls
+
+
+def mixed_chunks(cache_seq: SeqChunk) -> list[SeqChunk]:
+    """A decode of the cached sequence, its continuation chunk, and four fresh prompts (past
+    the threshold of the batched fresh call) of which one needs no logits."""
+    chunks = [SeqChunk([7], 11, cache_seq.block_table), SeqChunk(prompt(5, 9), 12, cache_seq.block_table)]
+    for i in range(4):
+        table = [10 + 4 * i + b for b in range(4)]
+        chunks.append(SeqChunk(prompt(9 + i, 20 + i), 0, table, needs_logits=i != 2))
+    return chunks
+
+
+@pytest.mark.parametrize("plan", ["split", "fresh-batch", "unified"])
+def test_an_eager_step_with_an_upload_gives_the_same_inputs_and_logits(loaded, plan, monkeypatch):
+    """An eager mixed step given ``upload`` (as an overlapped launch passes it) sends every
+    host-built input through it, none through ``.to(device)``, and builds the synchronous
+    step's metadata and logits."""
+    runners = []
+    for _ in range(2):
+        runner = ModelRunner(loaded, num_blocks=64, block_size=BLOCK_SIZE, max_num_seqs=8, max_num_tokens=32)
+        runner.min_batched_fresh = 3 if plan == "fresh-batch" else 0
+        if plan == "unified":
+            runner.ops.plan = KernelPlan(unified={64: UnifiedConfig()})
+        first = SeqChunk(prompt(11, 1), 0, [0, 1, 2, 3])
+        runner.execute([first])
+        runners.append(runner)
+    chunks = mixed_chunks(first)
+    expected = runners[0].execute(chunks)
+    args = ([c.start_pos for c in chunks], [len(c.token_ids) for c in chunks], [c.block_table for c in chunks])
+    kwargs = dict(block_size=BLOCK_SIZE, device=torch.device("cpu"), min_batched_fresh=runners[0].min_batched_fresh,
+                  unified_config=runners[0].plan.unified_config(64))
+    sync_meta = build_attention_metadata(*args, **kwargs)
+
+    upload = PinnedUploads(torch.device("cpu"))
+    uploads = []
+    monkeypatch.setattr(PinnedUploads, "__call__", lambda self, values, dtype: (
+        uploads.append(dtype), PINNED_CALL(self, values, dtype))[1])
+    copies = device_copies(monkeypatch)
+    got = runners[1].execute(chunks, upload=upload)
+    meta = build_attention_metadata(*args, **kwargs, upload=upload)
+    assert copies == []
+    assert len(uploads) >= 2 * 4  # ids, logit rows and metadata, in both calls
+    assert torch.equal(got, expected)
+    assert_same_metadata(meta, sync_meta)
+    assert (meta.unified is not None, meta.fresh is not None) == (plan == "unified", plan == "fresh-batch")
+
+
+def test_the_synchronous_eager_step_copies_with_to_device(loaded, monkeypatch):
+    """The spy above sees the synchronous path's copies (so its empty list means something)."""
+    runner = ModelRunner(loaded, num_blocks=64, block_size=BLOCK_SIZE, max_num_seqs=8, max_num_tokens=32)
+    first = SeqChunk(prompt(11, 1), 0, [0, 1, 2, 3])
+    runner.execute([first])
+    copies = device_copies(monkeypatch)
+    runner.execute(mixed_chunks(first))
+    assert len(copies) >= 4
+
+
+def assert_same_metadata(a, b) -> None:
+    def same(x, y):
+        if isinstance(x, torch.Tensor):
+            assert isinstance(y, torch.Tensor) and x.dtype == y.dtype and torch.equal(x, y)
+        elif dataclasses.is_dataclass(x):
+            assert type(x) is type(y)
+            for f in dataclasses.fields(x):
+                same(getattr(x, f.name), getattr(y, f.name))
+        elif isinstance(x, tuple):
+            assert len(x) == len(y)
+            for u, v in zip(x, y, strict=True):
+                same(u, v)
+        else:
+            assert x == y
+
+    same(a, b)

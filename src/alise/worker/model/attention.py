@@ -75,6 +75,9 @@ class FreshBatch:
     max_len: int
 
 
+#: ``upload(values, dtype)``: host values as a tensor on the device (see build_attention_metadata).
+Upload = Callable[[object, torch.dtype], torch.Tensor]
+
 #: Where batching is on: fresh chunks in a step from which they share one padded attention call
 #: (fewer would not save launches: the padded call costs about as many as two chunks' own calls).
 MIN_BATCHED_FRESH = 3
@@ -108,10 +111,14 @@ class UnifiedStep:
 
 def build_attention_metadata(start_positions: list[int], num_tokens: list[int], block_tables: list[list[int]],
                              *, block_size: int, device: torch.device, min_batched_fresh: int = 0,
-                             unified_config: object = None) -> AttentionMetadata:
+                             unified_config: object = None, upload: Upload | None = None) -> AttentionMetadata:
     """Metadata for sequences with the given starts, token counts and (validated) block tables.
     ``min_batched_fresh``: batch the fresh chunks when there are at least this many (0: never).
-    ``unified_config``: a step that is not all decodes runs as one unified-kernel call with it."""
+    ``unified_config``: a step that is not all decodes runs as one unified-kernel call with it.
+    ``upload(values, dtype)``: how the host-built tensors reach ``device`` (default
+    ``.to(device)``; an overlapped step passes pinned non-blocking copies,
+    ``alise.worker.model.overlap.PinnedUploads``); the tensors are the same either way."""
+    put = (lambda t: t.to(device)) if upload is None else (lambda t: upload(t, t.dtype))
     context_lens = [s + n for s, n in zip(start_positions, num_tokens, strict=True)]
     blocks_needed = [-(-c // block_size) for c in context_lens]
     width = max(blocks_needed)
@@ -135,9 +142,9 @@ def build_attention_metadata(start_positions: list[int], num_tokens: list[int], 
         # Rows padded to a multiple of 16 blocks: the kernel is compiled per stride alignment, so
         # every step then reuses one build (a new build stalls a step by seconds).
         table = F.pad(table, (0, -width % 16))
-        unified = UnifiedStep(query_start=query_start.to(device), block_tables=table.to(device),
-                              seq_lens=torch.tensor(context_lens, dtype=torch.int64).to(device), config=unified_config)
-        return AttentionMetadata(positions=positions.to(device), slot_mapping=slots.to(device), prefills=(),
+        unified = UnifiedStep(query_start=put(query_start), block_tables=put(table),
+                              seq_lens=put(torch.tensor(context_lens, dtype=torch.int64)), config=unified_config)
+        return AttentionMetadata(positions=put(positions), slot_mapping=put(slots), prefills=(),
                                  decode_rows=None, decode_block_tables=None, decode_context_lens=None,
                                  is_all_decode=False, unified=unified)
     prefills = []
@@ -157,35 +164,36 @@ def build_attention_metadata(start_positions: list[int], num_tokens: list[int], 
             query_pos = torch.arange(ctx - n, ctx, device=device)
             mask = torch.arange(ctx, device=device)[None, :] <= query_pos[:, None]
         prefills.append(PrefillSpan(row_start=row_start, num_tokens=n, context_len=ctx, mask=mask,
-                                    block_table=table[seq, :blocks_needed[seq]].to(device)))
+                                    block_table=put(table[seq, :blocks_needed[seq]])))
 
     decode_rows = decode_tables = decode_lens = None
     if decode_seqs:
         idx = torch.tensor(decode_seqs, dtype=torch.int64)
         decode_width = max(blocks_needed[s] for s in decode_seqs)
-        decode_rows = torch.tensor([row_starts[s] for s in decode_seqs], dtype=torch.int64).to(device)
-        decode_tables = table[idx, :decode_width].to(device)
-        decode_lens = torch.tensor([context_lens[s] for s in decode_seqs], dtype=torch.int64).to(device)
+        decode_rows = put(torch.tensor([row_starts[s] for s in decode_seqs], dtype=torch.int64))
+        decode_tables = put(table[idx, :decode_width])
+        decode_lens = put(torch.tensor([context_lens[s] for s in decode_seqs], dtype=torch.int64))
     fresh = _fresh_batch([row_starts[s] for s in fresh_seqs], [num_tokens[s] for s in fresh_seqs],
-                         device) if batch_fresh else None
-    return AttentionMetadata(positions=positions.to(device), slot_mapping=slots.to(device),
+                         device, put) if batch_fresh else None
+    return AttentionMetadata(positions=put(positions), slot_mapping=put(slots),
                              prefills=tuple(prefills), decode_rows=decode_rows, decode_block_tables=decode_tables,
                              decode_context_lens=decode_lens, is_all_decode=not prefills and fresh is None,
                              fresh=fresh)
 
 
-def _fresh_batch(row_starts: list[int], lengths: list[int], device: torch.device) -> FreshBatch:
+def _fresh_batch(row_starts: list[int], lengths: list[int], device: torch.device,
+                 put: Callable[[torch.Tensor], torch.Tensor]) -> FreshBatch:
     num_seqs, max_len = len(lengths), max(lengths)
     gather, rows, slots = [], [], []
     for s, (start, n) in enumerate(zip(row_starts, lengths, strict=True)):
         gather.extend(start + min(i, n - 1) for i in range(max_len))
         rows.extend(range(start, start + n))
         slots.extend(range(s * max_len, s * max_len + n))
-    lens = torch.tensor(lengths, dtype=torch.int64).to(device)
+    lens = put(torch.tensor(lengths, dtype=torch.int64))
     pos = torch.arange(max_len, device=device)
     # A padded query row (i >= n) sees the chunk's real keys only: never an empty row (no NaN).
     mask = (pos[None, None, :] <= pos[None, :, None]) & (pos[None, None, :] < lens[:, None, None])
-    as_tensor = lambda xs: torch.tensor(xs, dtype=torch.int64).to(device)  # noqa: E731
+    as_tensor = lambda xs: put(torch.tensor(xs, dtype=torch.int64))  # noqa: E731
     return FreshBatch(gather=as_tensor(gather), mask=mask[:, None], rows=as_tensor(rows), slots=as_tensor(slots),
                       num_seqs=num_seqs, max_len=max_len)
 

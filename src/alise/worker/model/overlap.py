@@ -10,16 +10,18 @@ only then does :meth:`OverlappedSteps.collect` wait for the first step's ids.
 
 NOTE: nothing in a launch may wait for the device's queue, or the overlap is lost: every
 host-to-device copy goes through pinned memory, non-blocking (:class:`PinnedUploads`; a pageable
-``torch.tensor(..., device=cuda)`` waits for the stream). Ordering needs no waits: one compute
-stream runs step n, then step n+1's uploads into the static graph buffers, its token gather,
-its forward; the KV mover's side stream waits for that stream before each copy. On the CPU
-every launch completes before it returns, so the same code runs serially.
+``torch.tensor(..., device=cuda)`` or ``.to(cuda)`` waits for the stream): the sampler's rows and
+parameters, the token gather's rows, and on an eager step (no CUDA graph replayed) its input ids,
+its logit rows and its attention metadata (``ModelRunner.execute(upload=...)``). Ordering needs
+no waits: one compute stream runs step n, then step n+1's uploads into the static graph buffers,
+its token gather, its forward; the KV mover's side stream waits for that stream before each
+copy. On the CPU every launch completes before it returns, so the same code runs serially.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,34 +33,41 @@ from alise.worker.model.chunk import SeqChunk
 class PinnedUploads:
     """Host-to-device copies of small arrays that never block the host on the device's queue.
 
-    A ring of pinned buffers: a slot is refilled only once its last copy has left it (its
-    event), ``num_slots`` uploads later, by which time the step that made it has finished."""
+    ``upload(values, dtype)``: ``values`` (a sequence, a numpy array or a CPU tensor, of any
+    shape) as a tensor of ``dtype`` on the device, filled by a non-blocking copy out of a pinned
+    staging buffer. NOTE: a staging buffer is refilled only once its last copy has run on the
+    stream (its event has fired); while the oldest has not, a new one is added. Events fire in
+    stream order, so the oldest is the only one to ask; the pool grows to the uploads of the
+    steps in flight (two under overlap, a few dozen copies) and stays there. On the CPU this is
+    ``torch.as_tensor(values, dtype=dtype)``: the synchronous path's tensors."""
 
-    def __init__(self, device: torch.device, num_slots: int = 32) -> None:
+    def __init__(self, device: torch.device) -> None:
         self.device = device
         self.on_cuda = device.type == "cuda"
-        self._slots: list[dict] = [{} for _ in range(num_slots)]
-        self._events: list[torch.cuda.Event | None] = [None] * num_slots
-        self._next = 0
+        #: (the event after its last copy, its buffer per dtype), oldest copy first.
+        self._slots: deque[tuple[torch.cuda.Event, dict]] = deque()
 
-    def __call__(self, values: Sequence, dtype: torch.dtype) -> torch.Tensor:
+    @property
+    def num_slots(self) -> int:
+        return len(self._slots)
+
+    def __call__(self, values, dtype: torch.dtype) -> torch.Tensor:
         if not self.on_cuda:
-            return torch.tensor(values, dtype=dtype, device=self.device)
-        i = self._next
-        self._next = (i + 1) % len(self._slots)
-        if self._events[i] is not None:
-            self._events[i].synchronize()
-        n = len(values)
-        host = self._slots[i].get(dtype)
+            return torch.as_tensor(values, dtype=dtype, device=self.device)
+        if self._slots and self._slots[0][0].query():
+            event, buffers = self._slots.popleft()
+        else:
+            event, buffers = torch.cuda.Event(), {}
+        array = np.asarray(values)
+        n = array.size
+        host = buffers.get(dtype)
         if host is None or host.numel() < n:
-            host = torch.empty(max(n, 256), dtype=dtype, pin_memory=True)
-            self._slots[i][dtype] = host
-        host.numpy()[:n] = np.asarray(values)
-        out = torch.empty(n, dtype=dtype, device=self.device)
-        out.copy_(host[:n], non_blocking=True)
-        event = self._events[i] or torch.cuda.Event()
+            host = buffers[dtype] = torch.empty(max(n, 256), dtype=dtype, pin_memory=True)
+        host.numpy()[:n] = array.reshape(-1)
+        out = torch.empty(array.shape, dtype=dtype, device=self.device)
+        out.copy_(host[:n].view(array.shape), non_blocking=True)
         event.record()
-        self._events[i] = event
+        self._slots.append((event, buffers))
         return out
 
 
@@ -143,7 +152,7 @@ class OverlappedSteps:
         if pairs:
             both = upload([row for row, _ in pairs] + [src for _, src in pairs], torch.int64)
             gather = TokenGather(both[:len(pairs)], both[len(pairs):], previous.ids)
-        logits = self.runner.execute(chunks, gather=gather)
+        logits = self.runner.execute(chunks, gather=gather, upload=upload)
         seqs = [f.seq for f in feeds if f.samples]
         ids = host = ready = None
         if seqs:

@@ -35,6 +35,7 @@ from alise.worker.model.attention import (
     MIN_BATCHED_FRESH,
     TORCH_BACKEND,
     AttentionBackend,
+    Upload,
     build_attention_metadata,
     triton_backend,
 )
@@ -249,7 +250,7 @@ class ModelRunner(RunnerBase, DecoderPass):
         return -(-self.max_model_len // self.block_size)
 
     def execute(self, chunks: list[SeqChunk], *, all_logits: bool = False, seq_ids: list[str] | None = None,
-                gather: TokenGather | None = None) -> torch.Tensor | list[torch.Tensor]:
+                gather: TokenGather | None = None, upload: Upload | None = None) -> torch.Tensor | list[torch.Tensor]:
         """One forward step over ``chunks``; writes their K/V and returns float32 logits.
 
         Default: ``[num_wanted, vocab]``, the logits after the last token of each chunk whose
@@ -258,6 +259,9 @@ class ModelRunner(RunnerBase, DecoderPass):
         the per-sequence state this runner needs. ``gather``: input ids still on the device (an
         overlapped step's decode rows take the ids the step before sampled; their ``token_ids``
         are placeholders), written over the uploaded ids in stream order before the forward.
+        ``upload(values, dtype)``: how an eager step's host-built inputs (ids, logit rows,
+        attention metadata) reach the device; an overlapped step passes pinned non-blocking
+        copies (a pageable copy would wait for the step ahead). Default: ``.to(device)``.
         """
         self._validate(chunks)
         wants = [c.needs_logits for c in chunks]
@@ -270,8 +274,12 @@ class ModelRunner(RunnerBase, DecoderPass):
         meta = build_attention_metadata([c.start_pos for c in chunks], num_tokens,
                                         [c.block_table for c in chunks], block_size=self.block_size,
                                         device=self.device, min_batched_fresh=self.min_batched_fresh,
-                                        unified_config=self.plan.unified_config(sum(num_tokens)))
-        input_ids = torch.tensor([t for c in chunks for t in c.token_ids], dtype=torch.int64).to(self.device)
+                                        unified_config=self.plan.unified_config(sum(num_tokens)), upload=upload)
+        ids = [t for c in chunks for t in c.token_ids]
+        if upload is None:
+            input_ids = torch.tensor(ids, dtype=torch.int64).to(self.device)
+        else:
+            input_ids = upload(ids, torch.int64)
         if gather is not None:
             gather.apply(input_ids)
         with torch.inference_mode():
@@ -279,7 +287,8 @@ class ModelRunner(RunnerBase, DecoderPass):
             if all_logits:
                 return list(self._logits(hidden).split(num_tokens))
             ends = np.cumsum(num_tokens) - 1
-            last_rows = torch.from_numpy(ends[np.asarray(wants, dtype=bool)]).to(self.device)
+            last_rows = torch.from_numpy(ends[np.asarray(wants, dtype=bool)])
+            last_rows = last_rows.to(self.device) if upload is None else upload(last_rows, torch.int64)
             return self._logits(hidden.index_select(0, last_rows))
 
     def release(self, seq_id: str) -> None:
