@@ -92,6 +92,36 @@ def test_a_cached_prefix_is_not_computed_again_and_changes_no_logit(loaded):
         torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
 
 
+def test_a_dropped_job_resumes_from_the_blocks_of_its_known_tokens(loaded):
+    """A job dropped after 24 outputs (43 tokens, 42 computed: 5 full blocks) keeps every full
+    block of the tokens the drop names, and its resume computes only the tail: same tokens and
+    logits as a job never dropped."""
+    prompt, sampling = tokens(2 * BS + 3, seed=4), SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True)
+    ref = model_engine(loaded, prefix_caching=True)
+    ref.apply([Admit("a", prompt, sampling)])
+    ref_tokens, ref_rows, _ = run_to_end(ref, "a")
+
+    eng = model_engine(loaded, prefix_caching=True)
+    eng.apply([Admit("a", prompt, sampling)])
+    seq = eng.seqs["a"]
+    while seq.num_generated < 24:
+        eng.step(StepPlan(0, run_step=True, chunks={"a": seq.num_tokens - seq.num_cached}))
+    known = seq.num_tokens  # all reported; the last one is not fed yet
+    assert seq.num_cached == known - 1 == len(prompt) + 23
+    assert eng.apply([Pause("a", KvAction.DROP, num_reusable_tokens=known)]) == []
+    assert eng.allocator.num_cached_free == (known - 1) // BS == 5
+    hit = len(eng.allocator.match(chain_hashes(seq.token_ids, BS, (known - 1) // BS))) * BS
+    assert hit == 5 * BS
+    assert eng.apply([Resume("a", num_cached_tokens=hit)]) == []
+    assert seq.num_cached == hit and seq.num_shared_blocks == 5
+    got_tokens, rows, feeds = run_to_end(eng, "a")
+    assert feeds[0] == (hit, known - hit)  # only the uncached tail is computed
+    assert got_tokens == ref_tokens
+    assert len(rows) == len(ref_rows) - 24 == 6
+    for ours, theirs in zip(rows, ref_rows[24:], strict=True):
+        torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
+
+
 def test_an_admit_whose_prefix_is_gone_is_refused_whole(loaded):
     eng = model_engine(loaded, prefix_caching=True)
     refused = eng.apply([Admit("a", tokens(3 * BS, seed=1), GREEDY, num_cached_tokens=2 * BS)])
@@ -175,9 +205,17 @@ def random_operation(eng: WorkerEngine, rng: random.Random, prompts: list[list[i
         sampling = SamplingParams(max_tokens=rng.randrange(1, 12), ignore_eos=True)
         assert eng.apply([Admit(job_id, token_ids, sampling, num_cached_tokens=cached)]) == []
     elif op == "pause":
-        eng.apply([Pause(job_id, rng.choice(ACTIONS))])
+        seq = eng.seqs.get(job_id)
+        # A drop names the tokens the scheduler knows: any prefix of the worker's tokens.
+        known = rng.randrange(len(seq.token_ids) + 1) if seq is not None else 0
+        eng.apply([Pause(job_id, rng.choice(ACTIONS), num_reusable_tokens=known)])
     elif op == "resume":
-        eng.apply([Resume(job_id)])
+        seq, cached = eng.seqs.get(job_id), 0
+        if seq is not None and seq.place is KvPlace.NONE:  # a dropped job takes its cached prefix
+            limit = (seq.num_tokens - 1) // BS
+            cached = len(eng.allocator.match(chain_hashes(seq.token_ids, BS, limit))) * BS
+        assert [r.reason for r in eng.apply([Resume(job_id, num_cached_tokens=cached)])
+                if "no free device blocks" not in r.reason] == []
     elif op == "abort":
         eng.abort([job_id])
     else:

@@ -81,7 +81,8 @@ def test_fcfs_preempts_the_newest_by_recompute_when_blocks_run_out():
         core.submit(make_job(f"j{i}", n, arrival_s=float(i)))
     step(core, worker)
     plan, _ = step(core, worker)
-    assert commands_of(plan, Pause) == [Pause("j2", KvAction.DROP)]
+    # The drop names j2's known tokens (7 of prompt, 1 output): their computed full blocks stay cached.
+    assert commands_of(plan, Pause) == [Pause("j2", KvAction.DROP, num_reusable_tokens=8)]
     assert core.jobs["j2"].kv is KvPlace.NONE
     assert core.jobs["j2"].status is JobStatus.PAUSED
     assert worker.allocator.num_free == 0

@@ -127,8 +127,10 @@ def _plan_to_pb(plan: StepPlan) -> worker_pb2.StepPlan:
             case Pause():
                 wc.pause.job_id = command.job_id
                 wc.pause.kv_action = _ACTION_TO_PB[command.action]
+                wc.pause.num_reusable_tokens = command.num_reusable_tokens
             case Resume():
                 wc.resume.job_id = command.job_id
+                wc.resume.num_cached_tokens = command.num_cached_tokens
     return pb
 
 
@@ -146,9 +148,14 @@ def _plan_from_pb(pb: worker_pb2.StepPlan) -> StepPlan:
             case "pause":
                 if wc.pause.kv_action not in _ACTION_FROM_PB:
                     raise WireError(f"unknown KV action {wc.pause.kv_action}")
-                commands.append(Pause(wc.pause.job_id, _ACTION_FROM_PB[wc.pause.kv_action]))
+                if wc.pause.num_reusable_tokens < 0:
+                    raise WireError(f"num_reusable_tokens must be >= 0, got {wc.pause.num_reusable_tokens}")
+                commands.append(Pause(wc.pause.job_id, _ACTION_FROM_PB[wc.pause.kv_action],
+                                      wc.pause.num_reusable_tokens))
             case "resume":
-                commands.append(Resume(wc.resume.job_id))
+                if wc.resume.num_cached_tokens < 0:
+                    raise WireError(f"num_cached_tokens must be >= 0, got {wc.resume.num_cached_tokens}")
+                commands.append(Resume(wc.resume.job_id, wc.resume.num_cached_tokens))
             case _:
                 raise WireError("empty worker command")
     chunks = dict(pb.chunks)

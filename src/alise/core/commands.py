@@ -41,11 +41,18 @@ class Admit:
 class Pause:
     job_id: str
     action: KvAction
+    #: With DROP: tokens whose values the scheduler knew when it planned the drop (prompt and
+    #: outputs reported, ``alise.core.prefix_mirror.known_tokens``); the worker caches the full
+    #: blocks of as many of them as it computed (``reusable_tokens``). 0: its admitted tokens.
+    num_reusable_tokens: int = 0
 
 
 @dataclass(frozen=True)
 class Resume:
     job_id: str
+    #: Of a dropped job: leading tokens the worker's prefix cache holds, as the scheduler's
+    #: mirror found them (whole blocks): taken as an admit takes them, not recomputed.
+    num_cached_tokens: int = 0
 
 
 Command = Admit | Pause | Resume

@@ -38,7 +38,7 @@ from alise.core.kv_places import PLACES, move_label
 from alise.core.latency_model import LatencyModel
 from alise.core.memory_planner import KvMove, MemoryPlanner
 from alise.core.policy import Policy, RemainingTimeEstimator
-from alise.core.prefix_mirror import PrefillCounts
+from alise.core.prefix_mirror import PrefillCounts, known_tokens
 from alise.core.reports import InFlight
 from alise.core.routing import Router
 from alise.core.table import WAITING, JobTable
@@ -141,19 +141,24 @@ class StepPlanner:
         return slots[perm], None if reserve is None else reserve[perm]
 
     def _needs(self, view: WorkerView, order: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(device blocks each candidate needs to run, tokens of each waiting one's prefix
-        cached on the worker). Shared blocks count once, in ``view.num_shared_blocks``; a
-        waiting job's hit on cached blocks no job reads takes those out of the free ones."""
+        """(device blocks each candidate needs to run, tokens of each waiting or dropped one's
+        prefix cached on the worker). Shared blocks count once, in ``view.num_shared_blocks``;
+        a hit on cached blocks no job reads takes those out of the free ones."""
         table, bs = self.table, view.capacity.block_size
         private = table.num_tokens[order] - table.num_shared_tokens[order]
         hits = np.zeros(len(order), dtype=np.int64)
         if view.prefix is None:
             return -(-private // bs), hits
         taken_free = np.zeros(len(order), dtype=np.int64)
-        # A step takes at most max_num_seqs jobs, so the lookups stop at that many waiting ones
-        # (bounded work per plan); one ranked below them that backfill takes starts uncached.
-        for i in (table.owner[order] == WAITING).nonzero()[0][:view.capacity.max_num_seqs].tolist():
-            hits[i], taken_free[i] = view.prefix.lookup(table.jobs[order[i]])
+        # A step takes at most max_num_seqs jobs, so the lookups stop at that many waiting or
+        # dropped ones (bounded work per plan); one ranked below them that backfill takes starts
+        # uncached. A dropped job is paused here with nothing computed.
+        owner = table.owner[order]
+        dropped = (owner == view.index) & ~table.is_running[order] & (table.num_computed_tokens[order] == 0)
+        for i in ((owner == WAITING) | dropped).nonzero()[0][:view.capacity.max_num_seqs].tolist():
+            job = table.jobs[order[i]]
+            if job.status is JobStatus.WAITING or job.kv is KvPlace.NONE:
+                hits[i], taken_free[i] = view.prefix.lookup(job)
         return -(-(private - hits) // bs) + taken_free, hits
 
     def _prefix_saving_s(self, slot: int, index: int) -> float:
@@ -218,8 +223,11 @@ class StepPlanner:
         if job.status is JobStatus.RUNNING:
             actions = actions or (KvAction.KEEP,)
             self.preemptions[actions[0].value] += 1
+        # A drop caches the full blocks of every token known now that the worker will have
+        # computed when it applies the drop (``reusable_tokens``; the mirror's release agrees).
+        known = known_tokens(job)
         self.set_status(job, JobStatus.PAUSED, now_s, kv=move.target)
-        return [Pause(job.job_id, action) for action in actions]
+        return [Pause(job.job_id, action, known if action is KvAction.DROP else 0) for action in actions]
 
     def _start(self, view: WorkerView, chosen: np.ndarray, hits: np.ndarray, now_s: float) -> list[Command]:
         table, counts = self.table, self.prefill
@@ -239,9 +247,12 @@ class StepPlanner:
                 self.set_status(job, JobStatus.RUNNING, now_s, worker_id=view.worker_id,
                                  admit_step_id=view.next_step_id)
             else:
-                if job.kv is KvPlace.NONE:
-                    counts.num_computed_tokens += job.num_tokens  # a recompute after a drop
-                commands.append(Resume(job.job_id))
+                cached = 0
+                if job.kv is KvPlace.NONE:  # a recompute after a drop, less its cached prefix
+                    cached = view.prefix.resume(job, hit) if view.prefix is not None else 0
+                    job.num_computed_tokens = job.num_shared_tokens = cached
+                    counts.num_computed_tokens += job.num_tokens - cached
+                commands.append(Resume(job.job_id, num_cached_tokens=cached))
                 self.set_status(job, JobStatus.RUNNING, now_s)
         return commands
 

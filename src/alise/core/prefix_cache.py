@@ -60,12 +60,17 @@ def chain_hashes(token_ids: Sequence[int], block_size: int, num_blocks: int | No
     return hashes
 
 
-def reusable_tokens(num_computed: int, num_admitted: int, finished: bool) -> int:
+def reusable_tokens(num_computed: int, num_known: int, finished: bool) -> int:
     """Tokens of a released sequence whose full blocks may be cached: what it computed, but of
-    a sequence that did not finish only its admitted tokens (the scheduler knows their values
-    when it releases the job; tokens generated since may still be in flight to it). Both the
-    worker and the scheduler's mirror release by this rule, so they cache the same blocks."""
-    return num_computed if finished else min(num_computed, num_admitted)
+    a sequence that did not finish only the tokens the scheduler knew the values of when it
+    planned the release (tokens generated since may still be in flight to it): its admitted
+    tokens, or for a drop the count the drop carries (``Pause.num_reusable_tokens``). Both the
+    worker and the scheduler's mirror release by this rule, so they cache the same blocks.
+
+    NOTE: ``num_computed`` of a drop is what the worker has computed when it applies the drop,
+    after the plans ahead of it: every known token but the last, unless that one was fed too;
+    the mirror's projected count is the same number."""
+    return num_computed if finished else min(num_computed, num_known)
 
 
 class PrefixCache:

@@ -36,6 +36,12 @@ from alise.core.prefix_cache import BlockHash, PrefixCache, chain_hashes, reusab
 logger = logging.getLogger(__name__)
 
 
+def known_tokens(job: Job) -> int:
+    """Tokens whose values the scheduler knows: the prompt and the outputs reported. A drop
+    caches the full blocks of as many of them as were computed (``Pause.num_reusable_tokens``)."""
+    return job.num_prompt_tokens + job.num_output_tokens
+
+
 class HashMemo:
     """Chain hashes of each unfinished job's tokens, computed once per block size and length."""
 
@@ -95,17 +101,22 @@ class PrefixMirror:
     def admit(self, job: Job, max_cached_tokens: int) -> int:
         """The job starts here: takes its cached prefix (at most ``max_cached_tokens``, what its
         plan counted on) and returns its length in tokens."""
+        self._admitted[job.job_id] = known_tokens(job)
+        return self.resume(job, max_cached_tokens)
+
+    def resume(self, job: Job, max_cached_tokens: int) -> int:
+        """A job with no blocks here (admitted, or dropped and resumed) takes its cached prefix,
+        at most ``max_cached_tokens``, and returns its length in tokens."""
         hashes = self._hit_hashes(job)[:max_cached_tokens // self.block_size]
         ids = self.cache.match(hashes)
         self.cache.acquire(ids)
         self._tables[job.job_id] = ids
-        self._admitted[job.job_id] = job.num_prompt_tokens + job.num_output_tokens
         return len(ids) * self.block_size
 
     def adopt(self, job: Job, num_blocks: int) -> None:
         """A job the worker kept without a scheduler: its blocks, all private here."""
         self._tables[job.job_id] = []
-        self._admitted[job.job_id] = job.num_prompt_tokens + job.num_output_tokens
+        self._admitted[job.job_id] = known_tokens(job)
         self.resize(job, num_blocks)
 
     def resize(self, job: Job, num_blocks: int) -> None:
@@ -129,8 +140,10 @@ class PrefixMirror:
     def release(self, job: Job, *, finished: bool, on_device: bool, leaves: bool = True) -> None:
         """The job leaves the worker (``leaves``) or drops its KV there: its full blocks
         (``reusable_tokens``) are cached when its KV was at full precision on the device, then
-        every reference goes. A job that stays keeps the count of its admitted tokens (the
-        worker's sequence does), for its next release."""
+        every reference goes. A drop caches those of its known tokens (``known_tokens``, the
+        count its ``Pause`` carries) that were computed; a job that leaves, those of its
+        admitted tokens. A job that stays keeps the count of its admitted tokens (the worker's
+        sequence does), for its next release."""
         table = self._tables.pop(job.job_id, None)
         admitted = self._admitted.pop(job.job_id, 0) if leaves else self._admitted.get(job.job_id, 0)
         if table is None:
@@ -138,7 +151,8 @@ class PrefixMirror:
         if on_device:
             tokens = job.all_token_ids()
             computed = len(tokens) - 1 if finished else job.num_computed_tokens
-            n = min(reusable_tokens(computed, admitted, finished) // self.block_size, len(table))
+            known = admitted if leaves else max(admitted, known_tokens(job))
+            n = min(reusable_tokens(computed, known, finished) // self.block_size, len(table))
             self.cache.register(table[:n], chain_hashes(tokens, self.block_size, n))
         self.cache.release(table)
 

@@ -137,18 +137,22 @@ class AdmitJob(_message.Message):
     def __init__(self, job_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., num_generated: _Optional[int] = ..., num_cached_tokens: _Optional[int] = ...) -> None: ...
 
 class PauseJob(_message.Message):
-    __slots__ = ("job_id", "kv_action")
+    __slots__ = ("job_id", "kv_action", "num_reusable_tokens")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     KV_ACTION_FIELD_NUMBER: _ClassVar[int]
+    NUM_REUSABLE_TOKENS_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     kv_action: _common_pb2.KvAction
-    def __init__(self, job_id: _Optional[str] = ..., kv_action: _Optional[_Union[_common_pb2.KvAction, str]] = ...) -> None: ...
+    num_reusable_tokens: int
+    def __init__(self, job_id: _Optional[str] = ..., kv_action: _Optional[_Union[_common_pb2.KvAction, str]] = ..., num_reusable_tokens: _Optional[int] = ...) -> None: ...
 
 class ResumeJob(_message.Message):
-    __slots__ = ("job_id",)
+    __slots__ = ("job_id", "num_cached_tokens")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    NUM_CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     job_id: str
-    def __init__(self, job_id: _Optional[str] = ...) -> None: ...
+    num_cached_tokens: int
+    def __init__(self, job_id: _Optional[str] = ..., num_cached_tokens: _Optional[int] = ...) -> None: ...
 
 class StepReport(_message.Message):
     __slots__ = ("step_id", "outputs", "step_duration_s", "num_free_device_blocks", "refused", "num_seqs", "num_context_tokens", "chunk_starts", "chunk_tokens", "census_job_ids")

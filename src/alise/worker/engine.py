@@ -163,8 +163,8 @@ class WorkerEngine:
             return None
         if isinstance(command, Pause):
             seq.paused = True  # the pause always happens; a refused KV move leaves the KV as it was
-            return self.kv.pause(seq, command.action)
-        reason = self.kv.resume(seq)
+            return self.kv.pause(seq, command.action, command.num_reusable_tokens)
+        reason = self.kv.resume(seq, command.num_cached_tokens)
         seq.paused = reason is not None
         return reason
 

@@ -29,7 +29,9 @@ Prefix caching (``prefix_caching``; the allocator is ``alise.core.prefix_cache.P
   never writes into, frees or moves a block another sequence reads (skip, not copy-on-write:
   a copy would cost the device blocks the move is meant to free);
 * on release the sequence's full blocks (``reusable_tokens``) are named by their chain hash
-  and kept, free, in the cache's LRU until reused or evicted;
+  and kept, free, in the cache's LRU until reused or evicted; a drop keeps those of the
+  tokens the scheduler knew when it planned it (``Pause.num_reusable_tokens``), so the resume
+  of a dropped sequence takes them back (``Resume.num_cached_tokens``) as an admit does;
 * an allocation takes uncached free blocks, then the blocks of landed swap-outs, then waits
   for swap-outs in flight, and only then evicts cached blocks: the scheduler's mirror counts a
   swapped-out job's blocks free at once, so evicting before the copy lands would evict what
@@ -145,8 +147,10 @@ class KvManager:
 
     # ----------------------------------------------------------------- commands
 
-    def pause(self, seq: KvState, action: KvAction) -> str | None:
-        """Applies a KV action to a paused sequence; a refusal leaves it untouched."""
+    def pause(self, seq: KvState, action: KvAction, num_reusable_tokens: int = 0) -> str | None:
+        """Applies a KV action to a paused sequence; a refusal leaves it untouched. A drop caches
+        the full blocks of the first ``num_reusable_tokens`` it computed (at least its admitted
+        tokens')."""
         try:
             target = pause_target(seq.place, action)
         except KvMoveRefused as exc:
@@ -154,7 +158,7 @@ class KvManager:
         if target is seq.place:
             return None
         if target is KvPlace.NONE:
-            self.release(seq)
+            self.release(seq, num_known=num_reusable_tokens)
             return None
         if action is KvAction.KEEP:
             return self._swap_in(seq)
@@ -165,8 +169,12 @@ class KvManager:
     def start(self, seq: KvState, num_cached_tokens: int) -> str | None:
         """A new sequence (its ``token_ids`` the admitted tokens) whose first
         ``num_cached_tokens`` the scheduler found cached: takes those blocks, or refuses."""
+        seq.num_admitted = len(seq.token_ids)
+        return self._take_prefix(seq, num_cached_tokens)
+
+    def _take_prefix(self, seq: KvState, num_cached_tokens: int) -> str | None:
+        """A sequence with no blocks takes the cached blocks of its first ``num_cached_tokens``."""
         token_ids = seq.token_ids
-        seq.num_admitted = len(token_ids)
         if not num_cached_tokens:
             return None
         bs = self.block_size
@@ -182,11 +190,19 @@ class KvManager:
         seq.block_table, seq.num_shared_blocks, seq.num_cached = ids, len(ids), num_cached_tokens
         return None
 
-    def resume(self, seq: KvState) -> str | None:
-        """Back to full precision on the device (swap-in, then dequantize), or refuse whole."""
+    def resume(self, seq: KvState, num_cached_tokens: int = 0) -> str | None:
+        """Back to full precision on the device (swap-in, then dequantize), or refuse whole; a
+        dropped sequence takes the cached blocks of its first ``num_cached_tokens``."""
+        if seq.place is KvPlace.NONE:
+            reason = self._take_prefix(seq, num_cached_tokens)
+            if reason is None:
+                seq.place = KvPlace.DEVICE
+            return reason
+        if num_cached_tokens:
+            return f"{num_cached_tokens} cached tokens asked of a resume with its KV held ({seq.place.value})"
         full = blocks_for(seq.num_cached, self.block_size)
-        # The table holds the shared prefix wherever the private blocks are (none: dropped).
-        need = full - len(seq.block_table) if seq.place is not KvPlace.NONE else 0
+        # The table holds the shared prefix wherever the private blocks are.
+        need = full - len(seq.block_table)
         if need > self.num_free_device:
             return f"no free device blocks to resume: {need} needed, {self.num_free_device} free"
         if PLACES[seq.place].on_host:
@@ -202,12 +218,14 @@ class KvManager:
         seq.place = KvPlace.DEVICE
         return None
 
-    def release(self, seq: KvState, *, finished: bool = False) -> None:
+    def release(self, seq: KvState, *, finished: bool = False, num_known: int = 0) -> None:
         """Frees the sequence's blocks; with prefix caching, its full blocks
-        (``reusable_tokens``) at full precision on the device are kept in the cache first."""
+        (``reusable_tokens`` of its admitted tokens, or of ``num_known`` where more) at full
+        precision on the device are kept in the cache first."""
         self.wait_ready([seq])  # the compute stream must not reuse blocks a copy still fills
         if self.prefix_caching and seq.place is KvPlace.DEVICE:
-            n = reusable_tokens(seq.num_cached, seq.num_admitted, finished) // self.block_size
+            known = max(seq.num_admitted, num_known)
+            n = reusable_tokens(seq.num_cached, known, finished) // self.block_size
             self.allocator.register(seq.block_table[:n], chain_hashes(seq.token_ids, self.block_size, n))
         self.allocator.free(seq.block_table)
         if seq.host_blocks:
