@@ -20,7 +20,17 @@ from familycases import BLOCK_SIZE, NUM_BLOCKS, make_sequences, run_schedule
 def spawn_ranks(fn, world_size: int, tmp_path: Path, *args) -> None:
     """Runs ``fn`` in ``world_size`` fresh processes and waits for them (raises if one fails)."""
     store = tmp_path / "tp-store"
-    mp.spawn(fn, args=(world_size, str(store), *args), nprocs=world_size, join=True)
+    mp.spawn(_rank_main, args=(fn, world_size, str(store), *args), nprocs=world_size, join=True)
+
+
+def _rank_main(rank: int, fn, world_size: int, store: str, *args) -> None:
+    """``fn`` in one rank, then its process group destroyed: left to the interpreter's exit, the
+    gloo threads can be torn down still running and the rank dies of SIGABRT after its work."""
+    try:
+        fn(rank, world_size, store, *args)
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
 def join(rank: int, world_size: int, store: str):

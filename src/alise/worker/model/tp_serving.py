@@ -151,4 +151,9 @@ def follow_rank(rank_index: int, config: WorkerConfig, store_path: str) -> None:
     engine = make_engine(rank, config)
     logger.info("rank %d of %d ready: %d KV blocks on %s", rank_index, rank.tp.world_size, rank.runner.num_blocks,
                 rank.loaded.device)
-    follow(engine, rank.tp.broadcast)
+    try:
+        follow(engine, rank.tp.broadcast)
+    finally:
+        # Left to the interpreter's exit, the backend's threads can be torn down still running
+        # (std::terminate: the rank dies of SIGABRT after a clean Stop).
+        torch.distributed.destroy_process_group()
