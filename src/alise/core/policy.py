@@ -36,7 +36,7 @@ import abc
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import numpy as np
 
@@ -44,8 +44,21 @@ from alise.core.config import SchedulingConfig
 from alise.core.job import Job, LengthEstimate
 from alise.core.latency_model import LatencyModel
 
-if TYPE_CHECKING:
-    from alise.core.table import JobTable
+
+class JobColumns(Protocol):
+    """The columns of the core's job table (``alise.core.table.JobTable``) a step ranks by."""
+
+    is_running: np.ndarray
+    arrival_s: np.ndarray
+    queued_s: np.ndarray
+    idle_since_s: np.ndarray
+    num_prompt_tokens: np.ndarray
+    num_tokens: np.ndarray
+    remaining_base_s: np.ndarray
+    remaining_tokens: np.ndarray
+
+    def fill_remaining(self, slots: np.ndarray) -> None: ...
+
 
 #: Used when a job has no estimate (predictor down and nothing observed yet).
 DEFAULT_ESTIMATE = LengthEstimate(mean=128.0, p50=128.0, p90=512.0, source="prior")
@@ -78,7 +91,7 @@ class Candidates:
     core's job table on its first read: a policy pays only for the columns it reads (fcfs
     reads arrival times alone), and remaining times are brought up to date only when read."""
 
-    def __init__(self, table: JobTable, slots: np.ndarray) -> None:
+    def __init__(self, table: JobColumns, slots: np.ndarray) -> None:
         self._table = table
         self._slots = slots
         self._is_filled = False
