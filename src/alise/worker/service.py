@@ -81,7 +81,10 @@ class Worker:
     async def load(self) -> None:
         if self.engine is None:
             # Torch comes in here, with the model: the serving mechanism itself never needs it.
-            from alise.worker.model.serving import load_served_model
+            if self.config.tensor_parallel_size > 1:
+                from alise.worker.model.tp_serving import load_tp_served_model as load_served_model
+            else:
+                from alise.worker.model.serving import load_served_model
 
             loop = asyncio.get_running_loop()
             served = await loop.run_in_executor(self._executor, load_served_model, self.config)

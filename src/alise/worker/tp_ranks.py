@@ -34,7 +34,7 @@ EXIT_RANK_DIED = 3
 class RankGroup:
     """Ranks 1..N-1 of this worker's replica, as child processes, and their watchdog."""
 
-    def __init__(self, config: WorkerConfig) -> None:
+    def __init__(self, config: WorkerConfig, follow: Callable[[int, WorkerConfig, str], None]) -> None:
         self.config = config
         self.world_size = config.tensor_parallel_size
         self._dir = tempfile.mkdtemp(prefix="alise-tp-")
@@ -42,8 +42,8 @@ class RankGroup:
         self._stopping = False
         self._stop_followers: Callable[[], None] | None = None
         context = multiprocessing.get_context("spawn")
-        self.processes = [context.Process(target=run_follower, args=(rank, config, self.store_path, os.getpid()),
-                                          name=f"alise-worker-rank{rank}", daemon=True)
+        self.processes = [context.Process(target=run_follower, name=f"alise-worker-rank{rank}", daemon=True,
+                                          args=(rank, config, self.store_path, os.getpid(), follow))
                           for rank in range(1, self.world_size)]
 
     def start(self) -> None:
@@ -103,15 +103,15 @@ def _exit_with_parent(parent_pid: int) -> None:
     os._exit(EXIT_RANK_DIED)
 
 
-def run_follower(rank: int, config: WorkerConfig, store_path: str, parent_pid: int) -> None:
-    """A child's life: load its slices, follow rank 0 until Stop (status 0) or an error (1)."""
+def run_follower(rank: int, config: WorkerConfig, store_path: str, parent_pid: int,
+                 follow: Callable[[int, WorkerConfig, str], None]) -> None:
+    """A child's life: ``follow`` (``tp_serving.follow_rank``: load its slices, follow rank 0)
+    until Stop (status 0) or an error (1)."""
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format=f"%(asctime)s rank{rank} %(levelname)s %(name)s: %(message)s")
     threading.Thread(target=_exit_with_parent, args=(parent_pid,), name="parent-watch", daemon=True).start()
     try:
-        from alise.worker.model.tp_serving import follow_rank
-
-        follow_rank(rank, config, store_path)
+        follow(rank, config, store_path)
     except BaseException:
         logger.exception("rank %d failed", rank)
         logging.shutdown()

@@ -41,12 +41,8 @@ class ServedModel:
 
 
 def load_served_model(config: WorkerConfig) -> ServedModel:
-    """Loads ``config.model`` and builds the engine over it (blocking: seconds to minutes); over
-    ``tensor_parallel_size`` ranks, this process being rank 0 (alise.worker.model.tp_serving)."""
-    if config.tensor_parallel_size > 1:
-        from alise.worker.model.tp_serving import load_tp_served_model
-
-        return load_tp_served_model(config)
+    """Loads ``config.model`` on one device and builds the engine over it (blocking: seconds to
+    minutes); over several ranks, ``alise.worker.model.tp_serving.load_tp_served_model``."""
     loaded = load_model(config.model, device=config.device, dtype=config.dtype, seed=config.seed,
                         max_model_len=config.max_model_len)
     num_blocks = size_kv_cache(loaded, config)

@@ -125,7 +125,7 @@ def load_tp_served_model(config: WorkerConfig) -> ServedModel:
     """Starts ranks 1..N-1 and loads rank 0 here (blocking, as ``load_served_model``)."""
     from alise.worker.tp_ranks import RankGroup
 
-    ranks = RankGroup(config)
+    ranks = RankGroup(config, follow_rank)
     ranks.start()
     rank = load_rank(config, 0, ranks.store_path)
     engine = make_engine(rank, config, on_failure=ranks.fail)
