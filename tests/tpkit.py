@@ -24,13 +24,13 @@ def spawn_ranks(fn, world_size: int, tmp_path: Path, *args) -> None:
 
 
 def _rank_main(rank: int, fn, world_size: int, store: str, *args) -> None:
-    """``fn`` in one rank, then its process group destroyed: left to the interpreter's exit, the
-    gloo threads can be torn down still running and the rank dies of SIGABRT after its work."""
-    try:
-        fn(rank, world_size, store, *args)
-    finally:
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+    """``fn`` in one rank, then, once every rank is done, its process group destroyed: a rank that
+    left its gloo connections to the interpreter's exit, or closed them while another rank still
+    read, could die of SIGABRT (std::terminate) after its work."""
+    fn(rank, world_size, store, *args)
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()  # no rank tears its connections down while another still reads
+        torch.distributed.destroy_process_group()
 
 
 def join(rank: int, world_size: int, store: str):
@@ -162,10 +162,10 @@ def profiled_worker(_: int, model_dir: str, out: str) -> None:
     import dataclasses as dc
     import json
 
-    from alise.worker.model.serving import load_served_model
+    from alise.worker.model.tp_serving import load_tp_served_model
 
     config = dc.replace(engine_config(model_dir, 2), profile_latency=True, max_model_len=256, num_device_blocks=512)
-    served = load_served_model(config)
+    served = load_tp_served_model(config)
     served.ranks.stop()
     Path(out).write_text(json.dumps(dict(profile=served.latency_model.to_json(),
                                          num_blocks=served.engine.allocator.num_blocks)))
