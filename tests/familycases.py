@@ -86,6 +86,12 @@ def run_schedule(runner, tokens: dict[str, list[int]], tables: dict[str, list[in
     return got
 
 
+def all_logits(runner, tokens: dict[str, list[int]], tables: dict[str, list[int]]) -> torch.Tensor:
+    """Every logit ``SCHEDULE`` gives, one row a fed position (by name, then position)."""
+    got = run_schedule(runner, tokens, tables, every_position=True)
+    return torch.stack([row for name in sorted(got) for _, row in got[name]])
+
+
 def runner_chunk(token_ids: list[int], start_pos: int, block_table: list[int]):
     from alise.worker.model.chunk import SeqChunk
 

@@ -19,11 +19,10 @@ import torch
 from kernelkit import interpreted
 
 from alise.worker.model.attention import triton_backend
-from alise.worker.model.chunk import SeqChunk
 from alise.worker.model.kernel_plan import KernelPlan
 from alise.worker.model.loader import load_model
 from alise.worker.model.runner import ModelRunner
-from familycases import BLOCK_SIZE, CASES, NUM_BLOCKS, SCHEDULE, make_sequences
+from familycases import BLOCK_SIZE, CASES, NUM_BLOCKS, all_logits, make_sequences
 from kernelcases import make_step
 from tinymodels import make_tiny_model_dir
 
@@ -99,17 +98,6 @@ def exact_fp8_cast(monkeypatch):
     monkeypatch.setattr(interpreter, "_convert_float", cast)
 
 
-def schedule_logits(runner: ModelRunner, tokens: dict, tables: dict) -> torch.Tensor:
-    cached = dict.fromkeys(tokens, 0)
-    rows = []
-    for step in SCHEDULE:
-        chunks = [SeqChunk(tokens[n][cached[n]:cached[n] + k], cached[n], tables[n]) for n, k in step.items()]
-        rows += runner.execute(chunks, all_logits=True)
-        for n, k in step.items():
-            cached[n] += k
-    return torch.cat(rows)
-
-
 @pytest.mark.parametrize("name", ["gemma2", "llama3-rope"])
 def test_fast_path_matches_torch_path_on_fp8_pages(name: str, exact_fp8_cast, tmp_path) -> None:
     family, overrides, max_model_len = CASES[name]
@@ -123,7 +111,7 @@ def test_fast_path_matches_torch_path_on_fp8_pages(name: str, exact_fp8_cast, tm
             runner.attention_backend = triton_backend()
             runner.ops.plan = KernelPlan(fused_norm=True, fused_rope=True, fused_act=True,
                                          unified={16: triton_unified.CANDIDATES[0], 32: triton_unified.CANDIDATES[2]})
-        logits[kind] = schedule_logits(runner, tokens, tables)
+        logits[kind] = all_logits(runner, tokens, tables)
     error = ((logits["fast"] - logits["torch"]).norm() / logits["torch"].norm()).item()
     print(f"{name}: fast vs torch path on fp8 pages {error:.2e}")
     # Float32 rounding order only; a prompt attending to its own K/V unrounded gave 2e-2 to 4e-2.

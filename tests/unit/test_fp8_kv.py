@@ -33,7 +33,7 @@ from alise.worker.model.loader import load_model
 from alise.worker.model.runner import ModelRunner
 from alise.worker.model.serving import size_kv_cache
 from familycases import BLOCK_SIZE as SCHEDULE_BLOCK_SIZE
-from familycases import CASES, NUM_BLOCKS, SCHEDULE, make_sequences
+from familycases import CASES, NUM_BLOCKS, all_logits, make_sequences
 from tinymodels import make_tiny_model_dir
 
 PROMPT, CONTINUATION, BLOCK_SIZE = 10, 30, 4
@@ -67,18 +67,6 @@ def test_fp8_logits_track_the_float32_cache(name: str, tmp_path) -> None:
     assert 1e-4 < error < BOUND
 
 
-def schedule_logits(runner: ModelRunner, tokens: dict[str, list[int]], tables: dict[str, list[int]]) -> torch.Tensor:
-    """Every logit of familycases.SCHEDULE (fresh prompts, a chunk after cached tokens, decodes)."""
-    cached = dict.fromkeys(tokens, 0)
-    rows = []
-    for step in SCHEDULE:
-        chunks = [SeqChunk(tokens[n][cached[n]:cached[n] + k], cached[n], tables[n]) for n, k in step.items()]
-        rows += runner.execute(chunks, all_logits=True)
-        for n, k in step.items():
-            cached[n] += k
-    return torch.cat(rows)
-
-
 @pytest.mark.parametrize("name", ["gemma2", "llama3-rope", "qwen3"])
 @pytest.mark.parametrize("min_batched_fresh", [0, 3], ids=["fresh-one-by-one", "fresh-batched"])
 def test_fresh_prompts_attend_to_their_kv_as_the_pages_hold_it(name: str, min_batched_fresh: int,
@@ -96,7 +84,7 @@ def test_fresh_prompts_attend_to_their_kv_as_the_pages_hold_it(name: str, min_ba
         runner.min_batched_fresh = min_batched_fresh
         if unified:
             runner.ops.plan = KernelPlan(unified={16: UnifiedConfig(), 32: UnifiedConfig()})
-        logits.append(schedule_logits(runner, tokens, tables))
+        logits.append(all_logits(runner, tokens, tables))
     error = ((logits[0] - logits[1]).norm() / logits[1].norm()).item()
     assert error < 1e-5, f"{name}: per-chunk vs unified path on fp8 pages {error:.2e}"
 
