@@ -18,12 +18,7 @@ OUT=${OUT:-/tmp/out}; TRACE=${TRACE:-.devcarry/serving/trace.jsonl}; MODE=${MODE
 MODEL=${MODEL:-opt-13b}; DEVICE=${DEVICE:-cuda}; DTYPE=${DTYPE:-float16}; PY=${PY:-python3}
 NEW=$PWD; D=.devcarry
 mkdir -p "$OUT"
-if [ ! -f /tmp/site/.done ]; then
-  [ -d .whl ] || { echo "no wheels under /tmp/site and none carried (.whl)"; exit 3; }
-  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && touch /tmp/site/.done || exit 3
-fi
-mkdir -p /tmp/minilm && cp -r $D/minilm-tok/. /tmp/minilm/
+. bench/gpu/site.sh
 if [ -f $D/minilm-fp16/model.safetensors ] && [ ! -f /tmp/minilm/model.safetensors ]; then
   PYTHONPATH=/tmp/site $PY - <<'PY'
 from safetensors.torch import load_file, save_file

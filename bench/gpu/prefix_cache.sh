@@ -8,11 +8,7 @@
 #   OUT=$OUT bash bench/gpu/prefix_cache.sh            (MODEL, NUM, MAX_TOKENS, TRACE to change them)
 set -uo pipefail
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
-if [ ! -f /tmp/site/.done ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && touch /tmp/site/.done
-fi
+. bench/gpu/site.sh
 export PYTHONPATH=/tmp/site:$PWD/src
-mkdir -p /tmp/minilm && cp -r .devcarry/minilm-tok/. /tmp/minilm/
 python3 bench/gpu/prefix_cache.py --trace "${TRACE:-.devcarry/prefix/multiturn.jsonl}" --model "${MODEL:-llama-3-8b}" \
   --device cuda --num "${NUM:-120}" --max-tokens "${MAX_TOKENS:-128}"

@@ -11,12 +11,7 @@ set -uo pipefail
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 OUT=${OUT:-/tmp/out}; PY=${PY:-python3}; D=.devcarry
 mkdir -p "$OUT"
-if [ ! -f /tmp/site/.done ]; then
-  [ -d .whl ] || { echo "no wheels under /tmp/site and none carried (.whl)"; exit 3; }
-  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && touch /tmp/site/.done || exit 3
-fi
-mkdir -p /tmp/minilm && cp -r $D/minilm-tok/. /tmp/minilm/
+. bench/gpu/site.sh
 PYTHONPATH=/tmp/site:$PWD/src:$PWD/$D/pkg $PY bench/scale_workers.py --out /tmp/scale-logs ${ARGS:-} \
   | tee "$OUT/scale_workers.txt"
 rc=${PIPESTATUS[0]}

@@ -14,10 +14,7 @@ set -uo pipefail
 OUT=${OUT:-/tmp/out}
 case ${STAGE:?} in
   engine)
-    if [ ! -f /tmp/site/.done ]; then
-      python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-        && touch /tmp/site/.done
-    fi
+    . bench/gpu/site.sh
     export PYTHONPATH=/tmp/site
     TEST_S=${TEST_S:-120} BENCH_S=${BENCH_S:-300} bash bench/gpu/engine_check.sh ;;
   saturated)
