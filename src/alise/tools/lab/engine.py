@@ -190,7 +190,10 @@ def kernel_breakdown(runner: ModelRunner, batch: int) -> list:
             graph.replay()
         torch.cuda.synchronize()
     rows = []
-    for item in sorted(prof.key_averages(), key=lambda e: -e.device_time_total)[:12]:
+    kernels = sorted(prof.key_averages(), key=lambda e: -e.device_time_total)
+    total_ms = sum(item.device_time_total for item in kernels) / 5 / 1e3
+    log(f"  b{batch}: {sum(item.count for item in kernels) // 5} kernels a step, {total_ms:.3f} ms of kernel time")
+    for item in kernels[:16]:
         rows.append(dict(name=item.key[:90], ms_per_step=item.device_time_total / 5 / 1e3, count=item.count // 5))
         log(f"  b{batch}: {rows[-1]['ms_per_step']:7.3f} ms/step x{rows[-1]['count']:4}  {rows[-1]['name']}")
     return rows
