@@ -11,7 +11,10 @@ unless ``WorkerEngine.can_overlap`` says no or aborts are waiting.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import threading
+import time
 
 import pytest
 import torch
@@ -28,6 +31,7 @@ from alise.worker.model.kernel_plan import KernelPlan
 from alise.worker.model.loader import load_model
 from alise.worker.model.overlap import PinnedUploads, TokenGather
 from alise.worker.model.runner import ModelRunner
+from alise.worker.step_loop import StepLoop
 from tinymodels import make_tiny_model_dir
 
 BLOCK_SIZE = 8
@@ -317,3 +321,59 @@ def assert_same_metadata(a, b) -> None:
             assert x == y
 
     same(a, b)
+
+
+class LoopHost:
+    """What the step thread needs of the worker service, over a real engine."""
+
+    def __init__(self, engine: WorkerEngine) -> None:
+        self.engine = engine
+
+    def execute(self, plan, waited_s):
+        return self.engine.run(plan)
+
+    def count_cycle(self, wait_s, execute_s, report) -> None:
+        pass
+
+    def record(self, report, waited_s):
+        return report
+
+    def step_failed(self) -> None:
+        raise AssertionError("a step failed")
+
+
+def test_a_plan_that_comes_while_the_step_runs_is_launched_behind_it(loaded, monkeypatch):
+    """The device is kept busy (``step_done`` false) until released; the next plan is
+    submitted only once the first step is launched: it must still go behind that step (no
+    plan queued at launch is no reason to finish the step in flight while the device runs it)."""
+    engine = make_engine(loaded, "eager")
+    released = threading.Event()
+    launches: list[tuple[int, bool]] = []
+    real_launch = engine.launch
+
+    def launch(plan, previous=None):
+        launches.append((plan.step_id, previous is not None))
+        return real_launch(plan, previous)
+
+    monkeypatch.setattr(engine, "launch", launch)
+    monkeypatch.setattr(engine, "step_done", lambda launched: released.is_set())
+    loop = asyncio.new_event_loop()
+    steps = StepLoop(LoopHost(engine), loop, overlap=True)
+    assert steps.overlap
+    greedy = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)
+    steps.submit(StepPlan(0, commands=[Admit("a", prompt(5, 1), greedy)], chunks={"a": 5}, run_step=True))
+    deadline = time.monotonic() + 10
+    while not launches and time.monotonic() < deadline:
+        time.sleep(0.001)
+    time.sleep(0.02)  # the thread is now waiting with step 0 "on the device"
+    steps.submit(StepPlan(1, run_step=True))
+    while len(launches) < 2 and time.monotonic() < deadline:
+        time.sleep(0.001)
+    released.set()
+    loop.run_until_complete(steps.close())
+    loop.run_until_complete(asyncio.sleep(0))  # the reports' callbacks
+    assert launches == [(0, False), (1, True)]
+    reports = [steps.reports.get_nowait() for _ in range(steps.reports.qsize())]
+    assert [r.step_id for r in reports] == [0, 1]
+    assert [o.job_id for o in reports[1].outputs] == ["a"]
+    loop.close()

@@ -99,7 +99,8 @@ class Executor(Protocol):
         the token sampled for each feed that ``samples``, in order, and the step's seconds."""
 
     # Overlapped steps (``WorkerEngine.launch``), where ``can_overlap`` is true:
-    # ``launch(feeds, previous_handle) -> handle`` and ``collect(handle) -> (tokens, seconds)``.
+    # ``launch(feeds, previous_handle) -> handle``, ``done(handle) -> bool`` (the device has
+    # finished it) and ``collect(handle) -> (tokens, seconds)``.
 
 
 @dataclass(eq=False)
@@ -284,6 +285,10 @@ class WorkerEngine:
         report.refused = refused + report.refused
         self._ran(plan.step_id)
         return launched
+
+    def step_done(self, launched: LaunchedStep) -> bool:
+        """Whether the device has finished a launched step (``finish`` would not wait)."""
+        return launched.handle is None or self.executor.done(launched.handle)
 
     def finish(self, launched: LaunchedStep) -> StepReport:
         """Waits for a launched step's tokens; its report (``run``'s)."""

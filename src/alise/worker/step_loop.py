@@ -10,7 +10,9 @@ Overlapped (``overlap``, ``alise worker --async-steps``): when the next plan is 
 as a step is launched, the thread launches that plan's step too (``WorkerEngine.launch``, its
 decodes' ids taken on the device) before it waits for the first step's tokens and sends its
 report, so the device runs one step while the host reports the last and prepares the next.
-It finishes the step in flight first (no overlap there) when no plan is queued, before
+With no plan queued it waits for one while the step in flight still runs on the device (the
+scheduler plans the next step on the report just sent, well within a step), and finishes
+that step first (no overlap there) once the device is done with it and no plan came, before
 aborts, at the end, and where ``WorkerEngine.can_overlap`` says no: aborts and KV actions then
 meet the jobs exactly as the synchronous loop would.
 """
@@ -29,6 +31,9 @@ from alise.core.commands import AbortJobs, StepPlan, StepReport
 from alise.worker.engine import LaunchedStep, WorkerEngine
 
 logger = logging.getLogger(__name__)
+
+#: How often a thread with a step on the device and no plan queued looks at the device.
+POLL_S = 2e-4
 
 
 @dataclass(frozen=True)
@@ -136,7 +141,7 @@ class StepLoop:
         self._done_s, self._busy = time.monotonic(), False
         flight: _InFlight | None = None
         while True:
-            item = self._take(block=flight is None)
+            item = self._take(block=True) if flight is None else self._next(flight)
             aborts = self._drain_aborts()
             if flight is not None and (item is None or aborts or not isinstance(item, StepPlan)
                                        or not engine.can_overlap(flight.step, item)):
@@ -169,6 +174,20 @@ class StepLoop:
             return self._plans.get_nowait()
         except queue.Empty:
             return None
+
+    def _next(self, flight: _InFlight) -> StepPlan | WakeUp | Close | None:
+        """The next plan or signal, waited for while ``flight`` still runs on the device (one
+        that comes meanwhile is launched behind it); None once the device is done with it and
+        nothing came. Finishing it at once instead would leave the device idle from its end
+        to the next launch whenever the next plan is a scheduler's round trip away."""
+        while True:
+            item = self._take(block=False)
+            if item is not None or self.worker.engine.step_done(flight.step):
+                return item
+            try:
+                return self._plans.get(timeout=POLL_S)
+            except queue.Empty:
+                continue
 
     def _drain_aborts(self) -> list[AbortJobs]:
         aborts = []

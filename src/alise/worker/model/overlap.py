@@ -171,6 +171,11 @@ class OverlappedSteps:
         return SampledIds(ids, host, ready, started, self._clock())
 
     @staticmethod
+    def done(launched: SampledIds) -> bool:
+        """Whether the device has run a launched step to its end (always, on the CPU)."""
+        return isinstance(launched.ended, float) or launched.ended.query()
+
+    @staticmethod
     def collect(launched: SampledIds) -> tuple[list[int], float]:
         """Waits for a launched step: its sampled ids (in the order of its sampling feeds) and
         its seconds."""
