@@ -10,7 +10,7 @@ from alise.core.commands import KvAction, Pause
 from alise.core.config import SchedulingConfig
 from alise.core.job import JobStatus, KvPlace
 from alise.core.kv_places import PLACES, KvMoveRefused, actions_between, move_label
-from alise.core.memory_planner import AdaptivePlanner, KvCostModel, make_memory_planner
+from alise.core.memory_planner import AdaptivePlanner, KvCostModel, drop_kept_tokens, make_memory_planner
 from alise.core.policy import make_policy
 from alise.core.scheduler import SchedulerCore
 from alise.tools.sim.virtual_worker import virtual_worker
@@ -96,6 +96,24 @@ def test_no_host_room_means_quantize_or_drop_never_overcommit():
     places = [after.get(j.job_id, j.kv) for j in jobs]
     assert KvPlace.HOST not in places
     assert sum(place_blocks(p, 64, BS) for p in places if p is not KvPlace.NONE) <= 12
+
+
+def test_a_drop_is_priced_from_the_prefix_the_worker_still_caches_at_the_resume():
+    # A paused job of 128 computed tokens (32 blocks), 30 blocks left: 2 must go. int8 frees 16
+    # for 2.7 ms (error budget and kernels); a recompute of all 128 tokens costs 13 ms. A worker
+    # caching prefixes keeps the dropped job's 32 full blocks, less the 2 handed out at once
+    # (off its tail): while it hands out no others, the resume recomputes 8 tokens (1.0 ms) and
+    # the drop is the cheaper. Handing out 100 blocks a second, a wait of 1 s leaves nothing.
+    for reuse_blocks_per_s, wait_s, target in ((0.0, 0.0, KvPlace.NONE), (None, 0.0, KvPlace.DEVICE_INT8),
+                                               (100.0, 1.0, KvPlace.DEVICE_INT8)):
+        job = paused_job("j", 128)
+        moves = planner().plan([job], {"j": wait_s}, capacity(num_host=0), 30, 0, reuse_blocks_per_s)
+        assert [m.target for m in moves] == [target], (reuse_blocks_per_s, wait_s)
+    job = paused_job("j", 128)
+    assert drop_kept_tokens(job, KvPlace.DEVICE, BS, 2) == 128 - 2 * BS
+    assert drop_kept_tokens(job, KvPlace.DEVICE_INT8, BS, 0) == 0  # only full-precision blocks are cached
+    job.num_shared_tokens = 8 * BS  # read from the cache: it stays there whatever is handed out
+    assert drop_kept_tokens(job, KvPlace.DEVICE, BS, 100) == 8 * BS
 
 
 def test_prefetch_brings_back_a_job_about_to_run_and_not_one_that_waits():

@@ -108,6 +108,41 @@ def test_the_router_prefers_the_worker_holding_the_prefix():
     assert core.router.route_of("next") == "w1" and core.router.route_of("other") == "w0"
 
 
+def test_a_dropped_job_is_priced_by_what_its_worker_no_longer_caches():
+    """Six blocks, two jobs of 40 prompt tokens: at 49 tokens "a" needs a fourth block, and the
+    newest, "b", is dropped with 48 known tokens computed. Its three full blocks stay cached, so
+    its remaining time prices no recompute beyond its next token; as "a" grows into those
+    blocks they are evicted (its tail first) and the price of its resume grows, plan by plan,
+    up to a recompute of all 49 tokens once none is left."""
+    core, engines = make_cached(6)
+    worker = engines["w0"]
+    a, b = job("a", list(range(1, 41)), max_tokens=60), job("b", list(range(100, 140)), max_tokens=60)
+    core.submit(a)
+    core.submit(b)
+    table, slot = core.table, core.table.slot_of["b"]
+
+    def remaining_s(num_computed: int) -> float:
+        """What the estimator charges "b" with ``num_computed`` of its tokens in place."""
+        estimate = core.policy.estimate_of(b)
+        seconds, _ = core.estimator.remaining_base_arrays(b.num_generated, b.num_tokens, num_computed,
+                                                          b.sampling.max_tokens, estimate.mean, estimate.p90)
+        return float(seconds)
+
+    while not b.is_dropped:
+        step(core, worker)
+    assert b.num_tokens == 49 and a.num_computed_tokens == 49  # a's fourth block
+    cached, priced = [], []
+    full = remaining_s(0)  # a recompute of all 49 tokens
+    while b.is_dropped:
+        table.fill_remaining(np.array([slot]))
+        cached.append(int(table.num_cached_hint[slot]))
+        priced.append(float(table.remaining_base_s[slot]))
+        assert priced[-1] == remaining_s(cached[-1])
+        step(core, worker)
+    assert cached[0] == 3 * BS and cached[-1] < cached[0] and sorted(cached, reverse=True) == cached
+    assert priced[0] < priced[-1] <= full
+
+
 # ----------------------------------------------------------------- random conversations
 
 @settings(max_examples=10, deadline=None)

@@ -162,6 +162,12 @@ class Job:
     def is_finished(self) -> bool:
         return self.status is JobStatus.FINISHED
 
+    @property
+    def is_dropped(self) -> bool:
+        """Paused with its KV nowhere: its resume computes it again, less the prefix its
+        worker's cache still holds."""
+        return self.status is JobStatus.PAUSED and self.kv is KvPlace.NONE
+
     def all_token_ids(self) -> list[int]:
         """Prompt and confirmed output tokens (what a worker that admits the job receives)."""
         return self.prompt_token_ids + self.output_token_ids

@@ -21,7 +21,9 @@ place has a cost in seconds, for that job, relative to where its KV is now:
                                  prefetch started ``T_in`` ahead hides it), a small overhead
                                  for the PCIe traffic, plus the quantization cost
 * nowhere (drop)                 recomputing prompt + generated tokens: the marginal cost of
-                                 that prefill in a step (latency model)
+                                 that prefill in a step (latency model), less the prefix the
+                                 worker's cache still holds at the resume (``drop_kept_tokens``:
+                                 the blocks it hands out meanwhile evict the drop's, tail first)
 
 with ``T_in`` = bytes / measured copy bandwidth. Four named sub-steps, each a small loop:
 
@@ -56,6 +58,8 @@ from alise.core.commands import KvAction
 from alise.core.job import Job, JobStatus, KvPlace
 from alise.core.kv_places import PLACES, actions_between
 from alise.core.latency_model import LatencyModel
+from alise.core.prefix_cache import reusable_tokens
+from alise.core.prefix_mirror import known_tokens
 
 
 @dataclass(frozen=True)
@@ -91,14 +95,15 @@ class KvCostModel:
         return self.bytes_of(num_blocks) / self.swap_bytes_per_s
 
     def place_cost_s(self, job: Job, source: KvPlace, target: KvPlace, wait_s: float,
-                     block_size: int) -> float:
-        """Cost of holding ``job`` at ``target`` until it resumes, given it is at ``source``."""
+                     block_size: int, num_kept_tokens: int = 0) -> float:
+        """Cost of holding ``job`` at ``target`` until it resumes, given it is at ``source``;
+        ``num_kept_tokens``: of a drop, the prefix the worker's cache keeps (not recomputed)."""
         if target is source:
             return 0.0
         if target is KvPlace.NONE:
             # The recompute rides in a step that runs anyway: its marginal cost only.
-            n = job.num_tokens
-            return self.latency.step_s(1, n, (n,)) - self.latency.step_s(1, 0)
+            n, kept = job.num_tokens, min(num_kept_tokens, job.num_tokens - 1)
+            return self.latency.step_s(1, n, (n - kept,), (kept,)) - self.latency.step_s(1, 0)
         full = blocks_for(job.num_private_tokens, block_size)
         cost = 0.0
         bits = PLACES[target].bits
@@ -113,6 +118,28 @@ class KvCostModel:
             cost += self.swap_overhead_s + self.transfer_s(moved)
             cost += max(0.0, self.transfer_s(moved) - wait_s)
         return cost
+
+
+def drop_kept_tokens(job: Job, source: KvPlace, block_size: int, num_reused_blocks: int) -> int:
+    """Tokens of ``job``'s prefix that a worker caching prefixes still holds when the job
+    resumes, if it drops the job's KV from ``source`` and hands ``num_reused_blocks`` blocks
+    out before the resume.
+
+    The drop caches the full blocks of its computed known tokens (``reusable_tokens``) when the
+    KV is at full precision on the device; a shared prefix stays cached in any case. The
+    allocator hands out uncached free blocks (the drop's partial tail) before it evicts cached
+    ones, least recently released first, and the drop releases its tail first: the blocks
+    handed out come off the end of the prefix. Older cached blocks of other jobs, evicted
+    before these, are not counted on: a drop happens when the device is full, and then there
+    are none."""
+    shared = job.num_shared_tokens // block_size
+    if source is not KvPlace.DEVICE:
+        return shared * block_size
+    full = reusable_tokens(job.num_computed_tokens, known_tokens(job), False) // block_size
+    held = blocks_for(job.num_private_tokens, block_size)
+    uncached = held - (full - shared)
+    evicted = max(0, min(num_reused_blocks, held) - uncached)
+    return max(full - evicted, shared) * block_size
 
 
 @dataclass
@@ -143,10 +170,12 @@ class MemoryPlanner(abc.ABC):
 
     @abc.abstractmethod
     def plan(self, paused: list[Job], waits: dict[str, float], capacity: WorkerCapacity,
-             device_budget: int, host_budget: int) -> list[KvMove]:
+             device_budget: int, host_budget: int, reuse_blocks_per_s: float | None = None) -> list[KvMove]:
         """Targets for ``paused`` (best-ranked first): device blocks held after the plan stay
         within ``device_budget`` and newly used host blocks within ``host_budget``. Returns a
-        move for every job that is pausing now or whose place changes."""
+        move for every job that is pausing now or whose place changes. ``reuse_blocks_per_s``:
+        how fast the worker hands freed blocks out again, evicting the prefixes that drops
+        leave cached (None: the worker caches none)."""
 
 
 class DropPlanner(MemoryPlanner):
@@ -155,7 +184,7 @@ class DropPlanner(MemoryPlanner):
     name = "drop"
     uses_waits = False
 
-    def plan(self, paused, waits, capacity, device_budget, host_budget):
+    def plan(self, paused, waits, capacity, device_budget, host_budget, reuse_blocks_per_s=None):
         moves = []
         for job in paused:
             held = place_blocks(job.kv, job.num_private_tokens, capacity.block_size) \
@@ -184,7 +213,7 @@ class AdaptivePlanner(MemoryPlanner):
         self.prefetch_lead_s = prefetch_lead_s
         self.hysteresis = hysteresis
 
-    def plan(self, paused, waits, capacity, device_budget, host_budget):
+    def plan(self, paused, waits, capacity, device_budget, host_budget, reuse_blocks_per_s=None):
         bs = capacity.block_size
         if capacity.block_bytes and not self.costs.block_bytes:
             self.costs.block_bytes = capacity.block_bytes
@@ -194,7 +223,7 @@ class AdaptivePlanner(MemoryPlanner):
                        job.status is JobStatus.RUNNING) for job in paused]
         host_free = host_budget
         allowed = self.allowed if capacity.can_quantize_kv else self.allowed - _QUANTIZED
-        host_free = self._fit_device(slots, bs, device_budget, host_free, allowed)
+        host_free = self._fit_device(slots, bs, device_budget, host_free, allowed, reuse_blocks_per_s)
         headroom = int(capacity.num_device_blocks * self.headroom_fraction)
         host_free = self._make_headroom(slots, bs, device_budget - headroom, host_free)
         self._prefetch(slots, bs, device_budget)
@@ -204,10 +233,10 @@ class AdaptivePlanner(MemoryPlanner):
     # ----------------------------------------------------------------- sub-steps
 
     def _fit_device(self, slots: list[_Slot], bs: int, budget: int, host_free: int,
-                    allowed: frozenset[KvPlace]) -> int:
+                    allowed: frozenset[KvPlace], reuse_blocks_per_s: float | None) -> int:
         demand = sum(s.device_blocks(bs) for s in slots)
         while demand > budget:
-            best = self._cheapest_downgrade(slots, bs, host_free, demand - budget, allowed)
+            best = self._cheapest_downgrade(slots, bs, host_free, demand - budget, allowed, reuse_blocks_per_s)
             if best is None:
                 raise AssertionError("dropping frees every device block; unreachable")
             slot, target = best
@@ -258,9 +287,12 @@ class AdaptivePlanner(MemoryPlanner):
         return self.prefetch_factor * self.costs.transfer_s(moved) + self.prefetch_lead_s
 
     def _cheapest_downgrade(self, slots: list[_Slot], bs: int, host_free: int, deficit: int,
-                            allowed: frozenset[KvPlace]) -> tuple[_Slot, KvPlace] | None:
+                            allowed: frozenset[KvPlace], reuse_blocks_per_s: float | None
+                            ) -> tuple[_Slot, KvPlace] | None:
         """The cheapest move that frees ``deficit`` blocks on its own, else the cheapest per
-        block freed (ties: the longest wait)."""
+        block freed (ties: the longest wait). A drop's recompute is priced from the prefix its
+        worker's cache still holds at the resume: the blocks that cover the deficit are handed
+        out at once, and ``reuse_blocks_per_s`` more over the job's wait."""
         best = None
         best_key: tuple[int, float, float] | None = None
         for slot in slots:
@@ -277,14 +309,18 @@ class AdaptivePlanner(MemoryPlanner):
                              if PLACES[target].on_host else 0)
                 if freed <= 0 or host_need > host_free:
                     continue
-                cost = self._cost(slot, target, bs) - now_cost
+                kept = 0
+                if target is KvPlace.NONE and reuse_blocks_per_s is not None:
+                    reused = min(deficit, freed) + int(reuse_blocks_per_s * slot.wait_s)
+                    kept = drop_kept_tokens(slot.job, slot.source, bs, reused)
+                cost = self._cost(slot, target, bs, kept) - now_cost
                 key = (0, cost, -slot.wait_s) if freed >= deficit else (1, cost / freed, -slot.wait_s)
                 if best_key is None or key < best_key:
                     best, best_key = (slot, target), key
         return best
 
-    def _cost(self, slot: _Slot, target: KvPlace, bs: int) -> float:
-        return self.costs.place_cost_s(slot.job, slot.source, target, slot.wait_s, bs)
+    def _cost(self, slot: _Slot, target: KvPlace, bs: int, num_kept_tokens: int = 0) -> float:
+        return self.costs.place_cost_s(slot.job, slot.source, target, slot.wait_s, bs, num_kept_tokens)
 
 
 

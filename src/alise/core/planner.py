@@ -155,10 +155,16 @@ class StepPlanner:
         # uncached. A dropped job is paused here with nothing computed.
         owner = table.owner[order]
         dropped = (owner == view.index) & ~table.is_running[order] & (table.num_computed_tokens[order] == 0)
+        resumes = []
         for i in ((owner == WAITING) | dropped).nonzero()[0][:view.capacity.max_num_seqs].tolist():
             job = table.jobs[order[i]]
-            if job.status is JobStatus.WAITING or job.kv is KvPlace.NONE:
+            if job.status is JobStatus.WAITING or job.is_dropped:
                 hits[i], taken_free[i] = view.prefix.lookup(job)
+                if job.is_dropped:
+                    resumes.append(i)
+        # A dropped job's remaining time prices the recompute of what its prefix cache does not
+        # hold (``SchedulerCore._put``), which grows as the worker evicts its blocks.
+        table.update_cached_hints(order[resumes], hits[resumes])
         return -(-(private - hits) // bs) + taken_free, hits
 
     def _prefix_saving_s(self, slot: int, index: int) -> float:
@@ -208,7 +214,7 @@ class StepPlanner:
             waits = dict(zip([job.job_id for job in paused], ahead[positions].tolist(), strict=True))
         host_used = int(table.num_host_blocks[table.owner == view.index].sum())
         moves = self.memory.plan(paused, waits, cap, cap.num_device_blocks - used,
-                                 cap.num_host_blocks - host_used)
+                                 cap.num_host_blocks - host_used, self._reuse_blocks_per_s(view, order[taken]))
         # Device-freeing moves first: the worker applies commands in order, and a prefetch
         # (host -> device) may need the blocks that a swap-out or quantization frees.
         moves.sort(key=lambda move: PLACES[move.job.kv].on_host)
@@ -216,6 +222,17 @@ class StepPlanner:
         for move in moves:
             commands += self._apply_move(move, now_s)
         return commands
+
+    def _reuse_blocks_per_s(self, view: WorkerView, runs: np.ndarray) -> float | None:
+        """How fast the worker hands out freed blocks while the jobs ``runs`` run (each takes a
+        block every ``block_size`` tokens, a token a step), evicting the prefixes that drops
+        leave in its cache; None where it caches none."""
+        if view.prefix is None:
+            return None
+        if not len(runs):
+            return 0.0
+        step_s = self.latency.step_s(len(runs), int(self.table.num_tokens[runs].sum()))
+        return len(runs) / view.capacity.block_size / step_s
 
     def _apply_move(self, move: KvMove, now_s: float) -> list[Command]:
         job, actions = move.job, move.actions

@@ -317,6 +317,9 @@ class SchedulerCore:
         hint = 0
         if job.status is JobStatus.WAITING:  # its prefill is what no worker has cached
             hint = max((v.prefix.lookup(job)[0] for v in self.workers.values() if v.prefix is not None), default=0)
+        elif job.is_dropped and view is not None and view.prefix is not None:
+            # Its resume recomputes what the drop did not leave cached on its worker.
+            hint = view.prefix.lookup(job)[0]
         self.table.put(job, owner, self.policy.estimate_of(job), host, hint)
 
     def _to_waiting(self, job: Job, now_s: float) -> None:

@@ -102,7 +102,7 @@ class JobTable:
     num_tokens = Column(np.int64)           # running jobs: projected by each plan (``_advance``)
     num_computed_tokens = Column(np.int64)  # likewise
     num_shared_tokens = Column(np.int64)    # of them, read from shared prefix-cache blocks
-    num_cached_hint = Column(np.int64)      # waiting jobs: tokens of their prefix cached on a worker
+    num_cached_hint = Column(np.int64)      # waiting or dropped jobs: tokens of their prefix cached on a worker
     max_tokens = Column(np.int64)
     estimate_mean = Column(np.float64)      # the policy's length estimate of the job, in tokens
     estimate_p90 = Column(np.float64)
@@ -179,6 +179,14 @@ class JobTable:
         assert pos is not None  # every job of the table holds a label
         n, by_tie = len(self.slot_of), self._by_tie
         by_tie[pos:n] = by_tie[pos + 1:n + 1]
+
+    def update_cached_hints(self, slots: np.ndarray, hints: np.ndarray) -> None:
+        """Tokens of these idle jobs' prefixes cached on a worker now: their remaining times are
+        recomputed where the count changed."""
+        differs = self.num_cached_hint[slots] != hints
+        changed = slots[differs]
+        self.num_cached_hint[changed] = hints[differs]
+        self.is_stale[changed] = True
 
     def mark_stale(self) -> None:
         """Every cached remaining time is stale (the latency model changed)."""
