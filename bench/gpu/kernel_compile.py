@@ -80,11 +80,11 @@ def fused_cases(dtype: str, quick: bool):
                  k_cache_ptr=ptr, v_cache_ptr=ptr)
     yield ("rope_write_kv 32/8x128", triton_fused._rope_write_kernel, types,
            dict(NUM_HEADS=32, NUM_KV_HEADS=8, BLOCK_H=32, BLOCK_KV=8, HALF=64, BLOCK_HALF=64, FP8=False),
-           dict(num_warps=4))
+           triton_fused.ROPE_LAUNCH)
     yield ("rope_write_kv 32/8x128 fp8 pages", triton_fused._rope_write_kernel,
            types | dict(k_cache_ptr=FP8_PTR, v_cache_ptr=FP8_PTR),
            dict(NUM_HEADS=32, NUM_KV_HEADS=8, BLOCK_H=32, BLOCK_KV=8, HALF=64, BLOCK_HALF=64, FP8=True),
-           dict(num_warps=4))
+           triton_fused.ROPE_LAUNCH)
     configs = triton_fused.SKINNY_CANDIDATES[:1] if quick else triton_fused.SKINNY_CANDIDATES
     types = dict(x_ptr=ptr, w_ptr=ptr, bias_ptr=ptr, out_ptr=ptr, M="i32", N="i32", K="i32")
     if quick:

@@ -11,7 +11,8 @@ every kernel is tiny and launch-bound even inside a CUDA graph):
   float32 and rounds once.
 - :func:`rope_write_kv` -- rotary positions (rotate-half form) on the query and key heads of one
   token, the rotated query to a new tensor and the rotated key plus the value straight into the
-  token's page slot (a negative slot writes nowhere, like ``write_kv``).
+  token's page slot (a negative slot writes nowhere, like ``write_kv``). Bit for bit the torch
+  rotation: each product rounded to the dtype, then their sum (see :data:`ROPE_LAUNCH`).
 - :func:`act_mul` -- the gated activation ``act(gate) * up`` (SiLU, or Gemma's GELU-tanh) of
   the fused gate/up output, one pass instead of two kernels and a temporary.
 - :func:`skinny_linear` -- ``x @ weight.T (+ bias) (ReLU)`` for few rows: a program per
@@ -64,6 +65,14 @@ class SkinnyConfig:
 SKINNY_CANDIDATES = (SkinnyConfig(32, 256, 4, 3), SkinnyConfig(16, 512, 4, 3), SkinnyConfig(64, 128, 4, 4),
                      SkinnyConfig(32, 512, 8, 3), SkinnyConfig(16, 256, 4, 4, vector=True),
                      SkinnyConfig(8, 512, 4, 3, vector=True))
+
+#: Launch options of the rotary kernel. Compiled, its products of two 16-bit values become 16-bit
+#: multiplies (exact: the float32 product rounded once), and with floating-point fusion on, one of
+#: each ``round(a * c) - round(b * s)`` pair merges with the difference into a multiply-add that
+#: skips that product's rounding: the rotated query and key then differ from torch's by an ulp (far
+#: more where the two products cancel), each layer's K/V inherit it, and on fp8 pages it moves
+#: keys to the neighbouring e4m3 code. So no fusion here (tests/unit/test_rope_kernel_sm90.py).
+ROPE_LAUNCH = dict(num_warps=4, enable_fp_fusion=False)
 
 #: Most rows :func:`skinny_linear` takes (decode batches up to 16; larger ones go to cuBLAS,
 #: whose tiles use the tensor cores better). The candidates' tiles fit shared memory up to here.
@@ -124,7 +133,8 @@ if triton is not None:
         x2 = tl.load(src + HALF, mask=mask, other=0.0).to(tl.float32)
         dst = q_out_ptr + token * stride_ot + heads[:, None] * stride_oh + offs[None, :]
         ty = q_out_ptr.dtype.element_ty
-        # Each product rounded to the dtype before the sum, as the torch form computes it.
+        # Each product rounded to the dtype before the sum, as the torch form computes it (no
+        # multiply-add may skip a rounding: ROPE_LAUNCH).
         tl.store(dst, ((x1 * cos1[None, :]).to(ty).to(tl.float32) - (x2 * sin1[None, :]).to(ty).to(tl.float32))
                  .to(ty), mask=mask)
         tl.store(dst + HALF, ((x2 * cos2[None, :]).to(ty).to(tl.float32)
@@ -253,7 +263,7 @@ def rope_write_kv(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, c
         cos.stride(0), out.stride(0), out.stride(1), key_cache.stride(1), key_cache.stride(2),
         NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, BLOCK_H=_next_pow2(num_heads),
         BLOCK_KV=_next_pow2(num_kv_heads), HALF=half, BLOCK_HALF=_next_pow2(half),
-        FP8=key_cache.dtype == torch.float8_e4m3fn, num_warps=4,
+        FP8=key_cache.dtype == torch.float8_e4m3fn, **ROPE_LAUNCH,
     )
     return out
 
