@@ -17,13 +17,21 @@ scheduler settings, fcfs at the same KV budget:
                  (vLLM's async scheduling: one step queued behind the running one);
 * ``1-ahead``    vllm-like with one plan in flight instead of two.
 
+Each variant runs under every policy of ``--policies``: ``fcfs`` (vLLM v1's decisions), ``alise``
+(shortest predicted remaining time first, ranked by the length predictor cross-fitted on the
+trace, ``alise.tools.sim.predictions``: no request is predicted by a model that saw its own
+output; cached beside the trace) and ``oracle`` (the true lengths).
+
 Per run: TTFT (from arrival to the end of the step that made the first token) mean, p50, p90,
-p99; TPOT mean; the gaps between a request's tokens (ITL) p50 and p99; normalized latency mean;
-output tokens per second over the makespan; steps; and the steps that carried prompt tokens.
-The simulator sees no HTTP, streaming or client: these are the scheduling effects alone.
+p99; TPOT mean; the gaps between a request's tokens (ITL) p50 and p99; normalized latency
+(end-to-end over output tokens) mean and p99; output tokens per second over the makespan;
+goodput (requests a second within ``--goodput-ttft-ms`` and ``--goodput-tpot-ms``, as vLLM's
+client counts them); steps; and preemptions. The simulator sees no HTTP, streaming or client:
+these are the scheduling effects alone.
 
     python bench/gpu/peer_sim.py --trace .peercarry/trace.jsonl \
-        --profile profiles/opt-13b-h200.json --rates 11,13,16,inf --variants alise,3-ahead
+        --profile profiles/opt-13b-h200.json --rates 11,13,16,inf --variants alise,3-ahead \
+        --policies fcfs,alise
 
 ``ahead`` is the plans kept in flight while they reach the worker in time.
 """
@@ -86,28 +94,57 @@ class TokenTimes(SchedulerCore):
         return events
 
 
-def run(trace, latency: LatencyModel, variant: str, args) -> dict:
+def run(trace, latency: LatencyModel, variant: str, policy: str, estimates, args) -> dict:
     budget, scheduling = VARIANTS[variant]
+    scheduling = replace(scheduling, policy=policy)
     ratio, ahead = scheduling.prefill_step_ratio, min(scheduling.min_plans_ahead, scheduling.plans_ahead)
     config = SimConfig(kv_tokens=args.kv_tokens, block_size=16, max_num_seqs=args.max_num_seqs,
                        max_num_batched_tokens=budget, max_model_len=args.max_model_len, scheduling=scheduling)
     TokenTimes.times = defaultdict(list)
     core_scheduler.SchedulerCore = TokenTimes  # the class alise.core.config.make_core builds
     try:
-        result = simulate(trace, latency, config)
+        result = simulate(trace, latency, config, estimates=estimates if policy == "alise" else None)
     finally:
         core_scheduler.SchedulerCore = SchedulerCore
     recs = result.records
     ttft = np.array([r.ttft_s for r in recs]) * 1e3
-    tpot = [1e3 * (r.finish_s - r.first_token_s) / (r.output_tokens - 1) for r in recs if r.output_tokens > 1]
+    # vLLM's client: a request of one output token has a TPOT of 0.
+    tpot = np.array([1e3 * (r.finish_s - r.first_token_s) / (r.output_tokens - 1) if r.output_tokens > 1 else 0.0
+                     for r in recs])
     gaps = np.concatenate([np.diff(t) for t in TokenTimes.times.values() if len(t) > 1]) * 1e3
-    norm = [1e3 * r.normalized_latency_s for r in recs]
+    norm = np.array([1e3 * r.normalized_latency_s for r in recs])
     first = min(r.arrival_s for r in recs)
-    return dict(variant=variant, budget=config.capacity("w").max_num_batched_tokens, ratio=ratio, plans_ahead=ahead,
-                ttft_ms=[float(ttft.mean())] + [float(np.percentile(ttft, q)) for q in (50, 90, 99)],
-                tpot_ms=float(np.mean(tpot)), itl_ms=[float(np.percentile(gaps, q)) for q in (50, 99)],
-                norm_ms=float(np.mean(norm)), tok_s=sum(r.output_tokens for r in recs) / (result.makespan_s - first),
+    duration_s = result.makespan_s - first
+    good = (ttft <= args.goodput_ttft_ms) & (tpot <= args.goodput_tpot_ms)
+    return dict(variant=variant, policy=policy, budget=config.capacity("w").max_num_batched_tokens, ratio=ratio,
+                plans_ahead=ahead, ttft_ms=[float(ttft.mean())] + [float(np.percentile(ttft, q)) for q in (50, 90, 99)],
+                tpot_ms=float(tpot[tpot > 0].mean()), itl_ms=[float(np.percentile(gaps, q)) for q in (50, 99)],
+                norm_ms=[float(norm.mean()), float(np.percentile(norm, 99))],
+                tok_s=sum(r.output_tokens for r in recs) / duration_s, goodput=float(good.sum()) / duration_s,
                 steps=result.num_steps, preemptions=sum(result.preemptions.values()))
+
+
+def alise_estimates(trace: list[TraceRequest], args) -> dict:
+    """Cross-fitted length estimates by the trace's request id (their order differs by rate)."""
+    from alise.tools.sim.predictions import cross_fitted_estimates, kendall_tau
+
+    estimates, source = cross_fitted_estimates(trace, method=args.predictor, num_folds=args.folds,
+                                               cache_path=f"{args.trace}.estimates-{args.predictor}.json")
+    print(f"alise's estimates: {source}, Kendall tau {kendall_tau(estimates, trace):.3f}")
+    return {trace[i].id: e for i, e in estimates.items()}
+
+
+HEADER = (f"{'rate':>5} {'scale':>5} {'policy':<6} {'variant':<10} {'budget':>6} {'cap':>4} {'ahead':>5}  "
+          "TTFT ms mean / p50 / p90 / p99     ITL p50 / p99   tok/s  goodput  norm ms/tok mean / p99  preempt")
+
+
+def row_line(rate_text: str, row: dict) -> str:
+    t, n = row["ttft_ms"], row["norm_ms"]
+    return (f"{rate_text:>5} {row['scale']:>5g} {row['policy']:<6} {row['variant']:<10} {row['budget']:>6} "
+            f"{row['ratio'] or '-':>4} {row['plans_ahead']:>5}  "
+            f"{t[0]:6.0f} / {t[1]:5.0f} / {t[2]:6.0f} / {t[3]:6.0f}   "
+            f"{row['itl_ms'][0]:5.1f} / {row['itl_ms'][1]:5.1f}  "
+            f"{row['tok_s']:6.0f}  {row['goodput']:7.2f}  {n[0]:8.1f} / {n[1]:8.1f}  {row['preemptions']:7d}")
 
 
 def main() -> int:
@@ -121,32 +158,39 @@ def main() -> int:
     p.add_argument("--max-num-seqs", type=int, default=64)
     p.add_argument("--max-model-len", type=int, default=2048)
     p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--policies", default="fcfs", help="comma-separated: fcfs, alise, oracle")
+    p.add_argument("--predictor", default="auto", help="alise's estimates: auto, predictor or knn (cross-fitted)")
+    p.add_argument("--folds", type=int, default=5, help="cross-fitting folds of alise's estimates")
+    p.add_argument("--goodput-ttft-ms", type=float, default=500.0)
+    p.add_argument("--goodput-tpot-ms", type=float, default=50.0)
     p.add_argument("--scales", default="1", help="comma-separated factors on every step's time (the profile's "
                    "correction): how the same schedule fares on a faster or slower engine")
     p.add_argument("--json", default="")
     args = p.parse_args()
     trace = read_trace(args.trace)
+    policies = args.policies.split(",")
+    unknown = sorted(set(policies) - {"fcfs", "alise", "oracle"})
+    if unknown:
+        p.error(f"unknown policy {', '.join(unknown)}; choose from fcfs, alise, oracle")
+    by_id = alise_estimates(trace, args) if "alise" in policies else {}
     latency = LatencyModel.load(args.profile)
     rows = []
-    print(f"SIMULATED, profile {latency.name} ({Path(args.profile).name}), {len(trace)} requests, fcfs, "
-          f"{args.kv_tokens} KV tokens, {args.max_num_seqs} sequences, burstiness {args.burstiness}, seed {args.seed}")
-    print(f"{'rate':>5} {'scale':>5} {'variant':<10} {'budget':>6} {'cap':>4} {'ahead':>5}  "
-          "TTFT ms mean / p50 / p90 / p99"
-          f"       TPOT  ITL p50 / p99  norm ms/tok  tok/s  steps  preempt")
+    print(f"SIMULATED, profile {latency.name} ({Path(args.profile).name}), {len(trace)} requests, "
+          f"{args.kv_tokens} KV tokens, {args.max_num_seqs} sequences, burstiness {args.burstiness}, seed {args.seed}, "
+          f"goodput TTFT {args.goodput_ttft_ms:g} ms, TPOT {args.goodput_tpot_ms:g} ms")
+    print(HEADER)
     for rate_text in args.rates.split(","):
         rate = float(rate_text)
         ordered = client_order(trace, args.seed, rate, args.burstiness)
-        for scale, variant in [(float(s), v) for s in args.scales.split(",") for v in args.variants.split(",")]:
+        estimates = {i: by_id[r.id] for i, r in enumerate(ordered)} if by_id else None
+        runs = [(float(s), v, pol) for s in args.scales.split(",")
+                for v in args.variants.split(",") for pol in policies]
+        for scale, variant, policy in runs:
             latency = LatencyModel.load(args.profile)
             latency.correction *= scale
-            row = run(ordered, latency, variant, args) | dict(rate=rate, scale=scale)
+            row = run(ordered, latency, variant, policy, estimates, args) | dict(rate=rate, scale=scale)
             rows.append(row)
-            t = row["ttft_ms"]
-            print(f"{rate_text:>5} {scale:>5g} {variant:<10} {row['budget']:>6} {row['ratio'] or '-':>4} "
-                  f"{row['plans_ahead']:>5}  "
-                  f"{t[0]:6.0f} / {t[1]:5.0f} / {t[2]:6.0f} / {t[3]:6.0f}   {row['tpot_ms']:5.1f}  "
-                  f"{row['itl_ms'][0]:5.1f} / {row['itl_ms'][1]:5.1f}  {row['norm_ms']:11.1f}  {row['tok_s']:5.0f}  "
-                  f"{row['steps']:5d}  {row['preemptions']:7d}", flush=True)
+            print(row_line(rate_text, row), flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
     return 0
