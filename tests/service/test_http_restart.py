@@ -73,6 +73,29 @@ async def test_a_request_sent_during_a_restart_is_served_when_the_scheduler_is_b
             await scheduler.stop(0.1)
 
 
+async def test_a_door_started_before_its_scheduler_learns_the_model_before_the_first_request():
+    """The model lookup (a tokenizer's chat template to load: seconds on a cold start) is
+    every request's first wait: a door whose scheduler comes up after it keeps trying, so the
+    first request does not pay for it (it used to try once at start and leave it to that request)."""
+    port = free_port()
+    http = await start_http(HttpConfig(address="127.0.0.1:0", scheduler_address=f"127.0.0.1:{port}",
+                                       health_interval_s=0.05, scheduler_wait_s=0.5))
+    scheduler = None
+    try:
+        await asyncio.sleep(1.0)  # the door's first lookup has given up
+        scheduler = await start_scheduler(SchedulerConfig(address=f"127.0.0.1:{port}", worker_address="127.0.0.1:0",
+                                                          model="tiny-llama"))
+        deadline = time.monotonic() + 15
+        while http.door._served is None and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert http.door._served is not None and http.door._served.root == "tiny-llama"
+        assert not http.door.warming.done() or http.door.warming.exception() is None
+    finally:
+        await http.stop(0.2)
+        if scheduler is not None:
+            await scheduler.stop(0.1)
+
+
 @pytest.fixture()
 def stopped_scheduler(tmp_path):
     """A scheduler in a process of its own, to SIGSTOP: (address, process)."""

@@ -39,6 +39,8 @@ logger = logging.getLogger(__name__)
 
 #: How often a call to a scheduler that cannot be reached is tried again, within the bound.
 _RETRY_S = 0.25
+#: How often the start-up model lookup is tried again while the scheduler does not answer.
+_WARM_RETRY_S = 1.0
 #: How gRPC says that nothing listens at an address (lower-cased); a frozen server's
 #: connection times out instead.
 _NOT_LISTENING = ("connection refused", "dns resolution", "name resolution", "no such file")
@@ -187,11 +189,26 @@ class Door:
             await asyncio.sleep(min(_RETRY_S, max(left, 0.0)))
 
     async def warm_up(self) -> None:
-        """Looks the model up (and loads a chat template) before the first request needs it."""
-        try:
-            await self.served_model(None)
-        except (AliseError, ApiError) as exc:  # e.g. the scheduler wants a token: the first caller's will do
-            logger.info("model lookup deferred to the first request: %s", exc)
+        """Looks the model up (and loads its tokenizer's chat template, seconds on a cold
+        start) before the first request needs it: every request waits for that lookup, so a
+        door started before its scheduler keeps trying (every ``_WARM_RETRY_S``) until the
+        scheduler answers; only a refusal (the scheduler wants a token: the first caller's
+        will do) leaves it to the first request."""
+        said = False
+        while self._served is None:
+            try:
+                await self.served_model(None)
+            except ApiError as exc:
+                if exc.status != 503:
+                    logger.info("model lookup deferred to the first request: %s", exc)
+                    return
+                if not said:
+                    logger.info("model lookup: %s; trying again every %g s", exc, _WARM_RETRY_S)
+                    said = True
+                await asyncio.sleep(_WARM_RETRY_S)
+            except AliseError as exc:
+                logger.info("model lookup deferred to the first request: %s", exc)
+                return
 
     async def _learn(self, status) -> None:
         async with self._lock:
