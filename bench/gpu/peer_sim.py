@@ -134,6 +134,15 @@ def alise_estimates(trace: list[TraceRequest], args) -> dict:
     return {trace[i].id: e for i, e in estimates.items()}
 
 
+def mean_row(rows: list[dict]) -> dict:
+    """The runs' figures averaged (the settings are the same in each)."""
+    out = dict(rows[0])
+    for key in rows[0]:
+        if key not in ("variant", "policy", "budget", "ratio", "plans_ahead"):
+            out[key] = np.array([r[key] for r in rows], dtype=float).mean(axis=0).tolist()
+    return out
+
+
 HEADER = (f"{'rate':>5} {'scale':>5} {'policy':<6} {'variant':<10} {'budget':>6} {'cap':>4} {'ahead':>5}  "
           "TTFT ms mean / p50 / p90 / p99     ITL p50 / p99   tok/s  goodput  norm ms/tok mean / p99  preempt")
 
@@ -144,7 +153,7 @@ def row_line(rate_text: str, row: dict) -> str:
             f"{row['ratio'] or '-':>4} {row['plans_ahead']:>5}  "
             f"{t[0]:6.0f} / {t[1]:5.0f} / {t[2]:6.0f} / {t[3]:6.0f}   "
             f"{row['itl_ms'][0]:5.1f} / {row['itl_ms'][1]:5.1f}  "
-            f"{row['tok_s']:6.0f}  {row['goodput']:7.2f}  {n[0]:8.1f} / {n[1]:8.1f}  {row['preemptions']:7d}")
+            f"{row['tok_s']:6.0f}  {row['goodput']:7.2f}  {n[0]:8.1f} / {n[1]:8.1f}  {row['preemptions']:7.0f}")
 
 
 def main() -> int:
@@ -153,7 +162,8 @@ def main() -> int:
     p.add_argument("--profile", default="profiles/opt-13b-h100.json")
     p.add_argument("--rates", default="11,16,inf")
     p.add_argument("--burstiness", type=float, default=0.111)
-    p.add_argument("--seed", type=int, default=7)
+    p.add_argument("--seed", default="7", help="the client's seed; several (comma-separated): each row is the "
+                   "mean of the runs over them (one trace's tail is a few requests, so a change is judged over many)")
     p.add_argument("--kv-tokens", type=int, default=938 * 16)
     p.add_argument("--max-num-seqs", type=int, default=64)
     p.add_argument("--max-model-len", type=int, default=2048)
@@ -176,19 +186,24 @@ def main() -> int:
     latency = LatencyModel.load(args.profile)
     rows = []
     print(f"SIMULATED, profile {latency.name} ({Path(args.profile).name}), {len(trace)} requests, "
-          f"{args.kv_tokens} KV tokens, {args.max_num_seqs} sequences, burstiness {args.burstiness}, seed {args.seed}, "
+          f"{args.kv_tokens} KV tokens, {args.max_num_seqs} sequences, burstiness {args.burstiness}, "
+          f"seed{'s (means)' if ',' in args.seed else ''} {args.seed}, "
           f"goodput TTFT {args.goodput_ttft_ms:g} ms, TPOT {args.goodput_tpot_ms:g} ms")
     print(HEADER)
+    seeds = [int(seed) for seed in args.seed.split(",")]
     for rate_text in args.rates.split(","):
         rate = float(rate_text)
-        ordered = client_order(trace, args.seed, rate, args.burstiness)
-        estimates = {i: by_id[r.id] for i, r in enumerate(ordered)} if by_id else None
+        orders = [client_order(trace, seed, rate, args.burstiness) for seed in seeds]
         runs = [(float(s), v, pol) for s in args.scales.split(",")
                 for v in args.variants.split(",") for pol in policies]
         for scale, variant, policy in runs:
-            latency = LatencyModel.load(args.profile)
-            latency.correction *= scale
-            row = run(ordered, latency, variant, policy, estimates, args) | dict(rate=rate, scale=scale)
+            per_seed = []
+            for ordered in orders:
+                latency = LatencyModel.load(args.profile)
+                latency.correction *= scale
+                estimates = {i: by_id[r.id] for i, r in enumerate(ordered)} if by_id else None
+                per_seed.append(run(ordered, latency, variant, policy, estimates, args))
+            row = mean_row(per_seed) | dict(rate=rate, scale=scale, seeds=seeds)
             rows.append(row)
             print(row_line(rate_text, row), flush=True)
     if args.json:
