@@ -77,13 +77,13 @@ async def test_a_ghost_is_aborted_on_sight_and_alise_status_says_so(tiny_llama_d
 
     async with cluster(str(tiny_llama_dir)) as c, c.client() as client:
         worker = c.workers[0][0]
-        run, planted = worker.engine.run, []
+        apply, planted = worker.engine.apply, []
 
-        def plant_once(plan):  # in the step thread, between steps, as a lost abort's admit ran
+        def plant_once(commands):  # in the step thread, before a plan's commands, as a lost abort's admit ran
             if not planted:
-                planted.append(worker.engine.apply([Admit("ghost", [5, 6, 7], SamplingParams(max_tokens=500))]))
-            return run(plan)
-        worker.engine.run = plant_once
+                planted.append(apply([Admit("ghost", [5, 6, 7], SamplingParams(max_tokens=500))]))
+            return apply(commands)
+        worker.engine.apply = plant_once  # both step paths (run; launch and finish) apply a plan here
         await client.complete("anything", max_tokens=3)
         await until(lambda: "ghost" not in worker.engine.seqs, "the ghost aborted", 10)
         view = c.scheduler.engine.core.workers["w0"]

@@ -185,16 +185,18 @@ async def test_failed_step_hands_jobs_back_and_worker_carries_on(tiny_llama_dir,
     async with cluster(str(tiny_llama_dir)) as c, c.client() as client:
         worker = c.workers[0][0]
         engine = worker.engine
-        real_step = engine.step
+        real_step, real_launch = engine.step, engine.launch
         calls = {"n": 0}
 
-        def flaky_step(plan):
+        def flaky(run, *args):
             calls["n"] += 1
             if calls["n"] == 6:
                 raise RuntimeError("CUDA out of memory (injected)")
-            return real_step(plan)
+            return run(*args)
 
-        engine.step = flaky_step
+        # Steps one after another run ``step``; overlapped steps ``launch``.
+        engine.step = lambda plan: flaky(real_step, plan)
+        engine.launch = lambda plan, previous=None: flaky(real_launch, plan, previous)
         results = await asyncio.gather(*(client.complete(f"survive {i}", max_tokens=12, ignore_eos=True)
                                          for i in range(3)))
         assert [len(r.token_ids) for r in results] == [12, 12, 12]

@@ -69,16 +69,18 @@ async def test_a_long_step_is_not_taken_for_a_hang(tiny_llama_dir, caplog):
         engine = c.scheduler.engine
         link = engine.links["w0"]
         executor = c.workers[0][0].engine.executor
-        execute, slow = executor.execute, {"left": 1}
+        execute, launch, slow = executor.execute, executor.launch, {"left": 1}
 
-        def busy_once(feeds):
+        def busy_once(run, *args):
             if slow["left"]:
                 slow["left"] = 0
                 end = time.monotonic() + 4.0
                 while time.monotonic() < end:
                     pass
-            return execute(feeds)
-        executor.execute = busy_once
+            return run(*args)
+        # Steps one after another call ``execute``; overlapped steps ``launch``.
+        executor.execute = lambda feeds: busy_once(execute, feeds)
+        executor.launch = lambda feeds, previous: busy_once(launch, feeds, previous)
         result = await client.complete("a slow step", max_tokens=5, ignore_eos=True)
         assert engine.links["w0"] is link
         assert not [r for r in caplog.records if "left" in r.getMessage()]

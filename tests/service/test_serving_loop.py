@@ -30,13 +30,15 @@ async def test_chunked_prefill_gives_the_tokens_of_a_whole_prefill(tiny_llama_di
                 max_num_seqs=4, max_num_batched_tokens=budget)) as c, c.client() as client:
             engine = c.workers[0][0].engine
             shapes = []
-            step = engine.step
+            step, finish = engine.step, engine.finish
 
-            def spy(plan, step=step, shapes=shapes):
-                report = step(plan)
-                shapes.append(sum(n for _, n in report.chunks) + report.num_decode_tokens)
+            def spy(report, shapes=shapes):
+                if report.chunks or report.num_decode_tokens:
+                    shapes.append(sum(n for _, n in report.chunks) + report.num_decode_tokens)
                 return report
-            engine.step = spy
+            # A step's report: from step (steps one after another) or finish (overlapped).
+            engine.step = lambda plan, step=step: spy(step(plan))
+            engine.finish = lambda launched, finish=finish: spy(finish(launched))
             results = await asyncio.gather(
                 client.complete(PROMPT, max_tokens=12, temperature=0.0, ignore_eos=True),
                 client.complete("a short one", max_tokens=12, temperature=0.0, ignore_eos=True))
@@ -82,16 +84,20 @@ async def test_an_aborted_job_costs_no_step_after_the_abort_reaches_the_worker(t
         engine = worker.engine
         steps: list[tuple[float, set[str]]] = []
         aborts: list[float] = []
-        run, abort = engine.run, engine.abort
+        run, launch, abort = engine.run, engine.launch, engine.abort
 
         def spy_run(plan):
             steps.append((time.monotonic(), set(engine.seqs)))
             return run(plan)
 
+        def spy_launch(plan, previous=None):  # the overlapped steps' start
+            steps.append((time.monotonic(), set(engine.seqs)))
+            return launch(plan, previous)
+
         def spy_abort(job_ids, through=-1):
             aborts.append(time.monotonic())
             return abort(job_ids, through)
-        engine.run, engine.abort = spy_run, spy_abort
+        engine.run, engine.launch, engine.abort = spy_run, spy_launch, spy_abort
         seen = 0
         async for chunk in client.generate("cancel me soon", max_tokens=200, ignore_eos=True,
                                            request_id="victim"):
@@ -111,16 +117,17 @@ async def test_a_bad_report_disconnects_the_worker_and_leaves_no_gap_or_repeat(t
     every stream ends with its exact tokens, indexes contiguous."""
     async with cluster(str(tiny_llama_dir)) as c, c.client() as client:
         engine = c.workers[0][0].engine
-        run, calls = engine.run, {"n": 0}
+        run, finish, calls = engine.run, engine.finish, {"n": 0}
 
-        def corrupt(plan):
-            report = run(plan)
+        def corrupted(report):
             calls["n"] += 1
             if calls["n"] == 8 and report.outputs:
                 out = report.outputs[0]
                 report.outputs[0] = JobOutput(out.job_id, out.token_ids, out.finish_reason, out.num_tokens + 1)
             return report
-        engine.run = corrupt
+        # Reports come from run (steps one after another) or finish (overlapped steps).
+        engine.run = lambda plan: corrupted(run(plan))
+        engine.finish = lambda launched: corrupted(finish(launched))
 
         async def stream(i: int) -> list[int]:
             tokens = []

@@ -68,7 +68,7 @@ WORKER = WorkerConfig(
     kv_cache_dtype="fp8_e4m3", num_device_blocks=100, kv_cache_mib=64, num_host_blocks=10, worker_id="w",
     health_address="",
     reconnect_delay_s=0.5, orphan_ttl_s=0.0, latency_profile="p.json", profile_latency=True,
-    step_log="s.jsonl", cuda_graphs=False, async_steps=True, fast_kernels=False, kernel_plan="k.json",
+    step_log="s.jsonl", cuda_graphs=False, async_steps=False, fast_kernels=False, kernel_plan="k.json",
     metrics_address=":9")
 
 

@@ -87,9 +87,11 @@ class WorkerConfig:
     cuda_graphs: bool = True
     #: Launch the next step before this one's tokens reach the host, its decodes' input ids
     #: taken on the device (vLLM's async scheduling; the paged runner on one device, others
-    #: run steps one after another). Same tokens and reports; the step log's seconds are each
-    #: step's own device time.
-    async_steps: bool = False
+    #: run steps one after another; on the CPU a launch completes before it returns, so steps
+    #: run in turn either way). Same tokens and reports; the step log's seconds are each
+    #: step's own device time. On by default: served decode on an H100 went from 1.31-1.43x
+    #: of the bandwidth floor to 1.07-1.22x (docs/benchmarks.md, "Model families on the GPU").
+    async_steps: bool = True
     #: Check and time the fused kernels at start-up and keep the fastest per shape (CUDA with
     #: Triton; off: the plain torch path).
     fast_kernels: bool = True

@@ -87,7 +87,9 @@ class StepLoop:
         self.worker = worker
         can = getattr(worker.engine.executor, "can_overlap", False)
         if overlap and not can:
-            logger.warning("async steps need the paged runner on one device; steps run one after another")
+            # On by default, so a note: the transformers runner and tensor-parallel ranks
+            # (tokens broadcast from the host) cannot take their input ids on the device.
+            logger.info("overlapped steps need the paged runner on one device; steps run one after another")
         self.overlap = overlap and can
         self.loop = loop
         self.reports: asyncio.Queue = asyncio.Queue()
