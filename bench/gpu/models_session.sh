@@ -7,8 +7,9 @@
 #   STAGE=served  each of those presets through `alise up --device cuda` from that install, and
 #                 bench/gpu/served_decode.py: decode time per token at batch 1 and 64, served,
 #                 beside the engine stage's floor (its families.json must be in $FLOOR); per
-#                 variant of SERVED_VARIANTS (default "sync"; "sync async": each preset served
-#                 twice, the second with `alise worker --async-steps`, overlapped steps)
+#                 variant of SERVED_VARIANTS (default "async", the worker's default: overlapped
+#                 steps; "sync async": each preset served twice, first with
+#                 `alise worker --no-async-steps`, steps one after another)
 #   STAGE=all     families.py, then served, then the GPU tests with what is left of DEADLINE_S
 #                 (default 560 s from the start): one call when device time is short
 #   here:  bench/gpu/carry.sh     there (carry .whl .devcarry/minilm-tok):
@@ -51,10 +52,10 @@ families() {
 }
 served() {
     for preset in $PRESETS; do
-     for variant in ${SERVED_VARIANTS:-sync}; do
+     for variant in ${SERVED_VARIANTS:-async}; do
       [ "$(left)" -gt 120 ] || { echo "== $preset $variant: skipped, $(left) s left"; continue; }
       state=/tmp/st-$preset-$variant; rm -rf "$state"
-      flags=(); [ "$variant" = async ] && flags=(--async-steps)
+      flags=(--async-steps); [ "$variant" = sync ] && flags=(--no-async-steps)
       # The kernel plan of the first variant is kept for the second: start-up checks and
       # timings run once per preset.
       start=$(date +%s)
