@@ -26,8 +26,9 @@ Per run: TTFT (from arrival to the end of the step that made the first token) me
 p99; TPOT mean; the gaps between a request's tokens (ITL) p50 and p99; normalized latency
 (end-to-end over output tokens) mean and p99; output tokens per second over the makespan;
 goodput (requests a second within ``--goodput-ttft-ms`` and ``--goodput-tpot-ms``, as vLLM's
-client counts them); steps; and preemptions. The simulator sees no HTTP, streaming or client:
-these are the scheduling effects alone.
+client counts them); steps; preemptions; and the prompt and output tokens that the drops left
+in the worker's prefix cache, and of them those still there when the dropped jobs resumed.
+The simulator sees no HTTP, streaming or client: these are the scheduling effects alone.
 
     python bench/gpu/peer_sim.py --trace .peercarry/trace.jsonl \
         --profile profiles/opt-13b-h200.json --rates 11,13,16,inf --variants alise,3-ahead \
@@ -121,7 +122,9 @@ def run(trace, latency: LatencyModel, variant: str, policy: str, estimates, args
                 tpot_ms=float(tpot[tpot > 0].mean()), itl_ms=[float(np.percentile(gaps, q)) for q in (50, 99)],
                 norm_ms=[float(norm.mean()), float(np.percentile(norm, 99))],
                 tok_s=sum(r.output_tokens for r in recs) / duration_s, goodput=float(good.sum()) / duration_s,
-                steps=result.num_steps, preemptions=sum(result.preemptions.values()))
+                steps=result.num_steps, preemptions=sum(result.preemptions.values()),
+                drop_cached=result.prefill.num_drop_cached_tokens,
+                resume_cached=result.prefill.num_resume_cached_tokens)
 
 
 def alise_estimates(trace: list[TraceRequest], args) -> dict:
@@ -144,7 +147,8 @@ def mean_row(rows: list[dict]) -> dict:
 
 
 HEADER = (f"{'rate':>5} {'scale':>5} {'policy':<6} {'variant':<10} {'budget':>6} {'cap':>4} {'ahead':>5}  "
-          "TTFT ms mean / p50 / p90 / p99     ITL p50 / p99   tok/s  goodput  norm ms/tok mean / p99  preempt")
+          "TTFT ms mean / p50 / p90 / p99     ITL p50 / p99   tok/s  goodput  norm ms/tok mean / p99  preempt"
+          "  cached: drops > resumes")
 
 
 def row_line(rate_text: str, row: dict) -> str:
@@ -153,7 +157,8 @@ def row_line(rate_text: str, row: dict) -> str:
             f"{row['ratio'] or '-':>4} {row['plans_ahead']:>5}  "
             f"{t[0]:6.0f} / {t[1]:5.0f} / {t[2]:6.0f} / {t[3]:6.0f}   "
             f"{row['itl_ms'][0]:5.1f} / {row['itl_ms'][1]:5.1f}  "
-            f"{row['tok_s']:6.0f}  {row['goodput']:7.2f}  {n[0]:8.1f} / {n[1]:8.1f}  {row['preemptions']:7.0f}")
+            f"{row['tok_s']:6.0f}  {row['goodput']:7.2f}  {n[0]:8.1f} / {n[1]:8.1f}  {row['preemptions']:7.0f}  "
+            f"{row['drop_cached']:8,.0f} > {row['resume_cached']:6,.0f}")
 
 
 def main() -> int:

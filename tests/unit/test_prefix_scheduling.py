@@ -141,6 +141,7 @@ def test_a_dropped_job_is_priced_by_what_its_worker_no_longer_caches():
         step(core, worker)
     assert cached[0] == 3 * BS and cached[-1] < cached[0] and sorted(cached, reverse=True) == cached
     assert priced[0] < priced[-1] <= full
+    assert (core.prefill.num_drop_cached_tokens, core.prefill.num_resume_cached_tokens) == (cached[0], cached[-1])
 
 
 # ----------------------------------------------------------------- random conversations

@@ -244,6 +244,8 @@ class StepPlanner:
         # computed when it applies the drop (``reusable_tokens``; the mirror's release agrees).
         known = known_tokens(job)
         self.set_status(job, JobStatus.PAUSED, now_s, kv=move.target)
+        if job.is_dropped:  # what its worker's cache kept, as its row's price reads it
+            self.prefill.num_drop_cached_tokens += int(self.table.num_cached_hint[self.table.slot_of[job.job_id]])
         return [Pause(job.job_id, action, known if action is KvAction.DROP else 0) for action in actions]
 
     def _start(self, view: WorkerView, chosen: np.ndarray, hits: np.ndarray, now_s: float) -> list[Command]:
@@ -269,6 +271,7 @@ class StepPlanner:
                     cached = view.prefix.resume(job, hit) if view.prefix is not None else 0
                     job.num_computed_tokens = job.num_shared_tokens = cached
                     counts.num_computed_tokens += job.num_tokens - cached
+                    counts.num_resume_cached_tokens += cached
                 commands.append(Resume(job.job_id, num_cached_tokens=cached))
                 self.set_status(job, JobStatus.RUNNING, now_s)
         return commands

@@ -71,6 +71,10 @@ class PrefillCounts:
     num_cached_tokens: int = 0
     #: Tokens a prefill computes: admitted less cached, plus recomputes after a drop.
     num_computed_tokens: int = 0
+    #: Tokens the drops left in the prefix cache, and of them those still there at the resumes
+    #: (the rest were evicted meanwhile and are recomputed).
+    num_drop_cached_tokens: int = 0
+    num_resume_cached_tokens: int = 0
 
     @property
     def hit_rate(self) -> float:
