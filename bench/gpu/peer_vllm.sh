@@ -223,8 +223,10 @@ stage_alise() {  # POLICY
     > "$R/logs/$policy-$SETUP-http.log" 2>&1 & pids+=($!)
   say "ALISE $policy: $BLOCKS blocks, $SEQS sequences $(profile_arg) ${WORKER_ARGS:-} ${SCHEDULER_ARGS:-}"
   local ok=1
+  # Ready: the worker healthy and the door's model known (/v1/models answers once the door has
+  # looked the model up and loaded its chat template; /health does not wait for that).
   for _ in $(seq 600); do
-    PYTHONPATH=$P $PY -m alise.cli.main health 127.0.0.1:$P_WHEALTH >/dev/null 2>&1 && http_ok http://127.0.0.1:$P_DOOR/health && { ok=0; break; }
+    PYTHONPATH=$P $PY -m alise.cli.main health 127.0.0.1:$P_WHEALTH >/dev/null 2>&1 && http_ok http://127.0.0.1:$P_DOOR/v1/models && { ok=0; break; }
     alive "${pids[@]}" || break
     sleep 1
   done
