@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field, replace
-from itertools import compress
+from itertools import compress, product
 
 from alise.core.sampling import SamplingParams
 
@@ -51,6 +51,8 @@ IDLE = frozenset({JobStatus.WAITING, JobStatus.PAUSED})
 _KEYWORDS = ("kv", "worker_id", "admit_step_id", "reason")
 _NEEDS = {JobStatus.PAUSED: frozenset({"kv"}), JobStatus.FINISHED: frozenset({"reason"})}
 _ADMIT_NEEDS = frozenset({"worker_id", "admit_step_id"})
+#: The keywords given, by which of them are (prebuilt: every status change asks).
+_GIVEN = {flags: frozenset(compress(_KEYWORDS, flags)) for flags in product((False, True), repeat=len(_KEYWORDS))}
 
 
 class TransitionError(ValueError):
@@ -209,8 +211,7 @@ class Job:
         (and changes nothing) on a change ``TRANSITIONS`` does not allow, or when a keyword
         the new status needs is missing or one it does not take is given.
         """
-        given = frozenset(compress(_KEYWORDS, (kv is not None, worker_id is not None,
-                                               admit_step_id is not None, reason is not None)))
+        given = _GIVEN[kv is not None, worker_id is not None, admit_step_id is not None, reason is not None]
         admits = self.status is JobStatus.WAITING and status is JobStatus.RUNNING
         needs = _ADMIT_NEEDS if admits else _NEEDS.get(status, frozenset())
         allowed = TRANSITIONS[self.status]

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable
+from itertools import compress
 
 import numpy as np
 
@@ -82,8 +83,9 @@ class StepPlanner:
         plan = StepPlan(step_id=view.next_step_id, census=census)
         slots, held = self._candidates(view)
         order, reserve = self._rank(slots, now_s)
-        need, hits = self._needs(view, order)
-        taken, feed = self._select(view, order, need, reserve, held + view.num_shared_blocks, hits)
+        num_tokens = self.table.num_tokens[order]
+        need, hits = self._needs(view, order, num_tokens)
+        taken, feed = self._select(view, order, num_tokens, need, reserve, held + view.num_shared_blocks, hits)
         used = int(need[taken].sum()) + held + view.num_shared_blocks
         plan.commands += self._plan_memory(view, order, taken, used, now_s)
         chosen = order[taken]
@@ -140,15 +142,16 @@ class StepPlanner:
         reserve = policy.reserve_tokens(cands)
         return slots[perm], None if reserve is None else reserve[perm]
 
-    def _needs(self, view: WorkerView, order: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _needs(self, view: WorkerView, order: np.ndarray, num_tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(device blocks each candidate needs to run, tokens of each waiting or dropped one's
-        prefix cached on the worker). Shared blocks count once, in ``view.num_shared_blocks``;
-        a hit on cached blocks no job reads takes those out of the free ones."""
+        prefix cached on the worker); ``num_tokens``: the candidates' token counts. Shared blocks
+        count once, in ``view.num_shared_blocks``; a hit on cached blocks no job reads takes
+        those out of the free ones."""
         table, bs = self.table, view.capacity.block_size
-        private = table.num_tokens[order] - table.num_shared_tokens[order]
+        private = num_tokens - table.num_shared_tokens[order]
         hits = np.zeros(len(order), dtype=np.int64)
         if view.prefix is None:
-            return -(-private // bs), hits
+            return (private + (bs - 1)) // bs, hits  # whole blocks (integers: exact)
         taken_free = np.zeros(len(order), dtype=np.int64)
         # A step takes at most max_num_seqs jobs, so the lookups stop at that many waiting or
         # dropped ones (bounded work per plan); one ranked below them that backfill takes starts
@@ -165,7 +168,7 @@ class StepPlanner:
         # A dropped job's remaining time prices the recompute of what its prefix cache does not
         # hold (``SchedulerCore._put``), which grows as the worker evicts its blocks.
         table.update_cached_hints(order[resumes], hits[resumes])
-        return -(-(private - hits) // bs) + taken_free, hits
+        return (private - hits + (bs - 1)) // bs + taken_free, hits
 
     def _prefix_saving_s(self, slot: int, index: int) -> float:
         """Seconds of prefill a waiting job saves on the worker of ``index`` (its cached prefix)."""
@@ -176,15 +179,16 @@ class StepPlanner:
         n, lat = int(self.table.num_tokens[slot]), self.latency
         return float(lat.recompute_base_s(n) - lat.recompute_base_s(n, hit)) * lat.correction if hit else 0.0
 
-    def _select(self, view: WorkerView, order: np.ndarray, need: np.ndarray, reserve: np.ndarray | None,
-                held: int, hits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _select(self, view: WorkerView, order: np.ndarray, num_tokens: np.ndarray, need: np.ndarray,
+                reserve: np.ndarray | None, held: int, hits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         cap, table = view.capacity, self.table
         grow = None if reserve is None else reserve / cap.block_size
-        num_tokens, running = table.num_tokens[order], table.is_running[order]
+        running = table.is_running[order]
         uncomputed = num_tokens - table.num_computed_tokens[order] - hits
+        decode = running & (uncomputed == 1)
         budgets = Budgets(cap.max_num_seqs, cap.num_device_blocks - held, cap.max_num_batched_tokens,
-                          self._prefill_allowance(num_tokens, running & (uncomputed == 1)))
-        return select(need, uncomputed, running, budgets, self.policy.backfill, grow)
+                          self._prefill_allowance(num_tokens, decode))
+        return select(need, uncomputed, running, budgets, self.policy.backfill, grow, decode)
 
     def _prefill_allowance(self, num_tokens: np.ndarray, decoding: np.ndarray) -> int | None:
         """Prompt tokens the step may add beside its decodes (``LatencyModel.chunk_allowance``),
@@ -280,18 +284,20 @@ class StepPlanner:
         """Projects the step onto the jobs it feeds: (plan chunks, jobs that output a token)."""
         table = self.table
         fed = feed.nonzero()[0]  # feeds are never negative
-        slots, n = chosen[fed], feed[fed]
+        slots, n = (chosen, feed) if len(fed) == len(feed) else (chosen[fed], feed[fed])
         # The table's token counts are the jobs' own: only this projection and ``_put`` change
         # them (a report confirms one pending token per output, which leaves the count as is).
         num_tokens, num_computed = table.num_tokens[slots], table.num_computed_tokens[slots]
         computed = num_computed + n
         out = computed == num_tokens
         jobs = table.jobs[slots].tolist()
-        # One plain loop: most jobs fed are decodes (one token, one output).
-        for job, k, o in zip(jobs, computed.tolist(), out.tolist(), strict=True):
+        # Plain loops: most jobs fed are decodes (one token, one output).
+        for job, k in zip(jobs, computed.tolist(), strict=True):
             job.num_computed_tokens = k
-            job.num_pending_outputs += o
-        outputs = set(table.job_ids[slots[out]].tolist())
+        outputs: set[str] = set()
+        for job in compress(jobs, out.tolist()):
+            job.num_pending_outputs += 1
+            outputs.add(job.job_id)
         chunks = {jobs[i].job_id: int(n[i]) for i in (num_tokens - num_computed > 1).nonzero()[0].tolist()}
         if view.prefix is not None:  # the blocks the worker allocates for the feed
             bs = view.capacity.block_size
@@ -307,7 +313,12 @@ def stable_argsort(keys: np.ndarray) -> np.ndarray:
     """``np.argsort(keys, kind="stable")``, by the faster unstable sort: where the sorted keys
     strictly increase the order is the same; where some are equal, only the runs of equal keys
     are put back in position order."""
-    if (keys[1:] >= keys[:-1]).all():  # in order already (fcfs: the candidates come by arrival)
+    last = len(keys) - 1
+    if last < 1:
+        return np.arange(len(keys))
+    # In order already (fcfs: the candidates come by arrival)? Three keys out of order say no
+    # at once (alise's keys, most steps).
+    if keys[0] <= keys[last // 2] <= keys[last] and (keys[1:] >= keys[:-1]).all():
         return np.arange(len(keys))
     perm = keys.argsort()
     ordered = keys[perm]

@@ -69,6 +69,10 @@ DEFAULT_CONFIG = SchedulingConfig()
 #: Subtracted from the key of a starved job: it runs before every job that is not starved.
 STARVED_BOOST_S = 1e6
 
+#: Up to this many rows of a remaining-time fill priced with a feed (jobs in a prefill, most
+#: fills have one to three) are priced one by one rather than by numpy calls on a few rows.
+_FEW_FEEDS = 4
+
 
 class _Gathered:
     """A column of :class:`Candidates`, computed on its first read and kept in the instance
@@ -182,8 +186,11 @@ class RemainingTimeEstimator:
             return feed + seconds, tokens
         # Mostly decoding jobs (one token left): the feed is priced only where it is not 0.
         fed = (num_tokens - num_computed > 1).nonzero()[0]
-        if len(fed):  # ``seconds`` is a new array
+        if len(fed) > _FEW_FEEDS:  # ``seconds`` is a new array
             seconds[fed] += lat.recompute_base_s(num_tokens[fed], num_computed[fed])
+        else:  # the same arithmetic on plain numbers (IEEE doubles both), cheaper for a few rows
+            for i in fed.tolist():
+                seconds[i] += lat.recompute_base_s(int(num_tokens[i]), int(num_computed[i]))
         return seconds, tokens
 
     # Per-job forms (tests, logs): the same arithmetic on one job.

@@ -152,17 +152,18 @@ class JobTable:
             n, by_tie = len(self.slot_of) - 1, self._by_tie
             by_tie[pos + 1:n + 1] = by_tie[pos:n]  # numpy copies overlapping ranges as if buffered
             by_tie[pos] = slot
+            # A job's arrival, prompt and request never change (its tie label relies on it too).
+            self.arrival_s[slot] = job.arrival_s
+            self.num_prompt_tokens[slot] = len(job.prompt_token_ids)
+            self.max_tokens[slot] = job.sampling.max_tokens
         self.owner[slot] = owner
         self.is_running[slot] = job.status is JobStatus.RUNNING
-        self.arrival_s[slot] = job.arrival_s
         self.queued_s[slot] = job.queued_s
         self.idle_since_s[slot] = job.idle_since_s
-        self.num_prompt_tokens[slot] = len(job.prompt_token_ids)
         self.num_tokens[slot] = job.num_tokens
         self.num_computed_tokens[slot] = job.num_computed_tokens
         self.num_shared_tokens[slot] = job.num_shared_tokens
         self.num_cached_hint[slot] = cached_hint
-        self.max_tokens[slot] = job.sampling.max_tokens
         self.estimate_mean[slot] = estimate.mean
         self.estimate_p90[slot] = estimate.p90
         self.num_host_blocks[slot] = host_blocks
