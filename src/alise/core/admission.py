@@ -69,8 +69,14 @@ def select(need: np.ndarray, uncomputed: np.ndarray, running: np.ndarray, budget
                 taken.append(tail)
                 break
         end = min(n, i + max_seqs - num_taken)
-        blocks = need[i:end].cumsum() + used
-        fed_after = pre_u[i:end].cumsum() + fed
+        # NOTE: sums from 0 are left as they are (the first run, most steps: two calls fewer);
+        # ``reserved`` likewise below (x + 0.0 is x for the reserves, never negative).
+        blocks = need[i:end].cumsum()
+        if used:
+            blocks += used
+        fed_after = pre_u[i:end].cumsum()
+        if fed:
+            fed_after += fed
         fed_before = fed_after - pre_u[i:end]
         run = running[i:end]
         fits = run | (fed_before < budget)
@@ -79,7 +85,9 @@ def select(need: np.ndarray, uncomputed: np.ndarray, running: np.ndarray, budget
         else:
             # NOTE: the reserves are summed per run, from ``reserved`` (floats: the order of
             # the additions is part of the decision).
-            before = reserved + np.concatenate(([0.0], grow[i:end].cumsum()))
+            before = np.concatenate(([0.0], grow[i:end].cumsum()))
+            if reserved:
+                before += reserved
             fits &= blocks <= np.where(run, max_blocks, (max_blocks - before[:-1]) - grow[i:end])
         k = int(fits.argmin())
         if fits[k]:

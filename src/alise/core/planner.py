@@ -102,19 +102,19 @@ class StepPlanner:
         """(slots of the step's candidates in tie order, device blocks held by running jobs
         whose last token is in flight: they end with it, so they are not candidates)."""
         table, cap = self.table, view.capacity
-        owner = table.owner
+        owner, num_tokens = table.owner, table.num_tokens
         mine = owner == view.index
-        rslots = (mine & table.is_running).nonzero()[0]
-        num_tokens = table.num_tokens[rslots]
-        done = ((num_tokens - table.num_prompt_tokens[rslots] >= table.max_tokens[rslots])
-                | (num_tokens >= cap.max_model_len))
+        # A job ends at its prompt and max_tokens, or at max_model_len (integers: the first).
+        done = num_tokens >= np.minimum(table.max_num_tokens, cap.max_model_len)
+        done &= mine
+        done &= table.is_running
         held = 0
         if done.any():
-            finishing = rslots[done]
+            finishing = done.nonzero()[0]
             mine[finishing] = False
             private = table.num_computed_tokens[finishing] - table.num_shared_tokens[finishing]
-            held = int((-(-private // cap.block_size)).sum())
-        waiting = (owner == WAITING) & (table.num_tokens < cap.max_model_len)
+            held = int(((private + (cap.block_size - 1)) // cap.block_size).sum())
+        waiting = (owner == WAITING) & (num_tokens < cap.max_model_len)
         if len(self.workers) > 1:
             self.router.route_new((owner == WAITING).nonzero()[0], self.latency.correction, self._prefix_saving_s)
             if view.jobs:  # an idle worker takes jobs routed elsewhere rather than idle

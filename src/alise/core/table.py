@@ -104,6 +104,7 @@ class JobTable:
     num_shared_tokens = Column(np.int64)    # of them, read from shared prefix-cache blocks
     num_cached_hint = Column(np.int64)      # waiting or dropped jobs: tokens of their prefix cached on a worker
     max_tokens = Column(np.int64)
+    max_num_tokens = Column(np.int64)       # num_prompt_tokens + max_tokens: the job ends there
     estimate_mean = Column(np.float64)      # the policy's length estimate of the job, in tokens
     estimate_p90 = Column(np.float64)
     num_host_blocks = Column(np.int64)      # host blocks the job holds on its worker
@@ -156,6 +157,7 @@ class JobTable:
             self.arrival_s[slot] = job.arrival_s
             self.num_prompt_tokens[slot] = len(job.prompt_token_ids)
             self.max_tokens[slot] = job.sampling.max_tokens
+            self.max_num_tokens[slot] = len(job.prompt_token_ids) + job.sampling.max_tokens
         self.owner[slot] = owner
         self.is_running[slot] = job.status is JobStatus.RUNNING
         self.queued_s[slot] = job.queued_s
