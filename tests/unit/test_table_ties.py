@@ -42,5 +42,6 @@ def test_stable_argsort_is_numpys_stable_sort_with_and_without_ties() -> None:
     few_ties = rng.random(300)
     few_ties[rng.integers(0, 300, 15)] = few_ties[rng.integers(0, 300, 15)]  # a few runs of equal keys
     for keys in (rng.random(300), rng.integers(0, 20, 300).astype(float), few_ties, np.sort(few_ties),
-                 np.array([2.0, np.nan, 1.0, np.nan]), np.array([1.0, 1.0, np.nan]), np.zeros(0), np.ones(1)):
+                 np.array([2.0, np.nan, 1.0, np.nan]), np.array([1.0, 1.0, np.nan]), np.zeros(0), np.ones(1),
+                 np.array([0.0, 5.0, 1.0, 2.0, 3.0])):  # first, middle and last in order, the rest not
         assert stable_argsort(keys).tolist() == np.argsort(keys, kind="stable").tolist()

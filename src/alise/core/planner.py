@@ -136,9 +136,12 @@ class StepPlanner:
         keys = policy.keys(cands, now_s)
         if policy.preemptive:
             perm = stable_argsort(keys)
-        else:
-            first, rest = cands.running.nonzero()[0], (~cands.running).nonzero()[0]
-            perm = np.concatenate((first[stable_argsort(keys[first])], rest[stable_argsort(keys[rest])]))
+        else:  # each part as it is where its keys are in order already (fcfs: by arrival)
+            running, parts = cands.running, []
+            for part in (running.nonzero()[0], (~running).nonzero()[0]):
+                part_keys = keys[part]
+                parts.append(part if in_key_order(part_keys) else part[sort_out_of_order(part_keys)])
+            perm = np.concatenate(parts)
         reserve = policy.reserve_tokens(cands)
         return slots[perm], None if reserve is None else reserve[perm]
 
@@ -313,13 +316,19 @@ def stable_argsort(keys: np.ndarray) -> np.ndarray:
     """``np.argsort(keys, kind="stable")``, by the faster unstable sort: where the sorted keys
     strictly increase the order is the same; where some are equal, only the runs of equal keys
     are put back in position order."""
+    return np.arange(len(keys)) if in_key_order(keys) else sort_out_of_order(keys)
+
+
+def in_key_order(keys: np.ndarray) -> bool:
+    """Whether ``keys`` never decrease (then their stable sort leaves them where they are;
+    fcfs: the candidates come by arrival). Three keys out of order say no at once (alise's
+    keys, most steps); a NaN, which no comparison holds for, too."""
     last = len(keys) - 1
-    if last < 1:
-        return np.arange(len(keys))
-    # In order already (fcfs: the candidates come by arrival)? Three keys out of order say no
-    # at once (alise's keys, most steps).
-    if keys[0] <= keys[last // 2] <= keys[last] and (keys[1:] >= keys[:-1]).all():
-        return np.arange(len(keys))
+    return last < 1 or bool(keys[0] <= keys[last // 2] <= keys[last] and (keys[1:] >= keys[:-1]).all())
+
+
+def sort_out_of_order(keys: np.ndarray) -> np.ndarray:
+    """:func:`stable_argsort` of keys known not to be in order."""
     perm = keys.argsort()
     ordered = keys[perm]
     rises = ordered[1:] > ordered[:-1]
