@@ -187,7 +187,9 @@ class StepPlanner:
         cap, table = view.capacity, self.table
         grow = None if reserve is None else reserve / cap.block_size
         running = table.is_running[order]
-        uncomputed = num_tokens - table.num_computed_tokens[order] - hits
+        uncomputed = num_tokens - table.num_computed_tokens[order]
+        if view.prefix is not None:  # else no hits
+            uncomputed -= hits
         decode = running & (uncomputed == 1)
         budgets = Budgets(cap.max_num_seqs, cap.num_device_blocks - held, cap.max_num_batched_tokens,
                           self._prefill_allowance(num_tokens, decode))
@@ -199,7 +201,7 @@ class StepPlanner:
         latency = self.latency
         if not latency.measured or not self.prefill_step_ratio:
             return None
-        context = int(num_tokens[decoding].sum())
+        context = int(num_tokens @ decoding)  # integers: exact
         allowance = latency.chunk_allowance(int(np.count_nonzero(decoding)), context, self.prefill_step_ratio)
         return None if allowance is None else max(allowance, MIN_CHUNK_TOKENS)
 
