@@ -89,6 +89,8 @@ class LatencyModel:
     def forward_base_s(self, num_seqs: int, total_context: int, prefill_lens: Sequence[int] = (),
                        prefill_starts: Sequence[int] = ()) -> float:
         """``forward_s`` before the online correction: the one formula of a step's cost."""
+        if not prefill_lens:  # NOTE: the prefill terms add 0.0 here (finite coefficients >= 0)
+            return self.c0_s + self.c_seq_s * num_seqs + self.c_ctx_s * total_context
         starts = prefill_starts or (0,) * len(prefill_lens)
         base = (
             self.c0_s
