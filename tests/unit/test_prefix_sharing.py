@@ -122,11 +122,12 @@ def test_a_dropped_job_resumes_from_the_blocks_of_its_known_tokens(loaded):
         torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
 
 
-def test_an_admit_whose_prefix_is_gone_is_refused_whole(loaded):
+def test_an_admit_whose_prefix_is_gone_computes_it_in_its_first_feed(loaded):
     eng = model_engine(loaded, prefix_caching=True)
-    refused = eng.apply([Admit("a", tokens(3 * BS, seed=1), GREEDY, num_cached_tokens=2 * BS)])
-    assert [r.reason for r in refused] == ["prefix of 16 tokens not cached here (0 are)"]
-    assert not eng.seqs and eng.allocator.num_used == 0
+    assert eng.apply([Admit("a", tokens(3 * BS, seed=1), GREEDY, num_cached_tokens=2 * BS)]) == []
+    seq = eng.seqs["a"]
+    assert (seq.num_cached, seq.num_missing, eng.allocator.num_used) == (2 * BS, 2 * BS, 2)
+    assert run_to_end(eng, "a")[2][0] == (0, 3 * BS)  # stand-ins: see test_prefix_stand_ins.py
     off = model_engine(loaded, prefix_caching=False)
     [refusal] = off.apply([Admit("a", tokens(3 * BS, seed=1), GREEDY, num_cached_tokens=BS)])
     assert "without prefix caching" in refusal.reason

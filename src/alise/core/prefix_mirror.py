@@ -15,9 +15,11 @@ the worker takes exactly that prefix, never a longer one, so both sides hold the
 references. The two can drift apart only where the worker acts before the core hears of it:
 a job that finishes early or is aborted is released on the worker one or two steps before the
 core releases it here, which can change the LRU order under pressure. The worker then lacks a
-prefix the core counted on: it refuses the admit, the job is re-queued and the mirror
-``forget`` s that prefix, so a plan never counts on work that was not done and the next
-admit of the job computes what is not cached.
+prefix the core counted on: it takes what it has and computes the rest in the job's next feed
+(``alise.worker.kv_manager``: stand-in blocks), so the job holds the blocks and has computed
+the tokens the core counts, and only that step runs longer than planned. Only where it has no
+room for the rest does it refuse the admit or resume: the job is re-queued and the mirror
+``forget`` s that prefix, so a plan never counts on work that was not done.
 
 Accounting (``SchedulerCore``): a job's ``num_shared_tokens`` are its leading tokens read
 from shared cached blocks; a worker's device blocks in use are ``num_shared_in_use`` (each

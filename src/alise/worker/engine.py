@@ -16,7 +16,9 @@ id until that plan has run and skips the admit. Without that, a job cancelled wh
 was in flight would run to its end on a worker whose scheduler no longer knows it.
 
 Prefix caching (``KvManager.start``): an admit may name leading tokens the worker's prefix
-cache holds; the sequence starts with those blocks as computed and feeds only the rest.
+cache holds; the sequence starts with those blocks as computed and feeds only the rest. Where
+the cache lacks some of them (``Sequence.num_missing``), its next feed starts that much earlier
+and is that much longer, so it ends where the plan's chunk does.
 
 Overlapped steps (``launch`` then ``finish``, ``alise worker --async-steps``): ``run`` split so
 that the next plan's step is launched before this one's tokens are on the host. A sequence that
@@ -280,8 +282,7 @@ class WorkerEngine:
                 launched.handle = self.executor.launch(feeds, previous.handle if pending else None)
                 launched.shape = self._count(report, feeds)
                 launched.sampled = [f for f in feeds if f.samples]
-                for feed in feeds:
-                    feed.seq.num_cached = feed.start + feed.num_tokens
+                self._computed(feeds)
         report.refused = refused + report.refused
         self._ran(plan.step_id)
         return launched
@@ -321,10 +322,16 @@ class WorkerEngine:
         tokens, report.step_duration_s = self.executor.execute(feeds)
         self.last_step_shape = self._count(report, feeds)
         sampled = [f for f in feeds if f.samples]
-        for feed in feeds:
-            feed.seq.num_cached = feed.start + feed.num_tokens
+        self._computed(feeds)
         self._take(report, sampled, tokens)
         return report
+
+    def _computed(self, feeds: list[Feed]) -> None:
+        """The feeds' K/V is written (or queued ahead of any later step)."""
+        for feed in feeds:
+            feed.seq.num_cached = feed.start + feed.num_tokens
+            if feed.seq.num_missing:
+                self.kv.fill(feed.seq)
 
     @staticmethod
     def _count(report: StepReport, feeds: list[Feed]) -> tuple[int, int, list[int], list[int]]:
@@ -385,7 +392,8 @@ class WorkerEngine:
                         self._handed_back[job_id] = (seq, report, report.refused[-1])
                     continue
                 seq.block_table.extend(ids)
-            feeds.append(Feed(seq, seq.num_cached, n, row if row >= 0 else None))
+            # A sequence never fed since its prefix was taken has no token in flight (row < 0).
+            feeds.append(Feed(seq, seq.num_cached - seq.num_missing, n + seq.num_missing, row if row >= 0 else None))
         return feeds
 
     def _refuse(self, report: StepReport, seq: Sequence, what: str, reason: str) -> None:

@@ -21,7 +21,14 @@ Prefix caching (``prefix_caching``; the allocator is ``alise.core.prefix_cache.P
 
 * an admit names how many leading tokens the scheduler found cached (``start``): the sequence
   takes a reference to exactly those blocks (never more, so its blocks are what the
-  scheduler's mirror counts) and computes from there; a prefix no longer all here is refused;
+  scheduler's mirror counts) and computes from there;
+* a prefix no longer all here (the mirror releases a job that ended early here a step or two
+  after this worker did, which can change what the LRU evicts) is taken as far as it is
+  cached, and private *stand-in* blocks take the place of the rest: the sequence holds the
+  blocks and counts the computed tokens the scheduler counts, and its next feed starts at the
+  first stand-in (``num_missing`` tokens earlier than the plan's chunk says), so the plans
+  and reports need not know. Computed, the stand-ins are named by their chain hashes, as the
+  mirror's blocks are;
 * a sequence's table is its shared prefix (``num_shared_blocks``, cached blocks others may
   read) followed by its private blocks. Every KV action moves only the private blocks:
   int8 / int4 / swap leave the shared prefix on the device at full precision, read-only,
@@ -40,6 +47,7 @@ Prefix caching (``prefix_caching``; the allocator is ``alise.core.prefix_cache.P
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -49,6 +57,8 @@ from alise.core.job import KvPlace
 from alise.core.kv_places import PLACES, QUANTIZED_AT, KvMoveRefused, pause_target
 from alise.core.prefix_cache import chain_hashes, reusable_tokens
 from alise.worker.block_allocator import BlockAllocator
+
+logger = logging.getLogger(__name__)
 
 
 class Ready(Protocol):
@@ -93,10 +103,14 @@ class KvState:
     host_blocks: list[int] = field(default_factory=list)
     num_cached: int = 0
     ready: Ready | None = None
-    #: Leading blocks of ``block_table`` taken from the prefix cache (shared, read-only).
+    #: Leading blocks of ``block_table`` taken from the prefix cache (shared, read-only), and
+    #: the stand-ins of any of them it lacked: every KV move leaves them on the device.
     num_shared_blocks: int = 0
     #: Tokens the admit gave (what the scheduler knows the values of, ``reusable_tokens``).
     num_admitted: int = 0
+    #: Tokens just before ``num_cached`` with no K/V here yet (stand-ins of a prefix the cache
+    #: lacked, see the module doc): the next feed computes them first.
+    num_missing: int = 0
 
 
 class KvManager:
@@ -112,6 +126,8 @@ class KvManager:
         self.mover = mover
         #: Swap-outs in flight: (ready, device block ids still being read).
         self.pending_out: list[tuple[Ready, list[int]]] = []
+        #: Tokens of prefixes the scheduler counted cached and this cache lacked (recomputed), ever.
+        self.num_missing_tokens = 0
 
     # ----------------------------------------------------------------- accounting
 
@@ -183,12 +199,30 @@ class KvManager:
         if num_cached_tokens % bs or not 0 < num_cached_tokens < len(token_ids):
             return (f"{num_cached_tokens} cached tokens: must be whole blocks of {bs} and fewer than "
                     f"the {len(token_ids)} tokens")
-        ids = self.allocator.match(chain_hashes(token_ids, bs, num_cached_tokens // bs))
-        if len(ids) * bs < num_cached_tokens:
-            return f"prefix of {num_cached_tokens} tokens not cached here ({len(ids) * bs} are)"
+        num_blocks = num_cached_tokens // bs
+        ids = self.allocator.match(chain_hashes(token_ids, bs, num_blocks))
+        num_stand_ins = num_blocks - len(ids)
+        # Acquiring takes the cached free blocks of ``ids`` out of the free blocks.
+        num_free = self.num_free_device - sum(1 for b in ids if not self.allocator.refs(b))
+        if num_stand_ins > num_free:
+            return (f"prefix of {num_cached_tokens} tokens not cached here ({len(ids) * bs} are), "
+                    f"no free device blocks for the rest: {num_stand_ins} needed, {num_free} free")
         self.allocator.acquire(ids)
-        seq.block_table, seq.num_shared_blocks, seq.num_cached = ids, len(ids), num_cached_tokens
+        if num_stand_ins:
+            logger.info("prefix of %d tokens: %d cached here, %d recomputed", num_cached_tokens,
+                        len(ids) * bs, num_stand_ins * bs)
+            self.num_missing_tokens += num_stand_ins * bs
+            ids = ids + self.allocate(num_stand_ins)
+        seq.block_table, seq.num_shared_blocks, seq.num_cached = ids, num_blocks, num_cached_tokens
+        seq.num_missing = num_stand_ins * bs
         return None
+
+    def fill(self, seq: KvState) -> None:
+        """The sequence's stand-ins are computed (or queued to be, ahead of any step that may
+        read them): they are named by their chain hashes, as cached blocks."""
+        n = seq.num_shared_blocks
+        self.allocator.register(seq.block_table[:n], chain_hashes(seq.token_ids, self.block_size, n))
+        seq.num_missing = 0
 
     def resume(self, seq: KvState, num_cached_tokens: int = 0) -> str | None:
         """Back to full precision on the device (swap-in, then dequantize), or refuse whole; a
@@ -225,13 +259,13 @@ class KvManager:
         self.wait_ready([seq])  # the compute stream must not reuse blocks a copy still fills
         if self.prefix_caching and seq.place is KvPlace.DEVICE:
             known = max(seq.num_admitted, num_known)
-            n = reusable_tokens(seq.num_cached, known, finished) // self.block_size
+            n = reusable_tokens(seq.num_cached - seq.num_missing, known, finished) // self.block_size
             self.allocator.register(seq.block_table[:n], chain_hashes(seq.token_ids, self.block_size, n))
         self.allocator.free(seq.block_table)
         if seq.host_blocks:
             self.host_allocator.free(seq.host_blocks)
         seq.block_table, seq.host_blocks = [], []
-        seq.num_cached = seq.num_shared_blocks = 0
+        seq.num_cached = seq.num_shared_blocks = seq.num_missing = 0
         seq.place = KvPlace.NONE
 
     def wait_ready(self, seqs) -> None:
