@@ -10,7 +10,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_prefix_sharing import WriteGuard, random_operation
+from test_prefix_sharing import WriteGuard, model_engine, random_operation, run_to_end
 
 from alise.core.blocks import WorkerCapacity, place_blocks
 from alise.core.commands import AbortJobs, Admit, KvAction, Pause, Resume, StepPlan
@@ -24,9 +24,7 @@ from alise.core.sampling import SamplingParams
 from alise.core.scheduler import SchedulerCore
 from alise.tools.sim.virtual_worker import virtual_worker
 from alise.worker.engine import WorkerEngine
-from alise.worker.model.executor import make_worker_engine
 from alise.worker.model.loader import load_model
-from alise.worker.model.runner import ModelRunner
 from corekit import LATENCY
 from tinymodels import make_tiny_model_dir
 
@@ -38,35 +36,6 @@ def loaded(tmp_path_factory):
     return load_model(str(make_tiny_model_dir(tmp_path_factory.mktemp("stand-ins"), "llama")), device="cpu")
 
 
-def model_engine(loaded) -> WorkerEngine:
-    runner = ModelRunner(loaded, num_blocks=32, block_size=BS)
-    engine = make_worker_engine(runner, eos_token_id=None, max_model_len=loaded.max_model_len, prefix_caching=True)
-    engine.runner = runner
-    return engine
-
-
-def run_to_end(engine: WorkerEngine, job_id: str) -> tuple[list[int], list[torch.Tensor], list[tuple[int, int]]]:
-    """Steps until the job ends, each plan's chunk all the job's tokens the scheduler counts
-    uncomputed: (its tokens, its logits rows, the (start, tokens) of its feeds)."""
-    rows: list[torch.Tensor] = []
-    feeds: list[tuple[int, int]] = []
-    execute = engine.runner.execute
-
-    def recording(chunks, **kwargs):
-        logits = execute(chunks, **kwargs)
-        for chunk, row in zip(chunks, logits, strict=True):
-            rows.append(row.clone())
-            feeds.append((chunk.start_pos, len(chunk.token_ids)))
-        return logits
-
-    engine.runner.execute = recording
-    seq = engine.seqs[job_id]
-    while job_id in engine.seqs:
-        engine.step(StepPlan(0, run_step=True, chunks={job_id: seq.num_tokens - seq.num_cached}))
-    engine.runner.execute = execute
-    return seq.token_ids, rows, feeds
-
-
 def test_a_resume_whose_prefix_was_partly_evicted_recomputes_the_rest_in_its_first_feed(loaded):
     """A job dropped with 42 computed tokens caches 5 blocks; two of them are evicted before the
     resume (as an early release on the worker can make them, unknown to the mirror), which still
@@ -74,11 +43,11 @@ def test_a_resume_whose_prefix_was_partly_evicted_recomputes_the_rest_in_its_fir
     gives the tokens and logits of a job never dropped."""
     prompt = torch.randint(5, 1000, (2 * BS + 3,), generator=torch.Generator().manual_seed(4)).tolist()
     sampling = SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True)
-    ref = model_engine(loaded)
+    ref = model_engine(loaded, prefix_caching=True)
     ref.apply([Admit("a", prompt, sampling)])
     ref_tokens, ref_rows, _ = run_to_end(ref, "a")
 
-    eng = model_engine(loaded)
+    eng = model_engine(loaded, prefix_caching=True)
     eng.apply([Admit("a", prompt, sampling)])
     seq = eng.seqs["a"]
     while seq.num_generated < 24:
