@@ -235,17 +235,27 @@ def random_operation(eng: WorkerEngine, rng: random.Random, prompts: list[list[i
 @settings(max_examples=3, deadline=None)
 @given(st.integers(0, 2**32))
 def test_ten_thousand_random_operations_leak_nothing_and_never_touch_a_read_block(seed):
+    eng, guard = random_run(seed, 10_000, check_invariants)
+    assert guard.num_writes > 0 and eng.allocator.num_hits > 0
+
+
+def random_run(seed: int, num_operations: int, check, prepare=None):
+    """``num_operations`` random operations on a virtual worker (40 device blocks, 24 host),
+    ``check`` after each and once all is aborted and drained, when nothing may be left in use;
+    ``prepare(engine, rng)`` first. Returns the engine and its write guard."""
     rng = random.Random(seed)
     eng = virtual_worker(num_device_blocks=40, block_size=BS, max_model_len=10_000, latency=LatencyModel(),
                          num_host_blocks=24, prefix_caching=True)
     guard = WriteGuard(eng)
+    if prepare is not None:
+        prepare(eng, rng)
     prompts = [[p] * BS * 2 + [p + 1] * BS * 3 for p in (100, 200)] + [[7] * BS * 6]
-    for n in range(10_000):
+    for n in range(num_operations):
         random_operation(eng, rng, prompts, n)
-        check_invariants(eng)
-    assert guard.num_writes > 0 and eng.allocator.num_hits > 0
+        check(eng)
     eng.abort_all()
     eng.kv.drain()
-    check_invariants(eng)
+    check(eng)
     assert eng.allocator.num_used == 0 and eng.allocator.num_free == 40
     assert eng.kv.num_free_host == 24
+    return eng, guard

@@ -10,14 +10,13 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_prefix_sharing import WriteGuard, model_engine, random_operation, run_to_end
+from test_prefix_sharing import model_engine, random_run, run_to_end
 
 from alise.core.blocks import WorkerCapacity, place_blocks
 from alise.core.commands import AbortJobs, Admit, KvAction, Pause, Resume, StepPlan
 from alise.core.config import SchedulingConfig
 from alise.core.dispatch import keep_in_flight
 from alise.core.job import Job, KvPlace
-from alise.core.latency_model import LatencyModel
 from alise.core.policy import make_policy
 from alise.core.prefix_cache import chain_hashes
 from alise.core.sampling import SamplingParams
@@ -217,18 +216,5 @@ def check_stand_ins(eng: WorkerEngine) -> None:
 @settings(max_examples=3, deadline=None)
 @given(st.integers(0, 2**32))
 def test_random_operations_on_a_stale_mirror_leak_nothing_and_never_touch_a_read_block(seed):
-    rng = random.Random(seed)
-    eng = virtual_worker(num_device_blocks=40, block_size=BS, max_model_len=10_000, latency=LatencyModel(),
-                         num_host_blocks=24, prefix_caching=True)
-    guard = WriteGuard(eng)
-    ask_more_than_cached(eng, rng)
-    prompts = [[p] * BS * 2 + [p + 1] * BS * 3 for p in (100, 200)] + [[7] * BS * 6]
-    for n in range(3_000):
-        random_operation(eng, rng, prompts, n)
-        check_stand_ins(eng)
+    eng, guard = random_run(seed, 3_000, check_stand_ins, prepare=ask_more_than_cached)
     assert guard.num_writes > 0 and eng.kv.num_missing_tokens > 0
-    eng.abort_all()
-    eng.kv.drain()
-    check_stand_ins(eng)
-    assert eng.allocator.num_used == 0 and eng.allocator.num_free == 40
-    assert eng.kv.num_free_host == 24
