@@ -92,15 +92,14 @@ def test_a_cached_prefix_is_not_computed_again_and_changes_no_logit(loaded):
         torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
 
 
-def test_a_dropped_job_resumes_from_the_blocks_of_its_known_tokens(loaded):
-    """A job dropped after 24 outputs (43 tokens, 42 computed: 5 full blocks) keeps every full
-    block of the tokens the drop names, and its resume computes only the tail: same tokens and
-    logits as a job never dropped."""
+def dropped_after_24(loaded):
+    """Job "a" (19 prompt tokens, 30 greedy outputs) run to its end on one engine (the
+    reference), and on another dropped after 24 outputs, the drop naming every known token:
+    (that engine, its sequence, the known tokens, the reference's tokens and logit rows)."""
     prompt, sampling = tokens(2 * BS + 3, seed=4), SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True)
     ref = model_engine(loaded, prefix_caching=True)
     ref.apply([Admit("a", prompt, sampling)])
     ref_tokens, ref_rows, _ = run_to_end(ref, "a")
-
     eng = model_engine(loaded, prefix_caching=True)
     eng.apply([Admit("a", prompt, sampling)])
     seq = eng.seqs["a"]
@@ -109,6 +108,14 @@ def test_a_dropped_job_resumes_from_the_blocks_of_its_known_tokens(loaded):
     known = seq.num_tokens  # all reported; the last one is not fed yet
     assert seq.num_cached == known - 1 == len(prompt) + 23
     assert eng.apply([Pause("a", KvAction.DROP, num_reusable_tokens=known)]) == []
+    return eng, seq, known, ref_tokens, ref_rows
+
+
+def test_a_dropped_job_resumes_from_the_blocks_of_its_known_tokens(loaded):
+    """A job dropped after 24 outputs (43 tokens, 42 computed: 5 full blocks) keeps every full
+    block of the tokens the drop names, and its resume computes only the tail: same tokens and
+    logits as a job never dropped."""
+    eng, seq, known, ref_tokens, ref_rows = dropped_after_24(loaded)
     assert eng.allocator.num_cached_free == (known - 1) // BS == 5
     hit = len(eng.allocator.match(chain_hashes(seq.token_ids, BS, (known - 1) // BS))) * BS
     assert hit == 5 * BS

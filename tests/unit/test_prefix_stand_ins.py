@@ -10,7 +10,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_prefix_sharing import model_engine, random_run, run_to_end
+from test_prefix_sharing import dropped_after_24, random_run, run_to_end
 
 from alise.core.blocks import WorkerCapacity, place_blocks
 from alise.core.commands import AbortJobs, Admit, KvAction, Pause, Resume, StepPlan
@@ -40,19 +40,7 @@ def test_a_resume_whose_prefix_was_partly_evicted_recomputes_the_rest_in_its_fir
     resume (as an early release on the worker can make them, unknown to the mirror), which still
     asks for 40 cached tokens. The worker takes the 3 blocks it has, feeds from token 24, and
     gives the tokens and logits of a job never dropped."""
-    prompt = torch.randint(5, 1000, (2 * BS + 3,), generator=torch.Generator().manual_seed(4)).tolist()
-    sampling = SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True)
-    ref = model_engine(loaded, prefix_caching=True)
-    ref.apply([Admit("a", prompt, sampling)])
-    ref_tokens, ref_rows, _ = run_to_end(ref, "a")
-
-    eng = model_engine(loaded, prefix_caching=True)
-    eng.apply([Admit("a", prompt, sampling)])
-    seq = eng.seqs["a"]
-    while seq.num_generated < 24:
-        eng.step(StepPlan(0, run_step=True, chunks={"a": seq.num_tokens - seq.num_cached}))
-    known = seq.num_tokens
-    assert eng.apply([Pause("a", KvAction.DROP, num_reusable_tokens=known)]) == []
+    eng, seq, known, ref_tokens, ref_rows = dropped_after_24(loaded)
     assert eng.allocator.num_cached_free == 5 and eng.allocator.num_uncached_free == 27
     # 29 blocks: the 27 uncached ones, then the job's last two cached blocks (LRU: last first).
     eng.allocator.free(eng.kv.allocate(29))
