@@ -101,14 +101,9 @@ def test_eager_mixed_steps_launched_behind_a_busy_step_do_not_wait(tmp_path, pla
     plans, expected = unit.make_plans(engine(), commands, aborts)
     eng = engine()
     runner = eng.executor.runner
-    reports, flight, waited, launch_s = [], None, [], []
-    for p in plans:
-        pending = aborts.get(p.step_id)
-        if flight is not None and (pending or not eng.can_overlap(flight, p)):
-            reports.append(eng.finish(flight))
-            flight = None
-        if pending:
-            eng.abort(pending, p.step_id - 1)
+    waited, launch_s = [], []
+
+    def timed_launch(p, flight):
         mixed = any(n > 1 for n in p.chunks.values())  # eager: no mixed-step graphs
         done = busy_stream(0.5) if flight is not None and mixed else None
         start = time.perf_counter()
@@ -116,10 +111,9 @@ def test_eager_mixed_steps_launched_behind_a_busy_step_do_not_wait(tmp_path, pla
         if done is not None:
             launch_s.append(time.perf_counter() - start)
             waited.append(done.query())
-        if flight is not None:
-            reports.append(eng.finish(flight))
-        flight = step
-    reports.append(eng.finish(flight))
+        return step
+
+    reports = unit.run_overlapped(eng, plans, aborts, launch=timed_launch)
     assert unit.outputs(reports) == unit.outputs(expected)
     assert len(waited) >= 3 and not any(waited), (waited, launch_s)
     assert runner.decode_graphs is not None

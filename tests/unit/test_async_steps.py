@@ -104,8 +104,10 @@ def make_plans(engine: WorkerEngine, commands: dict[int, list], aborts: dict[int
     return plans, reports
 
 
-def run_overlapped(engine: WorkerEngine, plans: list[StepPlan], aborts: dict[int, list[str]]):
-    """The overlapped step loop's order (``StepLoop._run_overlapped``) with every plan queued."""
+def run_overlapped(engine: WorkerEngine, plans: list[StepPlan], aborts: dict[int, list[str]], launch=None):
+    """The overlapped step loop's order (``StepLoop._run_overlapped``) with every plan queued;
+    ``launch(plan, flight)`` in place of ``engine.launch`` (a test that watches each launch)."""
+    launch = launch or engine.launch
     reports, flight = [], None
     for plan in plans:
         waiting = aborts.get(plan.step_id)
@@ -114,7 +116,7 @@ def run_overlapped(engine: WorkerEngine, plans: list[StepPlan], aborts: dict[int
             flight = None
         if waiting:
             engine.abort(waiting, plan.step_id - 1)
-        step = engine.launch(plan, flight)
+        step = launch(plan, flight)
         if flight is not None:
             reports.append(engine.finish(flight))
         flight = step
