@@ -77,8 +77,7 @@ async def test_planning_process_gone_ends_streams_resumable(tiny_llama_dir):
     async with cluster(str(tiny_llama_dir), streams_process=True) as c:
         front = c.scheduler.server
         async with grpc.aio.insecure_channel(c.address) as channel:
-            call = scheduler_pb2_grpc.SchedulerServiceStub(channel).Generate(scheduler_pb2.GenerateRequest(
-                text="a long story", sampling=common_pb2.SamplingParams(max_tokens=1000, ignore_eos=True)))
+            call = long_generation(channel)
             async for _ in call:
                 front._stopping = True  # what follows is this test's doing, not a failure
                 front._writer.writer.transport.abort()
@@ -106,8 +105,7 @@ async def test_frozen_planning_process_fails_streams_fast_then_serves(tiny_llama
     as a client's keepalive fails a frozen scheduler's, and serves again once it turns."""
     async with cluster(str(tiny_llama_dir), streams_process=True) as c, c.client() as client:
         async with grpc.aio.insecure_channel(c.address) as channel:
-            call = scheduler_pb2_grpc.SchedulerServiceStub(channel).Generate(scheduler_pb2.GenerateRequest(
-                text="a long story", sampling=common_pb2.SamplingParams(max_tokens=1000, ignore_eos=True)))
+            call = long_generation(channel)
             async for _ in call:
                 time.sleep(STALL_AFTER_S + 1.0)  # noqa: ASYNC251 - the freeze under test
                 break
@@ -135,8 +133,7 @@ async def test_planning_process_gone_while_draining_ends_streams_resumable(tiny_
     async with cluster(str(tiny_llama_dir), streams_process=True) as c:
         front = c.scheduler.server
         async with grpc.aio.insecure_channel(c.address) as channel:
-            call = scheduler_pb2_grpc.SchedulerServiceStub(channel).Generate(scheduler_pb2.GenerateRequest(
-                text="a long story", sampling=common_pb2.SamplingParams(max_tokens=1000, ignore_eos=True)))
+            call = long_generation(channel)
             async for _ in call:
                 front._stopping = True  # what follows is this test's doing, not a failure
                 front._writer.send(StopListening(60.0))
