@@ -182,7 +182,12 @@ def simulate(requests: Sequence[TraceRequest], latency: LatencyModel, config: Si
     ``config.scheduling`` describes, its steps timed by ``latency``; ``estimates`` by request
     index; ``memory``: the KV planner (default: ``config.scheduling``'s); ``pricing``: the
     latency model the core prices with (default: ``latency``); ``on_progress``: called with the
-    number of jobs finished so far at every event (it keeps its own pace)."""
+    number of jobs finished so far at every event (it keeps its own pace).
+
+    Job ids are ``r`` and the request's index, zero-padded to one width: the core breaks a tie
+    between equal arrival times by job id, so requests that arrive at the same moment (a burst,
+    a trace sent all at once) queue in the trace's order, as the scheduler service queues a
+    client's requests in the order it receives them ("r10" before "r2" would not)."""
     started = time.perf_counter()
     latency = config.kv_latency(latency)
     pricing = config.kv_latency(pricing) if pricing is not None else None
@@ -193,7 +198,8 @@ def simulate(requests: Sequence[TraceRequest], latency: LatencyModel, config: Si
     sampling = SamplingParams(max_tokens=config.max_tokens, ignore_eos=True)
     now = 0.0
     max_len = min(config.max_model_len, config.num_device_blocks * config.block_size)
-    meter = WorkMeter({f"r{i}": (r.prompt_tokens, output_target(r.prompt_tokens, r.output_tokens,
+    ids = job_ids_by_index(len(requests))
+    meter = WorkMeter({ids[i]: (r.prompt_tokens, output_target(r.prompt_tokens, r.output_tokens,
                                                                 config.max_tokens, max_len))
                        for i, r in enumerate(requests)})
     backlog: list[tuple[float, float]] = []
@@ -213,8 +219,8 @@ def simulate(requests: Sequence[TraceRequest], latency: LatencyModel, config: Si
             now = t_arrival
             for i, released_s in releases.pop_due(now):
                 r = requests[i]
-                job_id = f"r{i}"
-                before = jobs.get(f"r{previous[i]}") if i in previous else None
+                job_id = ids[i]
+                before = jobs.get(ids[previous[i]]) if i in previous else None
                 job = Job(job_id, prompt_token_ids(i, r.prompt_tokens, before), sampling, arrival_s=released_s,
                           estimate=estimates.get(i) if estimates else None,
                           oracle_output_tokens=r.output_tokens)
@@ -228,8 +234,8 @@ def simulate(requests: Sequence[TraceRequest], latency: LatencyModel, config: Si
             raise RuntimeError("simulation stalled: jobs left but no worker can run them")
         cluster.plan(now)
         for i in releases.awaited():  # a finished turn releases the next one of its conversation
-            if jobs[f"r{i}"].is_finished:
-                releases.finished(i, jobs[f"r{i}"].finish_s)
+            if jobs[ids[i]].is_finished:
+                releases.finished(i, jobs[ids[i]].finish_s)
         if cluster.next_end_s() is None and releases.next_s() is None and core.jobs:
             raise RuntimeError(f"simulation stalled with {len(core.jobs)} jobs that fit no worker")
     records = []
@@ -245,6 +251,12 @@ def simulate(requests: Sequence[TraceRequest], latency: LatencyModel, config: Si
                      time.perf_counter() - started, work_backlog=[b[0] for b in backlog],
                      kv_backlog=[b[1] for b in backlog], kv_moves=Counter(core.kv_moves),
                      moved_bytes=dict(moved), peak_need_blocks=peak_need, prefill=core.prefill)
+
+
+def job_ids_by_index(num_requests: int) -> list[str]:
+    """The simulated jobs' ids by request index: increasing as strings too (see :func:`simulate`)."""
+    width = len(str(max(num_requests - 1, 0)))
+    return [f"r{i:0{width}d}" for i in range(num_requests)]
 
 
 def prompt_token_ids(index: int, num_tokens: int, previous: Job | None) -> list[int]:
