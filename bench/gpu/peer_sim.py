@@ -35,18 +35,28 @@ The simulator sees no HTTP, streaming or client: these are the scheduling effect
         --policies fcfs,alise
 
 ``ahead`` is the plans kept in flight while they reach the worker in time.
+
+All at once, the output tokens per second are the trace's tokens over the makespan, and the
+makespan is set by when the longest jobs start: an order that queues one of them last ends
+seconds later. ``--queued-from`` replays a real run's order instead of the client's: the order,
+and the moments, in which ALISE's scheduler queued the requests (what its HTTP door passed on):
+
+    python bench/gpu/peer_sim.py --rates inf --seed 7 --variants alise \
+        --queued-from results/logs/fcfs-mem-scheduler.log
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import random
-from collections import defaultdict
+from collections import defaultdict, deque
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+from peer_ttft import QUEUED
 
 from alise.core import scheduler as core_scheduler
 from alise.core.config import SchedulingConfig
@@ -81,6 +91,31 @@ def client_order(trace: list[TraceRequest], seed: int, rate: float, burstiness: 
     delays = np.cumsum([np.random.gamma(shape=burstiness, scale=theta) for _ in rows])
     delays *= (len(rows) / rate) / delays[-1]
     return [replace(r, arrival_s=float(t)) for r, t in zip(rows, delays, strict=True)]
+
+
+def queued_order(ordered: list[TraceRequest], log: Path) -> list[TraceRequest]:
+    """The requests in the order and at the moments ALISE's scheduler queued them (its log's
+    ``queued:`` lines; the last ``len(ordered)``: a set-up's log holds its runs in the order
+    they ran, the all-at-once one last), each matched to a request by (prompt tokens,
+    max_tokens), which vLLM's client sets to the trace's output tokens."""
+    rows = []
+    for line in log.open():
+        if m := QUEUED.match(line):
+            wall = datetime.datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
+            rows.append((wall, int(m.group(3)), int(m.group(4))))
+    if len(rows) < len(ordered):
+        raise SystemExit(f"{log}: {len(rows)} queued requests, the trace has {len(ordered)}")
+    rows = rows[-len(ordered):]
+    pool: dict[tuple[int, int], deque] = defaultdict(deque)
+    for r in ordered:
+        pool[(r.prompt_tokens, r.output_tokens)].append(r)
+    out = []
+    for wall, prompt, max_tokens in rows:
+        if not pool[(prompt, max_tokens)]:
+            raise SystemExit(f"{log}: a request of {prompt} prompt tokens and max_tokens {max_tokens} "
+                             "is not in the trace (or more often than there)")
+        out.append(replace(pool[(prompt, max_tokens)].popleft(), arrival_s=wall - rows[0][0]))
+    return out
 
 
 class TokenTimes(SchedulerCore):
@@ -180,6 +215,8 @@ def main() -> int:
     p.add_argument("--goodput-tpot-ms", type=float, default=50.0)
     p.add_argument("--scales", default="1", help="comma-separated factors on every step's time (the profile's "
                    "correction): how the same schedule fares on a faster or slower engine")
+    p.add_argument("--queued-from", type=Path, default=None, help="ALISE's scheduler log of an all-at-once run: "
+                   "rate inf replays the order and moments its scheduler queued the requests in (whatever the seed)")
     p.add_argument("--json", default="")
     args = p.parse_args()
     trace = read_trace(args.trace)
@@ -199,6 +236,9 @@ def main() -> int:
     for rate_text in args.rates.split(","):
         rate = float(rate_text)
         orders = [client_order(trace, seed, rate, args.burstiness) for seed in seeds]
+        if rate == float("inf") and args.queued_from:
+            orders = [queued_order(ordered, args.queued_from) for ordered in orders]
+            print(f"  inf: in the order and at the moments {args.queued_from} queued the requests")
         runs = [(float(s), v, pol) for s in args.scales.split(",")
                 for v in args.variants.split(",") for pol in policies]
         for scale, variant, policy in runs:
