@@ -14,13 +14,21 @@ Token arithmetic used throughout the core (and mirrored exactly by the worker):
   decoding job computes ``num_tokens - 1`` positions.
 * To take part in a step a job needs ``blocks_for(num_tokens)`` device blocks (the whole
   sequence, whatever its chunk: a job that starts is sure to finish its prefill).
+
+The two counts a plan projects (``num_pending_outputs``, ``num_computed_tokens``) live in the
+core's job table while the job is in it (:class:`ProjectedCount`): a plan projects a step onto
+its jobs with a few numpy writes, and the job reads the same numbers as its own. There the
+pending outputs are kept as the projected ``num_tokens``, so a report's confirmed token (one
+more in ``output_token_ids``) is one pending token fewer without a write.
 """
 
 from __future__ import annotations
 
 import enum
+import functools
 from dataclasses import dataclass, field, replace
 from itertools import compress, product
+from typing import Any, Protocol
 
 from alise.core.sampling import SamplingParams
 
@@ -79,6 +87,61 @@ class FinishReason(enum.Enum):
     ABORTED = "aborted"
 
 
+class TableRow(Protocol):
+    """Where a job's projected counts live while a job table holds it (``JobTable.put``): the
+    table's integer columns, by name, at the job's slot."""
+
+    def column(self, name: str) -> Any: ...
+
+
+class ProjectedCount:
+    """A job's projected token count (a dataclass field): the job's own value while no table
+    holds it, else read from and written to its table row (``Job.row``), in the column of
+    the field's name.
+
+    NOTE: a job is in at most one table; ``JobTable.discard`` hands the values back to the
+    job when it leaves, so a job outside any table keeps them."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+        self.own = "_own_" + name
+
+    def __get__(self, job: Job | None, owner: type | None = None) -> int:
+        if job is None:
+            return 0  # the field's default
+        row = job.__dict__.get("row")
+        if row is None:
+            return job.__dict__[self.own]
+        table, slot = row
+        return self.load(job, table, slot)
+
+    def __set__(self, job: Job, value: int) -> None:
+        row = job.__dict__.get("row")
+        if row is None:
+            job.__dict__[self.own] = value
+        else:
+            table, slot = row
+            self.store(job, table, slot, value)
+
+    def load(self, job: Job, table: TableRow, slot: int) -> int:
+        return int(table.column(self.name)[slot])
+
+    def store(self, job: Job, table: TableRow, slot: int, value: int) -> None:
+        table.column(self.name)[slot] = value
+
+
+class PendingOutputs(ProjectedCount):
+    """``num_pending_outputs``, kept in a table row as the job's projected ``num_tokens``
+    (prompt + confirmed + pending): a confirmed output (appended to ``output_token_ids``)
+    is one pending output fewer, with no write."""
+
+    def load(self, job: Job, table: TableRow, slot: int) -> int:
+        return int(table.column("num_tokens")[slot]) - len(job.prompt_token_ids) - len(job.output_token_ids)
+
+    def store(self, job: Job, table: TableRow, slot: int, value: int) -> None:
+        table.column("num_tokens")[slot] = len(job.prompt_token_ids) + len(job.output_token_ids) + value
+
+
 @dataclass(frozen=True)
 class LengthEstimate:
     """Predicted output length in tokens: a point estimate and upper quantiles."""
@@ -109,9 +172,9 @@ class Job:
     #: Confirmed output tokens (reported by the worker, streamed to the client).
     output_token_ids: list[int] = field(default_factory=list)
     #: Output tokens that steps already planned will produce but whose reports are not in.
-    num_pending_outputs: int = 0
+    num_pending_outputs: PendingOutputs = PendingOutputs()
     #: Positions whose K/V the worker holds once every planned step has run (0: none).
-    num_computed_tokens: int = 0
+    num_computed_tokens: ProjectedCount = ProjectedCount()
     #: Of them, the leading ones read from blocks of the worker's prefix cache, shared and
     #: counted once per worker (``alise.core.prefix_mirror``); whole blocks, set by the admit.
     num_shared_tokens: int = 0
@@ -135,6 +198,17 @@ class Job:
         if not self.prompt_token_ids:
             raise ValueError(f"job {self.job_id}: empty prompt")
         self.idle_since_s = self.arrival_s
+        #: (the job table holding the job, its slot); None: in none (``ProjectedCount``).
+        self.row: tuple[TableRow, int] | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        """A copy (pickled, deep-copied) holds its projected counts itself, in no table."""
+        state = dict(self.__dict__)
+        if state.get("row") is not None:
+            for count in _PROJECTED:
+                state[count.own] = count.__get__(self)
+            state["row"] = None
+        return state
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -186,7 +260,7 @@ class Job:
         n = self.oracle_output_tokens
         if n is None or n >= self.sampling.max_tokens:
             return self.sampling
-        return replace(self.sampling, max_tokens=n)
+        return _capped(self.sampling, n)
 
     # ----------------------------------------------------------------- status
 
@@ -249,3 +323,14 @@ class Job:
             self.finish_reason, self.finish_s = reason, now_s
             self.kv, self.num_pending_outputs = KvPlace.NONE, 0
         self.status = status
+
+
+#: The fields a job table holds while it holds the job.
+_PROJECTED = (Job.__dict__["num_pending_outputs"], Job.__dict__["num_computed_tokens"])
+
+
+@functools.lru_cache(maxsize=1024)
+def _capped(sampling: SamplingParams, max_tokens: int) -> SamplingParams:
+    """``sampling`` ending at ``max_tokens`` (frozen, so shared: every admit of a job of known
+    length asks, and ``replace`` checks every field again)."""
+    return replace(sampling, max_tokens=max_tokens)

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable
-from itertools import compress
 
 import numpy as np
 
@@ -290,28 +289,24 @@ class StepPlanner:
         table = self.table
         fed = feed.nonzero()[0]  # feeds are never negative
         slots, n = (chosen, feed) if len(fed) == len(feed) else (chosen[fed], feed[fed])
-        # The table's token counts are the jobs' own: only this projection and ``_put`` change
-        # them (a report confirms one pending token per output, which leaves the count as is).
+        # The table's token counts are the jobs' own (``ProjectedCount``): only this projection
+        # and the jobs' status changes write them (a report confirms a pending token per output,
+        # which leaves ``num_tokens`` as it is).
         num_tokens, num_computed = table.num_tokens[slots], table.num_computed_tokens[slots]
         computed = num_computed + n
         out = computed == num_tokens
-        jobs = table.jobs[slots].tolist()
-        # Plain loops: most jobs fed are decodes (one token, one output).
-        for job, k in zip(jobs, computed.tolist(), strict=True):
-            job.num_computed_tokens = k
-        outputs: set[str] = set()
-        for job in compress(jobs, out.tolist()):
-            job.num_pending_outputs += 1
-            outputs.add(job.job_id)
-        chunks = {jobs[i].job_id: int(n[i]) for i in (num_tokens - num_computed > 1).nonzero()[0].tolist()}
+        job_ids = table.job_ids[slots]
+        chunked = num_tokens - num_computed > 1
+        chunks = dict(zip(job_ids[chunked].tolist(), n[chunked].tolist(), strict=True))
+        # NOTE: a plan feeds a job at most once, so ``slots`` are distinct.
+        table.num_computed_tokens[slots] = computed
+        table.num_tokens[slots] = num_tokens + out  # a pending output each (``PendingOutputs``)
+        table.is_stale[slots] = True
         if view.prefix is not None:  # the blocks the worker allocates for the feed
             bs = view.capacity.block_size
-            for job, k in zip(jobs, computed.tolist(), strict=True):
+            for job, k in zip(table.jobs[slots].tolist(), computed.tolist(), strict=True):
                 view.prefix.resize(job, blocks_for(k, bs))
-        table.num_computed_tokens[slots] = computed
-        table.num_tokens[slots] = num_tokens + out
-        table.is_stale[slots] = True
-        return chunks, outputs
+        return chunks, set(job_ids[out].tolist())
 
 
 def stable_argsort(keys: np.ndarray) -> np.ndarray:

@@ -210,8 +210,9 @@ class SchedulerCore:
             if job is None:
                 continue
             index = job.num_output_tokens
+            # NOTE: the job is in the table (as every job on a worker): one more confirmed token
+            # is one pending token fewer (``alise.core.job.PendingOutputs``).
             job.output_token_ids.extend(out.token_ids)
-            job.num_pending_outputs -= 1
             if job.first_token_s is None:
                 job.first_token_s = now_s
             events.append(TokenEvent(job.job_id, list(out.token_ids), index, out.finish_reason))

@@ -12,6 +12,11 @@ pause, KV move, resume, finish, refusal, lost worker, new estimate), never rebui
                       stay put), so its remaining time is computed once per idle spell, lazily,
                       by the first step that ranks it. A running job's moving parts (its
                       projected tokens) are written by each plan that feeds it.
+
+A job in the table reads its projected counts from its row (``alise.core.job.ProjectedCount``):
+``num_computed_tokens``, and its pending outputs as ``num_tokens`` (prompt + confirmed +
+pending). The table holds them from the job's first ``put`` to its ``discard``, which hands
+them back to the job.
 """
 
 from __future__ import annotations
@@ -100,7 +105,7 @@ class JobTable:
     idle_since_s = Column(np.float64)
     num_prompt_tokens = Column(np.int64)
     num_tokens = Column(np.int64)           # running jobs: projected by each plan (``_advance``)
-    num_computed_tokens = Column(np.int64)  # likewise
+    num_computed_tokens = Column(np.int64)  # likewise; both the job's own (``ProjectedCount``)
     num_shared_tokens = Column(np.int64)    # of them, read from shared prefix-cache blocks
     num_cached_hint = Column(np.int64)      # waiting or dropped jobs: tokens of their prefix cached on a worker
     max_tokens = Column(np.int64)
@@ -158,12 +163,12 @@ class JobTable:
             self.num_prompt_tokens[slot] = len(job.prompt_token_ids)
             self.max_tokens[slot] = job.sampling.max_tokens
             self.max_num_tokens[slot] = len(job.prompt_token_ids) + job.sampling.max_tokens
+            self._attach(job, slot)
         self.owner[slot] = owner
         self.is_running[slot] = job.status is JobStatus.RUNNING
         self.queued_s[slot] = job.queued_s
         self.idle_since_s[slot] = job.idle_since_s
         self.num_tokens[slot] = job.num_tokens
-        self.num_computed_tokens[slot] = job.num_computed_tokens
         self.num_shared_tokens[slot] = job.num_shared_tokens
         self.num_cached_hint[slot] = cached_hint
         self.estimate_mean[slot] = estimate.mean
@@ -175,6 +180,7 @@ class JobTable:
         slot = self.slot_of.pop(job.job_id, None)
         if slot is None:
             return
+        self._detach(job)
         self.jobs[slot] = self.job_ids[slot] = None
         self.owner[slot] = FREE
         self._free.append(slot)
@@ -222,7 +228,26 @@ class JobTable:
         """The policy's view of the jobs at ``slots`` (columns gathered as the policy reads them)."""
         return Candidates(self, slots)
 
+    def column(self, name: str) -> np.ndarray:
+        """The column ``name`` (``alise.core.job.ProjectedCount`` reads a job's row there)."""
+        return getattr(self, name)
+
     # ----------------------------------------------------------------- storage
+
+    def _attach(self, job: Job, slot: int) -> None:
+        """The job's projected counts move into its row (from wherever they are: the job, or
+        another table that held it)."""
+        counts = job.num_pending_outputs, job.num_computed_tokens
+        job.row = (self, slot)
+        job.num_pending_outputs, job.num_computed_tokens = counts
+
+    def _detach(self, job: Job) -> None:
+        """The job's projected counts move back into the job (unless another table holds it now)."""
+        if job.row is None or job.row[0] is not self:
+            return
+        counts = job.num_pending_outputs, job.num_computed_tokens
+        job.row = None
+        job.num_pending_outputs, job.num_computed_tokens = counts
 
     def _retie(self) -> None:
         labels = self.ties.label
