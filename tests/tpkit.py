@@ -9,6 +9,8 @@ fails the test with its traceback.
 from __future__ import annotations
 
 import dataclasses
+import os
+import sys
 from pathlib import Path
 
 import torch
@@ -24,13 +26,24 @@ def spawn_ranks(fn, world_size: int, tmp_path: Path, *args) -> None:
 
 
 def _rank_main(rank: int, fn, world_size: int, store: str, *args) -> None:
-    """``fn`` in one rank, then, once every rank is done, its process group destroyed: a rank that
+    """``fn`` in one rank, then, once every rank is done, its process group destroyed and the
+    process ended at once, as the worker's ranks end (``tp_ranks.run_follower``): a rank that
     left its gloo connections to the interpreter's exit, or closed them while another rank still
-    read, could die of SIGABRT (std::terminate) after its work."""
+    read, could die of SIGABRT (std::terminate: "terminate called without an active exception")
+    after its work, and nothing of the interpreter's teardown is needed once the group is gone."""
     fn(rank, world_size, store, *args)
     if torch.distributed.is_initialized():
         torch.distributed.barrier()  # no rank tears its connections down while another still reads
         torch.distributed.destroy_process_group()
+    exit_now(0)
+
+
+def exit_now(status: int) -> None:
+    """Ends this process with ``status`` without the interpreter's teardown (what a rank had to
+    say is flushed first)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
 
 
 def join(rank: int, world_size: int, store: str):

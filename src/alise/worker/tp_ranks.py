@@ -106,7 +106,9 @@ def _exit_with_parent(parent_pid: int) -> None:
 def run_follower(rank: int, config: WorkerConfig, store_path: str, parent_pid: int,
                  follow: Callable[[int, WorkerConfig, str], None]) -> None:
     """A child's life: ``follow`` (``tp_serving.follow_rank``: load its slices, follow rank 0)
-    until Stop (status 0) or an error (1)."""
+    until Stop (status 0) or an error (1). Either way the process ends at once: past its process
+    group's destroy, the interpreter's teardown of torch's objects has nothing left to do but
+    could still end in std::terminate (SIGABRT) and turn a clean stop into a crash."""
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format=f"%(asctime)s rank{rank} %(levelname)s %(name)s: %(message)s")
     threading.Thread(target=_exit_with_parent, args=(parent_pid,), name="parent-watch", daemon=True).start()
@@ -116,3 +118,6 @@ def run_follower(rank: int, config: WorkerConfig, store_path: str, parent_pid: i
         logger.exception("rank %d failed", rank)
         logging.shutdown()
         os._exit(1)
+    logging.shutdown()
+    sys.stderr.flush()
+    os._exit(0)
