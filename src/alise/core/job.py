@@ -109,16 +109,18 @@ class ProjectedCount:
     def __get__(self, job: Job | None, owner: type | None = None) -> int:
         if job is None:
             return 0  # the field's default
-        row = job.__dict__.get("row")
+        # NOTE: plain attribute reads and writes, never ``job.__dict__``: CPython keeps a job's
+        # attributes inline (fast to read everywhere) until its ``__dict__`` is asked for.
+        row = job.row
         if row is None:
-            return job.__dict__[self.own]
+            return getattr(job, self.own)
         table, slot = row
         return self.load(job, table, slot)
 
     def __set__(self, job: Job, value: int) -> None:
-        row = job.__dict__.get("row")
+        row = job.row
         if row is None:
-            job.__dict__[self.own] = value
+            setattr(job, self.own, value)
         else:
             table, slot = row
             self.store(job, table, slot, value)
@@ -171,6 +173,9 @@ class Job:
 
     #: Confirmed output tokens (reported by the worker, streamed to the client).
     output_token_ids: list[int] = field(default_factory=list)
+    #: (the job table holding the job, its slot); None: in none (``ProjectedCount``). Set
+    #: before the counts below (field order), which read it.
+    row: tuple[TableRow, int] | None = field(default=None, init=False, repr=False, compare=False)
     #: Output tokens that steps already planned will produce but whose reports are not in.
     num_pending_outputs: PendingOutputs = PendingOutputs()
     #: Positions whose K/V the worker holds once every planned step has run (0: none).
@@ -198,8 +203,6 @@ class Job:
         if not self.prompt_token_ids:
             raise ValueError(f"job {self.job_id}: empty prompt")
         self.idle_since_s = self.arrival_s
-        #: (the job table holding the job, its slot); None: in none (``ProjectedCount``).
-        self.row: tuple[TableRow, int] | None = None
 
     def __getstate__(self) -> dict[str, Any]:
         """A copy (pickled, deep-copied) holds its projected counts itself, in no table."""

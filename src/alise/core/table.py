@@ -168,7 +168,6 @@ class JobTable:
         self.is_running[slot] = job.status is JobStatus.RUNNING
         self.queued_s[slot] = job.queued_s
         self.idle_since_s[slot] = job.idle_since_s
-        self.num_tokens[slot] = job.num_tokens
         self.num_shared_tokens[slot] = job.num_shared_tokens
         self.num_cached_hint[slot] = cached_hint
         self.estimate_mean[slot] = estimate.mean
@@ -180,7 +179,7 @@ class JobTable:
         slot = self.slot_of.pop(job.job_id, None)
         if slot is None:
             return
-        self._detach(job)
+        self._detach(job, slot)
         self.jobs[slot] = self.job_ids[slot] = None
         self.owner[slot] = FREE
         self._free.append(slot)
@@ -236,18 +235,17 @@ class JobTable:
 
     def _attach(self, job: Job, slot: int) -> None:
         """The job's projected counts move into its row (from wherever they are: the job, or
-        another table that held it)."""
-        counts = job.num_pending_outputs, job.num_computed_tokens
+        another table that held it); ``num_tokens`` holds the pending outputs (``PendingOutputs``)."""
+        self.num_tokens[slot], self.num_computed_tokens[slot] = job.num_tokens, job.num_computed_tokens
         job.row = (self, slot)
-        job.num_pending_outputs, job.num_computed_tokens = counts
 
-    def _detach(self, job: Job) -> None:
+    def _detach(self, job: Job, slot: int) -> None:
         """The job's projected counts move back into the job (unless another table holds it now)."""
-        if job.row is None or job.row[0] is not self:
+        if job.row != (self, slot):
             return
-        counts = job.num_pending_outputs, job.num_computed_tokens
         job.row = None
-        job.num_pending_outputs, job.num_computed_tokens = counts
+        job.num_pending_outputs = int(self.num_tokens[slot]) - job.num_prompt_tokens - job.num_output_tokens
+        job.num_computed_tokens = int(self.num_computed_tokens[slot])
 
     def _retie(self) -> None:
         labels = self.ties.label
