@@ -12,6 +12,8 @@ its ``/metrics`` and adds the ``model_name`` label (its served name) that vLLM's
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import logging
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
@@ -43,17 +45,43 @@ VLLM_FINISH_REASONS = {"stop": "stop", "length": "length", "aborted": "abort"}
 MAX_TRACKED_JOBS = 65_536
 
 
+#: How long a scrape from the exporter's thread waits for the service's event loop to read
+#: its state (a loop stuck that long fails the scrape, which is what a monitor should see).
+STATE_READ_TIMEOUT_S = 5.0
+
+
 class StateCollector:
     """Gauges computed at scrape time from ``read()``: [(name, help, labels, samples)];
-    ``derive``, given the same rows, yields further families (vLLM's names for them)."""
+    ``derive``, given the same rows, yields further families (vLLM's names for them).
+
+    With ``loop``, ``read`` runs on that event loop whatever thread scrapes (the HTTP
+    exporter's own): the state it reads (the scheduler core's jobs and worker views) is changed
+    on the loop, and walking a dict while the loop resizes it raises."""
 
     def __init__(self, read: Callable[[], Iterable[tuple[str, str, list[str], list[tuple[list[str], float]]]]],
-                 derive: Callable[[list], Iterable] | None = None):
+                 derive: Callable[[list], Iterable] | None = None,
+                 loop: asyncio.AbstractEventLoop | None = None):
         self._read = read
         self._derive = derive
+        self._loop = loop
+
+    def _rows(self) -> list:
+        loop = self._loop
+        if loop is None or not loop.is_running() or running_loop() is loop:
+            return list(self._read())
+        done: concurrent.futures.Future = concurrent.futures.Future()
+
+        def read() -> None:
+            try:
+                done.set_result(list(self._read()))
+            except BaseException as exc:  # handed to the scraping thread, which raises it
+                done.set_exception(exc)
+
+        loop.call_soon_threadsafe(read)
+        return done.result(timeout=STATE_READ_TIMEOUT_S)
 
     def collect(self):
-        rows = list(self._read())
+        rows = self._rows()
         for name, documentation, labels, samples in rows:
             family = GaugeMetricFamily(name, documentation, labels=labels)
             for label_values, value in samples:
@@ -61,6 +89,15 @@ class StateCollector:
             yield family
         if self._derive is not None:
             yield from self._derive(rows)
+
+
+def running_loop() -> asyncio.AbstractEventLoop | None:
+    """The loop running on this thread, or None (built outside one: nothing changes the state
+    a read walks while it walks it)."""
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
 
 
 def vllm_state(rows: list) -> Iterable:
@@ -241,8 +278,9 @@ class SchedulerMetrics:
         #: job id -> when its last tokens came (least recently updated first).
         self._last_token_s: OrderedDict[str, float] = OrderedDict()
 
-    def watch(self, read) -> None:
-        self.registry.register(StateCollector(read, derive=vllm_state))
+    def watch(self, read, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        """Families read at scrape time by ``read``, on ``loop`` where given (see StateCollector)."""
+        self.registry.register(StateCollector(read, derive=vllm_state, loop=loop))
 
     def exposition(self) -> str:
         """Every family in Prometheus' text format (what ``GetMetrics`` answers)."""

@@ -12,6 +12,7 @@ import logging
 import time
 from collections.abc import Iterator
 
+from alise.common.metrics import running_loop
 from alise.core.census import Disagreements
 from alise.core.job import JobStatus
 from alise.core.scheduler import WorkerView
@@ -27,7 +28,8 @@ class EngineStatus:
         #: Every this many seconds, log each worker's report times (and start them over).
         self.log_cycle_times_s = log_cycle_times_s
         self._times_logged_s = time.monotonic()
-        engine.metrics.watch(self._state_metrics)
+        # The core changes on the event loop; a scrape from the exporter's thread reads it there.
+        engine.metrics.watch(self._state_metrics, loop=running_loop())
 
     def snapshot(self) -> dict:
         """The scheduler, its queue and each worker, as ``GetStatus`` answers."""

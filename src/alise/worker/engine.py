@@ -415,10 +415,13 @@ class WorkerEngine:
             self._release(seq, finished=True)
         return output
 
+    # Read by metrics scrapes from another thread while the step thread changes ``seqs``: the
+    # values are copied first (one C call, under the GIL), so a step's admit or release cannot
+    # resize the dict under the count.
     @property
     def num_running(self) -> int:
-        return sum(1 for s in self.seqs.values() if not s.paused)
+        return sum(1 for s in list(self.seqs.values()) if not s.paused)
 
     @property
     def num_paused(self) -> int:
-        return sum(1 for s in self.seqs.values() if s.paused)
+        return sum(1 for s in list(self.seqs.values()) if s.paused)
