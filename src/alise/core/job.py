@@ -89,15 +89,17 @@ class FinishReason(enum.Enum):
 
 class TableRow(Protocol):
     """Where a job's projected counts live while a job table holds it (``JobTable.put``): the
-    table's integer columns, by name, at the job's slot."""
+    table's integer columns, at the job's slot."""
 
-    def column(self, name: str) -> Any: ...
+    num_tokens: Any
+    num_computed_tokens: Any
 
 
 class ProjectedCount:
     """A job's projected token count (a dataclass field): the job's own value while no table
-    holds it, else read from and written to its table row (``Job.row``), in the column of
-    the field's name.
+    holds it, else read from and written to its table row (``Job.row``). This class is
+    ``num_computed_tokens``, in the table's column of that name; :class:`PendingOutputs` the
+    pending outputs.
 
     NOTE: a job is in at most one table; ``JobTable.discard`` hands the values back to the
     job when it leaves, so a job outside any table keeps them."""
@@ -126,10 +128,10 @@ class ProjectedCount:
             self.store(job, table, slot, value)
 
     def load(self, job: Job, table: TableRow, slot: int) -> int:
-        return int(table.column(self.name)[slot])
+        return table.num_computed_tokens.item(slot)
 
     def store(self, job: Job, table: TableRow, slot: int, value: int) -> None:
-        table.column(self.name)[slot] = value
+        table.num_computed_tokens[slot] = value
 
 
 class PendingOutputs(ProjectedCount):
@@ -138,10 +140,10 @@ class PendingOutputs(ProjectedCount):
     is one pending output fewer, with no write."""
 
     def load(self, job: Job, table: TableRow, slot: int) -> int:
-        return int(table.column("num_tokens")[slot]) - len(job.prompt_token_ids) - len(job.output_token_ids)
+        return table.num_tokens.item(slot) - len(job.prompt_token_ids) - len(job.output_token_ids)
 
     def store(self, job: Job, table: TableRow, slot: int, value: int) -> None:
-        table.column("num_tokens")[slot] = len(job.prompt_token_ids) + len(job.output_token_ids) + value
+        table.num_tokens[slot] = len(job.prompt_token_ids) + len(job.output_token_ids) + value
 
 
 @dataclass(frozen=True)

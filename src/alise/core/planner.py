@@ -108,8 +108,8 @@ class StepPlanner:
         done &= mine
         done &= table.is_running
         held = 0
-        if done.any():
-            finishing = done.nonzero()[0]
+        finishing = done.nonzero()[0]
+        if len(finishing):
             mine[finishing] = False
             private = table.num_computed_tokens[finishing] - table.num_shared_tokens[finishing]
             held = int(((private + (cap.block_size - 1)) // cap.block_size).sum())

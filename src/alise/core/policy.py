@@ -86,7 +86,10 @@ class _Gathered:
     def __get__(self, obj: Candidates | None, owner: type | None = None) -> np.ndarray:
         if obj is None:
             raise AttributeError(f"{self.name} is read from candidates, not their class")
-        value = obj.__dict__[self.name] = self.func(obj)
+        # setattr, not ``obj.__dict__``: the instance's attributes stay inline (CPython reads
+        # those faster, and the value shadows this descriptor, which has no ``__set__``).
+        value = self.func(obj)
+        setattr(obj, self.name, value)
         return value
 
 

@@ -227,10 +227,6 @@ class JobTable:
         """The policy's view of the jobs at ``slots`` (columns gathered as the policy reads them)."""
         return Candidates(self, slots)
 
-    def column(self, name: str) -> np.ndarray:
-        """The column ``name`` (``alise.core.job.ProjectedCount`` reads a job's row there)."""
-        return getattr(self, name)
-
     # ----------------------------------------------------------------- storage
 
     def _attach(self, job: Job, slot: int) -> None:
