@@ -235,8 +235,8 @@ def test_text_prompts_are_bounded_in_characters_before_they_are_tokenized(live, 
 
     checks = live.cluster.scheduler.servicer.checks
     encoded = []
-    real_encode = checks._encode
-    monkeypatch.setattr(checks, "_encode", lambda text: encoded.append(len(text)) or real_encode(text))
+    real_encode = checks._encode_batch
+    monkeypatch.setattr(checks, "_encode_batch", lambda texts: encoded.extend(map(len, texts)) or real_encode(texts))
     limit = 256 * MAX_CHARS_PER_TOKEN  # the live door's context is 256 tokens
     with Client(live.address) as client:
         for num_chars in (limit + 1, 1_000_000):  # parsed, and refused from its raw bytes

@@ -1,0 +1,106 @@
+"""A burst of Generate requests leaves the scheduler's checks in the order it came, its text
+prompts tokenized together (asyncio and a real tokenizer: no gRPC, no worker)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from alise.modelinfo.served import ModelInfo
+from alise.modelinfo.tokenizer import minilm_tokenizer
+from alise.scheduler.request_checks import GenerateChecks
+from alise.v1 import scheduler_pb2
+
+
+class TimedTokenizer:
+    """The MiniLM tokenizer, each text taking ``delay_s[text]`` to encode (a long prompt) and
+    a text with "boom" in it refused; counts the calls it gets."""
+
+    def __init__(self, delay_s: dict[str, float]) -> None:
+        self.real = minilm_tokenizer()
+        self.delay_s = delay_s
+        self.num_calls = 0
+
+    def _one(self, text: str) -> list[int]:
+        if "boom" in text:
+            raise ValueError("cannot encode this text")
+        time.sleep(self.delay_s.get(text, 0.0))
+        return self.real.encode(text, add_special_tokens=True)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        self.num_calls += 1
+        return self._one(text)
+
+    def __call__(self, texts: list[str], add_special_tokens: bool = True) -> dict:
+        self.num_calls += 1
+        return {"input_ids": [self._one(text) for text in texts]}
+
+    def __len__(self) -> int:
+        return len(self.real)
+
+
+def make_checks(tokenizer: TimedTokenizer) -> GenerateChecks:
+    info = ModelInfo("timed", tokenizer, max_model_len=256, vocab_size=30522)
+    return GenerateChecks(info, default_max_tokens=8, max_prompt_chars=100_000)
+
+
+def request(text: str, i: int) -> scheduler_pb2.GenerateRequest:
+    return scheduler_pb2.GenerateRequest(text=text, request_id=f"r{i}")
+
+
+async def checked_in_order(checks: GenerateChecks, texts: list[str]) -> tuple[list[int], list]:
+    """Checks every text at once; (the indices in the order their checks ended, the outcomes)."""
+    done: list[int] = []
+
+    async def one(i: int):
+        try:
+            return await checks.check(request(texts[i], i))
+        finally:
+            done.append(i)
+
+    outcomes = await asyncio.gather(*(one(i) for i in range(len(texts))), return_exceptions=True)
+    return done, outcomes
+
+
+async def test_a_burst_is_tokenized_in_one_call_and_leaves_the_checks_in_the_order_it_came():
+    # The earlier a prompt came, the longer it takes to encode: tokenized one by one in a
+    # pool of threads, the later ones would be done first.
+    texts = [f"prompt number {i} " + "word " * (16 - i) for i in range(16)]
+    tokenizer = TimedTokenizer({text: 0.004 * (16 - i) for i, text in enumerate(texts)})
+    done, outcomes = await checked_in_order(make_checks(tokenizer), texts)
+    assert done == list(range(16))
+    assert tokenizer.num_calls == 1
+    assert [o.token_ids for o in outcomes] == [tokenizer.real.encode(t, add_special_tokens=True) for t in texts]
+    assert [o.request_id for o in outcomes] == [f"r{i}" for i in range(16)]
+
+
+async def test_a_text_that_cannot_be_encoded_fails_alone_and_the_next_burst_is_one_more_call():
+    tokenizer = TimedTokenizer({})
+    checks = make_checks(tokenizer)
+    texts = ["first prompt", "this one goes boom", "third prompt"]
+    done, outcomes = await checked_in_order(checks, texts)
+    assert done == [0, 1, 2]
+    assert isinstance(outcomes[1], ValueError) and "cannot encode" in str(outcomes[1])
+    assert outcomes[0].token_ids == tokenizer.real.encode("first prompt", add_special_tokens=True)
+    assert outcomes[2].token_ids == tokenizer.real.encode("third prompt", add_special_tokens=True)
+    calls = tokenizer.num_calls
+    done, outcomes = await checked_in_order(checks, ["again", "and again"])
+    assert done == [0, 1] and tokenizer.num_calls == calls + 1
+    assert checks.encoder.num_batches == 2
+
+
+async def test_a_caller_that_leaves_while_its_text_is_encoded_holds_no_one_else_up():
+    texts = ["slow first prompt", "second prompt", "third prompt"]
+    tokenizer = TimedTokenizer({texts[0]: 0.05})
+    checks = make_checks(tokenizer)
+    first = asyncio.ensure_future(checks.check(request(texts[0], 0)))
+    await asyncio.sleep(0.01)  # its batch is being encoded
+    others = [asyncio.ensure_future(checks.check(request(t, i + 1))) for i, t in enumerate(texts[1:])]
+    first.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await first
+    results = await asyncio.wait_for(asyncio.gather(*others), 5)
+    assert [r.request_id for r in results] == ["r1", "r2"]
+    assert tokenizer.num_calls == 2  # the second and third came together
