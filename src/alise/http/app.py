@@ -116,6 +116,8 @@ class Door:
         self.started_s = time.time()
         self._served: ServedModel | None = None
         self._lock = asyncio.Lock()
+        #: Model lookups under way, by the token they are made with.
+        self._lookups: dict[str | None, asyncio.Future] = {}
         self.warming: asyncio.Task | None = None
         #: Requests being relayed now.
         self.num_in_flight = 0
@@ -165,10 +167,38 @@ class Door:
         logger.debug("%s", what, exc_info=exc)
 
     async def served_model(self, token: str | None) -> ServedModel:
-        """The model, looked up once (with the door's token, else the caller's)."""
-        if self._served is None:
-            await self._learn(await self.status(self.config.scheduler_token or token))
+        """The model, looked up once (with the door's token, else the caller's). Callers with
+        the same token share the lookup under way (one GetStatus for a burst, not one each) and
+        resume in the order they asked (a shared future's waiters are woken first in, first
+        out), so a burst that comes before the model is known keeps its order. A lookup that
+        began before its caller may give up (503) before the caller's own wait bound has
+        passed: the caller then starts another."""
+        token = self.config.scheduler_token or token
+        started = time.monotonic()
+        while self._served is None:
+            try:
+                # Shielded: a caller that leaves does not end the lookup the others wait for.
+                await asyncio.shield(self._lookup(token))
+            except ApiError as error:
+                if error.status != 503 or time.monotonic() - started >= self.wait_bound_s():
+                    raise
         return self._served
+
+    def _lookup(self, token: str | None) -> asyncio.Future:
+        """The lookup under way with ``token``, or a new one."""
+        lookup = self._lookups.get(token)
+        if lookup is None:
+            lookup = self._lookups[token] = asyncio.ensure_future(self._learn_with(token))
+
+            def forget(task: asyncio.Future) -> None:
+                self._lookups.pop(token, None)
+                if not task.cancelled():
+                    task.exception()  # retrieved: every caller may have left before it ended
+            lookup.add_done_callback(forget)
+        return lookup
+
+    async def _learn_with(self, token: str | None) -> None:
+        await self._learn(await self.status(token))
 
     async def status(self, token: str | None):
         """The scheduler's GetStatus, waited for as a generation waits to be accepted (a

@@ -11,7 +11,8 @@ Content-Length before any of it is read, else as soon as the bytes read pass it)
 checked for text that cannot be encoded (a lone UTF-16 surrogate: 400), its caller checked by
 the scheduler when the model it names is not the one served (401 before the 404 that names the
 served model), its text bounded in characters (as the scheduler bounds it) and a chat's
-messages rendered off the event loop. Refusals are logged at most 20 at once and 2 a second;
+messages rendered off the event loop (a burst's chats in one batch, in the order they came, so
+the door hands a burst to the scheduler in its order). Refusals are logged at most 20 at once and 2 a second;
 an exception no check expected is answered 500 and logged in one line.
 """
 
@@ -34,7 +35,7 @@ from alise.http.errors import ApiError, bad_request
 from alise.http.protocol import SURROGATE_ESCAPE, GenerationRequest, lone_surrogate_at, parse_request
 from alise.http.relay import Relay, send_json
 from alise.http.shapes import Facts, Shaper
-from alise.scheduler.request_checks import check_request_id, max_text_chars, text_too_long
+from alise.scheduler.request_checks import InOrderBatches, check_request_id, max_text_chars, text_too_long
 
 logger = logging.getLogger(__name__)
 
@@ -83,6 +84,19 @@ def render_chat(renderer: ChatRenderer, req: GenerationRequest
     return renderer.render(req.messages, req.template_kwargs), renderer.conversation(req.messages)
 
 
+def render_chats(items: list[tuple[ChatRenderer, GenerationRequest]]
+                 ) -> list[tuple[str | list[int], Conversation | None] | BaseException]:
+    """Blocking: ``render_chat`` of each item, or the exception it raised (one bad set of
+    messages fails alone)."""
+    results: list[tuple[str | list[int], Conversation | None] | BaseException] = []
+    for renderer, req in items:
+        try:
+            results.append(render_chat(renderer, req))
+        except Exception as exc:
+            results.append(exc)
+    return results
+
+
 def bearer_token(request: Request) -> str | None:
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
     return (token.strip() or None) if scheme.lower() == "bearer" else None
@@ -99,6 +113,8 @@ class CompletionEndpoint:
         self.door = door
         self.chat = chat
         self.route = "chat" if chat else "completions"
+        #: Chats rendered off the event loop, a burst's together and in the order it came.
+        self.renders = InOrderBatches(render_chats)
 
     async def __call__(self, scope, receive, send) -> None:
         arrival_s = time.monotonic()
@@ -149,7 +165,7 @@ class CompletionEndpoint:
                 raise bad_request(text_too_long(len(req.prompt), served.max_model_len), param="prompt")
             return req, req.prompt, served.name, request_id
         check_length(req.messages, served.max_model_len)
-        prompt, conversation = await asyncio.to_thread(render_chat, served.renderer, req)
+        prompt, conversation = await self.renders.run((served.renderer, req))
         return dataclasses.replace(req, conversation=conversation), prompt, served.name, request_id
 
     async def _race(self, relay: Relay, send, receive) -> None:
