@@ -1,0 +1,191 @@
+"""Burst intake: N streamed /v1/completions sent at once to the HTTP door of a real CPU cluster,
+and when each one reached the door and the scheduler's queue, and in which order.
+
+    python bench/burst_intake.py --num 64 128 320 [--repeat 3] [--max-tokens 4]
+
+The cluster is `alise up`'s processes (tiny-llama, random weights, one worker, policy fcfs, no
+predictor) on free loopback ports. Prompts are AlpacaEval instructions
+(../shared/data/alpaca_eval, in file order). Each request names its own ``request_id``
+(``b<run>-<index>``), so the door's and the scheduler's log lines can be matched to it.
+
+The client opens the N connections first, then writes the N requests one after another
+without yielding (the client's order is the index), then reads every stream. Per request:
+send time (client), door receive time (the door's completion line, its time less the elapsed
+seconds it reports), queued time (the scheduler's ``queued:`` line), first token (client).
+Log times have millisecond resolution: the door's inversions count pairs more than
+``DOOR_RESOLUTION_S`` apart; the scheduler's order is its log's line order (exact).
+Reported per run: the spread from the first to the last arrival at the door and at the queue,
+the queue's cost per request (its spread / (N - 1)), the order inversions (pairs queued in the
+opposite order to the client's) from client to door and from client to queue, and TTFT
+p50/p90 from the client's send.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import datetime
+import gzip
+import json
+import os
+import re
+import signal
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from alise.cluster.config import ClusterConfig, service_commands
+from alise.cluster.local import LocalCluster
+from alise.core.config import SchedulingConfig
+from alise.scheduler.config import SchedulerConfig
+from alise.tools.lab.local_cluster import free_port
+from alise.worker.config import WorkerConfig
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "alpaca_eval" / "gpt4.jsonl.gz"
+_LINE = re.compile(r"^(\S+ \S+) \S+ \S+ (\S+) \[([^\]]*)\]: (.*)$")
+#: How far apart two door receive times must be to be told apart.
+DOOR_RESOLUTION_S = 0.002
+_DONE = re.compile(r"completions \d+: .*, (\d+\.\d+) s")
+
+
+def prompts(num: int) -> list[str]:
+    with gzip.open(DATA, "rt") as f:
+        texts = [json.loads(line)["instruction"] for line in f]
+    return [texts[i % len(texts)] for i in range(num)]
+
+
+@contextlib.contextmanager
+def fcfs_cluster(max_num_seqs: int):
+    state = tempfile.mkdtemp(prefix="alise-burst-intake-")
+    http = f"127.0.0.1:{free_port()}"
+    cfg = ClusterConfig(address=f"127.0.0.1:{free_port()}", num_workers=1, predictor=False,
+                        predictor_address=f"127.0.0.1:{free_port()}", state_dir=state,
+                        worker_health_base_port=free_port(), http_address=http,
+                        http_health_address=f"127.0.0.1:{free_port()}",
+                        scheduler=SchedulerConfig(scheduling=SchedulingConfig(policy="fcfs")),
+                        worker=WorkerConfig(max_num_seqs=max_num_seqs))
+    cluster = LocalCluster(service_commands(cfg), log_dir=f"{state}/logs")
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    cluster.start()
+    try:
+        cluster.wait_healthy(300)
+        yield cluster, Path(state) / "logs", http
+    finally:
+        cluster.stop()
+
+
+def request_bytes(host: str, prompt: str, request_id: str, max_tokens: int) -> bytes:
+    body = json.dumps({"prompt": prompt, "max_tokens": max_tokens, "ignore_eos": True, "stream": True,
+                       "request_id": request_id}).encode()
+    head = (f"POST /v1/completions HTTP/1.1\r\nhost: {host}\r\ncontent-type: application/json\r\n"
+            f"content-length: {len(body)}\r\n\r\n").encode()
+    return head + body
+
+
+async def read_stream(reader: asyncio.StreamReader) -> float | None:
+    """Reads one SSE response to its end; the time its first token's event came (None: an error)."""
+    status = await reader.readline()
+    if b" 200 " not in status:
+        return None
+    first = None
+    while True:
+        line = await reader.readline()
+        if not line or line.startswith(b"data: [DONE]"):
+            return first
+        if first is None and line.startswith(b"data: ") and b'"text"' in line:
+            first = time.time()
+
+
+async def burst(host: str, texts: list[str], run: str, max_tokens: int) -> list[dict]:
+    h, p = host.rsplit(":", 1)
+    conns = await asyncio.gather(*(asyncio.open_connection(h, int(p)) for _ in texts))
+    rows = []
+    for i, ((_, writer), text) in enumerate(zip(conns, texts, strict=True)):
+        rows.append({"id": f"{run}-{i:04d}", "sent": time.time()})
+        writer.write(request_bytes(host, text, rows[-1]["id"], max_tokens))
+    firsts = await asyncio.gather(*(read_stream(reader) for reader, _ in conns))
+    for row, first, (_, writer) in zip(rows, firsts, conns, strict=True):
+        row["first"] = first
+        writer.close()
+    return rows
+
+
+def log_times(path: Path, run: str) -> list[tuple[str, float, str]]:
+    """(request id, wall time, message) of the log's lines about this run's requests, in order."""
+    out = []
+    for line in path.read_text(errors="replace").splitlines():
+        m = _LINE.match(line)
+        if m and m.group(3).startswith(run + "-"):
+            t = datetime.datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
+            out.append((m.group(3), t, m.group(4)))
+    return out
+
+
+def inversions(order: list[int], times: list[float] | None = None, resolution_s: float = 0.0) -> int:
+    """Pairs in the opposite order to the client's; given ``times``, only pairs further apart
+    than ``resolution_s`` count (closer ones are within what the times can tell apart)."""
+    return sum(1 for i in range(len(order)) for j in range(i + 1, len(order))
+               if order[i] > order[j] and (times is None or times[j] - times[i] > resolution_s))
+
+
+def measure(logs: Path, rows: list[dict], run: str) -> dict:
+    index = {row["id"]: i for i, row in enumerate(rows)}
+    for rid, t, msg in log_times(logs / "http.log", run):
+        if (m := _DONE.search(msg)) is not None:
+            rows[index[rid]]["door"] = t - float(m.group(1))
+    queued = [(rid, t) for rid, t, msg in log_times(logs / "scheduler.log", run) if msg.startswith("queued:")]
+    for rid, t in queued:
+        rows[index[rid]]["queued"] = t
+    sent0 = min(r["sent"] for r in rows)
+    door = sorted((r["door"], index[r["id"]]) for r in rows if "door" in r)
+    q_times = [t for _, t in queued]
+    ttfts = sorted(r["first"] - r["sent"] for r in rows if r.get("first"))
+    n = len(rows)
+    return {
+        "n": n, "ok": len(ttfts),
+        "send_spread": max(r["sent"] for r in rows) - sent0,
+        "door_spread": door[-1][0] - door[0][0] if door else float("nan"),
+        "queue_first": min(q_times) - sent0, "queue_spread": max(q_times) - min(q_times),
+        "per_request_ms": 1000 * (max(q_times) - min(q_times)) / max(len(q_times) - 1, 1),
+        # The door's times: a log line's millisecond less an elapsed time rounded to one.
+        "inv_door": inversions([i for _, i in door], [t for t, _ in door], DOOR_RESOLUTION_S),
+        "inv_queue": inversions([index[rid] for rid, _ in queued]),
+        "ttft_p50": statistics.median(ttfts), "ttft_p90": ttfts[int(0.9 * (len(ttfts) - 1))],
+    }
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--num", type=int, nargs="+", default=[64, 128, 320])
+    p.add_argument("--repeat", type=int, default=1, help="runs of each size")
+    p.add_argument("--max-tokens", type=int, default=4)
+    p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--json", help="write every run's figures here")
+    args = p.parse_args()
+    results = []
+    with fcfs_cluster(args.max_num_seqs) as (_, logs, host):
+        asyncio.run(burst(host, prompts(4), "warm", args.max_tokens))
+        for k in range(args.repeat):
+            for num in args.num:
+                run = f"b{k}n{num}"
+                rows = asyncio.run(burst(host, prompts(num), run, args.max_tokens))
+                time.sleep(1.0)  # the door's completion lines are written
+                results.append({"run": run, **measure(logs, rows, run)})
+    print(f"burst intake: N streamed /v1/completions at once to the door of a CPU cluster (tiny-llama, "
+          f"fcfs, 1 worker, max_tokens {args.max_tokens}); {os.cpu_count()} cores; times in s")
+    print(f"  {'run':>9}{'ok':>5}{'send':>7}{'door':>7}{'queue 1st':>10}{'queue spread':>13}{'ms/req':>8}"
+          f"{'inv door':>9}{'inv queue':>10}{'ttft p50':>9}{'p90':>7}")
+    for r in results:
+        print(f"  {r['run']:>9}{r['ok']:>5}{r['send_spread']:7.3f}{r['door_spread']:7.3f}{r['queue_first']:10.3f}"
+              f"{r['queue_spread']:13.3f}{r['per_request_ms']:8.2f}{r['inv_door']:9d}{r['inv_queue']:10d}"
+              f"{r['ttft_p50']:9.3f}{r['ttft_p90']:7.3f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+    return 0 if all(r["ok"] == r["n"] for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
