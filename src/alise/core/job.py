@@ -232,6 +232,10 @@ class Job:
     @property
     def num_tokens(self) -> int:
         """Prompt + generated tokens once every planned step has run."""
+        row = self.row
+        if row is not None:  # the count the table keeps (``PendingOutputs``)
+            table, slot = row
+            return table.num_tokens.item(slot)
         return len(self.prompt_token_ids) + len(self.output_token_ids) + self.num_pending_outputs
 
     @property
