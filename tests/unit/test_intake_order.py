@@ -37,6 +37,9 @@ class TimedTokenizer:
         self.num_calls += 1
         return {"input_ids": [self._one(text) for text in texts]}
 
+    def decode(self, ids: list[int]) -> str:
+        return self.real.decode(ids)
+
     def __len__(self) -> int:
         return len(self.real)
 
@@ -46,8 +49,10 @@ def make_checks(tokenizer: TimedTokenizer) -> GenerateChecks:
     return GenerateChecks(info, default_max_tokens=8, max_prompt_chars=100_000)
 
 
-def request(text: str, i: int) -> scheduler_pb2.GenerateRequest:
-    return scheduler_pb2.GenerateRequest(text=text, request_id=f"r{i}")
+def request(prompt: str | list[int], i: int) -> scheduler_pb2.GenerateRequest:
+    if isinstance(prompt, str):
+        return scheduler_pb2.GenerateRequest(text=prompt, request_id=f"r{i}")
+    return scheduler_pb2.GenerateRequest(token_ids=scheduler_pb2.TokenIds(ids=prompt), request_id=f"r{i}")
 
 
 async def checked_in_order(checks: GenerateChecks, texts: list[str]) -> tuple[list[int], list]:
@@ -76,6 +81,22 @@ async def test_a_burst_is_tokenized_in_one_call_and_leaves_the_checks_in_the_ord
     assert [o.request_id for o in outcomes] == [f"r{i}" for i in range(16)]
 
 
+async def test_text_and_token_id_prompts_of_one_burst_keep_their_order_together():
+    # Slow texts, quick token-id prompts between them: made ready one by one in a pool of
+    # threads, the token ids would overtake the texts.
+    prompts = [f"slow text {i} " + "word " * 8 if i % 2 == 0 else [101, 2000 + i, 102] for i in range(12)]
+    tokenizer = TimedTokenizer({p: 0.01 for p in prompts if isinstance(p, str)})
+    checks = make_checks(tokenizer)
+    done, outcomes = await checked_in_order(checks, prompts)
+    assert done == list(range(12))
+    assert checks.prompts.num_batches == 1
+    for prompt, outcome in zip(prompts, outcomes, strict=True):
+        if isinstance(prompt, str):
+            assert outcome.token_ids == tokenizer.real.encode(prompt, add_special_tokens=True)
+        else:
+            assert outcome.token_ids == prompt and outcome.prompt_text == tokenizer.real.decode(prompt)
+
+
 async def test_a_text_that_cannot_be_encoded_fails_alone_and_the_next_burst_is_one_more_call():
     tokenizer = TimedTokenizer({})
     checks = make_checks(tokenizer)
@@ -88,7 +109,7 @@ async def test_a_text_that_cannot_be_encoded_fails_alone_and_the_next_burst_is_o
     calls = tokenizer.num_calls
     done, outcomes = await checked_in_order(checks, ["again", "and again"])
     assert done == [0, 1] and tokenizer.num_calls == calls + 1
-    assert checks.encoder.num_batches == 2
+    assert checks.prompts.num_batches == 2
 
 
 async def test_a_caller_that_leaves_while_its_text_is_encoded_holds_no_one_else_up():

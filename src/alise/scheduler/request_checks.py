@@ -17,7 +17,7 @@ bytes (``generate_precheck``, run by the decode guard before parsing): a token-i
 long as the context or longer, outsized sampling parameters or a flood of fields are refused
 without parsing them (parsing a packed list of ids holds the GIL for ~25 ns a byte on a busy
 CPU, in any thread). After parsing, the scheduler checks the id count first; converting,
-checking and decoding the ids (``token_prompt``) run in a thread, bounded by the context.
+checking and decoding the ids (``token_prompt``) run off the event loop, bounded by the context.
 
 A text prompt is bounded in characters before it is tokenized (``check_text_prompt``): the
 context holds at most ``max_model_len * MAX_CHARS_PER_TOKEN`` characters of text, so a longer
@@ -30,10 +30,11 @@ reads, ``check_conversation``) is bounded as a prompt's text is, and its answers
 
 A request id is checked (``check_request_id``) before anything logs it.
 
-Text prompts are tokenized in batches (``InOrderBatches``): the texts of every request that
-arrives while a batch is being tokenized go together in the next, one call off the event loop
-for all of them, answered in the order they came. A burst is then queued in the order it was
-sent, without a thread hop (and a loop wake-up) per request.
+Prompts are made ready in batches (``InOrderBatches``): the prompts of every request that
+arrives while a batch is under way go together in the next, one call off the event loop for
+all of them (the texts tokenized in one tokenizer call), answered in the order they came. A
+burst is then queued in the order it was sent, without a thread hop (and a loop wake-up) per
+request.
 """
 
 from __future__ import annotations
@@ -77,8 +78,9 @@ _FIELDS = scheduler_pb2.GenerateRequest.DESCRIPTOR.fields_by_name
 _TOKEN_IDS, _SAMPLING = _FIELDS["token_ids"].number, _FIELDS["sampling"].number
 _TEXT = _FIELDS["text"].number
 _IDS = scheduler_pb2.TokenIds.DESCRIPTOR.fields_by_name["ids"].number
-#: Characters of text prompts tokenized in one call at most (a batch holds one text at least).
-MAX_BATCH_CHARS = 1 << 20
+#: Characters of text and token ids of the prompts made ready in one call at most (a batch
+#: holds one prompt at least).
+MAX_BATCH_WEIGHT = 1 << 20
 #: Top-level fields a GenerateRequest may have on the wire (it defines a handful).
 MAX_TOP_LEVEL_FIELDS = 64
 #: Earlier answers a request's conversation may list (the predictor reads the latest 64).
@@ -271,6 +273,14 @@ class InOrderBatches(Generic[T, R]):
             self._draining = None
 
 
+def _outcome(fn: Callable[[], R]) -> R | Exception:
+    """``fn()``, or the exception it raised."""
+    try:
+        return fn()
+    except Exception as exc:
+        return exc
+
+
 @dataclass(frozen=True)
 class CheckedRequest:
     """A Generate request that passed every check."""
@@ -294,8 +304,9 @@ class GenerateChecks:
         self.info = info
         self.default_max_tokens = default_max_tokens
         self.max_prompt_chars = max_prompt_chars
-        #: Text prompts tokenized together, at most ``MAX_BATCH_CHARS`` of text a batch.
-        self.encoder = InOrderBatches(self._encode_all, weigh=len, max_batch_weight=MAX_BATCH_CHARS)
+        #: Prompts made into ids and text off the loop, a burst's together in one queue (so a
+        #: text and a token-id prompt keep their order too), ``MAX_BATCH_WEIGHT`` at most a batch.
+        self.prompts = InOrderBatches(self._prompts_of, weigh=len, max_batch_weight=MAX_BATCH_WEIGHT)
 
     async def check(self, request: scheduler_pb2.GenerateRequest) -> CheckedRequest:
         """Raises ValueError, with the message the client is given."""
@@ -329,29 +340,34 @@ class GenerateChecks:
                 raise ValueError("prompt is empty (no token ids)")
             if num_ids >= info.max_model_len:
                 raise ValueError(prompt_too_long(num_ids, info.max_model_len))
-            return await asyncio.to_thread(token_prompt, request.token_ids.ids, info)
+            return await self.prompts.run(request.token_ids.ids)
         text = request.text
         # Its length first: tokenizing megabytes takes seconds of a pool thread.
         check_text_prompt(text, info.max_model_len, self.max_prompt_chars)
         if not text.strip():
             raise ValueError("prompt is empty")
-        ids = await self.encoder.run(text)
+        ids, _ = await self.prompts.run(text)
         if not ids:
             raise ValueError("prompt has no tokens after tokenization")
         return ids, text
 
-    def _encode_all(self, texts: list[str]) -> list[list[int] | BaseException]:
-        """Runs in a thread: one tokenizer call for all, else (it failed) one per text."""
+    def _prompts_of(self, prompts: list) -> list[tuple[list[int], str] | BaseException]:
+        """Runs in a thread: each prompt's ids and text, or the error it raises. The texts are
+        tokenized in one call (one each if that call fails, so a bad one fails alone); token
+        ids are checked and decoded (``token_prompt``)."""
+        texts = [p for p in prompts if isinstance(p, str)]
         try:
-            return list(self._encode_batch(texts))
+            encoded = iter(self._encode_batch(texts) if texts else [])
         except Exception:
-            results: list[list[int] | BaseException] = []
-            for text in texts:
-                try:
-                    results.append(self._encode_batch([text])[0])
-                except Exception as exc:
-                    results.append(exc)
-            return results
+            encoded = iter([_outcome(lambda t=text: self._encode_batch([t])[0]) for text in texts])
+        results: list[tuple[list[int], str] | BaseException] = []
+        for prompt in prompts:
+            if isinstance(prompt, str):
+                ids = next(encoded)
+                results.append(ids if isinstance(ids, BaseException) else (ids, prompt))
+            else:
+                results.append(_outcome(lambda p=prompt: token_prompt(p, self.info)))
+        return results
 
     def _encode_batch(self, texts: list[str]) -> list[list[int]]:
         return self.info.tokenizer(texts, add_special_tokens=True)["input_ids"]
