@@ -116,8 +116,14 @@ def run_follower(rank: int, config: WorkerConfig, store_path: str, parent_pid: i
         follow(rank, config, store_path)
     except BaseException:
         logger.exception("rank %d failed", rank)
-        logging.shutdown()
-        os._exit(1)
+        _exit_now(1)
+    _exit_now(0)
+
+
+def _exit_now(status: int) -> None:
+    """Ends the process with ``status``, skipping the interpreter's teardown but not what the
+    rank wrote: its stdout and stderr are pipes (block-buffered unless PYTHONUNBUFFERED)."""
     logging.shutdown()
+    sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(0)
+    os._exit(status)
