@@ -16,8 +16,11 @@ Log times have millisecond resolution: the door's inversions count pairs more th
 ``DOOR_RESOLUTION_S`` apart; the scheduler's order is its log's line order (exact).
 Reported per run: the spread from the first to the last arrival at the door and at the queue,
 the queue's cost per request (its spread / (N - 1)), the order inversions (pairs queued in the
-opposite order to the client's) from client to door and from client to queue, and TTFT
-p50/p90 from the client's send.
+opposite order to the client's) from client to door and from client to queue, the lag from
+the client's send to the queue (p50, max) and TTFT p50/p90 from the client's send.
+
+With ``--peer-run DIR`` it reads a GPU side-by-side's logs and results instead
+(bench/gpu/peer_vllm.sh; its all-at-once run) and prints the same figures for it.
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ _LINE = re.compile(r"^(\S+ \S+) \S+ \S+ (\S+) \[([^\]]*)\]: (.*)$")
 #: How far apart two door receive times must be to be told apart.
 DOOR_RESOLUTION_S = 0.002
 _DONE = re.compile(r"completions \d+: .*, (\d+\.\d+) s")
+_DONE_TOKENS = re.compile(r"completions 200: (\d+) prompt \+ (\d+) completion tokens.*, (\d+\.\d+) s")
 
 
 def prompts(num: int) -> list[str]:
@@ -113,12 +117,13 @@ async def burst(host: str, texts: list[str], run: str, max_tokens: int) -> list[
     return rows
 
 
-def log_times(path: Path, run: str) -> list[tuple[str, float, str]]:
-    """(request id, wall time, message) of the log's lines about this run's requests, in order."""
+def log_times(path: Path, prefix: str) -> list[tuple[str, float, str]]:
+    """(request id, wall time, message) of the log's lines about requests whose id starts with
+    ``prefix``, in order."""
     out = []
     for line in path.read_text(errors="replace").splitlines():
         m = _LINE.match(line)
-        if m and m.group(3).startswith(run + "-"):
+        if m and m.group(3).startswith(prefix):
             t = datetime.datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
             out.append((m.group(3), t, m.group(4)))
     return out
@@ -133,16 +138,17 @@ def inversions(order: list[int], times: list[float] | None = None, resolution_s:
 
 def measure(logs: Path, rows: list[dict], run: str) -> dict:
     index = {row["id"]: i for i, row in enumerate(rows)}
-    for rid, t, msg in log_times(logs / "http.log", run):
+    for rid, t, msg in log_times(logs / "http.log", run + "-"):
         if (m := _DONE.search(msg)) is not None:
             rows[index[rid]]["door"] = t - float(m.group(1))
-    queued = [(rid, t) for rid, t, msg in log_times(logs / "scheduler.log", run) if msg.startswith("queued:")]
+    queued = [(rid, t) for rid, t, msg in log_times(logs / "scheduler.log", run + "-") if msg.startswith("queued:")]
     for rid, t in queued:
         rows[index[rid]]["queued"] = t
     sent0 = min(r["sent"] for r in rows)
     door = sorted((r["door"], index[r["id"]]) for r in rows if "door" in r)
     q_times = [t for _, t in queued]
     ttfts = sorted(r["first"] - r["sent"] for r in rows if r.get("first"))
+    lags = sorted(r["queued"] - r["sent"] for r in rows if "queued" in r)
     n = len(rows)
     return {
         "n": n, "ok": len(ttfts),
@@ -153,6 +159,44 @@ def measure(logs: Path, rows: list[dict], run: str) -> dict:
         # The door's times: a log line's millisecond less an elapsed time rounded to one.
         "inv_door": inversions([i for _, i in door], [t for t, _ in door], DOOR_RESOLUTION_S),
         "inv_queue": inversions([index[rid] for rid, _ in queued]),
+        "lag_p50": statistics.median(lags), "lag_max": lags[-1],
+        "ttft_p50": statistics.median(ttfts), "ttft_p90": ttfts[int(0.9 * (len(ttfts) - 1))],
+    }
+
+
+def peer_run(directory: Path, stage: str) -> dict:
+    """The same figures for a GPU side-by-side's all-at-once run (bench/gpu/peer_vllm.sh:
+    logs/<stage>-http.log, logs/<stage>-scheduler.log, results/<stage>-rinf.json). Requests are
+    matched to the client's by (prompt tokens, output tokens), unique there with ignore_eos;
+    the run is the densest window of N arrivals at the door."""
+    client = json.loads((directory / "results" / f"{stage}-rinf.json").read_text())
+    keys = {key: i for i, key in enumerate(zip(client["input_lens"], client["output_lens"], strict=True))}
+    arrivals = []
+    for rid, t, msg in log_times(directory / "logs" / f"{stage}-http.log", ""):
+        if (m := _DONE_TOKENS.search(msg)) is not None and (key := (int(m[1]), int(m[2]))) in keys:
+            arrivals.append((t - float(m[3]), rid, keys[key]))
+    arrivals.sort()
+    n = len(keys)
+    k = min(range(len(arrivals) - n + 1), key=lambda k: arrivals[k + n - 1][0] - arrivals[k][0])
+    run = arrivals[k:k + n]
+    index = {rid: i for _, rid, i in run}
+    door_rank = {rid: k for k, (_, rid, _) in enumerate(run)}
+    queued = [(rid, t) for rid, t, msg in log_times(directory / "logs" / f"{stage}-scheduler.log", "")
+              if msg.startswith("queued:") and rid in index]
+    q_times = [t for _, t in queued]
+    arrived = {rid: t for t, rid, _ in run}
+    lags = sorted(t - arrived[rid] for rid, t in queued)
+    ttfts = sorted(client["ttfts"])
+    return {
+        "n": n, "ok": client["completed"], "send_spread": max(client["start_times"]) - min(client["start_times"]),
+        "door_spread": run[-1][0] - run[0][0], "queue_first": q_times[0] - run[0][0],
+        "queue_spread": q_times[-1] - q_times[0],
+        "per_request_ms": 1000 * (q_times[-1] - q_times[0]) / max(len(q_times) - 1, 1),
+        "inv_door": inversions([i for _, _, i in run], [t for t, _, _ in run], DOOR_RESOLUTION_S),
+        "inv_queue": inversions([index[rid] for rid, _ in queued]),
+        # Pairs the scheduler queued in the opposite order to the door's.
+        "inv_door_queue": inversions([door_rank[rid] for rid, _ in queued]),
+        "lag_p50": statistics.median(lags), "lag_max": lags[-1],
         "ttft_p50": statistics.median(ttfts), "ttft_p90": ttfts[int(0.9 * (len(ttfts) - 1))],
     }
 
@@ -164,7 +208,17 @@ def main() -> int:
     p.add_argument("--max-tokens", type=int, default=4)
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--json", help="write every run's figures here")
+    p.add_argument("--peer-run", type=Path, help="instead, read a GPU side-by-side's directory "
+                   "(bench/gpu/peer_vllm.sh) and report its all-at-once run")
+    p.add_argument("--stage", default="fcfs-mem", help="with --peer-run: the stage's file prefix")
     args = p.parse_args()
+    if args.peer_run is not None:
+        print(f"{args.peer_run}, {args.stage} all at once ('queue 1st' and the lags from the arrival at the "
+              "door: the client's clock is not the servers')")
+        figures = peer_run(args.peer_run, args.stage)
+        print_table([{"run": args.stage, **figures}])
+        print(f"  door -> queue inversions: {figures['inv_door_queue']}")
+        return 0
     results = []
     with fcfs_cluster(args.max_num_seqs) as (_, logs, host):
         asyncio.run(burst(host, prompts(4), "warm", args.max_tokens))
@@ -176,15 +230,19 @@ def main() -> int:
                 results.append({"run": run, **measure(logs, rows, run)})
     print(f"burst intake: N streamed /v1/completions at once to the door of a CPU cluster (tiny-llama, "
           f"fcfs, 1 worker, max_tokens {args.max_tokens}); {os.cpu_count()} cores; times in s")
-    print(f"  {'run':>9}{'ok':>5}{'send':>7}{'door':>7}{'queue 1st':>10}{'queue spread':>13}{'ms/req':>8}"
-          f"{'inv door':>9}{'inv queue':>10}{'ttft p50':>9}{'p90':>7}")
-    for r in results:
-        print(f"  {r['run']:>9}{r['ok']:>5}{r['send_spread']:7.3f}{r['door_spread']:7.3f}{r['queue_first']:10.3f}"
-              f"{r['queue_spread']:13.3f}{r['per_request_ms']:8.2f}{r['inv_door']:9d}{r['inv_queue']:10d}"
-              f"{r['ttft_p50']:9.3f}{r['ttft_p90']:7.3f}")
+    print_table(results)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
     return 0 if all(r["ok"] == r["n"] for r in results) else 1
+
+
+def print_table(results: list[dict]) -> None:
+    print(f"  {'run':>9}{'ok':>5}{'send':>7}{'door':>7}{'queue 1st':>10}{'queue spread':>13}{'ms/req':>8}"
+          f"{'inv door':>9}{'inv queue':>10}{'lag p50':>8}{'max':>7}{'ttft p50':>9}{'p90':>7}")
+    for r in results:
+        print(f"  {r['run']:>9}{r['ok']:>5}{r['send_spread']:7.3f}{r['door_spread']:7.3f}{r['queue_first']:10.3f}"
+              f"{r['queue_spread']:13.3f}{r['per_request_ms']:8.2f}{r['inv_door']:9d}{r['inv_queue']:10d}"
+              f"{r['lag_p50']:8.3f}{r['lag_max']:7.3f}{r['ttft_p50']:9.3f}{r['ttft_p90']:7.3f}")
 
 
 if __name__ == "__main__":
