@@ -1,6 +1,6 @@
 """A job's projected token counts live in its job table row while the table holds it: the job
 reads and writes them there, a confirmed output is one pending output fewer, and a job that
-leaves the table (or a copy of one in it) keeps them."""
+leaves the table (or a copy of one in it) keeps them; a copy of a whole table reads its own rows."""
 
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ from alise.core.latency_model import LatencyModel
 from alise.core.policy import RemainingTimeEstimator
 from alise.core.sampling import SamplingParams
 from alise.core.table import WAITING, JobTable
+from corekit import make_job as corekit_job
+from corekit import make_scheduler, step
 
 ESTIMATE = LengthEstimate(4, 4, 8)
 
@@ -68,3 +70,25 @@ def test_a_copy_of_a_job_in_a_table_holds_its_counts_itself() -> None:
         assert (other.num_pending_outputs, other.num_computed_tokens) == (1, 2)
         other.num_computed_tokens = 0  # the original's row is not the copy's
         assert job.num_computed_tokens == 2
+
+
+def test_a_copy_of_a_core_keeps_its_jobs_counts_in_its_own_table() -> None:
+    """A deep copy (or a pickle) of a running core goes on exactly as the core does: each copied
+    job reads and writes the copied table's row, which the copy's plans project onto."""
+    core, worker = make_scheduler(num_blocks=16)
+    for i in range(3):
+        core.submit(corekit_job(f"j{i}", 20 + i, max_tokens=12))
+    step(core, worker)
+    step(core, worker)
+    other, other_worker = copy.deepcopy((core, worker))
+    for copied in (other, pickle.loads(pickle.dumps(core))):
+        for job_id, slot in copied.table.slot_of.items():
+            assert copied.jobs[job_id].row == (copied.table, slot)
+    for _ in range(3):
+        step(core, worker)
+        step(other, other_worker)
+    for job_id, job in core.jobs.items():
+        copied = other.jobs[job_id]
+        assert (copied.num_tokens, copied.num_pending_outputs, copied.num_computed_tokens) == \
+            (job.num_tokens, job.num_pending_outputs, job.num_computed_tokens) != (0, 0, 0)
+        assert copied.output_token_ids == job.output_token_ids

@@ -137,6 +137,13 @@ class JobTable:
     def __len__(self) -> int:
         return len(self.slot_of)
 
+    def __setstate__(self, state: dict) -> None:
+        """A copy of the table (pickled, deep-copied) holds copies of its jobs, which kept their
+        counts themselves on the way (``Job.__getstate__``): they read this copy's rows again."""
+        self.__dict__.update(state)
+        for slot in self.slot_of.values():
+            self.jobs[slot].row = (self, slot)
+
     # ----------------------------------------------------------------- changes
 
     def put(self, job: Job, owner: int, estimate, host_blocks: int = 0, cached_hint: int = 0) -> None:
