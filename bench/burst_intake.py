@@ -17,7 +17,9 @@ Log times have millisecond resolution: the door's inversions count pairs more th
 Reported per run: the spread from the first to the last arrival at the door and at the queue,
 the queue's cost per request (its spread / (N - 1)), the order inversions (pairs queued in the
 opposite order to the client's) from client to door and from client to queue, the lag from
-the client's send to the queue (p50, max) and TTFT p50/p90 from the client's send.
+the client's send to the queue (p50, max) and TTFT p50/p90 from the client's send; then the
+CPU time the door and the scheduler spent on the burst, per request (the few tokens streamed
+included).
 
 With ``--peer-run DIR`` it reads a GPU side-by-side's logs and results instead
 (bench/gpu/peer_vllm.sh; its all-at-once run) and prints the same figures for it.
@@ -44,7 +46,7 @@ from alise.cluster.config import ClusterConfig, service_commands
 from alise.cluster.local import LocalCluster
 from alise.core.config import SchedulingConfig
 from alise.scheduler.config import SchedulerConfig
-from alise.tools.lab.local_cluster import free_port
+from alise.tools.lab.local_cluster import cpu_seconds, free_port
 from alise.worker.config import WorkerConfig
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "alpaca_eval" / "gpt4.jsonl.gz"
@@ -220,17 +222,22 @@ def main() -> int:
         print(f"  door -> queue inversions: {figures['inv_door_queue']}")
         return 0
     results = []
-    with fcfs_cluster(args.max_num_seqs) as (_, logs, host):
+    with fcfs_cluster(args.max_num_seqs) as (cluster, logs, host):
+        pids = {name: cluster.procs[name].pid for name in ("http", "scheduler")}
         asyncio.run(burst(host, prompts(4), "warm", args.max_tokens))
         for k in range(args.repeat):
             for num in args.num:
                 run = f"b{k}n{num}"
+                cpu = {name: cpu_seconds(pid) for name, pid in pids.items()}
                 rows = asyncio.run(burst(host, prompts(num), run, args.max_tokens))
                 time.sleep(1.0)  # the door's completion lines are written
-                results.append({"run": run, **measure(logs, rows, run)})
+                cpu_ms = {f"{name}_cpu_ms": 1000 * (cpu_seconds(pid) - cpu[name]) / num for name, pid in pids.items()}
+                results.append({"run": run, **measure(logs, rows, run), **cpu_ms})
     print(f"burst intake: N streamed /v1/completions at once to the door of a CPU cluster (tiny-llama, "
           f"fcfs, 1 worker, max_tokens {args.max_tokens}); {os.cpu_count()} cores; times in s")
     print_table(results)
+    print("  CPU a request, whole burst (ms): " + ", ".join(
+        f"{r['run']} door {r['http_cpu_ms']:.2f} scheduler {r['scheduler_cpu_ms']:.2f}" for r in results))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
     return 0 if all(r["ok"] == r["n"] for r in results) else 1
