@@ -10,7 +10,7 @@ import pytest
 
 from alise.modelinfo.served import ModelInfo
 from alise.modelinfo.tokenizer import minilm_tokenizer
-from alise.scheduler.request_checks import GenerateChecks
+from alise.scheduler.request_checks import GenerateChecks, InOrderBatches
 from alise.v1 import scheduler_pb2
 
 
@@ -125,3 +125,19 @@ async def test_a_caller_that_leaves_while_its_text_is_encoded_holds_no_one_else_
     results = await asyncio.wait_for(asyncio.gather(*others), 5)
     assert [r.request_id for r in results] == ["r1", "r2"]
     assert tokenizer.num_calls == 2  # the second and third came together
+
+
+async def test_a_batch_whose_call_fails_fails_its_own_callers_and_the_next_batch_is_served():
+    calls = []
+
+    def run_batch(items: list[str]) -> list[str]:
+        calls.append(list(items))
+        if "bad" in items:
+            raise RuntimeError("the batch call failed")
+        return [item.upper() for item in items]
+
+    batches = InOrderBatches(run_batch)
+    first = await asyncio.gather(batches.run("a"), batches.run("bad"), return_exceptions=True)
+    assert [type(r) for r in first] == [RuntimeError, RuntimeError]
+    assert await asyncio.gather(batches.run("b"), batches.run("c")) == ["B", "C"]
+    assert calls == [["a", "bad"], ["b", "c"]]

@@ -216,11 +216,10 @@ class InOrderBatches(Generic[T, R]):
     exception that item raises (an item that fails, fails alone).
 
     A batch is what has waited since the last one started, up to ``max_batch_weight`` (by
-    ``weigh``; at least one item). Batches run one at a time, in order: a heavy item delays
-    those behind it, as the queue's FIFO order would have them wait anyway. NOTE: answers are
-    set in the order the items came, so the callers awaiting them resume in that order
-    (asyncio wakes a future's waiters first in, first out): a burst leaves in the order it
-    entered, with one thread hop (and one loop wake-up) per batch instead of one per item."""
+    ``weigh``; one item at least). Batches run one at a time: a heavy item delays those behind
+    it, as the queue's FIFO order would. NOTE: answers are set in the order the items came, so
+    their callers resume in that order (asyncio wakes waiters first in, first out): a burst
+    leaves in the order it entered, one thread hop and loop wake-up a batch, not an item."""
 
     def __init__(self, run_batch: Callable[[list[T]], list[R | BaseException]], *,
                  weigh: Callable[[T], int] = lambda item: 1, max_batch_weight: int = 256) -> None:
@@ -255,7 +254,10 @@ class InOrderBatches(Generic[T, R]):
                 batch = self._take()
                 if not batch:
                     continue
-                results = await asyncio.to_thread(self.run_batch, [item for item, _ in batch])
+                try:
+                    results = await asyncio.to_thread(self.run_batch, [item for item, _ in batch])
+                except Exception as exc:  # run_batch itself failed: this batch's callers get its error
+                    results = [exc] * len(batch)
                 self.num_batches += 1
                 for (_, future), result in zip(batch, results, strict=True):
                     if future.done():  # its caller left meanwhile
