@@ -6,6 +6,10 @@ prior), and the state says so. While degraded, requests skip the predictor for
 ``retry_after_s`` (so a slow predictor does not add its deadline to every request), then
 one request probes it again; the first success restores the normal path.
 
+The requests that ask in one turn of the event loop share one Predict call (those with a
+conversation in a call of their own): a burst's handlers resume together from the prompt
+checks (``request_checks.InOrderBatches``), so a burst of N is a few calls, not N.
+
 Finished jobs go back to the predictor through an :class:`Observer` (the predictor link's
 outbox: buffered, one long-lived stream), naming the prediction they answer
 (:attr:`PredictedLength.prediction_id`) so the prompt is not sent again.
@@ -65,6 +69,9 @@ class LengthEstimator:
         self.last_error_s = 0.0
         self.retry_after_s = retry_after_s
         self.on_state = on_state
+        #: Asked this turn of the loop, not yet sent: (prompt, its tokens, context, answer).
+        self._asked: list[tuple[str, int, PromptContext | None, asyncio.Future]] = []
+        self._sending: set[asyncio.Future] = set()
 
     async def warm_up(self, timeout_s: float = 30.0) -> None:
         """One prediction with a generous deadline, so the predictor's first-call costs
@@ -93,10 +100,12 @@ class LengthEstimator:
             return self.running_mean
         if self.is_degraded and time.monotonic() - self.last_error_s < self.retry_after_s:
             return self.running_mean
+        answer = asyncio.get_running_loop().create_future()
+        self._asked.append((prompt, prompt_tokens, context, answer))
+        if len(self._asked) == 1:
+            asyncio.get_running_loop().call_soon(self._send_asked)
         try:
-            [result] = await asyncio.wait_for(self._predict(
-                [prompt], [prompt_tokens], self.timeout_s, contexts=None if context is None else [context]),
-                self.timeout_s)
+            result = await answer
         except Exception as exc:  # any failure means "use the fallback"
             if not self.state.startswith("degraded"):
                 logger.warning("predictor unavailable (%s: %s); using the running mean",
@@ -108,6 +117,37 @@ class LengthEstimator:
             logger.info("predictor is back")
             self._set_state("ok")
         return result
+
+    def _send_asked(self) -> None:
+        """Sends what was asked this turn: one call without contexts, one with."""
+        asked, self._asked = self._asked, []
+        for group in ([a for a in asked if a[2] is None], [a for a in asked if a[2] is not None]):
+            if group:
+                sending = asyncio.ensure_future(self._predict_group(group))
+                self._sending.add(sending)
+                sending.add_done_callback(self._sending.discard)
+
+    async def _predict_group(self, group: list[tuple[str, int, PromptContext | None, asyncio.Future]]) -> None:
+        prompts, tokens, contexts, answers = map(list, zip(*group, strict=True))
+        try:
+            results = await asyncio.wait_for(self._predict(
+                prompts, tokens, self.timeout_s, contexts=None if contexts[0] is None else contexts),
+                self.timeout_s)
+            if len(results) != len(prompts):
+                raise ValueError(f"{len(results)} estimates for {len(prompts)} prompts")
+        except Exception as exc:
+            results = [exc] * len(answers)
+        except BaseException:  # cancelled (the scheduler stops): no caller waits forever
+            for answer in answers:
+                answer.cancel()
+            raise
+        for answer, result in zip(answers, results, strict=True):
+            if answer.done():
+                continue
+            if isinstance(result, Exception):
+                answer.set_exception(result)
+            else:
+                answer.set_result(result)
 
     @property
     def is_degraded(self) -> bool:
