@@ -4,7 +4,7 @@ and when each one reached the door and the scheduler's queue, and in which order
     python bench/burst_intake.py --num 64 128 320 [--repeat 3] [--max-tokens 4]
 
 The cluster is `alise up`'s processes (tiny-llama, random weights, one worker, policy fcfs, no
-predictor) on free loopback ports. Prompts are AlpacaEval instructions
+predictor unless ``--predictor``) on free loopback ports. Prompts are AlpacaEval instructions
 (../shared/data/alpaca_eval, in file order). Each request names its own ``request_id``
 (``b<run>-<index>``), so the door's and the scheduler's log lines can be matched to it.
 
@@ -64,14 +64,14 @@ def prompts(num: int) -> list[str]:
 
 
 @contextlib.contextmanager
-def fcfs_cluster(max_num_seqs: int):
+def intake_cluster(max_num_seqs: int, policy: str = "fcfs", predictor: bool = False):
     state = tempfile.mkdtemp(prefix="alise-burst-intake-")
     http = f"127.0.0.1:{free_port()}"
-    cfg = ClusterConfig(address=f"127.0.0.1:{free_port()}", num_workers=1, predictor=False,
+    cfg = ClusterConfig(address=f"127.0.0.1:{free_port()}", num_workers=1, predictor=predictor,
                         predictor_address=f"127.0.0.1:{free_port()}", state_dir=state,
                         worker_health_base_port=free_port(), http_address=http,
                         http_health_address=f"127.0.0.1:{free_port()}",
-                        scheduler=SchedulerConfig(scheduling=SchedulingConfig(policy="fcfs")),
+                        scheduler=SchedulerConfig(scheduling=SchedulingConfig(policy=policy)),
                         worker=WorkerConfig(max_num_seqs=max_num_seqs))
     cluster = LocalCluster(service_commands(cfg), log_dir=f"{state}/logs")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -209,6 +209,8 @@ def main() -> int:
     p.add_argument("--repeat", type=int, default=1, help="runs of each size")
     p.add_argument("--max-tokens", type=int, default=4)
     p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--policy", default="fcfs", help="the scheduler's policy")
+    p.add_argument("--predictor", action="store_true", help="run the length predictor (each request asks it)")
     p.add_argument("--json", help="write every run's figures here")
     p.add_argument("--peer-run", type=Path, help="instead, read a GPU side-by-side's directory "
                    "(bench/gpu/peer_vllm.sh) and report its all-at-once run")
@@ -222,7 +224,7 @@ def main() -> int:
         print(f"  door -> queue inversions: {figures['inv_door_queue']}")
         return 0
     results = []
-    with fcfs_cluster(args.max_num_seqs) as (cluster, logs, host):
+    with intake_cluster(args.max_num_seqs, args.policy, args.predictor) as (cluster, logs, host):
         pids = {name: cluster.procs[name].pid for name in ("http", "scheduler")}
         asyncio.run(burst(host, prompts(4), "warm", args.max_tokens))
         for k in range(args.repeat):
@@ -234,7 +236,8 @@ def main() -> int:
                 cpu_ms = {f"{name}_cpu_ms": 1000 * (cpu_seconds(pid) - cpu[name]) / num for name, pid in pids.items()}
                 results.append({"run": run, **measure(logs, rows, run), **cpu_ms})
     print(f"burst intake: N streamed /v1/completions at once to the door of a CPU cluster (tiny-llama, "
-          f"fcfs, 1 worker, max_tokens {args.max_tokens}); {os.cpu_count()} cores; times in s")
+          f"{args.policy}, {'the predictor, ' if args.predictor else ''}1 worker, max_tokens {args.max_tokens}); "
+          f"{os.cpu_count()} cores; times in s")
     print_table(results)
     print("  CPU a request, whole burst (ms): " + ", ".join(
         f"{r['run']} door {r['http_cpu_ms']:.2f} scheduler {r['scheduler_cpu_ms']:.2f}" for r in results))
