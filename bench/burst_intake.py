@@ -13,7 +13,9 @@ without yielding (the client's order is the index), then reads every stream. Per
 send time (client), door receive time (the door's completion line, its time less the elapsed
 seconds it reports), queued time (the scheduler's ``queued:`` line), first token (client).
 Log times have millisecond resolution: the door's inversions count pairs more than
-``DOOR_RESOLUTION_S`` apart; the scheduler's order is its log's line order (exact).
+``DOOR_RESOLUTION_S`` apart, and are an upper bound (a line's time can come a switch of the
+GIL late, when the gRPC poller thread holds it); the scheduler's order is its log's line
+order (exact).
 Reported per run: the spread from the first to the last arrival at the door and at the queue,
 the queue's cost per request (its spread / (N - 1)), the order inversions (pairs queued in the
 opposite order to the client's) from client to door and from client to queue, the lag from
