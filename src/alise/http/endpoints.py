@@ -12,8 +12,8 @@ checked for text that cannot be encoded (a lone UTF-16 surrogate: 400), its call
 the scheduler when the model it names is not the one served (401 before the 404 that names the
 served model), its text bounded in characters (as the scheduler bounds it) and a chat's
 messages rendered off the event loop (a burst's chats in one batch, in the order they came, so
-the door hands a burst to the scheduler in its order). Refusals are logged at most 20 at once and 2 a second;
-an exception no check expected is answered 500 and logged in one line.
+the door hands a burst to the scheduler in its order). Refusals are logged at most 20 at once
+and 2 a second; an exception no check expected is answered 500 and logged in one line.
 """
 
 from __future__ import annotations
