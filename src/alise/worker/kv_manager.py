@@ -219,9 +219,18 @@ class KvManager:
 
     def fill(self, seq: KvState) -> None:
         """The sequence's stand-ins are computed (or queued to be, ahead of any step that may
-        read them): they are named by their chain hashes, as cached blocks."""
-        n = seq.num_shared_blocks
-        self.allocator.register(seq.block_table[:n], chain_hashes(seq.token_ids, self.block_size, n))
+        read them): they are named by their chain hashes, as cached blocks. A stand-in whose
+        name another block took meanwhile (another sequence computed the same lacking prefix
+        first) gives way to that block, so a shared prefix is always cached blocks."""
+        n, table = seq.num_shared_blocks, seq.block_table
+        hashes = chain_hashes(seq.token_ids, self.block_size, n)
+        twins = [(i, b) for i, b in enumerate(self.allocator.match(hashes)) if b != table[i]]
+        if twins:
+            self.allocator.acquire([b for _, b in twins])
+            self.allocator.free([table[i] for i, _ in twins])
+            for i, b in twins:
+                table[i] = b
+        self.allocator.register(table[:n], hashes)
         seq.num_missing = 0
 
     def resume(self, seq: KvState, num_cached_tokens: int = 0) -> str | None:
