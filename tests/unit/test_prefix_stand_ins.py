@@ -121,26 +121,38 @@ def test_a_prefix_with_no_room_for_its_stand_ins_is_refused_whole():
 # ----------------------------------------------------------------- the scheduler and its worker
 
 
-def converse(seed: int, num_blocks: int, num_rounds: int = 300) -> tuple[list, SchedulerCore, WorkerEngine]:
-    """Random conversations sharing prefixes on a small cache, two plans in flight (the
-    scheduler plans ahead of the worker's reports), and jobs that stop early by EOS (the
+def virtual_stops(targets: dict[str, int]):
+    """Half the jobs of a virtual worker (``target_lengths=targets``) stop early, by EOS."""
+    def sampling(job_id: str, max_tokens: int, rng: random.Random) -> SamplingParams:
+        if rng.random() < 0.5:
+            targets[job_id] = rng.randrange(1, max_tokens)
+        return SamplingParams(max_tokens=max_tokens)
+    return sampling
+
+
+def converse(seed: int, num_blocks: int, num_rounds: int = 300, *, worker: WorkerEngine | None = None,
+             sampling=None) -> tuple[list, SchedulerCore, WorkerEngine]:
+    """Random conversations sharing prefixes on a small cache (blocks of 16 tokens), two plans
+    in flight (the scheduler plans ahead of the worker's reports), and jobs that stop early (the
     worker releases them a step or two before the core's mirror hears of it); then runs every
-    job to its end. Returns the refusals the worker reported, the core and the worker."""
+    job to its end. ``worker``: a virtual one by default, whose jobs stop early by EOS;
+    ``sampling(job_id, max_tokens, rng)``: each job's sampling parameters (by default
+    ``virtual_stops``). Returns the refusals the worker reported, the core and the worker."""
     rng = random.Random(seed)
     core = SchedulerCore(make_policy(SchedulingConfig(policy="fcfs"), LATENCY))
     core.add_worker(WorkerCapacity("w0", 16, num_blocks, 0, 2048, 4, 4096, prefix_caching=True))
-    targets: dict[str, int] = {}
-    worker = virtual_worker(num_device_blocks=num_blocks, block_size=16, max_model_len=2048, latency=LATENCY,
-                            prefix_caching=True, target_lengths=targets)
+    if worker is None:
+        targets: dict[str, int] = {}
+        worker = virtual_worker(num_device_blocks=num_blocks, block_size=16, max_model_len=2048, latency=LATENCY,
+                                prefix_caching=True, target_lengths=targets)
+        sampling = virtual_stops(targets)
     queued: list[StepPlan] = []
     refused = []
     for n in range(10_000):
         if n < num_rounds and rng.random() < 0.3:
             tokens = [rng.randrange(1, 4)] * rng.randrange(17, 60) + [rng.randrange(1000)] * rng.randrange(1, 30)
             job_id, max_tokens = f"j{n}", rng.randrange(2, 30)
-            if rng.random() < 0.5:
-                targets[job_id] = rng.randrange(1, max_tokens)
-            core.submit(Job(job_id, tokens, SamplingParams(max_tokens=max_tokens), arrival_s=0.0))
+            core.submit(Job(job_id, tokens, sampling(job_id, max_tokens, rng), arrival_s=0.0))
         for message in keep_in_flight(core, "w0", 0.0, plans_ahead=2):
             match message:
                 case AbortJobs(job_ids, through):

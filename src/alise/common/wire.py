@@ -171,7 +171,8 @@ def report_to_pb(report: StepReport) -> worker_pb2.WorkerMessage:
         num_free_device_blocks=report.num_free_device_blocks, num_seqs=report.num_seqs,
         num_context_tokens=report.num_context_tokens,
         chunk_starts=[start for start, _ in report.chunks], chunk_tokens=[n for _, n in report.chunks],
-        census_job_ids=report.census_job_ids)
+        census_job_ids=report.census_job_ids, num_admit_stand_in_tokens=report.num_admit_stand_in_tokens,
+        num_resume_stand_in_tokens=report.num_resume_stand_in_tokens)
     for out in report.outputs:
         pb.outputs.add(job_id=out.job_id, token_ids=out.token_ids,
                        finish_reason=finish_to_pb(out.finish_reason), num_tokens=out.num_tokens)
@@ -187,6 +188,8 @@ def report_from_pb(pb: worker_pb2.StepReport) -> StepReport:
         raise WireError("chunk_starts and chunk_tokens differ in length")
     if min(pb.num_seqs, pb.num_context_tokens, *pb.chunk_starts, *pb.chunk_tokens, 0) < 0:
         raise WireError("a step's shape cannot be negative")
+    if min(pb.num_admit_stand_in_tokens, pb.num_resume_stand_in_tokens) < 0:
+        raise WireError("stand-in tokens cannot be negative")
     outputs = [JobOutput(o.job_id, list(o.token_ids), finish_from_pb(o.finish_reason), o.num_tokens)
                for o in pb.outputs]
     refused = [Refusal(r.job_id, r.command, r.reason) for r in pb.refused]
@@ -194,7 +197,9 @@ def report_from_pb(pb: worker_pb2.StepReport) -> StepReport:
         step_id=pb.step_id, outputs=outputs, step_duration_s=pb.step_duration_s,
         num_free_device_blocks=pb.num_free_device_blocks, refused=refused, num_seqs=pb.num_seqs,
         num_context_tokens=pb.num_context_tokens,
-        chunks=list(zip(pb.chunk_starts, pb.chunk_tokens, strict=True)), census_job_ids=list(pb.census_job_ids))
+        chunks=list(zip(pb.chunk_starts, pb.chunk_tokens, strict=True)), census_job_ids=list(pb.census_job_ids),
+        num_admit_stand_in_tokens=pb.num_admit_stand_in_tokens,
+        num_resume_stand_in_tokens=pb.num_resume_stand_in_tokens)
 
 
 #: Upper bounds on what a worker may claim (a lying or broken worker cannot make the

@@ -147,6 +147,10 @@ class StepReport:
     chunks: list[tuple[int, int]] = field(default_factory=list)
     #: With a census plan: every job the worker holds after the step, running or paused.
     census_job_ids: list[str] = field(default_factory=list)
+    #: Tokens of the plan's admits, and of its resumes, that the plan counted cached and the
+    #: worker's prefix cache lacked: it computes them (stand-ins, ``alise.worker.kv_manager``).
+    num_admit_stand_in_tokens: int = 0
+    num_resume_stand_in_tokens: int = 0
 
 
 @dataclass(frozen=True)

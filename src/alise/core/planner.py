@@ -93,7 +93,7 @@ class StepPlanner:
         plan.run_step = bool(len(feed)) and bool(feed.any())
         if not plan.is_empty:
             view.next_step_id += 1
-            view.in_flight.append(InFlight(plan.step_id, outputs, census=census, planned_free_blocks=(
+            view.in_flight.append(InFlight.of(plan.step_id, outputs, plan.commands, census=census, planned_free_blocks=(
                 view.num_free_device_blocks if census else 0)))
         return plan
 

@@ -17,7 +17,9 @@ a job that finishes early or is aborted is released on the worker one or two ste
 core releases it here, which can change the LRU order under pressure. The worker then lacks a
 prefix the core counted on: it takes what it has and computes the rest in the job's next feed
 (``alise.worker.kv_manager``: stand-in blocks), so the job holds the blocks and has computed
-the tokens the core counts, and only that step runs longer than planned. Only where it has no
+the tokens the core counts, and only that step runs longer than planned; the step's report
+says how many tokens it computed so, which ``PrefillCounts`` then counts computed, not cached
+(``SchedulerCore.apply_report``: the one place). Only where it has no
 room for the rest does it refuse the admit or resume: the job is re-queued and the mirror
 ``forget`` s that prefix, so a plan never counts on work that was not done.
 
@@ -81,6 +83,13 @@ class PrefillCounts:
     @property
     def hit_rate(self) -> float:
         return self.num_cached_tokens / self.num_admitted_tokens if self.num_admitted_tokens else 0.0
+
+    def count_stand_ins(self, num_admit_tokens: int, num_resume_tokens: int) -> None:
+        """A worker lacked that many tokens of the prefixes its admits and resumes were planned
+        to find cached, and computed them (``StepReport.num_admit_stand_in_tokens``)."""
+        self.num_cached_tokens -= num_admit_tokens
+        self.num_resume_cached_tokens -= num_resume_tokens
+        self.num_computed_tokens += num_admit_tokens + num_resume_tokens
 
 
 class PrefixMirror:

@@ -21,7 +21,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-from alise.core.commands import StepReport
+from alise.core.commands import Admit, Command, Resume, StepReport
 from alise.core.job import Job
 
 
@@ -40,6 +40,18 @@ class InFlight:
     #: what the worker reports: jobs can only have left since).
     census: bool = False
     planned_free_blocks: int = 0
+    #: Tokens the plan's admits, and its resumes, counted cached: the most the worker can
+    #: report computed in their place (stand-ins, ``StepReport.num_admit_stand_in_tokens``).
+    num_admit_cached_tokens: int = 0
+    num_resume_cached_tokens: int = 0
+
+    @classmethod
+    def of(cls, step_id: int, outputs: set[str], commands: list[Command], *, census: bool,
+           planned_free_blocks: int) -> InFlight:
+        """A plan with ``commands`` sent."""
+        return cls(step_id, outputs, census=census, planned_free_blocks=planned_free_blocks,
+                   num_admit_cached_tokens=sum(c.num_cached_tokens for c in commands if isinstance(c, Admit)),
+                   num_resume_cached_tokens=sum(c.num_cached_tokens for c in commands if isinstance(c, Resume)))
 
 
 def check_report(report: StepReport, in_flight: deque[InFlight], jobs: dict[str, Job]) -> None:
@@ -74,6 +86,11 @@ def check_report(report: StepReport, in_flight: deque[InFlight], jobs: dict[str,
     if missing:
         raise ReportError(f"step {report.step_id} should have produced a token for "
                           f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+    for kind, stand_ins, cached in (("admits", report.num_admit_stand_in_tokens, expected.num_admit_cached_tokens),
+                                    ("resumes", report.num_resume_stand_in_tokens, expected.num_resume_cached_tokens)):
+        if not 0 <= stand_ins <= cached:
+            raise ReportError(f"step {report.step_id}: {stand_ins} tokens of its {kind} computed in place of "
+                              f"cached ones, which the plan counted {cached} of")
 
 
 def job_at(jobs: dict[str, Job], job_id: str, step_id: int) -> Job | None:

@@ -195,6 +195,7 @@ class SchedulerCore:
         view = self.workers[worker_id]
         check_report(report, view.in_flight, view.jobs)
         expected = view.in_flight.popleft()
+        self.prefill.count_stand_ins(report.num_admit_stand_in_tokens, report.num_resume_stand_in_tokens)
         for refusal in report.refused:
             job = job_at(view.jobs, refusal.job_id, report.step_id)
             if job is not None:

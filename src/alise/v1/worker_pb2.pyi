@@ -155,7 +155,7 @@ class ResumeJob(_message.Message):
     def __init__(self, job_id: _Optional[str] = ..., num_cached_tokens: _Optional[int] = ...) -> None: ...
 
 class StepReport(_message.Message):
-    __slots__ = ("step_id", "outputs", "step_duration_s", "num_free_device_blocks", "refused", "num_seqs", "num_context_tokens", "chunk_starts", "chunk_tokens", "census_job_ids")
+    __slots__ = ("step_id", "outputs", "step_duration_s", "num_free_device_blocks", "refused", "num_seqs", "num_context_tokens", "chunk_starts", "chunk_tokens", "census_job_ids", "num_admit_stand_in_tokens", "num_resume_stand_in_tokens")
     STEP_ID_FIELD_NUMBER: _ClassVar[int]
     OUTPUTS_FIELD_NUMBER: _ClassVar[int]
     STEP_DURATION_S_FIELD_NUMBER: _ClassVar[int]
@@ -166,6 +166,8 @@ class StepReport(_message.Message):
     CHUNK_STARTS_FIELD_NUMBER: _ClassVar[int]
     CHUNK_TOKENS_FIELD_NUMBER: _ClassVar[int]
     CENSUS_JOB_IDS_FIELD_NUMBER: _ClassVar[int]
+    NUM_ADMIT_STAND_IN_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    NUM_RESUME_STAND_IN_TOKENS_FIELD_NUMBER: _ClassVar[int]
     step_id: int
     outputs: _containers.RepeatedCompositeFieldContainer[JobOutput]
     step_duration_s: float
@@ -176,7 +178,9 @@ class StepReport(_message.Message):
     chunk_starts: _containers.RepeatedScalarFieldContainer[int]
     chunk_tokens: _containers.RepeatedScalarFieldContainer[int]
     census_job_ids: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, step_id: _Optional[int] = ..., outputs: _Optional[_Iterable[_Union[JobOutput, _Mapping]]] = ..., step_duration_s: _Optional[float] = ..., num_free_device_blocks: _Optional[int] = ..., refused: _Optional[_Iterable[_Union[CommandResult, _Mapping]]] = ..., num_seqs: _Optional[int] = ..., num_context_tokens: _Optional[int] = ..., chunk_starts: _Optional[_Iterable[int]] = ..., chunk_tokens: _Optional[_Iterable[int]] = ..., census_job_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+    num_admit_stand_in_tokens: int
+    num_resume_stand_in_tokens: int
+    def __init__(self, step_id: _Optional[int] = ..., outputs: _Optional[_Iterable[_Union[JobOutput, _Mapping]]] = ..., step_duration_s: _Optional[float] = ..., num_free_device_blocks: _Optional[int] = ..., refused: _Optional[_Iterable[_Union[CommandResult, _Mapping]]] = ..., num_seqs: _Optional[int] = ..., num_context_tokens: _Optional[int] = ..., chunk_starts: _Optional[_Iterable[int]] = ..., chunk_tokens: _Optional[_Iterable[int]] = ..., census_job_ids: _Optional[_Iterable[str]] = ..., num_admit_stand_in_tokens: _Optional[int] = ..., num_resume_stand_in_tokens: _Optional[int] = ...) -> None: ...
 
 class JobOutput(_message.Message):
     __slots__ = ("job_id", "token_ids", "finish_reason", "num_tokens")

@@ -18,7 +18,8 @@ was in flight would run to its end on a worker whose scheduler no longer knows i
 Prefix caching (``KvManager.start``): an admit may name leading tokens the worker's prefix
 cache holds; the sequence starts with those blocks as computed and feeds only the rest. Where
 the cache lacks some of them (``Sequence.num_missing``), its next feed starts that much earlier
-and is that much longer, so it ends where the plan's chunk does.
+and is that much longer, so it ends where the plan's chunk does; the plan's report counts those
+tokens (stand-ins), which the scheduler counted cached.
 
 Overlapped steps (``launch`` then ``finish``, ``alise worker --async-steps``): ``run`` split so
 that the next plan's step is launched before this one's tokens are on the host. A sequence that
@@ -235,9 +236,11 @@ class WorkerEngine:
 
     def run(self, plan: StepPlan) -> StepReport:
         """Applies the plan's commands and runs its step (blocking: call off the event loop)."""
+        missing = self._missing_tokens()
         refused = self.apply(plan.commands)
         report = self.step(plan) if plan.run_step else StepReport(step_id=plan.step_id)
         report.refused = refused + report.refused
+        self._count_stand_ins(report, missing)
         self._ran(plan.step_id)
         return self._seal(plan, report)
 
@@ -246,6 +249,16 @@ class WorkerEngine:
         self.last_step_id = step_id
         if self.aborted:
             self.aborted = {job_id: t for job_id, t in self.aborted.items() if t > step_id}
+
+    def _missing_tokens(self) -> tuple[int, int]:
+        return self.kv.num_admit_missing_tokens, self.kv.num_resume_missing_tokens
+
+    def _count_stand_ins(self, report: StepReport, before: tuple[int, int]) -> None:
+        """The stand-in tokens the plan's admits and resumes took since ``before``
+        (``_missing_tokens`` ahead of its commands) into its report."""
+        admits, resumes = self._missing_tokens()
+        report.num_admit_stand_in_tokens = admits - before[0]
+        report.num_resume_stand_in_tokens = resumes - before[1]
 
     def _seal(self, plan: StepPlan, report: StepReport) -> StepReport:
         report.num_free_device_blocks = self.kv.num_free_device
@@ -271,8 +284,10 @@ class WorkerEngine:
         that samples there decodes that token here, its id taken on the device. The reports
         are the synchronous ones: a sequence that ends with ``previous``'s token is not fed
         when the host knows it (its length), else its token from this step is dropped."""
+        missing = self._missing_tokens()
         refused = self.apply(plan.commands)
         report = StepReport(step_id=plan.step_id)
+        self._count_stand_ins(report, missing)
         launched = LaunchedStep(plan, report, [])
         if plan.run_step:
             pending = self._pending(previous) if previous is not None else None

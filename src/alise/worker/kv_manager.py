@@ -27,8 +27,9 @@ Prefix caching (``prefix_caching``; the allocator is ``alise.core.prefix_cache.P
   cached, and private *stand-in* blocks take the place of the rest: the sequence holds the
   blocks and counts the computed tokens the scheduler counts, and its next feed starts at the
   first stand-in (``num_missing`` tokens earlier than the plan's chunk says), so the plans
-  and reports need not know. Computed, the stand-ins are named by their chain hashes, as the
-  mirror's blocks are;
+  need not know. The step's report counts them (``StepReport.num_admit_stand_in_tokens``,
+  ``num_resume_stand_in_tokens``): the scheduler counts them computed, not cached. Computed,
+  the stand-ins are named by their chain hashes, as the mirror's blocks are;
 * a sequence's table is its shared prefix (``num_shared_blocks``, cached blocks others may
   read) followed by its private blocks. Every KV action moves only the private blocks:
   int8 / int4 / swap leave the shared prefix on the device at full precision, read-only,
@@ -126,8 +127,10 @@ class KvManager:
         self.mover = mover
         #: Swap-outs in flight: (ready, device block ids still being read).
         self.pending_out: list[tuple[Ready, list[int]]] = []
-        #: Tokens of prefixes the scheduler counted cached and this cache lacked (recomputed), ever.
-        self.num_missing_tokens = 0
+        #: Tokens of prefixes the scheduler counted cached and this cache lacked (stand-ins,
+        #: computed in the sequences' next feeds), ever: of admits, and of resumes after drops.
+        self.num_admit_missing_tokens = 0
+        self.num_resume_missing_tokens = 0
 
     # ----------------------------------------------------------------- accounting
 
@@ -135,6 +138,10 @@ class KvManager:
     def num_free_device(self) -> int:
         """Free device blocks as the scheduler counts them (swap-outs in flight included)."""
         return self.allocator.num_free + sum(len(ids) for _, ids in self.pending_out)
+
+    @property
+    def num_missing_tokens(self) -> int:
+        return self.num_admit_missing_tokens + self.num_resume_missing_tokens
 
     @property
     def num_free_host(self) -> int:
@@ -186,7 +193,10 @@ class KvManager:
         """A new sequence (its ``token_ids`` the admitted tokens) whose first
         ``num_cached_tokens`` the scheduler found cached: takes those blocks, or refuses."""
         seq.num_admitted = len(seq.token_ids)
-        return self._take_prefix(seq, num_cached_tokens)
+        reason = self._take_prefix(seq, num_cached_tokens)
+        if reason is None:
+            self.num_admit_missing_tokens += seq.num_missing
+        return reason
 
     def _take_prefix(self, seq: KvState, num_cached_tokens: int) -> str | None:
         """A sequence with no blocks takes the cached blocks of its first ``num_cached_tokens``."""
@@ -211,7 +221,6 @@ class KvManager:
         if num_stand_ins:
             logger.info("prefix of %d tokens: %d cached here, %d recomputed", num_cached_tokens,
                         len(ids) * bs, num_stand_ins * bs)
-            self.num_missing_tokens += num_stand_ins * bs
             ids = ids + self.allocate(num_stand_ins)
         seq.block_table, seq.num_shared_blocks, seq.num_cached = ids, num_blocks, num_cached_tokens
         seq.num_missing = num_stand_ins * bs
@@ -240,6 +249,7 @@ class KvManager:
             reason = self._take_prefix(seq, num_cached_tokens)
             if reason is None:
                 seq.place = KvPlace.DEVICE
+                self.num_resume_missing_tokens += seq.num_missing
             return reason
         if num_cached_tokens:
             return f"{num_cached_tokens} cached tokens asked of a resume with its KV held ({seq.place.value})"
