@@ -16,6 +16,7 @@ from alise.http.app import Door, ServedModel
 from alise.http.chat import ChatRenderer
 from alise.http.config import HttpConfig
 from alise.http.endpoints import CompletionEndpoint
+from alise.http.errors import ApiError
 from alise.scheduler.config import SchedulerConfig
 from alise.scheduler.service import start_scheduler
 
@@ -114,3 +115,25 @@ async def test_a_burst_of_chats_is_rendered_in_one_batch_and_leaves_in_the_order
     assert done == list(range(16))
     assert endpoint.renders.num_batches == 1
     assert [p[1] for p in prepared] == [f"User: {c}\nAssistant:" for c in contents]
+
+
+async def test_a_caller_that_joins_a_lookup_late_is_answered_within_its_own_bound():
+    # Accepts connections and never answers: a scheduler that is frozen, as the door sees it.
+    frozen = await asyncio.start_server(lambda reader, writer: None, "127.0.0.1", 0)
+    address = f"127.0.0.1:{frozen.sockets[0].getsockname()[1]}"
+    door = Door(HttpConfig(address="127.0.0.1:0", scheduler_address=address, accept_timeout_s=1.0),
+                AsyncClient(address))
+    try:
+        first = asyncio.ensure_future(door.served_model(None))
+        await asyncio.sleep(0.6)  # the first lookup gives up 0.4 s after the late caller comes
+        started = time.monotonic()
+        with pytest.raises(ApiError) as refused:
+            await door.served_model(None)
+        waited_s = time.monotonic() - started
+        assert refused.value.status == 503
+        assert 0.9 <= waited_s <= 1.3  # its own bound of 1 s: another lookup for what was left
+        with pytest.raises(ApiError):
+            await first
+    finally:
+        await door.client.close()
+        frozen.close()

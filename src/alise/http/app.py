@@ -172,15 +172,21 @@ class Door:
         resume in the order they asked (a shared future's waiters are woken first in, first
         out), so a burst that comes before the model is known keeps its order. A lookup that
         began before its caller may give up (503) before the caller's own wait bound has
-        passed: the caller then starts another."""
+        passed: the caller then waits for another within what is left of its bound (503 past
+        it), never longer than its bound in all."""
         token = self.config.scheduler_token or token
-        started = time.monotonic()
+        started, left = time.monotonic(), None
         while self._served is None:
             try:
-                # Shielded: a caller that leaves does not end the lookup the others wait for.
-                await asyncio.shield(self._lookup(token))
+                async with asyncio.timeout(left):
+                    # Shielded: a caller that leaves does not end the lookup the others wait for.
+                    await asyncio.shield(self._lookup(token))
+            except TimeoutError:
+                raise unavailable(f"the scheduler did not answer within {self.wait_bound_s():g} s (it may be "
+                                  "restarting or overloaded); retry shortly") from None
             except ApiError as error:
-                if error.status != 503 or time.monotonic() - started >= self.wait_bound_s():
+                left = started + self.wait_bound_s() - time.monotonic()
+                if error.status != 503 or left <= 0:
                     raise
         return self._served
 
