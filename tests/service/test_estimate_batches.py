@@ -4,8 +4,6 @@
 from __future__ import annotations
 
 import asyncio
-import gzip
-import json
 
 import pytest
 
@@ -15,18 +13,12 @@ from alise.predictor.encoder import Encoder
 from alise.predictor.service import start_predictor_server
 from alise.scheduler.estimates import LengthEstimator
 from alise.scheduler.predictor_link import predictor_functions
-
-TOPICS = [("Write a one-word answer: what color is the sky", 2), ("Write a long detailed essay about", 400)]
+from predictorkit import TOPICS, write_two_topics
 
 
 @pytest.fixture
 async def predict(tmp_path):
-    path = tmp_path / "tiny.jsonl.gz"
-    with gzip.open(path, "wt") as f:
-        for i in range(40):
-            prompt, words = TOPICS[i % 2]
-            f.write(json.dumps({"id": i, "instruction": f"{prompt} (item {i})", "output": "word " * words,
-                                "generator": "m1"}) + "\n")
+    path = write_two_topics(tmp_path / "tiny.jsonl.gz")
     config = PredictorConfig(address="127.0.0.1:0", model="m1", bootstrap=(str(path),))
     server = await start_predictor_server(config, encoder=Encoder(num_threads=2))
     predict, outbox = predictor_functions(f"127.0.0.1:{server.port}")

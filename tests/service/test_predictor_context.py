@@ -1,8 +1,5 @@
 """Predict with a conversation's context, in-process on port 0, through the real client."""
 
-import gzip
-import json
-
 import grpc
 import pytest
 
@@ -13,8 +10,8 @@ from alise.predictor.encoder import Encoder
 from alise.predictor.history import prompt_key
 from alise.predictor.service import start_predictor_server
 from alise.v1 import predictor_pb2, predictor_pb2_grpc
+from predictorkit import write_two_topics
 
-TOPICS = [("Write a one-word answer: what color is the sky", 2), ("Write a long detailed essay about", 400)]
 SYSTEM = "<|system|>\n" + " ".join(["You are a helpful assistant who follows the house rules."] * 40) + "\n"
 
 
@@ -25,12 +22,7 @@ def encoder():
 
 @pytest.fixture
 async def server(encoder, tmp_path):
-    path = tmp_path / "tiny.jsonl.gz"
-    with gzip.open(path, "wt") as f:
-        for i in range(40):
-            prompt, words = TOPICS[i % 2]
-            f.write(json.dumps({"id": i, "instruction": f"{prompt} (item {i})", "output": "word " * words,
-                                "generator": "m1"}) + "\n")
+    path = write_two_topics(tmp_path / "tiny.jsonl.gz")
     config = PredictorConfig(address="127.0.0.1:0", model="m1", bootstrap=(str(path),))
     srv = await start_predictor_server(config, encoder=encoder)
     yield srv
