@@ -93,6 +93,20 @@ def test_the_prefill_counts_are_what_the_worker_computed_when_it_lacked_a_prefix
     assert counts.hit_rate == truth.num_cached_tokens / counts.num_admitted_tokens
 
 
+@pytest.mark.parametrize(("seed", "num_blocks"), [(21, 10), (22, 10), (24, 12)])
+def test_a_prefill_dropped_before_it_ends_counts_only_what_ran(loaded, seed, num_blocks):
+    """The same conversations, where a job is dropped while its prompt is still fed in chunks:
+    the core counted its whole prefill computed when it planned it and counts it again when the
+    job resumes, so what the drop left uncomputed is given back (before: the core counted 18,
+    27 and 14 tokens more than these runs' workers computed)."""
+    runner = ModelRunner(loaded, num_blocks=num_blocks, block_size=16)
+    worker = make_worker_engine(runner, eos_token_id=None, max_model_len=loaded.max_model_len, prefix_caching=True)
+    truth = WorkerPrefill(worker)
+    refused, core, _ = converse(seed, num_blocks, 150, worker=worker, sampling=stops_early)
+    assert refused == [] and not core.jobs and core.preemptions["drop"] > 0
+    assert core.prefill.num_computed_tokens == truth.num_computed_tokens
+
+
 def test_the_stand_in_counts_cross_the_wire():
     report = StepReport(step_id=7, outputs=[JobOutput("a", [5], None, 40)], refused=[Refusal("b", "admit", "x")],
                         num_admit_stand_in_tokens=32, num_resume_stand_in_tokens=16)

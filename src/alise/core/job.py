@@ -200,6 +200,10 @@ class Job:
     #: Step id of the plan that admitted the job to its worker (0: adopted from the worker's
     #: hello); from that step on the worker holds it (``alise.core.census``).
     admit_step_id: int = 0
+    #: Where the prefill of the job's current stay on its worker ends (its tokens when it was
+    #: admitted, or resumed after a drop): the core counts the prefill computed when it plans
+    #: it, and gives back what a drop leaves uncomputed (``StepPlanner._apply_move``).
+    prefill_end: int = 0
 
     def __post_init__(self) -> None:
         if not self.prompt_token_ids:

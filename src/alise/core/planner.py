@@ -251,6 +251,8 @@ class StepPlanner:
         # A drop caches the full blocks of every token known now that the worker will have
         # computed when it applies the drop (``reusable_tokens``; the mirror's release agrees).
         known = known_tokens(job)
+        if move.target is KvPlace.NONE:  # the prefill counted computed when planned, less what it never ran
+            self.prefill.num_computed_tokens -= max(0, job.prefill_end - job.num_computed_tokens)
         self.set_status(job, JobStatus.PAUSED, now_s, kv=move.target)
         if job.is_dropped:  # what its worker's cache kept, as its row's price reads it
             self.prefill.num_drop_cached_tokens += int(self.table.num_cached_hint[self.table.slot_of[job.job_id]])
@@ -268,6 +270,7 @@ class StepPlanner:
                 counts.num_admitted_tokens += admitted
                 counts.num_cached_tokens += cached
                 counts.num_computed_tokens += admitted - cached
+                job.prefill_end = admitted
                 commands.append(Admit(job.job_id, job.all_token_ids(), job.worker_sampling,
                                       num_generated=job.num_output_tokens, num_cached_tokens=cached))
                 # admit_step_id: the plan being made.
@@ -279,6 +282,7 @@ class StepPlanner:
                     cached = view.prefix.resume(job, hit) if view.prefix is not None else 0
                     job.num_computed_tokens = job.num_shared_tokens = cached
                     counts.num_computed_tokens += job.num_tokens - cached
+                    job.prefill_end = job.num_tokens
                     counts.num_resume_cached_tokens += cached
                 commands.append(Resume(job.job_id, num_cached_tokens=cached))
                 self.set_status(job, JobStatus.RUNNING, now_s)
