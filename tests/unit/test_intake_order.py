@@ -8,9 +8,10 @@ import time
 
 import pytest
 
+from alise.common.batches import InOrderBatches
 from alise.modelinfo.served import ModelInfo
 from alise.modelinfo.tokenizer import minilm_tokenizer
-from alise.scheduler.request_checks import GenerateChecks, InOrderBatches
+from alise.scheduler.request_checks import GenerateChecks
 from alise.v1 import scheduler_pb2
 
 

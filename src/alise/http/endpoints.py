@@ -29,13 +29,14 @@ import uuid
 from starlette.requests import ClientDisconnect, Request
 
 from alise.client import AliseError, Conversation
+from alise.common.batches import InOrderBatches, outcome
 from alise.common.logs import preview, request_id_var
 from alise.http.chat import ChatRenderer, check_length
 from alise.http.errors import ApiError, bad_request
 from alise.http.protocol import SURROGATE_ESCAPE, GenerationRequest, lone_surrogate_at, parse_request
 from alise.http.relay import Relay, send_json
 from alise.http.shapes import Facts, Shaper
-from alise.scheduler.request_checks import InOrderBatches, check_request_id, max_text_chars, text_too_long
+from alise.scheduler.request_checks import check_request_id, max_text_chars, text_too_long
 
 logger = logging.getLogger(__name__)
 
@@ -88,13 +89,7 @@ def render_chats(items: list[tuple[ChatRenderer, GenerationRequest]]
                  ) -> list[tuple[str | list[int], Conversation | None] | BaseException]:
     """Blocking: ``render_chat`` of each item, or the exception it raised (one bad set of
     messages fails alone)."""
-    results: list[tuple[str | list[int], Conversation | None] | BaseException] = []
-    for renderer, req in items:
-        try:
-            results.append(render_chat(renderer, req))
-        except Exception as exc:
-            results.append(exc)
-    return results
+    return [outcome(lambda r=renderer, q=req: render_chat(r, q)) for renderer, req in items]
 
 
 def bearer_token(request: Request) -> str | None:

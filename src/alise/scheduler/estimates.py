@@ -8,7 +8,7 @@ one request probes it again; the first success restores the normal path.
 
 The requests that ask in one turn of the event loop share one Predict call (those with a
 conversation in a call of their own): a burst's handlers resume together from the prompt
-checks (``request_checks.InOrderBatches``), so a burst of N is a few calls, not N.
+checks (``alise.common.batches.InOrderBatches``), so a burst of N is a few calls, not N.
 
 Finished jobs go back to the predictor through an :class:`Observer` (the predictor link's
 outbox: buffered, one long-lived stream), naming the prediction they answer
@@ -23,6 +23,7 @@ import time
 from dataclasses import dataclass
 from typing import Protocol
 
+from alise.common.batches import settle
 from alise.core.job import LengthEstimate
 from alise.core.policy import DEFAULT_ESTIMATE
 from alise.predictor.context import PromptContext
@@ -141,13 +142,7 @@ class LengthEstimator:
             for answer in answers:
                 answer.cancel()
             raise
-        for answer, result in zip(answers, results, strict=True):
-            if answer.done():
-                continue
-            if isinstance(result, Exception):
-                answer.set_exception(result)
-            else:
-                answer.set_result(result)
+        settle(answers, results)
 
     @property
     def is_degraded(self) -> bool:

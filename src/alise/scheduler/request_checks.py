@@ -30,7 +30,7 @@ reads, ``check_conversation``) is bounded as a prompt's text is, and its answers
 
 A request id is checked (``check_request_id``) before anything logs it.
 
-Prompts are made ready in batches (``InOrderBatches``): the prompts of every request that
+Prompts are made ready in batches (``alise.common.batches.InOrderBatches``): the prompts of every request that
 arrives while a batch is under way go together in the next, one call off the event loop for
 all of them (the texts tokenized in one tokenizer call), answered in the order they came. A
 burst is then queued in the order it was sent, without a thread hop (and a loop wake-up) per
@@ -39,15 +39,14 @@ request.
 
 from __future__ import annotations
 
-import asyncio
 import uuid
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Generic, TypeVar
+from typing import TYPE_CHECKING
 
 import grpc
 
 from alise.common import wire
+from alise.common.batches import InOrderBatches, outcome
 from alise.common.grpc_server import count_varints, iter_fields
 from alise.core.sampling import SamplingParams
 from alise.predictor.context import PromptContext
@@ -55,9 +54,6 @@ from alise.v1 import scheduler_pb2
 
 if TYPE_CHECKING:  # the HTTP door imports the text bound; ModelInfo's module imports transformers
     from alise.modelinfo.served import ModelInfo
-
-T = TypeVar("T")
-R = TypeVar("R")
 
 MAX_REQUEST_ID_CHARS = 128
 #: A request this large or larger is looked at in its raw bytes before it is parsed.
@@ -210,79 +206,6 @@ def _count_ids(token_ids: memoryview, stop_at: int) -> tuple[int, bool]:
     return count, True
 
 
-class InOrderBatches(Generic[T, R]):
-    """Runs ``run_batch`` off the event loop, one call per batch, and answers each caller in
-    the order it asked. ``run_batch(items)`` returns one result per item: its value, or the
-    exception that item raises (an item that fails, fails alone).
-
-    A batch is what has waited since the last one started, up to ``max_batch_weight`` (by
-    ``weigh``; one item at least). Batches run one at a time: a heavy item delays those behind
-    it, as the queue's FIFO order would. NOTE: answers are set in the order the items came, so
-    their callers resume in that order (asyncio wakes waiters first in, first out): a burst
-    leaves in the order it entered, one thread hop and loop wake-up a batch, not an item."""
-
-    def __init__(self, run_batch: Callable[[list[T]], list[R | BaseException]], *,
-                 weigh: Callable[[T], int] = lambda item: 1, max_batch_weight: int = 256) -> None:
-        self.run_batch = run_batch
-        self.weigh = weigh
-        self.max_batch_weight = max_batch_weight
-        self._waiting: list[tuple[T, asyncio.Future]] = []
-        self._draining: asyncio.Task | None = None
-        #: Batches run so far.
-        self.num_batches = 0
-
-    async def run(self, item: T) -> R:
-        future = asyncio.get_running_loop().create_future()
-        self._waiting.append((item, future))
-        if self._draining is None:
-            self._draining = asyncio.ensure_future(self._drain())
-        return await future
-
-    def _take(self) -> list[tuple[T, asyncio.Future]]:
-        weight, n = 0, 0
-        for item, _ in self._waiting:
-            if n and weight + self.weigh(item) > self.max_batch_weight:
-                break
-            weight, n = weight + self.weigh(item), n + 1
-        batch, self._waiting = self._waiting[:n], self._waiting[n:]
-        return [(item, future) for item, future in batch if not future.done()]  # done: its caller left
-
-    async def _drain(self) -> None:
-        batch: list[tuple[T, asyncio.Future]] = []
-        try:
-            while self._waiting:
-                batch = self._take()
-                if not batch:
-                    continue
-                try:
-                    results = await asyncio.to_thread(self.run_batch, [item for item, _ in batch])
-                except Exception as exc:  # run_batch itself failed: this batch's callers get its error
-                    results = [exc] * len(batch)
-                self.num_batches += 1
-                for (_, future), result in zip(batch, results, strict=True):
-                    if future.done():  # its caller left meanwhile
-                        continue
-                    if isinstance(result, BaseException):
-                        future.set_exception(result)
-                    else:
-                        future.set_result(result)
-        except BaseException:  # cancelled (the loop stops): nobody is left waiting forever
-            for _, future in [*batch, *self._waiting]:
-                future.cancel()
-            self._waiting.clear()
-            raise
-        finally:
-            self._draining = None
-
-
-def _outcome(fn: Callable[[], R]) -> R | Exception:
-    """``fn()``, or the exception it raised."""
-    try:
-        return fn()
-    except Exception as exc:
-        return exc
-
-
 @dataclass(frozen=True)
 class CheckedRequest:
     """A Generate request that passed every check."""
@@ -361,14 +284,14 @@ class GenerateChecks:
         try:
             encoded = iter(self._encode_batch(texts) if texts else [])
         except Exception:
-            encoded = iter([_outcome(lambda t=text: self._encode_batch([t])[0]) for text in texts])
+            encoded = iter([outcome(lambda t=text: self._encode_batch([t])[0]) for text in texts])
         results: list[tuple[list[int], str] | BaseException] = []
         for prompt in prompts:
             if isinstance(prompt, str):
                 ids = next(encoded)
                 results.append(ids if isinstance(ids, BaseException) else (ids, prompt))
             else:
-                results.append(_outcome(lambda p=prompt: token_prompt(p, self.info)))
+                results.append(outcome(lambda p=prompt: token_prompt(p, self.info)))
         return results
 
     def _encode_batch(self, texts: list[str]) -> list[list[int]]:
