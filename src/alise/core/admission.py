@@ -41,19 +41,21 @@ class Budgets:
 
 
 def select(need: np.ndarray, uncomputed: np.ndarray, running: np.ndarray, budgets: Budgets,
-           backfill: bool, grow: np.ndarray | None = None,
-           decode: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+           backfill: bool, grow: np.ndarray | None = None, decode: np.ndarray | None = None,
+           num_decodes: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(positions taken, tokens each feeds) over the ranked candidates.
 
     ``need``: device blocks each needs; ``uncomputed``: tokens each has to feed before its
     next token (1 for a decode); ``running``: whether each is in the batch already; ``grow``:
     growth reserves in blocks (floats), or None for none; ``decode``: ``running & (uncomputed
-    == 1)`` where the caller has it.
+    == 1)`` and ``num_decodes`` its count, where the caller has them.
     """
     n = len(need)
     if decode is None:
         decode = running & (uncomputed == 1)
-    budget = budgets.max_num_batched_tokens - int(np.count_nonzero(decode))
+    if num_decodes is None:
+        num_decodes = int(np.count_nonzero(decode))
+    budget = budgets.max_num_batched_tokens - num_decodes
     if budgets.max_prefill_tokens is not None:
         budget = min(budget, budgets.max_prefill_tokens)
     max_seqs, max_blocks = budgets.max_num_seqs, budgets.max_num_blocks

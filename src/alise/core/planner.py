@@ -88,9 +88,9 @@ class StepPlanner:
         used = int(need[taken].sum()) + held + view.num_shared_blocks
         plan.commands += self._plan_memory(view, order, taken, used, now_s)
         chosen = order[taken]
-        plan.commands += self._start(view, chosen, hits[taken], now_s)
+        plan.commands += self._start(view, chosen, None if hits is None else hits[taken], now_s)
         plan.chunks, outputs = self._advance(view, chosen, feed)
-        plan.run_step = bool(len(feed)) and bool(feed.any())
+        plan.run_step = bool(np.count_nonzero(feed))
         if not plan.is_empty:
             view.next_step_id += 1
             view.in_flight.append(InFlight.of(plan.step_id, outputs, plan.commands, census=census, planned_free_blocks=(
@@ -144,16 +144,17 @@ class StepPlanner:
         reserve = policy.reserve_tokens(cands)
         return slots[perm], None if reserve is None else reserve[perm]
 
-    def _needs(self, view: WorkerView, order: np.ndarray, num_tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _needs(self, view: WorkerView, order: np.ndarray,
+               num_tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         """(device blocks each candidate needs to run, tokens of each waiting or dropped one's
-        prefix cached on the worker); ``num_tokens``: the candidates' token counts. Shared blocks
-        count once, in ``view.num_shared_blocks``; a hit on cached blocks no job reads takes
-        those out of the free ones."""
+        prefix cached on the worker: None where it caches none); ``num_tokens``: the candidates'
+        token counts. Shared blocks count once, in ``view.num_shared_blocks``; a hit on cached
+        blocks no job reads takes those out of the free ones."""
         table, bs = self.table, view.capacity.block_size
         private = num_tokens - table.num_shared_tokens[order]
-        hits = np.zeros(len(order), dtype=np.int64)
         if view.prefix is None:
-            return (private + (bs - 1)) // bs, hits  # whole blocks (integers: exact)
+            return (private + (bs - 1)) // bs, None  # whole blocks (integers: exact)
+        hits = np.zeros(len(order), dtype=np.int64)
         taken_free = np.zeros(len(order), dtype=np.int64)
         # A step takes at most max_num_seqs jobs, so the lookups stop at that many waiting or
         # dropped ones (bounded work per plan); one ranked below them that backfill takes starts
@@ -182,26 +183,28 @@ class StepPlanner:
         return float(lat.recompute_base_s(n) - lat.recompute_base_s(n, hit)) * lat.correction if hit else 0.0
 
     def _select(self, view: WorkerView, order: np.ndarray, num_tokens: np.ndarray, need: np.ndarray,
-                reserve: np.ndarray | None, held: int, hits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+                reserve: np.ndarray | None, held: int, hits: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
         cap, table = view.capacity, self.table
         grow = None if reserve is None else reserve / cap.block_size
         running = table.is_running[order]
         uncomputed = num_tokens - table.num_computed_tokens[order]
-        if view.prefix is not None:  # else no hits
+        if hits is not None:
             uncomputed -= hits
         decode = running & (uncomputed == 1)
+        num_decodes = int(np.count_nonzero(decode))
         budgets = Budgets(cap.max_num_seqs, cap.num_device_blocks - held, cap.max_num_batched_tokens,
-                          self._prefill_allowance(num_tokens, decode))
-        return select(need, uncomputed, running, budgets, self.policy.backfill, grow, decode)
+                          self._prefill_allowance(num_tokens, decode, num_decodes))
+        return select(need, uncomputed, running, budgets, self.policy.backfill, grow, decode, num_decodes)
 
-    def _prefill_allowance(self, num_tokens: np.ndarray, decoding: np.ndarray) -> int | None:
-        """Prompt tokens the step may add beside its decodes (``LatencyModel.chunk_allowance``),
-        at least ``MIN_CHUNK_TOKENS`` so prompts always progress; None where unpriced."""
+    def _prefill_allowance(self, num_tokens: np.ndarray, decoding: np.ndarray, num_decodes: int) -> int | None:
+        """Prompt tokens the step may add beside its ``num_decodes`` decodes (``decoding``;
+        ``LatencyModel.chunk_allowance``), at least ``MIN_CHUNK_TOKENS`` so prompts always
+        progress; None where unpriced."""
         latency = self.latency
         if not latency.measured or not self.prefill_step_ratio:
             return None
-        context = int(num_tokens @ decoding)  # integers: exact
-        allowance = latency.chunk_allowance(int(np.count_nonzero(decoding)), context, self.prefill_step_ratio)
+        context = int(num_tokens[decoding].sum())  # integers: exact
+        allowance = latency.chunk_allowance(num_decodes, context, self.prefill_step_ratio)
         return None if allowance is None else max(allowance, MIN_CHUNK_TOKENS)
 
     def _plan_memory(self, view: WorkerView, order: np.ndarray, taken: np.ndarray, used: int,
@@ -258,11 +261,14 @@ class StepPlanner:
             self.prefill.num_drop_cached_tokens += int(self.table.num_cached_hint[self.table.slot_of[job.job_id]])
         return [Pause(job.job_id, action, known if action is KvAction.DROP else 0) for action in actions]
 
-    def _start(self, view: WorkerView, chosen: np.ndarray, hits: np.ndarray, now_s: float) -> list[Command]:
+    def _start(self, view: WorkerView, chosen: np.ndarray, hits: np.ndarray | None, now_s: float) -> list[Command]:
+        """Admits or resumes the jobs ``chosen`` that are not running; ``hits``: their cached
+        prefixes' tokens (``_needs``; None: the worker caches none)."""
         table, counts = self.table, self.prefill
         starts = ~table.is_running[chosen]
+        jobs = table.jobs[chosen[starts]].tolist()
         commands: list[Command] = []
-        for job, hit in zip(table.jobs[chosen[starts]].tolist(), hits[starts].tolist(), strict=True):
+        for job, hit in zip(jobs, [0] * len(jobs) if hits is None else hits[starts].tolist(), strict=True):
             if job.status is JobStatus.WAITING:
                 cached = view.prefix.admit(job, hit) if view.prefix is not None else 0
                 job.num_computed_tokens = job.num_shared_tokens = cached
@@ -325,7 +331,8 @@ def in_key_order(keys: np.ndarray) -> bool:
     fcfs: the candidates come by arrival). Three keys out of order say no at once (alise's
     keys, most steps); a NaN, which no comparison holds for, too."""
     last = len(keys) - 1
-    return last < 1 or bool(keys[0] <= keys[last // 2] <= keys[last] and (keys[1:] >= keys[:-1]).all())
+    return last < 1 or bool(keys[0] <= keys[last // 2] <= keys[last]
+                            and np.count_nonzero(keys[1:] >= keys[:-1]) == last)
 
 
 def sort_out_of_order(keys: np.ndarray) -> np.ndarray:
@@ -333,7 +340,7 @@ def sort_out_of_order(keys: np.ndarray) -> np.ndarray:
     perm = keys.argsort()
     ordered = keys[perm]
     rises = ordered[1:] > ordered[:-1]
-    if rises.all():
+    if np.count_nonzero(rises) == len(rises):  # (a count is cheaper than ``all``)
         return perm
     if np.isnan(ordered[-1]):  # NaN sorts last; with one, "not rising" is not "equal"
         return keys.argsort(kind="stable")
