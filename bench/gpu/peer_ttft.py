@@ -41,9 +41,9 @@ def client_rows(path: Path) -> list[dict]:
             enumerate(zip(d["start_times"], d["ttfts"], d["input_lens"], d["output_lens"], strict=True))]
 
 
-def queued_jobs(results: Path, setup: str, count: int, first_run: bool) -> list[tuple[float, str, int, int]]:
-    """(wall time, job id, prompt tokens, max_tokens) of the run's jobs, in arrival order (the
-    scheduler log holds every run of the set-up: the first ``count`` are the first run's)."""
+def queued_jobs(results: Path, setup: str, count: int, nth: int) -> list[tuple[float, str, int, int]]:
+    """(wall time, job id, prompt tokens, max_tokens) of the set-up's ``nth`` run's jobs (from 0),
+    in arrival order (the scheduler log holds every run of the set-up, one after another)."""
     rows = []
     for line in (results / "logs" / f"{setup}-scheduler.log").open():
         m = QUEUED.match(line)
@@ -51,7 +51,7 @@ def queued_jobs(results: Path, setup: str, count: int, first_run: bool) -> list[
             wall = datetime.datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
             rows.append((wall, m.group(2), int(m.group(3)), int(m.group(4))))
     rows.sort()
-    return rows[:count] if first_run else rows[count:count * 2]
+    return rows[nth * count:(nth + 1) * count]
 
 
 def match(client: list[dict], queued: list[tuple[float, str, int, int]], jobs: dict) -> list[dict]:
@@ -122,8 +122,11 @@ def main() -> int:
     for line in (args.results / "logs" / f"{setup}-jobs.jsonl").open():
         j = json.loads(line)
         jobs.setdefault(j["job_id"], j)
-    first_run = args.run == sorted(p.stem for p in (args.results / "results").glob(f"{setup}-r*.json"))[0]
-    rows = match(client, queued_jobs(args.results, setup, len(client), first_run), jobs)
+    # The set-up's runs in the order they ran (the client stamps each result with its start).
+    runs = sorted((json.loads(p.read_text())["date"], p.stem)
+                  for p in (args.results / "results").glob(f"{setup}-r*.json"))
+    nth = [name for _, name in runs].index(args.run)
+    rows = match(client, queued_jobs(args.results, setup, len(client), nth), jobs)
     offset = min(r["wall"] - r["start"] for r in rows) - 0.0022
     for r in rows:
         r["arrival"] = r["wall"] - offset
