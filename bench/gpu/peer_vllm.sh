@@ -33,12 +33,15 @@
 # every run so far; $OUT gets peer-results.tgz (all logs and JSON), summary.json, tables.txt.
 #
 # The carried sets (64 MiB a call; the tree itself is ~3 MB):
-#   .vllmcarry (38 MB, bench/gpu/vllm_carry.sh), .peercarry (8 MB) and .peerpredictor (58 MB,
-#   both bench/gpu/peer_carry.sh). vLLM's client is vLLM, so every stage needs .vllmcarry
-#   unpacked; the alise stage needs .peerpredictor, which cannot travel with .vllmcarry:
-#   1. carry .vllmcarry .peercarry:  OUT=$OUT RATES="11 inf" STAGES="vllm fcfs" bash bench/gpu/peer_vllm.sh
-#   2. carry .peerpredictor, on the machine call 1 left warm, which keeps the unpacked sets:
-#                                    OUT=$OUT RATES=11 STAGES=alise CALL_S=300 bash bench/gpu/peer_vllm.sh
+#   .vllmcarry (38 MB, bench/gpu/vllm_carry.sh): vllm-py.tar.xz and deps.tar.xz (16 MB) are vLLM's
+#   client (bench/gpu/peer_client.py), which every run uses; vllm-so.tar.xz (23 MB) holds the
+#   kernels only vLLM's server loads. .peercarry (8 MB) and .peerpredictor (37 MB, the alise
+#   policy's predictor), both bench/gpu/peer_carry.sh. The predictor cannot travel with vLLM's
+#   kernels, so a call runs vLLM's server or the alise policy:
+#   1. carry .vllmcarry .peercarry:  OUT=$OUT RATES="11 13" STAGES="vllm fcfs" bash bench/gpu/peer_vllm.sh
+#   2. carry .vllmcarry/vllm-py.tar.xz .vllmcarry/deps.tar.xz .peercarry .peerpredictor, on any
+#      machine (one call 1 left warm keeps its results, and its tables then hold both calls):
+#                                    OUT=$OUT RATES="11 13" STAGES="alise" bash bench/gpu/peer_vllm.sh
 #   with device time to spare, carry .vllmcarry .peercarry (a fresh machine) or nothing (warm):
 #                                    OUT=$OUT STAGES="engine-vllm engine-alise" bash bench/gpu/peer_vllm.sh
 # A dry run of the ALISE side on a CPU (no vLLM server there): DEVICE=cpu DTYPE=float32
@@ -76,12 +79,17 @@ http_ok() { $PY -c 'import sys, urllib.request; urllib.request.urlopen(sys.argv[
 untar() { $PY -c 'import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2], filter="tar")' "$1" "$2"; }
 
 unpack() {
-  if [ ! -f "$VSITE/.done" ]; then
-    [ -d .vllmcarry ] || { say "no vLLM here: $VSITE is empty and .vllmcarry was not carried (the machine"\
-      "was given back since the call that carried it; carry .vllmcarry .peercarry and run that stage again)"; exit 3; }
-    mkdir -p "$VSITE" && for f in .vllmcarry/*.tar.xz; do untar "$f" "$VSITE" || exit 3; done && touch "$VSITE/.done"
-    say "vLLM unpacked into $VSITE ($(du -sm "$VSITE" | cut -f1) MB)"
-  fi
+  # Each of .vllmcarry's sets once (a machine kept warm keeps them): the client needs vllm-py and
+  # deps; the server needs vllm-so too (stage_vllm).
+  local f
+  for f in .vllmcarry/*.tar.xz; do
+    [ -f "$f" ] || continue
+    [ -f "$VSITE/.done-$(basename "$f")" ] && continue
+    mkdir -p "$VSITE" && untar "$f" "$VSITE" && touch "$VSITE/.done-$(basename "$f")" || exit 3
+    say "$(basename "$f") unpacked into $VSITE ($(du -sm "$VSITE" | cut -f1) MB)"
+  done
+  [ -f "$VSITE/.done-vllm-py.tar.xz" ] && [ -f "$VSITE/.done-deps.tar.xz" ] || { say "no vLLM client here:"\
+    "carry .vllmcarry (or, for ALISE's runs alone, .vllmcarry/vllm-py.tar.xz and .vllmcarry/deps.tar.xz)"; exit 3; }
   if [ ! -f "$ASITE/.done" ]; then
     [ -f "$DATA/alise-site.tar.xz" ] || { say "no ALISE wheels here: carry .peercarry"; exit 3; }
     mkdir -p "$ASITE" && untar "$DATA/alise-site.tar.xz" "$ASITE" || exit 3
@@ -94,12 +102,9 @@ unpack() {
   if [ -d .peerpredictor ] && [ ! -f /tmp/minilm/model.safetensors ]; then
     untar .peerpredictor/faiss.tar.xz "$ASITE"
     mkdir -p /tmp/peer-train && cp .peerpredictor/train/*.jsonl.gz /tmp/peer-train/
-    PYTHONPATH=$APATH $PY - <<'PY'  # carried in fp16 to fit the transfer; served in fp32
-from safetensors.torch import load_file, save_file
-w = load_file(".peerpredictor/minilm-fp16/model.safetensors")
-save_file({k: v.float() if v.is_floating_point() else v for k, v in w.items()}, "/tmp/minilm/model.safetensors",
-          metadata={"format": "pt"})
-PY
+    # carried in int8 to fit the transfer beside vLLM's client; served in fp32
+    PYTHONPATH=$APATH $PY "$REPO/bench/gpu/minilm_int8.py" unpack .peerpredictor/minilm-int8/model.safetensors \
+      /tmp/minilm/model.safetensors || exit 3
   fi
 }
 
@@ -134,7 +139,7 @@ bench() {  # NAME BASE_URL METRICS_URL WATCH_NAMES WATCH_COUNTERS RATE [STEP_LOG
   local wp=$! t0; t0=$(mono)
   say "$name: rate $rate, burstiness $BURSTINESS, seed $SEED (at most $budget s)"
   # shellcheck disable=SC2086
-  PYTHONPATH=$VSITE timeout "$budget" $PY -m vllm.entrypoints.cli.main bench serve --backend openai \
+  PYTHONPATH=$VSITE timeout "$budget" $PY "$REPO/bench/gpu/peer_client.py" bench serve --backend openai \
     --base-url "$url" --endpoint /v1/completions --model "$SERVED" --tokenizer "$DATA/model" \
     --dataset-name custom --dataset-path "$DATA/custom.jsonl" --custom-output-len -1 --skip-chat-template \
     --num-prompts "${NUM:-$(wc -l < "$DATA/custom.jsonl")}" --ignore-eos --temperature 1.0 \
@@ -168,6 +173,7 @@ profile_arg() {  # the virtual worker brings its own profile (VIRTUAL)
 
 stage_vllm() {
   local log="$R/logs/vllm-$SETUP-server.log"
+  [ -f "$VSITE/.done-vllm-so.tar.xz" ] || { say "vllm: skipped, no vLLM kernels here (carry .vllmcarry whole)"; return; }
   say "vLLM server: $BLOCKS blocks, $SEQS sequences ${VLLM_ARGS:-}"
   # shellcheck disable=SC2086
   PYTHONPATH=$VSITE setsid $PY -m vllm.entrypoints.cli.main serve "$DATA/model" --served-model-name "$SERVED" \
