@@ -35,7 +35,7 @@
 # The carried sets (64 MiB a call; the tree itself is ~3 MB):
 #   .vllmcarry (38 MB, bench/gpu/vllm_carry.sh): vllm-py.tar.xz and deps.tar.xz (16 MB) are vLLM's
 #   client (bench/gpu/peer_client.py), which every run uses; vllm-so.tar.xz (23 MB) holds the
-#   kernels only vLLM's server loads. .peercarry (8 MB) and .peerpredictor (37 MB, the alise
+#   kernels only vLLM's server loads. .peercarry (8 MB) and .peerpredictor (35 MB, the alise
 #   policy's predictor), both bench/gpu/peer_carry.sh. The predictor cannot travel with vLLM's
 #   kernels, so a call runs vLLM's server or the alise policy:
 #   1. carry .vllmcarry .peercarry:  OUT=$OUT RATES="11 13" STAGES="vllm fcfs" bash bench/gpu/peer_vllm.sh
@@ -100,8 +100,9 @@ unpack() {
   fi
   if [ -d "$DATA/minilm-tok" ] && [ ! -f /tmp/minilm/vocab.txt ]; then mkdir -p /tmp/minilm && cp -r "$DATA/minilm-tok/." /tmp/minilm/; fi
   if [ -d .peerpredictor ] && [ ! -f /tmp/minilm/model.safetensors ]; then
-    untar .peerpredictor/faiss.tar.xz "$ASITE"
-    mkdir -p /tmp/peer-train && cp .peerpredictor/train/*.jsonl.gz /tmp/peer-train/
+    # The weights come last: a machine kept warm takes them for the sign that all three are there.
+    untar .peerpredictor/faiss.tar.xz "$ASITE" || exit 3
+    mkdir -p /tmp/peer-train && cp .peerpredictor/train/*.jsonl.gz /tmp/peer-train/ || exit 3
     # carried in int8 to fit the transfer beside vLLM's client; served in fp32
     PYTHONPATH=$APATH $PY "$REPO/bench/gpu/minilm_int8.py" unpack .peerpredictor/minilm-int8/model.safetensors \
       /tmp/minilm/model.safetensors || exit 3
@@ -247,6 +248,9 @@ stage_alise() {  # POLICY
 }
 
 stage_engine() {  # alise | vllm
+  if [ "$1" = vllm ] && [ ! -f "$VSITE/.done-vllm-so.tar.xz" ]; then
+    say "engine-vllm: skipped, no vLLM kernels here (carry .vllmcarry whole)"; return
+  fi
   local budget=$(( $(left) - 20 ))
   if [ "$budget" -lt 120 ]; then say "engine-$1: skipped, $(left) s left in the call"; return; fi
   [ "$budget" -gt "${ENGINE_S:-300}" ] && budget=${ENGINE_S:-300}
