@@ -122,7 +122,7 @@ def main() -> int:
     for line in (args.results / "logs" / f"{setup}-jobs.jsonl").open():
         j = json.loads(line)
         jobs.setdefault(j["job_id"], j)
-    # The set-up's runs in the order they ran (the client stamps each result with its start).
+    # The set-up's runs in the order they ran (the client stamps each result when its run ends).
     runs = sorted((json.loads(p.read_text())["date"], p.stem)
                   for p in (args.results / "results").glob(f"{setup}-r*.json"))
     nth = [name for _, name in runs].index(args.run)
