@@ -103,9 +103,11 @@ unpack() {
     # The weights come last: a machine kept warm takes them for the sign that all three are there.
     untar .peerpredictor/faiss.tar.xz "$ASITE" || exit 3
     mkdir -p /tmp/peer-train && cp .peerpredictor/train/*.jsonl.gz /tmp/peer-train/ || exit 3
-    # carried in int8 to fit the transfer beside vLLM's client; served in fp32
+    # carried in int8 to fit the transfer beside vLLM's client; served in fp32 (written aside and
+    # renamed, so a call killed mid-write leaves no partial file for the next to take as done)
     PYTHONPATH=$APATH $PY "$REPO/bench/gpu/minilm_int8.py" unpack .peerpredictor/minilm-int8/model.safetensors \
-      /tmp/minilm/model.safetensors || exit 3
+      /tmp/minilm/model.safetensors.part && mv /tmp/minilm/model.safetensors.part /tmp/minilm/model.safetensors \
+      || exit 3
   fi
 }
 
