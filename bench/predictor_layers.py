@@ -1,6 +1,7 @@
 """Which of the encoder's layers should the predictor's vectors come from? Prints a table.
 
     .venv/bin/python bench/predictor_layers.py [--layers 3,4,5,6] [--fp32] [--holdout-generator all]
+                                               [--model-path DIR]
 
 For each depth, the encoder as served (``Encoder(layers=N)``: the first N transformer layers
 of all-MiniLM-L6-v2, mean-pooled and normalized, int8 unless ``--fp32``) embeds the AlpacaEval
@@ -28,6 +29,8 @@ def main() -> None:
     parser.add_argument("--holdout-generator", action="append", default=[], metavar="NAME",
                         help="leave-one-generator-out instead ('all': every model in turn)")
     parser.add_argument("--folds", type=int, default=5)
+    parser.add_argument("--model-path", default=None,
+                        help="a sentence-transformers directory in place of the shipped MiniLM (other weights)")
     args = parser.parse_args()
 
     from alise.predictor.datasets import load_records
@@ -43,7 +46,7 @@ def main() -> None:
     print(f"{'layers':>6} {'encoder':<28} {'tau':>6} {'MAE vs mean':>11} {'p90 cov':>7} "
           f"{'10-NN tau':>9} {'encode s':>8}", flush=True)
     for layers in (int(x) for x in args.layers.split(",")):
-        encoder = Encoder(layers=layers, int8=not args.fp32, num_threads=1)
+        encoder = Encoder(args.model_path, layers=layers, int8=not args.fp32, num_threads=1)
         corpus = build_corpus(records, encoder, counter)
         started = time.perf_counter()
         encoder.encode(corpus.texts)
