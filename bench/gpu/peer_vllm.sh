@@ -62,6 +62,14 @@ case $SETUP in
   rich) BLOCKS=4096; SEQS=256; DEFAULT_RATES="14 20 inf" ;;
   *) echo "SETUP must be mem or rich, got $SETUP"; exit 2 ;;
 esac
+# KV_DTYPE fp8_e4m3: both servers keep fp8 pages, twice the blocks in the same memory; the runs
+# are named <server>-<setup>-fp8-r<rate>.
+case ${KV_DTYPE:-auto} in
+  auto) ;;
+  fp8_e4m3) BLOCKS=$((2 * BLOCKS)); SETUP=$SETUP-fp8
+            WORKER_ARGS="${WORKER_ARGS:-} --kv-cache-dtype fp8_e4m3"; VLLM_ARGS="${VLLM_ARGS:-} --kv-cache-dtype fp8_e4m3" ;;
+  *) echo "KV_DTYPE must be auto or fp8_e4m3, got $KV_DTYPE"; exit 2 ;;
+esac
 RATES=${RATES:-$DEFAULT_RATES}; BURSTINESS=${BURSTINESS:-0.111}; SEED=${SEED:-7}
 GOODPUT=${GOODPUT:-"ttft:500 tpot:50"}; EXTRA_BODY=${EXTRA_BODY:-'{"return_token_ids": true}'}
 MODEL=${MODEL:-opt-13b}; DEVICE=${DEVICE:-cuda}; DTYPE=${DTYPE:-float16}; PY=${PY:-python3}
