@@ -16,8 +16,14 @@ from __future__ import annotations
 
 import sys
 
-from vllm import platforms
-from vllm.platforms.cpu import CpuPlatform
+# vLLM picks its platform while `import vllm` runs (its torch utilities ask whether pinned memory
+# is available), and on a machine with a GPU, NVML makes that pick CUDA before anything below
+# could pin another. With NVML hidden from this process no platform is detected there, as on a
+# machine without a GPU, and the CPU platform is pinned before the command line runs.
+sys.modules["vllm.third_party.pynvml"] = None  # type: ignore[assignment]
+
+from vllm import platforms  # noqa: E402
+from vllm.platforms.cpu import CpuPlatform  # noqa: E402
 
 
 def main() -> int:
