@@ -57,8 +57,11 @@ def run_alise(args) -> dict:
     loaded = load_model(args.preset, device=args.device,
                         dtype="float16" if args.device.startswith("cuda") else "float32")
     fig = eb.model_figures(loaded)
-    kv_bytes = int(args.kv_gib * 2**30)
-    num_blocks = KVCache.num_blocks_for_budget(loaded.config, eb.BLOCK_SIZE, loaded.dtype, kv_bytes)
+    # The blocks the steps use: the decode at the largest batch holds CONTEXT + 1 tokens a sequence
+    # (OPT-13B: 64 x 33 blocks, 26 GiB), the longest prefill its prompt; --kv-gib asks for more.
+    need = max(max(BATCHES) * -(-(CONTEXT + 1) // eb.BLOCK_SIZE), -(-max(PREFILLS) // eb.BLOCK_SIZE))
+    budget = KVCache.num_blocks_for_budget(loaded.config, eb.BLOCK_SIZE, loaded.dtype, int(args.kv_gib * 2**30))
+    num_blocks = max(need, budget)
     start = time.perf_counter()
     runner = ModelRunner(loaded, num_blocks=num_blocks, block_size=eb.BLOCK_SIZE, max_num_seqs=72,
                          max_num_tokens=576, fast_kernels=args.device.startswith("cuda"))
@@ -147,7 +150,8 @@ def main() -> int:
     p.add_argument("--model", default=str(ROOT / ".peercarry" / "model"), help="vLLM: the model directory")
     p.add_argument("--preset", default="opt-13b", help="ALISE: the preset (tiny-opt for a CPU smoke run)")
     p.add_argument("--device", default="cuda", help="ALISE: cuda, or cpu for a smoke run")
-    p.add_argument("--kv-gib", type=float, default=20.0, help="ALISE: KV cache")
+    p.add_argument("--kv-gib", type=float, default=0.0,
+                   help="ALISE: KV cache, at least the blocks the steps use (the default)")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9, help="vLLM")
     p.add_argument("--reps", type=int, default=3)
     args = p.parse_args()

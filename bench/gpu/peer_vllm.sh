@@ -46,7 +46,7 @@
 #                                    OUT=$OUT STAGES="engine-vllm engine-alise" bash bench/gpu/peer_vllm.sh
 # A dry run of the ALISE side on a CPU (no vLLM server there): DEVICE=cpu DTYPE=float32
 #   MODEL=opt-125m PY=<python3.12 with the image's packages> VSITE=<where to unpack .vllmcarry>
-#   PORTS=<offset> ENGINE_ARGS="--preset tiny-opt --device cpu --kv-gib 0.5" STAGES="fcfs engine-alise";
+#   PORTS=<offset> ENGINE_ARGS="--preset tiny-opt --device cpu" STAGES="fcfs engine-alise";
 #   with VIRTUAL=profiles/opt-13b-h100.json the worker's steps last what that profile says
 #   (bench/gpu/peer_virtual.py; VIRTUAL_SCALE scales them): the scheduler, the door and the
 #   client at GPU pace.
