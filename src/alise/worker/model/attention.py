@@ -27,6 +27,10 @@ values to the query's dtype first. Every query attends to every key and value as
 it, its own chunk's included (the kernels read them all from the pages): a fresh chunk, which
 reads no page, attends to its own K/V rounded as the page write rounds them (:func:`as_paged`).
 
+A fresh chunk (no page read) attends through torch's flash SDPA, or, where the kernel plan measured
+it faster, through cuDNN's SDPA on its rows padded to one of a few lengths
+(:func:`padded_causal_attention`): cuDNN builds a plan per shape, and padding keeps the shapes few.
+
 Everything layer-independent (slots, positions, padded block tables, masks) is computed once per
 step in :func:`build_attention_metadata` and shared by all layers.
 
@@ -43,11 +47,13 @@ The page write, the decode attention and the unified attention are pluggable
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from alise.worker.model.kv_cache import is_fp8, to_pages
 
@@ -61,6 +67,7 @@ class PrefillSpan:
     context_len: int  # start_pos + num_tokens: the keys this chunk attends to
     block_table: torch.Tensor  # [ceil(context_len / block_size)] int64, on device
     mask: torch.Tensor | None  # [num_tokens, context_len] bool (True = attend); None = square causal
+    padded_len: int | None = None  # a fresh chunk's length for padded cuDNN SDPA (padded_length); None: flash
 
 
 @dataclass(frozen=True)
@@ -111,9 +118,12 @@ class UnifiedStep:
 
 def build_attention_metadata(start_positions: list[int], num_tokens: list[int], block_tables: list[list[int]],
                              *, block_size: int, device: torch.device, min_batched_fresh: int = 0,
-                             unified_config: object = None, upload: Upload | None = None) -> AttentionMetadata:
+                             unified_config: object = None, upload: Upload | None = None,
+                             cudnn_fresh_lengths: tuple[int, ...] = ()) -> AttentionMetadata:
     """Metadata for sequences with the given starts, token counts and (validated) block tables.
     ``min_batched_fresh``: batch the fresh chunks when there are at least this many (0: never).
+    ``cudnn_fresh_lengths``: the lengths a fresh chunk's attention pads to for cuDNN SDPA (the
+    kernel plan's; empty: flash SDPA).
     ``unified_config``: a step that is not all decodes runs as one unified-kernel call with it.
     ``upload(values, dtype)``: how the host-built tensors reach ``device`` (default
     ``.to(device)``; an overlapped step passes pinned non-blocking copies,
@@ -164,7 +174,8 @@ def build_attention_metadata(start_positions: list[int], num_tokens: list[int], 
             query_pos = torch.arange(ctx - n, ctx, device=device)
             mask = torch.arange(ctx, device=device)[None, :] <= query_pos[:, None]
         prefills.append(PrefillSpan(row_start=row_start, num_tokens=n, context_len=ctx, mask=mask,
-                                    block_table=put(table[seq, :blocks_needed[seq]])))
+                                    block_table=put(table[seq, :blocks_needed[seq]]),
+                                    padded_len=padded_length(n, cudnn_fresh_lengths) if ctx == n else None))
 
     decode_rows = decode_tables = decode_lens = None
     if decode_seqs:
@@ -310,15 +321,59 @@ def as_paged(x: torch.Tensor, page_dtype: torch.dtype) -> torch.Tensor:
 
 
 def fresh_prefill_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                            scale: float, window: int | None = None, softcap: float | None = None) -> torch.Tensor:
+                            scale: float, window: int | None = None, softcap: float | None = None,
+                            padded_len: int | None = None) -> torch.Tensor:
     """Causal attention of a chunk that starts at position 0: its own K/V are all the keys, so
     they are used as they are instead of being gathered back from the pages (on fp8 pages the
-    caller passes them as the pages hold them: :func:`as_paged`)."""
+    caller passes them as the pages hold them: :func:`as_paged`). With ``padded_len`` (the
+    kernel plan chose cuDNN SDPA) a plain causal layer in fp16/bf16 runs
+    :func:`padded_causal_attention` on cuDNN; any other layer runs as without it."""
     n = query.shape[0]
+    if padded_len is not None and softcap is None and not cuts(window, n) and query.dtype in PADDED_DTYPES:
+        return padded_causal_attention(query, key, value, scale, padded_len, SDPBackend.CUDNN_ATTENTION)
     mask = window_mask(torch.arange(n, device=query.device), n, window) if cuts(window, n) else None
     out = attend(query.transpose(0, 1).unsqueeze(0), key.transpose(0, 1).unsqueeze(0),
                  value.transpose(0, 1).unsqueeze(0), scale, mask=mask, causal=True, softcap=softcap)
     return out.squeeze(0).transpose(0, 1)
+
+
+#: Query dtypes cuDNN SDPA computes (the padded call runs only on them).
+PADDED_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def padded_lengths(max_len: int) -> tuple[int, ...]:
+    """The lengths fresh chunks of up to ``max_len`` tokens pad to: multiples of 256 up to 2048,
+    then eight per doubling (a pad adds at most an eighth of the length), the last ``max_len``.
+    One cuDNN plan per length: a few dozen at most, all built at start-up."""
+    lengths, length = [], 0
+    while length < max_len:
+        length = min(max_len, length + max(256, 1 << max(0, length.bit_length() - 4)))
+        lengths.append(length)
+    return tuple(lengths)
+
+
+def padded_length(n: int, lengths: tuple[int, ...]) -> int | None:
+    """The smallest of ``lengths`` (ascending) that holds ``n`` rows; None: none does."""
+    i = bisect.bisect_left(lengths, n)
+    return lengths[i] if i < len(lengths) else None
+
+
+def padded_causal_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float,
+                            length: int, backend: SDPBackend) -> torch.Tensor:
+    """Causal SDPA of one fresh chunk (``query [n, heads, dim]``, ``key``/``value``
+    ``[n, kv_heads, dim]``) with zero rows appended up to ``length``, on ``backend`` only.
+    Exact for the ``n`` real rows, which come back: a query at position ``i`` sees keys ``<= i``
+    only, never a padding key. The point: cuDNN builds an execution plan per (query, key) shape,
+    and padded inputs of one length (and one layout) reuse one plan."""
+    n = query.shape[0]
+    # contiguous(): one layout per length whatever the caller's strides (a plan is per layout too).
+    q, k, v = (F.pad(x, (0, 0, 0, 0, 0, length - n)).contiguous().transpose(0, 1).unsqueeze(0)
+               for x in (query, key, value))
+    # NOTE: sdpa_kernel sets torch's process-wide backend flags (cuDNN on, the others off) and
+    # restores them on exit; the runner keeps cuDNN off outside this call.
+    with sdpa_kernel([backend]):
+        out = attend(q, k, v, scale, causal=True)
+    return out.squeeze(0).transpose(0, 1)[:n]
 
 
 def batched_fresh_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -422,7 +477,8 @@ def paged_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     for span in meta.prefills:
         rows = slice(span.row_start, span.row_start + span.num_tokens)
         if span.context_len == span.num_tokens:
-            out[rows] = fresh_prefill_attention(query[rows], key[rows], value[rows], scale, **extra)
+            out[rows] = fresh_prefill_attention(query[rows], key[rows], value[rows], scale, **extra,
+                                                padded_len=span.padded_len)
         else:
             out[rows] = prefill_attention(query[rows], key_cache, value_cache, span.block_table,
                                           span.context_len, span.mask, scale, **extra)

@@ -43,9 +43,14 @@ class KernelPlan:
     #: Unified attention kernel config by token bucket (triton_unified.UnifiedConfig); empty: the
     #: unified kernel is off and prefill attention runs chunk by chunk.
     unified: dict[int, object] = field(default_factory=dict)
-    #: Steps of more rows run attention per chunk (flash SDPA measured faster on a long fresh
-    #: prompt); None: no limit.
+    #: Steps of more rows run attention per chunk (flash or padded cuDNN SDPA measured faster on a
+    #: long fresh prompt); None: no limit.
     unified_max_tokens: int | None = None
+    #: Lengths a fresh chunk's plain causal attention pads to for one cuDNN SDPA call each
+    #: (attention.padded_causal_attention; every length's cuDNN plan built at start-up); empty:
+    #: flash SDPA. A plan kept from before this choice existed loads as empty: flash SDPA is what
+    #: it measured.
+    cudnn_fresh_lengths: tuple[int, ...] = ()
     #: Token buckets whose mixed steps replay CUDA graphs (needs the unified kernel).
     mixed_graph_tokens: tuple[int, ...] = ()
     #: What start-up checked, measured and chose, line by line (logged; printed by the benches).
@@ -206,7 +211,8 @@ def plan_to_json(plan: KernelPlan, key: dict) -> str:
         linear=[[list(k), config(v)] for k, v in plan.linear.items()],
         decode_splits=[[b, n] for b, n in plan.decode_splits.items()], fused_merge=plan.fused_merge,
         unified=[[t, config(c)] for t, c in plan.unified.items()], unified_max_tokens=plan.unified_max_tokens,
-        mixed_graph_tokens=list(plan.mixed_graph_tokens), report=plan.report), indent=1)
+        cudnn_fresh_lengths=list(plan.cudnn_fresh_lengths), mixed_graph_tokens=list(plan.mixed_graph_tokens),
+        report=plan.report), indent=1)
 
 
 def plan_from_json(text: str, key: dict) -> KernelPlan | None:
@@ -231,5 +237,6 @@ def plan_from_json(text: str, key: dict) -> KernelPlan | None:
         linear={tuple(k): config(v) for k, v in data["linear"]},
         decode_splits={int(b): int(n) for b, n in data["decode_splits"]}, fused_merge=data["fused_merge"],
         unified={int(t): config(c) for t, c in data["unified"]}, unified_max_tokens=data["unified_max_tokens"],
+        cudnn_fresh_lengths=tuple(int(n) for n in data.get("cudnn_fresh_lengths", ())),
         mixed_graph_tokens=tuple(data["mixed_graph_tokens"]),
         report=[f"(loaded) {line}" for line in data["report"]])

@@ -134,7 +134,7 @@ class ModelRunner(RunnerBase, DecoderPass):
             fast_kernels = self.attention_backend.name == "triton"
         loaded_plan = False
         if fast_kernels:
-            from alise.worker.model.tuning import plan_kernels
+            from alise.worker.model.tuning import plan_kernels, warm_cudnn_fresh
 
             cached = self._load_plan(plan_file, max_num_seqs) if plan_file else None
             loaded_plan = cached is not None
@@ -145,6 +145,7 @@ class ModelRunner(RunnerBase, DecoderPass):
                 key = self._plan_key(max_num_seqs)
                 self.ops.plan = plan_from_json(self.tp.agree(plan_to_json(self.plan, key)), key)
                 loaded_plan = self.tp.agree(loaded_plan)
+            warm_cudnn_fresh(self, self.plan)  # a kept or agreed plan's cuDNN plans, built before any step
         if use_cuda_graphs is None:
             use_cuda_graphs = self.attention_backend.name == "triton" and not self.spec.has_moe
             if self.spec.has_moe and self.attention_backend.name == "triton":
@@ -274,7 +275,8 @@ class ModelRunner(RunnerBase, DecoderPass):
         meta = build_attention_metadata([c.start_pos for c in chunks], num_tokens,
                                         [c.block_table for c in chunks], block_size=self.block_size,
                                         device=self.device, min_batched_fresh=self.min_batched_fresh,
-                                        unified_config=self.plan.unified_config(sum(num_tokens)), upload=upload)
+                                        unified_config=self.plan.unified_config(sum(num_tokens)), upload=upload,
+                                        cudnn_fresh_lengths=self.plan.cudnn_fresh_lengths)
         ids = [t for c in chunks for t in c.token_ids]
         if upload is None:
             input_ids = torch.tensor(ids, dtype=torch.int64).to(self.device)

@@ -24,6 +24,7 @@ from functools import partial
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend
 
 from alise.worker.model import attention as ref
 from alise.worker.model.chunk import SeqChunk
@@ -240,24 +241,57 @@ class Planner:
             self.note(f"unified, {tokens} rows: best block_m={best.block_m} block_n={best.block_n} "
                       f"warps={best.num_warps} stages={best.num_stages} {times[best] * 1e6:.1f} us (worst "
                       f"{max(times.values()) * 1e6:.1f})")
-        self.pick_long_prompts(passing)
+        self.pick_long_prompts()
 
-    def pick_long_prompts(self, passing: list) -> None:
-        """Fresh prompts longer than the largest bucket: the unified kernel or flash SDPA."""
+    def pick_long_prompts(self) -> None:
+        """Fresh prompts longer than the largest bucket: the unified kernel, flash SDPA, or cuDNN SDPA
+        padded to a few lengths (:func:`alise.worker.model.attention.padded_lengths`), each timed on
+        a prompt of the planning length and on one just past a padding length (the most padding)."""
         from alise.worker.kernels import triton_unified
 
-        length = min(2048, self.runner.max_model_len)
-        case = self.step_tensors([(0, length)])
-        config = self.plan.unified_config(length)
-        unified_s = self.time(lambda: triton_unified.unified_attention(**case, config=config))
-        q = case["query"]
-        kv = self.randn(length, self.num_kv_heads, self.head_dim)
-        sdpa_s = self.time(lambda: ref.fresh_prefill_attention(q, kv, kv, case["scale"]))
-        if sdpa_s < unified_s:
+        top = min(2048, self.runner.max_model_len)
+        lengths = ref.padded_lengths(self.runner.max_model_len)
+        cases = [(self.step_tensors([(0, n)]), *(self.randn(n, self.num_kv_heads, self.head_dim) for _ in "kv"))
+                 for n in (top, top // 2 + 1)]
+        times = {"unified": sum(self.time(lambda c=c: triton_unified.unified_attention(
+                     **c, config=self.plan.unified_config(c["query"].shape[0]))) for c, _, _ in cases),
+                 "flash": sum(self.time(lambda c=c, k=k, v=v: ref.fresh_prefill_attention(c["query"], k, v, c["scale"]))
+                              for c, k, v in cases)}
+        err = self.check_cudnn(cases, lengths)
+        if err is not None:
+            timed = [self.attempt("cuDNN SDPA timing", lambda c=c, k=k, v=v: self.time(lambda: padded_cudnn(
+                c["query"], k, v, c["scale"], lengths))) for c, k, v in cases]
+            if None not in timed:
+                times["cudnn"] = sum(timed)
+        choice = choose_fresh_path(times, err, self.tol)
+        if choice != "unified":
             self.plan.unified_max_tokens = max(self.plan.unified)
-        self.note(f"fresh prompt of {length}: unified {unified_s * 1e6:.0f} us vs flash SDPA {sdpa_s * 1e6:.0f} us"
-                  f" -> steps above {self.plan.unified_max_tokens or 'no limit'} rows "
-                  f"{'per chunk' if self.plan.unified_max_tokens else 'unified too'}")
+        if choice == "cudnn":
+            self.plan.cudnn_fresh_lengths = lengths
+            warm_cudnn_fresh(self.runner, self.plan)
+        path = "per chunk, " + ("cuDNN SDPA" if self.plan.cudnn_fresh_lengths else "flash SDPA")
+        self.note(f"fresh prompts of {[c['query'].shape[0] for c, _, _ in cases]}: "
+                  + " vs ".join(f"{k} {t * 1e6:.0f} us" for k, t in times.items())
+                  + (f" (cuDNN rel err {err:.1e})" if err is not None else "")
+                  + f" -> steps above {self.plan.unified_max_tokens or 'no limit'} rows "
+                  + (path if self.plan.unified_max_tokens else "unified too"))
+
+    def check_cudnn(self, cases: list, lengths: tuple[int, ...]) -> float | None:
+        """Largest ``||out - ref||/||ref||`` of the padded cuDNN call against the float32 reference
+        over ``cases``; None where cuDNN SDPA is no candidate here or raised (the report says why)."""
+        softcap = self.runner.spec.attn_softcap
+        if self.device.type != "cuda" or self.dtype not in ref.PADDED_DTYPES or softcap is not None:
+            self.note(f"cuDNN SDPA: no candidate ({self.device.type}, {self.dtype}, soft-cap {softcap}); "
+                      f"fresh prompts stay on flash SDPA")
+            return None
+        errs = []
+        for case, k, v in cases:
+            q, scale = case["query"], case["scale"]
+            out = self.attempt("cuDNN SDPA", lambda q=q, k=k, v=v, scale=scale: padded_cudnn(q, k, v, scale, lengths))
+            if out is None:
+                return None
+            errs.append(rel_error(out, ref.fresh_prefill_attention(q.float(), k.float(), v.float(), scale)))
+        return max(errs)
 
     def pick_decode_splits(self) -> None:
         from alise.worker.kernels import triton_attention
@@ -361,6 +395,45 @@ class Planner:
             else:
                 self.note(f"skinny {config} on {name}: rel err {max(errs):.1e}; left out")
         return ok
+
+
+def padded_cudnn(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float,
+                 lengths: tuple[int, ...]) -> torch.Tensor:
+    """The served cuDNN call of a fresh chunk, padded to its length in ``lengths``."""
+    length = ref.padded_length(query.shape[0], lengths)
+    assert length is not None, f"{query.shape[0]} rows exceed the padded lengths {lengths}"
+    return ref.padded_causal_attention(query, key, value, scale, length, SDPBackend.CUDNN_ATTENTION)
+
+
+def choose_fresh_path(times: dict[str, float], cudnn_err: float | None, tol: float) -> str:
+    """The fastest of the timed paths of a long fresh prompt ("unified", "flash", "cudnn"); "cudnn"
+    competes only where its error against the reference is within ``tol`` (None or NaN never is)."""
+    ok = {k: t for k, t in times.items() if k != "cudnn" or (cudnn_err is not None and cudnn_err <= tol)}
+    return min(ok, key=ok.__getitem__)
+
+
+def warm_cudnn_fresh(runner, plan: KernelPlan) -> None:
+    """Builds cuDNN's plan for every length ``plan`` pads fresh chunks to (one call each, at the
+    runner's heads, dtype and scale), so that no step builds one. A length that fails turns the
+    choice off (fresh chunks on flash SDPA); the report and the log say why."""
+    if not plan.cudnn_fresh_lengths:
+        return
+    shape, start = runner.kv_cache.shape, time.perf_counter()
+    try:
+        with torch.inference_mode():
+            for n in plan.cudnn_fresh_lengths:
+                query = torch.randn(n, runner.spec.num_heads, shape.head_dim, device=runner.device,
+                                    dtype=runner.loaded.dtype)
+                kv = torch.randn(n, shape.num_kv_heads, shape.head_dim, device=runner.device, dtype=query.dtype)
+                padded_cudnn(query, kv, kv.neg(), runner.spec.scale, plan.cudnn_fresh_lengths)
+        torch.cuda.synchronize(runner.device)
+        line = (f"cuDNN SDPA plans for {list(plan.cudnn_fresh_lengths)} rows built in "
+                f"{time.perf_counter() - start:.1f} s")
+    except Exception as exc:  # never a reason not to serve: flash SDPA computes the same
+        line = f"cuDNN SDPA plans: failed ({type(exc).__name__}: {str(exc)[:160]}); fresh prompts on flash SDPA"
+        plan.cudnn_fresh_lengths = ()
+    plan.report.append(line)
+    logger.info("kernel plan: %s", line)
 
 
 def _label(choice) -> str:
