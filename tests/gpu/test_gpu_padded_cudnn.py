@@ -5,11 +5,14 @@ cuDNN call (alise.worker.model.attention.padded_causal_attention, lengths of pad
 is within the dtype's rounding of flash SDPA (max abs difference and ``||out - ref|| / ||ref||``),
 and both are graph-timed and printed (``pytest -s`` shows them; a benchmark's figures, not asserts).
 Also printed: the wall time of the first call at a new padded length (cuDNN builds its plan) and of
-a call of another prompt length padded to the same length (the plan reused).
+a call of another prompt length padded to the same length (the plan reused). And a runner whose
+plan chose cuDNN, stepped from a thread of its own (cuDNN keeps its plans per thread), builds them
+there at its first step and computes the flash plan's logits.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 
 import pytest
@@ -20,7 +23,12 @@ if not torch.cuda.is_available():
     pytest.skip("needs a CUDA device", allow_module_level=True)
 
 from alise.worker.model import attention  # noqa: E402
+from alise.worker.model.chunk import SeqChunk  # noqa: E402
+from alise.worker.model.kernel_plan import KernelPlan  # noqa: E402
+from alise.worker.model.loader import load_model  # noqa: E402
+from alise.worker.model.runner import ModelRunner  # noqa: E402
 from alise.worker.model.timing import graph_time_s, rel_error  # noqa: E402
+from tinymodels import make_tiny_model_dir  # noqa: E402
 
 HEADS, HEAD_DIM = 40, 128
 LENGTHS = attention.padded_lengths(2048)
@@ -87,3 +95,33 @@ def test_one_plan_per_padded_length() -> None:
         assert rel_error(outs[0], flash(query, key, value)) <= TOLERANCE[torch.float16][1]
     print(f"\npadded to 1536: first call (1500 tokens) {lengths[0]:.1f} ms, then 1400 tokens {lengths[1]:.1f} ms, "
           f"1300 tokens {lengths[2]:.1f} ms")
+
+
+def test_a_runner_on_the_cudnn_plan_builds_its_plans_per_thread_and_computes_the_same(tmp_path) -> None:
+    model = make_tiny_model_dir(tmp_path, "opt", dtype=torch.float16, hidden_size=256, ffn_dim=512,
+                                num_attention_heads=2, word_embed_proj_dim=256, max_position_embeddings=1024)
+    runner = ModelRunner(load_model(str(model), device="cuda", dtype="float16"), num_blocks=64, block_size=16,
+                         fast_kernels=False, use_cuda_graphs=False)
+    chunk = SeqChunk(torch.randint(0, runner.vocab_size, (700,)).tolist(), 0, list(range(44)))
+    expect = runner.execute([chunk], all_logits=True)[0]
+    runner.ops.plan = KernelPlan(cudnn_fresh_lengths=attention.padded_lengths(runner.max_model_len))
+    got: list[torch.Tensor] = []
+
+    def step() -> None:
+        flags = torch.backends.cuda
+        # Every SDPA backend off: the step succeeds only through the padded call, which turns
+        # cuDNN on for itself.
+        flags.enable_flash_sdp(False), flags.enable_mem_efficient_sdp(False), flags.enable_math_sdp(False)
+        try:
+            got.append(runner.execute([chunk], all_logits=True)[0])
+        finally:
+            flags.enable_flash_sdp(True), flags.enable_mem_efficient_sdp(True), flags.enable_math_sdp(True)
+
+    thread = threading.Thread(target=step, name="steps-on-cudnn")
+    thread.start()
+    thread.join()
+    assert got, "the step raised (see the thread's traceback above)"
+    assert runner.plan.cudnn_fresh_lengths, runner.plan.report  # not turned off by a failed build
+    assert "(thread steps-on-cudnn)" in runner.plan.report[-1], runner.plan.report
+    print(f"\n{runner.plan.report[-1]}; logits rel err against flash {rel_error(got[0], expect):.1e}")
+    assert rel_error(got[0], expect) <= 1e-2

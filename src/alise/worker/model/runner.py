@@ -271,6 +271,10 @@ class ModelRunner(RunnerBase, DecoderPass):
                 return self.decode_graphs.run(chunks, gather)
             if self.mixed_graphs is not None and self.mixed_graphs.can_run(chunks):
                 return self.mixed_graphs.run(chunks, wants, gather)
+        if self.plan.cudnn_fresh_lengths:  # this thread's cuDNN plans (tuning.warm_cudnn_fresh: per thread)
+            from alise.worker.model.tuning import warm_cudnn_fresh
+
+            warm_cudnn_fresh(self, self.plan)
         num_tokens = [len(c.token_ids) for c in chunks]
         meta = build_attention_metadata([c.start_pos for c in chunks], num_tokens,
                                         [c.block_table for c in chunks], block_size=self.block_size,

@@ -18,6 +18,7 @@ Every line of the report (checks, timings, choices) goes to the log and to ``pla
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
 from functools import partial
@@ -264,11 +265,13 @@ class Planner:
             if None not in timed:
                 times["cudnn"] = sum(timed)
         choice = choose_fresh_path(times, err, self.tol)
-        if choice != "unified":
-            self.plan.unified_max_tokens = max(self.plan.unified)
         if choice == "cudnn":
             self.plan.cudnn_fresh_lengths = lengths
             warm_cudnn_fresh(self.runner, self.plan)
+            if not self.plan.cudnn_fresh_lengths:  # a length's plan failed to build: the next fastest
+                choice = choose_fresh_path(times, None, self.tol)
+        if choice != "unified":
+            self.plan.unified_max_tokens = max(self.plan.unified)
         path = "per chunk, " + ("cuDNN SDPA" if self.plan.cudnn_fresh_lengths else "flash SDPA")
         self.note(f"fresh prompts of {[c['query'].shape[0] for c, _, _ in cases]}: "
                   + " vs ".join(f"{k} {t * 1e6:.0f} us" for k, t in times.items())
@@ -412,11 +415,23 @@ def choose_fresh_path(times: dict[str, float], cudnn_err: float | None, tol: flo
     return min(ok, key=ok.__getitem__)
 
 
+#: Per thread: the (shape, lengths) whose cuDNN plans this thread has built (warm_cudnn_fresh).
+_warmed = threading.local()
+
+
 def warm_cudnn_fresh(runner, plan: KernelPlan) -> None:
     """Builds cuDNN's plan for every length ``plan`` pads fresh chunks to (one call each, at the
-    runner's heads, dtype and scale), so that no step builds one. A length that fails turns the
-    choice off (fresh chunks on flash SDPA); the report and the log say why."""
-    if not plan.cudnn_fresh_lengths:
+    runner's heads, dtype and scale), so that no step builds one mid-prompt. A length that fails
+    turns the choice off (fresh chunks on flash SDPA); the report and the log say why.
+
+    NOTE: torch keeps cuDNN's SDPA plans per thread (a thread_local cache in ATen's cudnn/MHA.cpp),
+    and the worker loads the model in one thread and steps it in another (a new one per session).
+    So this runs at start-up and again at the first eager step of every thread that steps the
+    runner; after that, in that thread, it returns at once."""
+    key = (runner.spec.num_heads, runner.kv_cache.shape, runner.loaded.dtype, runner.spec.scale,
+           plan.cudnn_fresh_lengths)
+    done = _warmed.__dict__.setdefault("keys", set())
+    if not plan.cudnn_fresh_lengths or key in done:
         return
     shape, start = runner.kv_cache.shape, time.perf_counter()
     try:
@@ -427,8 +442,9 @@ def warm_cudnn_fresh(runner, plan: KernelPlan) -> None:
                 kv = torch.randn(n, shape.num_kv_heads, shape.head_dim, device=runner.device, dtype=query.dtype)
                 padded_cudnn(query, kv, kv.neg(), runner.spec.scale, plan.cudnn_fresh_lengths)
         torch.cuda.synchronize(runner.device)
+        done.add(key)
         line = (f"cuDNN SDPA plans for {list(plan.cudnn_fresh_lengths)} rows built in "
-                f"{time.perf_counter() - start:.1f} s")
+                f"{time.perf_counter() - start:.1f} s (thread {threading.current_thread().name})")
     except Exception as exc:  # never a reason not to serve: flash SDPA computes the same
         line = f"cuDNN SDPA plans: failed ({type(exc).__name__}: {str(exc)[:160]}); fresh prompts on flash SDPA"
         plan.cudnn_fresh_lengths = ()
