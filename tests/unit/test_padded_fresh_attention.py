@@ -71,7 +71,12 @@ def test_fresh_spans_carry_their_padded_length_and_others_none() -> None:
     meta = attention.build_attention_metadata([0, 10, 0, 0], [300, 20, 1, 40], [[0] * 40, [1] * 40, [2], [3] * 3],
                                               block_size=16, device=torch.device("cpu"),
                                               cudnn_fresh_lengths=LENGTHS)
-    assert [(s.num_tokens, s.padded_len) for s in meta.prefills] == [(300, 512), (20, None), (40, 256)]
+    # A fresh chunk of 40 rows stays on flash SDPA: only chunks above CUDNN_MIN_ROWS are padded.
+    assert [(s.num_tokens, s.padded_len) for s in meta.prefills] == [(300, 512), (20, None), (40, None)]
+    at_the_bound = attention.build_attention_metadata([0, 0], [attention.CUDNN_MIN_ROWS, attention.CUDNN_MIN_ROWS + 1],
+                                                      [[0] * 16, [1] * 17], block_size=16,
+                                                      device=torch.device("cpu"), cudnn_fresh_lengths=LENGTHS)
+    assert [s.padded_len for s in at_the_bound.prefills] == [None, 512]
     plain = attention.build_attention_metadata([0], [300], [[0] * 40], block_size=16, device=torch.device("cpu"))
     assert plain.prefills[0].padded_len is None
 

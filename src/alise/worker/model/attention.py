@@ -122,8 +122,8 @@ def build_attention_metadata(start_positions: list[int], num_tokens: list[int], 
                              cudnn_fresh_lengths: tuple[int, ...] = ()) -> AttentionMetadata:
     """Metadata for sequences with the given starts, token counts and (validated) block tables.
     ``min_batched_fresh``: batch the fresh chunks when there are at least this many (0: never).
-    ``cudnn_fresh_lengths``: the lengths a fresh chunk's attention pads to for cuDNN SDPA (the
-    kernel plan's; empty: flash SDPA).
+    ``cudnn_fresh_lengths``: the lengths a fresh chunk of more than ``CUDNN_MIN_ROWS`` rows pads
+    to for cuDNN SDPA (the kernel plan's; empty: flash SDPA).
     ``unified_config``: a step that is not all decodes runs as one unified-kernel call with it.
     ``upload(values, dtype)``: how the host-built tensors reach ``device`` (default
     ``.to(device)``; an overlapped step passes pinned non-blocking copies,
@@ -175,7 +175,8 @@ def build_attention_metadata(start_positions: list[int], num_tokens: list[int], 
             mask = torch.arange(ctx, device=device)[None, :] <= query_pos[:, None]
         prefills.append(PrefillSpan(row_start=row_start, num_tokens=n, context_len=ctx, mask=mask,
                                     block_table=put(table[seq, :blocks_needed[seq]]),
-                                    padded_len=padded_length(n, cudnn_fresh_lengths) if ctx == n else None))
+                                    padded_len=padded_length(n, cudnn_fresh_lengths)
+                                    if ctx == n and n > CUDNN_MIN_ROWS else None))
 
     decode_rows = decode_tables = decode_lens = None
     if decode_seqs:
@@ -339,6 +340,11 @@ def fresh_prefill_attention(query: torch.Tensor, key: torch.Tensor, value: torch
 
 #: Query dtypes cuDNN SDPA computes (the padded call runs only on them).
 PADDED_DTYPES = (torch.float16, torch.bfloat16)
+#: Fresh chunks of at most this many rows stay on flash SDPA even where the plan chose cuDNN:
+#: the planner times the long prompts (1,025 and 2,048 rows), not short ones, which a pad to 256
+#: rows would mostly fill with padding; serving's prefill chunks (256 rows a step at most) then
+#: never build a cuDNN plan.
+CUDNN_MIN_ROWS = 256
 
 
 def padded_lengths(max_len: int) -> tuple[int, ...]:

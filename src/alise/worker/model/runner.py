@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from alise.worker.model.attention import (
+    CUDNN_MIN_ROWS,
     MIN_BATCHED_FRESH,
     TORCH_BACKEND,
     AttentionBackend,
@@ -127,7 +128,8 @@ class ModelRunner(RunnerBase, DecoderPass):
             # Prefill attention sees a new (query, key) length nearly every step; cuDNN's SDPA
             # builds an execution plan per new shape (bench/gpu/mixed_steps.py measures it), the
             # flash and memory-efficient kernels do not. A worker-wide setting, as the runner
-            # owns the process's GPU work.
+            # owns the process's GPU work; long fresh prompts may still run cuDNN, padded to a
+            # few lengths, where the kernel plan measured it faster (attention.padded_lengths).
             torch.backends.cuda.enable_cudnn_sdp(False)
         self._bind_model()
         if fast_kernels is None:
@@ -271,11 +273,11 @@ class ModelRunner(RunnerBase, DecoderPass):
                 return self.decode_graphs.run(chunks, gather)
             if self.mixed_graphs is not None and self.mixed_graphs.can_run(chunks):
                 return self.mixed_graphs.run(chunks, wants, gather)
-        if self.plan.cudnn_fresh_lengths:  # this thread's cuDNN plans (tuning.warm_cudnn_fresh: per thread)
+        num_tokens = [len(c.token_ids) for c in chunks]
+        if self.plan.cudnn_fresh_lengths and max(num_tokens) > CUDNN_MIN_ROWS:
             from alise.worker.model.tuning import warm_cudnn_fresh
 
-            warm_cudnn_fresh(self, self.plan)
-        num_tokens = [len(c.token_ids) for c in chunks]
+            warm_cudnn_fresh(self, self.plan)  # this thread's cuDNN plans (torch keeps them per thread)
         meta = build_attention_metadata([c.start_pos for c in chunks], num_tokens,
                                         [c.block_table for c in chunks], block_size=self.block_size,
                                         device=self.device, min_batched_fresh=self.min_batched_fresh,

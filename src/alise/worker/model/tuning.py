@@ -426,8 +426,9 @@ def warm_cudnn_fresh(runner, plan: KernelPlan) -> None:
 
     NOTE: torch keeps cuDNN's SDPA plans per thread (a thread_local cache in ATen's cudnn/MHA.cpp),
     and the worker loads the model in one thread and steps it in another (a new one per session).
-    So this runs at start-up and again at the first eager step of every thread that steps the
-    runner; after that, in that thread, it returns at once."""
+    So this runs at start-up and again at the first step with a fresh chunk longer than
+    ``attention.CUDNN_MIN_ROWS`` in every thread that steps the runner; after that, in that
+    thread, it returns at once."""
     key = (runner.spec.num_heads, runner.kv_cache.shape, runner.loaded.dtype, runner.spec.scale,
            plan.cudnn_fresh_lengths)
     done = _warmed.__dict__.setdefault("keys", set())
