@@ -5,7 +5,8 @@ the worker, before their reports are in (a job's projected tokens, see ``alise.c
 The phases:
 
 1. ``_candidates``   the worker's running and paused jobs, and the waiting jobs it may take;
-2. ``_rank``         the policy's keys; non-preemptive policies keep running jobs first;
+2. ``_rank``         the policy's keys, ties by arrival and job id; non-preemptive policies
+                     keep running jobs first;
 3. ``_select``       the walk within the sequence, block and token budgets (chunked prefill,
                      :func:`~alise.core.admission.select`);
 4. ``_plan_memory``  a KV place for each of the worker's jobs that does not run (the memory
@@ -72,6 +73,9 @@ class StepPlanner:
         self.kv_moves: Counter[str] = Counter()
         #: Tokens admitted, found in a prefix cache, and computed by prefills (recomputes too).
         self.prefill = PrefillCounts()
+        #: Each worker's last ranking under a preemptive policy: (its candidates in rank
+        #: order, which slots they were), where the next ranking's sort starts (``_rank``).
+        self._last_ranks: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
     @property
     def latency(self) -> LatencyModel:
@@ -80,8 +84,8 @@ class StepPlanner:
     def schedule(self, view: WorkerView, now_s: float, *, census: bool = False) -> StepPlan:
         """The worker's next plan (``SchedulerCore.schedule``)."""
         plan = StepPlan(step_id=view.next_step_id, census=census)
-        slots, held = self._candidates(view)
-        order, reserve = self._rank(slots, now_s)
+        is_candidate, held = self._candidates(view)
+        order, reserve = self._rank(view.index, is_candidate, now_s)
         num_tokens = self.table.num_tokens[order]
         need, hits = self._needs(view, order, num_tokens)
         taken, feed = self._select(view, order, num_tokens, need, reserve, held + view.num_shared_blocks, hits)
@@ -98,8 +102,8 @@ class StepPlanner:
         return plan
 
     def _candidates(self, view: WorkerView) -> tuple[np.ndarray, int]:
-        """(slots of the step's candidates in tie order, device blocks held by running jobs
-        whose last token is in flight: they end with it, so they are not candidates)."""
+        """(which slots of the table are the step's candidates, device blocks held by running
+        jobs whose last token is in flight: they end with it, so they are not candidates)."""
         table, cap = self.table, view.capacity
         owner, num_tokens = table.owner, table.num_tokens
         mine = owner == view.index
@@ -118,31 +122,50 @@ class StepPlanner:
             self.router.route_new((owner == WAITING).nonzero()[0], self.latency.correction, self._prefix_saving_s)
             if view.jobs:  # an idle worker takes jobs routed elsewhere rather than idle
                 waiting &= table.route == view.index
-        tied = table.tie_order
-        return tied[(mine | waiting)[tied]], held
+        return mine | waiting, held
 
-    def _rank(self, slots: np.ndarray, now_s: float) -> tuple[np.ndarray, np.ndarray | None]:
-        """(``slots`` in the policy's order, their growth reserves in tokens or None). Order:
-        key, then arrival and job id (tie labels); running jobs first for a non-preemptive
-        policy.
-
-        NOTE: ``slots`` come in tie order (``_candidates``), so a stable sort by key alone
-        breaks ties by the label."""
+    def _rank(self, index: int, is_candidate: np.ndarray,
+              now_s: float) -> tuple[np.ndarray, np.ndarray | None]:
+        """(the candidates' slots in the policy's order, their growth reserves in tokens or
+        None) on the worker of ``index``. Order: key, then arrival and job id (tie labels);
+        running jobs first for a non-preemptive policy."""
+        policy, table = self.policy, self.table
+        if policy.preemptive:
+            slots = self._in_last_order(index, is_candidate)
+        else:  # NOTE: in tie order, so a stable sort by key alone breaks ties by the label
+            tied = table.tie_order
+            slots = tied[is_candidate[tied]]
         if not len(slots):
             return slots, None
-        policy, table = self.policy, self.table
         cands = table.candidates(slots)
         keys = policy.keys(cands, now_s)
         if policy.preemptive:
-            perm = stable_argsort(keys)
+            perm = sort_by_key_and_label(keys, table.tie_label, slots)
+            order = slots[perm]
+            self._last_ranks[index] = order, is_candidate
+            if len(self._last_ranks) > len(self.workers):  # a worker left: its ranking goes
+                live = {view.index for view in self.workers.values()}
+                self._last_ranks = {i: last for i, last in self._last_ranks.items() if i in live}
         else:  # each part as it is where its keys are in order already (fcfs: by arrival)
             running, parts = cands.running, []
             for part in (running.nonzero()[0], (~running).nonzero()[0]):
                 part_keys = keys[part]
                 parts.append(part if in_key_order(part_keys) else part[sort_out_of_order(part_keys)])
             perm = np.concatenate(parts)
+            order = slots[perm]
         reserve = policy.reserve_tokens(cands)
-        return slots[perm], None if reserve is None else reserve[perm]
+        return order, None if reserve is None else reserve[perm]
+
+    def _in_last_order(self, index: int, is_candidate: np.ndarray) -> np.ndarray:
+        """The candidates' slots: those of the worker's last ranking in its order, then the
+        others. From one plan to the next few keys change places (waiting jobs age alike,
+        running ones move by a token's time), so their sort finds them nearly in order."""
+        last = self._last_ranks.get(index)
+        if last is None or len(last[1]) != len(is_candidate):  # none yet, or the table grew
+            return is_candidate.nonzero()[0]
+        order, was_candidate = last
+        # ``>`` on booleans: a candidate now that was not one then
+        return np.concatenate((order[is_candidate[order]], (is_candidate > was_candidate).nonzero()[0]))
 
     def _needs(self, view: WorkerView, order: np.ndarray,
                num_tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
@@ -317,6 +340,18 @@ class StepPlanner:
             for job, k in zip(table.jobs[slots].tolist(), computed.tolist(), strict=True):
                 view.prefix.resize(job, blocks_for(k, bs))
         return chunks, set(job_ids[out].tolist())
+
+
+def sort_by_key_and_label(keys: np.ndarray, labels: np.ndarray, slots: np.ndarray) -> np.ndarray:
+    """The permutation that orders ``keys`` (of the rows ``slots``, in any order), equal keys by
+    the rows' distinct ``labels``: the stable sort by key of the same rows taken in label order.
+    Timsort finds keys that come nearly in order fast; where the sorted keys strictly increase
+    there are no ties to break (a NaN, which no comparison holds for, goes to the lexsort)."""
+    perm = keys.argsort(kind="stable")
+    ordered = keys[perm]
+    if np.count_nonzero(ordered[1:] > ordered[:-1]) == len(ordered) - 1:  # (a count is cheaper than ``all``)
+        return perm
+    return np.lexsort((labels[slots], keys))
 
 
 def stable_argsort(keys: np.ndarray) -> np.ndarray:
