@@ -81,6 +81,12 @@ class KvPlace(enum.Enum):
     __hash__ = object.__hash__  # as JobStatus's
 
 
+#: Members read on every status change (a module global is read faster than an enum's member).
+_WAITING, _RUNNING, _PAUSED = JobStatus.WAITING, JobStatus.RUNNING, JobStatus.PAUSED
+_NO_KV, _DEVICE = KvPlace.NONE, KvPlace.DEVICE
+_NOTHING: frozenset[str] = frozenset()
+
+
 class FinishReason(enum.Enum):
     STOP = "stop"
     LENGTH = "length"
@@ -255,7 +261,7 @@ class Job:
     def is_dropped(self) -> bool:
         """Paused with its KV nowhere: its resume computes it again, less the prefix its
         worker's cache still holds."""
-        return self.status is JobStatus.PAUSED and self.kv is KvPlace.NONE
+        return self.status is _PAUSED and self.kv is _NO_KV
 
     def all_token_ids(self) -> list[int]:
         """Prompt and confirmed output tokens (what a worker that admits the job receives)."""
@@ -298,43 +304,44 @@ class Job:
         (and changes nothing) on a change ``TRANSITIONS`` does not allow, or when a keyword
         the new status needs is missing or one it does not take is given.
         """
+        current = self.status
         given = _GIVEN[kv is not None, worker_id is not None, admit_step_id is not None, reason is not None]
-        admits = self.status is JobStatus.WAITING and status is JobStatus.RUNNING
-        needs = _ADMIT_NEEDS if admits else _NEEDS.get(status, frozenset())
-        allowed = TRANSITIONS[self.status]
+        admits = current is _WAITING and status is _RUNNING
+        needs = _ADMIT_NEEDS if admits else _NEEDS.get(status, _NOTHING)
+        allowed = TRANSITIONS[current]
         if status not in allowed:
             names = ", ".join(sorted(x.value for x in allowed)) or "nothing"
-            raise TransitionError(f"job {self.job_id}: cannot go from {self.status.value} to "
-                                  f"{status.value} (from {self.status.value}: {names})")
+            raise TransitionError(f"job {self.job_id}: cannot go from {current.value} to "
+                                  f"{status.value} (from {current.value}: {names})")
         if given != needs:
             takes, got = ", ".join(sorted(needs)) or "nothing", ", ".join(sorted(given)) or "nothing"
-            raise TransitionError(f"job {self.job_id}: {self.status.value} -> {status.value} takes {takes}, "
+            raise TransitionError(f"job {self.job_id}: {current.value} -> {status.value} takes {takes}, "
                                   f"got {got}")
-        if status is not self.status:
-            if self.status in IDLE:
+        if status is not current:
+            if current in IDLE:
                 self.queued_s += max(now_s - self.idle_since_s, 0.0)
             if status in IDLE:
                 self.idle_since_s = now_s
-        if status is JobStatus.WAITING:
-            self.kv, self.worker_id = KvPlace.NONE, None
+        if status is _WAITING:
+            self.kv, self.worker_id = _NO_KV, None
             self.num_computed_tokens = self.num_shared_tokens = self.num_pending_outputs = 0
-        elif status is JobStatus.RUNNING:
-            self.kv = KvPlace.DEVICE
+        elif status is _RUNNING:
+            self.kv = _DEVICE
             if self.scheduled_s is None:
                 self.scheduled_s = now_s
             if admits:
                 assert admit_step_id is not None  # given: checked above
                 self.worker_id, self.admit_step_id = worker_id, admit_step_id
-        elif status is JobStatus.PAUSED:
-            if self.status is JobStatus.RUNNING:
+        elif status is _PAUSED:
+            if current is _RUNNING:
                 self.num_preemptions += 1
             assert kv is not None  # given: checked above
             self.kv = kv
-            if kv is KvPlace.NONE:
+            if kv is _NO_KV:
                 self.num_computed_tokens = self.num_shared_tokens = 0
         else:
             self.finish_reason, self.finish_s = reason, now_s
-            self.kv, self.num_pending_outputs = KvPlace.NONE, 0
+            self.kv, self.num_pending_outputs = _NO_KV, 0
         self.status = status
 
 
