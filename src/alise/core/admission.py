@@ -26,13 +26,12 @@ one-by-one walk's.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
 
-@dataclass(frozen=True)
-class Budgets:
+class Budgets(NamedTuple):  # (a tuple: made once a plan, cheaper than a frozen dataclass)
     max_num_seqs: int
     max_num_blocks: int
     max_num_batched_tokens: int
@@ -59,7 +58,7 @@ def select(need: np.ndarray, uncomputed: np.ndarray, running: np.ndarray, budget
     if budgets.max_prefill_tokens is not None:
         budget = min(budget, budgets.max_prefill_tokens)
     max_seqs, max_blocks = budgets.max_num_seqs, budgets.max_num_blocks
-    pre_u = np.where(decode, 0, uncomputed)
+    pre_u = uncomputed - decode  # a decode's one token is set aside: 0 here
     taken: list[np.ndarray] = []
     num_taken = used = fed = 0
     reserved = 0.0
@@ -150,4 +149,4 @@ def feeds(prefill: np.ndarray, decode: np.ndarray, budget: int) -> np.ndarray:
     (``prefill``: each job's uncomputed tokens, 0 for a decode)."""
     before = prefill.cumsum() - prefill  # integers: exact
     chunk = np.minimum(np.maximum(budget - before, 0), prefill)
-    return np.where(decode, 1, chunk)
+    return chunk + decode  # a decode's chunk is 0 (its ``prefill``): 1
