@@ -83,27 +83,29 @@ class StepPlanner:
 
     def schedule(self, view: WorkerView, now_s: float, *, census: bool = False) -> StepPlan:
         """The worker's next plan (``SchedulerCore.schedule``)."""
-        plan = StepPlan(step_id=view.next_step_id, census=census)
-        is_candidate, held = self._candidates(view)
+        is_candidate, on_worker, held = self._candidates(view)
         order, reserve = self._rank(view.index, is_candidate, now_s)
         num_tokens = self.table.num_tokens[order]
         need, hits = self._needs(view, order, num_tokens)
-        taken, feed = self._select(view, order, num_tokens, need, reserve, held + view.num_shared_blocks, hits)
-        used = int(need[taken].sum()) + held + view.num_shared_blocks
-        plan.commands += self._plan_memory(view, order, taken, used, now_s)
+        held += view.num_shared_blocks  # and the shared prefix blocks, counted once
+        taken, feed = self._select(view, order, num_tokens, need, reserve, held, hits)
+        used = int(need[taken].sum()) + held
+        commands = self._plan_memory(view, order, on_worker[order], taken, used, now_s)
         chosen = order[taken]
-        plan.commands += self._start(view, chosen, None if hits is None else hits[taken], now_s)
-        plan.chunks, outputs = self._advance(view, chosen, feed)
-        plan.run_step = bool(np.count_nonzero(feed))
+        commands += self._start(view, chosen, None if hits is None else hits[taken], now_s)
+        chunks, outputs = self._advance(view, chosen, feed)
+        plan = StepPlan(step_id=view.next_step_id, commands=commands, run_step=bool(np.count_nonzero(feed)),
+                        chunks=chunks, census=census)
         if not plan.is_empty:
             view.next_step_id += 1
             view.in_flight.append(InFlight.of(plan.step_id, outputs, plan.commands, census=census, planned_free_blocks=(
                 view.num_free_device_blocks if census else 0)))
         return plan
 
-    def _candidates(self, view: WorkerView) -> tuple[np.ndarray, int]:
-        """(which slots of the table are the step's candidates, device blocks held by running
-        jobs whose last token is in flight: they end with it, so they are not candidates)."""
+    def _candidates(self, view: WorkerView) -> tuple[np.ndarray, np.ndarray, int]:
+        """(which slots of the table are the step's candidates, which of them are the worker's
+        own jobs, device blocks held by running jobs whose last token is in flight: they end
+        with it, so they are not candidates)."""
         table, cap = self.table, view.capacity
         owner, num_tokens = table.owner, table.num_tokens
         mine = owner == view.index
@@ -122,7 +124,7 @@ class StepPlanner:
             self.router.route_new((owner == WAITING).nonzero()[0], self.latency.correction, self._prefix_saving_s)
             if view.jobs:  # an idle worker takes jobs routed elsewhere rather than idle
                 waiting &= table.route == view.index
-        return mine | waiting, held
+        return mine | waiting, mine, held
 
     def _rank(self, index: int, is_candidate: np.ndarray,
               now_s: float) -> tuple[np.ndarray, np.ndarray | None]:
@@ -226,19 +228,20 @@ class StepPlanner:
         latency = self.latency
         if not latency.measured or not self.prefill_step_ratio:
             return None
-        context = int(num_tokens[decoding].sum())  # integers: exact
+        context = int(num_tokens @ decoding)  # the decodes' tokens (integers: exact)
         allowance = latency.chunk_allowance(num_decodes, context, self.prefill_step_ratio)
         return None if allowance is None else max(allowance, MIN_CHUNK_TOKENS)
 
-    def _plan_memory(self, view: WorkerView, order: np.ndarray, taken: np.ndarray, used: int,
-                     now_s: float) -> list[Command]:
-        """KV places for the worker's jobs that do not run (best-ranked first)."""
+    def _plan_memory(self, view: WorkerView, order: np.ndarray, on_worker: np.ndarray, taken: np.ndarray,
+                     used: int, now_s: float) -> list[Command]:
+        """KV places for the worker's jobs that do not run (best-ranked first); ``on_worker``:
+        which of the ranked candidates ``order`` the worker holds (a new array)."""
         table, cap = self.table, view.capacity
-        left = table.owner[order] == view.index
+        left = on_worker
         left[taken] = False
-        positions = left.nonzero()[0]
-        if not len(positions):
+        if not np.count_nonzero(left):  # (cheaper than ``nonzero``, and most plans pause none)
             return []
+        positions = left.nonzero()[0]
         paused = table.jobs[order[positions]].tolist()
         waits: dict[str, float] = {}
         if self.memory.uses_waits:  # the wait of a job: the remaining time of every job ahead
@@ -287,34 +290,34 @@ class StepPlanner:
     def _start(self, view: WorkerView, chosen: np.ndarray, hits: np.ndarray | None, now_s: float) -> list[Command]:
         """Admits or resumes the jobs ``chosen`` that are not running; ``hits``: their cached
         prefixes' tokens (``_needs``; None: the worker caches none)."""
-        table, counts = self.table, self.prefill
+        table, counts, prefix, set_status = self.table, self.prefill, view.prefix, self.set_status
+        worker_id, step_id = view.worker_id, view.next_step_id  # admit_step_id: the plan being made
         starts = ~table.is_running[chosen]
         jobs = table.jobs[chosen[starts]].tolist()
         commands: list[Command] = []
         for job, hit in zip(jobs, [0] * len(jobs) if hits is None else hits[starts].tolist(), strict=True):
             if job.status is JobStatus.WAITING:
-                cached = view.prefix.admit(job, hit) if view.prefix is not None else 0
+                cached = prefix.admit(job, hit) if prefix is not None else 0
                 job.num_computed_tokens = job.num_shared_tokens = cached
-                admitted = job.num_prompt_tokens + job.num_output_tokens
+                num_generated = len(job.output_token_ids)
+                admitted = len(job.prompt_token_ids) + num_generated
                 counts.num_admitted_tokens += admitted
                 counts.num_cached_tokens += cached
                 counts.num_computed_tokens += admitted - cached
                 job.prefill_end = admitted
                 commands.append(Admit(job.job_id, job.all_token_ids(), job.worker_sampling,
-                                      num_generated=job.num_output_tokens, num_cached_tokens=cached))
-                # admit_step_id: the plan being made.
-                self.set_status(job, JobStatus.RUNNING, now_s, worker_id=view.worker_id,
-                                 admit_step_id=view.next_step_id)
+                                      num_generated=num_generated, num_cached_tokens=cached))
+                set_status(job, JobStatus.RUNNING, now_s, worker_id=worker_id, admit_step_id=step_id)
             else:
                 cached = 0
                 if job.kv is KvPlace.NONE:  # a recompute after a drop, less its cached prefix
-                    cached = view.prefix.resume(job, hit) if view.prefix is not None else 0
+                    cached = prefix.resume(job, hit) if prefix is not None else 0
                     job.num_computed_tokens = job.num_shared_tokens = cached
                     counts.num_computed_tokens += job.num_tokens - cached
                     job.prefill_end = job.num_tokens
                     counts.num_resume_cached_tokens += cached
                 commands.append(Resume(job.job_id, num_cached_tokens=cached))
-                self.set_status(job, JobStatus.RUNNING, now_s)
+                set_status(job, JobStatus.RUNNING, now_s)
         return commands
 
     def _advance(self, view: WorkerView, chosen: np.ndarray, feed: np.ndarray) -> tuple[dict[str, int], set[str]]:

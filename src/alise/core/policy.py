@@ -192,8 +192,9 @@ class RemainingTimeEstimator:
         if len(fed) > _FEW_FEEDS:  # ``seconds`` is a new array
             seconds[fed] += lat.recompute_base_s(num_tokens[fed], num_computed[fed])
         else:  # the same arithmetic on plain numbers (IEEE doubles both), cheaper for a few rows
+            recompute_base_s = lat.recompute_base_s
             for i in fed.tolist():
-                seconds[i] += lat.recompute_base_s(int(num_tokens[i]), int(num_computed[i]))
+                seconds[i] += recompute_base_s(num_tokens.item(i), num_computed.item(i))
         return seconds, tokens
 
     # Per-job forms (tests, logs): the same arithmetic on one job.
