@@ -148,11 +148,10 @@ class StepPlanner:
             if len(self._last_ranks) > len(self.workers):  # a worker left: its ranking goes
                 live = {view.index for view in self.workers.values()}
                 self._last_ranks = {i: last for i, last in self._last_ranks.items() if i in live}
-        else:  # each part as it is where its keys are in order already (fcfs: by arrival)
+        else:  # running first, each part by key (fcfs: by arrival, found in order at once)
             running, parts = cands.running, []
             for part in (running.nonzero()[0], (~running).nonzero()[0]):
-                part_keys = keys[part]
-                parts.append(part if in_key_order(part_keys) else part[sort_out_of_order(part_keys)])
+                parts.append(part[stable_argsort(keys[part])])
             perm = np.concatenate(parts)
             order = slots[perm]
         reserve = policy.reserve_tokens(cands)
@@ -299,8 +298,8 @@ class StepPlanner:
             if job.status is JobStatus.WAITING:
                 cached = prefix.admit(job, hit) if prefix is not None else 0
                 job.num_computed_tokens = job.num_shared_tokens = cached
-                num_generated = len(job.output_token_ids)
-                admitted = len(job.prompt_token_ids) + num_generated
+                num_generated = job.num_output_tokens
+                admitted = job.num_prompt_tokens + num_generated
                 counts.num_admitted_tokens += admitted
                 counts.num_cached_tokens += cached
                 counts.num_computed_tokens += admitted - cached
