@@ -438,6 +438,8 @@ def warm_cudnn_fresh(runner, plan: KernelPlan) -> None:
     try:
         with torch.inference_mode():
             for n in plan.cudnn_fresh_lengths:
+                if n <= ref.CUDNN_MIN_ROWS:  # no chunk pads to it (attention.CUDNN_MIN_ROWS)
+                    continue
                 query = torch.randn(n, runner.spec.num_heads, shape.head_dim, device=runner.device,
                                     dtype=runner.loaded.dtype)
                 kv = torch.randn(n, shape.num_kv_heads, shape.head_dim, device=runner.device, dtype=query.dtype)
