@@ -182,9 +182,14 @@ profile_arg() {  # the virtual worker brings its own profile (VIRTUAL)
   echo "--latency-profile $p"
 }
 
+have_vllm_kernels() {  # STAGE: whether vLLM's server kernels are unpacked here (says so if not)
+  [ -f "$VSITE/.done-vllm-so.tar.xz" ] && return 0
+  say "$1: skipped, no vLLM kernels here (carry .vllmcarry whole)"; return 1
+}
+
 stage_vllm() {
   local log="$R/logs/vllm-$SETUP-server.log"
-  [ -f "$VSITE/.done-vllm-so.tar.xz" ] || { say "vllm: skipped, no vLLM kernels here (carry .vllmcarry whole)"; return; }
+  have_vllm_kernels vllm || return
   say "vLLM server: $BLOCKS blocks, $SEQS sequences ${VLLM_ARGS:-}"
   # shellcheck disable=SC2086
   PYTHONPATH=$VSITE setsid $PY -m vllm.entrypoints.cli.main serve "$DATA/model" --served-model-name "$SERVED" \
@@ -258,9 +263,7 @@ stage_alise() {  # POLICY
 }
 
 stage_engine() {  # alise | vllm
-  if [ "$1" = vllm ] && [ ! -f "$VSITE/.done-vllm-so.tar.xz" ]; then
-    say "engine-vllm: skipped, no vLLM kernels here (carry .vllmcarry whole)"; return
-  fi
+  [ "$1" = alise ] || have_vllm_kernels engine-vllm || return
   local budget=$(( $(left) - 20 ))
   if [ "$budget" -lt 120 ]; then say "engine-$1: skipped, $(left) s left in the call"; return; fi
   [ "$budget" -gt "${ENGINE_S:-300}" ] && budget=${ENGINE_S:-300}
