@@ -50,9 +50,10 @@ the worker, which applies pauses before resumes, is never asked for more than it
 from __future__ import annotations
 
 import abc
+from collections.abc import Mapping
 from dataclasses import dataclass
 
-from alise.core.blocks import WorkerCapacity, blocks_for, place_blocks
+from alise.core.blocks import WorkerCapacity, blocks_for, held_device_blocks, place_blocks
 from alise.core.choices import PLANNER_NAMES
 from alise.core.commands import KvAction
 from alise.core.job import Job, JobStatus, KvPlace
@@ -151,16 +152,18 @@ class _Slot:
     place: KvPlace
     wait_s: float
     pausing: bool
+    #: ``job.num_private_tokens`` (planning changes no job's tokens).
+    num_private_tokens: int
 
     def device_blocks(self, block_size: int) -> int:
         if not PLACES[self.place].on_device:
             return 0
-        return place_blocks(self.place, self.job.num_private_tokens, block_size)
+        return place_blocks(self.place, self.num_private_tokens, block_size)
 
     def host_blocks(self, block_size: int) -> int:
         if not PLACES[self.place].on_host:
             return 0
-        return place_blocks(self.place, self.job.num_private_tokens, block_size)
+        return place_blocks(self.place, self.num_private_tokens, block_size)
 
 
 class MemoryPlanner(abc.ABC):
@@ -169,7 +172,7 @@ class MemoryPlanner(abc.ABC):
     uses_waits = True
 
     @abc.abstractmethod
-    def plan(self, paused: list[Job], waits: dict[str, float], capacity: WorkerCapacity,
+    def plan(self, paused: list[Job], waits: Mapping[str, float], capacity: WorkerCapacity,
              device_budget: int, host_budget: int, reuse_blocks_per_s: float | None = None) -> list[KvMove]:
         """Targets for ``paused`` (best-ranked first): device blocks held after the plan stay
         within ``device_budget`` and newly used host blocks within ``host_budget``. Returns a
@@ -219,22 +222,31 @@ class AdaptivePlanner(MemoryPlanner):
             self.costs.block_bytes = capacity.block_bytes
         if not paused and device_budget >= 0:
             return []  # what the sub-steps below return for no slots
-        slots = [_Slot(job, job.kv, job.kv, waits.get(job.job_id, 0.0),
-                       job.status is JobStatus.RUNNING) for job in paused]
-        host_free = host_budget
-        allowed = self.allowed if capacity.can_quantize_kv else self.allowed - _QUANTIZED
-        host_free = self._fit_device(slots, bs, device_budget, host_free, allowed, reuse_blocks_per_s)
         headroom = int(capacity.num_device_blocks * self.headroom_fraction)
-        host_free = self._make_headroom(slots, bs, device_budget - headroom, host_free)
-        self._prefetch(slots, bs, device_budget)
+        # NOTE: where the paused jobs fit with the headroom to spare and none is on the host, no
+        # sub-step moves one (most plans): the jobs pausing now stay where they are.
+        demand = sum(held_device_blocks(job, bs) for job in paused)
+        if demand <= min(device_budget, device_budget - headroom) and not any(
+                PLACES[job.kv].on_host for job in paused):
+            return [KvMove(job, job.kv, actions_between(job.kv, job.kv)) for job in paused
+                    if job.status is JobStatus.RUNNING]
+        slots = [_Slot(job, job.kv, job.kv, waits.get(job.job_id, 0.0), job.status is JobStatus.RUNNING,
+                       job.num_private_tokens) for job in paused]
+        allowed = self.allowed if capacity.can_quantize_kv else self.allowed - _QUANTIZED
+        # NOTE: ``demand`` is the paused jobs' device blocks (as above), kept by every sub-step as
+        # it moves one.
+        demand, host_free = self._fit_device(slots, bs, device_budget, demand, host_budget, allowed,
+                                             reuse_blocks_per_s)
+        demand, host_free = self._make_headroom(slots, bs, device_budget - headroom, demand, host_free)
+        self._prefetch(slots, bs, device_budget - demand)
         return [KvMove(s.job, s.place, actions_between(s.source, s.place))
                 for s in slots if s.place is not s.source or s.pausing]
 
     # ----------------------------------------------------------------- sub-steps
 
-    def _fit_device(self, slots: list[_Slot], bs: int, budget: int, host_free: int,
-                    allowed: frozenset[KvPlace], reuse_blocks_per_s: float | None) -> int:
-        demand = sum(s.device_blocks(bs) for s in slots)
+    def _fit_device(self, slots: list[_Slot], bs: int, budget: int, demand: int, host_free: int,
+                    allowed: frozenset[KvPlace], reuse_blocks_per_s: float | None) -> tuple[int, int]:
+        """(device demand, host blocks free) once the paused jobs fit ``budget``."""
         while demand > budget:
             best = self._cheapest_downgrade(slots, bs, host_free, demand - budget, allowed, reuse_blocks_per_s)
             if best is None:
@@ -245,11 +257,13 @@ class AdaptivePlanner(MemoryPlanner):
             slot.place = target
             demand += slot.device_blocks(bs)
             host_free -= slot.host_blocks(bs)
-        return host_free
+        return demand, host_free
 
-    def _make_headroom(self, slots: list[_Slot], bs: int, target_blocks: int,
-                       host_free: int) -> int:
-        demand = sum(s.device_blocks(bs) for s in slots)
+    def _make_headroom(self, slots: list[_Slot], bs: int, target_blocks: int, demand: int,
+                       host_free: int) -> tuple[int, int]:
+        """(device demand, host blocks free) once long waiters are swapped out down to ``target_blocks``."""
+        if demand <= target_blocks:  # (most plans: nothing to swap, no sort)
+            return demand, host_free
         for slot in sorted(slots, key=lambda s: -s.wait_s):
             if demand <= target_blocks:
                 break
@@ -257,24 +271,25 @@ class AdaptivePlanner(MemoryPlanner):
             host = here.host
             if not here.on_device or host not in self.allowed or slot.place is not slot.source:
                 continue
-            need = place_blocks(host, slot.job.num_private_tokens, bs)
+            need = place_blocks(host, slot.num_private_tokens, bs)
             if need > host_free or slot.wait_s < self.hysteresis * self._horizon_s(slot, bs, host):
                 continue
             demand -= slot.device_blocks(bs)
             slot.place = host
             host_free -= need
-        return host_free
+        return demand, host_free
 
-    def _prefetch(self, slots: list[_Slot], bs: int, budget: int) -> None:
-        free = budget - sum(s.device_blocks(bs) for s in slots)
-        for slot in sorted(slots, key=lambda s: s.wait_s):
-            if not PLACES[slot.place].on_host or slot.place is not slot.source:
-                continue
+    def _prefetch(self, slots: list[_Slot], bs: int, free: int) -> None:
+        """Brings host jobs about to run back into the ``free`` device blocks, soonest first."""
+        # Only a job still on the host where it was may move, and a move changes its own slot
+        # alone: the stable sort of these is the order the whole list's sort visits them in.
+        on_host = [s for s in slots if s.place is s.source and PLACES[s.place].on_host]
+        for slot in sorted(on_host, key=lambda s: s.wait_s):
             if slot.wait_s > self._horizon_s(slot, bs, slot.place):
                 continue
             device = PLACES[slot.place].device
             assert device is not None  # every host place has its device twin
-            need = place_blocks(device, slot.job.num_private_tokens, bs)
+            need = place_blocks(device, slot.num_private_tokens, bs)
             if need <= free:
                 slot.place = device
                 free -= need
@@ -283,7 +298,7 @@ class AdaptivePlanner(MemoryPlanner):
 
     def _horizon_s(self, slot: _Slot, bs: int, host_place: KvPlace) -> float:
         """Wait below which a host job is brought back (its swap-in would not be hidden)."""
-        moved = place_blocks(host_place, slot.job.num_private_tokens, bs)
+        moved = place_blocks(host_place, slot.num_private_tokens, bs)
         return self.prefetch_factor * self.costs.transfer_s(moved) + self.prefetch_lead_s
 
     def _cheapest_downgrade(self, slots: list[_Slot], bs: int, host_free: int, deficit: int,
@@ -303,9 +318,9 @@ class AdaptivePlanner(MemoryPlanner):
             for target in PLACES[slot.place].downgrades:
                 if target not in allowed and target is not KvPlace.NONE:
                     continue
-                freed = held - (place_blocks(target, slot.job.num_private_tokens, bs)
+                freed = held - (place_blocks(target, slot.num_private_tokens, bs)
                                 if PLACES[target].on_device else 0)
-                host_need = (place_blocks(target, slot.job.num_private_tokens, bs)
+                host_need = (place_blocks(target, slot.num_private_tokens, bs)
                              if PLACES[target].on_host else 0)
                 if freed <= 0 or host_need > host_free:
                     continue

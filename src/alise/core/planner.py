@@ -27,7 +27,7 @@ is counted here (preemptions, KV moves, prefill tokens).
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import numpy as np
 
@@ -43,6 +43,7 @@ from alise.core.prefix_mirror import PrefillCounts, known_tokens
 from alise.core.reports import InFlight
 from alise.core.routing import Router
 from alise.core.table import WAITING, JobTable
+from alise.core.waits import ExpectedWaits
 from alise.core.worker_view import WorkerView
 
 #: The smallest prompt chunk a step's latency allowance is rounded up to.
@@ -89,8 +90,7 @@ class StepPlanner:
         need, hits = self._needs(view, order, num_tokens)
         held += view.num_shared_blocks  # and the shared prefix blocks, counted once
         taken, feed = self._select(view, order, num_tokens, need, reserve, held, hits)
-        used = int(need[taken].sum()) + held
-        commands = self._plan_memory(view, order, on_worker[order], taken, used, now_s)
+        commands = self._plan_memory(view, order, on_worker, taken, need, held, now_s)
         chosen = order[taken]
         commands += self._start(view, chosen, None if hits is None else hits[taken], now_s)
         chunks, outputs = self._advance(view, chosen, feed)
@@ -232,23 +232,23 @@ class StepPlanner:
         return None if allowance is None else max(allowance, MIN_CHUNK_TOKENS)
 
     def _plan_memory(self, view: WorkerView, order: np.ndarray, on_worker: np.ndarray, taken: np.ndarray,
-                     used: int, now_s: float) -> list[Command]:
+                     need: np.ndarray, held: int, now_s: float) -> list[Command]:
         """KV places for the worker's jobs that do not run (best-ranked first); ``on_worker``:
-        which of the ranked candidates ``order`` the worker holds (a new array)."""
+        which slots of the table hold the worker's candidates (``_candidates``); the jobs that
+        run take ``need[taken]`` device blocks beside the ``held`` ones."""
         table, cap = self.table, view.capacity
-        left = on_worker
+        left = on_worker[order]
         left[taken] = False
         if not np.count_nonzero(left):  # (cheaper than ``nonzero``, and most plans pause none)
             return []
         positions = left.nonzero()[0]
         paused = table.jobs[order[positions]].tolist()
-        waits: dict[str, float] = {}
+        waits: Mapping[str, float] = {}
         if self.memory.uses_waits:  # the wait of a job: the remaining time of every job ahead
-            table.fill_remaining(order)
-            remaining_s = table.remaining_base_s[order] * self.latency.correction
-            ahead = np.concatenate(([0.0], remaining_s.cumsum()))
-            waits = dict(zip([job.job_id for job in paused], ahead[positions].tolist(), strict=True))
-        host_used = int(table.num_host_blocks[table.owner == view.index].sum())
+            waits = ExpectedWaits(table, order, positions, [job.job_id for job in paused], self.latency.correction)
+        # NOTE: a running job holds no host blocks, so the finishing ones ``on_worker`` leaves out count 0.
+        host_used = int(table.num_host_blocks @ on_worker)
+        used = int(need[taken].sum()) + held
         moves = self.memory.plan(paused, waits, cap, cap.num_device_blocks - used,
                                  cap.num_host_blocks - host_used, self._reuse_blocks_per_s(view, order[taken]))
         # Device-freeing moves first: the worker applies commands in order, and a prefetch
