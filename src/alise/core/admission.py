@@ -30,6 +30,9 @@ from typing import NamedTuple
 
 import numpy as np
 
+#: The reserves' running sum before the first job of a run.
+_ZERO = np.zeros(1)
+
 
 class Budgets(NamedTuple):  # (a tuple: made once a plan, cheaper than a frozen dataclass)
     max_num_seqs: int
@@ -86,10 +89,12 @@ def select(need: np.ndarray, uncomputed: np.ndarray, running: np.ndarray, budget
         else:
             # NOTE: the reserves are summed per run, from ``reserved`` (floats: the order of
             # the additions is part of the decision).
-            before = np.concatenate(([0.0], grow[i:end].cumsum()))
+            before = np.concatenate((_ZERO, grow[i:end].cumsum()))
             if reserved:
                 before += reserved
-            fits &= blocks <= np.where(run, max_blocks, (max_blocks - before[:-1]) - grow[i:end])
+            room = (max_blocks - before[:-1]) - grow[i:end]
+            room[run] = max_blocks  # a running job holds no reserve back
+            fits &= blocks <= room
         k = int(fits.argmin())
         if fits[k]:
             k = end - i

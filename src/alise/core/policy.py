@@ -310,10 +310,14 @@ class AlisePolicy(Policy):
 
     def keys(self, c: Candidates, now_s: float) -> np.ndarray:
         assert self.latency is not None  # make_policy gives this policy its latency model
+        running = c.running
         corrected = c.remaining_s * self.latency.correction
-        waited = c.queued_s + np.where(c.running, 0.0, np.maximum(now_s - c.idle_since_s, 0.0))
-        keys = np.where(c.running, corrected * (1.0 - self.hysteresis) - self.switch_cost_s, corrected)
-        keys = keys - self.aging_rate * waited
+        aged = np.maximum(now_s - c.idle_since_s, 0.0)
+        aged[running] = 0.0  # a running job has waited its closed spells (``queued_s``) alone
+        aged += c.queued_s
+        aged *= self.aging_rate
+        keys = np.where(running, corrected * (1.0 - self.hysteresis) - self.switch_cost_s, corrected)
+        keys -= aged
         if self.max_slowdown is not None:
             keys = keys - STARVED_BOOST_S * self.starved(c, now_s)
         return keys
