@@ -93,9 +93,10 @@ class StepPlanner:
         commands = self._plan_memory(view, order, on_worker, taken, need, held, now_s)
         chosen = order[taken]
         commands += self._start(view, chosen, None if hits is None else hits[taken], now_s)
-        chunks, outputs = self._advance(view, chosen, feed)
-        plan = StepPlan(step_id=view.next_step_id, commands=commands, run_step=bool(np.count_nonzero(feed)),
-                        chunks=chunks, census=census)
+        num_fed = int(np.count_nonzero(feed))
+        chunks, outputs = self._advance(view, chosen, feed, num_fed)
+        plan = StepPlan(step_id=view.next_step_id, commands=commands, run_step=num_fed > 0, chunks=chunks,
+                        census=census)
         if not plan.is_empty:
             view.next_step_id += 1
             view.in_flight.append(InFlight.of(plan.step_id, outputs, plan.commands, census=census, planned_free_blocks=(
@@ -115,10 +116,11 @@ class StepPlanner:
         done &= table.is_running
         held = 0
         finishing = done.nonzero()[0]
-        if len(finishing):
+        if len(finishing):  # (one or two most steps: summed as numbers)
             mine[finishing] = False
-            private = table.num_computed_tokens[finishing] - table.num_shared_tokens[finishing]
-            held = int(((private + (cap.block_size - 1)) // cap.block_size).sum())
+            computed = table.num_computed_tokens[finishing].tolist()
+            shared = table.num_shared_tokens[finishing].tolist()
+            held = sum(blocks_for(c - s, cap.block_size) for c, s in zip(computed, shared, strict=True))
         waiting = (owner == WAITING) & (num_tokens < cap.max_model_len)
         if len(self.workers) > 1:
             self.router.route_new((owner == WAITING).nonzero()[0], self.latency.correction, self._prefix_saving_s)
@@ -319,11 +321,16 @@ class StepPlanner:
                 set_status(job, JobStatus.RUNNING, now_s)
         return commands
 
-    def _advance(self, view: WorkerView, chosen: np.ndarray, feed: np.ndarray) -> tuple[dict[str, int], set[str]]:
-        """Projects the step onto the jobs it feeds: (plan chunks, jobs that output a token)."""
+    def _advance(self, view: WorkerView, chosen: np.ndarray, feed: np.ndarray,
+                 num_fed: int) -> tuple[dict[str, int], set[str]]:
+        """Projects the step onto the jobs it feeds (``num_fed`` of ``chosen`` feed more than
+        0): (plan chunks, jobs that output a token)."""
         table = self.table
-        fed = feed.nonzero()[0]  # feeds are never negative
-        slots, n = (chosen, feed) if len(fed) == len(feed) else (chosen[fed], feed[fed])
+        if num_fed == len(feed):  # (most steps: every job taken is fed)
+            slots, n = chosen, feed
+        else:
+            fed = feed.nonzero()[0]  # feeds are never negative
+            slots, n = chosen[fed], feed[fed]
         # The table's token counts are the jobs' own (``ProjectedCount``): only this projection
         # and the jobs' status changes write them (a report confirms a pending token per output,
         # which leaves ``num_tokens`` as it is).
