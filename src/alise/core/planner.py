@@ -90,8 +90,8 @@ class StepPlanner:
         need, hits = self._needs(view, order, num_tokens)
         held += view.num_shared_blocks  # and the shared prefix blocks, counted once
         taken, feed = self._select(view, order, num_tokens, need, reserve, held, hits)
-        commands = self._plan_memory(view, order, on_worker, taken, need, held, now_s)
         chosen = order[taken]
+        commands = self._plan_memory(view, order, on_worker, taken, chosen, need, held, now_s)
         commands += self._start(view, chosen, None if hits is None else hits[taken], now_s)
         num_fed = int(np.count_nonzero(feed))
         chunks, outputs = self._advance(view, chosen, feed, num_fed)
@@ -234,15 +234,14 @@ class StepPlanner:
         return None if allowance is None else max(allowance, MIN_CHUNK_TOKENS)
 
     def _plan_memory(self, view: WorkerView, order: np.ndarray, on_worker: np.ndarray, taken: np.ndarray,
-                     need: np.ndarray, held: int, now_s: float) -> list[Command]:
-        """KV places for the worker's jobs that do not run (best-ranked first); ``on_worker``:
-        which slots of the table hold the worker's candidates (``_candidates``); the jobs that
-        run take ``need[taken]`` device blocks beside the ``held`` ones."""
+                     chosen: np.ndarray, need: np.ndarray, held: int, now_s: float) -> list[Command]:
+        """KV places for the worker's jobs that do not run (best-ranked first); ``on_worker``: the
+        slots of the worker's candidates; those that run, ``chosen``, need ``need[taken]`` blocks."""
+        if np.count_nonzero(on_worker) == np.count_nonzero(on_worker[chosen]):  # (most plans: all run)
+            return []
         table, cap = self.table, view.capacity
         left = on_worker[order]
         left[taken] = False
-        if not np.count_nonzero(left):  # (cheaper than ``nonzero``, and most plans pause none)
-            return []
         positions = left.nonzero()[0]
         paused = table.jobs[order[positions]].tolist()
         waits: Mapping[str, float] = {}
@@ -252,7 +251,7 @@ class StepPlanner:
         host_used = int(table.num_host_blocks @ on_worker)
         used = int(need[taken].sum()) + held
         moves = self.memory.plan(paused, waits, cap, cap.num_device_blocks - used,
-                                 cap.num_host_blocks - host_used, self._reuse_blocks_per_s(view, order[taken]))
+                                 cap.num_host_blocks - host_used, self._reuse_blocks_per_s(view, chosen))
         # Device-freeing moves first: the worker applies commands in order, and a prefetch
         # (host -> device) may need the blocks that a swap-out or quantization frees.
         moves.sort(key=lambda move: PLACES[move.job.kv].on_host)
