@@ -6,7 +6,7 @@ from __future__ import annotations
 import copy
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from alise.core.blocks import WorkerCapacity, held_host_blocks
@@ -182,14 +182,10 @@ def assert_rows_agree(core: SchedulerCore) -> None:
 _OPS = ("submit",) * 3 + ("plan",) * 4 + ("report",) * 3 + ("cancel", "estimate", "refuse", "lose")
 
 
-@settings(max_examples=40, deadline=None)
-@given(st.sampled_from(["fcfs", "alise"]), st.lists(st.tuples(
-    st.sampled_from(_OPS), st.integers(0, 1), st.integers(1, 40), st.integers(1, 40)),
-    min_size=20, max_size=150))
-def test_the_table_rows_agree_with_the_jobs_through_random_transitions(policy, ops):
-    """Jobs arrive, start, pause (their KV kept, quantized, swapped or dropped), resume, finish,
-    are cancelled, refused, or lost with their worker, in a random order, with up to several
-    plans in flight: after every change the table rows and the jobs agree."""
+def run_ops(policy: str, ops: list[tuple[str, int, int, int]]) -> SchedulerCore:
+    """Drives a cluster through ``ops`` ((op, which worker, size, out) each), checking the rows
+    after every change, then plans and reports on every worker until no job is left: every job
+    runs to its end. Returns the core."""
     cluster = Cluster(policy)
     core = cluster.core
     for t, (op, which, size, out) in enumerate(ops):
@@ -218,4 +214,52 @@ def test_the_table_rows_agree_with_the_jobs_through_random_transitions(policy, o
             cluster.plan(worker_id, 0.01 * t)
             cluster.report(worker_id, 0.01 * t, refuse=False)
         assert_rows_agree(core)
-    assert not core.jobs and not core.waiting and not len(core.table)
+    left = {job.job_id: (job.status.value, job.num_tokens) for job in core.jobs.values()}
+    assert not core.jobs and not core.waiting and not len(core.table), f"left (status, tokens): {left}"
+    return core
+
+
+#: A job runs on w1 to 37 + 8 = 45 tokens, 12 blocks of 4: the whole cache (max_model_len 200 is
+#: capped at 48 tokens). w1 is lost; the job, re-queued, needs all 12 blocks of an empty worker
+#: again, and under alise its growth reserve (0.1 x its 8 estimated tokens left: 0.2 blocks)
+#: asked for room beside them, which no worker ever has: it waited forever.
+_RUN_THEN_LOSE = [("submit", 0, 37, 33), *[("plan", 0, 1, 1), ("report", 0, 1, 1)] * 8, ("lose", 0, 1, 1)]
+
+
+@pytest.mark.parametrize("policy", ["fcfs", "alise"])
+def test_a_job_requeued_with_the_whole_cache_to_fill_runs_again(policy):
+    core = run_ops(policy, _RUN_THEN_LOSE)
+    assert core.num_finished == 1
+
+
+@pytest.mark.parametrize("policy", ["fcfs", "alise"])
+def test_a_job_whose_prompt_fills_the_whole_cache_is_admitted(policy):
+    """A 45-token prompt needs all 12 blocks of 4 (max_model_len 48): it runs alone on an
+    empty worker. It can never grow past the whole cache, so its growth reserve (0.1 x 33
+    tokens left: 0.825 blocks) holds nothing back beside it."""
+    cluster = Cluster(policy)
+    core = cluster.core
+    core.submit(make_job("j", 45, max_tokens=33, arrival_s=0.0, predicted=33.0))
+    for worker_id in sorted(cluster.workers):
+        cluster.plan(worker_id, 0.0)
+    assert core.jobs["j"].status is JobStatus.RUNNING
+    view = core.workers[core.jobs["j"].worker_id]
+    assert view.num_free_device_blocks == 0 and core.jobs["j"].num_computed_tokens == 45
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.sampled_from(["fcfs", "alise"]), st.lists(st.tuples(
+    st.sampled_from(_OPS), st.integers(0, 1), st.integers(1, 40), st.integers(1, 40)),
+    min_size=20, max_size=150))
+# A job refused, run to 45 tokens (the whole cache) and re-queued when its worker is lost.
+@example("alise", [("submit", 0, 37, 33), ("plan", 0, 1, 1), ("plan", 0, 1, 1), ("refuse", 0, 1, 1),
+                   ("plan", 0, 1, 1), ("plan", 0, 1, 1), ("plan", 0, 1, 1), ("report", 0, 1, 1),
+                   ("refuse", 0, 1, 1), ("report", 0, 1, 1), ("plan", 0, 1, 1), ("refuse", 0, 1, 1),
+                   ("plan", 0, 1, 1), ("plan", 0, 1, 1), ("report", 0, 1, 1), ("report", 0, 1, 1),
+                   ("report", 0, 1, 1), ("lose", 0, 1, 1)])
+def test_the_table_rows_agree_with_the_jobs_through_random_transitions(policy, ops):
+    """Jobs arrive, start, pause (their KV kept, quantized, swapped or dropped), resume, finish,
+    are cancelled, refused, or lost with their worker, in a random order, with up to several
+    plans in flight: after every change the table rows and the jobs agree, and every job
+    runs to its end."""
+    run_ops(policy, ops)

@@ -7,7 +7,8 @@ fits three budgets:
 * device blocks: every job that runs needs ``blocks_for(num_tokens)`` (its whole sequence,
   so a job that starts is sure to finish its prefill); a job that is not running yet must
   also leave room for the growth reserves of those taken before it and its own (the policy's
-  ``reserve_tokens``, in blocks);
+  ``reserve_tokens``, in blocks; a job's own never takes it past the whole cache:
+  :func:`growth_blocks`);
 * tokens (chunked prefill): a step feeds at most ``max_num_batched_tokens``. Every running
   job that decodes feeds one token, and those tokens are set aside first, so decodes never
   stall behind a prompt. What is left is the prefill budget (capped by ``max_prefill_tokens``
@@ -40,6 +41,16 @@ class Budgets(NamedTuple):  # (a tuple: made once a plan, cheaper than a frozen 
     max_num_batched_tokens: int
     #: Most prompt tokens the step may feed beside its decodes (None: the token budget's rest).
     max_prefill_tokens: int | None = None
+
+
+def growth_blocks(reserve_tokens: np.ndarray, need: np.ndarray, num_blocks: int, block_size: int) -> np.ndarray:
+    """Growth reserves in blocks (floats): ``reserve_tokens`` over ``block_size``, but never
+    more than the ``num_blocks`` of the whole cache leave beside each job's ``need``.
+
+    NOTE: a job never grows past the whole cache (the worker ends it there: ``max_model_len``
+    is capped at it), so a job that fits an empty worker is admitted there; else its own
+    reserve would keep it waiting for room no worker ever has."""
+    return np.minimum(reserve_tokens / block_size, np.maximum(num_blocks - need, 0))
 
 
 def select(need: np.ndarray, uncomputed: np.ndarray, running: np.ndarray, budgets: Budgets,

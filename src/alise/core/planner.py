@@ -31,7 +31,7 @@ from collections.abc import Callable, Mapping
 
 import numpy as np
 
-from alise.core.admission import Budgets, select
+from alise.core.admission import Budgets, growth_blocks, select
 from alise.core.blocks import blocks_for
 from alise.core.commands import Admit, Command, KvAction, Pause, Resume, StepPlan
 from alise.core.job import JobStatus, KvPlace
@@ -211,7 +211,7 @@ class StepPlanner:
     def _select(self, view: WorkerView, order: np.ndarray, num_tokens: np.ndarray, need: np.ndarray,
                 reserve: np.ndarray | None, held: int, hits: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
         cap, table = view.capacity, self.table
-        grow = None if reserve is None else reserve / cap.block_size
+        grow = None if reserve is None else growth_blocks(reserve, need, cap.num_device_blocks, cap.block_size)
         running = table.is_running[order]
         uncomputed = num_tokens - table.num_computed_tokens[order]
         if hits is not None:

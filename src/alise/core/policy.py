@@ -274,7 +274,8 @@ class AlisePolicy(Policy):
 
     Growth reserve: a job is admitted or resumed only if, beside the blocks every selected job
     needs now, the device keeps room for each selected job's growth over the next
-    ``min(reserve_fraction * its estimated remaining tokens, reserve_horizon_tokens)`` tokens.
+    ``min(reserve_fraction * its estimated remaining tokens, reserve_horizon_tokens)`` tokens,
+    never past the whole cache (``alise.core.admission.growth_blocks``).
     Without it, shortest-first admits every short newcomer that fits *now*, the batch then
     outgrows the cache within a few steps, and the core pauses its lowest-priority job,
     usually a long one with a large context, whose KV is dropped and recomputed later.
