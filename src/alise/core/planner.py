@@ -46,6 +46,9 @@ from alise.core.table import WAITING, JobTable
 from alise.core.waits import ExpectedWaits
 from alise.core.worker_view import WorkerView
 
+#: Read on every admit (a module global is read faster than an enum's member).
+_WAITING, _RUNNING = JobStatus.WAITING, JobStatus.RUNNING
+
 #: The smallest prompt chunk a step's latency allowance is rounded up to.
 MIN_CHUNK_TOKENS = 16
 
@@ -296,18 +299,18 @@ class StepPlanner:
         jobs = table.jobs[chosen[starts]].tolist()
         commands: list[Command] = []
         for job, hit in zip(jobs, [0] * len(jobs) if hits is None else hits[starts].tolist(), strict=True):
-            if job.status is JobStatus.WAITING:
+            if job.status is _WAITING:
                 cached = prefix.admit(job, hit) if prefix is not None else 0
                 job.num_computed_tokens = job.num_shared_tokens = cached
-                num_generated = job.num_output_tokens
-                admitted = job.num_prompt_tokens + num_generated
+                prompt, outputs = job.prompt_token_ids, job.output_token_ids  # (``all_token_ids``, read once)
+                num_generated = len(outputs)
+                admitted = len(prompt) + num_generated
                 counts.num_admitted_tokens += admitted
                 counts.num_cached_tokens += cached
                 counts.num_computed_tokens += admitted - cached
                 job.prefill_end = admitted
-                commands.append(Admit(job.job_id, job.all_token_ids(), job.worker_sampling,
-                                      num_generated=num_generated, num_cached_tokens=cached))
-                set_status(job, JobStatus.RUNNING, now_s, worker_id=worker_id, admit_step_id=step_id)
+                commands.append(Admit(job.job_id, prompt + outputs, job.worker_sampling, num_generated, cached))
+                set_status(job, _RUNNING, now_s, worker_id=worker_id, admit_step_id=step_id)
             else:
                 cached = 0
                 if job.kv is KvPlace.NONE:  # a recompute after a drop, less its cached prefix
@@ -317,7 +320,7 @@ class StepPlanner:
                     job.prefill_end = job.num_tokens
                     counts.num_resume_cached_tokens += cached
                 commands.append(Resume(job.job_id, num_cached_tokens=cached))
-                set_status(job, JobStatus.RUNNING, now_s)
+                set_status(job, _RUNNING, now_s)
         return commands
 
     def _advance(self, view: WorkerView, chosen: np.ndarray, feed: np.ndarray,

@@ -46,6 +46,9 @@ logger = logging.getLogger(__name__)
 
 #: Statuses of a job that a worker holds (it is in that ``WorkerView.jobs``).
 _ON_WORKER = frozenset({JobStatus.RUNNING, JobStatus.PAUSED})
+#: Read on every status change (a module global is read faster than an enum's member).
+_WAITING, _RUNNING, _FINISHED = JobStatus.WAITING, JobStatus.RUNNING, JobStatus.FINISHED
+_NO_KV, _DEVICE = KvPlace.NONE, KvPlace.DEVICE
 
 
 class SchedulerCore:
@@ -272,34 +275,40 @@ class SchedulerCore:
         the same point of the plans), and the job's table row (a finished job leaves the table)."""
         before = job.status
         held_by = job.worker_id if before in _ON_WORKER else None
-        mirror = self.workers[held_by].prefix if held_by in self.workers else None
+        workers = self.workers
+        view = workers.get(held_by) if held_by is not None else None  # None: gone (``remove_worker``)
+        mirror = view.prefix if view is not None else None
         if mirror is not None:
             self._mirror_release(mirror, job, status, fields)
         job.transition(status, now_s, **fields)
-        if mirror is not None and held_by is not None and status in _ON_WORKER and job.kv is not KvPlace.NONE:
+        on_worker = status in _ON_WORKER
+        if mirror is not None and on_worker and job.kv is not _NO_KV:
             # A KV move or a resume: the job's device blocks, its shared prefix included.
-            bs = self.workers[held_by].capacity.block_size
-            private = blocks_for(job.num_private_tokens, bs) if status is JobStatus.RUNNING \
-                else held_device_blocks(job, bs)
+            bs = view.capacity.block_size
+            private = blocks_for(job.num_private_tokens, bs) if status is _RUNNING else held_device_blocks(job, bs)
             mirror.resize(job, job.num_shared_tokens // bs + private)
-        if before is JobStatus.WAITING and status is not JobStatus.WAITING:
-            del self.waiting[job.job_id]
-            self.router.unroute(job.job_id)
-        elif status is JobStatus.WAITING:
-            self.waiting[job.job_id] = job
-        if held_by is not None and status not in _ON_WORKER:
-            view = self.workers.get(held_by)  # None: the worker is gone (``remove_worker``)
+        job_id = job.job_id
+        if before is _WAITING:
+            if status is not _WAITING:
+                del self.waiting[job_id]
+                self.router.unroute(job_id)
+        elif status is _WAITING:
+            self.waiting[job_id] = job
+        if held_by is None:
+            if on_worker:
+                assert job.worker_id is not None  # a job on a worker knows which
+                view = workers[job.worker_id]
+                view.jobs[job_id] = job
+        elif not on_worker:
             if view is not None:
-                view.jobs.pop(job.job_id)
-        elif held_by is None and status in _ON_WORKER:
-            assert job.worker_id is not None  # a job on a worker knows which
-            self.workers[job.worker_id].jobs[job.job_id] = job
-        if status is JobStatus.FINISHED:
-            self.jobs.pop(job.job_id, None)
+                view.jobs.pop(job_id)
+            view = None
+        if status is _FINISHED:
+            self.jobs.pop(job_id, None)
             self.table.discard(job)
-            self.hash_memo.drop(job.job_id)
+            self.hash_memo.drop(job_id)
         else:
-            self._put(job)
+            self._put(job, view)
 
     @staticmethod
     def _mirror_release(mirror: PrefixMirror, job: Job, status: JobStatus, fields: dict) -> None:
@@ -311,13 +320,17 @@ class SchedulerCore:
         finished = status is JobStatus.FINISHED and fields.get("reason") is not FinishReason.ABORTED
         mirror.release(job, finished=finished, on_device=job.kv is KvPlace.DEVICE, leaves=not drops)
 
-    def _put(self, job: Job) -> None:
-        """Brings the job's row of the table in line with it (every change goes through here)."""
-        view = self.workers.get(job.worker_id) if job.worker_id is not None else None
-        owner = view.index if view is not None else WAITING
-        host = held_host_blocks(job, view.capacity.block_size) if view is not None else 0
-        hint = 0
-        if job.status is JobStatus.WAITING:  # its prefill is what no worker has cached
+    def _put(self, job: Job, view: WorkerView | None = None) -> None:
+        """Brings the job's row of the table in line with it (every change goes through here);
+        ``view``: the worker holding the job, where the caller has it (else looked up)."""
+        if view is None and job.worker_id is not None:
+            view = self.workers.get(job.worker_id)
+        status, owner, host, hint = job.status, WAITING, 0, 0
+        if view is not None:
+            owner = view.index
+            if job.kv is not _DEVICE:  # (a running job's KV is on the device: no host blocks)
+                host = held_host_blocks(job, view.capacity.block_size)
+        if status is _WAITING:  # its prefill is what no worker has cached
             hint = max((v.prefix.lookup(job)[0] for v in self.workers.values() if v.prefix is not None), default=0)
         elif job.is_dropped and view is not None and view.prefix is not None:
             # Its resume recomputes what the drop did not leave cached on its worker.
