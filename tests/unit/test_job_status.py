@@ -167,7 +167,9 @@ def assert_rows_agree(core: SchedulerCore) -> None:
             "owner": WAITING if job.status is JobStatus.WAITING else view.index,
             "is_running": job.status is JobStatus.RUNNING, "arrival_s": job.arrival_s,
             "queued_s": job.queued_s,
-            "idle_since_s": job.idle_since_s, "num_prompt_tokens": job.num_prompt_tokens,
+            # a running job's row ages by nothing: its wait has no start
+            "idle_since_s": float("inf") if job.status is JobStatus.RUNNING else job.idle_since_s,
+            "num_prompt_tokens": job.num_prompt_tokens,
             "num_tokens": job.num_tokens, "num_computed_tokens": job.num_computed_tokens,
             "max_tokens": job.sampling.max_tokens, "estimate_mean": estimate.mean,
             "estimate_p90": estimate.p90,

@@ -122,7 +122,7 @@ class Candidates:
 
     @_Gathered
     def idle_since_s(self) -> np.ndarray:
-        """Start of the current wait (idle jobs)."""
+        """Start of the current wait (idle jobs; +inf for a running one)."""
         return self._table.idle_since_s[self._slots]
 
     @_Gathered
@@ -313,8 +313,9 @@ class AlisePolicy(Policy):
         assert self.latency is not None  # make_policy gives this policy its latency model
         running = c.running
         corrected = c.remaining_s * self.latency.correction
+        # A running job has waited its closed spells (``queued_s``) alone: its ``idle_since_s``
+        # is +inf, which ``max(now - inf, 0)`` makes 0.
         aged = np.maximum(now_s - c.idle_since_s, 0.0)
-        aged[running] = 0.0  # a running job has waited its closed spells (``queued_s``) alone
         aged += c.queued_s
         aged *= self.aging_rate
         keys = np.where(running, corrected * (1.0 - self.hysteresis) - self.switch_cost_s, corrected)

@@ -33,6 +33,9 @@ from alise.core.policy import Candidates, RemainingTimeEstimator
 _SPACING = 1 << 32
 _LIMIT = 1 << 62
 
+_RUNNING = JobStatus.RUNNING
+_INF = float("inf")
+
 #: Owner values: a free slot, the waiting queue; >= 0 is a worker's index.
 FREE = -2
 WAITING = -1
@@ -102,13 +105,13 @@ class JobTable:
     tie_label = Column(np.int64)            # TieLabels label
     arrival_s = Column(np.float64)
     queued_s = Column(np.float64)
-    idle_since_s = Column(np.float64)
+    idle_since_s = Column(np.float64)       # the job's, or +inf while it runs (it ages by nothing then)
     num_prompt_tokens = Column(np.int64)
     num_tokens = Column(np.int64)           # running jobs: projected by each plan (``_advance``)
     num_computed_tokens = Column(np.int64)  # likewise; both the job's own (``ProjectedCount``)
     num_shared_tokens = Column(np.int64)    # of them, read from shared prefix-cache blocks
     num_cached_hint = Column(np.int64)      # waiting or dropped jobs: tokens of their prefix cached on a worker
-    max_tokens = Column(np.int64)
+    max_tokens = Column(np.float64)         # (a float, as the remaining-time arithmetic it feeds)
     max_num_tokens = Column(np.int64)       # num_prompt_tokens + max_tokens: the job ends there
     estimate_mean = Column(np.float64)      # the policy's length estimate of the job, in tokens
     estimate_p90 = Column(np.float64)
@@ -171,10 +174,13 @@ class JobTable:
             self.max_tokens[slot] = job.sampling.max_tokens
             self.max_num_tokens[slot] = len(job.prompt_token_ids) + job.sampling.max_tokens
             self._attach(job, slot)
+        running = job.status is _RUNNING
         self.owner[slot] = owner
-        self.is_running[slot] = job.status is JobStatus.RUNNING
+        self.is_running[slot] = running
         self.queued_s[slot] = job.queued_s
-        self.idle_since_s[slot] = job.idle_since_s
+        # NOTE: ``now - inf`` is -inf, which the aging rule's ``max(now - idle_since, 0)`` makes
+        # 0: a running job ages by its closed spells (``queued_s``) alone, with no mask.
+        self.idle_since_s[slot] = _INF if running else job.idle_since_s
         self.num_shared_tokens[slot] = job.num_shared_tokens
         self.num_cached_hint[slot] = cached_hint
         self.estimate_mean[slot] = estimate.mean
@@ -222,8 +228,12 @@ class JobTable:
         if not len(todo):
             return
         num_tokens = self.num_tokens[todo]
+        # NOTE: the tokens generated as floats, as ``max_tokens`` and the estimates: the ufuncs of
+        # the misprediction rule then never mix integers and floats (a mixed one converts each
+        # integer as it goes, at twice the cost); counts far below 2 ** 53 convert exactly.
+        done = (num_tokens - self.num_prompt_tokens[todo]).astype(np.float64)
         seconds, tokens = self.estimator.remaining_base_arrays(
-            num_tokens - self.num_prompt_tokens[todo], num_tokens,
+            done, num_tokens,
             np.maximum(self.num_computed_tokens[todo], self.num_cached_hint[todo]),
             self.max_tokens[todo], self.estimate_mean[todo], self.estimate_p90[todo])
         self.remaining_base_s[todo] = seconds
