@@ -210,11 +210,21 @@ class Job:
     #: admitted, or resumed after a drop): the core counts the prefill computed when it plans
     #: it, and gives back what a drop leaves uncomputed (``StepPlanner._apply_move``).
     prefill_end: int = 0
+    #: The sampling parameters a worker runs the job with: the request's, except that a job of
+    #: known length (``oracle_output_tokens``, trace replay) ends at that length. Made once,
+    #: with the job (neither of the two changes), not on each admit of a plan.
+    #:
+    #: The policies see only ``sampling.max_tokens``, the request's own cap: a benchmark that
+    #: replays a trace must not tell the scheduler each job's true length through it (the
+    #: remaining-time estimate is capped at ``max_tokens - done``).
+    worker_sampling: SamplingParams = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not self.prompt_token_ids:
             raise ValueError(f"job {self.job_id}: empty prompt")
         self.idle_since_s = self.arrival_s
+        n = self.oracle_output_tokens
+        self.worker_sampling = self.sampling if n is None or n >= self.sampling.max_tokens else _capped(self.sampling, n)
 
     def __getstate__(self) -> dict[str, Any]:
         """A copy (pickled, deep-copied) holds its projected counts itself, in no table."""
@@ -266,20 +276,6 @@ class Job:
     def all_token_ids(self) -> list[int]:
         """Prompt and confirmed output tokens (what a worker that admits the job receives)."""
         return self.prompt_token_ids + self.output_token_ids
-
-    @property
-    def worker_sampling(self) -> SamplingParams:
-        """The sampling parameters a worker runs the job with: the request's, except that a
-        job of known length (``oracle_output_tokens``, trace replay) ends at that length.
-
-        The policies see only ``sampling.max_tokens``, the request's own cap: a benchmark
-        that replays a trace must not tell the scheduler each job's true length through it
-        (the remaining-time estimate is capped at ``max_tokens - done``).
-        """
-        n = self.oracle_output_tokens
-        if n is None or n >= self.sampling.max_tokens:
-            return self.sampling
-        return _capped(self.sampling, n)
 
     # ----------------------------------------------------------------- status
 
