@@ -85,6 +85,9 @@ class KvPlace(enum.Enum):
 _WAITING, _RUNNING, _PAUSED = JobStatus.WAITING, JobStatus.RUNNING, JobStatus.PAUSED
 _NO_KV, _DEVICE = KvPlace.NONE, KvPlace.DEVICE
 _NOTHING: frozenset[str] = frozenset()
+#: The keywords each allowed change (from, to) needs (prebuilt: every status change asks).
+_CHANGES = {(a, b): _ADMIT_NEEDS if (a, b) == (JobStatus.WAITING, JobStatus.RUNNING) else _NEEDS.get(b, _NOTHING)
+            for a, allowed in TRANSITIONS.items() for b in allowed}
 
 
 class FinishReason(enum.Enum):
@@ -279,6 +282,18 @@ class Job:
 
     # ----------------------------------------------------------------- status
 
+    def _refuse(self, status: JobStatus, given: frozenset[str]) -> None:
+        """Raises the :class:`TransitionError` of a change to ``status`` with the keywords
+        ``given`` that ``_CHANGES`` does not allow."""
+        current, allowed = self.status, TRANSITIONS[self.status]
+        if status not in allowed:
+            names = ", ".join(sorted(x.value for x in allowed)) or "nothing"
+            raise TransitionError(f"job {self.job_id}: cannot go from {current.value} to "
+                                  f"{status.value} (from {current.value}: {names})")
+        needs = _CHANGES[current, status]
+        takes, got = ", ".join(sorted(needs)) or "nothing", ", ".join(sorted(given)) or "nothing"
+        raise TransitionError(f"job {self.job_id}: {current.value} -> {status.value} takes {takes}, got {got}")
+
     def transition(self, status: JobStatus, now_s: float, *, kv: KvPlace | None = None,
                    worker_id: str | None = None, admit_step_id: int | None = None,
                    reason: FinishReason | None = None) -> None:
@@ -302,17 +317,8 @@ class Job:
         """
         current = self.status
         given = _GIVEN[kv is not None, worker_id is not None, admit_step_id is not None, reason is not None]
-        admits = current is _WAITING and status is _RUNNING
-        needs = _ADMIT_NEEDS if admits else _NEEDS.get(status, _NOTHING)
-        allowed = TRANSITIONS[current]
-        if status not in allowed:
-            names = ", ".join(sorted(x.value for x in allowed)) or "nothing"
-            raise TransitionError(f"job {self.job_id}: cannot go from {current.value} to "
-                                  f"{status.value} (from {current.value}: {names})")
-        if given != needs:
-            takes, got = ", ".join(sorted(needs)) or "nothing", ", ".join(sorted(given)) or "nothing"
-            raise TransitionError(f"job {self.job_id}: {current.value} -> {status.value} takes {takes}, "
-                                  f"got {got}")
+        if given != _CHANGES.get((current, status)):  # (one look-up: allowed, with what it needs)
+            self._refuse(status, given)
         if status is not current:
             if current in IDLE:
                 self.queued_s += max(now_s - self.idle_since_s, 0.0)
@@ -325,7 +331,7 @@ class Job:
             self.kv = _DEVICE
             if self.scheduled_s is None:
                 self.scheduled_s = now_s
-            if admits:
+            if current is _WAITING:  # an admit
                 assert admit_step_id is not None  # given: checked above
                 self.worker_id, self.admit_step_id = worker_id, admit_step_id
         elif status is _PAUSED:
