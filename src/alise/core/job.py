@@ -227,7 +227,8 @@ class Job:
             raise ValueError(f"job {self.job_id}: empty prompt")
         self.idle_since_s = self.arrival_s
         n = self.oracle_output_tokens
-        self.worker_sampling = self.sampling if n is None or n >= self.sampling.max_tokens else _capped(self.sampling, n)
+        capped = n is not None and n < self.sampling.max_tokens
+        self.worker_sampling = _capped(self.sampling, n) if capped else self.sampling
 
     def __getstate__(self) -> dict[str, Any]:
         """A copy (pickled, deep-copied) holds its projected counts itself, in no table."""

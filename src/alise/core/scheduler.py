@@ -284,7 +284,7 @@ class SchedulerCore:
         on_worker = status in _ON_WORKER
         if mirror is not None and on_worker and job.kv is not _NO_KV:
             # A KV move or a resume: the job's device blocks, its shared prefix included.
-            bs = view.capacity.block_size
+            bs = mirror.block_size
             private = blocks_for(job.num_private_tokens, bs) if status is _RUNNING else held_device_blocks(job, bs)
             mirror.resize(job, job.num_shared_tokens // bs + private)
         job_id = job.job_id
