@@ -60,6 +60,11 @@ def time_phases(planner, phases: dict[str, list[float]]) -> Callable[[], None]:
     return close
 
 
+#: Steps run before the timed ones: chunked prefill admits the first jobs over a few dozen
+#: steps (the token budget); the timed steps start once the batch is full.
+WARMUP_STEPS = 60
+
+
 def run(policy_name: str, *, num_running: int, num_queued: int, steps: int, seed: int,
         rest: list[float] | None = None, phases: dict[str, list[float]] | None = None):
     rng = random.Random(seed)
@@ -89,9 +94,6 @@ def run(policy_name: str, *, num_running: int, num_queued: int, steps: int, seed
     submit(num_running + num_queued)
     timings = []
     running: list[int] = []
-    # Chunked prefill admits the first jobs over a few dozen steps (the token budget):
-    # the timed steps start once the batch is full.
-    warmup = 60
     for step in range(steps):
         t0 = time.perf_counter()
         plan = core.schedule("w0", now)
@@ -103,25 +105,28 @@ def run(policy_name: str, *, num_running: int, num_queued: int, steps: int, seed
         t1 = time.perf_counter()
         core.apply_report("w0", report, now)
         submit(num_running + num_queued - len(core.jobs))
-        if rest is not None and step >= warmup:
+        if rest is not None and step >= WARMUP_STEPS:
             rest.append(time.perf_counter() - t1)
             running.append(core.num_with_status(JobStatus.RUNNING))
     queued = len(core.waiting)
     if phases is not None:
         for name in PHASES:
-            del phases[name][:warmup]
-    return timings[warmup:], statistics.median(running) if running else 0, queued
+            del phases[name][:WARMUP_STEPS]
+    return timings[WARMUP_STEPS:], statistics.median(running) if running else 0, queued
 
 
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--policies", default="fcfs,alise,oracle")
-    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--steps", type=int, default=300,
+                   help=f"steps to run, the first {WARMUP_STEPS} untimed (the batch fills)")
     p.add_argument("--running", type=int, default=256)
     p.add_argument("--queued", type=int, default=1000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-phases", action="store_true", help="skip the per-phase run")
     args = p.parse_args()
+    if args.steps <= WARMUP_STEPS:
+        p.error(f"--steps must be more than the {WARMUP_STEPS} untimed warm-up steps, got {args.steps}")
     print(f"SchedulerCore.schedule with {args.running} running and ~{args.queued} queued "
           f"jobs, {args.steps} steps (this machine, python {sys.version.split()[0]}, "
           f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}):")
