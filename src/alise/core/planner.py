@@ -302,14 +302,13 @@ class StepPlanner:
             if job.status is _WAITING:
                 cached = prefix.admit(job, hit) if prefix is not None else 0
                 job.num_computed_tokens = job.num_shared_tokens = cached
-                prompt, outputs = job.prompt_token_ids, job.output_token_ids  # (``all_token_ids``, read once)
-                num_generated = len(outputs)
-                admitted = len(prompt) + num_generated
+                tokens = job.all_token_ids()
+                num_generated, admitted = len(job.output_token_ids), len(tokens)
                 counts.num_admitted_tokens += admitted
                 counts.num_cached_tokens += cached
                 counts.num_computed_tokens += admitted - cached
                 job.prefill_end = admitted
-                commands.append(Admit(job.job_id, prompt + outputs, job.worker_sampling, num_generated, cached))
+                commands.append(Admit(job.job_id, tokens, job.worker_sampling, num_generated, cached))
                 set_status(job, _RUNNING, now_s, worker_id=worker_id, admit_step_id=step_id)
             else:
                 cached = 0
