@@ -25,7 +25,6 @@ REFUSED: dict[str, tuple[tuple, str]] = {
     # OpenAI's own
     "n": ((1,), "n must be 1: one choice per request (send several requests instead)"),
     "best_of": ((1,), "best_of must be 1: one choice per request"),
-    "logprobs": ((False, 0), "logprobs are not supported"),
     "top_logprobs": ((0,), "top_logprobs are not supported"),
     "echo": ((False,), "echo is not supported"),
     "suffix": (("",), "suffix is not supported"),
@@ -90,11 +89,17 @@ REFUSED: dict[str, tuple[tuple, str]] = {
     "vllm_xargs": (({},), "vllm_xargs are not supported"),
 }
 
-#: Where an endpoint's neutral value differs: vLLM adds special tokens to a completion's prompt
-#: (as the scheduler does) but not to a rendered chat, whose template placed them.
-_NEUTRAL_BY_ENDPOINT = {
-    False: {"add_special_tokens": (True,)},
-    True: {"add_special_tokens": (False,)},
+#: Where an endpoint's neutral value differs (chat: True). vLLM adds special tokens to a
+#: completion's prompt (as the scheduler does) but not to a rendered chat, whose template placed
+#: them. A chat's ``logprobs`` is a boolean, false its neutral; a completion's is how many
+#: alternatives to list beside the sampled token's logprob, so 0 (which vLLM also reads false
+#: as) still asks for the sampled tokens' logprobs: only null asks for nothing.
+_BY_ENDPOINT: dict[bool, dict[str, tuple[tuple, str]]] = {
+    False: {"add_special_tokens": ((True,), "add_special_tokens must be true for a completion"),
+            "logprobs": ((), "logprobs are not supported (leave it unset)")},
+    True: {"add_special_tokens": ((False,), "add_special_tokens must be false for a chat (its template "
+                                            "places the special tokens)"),
+           "logprobs": ((False, 0), "logprobs are not supported")},
 }
 
 
@@ -114,13 +119,9 @@ def _is_neutral(value: Any, neutral: tuple) -> bool:
 def refuse_unsupported(body: Mapping, *, chat: bool) -> None:
     """Raises ApiError (400, ``unsupported_parameter``) for the first field that asks for
     something the door does not do."""
-    for name, neutral in _NEUTRAL_BY_ENDPOINT[chat].items():
-        value = body.get(name)
-        if value is not None and not _is_neutral(value, neutral):
-            raise bad_request(f"{name}: {value!r} is not supported here", param=name,
-                              code="unsupported_parameter")
+    by_endpoint = _BY_ENDPOINT[chat]
     for name, value in body.items():
-        entry = REFUSED.get(name)
+        entry = by_endpoint.get(name) or REFUSED.get(name)
         if entry is None or value is None or _is_neutral(value, entry[0]):
             continue
         message = entry[1] or "not supported"

@@ -66,13 +66,16 @@ def _describe(value: Any) -> str:
     return _JSON_TYPE.get(type(value), type(value).__name__)
 
 
-def _typed(body: Mapping, name: str, kinds: tuple[type, ...], what: str):
+def _typed(body: Mapping, name: str, kinds: tuple[type, ...], what: str, within: str = ""):
+    """``body[name]`` if it is JSON ``what``, else 400; ``within`` names the object ``body`` is
+    (``stream_options``), so the client is told ``stream_options.include_usage``."""
     value = body.get(name)
     if value is None:
         return None
     # bool is an int in Python, never in JSON.
     if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
-        raise bad_request(f"{name} must be {what}, got {_describe(value)}", param=name)
+        where = f"{within}.{name}" if within else name
+        raise bad_request(f"{where} must be {what}, got {_describe(value)}", param=where)
     return value
 
 
@@ -85,11 +88,17 @@ def _int(body: Mapping, name: str, lo: int = -INT32_MAX - 1, hi: int = INT32_MAX
 
 def _number(body: Mapping, name: str) -> float | None:
     value = _typed(body, name, (int, float), "a number")
-    return None if value is None else float(value)
+    if value is None:
+        return None
+    try:
+        return float(value)
+    except OverflowError:  # JSON integers have any size; floats end near 1.8e308
+        raise bad_request(f"{name} is out of range: a number of {len(str(abs(value)))} digits",
+                          param=name) from None
 
 
-def _bool(body: Mapping, name: str, default: bool = False) -> bool:
-    value = _typed(body, name, (bool,), "a boolean")
+def _bool(body: Mapping, name: str, default: bool = False, within: str = "") -> bool:
+    value = _typed(body, name, (bool,), "a boolean", within)
     return default if value is None else value
 
 
@@ -125,8 +134,9 @@ def _stream_options(body: Mapping, stream: bool) -> tuple[bool, bool]:
         return False, False
     if not stream:
         raise bad_request("stream_options is only allowed with stream: true", param="stream_options")
-    include = _bool(options, "include_usage", default=True)
-    return include, include and _bool(options, "continuous_usage_stats")
+    include = _bool(options, "include_usage", default=True, within="stream_options")
+    continuous = _bool(options, "continuous_usage_stats", within="stream_options")
+    return include, include and continuous
 
 
 def _template_kwargs(body: Mapping, chat: bool) -> dict:

@@ -1,0 +1,65 @@
+"""The door's request parsing: bodies a client can send get a 400 that names the field, never
+an exception the door did not expect (a 500), and no field asking for something the door does
+not do is dropped."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from alise.http.errors import ApiError
+from alise.http.protocol import parse_request
+
+BASE = {False: {"prompt": "hi", "max_tokens": 3},
+        True: {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}}
+
+
+def refusal(body: dict, *, chat: bool = False) -> ApiError:
+    with pytest.raises(ApiError) as info:
+        parse_request({**BASE[chat], **body}, chat=chat)
+    return info.value
+
+
+@pytest.mark.parametrize("field", ["temperature", "top_p", "min_p"])
+@pytest.mark.parametrize("sign", ["", "-"])
+def test_a_number_field_past_any_float_is_400_naming_it(field, sign):
+    # JSON has integers of any size; 10**400 has no float.
+    body = json.loads(f'{{"{field}": {sign}1{"0" * 400}}}')
+    error = refusal(body)
+    assert (error.status, error.param) == (400, field)
+    assert field in error.message and "range" in error.message
+
+
+def test_a_number_field_that_fits_a_float_is_kept():
+    assert parse_request({**BASE[False], "temperature": 10**300}, chat=False).temperature == 1e300
+
+
+@pytest.mark.parametrize("value", [0, 1, 5, False, True])
+def test_completion_logprobs_other_than_null_is_refused(value):
+    # OpenAI's and vLLM's completions answer logprobs: 0 with the sampled tokens' logprobs
+    # (and vLLM reads false as 0): a 200 with "logprobs": null would drop what was asked.
+    error = refusal({"logprobs": value})
+    assert (error.status, error.param, error.code) == (400, "logprobs", "unsupported_parameter")
+
+
+@pytest.mark.parametrize("value", [None, False, 0])
+def test_chat_logprobs_false_asks_for_nothing(value):
+    # A chat's logprobs is a boolean: false (or 0, which vLLM reads as false) is its neutral.
+    assert parse_request({**BASE[True], "logprobs": value}, chat=True).messages
+
+
+def test_chat_logprobs_true_is_refused():
+    assert refusal({"logprobs": True}, chat=True).param == "logprobs"
+
+
+def test_completion_logprobs_null_is_accepted():
+    assert parse_request({**BASE[False], "logprobs": None}, chat=False).prompt == "hi"
+
+
+@pytest.mark.parametrize("options", [{"include_usage": "yes"}, {"continuous_usage_stats": 1}])
+def test_a_bad_stream_option_is_named_with_its_object(options):
+    error = refusal({"stream": True, "stream_options": options})
+    [name] = options
+    assert error.param == f"stream_options.{name}"
+    assert error.message.startswith(f"stream_options.{name} must be a boolean")
