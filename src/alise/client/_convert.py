@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import grpc
+from google.protobuf.descriptor import FieldDescriptor
 
 from alise.client.channel import MAX_MESSAGE_BYTES
 from alise.client.errors import InvalidRequest
@@ -23,35 +24,59 @@ def call_metadata(token: str | None, default: tuple[tuple[str, str], ...]) -> tu
     return (("authorization", f"Bearer {token}"),) if token else default
 
 
+#: The integer fields' ranges: protobuf's own error ("Value out of range: -1") names neither.
+_INT_RANGES = {FieldDescriptor.CPPTYPE_INT32: (-2**31, 2**31 - 1), FieldDescriptor.CPPTYPE_UINT32: (0, 2**32 - 1),
+               FieldDescriptor.CPPTYPE_INT64: (-2**63, 2**63 - 1), FieldDescriptor.CPPTYPE_UINT64: (0, 2**64 - 1)}
+
+
+def _set(message, name: str, value, label: str | None = None) -> None:
+    """``message.name = value`` (extended, for a repeated field), or a ValueError or TypeError
+    that names the argument (``label``, default ``name``) and what it may be."""
+    label = label or name
+    field = message.DESCRIPTOR.fields_by_name[name]
+    repeated = field.is_repeated
+    if repeated and not isinstance(value, (list, tuple)):
+        value = list(value)  # read once: a generator would be spent by the range check
+    bounds = _INT_RANGES.get(field.cpp_type)
+    for v in (value if repeated else (value,)) if bounds else ():
+        if isinstance(v, int) and not isinstance(v, bool) and not bounds[0] <= v <= bounds[1]:
+            raise ValueError(f"{label} must be in [{bounds[0]}, {bounds[1]}], got {v}")
+    try:
+        if repeated:
+            getattr(message, name).extend(value)
+        else:
+            setattr(message, name, value)
+    except OverflowError:  # an integer past any float
+        raise ValueError(f"{label} is out of range: a number of {len(str(abs(value)))} digits") from None
+    except TypeError as exc:
+        raise TypeError(f"{label}: {exc}") from None
+
+
 def build_request(prompt: str | Sequence[int], *, max_tokens: int | None, temperature: float | None,
                   top_p: float | None, top_k: int, seed: int | None,
                   stop_token_ids: Sequence[int], ignore_eos: bool, request_id: str,
                   oracle_output_tokens: int, min_p: float | None = None,
                   conversation: Conversation | None = None,
                   strict_max_tokens: bool = False) -> scheduler_pb2.GenerateRequest:
-    req = scheduler_pb2.GenerateRequest(request_id=request_id, oracle_output_tokens=oracle_output_tokens,
-                                        strict_max_tokens=strict_max_tokens)
+    req = scheduler_pb2.GenerateRequest(request_id=request_id, strict_max_tokens=strict_max_tokens)
+    _set(req, "oracle_output_tokens", oracle_output_tokens)
     if isinstance(prompt, str):
         req.text = prompt
+    elif isinstance(prompt, Iterable) and not isinstance(prompt, (bytes, bytearray, memoryview)):
+        try:
+            _set(req.token_ids, "ids", prompt, "prompt token ids")
+        except TypeError as exc:
+            raise TypeError(f"prompt must be a string or a sequence of token ids ({exc})") from None
     else:
-        req.token_ids.ids.extend(prompt)
+        raise TypeError(f"prompt must be a string or a sequence of token ids, got {type(prompt).__name__}")
     if conversation is not None:
         req.conversation.query = conversation.query
         req.conversation.previous_output_tokens.extend(conversation.previous_output_tokens)
-    s = req.sampling
-    if max_tokens is not None:
-        s.max_tokens = max_tokens
-    if temperature is not None:
-        s.temperature = temperature
-    if top_p is not None:
-        s.top_p = top_p
-    s.top_k = top_k
-    if min_p is not None:
-        s.min_p = min_p
-    if seed is not None:
-        s.seed = seed
-    s.stop_token_ids.extend(stop_token_ids)
-    s.ignore_eos = ignore_eos
+    sampling = dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
+                    seed=seed, stop_token_ids=stop_token_ids, ignore_eos=ignore_eos)
+    for name, value in sampling.items():
+        if value is not None:  # unset: the scheduler's default
+            _set(req.sampling, name, value)
     num_bytes = req.ByteSize()
     if num_bytes > MAX_MESSAGE_BYTES:
         raise InvalidRequest(grpc.StatusCode.INVALID_ARGUMENT,

@@ -49,10 +49,15 @@ def check_address(address: str) -> str:
 
 
 def _read(path: str | None) -> bytes | None:
+    """The file's bytes; a path that cannot be read is a ValueError that names it (a caller's
+    mistake, like a bad address)."""
     if path is None:
         return None
-    with open(path, "rb") as f:
-        return f.read()
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as exc:
+        raise ValueError(f"cannot read the TLS file {path}: {exc.strerror or exc}") from None
 
 
 def channel_credentials(tls_ca: str | None, tls_cert: str | None = None,
