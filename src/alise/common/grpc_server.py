@@ -218,7 +218,7 @@ async def run_until_signal(
 
 def split_host_port(address: str) -> tuple[str, int]:
     host, _, port = address.rpartition(":")
-    if not host or not port.isdigit():
+    if not host or not port.isdigit() or int(port) > 65535:
         raise ValueError(f"address must look like HOST:PORT, got {address!r}")
     return host, int(port)
 

@@ -1,0 +1,25 @@
+"""The door's settings refuse, by name, what no listener or dial could use."""
+
+from __future__ import annotations
+
+import pytest
+
+from alise.cli.main import main
+from alise.http.config import HttpConfig
+
+
+@pytest.mark.parametrize("name", ["address", "scheduler_address", "health_address"])
+@pytest.mark.parametrize("port", ["65536", "99999"])
+def test_a_port_past_65535_is_refused_naming_the_setting(name, port):
+    with pytest.raises(ValueError, match=f"^{name} must look like HOST:PORT, got '127.0.0.1:{port}'$"):
+        HttpConfig(**{name: f"127.0.0.1:{port}"})
+
+
+def test_the_highest_port_is_accepted():
+    assert HttpConfig(address="127.0.0.1:65535").address == "127.0.0.1:65535"
+
+
+def test_alise_http_with_such_a_port_exits_2_without_a_traceback(capsys):
+    assert main(["http", "--address", "127.0.0.1:99999"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
