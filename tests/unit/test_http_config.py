@@ -23,3 +23,20 @@ def test_alise_http_with_such_a_port_exits_2_without_a_traceback(capsys):
     assert main(["http", "--address", "127.0.0.1:99999"]) == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("model", ["/nonexistent/model-dir", "no-such-preset"])
+def test_a_model_that_is_neither_a_directory_nor_a_preset_is_refused(model):
+    # Named on purpose, it must be the template the operator meant: not the plain one instead.
+    with pytest.raises(ValueError, match=f"^model: model '{model}' is neither a local model directory nor a preset"):
+        HttpConfig(model=model)
+
+
+def test_a_model_directory_without_config_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="lacks config.json"):
+        HttpConfig(model=str(tmp_path))
+
+
+def test_a_preset_or_a_model_directory_is_accepted(tiny_llama_dir):
+    assert HttpConfig(model="tiny-llama").model == "tiny-llama"
+    assert HttpConfig(model=str(tiny_llama_dir)).model == str(tiny_llama_dir)

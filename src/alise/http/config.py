@@ -22,8 +22,8 @@ class HttpConfig:
     address: str = DEFAULT_ADDRESS
     #: The model name clients send and /v1/models lists (None: the scheduler's model).
     served_model_name: str | None = None
-    #: Model directory whose tokenizer's chat template renders chat messages (None: the
-    #: scheduler's model when it is a directory on this host, else the plain template).
+    #: Model directory (or preset) whose tokenizer's chat template renders chat messages (None:
+    #: the scheduler's model when it is a directory on this host, else the plain template).
     model: str | None = None
     #: Also serve grpc.health.v1 here, SERVING while the door serves and the scheduler does
     #: ("" = none).
@@ -95,3 +95,10 @@ class HttpConfig:
         for path in (self.tls_cert, self.tls_key, self.scheduler_tls_ca):
             if path is not None and not os.path.isfile(path):
                 raise ValueError(f"TLS file {path!r} does not exist")
+        if self.model is not None:  # named on purpose: its template, not the plain one instead
+            from alise.modelinfo.source import resolve_model
+
+            try:
+                resolve_model(self.model)
+            except ValueError as exc:
+                raise ValueError(f"model: {exc}") from None
