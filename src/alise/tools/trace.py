@@ -234,14 +234,16 @@ def read_trace(path: str | Path) -> list[TraceRequest]:
         for line_no, line in enumerate(f, 1):
             if not line.strip():
                 continue
-            obj = json.loads(line)
             try:
+                obj = json.loads(line)
                 out.append(TraceRequest(
                     str(obj["id"]), obj["prompt"], int(obj["prompt_tokens"]), int(obj["output_tokens"]),
                     float(obj["arrival_s"]), str(obj.get("conversation_id", "")), int(obj.get("turn", 0)),
                     float(obj.get("think_time_s", 0.0)), str(obj.get("query", ""))))
             except KeyError as exc:
                 raise ValueError(f"{path}:{line_no}: trace record lacks {exc}") from None
+            except (ValueError, TypeError, AttributeError, RecursionError) as exc:  # not JSON, not an object
+                raise ValueError(f"{path}:{line_no}: not a trace record ({type(exc).__name__}: {exc})") from None
     if not out:
         raise ValueError(f"{path}: empty trace")
     out.sort(key=lambda r: r.arrival_s)

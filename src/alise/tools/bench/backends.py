@@ -102,6 +102,9 @@ class OpenAIBackend:
                     if reply.status != 200:
                         raise BenchError(f"GET {self.target}/v1/models: {reply.status} {(await reply.text())[:200]}")
                     self.model = (await reply.json())["data"][0]["id"]
+            except aiohttp.ClientError as exc:  # nothing there, or not a URL
+                await self._http.close()
+                raise BenchError(f"GET {self.target}/v1/models: {type(exc).__name__}: {exc}") from None
             except BaseException:
                 await self._http.close()
                 raise

@@ -142,16 +142,25 @@ def _run(args: argparse.Namespace, slo: dict) -> int:
     import asyncio
     from dataclasses import asdict
 
+    from alise.tools.bench.backends import BenchError
     from alise.tools.bench.openloop import DEFAULT_MAX_TOKENS, format_summary, run_bench, summarize, write_results
     from alise.tools.sim.progress import ProgressLine
 
-    requests = _requests(args)
+    try:
+        requests = _requests(args)
+    except (ValueError, OSError) as exc:  # the trace: missing, unreadable, not a trace
+        print(f"alise bench: {exc}", file=sys.stderr)
+        return 2
     backend = _backend(args)
     max_tokens = args.max_tokens or DEFAULT_MAX_TOKENS
     before = _prefill_counts(args)
-    results = asyncio.run(run_bench(requests, backend, timeout_s=args.timeout, lengths=args.lengths,
-                                    max_tokens=max_tokens, max_concurrency=args.max_concurrency,
-                                    progress=ProgressLine.for_flag(args.progress)))
+    try:
+        results = asyncio.run(run_bench(requests, backend, timeout_s=args.timeout, lengths=args.lengths,
+                                        max_tokens=max_tokens, max_concurrency=args.max_concurrency,
+                                        progress=ProgressLine.for_flag(args.progress)))
+    except BenchError as exc:  # the server could not be reached to start the run
+        print(f"alise bench: {exc}", file=sys.stderr)
+        return 1
     summary = summarize(results, slo)
     after = _prefill_counts(args)
     if before is not None and after is not None:
@@ -207,12 +216,21 @@ def _compare(paths: list[str], png: str | None, slo: dict) -> int:
 
     runs, summaries = {}, {}
     for path in paths:
-        with open(path, encoding="utf-8") as f:
-            saved = json.load(f)
-        label = saved["settings"]["label"]
+        try:
+            with open(path, encoding="utf-8") as f:
+                saved = json.load(f)
+            label = saved["settings"]["label"]
+            requests = read_results(saved["requests"])
+        except OSError as exc:
+            print(f"alise bench: {path}: {exc.strerror or exc}", file=sys.stderr)
+            return 2
+        except (ValueError, KeyError, TypeError, RecursionError) as exc:
+            print(f"alise bench: {path} is not a run written by --json ({type(exc).__name__}: {exc})",
+                  file=sys.stderr)
+            return 2
         while label in runs:
             label += "'"
-        runs[label] = read_results(saved["requests"])
+        runs[label] = requests
         summaries[label] = summarize(runs[label], slo or saved["summary"].get("goodput_slo_ms"))
     print(format_comparison(summaries))
     if png:

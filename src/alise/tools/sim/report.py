@@ -253,7 +253,7 @@ def run_sim_command(args) -> int:
         return 2
     try:
         latency = tensor_parallel_from_args(load_profile(args.profile), args)
-    except ValueError as exc:
+    except (ValueError, OSError) as exc:
         print(f"alise sim: {exc}", file=sys.stderr)
         return 2
     label = profile_label(latency)
@@ -262,7 +262,11 @@ def run_sim_command(args) -> int:
     progress = ProgressLine.for_flag(getattr(args, "progress", None))
     results = []
     for path in args.trace:
-        requests = read_trace(path)
+        try:
+            requests = read_trace(path)
+        except (ValueError, OSError) as exc:
+            print(f"alise sim: {exc}", file=sys.stderr)
+            return 2
         estimates, source, tau = None, None, None
         if "alise" in policies:
             progress.update(f"sim {Path(path).stem}: alise's estimates ({args.predictor}, "
