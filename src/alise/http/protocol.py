@@ -29,6 +29,14 @@ MAX_STOP_STRING_CHARS = 512
 #: Roles accepted in chat messages ("developer" is OpenAI's newer name for "system").
 CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
 
+#: What chat_template_kwargs may not set: the variables the renderer passes itself and the
+#: arguments of the renderer (transformers' ``apply_chat_template``), which are not template
+#: variables: ``chat_template`` there would run the request's own template on the door.
+RENDERER_ARGUMENTS = frozenset({
+    "messages", "conversation", "add_generation_prompt", "tokenize", "chat_template", "tools", "documents",
+    "continue_final_message", "sanitize_control_tokens", "padding", "truncation", "max_length", "return_tensors",
+    "return_dict", "return_assistant_tokens_mask", "tokenizer_kwargs"})
+
 _JSON_TYPE = {bool: "a boolean", int: "an integer", float: "a number", str: "a string",
               list: "an array", dict: "an object", type(None): "null"}
 
@@ -143,8 +151,7 @@ def _template_kwargs(body: Mapping, chat: bool) -> dict:
     kwargs = _typed(body, "chat_template_kwargs", (dict,), "an object") if chat else None
     if kwargs is None:
         return {}
-    # The renderer passes messages and add_generation_prompt itself.
-    taken = sorted(kwargs.keys() & {"messages", "add_generation_prompt", "conversation", "tokenize"})
+    taken = sorted(kwargs.keys() & RENDERER_ARGUMENTS)
     if taken:
         raise bad_request(f"chat_template_kwargs may not set {', '.join(taken)}", param="chat_template_kwargs")
     return kwargs
