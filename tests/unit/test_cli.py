@@ -77,3 +77,17 @@ def test_up_groups_its_flags_and_shares_the_workers_engine_flags():
     for action in up._actions:
         if action.dest in ("dtype", "seed", "gpu_memory_utilization", "max_num_seqs", "max_num_batched_tokens"):
             assert f"(default: the workers', {getattr(defaults, action.dest)})" in action.help
+
+
+@pytest.mark.parametrize("argv, prog", [(["generate", "hi", "--port", "8000"], "alise generate"),
+                                        (["up", "--port", "8000"], "alise up"),
+                                        (["predictor", "eval", "--data", "x", "--bogus"], "alise predictor eval")])
+def test_an_unknown_flag_is_named_by_the_command_that_got_it(capsys, argv, prog):
+    from alise.cli.main import main
+
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"usage: {prog} ") and err.endswith(f"{prog}: error: unrecognized arguments: "
+                                                              f"{' '.join(argv[-2 if argv[-1] == '8000' else -1:])}\n")

@@ -189,11 +189,27 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 class _Parser(argparse.ArgumentParser):
-    """Every (sub-)parser of the CLI, nested ones included, shows defaults in its help."""
+    """Every (sub-)parser of the CLI, nested ones included, shows defaults in its help, and
+    an argument none of them knows is refused by the command that got it (``alise up:
+    error: unrecognized arguments``, with its usage), not by ``alise``."""
 
     def __init__(self, *args, **kwargs) -> None:
         kwargs.setdefault("formatter_class", _HelpFormatter)
         super().__init__(*args, **kwargs)
+
+    def parse_known_args(self, args=None, namespace=None):
+        namespace, extra = super().parse_known_args(args, namespace)
+        # The innermost sub-command parses first; its namespace is copied into its parent's.
+        if not hasattr(namespace, "_command_parser"):
+            namespace._command_parser = self
+        return namespace, extra
+
+    def parse_args(self, args=None, namespace=None):
+        namespace, extra = self.parse_known_args(args, namespace)
+        if extra:
+            namespace._command_parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        del namespace._command_parser
+        return namespace
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
