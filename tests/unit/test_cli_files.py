@@ -72,3 +72,15 @@ def test_bench_against_no_openai_server_is_one_line(tmp_path, capsys, base_url):
                  "--max-tokens", "2", "--no-progress"]) == 1
     err = capsys.readouterr().err
     assert err.startswith(f"alise bench: GET {url}/v1/models: ") and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize("command, case", [("eval", "missing"), ("eval", "not json"), ("build", "not json")])
+def test_predictor_data_that_cannot_be_read_is_one_line(tmp_path, capsys, command, case):
+    path = tmp_path / "data.jsonl"
+    if case == "not json":
+        path.write_text("not json\n")
+    index = ["--index-dir", str(tmp_path / "index")] if command == "build" else []
+    assert main(["predictor", command, "--data", str(path), *index]) == 2
+    # build loads the encoder first, whose loading may draw a progress bar before the message
+    last = capsys.readouterr().err.split("\n")[-2]
+    assert last.startswith(f"alise predictor {command}: error: ") and str(path) in last, last

@@ -47,7 +47,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     build.add_argument("--data", action="append", required=True, help="dataset file (repeatable)")
     build.add_argument("--index-dir", required=True, help="directory of the persisted index")
     add_config_flags(build, PredictorConfig, ENCODER_FLAGS)
-    build.set_defaults(func=main_build)
+    build.set_defaults(func=_clear_errors(main_build, "build"))
 
     ev = sub.add_parser("eval", help="k-fold evaluation against the mean and 10-NN baselines")
     ev.add_argument("--data", action="append", required=True, help="dataset file (repeatable)")
@@ -58,7 +58,7 @@ def register(subparsers) -> argparse.ArgumentParser:
                     help="leave-one-generator-out: train on the other models' lengths, test on "
                          "NAME's (repeatable; 'all': every model in turn)")
     add_config_flags(ev, PredictorConfig, ENCODER_FLAGS)
-    ev.set_defaults(func=main_eval)
+    ev.set_defaults(func=_clear_errors(main_eval, "eval"))
 
     serve = sub.add_parser("serve", help="run the PredictorService")
     add_config_flags(serve, PredictorConfig, SERVE_FLAGS)
@@ -72,6 +72,21 @@ def make_encoder(args, **kwargs):
 
     return Encoder(args.encoder_path, max_seq_length=args.encoder_max_seq_length, int8=args.encoder_int8,
                    layers=args.encoder_layers, **kwargs)
+
+
+def _clear_errors(command, name: str):
+    """``command``, with its known errors (a data file missing or unreadable, a bad snapshot)
+    printed in one line, exit 2, however it is reached (``alise predictor NAME``)."""
+
+    def run(args) -> int:
+        from alise.predictor.snapshot import SnapshotError
+
+        try:
+            return command(args)
+        except (SnapshotError, OSError, ValueError) as exc:
+            print(f"alise predictor {name}: error: {exc}", file=sys.stderr)
+            return 2
+    return run
 
 
 def main_build(args) -> int:
@@ -168,15 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     register(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    try:
-        return args.func(args)
-    except Exception as exc:  # a readable one-liner for known start-up errors
-        from alise.predictor.snapshot import SnapshotError
-
-        if isinstance(exc, (SnapshotError, FileNotFoundError, ValueError)):
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
-        raise
+    return args.func(args)
 
 
 if __name__ == "__main__":
