@@ -19,9 +19,10 @@ fits three budgets:
 
 A job that does not fit ends the walk, unless the policy backfills (then the walk goes on
 with the jobs that still can fit). The walk is vectorized: a run of candidates that all fit
-is taken at once (running sums), and with backfill the candidates that cannot fit what is
-left are skipped at once; once the prefill tokens are spent, the running jobs left are taken
-at once where they all fit. The budgets only shrink as jobs are taken, so the result is the
+is taken at once (running sums; the few jobs in it that are not running yet are checked one
+by one on those sums), and with backfill the candidates that cannot fit what is left are
+skipped at once; once the prefill tokens are spent, the running jobs left are taken at once
+where they all fit. The budgets only shrink as jobs are taken, so the result is the
 one-by-one walk's.
 """
 
@@ -30,9 +31,6 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import numpy as np
-
-#: The reserves' running sum before the first job of a run.
-_ZERO = np.zeros(1)
 
 
 class Budgets(NamedTuple):  # (a tuple: made once a plan, cheaper than a frozen dataclass)
@@ -84,38 +82,11 @@ def select(need: np.ndarray, uncomputed: np.ndarray, running: np.ndarray, budget
                 taken.append(tail)
                 break
         end = min(n, i + max_seqs - num_taken)
-        # NOTE: sums from 0 are left as they are (the first run, most steps: two calls fewer);
-        # ``reserved`` likewise below (x + 0.0 is x for the reserves, never negative).
-        blocks = need[i:end].cumsum()
-        if used:
-            blocks += used
-        fed_after = pre_u[i:end].cumsum()
-        if fed:
-            fed_after += fed
-        fed_before = fed_after - pre_u[i:end]
-        run = running[i:end]
-        fits = run | (fed_before < budget)
-        if grow is None:
-            fits &= blocks <= max_blocks
-        else:
-            # NOTE: the reserves are summed per run, from ``reserved`` (floats: the order of
-            # the additions is part of the decision).
-            before = np.concatenate((_ZERO, grow[i:end].cumsum()))
-            if reserved:
-                before += reserved
-            room = (max_blocks - before[:-1]) - grow[i:end]
-            room[run] = max_blocks  # a running job holds no reserve back
-            fits &= blocks <= room
-        k = int(fits.argmin())
-        if fits[k]:
-            k = end - i
+        k, used, fed, reserved = _fit_run(need, pre_u, running, grow, i, end, used, fed, reserved, budget,
+                                          max_blocks)
         if k:
             taken.append(np.arange(i, i + k))
             num_taken += k
-            used = int(blocks[k - 1])
-            fed = int(fed_after[k - 1])
-            if grow is not None:
-                reserved = float(before[k])
             i += k
             continue
         # Candidate i does not fit: with backfill, skip to the next one that fits what is left.
@@ -125,6 +96,43 @@ def select(need: np.ndarray, uncomputed: np.ndarray, running: np.ndarray, budget
         i = nxt
     positions = taken[0] if len(taken) == 1 else np.concatenate(taken) if taken else np.zeros(0, dtype=np.int64)
     return positions, feeds(pre_u[positions], decode[positions], budget)
+
+
+def _fit_run(need: np.ndarray, pre_u: np.ndarray, running: np.ndarray, grow: np.ndarray | None, start: int,
+             end: int, used: int, fed: int, reserved: float, budget: int,
+             max_blocks: int) -> tuple[int, int, int, float]:
+    """(k, blocks used, prefill tokens fed, reserves held) once the candidates ``start`` to
+    ``start + k`` are taken: the longest run from ``start`` (before ``end``) in which each fits
+    what those before it left (``used``, ``fed`` and ``reserved`` before the run).
+
+    A running job fits while the blocks do; since every ``need`` is at least 0, the sums only
+    grow, so the run stops at the first job past the blocks, or sooner at a job that is not
+    running and finds the prefill tokens spent or its reserve short. Those are few (the batch
+    runs ahead of the queue), so they are checked one by one on the run's sums."""
+    blocks = need[start:end].cumsum()  # from 0; plus ``used``
+    k = int(blocks.searchsorted(max_blocks - used, side="right"))
+    fed_after = pre_u[start:end].cumsum()  # from 0; plus ``fed``
+    sums = None if grow is None else grow[start:end].cumsum()  # reserves, from 0; plus ``reserved``
+    for j in (~running[start:end]).nonzero()[0].tolist():
+        if j >= k:
+            break
+        if fed + fed_after.item(j) - pre_u.item(start + j) >= budget:
+            k = j
+            break
+        if grow is not None and sums is not None:
+            # NOTE: the reserves are one running sum from ``reserved`` (floats: the order of the
+            # additions is part of the decision).
+            before = sums.item(j - 1) if j else 0.0
+            if reserved:
+                before += reserved
+            if used + blocks.item(j) > (max_blocks - before) - grow.item(start + j):
+                k = j
+                break
+    if not k:
+        return 0, used, fed, reserved
+    if sums is not None:
+        reserved = sums.item(k - 1) + reserved if reserved else sums.item(k - 1)
+    return k, used + blocks.item(k - 1), fed + fed_after.item(k - 1), reserved
 
 
 def _next_fit(need: np.ndarray, running: np.ndarray, grow: np.ndarray | None, start: int, used: int,
@@ -162,7 +170,12 @@ def _take_running(need: np.ndarray, running: np.ndarray, start: int, num_seqs: i
 
 def feeds(prefill: np.ndarray, decode: np.ndarray, budget: int) -> np.ndarray:
     """Tokens each taken job feeds: 1 for a decode; chunks of the prefill budget in order
-    (``prefill``: each job's uncomputed tokens, 0 for a decode)."""
-    before = prefill.cumsum() - prefill  # integers: exact
-    chunk = np.minimum(np.maximum(budget - before, 0), prefill)
-    return chunk + decode  # a decode's chunk is 0 (its ``prefill``): 1
+    (``prefill``: each job's uncomputed tokens, 0 for a decode): a job's chunk is what the
+    budget has left after the whole prefill of every job before it, at most its own."""
+    fed = decode.astype(np.int64)  # a decode's chunk is 0 (its ``prefill``): 1
+    left = budget
+    for i in prefill.nonzero()[0].tolist():  # (the few jobs in a prefill, one by one)
+        n = prefill.item(i)
+        fed[i] = min(max(left, 0), n)
+        left -= n
+    return fed

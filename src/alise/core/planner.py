@@ -339,8 +339,8 @@ class StepPlanner:
         computed = num_computed + n
         out = computed == num_tokens
         job_ids = table.job_ids[slots]
-        chunked = num_tokens - num_computed > 1
-        chunks = dict(zip(job_ids[chunked].tolist(), n[chunked].tolist(), strict=True))
+        # (the few jobs in a prefill, most steps one to three: read one by one)
+        chunks = {job_ids[i]: n.item(i) for i in (num_tokens - num_computed > 1).nonzero()[0].tolist()}
         # NOTE: a plan feeds a job at most once, so ``slots`` are distinct.
         table.num_computed_tokens[slots] = computed
         table.num_tokens[slots] = num_tokens + out  # a pending output each (``PendingOutputs``)
