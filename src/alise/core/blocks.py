@@ -12,12 +12,23 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 from alise.core.job import Job, KvPlace
 from alise.core.kv_places import PLACES
 
 
 def blocks_for(num_tokens: int, block_size: int) -> int:
     return -(-num_tokens // block_size)
+
+
+def blocks_for_each(num_tokens: np.ndarray, block_size: int) -> np.ndarray:
+    """:func:`blocks_for` of each count (integers): a shift where the block size is a power of
+    two (the same floor as the division, and cheaper)."""
+    shift = block_size.bit_length() - 1
+    if block_size == 1 << shift:
+        return (num_tokens + (block_size - 1)) >> shift
+    return (num_tokens + (block_size - 1)) // block_size
 
 
 #: Blocks a quantized KV cache occupies per full-precision block, as an exact fraction

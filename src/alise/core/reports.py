@@ -49,9 +49,14 @@ class InFlight:
     def of(cls, step_id: int, outputs: set[str], commands: list[Command], *, census: bool,
            planned_free_blocks: int) -> InFlight:
         """A plan with ``commands`` sent."""
+        admit = resume = 0
+        for c in commands:
+            if isinstance(c, Admit):
+                admit += c.num_cached_tokens
+            elif isinstance(c, Resume):
+                resume += c.num_cached_tokens
         return cls(step_id, outputs, census=census, planned_free_blocks=planned_free_blocks,
-                   num_admit_cached_tokens=sum(c.num_cached_tokens for c in commands if isinstance(c, Admit)),
-                   num_resume_cached_tokens=sum(c.num_cached_tokens for c in commands if isinstance(c, Resume)))
+                   num_admit_cached_tokens=admit, num_resume_cached_tokens=resume)
 
 
 def check_report(report: StepReport, in_flight: deque[InFlight], jobs: dict[str, Job]) -> None:
