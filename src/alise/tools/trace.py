@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import heapq
 import json
+import math
 import random
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
@@ -361,9 +362,16 @@ def with_start_times(requests: Sequence[TraceRequest], times: Sequence[float]) -
 
 def rescale(requests: Sequence[TraceRequest], rate: float) -> list[TraceRequest]:
     """The same requests with arrivals stretched or squeezed to mean rate ``rate`` (think times
-    between turns kept)."""
-    factor = mean_rate(requests) / rate
-    return with_start_times(requests, [r.arrival_s * factor for r in requests if not r.is_follow_up])
+    between turns kept). Arrivals that span no time (a burst at 0 s: its own rate is infinite)
+    have nothing to stretch: they are spread evenly at ``rate``; an infinite ``rate`` is a burst."""
+    starts = [r.arrival_s for r in requests if not r.is_follow_up]
+    own = mean_rate(requests)
+    if math.isinf(rate):
+        return with_start_times(requests, [0.0] * len(starts))
+    if math.isinf(own):
+        return with_start_times(requests, [i / rate for i in range(len(starts))])
+    factor = own / rate
+    return with_start_times(requests, [a * factor for a in starts])
 
 
 def describe(requests: Sequence[TraceRequest]) -> dict:
