@@ -91,3 +91,25 @@ def test_an_unknown_flag_is_named_by_the_command_that_got_it(capsys, argv, prog)
     err = capsys.readouterr().err
     assert err.startswith(f"usage: {prog} ") and err.endswith(f"{prog}: error: unrecognized arguments: "
                                                               f"{' '.join(argv[-2 if argv[-1] == '8000' else -1:])}\n")
+
+
+def test_a_reader_that_went_away_is_no_traceback(tmp_path):
+    # `alise sim ... | head`: head exits, stdout's pipe has no reader.
+    import json
+    import os
+    import subprocess
+    import sys
+
+    trace = tmp_path / "one.jsonl"
+    trace.write_text(json.dumps({"id": "r0", "prompt": "hi", "prompt_tokens": 2, "output_tokens": 3,
+                                 "arrival_s": 1.0}) + "\n")
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        out = subprocess.run([sys.executable, "-m", "alise.cli.main", "sim", "--trace", str(trace), "--policies",
+                              "fcfs", "--rates", "1", "--no-progress"], stdout=write_end, stderr=subprocess.PIPE,
+                             text=True, timeout=60, cwd=tmp_path)
+    finally:
+        os.close(write_end)
+    assert out.returncode == 1
+    assert "Traceback" not in out.stderr and "BrokenPipe" not in out.stderr, out.stderr

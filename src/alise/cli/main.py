@@ -310,7 +310,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"alise: {SERVER_MISSING.format(command=argv[0])}", file=sys.stderr)
         return 2
     args = parser.parse_args(argv)
-    return args.func(args) or 0
+    try:
+        return args.func(args) or 0
+    except BrokenPipeError:
+        # Whoever read stdout went away (`alise generate ... | head`): nothing is left to say.
+        # stdout goes to /dev/null so the flush at exit does not fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
 
 
 def _has_server() -> bool:
