@@ -39,3 +39,39 @@ def test_alise_sim_of_a_single_request_at_0_s_finishes(tmp_path):
                          capture_output=True, text=True, timeout=60, cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     assert json.loads((tmp_path / "sim.json").read_text())
+
+
+def one_request(tmp_path) -> str:
+    trace = tmp_path / "t.jsonl"
+    trace.write_text(json.dumps({"id": "r0", "prompt": "hi", "prompt_tokens": 2, "output_tokens": 3,
+                                 "arrival_s": 1.0}) + "\n")
+    return str(trace)
+
+
+@pytest.mark.parametrize("rates, fragment", [("0", "rates must be > 0, got 0"), ("abc", "rates must be numbers"),
+                                             ("1,-2", "rates must be > 0, got -2")])
+def test_alise_sim_refuses_a_rate_it_cannot_run_in_one_line(tmp_path, capsys, rates, fragment):
+    from alise.cli.main import main
+
+    assert main(["sim", "--trace", one_request(tmp_path), "--policies", "fcfs", f"--rates={rates}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("alise sim: ") and fragment in err and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize("num", ["0", "-2"])
+def test_alise_bench_refuses_a_count_of_no_requests(tmp_path, capsys, num):
+    # --num 0 replayed the whole trace, --num -2 all but its last two.
+    from alise.cli.main import main
+
+    with pytest.raises(SystemExit) as info:
+        main(["bench", "--trace", one_request(tmp_path), "--num", num])
+    assert info.value.code == 2
+    assert capsys.readouterr().err.endswith(f"alise bench: error: argument --num: must be >= 1, got {num}\n")
+
+
+def test_alise_bench_refuses_a_bad_address_in_one_line(tmp_path, capsys):
+    from alise.cli.main import main
+
+    assert main(["bench", "--trace", one_request(tmp_path), "--address", "nonsense"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("alise bench: address must be HOST:PORT") and err.count("\n") == 1, err

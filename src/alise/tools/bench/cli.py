@@ -34,7 +34,7 @@ def register(sub) -> None:
     b = sub.add_parser("bench", help="replay a trace open-loop against a server (gRPC or OpenAI HTTP), "
                                      "or compare saved runs (--compare)")
     b.add_argument("--trace", help="trace JSONL (`alise trace`): prompts, output lengths, arrival times")
-    b.add_argument("--num", type=int, default=None, help="first N requests only")
+    b.add_argument("--num", type=_positive_int, default=None, help="first N requests only")
     arrivals = b.add_mutually_exclusive_group()
     arrivals.add_argument("--rate", type=_rate, default=None,
                           help="keep the trace's arrival pattern, rescaled to this mean rate (req/s)")
@@ -103,10 +103,11 @@ def _requests(args: argparse.Namespace):
 
 
 def _backend(args: argparse.Namespace):
+    from alise.client.channel import check_address
     from alise.tools.bench.backends import GrpcBackend, OpenAIBackend
 
     if args.backend == "grpc":
-        return GrpcBackend(args.address, token=args.token)
+        return GrpcBackend(check_address(args.address), token=args.token)
     return OpenAIBackend(args.base_url, chat=args.backend == "openai-chat", model=args.model, token=args.token)
 
 
@@ -148,10 +149,10 @@ def _run(args: argparse.Namespace, slo: dict) -> int:
 
     try:
         requests = _requests(args)
-    except (ValueError, OSError) as exc:  # the trace: missing, unreadable, not a trace
+        backend = _backend(args)
+    except (ValueError, OSError) as exc:  # the trace (missing, unreadable, not a trace), the address
         print(f"alise bench: {exc}", file=sys.stderr)
         return 2
-    backend = _backend(args)
     max_tokens = args.max_tokens or DEFAULT_MAX_TOKENS
     before = _prefill_counts(args)
     try:

@@ -240,6 +240,20 @@ def sim_config(args) -> tuple[SimConfig, list[str]]:
     return config, policies
 
 
+def _rates(text: str | None) -> list[float] | None:
+    """``--rates``: positive numbers, comma-separated; ValueError naming a bad one."""
+    if not text:
+        return None
+    try:
+        rates = [float(x) for x in text.split(",")]
+    except ValueError:
+        raise ValueError(f"rates must be numbers separated by commas, got {text!r}") from None
+    for rate in rates:
+        if not rate > 0:
+            raise ValueError(f"rates must be > 0, got {rate:g}")
+    return rates
+
+
 def run_sim_command(args) -> int:
     from alise.common.entrypoint import config_argv
     from alise.tools.sim.flags import SCHEDULING_FLAGS
@@ -248,6 +262,7 @@ def run_sim_command(args) -> int:
 
     try:
         config, policies = sim_config(args)
+        rates = _rates(args.rates)
     except ValueError as exc:
         print(f"alise sim: {exc}", file=sys.stderr)
         return 2
@@ -257,7 +272,6 @@ def run_sim_command(args) -> int:
         print(f"alise sim: {exc}", file=sys.stderr)
         return 2
     label = profile_label(latency)
-    rates = [float(x) for x in args.rates.split(",")] if args.rates else None
     knobs = " ".join(config_argv(config.scheduling, SCHEDULING_FLAGS))
     progress = ProgressLine.for_flag(getattr(args, "progress", None))
     results = []
