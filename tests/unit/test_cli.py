@@ -113,3 +113,15 @@ def test_a_reader_that_went_away_is_no_traceback(tmp_path):
         os.close(write_end)
     assert out.returncode == 1
     assert "Traceback" not in out.stderr and "BrokenPipe" not in out.stderr, out.stderr
+
+
+@pytest.mark.parametrize("argv", [["generate", "hi", "--timeout", "0"], ["generate", "hi", "--timeout", "-1"],
+                                  ["health", "--timeout", "0"], ["health", "--timeout", "nan"]])
+def test_a_timeout_that_is_no_time_is_refused(capsys, argv):
+    # generate --timeout 0 ran without a deadline; health --timeout 0 said DEADLINE_EXCEEDED.
+    from alise.cli.main import main
+
+    with pytest.raises(SystemExit) as info:
+        main([*argv, "--address", "127.0.0.1:9"])
+    assert info.value.code == 2
+    assert capsys.readouterr().err.endswith(f"error: argument --timeout: must be > 0 seconds, got {argv[-1]}\n")
