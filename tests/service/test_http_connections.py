@@ -161,6 +161,22 @@ async def test_a_flood_of_malformed_requests_logs_a_bounded_number_of_lines(door
     assert 1 <= len(lines) <= 25 and not any(r.exc_info for r in caplog.records)
 
 
+@pytest.mark.parametrize("request_bytes", [
+    b"\x00\x01 not http\r\n\r\n",
+    b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+    b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 99999999999999999999999\r\n\r\n",
+])
+async def test_a_request_that_is_not_http_gets_the_openai_error_body(door_factory, request_bytes):
+    # uvicorn's own answer was text/plain "Invalid HTTP request received."
+    http = await door_factory()
+    reader, writer = await connect(http, send=request_bytes)
+    head, _, body = (await answer(reader)).partition(b"\r\n\r\n")
+    writer.close()
+    assert head.startswith(b"HTTP/1.1 400") and b"content-type: application/json" in head.lower()
+    assert json.loads(body) == {"error": {"message": "the request is not valid HTTP/1.1",
+                                          "type": "invalid_request_error", "param": None, "code": "invalid_http"}}
+
+
 async def read_response(reader, timeout_s: float = 5.0) -> tuple[bytes, bytes]:
     """(status line and headers, body) of one response on a kept-alive connection."""
     head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout_s)

@@ -246,6 +246,11 @@ class GuardedProtocol(HttpToolsProtocol):
         self.guard.num_closed[why] += 1
         self.transport.close()
 
+    def send_400_response(self, msg: str) -> None:
+        """What httptools cannot parse is answered in the door's error shape, as every other
+        refusal is (uvicorn's own is text/plain); uvicorn has logged it."""
+        self._refuse(400, "Bad Request", "the request is not valid HTTP/1.1", "invalid_http")
+
     def _arm_header_timer(self) -> None:
         self._header_bytes = 0
         self._header_timer = self.loop.call_later(self.guard.header_timeout_s, self._headers_too_slow)
