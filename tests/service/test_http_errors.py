@@ -196,3 +196,23 @@ async def test_an_unknown_model_is_answered_after_the_token_check():
     finally:
         await http.stop(0.5)
         await scheduler.stop(0.1)
+
+
+@pytest.mark.parametrize("token", [b"\xe9t\xe9", b"a\tb"])
+async def test_a_token_no_grpc_header_can_carry_is_no_credential(token):
+    # It was a 500 (gRPC's "Invalid metadata"): it is no credential, and the scheduler decides.
+    headers = [(b"authorization", b"Bearer " + token)]
+    security = SecurityConfig(api_tokens=(TOKEN,), internal_secret="s3cret-for-workers")
+    for config, expected in [(SchedulerConfig(address="127.0.0.1:0", model="tiny-llama", security=security), 401),
+                             (SchedulerConfig(address="127.0.0.1:0", model="tiny-llama"), 200)]:
+        scheduler, http = await _door(config)
+        try:
+            async with httpx.AsyncClient(base_url=http.base_url) as h:
+                models = await h.get("/v1/models", headers=headers)
+                assert models.status_code == expected, models.text
+                if expected == 401:
+                    reply = await h.post("/v1/completions", headers=headers, json={"prompt": "hi", "max_tokens": 2})
+                    assert reply.status_code == 401 and reply.json()["error"]["type"] == "authentication_error"
+        finally:
+            await http.stop(0.5)
+            await scheduler.stop(0.1)

@@ -85,3 +85,22 @@ def test_the_cli_says_what_is_wrong_in_one_line(capsys, argv, message):
     # 127.0.0.1:9 (discard) is never dialled: each is refused before a call.
     assert main([*argv, "--address", "127.0.0.1:9"]) == 2
     assert capsys.readouterr().err == message
+
+
+@pytest.mark.parametrize("token", ["\xe9t\xe9", "a\tb", "a\nb"])
+def test_a_token_no_grpc_header_can_carry_is_a_value_error(token):
+    from alise.client import AsyncClient, Client
+    from alise.client._convert import call_metadata
+
+    for make in (Client, AsyncClient):
+        with pytest.raises(ValueError, match="^the token holds a character no gRPC header can carry"):
+            make("127.0.0.1:9", token=token)
+    with pytest.raises(ValueError, match="^the token holds"):
+        call_metadata(token, ())
+    assert call_metadata("ok-token", ()) == (("authorization", "Bearer ok-token"),)
+
+
+@pytest.mark.parametrize("command", [["generate", "hi"], ["status"], ["health"]])
+def test_the_cli_refuses_such_a_token_in_one_line(capsys, command):
+    assert main([*command, "--token", "a\nb", "--address", "127.0.0.1:9"]) == 2
+    assert capsys.readouterr().err.startswith("alise: the token holds a character no gRPC header can carry")

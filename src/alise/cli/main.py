@@ -164,11 +164,12 @@ def _cmd_health(args: argparse.Namespace) -> int:
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+    from alise.client._convert import bearer_metadata
     from alise.client.channel import check_address, make_channel
 
     address = args.address or args.address_option
-    metadata = (("authorization", f"Bearer {args.token}"),) if args.token else ()
     try:
+        metadata = bearer_metadata(args.token)
         with make_channel(check_address(address), tls_ca=args.tls_ca) as channel:
             reply = health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout,

@@ -19,9 +19,26 @@ _FINISH = {
 }
 
 
+def is_carriable_token(token: str) -> bool:
+    """Whether a gRPC header can carry ``token`` (printable ASCII; gRPC refuses anything else
+    as "Invalid metadata" only once the call is made)."""
+    return token.isascii() and token.isprintable()
+
+
+def bearer_metadata(token: str | None) -> tuple[tuple[str, str], ...]:
+    """The metadata that carries ``token`` (none without one); ValueError, not naming the
+    token (a secret), for one no header can carry."""
+    if not token:
+        return ()
+    if not is_carriable_token(token):
+        raise ValueError("the token holds a character no gRPC header can carry (a control or non-ASCII "
+                         "character): a token is printable ASCII")
+    return (("authorization", f"Bearer {token}"),)
+
+
 def call_metadata(token: str | None, default: tuple[tuple[str, str], ...]) -> tuple[tuple[str, str], ...]:
     """A call's metadata: its own bearer token when given, else the client's."""
-    return (("authorization", f"Bearer {token}"),) if token else default
+    return bearer_metadata(token) if token else default
 
 
 #: The integer fields' ranges: protobuf's own error ("Value out of range: -1") names neither.

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from alise.client._convert import build_request, call_metadata, join_chunks, to_chunk, to_status
+from alise.client._convert import bearer_metadata, build_request, call_metadata, join_chunks, to_chunk, to_status
 from alise.client._peer import explain
 from alise.client._resume import Resumer
 from alise.client.channel import check_address, make_aio_channel
@@ -36,7 +36,7 @@ class AsyncClient:
         self.address = check_address(address)
         self.timeout_s = timeout_s
         self._tls_ca = tls_ca
-        self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        self._metadata = bearer_metadata(token)
         self._channel = channel or make_aio_channel(address, tls_ca=tls_ca)
         self._stub = scheduler_pb2_grpc.SchedulerServiceStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)

@@ -29,6 +29,7 @@ import uuid
 from starlette.requests import ClientDisconnect, Request
 
 from alise.client import AliseError, Conversation
+from alise.client._convert import is_carriable_token
 from alise.common.batches import InOrderBatches, outcome
 from alise.common.logs import preview, request_id_var
 from alise.http.chat import ChatRenderer, check_length
@@ -93,8 +94,11 @@ def render_chats(items: list[tuple[ChatRenderer, GenerationRequest]]
 
 
 def bearer_token(request: Request) -> str | None:
+    """The request's bearer token; None without one, or for one no gRPC header can carry (it
+    is no credential: the scheduler decides whether one is needed)."""
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    return (token.strip() or None) if scheme.lower() == "bearer" else None
+    token = token.strip()
+    return token if scheme.lower() == "bearer" and token and is_carriable_token(token) else None
 
 
 async def until_disconnect(receive) -> None:
