@@ -125,3 +125,14 @@ def test_a_timeout_that_is_no_time_is_refused(capsys, argv):
         main([*argv, "--address", "127.0.0.1:9"])
     assert info.value.code == 2
     assert capsys.readouterr().err.endswith(f"error: argument --timeout: must be > 0 seconds, got {argv[-1]}\n")
+
+
+@pytest.mark.parametrize("model", ["/nonexistent/model-dir", "tiny-lama"])
+def test_alise_up_refuses_a_model_it_cannot_find_before_starting_anything(capsys, tmp_path, model):
+    # It started the predictor, then the scheduler died and its log's traceback was shown.
+    from alise.cli.main import main
+
+    assert main(["up", "--model", model, "--state-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"alise up: model: model '{model}' is neither a local model directory nor a preset")
+    assert err.count("\n") == 1 and not (tmp_path / "logs").exists()

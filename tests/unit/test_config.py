@@ -76,7 +76,7 @@ def http_config(tmp_path: Path) -> HttpConfig:
     for name in ("ca.pem", "cert.pem", "key.pem"):
         (tmp_path / name).write_text("")
     return HttpConfig(
-        scheduler_address="10.0.0.1:1", address="127.0.0.1:9000", served_model_name="m", model="dir",
+        scheduler_address="10.0.0.1:1", address="127.0.0.1:9000", served_model_name="m", model="tiny-llama",
         health_address="127.0.0.1:9001", request_timeout_s=5.0, max_body_bytes=10, max_connections=11,
         max_idle_connections_per_client=12, header_timeout_s=1.0, body_timeout_s=2.0, max_header_bytes=13,
         keep_alive_timeout_s=3.0, scheduler_wait_s=4.0, accept_timeout_s=0.5, health_interval_s=0.25,
