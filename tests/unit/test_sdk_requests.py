@@ -104,3 +104,9 @@ def test_a_token_no_grpc_header_can_carry_is_a_value_error(token):
 def test_the_cli_refuses_such_a_token_in_one_line(capsys, command):
     assert main([*command, "--token", "a\nb", "--address", "127.0.0.1:9"]) == 2
     assert capsys.readouterr().err.startswith("alise: the token holds a character no gRPC header can carry")
+
+
+def test_a_prompt_that_is_not_valid_text_is_named():
+    # What a shell hands Python for bytes that are not UTF-8 (`alise generate $'\xff'`).
+    with pytest.raises(ValueError, match=r"^prompt is not valid Unicode text \(a lone surrogate at character 1\)"):
+        build("a\udcff")

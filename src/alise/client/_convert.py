@@ -78,7 +78,11 @@ def build_request(prompt: str | Sequence[int], *, max_tokens: int | None, temper
     req = scheduler_pb2.GenerateRequest(request_id=request_id, strict_max_tokens=strict_max_tokens)
     _set(req, "oracle_output_tokens", oracle_output_tokens)
     if isinstance(prompt, str):
-        req.text = prompt
+        try:
+            req.text = prompt
+        except UnicodeEncodeError as exc:  # a lone surrogate: no UTF-8 can carry it
+            raise ValueError(f"prompt is not valid Unicode text (a lone surrogate at character {exc.start}); "
+                             "it must be UTF-8") from None
     elif isinstance(prompt, Iterable) and not isinstance(prompt, (bytes, bytearray, memoryview)):
         try:
             _set(req.token_ids, "ids", prompt, "prompt token ids")
