@@ -84,3 +84,30 @@ def test_predictor_data_that_cannot_be_read_is_one_line(tmp_path, capsys, comman
     # build loads the encoder first, whose loading may draw a progress bar before the message
     last = capsys.readouterr().err.split("\n")[-2]
     assert last.startswith(f"alise predictor {command}: error: ") and str(path) in last, last
+
+
+def _unwritable(tmp_path, case: str) -> str:
+    if case == "a directory":
+        return str(tmp_path)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    return str(blocker / "out.json")  # under a file: no directory can be made there
+
+
+@pytest.mark.parametrize("case", ["a directory", "under a file"])
+@pytest.mark.parametrize("command, flag", [(["trace", "--workload", "chat", "--num", "3"], "--out"),
+                                           (["sim", "--policies", "fcfs", "--rates", "1"], "--json"),
+                                           (["sim", "--policies", "fcfs", "--rates", "1"], "--png"),
+                                           (["bench", "--address", "127.0.0.1:9", "--no-progress"], "--json"),
+                                           (["bench", "--address", "127.0.0.1:9", "--no-progress"], "--out")])
+def test_an_output_path_that_cannot_be_written_is_refused_before_the_work(tmp_path, capsys, command, flag, case):
+    # Each wrote its file last: bench ran the whole benchmark, then died with a traceback.
+    trace = tmp_path / "t.jsonl"
+    trace.write_text(json.dumps(RECORD) + "\n")
+    source = [] if command[0] == "trace" else ["--trace", str(trace)]
+    path = _unwritable(tmp_path, case)
+    with pytest.raises(SystemExit) as info:
+        main([*command, *source, flag, path])
+    assert info.value.code == 2
+    last = capsys.readouterr().err.splitlines()[-1]
+    assert last.startswith(f"alise {command[0]}: error: argument {flag}") and path in last, last

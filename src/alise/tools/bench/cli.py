@@ -13,6 +13,8 @@ import os
 import sys
 import time
 
+from alise.cli.paths import output_path
+
 BACKENDS = ("grpc", "openai", "openai-chat")
 
 
@@ -70,11 +72,13 @@ def register(sub) -> None:
     b.add_argument("--goodput", nargs="+", default=[], metavar="KEY:MS",
                    help="SLOs for goodput, e.g. ttft:500 tpot:50 e2el:20000 (a request counts if it meets all)")
     b.add_argument("--label", default=None, help="name of this run in comparisons (default: the backend)")
-    b.add_argument("--json", dest="json_path", default=None, help="write the run (settings, figures, requests) here")
-    b.add_argument("--out", default=None, help="write per-request results as JSONL here")
+    b.add_argument("--json", dest="json_path", default=None, type=output_path,
+                   help="write the run (settings, figures, requests) here")
+    b.add_argument("--out", default=None, type=output_path, help="write per-request results as JSONL here")
     b.add_argument("--compare", nargs="+", default=None, metavar="RUN.json",
                    help="print saved runs (--json files) side by side instead of running")
-    b.add_argument("--png", default=None, help="with --compare: latency CDFs of the runs, p50 and p99 marked")
+    b.add_argument("--png", default=None, type=output_path,
+                   help="with --compare: latency CDFs of the runs, p50 and p99 marked")
     b.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="show requests done, rate and elapsed time on stderr as the run goes (default: "
                         "on a terminal; elsewhere one line when the run ends)")

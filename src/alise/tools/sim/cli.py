@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from alise.cli.paths import output_path
 from alise.tools.sim.flags import add_scheduling_flags
 
 
@@ -33,7 +34,7 @@ def register(sub) -> None:
                          help="with --data: each prompt draws its output length (seeded by --seed) from "
                               "the outputs of FILE, e.g. ../shared/data/alpaca_eval/"
                               "llama-2-70b-chat-hf.jsonl.gz (the data's own outputs are not used)")
-    t.add_argument("--out", required=True, help="trace JSONL to write")
+    t.add_argument("--out", required=True, type=output_path, help="trace JSONL to write")
     t.add_argument("--rate", type=float, default=1.0, help="mean arrivals per second (default 1)")
     t.add_argument("--bursty", action="store_true", help="Gamma inter-arrivals, CV --cv")
     t.add_argument("--cv", type=float, default=3.0, help="CV of bursty gaps (default 3)")
@@ -81,8 +82,9 @@ def register(sub) -> None:
     s.add_argument("--predictor", default="auto", choices=["auto", "predictor", "knn"],
                    help="where alise's cross-fitted estimates come from (default: %(default)s)")
     s.add_argument("--folds", type=int, default=5, help="cross-fitting folds of alise's estimates")
-    s.add_argument("--json", dest="json_path", default=None, help="write results as JSON (default: no JSON)")
-    s.add_argument("--png", default=None, help="plot path (default: <json or trace>.png)")
+    s.add_argument("--json", dest="json_path", default=None, type=output_path,
+                   help="write results as JSON (default: no JSON)")
+    s.add_argument("--png", default=None, type=output_path, help="plot path (default: <json or trace>.png)")
     s.add_argument("--jobs", type=int, default=2, help="parallel processes (default 2)")
     s.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="show which policy and rate run and how far on stderr (default: on a terminal; "
