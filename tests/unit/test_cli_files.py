@@ -99,15 +99,17 @@ def _unwritable(tmp_path, case: str) -> str:
                                            (["sim", "--policies", "fcfs", "--rates", "1"], "--json"),
                                            (["sim", "--policies", "fcfs", "--rates", "1"], "--png"),
                                            (["bench", "--address", "127.0.0.1:9", "--no-progress"], "--json"),
-                                           (["bench", "--address", "127.0.0.1:9", "--no-progress"], "--out")])
+                                           (["bench", "--address", "127.0.0.1:9", "--no-progress"], "--out"),
+                                           (["predictor", "eval"], "--json")])
 def test_an_output_path_that_cannot_be_written_is_refused_before_the_work(tmp_path, capsys, command, flag, case):
     # Each wrote its file last: bench ran the whole benchmark, then died with a traceback.
     trace = tmp_path / "t.jsonl"
     trace.write_text(json.dumps(RECORD) + "\n")
-    source = [] if command[0] == "trace" else ["--trace", str(trace)]
+    source = {"trace": [], "predictor": ["--data", str(trace)]}.get(command[0], ["--trace", str(trace)])
     path = _unwritable(tmp_path, case)
     with pytest.raises(SystemExit) as info:
         main([*command, *source, flag, path])
     assert info.value.code == 2
     last = capsys.readouterr().err.splitlines()[-1]
-    assert last.startswith(f"alise {command[0]}: error: argument {flag}") and path in last, last
+    assert last.startswith(f"alise {' '.join(command[:2 if command[0] == 'predictor' else 1])}: error: "
+                           f"argument {flag}") and path in last, last

@@ -13,6 +13,7 @@ import logging
 import sys
 import time
 
+from alise.cli.paths import output_path
 from alise.common.entrypoint import ConfigFlag, add_config_flags, build_config, config_flags, config_values
 from alise.common.security import add_security_arguments, security_from_args
 from alise.predictor.config import PredictorConfig
@@ -53,7 +54,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     ev.add_argument("--data", action="append", required=True, help="dataset file (repeatable)")
     ev.add_argument("--folds", type=int, default=5, help="cross-validation folds")
     ev.add_argument("--seed", type=int, default=0, help="seed of the fold split")
-    ev.add_argument("--json", default=None, help="also write the table as JSON here (default: no)")
+    ev.add_argument("--json", default=None, type=output_path, help="also write the table as JSON here (default: no)")
     ev.add_argument("--holdout-generator", action="append", default=[], metavar="NAME",
                     help="leave-one-generator-out: train on the other models' lengths, test on "
                          "NAME's (repeatable; 'all': every model in turn)")
