@@ -136,3 +136,26 @@ def test_alise_up_refuses_a_model_it_cannot_find_before_starting_anything(capsys
     err = capsys.readouterr().err
     assert err.startswith(f"alise up: model: model '{model}' is neither a local model directory nor a preset")
     assert err.count("\n") == 1 and not (tmp_path / "logs").exists()
+
+
+def test_health_of_an_http1_server_says_it_is_one(capsys):
+    # It said "nothing answers there: is the service running?" of the HTTP door's own port.
+    import http.server
+    import threading
+
+    from alise.cli.main import main
+
+    class Quiet(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *args) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Quiet)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    address = f"127.0.0.1:{server.server_address[1]}"
+    try:
+        assert main(["health", address, "--timeout", "5"]) == 1
+    finally:
+        server.shutdown()
+        server.server_close()
+    err = capsys.readouterr().err
+    assert err.startswith(f"alise: {address}: UNAVAILABLE {address} answers HTTP/1, not gRPC"), err

@@ -177,7 +177,12 @@ def _cmd_health(args: argparse.Namespace) -> int:
     except ValueError as exc:
         return _fail(exc)
     except grpc.RpcError as exc:
-        hint = {grpc.StatusCode.UNAVAILABLE: f"nothing answers at {address}: is the service running?",
+        details = (exc.details() or "").lower()
+        unavailable = f"nothing answers at {address}: is the service running?"
+        if "http1.x" in details or "failed parsing http/2" in details:
+            unavailable = (f"{address} answers HTTP/1, not gRPC (the HTTP door? its grpc.health.v1 is on "
+                           "--http-health-address, and GET /health answers on its own port)")
+        hint = {grpc.StatusCode.UNAVAILABLE: unavailable,
                 grpc.StatusCode.NOT_FOUND: f"no health status for service {args.service!r} there",
                 grpc.StatusCode.UNIMPLEMENTED: f"{address} serves no grpc.health.v1"}.get(exc.code(), "")
         print(f"alise: {address}: {exc.code().name} {hint}".rstrip(), file=sys.stderr)
