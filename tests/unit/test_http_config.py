@@ -40,3 +40,11 @@ def test_a_model_directory_without_config_is_refused(tmp_path):
 def test_a_preset_or_a_model_directory_is_accepted(tiny_llama_dir):
     assert HttpConfig(model="tiny-llama").model == "tiny-llama"
     assert HttpConfig(model=str(tiny_llama_dir)).model == str(tiny_llama_dir)
+
+
+@pytest.mark.parametrize("token", ["t\u00e9", "a\tb", "a\r"])
+def test_a_scheduler_token_no_grpc_header_can_carry_is_refused_at_start(token):
+    # The door started, then answered every request 500 (gRPC's "Invalid metadata").
+    with pytest.raises(ValueError, match="^scheduler_token holds a character no gRPC header can carry"):
+        HttpConfig(scheduler_token=token)
+    assert token not in str(pytest.raises(ValueError, HttpConfig, scheduler_token=token).value)  # a secret

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from alise.client._convert import is_carriable_token
 from alise.common.grpc_server import split_host_port
 
 #: vLLM's default port, so tools written for it find the door.
@@ -90,6 +91,9 @@ class HttpConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.served_model_name is not None and not self.served_model_name.strip():
             raise ValueError("served_model_name must not be blank")
+        if self.scheduler_token and not is_carriable_token(self.scheduler_token):
+            raise ValueError("scheduler_token holds a character no gRPC header can carry (a control or non-ASCII "
+                             "character): a token is printable ASCII")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("tls_cert and tls_key must be given together")
         for path in (self.tls_cert, self.tls_key, self.scheduler_tls_ca):
