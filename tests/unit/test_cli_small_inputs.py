@@ -75,3 +75,15 @@ def test_alise_bench_refuses_a_bad_address_in_one_line(tmp_path, capsys):
     assert main(["bench", "--trace", one_request(tmp_path), "--address", "nonsense"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("alise bench: address must be HOST:PORT") and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize("timeout", ["0", "-1", "inf"])
+def test_alise_bench_refuses_a_deadline_that_is_no_time(tmp_path, capsys, timeout):
+    # 0 ran every request without a deadline.
+    from alise.cli.main import main
+
+    with pytest.raises(SystemExit) as info:
+        main(["bench", "--trace", one_request(tmp_path), f"--timeout={timeout}"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.endswith(f"alise bench: error: argument --timeout: must be > 0 seconds, got {timeout}\n")

@@ -110,3 +110,22 @@ def test_a_prompt_that_is_not_valid_text_is_named():
     # What a shell hands Python for bytes that are not UTF-8 (`alise generate $'\xff'`).
     with pytest.raises(ValueError, match=r"^prompt is not valid Unicode text \(a lone surrogate at character 1\)"):
         build("a\udcff")
+
+
+@pytest.mark.parametrize("timeout_s", [0, -1, float("nan")])
+def test_a_deadline_that_is_no_time_is_refused(timeout_s):
+    # 0 ran the call without a deadline; -1 failed it at once with DEADLINE_EXCEEDED.
+    import asyncio
+
+    from alise.client import AsyncClient, Client
+
+    with Client("127.0.0.1:9") as client, pytest.raises(ValueError, match=r"^timeout_s must be > 0 seconds"):
+        next(client.generate("hi", timeout_s=timeout_s))
+
+    async def agenerate():
+        async with AsyncClient("127.0.0.1:9") as client:
+            async for _ in client.generate("hi", timeout_s=timeout_s):
+                pass
+
+    with pytest.raises(ValueError, match=r"^timeout_s must be > 0 seconds"):
+        asyncio.run(agenerate())

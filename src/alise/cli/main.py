@@ -17,6 +17,7 @@ import json
 import os
 import sys
 
+from alise.cli.arguments import positive_seconds
 from alise.client import DEFAULT_ADDRESS, AliseError, Client
 
 #: sub-command -> module providing add_arguments(parser) and main(args) -> int
@@ -47,17 +48,6 @@ def _client_options(p: argparse.ArgumentParser, address: str) -> None:
                    help="bearer token, when the server requires one (env ALISE_TOKEN; default: none)")
     p.add_argument("--tls-ca", default=os.environ.get("ALISE_TLS_CA"),
                    help="CA certificate (PEM) of a TLS server (env ALISE_TLS_CA; default: plaintext)")
-
-
-def _seconds(value: str) -> float:
-    """A --timeout: a positive number of seconds (0 would mean no deadline to the SDK)."""
-    try:
-        seconds = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be > 0 seconds, got {value}") from None
-    if not seconds > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0 seconds, got {value}")
-    return seconds
 
 
 def _fail(exc: Exception) -> int:
@@ -247,7 +237,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     g.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens (0 = all)")
     g.add_argument("--seed", type=int, default=None, help="sampling seed (default: random)")
     g.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence")
-    g.add_argument("--timeout", type=_seconds, default=None, help="deadline in seconds (default: none)")
+    g.add_argument("--timeout", type=positive_seconds, default=None, help="deadline in seconds (default: none)")
     g.add_argument("--quiet", action="store_true", help="no usage line after the text")
     g.set_defaults(func=_cmd_generate)
 
@@ -267,7 +257,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                    help="the same, as the other commands take it (env ALISE_ADDRESS; default: the "
                         "scheduler, %(default)s)")
     h.add_argument("--service", default="", help="health service name (default: '', the whole server)")
-    h.add_argument("--timeout", type=_seconds, default=3.0, help="seconds to wait for the answer")
+    h.add_argument("--timeout", type=positive_seconds, default=3.0, help="seconds to wait for the answer")
     h.add_argument("--token", default=os.environ.get("ALISE_TOKEN"),
                    help="bearer token sent along (env ALISE_TOKEN; default: none)")
     h.add_argument("--tls-ca", default=os.environ.get("ALISE_TLS_CA"),

@@ -19,6 +19,17 @@ _FINISH = {
 }
 
 
+def call_timeout_s(timeout_s: float | None, default: float | None) -> float | None:
+    """A call's deadline in seconds: its own, else the client's (None: none). One that is no
+    time (0, negative, NaN) is a ValueError: gRPC would fail the call at once, and 0 is easily
+    taken for "no deadline"."""
+    if timeout_s is None:
+        return default
+    if not timeout_s > 0:
+        raise ValueError(f"timeout_s must be > 0 seconds (None: no deadline), got {timeout_s}")
+    return timeout_s
+
+
 def is_carriable_token(token: str) -> bool:
     """Whether a gRPC header can carry ``token`` (printable ASCII; gRPC refuses anything else
     as "Invalid metadata" only once the call is made)."""

@@ -8,7 +8,15 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from alise.client._convert import bearer_metadata, build_request, call_metadata, join_chunks, to_chunk, to_status
+from alise.client._convert import (
+    bearer_metadata,
+    build_request,
+    call_metadata,
+    call_timeout_s,
+    join_chunks,
+    to_chunk,
+    to_status,
+)
 from alise.client._peer import explain
 from alise.client._resume import Resumer
 from alise.client.channel import check_address, make_aio_channel
@@ -82,8 +90,8 @@ class AsyncClient:
                                 request_id=request_id, oracle_output_tokens=oracle_output_tokens,
                                 min_p=min_p, conversation=conversation,
                                 strict_max_tokens=strict_max_tokens)
-        resumer = Resumer(request, resume_timeout_s=resume_timeout_s, timeout_s=timeout_s or self.timeout_s,
-                          wait_for_ready=wait_for_ready)
+        resumer = Resumer(request, resume_timeout_s=resume_timeout_s,
+                          timeout_s=call_timeout_s(timeout_s, self.timeout_s), wait_for_ready=wait_for_ready)
         metadata = call_metadata(token, self._metadata)
         while True:
             message, timeout = resumer.next_request()

@@ -8,7 +8,15 @@ from collections.abc import Callable, Iterator, Sequence
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from alise.client._convert import bearer_metadata, build_request, call_metadata, join_chunks, to_chunk, to_status
+from alise.client._convert import (
+    bearer_metadata,
+    build_request,
+    call_metadata,
+    call_timeout_s,
+    join_chunks,
+    to_chunk,
+    to_status,
+)
 from alise.client._peer import explain
 from alise.client._resume import Resumer
 from alise.client.aio import DEFAULT_ADDRESS, RESUME_TIMEOUT_S
@@ -59,8 +67,8 @@ class Client:
                                 stop_token_ids=stop_token_ids, ignore_eos=ignore_eos,
                                 request_id=request_id, oracle_output_tokens=oracle_output_tokens,
                                 min_p=min_p, conversation=conversation)
-        resumer = Resumer(request, resume_timeout_s=resume_timeout_s, timeout_s=timeout_s or self.timeout_s,
-                          wait_for_ready=wait_for_ready)
+        resumer = Resumer(request, resume_timeout_s=resume_timeout_s,
+                          timeout_s=call_timeout_s(timeout_s, self.timeout_s), wait_for_ready=wait_for_ready)
         metadata = call_metadata(token, self._metadata)
         while True:
             message, timeout = resumer.next_request()

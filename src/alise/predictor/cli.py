@@ -13,7 +13,7 @@ import logging
 import sys
 import time
 
-from alise.cli.paths import output_path
+from alise.cli.arguments import output_path
 from alise.common.entrypoint import ConfigFlag, add_config_flags, build_config, config_flags, config_values
 from alise.common.security import add_security_arguments, security_from_args
 from alise.predictor.config import PredictorConfig

@@ -13,7 +13,7 @@ import os
 import sys
 import time
 
-from alise.cli.paths import output_path
+from alise.cli.arguments import output_path, positive_seconds
 
 BACKENDS = ("grpc", "openai", "openai-chat")
 
@@ -68,7 +68,7 @@ def register(sub) -> None:
     b.add_argument("--max-tokens", type=_positive_int, default=None, metavar="N",
                    help="cap on each request's output: it generates min(N, its trace length) tokens "
                         "(default 2048, the simulator's cap)")
-    b.add_argument("--timeout", type=float, default=600.0, help="per-request deadline (s)")
+    b.add_argument("--timeout", type=positive_seconds, default=600.0, help="per-request deadline (s)")
     b.add_argument("--goodput", nargs="+", default=[], metavar="KEY:MS",
                    help="SLOs for goodput, e.g. ttft:500 tpot:50 e2el:20000 (a request counts if it meets all)")
     b.add_argument("--label", default=None, help="name of this run in comparisons (default: the backend)")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from alise.cli.paths import output_path
+from alise.cli.arguments import output_path
 from alise.tools.sim.flags import add_scheduling_flags
 
 
