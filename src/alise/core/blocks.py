@@ -11,11 +11,13 @@ these formulas count only its private tokens (``Job.num_private_tokens``).
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-import numpy as np
+from typing import TYPE_CHECKING
 
 from alise.core.job import Job, KvPlace
 from alise.core.kv_places import PLACES
+
+if TYPE_CHECKING:  # (the worker's config reads this module: the CLI's parser stays numpy-free)
+    import numpy as np
 
 
 def blocks_for(num_tokens: int, block_size: int) -> int:
