@@ -63,7 +63,7 @@ SCHEDULER = SchedulerConfig(
     max_wait_no_worker_s=2.0, max_prompt_chars=100, drain_grace_s=1.0, job_log="jobs.jsonl",
     metrics_address="127.0.0.1:7004", streams_process=True)
 WORKER = WorkerConfig(
-    scheduler_address="10.0.0.1:1", model="m", device="cuda:1", dtype="bfloat16", seed=3,
+    scheduler_address="10.0.0.1:1", model="tiny-llama", device="cuda:1", dtype="bfloat16", seed=3,
     gpu_memory_utilization=0.5, max_num_seqs=8, max_num_batched_tokens=64, max_model_len=128, block_size=4,
     kv_cache_dtype="fp8_e4m3", num_device_blocks=100, kv_cache_mib=64, num_host_blocks=10, worker_id="w",
     health_address="",
@@ -187,6 +187,14 @@ def test_scheduling_is_checked_once_with_the_field_and_value_in_the_message():
     out = build_parser().parse_args(["scheduler", "--hysteresis", "1"])
     with pytest.raises(ValueError, match=r"hysteresis must be in \[0, 1\), got 1.0"):
         scheduler_main.config_from_args(out)
+
+
+@pytest.mark.parametrize("config", [SchedulerConfig, WorkerConfig, HttpConfig])
+def test_a_model_that_is_neither_a_directory_nor_a_preset_is_refused_by_each_services_config(config, tmp_path):
+    model = str(tmp_path / "nope")
+    with pytest.raises(ValueError, match=f"^model: model '{model}' is neither a local model directory nor a preset"):
+        config(model=model)
+    assert config(model="tiny-llama").model == "tiny-llama"
 
 
 def test_the_prefill_step_ratio_default_is_written_once_in_the_product():

@@ -103,13 +103,9 @@ class ClusterConfig:
             raise ValueError("host must not be empty")
         if self.num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
-        if self.model is not None:  # every service runs here: the model must be found here, before any starts
-            from alise.modelinfo.source import resolve_model
+        from alise.modelinfo.source import check_model
 
-            try:
-                resolve_model(self.model)
-            except ValueError as exc:
-                raise ValueError(f"model: {exc}") from None
+        check_model(self.model)  # every service runs here: the model must be found here, before any starts
         if self.http_address != "" and self.http_health_address == "":
             raise ValueError("http_health_address must be given when the HTTP door runs: it says the door is up")
         for name in DEFAULT_PORTS:

@@ -99,10 +99,6 @@ class HttpConfig:
         for path in (self.tls_cert, self.tls_key, self.scheduler_tls_ca):
             if path is not None and not os.path.isfile(path):
                 raise ValueError(f"TLS file {path!r} does not exist")
-        if self.model is not None:  # named on purpose: its template, not the plain one instead
-            from alise.modelinfo.source import resolve_model
+        from alise.modelinfo.source import check_model
 
-            try:
-                resolve_model(self.model)
-            except ValueError as exc:
-                raise ValueError(f"model: {exc}") from None
+        check_model(self.model)  # named on purpose: its template, not the plain one instead

@@ -70,6 +70,16 @@ def resolve_model(model: str | None) -> ModelSource:
                      f"presets: {', '.join(sorted(PRESETS))}")
 
 
+def check_model(model: str | None) -> None:
+    """ValueError ("model: ...") when ``model`` is given and is neither a directory nor a preset:
+    a service's config refuses it before anything starts (None: each finds its default)."""
+    if model is not None:
+        try:
+            resolve_model(model)
+        except ValueError as exc:
+            raise ValueError(f"model: {exc}") from None
+
+
 def context_limit(name: str, limit: int | None, max_model_len: int | None) -> int | None:
     """The context limit of model ``name``: the architecture's (``limit``, its config's
     max_position_embeddings), or ``max_model_len`` below it, never above."""

@@ -67,6 +67,9 @@ class SchedulerConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be >= 1 (or None: the model's), got {self.max_model_len}")
+        from alise.modelinfo.source import check_model
+
+        check_model(self.model)
         if self.max_calls < 0:
             raise ValueError(f"max_calls must be >= 0 (0 = automatic), got {self.max_calls}")
         for name in ("max_wait_no_worker_s", "predictor_timeout_s", "drain_grace_s"):

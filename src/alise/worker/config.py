@@ -127,6 +127,9 @@ class WorkerConfig:
         object.__setattr__(self, "dtype", _DTYPE_ALIASES.get(self.dtype, self.dtype))
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be >= 1 (or None: the model's), got {self.max_model_len}")
+        from alise.modelinfo.source import check_model
+
+        check_model(self.model)
         if self.seed < 0:
             raise ValueError(f"seed must be >= 0, got {self.seed}")
         if self.orphan_ttl_s < 0:
