@@ -67,7 +67,7 @@ def test_generated_bodies_get_clear_answers(live, path, body, good):
     (b"\xff\xfe\x00garbage", "not valid JSON"),
     (b"[" * 100_000 + b"]" * 100_000, "not valid JSON"),
     (b'{"prompt": "x", "max_tokens": "5"}', "max_tokens must be an integer, got a string"),
-    (b'{"prompt": "x", "max_tokens": 1e40}', "max_tokens must be an integer"),
+    (b'{"prompt": "x", "max_tokens": 1e40}', "max_tokens must be in ["),
     (b'{"prompt": "x", "max_tokens": 99999999999}', "max_tokens must be in"),
     (b'{"prompt": "x", "temperature": "hot"}', "temperature must be a number"),
     (b'{"prompt": "x", "temperature": NaN}', "temperature must be finite"),

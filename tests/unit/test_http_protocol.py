@@ -63,3 +63,20 @@ def test_a_bad_stream_option_is_named_with_its_object(options):
     [name] = options
     assert error.param == f"stream_options.{name}"
     assert error.message.startswith(f"stream_options.{name} must be a boolean")
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_a_whole_number_written_as_a_float_is_that_integer_and_a_fraction_is_400(chat):
+    assert parse_request({**BASE[chat], "max_tokens": 5.0}, chat=chat).max_tokens == 5
+    error = refusal({"max_tokens": 5.5}, chat=chat)
+    assert (error.status, error.param) == (400, "max_tokens")
+    assert "integer" in error.message
+
+
+def test_an_assistant_turn_with_null_content_is_an_empty_turn_and_other_roles_still_need_content():
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": None},
+                {"role": "user", "content": "again"}]
+    request = parse_request({"messages": messages, "max_tokens": 3}, chat=True)
+    assert [m["content"] for m in request.messages] == ["hi", "", "again"]
+    error = refusal({"messages": [{"role": "user", "content": None}]}, chat=True)
+    assert (error.status, error.param) == (400, "messages[0].content")

@@ -88,10 +88,12 @@ def _typed(body: Mapping, name: str, kinds: tuple[type, ...], what: str, within:
 
 
 def _int(body: Mapping, name: str, lo: int = -INT32_MAX - 1, hi: int = INT32_MAX) -> int | None:
-    value = _typed(body, name, (int,), "an integer")
+    value = _typed(body, name, (int, float), "an integer")
+    if isinstance(value, float) and not value.is_integer():  # (JSON's 5.0 is 5, as vLLM reads it)
+        raise bad_request(f"{name} must be an integer, got {value}", param=name)
     if value is not None and not lo <= value <= hi:
         raise bad_request(f"{name} must be in [{lo}, {hi}], got {value}", param=name)
-    return value
+    return None if value is None else int(value)
 
 
 def _number(body: Mapping, name: str) -> float | None:
@@ -203,7 +205,10 @@ def _chat_messages(body: Mapping) -> list[dict]:
         if role not in CHAT_ROLES:
             raise bad_request(f"messages[{i}].role must be one of {', '.join(CHAT_ROLES)}, got {role!r}",
                               param=f"messages[{i}].role")
-        out.append({"role": role, "content": _message_text(message.get("content"), i)})
+        content = message.get("content")
+        if content is None and role == "assistant":  # OpenAI's clients send null for an empty turn
+            content = ""
+        out.append({"role": role, "content": _message_text(content, i)})
     return out
 
 
@@ -255,7 +260,7 @@ def parse_request(body: Any, *, chat: bool) -> GenerationRequest:
         messages=_chat_messages(body) if chat else None,
         model=model, stream=stream, include_usage=include_usage, continuous_usage=continuous_usage,
         max_tokens=max_tokens, temperature=_number(body, "temperature"), top_p=_number(body, "top_p"),
-        top_k=0 if top_k in (None, -1) else top_k,  # vLLM's -1 = disabled
+        top_k=0 if top_k is None or top_k == -1 else top_k,  # vLLM's -1 = disabled
         min_p=_number(body, "min_p"),
         seed=_int(body, "seed", 0, UINT64_LIMIT - 1),
         stop=_stop_strings(body),
