@@ -52,9 +52,6 @@ def test_select_is_the_one_by_one_walk(seed: int) -> None:
         budgets = Budgets(int(rng.integers(1, 40)), int(rng.integers(0, 200)), int(rng.integers(0, 150)),
                           None if rng.random() < 0.5 else int(rng.integers(0, 100)))
         backfill = bool(rng.random() < 0.6)
-        positions, feed, starts, prefills = select(need, uncomputed, running, budgets, backfill, grow)
+        positions, feed = select(need, uncomputed, running, budgets, backfill, grow)
         want = walk_one_by_one(need, uncomputed, running, budgets, backfill, grow)
         assert (positions.tolist(), feed.tolist()) == want
-        assert starts == [i for i in want[0] if not running[i]]
-        decode = running & (uncomputed == 1)
-        assert prefills == [k for k, (i, n) in enumerate(zip(*want, strict=True)) if n and not decode[i]]

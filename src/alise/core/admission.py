@@ -41,19 +41,6 @@ class Budgets(NamedTuple):  # (a tuple: made once a plan, cheaper than a frozen 
     max_prefill_tokens: int | None = None
 
 
-class Walk(NamedTuple):
-    """What the walk takes (:func:`select`)."""
-
-    #: The positions taken, increasing.
-    positions: np.ndarray
-    #: Tokens each feeds.
-    feeds: np.ndarray
-    #: Those of ``positions`` that are not running (they start or resume: few), increasing.
-    starts: list[int]
-    #: Indices into ``positions`` of the jobs fed prompt or recompute tokens (few), increasing.
-    prefills: list[int]
-
-
 def growth_blocks(reserve_tokens: np.ndarray, need: np.ndarray, num_blocks: int, block_size: int) -> np.ndarray:
     """Growth reserves in blocks (floats): ``reserve_tokens`` over ``block_size``, but never
     more than the ``num_blocks`` of the whole cache leave beside each job's ``need``.
@@ -66,8 +53,8 @@ def growth_blocks(reserve_tokens: np.ndarray, need: np.ndarray, num_blocks: int,
 
 def select(need: np.ndarray, uncomputed: np.ndarray, running: np.ndarray, budgets: Budgets,
            backfill: bool, grow: np.ndarray | None = None, decode: np.ndarray | None = None,
-           num_decodes: int | None = None) -> Walk:
-    """What the walk takes of the ranked candidates.
+           num_decodes: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(positions taken, tokens each feeds) over the ranked candidates.
 
     ``need``: device blocks each needs; ``uncomputed``: tokens each has to feed before its
     next token (1 for a decode); ``running``: whether each is in the batch already; ``grow``:
@@ -85,7 +72,6 @@ def select(need: np.ndarray, uncomputed: np.ndarray, running: np.ndarray, budget
     max_seqs, max_blocks = budgets.max_num_seqs, budgets.max_num_blocks
     pre_u = uncomputed - decode  # a decode's one token is set aside: 0 here
     taken: list[np.ndarray] = []
-    starts: list[int] = []
     num_taken = used = fed = 0
     reserved = 0.0
     i = 0
@@ -97,7 +83,7 @@ def select(need: np.ndarray, uncomputed: np.ndarray, running: np.ndarray, budget
                 break
         end = min(n, i + max_seqs - num_taken)
         k, used, fed, reserved = _fit_run(need, pre_u, running, grow, i, end, used, fed, reserved, budget,
-                                          max_blocks, starts)
+                                          max_blocks)
         if k:
             taken.append(np.arange(i, i + k))
             num_taken += k
@@ -109,17 +95,15 @@ def select(need: np.ndarray, uncomputed: np.ndarray, running: np.ndarray, budget
             break
         i = nxt
     positions = taken[0] if len(taken) == 1 else np.concatenate(taken) if taken else np.zeros(0, dtype=np.int64)
-    fed_tokens, prefills = feeds(pre_u[positions], decode[positions], budget)
-    return Walk(positions, fed_tokens, starts, prefills)
+    return positions, feeds(pre_u[positions], decode[positions], budget)
 
 
 def _fit_run(need: np.ndarray, pre_u: np.ndarray, running: np.ndarray, grow: np.ndarray | None, start: int,
              end: int, used: int, fed: int, reserved: float, budget: int,
-             max_blocks: int, starts: list[int]) -> tuple[int, int, int, float]:
+             max_blocks: int) -> tuple[int, int, int, float]:
     """(k, blocks used, prefill tokens fed, reserves held) once the candidates ``start`` to
     ``start + k`` are taken: the longest run from ``start`` (before ``end``) in which each fits
-    what those before it left (``used``, ``fed`` and ``reserved`` before the run). The
-    positions of the run's jobs that are not running are appended to ``starts``.
+    what those before it left (``used``, ``fed`` and ``reserved`` before the run).
 
     A running job fits while the blocks do; since every ``need`` is at least 0, the sums only
     grow, so the run stops at the first job past the blocks, or sooner at a job that is not
@@ -144,7 +128,6 @@ def _fit_run(need: np.ndarray, pre_u: np.ndarray, running: np.ndarray, grow: np.
             if used + blocks.item(j) > (max_blocks - before) - grow.item(start + j):
                 k = j
                 break
-        starts.append(start + j)
     if not k:
         return 0, used, fed, reserved
     if sums is not None:
@@ -185,18 +168,14 @@ def _take_running(need: np.ndarray, running: np.ndarray, start: int, num_seqs: i
     return positions if int(need[positions].sum()) < num_blocks else None
 
 
-def feeds(prefill: np.ndarray, decode: np.ndarray, budget: int) -> tuple[np.ndarray, list[int]]:
-    """(tokens each taken job feeds, the jobs fed a chunk of their prefill): 1 for a decode;
-    chunks of the prefill budget in order (``prefill``: each job's uncomputed tokens, 0 for a
-    decode): a job's chunk is what the budget has left after the whole prefill of every job
-    before it, at most its own."""
+def feeds(prefill: np.ndarray, decode: np.ndarray, budget: int) -> np.ndarray:
+    """Tokens each taken job feeds: 1 for a decode; chunks of the prefill budget in order
+    (``prefill``: each job's uncomputed tokens, 0 for a decode): a job's chunk is what the
+    budget has left after the whole prefill of every job before it, at most its own."""
     fed = decode.astype(np.int64)  # a decode's chunk is 0 (its ``prefill``): 1
-    chunked = []
     left = budget
     for i in prefill.nonzero()[0].tolist():  # (the few jobs in a prefill, one by one)
         n = prefill.item(i)
-        chunk = fed[i] = min(max(left, 0), n)
-        if chunk:
-            chunked.append(i)
+        fed[i] = min(max(left, 0), n)
         left -= n
-    return fed, chunked
+    return fed

@@ -31,7 +31,7 @@ from collections.abc import Callable, Mapping
 
 import numpy as np
 
-from alise.core.admission import Budgets, Walk, growth_blocks, select
+from alise.core.admission import Budgets, growth_blocks, select
 from alise.core.blocks import blocks_for, blocks_for_each
 from alise.core.commands import Admit, Command, KvAction, Pause, Resume, StepPlan
 from alise.core.job import JobStatus, KvPlace
@@ -92,12 +92,12 @@ class StepPlanner:
         num_tokens = self.table.num_tokens[order]
         need, hits = self._needs(view, order, num_tokens)
         held += view.num_shared_blocks  # and the shared prefix blocks, counted once
-        taken, feed, starts, prefills = self._select(view, order, num_tokens, need, reserve, held, hits)
+        taken, feed = self._select(view, order, num_tokens, need, reserve, held, hits)
         chosen = order[taken]
         commands = self._plan_memory(view, order, on_worker, taken, chosen, need, held, now_s)
-        commands += self._start(view, order, starts, hits, now_s)
+        commands += self._start(view, chosen, None if hits is None else hits[taken], now_s)
         num_fed = int(np.count_nonzero(feed))
-        chunks, outputs = self._advance(view, chosen, feed, num_fed, prefills)
+        chunks, outputs = self._advance(view, chosen, feed, num_fed)
         plan = StepPlan(step_id=view.next_step_id, commands=commands, run_step=num_fed > 0, chunks=chunks,
                         census=census)
         if not plan.is_empty:
@@ -119,10 +119,11 @@ class StepPlanner:
         done &= table.is_running
         held = 0
         finishing = done.nonzero()[0]
-        if len(finishing):  # (one or two most steps: read and summed as numbers)
+        if len(finishing):  # (one or two most steps: summed as numbers)
             mine[finishing] = False
-            computed, shared = table.num_computed_tokens, table.num_shared_tokens
-            held = sum(blocks_for(computed.item(s) - shared.item(s), cap.block_size) for s in finishing.tolist())
+            computed = table.num_computed_tokens[finishing].tolist()
+            shared = table.num_shared_tokens[finishing].tolist()
+            held = sum(blocks_for(c - s, cap.block_size) for c, s in zip(computed, shared, strict=True))
         waiting = (owner == WAITING) & (num_tokens < cap.max_model_len)
         if len(self.workers) > 1:
             self.router.route_new((owner == WAITING).nonzero()[0], self.latency.correction, self._prefix_saving_s)
@@ -179,11 +180,9 @@ class StepPlanner:
         token counts. Shared blocks count once, in ``view.num_shared_blocks``; a hit on cached
         blocks no job reads takes those out of the free ones."""
         table, bs = self.table, view.capacity.block_size
-        if view.prefix is None:
-            # NOTE: only a prefix cache's admit or resume shares tokens (``_start``), and a job leaves
-            # its worker with none: where no cache is, no candidate shares any.
-            return blocks_for_each(num_tokens, bs), None
         private = num_tokens - table.num_shared_tokens[order]
+        if view.prefix is None:
+            return blocks_for_each(private, bs), None
         hits = np.zeros(len(order), dtype=np.int64)
         taken_free = np.zeros(len(order), dtype=np.int64)
         # A step takes at most max_num_seqs jobs, so the lookups stop at that many waiting or
@@ -213,7 +212,7 @@ class StepPlanner:
         return float(lat.recompute_base_s(n) - lat.recompute_base_s(n, hit)) * lat.correction if hit else 0.0
 
     def _select(self, view: WorkerView, order: np.ndarray, num_tokens: np.ndarray, need: np.ndarray,
-                reserve: np.ndarray | None, held: int, hits: np.ndarray | None) -> Walk:
+                reserve: np.ndarray | None, held: int, hits: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
         cap, table = view.capacity, self.table
         grow = None if reserve is None else growth_blocks(reserve, need, cap.num_device_blocks, cap.block_size)
         running = table.is_running[order]
@@ -291,16 +290,15 @@ class StepPlanner:
             self.prefill.num_drop_cached_tokens += int(self.table.num_cached_hint[self.table.slot_of[job.job_id]])
         return [Pause(job.job_id, action, known if action is KvAction.DROP else 0) for action in actions]
 
-    def _start(self, view: WorkerView, order: np.ndarray, starts: list[int], hits: np.ndarray | None,
-               now_s: float) -> list[Command]:
-        """Admits or resumes the jobs at the positions ``starts`` of the ranking ``order`` (those
-        the walk takes that are not running: few, read one by one); ``hits``: the candidates'
-        cached prefixes' tokens (``_needs``; None: the worker caches none)."""
+    def _start(self, view: WorkerView, chosen: np.ndarray, hits: np.ndarray | None, now_s: float) -> list[Command]:
+        """Admits or resumes the jobs ``chosen`` that are not running; ``hits``: their cached
+        prefixes' tokens (``_needs``; None: the worker caches none)."""
         table, counts, prefix, set_status = self.table, self.prefill, view.prefix, self.set_status
         worker_id, step_id = view.worker_id, view.next_step_id  # admit_step_id: the plan being made
-        jobs = [table.jobs[order.item(p)] for p in starts]
+        starts = ~table.is_running[chosen]
+        jobs = table.jobs[chosen[starts]].tolist()
         commands: list[Command] = []
-        for job, hit in zip(jobs, [0] * len(jobs) if hits is None else [hits.item(p) for p in starts], strict=True):
+        for job, hit in zip(jobs, [0] * len(jobs) if hits is None else hits[starts].tolist(), strict=True):
             if job.status is _WAITING:
                 cached = prefix.admit(job, hit) if prefix is not None else 0
                 if cached:  # (a waiting job has none computed: ``Job.transition``)
@@ -325,20 +323,11 @@ class StepPlanner:
                 set_status(job, _RUNNING, now_s)
         return commands
 
-    def _advance(self, view: WorkerView, chosen: np.ndarray, feed: np.ndarray, num_fed: int,
-                 prefills: list[int]) -> tuple[dict[str, int], set[str]]:
+    def _advance(self, view: WorkerView, chosen: np.ndarray, feed: np.ndarray,
+                 num_fed: int) -> tuple[dict[str, int], set[str]]:
         """Projects the step onto the jobs it feeds (``num_fed`` of ``chosen`` feed more than
-        0; ``prefills``: those of them fed prompt or recompute tokens): (plan chunks, jobs that
-        output a token)."""
+        0): (plan chunks, jobs that output a token)."""
         table = self.table
-        # A chunk: a feed to a job with more than one uncomputed token (counted after ``_start``,
-        # which sets an admit's cached prefix computed); such jobs are among the few ``prefills``.
-        all_tokens, all_computed, all_ids = table.num_tokens, table.num_computed_tokens, table.job_ids
-        chunks: dict[str, int] = {}
-        for i in prefills:
-            slot = chosen.item(i)
-            if all_tokens.item(slot) - all_computed.item(slot) > 1:
-                chunks[all_ids[slot]] = feed.item(i)
         if num_fed == len(feed):  # (most steps: every job taken is fed)
             slots, n = chosen, feed
         else:
@@ -350,7 +339,9 @@ class StepPlanner:
         num_tokens, num_computed = table.num_tokens[slots], table.num_computed_tokens[slots]
         computed = num_computed + n
         out = computed == num_tokens
-        job_ids = all_ids[slots]
+        job_ids = table.job_ids[slots]
+        # (the few jobs in a prefill, most steps one to three: read one by one)
+        chunks = {job_ids[i]: n.item(i) for i in (num_tokens - num_computed > 1).nonzero()[0].tolist()}
         # NOTE: a plan feeds a job at most once, so ``slots`` are distinct.
         table.num_computed_tokens[slots] = computed
         table.num_tokens[slots] = num_tokens + out  # a pending output each (``PendingOutputs``)
