@@ -80,3 +80,15 @@ def test_an_assistant_turn_with_null_content_is_an_empty_turn_and_other_roles_st
     assert [m["content"] for m in request.messages] == ["hi", "", "again"]
     error = refusal({"messages": [{"role": "user", "content": None}]}, chat=True)
     assert (error.status, error.param) == (400, "messages[0].content")
+
+
+def test_a_negative_seed_maps_as_torch_maps_it_and_one_past_torchs_range_is_400():
+    import torch
+
+    for seed in (-1, -7, -(2**63)):
+        mapped = parse_request({**BASE[False], "seed": seed}, chat=False).seed
+        assert 0 <= mapped < 2**64
+        assert mapped == torch.Generator().manual_seed(seed).initial_seed()
+    assert parse_request({**BASE[False], "seed": 2**64 - 1}, chat=False).seed == 2**64 - 1
+    error = refusal({"seed": -(2**63) - 1})
+    assert (error.status, error.param) == (400, "seed")

@@ -96,6 +96,13 @@ def _int(body: Mapping, name: str, lo: int = -INT32_MAX - 1, hi: int = INT32_MAX
     return None if value is None else int(value)
 
 
+def _seed(body: Mapping) -> int | None:
+    """The request's seed as the worker's unsigned 64 bits. A negative one (vLLM takes any seed
+    torch does) maps as ``torch.Generator.manual_seed`` maps it: to its 64-bit two's complement."""
+    seed = _int(body, "seed", -(UINT64_LIMIT // 2), UINT64_LIMIT - 1)
+    return None if seed is None else seed % UINT64_LIMIT
+
+
 def _number(body: Mapping, name: str) -> float | None:
     value = _typed(body, name, (int, float), "a number")
     if value is None:
@@ -262,7 +269,7 @@ def parse_request(body: Any, *, chat: bool) -> GenerationRequest:
         max_tokens=max_tokens, temperature=_number(body, "temperature"), top_p=_number(body, "top_p"),
         top_k=0 if top_k is None or top_k == -1 else top_k,  # vLLM's -1 = disabled
         min_p=_number(body, "min_p"),
-        seed=_int(body, "seed", 0, UINT64_LIMIT - 1),
+        seed=_seed(body),
         stop=_stop_strings(body),
         stop_token_ids=tuple(_int_list(body["stop_token_ids"], "stop_token_ids"))
         if body.get("stop_token_ids") is not None else (),
