@@ -165,3 +165,12 @@ def test_grpcs_own_bind_failure_reads_as_one_line():
     assert bind_failure("scheduler", raised.value) == (
         f"alise scheduler: cannot listen on 127.0.0.1:{port}: the port is taken or the address is not this host's")
     assert bind_failure("scheduler", RuntimeError("something else")) is None
+
+
+def test_port_puts_the_http_door_on_host_as_vllms_port_does_and_clashes_with_http_address(tmp_path):
+    cfg = config_from_args(parse("up", ["--host", "0.0.0.0", "--port", "8123", "--state-dir", str(tmp_path)]))
+    assert listen_addresses(service_commands(cfg)["http"])["grpc"] == "0.0.0.0:8123"
+    with pytest.raises(ValueError, match="--port or --http-address, not both"):
+        config_from_args(parse("up", ["--port", "8123", "--http-address", "127.0.0.1:9000"]))
+    with pytest.raises(ValueError, match="99999"):
+        config_from_args(parse("up", ["--port", "99999", "--state-dir", str(tmp_path)]))

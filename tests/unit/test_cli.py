@@ -80,7 +80,7 @@ def test_up_groups_its_flags_and_shares_the_workers_engine_flags():
 
 
 @pytest.mark.parametrize("argv, prog", [(["generate", "hi", "--port", "8000"], "alise generate"),
-                                        (["up", "--port", "8000"], "alise up"),
+                                        (["up", "--bogus", "8000"], "alise up"),
                                         (["predictor", "eval", "--data", "x", "--bogus"], "alise predictor eval")])
 def test_an_unknown_flag_is_named_by_the_command_that_got_it(capsys, argv, prog):
     from alise.cli.main import main

@@ -17,7 +17,7 @@ import signal
 import sys
 import tempfile
 
-from alise.cluster.config import CLUSTER_SET, ClusterConfig, listen_addresses, service_commands
+from alise.cluster.config import CLUSTER_SET, ClusterConfig, join_host_port, listen_addresses, service_commands
 from alise.cluster.local import LocalCluster, ServiceExited
 from alise.cluster.logfiles import LogLimits
 from alise.cluster.supervisor import RestartPolicy, Supervisor
@@ -86,6 +86,8 @@ def _add_listener_arguments(g) -> None:
     g.add_argument("--predictor-address", default=None, help="the predictor's HOST:PORT (default: --host, port 50053)")
     g.add_argument("--http-address", default=None,
                    help="the OpenAI-compatible HTTP door's HOST:PORT ('' = no door; default: --host, port 8000)")
+    g.add_argument("--port", type=int, default=None, metavar="PORT",
+                   help="the HTTP door's port on --host (vLLM's --port; default: --http-address's, 8000)")
     g.add_argument("--http-health-address", default=None,
                    help="where the HTTP door serves grpc.health.v1 (default: --host, port 8001)")
     g.add_argument("--worker-health-port", type=int, default=ClusterConfig.worker_health_base_port,
@@ -131,9 +133,14 @@ def check_ports(commands: dict[str, list[str]]) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> ClusterConfig:
+    http_address = args.http_address
+    if args.port is not None:
+        if http_address is not None:
+            raise ValueError("give the HTTP door --port or --http-address, not both")
+        http_address = join_host_port(args.host, args.port)
     return ClusterConfig(
         host=args.host, address=args.address, worker_address=args.worker_address,
-        predictor_address=args.predictor_address, http_address=args.http_address,
+        predictor_address=args.predictor_address, http_address=http_address,
         http_health_address=args.http_health_address, model=args.model, num_workers=args.num_workers,
         predictor=args.predictor, state_dir=args.state_dir,
         worker_health_base_port=args.worker_health_base_port, metrics_base_port=args.metrics_base_port,
