@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
+from alise.modelinfo.source import resolve_model
 from alise.worker.config import WorkerConfig
 from alise.worker.engine import Feed, WorkerEngine
 from alise.worker.kv_manager import KvManager
@@ -40,7 +41,7 @@ from alise.worker.model.serving import (
     make_runner,
     size_kv_cache,
 )
-from alise.worker.model.tp_shard import local_spec
+from alise.worker.model.tp_shard import HeadSplit, local_spec
 from alise.worker.tp_engine import DriverEngine, follow
 
 logger = logging.getLogger(__name__)
@@ -125,6 +126,7 @@ def load_tp_served_model(config: WorkerConfig) -> ServedModel:
     """Starts ranks 1..N-1 and loads rank 0 here (blocking, as ``load_served_model``)."""
     from alise.worker.tp_ranks import RankGroup
 
+    check_split(config)
     ranks = RankGroup(config, follow_rank)
     ranks.start()
     rank = load_rank(config, 0, ranks.store_path)
@@ -137,6 +139,20 @@ def load_tp_served_model(config: WorkerConfig) -> ServedModel:
                 config.resolved_worker_id, loaded.name, rank.tp.world_size, loaded.device, runner.num_blocks,
                 config.block_size, kv_dtype(loaded, config), identity.block_bytes)
     return ServedModel(loaded, engine, identity, load_latency_profile(runner, config), ranks=ranks)
+
+
+def check_split(config: WorkerConfig) -> None:
+    """ValueError, before any rank starts, for a replica its model's heads or this host's GPUs
+    cannot hold (each rank would start, load and fail alone)."""
+    n = config.tensor_parallel_size
+    fields = resolve_model(config.model).fields
+    heads = fields.get("num_attention_heads")
+    if isinstance(heads, int):
+        HeadSplit(heads, fields.get("num_key_value_heads") or heads, 0, n)
+    kind, _, index = config.device.partition(":")
+    if kind == "cuda" and int(index or 0) + n > torch.cuda.device_count():
+        raise ValueError(f"tensor_parallel_size {n} on {config.device} needs {int(index or 0) + n} GPUs; "
+                         f"this host has {torch.cuda.device_count()}")
 
 
 def follow_rank(rank_index: int, config: WorkerConfig, store_path: str) -> None:
