@@ -70,6 +70,11 @@ def sampling_from_pb(msg: common_pb2.SamplingParams, default_max_tokens: int) ->
         seed=msg.seed if msg.HasField("seed") else None,
         stop_token_ids=tuple(msg.stop_token_ids),
         ignore_eos=msg.ignore_eos,
+        presence_penalty=msg.presence_penalty if msg.HasField("presence_penalty") else 0.0,
+        frequency_penalty=msg.frequency_penalty if msg.HasField("frequency_penalty") else 0.0,
+        repetition_penalty=msg.repetition_penalty if msg.HasField("repetition_penalty") else 1.0,
+        min_tokens=msg.min_tokens,
+        logit_bias=tuple(msg.logit_bias.items()),
     )
 
 
@@ -82,6 +87,14 @@ def sampling_to_pb(params: SamplingParams) -> common_pb2.SamplingParams:
         msg.seed = params.seed
     if params.min_p:
         msg.min_p = params.min_p
+    if params.presence_penalty:
+        msg.presence_penalty = params.presence_penalty
+    if params.frequency_penalty:
+        msg.frequency_penalty = params.frequency_penalty
+    if params.repetition_penalty != 1.0:
+        msg.repetition_penalty = params.repetition_penalty
+    msg.min_tokens = params.min_tokens
+    msg.logit_bias.update(params.logit_bias)
     return msg
 
 

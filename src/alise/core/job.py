@@ -355,5 +355,6 @@ _PROJECTED = (Job.__dict__["num_pending_outputs"], Job.__dict__["num_computed_to
 @functools.lru_cache(maxsize=1024)
 def _capped(sampling: SamplingParams, max_tokens: int) -> SamplingParams:
     """``sampling`` ending at ``max_tokens`` (frozen, so shared: every admit of a job of known
-    length asks, and ``replace`` checks every field again)."""
-    return replace(sampling, max_tokens=max_tokens)
+    length asks, and ``replace`` checks every field again). ``min_tokens`` is capped with it:
+    no more may be asked than the job runs."""
+    return replace(sampling, max_tokens=max_tokens, min_tokens=min(sampling.min_tokens, max_tokens))

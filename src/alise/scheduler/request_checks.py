@@ -3,10 +3,10 @@
 What a checked request holds is what the engine may take as given: a request id fit for a
 log line, a prompt of 1 .. ``max_model_len - 1`` tokens in the vocabulary (and its text),
 valid sampling parameters (``SamplingParams`` checks its own fields) with at most
-``MAX_STOP_TOKEN_IDS`` stop ids in the vocabulary, and resume tokens that leave room for one
-more. A request that asks for it (``strict_max_tokens``, as the HTTP door does) also has a
-prompt and an explicit ``max_tokens`` that fit the context together, as vLLM requires; without
-it a job ends where the context fills (finish reason "length"). Every failure is a
+``MAX_STOP_TOKEN_IDS`` stop ids in the vocabulary, logit biases of tokens in it, and resume
+tokens that leave room for one more. A request that asks for it (``strict_max_tokens``, as the
+HTTP door does) also has a prompt and an explicit ``max_tokens`` that fit the context
+together, as vLLM requires; without it a job ends where the context fills (finish reason "length"). Every failure is a
 ``ValueError`` whose message the client is given (INVALID_ARGUMENT).
 The HTTP door checks the shape of its own JSON bodies itself and borrows the text bound and
 the request-id check from here.
@@ -308,6 +308,10 @@ class GenerateChecks:
         bad_stop = [t for t in stop if not 0 <= t < self.info.vocab_size]
         if bad_stop:
             raise ValueError(f"stop_token_ids {bad_stop[:5]} are outside the vocabulary [0, {self.info.vocab_size})")
+        bad_bias = [t for t, _ in sampling.logit_bias if t >= self.info.vocab_size]
+        if bad_bias:
+            raise ValueError(f"logit_bias token ids {bad_bias[:5]} are outside the vocabulary "
+                             f"[0, {self.info.vocab_size})")
         return sampling
 
     def _resume_tokens(self, request: scheduler_pb2.GenerateRequest, num_prompt: int,

@@ -185,6 +185,8 @@ class WorkerEngine:
         vocab = self.executor.vocab_size
         if min(command.token_ids) < 0 or max(command.token_ids) >= vocab:
             return f"token ids must be in [0, {vocab})"
+        if any(t >= vocab for t, _ in command.sampling.logit_bias):  # a device-side index
+            return f"logit_bias token ids must be in [0, {vocab})"
         generator = None
         if command.sampling.seed is not None:
             generator = self.executor.make_generator(command.sampling.seed)
@@ -417,11 +419,12 @@ class WorkerEngine:
         self._release(seq)
 
     def _append(self, seq: Sequence, token: int, *, release: bool = True) -> JobOutput:
+        can_stop = seq.sampling.can_stop(seq.num_generated)  # the sampler's min_tokens rule
         seq.token_ids.append(token)
         seq.num_generated += 1
         reason = None
-        if token in seq.sampling.stop_token_ids or (
-                not seq.sampling.ignore_eos and token == self.eos_token_id):
+        if can_stop and (token in seq.sampling.stop_token_ids or (
+                not seq.sampling.ignore_eos and token == self.eos_token_id)):
             reason = FinishReason.STOP
         elif seq.num_generated >= seq.sampling.max_tokens or seq.num_tokens >= self.max_model_len:
             reason = FinishReason.LENGTH

@@ -17,14 +17,14 @@ from alise.worker.engine import Feed, WorkerEngine
 from alise.worker.kv_manager import KvManager
 from alise.worker.model.chunk import SeqChunk
 from alise.worker.model.kv_offload import TorchKvMover
-from alise.worker.model.overlap import OverlappedSteps
+from alise.worker.model.overlap import OverlappedSteps, histories
 from alise.worker.model.sampler import Sampler, make_generator
 
 
 class ModelExecutor(OverlappedSteps):
-    def __init__(self, runner) -> None:
+    def __init__(self, runner, eos_token_id: int | None = None) -> None:
         self.runner = runner
-        self.sampler = Sampler()
+        self.sampler = Sampler(eos_token_id)
         self.vocab_size = runner.vocab_size
 
     def make_generator(self, seed: int) -> torch.Generator:
@@ -43,8 +43,9 @@ class ModelExecutor(OverlappedSteps):
         if rows:
             if logits.shape[0] != len(rows):  # a runner that returns every chunk's row
                 logits = logits.index_select(0, torch.tensor(rows, device=logits.device))
-            seqs = [feeds[i].seq for i in rows]
-            tokens = self.sampler.sample(logits, [s.sampling for s in seqs], [s.generator for s in seqs])
+            sampled = [feeds[i] for i in rows]
+            tokens = self.sampler.sample(logits, [f.seq.sampling for f in sampled],
+                                         [f.seq.generator for f in sampled], histories(sampled))
         elif logits.device.type == "cuda":
             torch.cuda.current_stream(logits.device).synchronize()  # the step's time includes its work
         return tokens, time.perf_counter() - start
@@ -55,4 +56,4 @@ def make_worker_engine(runner, *, eos_token_id: int | None, max_model_len: int,
     """The engine of a worker over ``runner`` (a ``ModelRunner`` or ``TransformersRunner``)."""
     mover = TorchKvMover(runner.kv_cache, num_host_blocks)
     kv = KvManager(runner.num_blocks, num_host_blocks, runner.block_size, mover, prefix_caching=prefix_caching)
-    return WorkerEngine(ModelExecutor(runner), kv, eos_token_id=eos_token_id, max_model_len=max_model_len)
+    return WorkerEngine(ModelExecutor(runner, eos_token_id), kv, eos_token_id=eos_token_id, max_model_len=max_model_len)

@@ -28,6 +28,17 @@ import numpy as np
 import torch
 
 from alise.worker.model.chunk import SeqChunk
+from alise.worker.model.sampler import History, needs_history
+
+
+def histories(feeds: list) -> list[History | None] | None:
+    """Each sampling feed's (the engine's ``Feed``) token history where its params need one
+    (``needs_history``); None when none does, the common case, which builds nothing. A feed
+    whose token is still on the device (``source_row``) counts it as output."""
+    if not any(needs_history(f.seq.sampling) for f in feeds):
+        return None
+    return [History(f.seq.token_ids, f.seq.num_generated + (f.source_row is not None), f.source_row)
+            if needs_history(f.seq.sampling) else None for f in feeds]
 
 
 class PinnedUploads:
@@ -153,11 +164,15 @@ class OverlappedSteps:
             both = upload([row for row, _ in pairs] + [src for _, src in pairs], torch.int64)
             gather = TokenGather(both[:len(pairs)], both[len(pairs):], previous.ids)
         logits = self.runner.execute(chunks, gather=gather, upload=upload)
-        seqs = [f.seq for f in feeds if f.samples]
+        sampled = [f for f in feeds if f.samples]
+        seqs = [f.seq for f in sampled]
         ids = host = ready = None
         if seqs:
+            # A penalized row's last token may still be on the device, in ``previous.ids``:
+            # the sampler counts it there (``History.pending_row``), so no step waits for it.
             ids = self.sampler.sample_ids(logits, [s.sampling for s in seqs], [s.generator for s in seqs],
-                                          upload=upload)
+                                          upload=upload, histories=histories(sampled),
+                                          pending_ids=previous.ids if previous is not None else None)
             self._flip = 1 - getattr(self, "_flip", 0)
             buffer = buffers[self._flip]
             if buffer.numel() < len(seqs):

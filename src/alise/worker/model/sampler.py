@@ -1,21 +1,27 @@
 """Next-token sampling for a batch, each row with its own parameters and random stream.
 
-Filtering runs vectorized on the logits' device: temperature scaling, then min-p (tokens less
-than ``min_p`` times as likely as the most likely one are dropped: in logits, those more than
-``-log(min_p)`` below the row's largest), then top-k, then top-p over the surviving tokens (the
-nucleus: the fewest most-likely tokens whose mass reaches ``top_p``). The most likely token
-always survives every filter; vLLM applies them in the same order. The draw is an exponential
-race over the vocabulary: a seeded request takes its noise from its own generator, so its tokens
-depend only on its seed and its logits, never on its batch-mates. Greedy rows (temperature 0, or
-top_k 1) take the
-argmax and draw nothing. The returned Python list is the step's only host sync
-(``sample_ids`` returns the ids on the device, for a step that reads them back later).
+First vLLM's logit adjustments, on the raw logits and for greedy rows too (``adjust_logits``):
+logit bias, the ``min_tokens`` mask of the stop ids and EOS, then the repetition, frequency and
+presence penalties; only the rows asking for one are copied and changed, every other row stays
+bit for bit as the model gave it. Filtering runs vectorized on the logits' device: temperature
+scaling, then min-p (tokens less than ``min_p`` times as likely as the most likely one are
+dropped: in logits, those more than ``-log(min_p)`` below the row's largest), then top-k, then
+top-p over the surviving tokens (the nucleus: the fewest most-likely tokens whose mass reaches
+``top_p``). The most likely token always survives every filter; vLLM applies them in the same
+order. The draw is an exponential race over the vocabulary: a seeded request takes its noise
+from its own generator, so its tokens depend only on its seed and its logits, never on its
+batch-mates. Greedy rows (temperature 0, or top_k 1) take the argmax and draw nothing. The
+returned Python list is the step's only host sync (``sample_ids`` returns the ids on the
+device, for a step that reads them back later); the adjustments add none: their rows, ids and
+values go up through ``upload``, and an output token still on the device is counted there.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from alise.core.sampling import SamplingParams
@@ -31,24 +37,63 @@ def make_generator(seed: int, device: torch.device | str) -> torch.Generator:
     return generator
 
 
+@dataclass(frozen=True)
+class History:
+    """A row's tokens before the token it samples, for the penalties and ``min_tokens``.
+
+    ``token_ids`` is the prompt then the output tokens the host holds; ``num_output`` counts
+    every output token so far, including, on an overlapped step, the one the step before
+    sampled and the host has not read: it is row ``pending_row`` of that step's sampled ids
+    (still on the device), and is not in ``token_ids``."""
+
+    token_ids: Sequence[int]
+    num_output: int
+    pending_row: int | None = None
+
+    @property
+    def num_output_on_host(self) -> int:
+        return self.num_output - (self.pending_row is not None)
+
+    @property
+    def prompt_ids(self) -> Sequence[int]:
+        return self.token_ids[:len(self.token_ids) - self.num_output_on_host]
+
+    @property
+    def output_ids_on_host(self) -> Sequence[int]:
+        return self.token_ids[len(self.token_ids) - self.num_output_on_host:]
+
+
+def needs_history(params: SamplingParams) -> bool:
+    return params.has_penalties or params.min_tokens > 0
+
+
 class Sampler:
-    """Stateless: all per-request state is in the params and generators passed to :meth:`sample`."""
+    """Stateless: all per-request state is in the params, generators and histories passed to
+    :meth:`sample`. ``eos_token_id``: the model's EOS, which ``min_tokens`` keeps out."""
+
+    def __init__(self, eos_token_id: int | None = None) -> None:
+        self.eos_token_id = eos_token_id
 
     def sample(self, logits: torch.Tensor, params: list[SamplingParams],
-               generators: list[torch.Generator | None]) -> list[int]:
+               generators: list[torch.Generator | None],
+               histories: list[History | None] | None = None) -> list[int]:
         """One token id per row of ``logits [n, vocab]`` (float32).
 
         ``generators[i]`` is row i's random stream (None: the global torch RNG). It must live on
-        ``logits.device``.
+        ``logits.device``. ``histories[i]`` is row i's tokens so far, needed where its params
+        have a penalty or ``min_tokens`` (``needs_history``; None elsewhere, or no list at all).
         """
-        return self.sample_ids(logits, params, generators).tolist()
+        return self.sample_ids(logits, params, generators, histories=histories).tolist()
 
     def sample_ids(self, logits: torch.Tensor, params: list[SamplingParams],
-                   generators: list[torch.Generator | None], upload: Upload | None = None) -> torch.Tensor:
+                   generators: list[torch.Generator | None], upload: Upload | None = None,
+                   histories: list[History | None] | None = None,
+                   pending_ids: torch.Tensor | None = None) -> torch.Tensor:
         """:meth:`sample`'s ids as an int64 tensor on ``logits.device``, not read back.
         ``upload(values, dtype)`` puts the rows' parameters on the device (default:
         ``torch.tensor``, which waits for the device's queue on CUDA; an overlapped step passes
-        pinned non-blocking copies, ``alise.worker.model.overlap.PinnedUploads``)."""
+        pinned non-blocking copies, ``alise.worker.model.overlap.PinnedUploads``).
+        ``pending_ids``: the step before's sampled ids, which ``History.pending_row`` indexes."""
         device = logits.device
         if upload is None:
             def upload(values, dtype):
@@ -57,6 +102,8 @@ class Sampler:
         if len(params) != num_rows or len(generators) != num_rows:
             raise ValueError(f"need one SamplingParams and one generator per row: {num_rows} rows, "
                              f"{len(params)} params, {len(generators)} generators")
+        logits = adjust_logits(logits, params, histories, upload, eos_token_id=self.eos_token_id,
+                               pending_ids=pending_ids)
         greedy_ids = logits.argmax(dim=-1)
         sampled_rows = [i for i, p in enumerate(params) if not p.is_greedy]
         if not sampled_rows:
@@ -90,6 +137,107 @@ class Sampler:
             if generator is not None:
                 noise[i].exponential_(generator=generator)
         return noise
+
+
+def adjust_logits(logits: torch.Tensor, params: list[SamplingParams], histories: list[History | None] | None,
+                  upload: Upload, *, eos_token_id: int | None = None,
+                  pending_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """``logits`` with vLLM's adjustments applied to the rows that ask for one (a new tensor;
+    ``logits`` itself when none does): bias, the ``min_tokens`` mask, then the penalties."""
+    rows = []
+    for i, p in enumerate(params):
+        if not (p.logit_bias or needs_history(p)):
+            continue
+        history = histories[i] if histories is not None else None
+        if needs_history(p) and history is None:
+            raise ValueError(f"row {i} has a penalty or min_tokens but no token history")
+        if p.logit_bias or p.has_penalties or not p.can_stop(history.num_output):
+            rows.append(i)
+    if not rows:
+        return logits
+    index = upload(rows, torch.int64)
+    sub = logits.index_select(0, index)
+    sub_params = [params[i] for i in rows]
+    sub_histories = [histories[i] if histories is not None else None for i in rows]
+    _add_bias(sub, sub_params, upload)
+    _mask_early_stops(sub, sub_params, sub_histories, upload, eos_token_id)
+    if any(p.has_penalties for p in sub_params):
+        _penalize(sub, sub_params, sub_histories, upload, pending_ids)
+    return logits.index_copy(0, index, sub)
+
+
+def _pairs(rows: list[int], cols: list[int], upload: Upload) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row and column index tensors, in one upload."""
+    both = upload(np.array([rows, cols], dtype=np.int64).reshape(2, -1), torch.int64)
+    return both[0], both[1]
+
+
+def _add_bias(sub: torch.Tensor, params: list[SamplingParams], upload: Upload) -> None:
+    rows = [j for j, p in enumerate(params) for _ in p.logit_bias]
+    if not rows:
+        return
+    cols = [t for p in params for t, _ in p.logit_bias]
+    values = upload([b for p in params for _, b in p.logit_bias], sub.dtype)
+    sub.index_put_(_pairs(rows, cols, upload), values, accumulate=True)
+
+
+def _mask_early_stops(sub: torch.Tensor, params: list[SamplingParams], histories: list[History | None],
+                      upload: Upload, eos_token_id: int | None) -> None:
+    """-inf on the stop ids and EOS of the rows short of their ``min_tokens`` (vLLM masks EOS
+    even under ``ignore_eos``). Ids past the logits' width cannot be sampled anyway."""
+    vocab_size = sub.shape[-1]
+    rows, cols = [], []
+    for j, (p, history) in enumerate(zip(params, histories, strict=True)):
+        if p.min_tokens and not p.can_stop(history.num_output):
+            stops = set(p.stop_token_ids) | ({eos_token_id} if eos_token_id is not None else set())
+            ids = [t for t in sorted(stops) if 0 <= t < vocab_size]
+            rows += [j] * len(ids)
+            cols += ids
+    if rows:
+        sub.index_put_(_pairs(rows, cols, upload), sub.new_full((1,), float("-inf")))
+
+
+def _penalize(sub: torch.Tensor, params: list[SamplingParams], histories: list[History | None],
+              upload: Upload, pending_ids: torch.Tensor | None) -> None:
+    """vLLM's ``apply_penalties`` on the rows with a penalty: repetition over the prompt and
+    the output (positive logits divided, the others multiplied), then ``frequency x count``
+    and ``presence x present`` subtracted, counts over the output only. An output token still
+    on the device (``History.pending_row``) is counted there, without reading it back."""
+    penalized = [j for j, p in enumerate(params) if p.has_penalties]
+    vocab_size = sub.shape[-1]
+    rows, cols, pending_rows, sources = [], [], [], []
+    for k, j in enumerate(penalized):
+        output = histories[j].output_ids_on_host
+        rows += [k] * len(output)
+        cols += output
+        if histories[j].pending_row is not None:
+            pending_rows.append(k)
+            sources.append(histories[j].pending_row)
+    counts = sub.new_zeros(len(penalized), vocab_size)
+    if rows:
+        counts.index_put_(_pairs(rows, cols, upload), sub.new_ones(len(rows)), accumulate=True)
+    if pending_rows:
+        ranks, source_rows = _pairs(pending_rows, sources, upload)
+        counts.index_put_((ranks, pending_ids.index_select(0, source_rows)), sub.new_ones(len(ranks)),
+                          accumulate=True)
+    seen = counts > 0
+    index = upload(penalized, torch.int64)
+    logits = sub.index_select(0, index)
+    repeating = [k for k, j in enumerate(penalized) if params[j].repetition_penalty != 1.0]
+    if repeating:
+        in_prompt = torch.zeros_like(seen)
+        prompt_rows = [k for k in repeating for _ in histories[penalized[k]].prompt_ids]
+        prompt_cols = [t for k in repeating for t in histories[penalized[k]].prompt_ids]
+        if prompt_rows:
+            in_prompt.index_put_(_pairs(prompt_rows, prompt_cols, upload), in_prompt.new_ones((1,)))
+        repetition = upload([params[j].repetition_penalty for j in penalized], sub.dtype)[:, None]
+        penalties = torch.where(in_prompt | seen, repetition, 1.0)
+        logits *= torch.where(logits > 0, 1.0 / penalties, penalties)
+    frequency = upload([params[j].frequency_penalty for j in penalized], sub.dtype)
+    presence = upload([params[j].presence_penalty for j in penalized], sub.dtype)
+    logits -= frequency[:, None] * counts
+    logits -= presence[:, None] * seen
+    sub.index_copy_(0, index, logits)
 
 
 def _mask_min_p(scaled: torch.Tensor, params: list[SamplingParams], upload: Upload) -> torch.Tensor:

@@ -51,8 +51,8 @@ class TpExecutor(ModelExecutor):
     """A step on one rank: every rank runs the forward (its collectives meet the others'); rank
     0 samples and hands the tokens to the others."""
 
-    def __init__(self, runner: ModelRunner, tp: TensorParallel) -> None:
-        super().__init__(runner)
+    def __init__(self, runner: ModelRunner, tp: TensorParallel, eos_token_id: int | None = None) -> None:
+        super().__init__(runner, eos_token_id)
         self.tp = tp
 
     def execute(self, feeds: list[Feed]) -> tuple[list[int], float]:
@@ -115,7 +115,7 @@ def make_engine(rank: Rank, config: WorkerConfig, on_failure=None) -> WorkerEngi
     mover = LockstepKvMover(runner.kv_cache, config.num_host_blocks)
     kv = KvManager(runner.num_blocks, config.num_host_blocks, runner.block_size, mover,
                    prefix_caching=config.enable_prefix_caching)
-    executor = TpExecutor(runner, rank.tp)
+    executor = TpExecutor(runner, rank.tp, rank.loaded.eos_token_id)
     limits = dict(eos_token_id=rank.loaded.eos_token_id, max_model_len=rank.loaded.max_model_len)
     if rank.tp.is_driver:
         return DriverEngine(executor, kv, send=rank.tp.broadcast, on_failure=on_failure, **limits)
