@@ -56,10 +56,21 @@ def _fail(exc: Exception) -> int:
     return 2 if isinstance(exc, ValueError) else 1
 
 
+def _logit_bias(text: str) -> tuple[int, float]:
+    """``--logit-bias TOKEN_ID=BIAS``."""
+    token_id, _, bias = text.partition("=")
+    try:
+        return int(token_id), float(bias)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected TOKEN_ID=BIAS, got {text!r}") from None
+
+
 def _cmd_generate(args: argparse.Namespace) -> int:
     kwargs = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                   top_k=args.top_k, seed=args.seed, ignore_eos=args.ignore_eos,
-                  timeout_s=args.timeout)
+                  timeout_s=args.timeout, presence_penalty=args.presence_penalty,
+                  frequency_penalty=args.frequency_penalty, repetition_penalty=args.repetition_penalty,
+                  min_tokens=args.min_tokens, logit_bias=dict(args.logit_bias))
     last = None
     try:
         with Client(args.address, token=args.token, tls_ca=args.tls_ca) as client:
@@ -237,6 +248,16 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     g.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens (0 = all)")
     g.add_argument("--seed", type=int, default=None, help="sampling seed (default: random)")
     g.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence")
+    g.add_argument("--presence-penalty", type=float, default=0.0,
+                   help="minus this on the logit of each token already in the output, in [-2, 2] (default: 0)")
+    g.add_argument("--frequency-penalty", type=float, default=0.0,
+                   help="minus this times each token's count in the output, in [-2, 2] (default: 0)")
+    g.add_argument("--repetition-penalty", type=float, default=1.0,
+                   help="vLLM's: > 1 discourages tokens of the prompt and output, < 1 favours them (default: 1)")
+    g.add_argument("--min-tokens", type=int, default=0,
+                   help="no stop token or end-of-sequence before this many tokens (default: 0)")
+    g.add_argument("--logit-bias", type=_logit_bias, action="append", default=[], metavar="TOKEN_ID=BIAS",
+                   help="add BIAS in [-100, 100] to a token's logit (repeatable)")
     g.add_argument("--timeout", type=positive_seconds, default=None, help="deadline in seconds (default: none)")
     g.add_argument("--quiet", action="store_true", help="no usage line after the text")
     g.set_defaults(func=_cmd_generate)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import grpc
 from google.protobuf.descriptor import FieldDescriptor
@@ -10,6 +10,7 @@ from google.protobuf.descriptor import FieldDescriptor
 from alise.client.channel import MAX_MESSAGE_BYTES
 from alise.client.errors import InvalidRequest
 from alise.client.types import Chunk, Completion, Conversation, Estimate, Status, Usage
+from alise.core.sampling import check_logit_bias, check_min_tokens, check_penalty, check_repetition_penalty
 from alise.v1 import common_pb2, scheduler_pb2
 
 _FINISH = {
@@ -80,12 +81,41 @@ def _set(message, name: str, value, label: str | None = None) -> None:
         raise TypeError(f"{label}: {exc}") from None
 
 
+def _set_adjustments(sampling: common_pb2.SamplingParams, max_tokens: int | None, *,
+                     presence_penalty: float, frequency_penalty: float, repetition_penalty: float,
+                     min_tokens: int, logit_bias: Mapping[int, float] | None) -> None:
+    """vLLM's penalties, ``min_tokens`` and ``logit_bias`` into ``sampling``, checked by the
+    scheduler's rules (``alise.core.sampling``; the vocabulary is the scheduler's to check);
+    neutral values are left unset."""
+    for name, value, neutral in (("presence_penalty", presence_penalty, 0), ("frequency_penalty", frequency_penalty, 0),
+                                 ("repetition_penalty", repetition_penalty, 1)):
+        if value is None or (isinstance(value, (int, float)) and not isinstance(value, bool) and value == neutral):
+            continue
+        _set(sampling, name, value)  # a wrong type or a number past any float, named
+        if name == "repetition_penalty":
+            check_repetition_penalty(value)
+        else:
+            check_penalty(name, value)
+    if min_tokens:
+        _set(sampling, "min_tokens", min_tokens)
+        check_min_tokens(min_tokens, max_tokens)
+    if logit_bias:
+        if not isinstance(logit_bias, Mapping):
+            raise TypeError(f"logit_bias must be a mapping of token id -> bias, got {type(logit_bias).__name__}")
+        pairs = check_logit_bias(logit_bias)
+        if pairs[-1][0] > 2**31 - 1:
+            raise ValueError(f"logit_bias keys must be in [0, 2147483647], got {pairs[-1][0]}")
+        sampling.logit_bias.update(dict(pairs))
+
+
 def build_request(prompt: str | Sequence[int], *, max_tokens: int | None, temperature: float | None,
                   top_p: float | None, top_k: int, seed: int | None,
                   stop_token_ids: Sequence[int], ignore_eos: bool, request_id: str,
                   oracle_output_tokens: int, min_p: float | None = None,
                   conversation: Conversation | None = None,
-                  strict_max_tokens: bool = False) -> scheduler_pb2.GenerateRequest:
+                  strict_max_tokens: bool = False, presence_penalty: float = 0.0,
+                  frequency_penalty: float = 0.0, repetition_penalty: float = 1.0, min_tokens: int = 0,
+                  logit_bias: Mapping[int, float] | None = None) -> scheduler_pb2.GenerateRequest:
     req = scheduler_pb2.GenerateRequest(request_id=request_id, strict_max_tokens=strict_max_tokens)
     _set(req, "oracle_output_tokens", oracle_output_tokens)
     if isinstance(prompt, str):
@@ -109,6 +139,8 @@ def build_request(prompt: str | Sequence[int], *, max_tokens: int | None, temper
     for name, value in sampling.items():
         if value is not None:  # unset: the scheduler's default
             _set(req.sampling, name, value)
+    _set_adjustments(req.sampling, max_tokens, presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
+                     repetition_penalty=repetition_penalty, min_tokens=min_tokens, logit_bias=logit_bias)
     num_bytes = req.ByteSize()
     if num_bytes > MAX_MESSAGE_BYTES:
         raise InvalidRequest(grpc.StatusCode.INVALID_ARGUMENT,

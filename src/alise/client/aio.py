@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -72,7 +72,10 @@ class AsyncClient:
                        wait_for_ready: bool = False,
                        on_accepted: Callable[[], Awaitable[None]] | None = None,
                        conversation: Conversation | None = None,
-                       strict_max_tokens: bool = False) -> AsyncIterator[Chunk]:
+                       strict_max_tokens: bool = False, presence_penalty: float = 0.0,
+                       frequency_penalty: float = 0.0, repetition_penalty: float = 1.0,
+                       min_tokens: int = 0, logit_bias: Mapping[int, float] | None = None
+                       ) -> AsyncIterator[Chunk]:
         """Streams the request's chunks; a stream that breaks (UNAVAILABLE) is resumed for up to
         ``resume_timeout_s`` without progress (0: never), every token delivered once. ``token``
         overrides the client's bearer token for this call. ``wait_for_ready``: a request sent
@@ -83,13 +86,19 @@ class AsyncClient:
         ``conversation``: the conversation the prompt continues (its latest user message and the
         earlier answers' lengths), read by the length predictor only. ``strict_max_tokens``: a
         prompt and ``max_tokens`` that exceed the context together are refused (InvalidRequest,
-        as vLLM refuses them) instead of ending where the context fills."""
+        as vLLM refuses them) instead of ending where the context fills. vLLM's logit
+        adjustments, on the raw logits (greedy too): ``presence_penalty`` and
+        ``frequency_penalty`` in [-2, 2], ``repetition_penalty`` > 0 (1: none), ``min_tokens``
+        (no stop id or EOS before that many tokens, at most ``max_tokens``) and ``logit_bias``
+        (token id -> bias in [-100, 100], at most 300); a bad value is a ValueError naming it."""
         request = build_request(prompt, max_tokens=max_tokens, temperature=temperature,
                                 top_p=top_p, top_k=top_k, seed=seed,
                                 stop_token_ids=stop_token_ids, ignore_eos=ignore_eos,
                                 request_id=request_id, oracle_output_tokens=oracle_output_tokens,
                                 min_p=min_p, conversation=conversation,
-                                strict_max_tokens=strict_max_tokens)
+                                strict_max_tokens=strict_max_tokens, presence_penalty=presence_penalty,
+                                frequency_penalty=frequency_penalty, repetition_penalty=repetition_penalty,
+                                min_tokens=min_tokens, logit_bias=logit_bias)
         resumer = Resumer(request, resume_timeout_s=resume_timeout_s,
                           timeout_s=call_timeout_s(timeout_s, self.timeout_s), wait_for_ready=wait_for_ready)
         metadata = call_metadata(token, self._metadata)
