@@ -1,12 +1,14 @@
 """The door speaks vLLM's dialect: the bodies vLLM's tools send are served, vLLM's extras it
-does not implement are refused by name, those it implements (min_p, chat_template_kwargs,
-continuous_usage_stats, request_id) work end to end, and /metrics carries vLLM's families."""
+does not implement are refused by name, those it implements (min_p, the penalties, min_tokens,
+logit_bias, chat_template_kwargs, continuous_usage_stats, request_id) work end to end, and
+/metrics carries vLLM's families."""
 
 from __future__ import annotations
 
 import json
 import logging
 
+import grpc
 import httpx
 import openai
 import pytest
@@ -14,6 +16,7 @@ from http_support import CHAT_TEMPLATE, start_live_door, with_chat_template
 from prometheus_client.parser import text_string_to_metric_families
 
 from alise.client import Client
+from alise.v1 import scheduler_pb2, scheduler_pb2_grpc
 
 MODEL = "tiny-chat"
 CHAT = [{"role": "user", "content": "hi there"}]
@@ -88,9 +91,8 @@ REFUSED = [
     ("guided_choice", ["yes", "no"], "both"), ("guided_grammar", "root ::= 'a'", "both"),
     ("structured_outputs", {"json": {"type": "object"}}, "both"), ("structural_tag", "{}", "chat"),
     ("response_format", {"type": "json_object"}, "both"), ("guided_decoding_backend", "xgrammar", "both"),
-    ("repetition_penalty", 1.2, "both"), ("frequency_penalty", 0.5, "both"), ("presence_penalty", 0.5, "both"),
-    ("min_tokens", 5, "both"), ("use_beam_search", True, "both"), ("length_penalty", 0.5, "both"),
-    ("bad_words", ["sea"], "both"), ("allowed_token_ids", [1, 2], "both"), ("logit_bias", {"5": 10}, "both"),
+    ("use_beam_search", True, "both"), ("length_penalty", 0.5, "both"),
+    ("bad_words", ["sea"], "both"), ("allowed_token_ids", [1, 2], "both"),
     ("truncate_prompt_tokens", 8, "both"), ("include_stop_str_in_output", True, "both"),
     ("skip_special_tokens", False, "both"), ("spaces_between_special_tokens", False, "both"),
     ("prompt_logprobs", 1, "both"), ("logprobs", 2, "completions"), ("logprobs", True, "chat"),
@@ -149,6 +151,84 @@ def test_min_p_one_keeps_only_the_most_likely_token(live):
     assert refused.status_code == 400 and "min_p must be in [0, 1]" in refused.json()["error"]["message"]
     typed = post(live, "/v1/completions", {**body, "min_p": "high"})
     assert typed.status_code == 400 and "min_p must be a number" in typed.json()["error"]["message"]
+
+
+def _completion_ids(live, body: dict) -> list[int]:
+    reply = post(live, "/v1/completions", {"prompt": "the lighthouse keeper", "temperature": 0, "ignore_eos": True,
+                                           "return_token_ids": True, **body})
+    assert reply.status_code == 200, reply.text
+    return reply.json()["choices"][0]["token_ids"]
+
+
+def test_a_strong_logit_bias_decides_greedy_tokens(live):
+    greedy = _greedy_ids(live, "the lighthouse keeper", 6)
+    token = next(t for t in range(100, 200) if t not in greedy)
+    assert _completion_ids(live, {"max_tokens": 6, "logit_bias": {str(token): 100}}) == [token] * 6
+    with Client(live.address) as client:  # the SDK's own argument
+        sdk = client.complete("the lighthouse keeper", max_tokens=6, temperature=0, ignore_eos=True,
+                              logit_bias={token: 100}).token_ids
+    assert sdk == [token] * 6
+    vocab = live.cluster.scheduler.servicer.info.vocab_size
+    outside = post(live, "/v1/completions", {"prompt": "hi", "logit_bias": {str(vocab): 5}})
+    assert outside.status_code == 400 and "logit_bias" in outside.json()["error"]["message"]
+
+
+def test_penalties_change_a_greedy_output_that_repeats(live):
+    greedy = _greedy_ids(live, "the lighthouse keeper", 48)
+    assert len(set(greedy)) < len(greedy)  # (two tokens come back once)
+    for penalty in ({"repetition_penalty": 3.0}, {"frequency_penalty": 2.0}, {"presence_penalty": 2.0}):
+        penalized = _completion_ids(live, {"max_tokens": 48, **penalty})
+        assert penalized != greedy and len(set(penalized)) > len(set(greedy)), penalty
+    neutral = {"repetition_penalty": 1, "frequency_penalty": 0, "presence_penalty": 0.0, "min_tokens": 0,
+               "logit_bias": {}}
+    assert _completion_ids(live, {"max_tokens": 48, **neutral}) == greedy
+
+
+def test_min_tokens_holds_off_a_stop_token_id(live):
+    first = _greedy_ids(live, "the lighthouse keeper", 1)[0]
+    body = {"max_tokens": 8, "stop_token_ids": [first]}
+    assert _completion_ids(live, body) == [first]
+    held = _completion_ids(live, {**body, "min_tokens": 5})
+    assert len(held) > 5 and first not in held[:5]
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("presence_penalty", 2.5, "presence_penalty must be in [-2, 2], got 2.5"),
+    ("frequency_penalty", -3, "frequency_penalty must be in [-2, 2], got -3.0"),
+    ("frequency_penalty", "high", "frequency_penalty must be a number, got a string"),
+    ("repetition_penalty", 0, "repetition_penalty must be finite and > 0, got 0.0"),
+    ("min_tokens", -1, "min_tokens must be an integer >= 0, got -1"),
+    ("min_tokens", 9, "min_tokens must be at most max_tokens (8), got 9"),
+    ("logit_bias", {"5": 101}, "logit_bias of token 5 must be a number in [-100, 100], got 101"),
+    ("logit_bias", {"x": 1}, "logit_bias keys must be token ids (integers >= 0), got 'x'"),
+    ("logit_bias", {str(i): 1 for i in range(301)}, "logit_bias has 301 entries; at most 300 are allowed"),
+    ("logit_bias", [5], "logit_bias must be an object, got an array"),
+])
+def test_a_bad_penalty_min_tokens_or_bias_is_400_naming_it(live, field, value, message):
+    for path, base in (("/v1/completions", {"prompt": "hi"}), ("/v1/chat/completions", {"messages": CHAT})):
+        reply = post(live, path, {**base, "max_tokens": 8, field: value})
+        assert reply.status_code == 400, reply.text
+        error = reply.json()["error"]
+        assert error["param"] == field and error["message"] == message
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("presence_penalty", 3.0, "sampling: presence_penalty must be in [-2, 2], got 3.0"),
+    ("repetition_penalty", -1.0, "sampling: repetition_penalty must be finite and > 0, got -1.0"),
+    ("min_tokens", 9, "sampling: min_tokens must be at most max_tokens (8), got 9"),
+    ("logit_bias", {5: 200.0}, "sampling: logit_bias of token 5 must be a number in [-100, 100], got 200.0"),
+])
+def test_the_scheduler_refuses_bad_values_over_grpc(live, field, value, message):
+    request = scheduler_pb2.GenerateRequest(text="hi")
+    request.sampling.max_tokens = 8
+    if field == "logit_bias":
+        request.sampling.logit_bias.update(value)
+    else:
+        setattr(request.sampling, field, value)
+    with grpc.insecure_channel(live.address) as channel:
+        with pytest.raises(grpc.RpcError) as info:
+            list(scheduler_pb2_grpc.SchedulerServiceStub(channel).Generate(request, timeout=30))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and info.value.details() == message
 
 
 def test_chat_template_kwargs_reach_the_template(live):

@@ -5,9 +5,9 @@ vLLM's OpenAI server takes many fields beyond OpenAI's (``CompletionRequest`` an
 template controls, engine hints. A field the door cannot honour is refused (400, code
 ``unsupported_parameter``, the field named), never dropped: a client that asked for a JSON
 schema must not get free text with a 200. Each field is accepted at its *neutral* value,
-the one that asks for nothing (``repetition_penalty: 1``, ``use_beam_search: false``, ...),
-because tools send those by default (``vllm bench serve`` sends ``repetition_penalty: 1.0``
-and ``logprobs: null``; guidellm ``stop: null``), and JSON ``null`` always means unset.
+the one that asks for nothing (``use_beam_search: false``, ``length_penalty: 1``, ...),
+because tools send those by default (``vllm bench serve`` sends ``logprobs: null``; guidellm
+``stop: null``), and JSON ``null`` always means unset.
 
 Fields the door implements are parsed in ``protocol``; fields no OpenAI server reads are
 ignored there, as vLLM ignores them.
@@ -28,9 +28,6 @@ REFUSED: dict[str, tuple[tuple, str]] = {
     "top_logprobs": ((0,), "top_logprobs are not supported"),
     "echo": ((False,), "echo is not supported"),
     "suffix": (("",), "suffix is not supported"),
-    "presence_penalty": ((0,), "presence_penalty is not supported (send 0 or leave it unset)"),
-    "frequency_penalty": ((0,), "frequency_penalty is not supported (send 0 or leave it unset)"),
-    "logit_bias": (({},), "logit_bias is not supported"),
     "tools": (([],), "tools are not supported"),
     "functions": (([],), "functions are not supported"),
     "tool_choice": (("none",), "tool_choice is not supported"),
@@ -43,11 +40,9 @@ REFUSED: dict[str, tuple[tuple, str]] = {
     "audio": ((), "audio output is not supported"),
     "prediction": ((), "prediction (predicted outputs) is not supported"),
     # vLLM's sampling parameters
-    "repetition_penalty": ((1,), "repetition_penalty is not supported (send 1 or leave it unset)"),
     "use_beam_search": ((False,), "beam search is not supported"),
     "length_penalty": ((1,), "length_penalty (beam search) is not supported"),
     "include_stop_str_in_output": ((False,), "include_stop_str_in_output is not supported"),
-    "min_tokens": ((0,), "min_tokens is not supported"),
     "skip_special_tokens": ((True,), "special tokens are always skipped in the text"),
     "spaces_between_special_tokens": ((True,), "spaces_between_special_tokens is not supported"),
     "truncate_prompt_tokens": ((), "truncate_prompt_tokens is not supported: shorten the prompt"),

@@ -40,7 +40,9 @@ async def pieces(client: AsyncClient, req: GenerationRequest, prompt: str | list
         top_k=req.top_k, min_p=req.min_p, seed=req.seed, stop_token_ids=req.stop_token_ids,
         ignore_eos=req.ignore_eos, request_id=facts.request_id, oracle_output_tokens=req.oracle_output_tokens,
         timeout_s=timeout_s, token=token, wait_for_ready=True, on_accepted=on_accepted,
-        conversation=req.conversation, strict_max_tokens=True)
+        conversation=req.conversation, strict_max_tokens=True, presence_penalty=req.presence_penalty,
+        frequency_penalty=req.frequency_penalty, repetition_penalty=req.repetition_penalty,
+        min_tokens=req.min_tokens, logit_bias=req.logit_bias)
     try:
         async for chunk in stream:
             if chunk.prompt_tokens is not None:

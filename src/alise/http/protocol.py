@@ -5,20 +5,24 @@ ranges, the OpenAI features ALISE does not have. Values (``max_tokens >= 1``, ``
 (0, 1], a prompt that fits the context, ...) are the scheduler's to judge, so its messages reach
 the client unchanged and each rule lives in one place.
 
-JSON ``null`` means "unset" for every field, as OpenAI's clients send it. Fields OpenAI or
-vLLM define that ALISE cannot honour (``n > 1``, logprobs, penalties, tools, structured
-outputs, ...) are refused rather than silently dropped (``extras``); fields neither defines are
-ignored, as vLLM ignores them, so newer clients keep working.
+JSON ``null`` means "unset" for every field, as OpenAI's clients send it. vLLM's penalties,
+``min_tokens`` and ``logit_bias`` are checked here by the scheduler's own rules
+(``alise.core.sampling``), so the 400 names the field; the logit biases' token ids against the
+vocabulary stay the scheduler's. Fields OpenAI or vLLM define that ALISE cannot honour
+(``n > 1``, logprobs, tools, structured outputs, ...) are refused rather than silently
+dropped (``extras``); fields neither defines are ignored, as vLLM ignores them, so newer
+clients keep working.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from alise.client import Conversation
+from alise.core.sampling import check_logit_bias, check_min_tokens, check_penalty, check_repetition_penalty
 from alise.http.errors import bad_request
 from alise.http.extras import refuse_unsupported
 
@@ -66,6 +70,11 @@ class GenerationRequest:
     user: str | None
     request_id: str | None               # vLLM's: the scheduler's request id (and the response's)
     template_kwargs: dict                # chat: vLLM's chat_template_kwargs, for the template
+    presence_penalty: float              # vLLM's logit adjustments (``alise.core.sampling``)
+    frequency_penalty: float
+    repetition_penalty: float
+    min_tokens: int
+    logit_bias: dict[int, float]
     #: chat: the conversation the request continues, for the length estimate (set once rendered)
     conversation: Conversation | None = None
 
@@ -141,6 +150,48 @@ def _int_list(value: Any, name: str) -> list[int]:
     if any(not -INT32_MAX - 1 <= t <= INT32_MAX for t in value):
         raise bad_request(f"{name} holds a value outside the 32-bit integer range", param=name)
     return value
+
+
+def _checked(name: str, check: Callable[[], Any]) -> Any:
+    """``check()``'s value, its ValueError (a rule of ``alise.core.sampling``) as a 400 naming ``name``."""
+    try:
+        return check()
+    except ValueError as exc:
+        raise bad_request(str(exc), param=name) from None
+
+
+def _penalty(body: Mapping, name: str, neutral: float) -> float:
+    value = _number(body, name)
+    if value is None:
+        return neutral
+    _checked(name, lambda: check_repetition_penalty(value) if name == "repetition_penalty"
+             else check_penalty(name, value))
+    return value
+
+
+def _min_tokens(body: Mapping, max_tokens: int | None) -> int:
+    """vLLM's ``min_tokens``; against ``max_tokens`` when the request sets it (else the
+    scheduler checks it against its default)."""
+    value = _int(body, "min_tokens") or 0
+    _checked("min_tokens", lambda: check_min_tokens(value, max_tokens))
+    return value
+
+
+def _logit_bias(body: Mapping) -> dict[int, float]:
+    """OpenAI's ``logit_bias``: an object of token ids (JSON keys are strings: ``"50256"``) to
+    biases in [-100, 100]. The vocabulary's end is the scheduler's to check."""
+    value = _typed(body, "logit_bias", (dict,), "an object")
+    if not value:
+        return {}
+    bias = {}
+    for key, item in value.items():
+        if not re.fullmatch(r"[0-9]{1,10}", key) or int(key) > INT32_MAX:
+            raise bad_request(f"logit_bias keys must be token ids (integers >= 0), got {key!r}", param="logit_bias")
+        if isinstance(item, bool) or not isinstance(item, (int, float)):
+            raise bad_request(f"logit_bias of token {key} must be a number, got {_describe(item)}",
+                              param="logit_bias")
+        bias[int(key)] = item
+    return dict(_checked("logit_bias", lambda: check_logit_bias(bias)))
 
 
 def _stream_options(body: Mapping, stream: bool) -> tuple[bool, bool]:
@@ -278,4 +329,8 @@ def parse_request(body: Any, *, chat: bool) -> GenerationRequest:
         return_token_ids=_bool(body, "return_token_ids"), alise_stats=_bool(body, "alise_stats"),
         user=_typed(body, "user", (str,), "a string"),
         request_id=_typed(body, "request_id", (str,), "a string"),
-        template_kwargs=_template_kwargs(body, chat))
+        template_kwargs=_template_kwargs(body, chat),
+        presence_penalty=_penalty(body, "presence_penalty", 0.0),
+        frequency_penalty=_penalty(body, "frequency_penalty", 0.0),
+        repetition_penalty=_penalty(body, "repetition_penalty", 1.0),
+        min_tokens=_min_tokens(body, max_tokens), logit_bias=_logit_bias(body))
