@@ -166,10 +166,10 @@ def adjust_logits(logits: torch.Tensor, params: list[SamplingParams], histories:
     return logits.index_copy(0, index, sub)
 
 
-def _pairs(rows: list[int], cols: list[int], upload: Upload) -> tuple[torch.Tensor, torch.Tensor]:
-    """Row and column index tensors, in one upload."""
-    both = upload(np.array([rows, cols], dtype=np.int64).reshape(2, -1), torch.int64)
-    return both[0], both[1]
+def _flat(rows: list[int], cols: Sequence[int], width: int, upload: Upload) -> torch.Tensor:
+    """The positions ``(rows[i], cols[i])`` of a contiguous ``[n, width]`` tensor, flattened:
+    ``index_add_`` and ``index_fill_`` on them queue their work without a host sync."""
+    return upload(np.asarray(rows, dtype=np.int64) * width + np.asarray(cols, dtype=np.int64), torch.int64)
 
 
 def _add_bias(sub: torch.Tensor, params: list[SamplingParams], upload: Upload) -> None:
@@ -178,7 +178,7 @@ def _add_bias(sub: torch.Tensor, params: list[SamplingParams], upload: Upload) -
         return
     cols = [t for p in params for t, _ in p.logit_bias]
     values = upload([b for p in params for _, b in p.logit_bias], sub.dtype)
-    sub.index_put_(_pairs(rows, cols, upload), values, accumulate=True)
+    sub.view(-1).index_add_(0, _flat(rows, cols, sub.shape[-1], upload), values)
 
 
 def _mask_early_stops(sub: torch.Tensor, params: list[SamplingParams], histories: list[History | None],
@@ -194,7 +194,7 @@ def _mask_early_stops(sub: torch.Tensor, params: list[SamplingParams], histories
             rows += [j] * len(ids)
             cols += ids
     if rows:
-        sub.index_put_(_pairs(rows, cols, upload), sub.new_full((1,), float("-inf")))
+        sub.view(-1).index_fill_(0, _flat(rows, cols, vocab_size, upload), float("-inf"))
 
 
 def _penalize(sub: torch.Tensor, params: list[SamplingParams], histories: list[History | None],
@@ -215,11 +215,11 @@ def _penalize(sub: torch.Tensor, params: list[SamplingParams], histories: list[H
             sources.append(histories[j].pending_row)
     counts = sub.new_zeros(len(penalized), vocab_size)
     if rows:
-        counts.index_put_(_pairs(rows, cols, upload), sub.new_ones(len(rows)), accumulate=True)
+        counts.view(-1).index_add_(0, _flat(rows, cols, vocab_size, upload), sub.new_ones(len(rows)))
     if pending_rows:
-        ranks, source_rows = _pairs(pending_rows, sources, upload)
-        counts.index_put_((ranks, pending_ids.index_select(0, source_rows)), sub.new_ones(len(ranks)),
-                          accumulate=True)
+        both = upload([[k * vocab_size for k in pending_rows], sources], torch.int64)
+        flat = both[0] + pending_ids.index_select(0, both[1])
+        counts.view(-1).index_add_(0, flat, sub.new_ones(len(pending_rows)))
     seen = counts > 0
     index = upload(penalized, torch.int64)
     logits = sub.index_select(0, index)
@@ -229,7 +229,7 @@ def _penalize(sub: torch.Tensor, params: list[SamplingParams], histories: list[H
         prompt_rows = [k for k in repeating for _ in histories[penalized[k]].prompt_ids]
         prompt_cols = [t for k in repeating for t in histories[penalized[k]].prompt_ids]
         if prompt_rows:
-            in_prompt.index_put_(_pairs(prompt_rows, prompt_cols, upload), in_prompt.new_ones((1,)))
+            in_prompt.view(-1).index_fill_(0, _flat(prompt_rows, prompt_cols, vocab_size, upload), True)
         repetition = upload([params[j].repetition_penalty for j in penalized], sub.dtype)[:, None]
         penalties = torch.where(in_prompt | seen, repetition, 1.0)
         logits *= torch.where(logits > 0, 1.0 / penalties, penalties)
