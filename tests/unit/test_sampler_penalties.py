@@ -10,6 +10,7 @@ import random
 import pytest
 import torch
 
+from alise.core.job import Job
 from alise.core.sampling import SamplingParams
 from alise.worker.model.sampler import History, Sampler, adjust_logits
 
@@ -149,3 +150,10 @@ def test_neutral_and_edge_values_are_accepted():
                        max_tokens=16, logit_bias={9: -100, 3: 100})
     assert p.logit_bias == ((3, 100.0), (9, -100.0)) and p.has_penalties
     assert not SamplingParams(presence_penalty=0, frequency_penalty=0.0, repetition_penalty=1).has_penalties
+
+
+def test_an_oracle_length_below_min_tokens_caps_both():
+    # Trace replay ends a job at its recorded length: min_tokens cannot ask for more than that.
+    job = Job("j", [1, 2, 3], SamplingParams(max_tokens=20, min_tokens=10), arrival_s=0.0, oracle_output_tokens=5)
+    assert (job.worker_sampling.max_tokens, job.worker_sampling.min_tokens) == (5, 5)
+    assert job.sampling.min_tokens == 10
