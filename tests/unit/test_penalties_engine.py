@@ -4,6 +4,8 @@ steps (whose penalized rows count a token still on the device) give the synchron
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 from test_async_steps import make_engine, make_plans, outputs, prompt, run_overlapped, streams
 
@@ -40,9 +42,9 @@ def test_a_stop_id_ends_a_job_only_after_min_tokens(loaded):
     greedy = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
     free, _ = run_alone(loaded, greedy, tokens)
     stop = free[0]
-    assert run_alone(loaded, SamplingParams(**{**greedy.__dict__, "stop_token_ids": (stop,)}), tokens) \
+    assert run_alone(loaded, replace(greedy, stop_token_ids=(stop,)), tokens) \
         == ([stop], FinishReason.STOP)
-    held = SamplingParams(**{**greedy.__dict__, "stop_token_ids": (stop,), "min_tokens": 4})
+    held = replace(greedy, stop_token_ids=(stop,), min_tokens=4)
     out, reason = run_alone(loaded, held, tokens)
     assert stop not in out[:4] and len(out) > 4
     assert reason is FinishReason.LENGTH or out[-1] == stop and out.count(stop) == 1
@@ -53,8 +55,8 @@ def test_a_repetition_penalty_changes_a_repeating_greedy_stream(loaded):
     greedy = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
     free, _ = run_alone(loaded, greedy, tokens)
     assert len(set(free)) < len(free)  # random weights repeat themselves
-    penalized, _ = run_alone(loaded, SamplingParams(**{**greedy.__dict__, "repetition_penalty": 5.0,
-                                                       "frequency_penalty": 2.0}), tokens)
+    penalized, _ = run_alone(loaded, replace(greedy, repetition_penalty=5.0,
+                                                       frequency_penalty=2.0), tokens)
     assert penalized != free and len(set(penalized)) > len(set(free))
 
 

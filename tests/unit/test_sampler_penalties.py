@@ -6,6 +6,7 @@ on the device (an overlapped step's) counted as if it were on the host."""
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 
 import pytest
 import torch
@@ -60,7 +61,7 @@ def test_each_adjustment_matches_the_reference_and_other_rows_are_untouched(name
     rng = random.Random(name)
     torch.manual_seed(len(name))
     logits = torch.randn(6, VOCAB) * 3
-    asking = SamplingParams(**{**CASES[name].__dict__, "temperature": temperature})
+    asking = replace(CASES[name], temperature=temperature)
     plain = SamplingParams(temperature=temperature)
     params = [plain, asking, plain, asking, asking, plain]
     histories = []

@@ -86,6 +86,11 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     min_tokens: int = 0
     logit_bias: tuple[tuple[int, float], ...] = field(default_factory=tuple)
+    #: Set from the fields above: the sampler needs the tokens so far (a penalty or
+    #: ``min_tokens``), and it changes the logits at all (those, or a bias). Read per row and
+    #: per step, where most rows ask for neither.
+    needs_history: bool = field(init=False, repr=False, compare=False)
+    adjusts_logits: bool = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
@@ -107,6 +112,8 @@ class SamplingParams:
         check_repetition_penalty(self.repetition_penalty)
         check_min_tokens(self.min_tokens, self.max_tokens)
         object.__setattr__(self, "logit_bias", check_logit_bias(self.logit_bias))
+        object.__setattr__(self, "needs_history", self.has_penalties or self.min_tokens > 0)
+        object.__setattr__(self, "adjusts_logits", self.needs_history or bool(self.logit_bias))
 
     @property
     def is_greedy(self) -> bool:

@@ -28,17 +28,17 @@ import numpy as np
 import torch
 
 from alise.worker.model.chunk import SeqChunk
-from alise.worker.model.sampler import History, needs_history
+from alise.worker.model.sampler import History
 
 
 def histories(feeds: list) -> list[History | None] | None:
     """Each sampling feed's (the engine's ``Feed``) token history where its params need one
-    (``needs_history``); None when none does, the common case, which builds nothing. A feed
-    whose token is still on the device (``source_row``) counts it as output."""
-    if not any(needs_history(f.seq.sampling) for f in feeds):
+    (``SamplingParams.needs_history``); None when none does, the common case, which builds
+    nothing. A feed whose token is still on the device (``source_row``) counts it as output."""
+    if not any(f.seq.sampling.needs_history for f in feeds):
         return None
     return [History(f.seq.token_ids, f.seq.num_generated + (f.source_row is not None), f.source_row)
-            if needs_history(f.seq.sampling) else None for f in feeds]
+            if f.seq.sampling.needs_history else None for f in feeds]
 
 
 class PinnedUploads:

@@ -63,10 +63,6 @@ class History:
         return self.token_ids[len(self.token_ids) - self.num_output_on_host:]
 
 
-def needs_history(params: SamplingParams) -> bool:
-    return params.has_penalties or params.min_tokens > 0
-
-
 class Sampler:
     """Stateless: all per-request state is in the params, generators and histories passed to
     :meth:`sample`. ``eos_token_id``: the model's EOS, which ``min_tokens`` keeps out."""
@@ -81,7 +77,8 @@ class Sampler:
 
         ``generators[i]`` is row i's random stream (None: the global torch RNG). It must live on
         ``logits.device``. ``histories[i]`` is row i's tokens so far, needed where its params
-        have a penalty or ``min_tokens`` (``needs_history``; None elsewhere, or no list at all).
+        have a penalty or ``min_tokens`` (``SamplingParams.needs_history``; None elsewhere, or no list
+        at all).
         """
         return self.sample_ids(logits, params, generators, histories=histories).tolist()
 
@@ -144,12 +141,14 @@ def adjust_logits(logits: torch.Tensor, params: list[SamplingParams], histories:
                   pending_ids: torch.Tensor | None = None) -> torch.Tensor:
     """``logits`` with vLLM's adjustments applied to the rows that ask for one (a new tensor;
     ``logits`` itself when none does): bias, the ``min_tokens`` mask, then the penalties."""
+    if not any(p.adjusts_logits for p in params):
+        return logits
     rows = []
     for i, p in enumerate(params):
-        if not (p.logit_bias or needs_history(p)):
+        if not p.adjusts_logits:
             continue
         history = histories[i] if histories is not None else None
-        if needs_history(p) and history is None:
+        if p.needs_history and history is None:
             raise ValueError(f"row {i} has a penalty or min_tokens but no token history")
         if p.logit_bias or p.has_penalties or not p.can_stop(history.num_output):
             rows.append(i)
