@@ -15,7 +15,14 @@ scheduler settings, fcfs at the same KV budget:
 * ``8192-cap``   vLLM's budget on an H100 (8,192 tokens a step), the cap kept;
 * ``vllm-like``  8,192 tokens a step, no cap (vLLM's chunked prefill), two plans in flight
                  (vLLM's async scheduling: one step queued behind the running one);
-* ``1-ahead``    vllm-like with one plan in flight instead of two.
+* ``1-ahead``    vllm-like with one plan in flight instead of two;
+* ``swap``       the defaults with ``--num-host-blocks`` host blocks and the adaptive KV planner
+                 (a paused job's KV kept, int8, int4, swapped to the host or dropped, whichever
+                 costs least; copies on one copy engine at ``--swap-gbps``, blocks of
+                 ``--block-bytes``; the other variants move no KV off the device and price
+                 nothing for a move);
+* ``int8``       the defaults with the quantize planner (kept, int8, int4 or dropped, on the
+                 device alone).
 
 Each variant runs under every policy of ``--policies``: ``fcfs`` (vLLM v1's decisions), ``alise``
 (shortest predicted remaining time first, ranked by the length predictor cross-fitted on the
@@ -26,8 +33,10 @@ Per run: TTFT (from arrival to the end of the step that made the first token) me
 p99; TPOT mean; the gaps between a request's tokens (ITL) p50 and p99; normalized latency
 (end-to-end over output tokens) mean and p99; output tokens per second over the makespan;
 goodput (requests a second within ``--goodput-ttft-ms`` and ``--goodput-tpot-ms``, as vLLM's
-client counts them); steps; preemptions; and the prompt and output tokens that the drops left
-in the worker's prefix cache, and of them those still there when the dropped jobs resumed.
+client counts them); steps; preemptions; the prompt and output tokens that the drops left
+in the worker's prefix cache, and of them those still there when the dropped jobs resumed; the
+prompt tokens computed (recomputes after drops included); and the tail: from the last job's
+first token to the end, the part of the makespan where only jobs already started run.
 The simulator sees no HTTP, streaming or client: these are the scheduling effects alone.
 
     python bench/gpu/peer_sim.py --trace .peercarry/trace.jsonl \
@@ -43,6 +52,9 @@ and the moments, in which ALISE's scheduler queued the requests (what its HTTP d
 
     python bench/gpu/peer_sim.py --rates inf --seed 7 --variants alise \
         --queued-from results/logs/fcfs-mem-scheduler.log
+
+``--order longest-first`` sends the same requests at the same moments, longest output first:
+all at once, the bound on what any order (any policy) can buy the makespan.
 """
 
 from __future__ import annotations
@@ -66,15 +78,26 @@ from alise.tools.sim.simulator import SimConfig, simulate
 from alise.tools.trace import TraceRequest, read_trace
 
 FCFS = SchedulingConfig(policy="fcfs")
-#: name -> (max_num_batched_tokens (0: the worker's default rule), the scheduler's settings)
+#: name -> (max_num_batched_tokens (0: the worker's default rule), the scheduler's settings,
+#: the KV moves: "free" (no host blocks, quantizing costs no time: the simulator's default),
+#: "device" (blocks of ``--block-bytes``, quantized at 345 GB/s, docs/benchmarks.md "KV
+#: offload"), "host" (that and ``--num-host-blocks`` host blocks))
 VARIANTS = {
-    "alise": (0, FCFS),
-    "3-ahead": (0, replace(FCFS, min_plans_ahead=3)),
-    "no-cap": (0, replace(FCFS, prefill_step_ratio=0.0)),
-    "8192-cap": (8192, FCFS),
-    "vllm-like": (8192, replace(FCFS, prefill_step_ratio=0.0, plans_ahead=2)),
-    "1-ahead": (8192, replace(FCFS, prefill_step_ratio=0.0, plans_ahead=1)),
+    "alise": (0, FCFS, "free"),
+    "3-ahead": (0, replace(FCFS, min_plans_ahead=3), "free"),
+    "no-cap": (0, replace(FCFS, prefill_step_ratio=0.0), "free"),
+    "8192-cap": (8192, FCFS, "free"),
+    "vllm-like": (8192, replace(FCFS, prefill_step_ratio=0.0, plans_ahead=2), "free"),
+    "1-ahead": (8192, replace(FCFS, prefill_step_ratio=0.0, plans_ahead=1), "free"),
+    "swap": (0, replace(FCFS, kv_planner="adaptive"), "host"),
+    "int8": (0, replace(FCFS, kv_planner="quantize"), "device"),
 }
+#: Bytes of one 16-token OPT-13B KV block at 16 bits: K and V, 40 layers, 5,120 channels.
+OPT13B_BLOCK_BYTES = 2 * 40 * 5120 * 2 * 16
+#: Orders of ``--order``: the client's, or its requests sorted by their true output length
+#: (each keeps a slot of the client's arrival times): all at once, where the longest jobs
+#: queue bounds the makespan.
+ORDERS = ("client", "longest-first", "shortest-first")
 
 
 def client_order(trace: list[TraceRequest], seed: int, rate: float, burstiness: float) -> list[TraceRequest]:
@@ -91,6 +114,15 @@ def client_order(trace: list[TraceRequest], seed: int, rate: float, burstiness: 
     delays = np.cumsum([np.random.gamma(shape=burstiness, scale=theta) for _ in rows])
     delays *= (len(rows) / rate) / delays[-1]
     return [replace(r, arrival_s=float(t)) for r, t in zip(rows, delays, strict=True)]
+
+
+def by_length(ordered: list[TraceRequest], order: str) -> list[TraceRequest]:
+    """``ordered`` with its requests sorted by true output length (``order``: one of
+    :data:`ORDERS`), each taking the arrival time of the slot it lands in."""
+    if order == "client":
+        return ordered
+    rows = sorted(ordered, key=lambda r: r.output_tokens, reverse=order == "longest-first")
+    return [replace(r, arrival_s=slot.arrival_s) for r, slot in zip(rows, ordered, strict=True)]
 
 
 def queued_order(ordered: list[TraceRequest], log: Path) -> list[TraceRequest]:
@@ -131,11 +163,14 @@ class TokenTimes(SchedulerCore):
 
 
 def run(trace, latency: LatencyModel, variant: str, policy: str, estimates, args) -> dict:
-    budget, scheduling = VARIANTS[variant]
+    budget, scheduling, moves = VARIANTS[variant]
     scheduling = replace(scheduling, policy=policy)
     ratio, ahead = scheduling.prefill_step_ratio, min(scheduling.min_plans_ahead, scheduling.plans_ahead)
     config = SimConfig(kv_tokens=args.kv_tokens, block_size=16, max_num_seqs=args.max_num_seqs,
-                       max_num_batched_tokens=budget, max_model_len=args.max_model_len, scheduling=scheduling)
+                       max_num_batched_tokens=budget, max_model_len=args.max_model_len, scheduling=scheduling,
+                       num_host_blocks=args.num_host_blocks if moves == "host" else 0,
+                       block_bytes=0 if moves == "free" else args.block_bytes, swap_bytes_per_s=args.swap_gbps * 1e9,
+                       quantize_bytes_per_s=345e9)
     TokenTimes.times = defaultdict(list)
     core_scheduler.SchedulerCore = TokenTimes  # the class alise.core.config.make_core builds
     try:
@@ -158,6 +193,9 @@ def run(trace, latency: LatencyModel, variant: str, policy: str, estimates, args
                 norm_ms=[float(norm.mean()), float(np.percentile(norm, 99))],
                 tok_s=sum(r.output_tokens for r in recs) / duration_s, goodput=float(good.sum()) / duration_s,
                 steps=result.num_steps, preemptions=sum(result.preemptions.values()),
+                # from the last job's first token to the end: the drain, where memory no longer binds
+                tail_s=result.makespan_s - max(r.first_token_s for r in recs),
+                makespan_s=duration_s, computed=result.prefill.num_computed_tokens,
                 drop_cached=result.prefill.num_drop_cached_tokens,
                 resume_cached=result.prefill.num_resume_cached_tokens)
 
@@ -183,7 +221,7 @@ def mean_row(rows: list[dict]) -> dict:
 
 HEADER = (f"{'rate':>5} {'scale':>5} {'policy':<6} {'variant':<10} {'budget':>6} {'cap':>4} {'ahead':>5}  "
           "TTFT ms mean / p50 / p90 / p99     ITL p50 / p99   tok/s  goodput  norm ms/tok mean / p99  preempt"
-          "  cached: drops > resumes")
+          "  cached: drops > resumes  prefill computed  tail s / makespan s")
 
 
 def row_line(rate_text: str, row: dict) -> str:
@@ -193,7 +231,8 @@ def row_line(rate_text: str, row: dict) -> str:
             f"{t[0]:6.0f} / {t[1]:5.0f} / {t[2]:6.0f} / {t[3]:6.0f}   "
             f"{row['itl_ms'][0]:5.1f} / {row['itl_ms'][1]:5.1f}  "
             f"{row['tok_s']:6.0f}  {row['goodput']:7.2f}  {n[0]:8.1f} / {n[1]:8.1f}  {row['preemptions']:7.0f}  "
-            f"{row['drop_cached']:8,.0f} > {row['resume_cached']:6,.0f}")
+            f"{row['drop_cached']:8,.0f} > {row['resume_cached']:6,.0f}  {row['computed']:16,.0f}  "
+            f"{row['tail_s']:6.1f} / {row['makespan_s']:10.1f}")
 
 
 def main() -> int:
@@ -217,6 +256,13 @@ def main() -> int:
                    "correction): how the same schedule fares on a faster or slower engine")
     p.add_argument("--queued-from", type=Path, default=None, help="ALISE's scheduler log of an all-at-once run: "
                    "rate inf replays the order and moments its scheduler queued the requests in (whatever the seed)")
+    p.add_argument("--order", default="client", choices=ORDERS, help="the client's order, or its requests "
+                   "sorted by true output length in the client's arrival times (a bound on what order buys)")
+    p.add_argument("--num-host-blocks", type=int, default=4096, help="host KV blocks of the swap variant")
+    p.add_argument("--block-bytes", type=int, default=OPT13B_BLOCK_BYTES, help="bytes of a 16-bit KV block "
+                   "of the swap and int8 variants (the KV planner's prices, the copies' and quantizations' time)")
+    p.add_argument("--swap-gbps", type=float, default=34.0, help="host copies' GB/s (docs/benchmarks.md, "
+                   "KV offload: 33.9 out, 35.5 in on an H100)")
     p.add_argument("--json", default="")
     args = p.parse_args()
     trace = read_trace(args.trace)
@@ -235,7 +281,7 @@ def main() -> int:
     seeds = [int(seed) for seed in args.seed.split(",")]
     for rate_text in args.rates.split(","):
         rate = float(rate_text)
-        orders = [client_order(trace, seed, rate, args.burstiness) for seed in seeds]
+        orders = [by_length(client_order(trace, seed, rate, args.burstiness), args.order) for seed in seeds]
         if rate == float("inf") and args.queued_from:
             orders = [queued_order(ordered, args.queued_from) for ordered in orders]
             print(f"  inf: in the order and at the moments {args.queued_from} queued the requests")
