@@ -44,7 +44,14 @@ CONTEXT = 512
 
 
 def run_alise(args) -> dict:
+    import logging
+
     import torch
+
+    # The start-up kernel plan's choices (which fresh-prompt attention won, at what times) into
+    # the engine's log, as a worker logs them.
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    logging.getLogger("alise.worker.model.tuning").setLevel(logging.INFO)
 
     import alise.tools.lab.engine as eb
     from alise.worker.model.kv_cache import KVCache
