@@ -114,11 +114,25 @@ ToWorker = Welcome | StepPlan | AbortJobs | Shutdown
 
 
 @dataclass(frozen=True)
+class TokenLogprobs:
+    """One sampled token's log-probability and its step's most likely tokens (vLLM's raw
+    logprobs: the log-softmax of the model's logits, before adjustments and temperature).
+    ``top_ids`` / ``top_logprobs``: the ``SamplingParams.logprobs`` most likely tokens, most
+    likely first (ties in id order as ``torch.topk`` gives them); empty with ``logprobs=0``."""
+
+    logprob: float
+    top_ids: tuple[int, ...] = ()
+    top_logprobs: tuple[float, ...] = ()
+
+
+@dataclass(frozen=True)
 class JobOutput:
     job_id: str
     token_ids: list[int]
     finish_reason: FinishReason | None
     num_tokens: int
+    #: One per token of ``token_ids`` where the job's params ask for logprobs, else None.
+    logprobs: list[TokenLogprobs] | None = None
 
 
 @dataclass(frozen=True)
@@ -173,3 +187,6 @@ class TokenEvent:
     token_ids: list[int]
     index: int
     finish_reason: FinishReason | None
+    #: One per token of ``token_ids`` where the job asked for logprobs and the scheduler saw
+    #: them; None otherwise (tokens a resumed stream catches up on carry none).
+    logprobs: list[TokenLogprobs] | None = None

@@ -17,6 +17,8 @@ MAX_TOKENS_LIMIT = 1_000_000
 MAX_PENALTY = 2.0
 MAX_LOGIT_BIAS = 100.0
 MAX_LOGIT_BIAS_ENTRIES = 300
+#: The most alternatives a token's logprobs may list (vLLM's default ``max_logprobs``).
+MAX_LOGPROBS = 20
 
 
 def check_penalty(name: str, value: float) -> None:
@@ -55,6 +57,14 @@ def check_logit_bias(bias: Mapping[int, float] | Iterable[tuple[int, float]]) ->
     return tuple(sorted((t, float(v)) for t, v in pairs))
 
 
+def check_logprobs(name: str, value: int | None) -> None:
+    """``logprobs`` (completions) or ``top_logprobs`` (chat): None, or an integer in [0, 20]."""
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_LOGPROBS:
+        raise ValueError(f"{name} must be an integer in [0, {MAX_LOGPROBS}], got {value!r}")
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """How one request samples.
@@ -71,6 +81,10 @@ class SamplingParams:
     of the tokens in the prompt or the output (1 = none), ``frequency_penalty`` subtracts
     itself times each token's count in the output and ``presence_penalty`` itself once per
     token present in the output (0 = none).
+
+    ``logprobs`` (None: none) asks, for every output token, its log-probability and those of
+    the ``logprobs`` most likely tokens: vLLM's default ``raw_logprobs``, the log-softmax of the
+    model's logits before any adjustment, temperature or filter.
     """
 
     max_tokens: int = 16
@@ -86,6 +100,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     min_tokens: int = 0
     logit_bias: tuple[tuple[int, float], ...] = field(default_factory=tuple)
+    logprobs: int | None = None
     #: Set from the fields above: the sampler needs the tokens so far (a penalty or
     #: ``min_tokens``), and it changes the logits at all (those, or a bias). Read per row and
     #: per step, where most rows ask for neither.
@@ -112,6 +127,7 @@ class SamplingParams:
         check_repetition_penalty(self.repetition_penalty)
         check_min_tokens(self.min_tokens, self.max_tokens)
         object.__setattr__(self, "logit_bias", check_logit_bias(self.logit_bias))
+        check_logprobs("logprobs", self.logprobs)
         object.__setattr__(self, "needs_history", self.has_penalties or self.min_tokens > 0)
         object.__setattr__(self, "adjusts_logits", self.needs_history or bool(self.logit_bias))
 

@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from alise.core.blocks import blocks_for
-from alise.core.commands import Admit, Command, HeldJob, JobOutput, Pause, Refusal, StepPlan, StepReport
+from alise.core.commands import Admit, Command, HeldJob, JobOutput, Pause, Refusal, StepPlan, StepReport, TokenLogprobs
 from alise.core.job import FinishReason, KvPlace
 from alise.core.sampling import SamplingParams
 from alise.worker.kv_manager import KvManager, KvState
@@ -97,13 +97,14 @@ class Executor(Protocol):
     def release(self, job_id: str) -> None:
         """The job left this worker (an executor may hold per-sequence state)."""
 
-    def execute(self, feeds: list[Feed]) -> tuple[list[int], float]:
+    def execute(self, feeds: list[Feed]) -> tuple[list[int], float, list[TokenLogprobs | None] | None]:
         """Runs one step over ``feeds`` (their K/V written to the sequences' blocks); returns
-        the token sampled for each feed that ``samples``, in order, and the step's seconds."""
+        the token sampled for each feed that ``samples``, in order, the step's seconds, and
+        each sampled token's logprobs where its params ask (None: none asks)."""
 
     # Overlapped steps (``WorkerEngine.launch``), where ``can_overlap`` is true:
     # ``launch(feeds, previous_handle) -> handle``, ``done(handle) -> bool`` (the device has
-    # finished it) and ``collect(handle) -> (tokens, seconds)``.
+    # finished it) and ``collect(handle) -> (tokens, seconds, logprobs)``.
 
 
 @dataclass(eq=False)
@@ -312,9 +313,9 @@ class WorkerEngine:
         """Waits for a launched step's tokens; its report (``run``'s)."""
         report = launched.report
         if launched.handle is not None:
-            tokens, report.step_duration_s = self.executor.collect(launched.handle)
+            tokens, report.step_duration_s, logprobs = self.executor.collect(launched.handle)
             self.last_step_shape = launched.shape
-            self._take(report, launched.sampled, tokens)
+            self._take(report, launched.sampled, tokens, logprobs)
         return self._seal(launched.plan, report)
 
     def _pending(self, previous: LaunchedStep) -> dict[str, int | None]:
@@ -336,11 +337,11 @@ class WorkerEngine:
         if not feeds:
             return report
         self.kv.wait_ready([f.seq for f in feeds])  # swapped-in jobs run once their blocks are back
-        tokens, report.step_duration_s = self.executor.execute(feeds)
+        tokens, report.step_duration_s, logprobs = self.executor.execute(feeds)
         self.last_step_shape = self._count(report, feeds)
         sampled = [f for f in feeds if f.samples]
         self._computed(feeds)
-        self._take(report, sampled, tokens)
+        self._take(report, sampled, tokens, logprobs)
         return report
 
     def _computed(self, feeds: list[Feed]) -> None:
@@ -362,18 +363,21 @@ class WorkerEngine:
         report.num_decode_tokens = len(feeds) - len(lens)
         return report.num_seqs, report.num_context_tokens, lens, starts
 
-    def _take(self, report: StepReport, sampled: list[Feed], tokens: list[int]) -> None:
-        """Appends each sampled token to its sequence. A sequence gone since the step was
-        launched (it finished at the step before, whose tokens were still on the device) has
-        its token dropped: the synchronous engine would not have fed it."""
-        for feed, token in zip(sampled, tokens, strict=True):
+    def _take(self, report: StepReport, sampled: list[Feed], tokens: list[int],
+              logprobs: list[TokenLogprobs | None] | None = None) -> None:
+        """Appends each sampled token (with its logprobs, where its params ask) to its
+        sequence. A sequence gone since the step was launched (it finished at the step before,
+        whose tokens were still on the device) has its token dropped: the synchronous engine
+        would not have fed it."""
+        for i, (feed, token) in enumerate(zip(sampled, tokens, strict=True)):
             seq = feed.seq
+            token_logprobs = logprobs[i] if logprobs is not None else None
             if self.seqs.get(seq.job_id) is seq:
-                report.outputs.append(self._append(seq, token))
+                report.outputs.append(self._append(seq, token, token_logprobs))
             elif (held := self._handed_back.pop(seq.job_id, None)) is not None and held[0] is seq:
                 # Refused by the step launched behind this one: its token comes first, and a
                 # token that ends it means the synchronous engine never fed it again to refuse.
-                output = self._append(seq, token, release=False)
+                output = self._append(seq, token, token_logprobs, release=False)
                 report.outputs.append(output)
                 if output.finish_reason is not None:
                     held[1].refused.remove(held[2])
@@ -418,7 +422,8 @@ class WorkerEngine:
         report.refused.append(Refusal(seq.job_id, what, reason))
         self._release(seq)
 
-    def _append(self, seq: Sequence, token: int, *, release: bool = True) -> JobOutput:
+    def _append(self, seq: Sequence, token: int, logprobs: TokenLogprobs | None = None, *,
+                release: bool = True) -> JobOutput:
         can_stop = seq.sampling.can_stop(seq.num_generated)  # the sampler's min_tokens rule
         seq.token_ids.append(token)
         seq.num_generated += 1
@@ -428,7 +433,8 @@ class WorkerEngine:
             reason = FinishReason.STOP
         elif seq.num_generated >= seq.sampling.max_tokens or seq.num_tokens >= self.max_model_len:
             reason = FinishReason.LENGTH
-        output = JobOutput(seq.job_id, [token], reason, seq.num_tokens)
+        output = JobOutput(seq.job_id, [token], reason, seq.num_tokens,
+                           [logprobs] if logprobs is not None else None)
         if reason is not None and release:
             self._release(seq, finished=True)
         return output

@@ -36,7 +36,7 @@ class LatencyExecutor:
     def release(self, job_id: str) -> None:
         pass
 
-    def execute(self, feeds: list[Feed]) -> tuple[list[int], float]:
+    def execute(self, feeds: list[Feed]) -> tuple[list[int], float, None]:
         lens = [f.num_tokens for f in feeds if f.num_tokens > 1]
         starts = [f.start for f in feeds if f.num_tokens > 1]
         context = sum(f.start + f.num_tokens for f in feeds)
@@ -46,7 +46,7 @@ class LatencyExecutor:
             if f.samples:
                 target = self.target_lengths.get(f.seq.job_id)
                 tokens.append(EOS_TOKEN_ID if target is not None and f.seq.num_generated + 1 >= target else 0)
-        return tokens, duration
+        return tokens, duration, None
 
 
 def virtual_worker(*, num_device_blocks: int, block_size: int, max_model_len: int,

@@ -13,6 +13,7 @@ import time
 
 import torch
 
+from alise.core.commands import TokenLogprobs
 from alise.worker.engine import Feed, WorkerEngine
 from alise.worker.kv_manager import KvManager
 from alise.worker.model.chunk import SeqChunk
@@ -33,22 +34,28 @@ class ModelExecutor(OverlappedSteps):
     def release(self, job_id: str) -> None:
         self.runner.release(job_id)
 
-    def execute(self, feeds: list[Feed]) -> tuple[list[int], float]:
+    def execute(self, feeds: list[Feed]) -> tuple[list[int], float, list[TokenLogprobs | None] | None]:
         start = time.perf_counter()
         # A chunk that stops short of its sequence's end needs no logits (nothing is sampled).
         chunks = [SeqChunk(f.token_ids, f.start, f.seq.block_table, needs_logits=f.samples) for f in feeds]
         logits = self.runner.execute(chunks, seq_ids=[f.seq.job_id for f in feeds])
         rows = [i for i, f in enumerate(feeds) if f.samples]
         tokens: list[int] = []
+        logprobs = None
         if rows:
             if logits.shape[0] != len(rows):  # a runner that returns every chunk's row
                 logits = logits.index_select(0, torch.tensor(rows, device=logits.device))
             sampled = [feeds[i] for i in rows]
-            tokens = self.sampler.sample(logits, [f.seq.sampling for f in sampled],
-                                         [f.seq.generator for f in sampled], histories(sampled))
+            params = [f.seq.sampling for f in sampled]
+            ids = self.sampler.sample_ids(logits, params, [f.seq.generator for f in sampled],
+                                          histories=histories(sampled))
+            on_device = self.sampler.logprobs(logits, params, ids)
+            tokens = ids.tolist()
+            # Queued before the ids were read: the device has computed them already.
+            logprobs = on_device.unpack(on_device.packed.cpu()) if on_device is not None else None
         elif logits.device.type == "cuda":
             torch.cuda.current_stream(logits.device).synchronize()  # the step's time includes its work
-        return tokens, time.perf_counter() - start
+        return tokens, time.perf_counter() - start, logprobs
 
 
 def make_worker_engine(runner, *, eos_token_id: int | None, max_model_len: int,

@@ -3,10 +3,10 @@
 The synchronous step reads its sampled ids back with ``.tolist()``, so the device idles while
 the worker builds the report, takes the next plan and prepares the next step. With overlap
 (``alise worker --async-steps``), :meth:`OverlappedSteps.launch` queues a step's forward and
-sampling on the device and starts an asynchronous copy of its sampled ids into a pinned host
-buffer (:class:`SampledIds`), returning at once; the next step is launched behind it, its
-decode rows taking their input ids on the device from the step before (:class:`TokenGather`);
-only then does :meth:`OverlappedSteps.collect` wait for the first step's ids.
+sampling on the device and starts an asynchronous copy of its sampled ids (with the logprobs
+of the rows that ask) into pinned host buffers (:class:`SampledIds`), returning at once; the
+next step is launched behind it, its decode rows taking their input ids on the device from
+the step before (:class:`TokenGather`); only then does :meth:`OverlappedSteps.collect` wait for the first step's ids.
 
 NOTE: nothing in a launch may wait for the device's queue, or the overlap is lost: every
 host-to-device copy goes through pinned memory, non-blocking (:class:`PinnedUploads`; a pageable
@@ -27,8 +27,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from alise.core.commands import TokenLogprobs
 from alise.worker.model.chunk import SeqChunk
-from alise.worker.model.sampler import History
+from alise.worker.model.sampler import History, Logprobs
 
 
 def histories(feeds: list) -> list[History | None] | None:
@@ -107,6 +108,10 @@ class SampledIds:
     #: CUDA: events around the step's work on the stream; CPU: perf_counter at launch and return.
     started: object
     ended: object
+    #: The rows' logprobs where one asked (``Sampler.logprobs``), and the host buffer their
+    #: copy fills before ``ready`` fires, with the ids'.
+    logprobs: Logprobs | None = None
+    logprobs_host: torch.Tensor | None = None
 
     def tokens(self) -> list[int]:
         if self.ids is None:
@@ -114,6 +119,12 @@ class SampledIds:
         if self.ready is not None:
             self.ready.synchronize()
         return self.host.tolist()
+
+    def token_logprobs(self) -> list[TokenLogprobs | None] | None:
+        """Read after :meth:`tokens` (which waited for the copy)."""
+        if self.logprobs is None:
+            return None
+        return self.logprobs.unpack(self.logprobs_host)
 
     def seconds(self) -> float:
         """The step's own time: on CUDA between its events on the stream (it starts when the
@@ -166,13 +177,15 @@ class OverlappedSteps:
         logits = self.runner.execute(chunks, gather=gather, upload=upload)
         sampled = [f for f in feeds if f.samples]
         seqs = [f.seq for f in sampled]
-        ids = host = ready = None
+        ids = host = ready = logprobs = logprobs_host = None
         if seqs:
             # A penalized row's last token may still be on the device, in ``previous.ids``:
             # the sampler counts it there (``History.pending_row``), so no step waits for it.
-            ids = self.sampler.sample_ids(logits, [s.sampling for s in seqs], [s.generator for s in seqs],
+            params = [s.sampling for s in seqs]
+            ids = self.sampler.sample_ids(logits, params, [s.generator for s in seqs],
                                           upload=upload, histories=histories(sampled),
                                           pending_ids=previous.ids if previous is not None else None)
+            logprobs = self.sampler.logprobs(logits, params, ids, upload)
             self._flip = 1 - getattr(self, "_flip", 0)
             buffer = buffers[self._flip]
             if buffer.numel() < len(seqs):
@@ -180,10 +193,16 @@ class OverlappedSteps:
                                                            pin_memory=buffer.is_pinned())
             host = buffer[:len(seqs)]
             host.copy_(ids, non_blocking=True)
+            if logprobs is not None:
+                # Pinned blocks come from torch's caching host allocator, which reuses one only
+                # once the copies it was recorded with have run.
+                logprobs_host = torch.empty(logprobs.packed.shape, dtype=torch.float64,
+                                            pin_memory=buffer.is_pinned())
+                logprobs_host.copy_(logprobs.packed, non_blocking=True)
             if self.runner.device.type == "cuda":
                 ready = torch.cuda.Event()
                 ready.record()
-        return SampledIds(ids, host, ready, started, self._clock())
+        return SampledIds(ids, host, ready, started, self._clock(), logprobs, logprobs_host)
 
     @staticmethod
     def done(launched: SampledIds) -> bool:
@@ -191,7 +210,7 @@ class OverlappedSteps:
         return isinstance(launched.ended, float) or launched.ended.query()
 
     @staticmethod
-    def collect(launched: SampledIds) -> tuple[list[int], float]:
-        """Waits for a launched step: its sampled ids (in the order of its sampling feeds) and
-        its seconds."""
-        return launched.tokens(), launched.seconds()
+    def collect(launched: SampledIds) -> tuple[list[int], float, list[TokenLogprobs | None] | None]:
+        """Waits for a launched step: its sampled ids (in the order of its sampling feeds), its
+        seconds and its rows' logprobs (None: no row asked)."""
+        return launched.tokens(), launched.seconds(), launched.token_logprobs()

@@ -14,6 +14,12 @@ batch-mates. Greedy rows (temperature 0, or top_k 1) take the argmax and draw no
 returned Python list is the step's only host sync (``sample_ids`` returns the ids on the
 device, for a step that reads them back later); the adjustments add none: their rows, ids and
 values go up through ``upload``, and an output token still on the device is counted there.
+
+Logprobs (``Sampler.logprobs``) are vLLM's default raw logprobs: the log-softmax of the logits
+the model gave, before every adjustment above, for the rows whose params ask
+(``SamplingParams.logprobs``); a step where none does computes nothing. They come back packed
+with their row's top-k in one float64 tensor on the device (:class:`Logprobs`), which the step
+reads back with its sampled ids.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from alise.core.commands import TokenLogprobs
 from alise.core.sampling import SamplingParams
 
 #: ``upload(values, dtype)``: the values as a tensor on the logits' device.
@@ -61,6 +68,31 @@ class History:
     @property
     def output_ids_on_host(self) -> Sequence[int]:
         return self.token_ids[len(self.token_ids) - self.num_output_on_host:]
+
+
+@dataclass(frozen=True)
+class Logprobs:
+    """A step's logprobs on the device, not read back: ``packed[j]`` is row ``rows[j]``'s
+    sampled-token logprob, then its ``width`` top logprobs, then their ids (float64 holds every
+    id exactly), one tensor so that one copy brings them back. ``counts[j]``: how many of the
+    top entries row ``rows[j]`` asked for (``SamplingParams.logprobs``)."""
+
+    num_rows: int
+    rows: list[int]
+    counts: list[int]
+    width: int
+    packed: torch.Tensor
+
+    def unpack(self, host: torch.Tensor) -> list[TokenLogprobs | None]:
+        """Each row's :class:`TokenLogprobs` (None where it did not ask) from ``packed`` as
+        read back to ``host``."""
+        values = host.tolist()
+        out: list[TokenLogprobs | None] = [None] * self.num_rows
+        width = self.width
+        for row, count, line in zip(self.rows, self.counts, values, strict=True):
+            out[row] = TokenLogprobs(line[0], tuple(int(t) for t in line[1 + width:1 + width + count]),
+                                     tuple(line[1:1 + count]))
+        return out
 
 
 class Sampler:
@@ -123,6 +155,28 @@ class Sampler:
         noise.clamp_(min=torch.finfo(noise.dtype).tiny)
         picks = (probs / noise).argmax(dim=-1)
         return greedy_ids.index_copy(0, rows, picks)
+
+    @staticmethod
+    def logprobs(logits: torch.Tensor, params: list[SamplingParams], ids: torch.Tensor,
+                 upload: Upload | None = None) -> Logprobs | None:
+        """The raw logprobs (the log-softmax of ``logits`` as the model gave them) of the rows
+        that ask: of their sampled ``ids`` and of their most likely tokens. None, with nothing
+        queued, when no row asks."""
+        rows = [i for i, p in enumerate(params) if p.logprobs is not None]
+        if not rows:
+            return None
+        device = logits.device
+        if upload is None:
+            def upload(values, dtype):
+                return torch.tensor(values, dtype=dtype, device=device)
+        counts = [params[i].logprobs for i in rows]
+        width = max(counts)
+        index = upload(rows, torch.int64)
+        logprobs = torch.log_softmax(logits.index_select(0, index).float(), dim=-1)
+        sampled = logprobs.gather(1, ids.index_select(0, index)[:, None])
+        top_logprobs, top_ids = logprobs.topk(width, dim=-1)
+        packed = torch.cat([sampled.double(), top_logprobs.double(), top_ids.double()], dim=1)
+        return Logprobs(len(params), rows, counts, width, packed)
 
     @staticmethod
     def _exponentials(generators: list[torch.Generator | None], like: torch.Tensor) -> torch.Tensor:

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
+from alise.core.commands import TokenLogprobs
 from alise.modelinfo.source import resolve_model
 from alise.worker.config import WorkerConfig
 from alise.worker.engine import Feed, WorkerEngine
@@ -55,17 +56,18 @@ class TpExecutor(ModelExecutor):
         super().__init__(runner, eos_token_id)
         self.tp = tp
 
-    def execute(self, feeds: list[Feed]) -> tuple[list[int], float]:
+    def execute(self, feeds: list[Feed]) -> tuple[list[int], float, list[TokenLogprobs | None] | None]:
         start = time.perf_counter()
         num_sampled = sum(1 for f in feeds if f.samples)
+        logprobs = None  # the driver's report is the worker's: only it needs them
         if self.tp.is_driver:
-            tokens, _ = super().execute(feeds)
+            tokens, _, logprobs = super().execute(feeds)
         else:
             chunks = [SeqChunk(f.token_ids, f.start, f.seq.block_table, needs_logits=f.samples) for f in feeds]
             self.runner.execute(chunks)
             tokens = None
         tokens = self.tp.broadcast_tokens(tokens, num_sampled) if num_sampled else []
-        return tokens, time.perf_counter() - start
+        return tokens, time.perf_counter() - start, logprobs
 
 
 class _LockstepReady:
