@@ -18,10 +18,10 @@ from alise.client.errors import (
     WrongService,
 )
 from alise.client.sync import Client
-from alise.client.types import Chunk, Completion, Conversation, Estimate, Status, Usage
+from alise.client.types import Chunk, Completion, Conversation, Estimate, Status, TokenLogprobs, Usage
 
 __all__ = [
     "DEFAULT_ADDRESS", "AliseError", "AsyncClient", "Cancelled", "Chunk", "Client", "Completion",
-    "Conversation", "DeadlineExceeded", "Estimate", "InvalidRequest", "Overloaded", "Status", "Unauthenticated",
-    "Unavailable", "Usage", "WrongService",
+    "Conversation", "DeadlineExceeded", "Estimate", "InvalidRequest", "Overloaded", "Status", "TokenLogprobs",
+    "Unauthenticated", "Unavailable", "Usage", "WrongService",
 ]

@@ -9,8 +9,14 @@ from google.protobuf.descriptor import FieldDescriptor
 
 from alise.client.channel import MAX_MESSAGE_BYTES
 from alise.client.errors import InvalidRequest
-from alise.client.types import Chunk, Completion, Conversation, Estimate, Status, Usage
-from alise.core.sampling import check_logit_bias, check_min_tokens, check_penalty, check_repetition_penalty
+from alise.client.types import Chunk, Completion, Conversation, Estimate, Status, TokenLogprobs, Usage
+from alise.core.sampling import (
+    check_logit_bias,
+    check_logprobs,
+    check_min_tokens,
+    check_penalty,
+    check_repetition_penalty,
+)
 from alise.v1 import common_pb2, scheduler_pb2
 
 _FINISH = {
@@ -115,7 +121,8 @@ def build_request(prompt: str | Sequence[int], *, max_tokens: int | None, temper
                   conversation: Conversation | None = None,
                   strict_max_tokens: bool = False, presence_penalty: float = 0.0,
                   frequency_penalty: float = 0.0, repetition_penalty: float = 1.0, min_tokens: int = 0,
-                  logit_bias: Mapping[int, float] | None = None) -> scheduler_pb2.GenerateRequest:
+                  logit_bias: Mapping[int, float] | None = None,
+                  logprobs: int | None = None) -> scheduler_pb2.GenerateRequest:
     req = scheduler_pb2.GenerateRequest(request_id=request_id, strict_max_tokens=strict_max_tokens)
     _set(req, "oracle_output_tokens", oracle_output_tokens)
     if isinstance(prompt, str):
@@ -141,6 +148,9 @@ def build_request(prompt: str | Sequence[int], *, max_tokens: int | None, temper
             _set(req.sampling, name, value)
     _set_adjustments(req.sampling, max_tokens, presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
                      repetition_penalty=repetition_penalty, min_tokens=min_tokens, logit_bias=logit_bias)
+    if logprobs is not None:
+        check_logprobs("logprobs", logprobs)
+        req.sampling.logprobs = logprobs
     num_bytes = req.ByteSize()
     if num_bytes > MAX_MESSAGE_BYTES:
         raise InvalidRequest(grpc.StatusCode.INVALID_ARGUMENT,
@@ -161,16 +171,21 @@ def to_chunk(msg: scheduler_pb2.GenerateResponse) -> Chunk:
         estimate = Estimate(e.mean, e.p50, e.p90, e.source)
     if msg.prompt_tokens:
         prompt_tokens = msg.prompt_tokens
+    logprobs = [TokenLogprobs(lp.logprob, tuple(lp.top_ids), tuple(lp.top_logprobs)) for lp in msg.logprobs]
     return Chunk(msg.request_id, list(msg.token_ids), msg.text, msg.index,
-                 _FINISH.get(msg.finish_reason), usage, estimate, prompt_tokens)
+                 _FINISH.get(msg.finish_reason), usage, estimate, prompt_tokens,
+                 logprobs if len(logprobs) == len(msg.token_ids) and logprobs else None)
 
 
 def join_chunks(chunks: list[Chunk]) -> Completion:
     last = chunks[-1]
+    with_tokens = [c for c in chunks if c.token_ids]
+    has_logprobs = bool(with_tokens) and all(c.logprobs is not None for c in with_tokens)
     return Completion(
         request_id=last.request_id, text="".join(c.text for c in chunks),
         token_ids=[t for c in chunks for t in c.token_ids],
-        finish_reason=last.finish_reason or "", usage=last.usage)
+        finish_reason=last.finish_reason or "", usage=last.usage,
+        logprobs=[lp for c in with_tokens for lp in c.logprobs] if has_logprobs else None)
 
 
 def to_status(msg: scheduler_pb2.GetStatusResponse) -> Status:

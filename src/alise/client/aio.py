@@ -74,8 +74,8 @@ class AsyncClient:
                        conversation: Conversation | None = None,
                        strict_max_tokens: bool = False, presence_penalty: float = 0.0,
                        frequency_penalty: float = 0.0, repetition_penalty: float = 1.0,
-                       min_tokens: int = 0, logit_bias: Mapping[int, float] | None = None
-                       ) -> AsyncIterator[Chunk]:
+                       min_tokens: int = 0, logit_bias: Mapping[int, float] | None = None,
+                       logprobs: int | None = None) -> AsyncIterator[Chunk]:
         """Streams the request's chunks; a stream that breaks (UNAVAILABLE) is resumed for up to
         ``resume_timeout_s`` without progress (0: never), every token delivered once. ``token``
         overrides the client's bearer token for this call. ``wait_for_ready``: a request sent
@@ -90,7 +90,10 @@ class AsyncClient:
         adjustments, on the raw logits (greedy too): ``presence_penalty`` and
         ``frequency_penalty`` in [-2, 2], ``repetition_penalty`` > 0 (1: none), ``min_tokens``
         (no stop id or EOS before that many tokens, at most ``max_tokens``) and ``logit_bias``
-        (token id -> bias in [-100, 100], at most 300); a bad value is a ValueError naming it."""
+        (token id -> bias in [-100, 100], at most 300); a bad value is a ValueError naming it.
+        ``logprobs`` (0..20; None: none): each chunk's ``logprobs`` gives every token's raw
+        logprob (vLLM's: the model's log-softmax before the adjustments and temperature) and
+        those of that many most likely tokens."""
         request = build_request(prompt, max_tokens=max_tokens, temperature=temperature,
                                 top_p=top_p, top_k=top_k, seed=seed,
                                 stop_token_ids=stop_token_ids, ignore_eos=ignore_eos,
@@ -98,7 +101,7 @@ class AsyncClient:
                                 min_p=min_p, conversation=conversation,
                                 strict_max_tokens=strict_max_tokens, presence_penalty=presence_penalty,
                                 frequency_penalty=frequency_penalty, repetition_penalty=repetition_penalty,
-                                min_tokens=min_tokens, logit_bias=logit_bias)
+                                min_tokens=min_tokens, logit_bias=logit_bias, logprobs=logprobs)
         resumer = Resumer(request, resume_timeout_s=resume_timeout_s,
                           timeout_s=call_timeout_s(timeout_s, self.timeout_s), wait_for_ready=wait_for_ready)
         metadata = call_metadata(token, self._metadata)

@@ -59,19 +59,19 @@ class Client:
                  on_accepted: Callable[[], None] | None = None,
                  conversation: Conversation | None = None, presence_penalty: float = 0.0,
                  frequency_penalty: float = 0.0, repetition_penalty: float = 1.0, min_tokens: int = 0,
-                 logit_bias: Mapping[int, float] | None = None) -> Iterator[Chunk]:
+                 logit_bias: Mapping[int, float] | None = None, logprobs: int | None = None) -> Iterator[Chunk]:
         """As ``AsyncClient.generate``: a broken stream is resumed, every token delivered once;
         ``wait_for_ready`` waits for a scheduler that does not answer yet; ``on_accepted`` is
         called once when the scheduler has accepted the request, before its first chunk;
         ``conversation`` goes to the length predictor only; the penalties, ``min_tokens`` and
-        ``logit_bias`` are vLLM's (``AsyncClient.generate``)."""
+        ``logit_bias`` are vLLM's, and so are ``logprobs`` (``AsyncClient.generate``)."""
         request = build_request(prompt, max_tokens=max_tokens, temperature=temperature,
                                 top_p=top_p, top_k=top_k, seed=seed,
                                 stop_token_ids=stop_token_ids, ignore_eos=ignore_eos,
                                 request_id=request_id, oracle_output_tokens=oracle_output_tokens,
                                 min_p=min_p, conversation=conversation, presence_penalty=presence_penalty,
                                 frequency_penalty=frequency_penalty, repetition_penalty=repetition_penalty,
-                                min_tokens=min_tokens, logit_bias=logit_bias)
+                                min_tokens=min_tokens, logit_bias=logit_bias, logprobs=logprobs)
         resumer = Resumer(request, resume_timeout_s=resume_timeout_s,
                           timeout_s=call_timeout_s(timeout_s, self.timeout_s), wait_for_ready=wait_for_ready)
         metadata = call_metadata(token, self._metadata)

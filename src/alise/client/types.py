@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from alise.core.commands import TokenLogprobs
+
+__all__ = ["Chunk", "Completion", "Conversation", "Estimate", "Status", "TokenLogprobs", "Usage"]
+
 
 @dataclass(frozen=True)
 class Conversation:
@@ -49,6 +53,10 @@ class Chunk:
     #: On the first chunk only: the length estimate and the prompt's token count.
     estimate: Estimate | None = None
     prompt_tokens: int | None = None
+    #: With ``logprobs=k``: one per token of ``token_ids`` (its logprob and the k most likely
+    #: tokens'). None for a chunk without them: the request did not ask, or a resumed stream
+    #: catching up on tokens made while it was away (the scheduler keeps no logprobs for them).
+    logprobs: list[TokenLogprobs] | None = None
 
 
 @dataclass(frozen=True)
@@ -58,6 +66,8 @@ class Completion:
     token_ids: list[int]
     finish_reason: str
     usage: Usage
+    #: One per token where every chunk with tokens carried its logprobs, else None.
+    logprobs: list[TokenLogprobs] | None = None
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ from alise.core.commands import (
     Shutdown,
     StepPlan,
     StepReport,
+    TokenLogprobs,
     ToWorker,
     Welcome,
 )
@@ -75,6 +76,7 @@ def sampling_from_pb(msg: common_pb2.SamplingParams, default_max_tokens: int) ->
         repetition_penalty=msg.repetition_penalty if msg.HasField("repetition_penalty") else 1.0,
         min_tokens=msg.min_tokens,
         logit_bias=tuple(msg.logit_bias.items()),
+        logprobs=msg.logprobs if msg.HasField("logprobs") else None,
     )
 
 
@@ -95,7 +97,31 @@ def sampling_to_pb(params: SamplingParams) -> common_pb2.SamplingParams:
         msg.repetition_penalty = params.repetition_penalty
     msg.min_tokens = params.min_tokens
     msg.logit_bias.update(params.logit_bias)
+    if params.logprobs is not None:
+        msg.logprobs = params.logprobs
     return msg
+
+
+def logprobs_to_pb(logprobs: list[TokenLogprobs] | None, into) -> None:
+    """Appends ``logprobs`` to a repeated ``TokenLogprobs`` field (a JobOutput's, a
+    GenerateResponse's)."""
+    for lp in logprobs or ():
+        into.add(logprob=lp.logprob, top_ids=lp.top_ids, top_logprobs=lp.top_logprobs)
+
+
+def logprobs_from_pb(repeated, num_tokens: int) -> list[TokenLogprobs] | None:
+    """A repeated ``TokenLogprobs`` field as one entry per token (None when empty); raises
+    WireError when it has entries but not one per token, or an entry's lists differ."""
+    if not repeated:
+        return None
+    if len(repeated) != num_tokens:
+        raise WireError(f"{len(repeated)} logprobs for {num_tokens} tokens")
+    out = []
+    for lp in repeated:
+        if len(lp.top_ids) != len(lp.top_logprobs):
+            raise WireError("a token's top_ids and top_logprobs differ in length")
+        out.append(TokenLogprobs(lp.logprob, tuple(lp.top_ids), tuple(lp.top_logprobs)))
+    return out
 
 
 def to_worker_pb(message: ToWorker) -> worker_pb2.SchedulerMessage:
@@ -187,8 +213,9 @@ def report_to_pb(report: StepReport) -> worker_pb2.WorkerMessage:
         census_job_ids=report.census_job_ids, num_admit_stand_in_tokens=report.num_admit_stand_in_tokens,
         num_resume_stand_in_tokens=report.num_resume_stand_in_tokens)
     for out in report.outputs:
-        pb.outputs.add(job_id=out.job_id, token_ids=out.token_ids,
-                       finish_reason=finish_to_pb(out.finish_reason), num_tokens=out.num_tokens)
+        added = pb.outputs.add(job_id=out.job_id, token_ids=out.token_ids,
+                               finish_reason=finish_to_pb(out.finish_reason), num_tokens=out.num_tokens)
+        logprobs_to_pb(out.logprobs, added.logprobs)
     for r in report.refused:
         pb.refused.add(job_id=r.job_id, command=r.command, reason=r.reason)
     return worker_pb2.WorkerMessage(report=pb)
@@ -203,7 +230,8 @@ def report_from_pb(pb: worker_pb2.StepReport) -> StepReport:
         raise WireError("a step's shape cannot be negative")
     if min(pb.num_admit_stand_in_tokens, pb.num_resume_stand_in_tokens) < 0:
         raise WireError("stand-in tokens cannot be negative")
-    outputs = [JobOutput(o.job_id, list(o.token_ids), finish_from_pb(o.finish_reason), o.num_tokens)
+    outputs = [JobOutput(o.job_id, list(o.token_ids), finish_from_pb(o.finish_reason), o.num_tokens,
+                         logprobs_from_pb(o.logprobs, len(o.token_ids)))
                for o in pb.outputs]
     refused = [Refusal(r.job_id, r.command, r.reason) for r in pb.refused]
     return StepReport(

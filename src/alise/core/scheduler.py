@@ -219,7 +219,7 @@ class SchedulerCore:
             job.output_token_ids.extend(out.token_ids)
             if job.first_token_s is None:
                 job.first_token_s = now_s
-            events.append(TokenEvent(job.job_id, list(out.token_ids), index, out.finish_reason))
+            events.append(TokenEvent(job.job_id, list(out.token_ids), index, out.finish_reason, out.logprobs))
             if out.finish_reason is not None:
                 strike(view.in_flight, job.job_id)
                 self._finish(job, out.finish_reason, now_s)

@@ -172,6 +172,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
                                        resumable=item.resumable)
                 response = scheduler_pb2.GenerateResponse(
                     request_id=job.job_id, token_ids=item.token_ids, index=item.index)
+                wire.logprobs_to_pb(item.logprobs, response.logprobs)
                 if first:
                     first = False
                     response.prompt_tokens = job.num_prompt_tokens
