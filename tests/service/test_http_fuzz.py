@@ -79,7 +79,7 @@ def test_generated_bodies_get_clear_answers(live, path, body, good):
     (b'{"prompt": [1, 99999999]}', "outside the vocabulary"),
     (b'{"prompt": "   "}', "prompt is empty"),
     (b'{}', "prompt is required"),
-    (b'{"prompt": "x", "logprobs": 2}', "logprobs are not supported"),
+    (b'{"prompt": "x", "logprobs": 21}', "logprobs must be in [0, 20], got 21"),
 ])
 def test_bad_completion_bodies_are_400_with_a_message(live, content, fragment):
     reply = httpx.post(f"{live.base_url}/v1/completions", content=content, timeout=30,

@@ -35,26 +35,35 @@ def test_a_number_field_that_fits_a_float_is_kept():
     assert parse_request({**BASE[False], "temperature": 10**300}, chat=False).temperature == 1e300
 
 
-@pytest.mark.parametrize("value", [0, 1, 5, False, True])
-def test_completion_logprobs_other_than_null_is_refused(value):
-    # OpenAI's and vLLM's completions answer logprobs: 0 with the sampled tokens' logprobs
-    # (and vLLM reads false as 0): a 200 with "logprobs": null would drop what was asked.
-    error = refusal({"logprobs": value})
-    assert (error.status, error.param, error.code) == (400, "logprobs", "unsupported_parameter")
+@pytest.mark.parametrize("value, expected", [(None, None), (0, 0), (5, 5), (20, 20)])
+def test_a_completions_logprobs_is_the_number_of_most_likely_tokens(value, expected):
+    # vLLM's and OpenAI's: logprobs 0 still asks for the sampled tokens' logprobs; null for none.
+    assert parse_request({**BASE[False], "logprobs": value}, chat=False).logprobs == expected
 
 
-@pytest.mark.parametrize("value", [None, False, 0])
-def test_chat_logprobs_false_asks_for_nothing(value):
-    # A chat's logprobs is a boolean: false (or 0, which vLLM reads as false) is its neutral.
-    assert parse_request({**BASE[True], "logprobs": value}, chat=True).messages
+@pytest.mark.parametrize("body, expected", [
+    ({"logprobs": None}, None), ({"logprobs": False}, None), ({"logprobs": 0}, None),
+    ({"logprobs": False, "top_logprobs": 0}, None), ({"logprobs": True}, 0),
+    ({"logprobs": True, "top_logprobs": 3}, 3), ({"logprobs": 1, "top_logprobs": 20}, 20)])
+def test_a_chats_logprobs_is_a_boolean_with_top_logprobs(body, expected):
+    assert parse_request({**BASE[True], **body}, chat=True).logprobs == expected
 
 
-def test_chat_logprobs_true_is_refused():
-    assert refusal({"logprobs": True}, chat=True).param == "logprobs"
-
-
-def test_completion_logprobs_null_is_accepted():
-    assert parse_request({**BASE[False], "logprobs": None}, chat=False).prompt == "hi"
+@pytest.mark.parametrize("body, chat, param, fragment", [
+    ({"logprobs": 21}, False, "logprobs", "logprobs must be in [0, 20], got 21"),
+    ({"logprobs": -1}, False, "logprobs", "logprobs must be in [0, 20], got -1"),
+    ({"logprobs": True}, False, "logprobs", "logprobs must be an integer"),
+    ({"logprobs": 2.5}, False, "logprobs", "logprobs must be an integer"),
+    ({"top_logprobs": 2}, False, "top_logprobs", "top_logprobs is a chat field"),
+    ({"logprobs": True, "top_logprobs": 21}, True, "top_logprobs", "top_logprobs must be in [0, 20], got 21"),
+    ({"logprobs": True, "top_logprobs": -1}, True, "top_logprobs", "top_logprobs must be in [0, 20]"),
+    ({"top_logprobs": 2}, True, "top_logprobs", "top_logprobs needs logprobs: true"),
+    ({"logprobs": 2}, True, "logprobs", "logprobs must be a boolean, got 2"),
+    ({"logprobs": "yes"}, True, "logprobs", "logprobs must be a boolean"),
+])
+def test_a_bad_logprobs_is_400_naming_the_field(body, chat, param, fragment):
+    error = refusal(body, chat=chat)
+    assert (error.status, error.param) == (400, param) and fragment in error.message, error.message
 
 
 @pytest.mark.parametrize("options", [{"include_usage": "yes"}, {"continuous_usage_stats": 1}])

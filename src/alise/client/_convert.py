@@ -185,7 +185,7 @@ def join_chunks(chunks: list[Chunk]) -> Completion:
         request_id=last.request_id, text="".join(c.text for c in chunks),
         token_ids=[t for c in chunks for t in c.token_ids],
         finish_reason=last.finish_reason or "", usage=last.usage,
-        logprobs=[lp for c in with_tokens for lp in c.logprobs] if has_logprobs else None)
+        logprobs=[lp for c in with_tokens for lp in c.logprobs or ()] if has_logprobs else None)
 
 
 def to_status(msg: scheduler_pb2.GetStatusResponse) -> Status:

@@ -34,6 +34,7 @@ from alise.common.batches import InOrderBatches, outcome
 from alise.common.logs import preview, request_id_var
 from alise.http.chat import ChatRenderer, check_length
 from alise.http.errors import ApiError, bad_request
+from alise.http.logprobs import LogprobShaper, token_texts
 from alise.http.protocol import SURROGATE_ESCAPE, GenerationRequest, lone_surrogate_at, parse_request
 from alise.http.relay import Relay, send_json
 from alise.http.shapes import Facts, Shaper
@@ -121,7 +122,7 @@ class CompletionEndpoint:
         request_id_var.set(uuid.uuid4().hex)
         token = bearer_token(request)
         try:
-            req, prompt, model_name, request_id = await self._prepare(request, token)
+            req, prompt, served, request_id = await self._prepare(request, token)
         except (ApiError, AliseError) as exc:
             error = exc if isinstance(exc, ApiError) else self.door.api_error(exc)
             self.door.refusals.log(logging.INFO, "refused: %d %s", error.status, preview(error.message))
@@ -129,8 +130,10 @@ class CompletionEndpoint:
             await send_json(send, error.status, error.body(), error.headers())
             return
         facts = Facts(request_id)
-        shaper = Shaper(chat=self.chat, request_id=request_id, model=model_name,
-                        return_token_ids=req.return_token_ids, alise_stats=req.alise_stats)
+        logprobs = None if req.logprobs is None else LogprobShaper(
+            chat=self.chat, num_top=req.logprobs, text_of=token_texts(served.renderer.counter))
+        shaper = Shaper(chat=self.chat, request_id=request_id, model=served.name,
+                        return_token_ids=req.return_token_ids, alise_stats=req.alise_stats, logprobs=logprobs)
         relay = Relay(self.door, req, prompt, shaper, facts, token, arrival_s)
         await self._race(relay, send, receive)
         self.door.metrics.requests.labels(self.route, str(relay.status)).inc()
@@ -162,10 +165,10 @@ class CompletionEndpoint:
             # scheduler would first go through the one connection every request shares.
             if isinstance(req.prompt, str) and len(req.prompt) > max_text_chars(served.max_model_len):
                 raise bad_request(text_too_long(len(req.prompt), served.max_model_len), param="prompt")
-            return req, req.prompt, served.name, request_id
+            return req, req.prompt, served, request_id
         check_length(req.messages, served.max_model_len)
         prompt, conversation = await self.renders.run((served.renderer, req))
-        return dataclasses.replace(req, conversation=conversation), prompt, served.name, request_id
+        return dataclasses.replace(req, conversation=conversation), prompt, served, request_id
 
     async def _race(self, relay: Relay, send, receive) -> None:
         """Runs the relay until it ends, the client leaves (which cancels the gRPC call) or the

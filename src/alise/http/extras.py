@@ -25,7 +25,6 @@ REFUSED: dict[str, tuple[tuple, str]] = {
     # OpenAI's own
     "n": ((1,), "n must be 1: one choice per request (send several requests instead)"),
     "best_of": ((1,), "best_of must be 1: one choice per request"),
-    "top_logprobs": ((0,), "top_logprobs are not supported"),
     "echo": ((False,), "echo is not supported"),
     "suffix": (("",), "suffix is not supported"),
     "tools": (([],), "tools are not supported"),
@@ -86,15 +85,14 @@ REFUSED: dict[str, tuple[tuple, str]] = {
 
 #: Where an endpoint's neutral value differs (chat: True). vLLM adds special tokens to a
 #: completion's prompt (as the scheduler does) but not to a rendered chat, whose template placed
-#: them. A chat's ``logprobs`` is a boolean, false its neutral; a completion's is how many
-#: alternatives to list beside the sampled token's logprob, so 0 (which vLLM also reads false
-#: as) still asks for the sampled tokens' logprobs: only null asks for nothing.
+#: them. ``top_logprobs`` is a chat field (a completion's ``logprobs`` is its count); ``logprobs``
+#: itself is parsed in ``protocol`` for both.
 _BY_ENDPOINT: dict[bool, dict[str, tuple[tuple, str]]] = {
     False: {"add_special_tokens": ((True,), "add_special_tokens must be true for a completion"),
-            "logprobs": ((), "logprobs are not supported (leave it unset)")},
+            "top_logprobs": ((0,), "top_logprobs is a chat field; a completion's logprobs is the number "
+                                   "of most likely tokens to list")},
     True: {"add_special_tokens": ((False,), "add_special_tokens must be false for a chat (its template "
-                                            "places the special tokens)"),
-           "logprobs": ((False, 0), "logprobs are not supported")},
+                                            "places the special tokens)")},
 }
 
 

@@ -5,6 +5,11 @@ cancelled) closes the SDK's stream, which cancels the gRPC call; the scheduler t
 job and frees its KV blocks at the next step. A stop string's tokens count as generated
 (``completion_tokens``), as the model did produce them. The scheduler saw such a request
 cancelled; the door counts it as finished (``HttpMetrics.stopped_by_string``).
+
+With logprobs asked, every piece's tokens carry theirs. A stream the SDK resumed after a
+scheduler restart carries none for the tokens made while it was away (the scheduler keeps
+none): the request then fails (500) rather than answer with tokens missing
+their logprobs.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ from dataclasses import dataclass
 
 import grpc
 
-from alise.client import AliseError, AsyncClient
+from alise.client import AliseError, AsyncClient, TokenLogprobs
 from alise.http.protocol import GenerationRequest
 from alise.http.shapes import FINISH_REASONS, Facts
 from alise.http.stops import StopStrings
@@ -25,6 +30,7 @@ class Piece:
     text: str
     token_ids: list[int]
     finish_reason: str | None = None   # OpenAI's, on the last piece only
+    logprobs: list[TokenLogprobs] | None = None   # one per token, when the request asked
 
 
 async def pieces(client: AsyncClient, req: GenerationRequest, prompt: str | list[int], facts: Facts, *,
@@ -42,7 +48,7 @@ async def pieces(client: AsyncClient, req: GenerationRequest, prompt: str | list
         timeout_s=timeout_s, token=token, wait_for_ready=True, on_accepted=on_accepted,
         conversation=req.conversation, strict_max_tokens=True, presence_penalty=req.presence_penalty,
         frequency_penalty=req.frequency_penalty, repetition_penalty=req.repetition_penalty,
-        min_tokens=req.min_tokens, logit_bias=req.logit_bias)
+        min_tokens=req.min_tokens, logit_bias=req.logit_bias, logprobs=req.logprobs)
     try:
         async for chunk in stream:
             if chunk.prompt_tokens is not None:
@@ -50,18 +56,23 @@ async def pieces(client: AsyncClient, req: GenerationRequest, prompt: str | list
             if chunk.estimate is not None:
                 facts.estimate = chunk.estimate
             facts.completion_tokens += len(chunk.token_ids)
+            if req.logprobs is not None and chunk.token_ids and chunk.logprobs is None:
+                raise AliseError(grpc.StatusCode.INTERNAL, f"the logprobs of tokens {chunk.index} to "
+                                 f"{chunk.index + len(chunk.token_ids) - 1} were lost (the scheduler restarted "
+                                 "while they were made); retry the request")
             text = stops.feed(chunk.text)
             if stops.matched:
                 facts.stopped_by_string = True
-                yield Piece(text, chunk.token_ids, "stop")
+                yield Piece(text, chunk.token_ids, "stop", chunk.logprobs)
                 return
             if chunk.finish_reason is not None:
                 facts.usage = chunk.usage
                 if chunk.usage is not None:
                     facts.completion_tokens = chunk.usage.completion_tokens
-                yield Piece(text + stops.flush(), chunk.token_ids, FINISH_REASONS[chunk.finish_reason])
+                yield Piece(text + stops.flush(), chunk.token_ids, FINISH_REASONS[chunk.finish_reason],
+                            chunk.logprobs)
                 return
-            yield Piece(text, chunk.token_ids)
+            yield Piece(text, chunk.token_ids, logprobs=chunk.logprobs)
         raise AliseError(grpc.StatusCode.INTERNAL, "the scheduler's stream ended without a finish reason")
     finally:
         await stream.aclose()

@@ -22,7 +22,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from alise.client import Conversation
-from alise.core.sampling import check_logit_bias, check_min_tokens, check_penalty, check_repetition_penalty
+from alise.core.sampling import (
+    MAX_LOGPROBS,
+    check_logit_bias,
+    check_min_tokens,
+    check_penalty,
+    check_repetition_penalty,
+)
 from alise.http.errors import bad_request
 from alise.http.extras import refuse_unsupported
 
@@ -75,6 +81,9 @@ class GenerationRequest:
     repetition_penalty: float
     min_tokens: int
     logit_bias: dict[int, float]
+    #: The most likely tokens to list beside each output token's logprob (a completion's
+    #: ``logprobs``, a chat's ``top_logprobs`` with ``logprobs: true``); None: no logprobs.
+    logprobs: int | None
     #: chat: the conversation the request continues, for the length estimate (set once rendered)
     conversation: Conversation | None = None
 
@@ -295,6 +304,24 @@ def lone_surrogate_at(body: Any) -> str | None:
     return None
 
 
+def _logprobs(body: Mapping, chat: bool) -> int | None:
+    """A completion's ``logprobs`` (0..20: the sampled token's logprob and that many most likely
+    tokens'; vLLM's ``max_logprobs``); a chat's ``logprobs`` (a boolean) with ``top_logprobs``
+    (0..20, which needs ``logprobs: true``, as vLLM and OpenAI refuse it alone)."""
+    if not chat:
+        return _int(body, "logprobs", 0, MAX_LOGPROBS)
+    # vLLM reads a chat's logprobs 0 and 1 as false and true.
+    asked = _typed(body, "logprobs", (bool, int), "a boolean")
+    if asked is not None and not isinstance(asked, bool) and asked not in (0, 1):
+        raise bad_request(f"logprobs must be a boolean, got {asked}", param="logprobs")
+    top = _int(body, "top_logprobs", 0, MAX_LOGPROBS)
+    if not asked:
+        if top:
+            raise bad_request("top_logprobs needs logprobs: true", param="top_logprobs")
+        return None
+    return top or 0
+
+
 def parse_request(body: Any, *, chat: bool) -> GenerationRequest:
     """Raises ApiError (400) naming the first field that cannot be used."""
     if not isinstance(body, dict):
@@ -333,4 +360,4 @@ def parse_request(body: Any, *, chat: bool) -> GenerationRequest:
         presence_penalty=_penalty(body, "presence_penalty", 0.0),
         frequency_penalty=_penalty(body, "frequency_penalty", 0.0),
         repetition_penalty=_penalty(body, "repetition_penalty", 1.0),
-        min_tokens=_min_tokens(body, max_tokens), logit_bias=_logit_bias(body))
+        min_tokens=_min_tokens(body, max_tokens), logit_bias=_logit_bias(body), logprobs=_logprobs(body, chat))

@@ -109,18 +109,19 @@ class Relay:
         await send_json(send, error.status, error.body(), error.headers())
 
     async def _whole(self, piece: Piece, stream, send) -> None:
-        texts, ids = [piece.text], list(piece.token_ids)
+        texts, ids, logprobs = [piece.text], list(piece.token_ids), list(piece.logprobs or ())
         try:
             while piece.finish_reason is None:
                 piece = await anext(stream)
                 texts.append(piece.text)
                 ids.extend(piece.token_ids)
+                logprobs.extend(piece.logprobs or ())
         except AliseError as exc:
             await self.refuse(send, self.door.api_error(exc))
             return
         self._finished(piece.finish_reason)
         self.status, self.done = 200, True
-        await send_json(send, 200, self.shaper.whole("".join(texts), ids, piece.finish_reason, self.facts),
+        await send_json(send, 200, self.shaper.whole("".join(texts), ids, piece.finish_reason, self.facts, logprobs),
                         {"x-request-id": self.facts.request_id})
 
     def _finished(self, finish_reason: str) -> None:
@@ -173,7 +174,8 @@ class Relay:
                         await self._event(send, sse(shaper.role_chunk(req.include_usage)))
                         role_pending = False
                     await self._event(send, sse(shaper.chunk(piece.text, piece.token_ids, piece.finish_reason,
-                                                             self.facts, req.include_usage, req.continuous_usage)))
+                                                             self.facts, req.include_usage, req.continuous_usage,
+                                                             piece.logprobs)))
                 if piece.finish_reason is not None:
                     break
                 piece = await anext(stream)

@@ -4,6 +4,9 @@ Extensions, only when the request asked for them: ``token_ids`` on each choice
 (``return_token_ids``, as vLLM names it) and an ``alise`` object on the last chunk or the whole
 response (``alise_stats``): the scheduler's length estimate and the request's queue and
 preemption facts.
+
+With logprobs asked, each choice's ``logprobs`` is its tokens' (``alise.http.logprobs``), in a
+whole response all of them, in a streamed chunk that chunk's; null otherwise.
 """
 
 from __future__ import annotations
@@ -12,7 +15,8 @@ import json
 import time
 from dataclasses import dataclass
 
-from alise.client import Estimate, Usage
+from alise.client import Estimate, TokenLogprobs, Usage
+from alise.http.logprobs import LogprobShaper
 
 #: The SDK's finish reasons -> OpenAI's ("abort" is vLLM's word for a request the server ended).
 FINISH_REASONS = {"stop": "stop", "length": "length", "aborted": "abort"}
@@ -50,8 +54,9 @@ class Shaper:
     """Builds one request's response objects (completion or chat, streamed or whole)."""
 
     def __init__(self, *, chat: bool, request_id: str, model: str, return_token_ids: bool,
-                 alise_stats: bool) -> None:
+                 alise_stats: bool, logprobs: LogprobShaper | None = None) -> None:
         self.chat = chat
+        self.logprobs = logprobs
         self.id = ("chatcmpl-" if chat else "cmpl-") + request_id
         self.model = model
         self.created = int(time.time())
@@ -62,7 +67,16 @@ class Shaper:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model,
                 "choices": choices}
 
-    def _choice(self, text: str, token_ids: list[int], finish_reason: str | None, *, whole: bool) -> dict:
+    def _choice(self, text: str, token_ids: list[int], finish_reason: str | None, *, whole: bool,
+                logprobs: list[TokenLogprobs] | None) -> dict:
+        choice = self._text_choice(text, finish_reason, whole=whole)
+        if self.logprobs is not None:
+            choice["logprobs"] = self.logprobs.shape(token_ids, logprobs or [])
+        if self.return_token_ids:
+            choice["token_ids"] = token_ids
+        return choice
+
+    def _text_choice(self, text: str, finish_reason: str | None, *, whole: bool) -> dict:
         if not self.chat:
             choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
         elif whole:
@@ -71,13 +85,12 @@ class Shaper:
         else:
             choice = {"index": 0, "delta": {"content": text} if text else {}, "logprobs": None,
                       "finish_reason": finish_reason}
-        if self.return_token_ids:
-            choice["token_ids"] = token_ids
         return choice
 
-    def whole(self, text: str, token_ids: list[int], finish_reason: str, facts: Facts) -> dict:
+    def whole(self, text: str, token_ids: list[int], finish_reason: str, facts: Facts,
+              logprobs: list[TokenLogprobs] | None = None) -> dict:
         obj = self._envelope("chat.completion" if self.chat else "text_completion",
-                             [self._choice(text, token_ids, finish_reason, whole=True)])
+                             [self._choice(text, token_ids, finish_reason, whole=True, logprobs=logprobs)])
         obj["usage"] = facts.openai_usage()
         if self.alise_stats:
             obj["alise"] = facts.alise()
@@ -94,11 +107,12 @@ class Shaper:
         return obj
 
     def chunk(self, text: str, token_ids: list[int], finish_reason: str | None, facts: Facts,
-              include_usage: bool, continuous_usage: bool = False) -> dict:
+              include_usage: bool, continuous_usage: bool = False,
+              logprobs: list[TokenLogprobs] | None = None) -> dict:
         """One streamed chunk; with ``continuous_usage`` (vLLM's continuous_usage_stats) it
         carries the usage so far, else null when usage was asked for (OpenAI's shape)."""
         obj = self._envelope("chat.completion.chunk" if self.chat else "text_completion",
-                             [self._choice(text, token_ids, finish_reason, whole=False)])
+                             [self._choice(text, token_ids, finish_reason, whole=False, logprobs=logprobs)])
         if continuous_usage:
             obj["usage"] = facts.openai_usage()
         elif include_usage:
