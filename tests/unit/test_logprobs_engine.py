@@ -34,7 +34,7 @@ def admits() -> list[Admit]:
     ]
 
 
-def check(out, raw: torch.Tensor, k: int | None) -> None:
+def check(out, raw: torch.Tensor, k: int | None, tolerance: float = 1e-5) -> None:
     """``out`` (a JobOutput) against the raw logits of its row."""
     if k is None:
         assert out.logprobs is None
@@ -43,13 +43,13 @@ def check(out, raw: torch.Tensor, k: int | None) -> None:
     assert isinstance(lp, TokenLogprobs)
     expected = torch.log_softmax(raw.double(), dim=-1)
     token = out.token_ids[0]
-    assert lp.logprob == pytest.approx(expected[token].item(), abs=1e-5) and lp.logprob <= 0
+    assert lp.logprob == pytest.approx(expected[token].item(), abs=tolerance) and lp.logprob <= 0
     assert len(lp.top_ids) == len(lp.top_logprobs) == k
     assert list(lp.top_logprobs) == sorted(lp.top_logprobs, reverse=True)
-    if k:
-        top = expected.topk(k)
-        assert list(lp.top_logprobs) == pytest.approx(top.values.tolist(), abs=1e-5)
-        assert set(lp.top_ids) == set(top.indices.tolist())
+    if k:  # the k largest values, each its id's (whichever of tied ids comes first)
+        assert list(lp.top_logprobs) == pytest.approx(expected.topk(k).values.tolist(), abs=tolerance)
+        assert list(lp.top_logprobs) == pytest.approx(expected[list(lp.top_ids)].tolist(), abs=tolerance)
+        assert len(set(lp.top_ids)) == k
     if token in lp.top_ids:
         assert lp.top_logprobs[lp.top_ids.index(token)] == lp.logprob
 
@@ -101,17 +101,21 @@ def logprob_outputs(reports):
             for r in reports]
 
 
-@pytest.mark.parametrize("mode", ["eager", "graph-buffers"])
-def test_overlapped_steps_give_the_synchronous_logprobs(loaded, mode):
-    commands = {0: admits()[:2], 2: admits()[2:]}
-    plans, expected = make_plans(make_engine(loaded, "eager"), commands, {})
-    got = run_overlapped(make_engine(loaded, mode), plans, {})
-    assert outputs(got) == outputs(expected)
+def assert_same_logprobs(expected, got, tolerance: float = 1e-5) -> None:
     want, have = logprob_outputs(expected), logprob_outputs(got)
     assert sum(1 for r in have for _, lps in r if lps) > 40
     for step_want, step_have in zip(want, have, strict=True):
         for (job, a), (job_b, b) in zip(step_want, step_have, strict=True):
             assert job == job_b and (a is None) == (b is None)
             for (ids_a, lp_a, top_a), (ids_b, lp_b, top_b) in zip(a or [], b or [], strict=True):
-                assert ids_a == ids_b and lp_a == pytest.approx(lp_b, abs=1e-5)
-                assert top_a == pytest.approx(top_b, abs=1e-5)
+                assert lp_a == pytest.approx(lp_b, abs=tolerance) and top_a == pytest.approx(top_b, abs=tolerance)
+                assert tolerance > 1e-5 or ids_a == ids_b  # a device's tied values may swap ids
+
+
+@pytest.mark.parametrize("mode", ["eager", "graph-buffers"])
+def test_overlapped_steps_give_the_synchronous_logprobs(loaded, mode):
+    commands = {0: admits()[:2], 2: admits()[2:]}
+    plans, expected = make_plans(make_engine(loaded, "eager"), commands, {})
+    got = run_overlapped(make_engine(loaded, mode), plans, {})
+    assert outputs(got) == outputs(expected)
+    assert_same_logprobs(expected, got)
