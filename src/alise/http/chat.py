@@ -30,6 +30,7 @@ from pathlib import Path
 
 from alise.client import Conversation
 from alise.http.errors import bad_request
+from alise.http.logprobs import token_texts
 from alise.scheduler.request_checks import MAX_PREVIOUS_ANSWERS, max_text_chars, text_too_long
 
 logger = logging.getLogger(__name__)
@@ -51,11 +52,13 @@ def render_plain(messages: list[dict]) -> str:
 
 class ChatRenderer:
     """Renders chat messages with a tokenizer's template, or the plain one without; counts
-    earlier answers' tokens with the served model's tokenizer (``counter``; None: unknown)."""
+    earlier answers' tokens with the served model's tokenizer (``counter``; None: unknown),
+    and writes a token's text for logprobs with it (``token_text``)."""
 
     def __init__(self, tokenizer=None, counter=None) -> None:
         self.tokenizer = tokenizer
         self.counter = tokenizer if counter is None else counter
+        self.token_text = token_texts(self.counter)
 
     @classmethod
     def for_model(cls, model: str | None) -> ChatRenderer:

@@ -34,7 +34,7 @@ from alise.common.batches import InOrderBatches, outcome
 from alise.common.logs import preview, request_id_var
 from alise.http.chat import ChatRenderer, check_length
 from alise.http.errors import ApiError, bad_request
-from alise.http.logprobs import LogprobShaper, token_texts
+from alise.http.logprobs import LogprobShaper
 from alise.http.protocol import SURROGATE_ESCAPE, GenerationRequest, lone_surrogate_at, parse_request
 from alise.http.relay import Relay, send_json
 from alise.http.shapes import Facts, Shaper
@@ -131,7 +131,7 @@ class CompletionEndpoint:
             return
         facts = Facts(request_id)
         logprobs = None if req.logprobs is None else LogprobShaper(
-            chat=self.chat, num_top=req.logprobs, text_of=token_texts(served.renderer.counter))
+            chat=self.chat, num_top=req.logprobs, text_of=served.renderer.token_text)
         shaper = Shaper(chat=self.chat, request_id=request_id, model=served.name,
                         return_token_ids=req.return_token_ids, alise_stats=req.alise_stats, logprobs=logprobs)
         relay = Relay(self.door, req, prompt, shaper, facts, token, arrival_s)

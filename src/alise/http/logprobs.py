@@ -16,6 +16,7 @@ as vLLM's ``return_tokens_as_token_ids`` names it.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 from alise.client import TokenLogprobs
@@ -25,10 +26,12 @@ MIN_LOGPROB = -9999.0
 
 
 def token_texts(tokenizer) -> Callable[[int], str]:
-    """How a token id is written: its decoding alone, or ``token_id:<id>`` without a tokenizer."""
+    """How a token id is written: its decoding alone, or ``token_id:<id>`` without a tokenizer.
+    A tokenizer's texts are cached (a request with ``k`` alternatives decodes ``k + 1`` ids a
+    token, on the event loop): call this once per tokenizer."""
     if tokenizer is None:
         return lambda token_id: f"token_id:{token_id}"
-    return lambda token_id: tokenizer.decode([token_id])
+    return functools.lru_cache(maxsize=1 << 16)(lambda token_id: tokenizer.decode([token_id]))
 
 
 def _ranked(token_id: int, logprobs: TokenLogprobs) -> list[tuple[int, float]]:
