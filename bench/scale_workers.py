@@ -56,8 +56,8 @@ async def virtual_worker(args: argparse.Namespace) -> None:
 
         def execute(self, feeds):
             time.sleep(args.step_ms / 1e3)
-            tokens, _ = super().execute(feeds)
-            return tokens, args.step_ms / 1e3
+            tokens, _, logprobs = super().execute(feeds)
+            return tokens, args.step_ms / 1e3, logprobs
 
     model = resolve_model(None)
     engine = make_engine(num_device_blocks=4096, block_size=16, max_model_len=2048, latency=LatencyModel())
