@@ -68,7 +68,7 @@ async def serve(args) -> None:
             context = sum(f.start + f.num_tokens for f in feeds)
             time.sleep(args.scale * latency.step_s(len(feeds), context, lens, starts))
             tokens = [rng.randrange(vocab) for f in feeds if f.samples]
-            return tokens, time.perf_counter() - started
+            return tokens, time.perf_counter() - started, None
 
     engine = virtual_worker(num_device_blocks=args.num_device_blocks, block_size=16,
                             max_model_len=args.max_model_len, latency=latency)
