@@ -27,10 +27,12 @@ import hashlib
 import json
 import random
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from alise.core.blocks import WorkerCapacity
 from alise.core.build import make_core
+from alise.core.commands import Admit
 from alise.core.config import SchedulingConfig
 from alise.core.job import Job, LengthEstimate
 from alise.core.latency_model import LatencyModel
@@ -132,7 +134,11 @@ class Driver:
             plan = core.schedule(worker_id, self.now_s, census=tick % 23 == 0)
             if plan.is_empty:
                 break
-            record = (worker_id, plan.step_id, plan.commands, sorted(plan.chunks.items()), plan.run_step)
+            # An admit's sampling as its max_tokens, the one field these jobs vary: a field added
+            # to SamplingParams (with a default) changes its repr, not the decision.
+            commands = [replace(c, sampling=c.sampling.max_tokens) if isinstance(c, Admit) else c
+                        for c in plan.commands]
+            record = (worker_id, plan.step_id, commands, sorted(plan.chunks.items()), plan.run_step)
             self.digests.append(hashlib.sha1(repr(record).encode()).hexdigest()[:10])
             self.queues[worker_id].append(plan)
 
