@@ -9,6 +9,7 @@ import json
 
 import httpx
 import pytest
+from cluster_fixtures import cluster
 from http_support import start_live_door, with_chat_template
 
 from alise.client import Client
@@ -122,3 +123,11 @@ def test_the_sdk_returns_each_tokens_logprobs(live):
     assert len(completion.logprobs) == len(completion.token_ids) == 5
     for token_id, lp in zip(completion.token_ids, completion.logprobs, strict=True):
         assert len(lp.top_ids) == 4 and lp.top_ids[0] == token_id and lp.top_logprobs[0] == lp.logprob <= 0
+
+
+async def test_logprobs_survive_the_schedulers_front_process(tiny_llama_dir):
+    async with cluster(str(tiny_llama_dir), streams_process=True) as c, c.client() as client:
+        chunks = [chunk async for chunk in client.generate(PROMPT, max_tokens=4, temperature=0.0, ignore_eos=True,
+                                                           logprobs=1)]
+    assert sum(len(chunk.logprobs) for chunk in chunks) == sum(len(chunk.token_ids) for chunk in chunks) == 4
+    assert all(lp.top_ids == (t,) for chunk in chunks for t, lp in zip(chunk.token_ids, chunk.logprobs, strict=True))
