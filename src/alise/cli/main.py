@@ -249,11 +249,11 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=None, help="sampling seed (default: random)")
     g.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence")
     g.add_argument("--presence-penalty", type=float, default=0.0,
-                   help="minus this on the logit of each token already in the output, in [-2, 2] (default: 0)")
+                   help="minus this on the logit of each token already in the output, in [-2, 2] (default: 0.0)")
     g.add_argument("--frequency-penalty", type=float, default=0.0,
-                   help="minus this times each token's count in the output, in [-2, 2] (default: 0)")
+                   help="minus this times each token's count in the output, in [-2, 2] (default: 0.0)")
     g.add_argument("--repetition-penalty", type=float, default=1.0,
-                   help="vLLM's: > 1 discourages tokens of the prompt and output, < 1 favours them (default: 1)")
+                   help="vLLM's: > 1 discourages tokens of the prompt and output, < 1 favours them (default: 1.0)")
     g.add_argument("--min-tokens", type=int, default=0,
                    help="no stop token or end-of-sequence before this many tokens (default: 0)")
     g.add_argument("--logit-bias", type=_logit_bias, action="append", default=[], metavar="TOKEN_ID=BIAS",
