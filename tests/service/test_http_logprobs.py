@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import json
 
+import grpc
 import httpx
 import pytest
 from cluster_fixtures import cluster
 from http_support import start_live_door, with_chat_template
 
 from alise.client import Client
+from alise.v1 import scheduler_pb2, scheduler_pb2_grpc
 
 CHAT = [{"role": "user", "content": "hi there"}]
 PROMPT = "the sea and the sky"
@@ -131,3 +133,12 @@ async def test_logprobs_survive_the_schedulers_front_process(tiny_llama_dir):
                                                            logprobs=1)]
     assert sum(len(chunk.logprobs) for chunk in chunks) == sum(len(chunk.token_ids) for chunk in chunks) == 4
     assert all(lp.top_ids == (t,) for chunk in chunks for t, lp in zip(chunk.token_ids, chunk.logprobs, strict=True))
+
+
+def test_the_scheduler_refuses_logprobs_out_of_range(live):
+    request = scheduler_pb2.GenerateRequest(text=PROMPT)
+    request.sampling.logprobs = 21  # past the SDK's own check
+    with grpc.insecure_channel(live.address) as channel, pytest.raises(grpc.RpcError) as error:
+        list(scheduler_pb2_grpc.SchedulerServiceStub(channel).Generate(request, timeout=30))
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert error.value.details() == "sampling: logprobs must be an integer in [0, 20], got 21"
