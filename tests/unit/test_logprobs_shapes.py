@@ -23,6 +23,14 @@ def test_a_completion_lists_the_sampled_token_and_the_k_most_likely():
     assert shaper.shape([2], [INSIDE])["text_offset"] == [2]  # after "é" and "a"
 
 
+def test_a_streamed_completions_offsets_start_at_the_text_streamed_before():
+    # vLLM's: a chunk's first offset is the length of the streamed text so far (" a" is 2).
+    shaper = LogprobShaper(chat=False, num_top=0, text_of=TEXTS)
+    assert shaper.shape([1], [INSIDE], " a")["text_offset"] == [0]
+    assert shaper.shape([2, 3], [INSIDE, INSIDE], " bbccc")["text_offset"] == [2, 4]
+    assert shaper.shape([1], [INSIDE], "a")["text_offset"] == [8]
+
+
 def test_a_completions_logprobs_0_lists_the_sampled_token_alone():
     out = LogprobShaper(chat=False, num_top=0, text_of=TEXTS).shape([4], [TokenLogprobs(-3.0)])
     assert out["top_logprobs"] == [{"é": -3.0}]

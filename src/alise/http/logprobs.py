@@ -44,16 +44,22 @@ def _ranked(token_id: int, logprobs: TokenLogprobs) -> list[tuple[int, float]]:
 class LogprobShaper:
     """One choice's ``logprobs`` objects, whole or one per streamed chunk. ``num_top``: the
     alternatives asked for (a completion's ``logprobs``, a chat's ``top_logprobs``). A
-    completion's ``text_offset`` runs on over the chunks: each token's offset is the length of
-    the token texts before it (vLLM's, from 0 with no echo)."""
+    completion's ``text_offset`` is vLLM's (no echo): whole, each token's offset is the length
+    of the token texts before it; streamed, a chunk's first token is at the length of the text
+    streamed before it (``streamed_text``) and the others follow it by their token texts."""
 
     def __init__(self, *, chat: bool, num_top: int, text_of: Callable[[int], str]) -> None:
         self.chat = chat
         self.num_top = num_top
         self.text_of = text_of
         self.offset = 0
+        self.streamed = 0
 
-    def shape(self, token_ids: list[int], logprobs: list[TokenLogprobs]) -> dict:
+    def shape(self, token_ids: list[int], logprobs: list[TokenLogprobs], streamed_text: str | None = None) -> dict:
+        """``streamed_text``: the text of the streamed chunk these tokens make (None: whole)."""
+        if streamed_text is not None:
+            self.offset = self.streamed
+            self.streamed += len(streamed_text)
         if self.chat:
             return {"content": [self._chat_entry(t, lp) for t, lp in zip(token_ids, logprobs, strict=True)]}
         out: dict[str, list] = {"text_offset": [], "token_logprobs": [], "tokens": [], "top_logprobs": []}

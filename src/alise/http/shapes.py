@@ -71,7 +71,7 @@ class Shaper:
                 logprobs: list[TokenLogprobs] | None) -> dict:
         choice = self._text_choice(text, finish_reason, whole=whole)
         if self.logprobs is not None:
-            choice["logprobs"] = self.logprobs.shape(token_ids, logprobs or [])
+            choice["logprobs"] = self.logprobs.shape(token_ids, logprobs or [], None if whole else text)
         if self.return_token_ids:
             choice["token_ids"] = token_ids
         return choice
