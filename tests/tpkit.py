@@ -109,7 +109,9 @@ def engine_plans() -> list:
     prompts = {"a": list(range(1000, 1013)), "b": list(range(2000, 2006)), "c": list(range(3000, 3009))}
     # c comes first and takes block 0, which pads the decode block tables: the torch attention
     # reads it masked, and a job's int8 codes there, read as floats, may be NaN (NaN x 0 is NaN).
-    plans = [StepPlan(0, [Admit("c", prompts["c"], seeded), Admit("a", prompts["a"], greedy),
+    # a asks for logprobs: rank 0 samples, so only its report carries them.
+    with_logprobs = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True, logprobs=3)
+    plans = [StepPlan(0, [Admit("c", prompts["c"], seeded), Admit("a", prompts["a"], with_logprobs),
                           Admit("b", prompts["b"], greedy)], run_step=True, chunks={"a": 8, "b": 6, "c": 9})]
     plans.append(StepPlan(1, run_step=True, chunks={"a": 5}))
     # A dropped job recomputes all its tokens on resume: b's 6, its token of step 0 and one for

@@ -41,6 +41,14 @@ def test_tp2_engine_serves_what_one_device_does(family: str, tmp_path) -> None:
     outputs = [[(o.job_id, o.token_ids) for o in r.outputs] for r in reports]
     assert [[(o.job_id, o.token_ids) for o in r.outputs] for r in tp2["reports"]] == outputs
     assert sum(len(o) for o in outputs) > 40
+    logprobs = [(o.job_id, lp) for r in reports for o in r.outputs for lp in o.logprobs or [None]]
+    tp2_logprobs = [(o.job_id, lp) for r in tp2["reports"] for o in r.outputs for lp in o.logprobs or [None]]
+    assert sum(1 for job_id, lp in logprobs if lp is not None) == sum(1 for job_id, _ in logprobs if job_id == "a")
+    for (_, got), (_, want) in zip(tp2_logprobs, logprobs, strict=True):
+        assert (got is None) == (want is None)
+        if want is not None:  # within the all-reduces' reordering and a's quantized KV
+            assert got.logprob == pytest.approx(want.logprob, abs=1e-2)
+            assert got.top_logprobs == pytest.approx(want.top_logprobs, abs=1e-2)
     assert len(tp2["logits"]) == len(logits)
     # Job a's KV quantized to int8 (steps 7-9) and dequantized (step 10 on), to int4 (15-17).
     first_quantized = 7
