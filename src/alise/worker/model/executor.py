@@ -47,9 +47,10 @@ class ModelExecutor(OverlappedSteps):
                 logits = logits.index_select(0, torch.tensor(rows, device=logits.device))
             sampled = [feeds[i] for i in rows]
             params = [f.seq.sampling for f in sampled]
+            extras = any(p.needs_extras for p in params)  # the one scan of a plain step's rows
             ids = self.sampler.sample_ids(logits, params, [f.seq.generator for f in sampled],
-                                          histories=histories(sampled))
-            on_device = self.sampler.logprobs(logits, params, ids)
+                                          histories=histories(sampled) if extras else None)
+            on_device = self.sampler.logprobs(logits, params, ids) if extras else None
             tokens = ids.tolist()
             # Queued before the ids were read: the device has computed them already.
             logprobs = on_device.unpack(on_device.packed.cpu()) if on_device is not None else None

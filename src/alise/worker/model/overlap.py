@@ -182,10 +182,11 @@ class OverlappedSteps:
             # A penalized row's last token may still be on the device, in ``previous.ids``:
             # the sampler counts it there (``History.pending_row``), so no step waits for it.
             params = [s.sampling for s in seqs]
+            extras = any(p.needs_extras for p in params)  # the one scan of a plain step's rows
             ids = self.sampler.sample_ids(logits, params, [s.generator for s in seqs],
-                                          upload=upload, histories=histories(sampled),
+                                          upload=upload, histories=histories(sampled) if extras else None,
                                           pending_ids=previous.ids if previous is not None else None)
-            logprobs = self.sampler.logprobs(logits, params, ids, upload)
+            logprobs = self.sampler.logprobs(logits, params, ids, upload) if extras else None
             self._flip = 1 - getattr(self, "_flip", 0)
             buffer = buffers[self._flip]
             if buffer.numel() < len(seqs):
