@@ -119,3 +119,12 @@ def test_overlapped_steps_give_the_synchronous_logprobs(loaded, mode):
     got = run_overlapped(make_engine(loaded, mode), plans, {})
     assert outputs(got) == outputs(expected)
     assert_same_logprobs(expected, got)
+
+
+def test_a_vocabulary_smaller_than_k_lists_every_token():
+    logits = torch.randn(2, 5)
+    on_device = Sampler.logprobs(logits, [SamplingParams(logprobs=20), SamplingParams(logprobs=2)],
+                                 torch.tensor([1, 2]))
+    wide, narrow = on_device.unpack(on_device.packed)
+    assert sorted(wide.top_ids) == [0, 1, 2, 3, 4] and len(narrow.top_ids) == 2
+    assert wide.logprob == pytest.approx(torch.log_softmax(logits[0], dim=-1)[1].item(), abs=1e-6)

@@ -169,8 +169,8 @@ class Sampler:
         if upload is None:
             def upload(values, dtype):
                 return torch.tensor(values, dtype=dtype, device=device)
-        counts = [params[i].logprobs for i in rows]
-        width = max(counts)
+        width = min(max(params[i].logprobs for i in rows), logits.shape[-1])  # a vocabulary under 20
+        counts = [min(params[i].logprobs, width) for i in rows]
         index = upload(rows, torch.int64)
         logprobs = torch.log_softmax(logits.index_select(0, index).float(), dim=-1)
         sampled = logprobs.gather(1, ids.index_select(0, index)[:, None])
