@@ -10,6 +10,7 @@ from alise.client import TokenLogprobs
 from alise.client._convert import build_request, join_chunks, to_chunk
 from alise.common import wire
 from alise.core.commands import JobOutput, StepReport
+from alise.core.commands import TokenLogprobs as CoreLogprobs
 from alise.core.sampling import SamplingParams
 from alise.v1 import scheduler_pb2
 
@@ -41,9 +42,10 @@ def test_a_bad_logprobs_is_refused_by_name_before_any_call(value):
 
 
 def test_a_step_report_carries_each_tokens_logprobs():
-    report = StepReport(step_id=3, outputs=[JobOutput("a", [7], None, 5, [LP]), JobOutput("b", [8], None, 6)])
+    lp = CoreLogprobs(LP.logprob, LP.top_ids, LP.top_logprobs)  # the worker's own type on the wire
+    report = StepReport(step_id=3, outputs=[JobOutput("a", [7], None, 5, [lp]), JobOutput("b", [8], None, 6)])
     back = wire.report_from_pb(wire.report_to_pb(report).report)
-    assert back.outputs[0].logprobs == [LP] and back.outputs[1].logprobs is None
+    assert back.outputs[0].logprobs == [lp] and back.outputs[1].logprobs is None
 
 
 def test_a_report_with_logprobs_not_one_per_token_is_a_wire_error():

@@ -4,9 +4,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from alise.core.commands import TokenLogprobs
-
 __all__ = ["Chunk", "Completion", "Conversation", "Estimate", "Status", "TokenLogprobs", "Usage"]
+
+
+@dataclass(frozen=True)
+class TokenLogprobs:
+    """One generated token's log-probability and the most likely tokens of its step (vLLM's raw
+    logprobs: the log-softmax of the model's logits, before penalties and temperature).
+    ``top_ids`` / ``top_logprobs``: the request's ``logprobs`` most likely tokens, most likely
+    first; empty with ``logprobs=0``."""
+
+    logprob: float
+    top_ids: tuple[int, ...] = ()
+    top_logprobs: tuple[float, ...] = ()
 
 
 @dataclass(frozen=True)
