@@ -63,7 +63,7 @@ def _run_in_client_install(site: Path, statement: str) -> subprocess.CompletedPr
 
 def test_the_client_install_has_only_the_client_packages(client_install):
     found = sorted(p.name for p in (client_install / "alise").iterdir() if p.name != "__pycache__")
-    assert found == ["__init__.py", "cli", "client", "v1"]
+    assert found == ["__init__.py", "cli", "client", "sampling_rules.py", "v1"]
     out = _run_in_client_install(client_install, "import importlib.util as u; "
                                  "print(u.find_spec('alise.cluster'), u.find_spec('alise.core'))")
     assert out.stdout.split() == ["None", "None"], out.stderr

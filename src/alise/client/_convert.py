@@ -9,14 +9,14 @@ from google.protobuf.descriptor import FieldDescriptor
 
 from alise.client.channel import MAX_MESSAGE_BYTES
 from alise.client.errors import InvalidRequest
-from alise.client.rules import (
+from alise.client.types import Chunk, Completion, Conversation, Estimate, Status, TokenLogprobs, Usage
+from alise.sampling_rules import (
     check_logit_bias,
     check_logprobs,
     check_min_tokens,
     check_penalty,
     check_repetition_penalty,
 )
-from alise.client.types import Chunk, Completion, Conversation, Estimate, Status, TokenLogprobs, Usage
 from alise.v1 import common_pb2, scheduler_pb2
 
 _FINISH = {
@@ -91,7 +91,7 @@ def _set_adjustments(sampling: common_pb2.SamplingParams, max_tokens: int | None
                      presence_penalty: float, frequency_penalty: float, repetition_penalty: float,
                      min_tokens: int, logit_bias: Mapping[int, float] | None) -> None:
     """vLLM's penalties, ``min_tokens`` and ``logit_bias`` into ``sampling``, checked by the
-    scheduler's rules (``alise.client.rules``; the vocabulary is the scheduler's to check);
+    scheduler's rules (``alise.sampling_rules``; the vocabulary is the scheduler's to check);
     neutral values are left unset."""
     for name, value, neutral in (("presence_penalty", presence_penalty, 0), ("frequency_penalty", frequency_penalty, 0),
                                  ("repetition_penalty", repetition_penalty, 1)):

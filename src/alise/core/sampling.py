@@ -10,7 +10,7 @@ import math
 from dataclasses import dataclass, field
 
 # The rules the SDK checks too, before a call (alise-client ships that module, not this one).
-from alise.client.rules import (
+from alise.sampling_rules import (
     check_logit_bias,
     check_logprobs,
     check_min_tokens,

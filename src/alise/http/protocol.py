@@ -7,7 +7,7 @@ the client unchanged and each rule lives in one place.
 
 JSON ``null`` means "unset" for every field, as OpenAI's clients send it. vLLM's penalties,
 ``min_tokens`` and ``logit_bias`` are checked here by the scheduler's own rules
-(``alise.client.rules``), so the 400 names the field; the logit biases' token ids against the
+(``alise.sampling_rules``), so the 400 names the field; the logit biases' token ids against the
 vocabulary stay the scheduler's. Fields OpenAI or vLLM define that ALISE cannot honour
 (``n > 1``, ``echo``, tools, structured outputs, ...) are refused rather than silently
 dropped (``extras``); fields neither defines are ignored, as vLLM ignores them, so newer
@@ -22,9 +22,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from alise.client import Conversation
-from alise.client.rules import MAX_LOGPROBS, check_logit_bias, check_min_tokens, check_penalty, check_repetition_penalty
 from alise.http.errors import bad_request
 from alise.http.extras import refuse_unsupported
+from alise.sampling_rules import (
+    MAX_LOGPROBS,
+    check_logit_bias,
+    check_min_tokens,
+    check_penalty,
+    check_repetition_penalty,
+)
 
 INT32_MAX = 2**31 - 1
 UINT64_LIMIT = 2**64
@@ -156,7 +162,7 @@ def _int_list(value: Any, name: str) -> list[int]:
 
 
 def _checked(name: str, check: Callable[[], Any]) -> Any:
-    """``check()``'s value, its ValueError (a rule of ``alise.client.rules``) as a 400 naming ``name``."""
+    """``check()``'s value, its ValueError (a rule of ``alise.sampling_rules``) as a 400 naming ``name``."""
     try:
         return check()
     except ValueError as exc:

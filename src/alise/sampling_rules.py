@@ -1,7 +1,8 @@
 """The rules of a request's sampling fields that need no model: one implementation, read by the
 SDK (to refuse a bad argument before the call) and by the scheduler (``alise.core.sampling``,
-which refuses it again from any client). Standard library only: the client-only install ships
-this package and nothing of the server's.
+which refuses it again from any client). Standard library only: the client-only install
+(alise-client) ships this module beside the SDK, and nothing of the server's; the core imports
+it without grpc.
 """
 
 from __future__ import annotations
