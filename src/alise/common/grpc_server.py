@@ -202,15 +202,25 @@ def bind(server: grpc.aio.Server, address: str) -> int:
     return port
 
 
-async def run_until_signal(
-    on_stop: Callable[[], Awaitable[None]],
-    signals: tuple[int, ...] = (signal.SIGINT, signal.SIGTERM),
-) -> None:
-    """Waits for SIGINT/SIGTERM, then awaits ``on_stop`` (the service's drain)."""
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def stop_on_signals(signals: tuple[int, ...] = STOP_SIGNALS) -> asyncio.Event:
+    """An event that SIGINT/SIGTERM set, their handlers installed now. A service asks for it
+    before it starts: a signal that comes while it starts (or between its "listening" line and
+    its wait) then asks for the drain, where the default action would kill the process."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in signals:
         loop.add_signal_handler(sig, stop.set)
+    return stop
+
+
+async def run_until_signal(on_stop: Callable[[], Awaitable[None]], stop: asyncio.Event | None = None) -> None:
+    """Waits for ``stop`` (default: SIGINT/SIGTERM from now on), then awaits ``on_stop`` (the
+    service's drain)."""
+    if stop is None:
+        stop = stop_on_signals()
     await stop.wait()
     logger.info("signal received, draining")
     await on_stop()

@@ -54,9 +54,10 @@ async def serve(config) -> None:
     import gc
     import logging
 
-    from alise.common.grpc_server import run_until_signal
+    from alise.common.grpc_server import run_until_signal, stop_on_signals
     from alise.http.server import start_http
 
+    stop = stop_on_signals()  # before the start: a SIGTERM while it starts drains, never kills
     try:
         server = await start_http(config)
     except OSError as exc:  # the port is taken, the address is not local, ...
@@ -67,7 +68,7 @@ async def serve(config) -> None:
     # again (pauses of the event loop); vLLM's server does the same.
     gc.collect()
     gc.freeze()
-    await run_until_signal(server.stop)
+    await run_until_signal(server.stop, stop)
 
 
 def main(args: argparse.Namespace) -> int:

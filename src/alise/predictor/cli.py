@@ -147,7 +147,7 @@ def main_eval(args) -> int:
 def main_serve(args) -> int:
     """Serves until SIGTERM (exit 0); a bad flag, index or data file: a message, exit 2."""
     from alise.common.entrypoint import bind_failure, refuse_taken_ports
-    from alise.common.grpc_server import run_until_signal
+    from alise.common.grpc_server import run_until_signal, stop_on_signals
     from alise.common.logs import configure_logging
     from alise.predictor.service import start_predictor_server
     from alise.predictor.snapshot import SnapshotError
@@ -155,9 +155,10 @@ def main_serve(args) -> int:
     configure_logging("predictor")
 
     async def run(config: PredictorConfig) -> None:
+        stop = stop_on_signals()  # before the start: a SIGTERM while it starts drains, never kills
         server = await start_predictor_server(config)
         print(f"predictor listening on port {server.port}", flush=True)
-        await run_until_signal(server.stop)
+        await run_until_signal(server.stop, stop)
 
     try:
         config = build_config(PredictorConfig, config_values(args, SERVE_FLAGS),

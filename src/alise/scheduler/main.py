@@ -7,7 +7,7 @@ import asyncio
 import logging
 
 from alise.common.entrypoint import ConfigFlag, add_config_flags, build_config, config_flags, config_values, run_service
-from alise.common.grpc_server import run_until_signal
+from alise.common.grpc_server import run_until_signal, stop_on_signals
 from alise.common.security import add_security_arguments, security_from_args
 from alise.scheduler.config import SchedulerConfig
 
@@ -52,13 +52,14 @@ def config_from_args(args: argparse.Namespace) -> SchedulerConfig:
 async def serve(config: SchedulerConfig) -> int:
     from alise.scheduler.service import start_scheduler
 
+    stop = stop_on_signals()  # before the start: a SIGTERM while it starts drains, never kills
     predict = observe = None
     if config.predictor_address:
         from alise.scheduler.predictor_link import predictor_functions
 
         predict, observe = predictor_functions(config.predictor_address, config.security)
     server = await start_scheduler(config, predict=predict, observe=observe)
-    drained = asyncio.ensure_future(run_until_signal(lambda: server.stop(config.drain_grace_s)))
+    drained = asyncio.ensure_future(run_until_signal(lambda: server.stop(config.drain_grace_s), stop))
     failed = asyncio.ensure_future(server.failed.wait())
     try:
         await asyncio.wait({drained, failed}, return_when=asyncio.FIRST_COMPLETED)
