@@ -60,7 +60,7 @@ class SamplingParams:
     logprobs: int | None = None
     #: Set from the fields above: the sampler needs the tokens so far (a penalty or
     #: ``min_tokens``), and it changes the logits at all (those, or a bias); a step needs more
-    #: for the row than its sampled id (its token history, or its logprobs). Read per row and
+    #: for the row than its plain sampled id (an adjustment, or its logprobs). Read per row and
     #: per step, where most rows ask for none.
     needs_history: bool = field(init=False, repr=False, compare=False)
     adjusts_logits: bool = field(init=False, repr=False, compare=False)
@@ -89,7 +89,7 @@ class SamplingParams:
         check_logprobs("logprobs", self.logprobs)
         object.__setattr__(self, "needs_history", self.has_penalties or self.min_tokens > 0)
         object.__setattr__(self, "adjusts_logits", self.needs_history or bool(self.logit_bias))
-        object.__setattr__(self, "needs_extras", self.needs_history or self.logprobs is not None)
+        object.__setattr__(self, "needs_extras", self.adjusts_logits or self.logprobs is not None)
 
     @property
     def is_greedy(self) -> bool:

@@ -18,7 +18,7 @@ from alise.worker.engine import Feed, WorkerEngine
 from alise.worker.kv_manager import KvManager
 from alise.worker.model.chunk import SeqChunk
 from alise.worker.model.kv_offload import TorchKvMover
-from alise.worker.model.overlap import OverlappedSteps, histories
+from alise.worker.model.overlap import OverlappedSteps, sample_feeds
 from alise.worker.model.sampler import Sampler, make_generator
 
 
@@ -45,12 +45,7 @@ class ModelExecutor(OverlappedSteps):
         if rows:
             if logits.shape[0] != len(rows):  # a runner that returns every chunk's row
                 logits = logits.index_select(0, torch.tensor(rows, device=logits.device))
-            sampled = [feeds[i] for i in rows]
-            params = [f.seq.sampling for f in sampled]
-            extras = any(p.needs_extras for p in params)  # the one scan of a plain step's rows
-            ids = self.sampler.sample_ids(logits, params, [f.seq.generator for f in sampled],
-                                          histories=histories(sampled) if extras else None)
-            on_device = self.sampler.logprobs(logits, params, ids) if extras else None
+            ids, on_device = sample_feeds(self.sampler, logits, [feeds[i] for i in rows])
             tokens = ids.tolist()
             # Queued before the ids were read: the device has computed them already.
             logprobs = on_device.unpack(on_device.packed.cpu()) if on_device is not None else None

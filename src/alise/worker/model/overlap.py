@@ -29,7 +29,7 @@ import torch
 
 from alise.core.commands import TokenLogprobs
 from alise.worker.model.chunk import SeqChunk
-from alise.worker.model.sampler import History, Logprobs
+from alise.worker.model.sampler import History, Logprobs, Sampler, Upload
 
 
 def histories(feeds: list) -> list[History | None] | None:
@@ -40,6 +40,21 @@ def histories(feeds: list) -> list[History | None] | None:
         return None
     return [History(f.seq.token_ids, f.seq.num_generated + (f.source_row is not None), f.source_row)
             if f.seq.sampling.needs_history else None for f in feeds]
+
+
+def sample_feeds(sampler: Sampler, logits: torch.Tensor, sampled: list, upload: Upload | None = None,
+                 pending_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, Logprobs | None]:
+    """The sampled ids of a step's sampling feeds (on the device) and the logprobs of the rows
+    that ask, for both step paths. One scan of the rows (``needs_extras``) decides whether a
+    plain step's sampling does anything beyond its filters and draw: usually it does not.
+    ``pending_ids``: the step before's ids, where an overlapped step's rows have their last
+    token still (``History.pending_row``)."""
+    params = [f.seq.sampling for f in sampled]
+    extras = any(p.needs_extras for p in params)
+    ids = sampler.sample_ids(logits, params, [f.seq.generator for f in sampled], upload=upload,
+                             histories=histories(sampled) if extras else None, pending_ids=pending_ids,
+                             adjust=extras)
+    return ids, sampler.logprobs(logits, params, ids, upload) if extras else None
 
 
 class PinnedUploads:
@@ -176,23 +191,18 @@ class OverlappedSteps:
             gather = TokenGather(both[:len(pairs)], both[len(pairs):], previous.ids)
         logits = self.runner.execute(chunks, gather=gather, upload=upload)
         sampled = [f for f in feeds if f.samples]
-        seqs = [f.seq for f in sampled]
         ids = host = ready = logprobs = logprobs_host = None
-        if seqs:
+        if sampled:
             # A penalized row's last token may still be on the device, in ``previous.ids``:
             # the sampler counts it there (``History.pending_row``), so no step waits for it.
-            params = [s.sampling for s in seqs]
-            extras = any(p.needs_extras for p in params)  # the one scan of a plain step's rows
-            ids = self.sampler.sample_ids(logits, params, [s.generator for s in seqs],
-                                          upload=upload, histories=histories(sampled) if extras else None,
-                                          pending_ids=previous.ids if previous is not None else None)
-            logprobs = self.sampler.logprobs(logits, params, ids, upload) if extras else None
+            ids, logprobs = sample_feeds(self.sampler, logits, sampled, upload,
+                                         previous.ids if previous is not None else None)
             self._flip = 1 - getattr(self, "_flip", 0)
             buffer = buffers[self._flip]
-            if buffer.numel() < len(seqs):
-                buffer = buffers[self._flip] = torch.empty(len(seqs), dtype=torch.int64,
+            if buffer.numel() < len(sampled):
+                buffer = buffers[self._flip] = torch.empty(len(sampled), dtype=torch.int64,
                                                            pin_memory=buffer.is_pinned())
-            host = buffer[:len(seqs)]
+            host = buffer[:len(sampled)]
             host.copy_(ids, non_blocking=True)
             if logprobs is not None:
                 # Pinned blocks come from torch's caching host allocator, which reuses one only

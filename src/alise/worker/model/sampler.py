@@ -117,12 +117,13 @@ class Sampler:
     def sample_ids(self, logits: torch.Tensor, params: list[SamplingParams],
                    generators: list[torch.Generator | None], upload: Upload | None = None,
                    histories: list[History | None] | None = None,
-                   pending_ids: torch.Tensor | None = None) -> torch.Tensor:
+                   pending_ids: torch.Tensor | None = None, adjust: bool = True) -> torch.Tensor:
         """:meth:`sample`'s ids as an int64 tensor on ``logits.device``, not read back.
         ``upload(values, dtype)`` puts the rows' parameters on the device (default:
         ``torch.tensor``, which waits for the device's queue on CUDA; an overlapped step passes
         pinned non-blocking copies, ``alise.worker.model.overlap.PinnedUploads``).
-        ``pending_ids``: the step before's sampled ids, which ``History.pending_row`` indexes."""
+        ``pending_ids``: the step before's sampled ids, which ``History.pending_row`` indexes.
+        ``adjust=False``: the caller knows no row asks for an adjustment (none is looked for)."""
         device = logits.device
         if upload is None:
             def upload(values, dtype):
@@ -131,8 +132,9 @@ class Sampler:
         if len(params) != num_rows or len(generators) != num_rows:
             raise ValueError(f"need one SamplingParams and one generator per row: {num_rows} rows, "
                              f"{len(params)} params, {len(generators)} generators")
-        logits = adjust_logits(logits, params, histories, upload, eos_token_id=self.eos_token_id,
-                               pending_ids=pending_ids)
+        if adjust:
+            logits = adjust_logits(logits, params, histories, upload, eos_token_id=self.eos_token_id,
+                                   pending_ids=pending_ids)
         greedy_ids = logits.argmax(dim=-1)
         sampled_rows = [i for i, p in enumerate(params) if not p.is_greedy]
         if not sampled_rows:
